@@ -1,0 +1,111 @@
+"""The storage contract.
+
+Storage is untrusted: it only ever sees sealed key material (opaque bytes
+from the keystore's barrier) and attribute values already encoded as TTLV.
+Every backend (SQL through SQLAlchemy for SQLite and PostgreSQL, and an
+in-memory fake for unit tests) implements this interface and passes the
+contract suite in tests/kms_server/storage/ unchanged.
+
+All methods are synchronous; the server calls them from worker threads,
+never from the reactor thread.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ContextManager
+
+
+class StorageError(Exception):
+    """The backend failed; the transaction was rolled back."""
+
+
+class ObjectExists(StorageError):
+    """insert_object with a unique identifier that is already stored."""
+
+
+class ConcurrentModification(StorageError):
+    """update_object saw a row version other than the one it expected."""
+
+
+@dataclass(frozen=True)
+class StoredAttribute:
+    """One value of one attribute. `value` is the TTLV encoding of the value
+    item (tag Attribute Value), so equal values have equal bytes and Locate
+    is an indexed equality lookup."""
+
+    name: str
+    index: int
+    value: bytes
+
+
+@dataclass
+class StoredObject:
+    uid: str
+    owner: str
+    sealed_material: bytes | None
+    attributes: list[StoredAttribute] = field(default_factory=list)
+    # Row version for optimistic concurrency; the backend sets it on insert
+    # (to 1) and increments it on every update.
+    version: int = 0
+    # Insertion order, assigned by the backend; Locate returns objects in it.
+    sequence: int = 0
+
+
+@dataclass(frozen=True)
+class LocateQuery:
+    """Objects whose attributes include every (name, value) pair of
+    `equals` (values as TTLV bytes), and, for each name in `has`, at least one
+    value of that name. `owner` restricts to one owner (None: any owner)."""
+
+    equals: tuple[tuple[str, bytes], ...] = ()
+    has: tuple[str, ...] = ()
+    owner: str | None = None
+    offset: int = 0
+    limit: int | None = None
+
+
+class Transaction(abc.ABC):
+    @abc.abstractmethod
+    def insert_object(self, obj: StoredObject) -> None:
+        """Store a new object with its attributes; raises ObjectExists."""
+
+    @abc.abstractmethod
+    def get_object(self, uid: str, for_update: bool = False) -> StoredObject | None:
+        """The object with its attributes, or None. `for_update` locks the
+        row until the transaction ends where the backend can."""
+
+    @abc.abstractmethod
+    def update_object(self, obj: StoredObject) -> None:
+        """Replace owner, sealed material and all attributes of an existing
+        object if its stored version still equals obj.version; the stored
+        version is then incremented and obj.version updated. Raises
+        ConcurrentModification otherwise (also when the object is gone)."""
+
+    @abc.abstractmethod
+    def delete_object(self, uid: str) -> bool:
+        """Remove the object and its attributes; True if it existed."""
+
+    @abc.abstractmethod
+    def locate(self, query: LocateQuery) -> list[str]:
+        """Unique identifiers matching the query, in insertion order."""
+
+    @abc.abstractmethod
+    def get_meta(self, key: str) -> bytes | None:
+        """A small server-wide value (e.g. the barrier's check record)."""
+
+    @abc.abstractmethod
+    def set_meta(self, key: str, value: bytes) -> None:
+        """Insert or replace a server-wide value."""
+
+
+class Storage(abc.ABC):
+    @abc.abstractmethod
+    def transaction(self) -> ContextManager[Transaction]:
+        """A unit of work: committed when the block exits normally, rolled
+        back when it raises. Backend failures surface as StorageError."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections."""

@@ -1,0 +1,273 @@
+"""Strict TTLV codec (KMIP 1.4 section 9.1, KMIP 2.0 section 9.1).
+
+A message decodes into a tree of `Item`s: tag, type and value, with no
+knowledge of operations. The operation layer reads the fields it needs by
+tag. Tag and enumeration numbers come from PyKMIP's `kmip.core.enums`.
+
+PyKMIP's message classes are not used for decoding because they cannot carry
+what real clients send (vCenter's AddAttribute with custom `x-` attributes,
+2.0 Attributes structures, vendor extensions). A generic tree keeps every
+field, and this decoder is strict where PyKMIP's is lenient: every length,
+padding byte, boolean value, nesting depth and trailing byte is checked, and
+any violation raises `TTLVError`, never another exception.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from kmip.core.enums import Tags
+
+HEADER_SIZE = 8
+DEFAULT_MAX_DEPTH = 32
+
+
+class ItemType(enum.IntEnum):
+    STRUCTURE = 0x01
+    INTEGER = 0x02
+    LONG_INTEGER = 0x03
+    BIG_INTEGER = 0x04
+    ENUMERATION = 0x05
+    BOOLEAN = 0x06
+    TEXT_STRING = 0x07
+    BYTE_STRING = 0x08
+    DATE_TIME = 0x09
+    INTERVAL = 0x0A
+    DATE_TIME_EXTENDED = 0x0B
+
+
+class TTLVError(ValueError):
+    """The bytes are not a well-formed TTLV encoding."""
+
+
+_FIXED_LENGTH = {
+    ItemType.INTEGER: 4,
+    ItemType.LONG_INTEGER: 8,
+    ItemType.ENUMERATION: 4,
+    ItemType.BOOLEAN: 8,
+    ItemType.DATE_TIME: 8,
+    ItemType.INTERVAL: 4,
+    ItemType.DATE_TIME_EXTENDED: 8,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One TTLV item. `value` is a tuple of Items for a structure, int for
+    the integer kinds, enumerations, date-times (seconds since the epoch) and
+    intervals, bool, str or bytes."""
+
+    tag: int
+    type: ItemType
+    value: Any
+
+    # Navigation helpers for structures.
+    def children(self) -> tuple["Item", ...]:
+        if self.type != ItemType.STRUCTURE:
+            return ()
+        return self.value
+
+    def find(self, tag: int) -> "Item | None":
+        for child in self.children():
+            if child.tag == tag:
+                return child
+        return None
+
+    def find_all(self, tag: int) -> list["Item"]:
+        return [c for c in self.children() if c.tag == tag]
+
+    def get(self, tag: int, default: Any = None) -> Any:
+        item = self.find(tag)
+        return default if item is None else item.value
+
+    def retag(self, tag: int) -> "Item":
+        return Item(tag, self.type, self.value)
+
+    def __repr__(self) -> str:  # Short form that never prints key bytes.
+        name = tag_name(self.tag)
+        if self.type == ItemType.STRUCTURE:
+            return f"<{name} [{len(self.value)} items]>"
+        if self.type == ItemType.BYTE_STRING:
+            return f"<{name} bytes[{len(self.value)}]>"
+        return f"<{name} {self.type.name} {self.value!r}>"
+
+
+def tag_name(tag: int) -> str:
+    try:
+        return Tags(tag).name
+    except ValueError:
+        return f"0x{tag:06X}"
+
+
+# Constructors used by the operation layer.
+def structure(tag: int, items: Iterable[Item | None]) -> Item:
+    return Item(tag, ItemType.STRUCTURE, tuple(i for i in items if i is not None))
+
+
+def integer(tag: int, value: int) -> Item:
+    return Item(tag, ItemType.INTEGER, int(value))
+
+
+def long_integer(tag: int, value: int) -> Item:
+    return Item(tag, ItemType.LONG_INTEGER, int(value))
+
+
+def big_integer(tag: int, value: int) -> Item:
+    return Item(tag, ItemType.BIG_INTEGER, int(value))
+
+
+def enumeration(tag: int, value: int) -> Item:
+    return Item(tag, ItemType.ENUMERATION, int(value))
+
+
+def boolean(tag: int, value: bool) -> Item:
+    return Item(tag, ItemType.BOOLEAN, bool(value))
+
+
+def text(tag: int, value: str) -> Item:
+    return Item(tag, ItemType.TEXT_STRING, value)
+
+
+def byte_string(tag: int, value: bytes) -> Item:
+    return Item(tag, ItemType.BYTE_STRING, bytes(value))
+
+
+def date_time(tag: int, value: int) -> Item:
+    return Item(tag, ItemType.DATE_TIME, int(value))
+
+
+def interval(tag: int, value: int) -> Item:
+    return Item(tag, ItemType.INTERVAL, int(value))
+
+
+# Decoding.
+def _padded(length: int) -> int:
+    return (length + 7) // 8 * 8
+
+
+def read_header(data: bytes) -> tuple[int, ItemType, int]:
+    """Parse the 8-byte item header: tag, type and declared length."""
+    if len(data) < HEADER_SIZE:
+        raise TTLVError("truncated item header")
+    tag = int.from_bytes(data[0:3], "big")
+    type_byte = data[3]
+    length = int.from_bytes(data[4:8], "big")
+    try:
+        item_type = ItemType(type_byte)
+    except ValueError:
+        raise TTLVError(f"unknown item type 0x{type_byte:02X}") from None
+    return tag, item_type, length
+
+
+def _decode_at(buf: memoryview, pos: int, end: int, depth: int, max_depth: int) -> tuple[Item, int]:
+    if end - pos < HEADER_SIZE:
+        raise TTLVError("truncated item header")
+    tag, item_type, length = read_header(bytes(buf[pos : pos + HEADER_SIZE]))
+    pos += HEADER_SIZE
+    if tag >> 16 not in (0x42, 0x54):
+        raise TTLVError(f"invalid tag 0x{tag:06X}")
+    fixed = _FIXED_LENGTH.get(item_type)
+    if fixed is not None and length != fixed:
+        raise TTLVError(f"{item_type.name} of length {length} (must be {fixed})")
+    padded = _padded(length)
+    if padded > end - pos:
+        raise TTLVError(f"item {tag_name(tag)} overruns its container")
+    raw = buf[pos : pos + length]
+    padding = buf[pos + length : pos + padded]
+    if any(padding):
+        raise TTLVError(f"non-zero padding after {tag_name(tag)}")
+    next_pos = pos + padded
+
+    if item_type == ItemType.STRUCTURE:
+        if length % 8:
+            raise TTLVError("structure length is not a multiple of 8")
+        if depth >= max_depth:
+            raise TTLVError(f"nesting deeper than {max_depth} levels")
+        children = []
+        child_pos, child_end = pos, pos + length
+        while child_pos < child_end:
+            child, child_pos = _decode_at(buf, child_pos, child_end, depth + 1, max_depth)
+            children.append(child)
+        return Item(tag, item_type, tuple(children)), next_pos
+    if item_type in (ItemType.INTEGER, ItemType.INTERVAL):
+        signed = item_type == ItemType.INTEGER
+        value = int.from_bytes(raw, "big", signed=signed)
+    elif item_type == ItemType.ENUMERATION:
+        value = int.from_bytes(raw, "big", signed=False)
+    elif item_type in (ItemType.LONG_INTEGER, ItemType.DATE_TIME, ItemType.DATE_TIME_EXTENDED):
+        value = int.from_bytes(raw, "big", signed=True)
+    elif item_type == ItemType.BIG_INTEGER:
+        if length == 0 or length % 8:
+            raise TTLVError("big integer length is not a positive multiple of 8")
+        value = int.from_bytes(raw, "big", signed=True)
+    elif item_type == ItemType.BOOLEAN:
+        value = int.from_bytes(raw, "big")
+        if value not in (0, 1):
+            raise TTLVError("boolean value is neither 0 nor 1")
+        value = bool(value)
+    elif item_type == ItemType.TEXT_STRING:
+        try:
+            value = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise TTLVError(f"text string {tag_name(tag)} is not valid UTF-8") from None
+    else:  # BYTE_STRING
+        value = bytes(raw)
+    return Item(tag, item_type, value), next_pos
+
+
+def decode(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Item:
+    """Decode exactly one item; trailing bytes are an error."""
+    buf = memoryview(bytes(data))
+    try:
+        item, pos = _decode_at(buf, 0, len(buf), 0, max_depth)
+    except TTLVError:
+        raise
+    except (ValueError, IndexError, OverflowError) as exc:  # Defensive: never escape.
+        raise TTLVError(f"malformed TTLV: {exc}") from None
+    if pos != len(buf):
+        raise TTLVError(f"{len(buf) - pos} trailing bytes after the message")
+    return item
+
+
+# Encoding.
+def _encode_value(item: Item) -> bytes:
+    t, v = item.type, item.value
+    if t == ItemType.STRUCTURE:
+        return b"".join(encode(child) for child in v)
+    if t == ItemType.INTEGER:
+        return struct.pack(">i", v)
+    if t == ItemType.INTERVAL:
+        return struct.pack(">I", v)
+    if t == ItemType.ENUMERATION:
+        return struct.pack(">I", v)
+    if t in (ItemType.LONG_INTEGER, ItemType.DATE_TIME, ItemType.DATE_TIME_EXTENDED):
+        return struct.pack(">q", v)
+    if t == ItemType.BOOLEAN:
+        return struct.pack(">Q", 1 if v else 0)
+    if t == ItemType.BIG_INTEGER:
+        size = max(1, (v.bit_length() + 8) // 8)
+        size = _padded(size)
+        return v.to_bytes(size, "big", signed=True)
+    if t == ItemType.TEXT_STRING:
+        return v.encode("utf-8")
+    if t == ItemType.BYTE_STRING:
+        return bytes(v)
+    raise TTLVError(f"cannot encode type {t!r}")
+
+
+def encode(item: Item) -> bytes:
+    try:
+        value = _encode_value(item)
+    except struct.error as exc:
+        raise TTLVError(f"value out of range for {tag_name(item.tag)}: {exc}") from None
+    header = item.tag.to_bytes(3, "big") + bytes([item.type]) + len(value).to_bytes(4, "big")
+    return header + value + b"\x00" * (_padded(len(value)) - len(value))
+
+
+def walk(item: Item) -> Iterator[Item]:
+    yield item
+    for child in item.children():
+        yield from walk(child)
