@@ -1,0 +1,33 @@
+"""Per-request state, passed down to operations and never kept on a shared
+object. One `RequestContext` is made per request message; it is frozen.
+`BatchState` carries the ID Placeholder (KMIP 1.4, 6.12 / 2.0, 6.1.21)
+from one batch item to the next within that one message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kms_server.keystore.policy import Principal
+
+
+@dataclass
+class BatchState:
+    id_placeholder: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    principal: Principal
+    version: tuple[int, int]
+    request_id: str
+    now: int
+    peer: str = ""
+    node: str = ""
+    batch: BatchState = field(default_factory=BatchState, compare=False)
+
+    @property
+    def v2(self) -> bool:
+        return self.version[0] >= 2
+
+    def at_least(self, major: int, minor: int) -> bool:
+        return self.version >= (major, minor)

@@ -1,0 +1,272 @@
+"""Request messages in, response messages out (KMIP 1.4 section 7 and 2.0
+section 8: message structure, batches, errors).
+
+`Dispatcher.handle` is synchronous and runs on a worker thread: it decodes
+one request message, authenticates its Credential if the configuration
+asks for one, runs each batch item through the operation table, maps every
+failure through `dispatch.errors`, and encodes the response in the
+request's protocol version. Nothing here keeps per-request state on `self`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+from kmip.core.enums import (
+    BatchErrorContinuationOption,
+    CredentialType,
+    Operation,
+    ResultReason,
+    ResultStatus,
+    Tags,
+)
+
+from kms_server import errors
+from kms_server.dispatch.context import BatchState, RequestContext
+from kms_server.dispatch.errors import GENERAL_FAILURE_MESSAGE, result_reason
+from kms_server.keystore.policy import Principal
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import Item, ItemType
+
+log = logging.getLogger("kms_server.dispatch")
+
+SUPPORTED_VERSIONS: tuple[tuple[int, int], ...] = ((2, 0), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0))
+
+T = Tags
+Handler = Callable[[RequestContext, object, Item], list[Item]]
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    principal: Principal
+    peer: str
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        keystore,
+        operations: dict[Operation, Handler],
+        node: str = "",
+        authenticate: Callable[[str, str], bool] | None = None,
+        max_depth: int = ttlv.DEFAULT_MAX_DEPTH,
+    ):
+        self.keystore = keystore
+        self.operations = operations
+        self.node = node
+        # When set, every request must carry a username/password Credential
+        # that this callable accepts.
+        self.authenticate = authenticate
+        self.max_depth = max_depth
+
+    # Entry point.
+    def handle(self, data: bytes, conn: ConnectionInfo) -> bytes | None:
+        """The encoded response, or None when the bytes are not a TTLV
+        message at all (the connection is then closed)."""
+        request_id = uuid.uuid4().hex[:16]
+        try:
+            message = ttlv.decode(data, self.max_depth)
+        except ttlv.TTLVError as exc:
+            log.info("request %s from %s: undecodable message: %s", request_id, conn.peer, exc)
+            return None
+        version = _protocol_version(message)
+        if version is None:
+            log.info("request %s from %s: no protocol version in the header", request_id, conn.peer)
+            return None
+        try:
+            return self._handle_message(message, version, conn, request_id)
+        except errors.KmsError as exc:
+            respond_version = _closest_version(version)
+            reason, text = result_reason(exc, respond_version[0])
+            log.info("request %s from %s refused: %s", request_id, conn.peer, text)
+            return ttlv.encode(self._error_response(respond_version, reason, text))
+        except Exception:
+            log.exception("request %s from %s: internal error", request_id, conn.peer)
+            respond_version = _closest_version(version)
+            return ttlv.encode(
+                self._error_response(
+                    respond_version, ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=request_id)
+                )
+            )
+
+    def _handle_message(self, message: Item, version: tuple[int, int], conn: ConnectionInfo, request_id: str) -> bytes:
+        if message.tag != T.REQUEST_MESSAGE.value or message.type != ItemType.STRUCTURE:
+            raise errors.InvalidMessage("not a Request Message")
+        header = message.find(T.REQUEST_HEADER.value)
+        if header is None or header.type != ItemType.STRUCTURE:
+            raise errors.InvalidMessage("Request Header is missing")
+        if version not in SUPPORTED_VERSIONS:
+            raise errors.InvalidMessage(f"protocol version {version[0]}.{version[1]} is not supported")
+        items = message.find_all(T.BATCH_ITEM.value)
+        count = header.get(T.BATCH_COUNT.value)
+        if not isinstance(count, int) or count != len(items) or count < 1:
+            raise errors.InvalidMessage("Batch Count does not match the number of Batch Items")
+        for child in message.children():
+            if child.tag not in (T.REQUEST_HEADER.value, T.BATCH_ITEM.value):
+                raise errors.InvalidMessage(f"unexpected {ttlv.tag_name(child.tag)} in the Request Message")
+
+        principal = self._principal(header, conn.principal)
+        continuation = header.get(T.BATCH_ERROR_CONTINUATION_OPTION.value, BatchErrorContinuationOption.STOP.value)
+        max_response = header.get(T.MAXIMUM_RESPONSE_SIZE.value)
+        ctx = RequestContext(
+            principal=principal,
+            version=version,
+            request_id=request_id,
+            now=int(time.time()),
+            peer=conn.peer,
+            node=self.node,
+            batch=BatchState(),
+        )
+
+        responses: list[Item] = []
+        for item in items:
+            response, failed = self._handle_item(ctx, item)
+            responses.append(response)
+            if failed and continuation != BatchErrorContinuationOption.CONTINUE.value:
+                # STOP, and UNDO which this server treats as STOP (README,
+                # "Not supported yet"): later items are not processed.
+                break
+
+        header_items = [
+            _version_item(version),
+            ttlv.date_time(T.TIME_STAMP.value, ctx.now),
+        ]
+        if version >= (2, 0):
+            correlation = header.get(T.CLIENT_CORRELATION_VALUE.value)
+            if isinstance(correlation, str):
+                header_items.append(ttlv.text(T.CLIENT_CORRELATION_VALUE.value, correlation))
+        response = self._response(header_items, responses)
+        encoded = ttlv.encode(response)
+        if isinstance(max_response, int) and len(encoded) > max_response:
+            too_large = [
+                _failure_item(r, ResultReason.RESPONSE_TOO_LARGE, f"response exceeds Maximum Response Size {max_response}")
+                for r in responses
+            ]
+            encoded = ttlv.encode(self._response(header_items, too_large))
+        return encoded
+
+    def _handle_item(self, ctx: RequestContext, item: Item) -> tuple[Item, bool]:
+        operation_value = item.get(T.OPERATION.value)
+        batch_id = item.find(T.UNIQUE_BATCH_ITEM_ID.value)
+        payload = item.find(T.REQUEST_PAYLOAD.value)
+        head = [
+            ttlv.enumeration(T.OPERATION.value, operation_value) if isinstance(operation_value, int) else None,
+            batch_id,
+        ]
+        try:
+            try:
+                operation = Operation(operation_value)
+            except ValueError:
+                raise errors.OperationNotSupported(f"operation {operation_value!r} is not defined") from None
+            handler = self.operations.get(operation)
+            if handler is None:
+                raise errors.OperationNotSupported(f"{operation.name} is not supported by this server")
+            if payload is None or payload.type != ItemType.STRUCTURE:
+                raise errors.InvalidMessage("Request Payload is missing")
+            result = handler(ctx, self.keystore, payload)
+            body = head + [
+                ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.SUCCESS.value),
+                ttlv.structure(T.RESPONSE_PAYLOAD.value, result),
+            ]
+            return ttlv.structure(T.BATCH_ITEM.value, body), False
+        except errors.KmsError as exc:
+            reason, text = result_reason(exc, ctx.version[0])
+            log.info(
+                "request %s %s by %s: %s (%s)",
+                ctx.request_id,
+                _op_name(operation_value),
+                ctx.principal.name,
+                reason.name,
+                text,
+            )
+        except Exception:
+            log.exception("request %s %s: internal error", ctx.request_id, _op_name(operation_value))
+            reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
+        body = head + _failure_fields(reason, text)
+        return ttlv.structure(T.BATCH_ITEM.value, body), True
+
+    def _principal(self, header: Item, principal: Principal) -> Principal:
+        authentication = header.find(T.AUTHENTICATION.value)
+        username = None
+        if authentication is not None:
+            credential = authentication.find(T.CREDENTIAL.value)
+            if credential is not None and credential.get(T.CREDENTIAL_TYPE.value) == CredentialType.USERNAME_AND_PASSWORD.value:
+                value = credential.find(T.CREDENTIAL_VALUE.value)
+                username = value.get(T.USERNAME.value) if value is not None else None
+                password = value.get(T.PASSWORD.value) if value is not None else None
+                if self.authenticate is not None:
+                    if not isinstance(username, str) or not isinstance(password, str) or not self.authenticate(username, password):
+                        raise errors.AuthenticationNotSuccessful("username or password not accepted")
+        if self.authenticate is not None and username is None:
+            raise errors.AuthenticationNotSuccessful("a username/password Credential is required")
+        if username is None:
+            return principal
+        return Principal(
+            name=principal.name,
+            role=principal.role,
+            subject=principal.subject,
+            fingerprint=principal.fingerprint,
+            username=username,
+        )
+
+    @staticmethod
+    def _response(header_items: list[Item], batch_items: list[Item]) -> Item:
+        header = ttlv.structure(T.RESPONSE_HEADER.value, header_items + [ttlv.integer(T.BATCH_COUNT.value, len(batch_items))])
+        return ttlv.structure(T.RESPONSE_MESSAGE.value, [header] + batch_items)
+
+    def _error_response(self, version: tuple[int, int], reason: ResultReason, text: str) -> Item:
+        item = ttlv.structure(T.BATCH_ITEM.value, _failure_fields(reason, text))
+        return self._response([_version_item(version), ttlv.date_time(T.TIME_STAMP.value, int(time.time()))], [item])
+
+
+def _failure_fields(reason: ResultReason, text: str) -> list[Item]:
+    return [
+        ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.OPERATION_FAILED.value),
+        ttlv.enumeration(T.RESULT_REASON.value, reason.value),
+        ttlv.text(T.RESULT_MESSAGE.value, text) if text else None,
+    ]
+
+
+def _failure_item(response: Item, reason: ResultReason, text: str) -> Item:
+    head = [c for c in response.children() if c.tag in (T.OPERATION.value, T.UNIQUE_BATCH_ITEM_ID.value)]
+    return ttlv.structure(T.BATCH_ITEM.value, head + _failure_fields(reason, text))
+
+
+def _protocol_version(message: Item) -> tuple[int, int] | None:
+    header = message.find(T.REQUEST_HEADER.value)
+    if header is None:
+        return None
+    pv = header.find(T.PROTOCOL_VERSION.value)
+    if pv is None:
+        return None
+    major, minor = pv.get(T.PROTOCOL_VERSION_MAJOR.value), pv.get(T.PROTOCOL_VERSION_MINOR.value)
+    if not isinstance(major, int) or not isinstance(minor, int):
+        return None
+    return major, minor
+
+
+def _closest_version(version: tuple[int, int]) -> tuple[int, int]:
+    """The version to answer in: the request's if supported, else the
+    highest supported version not above it, else the lowest we have."""
+    if version in SUPPORTED_VERSIONS:
+        return version
+    lower = [v for v in SUPPORTED_VERSIONS if v <= version]
+    return max(lower) if lower else min(SUPPORTED_VERSIONS)
+
+
+def _version_item(version: tuple[int, int]) -> Item:
+    return ttlv.structure(
+        T.PROTOCOL_VERSION.value,
+        [ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, version[0]), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, version[1])],
+    )
+
+
+def _op_name(value) -> str:
+    try:
+        return Operation(value).name
+    except (ValueError, TypeError):
+        return repr(value)

@@ -1,0 +1,53 @@
+"""The one table from failures to KMIP Result Reasons (KMIP 1.4, 11.6).
+
+2.0 added more precise reasons for some attribute failures; a 1.x client
+gets the closest 1.x reason instead, because a 1.x decoder would reject an
+enumeration value its version does not define.
+"""
+
+from __future__ import annotations
+
+from kmip.core.enums import ResultReason
+
+from kms_server import errors
+
+# Exception class -> (reason for 1.x, reason for 2.0).
+REASONS: dict[type[errors.KmsError], tuple[ResultReason, ResultReason]] = {
+    errors.ItemNotFound: (ResultReason.ITEM_NOT_FOUND, ResultReason.ITEM_NOT_FOUND),
+    errors.PermissionDenied: (ResultReason.PERMISSION_DENIED, ResultReason.PERMISSION_DENIED),
+    errors.IllegalOperation: (ResultReason.ILLEGAL_OPERATION, ResultReason.WRONG_KEY_LIFECYCLE_STATE),
+    errors.InvalidField: (ResultReason.INVALID_FIELD, ResultReason.INVALID_FIELD),
+    errors.MissingData: (ResultReason.MISSING_DATA, ResultReason.MISSING_DATA),
+    errors.InvalidMessage: (ResultReason.INVALID_MESSAGE, ResultReason.INVALID_MESSAGE),
+    errors.OperationNotSupported: (ResultReason.OPERATION_NOT_SUPPORTED, ResultReason.OPERATION_NOT_SUPPORTED),
+    errors.FeatureNotSupported: (ResultReason.FEATURE_NOT_SUPPORTED, ResultReason.FEATURE_NOT_SUPPORTED),
+    errors.CryptographicFailure: (ResultReason.CRYPTOGRAPHIC_FAILURE, ResultReason.CRYPTOGRAPHIC_FAILURE),
+    errors.KeyFormatTypeNotSupported: (
+        ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED,
+        ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED,
+    ),
+    errors.KeyValueNotPresent: (ResultReason.KEY_VALUE_NOT_PRESENT, ResultReason.KEY_VALUE_NOT_PRESENT),
+    errors.IndexOutOfBounds: (ResultReason.INDEX_OUT_OF_BOUNDS, ResultReason.INDEX_OUT_OF_BOUNDS),
+    errors.ResponseTooLarge: (ResultReason.RESPONSE_TOO_LARGE, ResultReason.RESPONSE_TOO_LARGE),
+    errors.AuthenticationNotSuccessful: (
+        ResultReason.AUTHENTICATION_NOT_SUCCESSFUL,
+        ResultReason.AUTHENTICATION_NOT_SUCCESSFUL,
+    ),
+    errors.ObjectAlreadyExists: (ResultReason.OBJECT_ALREADY_EXISTS, ResultReason.OBJECT_ALREADY_EXISTS),
+    errors.AttributeNotFound: (ResultReason.ITEM_NOT_FOUND, ResultReason.ATTRIBUTE_NOT_FOUND),
+    errors.AttributeReadOnly: (ResultReason.PERMISSION_DENIED, ResultReason.ATTRIBUTE_READ_ONLY),
+    errors.AttributeSingleValued: (ResultReason.INVALID_FIELD, ResultReason.ATTRIBUTE_SINGLE_VALUED),
+}
+
+GENERAL_FAILURE_MESSAGE = "internal error; see the server log for request {request_id}"
+
+
+def result_reason(exc: BaseException, major_version: int) -> tuple[ResultReason, str]:
+    """The Result Reason and Result Message for a failure. Anything that is
+    not a KmsError is a GENERAL_FAILURE whose text says nothing but the
+    request id (the details go to the server log)."""
+    for cls in type(exc).__mro__:
+        if cls in REASONS:
+            pair = REASONS[cls]
+            return (pair[1] if major_version >= 2 else pair[0]), exc.message  # type: ignore[attr-defined]
+    return ResultReason.GENERAL_FAILURE, ""

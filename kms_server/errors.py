@@ -1,0 +1,87 @@
+"""Failures that reach a KMIP client.
+
+Every layer below dispatch raises one of these; `kms_server.dispatch.errors`
+is the one place that turns them into a Result Status and Result Reason.
+Messages are safe to send to the client: they never carry key material and
+never say whether an object the caller may not see exists.
+"""
+
+
+class KmsError(Exception):
+    """Base class. `message` is sent to the client as the Result Message."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class ItemNotFound(KmsError):
+    """No such object, or one the caller may not see."""
+
+
+class PermissionDenied(KmsError):
+    """The caller may see the object but not do this to it."""
+
+
+class IllegalOperation(KmsError):
+    """The object is in a lifecycle state that forbids the operation."""
+
+
+class InvalidField(KmsError):
+    """A field has a value the server does not accept."""
+
+
+class MissingData(KmsError):
+    """A required field is absent."""
+
+
+class InvalidMessage(KmsError):
+    """The message does not parse as a KMIP request."""
+
+
+class OperationNotSupported(KmsError):
+    """The server does not implement this operation."""
+
+
+class FeatureNotSupported(KmsError):
+    """A request option the server does not implement."""
+
+
+class CryptographicFailure(KmsError):
+    """A cryptographic operation failed (bad tag, bad signature, bad key)."""
+
+
+class KeyFormatTypeNotSupported(KmsError):
+    """The requested Key Format Type cannot be produced for this object."""
+
+
+class KeyValueNotPresent(KmsError):
+    """The object's key material was destroyed."""
+
+
+class IndexOutOfBounds(KmsError):
+    """An Attribute Index that names no value."""
+
+
+class ResponseTooLarge(KmsError):
+    """The response would exceed the client's Maximum Response Size."""
+
+
+class AuthenticationNotSuccessful(KmsError):
+    """The request's Credential was missing or wrong."""
+
+
+class ObjectAlreadyExists(KmsError):
+    """A unique value (such as a Name) is already taken."""
+
+
+class AttributeNotFound(KmsError):
+    """An attribute the request names is not set on the object."""
+
+
+class AttributeReadOnly(KmsError):
+    """The client may not set or change this attribute."""
+
+
+class AttributeSingleValued(KmsError):
+    """A second value for an attribute that takes only one."""

@@ -1,0 +1,254 @@
+"""Attribute definitions (KMIP 1.4 section 3, KMIP 2.0 section 4).
+
+Inside the keystore an object's attributes are a dict from attribute name
+(the 1.x spelling, e.g. "Cryptographic Algorithm", or a custom "x-..."/"y-"
+name) to a list of values. Each value is a TTLV item tagged Attribute
+Value, so one representation serves 1.x (Attribute Name + Attribute Value)
+and 2.0 (the attribute's own tag inside Attributes) and the encoding of a
+value is the key under which storage indexes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kmip.core import enums
+from kmip.core.enums import ObjectType as OT
+from kmip.core.enums import Tags
+
+from kms_server import errors
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import Item, ItemType
+
+VALUE_TAG = Tags.ATTRIBUTE_VALUE.value
+
+KEYS = (OT.SYMMETRIC_KEY, OT.PUBLIC_KEY, OT.PRIVATE_KEY, OT.SPLIT_KEY)
+CRYPTO_OBJECTS = KEYS + (OT.CERTIFICATE,)
+ALL = tuple(OT)
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    name: str
+    type: ItemType
+    # Several values per object (KMIP "multiple instances permitted").
+    multi: bool = False
+    # The client may give it at creation/registration.
+    client_initial: bool = True
+    # The client may add, modify or delete it afterwards.
+    client_modifiable: bool = True
+    client_deletable: bool = True
+    applies_to: tuple = ALL
+
+    @property
+    def tag(self) -> int:
+        return enums.convert_attribute_name_to_tag(self.name).value
+
+
+S, I, L, E, B, T, BY, D, IV = (
+    ItemType.STRUCTURE,
+    ItemType.INTEGER,
+    ItemType.LONG_INTEGER,
+    ItemType.ENUMERATION,
+    ItemType.BOOLEAN,
+    ItemType.TEXT_STRING,
+    ItemType.BYTE_STRING,
+    ItemType.DATE_TIME,
+    ItemType.INTERVAL,
+)
+
+_SERVER = dict(client_initial=False, client_modifiable=False, client_deletable=False)
+_INITIAL_ONLY = dict(client_modifiable=False, client_deletable=False)
+
+SPECS: dict[str, AttributeSpec] = {
+    s.name: s
+    for s in [
+        AttributeSpec("Unique Identifier", T, **_SERVER),
+        AttributeSpec("Name", S, multi=True),
+        AttributeSpec("Object Type", E, **_SERVER),
+        AttributeSpec("Cryptographic Algorithm", E, applies_to=CRYPTO_OBJECTS, **_INITIAL_ONLY),
+        AttributeSpec("Cryptographic Length", I, applies_to=CRYPTO_OBJECTS, **_INITIAL_ONLY),
+        AttributeSpec("Cryptographic Parameters", S, multi=True, applies_to=KEYS),
+        AttributeSpec("Cryptographic Domain Parameters", S, applies_to=KEYS, **_INITIAL_ONLY),
+        AttributeSpec("Certificate Type", E, applies_to=(OT.CERTIFICATE,), **_SERVER),
+        AttributeSpec("Certificate Length", I, applies_to=(OT.CERTIFICATE,), **_SERVER),
+        AttributeSpec("X.509 Certificate Identifier", S, applies_to=(OT.CERTIFICATE,), **_SERVER),
+        AttributeSpec("X.509 Certificate Subject", S, applies_to=(OT.CERTIFICATE,), **_SERVER),
+        AttributeSpec("X.509 Certificate Issuer", S, applies_to=(OT.CERTIFICATE,), **_SERVER),
+        AttributeSpec("Digital Signature Algorithm", E, multi=True, applies_to=(OT.CERTIFICATE,), **_SERVER),
+        AttributeSpec("Digest", S, multi=True, **_SERVER),
+        AttributeSpec("Operation Policy Name", T),
+        AttributeSpec("Cryptographic Usage Mask", I, client_deletable=False),
+        AttributeSpec("Lease Time", IV, **_SERVER),
+        AttributeSpec("Usage Limits", S, applies_to=KEYS),
+        AttributeSpec("State", E, **_SERVER),
+        AttributeSpec("Initial Date", D, **_SERVER),
+        AttributeSpec("Activation Date", D, client_deletable=False),
+        AttributeSpec("Process Start Date", D, client_deletable=False),
+        AttributeSpec("Protect Stop Date", D, client_deletable=False),
+        AttributeSpec("Deactivation Date", D, client_deletable=False),
+        AttributeSpec("Destroy Date", D, **_SERVER),
+        AttributeSpec("Compromise Occurrence Date", D, **_SERVER),
+        AttributeSpec("Compromise Date", D, **_SERVER),
+        AttributeSpec("Revocation Reason", S, **_SERVER),
+        AttributeSpec("Archive Date", D, **_SERVER),
+        AttributeSpec("Object Group", T, multi=True),
+        AttributeSpec("Fresh", B, client_deletable=False),
+        AttributeSpec("Link", S, multi=True),
+        AttributeSpec("Application Specific Information", S, multi=True),
+        AttributeSpec("Contact Information", T),
+        AttributeSpec("Last Change Date", D, **_SERVER),
+        AttributeSpec("Alternative Name", S, multi=True),
+        AttributeSpec("Key Value Present", B, **_SERVER),
+        AttributeSpec("Key Value Location", S, multi=True),
+        AttributeSpec("Original Creation Date", D, **_SERVER),
+        AttributeSpec("Random Number Generator", S, **_INITIAL_ONLY),
+        AttributeSpec("PKCS#12 Friendly Name", T),
+        AttributeSpec("Description", T),
+        AttributeSpec("Comment", T),
+        AttributeSpec("Sensitive", B, client_deletable=False),
+        AttributeSpec("Always Sensitive", B, **_SERVER),
+        AttributeSpec("Extractable", B, client_deletable=False),
+        AttributeSpec("Never Extractable", B, **_SERVER),
+    ]
+}
+
+# Names PyKMIP's table spells differently from the specification's text.
+_NAME_ALIASES = {"X.509 Certificate Identifier": "X.509 Certificate Identifier"}
+
+
+def is_custom(name: str) -> bool:
+    return name.startswith(("x-", "y-"))
+
+
+def spec_for(name: str) -> AttributeSpec | None:
+    return SPECS.get(name)
+
+
+def check_known(name: str) -> AttributeSpec | None:
+    """The spec of a standard attribute, None for a custom one; an unknown
+    non-custom name is an invalid field."""
+    spec = SPECS.get(name)
+    if spec is None and not is_custom(name):
+        raise errors.InvalidField(f"unknown attribute name {name!r}")
+    return spec
+
+
+def check_value_type(name: str, value: Item) -> None:
+    spec = SPECS.get(name)
+    if spec is not None and value.type != spec.type:
+        raise errors.InvalidField(
+            f"attribute {name!r} takes a {spec.type.name.lower()}, not a {value.type.name.lower()}"
+        )
+
+
+def as_value(item: Item) -> Item:
+    """Normalize a value item to the internal tag."""
+    return item.retag(VALUE_TAG)
+
+
+def encode_value(value: Item) -> bytes:
+    return ttlv.encode(as_value(value))
+
+
+def decode_value(data: bytes) -> Item:
+    return ttlv.decode(data)
+
+
+# Wire conversions, 1.x: Attribute {Attribute Name, Attribute Index?, Attribute Value}.
+def from_attribute_v1(item: Item) -> tuple[str, int | None, Item | None]:
+    name = item.get(Tags.ATTRIBUTE_NAME.value)
+    if not isinstance(name, str):
+        raise errors.InvalidField("Attribute without an Attribute Name")
+    index = item.get(Tags.ATTRIBUTE_INDEX.value)
+    value = item.find(VALUE_TAG)
+    return name, index, value
+
+
+def to_attribute_v1(name: str, value: Item, index: int | None = None) -> Item:
+    return ttlv.structure(
+        Tags.ATTRIBUTE.value,
+        [
+            ttlv.text(Tags.ATTRIBUTE_NAME.value, name),
+            ttlv.integer(Tags.ATTRIBUTE_INDEX.value, index) if index else None,
+            as_value(value),
+        ],
+    )
+
+
+# Wire conversions, 2.0: the attribute's own tag, or for a custom attribute
+# Attribute {Vendor Identification, Attribute Name, Attribute Value}, where
+# 1.x's "x-Name" is vendor "x", name "Name".
+def from_item_v2(item: Item) -> tuple[str, Item | None]:
+    if item.tag == Tags.ATTRIBUTE.value:
+        vendor = item.get(Tags.VENDOR_IDENTIFICATION.value)
+        name = item.get(Tags.ATTRIBUTE_NAME.value)
+        if not isinstance(vendor, str) or not isinstance(name, str):
+            raise errors.InvalidField("vendor Attribute needs Vendor Identification and Attribute Name")
+        return f"{vendor}-{name}", item.find(VALUE_TAG)
+    try:
+        name = enums.convert_attribute_tag_to_name(Tags(item.tag))
+    except ValueError:
+        raise errors.InvalidField(f"{ttlv.tag_name(item.tag)} is not an attribute") from None
+    return name, as_value(item)
+
+
+def to_item_v2(name: str, value: Item) -> Item:
+    if is_custom(name) or name not in SPECS:
+        vendor, _, short = name.partition("-")
+        return ttlv.structure(
+            Tags.ATTRIBUTE.value,
+            [
+                ttlv.text(Tags.VENDOR_IDENTIFICATION.value, vendor),
+                ttlv.text(Tags.ATTRIBUTE_NAME.value, short),
+                as_value(value),
+            ],
+        )
+    return value.retag(SPECS[name].tag)
+
+
+def name_from_reference_v2(item: Item) -> str:
+    """Attribute Reference (2.0): an enumeration holding the attribute's tag,
+    or a structure naming a vendor attribute."""
+    if item.type == ItemType.STRUCTURE:
+        vendor = item.get(Tags.VENDOR_IDENTIFICATION.value)
+        name = item.get(Tags.ATTRIBUTE_NAME.value)
+        if not isinstance(vendor, str) or not isinstance(name, str):
+            raise errors.InvalidField("Attribute Reference needs Vendor Identification and Attribute Name")
+        return f"{vendor}-{name}"
+    try:
+        return enums.convert_attribute_tag_to_name(Tags(item.value))
+    except ValueError:
+        raise errors.InvalidField(f"Attribute Reference {item.value:#x} names no attribute") from None
+
+
+def enum_value(value: Item | None) -> int | None:
+    return None if value is None else value.value
+
+
+def make(name: str, value) -> Item:
+    """A value item for a standard attribute from a Python value."""
+    spec = SPECS[name]
+    if spec.type == ItemType.STRUCTURE:
+        return ttlv.structure(VALUE_TAG, value)
+    return Item(VALUE_TAG, spec.type, value)
+
+
+def name_value(text_value: str, name_type: int = enums.NameType.UNINTERPRETED_TEXT_STRING.value) -> Item:
+    return ttlv.structure(
+        VALUE_TAG,
+        [
+            ttlv.text(Tags.NAME_VALUE.value, text_value),
+            ttlv.enumeration(Tags.NAME_TYPE.value, name_type),
+        ],
+    )
+
+
+def link_value(link_type: int, uid: str) -> Item:
+    return ttlv.structure(
+        VALUE_TAG,
+        [
+            ttlv.enumeration(Tags.LINK_TYPE.value, link_type),
+            ttlv.text(Tags.LINKED_OBJECT_IDENTIFIER.value, uid),
+        ],
+    )

@@ -1,0 +1,161 @@
+"""The keystore: managed objects, their attributes and lifecycle, access
+policy, and the at-rest barrier, over one storage transaction.
+
+Operations call it inside `with keystore.transaction() as txn:`; every
+method takes the transaction, the calling principal and the request's
+clock, so nothing here keeps per-request state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+from kmip.core.enums import ObjectType, State
+
+from kms_server import errors
+from kms_server.keystore import attributes as attrs
+from kms_server.keystore import lifecycle
+from kms_server.keystore.barrier import Barrier, BarrierError
+from kms_server.keystore.objects import ManagedObject, Material
+from kms_server.keystore.policy import Action, Principal, check, may_see
+from kms_server.storage.base import (
+    ConcurrentModification,
+    LocateQuery,
+    ObjectExists,
+    Storage,
+    Transaction,
+)
+from kms_server.wire.ttlv import Item
+
+
+class Keystore:
+    def __init__(self, storage: Storage, barrier: Barrier):
+        self.storage = storage
+        self.barrier = barrier
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with self.storage.transaction() as txn:
+            yield txn
+
+    # Creation.
+    def validate_client_attributes(
+        self, object_type: ObjectType, given: Iterable[tuple[str, Item]]
+    ) -> dict[str, list[Item]]:
+        """Check attributes a client supplies at creation: known names, right
+        types, settable by a client, applicable to the object type, single
+        values where the specification allows only one."""
+        result: dict[str, list[Item]] = {}
+        for name, value in given:
+            if value is None:
+                raise errors.InvalidField(f"attribute {name!r} has no value")
+            spec = attrs.check_known(name)
+            attrs.check_value_type(name, value)
+            if spec is not None:
+                if not spec.client_initial:
+                    raise errors.AttributeReadOnly(f"attribute {name!r} is set by the server")
+                if object_type not in spec.applies_to:
+                    raise errors.InvalidField(f"attribute {name!r} does not apply to a {object_type.name}")
+            values = result.setdefault(name, [])
+            value = attrs.as_value(value)
+            if spec is not None and not spec.multi and values:
+                if values[0] == value:
+                    continue
+                raise errors.AttributeSingleValued(f"attribute {name!r} takes a single value")
+            if value not in values:
+                values.append(value)
+        return result
+
+    def new_object(
+        self,
+        txn: Transaction,
+        principal: Principal,
+        object_type: ObjectType,
+        attributes: dict[str, list[Item]],
+        material: Material | None,
+        now: int,
+        uid: str | None = None,
+    ) -> ManagedObject:
+        check(principal, Action.CREATE)
+        uid = uid or str(uuid.uuid4())
+        obj = ManagedObject(uid=uid, owner=principal.name, attributes=dict(attributes))
+        obj.set_value("Unique Identifier", uid)
+        obj.set_value("Object Type", object_type.value)
+        obj.set_value("Initial Date", now)
+        obj.set_value("Original Creation Date", now)
+        obj.set_value("Last Change Date", now)
+        if object_type in lifecycle.STATEFUL_TYPES:
+            obj.set_value("State", State.PRE_ACTIVE.value)
+            lifecycle.apply_dates(obj, now)
+        if material is not None:
+            obj.sealed_material = self.barrier.seal(uid, material.to_bytes())
+        try:
+            txn.insert_object(obj.to_stored())
+        except ObjectExists:
+            raise errors.ObjectAlreadyExists(f"object {uid} already exists") from None
+        obj.version = 1
+        return obj
+
+    # Reading.
+    def load(
+        self,
+        txn: Transaction,
+        principal: Principal,
+        uid: str,
+        action: Action,
+        now: int,
+        for_update: bool = False,
+    ) -> ManagedObject:
+        stored = txn.get_object(uid, for_update=for_update) if isinstance(uid, str) else None
+        if stored is None or not may_see(principal, stored.owner):
+            raise errors.ItemNotFound(f"no object with unique identifier {uid!r}")
+        check(principal, action, stored.owner)
+        obj = ManagedObject.from_stored(stored)
+        lifecycle.apply_dates(obj, now)
+        return obj
+
+    def material(self, obj: ManagedObject) -> Material:
+        if obj.sealed_material is None:
+            raise errors.KeyValueNotPresent(f"object {obj.uid} has no key material (destroyed)")
+        try:
+            return Material.from_bytes(self.barrier.unseal(obj.uid, obj.sealed_material))
+        except BarrierError as exc:
+            # Corrupt or foreign storage: a server fault, not the client's.
+            raise RuntimeError(str(exc)) from None
+
+    def reseal(self, obj: ManagedObject, material: Material | None) -> None:
+        obj.sealed_material = None if material is None else self.barrier.seal(obj.uid, material.to_bytes())
+
+    # Writing.
+    def save(self, txn: Transaction, obj: ManagedObject, now: int) -> None:
+        obj.set_value("Last Change Date", now)
+        stored = obj.to_stored()
+        try:
+            txn.update_object(stored)
+        except ConcurrentModification:
+            raise errors.IllegalOperation(
+                f"object {obj.uid} was changed by a concurrent request; retry"
+            ) from None
+        obj.version = stored.version
+
+    # Locate (KMIP 1.4, 4.9).
+    def locate(
+        self,
+        txn: Transaction,
+        principal: Principal,
+        equals: list[tuple[str, Item]],
+        has: list[str],
+        offset: int,
+        limit: int | None,
+    ) -> list[str]:
+        check(principal, Action.READ_ATTRIBUTES)
+        query = LocateQuery(
+            equals=tuple((name, attrs.encode_value(value)) for name, value in equals),
+            has=tuple(has),
+            owner=None if principal.sees_all else principal.name,
+            offset=offset,
+            limit=limit,
+        )
+        return txn.locate(query)

@@ -1,0 +1,100 @@
+"""Object states and their dates (KMIP 1.4 sections 3.22-3.31, 4.19-4.21;
+the state diagram of KMIP 1.4 Figure 1).
+
+  Pre-Active --Activate / Activation Date reached--> Active
+  Pre-Active, Active --Revoke(other reason) / Deactivation Date--> Deactivated
+  Pre-Active, Active, Deactivated --Revoke(compromise)--> Compromised
+  Pre-Active, Deactivated --Destroy--> Destroyed
+  Compromised --Destroy--> Destroyed Compromised
+  Destroyed --Revoke(compromise)--> Destroyed Compromised
+"""
+
+from __future__ import annotations
+
+from kmip.core.enums import ObjectType, RevocationReasonCode, State
+
+from kms_server import errors
+from kms_server.keystore.objects import ManagedObject
+
+STATEFUL_TYPES = (
+    ObjectType.SYMMETRIC_KEY,
+    ObjectType.PUBLIC_KEY,
+    ObjectType.PRIVATE_KEY,
+    ObjectType.SPLIT_KEY,
+    ObjectType.CERTIFICATE,
+    ObjectType.SECRET_DATA,
+    ObjectType.OPAQUE_DATA,
+    ObjectType.TEMPLATE,
+)
+
+COMPROMISE_REASONS = (RevocationReasonCode.KEY_COMPROMISE.value, RevocationReasonCode.CA_COMPROMISE.value)
+DESTROYED_STATES = (State.DESTROYED, State.DESTROYED_COMPROMISED)
+
+
+def apply_dates(obj: ManagedObject, now: int) -> None:
+    """Move an object along by the dates set on it: an Activation Date that
+    has passed makes a Pre-Active object Active, a Deactivation Date that has
+    passed makes it Deactivated."""
+    state = obj.state
+    if state is None:
+        return
+    activation = obj.value("Activation Date")
+    deactivation = obj.value("Deactivation Date")
+    if state == State.PRE_ACTIVE and activation is not None and activation <= now:
+        obj.set_value("State", State.ACTIVE.value)
+        state = State.ACTIVE
+    if state in (State.PRE_ACTIVE, State.ACTIVE) and deactivation is not None and deactivation <= now:
+        obj.set_value("State", State.DEACTIVATED.value)
+
+
+def activate(obj: ManagedObject, now: int) -> None:
+    if obj.state is None:
+        raise errors.IllegalOperation(f"a {obj.object_type.name} has no lifecycle to activate")
+    if obj.state != State.PRE_ACTIVE:
+        raise errors.IllegalOperation(f"object is {obj.state.name}; only a PRE_ACTIVE object can be activated")
+    obj.set_value("State", State.ACTIVE.value)
+    obj.set_value("Activation Date", now)
+
+
+def revoke(obj: ManagedObject, reason_code: int, occurrence_date: int | None, now: int) -> None:
+    state = obj.state
+    if state is None:
+        raise errors.IllegalOperation(f"a {obj.object_type.name} cannot be revoked")
+    if reason_code in COMPROMISE_REASONS:
+        if state == State.DESTROYED:
+            obj.set_value("State", State.DESTROYED_COMPROMISED.value)
+        elif state in (State.PRE_ACTIVE, State.ACTIVE, State.DEACTIVATED, State.COMPROMISED):
+            obj.set_value("State", State.COMPROMISED.value)
+        else:
+            raise errors.IllegalOperation(f"object is {state.name} and cannot be revoked")
+        obj.set_value("Compromise Date", now)
+        obj.set_value("Compromise Occurrence Date", occurrence_date if occurrence_date is not None else now)
+        return
+    if state not in (State.PRE_ACTIVE, State.ACTIVE):
+        raise errors.IllegalOperation(f"object is {state.name}; only a PRE_ACTIVE or ACTIVE object can be revoked")
+    obj.set_value("State", State.DEACTIVATED.value)
+    obj.set_value("Deactivation Date", now)
+
+
+def destroy(obj: ManagedObject, now: int) -> None:
+    """Mark destroyed; the caller removes the key material."""
+    state = obj.state
+    if state == State.ACTIVE:
+        raise errors.IllegalOperation("object is ACTIVE; revoke it before destroying it")
+    if state in DESTROYED_STATES:
+        raise errors.IllegalOperation(f"object is already {state.name}")
+    if state is not None:
+        new = State.DESTROYED_COMPROMISED if state == State.COMPROMISED else State.DESTROYED
+        obj.set_value("State", new.value)
+    obj.set_value("Destroy Date", now)
+
+
+def require_usable(obj: ManagedObject, protect: bool) -> None:
+    """Protecting (Encrypt, Sign, MAC, wrapping) needs an Active object;
+    processing (Decrypt, SignatureVerify) is also allowed once the object is
+    Deactivated or Compromised (KMIP 1.4, 3.22 State)."""
+    state = obj.state
+    allowed = (State.ACTIVE,) if protect else (State.ACTIVE, State.DEACTIVATED, State.COMPROMISED)
+    if state not in allowed:
+        name = state.name if state else "stateless"
+        raise errors.IllegalOperation(f"object is {name}; this operation needs an ACTIVE object")

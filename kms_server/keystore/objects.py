@@ -1,0 +1,110 @@
+"""Managed objects as the keystore sees them (KMIP 1.4 section 2.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kmip.core.enums import ObjectType, State, Tags
+
+from kms_server.keystore import attributes as attrs
+from kms_server.storage.base import StoredAttribute, StoredObject
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import Item
+
+
+@dataclass(frozen=True)
+class Material:
+    """The secret part of an object, in one canonical encoding per object
+    type: raw bytes for symmetric keys, secret data and opaque objects,
+    PKCS#8 DER for private keys, SubjectPublicKeyInfo DER for public keys,
+    DER for certificates. `subtype` is the Secret Data Type or Opaque Data
+    Type where the object has one. Only ever held in memory."""
+
+    data: bytes = field(repr=False)
+    subtype: int | None = None
+
+    def to_bytes(self) -> bytes:
+        return ttlv.encode(
+            ttlv.structure(
+                Tags.KEY_VALUE.value,
+                [
+                    ttlv.byte_string(Tags.KEY_MATERIAL.value, self.data),
+                    ttlv.integer(Tags.ATTRIBUTE_INDEX.value, self.subtype) if self.subtype is not None else None,
+                ],
+            )
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Material":
+        item = ttlv.decode(data)
+        return cls(item.get(Tags.KEY_MATERIAL.value), item.get(Tags.ATTRIBUTE_INDEX.value))
+
+
+@dataclass
+class ManagedObject:
+    uid: str
+    owner: str
+    attributes: dict[str, list[Item]]
+    sealed_material: bytes | None = field(default=None, repr=False)
+    version: int = 0
+    sequence: int = 0
+
+    # Typed accessors for the attributes the keystore reasons about.
+    def first(self, name: str) -> Item | None:
+        values = self.attributes.get(name)
+        return values[0] if values else None
+
+    def value(self, name: str, default=None):
+        item = self.first(name)
+        return default if item is None else item.value
+
+    def set(self, name: str, value: Item) -> None:
+        self.attributes[name] = [attrs.as_value(value)]
+
+    def set_value(self, name: str, python_value) -> None:
+        self.set(name, attrs.make(name, python_value))
+
+    def remove(self, name: str) -> None:
+        self.attributes.pop(name, None)
+
+    @property
+    def object_type(self) -> ObjectType:
+        return ObjectType(self.value("Object Type"))
+
+    @property
+    def state(self) -> State | None:
+        value = self.value("State")
+        return None if value is None else State(value)
+
+    @property
+    def usage_mask(self) -> int:
+        return self.value("Cryptographic Usage Mask", 0)
+
+    # Storage mapping.
+    def to_stored(self) -> StoredObject:
+        stored = []
+        for name, values in self.attributes.items():
+            for index, value in enumerate(values):
+                stored.append(StoredAttribute(name, index, attrs.encode_value(value)))
+        return StoredObject(
+            uid=self.uid,
+            owner=self.owner,
+            sealed_material=self.sealed_material,
+            attributes=stored,
+            version=self.version,
+            sequence=self.sequence,
+        )
+
+    @classmethod
+    def from_stored(cls, stored: StoredObject) -> "ManagedObject":
+        attributes: dict[str, list[Item]] = {}
+        for a in sorted(stored.attributes, key=lambda a: (a.name, a.index)):
+            attributes.setdefault(a.name, []).append(attrs.decode_value(a.value))
+        return cls(
+            uid=stored.uid,
+            owner=stored.owner,
+            attributes=attributes,
+            sealed_material=stored.sealed_material,
+            version=stored.version,
+            sequence=stored.sequence,
+        )

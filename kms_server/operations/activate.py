@@ -1,0 +1,18 @@
+"""KMIP 1.4, 4.19 Activate: Pre-Active to Active, Activation Date now."""
+
+from kmip.core.enums import Operation
+
+from kms_server.keystore import lifecycle
+from kms_server.keystore.policy import Action
+from kms_server.operations import common
+
+OPERATION = Operation.ACTIVATE
+
+
+def handle(ctx, keystore, payload):
+    uid = common.unique_identifier(ctx, payload)
+    with keystore.transaction() as txn:
+        obj = keystore.load(txn, ctx.principal, uid, Action.MANAGE, ctx.now, for_update=True)
+        lifecycle.activate(obj, ctx.now)
+        keystore.save(txn, obj, ctx.now)
+    return [common.uid_item(obj.uid)]

@@ -1,0 +1,132 @@
+"""Payload helpers shared by the operation modules: reading the Unique
+Identifier (or the batch's ID Placeholder), reading client attributes in
+the 1.x (Template-Attribute) and 2.0 (Attributes) forms, and writing
+attributes back in the form of the request's version."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from kmip.core.enums import Tags
+
+from kms_server import errors
+from kms_server.dispatch.context import RequestContext
+from kms_server.keystore import attributes as attrs
+from kms_server.keystore.objects import ManagedObject
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import Item, ItemType
+
+T = Tags
+
+
+def tag(t: Tags) -> int:
+    return t.value
+
+
+def unique_identifier(ctx: RequestContext, payload: Item, required: bool = True) -> str | None:
+    """The object a request names; without one, the ID Placeholder left by
+    an earlier item of the same batch (KMIP 1.4, 6.12)."""
+    uid = payload.get(T.UNIQUE_IDENTIFIER.value)
+    if uid is None:
+        uid = ctx.batch.id_placeholder
+    if uid is None and required:
+        raise errors.MissingData("Unique Identifier is required")
+    if uid is not None and not isinstance(uid, str):
+        raise errors.InvalidField("Unique Identifier must be a text string")
+    return uid
+
+
+def uid_item(uid: str) -> Item:
+    return ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)
+
+
+def require(payload: Item, t: Tags, type_: ItemType | None = None) -> Item:
+    item = payload.find(t.value)
+    if item is None:
+        raise errors.MissingData(f"{t.name.replace('_', ' ').title()} is required")
+    if type_ is not None and item.type != type_:
+        raise errors.InvalidField(f"{t.name.replace('_', ' ').title()} has the wrong type")
+    return item
+
+
+def optional_enum(payload: Item, t: Tags, enum_cls):
+    item = payload.find(t.value)
+    if item is None:
+        return None
+    if item.type != ItemType.ENUMERATION:
+        raise errors.InvalidField(f"{t.name} must be an enumeration")
+    try:
+        return enum_cls(item.value)
+    except ValueError:
+        raise errors.InvalidField(f"{t.name} value {item.value:#x} is not defined") from None
+
+
+# Reading client attributes.
+def _v1_template_attributes(template: Item) -> list[tuple[str, Item]]:
+    result = []
+    for child in template.children():
+        if child.tag == T.NAME.value:
+            # A Name given directly in a Template-Attribute.
+            result.append(("Name", attrs.as_value(child)))
+        elif child.tag == T.ATTRIBUTE.value:
+            name, _index, value = attrs.from_attribute_v1(child)
+            if value is None:
+                raise errors.InvalidField(f"attribute {name!r} has no value")
+            result.append((name, value))
+        elif child.tag == T.TEMPLATE_ATTRIBUTE.value:
+            raise errors.FeatureNotSupported("Template objects are not supported")
+    return result
+
+
+def _v2_attributes(structure: Item) -> list[tuple[str, Item]]:
+    result = []
+    for child in structure.children():
+        name, value = attrs.from_item_v2(child)
+        if value is None:
+            raise errors.InvalidField(f"attribute {name!r} has no value")
+        result.append((name, value))
+    return result
+
+
+def client_attributes(payload: Item, v1_tag: Tags, v2_tag: Tags) -> list[tuple[str, Item]]:
+    """Attributes from a 1.x Template-Attribute (or Common/Private/Public
+    variant) or a 2.0 Attributes structure; whichever the payload holds."""
+    v1 = payload.find(v1_tag.value)
+    if v1 is not None:
+        return _v1_template_attributes(v1)
+    v2 = payload.find(v2_tag.value)
+    if v2 is not None:
+        return _v2_attributes(v2)
+    return []
+
+
+def single_attribute(ctx: RequestContext, item: Item) -> tuple[str, int | None, Item | None]:
+    """One attribute in a request (Add/Modify/Delete/SetAttribute): 1.x
+    Attribute structure, or a 2.0 attribute item."""
+    if item.tag == T.ATTRIBUTE.value and item.find(T.VENDOR_IDENTIFICATION.value) is None:
+        return attrs.from_attribute_v1(item)
+    name, value = attrs.from_item_v2(item)
+    return name, None, value
+
+
+# Writing attributes back.
+def attribute_items(ctx: RequestContext, obj: ManagedObject, names: Iterable[str] | None) -> list[Item]:
+    """The object's attributes in the request version's form: a list of 1.x
+    Attribute structures, or the children of a 2.0 Attributes structure."""
+    selected = list(obj.attributes) if names is None else list(dict.fromkeys(names))
+    out: list[Item] = []
+    for name in selected:
+        values = obj.attributes.get(name, [])
+        for index, value in enumerate(values):
+            if ctx.v2:
+                out.append(attrs.to_item_v2(name, value))
+            else:
+                out.append(attrs.to_attribute_v1(name, value, index))
+    return out
+
+
+def attributes_structure(ctx: RequestContext, obj: ManagedObject, names: Iterable[str] | None) -> list[Item]:
+    items = attribute_items(ctx, obj, names)
+    if ctx.v2:
+        return [ttlv.structure(T.ATTRIBUTES.value, items)]
+    return items

@@ -1,0 +1,43 @@
+"""KMIP 1.4, 4.1 Create: a new symmetric key (AES, HMAC) or secret.
+
+The client gives Object Type and a Template-Attribute (2.0: Attributes)
+with at least Cryptographic Algorithm and Length; the key is generated on a
+worker thread and sealed before it is stored."""
+
+from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
+
+from kms_server import errors
+from kms_server.keystore import crypto
+from kms_server.keystore.objects import Material
+from kms_server.operations import common
+from kms_server.wire import ttlv
+
+OPERATION = Operation.CREATE
+
+
+def handle(ctx, keystore, payload):
+    object_type = common.optional_enum(payload, Tags.OBJECT_TYPE, ObjectType)
+    if object_type is None:
+        raise errors.MissingData("Object Type is required")
+    if object_type != ObjectType.SYMMETRIC_KEY:
+        raise errors.InvalidField(f"Create makes symmetric keys; use CreateKeyPair or Register for a {object_type.name}")
+    given = common.client_attributes(payload, Tags.TEMPLATE_ATTRIBUTE, Tags.ATTRIBUTES)
+    attributes = keystore.validate_client_attributes(object_type, given)
+    algorithm_item = attributes.get("Cryptographic Algorithm")
+    length_item = attributes.get("Cryptographic Length")
+    if not algorithm_item:
+        raise errors.MissingData("Cryptographic Algorithm is required to create a key")
+    if not length_item:
+        raise errors.MissingData("Cryptographic Length is required to create a key")
+    try:
+        algorithm = CryptographicAlgorithm(algorithm_item[0].value)
+    except ValueError:
+        raise errors.InvalidField("Cryptographic Algorithm value is not defined") from None
+    try:
+        key = crypto.generate_symmetric_key(algorithm, length_item[0].value)
+    except crypto.CryptoError as exc:
+        raise errors.InvalidField(str(exc.message)) from None
+    with keystore.transaction() as txn:
+        obj = keystore.new_object(txn, ctx.principal, object_type, attributes, Material(key), ctx.now)
+    ctx.batch.id_placeholder = obj.uid
+    return [ttlv.enumeration(Tags.OBJECT_TYPE.value, object_type.value), common.uid_item(obj.uid)]

@@ -1,0 +1,21 @@
+"""KMIP 1.4, 4.21 Destroy: the key material is removed from storage
+(crypto-shredding: the sealed blob is deleted, not just marked); the
+object's metadata stays so that its history can still be read."""
+
+from kmip.core.enums import Operation
+
+from kms_server.keystore import lifecycle
+from kms_server.keystore.policy import Action
+from kms_server.operations import common
+
+OPERATION = Operation.DESTROY
+
+
+def handle(ctx, keystore, payload):
+    uid = common.unique_identifier(ctx, payload)
+    with keystore.transaction() as txn:
+        obj = keystore.load(txn, ctx.principal, uid, Action.DESTROY, ctx.now, for_update=True)
+        lifecycle.destroy(obj, ctx.now)
+        keystore.reseal(obj, None)
+        keystore.save(txn, obj, ctx.now)
+    return [common.uid_item(obj.uid)]

@@ -1,0 +1,32 @@
+"""KMIP 1.4, 4.12 Get Attribute List / 2.0, 6.1.24: the names of the
+attributes an object carries (2.0: as Attribute References)."""
+
+from kmip.core.enums import Operation, Tags
+
+from kms_server.keystore import attributes as attrs
+from kms_server.keystore.policy import Action
+from kms_server.operations import common
+from kms_server.wire import ttlv
+
+OPERATION = Operation.GET_ATTRIBUTE_LIST
+
+
+def _reference(name: str):
+    spec = attrs.spec_for(name)
+    if spec is not None:
+        return ttlv.enumeration(Tags.ATTRIBUTE_REFERENCE.value, spec.tag)
+    vendor, _, short = name.partition("-")
+    return ttlv.structure(
+        Tags.ATTRIBUTE_REFERENCE.value,
+        [ttlv.text(Tags.VENDOR_IDENTIFICATION.value, vendor), ttlv.text(Tags.ATTRIBUTE_NAME.value, short)],
+    )
+
+
+def handle(ctx, keystore, payload):
+    uid = common.unique_identifier(ctx, payload)
+    with keystore.transaction() as txn:
+        obj = keystore.load(txn, ctx.principal, uid, Action.READ_ATTRIBUTES, ctx.now)
+    names = [n for n, values in obj.attributes.items() if values]
+    if ctx.v2:
+        return [common.uid_item(obj.uid)] + [_reference(n) for n in names]
+    return [common.uid_item(obj.uid)] + [ttlv.text(Tags.ATTRIBUTE_NAME.value, n) for n in names]

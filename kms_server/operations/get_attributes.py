@@ -1,0 +1,25 @@
+"""KMIP 1.4, 4.11 Get Attributes / 2.0, 6.1.23: the named attributes of an
+object (all of them if none is named); a name the object does not carry is
+left out of the response rather than refused."""
+
+from kmip.core.enums import Operation, Tags
+
+from kms_server.keystore import attributes as attrs
+from kms_server.keystore.policy import Action
+from kms_server.operations import common
+
+OPERATION = Operation.GET_ATTRIBUTES
+
+
+def requested_names(ctx, payload) -> list[str] | None:
+    names = [i.value for i in payload.find_all(Tags.ATTRIBUTE_NAME.value)]
+    names += [attrs.name_from_reference_v2(i) for i in payload.find_all(Tags.ATTRIBUTE_REFERENCE.value)]
+    return names or None
+
+
+def handle(ctx, keystore, payload):
+    uid = common.unique_identifier(ctx, payload)
+    names = requested_names(ctx, payload)
+    with keystore.transaction() as txn:
+        obj = keystore.load(txn, ctx.principal, uid, Action.READ_ATTRIBUTES, ctx.now)
+    return [common.uid_item(obj.uid)] + common.attributes_structure(ctx, obj, names)

@@ -1,0 +1,54 @@
+"""KMIP 1.4, 4.14 Modify Attribute / 2.0, 6.1.30: replace one value of an
+attribute the object already carries (1.x: the instance at Attribute Index,
+default 0; 2.0: the Current Attribute if given, else the single value)."""
+
+from kmip.core.enums import Operation, Tags
+
+from kms_server import errors
+from kms_server.keystore import attributes as attrs
+from kms_server.keystore.policy import Action
+from kms_server.operations import common
+from kms_server.operations.attribute_changes import check_applies, check_client_may_change
+
+OPERATION = Operation.MODIFY_ATTRIBUTE
+
+
+def _only_child(item):
+    if len(item.children()) != 1:
+        raise errors.InvalidField(f"{item!r} must hold exactly one attribute")
+    return item.children()[0]
+
+
+def handle(ctx, keystore, payload):
+    uid = common.unique_identifier(ctx, payload)
+    current = None
+    if payload.find(Tags.NEW_ATTRIBUTE.value) is not None:
+        name, index, value = common.single_attribute(ctx, _only_child(payload.find(Tags.NEW_ATTRIBUTE.value)))
+        if payload.find(Tags.CURRENT_ATTRIBUTE.value) is not None:
+            _n, _i, current = common.single_attribute(ctx, _only_child(payload.find(Tags.CURRENT_ATTRIBUTE.value)))
+    else:
+        item = common.require(payload, Tags.ATTRIBUTE)
+        name, index, value = common.single_attribute(ctx, item)
+    if value is None:
+        raise errors.MissingData(f"attribute {name!r} has no value")
+    spec = check_client_may_change(name)
+    attrs.check_value_type(name, value)
+    with keystore.transaction() as txn:
+        obj = keystore.load(txn, ctx.principal, uid, Action.MANAGE, ctx.now, for_update=True)
+        check_applies(spec, obj, name)
+        values = obj.attributes.get(name)
+        if not values:
+            raise errors.AttributeNotFound(f"object has no attribute {name!r} to modify")
+        if current is not None:
+            try:
+                index = values.index(attrs.as_value(current))
+            except ValueError:
+                raise errors.AttributeNotFound(f"object has no such value of {name!r}") from None
+        index = index or 0
+        if index >= len(values):
+            raise errors.IndexOutOfBounds(f"attribute {name!r} has no value at index {index}")
+        values[index] = attrs.as_value(value)
+        keystore.save(txn, obj, ctx.now)
+    if ctx.v2:
+        return [common.uid_item(obj.uid)]
+    return [common.uid_item(obj.uid), attrs.to_attribute_v1(name, value, index)]

@@ -1,0 +1,35 @@
+"""KMIP 1.4, 4.25 Query: the operations and object types this server
+supports, and who it is."""
+
+from kmip.core.enums import ObjectType, Operation, QueryFunction, Tags
+
+from kms_server import __version__
+from kms_server.wire import ttlv
+
+OPERATION = Operation.QUERY
+
+VENDOR_IDENTIFICATION = f"kms-server {__version__}"
+OBJECT_TYPES = (
+    ObjectType.SYMMETRIC_KEY,
+    ObjectType.PUBLIC_KEY,
+    ObjectType.PRIVATE_KEY,
+    ObjectType.CERTIFICATE,
+    ObjectType.SECRET_DATA,
+    ObjectType.OPAQUE_DATA,
+)
+
+
+def handle(ctx, keystore, payload):
+    from kms_server.operations import OPERATIONS  # The table is built from this package.
+
+    functions = {i.value for i in payload.find_all(Tags.QUERY_FUNCTION.value)}
+    out = []
+    if QueryFunction.QUERY_OPERATIONS.value in functions:
+        for op in sorted(OPERATIONS, key=lambda o: o.value):
+            if op.value <= 0x2C or ctx.v2:
+                out.append(ttlv.enumeration(Tags.OPERATION.value, op.value))
+    if QueryFunction.QUERY_OBJECTS.value in functions:
+        out += [ttlv.enumeration(Tags.OBJECT_TYPE.value, t.value) for t in OBJECT_TYPES]
+    if QueryFunction.QUERY_SERVER_INFORMATION.value in functions:
+        out.append(ttlv.text(Tags.VENDOR_IDENTIFICATION.value, VENDOR_IDENTIFICATION))
+    return out

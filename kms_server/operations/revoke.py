@@ -1,0 +1,29 @@
+"""KMIP 1.4, 4.20 Revoke: Deactivated, or Compromised for a key or CA
+compromise, with the Revocation Reason recorded."""
+
+from kmip.core.enums import Operation, RevocationReasonCode, Tags
+
+from kms_server import errors
+from kms_server.keystore import attributes as attrs
+from kms_server.keystore import lifecycle
+from kms_server.keystore.policy import Action
+from kms_server.operations import common
+
+OPERATION = Operation.REVOKE
+
+
+def handle(ctx, keystore, payload):
+    uid = common.unique_identifier(ctx, payload)
+    reason = common.require(payload, Tags.REVOCATION_REASON)
+    code = reason.get(Tags.REVOCATION_REASON_CODE.value)
+    try:
+        RevocationReasonCode(code)
+    except ValueError:
+        raise errors.InvalidField("Revocation Reason Code is missing or not defined") from None
+    occurrence = payload.get(Tags.COMPROMISE_OCCURRENCE_DATE.value)
+    with keystore.transaction() as txn:
+        obj = keystore.load(txn, ctx.principal, uid, Action.MANAGE, ctx.now, for_update=True)
+        lifecycle.revoke(obj, code, occurrence, ctx.now)
+        obj.set("Revocation Reason", attrs.as_value(reason))
+        keystore.save(txn, obj, ctx.now)
+    return [common.uid_item(obj.uid)]
