@@ -1,0 +1,331 @@
+"""``kms-admin``: operator commands for kms_server.
+
+Each command group is added by a ``register_<group>(subparsers)`` function
+listed in :data:`COMMAND_GROUPS`; a new group is one function and one entry
+there. A command's handler receives the parsed arguments and returns an exit
+status. Expected failures (bad input, missing files, PKI and configuration
+problems) become one line on stderr, ``kms-admin: error: <problem>; <fix>``,
+and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from kms_server.admin import pki
+from kms_server.config import ConfigError, load_config
+
+__all__ = [
+    "COMMAND_GROUPS",
+    "CommandError",
+    "build_parser",
+    "main",
+    "register_clients",
+    "register_master_key",
+    "register_pki",
+]
+
+PROG = "kms-admin"
+EXIT_USAGE = 2
+DEFAULT_CA_DIR = "certs/dev"
+
+
+class CommandError(Exception):
+    """An operator error found by a handler; message is 'problem; fix'."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line that says the fix."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message}; see '{self.prog} --help'\n")
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)
+
+
+# --- pki ----------------------------------------------------------------------------
+
+
+def _pki_init(args: argparse.Namespace) -> int:
+    result = pki.init_pki(
+        args.dir,
+        server_names=args.server_name,
+        clients=args.client,
+        key_type=args.key_type,
+        force=args.force,
+    )
+    for path in result.written:
+        _out(f"wrote {path}")
+    for path in result.kept:
+        _out(f"kept {path} (exists)")
+    if not result.written:
+        _out(
+            "nothing to do: every file exists (use --force to re-issue server and clients)"
+        )
+    return 0
+
+
+def _pki_issue_client(args: argparse.Namespace) -> int:
+    cert_path, key_path = pki.issue_client(
+        args.dir, args.name, key_type=args.key_type, force=args.force
+    )
+    _out(f"wrote {cert_path}")
+    _out(f"wrote {key_path}")
+    return 0
+
+
+def _pki_sign_csr(args: argparse.Namespace) -> int:
+    cert = pki.sign_csr(
+        args.ca_dir, args.csr, args.out, days=args.days, force=args.force
+    )
+    _out(f"wrote {args.out} for {cert.subject.rfc4514_string()}")
+    _out(f"  valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    _out(f"  sha256 fingerprint {pki.fingerprint_sha256(cert)}")
+    return 0
+
+
+def register_pki(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser(
+        "pki", help="development PKI: CA, server and client certificates"
+    )
+    commands = group.add_subparsers(
+        dest="pki_command", metavar="COMMAND", required=True
+    )
+
+    init = commands.add_parser(
+        "init",
+        help="create a CA, a server certificate and client certificates",
+        description="Create DIR/ca.pem, server.pem and <client>.pem with their keys. "
+        "An existing CA is reused and existing certificates are kept, so this can be "
+        "run again to add clients.",
+    )
+    init.add_argument(
+        "--dir", required=True, type=Path, help="directory for the PKI files"
+    )
+    init.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="DNS name or IP address of the server (repeatable; the first becomes the CN; "
+        "localhost and 127.0.0.1 are always added)",
+    )
+    init.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="client to issue (repeatable)",
+    )
+    init.add_argument(
+        "--key-type",
+        choices=("rsa", "ec"),
+        default="rsa",
+        help="rsa (default; 2048-bit, needed by vCenter 7's TLS_RSA suite) or ec (P-256)",
+    )
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="re-issue existing server and client certificates",
+    )
+    init.set_defaults(func=_pki_init)
+
+    issue = commands.add_parser(
+        "issue-client", help="issue one client certificate from DIR's CA"
+    )
+    issue.add_argument(
+        "--dir", required=True, type=Path, help="PKI directory (with ca.pem)"
+    )
+    issue.add_argument(
+        "--name", required=True, help="client name: the certificate's CN"
+    )
+    issue.add_argument("--key-type", choices=("rsa", "ec"), default="rsa")
+    issue.add_argument(
+        "--force", action="store_true", help="replace an existing certificate"
+    )
+    issue.set_defaults(func=_pki_issue_client)
+
+    sign = commands.add_parser(
+        "sign-csr",
+        help="issue a client certificate for a certificate signing request",
+        description="Sign a CSR with the development CA: subject and subject "
+        "alternative names are copied, usage is always clientAuth only.",
+    )
+    sign.add_argument("--csr", required=True, type=Path, help="CSR file (PEM or DER)")
+    sign.add_argument(
+        "--out", required=True, type=Path, help="where to write the certificate"
+    )
+    sign.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=Path(DEFAULT_CA_DIR),
+        help=f"PKI directory with ca.pem and ca.key (default {DEFAULT_CA_DIR})",
+    )
+    sign.add_argument(
+        "--days",
+        type=int,
+        default=pki.LEAF_DAYS,
+        help=f"validity (default {pki.LEAF_DAYS})",
+    )
+    sign.add_argument(
+        "--force", action="store_true", help="overwrite --out if it exists"
+    )
+    sign.set_defaults(func=_pki_sign_csr)
+
+
+# --- clients --------------------------------------------------------------------------
+
+
+def _trusted_dir(args: argparse.Namespace) -> Path:
+    # Pinning touches no key material, so a config without [master_key]
+    # (or no config at all: defaults under ./var) is enough.
+    cfg = load_config(args.config, require_master_key=False)
+    return cfg.tls.trusted_clients_dir
+
+
+def _clients_trust(args: argparse.Namespace) -> int:
+    trusted_dir = _trusted_dir(args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", pki.PkiWarning)
+        fingerprint = pki.trust_client_cert(args.cert, trusted_dir)
+    for warning in caught:
+        print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
+    _out(f"trusted {fingerprint}")
+    _out(f"wrote {trusted_dir / (fingerprint + '.pem')}")
+    _out("running servers pick this up on reload or restart")
+    return 0
+
+
+def _clients_list(args: argparse.Namespace) -> int:
+    trusted_dir = _trusted_dir(args)
+    entries = pki.list_trusted(trusted_dir)
+    if not entries:
+        _out(f"no trusted client certificates in {trusted_dir}")
+        return 0
+    for entry in entries:
+        _out(
+            f"{entry.fingerprint_sha256}  until {entry.not_valid_after:%Y-%m-%d}  {entry.subject}"
+        )
+    return 0
+
+
+def _clients_untrust(args: argparse.Namespace) -> int:
+    path = pki.untrust(args.fingerprint, _trusted_dir(args))
+    _out(f"removed {path}")
+    return 0
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="server config file (tls.trusted_clients_dir is used; default ./var/trusted-clients)",
+    )
+
+
+def register_clients(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("clients", help="pinned client certificates")
+    commands = group.add_subparsers(
+        dest="clients_command", metavar="COMMAND", required=True
+    )
+
+    trust = commands.add_parser(
+        "trust", help="pin a client certificate: exactly this certificate is accepted"
+    )
+    trust.add_argument("cert", type=Path, help="client certificate (PEM or DER)")
+    _add_config_option(trust)
+    trust.set_defaults(func=_clients_trust)
+
+    listing = commands.add_parser("list", help="list pinned client certificates")
+    _add_config_option(listing)
+    listing.set_defaults(func=_clients_list)
+
+    untrust = commands.add_parser("untrust", help="remove a pinned client certificate")
+    untrust.add_argument(
+        "fingerprint", help="SHA-256 fingerprint as shown by 'clients list'"
+    )
+    _add_config_option(untrust)
+    untrust.set_defaults(func=_clients_untrust)
+
+
+# --- master-key -----------------------------------------------------------------------
+
+
+def _master_key_new(args: argparse.Namespace) -> int:
+    path = pki.new_master_key(args.out)
+    _out(f"wrote {path} (mode 0600; back it up: without it stored keys cannot be read)")
+    return 0
+
+
+def register_master_key(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser(
+        "master-key", help="the master key that wraps keys at rest"
+    )
+    commands = group.add_subparsers(
+        dest="master_key_command", metavar="COMMAND", required=True
+    )
+    new = commands.add_parser("new", help="write a new random 256-bit master key file")
+    new.add_argument(
+        "--out", required=True, type=Path, help="file to create (never overwritten)"
+    )
+    new.set_defaults(func=_master_key_new)
+
+
+# --- assembly ------------------------------------------------------------------------
+
+CommandGroup = Callable[[argparse._SubParsersAction], None]
+
+# Add a command group by appending its register function here.
+COMMAND_GROUPS: list[CommandGroup] = [
+    register_pki,
+    register_clients,
+    register_master_key,
+]
+
+
+def build_parser(
+    groups: Sequence[CommandGroup] | None = None,
+) -> argparse.ArgumentParser:
+    """The kms-admin parser; ``parser.subparsers`` lets callers add groups."""
+    parser = _Parser(prog=PROG, description="Administer a kms_server KMIP key server.")
+    subparsers = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    for register in COMMAND_GROUPS if groups is None else groups:
+        register(subparsers)
+    parser.subparsers = subparsers  # type: ignore[attr-defined]
+    return parser
+
+
+def _os_error_line(exc: OSError) -> str:
+    target = f" {exc.filename}" if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    return f"cannot access{target} ({reason}); check the path and its permissions"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return args.func(args)
+    except (pki.PkiError, ConfigError, CommandError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"{PROG}: error: {_os_error_line(exc)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
