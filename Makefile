@@ -1,0 +1,55 @@
+# The two commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+DEV_PKI = certs/dev
+PYTEST_ARGS ?=
+
+.PHONY: run test venv pki master-key check-config clean lint
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+	  { echo "kms-server needs Python 3.11 or newer (Debian 12: apt-get install python3)"; exit 1; }
+	@$(PYTHON) -m venv $(VENV) || \
+	  { echo "cannot create a virtualenv; on Debian run: apt-get install python3-venv"; exit 1; }
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+pki: venv $(DEV_PKI)/ca.pem
+
+$(DEV_PKI)/ca.pem:
+	$(BIN)/kms-admin pki init --dir $(DEV_PKI) --server-name localhost --client vcenter --client admin
+
+master-key: venv var/master.key
+
+var/master.key:
+	@mkdir -p var && chmod 700 var
+	$(BIN)/kms-admin master-key new --out var/master.key
+
+check-config: venv
+	$(BIN)/kms-server --config etc/kms-dev.toml --check-config
+
+run: venv pki master-key
+	@echo ""
+	@echo "Starting one KMS node on 127.0.0.1:5696 (SQLite store in var/kms.db)."
+	@echo "Connect a KMIP client with mutual TLS:"
+	@echo "  CA certificate:     $(DEV_PKI)/ca.pem"
+	@echo "  client certificate: $(DEV_PKI)/vcenter.pem   key: $(DEV_PKI)/vcenter.key"
+	@echo "  (administrator:     $(DEV_PKI)/admin.pem      key: $(DEV_PKI)/admin.key)"
+	@echo "More clients: $(BIN)/kms-admin pki issue-client --dir $(DEV_PKI) --name NAME"
+	@echo "Stop with Ctrl-C (in-flight requests are drained first)."
+	@echo ""
+	$(BIN)/kms-server --config etc/kms-dev.toml
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/pip install --quiet ruff
+	$(BIN)/ruff check kms_server tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,107 @@
+"""`kms-server`: start one KMS node, or check its configuration."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kms_server import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kms-server",
+        description="KMIP key server (TTLV over mutual TLS). Flags override the config file, which overrides defaults.",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 5696; 0 picks a free port)")
+    p.add_argument("--db-url", help="database URL (default sqlite:///<data_dir>/kms.db)")
+    p.add_argument("--data-dir", help="directory for the embedded database and trusted client certificates")
+    p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM)")
+    p.add_argument("--tls-key", metavar="F", help="server private key (PEM)")
+    p.add_argument("--tls-ca", metavar="F", help="CA bundle that issues client certificates (PEM)")
+    p.add_argument("--master-key-file", metavar="F", help="master key file (kms-admin master-key new)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--check-config", action="store_true", help="print the effective settings (secrets redacted) and exit")
+    p.add_argument("--version", action="version", version=f"kms-server {__version__}")
+    return p
+
+
+def _overrides(args) -> dict:
+    return {
+        "server": {"host": args.host, "port": args.port, "data_dir": args.data_dir},
+        "storage": {"db_url": args.db_url},
+        "tls": {"cert": args.tls_cert, "key": args.tls_key, "ca": args.tls_ca},
+        "master_key": {"file": args.master_key_file},
+        "logging": {"level": args.log_level},
+    }
+
+
+def _fail(message: str) -> int:
+    print(f"kms-server: error: {message}", file=sys.stderr)
+    return 2
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from kms_server.config import ConfigError, format_config, load_config
+
+    try:
+        cfg = load_config(args.config, _overrides(args))
+    except ConfigError as exc:
+        return _fail(str(exc))
+
+    if args.check_config:
+        print(format_config(cfg))
+        problems = cfg.check_files()
+        for problem in problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        return 2 if problems else 0
+
+    problems = cfg.check_files()
+    if problems:
+        return _fail(problems[0])
+
+    logging.basicConfig(
+        level=getattr(logging, cfg.logging.level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from twisted.internet import reactor
+
+    from kms_server import server
+
+    try:
+        root = server.build(cfg, reactor)
+    except Exception as exc:  # Start-up failures are configuration problems.
+        return _fail(_start_error(exc))
+
+    failed: list[str] = []
+
+    def start():
+        try:
+            root.startService()
+        except Exception as exc:
+            failed.append(_start_error(exc))
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    reactor.run()
+    if failed:
+        return _fail(failed[0])
+    return 0
+
+
+def _start_error(exc: Exception) -> str:
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(exc, CannotListenError):
+        return f"cannot listen on {exc.interface}:{exc.port} ({exc.socketError}); choose another --port or stop the other server"
+    return str(exc) or exc.__class__.__name__
+
+
+if __name__ == "__main__":
+    sys.exit(server_main())

@@ -1,0 +1,111 @@
+"""One KMS node: storage, barrier, keystore, dispatcher, worker pool and the
+TLS listener, composed as a Twisted service that owns start and stop.
+
+Stopping (SIGTERM) stops accepting connections, lets every request in
+flight finish and be answered, closes connections, then releases the
+worker pool and the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.python.threadpool import ThreadPool
+
+from kms_server import credentials
+from kms_server.config import Config
+from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
+from kms_server.keystore.barrier import open_barrier
+from kms_server.keystore.keystore import Keystore
+from kms_server.keystore.policy import Principal, role_for
+from kms_server.operations import OPERATIONS
+from kms_server.storage import open_storage
+from kms_server.wire import tls
+from kms_server.wire.protocol import KmipFactory
+
+log = logging.getLogger("kms_server.server")
+
+
+class KmsService(service.Service):
+    def __init__(self, cfg: Config, reactor, announce=None):
+        self.cfg = cfg
+        self.reactor = reactor
+        self.announce = announce or (lambda text: None)
+        self.port = None
+        self.storage = open_storage(cfg.storage.db_url)
+        try:
+            barrier = open_barrier(
+                self.storage,
+                key_file=str(cfg.master_key.file) if cfg.master_key.file else None,
+                passphrase_file=str(cfg.master_key.passphrase_file) if cfg.master_key.passphrase_file else None,
+            )
+        except Exception:
+            self.storage.close()
+            raise
+        self.keystore = Keystore(self.storage, barrier)
+        authenticate = None
+        if cfg.access.require_credential:
+            authenticate = credentials.Authenticator(credentials.load(cfg.access.credentials_file))
+        self.dispatcher = Dispatcher(self.keystore, OPERATIONS, node=cfg.server.node_name, authenticate=authenticate)
+        self.context_factory = tls.server_context_factory(cfg.tls)
+        self.threadpool = ThreadPool(minthreads=1, maxthreads=cfg.server.worker_threads, name="kms-workers")
+        self.factory = KmipFactory(
+            handle=self._handle,
+            identify=self._identify,
+            threadpool=self.threadpool,
+            reactor=reactor,
+            max_message_size=cfg.server.max_message_size,
+            idle_timeout=cfg.server.idle_timeout,
+            handshake_timeout=cfg.server.handshake_timeout,
+            max_connections=cfg.server.max_connections,
+        )
+
+    def _identify(self, certificate, peer: str) -> ConnectionInfo:
+        if certificate is None:
+            raise ValueError("no client certificate")
+        identity = tls.peer_identity(certificate, self.cfg.tls.identity)
+        access = self.cfg.access
+        role = role_for(identity.name, access.administrators, access.no_crypto_administrators, access.auditors)
+        principal = Principal(
+            name=identity.name, role=role, subject=identity.subject, fingerprint=identity.fingerprint_sha256
+        )
+        log.info("connection from %s authenticated as %r (%s)", peer, principal.name, role.value)
+        return ConnectionInfo(principal=principal, peer=peer)
+
+    def _handle(self, message: bytes, conn: ConnectionInfo) -> bytes | None:
+        return self.dispatcher.handle(message, conn)
+
+    def startService(self):
+        super().startService()
+        self.threadpool.start()
+        self.port = self.reactor.listenSSL(
+            self.cfg.server.port, self.factory, self.context_factory, interface=self.cfg.server.host
+        )
+        address = self.port.getHost()
+        self.announce(f"kms-server listening on {address.host}:{address.port}")
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        log.info("stopping: no new connections; draining requests in flight")
+        if self.port is not None:
+            yield self.port.stopListening()
+        yield self.factory.drain()
+        self.factory.close_all()
+        self.threadpool.stop()
+        self.storage.close()
+        yield super().stopService()
+        log.info("stopped")
+
+
+def build(cfg: Config, reactor) -> service.MultiService:
+    root = service.MultiService()
+
+    def announce(text: str) -> None:
+        print(text, flush=True)
+        sys.stdout.flush()
+
+    KmsService(cfg, reactor, announce).setServiceParent(root)
+    return root

@@ -1,0 +1,145 @@
+"""Shared fixtures: a development PKI made once per session, and real
+`kms-server` processes on free 127.0.0.1 ports."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CLIENTS = ("alice", "bob", "admin", "nocrypto", "auditor")
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory) -> Path:
+    from kms_server.admin.pki import init_pki
+
+    directory = tmp_path_factory.mktemp("pki")
+    init_pki(directory, server_names=["localhost"], clients=list(CLIENTS))
+    return directory
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen, host: str, port: int, log: list[str], workdir: Path):
+        self.proc = proc
+        self.host = host
+        self.port = port
+        self.log = log
+        self.workdir = workdir
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def stderr_text(self) -> str:
+        return "\n".join(self.log)
+
+
+def start_server(workdir: Path, pki: Path, extra_config: str = "", db_url: str | None = None, env=None) -> ServerProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    key_file = workdir / "master.key"
+    if not key_file.exists():
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, (secrets.token_hex(32) + "\n").encode())
+        os.close(fd)
+    config = workdir / "kms.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [server]
+            host = "127.0.0.1"
+            port = 0
+            data_dir = "{workdir / 'data'}"
+            idle_timeout = 30.0
+            handshake_timeout = 5.0
+
+            [tls]
+            cert = "{pki / 'server.pem'}"
+            key = "{pki / 'server.key'}"
+            ca = "{pki / 'ca.pem'}"
+
+            [master_key]
+            file = "{key_file}"
+
+            [logging]
+            level = "INFO"
+            """
+        )
+        + ("\n[storage]\ndb_url = \"" + db_url + "\"\n" if db_url else "")
+        + textwrap.dedent(extra_config)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kms_server.cli", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    log: list[str] = []
+    threading.Thread(target=lambda: [log.append(l.rstrip()) for l in proc.stderr], daemon=True).start()
+    deadline = time.monotonic() + 30
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if "listening on" in line:
+            address = line.strip().rsplit(" ", 1)[1]
+            host, port = address.rsplit(":", 1)
+            # Keep draining stdout so the server never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return ServerProcess(proc, host, int(port), log, workdir)
+    proc.kill()
+    proc.wait(5)
+    time.sleep(0.2)
+    raise RuntimeError(f"kms-server did not start: {line!r}\n" + "\n".join(log))
+
+
+@pytest.fixture
+def kms(tmp_path, pki_dir):
+    """A kms-server process on a free port with the embedded SQLite store;
+    'admin' is an administrator, 'nocrypto' a no-cryptography administrator,
+    'auditor' an auditor."""
+    server = start_server(
+        tmp_path / "node",
+        pki_dir,
+        extra_config="""
+        [access]
+        administrators = ["admin"]
+        no_crypto_administrators = ["nocrypto"]
+        auditors = ["auditor"]
+        """,
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def kms_module(tmp_path_factory, pki_dir):
+    """Like `kms`, shared by the tests of one module."""
+    server = start_server(
+        tmp_path_factory.mktemp("node"),
+        pki_dir,
+        extra_config="""
+        [access]
+        administrators = ["admin"]
+        no_crypto_administrators = ["nocrypto"]
+        auditors = ["auditor"]
+        """,
+    )
+    yield server
+    server.stop()
