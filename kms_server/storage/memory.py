@@ -1,0 +1,174 @@
+"""An in-memory fake of the storage contract, for unit tests.
+
+One lock serializes whole transactions, as SQLite's BEGIN IMMEDIATE does.
+Objects are copied on the way in and out, so callers cannot change stored
+state behind the storage's back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from kms_server.storage.base import (
+    ConcurrentModification,
+    LocateQuery,
+    ObjectExists,
+    Storage,
+    StorageError,
+    StoredAttribute,
+    StoredObject,
+    Transaction,
+)
+
+__all__ = ["MemoryStorage"]
+
+
+@dataclass
+class _State:
+    objects: dict[str, StoredObject] = field(default_factory=dict)
+    meta: dict[str, bytes] = field(default_factory=dict)
+    next_sequence: int = 1
+
+
+def _copy_object(obj: StoredObject) -> StoredObject:
+    # bytes() also turns a caller's bytearray into the immutable bytes the
+    # SQL backends return.
+    return StoredObject(
+        uid=obj.uid,
+        owner=obj.owner,
+        sealed_material=None
+        if obj.sealed_material is None
+        else bytes(obj.sealed_material),
+        attributes=sorted(
+            (StoredAttribute(a.name, a.index, bytes(a.value)) for a in obj.attributes),
+            key=lambda a: (a.name, a.index),
+        ),
+        version=obj.version,
+        sequence=obj.sequence,
+    )
+
+
+def _check_query(query: LocateQuery) -> None:
+    if query.offset < 0:
+        raise ValueError("LocateQuery.offset must not be negative")
+    if query.limit is not None and query.limit < 0:
+        raise ValueError("LocateQuery.limit must not be negative")
+
+
+class _MemoryTransaction(Transaction):
+    def __init__(self, state: _State) -> None:
+        self._state = state
+        self._closed = False
+        self.failed = False
+
+    @contextlib.contextmanager
+    def _op(self, what: str) -> Iterator[None]:
+        if self._closed:
+            raise StorageError(f"{what}: the transaction has ended")
+        if self.failed:
+            raise StorageError(f"{what}: the transaction failed and was rolled back")
+        try:
+            yield
+        except StorageError:
+            self.failed = True
+            raise
+
+    def insert_object(self, obj: StoredObject) -> None:
+        with self._op("insert_object"):
+            if obj.uid in self._state.objects:
+                raise ObjectExists(f"object {obj.uid!r} already exists")
+            stored = _copy_object(obj)
+            stored.version = 1
+            stored.sequence = self._state.next_sequence
+            self._state.next_sequence += 1
+            self._state.objects[obj.uid] = stored
+            obj.version = stored.version
+            obj.sequence = stored.sequence
+
+    def get_object(self, uid: str, for_update: bool = False) -> StoredObject | None:
+        # The transaction already holds the only lock, so for_update adds
+        # nothing.
+        with self._op("get_object"):
+            stored = self._state.objects.get(uid)
+            return None if stored is None else _copy_object(stored)
+
+    def update_object(self, obj: StoredObject) -> None:
+        with self._op("update_object"):
+            stored = self._state.objects.get(obj.uid)
+            if stored is None or stored.version != obj.version:
+                raise ConcurrentModification(
+                    f"object {obj.uid!r} is gone or no longer at version {obj.version}"
+                )
+            replacement = _copy_object(obj)
+            replacement.version = stored.version + 1
+            replacement.sequence = stored.sequence
+            self._state.objects[obj.uid] = replacement
+            obj.version = replacement.version
+
+    def delete_object(self, uid: str) -> bool:
+        with self._op("delete_object"):
+            return self._state.objects.pop(uid, None) is not None
+
+    def locate(self, query: LocateQuery) -> list[str]:
+        _check_query(query)
+        with self._op("locate"):
+            found = []
+            for obj in sorted(self._state.objects.values(), key=lambda o: o.sequence):
+                if query.owner is not None and obj.owner != query.owner:
+                    continue
+                pairs = {(a.name, a.value) for a in obj.attributes}
+                names = {a.name for a in obj.attributes}
+                if all((n, bytes(v)) in pairs for n, v in query.equals) and all(
+                    n in names for n in query.has
+                ):
+                    found.append(obj.uid)
+            end = None if query.limit is None else query.offset + query.limit
+            return found[query.offset : end]
+
+    def get_meta(self, key: str) -> bytes | None:
+        with self._op("get_meta"):
+            return self._state.meta.get(key)
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        with self._op("set_meta"):
+            self._state.meta[key] = bytes(value)
+
+
+class MemoryStorage(Storage):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._state = _State()
+        self._closed = False
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        # Without this check a nested transaction would deadlock on _lock.
+        if getattr(self._local, "active", False):
+            raise StorageError("transactions do not nest")
+        if self._closed:
+            raise StorageError("the storage is closed")
+        self._local.active = True
+        try:
+            with self._lock:
+                snapshot = copy.deepcopy(self._state)
+                tx = _MemoryTransaction(self._state)
+                try:
+                    yield tx
+                except BaseException:
+                    self._state = snapshot
+                    raise
+                finally:
+                    tx._closed = True
+                if tx.failed:
+                    self._state = snapshot
+                    raise StorageError("the transaction failed and was rolled back")
+        finally:
+            self._local.active = False
+
+    def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,465 @@
+"""Storage in SQLite or PostgreSQL through SQLAlchemy Core.
+
+The schema lives in the module-level `metadata` so that Alembic can manage
+it later. Values are never logged and never put into error messages: they
+are sealed key material or TTLV attribute values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    and_,
+    delete,
+    event,
+    exists,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection, Engine, create_engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+
+from kms_server.storage.base import (
+    ConcurrentModification,
+    LocateQuery,
+    ObjectExists,
+    Storage,
+    StorageError,
+    StoredAttribute,
+    StoredObject,
+    Transaction,
+)
+
+__all__ = ["SqlStorage", "kms_attributes", "kms_meta", "kms_objects", "metadata"]
+
+metadata = MetaData()
+
+kms_objects = Table(
+    "kms_objects",
+    metadata,
+    Column("sequence", Integer, primary_key=True, autoincrement=True),
+    Column("uid", Text, nullable=False, unique=True),
+    Column("owner", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("sealed_material", LargeBinary, nullable=True),
+    Column("created_at", Float),
+    # AUTOINCREMENT keeps SQLite from reusing the sequence of a deleted
+    # last row, so a sequence number names one object forever.
+    sqlite_autoincrement=True,
+)
+
+kms_attributes = Table(
+    "kms_attributes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "uid",
+        Text,
+        ForeignKey("kms_objects.uid", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("name", Text, nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("value", LargeBinary, nullable=False),
+    # SHA-256 of value. PostgreSQL cannot put values over about 2.7 KB into
+    # a btree index, and clients choose attribute values, so Locate uses an
+    # index on the digest and then compares the value itself.
+    Column("value_digest", LargeBinary(32), nullable=False),
+    Index("ix_kms_attributes_name_value_digest", "name", "value_digest"),
+    Index("ix_kms_attributes_uid", "uid"),
+)
+
+kms_meta = Table(
+    "kms_meta",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)
+
+# Serializes create_all between cluster nodes that start at the same time.
+_PG_SCHEMA_LOCK_ID = 0x6B6D735F  # "kms_"
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+def _describe(exc: SQLAlchemyError) -> str:
+    """A one-line description that carries no bound values.
+
+    The engine hides parameters, and only the first line of the driver's
+    message is kept: PostgreSQL puts row contents into DETAIL lines.
+    """
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return type(exc).__name__ + ": " + (str(exc).splitlines() or [""])[0]
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
+    first_line = (str(orig).splitlines() or [""])[0]
+    prefix = f"{type(orig).__name__} [{code}]" if code else type(orig).__name__
+    return f"{prefix}: {first_line}"
+
+
+def _is_unique_violation(exc: IntegrityError) -> bool:
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) == "23505":
+        return True
+    if getattr(orig, "sqlite_errorname", None) in (
+        "SQLITE_CONSTRAINT_UNIQUE",
+        "SQLITE_CONSTRAINT_PRIMARYKEY",
+    ):
+        return True
+    return "unique" in str(orig).lower()
+
+
+def _check_query(query: LocateQuery) -> None:
+    # Offset and limit come from the client's Locate; backends disagree on
+    # negative values, so none of them accepts one.
+    if query.offset < 0:
+        raise ValueError("LocateQuery.offset must not be negative")
+    if query.limit is not None and query.limit < 0:
+        raise ValueError("LocateQuery.limit must not be negative")
+
+
+class _SqlTransaction(Transaction):
+    def __init__(self, conn: Connection, dialect: str) -> None:
+        self._conn = conn
+        self._dialect = dialect
+        self._closed = False
+        # Set when a method raised StorageError: the unit of work is then
+        # rolled back as a whole, even if the caller carries on.
+        self.failed = False
+
+    @contextlib.contextmanager
+    def _op(self, what: str) -> Iterator[None]:
+        if self._closed:
+            raise StorageError(f"{what}: the transaction has ended")
+        if self.failed:
+            raise StorageError(f"{what}: the transaction failed and was rolled back")
+        try:
+            yield
+        except StorageError:
+            self.failed = True
+            raise
+        except SQLAlchemyError as exc:
+            self.failed = True
+            raise StorageError(f"{what}: {_describe(exc)}") from None
+
+    def _insert_attributes(self, uid: str, attributes: list[StoredAttribute]) -> None:
+        if not attributes:
+            return
+        self._conn.execute(
+            insert(kms_attributes),
+            [
+                {
+                    "uid": uid,
+                    "name": a.name,
+                    "idx": a.index,
+                    "value": a.value,
+                    "value_digest": _digest(a.value),
+                }
+                for a in attributes
+            ],
+        )
+
+    def insert_object(self, obj: StoredObject) -> None:
+        with self._op("insert_object"):
+            try:
+                result = self._conn.execute(
+                    insert(kms_objects).values(
+                        uid=obj.uid,
+                        owner=obj.owner,
+                        version=1,
+                        sealed_material=obj.sealed_material,
+                        created_at=time.time(),
+                    )
+                )
+            except IntegrityError as exc:
+                if _is_unique_violation(exc):
+                    raise ObjectExists(f"object {obj.uid!r} already exists") from None
+                raise
+            sequence = result.inserted_primary_key[0]
+            self._insert_attributes(obj.uid, obj.attributes)
+            obj.version = 1
+            obj.sequence = sequence
+
+    def get_object(self, uid: str, for_update: bool = False) -> StoredObject | None:
+        with self._op("get_object"):
+            stmt = select(
+                kms_objects.c.sequence,
+                kms_objects.c.uid,
+                kms_objects.c.owner,
+                kms_objects.c.version,
+                kms_objects.c.sealed_material,
+            ).where(kms_objects.c.uid == uid)
+            # SQLite needs no row lock: BEGIN IMMEDIATE already holds the
+            # database's write lock.
+            if for_update and self._dialect == "postgresql":
+                stmt = stmt.with_for_update()
+            row = self._conn.execute(stmt).first()
+            if row is None:
+                return None
+            attrs = self._conn.execute(
+                select(
+                    kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value
+                ).where(kms_attributes.c.uid == uid)
+            ).all()
+            # Sorted here, not in SQL: the order of names must not depend on
+            # the database's collation.
+            attributes = sorted(
+                (
+                    StoredAttribute(name=a.name, index=a.idx, value=bytes(a.value))
+                    for a in attrs
+                ),
+                key=lambda a: (a.name, a.index),
+            )
+            return StoredObject(
+                uid=row.uid,
+                owner=row.owner,
+                sealed_material=(
+                    None if row.sealed_material is None else bytes(row.sealed_material)
+                ),
+                attributes=attributes,
+                version=row.version,
+                sequence=row.sequence,
+            )
+
+    def update_object(self, obj: StoredObject) -> None:
+        with self._op("update_object"):
+            result = self._conn.execute(
+                update(kms_objects)
+                .where(
+                    and_(
+                        kms_objects.c.uid == obj.uid,
+                        kms_objects.c.version == obj.version,
+                    )
+                )
+                .values(
+                    version=kms_objects.c.version + 1,
+                    owner=obj.owner,
+                    sealed_material=obj.sealed_material,
+                )
+            )
+            if result.rowcount != 1:
+                raise ConcurrentModification(
+                    f"object {obj.uid!r} is gone or no longer at version {obj.version}"
+                )
+            self._conn.execute(
+                delete(kms_attributes).where(kms_attributes.c.uid == obj.uid)
+            )
+            self._insert_attributes(obj.uid, obj.attributes)
+            obj.version += 1
+
+    def delete_object(self, uid: str) -> bool:
+        with self._op("delete_object"):
+            # Attribute rows go by ON DELETE CASCADE.
+            result = self._conn.execute(
+                delete(kms_objects).where(kms_objects.c.uid == uid)
+            )
+            return result.rowcount > 0
+
+    def locate(self, query: LocateQuery) -> list[str]:
+        _check_query(query)
+        with self._op("locate"):
+            o = kms_objects
+            conditions = []
+            if query.owner is not None:
+                conditions.append(o.c.owner == query.owner)
+            for name, value in query.equals:
+                a = kms_attributes.alias()
+                conditions.append(
+                    exists().where(
+                        a.c.uid == o.c.uid,
+                        a.c.name == name,
+                        a.c.value_digest == _digest(value),
+                        a.c.value == value,
+                    )
+                )
+            for name in query.has:
+                a = kms_attributes.alias()
+                conditions.append(exists().where(a.c.uid == o.c.uid, a.c.name == name))
+            stmt = select(o.c.uid).where(*conditions).order_by(o.c.sequence)
+            if query.offset:
+                stmt = stmt.offset(query.offset)
+            if query.limit is not None:
+                stmt = stmt.limit(query.limit)
+            return list(self._conn.execute(stmt).scalars())
+
+    def get_meta(self, key: str) -> bytes | None:
+        with self._op("get_meta"):
+            value = self._conn.execute(
+                select(kms_meta.c.value).where(kms_meta.c.key == key)
+            ).scalar()
+            return None if value is None else bytes(value)
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        with self._op("set_meta"):
+            dialect_insert = (
+                pg_dialect.insert
+                if self._dialect == "postgresql"
+                else sqlite_dialect.insert
+            )
+            stmt = dialect_insert(kms_meta).values(key=key, value=value)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[kms_meta.c.key], set_={"value": stmt.excluded.value}
+            )
+            self._conn.execute(stmt)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module; _on_begin emits it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first, so that switching to WAL waits too.
+            cursor.execute("PRAGMA busy_timeout = 10000")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            # synchronous stays FULL: an acknowledged Create must survive a
+            # power cut.
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # Take the write lock up front. A deferred transaction that reads
+        # and then writes fails at once with "database is locked" when
+        # another writer committed in between; busy_timeout cannot help it.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class SqlStorage(Storage):
+    """Storage in a SQL database: `sqlite:///path` or
+    `postgresql+psycopg://user@host/db` (`postgresql://` means psycopg)."""
+
+    def __init__(self, db_url: str, *, pool_size: int = 16) -> None:
+        try:
+            url = make_url(db_url)
+        except ArgumentError:
+            raise ValueError(
+                "storage URL is malformed: use sqlite:///path/to/file.db or "
+                "postgresql+psycopg://user@host/dbname"
+            ) from None
+        shown = url.render_as_string(hide_password=True)
+        backend = url.get_backend_name()
+        if backend == "postgresql" and url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        if backend == "sqlite":
+            if url.database in (None, "", ":memory:") or url.database.startswith(
+                "file::memory:"
+            ):
+                raise ValueError(
+                    f"storage URL {shown!r} is an in-memory SQLite database, which "
+                    "each connection sees separately: use a file (sqlite:///path) "
+                    "or memory:// for the in-process fake"
+                )
+            connect_args: dict[str, Any] = {"timeout": 10}
+        elif backend == "postgresql":
+            connect_args = {}
+        else:
+            raise ValueError(
+                f"storage URL {shown!r} names an unsupported database: use "
+                "sqlite:///path or postgresql+psycopg://user@host/dbname"
+            )
+        self._dialect = backend
+        self._local = threading.local()
+        try:
+            self._engine = create_engine(
+                url,
+                connect_args=connect_args,
+                pool_size=pool_size,
+                pool_pre_ping=backend == "postgresql",
+                # Bound values are sealed material or attribute values; keep
+                # them out of exception text and SQLAlchemy's log.
+                hide_parameters=True,
+            )
+        except (SQLAlchemyError, ImportError) as exc:
+            raise StorageError(f"cannot open storage {shown!r}: {exc}") from None
+        if backend == "sqlite":
+            _configure_sqlite(self._engine)
+        try:
+            with self._engine.begin() as conn:
+                if backend == "postgresql":
+                    conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:id)"),
+                        {"id": _PG_SCHEMA_LOCK_ID},
+                    )
+                metadata.create_all(conn)
+        except SQLAlchemyError as exc:
+            self._engine.dispose()
+            raise StorageError(
+                f"cannot open storage {shown!r}: {_describe(exc)}"
+            ) from None
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for Alembic and administrative tools."""
+        return self._engine
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        # A second transaction on the same thread would wait for the first
+        # one's locks forever (or for busy_timeout on SQLite).
+        if getattr(self._local, "active", False):
+            raise StorageError("transactions do not nest")
+        self._local.active = True
+        try:
+            with self._unit_of_work() as tx:
+                yield tx
+        finally:
+            self._local.active = False
+
+    @contextlib.contextmanager
+    def _unit_of_work(self) -> Iterator[Transaction]:
+        try:
+            conn = self._engine.connect()
+        except SQLAlchemyError as exc:
+            raise StorageError(f"connect: {_describe(exc)}") from None
+        try:
+            try:
+                trans = conn.begin()
+            except SQLAlchemyError as exc:
+                raise StorageError(f"begin: {_describe(exc)}") from None
+            tx = _SqlTransaction(conn, self._dialect)
+            try:
+                yield tx
+            except BaseException:
+                tx._closed = True
+                with contextlib.suppress(SQLAlchemyError):
+                    trans.rollback()
+                raise
+            tx._closed = True
+            if tx.failed:
+                with contextlib.suppress(SQLAlchemyError):
+                    trans.rollback()
+                raise StorageError("the transaction failed and was rolled back")
+            try:
+                trans.commit()
+            except SQLAlchemyError as exc:
+                raise StorageError(f"commit: {_describe(exc)}") from None
+        finally:
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
+
+    def close(self) -> None:
+        self._engine.dispose()

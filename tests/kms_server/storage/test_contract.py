@@ -1,0 +1,609 @@
+"""The storage contract (kms_server/storage/base.py), run unchanged against
+every backend: the in-memory fake, SQLite and PostgreSQL (see conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+from pathlib import Path
+
+import pytest
+
+from kms_server.storage import (
+    ConcurrentModification,
+    LocateQuery,
+    ObjectExists,
+    Storage,
+    StorageError,
+    StoredAttribute,
+    StoredObject,
+    open_storage,
+)
+
+
+def attr(name: str, value: bytes, index: int = 0) -> StoredAttribute:
+    return StoredAttribute(name=name, index=index, value=value)
+
+
+def new_object(
+    uid: str, owner: str = "alice", *attributes: StoredAttribute, sealed=b"sealed"
+) -> StoredObject:
+    return StoredObject(
+        uid=uid, owner=owner, sealed_material=sealed, attributes=list(attributes)
+    )
+
+
+def insert(storage: Storage, *objects: StoredObject) -> None:
+    with storage.transaction() as tx:
+        for obj in objects:
+            tx.insert_object(obj)
+
+
+def get(storage: Storage, uid: str) -> StoredObject | None:
+    with storage.transaction() as tx:
+        return tx.get_object(uid)
+
+
+def locate(storage: Storage, **kwargs) -> list[str]:
+    with storage.transaction() as tx:
+        return tx.locate(LocateQuery(**kwargs))
+
+
+# Insert and get.
+
+
+def test_insert_then_get_round_trips_object_and_attributes(storage):
+    """Every field survives a round trip; several values of one name come
+    back in order of their index, names in a fixed order."""
+    obj = new_object(
+        "uid-1",
+        "alice",
+        attr("Name", b"second", 1),
+        attr("Cryptographic Length", b"\x00\x01\x00\x00"),
+        attr("Name", b"first", 0),
+        attr("Name", b"third", 2),
+        sealed=b"opaque sealed bytes",
+    )
+    insert(storage, obj)
+    assert obj.version == 1
+    assert obj.sequence > 0
+
+    got = get(storage, "uid-1")
+    assert got == StoredObject(
+        uid="uid-1",
+        owner="alice",
+        sealed_material=b"opaque sealed bytes",
+        attributes=[
+            attr("Cryptographic Length", b"\x00\x01\x00\x00"),
+            attr("Name", b"first", 0),
+            attr("Name", b"second", 1),
+            attr("Name", b"third", 2),
+        ],
+        version=1,
+        sequence=obj.sequence,
+    )
+    assert all(type(a.value) is bytes for a in got.attributes)
+    assert type(got.sealed_material) is bytes
+
+
+def test_get_of_unknown_uid_returns_none(storage):
+    assert get(storage, "no-such-uid") is None
+
+
+def test_object_without_material_or_attributes(storage):
+    insert(storage, new_object("bare", sealed=None))
+    got = get(storage, "bare")
+    assert got.sealed_material is None
+    assert got.attributes == []
+
+
+def test_sequence_follows_insertion_order(storage):
+    a, b = new_object("b-first"), new_object("a-second")
+    insert(storage, a)
+    insert(storage, b)
+    assert a.sequence < b.sequence
+    assert get(storage, "a-second").sequence == b.sequence
+
+
+def test_callers_cannot_change_stored_state(storage):
+    """Changing an object after insert, or one returned by get, changes
+    nothing stored."""
+    obj = new_object("uid-1", "alice", attr("Name", b"n"))
+    insert(storage, obj)
+    obj.attributes.append(attr("Name", b"added", 1))
+    obj.owner = "mallory"
+
+    got = get(storage, "uid-1")
+    got.attributes.clear()
+    got.owner = "mallory"
+
+    again = get(storage, "uid-1")
+    assert again.owner == "alice"
+    assert again.attributes == [attr("Name", b"n")]
+
+
+def test_duplicate_uid_raises_object_exists_and_keeps_the_original(storage):
+    insert(storage, new_object("uid-1", "alice", attr("Name", b"original")))
+    with pytest.raises(ObjectExists):
+        insert(storage, new_object("uid-1", "bob", attr("Name", b"impostor")))
+    got = get(storage, "uid-1")
+    assert got.owner == "alice"
+    assert got.attributes == [attr("Name", b"original")]
+    assert locate(storage, equals=(("Name", b"impostor"),)) == []
+
+
+def test_a_failed_call_rolls_back_the_whole_transaction(storage):
+    """A StorageError means the transaction was rolled back, even when the
+    caller catches it and leaves the block normally."""
+    insert(storage, new_object("taken"))
+    with pytest.raises(StorageError), storage.transaction() as tx:
+        tx.insert_object(new_object("fresh"))
+        with pytest.raises(ObjectExists):
+            tx.insert_object(new_object("taken"))
+        with pytest.raises(StorageError):
+            tx.get_object("taken")
+    assert get(storage, "fresh") is None
+    assert get(storage, "taken") is not None
+
+
+# Update.
+
+
+def test_update_bumps_version_and_replaces_everything(storage):
+    obj = new_object(
+        "uid-1", "alice", attr("Name", b"old"), attr("State", b"1"), sealed=b"m1"
+    )
+    insert(storage, obj)
+
+    with storage.transaction() as tx:
+        current = tx.get_object("uid-1")
+        current.owner = "bob"
+        current.sealed_material = None
+        current.attributes = [
+            attr("State", b"2"),
+            attr("Alias", b"x", 0),
+            attr("Alias", b"y", 1),
+        ]
+        tx.update_object(current)
+        assert current.version == 2
+
+    got = get(storage, "uid-1")
+    assert got.version == 2
+    assert got.sequence == obj.sequence
+    assert got.owner == "bob"
+    assert got.sealed_material is None
+    assert got.attributes == [
+        attr("Alias", b"x", 0),
+        attr("Alias", b"y", 1),
+        attr("State", b"2"),
+    ]
+    assert locate(storage, equals=(("Name", b"old"),)) == []
+    assert locate(storage, equals=(("State", b"1"),)) == []
+    assert locate(storage, equals=(("State", b"2"),)) == ["uid-1"]
+
+    with storage.transaction() as tx:
+        tx.update_object(got)
+    assert got.version == 3
+    assert get(storage, "uid-1").version == 3
+
+
+def test_update_with_stale_version_raises_concurrent_modification(storage):
+    insert(storage, new_object("uid-1", "alice", attr("Name", b"v1")))
+    first, second = get(storage, "uid-1"), get(storage, "uid-1")
+
+    first.attributes = [attr("Name", b"winner")]
+    with storage.transaction() as tx:
+        tx.update_object(first)
+
+    second.attributes = [attr("Name", b"loser")]
+    with pytest.raises(ConcurrentModification), storage.transaction() as tx:
+        tx.update_object(second)
+
+    got = get(storage, "uid-1")
+    assert got.version == 2
+    assert got.attributes == [attr("Name", b"winner")]
+
+
+def test_update_of_deleted_object_raises_concurrent_modification(storage):
+    insert(storage, new_object("uid-1"))
+    stale = get(storage, "uid-1")
+    with storage.transaction() as tx:
+        assert tx.delete_object("uid-1") is True
+    with pytest.raises(ConcurrentModification), storage.transaction() as tx:
+        tx.update_object(stale)
+    assert get(storage, "uid-1") is None
+
+
+def test_update_of_never_stored_object_raises_concurrent_modification(storage):
+    with pytest.raises(ConcurrentModification), storage.transaction() as tx:
+        tx.update_object(StoredObject("ghost", "alice", None, version=1))
+
+
+# Transactions.
+
+
+def test_exception_inside_transaction_rolls_everything_back(storage):
+    insert(storage, new_object("kept", "alice", attr("Name", b"kept")))
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), storage.transaction() as tx:
+        tx.insert_object(new_object("new", "alice", attr("Name", b"new")))
+        tx.set_meta("salt", b"s")
+        kept = tx.get_object("kept")
+        kept.attributes = []
+        tx.update_object(kept)
+        assert tx.delete_object("kept")
+        raise Boom()
+
+    assert get(storage, "new") is None
+    assert locate(storage, equals=(("Name", b"new"),)) == []
+    kept = get(storage, "kept")
+    assert kept.version == 1
+    assert kept.attributes == [attr("Name", b"kept")]
+    with storage.transaction() as tx:
+        assert tx.get_meta("salt") is None
+
+
+def test_writes_are_visible_inside_their_own_transaction(storage):
+    with storage.transaction() as tx:
+        tx.insert_object(new_object("uid-1", "alice", attr("Name", b"n")))
+        assert tx.get_object("uid-1", for_update=True).owner == "alice"
+        assert tx.locate(LocateQuery(equals=(("Name", b"n"),))) == ["uid-1"]
+
+
+def test_transactions_do_not_nest(storage):
+    """A nested transaction on one thread would wait for itself; it fails
+    instead."""
+    with storage.transaction(), pytest.raises(StorageError), storage.transaction():
+        pass
+    with storage.transaction() as tx:
+        assert tx.get_meta("x") is None
+
+
+def test_transaction_cannot_be_used_after_its_block(storage):
+    with storage.transaction() as tx:
+        pass
+    with pytest.raises(StorageError):
+        tx.get_object("uid-1")
+
+
+# Locate.
+
+
+@pytest.fixture
+def located(storage):
+    """Five objects of two owners, inserted out of alphabetical order."""
+    insert(
+        storage,
+        new_object("k-e", "alice", attr("Object Type", b"sym"), attr("Name", b"db")),
+        new_object("k-a", "bob", attr("Object Type", b"sym"), attr("Name", b"web")),
+        new_object(
+            "k-d",
+            "alice",
+            attr("Object Type", b"sym"),
+            attr("Name", b"web", 0),
+            attr("Name", b"web-2", 1),
+            attr("x-tag", b"blue"),
+        ),
+        new_object("k-c", "alice", attr("Object Type", b"cert")),
+        new_object("k-b", "bob", attr("Object Type", b"sym"), attr("x-tag", b"red")),
+    )
+    return storage
+
+
+def test_locate_with_no_criteria_returns_all_in_insertion_order(located):
+    assert locate(located) == ["k-e", "k-a", "k-d", "k-c", "k-b"]
+
+
+def test_locate_by_one_equals_pair(located):
+    assert locate(located, equals=(("Object Type", b"sym"),)) == [
+        "k-e",
+        "k-a",
+        "k-d",
+        "k-b",
+    ]
+    assert locate(located, equals=(("Name", b"web-2"),)) == ["k-d"]
+    # Equality of bytes: no prefix match, no match across names.
+    assert locate(located, equals=(("Name", b"we"),)) == []
+    assert locate(located, equals=(("x-tag", b"web"),)) == []
+
+
+def test_locate_by_several_equals_pairs_needs_all_of_them(located):
+    assert locate(located, equals=(("Object Type", b"sym"), ("Name", b"web"))) == [
+        "k-a",
+        "k-d",
+    ]
+    assert locate(located, equals=(("Name", b"web"), ("Name", b"web-2"))) == ["k-d"]
+    assert locate(located, equals=(("Object Type", b"cert"), ("Name", b"web"))) == []
+
+
+def test_locate_by_has(located):
+    assert locate(located, has=("x-tag",)) == ["k-d", "k-b"]
+    assert locate(located, has=("x-tag", "Name")) == ["k-d"]
+    assert locate(located, has=("Never Set",)) == []
+    assert locate(located, equals=(("Object Type", b"sym"),), has=("Name",)) == [
+        "k-e",
+        "k-a",
+        "k-d",
+    ]
+
+
+def test_locate_with_owner_filter(located):
+    assert locate(located, owner="alice") == ["k-e", "k-d", "k-c"]
+    assert locate(located, owner="bob", equals=(("Object Type", b"sym"),)) == [
+        "k-a",
+        "k-b",
+    ]
+    assert locate(located, owner="carol") == []
+
+
+def test_locate_pages_with_offset_and_limit(located):
+    assert locate(located, limit=2) == ["k-e", "k-a"]
+    assert locate(located, offset=2, limit=2) == ["k-d", "k-c"]
+    assert locate(located, offset=4, limit=2) == ["k-b"]
+    assert locate(located, offset=5) == []
+    assert locate(located, offset=3) == ["k-c", "k-b"]
+    assert locate(located, limit=0) == []
+    # Paging applies after filtering.
+    assert locate(located, equals=(("Object Type", b"sym"),), offset=1, limit=2) == [
+        "k-a",
+        "k-d",
+    ]
+
+
+def test_locate_rejects_negative_offset_and_limit(storage):
+    with storage.transaction() as tx:
+        with pytest.raises(ValueError):
+            tx.locate(LocateQuery(offset=-1))
+        with pytest.raises(ValueError):
+            tx.locate(LocateQuery(limit=-1))
+
+
+def test_insertion_order_survives_updates(located):
+    with located.transaction() as tx:
+        first = tx.get_object("k-e")
+        tx.update_object(first)
+    assert locate(located)[0] == "k-e"
+
+
+# Delete.
+
+
+def test_delete_removes_object_and_cascades_to_attributes(located):
+    with located.transaction() as tx:
+        assert tx.delete_object("k-d") is True
+        assert tx.delete_object("k-d") is False
+        assert tx.delete_object("never-there") is False
+    assert get(located, "k-d") is None
+    assert locate(located, has=("x-tag",)) == ["k-b"]
+    assert locate(located, equals=(("Name", b"web-2"),)) == []
+    # A new object under the same identifier starts without the old rows.
+    insert(located, new_object("k-d", "carol"))
+    got = get(located, "k-d")
+    assert got.attributes == []
+    assert got.version == 1
+    assert locate(located)[-1] == "k-d"
+
+
+# Meta.
+
+
+def test_meta_get_set_replace(storage):
+    with storage.transaction() as tx:
+        assert tx.get_meta("barrier.check") is None
+        tx.set_meta("barrier.check", b"first")
+        assert tx.get_meta("barrier.check") == b"first"
+    with storage.transaction() as tx:
+        assert tx.get_meta("barrier.check") == b"first"
+        tx.set_meta("barrier.check", b"second")
+        tx.set_meta("barrier.salt", b"salt")
+    with storage.transaction() as tx:
+        assert tx.get_meta("barrier.check") == b"second"
+        assert tx.get_meta("barrier.salt") == b"salt"
+        assert tx.get_meta("other") is None
+
+
+# Bytes.
+
+
+def test_binary_values_with_nul_bytes_are_preserved(storage):
+    every_byte = bytes(range(256))
+    value = b"\x00\x42\x00\x00" + every_byte + b"\x00"
+    insert(
+        storage,
+        new_object(
+            "bin", "alice", attr("x-bin", value), sealed=b"\x00" + every_byte + b"\x00"
+        ),
+    )
+    insert(storage, new_object("near", "alice", attr("x-bin", b"\x00\x42\x00")))
+    with storage.transaction() as tx:
+        tx.set_meta("nul", b"\x00\x00" + every_byte)
+
+    got = get(storage, "bin")
+    assert got.sealed_material == b"\x00" + every_byte + b"\x00"
+    assert got.attributes == [attr("x-bin", value)]
+    assert locate(storage, equals=(("x-bin", value),)) == ["bin"]
+    assert locate(storage, equals=(("x-bin", b"\x00\x42\x00"),)) == ["near"]
+    with storage.transaction() as tx:
+        assert tx.get_meta("nul") == b"\x00\x00" + every_byte
+
+
+def test_large_attribute_values_are_stored_and_located(storage):
+    """Clients choose attribute values; one far larger than a database index
+    entry may hold is still stored and found."""
+    big = os.urandom(64 * 1024)
+    insert(storage, new_object("big", "alice", attr("Description", big)))
+    insert(
+        storage, new_object("other", "alice", attr("Description", big[:-1] + b"\x00"))
+    )
+    assert get(storage, "big").attributes == [attr("Description", big)]
+    assert locate(storage, equals=(("Description", big),)) == ["big"]
+
+
+# Concurrency.
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("for_update", [False, True], ids=["optimistic", "for_update"])
+def test_concurrent_read_modify_write_loses_no_increment(storage, for_update):
+    """8 threads each add 1 to a counter attribute 25 times, retrying on
+    ConcurrentModification; no increment is lost and no other error (such as
+    SQLite's "database is locked") escapes."""
+    insert(storage, new_object("counter", "alice", attr("count", b"0")))
+    threads_n, increments = 8, 25
+    errors: list[BaseException] = []
+    retries = [0] * threads_n
+    start = threading.Barrier(threads_n)
+
+    def work(n: int) -> None:
+        try:
+            start.wait()
+            for _ in range(increments):
+                while True:
+                    try:
+                        with storage.transaction() as tx:
+                            obj = tx.get_object("counter", for_update=for_update)
+                            (count,) = obj.attributes
+                            obj.attributes = [
+                                attr("count", str(int(count.value) + 1).encode())
+                            ]
+                            tx.update_object(obj)
+                        break
+                    except ConcurrentModification:
+                        retries[n] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=100)
+    assert not any(t.is_alive() for t in threads), "workers hung"
+    assert errors == []
+
+    got = get(storage, "counter")
+    assert got.attributes == [attr("count", str(threads_n * increments).encode())]
+    assert got.version == 1 + threads_n * increments
+
+
+# Persistence and the raw SQLite file.
+
+
+def test_data_survives_reopening(db_url, backend):
+    if backend == "memory":
+        pytest.skip("the in-memory fake keeps nothing after close")
+    first = open_storage(db_url)
+    try:
+        insert(first, new_object("uid-1", "alice", attr("Name", b"n"), sealed=b"m"))
+        with first.transaction() as tx:
+            tx.set_meta("k", b"v")
+    finally:
+        first.close()
+    second = open_storage(db_url)
+    try:
+        got = get(second, "uid-1")
+        assert (got.owner, got.sealed_material, got.attributes) == (
+            "alice",
+            b"m",
+            [attr("Name", b"n")],
+        )
+        with second.transaction() as tx:
+            assert tx.get_meta("k") == b"v"
+        assert locate(second, equals=(("Name", b"n"),)) == ["uid-1"]
+    finally:
+        second.close()
+
+
+def raw_sqlite_bytes(db_path: Path) -> bytes:
+    """Everything SQLite keeps on disk for one database: the main file, and
+    the write-ahead log and rollback journal when they exist. Committed data
+    can sit in the WAL until a checkpoint, so the main file alone would not
+    prove that something is absent."""
+    parts = []
+    for suffix in ("", "-wal", "-journal"):
+        path = Path(str(db_path) + suffix)
+        if path.exists():
+            parts.append(path.read_bytes())
+    return b"".join(parts)
+
+
+def test_raw_sqlite_file_shows_stored_bytes_and_only_those(tmp_path):
+    """The method a later test uses to prove no plaintext key reaches disk:
+    a marker stored as sealed material is found in the raw files, and one
+    that was never stored is not, both before and after close."""
+    db_path = tmp_path / "kms.db"
+    stored_marker = b"STORED-" + os.urandom(16).hex().encode()
+    absent_marker = b"ABSENT-" + os.urandom(16).hex().encode()
+
+    storage = open_storage(f"sqlite:///{db_path}")
+    try:
+        insert(
+            storage,
+            new_object(
+                "uid-1", "alice", attr("Name", b"n"), sealed=b"\x00" + stored_marker
+            ),
+        )
+        on_disk = raw_sqlite_bytes(db_path)
+        assert stored_marker in on_disk
+        assert absent_marker not in on_disk
+    finally:
+        storage.close()
+
+    on_disk = raw_sqlite_bytes(db_path)
+    assert stored_marker in on_disk
+    assert absent_marker not in on_disk
+
+
+# The factory.
+
+
+def test_open_storage_memory_gives_a_fresh_fake_each_time():
+    first, second = open_storage("memory://"), open_storage("memory://")
+    insert(first, new_object("uid-1"))
+    assert get(second, "uid-1") is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://u@h/db", "sqlite://", "sqlite:///:memory:", "not a url"],
+)
+def test_open_storage_rejects_urls_it_cannot_serve(url):
+    with pytest.raises(ValueError):
+        open_storage(url)
+
+
+def test_open_storage_does_not_show_the_password_of_a_rejected_url():
+    with pytest.raises(ValueError) as info:
+        open_storage("mysql://user:hunter2@host/db")
+    assert "hunter2" not in str(info.value)
+
+
+def test_backend_failures_do_not_carry_stored_values(storage, backend):
+    """A database error becomes a StorageError whose text and traceback hold
+    no bound values: PostgreSQL, for one, quotes the failing row."""
+    if backend == "memory":
+        pytest.skip("the in-memory fake has no database errors")
+    marker = b"SECRET-" + os.urandom(8).hex().encode()
+    with pytest.raises(StorageError) as info:
+        insert(storage, StoredObject("uid-1", None, marker, [attr("Name", marker)]))
+    shown = "".join(traceback.format_exception(info.value))
+    for form in (marker.decode(), marker.hex(), repr(marker)):
+        assert form not in shown
+    assert get(storage, "uid-1") is None
+
+
+def test_plain_postgresql_url_uses_psycopg(postgres_url):
+    """`postgresql://` means psycopg 3, the driver the project installs,
+    not SQLAlchemy's default psycopg2."""
+    storage = open_storage(
+        postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    )
+    try:
+        insert(storage, new_object("uid-1"))
+        assert get(storage, "uid-1").owner == "alice"
+    finally:
+        storage.close()
