@@ -275,6 +275,15 @@ def _positive_seconds(maximum: float) -> _Validator:
     return check
 
 
+def _port(key: str, value: Any, src: _Source) -> int:
+    # 0 asks the OS for a free port: tests and one-off runs use it.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise _fail(
+            key, "an integer between 1 and 65535, or 0 for any free port", value
+        )
+    return value
+
+
 def _nonempty_str(key: str, value: Any, src: _Source) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _fail(key, "a non-empty string", value)
@@ -360,7 +369,7 @@ _DERIVED = object()
 _SCHEMA: dict[str, dict[str, tuple[_Validator, Any]]] = {
     "server": {
         "host": (_nonempty_str, "127.0.0.1"),
-        "port": (_int_between(1, 65535), 5696),
+        "port": (_port, 5696),
         "node_name": (_nonempty_str, _DERIVED),
         "max_message_size": (_int_between(1024, 1 << 30), 1 << 20),
         "idle_timeout": (_positive_seconds(86400.0), 300.0),

@@ -109,12 +109,16 @@ def test_relative_sqlite_url_resolved_against_file(tmp_path):
     [
         (
             '[server]\nport = "abc"\n',
-            "config: server.port must be an integer between 1 and 65535 (got 'abc')",
+            (
+                "config: server.port must be an integer between 1 and 65535, "
+                "or 0 for any free port (got 'abc')"
+            ),
         ),
         (
-            "[server]\nport = 0\n",
-            "server.port must be an integer between 1 and 65535 (got 0)",
+            "[server]\nport = 70000\n",
+            "server.port must be an integer between 1 and 65535",
         ),
+        ("[server]\nport = -1\n", "65535, or 0 for any free port (got -1)"),
         ("[server]\nport = true\n", "server.port must be an integer"),
         (
             "[server]\nidle_timeout = -1\n",
@@ -155,6 +159,12 @@ def test_invalid_values_name_key_and_fix(tmp_path, text, expected):
     assert expected in message
     assert "\n" not in message
     assert "hunter2" not in message
+
+
+def test_port_zero_means_any_free_port(tmp_path):
+    assert (
+        load_config(write(tmp_path, MINIMAL), {"server": {"port": 0}}).server.port == 0
+    )
 
 
 def test_master_key_exactly_one(tmp_path):
