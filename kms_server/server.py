@@ -35,6 +35,8 @@ class KmsService(service.Service):
         self.reactor = reactor
         self.announce = announce or (lambda text: None)
         self.port = None
+        # The data directory holds the embedded database; only this user reads it.
+        cfg.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.storage = open_storage(cfg.storage.db_url)
         try:
             barrier = open_barrier(
