@@ -1,0 +1,208 @@
+"""KMIP 1.4, 4.10 Get / 2.0, 6.1.21: the object with its key material, in
+the Key Format Type the client asks for (a default per object type
+otherwise), optionally wrapped under another managed key.
+
+Key Wrapping Specification (KMIP 1.4, 2.1.6): only Wrapping Method Encrypt,
+with an AES key (RFC 3394 NIST key wrap, or RFC 5649 with padding) or an RSA
+public key (OAEP by default, or PKCS#1 v1.5). The wrapping key must be one
+the caller may use, Active, with the Wrap Key usage bit. With no Encoding
+Option the whole Key Value structure is TTLV-encoded and wrapped, as the
+specification requires; No Encoding wraps the Key Material bytes alone.
+"""
+
+from kmip.core.enums import (
+    BlockCipherMode,
+    CryptographicAlgorithm,
+    CryptographicUsageMask,
+    EncodingOption,
+    KeyCompressionType,
+    KeyFormatType,
+    KeyWrapType,
+    ObjectType,
+    Operation,
+    PaddingMethod,
+    Tags,
+    WrappingMethod,
+)
+
+from kms_server import errors
+from kms_server.keystore import crypto
+from kms_server.keystore.policy import Action
+from kms_server.operations import common, object_codec
+from kms_server.operations.object_codec import Wrapping
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import Item, ItemType
+
+OPERATION = Operation.GET
+
+T = Tags
+_AES_WRAP_MODES = (
+    None,
+    BlockCipherMode.NIST_KEY_WRAP,
+    BlockCipherMode.AES_KEY_WRAP_PADDING,
+)
+_RSA_WRAP_PADDINGS = (None, PaddingMethod.OAEP, PaddingMethod.PKCS1v15)
+
+
+def handle(ctx, keystore, payload):
+    uid = common.unique_identifier(ctx, payload)
+    key_format = common.optional_enum(payload, T.KEY_FORMAT_TYPE, KeyFormatType)
+    compression = common.optional_enum(
+        payload, T.KEY_COMPRESSION_TYPE, KeyCompressionType
+    )
+    if compression not in (None, KeyCompressionType.EC_PUBLIC_KEY_TYPE_UNCOMPRESSED):
+        raise errors.FeatureNotSupported(
+            f"Key Compression Type {compression.name} is not supported"
+        )
+    # Key Wrap Type As Registered asks for a key as it was registered
+    # wrapped; keys are only ever registered unwrapped here, so both values
+    # mean the same.
+    common.optional_enum(payload, T.KEY_WRAP_TYPE, KeyWrapType)
+    specification = payload.find(T.KEY_WRAPPING_SPECIFICATION.value)
+
+    with keystore.transaction() as txn:
+        obj = keystore.load(txn, ctx.principal, uid, Action.READ_MATERIAL, ctx.now)
+        wrapping_key = (
+            _wrapping_key(ctx, keystore, txn, specification, obj)
+            if specification is not None
+            else None
+        )
+    material = keystore.material(obj)
+    _check_exportable(obj, wrapped=specification is not None)
+    wrapping = None
+    if wrapping_key is not None:
+        wrapping = _wrapping(ctx, keystore, specification, obj, *wrapping_key)
+    if key_format is None:
+        key_format = object_codec.default_format(obj, material, ctx.v2)
+    item = object_codec.encode_object(obj, material, key_format, wrapping)
+    ctx.batch.id_placeholder = obj.uid
+    return [
+        ttlv.enumeration(T.OBJECT_TYPE.value, obj.object_type.value),
+        common.uid_item(obj.uid),
+        item,
+    ]
+
+
+def _check_exportable(obj, wrapped: bool) -> None:
+    """KMIP 1.4, 3.45 and 3.47: a key that is not Extractable never leaves
+    the server; a Sensitive one leaves it only wrapped."""
+    if obj.value("Extractable") is False:
+        raise errors.PermissionDenied(f"object {obj.uid} is not extractable")
+    if obj.value("Sensitive") is True and not wrapped:
+        raise errors.PermissionDenied(
+            f"object {obj.uid} is sensitive and can only be returned wrapped"
+        )
+
+
+def _wrapping_key(ctx, keystore, txn, specification: Item, obj):
+    """Validate the Key Wrapping Specification and load the wrapping key."""
+    if specification.type != ItemType.STRUCTURE:
+        raise errors.InvalidField("Key Wrapping Specification must be a structure")
+    if obj.object_type not in object_codec.KEY_BLOCK_TYPES:
+        raise errors.InvalidField(
+            f"a {obj.object_type.name} has no Key Block and cannot be wrapped"
+        )
+    method = common.optional_enum(specification, T.WRAPPING_METHOD, WrappingMethod)
+    if method is None:
+        raise errors.MissingData("Wrapping Method is required")
+    if method != WrappingMethod.ENCRYPT:
+        raise errors.FeatureNotSupported(
+            f"Wrapping Method {method.name} is not supported; only ENCRYPT"
+        )
+    if specification.find(T.MAC_SIGNATURE_KEY_INFORMATION.value) is not None:
+        raise errors.FeatureNotSupported(
+            "MAC/Signature Key Information is not supported"
+        )
+    info = specification.find(T.ENCRYPTION_KEY_INFORMATION.value)
+    if info is None or info.type != ItemType.STRUCTURE:
+        raise errors.MissingData(
+            "Encryption Key Information is required to wrap with Wrapping Method ENCRYPT"
+        )
+    wrapping_uid = info.get(T.UNIQUE_IDENTIFIER.value)
+    if not isinstance(wrapping_uid, str):
+        raise errors.MissingData(
+            "Encryption Key Information needs the wrapping key's Unique Identifier"
+        )
+    wrapping_obj = object_codec.usable_key(
+        keystore,
+        txn,
+        ctx,
+        wrapping_uid,
+        CryptographicUsageMask.WRAP_KEY,
+        protect=True,
+        object_types=(ObjectType.SYMMETRIC_KEY, ObjectType.PUBLIC_KEY),
+    )
+    return wrapping_obj, info
+
+
+def _wrapping(
+    ctx, keystore, specification: Item, obj, wrapping_obj, info: Item
+) -> Wrapping:
+    params = object_codec.request_parameters(info, wrapping_obj)
+    algorithm = object_codec.key_algorithm(wrapping_obj, params)
+    wrapping_material = keystore.material(wrapping_obj)
+
+    if wrapping_obj.object_type == ObjectType.SYMMETRIC_KEY:
+        if algorithm != CryptographicAlgorithm.AES:
+            raise errors.FeatureNotSupported(
+                "a symmetric wrapping key must be an AES key"
+            )
+        if params.block_cipher_mode not in _AES_WRAP_MODES:
+            raise errors.FeatureNotSupported(
+                f"wrapping with Block Cipher Mode {params.block_cipher_mode.name} is not supported; "
+                "use NIST_KEY_WRAP or AES_KEY_WRAP_PADDING"
+            )
+
+        def wrap(data: bytes) -> bytes:
+            try:
+                return crypto.wrap_key(
+                    wrapping_material.data, data, params.block_cipher_mode
+                )
+            except crypto.CryptoError as exc:
+                raise object_codec.crypto_failure(exc) from None
+
+    else:
+        if algorithm != CryptographicAlgorithm.RSA:
+            raise errors.FeatureNotSupported("a public wrapping key must be an RSA key")
+        if params.padding_method not in _RSA_WRAP_PADDINGS:
+            raise errors.FeatureNotSupported(
+                f"wrapping with Padding Method {params.padding_method.name} is not supported; use OAEP or PKCS1v15"
+            )
+        if params.p_source:
+            raise errors.FeatureNotSupported(
+                "an OAEP label (P Source) is not supported"
+            )
+
+        def wrap(data: bytes) -> bytes:
+            try:
+                return crypto.rsa_wrap(
+                    wrapping_material.data,
+                    data,
+                    params.padding_method or PaddingMethod.OAEP,
+                    params.hashing_algorithm,
+                    params.mask_generator_hashing_algorithm,
+                )
+            except crypto.CryptoError as exc:
+                raise object_codec.crypto_failure(exc) from None
+
+    encoding = common.optional_enum(specification, T.ENCODING_OPTION, EncodingOption)
+    names = [i.value for i in specification.find_all(T.ATTRIBUTE_NAME.value)]
+    wrapped_attributes = (
+        tuple(common.attributes_structure(ctx, obj, names)) if names else ()
+    )
+    key_wrapping_data = ttlv.structure(
+        T.KEY_WRAPPING_DATA.value,
+        [
+            ttlv.enumeration(T.WRAPPING_METHOD.value, WrappingMethod.ENCRYPT.value),
+            info,
+            ttlv.enumeration(T.ENCODING_OPTION.value, encoding.value)
+            if encoding is not None
+            else None,
+        ],
+    )
+    return Wrapping(
+        wrap=wrap,
+        key_wrapping_data=key_wrapping_data,
+        ttlv_encoding=encoding != EncodingOption.NO_ENCODING,
+        attributes=wrapped_attributes,
+    )

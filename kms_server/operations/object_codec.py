@@ -1,0 +1,912 @@
+"""The managed object structures on the wire (KMIP 1.4, 2.2 and 2.1.3-2.1.7;
+KMIP 2.0, 2.2): Symmetric Key, Public Key, Private Key, Certificate,
+Secret Data and Opaque Object, with the Key Block, Key Value and Key
+Wrapping Data inside them.
+
+`decode_object` turns what a client registers into the keystore's one
+canonical `Material` per object type (raw bytes, PKCS#8, SubjectPublicKeyInfo,
+certificate DER) plus the attributes the material implies.
+`encode_object` does the reverse for Get, in the Key Format Type asked for,
+optionally wrapped. Both go through `keystore.crypto` for every conversion,
+so this module never handles library key objects.
+
+Also here, because Get, Encrypt, Decrypt, MAC, Sign and Signature Verify all
+read them: the Cryptographic Parameters structure (KMIP 1.4, 3.6) and the
+checks on a key used for a cryptographic operation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kmip.core.enums import (
+    BlockCipherMode,
+    CertificateType,
+    CryptographicAlgorithm,
+    CryptographicUsageMask,
+    DigitalSignatureAlgorithm,
+    HashingAlgorithm,
+    KeyCompressionType,
+    KeyFormatType,
+    ObjectType,
+    OpaqueDataType,
+    PaddingMethod,
+    RecommendedCurve,
+    SecretDataType,
+    Tags,
+)
+
+from kms_server import errors
+from kms_server.keystore import attributes as attrs
+from kms_server.keystore import crypto, lifecycle
+from kms_server.keystore.objects import ManagedObject, Material
+from kms_server.keystore.policy import Action
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import Item, ItemType
+
+T = Tags
+KFT = KeyFormatType
+
+OBJECT_TAGS: dict[ObjectType, Tags] = {
+    ObjectType.SYMMETRIC_KEY: T.SYMMETRIC_KEY,
+    ObjectType.PUBLIC_KEY: T.PUBLIC_KEY,
+    ObjectType.PRIVATE_KEY: T.PRIVATE_KEY,
+    ObjectType.CERTIFICATE: T.CERTIFICATE,
+    ObjectType.SECRET_DATA: T.SECRET_DATA,
+    ObjectType.OPAQUE_DATA: T.OPAQUE_OBJECT,
+}
+KEY_BLOCK_TYPES = (
+    ObjectType.SYMMETRIC_KEY,
+    ObjectType.PUBLIC_KEY,
+    ObjectType.PRIVATE_KEY,
+    ObjectType.SECRET_DATA,
+)
+
+_EC_ALGORITHMS = (
+    CryptographicAlgorithm.EC,
+    CryptographicAlgorithm.ECDSA,
+    CryptographicAlgorithm.ECDH,
+    CryptographicAlgorithm.ECMQV,
+)
+_TRANSPARENT_EC_PRIVATE = (
+    KFT.TRANSPARENT_EC_PRIVATE_KEY,
+    KFT.TRANSPARENT_ECDSA_PRIVATE_KEY,
+    KFT.TRANSPARENT_ECDH_PRIVATE_KEY,
+    KFT.TRANSPARENT_ECMQV_PRIVATE_KEY,
+)
+_TRANSPARENT_EC_PUBLIC = (
+    KFT.TRANSPARENT_EC_PUBLIC_KEY,
+    KFT.TRANSPARENT_ECDSA_PUBLIC_KEY,
+    KFT.TRANSPARENT_ECDH_PUBLIC_KEY,
+    KFT.TRANSPARENT_ECMQV_PUBLIC_KEY,
+)
+# Byte-string formats whose choice at Register is remembered (in
+# Material.subtype) so that a Get without a Key Format Type returns the key
+# as it was registered, as PyKMIP's server does.
+_REMEMBERED_PRIVATE = (KFT.PKCS_1, KFT.PKCS_8, KFT.EC_PRIVATE_KEY)
+_REMEMBERED_PUBLIC = (KFT.PKCS_1, KFT.X_509)
+
+_RSA_TRANSPARENT_PRIVATE_FIELDS = (
+    ("modulus", T.MODULUS),
+    ("private_exponent", T.PRIVATE_EXPONENT),
+    ("public_exponent", T.PUBLIC_EXPONENT),
+    ("p", T.P),
+    ("q", T.Q),
+    ("prime_exponent_p", T.PRIME_EXPONENT_P),
+    ("prime_exponent_q", T.PRIME_EXPONENT_Q),
+    ("crt_coefficient", T.CRT_COEFFICIENT),
+)
+
+
+def _label(t: Tags) -> str:
+    return t.name.replace("_", " ").title()
+
+
+def _enum(item: Item | None, enum_cls, what: Tags):
+    if item is None:
+        return None
+    if item.type != ItemType.ENUMERATION:
+        raise errors.InvalidField(f"{_label(what)} must be an enumeration")
+    try:
+        return enum_cls(item.value)
+    except ValueError:
+        raise errors.InvalidField(
+            f"{_label(what)} value {item.value:#x} is not defined"
+        ) from None
+
+
+def _child(
+    parent: Item,
+    t: Tags,
+    type_: ItemType | tuple[ItemType, ...] | None = None,
+    required: bool = True,
+) -> Item | None:
+    item = parent.find(t.value)
+    if item is None:
+        if required:
+            raise errors.MissingData(
+                f"{_label(t)} is required in {ttlv.tag_name(parent.tag).replace('_', ' ').title()}"
+            )
+        return None
+    types = (type_,) if isinstance(type_, ItemType) else type_
+    if types is not None and item.type not in types:
+        raise errors.InvalidField(f"{_label(t)} has the wrong type")
+    return item
+
+
+def _family(algorithm: CryptographicAlgorithm | None) -> str | None:
+    if algorithm == CryptographicAlgorithm.RSA:
+        return "RSA"
+    if algorithm in _EC_ALGORITHMS:
+        return "EC"
+    return None if algorithm is None else algorithm.name
+
+
+# ---------------------------------------------------------------------------
+# Decoding (Register)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _KeyBlock:
+    format: KeyFormatType
+    material: Item  # Key Material: byte string or transparent structure
+    algorithm: CryptographicAlgorithm | None
+    length: int | None
+
+
+def _read_key_block(holder: Item) -> _KeyBlock:
+    block = _child(holder, T.KEY_BLOCK, ItemType.STRUCTURE)
+    key_format = _enum(
+        _child(block, T.KEY_FORMAT_TYPE), KeyFormatType, T.KEY_FORMAT_TYPE
+    )
+    compression = _enum(
+        block.find(T.KEY_COMPRESSION_TYPE.value),
+        KeyCompressionType,
+        T.KEY_COMPRESSION_TYPE,
+    )
+    if compression not in (None, KeyCompressionType.EC_PUBLIC_KEY_TYPE_UNCOMPRESSED):
+        raise errors.FeatureNotSupported(
+            f"Key Compression Type {compression.name} is not supported"
+        )
+    if block.find(T.KEY_WRAPPING_DATA.value) is not None:
+        raise errors.FeatureNotSupported(
+            "registering a wrapped key is not supported; register it unwrapped"
+        )
+    value = _child(block, T.KEY_VALUE, (ItemType.STRUCTURE, ItemType.BYTE_STRING))
+    if value.type == ItemType.BYTE_STRING:
+        raise errors.InvalidField(
+            "Key Value is a byte string only in a wrapped key; this key has no Key Wrapping Data"
+        )
+    # Attributes carried inside the Key Value are informational; the
+    # object's attributes come from the Template-Attribute (2.0: Attributes).
+    material = _child(value, T.KEY_MATERIAL, (ItemType.BYTE_STRING, ItemType.STRUCTURE))
+    algorithm = _enum(
+        block.find(T.CRYPTOGRAPHIC_ALGORITHM.value),
+        CryptographicAlgorithm,
+        T.CRYPTOGRAPHIC_ALGORITHM,
+    )
+    length_item = _child(
+        block, T.CRYPTOGRAPHIC_LENGTH, ItemType.INTEGER, required=False
+    )
+    length = None if length_item is None else length_item.value
+    if length is not None and length <= 0:
+        raise errors.InvalidField("Cryptographic Length must be positive")
+    return _KeyBlock(key_format, material, algorithm, length)
+
+
+def _bytes_material(block: _KeyBlock) -> bytes:
+    if block.material.type != ItemType.BYTE_STRING:
+        raise errors.InvalidField(
+            f"Key Material must be a byte string in format {block.format.name}"
+        )
+    if not block.material.value:
+        raise errors.InvalidField("Key Material is empty")
+    return block.material.value
+
+
+def _transparent_fields(block: _KeyBlock) -> Item:
+    if block.material.type != ItemType.STRUCTURE:
+        raise errors.InvalidField(
+            f"Key Material must be a structure in format {block.format.name}"
+        )
+    return block.material
+
+
+def _int_field(structure: Item, t: Tags, required: bool = True) -> int | None:
+    item = _child(
+        structure,
+        t,
+        (ItemType.BIG_INTEGER, ItemType.INTEGER, ItemType.LONG_INTEGER),
+        required,
+    )
+    return None if item is None else item.value
+
+
+def _implied_crypto(
+    algorithm: CryptographicAlgorithm | None, length: int | None
+) -> dict[str, Item]:
+    implied: dict[str, Item] = {}
+    if algorithm is not None:
+        implied["Cryptographic Algorithm"] = attrs.make(
+            "Cryptographic Algorithm", algorithm.value
+        )
+    if length is not None:
+        implied["Cryptographic Length"] = attrs.make("Cryptographic Length", length)
+    return implied
+
+
+def _decode_symmetric(holder: Item) -> tuple[Material, dict[str, Item]]:
+    block = _read_key_block(holder)
+    if block.format == KFT.RAW:
+        key = _bytes_material(block)
+    elif block.format == KFT.TRANSPARENT_SYMMETRIC_KEY:
+        key_item = _child(_transparent_fields(block), T.KEY, ItemType.BYTE_STRING)
+        key = key_item.value
+        if not key:
+            raise errors.InvalidField("Key is empty")
+    else:
+        raise errors.KeyFormatTypeNotSupported(
+            f"a symmetric key cannot be registered in format {block.format.name}"
+        )
+    bits = len(key) * 8
+    if block.algorithm == CryptographicAlgorithm.AES and len(key) not in (16, 24, 32):
+        raise errors.InvalidField("an AES key must be 128, 192 or 256 bits")
+    length = block.length
+    if length is None:
+        length = bits
+    elif length != bits and not (
+        block.algorithm == CryptographicAlgorithm.TRIPLE_DES
+        and length == 168
+        and bits == 192
+    ):
+        raise errors.InvalidField(
+            f"Cryptographic Length {length} does not match the {bits}-bit key material"
+        )
+    return Material(key), _implied_crypto(block.algorithm, length)
+
+
+def _check_asymmetric(
+    block: _KeyBlock, algorithm: CryptographicAlgorithm, length: int
+) -> dict[str, Item]:
+    """The key block's algorithm may name the family more precisely (ECDSA
+    for an EC key) but not contradict the material."""
+    if block.algorithm is not None and _family(block.algorithm) != _family(algorithm):
+        raise errors.InvalidField(
+            f"Cryptographic Algorithm {block.algorithm.name} does not match the {algorithm.name} key material"
+        )
+    if block.length is not None and block.length != length:
+        raise errors.InvalidField(
+            f"Cryptographic Length {block.length} does not match the {length}-bit key material"
+        )
+    return _implied_crypto(block.algorithm or algorithm, length)
+
+
+def _decode_private(holder: Item) -> tuple[Material, dict[str, Item]]:
+    block = _read_key_block(holder)
+    try:
+        if block.format in _REMEMBERED_PRIVATE:
+            der, algorithm, length = crypto.import_private_key(
+                _bytes_material(block), block.format
+            )
+        elif block.format == KFT.TRANSPARENT_RSA_PRIVATE_KEY:
+            fields = _transparent_fields(block)
+            values = {
+                name: _int_field(
+                    fields,
+                    t,
+                    required=name in ("modulus", "private_exponent", "public_exponent"),
+                )
+                for name, t in _RSA_TRANSPARENT_PRIVATE_FIELDS
+            }
+            der, algorithm, length = crypto.import_transparent_private_key(values)
+        elif block.format in _TRANSPARENT_EC_PRIVATE:
+            fields = _transparent_fields(block)
+            curve = _enum(
+                _child(fields, T.RECOMMENDED_CURVE),
+                RecommendedCurve,
+                T.RECOMMENDED_CURVE,
+            )
+            der, algorithm, length = crypto.import_transparent_private_key(
+                {"recommended_curve": curve, "d": _int_field(fields, T.D)}
+            )
+        else:
+            raise errors.KeyFormatTypeNotSupported(
+                f"a private key cannot be registered in format {block.format.name}"
+            )
+    except crypto.CryptoError as exc:
+        raise errors.InvalidField(exc.message) from None
+    subtype = block.format.value if block.format in _REMEMBERED_PRIVATE else None
+    return Material(der, subtype), _check_asymmetric(block, algorithm, length)
+
+
+def _decode_public(holder: Item) -> tuple[Material, dict[str, Item]]:
+    block = _read_key_block(holder)
+    try:
+        if block.format in _REMEMBERED_PUBLIC:
+            der, algorithm, length = crypto.import_public_key(
+                _bytes_material(block), block.format
+            )
+        elif block.format == KFT.TRANSPARENT_RSA_PUBLIC_KEY:
+            fields = _transparent_fields(block)
+            der, algorithm, length = crypto.import_transparent_public_key(
+                {
+                    "modulus": _int_field(fields, T.MODULUS),
+                    "public_exponent": _int_field(fields, T.PUBLIC_EXPONENT),
+                }
+            )
+        elif block.format in _TRANSPARENT_EC_PUBLIC:
+            fields = _transparent_fields(block)
+            curve = _enum(
+                _child(fields, T.RECOMMENDED_CURVE),
+                RecommendedCurve,
+                T.RECOMMENDED_CURVE,
+            )
+            q = _child(fields, T.Q_STRING, ItemType.BYTE_STRING).value
+            der, algorithm, length = crypto.import_transparent_public_key(
+                {"recommended_curve": curve, "q_string": q}
+            )
+        else:
+            raise errors.KeyFormatTypeNotSupported(
+                f"a public key cannot be registered in format {block.format.name}"
+            )
+    except crypto.CryptoError as exc:
+        raise errors.InvalidField(exc.message) from None
+    subtype = block.format.value if block.format in _REMEMBERED_PUBLIC else None
+    return Material(der, subtype), _check_asymmetric(block, algorithm, length)
+
+
+def _decode_secret_data(holder: Item) -> tuple[Material, dict[str, Item]]:
+    secret_type = _enum(
+        _child(holder, T.SECRET_DATA_TYPE), SecretDataType, T.SECRET_DATA_TYPE
+    )
+    block = _read_key_block(holder)
+    if block.format not in (KFT.OPAQUE, KFT.RAW):
+        raise errors.KeyFormatTypeNotSupported(
+            f"secret data cannot be registered in format {block.format.name}"
+        )
+    return Material(_bytes_material(block), secret_type.value), {}
+
+
+def _decode_opaque(holder: Item) -> tuple[Material, dict[str, Item]]:
+    opaque_type = _enum(
+        _child(holder, T.OPAQUE_DATA_TYPE), OpaqueDataType, T.OPAQUE_DATA_TYPE
+    )
+    value = _child(holder, T.OPAQUE_DATA_VALUE, ItemType.BYTE_STRING).value
+    if not value:
+        raise errors.InvalidField("Opaque Data Value is empty")
+    return Material(value, opaque_type.value), {}
+
+
+def _pem_to_der(data: bytes) -> bytes:
+    if not data.lstrip().startswith(b"-----BEGIN"):
+        return data
+    lines = [line.strip() for line in data.strip().splitlines()]
+    body = b"".join(line for line in lines if line and not line.startswith(b"-----"))
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.InvalidField("Certificate Value is not valid PEM") from None
+
+
+def _der_element(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, content start, element end) of the DER element at `pos`."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated")
+    tag, first = data[pos], data[pos + 1]
+    pos += 2
+    if first < 0x80:
+        length = first
+    else:
+        count = first & 0x7F
+        if count == 0 or count > 4 or pos + count > len(data):
+            raise ValueError("bad length")
+        length = int.from_bytes(data[pos : pos + count], "big")
+        pos += count
+    if pos + length > len(data):
+        raise ValueError("overrun")
+    return tag, pos, pos + length
+
+
+def _certificate_names(der: bytes) -> tuple[bytes, bytes, bytes]:
+    """The DER issuer Name, serial number and subject Name of an X.509
+    certificate (RFC 5280, 4.1): a structural walk over a certificate that
+    `crypto.parse_certificate` has already accepted."""
+    _, cert_start, _ = _der_element(der, 0)
+    _, pos, tbs_end = _der_element(der, cert_start)
+    tag, _, end = _der_element(der, pos)
+    if tag == 0xA0:  # [0] version
+        pos = end
+    _, serial_start, serial_end = _der_element(der, pos)
+    pos = serial_end
+    _, _, pos = _der_element(der, pos)  # signature AlgorithmIdentifier
+    issuer_start = pos
+    _, _, pos = _der_element(der, pos)
+    issuer = der[issuer_start:pos]
+    _, _, pos = _der_element(der, pos)  # validity
+    subject_start = pos
+    _, _, pos = _der_element(der, pos)
+    if pos > tbs_end:
+        raise ValueError("overrun")
+    return issuer, der[serial_start:serial_end], der[subject_start:pos]
+
+
+def _decode_certificate(holder: Item) -> tuple[Material, dict[str, Item]]:
+    cert_type = _enum(
+        _child(holder, T.CERTIFICATE_TYPE), CertificateType, T.CERTIFICATE_TYPE
+    )
+    if cert_type != CertificateType.X_509:
+        raise errors.FeatureNotSupported(
+            f"Certificate Type {cert_type.name} is not supported; only X_509"
+        )
+    der = _pem_to_der(_child(holder, T.CERTIFICATE_VALUE, ItemType.BYTE_STRING).value)
+    try:
+        info = crypto.parse_certificate(der)
+        issuer, serial, subject = _certificate_names(der)
+    except crypto.CryptoError as exc:
+        raise errors.InvalidField(exc.message) from None
+    except ValueError:
+        raise errors.InvalidField("certificate is malformed") from None
+    implied = _implied_crypto(info["algorithm"], info["length_bits"])
+    implied.update(
+        {
+            "Certificate Type": attrs.make(
+                "Certificate Type", CertificateType.X_509.value
+            ),
+            "Certificate Length": attrs.make("Certificate Length", len(der)),
+            "X.509 Certificate Identifier": attrs.make(
+                "X.509 Certificate Identifier",
+                [
+                    ttlv.byte_string(T.ISSUER_DISTINGUISHED_NAME.value, issuer),
+                    ttlv.byte_string(T.CERTIFICATE_SERIAL_NUMBER.value, serial),
+                ],
+            ),
+            "X.509 Certificate Subject": attrs.make(
+                "X.509 Certificate Subject",
+                [ttlv.byte_string(T.SUBJECT_DISTINGUISHED_NAME.value, subject)],
+            ),
+            "X.509 Certificate Issuer": attrs.make(
+                "X.509 Certificate Issuer",
+                [ttlv.byte_string(T.ISSUER_DISTINGUISHED_NAME.value, issuer)],
+            ),
+            "Digest": attrs.make(
+                "Digest",
+                [
+                    ttlv.enumeration(
+                        T.HASHING_ALGORITHM.value, HashingAlgorithm.SHA_256.value
+                    ),
+                    ttlv.byte_string(T.DIGEST_VALUE.value, info["digest_sha256"]),
+                ],
+            ),
+        }
+    )
+    return Material(der), implied
+
+
+_DECODERS: dict[ObjectType, Callable[[Item], tuple[Material, dict[str, Item]]]] = {
+    ObjectType.SYMMETRIC_KEY: _decode_symmetric,
+    ObjectType.PRIVATE_KEY: _decode_private,
+    ObjectType.PUBLIC_KEY: _decode_public,
+    ObjectType.SECRET_DATA: _decode_secret_data,
+    ObjectType.OPAQUE_DATA: _decode_opaque,
+    ObjectType.CERTIFICATE: _decode_certificate,
+}
+
+
+def decode_object(
+    object_type: ObjectType, item: Item
+) -> tuple[Material, dict[str, Item]]:
+    """The canonical material of a registered object and the attributes its
+    material implies (name -> attribute value item): Cryptographic Algorithm
+    and Length for keys (the algorithm only where the key block or the
+    material tells it), and for certificates the X.509 attributes,
+    Certificate Type and Length and a SHA-256 Digest."""
+    decoder = _DECODERS.get(object_type)
+    if decoder is None:
+        raise errors.FeatureNotSupported(
+            f"{object_type.name} objects are not supported"
+        )
+    if item.tag != OBJECT_TAGS[object_type].value or item.type != ItemType.STRUCTURE:
+        raise errors.InvalidField(
+            f"the object does not match Object Type {object_type.name}"
+        )
+    return decoder(item)
+
+
+# ---------------------------------------------------------------------------
+# Encoding (Get)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wrapping:
+    """How Get wraps a Key Value (KMIP 1.4, 2.1.5 and 2.1.6): `wrap` encrypts
+    the bytes with the wrapping key, `key_wrapping_data` is the Key Wrapping
+    Data structure to return with the wrapped key. With TTLV encoding (the
+    default) the whole Key Value structure is wrapped, with `attributes`
+    inside it; with No Encoding only the Key Material bytes are."""
+
+    wrap: Callable[[bytes], bytes]
+    key_wrapping_data: Item
+    ttlv_encoding: bool = True
+    attributes: tuple[Item, ...] = field(default=())
+
+
+def default_format(
+    obj: ManagedObject, material: Material, v2: bool
+) -> KeyFormatType | None:
+    """The Key Format Type of a Get that names none: Raw for symmetric keys
+    (what vCenter reads), Opaque for secret data, and for asymmetric keys the
+    format they were registered in; otherwise PKCS#1 for RSA keys in 1.x,
+    as PyKMIP's server does, and PKCS#8 / X.509 SubjectPublicKeyInfo for EC
+    keys and in 2.0."""
+    object_type = obj.object_type
+    if object_type == ObjectType.SYMMETRIC_KEY:
+        return KFT.RAW
+    if object_type == ObjectType.SECRET_DATA:
+        return KFT.OPAQUE
+    if object_type in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
+        if material.subtype is not None:
+            try:
+                return KFT(material.subtype)
+            except ValueError:
+                pass
+        rsa = obj.value("Cryptographic Algorithm") == CryptographicAlgorithm.RSA.value
+        if rsa and not v2:
+            return KFT.PKCS_1
+        return KFT.PKCS_8 if object_type == ObjectType.PRIVATE_KEY else KFT.X_509
+    return None
+
+
+def _not_supported(
+    object_type: ObjectType, key_format: KeyFormatType
+) -> errors.KmsError:
+    return errors.KeyFormatTypeNotSupported(
+        f"a {object_type.name.replace('_', ' ').lower()} cannot be returned in format {key_format.name}"
+    )
+
+
+def _big(t: Tags, value: int) -> Item:
+    return ttlv.big_integer(t.value, value)
+
+
+def _key_material(
+    obj: ManagedObject, material: Material, key_format: KeyFormatType
+) -> Item:
+    object_type = obj.object_type
+    tag = T.KEY_MATERIAL.value
+    try:
+        if object_type == ObjectType.SYMMETRIC_KEY:
+            if key_format == KFT.RAW:
+                return ttlv.byte_string(tag, material.data)
+            if key_format == KFT.TRANSPARENT_SYMMETRIC_KEY:
+                return ttlv.structure(
+                    tag, [ttlv.byte_string(T.KEY.value, material.data)]
+                )
+        elif object_type == ObjectType.SECRET_DATA:
+            if key_format in (KFT.OPAQUE, KFT.RAW):
+                return ttlv.byte_string(tag, material.data)
+        elif object_type == ObjectType.PRIVATE_KEY:
+            if key_format in _REMEMBERED_PRIVATE:
+                return ttlv.byte_string(
+                    tag, crypto.export_private_key(material.data, key_format)
+                )
+            if (
+                key_format == KFT.TRANSPARENT_RSA_PRIVATE_KEY
+                or key_format in _TRANSPARENT_EC_PRIVATE
+            ):
+                fields = crypto.transparent_private_key(material.data)
+                is_ec = "recommended_curve" in fields
+                if is_ec != (key_format in _TRANSPARENT_EC_PRIVATE):
+                    raise _not_supported(object_type, key_format)
+                if is_ec:
+                    return ttlv.structure(
+                        tag,
+                        [
+                            ttlv.enumeration(
+                                T.RECOMMENDED_CURVE.value,
+                                fields["recommended_curve"].value,
+                            ),
+                            _big(T.D, fields["d"]),
+                        ],
+                    )
+                return ttlv.structure(
+                    tag,
+                    [
+                        _big(t, fields[name])
+                        for name, t in _RSA_TRANSPARENT_PRIVATE_FIELDS
+                    ],
+                )
+        elif object_type == ObjectType.PUBLIC_KEY:
+            if key_format in _REMEMBERED_PUBLIC:
+                return ttlv.byte_string(
+                    tag, crypto.export_public_key(material.data, key_format)
+                )
+            if (
+                key_format == KFT.TRANSPARENT_RSA_PUBLIC_KEY
+                or key_format in _TRANSPARENT_EC_PUBLIC
+            ):
+                fields = crypto.transparent_public_key(material.data)
+                is_ec = "recommended_curve" in fields
+                if is_ec != (key_format in _TRANSPARENT_EC_PUBLIC):
+                    raise _not_supported(object_type, key_format)
+                if is_ec:
+                    return ttlv.structure(
+                        tag,
+                        [
+                            ttlv.enumeration(
+                                T.RECOMMENDED_CURVE.value,
+                                fields["recommended_curve"].value,
+                            ),
+                            ttlv.byte_string(T.Q_STRING.value, fields["q_string"]),
+                        ],
+                    )
+                return ttlv.structure(
+                    tag,
+                    [
+                        _big(T.MODULUS, fields["modulus"]),
+                        _big(T.PUBLIC_EXPONENT, fields["public_exponent"]),
+                    ],
+                )
+    except crypto.CryptoError:
+        # The format does not fit this key (PKCS#1 for an EC key, ...).
+        raise _not_supported(object_type, key_format) from None
+    raise _not_supported(object_type, key_format)
+
+
+def _key_block(
+    obj: ManagedObject,
+    material: Material,
+    key_format: KeyFormatType,
+    wrapping: Wrapping | None,
+) -> Item:
+    key_material = _key_material(obj, material, key_format)
+    key_value = ttlv.structure(
+        T.KEY_VALUE.value, [key_material, *(wrapping.attributes if wrapping else ())]
+    )
+    wrapping_data = None
+    if wrapping is not None:
+        if wrapping.ttlv_encoding:
+            plaintext = ttlv.encode(key_value)
+        elif key_material.type == ItemType.BYTE_STRING and not wrapping.attributes:
+            plaintext = key_material.value
+        else:
+            raise errors.InvalidField(
+                "Encoding Option No Encoding needs a byte-string Key Material and no attributes"
+            )
+        key_value = ttlv.byte_string(T.KEY_VALUE.value, wrapping.wrap(plaintext))
+        wrapping_data = wrapping.key_wrapping_data
+    algorithm = length = None
+    if obj.object_type != ObjectType.SECRET_DATA:
+        algorithm = obj.value("Cryptographic Algorithm")
+        length = obj.value("Cryptographic Length")
+    return ttlv.structure(
+        T.KEY_BLOCK.value,
+        [
+            ttlv.enumeration(T.KEY_FORMAT_TYPE.value, key_format.value),
+            key_value,
+            ttlv.enumeration(T.CRYPTOGRAPHIC_ALGORITHM.value, algorithm)
+            if algorithm is not None
+            else None,
+            ttlv.integer(T.CRYPTOGRAPHIC_LENGTH.value, length)
+            if length is not None
+            else None,
+            wrapping_data,
+        ],
+    )
+
+
+def encode_object(
+    obj: ManagedObject,
+    material: Material,
+    key_format_type: KeyFormatType | None,
+    wrapping: Wrapping | None = None,
+) -> Item:
+    """The object's structure for a Get response. Keys and secret data are
+    returned in `key_format_type` (None: `default_format` for 1.x), wrapped
+    if `wrapping` is given; certificates and opaque objects have no Key
+    Block and take neither."""
+    object_type = obj.object_type
+    tag = OBJECT_TAGS.get(object_type)
+    if tag is None:
+        raise errors.FeatureNotSupported(
+            f"{object_type.name} objects are not supported"
+        )
+    if object_type not in KEY_BLOCK_TYPES:
+        if wrapping is not None:
+            raise errors.InvalidField(
+                f"a {object_type.name} has no Key Block and cannot be wrapped"
+            )
+        if object_type == ObjectType.CERTIFICATE:
+            if key_format_type not in (None, KFT.X_509):
+                raise _not_supported(object_type, key_format_type)
+            return ttlv.structure(
+                tag.value,
+                [
+                    ttlv.enumeration(
+                        T.CERTIFICATE_TYPE.value, CertificateType.X_509.value
+                    ),
+                    ttlv.byte_string(T.CERTIFICATE_VALUE.value, material.data),
+                ],
+            )
+        if key_format_type not in (None, KFT.OPAQUE):
+            raise _not_supported(object_type, key_format_type)
+        return ttlv.structure(
+            tag.value,
+            [
+                ttlv.enumeration(
+                    T.OPAQUE_DATA_TYPE.value,
+                    material.subtype or OpaqueDataType.NONE.value,
+                ),
+                ttlv.byte_string(T.OPAQUE_DATA_VALUE.value, material.data),
+            ],
+        )
+    key_format = key_format_type or default_format(obj, material, v2=False)
+    block = _key_block(obj, material, key_format, wrapping)
+    if object_type == ObjectType.SECRET_DATA:
+        secret_type = (
+            material.subtype
+            if material.subtype is not None
+            else SecretDataType.PASSWORD.value
+        )
+        return ttlv.structure(
+            tag.value, [ttlv.enumeration(T.SECRET_DATA_TYPE.value, secret_type), block]
+        )
+    return ttlv.structure(tag.value, [block])
+
+
+# ---------------------------------------------------------------------------
+# Cryptographic Parameters (KMIP 1.4, 3.6)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CryptoParameters:
+    block_cipher_mode: BlockCipherMode | None = None
+    padding_method: PaddingMethod | None = None
+    hashing_algorithm: HashingAlgorithm | None = None
+    digital_signature_algorithm: DigitalSignatureAlgorithm | None = None
+    cryptographic_algorithm: CryptographicAlgorithm | None = None
+    random_iv: bool | None = None
+    iv_length: int | None = None  # bits
+    tag_length: int | None = None  # bytes
+    salt_length: int | None = None  # bytes
+    mask_generator_hashing_algorithm: HashingAlgorithm | None = None
+    p_source: bytes | None = None
+
+
+def crypto_parameters(item: Item | None) -> CryptoParameters | None:
+    """Read a Cryptographic Parameters structure (request field or attribute
+    value); fields this server does not use (Key Role Type, counter and
+    invocation field layout, Trailer Field) are ignored."""
+    if item is None:
+        return None
+    if item.type != ItemType.STRUCTURE:
+        raise errors.InvalidField("Cryptographic Parameters must be a structure")
+
+    def integer(t: Tags) -> int | None:
+        child = _child(item, t, ItemType.INTEGER, required=False)
+        if child is not None and child.value < 0:
+            raise errors.InvalidField(f"{_label(t)} must not be negative")
+        return None if child is None else child.value
+
+    random_iv = _child(item, T.RANDOM_IV, ItemType.BOOLEAN, required=False)
+    p_source = _child(item, T.P_SOURCE, ItemType.BYTE_STRING, required=False)
+    return CryptoParameters(
+        block_cipher_mode=_enum(
+            item.find(T.BLOCK_CIPHER_MODE.value), BlockCipherMode, T.BLOCK_CIPHER_MODE
+        ),
+        padding_method=_enum(
+            item.find(T.PADDING_METHOD.value), PaddingMethod, T.PADDING_METHOD
+        ),
+        hashing_algorithm=_enum(
+            item.find(T.HASHING_ALGORITHM.value), HashingAlgorithm, T.HASHING_ALGORITHM
+        ),
+        digital_signature_algorithm=_enum(
+            item.find(T.DIGITAL_SIGNATURE_ALGORITHM.value),
+            DigitalSignatureAlgorithm,
+            T.DIGITAL_SIGNATURE_ALGORITHM,
+        ),
+        cryptographic_algorithm=_enum(
+            item.find(T.CRYPTOGRAPHIC_ALGORITHM.value),
+            CryptographicAlgorithm,
+            T.CRYPTOGRAPHIC_ALGORITHM,
+        ),
+        random_iv=None if random_iv is None else random_iv.value,
+        iv_length=integer(T.IV_LENGTH),
+        tag_length=integer(T.TAG_LENGTH),
+        salt_length=integer(T.SALT_LENGTH),
+        mask_generator_hashing_algorithm=_enum(
+            item.find(T.MASK_GENERATOR_HASHING_ALGORITHM.value),
+            HashingAlgorithm,
+            T.MASK_GENERATOR_HASHING_ALGORITHM,
+        ),
+        p_source=None if p_source is None else p_source.value,
+    )
+
+
+def request_parameters(payload: Item, obj: ManagedObject) -> CryptoParameters:
+    """The Cryptographic Parameters of a request, else the first value of
+    the key's Cryptographic Parameters attribute, else none (KMIP 1.4, 4.29:
+    the parameters associated with the object are used when the request
+    gives none)."""
+    given = crypto_parameters(payload.find(T.CRYPTOGRAPHIC_PARAMETERS.value))
+    if given is not None:
+        return given
+    return (
+        crypto_parameters(obj.first("Cryptographic Parameters")) or CryptoParameters()
+    )
+
+
+def key_algorithm(
+    obj: ManagedObject, params: CryptoParameters | None = None
+) -> CryptographicAlgorithm | None:
+    """The key's Cryptographic Algorithm; parameters that name another
+    algorithm family are refused rather than silently ignored."""
+    value = obj.value("Cryptographic Algorithm")
+    algorithm = None if value is None else CryptographicAlgorithm(value)
+    wanted = params.cryptographic_algorithm if params is not None else None
+    if (
+        wanted is not None
+        and algorithm is not None
+        and _family(wanted) != _family(algorithm)
+    ):
+        raise errors.InvalidField(
+            f"Cryptographic Algorithm {wanted.name} does not match the key's algorithm {algorithm.name}"
+        )
+    return algorithm
+
+
+# ---------------------------------------------------------------------------
+# Keys used by cryptographic operations
+# ---------------------------------------------------------------------------
+
+
+def usable_key(
+    keystore,
+    txn,
+    ctx,
+    uid: str,
+    usage: CryptographicUsageMask,
+    protect: bool,
+    object_types: tuple[ObjectType, ...],
+) -> ManagedObject:
+    """Load a key for Encrypt, Decrypt, MAC, Sign, Signature Verify or
+    wrapping: the caller may use it (Action.USE), it is of a type the
+    operation takes, in a state that allows the operation (Active to
+    protect; also Deactivated or Compromised to process), and its
+    Cryptographic Usage Mask has the operation's bit."""
+    obj = keystore.load(txn, ctx.principal, uid, Action.USE, ctx.now)
+    if obj.object_type not in object_types:
+        names = " or ".join(t.name for t in object_types)
+        raise errors.InvalidField(
+            f"object {uid} is a {obj.object_type.name}; this operation needs a {names}"
+        )
+    lifecycle.require_usable(obj, protect)
+    if not obj.usage_mask & usage.value:
+        raise errors.PermissionDenied(
+            f"the Cryptographic Usage Mask of object {uid} does not include {usage.name}"
+        )
+    return obj
+
+
+def reject_streaming(payload: Item) -> None:
+    """Multi-part (streaming) cryptographic operations (KMIP 1.3 Correlation
+    Value, Init and Final Indicators) are not supported."""
+    for t in (T.CORRELATION_VALUE, T.INIT_INDICATOR):
+        if payload.find(t.value) is not None:
+            raise errors.FeatureNotSupported(
+                "streaming cryptographic operations are not supported"
+            )
+    final = payload.find(T.FINAL_INDICATOR.value)
+    if final is not None and final.value is not True:
+        raise errors.FeatureNotSupported(
+            "streaming cryptographic operations are not supported"
+        )
+
+
+def crypto_failure(exc: crypto.CryptoError) -> errors.KmsError:
+    return errors.CryptographicFailure(exc.message)
