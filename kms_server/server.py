@@ -95,7 +95,7 @@ class KmsService(service.Service):
         if self.port is not None:
             yield self.port.stopListening()
         yield self.factory.drain()
-        self.factory.close_all()
+        yield self.factory.close_all()
         self.threadpool.stop()
         self.storage.close()
         yield super().stopService()

@@ -49,7 +49,9 @@ class ServerProcess:
         return "\n".join(self.log)
 
 
-def start_server(workdir: Path, pki: Path, extra_config: str = "", db_url: str | None = None, env=None) -> ServerProcess:
+def start_server(
+    workdir: Path, pki: Path, extra_config: str = "", db_url: str | None = None, env=None, log_level: str = "INFO"
+) -> ServerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     key_file = workdir / "master.key"
     if not key_file.exists():
@@ -76,7 +78,7 @@ def start_server(workdir: Path, pki: Path, extra_config: str = "", db_url: str |
             file = "{key_file}"
 
             [logging]
-            level = "INFO"
+            level = "{log_level}"
             """
         )
         + ("\n[storage]\ndb_url = \"" + db_url + "\"\n" if db_url else "")

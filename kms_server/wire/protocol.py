@@ -175,6 +175,7 @@ class KmipFactory(protocol.Factory):
         self.max_connections = max_connections
         self.connections: set[KmipProtocol] = set()
         self._in_flight: set[defer.Deferred] = set()
+        self._closed_waiters: list[defer.Deferred] = []
 
     def buildProtocol(self, addr):
         return KmipProtocol(self)
@@ -187,6 +188,10 @@ class KmipFactory(protocol.Factory):
 
     def release(self, proto: KmipProtocol) -> None:
         self.connections.discard(proto)
+        if not self.connections:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     def process(self, message: bytes, identity) -> defer.Deferred:
         d = deferToThreadPool(self.reactor, self.threadpool, self.handle, message, identity)
@@ -204,6 +209,21 @@ class KmipFactory(protocol.Factory):
         pending = [d for d in self._in_flight]
         return defer.DeferredList(pending, consumeErrors=True)
 
-    def close_all(self) -> None:
+    def close_all(self, timeout: float = 5.0) -> defer.Deferred:
+        """Close every connection once its pending responses are flushed;
+        fires when all are closed, or after `timeout` seconds (stragglers
+        are then aborted)."""
+        if not self.connections:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._closed_waiters.append(d)
         for proto in list(self.connections):
             proto.transport.loseConnection()
+
+        def abort():
+            for proto in list(self.connections):
+                proto.transport.abortConnection()
+
+        call = self.reactor.callLater(timeout, abort)
+        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+        return d
