@@ -279,6 +279,81 @@ def register_master_key(subparsers: argparse._SubParsersAction) -> None:
     new.set_defaults(func=_master_key_new)
 
 
+# --- credentials ----------------------------------------------------------------------
+
+
+def _credentials_file(args: argparse.Namespace) -> Path:
+    cfg = load_config(args.config, require_master_key=False)
+    return cfg.access.credentials_file
+
+
+def _load_users(path: Path) -> dict[str, str]:
+    from kms_server import credentials
+
+    if not path.exists():
+        return {}
+    try:
+        return credentials.load(path)
+    except credentials.CredentialsError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _credentials_set(args: argparse.Namespace) -> int:
+    from kms_server import credentials
+
+    try:
+        password = args.password_file.read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.password_file} ({exc.strerror}); give a readable --password-file") from None
+    if len(password) < 12:
+        raise CommandError(f"the password in {args.password_file} is shorter than 12 characters; use a longer one")
+    if not args.username or any(c in args.username for c in '"\\\n'):
+        raise CommandError("the username must be non-empty and hold no quotes, backslashes or newlines")
+    path = _credentials_file(args)
+    users = _load_users(path)
+    users[args.username] = credentials.hash_password(password)
+    credentials.save(path, users)
+    _out(f"stored an Argon2id hash for {args.username!r} in {path}")
+    return 0
+
+
+def _credentials_remove(args: argparse.Namespace) -> int:
+    from kms_server import credentials
+
+    path = _credentials_file(args)
+    users = _load_users(path)
+    if users.pop(args.username, None) is None:
+        raise CommandError(f"no user {args.username!r} in {path}; 'kms-admin credentials list' shows them")
+    credentials.save(path, users)
+    _out(f"removed {args.username!r} from {path}")
+    return 0
+
+
+def _credentials_list(args: argparse.Namespace) -> int:
+    for name in sorted(_load_users(_credentials_file(args))):
+        _out(name)
+    return 0
+
+
+def register_credentials(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser(
+        "credentials", help="KMIP username/password credentials (access.require_credential)"
+    )
+    commands = group.add_subparsers(dest="credentials_command", metavar="COMMAND", required=True)
+    set_ = commands.add_parser("set", help="add a user or change its password (stored as an Argon2id hash)")
+    set_.add_argument("username")
+    set_.add_argument("--password-file", required=True, type=Path, help="file holding the password")
+    set_.add_argument("--config", help="kms-server configuration file (for access.credentials_file)")
+    set_.set_defaults(func=_credentials_set)
+    remove = commands.add_parser("remove", help="remove a user")
+    remove.add_argument("username")
+    remove.add_argument("--config")
+    remove.set_defaults(func=_credentials_remove)
+    list_ = commands.add_parser("list", help="list usernames")
+    list_.add_argument("--config")
+    list_.set_defaults(func=_credentials_list)
+
+
 # --- assembly ------------------------------------------------------------------------
 
 CommandGroup = Callable[[argparse._SubParsersAction], None]
@@ -288,6 +363,7 @@ COMMAND_GROUPS: list[CommandGroup] = [
     register_pki,
     register_clients,
     register_master_key,
+    register_credentials,
 ]
 
 

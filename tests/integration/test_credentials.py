@@ -1,0 +1,71 @@
+"""A KMIP username/password Credential required in addition to the client
+certificate (access.require_credential), with hashes written by
+`kms-admin credentials set`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import start_server
+from kmip.core import enums
+from kmip.pie import exceptions as pie_exceptions
+from kmip.pie.client import ProxyKmipClient
+
+
+@pytest.fixture
+def credential_server(tmp_path, pki_dir):
+    workdir = tmp_path / "node"
+    workdir.mkdir()
+    password_file = tmp_path / "pw"
+    password_file.write_text("s3cret-enough-password\n")
+    config = workdir / "creds.toml"
+    config.write_text(f'[access]\ncredentials_file = "{workdir / "credentials.toml"}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "kms_server.admin.cli", "credentials", "set", "vcenter-svc",
+         "--password-file", str(password_file), "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in (workdir / "credentials.toml").read_text()
+    server = start_server(
+        workdir,
+        pki_dir,
+        extra_config=f"""
+        [access]
+        require_credential = true
+        credentials_file = "{workdir / 'credentials.toml'}"
+        """,
+    )
+    yield server
+    server.stop()
+
+
+def _client(server, pki, username=None, password=None):
+    c = ProxyKmipClient(
+        hostname=server.host, port=server.port,
+        cert=str(pki / "alice.pem"), key=str(pki / "alice.key"), ca=str(pki / "ca.pem"),
+        username=username, password=password, kmip_version=enums.KMIPVersion.KMIP_1_2,
+    )
+    c.open()
+    return c
+
+
+def test_right_password_is_accepted(credential_server, pki_dir):
+    c = _client(credential_server, pki_dir, "vcenter-svc", "s3cret-enough-password")
+    try:
+        assert c.create(enums.CryptographicAlgorithm.AES, 128)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("username, password", [(None, None), ("vcenter-svc", "wrong"), ("nobody", "s3cret-enough-password")])
+def test_missing_or_wrong_credential_is_refused(credential_server, pki_dir, username, password):
+    c = _client(credential_server, pki_dir, username, password)
+    try:
+        with pytest.raises(pie_exceptions.KmipOperationFailure) as failure:
+            c.create(enums.CryptographicAlgorithm.AES, 128)
+        assert failure.value.reason == enums.ResultReason.AUTHENTICATION_NOT_SUCCESSFUL
+    finally:
+        c.close()
