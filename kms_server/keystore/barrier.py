@@ -1,6 +1,6 @@
 """The at-rest barrier: key material is sealed before it reaches storage.
 
-Format of a sealed blob (docs/key-safe.md): version byte 0x01, a 12-byte
+Format of a sealed blob (docs/at-rest-sealing.md): version byte 0x01, a 12-byte
 random nonce, then AES-256-GCM ciphertext and 16-byte tag. The associated
 data binds the blob to its object's unique identifier, so a blob copied onto
 another object's row does not open.
