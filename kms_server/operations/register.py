@@ -1,0 +1,90 @@
+"""KMIP 1.4, 4.3 Register / 2.0, 6.1.41: a client-supplied object (symmetric
+key, private or public key, X.509 certificate, secret data, opaque object)
+is stored under a new Unique Identifier.
+
+The client's attributes come from the Template-Attribute (2.0: Attributes);
+those the material implies (Cryptographic Algorithm and Length; for a
+certificate also Certificate Type and Length, the X.509 attributes and a
+Digest) are set by the server, and a client value that contradicts the
+material is refused rather than stored.
+"""
+
+from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
+
+from kms_server import errors
+from kms_server.operations import common, object_codec
+
+OPERATION = Operation.REGISTER
+
+_ALGORITHM = "Cryptographic Algorithm"
+_LENGTH = "Cryptographic Length"
+
+
+def handle(ctx, keystore, payload):
+    object_type = common.optional_enum(payload, Tags.OBJECT_TYPE, ObjectType)
+    if object_type is None:
+        raise errors.MissingData("Object Type is required")
+    tag = object_codec.OBJECT_TAGS.get(object_type)
+    if tag is None:
+        raise errors.FeatureNotSupported(
+            f"registering a {object_type.name} is not supported"
+        )
+    item = payload.find(tag.value)
+    if item is None:
+        raise errors.MissingData(
+            f"the {object_type.name} to register is missing from the request"
+        )
+    material, implied = object_codec.decode_object(object_type, item)
+    given = common.client_attributes(payload, Tags.TEMPLATE_ATTRIBUTE, Tags.ATTRIBUTES)
+    attributes = keystore.validate_client_attributes(object_type, given)
+    _merge_implied(attributes, implied)
+    if object_type == ObjectType.SYMMETRIC_KEY:
+        _check_symmetric(attributes)
+    with keystore.transaction() as txn:
+        obj = keystore.new_object(
+            txn, ctx.principal, object_type, attributes, material, ctx.now
+        )
+    ctx.batch.id_placeholder = obj.uid
+    return [common.uid_item(obj.uid)]
+
+
+def _merge_implied(attributes: dict, implied: dict) -> None:
+    for name, value in implied.items():
+        existing = attributes.get(name)
+        if not existing:
+            attributes[name] = [value]
+            continue
+        if existing[0] == value:
+            continue
+        if name == _ALGORITHM and _same_family(existing[0].value, value.value):
+            # The client may say ECDSA where the material only tells EC.
+            continue
+        raise errors.InvalidField(
+            f"{name} {_show(name, existing[0].value)} does not match the registered material "
+            f"({_show(name, value.value)})"
+        )
+
+
+def _same_family(a: int, b: int) -> bool:
+    family = object_codec.algorithm_family
+    return family(CryptographicAlgorithm(a)) == family(CryptographicAlgorithm(b))
+
+
+def _show(name: str, value) -> str:
+    if name == _ALGORITHM:
+        try:
+            return CryptographicAlgorithm(value).name
+        except ValueError:
+            pass
+    return str(value)
+
+
+def _check_symmetric(attributes: dict) -> None:
+    if not attributes.get(_ALGORITHM):
+        raise errors.MissingData(
+            "Cryptographic Algorithm is required to register a symmetric key"
+        )
+    algorithm = attributes[_ALGORITHM][0].value
+    bits = attributes[_LENGTH][0].value
+    if algorithm == CryptographicAlgorithm.AES.value and bits not in (128, 192, 256):
+        raise errors.InvalidField("an AES key must be 128, 192 or 256 bits")
