@@ -137,7 +137,9 @@ def _child(
     return item
 
 
-def _family(algorithm: CryptographicAlgorithm | None) -> str | None:
+def algorithm_family(algorithm: CryptographicAlgorithm | None) -> str | None:
+    """RSA, EC (for EC, ECDSA, ECDH and ECMQV keys, which share one key
+    format), or the algorithm's own name."""
     if algorithm == CryptographicAlgorithm.RSA:
         return "RSA"
     if algorithm in _EC_ALGORITHMS:
@@ -274,7 +276,9 @@ def _check_asymmetric(
 ) -> dict[str, Item]:
     """The key block's algorithm may name the family more precisely (ECDSA
     for an EC key) but not contradict the material."""
-    if block.algorithm is not None and _family(block.algorithm) != _family(algorithm):
+    if block.algorithm is not None and algorithm_family(
+        block.algorithm
+    ) != algorithm_family(algorithm):
         raise errors.InvalidField(
             f"Cryptographic Algorithm {block.algorithm.name} does not match the {algorithm.name} key material"
         )
@@ -372,9 +376,9 @@ def _decode_secret_data(holder: Item) -> tuple[Material, dict[str, Item]]:
 
 
 def _decode_opaque(holder: Item) -> tuple[Material, dict[str, Item]]:
-    opaque_type = _enum(
-        _child(holder, T.OPAQUE_DATA_TYPE), OpaqueDataType, T.OPAQUE_DATA_TYPE
-    )
+    # The specification defines no Opaque Data Types, only the extension
+    # range, so any enumeration value is kept as given.
+    opaque_type = _child(holder, T.OPAQUE_DATA_TYPE, ItemType.ENUMERATION)
     value = _child(holder, T.OPAQUE_DATA_VALUE, ItemType.BYTE_STRING).value
     if not value:
         raise errors.InvalidField("Opaque Data Value is empty")
@@ -739,7 +743,9 @@ def encode_object(
             [
                 ttlv.enumeration(
                     T.OPAQUE_DATA_TYPE.value,
-                    material.subtype or OpaqueDataType.NONE.value,
+                    OpaqueDataType.NONE.value
+                    if material.subtype is None
+                    else material.subtype,
                 ),
                 ttlv.byte_string(T.OPAQUE_DATA_VALUE.value, material.data),
             ],
@@ -852,7 +858,7 @@ def key_algorithm(
     if (
         wanted is not None
         and algorithm is not None
-        and _family(wanted) != _family(algorithm)
+        and algorithm_family(wanted) != algorithm_family(algorithm)
     ):
         raise errors.InvalidField(
             f"Cryptographic Algorithm {wanted.name} does not match the key's algorithm {algorithm.name}"

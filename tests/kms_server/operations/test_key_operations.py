@@ -4,21 +4,37 @@ in-memory storage and a barrier with a random master key."""
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from kmip.core.enums import (
+    BlockCipherMode,
     CryptographicAlgorithm,
     CryptographicUsageMask,
+    DigitalSignatureAlgorithm,
+    EncodingOption,
+    HashingAlgorithm,
     KeyFormatType,
+    LinkType,
     ObjectType,
     Operation,
+    PaddingMethod,
+    RecommendedCurve,
     ResultReason,
     ResultStatus,
+    SecretDataType,
     Tags,
+    ValidityIndicator,
+    WrappingMethod,
 )
 
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
+from kms_server.keystore import crypto
 from kms_server.keystore.barrier import Barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.policy import Principal, Role
@@ -309,3 +325,1023 @@ def test_no_crypto_administrator_may_not_get(alice, dispatcher):
     admin = Client(dispatcher, "ops", Role.NO_CRYPTO_ADMINISTRATOR)
     admin.ok(Operation.GET_ATTRIBUTES, [uid_item(uid)])
     admin.fails(Operation.GET, [uid_item(uid)], ResultReason.PERMISSION_DENIED)
+
+
+def test_get_of_a_sensitive_key_needs_wrapping(alice):
+    uid = create_aes(alice, extra=())
+    alice.ok(
+        Operation.ADD_ATTRIBUTE,
+        [uid_item(uid), attribute("Sensitive", ttlv.boolean(0, True))],
+    )
+    alice.fails(Operation.GET, [uid_item(uid)], ResultReason.PERMISSION_DENIED)
+
+
+# ---------------------------------------------------------------------------
+# Register + Get round trips
+# ---------------------------------------------------------------------------
+
+
+def register(
+    client: Client, object_type: ObjectType, obj: Item, *attributes: Item, version=None
+) -> str:
+    if version is not None and version >= V2_0:
+        attrs_item = ttlv.structure(T.ATTRIBUTES.value, attributes)
+    else:
+        attrs_item = v1_attributes(*attributes)
+    payload = client.ok(
+        Operation.REGISTER,
+        [ttlv.enumeration(T.OBJECT_TYPE.value, object_type.value), attrs_item, obj],
+        version,
+    )
+    return payload.get(T.UNIQUE_IDENTIFIER.value)
+
+
+def symmetric_key(
+    key: bytes, alg=CryptographicAlgorithm.AES, bits=None, fmt=KeyFormatType.RAW
+) -> Item:
+    material = (
+        key
+        if fmt == KeyFormatType.RAW
+        else ttlv.structure(T.KEY_MATERIAL.value, [ttlv.byte_string(T.KEY.value, key)])
+    )
+    return ttlv.structure(T.SYMMETRIC_KEY.value, [key_block(fmt, material, alg, bits)])
+
+
+def fmt_item(fmt: KeyFormatType) -> Item:
+    return ttlv.enumeration(T.KEY_FORMAT_TYPE.value, fmt.value)
+
+
+@pytest.mark.parametrize(
+    "fmt", [KeyFormatType.RAW, KeyFormatType.TRANSPARENT_SYMMETRIC_KEY]
+)
+def test_register_and_get_symmetric_key(alice, fmt):
+    key = os.urandom(32)
+    uid = register(alice, ObjectType.SYMMETRIC_KEY, symmetric_key(key, fmt=fmt))
+    assert key_material(get(alice, uid)).value == key
+    attributes = alice.ok(
+        Operation.GET_ATTRIBUTES,
+        [uid_item(uid), ttlv.text(T.ATTRIBUTE_NAME.value, "Cryptographic Length")],
+    )
+    assert attributes.find(T.ATTRIBUTE.value).get(T.ATTRIBUTE_VALUE.value) == 256
+
+
+def test_register_with_a_length_that_contradicts_the_material(alice):
+    alice.fails(
+        Operation.REGISTER,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
+            v1_attributes(length(128)),
+            symmetric_key(os.urandom(32)),
+        ],
+        ResultReason.INVALID_FIELD,
+    )
+    alice.fails(
+        Operation.REGISTER,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
+            symmetric_key(os.urandom(32), bits=128),
+        ],
+        ResultReason.INVALID_FIELD,
+    )
+
+
+def test_register_symmetric_key_without_an_algorithm(alice):
+    alice.fails(
+        Operation.REGISTER,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
+            symmetric_key(os.urandom(32), alg=None),
+        ],
+        ResultReason.MISSING_DATA,
+    )
+
+
+def rsa_pair(bits=2048) -> tuple[bytes, bytes]:
+    private, public, _ = crypto.generate_key_pair(CryptographicAlgorithm.RSA, bits)
+    return private, public
+
+
+def ec_pair() -> tuple[bytes, bytes]:
+    private, public, _ = crypto.generate_key_pair(
+        CryptographicAlgorithm.EC, curve=RecommendedCurve.P_256
+    )
+    return private, public
+
+
+def key_object(tag: Tags, fmt: KeyFormatType, material, alg=None, bits=None) -> Item:
+    return ttlv.structure(tag.value, [key_block(fmt, material, alg, bits)])
+
+
+def get_material(client, uid, fmt: KeyFormatType) -> Item:
+    return key_material(get(client, uid, fmt_item(fmt)))
+
+
+@pytest.mark.parametrize("registered", [KeyFormatType.PKCS_1, KeyFormatType.PKCS_8])
+def test_register_and_get_rsa_private_key(alice, registered):
+    pkcs8, _ = rsa_pair()
+    data = crypto.export_private_key(pkcs8, registered)
+    uid = register(
+        alice,
+        ObjectType.PRIVATE_KEY,
+        key_object(T.PRIVATE_KEY, registered, data, CryptographicAlgorithm.RSA, 2048),
+    )
+    # Without a Key Format Type the key comes back as registered.
+    payload = get(alice, uid)
+    block = payload.children()[2].find(T.KEY_BLOCK.value)
+    assert block.get(T.KEY_FORMAT_TYPE.value) == registered.value
+    assert (
+        block.get(T.CRYPTOGRAPHIC_ALGORITHM.value) == CryptographicAlgorithm.RSA.value
+    )
+    assert block.get(T.CRYPTOGRAPHIC_LENGTH.value) == 2048
+    assert key_material(payload).value == data
+    assert get_material(alice, uid, KeyFormatType.PKCS_8).value == pkcs8
+    assert get_material(
+        alice, uid, KeyFormatType.PKCS_1
+    ).value == crypto.export_private_key(pkcs8, KeyFormatType.PKCS_1)
+    transparent = get_material(alice, uid, KeyFormatType.TRANSPARENT_RSA_PRIVATE_KEY)
+    fields = crypto.transparent_private_key(pkcs8)
+    assert transparent.get(T.MODULUS.value) == fields["modulus"]
+    assert transparent.get(T.PRIVATE_EXPONENT.value) == fields["private_exponent"]
+    assert transparent.get(T.CRT_COEFFICIENT.value) == fields["crt_coefficient"]
+    alice.fails(
+        Operation.GET,
+        [uid_item(uid), fmt_item(KeyFormatType.TRANSPARENT_EC_PRIVATE_KEY)],
+        ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED,
+    )
+    alice.fails(
+        Operation.GET,
+        [uid_item(uid), fmt_item(KeyFormatType.RAW)],
+        ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED,
+    )
+
+
+def test_register_transparent_rsa_private_key(alice):
+    pkcs8, _ = rsa_pair()
+    fields = crypto.transparent_private_key(pkcs8)
+    material = ttlv.structure(
+        T.KEY_MATERIAL.value,
+        [
+            ttlv.big_integer(T.MODULUS.value, fields["modulus"]),
+            ttlv.big_integer(T.PRIVATE_EXPONENT.value, fields["private_exponent"]),
+            ttlv.big_integer(T.PUBLIC_EXPONENT.value, fields["public_exponent"]),
+        ],
+    )
+    uid = register(
+        alice,
+        ObjectType.PRIVATE_KEY,
+        key_object(
+            T.PRIVATE_KEY,
+            KeyFormatType.TRANSPARENT_RSA_PRIVATE_KEY,
+            material,
+            CryptographicAlgorithm.RSA,
+        ),
+    )
+    assert get_material(alice, uid, KeyFormatType.PKCS_8).value == pkcs8
+
+
+def test_register_and_get_rsa_public_key(alice):
+    _, spki = rsa_pair()
+    uid = register(
+        alice,
+        ObjectType.PUBLIC_KEY,
+        key_object(T.PUBLIC_KEY, KeyFormatType.X_509, spki),
+    )
+    assert key_material(get(alice, uid)).value == spki
+    assert get_material(
+        alice, uid, KeyFormatType.PKCS_1
+    ).value == crypto.export_public_key(spki, KeyFormatType.PKCS_1)
+    transparent = get_material(alice, uid, KeyFormatType.TRANSPARENT_RSA_PUBLIC_KEY)
+    assert (
+        transparent.get(T.MODULUS.value)
+        == crypto.transparent_public_key(spki)["modulus"]
+    )
+    assert transparent.get(T.PUBLIC_EXPONENT.value) == 65537
+
+
+def test_register_public_key_with_a_contradicting_algorithm(alice):
+    _, spki = rsa_pair()
+    alice.fails(
+        Operation.REGISTER,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.PUBLIC_KEY.value),
+            key_object(
+                T.PUBLIC_KEY, KeyFormatType.X_509, spki, CryptographicAlgorithm.ECDSA
+            ),
+        ],
+        ResultReason.INVALID_FIELD,
+    )
+
+
+def test_register_and_get_ec_keys(alice):
+    pkcs8, spki = ec_pair()
+    private_uid = register(
+        alice,
+        ObjectType.PRIVATE_KEY,
+        key_object(
+            T.PRIVATE_KEY, KeyFormatType.PKCS_8, pkcs8, CryptographicAlgorithm.ECDSA
+        ),
+    )
+    public_uid = register(
+        alice,
+        ObjectType.PUBLIC_KEY,
+        key_object(T.PUBLIC_KEY, KeyFormatType.X_509, spki),
+    )
+    payload = get(alice, private_uid)
+    block = payload.children()[2].find(T.KEY_BLOCK.value)
+    assert (
+        block.get(T.CRYPTOGRAPHIC_ALGORITHM.value) == CryptographicAlgorithm.ECDSA.value
+    )
+    assert block.get(T.CRYPTOGRAPHIC_LENGTH.value) == 256
+    assert key_material(payload).value == pkcs8
+    ec_private = get_material(
+        alice, private_uid, KeyFormatType.TRANSPARENT_EC_PRIVATE_KEY
+    )
+    assert ec_private.get(T.RECOMMENDED_CURVE.value) == RecommendedCurve.P_256.value
+    assert ec_private.get(T.D.value) == crypto.transparent_private_key(pkcs8)["d"]
+    ec_public = get_material(alice, public_uid, KeyFormatType.TRANSPARENT_EC_PUBLIC_KEY)
+    assert (
+        ec_public.get(T.Q_STRING.value)
+        == crypto.transparent_public_key(spki)["q_string"]
+    )
+    assert get_material(
+        alice, private_uid, KeyFormatType.EC_PRIVATE_KEY
+    ).value == crypto.export_private_key(pkcs8, KeyFormatType.EC_PRIVATE_KEY)
+    alice.fails(
+        Operation.GET,
+        [uid_item(private_uid), fmt_item(KeyFormatType.PKCS_1)],
+        ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED,
+    )
+    # A transparent EC public key registers back to the same key.
+    again = register(
+        alice,
+        ObjectType.PUBLIC_KEY,
+        ttlv.structure(
+            T.PUBLIC_KEY.value,
+            [
+                key_block(
+                    KeyFormatType.TRANSPARENT_EC_PUBLIC_KEY,
+                    ec_public.retag(T.KEY_MATERIAL.value),
+                )
+            ],
+        ),
+    )
+    assert key_material(get(alice, again)).value == spki
+
+
+def self_signed_certificate() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(4711)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_register_and_get_certificate(alice):
+    der = self_signed_certificate()
+    certificate = ttlv.structure(
+        T.CERTIFICATE.value,
+        [
+            ttlv.enumeration(T.CERTIFICATE_TYPE.value, 1),
+            ttlv.byte_string(T.CERTIFICATE_VALUE.value, der),
+        ],
+    )
+    uid = register(alice, ObjectType.CERTIFICATE, certificate)
+    payload = get(alice, uid)
+    assert payload.get(T.OBJECT_TYPE.value) == ObjectType.CERTIFICATE.value
+    assert payload.find(T.CERTIFICATE.value).get(T.CERTIFICATE_VALUE.value) == der
+    attributes = alice.ok(Operation.GET_ATTRIBUTES, [uid_item(uid)])
+    values = {
+        a.get(T.ATTRIBUTE_NAME.value): a.find(T.ATTRIBUTE_VALUE.value)
+        for a in attributes.find_all(T.ATTRIBUTE.value)
+    }
+    assert values["Certificate Length"].value == len(der)
+    assert values["Cryptographic Algorithm"].value == CryptographicAlgorithm.EC.value
+    assert values["X.509 Certificate Identifier"].get(
+        T.CERTIFICATE_SERIAL_NUMBER.value
+    ) == (4711).to_bytes(2, "big")
+    subject = x509.load_der_x509_certificate(der).subject.public_bytes()
+    assert (
+        values["X.509 Certificate Subject"].get(T.SUBJECT_DISTINGUISHED_NAME.value)
+        == subject
+    )
+    digest = values["Digest"]
+    assert digest.get(T.HASHING_ALGORITHM.value) == HashingAlgorithm.SHA_256.value
+    assert digest.get(T.DIGEST_VALUE.value) == crypto.digest(
+        HashingAlgorithm.SHA_256, der
+    )
+
+
+def test_register_and_get_secret_data(alice):
+    secret = b"correct horse battery staple"
+    obj = ttlv.structure(
+        T.SECRET_DATA.value,
+        [
+            ttlv.enumeration(T.SECRET_DATA_TYPE.value, SecretDataType.PASSWORD.value),
+            key_block(KeyFormatType.OPAQUE, secret),
+        ],
+    )
+    uid = register(alice, ObjectType.SECRET_DATA, obj)
+    payload = get(alice, uid)
+    secret_data = payload.find(T.SECRET_DATA.value)
+    assert secret_data.get(T.SECRET_DATA_TYPE.value) == SecretDataType.PASSWORD.value
+    block = secret_data.find(T.KEY_BLOCK.value)
+    assert block.get(T.KEY_FORMAT_TYPE.value) == KeyFormatType.OPAQUE.value
+    assert block.find(T.KEY_VALUE.value).get(T.KEY_MATERIAL.value) == secret
+    assert block.find(T.CRYPTOGRAPHIC_ALGORITHM.value) is None
+
+
+def test_register_and_get_opaque_object(alice):
+    obj = ttlv.structure(
+        T.OPAQUE_OBJECT.value,
+        [
+            ttlv.enumeration(T.OPAQUE_DATA_TYPE.value, 0),
+            ttlv.byte_string(T.OPAQUE_DATA_VALUE.value, b"\x00blob"),
+        ],
+    )
+    uid = register(alice, ObjectType.OPAQUE_DATA, obj)
+    payload = get(alice, uid)
+    assert payload.find(T.OPAQUE_OBJECT.value) == obj
+
+
+def test_register_2_0_with_attributes_and_the_oasis_gcm_vector(alice):
+    """CS-BC-M-GCM-1-20: a registered all-zero AES-128 key, Active through
+    its Activation Date, encrypts 16 zero bytes under a zero IV to the
+    published ciphertext and tag."""
+    uid = register(
+        alice,
+        ObjectType.SYMMETRIC_KEY,
+        symmetric_key(bytes(16), bits=128),
+        usage(U.ENCRYPT.value | U.DECRYPT.value),
+        ttlv.date_time(T.ACTIVATION_DATE.value, 1),
+        ttlv.structure(
+            T.ATTRIBUTE.value,
+            [
+                ttlv.text(T.VENDOR_IDENTIFICATION.value, "x"),
+                ttlv.text(T.ATTRIBUTE_NAME.value, "ID"),
+                ttlv.text(T.ATTRIBUTE_VALUE.value, "CS-BC-M-GCM-1-20"),
+            ],
+        ),
+        version=V2_0,
+    )
+    payload = alice.ok(
+        Operation.ENCRYPT,
+        [
+            uid_item(uid),
+            params(mode=BlockCipherMode.GCM, tag_length=16),
+            ttlv.byte_string(T.DATA.value, bytes(16)),
+            ttlv.byte_string(T.IV_COUNTER_NONCE.value, bytes(12)),
+        ],
+        V2_0,
+    )
+    assert [c.tag for c in payload.children()] == [
+        T.UNIQUE_IDENTIFIER.value,
+        T.DATA.value,
+        T.AUTHENTICATED_ENCRYPTION_TAG.value,
+    ]
+    assert payload.get(T.DATA.value).hex() == "0388dace60b6a392f328c2b971b2fe78"
+    assert (
+        payload.get(T.AUTHENTICATED_ENCRYPTION_TAG.value).hex()
+        == "ab6e47d42cec13bdf53a67b21257bddf"
+    )
+
+
+def test_create_2_0_with_attributes_then_get(alice):
+    payload = alice.ok(
+        Operation.CREATE,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
+            ttlv.structure(
+                T.ATTRIBUTES.value,
+                [
+                    algorithm(CryptographicAlgorithm.AES),
+                    length(128),
+                    usage(U.ENCRYPT.value),
+                ],
+            ),
+        ],
+        V2_0,
+    )
+    uid = payload.get(T.UNIQUE_IDENTIFIER.value)
+    got = get(alice, uid, version=V2_0)
+    assert len(key_material(got).value) == 16
+
+
+# ---------------------------------------------------------------------------
+# Get with key wrapping
+# ---------------------------------------------------------------------------
+
+
+def wrapping_spec(
+    wrapping_uid: str, *params_items: Item, encoding: EncodingOption | None = None
+) -> Item:
+    return ttlv.structure(
+        T.KEY_WRAPPING_SPECIFICATION.value,
+        [
+            ttlv.enumeration(T.WRAPPING_METHOD.value, WrappingMethod.ENCRYPT.value),
+            ttlv.structure(
+                T.ENCRYPTION_KEY_INFORMATION.value,
+                [uid_item(wrapping_uid), *params_items],
+            ),
+            ttlv.enumeration(T.ENCODING_OPTION.value, encoding.value)
+            if encoding is not None
+            else None,
+        ],
+    )
+
+
+def wrapped_block(payload: Item) -> Item:
+    return payload.children()[2].find(T.KEY_BLOCK.value)
+
+
+def test_get_wrapped_with_aes_key_wrap(alice):
+    kek = create_aes(alice, mask=U.WRAP_KEY.value)
+    uid = create_aes(alice)
+    plain = key_material(get(alice, uid)).value
+    kek_bytes = key_material(get(alice, kek)).value
+
+    payload = get(
+        alice, uid, wrapping_spec(kek, params(mode=BlockCipherMode.NIST_KEY_WRAP))
+    )
+    block = wrapped_block(payload)
+    assert block.get(T.KEY_FORMAT_TYPE.value) == KeyFormatType.RAW.value
+    wrapped = block.find(T.KEY_VALUE.value)
+    assert wrapped.type == ttlv.ItemType.BYTE_STRING
+    # Default encoding: the TTLV Key Value structure is what was wrapped.
+    key_value = ttlv.decode(
+        crypto.unwrap_key(kek_bytes, wrapped.value, BlockCipherMode.NIST_KEY_WRAP)
+    )
+    assert key_value.get(T.KEY_MATERIAL.value) == plain
+    data = block.find(T.KEY_WRAPPING_DATA.value)
+    assert data.get(T.WRAPPING_METHOD.value) == WrappingMethod.ENCRYPT.value
+    assert (
+        data.find(T.ENCRYPTION_KEY_INFORMATION.value).get(T.UNIQUE_IDENTIFIER.value)
+        == kek
+    )
+
+    payload = get(alice, uid, wrapping_spec(kek, encoding=EncodingOption.NO_ENCODING))
+    wrapped = wrapped_block(payload).find(T.KEY_VALUE.value).value
+    assert crypto.unwrap_key(kek_bytes, wrapped) == plain
+
+
+def test_get_wrapped_with_rsa_oaep(alice):
+    payload = alice.ok(
+        Operation.CREATE_KEY_PAIR,
+        key_pair_request(
+            CryptographicAlgorithm.RSA, 2048, public_mask=U.WRAP_KEY.value
+        ),
+    )
+    private_uid = payload.get(T.PRIVATE_KEY_UNIQUE_IDENTIFIER.value)
+    public_uid = payload.get(T.PUBLIC_KEY_UNIQUE_IDENTIFIER.value)
+    alice.ok(Operation.ACTIVATE, [uid_item(public_uid)])
+    uid = create_aes(alice)
+    plain = key_material(get(alice, uid)).value
+    private = get_material(alice, private_uid, KeyFormatType.PKCS_8).value
+
+    payload = get(
+        alice,
+        uid,
+        wrapping_spec(
+            public_uid,
+            params(padding=PaddingMethod.OAEP, hashing=HashingAlgorithm.SHA_256),
+            encoding=EncodingOption.NO_ENCODING,
+        ),
+    )
+    wrapped = wrapped_block(payload).find(T.KEY_VALUE.value).value
+    assert (
+        crypto.rsa_unwrap(
+            private, wrapped, PaddingMethod.OAEP, HashingAlgorithm.SHA_256
+        )
+        == plain
+    )
+
+
+def test_wrapping_key_needs_wrap_usage_and_active_state(alice, bob):
+    kek_no_wrap = create_aes(alice, mask=U.ENCRYPT.value)
+    kek_inactive = create_aes(alice, mask=U.WRAP_KEY.value, activate=False)
+    uid = create_aes(alice)
+    alice.fails(
+        Operation.GET,
+        [uid_item(uid), wrapping_spec(kek_no_wrap)],
+        ResultReason.PERMISSION_DENIED,
+    )
+    alice.fails(
+        Operation.GET,
+        [uid_item(uid), wrapping_spec(kek_inactive)],
+        ResultReason.ILLEGAL_OPERATION,
+    )
+    bobs_kek = create_aes(bob, mask=U.WRAP_KEY.value)
+    alice.fails(
+        Operation.GET,
+        [uid_item(uid), wrapping_spec(bobs_kek)],
+        ResultReason.ITEM_NOT_FOUND,
+    )
+
+
+# ---------------------------------------------------------------------------
+# CreateKeyPair, Sign, Signature Verify
+# ---------------------------------------------------------------------------
+
+
+def key_pair_request(
+    alg, bits=None, curve=None, private_mask=None, public_mask=None, version=V1_4
+) -> list[Item]:
+    shared = [algorithm(alg)]
+    if bits is not None:
+        shared.append(length(bits))
+    if curve is not None:
+        shared.append(
+            ttlv.structure(
+                T.CRYPTOGRAPHIC_DOMAIN_PARAMETERS.value,
+                [ttlv.enumeration(T.RECOMMENDED_CURVE.value, curve.value)],
+            )
+        )
+    private = [usage(private_mask)] if private_mask is not None else []
+    public = [usage(public_mask)] if public_mask is not None else []
+    if version >= V2_0:
+        return [
+            ttlv.structure(T.COMMON_ATTRIBUTES.value, shared),
+            ttlv.structure(T.PRIVATE_KEY_ATTRIBUTES.value, private),
+            ttlv.structure(T.PUBLIC_KEY_ATTRIBUTES.value, public),
+        ]
+    return [
+        v1_attributes(*shared, tag=T.COMMON_TEMPLATE_ATTRIBUTE),
+        v1_attributes(*private, tag=T.PRIVATE_KEY_TEMPLATE_ATTRIBUTE),
+        v1_attributes(*public, tag=T.PUBLIC_KEY_TEMPLATE_ATTRIBUTE),
+    ]
+
+
+def create_pair(client, *args, version=V1_4, **kwargs) -> tuple[str, str]:
+    payload = client.ok(
+        Operation.CREATE_KEY_PAIR,
+        key_pair_request(*args, version=version, **kwargs),
+        version,
+    )
+    private_uid = payload.get(T.PRIVATE_KEY_UNIQUE_IDENTIFIER.value)
+    public_uid = payload.get(T.PUBLIC_KEY_UNIQUE_IDENTIFIER.value)
+    client.ok(Operation.ACTIVATE, [uid_item(private_uid)])
+    client.ok(Operation.ACTIVATE, [uid_item(public_uid)])
+    return private_uid, public_uid
+
+
+def attribute_values(client, uid, name) -> list[Item]:
+    payload = client.ok(
+        Operation.GET_ATTRIBUTES,
+        [uid_item(uid), ttlv.text(T.ATTRIBUTE_NAME.value, name)],
+    )
+    return [
+        a.find(T.ATTRIBUTE_VALUE.value) for a in payload.find_all(T.ATTRIBUTE.value)
+    ]
+
+
+def sign(client, uid, data, **p) -> bytes:
+    payload = client.ok(
+        Operation.SIGN,
+        [uid_item(uid), params(**p), ttlv.byte_string(T.DATA.value, data)],
+    )
+    return payload.get(T.SIGNATURE_DATA.value)
+
+
+def verify(client, uid, data, signature_data, **p) -> int:
+    payload = client.ok(
+        Operation.SIGNATURE_VERIFY,
+        [
+            uid_item(uid),
+            params(**p),
+            ttlv.byte_string(T.DATA.value, data),
+            ttlv.byte_string(T.SIGNATURE_DATA.value, signature_data),
+        ],
+    )
+    return payload.get(T.VALIDITY_INDICATOR.value)
+
+
+def test_create_rsa_key_pair_links_and_defaults(alice):
+    private_uid, public_uid = create_pair(alice, CryptographicAlgorithm.RSA, 2048)
+    (link,) = attribute_values(alice, private_uid, "Link")
+    assert link.get(T.LINK_TYPE.value) == LinkType.PUBLIC_KEY_LINK.value
+    assert link.get(T.LINKED_OBJECT_IDENTIFIER.value) == public_uid
+    (link,) = attribute_values(alice, public_uid, "Link")
+    assert link.get(T.LINK_TYPE.value) == LinkType.PRIVATE_KEY_LINK.value
+    assert link.get(T.LINKED_OBJECT_IDENTIFIER.value) == private_uid
+    assert (
+        attribute_values(alice, private_uid, "Cryptographic Usage Mask")[0].value
+        == U.SIGN.value
+    )
+    assert (
+        attribute_values(alice, public_uid, "Cryptographic Usage Mask")[0].value
+        == U.VERIFY.value
+    )
+    # 1.x default format for RSA keys is PKCS#1, as PyKMIP's server gives.
+    block = get(alice, private_uid).children()[2].find(T.KEY_BLOCK.value)
+    assert block.get(T.KEY_FORMAT_TYPE.value) == KeyFormatType.PKCS_1.value
+    assert block.get(T.CRYPTOGRAPHIC_LENGTH.value) == 2048
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        {"signature": DigitalSignatureAlgorithm.SHA256_WITH_RSA_ENCRYPTION},
+        {
+            "signature": DigitalSignatureAlgorithm.RSASSA_PSS,
+            "hashing": HashingAlgorithm.SHA_256,
+        },
+        {
+            "algorithm": CryptographicAlgorithm.RSA,
+            "padding": PaddingMethod.PKCS1v15,
+            "hashing": HashingAlgorithm.SHA_384,
+        },
+    ],
+)
+def test_rsa_sign_and_verify(alice, scheme):
+    private_uid, public_uid = create_pair(alice, CryptographicAlgorithm.RSA, 2048)
+    data = b"the quick brown fox"
+    signature = sign(alice, private_uid, data, **scheme)
+    assert (
+        verify(alice, public_uid, data, signature, **scheme)
+        == ValidityIndicator.VALID.value
+    )
+    assert (
+        verify(alice, public_uid, data + b"!", signature, **scheme)
+        == ValidityIndicator.INVALID.value
+    )
+    tampered = bytes([signature[0] ^ 1]) + signature[1:]
+    assert (
+        verify(alice, public_uid, data, tampered, **scheme)
+        == ValidityIndicator.INVALID.value
+    )
+
+
+@pytest.mark.parametrize("version", [V1_4, V2_0])
+def test_ec_key_pair_sign_and_verify(alice, version):
+    private_uid, public_uid = create_pair(
+        alice,
+        CryptographicAlgorithm.ECDSA,
+        curve=RecommendedCurve.P_384,
+        version=version,
+    )
+    assert attribute_values(alice, private_uid, "Cryptographic Length")[0].value == 384
+    data = b"message"
+    signature = sign(
+        alice, private_uid, data, signature=DigitalSignatureAlgorithm.ECDSA_WITH_SHA384
+    )
+    scheme = {"signature": DigitalSignatureAlgorithm.ECDSA_WITH_SHA384}
+    assert (
+        verify(alice, public_uid, data, signature, **scheme)
+        == ValidityIndicator.VALID.value
+    )
+    assert (
+        verify(alice, public_uid, b"massage", signature, **scheme)
+        == ValidityIndicator.INVALID.value
+    )
+
+
+def test_create_ec_pair_by_length(alice):
+    private_uid, _ = create_pair(alice, CryptographicAlgorithm.EC, 256)
+    block = get(alice, private_uid).children()[2].find(T.KEY_BLOCK.value)
+    assert block.get(T.KEY_FORMAT_TYPE.value) == KeyFormatType.PKCS_8.value
+
+
+def test_create_key_pair_with_unsupported_size(alice):
+    alice.fails(
+        Operation.CREATE_KEY_PAIR,
+        key_pair_request(CryptographicAlgorithm.RSA, 1024),
+        ResultReason.INVALID_FIELD,
+    )
+    alice.fails(
+        Operation.CREATE_KEY_PAIR,
+        key_pair_request(CryptographicAlgorithm.RSA),
+        ResultReason.INVALID_FIELD,
+    )
+
+
+def test_sign_needs_the_sign_usage_bit(alice):
+    private_uid, _ = create_pair(
+        alice, CryptographicAlgorithm.RSA, 2048, private_mask=U.DECRYPT.value
+    )
+    alice.fails(
+        Operation.SIGN,
+        [
+            uid_item(private_uid),
+            params(signature=DigitalSignatureAlgorithm.SHA256_WITH_RSA_ENCRYPTION),
+            ttlv.byte_string(T.DATA.value, b"x"),
+        ],
+        ResultReason.PERMISSION_DENIED,
+    )
+
+
+def test_rsa_encrypt_and_decrypt(alice):
+    private_uid, public_uid = create_pair(
+        alice,
+        CryptographicAlgorithm.RSA,
+        2048,
+        private_mask=U.DECRYPT.value,
+        public_mask=U.ENCRYPT.value,
+    )
+    oaep = params(padding=PaddingMethod.OAEP, hashing=HashingAlgorithm.SHA_256)
+    payload = alice.ok(
+        Operation.ENCRYPT,
+        [uid_item(public_uid), oaep, ttlv.byte_string(T.DATA.value, b"secret")],
+    )
+    ciphertext = payload.get(T.DATA.value)
+    payload = alice.ok(
+        Operation.DECRYPT,
+        [uid_item(private_uid), oaep, ttlv.byte_string(T.DATA.value, ciphertext)],
+    )
+    assert payload.get(T.DATA.value) == b"secret"
+
+
+# ---------------------------------------------------------------------------
+# Encrypt, Decrypt
+# ---------------------------------------------------------------------------
+
+
+def encrypt(client, uid, data, *extra, version=None) -> Item:
+    return client.ok(
+        Operation.ENCRYPT,
+        [uid_item(uid), *extra, ttlv.byte_string(T.DATA.value, data)],
+        version,
+    )
+
+
+def test_gcm_round_trip_with_additional_data(alice):
+    uid = create_aes(alice)
+    aad = ttlv.byte_string(T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA.value, b"header")
+    gcm = params(mode=BlockCipherMode.GCM)
+    payload = encrypt(alice, uid, b"attack at dawn", gcm, aad)
+    iv = payload.get(T.IV_COUNTER_NONCE.value)
+    tag = payload.get(T.AUTHENTICATED_ENCRYPTION_TAG.value)
+    assert len(iv) == 12 and len(tag) == 16
+    request = [
+        uid_item(uid),
+        gcm,
+        ttlv.byte_string(T.DATA.value, payload.get(T.DATA.value)),
+        ttlv.byte_string(T.IV_COUNTER_NONCE.value, iv),
+        aad,
+    ]
+    decrypted = alice.ok(
+        Operation.DECRYPT,
+        request + [ttlv.byte_string(T.AUTHENTICATED_ENCRYPTION_TAG.value, tag)],
+    )
+    assert decrypted.get(T.DATA.value) == b"attack at dawn"
+    bad_tag = bytes([tag[0] ^ 0x80]) + tag[1:]
+    alice.fails(
+        Operation.DECRYPT,
+        request + [ttlv.byte_string(T.AUTHENTICATED_ENCRYPTION_TAG.value, bad_tag)],
+        ResultReason.CRYPTOGRAPHIC_FAILURE,
+    )
+    alice.fails(Operation.DECRYPT, request, ResultReason.MISSING_DATA)
+
+
+def test_cbc_round_trip_with_parameters_from_the_key(alice):
+    cbc = params(mode=BlockCipherMode.CBC, padding=PaddingMethod.PKCS5)
+    uid = create_aes(alice, extra=(cbc,))
+    payload = encrypt(alice, uid, b"seventeen bytes!!")
+    ciphertext, iv = payload.get(T.DATA.value), payload.get(T.IV_COUNTER_NONCE.value)
+    assert len(ciphertext) == 32 and len(iv) == 16
+    decrypted = alice.ok(
+        Operation.DECRYPT,
+        [
+            uid_item(uid),
+            ttlv.byte_string(T.DATA.value, ciphertext),
+            ttlv.byte_string(T.IV_COUNTER_NONCE.value, iv),
+        ],
+    )
+    assert decrypted.get(T.DATA.value) == b"seventeen bytes!!"
+
+
+def test_encrypt_with_a_client_iv_does_not_return_it(alice):
+    uid = create_aes(alice)
+    payload = encrypt(
+        alice,
+        uid,
+        bytes(16),
+        params(mode=BlockCipherMode.CBC),
+        ttlv.byte_string(T.IV_COUNTER_NONCE.value, bytes(16)),
+    )
+    assert payload.find(T.IV_COUNTER_NONCE.value) is None
+
+
+@pytest.mark.parametrize(
+    "version, reason",
+    [
+        (V1_4, ResultReason.ILLEGAL_OPERATION),
+        (V2_0, ResultReason.WRONG_KEY_LIFECYCLE_STATE),
+    ],
+)
+def test_encrypt_with_a_pre_active_key(alice, version, reason):
+    uid = create_aes(alice, activate=False)
+    alice.fails(
+        Operation.ENCRYPT,
+        [
+            uid_item(uid),
+            params(mode=BlockCipherMode.GCM),
+            ttlv.byte_string(T.DATA.value, b"x"),
+        ],
+        reason,
+        version,
+    )
+
+
+def test_encrypt_without_the_encrypt_usage_bit(alice):
+    uid = create_aes(alice, mask=U.DECRYPT.value)
+    message = alice.fails(
+        Operation.ENCRYPT,
+        [
+            uid_item(uid),
+            params(mode=BlockCipherMode.GCM),
+            ttlv.byte_string(T.DATA.value, b"x"),
+        ],
+        ResultReason.PERMISSION_DENIED,
+    )
+    assert "ENCRYPT" in message
+
+
+def test_decrypt_with_a_deactivated_key(alice):
+    uid = create_aes(alice)
+    payload = encrypt(alice, uid, b"old data", params(mode=BlockCipherMode.GCM))
+    alice.ok(
+        Operation.REVOKE,
+        [
+            uid_item(uid),
+            ttlv.structure(
+                T.REVOCATION_REASON.value,
+                [ttlv.enumeration(T.REVOCATION_REASON_CODE.value, 5)],
+            ),
+        ],
+    )
+    alice.fails(
+        Operation.ENCRYPT,
+        [
+            uid_item(uid),
+            params(mode=BlockCipherMode.GCM),
+            ttlv.byte_string(T.DATA.value, b"x"),
+        ],
+        ResultReason.ILLEGAL_OPERATION,
+    )
+    decrypted = alice.ok(
+        Operation.DECRYPT,
+        [
+            uid_item(uid),
+            params(mode=BlockCipherMode.GCM),
+            ttlv.byte_string(T.DATA.value, payload.get(T.DATA.value)),
+            ttlv.byte_string(
+                T.IV_COUNTER_NONCE.value, payload.get(T.IV_COUNTER_NONCE.value)
+            ),
+            ttlv.byte_string(
+                T.AUTHENTICATED_ENCRYPTION_TAG.value,
+                payload.get(T.AUTHENTICATED_ENCRYPTION_TAG.value),
+            ),
+        ],
+    )
+    assert decrypted.get(T.DATA.value) == b"old data"
+
+
+def test_encrypt_without_a_mode(alice):
+    uid = create_aes(alice)
+    alice.fails(
+        Operation.ENCRYPT,
+        [uid_item(uid), ttlv.byte_string(T.DATA.value, b"x")],
+        ResultReason.MISSING_DATA,
+    )
+
+
+def test_nist_key_wrap_as_encrypt(alice):
+    uid = create_aes(alice)
+    wrap = params(mode=BlockCipherMode.NIST_KEY_WRAP)
+    payload = encrypt(alice, uid, bytes(range(32)), wrap)
+    assert payload.find(T.IV_COUNTER_NONCE.value) is None
+    decrypted = alice.ok(
+        Operation.DECRYPT,
+        [
+            uid_item(uid),
+            wrap,
+            ttlv.byte_string(T.DATA.value, payload.get(T.DATA.value)),
+        ],
+    )
+    assert decrypted.get(T.DATA.value) == bytes(range(32))
+
+
+# ---------------------------------------------------------------------------
+# MAC
+# ---------------------------------------------------------------------------
+
+
+def create_hmac_key(
+    client, alg=CryptographicAlgorithm.HMAC_SHA256, mask=U.MAC_GENERATE.value
+) -> str:
+    key = os.urandom(32)
+    uid = register(
+        client, ObjectType.SYMMETRIC_KEY, symmetric_key(key, alg=alg), usage(mask)
+    )
+    client.ok(Operation.ACTIVATE, [uid_item(uid)])
+    return uid, key
+
+
+@pytest.mark.parametrize(
+    "alg, name",
+    [
+        (CryptographicAlgorithm.HMAC_SHA256, "sha256"),
+        (CryptographicAlgorithm.HMAC_SHA384, "sha384"),
+        (CryptographicAlgorithm.HMAC_SHA512, "sha512"),
+    ],
+)
+def test_mac(alice, alg, name):
+    import hashlib
+    import hmac
+
+    uid, key = create_hmac_key(alice, alg)
+    payload = alice.ok(
+        Operation.MAC, [uid_item(uid), ttlv.byte_string(T.DATA.value, b"data")]
+    )
+    assert (
+        payload.get(T.MAC_DATA.value)
+        == hmac.new(key, b"data", getattr(hashlib, name)).digest()
+    )
+    # The algorithm may also be named in the Cryptographic Parameters.
+    payload = alice.ok(
+        Operation.MAC,
+        [
+            uid_item(uid),
+            params(algorithm=CryptographicAlgorithm.HMAC_SHA512),
+            ttlv.byte_string(T.DATA.value, b"data"),
+        ],
+    )
+    assert (
+        payload.get(T.MAC_DATA.value) == hmac.new(key, b"data", hashlib.sha512).digest()
+    )
+
+
+def test_mac_needs_the_mac_generate_bit(alice):
+    uid, _ = create_hmac_key(alice, mask=U.MAC_VERIFY.value)
+    alice.fails(
+        Operation.MAC,
+        [uid_item(uid), ttlv.byte_string(T.DATA.value, b"d")],
+        ResultReason.PERMISSION_DENIED,
+    )
+
+
+# ---------------------------------------------------------------------------
+# ReKey
+# ---------------------------------------------------------------------------
+
+
+def name_item(text: str) -> Item:
+    return ttlv.structure(
+        T.NAME.value,
+        [ttlv.text(T.NAME_VALUE.value, text), ttlv.enumeration(T.NAME_TYPE.value, 1)],
+    )
+
+
+def test_rekey_links_and_carries_attributes_over(alice):
+    old = create_aes(alice, extra=(name_item("vm-key"),))
+    alice.ok(
+        Operation.ADD_ATTRIBUTE,
+        [uid_item(old), attribute("x-Vendor", ttlv.text(0, "VMware"))],
+    )
+    old_key = key_material(get(alice, old)).value
+
+    payload = alice.ok(Operation.REKEY, [uid_item(old)])
+    new = payload.get(T.UNIQUE_IDENTIFIER.value)
+    assert new != old
+    assert key_material(get(alice, new)).value != old_key
+
+    (link,) = attribute_values(alice, old, "Link")
+    assert link.get(T.LINK_TYPE.value) == LinkType.REPLACEMENT_OBJECT_LINK.value
+    assert link.get(T.LINKED_OBJECT_IDENTIFIER.value) == new
+    (link,) = attribute_values(alice, new, "Link")
+    assert link.get(T.LINK_TYPE.value) == LinkType.REPLACED_OBJECT_LINK.value
+    assert link.get(T.LINKED_OBJECT_IDENTIFIER.value) == old
+
+    assert (
+        attribute_values(alice, new, "State")[0].value == 2
+    )  # Active, as the old key was
+    assert attribute_values(alice, new, "x-Vendor")[0].value == "VMware"
+    assert attribute_values(alice, new, "Name")[0].get(T.NAME_VALUE.value) == "vm-key"
+    assert attribute_values(alice, old, "Name") == []
+    assert attribute_values(alice, new, "Cryptographic Length")[0].value == 256
+
+
+def test_rekey_with_an_offset(alice):
+    old = create_aes(alice)
+    payload = alice.ok(
+        Operation.REKEY, [uid_item(old), ttlv.interval(T.OFFSET.value, 3600)]
+    )
+    new = payload.get(T.UNIQUE_IDENTIFIER.value)
+    assert attribute_values(alice, new, "State")[0].value == 1  # Pre-Active until then
+    activation = attribute_values(alice, new, "Activation Date")[0].value
+    initial = attribute_values(alice, new, "Initial Date")[0].value
+    assert activation - initial == 3600
+
+
+def test_rekey_of_a_pre_active_key_stays_pre_active(alice):
+    old = create_aes(alice, activate=False)
+    new = alice.ok(Operation.REKEY, [uid_item(old)]).get(T.UNIQUE_IDENTIFIER.value)
+    assert attribute_values(alice, new, "State")[0].value == 1

@@ -1,0 +1,93 @@
+"""KMIP 1.4, 4.30 Decrypt / 2.0, 6.1.13: the reverse of Encrypt, with a
+symmetric key or an RSA private key. GCM checks the Authenticated
+Encryption Tag and the key wraps their integrity value; a failed check is a
+Cryptographic Failure. Decrypting is processing, so a Deactivated or
+Compromised key may still do it; the key needs the Decrypt usage bit.
+"""
+
+from kmip.core.enums import (
+    BlockCipherMode,
+    CryptographicAlgorithm,
+    CryptographicUsageMask,
+    ObjectType,
+    Operation,
+    Tags,
+)
+
+from kms_server import errors
+from kms_server.keystore import crypto
+from kms_server.operations import common, object_codec
+from kms_server.operations.encrypt import NO_IV_MODES, optional_bytes, rsa_padding
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import ItemType
+
+OPERATION = Operation.DECRYPT
+
+T = Tags
+
+
+def handle(ctx, keystore, payload):
+    object_codec.reject_streaming(payload)
+    uid = common.unique_identifier(ctx, payload)
+    data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
+    iv = optional_bytes(payload, T.IV_COUNTER_NONCE)
+    aad = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)
+    tag = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_TAG)
+    with keystore.transaction() as txn:
+        obj = object_codec.usable_key(
+            keystore,
+            txn,
+            ctx,
+            uid,
+            CryptographicUsageMask.DECRYPT,
+            protect=False,
+            object_types=(ObjectType.SYMMETRIC_KEY, ObjectType.PRIVATE_KEY),
+        )
+    params = object_codec.request_parameters(payload, obj)
+    algorithm = object_codec.key_algorithm(obj, params)
+    material = keystore.material(obj)
+
+    try:
+        if obj.object_type == ObjectType.PRIVATE_KEY:
+            if algorithm != CryptographicAlgorithm.RSA:
+                raise errors.FeatureNotSupported(
+                    f"decryption with a {algorithm.name if algorithm else 'unknown'} private key is not supported"
+                )
+            if iv is not None or aad is not None or tag is not None:
+                raise errors.InvalidField(
+                    "RSA decryption takes no IV/Counter/Nonce, additional data or tag"
+                )
+            plaintext = crypto.rsa_decrypt(
+                material.data,
+                data,
+                rsa_padding(params),
+                params.hashing_algorithm,
+                params.mask_generator_hashing_algorithm,
+            )
+        else:
+            mode = params.block_cipher_mode
+            if mode is None:
+                raise errors.MissingData(
+                    "a Block Cipher Mode is required, in the request or the key's Cryptographic Parameters"
+                )
+            if iv is None and mode not in NO_IV_MODES:
+                raise errors.MissingData(
+                    f"IV/Counter/Nonce is required to decrypt in {mode.name}"
+                )
+            if mode == BlockCipherMode.GCM and tag is None:
+                raise errors.MissingData(
+                    "Authenticated Encryption Tag is required to decrypt in GCM"
+                )
+            plaintext = crypto.decrypt(
+                material.data,
+                algorithm,
+                mode,
+                data,
+                iv=iv,
+                padding=params.padding_method,
+                aad=aad,
+                tag=tag,
+            )
+    except crypto.CryptoError as exc:
+        raise object_codec.crypto_failure(exc) from None
+    return [common.uid_item(obj.uid), ttlv.byte_string(T.DATA.value, plaintext)]

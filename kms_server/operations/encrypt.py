@@ -1,0 +1,138 @@
+"""KMIP 1.4, 4.29 Encrypt / 2.0, 6.1.18: data encrypted with a managed key.
+
+Symmetric keys: AES in GCM (with Authenticated Encryption Additional Data
+and Tag), CBC and ECB (Padding Method PKCS5 or none), CTR, CFB, OFB, XTS,
+and the NIST key wraps (RFC 3394, RFC 5649); Triple DES in the block modes.
+RSA public keys: OAEP (default) or PKCS#1 v1.5. The Cryptographic
+Parameters come from the request, else from the key's Cryptographic
+Parameters attribute. An IV the server generates is returned; one the
+client gave is not. The key must be Active with the Encrypt usage bit.
+"""
+
+from kmip.core.enums import (
+    BlockCipherMode,
+    CryptographicAlgorithm,
+    CryptographicUsageMask,
+    ObjectType,
+    Operation,
+    PaddingMethod,
+    Tags,
+)
+
+from kms_server import errors
+from kms_server.keystore import crypto
+from kms_server.operations import common, object_codec
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import ItemType
+
+OPERATION = Operation.ENCRYPT
+
+T = Tags
+# Modes whose IV the server makes up when the client gives none.
+NO_IV_MODES = (
+    BlockCipherMode.ECB,
+    BlockCipherMode.NIST_KEY_WRAP,
+    BlockCipherMode.AES_KEY_WRAP_PADDING,
+)
+
+
+def optional_bytes(payload, t: Tags) -> bytes | None:
+    item = payload.find(t.value)
+    if item is None:
+        return None
+    if item.type != ItemType.BYTE_STRING:
+        raise errors.InvalidField(
+            f"{t.name.replace('_', ' ').title()} must be a byte string"
+        )
+    return item.value
+
+
+def rsa_padding(params) -> PaddingMethod:
+    padding = params.padding_method or PaddingMethod.OAEP
+    if padding not in (PaddingMethod.OAEP, PaddingMethod.PKCS1v15):
+        raise errors.FeatureNotSupported(
+            f"RSA encryption with Padding Method {padding.name} is not supported"
+        )
+    if params.p_source:
+        raise errors.FeatureNotSupported("an OAEP label (P Source) is not supported")
+    return padding
+
+
+def handle(ctx, keystore, payload):
+    object_codec.reject_streaming(payload)
+    uid = common.unique_identifier(ctx, payload)
+    data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
+    iv = optional_bytes(payload, T.IV_COUNTER_NONCE)
+    aad = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)
+    with keystore.transaction() as txn:
+        obj = object_codec.usable_key(
+            keystore,
+            txn,
+            ctx,
+            uid,
+            CryptographicUsageMask.ENCRYPT,
+            protect=True,
+            object_types=(ObjectType.SYMMETRIC_KEY, ObjectType.PUBLIC_KEY),
+        )
+    params = object_codec.request_parameters(payload, obj)
+    algorithm = object_codec.key_algorithm(obj, params)
+    material = keystore.material(obj)
+    result = [common.uid_item(obj.uid)]
+
+    if obj.object_type == ObjectType.PUBLIC_KEY:
+        if algorithm != CryptographicAlgorithm.RSA:
+            raise errors.FeatureNotSupported(
+                f"encryption with a {algorithm.name if algorithm else 'unknown'} public key is not supported"
+            )
+        if iv is not None or aad is not None:
+            raise errors.InvalidField(
+                "RSA encryption takes no IV/Counter/Nonce and no additional data"
+            )
+        try:
+            ciphertext = crypto.rsa_encrypt(
+                material.data,
+                data,
+                rsa_padding(params),
+                params.hashing_algorithm,
+                params.mask_generator_hashing_algorithm,
+            )
+        except crypto.CryptoError as exc:
+            raise object_codec.crypto_failure(exc) from None
+        return result + [ttlv.byte_string(T.DATA.value, ciphertext)]
+
+    mode = params.block_cipher_mode
+    if mode is None:
+        raise errors.MissingData(
+            "a Block Cipher Mode is required, in the request or the key's Cryptographic Parameters"
+        )
+    generated = False
+    if iv is None and mode not in NO_IV_MODES:
+        generated = True
+        if params.iv_length:
+            # A client-chosen IV length (in bits), e.g. for GCM.
+            if params.iv_length % 8:
+                raise errors.InvalidField("IV Length must be a whole number of bytes")
+            iv = crypto.random_bytes(params.iv_length // 8)
+    elif iv is not None and params.random_iv:
+        raise errors.InvalidField(
+            "Random IV asks the server for the IV; the request must not give one"
+        )
+    try:
+        ciphertext, iv_used, tag = crypto.encrypt(
+            material.data,
+            algorithm,
+            mode,
+            data,
+            iv=iv,
+            padding=params.padding_method,
+            aad=aad,
+            tag_length=params.tag_length,
+        )
+    except crypto.CryptoError as exc:
+        raise object_codec.crypto_failure(exc) from None
+    result.append(ttlv.byte_string(T.DATA.value, ciphertext))
+    if generated and iv_used is not None:
+        result.append(ttlv.byte_string(T.IV_COUNTER_NONCE.value, iv_used))
+    if tag is not None:
+        result.append(ttlv.byte_string(T.AUTHENTICATED_ENCRYPTION_TAG.value, tag))
+    return result

@@ -1,0 +1,58 @@
+"""KMIP 1.4, 4.33 MAC / 2.0, 6.1.29: an HMAC of the data with a managed
+key (HMAC-SHA1, -SHA224, -SHA256, -SHA384, -SHA512 and SHA-3 variants).
+
+The HMAC algorithm is the Cryptographic Algorithm of the request's
+Cryptographic Parameters, else of the key's Cryptographic Parameters
+attribute, else the key's own algorithm; so an HMAC key says which hash
+it is for, and a generic key can be used with an explicit algorithm. The
+key must be Active with the MAC Generate usage bit.
+"""
+
+from kmip.core.enums import (
+    CryptographicAlgorithm,
+    CryptographicUsageMask,
+    ObjectType,
+    Operation,
+    Tags,
+)
+
+from kms_server import errors
+from kms_server.keystore import crypto
+from kms_server.operations import common, object_codec
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import ItemType
+
+OPERATION = Operation.MAC
+
+T = Tags
+
+
+def handle(ctx, keystore, payload):
+    object_codec.reject_streaming(payload)
+    uid = common.unique_identifier(ctx, payload)
+    data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
+    with keystore.transaction() as txn:
+        obj = object_codec.usable_key(
+            keystore,
+            txn,
+            ctx,
+            uid,
+            CryptographicUsageMask.MAC_GENERATE,
+            protect=True,
+            object_types=(ObjectType.SYMMETRIC_KEY,),
+        )
+    params = object_codec.request_parameters(payload, obj)
+    algorithm = params.cryptographic_algorithm
+    if algorithm is None:
+        value = obj.value("Cryptographic Algorithm")
+        algorithm = None if value is None else CryptographicAlgorithm(value)
+    if algorithm is None or not algorithm.name.startswith("HMAC_"):
+        raise errors.InvalidField(
+            "MAC needs an HMAC algorithm, from the key or the Cryptographic Parameters' Cryptographic Algorithm"
+        )
+    material = keystore.material(obj)
+    try:
+        mac_data = crypto.mac(material.data, algorithm, data)
+    except crypto.CryptoError as exc:
+        raise object_codec.crypto_failure(exc) from None
+    return [common.uid_item(obj.uid), ttlv.byte_string(T.MAC_DATA.value, mac_data)]

@@ -1,0 +1,58 @@
+"""KMIP 1.4, 4.32 Signature Verify / 2.0, 6.1.48: check a signature with a
+public key. A signature that does not verify is a successful operation whose
+Validity Indicator is Invalid; only a check that cannot be made (bad
+parameters, malformed key) is a Cryptographic Failure. Verifying is
+processing, so a Deactivated or Compromised key may still do it; the key
+needs the Verify usage bit.
+"""
+
+from kmip.core.enums import (
+    CryptographicUsageMask,
+    ObjectType,
+    Operation,
+    Tags,
+    ValidityIndicator,
+)
+
+from kms_server.keystore import crypto
+from kms_server.operations import common, object_codec
+from kms_server.operations.sign import scheme, signed_data
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import ItemType
+
+OPERATION = Operation.SIGNATURE_VERIFY
+
+T = Tags
+
+
+def handle(ctx, keystore, payload):
+    object_codec.reject_streaming(payload)
+    uid = common.unique_identifier(ctx, payload)
+    data, prehashed = signed_data(payload)
+    signature = common.require(payload, T.SIGNATURE_DATA, ItemType.BYTE_STRING).value
+    with keystore.transaction() as txn:
+        obj = object_codec.usable_key(
+            keystore,
+            txn,
+            ctx,
+            uid,
+            CryptographicUsageMask.VERIFY,
+            protect=False,
+            object_types=(ObjectType.PUBLIC_KEY,),
+        )
+    params = object_codec.request_parameters(payload, obj)
+    kwargs = scheme(obj, params)
+    material = keystore.material(obj)
+    try:
+        crypto.verify_signature(
+            material.data, data, signature, prehashed=prehashed, **kwargs
+        )
+        validity = ValidityIndicator.VALID
+    except crypto.SignatureInvalid:
+        validity = ValidityIndicator.INVALID
+    except crypto.CryptoError as exc:
+        raise object_codec.crypto_failure(exc) from None
+    return [
+        common.uid_item(obj.uid),
+        ttlv.enumeration(T.VALIDITY_INDICATOR.value, validity.value),
+    ]
