@@ -77,10 +77,14 @@ class Keystore:
         material: Material | None,
         now: int,
         uid: str | None = None,
+        owner: str | None = None,
     ) -> ManagedObject:
+        """Store a new object. Its owner is the caller, or `owner` when the
+        object replaces one the caller may manage (ReKey by an administrator
+        keeps the key with its owner)."""
         check(principal, Action.CREATE)
         uid = uid or str(uuid.uuid4())
-        obj = ManagedObject(uid=uid, owner=principal.name, attributes=dict(attributes))
+        obj = ManagedObject(uid=uid, owner=owner or principal.name, attributes=dict(attributes))
         obj.set_value("Unique Identifier", uid)
         obj.set_value("Object Type", object_type.value)
         obj.set_value("Initial Date", now)

@@ -97,6 +97,7 @@ def handle(ctx, keystore, payload):
             attributes,
             Material(key),
             ctx.now,
+            owner=old.owner,
         )
         old.remove("Name")
         old.attributes.setdefault("Link", []).append(
