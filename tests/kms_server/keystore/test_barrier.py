@@ -1,0 +1,242 @@
+"""Tests for kms_server.keystore.barrier: sealing key material for storage
+and opening the barrier with a key file or a passphrase."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kms_server.keystore import barrier as barrier_module
+from kms_server.keystore.barrier import Barrier, BarrierError, open_barrier
+from kms_server.storage import open_storage
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+SECRET = b"\x13\x37" * 16
+
+
+@pytest.fixture
+def fast_scrypt(monkeypatch):
+    # Full cost is 64 MiB per derivation; the logic does not depend on it.
+    monkeypatch.setattr(barrier_module, "SCRYPT_N", 2**4)
+
+
+def key_file(tmp_path, key: bytes, name: str = "master.key"):
+    path = tmp_path / name
+    path.write_text(key.hex() + "\n")
+    return str(path)
+
+
+def passphrase_file(tmp_path, passphrase: bytes, name: str = "passphrase"):
+    path = tmp_path / name
+    path.write_bytes(passphrase)
+    return str(path)
+
+
+# Sealing.
+def test_seal_unseal_round_trip():
+    b = Barrier(KEY)
+    blob = b.seal("uid-1", SECRET)
+    assert b.unseal("uid-1", blob) == SECRET
+
+
+def test_sealed_blob_format_and_no_plaintext():
+    blob = Barrier(KEY).seal("uid-1", SECRET)
+    assert blob[0] == barrier_module.VERSION
+    assert len(blob) == 1 + barrier_module.NONCE_SIZE + len(SECRET) + 16
+    assert SECRET not in blob and SECRET[:8] not in blob
+
+
+def test_each_seal_uses_a_fresh_nonce():
+    b = Barrier(KEY)
+    assert b.seal("uid-1", SECRET) != b.seal("uid-1", SECRET)
+
+
+def test_empty_plaintext_round_trips():
+    b = Barrier(KEY)
+    assert b.unseal("u", b.seal("u", b"")) == b""
+
+
+def test_blob_moved_to_another_object_does_not_open():
+    b = Barrier(KEY)
+    blob = b.seal("uid-1", SECRET)
+    with pytest.raises(BarrierError, match="uid-2"):
+        b.unseal("uid-2", blob)
+
+
+def test_wrong_master_key_does_not_open():
+    blob = Barrier(KEY).seal("uid-1", SECRET)
+    with pytest.raises(BarrierError):
+        Barrier(OTHER_KEY).unseal("uid-1", blob)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda blob: blob[:-1] + bytes([blob[-1] ^ 1]),  # tag
+        lambda blob: blob[:20] + bytes([blob[20] ^ 1]) + blob[21:],  # ciphertext
+        lambda blob: blob[:2] + bytes([blob[2] ^ 1]) + blob[3:],  # nonce
+        lambda blob: b"\x02" + blob[1:],  # version
+        lambda blob: blob[:28],  # shorter than version, nonce and tag
+        lambda blob: b"",
+    ],
+    ids=["tag", "ciphertext", "nonce", "version", "truncated", "empty"],
+)
+def test_tampered_blob_does_not_open(tamper):
+    b = Barrier(KEY)
+    blob = b.seal("uid-1", SECRET)
+    with pytest.raises(BarrierError):
+        b.unseal("uid-1", tamper(blob))
+
+
+@pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
+def test_master_key_must_be_32_bytes(size):
+    with pytest.raises(BarrierError):
+        Barrier(os.urandom(size))
+
+
+# Key file mode.
+def test_open_barrier_with_a_key_file_records_a_check(tmp_path):
+    storage = open_storage("memory://")
+    b = open_barrier(storage, key_file=key_file(tmp_path, KEY))
+    with storage.transaction() as txn:
+        check = txn.get_meta(barrier_module.CHECK_META)
+        assert check is not None
+        assert txn.get_meta(barrier_module.SALT_META) is None
+    assert b"kms-server" not in check
+    assert b.unseal("uid", Barrier(KEY).seal("uid", SECRET)) == SECRET
+
+
+def test_second_open_with_the_same_key_succeeds(tmp_path):
+    storage = open_storage("memory://")
+    first = open_barrier(storage, key_file=key_file(tmp_path, KEY))
+    blob = first.seal("uid-1", SECRET)
+    second = open_barrier(storage, key_file=key_file(tmp_path, KEY, "copy.key"))
+    assert second.unseal("uid-1", blob) == SECRET
+
+
+def test_second_open_with_a_wrong_key_is_detected(tmp_path):
+    storage = open_storage("memory://")
+    open_barrier(storage, key_file=key_file(tmp_path, KEY))
+    with pytest.raises(BarrierError, match="does not open this database"):
+        open_barrier(storage, key_file=key_file(tmp_path, OTHER_KEY, "other.key"))
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "00" * 31, "00" * 33, "zz" * 32, "not a key"],
+    ids=["empty", "short", "long", "not-hex", "text"],
+)
+def test_malformed_key_file_names_the_fix(tmp_path, content):
+    path = tmp_path / "bad.key"
+    path.write_text(content)
+    with pytest.raises(BarrierError, match="kms-admin master-key new"):
+        open_barrier(open_storage("memory://"), key_file=str(path))
+
+
+def test_missing_key_file(tmp_path):
+    with pytest.raises(BarrierError, match="cannot read master key file"):
+        open_barrier(open_storage("memory://"), key_file=str(tmp_path / "absent.key"))
+
+
+def test_no_master_key_configured():
+    with pytest.raises(BarrierError, match="no master key configured"):
+        open_barrier(open_storage("memory://"))
+
+
+# Passphrase mode.
+def test_passphrase_derives_the_same_key_twice_with_the_stored_salt(
+    tmp_path, fast_scrypt
+):
+    storage = open_storage("memory://")
+    path = passphrase_file(tmp_path, b"correct horse battery staple\n")
+    first = open_barrier(storage, passphrase_file=path)
+    with storage.transaction() as txn:
+        salt = txn.get_meta(barrier_module.SALT_META)
+    assert salt is not None and len(salt) == 16
+    blob = first.seal("uid-1", SECRET)
+
+    second = open_barrier(storage, passphrase_file=path)
+    assert second.unseal("uid-1", blob) == SECRET
+    with storage.transaction() as txn:
+        assert txn.get_meta(barrier_module.SALT_META) == salt
+    # The derivation is a pure function of passphrase and salt.
+    key = barrier_module.derive_from_passphrase(b"correct horse battery staple", salt)
+    assert Barrier(key).unseal("uid-1", blob) == SECRET
+
+
+def test_trailing_newline_of_the_passphrase_file_is_ignored(tmp_path, fast_scrypt):
+    storage = open_storage("memory://")
+    first = open_barrier(
+        storage,
+        passphrase_file=passphrase_file(tmp_path, b"correct horse battery staple\r\n"),
+    )
+    second = open_barrier(
+        storage,
+        passphrase_file=passphrase_file(
+            tmp_path, b"correct horse battery staple", "p2"
+        ),
+    )
+    assert second.unseal("u", first.seal("u", SECRET)) == SECRET
+
+
+def test_each_store_gets_its_own_salt(tmp_path, fast_scrypt):
+    path = passphrase_file(tmp_path, b"correct horse battery staple")
+    salts = []
+    for _ in range(2):
+        storage = open_storage("memory://")
+        open_barrier(storage, passphrase_file=path)
+        with storage.transaction() as txn:
+            salts.append(txn.get_meta(barrier_module.SALT_META))
+    assert salts[0] != salts[1]
+
+
+def test_different_salts_give_different_keys(fast_scrypt):
+    a = barrier_module.derive_from_passphrase(
+        b"correct horse battery staple", b"\x00" * 16
+    )
+    b = barrier_module.derive_from_passphrase(
+        b"correct horse battery staple", b"\x01" * 16
+    )
+    assert len(a) == len(b) == 32 and a != b
+
+
+def test_wrong_passphrase_is_detected(tmp_path, fast_scrypt):
+    storage = open_storage("memory://")
+    open_barrier(
+        storage,
+        passphrase_file=passphrase_file(tmp_path, b"correct horse battery staple"),
+    )
+    with pytest.raises(BarrierError, match="does not open this database"):
+        open_barrier(
+            storage,
+            passphrase_file=passphrase_file(
+                tmp_path, b"correct horse battery stapler", "p2"
+            ),
+        )
+
+
+def test_short_passphrase_is_refused(tmp_path, fast_scrypt):
+    storage = open_storage("memory://")
+    with pytest.raises(BarrierError, match="shorter than 12"):
+        open_barrier(storage, passphrase_file=passphrase_file(tmp_path, b"short\n"))
+    with storage.transaction() as txn:
+        assert txn.get_meta(barrier_module.CHECK_META) is None
+
+
+def test_missing_passphrase_file(tmp_path):
+    with pytest.raises(BarrierError, match="cannot read passphrase file"):
+        open_barrier(
+            open_storage("memory://"), passphrase_file=str(tmp_path / "absent")
+        )
+
+
+def test_key_file_and_passphrase_are_not_interchangeable(tmp_path, fast_scrypt):
+    storage = open_storage("memory://")
+    open_barrier(
+        storage,
+        passphrase_file=passphrase_file(tmp_path, b"correct horse battery staple"),
+    )
+    with pytest.raises(BarrierError):
+        open_barrier(storage, key_file=key_file(tmp_path, KEY))

@@ -1,0 +1,480 @@
+"""Tests for kms_server.wire.protocol: framing, limits, timeouts, ordering
+and draining, on Twisted's in-memory transport with a fake clock.
+
+No real thread runs: the worker pool is a stand-in that queues each job
+until the test runs it, and the fake reactor's callFromThread calls at
+once. The TLS handshake is simulated by calling handshakeCompleted() on a
+transport that offers getPeerCertificate().
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from kms_server.wire import protocol as wire
+from kms_server.wire import ttlv
+
+PEER_CERTIFICATE = object()
+
+
+class FakeReactor(Clock):
+    """A Clock that also runs callFromThread calls at once."""
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class ManualThreadPool:
+    """Queues jobs; the test decides when each one runs (and so when its
+    result reaches the reactor). With auto=True jobs run at submission."""
+
+    def __init__(self, auto: bool = False):
+        self.auto = auto
+        self.jobs: deque = deque()
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.jobs.append((on_result, f, args, kwargs))
+        if self.auto:
+            self.run_all()
+
+    def run_next(self):
+        on_result, f, args, kwargs = self.jobs.popleft()
+        try:
+            result = f(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - handed on, as ThreadPool does
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def run_all(self):
+        while self.jobs:
+            self.run_next()
+
+
+class TLSStringTransport(StringTransport):
+    def getPeerCertificate(self):
+        return PEER_CERTIFICATE
+
+
+def request_bytes(n: int, body_size: int = 0) -> bytes:
+    """A Request Message framed like the real thing; the body's content does
+    not matter to the wire layer, only its framing."""
+    return ttlv.encode(
+        ttlv.structure(
+            wire.REQUEST_MESSAGE_TAG,
+            [
+                ttlv.integer(0x42000D, n),
+                ttlv.byte_string(0x420094, bytes([n % 256]) * body_size),
+            ],
+        )
+    )
+
+
+def response_for(message: bytes) -> bytes:
+    return b"RESPONSE:" + message
+
+
+class Harness:
+    def __init__(self, auto=True, **limits):
+        self.clock = FakeReactor()
+        self.pool = ManualThreadPool(auto=auto)
+        self.handled: list[tuple[bytes, object]] = []
+        self.identified: list[tuple[object, str]] = []
+        self.factory = wire.KmipFactory(
+            handle=self.handle,
+            identify=self.identify,
+            threadpool=self.pool,
+            reactor=self.clock,
+            **limits,
+        )
+
+    def handle(self, message: bytes, identity) -> bytes | None:
+        self.handled.append((message, identity))
+        return response_for(message)
+
+    def identify(self, certificate, peer):
+        self.identified.append((certificate, peer))
+        return ("identity", peer)
+
+    def connect(self, handshake: bool = True):
+        proto = self.factory.buildProtocol(None)
+        transport = TLSStringTransport()
+        proto.makeConnection(transport)
+        if handshake and not transport.disconnecting:
+            proto.handshakeCompleted()
+        return proto, transport
+
+    def disconnect(self, proto):
+        proto.connectionLost(Failure(Exception("gone")))
+
+
+@pytest.fixture
+def global_reactor_calls(monkeypatch):
+    """Timers must run on the factory's reactor. Record (and neutralize) any
+    call that reaches the global reactor instead, so that a test fails
+    cleanly rather than leaving timers in the real reactor."""
+    from twisted.internet import reactor
+
+    calls = []
+    sink = Clock()
+
+    def call_later(delay, f, *args, **kwargs):
+        calls.append((delay, f))
+        return sink.callLater(delay, f, *args, **kwargs)
+
+    monkeypatch.setattr(reactor, "callLater", call_later)
+    return calls
+
+
+@pytest.fixture(autouse=True)
+def _no_global_timers(global_reactor_calls):
+    return global_reactor_calls
+
+
+# Framing.
+def test_one_message_is_answered():
+    h = Harness()
+    proto, transport = h.connect()
+    message = request_bytes(1, 20)
+    proto.dataReceived(message)
+    assert h.handled == [(message, ("identity", proto.peer))]
+    assert transport.value() == response_for(message)
+    assert not transport.disconnecting
+
+
+def test_identity_comes_from_the_peer_certificate():
+    h = Harness()
+    proto, _ = h.connect()
+    assert h.identified == [(PEER_CERTIFICATE, proto.peer)]
+    assert proto.peer.startswith("192.168.1.1:")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 60), min_size=1, max_size=6),
+    cuts=st.lists(st.integers(0, 10_000), max_size=30),
+)
+def test_arbitrary_chunking_delivers_each_message_whole_once_and_in_order(sizes, cuts):
+    h = Harness()
+    proto, transport = h.connect()
+    messages = [request_bytes(i, size) for i, size in enumerate(sizes)]
+    stream = b"".join(messages)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    for start, end in itertools.pairwise(points):
+        proto.dataReceived(stream[start:end])
+    assert [m for m, _ in h.handled] == messages
+    assert transport.value() == b"".join(response_for(m) for m in messages)
+    assert not transport.disconnecting
+
+
+def test_byte_at_a_time_delivery():
+    h = Harness()
+    proto, _ = h.connect()
+    messages = [request_bytes(1, 3), request_bytes(2, 17)]
+    for byte in b"".join(messages):
+        proto.dataReceived(bytes([byte]))
+    assert [m for m, _ in h.handled] == messages
+
+
+def test_declared_length_above_the_limit_closes_without_buffering():
+    h = Harness(max_message_size=1024)
+    proto, transport = h.connect()
+    header = bytes.fromhex("42007801") + (1024).to_bytes(4, "big")  # 8 + 1024 > 1024
+    proto.dataReceived(header)
+    assert transport.disconnecting
+    proto.dataReceived(b"\x00" * 1024)
+    assert h.handled == []
+    assert h.pool.jobs == deque()
+    assert transport.value() == b""
+
+
+def test_message_of_exactly_the_limit_is_accepted():
+    message = request_bytes(1, 100)
+    h = Harness(max_message_size=len(message))
+    proto, transport = h.connect()
+    proto.dataReceived(message)
+    assert [m for m, _ in h.handled] == [message]
+    assert not transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "42007b0100000010",  # Response Message
+        "4200780700000010",  # Request Message tag but a Text String
+        "4200780100000014",  # length not a multiple of 8
+        "4200780c00000010",  # no such item type
+        "0000000000000000",  # garbage
+    ],
+)
+def test_header_that_cannot_start_a_request_closes(header):
+    h = Harness()
+    proto, transport = h.connect()
+    proto.dataReceived(bytes.fromhex(header) + b"\x00" * 16)
+    assert transport.disconnecting
+    assert h.handled == []
+
+
+def test_bad_header_after_a_good_message_closes_after_answering_the_good_one():
+    h = Harness()
+    proto, transport = h.connect()
+    good = request_bytes(1, 5)
+    proto.dataReceived(good + bytes.fromhex("42007b0100000000"))
+    assert [m for m, _ in h.handled] == [good]
+    assert transport.value() == response_for(good)
+    assert transport.disconnecting
+
+
+def test_data_before_the_handshake_closes():
+    h = Harness()
+    proto, transport = h.connect(handshake=False)
+    proto.dataReceived(request_bytes(1))
+    assert transport.disconnecting
+    assert h.handled == []
+
+
+def test_unmappable_certificate_closes():
+    h = Harness()
+
+    def refuse(certificate, peer):
+        raise ValueError("unknown client")
+
+    h.factory.identify = refuse
+    proto, transport = h.connect()
+    assert transport.disconnecting
+    proto.dataReceived(request_bytes(1))
+    assert h.handled == []
+
+
+def test_handler_returning_none_closes_the_connection():
+    h = Harness()
+    h.factory.handle = lambda message, identity: None
+    proto, transport = h.connect()
+    proto.dataReceived(request_bytes(1) + request_bytes(2))
+    assert transport.disconnecting
+    assert transport.value() == b""
+
+
+def test_handler_exception_closes_the_connection():
+    h = Harness()
+
+    def explode(message, identity):
+        raise RuntimeError("boom")
+
+    h.factory.handle = explode
+    proto, transport = h.connect()
+    proto.dataReceived(request_bytes(1))
+    assert transport.disconnecting
+    assert transport.value() == b""
+
+
+# Timeouts.
+def test_timers_run_on_the_factory_reactor(global_reactor_calls):
+    """The factory's reactor is the clock; nothing may be scheduled on the
+    global reactor (else tests and embedders cannot control time)."""
+    h = Harness()
+    proto, _ = h.connect()
+    proto.dataReceived(request_bytes(1))
+    assert global_reactor_calls == []
+    assert h.clock.getDelayedCalls(), (
+        "no timeout was scheduled on the factory's reactor"
+    )
+
+
+def test_idle_timeout_closes_after_idle_timeout_and_not_before():
+    h = Harness(idle_timeout=300.0, handshake_timeout=10.0)
+    _, transport = h.connect()
+    h.clock.advance(299.0)
+    assert not transport.disconnecting
+    h.clock.advance(1.0)
+    assert transport.disconnecting
+
+
+def test_activity_restarts_the_idle_timeout():
+    h = Harness(idle_timeout=300.0)
+    proto, transport = h.connect()
+    h.clock.advance(200.0)
+    proto.dataReceived(request_bytes(1))
+    h.clock.advance(200.0)
+    assert not transport.disconnecting
+    h.clock.advance(100.0)
+    assert transport.disconnecting
+
+
+def test_handshake_timeout_applies_before_the_handshake_completes():
+    h = Harness(idle_timeout=300.0, handshake_timeout=10.0)
+    _, transport = h.connect(handshake=False)
+    h.clock.advance(9.9)
+    assert not transport.disconnecting
+    h.clock.advance(0.1)
+    assert transport.disconnecting
+
+
+def test_idle_timeout_replaces_the_handshake_timeout():
+    h = Harness(idle_timeout=300.0, handshake_timeout=10.0)
+    proto, transport = h.connect(handshake=False)
+    h.clock.advance(5.0)
+    proto.handshakeCompleted()
+    h.clock.advance(10.0)
+    assert not transport.disconnecting
+    h.clock.advance(290.0)
+    assert transport.disconnecting
+
+
+def test_closed_connection_leaves_no_timer():
+    h = Harness()
+    proto, _ = h.connect()
+    h.disconnect(proto)
+    assert h.clock.getDelayedCalls() == []
+
+
+# Connection limit.
+def test_max_connections_refuses_the_extra_connection():
+    h = Harness(max_connections=2)
+    (p1, t1), (p2, t2) = h.connect(), h.connect()
+    p3, t3 = h.connect()
+    assert not t1.disconnecting and not t2.disconnecting
+    assert t3.disconnecting
+    p3.dataReceived(request_bytes(1))
+    assert h.handled == []
+    assert h.factory.connections == {p1, p2}
+
+
+def test_closed_connection_frees_its_slot():
+    h = Harness(max_connections=1)
+    p1, _ = h.connect()
+    h.disconnect(p1)
+    p2, t2 = h.connect()
+    assert not t2.disconnecting
+    assert h.factory.connections == {p2}
+
+
+# Ordering and draining.
+def test_responses_are_written_in_request_order_when_processing_completes_out_of_order():
+    h = Harness()
+    first, second = defer.Deferred(), defer.Deferred()
+    # The second request's processing finishes before the first one's.
+    second.callback(b"second-response")
+    results = deque([first, second])
+    submitted = []
+
+    def process(message, identity):
+        submitted.append(message)
+        return results.popleft()
+
+    h.factory.process = process
+    proto, transport = h.connect()
+    m1, m2 = request_bytes(1), request_bytes(2)
+    proto.dataReceived(m1 + m2)
+    assert submitted == [m1]  # One request per connection at a time.
+    assert transport.value() == b""
+    first.callback(b"first-response")
+    assert submitted == [m1, m2]
+    assert transport.value() == b"first-response" + b"second-response"
+
+
+def test_connections_are_served_independently():
+    h = Harness(auto=False)
+    pa, ta = h.connect()
+    pb, tb = h.connect()
+    ma, mb = request_bytes(1), request_bytes(2)
+    pa.dataReceived(ma)
+    pb.dataReceived(mb)
+    assert len(h.pool.jobs) == 2
+    # Connection B's job finishes first and is answered at once.
+    h.pool.jobs.rotate(-1)
+    h.pool.run_next()
+    assert tb.value() == response_for(mb)
+    assert ta.value() == b""
+    h.pool.run_next()
+    assert ta.value() == response_for(ma)
+
+
+def test_drain_fires_only_after_in_flight_requests_finish():
+    h = Harness(auto=False)
+    pa, ta = h.connect()
+    pb, tb = h.connect()
+    pa.dataReceived(request_bytes(1))
+    pb.dataReceived(request_bytes(2))
+    drained = h.factory.drain()
+    fired = []
+    drained.addCallback(fired.append)
+    h.pool.run_next()
+    assert not fired
+    h.pool.run_next()
+    assert fired
+    assert ta.value() and tb.value()
+
+
+def test_drain_with_nothing_in_flight_fires_at_once():
+    h = Harness(auto=False)
+    h.connect()
+    fired = []
+    h.factory.drain().addCallback(fired.append)
+    assert fired
+
+
+def test_drain_waits_for_requests_already_received_on_a_connection():
+    """A client that pipelined two requests has both in flight: the server
+    read them, and stopping must answer both before closing."""
+    h = Harness(auto=False)
+    proto, transport = h.connect()
+    m1, m2 = request_bytes(1), request_bytes(2)
+    proto.dataReceived(m1 + m2)
+    fired = []
+    h.factory.drain().addCallback(fired.append)
+    h.pool.run_next()
+    assert transport.value() == response_for(m1)
+    assert not fired, "drain fired while a received request was still unanswered"
+    h.pool.run_next()
+    assert transport.value() == response_for(m1) + response_for(m2)
+    assert fired
+
+
+def test_drain_survives_a_failed_request():
+    h = Harness(auto=False)
+
+    def explode(message, identity):
+        raise RuntimeError("boom")
+
+    h.factory.handle = explode
+    proto, transport = h.connect()
+    proto.dataReceived(request_bytes(1))
+    fired = []
+    h.factory.drain().addCallback(fired.append)
+    h.pool.run_next()
+    assert fired
+    assert transport.disconnecting
+
+
+def test_close_all_closes_every_connection():
+    h = Harness()
+    (_, t1), (_, t2) = h.connect(), h.connect()
+    h.factory.close_all()
+    assert t1.disconnecting and t2.disconnecting
+
+
+@pytest.mark.parametrize(
+    "header,limit",
+    [
+        ("4200780100000010", 24),
+        ("4200780100000018", 24),
+    ],
+)
+def test_check_frame_header_limit(header, limit):
+    data = bytes.fromhex(header)
+    declared = 8 + int(header[8:], 16)
+    if declared <= limit:
+        assert wire.check_frame_header(data, limit) == declared
+    else:
+        with pytest.raises(wire.FramingError, match="exceeds"):
+            wire.check_frame_header(data, limit)
