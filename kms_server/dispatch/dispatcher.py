@@ -237,7 +237,9 @@ def _failure_item(response: Item, reason: ResultReason, text: str) -> Item:
 
 
 def _protocol_version(message: Item) -> tuple[int, int] | None:
-    header = message.find(T.REQUEST_HEADER.value)
+    # Any message header with a version lets us answer INVALID_MESSAGE in it
+    # (a Response Message sent as a request, for instance).
+    header = message.find(T.REQUEST_HEADER.value) or message.find(T.RESPONSE_HEADER.value)
     if header is None:
         return None
     pv = header.find(T.PROTOCOL_VERSION.value)

@@ -63,12 +63,15 @@ def revoke(obj: ManagedObject, reason_code: int, occurrence_date: int | None, no
     if reason_code in COMPROMISE_REASONS:
         if state == State.DESTROYED:
             obj.set_value("State", State.DESTROYED_COMPROMISED.value)
-        elif state in (State.PRE_ACTIVE, State.ACTIVE, State.DEACTIVATED, State.COMPROMISED):
+        elif state in (State.PRE_ACTIVE, State.ACTIVE, State.DEACTIVATED):
             obj.set_value("State", State.COMPROMISED.value)
         else:
             raise errors.IllegalOperation(f"object is {state.name} and cannot be revoked")
         obj.set_value("Compromise Date", now)
-        obj.set_value("Compromise Occurrence Date", occurrence_date if occurrence_date is not None else now)
+        # KMIP 1.4, 4.20: without a client date, the Initial Date.
+        if occurrence_date is None:
+            occurrence_date = obj.value("Initial Date", now)
+        obj.set_value("Compromise Occurrence Date", occurrence_date)
         return
     if state not in (State.PRE_ACTIVE, State.ACTIVE):
         raise errors.IllegalOperation(f"object is {state.name}; only a PRE_ACTIVE or ACTIVE object can be revoked")

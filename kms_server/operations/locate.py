@@ -7,7 +7,7 @@ storage. A date attribute given twice is a range (KMIP 1.4, 4.9: "the
 first value is the start, the second the end"); ranges are checked on the
 candidates that the equality filters leave."""
 
-from kmip.core.enums import Operation, Tags
+from kmip.core.enums import Operation, State, Tags
 
 from kms_server import errors
 from kms_server.keystore import attributes as attrs
@@ -37,21 +37,27 @@ def handle(ctx, keystore, payload):
             given.append((name, value))
     group_member = payload.get(Tags.OBJECT_GROUP_MEMBER.value)
 
-    equals, dates = [], {}
+    equals, dates, states = [], {}, []
     for name, value in given:
         attrs.check_known(name)
         attrs.check_value_type(name, value)
         if value.type == ItemType.DATE_TIME:
             dates.setdefault(name, []).append(value.value)
+        elif name == "State":
+            states.append(value.value)
         else:
             equals.append((name, value))
-    if group_member is not None and not any(n == "Object Group" for n, _ in equals):
-        pass  # Group membership (Fresh/Default) is not modelled; see README.
+    # Object Group Member (Fresh/Default) is accepted and not modelled; see
+    # README "Not supported yet".
+    del group_member
 
     with keystore.transaction() as txn:
-        uids = keystore.locate(txn, ctx.principal, equals, list(dates), 0, None)
-        if dates:
-            uids = [u for u in uids if _dates_match(keystore, txn, ctx, u, dates)]
+        if len(set(states)) > 1:
+            uids = []  # One object has one state.
+        elif states or dates:
+            uids = _filtered(keystore, txn, ctx, equals, dates, states[0] if states else None)
+        else:
+            uids = keystore.locate(txn, ctx.principal, equals, [], 0, None)
     total = len(uids)
     page = uids[offset:] if maximum is None else uids[offset : offset + maximum]
     out = []
@@ -61,8 +67,41 @@ def handle(ctx, keystore, payload):
     return out
 
 
-def _dates_match(keystore, txn, ctx, uid, dates) -> bool:
-    obj = keystore.load(txn, ctx.principal, uid, Action.READ_ATTRIBUTES, ctx.now)
+# A stored state may be behind the effective one when an Activation or
+# Deactivation Date has passed since the object was last written
+# (lifecycle.apply_dates); these are the stored states that can have become
+# each effective state.
+_STORED_STATES = {
+    State.ACTIVE.value: (State.PRE_ACTIVE.value, State.ACTIVE.value),
+    State.DEACTIVATED.value: (State.PRE_ACTIVE.value, State.ACTIVE.value, State.DEACTIVATED.value),
+}
+
+
+def _filtered(keystore, txn, ctx, equals, dates, state):
+    """Candidates from indexed lookups (one per stored state that can be the
+    requested effective state), then checked on the loaded objects."""
+    if state is None:
+        queries = [equals]
+    else:
+        queries = [
+            equals + [("State", ttlv.enumeration(Tags.ATTRIBUTE_VALUE.value, stored))]
+            for stored in _STORED_STATES.get(state, (state,))
+        ]
+    candidates = {}
+    for query in queries:
+        for uid in keystore.locate(txn, ctx.principal, query, list(dates), 0, None):
+            if uid not in candidates:
+                obj = keystore.load(txn, ctx.principal, uid, Action.READ_ATTRIBUTES, ctx.now)
+                candidates[uid] = obj
+    matching = [
+        obj
+        for obj in candidates.values()
+        if (state is None or obj.value("State") == state) and _dates_match(obj, dates)
+    ]
+    return [obj.uid for obj in sorted(matching, key=lambda o: o.sequence)]
+
+
+def _dates_match(obj, dates) -> bool:
     for name, bounds in dates.items():
         values = [v.value for v in obj.attributes.get(name, [])]
         if len(bounds) == 1:

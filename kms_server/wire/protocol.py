@@ -59,6 +59,11 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
         self._closing = False
         self.peer = ""
 
+    def callLater(self, period, func):
+        # TimeoutMixin would use the global reactor; use the factory's so
+        # that embedding code and tests control time.
+        return self.factory.reactor.callLater(period, func)
+
     # Connection events.
     def connectionMade(self):
         peer = self.transport.getPeer()
@@ -122,6 +127,9 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
         if self._busy or not self._queue or self._closing:
             return
         self._busy = True
+        # A request being processed is not idleness: no idle timeout until
+        # it is answered, however slow it is.
+        self.setTimeout(None)
         message = self._queue.popleft()
         d = self.factory.process(message, self._identity)
         d.addCallbacks(self._respond, self._failed)
@@ -133,7 +141,7 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
             return
         if not self._closing:
             self.transport.write(response)
-            self.resetTimeout()
+            self.setTimeout(self.factory.idle_timeout)
         self._next()
 
     def _failed(self, failure):
@@ -204,10 +212,12 @@ class KmipFactory(protocol.Factory):
         d.addBoth(done)
         return d
 
-    def drain(self) -> defer.Deferred:
-        """Fires when every request in flight has been answered."""
-        pending = [d for d in self._in_flight]
-        return defer.DeferredList(pending, consumeErrors=True)
+    @defer.inlineCallbacks
+    def drain(self):
+        """Fires when every request in flight has been answered, including
+        requests already received that start as earlier ones finish."""
+        while self._in_flight:
+            yield defer.DeferredList(list(self._in_flight), consumeErrors=True)
 
     def close_all(self, timeout: float = 5.0) -> defer.Deferred:
         """Close every connection once its pending responses are flushed;
