@@ -92,7 +92,7 @@ def start_server(
         env={**os.environ, **(env or {})},
     )
     log: list[str] = []
-    threading.Thread(target=lambda: [log.append(l.rstrip()) for l in proc.stderr], daemon=True).start()
+    threading.Thread(target=lambda: [log.append(line.rstrip()) for line in proc.stderr], daemon=True).start()
     deadline = time.monotonic() + 30
     line = ""
     while time.monotonic() < deadline:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from kmip.core.enums import (
     BatchErrorContinuationOption,

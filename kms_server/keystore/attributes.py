@@ -45,14 +45,12 @@ class AttributeSpec:
         return enums.convert_attribute_name_to_tag(self.name).value
 
 
-S, I, L, E, B, T, BY, D, IV = (
+S, INT, E, B, T, D, IV = (
     ItemType.STRUCTURE,
     ItemType.INTEGER,
-    ItemType.LONG_INTEGER,
     ItemType.ENUMERATION,
     ItemType.BOOLEAN,
     ItemType.TEXT_STRING,
-    ItemType.BYTE_STRING,
     ItemType.DATE_TIME,
     ItemType.INTERVAL,
 )
@@ -67,18 +65,18 @@ SPECS: dict[str, AttributeSpec] = {
         AttributeSpec("Name", S, multi=True),
         AttributeSpec("Object Type", E, **_SERVER),
         AttributeSpec("Cryptographic Algorithm", E, applies_to=CRYPTO_OBJECTS, **_INITIAL_ONLY),
-        AttributeSpec("Cryptographic Length", I, applies_to=CRYPTO_OBJECTS, **_INITIAL_ONLY),
+        AttributeSpec("Cryptographic Length", INT, applies_to=CRYPTO_OBJECTS, **_INITIAL_ONLY),
         AttributeSpec("Cryptographic Parameters", S, multi=True, applies_to=KEYS),
         AttributeSpec("Cryptographic Domain Parameters", S, applies_to=KEYS, **_INITIAL_ONLY),
         AttributeSpec("Certificate Type", E, applies_to=(OT.CERTIFICATE,), **_SERVER),
-        AttributeSpec("Certificate Length", I, applies_to=(OT.CERTIFICATE,), **_SERVER),
+        AttributeSpec("Certificate Length", INT, applies_to=(OT.CERTIFICATE,), **_SERVER),
         AttributeSpec("X.509 Certificate Identifier", S, applies_to=(OT.CERTIFICATE,), **_SERVER),
         AttributeSpec("X.509 Certificate Subject", S, applies_to=(OT.CERTIFICATE,), **_SERVER),
         AttributeSpec("X.509 Certificate Issuer", S, applies_to=(OT.CERTIFICATE,), **_SERVER),
         AttributeSpec("Digital Signature Algorithm", E, multi=True, applies_to=(OT.CERTIFICATE,), **_SERVER),
         AttributeSpec("Digest", S, multi=True, **_SERVER),
         AttributeSpec("Operation Policy Name", T),
-        AttributeSpec("Cryptographic Usage Mask", I, client_deletable=False),
+        AttributeSpec("Cryptographic Usage Mask", INT, client_deletable=False),
         AttributeSpec("Lease Time", IV, **_SERVER),
         AttributeSpec("Usage Limits", S, applies_to=KEYS),
         AttributeSpec("State", E, **_SERVER),

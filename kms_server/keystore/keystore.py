@@ -9,8 +9,8 @@ clock, so nothing here keeps per-request state.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Iterable, Iterator
 
 from kmip.core.enums import ObjectType, State
 

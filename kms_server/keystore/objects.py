@@ -35,7 +35,7 @@ class Material:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Material":
+    def from_bytes(cls, data: bytes) -> Material:
         item = ttlv.decode(data)
         return cls(item.get(Tags.KEY_MATERIAL.value), item.get(Tags.ATTRIBUTE_INDEX.value))
 
@@ -96,7 +96,7 @@ class ManagedObject:
         )
 
     @classmethod
-    def from_stored(cls, stored: StoredObject) -> "ManagedObject":
+    def from_stored(cls, stored: StoredObject) -> ManagedObject:
         attributes: dict[str, list[Item]] = {}
         for a in sorted(stored.attributes, key=lambda a: (a.name, a.index)):
             attributes.setdefault(a.name, []).append(attrs.decode_value(a.value))

@@ -5,7 +5,7 @@ attributes back in the form of the request's version."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from kmip.core.enums import Tags
 

@@ -13,8 +13,8 @@ never from the reactor thread.
 from __future__ import annotations
 
 import abc
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import ContextManager
 
 
 class StorageError(Exception):
@@ -102,7 +102,7 @@ class Transaction(abc.ABC):
 
 class Storage(abc.ABC):
     @abc.abstractmethod
-    def transaction(self) -> ContextManager[Transaction]:
+    def transaction(self) -> AbstractContextManager[Transaction]:
         """A unit of work: committed when the block exits normally, rolled
         back when it raises. Backend failures surface as StorageError."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHandshakeListener
@@ -49,7 +49,7 @@ def check_frame_header(header: bytes, max_message_size: int) -> int:
 
 @implementer(IHandshakeListener)
 class KmipProtocol(protocol.Protocol, TimeoutMixin):
-    def __init__(self, factory: "KmipFactory"):
+    def __init__(self, factory: KmipFactory):
         self.factory = factory
         self._buffer = bytearray()
         self._expected: int | None = None

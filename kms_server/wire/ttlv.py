@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from kmip.core.enums import Tags
 
@@ -65,25 +66,25 @@ class Item:
     value: Any
 
     # Navigation helpers for structures.
-    def children(self) -> tuple["Item", ...]:
+    def children(self) -> tuple[Item, ...]:
         if self.type != ItemType.STRUCTURE:
             return ()
         return self.value
 
-    def find(self, tag: int) -> "Item | None":
+    def find(self, tag: int) -> Item | None:
         for child in self.children():
             if child.tag == tag:
                 return child
         return None
 
-    def find_all(self, tag: int) -> list["Item"]:
+    def find_all(self, tag: int) -> list[Item]:
         return [c for c in self.children() if c.tag == tag]
 
     def get(self, tag: int, default: Any = None) -> Any:
         item = self.find(tag)
         return default if item is None else item.value
 
-    def retag(self, tag: int) -> "Item":
+    def retag(self, tag: int) -> Item:
         return Item(tag, self.type, self.value)
 
     def __repr__(self) -> str:  # Short form that never prints key bytes.

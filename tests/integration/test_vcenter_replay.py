@@ -40,7 +40,7 @@ def replay(client: RawClient, exchanges) -> tuple[list[tuple[ttlv.Item, ttlv.Ite
         if exchange.response is None:
             continue
         expected = ttlv.decode(exchange.response)
-        for theirs, ours in zip(expected.find_all(T.BATCH_ITEM.value), response.find_all(T.BATCH_ITEM.value)):
+        for theirs, ours in zip(expected.find_all(T.BATCH_ITEM.value), response.find_all(T.BATCH_ITEM.value), strict=False):
             if theirs.get(T.OPERATION.value) == Operation.CREATE.value and theirs.get(T.RESULT_STATUS.value) == 0:
                 mapping[_payload(theirs).get(T.UNIQUE_IDENTIFIER.value)] = _payload(ours).get(T.UNIQUE_IDENTIFIER.value)
     return results, mapping
@@ -63,7 +63,7 @@ def test_vcenter_session_replays_with_every_item_successful(kms_module, pki_dir)
         request_items = request.find_all(T.BATCH_ITEM.value)
         response_items = response.find_all(T.BATCH_ITEM.value)
         assert header.get(T.BATCH_COUNT.value) == len(request_items) == len(response_items)
-        for req_item, resp_item in zip(request_items, response_items):
+        for req_item, resp_item in zip(request_items, response_items, strict=True):
             op = Operation(req_item.get(T.OPERATION.value))
             seen_ops.add(op)
             assert resp_item.get(T.RESULT_STATUS.value) == ResultStatus.SUCCESS.value, (op, resp_item)
