@@ -18,7 +18,9 @@ class Material:
     type: raw bytes for symmetric keys, secret data and opaque objects,
     PKCS#8 DER for private keys, SubjectPublicKeyInfo DER for public keys,
     DER for certificates. `subtype` is the Secret Data Type or Opaque Data
-    Type where the object has one. Only ever held in memory."""
+    Type where the object has one, and for private and public keys the Key
+    Format Type they were registered in (Get returns that format by default).
+    Only ever held in memory."""
 
     data: bytes = field(repr=False)
     subtype: int | None = None
