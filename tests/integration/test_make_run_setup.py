@@ -1,0 +1,63 @@
+"""What `make run` does, step by step, in a scratch copy of the layout:
+`kms-admin pki init` into certs/dev, `kms-admin master-key new` into var/,
+then `kms-server --config etc/kms-dev.toml` (here with --port 0) serves the
+vcenter client certificate it made."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from kmip.core import enums
+from kmip.pie.client import ProxyKmipClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def admin(*args, cwd):
+    result = subprocess.run(
+        [sys.executable, "-m", "kms_server.admin.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_dev_setup_serves_the_vcenter_certificate(tmp_path):
+    (tmp_path / "etc").mkdir()
+    shutil.copy(REPO / "etc" / "kms-dev.toml", tmp_path / "etc" / "kms-dev.toml")
+    admin("pki", "init", "--dir", "certs/dev", "--server-name", "localhost", "--client", "vcenter", "--client", "admin",
+          cwd=tmp_path)
+    (tmp_path / "var").mkdir(mode=0o700)
+    admin("master-key", "new", "--out", "var/master.key", cwd=tmp_path)
+    assert (tmp_path / "var" / "master.key").stat().st_mode & 0o777 == 0o600
+    # Running it twice keeps what exists (make run is re-run every day).
+    admin("pki", "init", "--dir", "certs/dev", "--server-name", "localhost", "--client", "vcenter", "--client", "admin",
+          cwd=tmp_path)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kms_server.cli", "--config", "etc/kms-dev.toml", "--port", "0"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "listening on 127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        port = int(line.strip().rsplit(":", 1)[1])
+        client = ProxyKmipClient(
+            hostname="127.0.0.1", port=port,
+            cert=str(tmp_path / "certs/dev/vcenter.pem"), key=str(tmp_path / "certs/dev/vcenter.key"),
+            ca=str(tmp_path / "certs/dev/ca.pem"),
+        )
+        client.open()
+        try:
+            uid = client.create(enums.CryptographicAlgorithm.AES, 256)
+            assert len(client.get(uid).value) == 32
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+    assert (tmp_path / "var" / "kms.db").exists()
