@@ -647,8 +647,9 @@ def import_transparent_public_key(
 def parse_certificate(der: bytes) -> dict[str, Any]:
     """Read the attributes KMIP derives from an X.509 certificate.
 
-    Returns subject and issuer (RFC 4514 strings), serial_number (int),
-    not_before and not_after (aware UTC datetimes), public_key_spki_der,
+    Returns subject and issuer (RFC 4514 strings), subject_der and
+    issuer_der (the DER Names), serial_number (int) and serial_der (the
+    content octets of its DER INTEGER), not_before and not_after (aware UTC datetimes), public_key_spki_der,
     algorithm, length_bits and digest_sha256 (of the DER encoding). PEM
     input is tolerated.
     """
@@ -662,7 +663,12 @@ def parse_certificate(der: bytes) -> dict[str, Any]:
         result = {
             "subject": cert.subject.rfc4514_string(),
             "issuer": cert.issuer.rfc4514_string(),
+            "subject_der": cert.subject.public_bytes(),
+            "issuer_der": cert.issuer.public_bytes(),
             "serial_number": cert.serial_number,
+            "serial_der": cert.serial_number.to_bytes(
+                (cert.serial_number.bit_length() + 8) // 8, "big", signed=True
+            ),
             "not_before": cert.not_valid_before_utc,
             "not_after": cert.not_valid_after_utc,
             "digest_sha256": cert.fingerprint(hashes.SHA256()),

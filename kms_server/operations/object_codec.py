@@ -396,48 +396,6 @@ def _pem_to_der(data: bytes) -> bytes:
         raise errors.InvalidField("Certificate Value is not valid PEM") from None
 
 
-def _der_element(data: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, content start, element end) of the DER element at `pos`."""
-    if pos + 2 > len(data):
-        raise ValueError("truncated")
-    tag, first = data[pos], data[pos + 1]
-    pos += 2
-    if first < 0x80:
-        length = first
-    else:
-        count = first & 0x7F
-        if count == 0 or count > 4 or pos + count > len(data):
-            raise ValueError("bad length")
-        length = int.from_bytes(data[pos : pos + count], "big")
-        pos += count
-    if pos + length > len(data):
-        raise ValueError("overrun")
-    return tag, pos, pos + length
-
-
-def _certificate_names(der: bytes) -> tuple[bytes, bytes, bytes]:
-    """The DER issuer Name, serial number and subject Name of an X.509
-    certificate (RFC 5280, 4.1): a structural walk over a certificate that
-    `crypto.parse_certificate` has already accepted."""
-    _, cert_start, _ = _der_element(der, 0)
-    _, pos, tbs_end = _der_element(der, cert_start)
-    tag, _, end = _der_element(der, pos)
-    if tag == 0xA0:  # [0] version
-        pos = end
-    _, serial_start, serial_end = _der_element(der, pos)
-    pos = serial_end
-    _, _, pos = _der_element(der, pos)  # signature AlgorithmIdentifier
-    issuer_start = pos
-    _, _, pos = _der_element(der, pos)
-    issuer = der[issuer_start:pos]
-    _, _, pos = _der_element(der, pos)  # validity
-    subject_start = pos
-    _, _, pos = _der_element(der, pos)
-    if pos > tbs_end:
-        raise ValueError("overrun")
-    return issuer, der[serial_start:serial_end], der[subject_start:pos]
-
-
 def _decode_certificate(holder: Item) -> tuple[Material, dict[str, Item]]:
     cert_type = _enum(
         _child(holder, T.CERTIFICATE_TYPE), CertificateType, T.CERTIFICATE_TYPE
@@ -449,11 +407,9 @@ def _decode_certificate(holder: Item) -> tuple[Material, dict[str, Item]]:
     der = _pem_to_der(_child(holder, T.CERTIFICATE_VALUE, ItemType.BYTE_STRING).value)
     try:
         info = crypto.parse_certificate(der)
-        issuer, serial, subject = _certificate_names(der)
     except crypto.CryptoError as exc:
         raise errors.InvalidField(exc.message) from None
-    except ValueError:
-        raise errors.InvalidField("certificate is malformed") from None
+    issuer, serial, subject = info["issuer_der"], info["serial_der"], info["subject_der"]
     implied = _implied_crypto(info["algorithm"], info["length_bits"])
     implied.update(
         {
