@@ -27,6 +27,10 @@ from kms_server.wire import ttlv
 log = logging.getLogger("kms_server.wire")
 
 REQUEST_MESSAGE_TAG = 0x420078
+# Complete requests a connection may have waiting behind the one being
+# processed; beyond this the connection stops being read (TCP back-pressure),
+# so a pipelining client cannot make the server buffer without bound.
+MAX_QUEUED_REQUESTS = 4
 
 
 class FramingError(Exception):
@@ -57,6 +61,7 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
         self._busy = False
         self._identity = None
         self._closing = False
+        self._paused = False
         self.peer = ""
 
     def callLater(self, period, func):
@@ -122,6 +127,9 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
             self._expected = None
             self._queue.append(message)
             self._next()
+            if len(self._queue) >= MAX_QUEUED_REQUESTS and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
 
     def _next(self):
         if self._busy or not self._queue or self._closing:
@@ -131,6 +139,9 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
         # it is answered, however slow it is.
         self.setTimeout(None)
         message = self._queue.popleft()
+        if self._paused and len(self._queue) < MAX_QUEUED_REQUESTS:
+            self._paused = False
+            self.transport.resumeProducing()
         d = self.factory.process(message, self._identity)
         d.addCallbacks(self._respond, self._failed)
 

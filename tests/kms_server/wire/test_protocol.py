@@ -478,3 +478,30 @@ def test_check_frame_header_limit(header, limit):
     else:
         with pytest.raises(wire.FramingError, match="exceeds"):
             wire.check_frame_header(data, limit)
+
+
+def test_pipelined_requests_pause_reading_until_the_queue_drains():
+    """A client that pipelines many requests behind a slow one is no longer
+    read (back-pressure) once MAX_QUEUED_REQUESTS wait, and is read again
+    when they are answered: the server never queues without bound."""
+    from kms_server.wire.protocol import MAX_QUEUED_REQUESTS
+
+    h = Harness()
+    pending = deque()
+
+    def process(message, identity):
+        d = defer.Deferred()
+        pending.append((d, message))
+        return d
+
+    h.factory.process = process
+    proto, transport = h.connect()
+    messages = [request_bytes(i) for i in range(1, MAX_QUEUED_REQUESTS + 3)]
+    proto.dataReceived(b"".join(messages))
+    assert transport.producerState == "paused"
+    assert len(pending) == 1
+    while pending:
+        d, message = pending.popleft()
+        d.callback(response_for(message))
+    assert transport.producerState == "producing"
+    assert transport.value() == b"".join(response_for(m) for m in messages)
