@@ -87,6 +87,15 @@ class TlsConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     db_url: str
+    # "auto": apply migrations on SQLite (single node), only check on
+    # PostgreSQL (a cluster upgrades with `kms-admin db upgrade`).
+    schema: str = "auto"
+
+    @property
+    def schema_mode(self) -> str:
+        if self.schema != "auto":
+            return self.schema
+        return "upgrade" if self.db_url.startswith("sqlite") else "check"
 
 
 @dataclass(frozen=True)
@@ -388,6 +397,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Validator, Any]]] = {
     },
     "storage": {
         "db_url": (_db_url, _DERIVED),
+        "schema": (_choice(("auto", "upgrade", "check")), "auto"),
     },
     "master_key": {
         "file": (_path, None),

@@ -39,7 +39,7 @@ class KmsService(service.Service):
         self.port = None
         # The data directory holds the embedded database; only this user reads it.
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.storage = open_storage(cfg.storage.db_url)
+        self.storage = open_storage(cfg.storage.db_url, schema=cfg.storage.schema_mode)
         try:
             barrier = open_barrier(
                 self.storage,

@@ -84,6 +84,14 @@ def start_server(
         + ("\n[storage]\ndb_url = \"" + db_url + "\"\n" if db_url else "")
         + textwrap.dedent(extra_config)
     )
+    if db_url and db_url.startswith("postgresql"):
+        # Cluster nodes only check the schema; upgrading is the operator's step.
+        upgrade = subprocess.run(
+            [sys.executable, "-m", "kms_server.admin.cli", "db", "upgrade", "--config", str(config)],
+            capture_output=True, text=True, timeout=120,
+        )
+        if upgrade.returncode != 0:
+            raise RuntimeError(f"kms-admin db upgrade failed: {upgrade.stderr}")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kms_server.cli", "--config", str(config)],
         stdout=subprocess.PIPE,

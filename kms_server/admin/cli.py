@@ -354,6 +354,84 @@ def register_credentials(subparsers: argparse._SubParsersAction) -> None:
     list_.set_defaults(func=_credentials_list)
 
 
+# --- db -------------------------------------------------------------------------------
+
+
+def _db_engine(args: argparse.Namespace):
+    from sqlalchemy.engine import create_engine, make_url
+
+    overrides = {"storage": {"db_url": args.db_url}} if getattr(args, "db_url", None) else None
+    cfg = load_config(args.config, overrides, require_master_key=False)
+    url = cfg.storage.db_url
+    if url.startswith("memory:"):
+        raise CommandError("the in-memory store has no schema; give a sqlite:// or postgresql:// --db-url")
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return create_engine(parsed, hide_parameters=True), parsed.render_as_string(hide_password=True)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from kms_server.storage import schema
+
+    engine, shown = _db_engine(args)
+    try:
+        before, after = schema.upgrade(engine)
+    except schema.SchemaError as exc:
+        raise CommandError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", exc)).splitlines() or ["?"])[0]
+        raise CommandError(f"cannot upgrade {shown}: {first}; check --db-url and that the database is reachable") from None
+    finally:
+        engine.dispose()
+    if before == after:
+        _out(f"{shown}: schema already at revision {after}")
+    else:
+        _out(f"{shown}: schema upgraded from {before or 'empty'} to {after}")
+    return 0
+
+
+def _db_status(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from kms_server.storage import schema
+
+    engine, shown = _db_engine(args)
+    try:
+        current = schema.current_revision(engine)
+    except SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", exc)).splitlines() or ["?"])[0]
+        raise CommandError(f"cannot read {shown}: {first}; check --db-url and that the database is reachable") from None
+    finally:
+        engine.dispose()
+    head = schema.head_revision()
+    _out(f"database: {shown}")
+    _out(f"schema revision: {current or 'none (empty database)'}")
+    _out(f"this release needs: {head}")
+    if current != head:
+        _out("run 'kms-admin db upgrade' to bring it up to date" if current in schema.known_revisions() or current is None
+             else "the database is newer than this release: upgrade kms-server")
+        return 1
+    return 0
+
+
+def register_db(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("db", help="database schema (Alembic migrations)")
+    commands = group.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+    for name, func, text in (
+        ("upgrade", _db_upgrade, "apply the schema migrations this release has"),
+        ("status", _db_status, "show the schema revision (exit 1 unless current)"),
+    ):
+        cmd = commands.add_parser(name, help=text)
+        cmd.add_argument("--config", help="kms-server configuration file (for storage.db_url)")
+        cmd.add_argument("--db-url", help="database URL (overrides the configuration)")
+        cmd.set_defaults(func=func)
+
+
 # --- assembly ------------------------------------------------------------------------
 
 CommandGroup = Callable[[argparse._SubParsersAction], None]
@@ -364,6 +442,7 @@ COMMAND_GROUPS: list[CommandGroup] = [
     register_clients,
     register_master_key,
     register_credentials,
+    register_db,
 ]
 
 

@@ -28,7 +28,7 @@ __all__ = [
 MEMORY_URL = "memory://"
 
 
-def open_storage(db_url: str) -> Storage:
+def open_storage(db_url: str, schema: str = "upgrade") -> Storage:
     """The backend a URL names: `memory://` (the in-process fake, empty on
     every call), `sqlite:///path/to/file.db` or
     `postgresql+psycopg://user@host/dbname`."""
@@ -39,4 +39,4 @@ def open_storage(db_url: str) -> Storage:
     # Imported here so that the fake works without a database driver.
     from kms_server.storage.sql import SqlStorage
 
-    return SqlStorage(db_url)
+    return SqlStorage(db_url, schema=schema)

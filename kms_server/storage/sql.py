@@ -30,7 +30,6 @@ from sqlalchemy import (
     exists,
     insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -94,9 +93,6 @@ kms_meta = Table(
     Column("key", Text, primary_key=True),
     Column("value", LargeBinary, nullable=False),
 )
-
-# Serializes create_all between cluster nodes that start at the same time.
-_PG_SCHEMA_LOCK_ID = 0x6B6D735F  # "kms_"
 
 
 def _digest(value: bytes) -> bytes:
@@ -352,7 +348,11 @@ class SqlStorage(Storage):
     """Storage in a SQL database: `sqlite:///path` or
     `postgresql+psycopg://user@host/db` (`postgresql://` means psycopg)."""
 
-    def __init__(self, db_url: str, *, pool_size: int = 16) -> None:
+    def __init__(self, db_url: str, *, pool_size: int = 16, schema: str = "upgrade") -> None:
+        """`schema`: "upgrade" applies the Alembic migrations up to head
+        (the embedded single-node default and tests), "check" refuses a
+        database that is not at head (cluster nodes: `kms-admin db upgrade`
+        is an explicit step)."""
         try:
             url = make_url(db_url)
         except ArgumentError:
@@ -397,14 +397,17 @@ class SqlStorage(Storage):
             raise StorageError(f"cannot open storage {shown!r}: {exc}") from None
         if backend == "sqlite":
             _configure_sqlite(self._engine)
+        from kms_server.storage import schema as schema_versions
+
+        self.shown_url = shown
         try:
-            with self._engine.begin() as conn:
-                if backend == "postgresql":
-                    conn.execute(
-                        text("SELECT pg_advisory_xact_lock(:id)"),
-                        {"id": _PG_SCHEMA_LOCK_ID},
-                    )
-                metadata.create_all(conn)
+            if schema == "upgrade":
+                schema_versions.upgrade(self._engine)
+            else:
+                schema_versions.check(self._engine, shown)
+        except schema_versions.SchemaError as exc:
+            self._engine.dispose()
+            raise StorageError(str(exc)) from None
         except SQLAlchemyError as exc:
             self._engine.dispose()
             raise StorageError(
