@@ -85,3 +85,8 @@ class AttributeReadOnly(KmsError):
 
 class AttributeSingleValued(KmsError):
     """A second value for an attribute that takes only one."""
+
+
+class OutcomeUnknown(KmsError):
+    """The database connection was lost while committing: the change may or
+    may not be stored. Answered GENERAL_FAILURE, never success."""

@@ -29,12 +29,16 @@ from kms_server import errors
 from kms_server.dispatch.context import BatchState, RequestContext
 from kms_server.dispatch.errors import GENERAL_FAILURE_MESSAGE, result_reason
 from kms_server.keystore.policy import Principal
+from kms_server.storage.base import StorageUnavailable
 from kms_server.wire import ttlv
 from kms_server.wire.ttlv import Item, ItemType
 
 log = logging.getLogger("kms_server.dispatch")
 
 SUPPORTED_VERSIONS: tuple[tuple[int, int], ...] = ((2, 0), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0))
+# Waits before each new attempt of an item whose database connection was
+# lost (a PostgreSQL failover takes seconds); about 15 s in all.
+STORAGE_RETRY_DELAYS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 7.0)
 
 T = Tags
 Handler = Callable[[RequestContext, object, Item], list[Item]]
@@ -54,6 +58,8 @@ class Dispatcher:
         node: str = "",
         authenticate: Callable[[str, str], bool] | None = None,
         max_depth: int = ttlv.DEFAULT_MAX_DEPTH,
+        retry_delays: tuple[float, ...] = STORAGE_RETRY_DELAYS,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.keystore = keystore
         self.operations = operations
@@ -62,6 +68,8 @@ class Dispatcher:
         # that this callable accepts.
         self.authenticate = authenticate
         self.max_depth = max_depth
+        self.retry_delays = retry_delays
+        self.sleep = sleep
 
     # Entry point.
     def handle(self, data: bytes, conn: ConnectionInfo) -> bytes | None:
@@ -167,7 +175,7 @@ class Dispatcher:
                 raise errors.OperationNotSupported(f"{operation.name} is not supported by this server")
             if payload is None or payload.type != ItemType.STRUCTURE:
                 raise errors.InvalidMessage("Request Payload is missing")
-            result = handler(ctx, self.keystore, payload)
+            result = self._run(handler, ctx, payload)
             body = head + [
                 ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.SUCCESS.value),
                 ttlv.structure(T.RESPONSE_PAYLOAD.value, result),
@@ -188,6 +196,27 @@ class Dispatcher:
             reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
         body = head + _failure_fields(reason, text)
         return ttlv.structure(T.BATCH_ITEM.value, body), True
+
+    def _run(self, handler: Handler, ctx: RequestContext, payload: Item) -> list[Item]:
+        """Run one item. When the database connection is lost before a
+        commit, nothing was stored, so the item is run again (this is how
+        reads and writes ride out a failover); when it is lost during the
+        commit, the outcome is unknown and the client is told so."""
+        for delay in (*self.retry_delays, None):
+            try:
+                return handler(ctx, self.keystore, payload)
+            except StorageUnavailable as exc:
+                if exc.commit_unknown:
+                    log.error("request %s: database connection lost while committing: %s", ctx.request_id, exc)
+                    raise errors.OutcomeUnknown(
+                        f"the database connection was lost while committing (request {ctx.request_id}); "
+                        "the change may or may not be stored: check before retrying"
+                    ) from None
+                if delay is None:
+                    raise
+                log.warning("request %s: database unavailable (%s); retrying in %.2f s", ctx.request_id, exc, delay)
+                self.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _principal(self, header: Item, principal: Principal) -> Principal:
         authentication = header.find(T.AUTHENTICATION.value)

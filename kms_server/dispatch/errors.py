@@ -37,6 +37,7 @@ REASONS: dict[type[errors.KmsError], tuple[ResultReason, ResultReason]] = {
     errors.AttributeNotFound: (ResultReason.ITEM_NOT_FOUND, ResultReason.ATTRIBUTE_NOT_FOUND),
     errors.AttributeReadOnly: (ResultReason.PERMISSION_DENIED, ResultReason.ATTRIBUTE_READ_ONLY),
     errors.AttributeSingleValued: (ResultReason.INVALID_FIELD, ResultReason.ATTRIBUTE_SINGLE_VALUED),
+    errors.OutcomeUnknown: (ResultReason.GENERAL_FAILURE, ResultReason.GENERAL_FAILURE),
 }
 
 GENERAL_FAILURE_MESSAGE = "internal error; see the server log for request {request_id}"

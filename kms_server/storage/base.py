@@ -21,6 +21,16 @@ class StorageError(Exception):
     """The backend failed; the transaction was rolled back."""
 
 
+class StorageUnavailable(StorageError):
+    """The database could not be reached or the connection dropped. Nothing
+    was committed, unless `commit_unknown` is set: then the connection was
+    lost while committing and the change may or may not be stored."""
+
+    def __init__(self, message: str, commit_unknown: bool = False):
+        super().__init__(message)
+        self.commit_unknown = commit_unknown
+
+
 class ObjectExists(StorageError):
     """insert_object with a unique identifier that is already stored."""
 

@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
 from kms_server.storage.base import (
     ConcurrentModification,
@@ -43,6 +43,7 @@ from kms_server.storage.base import (
     ObjectExists,
     Storage,
     StorageError,
+    StorageUnavailable,
     StoredAttribute,
     StoredObject,
     Transaction,
@@ -114,6 +115,29 @@ def _describe(exc: SQLAlchemyError) -> str:
     return f"{prefix}: {first_line}"
 
 
+def _is_disconnect(exc: SQLAlchemyError) -> bool:
+    """The connection is gone (server down, failover, network): as opposed
+    to an error in the statement."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError) and getattr(getattr(exc, "orig", None), "sqlstate", None) in (
+        None,
+        "08000",
+        "08001",
+        "08003",
+        "08006",
+        "57P01",
+        "57P02",
+        "57P03",
+    ) and "sqlite" not in type(getattr(exc, "orig", None)).__module__
+
+
+def _storage_error(what: str, exc: SQLAlchemyError, commit: bool = False) -> StorageError:
+    if _is_disconnect(exc):
+        return StorageUnavailable(f"{what}: {_describe(exc)}", commit_unknown=commit)
+    return StorageError(f"{what}: {_describe(exc)}")
+
+
 def _is_unique_violation(exc: IntegrityError) -> bool:
     orig = exc.orig
     if getattr(orig, "sqlstate", None) == "23505":
@@ -157,7 +181,7 @@ class _SqlTransaction(Transaction):
             raise
         except SQLAlchemyError as exc:
             self.failed = True
-            raise StorageError(f"{what}: {_describe(exc)}") from None
+            raise _storage_error(what, exc) from None
 
     def _insert_attributes(self, uid: str, attributes: list[StoredAttribute]) -> None:
         if not attributes:
@@ -437,12 +461,12 @@ class SqlStorage(Storage):
         try:
             conn = self._engine.connect()
         except SQLAlchemyError as exc:
-            raise StorageError(f"connect: {_describe(exc)}") from None
+            raise _storage_error("connect", exc) from None
         try:
             try:
                 trans = conn.begin()
             except SQLAlchemyError as exc:
-                raise StorageError(f"begin: {_describe(exc)}") from None
+                raise _storage_error("begin", exc) from None
             tx = _SqlTransaction(conn, self._dialect)
             try:
                 yield tx
@@ -459,7 +483,7 @@ class SqlStorage(Storage):
             try:
                 trans.commit()
             except SQLAlchemyError as exc:
-                raise StorageError(f"commit: {_describe(exc)}") from None
+                raise _storage_error("commit", exc, commit=True) from None
         finally:
             with contextlib.suppress(SQLAlchemyError):
                 conn.close()

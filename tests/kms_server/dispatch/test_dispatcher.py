@@ -596,3 +596,74 @@ def test_1_x_gets_1_x_reasons_and_2_0_gets_2_0_reasons(dispatcher):
         reason(only_item(handle(dispatcher, request([activate], version=(2, 0)))))
         == ResultReason.WRONG_KEY_LIFECYCLE_STATE
     )
+
+
+class FlakyStorage:
+    """Wraps a storage; the first `failures` transactions fail as a lost
+    database connection would (before commit, or during the commit)."""
+
+    def __init__(self, inner, failures: int, commit_unknown: bool = False):
+        self.inner = inner
+        self.failures = failures
+        self.commit_unknown = commit_unknown
+        self.attempts = 0
+
+    def transaction(self):
+        from contextlib import contextmanager
+
+        from kms_server.storage.base import StorageUnavailable
+
+        @contextmanager
+        def unit():
+            self.attempts += 1
+            if self.failures > 0:
+                self.failures -= 1
+                if self.commit_unknown:
+                    # The work is done, then the commit's fate is unknown.
+                    with self.inner.transaction() as txn:
+                        yield txn
+                    raise StorageUnavailable("commit: connection lost", commit_unknown=True)
+                raise StorageUnavailable("connect: connection refused")
+            with self.inner.transaction() as txn:
+                yield txn
+
+        return unit()
+
+    def close(self):
+        self.inner.close()
+
+
+def _flaky_dispatcher(failures, commit_unknown=False):
+    storage = FlakyStorage(open_storage("memory://"), 0)
+    keystore = Keystore(storage, Barrier(os.urandom(32)))
+    storage.failures, storage.commit_unknown = failures, commit_unknown
+    sleeps = []
+    return Dispatcher(keystore, OPERATIONS, retry_delays=(0.1, 0.2, 0.4), sleep=sleeps.append), storage, sleeps
+
+
+def test_lost_database_connection_before_commit_is_retried():
+    """A Create whose transactions fail twice with a lost connection (nothing
+    committed) succeeds on the third attempt, after the configured waits."""
+    dispatcher, storage, sleeps = _flaky_dispatcher(failures=2)
+    item = only_item(handle(dispatcher, request([batch_item(Operation.CREATE, create_payload())])))
+    assert status(item) == ResultStatus.SUCCESS
+    assert storage.attempts == 3
+    assert sleeps == [0.1, 0.2]
+
+
+def test_database_down_longer_than_the_retries_is_general_failure():
+    dispatcher, storage, sleeps = _flaky_dispatcher(failures=10)
+    item = only_item(handle(dispatcher, request([batch_item(Operation.CREATE, create_payload())])))
+    assert status(item) == ResultStatus.OPERATION_FAILED
+    assert reason(item) == ResultReason.GENERAL_FAILURE
+    assert storage.attempts == 4
+    assert sleeps == [0.1, 0.2, 0.4]
+
+
+def test_commit_outcome_unknown_is_general_failure_never_success_and_not_retried():
+    dispatcher, storage, sleeps = _flaky_dispatcher(failures=1, commit_unknown=True)
+    item = only_item(handle(dispatcher, request([batch_item(Operation.CREATE, create_payload())])))
+    assert status(item) == ResultStatus.OPERATION_FAILED
+    assert reason(item) == ResultReason.GENERAL_FAILURE
+    assert "may or may not be stored" in item.get(T.RESULT_MESSAGE.value)
+    assert storage.attempts == 1 and sleeps == []

@@ -38,6 +38,7 @@ EXPECTED = {
     errors.AttributeNotFound: (R.ITEM_NOT_FOUND, R.ATTRIBUTE_NOT_FOUND),
     errors.AttributeReadOnly: (R.PERMISSION_DENIED, R.ATTRIBUTE_READ_ONLY),
     errors.AttributeSingleValued: (R.INVALID_FIELD, R.ATTRIBUTE_SINGLE_VALUED),
+    errors.OutcomeUnknown: (R.GENERAL_FAILURE, R.GENERAL_FAILURE),
 }
 
 # Reasons that KMIP 1.x does not define: a 1.x client must never get one.
