@@ -69,6 +69,8 @@ def server_main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Migration chatter is not news at every start.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     from twisted.internet import reactor
 
     from kms_server import server

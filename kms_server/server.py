@@ -14,10 +14,11 @@ import sys
 import threading
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from kms_server import credentials
+from kms_server import cluster, credentials
 from kms_server.config import Config
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.keystore.barrier import open_barrier
@@ -37,6 +38,8 @@ class KmsService(service.Service):
         self.reactor = reactor
         self.announce = announce or (lambda text: None)
         self.port = None
+        self.heartbeat = None
+        self.heartbeat_loop = None
         # The data directory holds the embedded database; only this user reads it.
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.storage = open_storage(cfg.storage.db_url, schema=cfg.storage.schema_mode)
@@ -101,6 +104,14 @@ class KmsService(service.Service):
         )
         address = self.port.getHost()
         self.announce(f"kms-server listening on {address.host}:{address.port}")
+        engine = getattr(self.storage, "engine", None)
+        if engine is not None:
+            self.heartbeat = cluster.Heartbeat(engine, self.cfg.server.node_name, f"{address.host}:{address.port}")
+            self.heartbeat_loop = task.LoopingCall(
+                lambda: deferToThreadPool(self.reactor, self.threadpool, self.heartbeat.beat)
+            )
+            self.heartbeat_loop.clock = self.reactor
+            self.heartbeat_loop.start(cluster.HEARTBEAT_SECONDS, now=True)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -109,6 +120,9 @@ class KmsService(service.Service):
             yield self.port.stopListening()
         yield self.factory.drain()
         yield self.factory.close_all()
+        if self.heartbeat_loop is not None and self.heartbeat_loop.running:
+            self.heartbeat_loop.stop()
+            yield deferToThreadPool(self.reactor, self.threadpool, self.heartbeat.leave)
         self.threadpool.stop()
         self.storage.close()
         yield super().stopService()

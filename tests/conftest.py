@@ -50,10 +50,19 @@ class ServerProcess:
 
 
 def start_server(
-    workdir: Path, pki: Path, extra_config: str = "", db_url: str | None = None, env=None, log_level: str = "INFO"
+    workdir: Path,
+    pki: Path,
+    extra_config: str = "",
+    db_url: str | None = None,
+    env=None,
+    log_level: str = "INFO",
+    node_name: str | None = None,
+    master_key: Path | None = None,
 ) -> ServerProcess:
+    """Start a node in `workdir`. Nodes of one cluster share `master_key`
+    (a key file); by default each workdir gets its own."""
     workdir.mkdir(parents=True, exist_ok=True)
-    key_file = workdir / "master.key"
+    key_file = master_key or workdir / "master.key"
     if not key_file.exists():
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(fd, (secrets.token_hex(32) + "\n").encode())
@@ -65,6 +74,7 @@ def start_server(
             [server]
             host = "127.0.0.1"
             port = 0
+            node_name = "{node_name or workdir.name}"
             data_dir = "{workdir / 'data'}"
             idle_timeout = 30.0
             handshake_timeout = 5.0

@@ -419,6 +419,64 @@ def _db_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_status(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from kms_server import cluster
+
+    engine, shown = _db_engine(args)
+    try:
+        records = cluster.nodes(engine)
+        role = cluster.database_role(engine)
+    except SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", exc)).splitlines() or ["?"])[0]
+        raise CommandError(f"cannot read {shown}: {first}; check --db-url and run 'kms-admin db upgrade'") from None
+    finally:
+        engine.dispose()
+    now = time.time()
+    console = Console()
+    table = Table(title=f"KMS nodes (seen in the last {int(cluster.RECENT_SECONDS)} s)")
+    for column in ("node", "address", "version", "pid", "up since", "last seen"):
+        table.add_column(column)
+    recent = [r for r in records if now - r.last_seen <= cluster.RECENT_SECONDS]
+    for r in recent:
+        table.add_row(
+            r.name, r.address, r.version, str(r.pid),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at)), f"{now - r.last_seen:.0f} s ago",
+        )
+    console.print(table)
+    gone = [r.name for r in records if now - r.last_seen > cluster.RECENT_SECONDS]
+    if gone:
+        console.print(f"not seen recently: {', '.join(gone)}")
+    console.print(f"database: {shown} ({role.backend} {role.server_version}, {role.role})")
+    if role.backend == "postgresql" and role.role == "primary":
+        standbys = Table(title="standbys")
+        for column in ("name", "address", "state", "sync", "replay lag", "behind (bytes)"):
+            standbys.add_column(column)
+        for sb in role.standbys:
+            lag = "-" if sb.replay_lag_seconds is None else f"{sb.replay_lag_seconds:.3f} s"
+            standbys.add_row(sb.application_name, sb.client_addr, sb.state, sb.sync_state, lag,
+                             "-" if sb.lag_bytes is None else str(sb.lag_bytes))
+        if role.standbys:
+            console.print(standbys)
+        else:
+            console.print("standbys: none connected (no replication: an acknowledged key lives on this server only)")
+    return 0
+
+
+def register_cluster(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("cluster", help="the nodes and the database of a cluster")
+    commands = group.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
+    status = commands.add_parser("status", help="nodes seen recently, database primary and standbys, replication lag")
+    status.add_argument("--config", help="kms-server configuration file (for storage.db_url)")
+    status.add_argument("--db-url", help="database URL (overrides the configuration)")
+    status.set_defaults(func=_cluster_status)
+
+
 def register_db(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("db", help="database schema (Alembic migrations)")
     commands = group.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
@@ -443,6 +501,7 @@ COMMAND_GROUPS: list[CommandGroup] = [
     register_master_key,
     register_credentials,
     register_db,
+    register_cluster,
 ]
 
 

@@ -49,7 +49,7 @@ from kms_server.storage.base import (
     Transaction,
 )
 
-__all__ = ["SqlStorage", "kms_attributes", "kms_meta", "kms_objects", "metadata"]
+__all__ = ["SqlStorage", "kms_attributes", "kms_meta", "kms_nodes", "kms_objects", "metadata"]
 
 metadata = MetaData()
 
@@ -86,6 +86,19 @@ kms_attributes = Table(
     Column("value_digest", LargeBinary(32), nullable=False),
     Index("ix_kms_attributes_name_value_digest", "name", "value_digest"),
     Index("ix_kms_attributes_uid", "uid"),
+)
+
+# One row per node of the cluster, refreshed by its heartbeat
+# (kms_server/cluster.py); read by `kms-admin cluster status`.
+kms_nodes = Table(
+    "kms_nodes",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("address", Text, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
 )
 
 kms_meta = Table(

@@ -1,0 +1,910 @@
+"""``kms-admin backup`` and ``restore``: a consistent, encrypted and
+authenticated copy of the store (format: docs/backup-format.md).
+
+The backup reads every backed-up table in one read-only transaction (a
+snapshot), so a server may keep running; rows are streamed in batches and
+never held all at once. The row stream is cut into chunks, each sealed with
+AES-256-GCM under a key derived from the master key (HKDF-SHA256 with a fresh
+salt per backup); a chunk's nonce carries its index and whether it is the
+last one, so a reordered, removed or truncated chunk does not open. Sealed
+key material stays sealed as it is in the database: the backup layer is a
+second layer that also hides attribute values (names, ``x-`` tags).
+
+Restore authenticates the whole file before it touches the target, which
+must be empty; it then inserts every row in one transaction and checks the
+counts, so a restore either gives back the whole store or writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import Table, event, func, insert, inspect, select, text
+from sqlalchemy.engine import Connection, Engine, create_engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from kms_server.config import Config
+from kms_server.keystore import barrier
+from kms_server.storage import schema
+from kms_server.storage import sql as sql_tables
+
+__all__ = [
+    "BACKUP_TABLES",
+    "NOT_BACKED_UP",
+    "BackupError",
+    "BackupSummary",
+    "Progress",
+    "RestoreSummary",
+    "backup",
+    "restore",
+]
+
+Progress = Callable[[int, int], None]
+"""Called with (rows done, rows in total), first with done == 0."""
+
+MAGIC = b"\x89KMSBAK\n"
+FORMAT_VERSION = 1
+HKDF_INFO = b"kms-server backup v1"
+SALT_SIZE = 32
+DIGEST_SIZE = 32
+TAG_SIZE = 16
+# Plaintext bytes per chunk; the reader takes the value from the header.
+CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+MAX_HEADER_SIZE = 1024 * 1024
+# Rows read (server-side cursor) and inserted per round trip.
+BATCH_ROWS = 1000
+
+# The tables a backup holds, parents before children (restore inserts in
+# this order). A table added to kms_server.storage.sql (the audit trail) goes
+# here or into NOT_BACKED_UP; a test fails until it is in one of them.
+BACKUP_TABLES: tuple[str, ...] = ("kms_meta", "kms_objects", "kms_attributes")
+NOT_BACKED_UP: dict[str, str] = {
+    "kms_nodes": "liveness of running nodes: each node records itself again when it starts",
+}
+
+_DESCRIPTIONS = {"kms_meta": "server values", "kms_objects": "objects", "kms_attributes": "attributes"}
+
+_PREFIX = struct.Struct(">8sHI")  # magic, format version, header length
+_FRAME = struct.Struct(">BI")  # chunk flags, sealed chunk length
+_FLAG_MORE, _FLAG_FINAL = 0x00, 0x01
+# Nonce = kind (1 byte) || 3 zero bytes || index (8 bytes, big-endian).
+_KIND_CHUNK, _KIND_FINAL_CHUNK, _KIND_KEY_CHECK, _KIND_HEADER = 0x00, 0x01, 0x02, 0x03
+_KEY_CHECK_AAD = b"kms-server backup key check"
+
+# Records of the plaintext stream.
+_REC_SECTION, _REC_ROW, _REC_SECTION_END, _REC_END = b"T", b"R", b"E", b"Z"
+# Column values.
+_V_NULL, _V_INT, _V_FLOAT, _V_TEXT, _V_BYTES = 0, 1, 2, 3, 4
+_MAX_VALUE_SIZE = 1 << 30
+
+
+class BackupError(Exception):
+    """A backup or restore could not be done; the message is one line,
+    'problem; fix', and holds no key material or attribute value."""
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    path: Path
+    size: int
+    rows: dict[str, int]
+    chunks: int
+    schema_revision: str
+    created_at: str
+    node: str
+
+
+@dataclass(frozen=True)
+class RestoreSummary:
+    path: Path
+    database: str
+    rows: dict[str, int]
+    schema_revision: str
+    backup_created_at: str
+    backup_node: str
+
+
+def describe_rows(rows: dict[str, int]) -> str:
+    """'3 objects, 12 attributes, 2 server values' for a summary's rows."""
+    return ", ".join(f"{count} {_DESCRIPTIONS.get(name, name)}" for name, count in rows.items())
+
+
+# --- crypto ---------------------------------------------------------------------------
+# Kept to this small class so that it can move next to the barrier
+# (kms_server/keystore/), where the project keeps the code that imports
+# `cryptography`.
+
+
+class _ChunkInvalid(Exception):
+    pass
+
+
+class _BackupCipher:
+    """AES-256-GCM under HKDF-SHA256(master key, salt, "kms-server backup v1").
+
+    The key is new for every backup (fresh salt), so nonces are counters:
+    kind || 000000 || index. The kind says data chunk, final data chunk, key
+    check or header tag, so no two uses of the key share a nonce.
+    """
+
+    def __init__(self, master_key: bytes, salt: bytes):
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=HKDF_INFO).derive(master_key)
+        self._aead = AESGCM(key)
+
+    @staticmethod
+    def _nonce(kind: int, index: int) -> bytes:
+        return bytes([kind, 0, 0, 0]) + index.to_bytes(8, "big")
+
+    def key_check(self) -> bytes:
+        """A tag that depends on the key alone: tells a wrong master key
+        apart from an altered header."""
+        return self._aead.encrypt(self._nonce(_KIND_KEY_CHECK, 0), b"", _KEY_CHECK_AAD)
+
+    def header_tag(self, header: bytes) -> bytes:
+        return self._aead.encrypt(self._nonce(_KIND_HEADER, 0), b"", header)
+
+    def seal(self, index: int, final: bool, plaintext: bytes, aad: bytes) -> bytes:
+        kind = _KIND_FINAL_CHUNK if final else _KIND_CHUNK
+        return self._aead.encrypt(self._nonce(kind, index), plaintext, aad)
+
+    def open(self, index: int, final: bool, sealed: bytes, aad: bytes) -> bytes:
+        from cryptography.exceptions import InvalidTag
+
+        kind = _KIND_FINAL_CHUNK if final else _KIND_CHUNK
+        try:
+            return self._aead.decrypt(self._nonce(kind, index), sealed, aad)
+        except InvalidTag:
+            raise _ChunkInvalid from None
+
+
+# --- master key -----------------------------------------------------------------------
+
+
+def _read_passphrase(path: Path) -> bytes:
+    # The same rules as barrier.open_barrier.
+    try:
+        passphrase = Path(path).read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise BackupError(f"cannot read passphrase file {path} ({exc.strerror}); check master_key.passphrase_file") from None
+    if len(passphrase) < 12:
+        raise BackupError(f"the passphrase in {path} is shorter than 12 characters; check master_key.passphrase_file")
+    return passphrase
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        return barrier.read_key_file(path)
+    except barrier.BarrierError as exc:
+        raise BackupError(str(exc)) from None
+
+
+def _backup_master_key(cfg: Config, meta: dict[str, bytes]) -> tuple[bytes, dict[str, Any]]:
+    """The master key that opens the source store, and how a restore finds
+    it again (the header's master_key member)."""
+    check = meta.get(barrier.CHECK_META)
+    if check is None:
+        raise BackupError(
+            "the database holds no master-key check record (no node has opened it yet); "
+            "start kms-server on it once, then back it up"
+        )
+    if cfg.master_key.file is not None:
+        key = _read_key_file(cfg.master_key.file)
+        how: dict[str, Any] = {"source": "file"}
+    elif cfg.master_key.passphrase_file is not None:
+        salt = meta.get(barrier.SALT_META)
+        if salt is None:
+            raise BackupError(
+                "the database has no scrypt salt, so its master key is a key file, not a passphrase; "
+                "set master_key.file in the configuration"
+            )
+        key = barrier.derive_from_passphrase(_read_passphrase(cfg.master_key.passphrase_file), salt)
+        how = {
+            "source": "passphrase",
+            "scrypt": {"salt": salt.hex(), "n": barrier.SCRYPT_N, "r": barrier.SCRYPT_R, "p": barrier.SCRYPT_P},
+        }
+    else:
+        raise BackupError("no master key configured; set master_key.file or master_key.passphrase_file")
+    try:
+        opens = barrier.Barrier(key).unseal(barrier._CHECK_ID, check) == barrier._CHECK_PLAINTEXT
+    except barrier.BarrierError:
+        opens = False
+    if not opens:
+        raise BackupError(
+            "the configured master key does not open this database; "
+            "configure the key file or passphrase its servers use"
+        )
+    return key, how
+
+
+def _restore_master_key(cfg: Config, how: Any) -> bytes:
+    source = how.get("source") if isinstance(how, dict) else None
+    if cfg.master_key.file is not None:
+        return _read_key_file(cfg.master_key.file)
+    if cfg.master_key.passphrase_file is None:
+        raise BackupError("no master key configured; set master_key.file or master_key.passphrase_file")
+    if source != "passphrase":
+        raise BackupError(
+            "the backup was made under a master key file, not a passphrase; "
+            "set master_key.file to the key file the backed-up server used"
+        )
+    params = how.get("scrypt") or {}
+    if (params.get("n"), params.get("r"), params.get("p")) != (barrier.SCRYPT_N, barrier.SCRYPT_R, barrier.SCRYPT_P):
+        raise BackupError("the backup uses scrypt parameters this release does not; restore it with the release that made it")
+    try:
+        salt = bytes.fromhex(params["salt"])
+    except (KeyError, TypeError, ValueError):
+        raise BackupError("the backup header has a malformed scrypt salt; use an intact copy of the backup") from None
+    return barrier.derive_from_passphrase(_read_passphrase(cfg.master_key.passphrase_file), salt)
+
+
+# --- database ---------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(getattr(exc, "orig", None) or exc).splitlines() or ["?"])[0]
+
+
+def _database_url(cfg: Config) -> tuple[Any, str]:
+    url = cfg.storage.db_url
+    if url.startswith("memory:"):
+        raise BackupError("the in-memory store cannot be backed up or restored; give a sqlite:// or postgresql:// URL")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise BackupError("storage.db_url is malformed; use sqlite:///path or postgresql+psycopg://user@host/db") from None
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise BackupError("storage.db_url names an unsupported database; use sqlite:// or postgresql://")
+    return parsed, parsed.render_as_string(hide_password=True)
+
+
+def _sqlite_path(url: Any) -> Path | None:
+    if url.get_backend_name() != "sqlite":
+        return None
+    return Path(url.database) if url.database else None
+
+
+def _engine(url: Any, *, sqlite_begin: str) -> Engine:
+    connect_args = {"timeout": 10} if url.get_backend_name() == "sqlite" else {}
+    # hide_parameters: bound values are sealed material and attribute values.
+    engine = create_engine(url, connect_args=connect_args, poolclass=NullPool, hide_parameters=True)
+    if url.get_backend_name() == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # BEGIN is ours (below): sqlite3 would otherwise run every
+            # SELECT in its own snapshot.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("PRAGMA busy_timeout = 10000")
+                cursor.execute("PRAGMA foreign_keys = ON")
+            finally:
+                cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql(sqlite_begin)
+
+    return engine
+
+
+def _tables() -> list[Table]:
+    missing = [name for name in BACKUP_TABLES if name not in sql_tables.metadata.tables]
+    if missing:  # pragma: no cover - a programming error in this release
+        raise BackupError(f"this release has no table {missing[0]}; report a bug")
+    return [sql_tables.metadata.tables[name] for name in BACKUP_TABLES]
+
+
+def _count(conn: Connection, table: Table) -> int:
+    return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def _serial_sequence(conn: Connection, table: Table, column: str) -> str | None:
+    return conn.execute(
+        text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": table.name, "c": column}
+    ).scalar()
+
+
+def _high_water(conn: Connection, table: Table) -> dict[str, Any] | None:
+    """The largest value the table's autoincrement key has handed out, so
+    that a restored store never gives a deleted object's number again."""
+    column = table.autoincrement_column
+    if column is None:
+        return None
+    high = conn.execute(select(func.max(column))).scalar() or 0
+    if conn.dialect.name == "sqlite" and table.dialect_options["sqlite"]["autoincrement"]:
+        seq = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = :n"), {"n": table.name}).scalar()
+        high = max(high, seq or 0)
+    elif conn.dialect.name == "postgresql":
+        sequence = _serial_sequence(conn, table, column.name)
+        if sequence is not None:
+            # The name comes from the catalog, already quoted.
+            last, called = conn.execute(text(f"SELECT last_value, is_called FROM {sequence}")).one()
+            if called:
+                high = max(high, last)
+    return {"column": column.name, "high_water": int(high)}
+
+
+def _set_high_water(conn: Connection, table: Table, info: dict[str, Any] | None) -> None:
+    if not info:
+        return
+    column = table.c[info["column"]]
+    high = max(int(info["high_water"]), conn.execute(select(func.max(column))).scalar() or 0)
+    if high <= 0:
+        return
+    if conn.dialect.name == "sqlite":
+        if table.dialect_options["sqlite"]["autoincrement"]:
+            params = {"n": table.name, "s": high}
+            if conn.execute(text("UPDATE sqlite_sequence SET seq = :s WHERE name = :n"), params).rowcount == 0:
+                conn.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES (:n, :s)"), params)
+    elif conn.dialect.name == "postgresql":
+        sequence = _serial_sequence(conn, table, column.name)
+        if sequence is not None:
+            conn.execute(text("SELECT setval(CAST(:s AS regclass), :v, true)"), {"s": sequence, "v": high})
+
+
+def _revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+# --- record encoding ------------------------------------------------------------------
+
+
+def _encode_value(value: Any, out: bytearray) -> None:
+    if value is None:
+        out.append(_V_NULL)
+    elif isinstance(value, bool):
+        out.append(_V_INT)
+        out += struct.pack(">q", int(value))
+    elif isinstance(value, int):
+        out.append(_V_INT)
+        out += struct.pack(">q", value)
+    elif isinstance(value, float):
+        out.append(_V_FLOAT)
+        out += struct.pack(">d", value)
+    elif isinstance(value, str):
+        data = value.encode("utf-8")
+        out.append(_V_TEXT)
+        out += len(data).to_bytes(4, "big") + data
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        out.append(_V_BYTES)
+        out += len(data).to_bytes(4, "big") + data
+    else:
+        raise BackupError(f"a column holds a {type(value).__name__}, which backups do not encode; report a bug")
+
+
+def _section_record(info: dict[str, Any]) -> bytes:
+    data = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+    return _REC_SECTION + len(data).to_bytes(4, "big") + data
+
+
+class _ChunkWriter:
+    """Cuts the plaintext stream into sealed, framed chunks."""
+
+    def __init__(self, fh: IO[bytes], cipher: _BackupCipher, aad: bytes, chunk_size: int):
+        self._fh, self._cipher, self._aad, self._size = fh, cipher, aad, chunk_size
+        self._buffer = bytearray()
+        self.chunks = 0
+
+    def write(self, data: bytes | bytearray) -> None:
+        self._buffer += data
+        while len(self._buffer) >= self._size:
+            self._emit(bytes(self._buffer[: self._size]), final=False)
+            del self._buffer[: self._size]
+
+    def close(self) -> None:
+        self._emit(bytes(self._buffer), final=True)
+        self._buffer.clear()
+
+    def _emit(self, plaintext: bytes, final: bool) -> None:
+        sealed = self._cipher.seal(self.chunks, final, plaintext, self._aad)
+        self._fh.write(_FRAME.pack(_FLAG_FINAL if final else _FLAG_MORE, len(sealed)) + sealed)
+        self.chunks += 1
+
+
+# --- reading a backup -------------------------------------------------------------------
+
+
+def _corrupt(what: str) -> BackupError:
+    return BackupError(f"the backup is corrupt or was altered ({what}); use an intact copy")
+
+
+@dataclass
+class _Header:
+    fields: dict[str, Any]
+    prefix: bytes  # magic .. header JSON: what the header tag authenticates
+    digest: bytes
+    key_check: bytes
+    tag: bytes
+    data_offset: int
+
+
+def _read_header(fh: IO[bytes], path: Path) -> _Header:
+    start = fh.read(_PREFIX.size)
+    if len(start) < len(MAGIC) or start[: len(MAGIC)] != MAGIC:
+        raise BackupError(f"{path} is not a kms-server backup (no backup signature); give a file made by 'kms-admin backup'")
+    if len(start) < _PREFIX.size:
+        raise BackupError(f"the backup {path} is truncated (it ends inside the header); use a complete copy")
+    _magic, version, length = _PREFIX.unpack(start)
+    if version != FORMAT_VERSION:
+        raise BackupError(
+            f"{path} is backup format {version}, this kms-admin reads format {FORMAT_VERSION}; "
+            "restore it with the kms-admin release that made it"
+        )
+    if length > MAX_HEADER_SIZE:
+        raise _corrupt("the header length is out of range")
+    body = fh.read(length)
+    trailer = fh.read(DIGEST_SIZE + 2 * TAG_SIZE)
+    if len(body) < length or len(trailer) < DIGEST_SIZE + 2 * TAG_SIZE:
+        raise BackupError(f"the backup {path} is truncated (it ends inside the header); use a complete copy")
+    prefix = start + body
+    digest = trailer[:DIGEST_SIZE]
+    # An unkeyed digest first: accidental damage to the header is reported
+    # as such, not as a wrong master key.
+    if not hmac.compare_digest(hashlib.sha256(prefix).digest(), digest):
+        raise _corrupt("the header does not match its digest")
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        raise _corrupt("the header is not valid JSON") from None
+    if not isinstance(fields, dict):
+        raise _corrupt("the header is not a JSON object")
+    return _Header(
+        fields=fields,
+        prefix=prefix,
+        digest=digest,
+        key_check=trailer[DIGEST_SIZE : DIGEST_SIZE + TAG_SIZE],
+        tag=trailer[DIGEST_SIZE + TAG_SIZE :],
+        data_offset=fh.tell(),
+    )
+
+
+def _authenticate(cipher: _BackupCipher, header: _Header) -> None:
+    key_ok = hmac.compare_digest(cipher.key_check(), header.key_check)
+    header_ok = hmac.compare_digest(cipher.header_tag(header.prefix), header.tag)
+    if not key_ok and not header_ok:
+        raise BackupError(
+            "the backup was made under another master key; configure the key file or passphrase "
+            "of the server that made it"
+        )
+    if not header_ok:
+        raise _corrupt("the header does not authenticate")
+    if not key_ok:
+        raise _corrupt("the key check does not authenticate")
+
+
+def _chunks(fh: IO[bytes], cipher: _BackupCipher, aad: bytes, chunk_size: int) -> Iterator[bytes]:
+    """The authenticated plaintext of every chunk, in order; raises
+    BackupError at the first chunk that is missing, out of place or altered."""
+    index = 0
+    while True:
+        frame = fh.read(_FRAME.size)
+        if len(frame) < _FRAME.size:
+            raise BackupError(
+                f"the backup is truncated (it ends after chunk {index} of the data, before the final chunk); "
+                "use a complete copy"
+            )
+        flags, length = _FRAME.unpack(frame)
+        if flags not in (_FLAG_MORE, _FLAG_FINAL) or not TAG_SIZE <= length <= chunk_size + TAG_SIZE:
+            raise _corrupt(f"chunk {index} has a malformed frame")
+        sealed = fh.read(length)
+        if len(sealed) < length:
+            raise BackupError(f"the backup is truncated (it ends inside chunk {index}); use a complete copy")
+        try:
+            yield cipher.open(index, flags == _FLAG_FINAL, sealed, aad)
+        except _ChunkInvalid:
+            raise _corrupt(f"chunk {index} does not authenticate: altered, reordered or missing") from None
+        index += 1
+        if flags == _FLAG_FINAL:
+            if fh.read(1):
+                raise _corrupt("there are bytes after the final chunk")
+            return
+
+
+class _Plaintext:
+    """The record stream across chunk boundaries."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._buffer = b""
+        self._pos = 0
+
+    def read(self, n: int) -> bytes:
+        while len(self._buffer) - self._pos < n:
+            try:
+                more = next(self._chunks)
+            except StopIteration:
+                raise _corrupt("the records end early") from None
+            self._buffer = self._buffer[self._pos :] + more
+            self._pos = 0
+        out = self._buffer[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def finish(self) -> None:
+        """After the end record: nothing may follow, and the chunks must end
+        with a final chunk (the iterator checks that as it runs out)."""
+        rest = len(self._buffer) - self._pos
+        for more in self._chunks:
+            rest += len(more)
+        if rest:
+            raise _corrupt("there are records after the end record")
+
+    def value(self) -> Any:
+        kind = self.read(1)[0]
+        if kind == _V_NULL:
+            return None
+        if kind == _V_INT:
+            return struct.unpack(">q", self.read(8))[0]
+        if kind == _V_FLOAT:
+            return struct.unpack(">d", self.read(8))[0]
+        if kind in (_V_TEXT, _V_BYTES):
+            size = int.from_bytes(self.read(4), "big")
+            if size > _MAX_VALUE_SIZE:
+                raise _corrupt("a value is too long")
+            data = self.read(size)
+            if kind == _V_BYTES:
+                return data
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _corrupt("a text value is not UTF-8") from None
+        raise _corrupt(f"unknown value type {kind}")
+
+
+def _sections(
+    stream: _Plaintext, header: dict[str, Any]
+) -> Iterator[tuple[Table, dict[str, Any], list[dict[str, Any]]]]:
+    """(table, section info, a batch of rows) for every batch, in file order.
+    Checks that the sections are the header's, that the columns are the
+    table's and that each section holds as many rows as the header says."""
+    expected = [(t["name"], t["rows"]) for t in header["tables"]]
+    for name, rows in expected:
+        if stream.read(1) != _REC_SECTION:
+            raise _corrupt(f"section {name} is missing")
+        size = int.from_bytes(stream.read(4), "big")
+        if size > MAX_HEADER_SIZE:
+            raise _corrupt("a section header is too long")
+        try:
+            info = json.loads(stream.read(size))
+        except ValueError:
+            raise _corrupt("a section header is not valid JSON") from None
+        if not isinstance(info, dict) or info.get("table") != name or info.get("rows") != rows:
+            raise _corrupt(f"section {name} does not match the header")
+        table = sql_tables.metadata.tables[name]
+        columns = info.get("columns")
+        if not isinstance(columns, list) or sorted(columns) != sorted(c.name for c in table.columns):
+            raise BackupError(
+                f"the backup's columns of {name} are not this release's; restore it with the release that made it"
+            )
+        batch: list[dict[str, Any]] = []
+        count = 0
+        while True:
+            record = stream.read(1)
+            if record == _REC_ROW:
+                batch.append({column: stream.value() for column in columns})
+                count += 1
+                if count > rows:
+                    raise _corrupt(f"section {name} holds more rows than its header says")
+                if len(batch) >= BATCH_ROWS:
+                    yield table, info, batch
+                    batch = []
+            elif record == _REC_SECTION_END:
+                if int.from_bytes(stream.read(8), "big") != count or count != rows:
+                    raise _corrupt(f"section {name} holds {count} rows, its header says {rows}")
+                yield table, info, batch
+                break
+            else:
+                raise _corrupt(f"unexpected record in section {name}")
+    if stream.read(1) != _REC_END:
+        raise _corrupt("the end record is missing")
+    stream.finish()
+
+
+@contextlib.contextmanager
+def _open_backup(path: Path) -> Iterator[IO[bytes]]:
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise BackupError(f"backup file {path} does not exist; check --from") from None
+    except IsADirectoryError:
+        raise BackupError(f"{path} is a directory; give the backup file with --from") from None
+    except OSError as exc:
+        raise BackupError(f"cannot read backup file {path} ({exc.strerror}); check its permissions") from None
+    with fh:
+        yield fh
+
+
+def _check_header_fields(fields: dict[str, Any]) -> tuple[list[tuple[str, int]], bytes, int]:
+    try:
+        tables = [(str(t["name"]), int(t["rows"])) for t in fields["tables"]]
+        salt = bytes.fromhex(fields["kdf"]["salt"])
+        chunk_size = int(fields["cipher"]["chunk_size"])
+        str(fields["schema_revision"])
+    except (KeyError, TypeError, ValueError):
+        raise _corrupt("the header lacks a field") from None
+    if fields.get("kdf", {}).get("name") != "HKDF-SHA256" or fields.get("cipher", {}).get("name") != "AES-256-GCM":
+        raise BackupError("the backup uses a cipher or KDF this release does not; restore it with the release that made it")
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE or len(salt) != SALT_SIZE:
+        raise _corrupt("the header's chunk size or salt is out of range")
+    return tables, salt, chunk_size
+
+
+# --- backup -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path, overwrite: bool) -> Iterator[IO[bytes]]:
+    """A file at `path` with mode 0600 that appears only complete: written
+    under a temporary name in the same directory, synced, then linked (or,
+    with overwrite, renamed) into place."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise BackupError(f"directory {directory} does not exist; create it or choose another --out")
+    if path.exists() and not overwrite:
+        raise BackupError(f"{path} exists; choose another --out or give --force to replace it")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise BackupError(f"{path} appeared while the backup was written; choose another --out") from None
+            tmp.unlink()
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def _snapshot(engine: Engine) -> Iterator[Connection]:
+    """One read-only transaction that sees one state of the database."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+        with conn.begin():
+            yield conn
+
+
+def backup(cfg: Config, out_path: str | os.PathLike[str], progress: Progress | None = None, *, overwrite: bool = False) -> BackupSummary:
+    """Write a backup of the store `cfg` names to `out_path` (mode 0600,
+    atomically). `progress` is called with (rows written, rows in total)."""
+    out_path = Path(out_path)
+    url, shown = _database_url(cfg)
+    source_file = _sqlite_path(url)
+    if source_file is not None and not source_file.is_file():
+        raise BackupError(f"database {shown} does not exist; check storage.db_url or --db-url")
+    tables = _tables()
+    engine = _engine(url, sqlite_begin="BEGIN")
+    try:
+        with _snapshot(engine) as conn:
+            revision = _revision(conn)
+            head = schema.head_revision()
+            if revision != head:
+                raise BackupError(
+                    f"database {shown} is at schema revision {revision or 'none'}, this kms-admin reads {head}; "
+                    "run 'kms-admin db upgrade' (or use the kms-admin of the server's release)"
+                )
+            counts = {t.name: _count(conn, t) for t in tables}
+            meta_table = sql_tables.kms_meta
+            meta = {k: bytes(v) for k, v in conn.execute(select(meta_table.c.key, meta_table.c.value))}
+            master_key, how = _backup_master_key(cfg, meta)
+            salt = os.urandom(SALT_SIZE)
+            cipher = _BackupCipher(master_key, salt)
+            created_at = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+            fields = {
+                "format": FORMAT_VERSION,
+                "schema_revision": revision,
+                "created_at": created_at,
+                "node": cfg.server.node_name,
+                "database": conn.dialect.name,
+                "tables": [{"name": t.name, "rows": counts[t.name]} for t in tables],
+                "kdf": {"name": "HKDF-SHA256", "info": HKDF_INFO.decode(), "salt": salt.hex()},
+                "cipher": {"name": "AES-256-GCM", "chunk_size": CHUNK_SIZE},
+                "master_key": how,
+            }
+            body = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+            prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+            digest = hashlib.sha256(prefix).digest()
+            total = sum(counts.values())
+            done = 0
+            if progress:
+                progress(0, total)
+            with _atomic_output(out_path, overwrite) as fh:
+                fh.write(prefix + digest + cipher.key_check() + cipher.header_tag(prefix))
+                writer = _ChunkWriter(fh, cipher, digest, CHUNK_SIZE)
+                for table in tables:
+                    columns = [c.name for c in table.columns]
+                    writer.write(
+                        _section_record(
+                            {"table": table.name, "columns": columns, "rows": counts[table.name],
+                             "autoincrement": _high_water(conn, table)}
+                        )
+                    )
+                    stmt = select(*table.columns).order_by(*table.primary_key.columns)
+                    result = conn.execute(stmt.execution_options(yield_per=BATCH_ROWS))
+                    written = 0
+                    for rows in result.partitions():
+                        out = bytearray()
+                        for row in rows:
+                            out += _REC_ROW
+                            for value in row:
+                                _encode_value(value, out)
+                        writer.write(out)
+                        written += len(rows)
+                        done += len(rows)
+                        if progress:
+                            progress(done, total)
+                    if written != counts[table.name]:  # pragma: no cover - the snapshot prevents it
+                        raise BackupError(f"{table.name} changed during the backup; the database gave no snapshot")
+                    writer.write(_REC_SECTION_END + written.to_bytes(8, "big"))
+                writer.write(_REC_END)
+                writer.close()
+                size = fh.tell()
+    except SQLAlchemyError as exc:
+        raise BackupError(f"cannot read {shown}: {_first_line(exc)}; check storage.db_url and that the database is reachable") from None
+    finally:
+        engine.dispose()
+    return BackupSummary(
+        path=out_path, size=size, rows=counts, chunks=writer.chunks,
+        schema_revision=revision, created_at=created_at, node=cfg.server.node_name,
+    )
+
+
+# --- restore ----------------------------------------------------------------------------
+
+
+def _require_empty(conn: Connection, shown: str) -> None:
+    inspector = inspect(conn)
+    for name in BACKUP_TABLES:
+        if inspector.has_table(name):
+            rows = _count(conn, sql_tables.metadata.tables[name])
+            if rows:
+                raise BackupError(
+                    f"database {shown} is not empty ({name} holds {rows} rows); "
+                    "restore into a new, empty database"
+                )
+    revision = _revision(conn)
+    if revision is not None and revision not in schema.known_revisions():
+        raise BackupError(
+            f"database {shown} is at schema revision {revision}, which this kms-admin does not know; "
+            "restore into a new, empty database"
+        )
+
+
+def restore(
+    cfg: Config,
+    in_path: str | os.PathLike[str],
+    progress: Progress | None = None,
+    *,
+    verify_progress: Progress | None = None,
+) -> RestoreSummary:
+    """Restore the backup at `in_path` into the empty database `cfg` names.
+
+    The whole file is authenticated first (`verify_progress`: rows checked),
+    before anything is written; then every row goes in within one
+    transaction (`progress`: rows inserted), and the counts are checked
+    before it commits.
+    """
+    in_path = Path(in_path)
+    url, shown = _database_url(cfg)
+    with _open_backup(in_path) as fh:
+        header = _read_header(fh, in_path)
+        fields = header.fields
+        tables, salt, chunk_size = _check_header_fields(fields)
+        revision = fields["schema_revision"]
+        head = schema.head_revision()
+        if revision != head:
+            raise BackupError(
+                f"the backup is at schema revision {revision}, this kms-admin restores {head}; "
+                "restore it with the kms-admin release that made it, then upgrade"
+            )
+        if [name for name, _ in tables] != list(BACKUP_TABLES):
+            raise BackupError(
+                f"the backup holds tables {', '.join(n for n, _ in tables)}, this release restores "
+                f"{', '.join(BACKUP_TABLES)}; restore it with the release that made it"
+            )
+        cipher = _BackupCipher(_restore_master_key(cfg, fields.get("master_key")), salt)
+        _authenticate(cipher, header)
+        counts = dict(tables)
+        total = sum(counts.values())
+
+        target_file = _sqlite_path(url)
+        engine = _engine(url, sqlite_begin="BEGIN IMMEDIATE")
+        try:
+            # Fail fast on a non-empty target; a SQLite file that does not
+            # exist yet is empty and is not created before the data is good.
+            if target_file is None or target_file.exists():
+                with engine.connect() as conn:
+                    _require_empty(conn, shown)
+
+            # Pass 1: authenticate and parse everything, write nothing.
+            done = 0
+            if verify_progress:
+                verify_progress(0, total)
+            for _table, _info, rows in _sections(_Plaintext(_chunks(fh, cipher, header.digest, chunk_size)), fields):
+                done += len(rows)
+                if verify_progress and rows:
+                    verify_progress(done, total)
+
+            # Pass 2: schema, then every row in one transaction.
+            if target_file is not None:
+                target_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                schema.upgrade(engine)
+            except schema.SchemaError as exc:
+                raise BackupError(str(exc)) from None
+            fh.seek(header.data_offset)
+            done = 0
+            if progress:
+                progress(0, total)
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Nothing else may write these tables until the restore commits.
+                    conn.execute(text("LOCK TABLE " + ", ".join(BACKUP_TABLES) + " IN EXCLUSIVE MODE"))
+                _require_empty(conn, shown)
+                if _revision(conn) != revision:  # pragma: no cover - upgrade just brought it to head
+                    raise BackupError(f"database {shown} is not at schema revision {revision} after the upgrade; report a bug")
+                sections = {}
+                for table, info, rows in _sections(_Plaintext(_chunks(fh, cipher, header.digest, chunk_size)), fields):
+                    sections[table.name] = info
+                    if rows:
+                        conn.execute(insert(table), rows)
+                        done += len(rows)
+                        if progress:
+                            progress(done, total)
+                for name in BACKUP_TABLES:
+                    table = sql_tables.metadata.tables[name]
+                    _set_high_water(conn, table, sections[name].get("autoincrement"))
+                    stored = _count(conn, table)
+                    if stored != counts[name]:
+                        raise BackupError(
+                            f"{name} holds {stored} rows after the restore, the backup {counts[name]}; "
+                            "nothing was restored: restore into a new, empty database"
+                        )
+        except SQLAlchemyError as exc:
+            raise BackupError(
+                f"cannot restore into {shown}: {_first_line(exc)}; nothing was restored: check --db-url, "
+                "that the database exists and is reachable"
+            ) from None
+        finally:
+            engine.dispose()
+    return RestoreSummary(
+        path=in_path, database=shown, rows=counts, schema_revision=revision,
+        backup_created_at=str(fields.get("created_at")), backup_node=str(fields.get("node")),
+    )

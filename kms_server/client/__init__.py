@@ -1,0 +1,14 @@
+"""KMIP client library with failover across the nodes of one key provider
+(used by the broker and kms-admin). The failover rules are documented in
+`kms_server.client.client`.
+
+    from kms_server.client import KmipClient
+    with KmipClient(["kms1:5696", "kms2:5696"], cert="c.pem", key="c.key", ca="ca.pem") as kms:
+        uid = kms.create_symmetric_key(name="vm-42-kek", attributes={"x-vm": "42"})
+        wrapped = kms.encrypt(uid, dek)
+"""
+
+from kms_server.client.client import SAFE_TO_RETRY, EncryptResult, KmipClient
+from kms_server.client.errors import KmipError, NoNodeAvailable, OutcomeUnknown
+
+__all__ = ["SAFE_TO_RETRY", "EncryptResult", "KmipClient", "KmipError", "NoNodeAvailable", "OutcomeUnknown"]
