@@ -141,13 +141,12 @@ class Connection:
             return True
         try:
             self._sock.setblocking(False)
-            data = self._sock.recv(1)
+            self._sock.recv(1)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return True
         except OSError:
             return False
-        # End of stream, or bytes no request asked for: either way unusable.
-        del data
+        # End of stream, or bytes no request asked for: unusable either way.
         return False
 
     def exchange(self, request: bytes, timeout: float) -> bytes:

@@ -6,8 +6,6 @@ without ever reporting an unacknowledged write as done."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
 import socket
 import threading
 import time
@@ -48,11 +46,9 @@ class Cluster:
         self.pki = pki
         self.nodes = []
         try:
-            self.nodes.append(start_server(root / "node-a", pki, db_url=url))
-            (root / "node-b").mkdir()
-            shutil.copy2(root / "node-a" / "master.key", root / "node-b" / "master.key")
-            os.chmod(root / "node-b" / "master.key", 0o600)
-            self.nodes.append(start_server(root / "node-b", pki, db_url=url))
+            master_key = root / "master.key"  # One key seals for both nodes.
+            self.nodes.append(start_server(root / "node-a", pki, db_url=url, master_key=master_key))
+            self.nodes.append(start_server(root / "node-b", pki, db_url=url, master_key=master_key))
         except BaseException:
             self.close()
             raise
