@@ -39,16 +39,16 @@ def _drop_database(name: str) -> None:
 
 
 class Cluster:
-    """Two nodes, one database, one master key."""
+    """`count` nodes (two by default), one database, one master key."""
 
-    def __init__(self, root: Path, pki: Path):
+    def __init__(self, root: Path, pki: Path, count: int = 2):
         self.database, url = _postgres_database()
         self.pki = pki
         self.nodes = []
         try:
             master_key = root / "master.key"  # One key seals for both nodes.
-            self.nodes.append(start_server(root / "node-a", pki, db_url=url, master_key=master_key))
-            self.nodes.append(start_server(root / "node-b", pki, db_url=url, master_key=master_key))
+            for letter in "abcdefgh"[:count]:
+                self.nodes.append(start_server(root / f"node-{letter}", pki, db_url=url, master_key=master_key))
         except BaseException:
             self.close()
             raise
@@ -137,12 +137,13 @@ def test_key_created_through_one_node_is_served_by_the_other(cluster, version):
 
 
 def test_loader_continues_on_the_survivor_when_a_node_is_killed(tmp_path, pki_dir, capsys):
-    """Create+Get in a loop through KmipClient([A, B]); A is killed with
-    SIGKILL mid-load. The loop carries on through B within two seconds;
-    every Create that returned a uid is readable from B with the same key
-    bytes; an OutcomeUnknown is counted apart, never as a success, and
-    Locate by its unique Name tells whether it happened."""
-    cluster = Cluster(tmp_path, pki_dir)
+    """Three nodes on one database; Create+Get in a loop through
+    KmipClient([A, B, C]); A is killed with SIGKILL mid-load. The loop
+    carries on through a survivor within two seconds; every Create that
+    returned a uid is readable from both survivors with the same key bytes;
+    an OutcomeUnknown is counted apart, never as a success, and Locate by
+    its unique Name tells whether it happened."""
+    cluster = Cluster(tmp_path, pki_dir, count=3)
     try:
         run = uuid.uuid4().hex[:8]
         acknowledged: dict[str, str] = {}  # uid -> name
@@ -151,7 +152,7 @@ def test_loader_continues_on_the_survivor_when_a_node_is_killed(tmp_path, pki_di
         errors: list[Exception] = []
         successes: list[float] = []
         stop = threading.Event()
-        client = cluster.client(0, 1, connect_timeout=2.0, request_timeout=5.0)
+        client = cluster.client(0, 1, 2, connect_timeout=2.0, request_timeout=5.0)
 
         def loader() -> None:
             i = 0
@@ -198,6 +199,9 @@ def test_loader_continues_on_the_survivor_when_a_node_is_killed(tmp_path, pki_di
         assert stalled < 2.0
         assert client.current_node == cluster.address(1)
 
+        with cluster.client(2) as c:
+            for uid in acknowledged:
+                assert c.get_key(uid) == keys[uid]
         with cluster.client(1) as b:
             for uid in acknowledged:
                 assert b.get_key(uid) == keys[uid]
@@ -207,7 +211,7 @@ def test_loader_continues_on_the_survivor_when_a_node_is_killed(tmp_path, pki_di
             assert set(b.locate({"x-loader": run})) >= set(acknowledged)
         with capsys.disabled():
             print(
-                f"\n[client failover] acknowledged={len(acknowledged)} (readable from survivor: all) "
+                f"\n[client failover, 3 nodes] acknowledged={len(acknowledged)} (readable from both survivors: all) "
                 f"outcome_unknown={len(unknown)} (of which created: {len(happened)}) "
                 f"stall_after_kill={stalled * 1000:.0f} ms"
             )
