@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Table, event, func, insert, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -75,7 +79,12 @@ NOT_BACKED_UP: dict[str, str] = {
     "kms_nodes": "liveness of running nodes: each node records itself again when it starts",
 }
 
-_DESCRIPTIONS = {"kms_meta": "server values", "kms_objects": "objects", "kms_attributes": "attributes"}
+# How summaries name the rows of each table, in the order they list them.
+_DESCRIPTIONS = {
+    "kms_objects": ("object", "objects"),
+    "kms_attributes": ("attribute", "attributes"),
+    "kms_meta": ("server value", "server values"),
+}
 
 _PREFIX = struct.Struct(">8sHI")  # magic, format version, header length
 _FRAME = struct.Struct(">BI")  # chunk flags, sealed chunk length
@@ -118,13 +127,18 @@ class RestoreSummary:
 
 
 def describe_rows(rows: dict[str, int]) -> str:
-    """'3 objects, 12 attributes, 2 server values' for a summary's rows."""
-    return ", ".join(f"{count} {_DESCRIPTIONS.get(name, name)}" for name, count in rows.items())
+    """'3 objects, 12 attributes, 1 server value' for a summary's rows."""
+    order = list(_DESCRIPTIONS)
+    parts = []
+    for name in sorted(rows, key=lambda n: (order.index(n) if n in order else len(order), n)):
+        singular, plural = _DESCRIPTIONS.get(name, (f"{name} row", f"{name} rows"))
+        parts.append(f"{rows[name]} {singular if rows[name] == 1 else plural}")
+    return ", ".join(parts)
 
 
 # --- crypto ---------------------------------------------------------------------------
-# Kept to this small class so that it can move next to the barrier
-# (kms_server/keystore/), where the project keeps the code that imports
+# All of the backup's cryptography is this class, so that it can move next to
+# the barrier (kms_server/keystore/), the only place meant to import
 # `cryptography`.
 
 
@@ -141,10 +155,6 @@ class _BackupCipher:
     """
 
     def __init__(self, master_key: bytes, salt: bytes):
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=HKDF_INFO).derive(master_key)
         self._aead = AESGCM(key)
 
@@ -165,8 +175,6 @@ class _BackupCipher:
         return self._aead.encrypt(self._nonce(kind, index), plaintext, aad)
 
     def open(self, index: int, final: bool, sealed: bytes, aad: bytes) -> bytes:
-        from cryptography.exceptions import InvalidTag
-
         kind = _KIND_FINAL_CHUNK if final else _KIND_CHUNK
         try:
             return self._aead.decrypt(self._nonce(kind, index), sealed, aad)
@@ -182,7 +190,9 @@ def _read_passphrase(path: Path) -> bytes:
     try:
         passphrase = Path(path).read_bytes().rstrip(b"\r\n")
     except OSError as exc:
-        raise BackupError(f"cannot read passphrase file {path} ({exc.strerror}); check master_key.passphrase_file") from None
+        raise BackupError(
+            f"cannot read passphrase file {path} ({exc.strerror}); check master_key.passphrase_file"
+        ) from None
     if len(passphrase) < 12:
         raise BackupError(f"the passphrase in {path} is shorter than 12 characters; check master_key.passphrase_file")
     return passphrase
@@ -246,7 +256,9 @@ def _restore_master_key(cfg: Config, how: Any) -> bytes:
         )
     params = how.get("scrypt") or {}
     if (params.get("n"), params.get("r"), params.get("p")) != (barrier.SCRYPT_N, barrier.SCRYPT_R, barrier.SCRYPT_P):
-        raise BackupError("the backup uses scrypt parameters this release does not; restore it with the release that made it")
+        raise BackupError(
+            "the backup uses scrypt parameters this release does not; restore it with the release that made it"
+        )
     try:
         salt = bytes.fromhex(params["salt"])
     except (KeyError, TypeError, ValueError):
@@ -268,7 +280,9 @@ def _database_url(cfg: Config) -> tuple[Any, str]:
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise BackupError("storage.db_url is malformed; use sqlite:///path or postgresql+psycopg://user@host/db") from None
+        raise BackupError(
+            "storage.db_url is malformed; use sqlite:///path or postgresql+psycopg://user@host/db"
+        ) from None
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
@@ -319,9 +333,7 @@ def _count(conn: Connection, table: Table) -> int:
 
 
 def _serial_sequence(conn: Connection, table: Table, column: str) -> str | None:
-    return conn.execute(
-        text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": table.name, "c": column}
-    ).scalar()
+    return conn.execute(text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": table.name, "c": column}).scalar()
 
 
 def _high_water(conn: Connection, table: Table) -> dict[str, Any] | None:
@@ -395,6 +407,18 @@ def _encode_value(value: Any, out: bytearray) -> None:
         raise BackupError(f"a column holds a {type(value).__name__}, which backups do not encode; report a bug")
 
 
+def _row_record(row: Any) -> bytes:
+    body = bytearray()
+    try:
+        for value in row:
+            _encode_value(value, body)
+    except struct.error:
+        raise BackupError(
+            "a column holds an integer beyond 64 bits, which backups do not encode; report a bug"
+        ) from None
+    return _REC_ROW + len(body).to_bytes(4, "big") + body
+
+
 def _section_record(info: dict[str, Any]) -> bytes:
     data = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
     return _REC_SECTION + len(data).to_bytes(4, "big") + data
@@ -444,7 +468,9 @@ class _Header:
 def _read_header(fh: IO[bytes], path: Path) -> _Header:
     start = fh.read(_PREFIX.size)
     if len(start) < len(MAGIC) or start[: len(MAGIC)] != MAGIC:
-        raise BackupError(f"{path} is not a kms-server backup (no backup signature); give a file made by 'kms-admin backup'")
+        raise BackupError(
+            f"{path} is not a kms-server backup (no backup signature); give a file made by 'kms-admin backup'"
+        )
     if len(start) < _PREFIX.size:
         raise BackupError(f"the backup {path} is truncated (it ends inside the header); use a complete copy")
     _magic, version, length = _PREFIX.unpack(start)
@@ -503,7 +529,7 @@ def _chunks(fh: IO[bytes], cipher: _BackupCipher, aad: bytes, chunk_size: int) -
         frame = fh.read(_FRAME.size)
         if len(frame) < _FRAME.size:
             raise BackupError(
-                f"the backup is truncated (it ends after chunk {index} of the data, before the final chunk); "
+                f"the backup is truncated (it ends after {index} chunks of data, without the final chunk); "
                 "use a complete copy"
             )
         flags, length = _FRAME.unpack(frame)
@@ -552,26 +578,45 @@ class _Plaintext:
         if rest:
             raise _corrupt("there are records after the end record")
 
-    def value(self) -> Any:
-        kind = self.read(1)[0]
-        if kind == _V_NULL:
-            return None
-        if kind == _V_INT:
-            return struct.unpack(">q", self.read(8))[0]
-        if kind == _V_FLOAT:
-            return struct.unpack(">d", self.read(8))[0]
-        if kind in (_V_TEXT, _V_BYTES):
-            size = int.from_bytes(self.read(4), "big")
-            if size > _MAX_VALUE_SIZE:
-                raise _corrupt("a value is too long")
-            data = self.read(size)
-            if kind == _V_BYTES:
-                return data
-            try:
-                return data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _corrupt("a text value is not UTF-8") from None
-        raise _corrupt(f"unknown value type {kind}")
+
+_INT = struct.Struct(">q")
+_FLOAT = struct.Struct(">d")
+_LENGTH = struct.Struct(">I")
+
+
+def _decode_row(data: bytes, columns: int) -> list[Any]:
+    """The values of one row record (its length prefix already removed)."""
+    values: list[Any] = []
+    at, end = 0, len(data)
+    try:
+        for _ in range(columns):
+            kind = data[at]
+            at += 1
+            if kind == _V_NULL:
+                values.append(None)
+            elif kind == _V_INT:
+                values.append(_INT.unpack_from(data, at)[0])
+                at += 8
+            elif kind == _V_FLOAT:
+                values.append(_FLOAT.unpack_from(data, at)[0])
+                at += 8
+            elif kind in (_V_TEXT, _V_BYTES):
+                size = _LENGTH.unpack_from(data, at)[0]
+                at += 4
+                if at + size > end:
+                    raise _corrupt("a value runs past its row")
+                value = data[at : at + size]
+                at += size
+                values.append(value if kind == _V_BYTES else value.decode("utf-8"))
+            else:
+                raise _corrupt(f"unknown value type {kind}")
+    except (IndexError, struct.error):
+        raise _corrupt("a row is shorter than its columns") from None
+    except UnicodeDecodeError:
+        raise _corrupt("a text value is not UTF-8") from None
+    if at != end:
+        raise _corrupt("a row is longer than its columns")
+    return values
 
 
 def _sections(
@@ -604,7 +649,10 @@ def _sections(
         while True:
             record = stream.read(1)
             if record == _REC_ROW:
-                batch.append({column: stream.value() for column in columns})
+                size = int.from_bytes(stream.read(4), "big")
+                if size > _MAX_VALUE_SIZE:
+                    raise _corrupt("a row is too long")
+                batch.append(dict(zip(columns, _decode_row(stream.read(size), len(columns)), strict=True)))
                 count += 1
                 if count > rows:
                     raise _corrupt(f"section {name} holds more rows than its header says")
@@ -646,7 +694,9 @@ def _check_header_fields(fields: dict[str, Any]) -> tuple[list[tuple[str, int]],
     except (KeyError, TypeError, ValueError):
         raise _corrupt("the header lacks a field") from None
     if fields.get("kdf", {}).get("name") != "HKDF-SHA256" or fields.get("cipher", {}).get("name") != "AES-256-GCM":
-        raise BackupError("the backup uses a cipher or KDF this release does not; restore it with the release that made it")
+        raise BackupError(
+            "the backup uses a cipher or KDF this release does not; restore it with the release that made it"
+        )
     if not 0 < chunk_size <= MAX_CHUNK_SIZE or len(salt) != SALT_SIZE:
         raise _corrupt("the header's chunk size or salt is out of range")
     return tables, salt, chunk_size
@@ -655,16 +705,22 @@ def _check_header_fields(fields: dict[str, Any]) -> tuple[list[tuple[str, int]],
 # --- backup -----------------------------------------------------------------------------
 
 
+def _check_output(path: Path, overwrite: bool) -> None:
+    if not path.parent.is_dir():
+        raise BackupError(f"directory {path.parent} does not exist; create it or choose another --out")
+    if path.is_dir():
+        raise BackupError(f"{path} is a directory; give a file name with --out")
+    if path.exists() and not overwrite:
+        raise BackupError(f"{path} exists; choose another --out or give --force to replace it")
+
+
 @contextlib.contextmanager
 def _atomic_output(path: Path, overwrite: bool) -> Iterator[IO[bytes]]:
     """A file at `path` with mode 0600 that appears only complete: written
     under a temporary name in the same directory, synced, then linked (or,
     with overwrite, renamed) into place."""
+    _check_output(path, overwrite)
     directory = path.parent
-    if not directory.is_dir():
-        raise BackupError(f"directory {directory} does not exist; create it or choose another --out")
-    if path.exists() and not overwrite:
-        raise BackupError(f"{path} exists; choose another --out or give --force to replace it")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     tmp = Path(tmp_name)
     try:
@@ -701,10 +757,13 @@ def _snapshot(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
-def backup(cfg: Config, out_path: str | os.PathLike[str], progress: Progress | None = None, *, overwrite: bool = False) -> BackupSummary:
+def backup(
+    cfg: Config, out_path: str | os.PathLike[str], progress: Progress | None = None, *, overwrite: bool = False
+) -> BackupSummary:
     """Write a backup of the store `cfg` names to `out_path` (mode 0600,
     atomically). `progress` is called with (rows written, rows in total)."""
     out_path = Path(out_path)
+    _check_output(out_path, overwrite)
     url, shown = _database_url(cfg)
     source_file = _sqlite_path(url)
     if source_file is not None and not source_file.is_file():
@@ -752,8 +811,12 @@ def backup(cfg: Config, out_path: str | os.PathLike[str], progress: Progress | N
                     columns = [c.name for c in table.columns]
                     writer.write(
                         _section_record(
-                            {"table": table.name, "columns": columns, "rows": counts[table.name],
-                             "autoincrement": _high_water(conn, table)}
+                            {
+                                "table": table.name,
+                                "columns": columns,
+                                "rows": counts[table.name],
+                                "autoincrement": _high_water(conn, table),
+                            }
                         )
                     )
                     stmt = select(*table.columns).order_by(*table.primary_key.columns)
@@ -762,9 +825,7 @@ def backup(cfg: Config, out_path: str | os.PathLike[str], progress: Progress | N
                     for rows in result.partitions():
                         out = bytearray()
                         for row in rows:
-                            out += _REC_ROW
-                            for value in row:
-                                _encode_value(value, out)
+                            out += _row_record(row)
                         writer.write(out)
                         written += len(rows)
                         done += len(rows)
@@ -777,12 +838,19 @@ def backup(cfg: Config, out_path: str | os.PathLike[str], progress: Progress | N
                 writer.close()
                 size = fh.tell()
     except SQLAlchemyError as exc:
-        raise BackupError(f"cannot read {shown}: {_first_line(exc)}; check storage.db_url and that the database is reachable") from None
+        raise BackupError(
+            f"cannot read {shown}: {_first_line(exc)}; check storage.db_url and that the database is reachable"
+        ) from None
     finally:
         engine.dispose()
     return BackupSummary(
-        path=out_path, size=size, rows=counts, chunks=writer.chunks,
-        schema_revision=revision, created_at=created_at, node=cfg.server.node_name,
+        path=out_path,
+        size=size,
+        rows=counts,
+        chunks=writer.chunks,
+        schema_revision=revision,
+        created_at=created_at,
+        node=cfg.server.node_name,
     )
 
 
@@ -796,7 +864,7 @@ def _require_empty(conn: Connection, shown: str) -> None:
             rows = _count(conn, sql_tables.metadata.tables[name])
             if rows:
                 raise BackupError(
-                    f"database {shown} is not empty ({name} holds {rows} rows); "
+                    f"database {shown} is not empty ({name} holds {rows} row{'s' if rows != 1 else ''}); "
                     "restore into a new, empty database"
                 )
     revision = _revision(conn)
@@ -879,7 +947,9 @@ def restore(
                     conn.execute(text("LOCK TABLE " + ", ".join(BACKUP_TABLES) + " IN EXCLUSIVE MODE"))
                 _require_empty(conn, shown)
                 if _revision(conn) != revision:  # pragma: no cover - upgrade just brought it to head
-                    raise BackupError(f"database {shown} is not at schema revision {revision} after the upgrade; report a bug")
+                    raise BackupError(
+                        f"database {shown} is not at schema revision {revision} after the upgrade; report a bug"
+                    )
                 sections = {}
                 for table, info, rows in _sections(_Plaintext(_chunks(fh, cipher, header.digest, chunk_size)), fields):
                     sections[table.name] = info
@@ -905,6 +975,10 @@ def restore(
         finally:
             engine.dispose()
     return RestoreSummary(
-        path=in_path, database=shown, rows=counts, schema_revision=revision,
-        backup_created_at=str(fields.get("created_at")), backup_node=str(fields.get("node")),
+        path=in_path,
+        database=shown,
+        rows=counts,
+        schema_revision=revision,
+        backup_created_at=str(fields.get("created_at")),
+        backup_node=str(fields.get("node")),
     )

@@ -1,0 +1,177 @@
+"""``kms-admin backup`` and ``kms-admin restore`` (the logic is in backup.py).
+
+Progress goes to stderr: a rich progress bar when stderr is a terminal,
+otherwise a plain line at every tenth of the work, so logs of scheduled
+backups stay short. Results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from kms_server.admin import backup as backup_mod
+
+__all__ = ["ProgressReporter", "register_backup"]
+
+PROG = "kms-admin"
+
+
+class ProgressReporter:
+    """Turns (done, total) callbacks into a progress display on `stream`:
+    rich bars on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: IO[str] | None = None, *, tty: bool | None = None):
+        self._stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self._stream, "isatty", lambda: False)
+        self._tty = isatty() if tty is None else tty
+        self._rich: Any = None
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ProgressReporter]:
+        if self._tty:
+            try:
+                from rich.console import Console
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
+            except ImportError:  # pragma: no cover - rich is a dependency
+                self._tty = False
+            else:
+                self._rich = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("rows"),
+                    TimeElapsedColumn(),
+                    TimeRemainingColumn(),
+                    console=Console(file=self._stream, force_terminal=True),
+                )
+        if self._rich is None:
+            yield self
+            return
+        with self._rich:
+            yield self
+
+    def phase(self, label: str) -> backup_mod.Progress:
+        """A callback for one phase of the work ("backing up", "verifying")."""
+        if self._rich is not None:
+            task: list[Any] = []
+
+            def on_rich(done: int, total: int) -> None:
+                if not task:
+                    task.append(self._rich.add_task(label, total=max(total, 1)))
+                self._rich.update(task[0], completed=done if total else 1, total=max(total, 1))
+
+            return on_rich
+
+        state = {"shown": -1, "started": 0.0}
+
+        def on_plain(done: int, total: int) -> None:
+            tenth = 10 if total == 0 else done * 10 // total
+            if done == 0 and state["shown"] < 0:
+                state["started"] = time.monotonic()
+                print(f"{PROG}: {label}: 0/{total} rows", file=self._stream, flush=True)
+                state["shown"] = 0
+            elif tenth > state["shown"]:
+                state["shown"] = tenth
+                elapsed = time.monotonic() - state["started"]
+                print(f"{PROG}: {label}: {done}/{total} rows ({elapsed:.1f} s)", file=self._stream, flush=True)
+
+        return on_plain
+
+
+def _command_error(message: str) -> Exception:
+    # Imported here: cli imports this module to register the commands.
+    from kms_server.admin.cli import CommandError
+
+    return CommandError(message)
+
+
+def _config(args: argparse.Namespace):
+    from kms_server.config import load_config
+
+    overrides = {"storage": {"db_url": args.db_url}} if args.db_url else None
+    return load_config(args.config, overrides)
+
+
+def _backup(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    reporter = ProgressReporter()
+    try:
+        with reporter.running():
+            summary = backup_mod.backup(cfg, args.out, reporter.phase("backing up"), overwrite=args.force)
+    except backup_mod.BackupError as exc:
+        raise _command_error(str(exc)) from None
+    print(
+        f"wrote {summary.path} (mode 0600, {summary.size} bytes): {backup_mod.describe_rows(summary.rows)}; "
+        f"schema revision {summary.schema_revision}",
+        flush=True,
+    )
+    print(
+        "it is encrypted under the master key: keep the master key file or passphrase, stored apart from it", flush=True
+    )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    reporter = ProgressReporter()
+    try:
+        with reporter.running():
+            summary = backup_mod.restore(
+                cfg,
+                args.from_file,
+                reporter.phase("restoring"),
+                verify_progress=reporter.phase("verifying"),
+            )
+    except backup_mod.BackupError as exc:
+        raise _command_error(str(exc)) from None
+    print(
+        f"restored {backup_mod.describe_rows(summary.rows)} into {summary.database} "
+        f"from the backup made {summary.backup_created_at} on {summary.backup_node}",
+        flush=True,
+    )
+    print("start kms-server on it with the same master key", flush=True)
+    return 0
+
+
+def register_backup(subparsers: argparse._SubParsersAction) -> None:
+    """Add `backup` and `restore` to kms-admin."""
+    out = subparsers.add_parser(
+        "backup",
+        help="write an encrypted, authenticated backup of the key store",
+        description="Write every object, attribute and server value of the store to FILE, in one "
+        "consistent snapshot (servers may keep running). The file is encrypted and authenticated "
+        "under a key derived from the master key; sealed keys stay sealed. See docs/backup-format.md.",
+    )
+    out.add_argument("--out", required=True, type=Path, metavar="FILE", help="backup file to write (mode 0600)")
+    out.add_argument(
+        "--config", type=Path, metavar="FILE", help="kms-server configuration file (storage.db_url, master_key)"
+    )
+    out.add_argument("--db-url", metavar="URL", help="database URL (overrides the configuration)")
+    out.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    out.set_defaults(func=_backup)
+
+    back = subparsers.add_parser(
+        "restore",
+        help="restore a backup into an empty database",
+        description="Check the whole backup under the master key, then restore it into an empty "
+        "database in one transaction: either everything is restored or nothing is written.",
+    )
+    back.add_argument("--from", dest="from_file", required=True, type=Path, metavar="FILE", help="backup file")
+    back.add_argument(
+        "--config", type=Path, metavar="FILE", help="kms-server configuration file (storage.db_url, master_key)"
+    )
+    back.add_argument("--db-url", metavar="URL", help="database URL to restore into (overrides the configuration)")
+    back.set_defaults(func=_restore)
