@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 DEV_PKI = certs/dev
 PYTEST_ARGS ?=
 
-.PHONY: run test venv pki master-key check-config clean lint
+.PHONY: run test venv pki master-key check-config clean lint bench bench-nvram bench-cluster
 
 venv: $(VENV)/.installed
 
@@ -49,7 +49,16 @@ test: venv
 
 lint: venv
 	$(BIN)/pip install --quiet ruff
-	$(BIN)/ruff check kms_server tests
+	$(BIN)/ruff check kms_server broker tests bench
+
+bench: venv
+	$(BIN)/python bench/kmip_throughput.py
+
+bench-nvram: venv
+	$(BIN)/python bench/nvram_seal.py
+
+bench-cluster: venv
+	$(BIN)/python bench/cluster_throughput.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -494,6 +494,8 @@ def register_db(subparsers: argparse._SubParsersAction) -> None:
 
 CommandGroup = Callable[[argparse._SubParsersAction], None]
 
+from kms_server.admin.backup_cli import register_backup  # noqa: E402  (its module imports this one lazily)
+
 # Add a command group by appending its register function here.
 COMMAND_GROUPS: list[CommandGroup] = [
     register_pki,
@@ -502,6 +504,7 @@ COMMAND_GROUPS: list[CommandGroup] = [
     register_credentials,
     register_db,
     register_cluster,
+    register_backup,
 ]
 
 
