@@ -30,10 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Table, event, func, insert, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -41,6 +37,7 @@ from sqlalchemy.pool import NullPool
 
 from kms_server.config import Config
 from kms_server.keystore import barrier
+from kms_server.keystore.backup_seal import HKDF_INFO, BackupCipher, ChunkInvalid
 from kms_server.storage import schema
 from kms_server.storage import sql as sql_tables
 
@@ -60,7 +57,6 @@ Progress = Callable[[int, int], None]
 
 MAGIC = b"\x89KMSBAK\n"
 FORMAT_VERSION = 1
-HKDF_INFO = b"kms-server backup v1"
 SALT_SIZE = 32
 DIGEST_SIZE = 32
 TAG_SIZE = 16
@@ -90,8 +86,6 @@ _PREFIX = struct.Struct(">8sHI")  # magic, format version, header length
 _FRAME = struct.Struct(">BI")  # chunk flags, sealed chunk length
 _FLAG_MORE, _FLAG_FINAL = 0x00, 0x01
 # Nonce = kind (1 byte) || 3 zero bytes || index (8 bytes, big-endian).
-_KIND_CHUNK, _KIND_FINAL_CHUNK, _KIND_KEY_CHECK, _KIND_HEADER = 0x00, 0x01, 0x02, 0x03
-_KEY_CHECK_AAD = b"kms-server backup key check"
 
 # Records of the plaintext stream.
 _REC_SECTION, _REC_ROW, _REC_SECTION_END, _REC_END = b"T", b"R", b"E", b"Z"
@@ -137,65 +131,14 @@ def describe_rows(rows: dict[str, int]) -> str:
 
 
 # --- crypto ---------------------------------------------------------------------------
-# All of the backup's cryptography is this class, so that it can move next to
-# the barrier (kms_server/keystore/), the only place meant to import
-# `cryptography`.
-
-
-class _ChunkInvalid(Exception):
-    pass
-
-
-class _BackupCipher:
-    """AES-256-GCM under HKDF-SHA256(master key, salt, "kms-server backup v1").
-
-    The key is new for every backup (fresh salt), so nonces are counters:
-    kind || 000000 || index. The kind says data chunk, final data chunk, key
-    check or header tag, so no two uses of the key share a nonce.
-    """
-
-    def __init__(self, master_key: bytes, salt: bytes):
-        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=HKDF_INFO).derive(master_key)
-        self._aead = AESGCM(key)
-
-    @staticmethod
-    def _nonce(kind: int, index: int) -> bytes:
-        return bytes([kind, 0, 0, 0]) + index.to_bytes(8, "big")
-
-    def key_check(self) -> bytes:
-        """A tag that depends on the key alone: tells a wrong master key
-        apart from an altered header."""
-        return self._aead.encrypt(self._nonce(_KIND_KEY_CHECK, 0), b"", _KEY_CHECK_AAD)
-
-    def header_tag(self, header: bytes) -> bytes:
-        return self._aead.encrypt(self._nonce(_KIND_HEADER, 0), b"", header)
-
-    def seal(self, index: int, final: bool, plaintext: bytes, aad: bytes) -> bytes:
-        kind = _KIND_FINAL_CHUNK if final else _KIND_CHUNK
-        return self._aead.encrypt(self._nonce(kind, index), plaintext, aad)
-
-    def open(self, index: int, final: bool, sealed: bytes, aad: bytes) -> bytes:
-        kind = _KIND_FINAL_CHUNK if final else _KIND_CHUNK
-        try:
-            return self._aead.decrypt(self._nonce(kind, index), sealed, aad)
-        except InvalidTag:
-            raise _ChunkInvalid from None
-
-
 # --- master key -----------------------------------------------------------------------
 
 
 def _read_passphrase(path: Path) -> bytes:
-    # The same rules as barrier.open_barrier.
     try:
-        passphrase = Path(path).read_bytes().rstrip(b"\r\n")
-    except OSError as exc:
-        raise BackupError(
-            f"cannot read passphrase file {path} ({exc.strerror}); check master_key.passphrase_file"
-        ) from None
-    if len(passphrase) < 12:
-        raise BackupError(f"the passphrase in {path} is shorter than 12 characters; check master_key.passphrase_file")
-    return passphrase
+        return barrier.read_passphrase_file(path)
+    except barrier.BarrierError as exc:
+        raise BackupError(f"{exc}; check master_key.passphrase_file") from None
 
 
 def _read_key_file(path: Path) -> bytes:
@@ -231,11 +174,7 @@ def _backup_master_key(cfg: Config, meta: dict[str, bytes]) -> tuple[bytes, dict
         }
     else:
         raise BackupError("no master key configured; set master_key.file or master_key.passphrase_file")
-    try:
-        opens = barrier.Barrier(key).unseal(barrier._CHECK_ID, check) == barrier._CHECK_PLAINTEXT
-    except barrier.BarrierError:
-        opens = False
-    if not opens:
+    if not barrier.opens_check_record(barrier.Barrier(key), check):
         raise BackupError(
             "the configured master key does not open this database; "
             "configure the key file or passphrase its servers use"
@@ -427,7 +366,7 @@ def _section_record(info: dict[str, Any]) -> bytes:
 class _ChunkWriter:
     """Cuts the plaintext stream into sealed, framed chunks."""
 
-    def __init__(self, fh: IO[bytes], cipher: _BackupCipher, aad: bytes, chunk_size: int):
+    def __init__(self, fh: IO[bytes], cipher: BackupCipher, aad: bytes, chunk_size: int):
         self._fh, self._cipher, self._aad, self._size = fh, cipher, aad, chunk_size
         self._buffer = bytearray()
         self.chunks = 0
@@ -507,7 +446,7 @@ def _read_header(fh: IO[bytes], path: Path) -> _Header:
     )
 
 
-def _authenticate(cipher: _BackupCipher, header: _Header) -> None:
+def _authenticate(cipher: BackupCipher, header: _Header) -> None:
     key_ok = hmac.compare_digest(cipher.key_check(), header.key_check)
     header_ok = hmac.compare_digest(cipher.header_tag(header.prefix), header.tag)
     if not key_ok and not header_ok:
@@ -521,7 +460,7 @@ def _authenticate(cipher: _BackupCipher, header: _Header) -> None:
         raise _corrupt("the key check does not authenticate")
 
 
-def _chunks(fh: IO[bytes], cipher: _BackupCipher, aad: bytes, chunk_size: int) -> Iterator[bytes]:
+def _chunks(fh: IO[bytes], cipher: BackupCipher, aad: bytes, chunk_size: int) -> Iterator[bytes]:
     """The authenticated plaintext of every chunk, in order; raises
     BackupError at the first chunk that is missing, out of place or altered."""
     index = 0
@@ -540,7 +479,7 @@ def _chunks(fh: IO[bytes], cipher: _BackupCipher, aad: bytes, chunk_size: int) -
             raise BackupError(f"the backup is truncated (it ends inside chunk {index}); use a complete copy")
         try:
             yield cipher.open(index, flags == _FLAG_FINAL, sealed, aad)
-        except _ChunkInvalid:
+        except ChunkInvalid:
             raise _corrupt(f"chunk {index} does not authenticate: altered, reordered or missing") from None
         index += 1
         if flags == _FLAG_FINAL:
@@ -784,7 +723,7 @@ def backup(
             meta = {k: bytes(v) for k, v in conn.execute(select(meta_table.c.key, meta_table.c.value))}
             master_key, how = _backup_master_key(cfg, meta)
             salt = os.urandom(SALT_SIZE)
-            cipher = _BackupCipher(master_key, salt)
+            cipher = BackupCipher(master_key, salt)
             created_at = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
             fields = {
                 "format": FORMAT_VERSION,
@@ -907,7 +846,7 @@ def restore(
                 f"the backup holds tables {', '.join(n for n, _ in tables)}, this release restores "
                 f"{', '.join(BACKUP_TABLES)}; restore it with the release that made it"
             )
-        cipher = _BackupCipher(_restore_master_key(cfg, fields.get("master_key")), salt)
+        cipher = BackupCipher(_restore_master_key(cfg, fields.get("master_key")), salt)
         _authenticate(cipher, header)
         counts = dict(tables)
         total = sum(counts.values())

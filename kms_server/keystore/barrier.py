@@ -76,6 +76,27 @@ def read_key_file(path: str | Path) -> bytes:
     return key
 
 
+def read_passphrase_file(path: str | Path) -> bytes:
+    """The passphrase in a file (one trailing newline ignored), at least 12
+    bytes long."""
+    try:
+        passphrase = Path(path).read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise BarrierError(f"cannot read passphrase file {path}: {exc.strerror}") from None
+    if len(passphrase) < 12:
+        raise BarrierError(f"passphrase in {path} is shorter than 12 characters")
+    return passphrase
+
+
+def opens_check_record(barrier: Barrier, check: bytes) -> bool:
+    """True if `barrier`'s master key is the one that sealed the store's
+    check record."""
+    try:
+        return barrier.unseal(_CHECK_ID, check) == _CHECK_PLAINTEXT
+    except BarrierError:
+        return False
+
+
 def derive_from_passphrase(passphrase: bytes, salt: bytes) -> bytes:
     return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(passphrase)
 
@@ -87,12 +108,7 @@ def open_barrier(storage: Storage, key_file: str | None = None, passphrase_file:
         if key_file:
             key = read_key_file(key_file)
         elif passphrase_file:
-            try:
-                passphrase = Path(passphrase_file).read_bytes().rstrip(b"\r\n")
-            except OSError as exc:
-                raise BarrierError(f"cannot read passphrase file {passphrase_file}: {exc.strerror}") from None
-            if len(passphrase) < 12:
-                raise BarrierError(f"passphrase in {passphrase_file} is shorter than 12 characters")
+            passphrase = read_passphrase_file(passphrase_file)
             salt = txn.get_meta(SALT_META)
             if salt is None:
                 salt = os.urandom(16)
@@ -105,10 +121,6 @@ def open_barrier(storage: Storage, key_file: str | None = None, passphrase_file:
         if check is None:
             txn.set_meta(CHECK_META, barrier.seal(_CHECK_ID, _CHECK_PLAINTEXT))
         else:
-            try:
-                ok = barrier.unseal(_CHECK_ID, check) == _CHECK_PLAINTEXT
-            except BarrierError:
-                ok = False
-            if not ok:
+            if not opens_check_record(barrier, check):
                 raise BarrierError("the master key does not open this database (wrong key file or passphrase)")
     return barrier
