@@ -1,0 +1,250 @@
+"""The broker's own state in SQLite or PostgreSQL, through SQLAlchemy Core.
+
+Tables are created at start (``Database.create_all``); Alembic migrations,
+as the KMS storage has, come when the schema first changes after a release.
+Nothing secret is stored in the clear: CA private keys are sealed under the
+broker's master key before they reach a row, enrollment tokens and poll
+secrets are stored as SHA-256 digests only. Bound values are kept out of
+exception text (``hide_parameters``), as in ``kms_server.storage.sql``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection, Engine, create_engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+# Reused, not copied: BEGIN IMMEDIATE, WAL and busy_timeout for SQLite, and
+# the one-line error description that carries no bound values.
+from kms_server.storage.sql import _configure_sqlite, _describe
+
+__all__ = [
+    "Database",
+    "DatabaseError",
+    "audit",
+    "cas",
+    "enrollments",
+    "hosts",
+    "instances",
+    "meta",
+    "metadata",
+    "tokens",
+    "users",
+    "vms",
+]
+
+
+class DatabaseError(Exception):
+    """The broker database cannot be opened or used; one line, no values."""
+
+
+metadata = MetaData()
+
+# Management instances: pending -> trusted -> revoked (or rejected).
+instances = Table(
+    "broker_instances",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("state", Text, nullable=False),
+    # SHA-256 (hex) of the instance's current certificate; only this one is
+    # accepted while the instance is trusted.
+    Column("cert_fingerprint", Text, nullable=True, unique=True),
+    Column("cert_pem", Text, nullable=True),
+    Column("pinned", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+    Column("changed_at", Float, nullable=False),
+    Column("last_used_at", Float, nullable=True),
+)
+
+# One-time enrollment tokens: only the digest is kept.
+tokens = Table(
+    "broker_tokens",
+    metadata,
+    Column("token_sha256", Text, primary_key=True),
+    Column("instance", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float, nullable=True),
+)
+
+enrollments = Table(
+    "broker_enrollments",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("instance", Text, nullable=False),
+    Column("csr_pem", Text, nullable=False),
+    Column("poll_secret_sha256", Text, nullable=False),
+    # pending, approved, rejected, superseded
+    Column("state", Text, nullable=False),
+    Column("certificate_pem", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("decided_at", Float, nullable=True),
+    Index("ix_broker_enrollments_instance", "instance"),
+)
+
+hosts = Table(
+    "broker_hosts",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("instance", Text, nullable=False),
+    Column("cert_fingerprint", Text, nullable=False, unique=True),
+    Column("cert_pem", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_broker_hosts_instance", "instance"),
+)
+
+vms = Table(
+    "broker_vms",
+    metadata,
+    Column("vm_uuid", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("instance", Text, nullable=False),
+    Column("kms_key_id", Text, nullable=False, unique=True),
+    Column("key_safe", Text, nullable=False),
+    Column("host", Text, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("changed_at", Float, nullable=False),
+    Index("ix_broker_vms_instance", "instance"),
+)
+
+# People and tools that call the API with a certificate from the trust CA
+# (`vtpm-broker admin issue-user`); their role comes from [roles].
+users = Table(
+    "broker_users",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("cert_fingerprint", Text, nullable=False, unique=True),
+    Column("cert_pem", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# CA certificates with their private keys sealed under the master key
+# (AAD = purpose, e.g. "ca:trust", "ca:ek"). Old CAs stay, inactive, so
+# certificates they issued can still be chained.
+cas = Table(
+    "broker_cas",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("purpose", Text, nullable=False),
+    Column("cert_pem", Text, nullable=True),
+    Column("sealed_key", LargeBinary, nullable=True),
+    Column("active", Boolean, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ix_broker_cas_purpose", "purpose"),
+    sqlite_autoincrement=True,
+)
+
+# The audit trail: every trust decision and key access, hash-chained.
+audit = Table(
+    "broker_audit",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("target", Text, nullable=False),
+    Column("allowed", Boolean, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("prev_hash", Text, nullable=False),
+    Column("hash", Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+meta = Table(
+    "broker_meta",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)
+
+_PG_AUDIT_LOCK_ID = 0x76746D61  # "vtma": serializes appends to the audit chain
+
+
+class Database:
+    """An engine and transactions; the repository logic lives in trust.py."""
+
+    def __init__(self, db_url: str, *, pool_size: int = 8) -> None:
+        try:
+            url = make_url(db_url)
+        except ArgumentError:
+            raise DatabaseError(
+                "storage.db_url is malformed; use sqlite:///path/to/broker.db or postgresql+psycopg://user@host/dbname"
+            ) from None
+        self.shown_url = url.render_as_string(hide_password=True)
+        backend = url.get_backend_name()
+        if backend == "postgresql" and url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        if backend == "sqlite":
+            if url.database in (None, "", ":memory:"):
+                raise DatabaseError(f"storage.db_url {self.shown_url!r} is an in-memory SQLite database; use a file")
+            connect_args: dict[str, Any] = {"timeout": 10, "check_same_thread": False}
+        elif backend == "postgresql":
+            connect_args = {}
+        else:
+            raise DatabaseError(
+                f"storage.db_url {self.shown_url!r} names an unsupported database; use sqlite or postgresql"
+            )
+        self.dialect = backend
+        try:
+            self.engine: Engine = create_engine(
+                url,
+                connect_args=connect_args,
+                pool_size=pool_size,
+                pool_pre_ping=backend == "postgresql",
+                hide_parameters=True,
+            )
+        except (SQLAlchemyError, ImportError) as exc:
+            raise DatabaseError(f"cannot open {self.shown_url}: {exc}") from None
+        if backend == "sqlite":
+            _configure_sqlite(self.engine)
+
+    def create_all(self) -> None:
+        """Create missing tables (no migrations yet; see the module note)."""
+        try:
+            metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"cannot create the broker tables in {self.shown_url}: {_describe(exc)}") from None
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One transaction: committed when the block ends, rolled back if it
+        raises. SQLite takes its write lock at BEGIN (see _configure_sqlite)."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"broker database error: {_describe(exc)}") from None
+
+    def lock_audit_chain(self, conn: Connection) -> None:
+        """Serialize audit appends across processes (SQLite: BEGIN IMMEDIATE
+        already does)."""
+        if self.dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_AUDIT_LOCK_ID})
+
+    def get_meta(self, conn: Connection, key: str) -> bytes | None:
+        return conn.execute(select(meta.c.value).where(meta.c.key == key)).scalar()
+
+    def set_meta(self, conn: Connection, key: str, value: bytes) -> None:
+        if conn.execute(select(meta.c.key).where(meta.c.key == key)).first() is None:
+            conn.execute(meta.insert().values(key=key, value=value))
+        else:
+            conn.execute(meta.update().where(meta.c.key == key).values(value=value))
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,806 @@
+"""The trust registry: enrollment tokens, management instances, hosts, VM
+placement, the unwrap policy and the audit trail (docs/broker-design.md).
+
+Every method is one database transaction and is safe to call from several
+threads (the API and the gateway run requests on worker pools). Failures are
+the exceptions below, each with a one-line message meant for the caller;
+``broker.api`` maps them to HTTP statuses in one table.
+
+Secrets never reach a row: tokens and poll secrets are stored as SHA-256
+digests, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography import x509
+from sqlalchemy import func, select, update
+
+from broker.db import Database, audit, enrollments, hosts, instances, tokens, users, vms
+from broker.trust_ca import (
+    CertificateRequestError,
+    TrustCa,
+    cert_pem,
+    fingerprint,
+    load_certificate_pem,
+    load_csr_pem,
+)
+
+__all__ = [
+    "AUDIT_GENESIS",
+    "AuditRecord",
+    "Caller",
+    "Conflict",
+    "Decision",
+    "Enrollment",
+    "InstanceInfo",
+    "InvalidRequest",
+    "NotFound",
+    "Refused",
+    "Registry",
+    "TrustError",
+    "Unprocessable",
+    "VmRecord",
+    "check_host_name",
+    "check_instance_name",
+    "check_vm_name",
+    "check_vm_uuid",
+]
+
+AUDIT_GENESIS = "0" * 64
+DEFAULT_TOKEN_TTL = 3600
+MAX_TOKEN_TTL = 30 * 86400
+# last_used_at is written at most this often per instance, not per request.
+LAST_USED_RESOLUTION = 60.0
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# --- Errors (api.py maps each to one HTTP status) --------------------------------
+
+
+class TrustError(Exception):
+    """A request the registry will not carry out; one line for the caller."""
+
+
+class InvalidRequest(TrustError):
+    """A value is malformed (400)."""
+
+
+class Refused(TrustError):
+    """The caller may not do this (403)."""
+
+
+class NotFound(TrustError):
+    """No such object, or one the caller may not see (404)."""
+
+
+class Conflict(TrustError):
+    """The name or object is taken (409)."""
+
+
+class Unprocessable(TrustError):
+    """Well-formed but unusable: another provider, a key the KMS lacks (422)."""
+
+
+# --- Values ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The unwrap policy's answer for one host and one KMS key.
+
+    ``vm_uuid`` is None when the host may not know that the key exists (the
+    gateway answers ITEM_NOT_FOUND); set when the key is one of the host's
+    instance's VMs but the host is not allowed (PERMISSION_DENIED).
+    """
+
+    allowed: bool
+    reason: str
+    host: str | None
+    instance: str | None
+    vm_uuid: str | None
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, from a verified client certificate.
+
+    kind: "instance" (a trusted management instance), "host" (a host
+    registered by a trusted instance) or "user" (a certificate issued with
+    `vtpm-broker admin issue-user`, role from [roles]).
+    """
+
+    kind: str
+    name: str
+    instance: str | None
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    enrollment_id: str
+    poll_secret: str
+
+    def __repr__(self) -> str:  # Never the secret.
+        return f"Enrollment({self.enrollment_id!r})"
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    name: str
+    state: str
+    pinned: bool
+    cert_fingerprint: str | None
+    created_at: float
+    changed_at: float
+    last_used_at: float | None
+    hosts: int
+    vms: int
+    pending_enrollment: bool
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    vm_uuid: str
+    name: str
+    instance: str
+    kms_key_id: str
+    key_safe: str
+    host: str | None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    at: float
+    actor: str
+    action: str
+    target: str
+    allowed: bool
+    reason: str
+    prev_hash: str
+    hash: str
+
+
+# --- Validation -----------------------------------------------------------------
+
+
+def check_instance_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidRequest(
+            "instance name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def check_host_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidRequest("host name must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def check_vm_uuid(value: object) -> str:
+    """The canonical lowercase form of a VM UUID."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise InvalidRequest("vm_uuid must be a UUID such as 564d1f2a-0c3e-4b6e-9f1a-2b3c4d5e6f70")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidRequest("vm_uuid must be a UUID such as 564d1f2a-0c3e-4b6e-9f1a-2b3c4d5e6f70") from None
+
+
+def check_vm_name(value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > 255 or _CONTROL.search(value):
+        raise InvalidRequest("name must be 1-255 characters without control characters")
+    return value
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def audit_hash(
+    prev_hash: str, seq: int, at: float, actor: str, action: str, target: str, allowed: bool, reason: str
+) -> str:
+    """SHA-256 over the previous hash and the record's fields (canonical JSON)."""
+    body = json.dumps(
+        [prev_hash, seq, repr(float(at)), actor, action, target, bool(allowed), reason],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+# --- The registry ---------------------------------------------------------------
+
+
+class Registry:
+    """Trust state in the broker database. ``trust_ca`` is needed only by the
+    methods that issue certificates (approve, register_host, issue_user)."""
+
+    def __init__(self, db: Database, trust_ca: TrustCa | None = None, clock: Callable[[], float] = time.time):
+        self.db = db
+        self.trust_ca = trust_ca
+        self.clock = clock
+        # Appends to the audit chain are serialized in this process too, so
+        # SQLite never sees two writers race for the chain head.
+        self._audit_lock = threading.Lock()
+
+    def _ca(self) -> TrustCa:
+        if self.trust_ca is None:
+            raise RuntimeError("this registry has no trust CA; load it with broker.trust_ca.load_trust_ca")
+        return self.trust_ca
+
+    # Audit -------------------------------------------------------------------
+
+    def record_audit(self, actor: str, action: str, target: str, allowed: bool, reason: str) -> None:
+        """Append one record to the hash-chained audit trail. Raises
+        DatabaseError if it cannot be written: callers fail closed."""
+        with self._audit_lock, self.db.begin() as conn:
+            self._append_audit(conn, actor, action, target, allowed, reason)
+
+    def _append_audit(self, conn, actor: str, action: str, target: str, allowed: bool, reason: str) -> None:
+        self.db.lock_audit_chain(conn)
+        last = conn.execute(select(audit.c.seq, audit.c.hash).order_by(audit.c.seq.desc()).limit(1)).first()
+        seq = (last.seq + 1) if last else 1
+        prev = last.hash if last else AUDIT_GENESIS
+        at = self.clock()
+        reason = reason.splitlines()[0] if reason else ""
+        digest = audit_hash(prev, seq, at, actor, action, target, allowed, reason)
+        conn.execute(
+            audit.insert().values(
+                seq=seq,
+                at=at,
+                actor=actor,
+                action=action,
+                target=target,
+                allowed=bool(allowed),
+                reason=reason,
+                prev_hash=prev,
+                hash=digest,
+            )
+        )
+
+    def audit_records(self, after: int = 0, limit: int = 1000) -> list[AuditRecord]:
+        with self.db.begin() as conn:
+            rows = conn.execute(select(audit).where(audit.c.seq > after).order_by(audit.c.seq).limit(limit)).all()
+        return [AuditRecord(**row._mapping) for row in rows]
+
+    def verify_audit(self) -> list[str]:
+        """Problems with the audit chain, one line each (empty: intact).
+        A changed record breaks its hash, a removed one leaves a gap or a
+        broken link."""
+        problems: list[str] = []
+        prev_hash, expected_seq = AUDIT_GENESIS, 1
+        with self.db.begin() as conn:
+            rows = conn.execute(select(audit).order_by(audit.c.seq)).all()
+        for row in rows:
+            if row.seq != expected_seq:
+                problems.append(f"records {expected_seq}..{row.seq - 1} are missing")
+            if row.prev_hash != prev_hash:
+                problems.append(f"record {row.seq} does not link to the record before it")
+            if (
+                audit_hash(row.prev_hash, row.seq, row.at, row.actor, row.action, row.target, row.allowed, row.reason)
+                != row.hash
+            ):
+                problems.append(f"record {row.seq} was altered (its hash does not match)")
+            prev_hash, expected_seq = row.hash, row.seq + 1
+        return problems
+
+    # Tokens and enrollment --------------------------------------------------------
+
+    def issue_token(self, instance: str, ttl: int = DEFAULT_TOKEN_TTL, actor: str = "local-security-admin") -> str:
+        """A one-time enrollment token for `instance` (only its digest is kept)."""
+        check_instance_name(instance)
+        if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_TOKEN_TTL:
+            raise InvalidRequest(f"token lifetime must be between 1 and {MAX_TOKEN_TTL} seconds")
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            row = conn.execute(select(instances.c.state).where(instances.c.name == instance)).first()
+            if row is not None and row.state == "revoked":
+                raise Refused(f"instance {instance} was revoked; enroll its replacement under a new name")
+            conn.execute(
+                tokens.insert().values(
+                    token_sha256=_digest(token), instance=instance, created_at=now, expires_at=now + ttl
+                )
+            )
+            self._append_audit(conn, actor, "token.issue", instance, True, f"expires in {ttl} s")
+        return token
+
+    def enroll(self, instance: str, token: str, csr_pem: str, peer: str = "") -> Enrollment:
+        """Consume `token` and record a pending enrollment for `instance`.
+        A wrong, replayed or expired token is Refused and changes nothing
+        but the audit trail."""
+        check_instance_name(instance)
+        if not isinstance(token, str) or not 1 <= len(token) <= 256:
+            raise InvalidRequest("token must be the string 'vtpm-broker admin token' printed")
+        try:
+            load_csr_pem(csr_pem)
+        except CertificateRequestError as exc:
+            raise InvalidRequest(str(exc)) from None
+        actor = f"enrollment:{instance}" + (f"@{peer}" if peer else "")
+        now = self.clock()
+        refusal: str | None = None
+        enrollment = Enrollment(uuid.uuid4().hex, secrets.token_urlsafe(32))
+        with self._audit_lock, self.db.begin() as conn:
+            row = conn.execute(select(tokens).where(tokens.c.token_sha256 == _digest(token))).first()
+            state = conn.execute(select(instances.c.state).where(instances.c.name == instance)).scalar()
+            if row is None or not hmac.compare_digest(row.instance, instance):
+                refusal = "enrollment token is not valid for this instance"
+            elif row.used_at is not None:
+                refusal = "enrollment token was already used; ask the security administrator for a new one"
+            elif row.expires_at <= now:
+                refusal = "enrollment token has expired; ask the security administrator for a new one"
+            elif state == "revoked":
+                refusal = f"instance {instance} was revoked; enroll its replacement under a new name"
+            if refusal is None:
+                conn.execute(update(tokens).where(tokens.c.token_sha256 == row.token_sha256).values(used_at=now))
+                if state is None:
+                    conn.execute(
+                        instances.insert().values(
+                            name=instance, state="pending", pinned=False, created_at=now, changed_at=now
+                        )
+                    )
+                elif state == "rejected":
+                    conn.execute(
+                        update(instances).where(instances.c.name == instance).values(state="pending", changed_at=now)
+                    )
+                conn.execute(
+                    update(enrollments)
+                    .where(enrollments.c.instance == instance, enrollments.c.state == "pending")
+                    .values(state="superseded", decided_at=now)
+                )
+                conn.execute(
+                    enrollments.insert().values(
+                        id=enrollment.enrollment_id,
+                        instance=instance,
+                        csr_pem=csr_pem,
+                        poll_secret_sha256=_digest(enrollment.poll_secret),
+                        state="pending",
+                        created_at=now,
+                    )
+                )
+                self._append_audit(conn, actor, "enroll", instance, True, "enrollment pending approval")
+        if refusal is not None:
+            # Recorded after the refused transaction so nothing else changes.
+            self.record_audit(actor, "enroll", instance, False, refusal)
+            raise Refused(refusal)
+        return enrollment
+
+    def poll_enrollment(self, enrollment_id: str, poll_secret: str) -> dict:
+        """{"state", "certificate_pem"?, "ca_pem"?}; an unknown id or a wrong
+        secret is NotFound (the two are not told apart)."""
+        if not isinstance(enrollment_id, str) or not re.fullmatch(r"[0-9a-f]{32}", enrollment_id):
+            raise NotFound("no such enrollment")
+        with self.db.begin() as conn:
+            row = conn.execute(select(enrollments).where(enrollments.c.id == enrollment_id)).first()
+        if row is None or not hmac.compare_digest(row.poll_secret_sha256, _digest(poll_secret or "")):
+            raise NotFound("no such enrollment")
+        answer: dict = {"state": row.state, "instance": row.instance}
+        if row.state == "approved":
+            answer["certificate_pem"] = row.certificate_pem
+            answer["ca_pem"] = self._ca().cert_pem
+        return answer
+
+    def _pending(self, conn, instance: str):
+        return conn.execute(
+            select(enrollments)
+            .where(enrollments.c.instance == instance, enrollments.c.state == "pending")
+            .order_by(enrollments.c.created_at.desc())
+        ).first()
+
+    def approve(self, instance: str, actor: str = "local-security-admin") -> x509.Certificate:
+        """Issue the pending enrollment's certificate (CN = instance,
+        clientAuth) and make the instance trusted."""
+        check_instance_name(instance)
+        ca = self._ca()
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            state = conn.execute(select(instances.c.state).where(instances.c.name == instance)).scalar()
+            if state is None:
+                raise NotFound(f"no instance named {instance}; issue a token with 'vtpm-broker admin token'")
+            if state == "revoked":
+                raise Refused(f"instance {instance} was revoked; enroll its replacement under a new name")
+            pending = self._pending(conn, instance)
+            if pending is None:
+                raise NotFound(f"instance {instance} has no pending enrollment")
+            csr = load_csr_pem(pending.csr_pem)
+            cert = ca.issue_client(instance, csr.public_key())
+            pem = cert_pem(cert)
+            conn.execute(
+                update(enrollments)
+                .where(enrollments.c.id == pending.id)
+                .values(state="approved", certificate_pem=pem, decided_at=now)
+            )
+            conn.execute(
+                update(instances)
+                .where(instances.c.name == instance)
+                .values(state="trusted", cert_fingerprint=fingerprint(cert), cert_pem=pem, pinned=False, changed_at=now)
+            )
+            self._append_audit(conn, actor, "approve", instance, True, f"certificate {fingerprint(cert)}")
+        return cert
+
+    def reject(self, instance: str, actor: str = "local-security-admin") -> None:
+        check_instance_name(instance)
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            pending = self._pending(conn, instance)
+            if pending is None:
+                raise NotFound(f"instance {instance} has no pending enrollment")
+            conn.execute(
+                update(enrollments).where(enrollments.c.id == pending.id).values(state="rejected", decided_at=now)
+            )
+            conn.execute(
+                update(instances)
+                .where(instances.c.name == instance, instances.c.state == "pending")
+                .values(state="rejected", changed_at=now)
+            )
+            self._append_audit(conn, actor, "reject", instance, True, "enrollment rejected")
+
+    def revoke(self, instance: str, actor: str = "local-security-admin") -> None:
+        """End the instance's trust at once: its certificate, its hosts and
+        its VMs are refused from the next request on."""
+        check_instance_name(instance)
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            state = conn.execute(select(instances.c.state).where(instances.c.name == instance)).scalar()
+            if state is None:
+                raise NotFound(f"no instance named {instance}")
+            if state == "revoked":
+                raise Conflict(f"instance {instance} is already revoked")
+            conn.execute(update(instances).where(instances.c.name == instance).values(state="revoked", changed_at=now))
+            conn.execute(
+                update(enrollments)
+                .where(enrollments.c.instance == instance, enrollments.c.state == "pending")
+                .values(state="rejected", decided_at=now)
+            )
+            self._append_audit(conn, actor, "revoke", instance, True, f"was {state}")
+
+    def pin(self, instance: str, certificate_pem: str | bytes, actor: str = "local-security-admin") -> str:
+        """Trust exactly this certificate (by SHA-256) as `instance`; returns
+        the fingerprint."""
+        check_instance_name(instance)
+        try:
+            cert = load_certificate_pem(certificate_pem)
+        except CertificateRequestError as exc:
+            raise InvalidRequest(str(exc)) from None
+        now_dt = time.time()
+        if not cert.not_valid_before_utc.timestamp() <= now_dt < cert.not_valid_after_utc.timestamp():
+            raise InvalidRequest("the certificate is not valid now; ask the instance for a current one")
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            if x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+                raise InvalidRequest("the certificate's extended key usage lacks clientAuth; it cannot be a client")
+        except x509.ExtensionNotFound:
+            pass
+        fp = fingerprint(cert)
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            self._check_fingerprint_free(conn, fp, instance)
+            state = conn.execute(select(instances.c.state).where(instances.c.name == instance)).scalar()
+            if state == "revoked":
+                raise Refused(f"instance {instance} was revoked; pin its replacement under a new name")
+            values = dict(state="trusted", cert_fingerprint=fp, cert_pem=cert_pem(cert), pinned=True, changed_at=now)
+            if state is None:
+                conn.execute(instances.insert().values(name=instance, created_at=now, **values))
+            else:
+                conn.execute(update(instances).where(instances.c.name == instance).values(**values))
+            self._append_audit(conn, actor, "pin", instance, True, f"certificate {fp}")
+        return fp
+
+    def _check_fingerprint_free(self, conn, fp: str, instance: str | None = None) -> None:
+        other = conn.execute(select(instances.c.name).where(instances.c.cert_fingerprint == fp)).scalar()
+        if other is not None and other != instance:
+            raise Conflict(f"that certificate already belongs to instance {other}")
+        if conn.execute(select(hosts.c.name).where(hosts.c.cert_fingerprint == fp)).first() is not None:
+            raise Conflict("that certificate already belongs to a host")
+        if conn.execute(select(users.c.name).where(users.c.cert_fingerprint == fp)).first() is not None:
+            raise Conflict("that certificate already belongs to a user")
+
+    def list_instances(self) -> list[InstanceInfo]:
+        with self.db.begin() as conn:
+            host_counts = dict(conn.execute(select(hosts.c.instance, func.count()).group_by(hosts.c.instance)).all())
+            vm_counts = dict(conn.execute(select(vms.c.instance, func.count()).group_by(vms.c.instance)).all())
+            pending = {
+                r[0] for r in conn.execute(select(enrollments.c.instance).where(enrollments.c.state == "pending")).all()
+            }
+            rows = conn.execute(select(instances).order_by(instances.c.name)).all()
+        return [
+            InstanceInfo(
+                name=r.name,
+                state=r.state,
+                pinned=bool(r.pinned),
+                cert_fingerprint=r.cert_fingerprint,
+                created_at=r.created_at,
+                changed_at=r.changed_at,
+                last_used_at=r.last_used_at,
+                hosts=host_counts.get(r.name, 0),
+                vms=vm_counts.get(r.name, 0),
+                pending_enrollment=r.name in pending,
+            )
+            for r in rows
+        ]
+
+    def pinned_certificates(self) -> list[str]:
+        """PEMs of the pinned certificates of trusted instances (TLS trust anchors)."""
+        with self.db.begin() as conn:
+            rows = conn.execute(
+                select(instances.c.cert_pem).where(instances.c.pinned.is_(True), instances.c.state == "trusted")
+            ).all()
+        return sorted(r[0] for r in rows if r[0])
+
+    # Users ----------------------------------------------------------------------
+
+    def issue_user(self, name: str, public_key, actor: str = "local-security-admin") -> x509.Certificate:
+        """A clientAuth certificate for an API user (CN = name); the role
+        comes from [roles]. Issuing again for the same name replaces it."""
+        check_instance_name(name)
+        cert = self._ca().issue_client(name, public_key)
+        fp = fingerprint(cert)
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            if conn.execute(select(instances.c.name).where(instances.c.name == name)).first() is not None:
+                raise Conflict(f"{name} is a management instance; give the user another name")
+            conn.execute(users.delete().where(users.c.name == name))
+            conn.execute(users.insert().values(name=name, cert_fingerprint=fp, cert_pem=cert_pem(cert), created_at=now))
+            self._append_audit(conn, actor, "user.issue", name, True, f"certificate {fp}")
+        return cert
+
+    # Identification ------------------------------------------------------------
+
+    def identify(self, fp: str) -> Caller | None:
+        """The caller a verified certificate stands for, or None when it
+        stands for nobody the broker currently trusts (unknown, a revoked
+        instance, a host of a revoked instance, a superseded certificate)."""
+        now = self.clock()
+        with self.db.begin() as conn:
+            inst = conn.execute(select(instances).where(instances.c.cert_fingerprint == fp)).first()
+            if inst is not None:
+                if inst.state != "trusted":
+                    return None
+                if inst.last_used_at is None or now - inst.last_used_at >= LAST_USED_RESOLUTION:
+                    conn.execute(update(instances).where(instances.c.name == inst.name).values(last_used_at=now))
+                return Caller("instance", inst.name, inst.name, fp)
+            host = conn.execute(select(hosts).where(hosts.c.cert_fingerprint == fp)).first()
+            if host is not None:
+                state = conn.execute(select(instances.c.state).where(instances.c.name == host.instance)).scalar()
+                if state != "trusted":
+                    return None
+                return Caller("host", host.name, host.instance, fp)
+            user = conn.execute(select(users).where(users.c.cert_fingerprint == fp)).first()
+            if user is not None:
+                return Caller("user", user.name, None, fp)
+        return None
+
+    # Hosts -----------------------------------------------------------------------
+
+    def _require_trusted(self, conn, instance: str) -> None:
+        state = conn.execute(select(instances.c.state).where(instances.c.name == instance)).scalar()
+        if state != "trusted":
+            raise Refused(f"instance {instance} is not trusted")
+
+    def register_host(self, instance: str, name: str, csr_pem: str) -> x509.Certificate:
+        """Issue a host certificate (CN = host:<name>) bound to `instance`.
+        A host name held by another trusted instance is a Conflict; one held
+        by a revoked instance is taken over (its old certificate is void)."""
+        check_host_name(name)
+        try:
+            csr = load_csr_pem(csr_pem)
+        except CertificateRequestError as exc:
+            raise InvalidRequest(str(exc)) from None
+        ca = self._ca()
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            self._require_trusted(conn, instance)
+            existing = conn.execute(select(hosts).where(hosts.c.name == name)).first()
+            if existing is not None and existing.instance != instance:
+                owner_state = conn.execute(
+                    select(instances.c.state).where(instances.c.name == existing.instance)
+                ).scalar()
+                if owner_state == "trusted":
+                    raise Conflict(f"host {name} is registered by another trusted instance")
+            cert = ca.issue_client(f"host:{name}", csr.public_key())
+            fp = fingerprint(cert)
+            if existing is not None:
+                conn.execute(hosts.delete().where(hosts.c.name == name))
+                # VMs of this instance placed on the host stay placed; VMs of
+                # a previous owner are not this instance's to place.
+            conn.execute(
+                hosts.insert().values(
+                    name=name, instance=instance, cert_fingerprint=fp, cert_pem=cert_pem(cert), created_at=now
+                )
+            )
+            reason = "registered" if existing is None else f"re-registered (was {existing.instance})"
+            self._append_audit(conn, f"instance:{instance}", "host.register", name, True, f"{reason}, certificate {fp}")
+        return cert
+
+    def remove_host(self, instance: str, name: str) -> None:
+        check_host_name(name)
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            self._require_trusted(conn, instance)
+            existing = conn.execute(select(hosts).where(hosts.c.name == name)).first()
+            if existing is None or existing.instance != instance:
+                raise NotFound(f"no host named {name}")
+            conn.execute(hosts.delete().where(hosts.c.name == name))
+            conn.execute(
+                update(vms).where(vms.c.instance == instance, vms.c.host == name).values(host=None, changed_at=now)
+            )
+            self._append_audit(conn, f"instance:{instance}", "host.remove", name, True, "removed")
+
+    # VMs -------------------------------------------------------------------------
+
+    def check_new_vm(self, instance: str, vm_uuid: str, host: str | None) -> None:
+        """Refuse, before a KEK is made, a VM that could not be recorded."""
+        with self.db.begin() as conn:
+            self._require_trusted(conn, instance)
+            if conn.execute(select(vms.c.vm_uuid).where(vms.c.vm_uuid == vm_uuid)).first() is not None:
+                raise Conflict(f"VM {vm_uuid} is already registered; use POST /v1/vms/register to re-register it")
+            if host is not None:
+                self._own_host(conn, instance, host)
+
+    def _own_host(self, conn, instance: str, host: str) -> None:
+        row = conn.execute(select(hosts.c.instance).where(hosts.c.name == host)).first()
+        if row is None or row.instance != instance:
+            raise NotFound(f"no host named {host}")
+
+    def add_vm(
+        self, instance: str, vm_uuid: str, name: str, kms_key_id: str, key_safe: str, host: str | None
+    ) -> VmRecord:
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            self._require_trusted(conn, instance)
+            if conn.execute(select(vms.c.vm_uuid).where(vms.c.vm_uuid == vm_uuid)).first() is not None:
+                raise Conflict(f"VM {vm_uuid} is already registered")
+            if host is not None:
+                self._own_host(conn, instance, host)
+            conn.execute(
+                vms.insert().values(
+                    vm_uuid=vm_uuid,
+                    name=name,
+                    instance=instance,
+                    kms_key_id=kms_key_id,
+                    key_safe=key_safe,
+                    host=host,
+                    created_at=now,
+                    changed_at=now,
+                )
+            )
+            self._append_audit(conn, f"instance:{instance}", "vm.create", vm_uuid, True, f"KEK {kms_key_id}")
+        return VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host)
+
+    def register_vm(self, instance: str, vm_uuid: str, name: str, kms_key_id: str, key_safe: str) -> VmRecord:
+        """Bind a VM found on a datastore to `instance` (the recovery path).
+        A VM held by another trusted instance is a Conflict; one held by a
+        revoked instance is taken over, unplaced."""
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            self._require_trusted(conn, instance)
+            existing = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
+            by_key = conn.execute(select(vms).where(vms.c.kms_key_id == kms_key_id)).first()
+            if by_key is not None and by_key.vm_uuid != vm_uuid:
+                raise Conflict(f"KMS key {kms_key_id} belongs to another VM")
+            host = None
+            if existing is not None:
+                if existing.instance != instance:
+                    owner_state = conn.execute(
+                        select(instances.c.state).where(instances.c.name == existing.instance)
+                    ).scalar()
+                    if owner_state == "trusted":
+                        raise Conflict(f"VM {vm_uuid} is registered by another trusted instance")
+                else:
+                    host = existing.host
+                conn.execute(vms.delete().where(vms.c.vm_uuid == vm_uuid))
+            conn.execute(
+                vms.insert().values(
+                    vm_uuid=vm_uuid,
+                    name=name,
+                    instance=instance,
+                    kms_key_id=kms_key_id,
+                    key_safe=key_safe,
+                    host=host,
+                    created_at=now,
+                    changed_at=now,
+                )
+            )
+            was = "new" if existing is None else f"was {existing.instance}"
+            self._append_audit(conn, f"instance:{instance}", "vm.register", vm_uuid, True, f"KEK {kms_key_id} ({was})")
+        return VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host)
+
+    def place_vm(self, instance: str, vm_uuid: str, host: str) -> None:
+        check_host_name(host)
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            self._require_trusted(conn, instance)
+            vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
+            if vm is None or vm.instance != instance:
+                raise NotFound(f"no VM {vm_uuid}")
+            self._own_host(conn, instance, host)
+            conn.execute(update(vms).where(vms.c.vm_uuid == vm_uuid).values(host=host, changed_at=now))
+            self._append_audit(conn, f"instance:{instance}", "vm.place", vm_uuid, True, f"on host {host}")
+
+    def remove_vm(self, vm_uuid: str, actor: str, instance: str | None) -> VmRecord:
+        """Forget a VM (its vTPM can no longer be unwrapped through the
+        broker). `instance` limits it to that instance's VMs."""
+        with self._audit_lock, self.db.begin() as conn:
+            vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
+            if vm is None or (instance is not None and vm.instance != instance):
+                raise NotFound(f"no VM {vm_uuid}")
+            conn.execute(vms.delete().where(vms.c.vm_uuid == vm_uuid))
+            self._append_audit(conn, actor, "vm.remove", vm_uuid, True, f"KEK {vm.kms_key_id}")
+        return _vm(vm)
+
+    def get_vm(self, vm_uuid: str, instance: str | None = None) -> VmRecord:
+        with self.db.begin() as conn:
+            vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
+        if vm is None or (instance is not None and vm.instance != instance):
+            raise NotFound(f"no VM {vm_uuid}")
+        return _vm(vm)
+
+    def list_vms(self, instance: str | None = None) -> list[VmRecord]:
+        stmt = select(vms).order_by(vms.c.vm_uuid)
+        if instance is not None:
+            stmt = stmt.where(vms.c.instance == instance)
+        with self.db.begin() as conn:
+            return [_vm(r) for r in conn.execute(stmt).all()]
+
+    # The unwrap policy -----------------------------------------------------------------
+
+    def authorize_unwrap(self, host_fingerprint: str, kms_key_id: str) -> Decision:
+        """May the host with this certificate unwrap with this KMS key?
+        Only if the host is registered by a trusted instance, the key is the
+        KEK of a VM that instance registered, and the VM is placed on that
+        host. Reads only: the caller records the decision (record_audit)."""
+        with self.db.begin() as conn:
+            host = conn.execute(select(hosts).where(hosts.c.cert_fingerprint == host_fingerprint)).first()
+            if host is None:
+                return Decision(False, "host certificate is not registered", None, None, None)
+            state = conn.execute(select(instances.c.state).where(instances.c.name == host.instance)).scalar()
+            vm = conn.execute(select(vms).where(vms.c.kms_key_id == kms_key_id)).first()
+            own_vm = vm is not None and vm.instance == host.instance
+            vm_uuid = vm.vm_uuid if own_vm else None
+            if state != "trusted":
+                return Decision(
+                    False,
+                    f"instance {host.instance} of the host is {state or 'unknown'}",
+                    host.name,
+                    host.instance,
+                    vm_uuid,
+                )
+            if vm is None:
+                return Decision(False, "key is not the KEK of any registered VM", host.name, host.instance, None)
+            if not own_vm:
+                return Decision(False, "key belongs to a VM of another instance", host.name, host.instance, None)
+            if vm.host != host.name:
+                where = f"host {vm.host}" if vm.host else "no host"
+                return Decision(False, f"VM is placed on {where}, not on this host", host.name, host.instance, vm_uuid)
+            return Decision(
+                True, "VM is placed on this host by its trusted instance", host.name, host.instance, vm_uuid
+            )
+
+    def authorize_vm_for_host(self, host_fingerprint: str, vm_uuid: str) -> Decision:
+        """The same rule by VM: may this host act for this VM (its vTPM's
+        EK certificate, say)?"""
+        with self.db.begin() as conn:
+            key = conn.execute(select(vms.c.kms_key_id).where(vms.c.vm_uuid == vm_uuid)).scalar()
+        if key is None:
+            host_only = self.authorize_unwrap(host_fingerprint, "")
+            return Decision(False, "no such VM", host_only.host, host_only.instance, None)
+        return self.authorize_unwrap(host_fingerprint, key)
+
+
+def _vm(row) -> VmRecord:
+    return VmRecord(row.vm_uuid, row.name, row.instance, row.kms_key_id, row.key_safe, row.host)
