@@ -90,6 +90,9 @@ class StorageConfig:
     # "auto": apply migrations on SQLite (single node), only check on
     # PostgreSQL (a cluster upgrades with `kms-admin db upgrade`).
     schema: str = "auto"
+    # How long a request waits for the database to come back (failover)
+    # before it is answered GENERAL_FAILURE.
+    retry_seconds: float = 15.0
 
     @property
     def schema_mode(self) -> str:
@@ -398,6 +401,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Validator, Any]]] = {
     "storage": {
         "db_url": (_db_url, _DERIVED),
         "schema": (_choice(("auto", "upgrade", "check")), "auto"),
+        "retry_seconds": (_positive_seconds(600.0), 15.0),
     },
     "master_key": {
         "file": (_path, None),

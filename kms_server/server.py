@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from kms_server import cluster, credentials
 from kms_server.config import Config
-from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
+from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
 from kms_server.keystore.barrier import open_barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.policy import Principal, role_for
@@ -56,7 +56,13 @@ class KmsService(service.Service):
         authenticate = None
         if cfg.access.require_credential:
             authenticate = credentials.Authenticator(credentials.load(cfg.access.credentials_file))
-        self.dispatcher = Dispatcher(self.keystore, OPERATIONS, node=cfg.server.node_name, authenticate=authenticate)
+        self.dispatcher = Dispatcher(
+            self.keystore,
+            OPERATIONS,
+            node=cfg.server.node_name,
+            authenticate=authenticate,
+            retry_delays=retry_schedule(cfg.storage.retry_seconds),
+        )
         self.context_factory = tls.server_context_factory(cfg.tls)
         self.threadpool = ThreadPool(minthreads=1, maxthreads=cfg.server.worker_threads, name="kms-workers")
         self.factory = KmipFactory(

@@ -36,9 +36,20 @@ from kms_server.wire.ttlv import Item, ItemType
 log = logging.getLogger("kms_server.dispatch")
 
 SUPPORTED_VERSIONS: tuple[tuple[int, int], ...] = ((2, 0), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0))
-# Waits before each new attempt of an item whose database connection was
-# lost (a PostgreSQL failover takes seconds); about 15 s in all.
-STORAGE_RETRY_DELAYS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 7.0)
+def retry_schedule(total_seconds: float, first: float = 0.25, cap: float = 4.0) -> tuple[float, ...]:
+    """Waits before each new attempt of an item whose database connection
+    was lost: doubling from `first`, at most `cap` each, `total_seconds` in
+    all (a PostgreSQL failover takes seconds)."""
+    delays, spent, delay = [], 0.0, first
+    while spent < total_seconds:
+        step = min(delay, cap, total_seconds - spent)
+        delays.append(step)
+        spent += step
+        delay *= 2
+    return tuple(delays)
+
+
+STORAGE_RETRY_DELAYS = retry_schedule(15.0)
 
 T = Tags
 Handler = Callable[[RequestContext, object, Item], list[Item]]

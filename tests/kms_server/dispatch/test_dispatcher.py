@@ -667,3 +667,13 @@ def test_commit_outcome_unknown_is_general_failure_never_success_and_not_retried
     assert reason(item) == ResultReason.GENERAL_FAILURE
     assert "may or may not be stored" in item.get(T.RESULT_MESSAGE.value)
     assert storage.attempts == 1 and sleeps == []
+
+
+def test_retry_schedule_doubles_up_to_the_cap_and_spends_exactly_the_budget():
+    from kms_server.dispatch.dispatcher import retry_schedule
+
+    delays = retry_schedule(30.0)
+    assert delays[:5] == (0.25, 0.5, 1.0, 2.0, 4.0)
+    assert max(delays) == 4.0
+    assert abs(sum(delays) - 30.0) < 1e-9
+    assert retry_schedule(0.1) == (0.1,)
