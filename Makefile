@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 DEV_PKI = certs/dev
 PYTEST_ARGS ?=
 
-.PHONY: run test venv pki master-key check-config clean lint bench bench-nvram bench-cluster
+.PHONY: run test venv pki master-key check-config clean lint bench bench-nvram bench-cluster bench-gateway
 
 venv: $(VENV)/.installed
 
@@ -59,6 +59,9 @@ bench-nvram: venv
 
 bench-cluster: venv
 	$(BIN)/python bench/cluster_throughput.py
+
+bench-gateway: venv
+	$(BIN)/python bench/gateway_decrypt.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
