@@ -11,6 +11,7 @@ exception text (``hide_parameters``), as in ``kms_server.storage.sql``.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 # Reused, not copied: BEGIN IMMEDIATE, WAL and busy_timeout for SQLite, and
 # the one-line error description that carries no bound values.
+from kms_server.keystore.barrier import Barrier, BarrierError, read_key_file
 from kms_server.storage.sql import _configure_sqlite, _describe
 
 __all__ = [
@@ -39,11 +41,13 @@ __all__ = [
     "DatabaseError",
     "audit",
     "cas",
+    "ek_certificates",
     "enrollments",
     "hosts",
     "instances",
     "meta",
     "metadata",
+    "open_barrier",
     "tokens",
     "users",
     "vms",
@@ -135,18 +139,36 @@ users = Table(
 )
 
 # CA certificates with their private keys sealed under the master key
-# (AAD = purpose, e.g. "ca:trust", "ca:ek"). Old CAs stay, inactive, so
-# certificates they issued can still be chained.
+# (AAD = purpose, e.g. "ca:trust", "ca:ek"). state: "active" (one per
+# purpose), "retired" (kept so certificates it issued still chain), or
+# "pending" (a new key waiting for a third party to sign its CSR).
 cas = Table(
     "broker_cas",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("purpose", Text, nullable=False),
-    Column("cert_pem", Text, nullable=True),
-    Column("sealed_key", LargeBinary, nullable=True),
-    Column("active", Boolean, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("cert_pem", Text, nullable=False),
+    Column("chain_pem", Text, nullable=False, default=""),
+    Column("sealed_key", LargeBinary, nullable=False),
     Column("created_at", Float, nullable=False),
-    Index("ix_broker_cas_purpose", "purpose"),
+    Index("ix_broker_cas_purpose", "purpose", "state"),
+    sqlite_autoincrement=True,
+)
+
+# EK (and platform) certificates the vTPM CA issued, so that a CA swap can
+# re-certify an existing vTPM's EK (`vtpm-broker ca recertify`).
+ek_certificates = Table(
+    "broker_ek_certificates",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("vm_uuid", Text, nullable=False),
+    Column("cert_type", Text, nullable=False),
+    Column("cert_der", LargeBinary, nullable=False),
+    Column("ca_fingerprint", Text, nullable=False),
+    Column("issued_to", Text, nullable=False),
+    Column("issued_at", Float, nullable=False),
+    Index("ix_broker_ek_certificates_vm", "vm_uuid", "cert_type"),
     sqlite_autoincrement=True,
 )
 
@@ -246,5 +268,72 @@ class Database:
         else:
             conn.execute(meta.update().where(meta.c.key == key).values(value=value))
 
+    # CAs ----------------------------------------------------------------------
+
+    def put_ca(self, purpose: str, cert_pem: str, sealed_key: bytes, chain_pem: str = "", state: str = "active") -> int:
+        """Store a CA row; a new active CA retires the previous one, a new
+        pending one replaces the previous pending one. Returns its id."""
+        if state not in ("active", "pending"):
+            raise ValueError("state must be 'active' or 'pending'")
+        with self.begin() as conn:
+            if state == "active":
+                conn.execute(
+                    cas.update().where(cas.c.purpose == purpose, cas.c.state == "active").values(state="retired")
+                )
+            conn.execute(cas.delete().where(cas.c.purpose == purpose, cas.c.state == "pending"))
+            result = conn.execute(
+                cas.insert().values(
+                    purpose=purpose,
+                    state=state,
+                    cert_pem=cert_pem,
+                    chain_pem=chain_pem,
+                    sealed_key=sealed_key,
+                    created_at=time.time(),
+                )
+            )
+            return int(result.inserted_primary_key[0])
+
+    def get_ca(self, purpose: str, state: str = "active"):
+        """The newest row of that purpose and state (id, cert_pem, chain_pem,
+        sealed_key, created_at), or None."""
+        with self.begin() as conn:
+            return conn.execute(
+                select(cas).where(cas.c.purpose == purpose, cas.c.state == state).order_by(cas.c.id.desc()).limit(1)
+            ).first()
+
+    def list_cas(self, purpose: str) -> list:
+        """Every CA row of the purpose, oldest first (sealed keys included:
+        they are sealed)."""
+        with self.begin() as conn:
+            return list(conn.execute(select(cas).where(cas.c.purpose == purpose).order_by(cas.c.id)).all())
+
     def close(self) -> None:
         self.engine.dispose()
+
+
+# --- The master key ---------------------------------------------------------------
+
+_CHECK_META = "barrier.check"
+_CHECK_PURPOSE = "broker:master-key-check"
+_CHECK_PLAINTEXT = b"vtpm-broker master key check v1"
+
+
+def open_barrier(db: Database, key_file) -> Barrier:
+    """The barrier for the broker's master key file. The first use records
+    a check value; later uses refuse a different key before anything is
+    unsealed with it. Raises BarrierError with one line."""
+    barrier = Barrier(read_key_file(key_file))
+    with db.begin() as conn:
+        check = db.get_meta(conn, _CHECK_META)
+        if check is None:
+            db.set_meta(conn, _CHECK_META, barrier.seal(_CHECK_PURPOSE, _CHECK_PLAINTEXT))
+            return barrier
+    try:
+        opened = barrier.unseal(_CHECK_PURPOSE, check)
+    except BarrierError:
+        opened = None
+    if opened != _CHECK_PLAINTEXT:
+        raise BarrierError(
+            f"master key {key_file} does not open this broker database; give the key file it was created with"
+        )
+    return barrier

@@ -10,16 +10,14 @@ by ``kms_server.admin.pki`` (the same profile the KMS's own PKI issues).
 from __future__ import annotations
 
 import datetime as dt
-import time
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import select, update
 
-from broker.db import Database, cas
+from broker.db import Database
 from kms_server.admin import pki
 from kms_server.keystore.barrier import Barrier, BarrierError
 
@@ -181,27 +179,15 @@ def _key_der(key) -> bytes:
 
 
 def store_ca(db: Database, barrier: Barrier, purpose: str, cert: x509.Certificate, key) -> None:
-    """Make (cert, key) the active CA of `purpose`; earlier ones stay, inactive.
+    """Make (cert, key) the active CA of `purpose`; earlier ones are retired.
     The key is sealed (AAD = purpose) before it reaches the database."""
-    sealed = barrier.seal(purpose, _key_der(key))
-    with db.begin() as conn:
-        conn.execute(update(cas).where(cas.c.purpose == purpose).values(active=False))
-        conn.execute(
-            cas.insert().values(
-                purpose=purpose, cert_pem=cert_pem(cert), sealed_key=sealed, active=True, created_at=time.time()
-            )
-        )
+    db.put_ca(purpose, cert_pem(cert), barrier.seal(purpose, _key_der(key)))
 
 
 def load_active_ca(db: Database, barrier: Barrier, purpose: str) -> tuple[x509.Certificate, object]:
     """(certificate, private key) of the active CA of `purpose`."""
-    with db.begin() as conn:
-        row = conn.execute(
-            select(cas.c.cert_pem, cas.c.sealed_key)
-            .where(cas.c.purpose == purpose, cas.c.active.is_(True))
-            .order_by(cas.c.id.desc())
-        ).first()
-    if row is None or row.cert_pem is None or row.sealed_key is None:
+    row = db.get_ca(purpose)
+    if row is None:
         raise CaMissing(f"no {purpose} CA in the broker database; run 'vtpm-broker init' first")
     try:
         der = barrier.unseal(purpose, row.sealed_key)

@@ -1,0 +1,413 @@
+"""`vtpm-broker` configuration: one TOML file, validated once into frozen
+dataclasses, in the style of ``kms_server.config`` (whose validators and
+messages it reuses).
+
+Precedence is defaults < file < command-line flags. Secrets are file paths
+only (TLS key, KMS client key, master key); this module never reads them.
+Relative paths in the file are relative to the file; paths derived from
+``broker.data_dir`` follow it.
+
+    [broker]      provider_name (required), data_dir, node_name
+    [api]         host, port, max_body, worker_threads
+    [gateway]     host, port, max_message_size, idle_timeout, handshake_timeout,
+                  max_connections, worker_threads  (read by broker.gateway)
+    [tls]         cert, key (the broker's server certificate, issued by
+                  `vtpm-broker init` from the trust CA), server_names, min_version
+    [kms]         nodes, cert, key, ca, server_name, connect_timeout, request_timeout
+    [storage]     db_url (default sqlite:///<data_dir>/broker.db)
+    [master_key]  file
+    [roles]       security_admins, administrators, no_crypto_administrators, auditors
+    [logging]     level
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kms_server.config import (
+    LOG_LEVELS,
+    TLS_VERSIONS,
+    ConfigError,
+    _check_file,
+    _choice,
+    _db_url,
+    _identities,
+    _int_between,
+    _nonempty_str,
+    _path,
+    _plain,
+    _port,
+    _positive_seconds,
+    _read_file,
+    _redact_url,
+    _Source,
+    _suggest,
+)
+
+__all__ = [
+    "ApiConfig",
+    "BrokerConfig",
+    "BrokerSection",
+    "ConfigError",
+    "GatewayConfig",
+    "KmsConfig",
+    "RolesConfig",
+    "format_config",
+    "load_config",
+]
+
+_PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SECRET_FILE_KEYS = frozenset({("tls", "key"), ("kms", "key"), ("master_key", "file")})
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    provider_name: str
+    data_dir: Path
+    node_name: str
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str
+    port: int
+    max_body: int
+    worker_threads: int
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str
+    port: int
+    max_message_size: int
+    idle_timeout: float
+    handshake_timeout: float
+    max_connections: int
+    worker_threads: int
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    cert: Path
+    key: Path
+    server_names: tuple[str, ...]
+    min_version: str
+
+
+@dataclass(frozen=True)
+class KmsConfig:
+    nodes: tuple[str, ...]
+    cert: Path
+    key: Path
+    ca: Path | None
+    server_name: str | None
+    connect_timeout: float
+    request_timeout: float
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    db_url: str
+
+
+@dataclass(frozen=True)
+class MasterKeySection:
+    file: Path
+
+
+@dataclass(frozen=True)
+class RolesConfig:
+    security_admins: tuple[str, ...]
+    administrators: tuple[str, ...]
+    no_crypto_administrators: tuple[str, ...]
+    auditors: tuple[str, ...]
+
+    def role_of(self, name: str) -> str | None:
+        """The role a certificate CN has, most powerful first; None if none."""
+        for role, names in (
+            ("security_admin", self.security_admins),
+            ("administrator", self.administrators),
+            ("no_crypto_administrator", self.no_crypto_administrators),
+            ("auditor", self.auditors),
+        ):
+            if name in names:
+                return role
+        return None
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str
+
+
+SECTION_ORDER = ("broker", "api", "gateway", "tls", "kms", "storage", "master_key", "roles", "logging")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    broker: BrokerSection
+    api: ApiConfig
+    gateway: GatewayConfig
+    tls: TlsSection
+    kms: KmsConfig
+    storage: StorageSection
+    master_key: MasterKeySection
+    roles: RolesConfig
+    logging: LoggingSection
+    source: Path | None = field(default=None, compare=False)
+
+    # Files the broker writes itself, under data_dir.
+    @property
+    def trust_ca_path(self) -> Path:
+        """The trust CA certificate (public), for hosts, instances and the gateway."""
+        return self.broker.data_dir / "trust-ca.pem"
+
+    @property
+    def kms_csr_path(self) -> Path:
+        return self.broker.data_dir / "kms-client.csr"
+
+    def redacted(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for section in SECTION_ORDER:
+            obj = getattr(self, section)
+            out[section] = {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+        out["storage"]["db_url"] = _redact_url(self.storage.db_url)
+        return out
+
+    def check_files(self, *, for_run: bool = True) -> list[str]:
+        """Problems with the files the settings name, one line each; secret
+        files are only looked at (existence, mode), never opened."""
+        problems: list[str] = []
+        data_dir = self.broker.data_dir
+        if data_dir.exists() and not data_dir.is_dir():
+            problems.append(f"broker.data_dir {data_dir} is not a directory; point it at a directory")
+        problems.extend(_check_file("master_key.file", self.master_key.file, secret=True))
+        if not for_run:
+            return problems
+        problems.extend(_check_file("tls.cert", self.tls.cert, secret=False))
+        problems.extend(_check_file("tls.key", self.tls.key, secret=True))
+        if not self.kms.nodes:
+            problems.append('kms.nodes is empty; list the KMS nodes, such as nodes = ["kms1:5696", "kms2:5696"]')
+        if self.kms.ca is None:
+            problems.append('kms.ca is not set; add ca = "<the KMS CA certificate>" to [kms]')
+        else:
+            problems.extend(_check_file("kms.ca", self.kms.ca, secret=False))
+        problems.extend(_check_file("kms.key", self.kms.key, secret=True))
+        cert_problems = _check_file("kms.cert", self.kms.cert, secret=False)
+        if cert_problems and not self.kms.cert.exists():
+            cert_problems = [
+                f"kms.cert {self.kms.cert} does not exist; sign {self.kms_csr_path} with "
+                f"'kms-admin pki sign-csr --csr {self.kms_csr_path} --out {self.kms.cert} --ca-dir <KMS CA dir>'"
+            ]
+        problems.extend(cert_problems)
+        return problems
+
+
+# --- Validators that kms_server.config does not have ------------------------------
+
+
+def _provider(key: str, value: Any, src: _Source) -> str:
+    if not isinstance(value, str) or not _PROVIDER.match(value):
+        raise ConfigError(
+            f"config: {key} must be a key provider name of 1-64 letters, digits, '.', '_' or '-', "
+            f'such as "kms-prod" (got {value!r})'
+        )
+    return value
+
+
+def _nodes(key: str, value: Any, src: _Source) -> tuple[str, ...]:
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f'config: {key} must be a list of "host:port" strings (got {value!r})')
+    for node in value:
+        host, sep, port = node.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f'config: {key} entry {node!r} must be "host:port", such as "kms1:5696"')
+    return tuple(value)
+
+
+def _names(key: str, value: Any, src: _Source) -> tuple[str, ...]:
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"config: {key} must be a list of host names or addresses (got {value!r})")
+    return tuple(value)
+
+
+def _optional_str(key: str, value: Any, src: _Source) -> str:
+    return _nonempty_str(key, value, src)
+
+
+_DERIVED = object()
+_REQUIRED = object()
+
+_SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+    "broker": {
+        "provider_name": (_provider, _REQUIRED),
+        "data_dir": (_path, "var/broker"),
+        "node_name": (_nonempty_str, _DERIVED),
+    },
+    "api": {
+        "host": (_nonempty_str, "127.0.0.1"),
+        "port": (_port, 8443),
+        "max_body": (_int_between(1024, 16 << 20), 65536),
+        "worker_threads": (_int_between(1, 256), 8),
+    },
+    "gateway": {
+        "host": (_nonempty_str, "127.0.0.1"),
+        "port": (_port, 5697),
+        "max_message_size": (_int_between(1024, 1 << 30), 1 << 20),
+        "idle_timeout": (_positive_seconds(86400.0), 300.0),
+        "handshake_timeout": (_positive_seconds(3600.0), 10.0),
+        "max_connections": (_int_between(1, 1_000_000), 1024),
+        "worker_threads": (_int_between(1, 1024), 16),
+    },
+    "tls": {
+        "cert": (_path, _DERIVED),
+        "key": (_path, _DERIVED),
+        "server_names": (_names, ()),
+        "min_version": (_choice(TLS_VERSIONS), "1.2"),
+    },
+    "kms": {
+        "nodes": (_nodes, ()),
+        "cert": (_path, _DERIVED),
+        "key": (_path, _DERIVED),
+        "ca": (_path, None),
+        "server_name": (_optional_str, None),
+        "connect_timeout": (_positive_seconds(600.0), 5.0),
+        "request_timeout": (_positive_seconds(3600.0), 30.0),
+    },
+    "storage": {"db_url": (_db_url, _DERIVED)},
+    "master_key": {"file": (_path, _DERIVED)},
+    "roles": {
+        "security_admins": (_identities, ()),
+        "administrators": (_identities, ()),
+        "no_crypto_administrators": (_identities, ()),
+        "auditors": (_identities, ()),
+    },
+    "logging": {"level": (_choice(LOG_LEVELS, upper=True), "INFO")},
+}
+
+_TYPES: dict[str, type] = {
+    "broker": BrokerSection,
+    "api": ApiConfig,
+    "gateway": GatewayConfig,
+    "tls": TlsSection,
+    "kms": KmsConfig,
+    "storage": StorageSection,
+    "master_key": MasterKeySection,
+    "roles": RolesConfig,
+    "logging": LoggingSection,
+}
+
+
+def _check_shape(raw: Any, origin: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {origin} must be a table of sections")
+    for section, table in raw.items():
+        if section not in _SCHEMA:
+            raise ConfigError(f"config: unknown section [{section}] in {origin}; {_suggest(section, list(_SCHEMA))}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"config: [{section}] in {origin} must be a table of keys (got {table!r})")
+        for key in table:
+            if key not in _SCHEMA[section]:
+                raise ConfigError(
+                    f"config: unknown key {section}.{key} in {origin}; {_suggest(key, list(_SCHEMA[section]))}"
+                )
+    return raw
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: dict[str, dict[str, Any]] | None = None
+) -> BrokerConfig:
+    """Read, merge and validate. ``overrides`` maps section -> key -> value
+    from command-line flags; None values are skipped."""
+    cwd_source = _Source(Path.cwd(), "command-line flags")
+    file_source: _Source | None = None
+    raw_file: dict[str, dict[str, Any]] = {}
+    source_path: Path | None = None
+    if path is not None:
+        source_path = Path(os.path.abspath(os.fspath(path)))
+        file_source = _Source(source_path.parent, str(source_path))
+        raw_file = _check_shape(_read_file(source_path), str(source_path))
+    raw_overrides = {
+        section: {k: v for k, v in table.items() if v is not None}
+        for section, table in _check_shape(overrides or {}, "command-line flags").items()
+    }
+    default_source = file_source or cwd_source
+    values: dict[str, dict[str, Any]] = {}
+    for section, schema in _SCHEMA.items():
+        values[section] = {}
+        for key, (validate, default) in schema.items():
+            dotted = f"{section}.{key}"
+            if key in raw_overrides.get(section, {}):
+                values[section][key] = validate(dotted, raw_overrides[section][key], cwd_source)
+            elif key in raw_file.get(section, {}):
+                values[section][key] = validate(dotted, raw_file[section][key], file_source)
+            elif default is _REQUIRED:
+                raise ConfigError(
+                    f'config: {dotted} is required; add {key} = "kms-prod" (your key provider name) to [{section}]'
+                )
+            elif default is _DERIVED or default is None:
+                values[section][key] = default
+            else:
+                values[section][key] = validate(dotted, default, default_source)
+    data_dir: Path = values["broker"]["data_dir"]
+    derived = {
+        ("broker", "node_name"): socket.gethostname() or "localhost",
+        ("tls", "cert"): data_dir / "broker-tls.pem",
+        ("tls", "key"): data_dir / "broker-tls.key",
+        ("kms", "cert"): data_dir / "kms-client.pem",
+        ("kms", "key"): data_dir / "kms-client.key",
+        ("storage", "db_url"): f"sqlite:///{data_dir / 'broker.db'}",
+        ("master_key", "file"): data_dir / "master.key",
+    }
+    for (section, key), value in derived.items():
+        if values[section][key] is _DERIVED:
+            values[section][key] = value
+    roles = values["roles"]
+    both = set(roles["administrators"]) & set(roles["no_crypto_administrators"])
+    if both:
+        raise ConfigError(
+            f"config: {min(both)!r} is in both roles.administrators and roles.no_crypto_administrators; "
+            "keep it in one list"
+        )
+    sections = {name: _TYPES[name](**vals) for name, vals in values.items()}
+    return BrokerConfig(**sections, source=source_path)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot show {value!r} as TOML")
+
+
+def format_config(cfg: BrokerConfig) -> str:
+    """The effective settings as TOML, safe to print (secret files by path)."""
+    lines = [f"# effective configuration from {cfg.source}" if cfg.source else "# effective configuration (no file)"]
+    for section, table in cfg.redacted().items():
+        lines += ["", f"[{section}]"]
+        for key, value in table.items():
+            if value is None:
+                lines.append(f"# {key} is not set")
+                continue
+            line = f"{key} = {_toml_value(value)}"
+            if (section, key) in SECRET_FILE_KEYS:
+                line += "  # (secret file, contents not shown)"
+            lines.append(line)
+    return "\n".join(lines) + "\n"

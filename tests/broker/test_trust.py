@@ -1,0 +1,337 @@
+"""The trust registry on a real SQLite file: tokens, enrollment, approval,
+pinning, revocation, hosts, VM placement, the unwrap policy and the audit
+chain."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import update
+
+from broker.db import Database, audit
+from broker.trust import Conflict, InvalidRequest, NotFound, Refused, Registry
+from broker.trust_ca import create_trust_ca, fingerprint
+
+VM_A = "11111111-1111-4111-8111-111111111111"
+VM_B = "22222222-2222-4222-8222-222222222222"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def trust_ca():
+    return create_trust_ca("kms-test")
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def registry(tmp_path, trust_ca, clock):
+    db = Database(f"sqlite:///{tmp_path / 'broker.db'}")
+    db.create_all()
+    yield Registry(db, trust_ca, clock=clock)
+    db.close()
+
+
+def make_csr(cn: str = "ignored") -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def self_signed(cn: str) -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def trusted(registry: Registry, name: str) -> x509.Certificate:
+    token = registry.issue_token(name)
+    registry.enroll(name, token, make_csr())
+    return registry.approve(name)
+
+
+def state_of(registry: Registry, name: str) -> str:
+    return {i.name: i.state for i in registry.list_instances()}[name]
+
+
+# --- Tokens ------------------------------------------------------------------------------
+
+
+def test_token_is_single_use(registry):
+    """A replayed token is refused and does not create a second enrollment."""
+    token = registry.issue_token("vc-a")
+    registry.enroll("vc-a", token, make_csr())
+    with pytest.raises(Refused, match="already used"):
+        registry.enroll("vc-a", token, make_csr())
+    assert [i.pending_enrollment for i in registry.list_instances()] == [True]
+
+
+def test_expired_token_refused(registry, clock):
+    token = registry.issue_token("vc-a", ttl=60)
+    clock.now += 61
+    with pytest.raises(Refused, match="expired"):
+        registry.enroll("vc-a", token, make_csr())
+    assert registry.list_instances() == []
+
+
+def test_wrong_token_refused(registry):
+    registry.issue_token("vc-a")
+    with pytest.raises(Refused, match="not valid"):
+        registry.enroll("vc-a", "not-the-token", make_csr())
+    assert registry.list_instances() == []
+
+
+def test_token_for_another_instance_refused(registry):
+    """A token binds the instance name it was issued for."""
+    token = registry.issue_token("vc-a")
+    with pytest.raises(Refused, match="not valid"):
+        registry.enroll("vc-b", token, make_csr())
+    # And it was not consumed by the failed attempt.
+    registry.enroll("vc-a", token, make_csr())
+
+
+def test_bad_csr_does_not_consume_token(registry):
+    token = registry.issue_token("vc-a")
+    with pytest.raises(InvalidRequest, match="certificate signing request"):
+        registry.enroll("vc-a", token, "garbage")
+    registry.enroll("vc-a", token, make_csr())
+
+
+def test_token_lifetime_bounds(registry):
+    with pytest.raises(InvalidRequest):
+        registry.issue_token("vc-a", ttl=0)
+    with pytest.raises(InvalidRequest):
+        registry.issue_token("bad name!")
+
+
+# --- Approve, reject, pin, revoke ------------------------------------------------------------
+
+
+def test_approve_issues_certificate_and_trusts(registry, trust_ca):
+    token = registry.issue_token("vc-a")
+    enrollment = registry.enroll("vc-a", token, make_csr("whatever-the-instance-asks"))
+    assert registry.poll_enrollment(enrollment.enrollment_id, enrollment.poll_secret)["state"] == "pending"
+    cert = registry.approve("vc-a")
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "vc-a"
+    cert.verify_directly_issued_by(trust_ca.cert)
+    answer = registry.poll_enrollment(enrollment.enrollment_id, enrollment.poll_secret)
+    assert answer["state"] == "approved" and "BEGIN CERTIFICATE" in answer["certificate_pem"]
+    assert state_of(registry, "vc-a") == "trusted"
+    caller = registry.identify(fingerprint(cert))
+    assert caller is not None and caller.kind == "instance" and caller.name == "vc-a"
+
+
+def test_poll_with_wrong_secret_is_not_found(registry):
+    enrollment = registry.enroll("vc-a", registry.issue_token("vc-a"), make_csr())
+    with pytest.raises(NotFound):
+        registry.poll_enrollment(enrollment.enrollment_id, "wrong")
+
+
+def test_reject(registry):
+    registry.enroll("vc-a", registry.issue_token("vc-a"), make_csr())
+    registry.reject("vc-a")
+    assert state_of(registry, "vc-a") == "rejected"
+    with pytest.raises(NotFound):
+        registry.approve("vc-a")
+
+
+def test_approve_without_enrollment(registry):
+    with pytest.raises(NotFound):
+        registry.approve("nobody")
+
+
+def test_pin_trusts_exactly_that_certificate(registry):
+    pem = self_signed("vcenter-own")
+    fp = registry.pin("vc-p", pem)
+    assert registry.identify(fp).name == "vc-p"
+    assert registry.pinned_certificates() == [x509.load_pem_x509_certificate(pem.encode()).public_bytes(
+        serialization.Encoding.PEM).decode()]  # fmt: skip
+    with pytest.raises(Conflict):
+        registry.pin("vc-other", pem)
+
+
+def test_revoke_refuses_certificate_and_hosts(registry):
+    cert = trusted(registry, "vc-a")
+    host = registry.register_host("vc-a", "esx-1", make_csr())
+    registry.revoke("vc-a")
+    assert registry.identify(fingerprint(cert)) is None
+    assert registry.identify(fingerprint(host)) is None
+    assert registry.pinned_certificates() == []
+    with pytest.raises(Refused, match="revoked"):
+        registry.issue_token("vc-a")
+    with pytest.raises(Conflict):
+        registry.revoke("vc-a")
+
+
+def test_reapproval_replaces_certificate(registry):
+    """Re-enrolling a trusted instance rotates its certificate: the old one
+    stops working."""
+    old = trusted(registry, "vc-a")
+    new = trusted(registry, "vc-a")
+    assert registry.identify(fingerprint(old)) is None
+    assert registry.identify(fingerprint(new)).name == "vc-a"
+
+
+# --- Hosts, VMs and the unwrap policy -------------------------------------------------------------
+
+
+def test_authorize_unwrap_rules(registry):
+    """Allowed only for the host the VM's own trusted instance placed it on."""
+    trusted(registry, "vc-a")
+    trusted(registry, "vc-b")
+    host_a = fingerprint(registry.register_host("vc-a", "esx-a", make_csr()))
+    host_a2 = fingerprint(registry.register_host("vc-a", "esx-a2", make_csr()))
+    host_b = fingerprint(registry.register_host("vc-b", "esx-b", make_csr()))
+    registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-a")
+    registry.add_vm("vc-b", VM_B, "vm-b", "kek-b", "ks-b", None)
+
+    ok = registry.authorize_unwrap(host_a, "kek-a")
+    assert ok.allowed and (ok.host, ok.instance, ok.vm_uuid) == ("esx-a", "vc-a", VM_A)
+
+    # Another host of the same instance: known VM, not placed there.
+    other = registry.authorize_unwrap(host_a2, "kek-a")
+    assert not other.allowed and other.vm_uuid == VM_A and "placed" in other.reason
+
+    # A host of instance A, a VM of instance B: the host may not learn it exists.
+    cross = registry.authorize_unwrap(host_a, "kek-b")
+    assert not cross.allowed and cross.vm_uuid is None and "another instance" in cross.reason
+    cross_b = registry.authorize_unwrap(host_b, "kek-a")
+    assert not cross_b.allowed and cross_b.vm_uuid is None
+
+    # VM of B not placed anywhere yet.
+    assert not registry.authorize_unwrap(host_b, "kek-b").allowed
+    registry.place_vm("vc-b", VM_B, "esx-b")
+    assert registry.authorize_unwrap(host_b, "kek-b").allowed
+
+    unknown_key = registry.authorize_unwrap(host_a, "no-such-key")
+    assert not unknown_key.allowed and unknown_key.vm_uuid is None
+    unknown_host = registry.authorize_unwrap("00" * 32, "kek-a")
+    assert not unknown_host.allowed and unknown_host.host is None
+
+
+def test_revoked_instance_hosts_refused_then_recovered_by_another(registry):
+    """After A is revoked its hosts are refused; B re-registers the VM (and
+    the host), places it on B's host, and that host may unwrap."""
+    trusted(registry, "vc-a")
+    host_a = fingerprint(registry.register_host("vc-a", "esx-1", make_csr()))
+    registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-1")
+    assert registry.authorize_unwrap(host_a, "kek-a").allowed
+
+    registry.revoke("vc-a")
+    refused = registry.authorize_unwrap(host_a, "kek-a")
+    assert not refused.allowed and "revoked" in refused.reason
+
+    trusted(registry, "vc-b")
+    # Before B registers the VM, B's host is refused.
+    host_b = fingerprint(registry.register_host("vc-b", "esx-2", make_csr()))
+    assert not registry.authorize_unwrap(host_b, "kek-a").allowed
+    record = registry.register_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a")
+    assert record.instance == "vc-b" and record.host is None
+    assert not registry.authorize_unwrap(host_b, "kek-a").allowed
+    registry.place_vm("vc-b", VM_A, "esx-2")
+    assert registry.authorize_unwrap(host_b, "kek-a").allowed
+    # The revoked instance's host stays refused.
+    assert not registry.authorize_unwrap(host_a, "kek-a").allowed
+    # B may also take over the revoked instance's host name, with a new certificate.
+    taken = fingerprint(registry.register_host("vc-b", "esx-1", make_csr()))
+    assert taken != host_a and registry.identify(host_a) is None
+
+
+def test_vm_of_trusted_instance_cannot_be_taken(registry):
+    trusted(registry, "vc-a")
+    trusted(registry, "vc-b")
+    registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", None)
+    with pytest.raises(Conflict, match="another trusted instance"):
+        registry.register_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a")
+    with pytest.raises(Conflict, match="another VM"):
+        registry.register_vm("vc-b", VM_B, "vm-x", "kek-a", "ks-a")
+
+
+def test_host_rules(registry):
+    trusted(registry, "vc-a")
+    trusted(registry, "vc-b")
+    registry.register_host("vc-a", "esx-1", make_csr())
+    with pytest.raises(Conflict):
+        registry.register_host("vc-b", "esx-1", make_csr())
+    with pytest.raises(NotFound):
+        registry.remove_host("vc-b", "esx-1")
+    with pytest.raises(NotFound):
+        registry.check_new_vm("vc-b", VM_A, "esx-1")
+    registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-1")
+    with pytest.raises(NotFound):
+        registry.place_vm("vc-b", VM_A, "esx-1")
+    registry.remove_host("vc-a", "esx-1")
+    assert registry.get_vm(VM_A).host is None
+
+
+def test_untrusted_instance_cannot_register(registry):
+    registry.enroll("vc-p", registry.issue_token("vc-p"), make_csr())
+    with pytest.raises(Refused):
+        registry.register_host("vc-p", "esx-1", make_csr())
+
+
+# --- Audit ---------------------------------------------------------------------------------
+
+
+def test_audit_chain_records_decisions_and_detects_tampering(registry):
+    trusted(registry, "vc-a")
+    registry.record_audit("host:esx-1", "unwrap", "kek-a", False, "not placed")
+    records = registry.audit_records()
+    assert [r.action for r in records][-1] == "unwrap"
+    assert registry.verify_audit() == []
+    with registry.db.begin() as conn:
+        conn.execute(update(audit).where(audit.c.seq == 2).values(reason="edited"))
+    assert any("record 2 was altered" in p for p in registry.verify_audit())
+    with registry.db.begin() as conn:
+        conn.execute(audit.delete().where(audit.c.seq == 3))
+    assert any("missing" in p for p in registry.verify_audit())
+
+
+def test_refused_enrollment_is_audited(registry):
+    registry.issue_token("vc-a")
+    with pytest.raises(Refused):
+        registry.enroll("vc-a", "wrong", make_csr())
+    last = registry.audit_records()[-1]
+    assert (last.action, last.allowed) == ("enroll", False)
+
+
+def test_no_token_in_database(registry, tmp_path):
+    """Only digests of tokens and poll secrets are stored."""
+    token = registry.issue_token("vc-a")
+    enrollment = registry.enroll("vc-a", token, make_csr())
+    data = (tmp_path / "broker.db").read_bytes()
+    for wal in tmp_path.glob("broker.db-wal"):
+        data += wal.read_bytes()
+    assert token.encode() not in data
+    assert enrollment.poll_secret.encode() not in data
