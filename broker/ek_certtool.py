@@ -1,0 +1,445 @@
+"""vtpm-ek-certtool: swtpm_setup's ``create_certs_tool``, getting EK certificates from the broker's EK CA.
+
+swtpm_setup (0.7.1) runs it once per certificate, after creating each EK::
+
+    vtpm-ek-certtool --type ek|platform --ek <EK> --dir <DIR> [--logfile <FILE>] --vmid <ID>
+        --tpm-spec-family 2.0 --tpm-spec-level 0 --tpm-spec-revision 164
+        --tpm-manufacturer id:00001014 --tpm-model swtpm --tpm-version id:20191023
+        --tpm2 [--configfile <FILE>] [--optsfile <FILE>]
+
+``--ek`` is the RSA modulus in hex, or ``x=<hex>,y=<hex>[,id=secp384r1]`` for
+an ECC EK (no id means secp256r1). The tool rebuilds the EK public key, gets
+the certificate -- from the broker over HTTPS with the host's client
+certificate (``mode = "remote"``), or signed here with a CA on disk
+(``mode = "local"``, for tests and air-gapped sites) -- checks it, and writes
+``ek.cert`` or ``platform.cert`` (DER) into ``--dir``. Exit 0; on any error
+one line on stderr and exit 1, which makes swtpm_setup fail. Both modes go
+through ``broker.vtpm_ca.handle_ek_certificate_request``: one profile.
+
+The configuration file (``--configfile``, swtpm_setup.conf's
+``create_certs_tool_config``; default /etc/vtpm-ek-certtool.toml) is TOML,
+described in docs/vtpm-ca.md. Relative paths in it are relative to the file.
+
+``vtpm-ek-certtool --init-local-ca DIR`` makes a self-signed EK CA for local
+mode (``DIR/ek-ca.pem`` and ``DIR/ek-ca.key``, mode 0600).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import datetime as dt
+import json
+import os
+import socket
+import ssl
+import sys
+import tempfile
+import tomllib
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from broker.vtpm_ca import (
+    EkCa,
+    EkCaError,
+    EkRequestError,
+    handle_ek_certificate_request,
+    verify_ek_certificate,
+)
+
+__all__ = ["CerttoolConfig", "CerttoolError", "ek_public_key_pem", "main", "write_local_ca"]
+
+PROG = "vtpm-ek-certtool"
+DEFAULT_CONFIG = Path("/etc/vtpm-ek-certtool.toml")
+API_PATH = "/v1/vtpm/ek-certificates"
+LOCAL_CA_CERT = "ek-ca.pem"
+LOCAL_CA_KEY = "ek-ca.key"
+OUTPUT_FILES = {"ek": "ek.cert", "platform": "platform.cert"}
+MAX_RESPONSE = 64 * 1024
+_CURVES = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
+
+
+class CerttoolError(Exception):
+    """What went wrong, in one line, with the fix where there is one."""
+
+
+# --- Configuration -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CerttoolConfig:
+    mode: str  # "remote" or "local"
+    url: str | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    ca_bundle: Path | None = None
+    timeout: float = 30.0
+    ca_dir: Path | None = None
+
+
+_SECTIONS = {"remote": {"url", "client_cert", "client_key", "ca_bundle", "timeout"}, "local": {"ca_dir"}}
+
+
+def load_config(path: str | os.PathLike[str]) -> CerttoolConfig:
+    """Read and check the TOML configuration once; CerttoolError names the key at fault."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise CerttoolError(
+            f"configuration file {path} does not exist; set create_certs_tool_config in swtpm_setup.conf"
+        ) from None
+    except OSError as exc:
+        raise CerttoolError(f"cannot read configuration file {path} ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CerttoolError(f"{path} is not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - {"mode", *_SECTIONS})
+    if unknown:
+        raise CerttoolError(f"{path}: unknown key {unknown[0]!r}; see docs/vtpm-ca.md")
+    mode = data.get("mode")
+    if mode not in _SECTIONS:
+        raise CerttoolError(f'{path}: mode must be "remote" or "local", not {mode!r}')
+    for section, keys in _SECTIONS.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise CerttoolError(f"{path}: [{section}] must be a table")
+        extra = sorted(set(table) - keys)
+        if extra:
+            raise CerttoolError(f"{path}: unknown key {section}.{extra[0]}; see docs/vtpm-ca.md")
+    section = data.get(mode, {})
+    base = path.parent
+
+    def file_key(name: str) -> Path:
+        value = section.get(name)
+        if not isinstance(value, str) or not value:
+            raise CerttoolError(f"{path}: {mode}.{name} is required (a file path)")
+        return base / value
+
+    if mode == "local":
+        return CerttoolConfig(mode="local", ca_dir=file_key("ca_dir"))
+    url = section.get("url")
+    if not isinstance(url, str) or not url.startswith("https://"):
+        raise CerttoolError(f"{path}: remote.url must be the broker's https:// URL")
+    timeout = section.get("timeout", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+        raise CerttoolError(f"{path}: remote.timeout must be a number of seconds from 0 to 600")
+    return CerttoolConfig(
+        mode="remote",
+        url=url.rstrip("/"),
+        client_cert=file_key("client_cert"),
+        client_key=file_key("client_key"),
+        ca_bundle=file_key("ca_bundle"),
+        timeout=float(timeout),
+    )
+
+
+# --- The EK from swtpm_setup's --ek --------------------------------------------------------
+
+
+def ek_public_key_pem(ek: str) -> tuple[bytes, str]:
+    """``(PEM SubjectPublicKeyInfo, "rsa"|"ecc")`` from swtpm_setup's --ek value.
+
+    RSA: the modulus as hex; the exponent is the TPM default, 65537.
+    ECC: ``x=<hex>,y=<hex>[,id=<curve>]``, curve secp256r1 unless named.
+    """
+    ek = ek.strip()
+    if "=" in ek:
+        fields: dict[str, str] = {}
+        for part in ek.split(","):
+            name, sep, value = part.partition("=")
+            if not sep or name in fields or name not in ("x", "y", "id"):
+                raise CerttoolError(f"--ek {ek[:40]!r}: expected x=<hex>,y=<hex>[,id=<curve>]")
+            fields[name] = value
+        if "x" not in fields or "y" not in fields:
+            raise CerttoolError("--ek: an ECC EK needs both x= and y=")
+        curve_name = fields.get("id", "secp256r1")
+        if curve_name not in _CURVES:
+            raise CerttoolError(f"--ek: curve {curve_name!r} is not supported; use secp256r1 or secp384r1")
+        try:
+            numbers = ec.EllipticCurvePublicNumbers(_hex(fields["x"]), _hex(fields["y"]), _CURVES[curve_name]())
+            key = numbers.public_key()
+        except ValueError:
+            raise CerttoolError(f"--ek: the point is not on {curve_name}") from None
+        return _spki(key), "ecc"
+    modulus = _hex(ek)
+    try:
+        key = rsa.RSAPublicNumbers(65537, modulus).public_key()
+    except ValueError as exc:
+        raise CerttoolError(f"--ek: not a usable RSA modulus ({exc})") from None
+    return _spki(key), "rsa"
+
+
+def _hex(value: str) -> int:
+    if not value or len(value) > 2048:
+        raise CerttoolError("--ek: empty or oversized hex value")
+    try:
+        return int.from_bytes(binascii.unhexlify(value if len(value) % 2 == 0 else "0" + value), "big")
+    except binascii.Error:
+        raise CerttoolError(f"--ek: {value[:20]!r}... is not hex") from None
+
+
+def _spki(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# --- The two ways to a certificate ----------------------------------------------------------
+
+
+def _issue_local(config: CerttoolConfig, request: dict) -> dict:
+    assert config.ca_dir is not None
+    cert_path, key_path = config.ca_dir / LOCAL_CA_CERT, config.ca_dir / LOCAL_CA_KEY
+    try:
+        cert_pem = cert_path.read_bytes()
+        mode = key_path.stat().st_mode
+        if mode & 0o077:
+            raise CerttoolError(f"{key_path} is readable by others (mode {mode & 0o777:o}); chmod 600 it")
+        key_pem = key_path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CerttoolError(
+            f"{exc.filename} does not exist; make the local CA with '{PROG} --init-local-ca {config.ca_dir}'"
+        ) from None
+    except OSError as exc:
+        raise CerttoolError(f"cannot read the local EK CA in {config.ca_dir} ({exc.strerror})") from None
+    ca = EkCa.import_ca(cert_pem, key_pem)
+    try:
+        return handle_ek_certificate_request(ca, request, f"local:{socket.gethostname()}")
+    except EkRequestError as exc:
+        raise CerttoolError(f"the local EK CA refused the request ({exc.status}): {exc.message}") from None
+
+
+def _issue_remote(config: CerttoolConfig, request: dict) -> dict:
+    assert config.url and config.client_cert and config.client_key and config.ca_bundle
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.ca_bundle))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(config.client_cert), str(config.client_key))
+    except FileNotFoundError as exc:
+        raise CerttoolError(f"{exc.filename or 'a TLS file'} does not exist; check [remote] in the config") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise CerttoolError(f"cannot load the host certificate, key or CA bundle ({exc}); check [remote]") from None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    url = config.url + API_PATH
+    http_request = urllib.request.Request(
+        url,
+        data=json.dumps(request).encode(),
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+        method="POST",
+    )
+    try:
+        with opener.open(http_request, timeout=config.timeout) as response:
+            status, body = response.status, response.read(MAX_RESPONSE + 1)
+    except urllib.error.HTTPError as exc:
+        detail = _error_text(exc.read(MAX_RESPONSE + 1))
+        raise CerttoolError(f"the broker refused the certificate (HTTP {exc.code}): {detail}") from None
+    except urllib.error.URLError as exc:
+        raise CerttoolError(f"cannot reach the broker at {config.url}: {exc.reason}") from None
+    except (TimeoutError, OSError) as exc:
+        raise CerttoolError(f"no answer from the broker at {config.url}: {exc}") from None
+    if status not in (200, 201) or len(body) > MAX_RESPONSE:
+        raise CerttoolError(f"unexpected answer from the broker (HTTP {status}, {len(body)} bytes)")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        raise CerttoolError("the broker's answer is not JSON") from None
+    if not isinstance(answer, dict):
+        raise CerttoolError("the broker's answer is not a JSON object")
+    return answer
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    text = error if isinstance(error, str) else body[:200].decode("utf-8", "replace")
+    return " ".join(text.split()) or "(no detail)"
+
+
+# --- Files ------------------------------------------------------------------------------------
+
+
+def write_local_ca(ca: EkCa, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``ca`` for local mode: DIR/ek-ca.pem (certificate and chain) and DIR/ek-ca.key (PKCS#8, 0600).
+
+    Refuses to replace an existing CA: certificates it issued would lose their issuer.
+    """
+    directory = Path(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cert_path, key_path = directory / LOCAL_CA_CERT, directory / LOCAL_CA_KEY
+    if cert_path.exists() or key_path.exists():
+        raise CerttoolError(f"{directory} already holds an EK CA; choose another directory")
+    key_pem = ca.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_atomic(key_path, key_pem, 0o600)
+    _write_atomic(cert_path, ca.ca_pem, 0o644)
+    return cert_path, key_path
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Log:
+    """Lines to swtpm_setup's --logfile when it gives one; never fails the run."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        if not self.path:
+            return
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(f"{stamp} {PROG}: {message}\n")
+        except OSError:
+            pass
+
+
+# --- Command line -------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise CerttoolError(f"{message}; see '{PROG} --help'")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="swtpm_setup create_certs_tool: EK certificates from the vTPM broker's CA.")
+    p.add_argument("--type", choices=sorted(OUTPUT_FILES), help="certificate to create")
+    p.add_argument("--ek", help="RSA modulus (hex) or x=<hex>,y=<hex>[,id=<curve>]")
+    p.add_argument("--dir", help="directory for ek.cert / platform.cert")
+    p.add_argument("--vmid", help="the VM's UUID")
+    p.add_argument("--logfile")
+    p.add_argument("--configfile", default=str(DEFAULT_CONFIG))
+    p.add_argument("--optsfile", help="accepted and ignored (swtpm_localca's options file)")
+    p.add_argument("--tpm-spec-family")
+    p.add_argument("--tpm-spec-level", type=int)
+    p.add_argument("--tpm-spec-revision", type=int)
+    p.add_argument("--tpm-manufacturer")
+    p.add_argument("--tpm-model")
+    p.add_argument("--tpm-version")
+    p.add_argument("--tpm2", action="store_true")
+    # Later swtpm versions may pass these; the broker certifies standard (decrypt-only) EKs.
+    p.add_argument("--allow-signing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--decryption", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--init-local-ca", metavar="DIR", help="make a self-signed EK CA for local mode in DIR and exit")
+    p.add_argument("--ca-key-type", default="ecc-p384", choices=("ecc-p384", "rsa-3072"))
+    return p
+
+
+def _run(argv: Sequence[str] | None) -> str:
+    args, unknown = _parser().parse_known_args(argv)
+    log = _Log(args.logfile)
+    if args.init_local_ca:
+        cert_path, _ = write_local_ca(EkCa.create(key_type=args.ca_key_type), args.init_local_ca)
+        return f"made a local EK CA in {args.init_local_ca}; its certificate is {cert_path}"
+    if unknown:
+        log(f"ignoring arguments this version does not know: {' '.join(unknown)}")
+    missing = [
+        flag
+        for flag, value in (
+            ("--type", args.type),
+            ("--ek", args.ek),
+            ("--dir", args.dir),
+            ("--vmid", args.vmid),
+            ("--tpm-spec-family", args.tpm_spec_family),
+            ("--tpm-spec-level", args.tpm_spec_level),
+            ("--tpm-spec-revision", args.tpm_spec_revision),
+            ("--tpm-manufacturer", args.tpm_manufacturer),
+            ("--tpm-model", args.tpm_model),
+            ("--tpm-version", args.tpm_version),
+        )
+        if value is None
+    ]
+    if missing:
+        hint = "; run swtpm_setup with --vmid <VM UUID>" if missing[0] == "--vmid" else ""
+        raise CerttoolError(f"{missing[0]} is required{hint}")
+    try:
+        vm_uuid = str(uuid.UUID(args.vmid))
+    except ValueError:
+        raise CerttoolError(f"--vmid {args.vmid!r} is not a UUID; run swtpm_setup with --vmid <VM UUID>") from None
+    if not args.tpm2:
+        raise CerttoolError("only TPM 2.0 is supported; run swtpm_setup with --tpm2")
+    out_dir = Path(args.dir)
+    if not out_dir.is_dir():
+        raise CerttoolError(f"--dir {out_dir} is not a directory")
+
+    config = load_config(args.configfile)
+    public_key_pem, key_type = ek_public_key_pem(args.ek)
+    request = {
+        "vm_uuid": vm_uuid,
+        "type": args.type,
+        "key_type": key_type,
+        "public_key_pem": public_key_pem.decode("ascii"),
+        "tpm_manufacturer": args.tpm_manufacturer,
+        "tpm_model": args.tpm_model,
+        "tpm_version": args.tpm_version,
+        "tpm_spec_family": args.tpm_spec_family,
+        "tpm_spec_level": args.tpm_spec_level,
+        "tpm_spec_revision": args.tpm_spec_revision,
+    }
+    answer = _issue_local(config, request) if config.mode == "local" else _issue_remote(config, request)
+    try:
+        der = base64.b64decode(answer["certificate_der_b64"], validate=True)
+        ca_pem = answer["ca_pem"]
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise CerttoolError("the answer lacks a base64 certificate_der_b64 or ca_pem") from None
+    # Check what came back before it goes into the TPM's NV for good.
+    info = verify_ek_certificate(der, ca_pem, public_key_pem=public_key_pem)
+    if info.cert_type != args.type:
+        raise CerttoolError(f"asked for a {args.type} certificate, got a {info.cert_type} certificate")
+    target = out_dir / OUTPUT_FILES[args.type]
+    _write_atomic(target, der, 0o644)
+    message = (
+        f"wrote {target} ({args.type}, {key_type.upper()} EK, {len(der)} bytes, serial {info.serial_number:x}, "
+        f"issuer {info.issuer}) for VM {vm_uuid} via {config.mode} mode"
+    )
+    log(message)
+    return message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    log = _Log(None)
+    try:
+        args, _ = _parser().parse_known_args(argv)
+        log = _Log(args.logfile)
+    except CerttoolError:
+        pass
+    try:
+        message = _run(argv)
+    except (CerttoolError, EkCaError) as exc:
+        line = " ".join(str(exc).split())
+        log(f"error: {line}")
+        print(f"{PROG}: {line}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # swtpm_setup shows our stderr: one line, never a traceback
+        line = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        log(f"error: {line}")
+        print(f"{PROG}: {line}", file=sys.stderr)
+        return 1
+    print(message)  # swtpm_setup shows it prefixed with the tool's name
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
