@@ -1,0 +1,728 @@
+"""The management API: HTTPS + JSON on Twisted Web (docs/broker-design.md,
+"Management API").
+
+TLS asks every client for a certificate but does not require one, because
+enrollment (``POST /v1/enroll``, ``GET /v1/enrollments/{id}``) is how an
+instance without a certificate gets one; every other route refuses a call
+without a verified certificate that the registry knows (a trusted
+instance's current certificate, a host of a trusted instance, or a user
+issued with ``vtpm-broker admin issue-user``). Revocation therefore takes
+effect on the next request, whatever TLS accepted.
+
+Two layers, so the rules are testable without sockets:
+
+- ``Api.dispatch(ApiRequest) -> ApiResponse``: routing, authentication,
+  roles, JSON validation and the one table from failures to statuses. It
+  blocks (database, KMS) and runs on a worker pool.
+- ``ApiResource`` / ``make_site``: Twisted Web glue. The body limit is
+  enforced while the body arrives (``LimitedRequest``), before buffering.
+
+Errors are ``{"error": "<one line>"}``; a traceback never reaches a client
+(an unexpected failure is logged with a request id that the answer names).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import io
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl as twisted_ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.threads import deferToThreadPool
+from twisted.web import resource, server
+from zope.interface import implementer
+
+from broker.config import BrokerConfig
+from broker.db import DatabaseError, ek_certificates
+from broker.keysafe import KeySafeError, format_key_safe, parse_key_safe
+from broker.trust import (
+    Caller,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    Refused,
+    Registry,
+    TrustError,
+    Unprocessable,
+    check_host_name,
+    check_instance_name,
+    check_vm_name,
+    check_vm_uuid,
+)
+from broker.trust_ca import cert_pem
+from broker.vmkeys import KmsUnavailable, VmKeys
+from kms_server.config import TlsConfig
+from kms_server.wire import tls
+
+__all__ = [
+    "Api",
+    "ApiContextFactory",
+    "ApiRequest",
+    "ApiResponse",
+    "ApiResource",
+    "EkIssuer",
+    "make_site",
+]
+
+log = logging.getLogger("broker.api")
+
+# What each role may do beyond an instance's own hosts and VMs.
+ROLE_RIGHTS: dict[str, frozenset[str]] = {
+    "security_admin": frozenset({"trust.manage", "audit.read", "vms.read_all"}),
+    "administrator": frozenset({"dek.read", "vm.remove", "vms.read_all"}),
+    "no_crypto_administrator": frozenset({"vms.read_all"}),
+    "auditor": frozenset({"audit.read"}),
+}
+
+# One table from failures to HTTP statuses.
+STATUS_FOR: tuple[tuple[type[BaseException], int], ...] = (
+    (KeySafeError, 400),
+    (InvalidRequest, 400),
+    (Refused, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Unprocessable, 422),
+    (KmsUnavailable, 503),
+)
+
+
+class ApiError(Exception):
+    """An answer with a status and a one-line error, raised inside handlers."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    method: str
+    path: str
+    body: bytes = b""
+    authorization: str | None = None
+    client_fingerprint: str | None = None
+    peer: str = ""
+    body_too_large: bool = False
+    query: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ApiResponse:
+    status: int
+    body: dict | list | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# ``ek_issuer(request_json, caller_host, authorize) -> {"certificate_der_b64", "ca_pem"}``;
+# raises an exception with ``status`` and ``message`` (vtpm_ca.EkRequestError)
+# to refuse. ``authorize(caller_host, vm_uuid)`` raises to refuse.
+EkIssuer = Callable[[object, str, Callable[[str, Any], None]], dict]
+
+
+# --- JSON -----------------------------------------------------------------------------
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ApiError(400, f"field {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str):
+    raise ApiError(400, f"{name} is not a JSON number")
+
+
+def parse_json_object(body: bytes) -> dict:
+    """The body as one JSON object, or a 400 naming the problem."""
+    if not body:
+        raise ApiError(400, "the body must be a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not UTF-8") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise ApiError(400, "the JSON body is nested too deeply") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return value
+
+
+def fields_of(obj: dict, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+    unknown = sorted(set(obj) - set(required) - set(optional))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; this request takes {', '.join(required + optional)}")
+    missing = [name for name in required if name not in obj]
+    if missing:
+        raise ApiError(400, f"missing field {missing[0]!r}")
+    return obj
+
+
+def _string(obj: dict, name: str, max_length: int = 16384) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string")
+    if len(value) > max_length:
+        raise ApiError(400, f"{name} is longer than {max_length} characters")
+    return value
+
+
+# --- The API -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: str
+    # "none": reachable without a client certificate (enrollment only).
+    auth: str = "cert"
+
+
+def _route(method: str, path: str, handler: str, auth: str = "cert") -> _Route:
+    regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
+    return _Route(method, re.compile(f"^{regex}$"), handler, auth)
+
+
+ROUTES = (
+    _route("POST", "/v1/enroll", "enroll", auth="none"),
+    _route("GET", "/v1/enrollments/{enrollment_id}", "poll_enrollment", auth="none"),
+    _route("POST", "/v1/hosts", "register_host"),
+    _route("DELETE", "/v1/hosts/{name}", "remove_host"),
+    _route("POST", "/v1/vms/register", "register_vm"),
+    _route("POST", "/v1/vms", "create_vm"),
+    _route("GET", "/v1/vms", "list_vms"),
+    _route("PUT", "/v1/vms/{vm_uuid}/host", "place_vm"),
+    _route("GET", "/v1/vms/{vm_uuid}/dek", "get_dek"),
+    _route("DELETE", "/v1/vms/{vm_uuid}", "remove_vm"),
+    _route("POST", "/v1/vtpm/ek-certificates", "ek_certificate"),
+    _route("GET", "/v1/audit", "read_audit"),
+    _route("GET", "/v1/instances", "list_instances"),
+    _route("POST", "/v1/instances/{name}/approve", "approve_instance"),
+    _route("POST", "/v1/instances/{name}/reject", "reject_instance"),
+    _route("POST", "/v1/instances/{name}/revoke", "revoke_instance"),
+)
+
+
+@dataclass(frozen=True)
+class _Call:
+    request: ApiRequest
+    params: dict[str, str]
+    caller: Caller | None
+    role: str | None
+
+    @property
+    def actor(self) -> str:
+        if self.caller is None:
+            return f"anonymous@{self.request.peer}"
+        return f"{self.caller.kind}:{self.caller.name}"
+
+    def has(self, right: str) -> bool:
+        return self.role is not None and right in ROLE_RIGHTS.get(self.role, frozenset())
+
+
+class Api:
+    """Routing, authentication and the handlers. Blocking: run on a pool."""
+
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        registry: Registry,
+        vmkeys: VmKeys | None,
+        ek_issuer: EkIssuer | None = None,
+        ek_ca_fingerprint: Callable[[], str] | None = None,
+    ):
+        self.cfg = cfg
+        self.registry = registry
+        self.vmkeys = vmkeys
+        self.ek_issuer = ek_issuer
+        self.ek_ca_fingerprint = ek_ca_fingerprint
+
+    def dispatch(self, request: ApiRequest) -> ApiResponse:
+        try:
+            return self._dispatch(request)
+        except ApiError as exc:
+            return _error(exc.status, exc.message)
+        except DatabaseError as exc:
+            log.error("database failure on %s %s: %s", request.method, request.path, exc)
+            return _error(503, "the broker database is unavailable; try again")
+        except Exception:
+            request_id = secrets.token_hex(6)
+            log.exception("request %s (%s %s) failed", request_id, request.method, request.path)
+            return _error(500, f"internal error (request id {request_id}); see the broker log")
+
+    def _dispatch(self, request: ApiRequest) -> ApiResponse:
+        if request.body_too_large:
+            raise ApiError(413, f"the body is larger than {self.cfg.api.max_body} bytes")
+        path = request.path
+        allowed_methods = []
+        for route in ROUTES:
+            match = route.pattern.match(path)
+            if match is None:
+                continue
+            allowed_methods.append(route.method)
+            if route.method != request.method:
+                continue
+            caller = None
+            role = None
+            if route.auth != "none":
+                if request.client_fingerprint is None:
+                    raise ApiError(401, "this request needs a client certificate issued by the broker")
+                caller = self.registry.identify(request.client_fingerprint)
+                if caller is None:
+                    log.warning("refused certificate %s from %s", request.client_fingerprint, request.peer)
+                    raise ApiError(403, "this certificate is not trusted by the broker (revoked, replaced or unknown)")
+                if caller.kind != "host":
+                    role = self.cfg.roles.role_of(caller.name)
+            call = _Call(request, match.groupdict(), caller, role)
+            try:
+                return getattr(self, "_" + route.handler)(call)
+            except TrustError as exc:
+                raise ApiError(_status_for(exc), str(exc)) from None
+            except (KeySafeError, KmsUnavailable) as exc:
+                raise ApiError(_status_for(exc), str(exc)) from None
+        if allowed_methods:
+            raise ApiError(405, f"{request.method} is not allowed here; use {' or '.join(allowed_methods)}")
+        raise ApiError(404, f"no such endpoint {path[:100]}")
+
+    # Guards ------------------------------------------------------------------------
+
+    @staticmethod
+    def _instance(call: _Call) -> str:
+        if call.caller is None or call.caller.kind != "instance":
+            raise ApiError(403, "only a trusted management instance may do this")
+        return call.caller.name
+
+    def _need(self, call: _Call, right: str, what: str, target: str | None = None) -> None:
+        """Refuse (and audit the refusal) unless the caller's role has `right`."""
+        if not call.has(right):
+            self.registry.record_audit(
+                call.actor, right, target or call.request.path, False, f"{what} refused for role {call.role or 'none'}"
+            )
+            raise ApiError(403, f"{what} is not allowed for role {call.role or 'none'}")
+
+    def _require_vmkeys(self) -> VmKeys:
+        if self.vmkeys is None:
+            raise ApiError(503, "the broker has no KMS connection configured")
+        return self.vmkeys
+
+    # Enrollment ----------------------------------------------------------------------
+
+    def _enroll(self, call: _Call) -> ApiResponse:
+        body = fields_of(parse_json_object(call.request.body), ("instance", "token", "csr_pem"))
+        instance = check_instance_name(body["instance"])
+        token = _string(body, "token", 256)
+        csr = _string(body, "csr_pem")
+        enrollment = self.registry.enroll(instance, token, csr, peer=call.request.peer)
+        return ApiResponse(
+            202, {"enrollment_id": enrollment.enrollment_id, "poll_secret": enrollment.poll_secret, "state": "pending"}
+        )
+
+    def _poll_enrollment(self, call: _Call) -> ApiResponse:
+        auth = call.request.authorization or ""
+        if not auth.startswith("Bearer "):
+            raise ApiError(401, "send the poll secret as 'Authorization: Bearer <poll_secret>'")
+        return ApiResponse(200, self.registry.poll_enrollment(call.params["enrollment_id"], auth[7:].strip()))
+
+    # Hosts --------------------------------------------------------------------------
+
+    def _register_host(self, call: _Call) -> ApiResponse:
+        instance = self._instance(call)
+        body = fields_of(parse_json_object(call.request.body), ("name", "csr_pem"))
+        name = check_host_name(body["name"])
+        cert = self.registry.register_host(instance, name, _string(body, "csr_pem"))
+        return ApiResponse(201, {"name": name, "certificate_pem": cert_pem(cert), "ca_pem": self._ca_pem()})
+
+    def _remove_host(self, call: _Call) -> ApiResponse:
+        self.registry.remove_host(self._instance(call), check_host_name(call.params["name"]))
+        return ApiResponse(204)
+
+    def _ca_pem(self) -> str:
+        ca = self.registry.trust_ca
+        assert ca is not None
+        return ca.cert_pem
+
+    # VMs ---------------------------------------------------------------------------------
+
+    def _create_vm(self, call: _Call) -> ApiResponse:
+        instance = self._instance(call)
+        body = fields_of(parse_json_object(call.request.body), ("vm_uuid", "name"), ("host",))
+        vm_uuid = check_vm_uuid(body["vm_uuid"])
+        name = check_vm_name(body["name"])
+        host = body.get("host")
+        if host is not None:
+            host = check_host_name(host)
+        vmkeys = self._require_vmkeys()
+        # Refused before a KEK exists, so a refusal leaves nothing behind.
+        self.registry.check_new_vm(instance, vm_uuid, host)
+        key_safe = vmkeys.create(vm_uuid, name)
+        text = format_key_safe(key_safe)
+        self.registry.add_vm(instance, vm_uuid, name, key_safe.kms_key_id, text, host)
+        return ApiResponse(201, {"vm_uuid": vm_uuid, "key_safe": text, "kms_key_id": key_safe.kms_key_id, "host": host})
+
+    def _register_vm(self, call: _Call) -> ApiResponse:
+        instance = self._instance(call)
+        body = fields_of(parse_json_object(call.request.body), ("vm_uuid", "name", "key_safe"))
+        vm_uuid = check_vm_uuid(body["vm_uuid"])
+        name = check_vm_name(body["name"])
+        key_safe = parse_key_safe(body["key_safe"])
+        self._require_vmkeys().check_key_safe(key_safe, vm_uuid)
+        record = self.registry.register_vm(instance, vm_uuid, name, key_safe.kms_key_id, format_key_safe(key_safe))
+        return ApiResponse(200, _vm_json(record))
+
+    def _list_vms(self, call: _Call) -> ApiResponse:
+        if call.caller is not None and call.caller.kind == "instance":
+            return ApiResponse(200, {"vms": [_vm_json(v) for v in self.registry.list_vms(call.caller.name)]})
+        self._need(call, "vms.read_all", "listing all VMs")
+        return ApiResponse(200, {"vms": [_vm_json(v) for v in self.registry.list_vms()]})
+
+    def _place_vm(self, call: _Call) -> ApiResponse:
+        instance = self._instance(call)
+        body = fields_of(parse_json_object(call.request.body), ("host",))
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        self.registry.place_vm(instance, vm_uuid, check_host_name(body["host"]))
+        return ApiResponse(200, _vm_json(self.registry.get_vm(vm_uuid)))
+
+    def _get_dek(self, call: _Call) -> ApiResponse:
+        """The one route that returns a DEK: administrators only (an
+        instance only for its own VMs)."""
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        self._need(call, "dek.read", "obtaining a DEK", vm_uuid)
+        scope = call.caller.name if call.caller and call.caller.kind == "instance" else None
+        try:
+            record = self.registry.get_vm(vm_uuid, scope)
+        except NotFound:
+            self.registry.record_audit(call.actor, "dek.read", vm_uuid, False, "no such VM")
+            raise
+        dek = self._require_vmkeys().unwrap(parse_key_safe(record.key_safe))
+        self.registry.record_audit(call.actor, "dek.read", vm_uuid, True, f"KEK {record.kms_key_id}")
+        return ApiResponse(200, {"vm_uuid": vm_uuid, "dek_b64": base64.b64encode(dek).decode("ascii")})
+
+    def _remove_vm(self, call: _Call) -> ApiResponse:
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        self._need(call, "vm.remove", "removing a VM's vTPM key", vm_uuid)
+        scope = call.caller.name if call.caller and call.caller.kind == "instance" else None
+        self.registry.remove_vm(vm_uuid, call.actor, scope)
+        return ApiResponse(204)
+
+    # vTPM EK certificates ------------------------------------------------------------------
+
+    def _ek_certificate(self, call: _Call) -> ApiResponse:
+        if call.caller is None or call.caller.kind != "host":
+            raise ApiError(403, "EK certificates are issued to hosts only (use the host certificate)")
+        if self.ek_issuer is None:
+            raise ApiError(503, "the vTPM EK CA is not available on this broker")
+        body = parse_json_object(call.request.body)
+        host = call.caller
+        authorized: list[str] = []
+
+        def authorize(caller_host: str, vm_uuid: Any) -> None:
+            decision = self.registry.authorize_vm_for_host(host.fingerprint, str(vm_uuid))
+            self.registry.record_audit(f"host:{host.name}", "ek.issue", str(vm_uuid), decision.allowed, decision.reason)
+            if not decision.allowed:
+                if decision.vm_uuid is None:
+                    raise ApiError(404, f"no VM {vm_uuid}")
+                raise ApiError(403, f"host {host.name} may not act for VM {vm_uuid}")
+            authorized.append(str(vm_uuid))
+
+        try:
+            answer = self.ek_issuer(body, host.name, authorize)
+        except ApiError:
+            raise
+        except Exception as exc:
+            status = getattr(exc, "status", None)
+            if isinstance(status, int) and 400 <= status < 500:
+                raise ApiError(status, str(getattr(exc, "message", exc)).splitlines()[0]) from None
+            raise
+        if authorized:
+            der = base64.b64decode(answer["certificate_der_b64"])
+            with self.registry.db.begin() as conn:
+                conn.execute(
+                    ek_certificates.insert().values(
+                        vm_uuid=authorized[0],
+                        cert_type=str(body.get("type")),
+                        cert_der=der,
+                        ca_fingerprint=_fingerprint_der_of_pem(answer.get("ca_pem", "")),
+                        issued_to=host.name,
+                        issued_at=time.time(),
+                    )
+                )
+        return ApiResponse(201, answer)
+
+    # Security administration and audit ---------------------------------------------------------
+
+    def _read_audit(self, call: _Call) -> ApiResponse:
+        self._need(call, "audit.read", "reading the audit trail")
+        try:
+            after = int(call.request.query.get("after", "0"))
+            limit = int(call.request.query.get("limit", "1000"))
+        except ValueError:
+            raise ApiError(400, "after and limit must be integers") from None
+        if after < 0 or not 1 <= limit <= 10000:
+            raise ApiError(400, "after must be at least 0 and limit between 1 and 10000")
+        records = self.registry.audit_records(after=after, limit=limit)
+        return ApiResponse(
+            200,
+            {
+                "records": [r.__dict__ for r in records],
+                "problems": self.registry.verify_audit(),
+            },
+        )
+
+    def _list_instances(self, call: _Call) -> ApiResponse:
+        self._need(call, "trust.manage", "listing instances")
+        return ApiResponse(200, {"instances": [i.__dict__ for i in self.registry.list_instances()]})
+
+    def _approve_instance(self, call: _Call) -> ApiResponse:
+        self._need(call, "trust.manage", "approving an instance")
+        cert = self.registry.approve(check_instance_name(call.params["name"]), actor=call.actor)
+        return ApiResponse(200, {"certificate_pem": cert_pem(cert)})
+
+    def _reject_instance(self, call: _Call) -> ApiResponse:
+        self._need(call, "trust.manage", "rejecting an instance")
+        self.registry.reject(check_instance_name(call.params["name"]), actor=call.actor)
+        return ApiResponse(200, {"state": "rejected"})
+
+    def _revoke_instance(self, call: _Call) -> ApiResponse:
+        self._need(call, "trust.manage", "revoking an instance")
+        self.registry.revoke(check_instance_name(call.params["name"]), actor=call.actor)
+        return ApiResponse(200, {"state": "revoked"})
+
+
+def _status_for(exc: BaseException) -> int:
+    for kind, status in STATUS_FOR:
+        if isinstance(exc, kind):
+            return status
+    return 400
+
+
+def _error(status: int, message: str) -> ApiResponse:
+    line = (message.splitlines() or [""])[0][:500]
+    return ApiResponse(status, {"error": line})
+
+
+def _vm_json(record) -> dict:
+    return {
+        "vm_uuid": record.vm_uuid,
+        "name": record.name,
+        "instance": record.instance,
+        "kms_key_id": record.kms_key_id,
+        "key_safe": record.key_safe,
+        "host": record.host,
+    }
+
+
+def _fingerprint_der_of_pem(pem: str) -> str:
+    try:
+        return x509.load_pem_x509_certificate(pem.encode("ascii")).fingerprint(hashes.SHA256()).hex()
+    except ValueError:
+        return ""
+
+
+# --- TLS: ask for a client certificate, do not require one -----------------------------------------
+
+
+def build_api_context(cfg: BrokerConfig, pinned_pems: list[str]) -> SSL.Context:
+    """The KMS core's server context (versions, suites, trust CA, clientAuth
+    check), with the pinned instance certificates added as trust anchors
+    that vouch only for themselves, and VERIFY_FAIL_IF_NO_PEER_CERT dropped:
+    enrollment comes without a certificate; the API refuses everything else."""
+    kms_tls = TlsConfig(
+        cert=cfg.tls.cert,
+        key=cfg.tls.key,
+        ca=cfg.trust_ca_path,
+        # Pins come from the database, not from a directory.
+        trusted_clients_dir=cfg.broker.data_dir / ".no-pinned-clients-dir",
+        identity="fingerprint",
+        min_version=cfg.tls.min_version,
+    )
+    ctx = tls.build_context(kms_tls)
+    pins = []
+    for pem in pinned_pems:
+        try:
+            pins.append(x509.load_pem_x509_certificate(pem.encode("ascii")))
+        except ValueError:
+            log.warning("a pinned instance certificate in the database does not parse; skipped")
+    store = ctx.get_cert_store()
+    assert store is not None
+    ca_fingerprints = {
+        c.fingerprint(hashes.SHA256()).hex() for c in x509.load_pem_x509_certificates(cfg.trust_ca_path.read_bytes())
+    }
+    pinned_only = set()
+    for pin in pins:
+        fp = pin.fingerprint(hashes.SHA256()).hex()
+        if fp in ca_fingerprints:
+            continue
+        pinned_only.add(fp)
+        store.add_cert(crypto.X509.from_cryptography(pin))
+        ctx.add_client_ca(pin)
+    ctx.set_verify(SSL.VERIFY_PEER, tls.client_verify_callback(frozenset(pinned_only), "fingerprint"))
+    return ctx
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ApiContextFactory(twisted_ssl.ContextFactory):
+    """The API listener's TLS; ``reload(pins)`` swaps in a new context for
+    new connections (pinned certificates changed)."""
+
+    def __init__(self, cfg: BrokerConfig, pinned_pems: list[str]):
+        self.cfg = cfg
+        self.pinned = list(pinned_pems)
+        self._context = build_api_context(cfg, self.pinned)
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+    def reload(self, pinned_pems: list[str] | None = None) -> None:
+        if pinned_pems is not None:
+            self.pinned = list(pinned_pems)
+        self._context = build_api_context(self.cfg, self.pinned)
+
+
+# --- Twisted Web -------------------------------------------------------------------------------------
+
+
+class LimitedRequest(server.Request):
+    """A request whose body is counted as it arrives: past ``max_body`` the
+    rest is discarded (never buffered) and the answer is 413."""
+
+    max_body = 65536
+
+    def gotLength(self, length):
+        self.body_too_large = length is not None and length > self.max_body
+        self._body_received = 0
+        if self.body_too_large:
+            self.content = io.BytesIO()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_received = getattr(self, "_body_received", 0) + len(data)
+        if self._body_received > self.max_body:
+            if not getattr(self, "body_too_large", False):
+                self.body_too_large = True
+                self.content = io.BytesIO()
+            return
+        if getattr(self, "body_too_large", False):
+            return
+        super().handleContentChunk(data)
+
+
+def _peer_fingerprint(request: server.Request) -> str | None:
+    transport = request.channel.transport if request.channel is not None else None
+    get = getattr(transport, "getPeerCertificate", None)
+    if get is None:
+        return None
+    try:
+        cert = get()
+    except Exception:
+        return None
+    if cert is None:
+        return None
+    if hasattr(cert, "to_cryptography"):
+        cert = cert.to_cryptography()
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+class ApiResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, api: Api, reactor, threadpool):
+        super().__init__()
+        self.api = api
+        self.reactor = reactor
+        self.threadpool = threadpool
+
+    def render(self, request: server.Request):
+        try:
+            path = request.path.decode("ascii")
+        except UnicodeDecodeError:
+            path = "/?"
+        peer = request.getClientAddress()
+        api_request = ApiRequest(
+            method=request.method.decode("ascii", "replace"),
+            path=path.rstrip("/") or "/",
+            body=b"" if getattr(request, "body_too_large", False) else request.content.read(),
+            authorization=(request.getHeader("authorization") or None),
+            client_fingerprint=_peer_fingerprint(request),
+            peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+            body_too_large=bool(getattr(request, "body_too_large", False)),
+            query=_query(request.uri),
+        )
+        finished = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+        d = deferToThreadPool(self.reactor, self.threadpool, self.api.dispatch, api_request)
+
+        def respond(response: ApiResponse) -> None:
+            if finished:
+                return  # The client went away.
+            request.setResponseCode(response.status)
+            request.setHeader(b"cache-control", b"no-store")
+            if api_request.body_too_large:
+                request.setHeader(b"connection", b"close")
+            for name, value in response.headers.items():
+                request.setHeader(name.encode("ascii"), value.encode("ascii"))
+            if response.body is not None:
+                data = json.dumps(response.body, default=_json_default).encode("utf-8") + b"\n"
+                request.setHeader(b"content-type", b"application/json")
+                request.write(data)
+            request.finish()
+
+        def failed(failure) -> None:
+            log.error("API response failed: %s", failure.getErrorMessage())
+            if not finished:
+                request.setResponseCode(500)
+                request.setHeader(b"content-type", b"application/json")
+                request.write(b'{"error": "internal error; see the broker log"}\n')
+                request.finish()
+
+        d.addCallback(respond).addErrback(failed)
+        return server.NOT_DONE_YET
+
+
+def _query(uri: bytes) -> dict[str, str]:
+    _, _, raw = uri.partition(b"?")
+    try:
+        return {k: v for k, v in parse_qsl(raw.decode("ascii"), keep_blank_values=True)}
+    except (UnicodeDecodeError, ValueError):
+        return {}
+
+
+def _json_default(value: object):
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def make_site(api: Api, reactor, threadpool, max_body: int) -> server.Site:
+    request_class = type("BrokerRequest", (LimitedRequest,), {"max_body": max_body})
+    site = server.Site(ApiResource(api, reactor, threadpool), requestFactory=request_class)
+    site.displayTracebacks = False
+    site.timeOut = 60
+    # No access log through Twisted's own logger: paths carry no secrets,
+    # but the broker's log stays in one format.
+    site.log = lambda request: None
+    return site

@@ -1,0 +1,518 @@
+"""`vtpm-broker`: run the broker, set it up, and administer trust.
+
+    vtpm-broker [--config F] [run]
+    vtpm-broker [--config F] init
+    vtpm-broker [--config F] check-config
+    vtpm-broker [--config F] admin token --instance NAME [--ttl S]
+    vtpm-broker [--config F] admin approve|reject|revoke NAME
+    vtpm-broker [--config F] admin pin NAME --cert F
+    vtpm-broker [--config F] admin list [--json]
+    vtpm-broker [--config F] admin issue-user NAME --out-dir D
+    vtpm-broker [--config F] admin audit [--json]
+    vtpm-broker [--config F] ca show|import|csr|install-signed|recertify ...
+
+Admin commands act on the broker's database as the security administrator
+(run them on the broker host, as the broker's user). Every failure is one
+line on stderr and exit status 2; a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+KMS_CLIENT_CN_PREFIX = "vtpm-broker-"
+
+
+class CliError(Exception):
+    """A one-line problem and its fix."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vtpm-broker", description="vTPM key broker")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $VTPM_BROKER_CONFIG)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the broker (the default)")
+    sub.add_parser("init", help="create the master key, CAs, server certificate and the KMS client key and CSR")
+    sub.add_parser("check-config", help="print the effective settings (secrets redacted) and any problem")
+
+    admin = sub.add_parser("admin", help="trust administration (security administrator)")
+    asub = admin.add_subparsers(dest="admin_command", required=True)
+    token = asub.add_parser("token", help="issue a one-time enrollment token")
+    token.add_argument("--instance", required=True, metavar="NAME")
+    token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)")
+    for name, text in (
+        ("approve", "approve the pending enrollment and issue the certificate"),
+        ("reject", "reject the pending enrollment"),
+        ("revoke", "end the instance's trust now"),
+    ):
+        asub.add_parser(name, help=text).add_argument("name", metavar="NAME")
+    pin = asub.add_parser("pin", help="trust an instance's own certificate (exactly that one)")
+    pin.add_argument("name", metavar="NAME")
+    pin.add_argument("--cert", required=True, metavar="F")
+    listing = asub.add_parser("list", help="instances with state and last use")
+    listing.add_argument("--json", action="store_true")
+    user = asub.add_parser("issue-user", help="issue an API user certificate (role from [roles])")
+    user.add_argument("name", metavar="NAME")
+    user.add_argument("--out-dir", required=True, metavar="D")
+    audit = asub.add_parser("audit", help="print the audit trail and verify its hash chain")
+    audit.add_argument("--json", action="store_true")
+
+    ca = sub.add_parser("ca", help="the vTPM EK CA")
+    csub = ca.add_subparsers(dest="ca_command", required=True)
+    csub.add_parser("show", help="the active EK CA and its history")
+    imp = csub.add_parser("import", help="replace the EK CA with a third-party CA certificate and key")
+    imp.add_argument("--cert", required=True, metavar="F")
+    imp.add_argument("--key", required=True, metavar="F")
+    imp.add_argument("--chain", metavar="F")
+    csr = csub.add_parser("csr", help="make a new EK CA key and write its CSR for a third-party CA")
+    csr.add_argument("--out", required=True, metavar="F")
+    csr.add_argument("--subject", default="vtpm-broker EK CA", metavar="CN")
+    signed = csub.add_parser("install-signed", help="activate the EK CA certificate a third party signed")
+    signed.add_argument("--cert", required=True, metavar="F")
+    signed.add_argument("--chain", metavar="F")
+    rec = csub.add_parser("recertify", help="re-issue a vTPM's EK certificates under the active EK CA")
+    rec.add_argument("--vm", required=True, metavar="UUID")
+    rec.add_argument("--out-dir", required=True, metavar="D")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"vtpm-broker: error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from broker.config import ConfigError, load_config
+
+    command = args.command or "run"
+    config_path = args.config or os.environ.get("VTPM_BROKER_CONFIG")
+    try:
+        cfg = load_config(config_path, {"logging": {"level": args.log_level}})
+    except ConfigError as exc:
+        return _fail(str(exc))
+    try:
+        if command == "check-config":
+            return _check_config(cfg)
+        if command == "run":
+            return _run(cfg)
+        if command == "init":
+            return _init(cfg)
+        if command == "admin":
+            return _admin(cfg, args)
+        if command == "ca":
+            return _ca(cfg, args)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    except Exception as exc:  # Every failure is one line; see _describe.
+        return _fail(_describe(exc))
+    return _fail(f"unknown command {command}")
+
+
+def _describe(exc: BaseException) -> str:
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(exc, CannotListenError):
+        return f"cannot listen on {exc.interface}:{exc.port} ({exc.socketError}); choose another port"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror}; check the path and permissions"
+    text = str(exc) or type(exc).__name__
+    known = (
+        "ConfigError", "TlsConfigError", "DatabaseError", "BarrierError", "CaMissing", "PkiError",
+        "InvalidRequest", "Refused", "NotFound", "Conflict", "Unprocessable", "EkCaError", "CliError",
+        "CertificateRequestError", "KmsUnavailable",
+    )  # fmt: skip
+    if type(exc).__name__ in known:
+        return text
+    return f"{text} ({type(exc).__name__})"
+
+
+# --- check-config, run -------------------------------------------------------------------
+
+
+def _check_config(cfg) -> int:
+    from broker.config import format_config
+
+    print(format_config(cfg), end="")
+    problems = cfg.check_files()
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 2 if problems else 0
+
+
+def _logging(cfg) -> None:
+    logging.basicConfig(
+        level=getattr(logging, cfg.logging.level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(cfg) -> int:
+    problems = cfg.check_files()
+    if problems:
+        return _fail(problems[0])
+    _logging(cfg)
+    from twisted.internet import reactor
+
+    from broker import service
+
+    root = service.build(cfg, reactor, gateway_factory=service.default_gateway_factory)
+    failed: list[str] = []
+
+    def start():
+        try:
+            root.startService()
+        except Exception as exc:
+            failed.append(_describe(exc))
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    reactor.run()
+    if failed:
+        return _fail(failed[0])
+    return 0
+
+
+# --- init --------------------------------------------------------------------------------
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    from kms_server.admin.pki import _write_atomic
+
+    _write_atomic(path, data, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    from kms_server.admin.pki import _write_atomic
+
+    _write_atomic(path, data, 0o644)
+
+
+def _new_rsa_key():
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _open(cfg, *, create: bool = False):
+    """(db, barrier) for admin commands; refuses a missing master key."""
+    from broker.db import Database, open_barrier
+
+    if not create and not cfg.master_key.file.exists():
+        raise CliError(f"master key {cfg.master_key.file} does not exist; run 'vtpm-broker init' first")
+    db = Database(cfg.storage.db_url)
+    try:
+        db.create_all()
+        return db, open_barrier(db, cfg.master_key.file)
+    except Exception:
+        db.close()
+        raise
+
+
+def _init(cfg) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    from broker import trust_ca
+    from kms_server.admin import pki
+
+    data_dir = cfg.broker.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    done: list[str] = []
+    if not cfg.master_key.file.exists():
+        cfg.master_key.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pki.new_master_key(cfg.master_key.file)
+        done.append(f"master key      {cfg.master_key.file} (mode 0600; back it up apart from the database)")
+    db, barrier = _open(cfg, create=True)
+    try:
+        try:
+            ca = trust_ca.load_trust_ca(db, barrier)
+        except trust_ca.CaMissing:
+            ca = trust_ca.create_trust_ca(cfg.broker.provider_name)
+            trust_ca.store_ca(db, barrier, trust_ca.TRUST_CA_PURPOSE, ca.cert, ca.key)
+            done.append("trust CA        created (key sealed in the database)")
+        _write_public(cfg.trust_ca_path, ca.cert_pem.encode("ascii"))
+        done.append(f"trust CA cert   {cfg.trust_ca_path}")
+
+        if not cfg.tls.cert.exists() or not cfg.tls.key.exists():
+            key = _new_rsa_key()
+            cert = ca.issue_server(list(cfg.tls.server_names), key.public_key())
+            _write_private(cfg.tls.key, _key_pem(key))
+            _write_public(cfg.tls.cert, cert.public_bytes(serialization.Encoding.PEM))
+            names = ", ".join([*cfg.tls.server_names, "localhost", "127.0.0.1"])
+            done.append(f"server cert     {cfg.tls.cert} ({names})")
+
+        if db.get_ca("ca:ek") is None:
+            try:
+                from broker import vtpm_ca
+            except ImportError:
+                vtpm_ca = None
+            if vtpm_ca is not None:
+                ek = vtpm_ca.EkCa.create()
+                blobs = ek.to_sealed(barrier)
+                db.put_ca(
+                    "ca:ek", blobs["cert_pem"].decode("ascii"), blobs["key_sealed"], blobs["chain_pem"].decode("ascii")
+                )
+                done.append("vTPM EK CA      created (key sealed in the database)")
+
+        if not cfg.kms.key.exists():
+            key = _new_rsa_key()
+            _write_private(cfg.kms.key, _key_pem(key))
+            done.append(f"KMS client key  {cfg.kms.key}")
+        csr_path = cfg.kms_csr_path
+        if not cfg.kms.cert.exists():
+            key = serialization.load_pem_private_key(cfg.kms.key.read_bytes(), password=None)
+            cn = KMS_CLIENT_CN_PREFIX + cfg.broker.provider_name
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                .sign(key, hashes.SHA256())
+            )
+            _write_public(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+    finally:
+        db.close()
+    for line in done:
+        print(line)
+    if cfg.kms.cert.exists():
+        print(f"KMS client cert {cfg.kms.cert} (present)")
+    else:
+        ca_dir = "<KMS CA directory>"
+        if cfg.kms.ca is not None and (cfg.kms.ca.parent / "ca.key").exists():
+            ca_dir = str(cfg.kms.ca.parent)
+        print(f"KMS client CSR  {csr_path}")
+        print("Have the KMS CA sign it, then start the broker:")
+        print(f"  kms-admin pki sign-csr --csr {csr_path} --out {cfg.kms.cert} --ca-dir {ca_dir}")
+    return 0
+
+
+# --- admin ---------------------------------------------------------------------------------
+
+
+def _admin(cfg, args) -> int:
+    from broker.trust import Registry
+    from broker.trust_ca import load_trust_ca
+
+    db, barrier = _open(cfg)
+    try:
+        registry = Registry(db, load_trust_ca(db, barrier))
+        cmd = args.admin_command
+        if cmd == "token":
+            token = registry.issue_token(args.instance, args.ttl)
+            expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=args.ttl)
+            print(token)
+            print(
+                f"one-time enrollment token for {args.instance}, valid until {expires:%Y-%m-%d %H:%M:%S} UTC",
+                file=sys.stderr,
+            )
+        elif cmd == "approve":
+            from broker.trust_ca import fingerprint
+
+            cert = registry.approve(args.name)
+            print(
+                f"{args.name} is trusted; certificate sha256 {fingerprint(cert)} (the instance fetches it by polling)"
+            )
+        elif cmd == "reject":
+            registry.reject(args.name)
+            print(f"enrollment of {args.name} rejected")
+        elif cmd == "revoke":
+            registry.revoke(args.name)
+            print(f"{args.name} is revoked: its certificate, hosts and VMs are refused from now on")
+        elif cmd == "pin":
+            try:
+                data = Path(args.cert).read_bytes()
+            except OSError as exc:
+                raise CliError(f"cannot read {args.cert} ({exc.strerror}); check the path") from None
+            fp = registry.pin(args.name, data)
+            print(f"{args.name} is trusted with exactly the certificate sha256 {fp}")
+        elif cmd == "list":
+            _print_instances(registry.list_instances(), args.json)
+        elif cmd == "issue-user":
+            return _issue_user(cfg, registry, args)
+        elif cmd == "audit":
+            records = registry.audit_records(limit=1_000_000)
+            problems = registry.verify_audit()
+            if args.json:
+                print(json.dumps({"records": [r.__dict__ for r in records], "problems": problems}, indent=2))
+            else:
+                for r in records:
+                    when = dt.datetime.fromtimestamp(r.at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+                    verdict = "allowed" if r.allowed else "REFUSED"
+                    print(f"{r.seq:6d} {when} {r.actor:28} {r.action:14} {r.target:38} {verdict:8} {r.reason}")
+                for problem in problems:
+                    print(f"problem: {problem}", file=sys.stderr)
+            return 1 if problems else 0
+        return 0
+    finally:
+        db.close()
+
+
+def _print_instances(infos, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([i.__dict__ for i in infos], indent=2))
+        return
+    if not infos:
+        print("no instances")
+        return
+
+    def when(ts):
+        return "never" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    print(f"{'NAME':24} {'STATE':9} {'PIN':3} {'HOSTS':>5} {'VMS':>5} {'LAST USE (UTC)':19} FINGERPRINT")
+    for i in infos:
+        state = i.state + ("*" if i.pending_enrollment else "")
+        pin = "yes" if i.pinned else "no"
+        print(
+            f"{i.name:24} {state:9} {pin:3} {i.hosts:5d} {i.vms:5d} {when(i.last_used_at):19} "
+            f"{(i.cert_fingerprint or '-')[:16]}"
+        )
+    if any(i.pending_enrollment for i in infos):
+        print("* an enrollment is waiting: vtpm-broker admin approve NAME (or reject NAME)")
+
+
+def _issue_user(cfg, registry, args) -> int:
+    from cryptography.hazmat.primitives import serialization
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = _new_rsa_key()
+    cert = registry.issue_user(args.name, key.public_key())
+    _write_private(out / f"{args.name}.key", _key_pem(key))
+    _write_public(out / f"{args.name}.pem", cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(out / "broker-ca.pem", registry.trust_ca.cert_pem.encode("ascii"))
+    role = cfg.roles.role_of(args.name) or "none (add the name to a [roles] list)"
+    print(f"{out / (args.name + '.pem')} and .key issued; role: {role}")
+    return 0
+
+
+# --- ca (the vTPM EK CA; broker.vtpm_ca does the certificate work) -----------------------------------
+
+
+def _ca(cfg, args) -> int:
+    try:
+        from broker import vtpm_ca
+    except ImportError:
+        raise CliError("broker.vtpm_ca is not installed in this build") from None
+    from broker.db import ek_certificates
+    from broker.service import EK_CA_PURPOSE, load_ek_blobs
+
+    db, barrier = _open(cfg)
+    try:
+        cmd = args.ca_command
+
+        def store(ca, state="active") -> None:
+            blobs = ca.to_sealed(barrier)
+            db.put_ca(
+                EK_CA_PURPOSE,
+                blobs["cert_pem"].decode("ascii"),
+                blobs["key_sealed"],
+                blobs["chain_pem"].decode("ascii"),
+                state,
+            )
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise CliError(f"cannot read {path} ({exc.strerror}); check the path") from None
+
+        if cmd == "show":
+            for row in db.list_cas(EK_CA_PURPOSE):
+                ca = vtpm_ca.EkCa.from_sealed(barrier, load_ek_blobs(row))
+                print(f"{row.id:4d} {row.state:8} {ca.fingerprint[:16]} {ca.cert.subject.rfc4514_string()}")
+            return 0
+        if cmd == "import":
+            ca = vtpm_ca.EkCa.import_ca(read(args.cert), read(args.key), read(args.chain))
+            store(ca)
+            print(f"EK CA replaced by {ca.cert.subject.rfc4514_string()} (sha256 {ca.fingerprint}); "
+                  "existing EK certificates stay valid under the old CA")  # fmt: skip
+            return 0
+        if cmd == "csr":
+            pending = vtpm_ca.EkCa.create(args.subject)
+            store(pending, "pending")
+            _write_public(Path(args.out), pending.make_csr())
+            print(
+                f"CSR for a new EK CA key written to {args.out}; after signing: vtpm-broker ca install-signed --cert F"
+            )
+            return 0
+        if cmd == "install-signed":
+            row = db.get_ca(EK_CA_PURPOSE, "pending")
+            if row is None:
+                raise CliError("no EK CA key is waiting for a signature; run 'vtpm-broker ca csr --out F' first")
+            pending = vtpm_ca.EkCa.from_sealed(barrier, load_ek_blobs(row))
+            ca = pending.install_signed(read(args.cert), read(args.chain))
+            store(ca)
+            print(f"EK CA is now {ca.cert.subject.rfc4514_string()} (sha256 {ca.fingerprint})")
+            return 0
+        if cmd == "recertify":
+            return _recertify(db, barrier, vtpm_ca, ek_certificates, args)
+        return 2
+    finally:
+        db.close()
+
+
+def _recertify(db, barrier, vtpm_ca, ek_certificates, args) -> int:
+    import time
+
+    from cryptography import x509
+    from sqlalchemy import select
+
+    from broker.service import EK_CA_PURPOSE, load_ek_blobs
+    from broker.trust import check_vm_uuid
+
+    vm_uuid = check_vm_uuid(args.vm)
+    ca = vtpm_ca.EkCa.from_sealed(barrier, load_ek_blobs(db.get_ca(EK_CA_PURPOSE)))
+    issuers = [x509.load_pem_x509_certificate(r.cert_pem.encode()) for r in db.list_cas(EK_CA_PURPOSE)]
+    with db.begin() as conn:
+        rows = conn.execute(
+            select(ek_certificates).where(ek_certificates.c.vm_uuid == vm_uuid).order_by(ek_certificates.c.id)
+        ).all()
+    latest = {}
+    for row in rows:
+        latest[row.cert_type] = row
+    if not latest:
+        raise CliError(f"the broker issued no EK certificate for VM {vm_uuid}; nothing to re-certify")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for cert_type, row in sorted(latest.items()):
+        der = vtpm_ca.recertify(ca, row.cert_der, issued_by=issuers)
+        with db.begin() as conn:
+            conn.execute(
+                ek_certificates.insert().values(
+                    vm_uuid=vm_uuid,
+                    cert_type=cert_type,
+                    cert_der=der,
+                    ca_fingerprint=ca.fingerprint,
+                    issued_to="recertify",
+                    issued_at=time.time(),
+                )
+            )
+        path = out / f"{cert_type}.cert"
+        _write_public(path, der)
+        print(f"{path}: {cert_type} certificate re-issued under {ca.cert.subject.rfc4514_string()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The broker process: database, master key, trust CA, KMS client, the
+management API listener and (through a hook) the host gateway listener, on
+one Twisted reactor, composed as a MultiService that owns start and stop.
+
+Start-up refuses, with one line, anything it cannot serve with: a database
+it cannot open, a master key that does not open it, a missing trust CA
+(`vtpm-broker init`), unusable TLS or KMS client files.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from broker.api import Api, ApiContextFactory, make_site
+from broker.config import BrokerConfig
+from broker.db import Database, open_barrier
+from broker.trust import Registry
+from broker.trust_ca import load_trust_ca
+from broker.vmkeys import VmKeys
+from kms_server.client import KmipClient
+from kms_server.config import TlsConfig
+from kms_server.keystore.barrier import Barrier
+
+__all__ = ["BrokerService", "GatewayFactory", "build", "default_gateway_factory", "ek_ca_issuer"]
+
+log = logging.getLogger("broker.service")
+
+EK_CA_PURPOSE = "ca:ek"
+PIN_REFRESH_SECONDS = 2.0
+
+# The gateway hook: (cfg, registry, kms_client, reactor, threadpool) ->
+# (protocol factory, TLS context factory), or None for no gateway.
+GatewayFactory = Callable[[BrokerConfig, Registry, KmipClient, Any, ThreadPool], tuple[Any, Any]]
+
+
+def gateway_tls_config(cfg: BrokerConfig) -> TlsConfig:
+    """The gateway's TLS settings in the KMS core's terms: the broker's
+    server certificate, client certificates from the trust CA only."""
+    return TlsConfig(
+        cert=cfg.tls.cert,
+        key=cfg.tls.key,
+        ca=cfg.trust_ca_path,
+        trusted_clients_dir=cfg.broker.data_dir / ".no-pinned-clients-dir",
+        identity="cn",
+        min_version=cfg.tls.min_version,
+    )
+
+
+def default_gateway_factory(cfg, registry, kms_client, reactor, threadpool):
+    """broker.gateway's listener, if that module is present."""
+    try:
+        from broker.gateway import build_gateway_factory
+    except ImportError:
+        log.warning("broker.gateway is not available: no host gateway listener")
+        return None
+    return build_gateway_factory(
+        gateway_tls_config(cfg),
+        registry,
+        kms_client,
+        reactor,
+        threadpool,
+        max_message_size=cfg.gateway.max_message_size,
+        idle_timeout=cfg.gateway.idle_timeout,
+        handshake_timeout=cfg.gateway.handshake_timeout,
+        max_connections=cfg.gateway.max_connections,
+    )
+
+
+def ek_ca_issuer(db: Database, barrier: Barrier):
+    """The API's EK issuer: the active EK CA (read per request, so a CA swap
+    by `vtpm-broker ca ...` applies at once) and broker.vtpm_ca's handler;
+    None when broker.vtpm_ca is not present."""
+    try:
+        from broker import vtpm_ca
+    except ImportError:
+        log.warning("broker.vtpm_ca is not available: no EK certificates")
+        return None
+
+    def issue(body, caller_host, authorize):
+        row = db.get_ca(EK_CA_PURPOSE)
+        if row is None:
+            raise vtpm_ca.EkRequestError(
+                422, "the broker has no EK CA; run 'vtpm-broker init' or 'vtpm-broker ca import'"
+            )
+        ca = vtpm_ca.EkCa.from_sealed(barrier, load_ek_blobs(row))
+        return vtpm_ca.handle_ek_certificate_request(ca, body, caller_host, authorize=authorize)
+
+    return issue
+
+
+def load_ek_blobs(row) -> dict[str, bytes]:
+    return {
+        "key_sealed": row.sealed_key,
+        "cert_pem": row.cert_pem.encode("ascii"),
+        "chain_pem": (row.chain_pem or "").encode("ascii"),
+    }
+
+
+class BrokerService(service.Service):
+    def __init__(self, cfg: BrokerConfig, reactor, announce=None, gateway_factory: GatewayFactory | None = None):
+        self.cfg = cfg
+        self.reactor = reactor
+        self.announce = announce or (lambda text: None)
+        cfg.broker.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = Database(cfg.storage.db_url)
+        try:
+            self.db.create_all()
+            self.barrier = open_barrier(self.db, cfg.master_key.file)
+            trust_ca = load_trust_ca(self.db, self.barrier)
+            # The public trust CA certificate, for the TLS layers and operators.
+            cfg.trust_ca_path.write_text(trust_ca.cert_pem)
+            self.registry = Registry(self.db, trust_ca)
+            self.kms_client = KmipClient(
+                list(cfg.kms.nodes),
+                cfg.kms.cert,
+                cfg.kms.key,
+                cfg.kms.ca,
+                server_name=cfg.kms.server_name,
+                connect_timeout=cfg.kms.connect_timeout,
+                request_timeout=cfg.kms.request_timeout,
+            )
+            self.api = Api(
+                cfg,
+                self.registry,
+                VmKeys(self.kms_client, cfg.broker.provider_name),
+                ek_issuer=ek_ca_issuer(self.db, self.barrier),
+            )
+            self.api_threadpool = ThreadPool(minthreads=1, maxthreads=cfg.api.worker_threads, name="broker-api")
+            self.site = make_site(self.api, reactor, self.api_threadpool, cfg.api.max_body)
+            self.api_tls = ApiContextFactory(cfg, self.registry.pinned_certificates())
+            # --- Gateway hook: the host KMIP/TLS listener plugs in here. ---
+            self.gateway_threadpool = ThreadPool(
+                minthreads=1, maxthreads=cfg.gateway.worker_threads, name="broker-gateway"
+            )
+            self.gateway = None
+            if gateway_factory is not None:
+                self.gateway = gateway_factory(cfg, self.registry, self.kms_client, reactor, self.gateway_threadpool)
+        except Exception:
+            self.db.close()
+            raise
+        self.api_port = None
+        self.gateway_port = None
+        self.pin_loop = None
+
+    def _refresh_pins(self):
+        d = deferToThreadPool(self.reactor, self.api_threadpool, self.registry.pinned_certificates)
+
+        def apply(pins):
+            if pins != self.api_tls.pinned:
+                self.api_tls.reload(pins)
+                log.info("pinned instance certificates changed: %d pinned", len(pins))
+
+        d.addCallback(apply)
+        d.addErrback(lambda f: log.warning("could not refresh pinned certificates: %s", f.getErrorMessage()))
+        return d
+
+    def reload_tls(self) -> None:
+        try:
+            self.api_tls.reload()
+            log.info("TLS material reloaded")
+        except Exception as exc:
+            log.error("TLS reload failed, keeping the previous material: %s", exc)
+
+    def startService(self):
+        super().startService()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_tls))
+        self.api_threadpool.start()
+        self.api_port = self.reactor.listenSSL(self.cfg.api.port, self.site, self.api_tls, interface=self.cfg.api.host)
+        address = self.api_port.getHost()
+        self.announce(f"vtpm-broker api listening on {address.host}:{address.port}")
+        if self.gateway is not None:
+            factory, context_factory = self.gateway
+            self.gateway_threadpool.start()
+            self.gateway_port = self.reactor.listenSSL(
+                self.cfg.gateway.port, factory, context_factory, interface=self.cfg.gateway.host
+            )
+            address = self.gateway_port.getHost()
+            self.announce(f"vtpm-broker gateway listening on {address.host}:{address.port}")
+        self.pin_loop = task.LoopingCall(self._refresh_pins)
+        self.pin_loop.clock = self.reactor
+        self.pin_loop.start(PIN_REFRESH_SECONDS, now=False)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        log.info("stopping: no new connections; finishing requests in flight")
+        if self.pin_loop is not None and self.pin_loop.running:
+            self.pin_loop.stop()
+        if self.api_port is not None:
+            yield self.api_port.stopListening()
+        if self.gateway_port is not None:
+            yield self.gateway_port.stopListening()
+            factory = self.gateway[0]
+            if hasattr(factory, "drain"):
+                yield factory.drain()
+            if hasattr(factory, "close_all"):
+                yield factory.close_all()
+        if self.gateway_threadpool.started:
+            self.gateway_threadpool.stop()
+        self.api_threadpool.stop()
+        self.kms_client.close()
+        self.db.close()
+        yield super().stopService()
+        log.info("stopped")
+
+
+def build(cfg: BrokerConfig, reactor, gateway_factory: GatewayFactory | None = None) -> service.MultiService:
+    """The broker as a MultiService. ``gateway_factory`` is the hook for the
+    host gateway listener (``default_gateway_factory`` uses broker.gateway)."""
+    root = service.MultiService()
+
+    def announce(text: str) -> None:
+        print(text, flush=True)
+        sys.stdout.flush()
+
+    BrokerService(cfg, reactor, announce, gateway_factory).setServiceParent(root)
+    return root
