@@ -414,10 +414,15 @@ def _ca(cfg, args) -> int:
         raise CliError("broker.vtpm_ca is not installed in this build") from None
     from broker.db import ek_certificates
     from broker.service import EK_CA_PURPOSE, load_ek_blobs
+    from broker.trust import Registry
 
     db, barrier = _open(cfg)
     try:
         cmd = args.ca_command
+        registry = Registry(db)
+
+        def audit(action: str, target: str, reason: str) -> None:
+            registry.record_audit("local-security-admin", action, target, True, reason)
 
         def store(ca, state="active") -> None:
             blobs = ca.to_sealed(barrier)
@@ -445,12 +450,14 @@ def _ca(cfg, args) -> int:
         if cmd == "import":
             ca = vtpm_ca.EkCa.import_ca(read(args.cert), read(args.key), read(args.chain))
             store(ca)
+            audit("ca.import", "ca:ek", f"EK CA {ca.fingerprint}")
             print(f"EK CA replaced by {ca.cert.subject.rfc4514_string()} (sha256 {ca.fingerprint}); "
                   "existing EK certificates stay valid under the old CA")  # fmt: skip
             return 0
         if cmd == "csr":
             pending = vtpm_ca.EkCa.create(args.subject)
             store(pending, "pending")
+            audit("ca.csr", "ca:ek", f"pending EK CA key {pending.fingerprint}")
             _write_public(Path(args.out), pending.make_csr())
             print(
                 f"CSR for a new EK CA key written to {args.out}; after signing: vtpm-broker ca install-signed --cert F"
@@ -463,16 +470,17 @@ def _ca(cfg, args) -> int:
             pending = vtpm_ca.EkCa.from_sealed(barrier, load_ek_blobs(row))
             ca = pending.install_signed(read(args.cert), read(args.chain))
             store(ca)
+            audit("ca.install-signed", "ca:ek", f"EK CA {ca.fingerprint}")
             print(f"EK CA is now {ca.cert.subject.rfc4514_string()} (sha256 {ca.fingerprint})")
             return 0
         if cmd == "recertify":
-            return _recertify(db, barrier, vtpm_ca, ek_certificates, args)
+            return _recertify(db, barrier, vtpm_ca, ek_certificates, args, audit)
         return 2
     finally:
         db.close()
 
 
-def _recertify(db, barrier, vtpm_ca, ek_certificates, args) -> int:
+def _recertify(db, barrier, vtpm_ca, ek_certificates, args, audit) -> int:
     import time
 
     from cryptography import x509
@@ -510,6 +518,7 @@ def _recertify(db, barrier, vtpm_ca, ek_certificates, args) -> int:
             )
         path = out / f"{cert_type}.cert"
         _write_public(path, der)
+        audit("ek.recertify", vm_uuid, f"{cert_type} certificate under EK CA {ca.fingerprint}")
         print(f"{path}: {cert_type} certificate re-issued under {ca.cert.subject.rfc4514_string()}")
     return 0
 

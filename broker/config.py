@@ -187,18 +187,27 @@ class BrokerConfig:
         data_dir = self.broker.data_dir
         if data_dir.exists() and not data_dir.is_dir():
             problems.append(f"broker.data_dir {data_dir} is not a directory; point it at a directory")
-        problems.extend(_check_file("master_key.file", self.master_key.file, secret=True))
+        made_by_init = [("master_key.file", self.master_key.file, True)]
+        if for_run:
+            made_by_init += [
+                ("tls.cert", self.tls.cert, False),
+                ("tls.key", self.tls.key, True),
+                ("kms.key", self.kms.key, True),
+            ]
+        for key, path, secret in made_by_init:
+            if not path.exists():
+                where = f" --config {self.source}" if self.source else ""
+                problems.append(f"{key} {path} does not exist; run 'vtpm-broker{where} init' first")
+            else:
+                problems.extend(_check_file(key, path, secret=secret))
         if not for_run:
             return problems
-        problems.extend(_check_file("tls.cert", self.tls.cert, secret=False))
-        problems.extend(_check_file("tls.key", self.tls.key, secret=True))
         if not self.kms.nodes:
             problems.append('kms.nodes is empty; list the KMS nodes, such as nodes = ["kms1:5696", "kms2:5696"]')
         if self.kms.ca is None:
             problems.append('kms.ca is not set; add ca = "<the KMS CA certificate>" to [kms]')
         else:
             problems.extend(_check_file("kms.ca", self.kms.ca, secret=False))
-        problems.extend(_check_file("kms.key", self.kms.key, secret=True))
         cert_problems = _check_file("kms.cert", self.kms.cert, secret=False)
         if cert_problems and not self.kms.cert.exists():
             cert_problems = [

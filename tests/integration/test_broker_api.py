@@ -9,6 +9,7 @@ import base64
 import datetime as dt
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ class Broker:
         self.proc: subprocess.Popen | None = None
         self.log: list[str] = []
         self.port = 0
+        self.gateway_port = 0
         self.ca = workdir / "data" / "trust-ca.pem"
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -64,17 +66,31 @@ class Broker:
             text=True,
         )
         threading.Thread(target=lambda: [self.log.append(x.rstrip()) for x in self.proc.stderr], daemon=True).start()
+        lines: queue.Queue[str] = queue.Queue()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                lines.put(line)
+            lines.put("")
+
+        threading.Thread(target=read, daemon=True).start()
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
+        while time.monotonic() < deadline and not (self.port and self.gateway_port):
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
             if not line:
                 break
             if "api listening on" in line:
                 self.port = int(line.strip().rsplit(":", 1)[1])
-                threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-                return
-        self.proc.kill()
-        raise RuntimeError("vtpm-broker did not start:\n" + "\n".join(self.log))
+                # The gateway announces right after the API, if it runs.
+                deadline = min(deadline, time.monotonic() + 10)
+            elif "gateway listening on" in line:
+                self.gateway_port = int(line.strip().rsplit(":", 1)[1])
+        if not self.port:
+            self.proc.kill()
+            raise RuntimeError("vtpm-broker did not start:\n" + "\n".join(self.log))
 
     def stop(self) -> int:
         if self.proc is not None and self.proc.poll() is None:
@@ -594,3 +610,99 @@ def test_master_key_and_ca_keys_not_in_database_or_log(broker):
     log = "\n".join(broker.log)
     assert master.hex() not in log and "PRIVATE KEY" not in log
     assert os.stat(data / "broker-tls.key").st_mode & 0o777 == 0o600
+
+
+# --- The host side: gateway and EK certificates through the running broker ---------------------
+
+
+def test_host_unwraps_through_the_gateway(broker, kms_admin):
+    """The gateway hook is wired: the host the VM is placed on gets its DEK
+    over KMIP/TLS with its host certificate; another host of the same
+    instance is refused."""
+    if not broker.gateway_port:
+        pytest.skip("this build has no broker.gateway")
+    from kms_server.client import KmipError
+
+    identity = enroll(broker, "vc-gw")
+    placed = register_host(broker, identity, "esx-gw-1")
+    other = register_host(broker, identity, "esx-gw-2")
+    vm = create_vm(broker, identity, host="esx-gw-1")
+    ks = parse_key_safe(vm["key_safe"])
+    expected = kms_admin.decrypt(ks.kms_key_id, ks.wrapped_dek, iv=ks.iv, tag=ks.tag)
+    node = f"127.0.0.1:{broker.gateway_port}"
+    with KmipClient([node], placed[0], placed[1], broker.ca) as host:
+        assert host.decrypt(ks.kms_key_id, ks.wrapped_dek, iv=ks.iv, tag=ks.tag) == expected
+    with KmipClient([node], other[0], other[1], broker.ca) as host:
+        with pytest.raises(KmipError) as refused:
+            host.decrypt(ks.kms_key_id, ks.wrapped_dek, iv=ks.iv, tag=ks.tag)
+        assert refused.value.reason.name == "PERMISSION_DENIED"
+
+
+def _ek_request(vm_uuid: str) -> tuple[dict, str]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    ek = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = (
+        ek.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    body = {
+        "vm_uuid": vm_uuid,
+        "type": "ek",
+        "key_type": "rsa",
+        "public_key_pem": public_pem,
+        "tpm_manufacturer": "id:00001014",
+        "tpm_model": "swtpm",
+        "tpm_version": "id:20191023",
+        "tpm_spec_family": "2.0",
+        "tpm_spec_level": 0,
+        "tpm_spec_revision": 164,
+    }
+    return body, public_pem
+
+
+def test_ek_certificate_for_the_host_of_the_vm_then_ca_swap(broker):
+    """A host gets an EK certificate for a VM placed on it (and only then);
+    after the EK CA is replaced, 'ca recertify' re-issues the same EK under
+    the new CA."""
+    vtpm_ca = pytest.importorskip("broker.vtpm_ca")
+    identity = enroll(broker, "vc-ek")
+    host = register_host(broker, identity, "esx-ek-1")
+    stranger = register_host(broker, identity, "esx-ek-2")
+    vm = create_vm(broker, identity, host="esx-ek-1")
+    body, public_pem = _ek_request(vm["vm_uuid"])
+
+    answer = broker.call("POST", "/v1/vtpm/ek-certificates", host, json=body)
+    assert answer.status_code == 201, answer.text
+    der = base64.b64decode(answer.json()["certificate_der_b64"])
+    old_ca_pem = answer.json()["ca_pem"]
+    info = vtpm_ca.verify_ek_certificate(der, old_ca_pem, public_key_pem=public_pem)
+    assert info.tpm_model == "swtpm"
+
+    assert_error(broker.call("POST", "/v1/vtpm/ek-certificates", stranger, json=body), 403, "may not")
+    unknown = dict(body, vm_uuid=str(uuid.uuid4()))
+    assert_error(broker.call("POST", "/v1/vtpm/ek-certificates", host, json=unknown), 404, "no VM")
+    assert_error(broker.call("POST", "/v1/vtpm/ek-certificates", identity, json=body), 403, "hosts only")
+    assert_error(broker.call("POST", "/v1/vtpm/ek-certificates", host, json=dict(body, color=1)), 400, "unknown")
+
+    # The operator replaces the EK CA with a third-party CA (certificate + key).
+    third = vtpm_ca.EkCa.create("Example Corp vTPM CA")
+    cert_file = broker.workdir / "third-ca.pem"
+    key_file = broker.workdir / "third-ca.key"
+    cert_file.write_bytes(third.cert_pem)
+    key_file.write_bytes(
+        third.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    broker.cli("ca", "import", "--cert", str(cert_file), "--key", str(key_file))
+    assert "Example Corp vTPM CA" in broker.cli("ca", "show").stdout
+    out = broker.workdir / "recertified"
+    broker.cli("ca", "recertify", "--vm", vm["vm_uuid"], "--out-dir", str(out))
+    new_der = (out / "ek.cert").read_bytes()
+    assert vtpm_ca.verify_ek_certificate(new_der, third.ca_pem, public_key_pem=public_pem).tpm_model == "swtpm"
+    # The old certificate still verifies under the old CA; new requests get the new CA.
+    vtpm_ca.verify_ek_certificate(der, old_ca_pem, public_key_pem=public_pem)
+    again = broker.call("POST", "/v1/vtpm/ek-certificates", host, json=_ek_request(vm["vm_uuid"])[0])
+    assert again.status_code == 201 and again.json()["ca_pem"] == third.ca_pem.decode()
