@@ -25,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    event,
     select,
     text,
 )
@@ -198,6 +199,22 @@ meta = Table(
 _PG_AUDIT_LOCK_ID = 0x76746D61  # "vtma": serializes appends to the audit chain
 
 
+def _configure_sqlite_reader(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA busy_timeout = 10000")
+            cursor.execute("PRAGMA query_only = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
 class Database:
     """An engine and transactions; the repository logic lives in trust.py."""
 
@@ -233,8 +250,14 @@ class Database:
             )
         except (SQLAlchemyError, ImportError) as exc:
             raise DatabaseError(f"cannot open {self.shown_url}: {exc}") from None
+        # Reads (the gateway's hot path: authorize_unwrap) need no write
+        # lock. On SQLite a second engine opens plain deferred transactions,
+        # which WAL lets run beside a writer; PostgreSQL needs nothing.
+        self.read_engine: Engine = self.engine
         if backend == "sqlite":
             _configure_sqlite(self.engine)
+            self.read_engine = create_engine(url, connect_args=connect_args, pool_size=pool_size, hide_parameters=True)
+            _configure_sqlite_reader(self.read_engine)
 
     def create_all(self) -> None:
         """Create missing tables (no migrations yet; see the module note)."""
@@ -249,6 +272,15 @@ class Database:
         raises. SQLite takes its write lock at BEGIN (see _configure_sqlite)."""
         try:
             with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"broker database error: {_describe(exc)}") from None
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A transaction for reading only (one consistent snapshot)."""
+        try:
+            with self.read_engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as exc:
             raise DatabaseError(f"broker database error: {_describe(exc)}") from None
@@ -309,6 +341,8 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
 
 
 # --- The master key ---------------------------------------------------------------

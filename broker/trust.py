@@ -274,7 +274,7 @@ class Registry:
         )
 
     def audit_records(self, after: int = 0, limit: int = 1000) -> list[AuditRecord]:
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             rows = conn.execute(select(audit).where(audit.c.seq > after).order_by(audit.c.seq).limit(limit)).all()
         return [AuditRecord(**row._mapping) for row in rows]
 
@@ -284,7 +284,7 @@ class Registry:
         broken link."""
         problems: list[str] = []
         prev_hash, expected_seq = AUDIT_GENESIS, 1
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             rows = conn.execute(select(audit).order_by(audit.c.seq)).all()
         for row in rows:
             if row.seq != expected_seq:
@@ -385,7 +385,7 @@ class Registry:
         secret is NotFound (the two are not told apart)."""
         if not isinstance(enrollment_id, str) or not re.fullmatch(r"[0-9a-f]{32}", enrollment_id):
             raise NotFound("no such enrollment")
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             row = conn.execute(select(enrollments).where(enrollments.c.id == enrollment_id)).first()
         if row is None or not hmac.compare_digest(row.poll_secret_sha256, _digest(poll_secret or "")):
             raise NotFound("no such enrollment")
@@ -511,7 +511,7 @@ class Registry:
             raise Conflict("that certificate already belongs to a user")
 
     def list_instances(self) -> list[InstanceInfo]:
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             host_counts = dict(conn.execute(select(hosts.c.instance, func.count()).group_by(hosts.c.instance)).all())
             vm_counts = dict(conn.execute(select(vms.c.instance, func.count()).group_by(vms.c.instance)).all())
             pending = {
@@ -536,7 +536,7 @@ class Registry:
 
     def pinned_certificates(self) -> list[str]:
         """PEMs of the pinned certificates of trusted instances (TLS trust anchors)."""
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             rows = conn.execute(
                 select(instances.c.cert_pem).where(instances.c.pinned.is_(True), instances.c.state == "trusted")
             ).all()
@@ -566,13 +566,13 @@ class Registry:
         stands for nobody the broker currently trusts (unknown, a revoked
         instance, a host of a revoked instance, a superseded certificate)."""
         now = self.clock()
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             inst = conn.execute(select(instances).where(instances.c.cert_fingerprint == fp)).first()
             if inst is not None:
                 if inst.state != "trusted":
                     return None
                 if inst.last_used_at is None or now - inst.last_used_at >= LAST_USED_RESOLUTION:
-                    conn.execute(update(instances).where(instances.c.name == inst.name).values(last_used_at=now))
+                    self._touch(inst.name, now)
                 return Caller("instance", inst.name, inst.name, fp)
             host = conn.execute(select(hosts).where(hosts.c.cert_fingerprint == fp)).first()
             if host is not None:
@@ -584,6 +584,11 @@ class Registry:
             if user is not None:
                 return Caller("user", user.name, None, fp)
         return None
+
+    def _touch(self, instance: str, now: float) -> None:
+        # A separate, small write: identification itself only reads.
+        with self.db.begin() as conn:
+            conn.execute(update(instances).where(instances.c.name == instance).values(last_used_at=now))
 
     # Hosts -----------------------------------------------------------------------
 
@@ -645,7 +650,7 @@ class Registry:
 
     def check_new_vm(self, instance: str, vm_uuid: str, host: str | None) -> None:
         """Refuse, before a KEK is made, a VM that could not be recorded."""
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             self._require_trusted(conn, instance)
             if conn.execute(select(vms.c.vm_uuid).where(vms.c.vm_uuid == vm_uuid)).first() is not None:
                 raise Conflict(f"VM {vm_uuid} is already registered; use POST /v1/vms/register to re-register it")
@@ -744,7 +749,7 @@ class Registry:
         return _vm(vm)
 
     def get_vm(self, vm_uuid: str, instance: str | None = None) -> VmRecord:
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
         if vm is None or (instance is not None and vm.instance != instance):
             raise NotFound(f"no VM {vm_uuid}")
@@ -754,7 +759,7 @@ class Registry:
         stmt = select(vms).order_by(vms.c.vm_uuid)
         if instance is not None:
             stmt = stmt.where(vms.c.instance == instance)
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             return [_vm(r) for r in conn.execute(stmt).all()]
 
     # The unwrap policy -----------------------------------------------------------------
@@ -764,7 +769,7 @@ class Registry:
         Only if the host is registered by a trusted instance, the key is the
         KEK of a VM that instance registered, and the VM is placed on that
         host. Reads only: the caller records the decision (record_audit)."""
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             host = conn.execute(select(hosts).where(hosts.c.cert_fingerprint == host_fingerprint)).first()
             if host is None:
                 return Decision(False, "host certificate is not registered", None, None, None)
@@ -794,7 +799,7 @@ class Registry:
     def authorize_vm_for_host(self, host_fingerprint: str, vm_uuid: str) -> Decision:
         """The same rule by VM: may this host act for this VM (its vTPM's
         EK certificate, say)?"""
-        with self.db.begin() as conn:
+        with self.db.read() as conn:
             key = conn.execute(select(vms.c.kms_key_id).where(vms.c.vm_uuid == vm_uuid)).scalar()
         if key is None:
             host_only = self.authorize_unwrap(host_fingerprint, "")

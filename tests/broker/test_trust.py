@@ -335,3 +335,32 @@ def test_no_token_in_database(registry, tmp_path):
         data += wal.read_bytes()
     assert token.encode() not in data
     assert enrollment.poll_secret.encode() not in data
+
+
+def test_concurrent_decisions_keep_the_chain_intact(registry):
+    """The gateway's pattern from many threads at once: authorize, then
+    record. Every record lands and the chain verifies."""
+    import threading
+
+    trusted(registry, "vc-a")
+    host = fingerprint(registry.register_host("vc-a", "esx-1", make_csr()))
+    registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-1")
+    before = len(registry.audit_records(limit=100000))
+    errors = []
+
+    def work():
+        try:
+            for _ in range(25):
+                decision = registry.authorize_unwrap(host, "kek-a")
+                registry.record_audit("host:esx-1", "unwrap", "kek-a", decision.allowed, decision.reason)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(registry.audit_records(limit=100000)) == before + 200
+    assert registry.verify_audit() == []
