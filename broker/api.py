@@ -250,13 +250,11 @@ class Api:
         registry: Registry,
         vmkeys: VmKeys | None,
         ek_issuer: EkIssuer | None = None,
-        ek_ca_fingerprint: Callable[[], str] | None = None,
     ):
         self.cfg = cfg
         self.registry = registry
         self.vmkeys = vmkeys
         self.ek_issuer = ek_issuer
-        self.ek_ca_fingerprint = ek_ca_fingerprint
 
     def dispatch(self, request: ApiRequest) -> ApiResponse:
         try:
