@@ -1,0 +1,461 @@
+"""`vtpm-mgmt`: a management instance (vCenter's part) on the command line.
+
+    vtpm-mgmt [--state-dir D] init --name NAME --broker https://HOST:PORT --ca broker-ca.pem --provider P
+    vtpm-mgmt [--state-dir D] enroll [--token T] [--wait SECONDS]
+    vtpm-mgmt [--state-dir D] host add --name H --csr host.csr --out host.pem
+    vtpm-mgmt [--state-dir D] vm create --name N [--name N2 ...] --datastore DIR [--vtpm] [--host H ...]
+    vtpm-mgmt [--state-dir D] vm register --datastore DIR [--host H ...] [--jobs J]
+    vtpm-mgmt [--state-dir D] vm list [--json]
+    vtpm-mgmt [--state-dir D] vm check --datastore DIR [--provider P] [--json]
+
+The state directory defaults to $VTPM_MGMT_STATE_DIR. Exit status: 0 done,
+1 some VMs failed (`vm register`) or have problems (`vm check`), 2 the
+command failed (one line on stderr; a traceback is a bug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker import vmx
+from broker.keysafe import KeySafeError, parse_key_safe
+from broker.mgmt.client import BrokerClient, BrokerError, BrokerRefused
+from broker.mgmt.state import CERT, KEY, MgmtError, StateDir, check_name, write_atomic
+
+__all__ = ["main"]
+
+PROG = "vtpm-mgmt"
+STATE_ENV = "VTPM_MGMT_STATE_DIR"
+POLL_SECONDS = 0.5
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits 2 with a usage block; keep it, but one line of error.
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Management instance (vCenter's part) of the vTPM key broker")
+    p.add_argument("--state-dir", metavar="D", help=f"the instance's state directory (default: ${STATE_ENV})")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    init = sub.add_parser("init", help="make the instance's key and CSR and remember the broker")
+    init.add_argument("--name", required=True, help="instance name, e.g. vcenter-a")
+    init.add_argument("--broker", required=True, metavar="URL", help="https://HOST:PORT of the broker's API")
+    init.add_argument("--ca", required=True, metavar="F", help="the broker's trust-ca.pem")
+    init.add_argument("--provider", required=True, metavar="P", help="the key provider name the broker serves")
+
+    enroll = sub.add_parser("enroll", help="enroll with a one-time token and fetch the certificate once approved")
+    enroll.add_argument("--token", help="one-time token from 'vtpm-broker admin token' (omit to resume polling)")
+    enroll.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for approval")
+
+    host = sub.add_parser("host", help="hosts")
+    hsub = host.add_subparsers(dest="host_command", required=True, parser_class=_Parser)
+    add = hsub.add_parser("add", help="register a host and write its certificate")
+    add.add_argument("--name", required=True)
+    add.add_argument("--csr", required=True, metavar="F", help="the host's CSR (vtpm-host init writes it)")
+    add.add_argument("--out", required=True, metavar="F", help="where to write the host certificate")
+    hsub.add_parser("list", help="the hosts this instance added")
+
+    vm = sub.add_parser("vm", help="virtual machines")
+    vsub = vm.add_subparsers(dest="vm_command", required=True, parser_class=_Parser)
+    create = vsub.add_parser("create", help="create encrypted VMs and write their .vmx")
+    create.add_argument("--name", required=True, action="append", help="VM name (repeat for several VMs)")
+    create.add_argument("--datastore", required=True, metavar="DIR")
+    create.add_argument("--vtpm", action="store_true", help="give the VM a vTPM (the host manufactures it at power-on)")
+    create.add_argument("--host", action="append", default=[], help="place on this host (repeat: round-robin)")
+    register = vsub.add_parser("register", help="re-register every VM found on a datastore (recovery)")
+    register.add_argument("--datastore", required=True, metavar="DIR")
+    register.add_argument("--host", action="append", default=[], help="place on this host (repeat: round-robin)")
+    register.add_argument("--jobs", type=int, default=8, metavar="J", help="requests in flight (default 8)")
+    listing = vsub.add_parser("list", help="this instance's VMs, as the broker knows them")
+    listing.add_argument("--json", action="store_true")
+    check = vsub.add_parser("check", help="find VMs whose vTPM could not be recovered")
+    check.add_argument("--datastore", required=True, metavar="DIR")
+    check.add_argument("--provider", help="expected key provider (default: this instance's)")
+    check.add_argument("--json", action="store_true")
+    return p
+
+
+def _fail(message: str) -> int:
+    line = (message.splitlines() or ["failed"])[0]
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _fail(f"{exc} (see '{PROG} --help')")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    except (MgmtError, BrokerError, vmx.VmxError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+    except Exception as exc:  # A traceback is a bug; still one line.
+        return _fail(f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _state(args) -> StateDir:
+    path = args.state_dir or os.environ.get(STATE_ENV)
+    if not path:
+        raise MgmtError(f"give --state-dir D (or set ${STATE_ENV})")
+    return StateDir(path)
+
+
+def _run(args) -> int:
+    if args.command == "vm" and args.vm_command == "check":
+        return _vm_check(args)
+    state = _state(args)
+    if args.command == "init":
+        return _init(state, args)
+    if args.command == "enroll":
+        return _enroll(state, args)
+    if args.command == "host":
+        return _host_add(state, args) if args.host_command == "add" else _host_list(state)
+    if args.vm_command == "create":
+        return _vm_create(state, args)
+    if args.vm_command == "register":
+        return _vm_register(state, args)
+    return _vm_list(state, args)
+
+
+# --- init, enroll ----------------------------------------------------------------------------
+
+
+def _init(state: StateDir, args) -> int:
+    settings = state.create(args.name, args.broker, Path(args.ca), args.provider)
+    print(f"instance {settings.name}: key {state.file(KEY)} (0600), CSR {state.file('instance.csr')}")
+    print(f"broker {settings.broker}, key provider {settings.provider}")
+    print(f"next: a security administrator runs 'vtpm-broker admin token --instance {settings.name}';")
+    print(f"      then: {PROG} --state-dir {state.path} enroll --token TOKEN --wait 300")
+    return 0
+
+
+def _enroll(state: StateDir, args) -> int:
+    settings = state.settings()
+    client = state.client(enrolled=False)
+    if args.token is not None:
+        answer = client.enroll(settings.name, args.token.strip(), state.csr_pem())
+        try:
+            state.save_enrollment(str(answer["enrollment_id"]), str(answer["poll_secret"]))
+        except (KeyError, TypeError):
+            raise MgmtError("the broker's enrollment answer lacks enrollment_id or poll_secret") from None
+        print(f"enrollment of {settings.name} sent; waiting for a security administrator:", file=sys.stderr)
+        print(f"  vtpm-broker admin approve {settings.name}", file=sys.stderr)
+    pending = state.pending_enrollment()
+    if pending is None:
+        if state.enrolled:
+            print(f"{settings.name} is already enrolled ({state.file(CERT)})")
+            return 0
+        raise MgmtError(f"no enrollment is pending for {settings.name}; give --token T")
+    deadline = time.monotonic() + max(0.0, args.wait)
+    while True:
+        try:
+            answer = client.poll_enrollment(pending["enrollment_id"], pending["poll_secret"])
+        except BrokerRefused as exc:
+            if exc.status == 404:
+                raise MgmtError(
+                    f"the broker does not know this enrollment of {settings.name}; enroll again with a new token"
+                ) from None
+            raise
+        status = answer.get("state") if isinstance(answer, dict) else None
+        if status == "approved":
+            certificate = answer.get("certificate_pem")
+            if not isinstance(certificate, str):
+                raise MgmtError("the broker approved the enrollment but sent no certificate")
+            state.finish_enrollment(certificate)
+            print(f"{settings.name} is enrolled: certificate {state.file(CERT)}")
+            return 0
+        if status == "rejected":
+            state.file("enrollment.json").unlink(missing_ok=True)
+            raise MgmtError(f"a security administrator rejected the enrollment of {settings.name}; ask for a new token")
+        if status != "pending":
+            raise MgmtError(f"the broker answered enrollment state {status!r}")
+        if time.monotonic() >= deadline:
+            if args.wait > 0:
+                raise MgmtError(
+                    f"the enrollment of {settings.name} is still pending after {args.wait:g} s; after "
+                    f"'vtpm-broker admin approve {settings.name}' run '{PROG} enroll --wait 60'"
+                )
+            print(f"enrollment pending; after approval run: {PROG} --state-dir {state.path} enroll --wait 60")
+            return 0
+        time.sleep(POLL_SECONDS)
+
+
+# --- hosts -------------------------------------------------------------------------------------
+
+
+def _host_add(state: StateDir, args) -> int:
+    name = check_name("host", args.name)
+    try:
+        csr = Path(args.csr).read_text("ascii")
+    except OSError as exc:
+        raise MgmtError(f"cannot read {args.csr} ({exc.strerror}); 'vtpm-host init' writes the host's CSR") from None
+    except UnicodeDecodeError:
+        raise MgmtError(f"{args.csr} is not a PEM CSR") from None
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise MgmtError(f"cannot write {out}: {out.parent} is not a directory")
+    client = state.client()
+    answer = client.add_host(name, csr)
+    cert, ca = answer.get("certificate_pem"), answer.get("ca_pem")
+    if not isinstance(cert, str) or not isinstance(ca, str):
+        raise MgmtError("the broker's answer lacks certificate_pem or ca_pem")
+    write_atomic(out, cert.encode("ascii"))
+    ca_path = out.parent / "trust-ca.pem"
+    write_atomic(ca_path, ca.encode("ascii"))
+
+    def record(inventory: dict) -> None:
+        inventory["hosts"][name] = {"certificate": str(out.resolve()), "added_at": time.time()}
+
+    state.update_inventory(record)
+    print(f"host {name} registered: certificate {out}, trust CA {ca_path}")
+    return 0
+
+
+def _host_list(state: StateDir) -> int:
+    hosts = state.inventory()["hosts"]
+    if not hosts:
+        print("no hosts")
+    for name, info in sorted(hosts.items()):
+        print(f"{name:24} {info.get('certificate', '')}")
+    return 0
+
+
+# --- VMs ---------------------------------------------------------------------------------------
+
+
+def _vm_create(state: StateDir, args) -> int:
+    settings = state.settings()
+    datastore = Path(args.datastore)
+    if not datastore.is_dir():
+        raise MgmtError(f"datastore {datastore} is not a directory")
+    hosts = [check_name("host", h) for h in args.host]
+    names = list(args.name)
+    if len(set(names)) != len(names):
+        raise MgmtError("a VM name is given twice")
+    # Every refusal that needs no broker comes before any KEK exists.
+    for name in names:
+        vmx.Vmx.new(name, str(uuid.uuid4()), "-", args.vtpm)
+        if (datastore / name / f"{name}.vmx").exists():
+            raise MgmtError(f"{datastore / name / (name + '.vmx')} exists; choose another name")
+    client = state.client()
+    for index, name in enumerate(names):
+        host = hosts[index % len(hosts)] if hosts else None
+        vm_uuid = str(uuid.uuid4())
+        answer = client.create_vm(vm_uuid, name, host)
+        key_safe = answer.get("key_safe")
+        if not isinstance(key_safe, str):
+            raise MgmtError(f"the broker created VM {vm_uuid} but sent no key safe")
+        try:
+            provider = parse_key_safe(key_safe).provider
+        except KeySafeError as exc:
+            raise MgmtError(f"the broker's key safe for VM {vm_uuid} does not parse ({exc})") from None
+        directory = datastore / name
+        try:
+            directory.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise MgmtError(f"cannot create {directory} ({exc.strerror}); VM {vm_uuid} exists at the broker") from None
+        path = directory / f"{name}.vmx"
+        vmx.write(path, vmx.Vmx.new(name, vm_uuid, key_safe, args.vtpm))
+
+        def record(inventory: dict, vm_uuid=vm_uuid, name=name, path=path, host=host, answer=answer) -> None:
+            inventory["vms"][vm_uuid] = {
+                "name": name,
+                "vmx": str(path.resolve()),
+                "host": host,
+                "kms_key_id": answer.get("kms_key_id"),
+            }
+
+        state.update_inventory(record)
+        placed = f" on host {host}" if host else ""
+        print(f"VM {name} ({vm_uuid}) created{placed}: {path}")
+        if provider != settings.provider:
+            print(
+                f"{PROG}: warning: the broker's key provider is {provider!r}, this instance was set up for "
+                f"{settings.provider!r}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+@dataclass
+class _Outcome:
+    path: Path
+    name: str = ""
+    vm_uuid: str = ""
+    host: str | None = None
+    kms_key_id: str | None = None
+    error: str | None = None
+
+
+def _register_one(client: BrokerClient, path: Path, provider: str, host: str | None) -> _Outcome:
+    outcome = _Outcome(path, name=path.stem)
+    try:
+        config = vmx.read(path)
+        outcome.name = config.name or path.stem
+        outcome.vm_uuid = config.vm_uuid
+        key_safe = parse_key_safe(config.key_safe)
+        outcome.kms_key_id = key_safe.kms_key_id
+        if key_safe.provider != provider:
+            raise MgmtError(f"its key safe names key provider {key_safe.provider!r}, not {provider!r}")
+        client.register_vm(outcome.vm_uuid, outcome.name, config.key_safe)
+        if host is not None:
+            client.place_vm(outcome.vm_uuid, host)
+            outcome.host = host
+    except BrokerRefused as exc:
+        outcome.error = f"the broker refused: {exc.error} (HTTP {exc.status})"
+    except (vmx.VmxError, KeySafeError, MgmtError, BrokerError) as exc:
+        outcome.error = str(exc)
+    return outcome
+
+
+def _vm_register(state: StateDir, args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    settings = state.settings()
+    datastore = Path(args.datastore)
+    if not datastore.is_dir():
+        raise MgmtError(f"datastore {datastore} is not a directory")
+    if not 1 <= args.jobs <= 64:
+        raise MgmtError("--jobs must be between 1 and 64")
+    hosts = [check_name("host", h) for h in args.host]
+    paths = vmx.find_vms(datastore)
+    if not paths:
+        raise MgmtError(f"no VMs on {datastore} (looked for {datastore}/*/*.vmx)")
+    client = state.client()
+    started = time.monotonic()
+    outcomes: list[_Outcome] = []
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("registering VMs"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("register", total=len(paths), last="")
+        with ThreadPoolExecutor(max_workers=min(args.jobs, len(paths))) as pool:
+            futures = [
+                pool.submit(_register_one, client, path, settings.provider, hosts[i % len(hosts)] if hosts else None)
+                for i, path in enumerate(paths)
+            ]
+            for future in futures:
+                outcome = future.result()
+                outcomes.append(outcome)
+                progress.update(task, advance=1, last=outcome.name + (" FAILED" if outcome.error else ""))
+    client.close()
+
+    done = [o for o in outcomes if o.error is None]
+
+    def record(inventory: dict) -> None:
+        for o in done:
+            inventory["vms"][o.vm_uuid] = {
+                "name": o.name,
+                "vmx": str(o.path.resolve()),
+                "host": o.host,
+                "kms_key_id": o.kms_key_id,
+            }
+
+    state.update_inventory(record)
+    failed = [o for o in outcomes if o.error is not None]
+    seconds = time.monotonic() - started
+    placed = f", placed round-robin on {', '.join(hosts)}" if hosts else ", not placed on a host"
+    print(f"{len(done)} of {len(outcomes)} VMs registered to {settings.name}{placed} in {seconds:.1f} s")
+    for o in failed:
+        print(f"FAILED {o.path}: {o.error}")
+    return 1 if failed else 0
+
+
+def _vm_list(state: StateDir, args) -> int:
+    client = state.client()
+    vms = client.list_vms()
+    inventory = state.inventory()["vms"]
+    rows = []
+    for vm in sorted(vms, key=lambda v: (str(v.get("name")), str(v.get("vm_uuid")))):
+        known = inventory.get(vm.get("vm_uuid"), {})
+        rows.append(
+            {
+                "vm_uuid": vm.get("vm_uuid"),
+                "name": vm.get("name"),
+                "host": vm.get("host"),
+                "kms_key_id": vm.get("kms_key_id"),
+                "vmx": known.get("vmx"),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no VMs")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"VMs of {state.settings().name}")
+    for column in ("name", "VM UUID", "host", "KMS key id", ".vmx"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["name"]), str(row["vm_uuid"]), row["host"] or "-", str(row["kms_key_id"]), row["vmx"] or "-"
+        )
+    Console(width=max(160, Console().width)).print(table)
+    return 0
+
+
+def _vm_check(args) -> int:
+    from broker.mgmt.check import check_datastore
+
+    datastore = Path(args.datastore)
+    if not datastore.is_dir():
+        raise MgmtError(f"datastore {datastore} is not a directory")
+    provider = args.provider
+    if provider is None and (args.state_dir or os.environ.get(STATE_ENV)):
+        provider = _state(args).settings().provider
+    results = check_datastore(datastore, provider)
+    bad = [r for r in results if not r.ok]
+    if args.json:
+        print(
+            json.dumps({"vms": len(results), "problems": len(bad), "results": [r.as_json() for r in results]}, indent=2)
+        )
+        return 1 if bad else 0
+    for result in results:
+        for problem in result.problems:
+            print(f"PROBLEM {result.name} ({result.vmx_path}): {problem}")
+    vtpms = sum(1 for r in results if r.has_vtpm)
+    checked = f"checked {len(results)} VMs ({vtpms} with a vTPM) on {datastore}"
+    if provider is None:
+        checked += " (key provider not checked: give --provider or --state-dir)"
+    if bad:
+        print(f"{checked}: {len(bad)} would not recover; restore their .nvram from a backup that has it")
+        return 1
+    print(f"{checked}: every one can be recovered")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
