@@ -214,6 +214,8 @@ ROUTES = (
     _route("GET", "/v1/vms", "list_vms"),
     _route("PUT", "/v1/vms/{vm_uuid}/host", "place_vm"),
     _route("GET", "/v1/vms/{vm_uuid}/dek", "get_dek"),
+    _route("GET", "/v1/vms/{vm_uuid}/nvram-generation", "get_nvram_generation"),
+    _route("PUT", "/v1/vms/{vm_uuid}/nvram-generation", "put_nvram_generation"),
     _route("DELETE", "/v1/vms/{vm_uuid}", "remove_vm"),
     _route("POST", "/v1/vtpm/ek-certificates", "ek_certificate"),
     _route("GET", "/v1/audit", "read_audit"),
@@ -422,6 +424,35 @@ class Api:
         scope = call.caller.name if call.caller and call.caller.kind == "instance" else None
         self.registry.remove_vm(vm_uuid, call.actor, scope)
         return ApiResponse(204)
+
+    # .nvram generations (rollback protection) -----------------------------------------------
+
+    def _placed_host(self, call: _Call, vm_uuid: str, action: str) -> str:
+        """The calling host's name if the VM is placed on it; otherwise the
+        refusal is audited and answered as the gateway would (404 when the
+        host may not know the VM exists, 403 when it may)."""
+        if call.caller is None or call.caller.kind != "host":
+            raise ApiError(403, "only the host the VM is placed on may do this (use the host certificate)")
+        host = call.caller
+        decision = self.registry.authorize_vm_for_host(host.fingerprint, vm_uuid)
+        if not decision.allowed:
+            self.registry.record_audit(f"host:{host.name}", action, vm_uuid, False, decision.reason)
+            if decision.vm_uuid is None:
+                raise ApiError(404, f"no VM {vm_uuid}")
+            raise ApiError(403, f"host {host.name} may not act for VM {vm_uuid}: it is not placed on this host")
+        return host.name
+
+    def _get_nvram_generation(self, call: _Call) -> ApiResponse:
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        self._placed_host(call, vm_uuid, "nvram.generation.read")
+        return ApiResponse(200, {"vm_uuid": vm_uuid, "generation": self.registry.nvram_generation(vm_uuid)})
+
+    def _put_nvram_generation(self, call: _Call) -> ApiResponse:
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        body = fields_of(parse_json_object(call.request.body), ("generation",))
+        host = self._placed_host(call, vm_uuid, "nvram.generation")
+        generation = self.registry.record_nvram_generation(vm_uuid, body["generation"], f"host:{host}")
+        return ApiResponse(200, {"vm_uuid": vm_uuid, "generation": generation})
 
     # vTPM EK certificates ------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -48,6 +49,7 @@ __all__ = [
     "instances",
     "meta",
     "metadata",
+    "nvram_generations",
     "open_barrier",
     "tokens",
     "users",
@@ -171,6 +173,18 @@ ek_certificates = Table(
     Column("issued_at", Float, nullable=False),
     Index("ix_broker_ek_certificates_vm", "vm_uuid", "cert_type"),
     sqlite_autoincrement=True,
+)
+
+# The last .nvram generation a host reported per VM (rollback protection,
+# docs/nvram-format.md "Rollback"). Kept by VM UUID, so it survives the VM's
+# re-registration by another instance after a loss of the management plane.
+nvram_generations = Table(
+    "broker_nvram_generations",
+    metadata,
+    Column("vm_uuid", Text, primary_key=True),
+    Column("generation", BigInteger, nullable=False),
+    Column("reported_by", Text, nullable=False),
+    Column("reported_at", Float, nullable=False),
 )
 
 # The audit trail: every trust decision and key access, hash-chained.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from sqlalchemy import func, select, update
 
-from broker.db import Database, audit, enrollments, hosts, instances, tokens, users, vms
+from broker.db import Database, audit, enrollments, hosts, instances, nvram_generations, tokens, users, vms
 from broker.trust_ca import (
     CertificateRequestError,
     TrustCa,
@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 AUDIT_GENESIS = "0" * 64
+# .nvram generations are u64 in the file; the database column is a signed 64-bit integer.
+MAX_NVRAM_GENERATION = 2**63 - 1
 DEFAULT_TOKEN_TTL = 3600
 MAX_TOKEN_TTL = 30 * 86400
 # last_used_at is written at most this often per instance, not per request.
@@ -745,6 +747,8 @@ class Registry:
             if vm is None or (instance is not None and vm.instance != instance):
                 raise NotFound(f"no VM {vm_uuid}")
             conn.execute(vms.delete().where(vms.c.vm_uuid == vm_uuid))
+            # A VM created again under this UUID starts a new vTPM at generation 1.
+            conn.execute(nvram_generations.delete().where(nvram_generations.c.vm_uuid == vm_uuid))
             self._append_audit(conn, actor, "vm.remove", vm_uuid, True, f"KEK {vm.kms_key_id}")
         return _vm(vm)
 
@@ -805,6 +809,52 @@ class Registry:
             host_only = self.authorize_unwrap(host_fingerprint, "")
             return Decision(False, "no such VM", host_only.host, host_only.instance, None)
         return self.authorize_unwrap(host_fingerprint, key)
+
+    # .nvram generations (rollback protection) ------------------------------------------
+
+    def nvram_generation(self, vm_uuid: str) -> int:
+        """The last .nvram generation reported for the VM; 0 when none was."""
+        with self.db.read() as conn:
+            value = conn.execute(
+                select(nvram_generations.c.generation).where(nvram_generations.c.vm_uuid == vm_uuid)
+            ).scalar()
+        return int(value) if value is not None else 0
+
+    def record_nvram_generation(self, vm_uuid: str, generation: int, actor: str) -> int:
+        """Remember a newer .nvram generation for the VM. A lower one than
+        recorded is a Conflict (a host wrote an old state back); the same one
+        again is accepted, so a repeated report is harmless."""
+        if (
+            isinstance(generation, bool)
+            or not isinstance(generation, int)
+            or not 0 <= generation <= MAX_NVRAM_GENERATION
+        ):
+            raise InvalidRequest(f"generation must be an integer from 0 to {MAX_NVRAM_GENERATION}")
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            stored = conn.execute(
+                select(nvram_generations.c.generation).where(nvram_generations.c.vm_uuid == vm_uuid)
+            ).scalar()
+            if stored is not None and generation < stored:
+                reason = f"generation {generation} is older than generation {stored} already recorded"
+                refused = True
+            else:
+                refused = False
+                values = dict(generation=generation, reported_by=actor, reported_at=now)
+                if stored is None:
+                    conn.execute(nvram_generations.insert().values(vm_uuid=vm_uuid, **values))
+                else:
+                    conn.execute(
+                        update(nvram_generations).where(nvram_generations.c.vm_uuid == vm_uuid).values(**values)
+                    )
+                self._append_audit(
+                    conn, actor, "nvram.generation", vm_uuid, True, f"generation {generation} (was {stored or 0})"
+                )
+        if refused:
+            # Recorded after the refused transaction, as enroll does.
+            self.record_audit(actor, "nvram.generation", vm_uuid, False, reason)
+            raise Conflict(f"{reason}: a rollback of the vTPM state")
+        return generation
 
 
 def _vm(row) -> VmRecord:

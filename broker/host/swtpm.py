@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -101,6 +102,27 @@ class SwtpmInstance:
 
     def __repr__(self) -> str:
         return f"SwtpmInstance(state_dir={str(self.state_dir)!r}, pid={self.pid}, running={self.running})"
+
+    @classmethod
+    def attach(
+        cls,
+        state_dir: str | os.PathLike[str],
+        socket_dir: str | os.PathLike[str],
+        pid: int,
+        *,
+        startup: str | None = "clear",
+        swtpm: str = "swtpm",
+    ) -> SwtpmInstance:
+        """The instance another process started, found again by its pid and sockets.
+
+        `shutdown` and `kill` then work as on the instance that started it. The
+        pid is trusted only while /proc shows a swtpm serving this instance's
+        server socket: a pid the kernel has since given to another process is
+        treated as an swtpm that has exited, and is never signalled.
+        """
+        instance = cls(state_dir, socket_dir, startup=startup, swtpm=swtpm)
+        instance._proc = _AttachedProcess(int(pid), instance.server_socket)
+        return instance
 
     @property
     def server_socket(self) -> Path:
@@ -283,6 +305,66 @@ class SwtpmInstance:
         lines = [line for line in text.splitlines() if line.strip() and "client disconnected" not in line]
         tail = " | ".join(lines)[-limit:]
         return tail or "(empty log)"
+
+
+class _AttachedProcess:
+    """The part of `subprocess.Popen` that `SwtpmInstance` uses, for an swtpm found by pid.
+
+    When the swtpm is a child of this process (it was started here) it is
+    reaped with waitpid and its exit status is known; otherwise (the usual
+    case: `vtpm-host power-on` started it and has exited) only its
+    disappearance can be seen, and the exit status is reported as 0.
+    """
+
+    def __init__(self, pid: int, server_socket: Path):
+        self.pid = pid
+        self.server_socket = server_socket
+        self.returncode: int | None = None
+        if not _serves(pid, server_socket):
+            self.returncode = 0  # Gone, or the pid now belongs to another process.
+
+    def poll(self) -> int | None:
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            if not _serves(self.pid, self.server_socket):
+                self.returncode = 0
+            return self.returncode
+        if done:
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"swtpm (pid {self.pid})", timeout)
+            time.sleep(0.002)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None and _serves(self.pid, self.server_socket):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def _serves(pid: int, server_socket: Path) -> bool:
+    """Is `pid` a live (not zombie) swtpm whose command line names this server socket?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            # The state letter follows the parenthesised command name, which may itself hold ')'.
+            state = handle.read().rsplit(b")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except (OSError, IndexError):
+        return False
+    if state in (b"Z", b"X") or not argv or not os.path.basename(argv[0]).startswith(b"swtpm"):
+        return False
+    prefix = b"type=unixio,path=" + os.fsencode(server_socket) + b","
+    return any(arg.startswith(prefix) for arg in argv)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,505 @@
+"""The host agent: power a VM's vTPM on and off (issue 6, item 2).
+
+Power-on::
+
+    .vmx -> key safe -> DEK (broker gateway, KMIP Decrypt, host certificate)
+         -> no .nvram yet: swtpm_setup manufactures the vTPM, its EK certificates
+            from the broker's EK CA (vtpm-ek-certtool, remote mode); sealed at once
+            as generation 1, so the vTPM's identity is on the datastore before it runs
+         -> else: unseal the .nvram (tag first; the VM, and the generation against
+            the broker's record: rollback) into a private working directory
+         -> swtpm on a Unix socket; the TCTI string for the guest (tpm2-tools)
+
+Power-off: DEK again through the gateway (the VM keeps running if refused),
+orderly TPM shutdown, seal with generation + 1, atomic write of the .nvram,
+then the broker is told the new generation (after the rename: a crash in
+between leaves a file newer than the record, never older), the clear copy is
+wiped.
+
+The DEK lives in this process's memory only, for the length of one command:
+it is never written (the running record holds pid, sockets, work directory
+and generation), never logged and never put into a message.
+
+Commands for one VM hold its lock (``locks/<uuid>.lock``, flock) from start to
+end; commands for different VMs run side by side, in separate processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+import uuid as uuid_module
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker import nvram, vmx
+from broker.host import swtpm
+from broker.host.broker_client import Broker, BrokerClient
+from broker.host.config import HostConfig, load_config, toml_string, write_private, write_public
+from broker.host.errors import (
+    AlreadyRunning,
+    BrokerRefused,
+    BrokerUnavailable,
+    HostError,
+    NotRunning,
+    NvramRefused,
+    RollbackRefused,
+    SwtpmFailed,
+)
+from broker.keysafe import KeySafe, KeySafeError, parse_key_safe
+
+__all__ = ["Agent", "PowerOffResult", "PowerOnResult", "RunningVm"]
+
+RECORD_VERSION = 1
+EK_CERT_FLAGS = ("--create-ek-cert", "--create-platform-cert")
+
+
+@dataclass(frozen=True)
+class PowerOnResult:
+    vm_uuid: str
+    name: str
+    tcti: str
+    generation: int
+    manufactured: bool
+    pid: int
+    seconds: float
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PowerOffResult:
+    vm_uuid: str
+    name: str
+    nvram: str
+    generation: int
+    seconds: float
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunningVm:
+    vm_uuid: str
+    name: str
+    tcti: str
+    generation: int
+    since: float
+    pid: int
+    running: bool
+    vmx: str
+
+
+@dataclass(frozen=True)
+class _Vm:
+    """What a .vmx says about the VM, checked."""
+
+    path: Path
+    name: str
+    vm_uuid: str
+    key_safe: KeySafe
+    has_vtpm: bool
+    nvram_name: str
+
+    @property
+    def nvram_path(self) -> Path:
+        return self.path.parent / self.nvram_name
+
+    @property
+    def key_safe_ref(self) -> str:
+        return f"{self.key_safe.provider}/{self.key_safe.kms_key_id}"
+
+
+class Agent:
+    """One host's agent, working in its state directory.
+
+    ``broker`` is the way to the broker (`BrokerClient` over the network by
+    default; a fake in unit tests). ``setup_config`` replaces the generated
+    swtpm_setup.conf (for a local EK CA in tests).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        *,
+        broker: Broker | None = None,
+        swtpm_binary: str = "swtpm",
+        swtpm_setup: str = "swtpm_setup",
+        setup_config: str | os.PathLike[str] | None = None,
+        workdir_base: str | os.PathLike[str] | None = None,
+        lock_timeout: float = 120.0,
+    ):
+        self.state_dir = Path(state_dir)
+        self._broker = broker
+        self._config: HostConfig | None = None
+        self.swtpm_binary = swtpm_binary
+        self.swtpm_setup = swtpm_setup
+        self.setup_config = Path(setup_config) if setup_config is not None else None
+        self.workdir_base = workdir_base
+        self.lock_timeout = lock_timeout
+
+    @property
+    def config(self) -> HostConfig:
+        if self._config is None:
+            self._config = load_config(self.state_dir)
+        return self._config
+
+    @property
+    def broker(self) -> Broker:
+        if self._broker is None:
+            self._broker = BrokerClient(self.config)
+        return self._broker
+
+    # Power-on -----------------------------------------------------------------------------
+
+    def power_on(self, vmx_path: str | os.PathLike[str]) -> PowerOnResult:
+        started = time.monotonic()
+        self.config.require_certificate()
+        vm = _read_vmx(vmx_path)
+        if not vm.has_vtpm:
+            raise HostError(f"VM {vm.name} has no vTPM (vtpm.present is not TRUE in {vm.path}); nothing to power on")
+        warnings: list[str] = []
+        with self._vm_lock(vm):
+            record = self._read_record(vm.vm_uuid)
+            if record is not None:
+                raise self._already(vm, record)
+            dek = self.broker.unwrap(vm.key_safe, vm.vm_uuid, vm.name)
+            last_seen = self.broker.nvram_generation(vm.vm_uuid)
+            work = swtpm.private_workdir(prefix=f"vtpm-{vm.vm_uuid[:8]}-", base=self.workdir_base)
+            instance: swtpm.SwtpmInstance | None = None
+            try:
+                state_dir, socket_dir = work / "state", work / "run"
+                state_dir.mkdir(mode=0o700)
+                socket_dir.mkdir(mode=0o700)
+                if vm.nvram_path.exists() or vm.nvram_path.is_symlink():
+                    generation = self._unseal_into(vm, dek, last_seen, state_dir)
+                    manufactured = False
+                    if generation > last_seen:
+                        # A power-off whose report did not reach the broker: catch up now.
+                        self._report(vm, generation, warnings)
+                else:
+                    if last_seen > 0:
+                        raise NvramRefused(
+                            f"{vm.nvram_path} is missing, but the broker saw generation {last_seen} of VM {vm.name}'s "
+                            "vTPM: its EK and NV secrets are in that file; restore it from a backup (a new vTPM "
+                            "would have a new identity)"
+                        )
+                    generation = self._manufacture(vm, dek, state_dir)
+                    manufactured = True
+                    self._report(vm, generation, warnings)
+                del dek
+                instance = swtpm.SwtpmInstance(state_dir, socket_dir, swtpm=self.swtpm_binary)
+                try:
+                    instance.start()
+                except swtpm.SwtpmError as exc:
+                    raise SwtpmFailed(
+                        f"swtpm did not start for VM {vm.name}: {_one_line(exc)}; check the swtpm package"
+                    ) from None
+                assert instance.pid is not None
+                now = time.time()
+                self._write_record(
+                    vm,
+                    {
+                        "version": RECORD_VERSION,
+                        "vm_uuid": vm.vm_uuid,
+                        "name": vm.name,
+                        "vmx": str(vm.path),
+                        "nvram": str(vm.nvram_path),
+                        "pid": instance.pid,
+                        "workdir": str(work),
+                        "state_dir": str(state_dir),
+                        "socket_dir": str(socket_dir),
+                        "server_socket": str(instance.server_socket),
+                        "ctrl_socket": str(instance.ctrl_socket),
+                        "tcti": instance.tcti,
+                        "generation": generation,
+                        "manufactured": manufactured,
+                        "since": now,
+                    },
+                )
+            except BaseException:
+                if instance is not None:
+                    instance.kill()
+                swtpm.wipe(work)
+                raise
+        return PowerOnResult(
+            vm_uuid=vm.vm_uuid,
+            name=vm.name,
+            tcti=instance.tcti,
+            generation=generation,
+            manufactured=manufactured,
+            pid=instance.pid,
+            seconds=time.monotonic() - started,
+            warnings=tuple(warnings),
+        )
+
+    def _already(self, vm: _Vm, record: dict) -> HostError:
+        if self._attach(record).running:
+            return AlreadyRunning(f"VM {vm.name} is already powered on here (TCTI {record.get('tcti')})")
+        return HostError(
+            f"VM {vm.name} did not power off cleanly: its swtpm (pid {record.get('pid')}) is gone and its clear "
+            f"state is still in {record.get('workdir')}; run 'vtpm-host power-off {vm.path}' to seal it first"
+        )
+
+    def _unseal_into(self, vm: _Vm, dek: bytes, last_seen: int, state_dir: Path) -> int:
+        path = vm.nvram_path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as handle:
+                blob = handle.read(nvram.MAX_PLAINTEXT + 2 * 1024 * 1024)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NvramRefused(f"{path} is a symbolic link; put the VM's .nvram file itself there") from None
+            raise NvramRefused(f"cannot read {path} ({exc.strerror})") from None
+        try:
+            contents = nvram.unseal(blob, dek, expected_vm_uuid=vm.vm_uuid, min_generation=last_seen)
+        except nvram.NvramRollback as exc:
+            raise RollbackRefused(
+                f"{path}: {exc}; the vTPM was not started. Put back the newest copy of the file "
+                f"(generation {last_seen} or later)"
+            ) from None
+        except nvram.NvramWrongVm as exc:
+            raise NvramRefused(
+                f"{path}: {exc}; the vTPM was not started. Put VM {vm.name}'s own .nvram beside {vm.path.name}"
+            ) from None
+        except nvram.NvramError as exc:
+            raise NvramRefused(
+                f"{path}: {exc}; the vTPM was not started. Restore the file from a backup "
+                f"(or the .vmx, if its key safe is not this VM's)"
+            ) from None
+        nvram.write_state_dir(state_dir, contents.files)
+        return contents.header.generation
+
+    def _manufacture(self, vm: _Vm, dek: bytes, state_dir: Path) -> int:
+        """A new vTPM with EK certificates from the broker, sealed at once as generation 1."""
+        config = self.setup_config or self._swtpm_setup_conf()
+        try:
+            swtpm.manufacture(
+                state_dir, vm.vm_uuid, config=config, extra_args=EK_CERT_FLAGS, swtpm_setup=self.swtpm_setup
+            )
+        except swtpm.SwtpmError as exc:
+            raise SwtpmFailed(f"manufacturing the vTPM of VM {vm.name} failed: {_setup_failure(exc)}") from None
+        generation = 1
+        blob = nvram.seal(state_dir, dek, vm.vm_uuid, generation, vm.key_safe_ref)
+        _write_nvram(vm, blob)
+        return generation
+
+    def _swtpm_setup_conf(self) -> Path:
+        """swtpm_setup.conf naming vtpm-ek-certtool, in remote mode with this host's certificate."""
+        cfg = self.config
+        cfg.require_certificate()
+        tool_conf = cfg.state_dir / "ek-certtool.toml"
+        write_public(
+            tool_conf,
+            (
+                "# Generated by vtpm-host: swtpm_setup's create_certs_tool asks the broker's EK CA.\n"
+                'mode = "remote"\n\n[remote]\n'
+                f"url = {toml_string(cfg.api)}\n"
+                'client_cert = "host.pem"\nclient_key = "host.key"\nca_bundle = "trust-ca.pem"\n'
+                f"timeout = {cfg.timeout:g}\n"
+            ).encode(),
+        )
+        conf = cfg.state_dir / "swtpm_setup.conf"
+        write_public(
+            conf,
+            (
+                f"create_certs_tool = {_certtool_command(cfg.state_dir)}\n"
+                f"create_certs_tool_config = {tool_conf}\n"
+                "active_pcr_banks = sha256\n"
+            ).encode(),
+        )
+        return conf
+
+    # Power-off ----------------------------------------------------------------------------
+
+    def power_off(self, vmx_path: str | os.PathLike[str]) -> PowerOffResult:
+        started = time.monotonic()
+        self.config.require_certificate()
+        vm = _read_vmx(vmx_path)
+        warnings: list[str] = []
+        with self._vm_lock(vm):
+            record = self._read_record(vm.vm_uuid)
+            if record is None:
+                raise NotRunning(f"VM {vm.name} ({vm.vm_uuid}) is not powered on on this host; nothing to power off")
+            work = Path(record["workdir"])
+            state_dir = Path(record["state_dir"])
+            try:
+                dek = self.broker.unwrap(vm.key_safe, vm.vm_uuid, vm.name)
+            except (BrokerRefused, BrokerUnavailable) as exc:
+                raise type(exc)(f"{exc} (VM {vm.name} keeps running; power it off again once this is fixed)") from None
+            instance = self._attach(record)
+            if not instance.running:
+                warnings.append(f"swtpm of VM {vm.name} was no longer running; sealing the state it last wrote")
+            try:
+                instance.shutdown()
+            except swtpm.SwtpmError as exc:
+                warnings.append(f"swtpm of VM {vm.name} did not stop cleanly ({_one_line(exc)}); sealing its state")
+            generation = int(record["generation"]) + 1
+            try:
+                files = nvram.read_state_dir(state_dir)
+                blob = nvram.seal(files, dek, vm.vm_uuid, generation, vm.key_safe_ref)
+            except (nvram.NvramError, OSError) as exc:
+                raise HostError(
+                    f"cannot seal the vTPM state of VM {vm.name} ({_one_line(exc)}); the clear state stays in "
+                    f"{state_dir}: fix that and run power-off again"
+                ) from None
+            del dek
+            del files
+            _write_nvram(vm, blob)
+            self._report(vm, generation, warnings)
+            swtpm.wipe(work)
+            self._record_path(vm.vm_uuid).unlink(missing_ok=True)
+        return PowerOffResult(
+            vm_uuid=vm.vm_uuid,
+            name=vm.name,
+            nvram=str(vm.nvram_path),
+            generation=generation,
+            seconds=time.monotonic() - started,
+            warnings=tuple(warnings),
+        )
+
+    # Status ----------------------------------------------------------------------------------
+
+    def status(self) -> list[RunningVm]:
+        self.config  # noqa: B018 - a state directory that is not one is an error, not an empty list
+        out = []
+        directory = self.state_dir / "running"
+        if not directory.is_dir():
+            return out
+        for path in sorted(directory.glob("*.json")):
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                out.append(
+                    RunningVm(
+                        vm_uuid=record["vm_uuid"],
+                        name=record["name"],
+                        tcti=record["tcti"],
+                        generation=int(record["generation"]),
+                        since=float(record["since"]),
+                        pid=int(record["pid"]),
+                        running=self._attach(record).running,
+                        vmx=record["vmx"],
+                    )
+                )
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # A record being written or damaged: status only reports.
+        return sorted(out, key=lambda r: (r.name, r.vm_uuid))
+
+    # Internals ----------------------------------------------------------------------------------
+
+    def _attach(self, record: dict) -> swtpm.SwtpmInstance:
+        return swtpm.SwtpmInstance.attach(
+            record["state_dir"], record["socket_dir"], int(record["pid"]), swtpm=self.swtpm_binary
+        )
+
+    def _report(self, vm: _Vm, generation: int, warnings: list[str]) -> None:
+        """Tell the broker; a broker that cannot be reached only delays rollback protection."""
+        try:
+            self.broker.report_generation(vm.vm_uuid, generation)
+        except BrokerUnavailable as exc:
+            warnings.append(
+                f"{vm.nvram_path.name} is saved as generation {generation}, but the broker was not told "
+                f"({_one_line(exc)}); the next power-on reports it"
+            )
+
+    def _record_path(self, vm_uuid: str) -> Path:
+        return self.state_dir / "running" / f"{vm_uuid}.json"
+
+    def _read_record(self, vm_uuid: str) -> dict | None:
+        try:
+            return json.loads(self._record_path(vm_uuid).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise HostError(
+                f"the running record {self._record_path(vm_uuid)} is unreadable ({exc}); remove it"
+            ) from None
+
+    def _write_record(self, vm: _Vm, record: dict) -> None:
+        directory = self.state_dir / "running"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        write_private(self._record_path(vm.vm_uuid), json.dumps(record, indent=2).encode() + b"\n")
+
+    @contextlib.contextmanager
+    def _vm_lock(self, vm: _Vm) -> Iterator[None]:
+        directory = self.state_dir / "locks"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(directory / f"{vm.vm_uuid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise HostError(
+                            f"another vtpm-host command has been working on VM {vm.name} for over "
+                            f"{self.lock_timeout:g} s; wait for it to finish and try again"
+                        ) from None
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)  # Releases the lock.
+
+
+def _read_vmx(path: str | os.PathLike[str]) -> _Vm:
+    path = Path(path).absolute()
+    try:
+        parsed = vmx.read(path)
+        vm_uuid = parsed.vm_uuid
+        key_safe_text = parsed.key_safe
+        nvram_name = parsed.nvram_name
+    except vmx.VmxError as exc:
+        raise HostError(f"{_one_line(exc)}; give the VM's .vmx file") from None
+    try:
+        key_safe = parse_key_safe(key_safe_text)
+    except KeySafeError as exc:
+        raise HostError(f"{path}: encryption.keySafe does not parse ({exc}); restore the .vmx from a backup") from None
+    return _Vm(
+        path=path,
+        name=parsed.name or vm_uuid,
+        vm_uuid=str(uuid_module.UUID(vm_uuid)),
+        key_safe=key_safe,
+        has_vtpm=parsed.has_vtpm,
+        nvram_name=nvram_name,
+    )
+
+
+def _write_nvram(vm: _Vm, blob: bytes) -> None:
+    try:
+        nvram.write_atomic(vm.nvram_path, blob)
+    except OSError as exc:
+        raise HostError(f"cannot write {vm.nvram_path} ({exc.strerror}); check the datastore") from None
+
+
+def _certtool_command(state_dir: Path) -> str:
+    """The installed vtpm-ek-certtool beside this Python, on PATH, or a wrapper that runs the module."""
+    beside = Path(sys.executable).parent / "vtpm-ek-certtool"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("vtpm-ek-certtool")
+    if found:
+        return found
+    wrapper = state_dir / "vtpm-ek-certtool"
+    write_public(wrapper, f'#!/bin/sh\nexec "{sys.executable}" -m broker.ek_certtool "$@"\n'.encode())
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def _setup_failure(exc: Exception) -> str:
+    """swtpm_setup's output is long; the certificate tool's own line says why, when it is the cause."""
+    text = str(exc)
+    for part in text.split(" | "):
+        if "vtpm-ek-certtool:" in part and ("refused" in part or "cannot" in part or "error" in part):
+            return " ".join(part.split()) + "; check that the VM is placed on this host and the broker's API URL"
+    return _one_line(exc)[:600]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,188 @@
+"""`vtpm-host`: the host agent (an ESXi-like host's vTPM handling).
+
+    vtpm-host [--state-dir D] init --name H --gateway HOST:PORT [--gateway ...] --api https://HOST:PORT --ca FILE
+    vtpm-host [--state-dir D] install-cert --cert host.pem
+    vtpm-host [--state-dir D] check-config
+    vtpm-host [--state-dir D] power-on VMX [--json]
+    vtpm-host [--state-dir D] power-off VMX [--json]
+    vtpm-host [--state-dir D] status [--json]
+
+The state directory defaults to $VTPM_HOST_STATE_DIR, else /var/lib/vtpm-host
+(its layout: broker/host/config.py). `power-on` prints the TCTI string on
+stdout (for `tpm2-tools -T` or TPM2TOOLS_TCTI) and a summary on stderr.
+
+Every failure is one line on stderr, ``vtpm-host: error: <problem>; <fix>``,
+and exit status 2; a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+PROG = "vtpm-host"
+DEFAULT_STATE_DIR = "/var/lib/vtpm-host"
+
+
+class _Usage(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise _Usage(f"{message}; see '{PROG} --help'")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="vTPM host agent: power VMs' vTPMs on and off with keys from the broker")
+    p.add_argument(
+        "--state-dir",
+        metavar="D",
+        default=os.environ.get("VTPM_HOST_STATE_DIR", DEFAULT_STATE_DIR),
+        help=f"the host's state directory (default: $VTPM_HOST_STATE_DIR or {DEFAULT_STATE_DIR})",
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    init = sub.add_parser("init", help="make the host key and CSR (CN host:<name>) and write the config")
+    init.add_argument("--name", required=True, metavar="H", help="the host's name at the broker")
+    init.add_argument(
+        "--gateway", required=True, action="append", metavar="HOST:PORT", help="the broker's KMIP gateway (repeatable)"
+    )
+    init.add_argument("--api", required=True, metavar="URL", help="the broker's management API, https://HOST:PORT")
+    init.add_argument("--ca", required=True, metavar="FILE", help="the broker's trust CA (trust-ca.pem)")
+    cert = sub.add_parser("install-cert", help="store the host certificate POST /v1/hosts returned")
+    cert.add_argument("--cert", required=True, metavar="FILE")
+    sub.add_parser("check-config", help="print the effective settings")
+    for name, text in (
+        ("power-on", "unwrap the DEK, unseal (or manufacture) the vTPM, start swtpm; print the TCTI"),
+        ("power-off", "stop swtpm in order, seal the state as the next generation, wipe the clear copy"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("vmx", metavar="VMX", help="the VM's .vmx file")
+        command.add_argument("--json", action="store_true", help="print the result as JSON")
+    status = sub.add_parser("status", help="the VMs whose vTPM runs on this host")
+    status.add_argument("--json", action="store_true")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from broker.host import config as host_config
+
+    state_dir = Path(args.state_dir)
+    if args.command == "init":
+        csr = host_config.init_state_dir(state_dir, args.name, args.gateway, args.api, args.ca)
+        print(csr)
+        print(
+            f"{PROG}: have the management instance register host {args.name} with this CSR (POST /v1/hosts), "
+            f"then run '{PROG} --state-dir {state_dir} install-cert --cert host.pem'",
+            file=sys.stderr,
+        )
+        return 0
+    if args.command == "install-cert":
+        cert = host_config.install_certificate(state_dir, args.cert)
+        print(
+            f"installed the certificate of host {cert.subject.rfc4514_string()}, valid until {cert.not_valid_after_utc}"
+        )
+        return 0
+    if args.command == "check-config":
+        cfg = host_config.load_config(state_dir)
+        print(f"state_dir = {cfg.state_dir}")
+        print(f"name = {cfg.name}")
+        print(f"gateway = {', '.join(cfg.gateway)}")
+        print(f"api = {cfg.api}")
+        print(f"timeout = {cfg.timeout:g}")
+        print(f"key = {cfg.key} (secret, not shown)")
+        print(f"cert = {cfg.cert}" + ("" if cfg.cert.is_file() else " (missing: run install-cert)"))
+        print(f"ca = {cfg.ca}")
+        return 0
+
+    from broker.host.agent import Agent
+
+    agent = Agent(state_dir)
+    if args.command == "power-on":
+        result = agent.power_on(args.vmx)
+        _warn(result.warnings)
+        if args.json:
+            print(json.dumps(_as_dict(result)))
+        else:
+            print(result.tcti)
+            how = "manufactured, EK certificates from the broker" if result.manufactured else "unsealed"
+            print(
+                f"{PROG}: VM {result.name} ({result.vm_uuid}) powered on: vTPM {how}, .nvram generation "
+                f"{result.generation}, swtpm pid {result.pid}, {result.seconds:.2f} s",
+                file=sys.stderr,
+            )
+        return 0
+    if args.command == "power-off":
+        result = agent.power_off(args.vmx)
+        _warn(result.warnings)
+        if args.json:
+            print(json.dumps(_as_dict(result)))
+        else:
+            print(
+                f"VM {result.name} ({result.vm_uuid}) powered off: {result.nvram} sealed as generation "
+                f"{result.generation}, {result.seconds:.2f} s"
+            )
+        return 0
+    if args.command == "status":
+        running = agent.status()
+        if args.json:
+            print(json.dumps([_as_dict(r) for r in running]))
+            return 0
+        if not running:
+            print("no VM is powered on on this host")
+            return 0
+        rows = [("NAME", "UUID", "GEN", "SINCE", "STATE", "TCTI")]
+        for r in running:
+            since = dt.datetime.fromtimestamp(r.since, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            state = "running" if r.running else "swtpm gone: power off to seal"
+            rows.append((r.name, r.vm_uuid, str(r.generation), since, state, r.tcti))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+        return 0
+    raise _Usage(f"unknown command {args.command}")
+
+
+def _as_dict(value: object) -> dict:
+    import dataclasses
+
+    data = dataclasses.asdict(value)  # type: ignore[arg-type]
+    if "warnings" in data:
+        data["warnings"] = list(data["warnings"])
+    return data
+
+
+def _warn(warnings: Sequence[str]) -> None:
+    for line in warnings:
+        print(f"{PROG}: warning: {' '.join(line.split())}", file=sys.stderr)
+
+
+def _fail(message: str) -> int:
+    line = " ".join(message.split()) or "failed"
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from broker.host.errors import HostError
+
+    try:
+        args = _parser().parse_args(argv)
+        return _run(args)
+    except (_Usage, HostError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted; run status to see what runs, power-off to seal a VM left running")
+    except Exception as exc:  # one line, never a traceback; no message here carries a key
+        return _fail(f"internal error ({type(exc).__name__}: {exc}); please report it")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The host agent's identity and settings in its state directory.
+
+Layout of the state directory (``vtpm-host --state-dir D``, mode 0700)::
+
+    config.toml         name, gateway(s), API URL (written by `init`)
+    host.key            the host's private key (P-256, PKCS#8 PEM, mode 0600)
+    host.csr            its CSR, CN = host:<name>, for POST /v1/hosts
+    host.pem            the host certificate (`install-cert`), from the broker's trust CA
+    trust-ca.pem        the broker's trust CA (copied from --ca at `init`)
+    ek-certtool.toml    generated: vtpm-ek-certtool in remote mode with the host certificate
+    swtpm_setup.conf    generated: names vtpm-ek-certtool as create_certs_tool
+    running/<uuid>.json what a power-off needs (pid, sockets, workdir, generation; never a key)
+    locks/<uuid>.lock   per-VM lock: power-on and power-off of one VM never overlap
+
+The settings are read once into a frozen dataclass (`load_config`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from broker.host.errors import HostError
+
+__all__ = [
+    "CONFIG_FILE",
+    "HostConfig",
+    "init_state_dir",
+    "install_certificate",
+    "load_config",
+    "toml_string",
+    "write_private",
+    "write_public",
+]
+
+CONFIG_FILE = "config.toml"
+KEY_FILE = "host.key"
+CSR_FILE = "host.csr"
+CERT_FILE = "host.pem"
+CA_FILE = "trust-ca.pem"
+DEFAULT_TIMEOUT = 30.0
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as broker.trust.check_host_name
+_KEYS = {"name", "gateway", "api", "timeout"}
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    state_dir: Path
+    name: str
+    gateway: tuple[str, ...]
+    api: str
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    def key(self) -> Path:
+        return self.state_dir / KEY_FILE
+
+    @property
+    def csr(self) -> Path:
+        return self.state_dir / CSR_FILE
+
+    @property
+    def cert(self) -> Path:
+        return self.state_dir / CERT_FILE
+
+    @property
+    def ca(self) -> Path:
+        return self.state_dir / CA_FILE
+
+    @property
+    def running_dir(self) -> Path:
+        return self.state_dir / "running"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.state_dir / "locks"
+
+    def require_certificate(self) -> None:
+        if not self.cert.is_file():
+            raise HostError(
+                f"host {self.name} has no certificate yet; have its management instance POST {self.csr} "
+                f"to /v1/hosts and run 'vtpm-host --state-dir {self.state_dir} install-cert --cert host.pem'"
+            )
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise HostError(f"host name {name!r} is not valid; use 1-64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _check_gateway(node: str) -> str:
+    host, sep, port = node.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise HostError(f"gateway {node!r} is not HOST:PORT; give the broker's gateway address, e.g. 127.0.0.1:5697")
+    return node
+
+
+def _check_api(url: str) -> str:
+    if not isinstance(url, str) or not url.startswith("https://") or len(url) <= len("https://"):
+        raise HostError(f"api {url!r} is not an https:// URL; give the broker's management API, e.g. https://host:8443")
+    return url.rstrip("/")
+
+
+def load_config(state_dir: str | os.PathLike[str]) -> HostConfig:
+    """Read D/config.toml and check every value; HostError names what is wrong."""
+    state_dir = Path(state_dir)
+    path = state_dir / CONFIG_FILE
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HostError(
+            f"{state_dir} is not a vtpm-host state directory (no {CONFIG_FILE}); "
+            f"run 'vtpm-host --state-dir {state_dir} init --name H --gateway HOST:PORT --api URL --ca FILE'"
+        ) from None
+    except OSError as exc:
+        raise HostError(f"cannot read {path} ({exc.strerror}); check --state-dir and its permissions") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise HostError(f"{path} is not valid TOML ({exc}); fix it or run init again") from None
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise HostError(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(sorted(_KEYS))}")
+    gateway = data.get("gateway")
+    if isinstance(gateway, str):
+        gateway = [gateway]
+    if not isinstance(gateway, list) or not gateway or not all(isinstance(g, str) for g in gateway):
+        raise HostError(f"{path}: gateway must be a list of HOST:PORT strings")
+    timeout = data.get("timeout", DEFAULT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+        raise HostError(f"{path}: timeout must be a number of seconds from 0 to 600")
+    return HostConfig(
+        state_dir=state_dir,
+        name=_check_name(data.get("name", "")),
+        gateway=tuple(_check_gateway(g) for g in gateway),
+        api=_check_api(data.get("api", "")),
+        timeout=float(timeout),
+    )
+
+
+def toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Atomically, mode 0600 from the start."""
+    _write(path, data, 0o600)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    _write(path, data, 0o644)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_ca_bundle(path: Path) -> list[x509.Certificate]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise HostError(f"cannot read the CA file {path} ({exc.strerror}); give the broker's trust-ca.pem") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise HostError(f"{path} holds no PEM certificate; give the broker's trust-ca.pem")
+    return certs
+
+
+def init_state_dir(
+    state_dir: str | os.PathLike[str], name: str, gateway: list[str], api: str, ca: str | os.PathLike[str]
+) -> Path:
+    """Make the host key (once) and its CSR, copy the CA, write the config. Returns the CSR's path.
+
+    Running it again for the same host name keeps the key (and so any
+    certificate already installed); another name is refused.
+    """
+    state_dir = Path(state_dir)
+    name = _check_name(name)
+    if not gateway:
+        raise HostError("give the broker's gateway with --gateway HOST:PORT")
+    gateway = [_check_gateway(g) for g in gateway]
+    api = _check_api(api)
+    ca_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in _load_ca_bundle(Path(ca)))
+
+    if (state_dir / CONFIG_FILE).exists():
+        previous = load_config(state_dir)
+        if previous.name != name:
+            raise HostError(f"{state_dir} already holds host {previous.name}; use another --state-dir for host {name}")
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    key_path = state_dir / KEY_FILE
+    if key_path.exists():
+        key = _load_key(key_path)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+            handle.flush()
+            os.fsync(handle.fileno())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"host:{name}")]))
+        .sign(key, hashes.SHA256())
+    )
+    csr_path = state_dir / CSR_FILE
+    write_public(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+    write_public(state_dir / CA_FILE, ca_pem)
+    text = (
+        "# vtpm-host settings (written by 'vtpm-host init').\n"
+        f"name = {toml_string(name)}\n"
+        f"gateway = [{', '.join(toml_string(g) for g in gateway)}]\n"
+        f"api = {toml_string(api)}\n"
+        f"timeout = {DEFAULT_TIMEOUT:g}\n"
+    )
+    write_public(state_dir / CONFIG_FILE, text.encode("utf-8"))
+    return csr_path
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise HostError(f"cannot load the host key {path} ({exc}); restore it or use a new --state-dir") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise HostError(f"{path} is not the EC key vtpm-host makes; use a new --state-dir")
+    return key
+
+
+def install_certificate(state_dir: str | os.PathLike[str], cert_file: str | os.PathLike[str]) -> x509.Certificate:
+    """Check the certificate the broker issued for this host's CSR and store it as D/host.pem.
+
+    It must be for this host's key and name, issued by the broker's trust
+    CA (D/trust-ca.pem), and valid now.
+    """
+    config = load_config(state_dir)
+    try:
+        data = Path(cert_file).read_bytes()
+    except OSError as exc:
+        raise HostError(
+            f"cannot read {cert_file} ({exc.strerror}); give the certificate_pem POST /v1/hosts returned"
+        ) from None
+    try:
+        cert = x509.load_pem_x509_certificates(data)[0]
+    except (ValueError, IndexError):
+        raise HostError(
+            f"{cert_file} holds no PEM certificate; give the certificate_pem POST /v1/hosts returned"
+        ) from None
+    key = _load_key(config.key)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(serialization.Encoding.DER, spki) != key.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ):
+        raise HostError(
+            f"{cert_file} is not for this host's key ({config.key}); register {config.csr} (POST /v1/hosts) "
+            "and install the certificate it returns"
+        )
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [f"host:{config.name}"]:
+        raise HostError(f"{cert_file} is for {names[0] if names else 'no name'!r}, not host:{config.name}")
+    for ca in _load_ca_bundle(config.ca):
+        try:
+            cert.verify_directly_issued_by(ca)
+            break
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    else:
+        raise HostError(f"{cert_file} was not issued by the broker's trust CA in {config.ca}; check --ca at init")
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        raise HostError(
+            f"{cert_file} is not valid now (valid {cert.not_valid_before_utc} to {cert.not_valid_after_utc})"
+        )
+    write_public(config.cert, cert.public_bytes(serialization.Encoding.PEM))
+    return cert
