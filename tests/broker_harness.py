@@ -1,0 +1,123 @@
+"""The management steps integration tests take against a running broker, over its real HTTPS API.
+
+The processes themselves (a `kms-server`, a `vtpm-broker` set up with `vtpm-broker init` and the KMS CA's
+`kms-admin pki sign-csr`) come from `broker.drill.processes` (`start_kms`, `start_broker`), which runs the
+operator's own commands. This module adds what a management instance does through the API: enroll with a
+one-time token and the security administrator's approval, register a host from its CSR, create a VM with a
+vTPM and write its .vmx; and the broker database helpers a test needs to check results (the EK CA).
+
+Used by tests/integration/test_host_agent.py; reusable by any test with a `broker.drill.processes.Broker`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from broker import vmx
+from broker.drill.processes import Broker
+
+__all__ = [
+    "Identity",
+    "assert_error",
+    "call",
+    "create_vm",
+    "ek_ca_pem",
+    "enroll",
+    "new_key_and_csr",
+    "register_host",
+    "write_vmx",
+]
+
+# (certificate file, key file), as `requests` takes a client certificate.
+Identity = tuple[str, str]
+
+
+def call(broker: Broker, method: str, path: str, identity: Identity | None = None, **kwargs) -> requests.Response:
+    return requests.request(method, broker.url + path, cert=identity, verify=str(broker.trust_ca), timeout=60, **kwargs)
+
+
+def new_key_and_csr(directory: Path, name: str) -> tuple[Path, str]:
+    """A P-256 key (written as DIR/NAME.key) and a CSR for it (PEM text)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_path = directory / f"{name}.key"
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key_path, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def enroll(broker: Broker, name: str, directory: Path | None = None) -> Identity:
+    """Token (admin CLI), POST /v1/enroll, approval (admin CLI), poll: the instance's (cert, key) files."""
+    directory = directory or broker.workdir
+    token = broker.token(name)
+    key_path, csr = new_key_and_csr(directory, name)
+    answer = call(broker, "POST", "/v1/enroll", json={"instance": name, "token": token, "csr_pem": csr})
+    assert answer.status_code == 202, answer.text
+    enrollment = answer.json()
+    broker.admin("approve", name)
+    poll = {"Authorization": f"Bearer {enrollment['poll_secret']}"}
+    done = call(broker, "GET", f"/v1/enrollments/{enrollment['enrollment_id']}", headers=poll).json()
+    assert done["state"] == "approved", done
+    cert_path = directory / f"{name}.pem"
+    cert_path.write_text(done["certificate_pem"])
+    return str(cert_path), str(key_path)
+
+
+def register_host(broker: Broker, identity: Identity, name: str, csr_pem: str) -> str:
+    """POST /v1/hosts with the host's own CSR: the host certificate (PEM)."""
+    answer = call(broker, "POST", "/v1/hosts", identity, json={"name": name, "csr_pem": csr_pem})
+    assert answer.status_code == 201, answer.text
+    return answer.json()["certificate_pem"]
+
+
+def create_vm(broker: Broker, identity: Identity, name: str, host: str | None = None) -> dict:
+    """POST /v1/vms: {"vm_uuid", "key_safe", "kms_key_id", "host"}."""
+    body = {"vm_uuid": str(uuid.uuid4()), "name": name}
+    if host:
+        body["host"] = host
+    answer = call(broker, "POST", "/v1/vms", identity, json=body)
+    assert answer.status_code == 201, answer.text
+    return answer.json()
+
+
+def write_vmx(datastore: Path, name: str, vm: dict, vtpm: bool = True) -> Path:
+    """DATASTORE/NAME/NAME.vmx for a VM the API created."""
+    directory = datastore / name
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.vmx"
+    vmx.write(path, vmx.Vmx.new(name, vm["vm_uuid"], vm["key_safe"], vtpm))
+    return path
+
+
+def ek_ca_pem(broker: Broker) -> str:
+    """The broker's active vTPM EK CA certificate, read from its database (as `vtpm-broker ca show` does)."""
+    from broker.db import Database
+
+    db = Database(f"sqlite:///{broker.data_dir / 'broker.db'}")
+    try:
+        row = db.get_ca("ca:ek")
+        assert row is not None, "the broker has no EK CA"
+        return row.cert_pem + (row.chain_pem or "")
+    finally:
+        db.close()
+
+
+def assert_error(answer: requests.Response, status: int, words: str) -> str:
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert words in error, error
+    assert "\n" not in error and "Traceback" not in answer.text
+    return error
