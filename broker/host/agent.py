@@ -167,7 +167,8 @@ class Agent:
         with self._vm_lock(vm):
             record = self._read_record(vm.vm_uuid)
             if record is not None:
-                raise self._already(vm, record)
+                if not self._stale(vm, record, warnings):
+                    raise self._already(vm, record)
             dek = self.broker.unwrap(vm.key_safe, vm.vm_uuid, vm.name)
             last_seen = self.broker.nvram_generation(vm.vm_uuid)
             work = swtpm.private_workdir(prefix=f"vtpm-{vm.vm_uuid[:8]}-", base=self.workdir_base)
@@ -245,6 +246,18 @@ class Agent:
             f"VM {vm.name} did not power off cleanly: its swtpm (pid {record.get('pid')}) is gone and its clear "
             f"state is still in {record.get('workdir')}; run 'vtpm-host power-off {vm.path}' to seal it first"
         )
+
+    def _stale(self, vm: _Vm, record: dict, warnings: list[str]) -> bool:
+        """A record whose swtpm and clear state are both gone (the host restarted, /dev/shm was emptied) is
+        dropped: there is nothing left to seal, and the .nvram holds the generation the VM was started from."""
+        if self._attach(record).running or Path(record["state_dir"]).exists():
+            return False
+        self._record_path(vm.vm_uuid).unlink(missing_ok=True)
+        warnings.append(
+            f"VM {vm.name} was left powered on and its swtpm and clear state are gone (host restarted?); changes "
+            f"since it started are lost, {vm.nvram_path.name} keeps generation {record.get('generation')}"
+        )
+        return True
 
     def _unseal_into(self, vm: _Vm, dek: bytes, last_seen: int, state_dir: Path) -> int:
         path = vm.nvram_path
@@ -328,6 +341,15 @@ class Agent:
                 raise NotRunning(f"VM {vm.name} ({vm.vm_uuid}) is not powered on on this host; nothing to power off")
             work = Path(record["workdir"])
             state_dir = Path(record["state_dir"])
+            if self._stale(vm, record, warnings):
+                return PowerOffResult(
+                    vm_uuid=vm.vm_uuid,
+                    name=vm.name,
+                    nvram=str(vm.nvram_path),
+                    generation=int(record["generation"]),
+                    seconds=time.monotonic() - started,
+                    warnings=tuple(warnings),
+                )
             try:
                 dek = self.broker.unwrap(vm.key_safe, vm.vm_uuid, vm.name)
             except (BrokerRefused, BrokerUnavailable) as exc:

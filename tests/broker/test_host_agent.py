@@ -496,6 +496,27 @@ def test_a_crashed_swtpm_is_sealed_by_power_off(agent, broker, datastore, tmp_pa
 
 
 @needs_swtpm
+def test_a_record_left_by_a_host_restart_is_dropped(agent, broker, datastore):
+    """After a restart (swtpm gone, /dev/shm emptied) the running record is dropped with a warning: power-off
+    writes nothing, power-on starts from the .nvram on the datastore."""
+    vmx_path = make_vm(datastore, broker, "reboot-1")
+    vm_uuid = vm_uuid_of(vmx_path)
+    for command in ("power_off", "power_on"):
+        on = agent.power_on(vmx_path)
+        record = json.loads((agent.state_dir / "running" / f"{vm_uuid}.json").read_text())
+        SwtpmInstance.attach(record["state_dir"], record["socket_dir"], on.pid).kill()
+        wipe(record["workdir"])
+        before = nvram_of(vmx_path).read_bytes()
+        result = getattr(agent, command)(vmx_path)
+        assert "host restarted?" in result.warnings[0] and nvram_of(vmx_path).read_bytes() == before
+        if command == "power_on":
+            assert result.generation == 1 and agent.status()[0].running
+            agent.power_off(vmx_path)
+        else:
+            assert agent.status() == []
+
+
+@needs_swtpm
 def test_swtpm_failures_are_clear(agents, broker, datastore, permall):
     """swtpm that will not start and swtpm_setup that fails are one-line SwtpmFailed, with nothing left behind."""
     before = shm_workdirs()
