@@ -3,6 +3,7 @@
     vtpm-broker [--config F] [run]
     vtpm-broker [--config F] init
     vtpm-broker [--config F] check-config
+    vtpm-broker [--config F] db upgrade|status
     vtpm-broker [--config F] admin token --instance NAME [--ttl S]
     vtpm-broker [--config F] admin approve|reject|revoke NAME
     vtpm-broker [--config F] admin pin NAME --cert F
@@ -43,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the broker (the default)")
     sub.add_parser("init", help="create the master key, CAs, server certificate and the KMS client key and CSR")
     sub.add_parser("check-config", help="print the effective settings (secrets redacted) and any problem")
+    db = sub.add_parser("db", help="the database schema (Alembic migrations)")
+    dsub = db.add_subparsers(dest="db_command", required=True)
+    dsub.add_parser("upgrade", help="apply this release's schema migrations (once, before starting the brokers)")
+    dsub.add_parser("status", help="show the schema revision (exit 1 unless it is this release's)")
 
     admin = sub.add_parser("admin", help="trust administration (security administrator)")
     asub = admin.add_subparsers(dest="admin_command", required=True)
@@ -107,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(cfg)
         if command == "init":
             return _init(cfg)
+        if command == "db":
+            return _db(cfg, args)
         if command == "admin":
             return _admin(cfg, args)
         if command == "ca":
@@ -129,7 +136,7 @@ def _describe(exc: BaseException) -> str:
     known = (
         "ConfigError", "TlsConfigError", "DatabaseError", "BarrierError", "CaMissing", "PkiError",
         "InvalidRequest", "Refused", "NotFound", "Conflict", "Unprocessable", "EkCaError", "CliError",
-        "CertificateRequestError", "KmsUnavailable",
+        "CertificateRequestError", "KmsUnavailable", "SchemaError",
     )  # fmt: skip
     if type(exc).__name__ in known:
         return text
@@ -214,14 +221,16 @@ def _key_pem(key) -> bytes:
 
 
 def _open(cfg, *, create: bool = False):
-    """(db, barrier) for admin commands; refuses a missing master key."""
+    """(db, barrier) for admin commands; refuses a missing master key. The
+    schema is handled as the running broker handles it (init: upgraded)."""
+    from broker import schema
     from broker.db import Database, open_barrier
 
     if not create and not cfg.master_key.file.exists():
         raise CliError(f"master key {cfg.master_key.file} does not exist; run 'vtpm-broker init' first")
     db = Database(cfg.storage.db_url)
     try:
-        db.create_all()
+        schema.prepare(db, "upgrade" if create else cfg.storage.schema_mode)
         return db, open_barrier(db, cfg.master_key.file)
     except Exception:
         db.close()
@@ -303,6 +312,41 @@ def _init(cfg) -> int:
         print("Have the KMS CA sign it, then start the broker:")
         print(f"  kms-admin pki sign-csr --csr {csr_path} --out {cfg.kms.cert} --ca-dir {ca_dir}")
     return 0
+
+
+# --- db ------------------------------------------------------------------------------------
+
+
+def _db(cfg, args) -> int:
+    """Schema migrations: no master key needed, only storage.db_url."""
+    from broker import schema
+    from broker.db import Database
+
+    if cfg.storage.db_url.startswith("sqlite"):
+        cfg.broker.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db = Database(cfg.storage.db_url)
+    try:
+        if args.db_command == "upgrade":
+            before, after = schema.upgrade(db)
+            if before == after:
+                print(f"{db.shown_url}: schema already at revision {after}")
+            else:
+                print(f"{db.shown_url}: schema upgraded from {before or 'empty'} to {after}")
+            return 0
+        current = schema.current_revision(db)
+        head = schema.head_revision()
+        print(f"database: {db.shown_url}")
+        print(f"schema revision: {current or 'none (empty database)'}")
+        print(f"this release needs: {head}")
+        if current == head:
+            return 0
+        if current is None or current in schema.known_revisions():
+            print("run 'vtpm-broker db upgrade' to bring it up to date")
+        else:
+            print("the database is newer than this release: upgrade vtpm-broker")
+        return 1
+    finally:
+        db.close()
 
 
 # --- admin ---------------------------------------------------------------------------------

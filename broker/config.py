@@ -14,7 +14,7 @@ Relative paths in the file are relative to the file; paths derived from
     [tls]         cert, key (the broker's server certificate, issued by
                   `vtpm-broker init` from the trust CA), server_names, min_version
     [kms]         nodes, cert, key, ca, server_name, connect_timeout, request_timeout
-    [storage]     db_url (default sqlite:///<data_dir>/broker.db)
+    [storage]     db_url (default sqlite:///<data_dir>/broker.db), schema
     [master_key]  file
     [roles]       security_admins, administrators, no_crypto_administrators, auditors
     [logging]     level
@@ -114,6 +114,15 @@ class KmsConfig:
 @dataclass(frozen=True)
 class StorageSection:
     db_url: str
+    # "auto": apply the migrations at start on SQLite (one broker), only
+    # check on PostgreSQL (replicas share it; `vtpm-broker db upgrade`).
+    schema: str = "auto"
+
+    @property
+    def schema_mode(self) -> str:
+        if self.schema != "auto":
+            return self.schema
+        return "upgrade" if self.db_url.startswith("sqlite") else "check"
 
 
 @dataclass(frozen=True)
@@ -295,7 +304,10 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "connect_timeout": (_positive_seconds(600.0), 5.0),
         "request_timeout": (_positive_seconds(3600.0), 30.0),
     },
-    "storage": {"db_url": (_db_url, _DERIVED)},
+    "storage": {
+        "db_url": (_db_url, _DERIVED),
+        "schema": (_choice(("auto", "upgrade", "check")), "auto"),
+    },
     "master_key": {"file": (_path, _DERIVED)},
     "roles": {
         "security_admins": (_identities, ()),

@@ -1,7 +1,19 @@
 """The broker's own state in SQLite or PostgreSQL, through SQLAlchemy Core.
 
-Tables are created at start (``Database.create_all``); Alembic migrations,
-as the KMS storage has, come when the schema first changes after a release.
+The schema is versioned with Alembic as the KMS's is: broker/migrations/
+builds exactly these tables (a test compares them), broker.schema applies
+and checks it, `vtpm-broker db upgrade` runs it. A change to a table here
+needs a migration there. ``Database.create_all`` is for unit tests only.
+
+On PostgreSQL several broker processes share the database. Every write
+transaction (``Database.begin``) first takes one transaction-scoped
+advisory lock, so writers are serialized across processes exactly as
+SQLite's BEGIN IMMEDIATE serializes them, and the read-check-write steps in
+broker.trust (a token used once, an instance's state, the audit chain head)
+stay correct. Reads (``Database.read``) take no lock: one REPEATABLE READ,
+READ ONLY snapshot. (So never open a write transaction inside another one
+on the same thread: on PostgreSQL it would wait for itself.)
+
 Nothing secret is stored in the clear: CA private keys are sealed under the
 broker's master key before they reach a row, enrollment tokens and poll
 secrets are stored as SHA-256 digests only. Bound values are kept out of
@@ -211,6 +223,7 @@ meta = Table(
 )
 
 _PG_AUDIT_LOCK_ID = 0x76746D61  # "vtma": serializes appends to the audit chain
+_PG_WRITE_LOCK_ID = 0x76746D77  # "vtmw": serializes write transactions, as SQLite's BEGIN IMMEDIATE
 
 
 def _configure_sqlite_reader(engine: Engine) -> None:
@@ -266,8 +279,13 @@ class Database:
             raise DatabaseError(f"cannot open {self.shown_url}: {exc}") from None
         # Reads (the gateway's hot path: authorize_unwrap) need no write
         # lock. On SQLite a second engine opens plain deferred transactions,
-        # which WAL lets run beside a writer; PostgreSQL needs nothing.
+        # which WAL lets run beside a writer; on PostgreSQL the same pool
+        # opens read-only REPEATABLE READ transactions (one snapshot).
         self.read_engine: Engine = self.engine
+        if backend == "postgresql":
+            self.read_engine = self.engine.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
         if backend == "sqlite":
             _configure_sqlite(self.engine)
             self.read_engine = create_engine(url, connect_args=connect_args, pool_size=pool_size, hide_parameters=True)
@@ -283,9 +301,12 @@ class Database:
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
         """One transaction: committed when the block ends, rolled back if it
-        raises. SQLite takes its write lock at BEGIN (see _configure_sqlite)."""
+        raises. SQLite takes its write lock at BEGIN (see _configure_sqlite),
+        PostgreSQL the broker's write lock (see the module note)."""
         try:
             with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_WRITE_LOCK_ID})
                 yield conn
         except SQLAlchemyError as exc:
             raise DatabaseError(f"broker database error: {_describe(exc)}") from None
@@ -342,7 +363,7 @@ class Database:
     def get_ca(self, purpose: str, state: str = "active"):
         """The newest row of that purpose and state (id, cert_pem, chain_pem,
         sealed_key, created_at), or None."""
-        with self.begin() as conn:
+        with self.read() as conn:
             return conn.execute(
                 select(cas).where(cas.c.purpose == purpose, cas.c.state == state).order_by(cas.c.id.desc()).limit(1)
             ).first()
@@ -350,12 +371,12 @@ class Database:
     def list_cas(self, purpose: str) -> list:
         """Every CA row of the purpose, oldest first (sealed keys included:
         they are sealed)."""
-        with self.begin() as conn:
+        with self.read() as conn:
             return list(conn.execute(select(cas).where(cas.c.purpose == purpose).order_by(cas.c.id)).all())
 
     def close(self) -> None:
         self.engine.dispose()
-        if self.read_engine is not self.engine:
+        if self.dialect == "sqlite":
             self.read_engine.dispose()
 
 

@@ -3,8 +3,9 @@ management API listener and (through a hook) the host gateway listener, on
 one Twisted reactor, composed as a MultiService that owns start and stop.
 
 Start-up refuses, with one line, anything it cannot serve with: a database
-it cannot open, a master key that does not open it, a missing trust CA
-(`vtpm-broker init`), unusable TLS or KMS client files.
+it cannot open or whose schema is not this release's (broker.schema), a
+master key that does not open it, a missing trust CA (`vtpm-broker init`),
+unusable TLS or KMS client files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from broker import schema
 from broker.api import Api, ApiContextFactory, make_site
 from broker.config import BrokerConfig
 from broker.db import Database, open_barrier
@@ -114,7 +116,7 @@ class BrokerService(service.Service):
         cfg.broker.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = Database(cfg.storage.db_url)
         try:
-            self.db.create_all()
+            schema.prepare(self.db, cfg.storage.schema_mode)
             self.barrier = open_barrier(self.db, cfg.master_key.file)
             trust_ca = load_trust_ca(self.db, self.barrier)
             # The public trust CA certificate, for the TLS layers and operators.

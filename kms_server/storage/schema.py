@@ -5,10 +5,16 @@ and refuses to serve against a schema it does not know: older (run the
 upgrade) or newer (a newer release wrote it; upgrade this node). On
 PostgreSQL an advisory lock serializes upgrades of nodes that start
 together.
+
+The functions work on any product's migrations: they take a `Migrations`
+(where the scripts are, which version table, how messages name the
+product) and default to the KMS's own, `KMS`. The vTPM broker passes
+`broker.schema.BROKER`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from alembic import command
@@ -18,67 +24,116 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-_MIGRATIONS = Path(__file__).with_name("migrations")
-_PG_UPGRADE_LOCK_ID = 0x6B6D735F  # "kms_"
+__all__ = [
+    "KMS",
+    "Migrations",
+    "SchemaError",
+    "check",
+    "current_revision",
+    "head_revision",
+    "known_revisions",
+    "upgrade",
+]
 
 
 class SchemaError(Exception):
     """The database schema is not the one this node needs."""
 
 
-def _config(connection: Connection | None = None) -> Config:
+@dataclass(frozen=True)
+class Migrations:
+    """One product's Alembic migrations and how its messages name it."""
+
+    script_location: Path
+    # The product's Alembic version table: two products may share a
+    # PostgreSQL database only if they keep their revisions apart.
+    version_table: str
+    # pg_advisory_xact_lock id that serializes upgrades started together.
+    lock_id: int
+    # A table that exists once the schema does (to spot an unversioned one).
+    marker_table: str
+    product: str
+    upgrade_command: str
+    # What to do about a database that has the tables but no revision
+    # (made before migrations existed), shown when it is refused ...
+    unversioned_fix: str
+    # ... unless baseline is set: then such a database is stamped at that
+    # revision (the one that matches what the code created before) and
+    # upgraded from there.
+    baseline: str | None = None
+
+
+KMS = Migrations(
+    script_location=Path(__file__).with_name("migrations"),
+    version_table="alembic_version",
+    lock_id=0x6B6D735F,  # "kms_"
+    marker_table="kms_objects",
+    product="kms-server",
+    upgrade_command="kms-admin db upgrade --config <file>",
+    unversioned_fix="restore it into an empty database with kms-admin restore",
+)
+
+
+def _config(migrations: Migrations, connection: Connection | None = None) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.set_main_option("script_location", str(migrations.script_location))
+    cfg.attributes["version_table"] = migrations.version_table
     if connection is not None:
         cfg.attributes["connection"] = connection
     return cfg
 
 
-def head_revision() -> str:
-    return ScriptDirectory.from_config(_config()).get_current_head()
+def _context(conn: Connection, migrations: Migrations) -> MigrationContext:
+    return MigrationContext.configure(conn, opts={"version_table": migrations.version_table})
 
 
-def known_revisions() -> set[str]:
-    return {rev.revision for rev in ScriptDirectory.from_config(_config()).walk_revisions()}
+def head_revision(migrations: Migrations = KMS) -> str:
+    return ScriptDirectory.from_config(_config(migrations)).get_current_head()
 
 
-def current_revision(engine: Engine) -> str | None:
+def known_revisions(migrations: Migrations = KMS) -> set[str]:
+    return {rev.revision for rev in ScriptDirectory.from_config(_config(migrations)).walk_revisions()}
+
+
+def current_revision(engine: Engine, migrations: Migrations = KMS) -> str | None:
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return _context(conn, migrations).get_current_revision()
 
 
-def upgrade(engine: Engine) -> tuple[str | None, str]:
+def upgrade(engine: Engine, migrations: Migrations = KMS) -> tuple[str | None, str]:
     """Apply every migration up to head; (revision before, revision after)."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_UPGRADE_LOCK_ID})
-        before = MigrationContext.configure(conn).get_current_revision()
-        if before is None and inspect(conn).has_table("kms_objects"):
-            raise SchemaError(
-                "the database has kms tables but no schema revision (created before migrations); "
-                "restore it into an empty database with kms-admin restore"
-            )
-        command.upgrade(_config(conn), "head")
-        after = MigrationContext.configure(conn).get_current_revision()
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": migrations.lock_id})
+        before = _context(conn, migrations).get_current_revision()
+        if before is None and inspect(conn).has_table(migrations.marker_table):
+            if migrations.baseline is None:
+                raise SchemaError(
+                    f"the database has {migrations.product} tables but no schema revision "
+                    f"(created before migrations); {migrations.unversioned_fix}"
+                )
+            command.stamp(_config(migrations, conn), migrations.baseline)
+        command.upgrade(_config(migrations, conn), "head")
+        after = _context(conn, migrations).get_current_revision()
     return before, after
 
 
-def check(engine: Engine, shown_url: str) -> None:
+def check(engine: Engine, shown_url: str, migrations: Migrations = KMS) -> None:
     """Raise SchemaError unless the database is at this node's head."""
-    current = current_revision(engine)
-    head = head_revision()
+    current = current_revision(engine, migrations)
+    head = head_revision(migrations)
     if current == head:
         return
     if current is None:
         raise SchemaError(
-            f"database {shown_url} has no kms-server schema; run 'kms-admin db upgrade --config <file>' first"
+            f"database {shown_url} has no {migrations.product} schema; run '{migrations.upgrade_command}' first"
         )
-    if current in known_revisions():
+    if current in known_revisions(migrations):
         raise SchemaError(
             f"database {shown_url} is at schema revision {current}, this node needs {head}; "
-            "run 'kms-admin db upgrade --config <file>'"
+            f"run '{migrations.upgrade_command}'"
         )
     raise SchemaError(
         f"database {shown_url} is at schema revision {current}, which this node does not know "
-        f"(it needs {head}); a newer kms-server wrote it: upgrade this node"
+        f"(it needs {head}); a newer {migrations.product} wrote it: upgrade this node"
     )
