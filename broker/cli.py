@@ -524,10 +524,21 @@ def _ca(cfg, args) -> int:
         db.close()
 
 
+# Where swtpm_setup (0.7.1) keeps each certificate (docs/vtpm-ca.md), for the
+# operator's tpm2_nvwrite; unknown for other key sizes and curves.
+_NV_INDEX = {("ek", "rsa", 2048): 0x01C00002, ("ek", "ecc", "secp256r1"): 0x01C0000A,
+             ("ek", "ecc", "secp384r1"): 0x01C00016, ("platform", "rsa", 2048): 0x01C08000}  # fmt: skip
+
+
 def _recertify(db, barrier, vtpm_ca, ek_certificates, args, audit) -> int:
+    """Re-issue the newest certificate of each kind (type and key type: a
+    vTPM has an RSA and an ECC EK, each with its own certificate) under the
+    active EK CA; write <type>-<key type>.cert (DER) into --out-dir."""
     import time
 
     from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
     from sqlalchemy import select
 
     from broker.service import EK_CA_PURPOSE, load_ek_blobs
@@ -536,18 +547,19 @@ def _recertify(db, barrier, vtpm_ca, ek_certificates, args, audit) -> int:
     vm_uuid = check_vm_uuid(args.vm)
     ca = vtpm_ca.EkCa.from_sealed(barrier, load_ek_blobs(db.get_ca(EK_CA_PURPOSE)))
     issuers = [x509.load_pem_x509_certificate(r.cert_pem.encode()) for r in db.list_cas(EK_CA_PURPOSE)]
-    with db.begin() as conn:
+    with db.read() as conn:
         rows = conn.execute(
             select(ek_certificates).where(ek_certificates.c.vm_uuid == vm_uuid).order_by(ek_certificates.c.id)
         ).all()
     latest = {}
     for row in rows:
-        latest[row.cert_type] = row
+        info = vtpm_ca.read_ek_certificate(row.cert_der)
+        latest[(info.cert_type, info.key_type)] = (row, info)
     if not latest:
         raise CliError(f"the broker issued no EK certificate for VM {vm_uuid}; nothing to re-certify")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for cert_type, row in sorted(latest.items()):
+    for (cert_type, key_type), (row, info) in sorted(latest.items()):
         der = vtpm_ca.recertify(ca, row.cert_der, issued_by=issuers)
         with db.begin() as conn:
             conn.execute(
@@ -560,10 +572,15 @@ def _recertify(db, barrier, vtpm_ca, ek_certificates, args, audit) -> int:
                     issued_at=time.time(),
                 )
             )
-        path = out / f"{cert_type}.cert"
+        path = out / f"{cert_type}-{key_type}.cert"
         _write_public(path, der)
-        audit("ek.recertify", vm_uuid, f"{cert_type} certificate under EK CA {ca.fingerprint}")
-        print(f"{path}: {cert_type} certificate re-issued under {ca.cert.subject.rfc4514_string()}")
+        audit("ek.recertify", vm_uuid, f"{cert_type} {key_type} certificate under EK CA {ca.fingerprint}")
+        key = serialization.load_pem_public_key(info.public_key_pem)
+        size = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else key.key_size
+        index = _NV_INDEX.get((cert_type, key_type, size))
+        where = f" (swtpm_setup's NV index {index:#010x})" if index else ""
+        print(f"{path}: {cert_type} certificate of the {key_type} EK re-issued under "
+              f"{ca.cert.subject.rfc4514_string()}{where}")  # fmt: skip
     return 0
 
 

@@ -700,7 +700,7 @@ def test_ek_certificate_for_the_host_of_the_vm_then_ca_swap(broker):
     assert "Example Corp vTPM CA" in broker.cli("ca", "show").stdout
     out = broker.workdir / "recertified"
     broker.cli("ca", "recertify", "--vm", vm["vm_uuid"], "--out-dir", str(out))
-    new_der = (out / "ek.cert").read_bytes()
+    new_der = (out / "ek-rsa.cert").read_bytes()
     assert vtpm_ca.verify_ek_certificate(new_der, third.ca_pem, public_key_pem=public_pem).tpm_model == "swtpm"
     # The old certificate still verifies under the old CA; new requests get the new CA.
     vtpm_ca.verify_ek_certificate(der, old_ca_pem, public_key_pem=public_pem)
