@@ -36,8 +36,8 @@ class Keystore:
         self.barrier = barrier
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        with self.storage.transaction() as txn:
+    def transaction(self, read_only: bool = False) -> Iterator[Transaction]:
+        with self.storage.transaction(read_only=read_only) as txn:
             yield txn
 
     # Creation.

@@ -33,7 +33,7 @@ def handle(ctx, keystore, payload):
     iv = optional_bytes(payload, T.IV_COUNTER_NONCE)
     aad = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)
     tag = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_TAG)
-    with keystore.transaction() as txn:
+    with keystore.transaction(read_only=True) as txn:
         obj = object_codec.usable_key(
             keystore,
             txn,

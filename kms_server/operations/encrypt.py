@@ -64,7 +64,7 @@ def handle(ctx, keystore, payload):
     data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
     iv = optional_bytes(payload, T.IV_COUNTER_NONCE)
     aad = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)
-    with keystore.transaction() as txn:
+    with keystore.transaction(read_only=True) as txn:
         obj = object_codec.usable_key(
             keystore,
             txn,

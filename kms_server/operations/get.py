@@ -60,7 +60,7 @@ def handle(ctx, keystore, payload):
     common.optional_enum(payload, T.KEY_WRAP_TYPE, KeyWrapType)
     specification = payload.find(T.KEY_WRAPPING_SPECIFICATION.value)
 
-    with keystore.transaction() as txn:
+    with keystore.transaction(read_only=True) as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.READ_MATERIAL, ctx.now)
         wrapping_key = (
             _wrapping_key(ctx, keystore, txn, specification, obj)

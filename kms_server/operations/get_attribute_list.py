@@ -24,7 +24,7 @@ def _reference(name: str):
 
 def handle(ctx, keystore, payload):
     uid = common.unique_identifier(ctx, payload)
-    with keystore.transaction() as txn:
+    with keystore.transaction(read_only=True) as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.READ_ATTRIBUTES, ctx.now)
     names = [n for n, values in obj.attributes.items() if values]
     if ctx.v2:

@@ -20,6 +20,6 @@ def requested_names(ctx, payload) -> list[str] | None:
 def handle(ctx, keystore, payload):
     uid = common.unique_identifier(ctx, payload)
     names = requested_names(ctx, payload)
-    with keystore.transaction() as txn:
+    with keystore.transaction(read_only=True) as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.READ_ATTRIBUTES, ctx.now)
     return [common.uid_item(obj.uid)] + common.attributes_structure(ctx, obj, names)

@@ -51,7 +51,7 @@ def handle(ctx, keystore, payload):
     # README "Not supported yet".
     del group_member
 
-    with keystore.transaction() as txn:
+    with keystore.transaction(read_only=True) as txn:
         if len(set(states)) > 1:
             uids = []  # One object has one state.
         elif states or dates:

@@ -31,7 +31,7 @@ def handle(ctx, keystore, payload):
     object_codec.reject_streaming(payload)
     uid = common.unique_identifier(ctx, payload)
     data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
-    with keystore.transaction() as txn:
+    with keystore.transaction(read_only=True) as txn:
         obj = object_codec.usable_key(
             keystore,
             txn,

@@ -52,7 +52,7 @@ def handle(ctx, keystore, payload):
     object_codec.reject_streaming(payload)
     uid = common.unique_identifier(ctx, payload)
     data, prehashed = signed_data(payload)
-    with keystore.transaction() as txn:
+    with keystore.transaction(read_only=True) as txn:
         obj = object_codec.usable_key(
             keystore,
             txn,

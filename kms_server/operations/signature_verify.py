@@ -30,7 +30,7 @@ def handle(ctx, keystore, payload):
     uid = common.unique_identifier(ctx, payload)
     data, prehashed = signed_data(payload)
     signature = common.require(payload, T.SIGNATURE_DATA, ItemType.BYTE_STRING).value
-    with keystore.transaction() as txn:
+    with keystore.transaction(read_only=True) as txn:
         obj = object_codec.usable_key(
             keystore,
             txn,

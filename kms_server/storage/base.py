@@ -112,9 +112,11 @@ class Transaction(abc.ABC):
 
 class Storage(abc.ABC):
     @abc.abstractmethod
-    def transaction(self) -> AbstractContextManager[Transaction]:
+    def transaction(self, read_only: bool = False) -> AbstractContextManager[Transaction]:
         """A unit of work: committed when the block exits normally, rolled
-        back when it raises. Backend failures surface as StorageError."""
+        back when it raises. Backend failures surface as StorageError. A
+        `read_only` transaction refuses every write with StorageError; a
+        backend may serve it without taking write locks."""
 
     @abc.abstractmethod
     def close(self) -> None:

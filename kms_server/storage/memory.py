@@ -60,15 +60,19 @@ def _check_query(query: LocateQuery) -> None:
 
 
 class _MemoryTransaction(Transaction):
-    def __init__(self, state: _State) -> None:
+    def __init__(self, state: _State, read_only: bool = False) -> None:
         self._state = state
+        self._read_only = read_only
         self._closed = False
         self.failed = False
 
     @contextlib.contextmanager
-    def _op(self, what: str) -> Iterator[None]:
+    def _op(self, what: str, write: bool = False) -> Iterator[None]:
         if self._closed:
             raise StorageError(f"{what}: the transaction has ended")
+        if write and self._read_only:
+            self.failed = True
+            raise StorageError(f"{what}: the transaction is read-only")
         if self.failed:
             raise StorageError(f"{what}: the transaction failed and was rolled back")
         try:
@@ -78,7 +82,7 @@ class _MemoryTransaction(Transaction):
             raise
 
     def insert_object(self, obj: StoredObject) -> None:
-        with self._op("insert_object"):
+        with self._op("insert_object", write=True):
             if obj.uid in self._state.objects:
                 raise ObjectExists(f"object {obj.uid!r} already exists")
             stored = _copy_object(obj)
@@ -97,7 +101,7 @@ class _MemoryTransaction(Transaction):
             return None if stored is None else _copy_object(stored)
 
     def update_object(self, obj: StoredObject) -> None:
-        with self._op("update_object"):
+        with self._op("update_object", write=True):
             stored = self._state.objects.get(obj.uid)
             if stored is None or stored.version != obj.version:
                 raise ConcurrentModification(
@@ -110,7 +114,7 @@ class _MemoryTransaction(Transaction):
             obj.version = replacement.version
 
     def delete_object(self, uid: str) -> bool:
-        with self._op("delete_object"):
+        with self._op("delete_object", write=True):
             return self._state.objects.pop(uid, None) is not None
 
     def locate(self, query: LocateQuery) -> list[str]:
@@ -134,7 +138,7 @@ class _MemoryTransaction(Transaction):
             return self._state.meta.get(key)
 
     def set_meta(self, key: str, value: bytes) -> None:
-        with self._op("set_meta"):
+        with self._op("set_meta", write=True):
             self._state.meta[key] = bytes(value)
 
 
@@ -146,7 +150,7 @@ class MemoryStorage(Storage):
         self._closed = False
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, read_only: bool = False) -> Iterator[Transaction]:
         # Without this check a nested transaction would deadlock on _lock.
         if getattr(self._local, "active", False):
             raise StorageError("transactions do not nest")
@@ -156,7 +160,7 @@ class MemoryStorage(Storage):
         try:
             with self._lock:
                 snapshot = copy.deepcopy(self._state)
-                tx = _MemoryTransaction(self._state)
+                tx = _MemoryTransaction(self._state, read_only)
                 try:
                     yield tx
                 except BaseException:

@@ -173,18 +173,22 @@ def _check_query(query: LocateQuery) -> None:
 
 
 class _SqlTransaction(Transaction):
-    def __init__(self, conn: Connection, dialect: str) -> None:
+    def __init__(self, conn: Connection, dialect: str, read_only: bool = False) -> None:
         self._conn = conn
         self._dialect = dialect
+        self._read_only = read_only
         self._closed = False
         # Set when a method raised StorageError: the unit of work is then
         # rolled back as a whole, even if the caller carries on.
         self.failed = False
 
     @contextlib.contextmanager
-    def _op(self, what: str) -> Iterator[None]:
+    def _op(self, what: str, write: bool = False) -> Iterator[None]:
         if self._closed:
             raise StorageError(f"{what}: the transaction has ended")
+        if write and self._read_only:
+            self.failed = True
+            raise StorageError(f"{what}: the transaction is read-only")
         if self.failed:
             raise StorageError(f"{what}: the transaction failed and was rolled back")
         try:
@@ -214,7 +218,7 @@ class _SqlTransaction(Transaction):
         )
 
     def insert_object(self, obj: StoredObject) -> None:
-        with self._op("insert_object"):
+        with self._op("insert_object", write=True):
             try:
                 result = self._conn.execute(
                     insert(kms_objects).values(
@@ -276,7 +280,7 @@ class _SqlTransaction(Transaction):
             )
 
     def update_object(self, obj: StoredObject) -> None:
-        with self._op("update_object"):
+        with self._op("update_object", write=True):
             result = self._conn.execute(
                 update(kms_objects)
                 .where(
@@ -302,7 +306,7 @@ class _SqlTransaction(Transaction):
             obj.version += 1
 
     def delete_object(self, uid: str) -> bool:
-        with self._op("delete_object"):
+        with self._op("delete_object", write=True):
             # Attribute rows go by ON DELETE CASCADE.
             result = self._conn.execute(
                 delete(kms_objects).where(kms_objects.c.uid == uid)
@@ -344,7 +348,7 @@ class _SqlTransaction(Transaction):
             return None if value is None else bytes(value)
 
     def set_meta(self, key: str, value: bytes) -> None:
-        with self._op("set_meta"):
+        with self._op("set_meta", write=True):
             dialect_insert = (
                 pg_dialect.insert
                 if self._dialect == "postgresql"
@@ -375,6 +379,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("kms_read_only"):
+            # Under WAL a reader neither blocks nor waits for the writer.
+            conn.exec_driver_sql("BEGIN")
+            return
         # Take the write lock up front. A deferred transaction that reads
         # and then writes fails at once with "database is locked" when
         # another writer committed in between; busy_timeout cannot help it.
@@ -420,6 +428,7 @@ class SqlStorage(Storage):
             )
         self._dialect = backend
         self._local = threading.local()
+        self._sqlite_writer = threading.Lock()
         try:
             self._engine = create_engine(
                 url,
@@ -457,22 +466,33 @@ class SqlStorage(Storage):
         return self._engine
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, read_only: bool = False) -> Iterator[Transaction]:
         # A second transaction on the same thread would wait for the first
         # one's locks forever (or for busy_timeout on SQLite).
         if getattr(self._local, "active", False):
             raise StorageError("transactions do not nest")
         self._local.active = True
         try:
-            with self._unit_of_work() as tx:
-                yield tx
+            if self._dialect == "sqlite" and not read_only:
+                # Writers of this process queue on a lock that wakes the next
+                # one at once, instead of polling in SQLite's busy handler
+                # (which sleeps up to 100 ms); busy_timeout still covers
+                # other processes.
+                with self._sqlite_writer:
+                    with self._unit_of_work(read_only) as tx:
+                        yield tx
+            else:
+                with self._unit_of_work(read_only) as tx:
+                    yield tx
         finally:
             self._local.active = False
 
     @contextlib.contextmanager
-    def _unit_of_work(self) -> Iterator[Transaction]:
+    def _unit_of_work(self, read_only: bool = False) -> Iterator[Transaction]:
         try:
             conn = self._engine.connect()
+            if read_only:
+                conn = conn.execution_options(kms_read_only=True)
         except SQLAlchemyError as exc:
             raise _storage_error("connect", exc) from None
         try:
@@ -480,7 +500,7 @@ class SqlStorage(Storage):
                 trans = conn.begin()
             except SQLAlchemyError as exc:
                 raise _storage_error("begin", exc) from None
-            tx = _SqlTransaction(conn, self._dialect)
+            tx = _SqlTransaction(conn, self._dialect, read_only)
             try:
                 yield tx
             except BaseException:

@@ -607,3 +607,27 @@ def test_plain_postgresql_url_uses_psycopg(postgres_url):
         assert get(storage, "uid-1").owner == "alice"
     finally:
         storage.close()
+
+
+def test_read_only_transaction_reads_and_refuses_every_write(storage):
+    """A read-only unit of work sees committed objects and refuses insert,
+    update, delete and meta writes; nothing it tried is stored."""
+    with storage.transaction() as txn:
+        txn.insert_object(StoredObject(uid="ro-1", owner="alice", sealed_material=b"s"))
+    with storage.transaction(read_only=True) as txn:
+        stored = txn.get_object("ro-1")
+        assert stored is not None
+        assert txn.locate(LocateQuery()) == ["ro-1"]
+    for attempt in (
+        lambda t: t.insert_object(StoredObject(uid="ro-2", owner="alice", sealed_material=None)),
+        lambda t: t.update_object(t.get_object("ro-1")),
+        lambda t: t.delete_object("ro-1"),
+        lambda t: t.set_meta("k", b"v"),
+    ):
+        with pytest.raises(StorageError, match="read-only"):
+            with storage.transaction(read_only=True) as txn:
+                attempt(txn)
+    with storage.transaction() as txn:
+        assert txn.get_object("ro-2") is None
+        assert txn.get_object("ro-1").version == 1
+        assert txn.get_meta("k") is None
