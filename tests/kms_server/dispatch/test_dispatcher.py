@@ -608,7 +608,7 @@ class FlakyStorage:
         self.commit_unknown = commit_unknown
         self.attempts = 0
 
-    def transaction(self):
+    def transaction(self, read_only=False):
         from contextlib import contextmanager
 
         from kms_server.storage.base import StorageUnavailable
@@ -620,11 +620,11 @@ class FlakyStorage:
                 self.failures -= 1
                 if self.commit_unknown:
                     # The work is done, then the commit's fate is unknown.
-                    with self.inner.transaction() as txn:
+                    with self.inner.transaction(read_only=read_only) as txn:
                         yield txn
                     raise StorageUnavailable("commit: connection lost", commit_unknown=True)
                 raise StorageUnavailable("connect: connection refused")
-            with self.inner.transaction() as txn:
+            with self.inner.transaction(read_only=read_only) as txn:
                 yield txn
 
         return unit()
