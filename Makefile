@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 DEV_PKI = certs/dev
 PYTEST_ARGS ?=
 
-.PHONY: run test venv pki master-key check-config clean lint bench bench-nvram bench-cluster bench-gateway
+.PHONY: run test venv pki master-key check-config clean lint bench bench-nvram bench-cluster bench-gateway demo
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ run: venv pki master-key
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The disaster-recovery drill: a KMS, the broker, 2 hosts and 10 VMs with a
+# real vTPM each; the management plane is lost and every vTPM recovered.
+demo: venv
+	$(BIN)/vtpm-drill --vms 10 --hosts 2
 
 lint: venv
 	$(BIN)/pip install --quiet ruff

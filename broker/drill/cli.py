@@ -1,0 +1,228 @@
+"""`vtpm-drill`: lose the management plane, recover every vTPM, and prove it.
+
+    vtpm-drill [--vms N] [--hosts H] [--workdir DIR] [--jobs J] [--json] [--keep]
+
+Runs on 127.0.0.1 with real processes: a KMS, the broker, management
+instance A, H hosts, N VMs with a real vTPM (swtpm) each. A guest step
+writes a distinct secret into an NV index and reads the EK certificate;
+then A's state directory is destroyed and A revoked (a power-on now fails);
+instance B enrolls, re-registers the hosts and the datastore's VMs, and
+every VM must power on with the same NV secret, a byte-identical EK
+certificate chaining to the broker's EK CA, and the same KEK.
+
+Exit status: 0 every VM recovered, 1 some did not, 2 the drill could not
+run (one line on stderr). `--json` prints {vms, recovered, nv_match,
+ek_match, kek_match, seconds, failures} on stdout, the narrative on stderr:
+`ek_match` counts EK certificates byte-identical to the one read before the
+disaster *and* chaining to the broker's EK CA; `recovered` counts VMs whose
+every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+PROG = "vtpm-drill"
+TOOLS = {
+    "swtpm": "swtpm",
+    "swtpm_setup": "swtpm-tools",
+    "tpm2_nvdefine": "tpm2-tools",
+    "tpm2_nvwrite": "tpm2-tools",
+    "tpm2_nvread": "tpm2-tools",
+}
+
+
+class _Usage(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise _Usage(f"{message}; see '{PROG} --help'")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Disaster-recovery drill of the vTPM key broker, with real processes")
+    p.add_argument("--vms", type=int, default=10, metavar="N", help="VMs with a vTPM (default 10)")
+    p.add_argument("--hosts", type=int, default=2, metavar="H", help="hosts (default 2)")
+    p.add_argument("--workdir", metavar="DIR", help="work here and keep it (default: a temporary directory, removed)")
+    p.add_argument("--jobs", type=int, metavar="J", help="VMs handled at once (default: 4 per CPU, at most 32)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(message.split()) or 'failed'}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        _check_args(args)
+    except _Usage as exc:
+        return _fail(str(exc))
+    missing = sorted({package for tool, package in TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        return _fail(f"the drill needs swtpm and tpm2-tools; on Debian: apt-get install {' '.join(missing)}")
+    jobs = args.jobs or min(32, 4 * (os.cpu_count() or 1))
+
+    from broker.drill.runner import ToolPool
+
+    # The pool first: its workers are forked before any thread exists.
+    with ToolPool(jobs) as pool:
+        return _drill(args, pool, jobs)
+
+
+def _check_args(args) -> None:
+    if not 1 <= args.vms <= 1000:
+        raise _Usage("--vms must be between 1 and 1000")
+    if not 1 <= args.hosts <= 64:
+        raise _Usage("--hosts must be between 1 and 64")
+    if args.jobs is not None and not 1 <= args.jobs <= 128:
+        raise _Usage("--jobs must be between 1 and 128")
+    if args.workdir is not None:
+        workdir = Path(args.workdir)
+        if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+            raise _Usage(f"--workdir {workdir} must be a new or empty directory")
+
+
+def _drill(args, pool, jobs: int) -> int:
+    from rich.console import Console
+
+    from broker.drill.processes import StepFailed
+    from broker.drill.scenario import Drill
+
+    console = Console(stderr=args.json, highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    if args.workdir:
+        workdir = Path(args.workdir).absolute()
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="vtpm-drill-"))
+    console.print(
+        f"[bold]vtpm-drill[/bold]: {args.vms} VMs on {args.hosts} hosts, {jobs} at a time, in {workdir}", markup=True
+    )
+    started = time.monotonic()
+    drill = Drill(workdir, args.vms, args.hosts, pool, jobs, say=console.print, progress=_progress(console))
+    failure = None
+    try:
+        drill.run()
+    except StepFailed as exc:
+        failure = str(exc)
+    except KeyboardInterrupt:
+        failure = "interrupted"
+    finally:
+        try:
+            drill.stop()
+        finally:
+            seconds = time.monotonic() - started
+            if not args.workdir and not args.keep and failure is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+    if failure is not None:
+        print(f"{PROG}: the work directory is kept for inspection: {workdir}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(_summary(drill, seconds, [f"the drill stopped: {failure}"])))
+        return _fail(failure)
+    return _report(console, drill, seconds, args.json)
+
+
+def _progress(console) -> Callable[[str, int], Callable[[], None]]:
+    """A progress bar per batch of VMs (only drawn on a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    def start(label: str, total: int) -> Callable[[], None]:
+        progress = Progress(
+            TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
+        )
+        task = progress.add_task(label, total=total)
+        progress.start()
+        done = [0]
+
+        def advance() -> None:
+            done[0] += 1
+            progress.update(task, advance=1)
+            if done[0] >= total:
+                progress.stop()
+
+        if total == 0:
+            progress.stop()
+        return advance
+
+    return start
+
+
+def _report(console, drill, seconds: float, as_json: bool) -> int:
+    from rich.table import Table
+
+    vms = drill.vms
+    failures = [f"{vm.name}: {error}" for vm in vms for error in vm.errors]
+    failures += [
+        f"{vm.name}: {what}"
+        for vm in vms
+        if not vm.errors
+        for what, ok in (
+            ("NV secret differs", vm.nv_match),
+            ("EK certificate differs", vm.ek_match),
+            ("EK certificate does not chain to the broker's EK CA", vm.ek_chains),
+            ("KEK changed or missing in the KMS", vm.kek_match),
+        )
+        if not ok
+    ]
+
+    table = Table(title="vTPMs before the disaster and after the recovery")
+    for column in ("VM", "host A → B", "KEK (KMS key id)", "NV secret", "EK certificate", "chains to EK CA", "result"):
+        table.add_column(column)
+    for vm in vms:
+        table.add_row(
+            vm.name,
+            f"{vm.host_before or '-'} → {vm.host_after or '-'}",
+            (vm.kek_before[:18] + ("…" if len(vm.kek_before) > 18 else "")) + ("" if vm.kek_match else " ✗"),
+            "same" if vm.nv_match else "DIFFERENT" if vm.secret_after is not None else "-",
+            f"same ({len(vm.ek_after)} bytes)" if vm.ek_match and vm.ek_after else "DIFFERENT" if vm.ek_after else "-",
+            "yes" if vm.ek_chains else "NO",
+            "[green]recovered[/green]" if vm.recovered else "[red]FAILED[/red]",
+        )
+    console.print(table)
+    for line in failures:
+        console.print(f"[red]FAILED[/red] {line}", markup=True)
+    summary = _summary(drill, seconds, failures)
+    n = summary["vms"]
+    console.print(
+        f"[bold]{summary['recovered']}/{n} VMs recovered[/bold] after losing vcenter-a: "
+        f"NV secret {summary['nv_match']}/{n}, EK certificate {summary['ek_match']}/{n}, "
+        f"KEK {summary['kek_match']}/{n}; {seconds:.1f} s end to end",
+        markup=True,
+    )
+    if as_json:
+        print(json.dumps(_summary(drill, seconds, failures)))
+    return 0 if summary["recovered"] == n else 1
+
+
+def _summary(drill, seconds: float, failures: list[str]) -> dict:
+    vms = drill.vms
+    return {
+        "vms": drill.vm_count,
+        "recovered": sum(1 for vm in vms if vm.recovered),
+        "nv_match": sum(1 for vm in vms if vm.nv_match),
+        "ek_match": sum(1 for vm in vms if vm.ek_match and vm.ek_chains),
+        "kek_match": sum(1 for vm in vms if vm.kek_match),
+        "seconds": round(seconds, 2),
+        "failures": failures,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

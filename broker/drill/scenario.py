@@ -1,0 +1,486 @@
+"""The drill's story, step by step (issue 6, item 4).
+
+Every step is an operator's command or a guest's tpm2-tools call; the drill
+only sequences them, keeps what each VM showed before the disaster, and
+compares after the recovery. The per-VM work (power-on, guest, power-off)
+runs in `runner.ToolPool` workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from broker import vmx
+from broker.drill import guest
+from broker.drill.processes import Broker, Kms, StepFailed, run, start_broker, start_kms
+from broker.drill.runner import ToolPool, run_forked
+from broker.keysafe import parse_key_safe
+
+__all__ = ["Drill", "VmReport"]
+
+PROVIDER = "kms-prod"
+INSTANCE_A = "vcenter-a"
+INSTANCE_B = "vcenter-b"
+SECRET_BYTES = 32
+
+
+@dataclass
+class VmReport:
+    """What one VM showed before the disaster and after the recovery."""
+
+    name: str
+    vmx: Path
+    vm_uuid: str = ""
+    kek_before: str = ""
+    kek_after: str = ""
+    host_before: str = ""
+    host_after: str = ""
+    secret: bytes = b""
+    secret_after: bytes | None = None
+    ek_before: bytes | None = None
+    ek_after: bytes | None = None
+    ek_chains: bool = False
+    kek_in_kms: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def nv_match(self) -> bool:
+        return self.secret_after is not None and self.secret_after == self.secret
+
+    @property
+    def ek_match(self) -> bool:
+        return self.ek_before is not None and self.ek_after == self.ek_before
+
+    @property
+    def kek_match(self) -> bool:
+        return bool(self.kek_before) and self.kek_after == self.kek_before and self.kek_in_kms
+
+    @property
+    def recovered(self) -> bool:
+        return not self.errors and self.nv_match and self.ek_match and self.ek_chains and self.kek_match
+
+
+# --- Per-VM jobs (run in pool workers; module-level so they pickle) -------------------------------
+
+
+def vm_cycle(job: dict) -> dict:
+    """Power on, the guest's step, power off; never leaves the vTPM running."""
+    started = time.monotonic()
+    answer: dict = {"name": job["name"], "error": None, "secret": None, "ek": None}
+    on = run_forked("vtpm-host", "--state-dir", job["host_state"], "power-on", job["vmx"])
+    if on.returncode != 0:
+        answer["error"] = f"power-on on {job['host']} failed: {_last_line(on.stderr)}"
+        answer["seconds"] = time.monotonic() - started
+        return answer
+    tcti = on.stdout.strip().splitlines()[-1] if on.stdout.strip() else ""
+    try:
+        if job.get("write") is not None:
+            guest.write_secret(tcti, job["write"])
+        answer["secret"] = guest.read_secret(tcti, job["size"])
+        answer["ek"] = guest.read_ek_certificate(tcti)
+    except guest.GuestError as exc:
+        answer["error"] = f"guest: {exc}"
+    finally:
+        off = run_forked("vtpm-host", "--state-dir", job["host_state"], "power-off", job["vmx"])
+        if off.returncode != 0 and answer["error"] is None:
+            answer["error"] = f"power-off on {job['host']} failed: {_last_line(off.stderr)}"
+    answer["seconds"] = time.monotonic() - started
+    return answer
+
+
+def power_on_only(job: dict) -> dict:
+    """The disaster's proof: a power-on that must be refused (powered off again if not)."""
+    on = run_forked("vtpm-host", "--state-dir", job["host_state"], "power-on", job["vmx"])
+    if on.returncode == 0:
+        run_forked("vtpm-host", "--state-dir", job["host_state"], "power-off", job["vmx"])
+    return {"returncode": on.returncode, "error": _last_line(on.stderr)}
+
+
+def vm_create(job: dict) -> dict:
+    names = [arg for name in job["names"] for arg in ("--name", name)]
+    hosts = [arg for host in job["hosts"] for arg in ("--host", host)]
+    done = run_forked(
+        "vtpm-mgmt",
+        "--state-dir",
+        job["state"],
+        "vm",
+        "create",
+        *names,
+        "--datastore",
+        job["datastore"],
+        "--vtpm",
+        *hosts,
+    )
+    return {"returncode": done.returncode, "error": _last_line(done.stderr), "stdout": done.stdout}
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# --- The drill -----------------------------------------------------------------------------------
+
+
+class Drill:
+    def __init__(
+        self,
+        workdir: Path,
+        vms: int,
+        hosts: int,
+        pool: ToolPool,
+        jobs: int,
+        say: Callable[[str], None],
+        progress: Callable[[str, int], Callable[[], None]],
+    ):
+        self.workdir = workdir
+        self.vm_count = vms
+        self.host_count = hosts
+        self.pool = pool
+        self.jobs = jobs
+        self.say = say
+        self.progress = progress
+        self.kms: Kms | None = None
+        self.broker: Broker | None = None
+        self.datastore = workdir / "datastore"
+        self.hosts = [f"esx-{i + 1:02d}" for i in range(hosts)]
+        self.vms: list[VmReport] = []
+        self.disaster: dict = {}
+        self.audit: dict = {}
+        self.steps: list[tuple[str, float]] = []
+
+    def host_state(self, host: str) -> Path:
+        return self.workdir / "hosts" / host
+
+    def instance_state(self, name: str) -> Path:
+        return self.workdir / "mgmt" / name
+
+    # The story ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._step("KMS", self._start_kms)
+        self._step("broker", self._start_broker)
+        self._step(f"management instance {INSTANCE_A}", lambda: self._enroll(INSTANCE_A))
+        self._step(f"{self.host_count} hosts", lambda: self._add_hosts(INSTANCE_A))
+        self._step(f"{self.vm_count} VMs with a vTPM", self._create_vms)
+        self._step("first power-on: manufacture, guest writes its secret", self._first_boot)
+        self._step("disaster", self._disaster)
+        self._step(f"management instance {INSTANCE_B}", lambda: self._enroll(INSTANCE_B))
+        self._step("hosts re-registered", lambda: self._add_hosts(INSTANCE_B, again=True))
+        self._step("vm register --datastore", self._register)
+        self._step("power-on after recovery, guest reads back", self._second_boot)
+        self._step("verification", self._verify)
+        self._step("audit trail", self._read_audit)
+
+    def _step(self, title: str, action: Callable[[], str | None]) -> None:
+        started = time.monotonic()
+        detail = action()
+        seconds = time.monotonic() - started
+        self.steps.append((title, seconds))
+        self.say(f"[bold]{title}[/bold] ({seconds:.1f} s)" + (f": {detail}" if detail else ""))
+
+    def _start_kms(self) -> str:
+        self.kms = start_kms(self.workdir / "kms")
+        return f"kms-admin pki init + master-key new; kms-server on 127.0.0.1:{self.kms.port}"
+
+    def _start_broker(self) -> str:
+        assert self.kms is not None
+        self.broker = start_broker(self.workdir / "broker", self.kms, PROVIDER)
+        return (
+            f"vtpm-broker init, kms-admin pki sign-csr of its KMS client CSR; API {self.broker.url}, "
+            f"gateway {self.broker.gateway}, key provider {PROVIDER}"
+        )
+
+    def _mgmt(self, instance: str, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess:
+        return run("vtpm-mgmt", "--state-dir", self.instance_state(instance), *args, check=check)
+
+    def _enroll(self, instance: str) -> str:
+        broker = self.broker
+        assert broker is not None
+        self._mgmt(
+            instance,
+            "init",
+            "--name",
+            instance,
+            "--broker",
+            broker.url,
+            "--ca",
+            broker.trust_ca,
+            "--provider",
+            PROVIDER,
+        )
+        self._mgmt(instance, "enroll", "--token", broker.token(instance))
+        broker.admin("approve", instance)
+        self._mgmt(instance, "enroll", "--wait", "30")
+        return "vtpm-mgmt init; vtpm-broker admin token; vtpm-mgmt enroll; vtpm-broker admin approve; enrolled"
+
+    def _add_hosts(self, instance: str, again: bool = False) -> str:
+        broker = self.broker
+        assert broker is not None
+        certs = self.workdir / "host-certs" / instance
+        certs.mkdir(parents=True, exist_ok=True)
+        for host in self.hosts:
+            state = self.host_state(host)
+            # Again on the same host: same key, a new CSR for the new instance.
+            run(
+                "vtpm-host", "--state-dir", state, "init", "--name", host,
+                "--gateway", broker.gateway, "--api", broker.url, "--ca", broker.trust_ca,
+            )  # fmt: skip
+            self._mgmt(
+                instance, "host", "add", "--name", host, "--csr", state / "host.csr", "--out", certs / f"{host}.pem"
+            )
+            run("vtpm-host", "--state-dir", state, "install-cert", "--cert", certs / f"{host}.pem")
+        verb = "re-registered by" if again else "registered by"
+        return f"{', '.join(self.hosts)} {verb} {instance} (vtpm-host init, vtpm-mgmt host add, vtpm-host install-cert)"
+
+    def _create_vms(self) -> str:
+        self.datastore.mkdir(parents=True, exist_ok=True)
+        names = [f"vm-{i + 1:03d}" for i in range(self.vm_count)]
+        # A few vtpm-mgmt processes side by side, each round-robin over the hosts.
+        chunks = max(1, min(self.jobs, len(names) // 10 or 1))
+        jobs = [
+            {
+                "state": str(self.instance_state(INSTANCE_A)),
+                "names": names[i::chunks],
+                "hosts": self.hosts[i % len(self.hosts) :] + self.hosts[: i % len(self.hosts)],
+                "datastore": str(self.datastore),
+            }
+            for i in range(chunks)
+        ]
+        for answer in self.pool.map(vm_create, jobs):
+            if answer["returncode"] != 0:
+                raise StepFailed(f"vtpm-mgmt vm create failed: {answer['error']}")
+        listed = self._vm_list(INSTANCE_A)
+        for name in names:
+            path = self.datastore / name / f"{name}.vmx"
+            config = vmx.read(path)
+            report = VmReport(name=name, vmx=path, vm_uuid=config.vm_uuid)
+            report.kek_before = parse_key_safe(config.key_safe).kms_key_id
+            report.host_before = listed[config.vm_uuid]["host"] or ""
+            report.secret = os.urandom(SECRET_BYTES)
+            self.vms.append(report)
+        return f"vtpm-mgmt vm create --vtpm: {len(names)} .vmx files on {self.datastore}"
+
+    def _vm_list(self, instance: str) -> dict[str, dict]:
+        listed = json.loads(self._mgmt(instance, "vm", "list", "--json").stdout)
+        return {vm["vm_uuid"]: vm for vm in listed}
+
+    def _cycle_all(self, label: str, host_of: Callable[[VmReport], str], write: bool) -> list[dict]:
+        jobs = [
+            {
+                "name": vm.name,
+                "vmx": str(vm.vmx),
+                "host": host_of(vm),
+                "host_state": str(self.host_state(host_of(vm))),
+                "write": vm.secret if write else None,
+                "size": SECRET_BYTES,
+            }
+            for vm in self.vms
+        ]
+        advance = self.progress(label, len(jobs))
+        answers = []
+        for answer in self.pool.map(vm_cycle, jobs):
+            answers.append(answer)
+            advance()
+        return answers
+
+    def _first_boot(self) -> str:
+        by_name = {vm.name: vm for vm in self.vms}
+        answers = self._cycle_all("first power-on", lambda vm: vm.host_before, write=True)
+        for answer in answers:
+            vm = by_name[answer["name"]]
+            if answer["error"]:
+                vm.errors.append(f"before the disaster: {answer['error']}")
+                continue
+            vm.ek_before = answer["ek"]
+            if answer["secret"] != vm.secret:
+                vm.errors.append("before the disaster: the NV secret read back differs from the one written")
+        ok = sum(1 for a in answers if not a["error"])
+        slowest = max((a["seconds"] for a in answers), default=0.0)
+        return (
+            f"{ok}/{len(answers)} VMs: vtpm-host power-on (swtpm_setup with EK certificates from the broker), "
+            f"tpm2_nvdefine + tpm2_nvwrite a secret, tpm2_nvread the EK certificate, power-off "
+            f"(slowest VM {slowest:.1f} s)"
+        )
+
+    def _disaster(self) -> str:
+        broker = self.broker
+        assert broker is not None
+        shutil.rmtree(self.instance_state(INSTANCE_A))
+        broker.admin("revoke", INSTANCE_A)
+        vm = self.vms[0]
+        answer = next(
+            self.pool.map(
+                power_on_only,
+                [{"vmx": str(vm.vmx), "host_state": str(self.host_state(vm.host_before)), "host": vm.host_before}],
+            )
+        )
+        self.disaster = {"vm": vm.name, "refused": answer["returncode"] != 0, "error": answer["error"]}
+        if answer["returncode"] == 0:
+            raise StepFailed(f"VM {vm.name} still powered on after {INSTANCE_A} was revoked")
+        return (
+            f"{INSTANCE_A}'s state directory deleted, vtpm-broker admin revoke {INSTANCE_A}; "
+            f"power-on of {vm.name} now fails: {answer['error']}"
+        )
+
+    def _register(self) -> str:
+        hosts = [arg for host in self.hosts for arg in ("--host", host)]
+        done = self._mgmt(INSTANCE_B, "vm", "register", "--datastore", self.datastore, *hosts, check=False)
+        summary = next((line for line in done.stdout.splitlines() if "registered" in line), "")
+        if done.returncode != 0:
+            failures = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+            for line in failures:
+                for vm in self.vms:
+                    if f"/{vm.name}/" in line:
+                        vm.errors.append(f"vm register: {line}")
+            if not failures:
+                raise StepFailed(f"vtpm-mgmt vm register failed: {_last_line(done.stderr)}")
+        listed = self._vm_list(INSTANCE_B)
+        for vm in self.vms:
+            record = listed.get(vm.vm_uuid)
+            if record is None:
+                if not vm.errors:
+                    vm.errors.append(f"not registered to {INSTANCE_B}")
+                continue
+            vm.host_after = record["host"] or ""
+            vm.kek_after = record["kms_key_id"] or ""
+        return summary
+
+    def _second_boot(self) -> str:
+        by_name = {vm.name: vm for vm in self.vms}
+        todo = [vm for vm in self.vms if vm.host_after]
+        saved, self.vms = self.vms, todo
+        try:
+            answers = self._cycle_all("power-on after recovery", lambda vm: vm.host_after, write=False)
+        finally:
+            self.vms = saved
+        for answer in answers:
+            vm = by_name[answer["name"]]
+            if answer["error"]:
+                vm.errors.append(f"after recovery: {answer['error']}")
+                continue
+            vm.secret_after = answer["secret"]
+            vm.ek_after = answer["ek"]
+        ok = sum(1 for a in answers if not a["error"])
+        return (
+            f"{ok}/{len(self.vms)} VMs powered on by their new hosts; tpm2_nvread of the secret and the EK certificate"
+        )
+
+    def _verify(self) -> str:
+        anchors = self._ek_ca_certificates()
+        for vm in self.vms:
+            if vm.ek_after is not None:
+                vm.ek_chains = _chains(vm.ek_after, anchors)
+            # The .vmx on the datastore still names the same KEK.
+            if parse_key_safe(vmx.read(vm.vmx).key_safe).kms_key_id != vm.kek_before:
+                vm.errors.append("the .vmx names another KEK than before the disaster")
+        self._check_keks_in_kms()
+        ok = sum(1 for vm in self.vms if vm.recovered)
+        return (
+            f"{ok}/{len(self.vms)} VMs: same NV secret, byte-identical EK certificate chaining to the broker's EK CA, "
+            "same KEK (in the .vmx, at the broker and in the KMS)"
+        )
+
+    def _ek_ca_certificates(self) -> list[x509.Certificate]:
+        """The broker's EK CA certificates (active and retired), public data.
+
+        Read from the broker's database through its own repository, on the
+        broker host, as `vtpm-broker ca show` does: the broker has no command
+        that prints the certificate itself yet.
+        """
+        from broker.config import load_config
+        from broker.db import Database
+
+        assert self.broker is not None
+        cfg = load_config(str(self.broker.config))
+        db = Database(cfg.storage.db_url)
+        try:
+            rows = db.list_cas("ca:ek")
+        finally:
+            db.close()
+        certificates = []
+        for row in rows:
+            certificates.extend(x509.load_pem_x509_certificates(row.cert_pem.encode("ascii")))
+        if not certificates:
+            raise StepFailed("the broker has no EK CA")
+        return certificates
+
+    def _check_keks_in_kms(self) -> None:
+        """Each KEK still exists in the KMS and names its VM (KMIP GetAttributes as the KMS administrator)."""
+        from kms_server.client import KmipClient
+
+        kms = self.kms
+        assert kms is not None
+        with KmipClient([f"127.0.0.1:{kms.port}"], kms.pki / "admin.pem", kms.pki / "admin.key", kms.ca) as client:
+            for vm in self.vms:
+                if not vm.kek_before:
+                    continue
+                try:
+                    attributes = client.get_attributes(vm.kek_before)
+                except Exception as exc:  # The KMIP client's own errors; one line into the report.
+                    vm.errors.append(f"KEK {vm.kek_before} not readable in the KMS: {exc}")
+                    continue
+                vm.kek_in_kms = attributes.get("x-Identifier") == [vm.vm_uuid]
+
+    def _read_audit(self) -> str:
+        assert self.broker is not None
+        trail = json.loads(self.broker.admin("audit", "--json", check=False).stdout or "{}")
+        records = trail.get("records", [])
+        counts: dict[str, int] = {}
+        refused = 0
+        for record in records:
+            counts[record["action"]] = counts.get(record["action"], 0) + 1
+            refused += 0 if record["allowed"] else 1
+        self.audit = {
+            "records": len(records),
+            "refused": refused,
+            "problems": trail.get("problems", []),
+            "actions": counts,
+        }
+        shown = ", ".join(f"{action} {n}" for action, n in sorted(counts.items()))
+        chain = "hash chain intact" if not self.audit["problems"] else f"PROBLEMS: {self.audit['problems'][0]}"
+        return f"{len(records)} records ({refused} refused), {chain}: {shown}"
+
+    # Cleanup ------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Power off whatever still runs, then stop the broker and the KMS."""
+        for host in self.hosts:
+            state = self.host_state(host)
+            if not (state / "config.toml").exists():
+                continue
+            status = run("vtpm-host", "--state-dir", state, "status", "--json", check=False)
+            try:
+                running = json.loads(status.stdout or "[]")
+            except ValueError:
+                running = []
+            for record in running:
+                run("vtpm-host", "--state-dir", state, "power-off", record["vmx"], check=False)
+        if self.broker is not None:
+            self.broker.stop()
+        if self.kms is not None:
+            self.kms.stop()
+
+
+def _chains(der: bytes, anchors: list[x509.Certificate]) -> bool:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return False
+    for anchor in anchors:
+        try:
+            cert.verify_directly_issued_by(anchor)
+            return True
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    return False
