@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ __all__ = [
     "Broker",
     "Kms",
     "StepFailed",
+    "checked",
     "command",
     "run",
     "start_broker",
@@ -53,21 +54,30 @@ def command(tool: str, *args: str | os.PathLike[str]) -> list[str]:
     return [*head, *(str(a) for a in args)]
 
 
+# How a step runs a command-line tool: `run` (a new process) or the drill's
+# `ToolPool.run` (a process forked from a worker that imported the tools).
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
 def run(
     tool: str,
     *args: str | os.PathLike[str],
     check: bool = True,
     timeout: float = 120,
-    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     argv = command(tool, *args)
     try:
-        result = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-        )
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise StepFailed(f"{tool} {_show(args)} did not finish within {timeout:g} s") from None
+    return checked(result, check)
+
+
+def checked(result: subprocess.CompletedProcess, check: bool = True) -> subprocess.CompletedProcess:
+    """The result, or StepFailed naming the command and its last line of stderr."""
     if check and result.returncode != 0:
+        tool, *args = result.args
+        tool = Path(str(tool)).name
         raise StepFailed(f"{tool} {_show(args)} failed: {_last_line(result.stderr) or result.returncode}")
     return result
 
@@ -152,14 +162,14 @@ class Kms:
         self.service.stop()
 
 
-def start_kms(workdir: Path) -> Kms:
+def start_kms(workdir: Path, runner: Runner = run) -> Kms:
     """`kms-admin pki init`, `kms-admin master-key new`, a config, `kms-server`."""
     workdir.mkdir(parents=True, exist_ok=True)
     pki = workdir / "pki"
-    run("kms-admin", "pki", "init", "--dir", pki, "--server-name", "127.0.0.1", "--client", "admin")
+    runner("kms-admin", "pki", "init", "--dir", pki, "--server-name", "127.0.0.1", "--client", "admin")
     master = workdir / "master.key"
     if not master.exists():
-        run("kms-admin", "master-key", "new", "--out", master)
+        runner("kms-admin", "master-key", "new", "--out", master)
     config = workdir / "kms.toml"
     config.write_text(
         f"""\
@@ -199,6 +209,7 @@ class Broker:
     service: Service | None = None
     api_port: int = 0
     gateway_port: int = 0
+    runner: Runner = run
 
     @property
     def data_dir(self) -> Path:
@@ -217,7 +228,7 @@ class Broker:
         return f"127.0.0.1:{self.gateway_port}"
 
     def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run("vtpm-broker", "--config", self.config, "admin", *args, check=check)
+        return self.runner("vtpm-broker", "--config", self.config, "admin", *args, check=check)
 
     def token(self, instance: str) -> str:
         return self.admin("token", "--instance", instance).stdout.strip()
@@ -227,7 +238,7 @@ class Broker:
             self.service.stop()
 
 
-def start_broker(workdir: Path, kms: Kms, provider: str, roles: str = "") -> Broker:
+def start_broker(workdir: Path, kms: Kms, provider: str, roles: str = "", runner: Runner = run) -> Broker:
     """`vtpm-broker init`, the KMS CA signs its KMIP client CSR
     (`kms-admin pki sign-csr`), `vtpm-broker run`."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -256,11 +267,11 @@ level = "WARNING"
 {roles}
 """
     )
-    broker = Broker(workdir, config, provider)
-    run("vtpm-broker", "--config", config, "init")
+    broker = Broker(workdir, config, provider, runner=runner)
+    runner("vtpm-broker", "--config", config, "init")
     client_cert = broker.data_dir / "kms-client.pem"
     if not client_cert.exists():
-        run(
+        runner(
             "kms-admin", "pki", "sign-csr",
             "--csr", broker.data_dir / "kms-client.csr", "--out", client_cert, "--ca-dir", kms.pki,
         )  # fmt: skip

@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from broker.drill.processes import TOOLS
+from broker.drill.processes import TOOLS, checked
 
 __all__ = ["ToolPool", "run_forked"]
 
@@ -120,9 +120,12 @@ class ToolPool:
         context = multiprocessing.get_context("fork")
         self._pool = context.Pool(processes=processes)
 
-    def run(self, tool: str, *args: str | os.PathLike[str], timeout: float = 300.0) -> subprocess.CompletedProcess:
-        """One command, forked from a worker (never from this process, which may have threads)."""
-        return self._pool.apply(run_forked, (tool, *args), {"timeout": timeout})
+    def run(
+        self, tool: str, *args: str | os.PathLike[str], check: bool = True, timeout: float = 300.0
+    ) -> subprocess.CompletedProcess:
+        """One command, forked from a worker (never from this process, which
+        may have threads); StepFailed if it fails and `check`."""
+        return checked(self._pool.apply(run_forked, (tool, *args), {"timeout": timeout}), check)
 
     def map(self, function: Callable[[Any], Any], jobs: Iterable[Any]) -> Iterator[Any]:
         """Results as they finish (not in order)."""

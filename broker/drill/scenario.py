@@ -190,19 +190,19 @@ class Drill:
         self.say(f"[bold]{title}[/bold] ({seconds:.1f} s)" + (f": {detail}" if detail else ""))
 
     def _start_kms(self) -> str:
-        self.kms = start_kms(self.workdir / "kms")
+        self.kms = start_kms(self.workdir / "kms", runner=self.pool.run)
         return f"kms-admin pki init + master-key new; kms-server on 127.0.0.1:{self.kms.port}"
 
     def _start_broker(self) -> str:
         assert self.kms is not None
-        self.broker = start_broker(self.workdir / "broker", self.kms, PROVIDER)
+        self.broker = start_broker(self.workdir / "broker", self.kms, PROVIDER, runner=self.pool.run)
         return (
             f"vtpm-broker init, kms-admin pki sign-csr of its KMS client CSR; API {self.broker.url}, "
             f"gateway {self.broker.gateway}, key provider {PROVIDER}"
         )
 
     def _mgmt(self, instance: str, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess:
-        return run("vtpm-mgmt", "--state-dir", self.instance_state(instance), *args, check=check)
+        return self.pool.run("vtpm-mgmt", "--state-dir", self.instance_state(instance), *args, check=check)
 
     def _enroll(self, instance: str) -> str:
         broker = self.broker
@@ -219,7 +219,12 @@ class Drill:
             "--provider",
             PROVIDER,
         )
-        self._mgmt(instance, "enroll", "--token", broker.token(instance))
+        # A secret goes in a file, not on a command line.
+        token_file = self.workdir / f"{instance}.token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(broker.token(instance) + "\n")
+        self._mgmt(instance, "enroll", "--token-file", token_file)
+        token_file.unlink()
         broker.admin("approve", instance)
         self._mgmt(instance, "enroll", "--wait", "30")
         return "vtpm-mgmt init; vtpm-broker admin token; vtpm-mgmt enroll; vtpm-broker admin approve; enrolled"
@@ -232,14 +237,14 @@ class Drill:
         for host in self.hosts:
             state = self.host_state(host)
             # Again on the same host: same key, a new CSR for the new instance.
-            run(
+            self.pool.run(
                 "vtpm-host", "--state-dir", state, "init", "--name", host,
                 "--gateway", broker.gateway, "--api", broker.url, "--ca", broker.trust_ca,
             )  # fmt: skip
             self._mgmt(
                 instance, "host", "add", "--name", host, "--csr", state / "host.csr", "--out", certs / f"{host}.pem"
             )
-            run("vtpm-host", "--state-dir", state, "install-cert", "--cert", certs / f"{host}.pem")
+            self.pool.run("vtpm-host", "--state-dir", state, "install-cert", "--cert", certs / f"{host}.pem")
         verb = "re-registered by" if again else "registered by"
         return f"{', '.join(self.hosts)} {verb} {instance} (vtpm-host init, vtpm-mgmt host add, vtpm-host install-cert)"
 

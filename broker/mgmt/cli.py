@@ -1,7 +1,7 @@
 """`vtpm-mgmt`: a management instance (vCenter's part) on the command line.
 
     vtpm-mgmt [--state-dir D] init --name NAME --broker https://HOST:PORT --ca broker-ca.pem --provider P
-    vtpm-mgmt [--state-dir D] enroll [--token T] [--wait SECONDS]
+    vtpm-mgmt [--state-dir D] enroll [--token-file F | --token=T] [--wait SECONDS]
     vtpm-mgmt [--state-dir D] host add --name H --csr host.csr --out host.pem
     vtpm-mgmt [--state-dir D] vm create --name N [--name N2 ...] --datastore DIR [--vtpm] [--host H ...]
     vtpm-mgmt [--state-dir D] vm register --datastore DIR [--host H ...] [--jobs J]
@@ -60,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--provider", required=True, metavar="P", help="the key provider name the broker serves")
 
     enroll = sub.add_parser("enroll", help="enroll with a one-time token and fetch the certificate once approved")
-    enroll.add_argument("--token", help="one-time token from 'vtpm-broker admin token' (omit to resume polling)")
+    given = enroll.add_mutually_exclusive_group()
+    given.add_argument(
+        "--token-file", metavar="F", help="file holding the one-time token from 'vtpm-broker admin token' ('-': stdin)"
+    )
+    given.add_argument("--token", metavar="T", help="the token itself (write --token=T: tokens may start with '-')")
     enroll.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for approval")
 
     host = sub.add_parser("host", help="hosts")
@@ -148,15 +152,34 @@ def _init(state: StateDir, args) -> int:
     print(f"instance {settings.name}: key {state.file(KEY)} (0600), CSR {state.file('instance.csr')}")
     print(f"broker {settings.broker}, key provider {settings.provider}")
     print(f"next: a security administrator runs 'vtpm-broker admin token --instance {settings.name}';")
-    print(f"      then: {PROG} --state-dir {state.path} enroll --token TOKEN --wait 300")
+    print(f"      then: {PROG} --state-dir {state.path} enroll --token-file TOKEN-FILE --wait 300")
     return 0
+
+
+def _token(args) -> str | None:
+    if args.token_file is None:
+        return None if args.token is None else args.token.strip()
+    try:
+        if args.token_file == "-":
+            text = sys.stdin.readline()
+        else:
+            text = Path(args.token_file).read_text("utf-8")
+    except OSError as exc:
+        raise MgmtError(f"cannot read the token file {args.token_file} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise MgmtError(f"the token file {args.token_file} is not text") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise MgmtError(f"the token file {args.token_file} is empty; 'vtpm-broker admin token' prints the token")
+    return lines[0]
 
 
 def _enroll(state: StateDir, args) -> int:
     settings = state.settings()
     client = state.client(enrolled=False)
-    if args.token is not None:
-        answer = client.enroll(settings.name, args.token.strip(), state.csr_pem())
+    token = _token(args)
+    if token is not None:
+        answer = client.enroll(settings.name, token, state.csr_pem())
         try:
             state.save_enrollment(str(answer["enrollment_id"]), str(answer["poll_secret"]))
         except (KeyError, TypeError):
@@ -168,7 +191,7 @@ def _enroll(state: StateDir, args) -> int:
         if state.enrolled:
             print(f"{settings.name} is already enrolled ({state.file(CERT)})")
             return 0
-        raise MgmtError(f"no enrollment is pending for {settings.name}; give --token T")
+        raise MgmtError(f"no enrollment is pending for {settings.name}; give --token-file F (or --token=T)")
     deadline = time.monotonic() + max(0.0, args.wait)
     while True:
         try:

@@ -297,6 +297,22 @@ def test_unreachable_broker_is_one_line(tmp_path, capsys):
         run_cli(capsys, "--state-dir", state, "enroll", "--token", "t"), "(connection refused); is vtpm-broker running"
     )
     assert_one_line_error(run_cli(capsys, "--state-dir", state, "enroll"), "no enrollment is pending")
+    # Tokens are base64url: one starting with '-' goes in a file or after '='.
+    assert_one_line_error(run_cli(capsys, "--state-dir", state, "enroll", "--token=-x"), "connection refused")
+    token_file = tmp_path / "token"
+    token_file.write_text("-abc\n")
+    assert_one_line_error(
+        run_cli(capsys, "--state-dir", state, "enroll", "--token-file", str(token_file)), "connection refused"
+    )
+    token_file.write_text("\n")
+    assert_one_line_error(run_cli(capsys, "--state-dir", state, "enroll", "--token-file", str(token_file)), "empty")
+    assert_one_line_error(
+        run_cli(capsys, "--state-dir", state, "enroll", "--token-file", str(tmp_path / "none")), "cannot read"
+    )
+    assert_one_line_error(
+        run_cli(capsys, "--state-dir", state, "enroll", "--token-file", str(token_file), "--token=x"),
+        "not allowed with",
+    )
 
 
 def test_broker_url_parsing():

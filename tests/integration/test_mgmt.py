@@ -68,7 +68,7 @@ def enroll_with_approval(broker, state: Path, name: str) -> None:
     """`enroll --wait` runs while the security administrator approves."""
     token = broker.token(name)
     proc = subprocess.Popen(
-        command("vtpm-mgmt", "--state-dir", state, "enroll", "--token", token, "--wait", "60"),
+        command("vtpm-mgmt", "--state-dir", state, "enroll", f"--token={token}", "--wait", "60"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
