@@ -339,7 +339,9 @@ class Drill:
         )
 
     def _register(self) -> str:
-        hosts = [arg for host in self.hosts for arg in ("--host", host)]
+        # The hosts in the other order: most VMs now run on another host than
+        # before, which unseals the .nvram that travelled with the VM.
+        hosts = [arg for host in reversed(self.hosts) for arg in ("--host", host)]
         done = self._mgmt(INSTANCE_B, "vm", "register", "--datastore", self.datastore, *hosts, check=False)
         summary = next((line for line in done.stdout.splitlines() if "registered" in line), "")
         if done.returncode != 0:
