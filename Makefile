@@ -57,7 +57,7 @@ lint: venv
 	$(BIN)/ruff check kms_server broker tests bench
 
 bench: venv
-	$(BIN)/python bench/kmip_throughput.py
+	$(BIN)/python bench/kmip_throughput.py $(BENCH_ARGS)
 
 bench-nvram: venv
 	$(BIN)/python bench/nvram_seal.py
