@@ -71,10 +71,11 @@ _AGENTS: dict = {}
 
 
 def _preload() -> None:
+    from kmip.core.enums import ResultReason  # noqa: F401
+
     import broker.host.agent  # noqa: F401
     import broker.host.broker_client  # noqa: F401
     import kms_server.client  # noqa: F401
-    from kmip.core.enums import ResultReason  # noqa: F401
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
