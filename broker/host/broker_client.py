@@ -14,10 +14,10 @@ for the same VM can, so it is asked as well.
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Protocol
 
 from broker.host.config import HostConfig
@@ -44,6 +44,9 @@ class BrokerClient:
         config.require_certificate()
         self.config = config
         self._context: ssl.SSLContext | None = None
+        self._kmip = None
+        self._https: http.client.HTTPSConnection | None = None
+        self._api_prefix = ""
 
     # The gateway ---------------------------------------------------------------------------
 
@@ -54,22 +57,11 @@ class BrokerClient:
         from kms_server.client import KmipClient, KmipError
 
         cfg = self.config
+        client = self._gateway_client(KmipClient)
         try:
-            client = KmipClient(
-                list(cfg.gateway),
-                cfg.cert,
-                cfg.key,
-                cfg.ca,
-                connect_timeout=min(cfg.timeout, 10.0),
-                request_timeout=cfg.timeout,
+            dek = client.decrypt(
+                key_safe.kms_key_id, key_safe.wrapped_dek, iv=key_safe.iv, tag=key_safe.tag, mode="GCM"
             )
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise HostError(f"cannot load the host certificate, key or CA in {cfg.state_dir} ({exc})") from None
-        try:
-            with client:
-                dek = client.decrypt(
-                    key_safe.kms_key_id, key_safe.wrapped_dek, iv=key_safe.iv, tag=key_safe.tag, mode="GCM"
-                )
         except KmipError as exc:
             what = f"the broker refused to unwrap the DEK of VM {vm_name} ({vm_uuid})"
             if exc.reason in (ResultReason.ITEM_NOT_FOUND, ResultReason.PERMISSION_DENIED):
@@ -88,6 +80,32 @@ class BrokerClient:
         if len(dek) != 64:
             raise HostError(f"the broker's gateway returned a {len(dek) * 8}-bit key for VM {vm_name}, not 512 bits")
         return dek
+
+    def _gateway_client(self, client_class):
+        """One KMIP/TLS connection to the gateway, kept for the life of this
+        client: a host agent that powers on many VMs pays for the mutual-TLS
+        handshake once. The KMIP client reconnects by itself if the gateway
+        closed it."""
+        if self._kmip is None:
+            cfg = self.config
+            try:
+                self._kmip = client_class(
+                    list(cfg.gateway),
+                    cfg.cert,
+                    cfg.key,
+                    cfg.ca,
+                    connect_timeout=min(cfg.timeout, 10.0),
+                    request_timeout=cfg.timeout,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise HostError(f"cannot load the host certificate, key or CA in {cfg.state_dir} ({exc})") from None
+        return self._kmip
+
+    def close(self) -> None:
+        if self._kmip is not None:
+            self._kmip.close()
+            self._kmip = None
+        self._drop_connection()
 
     def _why_refused(self, vm_uuid: str, vm_name: str, reason: str) -> str:
         """Ask the API, as the same host, why: its refusals name the cause."""
@@ -138,34 +156,66 @@ class BrokerClient:
             self._context = context
         return self._context
 
+    def _connection(self) -> http.client.HTTPSConnection:
+        """One HTTPS connection to the management API, kept alive between
+        calls (the broker speaks HTTP/1.1), like the gateway connection."""
+        if self._https is None:
+            url = urllib.parse.urlsplit(self.config.api)
+            if url.scheme != "https" or not url.hostname:
+                raise HostError(f"the api URL {self.config.api} in config.toml must be https://HOST:PORT")
+            self._https = http.client.HTTPSConnection(
+                url.hostname, url.port or 443, timeout=self.config.timeout, context=self._ssl_context()
+            )
+            self._api_prefix = url.path.rstrip("/")
+        return self._https
+
+    def _exchange(self, method: str, path: str, payload: bytes | None) -> tuple[int, bytes]:
+        """Send one request, reconnecting once if the kept connection was
+        closed by the broker while idle (the request was then not seen)."""
+        for attempt in (1, 2):
+            connection = self._connection()
+            try:
+                connection.request(
+                    method,
+                    self._api_prefix + path,
+                    body=payload,
+                    headers={"Content-Type": "application/json", "Accept": "application/json"},
+                )
+                response = connection.getresponse()
+                return response.status, response.read(MAX_RESPONSE + 1)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                connection.close()
+                self._https = None
+                # Both calls are safe to repeat: GET, and a PUT of the same
+                # generation, which the broker accepts again.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         cfg = self.config
-        opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=self._ssl_context())
-        )
-        request = urllib.request.Request(
-            cfg.api + path,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-            method=method,
-        )
+        payload = None if body is None else json.dumps(body).encode()
         try:
-            with opener.open(request, timeout=cfg.timeout) as response:
-                data = response.read(MAX_RESPONSE + 1)
-        except urllib.error.HTTPError as exc:
-            detail = _error_text(exc.read(MAX_RESPONSE + 1))
-            if exc.code in (401, 403, 404):
-                raise BrokerRefused(f"the broker refused {method} {path} (HTTP {exc.code}): {detail}") from None
-            if exc.code == 409:
-                raise RollbackRefused(f"the broker refused the .nvram generation (HTTP 409): {detail}") from None
-            raise HostError(f"the broker answered {method} {path} with HTTP {exc.code}: {detail}") from None
-        except urllib.error.URLError as exc:
+            status, data = self._exchange(method, path, payload)
+        except ssl.SSLError as exc:
+            self._drop_connection()
             raise BrokerUnavailable(
-                f"cannot reach the broker's API at {cfg.api} ({exc.reason}); check that vtpm-broker runs "
+                f"cannot reach the broker's API at {cfg.api} ({exc}); check that vtpm-broker runs "
                 "and the api URL in config.toml"
             ) from None
-        except (TimeoutError, OSError) as exc:
-            raise BrokerUnavailable(f"no answer from the broker's API at {cfg.api} ({exc})") from None
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+            self._drop_connection()
+            raise BrokerUnavailable(
+                f"cannot reach the broker's API at {cfg.api} ({exc}); check that vtpm-broker runs "
+                "and the api URL in config.toml"
+            ) from None
+        if status >= 400:
+            detail = _error_text(data)
+            if status in (401, 403, 404):
+                raise BrokerRefused(f"the broker refused {method} {path} (HTTP {status}): {detail}")
+            if status == 409:
+                raise RollbackRefused(f"the broker refused the .nvram generation (HTTP 409): {detail}")
+            raise HostError(f"the broker answered {method} {path} with HTTP {status}: {detail}")
         try:
             answer = json.loads(data)
         except ValueError:
@@ -173,6 +223,11 @@ class BrokerClient:
         if len(data) > MAX_RESPONSE or not isinstance(answer, dict):
             raise HostError(f"the broker's answer to {method} {path} is not a JSON object")
         return answer
+
+    def _drop_connection(self) -> None:
+        if self._https is not None:
+            self._https.close()
+            self._https = None
 
 
 def _generation(answer: dict) -> int:
