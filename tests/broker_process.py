@@ -3,9 +3,8 @@ steps every broker test takes (enroll an instance, register a host, create a
 VM): set up with `vtpm-broker init`, its KMS client certificate signed by the
 test PKI's CA, started with `vtpm-broker run`, spoken to over real TLS.
 
-Used by tests/integration/test_broker_swtpm_setup.py and
-test_broker_postgresql.py (test_broker_api.py has its own copy of the
-same helpers).
+Used by tests/integration/test_broker_api.py, test_broker_swtpm_setup.py
+and test_broker_postgresql.py.
 """
 
 from __future__ import annotations

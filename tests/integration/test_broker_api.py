@@ -9,18 +9,15 @@ import base64
 import datetime as dt
 import json
 import os
-import queue
-import signal
-import subprocess
-import sys
 import textwrap
-import threading
 import time
 import uuid
 from pathlib import Path
 
+import broker_process
 import pytest
 import requests
+from broker_process import Broker, assert_error, create_vm, new_key_and_csr
 from conftest import start_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,82 +28,10 @@ from broker.keysafe import KeySafe, format_key_safe, parse_key_safe
 from kms_server.admin import pki
 from kms_server.client import KmipClient
 
-PROVIDER = "kms-test"
+PROVIDER = broker_process.PROVIDER
 
 
 # --- The broker process ---------------------------------------------------------------------
-
-
-class Broker:
-    def __init__(self, workdir: Path, config: Path):
-        self.workdir = workdir
-        self.config = config
-        self.proc: subprocess.Popen | None = None
-        self.log: list[str] = []
-        self.port = 0
-        self.gateway_port = 0
-        self.ca = workdir / "data" / "trust-ca.pem"
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [sys.executable, "-m", "broker.cli", "--config", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"vtpm-broker {' '.join(args)} failed: {result.stderr}")
-        return result
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", "--config", str(self.config), "run"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        threading.Thread(target=lambda: [self.log.append(x.rstrip()) for x in self.proc.stderr], daemon=True).start()
-        lines: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            for line in self.proc.stdout:
-                lines.put(line)
-            lines.put("")
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (self.port and self.gateway_port):
-            try:
-                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if not line:
-                break
-            if "api listening on" in line:
-                self.port = int(line.strip().rsplit(":", 1)[1])
-                # The gateway announces right after the API, if it runs.
-                deadline = min(deadline, time.monotonic() + 10)
-            elif "gateway listening on" in line:
-                self.gateway_port = int(line.strip().rsplit(":", 1)[1])
-        if not self.port:
-            self.proc.kill()
-            raise RuntimeError("vtpm-broker did not start:\n" + "\n".join(self.log))
-
-    def stop(self) -> int:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode if self.proc else 0
-
-    def url(self, path: str) -> str:
-        return f"https://127.0.0.1:{self.port}{path}"
-
-    def call(self, method: str, path: str, identity: tuple[str, str] | None = None, **kwargs) -> requests.Response:
-        return requests.request(method, self.url(path), cert=identity, verify=str(self.ca), timeout=60, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +79,7 @@ def broker(tmp_path_factory, pki_dir, kms):
             """
         )
     )
-    b = Broker(workdir, config)
+    b = Broker(workdir, config, workdir / "data")
     init = b.cli("init")
     csr = workdir / "data" / "kms-client.csr"
     assert f"kms-admin pki sign-csr --csr {csr} --out {workdir / 'data' / 'kms-client.pem'}" in init.stdout
@@ -179,20 +104,6 @@ def kms_admin(kms, pki_dir):
 # --- Helpers ----------------------------------------------------------------------------------
 
 
-def new_key_and_csr(directory: Path, name: str) -> tuple[Path, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    key_path = directory / f"{name}.key"
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .sign(key, hashes.SHA256())
-    )
-    return key_path, csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def enroll(broker: Broker, name: str) -> tuple[str, str]:
     """Token, enrollment, approval by the admin CLI, poll: (cert, key) paths."""
     token = broker.cli("admin", "token", "--instance", name).stdout.strip()
@@ -214,38 +125,17 @@ def enroll(broker: Broker, name: str) -> tuple[str, str]:
 
 
 def register_host(broker: Broker, identity, name: str) -> tuple[str, str]:
-    key_path, csr = new_key_and_csr(broker.workdir, f"host-{name}")
-    answer = broker.call("POST", "/v1/hosts", identity, json={"name": name, "csr_pem": csr})
-    assert answer.status_code == 201, answer.text
-    cert = x509.load_pem_x509_certificate(answer.json()["certificate_pem"].encode())
+    cert_path, key_path = broker_process.register_host(broker, identity, name)
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == f"host:{name}"
     cert.verify_directly_issued_by(x509.load_pem_x509_certificate(broker.ca.read_bytes()))
-    cert_path = broker.workdir / f"host-{name}.pem"
-    cert_path.write_text(answer.json()["certificate_pem"])
-    return str(cert_path), str(key_path)
-
-
-def create_vm(broker: Broker, identity, host: str | None = None) -> dict:
-    vm_uuid = str(uuid.uuid4())
-    body = {"vm_uuid": vm_uuid, "name": f"vm-{vm_uuid[:8]}"}
-    if host:
-        body["host"] = host
-    answer = broker.call("POST", "/v1/vms", identity, json=body)
-    assert answer.status_code == 201, answer.text
-    return answer.json()
+    return cert_path, key_path
 
 
 def vms_of(broker: Broker, identity) -> list[dict]:
     answer = broker.call("GET", "/v1/vms", identity)
     assert answer.status_code == 200, answer.text
     return answer.json()["vms"]
-
-
-def assert_error(answer: requests.Response, status: int, words: str) -> None:
-    assert answer.status_code == status, answer.text
-    error = answer.json()["error"]
-    assert words in error, error
-    assert "\n" not in error and "Traceback" not in answer.text
 
 
 # --- Enrollment ---------------------------------------------------------------------------------
