@@ -22,7 +22,6 @@ Relative paths in the file are relative to the file; paths derived from
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -48,6 +47,7 @@ from kms_server.config import (
     _redact_url,
     _Source,
     _suggest,
+    _toml_value,
 )
 
 __all__ = [
@@ -404,18 +404,6 @@ def load_config(
         )
     sections = {name: _TYPES[name](**vals) for name, vals in values.items()}
     return BrokerConfig(**sections, source=source_path)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot show {value!r} as TOML")
 
 
 def format_config(cfg: BrokerConfig) -> str:
