@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 DEV_PKI = certs/dev
 PYTEST_ARGS ?=
 
-.PHONY: run test venv pki master-key check-config clean lint bench bench-nvram bench-cluster bench-gateway demo
+.PHONY: run test venv pki master-key check-config clean lint bench bench-nvram bench-cluster bench-gateway demo conformance
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,12 @@ run: venv pki master-key
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The OASIS KMIP profile test flows (1.4, 2.0, 2.1; mandatory and optional)
+# against a server of its own: figures per version and set, and the list of
+# flows in build/conformance.txt (docs/conformance.md explains the failures).
+conformance: venv
+	$(BIN)/python tests/conformance/runner.py $(CONFORMANCE_ARGS)
 
 # The disaster-recovery drill: a KMS, the broker, 2 hosts and 10 VMs with a
 # real vTPM each; the management plane is lost and every vTPM recovered.

@@ -31,7 +31,7 @@ class Material:
                 Tags.KEY_VALUE.value,
                 [
                     ttlv.byte_string(Tags.KEY_MATERIAL.value, self.data),
-                    ttlv.integer(Tags.ATTRIBUTE_INDEX.value, self.subtype) if self.subtype is not None else None,
+                    _subtype_item(self.subtype) if self.subtype is not None else None,
                 ],
             )
         )
@@ -40,6 +40,14 @@ class Material:
     def from_bytes(cls, data: bytes) -> Material:
         item = ttlv.decode(data)
         return cls(item.get(Tags.KEY_MATERIAL.value), item.get(Tags.ATTRIBUTE_INDEX.value))
+
+
+def _subtype_item(subtype: int) -> Item:
+    # Vendor extension values (Opaque Data Type 0x80000001) do not fit a
+    # signed 32-bit Integer; those are kept as a Long Integer.
+    if -(2**31) <= subtype < 2**31:
+        return ttlv.integer(Tags.ATTRIBUTE_INDEX.value, subtype)
+    return ttlv.long_integer(Tags.ATTRIBUTE_INDEX.value, subtype)
 
 
 @dataclass
