@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "AccessConfig",
+    "AuditConfig",
     "Config",
     "ConfigError",
     "LoggingConfig",
@@ -57,6 +58,7 @@ SECRET_FILE_KEYS = frozenset(
         ("master_key", "file"),
         ("master_key", "passphrase_file"),
         ("access", "credentials_file"),
+        ("audit", "signing_key_file"),
     }
 )
 
@@ -121,7 +123,26 @@ class LoggingConfig:
     level: str
 
 
-SECTION_ORDER = ("server", "tls", "storage", "master_key", "access", "logging")
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit trail (docs/audit-trail.md). `enabled = false` exists to
+    measure what auditing costs; a production node keeps it on."""
+
+    enabled: bool = True
+    # Ed25519 key that signs checkpoints (kms-admin audit key new).
+    signing_key_file: Path | None = None
+    checkpoint_seconds: float = 60.0
+    # SIEM sinks, fed after commit: a JSON-lines file, and syslog (RFC 5424)
+    # at udp://host:port or tcp://host:port.
+    jsonl_file: Path | None = None
+    syslog: str | None = None
+    # The security team's HTTPS page (mutual TLS, auditors and
+    # administrators); 0 turns it off.
+    web_host: str = "127.0.0.1"
+    web_port: int | None = None
+
+
+SECTION_ORDER = ("server", "tls", "storage", "master_key", "access", "logging", "audit")
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,7 @@ class Config:
     master_key: MasterKeyConfig
     access: AccessConfig
     logging: LoggingConfig
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: Path | None = field(default=None, compare=False)
 
     def redacted(self) -> dict[str, dict[str, Any]]:
@@ -196,6 +218,10 @@ class Config:
                 _check_file(
                     "access.credentials_file", self.access.credentials_file, secret=True
                 )
+            )
+        if self.audit.signing_key_file is not None:
+            problems.extend(
+                _check_file("audit.signing_key_file", self.audit.signing_key_file, secret=True)
             )
         return problems
 
@@ -293,6 +319,17 @@ def _port(key: str, value: Any, src: _Source) -> int:
         raise _fail(
             key, "an integer between 1 and 65535, or 0 for any free port", value
         )
+    return value
+
+
+def _syslog_url(key: str, value: Any, src: _Source) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    try:
+        port = parts.port if parts is not None else None
+    except ValueError:
+        port = None
+    if parts is None or parts.scheme not in ("udp", "tcp") or not parts.hostname or port is None:
+        raise _fail(key, 'a syslog address such as "udp://127.0.0.1:514" or "tcp://siem.example:6514"', value)
     return value
 
 
@@ -417,6 +454,15 @@ _SCHEMA: dict[str, dict[str, tuple[_Validator, Any]]] = {
     "logging": {
         "level": (_choice(LOG_LEVELS, upper=True), "INFO"),
     },
+    "audit": {
+        "enabled": (_bool, True),
+        "signing_key_file": (_path, None),
+        "checkpoint_seconds": (_positive_seconds(86400.0), 60.0),
+        "jsonl_file": (_path, None),
+        "syslog": (_syslog_url, None),
+        "web_host": (_nonempty_str, "127.0.0.1"),
+        "web_port": (_port, None),
+    },
 }
 
 _SECTION_TYPES: dict[str, type] = {
@@ -426,6 +472,7 @@ _SECTION_TYPES: dict[str, type] = {
     "master_key": MasterKeyConfig,
     "access": AccessConfig,
     "logging": LoggingConfig,
+    "audit": AuditConfig,
 }
 
 

@@ -19,8 +19,12 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from kms_server import cluster, credentials
+from kms_server.audit import sinks as audit_sinks
+from kms_server.audit.record import AuditDraft, client_fields
+from kms_server.audit.trail import AuditTrail, AuditWriteFailed
 from kms_server.config import Config
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
+from kms_server.keystore import audit_key
 from kms_server.keystore.barrier import open_barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.policy import Principal, role_for
@@ -53,6 +57,30 @@ class KmsService(service.Service):
             self.storage.close()
             raise
         self.keystore = Keystore(self.storage, barrier)
+        self.trail = None
+        self.sinks = None
+        self.checkpoint_loop = None
+        self._refusals = _RefusalBudget()
+        if cfg.audit.enabled:
+            try:
+                signer = audit_key.load_signer(cfg.audit.signing_key_file) if cfg.audit.signing_key_file else None
+                self.sinks = audit_sinks.build(cfg.audit)
+            except Exception:
+                self.storage.close()
+                raise
+            if signer is None:
+                log.warning(
+                    "audit checkpoints are not signed: set [audit] signing_key_file "
+                    "(kms-admin audit key new); without them a truncated trail goes unnoticed"
+                )
+            self.trail = AuditTrail(
+                self.storage,
+                cfg.server.node_name,
+                signer=signer,
+                publish=self.sinks.publish if self.sinks is not None else None,
+            )
+        else:
+            log.warning("AUDITING IS OFF ([audit] enabled = false): key accesses are not recorded")
         authenticate = None
         if cfg.access.require_credential:
             authenticate = credentials.Authenticator(credentials.load(cfg.access.credentials_file))
@@ -62,6 +90,7 @@ class KmsService(service.Service):
             node=cfg.server.node_name,
             authenticate=authenticate,
             retry_delays=retry_schedule(cfg.storage.retry_seconds),
+            trail=self.trail,
         )
         self.context_factory = tls.server_context_factory(cfg.tls)
         self.threadpool = ThreadPool(minthreads=1, maxthreads=cfg.server.worker_threads, name="kms-workers")
@@ -74,7 +103,9 @@ class KmsService(service.Service):
             idle_timeout=cfg.server.idle_timeout,
             handshake_timeout=cfg.server.handshake_timeout,
             max_connections=cfg.server.max_connections,
+            refused=self._refused,
         )
+        self.web_port = None
 
     def _identify(self, certificate, peer: str) -> ConnectionInfo:
         if certificate is None:
@@ -90,6 +121,53 @@ class KmsService(service.Service):
 
     def _handle(self, message: bytes, conn: ConnectionInfo) -> bytes | None:
         return self.dispatcher.handle(message, conn)
+
+    def _refused(self, peer: str, reason: str, certificate) -> None:
+        """A connection refused at the TLS layer goes into the trail, with
+        the certificate's identity when one was presented. A flood of them
+        is summarized instead of recorded one by one."""
+        if self.trail is None:
+            return
+        suppressed = self._refusals.take(self.reactor.seconds())
+        if suppressed is None:
+            return
+        principal = None
+        if certificate is not None:
+            try:
+                identity = tls.peer_identity(certificate, self.cfg.tls.identity)
+                principal = Principal(
+                    name=identity.name, role=None, subject=identity.subject, fingerprint=identity.fingerprint_sha256
+                )
+            except Exception:
+                principal = None
+        draft = AuditDraft(
+            event="tls-refused",
+            request_id="-",
+            item=None,
+            client=client_fields(principal),
+            peer=peer,
+            protocol=None,
+            operation="-",
+        )
+        detail = reason if not suppressed else f"{reason} ({suppressed} earlier refusals not recorded one by one)"
+        entry = draft.entry("OPERATION_FAILED", "TLS_REFUSED", detail)
+
+        def write():
+            try:
+                self.trail.write(entry)
+            except AuditWriteFailed as exc:
+                log.error("audit record of a refused connection from %s not written: %s", peer, exc)
+
+        deferToThreadPool(self.reactor, self.threadpool, write)
+
+    def _checkpoint(self) -> None:
+        try:
+            checkpoint = self.trail.checkpoint()
+        except Exception as exc:
+            log.error("audit checkpoint failed: %s", exc)
+            return
+        if checkpoint is not None:
+            log.info("audit checkpoint signed at record %d", checkpoint.seq)
 
     def reload_tls(self) -> None:
         """Re-read the server certificate and the pinned client
@@ -118,14 +196,37 @@ class KmsService(service.Service):
             )
             self.heartbeat_loop.clock = self.reactor
             self.heartbeat_loop.start(cluster.HEARTBEAT_SECONDS, now=True)
+        if self.trail is not None and self.trail.signer is not None:
+            self.checkpoint_loop = task.LoopingCall(
+                lambda: deferToThreadPool(self.reactor, self.threadpool, self._checkpoint)
+            )
+            self.checkpoint_loop.clock = self.reactor
+            self.checkpoint_loop.start(self.cfg.audit.checkpoint_seconds, now=False)
+        if self.trail is not None and self.cfg.audit.web_port is not None:
+            from kms_server.audit import web
+
+            site = web.make_site(self.storage, self.trail.signer.public if self.trail.signer else None, self._identify)
+            self.web_port = self.reactor.listenSSL(
+                self.cfg.audit.web_port, site, self.context_factory, interface=self.cfg.audit.web_host
+            )
+            web_address = self.web_port.getHost()
+            self.announce(f"kms-server audit page on https://{web_address.host}:{web_address.port}/")
 
     @defer.inlineCallbacks
     def stopService(self):
         log.info("stopping: no new connections; draining requests in flight")
         if self.port is not None:
             yield self.port.stopListening()
+        if self.web_port is not None:
+            yield self.web_port.stopListening()
         yield self.factory.drain()
         yield self.factory.close_all()
+        if self.checkpoint_loop is not None and self.checkpoint_loop.running:
+            self.checkpoint_loop.stop()
+            # A last checkpoint, so that removing the newest records shows.
+            yield deferToThreadPool(self.reactor, self.threadpool, self._checkpoint)
+        if self.sinks is not None:
+            yield deferToThreadPool(self.reactor, self.threadpool, self.sinks.close)
         if self.heartbeat_loop is not None and self.heartbeat_loop.running:
             self.heartbeat_loop.stop()
             yield deferToThreadPool(self.reactor, self.threadpool, self.heartbeat.leave)
@@ -133,6 +234,26 @@ class KmsService(service.Service):
         self.storage.close()
         yield super().stopService()
         log.info("stopped")
+
+
+class _RefusalBudget:
+    """At most `rate` refusal records per second (burst `burst`); the rest
+    are counted and the count goes into the next record written."""
+
+    def __init__(self, rate: float = 5.0, burst: float = 20.0):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.last, self.suppressed = burst, None, 0
+
+    def take(self, now: float) -> int | None:
+        if self.last is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            self.suppressed += 1
+            return None
+        self.tokens -= 1
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
 
 
 def build(cfg: Config, reactor) -> service.MultiService:

@@ -70,7 +70,13 @@ BATCH_ROWS = 1000
 # The tables a backup holds, parents before children (restore inserts in
 # this order). A table added to kms_server.storage.sql (the audit trail) goes
 # here or into NOT_BACKED_UP; a test fails until it is in one of them.
-BACKUP_TABLES: tuple[str, ...] = ("kms_meta", "kms_objects", "kms_attributes")
+BACKUP_TABLES: tuple[str, ...] = (
+    "kms_meta",
+    "kms_objects",
+    "kms_attributes",
+    "kms_audit",
+    "kms_audit_checkpoints",
+)
 NOT_BACKED_UP: dict[str, str] = {
     "kms_nodes": "liveness of running nodes: each node records itself again when it starts",
 }
@@ -80,6 +86,8 @@ _DESCRIPTIONS = {
     "kms_objects": ("object", "objects"),
     "kms_attributes": ("attribute", "attributes"),
     "kms_meta": ("server value", "server values"),
+    "kms_audit": ("audit record", "audit records"),
+    "kms_audit_checkpoints": ("audit checkpoint", "audit checkpoints"),
 }
 
 _PREFIX = struct.Struct(">8sHI")  # magic, format version, header length

@@ -26,6 +26,8 @@ from kmip.core.enums import (
 )
 
 from kms_server import errors
+from kms_server.audit.record import AuditDraft, client_fields, request_attributes
+from kms_server.audit.trail import AuditWriteFailed
 from kms_server.dispatch.context import BatchState, RequestContext
 from kms_server.dispatch.errors import GENERAL_FAILURE_MESSAGE, result_reason
 from kms_server.keystore.policy import Principal
@@ -35,7 +37,7 @@ from kms_server.wire.ttlv import Item, ItemType
 
 log = logging.getLogger("kms_server.dispatch")
 
-SUPPORTED_VERSIONS: tuple[tuple[int, int], ...] = ((2, 0), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0))
+SUPPORTED_VERSIONS: tuple[tuple[int, int], ...] = ((2, 1), (2, 0), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0))
 def retry_schedule(total_seconds: float, first: float = 0.25, cap: float = 4.0) -> tuple[float, ...]:
     """Waits before each new attempt of an item whose database connection
     was lost: doubling from `first`, at most `cap` each, `total_seconds` in
@@ -71,8 +73,12 @@ class Dispatcher:
         max_depth: int = ttlv.DEFAULT_MAX_DEPTH,
         retry_delays: tuple[float, ...] = STORAGE_RETRY_DELAYS,
         sleep: Callable[[float], None] = time.sleep,
+        trail=None,
     ):
         self.keystore = keystore
+        # The audit trail (kms_server/audit); None only when an operator
+        # turned auditing off ([audit] enabled = false).
+        self.trail = trail
         self.operations = operations
         self.node = node
         # When set, every request must carry a username/password Credential
@@ -91,10 +97,12 @@ class Dispatcher:
             message = ttlv.decode(data, self.max_depth)
         except ttlv.TTLVError as exc:
             log.info("request %s from %s: undecodable message: %s", request_id, conn.peer, exc)
+            self._record_refusal(conn, request_id, None, "undecodable-message", "INVALID_MESSAGE", str(exc))
             return None
         version = _protocol_version(message)
         if version is None:
             log.info("request %s from %s: no protocol version in the header", request_id, conn.peer)
+            self._record_refusal(conn, request_id, None, "undecodable-message", "INVALID_MESSAGE", "no protocol version")
             return None
         try:
             return self._handle_message(message, version, conn, request_id)
@@ -102,6 +110,8 @@ class Dispatcher:
             respond_version = _closest_version(version)
             reason, text = result_reason(exc, respond_version[0])
             log.info("request %s from %s refused: %s", request_id, conn.peer, text)
+            principal = getattr(exc, "principal", None) or conn.principal
+            self._record_refusal(conn, request_id, version, "message-refused", reason.name, text, principal)
             return ttlv.encode(self._error_response(respond_version, reason, text))
         except Exception:
             log.exception("request %s from %s: internal error", request_id, conn.peer)
@@ -142,8 +152,8 @@ class Dispatcher:
         )
 
         responses: list[Item] = []
-        for item in items:
-            response, failed = self._handle_item(ctx, item)
+        for index, item in enumerate(items):
+            response, failed = self._handle_item(ctx, item, index)
             responses.append(response)
             if failed and continuation != BatchErrorContinuationOption.CONTINUE.value:
                 # STOP, and UNDO which this server treats as STOP (README,
@@ -168,7 +178,7 @@ class Dispatcher:
             encoded = ttlv.encode(self._response(header_items, too_large))
         return encoded
 
-    def _handle_item(self, ctx: RequestContext, item: Item) -> tuple[Item, bool]:
+    def _handle_item(self, ctx: RequestContext, item: Item, index: int = 0) -> tuple[Item, bool]:
         operation_value = item.get(T.OPERATION.value)
         batch_id = item.find(T.UNIQUE_BATCH_ITEM_ID.value)
         payload = item.find(T.REQUEST_PAYLOAD.value)
@@ -176,6 +186,7 @@ class Dispatcher:
             ttlv.enumeration(T.OPERATION.value, operation_value) if isinstance(operation_value, int) else None,
             batch_id,
         ]
+        draft = self._draft(ctx, operation_value, payload, index)
         try:
             try:
                 operation = Operation(operation_value)
@@ -186,7 +197,11 @@ class Dispatcher:
                 raise errors.OperationNotSupported(f"{operation.name} is not supported by this server")
             if payload is None or payload.type != ItemType.STRUCTURE:
                 raise errors.InvalidMessage("Request Payload is missing")
-            result = self._run(handler, ctx, payload)
+            result = self._run(handler, ctx, payload, draft)
+            if draft is not None and draft.written is None:
+                # Reads, and writes that changed nothing: the record is
+                # stored before the answer leaves (fail closed).
+                self.trail.write(draft.entry("SUCCESS", None))
             body = head + [
                 ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.SUCCESS.value),
                 ttlv.structure(T.RESPONSE_PAYLOAD.value, result),
@@ -202,20 +217,76 @@ class Dispatcher:
                 reason.name,
                 text,
             )
+        except AuditWriteFailed as exc:
+            log.error("request %s %s: audit record not written, answer withheld: %s", ctx.request_id, _op_name(operation_value), exc)
+            reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
         except Exception:
             log.exception("request %s %s: internal error", ctx.request_id, _op_name(operation_value))
             reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
+        if draft is not None:
+            try:
+                self.trail.write(draft.entry("OPERATION_FAILED", reason.name, text))
+            except AuditWriteFailed as exc:
+                log.error("request %s: audit record of a refusal not written: %s", ctx.request_id, exc)
+                reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
         body = head + _failure_fields(reason, text)
         return ttlv.structure(T.BATCH_ITEM.value, body), True
 
-    def _run(self, handler: Handler, ctx: RequestContext, payload: Item) -> list[Item]:
+    def _draft(self, ctx: RequestContext, operation_value, payload: Item | None, index: int) -> AuditDraft | None:
+        if self.trail is None:
+            return None
+        requested = payload.get(T.UNIQUE_IDENTIFIER.value) if payload is not None and payload.type == ItemType.STRUCTURE else None
+        return AuditDraft(
+            event="request",
+            request_id=ctx.request_id,
+            item=index,
+            client=client_fields(ctx.principal),
+            peer=ctx.peer,
+            protocol=f"{ctx.version[0]}.{ctx.version[1]}",
+            operation=_op_name(operation_value),
+            attributes=request_attributes(payload),
+            requested=requested if isinstance(requested, str) else None,
+        )
+
+    def _record_refusal(
+        self,
+        conn: ConnectionInfo,
+        request_id: str,
+        version: tuple[int, int] | None,
+        event: str,
+        reason: str,
+        text: str,
+        principal: Principal | None = None,
+    ) -> None:
+        """A message refused as a whole (undecodable, bad header, failed
+        authentication): recorded with what is known."""
+        if self.trail is None:
+            return
+        draft = AuditDraft(
+            event=event,
+            request_id=request_id,
+            item=None,
+            client=client_fields(principal or conn.principal),
+            peer=conn.peer,
+            protocol=f"{version[0]}.{version[1]}" if version else None,
+            operation="-",
+        )
+        try:
+            self.trail.write(draft.entry("OPERATION_FAILED", reason, text))
+        except AuditWriteFailed as exc:
+            log.error("request %s: audit record of a refused message not written: %s", request_id, exc)
+
+    def _run(self, handler: Handler, ctx: RequestContext, payload: Item, draft: AuditDraft | None = None) -> list[Item]:
         """Run one item. When the database connection is lost before a
         commit, nothing was stored, so the item is run again (this is how
         reads and writes ride out a failover); when it is lost during the
         commit, the outcome is unknown and the client is told so."""
+        keystore = self.keystore if draft is None else self.keystore.for_item(self.trail, draft)
         for delay in (*self.retry_delays, None):
+            if draft is not None:
+                draft.reset()
             try:
-                return handler(ctx, self.keystore, payload)
+                return handler(ctx, keystore, payload)
             except StorageUnavailable as exc:
                 if exc.commit_unknown:
                     log.error("request %s: database connection lost while committing: %s", ctx.request_id, exc)
@@ -240,7 +311,16 @@ class Dispatcher:
                 password = value.get(T.PASSWORD.value) if value is not None else None
                 if self.authenticate is not None:
                     if not isinstance(username, str) or not isinstance(password, str) or not self.authenticate(username, password):
-                        raise errors.AuthenticationNotSuccessful("username or password not accepted")
+                        refused = errors.AuthenticationNotSuccessful("username or password not accepted")
+                        # The audit record names who tried (never the password).
+                        refused.principal = Principal(
+                            name=principal.name,
+                            role=principal.role,
+                            subject=principal.subject,
+                            fingerprint=principal.fingerprint,
+                            username=username if isinstance(username, str) else None,
+                        )
+                        raise refused
         if self.authenticate is not None and username is None:
             raise errors.AuthenticationNotSuccessful("a username/password Credential is required")
         if username is None:

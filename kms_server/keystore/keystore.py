@@ -8,6 +8,7 @@ clock, so nothing here keeps per-request state.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -31,14 +32,40 @@ from kms_server.wire.ttlv import Item
 
 
 class Keystore:
+    # (trail, draft) when bound to one request item by `for_item`.
+    _audit = None
+
     def __init__(self, storage: Storage, barrier: Barrier):
         self.storage = storage
         self.barrier = barrier
 
+    def for_item(self, trail, draft) -> Keystore:
+        """A view of this keystore for one request item: its write
+        transactions commit the item's audit record with the change, and
+        every object it touches is noted in `draft`. The view is made per
+        item and shared with nothing else."""
+        bound = copy.copy(self)
+        bound._audit = (trail, draft)
+        return bound
+
     @contextmanager
     def transaction(self, read_only: bool = False) -> Iterator[Transaction]:
+        record = None
         with self.storage.transaction(read_only=read_only) as txn:
             yield txn
+            if self._audit is not None and not read_only:
+                # The block finished: the change and its record commit
+                # together, or neither does (docs/audit-trail.md).
+                trail, draft = self._audit
+                record = trail.append(txn, draft.entry("SUCCESS", None))
+        if record is not None:
+            trail, draft = self._audit
+            draft.written = record
+            trail.publish(record)
+
+    def _touch(self, obj: ManagedObject) -> None:
+        if self._audit is not None:
+            self._audit[1].touch(obj)
 
     # Creation.
     def validate_client_attributes(
@@ -100,6 +127,7 @@ class Keystore:
         except ObjectExists:
             raise errors.ObjectAlreadyExists(f"object {uid} already exists") from None
         obj.version = 1
+        self._touch(obj)
         return obj
 
     # Reading.
@@ -118,6 +146,7 @@ class Keystore:
         check(principal, action, stored.owner)
         obj = ManagedObject.from_stored(stored)
         lifecycle.apply_dates(obj, now)
+        self._touch(obj)
         return obj
 
     def material(self, obj: ManagedObject) -> Material:
@@ -143,6 +172,7 @@ class Keystore:
                 f"object {obj.uid} was changed by a concurrent request; retry"
             ) from None
         obj.version = stored.version
+        self._touch(obj)
 
     # Locate (KMIP 1.4, 4.9).
     def locate(

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 from kms_server.storage.base import (
+    AuditQuery,
     ConcurrentModification,
     LocateQuery,
     ObjectExists,
     Storage,
     StorageError,
     StoredAttribute,
+    StoredAuditRecord,
+    StoredCheckpoint,
     StoredObject,
     Transaction,
 )
 
 __all__ = [
+    "AuditQuery",
     "ConcurrentModification",
     "LocateQuery",
     "ObjectExists",
     "Storage",
     "StorageError",
     "StoredAttribute",
+    "StoredAuditRecord",
+    "StoredCheckpoint",
     "StoredObject",
     "Transaction",
     "open_storage",

@@ -76,6 +76,57 @@ class LocateQuery:
     limit: int | None = None
 
 
+@dataclass(frozen=True)
+class StoredAuditRecord:
+    """One record of the audit trail. `body` is the record's canonical JSON
+    (what its hash covers, see kms_server/audit/chain.py); the other
+    columns repeat fields of the body so that the trail can be searched
+    with indexes, and verification checks that they still agree."""
+
+    seq: int
+    time: float
+    node: str
+    operation: str
+    uid: str | None
+    client: str
+    result: str
+    x_component: str | None
+    x_name: str | None
+    x_identifier: str | None
+    body: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A signed statement that the trail's record `seq` has hash `head_hash`."""
+
+    seq: int
+    time: float
+    node: str
+    head_hash: str
+    key_id: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Records with seq > `after_seq`, in seq order, matching every filter
+    that is set. `names` matches x-Name or x-Identifier; `component`
+    x-Component."""
+
+    after_seq: int = 0
+    limit: int | None = None
+    uids: tuple[str, ...] | None = None
+    operation: str | None = None
+    client: str | None = None
+    result: str | None = None
+    since: float | None = None
+    until: float | None = None
+    names: tuple[str, ...] | None = None
+    component: str | None = None
+
+
 class Transaction(abc.ABC):
     @abc.abstractmethod
     def insert_object(self, obj: StoredObject) -> None:
@@ -108,6 +159,31 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     def set_meta(self, key: str, value: bytes) -> None:
         """Insert or replace a server-wide value."""
+
+
+    # The audit trail (kms_server/audit). Records are only ever appended.
+    @abc.abstractmethod
+    def audit_head(self, lock: bool = False) -> tuple[int, str] | None:
+        """(seq, hash) of the last record, or None for an empty trail.
+        `lock` serializes appenders across every node until the transaction
+        ends (write transactions only)."""
+
+    @abc.abstractmethod
+    def insert_audit(self, record: StoredAuditRecord) -> None:
+        """Append one record; its seq must be new."""
+
+    @abc.abstractmethod
+    def audit_records(self, query: AuditQuery) -> list[StoredAuditRecord]:
+        """Records matching the query, in seq order."""
+
+    @abc.abstractmethod
+    def insert_checkpoint(self, checkpoint: StoredCheckpoint) -> bool:
+        """Store a checkpoint; False (and nothing stored) if one for that
+        seq exists already."""
+
+    @abc.abstractmethod
+    def audit_checkpoints(self) -> list[StoredCheckpoint]:
+        """Every checkpoint, in seq order."""
 
 
 class Storage(abc.ABC):

@@ -14,12 +14,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kms_server.storage.base import (
+    AuditQuery,
     ConcurrentModification,
     LocateQuery,
     ObjectExists,
     Storage,
     StorageError,
     StoredAttribute,
+    StoredAuditRecord,
+    StoredCheckpoint,
     StoredObject,
     Transaction,
 )
@@ -32,6 +35,8 @@ class _State:
     objects: dict[str, StoredObject] = field(default_factory=dict)
     meta: dict[str, bytes] = field(default_factory=dict)
     next_sequence: int = 1
+    audit: dict[int, StoredAuditRecord] = field(default_factory=dict)
+    checkpoints: dict[int, StoredCheckpoint] = field(default_factory=dict)
 
 
 def _copy_object(obj: StoredObject) -> StoredObject:
@@ -140,6 +145,49 @@ class _MemoryTransaction(Transaction):
     def set_meta(self, key: str, value: bytes) -> None:
         with self._op("set_meta", write=True):
             self._state.meta[key] = bytes(value)
+
+
+    def audit_head(self, lock: bool = False) -> tuple[int, str] | None:
+        with self._op("audit_head", write=lock):
+            if not self._state.audit:
+                return None
+            last = self._state.audit[max(self._state.audit)]
+            return last.seq, last.hash
+
+    def insert_audit(self, record: StoredAuditRecord) -> None:
+        with self._op("insert_audit", write=True):
+            if record.seq in self._state.audit:
+                raise StorageError(f"insert_audit: record {record.seq} exists")
+            self._state.audit[record.seq] = record
+
+    def audit_records(self, query: AuditQuery) -> list[StoredAuditRecord]:
+        with self._op("audit_records"):
+            found = [r for seq, r in sorted(self._state.audit.items()) if seq > query.after_seq and _matches(r, query)]
+            return found if query.limit is None else found[: query.limit]
+
+    def insert_checkpoint(self, checkpoint: StoredCheckpoint) -> bool:
+        with self._op("insert_checkpoint", write=True):
+            if checkpoint.seq in self._state.checkpoints:
+                return False
+            self._state.checkpoints[checkpoint.seq] = checkpoint
+            return True
+
+    def audit_checkpoints(self) -> list[StoredCheckpoint]:
+        with self._op("audit_checkpoints"):
+            return [c for _, c in sorted(self._state.checkpoints.items())]
+
+
+def _matches(r: StoredAuditRecord, q: AuditQuery) -> bool:
+    return (
+        (q.uids is None or r.uid in q.uids)
+        and (q.operation is None or r.operation == q.operation)
+        and (q.client is None or r.client == q.client)
+        and (q.result is None or r.result == q.result)
+        and (q.since is None or r.time >= q.since)
+        and (q.until is None or r.time <= q.until)
+        and (q.names is None or r.x_name in q.names or r.x_identifier in q.names)
+        and (q.component is None or r.x_component == q.component)
+    )
 
 
 class MemoryStorage(Storage):

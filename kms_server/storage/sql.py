@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Float,
     ForeignKey,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     event,
     exists,
     insert,
+    or_,
     select,
     update,
 )
@@ -38,6 +40,7 @@ from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
 from kms_server.storage.base import (
+    AuditQuery,
     ConcurrentModification,
     LocateQuery,
     ObjectExists,
@@ -45,11 +48,22 @@ from kms_server.storage.base import (
     StorageError,
     StorageUnavailable,
     StoredAttribute,
+    StoredAuditRecord,
+    StoredCheckpoint,
     StoredObject,
     Transaction,
 )
 
-__all__ = ["SqlStorage", "kms_attributes", "kms_meta", "kms_nodes", "kms_objects", "metadata"]
+__all__ = [
+    "SqlStorage",
+    "kms_attributes",
+    "kms_audit",
+    "kms_audit_checkpoints",
+    "kms_meta",
+    "kms_nodes",
+    "kms_objects",
+    "metadata",
+]
 
 metadata = MetaData()
 
@@ -107,6 +121,45 @@ kms_meta = Table(
     Column("key", Text, primary_key=True),
     Column("value", LargeBinary, nullable=False),
 )
+
+
+# The audit trail (docs/audit-trail.md): append-only, hash-chained; `body`
+# is the canonical JSON the hash covers, the other columns are indexes.
+kms_audit = Table(
+    "kms_audit",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", Float, nullable=False),
+    Column("node", Text, nullable=False),
+    Column("operation", Text, nullable=False),
+    Column("uid", Text, nullable=True),
+    Column("client", Text, nullable=False),
+    Column("result", Text, nullable=False),
+    Column("x_component", Text, nullable=True),
+    Column("x_name", Text, nullable=True),
+    Column("x_identifier", Text, nullable=True),
+    Column("body", Text, nullable=False),
+    Column("hash", Text, nullable=False),
+    Index("ix_kms_audit_uid", "uid"),
+    Index("ix_kms_audit_time", "time"),
+    Index("ix_kms_audit_x_name", "x_name"),
+    Index("ix_kms_audit_x_identifier", "x_identifier"),
+)
+
+kms_audit_checkpoints = Table(
+    "kms_audit_checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", Float, nullable=False),
+    Column("node", Text, nullable=False),
+    Column("head_hash", Text, nullable=False),
+    Column("key_id", Text, nullable=False),
+    Column("signature", Text, nullable=False),
+)
+
+# pg_advisory_xact_lock key that serializes audit appenders of all nodes
+# ("kmsa").
+AUDIT_LOCK_KEY = 0x6B6D7361
 
 
 def _digest(value: bytes) -> bytes:
@@ -359,6 +412,83 @@ class _SqlTransaction(Transaction):
                 index_elements=[kms_meta.c.key], set_={"value": stmt.excluded.value}
             )
             self._conn.execute(stmt)
+
+
+    def audit_head(self, lock: bool = False) -> tuple[int, str] | None:
+        with self._op("audit_head", write=lock):
+            if lock and self._dialect == "postgresql":
+                # Held until commit; SQLite's BEGIN IMMEDIATE already
+                # serializes writers.
+                self._conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
+            row = self._conn.execute(
+                select(kms_audit.c.seq, kms_audit.c.hash).order_by(kms_audit.c.seq.desc()).limit(1)
+            ).first()
+            return None if row is None else (row.seq, row.hash)
+
+    def insert_audit(self, record: StoredAuditRecord) -> None:
+        with self._op("insert_audit", write=True):
+            self._conn.execute(insert(kms_audit).values(**_audit_row(record)))
+
+    def audit_records(self, query: AuditQuery) -> list[StoredAuditRecord]:
+        with self._op("audit_records"):
+            a = kms_audit.c
+            conditions = [a.seq > query.after_seq]
+            if query.uids is not None:
+                conditions.append(a.uid.in_(query.uids))
+            for column, value in (
+                (a.operation, query.operation),
+                (a.client, query.client),
+                (a.result, query.result),
+                (a.x_component, query.component),
+            ):
+                if value is not None:
+                    conditions.append(column == value)
+            if query.since is not None:
+                conditions.append(a.time >= query.since)
+            if query.until is not None:
+                conditions.append(a.time <= query.until)
+            if query.names is not None:
+                conditions.append(or_(a.x_name.in_(query.names), a.x_identifier.in_(query.names)))
+            stmt = select(kms_audit).where(*conditions).order_by(a.seq)
+            if query.limit is not None:
+                stmt = stmt.limit(query.limit)
+            return [StoredAuditRecord(**row._mapping) for row in self._conn.execute(stmt)]
+
+    def insert_checkpoint(self, checkpoint: StoredCheckpoint) -> bool:
+        with self._op("insert_checkpoint", write=True):
+            dialect_insert = pg_dialect.insert if self._dialect == "postgresql" else sqlite_dialect.insert
+            stmt = dialect_insert(kms_audit_checkpoints).values(
+                seq=checkpoint.seq,
+                time=checkpoint.time,
+                node=checkpoint.node,
+                head_hash=checkpoint.head_hash,
+                key_id=checkpoint.key_id,
+                signature=checkpoint.signature,
+            )
+            result = self._conn.execute(stmt.on_conflict_do_nothing(index_elements=[kms_audit_checkpoints.c.seq]))
+            return result.rowcount == 1
+
+    def audit_checkpoints(self) -> list[StoredCheckpoint]:
+        with self._op("audit_checkpoints"):
+            rows = self._conn.execute(select(kms_audit_checkpoints).order_by(kms_audit_checkpoints.c.seq))
+            return [StoredCheckpoint(**row._mapping) for row in rows]
+
+
+def _audit_row(record: StoredAuditRecord) -> dict[str, Any]:
+    return {
+        "seq": record.seq,
+        "time": record.time,
+        "node": record.node,
+        "operation": record.operation,
+        "uid": record.uid,
+        "client": record.client,
+        "result": record.result,
+        "x_component": record.x_component,
+        "x_name": record.x_name,
+        "x_identifier": record.x_identifier,
+        "body": record.body,
+        "hash": record.hash,
+    }
 
 
 def _configure_sqlite(engine: Engine) -> None:

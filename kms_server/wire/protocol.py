@@ -62,6 +62,8 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
         self._identity = None
         self._closing = False
         self._paused = False
+        self._admitted = False
+        self._handshake_done = False
         self.peer = ""
 
     def callLater(self, period, func):
@@ -77,22 +79,28 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
             log.warning("refusing connection from %s: %d connections open", self.peer, self.factory.max_connections)
             self.transport.abortConnection()
             return
+        self._admitted = True
         # Until the handshake completes the shorter handshake timeout applies,
         # so clients that never finish it cannot hold connection slots.
         self.setTimeout(self.factory.handshake_timeout)
 
     def handshakeCompleted(self):
+        self._handshake_done = True
+        certificate = None
         try:
             certificate = self.transport.getPeerCertificate()
             self._identity = self.factory.identify(certificate, self.peer)
         except Exception as exc:  # A certificate we cannot map is a refusal.
             log.warning("connection from %s: client certificate not accepted: %s", self.peer, exc)
+            self.factory.refused(self.peer, f"client certificate not accepted: {exc}", certificate)
             self._close()
             return
         self.setTimeout(self.factory.idle_timeout)
 
     def connectionLost(self, reason=protocol.connectionDone):
         self.setTimeout(None)
+        if self._admitted and not self._handshake_done:
+            self.factory.refused(self.peer, f"TLS handshake failed: {reason.getErrorMessage()}", None)
         self.factory.release(self)
 
     def timeoutConnection(self):
@@ -183,8 +191,12 @@ class KmipFactory(protocol.Factory):
         idle_timeout: float = 300.0,
         handshake_timeout: float = 10.0,
         max_connections: int = 1024,
+        refused: Callable[[str, str, object], None] | None = None,
     ):
         self.handle = handle
+        # Told of every connection refused at the TLS layer (peer, reason,
+        # the certificate if one was presented): the audit trail.
+        self.refused = refused or (lambda peer, reason, certificate: None)
         self.identify = identify
         self.threadpool = threadpool
         self.reactor = reactor

@@ -659,7 +659,7 @@ def test_commands(tmp_path, admin):
     out = tmp_path / "cli.backup"
     code, stdout, stderr = admin("backup", "--out", str(out), "--config", str(store.config))
     assert code == 0, stderr
-    assert f"wrote {out} (mode 0600" in stdout and "5 objects, 10 attributes, 1 server value;" in stdout
+    assert f"wrote {out} (mode 0600" in stdout and "5 objects, 10 attributes, 1 server value, 0 audit records, 0 audit checkpoints;" in stdout
     assert stderr.splitlines()[0] == "kms-admin: backing up: 0/16 rows"
     assert stderr.splitlines()[-1].startswith("kms-admin: backing up: 16/16 rows")
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
@@ -679,7 +679,7 @@ def test_commands(tmp_path, admin):
         "restore", "--from", str(out), "--config", str(store.config), "--db-url", f"sqlite:///{target}"
     )
     assert code == 0, stderr
-    assert "restored 5 objects, 10 attributes, 1 server value into" in stdout
+    assert "restored 5 objects, 10 attributes, 1 server value, 0 audit records, 0 audit checkpoints into" in stdout
     assert "kms-admin: verifying: 16/16 rows" in stderr and "kms-admin: restoring: 16/16 rows" in stderr
     assert dump(f"sqlite:///{target}") == dump(store.url)
 

@@ -226,7 +226,7 @@ def test_response_echoes_the_request_version(dispatcher, version):
 
 
 @pytest.mark.parametrize(
-    "version,answered_in", [((3, 0), (2, 0)), ((0, 9), (1, 0)), ((1, 5), (1, 4))]
+    "version,answered_in", [((3, 0), (2, 1)), ((0, 9), (1, 0)), ((1, 5), (1, 4))]
 )
 def test_unsupported_version_is_invalid_message_in_a_supported_version(
     dispatcher, version, answered_in
@@ -428,7 +428,7 @@ def test_discover_versions_lists_the_supported_versions(dispatcher):
         (pv.get(T.PROTOCOL_VERSION_MAJOR.value), pv.get(T.PROTOCOL_VERSION_MINOR.value))
         for pv in item.find(T.RESPONSE_PAYLOAD.value).find_all(T.PROTOCOL_VERSION.value)
     ]
-    assert versions == [(2, 0), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0)]
+    assert versions == [(2, 1), (2, 0), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0)]
 
 
 def test_maximum_response_size_too_small_is_response_too_large(dispatcher):

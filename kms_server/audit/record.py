@@ -1,0 +1,172 @@
+"""What one audit record says, built from a request item.
+
+`AuditDraft` is made by the dispatcher for one batch item and carried by
+the keystore bound to that item: every object the item loads, creates or
+saves is noted with its vCenter tags (x-Component, x-Name, x-Identifier)
+as they are at that moment. Client-supplied attribute names and values are
+kept; key material is never reached: only Attribute structures are read
+from the payload, and never inside an object (Key Block, Secret Data...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kmip.core.enums import Tags
+
+from kms_server.audit.chain import format_time
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import Item, ItemType
+
+T = Tags
+X_TAGS = ("x-Component", "x-Name", "x-Identifier")
+MAX_VALUE_CHARS = 512
+MAX_ATTRIBUTES = 64
+
+# Subtrees that hold (or may hold) key material or client data: never read.
+_OPAQUE = {
+    t.value
+    for t in (
+        T.SYMMETRIC_KEY,
+        T.PRIVATE_KEY,
+        T.PUBLIC_KEY,
+        T.SECRET_DATA,
+        T.SPLIT_KEY,
+        T.OPAQUE_OBJECT,
+        T.PGP_KEY,
+        T.CERTIFICATE,
+        T.KEY_BLOCK,
+        T.KEY_VALUE,
+        T.KEY_MATERIAL,
+        T.DATA,
+        T.CREDENTIAL,
+    )
+}
+_ATTRIBUTE_SETS = {t.value for t in (T.ATTRIBUTES, T.NEW_ATTRIBUTE, T.CURRENT_ATTRIBUTE)}
+
+
+def render(item: Item):
+    """A JSON-friendly rendering of an attribute value."""
+    if item.type == ItemType.STRUCTURE:
+        return {ttlv.tag_name(c.tag): render(c) for c in item.children() if c.tag not in _OPAQUE}
+    if item.type == ItemType.DATE_TIME:
+        return format_time(item.value)
+    if item.type in (ItemType.BYTE_STRING,):
+        text = item.value.hex()
+    elif item.type == ItemType.TEXT_STRING:
+        text = item.value
+    elif item.type == ItemType.BOOLEAN:
+        return bool(item.value)
+    else:
+        return item.value if isinstance(item.value, int) and abs(item.value) < 2**53 else str(item.value)
+    return text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS] + "...(truncated)"
+
+
+def request_attributes(payload: Item | None) -> list[dict]:
+    """Attribute names and values the client supplied in a request payload
+    (1.x Attribute structures, 2.x Attributes / New / Current Attribute),
+    skipping every subtree that can hold key material."""
+    found: list[dict] = []
+    if payload is None or payload.type != ItemType.STRUCTURE:
+        return found
+
+    def walk(item: Item) -> None:
+        for child in item.children():
+            if len(found) >= MAX_ATTRIBUTES or child.tag in _OPAQUE:
+                continue
+            if child.tag == T.ATTRIBUTE.value and child.type == ItemType.STRUCTURE:
+                name = child.get(T.ATTRIBUTE_NAME.value)
+                value = child.find(T.ATTRIBUTE_VALUE.value)
+                entry = {"name": name if isinstance(name, str) else "?"}
+                index = child.get(T.ATTRIBUTE_INDEX.value)
+                if isinstance(index, int):
+                    entry["index"] = index
+                if value is not None and value.tag not in _OPAQUE:
+                    entry["value"] = render(value)
+                found.append(entry)
+            elif child.tag in _ATTRIBUTE_SETS and child.type == ItemType.STRUCTURE:
+                for attribute in child.children():
+                    if attribute.tag in _OPAQUE:
+                        continue
+                    if attribute.tag == T.VENDOR_ATTRIBUTE.value and attribute.type == ItemType.STRUCTURE:
+                        name = attribute.get(T.ATTRIBUTE_NAME.value)
+                        value = attribute.find(T.ATTRIBUTE_VALUE.value)
+                        entry = {"name": name if isinstance(name, str) else "?"}
+                        if value is not None:
+                            entry["value"] = render(value)
+                    else:
+                        entry = {"name": ttlv.tag_name(attribute.tag), "value": render(attribute)}
+                    found.append(entry)
+            elif child.type == ItemType.STRUCTURE:
+                walk(child)
+            elif child.tag == T.ATTRIBUTE_NAME.value and isinstance(child.value, str):
+                found.append({"name": child.value})
+
+    walk(payload)
+    return found
+
+
+@dataclass
+class AuditDraft:
+    """The record of one batch item, filled in as it runs."""
+
+    event: str
+    request_id: str
+    item: int | None
+    client: dict
+    peer: str
+    protocol: str | None
+    operation: str
+    attributes: list[dict] = field(default_factory=list)
+    # The Unique Identifier the request names, for refusals that never
+    # reached the object.
+    requested: str | None = None
+    objects: dict[str, dict] = field(default_factory=dict)
+    # The record written inside the item's own write transaction, if any.
+    written: object | None = None
+
+    def touch(self, obj) -> None:
+        tags = {}
+        for name in X_TAGS:
+            value = obj.value(name)
+            if isinstance(value, str):
+                tags[name] = value
+        self.objects[obj.uid] = tags
+
+    def reset(self) -> None:
+        self.objects.clear()
+        self.written = None
+
+    def entry(self, status: str, reason: str | None, detail: str | None = None) -> dict:
+        """The record's fields, less seq, prev and time (added on append)."""
+        objects = [{"uid": uid, **tags} for uid, tags in self.objects.items()]
+        primary = objects[0] if objects else {}
+        body = {
+            "event": self.event,
+            "request_id": self.request_id,
+            "item": self.item,
+            "client": self.client,
+            "peer": self.peer,
+            "protocol": self.protocol,
+            "operation": self.operation,
+            "uid": primary.get("uid", self.requested),
+            "object": {k: primary[k] for k in X_TAGS if k in primary},
+            "objects": objects,
+            "attributes": self.attributes,
+            "result": {"status": status, "reason": reason},
+        }
+        if detail:
+            body["detail"] = detail
+        return body
+
+
+def client_fields(principal) -> dict:
+    if principal is None:
+        return {"name": "-", "role": None, "subject": None, "fingerprint": None, "username": None}
+    return {
+        "name": principal.name,
+        "role": getattr(principal.role, "value", principal.role),
+        "subject": principal.subject,
+        "fingerprint": principal.fingerprint,
+        "username": principal.username,
+    }

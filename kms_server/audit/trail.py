@@ -1,0 +1,199 @@
+"""The audit trail over the storage contract: appending records inside the
+transaction of the change they describe, writing standalone records for
+reads and refusals, signing checkpoints, handing committed records to the
+sinks, and reading the trail back (search, export, verification).
+
+Appending takes the chain lock (`Transaction.audit_head(lock=True)`), so
+records of all nodes form one chain; the lock is taken as the last step of
+a transaction and held only until its commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from kms_server.audit import chain
+from kms_server.audit.chain import GENESIS, Report, canonical, format_time, record_hash
+from kms_server.storage.base import AuditQuery, Storage, StoredAuditRecord, StoredCheckpoint, Transaction
+
+log = logging.getLogger("kms_server.audit")
+
+EXPORT_FORMAT = "kms-audit-export"
+VM_COMPONENT = "Virtual Machine"
+HOST_COMPONENT = "ESXi Server"
+
+
+class AuditWriteFailed(Exception):
+    """A record could not be written: the operation it describes must not
+    take effect (fail closed)."""
+
+
+class AuditTrail:
+    def __init__(
+        self,
+        storage: Storage,
+        node: str,
+        signer=None,
+        publish: Callable[[StoredAuditRecord], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.storage = storage
+        self.node = node
+        self.signer = signer
+        self._publish = publish
+        self.clock = clock
+
+    # Writing.
+    def append(self, txn: Transaction, entry: dict) -> StoredAuditRecord:
+        """Append a record inside `txn` (a write transaction)."""
+        head = txn.audit_head(lock=True)
+        seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+        now = self.clock()
+        body = dict(entry, seq=seq, prev=prev, time=format_time(now), node=self.node)
+        text = canonical(body)
+        obj = body.get("object") or {}
+        record = StoredAuditRecord(
+            seq=seq,
+            time=chain.parse_time(body["time"]),
+            node=self.node,
+            operation=body["operation"],
+            uid=body.get("uid"),
+            client=body["client"]["name"],
+            result=body["result"]["status"],
+            x_component=obj.get("x-Component"),
+            x_name=obj.get("x-Name"),
+            x_identifier=obj.get("x-Identifier"),
+            body=text,
+            hash=record_hash(text),
+        )
+        txn.insert_audit(record)
+        return record
+
+    def write(self, entry: dict) -> StoredAuditRecord:
+        """Write a record in a transaction of its own; raises
+        AuditWriteFailed if it cannot be stored."""
+        try:
+            with self.storage.transaction() as txn:
+                record = self.append(txn, entry)
+        except Exception as exc:
+            raise AuditWriteFailed(str(exc)) from exc
+        self.publish(record)
+        return record
+
+    def publish(self, record: StoredAuditRecord) -> None:
+        """Hand a committed record to the sinks; never raises."""
+        if self._publish is None:
+            return
+        try:
+            self._publish(record)
+        except Exception:
+            log.exception("audit sink fan-out failed for record %d", record.seq)
+
+    def checkpoint(self) -> StoredCheckpoint | None:
+        """Sign the current head if it moved since the last checkpoint."""
+        if self.signer is None:
+            return None
+        with self.storage.transaction(read_only=True) as txn:
+            head = txn.audit_head()
+            done = txn.audit_checkpoints()
+        if head is None or (done and done[-1].seq >= head[0]):
+            return None
+        now = self.clock()
+        checkpoint = StoredCheckpoint(
+            seq=head[0],
+            time=chain.parse_time(format_time(now)),
+            node=self.node,
+            head_hash=head[1],
+            key_id=self.signer.key_id,
+            signature=self.signer.sign(chain.checkpoint_message(head[0], head[1], now, self.node)),
+        )
+        with self.storage.transaction() as txn:
+            stored = txn.insert_checkpoint(checkpoint)
+        return checkpoint if stored else None
+
+
+# Reading.
+def iter_records(storage: Storage, query: AuditQuery | None = None, page: int = 2000) -> Iterator[StoredAuditRecord]:
+    query = query or AuditQuery()
+    after = query.after_seq
+    while True:
+        q = AuditQuery(**{**asdict(query), "after_seq": after, "limit": page})
+        with storage.transaction(read_only=True) as txn:
+            batch = txn.audit_records(q)
+        yield from batch
+        if len(batch) < page:
+            return
+        after = batch[-1].seq
+
+
+def checkpoints(storage: Storage) -> list[StoredCheckpoint]:
+    with storage.transaction(read_only=True) as txn:
+        return txn.audit_checkpoints()
+
+
+def objects_named(storage: Storage, name: str, component: str | None) -> tuple[str, ...]:
+    """Unique identifiers of every object that any record shows tagged with
+    x-Name or x-Identifier `name` (and x-Component `component`)."""
+    uids = []
+    for record in iter_records(storage, AuditQuery(names=(name,), component=component)):
+        if record.uid is not None and record.uid not in uids:
+            uids.append(record.uid)
+    return tuple(uids)
+
+
+def verify_storage(storage: Storage, verifier) -> Report:
+    return chain.verify(
+        iter_records(storage),
+        checkpoints(storage),
+        verifier.check if verifier is not None else None,
+        verifier.key_id if verifier is not None else None,
+    )
+
+
+# Export (JSON lines: a header, then records, then checkpoints).
+def export_lines(records: Iterable[StoredAuditRecord], cps: Iterable[StoredCheckpoint]) -> Iterator[str]:
+    yield json.dumps({"format": EXPORT_FORMAT, "version": 1, "exported_at": format_time(time.time())})
+    for r in records:
+        yield json.dumps({"type": "record", **asdict(r)}, ensure_ascii=False)
+    for c in cps:
+        yield json.dumps({"type": "checkpoint", **asdict(c)})
+
+
+class ExportError(Exception):
+    pass
+
+
+def read_export(path: Path) -> tuple[list[StoredAuditRecord], list[StoredCheckpoint]]:
+    records, cps = [], []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ExportError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ExportError(f"{path} is not an audit export (not UTF-8 text)") from None
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        header = {}
+    if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path} is not an audit export (made by: kms-admin audit export --to FILE)")
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            row = json.loads(line)
+            kind = row.pop("type")
+            if kind == "record":
+                records.append(StoredAuditRecord(**row))
+            elif kind == "checkpoint":
+                cps.append(StoredCheckpoint(**row))
+            else:
+                raise ValueError(kind)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ExportError(f"{path}, line {number}: not an audit record or checkpoint") from None
+    records.sort(key=lambda r: r.seq)
+    cps.sort(key=lambda c: c.seq)
+    return records, cps
