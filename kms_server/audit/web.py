@@ -366,6 +366,7 @@ class AuditPage(resource.Resource):
             b"/api/records": self.records,
             b"/api/activity": self.activity,
             b"/api/verify": self.verify,
+            b"/favicon.ico": self.no_icon,
         }
 
     def render(self, request: server.Request):
@@ -418,6 +419,12 @@ class AuditPage(resource.Resource):
         )
         body = PAGE.replace("{nonce}", nonce).encode("utf-8")
         return _body(request, 200, body, b"text/html; charset=utf-8")
+
+    def no_icon(self, request: server.Request) -> bytes:
+        # Browsers ask for it on their own; an empty answer keeps their
+        # consoles free of 404s.
+        request.setResponseCode(204)
+        return b""
 
     def records(self, request: server.Request):
         filters = parse_filters(request.args)
