@@ -9,7 +9,7 @@ from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 from kms_server import errors
 from kms_server.keystore import crypto
 from kms_server.keystore.objects import Material
-from kms_server.operations import common
+from kms_server.operations import common, object_codec
 from kms_server.wire import ttlv
 
 OPERATION = Operation.CREATE
@@ -37,7 +37,9 @@ def handle(ctx, keystore, payload):
         key = crypto.generate_symmetric_key(algorithm, length_item[0].value)
     except crypto.CryptoError as exc:
         raise errors.InvalidField(str(exc.message)) from None
+    material = Material(key)
+    attributes.update(object_codec.server_attributes(object_type, material, algorithm.value, generated=True))
     with keystore.transaction() as txn:
-        obj = keystore.new_object(txn, ctx.principal, object_type, attributes, Material(key), ctx.now)
+        obj = keystore.new_object(txn, ctx.principal, object_type, attributes, material, ctx.now)
     ctx.batch.id_placeholder = obj.uid
     return [ttlv.enumeration(Tags.OBJECT_TYPE.value, object_type.value), common.uid_item(obj.uid)]

@@ -85,6 +85,12 @@ def handle(ctx, keystore, payload):
             attrs.link_value(link_type.value, other_uid)
         )
 
+    private.update(
+        object_codec.server_attributes(ObjectType.PRIVATE_KEY, Material(private_der), algorithm.value, generated=True)
+    )
+    public.update(
+        object_codec.server_attributes(ObjectType.PUBLIC_KEY, Material(public_der), algorithm.value, generated=True)
+    )
     with keystore.transaction() as txn:
         keystore.new_object(
             txn,

@@ -61,7 +61,11 @@ def handle(ctx, keystore, payload):
     total = len(uids)
     page = uids[offset:] if maximum is None else uids[offset : offset + maximum]
     out = []
-    if ctx.at_least(1, 3):
+    # Located Items (1.3+) is optional ("a server MAY elect to omit"); it is
+    # given when the client pages, the one case where the total tells it
+    # something the identifiers do not.
+    paging = payload.find(Tags.MAXIMUM_ITEMS.value) is not None or payload.find(Tags.OFFSET_ITEMS.value) is not None
+    if ctx.at_least(1, 3) and paging:
         out.append(ttlv.integer(Tags.LOCATED_ITEMS.value, total))
     out += [common.uid_item(u) for u in page]
     return out

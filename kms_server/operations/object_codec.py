@@ -29,6 +29,7 @@ from kmip.core.enums import (
     CryptographicUsageMask,
     DigitalSignatureAlgorithm,
     HashingAlgorithm,
+    RNGAlgorithm,
     KeyCompressionType,
     KeyFormatType,
     ObjectType,
@@ -872,3 +873,76 @@ def reject_streaming(payload: Item) -> None:
 
 def crypto_failure(exc: crypto.CryptoError) -> errors.KmsError:
     return errors.CryptographicFailure(exc.message)
+
+
+def digest_attribute(
+    object_type: ObjectType, material: Material, algorithm: int | None
+) -> Item | None:
+    """The Digest attribute a new object gets (KMIP 1.4, 3.17; 2.0, 4.10):
+    SHA-256 of the key material in the Key Format Type the object holds it
+    in (Raw for a symmetric key, the registered format of an asymmetric key,
+    else PKCS#1 for RSA and PKCS#8 / SubjectPublicKeyInfo otherwise; Opaque
+    for secret data); of the value for an opaque object. Certificates get
+    theirs from decode_object."""
+    key_format: KeyFormatType | None
+    data = material.data
+    try:
+        if object_type == ObjectType.SYMMETRIC_KEY:
+            key_format = KFT.RAW
+        elif object_type == ObjectType.SECRET_DATA:
+            key_format = KFT.OPAQUE
+        elif object_type == ObjectType.OPAQUE_DATA:
+            key_format = None
+        elif object_type in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
+            key_format = _stored_format(object_type, material, algorithm)
+            export = crypto.export_private_key if object_type == ObjectType.PRIVATE_KEY else crypto.export_public_key
+            data = export(material.data, key_format)
+        else:
+            return None
+    except crypto.CryptoError:
+        return None
+    return attrs.make(
+        "Digest",
+        [
+            ttlv.enumeration(T.HASHING_ALGORITHM.value, HashingAlgorithm.SHA_256.value),
+            ttlv.byte_string(T.DIGEST_VALUE.value, crypto.digest(HashingAlgorithm.SHA_256, data)),
+            ttlv.enumeration(T.KEY_FORMAT_TYPE.value, key_format.value) if key_format is not None else None,
+        ],
+    )
+
+
+def _stored_format(object_type: ObjectType, material: Material, algorithm: int | None) -> KeyFormatType:
+    if material.subtype is not None:
+        try:
+            fmt = KFT(material.subtype)
+            if not fmt.name.startswith("TRANSPARENT_"):
+                return fmt
+        except ValueError:
+            pass
+    if algorithm == CryptographicAlgorithm.RSA.value:
+        return KFT.PKCS_1
+    return KFT.PKCS_8 if object_type == ObjectType.PRIVATE_KEY else KFT.X_509
+
+
+def random_number_generator() -> Item:
+    """The Random Number Generator attribute of keys this server generates
+    (KMIP 1.4, 3.44; 2.0, 4.46): the operating system's generator through
+    `cryptography`, which KMIP has no closer name for than Unspecified."""
+    return attrs.make(
+        "Random Number Generator",
+        [ttlv.enumeration(T.RNG_ALGORITHM.value, RNGAlgorithm.UNSPECIFIED.value)],
+    )
+
+
+def server_attributes(
+    object_type: ObjectType, material: Material, algorithm: int | None, generated: bool
+) -> dict[str, list[Item]]:
+    """What the server adds to a new object: its Digest, and for key
+    material it generated, the Random Number Generator."""
+    out: dict[str, list[Item]] = {}
+    digest = digest_attribute(object_type, material, algorithm)
+    if digest is not None:
+        out["Digest"] = [digest]
+    if generated:
+        out["Random Number Generator"] = [random_number_generator()]
+    return out

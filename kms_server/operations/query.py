@@ -32,4 +32,7 @@ def handle(ctx, keystore, payload):
         out += [ttlv.enumeration(Tags.OBJECT_TYPE.value, t.value) for t in OBJECT_TYPES]
     if QueryFunction.QUERY_SERVER_INFORMATION.value in functions:
         out.append(ttlv.text(Tags.VENDOR_IDENTIFICATION.value, VENDOR_IDENTIFICATION))
+        # KMIP 1.4, 4.25: Server Information is vendor-specific; this server
+        # has nothing to add beyond its Vendor Identification.
+        out.append(ttlv.structure(Tags.SERVER_INFORMATION.value, []))
     return out

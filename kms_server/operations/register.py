@@ -40,6 +40,11 @@ def handle(ctx, keystore, payload):
     _merge_implied(attributes, implied)
     if object_type == ObjectType.SYMMETRIC_KEY:
         _check_symmetric(attributes)
+    algorithm = attributes.get(_ALGORITHM)
+    for name, values in object_codec.server_attributes(
+        object_type, material, algorithm[0].value if algorithm else None, generated=False
+    ).items():
+        attributes.setdefault(name, values)
     with keystore.transaction() as txn:
         obj = keystore.new_object(
             txn, ctx.principal, object_type, attributes, material, ctx.now

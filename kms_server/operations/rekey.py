@@ -26,7 +26,7 @@ from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto, lifecycle
 from kms_server.keystore.objects import Material
 from kms_server.keystore.policy import Action
-from kms_server.operations import common
+from kms_server.operations import common, object_codec
 from kms_server.wire.ttlv import ItemType
 
 OPERATION = Operation.REKEY
@@ -89,6 +89,11 @@ def handle(ctx, keystore, payload):
             attrs.link_value(LinkType.REPLACED_OBJECT_LINK.value, old.uid)
         ]
         key = _generate(attributes)
+        attributes.update(
+            object_codec.server_attributes(
+                ObjectType.SYMMETRIC_KEY, Material(key), attributes["Cryptographic Algorithm"][0].value, generated=True
+            )
+        )
 
         new = keystore.new_object(
             txn,

@@ -89,7 +89,7 @@ def test_vcenter_session_replays_with_every_item_successful(kms_module, pki_dir)
                     (v.get(T.PROTOCOL_VERSION_MAJOR.value), v.get(T.PROTOCOL_VERSION_MINOR.value))
                     for v in payload.find_all(T.PROTOCOL_VERSION.value)
                 ]
-                assert versions[0] == (2, 0) and (1, 1) in versions
+                assert versions[0] == (2, 1) and (1, 1) in versions
             elif op == Operation.QUERY:
                 assert payload.get(T.VENDOR_IDENTIFICATION.value).startswith("kms-server")
     assert {Operation.DISCOVER_VERSIONS, Operation.QUERY, Operation.CREATE, Operation.GET_ATTRIBUTES,
