@@ -29,6 +29,9 @@ _MODULES = (
     "encrypt",
     "decrypt",
     "mac",
+    "mac_verify",
+    "hash",
+    "rng_retrieve",
     "sign",
     "signature_verify",
 )

@@ -1,0 +1,27 @@
+"""KMIP 1.4, 4.37 Hash / 2.0, 6.1.24: the digest of the Data with the
+Hashing Algorithm of the Cryptographic Parameters. No managed object is
+involved; streaming (Init/Final Indicator) is not supported."""
+
+from kmip.core.enums import HashingAlgorithm, Operation, Tags
+
+from kms_server import errors
+from kms_server.keystore import crypto
+from kms_server.operations import common, object_codec
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import ItemType
+
+OPERATION = Operation.HASH
+
+
+def handle(ctx, keystore, payload):
+    object_codec.reject_streaming(payload)
+    params = common.require(payload, Tags.CRYPTOGRAPHIC_PARAMETERS, ItemType.STRUCTURE)
+    hashing = common.optional_enum(params, Tags.HASHING_ALGORITHM, HashingAlgorithm)
+    if hashing is None:
+        raise errors.MissingData("Hash needs the Hashing Algorithm of the Cryptographic Parameters")
+    data = common.require(payload, Tags.DATA, ItemType.BYTE_STRING).value
+    try:
+        value = crypto.digest(hashing, data)
+    except crypto.CryptoError as exc:
+        raise errors.InvalidField(exc.message) from None
+    return [ttlv.byte_string(Tags.DATA.value, value)]
