@@ -67,6 +67,16 @@ def start_server(
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(fd, (secrets.token_hex(32) + "\n").encode())
         os.close(fd)
+    audit_section = ""
+    if "[audit]" not in extra_config:
+        # Every node signs checkpoints with the cluster's audit key (the
+        # master key's directory holds it).
+        audit_key_file = key_file.with_name("audit.key")
+        if not audit_key_file.exists():
+            from kms_server.keystore import audit_key
+
+            audit_key.generate(audit_key_file, key_file.with_name("audit.pub"))
+        audit_section = f'\n[audit]\nsigning_key_file = "{audit_key_file}"\n'
     config = workdir / "kms.toml"
     config.write_text(
         textwrap.dedent(
@@ -93,6 +103,7 @@ def start_server(
         )
         + ("\n[storage]\ndb_url = \"" + db_url + "\"\n" if db_url else "")
         + textwrap.dedent(extra_config)
+        + audit_section
     )
     if db_url and db_url.startswith("postgresql"):
         # Cluster nodes only check the schema; upgrading is the operator's step.

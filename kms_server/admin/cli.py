@@ -494,6 +494,7 @@ def register_db(subparsers: argparse._SubParsersAction) -> None:
 
 CommandGroup = Callable[[argparse._SubParsersAction], None]
 
+from kms_server.admin.audit_cli import register_audit  # noqa: E402
 from kms_server.admin.backup_cli import register_backup  # noqa: E402  (its module imports this one lazily)
 
 # Add a command group by appending its register function here.
@@ -505,6 +506,7 @@ COMMAND_GROUPS: list[CommandGroup] = [
     register_db,
     register_cluster,
     register_backup,
+    register_audit,
 ]
 
 

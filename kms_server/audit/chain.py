@@ -147,20 +147,21 @@ def verify(
             body = {}
         if body and canonical(body) != r.body:
             problem(r.seq, f"record {r.seq} altered: its body is not in canonical form")
-        if body.get("seq") != r.seq:
-            problem(
-                r.seq,
-                f"record {r.seq} out of place: it was written as record {body.get('seq')} (reordered or renumbered)",
-            )
-        elif body.get("prev") != prev and r.seq == expected:
+        if body and body.get("prev") != prev:
             earlier = recent.get(body.get("prev"))
             if earlier is not None and earlier < r.seq - 1:
                 problem(
                     earlier + 1,
-                    f"record {earlier + 1} inserted: record {r.seq} was chained to record {earlier}",
+                    f"record {earlier + 1} inserted: record {r.seq} (written as {body.get('seq')}) "
+                    f"was chained to record {earlier}",
                 )
-            else:
+            elif r.seq == expected:
                 problem(r.seq, f"record {r.seq} does not follow record {r.seq - 1}: the chain is broken here")
+        if body and body.get("seq") != r.seq:
+            problem(
+                r.seq,
+                f"record {r.seq} out of place: it was written as record {body.get('seq')} (reordered or renumbered)",
+            )
         if record_hash(r.body) != r.hash:
             problem(r.seq, f"record {r.seq} altered: its content no longer matches its hash")
         for column, path in INDEXED_FIELDS:
@@ -197,10 +198,15 @@ def verify(
         elif c.seq not in hashes:
             problem(c.seq, f"record {c.seq} missing: checkpoint {c.seq} covers it")
         elif hashes[c.seq] != c.head_hash:
-            problem(
-                last_good + 1,
-                f"records {last_good + 1} to {c.seq} rewritten after checkpoint {c.seq} was signed",
-            )
+            if any(p.seq <= c.seq for p in report.problems):
+                # Explained by the record problems already found.
+                problem(c.seq, f"checkpoint {c.seq} no longer matches record {c.seq}")
+            else:
+                # A consistent rewrite: only the signature shows it.
+                problem(
+                    last_good + 1,
+                    f"records {last_good + 1} to {c.seq} rewritten after checkpoint {c.seq} was signed",
+                )
         else:
             last_good = c.seq
     return report

@@ -1,0 +1,352 @@
+"""``kms-admin audit``: the signing key, verification, search, export and
+checkpoints of the audit trail (docs/audit-trail.md).
+
+`verify` exits 0 when the trail is intact, 1 naming the first record where
+it was altered, removed, reordered, inserted or truncated, and 2 on a usage
+error. It needs only the audit public key: against the database (--config)
+or offline against an exported file (--file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kms_server.audit import chain
+from kms_server.audit import trail as audit_trail
+from kms_server.keystore import audit_key
+from kms_server.storage.base import AuditQuery, StorageError
+
+__all__ = ["register_audit"]
+
+EXIT_TAMPERED = 1
+EXIT_USAGE = 2
+
+
+class AuditCommandError(Exception):
+    """An operator error: one line, 'problem; fix'."""
+
+
+def _error(text: str) -> AuditCommandError:
+    return AuditCommandError(text)
+
+
+def _command(func):
+    """Report operator errors in one line (whether kms-admin runs as the
+    console script or as `python -m`)."""
+
+    def run(args) -> int:
+        from kms_server.config import ConfigError
+
+        try:
+            return func(args)
+        except (AuditCommandError, ConfigError) as exc:
+            print(f"kms-admin: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    return run
+
+
+# --- opening -----------------------------------------------------------------------
+
+
+def _config(args):
+    from kms_server.config import load_config
+
+    overrides = {"storage": {"db_url": getattr(args, "db_url", None)}}
+    return load_config(args.config, overrides, require_master_key=False)
+
+
+def _storage(args):
+    from kms_server.storage import open_storage
+
+    cfg = _config(args)
+    try:
+        return open_storage(cfg.storage.db_url, schema="check"), cfg
+    except (StorageError, ValueError) as exc:
+        raise _error(f"{exc}; check --config/--db-url (and run 'kms-admin db upgrade')") from None
+
+
+def _verifier(args, cfg):
+    try:
+        if args.public_key is not None:
+            return audit_key.load_verifier(args.public_key)
+        if cfg is not None and cfg.audit.signing_key_file is not None:
+            return audit_key.load_signer(cfg.audit.signing_key_file).public
+    except audit_key.AuditKeyError as exc:
+        raise _error(str(exc)) from None
+    return None
+
+
+# --- key ---------------------------------------------------------------------------
+
+
+def _key_new(args) -> int:
+    public = args.public_out or args.out.with_name(args.out.name.removesuffix(".key") + ".pub")
+    try:
+        verifier = audit_key.generate(args.out, public)
+    except audit_key.AuditKeyError as exc:
+        raise _error(str(exc)) from None
+    print(f"wrote audit signing key {args.out} (mode 0600) and public key {public} (key id {verifier.key_id})")
+    print(f'set [audit] signing_key_file = "{args.out}" in the server configuration; give {public} to the auditors')
+    return 0
+
+
+# --- verify ------------------------------------------------------------------------
+
+
+def _verify(args) -> int:
+    if args.file is not None:
+        if args.public_key is None:
+            raise _error("verifying an export needs the audit public key; add --public-key FILE")
+        verifier = _verifier(args, None)
+        try:
+            records, checkpoints = audit_trail.read_export(args.file)
+        except audit_trail.ExportError as exc:
+            raise _error(str(exc)) from None
+        report = chain.verify(records, checkpoints, verifier.check, verifier.key_id)
+        where = str(args.file)
+    else:
+        storage, cfg = _storage(args)
+        verifier = _verifier(args, cfg)
+        try:
+            report = audit_trail.verify_storage(storage, verifier)
+        finally:
+            storage.close()
+        where = storage_shown(cfg)
+    if report.ok:
+        span = f"records {report.first_seq} to {report.last_seq}" if report.records else "no records"
+        print(f"audit trail intact: {report.records} records ({span}), {report.checkpoints} signed checkpoints")
+        if verifier is None:
+            print("checkpoint signatures were not checked: no audit key given (--public-key or [audit] signing_key_file)")
+        if report.unsigned_tail:
+            print(
+                f"{report.unsigned_tail} records after the last checkpoint "
+                f"({report.last_checkpoint or 'none yet'}) are chained but not yet signed"
+            )
+        return 0
+    first = report.first_problem
+    print(f"audit trail NOT intact ({where}): first problem at record {first.seq}: {first.text}", file=sys.stderr)
+    for problem in sorted(report.problems, key=lambda p: p.seq)[1:]:
+        print(f"  also at record {problem.seq}: {problem.text}", file=sys.stderr)
+    return EXIT_TAMPERED
+
+
+def storage_shown(cfg) -> str:
+    from kms_server.config import _redact_url
+
+    return _redact_url(cfg.storage.db_url)
+
+
+# --- show / export -----------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^(\d+)([smhd])$")
+
+
+def parse_when(text: str, flag: str) -> float:
+    """An ISO 8601 date or time (UTC unless it says otherwise), or an age
+    such as 30m, 12h, 7d."""
+    m = _RELATIVE.match(text.strip())
+    if m:
+        return time.time() - int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise _error(f"{flag} {text!r} is not a time; use e.g. 2026-11-26, 2026-11-26T18:00:00Z or 12h") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _operation_name(text: str) -> str:
+    from kmip.core.enums import Operation
+
+    wanted = re.sub(r"[^a-z0-9]", "", text.lower())
+    for op in Operation:
+        if op.name.replace("_", "").lower() == wanted:
+            return op.name
+    raise _error(f"--operation {text!r} is not a KMIP operation; use e.g. Get, Create, AddAttribute")
+
+
+def query_records(storage, args) -> list:
+    """Records matching the show filters; vm and host go through every
+    object that was ever tagged with that name or identifier."""
+    uids = None
+    if args.object:
+        uids = (args.object,)
+    for value, component in ((args.vm, audit_trail.VM_COMPONENT), (args.host, audit_trail.HOST_COMPONENT)):
+        if value:
+            found = audit_trail.objects_named(storage, value, component)
+            uids = found if uids is None else tuple(u for u in uids if u in found)
+    if uids is not None and not uids:
+        return []
+    result, reason = None, None
+    if args.result:
+        low = args.result.lower()
+        if low in ("success", "ok"):
+            result = "SUCCESS"
+        elif low in ("failure", "failed", "refused"):
+            result = "OPERATION_FAILED"
+        else:
+            result, reason = "OPERATION_FAILED", args.result.upper().replace(" ", "_").replace("-", "_")
+    query = AuditQuery(
+        uids=uids,
+        operation=_operation_name(args.operation) if args.operation else None,
+        client=args.client,
+        result=result,
+        since=parse_when(args.since, "--since") if args.since else None,
+        until=parse_when(args.until, "--until") if args.until else None,
+    )
+    records = []
+    for record in audit_trail.iter_records(storage, query):
+        if reason is not None and (json.loads(record.body).get("result") or {}).get("reason") != reason:
+            continue
+        records.append(record)
+    if args.limit is not None:
+        records = records[-args.limit :]
+    return records
+
+
+def _show(args) -> int:
+    storage, _cfg = _storage(args)
+    try:
+        records = query_records(storage, args)
+    finally:
+        storage.close()
+    if args.json:
+        for record in records:
+            body = json.loads(record.body)
+            body["hash"] = record.hash
+            print(json.dumps(body, ensure_ascii=False, sort_keys=True))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"audit trail: {len(records)} records")
+    for column in ("seq", "time (UTC)", "client", "peer", "operation", "object", "x-Name", "result"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        body = json.loads(record.body)
+        reason = (body.get("result") or {}).get("reason")
+        table.add_row(
+            str(record.seq),
+            body.get("time", "")[:23].replace("T", " "),
+            record.client,
+            body.get("peer") or "",
+            record.operation if body.get("event") == "request" else f"{body.get('event')}",
+            record.uid or "",
+            record.x_name or "",
+            "ok" if record.result == "SUCCESS" else (reason or "failed"),
+        )
+    Console(soft_wrap=False, width=max(160, Console().width)).print(table)
+    return 0
+
+
+def _export(args) -> int:
+    storage, _cfg = _storage(args)
+    if args.to.exists() and not args.force:
+        raise _error(f"{args.to} exists; choose another file or add --force")
+    tmp = args.to.with_name(args.to.name + ".part")
+    count = 0
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            records = audit_trail.iter_records(storage)
+            cps = audit_trail.checkpoints(storage)
+
+            def counted():
+                nonlocal count
+                for r in records:
+                    count += 1
+                    yield r
+
+            for line in audit_trail.export_lines(counted(), cps):
+                out.write(line + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, args.to)
+    finally:
+        storage.close()
+        if tmp.exists():
+            tmp.unlink()
+    print(f"wrote {args.to}: {count} records, {len(cps)} checkpoints")
+    print(f"verify it offline with: kms-admin audit verify --file {args.to} --public-key <audit.pub>")
+    return 0
+
+
+def _checkpoint(args) -> int:
+    storage, cfg = _storage(args)
+    if cfg.audit.signing_key_file is None:
+        raise _error("no [audit] signing_key_file in the configuration; create one with: kms-admin audit key new")
+    try:
+        signer = audit_key.load_signer(cfg.audit.signing_key_file)
+    except audit_key.AuditKeyError as exc:
+        raise _error(str(exc)) from None
+    try:
+        checkpoint = audit_trail.AuditTrail(storage, f"kms-admin@{cfg.server.node_name}", signer).checkpoint()
+    finally:
+        storage.close()
+    if checkpoint is None:
+        print("nothing to sign: the last checkpoint already covers the newest record (or the trail is empty)")
+    else:
+        print(f"signed checkpoint at record {checkpoint.seq} (key id {checkpoint.key_id})")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------
+
+
+def _db_args(p) -> None:
+    p.add_argument("--config", type=Path, metavar="FILE", help="kms-server configuration file (storage.db_url, [audit])")
+    p.add_argument("--db-url", metavar="URL", help="database URL (overrides the configuration)")
+
+
+def register_audit(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("audit", help="the audit trail: verify, show, export, checkpoint, key")
+    commands = group.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+
+    key = commands.add_parser("key", help="the Ed25519 key that signs checkpoints")
+    key_commands = key.add_subparsers(dest="key_command", metavar="COMMAND", required=True)
+    new = key_commands.add_parser("new", help="write a new signing key (0600) and its public key")
+    new.add_argument("--out", required=True, type=Path, metavar="FILE", help="private key file to write")
+    new.add_argument("--public-out", type=Path, metavar="FILE", help="public key file (default: FILE with .pub)")
+    new.set_defaults(func=_command(_key_new))
+
+    verify = commands.add_parser(
+        "verify",
+        help="check the chain and the signed checkpoints (exit 1 naming the first bad record)",
+    )
+    _db_args(verify)
+    verify.add_argument("--file", type=Path, metavar="EXPORT", help="verify an exported file instead of the database")
+    verify.add_argument("--public-key", type=Path, metavar="FILE", help="audit public key (PEM)")
+    verify.set_defaults(func=_command(_verify))
+
+    show = commands.add_parser("show", help="list records, filtered; a table, or JSON lines with --json")
+    _db_args(show)
+    show.add_argument("--object", metavar="UID", help="records of one object")
+    show.add_argument("--vm", metavar="NAME_OR_UUID", help="records of every key of a VM (x-Name or x-Identifier)")
+    show.add_argument("--host", metavar="NAME_OR_UUID", help="records of every key of a host (x-Name or x-Identifier)")
+    show.add_argument("--client", metavar="NAME", help="records of one client identity")
+    show.add_argument("--operation", metavar="OP", help="e.g. Get, Create, AddAttribute")
+    show.add_argument("--since", metavar="TIME", help="ISO 8601 time or an age such as 12h, 7d")
+    show.add_argument("--until", metavar="TIME", help="ISO 8601 time or an age")
+    show.add_argument("--result", metavar="RESULT", help="success, failure, or a reason such as Item_Not_Found")
+    show.add_argument("--limit", type=int, metavar="N", help="only the newest N matching records")
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+    show.set_defaults(func=_command(_show))
+
+    export = commands.add_parser("export", help="write the whole trail and its checkpoints to a JSON-lines file")
+    _db_args(export)
+    export.add_argument("--to", required=True, type=Path, metavar="FILE", help="file to write (mode 0600)")
+    export.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    export.set_defaults(func=_command(_export))
+
+    checkpoint = commands.add_parser("checkpoint", help="sign a checkpoint of the current head now")
+    _db_args(checkpoint)
+    checkpoint.set_defaults(func=_command(_checkpoint))
