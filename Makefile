@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 DEV_PKI = certs/dev
 PYTEST_ARGS ?=
 
-.PHONY: run test venv pki master-key check-config clean lint bench bench-nvram bench-cluster bench-gateway demo conformance
+.PHONY: run test venv pki master-key audit-key check-config clean lint bench bench-nvram bench-cluster bench-gateway demo conformance
 
 venv: $(VENV)/.installed
 
@@ -29,12 +29,20 @@ var/master.key:
 	@mkdir -p var && chmod 700 var
 	$(BIN)/kms-admin master-key new --out var/master.key
 
+audit-key: venv var/audit.key
+
+var/audit.key:
+	@mkdir -p var && chmod 700 var
+	$(BIN)/kms-admin audit key new --out var/audit.key
+
 check-config: venv
 	$(BIN)/kms-server --config etc/kms-dev.toml --check-config
 
-run: venv pki master-key
+run: venv pki master-key audit-key
 	@echo ""
 	@echo "Starting one KMS node on 127.0.0.1:5696 (SQLite store in var/kms.db)."
+	@echo "Audit trail: $(BIN)/kms-admin audit show --config etc/kms-dev.toml (verify, export: see README);"
+	@echo "  the security team's page is https://127.0.0.1:5698/ (admin certificate, or an auditor's)."
 	@echo "Connect a KMIP client with mutual TLS:"
 	@echo "  CA certificate:     $(DEV_PKI)/ca.pem"
 	@echo "  client certificate: $(DEV_PKI)/vcenter.pem   key: $(DEV_PKI)/vcenter.key"

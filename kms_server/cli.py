@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", metavar="F", help="CA bundle that issues client certificates (PEM)")
     p.add_argument("--master-key-file", metavar="F", help="master key file (kms-admin master-key new)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--audit-web-port", type=int, metavar="PORT", help="port of the audit page (0 picks a free port)")
     p.add_argument("--check-config", action="store_true", help="print the effective settings (secrets redacted) and exit")
     p.add_argument("--version", action="version", version=f"kms-server {__version__}")
     return p
@@ -36,6 +37,7 @@ def _overrides(args) -> dict:
         "tls": {"cert": args.tls_cert, "key": args.tls_key, "ca": args.tls_ca},
         "master_key": {"file": args.master_key_file},
         "logging": {"level": args.log_level},
+        "audit": {"web_port": args.audit_web_port},
     }
 
 

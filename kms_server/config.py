@@ -137,7 +137,7 @@ class AuditConfig:
     jsonl_file: Path | None = None
     syslog: str | None = None
     # The security team's HTTPS page (mutual TLS, auditors and
-    # administrators); 0 turns it off.
+    # administrators); off unless web_port is set (0: any free port).
     web_host: str = "127.0.0.1"
     web_port: int | None = None
 

@@ -1,10 +1,12 @@
 """What `make run` does, step by step, in a scratch copy of the layout:
-`kms-admin pki init` into certs/dev, `kms-admin master-key new` into var/,
-then `kms-server --config etc/kms-dev.toml` (here with --port 0) serves the
-vcenter client certificate it made."""
+`kms-admin pki init` into certs/dev, `kms-admin master-key new` and
+`kms-admin audit key new` into var/, then `kms-server --config
+etc/kms-dev.toml` (here with --port 0 --audit-web-port 0) serves the vcenter
+client certificate it made, and the accesses are in a verified trail."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -33,18 +35,21 @@ def test_dev_setup_serves_the_vcenter_certificate(tmp_path):
     (tmp_path / "var").mkdir(mode=0o700)
     admin("master-key", "new", "--out", "var/master.key", cwd=tmp_path)
     assert (tmp_path / "var" / "master.key").stat().st_mode & 0o777 == 0o600
+    admin("audit", "key", "new", "--out", "var/audit.key", cwd=tmp_path)
+    assert (tmp_path / "var" / "audit.key").stat().st_mode & 0o777 == 0o600
     # Running it twice keeps what exists (make run is re-run every day).
     admin("pki", "init", "--dir", "certs/dev", "--server-name", "localhost", "--client", "vcenter", "--client", "admin",
           cwd=tmp_path)
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kms_server.cli", "--config", "etc/kms-dev.toml", "--port", "0"],
+        [sys.executable, "-m", "kms_server.cli", "--config", "etc/kms-dev.toml", "--port", "0", "--audit-web-port", "0"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         line = proc.stdout.readline()
         assert "listening on 127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
         threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        assert "audit page on https://127.0.0.1:" in proc.stdout.readline()
         port = int(line.strip().rsplit(":", 1)[1])
         client = ProxyKmipClient(
             hostname="127.0.0.1", port=port,
@@ -61,3 +66,6 @@ def test_dev_setup_serves_the_vcenter_certificate(tmp_path):
         proc.terminate()
         assert proc.wait(30) == 0
     assert (tmp_path / "var" / "kms.db").exists()
+    shown = admin("audit", "show", "--config", "etc/kms-dev.toml", "--json", "--object", uid, cwd=tmp_path)
+    assert [json.loads(line)["operation"] for line in shown.splitlines()] == ["CREATE", "GET"]
+    assert "audit trail intact" in admin("audit", "verify", "--config", "etc/kms-dev.toml", cwd=tmp_path)
