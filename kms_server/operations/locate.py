@@ -7,7 +7,7 @@ storage. A date attribute given twice is a range (KMIP 1.4, 4.9: "the
 first value is the start, the second the end"); ranges are checked on the
 candidates that the equality filters leave."""
 
-from kmip.core.enums import Operation, State, Tags
+from kmip.core.enums import Operation, State, StorageStatusMask, Tags
 
 from kms_server import errors
 from kms_server.keystore import attributes as attrs
@@ -51,6 +51,13 @@ def handle(ctx, keystore, payload):
     # README "Not supported yet".
     del group_member
 
+    # Destroyed objects are found only when the Storage Status Mask asks
+    # for them (2.0, 6.1.27; without a mask, on-line objects only) or the
+    # request names a destroyed State.
+    mask = payload.get(Tags.STORAGE_STATUS_MASK.value, StorageStatusMask.ONLINE_STORAGE.value)
+    with_destroyed = bool(mask & StorageStatusMask.DESTROYED_STORAGE.value) or any(
+        s in _DESTROYED for s in states
+    )
     with keystore.transaction(read_only=True) as txn:
         if len(set(states)) > 1:
             uids = []  # One object has one state.
@@ -58,6 +65,12 @@ def handle(ctx, keystore, payload):
             uids = _filtered(keystore, txn, ctx, equals, dates, states[0] if states else None)
         else:
             uids = keystore.locate(txn, ctx.principal, equals, [], 0, None)
+        if not with_destroyed and uids:
+            destroyed = set()
+            for state in _DESTROYED:
+                query = equals + [("State", ttlv.enumeration(Tags.ATTRIBUTE_VALUE.value, state))]
+                destroyed.update(keystore.locate(txn, ctx.principal, query, [], 0, None))
+            uids = [u for u in uids if u not in destroyed]
     total = len(uids)
     page = uids[offset:] if maximum is None else uids[offset : offset + maximum]
     out = []
@@ -70,6 +83,8 @@ def handle(ctx, keystore, payload):
     out += [common.uid_item(u) for u in page]
     return out
 
+
+_DESTROYED = (State.DESTROYED.value, State.DESTROYED_COMPROMISED.value)
 
 # A stored state may be behind the effective one when an Activation or
 # Deactivation Date has passed since the object was last written
