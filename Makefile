@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 DEV_PKI = certs/dev
 PYTEST_ARGS ?=
 
-.PHONY: run test venv pki master-key audit-key check-config clean lint bench bench-nvram bench-cluster bench-gateway demo conformance
+.PHONY: run test venv pki master-key audit-key check-config clean lint bench bench-audit bench-nvram bench-cluster bench-gateway demo conformance
 
 venv: $(VENV)/.installed
 
@@ -72,6 +72,10 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/kmip_throughput.py $(BENCH_ARGS)
+
+# What the audit trail costs: kms-server with and without it, and PyKMIP.
+bench-audit: venv
+	$(BIN)/python bench/kmip_throughput.py --servers kms-server,kms-no-audit,PyKMIP --workloads create-get,vcenter-mix $(BENCH_ARGS)
 
 bench-nvram: venv
 	$(BIN)/python bench/nvram_seal.py

@@ -54,7 +54,10 @@ WORKLOAD_HELP = {
     "vcenter-mix": "Create AES-256, GetAttributes, Get, Activate",
     "discover": "DiscoverVersions only (protocol + TLS + framing overhead)",
 }
-SERVERS = ("kms-server", "PyKMIP")
+# kms-no-audit: kms-server with [audit] enabled = false, to measure what the
+# audit trail costs (make bench-audit); not run unless asked for.
+SERVERS = ("kms-server", "kms-no-audit", "PyKMIP")
+DEFAULT_SERVERS = ("kms-server", "PyKMIP")
 CLIENT_NAME = "bench"
 NOISE_CORES = 0.2
 GET_ATTRIBUTE_NAMES = ["State", "Cryptographic Algorithm", "Cryptographic Length"]
@@ -522,12 +525,25 @@ def _drain(stream, sink, lines: list[str]) -> None:
         sink.flush()
 
 
-def start_kms_server(root: Path, pki: Path, log_level: str, timeout: float, worker_threads: int | None = None) -> Server:
+def start_kms_server(
+    root: Path,
+    pki: Path,
+    log_level: str,
+    timeout: float,
+    worker_threads: int | None = None,
+    audit: bool = True,
+    name: str = "kms-server",
+) -> Server:
     from kms_server.admin.pki import new_master_key
+    from kms_server.keystore import audit_key
 
-    workdir = root / "kms-server"
+    workdir = root / name
     workdir.mkdir(mode=0o700)
     new_master_key(workdir / "master.key")
+    audit_key.generate(workdir / "audit.key", workdir / "audit.pub")
+    audit_section = (
+        f'signing_key_file = "{workdir / "audit.key"}"\ncheckpoint_seconds = 10.0' if audit else "enabled = false"
+    )
     config = workdir / "kms.toml"
     config.write_text(
         textwrap.dedent(
@@ -553,6 +569,7 @@ def start_kms_server(root: Path, pki: Path, log_level: str, timeout: float, work
             level = "{log_level}"
             """
         )
+        + f"\n[audit]\n{audit_section}\n"
     )
     log_path = workdir / "server.log"
     log = open(log_path, "w")
@@ -567,7 +584,7 @@ def start_kms_server(root: Path, pki: Path, log_level: str, timeout: float, work
     )
     lines: list[str] = []
     threading.Thread(target=_drain, args=(proc.stdout, log, lines), daemon=True).start()
-    server = Server("kms-server", proc, "127.0.0.1", 0, workdir, log_path)
+    server = Server(name, proc, "127.0.0.1", 0, workdir, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in list(lines):
@@ -751,14 +768,18 @@ def render(results: list[dict], meta: dict, console) -> None:
     table.add_column("conc", justify="right")
     shown = [name for name in SERVERS if name in meta.get("servers", SERVERS)]
     for name in shown:
-        style = "cyan" if name == "kms-server" else "magenta"
+        style = "magenta" if name == "PyKMIP" else "cyan"
         table.add_column(f"{name}\nreq/s", justify="right", style=style)
         table.add_column("p50 ms", justify="right")
         table.add_column("p95 ms", justify="right")
         table.add_column("srv CPU\nms/req", justify="right")
         table.add_column("err", justify="right")
-    if len(shown) == 2:
+    versus_pykmip = "kms-server" in shown and "PyKMIP" in shown
+    audit_cost = "kms-server" in shown and "kms-no-audit" in shown
+    if versus_pykmip:
         table.add_column("kms/\nPyKMIP", justify="right", style="bold")
+    if audit_cost:
+        table.add_column("audit on/\naudit off", justify="right", style="bold")
 
     cells: dict[tuple[str, int], dict[str, dict]] = {}
     for r in results:
@@ -791,13 +812,14 @@ def render(results: list[dict], meta: dict, console) -> None:
                 fmt(r["server_cpu_ms_per_request"], 2),
                 err,
             ]
-        a, b = by_server.get("kms-server"), by_server.get("PyKMIP")
-        if len(shown) < 2:
-            pass
-        elif a and b and a.get("requests_per_s") and b.get("requests_per_s"):
-            row.append(f"{a['requests_per_s'] / b['requests_per_s']:.2f}x")
-        else:
-            row.append("-")
+        for wanted, other in ((versus_pykmip, "PyKMIP"), (audit_cost, "kms-no-audit")):
+            if not wanted:
+                continue
+            a, b = by_server.get("kms-server"), by_server.get(other)
+            if a and b and a.get("requests_per_s") and b.get("requests_per_s"):
+                row.append(f"{a['requests_per_s'] / b['requests_per_s']:.2f}x")
+            else:
+                row.append("-")
         table.add_row(*row)
     console.print(table)
     console.print(
@@ -836,7 +858,11 @@ def parse_args(argv=None):
     p.add_argument("--ops", type=int, default=300, help="iterations per workload per concurrency level per server (default 300)")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client connection counts (default 1,4,16)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(WORKLOADS)}")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: kms-server, PyKMIP (default both)")
+    p.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help="comma-separated: kms-server, kms-no-audit (auditing off), PyKMIP (default kms-server,PyKMIP)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="unmeasured iterations per connection before the clock starts (default 2)")
     p.add_argument("--cell-timeout", type=float, default=120.0, help="seconds one workload x concurrency x server may take (default 120)")
     p.add_argument("--socket-timeout", type=float, default=20.0, help="client socket timeout in seconds (default 20)")
@@ -941,6 +967,9 @@ def main(argv=None) -> int:
         pool = ClientPool(max(args.concurrency))
         starters = {
             "kms-server": lambda *a: start_kms_server(*a, worker_threads=args.kms_worker_threads),
+            "kms-no-audit": lambda *a: start_kms_server(
+                *a, worker_threads=args.kms_worker_threads, audit=False, name="kms-no-audit"
+            ),
             "PyKMIP": start_pykmip,
         }
         for name in args.servers:

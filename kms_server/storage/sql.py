@@ -465,8 +465,8 @@ class _SqlTransaction(Transaction):
                 key_id=checkpoint.key_id,
                 signature=checkpoint.signature,
             )
-            result = self._conn.execute(stmt.on_conflict_do_nothing(index_elements=[kms_audit_checkpoints.c.seq]))
-            return result.rowcount == 1
+            stmt = stmt.on_conflict_do_nothing(index_elements=[kms_audit_checkpoints.c.seq])
+            return self._conn.execute(stmt.returning(kms_audit_checkpoints.c.seq)).first() is not None
 
     def audit_checkpoints(self) -> list[StoredCheckpoint]:
         with self._op("audit_checkpoints"):

@@ -631,3 +631,70 @@ def test_read_only_transaction_reads_and_refuses_every_write(storage):
         assert txn.get_object("ro-2") is None
         assert txn.get_object("ro-1").version == 1
         assert txn.get_meta("k") is None
+
+
+# --- the audit trail ------------------------------------------------------------------
+
+
+def _audit_record(seq: int, **kw):
+    from kms_server.storage.base import StoredAuditRecord
+
+    fields = dict(
+        seq=seq, time=1000.0 + seq, node="n1", operation="GET", uid=f"u{seq % 3}", client="alice",
+        result="SUCCESS", x_component=None, x_name=None, x_identifier=None, body=f'{{"seq":{seq}}}', hash=f"h{seq}",
+    )
+    fields.update(kw)
+    return StoredAuditRecord(**fields)
+
+
+def test_audit_records_append_and_read_back_in_order_with_filters(storage):
+    from kms_server.storage.base import AuditQuery
+
+    with storage.transaction() as txn:
+        assert txn.audit_head(lock=True) is None
+        for seq in range(1, 7):
+            txn.insert_audit(_audit_record(seq, x_name="vm1" if seq % 2 else None, x_component="Virtual Machine"))
+    with storage.transaction(read_only=True) as txn:
+        assert txn.audit_head() == (6, "h6")
+        assert [r.seq for r in txn.audit_records(AuditQuery())] == [1, 2, 3, 4, 5, 6]
+        assert txn.audit_records(AuditQuery(after_seq=4))[0] == _audit_record(5, x_name="vm1", x_component="Virtual Machine")
+        assert [r.seq for r in txn.audit_records(AuditQuery(limit=2, after_seq=1))] == [2, 3]
+        assert [r.seq for r in txn.audit_records(AuditQuery(uids=("u1",)))] == [1, 4]
+        assert [r.seq for r in txn.audit_records(AuditQuery(names=("vm1",)))] == [1, 3, 5]
+        assert [r.seq for r in txn.audit_records(AuditQuery(since=1002.0, until=1004.0))] == [2, 3, 4]
+        assert txn.audit_records(AuditQuery(operation="CREATE")) == []
+
+
+def test_audit_append_rolls_back_with_its_transaction(storage):
+    with pytest.raises(RuntimeError):
+        with storage.transaction() as txn:
+            txn.insert_audit(_audit_record(1))
+            raise RuntimeError("the change failed")
+    with storage.transaction(read_only=True) as txn:
+        assert txn.audit_head() is None
+
+
+def test_audit_seq_is_unique_and_read_only_transactions_cannot_append(storage):
+    with storage.transaction() as txn:
+        txn.insert_audit(_audit_record(1))
+    with pytest.raises(StorageError):
+        with storage.transaction() as txn:
+            txn.insert_audit(_audit_record(1, body="other"))
+    with pytest.raises(StorageError):
+        with storage.transaction(read_only=True) as txn:
+            txn.insert_audit(_audit_record(2))
+    with storage.transaction(read_only=True) as txn:
+        assert txn.audit_head() == (1, "h1")
+
+
+def test_checkpoints_are_stored_once_per_seq(storage):
+    from kms_server.storage.base import StoredCheckpoint
+
+    first = StoredCheckpoint(seq=5, time=1.0, node="n1", head_hash="h5", key_id="k", signature="s1")
+    with storage.transaction() as txn:
+        assert txn.insert_checkpoint(first) is True
+        assert txn.insert_checkpoint(StoredCheckpoint(seq=5, time=2.0, node="n2", head_hash="h5", key_id="k", signature="s2")) is False
+        assert txn.insert_checkpoint(StoredCheckpoint(seq=2, time=0.5, node="n1", head_hash="h2", key_id="k", signature="s0"))
+    with storage.transaction(read_only=True) as txn:
+        assert [c.seq for c in txn.audit_checkpoints()] == [2, 5]
+        assert txn.audit_checkpoints()[1] == first
