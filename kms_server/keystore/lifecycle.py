@@ -92,12 +92,22 @@ def destroy(obj: ManagedObject, now: int) -> None:
     obj.set_value("Destroy Date", now)
 
 
-def require_usable(obj: ManagedObject, protect: bool) -> None:
+def require_usable(obj: ManagedObject, protect: bool, now: int | None = None) -> None:
     """Protecting (Encrypt, Sign, MAC, wrapping) needs an Active object;
     processing (Decrypt, SignatureVerify) is also allowed once the object is
-    Deactivated or Compromised (KMIP 1.4, 3.22 State)."""
+    Deactivated or Compromised (KMIP 1.4, 3.22 State). Within those states,
+    protecting stops at the Protect Stop Date and processing starts at the
+    Process Start Date (KMIP 1.4, 3.25 and 3.26)."""
     state = obj.state
     allowed = (State.ACTIVE,) if protect else (State.ACTIVE, State.DEACTIVATED, State.COMPROMISED)
     if state not in allowed:
         name = state.name if state else "stateless"
         raise errors.IllegalOperation(f"object is {name}; this operation needs an ACTIVE object")
+    if now is None:
+        return
+    protect_stop = obj.value("Protect Stop Date")
+    process_start = obj.value("Process Start Date")
+    if protect and protect_stop is not None and protect_stop <= now:
+        raise errors.PermissionDenied("the object's Protect Stop Date has passed; it may no longer protect data")
+    if not protect and process_start is not None and process_start > now:
+        raise errors.PermissionDenied("the object's Process Start Date has not come; it may not process data yet")

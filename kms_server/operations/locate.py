@@ -81,6 +81,10 @@ def handle(ctx, keystore, payload):
     if ctx.at_least(1, 3) and paging:
         out.append(ttlv.integer(Tags.LOCATED_ITEMS.value, total))
     out += [common.uid_item(u) for u in page]
+    # KMIP 1.4, 6.12: a later item of the batch may name the located object
+    # by the ID Placeholder.
+    if page:
+        ctx.batch.id_placeholder = page[0]
     return out
 
 

@@ -848,7 +848,7 @@ def usable_key(
         raise errors.InvalidField(
             f"object {uid} is a {obj.object_type.name}; this operation needs a {names}"
         )
-    lifecycle.require_usable(obj, protect)
+    lifecycle.require_usable(obj, protect, ctx.now)
     if not obj.usage_mask & usage.value:
         raise errors.PermissionDenied(
             f"the Cryptographic Usage Mask of object {uid} does not include {usage.name}"

@@ -30,13 +30,14 @@ What is compared how:
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
 from conformance import kmip_xml
 from kmip.core.enums import ObjectType, Operation, Tags
 
-from kms_server.wire.ttlv import Item, ItemType, tag_name
+from kms_server.wire.ttlv import Item, ItemType, tag_name, walk
 
 T = Tags
 
@@ -92,6 +93,25 @@ class FlowState:
     generated: set[str] = field(default_factory=set)
     object_types: dict[str, int] = field(default_factory=dict)
     own_values: set[bytes] = field(default_factory=set)
+    # The last value of each tag seen in a response, for placeholders a
+    # test case uses in a request without binding them first ($DATA_0 for
+    # the ciphertext of the Encrypt before).
+    last_values: dict[int, object] = field(default_factory=dict)
+
+    def bind_unbound(self, request) -> None:
+        for el in request.iter():
+            text = el.get("value")
+            if not kmip_xml.is_placeholder(text) or text[1:] in self.bindings:
+                continue
+            name = re.sub(r"_\d+$", "", text[1:])
+            tag = kmip_xml.TAGS.get(kmip_xml.norm(name))
+            if tag is not None and tag.value in self.last_values:
+                self.bindings[text[1:]] = self.last_values[tag.value]
+
+    def remember(self, item: Item) -> None:
+        for child in walk(item):
+            if child.type != ItemType.STRUCTURE:
+                self.last_values[child.tag] = child.value
 
 
 class Difference(Exception):
@@ -132,6 +152,7 @@ class Comparator:
             self._learn_request(request)
         if actual is None:
             raise Difference("ResponseMessage", "no response (the server closed the connection)")
+        self.state.remember(actual)
         self._check_tag(expected, actual, "ResponseMessage")
         path = "ResponseMessage"
         exp_children = list(expected)
@@ -198,7 +219,14 @@ class Comparator:
             loose -= {T.DATA.value}
         loose.add(T.IV_COUNTER_NONCE.value)
         scope = _ItemScope(frozenset(loose), query=operation == Operation.QUERY.value)
-        self._node(expected, actual, path, scope, None)
+        try:
+            self._node(expected, actual, path, scope, None)
+        except Difference as exc:
+            # Say why the server refused what the test case expects to work.
+            message = actual.get(T.RESULT_MESSAGE.value)
+            if actual.get(T.RESULT_STATUS.value) != 0 and isinstance(message, str):
+                raise Difference(exc.path, f"{exc.text} (server: {message!r})") from None
+            raise
         if payload is not None:
             object_type = payload.get(T.OBJECT_TYPE.value)
             for u in uids:
