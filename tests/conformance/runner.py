@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--vectors", default=str(VECTORS))
     parser.add_argument("--in-process", action="store_true", help="no server process, no TLS (development only)")
+    parser.add_argument("--doc", default="", help="also write the figures and the reasons as Markdown here")
     args = parser.parse_args(argv)
 
     from conftest import start_server
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_process:
         transport = InProcessTransport()
         results = run_all(selected, transport, args.workers)
-        return report(results, time.monotonic() - started, Path(args.out))
+        return report(results, time.monotonic() - started, Path(args.out), args.doc, "in-process")
     with tempfile.TemporaryDirectory(prefix="kms-conformance-") as tmp:
         pki = FlowPki(Path(tmp) / "pki")
         server = start_server(Path(tmp) / "node", pki.directory, log_level="WARNING")
@@ -270,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             results = run_all(selected, TlsTransport(server.host, server.port, pki), args.workers)
         finally:
             server.stop()
-    return report(results, time.monotonic() - started, Path(args.out))
+    return report(results, time.monotonic() - started, Path(args.out), args.doc, "kms-server over mutual TLS")
 
 
-def report(results: list[Result], elapsed: float, out: Path) -> int:
+def report(results: list[Result], elapsed: float, out: Path, doc: str = "", how: str = "") -> int:
     lines = [f"{r.flow.version} {r.flow.kind:9} {r.flow.name:28} {r.status.upper():7} {r.detail}" for r in results]
     for r in results:
         if r.status != "passed" and r.flow.name in KNOWN:
@@ -283,6 +284,8 @@ def report(results: list[Result], elapsed: float, out: Path) -> int:
     out.write_text("\n".join(summary + ["", f"{len(results)} flows in {elapsed:.1f} s", ""] + lines) + "\n")
     print("\n".join(summary))
     print(f"{len(results)} flows in {elapsed:.1f} s; per-flow list in {out}")
+    if doc:
+        write_doc(Path(doc), results, elapsed, how, summary)
     unexpected = [r for r in results if r.status == "passed" and r.flow.name in KNOWN]
     regressions = [r for r in results if r.status != "passed" and r.flow.name not in KNOWN]
     for r in unexpected:
@@ -290,6 +293,49 @@ def report(results: list[Result], elapsed: float, out: Path) -> int:
     for r in regressions:
         print(f"fails and is not listed as known: {r.flow.name}: {r.detail}")
     return 0
+
+
+def write_doc(path: Path, results: list[Result], elapsed: float, how: str, summary: list[str]) -> None:
+    """docs/conformance.md: the figures of this run and, for every flow that
+    does not pass, the reason from known.py (or the failure itself)."""
+    lines = [
+        "# OASIS KMIP profile conformance",
+        "",
+        "The OASIS KMIP profile test flows (`../shared/vectors/oasis/`, 1.4, 2.0 and 2.1,",
+        "mandatory and optional) run against the server by `make conformance`",
+        "(tests/conformance/runner.py: one flow per client identity, responses compared",
+        "field by field as tests/conformance/compare.py describes). `make test` runs the",
+        "1.4 mandatory flows as pytest cases, the ones below marked xfail(strict).",
+        "",
+        f"Figures of one run ({how}, {len(results)} flows in {elapsed:.1f} s):",
+        "",
+        "```",
+        *summary,
+        "```",
+        "",
+        "## Flows that do not pass",
+        "",
+        "| version | set | flow | reason |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in results:
+        if r.status == "passed":
+            continue
+        reason = reason_for(r.flow.name)
+        if not reason:
+            reason = f"{r.status}: {r.detail}"
+        elif r.status == "failed" and not _matches_known(r):
+            reason = f"{reason}. In this run: {r.detail}"
+        reason = reason.replace("|", "\\|")
+        lines.append(f"| {r.flow.version} | {r.flow.kind} | {r.flow.name} | {reason} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _matches_known(result: Result) -> bool:
+    """Whether the failure is the one known.py explains (same refusal);
+    used only to add this run's detail where it differs."""
+    return "GENERAL_FAILURE" not in result.detail and "RESULT_STATUS" not in result.detail
 
 
 if __name__ == "__main__":
