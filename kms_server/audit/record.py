@@ -62,6 +62,17 @@ def render(item: Item):
     return text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS] + "...(truncated)"
 
 
+def _attribute_name(tag: int) -> str:
+    """A 2.0 attribute's 1.x name ("Cryptographic Length"), as records of
+    1.x requests use."""
+    from kmip.core import enums
+
+    try:
+        return enums.convert_attribute_tag_to_name(Tags(tag))
+    except ValueError:
+        return ttlv.tag_name(tag)
+
+
 def request_attributes(payload: Item | None) -> list[dict]:
     """Attribute names and values the client supplied in a request payload
     (1.x Attribute structures, 2.x Attributes / New / Current Attribute),
@@ -88,21 +99,27 @@ def request_attributes(payload: Item | None) -> list[dict]:
                 for attribute in child.children():
                     if attribute.tag in _OPAQUE:
                         continue
-                    if attribute.tag == T.VENDOR_ATTRIBUTE.value and attribute.type == ItemType.STRUCTURE:
+                    if attribute.tag == T.ATTRIBUTE.value and attribute.type == ItemType.STRUCTURE:
+                        # 2.0 vendor attribute: {Vendor Identification,
+                        # Attribute Name, Attribute Value}; "x" + "Name" is x-Name.
+                        vendor = attribute.get(T.VENDOR_IDENTIFICATION.value)
                         name = attribute.get(T.ATTRIBUTE_NAME.value)
                         value = attribute.find(T.ATTRIBUTE_VALUE.value)
-                        entry = {"name": name if isinstance(name, str) else "?"}
-                        if value is not None:
+                        entry = {"name": f"{vendor}-{name}" if isinstance(vendor, str) and isinstance(name, str) else "?"}
+                        if value is not None and value.tag not in _OPAQUE:
                             entry["value"] = render(value)
                     else:
-                        entry = {"name": ttlv.tag_name(attribute.tag), "value": render(attribute)}
+                        entry = {"name": _attribute_name(attribute.tag), "value": render(attribute)}
                     found.append(entry)
             elif child.type == ItemType.STRUCTURE:
                 walk(child)
             elif child.tag == T.ATTRIBUTE_NAME.value and isinstance(child.value, str):
                 found.append({"name": child.value})
 
-    walk(payload)
+    try:
+        walk(payload)
+    except Exception:  # an odd payload must not stop the request or its record
+        found.append({"name": "?", "value": "(attributes not readable)"})
     return found
 
 
