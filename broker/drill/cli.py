@@ -11,7 +11,7 @@ every VM must power on with the same NV secret, a byte-identical EK
 certificate chaining to the broker's EK CA, and the same KEK.
 
 Exit status: 0 every VM recovered, 1 some did not, 2 the drill could not
-run (one line on stderr). `--json` prints {vms, recovered, nv_match,
+run (one line on stderr), and both audit trails per step. `--json` prints {vms, recovered, nv_match,
 ek_match, kek_match, seconds, failures} on stdout, the narrative on stderr:
 `ek_match` counts EK certificates byte-identical to the one read before the
 disaster *and* chaining to the broker's EK CA; `recovered` counts VMs whose
@@ -221,6 +221,13 @@ def _summary(drill, seconds: float, failures: list[str]) -> dict:
         "kek_match": sum(1 for vm in vms if vm.kek_match),
         "seconds": round(seconds, 2),
         "failures": failures,
+        "audit": {
+            "broker_records": drill.audit.get("records", 0),
+            "broker_intact": not drill.audit.get("problems"),
+            "kms_records": drill.audit.get("kms", {}).get("records", 0),
+            "kms_intact": drill.audit.get("kms", {}).get("intact", False),
+            "steps": drill.audit.get("steps", []),
+        },
     }
 
 

@@ -158,6 +158,10 @@ class Kms:
     def ca(self) -> Path:
         return self.pki / "ca.pem"
 
+    @property
+    def config(self) -> Path:
+        return self.workdir / "kms.toml"
+
     def stop(self) -> None:
         self.service.stop()
 
@@ -170,6 +174,9 @@ def start_kms(workdir: Path, runner: Runner = run) -> Kms:
     master = workdir / "master.key"
     if not master.exists():
         runner("kms-admin", "master-key", "new", "--out", master)
+    audit_key = workdir / "audit.key"
+    if not audit_key.exists():
+        runner("kms-admin", "audit", "key", "new", "--out", audit_key)
     config = workdir / "kms.toml"
     config.write_text(
         f"""\
@@ -192,6 +199,9 @@ administrators = ["admin"]
 
 [logging]
 level = "WARNING"
+
+[audit]
+signing_key_file = "{audit_key}"
 """
     )
     service, ports = _start("kms-server", command("kms-server", "--config", config), {"kmip": "listening on"})

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -158,6 +159,8 @@ class Drill:
         self.disaster: dict = {}
         self.audit: dict = {}
         self.steps: list[tuple[str, float]] = []
+        # (title, wall-clock start, end): where each step's audit records fall.
+        self.windows: list[tuple[str, float, float]] = []
 
     def host_state(self, host: str) -> Path:
         return self.workdir / "hosts" / host
@@ -183,10 +186,11 @@ class Drill:
         self._step("audit trail", self._read_audit)
 
     def _step(self, title: str, action: Callable[[], str | None]) -> None:
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         detail = action()
         seconds = time.monotonic() - started
         self.steps.append((title, seconds))
+        self.windows.append((title, wall, time.time()))
         self.say(f"[bold]{title}[/bold] ({seconds:.1f} s)" + (f": {detail}" if detail else ""))
 
     def _start_kms(self) -> str:
@@ -440,7 +444,10 @@ class Drill:
                 vm.kek_in_kms = attributes.get("x-Identifier") == [vm.vm_uuid]
 
     def _read_audit(self) -> str:
-        assert self.broker is not None
+        """Both trails: the broker's (trust decisions, unwraps) and the
+        KMS's (every KMIP request, the broker's included), each verified,
+        and what each step left in them."""
+        assert self.broker is not None and self.kms is not None
         trail = json.loads(self.broker.admin("audit", "--json", check=False).stdout or "{}")
         records = trail.get("records", [])
         counts: dict[str, int] = {}
@@ -448,15 +455,56 @@ class Drill:
         for record in records:
             counts[record["action"]] = counts.get(record["action"], 0) + 1
             refused += 0 if record["allowed"] else 1
+        shown = run("kms-admin", "audit", "show", "--config", self.kms.config, "--json", check=False)
+        kms_records = [json.loads(line) for line in shown.stdout.splitlines() if line.strip()]
+        verified = run("kms-admin", "audit", "verify", "--config", self.kms.config, check=False)
+        kms_ops: dict[str, int] = {}
+        for record in kms_records:
+            kms_ops[record["operation"]] = kms_ops.get(record["operation"], 0) + 1
         self.audit = {
             "records": len(records),
             "refused": refused,
             "problems": trail.get("problems", []),
             "actions": counts,
+            "kms": {
+                "records": len(kms_records),
+                "refused": sum(1 for r in kms_records if r["result"]["status"] != "SUCCESS"),
+                "intact": verified.returncode == 0,
+                "verify": (verified.stdout or verified.stderr).strip().splitlines()[:1],
+                "operations": kms_ops,
+            },
+            "steps": self._per_step(records, kms_records),
         }
-        shown = ", ".join(f"{action} {n}" for action, n in sorted(counts.items()))
+        for step in self.audit["steps"]:
+            broker_part = ", ".join(f"{a} {n}" for a, n in sorted(step["broker"].items())) or "-"
+            kms_part = ", ".join(f"{o} {n}" for o, n in sorted(step["kms"].items())) or "-"
+            self.say(f"  audit, {step['step']}: broker [{broker_part}]; KMS [{kms_part}]")
         chain = "hash chain intact" if not self.audit["problems"] else f"PROBLEMS: {self.audit['problems'][0]}"
-        return f"{len(records)} records ({refused} refused), {chain}: {shown}"
+        kms_chain = "chain and checkpoints intact" if verified.returncode == 0 else "VERIFY FAILED"
+        broker_shown = ", ".join(f"{action} {n}" for action, n in sorted(counts.items()))
+        return (
+            f"broker: {len(records)} records ({refused} refused), {chain}: {broker_shown}; "
+            f"KMS: {len(kms_records)} records ({self.audit['kms']['refused']} refused), {kms_chain}"
+        )
+
+    def _per_step(self, broker_records: list[dict], kms_records: list[dict]) -> list[dict]:
+        def parse_time(text: str) -> float:
+            return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+        steps = []
+        for title, start, end in self.windows:
+            broker_counts: dict[str, int] = {}
+            for r in broker_records:
+                if start <= float(r.get("at", 0)) <= end:
+                    key = r["action"] + ("" if r["allowed"] else " (refused)")
+                    broker_counts[key] = broker_counts.get(key, 0) + 1
+            kms_counts: dict[str, int] = {}
+            for r in kms_records:
+                if start <= parse_time(r["time"]) <= end:
+                    key = r["operation"] + ("" if r["result"]["status"] == "SUCCESS" else " (refused)")
+                    kms_counts[key] = kms_counts.get(key, 0) + 1
+            steps.append({"step": title, "broker": broker_counts, "kms": kms_counts})
+        return steps
 
     # Cleanup ------------------------------------------------------------------------------------
 

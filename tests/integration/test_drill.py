@@ -39,6 +39,15 @@ def test_drill_recovers_every_vm(tmp_path):
     assert "power-on of vm-001 now fails" in narrative and "refused" in narrative
     assert "3 of 3 VMs registered to vcenter-b" in narrative
     assert "hash chain intact" in narrative
+    # Both audit trails verify, and show each step: the refused unwrap of
+    # the disaster in the broker's trail, the recovery's unwraps in both.
+    audit = summary["audit"]
+    assert audit["broker_intact"] and audit["kms_intact"] and audit["kms_records"] > 0
+    steps = {step["step"]: step for step in audit["steps"]}
+    assert any("refused" in action for action in steps["disaster"]["broker"]), steps["disaster"]
+    recovery = steps["power-on after recovery, guest reads back"]
+    assert recovery["broker"] and recovery["kms"], recovery
+    assert "chain and checkpoints intact" in narrative and "audit, disaster:" in narrative
     assert "Traceback" not in result.stderr
     # Nothing left running: the hosts report no VM powered on.
     for host in ("esx-01", "esx-02"):
