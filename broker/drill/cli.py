@@ -11,8 +11,8 @@ every VM must power on with the same NV secret, a byte-identical EK
 certificate chaining to the broker's EK CA, and the same KEK.
 
 Exit status: 0 every VM recovered, 1 some did not, 2 the drill could not
-run (one line on stderr), and both audit trails per step. `--json` prints {vms, recovered, nv_match,
-ek_match, kek_match, seconds, failures} on stdout, the narrative on stderr:
+run (one line on stderr). `--json` prints {vms, recovered, nv_match,
+ek_match, kek_match, seconds, failures, audit} on stdout, the narrative on stderr:
 `ek_match` counts EK certificates byte-identical to the one read before the
 disaster *and* chaining to the broker's EK CA; `recovered` counts VMs whose
 every check passed.
