@@ -489,3 +489,111 @@ def test_a_failing_sink_is_reported_and_never_blocks(tmp_path, pki_dir):
     log = server.stderr_text()
     assert "audit sink syslog failed" in log
     assert "audit checkpoints are not signed" in log
+
+
+# --- refusals are recorded with what is known --------------------------------------------
+
+
+def _records_until(config: Path, predicate, timeout: float = 10.0) -> list[dict]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = show(config)
+        if predicate(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def test_refused_handshakes_credentials_and_messages_are_recorded(tmp_path, pki_dir):
+    """A connection without a client certificate, one with a certificate of
+    another CA, a port probe, a wrong KMIP password and an undecodable
+    message each leave a record naming what was known (peer, certificate
+    identity, username) and the reason; the password never appears. A
+    good request carries the certificate subject, fingerprint and the
+    KMIP username."""
+    import ssl
+
+    from kms_server.admin import pki as pki_mod
+
+    workdir = tmp_path / "node"
+    workdir.mkdir()
+    password_file = tmp_path / "pw"
+    password_file.write_text("s3cret-enough-password\n")
+    credentials = workdir / "credentials.toml"
+    helper = workdir / "creds.toml"
+    helper.write_text(f'[access]\ncredentials_file = "{credentials}"\n')
+    done = admin("credentials", "set", "vcenter-svc", "--password-file", str(password_file), "--config", str(helper))
+    assert done.returncode == 0, done.stderr
+    server = start_server(
+        workdir,
+        pki_dir,
+        extra_config=f"""
+        [access]
+        require_credential = true
+        credentials_file = "{credentials}"
+        """,
+    )
+    config = workdir / "kms.toml"
+    try:
+        def client(password):
+            c = ProxyKmipClient(
+                hostname=server.host, port=server.port,
+                cert=str(pki_dir / "alice.pem"), key=str(pki_dir / "alice.key"), ca=str(pki_dir / "ca.pem"),
+                username="vcenter-svc", password=password, kmip_version=enums.KMIPVersion.KMIP_1_2,
+            )
+            c.open()
+            return c
+
+        good = client("s3cret-enough-password")
+        uid = good.create(enums.CryptographicAlgorithm.AES, 128)
+        good.close()
+        bad = client("wrong-password-123")
+        with pytest.raises(KmipOperationFailure):
+            bad.create(enums.CryptographicAlgorithm.AES, 128)
+        bad.close()
+
+        # No client certificate.
+        context = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
+        context.check_hostname = False
+        with socket.create_connection((server.host, server.port)) as raw:
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                with context.wrap_socket(raw) as tls:
+                    tls.sendall(b"\x42" * 8)
+                    tls.recv(1)
+        # A certificate from a CA the server does not trust.
+        pki_mod.init_pki(tmp_path / "other", server_names=["localhost"], clients=["eve"])
+        context.load_cert_chain(str(tmp_path / "other" / "eve.pem"), str(tmp_path / "other" / "eve.key"))
+        with socket.create_connection((server.host, server.port)) as raw:
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                with context.wrap_socket(raw) as tls:
+                    tls.sendall(b"\x42" * 8)
+                    tls.recv(1)
+        # A port probe.
+        socket.create_connection((server.host, server.port)).close()
+        # Garbage after a good handshake.
+        with RawClient(server.host, server.port, pki_dir, "alice") as raw_client:
+            raw_client.sock.sendall(bytes.fromhex("42007801") + b"\x00\x00\x00\x08" + b"\x00" * 8)
+            raw_client.sock.recv(1)
+
+        def complete(records):
+            return sum(1 for r in records if r["event"] == "tls-refused") >= 3 and any(
+                r["event"] == "undecodable-message" for r in records
+            )
+
+        records = _records_until(config, complete)
+    finally:
+        assert server.stop() == 0
+    created = next(r for r in records if r["operation"] == "CREATE" and r["uid"] == uid)
+    assert created["client"]["username"] == "vcenter-svc" and created["client"]["name"] == "alice"
+    assert "CN=alice" in created["client"]["subject"] and len(created["client"]["fingerprint"]) >= 64
+    refused = [r for r in records if r["event"] == "message-refused"]
+    assert refused and refused[0]["result"]["reason"] == "AUTHENTICATION_NOT_SUCCESSFUL"
+    assert refused[0]["client"]["username"] == "vcenter-svc"
+    tls = [r for r in records if r["event"] == "tls-refused"]
+    assert len(tls) >= 3 and all(r["peer"].startswith("127.0.0.1:") for r in tls)
+    assert all(r["result"]["reason"] == "TLS_REFUSED" and r["detail"] for r in tls)
+    assert any(r["event"] == "undecodable-message" and r["client"]["name"] == "alice" for r in records)
+    everything = json.dumps(records)
+    assert "wrong-password-123" not in everything and "s3cret" not in everything
+    assert admin("audit", "verify", "--config", str(config)).returncode == 0
