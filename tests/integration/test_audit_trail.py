@@ -154,7 +154,7 @@ def pristine(tmp_path_factory, pki_dir):
                 client.get(uid)
             done = admin("audit", "checkpoint", "--config", str(workdir / "kms.toml"))
             assert done.returncode == 0 and "signed checkpoint at record" in done.stdout, done.stderr
-            for i in range(8, 12):
+            for _ in range(8, 12):
                 uid = client.create(enums.CryptographicAlgorithm.AES, 256)
                 client.activate(uid)
         finally:
