@@ -5,6 +5,8 @@ primary by itself, and every key it acknowledged is there."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -124,6 +126,17 @@ def test_primary_killed_and_standby_promoted_loses_no_acknowledged_key(tmp_path,
             f"longest gap between acknowledgements after the kill {stalled:.2f} s (promotion took {promoted_at - killed_at:.2f} s)"
         )
         assert missing == []
+        # Every acknowledged Create has its audit record on the new primary
+        # (they committed together), and the trail there verifies.
+        audited = set(cluster.standby.psql("SELECT uid FROM kms_audit WHERE operation = 'CREATE' AND result = 'SUCCESS'").split())
+        assert [uid for uid in acknowledged if uid not in audited] == []
+        config = server.workdir / "kms.toml"
+        verified = subprocess.run(
+            [sys.executable, "-m", "kms_server.admin.cli", "audit", "verify", "--config", str(config),
+             "--db-url", cluster.standby.url],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert verified.returncode == 0, verified.stderr
         # Refusals are GENERAL_FAILURE or a dropped connection, never anything
         # that could be taken for success.
         assert all(reason in (None, 0x0100) for _, reason in loader.failed)

@@ -17,6 +17,8 @@ import shutil
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import textwrap
 import uuid
 from pathlib import Path
@@ -263,9 +265,10 @@ def test_round_trip_through_real_nodes(tmp_path, pki_dir, new_url, monkeypatch):
         out.parent.mkdir()
         written = Calls()
         summary = backup_mod.backup(source_cfg, out, written)
+        # Before the node stops: stopping signs one more audit checkpoint.
+        original = dump(source_url)
     finally:
         source.stop()
-    original = dump(source_url)
 
     assert summary.rows == {name: len(rows) for name, rows in original.items()}
     assert summary.rows["kms_objects"] == len(keys) + 1  # and the destroyed key
@@ -294,6 +297,8 @@ def test_round_trip_through_real_nodes(tmp_path, pki_dir, new_url, monkeypatch):
 
     (tmp_path / "copy").mkdir()
     shutil.copy2(source.workdir / "master.key", tmp_path / "copy" / "master.key")
+    for name in ("audit.key", "audit.pub"):
+        shutil.copy2(source.workdir / name, tmp_path / "copy" / name)
     copy = start_server(tmp_path / "copy", pki_dir, db_url=target_url)
     try:
         client = _client(copy, pki_dir)
@@ -308,6 +313,13 @@ def test_round_trip_through_real_nodes(tmp_path, pki_dir, new_url, monkeypatch):
     after = dump(target_url)["kms_objects"]
     new_row = next(row for row in after if row[1] == new_uid)
     assert new_row[0] > max(row[0] for row in original["kms_objects"])
+    # The restored audit trail goes on where the original stopped, as one chain.
+    assert len(dump(target_url)["kms_audit"]) > len(original["kms_audit"])
+    verified = subprocess.run(
+        [sys.executable, "-m", "kms_server.admin.cli", "audit", "verify", "--config", str(copy.workdir / "kms.toml")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert verified.returncode == 0, verified.stderr
 
 
 # --- a store written through the storage layer -----------------------------------------
