@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
@@ -33,6 +34,16 @@ class AuditWriteFailed(Exception):
     take effect (fail closed)."""
 
 
+class _Slot:
+    __slots__ = ("entry", "record", "error", "done")
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+        self.record: StoredAuditRecord | None = None
+        self.error: str | None = None
+        self.done = False
+
+
 class AuditTrail:
     def __init__(
         self,
@@ -47,6 +58,9 @@ class AuditTrail:
         self.signer = signer
         self._publish = publish
         self.clock = clock
+        self._cond = threading.Condition()
+        self._pending: list[_Slot] = []
+        self._flushing = False
 
     # Writing.
     def append(self, txn: Transaction, entry: dict) -> StoredAuditRecord:
@@ -75,15 +89,45 @@ class AuditTrail:
         return record
 
     def write(self, entry: dict) -> StoredAuditRecord:
-        """Write a record in a transaction of its own; raises
-        AuditWriteFailed if it cannot be stored."""
+        """Store a record outside any change (reads, refusals) and return
+        once it is committed; raises AuditWriteFailed if it cannot be.
+
+        Group commit: records that worker threads write at the same time
+        share one transaction. One waiting thread at a time commits every
+        record queued so far; the others wait for it, then find theirs
+        committed (or the batch's error). A failed batch fails each of its
+        records, so fail-closed holds per request."""
+        slot = _Slot(entry)
+        with self._cond:
+            self._pending.append(slot)
+            while not slot.done:
+                if self._flushing:
+                    self._cond.wait()
+                    continue
+                self._flushing = True
+                batch, self._pending = self._pending, []
+                self._cond.release()
+                try:
+                    self._flush(batch)
+                finally:
+                    self._cond.acquire()
+                    self._flushing = False
+                    self._cond.notify_all()
+        if slot.error is not None:
+            raise AuditWriteFailed(slot.error)
+        self.publish(slot.record)
+        return slot.record
+
+    def _flush(self, batch: list[_Slot]) -> None:
         try:
             with self.storage.transaction() as txn:
-                record = self.append(txn, entry)
+                records = [self.append(txn, slot.entry) for slot in batch]
         except Exception as exc:
-            raise AuditWriteFailed(str(exc)) from exc
-        self.publish(record)
-        return record
+            for slot in batch:
+                slot.error, slot.done = str(exc) or type(exc).__name__, True
+            return
+        for slot, record in zip(batch, records, strict=True):
+            slot.record, slot.done = record, True
 
     def publish(self, record: StoredAuditRecord) -> None:
         """Hand a committed record to the sinks; never raises."""

@@ -157,6 +157,11 @@ kms_audit_checkpoints = Table(
     Column("signature", Text, nullable=False),
 )
 
+# Every request item runs these; built once (SQLAlchemy caches their
+# compiled form by statement object).
+_AUDIT_HEAD = select(kms_audit.c.seq, kms_audit.c.hash).order_by(kms_audit.c.seq.desc()).limit(1)
+_AUDIT_INSERT = insert(kms_audit)
+
 # pg_advisory_xact_lock key that serializes audit appenders of all nodes
 # ("kmsa").
 AUDIT_LOCK_KEY = 0x6B6D7361
@@ -420,14 +425,15 @@ class _SqlTransaction(Transaction):
                 # Held until commit; SQLite's BEGIN IMMEDIATE already
                 # serializes writers.
                 self._conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
-            row = self._conn.execute(
-                select(kms_audit.c.seq, kms_audit.c.hash).order_by(kms_audit.c.seq.desc()).limit(1)
-            ).first()
+            row = self._conn.execute(_AUDIT_HEAD).first()
             return None if row is None else (row.seq, row.hash)
 
     def insert_audit(self, record: StoredAuditRecord) -> None:
         with self._op("insert_audit", write=True):
-            self._conn.execute(insert(kms_audit).values(**_audit_row(record)))
+            # A prebuilt statement with bound parameters: building an
+            # INSERT .. VALUES per record cost more than the rest of the
+            # record together.
+            self._conn.execute(_AUDIT_INSERT, _audit_row(record))
 
     def audit_records(self, query: AuditQuery) -> list[StoredAuditRecord]:
         with self._op("audit_records"):

@@ -1,0 +1,92 @@
+"""AuditTrail over the in-memory storage: appends form one verifiable
+chain, concurrent writers share transactions (group commit) without losing
+or reordering a record, and a failed batch fails every record in it."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+
+from kms_server.audit import chain
+from kms_server.audit.trail import AuditTrail, AuditWriteFailed, iter_records, verify_storage
+from kms_server.keystore.audit_key import generate, load_signer
+from kms_server.storage.base import StorageError
+from kms_server.storage.memory import MemoryStorage
+
+
+def entry(i: int) -> dict:
+    return {
+        "event": "request",
+        "operation": "GET",
+        "uid": f"u{i}",
+        "client": {"name": "alice"},
+        "object": {},
+        "result": {"status": "SUCCESS", "reason": None},
+    }
+
+
+class CountingStorage(MemoryStorage):
+    def __init__(self):
+        super().__init__()
+        self.transactions = 0
+        self.fail = False
+
+    @contextlib.contextmanager
+    def transaction(self, read_only: bool = False):
+        if not read_only:
+            self.transactions += 1
+            if self.fail:
+                raise StorageError("disk full")
+        with super().transaction(read_only) as txn:
+            yield txn
+
+
+def test_concurrent_writers_share_transactions_and_keep_one_chain(tmp_path):
+    storage = CountingStorage()
+    generate(tmp_path / "a.key", tmp_path / "a.pub")
+    signer = load_signer(tmp_path / "a.key")
+    trail = AuditTrail(storage, "n1", signer=signer)
+    start = threading.Barrier(16)
+    written: list[int] = []
+
+    def worker(n):
+        start.wait()
+        for i in range(25):
+            written.append(trail.write(entry(n * 100 + i)).seq)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(written) == list(range(1, 401))
+    assert storage.transactions < 400  # some records shared a commit
+    assert trail.checkpoint().seq == 400
+    report = verify_storage(storage, signer.public)
+    assert report.ok and report.records == 400 and report.checkpoints == 1
+    uids = {r.uid for r in iter_records(storage)}
+    assert uids == {f"u{n * 100 + i}" for n in range(16) for i in range(25)}
+
+
+def test_a_failed_batch_fails_each_of_its_records():
+    storage = CountingStorage()
+    trail = AuditTrail(storage, "n1")
+    trail.write(entry(1))
+    storage.fail = True
+    with pytest.raises(AuditWriteFailed, match="disk full"):
+        trail.write(entry(2))
+    storage.fail = False
+    assert trail.write(entry(3)).seq == 2
+    assert [r.uid for r in iter_records(storage)] == ["u1", "u3"]
+
+
+def test_records_are_canonical_and_chained():
+    storage = MemoryStorage()
+    trail = AuditTrail(storage, "n1", clock=lambda: 1_800_000_000.123456)
+    first, second = trail.write(entry(1)), trail.write(entry(2))
+    assert chain.canonical(__import__("json").loads(second.body)) == second.body
+    assert '"prev":"' + first.hash + '"' in second.body
+    assert first.time == 1_800_000_000.123456 and '"time":"2027-01-15T08:00:00.123456Z"' in first.body
+    assert second.hash == chain.record_hash(second.body)
