@@ -34,6 +34,21 @@ class ServerProcess:
         self.port = port
         self.log = log
         self.workdir = workdir
+        # What the server printed on stdout after its "listening on" line
+        # (e.g. "kms-server audit page on https://H:P/").
+        self.stdout_lines: list[str] = []
+
+    def announced(self, prefix: str, timeout: float = 15.0) -> str:
+        """The first stdout line starting with `prefix`, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.stdout_lines):
+                if line.startswith(prefix):
+                    return line
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"the server never printed {prefix!r}:\n{self.stderr_text()}")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
@@ -47,6 +62,11 @@ class ServerProcess:
 
     def stderr_text(self) -> str:
         return "\n".join(self.log)
+
+
+def _drain_into(stream, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line.rstrip())
 
 
 def start_server(
@@ -131,9 +151,10 @@ def start_server(
         if "listening on" in line:
             address = line.strip().rsplit(" ", 1)[1]
             host, port = address.rsplit(":", 1)
+            server = ServerProcess(proc, host, int(port), log, workdir)
             # Keep draining stdout so the server never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return ServerProcess(proc, host, int(port), log, workdir)
+            threading.Thread(target=_drain_into, args=(proc.stdout, server.stdout_lines), daemon=True).start()
+            return server
     proc.kill()
     proc.wait(5)
     time.sleep(0.2)

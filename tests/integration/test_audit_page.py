@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import ssl
 import time
 from pathlib import Path
@@ -109,34 +108,10 @@ def vm_key(raw: RawClient, vm: str) -> str:
     return uid
 
 
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports process `pid` listens on (Linux /proc). start_server keeps
-    only the KMIP "listening on" line; the audit page's port is found here."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
 def web_port_of(server) -> int:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        others = listening_ports(server.proc.pid) - {server.port}
-        if len(others) == 1:
-            return others.pop()
-        time.sleep(0.1)
-    raise AssertionError("the audit page is not listening:\n" + server.stderr_text())
+    """The audit page's port, from the line the server prints once it listens."""
+    line = server.announced("kms-server audit page on https://")
+    return int(line.rstrip("/").rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")
