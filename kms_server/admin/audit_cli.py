@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from kms_server.audit import chain
+from kms_server.audit import chain, query
 from kms_server.audit import trail as audit_trail
 from kms_server.keystore import audit_key
-from kms_server.storage.base import AuditQuery, StorageError
+from kms_server.storage.base import StorageError
 
 __all__ = ["register_audit"]
 
@@ -70,7 +67,8 @@ def _storage(args):
     try:
         return open_storage(cfg.storage.db_url, schema="check"), cfg
     except (StorageError, ValueError) as exc:
-        raise _error(f"{exc}; check --config/--db-url (and run 'kms-admin db upgrade')") from None
+        text = str(exc)
+        raise _error(text if "db upgrade" in text else f"{text}; check --config and --db-url") from None
 
 
 def _verifier(args, cfg):
@@ -146,71 +144,25 @@ def storage_shown(cfg) -> str:
 
 # --- show / export -----------------------------------------------------------------
 
-_RELATIVE = re.compile(r"^(\d+)([smhd])$")
-
-
-def parse_when(text: str, flag: str) -> float:
-    """An ISO 8601 date or time (UTC unless it says otherwise), or an age
-    such as 30m, 12h, 7d."""
-    m = _RELATIVE.match(text.strip())
-    if m:
-        return time.time() - int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise _error(f"{flag} {text!r} is not a time; use e.g. 2026-11-26, 2026-11-26T18:00:00Z or 12h") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
-def _operation_name(text: str) -> str:
-    from kmip.core.enums import Operation
-
-    wanted = re.sub(r"[^a-z0-9]", "", text.lower())
-    for op in Operation:
-        if op.name.replace("_", "").lower() == wanted:
-            return op.name
-    raise _error(f"--operation {text!r} is not a KMIP operation; use e.g. Get, Create, AddAttribute")
-
-
 def query_records(storage, args) -> list:
-    """Records matching the show filters; vm and host go through every
-    object that was ever tagged with that name or identifier."""
-    uids = None
-    if args.object:
-        uids = (args.object,)
-    for value, component in ((args.vm, audit_trail.VM_COMPONENT), (args.host, audit_trail.HOST_COMPONENT)):
-        if value:
-            found = audit_trail.objects_named(storage, value, component)
-            uids = found if uids is None else tuple(u for u in uids if u in found)
-    if uids is not None and not uids:
-        return []
-    result, reason = None, None
-    if args.result:
-        low = args.result.lower()
-        if low in ("success", "ok"):
-            result = "SUCCESS"
-        elif low in ("failure", "failed", "refused"):
-            result = "OPERATION_FAILED"
-        else:
-            result, reason = "OPERATION_FAILED", args.result.upper().replace(" ", "_").replace("-", "_")
-    query = AuditQuery(
-        uids=uids,
-        operation=_operation_name(args.operation) if args.operation else None,
-        client=args.client,
-        result=result,
-        since=parse_when(args.since, "--since") if args.since else None,
-        until=parse_when(args.until, "--until") if args.until else None,
-    )
-    records = []
-    for record in audit_trail.iter_records(storage, query):
-        if reason is not None and (json.loads(record.body).get("result") or {}).get("reason") != reason:
-            continue
-        records.append(record)
-    if args.limit is not None:
-        records = records[-args.limit :]
-    return records
+    """Records matching the show filters (kms_server/audit/query.py)."""
+    try:
+        status, reason = query.result_filter(args.result) if args.result else (None, None)
+        filters = query.Filters(
+            vm=args.vm,
+            host=args.host,
+            object=args.object,
+            client=args.client,
+            operation=query.operation_name(args.operation) if args.operation else None,
+            result=status,
+            reason=reason,
+            since=query.parse_time(args.since) if args.since else None,
+            until=query.parse_time(args.until) if args.until else None,
+            limit=args.limit,
+        )
+    except ValueError as exc:
+        raise _error(f"{exc}; see 'kms-admin audit show --help'") from None
+    return query.find(storage, filters)[1]
 
 
 def _show(args) -> int:

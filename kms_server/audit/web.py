@@ -26,20 +26,19 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from kms_server.audit.chain import format_time
-from kms_server.audit.trail import HOST_COMPONENT, VM_COMPONENT, iter_records, objects_named, verify_storage
+from kms_server.audit.query import Filters, find, operation_name, parse_time, result_filter
+from kms_server.audit.trail import VM_COMPONENT, iter_records, objects_named, verify_storage
 from kms_server.keystore.policy import Role
 from kms_server.storage.base import AuditQuery, Storage, StoredAuditRecord
 
@@ -74,54 +73,6 @@ class BadRequest(Exception):
     """A query parameter cannot be used; the text says which and why."""
 
 
-@dataclass(frozen=True)
-class Filters:
-    """What `/api/records` and `/api/activity` select. `vm` and `host` are
-    an x-Name or x-Identifier with x-Component "Virtual Machine" or "ESXi
-    Server"; they select every record of the objects ever tagged so."""
-
-    vm: str | None = None
-    host: str | None = None
-    object: str | None = None
-    client: str | None = None
-    operation: str | None = None
-    result: str | None = None
-    since: float | None = None
-    until: float | None = None
-    limit: int = DEFAULT_LIMIT
-
-
-# Parsing the query string.
-def parse_time(text: str) -> float:
-    """Epoch seconds, or an ISO 8601 date or time (UTC unless it names a
-    zone), e.g. 2024-05-01, 2024-05-01T10:00, 2024-05-01T10:00:00Z."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.strip().replace(" ", "T"))
-    except ValueError:
-        raise BadRequest(f"not a time: {text!r} (use ISO 8601 such as 2024-05-01T10:00Z, or epoch seconds)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
-
-
-def operation_name(text: str) -> str:
-    """The trail's spelling of an operation: "Get", "get", "AddAttribute"
-    and "add attribute" all become GET / ADD_ATTRIBUTE."""
-    text = text.strip()
-    if not text.isupper() and not text.islower():
-        text = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", text)
-    return re.sub(r"[\s\-]+", "_", text).upper()
-
-
-def result_name(text: str) -> str:
-    upper = text.strip().upper()
-    return {"FAILED": "OPERATION_FAILED", "FAILURE": "OPERATION_FAILED", "OK": "SUCCESS"}.get(upper, upper)
-
-
 def parse_filters(args: dict[bytes, list[bytes]]) -> Filters:
     def one(name: str) -> str | None:
         values = args.get(name.encode())
@@ -147,38 +98,25 @@ def parse_filters(args: dict[bytes, list[bytes]]) -> Filters:
             raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {limit}")
     since, until = one("since"), one("until")
     operation, result = one("operation"), one("result")
-    return Filters(
-        vm=one("vm"),
-        host=one("host"),
-        object=one("object"),
-        client=one("client"),
-        operation=operation_name(operation) if operation else None,
-        result=result_name(result) if result else None,
-        since=parse_time(since) if since else None,
-        until=parse_time(until) if until else None,
-        limit=limit,
-    )
+    try:
+        status, reason = result_filter(result) if result else (None, None)
+        return Filters(
+            vm=one("vm"),
+            host=one("host"),
+            object=one("object"),
+            client=one("client"),
+            operation=operation_name(operation) if operation else None,
+            result=status,
+            reason=reason,
+            since=parse_time(since) if since else None,
+            until=parse_time(until) if until else None,
+            limit=limit,
+        )
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 # Reading the trail (worker threads).
-def selected_uids(storage: Storage, filters: Filters) -> tuple[str, ...] | None:
-    """The objects the vm/host/object filters leave, or None when none of
-    them is set. An empty tuple means nothing can match."""
-    chosen: list[str] | None = None
-
-    def narrow(uids) -> None:
-        nonlocal chosen
-        chosen = list(uids) if chosen is None else [u for u in chosen if u in uids]
-
-    if filters.vm:
-        narrow(objects_named(storage, filters.vm, VM_COMPONENT))
-    if filters.host:
-        narrow(objects_named(storage, filters.host, HOST_COMPONENT))
-    if filters.object:
-        narrow((filters.object,))
-    return None if chosen is None else tuple(chosen)
-
-
 def record_view(record: StoredAuditRecord) -> dict:
     """What the page shows of a record. The indexed columns are what the
     filters matched; the rest comes from the hashed body."""
@@ -224,21 +162,7 @@ def record_view(record: StoredAuditRecord) -> dict:
 def find_records(storage: Storage, filters: Filters) -> dict:
     """The newest `filters.limit` matching records, oldest first, and how
     many matched in all."""
-    uids = selected_uids(storage, filters)
-    newest: deque[StoredAuditRecord] = deque(maxlen=filters.limit)
-    matched = 0
-    if uids != ():
-        query = AuditQuery(
-            uids=uids,
-            operation=filters.operation,
-            client=filters.client,
-            result=filters.result,
-            since=filters.since,
-            until=filters.until,
-        )
-        for record in iter_records(storage, query):
-            newest.append(record)
-            matched += 1
+    matched, newest = find(storage, filters)
     return {"matched": matched, "records": [record_view(r) for r in newest]}
 
 

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from kms_server.audit import web
 from kms_server.audit.chain import parse_time
+from kms_server.audit.query import result_filter
 from kms_server.audit.record import AuditDraft, client_fields
 from kms_server.audit.trail import HOST_COMPONENT, VM_COMPONENT, AuditTrail
 from kms_server.dispatch.dispatcher import ConnectionInfo
@@ -490,4 +491,5 @@ def test_time_and_name_parsing():
     assert web.operation_name("AddAttribute") == "ADD_ATTRIBUTE"
     assert web.operation_name("add attribute") == "ADD_ATTRIBUTE"
     assert web.operation_name("get_attributes") == "GET_ATTRIBUTES"
-    assert web.result_name("failed") == "OPERATION_FAILED"
+    assert result_filter("failed") == ("OPERATION_FAILED", None)
+    assert result_filter("Item_Not_Found") == ("OPERATION_FAILED", "ITEM_NOT_FOUND")
