@@ -34,6 +34,7 @@ _MODULES = (
     "rng_retrieve",
     "sign",
     "signature_verify",
+    "interop",
 )
 
 

@@ -48,6 +48,7 @@ _ALWAYS_LOOSE = {
     T.VENDOR_IDENTIFICATION.value,
     T.SERVER_INFORMATION.value,
     T.CORRELATION_VALUE.value,
+    T.SERVER_CORRELATION_VALUE.value,
     # Describes the server's own generator.
     T.RANDOM_NUMBER_GENERATOR.value,
 }
@@ -160,7 +161,8 @@ class Comparator:
         header_exp = next((c for c in exp_children if c.tag == "ResponseHeader"), None)
         header_act = actual.find(T.RESPONSE_HEADER.value)
         if header_exp is not None:
-            self._node(header_exp, header_act, f"{path}/ResponseHeader", _ItemScope(frozenset()), expected)
+            header_scope = _ItemScope(frozenset({T.SERVER_CORRELATION_VALUE.value}))
+            self._node(header_exp, header_act, f"{path}/ResponseHeader", header_scope, expected)
         exp_items = [c for c in exp_children if c.tag == "BatchItem"]
         act_items = [c for c in act_children if c.tag == T.BATCH_ITEM.value]
         registered = getattr(self, "_registered", [])
@@ -265,9 +267,10 @@ class Comparator:
     def _children(self, expected: ET.Element, actual: Item, path: str, scope: _ItemScope) -> None:
         exp = list(expected)
         act = list(actual.children())
-        # A Result Message the test case leaves out is allowed, and so is
-        # the client's own Client Correlation Value echoed in the header
-        # (both optional in a response).
+        # A Result Message the test case leaves out is allowed, and so are
+        # the client's own Client Correlation Value echoed in the header and
+        # the server's Server Correlation Value (all optional in a response;
+        # only the BL-M 2.1 cases show the reference server's one).
         if not any(e.tag == "ResultMessage" for e in exp):
             act = [a for a in act if a.tag != T.RESULT_MESSAGE.value]
         if actual.tag == T.RESPONSE_HEADER.value and not any(e.tag == "ClientCorrelationValue" for e in exp):
@@ -276,6 +279,8 @@ class Comparator:
                 for a in act
                 if not (a.tag == T.CLIENT_CORRELATION_VALUE.value and a.value == self._client_correlation)
             ]
+        if actual.tag == T.RESPONSE_HEADER.value and not any(e.tag == "ServerCorrelationValue" for e in exp):
+            act = [a for a in act if a.tag != T.SERVER_CORRELATION_VALUE.value]
         unordered = actual.tag == T.ATTRIBUTES.value or any(e.tag == "Attribute" for e in exp)
         if unordered:
             self._unordered(exp, act, expected, path, scope)

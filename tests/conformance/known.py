@@ -180,25 +180,10 @@ KNOWN: dict[str, str] = {
     'BL-M-4-21': (
         'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
     ),
-    'BL-M-5-21': (
-        'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
-    ),
-    'BL-M-6-21': (
-        'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
-    ),
-    'BL-M-7-21': (
-        'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
-    ),
     'BL-M-8-21': (
         'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
     ),
-    'BL-M-9-21': (
-        'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
-    ),
     'BL-M-10-21': (
-        'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
-    ),
-    'BL-M-11-21': (
         'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
     ),
     'BL-M-12-21': (
