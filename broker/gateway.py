@@ -192,7 +192,9 @@ def gateway_decrypt(ctx, gateway: GatewayContext, payload) -> list:
     principal = ctx.principal
     fingerprint = principal.fingerprint
     decision = gateway.registry.authorize_unwrap(fingerprint, key_id)
-    actor = decision.host or principal.name
+    # Named as the API names hosts in the trail ("host:<name>"), so one
+    # host's records read alike whichever door it came through.
+    actor = f"host:{decision.host}" if decision.host else principal.name
     who = f"certificate sha256:{fingerprint}, request {ctx.request_id}, from {ctx.peer}"
     if not decision.allowed:
         gateway.registry.record_audit(

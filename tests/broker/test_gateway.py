@@ -222,7 +222,7 @@ def test_allowed_host_gets_the_dek_and_the_decision_is_audited(dispatcher, regis
     ]
     assert len(registry.audit) == 1
     actor, action, target, allowed, why = registry.audit[0]
-    assert (actor, action, allowed) == ("a", gateway.AUDIT_ACTION, True)
+    assert (actor, action, allowed) == ("host:a", gateway.AUDIT_ACTION, True)
     assert KEK in target and "vm-1" in target
     assert HOST_A_FP in why and "key returned" in why
     for record in registry.audit:
@@ -259,7 +259,7 @@ def test_host_of_the_same_instance_not_holding_the_vm_gets_permission_denied(dis
     assert "host a" not in item.get(T.RESULT_MESSAGE.value)
     assert kms.calls == []
     [(actor, _, target, allowed, why)] = registry.audit
-    assert (actor, allowed) == ("b", False)
+    assert (actor, allowed) == ("host:b", False)
     assert "vm:vm-1" in target and "host a" in why
 
 
@@ -271,7 +271,7 @@ def test_host_of_another_instance_gets_item_not_found(dispatcher, registry, kms)
         assert reason(item) == ResultReason.ITEM_NOT_FOUND
         assert item.get(T.RESULT_MESSAGE.value) == "no such object"
     assert kms.calls == []
-    assert [(r[0], r[3]) for r in registry.audit] == [("c", False), ("c", False)]
+    assert [(r[0], r[3]) for r in registry.audit] == [("host:c", False), ("host:c", False)]
     assert "another instance" in registry.audit[0][4]
 
 
@@ -527,7 +527,7 @@ def test_factory_serves_decrypt_to_the_certificate_it_identified(trust_pki, kms)
     proto.dataReceived(decrypt_request())
     response = ttlv.decode(transport.value())
     assert only_item(response).find(T.RESPONSE_PAYLOAD.value).get(T.DATA.value) == DEK
-    assert registry.audit[0][0] == "a"
+    assert registry.audit[0][0] == "host:a"
 
     # A message over the limit closes the connection before it is buffered.
     transport.clear()

@@ -201,7 +201,7 @@ def test_two_brokers_serve_one_database(replicas, kms_admin):
     trail = json.loads(b1.cli("admin", "audit", "--json").stdout)
     assert trail["problems"] == []
     unwraps = [(r["actor"], r["allowed"]) for r in trail["records"] if r["action"] == "gateway.unwrap"]
-    assert unwraps == [("esx-pg-1", True), ("esx-pg-1", True), ("esx-pg-1", False)]
+    assert unwraps == [("host:esx-pg-1", True), ("host:esx-pg-1", True), ("host:esx-pg-1", False)]
 
 
 def test_replicas_write_concurrently(replicas, kms_admin):

@@ -376,7 +376,7 @@ def test_allowed_host_gets_the_dek_back_byte_identical(gateway, trust_dir, wrapp
         assert unwrap(client, wrapped) == wrapped.dek
     records = gateway.audit()[before:]
     assert len(records) == 1
-    assert records[0]["actor"] == "host-a" and records[0]["allowed"] is True
+    assert records[0]["actor"] == "host:host-a" and records[0]["allowed"] is True
     assert wrapped.kek in records[0]["target"]
     assert fingerprint(trust_dir, "host-a") in records[0]["reason"]
     time.sleep(0.2)  # Let the log reader catch up.
@@ -400,7 +400,7 @@ def test_registered_host_for_another_vm_is_denied(gateway, trust_dir, wrapped):
         unwrap(client, wrapped)
     assert caught.value.reason == ResultReason.PERMISSION_DENIED
     [record] = gateway.audit()[before:]
-    assert record["actor"] == "host-b" and record["allowed"] is False
+    assert record["actor"] == "host:host-b" and record["allowed"] is False
 
 
 def test_unregistered_host_learns_nothing(gateway, trust_dir, wrapped):
