@@ -90,3 +90,24 @@ class AttributeSingleValued(KmsError):
 class OutcomeUnknown(KmsError):
     """The database connection was lost while committing: the change may or
     may not be stored. Answered GENERAL_FAILURE, never success."""
+
+
+class LifecycleRefused(IllegalOperation):
+    """The object's state or dates forbid the operation (Destroy of an Active
+    object, a new Activation Date once the object left Pre-Active, a use
+    outside the Process Start / Protect Stop window). The OASIS profile test
+    cases answer these per version: Permission Denied at 1.4 and 2.0, Wrong
+    Key Lifecycle State at 2.1. Versions before 1.4 keep `before_1_4`, what
+    this server answered before the profiles were followed. The operation
+    raises `for_version(ctx.version)`; this class never reaches dispatch."""
+
+    def __init__(self, message: str, before_1_4: type[KmsError] = IllegalOperation):
+        super().__init__(message)
+        self.before_1_4 = before_1_4
+
+    def for_version(self, version: tuple[int, int]) -> KmsError:
+        if version >= (2, 1):
+            return IllegalOperation(self.message)  # Wrong Key Lifecycle State at 2.x.
+        if version >= (1, 4):
+            return PermissionDenied(self.message)
+        return self.before_1_4(self.message)

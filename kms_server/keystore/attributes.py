@@ -10,6 +10,7 @@ value is the key under which storage indexes it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from kmip.core import enums
@@ -24,6 +25,14 @@ VALUE_TAG = Tags.ATTRIBUTE_VALUE.value
 
 KEYS = (OT.SYMMETRIC_KEY, OT.PUBLIC_KEY, OT.PRIVATE_KEY, OT.SPLIT_KEY)
 CRYPTO_OBJECTS = KEYS + (OT.CERTIFICATE,)
+# Objects whose value may be secret: they carry Sensitive, Extractable and
+# Fresh (KMIP 1.4, 3.34, 3.45-3.48).
+FLAGGED = KEYS + (OT.SECRET_DATA,)
+# Objects a client holds under a lease (KMIP 1.4, 3.15).
+LEASED = CRYPTO_OBJECTS + (OT.SECRET_DATA,)
+# The Lease Time the server grants (KMIP 1.4, 3.15 and 4.16 Obtain Lease):
+# how long a client may keep using an object before it asks again.
+LEASE_TIME = 3600
 ALL = tuple(OT)
 
 
@@ -39,6 +48,8 @@ class AttributeSpec:
     client_modifiable: bool = True
     client_deletable: bool = True
     applies_to: tuple = ALL
+    # Defined from KMIP 2.0 on: never shown to a 1.x client.
+    v2_only: bool = False
 
     @property
     def tag(self) -> int:
@@ -77,7 +88,7 @@ SPECS: dict[str, AttributeSpec] = {
         AttributeSpec("Digest", S, multi=True, **_SERVER),
         AttributeSpec("Operation Policy Name", T),
         AttributeSpec("Cryptographic Usage Mask", INT, client_deletable=False),
-        AttributeSpec("Lease Time", IV, **_SERVER),
+        AttributeSpec("Lease Time", IV, applies_to=LEASED, **_SERVER),
         AttributeSpec("Usage Limits", S, applies_to=KEYS),
         AttributeSpec("State", E, **_SERVER),
         AttributeSpec("Initial Date", D, **_SERVER),
@@ -104,10 +115,14 @@ SPECS: dict[str, AttributeSpec] = {
         AttributeSpec("PKCS#12 Friendly Name", T),
         AttributeSpec("Description", T),
         AttributeSpec("Comment", T),
-        AttributeSpec("Sensitive", B, client_deletable=False),
-        AttributeSpec("Always Sensitive", B, **_SERVER),
-        AttributeSpec("Extractable", B, client_deletable=False),
-        AttributeSpec("Never Extractable", B, **_SERVER),
+        AttributeSpec("Sensitive", B, client_deletable=False, applies_to=FLAGGED),
+        AttributeSpec("Always Sensitive", B, applies_to=FLAGGED, **_SERVER),
+        AttributeSpec("Extractable", B, client_deletable=False, applies_to=FLAGGED),
+        AttributeSpec("Never Extractable", B, applies_to=FLAGGED, **_SERVER),
+        # Derived when read (see `derived_v2`), never stored.
+        AttributeSpec("Short Unique Identifier", ItemType.BYTE_STRING, v2_only=True, **_SERVER),
+        AttributeSpec("Key Format Type", E, applies_to=KEYS + (OT.SECRET_DATA,), v2_only=True, **_SERVER),
+        AttributeSpec("Protection Storage Mask", INT, v2_only=True, **_SERVER),
     ]
 }
 
@@ -250,3 +265,63 @@ def link_value(link_type: int, uid: str) -> Item:
             ttlv.text(Tags.LINKED_OBJECT_IDENTIFIER.value, uid),
         ],
     )
+
+
+def set_initial_defaults(object_type: OT, attributes: dict[str, list[Item]]) -> None:
+    """The attributes the server sets on every new object of a type they
+    apply to (KMIP 1.4, 3.15, 3.34, 3.45-3.48; 2.0, 4.29, 4.22, 4.50-4.53):
+    Sensitive defaults to False and Extractable to True; Always Sensitive
+    and Never Extractable start as what those say; a new object is Fresh;
+    the Lease Time is the server's."""
+    if object_type in LEASED:
+        attributes["Lease Time"] = [make("Lease Time", LEASE_TIME)]
+    if object_type not in FLAGGED:
+        return
+    sensitive = attributes.setdefault("Sensitive", [make("Sensitive", False)])[0].value
+    extractable = attributes.setdefault("Extractable", [make("Extractable", True)])[0].value
+    attributes["Always Sensitive"] = [make("Always Sensitive", bool(sensitive))]
+    attributes["Never Extractable"] = [make("Never Extractable", not extractable)]
+    attributes["Fresh"] = [make("Fresh", True)]
+
+
+def track_flag_history(attributes: dict[str, list[Item]]) -> None:
+    """After a client changed Sensitive or Extractable: Always Sensitive
+    stays True only while Sensitive has always been True, Never Extractable
+    only while Extractable has never been True (KMIP 1.4, 3.46 and 3.48)."""
+    sensitive = attributes.get("Sensitive")
+    if "Always Sensitive" in attributes and (not sensitive or sensitive[0].value is not True):
+        attributes["Always Sensitive"] = [make("Always Sensitive", False)]
+    extractable = attributes.get("Extractable")
+    if "Never Extractable" in attributes and (not extractable or extractable[0].value is True):
+        attributes["Never Extractable"] = [make("Never Extractable", False)]
+
+
+def derived_v2(uid: str, attributes: dict[str, list[Item]]) -> dict[str, list[Item]]:
+    """Attributes KMIP 2.0 added that follow from what the object already
+    holds, computed when read: Short Unique Identifier (2.0, 4.46: the
+    SHA-256 of the Unique Identifier), Protection Storage Mask, and Key
+    Format Type (2.0, 4.27: the format the server holds the key in, the one
+    its Digest is taken of)."""
+    out = {
+        "Short Unique Identifier": [make("Short Unique Identifier", hashlib.sha256(uid.encode()).digest())],
+        # 2.0, 4.43: where the object is kept. Objects are sealed under the
+        # master key and stored by software, never inside an HSM.
+        "Protection Storage Mask": [make("Protection Storage Mask", enums.ProtectionStorageMask.SOFTWARE.value)],
+    }
+    digest = attributes.get("Digest")
+    if digest:
+        key_format = digest[0].get(Tags.KEY_FORMAT_TYPE.value)
+        if key_format is not None:
+            out["Key Format Type"] = [make("Key Format Type", key_format)]
+    return out
+
+
+def visible(uid: str, attributes: dict[str, list[Item]], v2: bool) -> dict[str, list[Item]]:
+    """An object's attributes as a client of that version sees them: 2.x
+    adds the derived ones, 1.x never sees an attribute it has no name for."""
+    if v2:
+        out = dict(attributes)
+        for name, values in derived_v2(uid, attributes).items():
+            out.setdefault(name, values)
+        return out
+    return {n: v for n, v in attributes.items() if not (n in SPECS and SPECS[n].v2_only)}

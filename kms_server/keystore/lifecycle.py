@@ -83,7 +83,7 @@ def destroy(obj: ManagedObject, now: int) -> None:
     """Mark destroyed; the caller removes the key material."""
     state = obj.state
     if state == State.ACTIVE:
-        raise errors.IllegalOperation("object is ACTIVE; revoke it before destroying it")
+        raise errors.LifecycleRefused("object is ACTIVE; revoke it before destroying it")
     if state in DESTROYED_STATES:
         raise errors.IllegalOperation(f"object is already {state.name}")
     if state is not None:
@@ -108,6 +108,29 @@ def require_usable(obj: ManagedObject, protect: bool, now: int | None = None) ->
     protect_stop = obj.value("Protect Stop Date")
     process_start = obj.value("Process Start Date")
     if protect and protect_stop is not None and protect_stop <= now:
-        raise errors.PermissionDenied("the object's Protect Stop Date has passed; it may no longer protect data")
+        raise errors.LifecycleRefused(
+            "the object's Protect Stop Date has passed; it may no longer protect data", errors.PermissionDenied
+        )
     if not protect and process_start is not None and process_start > now:
-        raise errors.PermissionDenied("the object's Process Start Date has not come; it may not process data yet")
+        raise errors.LifecycleRefused(
+            "the object's Process Start Date has not come; it may not process data yet", errors.PermissionDenied
+        )
+
+
+# Dates a client may still change in each state (KMIP 1.4, 3.24 and 3.27:
+# the Activation Date only while Pre-Active, the Deactivation Date only
+# while Pre-Active or Active).
+_DATE_CHANGE_STATES = {
+    "Activation Date": (State.PRE_ACTIVE,),
+    "Deactivation Date": (State.PRE_ACTIVE, State.ACTIVE),
+}
+
+
+def check_date_change(obj: ManagedObject, name: str) -> None:
+    """Refuse a client's change of a lifecycle date the object's state has
+    put beyond reach."""
+    allowed = _DATE_CHANGE_STATES.get(name)
+    state = obj.state
+    if allowed is None or state is None or state in allowed:
+        return
+    raise errors.LifecycleRefused(f"object is {state.name}; its {name} can no longer be changed", errors.PermissionDenied)

@@ -8,6 +8,8 @@ import importlib
 
 from kmip.core.enums import Operation
 
+from kms_server import errors
+
 _MODULES = (
     "discover_versions",
     "query",
@@ -35,6 +37,7 @@ _MODULES = (
     "sign",
     "signature_verify",
     "interop",
+    "obtain_lease",
 )
 
 
@@ -47,8 +50,22 @@ def _load() -> dict[Operation, object]:
             if exc.name == f"{__name__}.{name}":
                 continue  # Not written yet: answers OPERATION_NOT_SUPPORTED.
             raise
-        table[module.OPERATION] = module.handle
+        table[module.OPERATION] = _answering_per_version(module.handle)
     return table
+
+
+def _answering_per_version(handle):
+    """Lifecycle refusals get the Result Reason the request's version calls
+    for (errors.LifecycleRefused)."""
+
+    def run(ctx, keystore, payload):
+        try:
+            return handle(ctx, keystore, payload)
+        except errors.LifecycleRefused as exc:
+            raise exc.for_version(ctx.version) from None
+
+    run.__name__ = run.__qualname__ = getattr(handle, "__module__", "handle")
+    return run
 
 
 OPERATIONS = _load()

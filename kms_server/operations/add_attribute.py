@@ -35,6 +35,7 @@ def handle(ctx, keystore, payload):
             raise errors.AttributeSingleValued(f"attribute {name!r} already has a value; use Modify Attribute")
         values.append(attrs.as_value(value))
         index = len(values) - 1
+        attrs.track_flag_history(obj.attributes)
         keystore.save(txn, obj, ctx.now)
     if ctx.v2:
         return [common.uid_item(obj.uid)]

@@ -4,6 +4,7 @@ module; this one holds what they have in common."""
 
 from kms_server import errors
 from kms_server.keystore import attributes as attrs
+from kms_server.keystore import lifecycle
 
 
 def check_client_may_change(name: str, deleting: bool = False):
@@ -17,5 +18,8 @@ def check_client_may_change(name: str, deleting: bool = False):
 
 
 def check_applies(spec, obj, name: str) -> None:
+    """The attribute applies to this object, and its state still lets a
+    client change it (a lifecycle date already passed cannot be moved)."""
     if spec is not None and obj.object_type not in spec.applies_to:
         raise errors.InvalidField(f"attribute {name!r} does not apply to a {obj.object_type.name}")
+    lifecycle.check_date_change(obj, name)

@@ -113,10 +113,11 @@ def single_attribute(ctx: RequestContext, item: Item) -> tuple[str, int | None, 
 def attribute_items(ctx: RequestContext, obj: ManagedObject, names: Iterable[str] | None) -> list[Item]:
     """The object's attributes in the request version's form: a list of 1.x
     Attribute structures, or the children of a 2.0 Attributes structure."""
-    selected = list(obj.attributes) if names is None else list(dict.fromkeys(names))
+    attributes = attrs.visible(obj.uid, obj.attributes, ctx.v2)
+    selected = list(attributes) if names is None else list(dict.fromkeys(names))
     out: list[Item] = []
     for name in selected:
-        values = obj.attributes.get(name, [])
+        values = attributes.get(name, [])
         for index, value in enumerate(values):
             if ctx.v2:
                 out.append(attrs.to_item_v2(name, value))

@@ -7,6 +7,7 @@ worker thread and sealed before it is stored."""
 from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 
 from kms_server import errors
+from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.objects import Material
 from kms_server.operations import common, object_codec
@@ -39,6 +40,7 @@ def handle(ctx, keystore, payload):
         raise errors.InvalidField(str(exc.message)) from None
     material = Material(key)
     attributes.update(object_codec.server_attributes(object_type, material, algorithm.value, generated=True))
+    attrs.set_initial_defaults(object_type, attributes)
     with keystore.transaction() as txn:
         obj = keystore.new_object(txn, ctx.principal, object_type, attributes, material, ctx.now)
     ctx.batch.id_placeholder = obj.uid

@@ -91,6 +91,8 @@ def handle(ctx, keystore, payload):
     public.update(
         object_codec.server_attributes(ObjectType.PUBLIC_KEY, Material(public_der), algorithm.value, generated=True)
     )
+    attrs.set_initial_defaults(ObjectType.PRIVATE_KEY, private)
+    attrs.set_initial_defaults(ObjectType.PUBLIC_KEY, public)
     with keystore.transaction() as txn:
         keystore.new_object(
             txn,

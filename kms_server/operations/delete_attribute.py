@@ -49,6 +49,7 @@ def handle(ctx, keystore, payload):
             removed = values.pop(index)
             if not values:
                 del obj.attributes[name]
+        attrs.track_flag_history(obj.attributes)
         keystore.save(txn, obj, ctx.now)
     if ctx.v2:
         return [common.uid_item(obj.uid)]

@@ -75,12 +75,24 @@ def handle(ctx, keystore, payload):
     if key_format is None:
         key_format = object_codec.default_format(obj, material, ctx.v2)
     item = object_codec.encode_object(obj, material, key_format, wrapping)
+    if obj.value("Fresh") is True:
+        _served(ctx, keystore, obj.uid)
     ctx.batch.id_placeholder = obj.uid
     return [
         ttlv.enumeration(T.OBJECT_TYPE.value, obj.object_type.value),
         common.uid_item(obj.uid),
         item,
     ]
+
+
+def _served(ctx, keystore, uid: str) -> None:
+    """KMIP 1.4, 3.34: an object is no longer Fresh once it has been served
+    to a client. Only the first Get writes; later ones find it False."""
+    with keystore.transaction() as txn:
+        obj = keystore.load(txn, ctx.principal, uid, Action.READ_MATERIAL, ctx.now, for_update=True)
+        if obj.value("Fresh") is True:
+            obj.set_value("Fresh", False)
+            keystore.save(txn, obj, ctx.now)
 
 
 def _check_exportable(obj, wrapped: bool) -> None:

@@ -26,7 +26,7 @@ def handle(ctx, keystore, payload):
     uid = common.unique_identifier(ctx, payload)
     with keystore.transaction(read_only=True) as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.READ_ATTRIBUTES, ctx.now)
-    names = [n for n, values in obj.attributes.items() if values]
+    names = [n for n, values in attrs.visible(obj.uid, obj.attributes, ctx.v2).items() if values]
     if ctx.v2:
         return [common.uid_item(obj.uid)] + [_reference(n) for n in names]
     return [common.uid_item(obj.uid)] + [ttlv.text(Tags.ATTRIBUTE_NAME.value, n) for n in names]

@@ -48,6 +48,7 @@ def handle(ctx, keystore, payload):
         if index >= len(values):
             raise errors.IndexOutOfBounds(f"attribute {name!r} has no value at index {index}")
         values[index] = attrs.as_value(value)
+        attrs.track_flag_history(obj.attributes)
         keystore.save(txn, obj, ctx.now)
     if ctx.v2:
         return [common.uid_item(obj.uid)]

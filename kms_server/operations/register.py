@@ -12,6 +12,7 @@ material is refused rather than stored.
 from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 
 from kms_server import errors
+from kms_server.keystore import attributes as attrs
 from kms_server.operations import common, object_codec
 
 OPERATION = Operation.REGISTER
@@ -45,6 +46,7 @@ def handle(ctx, keystore, payload):
         object_type, material, algorithm[0].value if algorithm else None, generated=False
     ).items():
         attributes.setdefault(name, values)
+    attrs.set_initial_defaults(object_type, attributes)
     with keystore.transaction() as txn:
         obj = keystore.new_object(
             txn, ctx.principal, object_type, attributes, material, ctx.now

@@ -94,6 +94,7 @@ def handle(ctx, keystore, payload):
                 ObjectType.SYMMETRIC_KEY, Material(key), attributes["Cryptographic Algorithm"][0].value, generated=True
             )
         )
+        attrs.set_initial_defaults(ObjectType.SYMMETRIC_KEY, attributes)
 
         new = keystore.new_object(
             txn,

@@ -29,5 +29,6 @@ def handle(ctx, keystore, payload):
         obj = keystore.load(txn, ctx.principal, uid, Action.MANAGE, ctx.now, for_update=True)
         check_applies(spec, obj, name)
         obj.set(name, value)
+        attrs.track_flag_history(obj.attributes)
         keystore.save(txn, obj, ctx.now)
     return [common.uid_item(obj.uid)]

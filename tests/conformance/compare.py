@@ -23,7 +23,8 @@ What is compared how:
   the test case shows (Operation, Object Type, ...) must be there, the
   values are the server's.
 - Attribute lists (1.x Attribute structures in a payload, 2.x Attributes
-  structures) are compared as sets: order carries no meaning there.
+  structures, the names or references of Get Attribute List) are compared
+  as sets: order carries no meaning there.
 - Everything else is compared exactly: tags, types, values, item counts
   and order.
 """
@@ -281,7 +282,13 @@ class Comparator:
             ]
         if actual.tag == T.RESPONSE_HEADER.value and not any(e.tag == "ServerCorrelationValue" for e in exp):
             act = [a for a in act if a.tag != T.SERVER_CORRELATION_VALUE.value]
-        unordered = actual.tag == T.ATTRIBUTES.value or any(e.tag == "Attribute" for e in exp)
+        # Get Attribute List answers names (1.x) or references (2.x) whose
+        # order carries no meaning either.
+        unordered = (
+            actual.tag == T.ATTRIBUTES.value
+            or any(e.tag == "Attribute" for e in exp)
+            or (actual.tag == T.RESPONSE_PAYLOAD.value and any(e.tag in ("AttributeName", "AttributeReference") for e in exp))
+        )
         if unordered:
             self._unordered(exp, act, expected, path, scope)
             return

@@ -9,12 +9,6 @@ reason over TLS is reported by `make conformance` as not known."""
 from __future__ import annotations
 
 KNOWN: dict[str, str] = {
-    'AKLC-M-2-14': (
-        'known deviation: Destroy of an Active object answers Illegal Operation (1.x, pinned by the PyKMIP client tests) / Wrong Key Lifecycle State (2.x); the profile expects Permission Denied'
-    ),
-    'AKLC-M-3-14': (
-        'Activation Date of an Active object can still be changed; the profile expects Permission Denied (1.4) / Wrong Key Lifecycle State (2.x)'
-    ),
     'CS-AC-M-OAEP-9-14': (
         'RSA-OAEP with a label (P Source): not supported'
     ),
@@ -39,29 +33,8 @@ KNOWN: dict[str, str] = {
     'CS-BC-M-GCM-3-14': (
         'streaming Encrypt/Decrypt (Init Indicator, Correlation Value): not supported'
     ),
-    'SKFF-M-9-14': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKFF-M-10-14': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKFF-M-11-14': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKFF-M-12-14': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKLC-M-2-14': (
-        'known deviation: Destroy of an Active object answers Illegal Operation (1.x, pinned by the PyKMIP client tests) / Wrong Key Lifecycle State (2.x); the profile expects Permission Denied'
-    ),
-    'SKLC-M-3-14': (
-        'Activation Date of an Active object can still be changed; the profile expects Permission Denied (1.4) / Wrong Key Lifecycle State (2.x)'
-    ),
     'TL-M-3-14': (
         "TL-M-3 locates the key TL-M-2 registered by its Name; the series' earlier flow leaves two matching objects, and this server returns another one first (not investigated)"
-    ),
-    'AKLC-O-1-14': (
-        'Sensitive, Always Sensitive, Extractable, Never Extractable: not set by default'
     ),
     'CS-RNG-O-1-14': (
         'RNG Seed: not supported (the OS generator takes no client seed)'
@@ -77,18 +50,6 @@ KNOWN: dict[str, str] = {
     ),
     'OMOS-O-1-14': (
         'error in the test case: it expects a 1.3 response header to a 1.4 Destroy request'
-    ),
-    'SKLC-O-1-14': (
-        'Sensitive, Always Sensitive, Extractable, Never Extractable: not set by default'
-    ),
-    'AKLC-M-1-20': (
-        'Key Format Type attribute (2.0): not returned by GetAttributes'
-    ),
-    'AKLC-M-2-20': (
-        'known deviation: Destroy of an Active object answers Illegal Operation (1.x, pinned by the PyKMIP client tests) / Wrong Key Lifecycle State (2.x); the profile expects Permission Denied'
-    ),
-    'AKLC-M-3-20': (
-        'Activation Date of an Active object can still be changed; the profile expects Permission Denied (1.4) / Wrong Key Lifecycle State (2.x)'
     ),
     'CS-AC-M-OAEP-9-20': (
         'RSA-OAEP with a label (P Source): not supported'
@@ -132,23 +93,8 @@ KNOWN: dict[str, str] = {
     'QS-M-2-20': (
         'Protection Level / Query of server capabilities (2.0 QS profile): not supported'
     ),
-    'SKFF-M-9-20': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKFF-M-10-20': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKFF-M-11-20': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKFF-M-12-20': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
     'TL-M-3-20': (
         "TL-M-3 locates the key TL-M-2 registered by its Name; the series' earlier flow leaves two matching objects, and this server returns another one first (not investigated)"
-    ),
-    'AKLC-O-1-20': (
-        'Short Unique Identifier (2.1): not supported'
     ),
     'CS-RNG-O-1-20': (
         'RNG Seed: not supported (the OS generator takes no client seed)'
@@ -161,12 +107,6 @@ KNOWN: dict[str, str] = {
     ),
     'CS-RNG-O-4-20': (
         'RNG Seed: not supported (the OS generator takes no client seed)'
-    ),
-    'AKLC-M-1-21': (
-        'Key Format Type attribute (2.0): not returned by GetAttributes'
-    ),
-    'AKLC-M-3-21': (
-        'Activation Date of an Active object can still be changed; the profile expects Permission Denied (1.4) / Wrong Key Lifecycle State (2.x)'
     ),
     'BL-M-1-21': (
         'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
@@ -192,9 +132,6 @@ KNOWN: dict[str, str] = {
     'BL-M-13-21': (
         'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
     ),
-    'CS-AC-M-8-21': (
-        'known deviation: a use past the Protect Stop Date is answered Permission Denied at every version; the 2.1 profile expects Wrong Key Lifecycle State'
-    ),
     'CS-AC-M-OAEP-9-21': (
         'RSA-OAEP with a label (P Source): not supported'
     ),
@@ -212,9 +149,6 @@ KNOWN: dict[str, str] = {
     ),
     'CS-BC-M-13-21': (
         'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
-    ),
-    'CS-BC-M-14-21': (
-        'known deviation: a use past the Protect Stop Date is answered Permission Denied at every version; the 2.1 profile expects Wrong Key Lifecycle State'
     ),
     'CS-BC-M-CHACHA20-1-21': (
         'ChaCha20 (2.0): not supported'
@@ -240,26 +174,8 @@ KNOWN: dict[str, str] = {
     'QS-M-2-21': (
         'Protection Level / Query of server capabilities (2.0 QS profile): not supported'
     ),
-    'SKFF-M-9-21': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKFF-M-10-21': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKFF-M-11-21': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKFF-M-12-21': (
-        'the attribute list differs: the server sets no Lease Time (no leases), Sensitive, Always Sensitive, Extractable, Never Extractable or Fresh'
-    ),
-    'SKLC-M-3-21': (
-        'Activation Date of an Active object can still be changed; the profile expects Permission Denied (1.4) / Wrong Key Lifecycle State (2.x)'
-    ),
     'TL-M-3-21': (
         "TL-M-3 locates the key TL-M-2 registered by its Name; the series' earlier flow leaves two matching objects, and this server returns another one first (not investigated)"
-    ),
-    'AKLC-O-1-21': (
-        'Short Unique Identifier (2.1): not supported'
     ),
     'CS-RNG-O-1-21': (
         'RNG Seed: not supported (the OS generator takes no client seed)'
@@ -272,9 +188,6 @@ KNOWN: dict[str, str] = {
     ),
     'CS-RNG-O-4-21': (
         'RNG Seed: not supported (the OS generator takes no client seed)'
-    ),
-    'SKLC-O-1-21': (
-        'Short Unique Identifier (2.1): not supported'
     ),
 }
 

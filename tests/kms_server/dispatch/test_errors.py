@@ -39,6 +39,7 @@ EXPECTED = {
     errors.AttributeReadOnly: (R.PERMISSION_DENIED, R.ATTRIBUTE_READ_ONLY),
     errors.AttributeSingleValued: (R.INVALID_FIELD, R.ATTRIBUTE_SINGLE_VALUED),
     errors.OutcomeUnknown: (R.GENERAL_FAILURE, R.GENERAL_FAILURE),
+    errors.LifecycleRefused: (R.ILLEGAL_OPERATION, R.WRONG_KEY_LIFECYCLE_STATE),
 }
 
 # Reasons that KMIP 1.x does not define: a 1.x client must never get one.
@@ -97,3 +98,20 @@ def test_bare_kms_error_is_general_failure():
 def test_general_failure_message_names_the_request():
     text = GENERAL_FAILURE_MESSAGE.format(request_id="0123abcd")
     assert "0123abcd" in text
+
+
+@pytest.mark.parametrize(
+    "version, before_1_4, expected",
+    [
+        ((1, 3), errors.IllegalOperation, errors.IllegalOperation),
+        ((1, 3), errors.PermissionDenied, errors.PermissionDenied),
+        ((1, 4), errors.IllegalOperation, errors.PermissionDenied),
+        ((2, 0), errors.IllegalOperation, errors.PermissionDenied),
+        ((2, 1), errors.PermissionDenied, errors.IllegalOperation),
+    ],
+)
+def test_lifecycle_refusal_is_answered_per_version(version, before_1_4, expected):
+    """The profiles' test cases: Permission Denied at 1.4 and 2.0, Wrong Key
+    Lifecycle State (IllegalOperation at 2.x) at 2.1."""
+    answered = errors.LifecycleRefused("no", before_1_4).for_version(version)
+    assert type(answered) is expected and answered.message == "no"

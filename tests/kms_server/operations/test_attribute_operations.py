@@ -1080,8 +1080,9 @@ def test_activate_revoke_destroy(alice, keystore):
     uid = alice.create()
     assert alice.activate(uid).get(T.UNIQUE_IDENTIFIER.value) == uid
     assert alice.values(uid, "State") == [State.ACTIVE.value]
+    # 2.0 answers as the 2.0 profile's AKLC-M-2 does (see the tests below).
     assert alice.refused(Operation.DESTROY, [alice.uid_item(uid)]) == reason_for(
-        alice, ResultReason.ILLEGAL_OPERATION, ResultReason.WRONG_KEY_LIFECYCLE_STATE
+        alice, ResultReason.ILLEGAL_OPERATION, ResultReason.PERMISSION_DENIED
     )
     alice.revoke(uid)
     assert alice.values(uid, "State") == [State.DEACTIVATED.value]
@@ -1122,3 +1123,88 @@ def test_revoke_without_a_reason_is_refused(alice):
 
 def test_operation_without_unique_identifier_is_missing_data(alice):
     assert alice.refused(Operation.GET_ATTRIBUTES, []) == ResultReason.MISSING_DATA
+
+
+# Attributes the server sets on a new key (KMIP 1.4, 3.15, 3.34, 3.45-3.48).
+def test_new_key_carries_sensitivity_extractability_fresh_and_lease(alice):
+    uid = alice.create()
+    attributes = alice.get(uid)
+    assert attributes["Sensitive"][0].value is False
+    assert attributes["Always Sensitive"][0].value is False
+    assert attributes["Extractable"][0].value is True
+    assert attributes["Never Extractable"][0].value is False
+    assert attributes["Fresh"][0].value is True
+    assert attributes["Lease Time"][0].type == ItemType.INTERVAL
+
+
+def test_a_key_is_no_longer_fresh_once_served(alice):
+    uid = alice.create()
+    alice.call(Operation.GET, [alice.uid_item(uid)])
+    assert alice.values(uid, "Fresh") == [False]
+
+
+def test_always_sensitive_drops_when_sensitive_is_cleared(alice):
+    uid = alice.create(("Sensitive", ttlv.boolean(VALUE, True)))
+    assert alice.values(uid, "Always Sensitive") == [True]
+    alice.modify(uid, "Sensitive", ttlv.boolean(VALUE, False))
+    assert alice.values(uid, "Always Sensitive") == [False]
+
+
+def test_2_0_attributes_are_derived_for_2_0_clients_only(dispatcher):
+    v1, v2 = Client(dispatcher, ALICE, V11), Client(dispatcher, ALICE, V20)
+    uid = v1.create()
+    derived = {"Short Unique Identifier", "Key Format Type", "Protection Storage Mask"}
+    assert not derived & set(v1.get(uid)) and not derived & set(v1.attribute_list(uid))
+    attributes = v2.get(uid)
+    assert derived <= set(attributes) and derived <= set(v2.attribute_list(uid))
+    assert attributes["Key Format Type"][0].value == enums.KeyFormatType.RAW.value
+    assert len(attributes["Short Unique Identifier"][0].value) == 32
+
+
+def test_obtain_lease_grants_the_lease_time_of_an_active_key(alice):
+    uid = alice.create()
+    assert alice.refused(Operation.OBTAIN_LEASE, [alice.uid_item(uid)]) == reason_for(
+        alice, ResultReason.ILLEGAL_OPERATION, ResultReason.WRONG_KEY_LIFECYCLE_STATE
+    )
+    alice.activate(uid)
+    payload = alice.call(Operation.OBTAIN_LEASE, [alice.uid_item(uid)])
+    assert payload.get(T.LEASE_TIME.value) == alice.values(uid, "Lease Time")[0]
+    assert payload.find(T.LAST_CHANGE_DATE.value) is not None
+
+
+# Lifecycle refusals answered per version as the OASIS profile test cases do
+# (AKLC-M-2/3, SKLC-M-2/3, CS-BC-M-14): Permission Denied at 1.4 and 2.0,
+# Wrong Key Lifecycle State at 2.1; 1.0-1.3 keep Illegal Operation for a
+# Destroy of an Active object.
+@pytest.mark.parametrize(
+    "version, reason",
+    [
+        ((1, 2), ResultReason.ILLEGAL_OPERATION),
+        ((1, 4), ResultReason.PERMISSION_DENIED),
+        ((2, 0), ResultReason.PERMISSION_DENIED),
+        ((2, 1), ResultReason.WRONG_KEY_LIFECYCLE_STATE),
+    ],
+)
+def test_destroy_of_an_active_key_is_refused_per_version(dispatcher, version, reason):
+    client = Client(dispatcher, ALICE, version)
+    uid = client.create()
+    client.activate(uid)
+    assert client.refused(Operation.DESTROY, [client.uid_item(uid)]) == reason
+
+
+@pytest.mark.parametrize(
+    "version, reason",
+    [
+        ((1, 2), ResultReason.PERMISSION_DENIED),
+        ((1, 4), ResultReason.PERMISSION_DENIED),
+        ((2, 0), ResultReason.PERMISSION_DENIED),
+        ((2, 1), ResultReason.WRONG_KEY_LIFECYCLE_STATE),
+    ],
+)
+def test_activation_date_is_fixed_once_active(dispatcher, version, reason):
+    client = Client(dispatcher, ALICE, version)
+    uid = client.create(("Activation Date", date(int(time.time()) + 3600)))
+    client.modify(uid, "Activation Date", date(int(time.time()) + 7200))
+    client.activate(uid)
+    assert client.refused(Operation.MODIFY_ATTRIBUTE, client.modify_payload(uid, "Activation Date", date(0))) == reason
+    client.add(uid, "Deactivation Date", date(int(time.time()) + 7200))

@@ -329,8 +329,9 @@ def test_no_crypto_administrator_may_not_get(alice, dispatcher):
 
 def test_get_of_a_sensitive_key_needs_wrapping(alice):
     uid = create_aes(alice, extra=())
+    # Every key carries Sensitive (False by default), so it is modified.
     alice.ok(
-        Operation.ADD_ATTRIBUTE,
+        Operation.MODIFY_ATTRIBUTE,
         [uid_item(uid), attribute("Sensitive", ttlv.boolean(0, True))],
     )
     alice.fails(Operation.GET, [uid_item(uid)], ResultReason.PERMISSION_DENIED)

@@ -1,0 +1,31 @@
+"""KMIP 1.4, 4.16 Obtain Lease / 2.0, 6.1.33: a client that holds an object
+asks to keep using it for another Lease Time. The server grants its Lease
+Time (the object's attribute) and answers the Last Change Date, so the
+client can tell whether its copy of the attributes is current. A lease is
+only granted for an object that may be used, i.e. an Active one."""
+
+from kmip.core.enums import Operation, State, Tags
+
+from kms_server import errors
+from kms_server.keystore.policy import Action
+from kms_server.operations import common
+from kms_server.wire import ttlv
+
+OPERATION = Operation.OBTAIN_LEASE
+
+
+def handle(ctx, keystore, payload):
+    uid = common.unique_identifier(ctx, payload)
+    with keystore.transaction(read_only=True) as txn:
+        obj = keystore.load(txn, ctx.principal, uid, Action.USE, ctx.now)
+    lease = obj.value("Lease Time")
+    if lease is None:
+        raise errors.IllegalOperation(f"a {obj.object_type.name} is not held under a lease")
+    if obj.state != State.ACTIVE:
+        name = obj.state.name if obj.state else "stateless"
+        raise errors.IllegalOperation(f"object is {name}; a lease is only granted on an ACTIVE object")
+    return [
+        common.uid_item(obj.uid),
+        ttlv.interval(Tags.LEASE_TIME.value, lease),
+        ttlv.date_time(Tags.LAST_CHANGE_DATE.value, obj.value("Last Change Date", ctx.now)),
+    ]
