@@ -28,8 +28,10 @@ import datetime as dt
 import io
 import json
 import logging
+import math
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,6 +192,39 @@ def _string(obj: dict, name: str, max_length: int = 16384) -> str:
 # --- The API -----------------------------------------------------------------------------
 
 
+class RateLimit:
+    """A token bucket per address: `per_minute` requests a minute, in
+    bursts of up to that many. `take` answers 0 (go) or the whole seconds
+    to wait. Idle addresses are forgotten once many are tracked."""
+
+    MAX_TRACKED = 10_000
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic):
+        self.per_minute = per_minute
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, address: str) -> int:
+        if self.per_minute <= 0:
+            return 0
+        rate = self.per_minute / 60.0
+        now = self.clock()
+        with self._lock:
+            tokens, last = self._buckets.get(address, (float(self.per_minute), now))
+            tokens = min(float(self.per_minute), tokens + (now - last) * rate)
+            if tokens < 1.0:
+                self._buckets[address] = (tokens, now)
+                return max(1, math.ceil((1.0 - tokens) / rate))
+            self._buckets[address] = (tokens - 1.0, now)
+            if len(self._buckets) > self.MAX_TRACKED:
+                full = float(self.per_minute) - 1.0
+                for key, (t, seen) in list(self._buckets.items()):
+                    if t + (now - seen) * rate >= full:
+                        del self._buckets[key]
+            return 0
+
+
 @dataclass(frozen=True)
 class _Route:
     method: str
@@ -257,6 +292,7 @@ class Api:
         self.registry = registry
         self.vmkeys = vmkeys
         self.ek_issuer = ek_issuer
+        self.enroll_limit = RateLimit(cfg.api.enroll_per_minute)
 
     def dispatch(self, request: ApiRequest) -> ApiResponse:
         try:
@@ -285,6 +321,15 @@ class Api:
                 continue
             caller = None
             role = None
+            if route.handler == "enroll":
+                # The one route that creates state for anyone who can reach
+                # it: limited per address (429 with Retry-After).
+                wait = self.enroll_limit.take(request.peer.rsplit(":", 1)[0])
+                if wait:
+                    log.warning("enrollment from %s refused: rate limit", request.peer)
+                    response = _error(429, f"too many enrollment requests from this address; retry in {wait} s")
+                    response.headers["Retry-After"] = str(wait)
+                    return response
             if route.auth != "none":
                 if request.client_fingerprint is None:
                     raise ApiError(401, "this request needs a client certificate issued by the broker")

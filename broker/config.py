@@ -8,7 +8,7 @@ Relative paths in the file are relative to the file; paths derived from
 ``broker.data_dir`` follow it.
 
     [broker]      provider_name (required), data_dir, node_name
-    [api]         host, port, max_body, worker_threads
+    [api]         host, port, max_body, worker_threads, enroll_per_minute
     [gateway]     host, port, max_message_size, idle_timeout, handshake_timeout,
                   max_connections, worker_threads  (read by broker.gateway)
     [tls]         cert, key (the broker's server certificate, issued by
@@ -79,6 +79,9 @@ class ApiConfig:
     port: int
     max_body: int
     worker_threads: int
+    # Enrollment requests (POST /v1/enroll, which needs no certificate) one
+    # address may make per minute, in bursts of as many; 0: no limit.
+    enroll_per_minute: int = 30
 
 
 @dataclass(frozen=True)
@@ -279,6 +282,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "port": (_port, 8443),
         "max_body": (_int_between(1024, 16 << 20), 65536),
         "worker_threads": (_int_between(1, 256), 8),
+        "enroll_per_minute": (_int_between(0, 1_000_000), 30),
     },
     "gateway": {
         "host": (_nonempty_str, "127.0.0.1"),
