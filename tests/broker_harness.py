@@ -7,6 +7,8 @@ one-time token and the security administrator's approval, register a host from i
 vTPM and write its .vmx; and the broker database helpers a test needs to check results (the EK CA).
 
 Used by tests/integration/test_host_agent.py; reusable by any test with a `broker.drill.processes.Broker`.
+The key/CSR and error-checking helpers are tests/broker_process.py's, shared with the tests that run the
+broker through that module's own `Broker`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,7 @@ import uuid
 from pathlib import Path
 
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from broker_process import assert_error, new_key_and_csr
 
 from broker import vmx
 from broker.drill.processes import Broker
@@ -41,22 +40,6 @@ Identity = tuple[str, str]
 
 def call(broker: Broker, method: str, path: str, identity: Identity | None = None, **kwargs) -> requests.Response:
     return requests.request(method, broker.url + path, cert=identity, verify=str(broker.trust_ca), timeout=60, **kwargs)
-
-
-def new_key_and_csr(directory: Path, name: str) -> tuple[Path, str]:
-    """A P-256 key (written as DIR/NAME.key) and a CSR for it (PEM text)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    key_path = directory / f"{name}.key"
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_path.chmod(0o600)
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .sign(key, hashes.SHA256())
-    )
-    return key_path, csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def enroll(broker: Broker, name: str, directory: Path | None = None) -> Identity:
@@ -113,11 +96,3 @@ def ek_ca_pem(broker: Broker) -> str:
         return row.cert_pem + (row.chain_pem or "")
     finally:
         db.close()
-
-
-def assert_error(answer: requests.Response, status: int, words: str) -> str:
-    assert answer.status_code == status, answer.text
-    error = answer.json()["error"]
-    assert words in error, error
-    assert "\n" not in error and "Traceback" not in answer.text
-    return error
