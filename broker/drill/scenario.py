@@ -478,7 +478,7 @@ class Drill:
         for step in self.audit["steps"]:
             broker_part = ", ".join(f"{a} {n}" for a, n in sorted(step["broker"].items())) or "-"
             kms_part = ", ".join(f"{o} {n}" for o, n in sorted(step["kms"].items())) or "-"
-            self.say(f"  audit, {step['step']}: broker [{broker_part}]; KMS [{kms_part}]")
+            self.say(f"  audit, {step['step']}: broker: {broker_part} | KMS: {kms_part}")
         chain = "hash chain intact" if not self.audit["problems"] else f"PROBLEMS: {self.audit['problems'][0]}"
         kms_chain = "chain and checkpoints intact" if verified.returncode == 0 else "VERIFY FAILED"
         broker_shown = ", ".join(f"{action} {n}" for action, n in sorted(counts.items()))
