@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Write throughput of one KMS node versus three nodes on the same database,
-in the same run (issue 4).
+in the same run (issue 4), with the audit trail and without it (issue 3).
 
 A throw-away PostgreSQL primary with a synchronous standby (as in
 tests/pg_cluster.py: initdb, pg_basebackup, on free 127.0.0.1 ports) backs
@@ -80,25 +80,40 @@ def main() -> int:
     pki = work / "pki"
     init_pki(pki, server_names=["localhost"], clients=["alice"])
     cluster = pg_cluster.PgCluster().start()
-    servers = []
+    rows = []
     try:
-        for i in range(3):
-            servers.append(start_server(work / f"kms-{i}", pki, db_url=cluster.multi_host_url(), master_key=work / "mk"))
-        addresses = [f"{s.host}:{s.port}" for s in servers]
-        rows = [run(addresses[:1], pki, args.clients, args.ops), run(addresses, pki, args.clients, args.ops)]
+        # With the audit trail (the default), then with [audit] enabled =
+        # false, on the same database: what the trail costs on PostgreSQL.
+        for audit in (True, False):
+            servers = []
+            try:
+                for i in range(3):
+                    servers.append(
+                        start_server(
+                            work / f"kms-{i}-{'audit' if audit else 'no-audit'}",
+                            pki,
+                            db_url=cluster.multi_host_url(),
+                            master_key=work / "mk",
+                            extra_config="" if audit else "\n[audit]\nenabled = false\n",
+                        )
+                    )
+                addresses = [f"{s.host}:{s.port}" for s in servers]
+                for nodes in (addresses[:1], addresses):
+                    rows.append({"audit": "on" if audit else "off", **run(nodes, pki, args.clients, args.ops)})
+            finally:
+                for s in servers:
+                    s.stop()
     finally:
-        for s in servers:
-            s.stop()
         cluster.close()
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"Create AES-256 through kms-server nodes on PostgreSQL with a synchronous standby "
                         f"({args.clients} client processes)")
-    for column in ("nodes", "creates", "errors", "seconds", "creates/s", "p50 ms", "p95 ms"):
+    for column in ("audit", "nodes", "creates", "errors", "seconds", "creates/s", "p50 ms", "p95 ms"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(*(str(r[k]) for k in ("nodes", "creates", "errors", "seconds", "creates_per_second",
+        table.add_row(*(str(r[k]) for k in ("audit", "nodes", "creates", "errors", "seconds", "creates_per_second",
                                             "p50_ms", "p95_ms")))
     Console().print(table)
     if args.json:
