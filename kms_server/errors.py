@@ -87,6 +87,13 @@ class AttributeSingleValued(KmsError):
     """A second value for an attribute that takes only one."""
 
 
+class GeneralFailure(KmsError):
+    """A request the server refuses for a reason no other Result Reason
+    names, where the profiles' test cases answer General Failure (a GCM Tag
+    Length outside 12-16 bytes on Encrypt). The message describes the
+    request, never the server's internals."""
+
+
 class OutcomeUnknown(KmsError):
     """The database connection was lost while committing: the change may or
     may not be stored. Answered GENERAL_FAILURE, never success."""

@@ -38,6 +38,7 @@ REASONS: dict[type[errors.KmsError], tuple[ResultReason, ResultReason]] = {
     errors.AttributeReadOnly: (ResultReason.PERMISSION_DENIED, ResultReason.ATTRIBUTE_READ_ONLY),
     errors.AttributeSingleValued: (ResultReason.INVALID_FIELD, ResultReason.ATTRIBUTE_SINGLE_VALUED),
     errors.OutcomeUnknown: (ResultReason.GENERAL_FAILURE, ResultReason.GENERAL_FAILURE),
+    errors.GeneralFailure: (ResultReason.GENERAL_FAILURE, ResultReason.GENERAL_FAILURE),
     # Operations answer it per minor version (LifecycleRefused.for_version);
     # this row is only the fallback should one escape.
     errors.LifecycleRefused: (ResultReason.ILLEGAL_OPERATION, ResultReason.WRONG_KEY_LIFECYCLE_STATE),

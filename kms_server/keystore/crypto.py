@@ -997,14 +997,18 @@ def _rsa_padding(
     padding: PaddingMethod | None,
     hashing: HashingAlgorithm | None,
     mgf_hash: HashingAlgorithm | None,
+    label: bytes | None = None,
 ) -> Any:
     if padding is None or padding == PaddingMethod.OAEP:
         label_hash = hashing or _OAEP_DEFAULT_HASH
         return _asym_padding.OAEP(
             mgf=_asym_padding.MGF1(_hash(mgf_hash or label_hash)),
             algorithm=_hash(label_hash),
-            label=None,
+            # KMIP's P Source (RFC 8017 7.1: the label L); empty if none.
+            label=label or None,
         )
+    if label:
+        raise CryptoError("a label (P Source) is only defined for OAEP")
     if padding == PaddingMethod.PKCS1v15:
         return _asym_padding.PKCS1v15()
     raise CryptoError(f"padding method {_name(padding)} is not supported for RSA")
@@ -1016,13 +1020,14 @@ def rsa_encrypt(
     padding: PaddingMethod | None = PaddingMethod.OAEP,
     hashing: HashingAlgorithm | None = None,
     mgf_hash: HashingAlgorithm | None = None,
+    label: bytes | None = None,
 ) -> bytes:
     """Encrypt with an RSA public key: OAEP (hash default SHA-1, MGF1 hash
-    default the OAEP hash) or PKCS1v15."""
+    default the OAEP hash, optional label) or PKCS1v15."""
     key = _load_public(spki_der)
     if not isinstance(key, rsa.RSAPublicKey):
         raise CryptoError("RSA encryption needs an RSA key")
-    scheme = _rsa_padding(padding, hashing, mgf_hash)
+    scheme = _rsa_padding(padding, hashing, mgf_hash, label)
     try:
         return key.encrypt(_bytes(data, "data"), scheme)
     except _LIBRARY_ERRORS:
@@ -1035,12 +1040,13 @@ def rsa_decrypt(
     padding: PaddingMethod | None = PaddingMethod.OAEP,
     hashing: HashingAlgorithm | None = None,
     mgf_hash: HashingAlgorithm | None = None,
+    label: bytes | None = None,
 ) -> bytes:
     """Decrypt with an RSA private key; same parameters as :func:`rsa_encrypt`."""
     key = _load_private(pkcs8_der)
     if not isinstance(key, rsa.RSAPrivateKey):
         raise CryptoError("RSA decryption needs an RSA key")
-    scheme = _rsa_padding(padding, hashing, mgf_hash)
+    scheme = _rsa_padding(padding, hashing, mgf_hash, label)
     try:
         return key.decrypt(_bytes(data, "data"), scheme)
     except _LIBRARY_ERRORS:

@@ -63,6 +63,7 @@ def handle(ctx, keystore, payload):
                 rsa_padding(params),
                 params.hashing_algorithm,
                 params.mask_generator_hashing_algorithm,
+                params.p_source,
             )
         else:
             mode = params.block_cipher_mode
@@ -71,7 +72,9 @@ def handle(ctx, keystore, payload):
                     "a Block Cipher Mode is required, in the request or the key's Cryptographic Parameters"
                 )
             if iv is None and mode not in NO_IV_MODES:
-                raise errors.MissingData(
+                # The profiles (CS-BC-M-11 to 13, at 1.4, 2.0 and 2.1)
+                # answer Invalid Message, not Missing Data.
+                raise errors.InvalidMessage(
                     f"IV/Counter/Nonce is required to decrypt in {mode.name}"
                 )
             if mode == BlockCipherMode.GCM and tag is None:

@@ -3,7 +3,7 @@
 Symmetric keys: AES in GCM (with Authenticated Encryption Additional Data
 and Tag), CBC and ECB (Padding Method PKCS5 or none), CTR, CFB, OFB, XTS,
 and the NIST key wraps (RFC 3394, RFC 5649); Triple DES in the block modes.
-RSA public keys: OAEP (default) or PKCS#1 v1.5. The Cryptographic
+RSA public keys: OAEP (default; its label is the P Source) or PKCS#1 v1.5. The Cryptographic
 Parameters come from the request, else from the key's Cryptographic
 Parameters attribute. An IV the server generates is returned; one the
 client gave is not. The key must be Active with the Encrypt usage bit.
@@ -53,8 +53,8 @@ def rsa_padding(params) -> PaddingMethod:
         raise errors.FeatureNotSupported(
             f"RSA encryption with Padding Method {padding.name} is not supported"
         )
-    if params.p_source:
-        raise errors.FeatureNotSupported("an OAEP label (P Source) is not supported")
+    if params.p_source and padding != PaddingMethod.OAEP:
+        raise errors.InvalidField("a P Source (OAEP label) needs Padding Method OAEP")
     return padding
 
 
@@ -95,6 +95,7 @@ def handle(ctx, keystore, payload):
                 rsa_padding(params),
                 params.hashing_algorithm,
                 params.mask_generator_hashing_algorithm,
+                params.p_source,
             )
         except crypto.CryptoError as exc:
             raise object_codec.crypto_failure(exc) from None
@@ -105,6 +106,9 @@ def handle(ctx, keystore, payload):
         raise errors.MissingData(
             "a Block Cipher Mode is required, in the request or the key's Cryptographic Parameters"
         )
+    if mode == BlockCipherMode.GCM and params.tag_length is not None and not 12 <= params.tag_length <= 16:
+        # The profiles (CS-BC-M-GCM-1) answer General Failure here.
+        raise errors.GeneralFailure(f"GCM Tag Length {params.tag_length} is not 12 to 16 bytes")
     generated = False
     if iv is None and mode not in NO_IV_MODES:
         generated = True

@@ -9,26 +9,8 @@ reason over TLS is reported by `make conformance` as not known."""
 from __future__ import annotations
 
 KNOWN: dict[str, str] = {
-    'CS-AC-M-OAEP-9-14': (
-        'RSA-OAEP with a label (P Source): not supported'
-    ),
-    'CS-AC-M-OAEP-10-14': (
-        'RSA-OAEP with a label (P Source): not supported'
-    ),
     'CS-BC-M-7-14': (
         'Usage Limits (a byte budget per key): stored but not enforced'
-    ),
-    'CS-BC-M-11-14': (
-        'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
-    ),
-    'CS-BC-M-12-14': (
-        'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
-    ),
-    'CS-BC-M-13-14': (
-        'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
-    ),
-    'CS-BC-M-GCM-1-14': (
-        'known deviation: a bad GCM tag length is answered Cryptographic Failure; the profile expects General Failure'
     ),
     'CS-BC-M-GCM-3-14': (
         'streaming Encrypt/Decrypt (Init Indicator, Correlation Value): not supported'
@@ -51,23 +33,8 @@ KNOWN: dict[str, str] = {
     'OMOS-O-1-14': (
         'error in the test case: it expects a 1.3 response header to a 1.4 Destroy request'
     ),
-    'CS-AC-M-OAEP-9-20': (
-        'RSA-OAEP with a label (P Source): not supported'
-    ),
-    'CS-AC-M-OAEP-10-20': (
-        'RSA-OAEP with a label (P Source): not supported'
-    ),
     'CS-BC-M-7-20': (
         'Usage Limits (a byte budget per key): stored but not enforced'
-    ),
-    'CS-BC-M-11-20': (
-        'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
-    ),
-    'CS-BC-M-12-20': (
-        'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
-    ),
-    'CS-BC-M-13-20': (
-        'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
     ),
     'CS-BC-M-CHACHA20-1-20': (
         'ChaCha20 (2.0): not supported'
@@ -80,9 +47,6 @@ KNOWN: dict[str, str] = {
     ),
     'CS-BC-M-CHACHA20POLY1305-1-20': (
         'ChaCha20-Poly1305 (2.0): not supported'
-    ),
-    'CS-BC-M-GCM-1-20': (
-        'known deviation: a bad GCM tag length is answered Cryptographic Failure; the profile expects General Failure'
     ),
     'CS-BC-M-GCM-3-20': (
         'streaming Encrypt/Decrypt (Init Indicator, Correlation Value): not supported'
@@ -132,23 +96,8 @@ KNOWN: dict[str, str] = {
     'BL-M-13-21': (
         'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
     ),
-    'CS-AC-M-OAEP-9-21': (
-        'RSA-OAEP with a label (P Source): not supported'
-    ),
-    'CS-AC-M-OAEP-10-21': (
-        'RSA-OAEP with a label (P Source): not supported'
-    ),
     'CS-BC-M-7-21': (
         'Usage Limits (a byte budget per key): stored but not enforced'
-    ),
-    'CS-BC-M-11-21': (
-        'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
-    ),
-    'CS-BC-M-12-21': (
-        'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
-    ),
-    'CS-BC-M-13-21': (
-        'known deviation: Decrypt without the IV it needs answers Missing Data; the profile expects Invalid Message'
     ),
     'CS-BC-M-CHACHA20-1-21': (
         'ChaCha20 (2.0): not supported'
@@ -161,9 +110,6 @@ KNOWN: dict[str, str] = {
     ),
     'CS-BC-M-CHACHA20POLY1305-1-21': (
         'ChaCha20-Poly1305 (2.0): not supported'
-    ),
-    'CS-BC-M-GCM-1-21': (
-        'known deviation: a bad GCM tag length is answered Cryptographic Failure; the profile expects General Failure'
     ),
     'CS-BC-M-GCM-3-21': (
         'streaming Encrypt/Decrypt (Init Indicator, Correlation Value): not supported'

@@ -39,6 +39,7 @@ EXPECTED = {
     errors.AttributeReadOnly: (R.PERMISSION_DENIED, R.ATTRIBUTE_READ_ONLY),
     errors.AttributeSingleValued: (R.INVALID_FIELD, R.ATTRIBUTE_SINGLE_VALUED),
     errors.OutcomeUnknown: (R.GENERAL_FAILURE, R.GENERAL_FAILURE),
+    errors.GeneralFailure: (R.GENERAL_FAILURE, R.GENERAL_FAILURE),
     errors.LifecycleRefused: (R.ILLEGAL_OPERATION, R.WRONG_KEY_LIFECYCLE_STATE),
 }
 

@@ -805,6 +805,17 @@ def test_rsa_oaep_parameters_must_match(rsa_key):
         crypto.rsa_decrypt(private, ct, PaddingMethod.OAEP, HashingAlgorithm.SHA_1)
 
 
+def test_rsa_oaep_label_must_match(rsa_key):
+    """KMIP's P Source is the OAEP label: decryption needs the same one."""
+    private, public = rsa_key
+    ct = crypto.rsa_encrypt(public, b"k", PaddingMethod.OAEP, None, None, b"label")
+    assert crypto.rsa_decrypt(private, ct, PaddingMethod.OAEP, None, None, b"label") == b"k"
+    with pytest.raises(CryptoError, match="decryption failed"):
+        crypto.rsa_decrypt(private, ct, PaddingMethod.OAEP, None, None, b"other")
+    with pytest.raises(CryptoError, match="only defined for OAEP"):
+        crypto.rsa_encrypt(public, b"k", PaddingMethod.PKCS1v15, None, None, b"label")
+
+
 def test_rsa_encrypt_rejects(rsa_key, ec_key):
     _, public = rsa_key
     with pytest.raises(CryptoError, match="too long"):

@@ -163,6 +163,7 @@ def params(**fields) -> Item:
         "algorithm": (T.CRYPTOGRAPHIC_ALGORITHM, ttlv.enumeration),
         "tag_length": (T.TAG_LENGTH, ttlv.integer),
         "random_iv": (T.RANDOM_IV, ttlv.boolean),
+        "p_source": (T.P_SOURCE, ttlv.byte_string),
     }
     items = []
     for key, value in fields.items():
@@ -1203,6 +1204,36 @@ def test_decrypt_with_a_deactivated_key(alice):
         ],
     )
     assert decrypted.get(T.DATA.value) == b"old data"
+
+
+def test_rsa_oaep_with_a_label(alice):
+    """The P Source is the OAEP label (CS-AC-M-OAEP-9/10)."""
+    private_uid, public_uid = create_pair(
+        alice, CryptographicAlgorithm.RSA, 2048, private_mask=U.DECRYPT.value, public_mask=U.ENCRYPT.value
+    )
+    labelled = params(padding=PaddingMethod.OAEP, p_source=b"label")
+    ciphertext = encrypt(alice, public_uid, b"secret", labelled).get(T.DATA.value)
+    data = ttlv.byte_string(T.DATA.value, ciphertext)
+    assert alice.ok(Operation.DECRYPT, [uid_item(private_uid), labelled, data]).get(T.DATA.value) == b"secret"
+    other = params(padding=PaddingMethod.OAEP, p_source=b"other")
+    alice.fails(Operation.DECRYPT, [uid_item(private_uid), other, data], ResultReason.CRYPTOGRAPHIC_FAILURE)
+
+
+def test_decrypt_without_the_iv_the_mode_needs_is_an_invalid_message(alice):
+    """As the profiles' CS-BC-M-11 to 13 answer, at every version."""
+    uid = create_aes(alice)
+    cbc = params(mode=BlockCipherMode.CBC, padding=PaddingMethod.PKCS5)
+    alice.fails(
+        Operation.DECRYPT, [uid_item(uid), cbc, ttlv.byte_string(T.DATA.value, bytes(16))], ResultReason.INVALID_MESSAGE
+    )
+
+
+@pytest.mark.parametrize("tag_length", [1, 32])
+def test_encrypt_with_an_impossible_gcm_tag_length(alice, tag_length):
+    """As the profiles' CS-BC-M-GCM-1 answers: General Failure."""
+    uid = create_aes(alice)
+    gcm = params(mode=BlockCipherMode.GCM, tag_length=tag_length)
+    alice.fails(Operation.ENCRYPT, [uid_item(uid), gcm, ttlv.byte_string(T.DATA.value, b"x")], ResultReason.GENERAL_FAILURE)
 
 
 def test_encrypt_without_a_mode(alice):
