@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 DEV_PKI = certs/dev
 PYTEST_ARGS ?=
 
-.PHONY: run test venv pki master-key audit-key check-config clean lint bench bench-audit bench-nvram bench-cluster bench-gateway demo conformance
+.PHONY: run test venv pki master-key audit-key check-config clean lint vcenter-session bench bench-audit bench-nvram bench-cluster bench-gateway demo conformance
 
 venv: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ run: venv pki master-key audit-key
 	@echo "Stop with Ctrl-C (in-flight requests are drained first)."
 	@echo ""
 	$(BIN)/kms-server --config etc/kms-dev.toml
+
+# A captured vCenter 7.0.3 session replayed against `make run`'s node; then
+# kms-admin audit show --config etc/kms-dev.toml --vm test01
+vcenter-session: venv
+	$(BIN)/python tools/vcenter_session.py
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -182,7 +182,8 @@ def _show(args) -> int:
 
     table = Table(title=f"audit trail: {len(records)} records")
     for column in ("seq", "time (UTC)", "client", "peer", "operation", "object", "x-Name", "result"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=True)
+    table.add_column("details", overflow="fold")
     for record in records:
         body = json.loads(record.body)
         reason = (body.get("result") or {}).get("reason")
@@ -195,9 +196,26 @@ def _show(args) -> int:
             record.uid or "",
             record.x_name or "",
             "ok" if record.result == "SUCCESS" else (reason or "failed"),
+            _details(body),
         )
-    Console(soft_wrap=False, width=max(160, Console().width)).print(table)
+    console = Console()
+    # A pipe or a file gets the whole table, not 80 columns of it.
+    Console(soft_wrap=False, width=console.width if console.is_terminal else 220).print(table)
     return 0
+
+
+def _details(body: dict, width: int = 60) -> str:
+    """The attributes the client supplied (name=value), or why it was
+    refused; cut to `width` characters for the table (--json has it all)."""
+    if body.get("detail") and (body.get("result") or {}).get("status") != "SUCCESS":
+        text = str(body["detail"])
+    else:
+        parts = []
+        for attribute in body.get("attributes") or []:
+            value = attribute.get("value")
+            parts.append(attribute.get("name", "?") if value is None else f"{attribute.get('name')}={value}")
+        text = ", ".join(parts)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _export(args) -> int:

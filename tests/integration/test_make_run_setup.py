@@ -62,10 +62,25 @@ def test_dev_setup_serves_the_vcenter_certificate(tmp_path):
             assert len(client.get(uid).value) == 32
         finally:
             client.close()
+        # `make vcenter-session`: the captured vCenter session, replayed.
+        session = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "vcenter_session.py"), "--port", str(port),
+             "--cert", "certs/dev/vcenter.pem", "--key", "certs/dev/vcenter.key", "--ca", "certs/dev/ca.pem"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )
+        assert session.returncode == 0, session.stdout + session.stderr
+        assert "58 requests replayed, 0 items failed" in session.stdout
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
     assert (tmp_path / "var" / "kms.db").exists()
     shown = admin("audit", "show", "--config", "etc/kms-dev.toml", "--json", "--object", uid, cwd=tmp_path)
     assert [json.loads(line)["operation"] for line in shown.splitlines()] == ["CREATE", "GET"]
+    # What the README's quick start promises: the VM's key, found by VM name.
+    vm = [json.loads(line) for line in admin(
+        "audit", "show", "--config", "etc/kms-dev.toml", "--json", "--vm", "test01", cwd=tmp_path).splitlines()]
+    assert {"CREATE", "ADD_ATTRIBUTE", "GET", "ACTIVATE"} <= {r["operation"] for r in vm}
+    assert all(r["client"]["name"] == "vcenter" for r in vm)
+    table = admin("audit", "show", "--config", "etc/kms-dev.toml", "--vm", "test01", cwd=tmp_path)
+    assert "test01" in table and "ADD_ATTRIBUTE" in table
     assert "audit trail intact" in admin("audit", "verify", "--config", "etc/kms-dev.toml", cwd=tmp_path)

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Replay a captured vCenter 7.0.3 KMIP session against a running kms-server:
+the health probes, Query, a key for a VM ("test01") and one for a host,
+tagged with AddAttribute batches (x-Name, x-Identifier, x-Component...),
+then Get, GetAttributes and Activate, byte for byte as vCenter sent them
+(the session's unique identifiers "1" and "2" are replaced with the ones
+this server returns).
+
+    tools/vcenter_session.py [--host 127.0.0.1] [--port 5696]
+        [--cert certs/dev/vcenter.pem] [--key certs/dev/vcenter.key] [--ca certs/dev/ca.pem]
+
+`make vcenter-session` runs it against `make run`'s node; then
+`kms-admin audit show --config etc/kms-dev.toml --vm test01` lists what the
+session did to the VM's key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import ssl
+import struct
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kmip.core.enums import Operation, ResultStatus, Tags  # noqa: E402
+
+from kms_server.wire import ttlv  # noqa: E402
+
+T = Tags
+REQUESTS = ROOT / "tools" / "vectors" / "vcenter-7.0.3-requests.hex"
+
+
+def _recv_exact(sock: ssl.SSLSocket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        data += chunk
+    return data
+
+
+def _rewrite(item: ttlv.Item, mapping: dict[str, str]) -> ttlv.Item:
+    if item.tag == T.UNIQUE_IDENTIFIER.value and item.value in mapping:
+        return ttlv.Item(item.tag, item.type, mapping[item.value])
+    if item.type == ttlv.ItemType.STRUCTURE:
+        return ttlv.Item(item.tag, item.type, tuple(_rewrite(c, mapping) for c in item.value))
+    return item
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5696)
+    p.add_argument("--cert", default=str(ROOT / "certs/dev/vcenter.pem"))
+    p.add_argument("--key", default=str(ROOT / "certs/dev/vcenter.key"))
+    p.add_argument("--ca", default=str(ROOT / "certs/dev/ca.pem"))
+    p.add_argument("--server-name", default="localhost", help="name to check the server certificate against")
+    args = p.parse_args(argv)
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(args.ca)
+        context.load_cert_chain(args.cert, args.key)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"vcenter_session: cannot load the TLS files ({exc}); run 'make run' first or pass --cert/--key/--ca",
+              file=sys.stderr)
+        return 2
+    requests = [line for line in REQUESTS.read_text().splitlines() if line and not line.startswith("#")]
+    mapping: dict[str, str] = {}
+    creates = failed = 0
+    try:
+        raw = socket.create_connection((args.host, args.port), timeout=15)
+    except OSError as exc:
+        print(f"vcenter_session: cannot reach {args.host}:{args.port} ({exc.strerror}); is the server running?",
+              file=sys.stderr)
+        return 2
+    with context.wrap_socket(raw, server_hostname=args.server_name) as sock:
+        for hex_request in requests:
+            request = _rewrite(ttlv.decode(bytes.fromhex(hex_request)), mapping)
+            sock.sendall(ttlv.encode(request))
+            header = _recv_exact(sock, 8)
+            response = ttlv.decode(header + _recv_exact(sock, struct.unpack(">I", header[4:])[0]))
+            for item in response.find_all(T.BATCH_ITEM.value):
+                operation = Operation(item.get(T.OPERATION.value))
+                status = ResultStatus(item.get(T.RESULT_STATUS.value))
+                if status != ResultStatus.SUCCESS:
+                    failed += 1
+                    print(f"{operation.name}: {status.name} {item.get(T.RESULT_MESSAGE.value)}")
+                    continue
+                payload = item.find(T.RESPONSE_PAYLOAD.value)
+                uid = payload.get(T.UNIQUE_IDENTIFIER.value) if payload is not None else None
+                if operation == Operation.CREATE:
+                    creates += 1
+                    mapping[str(creates)] = uid
+                    print(f"CREATE -> {uid}  (vCenter's key \"{creates}\")")
+                else:
+                    print(f"{operation.name}{f' {uid}' if uid else ''}: SUCCESS")
+    print(f"{len(requests)} requests replayed, {failed} items failed; keys: {mapping}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
