@@ -597,3 +597,35 @@ def test_refused_handshakes_credentials_and_messages_are_recorded(tmp_path, pki_
     everything = json.dumps(records)
     assert "wrong-password-123" not in everything and "s3cret" not in everything
     assert admin("audit", "verify", "--config", str(config)).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["show", "--since", "yesterday"], "not a time"),
+        (["show", "--operation", "Frobnicate"], "not a KMIP operation"),
+        (["verify", "--public-key", "/nonexistent/audit.pub"], "cannot read the audit public key"),
+        (["export", "--to", "/nonexistent/dir/out.jsonl"], "nonexistent"),
+    ],
+)
+def test_command_line_mistakes_are_one_line(pristine, args, words):
+    """Operator mistakes name the problem in one line, exit 2, no traceback."""
+    done = admin("audit", *args, "--config", str(pristine / "kms.toml"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_show_filters_on_a_real_trail(pristine):
+    """--operation, --result, --client, --since/--until and --limit select
+    what they say, from the table the node wrote."""
+    config = pristine / "kms.toml"
+    everything = show(config)
+    gets = show(config, "--operation", "Get")
+    assert gets and {r["operation"] for r in gets} == {"GET"}
+    assert len(gets) == sum(1 for r in everything if r["operation"] == "GET")
+    assert show(config, "--result", "failure") == [r for r in everything if r["result"]["status"] != "SUCCESS"]
+    assert {r["client"]["name"] for r in show(config, "--client", "alice")} == {"alice"}
+    assert show(config, "--limit", "3") == everything[-3:]
+    assert show(config, "--since", "1h") == everything
+    assert show(config, "--until", "2000-01-01") == []
