@@ -73,7 +73,7 @@ demo: venv
 
 lint: venv
 	$(BIN)/pip install --quiet ruff
-	$(BIN)/ruff check kms_server broker tests bench
+	$(BIN)/ruff check kms_server broker tests bench tools
 
 bench: venv
 	$(BIN)/python bench/kmip_throughput.py $(BENCH_ARGS)
