@@ -275,6 +275,8 @@ def set_initial_defaults(object_type: OT, attributes: dict[str, list[Item]]) -> 
     the Lease Time is the server's."""
     if object_type in LEASED:
         attributes["Lease Time"] = [make("Lease Time", LEASE_TIME)]
+    if attributes.get("Usage Limits"):
+        attributes["Usage Limits"] = [usage_limits_with_count(attributes["Usage Limits"][0])]
     if object_type not in FLAGGED:
         return
     sensitive = attributes.setdefault("Sensitive", [make("Sensitive", False)])[0].value
@@ -325,3 +327,29 @@ def visible(uid: str, attributes: dict[str, list[Item]], v2: bool) -> dict[str, 
             out.setdefault(name, values)
         return out
     return {n: v for n, v in attributes.items() if not (n in SPECS and SPECS[n].v2_only)}
+
+
+def usage_limits_with_count(value):
+    """A client's Usage Limits as stored: the Usage Limits Count starts at
+    the Total when the client gives none."""
+    total = value.get(Tags.USAGE_LIMITS_TOTAL.value)
+    if not isinstance(total, int) or total < 0:
+        raise errors.InvalidField("Usage Limits needs a non-negative Usage Limits Total")
+    unit = value.get(Tags.USAGE_LIMITS_UNIT.value)
+    try:
+        enums.UsageLimitsUnit(unit)
+    except ValueError:
+        raise errors.InvalidField("Usage Limits needs a Usage Limits Unit (Byte or Object)") from None
+    count = value.get(Tags.USAGE_LIMITS_COUNT.value)
+    return usage_limits(total, total if count is None else count, unit)
+
+
+def usage_limits(total: int, count: int, unit: int):
+    return make(
+        "Usage Limits",
+        [
+            ttlv.long_integer(Tags.USAGE_LIMITS_TOTAL.value, total),
+            ttlv.long_integer(Tags.USAGE_LIMITS_COUNT.value, count),
+            ttlv.enumeration(Tags.USAGE_LIMITS_UNIT.value, unit),
+        ],
+    )

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import padding as _sym_padding
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, utils
 from cryptography.hazmat.primitives.asymmetric import padding as _asym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from kmip.core.enums import (
     BlockCipherMode,
     CryptographicAlgorithm,
@@ -372,6 +373,10 @@ def generate_symmetric_key(
                 f"{_HMAC_MIN_BITS} to {_HMAC_MAX_BITS}"
             )
         return secrets.token_bytes(length_bits // 8)
+    if algorithm in CHACHA_ALGORITHMS:
+        if length_bits != 256:
+            raise CryptoError(f"a {_name(algorithm)} key is 256 bits")
+        return secrets.token_bytes(32)
     if algorithm == CryptographicAlgorithm.TRIPLE_DES:
         if length_bits not in (168, 192):
             raise CryptoError("Triple DES key length must be 168 or 192 bits")
@@ -767,6 +772,82 @@ def _mode_cipher(
         ) from None
 
 
+# -- ChaCha20 and ChaCha20-Poly1305 (KMIP 2.0 algorithms) --------------------
+
+CHACHA_ALGORITHMS = (CryptographicAlgorithm.CHACHA20, CryptographicAlgorithm.CHACHA20_POLY1305)
+# Poly1305 gives 16 bytes; like GCM's, a tag may be truncated to 12.
+_AEAD_TAG_LENGTHS = range(12, 17)
+_CHACHA_NONCE_DEFAULT = 12
+
+
+def _chacha20_stream(key: bytes, nonce: bytes, data: bytes) -> bytes:
+    """ChaCha20 from block counter 0: a 12-byte nonce as RFC 8439 has it
+    (32-bit counter), or an 8-byte one as the original ChaCha20 has it
+    (64-bit counter), which is what the KMIP profile test cases use."""
+    if len(key) != 32:
+        raise CryptoError("a ChaCha20 key is 256 bits")
+    if len(nonce) == 12:
+        counter_and_nonce = bytes(4) + nonce
+    elif len(nonce) == 8:
+        counter_and_nonce = bytes(8) + nonce
+    else:
+        raise CryptoError("a ChaCha20 nonce is 8 or 12 bytes")
+    encryptor = Cipher(algorithms.ChaCha20(key, counter_and_nonce), mode=None).encryptor()
+    return encryptor.update(data) + encryptor.finalize()
+
+
+def _chacha_encrypt(key, algorithm, mode, data, iv, padding, aad, tag_length):
+    if not _no_padding(padding):
+        raise CryptoError(f"{_name(algorithm)} takes no padding")
+    if iv is None:
+        iv = secrets.token_bytes(_CHACHA_NONCE_DEFAULT)
+    if algorithm == CryptographicAlgorithm.CHACHA20:
+        if mode is not None or aad is not None or tag_length is not None:
+            raise CryptoError("ChaCha20 is a stream cipher: no Block Cipher Mode, additional data or tag")
+        return _chacha20_stream(key, iv, data), iv, None
+    if mode not in (None, BlockCipherMode.AEAD):
+        raise CryptoError("ChaCha20-Poly1305 takes Block Cipher Mode AEAD or none")
+    tag_length = 16 if tag_length is None else tag_length
+    if tag_length not in _AEAD_TAG_LENGTHS:
+        raise CryptoError("a ChaCha20-Poly1305 tag is 12 to 16 bytes")
+    if len(key) != 32 or len(iv) != 12:
+        raise CryptoError("ChaCha20-Poly1305 takes a 256-bit key and a 12-byte nonce")
+    sealed = ChaCha20Poly1305(key).encrypt(iv, data, aad)
+    return sealed[:-16], iv, sealed[-16:][:tag_length]
+
+
+def _chacha_decrypt(key, algorithm, mode, data, iv, padding, aad, tag):
+    if not _no_padding(padding):
+        raise CryptoError(f"{_name(algorithm)} takes no padding")
+    if iv is None:
+        raise CryptoError(f"{_name(algorithm)} needs the nonce used to encrypt")
+    if algorithm == CryptographicAlgorithm.CHACHA20:
+        if mode is not None or aad is not None or tag is not None:
+            raise CryptoError("ChaCha20 is a stream cipher: no Block Cipher Mode, additional data or tag")
+        return _chacha20_stream(key, iv, data)
+    if mode not in (None, BlockCipherMode.AEAD):
+        raise CryptoError("ChaCha20-Poly1305 takes Block Cipher Mode AEAD or none")
+    if tag is None or len(tag) not in _AEAD_TAG_LENGTHS:
+        raise CryptoError("a ChaCha20-Poly1305 tag is 12 to 16 bytes")
+    if len(key) != 32 or len(iv) != 12:
+        raise CryptoError("ChaCha20-Poly1305 takes a 256-bit key and a 12-byte nonce")
+    aead = ChaCha20Poly1305(key)
+    if len(tag) == 16:
+        try:
+            return aead.decrypt(iv, data + tag, aad)
+        except InvalidTag:
+            raise CryptoError("authentication failed: wrong key, nonce, data or tag") from None
+    # A truncated tag: recover the candidate plaintext (RFC 8439 2.8: the
+    # keystream starts at block 1), recompute the full tag over the same
+    # ciphertext and compare its prefix; nothing is released unless it holds.
+    stream = Cipher(algorithms.ChaCha20(key, (1).to_bytes(4, "little") + iv), mode=None).encryptor()
+    plaintext = stream.update(data) + stream.finalize()
+    expected = aead.encrypt(iv, plaintext, aad)[-16:]
+    if not _std_hmac.compare_digest(expected[: len(tag)], tag):
+        raise CryptoError("authentication failed: wrong key, nonce, data or tag")
+    return plaintext
+
+
 def encrypt(
     key: bytes,
     algorithm: CryptographicAlgorithm,
@@ -792,6 +873,8 @@ def encrypt(
     iv = _optional_bytes(iv, "IV")
     aad = _optional_bytes(aad, "additional data")
 
+    if algorithm in CHACHA_ALGORITHMS:
+        return _chacha_encrypt(key, algorithm, mode, data, iv, padding, aad, tag_length)
     if mode in _KEY_WRAP_MODES:
         _check_unused(mode, aad, tag_length)
         if iv or not _no_padding(padding):
@@ -862,6 +945,8 @@ def decrypt(
     aad = _optional_bytes(aad, "additional data")
     tag = _optional_bytes(tag, "tag")
 
+    if algorithm in CHACHA_ALGORITHMS:
+        return _chacha_decrypt(key, algorithm, mode, data, iv, padding, aad, tag)
     if mode in _KEY_WRAP_MODES:
         _check_unused(mode, aad, tag)
         if iv or not _no_padding(padding):

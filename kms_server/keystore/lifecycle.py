@@ -11,9 +11,10 @@ the state diagram of KMIP 1.4 Figure 1).
 
 from __future__ import annotations
 
-from kmip.core.enums import ObjectType, RevocationReasonCode, State
+from kmip.core.enums import ObjectType, RevocationReasonCode, State, Tags, UsageLimitsUnit
 
 from kms_server import errors
+from kms_server.keystore import attributes as attrs
 from kms_server.keystore.objects import ManagedObject
 
 STATEFUL_TYPES = (
@@ -134,3 +135,25 @@ def check_date_change(obj: ManagedObject, name: str) -> None:
     if allowed is None or state is None or state in allowed:
         return
     raise errors.LifecycleRefused(f"object is {state.name}; its {name} can no longer be changed", errors.PermissionDenied)
+
+
+# Usage Limits (KMIP 1.4, 3.21; 2.0, 4.61): a budget of bytes or objects an
+# object may protect (Encrypt, Sign, MAC), counted down by the server.
+def has_usage_limits(obj: ManagedObject) -> bool:
+    return obj.first("Usage Limits") is not None
+
+
+def consume_usage(obj: ManagedObject, data_length: int) -> None:
+    """Count one protecting use (of `data_length` bytes) against the
+    object's Usage Limits; refuse it when the budget left is too small."""
+    limits = obj.first("Usage Limits")
+    if limits is None:
+        return
+    unit = limits.get(Tags.USAGE_LIMITS_UNIT.value)
+    needed = data_length if unit == UsageLimitsUnit.BYTE.value else 1
+    total = limits.get(Tags.USAGE_LIMITS_TOTAL.value)
+    count = limits.get(Tags.USAGE_LIMITS_COUNT.value)
+    left = total if count is None else count
+    if needed > left:
+        raise errors.PermissionDenied("the object's Usage Limits are used up")
+    obj.set("Usage Limits", attrs.usage_limits(total, left - needed, unit))

@@ -67,7 +67,7 @@ def handle(ctx, keystore, payload):
             )
         else:
             mode = params.block_cipher_mode
-            if mode is None:
+            if mode is None and algorithm not in crypto.CHACHA_ALGORITHMS:
                 raise errors.MissingData(
                     "a Block Cipher Mode is required, in the request or the key's Cryptographic Parameters"
                 )
@@ -75,11 +75,11 @@ def handle(ctx, keystore, payload):
                 # The profiles (CS-BC-M-11 to 13, at 1.4, 2.0 and 2.1)
                 # answer Invalid Message, not Missing Data.
                 raise errors.InvalidMessage(
-                    f"IV/Counter/Nonce is required to decrypt in {mode.name}"
+                    f"IV/Counter/Nonce is required to decrypt in {(mode or algorithm).name}"
                 )
-            if mode == BlockCipherMode.GCM and tag is None:
+            if (mode == BlockCipherMode.GCM or algorithm == CryptographicAlgorithm.CHACHA20_POLY1305) and tag is None:
                 raise errors.MissingData(
-                    "Authenticated Encryption Tag is required to decrypt in GCM"
+                    f"Authenticated Encryption Tag is required to decrypt in {(mode or algorithm).name}"
                 )
             plaintext = crypto.decrypt(
                 material.data,

@@ -2,7 +2,9 @@
 
 Symmetric keys: AES in GCM (with Authenticated Encryption Additional Data
 and Tag), CBC and ECB (Padding Method PKCS5 or none), CTR, CFB, OFB, XTS,
-and the NIST key wraps (RFC 3394, RFC 5649); Triple DES in the block modes.
+and the NIST key wraps (RFC 3394, RFC 5649); Triple DES in the block modes;
+ChaCha20 (no mode; 8- or 12-byte nonce) and ChaCha20-Poly1305 (mode AEAD or
+none; 12-byte nonce, tag 12 to 16 bytes).
 RSA public keys: OAEP (default; its label is the P Source) or PKCS#1 v1.5. The Cryptographic
 Parameters come from the request, else from the key's Cryptographic
 Parameters attribute. An IV the server generates is returned; one the
@@ -76,6 +78,7 @@ def handle(ctx, keystore, payload):
         )
     params = object_codec.request_parameters(payload, obj)
     algorithm = object_codec.key_algorithm(obj, params)
+    object_codec.charge_usage(ctx, keystore, obj, len(data))
     material = keystore.material(obj)
     result = [common.uid_item(obj.uid)]
 
@@ -102,13 +105,15 @@ def handle(ctx, keystore, payload):
         return result + [ttlv.byte_string(T.DATA.value, ciphertext)]
 
     mode = params.block_cipher_mode
-    if mode is None:
+    if mode is None and algorithm not in crypto.CHACHA_ALGORITHMS:
         raise errors.MissingData(
             "a Block Cipher Mode is required, in the request or the key's Cryptographic Parameters"
         )
-    if mode == BlockCipherMode.GCM and params.tag_length is not None and not 12 <= params.tag_length <= 16:
-        # The profiles (CS-BC-M-GCM-1) answer General Failure here.
-        raise errors.GeneralFailure(f"GCM Tag Length {params.tag_length} is not 12 to 16 bytes")
+    authenticated = mode == BlockCipherMode.GCM or algorithm == CryptographicAlgorithm.CHACHA20_POLY1305
+    if authenticated and params.tag_length is not None and not 12 <= params.tag_length <= 16:
+        # The profiles (CS-BC-M-GCM-1, CS-BC-M-CHACHA20POLY1305-1) answer
+        # General Failure here.
+        raise errors.GeneralFailure(f"Tag Length {params.tag_length} is not 12 to 16 bytes")
     generated = False
     if iv is None and mode not in NO_IV_MODES:
         generated = True

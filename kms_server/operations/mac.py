@@ -50,6 +50,7 @@ def handle(ctx, keystore, payload):
         raise errors.InvalidField(
             "MAC needs an HMAC algorithm, from the key or the Cryptographic Parameters' Cryptographic Algorithm"
         )
+    object_codec.charge_usage(ctx, keystore, obj, len(data))
     material = keystore.material(obj)
     try:
         mac_data = crypto.mac(material.data, algorithm, data)

@@ -856,6 +856,18 @@ def usable_key(
     return obj
 
 
+def charge_usage(ctx, keystore, obj: ManagedObject, data_length: int) -> None:
+    """Count a protecting use (Encrypt, Sign, MAC) against the object's
+    Usage Limits before it is carried out; a use the budget does not cover
+    is refused (KMIP 1.4, 3.21)."""
+    if not lifecycle.has_usage_limits(obj):
+        return
+    with keystore.transaction() as txn:
+        current = keystore.load(txn, ctx.principal, obj.uid, Action.USE, ctx.now, for_update=True)
+        lifecycle.consume_usage(current, data_length)
+        keystore.save(txn, current, ctx.now)
+
+
 def reject_streaming(payload: Item) -> None:
     """Multi-part (streaming) cryptographic operations (KMIP 1.3 Correlation
     Value, Init and Final Indicators) are not supported."""

@@ -64,6 +64,7 @@ def handle(ctx, keystore, payload):
         )
     params = object_codec.request_parameters(payload, obj)
     kwargs = scheme(obj, params)
+    object_codec.charge_usage(ctx, keystore, obj, len(data))
     material = keystore.material(obj)
     try:
         signature = crypto.sign(material.data, data, prehashed=prehashed, **kwargs)

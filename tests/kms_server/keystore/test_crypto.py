@@ -1355,3 +1355,43 @@ def test_parse_certificate_rejects_truncated():
     der = _pem_to_der(TEST_CERT_PEM)
     with pytest.raises(CryptoError):
         crypto.parse_certificate(der[:-10])
+
+
+# ChaCha20 and ChaCha20-Poly1305 (KMIP 2.0; vectors of RFC 8439 and of the
+# OASIS profile test cases CS-BC-M-CHACHA20-*).
+@pytest.mark.parametrize(
+    ("nonce", "keystream"),
+    [
+        (bytes(8), "76b8e0ada0f13d90405d6ae55386bd28"),
+        (bytes.fromhex("0000000000000001"), "de9cba7bf3d69ef5e786dc63973f653a"),
+        (bytes(12), "76b8e0ada0f13d90405d6ae55386bd28"),
+    ],
+)
+def test_chacha20_keystream(nonce, keystream):
+    ct, iv, tag = crypto.encrypt(bytes(32), CryptographicAlgorithm.CHACHA20, None, bytes(16), iv=nonce)
+    assert (ct.hex(), iv, tag) == (keystream, nonce, None)
+    assert crypto.decrypt(bytes(32), CryptographicAlgorithm.CHACHA20, None, ct, iv=nonce) == bytes(16)
+
+
+_RFC8439_KEY = bytes(range(0x80, 0xA0))
+_RFC8439_NONCE = bytes.fromhex("070000004041424344454647")
+_RFC8439_AAD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+_RFC8439_TEXT = b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it."
+
+
+def test_chacha20_poly1305_rfc8439_vector_and_truncated_tags():
+    algorithm = CryptographicAlgorithm.CHACHA20_POLY1305
+    ct, _, tag = crypto.encrypt(
+        _RFC8439_KEY, algorithm, BlockCipherMode.AEAD, _RFC8439_TEXT, iv=_RFC8439_NONCE, aad=_RFC8439_AAD
+    )
+    assert ct[:6].hex() == "d31a8d34648e" and tag.hex() == "1ae10b594f09e26a7e902ecbd0600691"
+    for length in (16, 12):
+        assert (
+            crypto.decrypt(_RFC8439_KEY, algorithm, None, ct, iv=_RFC8439_NONCE, aad=_RFC8439_AAD, tag=tag[:length])
+            == _RFC8439_TEXT
+        )
+    bad = bytes([tag[0] ^ 1]) + tag[1:12]
+    with pytest.raises(CryptoError, match="authentication failed"):
+        crypto.decrypt(_RFC8439_KEY, algorithm, None, ct, iv=_RFC8439_NONCE, aad=_RFC8439_AAD, tag=bad)
+    with pytest.raises(CryptoError, match="12 to 16"):
+        crypto.encrypt(_RFC8439_KEY, algorithm, None, b"x", iv=_RFC8439_NONCE, tag_length=8)

@@ -29,6 +29,7 @@ from kmip.core.enums import (
     ResultStatus,
     SecretDataType,
     Tags,
+    UsageLimitsUnit,
     ValidityIndicator,
     WrappingMethod,
 )
@@ -150,6 +151,7 @@ def v1_attributes(*items: Item, tag: Tags = T.TEMPLATE_ATTRIBUTE) -> Item:
         T.CRYPTOGRAPHIC_PARAMETERS.value: "Cryptographic Parameters",
         T.CRYPTOGRAPHIC_DOMAIN_PARAMETERS.value: "Cryptographic Domain Parameters",
         T.NAME.value: "Name",
+        T.USAGE_LIMITS.value: "Usage Limits",
     }
     return template(*(attribute(names[i.tag], i) for i in items), tag=tag)
 
@@ -1377,3 +1379,20 @@ def test_rekey_of_a_pre_active_key_stays_pre_active(alice):
     old = create_aes(alice, activate=False)
     new = alice.ok(Operation.REKEY, [uid_item(old)]).get(T.UNIQUE_IDENTIFIER.value)
     assert attribute_values(alice, new, "State")[0].value == 1
+
+
+def test_usage_limits_count_down_and_refuse_past_the_budget(alice):
+    """KMIP 1.4, 3.21 (CS-BC-M-7): 16 bytes allowed, then Permission Denied."""
+    limits = ttlv.structure(
+        T.USAGE_LIMITS.value,
+        [
+            ttlv.long_integer(T.USAGE_LIMITS_TOTAL.value, 16),
+            ttlv.enumeration(T.USAGE_LIMITS_UNIT.value, UsageLimitsUnit.BYTE.value),
+        ],
+    )
+    ecb = params(mode=BlockCipherMode.ECB)
+    uid = create_aes(alice, extra=(limits,))
+    encrypt(alice, uid, bytes(16), ecb)
+    alice.fails(
+        Operation.ENCRYPT, [uid_item(uid), ecb, ttlv.byte_string(T.DATA.value, bytes(16))], ResultReason.PERMISSION_DENIED
+    )
