@@ -59,6 +59,11 @@ class KeyValueNotPresent(KmsError):
     """The object's key material was destroyed."""
 
 
+class ObjectDestroyed(KeyValueNotPresent):
+    """The key material is gone because the object was destroyed; Get
+    raises it at 2.1, which has a Result Reason of its own for it."""
+
+
 class IndexOutOfBounds(KmsError):
     """An Attribute Index that names no value."""
 
@@ -85,6 +90,15 @@ class AttributeReadOnly(KmsError):
 
 class AttributeSingleValued(KmsError):
     """A second value for an attribute that takes only one."""
+
+
+class NonUniqueName(KmsError):
+    """A Name the object already carries, given again."""
+
+
+class IncompatibleUsageMask(KmsError):
+    """The object's Cryptographic Usage Mask does not allow what a Check
+    asked about."""
 
 
 class GeneralFailure(KmsError):

@@ -331,7 +331,8 @@ def visible(uid: str, attributes: dict[str, list[Item]], v2: bool) -> dict[str, 
 
 def usage_limits_with_count(value):
     """A client's Usage Limits as stored: the Usage Limits Count starts at
-    the Total when the client gives none."""
+    the Total; a Count the client gives is ignored (KMIP 1.4, 3.21: it is
+    the server's to keep)."""
     total = value.get(Tags.USAGE_LIMITS_TOTAL.value)
     if not isinstance(total, int) or total < 0:
         raise errors.InvalidField("Usage Limits needs a non-negative Usage Limits Total")
@@ -340,8 +341,7 @@ def usage_limits_with_count(value):
         enums.UsageLimitsUnit(unit)
     except ValueError:
         raise errors.InvalidField("Usage Limits needs a Usage Limits Unit (Byte or Object)") from None
-    count = value.get(Tags.USAGE_LIMITS_COUNT.value)
-    return usage_limits(total, total if count is None else count, unit)
+    return usage_limits(total, total, unit)
 
 
 def usage_limits(total: int, count: int, unit: int):

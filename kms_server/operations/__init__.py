@@ -37,6 +37,8 @@ _MODULES = (
     "sign",
     "signature_verify",
     "interop",
+    "check",
+    "log",
     "obtain_lease",
 )
 

@@ -33,6 +33,10 @@ def handle(ctx, keystore, payload):
         values = obj.attributes.setdefault(name, [])
         if values and (spec is not None and not spec.multi):
             raise errors.AttributeSingleValued(f"attribute {name!r} already has a value; use Modify Attribute")
+        if name == "Name" and attrs.as_value(value) in values:
+            # KMIP 2.0, 4.35: a Name is unique (BL-M-8); the same value twice
+            # on one object is the plainest breach of that.
+            raise errors.NonUniqueName("the object already carries this Name")
         values.append(attrs.as_value(value))
         index = len(values) - 1
         attrs.track_flag_history(obj.attributes)

@@ -26,7 +26,7 @@ from kmip.core.enums import (
 )
 
 from kms_server import errors
-from kms_server.keystore import crypto
+from kms_server.keystore import crypto, lifecycle
 from kms_server.keystore.policy import Action
 from kms_server.operations import common, object_codec
 from kms_server.operations.object_codec import Wrapping
@@ -67,7 +67,14 @@ def handle(ctx, keystore, payload):
             if specification is not None
             else None
         )
-    material = keystore.material(obj)
+    try:
+        material = keystore.material(obj)
+    except errors.KeyValueNotPresent as exc:
+        # 2.1 answers Object Destroyed (BL-M-8-21); 2.0 clients such as
+        # PyKMIP's expect Key Value Not Present, which 2.0 also allows.
+        if obj.state in lifecycle.DESTROYED_STATES and ctx.at_least(2, 1):
+            raise errors.ObjectDestroyed(exc.message) from None
+        raise
     _check_exportable(obj, wrapped=specification is not None)
     wrapping = None
     if wrapping_key is not None:

@@ -269,7 +269,10 @@ def _decode_symmetric(holder: Item) -> tuple[Material, dict[str, Item]]:
         raise errors.InvalidField(
             f"Cryptographic Length {length} does not match the {bits}-bit key material"
         )
-    return Material(key), _implied_crypto(block.algorithm, length)
+    # A key registered Transparent is returned so by a Get that names no
+    # format (BL-M-3); Raw, the usual case, needs no note.
+    subtype = KFT.TRANSPARENT_SYMMETRIC_KEY.value if block.format == KFT.TRANSPARENT_SYMMETRIC_KEY else None
+    return Material(key, subtype), _implied_crypto(block.algorithm, length)
 
 
 def _check_asymmetric(
@@ -500,12 +503,14 @@ def default_format(
     obj: ManagedObject, material: Material, v2: bool
 ) -> KeyFormatType | None:
     """The Key Format Type of a Get that names none: Raw for symmetric keys
-    (what vCenter reads), Opaque for secret data, and for asymmetric keys the
-    format they were registered in; otherwise PKCS#1 for RSA keys in 1.x,
+    (what vCenter reads; at 2.x, Transparent if registered so), Opaque for secret
+    data, and for asymmetric keys the format they were registered in; otherwise PKCS#1 for RSA keys in 1.x,
     as PyKMIP's server does, and PKCS#8 / X.509 SubjectPublicKeyInfo for EC
     keys and in 2.0."""
     object_type = obj.object_type
     if object_type == ObjectType.SYMMETRIC_KEY:
+        if v2 and material.subtype == KFT.TRANSPARENT_SYMMETRIC_KEY.value:
+            return KFT.TRANSPARENT_SYMMETRIC_KEY
         return KFT.RAW
     if object_type == ObjectType.SECRET_DATA:
         return KFT.OPAQUE

@@ -26,7 +26,8 @@ def handle(ctx, keystore, payload):
     out = []
     if QueryFunction.QUERY_OPERATIONS.value in functions:
         for op in sorted(OPERATIONS, key=lambda o: o.value):
-            if op.value <= 0x2C or ctx.v2:
+            # 1.x defines operations up to Export (0x2B); Log and later are 2.0.
+            if op.value <= 0x2B or ctx.v2:
                 out.append(ttlv.enumeration(Tags.OPERATION.value, op.value))
     if QueryFunction.QUERY_OBJECTS.value in functions:
         out += [ttlv.enumeration(Tags.OBJECT_TYPE.value, t.value) for t in OBJECT_TYPES]

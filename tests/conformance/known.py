@@ -51,19 +51,10 @@ KNOWN: dict[str, str] = {
     'CS-RNG-O-4-20': (
         'RNG Seed: not supported (the OS generator takes no client seed)'
     ),
-    'BL-M-1-21': (
-        'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
-    ),
     'BL-M-2-21': (
         'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
     ),
-    'BL-M-3-21': (
-        'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
-    ),
     'BL-M-4-21': (
-        'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
-    ),
-    'BL-M-8-21': (
         'Interop (2.1 test-harness operation) and Server Correlation Value: not supported'
     ),
     'BL-M-10-21': (

@@ -399,7 +399,7 @@ def test_undefined_operation_is_not_supported(dispatcher, operation):
 
 
 @pytest.mark.parametrize(
-    "operation", [Operation.ARCHIVE, Operation.RECOVER, Operation.CHECK]
+    "operation", [Operation.ARCHIVE, Operation.RECOVER, Operation.GET_USAGE_ALLOCATION]
 )
 def test_defined_but_unimplemented_operation_is_not_supported(dispatcher, operation):
     assert operation not in OPERATIONS

@@ -1208,3 +1208,50 @@ def test_activation_date_is_fixed_once_active(dispatcher, version, reason):
     client.activate(uid)
     assert client.refused(Operation.MODIFY_ATTRIBUTE, client.modify_payload(uid, "Activation Date", date(0))) == reason
     client.add(uid, "Deactivation Date", date(int(time.time()) + 7200))
+
+
+def test_check_answers_whether_a_use_is_allowed(alice):
+    """KMIP 1.4, 4.13 Check: nothing changes; a mask the key lacks is refused."""
+    uid = alice.create()
+    assert alice.call(Operation.CHECK, [alice.uid_item(uid), ttlv.integer(T.CRYPTOGRAPHIC_USAGE_MASK.value, 4)])
+    assert alice.refused(
+        Operation.CHECK, [alice.uid_item(uid), ttlv.integer(T.CRYPTOGRAPHIC_USAGE_MASK.value, 1)]
+    ) == reason_for(alice, ResultReason.PERMISSION_DENIED, ResultReason.INCOMPATIBLE_CRYPTOGRAPHIC_USAGE_MASK)
+
+
+def test_the_same_name_twice_on_one_object_is_refused(alice):
+    uid = alice.create(("Name", name("once")))
+    assert alice.refused(Operation.ADD_ATTRIBUTE, alice.add_payload(uid, "Name", name("once"))) == reason_for(
+        alice, ResultReason.INVALID_FIELD, ResultReason.NON_UNIQUE_NAME_ATTRIBUTE
+    )
+
+
+@pytest.mark.parametrize(
+    "version, reason",
+    [
+        (V11, ResultReason.KEY_VALUE_NOT_PRESENT),
+        (V20, ResultReason.KEY_VALUE_NOT_PRESENT),
+        ((2, 1), ResultReason.OBJECT_DESTROYED),
+    ],
+)
+def test_get_of_a_destroyed_key(dispatcher, version, reason):
+    client = Client(dispatcher, ALICE, version)
+    uid = client.create()
+    client.destroy(uid)
+    assert client.refused(Operation.GET, [client.uid_item(uid)]) == reason
+
+
+def test_log_and_interop_are_2_0_operations(alice):
+    log = [ttlv.text(T.LOG_MESSAGE.value, "hello")]
+    interop = [
+        ttlv.enumeration(T.INTEROP_FUNCTION.value, enums.InteropFunction.BEGIN.value),
+        ttlv.text(T.INTEROP_IDENTIFIER.value, "BL-M-1-21"),
+    ]
+    if not alice.v2:
+        assert alice.refused(Operation.LOG, log) == ResultReason.OPERATION_NOT_SUPPORTED
+        assert alice.refused(Operation.INTEROP, interop) == ResultReason.OPERATION_NOT_SUPPORTED
+        return
+    alice.call(Operation.LOG, log)
+    alice.call(Operation.INTEROP, interop)
+    reset = [ttlv.enumeration(T.INTEROP_FUNCTION.value, enums.InteropFunction.RESET.value), interop[1]]
+    assert alice.refused(Operation.INTEROP, reset) == ResultReason.FEATURE_NOT_SUPPORTED
