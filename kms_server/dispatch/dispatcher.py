@@ -168,6 +168,9 @@ class Dispatcher:
             correlation = header.get(T.CLIENT_CORRELATION_VALUE.value)
             if isinstance(correlation, str):
                 header_items.append(ttlv.text(T.CLIENT_CORRELATION_VALUE.value, correlation))
+            # KMIP 2.0, 8.2: the server's own correlation value; the request
+            # id, which names this request in the server log and audit trail.
+            header_items.append(ttlv.text(T.SERVER_CORRELATION_VALUE.value, request_id))
         response = self._response(header_items, responses)
         encoded = ttlv.encode(response)
         if isinstance(max_response, int) and len(encoded) > max_response:

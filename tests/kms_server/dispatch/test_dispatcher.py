@@ -256,6 +256,19 @@ def test_client_correlation_value_is_echoed_in_2_0(dispatcher):
     )
 
 
+def test_server_correlation_value_is_the_request_id_in_2_x(dispatcher):
+    """KMIP 2.0, 8.2: the server's correlation value is the request id that
+    names the request in the server log, General Failure texts and the
+    audit trail; 1.x headers have no such field."""
+    v2 = handle(dispatcher, request([discover_versions()], version=(2, 0)))
+    value = v2.find(T.RESPONSE_HEADER.value).get(T.SERVER_CORRELATION_VALUE.value)
+    assert isinstance(value, str) and len(value) == 16
+    again = handle(dispatcher, request([discover_versions()], version=(2, 1)))
+    assert again.find(T.RESPONSE_HEADER.value).get(T.SERVER_CORRELATION_VALUE.value) != value
+    v1 = handle(dispatcher, request([discover_versions()], version=(1, 4)))
+    assert v1.find(T.RESPONSE_HEADER.value).find(T.SERVER_CORRELATION_VALUE.value) is None
+
+
 # Malformed and wrong messages.
 @pytest.mark.parametrize(
     "data",
