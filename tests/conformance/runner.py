@@ -36,7 +36,22 @@ from kmip_client import RawClient  # noqa: E402
 
 from kms_server.wire import ttlv  # noqa: E402
 
-VECTORS = (REPO.parent / "shared" / "vectors" / "oasis").resolve()
+
+def _vectors_dir() -> Path:
+    """../shared/vectors/oasis beside the checkout (how CI lays it out), or
+    the workplace's copy when the checkout sits elsewhere (a clone in /tmp);
+    KMS_OASIS_VECTORS overrides both."""
+    import os
+
+    if os.environ.get("KMS_OASIS_VECTORS"):
+        return Path(os.environ["KMS_OASIS_VECTORS"]).resolve()
+    for candidate in (REPO.parent / "shared" / "vectors" / "oasis", Path("/work/shared/vectors/oasis")):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return (REPO.parent / "shared" / "vectors" / "oasis").resolve()
+
+
+VECTORS = _vectors_dir()
 VERSIONS = ("1.4", "2.0", "2.1")
 KINDS = ("mandatory", "optional")
 SERIES = ("SASED", "TL")
