@@ -357,10 +357,36 @@ class _SqlTransaction(Transaction):
                 raise ConcurrentModification(
                     f"object {obj.uid!r} is gone or no longer at version {obj.version}"
                 )
-            self._conn.execute(
-                delete(kms_attributes).where(kms_attributes.c.uid == obj.uid)
-            )
-            self._insert_attributes(obj.uid, obj.attributes)
+            # Only the attribute rows that changed are rewritten: most
+            # updates (Activate, the first Get clearing Fresh, AddAttribute)
+            # touch one or two of an object's dozen or more attributes.
+            a = kms_attributes.c
+            stored = {
+                (row.name, row.idx): (row.id, bytes(row.value_digest))
+                for row in self._conn.execute(
+                    select(a.id, a.name, a.idx, a.value_digest).where(a.uid == obj.uid)
+                )
+            }
+            wanted = {(attr.name, attr.index): attr for attr in obj.attributes}
+            if len(wanted) != len(obj.attributes):
+                # Two values under one (name, index): keep every row as given.
+                self._conn.execute(delete(kms_attributes).where(a.uid == obj.uid))
+                self._insert_attributes(obj.uid, obj.attributes)
+                obj.version += 1
+                return
+            changed = [
+                attr
+                for key, attr in wanted.items()
+                if key not in stored or stored[key][1] != _digest(attr.value)
+            ]
+            gone = [
+                row_id
+                for key, (row_id, digest) in stored.items()
+                if key not in wanted or digest != _digest(wanted[key].value)
+            ]
+            if gone:
+                self._conn.execute(delete(kms_attributes).where(a.id.in_(gone)))
+            self._insert_attributes(obj.uid, changed)
             obj.version += 1
 
     def delete_object(self, uid: str) -> bool:

@@ -698,3 +698,21 @@ def test_checkpoints_are_stored_once_per_seq(storage):
     with storage.transaction(read_only=True) as txn:
         assert [c.seq for c in txn.audit_checkpoints()] == [2, 5]
         assert txn.audit_checkpoints()[1] == first
+
+
+def test_update_rewrites_changed_unchanged_removed_and_added_attributes(storage):
+    """An update may keep some values, change some, drop some and add some;
+    what is read back (and found by Locate) is exactly the new set."""
+    obj = new_object("u-diff", "alice", attr("a", b"1"), attr("b", b"2"), attr("c", b"3"), attr("c", b"4", 1))
+    insert(storage, obj)
+    stored = get(storage, "u-diff")
+    stored.attributes = [attr("a", b"1"), attr("b", b"20"), attr("c", b"3"), attr("d", b"5")]
+    with storage.transaction() as txn:
+        txn.update_object(stored)
+    again = get(storage, "u-diff")
+    assert [(x.name, x.index, x.value) for x in again.attributes] == [
+        ("a", 0, b"1"), ("b", 0, b"20"), ("c", 0, b"3"), ("d", 0, b"5")
+    ]
+    assert locate(storage, equals=(("b", b"20"),)) == ["u-diff"]
+    assert locate(storage, equals=(("b", b"2"),)) == []
+    assert locate(storage, equals=(("c", b"4"),)) == []
