@@ -10,6 +10,7 @@ value is the key under which storage indexes it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -160,11 +161,34 @@ def as_value(item: Item) -> Item:
     return item.retag(VALUE_TAG)
 
 
+# Stored attribute values repeat (algorithms, lengths, states, flags), and
+# every load decodes and every save encodes all of an object's ~20 values:
+# small ones are memoized. Items are immutable, so sharing them is safe.
+_MEMO_MAX_BYTES = 128
+
+
+@functools.lru_cache(maxsize=8192)
+def _encode_small(value: Item) -> bytes:
+    return ttlv.encode(value)
+
+
+@functools.lru_cache(maxsize=8192)
+def _decode_small(data: bytes) -> Item:
+    return ttlv.decode(data)
+
+
 def encode_value(value: Item) -> bytes:
-    return ttlv.encode(as_value(value))
+    value = as_value(value)
+    if value.type != ttlv.ItemType.STRUCTURE and not (
+        isinstance(value.value, (str, bytes)) and len(value.value) > _MEMO_MAX_BYTES
+    ):
+        return _encode_small(value)
+    return ttlv.encode(value)
 
 
 def decode_value(data: bytes) -> Item:
+    if len(data) <= _MEMO_MAX_BYTES:
+        return _decode_small(bytes(data))
     return ttlv.decode(data)
 
 
