@@ -227,6 +227,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=16, help="concurrent power-on worker processes (default 16)")
     parser.add_argument("--hosts", type=int, default=2, help="hosts the VMs are placed on (default 2)")
     parser.add_argument("--create-jobs", type=int, default=8, help="set-up: vtpm-mgmt processes creating VMs (8)")
+    parser.add_argument(
+        "--kms-audit", choices=("on", "off"), default="on",
+        help="the KMS's audit trail (default on; off measures what it costs the storm)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
@@ -248,7 +252,7 @@ def main() -> int:
     status = 1
     try:
         t = time.perf_counter()
-        drill._start_kms()
+        drill._start_kms(audit=args.kms_audit == "on")
         drill._start_broker()
         drill._enroll(INSTANCE_A)
         drill._add_hosts(INSTANCE_A)

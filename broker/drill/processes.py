@@ -166,7 +166,7 @@ class Kms:
         self.service.stop()
 
 
-def start_kms(workdir: Path, runner: Runner = run) -> Kms:
+def start_kms(workdir: Path, runner: Runner = run, audit: bool = True) -> Kms:
     """`kms-admin pki init`, `kms-admin master-key new`, a config, `kms-server`."""
     workdir.mkdir(parents=True, exist_ok=True)
     pki = workdir / "pki"
@@ -202,6 +202,7 @@ level = "WARNING"
 
 [audit]
 signing_key_file = "{audit_key}"
+enabled = {"true" if audit else "false"}
 """
     )
     service, ports = _start("kms-server", command("kms-server", "--config", config), {"kmip": "listening on"})

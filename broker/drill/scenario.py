@@ -193,8 +193,8 @@ class Drill:
         self.windows.append((title, wall, time.time()))
         self.say(f"[bold]{title}[/bold] ({seconds:.1f} s)" + (f": {detail}" if detail else ""))
 
-    def _start_kms(self) -> str:
-        self.kms = start_kms(self.workdir / "kms", runner=self.pool.run)
+    def _start_kms(self, audit: bool = True) -> str:
+        self.kms = start_kms(self.workdir / "kms", runner=self.pool.run, audit=audit)
         return f"kms-admin pki init + master-key new; kms-server on 127.0.0.1:{self.kms.port}"
 
     def _start_broker(self) -> str:
