@@ -28,6 +28,20 @@ T = Tags
 
 
 def handle(ctx, keystore, payload):
+    obj, algorithm, data = hmac_request(ctx, keystore, payload, CryptographicUsageMask.MAC_GENERATE, "MAC")
+    object_codec.charge_usage(ctx, keystore, obj, len(data))
+    material = keystore.material(obj)
+    try:
+        mac_data = crypto.mac(material.data, algorithm, data)
+    except crypto.CryptoError as exc:
+        raise object_codec.crypto_failure(exc) from None
+    return [common.uid_item(obj.uid), ttlv.byte_string(T.MAC_DATA.value, mac_data)]
+
+
+def hmac_request(ctx, keystore, payload, usage: CryptographicUsageMask, what: str):
+    """The key, HMAC algorithm and Data of a MAC or MAC Verify request. MAC
+    needs an Active key (protect); MAC Verify also takes a Deactivated or
+    Compromised one (process, KMIP 1.4, 3.22)."""
     object_codec.reject_streaming(payload)
     uid = common.unique_identifier(ctx, payload)
     data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
@@ -37,8 +51,8 @@ def handle(ctx, keystore, payload):
             txn,
             ctx,
             uid,
-            CryptographicUsageMask.MAC_GENERATE,
-            protect=True,
+            usage,
+            protect=usage == CryptographicUsageMask.MAC_GENERATE,
             object_types=(ObjectType.SYMMETRIC_KEY,),
         )
     params = object_codec.request_parameters(payload, obj)
@@ -48,12 +62,6 @@ def handle(ctx, keystore, payload):
         algorithm = None if value is None else CryptographicAlgorithm(value)
     if algorithm is None or not algorithm.name.startswith("HMAC_"):
         raise errors.InvalidField(
-            "MAC needs an HMAC algorithm, from the key or the Cryptographic Parameters' Cryptographic Algorithm"
+            f"{what} needs an HMAC algorithm, from the key or the Cryptographic Parameters' Cryptographic Algorithm"
         )
-    object_codec.charge_usage(ctx, keystore, obj, len(data))
-    material = keystore.material(obj)
-    try:
-        mac_data = crypto.mac(material.data, algorithm, data)
-    except crypto.CryptoError as exc:
-        raise object_codec.crypto_failure(exc) from None
-    return [common.uid_item(obj.uid), ttlv.byte_string(T.MAC_DATA.value, mac_data)]
+    return obj, algorithm, data
