@@ -65,3 +65,22 @@ class RawClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def pykmip(server, pki: Path, name: str = "alice", version=None):
+    """PyKMIP's ProxyKmipClient, opened, for `server` (anything with host
+    and port) as client `name` of the test PKI; KMIP 1.4 unless `version`
+    (a kmip.core.enums.KMIPVersion) says otherwise."""
+    from kmip.core import enums
+    from kmip.pie.client import ProxyKmipClient
+
+    client = ProxyKmipClient(
+        hostname=server.host,
+        port=server.port,
+        cert=str(pki / f"{name}.pem"),
+        key=str(pki / f"{name}.key"),
+        ca=str(pki / "ca.pem"),
+        kmip_version=version or enums.KMIPVersion.KMIP_1_4,
+    )
+    client.open()
+    return client

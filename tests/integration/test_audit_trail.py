@@ -24,7 +24,7 @@ from kmip.core import enums
 from kmip.pie import objects as pie_objects
 from kmip.pie.client import ProxyKmipClient
 from kmip.pie.exceptions import KmipOperationFailure
-from kmip_client import RawClient
+from kmip_client import RawClient, pykmip
 
 from kms_server.audit import chain
 from kms_server.keystore import audit_key
@@ -43,19 +43,6 @@ def admin(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "kms_server.admin.cli", *args], capture_output=True, text=True, timeout=120
     )
-
-
-def pykmip(server, pki, name="alice"):
-    client = ProxyKmipClient(
-        hostname=server.host,
-        port=server.port,
-        cert=str(pki / f"{name}.pem"),
-        key=str(pki / f"{name}.key"),
-        ca=str(pki / "ca.pem"),
-        kmip_version=enums.KMIPVersion.KMIP_1_4,
-    )
-    client.open()
-    return client
 
 
 def show(config: Path, *filters: str) -> list[dict]:
