@@ -9,7 +9,6 @@ by ``kms_server.admin.pki`` (the same profile the KMS's own PKI issues).
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -100,10 +99,6 @@ def load_certificate_pem(text: str | bytes, what: str = "certificate") -> x509.C
     return certs[0]
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 @dataclass(frozen=True)
 class TrustCa:
     cert: x509.Certificate
@@ -140,36 +135,7 @@ def create_trust_ca(provider_name: str) -> TrustCa:
             x509.NameAttribute(NameOID.COMMON_NAME, f"vtpm-broker trust CA ({provider_name})"[:64]),
         ]
     )
-    now = _now()
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - pki.BACKDATE)
-        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return TrustCa(cert, key)
+    return TrustCa(pki.self_signed_ca(key, name, CA_DAYS), key)
 
 
 def _key_der(key) -> bytes:

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from kms_server.admin import pki
 from kms_server.keystore.barrier import Barrier, BarrierError
 
 __all__ = [
@@ -153,7 +154,7 @@ class EkCa:
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(pki.CA_KEY_USAGE, critical=True)
             .add_extension(ski, critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
             .sign(key, _hash_for(key))
@@ -220,7 +221,7 @@ class EkCa:
             x509.CertificateSigningRequestBuilder()
             .subject_name(self.cert.subject)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(pki.CA_KEY_USAGE, critical=True)
             .sign(self.key, _hash_for(self.key))
         )
         return csr.public_bytes(serialization.Encoding.PEM)
@@ -609,20 +610,6 @@ def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
     return hashes.SHA256()
-
-
-def _ca_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def _ek_key_usage(is_rsa: bool) -> x509.KeyUsage:
