@@ -225,6 +225,21 @@ def audit_hash(
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
+def _insert_vm(conn, record: VmRecord, now: float) -> None:
+    conn.execute(
+        vms.insert().values(
+            vm_uuid=record.vm_uuid,
+            name=record.name,
+            instance=record.instance,
+            kms_key_id=record.kms_key_id,
+            key_safe=record.key_safe,
+            host=record.host,
+            created_at=now,
+            changed_at=now,
+        )
+    )
+
+
 # --- The registry ---------------------------------------------------------------
 
 
@@ -674,20 +689,10 @@ class Registry:
                 raise Conflict(f"VM {vm_uuid} is already registered")
             if host is not None:
                 self._own_host(conn, instance, host)
-            conn.execute(
-                vms.insert().values(
-                    vm_uuid=vm_uuid,
-                    name=name,
-                    instance=instance,
-                    kms_key_id=kms_key_id,
-                    key_safe=key_safe,
-                    host=host,
-                    created_at=now,
-                    changed_at=now,
-                )
-            )
+            record = VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host)
+            _insert_vm(conn, record, now)
             self._append_audit(conn, f"instance:{instance}", "vm.create", vm_uuid, True, f"KEK {kms_key_id}")
-        return VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host)
+        return record
 
     def register_vm(self, instance: str, vm_uuid: str, name: str, kms_key_id: str, key_safe: str) -> VmRecord:
         """Bind a VM found on a datastore to `instance` (the recovery path).
@@ -711,21 +716,11 @@ class Registry:
                 else:
                     host = existing.host
                 conn.execute(vms.delete().where(vms.c.vm_uuid == vm_uuid))
-            conn.execute(
-                vms.insert().values(
-                    vm_uuid=vm_uuid,
-                    name=name,
-                    instance=instance,
-                    kms_key_id=kms_key_id,
-                    key_safe=key_safe,
-                    host=host,
-                    created_at=now,
-                    changed_at=now,
-                )
-            )
+            record = VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host)
+            _insert_vm(conn, record, now)
             was = "new" if existing is None else f"was {existing.instance}"
             self._append_audit(conn, f"instance:{instance}", "vm.register", vm_uuid, True, f"KEK {kms_key_id} ({was})")
-        return VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host)
+        return record
 
     def place_vm(self, instance: str, vm_uuid: str, host: str) -> None:
         check_host_name(host)
