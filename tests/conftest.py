@@ -195,3 +195,36 @@ def kms_module(tmp_path_factory, pki_dir):
     )
     yield server
     server.stop()
+
+
+# --- vTPM tests ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def workdir():
+    """Private directories (state/ and run/, mode 0700) for a vTPM's clear
+    state and sockets, one per call, wiped at the end whatever happens."""
+    from broker.host.swtpm import private_workdir, wipe
+
+    made: list[Path] = []
+
+    def make() -> Path:
+        path = private_workdir(prefix="vtpm-test-")
+        made.append(path)
+        (path / "state").mkdir(mode=0o700)
+        (path / "run").mkdir(mode=0o700)
+        return path
+
+    yield make
+    for path in made:
+        wipe(path)
+
+
+@pytest.fixture
+def swtpms():
+    """swtpm instances registered here are killed at the end, even if the
+    test fails half way."""
+    started: list = []
+    yield started
+    for instance in started:
+        instance.kill()

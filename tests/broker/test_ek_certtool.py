@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from broker import ek_certtool
 from broker.ek_certtool import CerttoolError, ek_public_key_pem, load_config, write_local_ca
-from broker.host.swtpm import SwtpmError, SwtpmInstance, manufacture, private_workdir, wipe
+from broker.host.swtpm import SwtpmError, SwtpmInstance, manufacture
 from broker.vtpm_ca import (
     EkCa,
     EkRequestError,
@@ -55,31 +55,6 @@ CERT_FLAGS = ("--create-ek-cert", "--create-platform-cert")
 
 
 # --- Fixtures and helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def workdir():
-    """Private working directories (state/ and run/), wiped at the end whatever happens."""
-    made: list[Path] = []
-
-    def make() -> Path:
-        path = private_workdir(prefix="ekcert-test-")
-        made.append(path)
-        (path / "state").mkdir(mode=0o700)
-        (path / "run").mkdir(mode=0o700)
-        return path
-
-    yield make
-    for path in made:
-        wipe(path)
-
-
-@pytest.fixture
-def swtpms():
-    started: list[SwtpmInstance] = []
-    yield started
-    for instance in started:
-        instance.kill()
 
 
 def certtool_command(scratch: Path) -> str:

@@ -38,32 +38,6 @@ ECC_EK = 0x81010016
 NV_INDEX = "0x1500016"
 
 
-@pytest.fixture
-def workdir():
-    """A private working directory per call, wiped at the end whatever happens."""
-    made: list[Path] = []
-
-    def make() -> Path:
-        path = private_workdir(prefix="vtpm-test-")
-        made.append(path)
-        (path / "state").mkdir(mode=0o700)
-        (path / "run").mkdir(mode=0o700)
-        return path
-
-    yield make
-    for path in made:
-        wipe(path)
-
-
-@pytest.fixture
-def swtpms():
-    """Instances registered here are killed in the finalizer even if the test fails half way."""
-    started: list[SwtpmInstance] = []
-    yield started
-    for instance in started:
-        instance.kill()
-
-
 @pytest.fixture(scope="module")
 def permall(tmp_path_factory) -> bytes:
     """One manufactured TPM state shared by the tests that do not test manufacturing itself."""

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from broker.host.swtpm import SwtpmError, SwtpmInstance, manufacture, private_workdir, wipe
+from broker.host.swtpm import SwtpmError, SwtpmInstance, manufacture
 
 TOOLS = ("swtpm", "swtpm_setup", "tpm2_nvread", "tpm2_readpublic", "tpm2_nvdefine", "tpm2_nvundefine", "tpm2_nvwrite")
 MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]
@@ -64,31 +64,6 @@ def broker(tmp_path_factory, pki_dir, kms):
     b.start()
     yield b
     b.stop()
-
-
-@pytest.fixture
-def workdir():
-    """Private directories for a vTPM's clear state and sockets, wiped at the end."""
-    made: list[Path] = []
-
-    def make() -> Path:
-        path = private_workdir(prefix="broker-swtpm-test-")
-        made.append(path)
-        (path / "state").mkdir(mode=0o700)
-        (path / "run").mkdir(mode=0o700)
-        return path
-
-    yield make
-    for path in made:
-        wipe(path)
-
-
-@pytest.fixture
-def swtpms():
-    started: list[SwtpmInstance] = []
-    yield started
-    for instance in started:
-        instance.kill()
 
 
 # --- Helpers ------------------------------------------------------------------------------------
