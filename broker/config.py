@@ -13,7 +13,8 @@ Relative paths in the file are relative to the file; paths derived from
                   max_connections, worker_threads  (read by broker.gateway)
     [tls]         cert, key (the broker's server certificate, issued by
                   `vtpm-broker init` from the trust CA), server_names, min_version
-    [kms]         nodes, cert, key, ca, server_name, connect_timeout, request_timeout
+    [kms]         nodes, cert, key, ca, server_name, connect_timeout, request_timeout,
+                  connections
     [storage]     db_url (default sqlite:///<data_dir>/broker.db), schema
     [master_key]  file
     [roles]       security_admins, administrators, no_crypto_administrators, auditors
@@ -112,6 +113,9 @@ class KmsConfig:
     server_name: str | None
     connect_timeout: float
     request_timeout: float
+    # KMIP requests in flight to the KMS at once, each on its own
+    # persistent TLS connection (gateway unwraps and API key operations).
+    connections: int = 8
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "server_name": (_optional_str, None),
         "connect_timeout": (_positive_seconds(600.0), 5.0),
         "request_timeout": (_positive_seconds(3600.0), 30.0),
+        "connections": (_int_between(1, 256), 8),
     },
     "storage": {
         "db_url": (_db_url, _DERIVED),

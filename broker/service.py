@@ -130,6 +130,7 @@ class BrokerService(service.Service):
                 server_name=cfg.kms.server_name,
                 connect_timeout=cfg.kms.connect_timeout,
                 request_timeout=cfg.kms.request_timeout,
+                connections=cfg.kms.connections,
             )
             self.api = Api(
                 cfg,

@@ -4,9 +4,12 @@ keys, used in turn when one fails.
 Failover rules
 --------------
 
-One persistent TLS connection is kept to the *current* node (the first in
-the list at start, afterwards the last node that answered). Requests from
-several threads share it, one at a time.
+Persistent TLS connections are kept to the *current* node (the first in
+the list at start, afterwards the last node that answered): up to
+`connections` of them (1 by default), each carrying one request at a time.
+Requests from several threads run side by side on separate connections, up
+to that number; more wait for a connection to come free. A connection left
+open to a node that is no longer the current one is closed when next taken.
 
 For each request the nodes are tried in list order, starting from the
 current one and wrapping around. A node that failed less than `backoff`
@@ -166,6 +169,8 @@ class KmipClient:
     name is checked against `server_name`, else against each node's host.
     `username`/`password_file` add a KMIP username/password Credential to
     every request (the password is read from the file once, here).
+    `connections`: how many requests may be in flight at once, each on its
+    own TLS connection (opened when first needed, kept while usable).
     """
 
     def __init__(
@@ -183,6 +188,7 @@ class KmipClient:
         password_file: str | Path | None = None,
         backoff: float = 5.0,
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+        connections: int = 1,
     ):
         if isinstance(nodes, str):
             nodes = [nodes]
@@ -202,10 +208,16 @@ class KmipClient:
         if username is not None:
             password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
             self._credential = (username, password)
+        if int(connections) < 1:
+            raise ValueError("connections must be at least 1")
+        self.connections = int(connections)
+        # _lock guards the pool and the failover state; _slots bounds the
+        # requests in flight (one per connection).
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.connections)
         self._current = 0
         self._failed_until: dict[int, float] = {}
-        self._connection: Connection | None = None
+        self._idle: list[Connection] = []
         self._closed = False
 
     def __repr__(self) -> str:
@@ -220,11 +232,13 @@ class KmipClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connection. Waits for a request in flight; the client
-        cannot be used afterwards."""
+        """Close the idle connections; a request in flight closes its own
+        when it ends. The client cannot be used afterwards."""
         with self._lock:
             self._closed = True
-            self._drop()
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
 
     @property
     def current_node(self) -> str:
@@ -238,7 +252,7 @@ class KmipClient:
         for. Raises `KmipError` (or `OutcomeUnknown`, `NoNodeAvailable`)."""
         operation = Operation(operation)
         message = messages.request_message(self.version, operation, payload_items, self._credential)
-        with self._lock:
+        with self._slots:
             if self._closed:
                 raise RuntimeError("the KMIP client is closed")
             return self._send(operation, message)
@@ -248,13 +262,15 @@ class KmipClient:
         nodes in their back-off last."""
         count = len(self.nodes)
         now = time.monotonic()
-        rotation = [(self._current + i) % count for i in range(count)]
-        ready = [i for i in rotation if self._failed_until.get(i, 0.0) <= now]
+        with self._lock:
+            current, failed_until = self._current, dict(self._failed_until)
+        rotation = [(current + i) % count for i in range(count)]
+        ready = [i for i in rotation if failed_until.get(i, 0.0) <= now]
         waiting = [i for i in rotation if i not in ready]
         for i in waiting:
             if ready:
                 log.debug(
-                    "skipping KMIP node %s for %.1f s after a failure", self.nodes[i], self._failed_until[i] - now
+                    "skipping KMIP node %s for %.1f s after a failure", self.nodes[i], failed_until[i] - now
                 )
         return ready + waiting
 
@@ -268,69 +284,91 @@ class KmipClient:
                 last_node, last_error = failures[-1]
                 log.info("KMIP %s failed on %s (%s); retrying on %s", name, last_node, last_error, node)
             try:
-                data = self._exchange(index, message)
-                response = messages.parse_response(data, operation)
+                response = self._exchange(index, message, operation)
             except ConnectFailed as exc:
                 self._failed(index)
                 failures.append((str(node), str(exc)))
                 continue
             except (ResponseFailed, messages.MalformedResponse) as exc:
-                self._drop()
                 self._failed(index)
                 if not safe:
                     log.warning("KMIP %s sent to %s, no response (%s): outcome unknown, not retried", name, node, exc)
                     raise OutcomeUnknown(name, str(node), f"no response after the request was sent: {exc}") from None
                 failures.append((str(node), f"no response: {exc}"))
                 continue
-            self._current = index
-            self._failed_until.pop(index, None)
+            with self._lock:
+                self._current = index
+                self._failed_until.pop(index, None)
             return self._result(response, operation, node, safe)
         raise NoNodeAvailable(name, failures)
 
-    def _exchange(self, index: int, message: bytes) -> bytes:
+    def _exchange(self, index: int, message: bytes, operation: Operation) -> messages.Response:
+        """One exchange with node `index` on a pooled connection. The
+        connection goes back to the pool only after a complete, well-formed
+        response; any failure closes it."""
         node = self.nodes[index]
-        connection = self._connection
-        if connection is not None and (connection.node != node or not connection.usable()):
-            if connection.node == node:
-                log.info("KMIP connection to %s was closed while idle; reconnecting", node)
-            self._drop()
-            connection = None
+        connection = self._take(node)
         reused = connection is not None
         if connection is None:
             connection = self._connect(node)
         try:
-            return connection.exchange(message, self.request_timeout)
+            response = messages.parse_response(connection.exchange(message, self.request_timeout), operation)
         except ConnectFailed as exc:
-            self._drop()
+            connection.close()
             if not reused:
                 raise
             # Nothing was delivered on a connection the node had already
             # given up on; a fresh one decides whether the node is down.
             log.info("KMIP connection to %s failed before sending (%s); reconnecting", node, exc)
         except BaseException:
-            self._drop()
+            connection.close()
             raise
+        else:
+            self._give_back(connection)
+            return response
         connection = self._connect(node)
         try:
-            return connection.exchange(message, self.request_timeout)
+            response = messages.parse_response(connection.exchange(message, self.request_timeout), operation)
         except BaseException:
-            self._drop()
+            connection.close()
             raise
+        self._give_back(connection)
+        return response
+
+    def _take(self, node: Node) -> Connection | None:
+        """An idle connection to `node` that is still usable, or None.
+        Idle connections to other nodes (left from before a failover) and
+        ones the node closed are closed on the way."""
+        stale: list[Connection] = []
+        found = None
+        with self._lock:
+            while self._idle:
+                connection = self._idle.pop()
+                if connection.node == node:
+                    found = connection
+                    break
+                stale.append(connection)
+        for connection in stale:
+            connection.close()
+        if found is not None and not found.usable():
+            log.info("KMIP connection to %s was closed while idle; reconnecting", node)
+            found.close()
+            found = None
+        return found
+
+    def _give_back(self, connection: Connection) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.append(connection)
+                return
+        connection.close()
 
     def _connect(self, node: Node) -> Connection:
-        connection = Connection.open(
-            node, self._context, self.server_name, self.connect_timeout, self.max_response_size
-        )
-        self._connection = connection
-        return connection
-
-    def _drop(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        return Connection.open(node, self._context, self.server_name, self.connect_timeout, self.max_response_size)
 
     def _failed(self, index: int) -> None:
-        self._failed_until[index] = time.monotonic() + self.backoff
+        with self._lock:
+            self._failed_until[index] = time.monotonic() + self.backoff
 
     @staticmethod
     def _result(response: messages.Response, operation: Operation, node: Node, safe: bool) -> Item:

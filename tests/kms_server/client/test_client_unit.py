@@ -490,6 +490,83 @@ def test_threads_share_one_client(fake, client_for):
     assert a.accepted == 1
 
 
+def test_pool_runs_requests_side_by_side(fake, client_for):
+    """With connections=4, four requests are in flight at once, each on its
+    own connection: the node answers only when four have arrived together
+    (a barrier), which one shared connection could never reach."""
+    together = threading.Barrier(4, timeout=10)
+
+    def respond(operation, payload, node):
+        together.wait()
+        return success(operation, payload, node)
+
+    a = fake(respond)
+    client = client_for([a], connections=4, request_timeout=15)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(client.get_key("k1"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert results == [KEY] * 12
+    assert a.accepted == 4  # Kept and reused: one connection per slot.
+
+
+def test_pool_never_exceeds_its_size(fake, client_for):
+    """Eight threads on a pool of two: at most two connections are opened,
+    and at most two requests are at the node at any moment."""
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0}
+
+    def respond(operation, payload, node):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.01)
+        with lock:
+            state["now"] -= 1
+        return success(operation, payload, node)
+
+    a = fake(respond)
+    client = client_for([a], connections=2)
+    threads = [threading.Thread(target=lambda: [client.get_key("k1") for _ in range(5)]) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(a.requests) == 40
+    assert a.accepted <= 2 and state["most"] <= 2
+
+
+def test_pool_fails_over_and_drops_connections_to_the_old_node(fake, client_for):
+    """A pool with idle connections to a node that then fails moves to the
+    next node; the stale connections are closed, not reused."""
+    a = fake()
+    b = fake()
+    client = client_for([a, b], connections=3, backoff=30)
+    client.get_key("k1")
+    a.respond = lambda operation, payload, node: "drop"
+    assert client.get_key("k1") == KEY  # Dropped by a, answered by b.
+    for _ in range(3):
+        client.get_key("k1")
+    assert client.current_node == b.address
+    assert a.requests.count(Operation.GET) == 2 and b.requests.count(Operation.GET) == 4
+
+
+def test_pool_size_must_be_positive(pki_dir):
+    with pytest.raises(ValueError, match="connections"):
+        KmipClient(["127.0.0.1:1"], pki_dir / "alice.pem", pki_dir / "alice.key", pki_dir / "ca.pem", connections=0)
+
+
 def test_closed_client_refuses_requests(fake, client_for):
     client = client_for([fake()])
     with client:
