@@ -476,21 +476,30 @@ class Api:
         """The calling host's name if the VM is placed on it; otherwise the
         refusal is audited and answered as the gateway would (404 when the
         host may not know the VM exists, 403 when it may)."""
+        host = self._calling_host(call)
+        self._refuse_unless(host, vm_uuid, action, self.registry.authorize_vm_for_host(host.fingerprint, vm_uuid))
+        return host.name
+
+    @staticmethod
+    def _calling_host(call: _Call):
         if call.caller is None or call.caller.kind != "host":
             raise ApiError(403, "only the host the VM is placed on may do this (use the host certificate)")
-        host = call.caller
-        decision = self.registry.authorize_vm_for_host(host.fingerprint, vm_uuid)
+        return call.caller
+
+    def _refuse_unless(self, host, vm_uuid: str, action: str, decision) -> None:
         if not decision.allowed:
             self.registry.record_audit(f"host:{host.name}", action, vm_uuid, False, decision.reason)
             if decision.vm_uuid is None:
                 raise ApiError(404, f"no VM {vm_uuid}")
             raise ApiError(403, f"host {host.name} may not act for VM {vm_uuid}: it is not placed on this host")
-        return host.name
 
     def _get_nvram_generation(self, call: _Call) -> ApiResponse:
+        # Every power-on asks: the placement check and the generation are one read.
         vm_uuid = check_vm_uuid(call.params["vm_uuid"])
-        self._placed_host(call, vm_uuid, "nvram.generation.read")
-        return ApiResponse(200, {"vm_uuid": vm_uuid, "generation": self.registry.nvram_generation(vm_uuid)})
+        host = self._calling_host(call)
+        decision, generation = self.registry.nvram_generation_for_host(host.fingerprint, vm_uuid)
+        self._refuse_unless(host, vm_uuid, "nvram.generation.read", decision)
+        return ApiResponse(200, {"vm_uuid": vm_uuid, "generation": generation})
 
     def _put_nvram_generation(self, call: _Call) -> ApiResponse:
         vm_uuid = check_vm_uuid(call.params["vm_uuid"])

@@ -240,6 +240,40 @@ def test_authorize_unwrap_rules(registry):
     assert not unknown_host.allowed and unknown_host.host is None
 
 
+def test_generation_read_follows_the_unwrap_policy(registry):
+    """nvram_generation_for_host (a power-on's one read) answers the same
+    decision as authorize_vm_for_host and the generation only when allowed."""
+    trusted(registry, "vc-a")
+    trusted(registry, "vc-b")
+    host_a = fingerprint(registry.register_host("vc-a", "esx-a", make_csr()))
+    host_a2 = fingerprint(registry.register_host("vc-a", "esx-a2", make_csr()))
+    host_b = fingerprint(registry.register_host("vc-b", "esx-b", make_csr()))
+    registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-a")
+    registry.record_nvram_generation(VM_A, 7, "host:esx-a")
+
+    decision, generation = registry.nvram_generation_for_host(host_a, VM_A)
+    assert decision.allowed and generation == 7 and decision.vm_uuid == VM_A
+    assert registry.authorize_vm_for_host(host_a, VM_A) == decision
+
+    # Same instance, other host: refused with the VM named, generation withheld.
+    decision, generation = registry.nvram_generation_for_host(host_a2, VM_A)
+    assert not decision.allowed and decision.vm_uuid == VM_A and "placed" in decision.reason and generation == 0
+    # Another instance's host: refused as if the VM did not exist.
+    decision, generation = registry.nvram_generation_for_host(host_b, VM_A)
+    assert not decision.allowed and decision.vm_uuid is None and generation == 0
+    # No such VM; an unknown host.
+    decision, _ = registry.nvram_generation_for_host(host_a, VM_B)
+    assert not decision.allowed and decision.reason == "no such VM" and decision.host == "esx-a"
+    decision, _ = registry.nvram_generation_for_host("00" * 32, VM_A)
+    assert not decision.allowed and decision.host is None
+    # A VM that never reported a generation reads 0; a revoked instance's host is refused.
+    registry.add_vm("vc-a", VM_B, "vm-b", "kek-b", "ks-b", "esx-a")
+    assert registry.nvram_generation_for_host(host_a, VM_B) == (registry.authorize_vm_for_host(host_a, VM_B), 0)
+    registry.revoke("vc-a")
+    decision, generation = registry.nvram_generation_for_host(host_a, VM_A)
+    assert not decision.allowed and "revoked" in decision.reason and generation == 0
+
+
 def test_revoked_instance_hosts_refused_then_recovered_by_another(registry):
     """After A is revoked its hosts are refused; B re-registers the VM (and
     the host), places it on B's host, and that host may unwrap."""
