@@ -26,7 +26,18 @@ from dataclasses import dataclass
 from cryptography import x509
 from sqlalchemy import bindparam, func, select, update
 
-from broker.db import Database, audit, enrollments, hosts, instances, nvram_generations, tokens, users, vms
+from broker.db import (
+    Database,
+    DatabaseError,
+    audit,
+    enrollments,
+    hosts,
+    instances,
+    nvram_generations,
+    tokens,
+    users,
+    vms,
+)
 from broker.trust_ca import (
     CertificateRequestError,
     TrustCa,
@@ -35,6 +46,7 @@ from broker.trust_ca import (
     load_certificate_pem,
     load_csr_pem,
 )
+from kms_server.storage.group_commit import GroupCommit
 
 __all__ = [
     "AUDIT_GENESIS",
@@ -249,6 +261,8 @@ def _insert_vm(conn, record: VmRecord, now: float) -> None:
 # UUID, with the VM's last .nvram generation. Built once: SQLAlchemy then
 # only binds the parameters. kms_key_id, vm_uuid and cert_fingerprint are
 # unique, so there is at most one row; none when the host is unknown.
+_AUDIT_HEAD = select(audit.c.seq, audit.c.hash).order_by(audit.c.seq.desc()).limit(1)
+
 _PLACEMENT_COLUMNS = (
     hosts.c.name.label("host"),
     hosts.c.instance.label("instance"),
@@ -308,6 +322,7 @@ class Registry:
         # Appends to the audit chain are serialized in this process too, so
         # SQLite never sees two writers race for the chain head.
         self._audit_lock = threading.Lock()
+        self._audit_group: GroupCommit[tuple, None] = GroupCommit(self._write_audit_batch, DatabaseError)
 
     def _ca(self) -> TrustCa:
         if self.trust_ca is None:
@@ -317,32 +332,48 @@ class Registry:
     # Audit -------------------------------------------------------------------
 
     def record_audit(self, actor: str, action: str, target: str, allowed: bool, reason: str) -> None:
-        """Append one record to the hash-chained audit trail. Raises
-        DatabaseError if it cannot be written: callers fail closed."""
+        """Append one record to the hash-chained audit trail and return once
+        it is committed. Records that several threads append at once share
+        one transaction (group commit: the gateway's unwraps under a boot
+        storm). Raises DatabaseError if it cannot be written: callers fail
+        closed."""
+        self._audit_group.submit((actor, action, target, allowed, reason))
+
+    def _write_audit_batch(self, entries: list[tuple]) -> list[None]:
         with self._audit_lock, self.db.begin() as conn:
-            self._append_audit(conn, actor, action, target, allowed, reason)
+            self._append_audits(conn, entries)
+        return [None] * len(entries)
 
     def _append_audit(self, conn, actor: str, action: str, target: str, allowed: bool, reason: str) -> None:
+        self._append_audits(conn, [(actor, action, target, allowed, reason)])
+
+    def _append_audits(self, conn, entries: list[tuple]) -> None:
+        """Chain `entries` (actor, action, target, allowed, reason) onto the
+        trail inside `conn`'s transaction, holding the chain lock."""
         self.db.lock_audit_chain(conn)
-        last = conn.execute(select(audit.c.seq, audit.c.hash).order_by(audit.c.seq.desc()).limit(1)).first()
-        seq = (last.seq + 1) if last else 1
-        prev = last.hash if last else AUDIT_GENESIS
-        at = self.clock()
-        reason = reason.splitlines()[0] if reason else ""
-        digest = audit_hash(prev, seq, at, actor, action, target, allowed, reason)
-        conn.execute(
-            audit.insert().values(
-                seq=seq,
-                at=at,
-                actor=actor,
-                action=action,
-                target=target,
-                allowed=bool(allowed),
-                reason=reason,
-                prev_hash=prev,
-                hash=digest,
+        last = conn.execute(_AUDIT_HEAD).first()
+        seq, prev = (last.seq, last.hash) if last else (0, AUDIT_GENESIS)
+        rows = []
+        for actor, action, target, allowed, reason in entries:
+            seq += 1
+            at = self.clock()
+            reason = reason.splitlines()[0] if reason else ""
+            digest = audit_hash(prev, seq, at, actor, action, target, allowed, reason)
+            rows.append(
+                {
+                    "seq": seq,
+                    "at": at,
+                    "actor": actor,
+                    "action": action,
+                    "target": target,
+                    "allowed": bool(allowed),
+                    "reason": reason,
+                    "prev_hash": prev,
+                    "hash": digest,
+                }
             )
-        )
+            prev = digest
+        conn.execute(audit.insert(), rows)
 
     def audit_records(self, after: int = 0, limit: int = 1000) -> list[AuditRecord]:
         with self.db.read() as conn:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from pathlib import Path
 from kms_server.audit import chain
 from kms_server.audit.chain import GENESIS, Report, canonical, format_time, record_hash
 from kms_server.storage.base import AuditQuery, Storage, StoredAuditRecord, StoredCheckpoint, Transaction
+from kms_server.storage.group_commit import GroupCommit
 
 log = logging.getLogger("kms_server.audit")
 
@@ -32,16 +32,6 @@ HOST_COMPONENT = "ESXi Server"
 class AuditWriteFailed(Exception):
     """A record could not be written: the operation it describes must not
     take effect (fail closed)."""
-
-
-class _Slot:
-    __slots__ = ("entry", "record", "error", "done")
-
-    def __init__(self, entry: dict):
-        self.entry = entry
-        self.record: StoredAuditRecord | None = None
-        self.error: str | None = None
-        self.done = False
 
 
 class AuditTrail:
@@ -58,9 +48,7 @@ class AuditTrail:
         self.signer = signer
         self._publish = publish
         self.clock = clock
-        self._cond = threading.Condition()
-        self._pending: list[_Slot] = []
-        self._flushing = False
+        self._group: GroupCommit[dict, StoredAuditRecord] = GroupCommit(self._write_batch, AuditWriteFailed)
 
     # Writing.
     def append(self, txn: Transaction, entry: dict) -> StoredAuditRecord:
@@ -92,42 +80,17 @@ class AuditTrail:
         """Store a record outside any change (reads, refusals) and return
         once it is committed; raises AuditWriteFailed if it cannot be.
 
-        Group commit: records that worker threads write at the same time
-        share one transaction. One waiting thread at a time commits every
-        record queued so far; the others wait for it, then find theirs
-        committed (or the batch's error). A failed batch fails each of its
-        records, so fail-closed holds per request."""
-        slot = _Slot(entry)
-        with self._cond:
-            self._pending.append(slot)
-            while not slot.done:
-                if self._flushing:
-                    self._cond.wait()
-                    continue
-                self._flushing = True
-                batch, self._pending = self._pending, []
-                self._cond.release()
-                try:
-                    self._flush(batch)
-                finally:
-                    self._cond.acquire()
-                    self._flushing = False
-                    self._cond.notify_all()
-        if slot.error is not None:
-            raise AuditWriteFailed(slot.error)
-        self.publish(slot.record)
-        return slot.record
+        Group commit (`kms_server.storage.group_commit`): records that
+        worker threads write at the same time share one transaction; a
+        failed batch fails each of its records, so fail-closed holds per
+        request."""
+        record = self._group.submit(entry)
+        self.publish(record)
+        return record
 
-    def _flush(self, batch: list[_Slot]) -> None:
-        try:
-            with self.storage.transaction() as txn:
-                records = [self.append(txn, slot.entry) for slot in batch]
-        except Exception as exc:
-            for slot in batch:
-                slot.error, slot.done = str(exc) or type(exc).__name__, True
-            return
-        for slot, record in zip(batch, records, strict=True):
-            slot.record, slot.done = record, True
+    def _write_batch(self, entries: list[dict]) -> list[StoredAuditRecord]:
+        with self.storage.transaction() as txn:
+            return [self.append(txn, entry) for entry in entries]
 
     def publish(self, record: StoredAuditRecord) -> None:
         """Hand a committed record to the sinks; never raises."""

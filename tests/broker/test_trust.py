@@ -398,3 +398,42 @@ def test_concurrent_decisions_keep_the_chain_intact(registry):
     assert errors == []
     assert len(registry.audit_records(limit=100000)) == before + 200
     assert registry.verify_audit() == []
+
+
+def test_unwritable_audit_record_raises_and_leaves_the_chain_intact(registry):
+    """Fail closed: when the trail cannot be written (a trigger refuses
+    every insert), record_audit raises DatabaseError in each thread whose
+    record was in the failed batch; afterwards the trail takes records again
+    and verifies."""
+    import threading
+
+    from sqlalchemy import text
+
+    from broker.db import DatabaseError
+
+    trusted(registry, "vc-a")
+    before = len(registry.audit_records(limit=100000))
+    with registry.db.begin() as conn:
+        conn.execute(
+            text("CREATE TRIGGER refuse_audit BEFORE INSERT ON broker_audit BEGIN SELECT RAISE(ABORT, 'full'); END")
+        )
+    failures = []
+
+    def work():
+        try:
+            registry.record_audit("host:esx-1", "gateway.unwrap", "kek-a", True, "placed")
+        except DatabaseError as exc:
+            failures.append(str(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(failures) == 6 and all("full" in f for f in failures)
+    assert len(registry.audit_records(limit=100000)) == before
+    with registry.db.begin() as conn:
+        conn.execute(text("DROP TRIGGER refuse_audit"))
+    registry.record_audit("host:esx-1", "gateway.unwrap", "kek-a", True, "placed")
+    assert len(registry.audit_records(limit=100000)) == before + 1
+    assert registry.verify_audit() == []
