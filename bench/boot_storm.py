@@ -24,7 +24,7 @@ the host agent's library in-process (`broker.host.agent.Agent.power_on`,
 one Agent per host per worker), so Python's start-up is not measured, as it
 would be with one `vtpm-host power-on` process per VM. Each power-on is
 what `vtpm-host power-on` does: read the .vmx, KMIP Decrypt of the wrapped DEK
-through the broker's gateway (a new mutual-TLS connection, host certificate),
+through the broker's gateway (the agent's kept mutual-TLS connection, host certificate),
 GET of the VM's .nvram generation from the broker's API (HTTPS), unseal the
 .nvram (tag, VM, rollback) into a private directory on /dev/shm, start swtpm
 and wait for its sockets, write the running record; then the guest's one NV
@@ -214,6 +214,27 @@ def make_image(work: Path) -> tuple[dict[str, bytes], bytes]:
     return nvram.read_state_dir(state), secret
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process (all its threads), from /proc; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values) - idle) / _TICK, sum(values) / _TICK
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -283,10 +304,28 @@ def main() -> int:
         )
         storm.map(warm_up, range(args.workers * 2), chunksize=1)
 
-        # The storm.
+        # The storm. Where its CPU goes is read from /proc around the window
+        # (swtpm processes are born in it: all their CPU counts).
+        servers = {"broker": drill.broker.service.proc.pid, "kms": drill.kms.service.proc.pid}
+        worker_pids = [p.pid for p in storm._pool]
+        before = {name: cpu_seconds(pid) for name, pid in servers.items()}
+        before["workers"] = sum(cpu_seconds(pid) for pid in worker_pids)
+        busy0, total0 = machine_busy()
         start = time.perf_counter()
         answers = list(storm.imap_unordered(power_on_job, jobs, chunksize=1))
         window = time.perf_counter() - start
+        busy1, total1 = machine_busy()
+        used = {name: cpu_seconds(pid) - before[name] for name, pid in servers.items()}
+        used["workers"] = sum(cpu_seconds(pid) for pid in worker_pids) - before["workers"]
+        swtpm_pids = []
+        for host in drill.hosts:
+            for record in (drill.host_state(host) / "running").glob("*.json"):
+                try:
+                    swtpm_pids.append(int(json.loads(record.read_text())["pid"]))
+                except (OSError, ValueError, KeyError):
+                    pass
+        used["swtpm"] = sum(cpu_seconds(pid) for pid in swtpm_pids)
+        used["machine"] = busy1 - busy0
 
         t = time.perf_counter()
         records = [
@@ -312,6 +351,10 @@ def main() -> int:
             "stop_and_wipe_seconds": round(stop_s, 2),
             "stop_errors": stop_errors[:5],
             "create_vms_seconds": round(create_s, 1),
+            # CPU milliseconds per power-on, by process, during the window;
+            # "machine" is every CPU's busy time (kernel and everything else included).
+            "cpu_ms_per_power_on": {k: round(v * 1000 / max(1, len(answers)), 2) for k, v in used.items()},
+            "machine_busy_percent": round(100 * (busy1 - busy0) / max(1e-9, total1 - total0), 1),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "target": TARGET,
@@ -344,9 +387,17 @@ def main() -> int:
     for column in columns:
         table.add_column(column, justify="right")
     table.add_row(*(str(figures[k]) for k in keys))
-    Console(width=max(Console().width, 120)).print(table)
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    cpu = figures["cpu_ms_per_power_on"]
     print(
-        "Each power-on: .vmx read, KMIP Decrypt through the broker's gateway (new mutual-TLS connection), GET of the "
+        "CPU per power-on (ms): "
+        + ", ".join(f"{name} {cpu[name]:.1f}" for name in ("broker", "kms", "workers", "swtpm"))
+        + f"; whole machine {cpu['machine']:.1f} ({figures['machine_busy_percent']:.0f} % busy over the window)"
+    )
+    print(
+        "Each power-on: .vmx read, KMIP Decrypt through the broker's gateway (the agent's kept mutual-TLS "
+        "connection, host certificate), GET of the "
         ".nvram generation (HTTPS), .nvram unseal into /dev/shm, swtpm start, running record, then one TPM2_NV_Read "
         "over swtpm's socket from Python (not tpm2_nvread), checked. Host agent library in-process in "
         f"{args.workers} forked workers (no Python start-up per VM). All VMs share one manufactured TPM image "
