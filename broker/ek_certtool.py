@@ -16,6 +16,14 @@ certificate (``mode = "remote"``), or signed here with a CA on disk
 one line on stderr and exit 1, which makes swtpm_setup fail. Both modes go
 through ``broker.vtpm_ca.handle_ek_certificate_request``: one profile.
 
+``mode = "agent"`` is how ``vtpm-host`` runs it: the tool hands swtpm_setup's
+arguments over a Unix socket to the host agent that started swtpm_setup
+(``broker.host.ek_relay``), which asks the broker on its own kept connection,
+checks the answer with the same code (``certificate_for``) and returns the
+certificate; the tool only writes it. That keeps the tool's own start-up
+small (it imports neither ``cryptography`` nor ``ssl`` in that mode: three
+runs per vTPM) and leaves the host's private key to the agent alone.
+
 The configuration file (``--configfile``, swtpm_setup.conf's
 ``create_certs_tool_config``; default /etc/vtpm-ek-certtool.toml) is TOML,
 described in docs/vtpm-ca.md. Relative paths in it are relative to the file.
@@ -29,33 +37,34 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import json
 import os
 import socket
-import ssl
 import sys
-import tempfile
 import tomllib
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+# cryptography, ssl, urllib and broker.vtpm_ca are imported where the remote
+# and local modes use them: agent mode (vtpm-host) starts without them.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from broker.vtpm_ca import (
-    EkCa,
-    EkCaError,
-    EkRequestError,
-    handle_ek_certificate_request,
-    verify_ek_certificate,
-)
+    from broker.vtpm_ca import EkCa
 
-__all__ = ["CerttoolConfig", "CerttoolError", "ek_public_key_pem", "main", "write_local_ca"]
+__all__ = [
+    "CerttoolConfig",
+    "CerttoolError",
+    "certificate_for",
+    "ek_public_key_pem",
+    "main",
+    "write_local_ca",
+]
 
 PROG = "vtpm-ek-certtool"
 DEFAULT_CONFIG = Path("/etc/vtpm-ek-certtool.toml")
@@ -64,11 +73,33 @@ LOCAL_CA_CERT = "ek-ca.pem"
 LOCAL_CA_KEY = "ek-ca.key"
 OUTPUT_FILES = {"ek": "ek.cert", "platform": "platform.cert"}
 MAX_RESPONSE = 64 * 1024
-_CURVES = {"secp256r1": ec.SECP256R1, "secp384r1": ec.SECP384R1}
+_CURVES = ("secp256r1", "secp384r1")
+AGENT_REQUEST_FIELDS = (
+    "type",
+    "ek",
+    "vmid",
+    "tpm_manufacturer",
+    "tpm_model",
+    "tpm_version",
+    "tpm_spec_family",
+    "tpm_spec_level",
+    "tpm_spec_revision",
+)
 
 
 class CerttoolError(Exception):
     """What went wrong, in one line, with the fix where there is one."""
+
+
+@contextlib.contextmanager
+def _ca_errors() -> Iterator[None]:
+    """broker.vtpm_ca's EkCaError as a CerttoolError (one line, exit 1)."""
+    from broker.vtpm_ca import EkCaError
+
+    try:
+        yield
+    except EkCaError as exc:
+        raise CerttoolError(str(exc)) from None
 
 
 # --- Configuration -----------------------------------------------------------------------
@@ -76,16 +107,21 @@ class CerttoolError(Exception):
 
 @dataclass(frozen=True)
 class CerttoolConfig:
-    mode: str  # "remote" or "local"
+    mode: str  # "remote", "local" or "agent"
     url: str | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
     ca_bundle: Path | None = None
     timeout: float = 30.0
     ca_dir: Path | None = None
+    socket: Path | None = None
 
 
-_SECTIONS = {"remote": {"url", "client_cert", "client_key", "ca_bundle", "timeout"}, "local": {"ca_dir"}}
+_SECTIONS = {
+    "remote": {"url", "client_cert", "client_key", "ca_bundle", "timeout"},
+    "local": {"ca_dir"},
+    "agent": {"socket", "timeout"},
+}
 
 
 def load_config(path: str | os.PathLike[str]) -> CerttoolConfig:
@@ -106,7 +142,7 @@ def load_config(path: str | os.PathLike[str]) -> CerttoolConfig:
         raise CerttoolError(f"{path}: unknown key {unknown[0]!r}; see docs/vtpm-ca.md")
     mode = data.get("mode")
     if mode not in _SECTIONS:
-        raise CerttoolError(f'{path}: mode must be "remote" or "local", not {mode!r}')
+        raise CerttoolError(f'{path}: mode must be "remote", "local" or "agent", not {mode!r}')
     for section, keys in _SECTIONS.items():
         table = data.get(section, {})
         if not isinstance(table, dict):
@@ -125,12 +161,14 @@ def load_config(path: str | os.PathLike[str]) -> CerttoolConfig:
 
     if mode == "local":
         return CerttoolConfig(mode="local", ca_dir=file_key("ca_dir"))
+    timeout = section.get("timeout", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+        raise CerttoolError(f"{path}: {mode}.timeout must be a number of seconds from 0 to 600")
+    if mode == "agent":
+        return CerttoolConfig(mode="agent", socket=file_key("socket"), timeout=float(timeout))
     url = section.get("url")
     if not isinstance(url, str) or not url.startswith("https://"):
         raise CerttoolError(f"{path}: remote.url must be the broker's https:// URL")
-    timeout = section.get("timeout", 30.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
-        raise CerttoolError(f"{path}: remote.timeout must be a number of seconds from 0 to 600")
     return CerttoolConfig(
         mode="remote",
         url=url.rstrip("/"),
@@ -150,6 +188,8 @@ def ek_public_key_pem(ek: str) -> tuple[bytes, str]:
     RSA: the modulus as hex; the exponent is the TPM default, 65537.
     ECC: ``x=<hex>,y=<hex>[,id=<curve>]``, curve secp256r1 unless named.
     """
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     ek = ek.strip()
     if "=" in ek:
         fields: dict[str, str] = {}
@@ -164,7 +204,8 @@ def ek_public_key_pem(ek: str) -> tuple[bytes, str]:
         if curve_name not in _CURVES:
             raise CerttoolError(f"--ek: curve {curve_name!r} is not supported; use secp256r1 or secp384r1")
         try:
-            numbers = ec.EllipticCurvePublicNumbers(_hex(fields["x"]), _hex(fields["y"]), _CURVES[curve_name]())
+            curve = ec.SECP256R1() if curve_name == "secp256r1" else ec.SECP384R1()
+            numbers = ec.EllipticCurvePublicNumbers(_hex(fields["x"]), _hex(fields["y"]), curve)
             key = numbers.public_key()
         except ValueError:
             raise CerttoolError(f"--ek: the point is not on {curve_name}") from None
@@ -187,6 +228,8 @@ def _hex(value: str) -> int:
 
 
 def _spki(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -194,6 +237,8 @@ def _spki(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> bytes:
 
 
 def _issue_local(config: CerttoolConfig, request: dict) -> dict:
+    from broker.vtpm_ca import EkCa, EkRequestError, handle_ek_certificate_request
+
     assert config.ca_dir is not None
     cert_path, key_path = config.ca_dir / LOCAL_CA_CERT, config.ca_dir / LOCAL_CA_KEY
     try:
@@ -208,7 +253,8 @@ def _issue_local(config: CerttoolConfig, request: dict) -> dict:
         ) from None
     except OSError as exc:
         raise CerttoolError(f"cannot read the local EK CA in {config.ca_dir} ({exc.strerror})") from None
-    ca = EkCa.import_ca(cert_pem, key_pem)
+    with _ca_errors():
+        ca = EkCa.import_ca(cert_pem, key_pem)
     try:
         return handle_ek_certificate_request(ca, request, f"local:{socket.gethostname()}")
     except EkRequestError as exc:
@@ -216,6 +262,10 @@ def _issue_local(config: CerttoolConfig, request: dict) -> dict:
 
 
 def _issue_remote(config: CerttoolConfig, request: dict) -> dict:
+    import ssl
+    import urllib.error
+    import urllib.request
+
     assert config.url and config.client_cert and config.client_key and config.ca_bundle
     try:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.ca_bundle))
@@ -276,6 +326,8 @@ def write_local_ca(ca: EkCa, directory: str | os.PathLike[str]) -> tuple[Path, P
     cert_path, key_path = directory / LOCAL_CA_CERT, directory / LOCAL_CA_KEY
     if cert_path.exists() or key_path.exists():
         raise CerttoolError(f"{directory} already holds an EK CA; choose another directory")
+    from cryptography.hazmat.primitives import serialization
+
     key_pem = ca.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -285,7 +337,8 @@ def write_local_ca(ca: EkCa, directory: str | os.PathLike[str]) -> tuple[Path, P
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets_suffix()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), mode)
@@ -296,6 +349,10 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def secrets_suffix() -> str:
+    return base64.b32encode(os.urandom(5)).decode().lower()
 
 
 class _Log:
@@ -351,7 +408,11 @@ def _run(argv: Sequence[str] | None) -> str:
     args, unknown = _parser().parse_known_args(argv)
     log = _Log(args.logfile)
     if args.init_local_ca:
-        cert_path, _ = write_local_ca(EkCa.create(key_type=args.ca_key_type), args.init_local_ca)
+        from broker.vtpm_ca import EkCa
+
+        with _ca_errors():
+            ca = EkCa.create(key_type=args.ca_key_type)
+        cert_path, _ = write_local_ca(ca, args.init_local_ca)
         return f"made a local EK CA in {args.init_local_ca}; its certificate is {cert_path}"
     if unknown:
         log(f"ignoring arguments this version does not know: {' '.join(unknown)}")
@@ -385,37 +446,100 @@ def _run(argv: Sequence[str] | None) -> str:
         raise CerttoolError(f"--dir {out_dir} is not a directory")
 
     config = load_config(args.configfile)
-    public_key_pem, key_type = ek_public_key_pem(args.ek)
+    fields = {name: getattr(args, name) for name in AGENT_REQUEST_FIELDS}
+    if config.mode == "agent":
+        der, description = _issue_via_agent(config, fields)
+    elif config.mode == "local":
+        der, description = certificate_for(fields, lambda request: _issue_local(config, request))
+    else:
+        der, description = certificate_for(fields, lambda request: _issue_remote(config, request))
+    target = out_dir / OUTPUT_FILES[args.type]
+    _write_atomic(target, der, 0o644)
+    message = f"wrote {target} ({description}) for VM {vm_uuid} via {config.mode} mode"
+    log(message)
+    return message
+
+
+def certificate_for(fields: dict, issue: Callable[[dict], dict]) -> tuple[bytes, str]:
+    """The checked EK certificate for swtpm_setup's arguments: ``fields``
+    holds AGENT_REQUEST_FIELDS (``ek`` as swtpm_setup gives it); ``issue``
+    sends the API request to a CA and returns its answer. Returns the DER
+    certificate and a one-line description; raises CerttoolError.
+
+    The certificate is checked before it goes into the TPM's NV for good:
+    issued by the returned CA chain, valid now, for this EK, of the type
+    asked for. The remote and local modes and the host agent's relay
+    (agent mode) all come through here."""
+    from broker.vtpm_ca import verify_ek_certificate
+
+    cert_type = fields.get("type")
+    if cert_type not in OUTPUT_FILES:
+        raise CerttoolError(f"--type must be one of {', '.join(sorted(OUTPUT_FILES))}")
+    try:
+        vm_uuid = str(uuid.UUID(str(fields.get("vmid"))))
+    except ValueError:
+        raise CerttoolError(f"--vmid {fields.get('vmid')!r} is not a UUID") from None
+    if not isinstance(fields.get("ek"), str):
+        raise CerttoolError("--ek is required")
+    public_key_pem, key_type = ek_public_key_pem(fields["ek"])
     request = {
         "vm_uuid": vm_uuid,
-        "type": args.type,
+        "type": cert_type,
         "key_type": key_type,
         "public_key_pem": public_key_pem.decode("ascii"),
-        "tpm_manufacturer": args.tpm_manufacturer,
-        "tpm_model": args.tpm_model,
-        "tpm_version": args.tpm_version,
-        "tpm_spec_family": args.tpm_spec_family,
-        "tpm_spec_level": args.tpm_spec_level,
-        "tpm_spec_revision": args.tpm_spec_revision,
+        **{name: fields.get(name) for name in AGENT_REQUEST_FIELDS if name.startswith("tpm_")},
     }
-    answer = _issue_local(config, request) if config.mode == "local" else _issue_remote(config, request)
+    answer = issue(request)
     try:
         der = base64.b64decode(answer["certificate_der_b64"], validate=True)
         ca_pem = answer["ca_pem"]
     except (KeyError, TypeError, ValueError, binascii.Error):
         raise CerttoolError("the answer lacks a base64 certificate_der_b64 or ca_pem") from None
-    # Check what came back before it goes into the TPM's NV for good.
-    info = verify_ek_certificate(der, ca_pem, public_key_pem=public_key_pem)
-    if info.cert_type != args.type:
-        raise CerttoolError(f"asked for a {args.type} certificate, got a {info.cert_type} certificate")
-    target = out_dir / OUTPUT_FILES[args.type]
-    _write_atomic(target, der, 0o644)
-    message = (
-        f"wrote {target} ({args.type}, {key_type.upper()} EK, {len(der)} bytes, serial {info.serial_number:x}, "
-        f"issuer {info.issuer}) for VM {vm_uuid} via {config.mode} mode"
+    with _ca_errors():
+        info = verify_ek_certificate(der, ca_pem, public_key_pem=public_key_pem)
+    if info.cert_type != cert_type:
+        raise CerttoolError(f"asked for a {cert_type} certificate, got a {info.cert_type} certificate")
+    description = (
+        f"{cert_type}, {key_type.upper()} EK, {len(der)} bytes, serial {info.serial_number:x}, issuer {info.issuer}"
     )
-    log(message)
-    return message
+    return der, description
+
+
+def _issue_via_agent(config: CerttoolConfig, fields: dict) -> tuple[bytes, str]:
+    """Agent mode: one JSON line to the host agent's relay, one JSON answer
+    back ({"certificate_der_b64", "description"} or {"error"})."""
+    assert config.socket is not None
+    data = bytearray()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(config.timeout)
+            sock.connect(str(config.socket))
+            sock.sendall(json.dumps(fields).encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            while len(data) <= MAX_RESPONSE:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError as exc:
+        raise CerttoolError(
+            f"cannot reach the host agent at {config.socket} ({exc.strerror or exc}); agent mode serves only "
+            "swtpm_setup runs that vtpm-host started"
+        ) from None
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    if len(data) > MAX_RESPONSE or not isinstance(answer, dict):
+        raise CerttoolError("the host agent's answer is not a JSON object")
+    if isinstance(answer.get("error"), str):
+        raise CerttoolError(answer["error"])
+    try:
+        der = base64.b64decode(answer["certificate_der_b64"], validate=True)
+        description = str(answer["description"])
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise CerttoolError("the host agent's answer lacks certificate_der_b64 or description") from None
+    return der, description
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -427,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     try:
         message = _run(argv)
-    except (CerttoolError, EkCaError) as exc:
+    except CerttoolError as exc:
         line = " ".join(str(exc).split())
         log(f"error: {line}")
         print(f"{PROG}: {line}", file=sys.stderr)

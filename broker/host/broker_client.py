@@ -4,7 +4,9 @@
   (`unwrap`). The DEK comes back as bytes and is only returned, never kept.
 - The management API over HTTPS: the last `.nvram` generation the broker saw
   for a VM (`nvram_generation`) and the new one after a power-off
-  (`report_generation`), the rollback protection of docs/nvram-format.md.
+  (`report_generation`), the rollback protection of docs/nvram-format.md;
+  and a new vTPM's EK certificates (`ek_certificate`, for the certificate
+  tool through `broker.host.ek_relay`).
 
 A refused unwrap is explained: the gateway's answer (ITEM_NOT_FOUND or
 PERMISSION_DENIED) cannot say whether the host is unknown, the VM is placed
@@ -27,6 +29,7 @@ from broker.keysafe import KeySafe
 __all__ = ["Broker", "BrokerClient"]
 
 MAX_RESPONSE = 64 * 1024
+EK_CERTIFICATES_PATH = "/v1/vtpm/ek-certificates"
 
 
 class Broker(Protocol):
@@ -37,6 +40,8 @@ class Broker(Protocol):
     def nvram_generation(self, vm_uuid: str) -> int: ...
 
     def report_generation(self, vm_uuid: str, generation: int) -> int: ...
+
+    def ek_certificate(self, request: dict) -> dict: ...
 
 
 class BrokerClient:
@@ -143,6 +148,12 @@ class BrokerClient:
     def report_generation(self, vm_uuid: str, generation: int) -> int:
         answer = self._call("PUT", f"/v1/vms/{vm_uuid}/nvram-generation", {"generation": generation})
         return _generation(answer)
+
+    def ek_certificate(self, request: dict) -> dict:
+        """An EK certificate from the broker's EK CA (POST /v1/vtpm/ek-certificates,
+        `broker.vtpm_ca` request fields), for swtpm_setup's certificate tool
+        through the agent's relay. Returns the API's answer; the relay checks it."""
+        return self._call("POST", EK_CERTIFICATES_PATH, request)
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._context is None:

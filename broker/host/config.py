@@ -7,10 +7,12 @@ Layout of the state directory (``vtpm-host --state-dir D``, mode 0700)::
     host.csr            its CSR, CN = host:<name>, for POST /v1/hosts
     host.pem            the host certificate (`install-cert`), from the broker's trust CA
     trust-ca.pem        the broker's trust CA (copied from --ca at `init`)
-    ek-certtool.toml    generated: vtpm-ek-certtool in remote mode with the host certificate
-    swtpm_setup.conf    generated: names vtpm-ek-certtool as create_certs_tool
     running/<uuid>.json what a power-off needs (pid, sockets, workdir, generation; never a key)
     locks/<uuid>.lock   per-VM lock: power-on and power-off of one VM never overlap
+
+At each manufacture the agent writes swtpm_setup.conf and ek-certtool.toml
+(vtpm-ek-certtool in agent mode) into the VM's private run directory, not
+here (broker/host/ek_relay.py).
 
 The settings are read once into a frozen dataclass (`load_config`).
 """

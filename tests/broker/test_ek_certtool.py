@@ -507,3 +507,170 @@ def test_init_local_ca_refuses_to_replace_a_ca(tmp_path, capsys):
     assert (tmp_path / "ca" / "ek-ca.key").stat().st_mode & 0o777 == 0o600
     assert ek_certtool.main(["--init-local-ca", str(tmp_path / "ca")]) == 1
     assert "already holds an EK CA" in capsys.readouterr().err
+
+
+# --- Agent mode: the tool hands its arguments to vtpm-host's relay ----------------------------------
+
+
+def agent_config(run: Path) -> str:
+    from broker.host.ek_relay import SOCKET_NAME, certtool_config
+
+    return certtool_config(run / SOCKET_NAME, 10.0).decode()
+
+
+def local_issuer(ca: EkCa, calls: list[dict]):
+    """The relay's `issue`: the broker's EK CA handler, in-process, recording each request."""
+
+    def issue(request: dict) -> dict:
+        calls.append(request)
+        try:
+            return handle_ek_certificate_request(ca, request, "host:esx1")
+        except EkRequestError as exc:
+            from broker.host.errors import BrokerRefused
+
+            raise BrokerRefused(f"the broker refused the EK certificate ({exc.status}): {exc.message}") from None
+
+    return issue
+
+
+@needs_swtpm
+def test_agent_mode_certificates_come_through_the_relay(workdir, swtpms, tmp_path):
+    """swtpm_setup runs the tool in agent mode: each of its three requests reaches the relay, which
+    asks the CA once per certificate; the certificates land in NV, chain to the CA and carry the
+    TPM's own EKs, exactly as in local and remote mode."""
+    from broker.host.ek_relay import EkCertificateRelay
+
+    ca = EkCa.create("vtpm-broker EK CA (agent test)")
+    vm = uuid.uuid4()
+    work = workdir()
+    run = work / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
+    conf = swtpm_setup_conf(run, agent_config(run))
+    calls: list[dict] = []
+    with EkCertificateRelay(run, str(vm), local_issuer(ca, calls)) as relay:
+        manufacture(work / "state", vm, config=conf, extra_args=CERT_FLAGS)
+    assert relay.served == 3 and not relay.path.exists()
+    assert sorted((c["type"], c["key_type"]) for c in calls) == [("ek", "ecc"), ("ek", "rsa"), ("platform", "rsa")]
+    assert {c["vm_uuid"] for c in calls} == {str(vm)}
+    tpm = start(work, swtpms)
+    check_tpm_certificates(tpm, ca.ca_pem, tmp_path)
+    assert tpm.shutdown() == 0
+
+
+@needs_swtpm
+def test_agent_mode_refusal_fails_swtpm_setup_with_the_reason(workdir, tmp_path):
+    """The CA refuses (a VM not placed on this host, say): the tool exits 1 with the relay's one
+    line, swtpm_setup fails with it, and no certificate is written."""
+    from broker.host.ek_relay import EkCertificateRelay
+    from broker.host.errors import BrokerRefused
+
+    def refuse(request: dict) -> dict:
+        raise BrokerRefused(f"the broker refused POST /v1/vtpm/ek-certificates (HTTP 404): no VM {request['vm_uuid']}")
+
+    vm = uuid.uuid4()
+    work = workdir()
+    run = work / "run"
+    run.mkdir(mode=0o700, exist_ok=True)
+    conf = swtpm_setup_conf(run, agent_config(run))
+    with EkCertificateRelay(run, str(vm), refuse), pytest.raises(SwtpmError, match=f"HTTP 404.*no VM {vm}"):
+        manufacture(work / "state", vm, config=conf, extra_args=CERT_FLAGS)
+
+
+def test_agent_mode_tool_runs(tmp_path, capsys):
+    """main() in agent mode: the certificate the relay returns is written; a request for another
+    VM, a relay that is not there, and a relay that answers garbage are each one stderr line."""
+    from broker.host.ek_relay import EkCertificateRelay
+
+    ca = EkCa.create("vtpm-broker EK CA (agent unit)")
+    (tmp_path / "c.toml").write_text(agent_config(tmp_path))
+    key = rsa.generate_private_key(65537, 2048).public_key()
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--ek", f"{key.public_numbers().n:x}", "--dir", str(out), "--configfile", str(tmp_path / "c.toml")]
+    argv += SWTPM_ARGS
+    vm = SWTPM_ARGS[SWTPM_ARGS.index("--vmid") + 1]
+    calls: list[dict] = []
+    with EkCertificateRelay(tmp_path, vm, local_issuer(ca, calls)) as relay:
+        assert ek_certtool.main(argv) == 0
+        assert "via agent mode" in capsys.readouterr().out
+        info = verify_ek_certificate((out / "ek.cert").read_bytes(), ca.ca_pem)
+        assert (info.cert_type, info.key_type) == ("ek", "rsa") and len(calls) == 1
+
+        other = [*argv, "--vmid", str(uuid.uuid4())]
+        assert ek_certtool.main(other) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"this relay serves VM {vm} only" in err
+        assert len(calls) == 1 and relay.served == 1
+    assert ek_certtool.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the host agent" in err
+
+    # Something else listening on the socket: its answer is not trusted as a certificate.
+    import socket as socket_module
+
+    with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as fake:
+        fake.bind(str(tmp_path / "ek-relay.sock"))
+        fake.listen(1)
+
+        def answer_garbage():
+            conn, _ = fake.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"<html>")
+
+        threading.Thread(target=answer_garbage, daemon=True).start()
+        assert ek_certtool.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a JSON object" in err
+
+
+def test_relay_refuses_requests_that_are_not_the_tool(tmp_path):
+    """Raw connections: not JSON, unknown fields, another VM: each answered with an error and no CA call."""
+    import socket as socket_module
+
+    from broker.host.ek_relay import EkCertificateRelay
+
+    calls: list[dict] = []
+    vm = str(uuid.uuid4())
+
+    def ask(payload: bytes) -> dict:
+        with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as sock:
+            sock.connect(str(tmp_path / "ek-relay.sock"))
+            sock.sendall(payload)
+            sock.shutdown(socket_module.SHUT_WR)
+            return json.loads(sock.recv(65536))
+
+    with EkCertificateRelay(tmp_path, vm, local_issuer(EkCa.create("x"), calls)) as relay:
+        assert oct(relay.path.stat().st_mode & 0o777) == "0o600"
+        assert "not a certificate tool request" in ask(b"GET / HTTP/1.0\r\n\r\n")["error"]
+        assert "not a certificate tool request" in ask(json.dumps({"vmid": vm, "cmd": "sh"}).encode() + b"\n")["error"]
+        assert "serves VM" in ask(json.dumps({"vmid": str(uuid.uuid4()), "type": "ek"}).encode() + b"\n")["error"]
+        assert "--ek is required" in ask(json.dumps({"vmid": vm, "type": "ek"}).encode() + b"\n")["error"]
+    assert calls == [] and relay.served == 0
+
+
+def test_agent_mode_config_is_checked(tmp_path):
+    path = tmp_path / "c.toml"
+    for text, message in (
+        ('mode = "agent"\n[agent]\n', "agent.socket is required"),
+        ('mode = "agent"\n[agent]\nsocket = "s"\ntimeout = 0\n', "agent.timeout must be"),
+        ('mode = "agent"\n[agent]\nsocket = "s"\nurl = "https://b"\n', "unknown key agent.url"),
+    ):
+        path.write_text(text)
+        with pytest.raises(CerttoolError, match=message):
+            load_config(path)
+    path.write_text('mode = "agent"\n[agent]\nsocket = "ek-relay.sock"\n')
+    assert load_config(path).socket == tmp_path / "ek-relay.sock"
+
+
+def test_agent_mode_tool_starts_without_cryptography_or_tls():
+    """The tool runs three times per new vTPM: importing it (what its console script does) must not
+    load cryptography, ssl, urllib or the broker's CA code; remote and local mode load them when used."""
+    code = (
+        "import sys, broker.ek_certtool; "
+        "print(sorted(m for m in ('cryptography', 'ssl', 'urllib.request', 'broker.vtpm_ca', 'sqlalchemy') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
