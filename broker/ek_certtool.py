@@ -16,13 +16,13 @@ certificate (``mode = "remote"``), or signed here with a CA on disk
 one line on stderr and exit 1, which makes swtpm_setup fail. Both modes go
 through ``broker.vtpm_ca.handle_ek_certificate_request``: one profile.
 
-``mode = "agent"`` is how ``vtpm-host`` runs it: the tool hands swtpm_setup's
-arguments over a Unix socket to the host agent that started swtpm_setup
-(``broker.host.ek_relay``), which asks the broker on its own kept connection,
-checks the answer with the same code (``certificate_for``) and returns the
-certificate; the tool only writes it. That keeps the tool's own start-up
-small (it imports neither ``cryptography`` nor ``ssl`` in that mode: three
-runs per vTPM) and leaves the host's private key to the agent alone.
+``vtpm-host`` does not run this tool: it names a thin one
+(``broker/host/ek_tool.py``, standard library only) that hands swtpm_setup's
+arguments to the agent's relay (``broker.host.ek_relay``), which does this
+tool's work in the agent's process with ``run_for_agent``: same checks, same
+``certificate_for``, the broker asked on the agent's kept connection.
+This module imports ``cryptography``, ``ssl`` and the CA code only when a
+mode needs them.
 
 The configuration file (``--configfile``, swtpm_setup.conf's
 ``create_certs_tool_config``; default /etc/vtpm-ek-certtool.toml) is TOML,
@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 # cryptography, ssl, urllib and broker.vtpm_ca are imported where the remote
-# and local modes use them: agent mode (vtpm-host) starts without them.
+# and local modes need them, so that importing this module stays light.
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -63,6 +63,7 @@ __all__ = [
     "certificate_for",
     "ek_public_key_pem",
     "main",
+    "run_for_agent",
     "write_local_ca",
 ]
 
@@ -74,6 +75,7 @@ LOCAL_CA_KEY = "ek-ca.key"
 OUTPUT_FILES = {"ek": "ek.cert", "platform": "platform.cert"}
 MAX_RESPONSE = 64 * 1024
 _CURVES = ("secp256r1", "secp384r1")
+# swtpm_setup's arguments that make up an EK certificate request.
 AGENT_REQUEST_FIELDS = (
     "type",
     "ek",
@@ -107,21 +109,16 @@ def _ca_errors() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class CerttoolConfig:
-    mode: str  # "remote", "local" or "agent"
+    mode: str  # "remote" or "local"
     url: str | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
     ca_bundle: Path | None = None
     timeout: float = 30.0
     ca_dir: Path | None = None
-    socket: Path | None = None
 
 
-_SECTIONS = {
-    "remote": {"url", "client_cert", "client_key", "ca_bundle", "timeout"},
-    "local": {"ca_dir"},
-    "agent": {"socket", "timeout"},
-}
+_SECTIONS = {"remote": {"url", "client_cert", "client_key", "ca_bundle", "timeout"}, "local": {"ca_dir"}}
 
 
 def load_config(path: str | os.PathLike[str]) -> CerttoolConfig:
@@ -142,7 +139,7 @@ def load_config(path: str | os.PathLike[str]) -> CerttoolConfig:
         raise CerttoolError(f"{path}: unknown key {unknown[0]!r}; see docs/vtpm-ca.md")
     mode = data.get("mode")
     if mode not in _SECTIONS:
-        raise CerttoolError(f'{path}: mode must be "remote", "local" or "agent", not {mode!r}')
+        raise CerttoolError(f'{path}: mode must be "remote" or "local", not {mode!r}')
     for section, keys in _SECTIONS.items():
         table = data.get(section, {})
         if not isinstance(table, dict):
@@ -161,14 +158,12 @@ def load_config(path: str | os.PathLike[str]) -> CerttoolConfig:
 
     if mode == "local":
         return CerttoolConfig(mode="local", ca_dir=file_key("ca_dir"))
-    timeout = section.get("timeout", 30.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
-        raise CerttoolError(f"{path}: {mode}.timeout must be a number of seconds from 0 to 600")
-    if mode == "agent":
-        return CerttoolConfig(mode="agent", socket=file_key("socket"), timeout=float(timeout))
     url = section.get("url")
     if not isinstance(url, str) or not url.startswith("https://"):
         raise CerttoolError(f"{path}: remote.url must be the broker's https:// URL")
+    timeout = section.get("timeout", 30.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+        raise CerttoolError(f"{path}: remote.timeout must be a number of seconds from 0 to 600")
     return CerttoolConfig(
         mode="remote",
         url=url.rstrip("/"),
@@ -414,6 +409,35 @@ def _run(argv: Sequence[str] | None) -> str:
             ca = EkCa.create(key_type=args.ca_key_type)
         cert_path, _ = write_local_ca(ca, args.init_local_ca)
         return f"made a local EK CA in {args.init_local_ca}; its certificate is {cert_path}"
+    fields, out_dir = _swtpm_request(args, unknown, log)
+    config = load_config(args.configfile)
+    if config.mode == "local":
+        der, description = certificate_for(fields, lambda request: _issue_local(config, request))
+    else:
+        der, description = certificate_for(fields, lambda request: _issue_remote(config, request))
+    return _write_certificate(out_dir, fields, der, description, f"{config.mode} mode", log)
+
+
+def run_for_agent(argv: Sequence[str], issue: Callable[[dict], dict], vm_uuid: str) -> str:
+    """The tool's work for swtpm_setup's arguments `argv`, done inside
+    vtpm-host by its relay (broker/host/ek_relay.py) on behalf of the thin
+    tool (broker/host/ek_tool.py): the same checks, `certificate_for` with
+    the agent's `issue`, the same file and log line. Only VM `vm_uuid`.
+    Returns the message; raises CerttoolError."""
+    if any(flag in argv for flag in ("-h", "--help", "--init-local-ca")):
+        raise CerttoolError("the host agent serves certificate requests only")
+    args, unknown = _parser().parse_known_args(argv)
+    log = _Log(args.logfile)
+    fields, out_dir = _swtpm_request(args, unknown, log)
+    if fields["vmid"] != vm_uuid:
+        raise CerttoolError(f"this host agent is manufacturing VM {vm_uuid}, not {fields['vmid']}")
+    der, description = certificate_for(fields, issue)
+    return _write_certificate(out_dir, fields, der, description, "the host agent", log)
+
+
+def _swtpm_request(args: argparse.Namespace, unknown: list[str], log: _Log) -> tuple[dict, Path]:
+    """swtpm_setup's arguments, checked: (AGENT_REQUEST_FIELDS with the VM
+    UUID normalized, the output directory)."""
     if unknown:
         log(f"ignoring arguments this version does not know: {' '.join(unknown)}")
     missing = [
@@ -442,20 +466,17 @@ def _run(argv: Sequence[str] | None) -> str:
     if not args.tpm2:
         raise CerttoolError("only TPM 2.0 is supported; run swtpm_setup with --tpm2")
     out_dir = Path(args.dir)
-    if not out_dir.is_dir():
+    if not out_dir.is_dir() or out_dir.is_symlink():
         raise CerttoolError(f"--dir {out_dir} is not a directory")
-
-    config = load_config(args.configfile)
     fields = {name: getattr(args, name) for name in AGENT_REQUEST_FIELDS}
-    if config.mode == "agent":
-        der, description = _issue_via_agent(config, fields)
-    elif config.mode == "local":
-        der, description = certificate_for(fields, lambda request: _issue_local(config, request))
-    else:
-        der, description = certificate_for(fields, lambda request: _issue_remote(config, request))
-    target = out_dir / OUTPUT_FILES[args.type]
+    fields["vmid"] = vm_uuid
+    return fields, out_dir
+
+
+def _write_certificate(out_dir: Path, fields: dict, der: bytes, description: str, via: str, log: _Log) -> str:
+    target = out_dir / OUTPUT_FILES[fields["type"]]
     _write_atomic(target, der, 0o644)
-    message = f"wrote {target} ({description}) for VM {vm_uuid} via {config.mode} mode"
+    message = f"wrote {target} ({description}) for VM {fields['vmid']} via {via}"
     log(message)
     return message
 
@@ -469,7 +490,7 @@ def certificate_for(fields: dict, issue: Callable[[dict], dict]) -> tuple[bytes,
     The certificate is checked before it goes into the TPM's NV for good:
     issued by the returned CA chain, valid now, for this EK, of the type
     asked for. The remote and local modes and the host agent's relay
-    (agent mode) all come through here."""
+    (run_for_agent) all come through here."""
     from broker.vtpm_ca import verify_ek_certificate
 
     cert_type = fields.get("type")
@@ -502,43 +523,6 @@ def certificate_for(fields: dict, issue: Callable[[dict], dict]) -> tuple[bytes,
     description = (
         f"{cert_type}, {key_type.upper()} EK, {len(der)} bytes, serial {info.serial_number:x}, issuer {info.issuer}"
     )
-    return der, description
-
-
-def _issue_via_agent(config: CerttoolConfig, fields: dict) -> tuple[bytes, str]:
-    """Agent mode: one JSON line to the host agent's relay, one JSON answer
-    back ({"certificate_der_b64", "description"} or {"error"})."""
-    assert config.socket is not None
-    data = bytearray()
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(config.timeout)
-            sock.connect(str(config.socket))
-            sock.sendall(json.dumps(fields).encode() + b"\n")
-            sock.shutdown(socket.SHUT_WR)
-            while len(data) <= MAX_RESPONSE:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-    except OSError as exc:
-        raise CerttoolError(
-            f"cannot reach the host agent at {config.socket} ({exc.strerror or exc}); agent mode serves only "
-            "swtpm_setup runs that vtpm-host started"
-        ) from None
-    try:
-        answer = json.loads(data)
-    except ValueError:
-        answer = None
-    if len(data) > MAX_RESPONSE or not isinstance(answer, dict):
-        raise CerttoolError("the host agent's answer is not a JSON object")
-    if isinstance(answer.get("error"), str):
-        raise CerttoolError(answer["error"])
-    try:
-        der = base64.b64decode(answer["certificate_der_b64"], validate=True)
-        description = str(answer["description"])
-    except (KeyError, TypeError, ValueError, binascii.Error):
-        raise CerttoolError("the host agent's answer lacks certificate_der_b64 or description") from None
     return der, description
 
 

@@ -4,8 +4,8 @@ Power-on::
 
     .vmx -> key safe -> DEK (broker gateway, KMIP Decrypt, host certificate)
          -> no .nvram yet: swtpm_setup manufactures the vTPM, its EK certificates
-            from the broker's EK CA (vtpm-ek-certtool in agent mode, through this
-            process's relay, broker/host/ek_relay.py); sealed at once
+            from the broker's EK CA (swtpm_setup's certificate tool is a thin
+            client of this process's relay, broker/host/ek_relay.py); sealed at once
             as generation 1, so the vTPM's identity is on the datastore before it runs
          -> else: unseal the .nvram (tag first; the VM, and the generation against
             the broker's record: rollback) into a private working directory
@@ -32,8 +32,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
-import sys
 import time
 import uuid as uuid_module
 from collections.abc import Iterator
@@ -293,7 +291,7 @@ class Agent:
     def _manufacture(self, vm: _Vm, dek: bytes, state_dir: Path, run_dir: Path) -> int:
         """A new vTPM with EK certificates from the broker, sealed at once as generation 1.
 
-        swtpm_setup's certificate tool runs in agent mode: it hands each
+        swtpm_setup's certificate tool is a thin client that hands each
         request to this process's relay (`broker.host.ek_relay`), which asks
         the broker on the kept connection. A `setup_config` given to the
         Agent (tests with a local EK CA) is used as it is."""
@@ -320,19 +318,14 @@ class Agent:
         return generation
 
     def _swtpm_setup_conf(self, run_dir: Path) -> Path:
-        """swtpm_setup.conf naming vtpm-ek-certtool in agent mode, for one
-        run, in the VM's private run directory (beside the relay's socket)."""
-        tool_conf = run_dir / "ek-certtool.toml"
-        write_public(tool_conf, ek_relay.certtool_config(run_dir / ek_relay.SOCKET_NAME, self.config.timeout))
+        """swtpm_setup.conf for one run, in the VM's private run directory:
+        create_certs_tool is the thin tool that hands each request to this
+        process's relay (beside it: ek-relay.sock)."""
+        tool = run_dir / ek_relay.TOOL_NAME
+        write_public(tool, ek_relay.tool_wrapper(run_dir / ek_relay.SOCKET_NAME))
+        tool.chmod(0o700)
         conf = run_dir / "swtpm_setup.conf"
-        write_public(
-            conf,
-            (
-                f"create_certs_tool = {_certtool_command(self.config.state_dir)}\n"
-                f"create_certs_tool_config = {tool_conf}\n"
-                "active_pcr_banks = sha256\n"
-            ).encode(),
-        )
+        write_public(conf, f"create_certs_tool = {tool}\nactive_pcr_banks = sha256\n".encode())
         return conf
 
     # Power-off ----------------------------------------------------------------------------
@@ -505,20 +498,6 @@ def _write_nvram(vm: _Vm, blob: bytes) -> None:
         nvram.write_atomic(vm.nvram_path, blob)
     except OSError as exc:
         raise HostError(f"cannot write {vm.nvram_path} ({exc.strerror}); check the datastore") from None
-
-
-def _certtool_command(state_dir: Path) -> str:
-    """The installed vtpm-ek-certtool beside this Python, on PATH, or a wrapper that runs the module."""
-    beside = Path(sys.executable).parent / "vtpm-ek-certtool"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("vtpm-ek-certtool")
-    if found:
-        return found
-    wrapper = state_dir / "vtpm-ek-certtool"
-    write_public(wrapper, f'#!/bin/sh\nexec "{sys.executable}" -m broker.ek_certtool "$@"\n'.encode())
-    wrapper.chmod(0o755)
-    return str(wrapper)
 
 
 def _setup_failure(exc: Exception) -> str:

@@ -10,9 +10,9 @@ Layout of the state directory (``vtpm-host --state-dir D``, mode 0700)::
     running/<uuid>.json what a power-off needs (pid, sockets, workdir, generation; never a key)
     locks/<uuid>.lock   per-VM lock: power-on and power-off of one VM never overlap
 
-At each manufacture the agent writes swtpm_setup.conf and ek-certtool.toml
-(vtpm-ek-certtool in agent mode) into the VM's private run directory, not
-here (broker/host/ek_relay.py).
+At each manufacture the agent writes swtpm_setup.conf and the certificate
+tool's wrapper into the VM's private run directory, not here
+(broker/host/ek_relay.py).
 
 The settings are read once into a frozen dataclass (`load_config`).
 """

@@ -509,13 +509,19 @@ def test_init_local_ca_refuses_to_replace_a_ca(tmp_path, capsys):
     assert "already holds an EK CA" in capsys.readouterr().err
 
 
-# --- Agent mode: the tool hands its arguments to vtpm-host's relay ----------------------------------
+# --- vtpm-host's runs: the thin tool hands its arguments to the agent's relay -------------------------
 
 
-def agent_config(run: Path) -> str:
-    from broker.host.ek_relay import SOCKET_NAME, certtool_config
+def relay_setup_conf(run: Path) -> Path:
+    """What the agent writes for one swtpm_setup run (Agent._swtpm_setup_conf)."""
+    from broker.host.ek_relay import SOCKET_NAME, TOOL_NAME, tool_wrapper
 
-    return certtool_config(run / SOCKET_NAME, 10.0).decode()
+    tool = run / TOOL_NAME
+    tool.write_bytes(tool_wrapper(run / SOCKET_NAME))
+    tool.chmod(0o700)
+    conf = run / "swtpm_setup.conf"
+    conf.write_text(f"create_certs_tool = {tool}\nactive_pcr_banks = sha256\n")
+    return conf
 
 
 def local_issuer(ca: EkCa, calls: list[dict]):
@@ -533,23 +539,28 @@ def local_issuer(ca: EkCa, calls: list[dict]):
     return issue
 
 
-@needs_swtpm
-def test_agent_mode_certificates_come_through_the_relay(workdir, swtpms, tmp_path):
-    """swtpm_setup runs the tool in agent mode: each of its three requests reaches the relay, which
-    asks the CA once per certificate; the certificates land in NV, chain to the CA and carry the
-    TPM's own EKs, exactly as in local and remote mode."""
-    from broker.host.ek_relay import EkCertificateRelay
-
-    ca = EkCa.create("vtpm-broker EK CA (agent test)")
-    vm = uuid.uuid4()
+def run_dir(workdir) -> tuple[Path, Path]:
     work = workdir()
     run = work / "run"
     run.mkdir(mode=0o700, exist_ok=True)
-    conf = swtpm_setup_conf(run, agent_config(run))
+    return work, run
+
+
+@needs_swtpm
+def test_relay_certificates_land_in_the_tpm_nv(workdir, swtpms, tmp_path):
+    """swtpm_setup runs the thin tool three times; each request reaches the relay, which asks the CA
+    once per certificate and writes it; the certificates land in NV, chain to the CA and carry the
+    TPM's own EKs, exactly as with the full tool in local and remote mode."""
+    from broker.host.ek_relay import EkCertificateRelay
+
+    ca = EkCa.create("vtpm-broker EK CA (relay test)")
+    vm = uuid.uuid4()
+    work, run = run_dir(workdir)
     calls: list[dict] = []
     with EkCertificateRelay(run, str(vm), local_issuer(ca, calls)) as relay:
-        manufacture(work / "state", vm, config=conf, extra_args=CERT_FLAGS)
+        made = manufacture(work / "state", vm, config=relay_setup_conf(run), extra_args=CERT_FLAGS)
     assert relay.served == 3 and not relay.path.exists()
+    assert "via the host agent" in made.output
     assert sorted((c["type"], c["key_type"]) for c in calls) == [("ek", "ecc"), ("ek", "rsa"), ("platform", "rsa")]
     assert {c["vm_uuid"] for c in calls} == {str(vm)}
     tpm = start(work, swtpms)
@@ -558,9 +569,9 @@ def test_agent_mode_certificates_come_through_the_relay(workdir, swtpms, tmp_pat
 
 
 @needs_swtpm
-def test_agent_mode_refusal_fails_swtpm_setup_with_the_reason(workdir, tmp_path):
-    """The CA refuses (a VM not placed on this host, say): the tool exits 1 with the relay's one
-    line, swtpm_setup fails with it, and no certificate is written."""
+def test_relay_refusal_fails_swtpm_setup_with_the_reason(workdir):
+    """The broker refuses (a VM not placed on this host, say): the thin tool exits 1 with the relay's
+    one line, and swtpm_setup fails with it."""
     from broker.host.ek_relay import EkCertificateRelay
     from broker.host.errors import BrokerRefused
 
@@ -568,44 +579,52 @@ def test_agent_mode_refusal_fails_swtpm_setup_with_the_reason(workdir, tmp_path)
         raise BrokerRefused(f"the broker refused POST /v1/vtpm/ek-certificates (HTTP 404): no VM {request['vm_uuid']}")
 
     vm = uuid.uuid4()
-    work = workdir()
-    run = work / "run"
-    run.mkdir(mode=0o700, exist_ok=True)
-    conf = swtpm_setup_conf(run, agent_config(run))
+    work, run = run_dir(workdir)
     with EkCertificateRelay(run, str(vm), refuse), pytest.raises(SwtpmError, match=f"HTTP 404.*no VM {vm}"):
-        manufacture(work / "state", vm, config=conf, extra_args=CERT_FLAGS)
+        manufacture(work / "state", vm, config=relay_setup_conf(run), extra_args=CERT_FLAGS)
 
 
-def test_agent_mode_tool_runs(tmp_path, capsys):
-    """main() in agent mode: the certificate the relay returns is written; a request for another
-    VM, a relay that is not there, and a relay that answers garbage are each one stderr line."""
+def tool(run: Path, *args: str) -> subprocess.CompletedProcess:
+    """The wrapper the agent writes, run as swtpm_setup runs it."""
+    relay_setup_conf(run)
+    return subprocess.run([str(run / "vtpm-ek-certtool"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_thin_tool_through_the_relay(tmp_path):
+    """The thin tool: the relay writes the certificate and the tool prints its line; a request for
+    another VM, a missing relay, and something else on the socket are each one stderr line, exit 1."""
     from broker.host.ek_relay import EkCertificateRelay
 
-    ca = EkCa.create("vtpm-broker EK CA (agent unit)")
-    (tmp_path / "c.toml").write_text(agent_config(tmp_path))
+    ca = EkCa.create("vtpm-broker EK CA (thin tool)")
     key = rsa.generate_private_key(65537, 2048).public_key()
     out = tmp_path / "out"
     out.mkdir()
-    argv = ["--ek", f"{key.public_numbers().n:x}", "--dir", str(out), "--configfile", str(tmp_path / "c.toml")]
-    argv += SWTPM_ARGS
+    log = tmp_path / "setup.log"
+    argv = ["--ek", f"{key.public_numbers().n:x}", "--dir", str(out), "--logfile", str(log), *SWTPM_ARGS]
     vm = SWTPM_ARGS[SWTPM_ARGS.index("--vmid") + 1]
     calls: list[dict] = []
     with EkCertificateRelay(tmp_path, vm, local_issuer(ca, calls)) as relay:
-        assert ek_certtool.main(argv) == 0
-        assert "via agent mode" in capsys.readouterr().out
+        done = tool(tmp_path, *argv, "--future-option", "1")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"wrote {out / 'ek.cert'} (ek, RSA EK") and "via the host agent" in done.stdout
         info = verify_ek_certificate((out / "ek.cert").read_bytes(), ca.ca_pem)
         assert (info.cert_type, info.key_type) == ("ek", "rsa") and len(calls) == 1
+        assert "ignoring arguments" in log.read_text() and "wrote" in log.read_text()
 
-        other = [*argv, "--vmid", str(uuid.uuid4())]
-        assert ek_certtool.main(other) == 1
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"this relay serves VM {vm} only" in err
-        assert len(calls) == 1 and relay.served == 1
-    assert ek_certtool.main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot reach the host agent" in err
+        for extra, message in (
+            (["--vmid", str(uuid.uuid4())], "is manufacturing VM"),
+            (["--tpm-manufacturer", "IBM"], r"refused the EK certificate \(400\)"),
+            (["--dir", str(tmp_path / "nowhere")], "not a directory"),
+            (["--help"], "serves certificate requests only"),
+        ):
+            done = tool(tmp_path, *argv, *extra)
+            assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+            assert done.stderr.startswith("vtpm-ek-certtool: ") and re.search(message, done.stderr), done.stderr
+        assert relay.served == 1
+    done = tool(tmp_path, *argv)
+    assert done.returncode == 1 and "cannot reach the host agent" in done.stderr and done.stderr.count("\n") == 1
 
-    # Something else listening on the socket: its answer is not trusted as a certificate.
+    # Something else listening on the socket: its answer is not taken for the relay's.
     import socket as socket_module
 
     with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as fake:
@@ -619,19 +638,18 @@ def test_agent_mode_tool_runs(tmp_path, capsys):
                 conn.sendall(b"<html>")
 
         threading.Thread(target=answer_garbage, daemon=True).start()
-        assert ek_certtool.main(argv) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a JSON object" in err
+        done = tool(tmp_path, *argv)
+    assert done.returncode == 1 and "not what its relay sends" in done.stderr
 
 
 def test_relay_refuses_requests_that_are_not_the_tool(tmp_path):
-    """Raw connections: not JSON, unknown fields, another VM: each answered with an error and no CA call."""
+    """Raw connections: not JSON, other keys, non-string arguments: each answered with an error and
+    no CA call; the socket is the owner's only."""
     import socket as socket_module
 
     from broker.host.ek_relay import EkCertificateRelay
 
     calls: list[dict] = []
-    vm = str(uuid.uuid4())
 
     def ask(payload: bytes) -> dict:
         with socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM) as sock:
@@ -640,32 +658,30 @@ def test_relay_refuses_requests_that_are_not_the_tool(tmp_path):
             sock.shutdown(socket_module.SHUT_WR)
             return json.loads(sock.recv(65536))
 
-    with EkCertificateRelay(tmp_path, vm, local_issuer(EkCa.create("x"), calls)) as relay:
+    with EkCertificateRelay(tmp_path, str(uuid.uuid4()), local_issuer(EkCa.create("x"), calls)) as relay:
         assert oct(relay.path.stat().st_mode & 0o777) == "0o600"
-        assert "not a certificate tool request" in ask(b"GET / HTTP/1.0\r\n\r\n")["error"]
-        assert "not a certificate tool request" in ask(json.dumps({"vmid": vm, "cmd": "sh"}).encode() + b"\n")["error"]
-        assert "serves VM" in ask(json.dumps({"vmid": str(uuid.uuid4()), "type": "ek"}).encode() + b"\n")["error"]
-        assert "--ek is required" in ask(json.dumps({"vmid": vm, "type": "ek"}).encode() + b"\n")["error"]
+        for payload in (
+            b"GET / HTTP/1.0\r\n\r\n",
+            json.dumps({"argv": ["--type", "ek"], "cmd": "sh"}).encode(),
+            json.dumps({"argv": [1, 2]}).encode(),
+        ):
+            assert "not a certificate tool request" in ask(payload + b"\n")["error"]
     assert calls == [] and relay.served == 0
 
 
-def test_agent_mode_config_is_checked(tmp_path):
-    path = tmp_path / "c.toml"
-    for text, message in (
-        ('mode = "agent"\n[agent]\n', "agent.socket is required"),
-        ('mode = "agent"\n[agent]\nsocket = "s"\ntimeout = 0\n', "agent.timeout must be"),
-        ('mode = "agent"\n[agent]\nsocket = "s"\nurl = "https://b"\n', "unknown key agent.url"),
-    ):
-        path.write_text(text)
-        with pytest.raises(CerttoolError, match=message):
-            load_config(path)
-    path.write_text('mode = "agent"\n[agent]\nsocket = "ek-relay.sock"\n')
-    assert load_config(path).socket == tmp_path / "ek-relay.sock"
+def test_thin_tool_and_full_tool_start_light():
+    """The thin tool runs in an isolated interpreter without site-packages: it imports nothing but the
+    standard library. The full tool's module, too, loads cryptography, ssl, urllib and the CA code
+    only when a mode needs them."""
+    from broker.host import ek_tool
 
-
-def test_agent_mode_tool_starts_without_cryptography_or_tls():
-    """The tool runs three times per new vTPM: importing it (what its console script does) must not
-    load cryptography, ssl, urllib or the broker's CA code; remote and local mode load them when used."""
+    code = (
+        "import sys, runpy; runpy.run_path(sys.argv[1]); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('broker', 'kms_server', 'cryptography')))"
+    )
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code, ek_tool.__file__], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
     code = (
         "import sys, broker.ek_certtool; "
         "print(sorted(m for m in ('cryptography', 'ssl', 'urllib.request', 'broker.vtpm_ca', 'sqlalchemy') "
