@@ -218,13 +218,22 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a live process (all its threads), from /proc; 0 if it is gone."""
+    """CPU time of a live process, all its threads, from the scheduler's
+    nanosecond counters (/proc/PID/task/*/schedstat); 0 if it is gone.
+    (/proc/PID/stat counts whole clock ticks, which misses most of a process
+    that runs a few milliseconds, as an swtpm start does.)"""
+    total = 0
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
 
 
 def machine_busy() -> tuple[float, float]:
