@@ -12,8 +12,9 @@ the same unwrap (KMIP Decrypt of that wrapped DEK) is timed two ways:
   talking to a gateway process (tests/integration/test_gateway.py,
   run_gateway_for_tests: the real broker.gateway listener with a stand-in
   registry that allows every host and writes each decision to a JSON-lines
-  audit file), which forwards to the same KMS over `--kms-connections`
-  KmipClient connections.
+  audit file), which forwards to the same KMS through one KmipClient with
+  a pool of `--kms-connections` connections (the broker's [kms] connections,
+  default 8).
 
 N client processes (not threads: the client must not be the bottleneck),
 each with one TLS connection opened and used once before the clock starts,

@@ -93,8 +93,8 @@ def run_gateway_for_tests(
     the gateway's certificate); the gateway reaches the KMS at `kms_nodes`
     as BROKER_IDENTITY from `kms_pki`. `hosts` maps certificate fingerprints
     to registered host names, `allow` fingerprints to the key ids they may
-    unwrap. `kms_connections` > 1 gives the gateway that many KMS clients,
-    used in turn (one KmipClient serializes its requests)."""
+    unwrap. `kms_connections` is the size of the gateway's KMS connection
+    pool (KmipClient(connections=...)), as [kms] connections in the broker."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = {
         "trust_dir": str(trust_dir),
@@ -137,7 +137,6 @@ def run_gateway_for_tests(
 
 def _serve(config_path: str) -> None:
     """The subprocess: a gateway on the global reactor until SIGTERM."""
-    import itertools
     import logging
 
     from twisted.internet import defer, reactor
@@ -185,24 +184,14 @@ def _serve(config_path: str) -> None:
                 self.audit.write(line + "\n")
                 self.audit.flush()
 
-    class ClientRing:
-        """Several KMS connections, handed out in turn."""
-
-        def __init__(self, clients):
-            self.clients = clients
-            self.next = itertools.cycle(range(len(clients)))
-            self.lock = threading.Lock()
-
-        def decrypt(self, *args, **kwargs):
-            with self.lock:
-                client = self.clients[next(self.next)]
-            return client.decrypt(*args, **kwargs)
-
-    clients = [
-        KmipClient(cfg["kms_nodes"], cert=cfg["kms_cert"], key=cfg["kms_key"], ca=cfg["kms_ca"], connect_timeout=2.0)
-        for _ in range(cfg["kms_connections"])
-    ]
-    kms = clients[0] if len(clients) == 1 else ClientRing(clients)
+    kms = KmipClient(
+        cfg["kms_nodes"],
+        cert=cfg["kms_cert"],
+        key=cfg["kms_key"],
+        ca=cfg["kms_ca"],
+        connect_timeout=2.0,
+        connections=cfg["kms_connections"],
+    )
     trust = Path(cfg["trust_dir"])
     tls_config = TlsConfig(
         cert=trust / "server.pem",
@@ -225,8 +214,7 @@ def _serve(config_path: str) -> None:
         yield factory.drain()
         yield factory.close_all()
         pool.stop()
-        for client in clients:
-            client.close()
+        kms.close()
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     print(f"gateway listening on 127.0.0.1:{port.getHost().port}", flush=True)
