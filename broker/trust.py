@@ -263,6 +263,17 @@ def _insert_vm(conn, record: VmRecord, now: float) -> None:
 # unique, so there is at most one row; none when the host is unknown.
 _AUDIT_HEAD = select(audit.c.seq, audit.c.hash).order_by(audit.c.seq.desc()).limit(1)
 
+# Who a certificate is (`Registry.identify`, once per API request), built once.
+_INSTANCE_BY_FP = select(instances.c.name, instances.c.state, instances.c.last_used_at).where(
+    instances.c.cert_fingerprint == bindparam("fp")
+)
+_HOST_BY_FP = (
+    select(hosts.c.name, hosts.c.instance, instances.c.state)
+    .select_from(hosts.outerjoin(instances, instances.c.name == hosts.c.instance))
+    .where(hosts.c.cert_fingerprint == bindparam("fp"))
+)
+_USER_BY_FP = select(users.c.name).where(users.c.cert_fingerprint == bindparam("fp"))
+
 _PLACEMENT_COLUMNS = (
     hosts.c.name.label("host"),
     hosts.c.instance.label("instance"),
@@ -669,20 +680,19 @@ class Registry:
         instance, a host of a revoked instance, a superseded certificate)."""
         now = self.clock()
         with self.db.read() as conn:
-            inst = conn.execute(select(instances).where(instances.c.cert_fingerprint == fp)).first()
+            inst = conn.execute(_INSTANCE_BY_FP, {"fp": fp}).first()
             if inst is not None:
                 if inst.state != "trusted":
                     return None
                 if inst.last_used_at is None or now - inst.last_used_at >= LAST_USED_RESOLUTION:
                     self._touch(inst.name, now)
                 return Caller("instance", inst.name, inst.name, fp)
-            host = conn.execute(select(hosts).where(hosts.c.cert_fingerprint == fp)).first()
+            host = conn.execute(_HOST_BY_FP, {"fp": fp}).first()
             if host is not None:
-                state = conn.execute(select(instances.c.state).where(instances.c.name == host.instance)).scalar()
-                if state != "trusted":
+                if host.state != "trusted":
                     return None
                 return Caller("host", host.name, host.instance, fp)
-            user = conn.execute(select(users).where(users.c.cert_fingerprint == fp)).first()
+            user = conn.execute(_USER_BY_FP, {"fp": fp}).first()
             if user is not None:
                 return Caller("user", user.name, None, fp)
         return None
