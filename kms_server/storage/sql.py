@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     delete,
     event,
     exists,
@@ -161,6 +162,17 @@ kms_audit_checkpoints = Table(
 # compiled form by statement object).
 _AUDIT_HEAD = select(kms_audit.c.seq, kms_audit.c.hash).order_by(kms_audit.c.seq.desc()).limit(1)
 _AUDIT_INSERT = insert(kms_audit)
+_OBJECT_ROW = select(
+    kms_objects.c.sequence,
+    kms_objects.c.uid,
+    kms_objects.c.owner,
+    kms_objects.c.version,
+    kms_objects.c.sealed_material,
+).where(kms_objects.c.uid == bindparam("uid"))
+_OBJECT_ROW_FOR_UPDATE = _OBJECT_ROW.with_for_update()
+_OBJECT_ATTRIBUTES = select(kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value).where(
+    kms_attributes.c.uid == bindparam("uid")
+)
 
 # pg_advisory_xact_lock key that serializes audit appenders of all nodes
 # ("kmsa").
@@ -298,25 +310,13 @@ class _SqlTransaction(Transaction):
 
     def get_object(self, uid: str, for_update: bool = False) -> StoredObject | None:
         with self._op("get_object"):
-            stmt = select(
-                kms_objects.c.sequence,
-                kms_objects.c.uid,
-                kms_objects.c.owner,
-                kms_objects.c.version,
-                kms_objects.c.sealed_material,
-            ).where(kms_objects.c.uid == uid)
             # SQLite needs no row lock: BEGIN IMMEDIATE already holds the
             # database's write lock.
-            if for_update and self._dialect == "postgresql":
-                stmt = stmt.with_for_update()
-            row = self._conn.execute(stmt).first()
+            stmt = _OBJECT_ROW_FOR_UPDATE if for_update and self._dialect == "postgresql" else _OBJECT_ROW
+            row = self._conn.execute(stmt, {"uid": uid}).first()
             if row is None:
                 return None
-            attrs = self._conn.execute(
-                select(
-                    kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value
-                ).where(kms_attributes.c.uid == uid)
-            ).all()
+            attrs = self._conn.execute(_OBJECT_ATTRIBUTES, {"uid": uid}).all()
             # Sorted here, not in SQL: the order of names must not depend on
             # the database's collation.
             attributes = sorted(
