@@ -46,6 +46,7 @@ MAX_FIELD = 1024
 _PREFIX = "vtpm:keysafe/"
 _NULL = "<VTPM-NULL>"
 _ENCODED = r"[A-Za-z0-9._~%-]+"
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 _PATTERN = re.compile(
     r"vtpm:keysafe/(?P<version>[0-9]+)/\(pair/\(fqid/(?P<null>[^/]*)/(?P<provider>[^/,()]*)/(?P<key>[^/,()]*),"
     r"(?P<algorithm>[^,()]*),(?P<wrapped>[^,()]*)\)\)"
@@ -91,7 +92,7 @@ def _check_text(name: str, value: object) -> None:
         raise KeySafeError(f"key safe {name} must be a non-empty string")
     if len(value) > MAX_FIELD:
         raise KeySafeError(f"key safe {name} is longer than {MAX_FIELD} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL.search(value):
         raise KeySafeError(f"key safe {name} must not contain control characters")
 
 
