@@ -76,7 +76,7 @@ OUTPUT_FILES = {"ek": "ek.cert", "platform": "platform.cert"}
 MAX_RESPONSE = 64 * 1024
 _CURVES = ("secp256r1", "secp384r1")
 # swtpm_setup's arguments that make up an EK certificate request.
-AGENT_REQUEST_FIELDS = (
+SWTPM_FIELDS = (
     "type",
     "ek",
     "vmid",
@@ -436,7 +436,7 @@ def run_for_agent(argv: Sequence[str], issue: Callable[[dict], dict], vm_uuid: s
 
 
 def _swtpm_request(args: argparse.Namespace, unknown: list[str], log: _Log) -> tuple[dict, Path]:
-    """swtpm_setup's arguments, checked: (AGENT_REQUEST_FIELDS with the VM
+    """swtpm_setup's arguments, checked: (SWTPM_FIELDS with the VM
     UUID normalized, the output directory)."""
     if unknown:
         log(f"ignoring arguments this version does not know: {' '.join(unknown)}")
@@ -468,7 +468,7 @@ def _swtpm_request(args: argparse.Namespace, unknown: list[str], log: _Log) -> t
     out_dir = Path(args.dir)
     if not out_dir.is_dir() or out_dir.is_symlink():
         raise CerttoolError(f"--dir {out_dir} is not a directory")
-    fields = {name: getattr(args, name) for name in AGENT_REQUEST_FIELDS}
+    fields = {name: getattr(args, name) for name in SWTPM_FIELDS}
     fields["vmid"] = vm_uuid
     return fields, out_dir
 
@@ -483,7 +483,7 @@ def _write_certificate(out_dir: Path, fields: dict, der: bytes, description: str
 
 def certificate_for(fields: dict, issue: Callable[[dict], dict]) -> tuple[bytes, str]:
     """The checked EK certificate for swtpm_setup's arguments: ``fields``
-    holds AGENT_REQUEST_FIELDS (``ek`` as swtpm_setup gives it); ``issue``
+    holds SWTPM_FIELDS (``ek`` as swtpm_setup gives it); ``issue``
     sends the API request to a CA and returns its answer. Returns the DER
     certificate and a one-line description; raises CerttoolError.
 
@@ -508,7 +508,7 @@ def certificate_for(fields: dict, issue: Callable[[dict], dict]) -> tuple[bytes,
         "type": cert_type,
         "key_type": key_type,
         "public_key_pem": public_key_pem.decode("ascii"),
-        **{name: fields.get(name) for name in AGENT_REQUEST_FIELDS if name.startswith("tpm_")},
+        **{name: fields.get(name) for name in SWTPM_FIELDS if name.startswith("tpm_")},
     }
     answer = issue(request)
     try:

@@ -206,14 +206,21 @@ def test_reapproval_replaces_certificate(registry):
 # --- Hosts, VMs and the unwrap policy -------------------------------------------------------------
 
 
-def test_authorize_unwrap_rules(registry):
-    """Allowed only for the host the VM's own trusted instance placed it on."""
+def two_instances(registry) -> tuple[str, str, str]:
+    """vc-a with hosts esx-a and esx-a2 and VM_A (KEK kek-a) placed on esx-a;
+    vc-b with host esx-b. The three host certificates' fingerprints."""
     trusted(registry, "vc-a")
     trusted(registry, "vc-b")
     host_a = fingerprint(registry.register_host("vc-a", "esx-a", make_csr()))
     host_a2 = fingerprint(registry.register_host("vc-a", "esx-a2", make_csr()))
     host_b = fingerprint(registry.register_host("vc-b", "esx-b", make_csr()))
     registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-a")
+    return host_a, host_a2, host_b
+
+
+def test_authorize_unwrap_rules(registry):
+    """Allowed only for the host the VM's own trusted instance placed it on."""
+    host_a, host_a2, host_b = two_instances(registry)
     registry.add_vm("vc-b", VM_B, "vm-b", "kek-b", "ks-b", None)
 
     ok = registry.authorize_unwrap(host_a, "kek-a")
@@ -243,12 +250,7 @@ def test_authorize_unwrap_rules(registry):
 def test_generation_read_follows_the_unwrap_policy(registry):
     """nvram_generation_for_host (a power-on's one read) answers the same
     decision as authorize_vm_for_host and the generation only when allowed."""
-    trusted(registry, "vc-a")
-    trusted(registry, "vc-b")
-    host_a = fingerprint(registry.register_host("vc-a", "esx-a", make_csr()))
-    host_a2 = fingerprint(registry.register_host("vc-a", "esx-a2", make_csr()))
-    host_b = fingerprint(registry.register_host("vc-b", "esx-b", make_csr()))
-    registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-a")
+    host_a, host_a2, host_b = two_instances(registry)
     registry.record_nvram_generation(VM_A, 7, "host:esx-a")
 
     decision, generation = registry.nvram_generation_for_host(host_a, VM_A)

@@ -468,25 +468,31 @@ def test_connection_is_kept_and_reopened_when_idle_closed(fake, client_for):
     assert a.accepted == 2 and b.accepted == 0
 
 
-def test_threads_share_one_client(fake, client_for):
-    a = fake()
-    client = client_for([a])
+def get_keys_in_threads(client: KmipClient, threads: int, each: int) -> list:
+    """`threads` threads each Get k1 `each` times; the keys they got, in any
+    order (an exception in any thread fails the test)."""
     results, errors = [], []
 
     def work():
         try:
-            for _ in range(10):
+            for _ in range(each):
                 results.append(client.get_key("k1"))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
+    running = [threading.Thread(target=work) for _ in range(threads)]
+    for t in running:
         t.start()
-    for t in threads:
-        t.join(20)
+    for t in running:
+        t.join(30)
     assert not errors
-    assert results == [KEY] * 80
+    return results
+
+
+def test_threads_share_one_client(fake, client_for):
+    a = fake()
+    client = client_for([a])
+    assert get_keys_in_threads(client, 8, 10) == [KEY] * 80
     assert a.accepted == 1
 
 
@@ -502,22 +508,7 @@ def test_pool_runs_requests_side_by_side(fake, client_for):
 
     a = fake(respond)
     client = client_for([a], connections=4, request_timeout=15)
-    results, errors = [], []
-
-    def work():
-        try:
-            for _ in range(3):
-                results.append(client.get_key("k1"))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors
-    assert results == [KEY] * 12
+    assert get_keys_in_threads(client, 4, 3) == [KEY] * 12
     assert a.accepted == 4  # Kept and reused: one connection per slot.
 
 
@@ -538,11 +529,7 @@ def test_pool_never_exceeds_its_size(fake, client_for):
 
     a = fake(respond)
     client = client_for([a], connections=2)
-    threads = [threading.Thread(target=lambda: [client.get_key("k1") for _ in range(5)]) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    assert get_keys_in_threads(client, 8, 5) == [KEY] * 40
     assert len(a.requests) == 40
     assert a.accepted <= 2 and state["most"] <= 2
 
