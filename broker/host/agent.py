@@ -295,21 +295,16 @@ class Agent:
         request to this process's relay (`broker.host.ek_relay`), which asks
         the broker on the kept connection. A `setup_config` given to the
         Agent (tests with a local EK CA) is used as it is."""
+        if self.setup_config is not None:
+            config, relay = self.setup_config, contextlib.nullcontext()
+        else:
+            config = self._swtpm_setup_conf(run_dir)
+            relay = EkCertificateRelay(run_dir, vm.vm_uuid, self.broker.ek_certificate, self.config.timeout)
         try:
-            if self.setup_config is not None:
+            with relay:
                 swtpm.manufacture(
-                    state_dir,
-                    vm.vm_uuid,
-                    config=self.setup_config,
-                    extra_args=EK_CERT_FLAGS,
-                    swtpm_setup=self.swtpm_setup,
+                    state_dir, vm.vm_uuid, config=config, extra_args=EK_CERT_FLAGS, swtpm_setup=self.swtpm_setup
                 )
-            else:
-                config = self._swtpm_setup_conf(run_dir)
-                with EkCertificateRelay(run_dir, vm.vm_uuid, self.broker.ek_certificate, self.config.timeout):
-                    swtpm.manufacture(
-                        state_dir, vm.vm_uuid, config=config, extra_args=EK_CERT_FLAGS, swtpm_setup=self.swtpm_setup
-                    )
         except swtpm.SwtpmError as exc:
             raise SwtpmFailed(f"manufacturing the vTPM of VM {vm.name} failed: {_setup_failure(exc)}") from None
         generation = 1

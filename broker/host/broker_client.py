@@ -22,6 +22,7 @@ import ssl
 import urllib.parse
 from typing import Protocol
 
+from broker.ek_certtool import API_PATH
 from broker.host.config import HostConfig
 from broker.host.errors import BrokerRefused, BrokerUnavailable, HostError, RollbackRefused
 from broker.keysafe import KeySafe
@@ -29,7 +30,6 @@ from broker.keysafe import KeySafe
 __all__ = ["Broker", "BrokerClient"]
 
 MAX_RESPONSE = 64 * 1024
-EK_CERTIFICATES_PATH = "/v1/vtpm/ek-certificates"
 
 
 class Broker(Protocol):
@@ -153,7 +153,7 @@ class BrokerClient:
         """An EK certificate from the broker's EK CA (POST /v1/vtpm/ek-certificates,
         `broker.vtpm_ca` request fields), for swtpm_setup's certificate tool
         through the agent's relay. Returns the API's answer; the relay checks it."""
-        return self._call("POST", EK_CERTIFICATES_PATH, request)
+        return self._call("POST", API_PATH, request)
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._context is None:
