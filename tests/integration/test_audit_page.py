@@ -18,6 +18,7 @@ from conftest import start_server
 from kmip.core.enums import Operation, Tags
 from kmip_client import RawClient, tls_context
 
+from kms_server.client.messages import request_message
 from kms_server.keystore import audit_key
 from kms_server.wire import ttlv
 
@@ -41,21 +42,7 @@ VM_OPERATIONS = ["CREATE", "ADD_ATTRIBUTE", "ADD_ATTRIBUTE", "ADD_ATTRIBUTE", "G
 
 
 def message(op: Operation, payload: list) -> bytes:
-    header = ttlv.structure(
-        T.REQUEST_HEADER.value,
-        [
-            ttlv.structure(
-                T.PROTOCOL_VERSION.value,
-                [ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, 1), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, 4)],
-            ),
-            ttlv.integer(T.BATCH_COUNT.value, 1),
-        ],
-    )
-    item = ttlv.structure(
-        T.BATCH_ITEM.value,
-        [ttlv.enumeration(T.OPERATION.value, op.value), ttlv.structure(T.REQUEST_PAYLOAD.value, payload)],
-    )
-    return ttlv.encode(ttlv.structure(T.REQUEST_MESSAGE.value, [header, item]))
+    return request_message((1, 4), op, payload)
 
 
 def attribute(name: str, value: ttlv.Item) -> ttlv.Item:

@@ -12,6 +12,7 @@ import pytest
 from kmip.core.enums import Operation, ResultReason, ResultStatus, Tags
 from kmip_client import RawClient, tls_context
 
+from kms_server.client.messages import request_message
 from kms_server.wire import ttlv
 
 T = Tags
@@ -24,21 +25,7 @@ def load_fixture(path: Path) -> bytes:
 
 
 def discover_versions_request() -> bytes:
-    header = ttlv.structure(
-        T.REQUEST_HEADER.value,
-        [
-            ttlv.structure(
-                T.PROTOCOL_VERSION.value,
-                [ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, 1), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, 4)],
-            ),
-            ttlv.integer(T.BATCH_COUNT.value, 1),
-        ],
-    )
-    item = ttlv.structure(
-        T.BATCH_ITEM.value,
-        [ttlv.enumeration(T.OPERATION.value, Operation.DISCOVER_VERSIONS.value), ttlv.structure(T.REQUEST_PAYLOAD.value, [])],
-    )
-    return ttlv.encode(ttlv.structure(T.REQUEST_MESSAGE.value, [header, item]))
+    return request_message((1, 4), Operation.DISCOVER_VERSIONS, [])
 
 
 def assert_still_serving(server, pki):

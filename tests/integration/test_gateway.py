@@ -31,6 +31,7 @@ from kmip.core.enums import Operation, ResultReason, ResultStatus, Tags
 
 from kms_server.admin.pki import fingerprint_sha256, init_pki, issue_client
 from kms_server.client import KmipClient, KmipError
+from kms_server.client.messages import request_message
 from kms_server.wire import ttlv
 
 T = Tags
@@ -325,24 +326,7 @@ def unwrap(client: KmipClient, w: WrappedDek, **overrides) -> bytes:
 
 
 def discover_versions_request() -> bytes:
-    header = ttlv.structure(
-        T.REQUEST_HEADER.value,
-        [
-            ttlv.structure(
-                T.PROTOCOL_VERSION.value,
-                [ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, 1), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, 4)],
-            ),
-            ttlv.integer(T.BATCH_COUNT.value, 1),
-        ],
-    )
-    item = ttlv.structure(
-        T.BATCH_ITEM.value,
-        [
-            ttlv.enumeration(T.OPERATION.value, Operation.DISCOVER_VERSIONS.value),
-            ttlv.structure(T.REQUEST_PAYLOAD.value, []),
-        ],
-    )
-    return ttlv.encode(ttlv.structure(T.REQUEST_MESSAGE.value, [header, item]))
+    return request_message((1, 4), Operation.DISCOVER_VERSIONS, [])
 
 
 def assert_no_dek(text: str, dek: bytes) -> None:

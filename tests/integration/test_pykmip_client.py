@@ -8,6 +8,7 @@ from kmip.core import enums
 from kmip.pie import exceptions as pie_exceptions
 from kmip.pie import objects
 from kmip.pie.client import ProxyKmipClient
+from kmip_client import pykmip
 
 VERSIONS = [
     enums.KMIPVersion.KMIP_1_0,
@@ -20,16 +21,7 @@ VERSIONS = [
 
 
 def client_for(server, pki, name="alice", version=enums.KMIPVersion.KMIP_1_2) -> ProxyKmipClient:
-    client = ProxyKmipClient(
-        hostname=server.host,
-        port=server.port,
-        cert=str(pki / f"{name}.pem"),
-        key=str(pki / f"{name}.key"),
-        ca=str(pki / "ca.pem"),
-        kmip_version=version,
-    )
-    client.open()
-    return client
+    return pykmip(server, pki, name, version)
 
 
 @pytest.fixture

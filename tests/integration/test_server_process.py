@@ -17,8 +17,7 @@ from conftest import start_server
 from kmip.core import enums
 from kmip.core.enums import Operation, Tags
 from kmip.pie import objects
-from kmip.pie.client import ProxyKmipClient
-from kmip_client import RawClient
+from kmip_client import RawClient, pykmip
 
 from kms_server.wire import ttlv
 
@@ -29,19 +28,6 @@ def run_cli(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "kms_server.cli", *args], capture_output=True, text=True, timeout=60, cwd=cwd
     )
-
-
-def pykmip(server, pki, name="alice"):
-    client = ProxyKmipClient(
-        hostname=server.host,
-        port=server.port,
-        cert=str(pki / f"{name}.pem"),
-        key=str(pki / f"{name}.key"),
-        ca=str(pki / "ca.pem"),
-        kmip_version=enums.KMIPVersion.KMIP_1_4,
-    )
-    client.open()
-    return client
 
 
 def _request(op: Operation, *payload, version=(1, 4), count: int = 1) -> bytes:
