@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from broker.host.swtpm import SwtpmError, SwtpmInstance, manufacture
+from kms_server.admin.pki import CA_KEY_USAGE
 
 TOOLS = ("swtpm", "swtpm_setup", "tpm2_nvread", "tpm2_readpublic", "tpm2_nvdefine", "tpm2_nvundefine", "tpm2_nvwrite")
 MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]
@@ -168,20 +169,7 @@ def make_ca(cn: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None if issuer is None else 0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     return builder.sign(issuer_key, hashes.SHA384()), key
