@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from kms_server.config import (
+    DERIVED,
     LOG_LEVELS,
     TLS_VERSIONS,
     ConfigError,
+    Required,
+    Schema,
     _check_file,
     _choice,
     _db_url,
@@ -44,11 +47,10 @@ from kms_server.config import (
     _plain,
     _port,
     _positive_seconds,
-    _read_file,
     _redact_url,
     _Source,
-    _suggest,
-    _toml_value,
+    format_settings,
+    merge_sources,
 )
 
 __all__ = [
@@ -272,14 +274,11 @@ def _optional_str(key: str, value: Any, src: _Source) -> str:
     return _nonempty_str(key, value, src)
 
 
-_DERIVED = object()
-_REQUIRED = object()
-
-_SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+_SCHEMA: Schema = {
     "broker": {
-        "provider_name": (_provider, _REQUIRED),
+        "provider_name": (_provider, Required('"kms-prod" (your key provider name)')),
         "data_dir": (_path, "var/broker"),
-        "node_name": (_nonempty_str, _DERIVED),
+        "node_name": (_nonempty_str, DERIVED),
     },
     "api": {
         "host": (_nonempty_str, "127.0.0.1"),
@@ -298,15 +297,15 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "worker_threads": (_int_between(1, 1024), 16),
     },
     "tls": {
-        "cert": (_path, _DERIVED),
-        "key": (_path, _DERIVED),
+        "cert": (_path, DERIVED),
+        "key": (_path, DERIVED),
         "server_names": (_names, ()),
         "min_version": (_choice(TLS_VERSIONS), "1.2"),
     },
     "kms": {
         "nodes": (_nodes, ()),
-        "cert": (_path, _DERIVED),
-        "key": (_path, _DERIVED),
+        "cert": (_path, DERIVED),
+        "key": (_path, DERIVED),
         "ca": (_path, None),
         "server_name": (_optional_str, None),
         "connect_timeout": (_positive_seconds(600.0), 5.0),
@@ -314,10 +313,10 @@ _SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "connections": (_int_between(1, 256), 8),
     },
     "storage": {
-        "db_url": (_db_url, _DERIVED),
+        "db_url": (_db_url, DERIVED),
         "schema": (_choice(("auto", "upgrade", "check")), "auto"),
     },
-    "master_key": {"file": (_path, _DERIVED)},
+    "master_key": {"file": (_path, DERIVED)},
     "roles": {
         "security_admins": (_identities, ()),
         "administrators": (_identities, ()),
@@ -340,57 +339,12 @@ _TYPES: dict[str, type] = {
 }
 
 
-def _check_shape(raw: Any, origin: str) -> dict[str, dict[str, Any]]:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config: {origin} must be a table of sections")
-    for section, table in raw.items():
-        if section not in _SCHEMA:
-            raise ConfigError(f"config: unknown section [{section}] in {origin}; {_suggest(section, list(_SCHEMA))}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"config: [{section}] in {origin} must be a table of keys (got {table!r})")
-        for key in table:
-            if key not in _SCHEMA[section]:
-                raise ConfigError(
-                    f"config: unknown key {section}.{key} in {origin}; {_suggest(key, list(_SCHEMA[section]))}"
-                )
-    return raw
-
-
 def load_config(
     path: str | os.PathLike[str] | None, overrides: dict[str, dict[str, Any]] | None = None
 ) -> BrokerConfig:
     """Read, merge and validate. ``overrides`` maps section -> key -> value
     from command-line flags; None values are skipped."""
-    cwd_source = _Source(Path.cwd(), "command-line flags")
-    file_source: _Source | None = None
-    raw_file: dict[str, dict[str, Any]] = {}
-    source_path: Path | None = None
-    if path is not None:
-        source_path = Path(os.path.abspath(os.fspath(path)))
-        file_source = _Source(source_path.parent, str(source_path))
-        raw_file = _check_shape(_read_file(source_path), str(source_path))
-    raw_overrides = {
-        section: {k: v for k, v in table.items() if v is not None}
-        for section, table in _check_shape(overrides or {}, "command-line flags").items()
-    }
-    default_source = file_source or cwd_source
-    values: dict[str, dict[str, Any]] = {}
-    for section, schema in _SCHEMA.items():
-        values[section] = {}
-        for key, (validate, default) in schema.items():
-            dotted = f"{section}.{key}"
-            if key in raw_overrides.get(section, {}):
-                values[section][key] = validate(dotted, raw_overrides[section][key], cwd_source)
-            elif key in raw_file.get(section, {}):
-                values[section][key] = validate(dotted, raw_file[section][key], file_source)
-            elif default is _REQUIRED:
-                raise ConfigError(
-                    f'config: {dotted} is required; add {key} = "kms-prod" (your key provider name) to [{section}]'
-                )
-            elif default is _DERIVED or default is None:
-                values[section][key] = default
-            else:
-                values[section][key] = validate(dotted, default, default_source)
+    values, source_path = merge_sources(_SCHEMA, path, overrides)
     data_dir: Path = values["broker"]["data_dir"]
     derived = {
         ("broker", "node_name"): socket.gethostname() or "localhost",
@@ -402,7 +356,7 @@ def load_config(
         ("master_key", "file"): data_dir / "master.key",
     }
     for (section, key), value in derived.items():
-        if values[section][key] is _DERIVED:
+        if values[section][key] is DERIVED:
             values[section][key] = value
     roles = values["roles"]
     both = set(roles["administrators"]) & set(roles["no_crypto_administrators"])
@@ -417,15 +371,4 @@ def load_config(
 
 def format_config(cfg: BrokerConfig) -> str:
     """The effective settings as TOML, safe to print (secret files by path)."""
-    lines = [f"# effective configuration from {cfg.source}" if cfg.source else "# effective configuration (no file)"]
-    for section, table in cfg.redacted().items():
-        lines += ["", f"[{section}]"]
-        for key, value in table.items():
-            if value is None:
-                lines.append(f"# {key} is not set")
-                continue
-            line = f"{key} = {_toml_value(value)}"
-            if (section, key) in SECRET_FILE_KEYS:
-                line += "  # (secret file, contents not shown)"
-            lines.append(line)
-    return "\n".join(lines) + "\n"
+    return format_settings(cfg.source, cfg.redacted(), SECRET_FILE_KEYS)

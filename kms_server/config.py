@@ -29,17 +29,23 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
+    "DERIVED",
     "AccessConfig",
     "AuditConfig",
     "Config",
     "ConfigError",
     "LoggingConfig",
     "MasterKeyConfig",
+    "Required",
+    "Schema",
     "ServerConfig",
     "StorageConfig",
     "TlsConfig",
+    "check_shape",
     "format_config",
+    "format_settings",
     "load_config",
+    "merge_sources",
 ]
 
 
@@ -411,15 +417,28 @@ def _resolve_sqlite_url(url: str, src: _Source) -> str:
     return f"{prefix}:///{resolved}{q}{query}"
 
 
-# Each section: key -> (validator, default). A default of _DERIVED is filled
-# in from data_dir after the server section is known; None means unset.
-_DERIVED = object()
+# A schema maps section -> key -> (validator, default). A default of DERIVED
+# is left for the caller to fill in once the other values are known (most
+# derive from a data_dir); None means unset; a Required default means the key
+# has no default and must be given.
+DERIVED = object()
 
-_SCHEMA: dict[str, dict[str, tuple[_Validator, Any]]] = {
+
+class Required:
+    """The default of a key that must be set; ``example`` is the value shown
+    in the error message, such as ``'"kms-prod" (your key provider name)'``."""
+
+    def __init__(self, example: str) -> None:
+        self.example = example
+
+
+Schema = dict[str, dict[str, tuple[_Validator, Any]]]
+
+_SCHEMA: Schema = {
     "server": {
         "host": (_nonempty_str, "127.0.0.1"),
         "port": (_port, 5696),
-        "node_name": (_nonempty_str, _DERIVED),
+        "node_name": (_nonempty_str, DERIVED),
         "max_message_size": (_int_between(1024, 1 << 30), 1 << 20),
         "idle_timeout": (_positive_seconds(86400.0), 300.0),
         "handshake_timeout": (_positive_seconds(3600.0), 10.0),
@@ -431,12 +450,12 @@ _SCHEMA: dict[str, dict[str, tuple[_Validator, Any]]] = {
         "cert": (_path, None),
         "key": (_path, None),
         "ca": (_path, None),
-        "trusted_clients_dir": (_path, _DERIVED),
+        "trusted_clients_dir": (_path, DERIVED),
         "identity": (_choice(IDENTITY_MODES), "cn"),
         "min_version": (_choice(TLS_VERSIONS), "1.2"),
     },
     "storage": {
-        "db_url": (_db_url, _DERIVED),
+        "db_url": (_db_url, DERIVED),
         "schema": (_choice(("auto", "upgrade", "check")), "auto"),
         "retry_seconds": (_positive_seconds(600.0), 15.0),
     },
@@ -449,7 +468,7 @@ _SCHEMA: dict[str, dict[str, tuple[_Validator, Any]]] = {
         "no_crypto_administrators": (_identities, ()),
         "auditors": (_identities, ()),
         "require_credential": (_bool, False),
-        "credentials_file": (_path, _DERIVED),
+        "credentials_file": (_path, DERIVED),
     },
     "logging": {
         "level": (_choice(LOG_LEVELS, upper=True), "INFO"),
@@ -482,14 +501,16 @@ def _suggest(name: str, known: list[str]) -> str:
     return f"{hint}known: {', '.join(known)}"
 
 
-def _check_shape(raw: Any, origin: str) -> dict[str, dict[str, Any]]:
+def check_shape(schema: Schema, raw: Any, origin: str) -> dict[str, dict[str, Any]]:
+    """``raw`` (a parsed file or the overrides) checked against ``schema``:
+    only known sections, each a table, holding only known keys."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config: {origin} must be a table of sections")
     for section, table in raw.items():
-        if section not in _SCHEMA:
+        if section not in schema:
             raise ConfigError(
                 f"config: unknown section [{section}] in {origin}; "
-                f"{_suggest(section, list(_SCHEMA))}"
+                f"{_suggest(section, list(schema))}"
             )
         if not isinstance(table, dict):
             raise ConfigError(
@@ -497,10 +518,10 @@ def _check_shape(raw: Any, origin: str) -> dict[str, dict[str, Any]]:
                 f"such as [{section}] on its own line (got {table!r})"
             )
         for key in table:
-            if key not in _SCHEMA[section]:
+            if key not in schema[section]:
                 raise ConfigError(
                     f"config: unknown key {section}.{key} in {origin}; "
-                    f"{_suggest(key, list(_SCHEMA[section]))}"
+                    f"{_suggest(key, list(schema[section]))}"
                 )
     return raw
 
@@ -529,6 +550,61 @@ def _read_file(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def merge_sources(
+    schema: Schema,
+    path: str | os.PathLike[str] | None,
+    overrides: dict[str, dict[str, Any]] | None,
+) -> tuple[dict[str, dict[str, Any]], Path | None]:
+    """Every key of ``schema`` validated from the first source that has it:
+    command-line ``overrides`` (None values skipped), then the TOML file at
+    ``path``, then the default. Relative paths resolve against the working
+    directory for flags, the file's directory for the file, and the file's
+    directory (or the working directory without a file) for defaults.
+    DERIVED and None defaults are left as they are for the caller; a missing
+    Required key is an error. Returns the values and the file's absolute path.
+    """
+    cwd_source = _Source(Path.cwd(), "command-line flags")
+    file_source: _Source | None = None
+    raw_file: dict[str, dict[str, Any]] = {}
+    source_path: Path | None = None
+    if path is not None:
+        source_path = Path(os.path.abspath(os.fspath(path)))
+        file_source = _Source(source_path.parent, str(source_path))
+        raw_file = check_shape(schema, _read_file(source_path), str(source_path))
+    raw_overrides = {
+        section: {k: v for k, v in table.items() if v is not None}
+        for section, table in check_shape(
+            schema, overrides or {}, "command-line flags"
+        ).items()
+    }
+    default_source = file_source or cwd_source
+
+    values: dict[str, dict[str, Any]] = {}
+    for section, keys in schema.items():
+        values[section] = {}
+        for key, (validate, default) in keys.items():
+            dotted = f"{section}.{key}"
+            if key in raw_overrides.get(section, {}):
+                values[section][key] = validate(
+                    dotted, raw_overrides[section][key], cwd_source
+                )
+            elif key in raw_file.get(section, {}):
+                assert file_source is not None
+                values[section][key] = validate(
+                    dotted, raw_file[section][key], file_source
+                )
+            elif isinstance(default, Required):
+                raise ConfigError(
+                    f"config: {dotted} is required; "
+                    f"add {key} = {default.example} to [{section}]"
+                )
+            elif default is DERIVED or default is None:
+                values[section][key] = default
+            else:
+                values[section][key] = validate(dotted, default, default_source)
+    return values, source_path
+
+
 def load_config(
     path: str | os.PathLike[str] | None,
     overrides: dict[str, dict[str, Any]] | None = None,
@@ -543,41 +619,7 @@ def load_config(
     ``require_master_key=False`` lets admin tools that never touch key
     material (such as pinning client certificates) run without one.
     """
-    cwd_source = _Source(Path.cwd(), "command-line flags")
-    file_source: _Source | None = None
-    raw_file: dict[str, dict[str, Any]] = {}
-    source_path: Path | None = None
-    if path is not None:
-        source_path = Path(os.path.abspath(os.fspath(path)))
-        file_source = _Source(source_path.parent, str(source_path))
-        raw_file = _check_shape(_read_file(source_path), str(source_path))
-    raw_overrides = {
-        section: {k: v for k, v in table.items() if v is not None}
-        for section, table in _check_shape(
-            overrides or {}, "command-line flags"
-        ).items()
-    }
-    default_source = file_source or cwd_source
-
-    values: dict[str, dict[str, Any]] = {}
-    for section, schema in _SCHEMA.items():
-        values[section] = {}
-        for key, (validate, default) in schema.items():
-            dotted = f"{section}.{key}"
-            if key in raw_overrides.get(section, {}):
-                values[section][key] = validate(
-                    dotted, raw_overrides[section][key], cwd_source
-                )
-            elif key in raw_file.get(section, {}):
-                assert file_source is not None
-                values[section][key] = validate(
-                    dotted, raw_file[section][key], file_source
-                )
-            elif default is _DERIVED or default is None:
-                values[section][key] = default
-            else:
-                values[section][key] = validate(dotted, default, default_source)
-
+    values, source_path = merge_sources(_SCHEMA, path, overrides)
     _fill_derived(values)
     _check_cross(values, require_master_key=require_master_key)
     sections = {name: _SECTION_TYPES[name](**vals) for name, vals in values.items()}
@@ -586,13 +628,13 @@ def load_config(
 
 def _fill_derived(values: dict[str, dict[str, Any]]) -> None:
     data_dir: Path = values["server"]["data_dir"]
-    if values["server"]["node_name"] is _DERIVED:
+    if values["server"]["node_name"] is DERIVED:
         values["server"]["node_name"] = socket.gethostname() or "localhost"
-    if values["tls"]["trusted_clients_dir"] is _DERIVED:
+    if values["tls"]["trusted_clients_dir"] is DERIVED:
         values["tls"]["trusted_clients_dir"] = data_dir / "trusted-clients"
-    if values["storage"]["db_url"] is _DERIVED:
+    if values["storage"]["db_url"] is DERIVED:
         values["storage"]["db_url"] = f"sqlite:///{data_dir / 'kms.db'}"
-    if values["access"]["credentials_file"] is _DERIVED:
+    if values["access"]["credentials_file"] is DERIVED:
         values["access"]["credentials_file"] = data_dir / "credentials.toml"
 
 
@@ -635,18 +677,23 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot show {value!r} as TOML")
 
 
-def format_config(cfg: Config) -> str:
-    """The effective settings as TOML text, safe to print.
+def format_settings(
+    source: Path | None,
+    redacted: dict[str, dict[str, Any]],
+    secret_keys: frozenset[tuple[str, str]],
+) -> str:
+    """Settings (a ``redacted()`` result) as TOML text, safe to print.
 
-    Secret files appear by path with a comment; their contents are never
-    read. Unset optional settings appear as comments, since TOML has no null.
+    Keys in ``secret_keys`` name secret files: they appear by path with a
+    comment, their contents never read. Unset optional settings appear as
+    comments, since TOML has no null. ``source`` is the file they came from.
     """
     lines: list[str] = []
-    if cfg.source is not None:
-        lines.append(f"# effective configuration from {cfg.source}")
+    if source is not None:
+        lines.append(f"# effective configuration from {source}")
     else:
         lines.append("# effective configuration (no file; defaults and flags)")
-    for section, table in cfg.redacted().items():
+    for section, table in redacted.items():
         lines.append("")
         lines.append(f"[{section}]")
         for key, value in table.items():
@@ -654,7 +701,16 @@ def format_config(cfg: Config) -> str:
                 lines.append(f"# {key} is not set")
                 continue
             line = f"{key} = {_toml_value(value)}"
-            if (section, key) in SECRET_FILE_KEYS:
+            if (section, key) in secret_keys:
                 line += "  # (secret file, contents not shown)"
             lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def format_config(cfg: Config) -> str:
+    """The effective settings as TOML text, safe to print.
+
+    Secret files appear by path with a comment; their contents are never
+    read. Unset optional settings appear as comments, since TOML has no null.
+    """
+    return format_settings(cfg.source, cfg.redacted(), SECRET_FILE_KEYS)

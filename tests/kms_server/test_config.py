@@ -278,3 +278,51 @@ def test_check_files_unset_tls_and_missing_master_key(tmp_path):
     assert any(
         p.startswith("master_key.file") and "does not exist" in p for p in problems
     )
+
+
+def test_no_file_header_and_non_table_section_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, {"master_key": {"file": "m.key"}})
+    assert format_config(cfg).startswith(
+        "# effective configuration (no file; defaults and flags)\n\n[server]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "server = 3\n" + MINIMAL))
+    assert str(info.value) == (
+        f"config: [server] in {tmp_path / 'kms.toml'} must be a table of keys, "
+        "such as [server] on its own line (got 3)"
+    )
+
+
+def test_merge_sources_with_another_schema(tmp_path, monkeypatch):
+    """The shared merge: flags > file > default, DERIVED and None left for the
+    caller, a Required key without a value named with its example."""
+    from kms_server.config import DERIVED, Required, _nonempty_str, _path, merge_sources
+
+    monkeypatch.chdir(tmp_path)
+    schema = {
+        "a": {
+            "name": (_nonempty_str, Required('"x" (a name)')),
+            "dir": (_path, "d"),
+            "later": (_path, DERIVED),
+            "unset": (_path, None),
+        }
+    }
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = write(conf_dir, '[a]\nname = "from-file"\n', "other.toml")
+    values, source = merge_sources(schema, path, {"a": {"dir": "flag", "name": None}})
+    assert source == path
+    assert values == {
+        "a": {
+            "name": "from-file",
+            "dir": tmp_path / "flag",
+            "later": DERIVED,
+            "unset": None,
+        }
+    }
+    values, source = merge_sources(schema, None, {"a": {"name": "n"}})
+    assert source is None and values["a"]["dir"] == tmp_path / "d"
+    with pytest.raises(ConfigError) as info:
+        merge_sources(schema, None, None)
+    assert str(info.value) == 'config: a.name is required; add name = "x" (a name) to [a]'
