@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -38,17 +37,14 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    event,
     select,
     text,
 )
-from sqlalchemy.engine import Connection, Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
-# Reused, not copied: BEGIN IMMEDIATE, WAL and busy_timeout for SQLite, and
-# the one-line error description that carries no bound values.
 from kms_server.keystore.barrier import Barrier, BarrierError, read_key_file
-from kms_server.storage.sql import _configure_sqlite, _describe
+from kms_server.storage.engine import DatabaseUrlError, configure_sqlite, describe_error, open_engine, parse_db_url
 
 __all__ = [
     "Database",
@@ -226,82 +222,44 @@ _PG_AUDIT_LOCK_ID = 0x76746D61  # "vtma": serializes appends to the audit chain
 _PG_WRITE_LOCK_ID = 0x76746D77  # "vtmw": serializes write transactions, as SQLite's BEGIN IMMEDIATE
 
 
-def _configure_sqlite_reader(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA busy_timeout = 10000")
-            cursor.execute("PRAGMA query_only = ON")
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN")
-
-
 class Database:
     """An engine and transactions; the repository logic lives in trust.py."""
 
     def __init__(self, db_url: str, *, pool_size: int = 8) -> None:
         try:
-            url = make_url(db_url)
-        except ArgumentError:
-            raise DatabaseError(
-                "storage.db_url is malformed; use sqlite:///path/to/broker.db or postgresql+psycopg://user@host/dbname"
-            ) from None
-        self.shown_url = url.render_as_string(hide_password=True)
-        backend = url.get_backend_name()
-        if backend == "postgresql" and url.drivername == "postgresql":
-            url = url.set(drivername="postgresql+psycopg")
-        if backend == "sqlite":
-            if url.database in (None, "", ":memory:"):
-                raise DatabaseError(f"storage.db_url {self.shown_url!r} is an in-memory SQLite database; use a file")
-            connect_args: dict[str, Any] = {"timeout": 10, "check_same_thread": False}
-        elif backend == "postgresql":
-            connect_args = {}
-        else:
-            raise DatabaseError(
-                f"storage.db_url {self.shown_url!r} names an unsupported database; use sqlite or postgresql"
-            )
-        self.dialect = backend
+            url, self.shown_url = parse_db_url(db_url)
+        except DatabaseUrlError as exc:
+            raise DatabaseError(str(exc)) from None
+        self.dialect = url.get_backend_name()
         try:
-            self.engine: Engine = create_engine(
-                url,
-                connect_args=connect_args,
-                pool_size=pool_size,
-                pool_pre_ping=backend == "postgresql",
-                hide_parameters=True,
-            )
+            self.engine: Engine = open_engine(url, pool_size=pool_size)
+            # Reads (the gateway's hot path: authorize_unwrap) need no write
+            # lock. On SQLite a second engine opens plain deferred,
+            # query-only transactions, which WAL lets run beside a writer; on
+            # PostgreSQL the same pool opens read-only REPEATABLE READ
+            # transactions (one snapshot).
+            if self.dialect == "sqlite":
+                configure_sqlite(self.engine)
+                self.read_engine: Engine = open_engine(url, pool_size=pool_size)
+                configure_sqlite(self.read_engine, begin="BEGIN", wal=False, query_only=True)
+            else:
+                self.read_engine = self.engine.execution_options(
+                    isolation_level="REPEATABLE READ", postgresql_readonly=True
+                )
         except (SQLAlchemyError, ImportError) as exc:
             raise DatabaseError(f"cannot open {self.shown_url}: {exc}") from None
-        # Reads (the gateway's hot path: authorize_unwrap) need no write
-        # lock. On SQLite a second engine opens plain deferred transactions,
-        # which WAL lets run beside a writer; on PostgreSQL the same pool
-        # opens read-only REPEATABLE READ transactions (one snapshot).
-        self.read_engine: Engine = self.engine
-        if backend == "postgresql":
-            self.read_engine = self.engine.execution_options(
-                isolation_level="REPEATABLE READ", postgresql_readonly=True
-            )
-        if backend == "sqlite":
-            _configure_sqlite(self.engine)
-            self.read_engine = create_engine(url, connect_args=connect_args, pool_size=pool_size, hide_parameters=True)
-            _configure_sqlite_reader(self.read_engine)
 
     def create_all(self) -> None:
         """Create missing tables (no migrations yet; see the module note)."""
         try:
             metadata.create_all(self.engine)
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"cannot create the broker tables in {self.shown_url}: {_describe(exc)}") from None
+            raise DatabaseError(f"cannot create the broker tables in {self.shown_url}: {describe_error(exc)}") from None
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
         """One transaction: committed when the block ends, rolled back if it
-        raises. SQLite takes its write lock at BEGIN (see _configure_sqlite),
+        raises. SQLite takes its write lock at BEGIN (see configure_sqlite),
         PostgreSQL the broker's write lock (see the module note)."""
         try:
             with self.engine.begin() as conn:
@@ -309,7 +267,7 @@ class Database:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_WRITE_LOCK_ID})
                 yield conn
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"broker database error: {_describe(exc)}") from None
+            raise DatabaseError(f"broker database error: {describe_error(exc)}") from None
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -318,7 +276,7 @@ class Database:
             with self.read_engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"broker database error: {_describe(exc)}") from None
+            raise DatabaseError(f"broker database error: {describe_error(exc)}") from None
 
     def lock_audit_chain(self, conn: Connection) -> None:
         """Serialize audit appends across processes (SQLite: BEGIN IMMEDIATE

@@ -22,8 +22,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker.db import Database, DatabaseError
 from kms_server.storage import schema as _schema
+from kms_server.storage.engine import describe_error
 from kms_server.storage.schema import Migrations, SchemaError
-from kms_server.storage.sql import _describe
 
 __all__ = ["BROKER", "SchemaError", "check", "current_revision", "head_revision", "prepare", "upgrade"]
 
@@ -51,7 +51,7 @@ def current_revision(db: Database) -> str | None:
     try:
         return _schema.current_revision(db.engine, BROKER)
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the schema revision of {db.shown_url}: {_describe(exc)}") from None
+        raise DatabaseError(f"cannot read the schema revision of {db.shown_url}: {describe_error(exc)}") from None
 
 
 def upgrade(db: Database) -> tuple[str | None, str]:
@@ -59,7 +59,7 @@ def upgrade(db: Database) -> tuple[str | None, str]:
     try:
         return _schema.upgrade(db.engine, BROKER)
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot upgrade the schema of {db.shown_url}: {_describe(exc)}") from None
+        raise DatabaseError(f"cannot upgrade the schema of {db.shown_url}: {describe_error(exc)}") from None
 
 
 def check(db: Database) -> None:
@@ -67,7 +67,7 @@ def check(db: Database) -> None:
     try:
         _schema.check(db.engine, db.shown_url, BROKER)
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the schema revision of {db.shown_url}: {_describe(exc)}") from None
+        raise DatabaseError(f"cannot read the schema revision of {db.shown_url}: {describe_error(exc)}") from None
 
 
 def prepare(db: Database, mode: str) -> None:

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Table, event, func, insert, inspect, select, text
-from sqlalchemy.engine import Connection, Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy import Table, func, insert, inspect, select, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from kms_server.config import Config
@@ -40,6 +40,7 @@ from kms_server.keystore import barrier
 from kms_server.keystore.backup_seal import HKDF_INFO, BackupCipher, ChunkInvalid
 from kms_server.storage import schema
 from kms_server.storage import sql as sql_tables
+from kms_server.storage.engine import DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
 
 __all__ = [
     "BACKUP_TABLES",
@@ -225,16 +226,9 @@ def _database_url(cfg: Config) -> tuple[Any, str]:
     if url.startswith("memory:"):
         raise BackupError("the in-memory store cannot be backed up or restored; give a sqlite:// or postgresql:// URL")
     try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise BackupError(
-            "storage.db_url is malformed; use sqlite:///path or postgresql+psycopg://user@host/db"
-        ) from None
-    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise BackupError("storage.db_url names an unsupported database; use sqlite:// or postgresql://")
-    return parsed, parsed.render_as_string(hide_password=True)
+        return parse_db_url(url)
+    except DatabaseUrlError as exc:
+        raise BackupError(str(exc)) from None
 
 
 def _sqlite_path(url: Any) -> Path | None:
@@ -244,27 +238,9 @@ def _sqlite_path(url: Any) -> Path | None:
 
 
 def _engine(url: Any, *, sqlite_begin: str) -> Engine:
-    connect_args = {"timeout": 10} if url.get_backend_name() == "sqlite" else {}
-    # hide_parameters: bound values are sealed material and attribute values.
-    engine = create_engine(url, connect_args=connect_args, poolclass=NullPool, hide_parameters=True)
+    engine = open_engine(url, poolclass=NullPool)
     if url.get_backend_name() == "sqlite":
-
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-            # BEGIN is ours (below): sqlite3 would otherwise run every
-            # SELECT in its own snapshot.
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            try:
-                cursor.execute("PRAGMA busy_timeout = 10000")
-                cursor.execute("PRAGMA foreign_keys = ON")
-            finally:
-                cursor.close()
-
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            conn.exec_driver_sql(sqlite_begin)
-
+        configure_sqlite(engine, begin=sqlite_begin, wal=False)
     return engine
 
 

@@ -358,19 +358,20 @@ def register_credentials(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _db_engine(args: argparse.Namespace):
-    from sqlalchemy.engine import create_engine, make_url
+    from kms_server.storage.engine import DatabaseUrlError, open_engine, parse_db_url
 
     overrides = {"storage": {"db_url": args.db_url}} if getattr(args, "db_url", None) else None
     cfg = load_config(args.config, overrides, require_master_key=False)
     url = cfg.storage.db_url
     if url.startswith("memory:"):
         raise CommandError("the in-memory store has no schema; give a sqlite:// or postgresql:// --db-url")
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() == "sqlite" and parsed.database:
+    try:
+        parsed, shown = parse_db_url(url)
+    except DatabaseUrlError as exc:
+        raise CommandError(str(exc)) from None
+    if parsed.get_backend_name() == "sqlite":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return create_engine(parsed, hide_parameters=True), parsed.render_as_string(hide_password=True)
+    return open_engine(parsed), shown
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:

@@ -28,7 +28,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
-    event,
     exists,
     insert,
     or_,
@@ -37,8 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import Connection, Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
 from kms_server.storage.base import (
     AuditQuery,
@@ -54,6 +53,7 @@ from kms_server.storage.base import (
     StoredObject,
     Transaction,
 )
+from kms_server.storage.engine import READ_ONLY, configure_sqlite, describe_error, open_engine, parse_db_url
 
 __all__ = [
     "SqlStorage",
@@ -183,21 +183,6 @@ def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 
 
-def _describe(exc: SQLAlchemyError) -> str:
-    """A one-line description that carries no bound values.
-
-    The engine hides parameters, and only the first line of the driver's
-    message is kept: PostgreSQL puts row contents into DETAIL lines.
-    """
-    orig = getattr(exc, "orig", None)
-    if orig is None:
-        return type(exc).__name__ + ": " + (str(exc).splitlines() or [""])[0]
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
-    first_line = (str(orig).splitlines() or [""])[0]
-    prefix = f"{type(orig).__name__} [{code}]" if code else type(orig).__name__
-    return f"{prefix}: {first_line}"
-
-
 def _is_disconnect(exc: SQLAlchemyError) -> bool:
     """The connection is gone (server down, failover, network): as opposed
     to an error in the statement."""
@@ -217,8 +202,8 @@ def _is_disconnect(exc: SQLAlchemyError) -> bool:
 
 def _storage_error(what: str, exc: SQLAlchemyError, commit: bool = False) -> StorageError:
     if _is_disconnect(exc):
-        return StorageUnavailable(f"{what}: {_describe(exc)}", commit_unknown=commit)
-    return StorageError(f"{what}: {_describe(exc)}")
+        return StorageUnavailable(f"{what}: {describe_error(exc)}", commit_unknown=commit)
+    return StorageError(f"{what}: {describe_error(exc)}")
 
 
 def _is_unique_violation(exc: IntegrityError) -> bool:
@@ -523,34 +508,6 @@ def _audit_row(record: StoredAuditRecord) -> dict[str, Any]:
     }
 
 
-def _configure_sqlite(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take BEGIN away from the sqlite3 module; _on_begin emits it.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            # busy_timeout first, so that switching to WAL waits too.
-            cursor.execute("PRAGMA busy_timeout = 10000")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA foreign_keys = ON")
-            # synchronous stays FULL: an acknowledged Create must survive a
-            # power cut.
-        finally:
-            cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        if conn.get_execution_options().get("kms_read_only"):
-            # Under WAL a reader neither blocks nor waits for the writer.
-            conn.exec_driver_sql("BEGIN")
-            return
-        # Take the write lock up front. A deferred transaction that reads
-        # and then writes fails at once with "database is locked" when
-        # another writer committed in between; busy_timeout cannot help it.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 class SqlStorage(Storage):
     """Storage in a SQL database: `sqlite:///path` or
     `postgresql+psycopg://user@host/db` (`postgresql://` means psycopg)."""
@@ -560,51 +517,17 @@ class SqlStorage(Storage):
         (the embedded single-node default and tests), "check" refuses a
         database that is not at head (cluster nodes: `kms-admin db upgrade`
         is an explicit step)."""
-        try:
-            url = make_url(db_url)
-        except ArgumentError:
-            raise ValueError(
-                "storage URL is malformed: use sqlite:///path/to/file.db or "
-                "postgresql+psycopg://user@host/dbname"
-            ) from None
-        shown = url.render_as_string(hide_password=True)
+        url, shown = parse_db_url(db_url)
         backend = url.get_backend_name()
-        if backend == "postgresql" and url.drivername == "postgresql":
-            url = url.set(drivername="postgresql+psycopg")
-        if backend == "sqlite":
-            if url.database in (None, "", ":memory:") or url.database.startswith(
-                "file::memory:"
-            ):
-                raise ValueError(
-                    f"storage URL {shown!r} is an in-memory SQLite database, which "
-                    "each connection sees separately: use a file (sqlite:///path) "
-                    "or memory:// for the in-process fake"
-                )
-            connect_args: dict[str, Any] = {"timeout": 10}
-        elif backend == "postgresql":
-            connect_args = {}
-        else:
-            raise ValueError(
-                f"storage URL {shown!r} names an unsupported database: use "
-                "sqlite:///path or postgresql+psycopg://user@host/dbname"
-            )
         self._dialect = backend
         self._local = threading.local()
         self._sqlite_writer = threading.Lock()
         try:
-            self._engine = create_engine(
-                url,
-                connect_args=connect_args,
-                pool_size=pool_size,
-                pool_pre_ping=backend == "postgresql",
-                # Bound values are sealed material or attribute values; keep
-                # them out of exception text and SQLAlchemy's log.
-                hide_parameters=True,
-            )
+            self._engine = open_engine(url, pool_size=pool_size)
         except (SQLAlchemyError, ImportError) as exc:
             raise StorageError(f"cannot open storage {shown!r}: {exc}") from None
         if backend == "sqlite":
-            _configure_sqlite(self._engine)
+            configure_sqlite(self._engine)
         from kms_server.storage import schema as schema_versions
 
         self.shown_url = shown
@@ -619,7 +542,7 @@ class SqlStorage(Storage):
         except SQLAlchemyError as exc:
             self._engine.dispose()
             raise StorageError(
-                f"cannot open storage {shown!r}: {_describe(exc)}"
+                f"cannot open storage {shown!r}: {describe_error(exc)}"
             ) from None
 
     @property
@@ -654,7 +577,7 @@ class SqlStorage(Storage):
         try:
             conn = self._engine.connect()
             if read_only:
-                conn = conn.execution_options(kms_read_only=True)
+                conn = conn.execution_options(**{READ_ONLY: True})
         except SQLAlchemyError as exc:
             raise _storage_error("connect", exc) from None
         try:

@@ -1,0 +1,128 @@
+"""Opening a database URL: one place for the KMS storage, its admin tools
+(backup, `kms-admin db`) and the broker's own database.
+
+- ``parse_db_url``: SQLite in a file or PostgreSQL; `postgresql://` means
+  psycopg 3, the driver the project installs. Anything else, a malformed URL
+  or an in-memory SQLite database (which every pooled connection would see
+  as a different, empty database) raises ``DatabaseUrlError`` with one line
+  that carries no password.
+- ``open_engine``: a SQLAlchemy engine with bound values kept out of
+  exception text and SQLAlchemy's log (``hide_parameters``): they are sealed
+  key material and attribute values.
+- ``configure_sqlite``: SQLite as the services need it (WAL, busy_timeout,
+  foreign keys, our own BEGIN so a writer takes the lock up front).
+- ``describe_error``: a database error in one line without bound values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+__all__ = [
+    "READ_ONLY",
+    "DatabaseUrlError",
+    "configure_sqlite",
+    "describe_error",
+    "open_engine",
+    "parse_db_url",
+]
+
+# Execution option of a connection whose transactions only read: on SQLite
+# they begin with a plain (deferred) BEGIN, which under WAL neither blocks
+# nor waits for the writer.
+READ_ONLY = "kms_read_only"
+
+_EXAMPLES = "sqlite:///path/to/file.db or postgresql+psycopg://user@host/dbname"
+
+
+class DatabaseUrlError(ValueError):
+    """The URL names no database this project can use; one line, no password."""
+
+
+def parse_db_url(db_url: str, *, setting: str = "storage.db_url") -> tuple[URL, str]:
+    """The URL to give SQLAlchemy and the form safe to show."""
+    try:
+        url = make_url(db_url)
+    except ArgumentError:
+        raise DatabaseUrlError(f"{setting} is malformed; use {_EXAMPLES}") from None
+    shown = url.render_as_string(hide_password=True)
+    backend = url.get_backend_name()
+    if backend == "postgresql" and url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if url.database in (None, "", ":memory:") or url.database.startswith("file::memory:"):
+            raise DatabaseUrlError(
+                f"{setting} {shown!r} is an in-memory SQLite database, which each connection sees "
+                "separately; use a file (sqlite:///path)"
+            )
+    elif backend != "postgresql":
+        raise DatabaseUrlError(f"{setting} {shown!r} names an unsupported database; use {_EXAMPLES}")
+    return url, shown
+
+
+def open_engine(url: URL, **options: Any) -> Engine:
+    """An engine for a URL from parse_db_url; ``options`` go to
+    create_engine (pool_size, poolclass, ...). Raises SQLAlchemyError or
+    ImportError (driver missing) as create_engine does."""
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        # Pooled connections move between threads; each is used by one at a time.
+        connect_args: dict[str, Any] = {"timeout": 10, "check_same_thread": False}
+    else:
+        connect_args = {}
+        options.setdefault("pool_pre_ping", True)
+    return create_engine(url, connect_args=connect_args, hide_parameters=True, **options)
+
+
+def configure_sqlite(
+    engine: Engine, *, begin: str = "BEGIN IMMEDIATE", wal: bool = True, query_only: bool = False
+) -> None:
+    """Set up every new connection of a SQLite engine, and emit ``begin``
+    (``BEGIN`` for connections with the READ_ONLY option) at the start of
+    each transaction.
+
+    BEGIN IMMEDIATE takes the write lock up front: a deferred transaction
+    that reads and then writes fails at once with "database is locked" when
+    another writer committed in between, and busy_timeout cannot help it.
+    ``query_only`` makes SQLite itself refuse writes (a reader engine).
+    synchronous stays FULL: an acknowledged write must survive a power cut.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module; _on_begin emits it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first, so that switching to WAL waits too.
+            cursor.execute("PRAGMA busy_timeout = 10000")
+            if wal:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if query_only:
+                cursor.execute("PRAGMA query_only = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else begin)
+
+
+def describe_error(exc: SQLAlchemyError) -> str:
+    """A one-line description that carries no bound values.
+
+    The engine hides parameters, and only the first line of the driver's
+    message is kept: PostgreSQL puts row contents into DETAIL lines.
+    """
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return type(exc).__name__ + ": " + (str(exc).splitlines() or [""])[0]
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
+    first_line = (str(orig).splitlines() or [""])[0]
+    prefix = f"{type(orig).__name__} [{code}]" if code else type(orig).__name__
+    return f"{prefix}: {first_line}"

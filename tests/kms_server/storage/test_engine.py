@@ -1,0 +1,83 @@
+"""kms_server.storage.engine: the one place that turns a db_url into an
+engine, for the KMS storage, its admin tools and the broker."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from kms_server.storage.engine import (
+    READ_ONLY,
+    DatabaseUrlError,
+    configure_sqlite,
+    open_engine,
+    parse_db_url,
+)
+
+
+def test_plain_postgresql_means_psycopg_and_the_password_is_not_shown():
+    url, shown = parse_db_url("postgresql://kms:hunter2@db.example/kms")
+    assert url.drivername == "postgresql+psycopg"
+    assert "hunter2" not in shown and "db.example/kms" in shown
+
+
+@pytest.mark.parametrize(
+    "db_url, words",
+    [
+        ("not a url", "malformed"),
+        ("sqlite://", "in-memory"),
+        ("sqlite:///:memory:", "in-memory"),
+        ("sqlite:///file::memory:?cache=shared", "in-memory"),
+        ("mysql://u:hunter2@h/db", "unsupported"),
+    ],
+)
+def test_urls_that_cannot_serve_are_refused_in_one_line(db_url, words):
+    with pytest.raises(DatabaseUrlError) as info:
+        parse_db_url(db_url, setting="storage.db_url")
+    message = str(info.value)
+    assert words in message and "storage.db_url" in message
+    assert "\n" not in message and "hunter2" not in message
+
+
+def test_sqlite_writer_takes_the_lock_at_begin_and_a_reader_does_not_wait(tmp_path):
+    url, _ = parse_db_url(f"sqlite:///{tmp_path / 'x.db'}")
+    engine = open_engine(url, pool_size=2)
+    configure_sqlite(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (v INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    with engine.begin() as writer:
+        # The lock is held from BEGIN on, before the first write: a second
+        # writer cannot start.
+        other = sqlite3.connect(tmp_path / "x.db", timeout=0, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.close()
+        writer.exec_driver_sql("INSERT INTO t VALUES (2)")
+        # A reader (READ_ONLY option) runs beside the open write transaction
+        # and sees the last committed state.
+        with engine.connect().execution_options(**{READ_ONLY: True}) as reader:
+            with reader.begin():
+                assert reader.execute(text("SELECT count(*) FROM t")).scalar() == 1
+    engine.dispose()
+
+
+def test_query_only_engine_refuses_writes(tmp_path):
+    url, _ = parse_db_url(f"sqlite:///{tmp_path / 'x.db'}")
+    writer = open_engine(url)
+    configure_sqlite(writer)
+    with writer.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (v INTEGER)")
+    reader = open_engine(url)
+    configure_sqlite(reader, begin="BEGIN", wal=False, query_only=True)
+    with pytest.raises(OperationalError, match="readonly"):
+        with reader.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    with reader.begin() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
+    reader.dispose()
+    writer.dispose()
