@@ -61,6 +61,7 @@ __all__ = [
     "CerttoolConfig",
     "CerttoolError",
     "certificate_for",
+    "error_text",
     "ek_public_key_pem",
     "main",
     "run_for_agent",
@@ -282,7 +283,7 @@ def _issue_remote(config: CerttoolConfig, request: dict) -> dict:
         with opener.open(http_request, timeout=config.timeout) as response:
             status, body = response.status, response.read(MAX_RESPONSE + 1)
     except urllib.error.HTTPError as exc:
-        detail = _error_text(exc.read(MAX_RESPONSE + 1))
+        detail = error_text(exc.read(MAX_RESPONSE + 1))
         raise CerttoolError(f"the broker refused the certificate (HTTP {exc.code}): {detail}") from None
     except urllib.error.URLError as exc:
         raise CerttoolError(f"cannot reach the broker at {config.url}: {exc.reason}") from None
@@ -299,7 +300,9 @@ def _issue_remote(config: CerttoolConfig, request: dict) -> dict:
     return answer
 
 
-def _error_text(body: bytes) -> str:
+def error_text(body: bytes) -> str:
+    """The broker's one-line error from an HTTP error body (its JSON
+    "error", or the start of the body), for messages."""
     try:
         error = json.loads(body).get("error")
     except (ValueError, AttributeError):

@@ -22,7 +22,7 @@ import ssl
 import urllib.parse
 from typing import Protocol
 
-from broker.ek_certtool import API_PATH
+from broker.ek_certtool import API_PATH, error_text
 from broker.host.config import HostConfig
 from broker.host.errors import BrokerRefused, BrokerUnavailable, HostError, RollbackRefused
 from broker.keysafe import KeySafe
@@ -221,7 +221,7 @@ class BrokerClient:
                 "and the api URL in config.toml"
             ) from None
         if status >= 400:
-            detail = _error_text(data)
+            detail = error_text(data)
             if status in (401, 403, 404):
                 raise BrokerRefused(f"the broker refused {method} {path} (HTTP {status}): {detail}")
             if status == 409:
@@ -246,12 +246,3 @@ def _generation(answer: dict) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise HostError("the broker's answer holds no generation; is it a broker with rollback protection?")
     return value
-
-
-def _error_text(body: bytes) -> str:
-    try:
-        error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        error = None
-    text = error if isinstance(error, str) else body[:200].decode("utf-8", "replace")
-    return " ".join(text.split()) or "(no detail)"
