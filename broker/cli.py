@@ -174,21 +174,10 @@ def _run(cfg) -> int:
     from broker import service
 
     root = service.build(cfg, reactor, gateway_factory=service.default_gateway_factory)
-    failed: list[str] = []
+    from kms_server.cli import run_service
 
-    def start():
-        try:
-            root.startService()
-        except Exception as exc:
-            failed.append(_describe(exc))
-            reactor.stop()
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
-    reactor.run()
-    if failed:
-        return _fail(failed[0])
-    return 0
+    failed = run_service(root, reactor, _describe)
+    return _fail(failed) if failed else 0
 
 
 # --- init --------------------------------------------------------------------------------

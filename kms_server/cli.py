@@ -82,21 +82,27 @@ def server_main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # Start-up failures are configuration problems.
         return _fail(_start_error(exc))
 
+    failed = run_service(root, reactor, _start_error)
+    return _fail(failed) if failed else 0
+
+
+def run_service(root, reactor, describe) -> str | None:
+    """Start `root` once the reactor runs, stop it at shutdown, and run the
+    reactor until then. Returns `describe(exc)` of a failed start (the
+    reactor is stopped at once), or None after an orderly stop."""
     failed: list[str] = []
 
     def start():
         try:
             root.startService()
         except Exception as exc:
-            failed.append(_start_error(exc))
+            failed.append(describe(exc))
             reactor.stop()
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     reactor.run()
-    if failed:
-        return _fail(failed[0])
-    return 0
+    return failed[0] if failed else None
 
 
 def _start_error(exc: Exception) -> str:

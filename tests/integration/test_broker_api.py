@@ -9,6 +9,8 @@ import base64
 import datetime as dt
 import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -596,3 +598,22 @@ def test_ek_certificate_for_the_host_of_the_vm_then_ca_swap(broker):
     vtpm_ca.verify_ek_certificate(der, old_ca_pem, public_key_pem=public_pem)
     again = broker.call("POST", "/v1/vtpm/ek-certificates", host, json=_ek_request(vm["vm_uuid"])[0])
     assert again.status_code == 201 and again.json()["ca_pem"] == third.ca_pem.decode()
+
+
+def test_api_port_in_use_is_a_one_line_error(broker):
+    """A second broker on a port the first one holds stops at start-up with
+    one line that names the address and the fix, and exit status 2."""
+    busy = broker.workdir / "busy.toml"
+    text = broker.config.read_text()
+    assert "[api]\nport = 0\n" in text
+    busy.write_text(text.replace("[api]\nport = 0\n", f"[api]\nport = {broker.port}\n"))
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "--config", str(busy), "run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert any(f"cannot listen on 127.0.0.1:{broker.port}" in line and "choose another port" in line for line in errors), result.stderr
+    assert "Traceback" not in result.stderr
