@@ -612,6 +612,7 @@ def _vm_json(record) -> dict:
         "kms_key_id": record.kms_key_id,
         "key_safe": record.key_safe,
         "host": record.host,
+        "nvram_generation": record.nvram_generation,
     }
 
 

@@ -173,6 +173,10 @@ class VmRecord:
     kms_key_id: str
     key_safe: str
     host: str | None
+    # The last .nvram generation a host reported (0: none yet), where the
+    # query read it (list_vms); vtpm-mgmt vm check compares it with the
+    # datastore's .nvram to find rolled-back copies.
+    nvram_generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,10 @@ def _insert_vm(conn, record: VmRecord, now: float) -> None:
 # only binds the parameters. kms_key_id, vm_uuid and cert_fingerprint are
 # unique, so there is at most one row; none when the host is unknown.
 _AUDIT_HEAD = select(audit.c.seq, audit.c.hash).order_by(audit.c.seq.desc()).limit(1)
+# A VM with the last .nvram generation a host reported for it (NULL: none).
+_VM_WITH_GENERATION = select(vms, nvram_generations.c.generation).select_from(
+    vms.outerjoin(nvram_generations, nvram_generations.c.vm_uuid == vms.c.vm_uuid)
+)
 
 # Who a certificate is (`Registry.identify`, once per API request), built once.
 _INSTANCE_BY_FP = select(instances.c.name, instances.c.state, instances.c.last_used_at).where(
@@ -811,7 +819,11 @@ class Registry:
                 else:
                     host = existing.host
                 conn.execute(vms.delete().where(vms.c.vm_uuid == vm_uuid))
-            record = VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host)
+            # Kept by VM UUID: the vTPM's rollback protection survives the re-registration.
+            generation = conn.execute(
+                select(nvram_generations.c.generation).where(nvram_generations.c.vm_uuid == vm_uuid)
+            ).scalar()
+            record = VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host, int(generation or 0))
             _insert_vm(conn, record, now)
             was = "new" if existing is None else f"was {existing.instance}"
             self._append_audit(conn, f"instance:{instance}", "vm.register", vm_uuid, True, f"KEK {kms_key_id} ({was})")
@@ -844,13 +856,14 @@ class Registry:
 
     def get_vm(self, vm_uuid: str, instance: str | None = None) -> VmRecord:
         with self.db.read() as conn:
-            vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
+            vm = conn.execute(_VM_WITH_GENERATION.where(vms.c.vm_uuid == vm_uuid)).first()
         if vm is None or (instance is not None and vm.instance != instance):
             raise NotFound(f"no VM {vm_uuid}")
         return _vm(vm)
 
     def list_vms(self, instance: str | None = None) -> list[VmRecord]:
-        stmt = select(vms).order_by(vms.c.vm_uuid)
+        """The VMs (of one instance), each with its last reported .nvram generation."""
+        stmt = _VM_WITH_GENERATION.order_by(vms.c.vm_uuid)
         if instance is not None:
             stmt = stmt.where(vms.c.instance == instance)
         with self.db.read() as conn:
@@ -932,4 +945,7 @@ class Registry:
 
 
 def _vm(row) -> VmRecord:
-    return VmRecord(row.vm_uuid, row.name, row.instance, row.kms_key_id, row.key_safe, row.host)
+    generation = row._mapping.get("generation")
+    return VmRecord(
+        row.vm_uuid, row.name, row.instance, row.kms_key_id, row.key_safe, row.host, int(generation or 0)
+    )

@@ -3,9 +3,12 @@ before anyone needs them.
 
 A vTPM is its `.nvram`: a backup that lacks it, or holds a damaged one, or
 one copied from another VM, loses the vTPM's keys and identity for good.
-This reads the datastore only (no broker, no key): each `.vmx`, its key
-safe, and the clear header of its `.nvram` (structure, lengths, owner). The
-`.nvram`'s tag needs the DEK; the host verifies it at every power-on.
+This reads the datastore (no key): each `.vmx`, its key safe, and the clear
+header of its `.nvram` (structure, lengths, owner). The `.nvram`'s tag needs
+the DEK; the host verifies it at every power-on. With the broker's record of
+the last generation each VM's host sealed (`compare_generations`, fed from
+the instance's VM list), an older `.nvram` - a backup restored over a newer
+state - is found too: a power-on would refuse it as a rollback.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from broker import nvram, vmx
 from broker.keysafe import KeySafeError, parse_key_safe
 
-__all__ = ["VmCheck", "check_datastore"]
+__all__ = ["VmCheck", "check_datastore", "compare_generations"]
 
 # A .nvram is a few KiB to a few hundred KiB; read_header is given the whole
 # file, so refuse to read something absurd into memory.
@@ -33,6 +36,9 @@ class VmCheck:
     kms_key_id: str = ""
     has_vtpm: bool = False
     generation: int | None = None
+    # The last generation a host sealed, as the broker recorded it (None:
+    # not asked, or the VM is not this instance's).
+    broker_generation: int | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -47,6 +53,7 @@ class VmCheck:
             "kms_key_id": self.kms_key_id,
             "vtpm": self.has_vtpm,
             "generation": self.generation,
+            "broker_generation": self.broker_generation,
             "ok": self.ok,
             "problems": list(self.problems),
         }
@@ -69,6 +76,29 @@ def check_datastore(datastore: Path, provider: str | None) -> list[VmCheck]:
                     f"has the same {what} as {first.vmx_path} (a copy?); recovery registers only one"
                 )
     return results
+
+
+def compare_generations(results: list[VmCheck], recorded: dict[str, int]) -> list[VmCheck]:
+    """Flag each vTPM whose `.nvram` is older than the generation its host
+    last sealed (`recorded`: VM UUID -> generation, 0 for none yet).
+    Returns the vTPMs with a readable `.nvram` that `recorded` does not
+    cover (VMs the instance has not registered), whose rollback was not
+    checked."""
+    unchecked = []
+    for result in results:
+        if not result.has_vtpm or result.generation is None:
+            continue
+        if result.vm_uuid not in recorded:
+            unchecked.append(result)
+            continue
+        result.broker_generation = recorded[result.vm_uuid]
+        if result.generation < result.broker_generation:
+            result.problems.append(
+                f"its .nvram is generation {result.generation}, older than generation "
+                f"{result.broker_generation} that its host last sealed (an old copy put back?): "
+                "a power-on refuses it as a rollback; restore the newest .nvram"
+            )
+    return unchecked
 
 
 def check_vm(path: Path, provider: str | None) -> VmCheck:

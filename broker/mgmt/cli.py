@@ -6,7 +6,7 @@
     vtpm-mgmt [--state-dir D] vm create --name N [--name N2 ...] --datastore DIR [--vtpm] [--host H ...]
     vtpm-mgmt [--state-dir D] vm register --datastore DIR [--host H ...] [--jobs J]
     vtpm-mgmt [--state-dir D] vm list [--json]
-    vtpm-mgmt [--state-dir D] vm check --datastore DIR [--provider P] [--json]
+    vtpm-mgmt [--state-dir D] vm check --datastore DIR [--provider P] [--offline] [--json]
 
 The state directory defaults to $VTPM_MGMT_STATE_DIR. Exit status: 0 done,
 1 some VMs failed (`vm register`) or have problems (`vm check`), 2 the
@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     check = vsub.add_parser("check", help="find VMs whose vTPM could not be recovered")
     check.add_argument("--datastore", required=True, metavar="DIR")
     check.add_argument("--provider", help="expected key provider (default: this instance's)")
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="do not ask the broker for the last .nvram generations (no rollback check)",
+    )
     check.add_argument("--json", action="store_true")
     return p
 
@@ -451,19 +456,38 @@ def _vm_list(state: StateDir, args) -> int:
 
 
 def _vm_check(args) -> int:
-    from broker.mgmt.check import check_datastore
+    from broker.mgmt.check import check_datastore, compare_generations
 
     datastore = Path(args.datastore)
     if not datastore.is_dir():
         raise MgmtError(f"datastore {datastore} is not a directory")
     provider = args.provider
-    if provider is None and (args.state_dir or os.environ.get(STATE_ENV)):
-        provider = _state(args).settings().provider
+    state = _state(args) if (args.state_dir or os.environ.get(STATE_ENV)) else None
+    if provider is None and state is not None:
+        provider = state.settings().provider
     results = check_datastore(datastore, provider)
+    notes = []
+    if provider is None:
+        notes.append("key provider not checked: give --provider or --state-dir")
+    if args.offline:
+        notes.append(".nvram rollback not checked (--offline)")
+    elif state is None or not state.enrolled:
+        notes.append(".nvram rollback not checked: give --state-dir of an enrolled instance")
+    else:
+        recorded = _recorded_generations(state)
+        unchecked = compare_generations(results, recorded)
+        if unchecked:
+            notes.append(
+                f".nvram rollback not checked for {len(unchecked)} VMs that {state.settings().name} "
+                "has not registered (vm register)"
+            )
     bad = [r for r in results if not r.ok]
     if args.json:
         print(
-            json.dumps({"vms": len(results), "problems": len(bad), "results": [r.as_json() for r in results]}, indent=2)
+            json.dumps(
+                {"vms": len(results), "problems": len(bad), "notes": notes, "results": [r.as_json() for r in results]},
+                indent=2,
+            )
         )
         return 1 if bad else 0
     for result in results:
@@ -471,13 +495,35 @@ def _vm_check(args) -> int:
             print(f"PROBLEM {result.name} ({result.vmx_path}): {problem}")
     vtpms = sum(1 for r in results if r.has_vtpm)
     checked = f"checked {len(results)} VMs ({vtpms} with a vTPM) on {datastore}"
-    if provider is None:
-        checked += " (key provider not checked: give --provider or --state-dir)"
+    if notes:
+        checked += f" ({'; '.join(notes)})"
     if bad:
         print(f"{checked}: {len(bad)} would not recover; restore their .nvram from a backup that has it")
         return 1
     print(f"{checked}: every one can be recovered")
     return 0
+
+
+def _recorded_generations(state: StateDir) -> dict[str, int]:
+    """VM UUID -> the last .nvram generation the broker recorded, for this
+    instance's VMs."""
+    client = state.client(timeout=30.0)
+    try:
+        vms = client.list_vms()
+    except BrokerError as exc:
+        raise MgmtError(
+            f"cannot ask the broker for the last .nvram generations ({exc}); "
+            "give --offline to check the datastore alone"
+        ) from None
+    finally:
+        client.close()
+    recorded = {}
+    for vm in vms:
+        generation = vm.get("nvram_generation") if isinstance(vm, dict) else None
+        if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+            raise MgmtError("the broker's VM list carries no .nvram generations; upgrade the broker or give --offline")
+        recorded[str(vm.get("vm_uuid"))] = generation
+    return recorded
 
 
 if __name__ == "__main__":

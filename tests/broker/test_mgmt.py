@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from broker import nvram, vmx
 from broker.keysafe import KeySafe, format_key_safe
 from broker.mgmt import cli
-from broker.mgmt.check import check_datastore
+from broker.mgmt.check import check_datastore, compare_generations
 from broker.mgmt.client import BrokerError, parse_broker_url
 
 PROVIDER = "kms-prod"
@@ -156,6 +156,35 @@ def test_vm_without_vtpm_needs_no_nvram(tmp_path):
     path.parent.mkdir()
     vmx.write(path, vmx.Vmx.new("plain", str(uuid.uuid4()), key_safe(), vtpm=False))
     assert problems(tmp_path) == {"plain": []}
+
+
+def test_nvram_older_than_the_brokers_generation_is_a_rollback(tmp_path):
+    """Each .nvram here is generation 3. Against the broker's record: newer
+    (4) is a rollback problem naming both generations; the same, an older
+    record or none yet (0) are fine; a VM the broker did not list is returned
+    as unchecked, and a VM without .nvram is neither."""
+    uuids = {name: make_vm(tmp_path, name)[1].vm_uuid for name in ("behind", "same", "ahead", "fresh", "foreign")}
+    make_vm(tmp_path, "lost", with_nvram=False)
+    results = check_datastore(tmp_path, PROVIDER)
+    recorded = {uuids["behind"]: 4, uuids["same"]: 3, uuids["ahead"]: 2, uuids["fresh"]: 0}
+    unchecked = compare_generations(results, recorded)
+    assert [r.name for r in unchecked] == ["foreign"]
+    by_name = {r.name: r for r in results}
+    [problem] = by_name["behind"].problems
+    assert "generation 3" in problem and "generation 4" in problem and "rollback" in problem
+    for name in ("same", "ahead", "fresh", "foreign"):
+        assert by_name[name].ok, (name, by_name[name].problems)
+    assert by_name["behind"].as_json()["broker_generation"] == 4
+    assert by_name["foreign"].broker_generation is None
+    assert not by_name["lost"].ok and by_name["lost"].broker_generation is None
+
+
+def test_vm_check_offline_says_rollback_was_not_checked(tmp_path, capsys):
+    make_vm(tmp_path, "good")
+    assert cli.main(["vm", "check", "--datastore", str(tmp_path), "--provider", PROVIDER, "--offline"]) == 0
+    assert ".nvram rollback not checked (--offline)" in capsys.readouterr().out
+    assert cli.main(["vm", "check", "--datastore", str(tmp_path), "--provider", PROVIDER, "--json"]) == 0
+    assert any("rollback not checked" in note for note in json.loads(capsys.readouterr().out)["notes"])
 
 
 def test_vm_check_command_exit_status_and_json(tmp_path, capsys):

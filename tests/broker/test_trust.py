@@ -304,6 +304,29 @@ def test_revoked_instance_hosts_refused_then_recovered_by_another(registry):
     assert taken != host_a and registry.identify(host_a) is None
 
 
+def test_vm_listing_carries_the_last_nvram_generation_across_recovery(registry):
+    """list_vms and get_vm show the last generation a host reported (0 when
+    none), and re-registration by another instance keeps it: vm check reads
+    it to find rolled-back .nvram copies."""
+    trusted(registry, "vc-a")
+    registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", None)
+    registry.add_vm("vc-a", VM_B, "vm-b", "kek-b", "ks-b", None)
+    assert {v.vm_uuid: v.nvram_generation for v in registry.list_vms("vc-a")} == {VM_A: 0, VM_B: 0}
+    registry.record_nvram_generation(VM_A, 4, "host:esx-a")
+    assert {v.vm_uuid: v.nvram_generation for v in registry.list_vms("vc-a")} == {VM_A: 4, VM_B: 0}
+    assert registry.get_vm(VM_A).nvram_generation == 4
+    assert [v.vm_uuid for v in registry.list_vms("vc-other")] == []
+
+    registry.revoke("vc-a")
+    trusted(registry, "vc-b")
+    assert registry.register_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a").nvram_generation == 4
+    assert [(v.vm_uuid, v.nvram_generation) for v in registry.list_vms("vc-b")] == [(VM_A, 4)]
+    # A removed VM forgets its generation: created again, it starts afresh.
+    registry.remove_vm(VM_A, "admin", "vc-b")
+    registry.add_vm("vc-b", VM_A, "vm-a", "kek-a2", "ks-a2", None)
+    assert registry.get_vm(VM_A).nvram_generation == 0
+
+
 def test_vm_of_trusted_instance_cannot_be_taken(registry):
     trusted(registry, "vc-a")
     trusted(registry, "vc-b")

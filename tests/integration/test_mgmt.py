@@ -7,17 +7,19 @@ datastore alone after the first is revoked."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from broker import vmx
+from broker import nvram, vmx
 from broker.drill.processes import command, run, start_broker, start_kms
 from broker.keysafe import KeySafe, format_key_safe, parse_key_safe
 from kms_server.client import KmipClient
@@ -148,6 +150,33 @@ def test_enroll_hosts_vms_then_recovery_by_a_second_instance(tmp_path, broker, k
     # Not yet powered on: no .nvram, so `vm check` warns before anyone needs it.
     check = mgmt(a, "vm", "check", "--datastore", str(datastore), check=False)
     assert check.returncode == 1 and check.stdout.count("PROBLEM") == 2 and "missing" in check.stdout
+    assert "not checked" not in check.stdout  # A is enrolled: the broker's generations were read.
+
+    # An old .nvram put back after its host sealed a newer one is found
+    # before a power-on refuses it: the broker's record (here: esx-1 reports
+    # generation 3) against the datastore's generation 1.
+    web = datastore / "web-01"
+    web_uuid = vmx.read(web / "web-01.vmx").vm_uuid
+    web_ks = parse_key_safe(vmx.read(web / "web-01.vmx").key_safe)
+    ref = f"{web_ks.provider}/{web_ks.kms_key_id}"
+    (web / "web-01.nvram").write_bytes(nvram.seal({"tpm2-00.permall": b"x" * 100}, os.urandom(64), web_uuid, 1, ref))
+    reported = requests.put(
+        f"{broker.url}/v1/vms/{web_uuid}/nvram-generation",
+        json={"generation": 3},
+        cert=(str(hosts / "esx-1.pem"), str(hosts / "esx-1.key")),
+        verify=str(broker.trust_ca),
+        timeout=30,
+    )
+    assert reported.status_code == 200, reported.text
+    check = mgmt(a, "vm", "check", "--datastore", str(datastore), "--json", check=False)
+    found = {r["name"]: r for r in json.loads(check.stdout)["results"]}
+    assert found["web-01"]["generation"] == 1 and found["web-01"]["broker_generation"] == 3
+    assert any("rollback" in p and "generation 3" in p for p in found["web-01"]["problems"])
+    offline = json.loads(mgmt(a, "vm", "check", "--datastore", str(datastore), "--offline", "--json", check=False).stdout)
+    assert not any("rollback" in p for r in offline["results"] for p in r["problems"])
+    (web / "web-01.nvram").write_bytes(nvram.seal({"tpm2-00.permall": b"x" * 100}, os.urandom(64), web_uuid, 3, ref))
+    check = mgmt(a, "vm", "check", "--datastore", str(datastore), check=False)
+    assert check.stdout.count("PROBLEM") == 1 and "db-01" in check.stdout and "rollback" not in check.stdout
 
     # The disaster: A is lost and revoked.
     broker.admin("revoke", "vcenter-a")
