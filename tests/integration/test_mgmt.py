@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import pg_cluster
 import pytest
 import requests
 from cryptography import x509
@@ -177,6 +179,14 @@ def test_enroll_hosts_vms_then_recovery_by_a_second_instance(tmp_path, broker, k
     (web / "web-01.nvram").write_bytes(nvram.seal({"tpm2-00.permall": b"x" * 100}, os.urandom(64), web_uuid, 3, ref))
     check = mgmt(a, "vm", "check", "--datastore", str(datastore), check=False)
     assert check.stdout.count("PROBLEM") == 1 and "db-01" in check.stdout and "rollback" not in check.stdout
+    # A broker that does not answer: one line that names --offline, not a silent skip.
+    gone = tmp_path / "vcenter-a-copy"
+    shutil.copytree(a, gone)
+    settings = json.loads((gone / "instance.json").read_text())
+    (gone / "instance.json").write_text(json.dumps({**settings, "broker": f"https://127.0.0.1:{pg_cluster.free_port()}"}))
+    unreachable = mgmt(gone, "vm", "check", "--datastore", str(datastore), check=False)
+    assert unreachable.returncode == 2 and unreachable.stderr.count("\n") == 1
+    assert "--offline" in unreachable.stderr and "Traceback" not in unreachable.stderr
 
     # The disaster: A is lost and revoked.
     broker.admin("revoke", "vcenter-a")
