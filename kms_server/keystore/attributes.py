@@ -19,6 +19,7 @@ from kmip.core.enums import ObjectType as OT
 from kmip.core.enums import Tags
 
 from kms_server import errors
+from kms_server.keystore.crypto import CERTIFICATE_NAME_FIELDS
 from kms_server.wire import ttlv
 from kms_server.wire.ttlv import Item, ItemType
 
@@ -66,6 +67,14 @@ S, INT, E, B, T, D, IV = (
     ItemType.DATE_TIME,
     ItemType.INTERVAL,
 )
+
+# (subject or issuer, field) -> the KMIP 2.0 attribute name; the fields are
+# those of crypto.CERTIFICATE_NAME_FIELDS.
+CERTIFICATE_NAME_ATTRIBUTES = {
+    (who, field): f"Certificate {who.capitalize()} {field}"
+    for who in ("subject", "issuer")
+    for field in CERTIFICATE_NAME_FIELDS
+}
 
 _SERVER = dict(client_initial=False, client_modifiable=False, client_deletable=False)
 _INITIAL_ONLY = dict(client_modifiable=False, client_deletable=False)
@@ -124,6 +133,13 @@ SPECS: dict[str, AttributeSpec] = {
         AttributeSpec("Short Unique Identifier", ItemType.BYTE_STRING, v2_only=True, **_SERVER),
         AttributeSpec("Key Format Type", E, applies_to=KEYS + (OT.SECRET_DATA,), v2_only=True, **_SERVER),
         AttributeSpec("Protection Storage Mask", INT, v2_only=True, **_SERVER),
+        # 2.0, 4.8: a certificate's subject and issuer fields, one attribute
+        # per field type ("Certificate Subject CN", "Certificate Issuer O",
+        # ...), set at Register from the certificate.
+        *(
+            AttributeSpec(name, T, multi=True, applies_to=(OT.CERTIFICATE,), v2_only=True, **_SERVER)
+            for name in CERTIFICATE_NAME_ATTRIBUTES.values()
+        ),
     ]
 }
 

@@ -69,11 +69,18 @@ class Keystore:
 
     # Creation.
     def validate_client_attributes(
-        self, object_type: ObjectType, given: Iterable[tuple[str, Item]]
+        self,
+        object_type: ObjectType,
+        given: Iterable[tuple[str, Item]],
+        implied: Iterable[str] = (),
     ) -> dict[str, list[Item]]:
         """Check attributes a client supplies at creation: known names, right
         types, settable by a client, applicable to the object type, single
-        values where the specification allows only one."""
+        values where the specification allows only one. Names in `implied`
+        (attributes the registered material determines, such as a
+        certificate's Certificate Type) are accepted although the server
+        sets them: the caller then checks the value against the material."""
+        implied = frozenset(implied)
         result: dict[str, list[Item]] = {}
         for name, value in given:
             if value is None:
@@ -81,7 +88,7 @@ class Keystore:
             spec = attrs.check_known(name)
             attrs.check_value_type(name, value)
             if spec is not None:
-                if not spec.client_initial:
+                if not spec.client_initial and name not in implied:
                     raise errors.AttributeReadOnly(f"attribute {name!r} is set by the server")
                 if object_type not in spec.applies_to:
                     raise errors.InvalidField(f"attribute {name!r} does not apply to a {object_type.name}")

@@ -447,6 +447,10 @@ def _decode_certificate(holder: Item) -> tuple[Material, dict[str, Item]]:
             ),
         }
     )
+    for who in ("subject", "issuer"):
+        for part, values in info[f"{who}_fields"].items():
+            name = attrs.CERTIFICATE_NAME_ATTRIBUTES[(who, part)]
+            implied[name] = [attrs.make(name, value) for value in values]
     return Material(der), implied
 
 

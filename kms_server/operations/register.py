@@ -37,7 +37,9 @@ def handle(ctx, keystore, payload):
         )
     material, implied = object_codec.decode_object(object_type, item)
     given = common.client_attributes(payload, Tags.TEMPLATE_ATTRIBUTE, Tags.ATTRIBUTES)
-    attributes = keystore.validate_client_attributes(object_type, given)
+    # A client may restate what the material implies (a certificate's
+    # Certificate Type, say); _merge_implied refuses a value that differs.
+    attributes = keystore.validate_client_attributes(object_type, given, implied=implied)
     _merge_implied(attributes, implied)
     if object_type == ObjectType.SYMMETRIC_KEY:
         _check_symmetric(attributes)
@@ -58,6 +60,11 @@ def handle(ctx, keystore, payload):
 def _merge_implied(attributes: dict, implied: dict) -> None:
     for name, value in implied.items():
         existing = attributes.get(name)
+        if isinstance(value, list):  # Several values (a certificate's OUs, say): all or nothing.
+            if existing and existing != value:
+                raise errors.InvalidField(f"{name} does not match the registered certificate")
+            attributes[name] = value
+            continue
         if not existing:
             attributes[name] = [value]
             continue

@@ -57,9 +57,6 @@ KNOWN: dict[str, str] = {
     'BL-M-4-21': (
         "Get of Secret Data without a Key Format Type answers Opaque, the server's default; the test case expects Raw, the format it was registered in (not remembered for secret data)"
     ),
-    'BL-M-10-21': (
-        'Register of a certificate refuses a Certificate Type given by the client (the server derives it from the certificate)'
-    ),
     'BL-M-12-21': (
         'DSA keys (Transparent DSA Public/Private Key): not supported'
     ),

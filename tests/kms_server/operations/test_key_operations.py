@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from kmip.core.enums import (
     BlockCipherMode,
+    CertificateType,
     CryptographicAlgorithm,
     CryptographicUsageMask,
     DigitalSignatureAlgorithm,
@@ -28,6 +29,7 @@ from kmip.core.enums import (
     ResultReason,
     ResultStatus,
     SecretDataType,
+    State,
     Tags,
     UsageLimitsUnit,
     ValidityIndicator,
@@ -152,6 +154,7 @@ def v1_attributes(*items: Item, tag: Tags = T.TEMPLATE_ATTRIBUTE) -> Item:
         T.CRYPTOGRAPHIC_DOMAIN_PARAMETERS.value: "Cryptographic Domain Parameters",
         T.NAME.value: "Name",
         T.USAGE_LIMITS.value: "Usage Limits",
+        T.CERTIFICATE_TYPE.value: "Certificate Type",
     }
     return template(*(attribute(names[i.tag], i) for i in items), tag=tag)
 
@@ -641,6 +644,108 @@ def test_register_and_get_certificate(alice):
     assert digest.get(T.HASHING_ALGORITHM.value) == HashingAlgorithm.SHA_256.value
     assert digest.get(T.DIGEST_VALUE.value) == crypto.digest(
         HashingAlgorithm.SHA_256, der
+    )
+
+
+def certificate_item(der: bytes) -> Item:
+    return ttlv.structure(
+        T.CERTIFICATE.value,
+        [
+            ttlv.enumeration(T.CERTIFICATE_TYPE.value, CertificateType.X_509.value),
+            ttlv.byte_string(T.CERTIFICATE_VALUE.value, der),
+        ],
+    )
+
+
+def test_register_certificate_with_its_certificate_type_restated(alice):
+    """BL-M-10-21: a client may restate the Certificate Type the certificate
+    implies (1.x and 2.x); another type is refused, not stored."""
+    der = self_signed_certificate()
+    given = ttlv.enumeration(T.CERTIFICATE_TYPE.value, CertificateType.X_509.value)
+    for version in (None, V2_0):
+        uid = register(alice, ObjectType.CERTIFICATE, certificate_item(der), given, version=version)
+        assert get(alice, uid).find(T.CERTIFICATE.value).get(T.CERTIFICATE_VALUE.value) == der
+    wrong = ttlv.enumeration(T.CERTIFICATE_TYPE.value, CertificateType.PGP.value)
+    message = alice.fails(
+        Operation.REGISTER,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.CERTIFICATE.value),
+            ttlv.structure(T.ATTRIBUTES.value, [wrong]),
+            certificate_item(der),
+        ],
+        ResultReason.INVALID_FIELD,
+        V2_0,
+    )
+    assert "Certificate Type" in message
+    # Attributes the server sets and the material does not imply stay refused.
+    alice.fails(
+        Operation.REGISTER,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.CERTIFICATE.value),
+            ttlv.structure(T.ATTRIBUTES.value, [ttlv.enumeration(T.STATE.value, State.ACTIVE.value)]),
+            certificate_item(der),
+        ],
+        ResultReason.ATTRIBUTE_READ_ONLY,
+        V2_0,
+    )
+
+
+def test_certificate_subject_and_issuer_fields_for_2_x_clients(alice):
+    """KMIP 2.0 Certificate Subject/Issuer CN, O, OU, ... are set at Register
+    from the certificate (each value of a repeated field), shown to 2.x
+    clients and never to 1.x ones, and the server's to keep."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "Ops"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "KMS"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "esx-01.example"),
+        ]
+    )
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Example CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    uid = register(alice, ObjectType.CERTIFICATE, certificate_item(der), version=V2_0)
+    names = [
+        T.CERTIFICATE_SUBJECT_CN, T.CERTIFICATE_SUBJECT_O, T.CERTIFICATE_SUBJECT_OU,
+        T.CERTIFICATE_SUBJECT_C, T.CERTIFICATE_ISSUER_CN, T.CERTIFICATE_ISSUER_O,
+    ]  # fmt: skip
+    payload = alice.ok(
+        Operation.GET_ATTRIBUTES,
+        [uid_item(uid), *(ttlv.enumeration(T.ATTRIBUTE_REFERENCE.value, t.value) for t in names)],
+        V2_0,
+    )
+    found: dict[int, list] = {}
+    for item in payload.find(T.ATTRIBUTES.value).value:
+        found.setdefault(item.tag, []).append(item.value)
+    assert found == {
+        T.CERTIFICATE_SUBJECT_CN.value: ["esx-01.example"],
+        T.CERTIFICATE_SUBJECT_O.value: ["Example"],
+        T.CERTIFICATE_SUBJECT_OU.value: ["Ops", "KMS"],
+        T.CERTIFICATE_SUBJECT_C.value: ["DE"],
+        T.CERTIFICATE_ISSUER_CN.value: ["Example CA"],
+    }
+    v1 = alice.ok(Operation.GET_ATTRIBUTES, [uid_item(uid)], V1_4)
+    shown = {a.get(T.ATTRIBUTE_NAME.value) for a in v1.find_all(T.ATTRIBUTE.value)}
+    assert "X.509 Certificate Subject" in shown
+    assert not any(name.startswith(("Certificate Subject", "Certificate Issuer")) for name in shown)
+    alice.fails(
+        Operation.MODIFY_ATTRIBUTE,
+        [uid_item(uid), ttlv.structure(T.NEW_ATTRIBUTE.value, [ttlv.text(T.CERTIFICATE_SUBJECT_CN.value, "x")])],
+        ResultReason.ATTRIBUTE_READ_ONLY,
+        V2_0,
     )
 
 
