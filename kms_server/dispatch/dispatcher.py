@@ -108,7 +108,7 @@ class Dispatcher:
             return self._handle_message(message, version, conn, request_id)
         except errors.KmsError as exc:
             respond_version = _closest_version(version)
-            reason, text = result_reason(exc, respond_version[0])
+            reason, text = result_reason(exc, *respond_version)
             log.info("request %s from %s refused: %s", request_id, conn.peer, text)
             principal = getattr(exc, "principal", None) or conn.principal
             self._record_refusal(conn, request_id, version, "message-refused", reason.name, text, principal)
@@ -211,7 +211,7 @@ class Dispatcher:
             ]
             return ttlv.structure(T.BATCH_ITEM.value, body), False
         except errors.KmsError as exc:
-            reason, text = result_reason(exc, ctx.version[0])
+            reason, text = result_reason(exc, *ctx.version)
             log.info(
                 "request %s %s by %s: %s (%s)",
                 ctx.request_id,

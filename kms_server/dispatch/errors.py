@@ -47,14 +47,23 @@ REASONS: dict[type[errors.KmsError], tuple[ResultReason, ResultReason]] = {
     errors.LifecycleRefused: (ResultReason.ILLEGAL_OPERATION, ResultReason.WRONG_KEY_LIFECYCLE_STATE),
 }
 
+# KMIP 2.1 names a missing object Object Not Found (the OASIS 2.1 test case
+# BL-M-4-21); 2.0 and 1.x keep Item Not Found.
+FROM_2_1: dict[type[errors.KmsError], ResultReason] = {
+    errors.ItemNotFound: ResultReason.OBJECT_NOT_FOUND,
+}
+
 GENERAL_FAILURE_MESSAGE = "internal error; see the server log for request {request_id}"
 
 
-def result_reason(exc: BaseException, major_version: int) -> tuple[ResultReason, str]:
-    """The Result Reason and Result Message for a failure. Anything that is
-    not a KmsError is a GENERAL_FAILURE whose text says nothing but the
-    request id (the details go to the server log)."""
+def result_reason(exc: BaseException, major_version: int, minor_version: int = 0) -> tuple[ResultReason, str]:
+    """The Result Reason and Result Message for a failure, in the protocol
+    version of the response. Anything that is not a KmsError is a
+    GENERAL_FAILURE whose text says nothing but the request id (the details
+    go to the server log)."""
     for cls in type(exc).__mro__:
+        if (major_version, minor_version) >= (2, 1) and cls in FROM_2_1:
+            return FROM_2_1[cls], exc.message  # type: ignore[attr-defined]
         if cls in REASONS:
             pair = REASONS[cls]
             return (pair[1] if major_version >= 2 else pair[0]), exc.message  # type: ignore[attr-defined]

@@ -376,7 +376,10 @@ def _decode_secret_data(holder: Item) -> tuple[Material, dict[str, Item]]:
         raise errors.KeyFormatTypeNotSupported(
             f"secret data cannot be registered in format {block.format.name}"
         )
-    return Material(_bytes_material(block), secret_type.value), {}
+    data = _bytes_material(block)
+    # The Digest names the format the secret was registered in; a Get that
+    # names none answers in it (default_format).
+    return Material(data, secret_type.value), {"Digest": _digest(data, block.format)}
 
 
 def _decode_opaque(holder: Item) -> tuple[Material, dict[str, Item]]:
@@ -507,8 +510,8 @@ def default_format(
     obj: ManagedObject, material: Material, v2: bool
 ) -> KeyFormatType | None:
     """The Key Format Type of a Get that names none: Raw for symmetric keys
-    (what vCenter reads; at 2.x, Transparent if registered so), Opaque for secret
-    data, and for asymmetric keys the format they were registered in; otherwise PKCS#1 for RSA keys in 1.x,
+    (what vCenter reads; at 2.x, Transparent if registered so), for secret
+    data the format it was registered in (Opaque or Raw), and for asymmetric keys the format they were registered in; otherwise PKCS#1 for RSA keys in 1.x,
     as PyKMIP's server does, and PKCS#8 / X.509 SubjectPublicKeyInfo for EC
     keys and in 2.0."""
     object_type = obj.object_type
@@ -517,7 +520,9 @@ def default_format(
             return KFT.TRANSPARENT_SYMMETRIC_KEY
         return KFT.RAW
     if object_type == ObjectType.SECRET_DATA:
-        return KFT.OPAQUE
+        digest = obj.first("Digest")
+        registered = digest.get(T.KEY_FORMAT_TYPE.value) if digest is not None else None
+        return KFT.RAW if registered == KFT.RAW.value else KFT.OPAQUE
     if object_type in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
         if material.subtype is not None:
             try:
@@ -903,7 +908,8 @@ def digest_attribute(
     SHA-256 of the key material in the Key Format Type the object holds it
     in (Raw for a symmetric key, the registered format of an asymmetric key,
     else PKCS#1 for RSA and PKCS#8 / SubjectPublicKeyInfo otherwise; Opaque
-    for secret data); of the value for an opaque object. Certificates get
+    for secret data, or Raw when it was registered so: decode_object gives
+    that one); of the value for an opaque object. Certificates get
     theirs from decode_object."""
     key_format: KeyFormatType | None
     data = material.data
@@ -922,6 +928,10 @@ def digest_attribute(
             return None
     except crypto.CryptoError:
         return None
+    return _digest(data, key_format)
+
+
+def _digest(data: bytes, key_format: KeyFormatType | None) -> Item:
     return attrs.make(
         "Digest",
         [

@@ -54,9 +54,6 @@ KNOWN: dict[str, str] = {
     'BL-M-2-21': (
         'Batch Error Continuation Option Undo: not supported (the dispatcher stops at the failed item instead of undoing the earlier ones)'
     ),
-    'BL-M-4-21': (
-        "Get of Secret Data without a Key Format Type answers Opaque, the server's default; the test case expects Raw, the format it was registered in (not remembered for secret data)"
-    ),
     'BL-M-12-21': (
         'DSA keys (Transparent DSA Public/Private Key): not supported'
     ),

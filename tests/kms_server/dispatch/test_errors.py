@@ -82,6 +82,15 @@ def test_kmip_2_0_reason(exc_class):
     assert text == "what went wrong"
 
 
+@pytest.mark.parametrize("exc_class", list(EXPECTED), ids=lambda c: c.__name__)
+def test_kmip_2_1_reason(exc_class):
+    """2.1 answers like 2.0 except that a missing object is Object Not Found."""
+    reason, _ = result_reason(exc_class("what went wrong"), 2, 1)
+    expected = R.OBJECT_NOT_FOUND if exc_class is errors.ItemNotFound else EXPECTED[exc_class][1]
+    assert reason == expected
+    assert result_reason(exc_class("x"), 2, 0)[0] == EXPECTED[exc_class][1]
+
+
 def test_subclass_maps_like_its_parent():
     class NoSuchKey(errors.ItemNotFound):
         pass

@@ -768,6 +768,31 @@ def test_register_and_get_secret_data(alice):
     assert block.find(T.CRYPTOGRAPHIC_ALGORITHM.value) is None
 
 
+def test_secret_data_comes_back_in_the_format_it_was_registered_in(alice):
+    """BL-M-4-21: a Get that names no Key Format Type answers secret data
+    in its registered format (Raw or Opaque); either can still be asked for."""
+    secret = b"s3cret"
+    for fmt, other in ((KeyFormatType.RAW, KeyFormatType.OPAQUE), (KeyFormatType.OPAQUE, KeyFormatType.RAW)):
+        obj = ttlv.structure(
+            T.SECRET_DATA.value,
+            [ttlv.enumeration(T.SECRET_DATA_TYPE.value, SecretDataType.PASSWORD.value), key_block(fmt, secret)],
+        )
+        for version in (None, V2_0):
+            uid = register(alice, ObjectType.SECRET_DATA, obj, version=version)
+            block = get(alice, uid, version=version).find(T.SECRET_DATA.value).find(T.KEY_BLOCK.value)
+            assert block.get(T.KEY_FORMAT_TYPE.value) == fmt.value
+            assert block.find(T.KEY_VALUE.value).get(T.KEY_MATERIAL.value) == secret
+            asked = get(alice, uid, fmt_item(other), version=version).find(T.SECRET_DATA.value)
+            assert asked.find(T.KEY_BLOCK.value).get(T.KEY_FORMAT_TYPE.value) == other.value
+
+
+def test_get_of_a_missing_object_is_object_not_found_at_2_1(alice):
+    missing = [uid_item("AAABBBCCC")]
+    alice.fails(Operation.GET, missing, ResultReason.ITEM_NOT_FOUND, V1_4)
+    alice.fails(Operation.GET, missing, ResultReason.ITEM_NOT_FOUND, V2_0)
+    alice.fails(Operation.GET, missing, ResultReason.OBJECT_NOT_FOUND, (2, 1))
+
+
 def test_register_and_get_opaque_object(alice):
     obj = ttlv.structure(
         T.OPAQUE_OBJECT.value,
