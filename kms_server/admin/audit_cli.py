@@ -195,7 +195,7 @@ def _show(args) -> int:
             record.operation if body.get("event") == "request" else f"{body.get('event')}",
             record.uid or "",
             record.x_name or "",
-            "ok" if record.result == "SUCCESS" else (reason or "failed"),
+            {"SUCCESS": "ok", "OPERATION_UNDONE": "undone"}.get(record.result) or reason or "failed",
             _details(body),
         )
     console = Console()

@@ -29,7 +29,7 @@ class Filters:
     object: str | None = None
     client: str | None = None
     operation: str | None = None  # as the trail spells it: GET, ADD_ATTRIBUTE
-    result: str | None = None  # SUCCESS or OPERATION_FAILED
+    result: str | None = None  # SUCCESS, OPERATION_FAILED or OPERATION_UNDONE
     reason: str | None = None  # a Result Reason name, e.g. ITEM_NOT_FOUND
     since: float | None = None
     until: float | None = None
@@ -73,13 +73,15 @@ def operation_name(text: str) -> str:
 
 
 def result_filter(text: str) -> tuple[str, str | None]:
-    """(status, reason) for "success", "failure" or a Result Reason name
-    such as Item_Not_Found."""
+    """(status, reason) for "success", "failure", "undone" or a Result
+    Reason name such as Item_Not_Found."""
     word = re.sub(r"[\s\-]+", "_", text.strip()).upper()
     if word in ("SUCCESS", "OK"):
         return "SUCCESS", None
     if word in ("FAILURE", "FAILED", "REFUSED", "OPERATION_FAILED"):
         return "OPERATION_FAILED", None
+    if word in ("UNDONE", "OPERATION_UNDONE"):
+        return "OPERATION_UNDONE", None
     return "OPERATION_FAILED", word
 
 

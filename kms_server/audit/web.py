@@ -470,6 +470,7 @@ PAGE = """<!DOCTYPE html>
       <option value="">any</option>
       <option value="SUCCESS">success</option>
       <option value="OPERATION_FAILED">failed</option>
+      <option value="OPERATION_UNDONE">undone</option>
     </select></label>
     <label>Since (UTC)<input id="filter-since" name="since" placeholder="2024-05-01T10:00" autocomplete="off"></label>
     <label>Until (UTC)<input id="filter-until" name="until" placeholder="2024-05-01T18:00" autocomplete="off"></label>

@@ -152,13 +152,15 @@ class Dispatcher:
         )
 
         responses: list[Item] = []
-        for index, item in enumerate(items):
-            response, failed = self._handle_item(ctx, item, index)
-            responses.append(response)
-            if failed and continuation != BatchErrorContinuationOption.CONTINUE.value:
-                # STOP, and UNDO which this server treats as STOP (README,
-                # "Not supported yet"): later items are not processed.
-                break
+        if continuation == BatchErrorContinuationOption.UNDO.value and len(items) > 1:
+            responses = self._handle_undo_batch(ctx, items)
+        else:
+            for index, item in enumerate(items):
+                response, failed, _ = self._handle_item(ctx, item, index)
+                responses.append(response)
+                if failed and continuation != BatchErrorContinuationOption.CONTINUE.value:
+                    # STOP: later items are not processed.
+                    break
 
         header_items = [
             _version_item(version),
@@ -181,7 +183,74 @@ class Dispatcher:
             encoded = ttlv.encode(self._response(header_items, too_large))
         return encoded
 
-    def _handle_item(self, ctx: RequestContext, item: Item, index: int = 0) -> tuple[Item, bool]:
+    def _handle_undo_batch(self, ctx: RequestContext, items: list[Item]) -> list[Item]:
+        """Batch Error Continuation Option Undo (KMIP 1.4, 6.7; 2.0, 7.7):
+        the items run in one storage transaction. If one fails, later items
+        are not run, the transaction is rolled back, the earlier items are
+        answered Operation Undone (with the payload they had) and recorded
+        so in the audit trail. If all succeed, their records commit with
+        their changes. A lost database connection runs the whole batch
+        again, as `_run` does for one item."""
+        for delay in (*self.retry_delays, None):
+            ctx.batch.id_placeholder = None
+            done: list[tuple[Item, bool, AuditDraft | None]] = []
+            records = []
+            try:
+                with self.keystore.storage.transaction() as txn:
+                    for index, item in enumerate(items):
+                        done.append(self._handle_item(ctx, item, index, batch_txn=txn))
+                        if done[-1][1]:
+                            raise _UndoBatch
+                    if self.trail is not None:
+                        records = [self.trail.append(txn, d.entry("SUCCESS", None)) for _, _, d in done if d is not None]
+            except _UndoBatch:
+                return self._undone(ctx, done)
+            except StorageUnavailable as exc:
+                if exc.commit_unknown:
+                    raise errors.OutcomeUnknown(
+                        f"the database connection was lost while committing (request {ctx.request_id}); "
+                        "the batch may or may not be stored: check before retrying"
+                    ) from None
+                if delay is None:
+                    raise errors.GeneralFailure(f"the database is unavailable (request {ctx.request_id})") from None
+                log.warning("request %s: database unavailable (%s); retrying the batch in %.2f s", ctx.request_id, exc, delay)
+                self.sleep(delay)
+                continue
+            for record in records:
+                self.trail.publish(record)
+            return [response for response, _, _ in done]
+        raise AssertionError("unreachable")
+
+    def _undone(self, ctx: RequestContext, done: list[tuple[Item, bool, AuditDraft | None]]) -> list[Item]:
+        """The answers and audit records of a batch that was rolled back."""
+        responses = []
+        for response, failed, draft in done:
+            if draft is not None:
+                reason = response.get(T.RESULT_REASON.value)
+                try:
+                    if failed:
+                        self.trail.write(
+                            draft.entry("OPERATION_FAILED", ResultReason(reason).name, response.get(T.RESULT_MESSAGE.value))
+                        )
+                    else:
+                        self.trail.write(draft.entry("OPERATION_UNDONE", None))
+                except AuditWriteFailed as exc:
+                    # Nothing of the batch took effect; only the answer to
+                    # the failed item changes, as for any unrecorded refusal.
+                    log.error("request %s: audit record of an undone batch not written: %s", ctx.request_id, exc)
+                    if failed:
+                        response = _failure_item(
+                            response, ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
+                        )
+            responses.append(response if failed else _undone_item(response))
+        return responses
+
+    def _handle_item(
+        self, ctx: RequestContext, item: Item, index: int = 0, batch_txn=None
+    ) -> tuple[Item, bool, AuditDraft | None]:
+        """Run one item: its answer, whether it failed, and its audit draft.
+        With `batch_txn` (a batch run with Undo) the item runs in that
+        transaction and writes no audit record: `_handle_undo_batch` does."""
         operation_value = item.get(T.OPERATION.value)
         batch_id = item.find(T.UNIQUE_BATCH_ITEM_ID.value)
         payload = item.find(T.REQUEST_PAYLOAD.value)
@@ -200,16 +269,19 @@ class Dispatcher:
                 raise errors.OperationNotSupported(f"{operation.name} is not supported by this server")
             if payload is None or payload.type != ItemType.STRUCTURE:
                 raise errors.InvalidMessage("Request Payload is missing")
-            result = self._run(handler, ctx, payload, draft)
-            if draft is not None and draft.written is None:
-                # Reads, and writes that changed nothing: the record is
-                # stored before the answer leaves (fail closed).
-                self.trail.write(draft.entry("SUCCESS", None))
+            if batch_txn is not None:
+                result = handler(ctx, self.keystore.in_batch(batch_txn, self.trail, draft), payload)
+            else:
+                result = self._run(handler, ctx, payload, draft)
+                if draft is not None and draft.written is None:
+                    # Reads, and writes that changed nothing: the record is
+                    # stored before the answer leaves (fail closed).
+                    self.trail.write(draft.entry("SUCCESS", None))
             body = head + [
                 ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.SUCCESS.value),
                 ttlv.structure(T.RESPONSE_PAYLOAD.value, result),
             ]
-            return ttlv.structure(T.BATCH_ITEM.value, body), False
+            return ttlv.structure(T.BATCH_ITEM.value, body), False, draft
         except errors.KmsError as exc:
             reason, text = result_reason(exc, *ctx.version)
             log.info(
@@ -223,17 +295,19 @@ class Dispatcher:
         except AuditWriteFailed as exc:
             log.error("request %s %s: audit record not written, answer withheld: %s", ctx.request_id, _op_name(operation_value), exc)
             reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
-        except Exception:
+        except Exception as exc:
+            if batch_txn is not None and isinstance(exc, StorageUnavailable):
+                raise  # The batch is run again (or refused) as a whole.
             log.exception("request %s %s: internal error", ctx.request_id, _op_name(operation_value))
             reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
-        if draft is not None:
+        if draft is not None and batch_txn is None:
             try:
                 self.trail.write(draft.entry("OPERATION_FAILED", reason.name, text))
             except AuditWriteFailed as exc:
                 log.error("request %s: audit record of a refusal not written: %s", ctx.request_id, exc)
                 reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
         body = head + _failure_fields(reason, text)
-        return ttlv.structure(T.BATCH_ITEM.value, body), True
+        return ttlv.structure(T.BATCH_ITEM.value, body), True, draft
 
     def _draft(self, ctx: RequestContext, operation_value, payload: Item | None, index: int) -> AuditDraft | None:
         if self.trail is None:
@@ -352,6 +426,23 @@ def _failure_fields(reason: ResultReason, text: str) -> list[Item]:
         ttlv.enumeration(T.RESULT_REASON.value, reason.value),
         ttlv.text(T.RESULT_MESSAGE.value, text) if text else None,
     ]
+
+
+class _UndoBatch(Exception):
+    """An item of a batch run with Undo failed: roll the batch back."""
+
+
+def _undone_item(response: Item) -> Item:
+    """A succeeded item's answer, its Result Status now Operation Undone."""
+    return ttlv.structure(
+        T.BATCH_ITEM.value,
+        [
+            ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.OPERATION_UNDONE.value)
+            if child.tag == T.RESULT_STATUS.value
+            else child
+            for child in response.children()
+        ],
+    )
 
 
 def _failure_item(response: Item, reason: ResultReason, text: str) -> Item:

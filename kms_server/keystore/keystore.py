@@ -34,6 +34,8 @@ from kms_server.wire.ttlv import Item
 class Keystore:
     # (trail, draft) when bound to one request item by `for_item`.
     _audit = None
+    # The batch's one transaction when bound by `in_batch`.
+    _batch_txn = None
 
     def __init__(self, storage: Storage, barrier: Barrier):
         self.storage = storage
@@ -48,8 +50,22 @@ class Keystore:
         bound._audit = (trail, draft)
         return bound
 
+    def in_batch(self, txn: Transaction, trail, draft) -> Keystore:
+        """A view for one item of a batch run with Batch Error Continuation
+        Option Undo: every transaction of the item is the batch's `txn`
+        (read-only ones too), so that a later failure rolls back this item's
+        changes with the rest. Objects it touches are noted in `draft`; the
+        dispatcher writes the audit records once it knows the batch's fate."""
+        bound = copy.copy(self)
+        bound._audit = (trail, draft) if draft is not None else None
+        bound._batch_txn = txn
+        return bound
+
     @contextmanager
     def transaction(self, read_only: bool = False) -> Iterator[Transaction]:
+        if self._batch_txn is not None:
+            yield self._batch_txn
+            return
         record = None
         with self.storage.transaction(read_only=read_only) as txn:
             yield txn

@@ -51,9 +51,6 @@ KNOWN: dict[str, str] = {
     'CS-RNG-O-4-20': (
         'RNG Seed: not supported (the OS generator takes no client seed)'
     ),
-    'BL-M-2-21': (
-        'Batch Error Continuation Option Undo: not supported (the dispatcher stops at the failed item instead of undoing the earlier ones)'
-    ),
     'BL-M-12-21': (
         'DSA keys (Transparent DSA Public/Private Key): not supported'
     ),

@@ -493,3 +493,4 @@ def test_time_and_name_parsing():
     assert web.operation_name("get_attributes") == "GET_ATTRIBUTES"
     assert result_filter("failed") == ("OPERATION_FAILED", None)
     assert result_filter("Item_Not_Found") == ("OPERATION_FAILED", "ITEM_NOT_FOUND")
+    assert result_filter("undone") == ("OPERATION_UNDONE", None)
