@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - cryptography < 43
     _TripleDES = algorithms.TripleDES
 
 __all__ = [
+    "CipherStream",
     "CryptoError",
     "MacInvalid",
     "SignatureInvalid",
@@ -1033,6 +1034,122 @@ def decrypt(
         except ValueError:
             raise CryptoError("invalid padding") from None
     return plaintext
+
+
+# Modes a multi-part (streaming) Encrypt or Decrypt may use: those whose
+# cipher context takes the data in parts. XTS and the key wraps work on a
+# whole message; ChaCha20-Poly1305 is one-shot in this library.
+STREAM_MODES = (BlockCipherMode.GCM, BlockCipherMode.CTR, BlockCipherMode.CBC, BlockCipherMode.ECB)
+
+
+class CipherStream:
+    """One multi-part symmetric encryption or decryption (KMIP 1.3+ Init
+    Indicator, Correlation Value, Final Indicator): `update` takes each
+    part and returns what it can already give, `finalize` the rest and, for
+    GCM encryption, the tag. The same ciphertext as `encrypt` of the whole
+    data, part by part. A GCM decryption checks its tag only in `finalize`:
+    the plaintext of earlier parts is not authenticated yet when it leaves.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        algorithm: CryptographicAlgorithm,
+        mode: BlockCipherMode,
+        *,
+        decrypting: bool,
+        iv: bytes | None = None,
+        padding: PaddingMethod | None = None,
+        aad: bytes | None = None,
+        tag_length: int | None = None,
+    ):
+        key = _bytes(key, "key")
+        iv = _optional_bytes(iv, "IV")
+        aad = _optional_bytes(aad, "additional data")
+        if algorithm in CHACHA_ALGORITHMS or mode not in STREAM_MODES:
+            raise CryptoError(
+                f"multi-part {'decryption' if decrypting else 'encryption'} in "
+                f"{_name(mode) if mode is not None else algorithm.name} is not supported; "
+                "use GCM, CTR, CBC or ECB"
+            )
+        self.decrypting = decrypting
+        self._padder = self._unpadder = None
+        self.tag_length = None
+        if mode == BlockCipherMode.GCM:
+            if algorithm != CryptographicAlgorithm.AES:
+                raise CryptoError("GCM is only for AES")
+            if not _no_padding(padding):
+                raise CryptoError("GCM takes no padding")
+            if iv is None:
+                if decrypting:
+                    raise CryptoError("GCM needs the IV used to encrypt")
+                iv = secrets.token_bytes(_GCM_DEFAULT_IV_LENGTH)
+            _check_gcm_iv(iv)
+            self.tag_length = 16 if tag_length is None else tag_length
+            if self.tag_length not in _GCM_TAG_LENGTHS:
+                raise CryptoError("GCM tag length must be 12 to 16 bytes")
+            cipher = Cipher(_block_algorithm(key, algorithm), modes.GCM(iv, min_tag_length=12))
+        else:
+            _check_unused(mode, aad, tag_length)
+            if mode != BlockCipherMode.ECB and iv is None:
+                if decrypting:
+                    raise CryptoError(f"{_name(mode)} needs the IV used to encrypt")
+                iv = secrets.token_bytes(_block_bytes(key, algorithm))
+            cipher = _mode_cipher(key, algorithm, mode, iv)
+            if mode in _PADDED_MODES:
+                padder = _padder(padding, cipher.algorithm.block_size)
+                if padder is not None:
+                    if decrypting:
+                        self._unpadder = padder.unpadder()
+                    else:
+                        self._padder = padder.padder()
+            elif not _no_padding(padding):
+                raise CryptoError(f"{_name(mode)} takes no padding")
+        self.mode = mode
+        self.iv = iv if mode != BlockCipherMode.ECB else None
+        try:
+            self._context = cipher.decryptor() if decrypting else cipher.encryptor()
+        except _LIBRARY_ERRORS:
+            raise CryptoError(f"{_name(mode)} set-up failed") from None
+        if aad:
+            self._context.authenticate_additional_data(aad)
+
+    def update(self, data: bytes) -> bytes:
+        data = _bytes(data, "data")
+        try:
+            if self._padder is not None:
+                data = self._padder.update(data)
+            out = self._context.update(data)
+            return self._unpadder.update(out) if self._unpadder is not None else out
+        except _LIBRARY_ERRORS:
+            raise CryptoError(f"{_name(self.mode)} {'decryption' if self.decrypting else 'encryption'} failed") from None
+
+    def finalize(self, tag: bytes | None = None) -> tuple[bytes, bytes | None]:
+        """The last output and, for GCM encryption, the tag. A GCM
+        decryption needs `tag`; a wrong one raises CryptoError."""
+        tag = _optional_bytes(tag, "tag")
+        try:
+            if self.mode == BlockCipherMode.GCM and self.decrypting:
+                if tag is None or len(tag) not in _GCM_TAG_LENGTHS:
+                    raise CryptoError("GCM tag must be 12 to 16 bytes")
+                return self._context.finalize_with_tag(tag), None
+            out = b""
+            if self._padder is not None:
+                out = self._context.update(self._padder.finalize())
+            out += self._context.finalize()
+            if self._unpadder is not None:
+                out = self._unpadder.update(out) + self._unpadder.finalize()
+        except InvalidTag:
+            raise CryptoError("authentication failed") from None
+        except ValueError:
+            raise CryptoError(
+                "the parts do not end on a whole block, or the padding is invalid"
+            ) from None
+        except _LIBRARY_ERRORS:
+            raise CryptoError(f"{_name(self.mode)} {'decryption' if self.decrypting else 'encryption'} failed") from None
+        if self.mode == BlockCipherMode.GCM:
+            return out, self._context.tag[: self.tag_length]
+        return out, None
 
 
 def _block_bytes(key: bytes, algorithm: CryptographicAlgorithm) -> int:

@@ -21,6 +21,7 @@ from kms_server.keystore import lifecycle
 from kms_server.keystore.barrier import Barrier, BarrierError
 from kms_server.keystore.objects import ManagedObject, Material
 from kms_server.keystore.policy import Action, Principal, check, may_see
+from kms_server.keystore.streams import Streams
 from kms_server.storage.base import (
     ConcurrentModification,
     LocateQuery,
@@ -40,6 +41,9 @@ class Keystore:
     def __init__(self, storage: Storage, barrier: Barrier):
         self.storage = storage
         self.barrier = barrier
+        # Multi-part Encrypt/Decrypt in progress on this node (shared by
+        # the per-item views, which copy this object).
+        self.streams = Streams()
 
     def for_item(self, trail, draft) -> Keystore:
         """A view of this keystore for one request item: its write

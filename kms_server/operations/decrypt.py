@@ -3,6 +3,9 @@ symmetric key or an RSA private key. GCM checks the Authenticated
 Encryption Tag and the key wraps their integrity value; a failed check is a
 Cryptographic Failure. Decrypting is processing, so a Deactivated or
 Compromised key may still do it; the key needs the Decrypt usage bit.
+A multi-part decryption (kms_server/operations/streaming.py) gives out the
+plaintext of each part as it comes; in GCM the tag, sent with the last
+part, is checked only then.
 """
 
 from kmip.core.enums import (
@@ -16,7 +19,7 @@ from kmip.core.enums import (
 
 from kms_server import errors
 from kms_server.keystore import crypto
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, object_codec, streaming
 from kms_server.operations.encrypt import NO_IV_MODES, optional_bytes, rsa_padding
 from kms_server.wire import ttlv
 from kms_server.wire.ttlv import ItemType
@@ -27,12 +30,14 @@ T = Tags
 
 
 def handle(ctx, keystore, payload):
-    object_codec.reject_streaming(payload)
+    part = streaming.part_of(payload)
     uid = common.unique_identifier(ctx, payload)
     data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
     iv = optional_bytes(payload, T.IV_COUNTER_NONCE)
     aad = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)
     tag = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_TAG)
+    if part is not None:
+        streaming.check_later_part(payload, part, (T.IV_COUNTER_NONCE, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA))
     with keystore.transaction(read_only=True) as txn:
         obj = object_codec.usable_key(
             keystore,
@@ -46,6 +51,9 @@ def handle(ctx, keystore, payload):
     params = object_codec.request_parameters(payload, obj)
     algorithm = object_codec.key_algorithm(obj, params)
     material = keystore.material(obj)
+    if part is not None and not part.init:
+        # A later part: key, parameters, IV and additional data are the first part's.
+        return streaming.run(ctx, keystore, obj, OPERATION, part, data, tag=tag)[0]
 
     try:
         if obj.object_type == ObjectType.PRIVATE_KEY:
@@ -77,6 +85,25 @@ def handle(ctx, keystore, payload):
                 raise errors.InvalidMessage(
                     f"IV/Counter/Nonce is required to decrypt in {(mode or algorithm).name}"
                 )
+            if part is not None:
+                return streaming.run(
+                    ctx,
+                    keystore,
+                    obj,
+                    OPERATION,
+                    part,
+                    data,
+                    lambda: crypto.CipherStream(
+                        material.data,
+                        algorithm,
+                        mode,
+                        decrypting=True,
+                        iv=iv,
+                        padding=params.padding_method,
+                        aad=aad,
+                    ),
+                    tag=tag,
+                )[0]
             if (mode == BlockCipherMode.GCM or algorithm == CryptographicAlgorithm.CHACHA20_POLY1305) and tag is None:
                 raise errors.MissingData(
                     f"Authenticated Encryption Tag is required to decrypt in {(mode or algorithm).name}"

@@ -9,6 +9,8 @@ RSA public keys: OAEP (default; its label is the P Source) or PKCS#1 v1.5. The C
 Parameters come from the request, else from the key's Cryptographic
 Parameters attribute. An IV the server generates is returned; one the
 client gave is not. The key must be Active with the Encrypt usage bit.
+AES in GCM, CTR, CBC and ECB may also run in parts (Init Indicator,
+Correlation Value, Final Indicator: kms_server/operations/streaming.py).
 """
 
 from kmip.core.enums import (
@@ -23,7 +25,7 @@ from kmip.core.enums import (
 
 from kms_server import errors
 from kms_server.keystore import crypto
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, object_codec, streaming
 from kms_server.wire import ttlv
 from kms_server.wire.ttlv import ItemType
 
@@ -61,11 +63,13 @@ def rsa_padding(params) -> PaddingMethod:
 
 
 def handle(ctx, keystore, payload):
-    object_codec.reject_streaming(payload)
+    part = streaming.part_of(payload)
     uid = common.unique_identifier(ctx, payload)
     data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
     iv = optional_bytes(payload, T.IV_COUNTER_NONCE)
     aad = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)
+    if part is not None:
+        streaming.check_later_part(payload, part, (T.IV_COUNTER_NONCE, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA))
     with keystore.transaction(read_only=True) as txn:
         obj = object_codec.usable_key(
             keystore,
@@ -81,6 +85,9 @@ def handle(ctx, keystore, payload):
     object_codec.charge_usage(ctx, keystore, obj, len(data))
     material = keystore.material(obj)
     result = [common.uid_item(obj.uid)]
+    if part is not None and not part.init:
+        # A later part: key, parameters and IV are the first part's.
+        return streaming.run(ctx, keystore, obj, OPERATION, part, data)[0]
 
     if obj.object_type == ObjectType.PUBLIC_KEY:
         if algorithm != CryptographicAlgorithm.RSA:
@@ -126,6 +133,28 @@ def handle(ctx, keystore, payload):
         raise errors.InvalidField(
             "Random IV asks the server for the IV; the request must not give one"
         )
+    if part is not None:
+        result, cipher = streaming.run(
+            ctx,
+            keystore,
+            obj,
+            OPERATION,
+            part,
+            data,
+            lambda: crypto.CipherStream(
+                material.data,
+                algorithm,
+                mode,
+                decrypting=False,
+                iv=iv,
+                padding=params.padding_method,
+                aad=aad,
+                tag_length=params.tag_length,
+            ),
+        )
+        if generated and cipher.iv is not None:
+            result.append(ttlv.byte_string(T.IV_COUNTER_NONCE.value, cipher.iv))
+        return result
     try:
         ciphertext, iv_used, tag = crypto.encrypt(
             material.data,

@@ -9,9 +9,6 @@ reason over TLS is reported by `make conformance` as not known."""
 from __future__ import annotations
 
 KNOWN: dict[str, str] = {
-    'CS-BC-M-GCM-3-14': (
-        'streaming Encrypt/Decrypt (Init Indicator, Correlation Value): not supported'
-    ),
     'TL-M-3-14': (
         'error in the test case: its full attribute list (Get Attributes without names) leaves out Sensitive, Always Sensitive, Extractable and Never Extractable, which SKFF-M-9 to 12-14 and SKLC-O-1-14 expect on the same kind of key'
     ),
@@ -29,9 +26,6 @@ KNOWN: dict[str, str] = {
     ),
     'OMOS-O-1-14': (
         'error in the test case: it expects a 1.3 response header to a 1.4 Destroy request'
-    ),
-    'CS-BC-M-GCM-3-20': (
-        'streaming Encrypt/Decrypt (Init Indicator, Correlation Value): not supported'
     ),
     'PKCS11-M-1-20': (
         'PKCS#11 operation: not supported (and PyKMIP defines none of its enumerations)'
@@ -56,9 +50,6 @@ KNOWN: dict[str, str] = {
     ),
     'BL-M-13-21': (
         'DSA keys (Transparent DSA Public/Private Key): not supported'
-    ),
-    'CS-BC-M-GCM-3-21': (
-        'streaming Encrypt/Decrypt (Init Indicator, Correlation Value): not supported'
     ),
     'PKCS11-M-1-21': (
         'PKCS#11 operation: not supported (and PyKMIP defines none of its enumerations)'

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -1395,3 +1396,63 @@ def test_chacha20_poly1305_rfc8439_vector_and_truncated_tags():
         crypto.decrypt(_RFC8439_KEY, algorithm, None, ct, iv=_RFC8439_NONCE, aad=_RFC8439_AAD, tag=bad)
     with pytest.raises(CryptoError, match="12 to 16"):
         crypto.encrypt(_RFC8439_KEY, algorithm, None, b"x", iv=_RFC8439_NONCE, tag_length=8)
+
+
+# -- multi-part encryption (CipherStream) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode, padding, size",
+    [
+        (BlockCipherMode.GCM, None, 45),
+        (BlockCipherMode.CTR, None, 45),
+        (BlockCipherMode.CBC, PaddingMethod.PKCS5, 45),
+        (BlockCipherMode.CBC, None, 48),
+        (BlockCipherMode.ECB, PaddingMethod.PKCS5, 45),
+    ],
+)
+def test_cipher_stream_in_parts_equals_the_one_shot_result(mode, padding, size):
+    key, data = os.urandom(32), os.urandom(size)
+    aad = b"header" if mode == BlockCipherMode.GCM else None
+    enc = crypto.CipherStream(key, CryptographicAlgorithm.AES, mode, decrypting=False, padding=padding, aad=aad)
+    ciphertext = b"".join(enc.update(data[i : i + 7]) for i in range(0, size, 7))
+    rest, tag = enc.finalize()
+    ciphertext += rest
+    whole, _, whole_tag = crypto.encrypt(
+        key, CryptographicAlgorithm.AES, mode, data, iv=enc.iv, padding=padding, aad=aad
+    )
+    assert ciphertext == whole and tag == whole_tag
+    dec = crypto.CipherStream(
+        key, CryptographicAlgorithm.AES, mode, decrypting=True, iv=enc.iv, padding=padding, aad=aad
+    )
+    plaintext = b"".join(dec.update(ciphertext[i : i + 5]) for i in range(0, len(ciphertext), 5))
+    assert plaintext + dec.finalize(tag)[0] == data
+
+
+def test_cipher_stream_gcm_checks_the_tag_at_the_end():
+    key = os.urandom(16)
+    enc = crypto.CipherStream(key, CryptographicAlgorithm.AES, BlockCipherMode.GCM, decrypting=False)
+    ciphertext = enc.update(b"secret") + enc.finalize()[0]
+    dec = crypto.CipherStream(key, CryptographicAlgorithm.AES, BlockCipherMode.GCM, decrypting=True, iv=enc.iv)
+    dec.update(ciphertext)
+    with pytest.raises(crypto.CryptoError, match="authentication failed"):
+        dec.finalize(bytes(16))
+    dec = crypto.CipherStream(key, CryptographicAlgorithm.AES, BlockCipherMode.GCM, decrypting=True, iv=enc.iv)
+    with pytest.raises(crypto.CryptoError, match="12 to 16"):
+        dec.finalize(None)
+
+
+def test_cipher_stream_refuses_what_it_cannot_do():
+    key = os.urandom(32)
+    for mode in (BlockCipherMode.XTS, BlockCipherMode.NIST_KEY_WRAP):
+        with pytest.raises(crypto.CryptoError, match="not supported"):
+            crypto.CipherStream(key, CryptographicAlgorithm.AES, mode, decrypting=False)
+    with pytest.raises(crypto.CryptoError, match="not supported"):
+        crypto.CipherStream(key, CryptographicAlgorithm.CHACHA20_POLY1305, None, decrypting=False)
+    with pytest.raises(crypto.CryptoError, match="needs the IV"):
+        crypto.CipherStream(key, CryptographicAlgorithm.AES, BlockCipherMode.CBC, decrypting=True)
+    # CBC without padding: the parts must end on a whole block.
+    enc = crypto.CipherStream(key, CryptographicAlgorithm.AES, BlockCipherMode.CBC, decrypting=False)
+    enc.update(bytes(20))
+    with pytest.raises(crypto.CryptoError, match="whole block"):
+        enc.finalize()
