@@ -133,6 +133,12 @@ SPECS: dict[str, AttributeSpec] = {
         AttributeSpec("Short Unique Identifier", ItemType.BYTE_STRING, v2_only=True, **_SERVER),
         AttributeSpec("Key Format Type", E, applies_to=KEYS + (OT.SECRET_DATA,), v2_only=True, **_SERVER),
         AttributeSpec("Protection Storage Mask", INT, v2_only=True, **_SERVER),
+        # 2.0, 4.41-4.42 and 4.46: what the client asks of the object's
+        # protection. Quantum Safe is checked when the object is made
+        # (check_quantum_safe) and cannot be set later.
+        AttributeSpec("Protection Level", E, v2_only=True),
+        AttributeSpec("Protection Period", IV, v2_only=True),
+        AttributeSpec("Quantum Safe", B, v2_only=True, **_INITIAL_ONLY),
         # 2.0, 4.8: a certificate's subject and issuer fields, one attribute
         # per field type ("Certificate Subject CN", "Certificate Issuer O",
         # ...), set at Register from the certificate.
@@ -324,6 +330,45 @@ def set_initial_defaults(object_type: OT, attributes: dict[str, list[Item]]) -> 
     attributes["Always Sensitive"] = [make("Always Sensitive", bool(sensitive))]
     attributes["Never Extractable"] = [make("Never Extractable", not extractable)]
     attributes["Fresh"] = [make("Fresh", True)]
+
+
+# Symmetric algorithms whose 256-bit keys keep 128 bits of security against
+# a quantum computer (Grover's search halves the exponent); public-key
+# algorithms of today (RSA, DSA, DH, elliptic curves) keep none (Shor).
+_QUANTUM_SAFE_SYMMETRIC = (
+    enums.CryptographicAlgorithm.AES,
+    enums.CryptographicAlgorithm.CHACHA20,
+    enums.CryptographicAlgorithm.CHACHA20_POLY1305,
+    enums.CryptographicAlgorithm.HMAC_SHA256,
+    enums.CryptographicAlgorithm.HMAC_SHA384,
+    enums.CryptographicAlgorithm.HMAC_SHA512,
+)
+
+
+def check_quantum_safe(object_type: OT, attributes: dict[str, list[Item]]) -> None:
+    """A new object whose client asked for Quantum Safe must be one: a
+    symmetric key of 256 bits or more of an algorithm above. Anything else
+    is refused (General Failure, as the OASIS QS profile expects) rather
+    than stored with a promise it does not keep."""
+    asked = attributes.get("Quantum Safe")
+    if not asked or asked[0].value is not True:
+        return
+    algorithm = attributes.get("Cryptographic Algorithm")
+    length = attributes.get("Cryptographic Length")
+    if (
+        object_type == OT.SYMMETRIC_KEY
+        and algorithm
+        and algorithm[0].value in {a.value for a in _QUANTUM_SAFE_SYMMETRIC}
+        and length
+        and length[0].value >= 256
+    ):
+        return
+    what = object_type.name.replace("_", " ").lower()
+    if algorithm and length:
+        what = f"{enums.CryptographicAlgorithm(algorithm[0].value).name}-{length[0].value} {what}"
+    raise errors.GeneralFailure(
+        f"NOT_SAFE: a {what} is not quantum safe; ask for a symmetric key of 256 bits or more (AES-256)"
+    )
 
 
 def track_flag_history(attributes: dict[str, list[Item]]) -> None:

@@ -137,6 +137,7 @@ class Keystore:
         object replaces one the caller may manage (ReKey by an administrator
         keeps the key with its owner)."""
         check(principal, Action.CREATE)
+        attrs.check_quantum_safe(object_type, attributes)
         uid = uid or str(uuid.uuid4())
         obj = ManagedObject(uid=uid, owner=owner or principal.name, attributes=dict(attributes))
         obj.set_value("Unique Identifier", uid)

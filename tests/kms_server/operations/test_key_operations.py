@@ -25,6 +25,7 @@ from kmip.core.enums import (
     ObjectType,
     Operation,
     PaddingMethod,
+    ProtectionLevel,
     RecommendedCurve,
     ResultReason,
     ResultStatus,
@@ -791,6 +792,47 @@ def test_get_of_a_missing_object_is_object_not_found_at_2_1(alice):
     alice.fails(Operation.GET, missing, ResultReason.ITEM_NOT_FOUND, V1_4)
     alice.fails(Operation.GET, missing, ResultReason.ITEM_NOT_FOUND, V2_0)
     alice.fails(Operation.GET, missing, ResultReason.OBJECT_NOT_FOUND, (2, 1))
+
+
+def test_quantum_safe_is_granted_only_to_large_symmetric_keys(alice):
+    """QS-M-2: a Create that asks for Quantum Safe gets it with AES-256 and
+    is refused (General Failure, NOT_SAFE) with AES-128; Protection Level
+    and Period are kept as asked; Quantum Safe cannot be changed later."""
+
+    def create(bits: int, *extra: Item):
+        return [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
+            ttlv.structure(
+                T.ATTRIBUTES.value,
+                [algorithm(CryptographicAlgorithm.AES), length(bits), usage(12), *extra],
+            ),
+        ]
+
+    safe = ttlv.boolean(T.QUANTUM_SAFE.value, True)
+    level = ttlv.enumeration(T.PROTECTION_LEVEL.value, ProtectionLevel.HIGH.value)
+    period = ttlv.interval(T.PROTECTION_PERIOD.value, 409968000)
+    message = alice.fails(Operation.CREATE, create(128, level, period, safe), ResultReason.GENERAL_FAILURE, V2_0)
+    assert message.startswith("NOT_SAFE") and "AES-128" in message
+    uid = alice.ok(Operation.CREATE, create(256, level, period, safe), V2_0).get(T.UNIQUE_IDENTIFIER.value)
+    names = [T.QUANTUM_SAFE, T.PROTECTION_LEVEL, T.PROTECTION_PERIOD]
+    got = alice.ok(
+        Operation.GET_ATTRIBUTES,
+        [uid_item(uid), *(ttlv.enumeration(T.ATTRIBUTE_REFERENCE.value, t.value) for t in names)],
+        V2_0,
+    ).find(T.ATTRIBUTES.value)
+    assert {i.tag: i.value for i in got.value} == {
+        T.QUANTUM_SAFE.value: True,
+        T.PROTECTION_LEVEL.value: ProtectionLevel.HIGH.value,
+        T.PROTECTION_PERIOD.value: 409968000,
+    }
+    alice.fails(
+        Operation.MODIFY_ATTRIBUTE,
+        [uid_item(uid), ttlv.structure(T.NEW_ATTRIBUTE.value, [ttlv.boolean(T.QUANTUM_SAFE.value, False)])],
+        ResultReason.ATTRIBUTE_READ_ONLY,
+        V2_0,
+    )
+    # Without Quantum Safe, AES-128 is made as before.
+    alice.ok(Operation.CREATE, create(128, level), V2_0)
 
 
 def test_register_and_get_opaque_object(alice):
