@@ -36,6 +36,13 @@ class Stream:
     operation: str
     cipher: object  # crypto.CipherStream
     last_used: float = field(default=0.0)
+    # Held while one part runs: a cipher context takes its parts in order,
+    # one at a time.
+    busy: threading.Lock = field(default_factory=threading.Lock)
+
+    def done(self) -> None:
+        """The part that `Streams.take` handed out has been processed."""
+        self.busy.release()
 
 
 class Streams:
@@ -78,7 +85,9 @@ class Streams:
 
     def take(self, correlation: bytes, client: str, uid: str, operation: str, final: bool) -> Stream:
         """The stream a Correlation Value names, if it is this client's, for
-        this key and operation; removed when `final`."""
+        this key and operation; removed when `final`. The caller processes
+        its part and then calls `stream.done()`; a part sent while another
+        one of the same stream runs is refused."""
         with self._lock:
             self._expire()
             stream = self._streams.get(correlation)
@@ -90,6 +99,10 @@ class Streams:
             if stream.uid != uid or stream.operation != operation:
                 raise errors.InvalidField(
                     f"the Correlation Value belongs to a {stream.operation} with key {stream.uid}"
+                )
+            if not stream.busy.acquire(blocking=False):
+                raise errors.InvalidField(
+                    "another part of this multi-part operation is being processed; send the parts one after another"
                 )
             if final:
                 del self._streams[correlation]

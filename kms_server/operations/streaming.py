@@ -83,9 +83,9 @@ def run(
         raise errors.InvalidField("the Authenticated Encryption Tag comes with the last part (Final Indicator)")
     stream = streams.take(part.correlation, client, obj.uid, operation.name, part.final)
     cipher = stream.cipher
-    if part.final and cipher.decrypting and cipher.mode == BlockCipherMode.GCM and tag is None:
-        raise errors.MissingData("Authenticated Encryption Tag is required with the last part of a GCM decryption")
     try:
+        if part.final and cipher.decrypting and cipher.mode == BlockCipherMode.GCM and tag is None:
+            raise errors.MissingData("Authenticated Encryption Tag is required with the last part of a GCM decryption")
         out = cipher.update(data)
         if not part.final:
             return [common.uid_item(obj.uid), _data(out), _correlation(part.correlation)], cipher
@@ -93,6 +93,8 @@ def run(
     except crypto.CryptoError as exc:
         streams.abandon(part.correlation)
         raise object_codec.crypto_failure(exc) from None
+    finally:
+        stream.done()
     items = [common.uid_item(obj.uid), _data(out + rest)]
     if made_tag is not None:
         items.append(ttlv.byte_string(T.AUTHENTICATED_ENCRYPTION_TAG.value, made_tag))

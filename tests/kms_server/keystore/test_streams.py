@@ -26,8 +26,12 @@ def test_a_stream_is_found_only_by_its_client_key_and_operation():
     for client, uid, op in (("bob", "k1", "ENCRYPT"), ("alice", "k2", "ENCRYPT"), ("alice", "k1", "DECRYPT")):
         with pytest.raises(errors.InvalidField):
             streams.take(value, client, uid, op, final=False)
-    assert streams.take(value, "alice", "k1", "ENCRYPT", final=False).cipher is cipher
-    assert streams.take(value, "alice", "k1", "ENCRYPT", final=True).cipher is cipher
+    stream = streams.take(value, "alice", "k1", "ENCRYPT", final=False)
+    assert stream.cipher is cipher
+    stream.done()
+    stream = streams.take(value, "alice", "k1", "ENCRYPT", final=True)
+    assert stream.cipher is cipher
+    stream.done()
     with pytest.raises(errors.InvalidField, match="names no multi-part operation"):
         streams.take(value, "alice", "k1", "ENCRYPT", final=True)
 
@@ -49,10 +53,10 @@ def test_idle_streams_expire_and_use_keeps_one_alive():
     kept = streams.begin("alice", "k", "ENCRYPT", object())
     dropped = streams.begin("alice", "k", "ENCRYPT", object())
     clock.now += 50
-    streams.take(kept, "alice", "k", "ENCRYPT", final=False)
+    streams.take(kept, "alice", "k", "ENCRYPT", final=False).done()
     clock.now += 50
     assert len(streams) == 1
-    streams.take(kept, "alice", "k", "ENCRYPT", final=False)
+    streams.take(kept, "alice", "k", "ENCRYPT", final=False).done()
     with pytest.raises(errors.InvalidField, match="idle for more than 60 s"):
         streams.take(dropped, "alice", "k", "ENCRYPT", final=False)
 
@@ -62,4 +66,18 @@ def test_abandon_drops_a_stream():
     value = streams.begin("alice", "k", "ENCRYPT", object())
     streams.abandon(value)
     streams.abandon(value)
+    assert len(streams) == 0
+
+
+def test_one_part_at_a_time():
+    """A cipher context takes its parts in order: a part sent while another
+    of the same stream is being processed is refused, and the stream goes
+    on once that one is done."""
+    streams = Streams()
+    value = streams.begin("alice", "k", "ENCRYPT", object())
+    running = streams.take(value, "alice", "k", "ENCRYPT", final=False)
+    with pytest.raises(errors.InvalidField, match="one after another"):
+        streams.take(value, "alice", "k", "ENCRYPT", final=False)
+    running.done()
+    streams.take(value, "alice", "k", "ENCRYPT", final=True).done()
     assert len(streams) == 0
