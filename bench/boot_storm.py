@@ -318,12 +318,16 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
 
+    from rich.console import Console
+
+    narration = Console(stderr=True, highlight=False)
+
     def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+        narration.print(text)  # The drill's set-up steps use rich markup.
 
     # Both pools are forked before any thread exists (the servers' log readers are threads).
     from broker.drill.runner import ToolPool
-    from broker.drill.scenario import INSTANCE_A, Drill
+    from broker.drill.scenario import Drill
 
     tools = ToolPool(processes=max(2, args.create_jobs))
     _preload()
@@ -335,13 +339,10 @@ def main() -> int:
     status = 1
     try:
         t = time.perf_counter()
-        drill._start_kms(audit=args.kms_audit == "on")
-        drill._start_broker()
-        drill._enroll(INSTANCE_A)
-        drill._add_hosts(INSTANCE_A)
+        drill.set_up(kms_audit=args.kms_audit == "on")
         say(f"set-up: KMS, broker, instance, {args.hosts} hosts ({time.perf_counter() - t:.1f} s)")
         t = time.perf_counter()
-        drill._create_vms()
+        drill.create_vms()
         create_s = time.perf_counter() - t
         say(f"set-up: {args.vms} VMs created through the broker API ({create_s:.1f} s)")
         t = time.perf_counter()

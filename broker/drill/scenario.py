@@ -171,11 +171,8 @@ class Drill:
     # The story ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        self._step("KMS", self._start_kms)
-        self._step("broker", self._start_broker)
-        self._step(f"management instance {INSTANCE_A}", lambda: self._enroll(INSTANCE_A))
-        self._step(f"{self.host_count} hosts", lambda: self._add_hosts(INSTANCE_A))
-        self._step(f"{self.vm_count} VMs with a vTPM", self._create_vms)
+        self.set_up()
+        self.create_vms()
         self._step("first power-on: manufacture, guest writes its secret", self._first_boot)
         self._step("disaster", self._disaster)
         self._step(f"management instance {INSTANCE_B}", lambda: self._enroll(INSTANCE_B))
@@ -184,6 +181,19 @@ class Drill:
         self._step("power-on after recovery, guest reads back", self._second_boot)
         self._step("verification", self._verify)
         self._step("audit trail", self._read_audit)
+
+    def set_up(self, *, kms_audit: bool = True) -> None:
+        """The world before any VM: a KMS (its audit trail on unless
+        `kms_audit` is False), the broker, management instance A enrolled
+        and approved, and its hosts. Also the start of bench/boot_storm.py."""
+        self._step("KMS", lambda: self._start_kms(audit=kms_audit))
+        self._step("broker", self._start_broker)
+        self._step(f"management instance {INSTANCE_A}", lambda: self._enroll(INSTANCE_A))
+        self._step(f"{self.host_count} hosts", lambda: self._add_hosts(INSTANCE_A))
+
+    def create_vms(self) -> None:
+        """Instance A creates the drill's VMs through the broker API."""
+        self._step(f"{self.vm_count} VMs with a vTPM", self._create_vms)
 
     def _step(self, title: str, action: Callable[[], str | None]) -> None:
         started, wall = time.monotonic(), time.time()
