@@ -53,6 +53,7 @@ __all__ = [
     "MacInvalid",
     "SignatureInvalid",
     "constant_time_eq",
+    "mix_seed",
     "decrypt",
     "digest",
     "encrypt",
@@ -325,6 +326,25 @@ def random_bytes(n: int) -> bytes:
             f"random length must be between 0 and {_RANDOM_MAX_BYTES} bytes"
         )
     return secrets.token_bytes(n)
+
+
+# The most seed one RNG Seed request mixes in; the rest is not taken.
+SEED_MAX_BYTES = 4096
+_URANDOM = "/dev/urandom"
+
+
+def mix_seed(data: bytes) -> int:
+    """Mix client-supplied seed into the operating system's random pool and
+    return how many bytes were taken. Written to /dev/urandom, the bytes
+    are stirred into the pool without being credited as entropy: they can
+    add unpredictability, never take any away, so any client may give
+    them. 0 when the pool cannot be written here."""
+    data = _bytes(data, "seed")[:SEED_MAX_BYTES]
+    try:
+        with open(_URANDOM, "wb", buffering=0) as pool:
+            return pool.write(data) or 0
+    except OSError:
+        return 0
 
 
 def digest(hashing: HashingAlgorithm, data: bytes) -> bytes:

@@ -34,6 +34,7 @@ _MODULES = (
     "mac_verify",
     "hash",
     "rng_retrieve",
+    "rng_seed",
     "sign",
     "signature_verify",
     "interop",

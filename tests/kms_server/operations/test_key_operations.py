@@ -1568,3 +1568,29 @@ def test_usage_limits_count_down_and_refuse_past_the_budget(alice):
     alice.fails(
         Operation.ENCRYPT, [uid_item(uid), ecb, ttlv.byte_string(T.DATA.value, bytes(16))], ResultReason.PERMISSION_DENIED
     )
+
+
+def test_rng_seed_is_mixed_into_the_os_pool_and_counted(alice, monkeypatch, tmp_path):
+    """RNG Seed takes the seed (at most SEED_MAX_BYTES) into the operating
+    system's pool and says how much it took; an empty seed is refused; a
+    pool that cannot be written takes none."""
+    pool = tmp_path / "urandom"
+    pool.write_bytes(b"")
+    monkeypatch.setattr(crypto, "_URANDOM", str(pool))
+    seed = os.urandom(32)
+    payload = alice.ok(Operation.RNG_SEED, [ttlv.byte_string(T.DATA.value, seed)])
+    assert payload.get(T.DATA_LENGTH.value) == 32 and pool.read_bytes() == seed
+    big = os.urandom(crypto.SEED_MAX_BYTES + 100)
+    payload = alice.ok(Operation.RNG_SEED, [ttlv.byte_string(T.DATA.value, big)])
+    assert payload.get(T.DATA_LENGTH.value) == crypto.SEED_MAX_BYTES
+    alice.fails(Operation.RNG_SEED, [ttlv.byte_string(T.DATA.value, b"")], ResultReason.INVALID_FIELD)
+    alice.fails(Operation.RNG_SEED, [], ResultReason.MISSING_DATA)
+    monkeypatch.setattr(crypto, "_URANDOM", str(tmp_path / "missing" / "urandom"))
+    payload = alice.ok(Operation.RNG_SEED, [ttlv.byte_string(T.DATA.value, seed)])
+    assert payload.get(T.DATA_LENGTH.value) == 0
+
+
+@pytest.mark.skipif(not os.access("/dev/urandom", os.W_OK), reason="/dev/urandom is not writable here")
+def test_rng_seed_reaches_the_real_pool(alice):
+    payload = alice.ok(Operation.RNG_SEED, [ttlv.byte_string(T.DATA.value, os.urandom(16))])
+    assert payload.get(T.DATA_LENGTH.value) == 16

@@ -1,0 +1,23 @@
+"""KMIP 1.4, 4.36 RNG Seed / 2.0, 6.1.45: seed data for the server's
+random number generator. The server's generator is the operating system's
+CSPRNG; the data is mixed into its pool (crypto.mix_seed: never credited as
+entropy, so it cannot weaken the pool) and the answer says how many bytes
+were taken (at most crypto.SEED_MAX_BYTES; 0 where the pool is not
+writable)."""
+
+from kmip.core.enums import Operation, Tags
+
+from kms_server import errors
+from kms_server.keystore import crypto
+from kms_server.operations import common
+from kms_server.wire import ttlv
+from kms_server.wire.ttlv import ItemType
+
+OPERATION = Operation.RNG_SEED
+
+
+def handle(ctx, keystore, payload):
+    data = common.require(payload, Tags.DATA, ItemType.BYTE_STRING).value
+    if not data:
+        raise errors.InvalidField("Data (the seed) must not be empty")
+    return [ttlv.integer(Tags.DATA_LENGTH.value, crypto.mix_seed(data))]
