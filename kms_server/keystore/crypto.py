@@ -935,47 +935,32 @@ def encrypt(
             raise CryptoError(f"{_name(mode)} takes no IV and no padding")
         return wrap_key(_aes_wrapping_key(key, algorithm), data, mode), None, None
 
-    if mode == BlockCipherMode.GCM:
-        if algorithm != CryptographicAlgorithm.AES:
-            raise CryptoError("GCM is only for AES")
-        if not _no_padding(padding):
-            raise CryptoError("GCM takes no padding")
-        tag_length = 16 if tag_length is None else tag_length
-        if tag_length not in _GCM_TAG_LENGTHS:
-            raise CryptoError("GCM tag length must be 12 to 16 bytes")
-        if iv is None:
-            iv = secrets.token_bytes(_GCM_DEFAULT_IV_LENGTH)
-        _check_gcm_iv(iv)
-        encryptor = Cipher(_block_algorithm(key, algorithm), modes.GCM(iv)).encryptor()
-        if aad:
-            encryptor.authenticate_additional_data(aad)
-        ciphertext = encryptor.update(data) + encryptor.finalize()
-        return ciphertext, iv, encryptor.tag[:tag_length]
+    if mode in STREAM_MODES:
+        # GCM, CTR, CBC and ECB: the multi-part cipher, in one part.
+        if mode in _PADDED_MODES and _no_padding(padding) and len(data) % _block_bytes(key, algorithm):
+            raise CryptoError("data length is not a multiple of the block size")
+        stream = CipherStream(
+            key, algorithm, mode, decrypting=False, iv=iv, padding=padding, aad=aad, tag_length=tag_length
+        )
+        ciphertext = stream.update(data)
+        rest, tag = stream.finalize()
+        return ciphertext + rest, stream.iv, tag
 
-    if mode != BlockCipherMode.ECB and mode not in _IV_MODES:
+    if mode not in _IV_MODES:
         raise CryptoError(f"block cipher mode {_name(mode)} is not supported")
+    # XTS: a whole sector at a time.
     _check_unused(mode, aad, tag_length)
-    if mode != BlockCipherMode.ECB and iv is None:
-        block = 16 if mode == BlockCipherMode.XTS else _block_bytes(key, algorithm)
-        iv = secrets.token_bytes(block)
-    cipher = _mode_cipher(key, algorithm, mode, iv)
-    block_bits = cipher.algorithm.block_size
-    if mode in _PADDED_MODES:
-        padder = _padder(padding, block_bits)
-        if padder is None:
-            if len(data) % (block_bits // 8):
-                raise CryptoError("data length is not a multiple of the block size")
-        else:
-            padder = padder.padder()
-            data = padder.update(data) + padder.finalize()
-    elif not _no_padding(padding):
+    if not _no_padding(padding):
         raise CryptoError(f"{_name(mode)} takes no padding")
+    if iv is None:
+        iv = secrets.token_bytes(16)
+    cipher = _mode_cipher(key, algorithm, mode, iv)
     try:
         encryptor = cipher.encryptor()
         ciphertext = encryptor.update(data) + encryptor.finalize()
     except _LIBRARY_ERRORS:
         raise CryptoError(f"{_name(mode)} encryption failed") from None
-    return ciphertext, (iv if mode != BlockCipherMode.ECB else None), None
+    return ciphertext, iv, None
 
 
 def decrypt(
@@ -1007,53 +992,32 @@ def decrypt(
             raise CryptoError(f"{_name(mode)} takes no IV and no padding")
         return unwrap_key(_aes_wrapping_key(key, algorithm), data, mode)
 
-    if mode == BlockCipherMode.GCM:
-        if algorithm != CryptographicAlgorithm.AES:
-            raise CryptoError("GCM is only for AES")
-        if not _no_padding(padding):
-            raise CryptoError("GCM takes no padding")
-        if iv is None:
-            raise CryptoError("GCM needs the IV used to encrypt")
-        _check_gcm_iv(iv)
-        if tag is None or len(tag) not in _GCM_TAG_LENGTHS:
-            raise CryptoError("GCM tag must be 12 to 16 bytes")
-        cipher_algorithm = _block_algorithm(key, algorithm)
-        decryptor = Cipher(
-            cipher_algorithm, modes.GCM(iv, tag, min_tag_length=len(tag))
-        ).decryptor()
-        if aad:
-            decryptor.authenticate_additional_data(aad)
-        try:
-            return decryptor.update(data) + decryptor.finalize()
-        except InvalidTag:
-            raise CryptoError("authentication failed") from None
-
-    if mode != BlockCipherMode.ECB and mode not in _IV_MODES:
-        raise CryptoError(f"block cipher mode {_name(mode)} is not supported")
-    _check_unused(mode, aad, tag)
-    if mode != BlockCipherMode.ECB and iv is None:
-        raise CryptoError(f"{_name(mode)} needs the IV used to encrypt")
-    cipher = _mode_cipher(key, algorithm, mode, iv)
-    block_bits = cipher.algorithm.block_size
-    padder = None
-    if mode in _PADDED_MODES:
-        padder = _padder(padding, block_bits)
-        if len(data) % (block_bits // 8):
+    if mode in STREAM_MODES:
+        # GCM, CTR, CBC and ECB: the multi-part cipher, in one part.
+        if mode != BlockCipherMode.GCM:
+            _check_unused(mode, aad, tag)
+        if mode in _PADDED_MODES and len(data) % _block_bytes(key, algorithm):
             raise CryptoError("data length is not a multiple of the block size")
-    elif not _no_padding(padding):
+        if mode == BlockCipherMode.GCM and (tag is None or len(tag) not in _GCM_TAG_LENGTHS):
+            raise CryptoError("GCM tag must be 12 to 16 bytes")
+        stream = CipherStream(key, algorithm, mode, decrypting=True, iv=iv, padding=padding, aad=aad)
+        plaintext = stream.update(data)
+        return plaintext + stream.finalize(tag)[0]
+
+    if mode not in _IV_MODES:
+        raise CryptoError(f"block cipher mode {_name(mode)} is not supported")
+    # XTS: a whole sector at a time.
+    _check_unused(mode, aad, tag)
+    if iv is None:
+        raise CryptoError(f"{_name(mode)} needs the IV used to encrypt")
+    if not _no_padding(padding):
         raise CryptoError(f"{_name(mode)} takes no padding")
+    cipher = _mode_cipher(key, algorithm, mode, iv)
     try:
         decryptor = cipher.decryptor()
-        plaintext = decryptor.update(data) + decryptor.finalize()
+        return decryptor.update(data) + decryptor.finalize()
     except _LIBRARY_ERRORS:
         raise CryptoError(f"{_name(mode)} decryption failed") from None
-    if padder is not None:
-        unpadder = padder.unpadder()
-        try:
-            plaintext = unpadder.update(plaintext) + unpadder.finalize()
-        except ValueError:
-            raise CryptoError("invalid padding") from None
-    return plaintext
 
 
 # Modes a multi-part (streaming) Encrypt or Decrypt may use: those whose
@@ -1162,9 +1126,9 @@ class CipherStream:
         except InvalidTag:
             raise CryptoError("authentication failed") from None
         except ValueError:
-            raise CryptoError(
-                "the parts do not end on a whole block, or the padding is invalid"
-            ) from None
+            if self._unpadder is not None:
+                raise CryptoError("invalid padding, or the data does not end on a whole block") from None
+            raise CryptoError("the data does not end on a whole block") from None
         except _LIBRARY_ERRORS:
             raise CryptoError(f"{_name(self.mode)} {'decryption' if self.decrypting else 'encryption'} failed") from None
         if self.mode == BlockCipherMode.GCM:
