@@ -1,21 +1,72 @@
-"""Shared fixtures: a development PKI made once per session, and real
-`kms-server` processes on free 127.0.0.1 ports."""
+"""Shared fixtures: a development PKI made once per session, real
+`kms-server` processes on free 127.0.0.1 ports, and throwaway databases on
+this machine's PostgreSQL (127.0.0.1:5432)."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 CLIENTS = ("alice", "bob", "admin", "nocrypto", "auditor")
+
+PG_HOST = "127.0.0.1"
+PG_PORT = 5432
+PG_USER = "postgres"
+PG_ADMIN_DB = "postgres"
+
+
+def _postgres_admin():
+    """A connection to this machine's PostgreSQL as its superuser; the
+    test is skipped only when the server is unreachable or psycopg is
+    missing (reachable but refusing us is a failure)."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        socket.create_connection((PG_HOST, PG_PORT), timeout=2).close()
+    except OSError as exc:
+        pytest.skip(f"PostgreSQL is not reachable on {PG_HOST}:{PG_PORT}: {exc}")
+    return psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=PG_ADMIN_DB, autocommit=True)
+
+
+def new_postgres_database(prefix: str = "kms_test") -> tuple[str, str]:
+    """A new, empty database: (name, SQLAlchemy URL). Drop it with
+    drop_postgres_database."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with _postgres_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return name, f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+
+
+def drop_postgres_database(name: str) -> None:
+    with _postgres_admin() as admin:
+        # FORCE: a failed test may have left a connection open.
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_db() -> Iterator[tuple[str, str]]:
+    """(name, URL) of a new, empty PostgreSQL database, dropped afterwards."""
+    name, url = new_postgres_database()
+    try:
+        yield name, url
+    finally:
+        drop_postgres_database(name)
+
+
+@pytest.fixture
+def postgres_url(postgres_db) -> str:
+    return postgres_db[1]
 
 
 @pytest.fixture(scope="session")

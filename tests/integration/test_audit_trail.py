@@ -14,12 +14,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import vcenter_vectors
-from conftest import start_server
+from conftest import drop_postgres_database, new_postgres_database, start_server
 from kmip.core import enums
 from kmip.pie import objects as pie_objects
 from kmip.pie.client import ProxyKmipClient
@@ -296,29 +295,13 @@ def test_offline_verification_of_an_export_with_the_public_key_only(pristine, tm
 # --- fail closed ---------------------------------------------------------------------------
 
 
-def _pg_database():
-    psycopg = pytest.importorskip("psycopg")
-    name = f"kms_audit_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return name
-
-
-def _drop_pg(name):
-    import psycopg
-
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_failing_audit_write_refuses_the_operation_and_changes_nothing(tmp_path, pki_dir, backend):
     """With a trigger that makes every audit insert fail, Create, Revoke,
     Destroy and Get are refused with General Failure, no object appears or
     changes, no key material is returned; once the trigger is gone the
     same requests work."""
-    pg_name = _pg_database() if backend == "postgresql" else None
-    db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{pg_name}" if pg_name else None
+    pg_name, db_url = new_postgres_database("kms_audit") if backend == "postgresql" else (None, None)
     server = start_server(tmp_path / "node", pki_dir, extra_config=ACCESS, db_url=db_url)
     try:
         client = pykmip(server, pki_dir)
@@ -366,7 +349,7 @@ def test_a_failing_audit_write_refuses_the_operation_and_changes_nothing(tmp_pat
     finally:
         server.stop()
         if pg_name:
-            _drop_pg(pg_name)
+            drop_postgres_database(pg_name)
 
 
 # --- no key bytes anywhere, and the sinks -----------------------------------------------

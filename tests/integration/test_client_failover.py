@@ -6,43 +6,23 @@ without ever reporting an unacknowledged write as done."""
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import start_server
+from conftest import drop_postgres_database, new_postgres_database, start_server
 from kmip.core.enums import CryptographicAlgorithm, ResultReason, State
 
 from kms_server.client import KmipClient, KmipError, OutcomeUnknown
-
-
-def _postgres_database():
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-    except OSError:
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    name = f"kms_client_it_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
-
-def _drop_database(name: str) -> None:
-    import psycopg
-
-    with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class Cluster:
     """`count` nodes (two by default), one database, one master key."""
 
     def __init__(self, root: Path, pki: Path, count: int = 2):
-        self.database, url = _postgres_database()
+        self.database, url = new_postgres_database("kms_client_it")
         self.pki = pki
         self.nodes = []
         try:
@@ -70,7 +50,7 @@ class Cluster:
     def close(self) -> None:
         for node in self.nodes:
             node.stop()
-        _drop_database(self.database)
+        drop_postgres_database(self.database)
 
 
 @pytest.fixture(scope="module")

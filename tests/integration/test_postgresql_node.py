@@ -4,9 +4,6 @@ same, and no key bytes reach the database."""
 
 from __future__ import annotations
 
-import socket
-import uuid
-
 import pytest
 import vcenter_vectors
 from conftest import start_server
@@ -14,23 +11,6 @@ from kmip.core import enums
 from kmip.core.enums import Tags
 from kmip.pie.client import ProxyKmipClient
 from kmip_client import RawClient
-
-
-@pytest.fixture
-def postgres_db():
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-    except OSError:
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    name = f"kms_it_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_node_on_postgresql(tmp_path, pki_dir, postgres_db):

@@ -1,6 +1,6 @@
 """Batch Error Continuation Option Undo (KMIP 1.4, 6.7; 2.0, 7.7; OASIS
 BL-M-2-21), through Dispatcher.handle with the real operation table and an
-audit trail, on the in-memory storage and on SQLite: a failed item rolls
+audit trail, on the in-memory storage, SQLite and PostgreSQL: a failed item rolls
 back the changes of the items before it, which are answered Operation
 Undone and recorded so; a batch whose items all succeed commits them and
 their records together."""
@@ -43,9 +43,10 @@ def ttlv_uid(uid: str):
     return ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def storage(request, tmp_path):
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'kms.db'}"
+    urls = {"memory": lambda: "memory://", "sqlite": lambda: f"sqlite:///{tmp_path / 'kms.db'}"}
+    url = urls.get(request.param, lambda: request.getfixturevalue("postgres_url"))()
     store = open_storage(url)
     yield store
     store.close()
