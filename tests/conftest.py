@@ -54,6 +54,19 @@ def drop_postgres_database(name: str) -> None:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def postgres_available() -> bool:
+    """Whether psycopg is installed and PostgreSQL answers on PG_HOST:PG_PORT
+    (for a module skipped as a whole; tests needing a database just call
+    new_postgres_database or use the fixtures, which skip by themselves)."""
+    try:
+        import psycopg  # noqa: F401
+
+        socket.create_connection((PG_HOST, PG_PORT), timeout=2).close()
+        return True
+    except (ImportError, OSError):
+        return False
+
+
 @pytest.fixture
 def postgres_db() -> Iterator[tuple[str, str]]:
     """(name, URL) of a new, empty PostgreSQL database, dropped afterwards."""

@@ -6,11 +6,9 @@ mode with one line; the broker's revision lives in its own version table."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -22,36 +20,11 @@ from broker.db import Database, metadata
 from kms_server.storage import schema as kms_schema
 
 
-def _pg_available() -> bool:
-    try:
-        import psycopg  # noqa: F401
-
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-        return True
-    except (ImportError, OSError):
-        return False
-
-
-def _admin_sql(statement: str) -> None:
-    import psycopg
-
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as conn:
-        conn.execute(statement)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'broker.db'}"
-        return
-    if not _pg_available():
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432 or psycopg missing")
-    name = f"broker_schema_{uuid.uuid4().hex[:10]}"
-    _admin_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        _admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        return f"sqlite:///{tmp_path / 'broker.db'}"
+    return request.getfixturevalue("postgres_url")
 
 
 def cli(tmp_path, db_url, *args):
@@ -167,27 +140,19 @@ def test_the_kms_keeps_refusing_an_unversioned_database(tmp_path):
         engine.dispose()
 
 
-def test_admin_commands_refuse_an_unmigrated_postgresql(tmp_path):
+def test_admin_commands_refuse_an_unmigrated_postgresql(tmp_path, postgres_url):
     """On PostgreSQL the broker's commands only check (the running broker
     too: tests/integration/test_broker_postgresql.py): an empty database is
     refused with one line naming the command that fixes it."""
-    if not _pg_available():
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    name = f"broker_schema_{uuid.uuid4().hex[:10]}"
-    _admin_sql(f'CREATE DATABASE "{name}"')
-    try:
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-        early = cli(tmp_path, url, "admin", "list")
-        assert early.returncode == 2
-        # No master key yet: the admin command says so before touching the database.
-        assert early.stderr.count("\n") == 1 and "vtpm-broker init" in early.stderr
-        key = tmp_path / "data" / "master.key"
-        key.parent.mkdir(mode=0o700)
-        key.write_text("ab" * 32)
-        key.chmod(0o600)
-        listing = cli(tmp_path, url, "admin", "list")
-        assert listing.returncode == 2 and listing.stderr.count("\n") == 1
-        assert "no vtpm-broker schema" in listing.stderr and "db upgrade" in listing.stderr
-        assert "Traceback" not in listing.stderr
-    finally:
-        _admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    early = cli(tmp_path, postgres_url, "admin", "list")
+    assert early.returncode == 2
+    # No master key yet: the admin command says so before touching the database.
+    assert early.stderr.count("\n") == 1 and "vtpm-broker init" in early.stderr
+    key = tmp_path / "data" / "master.key"
+    key.parent.mkdir(mode=0o700)
+    key.write_text("ab" * 32)
+    key.chmod(0o600)
+    listing = cli(tmp_path, postgres_url, "admin", "list")
+    assert listing.returncode == 2 and listing.stderr.count("\n") == 1
+    assert "no vtpm-broker schema" in listing.stderr and "db upgrade" in listing.stderr
+    assert "Traceback" not in listing.stderr

@@ -12,13 +12,11 @@ one database), PostgreSQL 15 (a fresh database, dropped afterwards).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-import uuid
 
 import pytest
 from broker_process import (
@@ -30,43 +28,19 @@ from broker_process import (
     set_up,
     write_config,
 )
-from conftest import start_server
+from conftest import drop_postgres_database, new_postgres_database, postgres_available, start_server
 
 from broker.keysafe import parse_key_safe
 from kms_server.client import KmipClient
 
-
-def _pg_available() -> bool:
-    try:
-        import psycopg  # noqa: F401
-
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-        return True
-    except (ImportError, OSError):
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _pg_available(), reason="no PostgreSQL on 127.0.0.1:5432 or psycopg missing")
-
-
-def _admin_sql(statement: str) -> None:
-    import psycopg
-
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as conn:
-        conn.execute(statement)
-
-
-def _fresh_database(prefix: str):
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    _admin_sql(f'CREATE DATABASE "{name}"')
-    return name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+pytestmark = pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL on 127.0.0.1:5432 or psycopg missing")
 
 
 @pytest.fixture(scope="module")
 def database():
-    name, url = _fresh_database("broker_replicas")
+    name, url = new_postgres_database("broker_replicas")
     yield url
-    _admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    drop_postgres_database(name)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +95,7 @@ def test_a_broker_refuses_to_start_on_an_unmigrated_postgresql(replicas, kms, pk
     files pointed at an empty database are refused with one line naming
     `vtpm-broker db upgrade`."""
     data = replicas[1].data_dir
-    name, url = _fresh_database("broker_empty")
+    name, url = new_postgres_database("broker_empty")
     try:
         config = tmp_path / "broker.toml"
         config.write_text(
@@ -164,7 +138,7 @@ def test_a_broker_refuses_to_start_on_an_unmigrated_postgresql(replicas, kms, pk
         errors = [line for line in done.stderr.splitlines() if line.startswith("vtpm-broker: error:")]
         assert len(errors) == 1 and "no vtpm-broker schema" in errors[0] and "db upgrade" in errors[0], done.stderr
     finally:
-        _admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_postgres_database(name)
 
 
 def test_two_brokers_serve_one_database(replicas, kms_admin):

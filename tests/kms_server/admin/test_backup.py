@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import stat
 import struct
 import subprocess
@@ -24,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import start_server
+from conftest import drop_postgres_database, new_postgres_database, postgres_available, start_server
 from kmip.core import enums
 from kmip.core.enums import Operation, Tags
 from kmip.pie import objects as pie_objects
@@ -44,7 +43,6 @@ from kms_server.storage.sql import SqlStorage
 from kms_server.wire import ttlv
 
 T = Tags
-PG = ("127.0.0.1", 5432)
 
 
 # --- databases ------------------------------------------------------------------------
@@ -53,27 +51,18 @@ PG = ("127.0.0.1", 5432)
 @pytest.fixture
 def pg_database():
     """A factory of fresh PostgreSQL databases, all dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        socket.create_connection(PG, timeout=2).close()
-    except OSError:
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    if not postgres_available():  # skip before the test starts, not at its first database
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 or psycopg missing")
     names: list[str] = []
 
-    def admin():
-        return psycopg.connect(host=PG[0], port=PG[1], user="postgres", dbname="postgres", autocommit=True)
-
     def new(label: str = "db") -> str:
-        name = f"kms_backup_{label}_{uuid.uuid4().hex[:12]}"
-        with admin() as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        name, url = new_postgres_database(f"kms_backup_{label}")
         names.append(name)
-        return f"postgresql+psycopg://postgres@{PG[0]}:{PG[1]}/{name}"
+        return url
 
     yield new
-    with admin() as conn:
-        for name in names:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    for name in names:
+        drop_postgres_database(name)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

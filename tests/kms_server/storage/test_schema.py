@@ -4,10 +4,8 @@ database whose schema it does not know, with a one-line reason."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import uuid
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -19,33 +17,11 @@ from kms_server.storage.base import StorageError
 from kms_server.storage.sql import metadata
 
 
-def _pg_available() -> bool:
-    try:
-        import psycopg  # noqa: F401
-
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-        return True
-    except (ImportError, OSError):
-        return False
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'kms.db'}"
-        return
-    if not _pg_available():
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432 or psycopg missing")
-    import psycopg
-
-    name = f"kms_schema_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        return f"sqlite:///{tmp_path / 'kms.db'}"
+    return request.getfixturevalue("postgres_url")
 
 
 def admin(*args):
@@ -95,28 +71,17 @@ def test_unknown_newer_revision_is_refused(db_url):
     assert status.returncode == 1 and "newer than this release" in status.stdout
 
 
-def test_node_refuses_to_start_on_an_unmigrated_postgresql(tmp_path, pki_dir):
-    if not _pg_available():
-        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
-    import psycopg
-
-    name = f"kms_schema_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        key = tmp_path / "m.key"
-        key.write_text("ab" * 32)
-        key.chmod(0o600)
-        result = subprocess.run(
-            [sys.executable, "-m", "kms_server.cli", "--port", "0",
-             "--db-url", f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
-             "--tls-cert", str(pki_dir / "server.pem"), "--tls-key", str(pki_dir / "server.key"),
-             "--tls-ca", str(pki_dir / "ca.pem"), "--master-key-file", str(key), "--data-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert result.returncode == 2
-        assert "no kms-server schema" in result.stderr and "kms-admin db upgrade" in result.stderr
-        assert "Traceback" not in result.stderr
-    finally:
-        with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def test_node_refuses_to_start_on_an_unmigrated_postgresql(tmp_path, pki_dir, postgres_url):
+    key = tmp_path / "m.key"
+    key.write_text("ab" * 32)
+    key.chmod(0o600)
+    result = subprocess.run(
+        [sys.executable, "-m", "kms_server.cli", "--port", "0",
+         "--db-url", postgres_url,
+         "--tls-cert", str(pki_dir / "server.pem"), "--tls-key", str(pki_dir / "server.key"),
+         "--tls-ca", str(pki_dir / "ca.pem"), "--master-key-file", str(key), "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "no kms-server schema" in result.stderr and "kms-admin db upgrade" in result.stderr
+    assert "Traceback" not in result.stderr
