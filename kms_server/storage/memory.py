@@ -8,7 +8,6 @@ state behind the storage's back.
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,9 @@ class _State:
     next_sequence: int = 1
     audit: dict[int, StoredAuditRecord] = field(default_factory=dict)
     checkpoints: dict[int, StoredCheckpoint] = field(default_factory=dict)
+
+    def snapshot(self) -> _State:
+        return _State(dict(self.objects), dict(self.meta), self.next_sequence, dict(self.audit), dict(self.checkpoints))
 
 
 def _copy_object(obj: StoredObject) -> StoredObject:
@@ -207,17 +209,23 @@ class MemoryStorage(Storage):
         self._local.active = True
         try:
             with self._lock:
-                snapshot = copy.deepcopy(self._state)
+                # Stored values are never changed in place (copied in and
+                # out, replaced on update), so a copy of the dictionaries is
+                # a complete snapshot to roll back to; a read-only
+                # transaction cannot write and needs none.
+                snapshot = None if read_only else self._state.snapshot()
                 tx = _MemoryTransaction(self._state, read_only)
                 try:
                     yield tx
                 except BaseException:
-                    self._state = snapshot
+                    if snapshot is not None:
+                        self._state = snapshot
                     raise
                 finally:
                     tx._closed = True
                 if tx.failed:
-                    self._state = snapshot
+                    if snapshot is not None:
+                        self._state = snapshot
                     raise StorageError("the transaction failed and was rolled back")
         finally:
             self._local.active = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import pytest
 
@@ -41,6 +42,10 @@ class CountingStorage(MemoryStorage):
                 raise StorageError("disk full")
         with super().transaction(read_only) as txn:
             yield txn
+            if not read_only:
+                # A commit takes time (a real one waits for the disk); writers
+                # that arrive meanwhile queue for the next one.
+                time.sleep(0.002)
 
 
 def test_concurrent_writers_share_transactions_and_keep_one_chain(tmp_path):
