@@ -20,9 +20,8 @@ from kmip.core.enums import (
 from kms_server import errors
 from kms_server.keystore import crypto
 from kms_server.operations import common, object_codec, streaming
-from kms_server.operations.encrypt import NO_IV_MODES, optional_bytes, rsa_padding
+from kms_server.operations.encrypt import NO_IV_MODES, cipher_request, optional_bytes, rsa_padding
 from kms_server.wire import ttlv
-from kms_server.wire.ttlv import ItemType
 
 OPERATION = Operation.DECRYPT
 
@@ -30,26 +29,15 @@ T = Tags
 
 
 def handle(ctx, keystore, payload):
-    part = streaming.part_of(payload)
-    uid = common.unique_identifier(ctx, payload)
-    data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
-    iv = optional_bytes(payload, T.IV_COUNTER_NONCE)
-    aad = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)
     tag = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_TAG)
-    if part is not None:
-        streaming.check_later_part(payload, part, (T.IV_COUNTER_NONCE, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA))
-    with keystore.transaction(read_only=True) as txn:
-        obj = object_codec.usable_key(
-            keystore,
-            txn,
-            ctx,
-            uid,
-            CryptographicUsageMask.DECRYPT,
-            protect=False,
-            object_types=(ObjectType.SYMMETRIC_KEY, ObjectType.PRIVATE_KEY),
-        )
-    params = object_codec.request_parameters(payload, obj)
-    algorithm = object_codec.key_algorithm(obj, params)
+    part, data, iv, aad, obj, params, algorithm = cipher_request(
+        ctx,
+        keystore,
+        payload,
+        CryptographicUsageMask.DECRYPT,
+        protect=False,
+        object_types=(ObjectType.SYMMETRIC_KEY, ObjectType.PRIVATE_KEY),
+    )
     material = keystore.material(obj)
     if part is not None and not part.init:
         # A later part: key, parameters, IV and additional data are the first part's.

@@ -13,6 +13,8 @@ AES in GCM, CTR, CBC and ECB may also run in parts (Init Indicator,
 Correlation Value, Final Indicator: kms_server/operations/streaming.py).
 """
 
+from typing import NamedTuple
+
 from kmip.core.enums import (
     BlockCipherMode,
     CryptographicAlgorithm,
@@ -62,7 +64,21 @@ def rsa_padding(params) -> PaddingMethod:
     return padding
 
 
-def handle(ctx, keystore, payload):
+class CipherRequest(NamedTuple):
+    """What Encrypt and Decrypt read alike from a request: its place in a
+    multi-part operation, the data, IV and additional data, and the key
+    (usable for the operation) with the Cryptographic Parameters in force."""
+
+    part: streaming.Part | None
+    data: bytes
+    iv: bytes | None
+    aad: bytes | None
+    obj: object
+    params: object
+    algorithm: CryptographicAlgorithm | None
+
+
+def cipher_request(ctx, keystore, payload, usage: CryptographicUsageMask, protect: bool, object_types) -> CipherRequest:
     part = streaming.part_of(payload)
     uid = common.unique_identifier(ctx, payload)
     data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
@@ -71,17 +87,20 @@ def handle(ctx, keystore, payload):
     if part is not None:
         streaming.check_later_part(payload, part, (T.IV_COUNTER_NONCE, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA))
     with keystore.transaction(read_only=True) as txn:
-        obj = object_codec.usable_key(
-            keystore,
-            txn,
-            ctx,
-            uid,
-            CryptographicUsageMask.ENCRYPT,
-            protect=True,
-            object_types=(ObjectType.SYMMETRIC_KEY, ObjectType.PUBLIC_KEY),
-        )
+        obj = object_codec.usable_key(keystore, txn, ctx, uid, usage, protect=protect, object_types=object_types)
     params = object_codec.request_parameters(payload, obj)
-    algorithm = object_codec.key_algorithm(obj, params)
+    return CipherRequest(part, data, iv, aad, obj, params, object_codec.key_algorithm(obj, params))
+
+
+def handle(ctx, keystore, payload):
+    part, data, iv, aad, obj, params, algorithm = cipher_request(
+        ctx,
+        keystore,
+        payload,
+        CryptographicUsageMask.ENCRYPT,
+        protect=True,
+        object_types=(ObjectType.SYMMETRIC_KEY, ObjectType.PUBLIC_KEY),
+    )
     object_codec.charge_usage(ctx, keystore, obj, len(data))
     material = keystore.material(obj)
     result = [common.uid_item(obj.uid)]
