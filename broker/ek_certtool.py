@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kms_server.files import write_atomic
+
 # cryptography, ssl, urllib and broker.vtpm_ca are imported where the remote
 # and local modes need them, so that importing this module stays light.
 if TYPE_CHECKING:
@@ -329,28 +331,9 @@ def write_local_ca(ca: EkCa, directory: str | os.PathLike[str]) -> tuple[Path, P
     key_pem = ca.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_atomic(key_path, key_pem, 0o600)
-    _write_atomic(cert_path, ca.ca_pem, 0o644)
+    write_atomic(key_path, key_pem, 0o600)
+    write_atomic(cert_path, ca.ca_pem, 0o644)
     return cert_path, key_path
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets_suffix()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def secrets_suffix() -> str:
-    return base64.b32encode(os.urandom(5)).decode().lower()
 
 
 class _Log:
@@ -478,7 +461,7 @@ def _swtpm_request(args: argparse.Namespace, unknown: list[str], log: _Log) -> t
 
 def _write_certificate(out_dir: Path, fields: dict, der: bytes, description: str, via: str, log: _Log) -> str:
     target = out_dir / OUTPUT_FILES[fields["type"]]
-    _write_atomic(target, der, 0o644)
+    write_atomic(target, der, 0o644)
     message = f"wrote {target} ({description}) for VM {fields['vmid']} via {via}"
     log(message)
     return message

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import stat
 import struct
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+import kms_server.files
 
 __all__ = [
     "DEK_LENGTH",
@@ -363,29 +364,11 @@ def write_state_dir(directory: str | os.PathLike[str], files: Mapping[str, bytes
 def write_atomic(path: str | os.PathLike[str], blob: bytes) -> None:
     """Replace ``path`` with ``blob`` so that a crash leaves the old or the new file, never a mix.
 
-    Temporary file in the same directory, fsync, rename, fsync the directory; mode 0600.
+    Temporary file in the same directory, fsync, rename, fsync the directory; mode 0600
+    (docs/nvram-format.md, "Atomic writes"). On failure the temporary file is removed
+    and the OSError names ``path``.
     """
-    path = Path(path)
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    kms_server.files.write_atomic(path, blob, 0o600, sync_dir=True)
 
 
 # --- internals -------------------------------------------------------------------

@@ -19,12 +19,12 @@ lines is preserved when a file is rewritten.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import uuid as uuid_module
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kms_server.files import write_atomic
 
 _LINE = re.compile(r'^\s*([A-Za-z0-9_.:\-]+)\s*=\s*"((?:[^"\\]|\\.)*)"\s*$')
 MAX_BYTES = 1 << 20
@@ -143,20 +143,8 @@ def read(path: str | Path) -> Vmx:
 
 
 def write(path: str | Path, vmx: Vmx) -> None:
-    """Atomically: a temporary file beside it, fsync, rename."""
-    path = Path(path)
-    data = formats(vmx).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically (kms_server.files): a temporary file beside it, fsync, rename; mode 0644."""
+    write_atomic(path, formats(vmx).encode("utf-8"), 0o644)
 
 
 def find_vms(datastore: str | Path) -> list[Path]:

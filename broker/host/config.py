@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.host.errors import HostError
+from kms_server.files import write_atomic
 
 __all__ = [
     "CONFIG_FILE",
@@ -156,26 +156,12 @@ def toml_string(value: str) -> str:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Atomically, mode 0600 from the start."""
-    _write(path, data, 0o600)
+    """Atomically (kms_server.files), mode 0600 from the start."""
+    write_atomic(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    _write(path, data, 0o644)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, 0o644)
 
 
 def _load_ca_bundle(path: Path) -> list[x509.Certificate]:

@@ -20,7 +20,6 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.mgmt.client import BrokerClient, BrokerError, parse_broker_url
+from kms_server import files
 
 __all__ = ["MgmtError", "Settings", "StateDir", "check_name", "write_atomic"]
 
@@ -63,22 +63,14 @@ def check_name(kind: str, value: str) -> str:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temporary file beside `path` (created with `mode`), fsync, rename."""
+    """Temporary file beside `path` (created with `mode`), fsync, rename (kms_server.files)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        files.write_atomic(path, data, mode)
     except OSError as exc:
-        raise MgmtError(
-            f"cannot write in {path.parent} ({exc.strerror}); check that it exists and is writable"
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if exc.filename == str(path.parent):
+            raise MgmtError(
+                f"cannot write in {path.parent} ({exc.strerror}); check that it exists and is writable"
+            ) from None
         raise MgmtError(f"cannot write {path} ({exc.strerror})") from None
 
 

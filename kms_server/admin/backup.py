@@ -24,7 +24,6 @@ import hmac
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from kms_server.config import Config
+from kms_server.files import atomic_file
 from kms_server.keystore import barrier
 from kms_server.keystore.backup_seal import HKDF_INFO, BackupCipher, ChunkInvalid
 from kms_server.storage import schema
@@ -641,33 +641,15 @@ def _check_output(path: Path, overwrite: bool) -> None:
 def _atomic_output(path: Path, overwrite: bool) -> Iterator[IO[bytes]]:
     """A file at `path` with mode 0600 that appears only complete: written
     under a temporary name in the same directory, synced, then linked (or,
-    with overwrite, renamed) into place."""
+    with overwrite, renamed) into place, and the directory synced."""
     _check_output(path, overwrite)
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    tmp = Path(tmp_name)
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_file(path, 0o600, sync_dir=True, replace=overwrite) as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise BackupError(f"{path} appeared while the backup was written; choose another --out") from None
-            tmp.unlink()
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    except FileExistsError as exc:
+        if exc.filename != str(path):
+            raise
+        raise BackupError(f"{path} appeared while the backup was written; choose another --out") from None
 
 
 @contextlib.contextmanager

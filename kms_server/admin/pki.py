@@ -14,7 +14,6 @@ import ipaddress
 import os
 import re
 import secrets
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kms_server.files import write_atomic
 
 __all__ = [
     "InitResult",
@@ -120,29 +121,15 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write data to path via a same-directory temporary file and rename.
-
-    The temporary file is created with ``mode`` already applied (mkstemp
-    creates 0600; widened only for public files), so a private key is never
-    readable by others, even for an instant.
-    """
+    """Write data to path atomically with ``mode`` from the start (kms_server.files):
+    a private key is never readable by others, even for an instant."""
     try:
-        fd, tmp = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        )
+        write_atomic(path, data, mode)
     except OSError as exc:
-        raise PkiError(
-            f"cannot write in {path.parent} ({exc.strerror}); check that it exists and is writable"
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        if exc.filename == str(path.parent):
+            raise PkiError(
+                f"cannot write in {path.parent} ({exc.strerror}); check that it exists and is writable"
+            ) from None
         raise PkiError(
             f"cannot write {path} ({exc.strerror}); check the directory's permissions"
         ) from None
