@@ -184,15 +184,15 @@ def _run(cfg) -> int:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    from kms_server.admin.pki import _write_atomic
+    from kms_server.files import write_atomic
 
-    _write_atomic(path, data, 0o600)
+    write_atomic(path, data, 0o600)  # An OSError names the path: one line (_describe).
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    from kms_server.admin.pki import _write_atomic
+    from kms_server.files import write_atomic
 
-    _write_atomic(path, data, 0o644)
+    write_atomic(path, data, 0o644)
 
 
 def _new_rsa_key():
