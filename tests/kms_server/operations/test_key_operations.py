@@ -596,16 +596,17 @@ def test_register_and_get_ec_keys(alice):
     assert key_material(get(alice, again)).value == spki
 
 
-def self_signed_certificate() -> bytes:
+def self_signed_certificate(subject: x509.Name | None = None, issuer: x509.Name | None = None, serial: int = 4711) -> bytes:
+    """A one-day EC certificate (DER); subject and issuer default to CN=kms test."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kms test")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject or name)
+        .issuer_name(issuer or subject or name)
         .public_key(key.public_key())
-        .serial_number(4711)
+        .serial_number(serial)
         .not_valid_before(now)
         .not_valid_after(now + datetime.timedelta(days=1))
         .sign(key, hashes.SHA256())
@@ -695,7 +696,6 @@ def test_certificate_subject_and_issuer_fields_for_2_x_clients(alice):
     """KMIP 2.0 Certificate Subject/Issuer CN, O, OU, ... are set at Register
     from the certificate (each value of a repeated field), shown to 2.x
     clients and never to 1.x ones, and the server's to keep."""
-    key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.COUNTRY_NAME, "DE"),
@@ -706,18 +706,7 @@ def test_certificate_subject_and_issuer_fields_for_2_x_clients(alice):
         ]
     )
     issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Example CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    der = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(key.public_key())
-        .serial_number(7)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.DER)
-    )
+    der = self_signed_certificate(subject, issuer, serial=7)
     uid = register(alice, ObjectType.CERTIFICATE, certificate_item(der), version=V2_0)
     names = [
         T.CERTIFICATE_SUBJECT_CN, T.CERTIFICATE_SUBJECT_O, T.CERTIFICATE_SUBJECT_OU,
