@@ -20,7 +20,7 @@ from kmip.core.enums import (
 from kms_server import errors
 from kms_server.keystore import crypto
 from kms_server.operations import common, object_codec, streaming
-from kms_server.operations.encrypt import NO_IV_MODES, cipher_request, optional_bytes, rsa_padding
+from kms_server.operations.encrypt import NO_IV_MODES, cipher_request, cipher_stream, optional_bytes, rsa_padding
 from kms_server.wire import ttlv
 
 OPERATION = Operation.DECRYPT
@@ -74,24 +74,8 @@ def handle(ctx, keystore, payload):
                     f"IV/Counter/Nonce is required to decrypt in {(mode or algorithm).name}"
                 )
             if part is not None:
-                return streaming.run(
-                    ctx,
-                    keystore,
-                    obj,
-                    OPERATION,
-                    part,
-                    data,
-                    lambda: crypto.CipherStream(
-                        material.data,
-                        algorithm,
-                        mode,
-                        decrypting=True,
-                        iv=iv,
-                        padding=params.padding_method,
-                        aad=aad,
-                    ),
-                    tag=tag,
-                )[0]
+                begin = cipher_stream(material, algorithm, mode, params, iv, aad, decrypting=True)
+                return streaming.run(ctx, keystore, obj, OPERATION, part, data, begin, tag=tag)[0]
             if (mode == BlockCipherMode.GCM or algorithm == CryptographicAlgorithm.CHACHA20_POLY1305) and tag is None:
                 raise errors.MissingData(
                     f"Authenticated Encryption Tag is required to decrypt in {(mode or algorithm).name}"

@@ -92,6 +92,21 @@ def cipher_request(ctx, keystore, payload, usage: CryptographicUsageMask, protec
     return CipherRequest(part, data, iv, aad, obj, params, object_codec.key_algorithm(obj, params))
 
 
+def cipher_stream(material, algorithm, mode, params, iv, aad, *, decrypting: bool):
+    """What makes the cipher of the first part of a multi-part Encrypt or
+    Decrypt (the tag length is an encryption's to choose)."""
+    return lambda: crypto.CipherStream(
+        material.data,
+        algorithm,
+        mode,
+        decrypting=decrypting,
+        iv=iv,
+        padding=params.padding_method,
+        aad=aad,
+        tag_length=None if decrypting else params.tag_length,
+    )
+
+
 def handle(ctx, keystore, payload):
     part, data, iv, aad, obj, params, algorithm = cipher_request(
         ctx,
@@ -153,24 +168,8 @@ def handle(ctx, keystore, payload):
             "Random IV asks the server for the IV; the request must not give one"
         )
     if part is not None:
-        result, cipher = streaming.run(
-            ctx,
-            keystore,
-            obj,
-            OPERATION,
-            part,
-            data,
-            lambda: crypto.CipherStream(
-                material.data,
-                algorithm,
-                mode,
-                decrypting=False,
-                iv=iv,
-                padding=params.padding_method,
-                aad=aad,
-                tag_length=params.tag_length,
-            ),
-        )
+        begin = cipher_stream(material, algorithm, mode, params, iv, aad, decrypting=False)
+        result, cipher = streaming.run(ctx, keystore, obj, OPERATION, part, data, begin)
         if generated and cipher.iv is not None:
             result.append(ttlv.byte_string(T.IV_COUNTER_NONCE.value, cipher.iv))
         return result
