@@ -11,9 +11,7 @@ unusable TLS or KMS client files.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +30,7 @@ from broker.vmkeys import VmKeys
 from kms_server.client import KmipClient
 from kms_server.config import TlsConfig
 from kms_server.keystore.barrier import Barrier
+from kms_server.wire.tls import reload_on_sighup
 
 __all__ = ["BrokerService", "GatewayFactory", "build", "default_gateway_factory", "ek_ca_issuer"]
 
@@ -167,17 +166,9 @@ class BrokerService(service.Service):
         d.addErrback(lambda f: log.warning("could not refresh pinned certificates: %s", f.getErrorMessage()))
         return d
 
-    def reload_tls(self) -> None:
-        try:
-            self.api_tls.reload()
-            log.info("TLS material reloaded")
-        except Exception as exc:
-            log.error("TLS reload failed, keeping the previous material: %s", exc)
-
     def startService(self):
         super().startService()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_tls))
+        reload_on_sighup(self.reactor, self.api_tls, log)
         self.api_threadpool.start()
         self.api_port = self.reactor.listenSSL(self.cfg.api.port, self.site, self.api_tls, interface=self.cfg.api.host)
         address = self.api_port.getHost()

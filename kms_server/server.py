@@ -9,9 +9,7 @@ worker pool and the database.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -169,19 +167,11 @@ class KmsService(service.Service):
         if checkpoint is not None:
             log.info("audit checkpoint signed at record %d", checkpoint.seq)
 
-    def reload_tls(self) -> None:
-        """Re-read the server certificate and the pinned client
-        certificates (SIGHUP); new connections use them."""
-        try:
-            self.context_factory.reload()
-            log.info("TLS material reloaded")
-        except Exception as exc:
-            log.error("TLS reload failed, keeping the previous material: %s", exc)
-
     def startService(self):
         super().startService()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload_tls))
+        # SIGHUP re-reads the server certificate and the pinned client
+        # certificates; new connections use them.
+        tls.reload_on_sighup(self.reactor, self.context_factory, log)
         self.threadpool.start()
         self.port = self.reactor.listenSSL(
             self.cfg.server.port, self.factory, self.context_factory, interface=self.cfg.server.host

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -438,6 +441,24 @@ class ServerContextFactory(twisted_ssl.ContextFactory):
     def reload(self) -> None:
         """Re-read certificates and pins; on error the current context stays."""
         self._context = build_context(self.tls_cfg)
+
+
+def reload_on_sighup(reactor, factory, log) -> Callable[[], None]:
+    """Re-read `factory`'s TLS material (its ``reload()``) on SIGHUP, in the
+    reactor thread; new connections use it, and a failure keeps the previous
+    material and is logged. The handler is installed only from the main
+    thread (where Python delivers signals). Returns the reload function."""
+
+    def reload() -> None:
+        try:
+            factory.reload()
+            log.info("TLS material reloaded")
+        except Exception as exc:
+            log.error("TLS reload failed, keeping the previous material: %s", exc)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(reload))
+    return reload
 
 
 def server_context_factory(tls_cfg: TlsConfig) -> ServerContextFactory:
