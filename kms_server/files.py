@@ -33,26 +33,39 @@ __all__ = ["atomic_file", "write_atomic"]
 
 
 def write_atomic(
-    path: str | os.PathLike[str], data: bytes, mode: int = 0o600, *, sync_dir: bool = False
+    path: str | os.PathLike[str],
+    data: bytes,
+    mode: int = 0o600,
+    *,
+    sync_dir: bool = False,
+    durable: bool = True,
 ) -> None:
     """Replace ``path`` with ``data``, atomically, with ``mode`` from the first byte.
 
     ``sync_dir`` also fsyncs the directory after the rename, so the new name
-    itself survives a crash (not only the new content).
+    itself survives a crash (not only the new content). ``durable=False``
+    skips the fsync of the data: still atomic for readers, but a crash may
+    leave the old file; for records that mean nothing after a reboot.
     """
     path = Path(path)
-    with atomic_file(path, mode, sync_dir=sync_dir) as fh, _failing_on(path):
+    with atomic_file(path, mode, sync_dir=sync_dir, durable=durable) as fh, _failing_on(path):
         fh.write(data)
 
 
 @contextlib.contextmanager
 def atomic_file(
-    path: str | os.PathLike[str], mode: int = 0o600, *, sync_dir: bool = False, replace: bool = True
+    path: str | os.PathLike[str],
+    mode: int = 0o600,
+    *,
+    sync_dir: bool = False,
+    replace: bool = True,
+    durable: bool = True,
 ) -> Iterator[BinaryIO]:
     """A binary file to write that becomes ``path`` only when the block ends cleanly.
 
     The block writes the content (in as many pieces as it likes); on a clean
-    exit the file is flushed, fsynced and put in place; on an exception it is
+    exit the file is flushed, fsynced (unless ``durable`` is False) and put in
+    place; on an exception it is
     removed and the exception propagates unchanged. ``replace=False`` puts it
     in place with ``os.link`` instead, so a file that appeared at ``path``
     meanwhile is kept and the write fails with ``FileExistsError``.
@@ -69,7 +82,8 @@ def atomic_file(
             yield fh
             with _failing_on(path):
                 fh.flush()
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
         with _failing_on(path):
             if replace:
                 os.replace(tmp, path)

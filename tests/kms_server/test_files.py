@@ -211,6 +211,17 @@ def test_the_directory_is_not_synced_unless_asked(tmp_path, monkeypatch):
     assert calls == ["file"]
 
 
+def test_not_durable_skips_the_fsync_and_is_still_atomic(tmp_path, monkeypatch):
+    calls = _record_fsyncs(monkeypatch)
+    target = tmp_path / "running.json"
+    target.write_bytes(b"old")
+    keep = tmp_path / "link"
+    os.link(target, keep)  # the old inode: replaced, never rewritten
+    write_atomic(target, b"new", durable=False)
+    assert calls == [] and target.read_bytes() == b"new" and keep.read_bytes() == b"old"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
 # --- the streaming form -------------------------------------------------------------------
 
 
