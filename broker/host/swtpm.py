@@ -149,8 +149,12 @@ class SwtpmInstance:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def command(self) -> list[str]:
-        """The swtpm command line this instance runs."""
+    def command(self, server_fd: int | None = None, ctrl_fd: int | None = None) -> list[str]:
+        """The swtpm command line this instance runs: with the listening
+        sockets' file descriptors when `start` made them, else with their
+        paths (swtpm then binds them itself)."""
+        server = f"fd={server_fd}" if server_fd is not None else f"path={self.server_socket},mode=0600"
+        ctrl = f"fd={ctrl_fd}" if ctrl_fd is not None else f"path={self.ctrl_socket},mode=0600"
         cmd = [
             self.swtpm,
             "socket",
@@ -158,9 +162,9 @@ class SwtpmInstance:
             "--tpmstate",
             f"dir={self.state_dir},mode=0600",
             "--server",
-            f"type=unixio,path={self.server_socket},mode=0600",
+            f"type=unixio,{server}",
             "--ctrl",
-            f"type=unixio,path={self.ctrl_socket},mode=0600",
+            f"type=unixio,{ctrl}",
             "--log",
             f"file={self.log_path},level={self.log_level}",
         ]
@@ -171,39 +175,50 @@ class SwtpmInstance:
         return cmd
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start swtpm and return once both sockets accept and the control channel answers."""
+        """Start swtpm and return once its control channel answers.
+
+        The agent binds both Unix sockets (mode 0600) and hands swtpm the
+        listening descriptors, so they exist before swtpm runs: a client
+        that connects early waits in the backlog instead of finding no
+        socket, and readiness is one control request that swtpm answers
+        once the TPM is set up, not a polling loop.
+        """
         if self.running:
             raise SwtpmError(f"swtpm already runs for {self.state_dir} (pid {self.pid})")
         self._check_dirs()
         for leftover in (self.server_socket, self.ctrl_socket):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+        server, ctrl = _listen(self.server_socket), _listen(self.ctrl_socket)
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
             self._proc = subprocess.Popen(
-                self.command(),
+                self.command(server.fileno(), ctrl.fileno()),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 close_fds=True,
+                pass_fds=(server.fileno(), ctrl.fileno()),
                 start_new_session=True,  # a Ctrl-C aimed at the agent does not kill the vTPM mid-write
             )
         except FileNotFoundError:
             raise SwtpmError(f"{self.swtpm} not found: install Debian's swtpm package") from None
         finally:
             os.close(log)
+            server.close()
+            ctrl.close()  # swtpm holds the only listening descriptors now.
 
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                raise SwtpmError(f"swtpm exited with status {code} at start: {self._log_tail()}")
-            if self._ready():
-                return
-            if time.monotonic() > deadline:
-                self.kill()
-                raise SwtpmError(f"swtpm did not open its sockets within {timeout:g} s: {self._log_tail()}")
-            time.sleep(0.002)
+        try:
+            self._ctrl(_CMD_GET_CAPABILITY, timeout, expect=8)
+            return
+        except OSError:
+            pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(1.0)
+        if self._proc.poll() is not None:
+            raise SwtpmError(f"swtpm exited with status {self._proc.returncode} at start: {self._log_tail()}")
+        self.kill()
+        raise SwtpmError(f"swtpm did not answer on its control socket within {timeout:g} s: {self._log_tail()}")
 
     def shutdown(self, mode: str = "clear", timeout: float = 10.0) -> int:
         """Orderly stop: TPM2_Shutdown(CLEAR or STATE), then swtpm's CMD_SHUTDOWN, then wait for exit.
@@ -220,6 +235,7 @@ class SwtpmInstance:
         if self._proc is None:
             raise SwtpmError("swtpm was never started")
         if self._proc.poll() is not None:
+            self._remove_sockets()
             return self._proc.returncode
 
         deadline = time.monotonic() + timeout
@@ -236,15 +252,26 @@ class SwtpmInstance:
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.kill()
             raise SwtpmError(f"swtpm did not stop in an orderly way ({exc}); it was killed") from None
+        self._remove_sockets()
         if refusal:
             raise SwtpmError(f"{refusal}; swtpm stopped with status {self._proc.returncode}")
         return self._proc.returncode
 
     def kill(self) -> None:
         """Kill swtpm at once (SIGKILL) and reap it; safe to call at any time, any number of times."""
-        if self._proc is not None and self._proc.poll() is None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        # start() bound them, so they outlive swtpm (which removes only
+        # sockets it bound itself).
+        for path in (self.server_socket, self.ctrl_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def __enter__(self) -> SwtpmInstance:
         self.start()
@@ -270,15 +297,6 @@ class SwtpmInstance:
             raise SwtpmError(
                 f"the socket path may not contain ',' (TCTI and swtpm options split on it): {self.socket_dir}"
             )
-
-    def _ready(self) -> bool:
-        try:
-            with _connect(self.server_socket, 1.0):
-                pass
-            response = self._ctrl(_CMD_GET_CAPABILITY, 1.0, expect=8)
-        except OSError:
-            return False
-        return len(response) == 8
 
     def _ctrl(self, code: int, timeout: float, expect: int = 4) -> bytes:
         with _connect(self.ctrl_socket, timeout) as sock:
@@ -352,7 +370,8 @@ class _AttachedProcess:
 
 
 def _serves(pid: int, server_socket: Path) -> bool:
-    """Is `pid` a live (not zombie) swtpm whose command line names this server socket?"""
+    """Is `pid` a live (not zombie) swtpm serving this server socket (its
+    command line names the log file beside it)?"""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             # The state letter follows the parenthesised command name, which may itself hold ')'.
@@ -363,7 +382,9 @@ def _serves(pid: int, server_socket: Path) -> bool:
         return False
     if state in (b"Z", b"X") or not argv or not os.path.basename(argv[0]).startswith(b"swtpm"):
         return False
-    prefix = b"type=unixio,path=" + os.fsencode(server_socket) + b","
+    # Its --log names this instance's socket directory (the sockets are
+    # passed as descriptors and appear on no command line).
+    prefix = b"file=" + os.fsencode(server_socket.parent / LOG_FILE) + b","
     return any(arg.startswith(prefix) for arg in argv)
 
 
@@ -518,6 +539,20 @@ def _connect(path: Path, timeout: float):
         yield sock
     finally:
         sock.close()
+
+
+def _listen(path: Path) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0600 (its directory is the
+    VM's private 0700 run directory)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        raise SwtpmError(f"cannot listen on {path} ({exc.strerror})") from None
+    return sock
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
