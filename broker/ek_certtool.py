@@ -78,11 +78,9 @@ LOCAL_CA_KEY = "ek-ca.key"
 OUTPUT_FILES = {"ek": "ek.cert", "platform": "platform.cert"}
 MAX_RESPONSE = 64 * 1024
 _CURVES = ("secp256r1", "secp384r1")
-# swtpm_setup's arguments that make up an EK certificate request.
-SWTPM_FIELDS = (
-    "type",
-    "ek",
-    "vmid",
+# The TPM's description, under the same names in swtpm_setup's arguments
+# and in the broker's request (broker.vtpm_ca.REQUEST_FIELDS).
+TPM_FIELDS = (
     "tpm_manufacturer",
     "tpm_model",
     "tpm_version",
@@ -90,6 +88,8 @@ SWTPM_FIELDS = (
     "tpm_spec_level",
     "tpm_spec_revision",
 )
+# swtpm_setup's arguments that make up an EK certificate request.
+SWTPM_FIELDS = ("type", "ek", "vmid", *TPM_FIELDS)
 
 
 class CerttoolError(Exception):
@@ -494,7 +494,7 @@ def certificate_for(fields: dict, issue: Callable[[dict], dict]) -> tuple[bytes,
         "type": cert_type,
         "key_type": key_type,
         "public_key_pem": public_key_pem.decode("ascii"),
-        **{name: fields.get(name) for name in SWTPM_FIELDS if name.startswith("tpm_")},
+        **{name: fields.get(name) for name in TPM_FIELDS},
     }
     answer = issue(request)
     try:

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from broker.ek_certtool import TPM_FIELDS
 from kms_server.admin import pki
 from kms_server.keystore.barrier import Barrier, BarrierError
 
@@ -476,18 +477,7 @@ def verify_ek_certificate(
 
 # --- The API handler ---------------------------------------------------------------------
 
-REQUEST_FIELDS = (
-    "vm_uuid",
-    "type",
-    "key_type",
-    "public_key_pem",
-    "tpm_manufacturer",
-    "tpm_model",
-    "tpm_version",
-    "tpm_spec_family",
-    "tpm_spec_level",
-    "tpm_spec_revision",
-)
+REQUEST_FIELDS = ("vm_uuid", "type", "key_type", "public_key_pem", *TPM_FIELDS)
 _MAX_PUBLIC_KEY_PEM = 4096
 
 Authorize = Callable[[str, uuid.UUID], None]
