@@ -259,12 +259,8 @@ def _insert_vm(conn, record: VmRecord, now: float) -> None:
 # --- The registry ---------------------------------------------------------------
 
 
-
-# The unwrap policy's one read (the gateway's and a power-on's hot path): the
-# host by certificate, its instance's state, and the VM by KMS key or by
-# UUID, with the VM's last .nvram generation. Built once: SQLAlchemy then
-# only binds the parameters. kms_key_id, vm_uuid and cert_fingerprint are
-# unique, so there is at most one row; none when the host is unknown.
+# Statements the hot paths run, built once: SQLAlchemy then only binds the
+# parameters.
 _AUDIT_HEAD = select(audit.c.seq, audit.c.hash).order_by(audit.c.seq.desc()).limit(1)
 # A VM with the last .nvram generation a host reported for it (NULL: none).
 _VM_WITH_GENERATION = select(vms, nvram_generations.c.generation).select_from(
@@ -282,6 +278,11 @@ _HOST_BY_FP = (
 )
 _USER_BY_FP = select(users.c.name).where(users.c.cert_fingerprint == bindparam("fp"))
 
+# The unwrap policy's one read (the gateway's and a power-on's hot path): the
+# host by certificate, its instance's state, and the VM by KMS key or by
+# UUID, with the VM's last .nvram generation. kms_key_id, vm_uuid and
+# cert_fingerprint are unique, so there is at most one row; none when the
+# host is unknown.
 _PLACEMENT_COLUMNS = (
     hosts.c.name.label("host"),
     hosts.c.instance.label("instance"),

@@ -318,8 +318,7 @@ class Agent:
         create_certs_tool is the thin tool that hands each request to this
         process's relay (beside it: ek-relay.sock)."""
         tool = run_dir / ek_relay.TOOL_NAME
-        write_public(tool, ek_relay.tool_wrapper(run_dir / ek_relay.SOCKET_NAME))
-        tool.chmod(0o700)
+        write_atomic(tool, ek_relay.tool_wrapper(run_dir / ek_relay.SOCKET_NAME), 0o700)
         conf = run_dir / "swtpm_setup.conf"
         write_public(conf, f"create_certs_tool = {tool}\nactive_pcr_banks = sha256\n".encode())
         return conf

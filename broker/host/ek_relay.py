@@ -35,6 +35,7 @@ from pathlib import Path
 from broker.ek_certtool import CerttoolError, run_for_agent
 from broker.host import ek_tool
 from broker.host.errors import HostError
+from broker.host.swtpm import listen_unix
 
 __all__ = ["SOCKET_NAME", "TOOL_NAME", "EkCertificateRelay", "tool_wrapper"]
 
@@ -73,15 +74,7 @@ class EkCertificateRelay:
 
     def __enter__(self) -> EkCertificateRelay:
         self.path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(str(self.path))
-            self.path.chmod(0o600)
-            listener.listen(4)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
+        self._listener = listen_unix(self.path, backlog=4)
         self._thread = threading.Thread(target=self._serve, name="ek-relay", daemon=True)
         self._thread.start()
         return self

@@ -541,18 +541,26 @@ def _connect(path: Path, timeout: float):
         sock.close()
 
 
-def _listen(path: Path) -> socket.socket:
-    """A listening Unix socket at `path`, mode 0600 (its directory is the
-    VM's private 0700 run directory)."""
+def listen_unix(path: Path, backlog: int = 16) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0600 (in a VM's private 0700
+    run directory: swtpm's sockets, the EK certificate relay's). Raises
+    OSError."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(os.fspath(path))
         os.chmod(path, 0o600)
-        sock.listen(16)
-    except OSError as exc:
+        sock.listen(backlog)
+    except OSError:
         sock.close()
-        raise SwtpmError(f"cannot listen on {path} ({exc.strerror})") from None
+        raise
     return sock
+
+
+def _listen(path: Path) -> socket.socket:
+    try:
+        return listen_unix(path)
+    except OSError as exc:
+        raise SwtpmError(f"cannot listen on {path} ({exc.strerror})") from None
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:

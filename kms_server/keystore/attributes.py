@@ -335,13 +335,16 @@ def set_initial_defaults(object_type: OT, attributes: dict[str, list[Item]]) -> 
 # Symmetric algorithms whose 256-bit keys keep 128 bits of security against
 # a quantum computer (Grover's search halves the exponent); public-key
 # algorithms of today (RSA, DSA, DH, elliptic curves) keep none (Shor).
-_QUANTUM_SAFE_SYMMETRIC = (
-    enums.CryptographicAlgorithm.AES,
-    enums.CryptographicAlgorithm.CHACHA20,
-    enums.CryptographicAlgorithm.CHACHA20_POLY1305,
-    enums.CryptographicAlgorithm.HMAC_SHA256,
-    enums.CryptographicAlgorithm.HMAC_SHA384,
-    enums.CryptographicAlgorithm.HMAC_SHA512,
+_QUANTUM_SAFE_SYMMETRIC = frozenset(
+    a.value
+    for a in (
+        enums.CryptographicAlgorithm.AES,
+        enums.CryptographicAlgorithm.CHACHA20,
+        enums.CryptographicAlgorithm.CHACHA20_POLY1305,
+        enums.CryptographicAlgorithm.HMAC_SHA256,
+        enums.CryptographicAlgorithm.HMAC_SHA384,
+        enums.CryptographicAlgorithm.HMAC_SHA512,
+    )
 )
 
 
@@ -358,7 +361,7 @@ def check_quantum_safe(object_type: OT, attributes: dict[str, list[Item]]) -> No
     if (
         object_type == OT.SYMMETRIC_KEY
         and algorithm
-        and algorithm[0].value in {a.value for a in _QUANTUM_SAFE_SYMMETRIC}
+        and algorithm[0].value in _QUANTUM_SAFE_SYMMETRIC
         and length
         and length[0].value >= 256
     ):

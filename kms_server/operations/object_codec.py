@@ -511,7 +511,8 @@ def default_format(
 ) -> KeyFormatType | None:
     """The Key Format Type of a Get that names none: Raw for symmetric keys
     (what vCenter reads; at 2.x, Transparent if registered so), for secret
-    data the format it was registered in (Opaque or Raw), and for asymmetric keys the format they were registered in; otherwise PKCS#1 for RSA keys in 1.x,
+    data the format it was registered in (Opaque or Raw), and for asymmetric
+    keys the format they were registered in; otherwise PKCS#1 for RSA keys in 1.x,
     as PyKMIP's server does, and PKCS#8 / X.509 SubjectPublicKeyInfo for EC
     keys and in 2.0."""
     object_type = obj.object_type
@@ -907,17 +908,15 @@ def digest_attribute(
     """The Digest attribute a new object gets (KMIP 1.4, 3.17; 2.0, 4.10):
     SHA-256 of the key material in the Key Format Type the object holds it
     in (Raw for a symmetric key, the registered format of an asymmetric key,
-    else PKCS#1 for RSA and PKCS#8 / SubjectPublicKeyInfo otherwise; Opaque
-    for secret data, or Raw when it was registered so: decode_object gives
-    that one); of the value for an opaque object. Certificates get
-    theirs from decode_object."""
+    else PKCS#1 for RSA and PKCS#8 / SubjectPublicKeyInfo otherwise); of
+    the value for an opaque object. Certificates and secret data get theirs
+    from decode_object (secret data's names the format it was registered
+    in, Opaque or Raw)."""
     key_format: KeyFormatType | None
     data = material.data
     try:
         if object_type == ObjectType.SYMMETRIC_KEY:
             key_format = KFT.RAW
-        elif object_type == ObjectType.SECRET_DATA:
-            key_format = KFT.OPAQUE
         elif object_type == ObjectType.OPAQUE_DATA:
             key_format = None
         elif object_type in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
