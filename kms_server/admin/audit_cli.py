@@ -22,8 +22,8 @@ from kms_server.storage.base import StorageError
 
 __all__ = ["register_audit"]
 
-EXIT_TAMPERED = 1
-EXIT_USAGE = 2
+EXIT_TAMPERED = chain.EXIT_TAMPERED
+EXIT_USAGE = chain.EXIT_USAGE
 
 
 class AuditCommandError(Exception):
@@ -118,22 +118,8 @@ def _verify(args) -> int:
         finally:
             storage.close()
         where = storage_shown(cfg)
-    if report.ok:
-        span = f"records {report.first_seq} to {report.last_seq}" if report.records else "no records"
-        print(f"audit trail intact: {report.records} records ({span}), {report.checkpoints} signed checkpoints")
-        if verifier is None:
-            print("checkpoint signatures were not checked: no audit key given (--public-key or [audit] signing_key_file)")
-        if report.unsigned_tail:
-            print(
-                f"{report.unsigned_tail} records after the last checkpoint "
-                f"({report.last_checkpoint or 'none yet'}) are chained but not yet signed"
-            )
-        return 0
-    first = report.first_problem
-    print(f"audit trail NOT intact ({where}): first problem at record {first.seq}: {first.text}", file=sys.stderr)
-    for problem in sorted(report.problems, key=lambda p: p.seq)[1:]:
-        print(f"  also at record {problem.seq}: {problem.text}", file=sys.stderr)
-    return EXIT_TAMPERED
+    # The same words and exit statuses as vtpm-broker admin audit verify.
+    return chain.verdict(report, where, signatures_checked=verifier is not None).emit()
 
 
 def storage_shown(cfg) -> str:

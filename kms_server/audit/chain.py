@@ -9,19 +9,31 @@ where the record carries its own `seq` and the previous record's hash as
 `prev` (the first record's `prev` is GENESIS). Checkpoint signature:
 Ed25519 over b"kms-audit-checkpoint-v1\\n" + canonical JSON of
 {"seq", "head_hash", "time", "node"}.
+
+Both services keep their trail with this module (the public API below; no
+`_name` is meant for other packages). Each product has its own `Domain`:
+the tags above are the KMS's, the broker's are "vtpm-broker-audit-v1" and
+"vtpm-broker-audit-checkpoint-v1", so a record or a checkpoint of one
+product never verifies as the other's. `verify` walks a trail and
+`verdict` turns its report into the exit status and the lines that
+`kms-admin audit verify` and `vtpm-broker admin audit verify` print.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 GENESIS = "0" * 64
-_RECORD_DOMAIN = b"kms-audit-v1\n"
-_CHECKPOINT_DOMAIN = b"kms-audit-checkpoint-v1\n"
+
+# Exit statuses of the verify commands (both products).
+EXIT_INTACT = 0
+EXIT_TAMPERED = 1
+EXIT_USAGE = 2
 
 # Columns of the records table that repeat a field of the hashed body:
 # (column, body path). Verification checks they still agree.
@@ -36,6 +48,34 @@ INDEXED_FIELDS = (
     ("x_identifier", ("object", "x-Identifier")),
 )
 
+# The broker's records table (broker/db.py, broker_audit) repeats these.
+BROKER_INDEXED_FIELDS = (
+    ("prev_hash", ("prev",)),
+    ("actor", ("actor",)),
+    ("action", ("action",)),
+    ("target", ("target",)),
+    ("allowed", ("allowed",)),
+    ("reason", ("reason",)),
+)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One product's trail: the tags that prefix what it hashes and what it
+    signs (domain separation), and the columns of its records table that
+    repeat a field of the hashed body."""
+
+    name: str
+    record_tag: bytes
+    checkpoint_tag: bytes
+    indexed_fields: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+KMS = Domain("kms-server", b"kms-audit-v1\n", b"kms-audit-checkpoint-v1\n", INDEXED_FIELDS)
+BROKER = Domain(
+    "vtpm-broker", b"vtpm-broker-audit-v1\n", b"vtpm-broker-audit-checkpoint-v1\n", BROKER_INDEXED_FIELDS
+)
+
 
 def canonical(value: dict) -> str:
     """Sorted keys, no spaces, UTF-8 text, no floats: the same record
@@ -43,12 +83,12 @@ def canonical(value: dict) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def record_hash(body: str) -> str:
-    return hashlib.sha256(_RECORD_DOMAIN + body.encode("utf-8")).hexdigest()
+def record_hash(body: str, domain: Domain = KMS) -> str:
+    return hashlib.sha256(domain.record_tag + body.encode("utf-8")).hexdigest()
 
 
-def checkpoint_message(seq: int, head_hash: str, time: float, node: str) -> bytes:
-    return _CHECKPOINT_DOMAIN + canonical(
+def checkpoint_message(seq: int, head_hash: str, time: float, node: str, domain: Domain = KMS) -> bytes:
+    return domain.checkpoint_tag + canonical(
         {"seq": seq, "head_hash": head_hash, "time": format_time(time), "node": node}
     ).encode("utf-8")
 
@@ -113,14 +153,22 @@ def verify(
     check_signature: Callable[[bytes, str], bool] | None,
     key_id: str | None = None,
     max_problems: int = 20,
+    *,
+    domain: Domain = KMS,
+    first_seq: int = 1,
+    first_prev: str = GENESIS,
 ) -> Report:
     """Walk the records (objects with seq, time, body, hash and the indexed
     columns; in seq order) and the checkpoints (seq, time, node, head_hash,
     key_id, signature). `check_signature(message, signature_hex)` says
     whether a checkpoint signature is good; None skips signatures (and is
-    reported as a problem if there are checkpoints)."""
+    reported as a problem if there are checkpoints).
+
+    `first_seq` and `first_prev` are where the chain starts: record 1 after
+    GENESIS, unless it continues an older trail (the broker's records from
+    before this format, checked by their own rule up to there)."""
     report = Report()
-    expected, prev = 1, GENESIS
+    expected, prev = first_seq, first_prev
     recent: dict[str, int] = {}
     hashes: dict[int, str] = {}
     cps = list(checkpoints)
@@ -142,7 +190,7 @@ def verify(
             body = json.loads(r.body)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (TypeError, ValueError):
             problem(r.seq, f"record {r.seq} altered: its body is not a JSON record")
             body = {}
         if body and canonical(body) != r.body:
@@ -162,9 +210,9 @@ def verify(
                 r.seq,
                 f"record {r.seq} out of place: it was written as record {body.get('seq')} (reordered or renumbered)",
             )
-        if record_hash(r.body) != r.hash:
+        if record_hash(r.body, domain) != r.hash:
             problem(r.seq, f"record {r.seq} altered: its content no longer matches its hash")
-        for column, path in INDEXED_FIELDS:
+        for column, path in domain.indexed_fields:
             if body and getattr(r, column) != body_field(body, path):
                 problem(r.seq, f"record {r.seq} altered: column {column} differs from the hashed record")
         if body and isinstance(body.get("time"), str):
@@ -181,7 +229,7 @@ def verify(
             hashes[r.seq] = r.hash
         expected = max(expected, r.seq + 1)
 
-    last_good = 0
+    last_good = first_seq - 1
     for c in cps:
         report.checkpoints += 1
         report.last_checkpoint = c.seq
@@ -189,11 +237,11 @@ def verify(
             problem(c.seq, f"checkpoint {c.seq}: no audit public key given, signature not checked")
         elif key_id is not None and c.key_id != key_id:
             problem(c.seq, f"checkpoint {c.seq}: signed by key {c.key_id}, not the audit key {key_id}")
-        elif not check_signature(checkpoint_message(c.seq, c.head_hash, c.time, c.node), c.signature):
+        elif not check_signature(checkpoint_message(c.seq, c.head_hash, c.time, c.node, domain), c.signature):
             problem(c.seq, f"checkpoint {c.seq}: signature does not verify with the audit public key (forged)")
             continue
         if report.last_seq is None or c.seq > report.last_seq:
-            end = report.last_seq or 0
+            end = report.last_seq or first_seq - 1
             problem(end + 1, f"trail truncated: checkpoint {c.seq} was signed but records end at {end}")
         elif c.seq not in hashes:
             problem(c.seq, f"record {c.seq} missing: checkpoint {c.seq} covers it")
@@ -210,3 +258,45 @@ def verify(
         else:
             last_good = c.seq
     return report
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a verify command says about a report: its exit status, the
+    lines for stdout (intact) and for stderr (not intact)."""
+
+    status: int
+    out: tuple[str, ...] = ()
+    err: tuple[str, ...] = ()
+
+    def emit(self, out=None, err=None) -> int:
+        out = out or sys.stdout
+        err = err or sys.stderr
+        for line in self.out:
+            print(line, file=out)
+        for line in self.err:
+            print(line, file=err)
+        return self.status
+
+
+def verdict(report: Report, where: str, signatures_checked: bool) -> Verdict:
+    """The words of `kms-admin audit verify` and `vtpm-broker admin audit
+    verify`: exit 0 when intact, 1 naming the first bad record."""
+    if report.ok:
+        span = f"records {report.first_seq} to {report.last_seq}" if report.records else "no records"
+        out = [f"audit trail intact: {report.records} records ({span}), {report.checkpoints} signed checkpoints"]
+        if not signatures_checked:
+            out.append(
+                "checkpoint signatures were not checked: no audit key given (--public-key or [audit] signing_key_file)"
+            )
+        if report.unsigned_tail:
+            out.append(
+                f"{report.unsigned_tail} records after the last checkpoint "
+                f"({report.last_checkpoint or 'none yet'}) are chained but not yet signed"
+            )
+        return Verdict(EXIT_INTACT, tuple(out))
+    first = report.first_problem
+    err = [f"audit trail NOT intact ({where}): first problem at record {first.seq}: {first.text}"]
+    for problem in sorted(report.problems, key=lambda p: p.seq)[1:]:
+        err.append(f"  also at record {problem.seq}: {problem.text}")
+    return Verdict(EXIT_TAMPERED, (), tuple(err))
