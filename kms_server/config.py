@@ -63,6 +63,7 @@ SECRET_FILE_KEYS = frozenset(
         ("tls", "key"),
         ("master_key", "file"),
         ("master_key", "passphrase_file"),
+        ("master_key", "pin_file"),
         ("access", "credentials_file"),
         ("audit", "signing_key_file"),
     }
@@ -113,6 +114,11 @@ class StorageConfig:
 class MasterKeyConfig:
     file: Path | None
     passphrase_file: Path | None
+    # A PKCS#11 token holds the key instead (docs/hsm-master-key.md).
+    pkcs11_module: Path | None = None
+    token_label: str | None = None
+    key_label: str | None = None
+    pin_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -219,6 +225,12 @@ class Config:
                     secret=True,
                 )
             )
+        if self.master_key.pkcs11_module is not None:
+            problems.extend(
+                _check_file("master_key.pkcs11_module", self.master_key.pkcs11_module, secret=False)
+            )
+        if self.master_key.pin_file is not None:
+            problems.extend(_check_file("master_key.pin_file", self.master_key.pin_file, secret=True))
         if self.access.require_credential or self.access.credentials_file.exists():
             problems.extend(
                 _check_file(
@@ -462,6 +474,10 @@ _SCHEMA: Schema = {
     "master_key": {
         "file": (_path, None),
         "passphrase_file": (_path, None),
+        "pkcs11_module": (_path, None),
+        "token_label": (_nonempty_str, None),
+        "key_label": (_nonempty_str, None),
+        "pin_file": (_path, None),
     },
     "access": {
         "administrators": (_identities, ()),
@@ -642,15 +658,30 @@ def _check_cross(
     values: dict[str, dict[str, Any]], *, require_master_key: bool
 ) -> None:
     mk = values["master_key"]
-    if mk["file"] is not None and mk["passphrase_file"] is not None:
+    sources = [k for k in ("file", "passphrase_file", "pkcs11_module") if mk[k] is not None]
+    if len(sources) > 1:
         raise ConfigError(
-            "config: master_key.file and master_key.passphrase_file are both set; keep exactly one"
+            f"config: master_key.{sources[0]} and master_key.{sources[1]} are both set; keep exactly one"
         )
-    if require_master_key and mk["file"] is None and mk["passphrase_file"] is None:
+    if require_master_key and not sources:
         raise ConfigError(
-            "config: [master_key] needs file or passphrase_file; set one "
+            "config: [master_key] needs file, passphrase_file or pkcs11_module; set one "
             "(kms-admin master-key new --out <path> creates a key file)"
         )
+    if mk["pkcs11_module"] is not None:
+        for key in ("token_label", "key_label", "pin_file"):
+            if mk[key] is None:
+                raise ConfigError(
+                    f"config: master_key.pkcs11_module needs master_key.{key} too; set it "
+                    "(docs/hsm-master-key.md)"
+                )
+    else:
+        for key in ("token_label", "key_label", "pin_file"):
+            if mk[key] is not None:
+                raise ConfigError(
+                    f"config: master_key.{key} is set without master_key.pkcs11_module; "
+                    "set the module or remove it"
+                )
     access = values["access"]
     both = set(access["administrators"]) & set(access["no_crypto_administrators"])
     if both:
