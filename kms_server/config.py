@@ -665,7 +665,7 @@ def _check_cross(
         )
     if require_master_key and not sources:
         raise ConfigError(
-            "config: [master_key] needs file, passphrase_file or pkcs11_module; set one "
+            "config: [master_key] needs file or passphrase_file (or a token: pkcs11_module); set one "
             "(kms-admin master-key new --out <path> creates a key file)"
         )
     if mk["pkcs11_module"] is not None:
