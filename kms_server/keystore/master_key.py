@@ -148,7 +148,15 @@ def open_master_key(
     passphrase_file = getattr(cfg, "passphrase_file", None)
     pkcs11_module = getattr(cfg, "pkcs11_module", None)
     if pkcs11_module:
-        from kms_server.keystore import pkcs11_key
+        try:
+            from kms_server.keystore import pkcs11_key
+        except ModuleNotFoundError as exc:
+            if exc.name != "pkcs11":
+                raise
+            raise MasterKeyError(
+                "python-pkcs11 is not installed, and master_key.pkcs11_module needs it; "
+                "run: pip install 'python-pkcs11>=0.9'"
+            ) from None
 
         return pkcs11_key.open_token_key(cfg)
     if key_file:
