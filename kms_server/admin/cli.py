@@ -259,9 +259,52 @@ def register_clients(subparsers: argparse._SubParsersAction) -> None:
 # --- master-key -----------------------------------------------------------------------
 
 
+_PKCS11_OPTIONS = ("pkcs11_module", "token_label", "key_label", "pin_file")
+
+
 def _master_key_new(args: argparse.Namespace) -> int:
+    token = [name for name in _PKCS11_OPTIONS if getattr(args, name) is not None]
+    if token:
+        if args.out is not None:
+            raise CommandError("--out writes a key file, --pkcs11-module makes the key in a token; give one of them")
+        missing = [name for name in _PKCS11_OPTIONS if getattr(args, name) is None]
+        if missing:
+            flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+            raise CommandError(f"a key in a token needs {flags} too; see 'kms-admin master-key new --help'")
+        return _master_key_new_in_token(args)
+    if args.out is None:
+        raise CommandError(
+            "give --out FILE for a key file, or --pkcs11-module, --token-label, --key-label and --pin-file "
+            "for a key made in a token"
+        )
     path = pki.new_master_key(args.out)
     _out(f"wrote {path} (mode 0600; back it up: without it stored keys cannot be read)")
+    return 0
+
+
+def _master_key_new_in_token(args: argparse.Namespace) -> int:
+    from kms_server.keystore.master_key import MasterKeyError
+
+    try:
+        from kms_server.keystore import pkcs11_key
+    except ModuleNotFoundError as exc:
+        if exc.name != "pkcs11":
+            raise
+        raise CommandError("python-pkcs11 is not installed; run: pip install 'python-pkcs11>=0.9'") from None
+    try:
+        key = pkcs11_key.generate_token_key(args)
+    except MasterKeyError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        _out(f"generated {key.description}: AES-256, sensitive, not extractable (id {key.key_id})")
+    finally:
+        key.close()
+    _out("set in [master_key]:")
+    _out(f'  pkcs11_module = "{args.pkcs11_module}"')
+    _out(f'  token_label = "{args.token_label}"')
+    _out(f'  key_label = "{args.key_label}"')
+    _out(f'  pin_file = "{args.pin_file}"')
+    _out("the key never leaves the token: back the token up as its vendor says, or stored keys are lost with it")
     return 0
 
 
@@ -272,10 +315,15 @@ def register_master_key(subparsers: argparse._SubParsersAction) -> None:
     commands = group.add_subparsers(
         dest="master_key_command", metavar="COMMAND", required=True
     )
-    new = commands.add_parser("new", help="write a new random 256-bit master key file")
-    new.add_argument(
-        "--out", required=True, type=Path, help="file to create (never overwritten)"
+    new = commands.add_parser(
+        "new", help="write a new random 256-bit master key file, or generate the key in a PKCS#11 token"
     )
+    new.add_argument("--out", type=Path, help="key file to create (never overwritten)")
+    hsm = new.add_argument_group("a key in a PKCS#11 token (docs/hsm-master-key.md)")
+    hsm.add_argument("--pkcs11-module", type=Path, help="the token's PKCS#11 library")
+    hsm.add_argument("--token-label", help="label of the token")
+    hsm.add_argument("--key-label", help="label of the new key (an existing key is never replaced)")
+    hsm.add_argument("--pin-file", type=Path, help="file holding the token's user PIN")
     new.set_defaults(func=_master_key_new)
 
 
