@@ -81,6 +81,14 @@ class ServerConfig:
     max_connections: int
     worker_threads: int
     data_dir: Path
+    # TLS handshakes in progress (the oldest is dropped for a newcomer),
+    # the deadline for a whole request message once its first byte came,
+    # and the caps on response bytes written and not yet sent, per
+    # connection and for the node: past them the client is not read.
+    max_handshakes: int = 256
+    frame_timeout: float = 30.0
+    max_unsent_bytes: int = 4 << 20
+    max_unsent_bytes_total: int = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,8 @@ class AuditConfig:
     # administrators); off unless web_port is set (0: any free port).
     web_host: str = "127.0.0.1"
     web_port: int | None = None
+    # Connections to the page at once (counted after TLS).
+    web_max_connections: int = 64
 
 
 SECTION_ORDER = ("server", "tls", "storage", "master_key", "access", "logging", "audit")
@@ -457,6 +467,10 @@ _SCHEMA: Schema = {
         "max_connections": (_int_between(1, 1_000_000), 1024),
         "worker_threads": (_int_between(1, 1024), 16),
         "data_dir": (_path, "var"),
+        "max_handshakes": (_int_between(1, 1_000_000), 256),
+        "frame_timeout": (_positive_seconds(3600.0), 30.0),
+        "max_unsent_bytes": (_int_between(65536, 1 << 30), 4 << 20),
+        "max_unsent_bytes_total": (_int_between(65536, 1 << 40), 256 << 20),
     },
     "tls": {
         "cert": (_path, None),
@@ -497,6 +511,7 @@ _SCHEMA: Schema = {
         "syslog": (_syslog_url, None),
         "web_host": (_nonempty_str, "127.0.0.1"),
         "web_port": (_port, None),
+        "web_max_connections": (_int_between(1, 1_000_000), 64),
     },
 }
 
