@@ -17,6 +17,7 @@ Relative paths in the file are relative to the file; paths derived from
                   connections
     [storage]     db_url (default sqlite:///<data_dir>/broker.db), schema
     [master_key]  file
+    [audit]       signing_key_file (Ed25519, made by `vtpm-broker init`), checkpoint_seconds
     [roles]       security_admins, administrators, no_crypto_administrators, auditors
     [logging]     level
 """
@@ -55,6 +56,7 @@ from kms_server.config import (
 
 __all__ = [
     "ApiConfig",
+    "AuditSection",
     "BrokerConfig",
     "BrokerSection",
     "ConfigError",
@@ -66,7 +68,7 @@ __all__ = [
 ]
 
 _PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SECRET_FILE_KEYS = frozenset({("tls", "key"), ("kms", "key"), ("master_key", "file")})
+SECRET_FILE_KEYS = frozenset({("tls", "key"), ("kms", "key"), ("master_key", "file"), ("audit", "signing_key_file")})
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,19 @@ class MasterKeySection:
 
 
 @dataclass(frozen=True)
+class AuditSection:
+    # The Ed25519 key that signs checkpoints of the audit trail; its public
+    # half (public_key_file) is what auditors keep to verify.
+    signing_key_file: Path
+    checkpoint_seconds: float = 60.0
+
+    @property
+    def public_key_file(self) -> Path:
+        path = self.signing_key_file
+        return path.with_name(path.name.removesuffix(".key") + ".pub")
+
+
+@dataclass(frozen=True)
 class RolesConfig:
     security_admins: tuple[str, ...]
     administrators: tuple[str, ...]
@@ -164,7 +179,7 @@ class LoggingSection:
     level: str
 
 
-SECTION_ORDER = ("broker", "api", "gateway", "tls", "kms", "storage", "master_key", "roles", "logging")
+SECTION_ORDER = ("broker", "api", "gateway", "tls", "kms", "storage", "master_key", "audit", "roles", "logging")
 
 
 @dataclass(frozen=True)
@@ -176,6 +191,7 @@ class BrokerConfig:
     kms: KmsConfig
     storage: StorageSection
     master_key: MasterKeySection
+    audit: AuditSection
     roles: RolesConfig
     logging: LoggingSection
     source: Path | None = field(default=None, compare=False)
@@ -218,6 +234,10 @@ class BrokerConfig:
                 problems.append(f"{key} {path} does not exist; run 'vtpm-broker{where} init' first")
             else:
                 problems.extend(_check_file(key, path, secret=secret))
+        # Optional (checkpoints go unsigned without it, with a warning), but
+        # a key others can read is a problem.
+        if self.audit.signing_key_file.exists():
+            problems.extend(_check_file("audit.signing_key_file", self.audit.signing_key_file, secret=True))
         if not for_run:
             return problems
         if not self.kms.nodes:
@@ -317,6 +337,10 @@ _SCHEMA: Schema = {
         "schema": (_choice(("auto", "upgrade", "check")), "auto"),
     },
     "master_key": {"file": (_path, DERIVED)},
+    "audit": {
+        "signing_key_file": (_path, DERIVED),
+        "checkpoint_seconds": (_positive_seconds(86400.0), 60.0),
+    },
     "roles": {
         "security_admins": (_identities, ()),
         "administrators": (_identities, ()),
@@ -334,6 +358,7 @@ _TYPES: dict[str, type] = {
     "kms": KmsConfig,
     "storage": StorageSection,
     "master_key": MasterKeySection,
+    "audit": AuditSection,
     "roles": RolesConfig,
     "logging": LoggingSection,
 }
@@ -354,6 +379,7 @@ def load_config(
         ("kms", "key"): data_dir / "kms-client.key",
         ("storage", "db_url"): f"sqlite:///{data_dir / 'broker.db'}",
         ("master_key", "file"): data_dir / "master.key",
+        ("audit", "signing_key_file"): data_dir / "audit.key",
     }
     for (section, key), value in derived.items():
         if values[section][key] is DERIVED:

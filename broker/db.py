@@ -50,6 +50,7 @@ __all__ = [
     "Database",
     "DatabaseError",
     "audit",
+    "audit_checkpoints",
     "cas",
     "ek_certificates",
     "enrollments",
@@ -195,7 +196,11 @@ nvram_generations = Table(
     Column("reported_at", Float, nullable=False),
 )
 
-# The audit trail: every trust decision and key access, hash-chained.
+# The audit trail: every trust decision and key access, hash-chained
+# (broker/audit_trail.py, docs/audit-trail.md). `body` is the canonical JSON
+# the hash covers; the other columns repeat its fields for queries and are
+# checked against it. Records from before that format (revision 0001) have
+# no body: they are checked by their own rule up to the carry-over record.
 audit = Table(
     "broker_audit",
     metadata,
@@ -208,7 +213,22 @@ audit = Table(
     Column("reason", Text, nullable=False),
     Column("prev_hash", Text, nullable=False),
     Column("hash", Text, nullable=False),
+    Column("body", Text, nullable=True),
     sqlite_autoincrement=True,
+)
+
+# Ed25519-signed checkpoints of the audit chain's head, written
+# periodically and at stop; a removed tail or a rewritten chain shows
+# against them.
+audit_checkpoints = Table(
+    "broker_audit_checkpoints",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("time", Float, nullable=False),
+    Column("node", Text, nullable=False),
+    Column("head_hash", Text, nullable=False),
+    Column("key_id", Text, nullable=False),
+    Column("signature", Text, nullable=False),
 )
 
 meta = Table(

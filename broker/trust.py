@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import threading
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from sqlalchemy import bindparam, func, select, update
 
+from broker import audit_trail
 from broker.db import (
     Database,
     DatabaseError,
@@ -46,6 +46,7 @@ from broker.trust_ca import (
     load_certificate_pem,
     load_csr_pem,
 )
+from kms_server.audit.chain import GENESIS, Report
 from kms_server.storage.group_commit import GroupCommit
 
 __all__ = [
@@ -69,7 +70,7 @@ __all__ = [
     "check_vm_uuid",
 ]
 
-AUDIT_GENESIS = "0" * 64
+AUDIT_GENESIS = GENESIS
 # .nvram generations are u64 in the file; the database column is a signed 64-bit integer.
 MAX_NVRAM_GENERATION = 2**63 - 1
 DEFAULT_TOKEN_TTL = 3600
@@ -190,6 +191,9 @@ class AuditRecord:
     reason: str
     prev_hash: str
     hash: str
+    # The canonical JSON the hash covers (None: a record from before the
+    # format change, broker/audit_trail.py).
+    body: str | None = None
 
 
 # --- Validation -----------------------------------------------------------------
@@ -227,18 +231,6 @@ def check_vm_name(value: object) -> str:
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
-
-
-def audit_hash(
-    prev_hash: str, seq: int, at: float, actor: str, action: str, target: str, allowed: bool, reason: str
-) -> str:
-    """SHA-256 over the previous hash and the record's fields (canonical JSON)."""
-    body = json.dumps(
-        [prev_hash, seq, repr(float(at)), actor, action, target, bool(allowed), reason],
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
 def _insert_vm(conn, record: VmRecord, now: float) -> None:
@@ -335,10 +327,22 @@ class Registry:
     """Trust state in the broker database. ``trust_ca`` is needed only by the
     methods that issue certificates (approve, register_host, issue_user)."""
 
-    def __init__(self, db: Database, trust_ca: TrustCa | None = None, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        db: Database,
+        trust_ca: TrustCa | None = None,
+        clock: Callable[[], float] = time.time,
+        *,
+        node: str = "vtpm-broker",
+        audit_signer=None,
+    ):
         self.db = db
         self.trust_ca = trust_ca
         self.clock = clock
+        # Named in every audit record; the signer (kms_server.keystore.
+        # audit_key.Signer) signs checkpoints and its public half checks them.
+        self.node = node
+        self.audit_signer = audit_signer
         # Appends to the audit chain are serialized in this process too, so
         # SQLite never sees two writers race for the chain head.
         self._audit_lock = threading.Lock()
@@ -372,54 +376,31 @@ class Registry:
         trail inside `conn`'s transaction, holding the chain lock."""
         self.db.lock_audit_chain(conn)
         last = conn.execute(_AUDIT_HEAD).first()
-        seq, prev = (last.seq, last.hash) if last else (0, AUDIT_GENESIS)
-        rows = []
-        for actor, action, target, allowed, reason in entries:
-            seq += 1
-            at = self.clock()
-            reason = reason.splitlines()[0] if reason else ""
-            digest = audit_hash(prev, seq, at, actor, action, target, allowed, reason)
-            rows.append(
-                {
-                    "seq": seq,
-                    "at": at,
-                    "actor": actor,
-                    "action": action,
-                    "target": target,
-                    "allowed": bool(allowed),
-                    "reason": reason,
-                    "prev_hash": prev,
-                    "hash": digest,
-                }
-            )
-            prev = digest
-        conn.execute(audit.insert(), rows)
+        head = (last.seq, last.hash) if last else None
+        conn.execute(audit.insert(), audit_trail.chain_rows(entries, head, self.clock, self.node))
 
     def audit_records(self, after: int = 0, limit: int = 1000) -> list[AuditRecord]:
         with self.db.read() as conn:
             rows = conn.execute(select(audit).where(audit.c.seq > after).order_by(audit.c.seq).limit(limit)).all()
         return [AuditRecord(**row._mapping) for row in rows]
 
+    def verify_audit_report(self, verifier=None) -> Report:
+        """The whole chain and its signed checkpoints (broker/audit_trail.py);
+        `verifier` defaults to the public half of the broker's audit key."""
+        if verifier is None and self.audit_signer is not None:
+            verifier = self.audit_signer.public
+        return audit_trail.verify(self.db, verifier)
+
     def verify_audit(self) -> list[str]:
-        """Problems with the audit chain, one line each (empty: intact).
-        A changed record breaks its hash, a removed one leaves a gap or a
-        broken link."""
-        problems: list[str] = []
-        prev_hash, expected_seq = AUDIT_GENESIS, 1
-        with self.db.read() as conn:
-            rows = conn.execute(select(audit).order_by(audit.c.seq)).all()
-        for row in rows:
-            if row.seq != expected_seq:
-                problems.append(f"records {expected_seq}..{row.seq - 1} are missing")
-            if row.prev_hash != prev_hash:
-                problems.append(f"record {row.seq} does not link to the record before it")
-            if (
-                audit_hash(row.prev_hash, row.seq, row.at, row.actor, row.action, row.target, row.allowed, row.reason)
-                != row.hash
-            ):
-                problems.append(f"record {row.seq} was altered (its hash does not match)")
-            prev_hash, expected_seq = row.hash, row.seq + 1
-        return problems
+        """Problems with the audit trail, one line each (empty: intact), in
+        the words of `vtpm-broker admin audit verify`."""
+        return [p.text for p in self.verify_audit_report().problems]
+
+    def sign_audit_checkpoint(self):
+        """Sign the chain's head now (None: no key, or nothing new)."""
+        if self.audit_signer is None:
+            return None
+        return audit_trail.sign_checkpoint(self.db, self.audit_signer, self.node, self.clock)
 
     # Tokens and enrollment --------------------------------------------------------
 

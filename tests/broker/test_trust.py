@@ -371,7 +371,7 @@ def test_audit_chain_records_decisions_and_detects_tampering(registry):
     assert registry.verify_audit() == []
     with registry.db.begin() as conn:
         conn.execute(update(audit).where(audit.c.seq == 2).values(reason="edited"))
-    assert any("record 2 was altered" in p for p in registry.verify_audit())
+    assert any("record 2 altered" in p for p in registry.verify_audit())
     with registry.db.begin() as conn:
         conn.execute(audit.delete().where(audit.c.seq == 3))
     assert any("missing" in p for p in registry.verify_audit())
