@@ -20,7 +20,7 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from broker import schema
+from broker import audit_trail, schema
 from broker.api import Api, ApiContextFactory, make_site
 from broker.config import BrokerConfig
 from broker.db import Database, open_barrier
@@ -120,7 +120,12 @@ class BrokerService(service.Service):
             trust_ca = load_trust_ca(self.db, self.barrier)
             # The public trust CA certificate, for the TLS layers and operators.
             cfg.trust_ca_path.write_text(trust_ca.cert_pem)
-            self.registry = Registry(self.db, trust_ca)
+            self.registry = Registry(
+                self.db,
+                trust_ca,
+                node=cfg.broker.node_name,
+                audit_signer=audit_trail.load_signer(cfg.audit.signing_key_file),
+            )
             self.kms_client = KmipClient(
                 list(cfg.kms.nodes),
                 cfg.kms.cert,
@@ -138,6 +143,10 @@ class BrokerService(service.Service):
                 ek_issuer=ek_ca_issuer(self.db, self.barrier),
             )
             self.api_threadpool = ThreadPool(minthreads=1, maxthreads=cfg.api.worker_threads, name="broker-api")
+            self.checkpoints = audit_trail.CheckpointLoop(
+                self.db, self.registry.audit_signer, cfg.broker.node_name, reactor, self.api_threadpool,
+                cfg.audit.checkpoint_seconds,
+            )  # fmt: skip
             self.site = make_site(self.api, reactor, self.api_threadpool, cfg.api.max_body)
             self.api_tls = ApiContextFactory(cfg, self.registry.pinned_certificates())
             # --- Gateway hook: the host KMIP/TLS listener plugs in here. ---
@@ -170,6 +179,7 @@ class BrokerService(service.Service):
         super().startService()
         reload_on_sighup(self.reactor, self.api_tls, log)
         self.api_threadpool.start()
+        self.checkpoints.start()
         self.api_port = self.reactor.listenSSL(self.cfg.api.port, self.site, self.api_tls, interface=self.cfg.api.host)
         address = self.api_port.getHost()
         self.announce(f"vtpm-broker api listening on {address.host}:{address.port}")
@@ -199,6 +209,8 @@ class BrokerService(service.Service):
                 yield factory.drain()
             if hasattr(factory, "close_all"):
                 yield factory.close_all()
+        # A last checkpoint, so that removing the newest records shows.
+        yield self.checkpoints.stop()
         if self.gateway_threadpool.started:
             self.gateway_threadpool.stop()
         self.api_threadpool.stop()
