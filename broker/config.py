@@ -8,9 +8,11 @@ Relative paths in the file are relative to the file; paths derived from
 ``broker.data_dir`` follow it.
 
     [broker]      provider_name (required), data_dir, node_name
-    [api]         host, port, max_body, worker_threads, enroll_per_minute
+    [api]         host, port, max_body, worker_threads, enroll_per_minute,
+                  max_connections, max_handshakes, handshake_timeout, request_timeout
     [gateway]     host, port, max_message_size, idle_timeout, handshake_timeout,
-                  max_connections, worker_threads  (read by broker.gateway)
+                  max_connections, max_handshakes, frame_timeout, worker_threads
+                  (read by broker.gateway)
     [tls]         cert, key (the broker's server certificate, issued by
                   `vtpm-broker init` from the trust CA), server_names, min_version
     [kms]         nodes, cert, key, ca, server_name, connect_timeout, request_timeout,
@@ -87,6 +89,13 @@ class ApiConfig:
     # Enrollment requests (POST /v1/enroll, which needs no certificate) one
     # address may make per minute, in bursts of as many; 0: no limit.
     enroll_per_minute: int = 30
+    # Listener limits (kms_server.wire.limits): connections counted after
+    # TLS, handshakes in progress and their timeout, and the deadline for
+    # a whole request once its first byte came.
+    max_connections: int = 256
+    max_handshakes: int = 256
+    handshake_timeout: float = 10.0
+    request_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,8 @@ class GatewayConfig:
     handshake_timeout: float
     max_connections: int
     worker_threads: int
+    max_handshakes: int = 256
+    frame_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -306,6 +317,10 @@ _SCHEMA: Schema = {
         "max_body": (_int_between(1024, 16 << 20), 65536),
         "worker_threads": (_int_between(1, 256), 8),
         "enroll_per_minute": (_int_between(0, 1_000_000), 30),
+        "max_connections": (_int_between(1, 1_000_000), 256),
+        "max_handshakes": (_int_between(1, 1_000_000), 256),
+        "handshake_timeout": (_positive_seconds(3600.0), 10.0),
+        "request_timeout": (_positive_seconds(3600.0), 30.0),
     },
     "gateway": {
         "host": (_nonempty_str, "127.0.0.1"),
@@ -315,6 +330,8 @@ _SCHEMA: Schema = {
         "handshake_timeout": (_positive_seconds(3600.0), 10.0),
         "max_connections": (_int_between(1, 1_000_000), 1024),
         "worker_threads": (_int_between(1, 1024), 16),
+        "max_handshakes": (_int_between(1, 1_000_000), 256),
+        "frame_timeout": (_positive_seconds(3600.0), 30.0),
     },
     "tls": {
         "cert": (_path, DERIVED),
