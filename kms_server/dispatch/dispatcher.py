@@ -29,7 +29,7 @@ from kms_server import errors
 from kms_server.audit.record import AuditDraft, client_fields, request_attributes
 from kms_server.audit.trail import AuditWriteFailed
 from kms_server.dispatch.context import BatchState, RequestContext
-from kms_server.dispatch.errors import GENERAL_FAILURE_MESSAGE, result_reason
+from kms_server.dispatch.errors import GENERAL_FAILURE_MESSAGE, input_error, result_reason
 from kms_server.keystore.policy import Principal
 from kms_server.storage.base import StorageUnavailable
 from kms_server.wire import ttlv
@@ -99,7 +99,13 @@ class Dispatcher:
             log.info("request %s from %s: undecodable message: %s", request_id, conn.peer, exc)
             self._record_refusal(conn, request_id, None, "undecodable-message", "INVALID_MESSAGE", str(exc))
             return None
-        version = _protocol_version(message)
+        try:
+            version = _protocol_version(message)
+        except errors.InvalidMessage as exc:
+            # Answered in the lowest version: the client's cannot be read.
+            log.info("request %s from %s refused: %s", request_id, conn.peer, exc.message)
+            self._record_refusal(conn, request_id, None, "message-refused", "INVALID_MESSAGE", exc.message)
+            return ttlv.encode(self._error_response(min(SUPPORTED_VERSIONS), ResultReason.INVALID_MESSAGE, exc.message))
         if version is None:
             log.info("request %s from %s: no protocol version in the header", request_id, conn.peer)
             self._record_refusal(conn, request_id, None, "undecodable-message", "INVALID_MESSAGE", "no protocol version")
@@ -131,6 +137,10 @@ class Dispatcher:
         if version not in SUPPORTED_VERSIONS:
             raise errors.InvalidMessage(f"protocol version {version[0]}.{version[1]} is not supported")
         items = message.find_all(T.BATCH_ITEM.value)
+        for tag, type_ in _HEADER_FIELD_TYPES.items():
+            field = header.find(tag.value)
+            if field is not None and field.type != type_:
+                raise errors.InvalidMessage(f"{_field_name(tag)} in the Request Header must be {_type_name(type_)}")
         count = header.get(T.BATCH_COUNT.value)
         if not isinstance(count, int) or count != len(items) or count < 1:
             raise errors.InvalidMessage("Batch Count does not match the number of Batch Items")
@@ -173,15 +183,36 @@ class Dispatcher:
             # KMIP 2.0, 8.2: the server's own correlation value; the request
             # id, which names this request in the server log and audit trail.
             header_items.append(ttlv.text(T.SERVER_CORRELATION_VALUE.value, request_id))
-        response = self._response(header_items, responses)
-        encoded = ttlv.encode(response)
+        encoded = self._encode_response(ctx, header_items, responses)
         if isinstance(max_response, int) and len(encoded) > max_response:
             too_large = [
                 _failure_item(r, ResultReason.RESPONSE_TOO_LARGE, f"response exceeds Maximum Response Size {max_response}")
                 for r in responses
             ]
-            encoded = ttlv.encode(self._response(header_items, too_large))
+            encoded = self._encode_response(ctx, header_items, too_large)
         return encoded
+
+    def _encode_response(self, ctx: RequestContext, header_items: list[Item], responses: list[Item]) -> bytes:
+        """The Response Message, each batch item encoded on its own: an item
+        whose answer cannot be encoded (a server bug) is answered General
+        Failure alone, and the others keep theirs (a key an earlier item
+        created keeps its identifier)."""
+        parts = []
+        for response in responses:
+            try:
+                parts.append(ttlv.encode(response))
+            except ttlv.TTLVError:
+                log.exception("request %s: a batch item's answer cannot be encoded", ctx.request_id)
+                failure = _failure_item(
+                    response, ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
+                )
+                parts.append(ttlv.encode(failure))
+        header = ttlv.structure(
+            T.RESPONSE_HEADER.value, header_items + [ttlv.integer(T.BATCH_COUNT.value, len(responses))]
+        )
+        body = ttlv.encode(header) + b"".join(parts)
+        # A structure's items are padded to 8 bytes, so its body needs none.
+        return T.RESPONSE_MESSAGE.value.to_bytes(3, "big") + bytes([ItemType.STRUCTURE]) + len(body).to_bytes(4, "big") + body
 
     def _handle_undo_batch(self, ctx: RequestContext, items: list[Item]) -> list[Item]:
         """Batch Error Continuation Option Undo (KMIP 1.4, 6.7; 2.0, 7.7):
@@ -251,15 +282,22 @@ class Dispatcher:
         """Run one item: its answer, whether it failed, and its audit draft.
         With `batch_txn` (a batch run with Undo) the item runs in that
         transaction and writes no audit record: `_handle_undo_batch` does."""
-        operation_value = item.get(T.OPERATION.value)
+        operation_item = item.find(T.OPERATION.value)
+        # Only an Enumeration is read (and echoed): an Integer -1 or a
+        # 2,048-byte Big Integer in its place is refused, never copied into
+        # the answer, whose encoding would then fail.
+        well_typed = operation_item is not None and operation_item.type == ItemType.ENUMERATION
+        operation_value = operation_item.value if well_typed else None
         batch_id = item.find(T.UNIQUE_BATCH_ITEM_ID.value)
         payload = item.find(T.REQUEST_PAYLOAD.value)
         head = [
-            ttlv.enumeration(T.OPERATION.value, operation_value) if isinstance(operation_value, int) else None,
+            ttlv.enumeration(T.OPERATION.value, operation_value) if well_typed else None,
             batch_id,
         ]
         draft = self._draft(ctx, operation_value, payload, index)
         try:
+            if operation_item is not None and not well_typed:
+                raise errors.InvalidMessage("Operation must be an Enumeration")
             try:
                 operation = Operation(operation_value)
             except ValueError:
@@ -298,8 +336,20 @@ class Dispatcher:
         except Exception as exc:
             if batch_txn is not None and isinstance(exc, StorageUnavailable):
                 raise  # The batch is run again (or refused) as a whole.
-            log.exception("request %s %s: internal error", ctx.request_id, _op_name(operation_value))
-            reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
+            refused = input_error(exc)
+            if refused is None:
+                log.exception("request %s %s: internal error", ctx.request_id, _op_name(operation_value))
+                reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
+            else:
+                reason, text = result_reason(refused, *ctx.version)
+                log.info(
+                    "request %s %s by %s: %s (%s)",
+                    ctx.request_id,
+                    _op_name(operation_value),
+                    ctx.principal.name,
+                    reason.name,
+                    text,
+                )
         if draft is not None and batch_txn is None:
             try:
                 self.trail.write(draft.entry("OPERATION_FAILED", reason.name, text))
@@ -451,18 +501,43 @@ def _failure_item(response: Item, reason: ResultReason, text: str) -> Item:
 
 
 def _protocol_version(message: Item) -> tuple[int, int] | None:
+    """The request's version; None without one. A version whose numbers are
+    not Integers (a 2,048-byte Big Integer, say) raises InvalidMessage: it
+    must never reach a log line or the answer."""
     # Any message header with a version lets us answer INVALID_MESSAGE in it
     # (a Response Message sent as a request, for instance).
     header = message.find(T.REQUEST_HEADER.value) or message.find(T.RESPONSE_HEADER.value)
-    if header is None:
+    if header is None or header.type != ItemType.STRUCTURE:
         return None
     pv = header.find(T.PROTOCOL_VERSION.value)
     if pv is None:
         return None
-    major, minor = pv.get(T.PROTOCOL_VERSION_MAJOR.value), pv.get(T.PROTOCOL_VERSION_MINOR.value)
-    if not isinstance(major, int) or not isinstance(minor, int):
+    major, minor = pv.find(T.PROTOCOL_VERSION_MAJOR.value), pv.find(T.PROTOCOL_VERSION_MINOR.value)
+    if major is None or minor is None:
         return None
-    return major, minor
+    if major.type != ItemType.INTEGER or minor.type != ItemType.INTEGER:
+        raise errors.InvalidMessage("Protocol Version Major and Minor must be Integers")
+    return major.value, minor.value
+
+
+# Request Header fields this server reads, and the type KMIP gives each
+# (1.4, 6; 2.0, 7): any other type is refused before its value is used.
+_HEADER_FIELD_TYPES = {
+    T.BATCH_COUNT: ItemType.INTEGER,
+    T.MAXIMUM_RESPONSE_SIZE: ItemType.INTEGER,
+    T.BATCH_ERROR_CONTINUATION_OPTION: ItemType.ENUMERATION,
+    T.CLIENT_CORRELATION_VALUE: ItemType.TEXT_STRING,
+    T.AUTHENTICATION: ItemType.STRUCTURE,
+}
+
+
+def _field_name(tag: Tags) -> str:
+    return tag.name.replace("_", " ").title()
+
+
+def _type_name(type_: ItemType) -> str:
+    name = type_.name.replace("_", " ").title()
+    return ("an " if name[0] in "AEIOU" else "a ") + name
 
 
 def _closest_version(version: tuple[int, int]) -> tuple[int, int]:
@@ -482,7 +557,11 @@ def _version_item(version: tuple[int, int]) -> Item:
 
 
 def _op_name(value) -> str:
+    """An Operation for the log and the trail; `value` is an Enumeration's
+    (32 bits) or None."""
+    if value is None:
+        return "-"
     try:
         return Operation(value).name
     except (ValueError, TypeError):
-        return repr(value)
+        return f"0x{value:08X}" if isinstance(value, int) else "-"

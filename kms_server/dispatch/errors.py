@@ -7,6 +7,9 @@ enumeration value its version does not define.
 
 from __future__ import annotations
 
+import enum
+import os
+
 from kmip.core.enums import ResultReason
 
 from kms_server import errors
@@ -54,6 +57,32 @@ FROM_2_1: dict[type[errors.KmsError], ResultReason] = {
 }
 
 GENERAL_FAILURE_MESSAGE = "internal error; see the server log for request {request_id}"
+
+
+_ENUM_MODULE = os.path.normcase(os.path.abspath(enum.__file__))
+
+
+def input_error(exc: BaseException) -> errors.KmsError | None:
+    """The KmsError for a failure the request's own values caused below the
+    checks an operation makes, or None for a real internal error.
+
+    A value a KMIP enumeration does not define (Cryptographic Algorithm
+    0xF3, say) fails where the Enum is constructed, which may be deep in a
+    helper that trusted an earlier check. Wherever that happens it is the
+    client's field, not a server fault: Invalid Field, no traceback. It is
+    recognized by where the ValueError was raised (the enum module itself),
+    so a ValueError of the server's own code is still a General Failure."""
+    if not isinstance(exc, ValueError):
+        return None
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if os.path.normcase(os.path.abspath(tb.tb_frame.f_code.co_filename)) != _ENUM_MODULE:
+        return None
+    detail = str(exc) if len(str(exc)) <= 120 else "a value that is not defined"
+    return errors.InvalidField(f"a field has a value this server does not define ({detail})")
 
 
 def result_reason(exc: BaseException, major_version: int, minor_version: int = 0) -> tuple[ResultReason, str]:
