@@ -67,7 +67,7 @@ from broker.trust import (
 from broker.trust_ca import cert_pem
 from broker.vmkeys import KmsUnavailable, VmKeys
 from kms_server.config import TlsConfig
-from kms_server.wire import tls
+from kms_server.wire import limits, tls
 
 __all__ = [
     "Api",
@@ -640,7 +640,8 @@ def build_api_context(cfg: BrokerConfig, pinned_pems: list[str]) -> SSL.Context:
         identity="fingerprint",
         min_version=cfg.tls.min_version,
     )
-    ctx = tls.build_context(kms_tls)
+    # ECDHE with AEAD only: the KMIP profile suites are the KMIP listener's.
+    ctx = tls.build_context(kms_tls, kmip_suites=False)
     pins = []
     for pem in pinned_pems:
         try:
@@ -689,9 +690,10 @@ class ApiContextFactory(twisted_ssl.ContextFactory):
 # --- Twisted Web -------------------------------------------------------------------------------------
 
 
-class LimitedRequest(server.Request):
+class LimitedRequest(limits.TimedRequest):
     """A request whose body is counted as it arrives: past ``max_body`` the
-    rest is discarded (never buffered) and the answer is 413."""
+    rest is discarded (never buffered) and the answer is 413. Once read
+    whole it stops the listener's request deadline (`wire.limits`)."""
 
     max_body = 65536
 

@@ -9,9 +9,11 @@ KMIP client, with failover) when it may, and records every decision in the
 broker's audit trail.
 
 Nothing on the wire is written here. The listener is the KMS core's
-`KmipFactory` (framing with a length limit, per-connection ordering, worker
-pool, handshake and idle timeouts, drain) behind its strict mutual-TLS
-context (`kms_server.wire.tls`), and requests go through the KMS core's
+`KmipFactory` (framing with a length limit and a deadline, per-connection
+ordering, back-pressure, worker pool, idle timeout, drain) inside the
+core's listener limits (`kms_server.wire.limits`: handshake cap and
+timeout, connection slots counted after TLS) behind its strict mutual-TLS
+context (`kms_server.wire.tls`, ECDHE-AEAD suites only), and requests go through the KMS core's
 `Dispatcher` (decoding, batches, protocol versions 1.0 to 2.0, the one
 table from failures to Result Reasons) with a three-row operation table:
 DiscoverVersions, Query and Decrypt. Every other operation answers
@@ -52,7 +54,7 @@ from kms_server.dispatch.errors import REASONS
 from kms_server.keystore.policy import Principal
 from kms_server.operations import common, discover_versions, object_codec
 from kms_server.operations.encrypt import optional_bytes
-from kms_server.wire import tls, ttlv
+from kms_server.wire import limits, tls, ttlv
 from kms_server.wire.protocol import KmipFactory
 from kms_server.wire.ttlv import ItemType
 
@@ -288,9 +290,15 @@ def build_gateway_factory(
     idle_timeout: float = 300,
     handshake_timeout: float = 10,
     max_connections: int = 1024,
-) -> tuple[KmipFactory, tls.ServerContextFactory]:
+    max_handshakes: int = 256,
+    frame_timeout: float = 30,
+    max_unsent_bytes: int = 4 << 20,
+    max_unsent_bytes_total: int = 256 << 20,
+) -> tuple[limits.LimitedFactory, tls.ServerContextFactory]:
     """The gateway listener's protocol factory and TLS context factory:
     `reactor.listenSSL(port, factory, context_factory, interface=host)`.
+    The factory is the `KmipFactory` inside the listener limits; its
+    `drain()` and `close_all()` stop it.
 
     `tls_config.ca` is the broker's trust CA: only certificates it issued
     (or pinned ones in `tls_config.trusted_clients_dir`) get past the
@@ -298,7 +306,9 @@ def build_gateway_factory(
     stop it after `factory.drain()` and `factory.close_all()`).
     Raises `kms_server.wire.tls.TlsConfigError` on unusable TLS settings.
     """
-    context_factory = tls.server_context_factory(tls_config)
+    # Hosts are the broker's own agents: no KMIP profile suite without
+    # forward secrecy is needed here.
+    context_factory = tls.server_context_factory(tls_config, kmip_suites=False)
     dispatcher = build_dispatcher(registry, kms_client)
     identity_mode = tls_config.identity
 
@@ -312,7 +322,18 @@ def build_gateway_factory(
         reactor=reactor,
         max_message_size=max_message_size,
         idle_timeout=idle_timeout,
-        handshake_timeout=handshake_timeout,
-        max_connections=max_connections,
+        frame_timeout=frame_timeout,
+        max_unsent_bytes=max_unsent_bytes,
+        max_unsent_bytes_total=max_unsent_bytes_total,
     )
-    return factory, context_factory
+    listener = limits.LimitedFactory(
+        factory,
+        limits.ListenerLimits(
+            max_connections=max_connections,
+            max_handshakes=max_handshakes,
+            handshake_timeout=handshake_timeout,
+        ),
+        reactor,
+        name="gateway",
+    )
+    return listener, context_factory

@@ -30,6 +30,7 @@ from broker.vmkeys import VmKeys
 from kms_server.client import KmipClient
 from kms_server.config import TlsConfig
 from kms_server.keystore.barrier import Barrier
+from kms_server.wire.limits import LimitedFactory, ListenerLimits
 from kms_server.wire.tls import reload_on_sighup
 
 __all__ = ["BrokerService", "GatewayFactory", "build", "default_gateway_factory", "ek_ca_issuer"]
@@ -74,6 +75,8 @@ def default_gateway_factory(cfg, registry, kms_client, reactor, threadpool):
         idle_timeout=cfg.gateway.idle_timeout,
         handshake_timeout=cfg.gateway.handshake_timeout,
         max_connections=cfg.gateway.max_connections,
+        max_handshakes=cfg.gateway.max_handshakes,
+        frame_timeout=cfg.gateway.frame_timeout,
     )
 
 
@@ -148,6 +151,19 @@ class BrokerService(service.Service):
                 cfg.audit.checkpoint_seconds,
             )  # fmt: skip
             self.site = make_site(self.api, reactor, self.api_threadpool, cfg.api.max_body)
+            # Handshake cap and timeout, connection slots counted after TLS,
+            # a deadline for reading each request whole.
+            self.api_listener = LimitedFactory(
+                self.site,
+                ListenerLimits(
+                    max_connections=cfg.api.max_connections,
+                    max_handshakes=cfg.api.max_handshakes,
+                    handshake_timeout=cfg.api.handshake_timeout,
+                    request_timeout=cfg.api.request_timeout,
+                ),
+                reactor,
+                name="broker api",
+            )
             self.api_tls = ApiContextFactory(cfg, self.registry.pinned_certificates())
             # --- Gateway hook: the host KMIP/TLS listener plugs in here. ---
             self.gateway_threadpool = ThreadPool(
@@ -180,7 +196,9 @@ class BrokerService(service.Service):
         reload_on_sighup(self.reactor, self.api_tls, log)
         self.api_threadpool.start()
         self.checkpoints.start()
-        self.api_port = self.reactor.listenSSL(self.cfg.api.port, self.site, self.api_tls, interface=self.cfg.api.host)
+        self.api_port = self.reactor.listenSSL(
+            self.cfg.api.port, self.api_listener, self.api_tls, interface=self.cfg.api.host
+        )
         address = self.api_port.getHost()
         self.announce(f"vtpm-broker api listening on {address.host}:{address.port}")
         if self.gateway is not None:

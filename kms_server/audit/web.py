@@ -41,6 +41,7 @@ from kms_server.audit.query import Filters, find, operation_name, parse_time, re
 from kms_server.audit.trail import VM_COMPONENT, iter_records, objects_named, verify_storage
 from kms_server.keystore.policy import Role
 from kms_server.storage.base import AuditQuery, Storage, StoredAuditRecord
+from kms_server.wire import limits
 
 log = logging.getLogger("kms_server.audit.web")
 
@@ -48,6 +49,7 @@ ALLOWED_ROLES = (Role.AUDITOR, Role.ADMINISTRATOR)
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000
 MAX_PARAMETER_CHARS = 256
+IDLE_TIMEOUT = 60
 # The plot shows at most this many VMs when no VM is chosen, and at most
 # this many time buckets.
 TOP_VMS = 5
@@ -416,8 +418,13 @@ def make_site(
     returns the caller's ConnectionInfo or raises; `verifier` checks
     checkpoint signatures (None: not checked). Tests pass a synchronous
     `defer_to_thread` and a fake `reactor`."""
-    site = server.Site(AuditPage(storage, verifier, identify, defer_to_thread), reactor=reactor)
+    site = server.Site(
+        AuditPage(storage, verifier, identify, defer_to_thread), reactor=reactor, requestFactory=limits.TimedRequest
+    )
     site.displayTracebacks = False
+    # Idle keep-alive connections go after a minute (twisted.web's default
+    # is twelve hours); the listener limits bound the rest.
+    site.timeOut = IDLE_TIMEOUT
     return site
 
 

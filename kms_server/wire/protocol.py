@@ -17,12 +17,11 @@ from collections import deque
 from collections.abc import Callable
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.threads import deferToThreadPool
-from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from kms_server.wire import ttlv
+from kms_server.wire import limits, ttlv
 
 log = logging.getLogger("kms_server.wire")
 
@@ -31,6 +30,9 @@ REQUEST_MESSAGE_TAG = 0x420078
 # processed; beyond this the connection stops being read (TCP back-pressure),
 # so a pipelining client cannot make the server buffer without bound.
 MAX_QUEUED_REQUESTS = 4
+# How often connections held back by the node's cap on unsent bytes look
+# again whether they may go on.
+NODE_RECHECK_SECONDS = 0.1
 
 
 class FramingError(Exception):
@@ -51,8 +53,14 @@ def check_frame_header(header: bytes, max_message_size: int) -> int:
     return total
 
 
-@implementer(IHandshakeListener)
-class KmipProtocol(protocol.Protocol, TimeoutMixin):
+@implementer(IHandshakeListener, IPushProducer)
+class KmipProtocol(protocol.Protocol):
+    """One connection. Its timers: the idle timeout (no request for
+    `idle_timeout`, or responses not read for as long), and the frame
+    deadline (a message whose first byte arrived must be complete within
+    `frame_timeout`, however slowly its bytes trickle in). The handshake
+    timeout and the connection cap are the listener's (`wire.limits`)."""
+
     def __init__(self, factory: KmipFactory):
         self.factory = factory
         self._buffer = bytearray()
@@ -61,30 +69,26 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
         self._busy = False
         self._identity = None
         self._closing = False
-        self._paused = False
-        self._admitted = False
+        self._lost = False
+        self._reading_paused = False
+        # The transport's write buffer is over the per-connection cap (it
+        # paused us as a producer), or the node's unsent bytes are over the
+        # node cap: no new request is started and the client is not read.
+        self._write_blocked = False
+        self._node_blocked = False
         self._handshake_done = False
         self.peer = ""
-
-    def callLater(self, period, func):
-        # TimeoutMixin would use the global reactor; use the factory's so
-        # that embedding code and tests control time.
-        return self.factory.reactor.callLater(period, func)
+        self._idle = limits.Deadline(factory.reactor, self._idle_expired)
+        self._frame_deadline = limits.Deadline(factory.reactor, self._frame_expired)
 
     # Connection events.
     def connectionMade(self):
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
-        if not self.factory.admit(self):
-            log.warning("refusing connection from %s: %d connections open", self.peer, self.factory.max_connections)
-            self.transport.abortConnection()
-            return
-        self._admitted = True
-        # Until the handshake completes the shorter handshake timeout applies,
-        # so clients that never finish it cannot hold connection slots.
-        self.setTimeout(self.factory.handshake_timeout)
 
     def handshakeCompleted(self):
+        if self._lost or self._closing:
+            return
         self._handshake_done = True
         certificate = None
         try:
@@ -95,17 +99,91 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
             self.factory.refused(self.peer, f"client certificate not accepted: {exc}", certificate)
             self._close()
             return
-        self.setTimeout(self.factory.idle_timeout)
+        self.factory.connections.add(self)
+        # The transport tells us (pauseProducing) when more than
+        # max_unsent_bytes of our responses wait to be sent.
+        socket = limits.socket_transport(self.transport)
+        if socket is not None:
+            socket.bufferSize = self.factory.max_unsent_bytes
+        self.transport.registerProducer(self, True)
+        self._idle.start(self.factory.idle_timeout)
 
     def connectionLost(self, reason=protocol.connectionDone):
-        self.setTimeout(None)
-        if self._admitted and not self._handshake_done:
+        self._lost = True
+        self._closing = True
+        self._idle.cancel()
+        self._frame_deadline.cancel()
+        self._queue.clear()
+        self._buffer.clear()
+        if not self._handshake_done:
             self.factory.refused(self.peer, f"TLS handshake failed: {reason.getErrorMessage()}", None)
         self.factory.release(self)
 
-    def timeoutConnection(self):
-        log.info("closing idle connection from %s", self.peer)
+    def _idle_expired(self):
+        if self._lost:
+            return
+        if self._closing:
+            log.info("aborting connection from %s: its close did not complete", self.peer)
+        elif self._write_blocked:
+            log.info("closing connection from %s: responses not read for %ss", self.peer, self.factory.idle_timeout)
+        else:
+            log.info("closing idle connection from %s", self.peer)
         self.transport.abortConnection()
+
+    def _frame_expired(self):
+        if self._lost:
+            return
+        log.info(
+            "closing connection from %s: message not complete %ss after its first byte",
+            self.peer,
+            self.factory.frame_timeout,
+        )
+        self.transport.abortConnection()
+
+    # IPushProducer, driven by the transport's write buffer.
+    def pauseProducing(self):
+        self._write_blocked = True
+        self._update_reading()
+        if not self._busy and not self._lost:
+            # Unread responses are idleness too: a client that stops
+            # reading is closed after idle_timeout.
+            self._idle.start(self.factory.idle_timeout)
+
+    def resumeProducing(self):
+        self._write_blocked = False
+        self._update_reading()
+        self.factory.unsent_changed()
+        self._next()
+
+    def stopProducing(self):
+        pass
+
+    def node_unblocked(self):
+        if self._lost:
+            return
+        self._node_blocked = False
+        if not self._busy:
+            self._idle.start(self.factory.idle_timeout)
+        self._update_reading()
+        self._next()
+
+    def _update_reading(self):
+        """Read the client only while its requests can be taken: the queue
+        has room and its responses (and the node's) are being read."""
+        if self._lost or self._closing:
+            return
+        pause = len(self._queue) >= MAX_QUEUED_REQUESTS or self._write_blocked or self._node_blocked
+        if pause and not self._reading_paused:
+            self._reading_paused = True
+            # Bytes do not trickle in while we do not read: the frame
+            # deadline starts again when reading resumes.
+            self._frame_deadline.cancel()
+            self.transport.pauseProducing()
+        elif not pause and self._reading_paused:
+            self._reading_paused = False
+            if self._buffer:
+                self._frame_deadline.start(self.factory.frame_timeout)
+            self.transport.resumeProducing()
 
     # Framing.
     def dataReceived(self, data: bytes):
@@ -116,12 +194,15 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
             # refuse rather than process an unauthenticated request.
             self._close()
             return
-        self.resetTimeout()
+        if not self._busy:
+            self._idle.start(self.factory.idle_timeout)
+        if not self._buffer and data:
+            self._frame_deadline.start(self.factory.frame_timeout)
         self._buffer += data
-        while True:
+        while not self._closing:
             if self._expected is None:
                 if len(self._buffer) < ttlv.HEADER_SIZE:
-                    return
+                    break
                 try:
                     self._expected = check_frame_header(bytes(self._buffer[: ttlv.HEADER_SIZE]), self.factory.max_message_size)
                 except (FramingError, ttlv.TTLVError) as exc:
@@ -129,57 +210,94 @@ class KmipProtocol(protocol.Protocol, TimeoutMixin):
                     self._close()
                     return
             if len(self._buffer) < self._expected:
-                return
+                break
             message = bytes(self._buffer[: self._expected])
             del self._buffer[: self._expected]
             self._expected = None
             self._queue.append(message)
+            if self._buffer:
+                # The next frame's first byte is here: its deadline starts.
+                self._frame_deadline.start(self.factory.frame_timeout)
+            else:
+                self._frame_deadline.cancel()
             self._next()
-            if len(self._queue) >= MAX_QUEUED_REQUESTS and not self._paused:
-                self._paused = True
-                self.transport.pauseProducing()
+        self._update_reading()
 
     def _next(self):
-        if self._busy or not self._queue or self._closing:
+        if self._busy or not self._queue or self._closing or self._write_blocked or self._node_blocked:
             return
         self._busy = True
         # A request being processed is not idleness: no idle timeout until
         # it is answered, however slow it is.
-        self.setTimeout(None)
+        self._idle.cancel()
         message = self._queue.popleft()
-        if self._paused and len(self._queue) < MAX_QUEUED_REQUESTS:
-            self._paused = False
-            self.transport.resumeProducing()
+        self._update_reading()
         d = self.factory.process(message, self._identity)
         d.addCallbacks(self._respond, self._failed)
 
     def _respond(self, response: bytes | None):
         self._busy = False
+        if self._lost:
+            return  # The client went away while its request was processed.
         if response is None:
             self._close()
             return
-        if not self._closing:
-            self.transport.write(response)
-            self.setTimeout(self.factory.idle_timeout)
+        if self._closing:
+            return
+        self.transport.write(response)
+        if self._lost:
+            return
+        self._idle.start(self.factory.idle_timeout)
+        if not self._write_blocked and self.factory.over_node_cap():
+            # Held back for the node's sake, not the client's fault: no idle
+            # timeout until the node is under its cap again.
+            self._node_blocked = True
+            self._idle.cancel()
+            self.factory.wait_for_node(self)
+            self._update_reading()
         self._next()
 
     def _failed(self, failure):
         self._busy = False
+        if self._lost:
+            return
         log.error("request from %s failed outside the dispatcher: %s", self.peer, failure.getErrorMessage())
         self._close()
 
     def _close(self):
+        """Close after flushing what was written. Reading resumes so that
+        the peer's close is seen, and a close that does not complete in
+        time is aborted: a closing connection always ends."""
+        if self._lost or self._closing:
+            return
         self._closing = True
+        self._frame_deadline.cancel()
+        self._queue.clear()
+        self._idle.start(self.factory.close_timeout)
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        if self._handshake_done and self._identity is not None:
+            # A registered producer would hold TLS's close back.
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     @property
     def busy(self) -> bool:
         return self._busy or bool(self._queue)
 
+    @property
+    def blocked(self) -> bool:
+        """Not taking requests because its responses are not being read."""
+        return self._write_blocked or self._node_blocked
+
 
 class KmipFactory(protocol.Factory):
     """What every connection shares. `handle(message, identity)` runs on the
-    worker pool and returns the response bytes, or None to close."""
+    worker pool and returns the response bytes, or None to close.
+
+    Listen with `wire.limits.LimitedFactory` around it: that is where the
+    handshake timeout and the connection cap are."""
 
     def __init__(
         self,
@@ -189,9 +307,11 @@ class KmipFactory(protocol.Factory):
         reactor,
         max_message_size: int = 1 << 20,
         idle_timeout: float = 300.0,
-        handshake_timeout: float = 10.0,
-        max_connections: int = 1024,
+        frame_timeout: float = 30.0,
+        max_unsent_bytes: int = 4 << 20,
+        max_unsent_bytes_total: int = 256 << 20,
         refused: Callable[[str, str, object], None] | None = None,
+        close_timeout: float = 10.0,
     ):
         self.handle = handle
         # Told of every connection refused at the TLS layer (peer, reason,
@@ -202,27 +322,58 @@ class KmipFactory(protocol.Factory):
         self.reactor = reactor
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
-        self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
+        self.frame_timeout = frame_timeout
+        self.max_unsent_bytes = max_unsent_bytes
+        self.max_unsent_bytes_total = max_unsent_bytes_total
+        self.close_timeout = close_timeout
+        # How many bytes a connection's transport has not sent yet; tests
+        # replace it.
+        self.unsent_bytes: Callable[[object], int] = limits.unsent_bytes
         self.connections: set[KmipProtocol] = set()
+        self._node_waiters: dict[KmipProtocol, None] = {}
+        self._recheck = None
         self._in_flight: set[defer.Deferred] = set()
         self._closed_waiters: list[defer.Deferred] = []
 
     def buildProtocol(self, addr):
         return KmipProtocol(self)
 
-    def admit(self, proto: KmipProtocol) -> bool:
-        if len(self.connections) >= self.max_connections:
-            return False
-        self.connections.add(proto)
-        return True
-
     def release(self, proto: KmipProtocol) -> None:
         self.connections.discard(proto)
+        self._node_waiters.pop(proto, None)
+        self.unsent_changed()
         if not self.connections:
             waiters, self._closed_waiters = self._closed_waiters, []
             for d in waiters:
                 d.callback(None)
+
+    # The node's cap on responses written and not yet sent.
+    def unsent_total(self) -> int:
+        return sum(self.unsent_bytes(p.transport) for p in self.connections if not p._lost)
+
+    def over_node_cap(self) -> bool:
+        return self.unsent_total() > self.max_unsent_bytes_total
+
+    def wait_for_node(self, proto: KmipProtocol) -> None:
+        self._node_waiters[proto] = None
+        if self._recheck is None:
+            # Buffers under the per-connection cap drain without telling
+            # anyone: look again at intervals while someone waits.
+            self._recheck = self.reactor.callLater(NODE_RECHECK_SECONDS, self._recheck_node)
+
+    def _recheck_node(self) -> None:
+        self._recheck = None
+        self.unsent_changed()
+        if self._node_waiters:
+            self._recheck = self.reactor.callLater(NODE_RECHECK_SECONDS, self._recheck_node)
+
+    def unsent_changed(self) -> None:
+        """A connection's buffer drained or a connection went: connections
+        held back by the node cap go on while the node is under it."""
+        while self._node_waiters and not self.over_node_cap():
+            proto = next(iter(self._node_waiters))
+            del self._node_waiters[proto]
+            proto.node_unblocked()
 
     def process(self, message: bytes, identity) -> defer.Deferred:
         d = deferToThreadPool(self.reactor, self.threadpool, self.handle, message, identity)
@@ -251,7 +402,7 @@ class KmipFactory(protocol.Factory):
         d = defer.Deferred()
         self._closed_waiters.append(d)
         for proto in list(self.connections):
-            proto.transport.loseConnection()
+            proto._close()
 
         def abort():
             for proto in list(self.connections):

@@ -12,10 +12,12 @@ The policy, in one place:
 - The client certificate must allow clientAuth when it has an extended key
   usage, and must yield an identity under ``tls.identity``, so a connection
   that reaches the operation layer always has a usable identity.
-- Cipher preference is the server's: ECDHE with AEAD first; the RSA key
-  transport suites AES128-SHA256 and AES256-SHA256 stay last because the
-  KMIP profiles name them and vCenter 7 negotiates
-  TLS_RSA_WITH_AES_128_CBC_SHA256 (this needs an RSA server key).
+- Cipher preference is the server's: ECDHE with AEAD first; on the KMIP
+  listener only, the RSA key transport suites AES128-SHA256 and
+  AES256-SHA256 stay last because the KMIP profiles name them and vCenter 7
+  negotiates TLS_RSA_WITH_AES_128_CBC_SHA256 (this needs an RSA server
+  key). Every other listener (audit page, broker API and gateway) offers
+  ECDHE with AEAD only (``kmip_suites=False``).
 - No compression, no renegotiation.
 
 :class:`ServerContextFactory` plugs into Twisted (``reactor.listenSSL``,
@@ -47,6 +49,7 @@ from zope.interface import implementer
 from kms_server.config import ConfigError, TlsConfig
 
 __all__ = [
+    "AEAD_TLS12_SUITES",
     "CIPHERS_TLS12",
     "CIPHERS_TLS13",
     "TLS12_SUITES",
@@ -76,6 +79,8 @@ TLS12_SUITES = (
     "AES128-SHA256",
     "AES256-SHA256",
 )
+# For listeners no KMIP profile constrains: forward secrecy and AEAD only.
+AEAD_TLS12_SUITES = tuple(s for s in TLS12_SUITES if s.startswith("ECDHE-"))
 TLS13_SUITES = (
     "TLS_AES_256_GCM_SHA384",
     "TLS_CHACHA20_POLY1305_SHA256",
@@ -319,8 +324,10 @@ def _x509(cert: x509.Certificate) -> crypto.X509:
     return crypto.X509.from_cryptography(cert)
 
 
-def build_context(tls_cfg: TlsConfig) -> SSL.Context:
-    """A fully configured server SSL.Context; raises TlsConfigError on bad settings."""
+def build_context(tls_cfg: TlsConfig, *, kmip_suites: bool = True) -> SSL.Context:
+    """A fully configured server SSL.Context; raises TlsConfigError on bad
+    settings. `kmip_suites`: also offer the KMIP profile suites without
+    forward secrecy (the KMIP listener only)."""
     if tls_cfg.min_version not in _MIN_VERSIONS:
         raise TlsConfigError(
             f'tls.min_version must be "1.2" or "1.3" (got {tls_cfg.min_version!r})'
@@ -347,7 +354,7 @@ def build_context(tls_cfg: TlsConfig) -> SSL.Context:
             f"{leaf.not_valid_before_utc:%Y-%m-%d} to {leaf.not_valid_after_utc:%Y-%m-%d}); "
             "renew it"
         )
-    if tls_cfg.min_version == "1.2" and not isinstance(key, rsa.RSAPrivateKey):
+    if kmip_suites and tls_cfg.min_version == "1.2" and not isinstance(key, rsa.RSAPrivateKey):
         log.warning(
             "tls.key is not RSA: clients limited to TLS_RSA_WITH_AES_128_CBC_SHA256 "
             "(vCenter 7) cannot connect"
@@ -376,7 +383,8 @@ def build_context(tls_cfg: TlsConfig) -> SSL.Context:
         | SSL.OP_CIPHER_SERVER_PREFERENCE
         | SSL.OP_SINGLE_ECDH_USE
     )
-    ctx.set_cipher_list(CIPHERS_TLS12.encode("ascii"))
+    suites = TLS12_SUITES if kmip_suites else AEAD_TLS12_SUITES
+    ctx.set_cipher_list(":".join(suites).encode("ascii"))
     ctx.set_tls13_ciphersuites(CIPHERS_TLS13.encode("ascii"))
     # Needed for session resumption when clients are verified.
     ctx.set_session_id(SESSION_ID_CONTEXT)
@@ -428,9 +436,10 @@ class ServerContextFactory(twisted_ssl.ContextFactory):
     context current at accept time.
     """
 
-    def __init__(self, tls_cfg: TlsConfig) -> None:
+    def __init__(self, tls_cfg: TlsConfig, *, kmip_suites: bool = True) -> None:
         self.tls_cfg = tls_cfg
-        self._context = build_context(tls_cfg)
+        self.kmip_suites = kmip_suites
+        self._context = build_context(tls_cfg, kmip_suites=kmip_suites)
 
     def getContext(self) -> SSL.Context:
         return self._context
@@ -440,7 +449,7 @@ class ServerContextFactory(twisted_ssl.ContextFactory):
 
     def reload(self) -> None:
         """Re-read certificates and pins; on error the current context stays."""
-        self._context = build_context(self.tls_cfg)
+        self._context = build_context(self.tls_cfg, kmip_suites=self.kmip_suites)
 
 
 def reload_on_sighup(reactor, factory, log) -> Callable[[], None]:
@@ -461,6 +470,7 @@ def reload_on_sighup(reactor, factory, log) -> Callable[[], None]:
     return reload
 
 
-def server_context_factory(tls_cfg: TlsConfig) -> ServerContextFactory:
-    """Build the listener's TLS context factory; raises TlsConfigError."""
-    return ServerContextFactory(tls_cfg)
+def server_context_factory(tls_cfg: TlsConfig, *, kmip_suites: bool = True) -> ServerContextFactory:
+    """Build a listener's TLS context factory; raises TlsConfigError.
+    `kmip_suites=False` for every listener but the KMIP one."""
+    return ServerContextFactory(tls_cfg, kmip_suites=kmip_suites)

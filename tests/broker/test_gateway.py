@@ -514,7 +514,7 @@ def test_factory_serves_decrypt_to_the_certificate_it_identified(trust_pki, kms)
         tls_config, registry, kms, FakeReactor(), InlineThreadPool(), max_message_size=4096
     )
     assert context_factory.getContext() is not None
-    assert factory.max_message_size == 4096
+    assert factory.wrappedFactory.max_message_size == 4096
 
     class Transport(StringTransport):
         def getPeerCertificate(self):

@@ -291,7 +291,8 @@ def test_timers_run_on_the_factory_reactor(global_reactor_calls):
 
 
 def test_idle_timeout_closes_after_idle_timeout_and_not_before():
-    h = Harness(idle_timeout=300.0, handshake_timeout=10.0)
+    """A connection with nothing to do is closed after idle_timeout."""
+    h = Harness(idle_timeout=300.0)
     _, transport = h.connect()
     h.clock.advance(299.0)
     assert not transport.disconnecting
@@ -310,23 +311,17 @@ def test_activity_restarts_the_idle_timeout():
     assert transport.disconnecting
 
 
-def test_handshake_timeout_applies_before_the_handshake_completes():
-    h = Harness(idle_timeout=300.0, handshake_timeout=10.0)
-    _, transport = h.connect(handshake=False)
-    h.clock.advance(9.9)
-    assert not transport.disconnecting
-    h.clock.advance(0.1)
-    assert transport.disconnecting
-
-
-def test_idle_timeout_replaces_the_handshake_timeout():
-    h = Harness(idle_timeout=300.0, handshake_timeout=10.0)
+def test_idle_timeout_starts_when_the_handshake_completes():
+    """Before the handshake the listener's handshake timeout applies
+    (wire.limits); the protocol's idle timeout starts with the handshake."""
+    h = Harness(idle_timeout=300.0)
     proto, transport = h.connect(handshake=False)
+    assert h.clock.getDelayedCalls() == []
     h.clock.advance(5.0)
     proto.handshakeCompleted()
-    h.clock.advance(10.0)
+    h.clock.advance(299.0)
     assert not transport.disconnecting
-    h.clock.advance(290.0)
+    h.clock.advance(1.0)
     assert transport.disconnecting
 
 
@@ -337,25 +332,16 @@ def test_closed_connection_leaves_no_timer():
     assert h.clock.getDelayedCalls() == []
 
 
-# Connection limit.
-def test_max_connections_refuses_the_extra_connection():
-    h = Harness(max_connections=2)
-    (p1, t1), (p2, t2) = h.connect(), h.connect()
-    p3, t3 = h.connect()
-    assert not t1.disconnecting and not t2.disconnecting
-    assert t3.disconnecting
-    p3.dataReceived(request_bytes(1))
-    assert h.handled == []
-    assert h.factory.connections == {p1, p2}
-
-
-def test_closed_connection_frees_its_slot():
-    h = Harness(max_connections=1)
+def test_closed_connection_leaves_the_connection_set():
+    """Only connections past the handshake are in `connections`, and a
+    lost one leaves it."""
+    h = Harness()
     p1, _ = h.connect()
+    p2, _ = h.connect(handshake=False)
+    assert h.factory.connections == {p1}
     h.disconnect(p1)
-    p2, t2 = h.connect()
-    assert not t2.disconnecting
-    assert h.factory.connections == {p2}
+    h.disconnect(p2)
+    assert h.factory.connections == set()
 
 
 # Ordering and draining.

@@ -1,0 +1,322 @@
+"""Limits every TLS listener applies, whatever it speaks (KMIP, the audit
+page's HTTPS, the broker's API and gateway): no client, with or without a
+certificate, can hold more than a fixed share of a node.
+
+`LimitedFactory` wraps a listener's protocol factory, in the style of
+`twisted.protocols.policies.WrappingFactory`; with `reactor.listenSSL` its
+protocols sit between TLS and the application protocol:
+
+- A connection whose TLS handshake has not finished holds a *handshake*
+  slot, at most `max_handshakes` of them; when they are all taken the
+  oldest is dropped for the newcomer, so idle sockets cannot lock out a
+  client that completes its handshake in milliseconds. A handshake not
+  done within `handshake_timeout` is aborted.
+- Only a completed handshake takes a *connection* slot (`max_connections`);
+  one past the cap is closed at once.
+- With `request_timeout` set (the HTTP listeners), a request must be
+  read whole within that time of its first byte: a client that trickles
+  one byte at a time is closed, however often it sends. The protocol says
+  when a request is complete with `request_received(transport)`
+  (`TimedRequest` does for twisted.web). The KMIP protocol keeps its own
+  frame deadline instead.
+- A connection being closed is aborted if it has not gone after
+  `close_timeout`: a peer that never answers TLS's close_notify, or a
+  socket nobody reads any more, cannot keep its slot.
+
+`open_connections` counts both kinds of slots; it returns to zero when
+every connection is gone, whatever happened on them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet import abstract, defer
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web import server
+from zope.interface import implementer
+
+log = logging.getLogger("kms_server.wire.limits")
+
+__all__ = [
+    "Deadline",
+    "LimitedConnection",
+    "LimitedFactory",
+    "ListenerLimits",
+    "TimedRequest",
+    "request_received",
+    "socket_transport",
+    "unsent_bytes",
+]
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    """One listener's limits; the defaults suit a node on a small machine."""
+
+    max_connections: int = 1024
+    max_handshakes: int = 256
+    handshake_timeout: float = 10.0
+    close_timeout: float = 10.0
+    request_timeout: float | None = None
+
+
+class Deadline:
+    """One timer on `reactor` that calls `expired` unless cancelled or
+    restarted first; harmless to cancel twice or after it fired."""
+
+    def __init__(self, reactor, expired: Callable[[], None]):
+        self._reactor = reactor
+        self._expired = expired
+        self._call = None
+
+    def start(self, seconds: float) -> None:
+        self.cancel()
+        self._call = self._reactor.callLater(seconds, self._fire)
+
+    def cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    @property
+    def active(self) -> bool:
+        return self._call is not None and self._call.active()
+
+    def _fire(self) -> None:
+        self._call = None
+        self._expired()
+
+
+def socket_transport(transport) -> abstract.FileDescriptor | None:
+    """The socket transport beneath `transport` (through TLS and wrappers),
+    or None (an in-memory transport in tests)."""
+    for _ in range(8):
+        if transport is None or isinstance(transport, abstract.FileDescriptor):
+            return transport
+        # vars(): a ProtocolWrapper forwards unknown attributes to its own
+        # transport, which would skip a layer.
+        transport = vars(transport).get("transport")
+    return None
+
+
+def unsent_bytes(transport) -> int:
+    """Bytes written to `transport` that have not reached the kernel yet:
+    what TLS holds back plus the socket transport's write buffer. Twisted
+    has no public call for this; these are the attributes its own
+    `FileDescriptor._isSendBufferFull` reads."""
+    total = 0
+    for _ in range(8):
+        if transport is None:
+            break
+        if isinstance(transport, abstract.FileDescriptor):
+            total += len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            break
+        attributes = vars(transport)
+        total += sum(len(chunk) for chunk in attributes.get("_appSendBuffer") or ())
+        transport = attributes.get("transport")
+    return total
+
+
+@implementer(IHandshakeListener)
+class LimitedConnection(ProtocolWrapper):
+    """One connection's share of its listener's limits."""
+
+    factory: LimitedFactory
+
+    def __init__(self, factory: LimitedFactory, wrappedProtocol):
+        super().__init__(factory, wrappedProtocol)
+        self.state = "new"  # new, handshaking, established, refused, closed
+        self.closing = False
+        self.peer = "?"
+        self._producer_registered = False
+        self._handshake_deadline = Deadline(factory.reactor, self._handshake_expired)
+        self._close_deadline = Deadline(factory.reactor, self._close_expired)
+        self._request_deadline = Deadline(factory.reactor, self._request_expired)
+
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.factory._admit_handshake(self)
+
+    def handshakeCompleted(self):
+        self._handshake_deadline.cancel()
+        if self.state != "handshaking":
+            return
+        if not self.factory._admit_connection(self):
+            return
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
+    def dataReceived(self, data: bytes):
+        # A refused or closing connection gets nothing more to its protocol.
+        if self.state == "established" and not self.closing:
+            timeout = self.factory.limits.request_timeout
+            if timeout is not None and not self._request_deadline.active:
+                self._request_deadline.start(timeout)
+            self.wrappedProtocol.dataReceived(data)
+
+    def request_received(self):
+        """The request being read is complete: its deadline stops."""
+        self._request_deadline.cancel()
+
+    def loseConnection(self):
+        self.closing = True
+        if not self._close_deadline.active and self.state not in ("closed", "refused"):
+            self._close_deadline.start(self.factory.limits.close_timeout)
+        # A registered producer would hold TLS's close back, and reading
+        # must go on (the protocol may have paused it): the peer's
+        # close_notify or FIN must be seen for the close to complete.
+        self.unregisterProducer()
+        self.transport.resumeProducing()
+        super().loseConnection()
+
+    def registerProducer(self, producer, streaming):
+        super().registerProducer(producer, streaming)
+        self._producer_registered = True
+
+    def unregisterProducer(self):
+        if self._producer_registered:
+            self._producer_registered = False
+            super().unregisterProducer()
+
+    def abort(self):
+        self.closing = True
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason):
+        self._handshake_deadline.cancel()
+        self._close_deadline.cancel()
+        self._request_deadline.cancel()
+        self.factory._release(self)
+        self.state = "closed"
+        if self.wrappedProtocol is not None:
+            super().connectionLost(reason)
+
+    def _handshake_expired(self):
+        if self.state == "handshaking":
+            log.info("%s: closing %s: TLS handshake not done in %ss", self.factory.name, self.peer,
+                     self.factory.limits.handshake_timeout)
+            self.abort()
+
+    def _request_expired(self):
+        if self.state == "established":
+            log.info("%s: closing %s: request not complete %ss after its first byte", self.factory.name, self.peer,
+                     self.factory.limits.request_timeout)
+            self.abort()
+
+    def _close_expired(self):
+        if self.state != "closed":
+            log.info("%s: aborting %s: close not done in %ss", self.factory.name, self.peer,
+                     self.factory.limits.close_timeout)
+            self.abort()
+
+
+class LimitedFactory(WrappingFactory):
+    """Wraps a listener's protocol factory with `ListenerLimits`."""
+
+    protocol = LimitedConnection
+
+    def __init__(self, wrappedFactory, limits: ListenerLimits, reactor, name: str = "listener"):
+        super().__init__(wrappedFactory)
+        self.limits = limits
+        self.reactor = reactor
+        self.name = name
+        # Insertion order is age: the first handshake is the oldest.
+        self.handshaking: dict[LimitedConnection, None] = {}
+        self.established: set[LimitedConnection] = set()
+        self._gone_waiters: list[defer.Deferred] = []
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.handshaking) + len(self.established)
+
+    def buildProtocol(self, addr):
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return self.protocol(self, wrapped)
+
+    def _admit_handshake(self, conn: LimitedConnection) -> None:
+        if len(self.handshaking) >= self.limits.max_handshakes:
+            oldest = next(iter(self.handshaking))
+            log.warning(
+                "%s: %d TLS handshakes in progress; dropping the oldest (%s)",
+                self.name, len(self.handshaking), oldest.peer,
+            )
+            self.handshaking.pop(oldest)
+            oldest.state = "refused"
+            oldest.abort()
+        self.handshaking[conn] = None
+        conn.state = "handshaking"
+        conn._handshake_deadline.start(self.limits.handshake_timeout)
+
+    def _admit_connection(self, conn: LimitedConnection) -> bool:
+        self.handshaking.pop(conn, None)
+        if len(self.established) >= self.limits.max_connections:
+            log.warning("%s: refusing %s: %d connections open", self.name, conn.peer, len(self.established))
+            conn.state = "refused"
+            conn.abort()
+            return False
+        self.established.add(conn)
+        conn.state = "established"
+        return True
+
+    def _release(self, conn: LimitedConnection) -> None:
+        self.handshaking.pop(conn, None)
+        self.established.discard(conn)
+
+    def unregisterProtocol(self, p):
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiters, self._gone_waiters = self._gone_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self) -> defer.Deferred:
+        """The wrapped factory's drain() (requests in flight answered), if
+        it has one."""
+        drain = getattr(self.wrappedFactory, "drain", None)
+        return drain() if drain is not None else defer.succeed(None)
+
+    def close_all(self, timeout: float = 5.0) -> defer.Deferred:
+        """Close every connection, flushing what was written; fires when all
+        are gone, or after `timeout` seconds (stragglers are then aborted)."""
+        if not self.protocols:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._gone_waiters.append(d)
+        for conn in list(self.protocols):
+            conn.loseConnection()
+
+        def abort():
+            for conn in list(self.protocols):
+                conn.abort()
+
+        call = self.reactor.callLater(timeout, abort)
+        d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return d
+
+
+def request_received(transport) -> None:
+    """Tell the listener limits beneath `transport` that the request being
+    read is complete (nothing happens without them)."""
+    for _ in range(8):
+        if transport is None:
+            return
+        if isinstance(transport, LimitedConnection):
+            transport.request_received()
+            return
+        transport = getattr(transport, "__dict__", {}).get("transport")
+
+
+class TimedRequest(server.Request):
+    """A twisted.web request that stops its listener's request deadline
+    once it has been read whole (headers and body)."""
+
+    def requestReceived(self, command, path, version):
+        request_received(self.channel.transport if self.channel is not None else None)
+        return super().requestReceived(command, path, version)
