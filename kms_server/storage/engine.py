@@ -8,7 +8,7 @@
   that carries no password.
 - ``open_engine``: a SQLAlchemy engine with bound values kept out of
   exception text and SQLAlchemy's log (``hide_parameters``): they are sealed
-  key material and attribute values.
+  key material and attribute values. A SQLite file is made mode 0600 first.
 - ``configure_sqlite``: SQLite as the services need it (WAL, busy_timeout,
   foreign keys, our own BEGIN so a writer takes the lock up front).
 - ``describe_error``: a database error in one line without bound values.
@@ -16,6 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from typing import Any
 
 from sqlalchemy import event
@@ -29,6 +32,7 @@ __all__ = [
     "describe_error",
     "open_engine",
     "parse_db_url",
+    "private_sqlite_file",
 ]
 
 # Execution option of a connection whose transactions only read: on SQLite
@@ -70,12 +74,37 @@ def open_engine(url: URL, **options: Any) -> Engine:
     ImportError (driver missing) as create_engine does."""
     backend = url.get_backend_name()
     if backend == "sqlite":
+        private_sqlite_file(url.database)
         # Pooled connections move between threads; each is used by one at a time.
         connect_args: dict[str, Any] = {"timeout": 10, "check_same_thread": False}
     else:
         connect_args = {}
         options.setdefault("pool_pre_ping", True)
     return create_engine(url, connect_args=connect_args, hide_parameters=True, **options)
+
+
+def private_sqlite_file(path: str | None) -> None:
+    """Make a SQLite database file readable by its owner only (0600), before
+    SQLite opens it: created so when missing, narrowed when an older release
+    left it wider. SQLite gives the -wal and -shm files it creates the
+    database file's mode; ones already there are narrowed too. The files
+    hold no key in the clear, but owners, attributes and the audit trail are
+    nobody else's business on a shared host."""
+    if not path or path.startswith("file:") or path == ":memory:":
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # A missing directory, say: SQLite reports it in its own words.
+    else:
+        os.close(fd)
+    for name in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(OSError):  # Absent, or not ours to change.
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
 
 
 def configure_sqlite(
