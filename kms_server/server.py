@@ -28,7 +28,7 @@ from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.policy import Principal, role_for
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
-from kms_server.wire import tls
+from kms_server.wire import limits, tls
 from kms_server.wire.protocol import KmipFactory
 
 log = logging.getLogger("kms_server.server")
@@ -99,10 +99,26 @@ class KmsService(service.Service):
             reactor=reactor,
             max_message_size=cfg.server.max_message_size,
             idle_timeout=cfg.server.idle_timeout,
-            handshake_timeout=cfg.server.handshake_timeout,
-            max_connections=cfg.server.max_connections,
+            frame_timeout=cfg.server.frame_timeout,
+            max_unsent_bytes=cfg.server.max_unsent_bytes,
+            max_unsent_bytes_total=cfg.server.max_unsent_bytes_total,
             refused=self._refused,
         )
+        # Handshake cap and timeout, connection slots counted after TLS.
+        self.listener = limits.LimitedFactory(
+            self.factory,
+            limits.ListenerLimits(
+                max_connections=cfg.server.max_connections,
+                max_handshakes=cfg.server.max_handshakes,
+                handshake_timeout=cfg.server.handshake_timeout,
+            ),
+            reactor,
+            name="kmip",
+        )
+        # The audit page offers no suite without forward secrecy: only
+        # the KMIP listener has clients (vCenter 7) that need them.
+        self.web_context_factory = None
+        self.web_listener = None
         self.web_port = None
 
     def _identify(self, certificate, peer: str) -> ConnectionInfo:
@@ -171,10 +187,12 @@ class KmsService(service.Service):
         super().startService()
         # SIGHUP re-reads the server certificate and the pinned client
         # certificates; new connections use them.
-        tls.reload_on_sighup(self.reactor, self.context_factory, log)
+        if self.trail is not None and self.cfg.audit.web_port is not None:
+            self.web_context_factory = tls.server_context_factory(self.cfg.tls, kmip_suites=False)
+        tls.reload_on_sighup(self.reactor, _Reloader(self.context_factory, self.web_context_factory), log)
         self.threadpool.start()
         self.port = self.reactor.listenSSL(
-            self.cfg.server.port, self.factory, self.context_factory, interface=self.cfg.server.host
+            self.cfg.server.port, self.listener, self.context_factory, interface=self.cfg.server.host
         )
         address = self.port.getHost()
         self.announce(f"kms-server listening on {address.host}:{address.port}")
@@ -196,8 +214,19 @@ class KmsService(service.Service):
             from kms_server.audit import web
 
             site = web.make_site(self.storage, self.trail.signer.public if self.trail.signer else None, self._identify)
+            self.web_listener = limits.LimitedFactory(
+                site,
+                limits.ListenerLimits(
+                    max_connections=self.cfg.audit.web_max_connections,
+                    max_handshakes=self.cfg.server.max_handshakes,
+                    handshake_timeout=self.cfg.server.handshake_timeout,
+                    request_timeout=self.cfg.server.frame_timeout,
+                ),
+                self.reactor,
+                name="audit page",
+            )
             self.web_port = self.reactor.listenSSL(
-                self.cfg.audit.web_port, site, self.context_factory, interface=self.cfg.audit.web_host
+                self.cfg.audit.web_port, self.web_listener, self.web_context_factory, interface=self.cfg.audit.web_host
             )
             web_address = self.web_port.getHost()
             self.announce(f"kms-server audit page on https://{web_address.host}:{web_address.port}/")
@@ -209,8 +238,10 @@ class KmsService(service.Service):
             yield self.port.stopListening()
         if self.web_port is not None:
             yield self.web_port.stopListening()
-        yield self.factory.drain()
-        yield self.factory.close_all()
+        yield self.listener.drain()
+        yield self.listener.close_all()
+        if self.web_listener is not None:
+            yield self.web_listener.close_all()
         if self.checkpoint_loop is not None and self.checkpoint_loop.running:
             self.checkpoint_loop.stop()
             # A last checkpoint, so that removing the newest records shows.
@@ -224,6 +255,17 @@ class KmsService(service.Service):
         self.storage.close()
         yield super().stopService()
         log.info("stopped")
+
+
+class _Reloader:
+    """SIGHUP re-reads the TLS material of every listener."""
+
+    def __init__(self, *factories):
+        self.factories = [f for f in factories if f is not None]
+
+    def reload(self) -> None:
+        for factory in self.factories:
+            factory.reload()
 
 
 class _RefusalBudget:
