@@ -9,7 +9,9 @@
     vtpm-broker [--config F] admin pin NAME --cert F
     vtpm-broker [--config F] admin list [--json]
     vtpm-broker [--config F] admin issue-user NAME --out-dir D
-    vtpm-broker [--config F] admin audit [--json]
+    vtpm-broker [--config F] admin audit [--vm NAME|UUID] [--host H] [--since 1h] [--json]
+    vtpm-broker [--config F] admin audit verify [--public-key F]
+    vtpm-broker [--config F] admin audit checkpoint
     vtpm-broker [--config F] ca show|import|csr|install-signed|recertify ...
 
 Admin commands act on the broker's database as the security administrator
@@ -68,8 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     user = asub.add_parser("issue-user", help="issue an API user certificate (role from [roles])")
     user.add_argument("name", metavar="NAME")
     user.add_argument("--out-dir", required=True, metavar="D")
-    audit = asub.add_parser("audit", help="print the audit trail and verify its hash chain")
+    audit = asub.add_parser("audit", help="list the audit trail and say whether its chain is intact; verify it")
+    audit.add_argument("--vm", metavar="NAME_OR_UUID", help="records of one VM (its UUID, its keys, its .nvram)")
+    audit.add_argument("--host", metavar="NAME", help="records of one host (its requests and its registration)")
+    audit.add_argument("--since", metavar="TIME", help="ISO 8601 time or an age such as 1h, 7d")
     audit.add_argument("--json", action="store_true")
+    ausub = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
+    verify = ausub.add_parser(
+        "verify", help="check the chain and the signed checkpoints (exit 1 naming the first bad record)"
+    )
+    verify.add_argument(
+        "--public-key", metavar="FILE", help="audit public key (PEM); default: [audit] signing_key_file or its .pub"
+    )
+    ausub.add_parser("checkpoint", help="sign a checkpoint of the current head now")
 
     ca = sub.add_parser("ca", help="the vTPM EK CA")
     csub = ca.add_subparsers(dest="ca_command", required=True)
@@ -136,7 +149,7 @@ def _describe(exc: BaseException) -> str:
     known = (
         "ConfigError", "TlsConfigError", "DatabaseError", "BarrierError", "CaMissing", "PkiError",
         "InvalidRequest", "Refused", "NotFound", "Conflict", "Unprocessable", "EkCaError", "CliError",
-        "CertificateRequestError", "KmsUnavailable", "SchemaError",
+        "CertificateRequestError", "KmsUnavailable", "SchemaError", "AuditKeyError",
     )  # fmt: skip
     if type(exc).__name__ in known:
         return text
@@ -241,6 +254,7 @@ def _init(cfg) -> int:
         cfg.master_key.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         pki.new_master_key(cfg.master_key.file)
         done.append(f"master key      {cfg.master_key.file} (mode 0600; back it up apart from the database)")
+    done.extend(_init_audit_key(cfg))
     db, barrier = _open(cfg, create=True)
     try:
         try:
@@ -287,6 +301,8 @@ def _init(cfg) -> int:
                 .sign(key, hashes.SHA256())
             )
             _write_public(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+        # The trail as it is now (a carried-over one included) under a signature.
+        done.extend(_sign_checkpoint(cfg, db))
     finally:
         db.close()
     for line in done:
@@ -301,6 +317,27 @@ def _init(cfg) -> int:
         print("Have the KMS CA sign it, then start the broker:")
         print(f"  kms-admin pki sign-csr --csr {csr_path} --out {cfg.kms.cert} --ca-dir {ca_dir}")
     return 0
+
+
+def _init_audit_key(cfg) -> list[str]:
+    """The Ed25519 key that signs audit checkpoints (mode 0600) and its
+    public key for the auditors, unless they exist."""
+    from broker import audit_trail
+
+    key, public = cfg.audit.signing_key_file, cfg.audit.public_key_file
+    if key.exists():
+        if public.exists():
+            return []
+        _write_public(public, audit_trail.load_signer(key).public.pem())
+        return [f"audit public key {public}"]
+    if public.exists():
+        raise CliError(
+            f"{public} exists but the audit signing key {key} does not; move {public} aside "
+            "(auditors need it for older checkpoints) and run init again"
+        )
+    key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    verifier = audit_trail.generate_key(key, public)
+    return [f"audit key       {key} (mode 0600), public key {public} (key id {verifier.key_id}; for the auditors)"]
 
 
 # --- db ------------------------------------------------------------------------------------
@@ -321,6 +358,8 @@ def _db(cfg, args) -> int:
                 print(f"{db.shown_url}: schema already at revision {after}")
             else:
                 print(f"{db.shown_url}: schema upgraded from {before or 'empty'} to {after}")
+                for line in _sign_checkpoint(cfg, db):
+                    print(line)
             return 0
         current = schema.current_revision(db)
         head = schema.head_revision()
@@ -338,6 +377,22 @@ def _db(cfg, args) -> int:
         db.close()
 
 
+def _sign_checkpoint(cfg, db) -> list[str]:
+    """Sign the trail's head if a key exists and the head moved: after a
+    migration (0002 carries the old trail over) and at init, so that what
+    is there is under a signature at once."""
+    from broker import audit_trail
+
+    if not cfg.audit.signing_key_file.exists():
+        return []
+    checkpoint = audit_trail.sign_checkpoint(
+        db, audit_trail.load_signer(cfg.audit.signing_key_file), f"vtpm-broker-admin@{cfg.broker.node_name}"
+    )
+    if checkpoint is None:
+        return []
+    return [f"signed audit checkpoint at record {checkpoint.seq} (key id {checkpoint.key_id})"]
+
+
 # --- admin ---------------------------------------------------------------------------------
 
 
@@ -345,9 +400,11 @@ def _admin(cfg, args) -> int:
     from broker.trust import Registry
     from broker.trust_ca import load_trust_ca
 
+    if args.admin_command == "audit":
+        return _audit(cfg, args)
     db, barrier = _open(cfg)
     try:
-        registry = Registry(db, load_trust_ca(db, barrier))
+        registry = Registry(db, load_trust_ca(db, barrier), node=cfg.broker.node_name)
         cmd = args.admin_command
         if cmd == "token":
             token = registry.issue_token(args.instance, args.ttl)
@@ -381,22 +438,128 @@ def _admin(cfg, args) -> int:
             _print_instances(registry.list_instances(), args.json)
         elif cmd == "issue-user":
             return _issue_user(cfg, registry, args)
-        elif cmd == "audit":
-            records = registry.audit_records(limit=1_000_000)
-            problems = registry.verify_audit()
-            if args.json:
-                print(json.dumps({"records": [r.__dict__ for r in records], "problems": problems}, indent=2))
-            else:
-                for r in records:
-                    when = dt.datetime.fromtimestamp(r.at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-                    verdict = "allowed" if r.allowed else "REFUSED"
-                    print(f"{r.seq:6d} {when} {r.actor:28} {r.action:14} {r.target:38} {verdict:8} {r.reason}")
-                for problem in problems:
-                    print(f"problem: {problem}", file=sys.stderr)
-            return 1 if problems else 0
         return 0
     finally:
         db.close()
+
+
+# --- admin audit (needs the database and the audit key, not the master key) -------------------
+
+
+def _audit_db(cfg):
+    """The database, at this release's schema (checked, never changed: an
+    auditor's command writes nothing but a checkpoint)."""
+    from broker import schema
+    from broker.db import Database
+
+    url = cfg.storage.db_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise CliError(f"broker database {url.removeprefix('sqlite:///')} does not exist; check --config or run init")
+    db = Database(url)
+    try:
+        schema.check(db)
+    except Exception:
+        db.close()
+        raise
+    return db
+
+
+def _audit_verifier(cfg, public_key: str | None):
+    """The key that checks checkpoint signatures: --public-key, else the
+    configured signing key (or its .pub beside it); None if there is none."""
+    from broker import audit_trail
+
+    if public_key is not None:
+        return audit_trail.load_verifier(Path(public_key))
+    if cfg.audit.signing_key_file.exists():
+        return audit_trail.load_signer(cfg.audit.signing_key_file).public
+    if cfg.audit.public_key_file.exists():
+        return audit_trail.load_verifier(cfg.audit.public_key_file)
+    return None
+
+
+def _audit(cfg, args) -> int:
+    from broker import audit_trail
+    from kms_server.audit import chain
+
+    db = _audit_db(cfg)
+    try:
+        if args.audit_command == "checkpoint":
+            if not cfg.audit.signing_key_file.exists():
+                raise CliError(
+                    f"no audit signing key {cfg.audit.signing_key_file}; create it with 'vtpm-broker init'"
+                )
+            signer = audit_trail.load_signer(cfg.audit.signing_key_file)
+            checkpoint = audit_trail.sign_checkpoint(db, signer, f"vtpm-broker-admin@{cfg.broker.node_name}")
+            if checkpoint is None:
+                print("nothing to sign: the last checkpoint already covers the newest record (or the trail is empty)")
+            else:
+                print(f"signed checkpoint at record {checkpoint.seq} (key id {checkpoint.key_id})")
+            return 0
+        verifier = _audit_verifier(cfg, getattr(args, "public_key", None))
+        report = audit_trail.verify(db, verifier)
+        verdict = chain.verdict(report, db.shown_url, signatures_checked=verifier is not None)
+        if args.audit_command == "verify":
+            # The same words and exit statuses as kms-admin audit verify.
+            return verdict.emit()
+        records, vm_names = _audit_listing(db, args)
+    finally:
+        db.close()
+    if args.json:
+        shown = [{**r.__dict__, "vm_name": _vm_name(r.target, vm_names)} for r in records]
+        problems = [p.text for p in report.problems]
+        print(json.dumps({"records": shown, "intact": report.ok, "problems": problems}, indent=2))
+        return verdict.status
+    for r in records:
+        when = dt.datetime.fromtimestamp(r.at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        allowed = "allowed" if r.allowed else "REFUSED"
+        name = _vm_name(r.target, vm_names)
+        target = f"{r.target} ({name})" if name else r.target
+        print(f"{r.seq:6d} {when} {r.actor:28} {r.action:14} {target:38} {allowed:8} {r.reason}")
+    return verdict.emit()
+
+
+def _audit_listing(db, args) -> tuple[list, dict[str, str]]:
+    """The records the filters select, oldest first, and VM names by UUID."""
+    from sqlalchemy import or_, select
+
+    from broker.db import audit, vms
+    from broker.trust import AuditRecord, InvalidRequest, check_vm_uuid
+    from kms_server.audit.query import parse_time
+
+    with db.read() as conn:
+        vm_rows = conn.execute(select(vms.c.vm_uuid, vms.c.name, vms.c.kms_key_id)).all()
+    names = {row.vm_uuid: row.name for row in vm_rows}
+    query = select(audit).order_by(audit.c.seq)
+    if args.since:
+        try:
+            query = query.where(audit.c.at >= parse_time(args.since))
+        except ValueError as exc:
+            raise CliError(f"--since: {exc}") from None
+    if args.host:
+        query = query.where(
+            (audit.c.actor == f"host:{args.host}") | (audit.c.action.like("host.%") & (audit.c.target == args.host))
+        )
+    if args.vm:
+        try:
+            uuids = [check_vm_uuid(args.vm)]
+        except InvalidRequest:
+            uuids = [row.vm_uuid for row in vm_rows if row.name == args.vm]
+            if not uuids:
+                raise CliError(f"no registered VM is named {args.vm!r}; give its UUID (vtpm-mgmt vm list)") from None
+        keks = [f"key:{row.kms_key_id}" for row in vm_rows if row.vm_uuid in uuids]
+        conditions = [audit.c.target == u for u in uuids] + [audit.c.target.like(f"%vm:{u}") for u in uuids]
+        conditions += [audit.c.target == k for k in keks] + [audit.c.target.like(f"{k} %") for k in keks]
+        query = query.where(or_(*conditions))
+    with db.read() as conn:
+        rows = conn.execute(query).all()
+    return [AuditRecord(**row._mapping) for row in rows], names
+
+
+def _vm_name(target: str, names: dict[str, str]) -> str | None:
+    """The name of the VM a record's target names (a UUID or "... vm:UUID")."""
+    uuid = target.rsplit("vm:", 1)[-1]
+    return names.get(uuid)
 
 
 def _print_instances(infos, as_json: bool) -> None:
@@ -452,7 +615,7 @@ def _ca(cfg, args) -> int:
     db, barrier = _open(cfg)
     try:
         cmd = args.ca_command
-        registry = Registry(db)
+        registry = Registry(db, node=cfg.broker.node_name)
 
         def audit(action: str, target: str, reason: str) -> None:
             registry.record_audit("local-security-admin", action, target, True, reason)
