@@ -108,6 +108,11 @@ class GeneralFailure(KmsError):
     request, never the server's internals."""
 
 
+class IntegrityFailure(GeneralFailure):
+    """An object's stored row fails its authentication (edited, replayed or
+    rolled back outside the server): refused, never served."""
+
+
 class OutcomeUnknown(KmsError):
     """The database connection was lost while committing: the change may or
     may not be stored. Answered GENERAL_FAILURE, never success."""

@@ -23,6 +23,7 @@ from kms_server.audit.trail import AuditTrail, AuditWriteFailed
 from kms_server.config import Config
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
 from kms_server.keystore import audit_key
+from kms_server.keystore import row_auth
 from kms_server.keystore.barrier import open_barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.policy import Principal, role_for
@@ -32,6 +33,24 @@ from kms_server.wire import limits, tls
 from kms_server.wire.protocol import KmipFactory
 
 log = logging.getLogger("kms_server.server")
+
+
+def check_rows_at_start(storage, barrier) -> None:
+    """Verify every object row and the store digest before serving. A row
+    that fails is logged and will be refused on every request; rows that
+    no longer add up to the store digest (one was rolled back or removed
+    while no node watched) stop the start: which one cannot be told."""
+    with storage.transaction(read_only=True) as txn:
+        report = row_auth.verify_store(txn, barrier, unseal=False)
+    for uid, problem in report.failures:
+        log.error("object %s fails its integrity check and will be refused: %s", uid, problem)
+    if report.digest_problem is not None:
+        raise row_auth.RowIntegrityError(
+            None,
+            f"the database fails its integrity check: {report.digest_problem}; "
+            "run 'kms-admin db verify' and restore from a backup, or accept the rows as they are "
+            "with 'kms-admin db verify --reset-digest'",
+        )
 
 
 class KmsService(service.Service):
@@ -46,15 +65,12 @@ class KmsService(service.Service):
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.storage = open_storage(cfg.storage.db_url, schema=cfg.storage.schema_mode)
         try:
-            barrier = open_barrier(
-                self.storage,
-                key_file=str(cfg.master_key.file) if cfg.master_key.file else None,
-                passphrase_file=str(cfg.master_key.passphrase_file) if cfg.master_key.passphrase_file else None,
-            )
+            barrier = open_barrier(self.storage, source=cfg.master_key)
+            self.keystore = Keystore(self.storage, barrier)
+            check_rows_at_start(self.storage, barrier)
         except Exception:
             self.storage.close()
             raise
-        self.keystore = Keystore(self.storage, barrier)
         self.trail = None
         self.sinks = None
         self.checkpoint_loop = None

@@ -150,6 +150,11 @@ class AuditDraft:
                 tags[name] = value
         self.objects[obj.uid] = tags
 
+    def note_uid(self, uid: str) -> None:
+        """Name an object the request reached but could not read (a row
+        that failed its integrity check)."""
+        self.objects.setdefault(uid, {})
+
     def reset(self) -> None:
         self.objects.clear()
         self.written = None

@@ -42,6 +42,7 @@ REASONS: dict[type[errors.KmsError], tuple[ResultReason, ResultReason]] = {
     errors.AttributeSingleValued: (ResultReason.INVALID_FIELD, ResultReason.ATTRIBUTE_SINGLE_VALUED),
     errors.OutcomeUnknown: (ResultReason.GENERAL_FAILURE, ResultReason.GENERAL_FAILURE),
     errors.GeneralFailure: (ResultReason.GENERAL_FAILURE, ResultReason.GENERAL_FAILURE),
+    errors.IntegrityFailure: (ResultReason.GENERAL_FAILURE, ResultReason.GENERAL_FAILURE),
     errors.ObjectDestroyed: (ResultReason.KEY_VALUE_NOT_PRESENT, ResultReason.OBJECT_DESTROYED),
     errors.NonUniqueName: (ResultReason.INVALID_FIELD, ResultReason.NON_UNIQUE_NAME_ATTRIBUTE),
     errors.IncompatibleUsageMask: (ResultReason.PERMISSION_DENIED, ResultReason.INCOMPATIBLE_CRYPTOGRAPHIC_USAGE_MASK),

@@ -9,6 +9,8 @@ clock, so nothing here keeps per-request state.
 from __future__ import annotations
 
 import copy
+import logging
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -17,8 +19,8 @@ from kmip.core.enums import ObjectType, State
 
 from kms_server import errors
 from kms_server.keystore import attributes as attrs
-from kms_server.keystore import lifecycle
-from kms_server.keystore.barrier import Barrier, BarrierError
+from kms_server.keystore import lifecycle, row_auth
+from kms_server.keystore.barrier import Barrier, BarrierError, UnknownTerm
 from kms_server.keystore.objects import ManagedObject, Material
 from kms_server.keystore.policy import Action, Principal, check, may_see
 from kms_server.keystore.streams import Streams
@@ -30,6 +32,8 @@ from kms_server.storage.base import (
     Transaction,
 )
 from kms_server.wire.ttlv import Item
+
+log = logging.getLogger("kms_server.keystore")
 
 
 class Keystore:
@@ -44,6 +48,15 @@ class Keystore:
         # Multi-part Encrypt/Decrypt in progress on this node (shared by
         # the per-item views, which copy this object).
         self.streams = Streams()
+        # Highest row version seen per object (rollback detection), and
+        # the versions a running transaction will make true once it commits.
+        self.seen = row_auth.SeenVersions()
+        self._pending = threading.local()
+        # A store without a digest gets one (rows made before row
+        # authentication are adopted once); one whose digest was removed
+        # is refused here.
+        with storage.transaction() as txn:
+            row_auth.ensure_digest(txn, barrier)
 
     def for_item(self, trail, draft) -> Keystore:
         """A view of this keystore for one request item: its write
@@ -68,16 +81,25 @@ class Keystore:
     @contextmanager
     def transaction(self, read_only: bool = False) -> Iterator[Transaction]:
         if self._batch_txn is not None:
+            # Versions seen inside an Undo batch may be rolled back with
+            # it: they are not remembered.
             yield self._batch_txn
             return
         record = None
-        with self.storage.transaction(read_only=read_only) as txn:
-            yield txn
-            if self._audit is not None and not read_only:
-                # The block finished: the change and its record commit
-                # together, or neither does (docs/audit-trail.md).
-                trail, draft = self._audit
-                record = trail.append(txn, draft.entry("SUCCESS", None))
+        pending: list[tuple[str, int]] = []
+        self._pending.notes = pending
+        try:
+            with self.storage.transaction(read_only=read_only) as txn:
+                yield txn
+                if self._audit is not None and not read_only:
+                    # The block finished: the change and its record commit
+                    # together, or neither does (docs/audit-trail.md).
+                    trail, draft = self._audit
+                    record = trail.append(txn, draft.entry("SUCCESS", None))
+        finally:
+            self._pending.notes = None
+        for uid, version in pending:
+            self.seen.note(uid, version)
         if record is not None:
             trail, draft = self._audit
             draft.written = record
@@ -86,6 +108,50 @@ class Keystore:
     def _touch(self, obj: ManagedObject) -> None:
         if self._audit is not None:
             self._audit[1].touch(obj)
+
+    def _note_version(self, uid: str, version: int) -> None:
+        notes = getattr(self._pending, "notes", None)
+        if notes is not None:
+            notes.append((uid, version))
+
+    def _refused(self, uid: str, problem: str) -> errors.IntegrityFailure:
+        log.error("object %s refused: %s", uid, problem)
+        if self._audit is not None:
+            self._audit[1].note_uid(uid)
+        return errors.IntegrityFailure(f"object {uid} failed its integrity check and is not served")
+
+    def _verified(self, txn: Transaction, stored) -> None:
+        """Raise IntegrityFailure unless the row is authentic and not older
+        than a version this node has seen."""
+        try:
+            try:
+                row_auth.verify(self.barrier, stored)
+            except UnknownTerm:
+                # A rotation elsewhere made a data key this node has not read.
+                self.barrier.refresh(txn, force=True)
+                row_auth.verify(self.barrier, stored)
+            self.seen.check(stored.uid, stored.version)
+        except (row_auth.RowIntegrityError, BarrierError) as exc:
+            problem = exc.problem if isinstance(exc, row_auth.RowIntegrityError) else str(exc)
+            raise self._refused(stored.uid, problem) from None
+
+    def _write_row(self, txn: Transaction, stored, before: tuple[int, bytes] | None) -> None:
+        """Authenticate `stored` at the version it is about to get and move
+        the store digest from its previous row (`before`: version and MAC)."""
+        self.barrier.refresh(txn)
+        version = 1 if before is None else stored.version + 1
+        row_auth.sign(self.barrier, stored, version)
+        try:
+            removed = [] if before is None else [row_auth.element(self.barrier, stored.uid, *before)]
+            added = [row_auth.element(self.barrier, stored.uid, version, stored.row_mac)]
+            if before is None:
+                txn.insert_object(stored)
+            else:
+                txn.update_object(stored)
+            row_auth.apply(txn, self.barrier, removed, added)
+        except row_auth.RowIntegrityError as exc:
+            raise self._refused(stored.uid, exc.problem) from None
+        self._note_version(stored.uid, version)
 
     # Creation.
     def validate_client_attributes(
@@ -150,11 +216,13 @@ class Keystore:
             lifecycle.apply_dates(obj, now)
         if material is not None:
             obj.sealed_material = self.barrier.seal(uid, material.to_bytes())
+        stored = obj.to_stored()
         try:
-            txn.insert_object(obj.to_stored())
+            self._write_row(txn, stored, None)
         except ObjectExists:
             raise errors.ObjectAlreadyExists(f"object {uid} already exists") from None
         obj.version = 1
+        obj.row_mac = stored.row_mac
         self._touch(obj)
         return obj
 
@@ -169,8 +237,14 @@ class Keystore:
         for_update: bool = False,
     ) -> ManagedObject:
         stored = txn.get_object(uid, for_update=for_update) if isinstance(uid, str) else None
-        if stored is None or not may_see(principal, stored.owner):
+        if stored is None:
             raise errors.ItemNotFound(f"no object with unique identifier {uid!r}")
+        # Authenticated before anything in the row is believed, the owner
+        # first of all.
+        self._verified(txn, stored)
+        if not may_see(principal, stored.owner):
+            raise errors.ItemNotFound(f"no object with unique identifier {uid!r}")
+        self._note_version(stored.uid, stored.version)
         check(principal, action, stored.owner)
         obj = ManagedObject.from_stored(stored)
         lifecycle.apply_dates(obj, now)
@@ -183,8 +257,8 @@ class Keystore:
         try:
             return Material.from_bytes(self.barrier.unseal(obj.uid, obj.sealed_material))
         except BarrierError as exc:
-            # Corrupt or foreign storage: a server fault, not the client's.
-            raise RuntimeError(str(exc)) from None
+            # The row's MAC covers the blob, so this is a wrong keyring.
+            raise self._refused(obj.uid, str(exc)) from None
 
     def reseal(self, obj: ManagedObject, material: Material | None) -> None:
         obj.sealed_material = None if material is None else self.barrier.seal(obj.uid, material.to_bytes())
@@ -194,12 +268,13 @@ class Keystore:
         obj.set_value("Last Change Date", now)
         stored = obj.to_stored()
         try:
-            txn.update_object(stored)
+            self._write_row(txn, stored, (obj.version, obj.row_mac))
         except ConcurrentModification:
             raise errors.IllegalOperation(
                 f"object {obj.uid} was changed by a concurrent request; retry"
             ) from None
         obj.version = stored.version
+        obj.row_mac = stored.row_mac
         self._touch(obj)
 
     # Locate (KMIP 1.4, 4.9).

@@ -58,6 +58,8 @@ class ManagedObject:
     sealed_material: bytes | None = field(default=None, repr=False)
     version: int = 0
     sequence: int = 0
+    # The MAC of the row as loaded (keystore/row_auth.py).
+    row_mac: bytes | None = field(default=None, repr=False)
 
     # Typed accessors for the attributes the keystore reasons about.
     def first(self, name: str) -> Item | None:
@@ -103,6 +105,7 @@ class ManagedObject:
             attributes=stored,
             version=self.version,
             sequence=self.sequence,
+            row_mac=self.row_mac,
         )
 
     @classmethod
@@ -117,4 +120,5 @@ class ManagedObject:
             sealed_material=stored.sealed_material,
             version=stored.version,
             sequence=stored.sequence,
+            row_mac=stored.row_mac,
         )

@@ -61,6 +61,9 @@ class StoredObject:
     version: int = 0
     # Insertion order, assigned by the backend; Locate returns objects in it.
     sequence: int = 0
+    # The keystore's MAC over the row (keystore/row_auth.py); stored and
+    # returned as given, never interpreted by storage.
+    row_mac: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ class Transaction(abc.ABC):
 
     @abc.abstractmethod
     def update_object(self, obj: StoredObject) -> None:
-        """Replace owner, sealed material and all attributes of an existing
+        """Replace owner, sealed material, row MAC and all attributes of an existing
         object if its stored version still equals obj.version; the stored
         version is then incremented and obj.version updated. Raises
         ConcurrentModification otherwise (also when the object is gone)."""
@@ -153,8 +156,10 @@ class Transaction(abc.ABC):
         """Unique identifiers matching the query, in insertion order."""
 
     @abc.abstractmethod
-    def get_meta(self, key: str) -> bytes | None:
-        """A small server-wide value (e.g. the barrier's check record)."""
+    def get_meta(self, key: str, for_update: bool = False) -> bytes | None:
+        """A small server-wide value (e.g. the barrier's keyring).
+        `for_update` locks it until the transaction ends where the backend
+        can (write transactions only)."""
 
     @abc.abstractmethod
     def set_meta(self, key: str, value: bytes) -> None:

@@ -56,6 +56,7 @@ def _copy_object(obj: StoredObject) -> StoredObject:
         ),
         version=obj.version,
         sequence=obj.sequence,
+        row_mac=obj.row_mac,
     )
 
 
@@ -140,7 +141,7 @@ class _MemoryTransaction(Transaction):
             end = None if query.limit is None else query.offset + query.limit
             return found[query.offset : end]
 
-    def get_meta(self, key: str) -> bytes | None:
+    def get_meta(self, key: str, for_update: bool = False) -> bytes | None:
         with self._op("get_meta"):
             return self._state.meta.get(key)
 

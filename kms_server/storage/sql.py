@@ -77,6 +77,8 @@ kms_objects = Table(
     Column("version", Integer, nullable=False),
     Column("sealed_material", LargeBinary, nullable=True),
     Column("created_at", Float),
+    # The keystore's MAC over the row and its attributes (keystore/row_auth.py).
+    Column("row_mac", LargeBinary, nullable=True),
     # AUTOINCREMENT keeps SQLite from reusing the sequence of a deleted
     # last row, so a sequence number names one object forever.
     sqlite_autoincrement=True,
@@ -168,6 +170,7 @@ _OBJECT_ROW = select(
     kms_objects.c.owner,
     kms_objects.c.version,
     kms_objects.c.sealed_material,
+    kms_objects.c.row_mac,
 ).where(kms_objects.c.uid == bindparam("uid"))
 _OBJECT_ROW_FOR_UPDATE = _OBJECT_ROW.with_for_update()
 _OBJECT_ATTRIBUTES = select(kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value).where(
@@ -314,6 +317,7 @@ class _SqlTransaction(Transaction):
                         version=1,
                         sealed_material=obj.sealed_material,
                         created_at=time.time(),
+                        row_mac=obj.row_mac,
                     )
                 )
             except IntegrityError as exc:
@@ -352,6 +356,7 @@ class _SqlTransaction(Transaction):
                 attributes=attributes,
                 version=row.version,
                 sequence=row.sequence,
+                row_mac=None if row.row_mac is None else bytes(row.row_mac),
             )
 
     def update_object(self, obj: StoredObject) -> None:
@@ -368,6 +373,7 @@ class _SqlTransaction(Transaction):
                     version=kms_objects.c.version + 1,
                     owner=obj.owner,
                     sealed_material=obj.sealed_material,
+                    row_mac=obj.row_mac,
                 )
             )
             if result.rowcount != 1:
@@ -419,11 +425,13 @@ class _SqlTransaction(Transaction):
         with self._op("locate"):
             return list(self._conn.execute(locate_statement(query)).scalars())
 
-    def get_meta(self, key: str) -> bytes | None:
-        with self._op("get_meta"):
-            value = self._conn.execute(
-                select(kms_meta.c.value).where(kms_meta.c.key == key)
-            ).scalar()
+    def get_meta(self, key: str, for_update: bool = False) -> bytes | None:
+        with self._op("get_meta", write=for_update):
+            stmt = select(kms_meta.c.value).where(kms_meta.c.key == key)
+            if for_update and self._dialect == "postgresql":
+                # SQLite's BEGIN IMMEDIATE already serializes writers.
+                stmt = stmt.with_for_update()
+            value = self._conn.execute(stmt).scalar()
             return None if value is None else bytes(value)
 
     def set_meta(self, key: str, value: bytes) -> None:

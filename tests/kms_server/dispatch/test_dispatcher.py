@@ -649,7 +649,8 @@ class FlakyStorage:
 def _flaky_dispatcher(failures, commit_unknown=False):
     storage = FlakyStorage(open_storage("memory://"), 0)
     keystore = Keystore(storage, Barrier(os.urandom(32)))
-    storage.failures, storage.commit_unknown = failures, commit_unknown
+    # The keystore's own start-up transaction (the store digest) is not counted.
+    storage.failures, storage.commit_unknown, storage.attempts = failures, commit_unknown, 0
     sleeps = []
     return Dispatcher(keystore, OPERATIONS, retry_delays=(0.1, 0.2, 0.4), sleep=sleeps.append), storage, sleeps
 

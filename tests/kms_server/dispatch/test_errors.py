@@ -40,6 +40,7 @@ EXPECTED = {
     errors.AttributeSingleValued: (R.INVALID_FIELD, R.ATTRIBUTE_SINGLE_VALUED),
     errors.OutcomeUnknown: (R.GENERAL_FAILURE, R.GENERAL_FAILURE),
     errors.GeneralFailure: (R.GENERAL_FAILURE, R.GENERAL_FAILURE),
+    errors.IntegrityFailure: (R.GENERAL_FAILURE, R.GENERAL_FAILURE),
     errors.IncompatibleUsageMask: (R.PERMISSION_DENIED, R.INCOMPATIBLE_CRYPTOGRAPHIC_USAGE_MASK),
     errors.NonUniqueName: (R.INVALID_FIELD, R.NON_UNIQUE_NAME_ATTRIBUTE),
     errors.ObjectDestroyed: (R.KEY_VALUE_NOT_PRESENT, R.OBJECT_DESTROYED),

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from kms_server.keystore import barrier as barrier_module
+from kms_server.keystore import master_key as master_key_module
 from kms_server.keystore.barrier import Barrier, BarrierError, open_barrier
 from kms_server.storage import open_storage
 
@@ -19,7 +20,7 @@ SECRET = b"\x13\x37" * 16
 @pytest.fixture
 def fast_scrypt(monkeypatch):
     # Full cost is 64 MiB per derivation; the logic does not depend on it.
-    monkeypatch.setattr(barrier_module, "SCRYPT_N", 2**4)
+    monkeypatch.setattr(master_key_module, "SCRYPT_N", 2**4)
 
 
 def key_file(tmp_path, key: bytes, name: str = "master.key"):
@@ -97,15 +98,26 @@ def test_master_key_must_be_32_bytes(size):
 
 
 # Key file mode.
-def test_open_barrier_with_a_key_file_records_a_check(tmp_path):
+def test_open_barrier_with_a_key_file_records_a_wrapped_keyring(tmp_path):
+    """A new store gets a keyring of random data keys, wrapped under the
+    master key: neither the master key nor a data key is stored in clear,
+    and material is sealed under the data key (format 2), not the master."""
     storage = open_storage("memory://")
     b = open_barrier(storage, key_file=key_file(tmp_path, KEY))
     with storage.transaction() as txn:
-        check = txn.get_meta(barrier_module.CHECK_META)
-        assert check is not None
+        record = txn.get_meta(barrier_module.KEYRING_META)
+        assert record is not None
         assert txn.get_meta(barrier_module.SALT_META) is None
-    assert b"kms-server" not in check
-    assert b.unseal("uid", Barrier(KEY).seal("uid", SECRET)) == SECRET
+        assert txn.get_meta(barrier_module.CHECK_META) is None
+    data_key = b.keyring.terms[b.active_term]
+    assert data_key != KEY
+    for secret in (KEY, data_key):
+        assert secret not in record and secret.hex().encode() not in record
+    blob = b.seal("uid", SECRET)
+    assert blob[0] == barrier_module.VERSION_2
+    assert b.unseal("uid", blob) == SECRET
+    with pytest.raises(BarrierError):
+        Barrier(KEY).unseal("uid", blob)
 
 
 def test_second_open_with_the_same_key_succeeds(tmp_path):
@@ -161,9 +173,12 @@ def test_passphrase_derives_the_same_key_twice_with_the_stored_salt(
     assert second.unseal("uid-1", blob) == SECRET
     with storage.transaction() as txn:
         assert txn.get_meta(barrier_module.SALT_META) == salt
-    # The derivation is a pure function of passphrase and salt.
+    # The derivation is a pure function of passphrase and salt: the derived
+    # key opens the stored keyring.
     key = barrier_module.derive_from_passphrase(b"correct horse battery staple", salt)
-    assert Barrier(key).unseal("uid-1", blob) == SECRET
+    with storage.transaction() as txn:
+        ring = barrier_module.read_keyring(txn, master_key_module.AesMasterKey(key, "derived"))
+    assert Barrier(ring).unseal("uid-1", blob) == SECRET
 
 
 def test_trailing_newline_of_the_passphrase_file_is_ignored(tmp_path, fast_scrypt):
@@ -240,3 +255,66 @@ def test_key_file_and_passphrase_are_not_interchangeable(tmp_path, fast_scrypt):
     )
     with pytest.raises(BarrierError):
         open_barrier(storage, key_file=key_file(tmp_path, KEY))
+
+
+# Stores made before the keyring, and rotations made by another process.
+def _legacy_store(tmp_path):
+    """A store as the release before the keyring left it: a format-1 check
+    record and objects sealed under the master key itself."""
+    storage = open_storage("memory://")
+    legacy = Barrier(KEY)
+    with storage.transaction() as txn:
+        txn.set_meta(barrier_module.CHECK_META, legacy.seal("barrier-check", b"kms-server master key check v1"))
+    return storage, legacy.seal("uid-old", SECRET)
+
+
+def test_a_store_made_before_the_keyring_opens_with_its_master_key(tmp_path):
+    """Its format-1 blobs open through the keyring's legacy term; new
+    material is sealed in format 2."""
+    storage, old_blob = _legacy_store(tmp_path)
+    b = open_barrier(storage, key_file=key_file(tmp_path, KEY))
+    assert b.unseal("uid-old", old_blob) == SECRET
+    assert b.seal("uid-new", SECRET)[0] == barrier_module.VERSION_2
+    again = open_barrier(storage, key_file=key_file(tmp_path, KEY))
+    assert again.unseal("uid-old", old_blob) == SECRET
+
+
+def test_a_store_made_before_the_keyring_refuses_a_wrong_master_key(tmp_path):
+    storage, _ = _legacy_store(tmp_path)
+    with pytest.raises(BarrierError, match="does not open this database"):
+        open_barrier(storage, key_file=key_file(tmp_path, OTHER_KEY))
+    with storage.transaction() as txn:
+        assert txn.get_meta(barrier_module.KEYRING_META) is None
+
+
+def test_a_blob_under_a_term_the_node_has_not_read_is_unknown_until_refresh(tmp_path):
+    """Another process adds a data key and makes it active; a running
+    barrier reports the term as unknown, and a refresh learns it."""
+    storage = open_storage("memory://")
+    path = key_file(tmp_path, KEY)
+    running = open_barrier(storage, key_file=path)
+    other = open_barrier(storage, key_file=path)
+    ring = other.keyring
+    ring.terms[2] = os.urandom(32)
+    ring.active = 2
+    with storage.transaction() as txn:
+        barrier_module.write_keyring(txn, ring, [master_key_module.AesMasterKey(KEY, "k")])
+    newer = Barrier(ring).seal("uid-1", SECRET)
+    with pytest.raises(barrier_module.UnknownTerm):
+        running.unseal("uid-1", newer)
+    with storage.transaction() as txn:
+        assert running.refresh(txn, force=True)
+    assert running.unseal("uid-1", newer) == SECRET
+    assert running.active_term == 2
+
+
+def test_a_tampered_keyring_record_does_not_open(tmp_path):
+    storage = open_storage("memory://")
+    path = key_file(tmp_path, KEY)
+    open_barrier(storage, key_file=path)
+    with storage.transaction() as txn:
+        record = bytearray(txn.get_meta(barrier_module.KEYRING_META))
+        record[-20] ^= 1
+        txn.set_meta(barrier_module.KEYRING_META, bytes(record))
+    with pytest.raises(BarrierError):
+        open_barrier(storage, key_file=path)
