@@ -491,3 +491,188 @@ def test_pipelined_requests_pause_reading_until_the_queue_drains():
         d.callback(response_for(message))
     assert transport.producerState == "producing"
     assert transport.value() == b"".join(response_for(m) for m in messages)
+
+
+# Slots freed on every path (issue 19).
+class RecordingTransport(TLSStringTransport):
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+        self.disconnecting = True
+
+
+def connect_recording(h: Harness) -> tuple[wire.KmipProtocol, RecordingTransport]:
+    proto = h.factory.buildProtocol(None)
+    transport = RecordingTransport()
+    proto.makeConnection(transport)
+    proto.handshakeCompleted()
+    return proto, transport
+
+
+def undecodable_frame() -> bytes:
+    """A Request Message header and a 16-byte body of 0x01 bytes: framed
+    correctly, meaningless inside."""
+    return bytes.fromhex("4200780100000010") + b"\x01" * 16
+
+
+def test_close_with_reading_paused_resumes_reading_and_is_aborted_if_it_hangs():
+    """The slot leak of issue 19: an undecodable frame and four requests in
+    one write fill the queue, so reading is paused; the handler then asks to
+    close. Reading must resume (so the peer's close is seen) and a close
+    that never completes is aborted after close_timeout, so connectionLost
+    always comes."""
+    h = Harness(auto=False, close_timeout=10.0)
+    h.factory.handle = lambda message, identity: None if message == undecodable_frame() else response_for(message)
+    proto, transport = connect_recording(h)
+    proto.dataReceived(undecodable_frame() + b"".join(request_bytes(i) for i in range(4)))
+    assert transport.producerState == "paused"
+    h.pool.run_next()
+    assert transport.disconnecting
+    assert transport.producerState == "producing"
+    assert transport.producer is None, "a registered producer holds TLS's close back"
+    assert h.pool.jobs == deque()
+    h.clock.advance(10.0)
+    assert transport.aborted
+    h.disconnect(proto)
+    assert h.factory.connections == set()
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_a_response_after_the_connection_is_lost_is_dropped_and_arms_no_timer():
+    """A client that leaves while its request is processed: the response is
+    dropped and no idle timer is armed on the dead transport (it used to
+    fire there with an AttributeError)."""
+    h = Harness(auto=False)
+    proto, transport = connect_recording(h)
+    proto.dataReceived(request_bytes(1) + request_bytes(2))
+    h.disconnect(proto)
+    h.pool.run_all()
+    assert transport.value() == b""
+    assert h.clock.getDelayedCalls() == []
+    assert len(h.handled) == 1
+
+
+def test_a_failure_after_the_connection_is_lost_touches_nothing():
+    """A handler failure for a client that already left closes nothing and
+    arms no timer."""
+    h = Harness(auto=False)
+
+    def explode(message, identity):
+        raise RuntimeError("boom")
+
+    h.factory.handle = explode
+    proto, transport = connect_recording(h)
+    proto.dataReceived(request_bytes(1))
+    h.disconnect(proto)
+    h.pool.run_all()
+    assert not transport.aborted
+    assert h.clock.getDelayedCalls() == []
+
+
+# Frame deadline.
+def test_a_frame_trickled_in_is_closed_at_the_frame_deadline():
+    """Slow loris: one byte every 12 s resets the idle timer each time, but
+    a message must be complete within frame_timeout of its first byte."""
+    h = Harness(idle_timeout=300.0, frame_timeout=30.0)
+    proto, transport = connect_recording(h)
+    message = request_bytes(1, 40)
+    for byte in message[:3]:
+        proto.dataReceived(bytes([byte]))
+        h.clock.advance(12.0)
+    assert transport.aborted
+    assert h.handled == []
+
+
+def test_the_frame_deadline_starts_again_for_each_message():
+    """Complete messages reset the deadline; only an unfinished one is
+    timed."""
+    h = Harness(frame_timeout=30.0)
+    proto, transport = connect_recording(h)
+    for i in range(5):
+        proto.dataReceived(request_bytes(i))
+        h.clock.advance(20.0)
+    assert not transport.aborted
+    assert len(h.handled) == 5
+
+
+def test_the_frame_deadline_waits_while_the_server_does_not_read():
+    """While reading is paused by the server (queue full) a partial next
+    message cannot progress: its deadline restarts when reading resumes."""
+    h = Harness(auto=False, frame_timeout=30.0, idle_timeout=300.0)
+    proto, transport = connect_recording(h)
+    partial = request_bytes(99)[:10]
+    proto.dataReceived(b"".join(request_bytes(i) for i in range(5)) + partial)
+    assert transport.producerState == "paused"
+    h.clock.advance(60.0)
+    assert not transport.aborted
+    h.pool.run_all()
+    assert transport.producerState == "producing"
+    h.clock.advance(29.0)
+    assert not transport.aborted
+    h.clock.advance(1.0)
+    assert transport.aborted
+
+
+# Back-pressure on responses not read.
+def test_the_protocol_is_the_transports_producer():
+    """The transport pauses the protocol when more than max_unsent_bytes wait
+    to be sent; for that the protocol registers as its streaming producer."""
+    h = Harness()
+    proto, transport = connect_recording(h)
+    assert transport.producer is proto and transport.streaming
+
+
+def test_no_request_is_started_or_read_while_responses_are_not_read():
+    """Once the transport says its buffer is over the cap, the next
+    requests wait and the client is not read; when it drains they go on."""
+    h = Harness()
+    proto, transport = connect_recording(h)
+    proto.dataReceived(request_bytes(1))
+    proto.pauseProducing()  # The transport: buffer over max_unsent_bytes.
+    assert transport.producerState == "paused"
+    proto.dataReceived(request_bytes(2) + request_bytes(3))
+    assert len(h.handled) == 1
+    proto.resumeProducing()  # The transport: buffer drained.
+    assert len(h.handled) == 3
+    assert transport.producerState == "producing"
+
+
+def test_a_client_that_never_reads_its_responses_is_closed_after_idle_timeout():
+    """Responses that are never read are idleness: the connection goes after
+    idle_timeout even though requests are waiting."""
+    h = Harness(idle_timeout=300.0)
+    proto, transport = connect_recording(h)
+    proto.dataReceived(request_bytes(1))
+    proto.pauseProducing()
+    proto.dataReceived(request_bytes(2))
+    h.clock.advance(300.0)
+    assert transport.aborted
+
+
+def test_the_node_cap_holds_back_every_connection_until_the_node_drains():
+    """Over max_unsent_bytes_total for the whole node, a connection that has
+    just answered starts nothing more and is not read; all go on when the
+    node's unsent bytes fall under the cap, and none is closed for it."""
+    h = Harness(max_unsent_bytes_total=1000, idle_timeout=300.0)
+    unsent: dict = {}
+    h.factory.unsent_bytes = lambda transport: unsent.get(id(transport), 0)
+    (pa, ta), (pb, tb) = connect_recording(h), connect_recording(h)
+    unsent[id(ta)] = 800
+    unsent[id(tb)] = 300
+    pa.dataReceived(request_bytes(1) + request_bytes(2))
+    assert len(h.handled) == 1
+    assert ta.producerState == "paused"
+    pb.dataReceived(request_bytes(3) + request_bytes(4))
+    assert len(h.handled) == 2
+    assert pa.blocked and pb.blocked
+    h.clock.advance(1000.0)
+    assert not ta.aborted and not tb.aborted
+    unsent.clear()
+    h.clock.advance(wire.NODE_RECHECK_SECONDS)
+    assert len(h.handled) == 4
+    assert not pa.blocked and not pb.blocked
+    assert ta.producerState == tb.producerState == "producing"
+    h.disconnect(pa)
+    h.disconnect(pb)
+    assert h.factory.connections == set()
