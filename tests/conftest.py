@@ -142,9 +142,11 @@ def start_server(
     log_level: str = "INFO",
     node_name: str | None = None,
     master_key: Path | None = None,
+    server_config: str = "",
 ) -> ServerProcess:
     """Start a node in `workdir`. Nodes of one cluster share `master_key`
-    (a key file); by default each workdir gets its own."""
+    (a key file); by default each workdir gets its own. `server_config`
+    holds extra lines for the [server] table."""
     workdir.mkdir(parents=True, exist_ok=True)
     key_file = master_key or workdir / "master.key"
     if not key_file.exists():
@@ -172,6 +174,7 @@ def start_server(
             data_dir = "{workdir / 'data'}"
             idle_timeout = 30.0
             handshake_timeout = 5.0
+            {textwrap.indent(textwrap.dedent(server_config), " " * 12).strip()}
 
             [tls]
             cert = "{pki / 'server.pem'}"
