@@ -97,7 +97,8 @@ class KmsService(service.Service):
             log.warning("AUDITING IS OFF ([audit] enabled = false): key accesses are not recorded")
         authenticate = None
         if cfg.access.require_credential:
-            authenticate = credentials.Authenticator(credentials.load(cfg.access.credentials_file))
+            known = credentials.load_file(cfg.access.credentials_file)
+            authenticate = credentials.Authenticator(known.users, known.clients)
         self.dispatcher = Dispatcher(
             self.keystore,
             OPERATIONS,

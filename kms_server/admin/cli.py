@@ -335,13 +335,14 @@ def _credentials_file(args: argparse.Namespace) -> Path:
     return cfg.access.credentials_file
 
 
-def _load_users(path: Path) -> dict[str, str]:
+def _load_users(path: Path):
+    """The credentials file (users and the certificates bound to them)."""
     from kms_server import credentials
 
     if not path.exists():
-        return {}
+        return credentials.CredentialsFile()
     try:
-        return credentials.load(path)
+        return credentials.load_file(path)
     except credentials.CredentialsError as exc:
         raise CommandError(str(exc)) from None
 
@@ -358,10 +359,16 @@ def _credentials_set(args: argparse.Namespace) -> int:
     if not args.username or any(c in args.username for c in '"\\\n'):
         raise CommandError("the username must be non-empty and hold no quotes, backslashes or newlines")
     path = _credentials_file(args)
-    users = _load_users(path)
-    users[args.username] = credentials.hash_password(password)
-    credentials.save(path, users)
-    _out(f"stored an Argon2id hash for {args.username!r} in {path}")
+    known = _load_users(path)
+    known.users[args.username] = credentials.hash_password(password)
+    if args.client:
+        known.clients[args.username] = list(dict.fromkeys(args.client))
+    credentials.save(path, known.users, known.clients)
+    bound = known.clients.get(args.username) or [args.username]
+    _out(
+        f"stored an Argon2id hash for {args.username!r} in {path}; "
+        f"accepted only from the certificate identities {', '.join(map(repr, bound))}"
+    )
     return 0
 
 
@@ -369,17 +376,19 @@ def _credentials_remove(args: argparse.Namespace) -> int:
     from kms_server import credentials
 
     path = _credentials_file(args)
-    users = _load_users(path)
-    if users.pop(args.username, None) is None:
+    known = _load_users(path)
+    if known.users.pop(args.username, None) is None:
         raise CommandError(f"no user {args.username!r} in {path}; 'kms-admin credentials list' shows them")
-    credentials.save(path, users)
+    known.clients.pop(args.username, None)
+    credentials.save(path, known.users, known.clients)
     _out(f"removed {args.username!r} from {path}")
     return 0
 
 
 def _credentials_list(args: argparse.Namespace) -> int:
-    for name in sorted(_load_users(_credentials_file(args))):
-        _out(name)
+    known = _load_users(_credentials_file(args))
+    for name in sorted(known.users):
+        _out(f"{name}\tclients: {', '.join(known.clients.get(name) or [name])}")
     return 0
 
 
@@ -391,6 +400,13 @@ def register_credentials(subparsers: argparse._SubParsersAction) -> None:
     set_ = commands.add_parser("set", help="add a user or change its password (stored as an Argon2id hash)")
     set_.add_argument("username")
     set_.add_argument("--password-file", required=True, type=Path, help="file holding the password")
+    set_.add_argument(
+        "--client",
+        action="append",
+        metavar="IDENTITY",
+        help="certificate identity that may present this password (repeatable; "
+        "default: kept as before, or only a certificate whose identity is the username)",
+    )
     set_.add_argument("--config", help="kms-server configuration file (for access.credentials_file)")
     set_.set_defaults(func=_credentials_set)
     remove = commands.add_parser("remove", help="remove a user")

@@ -82,7 +82,8 @@ class Dispatcher:
         self.operations = operations
         self.node = node
         # When set, every request must carry a username/password Credential
-        # that this callable accepts.
+        # that this callable, given (username, password, certificate
+        # identity), accepts.
         self.authenticate = authenticate
         self.max_depth = max_depth
         self.retry_delays = retry_delays
@@ -437,7 +438,13 @@ class Dispatcher:
                 username = value.get(T.USERNAME.value) if value is not None else None
                 password = value.get(T.PASSWORD.value) if value is not None else None
                 if self.authenticate is not None:
-                    if not isinstance(username, str) or not isinstance(password, str) or not self.authenticate(username, password):
+                    # The credential must be one the certificate's identity
+                    # may present (kms_server/credentials.py).
+                    if (
+                        not isinstance(username, str)
+                        or not isinstance(password, str)
+                        or not self.authenticate(username, password, principal.name)
+                    ):
                         refused = errors.AuthenticationNotSuccessful("username or password not accepted")
                         # The audit record names who tried (never the password).
                         refused.principal = Principal(

@@ -493,7 +493,10 @@ def test_refused_handshakes_credentials_and_messages_are_recorded(tmp_path, pki_
     credentials = workdir / "credentials.toml"
     helper = workdir / "creds.toml"
     helper.write_text(f'[access]\ncredentials_file = "{credentials}"\n')
-    done = admin("credentials", "set", "vcenter-svc", "--password-file", str(password_file), "--config", str(helper))
+    done = admin(
+        "credentials", "set", "vcenter-svc", "--password-file", str(password_file), "--client", "alice",
+        "--config", str(helper),
+    )
     assert done.returncode == 0, done.stderr
     server = start_server(
         workdir,

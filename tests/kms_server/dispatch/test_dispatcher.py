@@ -492,7 +492,7 @@ def test_id_placeholder_does_not_outlive_its_message(dispatcher):
 @pytest.fixture
 def auth_dispatcher(keystore):
     return Dispatcher(
-        keystore, OPERATIONS, authenticate=lambda u, p: (u, p) == ("vcenter", "s3cret")
+        keystore, OPERATIONS, authenticate=lambda u, p, identity: (u, p, identity) == ("vcenter", "s3cret", "alice")
     )
 
 
