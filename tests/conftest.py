@@ -143,10 +143,12 @@ def start_server(
     node_name: str | None = None,
     master_key: Path | None = None,
     server_config: str = "",
+    master_key_toml: str | None = None,
 ) -> ServerProcess:
     """Start a node in `workdir`. Nodes of one cluster share `master_key`
     (a key file); by default each workdir gets its own. `server_config`
-    holds extra lines for the [server] table."""
+    holds extra lines for the [server] table; `master_key_toml`, when given,
+    is the [master_key] table's body instead of the key file (a token key)."""
     workdir.mkdir(parents=True, exist_ok=True)
     key_file = master_key or workdir / "master.key"
     if not key_file.exists():
@@ -182,7 +184,7 @@ def start_server(
             ca = "{pki / 'ca.pem'}"
 
             [master_key]
-            file = "{key_file}"
+            {textwrap.indent(master_key_toml or f'file = "{key_file}"', " " * 12).strip()}
 
             [logging]
             level = "{log_level}"
