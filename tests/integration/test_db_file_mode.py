@@ -1,0 +1,31 @@
+"""A running kms-server's SQLite files are 0600 (issue 19: kms.db was
+0644, readable by every local user), whatever the umask it starts with."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from conftest import start_server
+from kmip.core import enums
+from kmip_client import pykmip
+
+
+def test_running_server_database_files_are_0600(tmp_path, pki_dir):
+    old = os.umask(0o022)  # The server process inherits it.
+    try:
+        server = start_server(tmp_path / "node", pki_dir)
+    finally:
+        os.umask(old)
+    try:
+        client = pykmip(server, pki_dir)
+        try:
+            assert client.create(enums.CryptographicAlgorithm.AES, 128)
+        finally:
+            client.close()
+        data = tmp_path / "node" / "data"
+        files = sorted(p for p in data.iterdir() if p.name.startswith("kms.db"))
+        assert "kms.db" in [p.name for p in files]
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+    finally:
+        server.stop()
