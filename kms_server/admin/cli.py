@@ -325,6 +325,12 @@ def register_master_key(subparsers: argparse._SubParsersAction) -> None:
     hsm.add_argument("--key-label", help="label of the new key (an existing key is never replaced)")
     hsm.add_argument("--pin-file", type=Path, help="file holding the token's user PIN")
     new.set_defaults(func=_master_key_new)
+    rotate = commands.add_parser(
+        "rotate",
+        help="re-seal every object under a new data key and wrap the keyring under a new master key, while nodes serve",
+    )
+    integrity_cli.add_rotate_arguments(rotate)
+    rotate.set_defaults(func=integrity_cli.master_key_rotate)
 
 
 # --- credentials ----------------------------------------------------------------------
@@ -553,12 +559,21 @@ def register_db(subparsers: argparse._SubParsersAction) -> None:
         cmd.add_argument("--config", help="kms-server configuration file (for storage.db_url)")
         cmd.add_argument("--db-url", help="database URL (overrides the configuration)")
         cmd.set_defaults(func=func)
+    verify = commands.add_parser(
+        "verify",
+        help="check every object row's MAC and the store digest (exit 1 naming each object that fails)",
+    )
+    verify.add_argument("--config", help="kms-server configuration file (storage and master key)")
+    verify.add_argument("--db-url", help="database URL (overrides the configuration)")
+    integrity_cli.add_verify_arguments(verify)
+    verify.set_defaults(func=integrity_cli.db_verify)
 
 
 # --- assembly ------------------------------------------------------------------------
 
 CommandGroup = Callable[[argparse._SubParsersAction], None]
 
+from kms_server.admin import integrity_cli  # noqa: E402  (its module imports this one lazily)
 from kms_server.admin.audit_cli import register_audit  # noqa: E402
 from kms_server.admin.backup_cli import register_backup  # noqa: E402  (its module imports this one lazily)
 

@@ -25,6 +25,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import threading
 import time
@@ -65,6 +66,8 @@ __all__ = [
     "read_key_file",
     "read_passphrase_file",
 ]
+
+log = logging.getLogger("kms_server.keystore.barrier")
 
 VERSION = 1
 VERSION_2 = 2
@@ -263,7 +266,14 @@ class Barrier:
             return False
         with self._lock:
             self._loaded_at = now
-            ring = read_keyring(txn, self._master)
+            try:
+                ring = read_keyring(txn, self._master)
+            except BarrierError as exc:
+                # A rotation finished and dropped this node's master key:
+                # the keyring it holds still serves until it restarts with
+                # the new key.
+                log.warning("keyring not re-read: %s; restart this node with the new master key", exc)
+                return False
             if ring is None or ring.to_bytes() == self.keyring.to_bytes():
                 return False
             self._install(ring)

@@ -34,6 +34,7 @@ __all__ = [
     "VerifyReport",
     "apply",
     "ensure_digest",
+    "reset_digest",
     "sign",
     "verify",
     "verify_store",
@@ -237,6 +238,23 @@ def verify_store(txn: Transaction, barrier: Barrier, unseal: bool = True, progre
                 "of itself (rolled back) or edited outside the server"
             )
     return VerifyReport(count, failures, digest_problem)
+
+
+def reset_digest(txn: Transaction, barrier: Barrier) -> StoreDigest:
+    """Make the store digest match the rows as they are now (an operator's
+    explicit decision after `kms-admin db verify`). Rows that fail their own
+    MAC stay refused: only the digest is rewritten."""
+    total, count = 0, 0
+    for uid in txn.locate(LocateQuery()):
+        stored = txn.get_object(uid, for_update=True)
+        if stored is None:
+            continue
+        count += 1
+        if stored.row_mac is not None:
+            total += element(barrier, uid, stored.version, stored.row_mac)
+    digest = StoreDigest(total % _MODULUS, count)
+    txn.set_meta(DIGEST_META, digest.to_bytes(barrier))
+    return digest
 
 
 class SeenVersions:
