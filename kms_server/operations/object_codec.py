@@ -377,8 +377,15 @@ def _decode_secret_data(holder: Item) -> tuple[Material, dict[str, Item]]:
             f"secret data cannot be registered in format {block.format.name}"
         )
     data = _bytes_material(block)
-    # The Digest names the format the secret was registered in; a Get that
-    # names none answers in it (default_format).
+    # A Get that names no format answers in the one the secret was
+    # registered in (default_format): the Digest names it, or, for a secret
+    # that gets no Digest, the Key Format Type attribute.
+    if secret_type != SecretDataType.SEED:
+        # An unsalted SHA-256 of a password (or of a vendor type the server
+        # cannot tell is random) lets whoever reads the database or an
+        # attribute listing test guesses offline. A Seed is random by
+        # definition and keeps its Digest. See docs/conformance.md.
+        return Material(data, secret_type.value), {"Key Format Type": attrs.make("Key Format Type", block.format.value)}
     return Material(data, secret_type.value), {"Digest": _digest(data, block.format)}
 
 
@@ -522,7 +529,7 @@ def default_format(
         return KFT.RAW
     if object_type == ObjectType.SECRET_DATA:
         digest = obj.first("Digest")
-        registered = digest.get(T.KEY_FORMAT_TYPE.value) if digest is not None else None
+        registered = digest.get(T.KEY_FORMAT_TYPE.value) if digest is not None else obj.value("Key Format Type")
         return KFT.RAW if registered == KFT.RAW.value else KFT.OPAQUE
     if object_type in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
         if material.subtype is not None:
