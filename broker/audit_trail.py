@@ -39,9 +39,12 @@ __all__ = [
     "Row",
     "carry_over",
     "chain_rows",
+    "check_key",
     "legacy_hash",
     "load_signer",
     "load_verifier",
+    "open_signer",
+    "recorded_key_id",
     "sign_checkpoint",
     "verify",
 ]
@@ -50,6 +53,7 @@ log = logging.getLogger("broker.audit")
 
 CARRY_OVER_ACTION = "audit.carry-over"
 CARRY_OVER_ACTOR = "vtpm-broker"
+KEY_ID_META = "audit.key_id"
 AuditKeyError = audit_key.AuditKeyError
 _PAGE = 2000
 
@@ -337,6 +341,14 @@ def load_signer(path: Path):
     return audit_key.load_signer(path)
 
 
+def open_signer(db, path: Path):
+    """load_signer, then check_key against the database (at start)."""
+    signer = load_signer(path)
+    if signer is not None:
+        check_key(db, signer, path)
+    return signer
+
+
 def load_verifier(path: Path):
     """A public key (or the signing key itself) to check checkpoints."""
     return audit_key.load_verifier(path)
@@ -345,6 +357,30 @@ def load_verifier(path: Path):
 def generate_key(private_path: Path, public_path: Path):
     """A new Ed25519 audit key pair (private file 0600); returns the verifier."""
     return audit_key.generate(private_path, public_path)
+
+
+def recorded_key_id(db) -> str | None:
+    """The id of the audit key this database's checkpoints are signed with
+    (recorded when a broker first uses one), or None."""
+    with db.read() as conn:
+        value = db.get_meta(conn, KEY_ID_META)
+    return value.decode("ascii") if value is not None else None
+
+
+def check_key(db, signer, path: Path) -> None:
+    """Every broker on one database signs with the same key, as they share
+    the master key: the first use records its id, later uses refuse another
+    key (an auditor verifies with one public key). Raises AuditKeyError."""
+    with db.begin() as conn:
+        value = db.get_meta(conn, KEY_ID_META)
+        if value is None:
+            db.set_meta(conn, KEY_ID_META, signer.key_id.encode("ascii"))
+            return
+    if value.decode("ascii") != signer.key_id:
+        raise AuditKeyError(
+            f"audit signing key {path} (key id {signer.key_id}) is not this broker database's audit key "
+            f"(key id {value.decode('ascii')}); give every broker the same [audit] signing_key_file"
+        )
 
 
 def sign_checkpoint(db, signer, node: str, clock: Callable[[], float] = time.time) -> Checkpoint | None:

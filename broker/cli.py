@@ -254,9 +254,9 @@ def _init(cfg) -> int:
         cfg.master_key.file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         pki.new_master_key(cfg.master_key.file)
         done.append(f"master key      {cfg.master_key.file} (mode 0600; back it up apart from the database)")
-    done.extend(_init_audit_key(cfg))
     db, barrier = _open(cfg, create=True)
     try:
+        done.extend(_init_audit_key(cfg, db))
         try:
             ca = trust_ca.load_trust_ca(db, barrier)
         except trust_ca.CaMissing:
@@ -319,25 +319,35 @@ def _init(cfg) -> int:
     return 0
 
 
-def _init_audit_key(cfg) -> list[str]:
+def _init_audit_key(cfg, db) -> list[str]:
     """The Ed25519 key that signs audit checkpoints (mode 0600) and its
-    public key for the auditors, unless they exist."""
+    public key for the auditors, unless they exist. Brokers that share a
+    database share this key, as they share the master key."""
     from broker import audit_trail
 
     key, public = cfg.audit.signing_key_file, cfg.audit.public_key_file
-    if key.exists():
+    done = []
+    if not key.exists():
+        recorded = audit_trail.recorded_key_id(db)
+        if recorded is not None:
+            raise CliError(
+                f"this broker database's audit key (key id {recorded}) is not at {key}; copy it there "
+                "(mode 0600) from the first broker, as with the master key, and run init again"
+            )
         if public.exists():
-            return []
-        _write_public(public, audit_trail.load_signer(key).public.pem())
-        return [f"audit public key {public}"]
-    if public.exists():
-        raise CliError(
-            f"{public} exists but the audit signing key {key} does not; move {public} aside "
-            "(auditors need it for older checkpoints) and run init again"
-        )
-    key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    verifier = audit_trail.generate_key(key, public)
-    return [f"audit key       {key} (mode 0600), public key {public} (key id {verifier.key_id}; for the auditors)"]
+            raise CliError(
+                f"{public} exists but the audit signing key {key} does not; move {public} aside "
+                "(auditors need it for older checkpoints) and run init again"
+            )
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        verifier = audit_trail.generate_key(key, public)
+        done.append(f"audit key       {key} (mode 0600), public key {public} (key id {verifier.key_id}; for auditors)")
+    signer = audit_trail.load_signer(key)
+    audit_trail.check_key(db, signer, key)
+    if not public.exists():
+        _write_public(public, signer.public.pem())
+        done.append(f"audit public key {public}")
+    return done
 
 
 # --- db ------------------------------------------------------------------------------------
@@ -385,9 +395,9 @@ def _sign_checkpoint(cfg, db) -> list[str]:
 
     if not cfg.audit.signing_key_file.exists():
         return []
-    checkpoint = audit_trail.sign_checkpoint(
-        db, audit_trail.load_signer(cfg.audit.signing_key_file), f"vtpm-broker-admin@{cfg.broker.node_name}"
-    )
+    signer = audit_trail.load_signer(cfg.audit.signing_key_file)
+    audit_trail.check_key(db, signer, cfg.audit.signing_key_file)
+    checkpoint = audit_trail.sign_checkpoint(db, signer, f"vtpm-broker-admin@{cfg.broker.node_name}")
     if checkpoint is None:
         return []
     return [f"signed audit checkpoint at record {checkpoint.seq} (key id {checkpoint.key_id})"]
@@ -490,6 +500,7 @@ def _audit(cfg, args) -> int:
                     f"no audit signing key {cfg.audit.signing_key_file}; create it with 'vtpm-broker init'"
                 )
             signer = audit_trail.load_signer(cfg.audit.signing_key_file)
+            audit_trail.check_key(db, signer, cfg.audit.signing_key_file)
             checkpoint = audit_trail.sign_checkpoint(db, signer, f"vtpm-broker-admin@{cfg.broker.node_name}")
             if checkpoint is None:
                 print("nothing to sign: the last checkpoint already covers the newest record (or the trail is empty)")

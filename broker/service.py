@@ -127,7 +127,7 @@ class BrokerService(service.Service):
                 self.db,
                 trust_ca,
                 node=cfg.broker.node_name,
-                audit_signer=audit_trail.load_signer(cfg.audit.signing_key_file),
+                audit_signer=audit_trail.open_signer(self.db, cfg.audit.signing_key_file),
             )
             self.kms_client = KmipClient(
                 list(cfg.kms.nodes),

@@ -149,7 +149,9 @@ def write_config(
     if db_url:
         text += f'\n[storage]\ndb_url = "{db_url}"\n'
     if master_key:
+        # Replicas share the master key and the audit key beside it.
         text += f'\n[master_key]\nfile = "{master_key}"\n'
+        text += f'\n[audit]\nsigning_key_file = "{master_key.with_name("audit.key")}"\n'
     config.write_text(text + textwrap.dedent(extra))
     return config
 

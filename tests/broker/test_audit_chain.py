@@ -406,3 +406,47 @@ def test_db_upgrade_then_admin_audit_verify_on_an_old_database(tmp_path):
     missing = broker_cli(config, "admin", "audit", "verify", "--public-key", str(tmp_path / "nope.pub"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
     assert "cannot read the audit public key" in missing.stderr
+
+
+def test_brokers_on_one_database_share_one_audit_key(tmp_path, keys):
+    """The first key used is recorded; another is refused (an auditor checks
+    every checkpoint with one public key), in one line naming the fix."""
+    db = Database(f"sqlite:///{tmp_path / 'broker.db'}")
+    try:
+        schema.upgrade(db)
+        audit_trail.check_key(db, keys[0], Path("audit.key"))
+        audit_trail.check_key(db, keys[0], Path("audit.key"))
+        with pytest.raises(audit_trail.AuditKeyError, match="give every broker the same"):
+            audit_trail.check_key(db, keys[1], Path("other.key"))
+    finally:
+        db.close()
+
+
+def test_a_second_broker_is_told_to_copy_the_audit_key(tmp_path):
+    """`init` of a second broker on the same database does not make a key of
+    its own: it says to copy the first broker's, and accepts it once given."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+
+    def config(name: str, extra: str = "") -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(textwrap.dedent(f"""
+            [broker]
+            provider_name = "kms-test"
+            data_dir = "{tmp_path / name}"
+
+            [storage]
+            db_url = "{url}"
+
+            [master_key]
+            file = "{tmp_path / 'first' / 'master.key'}"
+            """) + extra)  # fmt: skip
+        return path
+
+    assert broker_cli(config("first"), "init").returncode == 0
+    second = broker_cli(config("second"), "init")
+    assert second.returncode == 2 and second.stderr.count("\n") == 1
+    assert "copy it there" in second.stderr and str(tmp_path / "second" / "audit.key") in second.stderr
+    shared = config("second", f'\n[audit]\nsigning_key_file = "{tmp_path / "first" / "audit.key"}"\n')
+    again = broker_cli(shared, "init")
+    assert again.returncode == 0, again.stderr
+    assert "audit key" not in again.stdout

@@ -30,6 +30,7 @@ from broker_process import (
 )
 from conftest import drop_postgres_database, new_postgres_database, postgres_available, start_server
 
+from broker import schema
 from broker.keysafe import parse_key_safe
 from kms_server.client import KmipClient
 
@@ -74,7 +75,7 @@ def replicas(tmp_path_factory, pki_dir, kms, database):
     w1, w2 = tmp_path_factory.mktemp("broker1"), tmp_path_factory.mktemp("broker2")
     c1 = write_config(w1, kms.port, pki_dir, node_name="broker-1", db_url=database)
     upgraded = Broker(w1, c1, w1 / "data").cli("db", "upgrade")
-    assert "upgraded from empty to 0001" in upgraded.stdout
+    assert f"upgraded from empty to {schema.head_revision()}" in upgraded.stdout
     b1 = set_up(w1, c1, pki_dir)
     c2 = write_config(
         w2, kms.port, pki_dir, node_name="broker-2", db_url=database, master_key=w1 / "data" / "master.key"
