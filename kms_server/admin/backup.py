@@ -4,9 +4,12 @@ authenticated copy of the store (format: docs/backup-format.md).
 The backup reads every backed-up table in one read-only transaction (a
 snapshot), so a server may keep running; rows are streamed in batches and
 never held all at once. The row stream is cut into chunks, each sealed with
-AES-256-GCM under a key derived from the master key (HKDF-SHA256 with a fresh
-salt per backup); a chunk's nonce carries its index and whether it is the
-last one, so a reordered, removed or truncated chunk does not open. Sealed
+AES-256-GCM under a key derived (HKDF-SHA256, fresh salt) from a random
+backup key, which the master key wraps into the header: so a master key that
+never leaves its token works, and a backup stays restorable with the master
+key it was made under after a rotation. A chunk's nonce carries its index
+and whether it is the last one, so a reordered, removed or truncated chunk
+does not open. Sealed
 key material stays sealed as it is in the database: the backup layer is a
 second layer that also hides attribute values (names, ``x-`` tags).
 
@@ -38,6 +41,15 @@ from kms_server.config import Config
 from kms_server.files import atomic_file
 from kms_server.keystore import barrier
 from kms_server.keystore.backup_seal import HKDF_INFO, BackupCipher, ChunkInvalid
+from kms_server.keystore.master_key import (
+    SALT_META,
+    SCRYPT_N,
+    SCRYPT_P,
+    SCRYPT_R,
+    MasterKey,
+    MasterKeyError,
+    open_master_key,
+)
 from kms_server.storage import schema
 from kms_server.storage import sql as sql_tables
 from kms_server.storage.engine import DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
@@ -57,7 +69,11 @@ Progress = Callable[[int, int], None]
 """Called with (rows done, rows in total), first with done == 0."""
 
 MAGIC = b"\x89KMSBAK\n"
-FORMAT_VERSION = 1
+# 2: the chunk key comes from a random backup key that the master key wraps
+# into the header. 1 (still restored): it came from the raw master key.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+BACKUP_KEY_SIZE = 32
 SALT_SIZE = 32
 DIGEST_SIZE = 32
 TAG_SIZE = 16
@@ -139,79 +155,141 @@ def describe_rows(rows: dict[str, int]) -> str:
     return ", ".join(parts)
 
 
-# --- crypto ---------------------------------------------------------------------------
 # --- master key -----------------------------------------------------------------------
+#
+# Format 2: the chunks are sealed under a key derived from a random backup
+# key, which the master key wraps (MasterKey.wrap, inside the token for a
+# PKCS#11 key) into the header. Format 1 (read only) derived it from the raw
+# master key bytes, which a token never gives out.
 
 
-def _read_passphrase(path: Path) -> bytes:
+class _Meta:
+    """kms_meta rows as the barrier reads them (get_meta)."""
+
+    def __init__(self, meta: dict[str, bytes]):
+        self._meta = meta
+
+    def get_meta(self, name: str) -> bytes | None:
+        return self._meta.get(name)
+
+
+def _open_master_key(cfg: Config, get_meta: Callable[[str], bytes | None]) -> MasterKey:
     try:
-        return barrier.read_passphrase_file(path)
-    except barrier.BarrierError as exc:
-        raise BackupError(f"{exc}; check master_key.passphrase_file") from None
-
-
-def _read_key_file(path: Path) -> bytes:
-    try:
-        return barrier.read_key_file(path)
-    except barrier.BarrierError as exc:
+        return open_master_key(cfg.master_key, get_meta)
+    except MasterKeyError as exc:
         raise BackupError(str(exc)) from None
 
 
-def _backup_master_key(cfg: Config, meta: dict[str, bytes]) -> tuple[bytes, dict[str, Any]]:
-    """The master key that opens the source store, and how a restore finds
-    it again (the header's master_key member)."""
+def _close(master: MasterKey) -> None:
+    close = getattr(master, "close", None)  # a token key holds a session
+    if close is not None:
+        close()
+
+
+def _opens_store(master: MasterKey, meta: dict[str, bytes]) -> bool:
+    """True if `master` opens the store whose kms_meta rows are `meta`: it
+    unwraps the keyring, or (a store made before the keyring) its raw bytes
+    open the check record."""
+    if meta.get(barrier.KEYRING_META) is not None:
+        try:
+            barrier.read_keyring(_Meta(meta), master)
+        except barrier.BarrierError:
+            return False
+        return True
     check = meta.get(barrier.CHECK_META)
     if check is None:
         raise BackupError(
             "the database holds no master-key check record (no node has opened it yet); "
             "start kms-server on it once, then back it up"
         )
-    if cfg.master_key.file is not None:
-        key = _read_key_file(cfg.master_key.file)
-        how: dict[str, Any] = {"source": "file"}
-    elif cfg.master_key.passphrase_file is not None:
-        salt = meta.get(barrier.SALT_META)
-        if salt is None:
-            raise BackupError(
-                "the database has no scrypt salt, so its master key is a key file, not a passphrase; "
-                "set master_key.file in the configuration"
-            )
-        key = barrier.derive_from_passphrase(_read_passphrase(cfg.master_key.passphrase_file), salt)
-        how = {
-            "source": "passphrase",
-            "scrypt": {"salt": salt.hex(), "n": barrier.SCRYPT_N, "r": barrier.SCRYPT_R, "p": barrier.SCRYPT_P},
-        }
+    legacy = master.legacy_key()
+    return legacy is not None and barrier.opens_check_record(barrier.Barrier(legacy), check)
+
+
+def _source(cfg: Config, master: MasterKey, meta: dict[str, bytes]) -> dict[str, Any]:
+    """The header's master_key member: which key wrapped the backup key, for
+    restore and for the operator (no secret; the scrypt salt is not one)."""
+    mk = cfg.master_key
+    how: dict[str, Any] = {"key_id": master.key_id}
+    if mk.pkcs11_module is not None:
+        how.update(source="pkcs11", token_label=mk.token_label, key_label=mk.key_label)
+    elif mk.passphrase_file is not None:
+        salt = meta[SALT_META]  # open_master_key has read it
+        how.update(source="passphrase", scrypt={"salt": salt.hex(), "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P})
     else:
-        raise BackupError("no master key configured; set master_key.file or master_key.passphrase_file")
-    if not barrier.opens_check_record(barrier.Barrier(key), check):
-        raise BackupError(
-            "the configured master key does not open this database; "
-            "configure the key file or passphrase its servers use"
-        )
-    return key, how
+        how.update(source="file")
+    return how
 
 
-def _restore_master_key(cfg: Config, how: Any) -> bytes:
-    source = how.get("source") if isinstance(how, dict) else None
-    if cfg.master_key.file is not None:
-        return _read_key_file(cfg.master_key.file)
-    if cfg.master_key.passphrase_file is None:
-        raise BackupError("no master key configured; set master_key.file or master_key.passphrase_file")
-    if source != "passphrase":
-        raise BackupError(
-            "the backup was made under a master key file, not a passphrase; "
-            "set master_key.file to the key file the backed-up server used"
-        )
+def _backup_key_context(salt: bytes) -> bytes:
+    """What the wrapped backup key is bound to: this format and this
+    backup (its salt), so it cannot be moved into another header."""
+    return b"kms-backup:" + MAGIC + FORMAT_VERSION.to_bytes(2, "big") + salt
+
+
+def _scrypt_salt(how: Any) -> bytes | None:
+    """The passphrase salt a backup header names (None: not a passphrase)."""
+    if not isinstance(how, dict) or how.get("source") != "passphrase":
+        return None
     params = how.get("scrypt") or {}
-    if (params.get("n"), params.get("r"), params.get("p")) != (barrier.SCRYPT_N, barrier.SCRYPT_R, barrier.SCRYPT_P):
+    if (params.get("n"), params.get("r"), params.get("p")) != (SCRYPT_N, SCRYPT_R, SCRYPT_P):
         raise BackupError(
             "the backup uses scrypt parameters this release does not; restore it with the release that made it"
         )
     try:
-        salt = bytes.fromhex(params["salt"])
+        return bytes.fromhex(params["salt"])
     except (KeyError, TypeError, ValueError):
         raise BackupError("the backup header has a malformed scrypt salt; use an intact copy of the backup") from None
-    return barrier.derive_from_passphrase(_read_passphrase(cfg.master_key.passphrase_file), salt)
+
+
+def _made_under(how: Any) -> str:
+    """The master key a header names, for an operator."""
+    if not isinstance(how, dict):
+        return "an unnamed master key"
+    source = how.get("source")
+    if source == "pkcs11":
+        name = f"token key '{how.get('key_label')}' in token '{how.get('token_label')}'"
+    elif source == "passphrase":
+        name = "a passphrase"
+    else:
+        name = "a key file"
+    return f"{name}, id {how['key_id']}" if how.get("key_id") else name
+
+
+def _restore_key(cfg: Config, version: int, fields: dict[str, Any], salt: bytes) -> bytes:
+    """The key the backup's chunks are sealed under (format 2: the backup
+    key the configured master key unwraps; format 1: the master key's raw
+    bytes)."""
+    how = fields.get("master_key")
+    scrypt_salt = _scrypt_salt(how)
+    if cfg.master_key.passphrase_file is not None and scrypt_salt is None:
+        raise BackupError(
+            f"the backup was made under {_made_under(how)}, not a passphrase; "
+            "configure the master key of the server that made it"
+        )
+    master = _open_master_key(cfg, lambda name: scrypt_salt if name == SALT_META else None)
+    try:
+        if version == 1:
+            legacy = master.legacy_key()
+            if legacy is None:
+                raise BackupError(
+                    "the backup is format 1, sealed under a key file or passphrase, which a token key cannot open; "
+                    "restore it with the key file or passphrase of the server that made it"
+                )
+            return legacy
+        try:
+            wrapped = bytes.fromhex(fields["backup_key"]["wrapped"])
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt("the header lacks the wrapped backup key") from None
+        try:
+            return master.unwrap(wrapped, _backup_key_context(salt))
+        except MasterKeyError:
+            raise BackupError(
+                f"the backup was made under another master key; configure {_made_under(how)} "
+                "(the master key of the server that made it, before any rotation)"
+            ) from None
+    finally:
+        _close(master)
 
 
 # --- database ---------------------------------------------------------------------------
@@ -380,6 +458,7 @@ def _corrupt(what: str) -> BackupError:
 
 @dataclass
 class _Header:
+    version: int
     fields: dict[str, Any]
     prefix: bytes  # magic .. header JSON: what the header tag authenticates
     digest: bytes
@@ -397,10 +476,10 @@ def _read_header(fh: IO[bytes], path: Path) -> _Header:
     if len(start) < _PREFIX.size:
         raise BackupError(f"the backup {path} is truncated (it ends inside the header); use a complete copy")
     _magic, version, length = _PREFIX.unpack(start)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise BackupError(
-            f"{path} is backup format {version}, this kms-admin reads format {FORMAT_VERSION}; "
-            "restore it with the kms-admin release that made it"
+            f"{path} is backup format {version}, this kms-admin reads formats "
+            f"{', '.join(map(str, READ_VERSIONS))}; restore it with the kms-admin release that made it"
         )
     if length > MAX_HEADER_SIZE:
         raise _corrupt("the header length is out of range")
@@ -421,6 +500,7 @@ def _read_header(fh: IO[bytes], path: Path) -> _Header:
     if not isinstance(fields, dict):
         raise _corrupt("the header is not a JSON object")
     return _Header(
+        version=version,
         fields=fields,
         prefix=prefix,
         digest=digest,
@@ -687,9 +767,23 @@ def backup(
             counts = {t.name: _count(conn, t) for t in tables}
             meta_table = sql_tables.kms_meta
             meta = {k: bytes(v) for k, v in conn.execute(select(meta_table.c.key, meta_table.c.value))}
-            master_key, how = _backup_master_key(cfg, meta)
-            salt = os.urandom(SALT_SIZE)
-            cipher = BackupCipher(master_key, salt)
+            master = _open_master_key(cfg, meta.get)
+            try:
+                if not _opens_store(master, meta):
+                    raise BackupError(
+                        f"the configured master key does not open this database ({master.description}); "
+                        "configure the key file, passphrase or token key its servers use"
+                    )
+                how = _source(cfg, master, meta)
+                salt = os.urandom(SALT_SIZE)
+                backup_key = os.urandom(BACKUP_KEY_SIZE)
+                try:
+                    wrapped = master.wrap(backup_key, _backup_key_context(salt))
+                except MasterKeyError as exc:
+                    raise BackupError(f"{exc}; nothing was written") from None
+            finally:
+                _close(master)
+            cipher = BackupCipher(backup_key, salt)
             created_at = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
             fields = {
                 "format": FORMAT_VERSION,
@@ -701,6 +795,7 @@ def backup(
                 "kdf": {"name": "HKDF-SHA256", "info": HKDF_INFO.decode(), "salt": salt.hex()},
                 "cipher": {"name": "AES-256-GCM", "chunk_size": CHUNK_SIZE},
                 "master_key": how,
+                "backup_key": {"wrapped": wrapped.hex()},
             }
             body = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
             prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + body
@@ -812,17 +907,22 @@ def restore(
                 f"the backup holds tables {', '.join(n for n, _ in tables)}, this release restores "
                 f"{', '.join(BACKUP_TABLES)}; restore it with the release that made it"
             )
-        cipher = BackupCipher(_restore_master_key(cfg, fields.get("master_key")), salt)
+        cipher = BackupCipher(_restore_key(cfg, header.version, fields, salt), salt)
         _authenticate(cipher, header)
         counts = dict(tables)
         total = sum(counts.values())
 
         target_file = _sqlite_path(url)
-        engine = _engine(url, sqlite_begin="BEGIN IMMEDIATE")
+        # A SQLite file that does not exist yet is empty: it is created (the
+        # engine makes it, mode 0600) only once the data is good, and removed
+        # again if the restore fails after that.
+        created = target_file is not None and not target_file.exists()
+        engine = None
+        restored = False
         try:
-            # Fail fast on a non-empty target; a SQLite file that does not
-            # exist yet is empty and is not created before the data is good.
-            if target_file is None or target_file.exists():
+            # Fail fast on a non-empty target.
+            if not created:
+                engine = _engine(url, sqlite_begin="BEGIN IMMEDIATE")
                 with engine.connect() as conn:
                     _require_empty(conn, shown)
 
@@ -836,8 +936,9 @@ def restore(
                     verify_progress(done, total)
 
             # Pass 2: schema, then every row in one transaction.
-            if target_file is not None:
+            if engine is None:
                 target_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                engine = _engine(url, sqlite_begin="BEGIN IMMEDIATE")
             try:
                 schema.upgrade(engine)
             except schema.SchemaError as exc:
@@ -872,13 +973,19 @@ def restore(
                             f"{name} holds {stored} rows after the restore, the backup {counts[name]}; "
                             "nothing was restored: restore into a new, empty database"
                         )
+            restored = True
         except SQLAlchemyError as exc:
             raise BackupError(
                 f"cannot restore into {shown}: {_first_line(exc)}; nothing was restored: check --db-url, "
                 "that the database exists and is reachable"
             ) from None
         finally:
-            engine.dispose()
+            if engine is not None:
+                engine.dispose()
+            if created and not restored:
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    with contextlib.suppress(FileNotFoundError):
+                        Path(f"{target_file}{suffix}").unlink()
     return RestoreSummary(
         path=in_path,
         database=shown,
