@@ -24,12 +24,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
 from kms_server.audit import chain
 from kms_server.audit.chain import BROKER, GENESIS, Problem, Report, canonical, format_time, parse_time, record_hash
 from kms_server.keystore import audit_key
+
+if TYPE_CHECKING:
+    from broker.db import Database
 
 __all__ = [
     "CARRY_OVER_ACTION",
@@ -222,7 +226,7 @@ class Checkpoint:
     signature: str
 
 
-def _rows(db) -> Iterator:
+def _rows(db: Database) -> Iterator:
     from broker.db import audit
 
     after = 0
@@ -235,7 +239,7 @@ def _rows(db) -> Iterator:
         after = batch[-1].seq
 
 
-def checkpoints(db) -> list[Checkpoint]:
+def checkpoints(db: Database) -> list[Checkpoint]:
     from broker.db import audit_checkpoints
 
     with db.read() as conn:
@@ -243,7 +247,7 @@ def checkpoints(db) -> list[Checkpoint]:
     return [Checkpoint(**row._mapping) for row in rows]
 
 
-def verify(db, verifier=None, max_problems: int = 20) -> Report:
+def verify(db: Database, verifier: audit_key.Verifier | None = None, max_problems: int = 20) -> Report:
     """The whole trail: records of the old format by their rule up to the
     carry-over record, the rest and the checkpoints by the chain's
     (kms_server.audit.chain.verify with the broker's Domain). `verifier`
@@ -328,7 +332,7 @@ def _carried(first: Row | None) -> dict | None:
 # --- The signing key and checkpoints -------------------------------------------------------------
 
 
-def load_signer(path: Path):
+def load_signer(path: Path) -> audit_key.Signer | None:
     """The broker's audit signing key (an audit_key.Signer), or None when the
     file does not exist (checkpoints are then not written; logged)."""
     if not Path(path).exists():
@@ -341,7 +345,7 @@ def load_signer(path: Path):
     return audit_key.load_signer(path)
 
 
-def open_signer(db, path: Path):
+def open_signer(db: Database, path: Path) -> audit_key.Signer | None:
     """load_signer, then check_key against the database (at start)."""
     signer = load_signer(path)
     if signer is not None:
@@ -349,17 +353,17 @@ def open_signer(db, path: Path):
     return signer
 
 
-def load_verifier(path: Path):
+def load_verifier(path: Path) -> audit_key.Verifier:
     """A public key (or the signing key itself) to check checkpoints."""
     return audit_key.load_verifier(path)
 
 
-def generate_key(private_path: Path, public_path: Path):
+def generate_key(private_path: Path, public_path: Path) -> audit_key.Verifier:
     """A new Ed25519 audit key pair (private file 0600); returns the verifier."""
     return audit_key.generate(private_path, public_path)
 
 
-def recorded_key_id(db) -> str | None:
+def recorded_key_id(db: Database) -> str | None:
     """The id of the audit key this database's checkpoints are signed with
     (recorded when a broker first uses one), or None."""
     with db.read() as conn:
@@ -367,7 +371,7 @@ def recorded_key_id(db) -> str | None:
     return value.decode("ascii") if value is not None else None
 
 
-def check_key(db, signer, path: Path) -> None:
+def check_key(db: Database, signer: audit_key.Signer, path: Path) -> None:
     """Every broker on one database signs with the same key, as they share
     the master key: the first use records its id, later uses refuse another
     key (an auditor verifies with one public key). Raises AuditKeyError."""
@@ -383,7 +387,9 @@ def check_key(db, signer, path: Path) -> None:
         )
 
 
-def sign_checkpoint(db, signer, node: str, clock: Callable[[], float] = time.time) -> Checkpoint | None:
+def sign_checkpoint(
+    db: Database, signer: audit_key.Signer, node: str, clock: Callable[[], float] = time.time
+) -> Checkpoint | None:
     """Sign the head of the chain if it moved since the last checkpoint."""
     from broker.db import audit, audit_checkpoints
 

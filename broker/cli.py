@@ -496,9 +496,7 @@ def _audit(cfg, args) -> int:
     try:
         if args.audit_command == "checkpoint":
             if not cfg.audit.signing_key_file.exists():
-                raise CliError(
-                    f"no audit signing key {cfg.audit.signing_key_file}; create it with 'vtpm-broker init'"
-                )
+                raise CliError(f"no audit signing key {cfg.audit.signing_key_file}; create it with 'vtpm-broker init'")
             signer = audit_trail.load_signer(cfg.audit.signing_key_file)
             audit_trail.check_key(db, signer, cfg.audit.signing_key_file)
             checkpoint = audit_trail.sign_checkpoint(db, signer, f"vtpm-broker-admin@{cfg.broker.node_name}")

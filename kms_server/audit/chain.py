@@ -72,9 +72,7 @@ class Domain:
 
 
 KMS = Domain("kms-server", b"kms-audit-v1\n", b"kms-audit-checkpoint-v1\n", INDEXED_FIELDS)
-BROKER = Domain(
-    "vtpm-broker", b"vtpm-broker-audit-v1\n", b"vtpm-broker-audit-checkpoint-v1\n", BROKER_INDEXED_FIELDS
-)
+BROKER = Domain("vtpm-broker", b"vtpm-broker-audit-v1\n", b"vtpm-broker-audit-checkpoint-v1\n", BROKER_INDEXED_FIELDS)
 
 
 def canonical(value: dict) -> str:
