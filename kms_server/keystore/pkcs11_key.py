@@ -73,6 +73,12 @@ def read_pin_file(path: str | os.PathLike[str]) -> str:
         raise MasterKeyError(f"PIN file {path} is not UTF-8 text; put the token's user PIN in it") from None
 
 
+# python-pkcs11 initializes a module with C_Initialize(NULL), which tells it
+# that the application does not call it from several threads at once: every
+# call into a token is made under this lock.
+_TOKEN_LOCK = threading.RLock()
+
+
 def _error_name(exc: BaseException) -> str:
     return type(exc).__name__
 
@@ -83,7 +89,7 @@ class _TokenSession:
     def __init__(self, module: str, token_label: str, pin: str, pin_file: str):
         self.module, self.token_label, self.pin_file = module, token_label, pin_file
         self._pin = pin
-        self.lock = threading.RLock()
+        self.lock = _TOKEN_LOCK
         self.refs = 0
         # Bumped whenever the session is opened again: keys found in an older
         # session are looked up again.
@@ -145,11 +151,10 @@ class _TokenSession:
 
 
 _sessions: dict[tuple[str, str], _TokenSession] = {}
-_sessions_lock = threading.Lock()
 
 
 def _acquire(module: str, token_label: str, pin: str, pin_file: str) -> _TokenSession:
-    with _sessions_lock:
+    with _TOKEN_LOCK:
         shared = _sessions.get((module, token_label))
         if shared is None:
             shared = _TokenSession(module, token_label, pin, pin_file)
@@ -164,7 +169,7 @@ def _acquire(module: str, token_label: str, pin: str, pin_file: str) -> _TokenSe
 
 
 def _release(shared: _TokenSession) -> None:
-    with _sessions_lock:
+    with _TOKEN_LOCK:
         shared.refs -= 1
         if shared.refs <= 0 and _sessions.get((shared.module, shared.token_label)) is shared:
             del _sessions[(shared.module, shared.token_label)]
@@ -380,7 +385,8 @@ def _settings(cfg: Any) -> tuple[str, str, str, str]:
 def _open(module: str, token_label: str, pin_file: str) -> _TokenSession:
     shared = _acquire(module, token_label, read_pin_file(pin_file), pin_file)
     try:
-        mechanisms = shared.token.slot.get_mechanisms()
+        with _TOKEN_LOCK:
+            mechanisms = shared.token.slot.get_mechanisms()
     except p11_errors.PKCS11Error:
         return shared  # Not listed: the key's first use tries GCM anyway.
     if Mechanism.AES_GCM not in mechanisms:
