@@ -138,7 +138,7 @@ class World:
 @pytest.fixture(scope="module")
 def world():
     world = World()
-    loggers = [logging.getLogger(name) for name in ("kms_server", "kms_server.dispatch")]
+    loggers = [logging.getLogger("kms_server")]
     for logger in loggers:
         logger.addHandler(world.tracebacks)
     yield world
