@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 DEV_PKI = certs/dev
 PYTEST_ARGS ?=
 
-.PHONY: run test venv pki master-key audit-key check-config clean lint vcenter-session bench bench-audit bench-nvram bench-cluster bench-gateway demo conformance
+.PHONY: run test venv pki master-key audit-key check-config clean lint vcenter-session bench bench-audit bench-nvram bench-cluster bench-gateway demo conformance fuzz
 
 venv: $(VENV)/.installed
 
@@ -90,6 +90,14 @@ bench-cluster: venv
 
 bench-gateway: venv
 	$(BIN)/python bench/gateway_decrypt.py
+
+# The fuzz properties at FUZZ_SCALE times the examples of `make test`, then
+# a two-minute campaign of mutated messages against a real kms-server
+# (bench/README.md, "fuzz_campaign.py"). FUZZ_ARGS: e.g. --target broker-api.
+FUZZ_SCALE ?= 10
+fuzz: venv
+	KMS_FUZZ_PROFILE=fuzz-long KMS_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q tests/fuzz
+	$(BIN)/python tools/fuzz_campaign.py --seconds 120 $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
