@@ -119,7 +119,9 @@ def _backup(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(
-        "it is encrypted under the master key: keep the master key file or passphrase, stored apart from it", flush=True
+        "its key is wrapped by the master key: keep that key file, passphrase or token key, apart from the backup, "
+        "for as long as the backup is kept",
+        flush=True,
     )
     return 0
 
@@ -153,7 +155,7 @@ def register_backup(subparsers: argparse._SubParsersAction) -> None:
         help="write an encrypted, authenticated backup of the key store",
         description="Write every object, attribute and server value of the store to FILE, in one "
         "consistent snapshot (servers may keep running). The file is encrypted and authenticated "
-        "under a key derived from the master key; sealed keys stay sealed. See docs/backup-format.md.",
+        "under a random key that the master key wraps; sealed keys stay sealed. See docs/backup-format.md.",
     )
     out.add_argument("--out", required=True, type=Path, metavar="FILE", help="backup file to write (mode 0600)")
     out.add_argument(
