@@ -14,7 +14,7 @@ from conftest import start_server
 from kmip.core import enums
 from kmip.pie import objects as pie_objects
 from kmip.pie.client import ProxyKmipClient
-from softhsm import TOKEN, new_label, softhsm
+from softhsm import PIN, TOKEN, new_label, softhsm
 
 from kms_server.admin import cli
 
@@ -77,7 +77,7 @@ def test_node_serves_and_restarts_on_a_token_master_key(tmp_path, pki_dir, hsm, 
     database = (workdir / "data" / "kms.db").read_bytes()
     assert secret not in database and aes_value not in database
     assert b"pkcs11:" in database
-    assert hsm.pin_file.read_text().strip().encode() not in database
+    assert PIN.encode() not in database and PIN not in server.stderr_text()
 
     server = start_server(workdir, pki_dir, master_key_toml=hsm.toml(token_key))
     try:
