@@ -93,7 +93,7 @@ class ProgressReporter:
 
 def _command_error(message: str) -> Exception:
     # Imported here: cli imports this module to register the commands.
-    from kms_server.admin.cli import CommandError
+    from kms_server.admin.errors import CommandError
 
     return CommandError(message)
 

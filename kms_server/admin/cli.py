@@ -35,8 +35,9 @@ EXIT_USAGE = 2
 DEFAULT_CA_DIR = "certs/dev"
 
 
-class CommandError(Exception):
-    """An operator error found by a handler; message is 'problem; fix'."""
+# Defined apart so that command modules raise the very class main() catches,
+# also when this module runs as __main__.
+from kms_server.admin.errors import CommandError  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):

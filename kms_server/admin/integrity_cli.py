@@ -3,8 +3,8 @@ operator's side of authenticated rows and the keyring
 (docs/at-rest-sealing.md).
 
 `db verify` exits 0 when every object row and the store digest check, 1
-naming each object that fails (and the digest's problem), 2 on a usage or
-configuration error. `--reset-digest` accepts the rows as they are now (after
+naming each object that fails (and the digest's problem), 2 with a one-line
+error when the store or its master key cannot be opened. `--reset-digest` accepts the rows as they are now (after
 an operator has decided so): rows that fail their own MAC stay refused.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kms_server.admin.backup_cli import ProgressReporter
+from kms_server.admin.errors import CommandError
 from kms_server.config import ConfigError, load_config
 
 __all__ = ["master_key_rotate", "db_verify", "add_verify_arguments", "add_rotate_arguments"]
@@ -26,8 +27,6 @@ ADMIN_NODE = "kms-admin"
 
 
 def _error(message: str) -> Exception:
-    from kms_server.admin.cli import CommandError
-
     return CommandError(message)
 
 
