@@ -450,3 +450,39 @@ def test_a_second_broker_is_told_to_copy_the_audit_key(tmp_path):
     again = broker_cli(shared, "init")
     assert again.returncode == 0, again.stderr
     assert "audit key" not in again.stdout
+
+
+def test_checkpoints_are_signed_at_start_periodically_and_at_stop(tmp_path, keys):
+    """The service's loop (fake clock, threads run inline): a checkpoint at
+    start, one per period when the head moved, and a last one at stop."""
+    from twisted.internet.task import Clock as FakeReactor
+
+    class Reactor(FakeReactor):
+        def callFromThread(self, f, *args, **kwargs):
+            f(*args, **kwargs)
+
+    class Pool:
+        def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+            on_result(True, f(*args, **kwargs))
+
+    db = Database(f"sqlite:///{tmp_path / 'broker.db'}")
+    try:
+        schema.upgrade(db)
+        registry = Registry(db, clock=Clock(), node="broker-1", audit_signer=keys[0])
+        fill(registry, 2)
+        reactor = Reactor()
+        loop = audit_trail.CheckpointLoop(db, keys[0], "broker-1", reactor, Pool(), 60.0)
+        loop.start()
+        assert [c.seq for c in audit_trail.checkpoints(db)] == [2]
+        fill(registry, 1)
+        reactor.advance(59)
+        assert [c.seq for c in audit_trail.checkpoints(db)] == [2]
+        reactor.advance(1)
+        assert [c.seq for c in audit_trail.checkpoints(db)] == [2, 3]
+        reactor.advance(60)  # nothing new: nothing signed
+        fill(registry, 2)
+        loop.stop()
+        assert [c.seq for c in audit_trail.checkpoints(db)] == [2, 3, 5]
+        assert audit_trail.verify(db, keys[0].public).ok
+    finally:
+        db.close()
