@@ -274,7 +274,7 @@ def known_finding(request: ApiRequest) -> str | None:
 # --- Properties ---------------------------------------------------------------------------------
 
 
-@budget(300)
+@budget(200)
 @given(st.data())
 def test_any_call_is_answered_without_a_server_error(world, data):
     """Any method, path, query and body from any caller: a 2xx, a 4xx with
@@ -308,7 +308,7 @@ ROUTE_BODIES = {
 CALLER_OF = {"enroll": "none", "host": "instance", "vm": "instance", "register": "instance", "place": "instance", "generation": "host", "ek": "host"}
 
 
-@budget(300)
+@budget(150)
 @given(st.sampled_from(sorted(ROUTE_BODIES.items())), st.data())
 def test_mutated_bodies_of_each_route_are_refused_cleanly(world, route, data):
     """The route's own caller and a well-formed body with fields changed to

@@ -55,7 +55,7 @@ def test_every_seed_decodes_and_encodes_to_the_same_bytes():
         assert ttlv.encode(ttlv.decode(data)) == data
 
 
-@budget(300)
+@budget(200)
 @given(SEED.flatmap(mutated_tree))
 def test_structure_aware_mutations_round_trip(item):
     """decode(encode(x)) == x for a real request with values, types and
@@ -68,7 +68,7 @@ def test_structure_aware_mutations_round_trip(item):
     assert ttlv.decode(data) == item
 
 
-@budget(600)
+@budget(300)
 @given(SEED.flatmap(mutated_bytes))
 def test_corrupted_real_messages_raise_only_ttlv_error(data):
     """Lengths, type bytes and tags of a real message corrupted, bits
@@ -119,7 +119,7 @@ def test_every_truncation_and_extension_of_a_real_message_is_refused(item, data)
         ttlv.decode(encoded + data.draw(st.binary(min_size=1, max_size=16)))
 
 
-@budget(150)
+@budget(100)
 @given(trees(20), st.integers(1, 40))
 def test_the_depth_limit_is_exact(item, max_depth):
     """A tree decodes under a limit exactly when its depth allows it."""
