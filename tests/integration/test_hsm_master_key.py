@@ -125,3 +125,73 @@ def test_token_problems_stop_the_node_with_one_line(tmp_path, hsm, opened_node, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr and "listening on" not in result.stdout
+
+
+def test_rotation_to_a_token_key_and_backups_on_either_side(tmp_path, pki_dir, hsm, token_key):
+    """A node on a key file moves to a token key (kms-admin master-key
+    rotate --new-config, then --finish) and serves the same keys on it; a
+    backup made before the rotation is restored with the old key file and
+    not with the token key, one made after with the token key."""
+    from kms_server.admin import backup as backup_mod
+    from kms_server.config import load_config
+    from kms_server.keystore.barrier import BarrierError, open_barrier
+    from kms_server.storage.sql import SqlStorage
+
+    workdir = tmp_path / "node"
+    server = start_server(workdir, pki_dir)
+    try:
+        client = _client(server, pki_dir)
+        try:
+            keys = {uid: None for uid in (client.create(enums.CryptographicAlgorithm.AES, 256) for _ in range(5))}
+            for uid in keys:
+                keys[uid] = client.get(uid).value
+        finally:
+            client.close()
+    finally:
+        server.stop()
+    old_config = workdir / "kms-old.toml"
+    old_config.write_text((workdir / "kms.toml").read_text())
+    token_config = workdir / "kms-token.toml"
+    token_config.write_text(
+        old_config.read_text().replace(f'file = "{workdir / "master.key"}"', hsm.toml(token_key).strip())
+    )
+    assert "pkcs11_module" in token_config.read_text()
+    before = tmp_path / "before.kmsbak"
+    backup_mod.backup(load_config(old_config), before)
+
+    assert cli.main(["master-key", "rotate", "--config", str(old_config), "--new-config", str(token_config)]) == 0
+    assert cli.main(["master-key", "rotate", "--finish", "--config", str(token_config)]) == 0
+    server = start_server(workdir, pki_dir, master_key_toml=hsm.toml(token_key))
+    try:
+        client = _client(server, pki_dir)
+        try:
+            for uid, value in keys.items():
+                assert client.get(uid).value == value
+        finally:
+            client.close()
+    finally:
+        server.stop()
+    after = tmp_path / "after.kmsbak"
+    backup_mod.backup(load_config(token_config), after)
+
+    def restored(config, backup, name):
+        url = f"sqlite:///{tmp_path / name}"
+        backup_mod.restore(load_config(config, {"storage": {"db_url": url}}), backup)
+        return url
+
+    def opens(url, config) -> bool:
+        storage = SqlStorage(url)
+        try:
+            open_barrier(storage, source=load_config(config).master_key)
+            return True
+        except BarrierError:
+            return False
+        finally:
+            storage.close()
+
+    with pytest.raises(backup_mod.BackupError, match="^the backup was made under another master key; configure a key"):
+        restored(token_config, before, "wrong.db")
+    old_copy = restored(old_config, before, "before.db")
+    assert opens(old_copy, old_config) and not opens(old_copy, token_config)
+    new_copy = restored(token_config, after, "after.db")
+    assert opens(new_copy, token_config) and not opens(new_copy, old_config)
