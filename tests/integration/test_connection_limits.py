@@ -18,7 +18,9 @@ import threading
 import time
 from pathlib import Path
 
+import broker_process
 import pytest
+import requests
 from conftest import start_server
 from kmip.core.enums import Operation, ResultStatus, Tags
 from kmip_client import RawClient, tls_context
@@ -317,4 +319,141 @@ def test_legacy_suite_on_the_kmip_listener_only(node, pki_dir):
     modern = tls_context(pki_dir, "auditor")
     modern.maximum_version = ssl.TLSVersion.TLSv1_2
     cipher = handshake_cipher(node.web_port, modern)
-    assert cipher is not None and cipher.startswith("ECDHE-") and "GCM" in cipher or "CHACHA20" in cipher
+    assert cipher is not None and cipher.startswith("ECDHE-"), cipher
+    assert "GCM" in cipher or "CHACHA20" in cipher, cipher
+
+
+# --- The broker: API and gateway ------------------------------------------------------
+
+BROKER_API_MAX_CONNECTIONS = 3
+BROKER_HANDSHAKE_TIMEOUT = 3.0
+BROKER_REQUEST_TIMEOUT = 3.0
+GATEWAY_MAX_CONNECTIONS = 3
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory, pki_dir, kms_module):
+    """A `vtpm-broker` with small listener limits: 3 API connections, 3
+    gateway connections, 3 s handshake timeouts and API request deadline."""
+    workdir = tmp_path_factory.mktemp("broker-limits")
+    config = broker_process.write_config(workdir, kms_module.port, pki_dir)
+    text = config.read_text()
+    text = text.replace(
+        "[api]\nport = 0\n",
+        "[api]\nport = 0\n"
+        f"max_connections = {BROKER_API_MAX_CONNECTIONS}\n"
+        f"handshake_timeout = {BROKER_HANDSHAKE_TIMEOUT}\n"
+        f"request_timeout = {BROKER_REQUEST_TIMEOUT}\n",
+    )
+    text = text.replace(
+        "[gateway]\nport = 0\n",
+        "[gateway]\nport = 0\n"
+        f"max_connections = {GATEWAY_MAX_CONNECTIONS}\n"
+        f"handshake_timeout = {BROKER_HANDSHAKE_TIMEOUT}\n",
+    )
+    assert "request_timeout" in text and text.count("handshake_timeout") == 2
+    config.write_text(text)
+    b = broker_process.set_up(workdir, config, pki_dir)
+    b.start()
+    assert b.gateway_port, "this build has no broker.gateway"
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def host_identity(broker) -> tuple[str, str]:
+    """A host certificate issued by the broker's trust CA, for the gateway."""
+    instance = broker_process.enroll(broker, "limits-instance")
+    return broker_process.register_host(broker, instance, "limits-host")
+
+
+def broker_context(broker, identity: tuple[str, str] | None = None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(broker.ca))
+    ctx.check_hostname = False
+    if identity is not None:
+        ctx.load_cert_chain(*identity)
+    return ctx
+
+
+def broker_tls(broker, port: int, identity=None) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=15)
+    return broker_context(broker, identity).wrap_socket(raw)
+
+
+def test_the_gateway_frees_slots_after_an_undecodable_frame_and_pipelined_requests(broker, host_identity):
+    """The gateway reuses the KMIP protocol: the same burst and close, three
+    times its connection cap, leaves it holding no connection, and a host
+    is still served."""
+    burst = undecodable_frame() + discover_versions() * 4
+    for _ in range(3 * GATEWAY_MAX_CONNECTIONS):
+        with broker_tls(broker, broker.gateway_port, host_identity) as sock:
+            sock.sendall(burst)
+            assert closed_by_server(sock, 15)
+    assert wait_for_no_server_sockets(broker.gateway_port) == 0
+    with broker_tls(broker, broker.gateway_port, host_identity) as sock:
+        sock.sendall(discover_versions())
+        header = sock.recv(8)
+        assert header[:3] == bytes.fromhex("42007b"), "the gateway did not answer a fresh host"
+
+
+def test_the_gateway_lets_a_host_in_past_idle_sockets(broker, host_identity):
+    """More bare sockets than the gateway's connection cap do not keep a
+    host out."""
+    idle = [socket.create_connection(("127.0.0.1", broker.gateway_port)) for _ in range(3 * GATEWAY_MAX_CONNECTIONS)]
+    try:
+        with broker_tls(broker, broker.gateway_port, host_identity) as sock:
+            sock.sendall(discover_versions())
+            assert sock.recv(8)[:3] == bytes.fromhex("42007b")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_the_broker_api_closes_a_bare_socket_at_the_handshake_timeout(broker):
+    """The API listener had no handshake timeout: a socket that never
+    starts TLS is now closed after handshake_timeout."""
+    with socket.create_connection(("127.0.0.1", broker.port)) as sock:
+        assert closed_by_server(sock, BROKER_HANDSHAKE_TIMEOUT + 10)
+
+
+def test_the_broker_api_caps_its_connections_after_tls(broker):
+    """The API listener had no connection cap: past max_connections a TLS
+    connection is closed after its handshake; bare sockets take no slot;
+    the API answers again once connections go."""
+    bare = [socket.create_connection(("127.0.0.1", broker.port)) for _ in range(2 * BROKER_API_MAX_CONNECTIONS)]
+    held = []
+    try:
+        held = [broker_tls(broker, broker.port) for _ in range(BROKER_API_MAX_CONNECTIONS)]
+        with broker_tls(broker, broker.port) as extra:
+            assert closed_by_server(extra, 10)
+    finally:
+        for sock in held + bare:
+            sock.close()
+    deadline = time.monotonic() + 15
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = broker.call("GET", "/v1/vms").status_code
+            break
+        except requests.RequestException:
+            time.sleep(0.2)
+    assert status is not None and status < 500
+
+
+def test_the_broker_api_closes_a_request_trickled_in(broker):
+    """An API request sent one byte a second is closed at the request
+    deadline, before it is complete."""
+    with broker_tls(broker, broker.port) as sock:
+        request = b"GET /v1/vms HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 40
+        assert trickled_until_closed(sock, request[:20]), "a request trickled in over 20 s was still read"
+
+
+def test_the_broker_listeners_refuse_suites_without_forward_secrecy(broker, host_identity):
+    """Neither the API nor the gateway accepts AES128-SHA256 (RSA key
+    transport): only the KMS's KMIP listener offers it, for vCenter 7."""
+    for port, identity in ((broker.port, None), (broker.gateway_port, host_identity)):
+        ctx = broker_context(broker, identity)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("AES128-SHA256")
+        assert handshake_cipher(port, ctx) is None, port
