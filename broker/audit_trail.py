@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointLoop",
     "Checkpoint",
     "Row",
+    "ExportError",
     "carry_over",
     "chain_rows",
     "check_key",
@@ -50,7 +51,10 @@ __all__ = [
     "open_signer",
     "recorded_key_id",
     "sign_checkpoint",
+    "export_lines",
+    "read_export",
     "verify",
+    "verify_rows",
 ]
 
 log = logging.getLogger("broker.audit")
@@ -248,12 +252,19 @@ def checkpoints(db: Database) -> list[Checkpoint]:
 
 
 def verify(db: Database, verifier: audit_key.Verifier | None = None, max_problems: int = 20) -> Report:
-    """The whole trail: records of the old format by their rule up to the
-    carry-over record, the rest and the checkpoints by the chain's
-    (kms_server.audit.chain.verify with the broker's Domain). `verifier`
-    (an audit_key.Verifier) checks checkpoint signatures; None reports any
-    checkpoint as unchecked."""
-    rows = _rows(db)
+    """The whole trail in the database; see verify_rows."""
+    return verify_rows(_rows(db), checkpoints(db), verifier, max_problems)
+
+
+def verify_rows(
+    stored: Iterable, cps: list[Checkpoint], verifier: audit_key.Verifier | None = None, max_problems: int = 20
+) -> Report:
+    """Records (broker_audit rows or exported ones, in seq order) of the old
+    format by their rule up to the carry-over record, the rest and the
+    checkpoints by the chain's (kms_server.audit.chain.verify with the
+    broker's Domain). `verifier` checks checkpoint signatures; None reports
+    any checkpoint as unchecked."""
+    rows = iter(stored)
     legacy = _Legacy()
     first = None
     for row in rows:
@@ -294,7 +305,7 @@ def verify(db: Database, verifier: audit_key.Verifier | None = None, max_problem
 
     report = chain.verify(
         new_rows(),
-        checkpoints(db),
+        cps,
         verifier.check if verifier is not None else None,
         verifier.key_id if verifier is not None else None,
         max_problems,
@@ -309,6 +320,70 @@ def verify(db: Database, verifier: audit_key.Verifier | None = None, max_problem
             report.last_seq = legacy.last_seq
     report.problems = sorted(extra + report.problems, key=lambda p: p.seq)[:max_problems]
     return report
+
+
+EXPORT_FORMAT = "vtpm-broker-audit-export"
+_COLUMNS = ("seq", "at", "actor", "action", "target", "allowed", "reason", "prev_hash", "hash", "body")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A broker_audit row as exported (the table's columns)."""
+
+    seq: int
+    at: float
+    actor: str
+    action: str
+    target: str
+    allowed: bool
+    reason: str
+    prev_hash: str
+    hash: str
+    body: str | None
+
+
+class ExportError(Exception):
+    """A file that is not a broker audit export; one line."""
+
+
+def export_lines(db: Database) -> Iterator[str]:
+    """JSON lines: a header, every record as stored, every checkpoint."""
+    yield json.dumps({"format": EXPORT_FORMAT, "version": 1, "exported_at": format_time(time.time())})
+    for row in _rows(db):
+        yield json.dumps({"type": "record", **{c: getattr(row, c) for c in _COLUMNS}}, ensure_ascii=False)
+    for c in checkpoints(db):
+        yield json.dumps({"type": "checkpoint", **c.__dict__})
+
+
+def read_export(path: Path) -> tuple[list[Stored], list[Checkpoint]]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ExportError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ExportError(f"{path} is not a broker audit export (not UTF-8 text)") from None
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        header = {}
+    if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{path} is not a broker audit export (made by: vtpm-broker admin audit export --to FILE)")
+    records, cps = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            row = json.loads(line)
+            kind = row.pop("type")
+            if kind == "record":
+                records.append(Stored(**row))
+            elif kind == "checkpoint":
+                cps.append(Checkpoint(**row))
+            else:
+                raise ValueError(kind)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise ExportError(f"{path}, line {number}: not an audit record or checkpoint") from None
+    records.sort(key=lambda r: r.seq)
+    cps.sort(key=lambda c: c.seq)
+    return records, cps
 
 
 def _carried(first: Row | None) -> dict | None:

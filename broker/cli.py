@@ -10,8 +10,9 @@
     vtpm-broker [--config F] admin list [--json]
     vtpm-broker [--config F] admin issue-user NAME --out-dir D
     vtpm-broker [--config F] admin audit [--vm NAME|UUID] [--host H] [--since 1h] [--json]
-    vtpm-broker [--config F] admin audit verify [--public-key F]
+    vtpm-broker [--config F] admin audit verify [--public-key F] [--file EXPORT]
     vtpm-broker [--config F] admin audit checkpoint
+    vtpm-broker [--config F] admin audit export --to F [--force]
     vtpm-broker [--config F] ca show|import|csr|install-signed|recertify ...
 
 Admin commands act on the broker's database as the security administrator
@@ -82,7 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--public-key", metavar="FILE", help="audit public key (PEM); default: [audit] signing_key_file or its .pub"
     )
+    verify.add_argument("--file", metavar="EXPORT", help="verify an exported file instead of the database")
     ausub.add_parser("checkpoint", help="sign a checkpoint of the current head now")
+    export = ausub.add_parser("export", help="write the whole trail and its checkpoints to a JSON-lines file")
+    export.add_argument("--to", required=True, metavar="FILE", help="file to write (mode 0600)")
+    export.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
     ca = sub.add_parser("ca", help="the vTPM EK CA")
     csub = ca.add_subparsers(dest="ca_command", required=True)
@@ -492,6 +497,17 @@ def _audit(cfg, args) -> int:
     from broker import audit_trail
     from kms_server.audit import chain
 
+    if args.audit_command == "verify" and args.file is not None:
+        # Offline, as kms-admin audit verify --file: the export and the public key only.
+        if args.public_key is None:
+            raise CliError("verifying an export needs the audit public key; add --public-key FILE")
+        verifier = _audit_verifier(cfg, args.public_key)
+        try:
+            records, checkpoints = audit_trail.read_export(Path(args.file))
+        except audit_trail.ExportError as exc:
+            raise CliError(str(exc)) from None
+        report = audit_trail.verify_rows(records, checkpoints, verifier)
+        return chain.verdict(report, str(args.file), signatures_checked=True).emit()
     db = _audit_db(cfg)
     try:
         if args.audit_command == "checkpoint":
@@ -505,6 +521,8 @@ def _audit(cfg, args) -> int:
             else:
                 print(f"signed checkpoint at record {checkpoint.seq} (key id {checkpoint.key_id})")
             return 0
+        if args.audit_command == "export":
+            return _audit_export(db, Path(args.to), args.force)
         verifier = _audit_verifier(cfg, getattr(args, "public_key", None))
         report = audit_trail.verify(db, verifier)
         verdict = chain.verdict(report, db.shown_url, signatures_checked=verifier is not None)
@@ -526,6 +544,19 @@ def _audit(cfg, args) -> int:
         target = f"{r.target} ({name})" if name else r.target
         print(f"{r.seq:6d} {when} {r.actor:28} {r.action:14} {target:38} {allowed:8} {r.reason}")
     return verdict.emit()
+
+
+def _audit_export(db, to: Path, force: bool) -> int:
+    from broker import audit_trail
+
+    if to.exists() and not force:
+        raise CliError(f"{to} exists; choose another file or add --force")
+    lines = list(audit_trail.export_lines(db))
+    _write_private(to, ("\n".join(lines) + "\n").encode("utf-8"))
+    records = sum(1 for line in lines if line.startswith('{"type": "record"'))
+    print(f"wrote {to}: {records} records, {len(lines) - 1 - records} checkpoints")
+    print(f"verify it offline with: vtpm-broker admin audit verify --file {to} --public-key <audit.pub>")
+    return 0
 
 
 def _audit_listing(db, args) -> tuple[list, dict[str, str]]:

@@ -391,6 +391,24 @@ def test_db_upgrade_then_admin_audit_verify_on_an_old_database(tmp_path):
     listing = broker_cli(config, "admin", "audit")
     assert listing.returncode == 0 and "audit.carry-over" in listing.stdout and "audit trail intact" in listing.stdout
 
+    # Offline, as kms-admin audit verify --file: an export and the public key only.
+    export = tmp_path / "trail.jsonl"
+    written = broker_cli(config, "admin", "audit", "export", "--to", str(export))
+    assert written.returncode == 0 and "6 records, 1 checkpoints" in written.stdout
+    assert export.stat().st_mode & 0o777 == 0o600
+    pub = str(data / "audit.pub")
+    offline = broker_cli(config, "admin", "audit", "verify", "--file", str(export), "--public-key", pub)
+    assert offline.returncode == 0 and offline.stdout.startswith("audit trail intact: 6 records")
+    edited = export.read_text().replace('"vc-3"', '"vc-9"')
+    (tmp_path / "edited.jsonl").write_text(edited)
+    caught = broker_cli(
+        config, "admin", "audit", "verify", "--file", str(tmp_path / "edited.jsonl"), "--public-key", pub
+    )
+    assert caught.returncode == 1
+    assert "first problem at record 3: record 3 altered: its content no longer matches its hash" in caught.stderr
+    keyless = broker_cli(config, "admin", "audit", "verify", "--file", str(export))
+    assert keyless.returncode == 2 and "needs the audit public key" in keyless.stderr
+
     db = Database(f"sqlite:///{data / 'broker.db'}")
     execute(db, update(audit).where(audit.c.seq == 6).values(reason="nothing to see"))
     db.close()
