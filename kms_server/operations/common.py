@@ -49,6 +49,15 @@ def require(payload: Item, t: Tags, type_: ItemType | None = None) -> Item:
     return item
 
 
+def attribute_reference(item: Item) -> str:
+    """The attribute a 2.0 Attribute Reference names. Only an Enumeration
+    (the attribute's tag) or a Structure (a vendor attribute) is one; any
+    other type is refused here, before its value is read as a tag."""
+    if item.type not in (ItemType.ENUMERATION, ItemType.STRUCTURE):
+        raise errors.InvalidField("Attribute Reference must be an Enumeration or a Structure")
+    return attrs.name_from_reference_v2(item)
+
+
 def optional_enum(payload: Item, t: Tags, enum_cls):
     item = payload.find(t.value)
     if item is None:

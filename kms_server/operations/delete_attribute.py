@@ -24,7 +24,7 @@ def handle(ctx, keystore, payload):
             raise errors.InvalidField("Current Attribute must hold exactly one attribute")
         name, _i, current = common.single_attribute(ctx, holder.children()[0])
     elif payload.find(Tags.ATTRIBUTE_REFERENCE.value) is not None:
-        name = attrs.name_from_reference_v2(payload.find(Tags.ATTRIBUTE_REFERENCE.value))
+        name = common.attribute_reference(payload.find(Tags.ATTRIBUTE_REFERENCE.value))
         all_values = True
     else:
         name = common.require(payload, Tags.ATTRIBUTE_NAME).value

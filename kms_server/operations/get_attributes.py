@@ -4,7 +4,6 @@ left out of the response rather than refused."""
 
 from kmip.core.enums import Operation, Tags
 
-from kms_server.keystore import attributes as attrs
 from kms_server.keystore.policy import Action
 from kms_server.operations import common
 
@@ -13,7 +12,7 @@ OPERATION = Operation.GET_ATTRIBUTES
 
 def requested_names(ctx, payload) -> list[str] | None:
     names = [i.value for i in payload.find_all(Tags.ATTRIBUTE_NAME.value)]
-    names += [attrs.name_from_reference_v2(i) for i in payload.find_all(Tags.ATTRIBUTE_REFERENCE.value)]
+    names += [common.attribute_reference(i) for i in payload.find_all(Tags.ATTRIBUTE_REFERENCE.value)]
     return names or None
 
 

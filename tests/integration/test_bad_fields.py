@@ -202,3 +202,44 @@ def test_header_field_of_the_wrong_type_is_invalid_message(kms_module, pki_dir, 
     (item,) = _answers(kms_module, pki_dir, message)
     assert item.get(T.RESULT_STATUS.value) == ResultStatus.OPERATION_FAILED.value
     assert _reason(item) == ResultReason.INVALID_MESSAGE
+
+
+@pytest.mark.parametrize(
+    "reference",
+    [ttlv.text(T.ATTRIBUTE_REFERENCE.value, ""), ttlv.byte_string(T.ATTRIBUTE_REFERENCE.value, b"\x42\x00\x28")],
+    ids=["text", "bytes"],
+)
+@pytest.mark.parametrize("operation", [Operation.GET_ATTRIBUTES, Operation.DELETE_ATTRIBUTE], ids=["get", "delete"])
+def test_attribute_reference_of_a_string_type_is_invalid_field(kms_module, pki_dir, no_traceback, reference, operation):
+    """A 2.0 Attribute Reference that is neither an Enumeration nor a
+    Structure (found by the fuzzer: a ValueError formatting it, answered
+    General Failure with a traceback)."""
+    create = ttlv.structure(
+        T.BATCH_ITEM.value,
+        [
+            _op(Operation.CREATE),
+            ttlv.structure(
+                T.REQUEST_PAYLOAD.value,
+                [
+                    ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
+                    ttlv.structure(
+                        T.ATTRIBUTES.value,
+                        [
+                            ttlv.enumeration(T.CRYPTOGRAPHIC_ALGORITHM.value, CryptographicAlgorithm.AES.value),
+                            ttlv.integer(T.CRYPTOGRAPHIC_LENGTH.value, 128),
+                            ttlv.integer(T.CRYPTOGRAPHIC_USAGE_MASK.value, 12),
+                        ],
+                    ),
+                ],
+            ),
+        ],
+    )
+    v2 = _version(
+        ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, 2), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, 0)
+    )
+    (created,) = _answers(kms_module, pki_dir, _message([create], version=v2))
+    uid = created.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value)
+    item = _item(_op(operation), [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid), reference])
+    (answer,) = _answers(kms_module, pki_dir, _message([item], version=v2))
+    assert answer.get(T.RESULT_STATUS.value) == ResultStatus.OPERATION_FAILED.value
+    assert _reason(answer) == ResultReason.INVALID_FIELD
