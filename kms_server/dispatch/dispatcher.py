@@ -113,14 +113,15 @@ class Dispatcher:
             return None
         try:
             return self._handle_message(message, version, conn, request_id)
-        except errors.KmsError as exc:
-            respond_version = _closest_version(version)
-            reason, text = result_reason(exc, *respond_version)
-            log.info("request %s from %s refused: %s", request_id, conn.peer, text)
-            principal = getattr(exc, "principal", None) or conn.principal
-            self._record_refusal(conn, request_id, version, "message-refused", reason.name, text, principal)
-            return ttlv.encode(self._error_response(respond_version, reason, text))
-        except Exception:
+        except Exception as exc:
+            refused = exc if isinstance(exc, errors.KmsError) else input_error(exc)
+            if refused is not None:
+                respond_version = _closest_version(version)
+                reason, text = result_reason(refused, *respond_version)
+                log.info("request %s from %s refused: %s", request_id, conn.peer, text)
+                principal = getattr(exc, "principal", None) or conn.principal
+                self._record_refusal(conn, request_id, version, "message-refused", reason.name, text, principal)
+                return ttlv.encode(self._error_response(respond_version, reason, text))
             log.exception("request %s from %s: internal error", request_id, conn.peer)
             respond_version = _closest_version(version)
             return ttlv.encode(
