@@ -136,6 +136,12 @@ vms = Table(
     Column("host", Text, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("changed_at", Float, nullable=False),
+    # Cold migration (revision 0003): the trusted instance the owner (or an
+    # administrator) released the VM to, who did, and when; NULL otherwise.
+    # Only that instance may register the VM while its owner is trusted.
+    Column("released_to", Text, nullable=True),
+    Column("released_by", Text, nullable=True),
+    Column("released_at", Float, nullable=True),
     Index("ix_broker_vms_instance", "instance"),
 )
 
