@@ -132,6 +132,9 @@ class LimitedConnection(ProtocolWrapper):
         self.state = "new"  # new, handshaking, established, refused, closed
         self.closing = False
         self.peer = "?"
+        # Why the limits refused or dropped this connection, for the
+        # protocol's own record of refusals (None: they did not).
+        self.refusal: str | None = None
         self._producer_registered = False
         self._handshake_deadline = Deadline(factory.reactor, self._handshake_expired)
         self._close_deadline = Deadline(factory.reactor, self._close_expired)
@@ -198,8 +201,8 @@ class LimitedConnection(ProtocolWrapper):
 
     def _handshake_expired(self):
         if self.state == "handshaking":
-            log.info("%s: closing %s: TLS handshake not done in %ss", self.factory.name, self.peer,
-                     self.factory.limits.handshake_timeout)
+            self.refusal = f"TLS handshake not done in {self.factory.limits.handshake_timeout}s"
+            log.info("%s: closing %s: %s", self.factory.name, self.peer, self.refusal)
             self.abort()
 
     def _request_expired(self):
@@ -249,6 +252,7 @@ class LimitedFactory(WrappingFactory):
             )
             self.handshaking.pop(oldest)
             oldest.state = "refused"
+            oldest.refusal = f"dropped for a newer connection: {len(self.handshaking) + 1} TLS handshakes in progress"
             oldest.abort()
         self.handshaking[conn] = None
         conn.state = "handshaking"
@@ -257,7 +261,8 @@ class LimitedFactory(WrappingFactory):
     def _admit_connection(self, conn: LimitedConnection) -> bool:
         self.handshaking.pop(conn, None)
         if len(self.established) >= self.limits.max_connections:
-            log.warning("%s: refusing %s: %d connections open", self.name, conn.peer, len(self.established))
+            conn.refusal = f"{len(self.established)} connections open (the cap)"
+            log.warning("%s: refusing %s: %s", self.name, conn.peer, conn.refusal)
             conn.state = "refused"
             conn.abort()
             return False

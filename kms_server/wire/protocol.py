@@ -116,7 +116,9 @@ class KmipProtocol(protocol.Protocol):
         self._queue.clear()
         self._buffer.clear()
         if not self._handshake_done:
-            self.factory.refused(self.peer, f"TLS handshake failed: {reason.getErrorMessage()}", None)
+            # The listener limits say why when it was theirs to refuse.
+            refusal = vars(self.transport).get("refusal") if hasattr(self.transport, "__dict__") else None
+            self.factory.refused(self.peer, refusal or f"TLS handshake failed: {reason.getErrorMessage()}", None)
         self.factory.release(self)
 
     def _idle_expired(self):

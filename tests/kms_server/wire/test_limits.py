@@ -237,3 +237,42 @@ def test_a_factory_that_refuses_gets_no_wrapper():
     inner.buildProtocol = lambda addr: None
     factory = limits.LimitedFactory(inner, limits.ListenerLimits(), Clock())
     assert factory.buildProtocol(None) is None
+
+
+def test_a_kmip_connection_refused_by_the_limits_is_recorded_with_their_reason():
+    """The KMIP listener records refused connections (the audit trail):
+    one refused by the cap or by the handshake timeout is recorded as
+    such, not as a failed handshake."""
+    from kms_server.wire.protocol import KmipFactory
+
+    class CertifiedTransport(Transport):
+        def getPeerCertificate(self):
+            return object()
+
+    clock = Clock()
+    refusals = []
+    inner = KmipFactory(
+        handle=lambda message, identity: None,
+        identify=lambda certificate, peer: "identity",
+        threadpool=None,
+        reactor=clock,
+        refused=lambda peer, reason, certificate: refusals.append(reason),
+    )
+    factory = limits.LimitedFactory(
+        inner, limits.ListenerLimits(max_connections=1, handshake_timeout=5.0), clock, name="kmip"
+    )
+    transports = []
+    for handshake in (True, True, False):
+        conn = factory.buildProtocol(None)
+        transport = CertifiedTransport()
+        transport.protocol = conn
+        conn.makeConnection(transport)
+        if handshake:
+            conn.handshakeCompleted()
+        transports.append(transport)
+    clock.advance(5.0)
+    for transport in transports:
+        transport.lose()
+    assert refusals == ["1 connections open (the cap)", "TLS handshake not done in 5.0s"]
+    assert factory.open_connections == 0
+    assert inner.connections == set()
