@@ -91,6 +91,7 @@ def db_verify(args: argparse.Namespace) -> int:
         with storage.transaction(read_only=True) as txn:
             from kms_server.storage.base import LocateQuery
 
+            # Locate of everything: just the uids, to size the progress bar.
             total = len(txn.locate(LocateQuery()))
         with reporter.running():
             step = reporter.phase("verifying")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from kms_server.keystore import row_auth
 from kms_server.keystore.barrier import Barrier, BarrierError, Keyring, read_keyring, write_keyring
 from kms_server.keystore.master_key import MasterKey
-from kms_server.storage.base import ConcurrentModification, LocateQuery, Storage
+from kms_server.storage.base import ConcurrentModification, Storage, iter_objects
 
 __all__ = ["RotationError", "RotationState", "begin", "finish", "pending", "reseal_batch"]
 
@@ -75,13 +75,8 @@ def begin(storage: Storage, old: MasterKey, new: MasterKey) -> RotationState:
 def pending(storage: Storage, barrier: Barrier) -> list[str]:
     """Objects whose material or row MAC is under a term other than the
     active one."""
-    out = []
     with storage.transaction(read_only=True) as txn:
-        for uid in txn.locate(LocateQuery()):
-            stored = txn.get_object(uid)
-            if stored is not None and _needs_reseal(barrier, stored):
-                out.append(uid)
-    return out
+        return [stored.uid for stored in iter_objects(txn) if _needs_reseal(barrier, stored)]
 
 
 def _needs_reseal(barrier: Barrier, stored) -> bool:

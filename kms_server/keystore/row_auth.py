@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from kms_server.keystore.barrier import Barrier, UnknownTerm
-from kms_server.storage.base import LocateQuery, StoredObject, Transaction
+from kms_server.storage.base import StoredObject, Transaction, iter_objects
 
 __all__ = [
     "DIGEST_META",
@@ -155,7 +155,12 @@ def ensure_digest(txn: Transaction, barrier: Barrier) -> int:
     as it stands, once, and logged. Returns the number of such rows."""
     if txn.get_meta(DIGEST_META) is not None:
         return 0
-    rows = [s for s in (txn.get_object(uid, for_update=True) for uid in txn.locate(LocateQuery())) if s is not None]
+    # Nodes that start together take turns (the audit appenders' lock);
+    # the first one makes the digest, the others find it.
+    txn.audit_head(lock=True)
+    if txn.get_meta(DIGEST_META) is not None:
+        return 0
+    rows = list(iter_objects(txn))
     if any(stored.row_mac is not None for stored in rows):
         # Rows were authenticated, so the digest existed: someone removed it.
         raise RowIntegrityError(
@@ -198,13 +203,10 @@ def verify_store(txn: Transaction, barrier: Barrier, unseal: bool = True, progre
     and the store digest against the rows."""
     failures: list[tuple[str, str]] = []
     total, count = 0, 0
-    uids = txn.locate(LocateQuery())
-    for uid in uids:
-        stored = txn.get_object(uid)
+    for stored in iter_objects(txn):
+        uid = stored.uid
         if progress is not None:
             progress()
-        if stored is None:
-            continue
         count += 1
         try:
             verify(barrier, stored)
@@ -245,13 +247,11 @@ def reset_digest(txn: Transaction, barrier: Barrier) -> StoreDigest:
     explicit decision after `kms-admin db verify`). Rows that fail their own
     MAC stay refused: only the digest is rewritten."""
     total, count = 0, 0
-    for uid in txn.locate(LocateQuery()):
-        stored = txn.get_object(uid, for_update=True)
-        if stored is None:
-            continue
+    txn.get_meta(DIGEST_META, for_update=True)
+    for stored in iter_objects(txn):
         count += 1
         if stored.row_mac is not None:
-            total += element(barrier, uid, stored.version, stored.row_mac)
+            total += element(barrier, stored.uid, stored.version, stored.row_mac)
     digest = StoreDigest(total % _MODULUS, count)
     txn.set_meta(DIGEST_META, digest.to_bytes(barrier))
     return digest

@@ -152,6 +152,13 @@ class Transaction(abc.ABC):
         """Remove the object and its attributes; True if it existed."""
 
     @abc.abstractmethod
+    def scan_objects(self, after_sequence: int = 0, limit: int = 500) -> list[StoredObject]:
+        """Up to `limit` objects with their attributes, in insertion order,
+        whose sequence is above `after_sequence`: a whole-store pass (the
+        integrity check, rotation) pages through it without a query per
+        object."""
+
+    @abc.abstractmethod
     def locate(self, query: LocateQuery) -> list[str]:
         """Unique identifiers matching the query, in insertion order."""
 
@@ -189,6 +196,17 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     def audit_checkpoints(self) -> list[StoredCheckpoint]:
         """Every checkpoint, in seq order."""
+
+
+def iter_objects(txn: Transaction, page: int = 500):
+    """Every stored object, in insertion order, a page at a time."""
+    after = 0
+    while True:
+        batch = txn.scan_objects(after, page)
+        yield from batch
+        if len(batch) < page:
+            return
+        after = batch[-1].sequence
 
 
 class Storage(abc.ABC):

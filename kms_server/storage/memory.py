@@ -125,6 +125,13 @@ class _MemoryTransaction(Transaction):
         with self._op("delete_object", write=True):
             return self._state.objects.pop(uid, None) is not None
 
+    def scan_objects(self, after_sequence: int = 0, limit: int = 500) -> list[StoredObject]:
+        with self._op("scan_objects"):
+            found = sorted(
+                (o for o in self._state.objects.values() if o.sequence > after_sequence), key=lambda o: o.sequence
+            )
+            return [_copy_object(o) for o in found[:limit]]
+
     def locate(self, query: LocateQuery) -> list[str]:
         _check_query(query)
         with self._op("locate"):
@@ -142,7 +149,7 @@ class _MemoryTransaction(Transaction):
             return found[query.offset : end]
 
     def get_meta(self, key: str, for_update: bool = False) -> bytes | None:
-        with self._op("get_meta"):
+        with self._op("get_meta", write=for_update):
             return self._state.meta.get(key)
 
     def set_meta(self, key: str, value: bytes) -> None:

@@ -420,6 +420,35 @@ class _SqlTransaction(Transaction):
             )
             return result.rowcount > 0
 
+    def scan_objects(self, after_sequence: int = 0, limit: int = 500) -> list[StoredObject]:
+        with self._op("scan_objects"):
+            o, a = kms_objects.c, kms_attributes.c
+            rows = self._conn.execute(
+                select(o.sequence, o.uid, o.owner, o.version, o.sealed_material, o.row_mac)
+                .where(o.sequence > after_sequence)
+                .order_by(o.sequence)
+                .limit(limit)
+            ).all()
+            if not rows:
+                return []
+            attributes: dict[str, list[StoredAttribute]] = {}
+            for attr in self._conn.execute(
+                select(a.uid, a.name, a.idx, a.value).where(a.uid.in_([r.uid for r in rows]))
+            ):
+                attributes.setdefault(attr.uid, []).append(StoredAttribute(attr.name, attr.idx, bytes(attr.value)))
+            return [
+                StoredObject(
+                    uid=r.uid,
+                    owner=r.owner,
+                    sealed_material=None if r.sealed_material is None else bytes(r.sealed_material),
+                    attributes=sorted(attributes.get(r.uid, []), key=lambda x: (x.name, x.index)),
+                    version=r.version,
+                    sequence=r.sequence,
+                    row_mac=None if r.row_mac is None else bytes(r.row_mac),
+                )
+                for r in rows
+            ]
+
     def locate(self, query: LocateQuery) -> list[str]:
         _check_query(query)
         with self._op("locate"):

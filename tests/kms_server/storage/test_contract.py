@@ -716,3 +716,48 @@ def test_update_rewrites_changed_unchanged_removed_and_added_attributes(storage)
     assert locate(storage, equals=(("b", b"20"),)) == ["u-diff"]
     assert locate(storage, equals=(("b", b"2"),)) == []
     assert locate(storage, equals=(("c", b"4"),)) == []
+
+
+# Row MACs and whole-store scans (keystore/row_auth.py relies on them).
+
+
+def test_row_mac_is_stored_and_replaced_as_given(storage):
+    obj = new_object("u1")
+    obj.row_mac = b"\x00\x00\x00\x01" + b"m" * 32
+    insert(storage, obj)
+    assert get(storage, "u1").row_mac == obj.row_mac
+    with storage.transaction() as tx:
+        stored = tx.get_object("u1")
+        stored.row_mac = b"\x00\x00\x00\x02" + b"n" * 32
+        tx.update_object(stored)
+    assert get(storage, "u1").row_mac == b"\x00\x00\x00\x02" + b"n" * 32
+    insert(storage, new_object("u2"))
+    assert get(storage, "u2").row_mac is None
+
+
+def test_scan_objects_pages_in_insertion_order_with_attributes(storage):
+    for i in range(7):
+        insert(storage, new_object(f"u{i}", "alice", attr("Name", b"n%d" % i), attr("x-Tag", b"t", 0)))
+    seen = []
+    after = 0
+    with storage.transaction(read_only=True) as tx:
+        while True:
+            page = tx.scan_objects(after, 3)
+            seen += page
+            if len(page) < 3:
+                break
+            after = page[-1].sequence
+    assert [o.uid for o in seen] == [f"u{i}" for i in range(7)]
+    assert all(o == get(storage, o.uid) for o in seen)
+    assert [a.name for a in seen[0].attributes] == ["Name", "x-Tag"]
+
+
+def test_get_meta_for_update_reads_like_get_meta(storage):
+    with storage.transaction() as tx:
+        tx.set_meta("k", b"v")
+    with storage.transaction() as tx:
+        assert tx.get_meta("k", for_update=True) == b"v"
+        assert tx.get_meta("absent", for_update=True) is None
+    with pytest.raises(StorageError):
+        with storage.transaction(read_only=True) as tx:
+            tx.get_meta("k", for_update=True)
