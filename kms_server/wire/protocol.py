@@ -8,6 +8,16 @@ declared length against the limit before buffering anything more (like
 worker thread; the reactor thread never decodes business logic, touches
 the database, or runs slow cryptography. Messages on one connection are
 answered in order; different connections are served concurrently.
+
+What one connection can make the node hold is bounded: at most
+MAX_QUEUED_REQUESTS complete requests wait; a message must arrive whole
+within `frame_timeout` of its first byte; the protocol is its transport's
+streaming producer, so once more than `max_unsent_bytes` of its responses
+wait to be sent (the client does not read) it starts no request and reads
+nothing until they drain, and the same holds for every connection while
+the node's unsent bytes exceed `max_unsent_bytes_total`. A close always
+ends, even with reading paused. Handshake and connection caps are the
+listener's (`wire.limits.LimitedFactory` around the factory).
 """
 
 from __future__ import annotations

@@ -382,6 +382,18 @@ def test_aes256_sha256_on_tls12(world, server):
     assert handshake(server, ctx).cipher == "AES256-SHA256"
 
 
+@pytest.mark.parametrize("suite", ["AES128-SHA256", "AES256-SHA256"])
+def test_listeners_other_than_kmip_refuse_suites_without_forward_secrecy(world, suite):
+    """kmip_suites=False (audit page, broker API and gateway): the KMIP
+    profile suites with RSA key transport are not offered; ECDHE with AEAD
+    still is."""
+    context = server_context_factory(world.cfg, kmip_suites=False).getContext()
+    outcome = handshake(context, client_ctx(world, world.alice, max_version=TLS12, ciphers=suite))
+    assert not outcome.accepted, outcome
+    default = handshake(context, client_ctx(world, world.alice, max_version=TLS12))
+    assert default.accepted and default.cipher.startswith("ECDHE-") and "GCM" in default.cipher
+
+
 def test_ecdhe_aead_chosen_by_default_and_server_preference_wins(world, server):
     default = handshake(server, client_ctx(world, world.alice, max_version=TLS12))
     assert default.cipher.startswith("ECDHE-") and ("GCM" in default.cipher)
