@@ -365,6 +365,8 @@ class KmsTarget:
         return self.kms.service.log
 
     def restart(self) -> None:
+        # The same directory: the node comes back with its database, as
+        # after a real crash (`kms-admin pki init` keeps what exists).
         self.kms.service.stop(5)
         self.kms = processes.start_kms(self.workdir / "kms")
 
@@ -526,11 +528,15 @@ class BrokerApiTarget:
     def __init__(self, workdir: Path, timeout: float):
         self.workdir = workdir
         self.timeout = timeout
+        self.generation = 0
         self.kms = processes.start_kms(workdir / "kms")
         self._start_broker()
 
     def _start_broker(self) -> None:
-        self.broker = processes.start_broker(self.workdir / "broker", self.kms, "kms-fuzz")
+        # A restart after a crash starts a broker of its own (`vtpm-broker
+        # init` is for a new data directory) and enrolls again.
+        self.generation += 1
+        self.broker = processes.start_broker(self.workdir / f"broker-{self.generation}", self.kms, "kms-fuzz")
         self.anonymous = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.broker.trust_ca))
         self.identity = self._enroll("vc-fuzz")
 
@@ -553,7 +559,7 @@ class BrokerApiTarget:
         status, done = self.call(
             self.anonymous, "GET", f"/v1/enrollments/{answer['enrollment_id']}", headers={"Authorization": f"Bearer {answer['poll_secret']}"}
         )
-        directory = self.workdir / "identity"
+        directory = self.broker.workdir / "identity"
         directory.mkdir(exist_ok=True)
         (directory / f"{name}.pem").write_text(done["certificate_pem"])
         (directory / f"{name}.key").write_bytes(
@@ -713,6 +719,8 @@ def campaign(args: argparse.Namespace) -> Figures:
                     print(f"server exited with status {target.proc.returncode}; restarting", flush=True)
                     target.restart()
                     log_start = 0
+                    # RSS and descriptors are those of the server now running.
+                    figures.rss_start_kib, figures.fds_start = proc_status(target.proc.pid)
                     continue
                 figures.health_checks += 1
                 if not target.health():
