@@ -180,6 +180,51 @@ def test_slots_are_freed_after_an_undecodable_frame_and_pipelined_requests(node,
     assert "Traceback" not in node.stderr_text()
 
 
+def hammer_once(node, pki_dir, kind: int) -> None:
+    """One connection that ends in one of the ways a client can end it."""
+    burst = undecodable_frame() + discover_versions() * 4
+    if kind == 0:  # bare TCP, closed
+        socket.create_connection((node.host, node.port), timeout=15).close()
+        return
+    with RawClient(node.host, node.port, pki_dir, "alice", timeout=15) as raw:
+        if kind == 1:  # the burst, closed once the server closes
+            raw.send(burst)
+            raw.recv_message()
+        elif kind == 2:  # the burst, closed at once
+            raw.send(burst)
+        elif kind == 3:  # half a message, closed
+            raw.send(discover_versions()[:13])
+        elif kind == 4:  # the burst, then a reset
+            raw.send(burst)
+            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        elif kind == 5:  # pipelined good requests, answers not read
+            raw.send(discover_versions() * 8)
+
+
+def test_the_open_connection_count_returns_to_zero_after_a_hammering(node, pki_dir):
+    """Four clients at once end 60 connections in every way (bare socket,
+    the undecodable burst closed before or after the server's close, half a
+    message, a reset, unread answers): afterwards the node holds no
+    connection and a fresh client is served."""
+    errors = []
+
+    def client(offset: int) -> None:
+        for i in range(15):
+            try:
+                hammer_once(node, pki_dir, (i + offset) % 6)
+            except (OSError, ssl.SSLError) as exc:  # refused while the cap is reached
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert wait_for_no_server_sockets(node.port) == 0
+    assert_served(node.host, node.port, pki_dir)
+    assert "Traceback" not in node.stderr_text()
+
+
 def test_bare_sockets_do_not_lock_out_a_client(node, pki_dir):
     """More idle TCP connections than max_connections (and than the
     handshake slots) do not keep a client with a certificate out: slots are
