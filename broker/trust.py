@@ -12,6 +12,7 @@ digests, compared in constant time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import re
@@ -19,7 +20,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -178,6 +179,8 @@ class VmRecord:
     # query read it (list_vms); vtpm-mgmt vm check compares it with the
     # datastore's .nvram to find rolled-back copies.
     nvram_generation: int = 0
+    # The trusted instance the VM is released to (cold migration), if any.
+    released_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -312,7 +315,9 @@ def _placement_decision(row, no_vm: str) -> Decision:
     own_vm = row.vm_uuid is not None and row.vm_instance == row.instance
     vm_uuid = row.vm_uuid if own_vm else None
     if row.state != "trusted":
-        return Decision(False, f"instance {row.instance} of the host is {row.state or 'unknown'}", row.host, row.instance, vm_uuid)
+        return Decision(
+            False, f"instance {row.instance} of the host is {row.state or 'unknown'}", row.host, row.instance, vm_uuid
+        )
     if row.vm_uuid is None:
         return Decision(False, no_vm, row.host, row.instance, None)
     if not own_vm:
@@ -699,65 +704,111 @@ class Registry:
         if state != "trusted":
             raise Refused(f"instance {instance} is not trusted")
 
-    def register_host(self, instance: str, name: str, csr_pem: str) -> x509.Certificate:
+    @contextlib.contextmanager
+    def _refusals_audited(self, actor: str, action: str, target: str) -> Iterator[None]:
+        """Record a refusal (any TrustError) raised inside, after the refused
+        transaction has rolled back, so the trail is all it changes."""
+        try:
+            yield
+        except TrustError as exc:
+            self.record_audit(actor, action, target, False, str(exc))
+            raise
+
+    def register_host(self, instance: str, name: str, csr_pem: str, *, actor: str | None = None) -> x509.Certificate:
         """Issue a host certificate (CN = host:<name>) bound to `instance`.
         A host name held by another trusted instance is a Conflict; one held
-        by a revoked instance is taken over (its old certificate is void)."""
-        check_host_name(name)
-        try:
-            csr = load_csr_pem(csr_pem)
-        except CertificateRequestError as exc:
-            raise InvalidRequest(str(exc)) from None
-        ca = self._ca()
-        now = self.clock()
-        with self._audit_lock, self.db.begin() as conn:
-            self._require_trusted(conn, instance)
-            existing = conn.execute(select(hosts).where(hosts.c.name == name)).first()
-            if existing is not None and existing.instance != instance:
-                owner_state = conn.execute(
-                    select(instances.c.state).where(instances.c.name == existing.instance)
-                ).scalar()
-                if owner_state == "trusted":
-                    raise Conflict(f"host {name} is registered by another trusted instance")
-            cert = ca.issue_client(f"host:{name}", csr.public_key())
-            fp = fingerprint(cert)
-            if existing is not None:
-                conn.execute(hosts.delete().where(hosts.c.name == name))
-                # VMs of this instance placed on the host stay placed; VMs of
-                # a previous owner are not this instance's to place.
-            conn.execute(
-                hosts.insert().values(
-                    name=name, instance=instance, cert_fingerprint=fp, cert_pem=cert_pem(cert), created_at=now
+        by a revoked instance is taken over (its old certificate is void).
+        `actor` is who asked (default: the instance itself); refusals are
+        audited."""
+        actor = actor or f"instance:{instance}"
+        with self._refusals_audited(actor, "host.register", str(name)[:64]):
+            check_host_name(name)
+            try:
+                csr = load_csr_pem(csr_pem)
+            except CertificateRequestError as exc:
+                raise InvalidRequest(str(exc)) from None
+            ca = self._ca()
+            now = self.clock()
+            with self._audit_lock, self.db.begin() as conn:
+                self._require_trusted(conn, instance)
+                existing = conn.execute(select(hosts).where(hosts.c.name == name)).first()
+                if existing is not None and existing.instance != instance:
+                    owner_state = conn.execute(
+                        select(instances.c.state).where(instances.c.name == existing.instance)
+                    ).scalar()
+                    if owner_state == "trusted":
+                        raise Conflict(f"host {name} is registered by another trusted instance")
+                cert = ca.issue_client(f"host:{name}", csr.public_key())
+                fp = fingerprint(cert)
+                if existing is not None:
+                    conn.execute(hosts.delete().where(hosts.c.name == name))
+                    # VMs of this instance placed on the host stay placed; VMs of
+                    # a previous owner are not this instance's to place.
+                conn.execute(
+                    hosts.insert().values(
+                        name=name, instance=instance, cert_fingerprint=fp, cert_pem=cert_pem(cert), created_at=now
+                    )
                 )
-            )
-            reason = "registered" if existing is None else f"re-registered (was {existing.instance})"
-            self._append_audit(conn, f"instance:{instance}", "host.register", name, True, f"{reason}, certificate {fp}")
+                reason = "registered" if existing is None else f"re-registered (was {existing.instance})"
+                if actor != f"instance:{instance}":
+                    reason += f" for instance {instance}"
+                self._append_audit(conn, actor, "host.register", name, True, f"{reason}, certificate {fp}")
         return cert
 
-    def remove_host(self, instance: str, name: str) -> None:
-        check_host_name(name)
-        now = self.clock()
-        with self._audit_lock, self.db.begin() as conn:
-            self._require_trusted(conn, instance)
-            existing = conn.execute(select(hosts).where(hosts.c.name == name)).first()
-            if existing is None or existing.instance != instance:
-                raise NotFound(f"no host named {name}")
-            conn.execute(hosts.delete().where(hosts.c.name == name))
-            conn.execute(
-                update(vms).where(vms.c.instance == instance, vms.c.host == name).values(host=None, changed_at=now)
-            )
-            self._append_audit(conn, f"instance:{instance}", "host.remove", name, True, "removed")
+    def remove_host(self, instance: str | None, name: str, *, actor: str | None = None) -> None:
+        """Forget a host: its certificate is void and the VMs placed on it
+        are unplaced. `instance` limits it to that instance's hosts (None:
+        an administrator, any host)."""
+        actor = actor or f"instance:{instance}"
+        with self._refusals_audited(actor, "host.remove", str(name)[:64]):
+            check_host_name(name)
+            now = self.clock()
+            with self._audit_lock, self.db.begin() as conn:
+                if instance is not None:
+                    self._require_trusted(conn, instance)
+                existing = conn.execute(select(hosts).where(hosts.c.name == name)).first()
+                if existing is None or (instance is not None and existing.instance != instance):
+                    raise NotFound(f"no host named {name}")
+                conn.execute(hosts.delete().where(hosts.c.name == name))
+                unplaced = conn.execute(
+                    update(vms)
+                    .where(vms.c.instance == existing.instance, vms.c.host == name)
+                    .values(host=None, changed_at=now)
+                ).rowcount
+                self._append_audit(
+                    conn,
+                    actor,
+                    "host.remove",
+                    name,
+                    True,
+                    f"removed (instance {existing.instance}), {unplaced} VMs unplaced",
+                )
 
     # VMs -------------------------------------------------------------------------
 
-    def check_new_vm(self, instance: str, vm_uuid: str, host: str | None) -> None:
-        """Refuse, before a KEK is made, a VM that could not be recorded."""
-        with self.db.read() as conn:
-            self._require_trusted(conn, instance)
-            if conn.execute(select(vms.c.vm_uuid).where(vms.c.vm_uuid == vm_uuid)).first() is not None:
-                raise Conflict(f"VM {vm_uuid} is already registered; use POST /v1/vms/register to re-register it")
-            if host is not None:
-                self._own_host(conn, instance, host)
+    @staticmethod
+    def _check_no_history(conn, vm_uuid: str) -> None:
+        """A UUID whose vTPM a host has sealed comes back only through its own
+        .vmx (register): a new vTPM under it would reset rollback protection."""
+        seen = conn.execute(
+            select(nvram_generations.c.generation).where(nvram_generations.c.vm_uuid == vm_uuid)
+        ).scalar()
+        if seen is not None:
+            raise Conflict(
+                f"VM {vm_uuid} had a vTPM (its .nvram reached generation {seen}); register its .vmx "
+                "(POST /v1/vms/register) to bring it back, or create the VM under a new UUID"
+            )
+
+    def check_new_vm(self, instance: str, vm_uuid: str, host: str | None, *, actor: str | None = None) -> None:
+        """Refuse (audited), before a KEK is made, a VM that could not be recorded."""
+        with self._refusals_audited(actor or f"instance:{instance}", "vm.create", vm_uuid):
+            with self.db.read() as conn:
+                self._require_trusted(conn, instance)
+                if conn.execute(select(vms.c.vm_uuid).where(vms.c.vm_uuid == vm_uuid)).first() is not None:
+                    raise Conflict(f"VM {vm_uuid} is already registered; use POST /v1/vms/register to re-register it")
+                self._check_no_history(conn, vm_uuid)
+                if host is not None:
+                    self._own_host(conn, instance, host)
 
     def _own_host(self, conn, instance: str, host: str) -> None:
         row = conn.execute(select(hosts.c.instance).where(hosts.c.name == host)).first()
@@ -765,41 +816,77 @@ class Registry:
             raise NotFound(f"no host named {host}")
 
     def add_vm(
-        self, instance: str, vm_uuid: str, name: str, kms_key_id: str, key_safe: str, host: str | None
+        self,
+        instance: str,
+        vm_uuid: str,
+        name: str,
+        kms_key_id: str,
+        key_safe: str,
+        host: str | None,
+        *,
+        actor: str | None = None,
     ) -> VmRecord:
+        actor = actor or f"instance:{instance}"
         now = self.clock()
-        with self._audit_lock, self.db.begin() as conn:
+        with self._refusals_audited(actor, "vm.create", vm_uuid), self._audit_lock, self.db.begin() as conn:
             self._require_trusted(conn, instance)
             if conn.execute(select(vms.c.vm_uuid).where(vms.c.vm_uuid == vm_uuid)).first() is not None:
                 raise Conflict(f"VM {vm_uuid} is already registered")
+            self._check_no_history(conn, vm_uuid)
             if host is not None:
                 self._own_host(conn, instance, host)
             record = VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host)
             _insert_vm(conn, record, now)
-            self._append_audit(conn, f"instance:{instance}", "vm.create", vm_uuid, True, f"KEK {kms_key_id}")
+            for_whom = "" if actor == f"instance:{instance}" else f" for instance {instance}"
+            self._append_audit(conn, actor, "vm.create", vm_uuid, True, f"KEK {kms_key_id}{for_whom}")
         return record
 
-    def register_vm(self, instance: str, vm_uuid: str, name: str, kms_key_id: str, key_safe: str) -> VmRecord:
-        """Bind a VM found on a datastore to `instance` (the recovery path).
-        A VM held by another trusted instance is a Conflict; one held by a
-        revoked instance is taken over, unplaced."""
+    def register_vm(
+        self, instance: str, vm_uuid: str, name: str, kms_key_id: str, key_safe: str, *, actor: str | None = None
+    ) -> VmRecord:
+        """Bind a VM found on a datastore to `instance`: recovery and the
+        receiving end of a cold migration. A VM held by another trusted
+        instance is a Conflict unless it was released to `instance`; one held
+        by a revoked instance is taken over. Either way it comes unplaced,
+        and its .nvram generation and audit history stay (both are kept by
+        VM UUID). Refusals are audited."""
+        actor = actor or f"instance:{instance}"
         now = self.clock()
-        with self._audit_lock, self.db.begin() as conn:
+        with self._refusals_audited(actor, "vm.register", vm_uuid), self._audit_lock, self.db.begin() as conn:
             self._require_trusted(conn, instance)
             existing = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
             by_key = conn.execute(select(vms).where(vms.c.kms_key_id == kms_key_id)).first()
             if by_key is not None and by_key.vm_uuid != vm_uuid:
                 raise Conflict(f"KMS key {kms_key_id} belongs to another VM")
             host = None
+            was = "new"
             if existing is not None:
                 if existing.instance != instance:
                     owner_state = conn.execute(
                         select(instances.c.state).where(instances.c.name == existing.instance)
                     ).scalar()
                     if owner_state == "trusted":
-                        raise Conflict(f"VM {vm_uuid} is registered by another trusted instance")
+                        if existing.released_to is not None and existing.released_to != instance:
+                            raise Conflict(
+                                f"VM {vm_uuid} is registered by another trusted instance and released to "
+                                f"instance {existing.released_to}, not to {instance}"
+                            )
+                        if existing.released_to is None:
+                            raise Conflict(
+                                f"VM {vm_uuid} is registered by another trusted instance; its owner releases it "
+                                f"('vtpm-mgmt vm release VM --to {instance}') or an administrator transfers it"
+                            )
+                        was = f"migrated from {existing.instance}, released by {existing.released_by}"
+                    else:
+                        was = f"taken over from {owner_state or 'unknown'} instance {existing.instance}"
                 else:
+                    if existing.released_to is not None:
+                        raise Conflict(
+                            f"VM {vm_uuid} is released to instance {existing.released_to}; release it to "
+                            f"{instance} to cancel that first"
+                        )
                     host = existing.host
+                    was = "re-registered"
                 conn.execute(vms.delete().where(vms.c.vm_uuid == vm_uuid))
             # Kept by VM UUID: the vTPM's rollback protection survives the re-registration.
             generation = conn.execute(
@@ -807,33 +894,115 @@ class Registry:
             ).scalar()
             record = VmRecord(vm_uuid, name, instance, kms_key_id, key_safe, host, int(generation or 0))
             _insert_vm(conn, record, now)
-            was = "new" if existing is None else f"was {existing.instance}"
-            self._append_audit(conn, f"instance:{instance}", "vm.register", vm_uuid, True, f"KEK {kms_key_id} ({was})")
+            if actor != f"instance:{instance}":
+                was += f", for instance {instance}"
+            self._append_audit(
+                conn,
+                actor,
+                "vm.register",
+                vm_uuid,
+                True,
+                f"KEK {kms_key_id} ({was}; .nvram generation {generation or 0})",
+            )
         return record
 
-    def place_vm(self, instance: str, vm_uuid: str, host: str) -> None:
-        check_host_name(host)
+    def place_vm(self, instance: str | None, vm_uuid: str, host: str, *, actor: str | None = None) -> None:
+        """Place the VM on one of its instance's hosts. `instance` limits it
+        to that instance's VMs (None: an administrator, any VM, on a host of
+        the VM's own instance)."""
+        actor = actor or f"instance:{instance}"
         now = self.clock()
-        with self._audit_lock, self.db.begin() as conn:
-            self._require_trusted(conn, instance)
-            vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
-            if vm is None or vm.instance != instance:
-                raise NotFound(f"no VM {vm_uuid}")
-            self._own_host(conn, instance, host)
-            conn.execute(update(vms).where(vms.c.vm_uuid == vm_uuid).values(host=host, changed_at=now))
-            self._append_audit(conn, f"instance:{instance}", "vm.place", vm_uuid, True, f"on host {host}")
-
-    def remove_vm(self, vm_uuid: str, actor: str, instance: str | None) -> VmRecord:
-        """Forget a VM (its vTPM can no longer be unwrapped through the
-        broker). `instance` limits it to that instance's VMs."""
-        with self._audit_lock, self.db.begin() as conn:
+        with self._refusals_audited(actor, "vm.place", vm_uuid), self._audit_lock, self.db.begin() as conn:
+            check_host_name(host)
+            if instance is not None:
+                self._require_trusted(conn, instance)
             vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
             if vm is None or (instance is not None and vm.instance != instance):
                 raise NotFound(f"no VM {vm_uuid}")
+            if instance is None:
+                self._require_trusted(conn, vm.instance)
+            if vm.released_to is not None:
+                raise Conflict(
+                    f"VM {vm_uuid} is released to instance {vm.released_to}: it is placed once {vm.released_to} "
+                    "registers it (or after the release is cancelled)"
+                )
+            self._own_host(conn, vm.instance, host)
+            conn.execute(update(vms).where(vms.c.vm_uuid == vm_uuid).values(host=host, changed_at=now))
+            self._append_audit(conn, actor, "vm.place", vm_uuid, True, f"on host {host}")
+
+    def release_vm(self, vm_uuid: str, to: str, actor: str, instance: str | None) -> VmRecord:
+        """Cold migration, the sending end: hand the VM over to the trusted
+        instance `to`, which then registers it from the datastore. From now
+        on the VM is placed on no host, so no host of the old instance can
+        unwrap it. `instance` is the owner releasing its own VM; None is an
+        administrator's transfer of any VM. Releasing to the owner itself
+        cancels a pending release. Refusals are audited; the .nvram
+        generation and the trail stay with the VM UUID."""
+        action = "vm.release" if instance is not None else "vm.transfer"
+        now = self.clock()
+        with self._refusals_audited(actor, action, vm_uuid), self._audit_lock, self.db.begin() as conn:
+            check_instance_name(to)
+            if instance is not None:
+                self._require_trusted(conn, instance)
+            vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
+            if vm is None or (instance is not None and vm.instance != instance):
+                raise NotFound(f"no VM {vm_uuid}")
+            if to == vm.instance:
+                if vm.released_to is None:
+                    raise InvalidRequest(f"VM {vm_uuid} is instance {to}'s already; name the instance it goes to")
+                conn.execute(
+                    update(vms)
+                    .where(vms.c.vm_uuid == vm_uuid)
+                    .values(released_to=None, released_by=None, released_at=None, changed_at=now)
+                )
+                self._append_audit(
+                    conn, actor, action, vm_uuid, True, f"release to instance {vm.released_to} cancelled"
+                )
+                return self._vm_in(conn, vm_uuid)
+            state = conn.execute(select(instances.c.state).where(instances.c.name == to)).scalar()
+            if state is None:
+                raise NotFound(f"no instance named {to}; release to a trusted instance ('vtpm-broker admin list')")
+            if state != "trusted":
+                raise Conflict(f"instance {to} is {state}, not trusted; release to a trusted instance")
+            if vm.released_to == to:
+                raise Conflict(f"VM {vm_uuid} is already released to instance {to}")
+            conn.execute(
+                update(vms)
+                .where(vms.c.vm_uuid == vm_uuid)
+                .values(released_to=to, released_by=actor, released_at=now, host=None, changed_at=now)
+            )
+            reason = f"to instance {to} from instance {vm.instance}"
+            if vm.host:
+                reason += f", no longer placed on host {vm.host}"
+            if vm.released_to:
+                reason += f" (was released to {vm.released_to})"
+            self._append_audit(conn, actor, action, vm_uuid, True, reason)
+            return self._vm_in(conn, vm_uuid)
+
+    @staticmethod
+    def _vm_in(conn, vm_uuid: str) -> VmRecord:
+        return _vm(conn.execute(_VM_WITH_GENERATION.where(vms.c.vm_uuid == vm_uuid)).first())
+
+    def remove_vm(self, vm_uuid: str, actor: str, instance: str | None) -> VmRecord:
+        """Forget a VM's registration (its vTPM can no longer be unwrapped
+        through the broker until its .vmx is registered again). `instance`
+        limits it to that instance's VMs. The KEK stays in the KMS, and the
+        .nvram generation and the trail stay with the VM UUID, so a stale
+        .nvram is still refused after a re-registration. Refusals are
+        audited."""
+        with self._refusals_audited(actor, "vm.remove", vm_uuid), self._audit_lock, self.db.begin() as conn:
+            vm = conn.execute(_VM_WITH_GENERATION.where(vms.c.vm_uuid == vm_uuid)).first()
+            if vm is None or (instance is not None and vm.instance != instance):
+                raise NotFound(f"no VM {vm_uuid}")
             conn.execute(vms.delete().where(vms.c.vm_uuid == vm_uuid))
-            # A VM created again under this UUID starts a new vTPM at generation 1.
-            conn.execute(nvram_generations.delete().where(nvram_generations.c.vm_uuid == vm_uuid))
-            self._append_audit(conn, actor, "vm.remove", vm_uuid, True, f"KEK {vm.kms_key_id}")
+            self._append_audit(
+                conn,
+                actor,
+                "vm.remove",
+                vm_uuid,
+                True,
+                f"KEK {vm.kms_key_id} (instance {vm.instance}); .nvram generation {vm.generation or 0} kept",
+            )
         return _vm(vm)
 
     def get_vm(self, vm_uuid: str, instance: str | None = None) -> VmRecord:
@@ -929,5 +1098,12 @@ class Registry:
 def _vm(row) -> VmRecord:
     generation = row._mapping.get("generation")
     return VmRecord(
-        row.vm_uuid, row.name, row.instance, row.kms_key_id, row.key_safe, row.host, int(generation or 0)
+        row.vm_uuid,
+        row.name,
+        row.instance,
+        row.kms_key_id,
+        row.key_safe,
+        row.host,
+        int(generation or 0),
+        row._mapping.get("released_to"),
     )

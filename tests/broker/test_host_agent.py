@@ -766,10 +766,10 @@ def test_generation_endpoint_for_the_placed_host_only(api):
     assert ("host:esx-2", "nvram.generation.read", False) in records
     assert registry.verify_audit() == []
 
-    # Re-registration by a new instance keeps the record; removing the VM forgets it.
+    # Re-registration by a new instance keeps the record, and so does removing the VM.
     registry.revoke("vc-a")
     registry.register_vm("vc-b", VM, "vm", "kek-1", "ks")
     registry.place_vm("vc-b", VM, "esx-b")
     assert call("GET", host_b).body["generation"] == 3
     registry.remove_vm(VM, "test", None)
-    assert registry.nvram_generation(VM) == 0
+    assert registry.nvram_generation(VM) == 3

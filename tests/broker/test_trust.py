@@ -321,10 +321,13 @@ def test_vm_listing_carries_the_last_nvram_generation_across_recovery(registry):
     trusted(registry, "vc-b")
     assert registry.register_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a").nvram_generation == 4
     assert [(v.vm_uuid, v.nvram_generation) for v in registry.list_vms("vc-b")] == [(VM_A, 4)]
-    # A removed VM forgets its generation: created again, it starts afresh.
+    # A removed VM keeps its generation: registered again, a stale .nvram is
+    # still refused, and no new vTPM may be created under its UUID.
     registry.remove_vm(VM_A, "admin", "vc-b")
-    registry.add_vm("vc-b", VM_A, "vm-a", "kek-a2", "ks-a2", None)
-    assert registry.get_vm(VM_A).nvram_generation == 0
+    assert registry.nvram_generation(VM_A) == 4
+    with pytest.raises(Conflict, match="generation 4"):
+        registry.add_vm("vc-b", VM_A, "vm-a", "kek-a2", "ks-a2", None)
+    assert registry.register_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a").nvram_generation == 4
 
 
 def test_vm_of_trusted_instance_cannot_be_taken(registry):
