@@ -29,3 +29,20 @@ def test_running_server_database_files_are_0600(tmp_path, pki_dir):
         assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
     finally:
         server.stop()
+
+
+def test_broker_database_made_by_init_is_0600(tmp_path, pki_dir):
+    """`vtpm-broker init` creates broker.db through the same engine module."""
+    from broker_process import Broker, write_config
+
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    config = write_config(workdir, 1, pki_dir)
+    old = os.umask(0o022)
+    try:
+        Broker(workdir, config, workdir / "data").cli("init")
+    finally:
+        os.umask(old)
+    files = sorted(p for p in (workdir / "data").iterdir() if p.name.startswith("broker.db"))
+    assert "broker.db" in [p.name for p in files]
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
