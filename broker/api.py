@@ -81,12 +81,58 @@ __all__ = [
 
 log = logging.getLogger("broker.api")
 
-# What each role may do beyond an instance's own hosts and VMs.
+# What each role may do beyond an instance's own hosts and VMs (README,
+# docs/broker-design.md "Identities and roles"). inventory.manage: register
+# and remove hosts, create, register and place VMs for a named trusted
+# instance; no right here returns a DEK or decrypted state but dek.read.
 ROLE_RIGHTS: dict[str, frozenset[str]] = {
     "security_admin": frozenset({"trust.manage", "audit.read", "vms.read_all"}),
-    "administrator": frozenset({"dek.read", "vm.remove", "vms.read_all"}),
-    "no_crypto_administrator": frozenset({"vms.read_all"}),
+    "administrator": frozenset({"inventory.manage", "vms.read_all", "dek.read", "vm.remove", "vm.transfer"}),
+    "no_crypto_administrator": frozenset({"inventory.manage", "vms.read_all"}),
     "auditor": frozenset({"audit.read"}),
+}
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may call one route: the one place the API decides by caller and
+    role (`Api._authorize`); handlers only scope what an instance sees.
+
+    action: the audit action of a refusal. what: the refused thing, in
+    words. right: what a user's role needs (None: no user). instance:
+    "own" (any trusted instance, for its own hosts and VMs), "role" (an
+    instance whose role has `right`, for its own), None (no instance).
+    host: the route is a host's (host certificate only)."""
+
+    action: str
+    what: str
+    right: str | None = None
+    instance: str | None = "own"
+    host: bool = False
+
+
+_HOST_ONLY = "only the host the VM is placed on may do this (use the host certificate)"
+ACCESS: dict[str, Access] = {
+    "register_host": Access("host.register", "registering a host", "inventory.manage"),
+    "remove_host": Access("host.remove", "removing a host", "inventory.manage"),
+    "create_vm": Access("vm.create", "creating a VM", "inventory.manage"),
+    "register_vm": Access("vm.register", "registering a VM", "inventory.manage"),
+    "place_vm": Access("vm.place", "placing a VM", "inventory.manage"),
+    "list_vms": Access("vms.read_all", "listing all VMs", "vms.read_all"),
+    "get_dek": Access("dek.read", "obtaining a DEK", "dek.read", instance="role"),
+    "remove_vm": Access("vm.remove", "removing a VM's vTPM key", "vm.remove", instance="role"),
+    "release_vm": Access("vm.release", "releasing a VM (its owner instance does)", None),
+    "transfer_vm": Access("vm.transfer", "transferring a VM (administrators do)", "vm.transfer", instance=None),
+    "get_nvram_generation": Access("nvram.generation.read", _HOST_ONLY, instance=None, host=True),
+    "put_nvram_generation": Access("nvram.generation", _HOST_ONLY, instance=None, host=True),
+    "ek_certificate": Access(
+        "ek.issue", "EK certificates are issued to hosts only (use the host certificate)", instance=None, host=True
+    ),
+    "read_audit": Access("audit.read", "reading the audit trail", "audit.read", instance="role"),
+    "list_instances": Access("trust.manage", "listing instances", "trust.manage", instance="role"),
+    "approve_instance": Access("trust.manage", "approving an instance", "trust.manage", instance="role"),
+    "reject_instance": Access("trust.manage", "rejecting an instance", "trust.manage", instance="role"),
+    "revoke_instance": Access("trust.manage", "revoking an instance", "trust.manage", instance="role"),
 }
 
 # One table from failures to HTTP statuses.
@@ -252,6 +298,8 @@ ROUTES = (
     _route("GET", "/v1/vms/{vm_uuid}/nvram-generation", "get_nvram_generation"),
     _route("PUT", "/v1/vms/{vm_uuid}/nvram-generation", "put_nvram_generation"),
     _route("DELETE", "/v1/vms/{vm_uuid}", "remove_vm"),
+    _route("POST", "/v1/vms/{vm_uuid}/release", "release_vm"),
+    _route("POST", "/v1/vms/{vm_uuid}/transfer", "transfer_vm"),
     _route("POST", "/v1/vtpm/ek-certificates", "ek_certificate"),
     _route("GET", "/v1/audit", "read_audit"),
     _route("GET", "/v1/instances", "list_instances"),
@@ -340,6 +388,8 @@ class Api:
                 if caller.kind != "host":
                     role = self.cfg.roles.role_of(caller.name)
             call = _Call(request, match.groupdict(), caller, role)
+            if caller is not None:
+                self._authorize(call, ACCESS[route.handler])
             try:
                 return getattr(self, "_" + route.handler)(call)
             except TrustError as exc:
@@ -352,19 +402,50 @@ class Api:
 
     # Guards ------------------------------------------------------------------------
 
-    @staticmethod
-    def _instance(call: _Call) -> str:
-        if call.caller is None or call.caller.kind != "instance":
-            raise ApiError(403, "only a trusted management instance may do this")
-        return call.caller.name
+    def _authorize(self, call: _Call, access: Access) -> None:
+        """Refuse (403, audited) unless this caller may call this route at
+        all (ACCESS); which objects it may touch is the handler's scope."""
+        caller = call.caller
+        assert caller is not None
+        if access.host:
+            if caller.kind == "host":
+                return
+            message = access.what
+        elif caller.kind == "host":
+            message = f"{access.what} is not allowed with a host certificate"
+        elif caller.kind == "instance" and (
+            access.instance == "own" or (access.instance == "role" and access.right and call.has(access.right))
+        ):
+            return
+        elif caller.kind == "user" and access.right is not None and call.has(access.right):
+            return
+        else:
+            message = f"{access.what} is not allowed for role {call.role or 'none'}"
+        target = call.params.get("vm_uuid") or call.params.get("name") or call.request.path
+        self.registry.record_audit(call.actor, access.action, target[:200], False, f"refused: {message}")
+        raise ApiError(403, message)
 
-    def _need(self, call: _Call, right: str, what: str, target: str | None = None) -> None:
-        """Refuse (and audit the refusal) unless the caller's role has `right`."""
-        if not call.has(right):
-            self.registry.record_audit(
-                call.actor, right, target or call.request.path, False, f"{what} refused for role {call.role or 'none'}"
-            )
-            raise ApiError(403, f"{what} is not allowed for role {call.role or 'none'}")
+    def _for_instance(self, call: _Call, body: dict, action: str, target: str) -> str:
+        """The trusted instance a host or VM is registered for: the calling
+        instance itself, or the one a user with inventory.manage names in
+        the body's "instance"."""
+        assert call.caller is not None
+        named = body.get("instance")
+        if call.caller.kind == "instance":
+            if named is not None and named != call.caller.name:
+                reason = "an instance registers hosts and VMs for itself only; leave out 'instance'"
+                self.registry.record_audit(call.actor, action, target[:200], False, f"refused: {reason}")
+                raise ApiError(403, reason)
+            return call.caller.name
+        if named is None:
+            raise ApiError(400, "missing field 'instance': name the trusted instance the host or VM belongs to")
+        return check_instance_name(named)
+
+    @staticmethod
+    def _scope(call: _Call) -> str | None:
+        """An instance acts on its own hosts and VMs only; a user with the
+        right on any."""
+        return call.caller.name if call.caller is not None and call.caller.kind == "instance" else None
 
     def _require_vmkeys(self) -> VmKeys:
         if self.vmkeys is None:
@@ -392,14 +473,14 @@ class Api:
     # Hosts --------------------------------------------------------------------------
 
     def _register_host(self, call: _Call) -> ApiResponse:
-        instance = self._instance(call)
-        body = fields_of(parse_json_object(call.request.body), ("name", "csr_pem"))
+        body = fields_of(parse_json_object(call.request.body), ("name", "csr_pem"), ("instance",))
         name = check_host_name(body["name"])
-        cert = self.registry.register_host(instance, name, _string(body, "csr_pem"))
+        instance = self._for_instance(call, body, "host.register", name)
+        cert = self.registry.register_host(instance, name, _string(body, "csr_pem"), actor=call.actor)
         return ApiResponse(201, {"name": name, "certificate_pem": cert_pem(cert), "ca_pem": self._ca_pem()})
 
     def _remove_host(self, call: _Call) -> ApiResponse:
-        self.registry.remove_host(self._instance(call), check_host_name(call.params["name"]))
+        self.registry.remove_host(self._scope(call), check_host_name(call.params["name"]), actor=call.actor)
         return ApiResponse(204)
 
     def _ca_pem(self) -> str:
@@ -410,52 +491,49 @@ class Api:
     # VMs ---------------------------------------------------------------------------------
 
     def _create_vm(self, call: _Call) -> ApiResponse:
-        instance = self._instance(call)
-        body = fields_of(parse_json_object(call.request.body), ("vm_uuid", "name"), ("host",))
+        body = fields_of(parse_json_object(call.request.body), ("vm_uuid", "name"), ("host", "instance"))
         vm_uuid = check_vm_uuid(body["vm_uuid"])
         name = check_vm_name(body["name"])
+        instance = self._for_instance(call, body, "vm.create", vm_uuid)
         host = body.get("host")
         if host is not None:
             host = check_host_name(host)
         vmkeys = self._require_vmkeys()
         # Refused before a KEK exists, so a refusal leaves nothing behind.
-        self.registry.check_new_vm(instance, vm_uuid, host)
+        self.registry.check_new_vm(instance, vm_uuid, host, actor=call.actor)
         key_safe = vmkeys.create(vm_uuid, name)
         text = format_key_safe(key_safe)
-        self.registry.add_vm(instance, vm_uuid, name, key_safe.kms_key_id, text, host)
+        self.registry.add_vm(instance, vm_uuid, name, key_safe.kms_key_id, text, host, actor=call.actor)
         return ApiResponse(201, {"vm_uuid": vm_uuid, "key_safe": text, "kms_key_id": key_safe.kms_key_id, "host": host})
 
     def _register_vm(self, call: _Call) -> ApiResponse:
-        instance = self._instance(call)
-        body = fields_of(parse_json_object(call.request.body), ("vm_uuid", "name", "key_safe"))
+        body = fields_of(parse_json_object(call.request.body), ("vm_uuid", "name", "key_safe"), ("instance",))
         vm_uuid = check_vm_uuid(body["vm_uuid"])
         name = check_vm_name(body["name"])
+        instance = self._for_instance(call, body, "vm.register", vm_uuid)
         key_safe = parse_key_safe(body["key_safe"])
         self._require_vmkeys().check_key_safe(key_safe, vm_uuid)
-        record = self.registry.register_vm(instance, vm_uuid, name, key_safe.kms_key_id, format_key_safe(key_safe))
+        record = self.registry.register_vm(
+            instance, vm_uuid, name, key_safe.kms_key_id, format_key_safe(key_safe), actor=call.actor
+        )
         return ApiResponse(200, _vm_json(record))
 
     def _list_vms(self, call: _Call) -> ApiResponse:
-        if call.caller is not None and call.caller.kind == "instance":
-            return ApiResponse(200, {"vms": [_vm_json(v) for v in self.registry.list_vms(call.caller.name)]})
-        self._need(call, "vms.read_all", "listing all VMs")
-        return ApiResponse(200, {"vms": [_vm_json(v) for v in self.registry.list_vms()]})
+        # Users got here with vms.read_all (ACCESS); an instance sees its own.
+        return ApiResponse(200, {"vms": [_vm_json(v) for v in self.registry.list_vms(self._scope(call))]})
 
     def _place_vm(self, call: _Call) -> ApiResponse:
-        instance = self._instance(call)
         body = fields_of(parse_json_object(call.request.body), ("host",))
         vm_uuid = check_vm_uuid(call.params["vm_uuid"])
-        self.registry.place_vm(instance, vm_uuid, check_host_name(body["host"]))
+        self.registry.place_vm(self._scope(call), vm_uuid, check_host_name(body["host"]), actor=call.actor)
         return ApiResponse(200, _vm_json(self.registry.get_vm(vm_uuid)))
 
     def _get_dek(self, call: _Call) -> ApiResponse:
         """The one route that returns a DEK: administrators only (an
         instance only for its own VMs)."""
         vm_uuid = check_vm_uuid(call.params["vm_uuid"])
-        self._need(call, "dek.read", "obtaining a DEK", vm_uuid)
-        scope = call.caller.name if call.caller and call.caller.kind == "instance" else None
         try:
-            record = self.registry.get_vm(vm_uuid, scope)
+            record = self.registry.get_vm(vm_uuid, self._scope(call))
         except NotFound:
             self.registry.record_audit(call.actor, "dek.read", vm_uuid, False, "no such VM")
             raise
@@ -465,10 +543,25 @@ class Api:
 
     def _remove_vm(self, call: _Call) -> ApiResponse:
         vm_uuid = check_vm_uuid(call.params["vm_uuid"])
-        self._need(call, "vm.remove", "removing a VM's vTPM key", vm_uuid)
-        scope = call.caller.name if call.caller and call.caller.kind == "instance" else None
-        self.registry.remove_vm(vm_uuid, call.actor, scope)
+        self.registry.remove_vm(vm_uuid, call.actor, self._scope(call))
         return ApiResponse(204)
+
+    # Cold migration ------------------------------------------------------------------------
+
+    def _release_vm(self, call: _Call) -> ApiResponse:
+        """The owner hands its VM over to the trusted instance "to"."""
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        body = fields_of(parse_json_object(call.request.body), ("to",))
+        assert call.caller is not None
+        record = self.registry.release_vm(vm_uuid, body["to"], call.actor, call.caller.name)
+        return ApiResponse(200, _vm_json(record))
+
+    def _transfer_vm(self, call: _Call) -> ApiResponse:
+        """An administrator releases any VM to the trusted instance "to"."""
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        body = fields_of(parse_json_object(call.request.body), ("to",))
+        record = self.registry.release_vm(vm_uuid, body["to"], call.actor, None)
+        return ApiResponse(200, _vm_json(record))
 
     # .nvram generations (rollback protection) -----------------------------------------------
 
@@ -555,7 +648,6 @@ class Api:
     # Security administration and audit ---------------------------------------------------------
 
     def _read_audit(self, call: _Call) -> ApiResponse:
-        self._need(call, "audit.read", "reading the audit trail")
         try:
             after = int(call.request.query.get("after", "0"))
             limit = int(call.request.query.get("limit", "1000"))
@@ -573,21 +665,17 @@ class Api:
         )
 
     def _list_instances(self, call: _Call) -> ApiResponse:
-        self._need(call, "trust.manage", "listing instances")
         return ApiResponse(200, {"instances": [i.__dict__ for i in self.registry.list_instances()]})
 
     def _approve_instance(self, call: _Call) -> ApiResponse:
-        self._need(call, "trust.manage", "approving an instance")
         cert = self.registry.approve(check_instance_name(call.params["name"]), actor=call.actor)
         return ApiResponse(200, {"certificate_pem": cert_pem(cert)})
 
     def _reject_instance(self, call: _Call) -> ApiResponse:
-        self._need(call, "trust.manage", "rejecting an instance")
         self.registry.reject(check_instance_name(call.params["name"]), actor=call.actor)
         return ApiResponse(200, {"state": "rejected"})
 
     def _revoke_instance(self, call: _Call) -> ApiResponse:
-        self._need(call, "trust.manage", "revoking an instance")
         self.registry.revoke(check_instance_name(call.params["name"]), actor=call.actor)
         return ApiResponse(200, {"state": "revoked"})
 
@@ -613,6 +701,7 @@ def _vm_json(record) -> dict:
         "key_safe": record.key_safe,
         "host": record.host,
         "nvram_generation": record.nvram_generation,
+        "released_to": record.released_to,
     }
 
 

@@ -107,6 +107,20 @@ class BrokerClient:
     def place_vm(self, vm_uuid: str, host: str) -> dict:
         return self.call("PUT", f"/v1/vms/{quote(vm_uuid, safe='')}/host", {"host": host})
 
+    def remove_host(self, name: str) -> None:
+        self.call("DELETE", f"/v1/hosts/{quote(name, safe='')}")
+
+    def remove_vm(self, vm_uuid: str) -> None:
+        self.call("DELETE", f"/v1/vms/{quote(vm_uuid, safe='')}")
+
+    def release_vm(self, vm_uuid: str, to: str) -> dict:
+        """Cold migration: hand this instance's VM over to the trusted instance `to`."""
+        return self.call("POST", f"/v1/vms/{quote(vm_uuid, safe='')}/release", {"to": to})
+
+    def transfer_vm(self, vm_uuid: str, to: str) -> dict:
+        """An administrator's release of any VM to the trusted instance `to`."""
+        return self.call("POST", f"/v1/vms/{quote(vm_uuid, safe='')}/transfer", {"to": to})
+
     def list_vms(self) -> list[dict]:
         answer = self.call("GET", "/v1/vms")
         vms = answer.get("vms") if isinstance(answer, dict) else None
