@@ -3,8 +3,11 @@
     vtpm-mgmt [--state-dir D] init --name NAME --broker https://HOST:PORT --ca broker-ca.pem --provider P
     vtpm-mgmt [--state-dir D] enroll [--token-file F | --token=T] [--wait SECONDS]
     vtpm-mgmt [--state-dir D] host add --name H --csr host.csr --out host.pem
+    vtpm-mgmt [--state-dir D] host remove H
     vtpm-mgmt [--state-dir D] vm create --name N [--name N2 ...] --datastore DIR [--vtpm] [--host H ...]
-    vtpm-mgmt [--state-dir D] vm register --datastore DIR [--host H ...] [--jobs J]
+    vtpm-mgmt [--state-dir D] vm register --datastore DIR [--vm NAME|UUID ...] [--host H ...] [--jobs J]
+    vtpm-mgmt [--state-dir D] vm release VM --to INSTANCE     (cold migration; VM: name or UUID)
+    vtpm-mgmt [--state-dir D] vm remove VM
     vtpm-mgmt [--state-dir D] vm list [--json]
     vtpm-mgmt [--state-dir D] vm check --datastore DIR [--provider P] [--offline] [--json]
 
@@ -74,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--csr", required=True, metavar="F", help="the host's CSR (vtpm-host init writes it)")
     add.add_argument("--out", required=True, metavar="F", help="where to write the host certificate")
     hsub.add_parser("list", help="the hosts this instance added")
+    hremove = hsub.add_parser("remove", help="forget a host: its certificate is void, its VMs are unplaced")
+    hremove.add_argument("host", metavar="HOST")
 
     vm = sub.add_parser("vm", help="virtual machines")
     vsub = vm.add_subparsers(dest="vm_command", required=True, parser_class=_Parser)
@@ -86,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     register.add_argument("--datastore", required=True, metavar="DIR")
     register.add_argument("--host", action="append", default=[], help="place on this host (repeat: round-robin)")
     register.add_argument("--jobs", type=int, default=8, metavar="J", help="requests in flight (default 8)")
+    register.add_argument(
+        "--vm", action="append", default=[], metavar="NAME|UUID", help="only this VM (repeat; default: all)"
+    )
+    release = vsub.add_parser(
+        "release", help="cold migration: hand a powered-off VM over to another trusted instance, which registers it"
+    )
+    release.add_argument("vm", metavar="VM", help="VM name or UUID")
+    release.add_argument("--to", required=True, metavar="INSTANCE", help="the trusted instance that takes it over")
+    remove = vsub.add_parser(
+        "remove", help="forget a VM at the broker (administrators; its KEK, generation and trail are kept)"
+    )
+    remove.add_argument("vm", metavar="VM", help="VM name or UUID")
     listing = vsub.add_parser("list", help="this instance's VMs, as the broker knows them")
     listing.add_argument("--json", action="store_true")
     check = vsub.add_parser("check", help="find VMs whose vTPM could not be recovered")
@@ -141,11 +158,17 @@ def _run(args) -> int:
     if args.command == "enroll":
         return _enroll(state, args)
     if args.command == "host":
+        if args.host_command == "remove":
+            return _host_remove(state, args)
         return _host_add(state, args) if args.host_command == "add" else _host_list(state)
     if args.vm_command == "create":
         return _vm_create(state, args)
     if args.vm_command == "register":
         return _vm_register(state, args)
+    if args.vm_command == "release":
+        return _vm_release(state, args)
+    if args.vm_command == "remove":
+        return _vm_remove(state, args)
     return _vm_list(state, args)
 
 
@@ -262,6 +285,27 @@ def _host_add(state: StateDir, args) -> int:
     return 0
 
 
+def _host_remove(state: StateDir, args) -> int:
+    name = check_name("host", args.host)
+    client = state.client()
+    try:
+        client.remove_host(name)
+    except BrokerRefused as exc:
+        if exc.status == 404:
+            raise MgmtError(f"the broker has no host {name} of this instance ('{PROG} host list')") from None
+        raise
+
+    def record(inventory: dict) -> None:
+        inventory["hosts"].pop(name, None)
+        for vm in inventory["vms"].values():
+            if vm.get("host") == name:
+                vm["host"] = None
+
+    state.update_inventory(record)
+    print(f"host {name} removed: its certificate is void and the VMs placed on it are unplaced")
+    return 0
+
+
 def _host_list(state: StateDir) -> int:
     hosts = state.inventory()["hosts"]
     if not hosts:
@@ -373,6 +417,8 @@ def _vm_register(state: StateDir, args) -> int:
     paths = vmx.find_vms(datastore)
     if not paths:
         raise MgmtError(f"no VMs on {datastore} (looked for {datastore}/*/*.vmx)")
+    if args.vm:
+        paths = _only_vms(paths, args.vm, datastore)
     client = state.client()
     started = time.monotonic()
     outcomes: list[_Outcome] = []
@@ -417,6 +463,85 @@ def _vm_register(state: StateDir, args) -> int:
     for o in failed:
         print(f"FAILED {o.path}: {o.error}")
     return 1 if failed else 0
+
+
+def _only_vms(paths: list[Path], wanted: list[str], datastore: Path) -> list[Path]:
+    """The .vmx files whose VM name or UUID is one of `wanted`; each must be found."""
+    keep, found = [], set()
+    for path in paths:
+        try:
+            config = vmx.read(path)
+        except vmx.VmxError:
+            continue
+        hits = {w for w in wanted if w in (config.name, path.stem) or w.lower() == config.vm_uuid.lower()}
+        if hits:
+            keep.append(path)
+            found |= hits
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        raise MgmtError(f"no VM {missing[0]!r} on {datastore} (give a VM name or UUID from a .vmx there)")
+    return keep
+
+
+def _resolve_vm(client: BrokerClient, state: StateDir, text: str) -> dict:
+    """This instance's VM named `text` (or with that UUID), as the broker lists it."""
+    vms = client.list_vms()
+    by_uuid = [vm for vm in vms if str(vm.get("vm_uuid", "")).lower() == text.lower()]
+    if by_uuid:
+        return by_uuid[0]
+    by_name = [vm for vm in vms if vm.get("name") == text]
+    if len(by_name) > 1:
+        uuids = ", ".join(sorted(str(vm.get("vm_uuid")) for vm in by_name))
+        raise MgmtError(f"{len(by_name)} VMs are named {text!r} ({uuids}); give the VM's UUID")
+    if not by_name:
+        raise MgmtError(f"{state.settings().name} has no VM {text!r} at the broker ('{PROG} vm list' shows its VMs)")
+    return by_name[0]
+
+
+def _forget_vm(state: StateDir, vm_uuid: str) -> None:
+    def record(inventory: dict) -> None:
+        inventory["vms"].pop(vm_uuid, None)
+
+    state.update_inventory(record)
+
+
+def _vm_release(state: StateDir, args) -> int:
+    to = check_name("instance", args.to)
+    client = state.client()
+    vm = _resolve_vm(client, state, args.vm)
+    vm_uuid = str(vm.get("vm_uuid"))
+    try:
+        client.release_vm(vm_uuid, to)
+    except BrokerRefused as exc:
+        raise MgmtError(f"the broker refused to release VM {vm.get('name')} ({vm_uuid}) to {to}: {exc.error}") from None
+    _forget_vm(state, vm_uuid)
+    if to == state.settings().name:
+        print(f"VM {vm.get('name')} ({vm_uuid}): release cancelled; place it on a host again to power it on")
+        return 0
+    print(f"VM {vm.get('name')} ({vm_uuid}) released to {to}; no host of {state.settings().name} may unwrap it now")
+    print(f"next, on {to}: {PROG} vm register --datastore DIR --vm {vm_uuid} --host H")
+    return 0
+
+
+def _vm_remove(state: StateDir, args) -> int:
+    client = state.client()
+    vm = _resolve_vm(client, state, args.vm)
+    vm_uuid = str(vm.get("vm_uuid"))
+    try:
+        client.remove_vm(vm_uuid)
+    except BrokerRefused as exc:
+        if exc.status == 403:
+            raise MgmtError(
+                f"the broker refused to remove VM {vm.get('name')} ({vm_uuid}): {exc.error}; removing a VM is for "
+                "administrators ([roles] administrators in the broker's config)"
+            ) from None
+        raise
+    _forget_vm(state, vm_uuid)
+    print(
+        f"VM {vm.get('name')} ({vm_uuid}) removed from the broker; its KEK, .nvram generation and audit trail are "
+        f"kept: '{PROG} vm register --datastore DIR --vm {vm_uuid}' brings it back"
+    )
+    return 0
 
 
 def _vm_list(state: StateDir, args) -> int:
