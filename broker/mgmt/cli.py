@@ -471,9 +471,10 @@ def _only_vms(paths: list[Path], wanted: list[str], datastore: Path) -> list[Pat
     for path in paths:
         try:
             config = vmx.read(path)
+            vm_uuid = config.vm_uuid
         except vmx.VmxError:
             continue
-        hits = {w for w in wanted if w in (config.name, path.stem) or w.lower() == config.vm_uuid.lower()}
+        hits = {w for w in wanted if w in (config.name, path.stem) or w.lower() == vm_uuid}
         if hits:
             keep.append(path)
             found |= hits
