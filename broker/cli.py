@@ -9,6 +9,7 @@
     vtpm-broker [--config F] admin pin NAME --cert F
     vtpm-broker [--config F] admin list [--json]
     vtpm-broker [--config F] admin issue-user NAME --out-dir D
+    vtpm-broker [--config F] admin transfer VM --to INSTANCE
     vtpm-broker [--config F] admin audit [--vm NAME|UUID] [--host H] [--since 1h] [--json]
     vtpm-broker [--config F] admin audit verify [--public-key F] [--file EXPORT]
     vtpm-broker [--config F] admin audit checkpoint
@@ -68,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     pin.add_argument("--cert", required=True, metavar="F")
     listing = asub.add_parser("list", help="instances with state and last use")
     listing.add_argument("--json", action="store_true")
+    transfer = asub.add_parser(
+        "transfer", help="cold migration: release any VM to a trusted instance, which then registers it"
+    )
+    transfer.add_argument("vm", metavar="VM", help="VM UUID (or a name only one VM has)")
+    transfer.add_argument("--to", required=True, metavar="INSTANCE")
     user = asub.add_parser("issue-user", help="issue an API user certificate (role from [roles])")
     user.add_argument("name", metavar="NAME")
     user.add_argument("--out-dir", required=True, metavar="D")
@@ -453,9 +459,32 @@ def _admin(cfg, args) -> int:
             _print_instances(registry.list_instances(), args.json)
         elif cmd == "issue-user":
             return _issue_user(cfg, registry, args)
+        elif cmd == "transfer":
+            return _transfer(registry, args)
         return 0
     finally:
         db.close()
+
+
+def _transfer(registry, args) -> int:
+    """`admin transfer VM --to INSTANCE`: the administrator's release
+    (Registry.release_vm), whoever owns the VM."""
+    text = args.vm
+    vms = registry.list_vms()
+    found = [v for v in vms if v.vm_uuid == text.lower()] or [v for v in vms if v.name == text]
+    if not found:
+        raise CliError(f"the broker has no VM {text!r}; give its UUID ('vtpm-broker admin audit --vm' finds it)")
+    if len(found) > 1:
+        raise CliError(f"{len(found)} VMs are named {text!r} ({', '.join(v.vm_uuid for v in found)}); give the UUID")
+    vm = found[0]
+    was = vm.instance
+    record = registry.release_vm(vm.vm_uuid, args.to, "local-security-admin", None)
+    if record.released_to is None:
+        print(f"VM {vm.name} ({vm.vm_uuid}): release cancelled; it stays with {was}")
+        return 0
+    print(f"VM {vm.name} ({vm.vm_uuid}) of {was} released to {args.to}; no host of {was} may unwrap it now")
+    print(f"next, on {args.to}: vtpm-mgmt vm register --datastore DIR --vm {vm.vm_uuid} --host H")
+    return 0
 
 
 # --- admin audit (needs the database and the audit key, not the master key) -------------------
