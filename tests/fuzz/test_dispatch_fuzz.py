@@ -9,7 +9,8 @@ item it ran, and a Result Reason on every failure. No exception escapes.
 
 Where a property finds a real bug the minimal input is kept below as a
 strict xfail (issue 19 routes the fix to the owners of dispatch and
-operations); the property itself then skips inputs of that known shape.
+operations), and `known_finding` lets the properties pass over inputs of
+that shape; once fixed, the xfail becomes a plain regression test.
 """
 
 from __future__ import annotations
@@ -203,20 +204,9 @@ def check_answer(data: bytes, answer: bytes | None) -> Item | None:
 # xfails below, which start to pass (and so fail) once the fix lands.
 
 
-def _batch_items(data: bytes) -> list[Item]:
-    try:
-        message = ttlv.decode(data)
-    except ttlv.TTLVError:
-        return []
-    return [i for i in message.find_all(T.BATCH_ITEM.value) if i.type == ItemType.STRUCTURE]
-
-
 def known_finding(data: bytes) -> str | None:
-    """The finding of issue 19 that `data` trips, if any."""
-    for item in _batch_items(data):
-        for child in ttlv.walk(item):
-            if child.tag == T.ATTRIBUTE_REFERENCE.value and child.type in (ItemType.TEXT_STRING, ItemType.BYTE_STRING):
-                return "Attribute Reference of a string type: ValueError formatting its refusal"
+    """The open finding that `data` trips, if any (none open now: the
+    Attribute Reference finding was fixed in de56742)."""
     return None
 
 
@@ -287,7 +277,7 @@ OPERATION_MINUS_ONE = message(
 def test_known_finding_shapes_are_recognized():
     """The properties skip exactly the shapes of the findings below."""
     assert not known_finding(OPERATION_MINUS_ONE)
-    assert known_finding(GET_ATTRIBUTES_TEXT_REFERENCE)
+    assert not known_finding(GET_ATTRIBUTES_TEXT_REFERENCE)
     assert not known_finding(message([ttlv.structure(T.BATCH_ITEM.value, [ttlv.enumeration(T.OPERATION.value, 30)])]))
 
 
@@ -343,13 +333,10 @@ GET_ATTRIBUTES_TEXT_REFERENCE = message(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a 2.0 Attribute Reference of type Text String (or Byte String) ends in ValueError "
-    "(\"Unknown format code 'x'\") in keystore/attributes.py name_from_reference_v2, answered GENERAL_FAILURE "
-    "with a traceback instead of INVALID_FIELD",
-)
 def test_attribute_reference_of_a_string_type_is_an_invalid_field(world):
+    """Found by this suite (fixed in de56742): a 2.0 Attribute Reference of
+    type Text String ended in a ValueError formatting its refusal
+    (keystore/attributes.py), answered General Failure with a traceback."""
     refused_cleanly(world, GET_ATTRIBUTES_TEXT_REFERENCE, {ResultReason.INVALID_FIELD, ResultReason.INVALID_MESSAGE})
 
 
