@@ -177,6 +177,18 @@ _OBJECT_ATTRIBUTES = select(kms_attributes.c.name, kms_attributes.c.idx, kms_att
     kms_attributes.c.uid == bindparam("uid")
 )
 
+# Every write transaction reads and writes the store digest (keystore/row_auth.py).
+_META_GET = select(kms_meta.c.value).where(kms_meta.c.key == bindparam("key"))
+_META_GET_FOR_UPDATE = _META_GET.with_for_update()
+
+
+def _meta_upsert(dialect_insert):
+    stmt = dialect_insert(kms_meta).values(key=bindparam("key"), value=bindparam("value"))
+    return stmt.on_conflict_do_update(index_elements=[kms_meta.c.key], set_={"value": stmt.excluded.value})
+
+
+_META_UPSERT = {"postgresql": _meta_upsert(pg_dialect.insert), "sqlite": _meta_upsert(sqlite_dialect.insert)}
+
 # pg_advisory_xact_lock key that serializes audit appenders of all nodes
 # ("kmsa").
 AUDIT_LOCK_KEY = 0x6B6D7361
@@ -456,25 +468,14 @@ class _SqlTransaction(Transaction):
 
     def get_meta(self, key: str, for_update: bool = False) -> bytes | None:
         with self._op("get_meta", write=for_update):
-            stmt = select(kms_meta.c.value).where(kms_meta.c.key == key)
-            if for_update and self._dialect == "postgresql":
-                # SQLite's BEGIN IMMEDIATE already serializes writers.
-                stmt = stmt.with_for_update()
-            value = self._conn.execute(stmt).scalar()
+            # SQLite's BEGIN IMMEDIATE already serializes writers.
+            stmt = _META_GET_FOR_UPDATE if for_update and self._dialect == "postgresql" else _META_GET
+            value = self._conn.execute(stmt, {"key": key}).scalar()
             return None if value is None else bytes(value)
 
     def set_meta(self, key: str, value: bytes) -> None:
         with self._op("set_meta", write=True):
-            dialect_insert = (
-                pg_dialect.insert
-                if self._dialect == "postgresql"
-                else sqlite_dialect.insert
-            )
-            stmt = dialect_insert(kms_meta).values(key=key, value=value)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[kms_meta.c.key], set_={"value": stmt.excluded.value}
-            )
-            self._conn.execute(stmt)
+            self._conn.execute(_META_UPSERT[self._dialect], {"key": key, "value": value})
 
 
     def audit_head(self, lock: bool = False) -> tuple[int, str] | None:
