@@ -113,7 +113,10 @@ def unsent_bytes(transport) -> int:
         if transport is None:
             break
         if isinstance(transport, abstract.FileDescriptor):
-            total += len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+            # getattr: should Twisted rename them, back-pressure from the
+            # node cap weakens instead of every response failing.
+            buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+            total += buffered + getattr(transport, "_tempDataLen", 0)
             break
         attributes = vars(transport)
         total += sum(len(chunk) for chunk in attributes.get("_appSendBuffer") or ())

@@ -276,3 +276,25 @@ def test_a_kmip_connection_refused_by_the_limits_is_recorded_with_their_reason()
     assert refusals == ["1 connections open (the cap)", "TLS handshake not done in 5.0s"]
     assert factory.open_connections == 0
     assert inner.connections == set()
+
+
+def test_unsent_bytes_reads_through_tls_and_wrappers_to_the_socket_buffer():
+    """unsent_bytes: what TLS holds back plus the socket transport's write
+    buffer, found beneath any wrapper (a ProtocolWrapper forwards unknown
+    attributes to its transport, which must not count a layer twice)."""
+    from twisted.internet import abstract
+    from twisted.protocols.policies import ProtocolWrapper
+
+    socket_transport = abstract.FileDescriptor(reactor=Clock())
+    socket_transport.dataBuffer = b"y" * 5
+    socket_transport.offset = 2
+    socket_transport._tempDataBuffer = [b"x" * 10]
+    socket_transport._tempDataLen = 10
+    tls_layer = ProtocolWrapper(None, None)
+    tls_layer.transport = socket_transport
+    tls_layer._appSendBuffer = [b"z" * 7]
+    outer = ProtocolWrapper(None, None)
+    outer.transport = tls_layer
+    assert limits.unsent_bytes(outer) == 3 + 10 + 7
+    assert limits.socket_transport(outer) is socket_transport
+    assert limits.unsent_bytes(StringTransport()) == 0
