@@ -175,8 +175,10 @@ class Barrier:
         self._seal_format = seal_format or VERSION_2
         self._lock = threading.Lock()
         self._install(keyring)
-        # Set by open_barrier: how to re-read the keyring from storage.
+        # Set by open_barrier: how to re-read the keyring from storage, and
+        # the stored record it was read from.
         self._master: MasterKey | None = None
+        self._record: bytes | None = None
         self._loaded_at = time.monotonic()
 
     def _install(self, keyring: Keyring) -> None:
@@ -266,6 +268,11 @@ class Barrier:
             return False
         with self._lock:
             self._loaded_at = now
+            # Unwrapping may be a call into a token: only when the record changed.
+            record = txn.get_meta(KEYRING_META)
+            if record is not None and record == self._record:
+                return False
+            self._record = record
             try:
                 ring = read_keyring(txn, self._master)
             except BarrierError as exc:
@@ -306,14 +313,14 @@ def read_keyring(txn: Transaction, master: MasterKey) -> Keyring | None:
     wrapped = copies.get(master.key_id)
     if wrapped is None:
         raise BarrierError(
-            f"the configured master key ({master.description}) does not open this database "
-            "(wrong key file, passphrase or token key)"
+            f"the master key does not open this database (configured: {master.description}; "
+            "wrong key file, passphrase or token key)"
         )
     try:
         return Keyring.from_bytes(master.unwrap(base64.b64decode(wrapped), _KEYRING_CONTEXT))
     except (MasterKeyError, ValueError):
         raise BarrierError(
-            f"the configured master key ({master.description}) does not open this database's keyring"
+            f"the master key does not open this database's keyring (configured: {master.description})"
         ) from None
 
 
@@ -389,12 +396,13 @@ def open_barrier(
                 legacy = master.legacy_key()
                 if legacy is None or not opens_check_record(Barrier(legacy), check):
                     raise BarrierError(
-                        f"the configured master key ({master.description}) does not open this database "
-                        "(wrong key file or passphrase)"
+                        f"the master key does not open this database (configured: {master.description}; "
+                        "wrong key file or passphrase)"
                     )
                 ring = Keyring.single(legacy)
                 ring.digest_key = os.urandom(32)
             write_keyring(txn, ring, [master])
         barrier = Barrier(ring)
         barrier.attach(master)
+        barrier._record = txn.get_meta(KEYRING_META)
     return barrier
