@@ -231,3 +231,44 @@ def test_db_verify_names_each_edited_object_and_passes_an_intact_store(node, pki
     report = json.loads(edited.stdout)
     assert [f["uid"] for f in report["failures"]] == [bad]
     assert good not in edited.stdout
+
+
+def test_a_restored_backup_verifies_and_stays_authenticated(tmp_path, pki_dir):
+    """Backup and restore carry the row MACs and the store digest: the copy
+    verifies, serves the same keys, and an edit of the copy is refused."""
+    server = start_server(tmp_path / "node", pki_dir)
+    with client(server, pki_dir) as alice:
+        keys = {}
+        for _ in range(3):
+            uid = create(alice)
+            keys[uid] = alice.get_key(uid)
+    server.stop()
+    config = server.workdir / "kms.toml"
+    out = tmp_path / "kms.backup"
+
+    def admin(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "kms_server.admin.cli", *args], capture_output=True, text=True, timeout=120
+        )
+
+    assert admin("backup", "--config", str(config), "--out", str(out)).returncode == 0
+    copy_url = f"sqlite:///{tmp_path / 'copy' / 'kms.db'}"
+    (tmp_path / "copy").mkdir(mode=0o700)
+    restored = admin("restore", "--config", str(config), "--from", str(out), "--db-url", copy_url)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    verify = admin("db", "verify", "--config", str(config), "--db-url", copy_url, "--json")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert json.loads(verify.stdout) == {"objects": 3, "failures": [], "digest": "ok"}
+    node = start_server(tmp_path / "node", pki_dir, db_url=copy_url)
+    try:
+        with client(node, pki_dir) as alice:
+            for uid, key in keys.items():
+                assert alice.get_key(uid) == key
+            victim = next(iter(keys))
+            engine = create_engine(copy_url)
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE kms_objects SET owner = 'bob' WHERE uid = :u"), {"u": victim})
+            engine.dispose()
+            refused(lambda: alice.get_key(victim))
+    finally:
+        node.stop()
