@@ -27,12 +27,12 @@ import hmac
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import Table, func, insert, inspect, select, text
+from sqlalchemy import MetaData, Table, func, insert, inspect, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -56,13 +56,21 @@ from kms_server.storage.engine import DatabaseUrlError, configure_sqlite, open_e
 
 __all__ = [
     "BACKUP_TABLES",
+    "KMS_BACKUP",
     "NOT_BACKED_UP",
     "BackupError",
+    "BackupKind",
     "BackupSummary",
     "Progress",
     "RestoreSummary",
+    "SealedBackup",
+    "Section",
     "backup",
+    "open_sealed",
     "restore",
+    "set_high_water",
+    "table_section",
+    "write_sealed",
 ]
 
 Progress = Callable[[int, int], None]
@@ -155,6 +163,22 @@ def describe_rows(rows: dict[str, int]) -> str:
     return ", ".join(parts)
 
 
+@dataclass(frozen=True)
+class BackupKind:
+    """What tells one product's backups apart (the KMS's, the broker's):
+    the file signature, which is also in the context that binds the wrapped
+    backup key, the names its messages use, and the tables its sections name.
+    Everything else (layout, cipher, record stream) is this module's."""
+
+    magic: bytes  # 8 bytes
+    product: str  # "kms-server": "... is not a kms-server backup"
+    tool: str  # "kms-admin": "a file made by 'kms-admin backup'"
+    metadata: MetaData
+
+
+KMS_BACKUP = BackupKind(MAGIC, "kms-server", "kms-admin", sql_tables.metadata)
+
+
 # --- master key -----------------------------------------------------------------------
 #
 # Format 2: the chunks are sealed under a key derived from a random backup
@@ -221,10 +245,10 @@ def _source(cfg: Config, master: MasterKey, meta: dict[str, bytes]) -> dict[str,
     return how
 
 
-def _backup_key_context(salt: bytes) -> bytes:
+def _backup_key_context(salt: bytes, magic: bytes = MAGIC) -> bytes:
     """What the wrapped backup key is bound to: this format and this
     backup (its salt), so it cannot be moved into another header."""
-    return b"kms-backup:" + MAGIC + FORMAT_VERSION.to_bytes(2, "big") + salt
+    return b"kms-backup:" + magic + FORMAT_VERSION.to_bytes(2, "big") + salt
 
 
 def _scrypt_salt(how: Any) -> bytes | None:
@@ -277,19 +301,24 @@ def _restore_key(cfg: Config, version: int, fields: dict[str, Any], salt: bytes)
                     "restore it with the key file or passphrase of the server that made it"
                 )
             return legacy
-        try:
-            wrapped = bytes.fromhex(fields["backup_key"]["wrapped"])
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt("the header lacks the wrapped backup key") from None
-        try:
-            return master.unwrap(wrapped, _backup_key_context(salt))
-        except MasterKeyError:
-            raise BackupError(
-                f"the backup was made under another master key; configure {_made_under(how)} "
-                "(the master key of the server that made it, before any rotation)"
-            ) from None
+        return _unwrap_backup_key(master, fields, salt)
     finally:
         _close(master)
+
+
+def _unwrap_backup_key(master: MasterKey, fields: dict[str, Any], salt: bytes, magic: bytes = MAGIC) -> bytes:
+    """Format 2: the backup key that `master` wrapped into the header."""
+    try:
+        wrapped = bytes.fromhex(fields["backup_key"]["wrapped"])
+    except (KeyError, TypeError, ValueError):
+        raise _corrupt("the header lacks the wrapped backup key") from None
+    try:
+        return master.unwrap(wrapped, _backup_key_context(salt, magic))
+    except MasterKeyError:
+        raise BackupError(
+            f"the backup was made under another master key; configure {_made_under(fields.get('master_key'))} "
+            "(the master key of the server that made it, before any rotation)"
+        ) from None
 
 
 # --- database ---------------------------------------------------------------------------
@@ -357,7 +386,9 @@ def _high_water(conn: Connection, table: Table) -> dict[str, Any] | None:
     return {"column": column.name, "high_water": int(high)}
 
 
-def _set_high_water(conn: Connection, table: Table, info: dict[str, Any] | None) -> None:
+def set_high_water(conn: Connection, table: Table, info: dict[str, Any] | None) -> None:
+    """After a restore's inserts: the autoincrement key continues above the
+    backup's high-water mark (a section's `autoincrement`)."""
     if not info:
         return
     column = table.c[info["column"]]
@@ -467,19 +498,20 @@ class _Header:
     data_offset: int
 
 
-def _read_header(fh: IO[bytes], path: Path) -> _Header:
+def _read_header(fh: IO[bytes], path: Path, kind: BackupKind = KMS_BACKUP) -> _Header:
     start = fh.read(_PREFIX.size)
-    if len(start) < len(MAGIC) or start[: len(MAGIC)] != MAGIC:
+    magic = kind.magic
+    if len(start) < len(magic) or start[: len(magic)] != magic:
         raise BackupError(
-            f"{path} is not a kms-server backup (no backup signature); give a file made by 'kms-admin backup'"
+            f"{path} is not a {kind.product} backup (no backup signature); give a file made by '{kind.tool} backup'"
         )
     if len(start) < _PREFIX.size:
         raise BackupError(f"the backup {path} is truncated (it ends inside the header); use a complete copy")
     _magic, version, length = _PREFIX.unpack(start)
     if version not in READ_VERSIONS:
         raise BackupError(
-            f"{path} is backup format {version}, this kms-admin reads formats "
-            f"{', '.join(map(str, READ_VERSIONS))}; restore it with the kms-admin release that made it"
+            f"{path} is backup format {version}, this {kind.tool} reads formats "
+            f"{', '.join(map(str, READ_VERSIONS))}; restore it with the {kind.tool} release that made it"
         )
     if length > MAX_HEADER_SIZE:
         raise _corrupt("the header length is out of range")
@@ -623,7 +655,7 @@ def _decode_row(data: bytes, columns: int) -> list[Any]:
 
 
 def _sections(
-    stream: _Plaintext, header: dict[str, Any]
+    stream: _Plaintext, header: dict[str, Any], metadata: MetaData = sql_tables.metadata
 ) -> Iterator[tuple[Table, dict[str, Any], list[dict[str, Any]]]]:
     """(table, section info, a batch of rows) for every batch, in file order.
     Checks that the sections are the header's, that the columns are the
@@ -641,7 +673,9 @@ def _sections(
             raise _corrupt("a section header is not valid JSON") from None
         if not isinstance(info, dict) or info.get("table") != name or info.get("rows") != rows:
             raise _corrupt(f"section {name} does not match the header")
-        table = sql_tables.metadata.tables[name]
+        table = metadata.tables.get(name)
+        if table is None:
+            raise BackupError(f"the backup holds a table {name} this release does not; restore it with its release")
         columns = info.get("columns")
         if not isinstance(columns, list) or sorted(columns) != sorted(c.name for c in table.columns):
             raise BackupError(
@@ -705,6 +739,43 @@ def _check_header_fields(fields: dict[str, Any]) -> tuple[list[tuple[str, int]],
     return tables, salt, chunk_size
 
 
+class SealedBackup:
+    """A backup file whose header authenticated under its master key
+    (`open_sealed`); its sections are authenticated as they are read."""
+
+    def __init__(self, fh: IO[bytes], path: Path, kind: BackupKind, header: _Header, cipher: BackupCipher):
+        self._fh, self._kind, self._header, self._cipher = fh, kind, header, cipher
+        self.path = path
+        self.fields = header.fields
+        tables, _salt, self._chunk_size = _check_header_fields(header.fields)
+        self.tables: list[tuple[str, int]] = tables
+
+    def sections(self) -> Iterator[tuple[Table, dict[str, Any], list[dict[str, Any]]]]:
+        """(table, section info, a batch of rows as dicts) in file order,
+        from the start each time it is called; raises BackupError at the
+        first thing that is missing, out of place or altered, including
+        a file that ends early or goes on after its end."""
+        self._fh.seek(self._header.data_offset)
+        chunks = _chunks(self._fh, self._cipher, self._header.digest, self._chunk_size)
+        yield from _sections(_Plaintext(chunks), self.fields, self._kind.metadata)
+
+
+@contextlib.contextmanager
+def open_sealed(in_path: str | os.PathLike[str], kind: BackupKind, master: MasterKey) -> Iterator[SealedBackup]:
+    """Open a backup of `kind` (format 2) that `master` made: its signature,
+    header digest, wrapped backup key, key check and header tag are checked
+    here, each failure one line (BackupError) that says what to do."""
+    in_path = Path(in_path)
+    with _open_backup(in_path) as fh:
+        header = _read_header(fh, in_path, kind)
+        _tables, salt, _chunk_size = _check_header_fields(header.fields)
+        if header.version != FORMAT_VERSION:
+            raise _corrupt(f"a {kind.product} backup is never format {header.version}")
+        cipher = BackupCipher(_unwrap_backup_key(master, header.fields, salt, kind.magic), salt)
+        _authenticate(cipher, header)
+        yield SealedBackup(fh, in_path, kind, header, cipher)
+
+
 # --- backup -----------------------------------------------------------------------------
 
 
@@ -742,6 +813,113 @@ def _snapshot(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One table's part of a backup: `rows` rows in `batches` (each a list
+    of rows, values in `table.columns` order), and its autoincrement
+    high-water mark (or None). The table need not exist in a database: a
+    product may keep other records (files) in sections of their own."""
+
+    table: Table
+    rows: int
+    batches: Iterable[Sequence[Sequence[Any]]]
+    autoincrement: dict[str, Any] | None = None
+
+
+def table_section(conn: Connection, table: Table, rows: int | None = None) -> Section:
+    """A table's section, read in the transaction of `conn` (the snapshot)
+    in primary-key order, BATCH_ROWS rows per round trip."""
+    if rows is None:
+        rows = _count(conn, table)
+
+    def batches() -> Iterator[Sequence[Sequence[Any]]]:
+        # Run when the writer reaches this section: one open cursor at a time.
+        stmt = select(*table.columns).order_by(*table.primary_key.columns)
+        yield from conn.execute(stmt.execution_options(yield_per=BATCH_ROWS)).partitions()
+
+    return Section(table, rows, batches(), _high_water(conn, table))
+
+
+def write_sealed(
+    out_path: str | os.PathLike[str],
+    kind: BackupKind,
+    master: MasterKey,
+    fields: dict[str, Any],
+    sections: Sequence[Section],
+    progress: Progress | None = None,
+    *,
+    overwrite: bool = False,
+) -> tuple[int, int]:
+    """Write `sections` to `out_path` (mode 0600, atomically) as a backup of
+    this module's format, sealed under a new random backup key that `master`
+    wraps into the header. `fields` are the caller's header members (at
+    least "schema_revision"; "master_key" names the key for the operator);
+    this adds format, tables, KDF, cipher and the wrapped key. Returns
+    (file size, chunks). A section whose batches do not hold its declared
+    rows is refused and nothing is written."""
+    out_path = Path(out_path)
+    _check_output(out_path, overwrite)
+    salt = os.urandom(SALT_SIZE)
+    backup_key = os.urandom(BACKUP_KEY_SIZE)
+    try:
+        wrapped = master.wrap(backup_key, _backup_key_context(salt, kind.magic))
+    except MasterKeyError as exc:
+        raise BackupError(f"{exc}; nothing was written") from None
+    cipher = BackupCipher(backup_key, salt)
+    header = {
+        **fields,
+        "format": FORMAT_VERSION,
+        "tables": [{"name": s.table.name, "rows": s.rows} for s in sections],
+        "kdf": {"name": "HKDF-SHA256", "info": HKDF_INFO.decode(), "salt": salt.hex()},
+        "cipher": {"name": "AES-256-GCM", "chunk_size": CHUNK_SIZE},
+        "backup_key": {"wrapped": wrapped.hex()},
+    }
+    body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    prefix = _PREFIX.pack(kind.magic, FORMAT_VERSION, len(body)) + body
+    digest = hashlib.sha256(prefix).digest()
+    total = sum(s.rows for s in sections)
+    done = 0
+    if progress:
+        progress(0, total)
+    with _atomic_output(out_path, overwrite) as fh:
+        fh.write(prefix + digest + cipher.key_check() + cipher.header_tag(prefix))
+        writer = _ChunkWriter(fh, cipher, digest, CHUNK_SIZE)
+        for section in sections:
+            table = section.table
+            columns = [c.name for c in table.columns]
+            writer.write(
+                _section_record(
+                    {
+                        "table": table.name,
+                        "columns": columns,
+                        "rows": section.rows,
+                        "autoincrement": section.autoincrement,
+                    }
+                )
+            )
+            written = 0
+            for rows in section.batches:
+                out = bytearray()
+                for row in rows:
+                    out += _row_record(row)
+                writer.write(out)
+                written += len(rows)
+                done += len(rows)
+                if progress:
+                    progress(done, total)
+            if written != section.rows:  # pragma: no cover - the snapshot prevents it
+                raise BackupError(f"{table.name} changed during the backup; the database gave no snapshot")
+            writer.write(_REC_SECTION_END + written.to_bytes(8, "big"))
+        writer.write(_REC_END)
+        writer.close()
+        size = fh.tell()
+    return size, writer.chunks
+
+
 def backup(
     cfg: Config, out_path: str | os.PathLike[str], progress: Progress | None = None, *, overwrite: bool = False
 ) -> BackupSummary:
@@ -774,69 +952,20 @@ def backup(
                         f"the configured master key does not open this database ({master.description}); "
                         "configure the key file, passphrase or token key its servers use"
                     )
-                how = _source(cfg, master, meta)
-                salt = os.urandom(SALT_SIZE)
-                backup_key = os.urandom(BACKUP_KEY_SIZE)
-                try:
-                    wrapped = master.wrap(backup_key, _backup_key_context(salt))
-                except MasterKeyError as exc:
-                    raise BackupError(f"{exc}; nothing was written") from None
+                created_at = _now()
+                fields = {
+                    "schema_revision": revision,
+                    "created_at": created_at,
+                    "node": cfg.server.node_name,
+                    "database": conn.dialect.name,
+                    "master_key": _source(cfg, master, meta),
+                }
+                sections = [table_section(conn, t, counts[t.name]) for t in tables]
+                size, chunks = write_sealed(
+                    out_path, KMS_BACKUP, master, fields, sections, progress, overwrite=overwrite
+                )
             finally:
                 _close(master)
-            cipher = BackupCipher(backup_key, salt)
-            created_at = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-            fields = {
-                "format": FORMAT_VERSION,
-                "schema_revision": revision,
-                "created_at": created_at,
-                "node": cfg.server.node_name,
-                "database": conn.dialect.name,
-                "tables": [{"name": t.name, "rows": counts[t.name]} for t in tables],
-                "kdf": {"name": "HKDF-SHA256", "info": HKDF_INFO.decode(), "salt": salt.hex()},
-                "cipher": {"name": "AES-256-GCM", "chunk_size": CHUNK_SIZE},
-                "master_key": how,
-                "backup_key": {"wrapped": wrapped.hex()},
-            }
-            body = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-            prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + body
-            digest = hashlib.sha256(prefix).digest()
-            total = sum(counts.values())
-            done = 0
-            if progress:
-                progress(0, total)
-            with _atomic_output(out_path, overwrite) as fh:
-                fh.write(prefix + digest + cipher.key_check() + cipher.header_tag(prefix))
-                writer = _ChunkWriter(fh, cipher, digest, CHUNK_SIZE)
-                for table in tables:
-                    columns = [c.name for c in table.columns]
-                    writer.write(
-                        _section_record(
-                            {
-                                "table": table.name,
-                                "columns": columns,
-                                "rows": counts[table.name],
-                                "autoincrement": _high_water(conn, table),
-                            }
-                        )
-                    )
-                    stmt = select(*table.columns).order_by(*table.primary_key.columns)
-                    result = conn.execute(stmt.execution_options(yield_per=BATCH_ROWS))
-                    written = 0
-                    for rows in result.partitions():
-                        out = bytearray()
-                        for row in rows:
-                            out += _row_record(row)
-                        writer.write(out)
-                        written += len(rows)
-                        done += len(rows)
-                        if progress:
-                            progress(done, total)
-                    if written != counts[table.name]:  # pragma: no cover - the snapshot prevents it
-                        raise BackupError(f"{table.name} changed during the backup; the database gave no snapshot")
-                    writer.write(_REC_SECTION_END + written.to_bytes(8, "big"))
-                writer.write(_REC_END)
-                writer.close()
-                size = fh.tell()
     except SQLAlchemyError as exc:
         raise BackupError(
             f"cannot read {shown}: {_first_line(exc)}; check storage.db_url and that the database is reachable"
@@ -847,7 +976,7 @@ def backup(
         path=out_path,
         size=size,
         rows=counts,
-        chunks=writer.chunks,
+        chunks=chunks,
         schema_revision=revision,
         created_at=created_at,
         node=cfg.server.node_name,
@@ -966,7 +1095,7 @@ def restore(
                             progress(done, total)
                 for name in BACKUP_TABLES:
                     table = sql_tables.metadata.tables[name]
-                    _set_high_water(conn, table, sections[name].get("autoincrement"))
+                    set_high_water(conn, table, sections[name].get("autoincrement"))
                     stored = _count(conn, table)
                     if stored != counts[name]:
                         raise BackupError(
