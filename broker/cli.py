@@ -15,6 +15,8 @@
     vtpm-broker [--config F] admin audit checkpoint
     vtpm-broker [--config F] admin audit export --to F [--force]
     vtpm-broker [--config F] ca show|import|csr|install-signed|recertify ...
+    vtpm-broker [--config F] backup --out F [--force]
+    vtpm-broker [--config F] restore --from F
 
 Admin commands act on the broker's database as the security administrator
 (run them on the broker host, as the broker's user). Every failure is one
@@ -95,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, metavar="FILE", help="file to write (mode 0600)")
     export.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
+    bak = sub.add_parser("backup", help="write the broker's whole state to an encrypted file (brokers may serve)")
+    bak.add_argument("--out", required=True, metavar="FILE", help="file to write (mode 0600)")
+    bak.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    res = sub.add_parser("restore", help="restore a backup into a new data directory and an empty database")
+    res.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file 'backup' wrote")
+
     ca = sub.add_parser("ca", help="the vTPM EK CA")
     csub = ca.add_subparsers(dest="ca_command", required=True)
     csub.add_parser("show", help="the active EK CA and its history")
@@ -142,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             return _admin(cfg, args)
         if command == "ca":
             return _ca(cfg, args)
+        if command in ("backup", "restore"):
+            return _backup_restore(cfg, args)
     except KeyboardInterrupt:
         return _fail("interrupted")
     except Exception as exc:  # Every failure is one line; see _describe.
@@ -160,7 +170,7 @@ def _describe(exc: BaseException) -> str:
     known = (
         "ConfigError", "TlsConfigError", "DatabaseError", "BarrierError", "CaMissing", "PkiError",
         "InvalidRequest", "Refused", "NotFound", "Conflict", "Unprocessable", "EkCaError", "CliError",
-        "CertificateRequestError", "KmsUnavailable", "SchemaError", "AuditKeyError",
+        "CertificateRequestError", "KmsUnavailable", "SchemaError", "AuditKeyError", "BackupError",
     )  # fmt: skip
     if type(exc).__name__ in known:
         return text
@@ -666,6 +676,27 @@ def _issue_user(cfg, registry, args) -> int:
     _write_public(out / "broker-ca.pem", registry.trust_ca.cert_pem.encode("ascii"))
     role = cfg.roles.role_of(args.name) or "none (add the name to a [roles] list)"
     print(f"{out / (args.name + '.pem')} and .key issued; role: {role}")
+    return 0
+
+
+# --- backup, restore (broker.backup) -------------------------------------------------------
+
+
+def _backup_restore(cfg, args) -> int:
+    from broker import backup
+
+    if args.command == "backup":
+        done = backup.backup(cfg, Path(args.out), overwrite=args.force)
+        rows = sum(done.rows.values())
+        print(f"wrote {done.path} ({done.size} bytes): {rows} rows of {len(done.rows)} tables, files "
+              f"{', '.join(done.files)}; schema revision {done.schema_revision}")  # fmt: skip
+        print(f"it opens only with the master key {cfg.master_key.file}: keep that key apart from the backups")
+        return 0
+    done = backup.restore(cfg, Path(args.source))
+    rows = sum(done.rows.values())
+    print(f"restored {done.path} (made by {done.backup_node} at {done.backup_created_at}) into {done.database}: "
+          f"{rows} rows, {len(done.files)} files")  # fmt: skip
+    print("start the broker with 'vtpm-broker run'; hosts and instances keep their certificates (same trust CA)")
     return 0
 
 
