@@ -110,6 +110,9 @@ class StorageConfig:
     # How long a request waits for the database to come back (failover)
     # before it is answered GENERAL_FAILURE.
     retry_seconds: float = 15.0
+    # Every this many seconds a node checks every object row and the store
+    # digest (keystore/row_auth.py) while it serves; 0 turns it off.
+    integrity_check_seconds: int = 3600
 
     @property
     def schema_mode(self) -> str:
@@ -484,6 +487,7 @@ _SCHEMA: Schema = {
         "db_url": (_db_url, DERIVED),
         "schema": (_choice(("auto", "upgrade", "check")), "auto"),
         "retry_seconds": (_positive_seconds(600.0), 15.0),
+        "integrity_check_seconds": (_int_between(0, 7 * 86400), 3600),
     },
     "master_key": {
         "file": (_path, None),

@@ -22,8 +22,7 @@ from kms_server.audit.record import AuditDraft, client_fields
 from kms_server.audit.trail import AuditTrail, AuditWriteFailed
 from kms_server.config import Config
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
-from kms_server.keystore import audit_key
-from kms_server.keystore import row_auth
+from kms_server.keystore import audit_key, row_auth
 from kms_server.keystore.barrier import open_barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.policy import Principal, role_for
@@ -33,6 +32,42 @@ from kms_server.wire import limits, tls
 from kms_server.wire.protocol import KmipFactory
 
 log = logging.getLogger("kms_server.server")
+
+
+def check_rows_while_serving(storage, barrier, trail) -> row_auth.VerifyReport:
+    """The start-up check again, while the node serves (read-only): a
+    rollback or an edit made since is logged CRITICAL and recorded in the
+    audit trail; the objects that fail are refused on every request."""
+    with storage.transaction(read_only=True) as txn:
+        report = row_auth.verify_store(txn, barrier, unseal=False)
+    for uid, problem in report.failures:
+        log.error("object %s fails its integrity check and is refused: %s", uid, problem)
+    if report.digest_problem is not None:
+        log.critical(
+            "the database fails its integrity check: %s; run 'kms-admin db verify'", report.digest_problem
+        )
+    if not report.ok and trail is not None:
+        detail = report.digest_problem or f"{len(report.failures)} objects fail their row MAC"
+        entry = {
+            "event": "integrity",
+            "request_id": "-",
+            "item": None,
+            "client": {"name": "kms-server", "role": None, "subject": None, "fingerprint": None, "username": None},
+            "peer": "local",
+            "protocol": None,
+            "operation": "INTEGRITY_CHECK",
+            "uid": report.failures[0][0] if report.failures else None,
+            "object": {},
+            "objects": [{"uid": uid} for uid, _ in report.failures],
+            "attributes": [],
+            "result": {"status": "OPERATION_FAILED", "reason": "GENERAL_FAILURE"},
+            "detail": detail,
+        }
+        try:
+            trail.write(entry)
+        except AuditWriteFailed as exc:
+            log.error("audit record of a failed integrity check not written: %s", exc)
+    return report
 
 
 def check_rows_at_start(storage, barrier) -> None:
@@ -61,6 +96,7 @@ class KmsService(service.Service):
         self.port = None
         self.heartbeat = None
         self.heartbeat_loop = None
+        self.integrity_loop = None
         # The data directory holds the embedded database; only this user reads it.
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.storage = open_storage(cfg.storage.db_url, schema=cfg.storage.schema_mode)
@@ -200,6 +236,12 @@ class KmsService(service.Service):
         if checkpoint is not None:
             log.info("audit checkpoint signed at record %d", checkpoint.seq)
 
+    def _integrity_check(self) -> None:
+        try:
+            check_rows_while_serving(self.storage, self.keystore.barrier, self.trail)
+        except Exception as exc:
+            log.error("integrity check could not run: %s", exc)
+
     def startService(self):
         super().startService()
         # SIGHUP re-reads the server certificate and the pinned client
@@ -221,6 +263,12 @@ class KmsService(service.Service):
             )
             self.heartbeat_loop.clock = self.reactor
             self.heartbeat_loop.start(cluster.HEARTBEAT_SECONDS, now=True)
+        if self.cfg.storage.integrity_check_seconds:
+            self.integrity_loop = task.LoopingCall(
+                lambda: deferToThreadPool(self.reactor, self.threadpool, self._integrity_check)
+            )
+            self.integrity_loop.clock = self.reactor
+            self.integrity_loop.start(self.cfg.storage.integrity_check_seconds, now=False)
         if self.trail is not None and self.trail.signer is not None:
             self.checkpoint_loop = task.LoopingCall(
                 lambda: deferToThreadPool(self.reactor, self.threadpool, self._checkpoint)
@@ -259,6 +307,8 @@ class KmsService(service.Service):
         yield self.listener.close_all()
         if self.web_listener is not None:
             yield self.web_listener.close_all()
+        if self.integrity_loop is not None and self.integrity_loop.running:
+            self.integrity_loop.stop()
         if self.checkpoint_loop is not None and self.checkpoint_loop.running:
             self.checkpoint_loop.stop()
             # A last checkpoint, so that removing the newest records shows.

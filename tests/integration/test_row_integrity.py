@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import start_server
@@ -272,3 +273,29 @@ def test_a_restored_backup_verifies_and_stays_authenticated(tmp_path, pki_dir):
             refused(lambda: alice.get_key(victim))
     finally:
         node.stop()
+
+
+def test_a_serving_node_finds_a_removed_row_within_its_check_period(tmp_path, pki_dir):
+    """[storage] integrity_check_seconds: a row deleted under a running node
+    (which never read it again) is reported CRITICAL in the log and as an
+    INTEGRITY_CHECK record in the audit trail within the period."""
+    server = start_server(tmp_path / "node", pki_dir, extra_config="[storage]\nintegrity_check_seconds = 1\n")
+    try:
+        with client(server, pki_dir) as alice:
+            kept = create(alice)
+            gone = create(alice)
+        engine = create_engine(f"sqlite:///{tmp_path / 'node' / 'data' / 'kms.db'}")
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM kms_objects WHERE uid = :u"), {"u": gone})
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any("CRITICAL" in line for line in server.log):
+            time.sleep(0.2)
+        assert any("CRITICAL" in line and "integrity check" in line for line in server.log), server.stderr_text()
+        with engine.connect() as conn:
+            operations = conn.execute(text("SELECT operation FROM kms_audit")).scalars().all()
+        engine.dispose()
+        assert "INTEGRITY_CHECK" in operations
+        with client(server, pki_dir) as alice:
+            assert len(alice.get_key(kept)) == 32
+    finally:
+        server.stop()
