@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import uuid
 
 import pytest
@@ -42,6 +43,7 @@ from broker.trust_ca import create_trust_ca, fingerprint
 VM_PLACED = "11111111-1111-4111-8111-111111111111"
 VM_UNPLACED = "22222222-2222-4222-8222-222222222222"
 PROVIDER = "kms-fuzz"
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def make_csr() -> str:
@@ -264,10 +266,18 @@ def known_finding(request: ApiRequest) -> str | None:
     if request.method == "POST" and request.path == "/v1/vtpm/ek-certificates":
         try:
             body = json.loads(request.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if isinstance(body, dict) and isinstance(body.get("type"), (list, dict)):
             return "EK certificate request with a list or object as type: TypeError (unhashable), 500"
+    try:
+        body = json.loads(request.body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(body, dict) and any(
+        isinstance(v, str) and v.endswith("\n") and not k.endswith("_pem") for k, v in body.items()
+    ):
+        return "a name or TPM field with a trailing newline passes a ^...$ pattern"
     return None
 
 
@@ -328,6 +338,11 @@ def test_mutated_bodies_of_each_route_are_refused_cleanly(world, route, data):
         return
     check_answer(world, request, response)
     assert world.tracebacks.take() == []
+    if 200 <= response.status < 300 and isinstance(response.body, dict):
+        # Names the broker accepted follow its rule: no control characters.
+        for key in ("name", "host", "instance", "vm_uuid"):
+            value = response.body.get(key)
+            assert not (isinstance(value, str) and CONTROL.search(value)), (key, value)
 
 
 # --- Through Twisted Web -------------------------------------------------------------------------
@@ -445,6 +460,7 @@ def ek_request_with_type(world: World, value) -> ApiRequest:
 def test_known_finding_shapes_are_recognized(world):
     assert known_finding(ek_request_with_type(world, []))
     assert not known_finding(ek_request_with_type(world, "ek"))
+    assert known_finding(ek_request_with_type(world, "ek\n"))
     assert known_raw_finding(b"GET /v1/vms HTTP/1.0\r\nAuthorization: \xff\r\n\r\n")
     assert not known_raw_finding(b"GET /v1/vms HTTP/1.0\r\nAuthorization: Bearer x\r\n\r\n")
 
@@ -470,3 +486,34 @@ def test_authorization_header_that_is_not_utf8_is_a_4xx_in_json(world):
     status = int(output.split(b" ", 2)[1])
     assert 400 <= status < 500, output[:200]
     assert json.loads(output.partition(b"\r\n\r\n")[2])["error"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: a host name with a trailing newline ('esx-nl\\n') is accepted by POST /v1/hosts (and by "
+    "every check_*_name): broker/trust.py _NAME is ^...$ with .match, and $ matches before a final newline; "
+    "the host certificate's CN becomes 'host:esx-nl\\n' and the audit record's target carries the newline",
+)
+def test_host_name_with_a_trailing_newline_is_refused(world):
+    request = ApiRequest(
+        "POST",
+        "/v1/hosts",
+        json.dumps({"name": "esx-nl\n", "csr_pem": make_csr()}).encode(),
+        client_fingerprint=world.fingerprints["instance"],
+        peer="192.0.2.5:1",
+    )
+    assert world.api.dispatch(request).status == 400
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: EK certificate requests with tpm_model, tpm_manufacturer, tpm_version or tpm_spec_family "
+    "ending in a newline are signed (201): broker/vtpm_ca.py's ^...$ patterns with .match accept a final newline",
+)
+@pytest.mark.parametrize("field,value", [("tpm_model", "swtpm\n"), ("tpm_manufacturer", "id:00001014\n")])
+def test_ek_fields_with_a_trailing_newline_are_refused(world, field, value):
+    body = dict(good_bodies_cache(world)["ek"], **{field: value})
+    request = ApiRequest(
+        "POST", "/v1/vtpm/ek-certificates", json.dumps(body).encode(), client_fingerprint=world.fingerprints["host"], peer="192.0.2.6:1"
+    )
+    assert world.api.dispatch(request).status == 400
