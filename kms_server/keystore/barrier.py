@@ -119,6 +119,10 @@ class Keyring:
     rotating_from: int | None = None
     # Format-1 blobs (and rows without a term) belong to this term.
     legacy_term: int | None = None
+    # Set once every row carries a MAC: from then on a store without its
+    # digest is refused instead of having its rows adopted as they stand
+    # (which would launder rows stripped of their MACs).
+    rows_authenticated: bool = False
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -128,6 +132,7 @@ class Keyring:
                 "digest_key": self.digest_key.hex(),
                 "rotating_from": self.rotating_from,
                 "legacy_term": self.legacy_term,
+                "rows_authenticated": self.rows_authenticated,
             },
             sort_keys=True,
         ).encode()
@@ -143,6 +148,7 @@ class Keyring:
                 digest_key=bytes.fromhex(doc["digest_key"]),
                 rotating_from=doc.get("rotating_from"),
                 legacy_term=doc.get("legacy_term"),
+                rows_authenticated=doc.get("rows_authenticated") is True,
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             raise BarrierError("the keyring is malformed") from None
@@ -253,6 +259,30 @@ class Barrier:
 
     def digest_mac(self, message: bytes) -> bytes:
         return hmac.new(self._digest_mac_key, message, hashlib.sha256).digest()
+
+    def mark_rows_authenticated(self, txn: Transaction) -> None:
+        """Record in the keyring that every row carries a MAC (once, when a
+        store's digest is made). A barrier without a master key (a raw-key
+        barrier of unit tests) has no stored keyring to record it in."""
+        if self.keyring.rows_authenticated:
+            return
+        self.keyring.rows_authenticated = True
+        if self._master is None:
+            return
+        with self._lock:
+            ring = read_keyring(txn, self._master)
+            if ring is None:
+                return
+            ring.rows_authenticated = True
+            # Only this master's copy can be re-wrapped; a copy under
+            # another master (a rotation begun before) is kept as it is.
+            copies = _copies(txn)
+            copies[self._master.key_id] = base64.b64encode(
+                self._master.wrap(ring.to_bytes(), _KEYRING_CONTEXT)
+            ).decode()
+            txn.set_meta(KEYRING_META, json.dumps({"format": 1, "copies": copies}, sort_keys=True).encode())
+            self._record = txn.get_meta(KEYRING_META)
+            self._install(ring)
 
     # Keeping up with rotations made elsewhere.
     def attach(self, master: MasterKey) -> None:

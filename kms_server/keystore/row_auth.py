@@ -64,6 +64,8 @@ def _field(out: bytearray, data: bytes) -> None:
 
 def message(stored: StoredObject, version: int) -> bytes:
     """The canonical bytes a row MAC covers, for the row at `version`."""
+    if not 0 <= version < 2**63:
+        raise RowIntegrityError(stored.uid, f"the row's version {version} is out of range (edited outside the server)")
     out = bytearray(_ROW_DOMAIN)
     _field(out, stored.uid.encode())
     _field(out, stored.owner.encode())
@@ -76,6 +78,8 @@ def message(stored: StoredObject, version: int) -> bytes:
     attributes = sorted(stored.attributes, key=lambda a: (a.name, a.index))
     out += len(attributes).to_bytes(4, "big")
     for a in attributes:
+        if not -(2**31) <= a.index < 2**31:
+            raise RowIntegrityError(stored.uid, f"attribute {a.name!r} has an index out of range (edited outside the server)")
         _field(out, a.name.encode())
         out += a.index.to_bytes(4, "big", signed=True)
         _field(out, a.value)
@@ -97,6 +101,8 @@ def verify(barrier: Barrier, stored: StoredObject) -> None:
 
 
 def element(barrier: Barrier, uid: str, version: int, row_mac: bytes) -> int:
+    if not 0 <= version < 2**63:
+        raise RowIntegrityError(uid, f"the row's version {version} is out of range (edited outside the server)")
     out = bytearray(_ELEMENT_DOMAIN)
     _field(out, uid.encode())
     out += version.to_bytes(8, "big")
@@ -124,6 +130,8 @@ class StoreDigest:
             doc = json.loads(raw)
             digest = cls(int(doc["sum"], 16), int(doc["count"]))
             mac = bytes.fromhex(doc["mac"])
+            if not (0 <= digest.total < _MODULUS and 0 <= digest.count < 2**63):
+                raise ValueError("out of range")
         except (ValueError, KeyError, TypeError):
             raise RowIntegrityError(None, "the store digest is malformed (edited outside the server)") from None
         import hmac
@@ -161,8 +169,9 @@ def ensure_digest(txn: Transaction, barrier: Barrier) -> int:
     if txn.get_meta(DIGEST_META) is not None:
         return 0
     rows = list(iter_objects(txn))
-    if any(stored.row_mac is not None for stored in rows):
-        # Rows were authenticated, so the digest existed: someone removed it.
+    if barrier.keyring.rows_authenticated or any(stored.row_mac is not None for stored in rows):
+        # Rows were authenticated, so the digest existed: someone removed it
+        # (the keyring, which only the master key opens, remembers that).
         raise RowIntegrityError(
             None,
             "the store digest is missing although the rows are authenticated (deleted outside the server); "
@@ -178,6 +187,7 @@ def ensure_digest(txn: Transaction, barrier: Barrier) -> int:
         total += element(barrier, stored.uid, stored.version, stored.row_mac)
         count += 1
     txn.set_meta(DIGEST_META, StoreDigest(total % _MODULUS, count).to_bytes(barrier))
+    barrier.mark_rows_authenticated(txn)
     if adopted:
         log.warning(
             "authenticated %d existing object rows as they stand (first start with row authentication); "
@@ -219,7 +229,10 @@ def verify_store(txn: Transaction, barrier: Barrier, unseal: bool = True, progre
         except Exception as exc:  # noqa: BLE001 - a sealing failure of any kind is reported per object
             failures.append((uid, f"the sealed material does not open ({exc})"))
         if stored.row_mac is not None:
-            total += element(barrier, uid, stored.version, stored.row_mac)
+            try:
+                total += element(barrier, uid, stored.version, stored.row_mac)
+            except RowIntegrityError:
+                pass  # Reported above; the digest then fails to add up too.
     total %= _MODULUS
     digest_problem = None
     try:
@@ -250,7 +263,7 @@ def reset_digest(txn: Transaction, barrier: Barrier) -> StoreDigest:
     txn.get_meta(DIGEST_META, for_update=True)
     for stored in iter_objects(txn):
         count += 1
-        if stored.row_mac is not None:
+        if stored.row_mac is not None and 0 <= stored.version < 2**63:
             total += element(barrier, stored.uid, stored.version, stored.row_mac)
     digest = StoreDigest(total % _MODULUS, count)
     txn.set_meta(DIGEST_META, digest.to_bytes(barrier))

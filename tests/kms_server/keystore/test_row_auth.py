@@ -691,12 +691,6 @@ def test_reset_digest_after_a_deleted_row_counts_the_rows_left(backend):
     assert report.ok and report.objects == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="StoreDigest.from_bytes accepts a negative or over-long sum; to_bytes then raises "
-    "OverflowError instead of RowIntegrityError (verify_store and every write crash)",
-)
 @pytest.mark.parametrize("total", ["-1", "1" + "0" * 64])
 def test_a_digest_with_an_out_of_range_sum_is_reported_as_malformed(total):
     """The digest meta is storage-controlled: any value in it is reported,
@@ -1058,14 +1052,6 @@ def test_the_old_database_refuses_a_wrong_master_key_before_adopting_anything(ol
     storage.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="ensure_digest adopts rows whose MACs were all removed together with the digest: "
-    "an attacker with SQL access NULLs every row_mac, deletes meta rows.digest and edits an "
-    "owner; the next start authenticates the edited rows (docs/at-rest-sealing.md: storage "
-    "cannot 'make another client the owner')",
-)
 def test_stripping_every_mac_and_the_digest_does_not_get_an_edited_row_adopted(tmp_path):
     """A store made by today's code never holds rows without a MAC, so a
     start must not authenticate whatever rows it finds once all MACs and
@@ -1176,14 +1162,6 @@ def test_a_refused_wrapping_key_is_in_the_audit_record_of_the_get(memory):
     assert wrapping in [o["uid"] for o in body["objects"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="row_auth.message() packs the version (8 bytes unsigned) and attribute indexes "
-    "(4 bytes signed) without a range check: a row edited to version -1 or an index of 2**31 "
-    "makes Keystore.load raise OverflowError instead of refusing it as IntegrityFailure, "
-    "and the draft does not name the object",
-)
 @pytest.mark.parametrize("field", ["version", "attribute index"])
 def test_a_row_with_an_out_of_range_number_is_refused_as_an_integrity_failure(backend, field):
     """Numbers in a row are storage-controlled too: one no honest row can
@@ -1203,13 +1181,6 @@ def test_a_row_with_an_out_of_range_number_is_refused_as_an_integrity_failure(ba
     assert uid in draft.objects
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="verify_store computes the digest element of a row at version -1 outside its "
-    "per-row error handling: OverflowError stops the node start and 'kms-admin db verify' "
-    "with a traceback instead of a report naming the object",
-)
 def test_verify_store_reports_a_row_with_a_negative_version(backend):
     """db verify and the start-up check report such a row by its uid, as
     they do any other edited row."""
