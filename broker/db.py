@@ -142,7 +142,17 @@ vms = Table(
     Column("released_to", Text, nullable=True),
     Column("released_by", Text, nullable=True),
     Column("released_at", Float, nullable=True),
+    # Key rotation (revision 0004, broker/rotation.py): NULL unless a rekey
+    # is under way. "pending": rekey_kms_key_id/rekey_key_safe are the new
+    # KEK and key safe (the VM's host may unwrap with either); "retiring":
+    # they are the old ones, whose KEK is still to be deactivated.
+    Column("rekey_kind", Text, nullable=True),
+    Column("rekey_state", Text, nullable=True),
+    Column("rekey_kms_key_id", Text, nullable=True),
+    Column("rekey_key_safe", Text, nullable=True),
+    Column("rekey_at", Float, nullable=True),
     Index("ix_broker_vms_instance", "instance"),
+    Index("ix_broker_vms_rekey_kms_key_id", "rekey_kms_key_id", unique=True),
 )
 
 # People and tools that call the API with a certificate from the trust CA
