@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 
 from broker import audit_trail
 from broker.db import (
@@ -181,6 +181,13 @@ class VmRecord:
     nvram_generation: int = 0
     # The trusted instance the VM is released to (cold migration), if any.
     released_to: str | None = None
+    # A key rotation under way (broker/rotation.py): kind "shallow"|"deep",
+    # state "pending"|"retiring"; the new KEK and key safe while pending,
+    # the old ones while retiring. None when there is none.
+    rekey_kind: str | None = None
+    rekey_state: str | None = None
+    rekey_kms_key_id: str | None = None
+    rekey_key_safe: str | None = None
 
 
 @dataclass(frozen=True)
@@ -290,7 +297,13 @@ _PLACEMENT_BY_KEY = (
     select(*_PLACEMENT_COLUMNS)
     .select_from(
         hosts.outerjoin(instances, instances.c.name == hosts.c.instance).outerjoin(
-            vms, vms.c.kms_key_id == bindparam("key")
+            vms,
+            # The VM's KEK, or the new KEK of its pending rotation: until the
+            # .vmx is switched, a host may hold either key safe.
+            or_(
+                vms.c.kms_key_id == bindparam("key"),
+                and_(vms.c.rekey_kms_key_id == bindparam("key"), vms.c.rekey_state == "pending"),
+            ),
         )
     )
     .where(hosts.c.cert_fingerprint == bindparam("fp"))
@@ -979,6 +992,128 @@ class Registry:
             self._append_audit(conn, actor, action, vm_uuid, True, reason)
             return self._vm_in(conn, vm_uuid)
 
+    # Key rotation (broker/rotation.py drives it; these keep its state) ----------------
+
+    def rekey_target(self, vm_uuid: str, instance: str | None, actor: str) -> VmRecord:
+        """The VM a rotation may act on: `instance`'s own (None: any), not
+        being handed over. Refusals are audited."""
+        with self._refusals_audited(actor, "vm.rekey", vm_uuid), self.db.read() as conn:
+            if instance is not None:
+                self._require_trusted(conn, instance)
+            vm = conn.execute(_VM_WITH_GENERATION.where(vms.c.vm_uuid == vm_uuid)).first()
+            if vm is None or (instance is not None and vm.instance != instance):
+                raise NotFound(f"no VM {vm_uuid}")
+            if vm.released_to is not None:
+                raise Conflict(f"VM {vm_uuid} is released to instance {vm.released_to}; rekey it after the migration")
+            return _vm(vm)
+
+    def begin_rekey(
+        self, vm_uuid: str, kind: str, old_kms_key_id: str, new_kms_key_id: str, new_key_safe: str, actor: str
+    ) -> None:
+        """Record a pending rotation: from now on the VM's host may unwrap
+        with the new KEK too. Conflict if the VM changed meanwhile."""
+        now = self.clock()
+        with self._refusals_audited(actor, "vm.rekey", vm_uuid), self._audit_lock, self.db.begin() as conn:
+            vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
+            if vm is None or vm.kms_key_id != old_kms_key_id or vm.rekey_state is not None:
+                raise Conflict(f"VM {vm_uuid} changed while its rekey began (another rekey?); run it again")
+            conn.execute(
+                update(vms)
+                .where(vms.c.vm_uuid == vm_uuid)
+                .values(
+                    rekey_kind=kind,
+                    rekey_state="pending",
+                    rekey_kms_key_id=new_kms_key_id,
+                    rekey_key_safe=new_key_safe,
+                    rekey_at=now,
+                    changed_at=now,
+                )
+            )
+            self._append_audit(
+                conn,
+                actor,
+                "vm.rekey",
+                vm_uuid,
+                True,
+                f"{kind} rekey begun: new KEK {new_kms_key_id} (was {old_kms_key_id})",
+            )
+
+    def switch_rekey(self, vm_uuid: str, new_key_safe: str, actor: str) -> VmRecord:
+        """The pending rotation's key safe becomes the VM's; the old KEK is
+        kept in the record (state "retiring") until it is deactivated."""
+        now = self.clock()
+        with self._refusals_audited(actor, "vm.rekey", vm_uuid), self._audit_lock, self.db.begin() as conn:
+            vm = conn.execute(select(vms).where(vms.c.vm_uuid == vm_uuid)).first()
+            if vm is None or vm.rekey_state != "pending" or vm.rekey_key_safe != new_key_safe:
+                raise Conflict(f"VM {vm_uuid} has no pending rekey to this key safe")
+            conn.execute(
+                update(vms)
+                .where(vms.c.vm_uuid == vm_uuid)
+                .values(
+                    kms_key_id=vm.rekey_kms_key_id,
+                    key_safe=vm.rekey_key_safe,
+                    rekey_state="retiring",
+                    rekey_kms_key_id=vm.kms_key_id,
+                    rekey_key_safe=vm.key_safe,
+                    rekey_at=now,
+                    changed_at=now,
+                )
+            )
+            self._append_audit(
+                conn,
+                actor,
+                "vm.rekey",
+                vm_uuid,
+                True,
+                f"{vm.rekey_kind} rekey switched: KEK {vm.rekey_kms_key_id} is the VM's, old KEK {vm.kms_key_id} to retire",
+            )
+            return self._vm_in(conn, vm_uuid)
+
+    def finish_rekey(self, vm_uuid: str, old_kms_key_id: str, actor: str, outcome: str) -> None:
+        """The old KEK is deactivated: the rotation is over. `outcome` says
+        how (for the trail)."""
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            done = conn.execute(
+                update(vms)
+                .where(
+                    vms.c.vm_uuid == vm_uuid, vms.c.rekey_state == "retiring", vms.c.rekey_kms_key_id == old_kms_key_id
+                )
+                .values(
+                    rekey_kind=None,
+                    rekey_state=None,
+                    rekey_kms_key_id=None,
+                    rekey_key_safe=None,
+                    rekey_at=None,
+                    changed_at=now,
+                )
+            ).rowcount
+            if done:
+                self._append_audit(conn, actor, "vm.rekey.retire", vm_uuid, True, f"old KEK {old_kms_key_id} {outcome}")
+
+    def abort_rekey(self, vm_uuid: str, new_kms_key_id: str, actor: str) -> None:
+        """Forget a pending rotation whose key safe is in no .vmx."""
+        now = self.clock()
+        with self._audit_lock, self.db.begin() as conn:
+            done = conn.execute(
+                update(vms)
+                .where(
+                    vms.c.vm_uuid == vm_uuid, vms.c.rekey_state == "pending", vms.c.rekey_kms_key_id == new_kms_key_id
+                )
+                .values(
+                    rekey_kind=None,
+                    rekey_state=None,
+                    rekey_kms_key_id=None,
+                    rekey_key_safe=None,
+                    rekey_at=None,
+                    changed_at=now,
+                )
+            ).rowcount
+            if done:
+                self._append_audit(
+                    conn, actor, "vm.rekey.abort", vm_uuid, True, f"pending rekey to KEK {new_kms_key_id} rolled back"
+                )
+
     @staticmethod
     def _vm_in(conn, vm_uuid: str) -> VmRecord:
         return _vm(conn.execute(_VM_WITH_GENERATION.where(vms.c.vm_uuid == vm_uuid)).first())
@@ -1106,4 +1241,8 @@ def _vm(row) -> VmRecord:
         row.host,
         int(generation or 0),
         row._mapping.get("released_to"),
+        row._mapping.get("rekey_kind"),
+        row._mapping.get("rekey_state"),
+        row._mapping.get("rekey_kms_key_id"),
+        row._mapping.get("rekey_key_safe"),
     )
