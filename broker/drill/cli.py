@@ -1,6 +1,6 @@
 """`vtpm-drill`: lose the management plane, recover every vTPM, and prove it.
 
-    vtpm-drill [--vms N] [--hosts H] [--workdir DIR] [--jobs J] [--json] [--keep]
+    vtpm-drill [--vms N] [--hosts H] [--lose management[,broker]] [--workdir DIR] [--jobs J] [--json] [--keep]
 
 Runs on 127.0.0.1 with real processes: a KMS, the broker, management
 instance A, H hosts, N VMs with a real vTPM (swtpm) each. A guest step
@@ -10,9 +10,17 @@ instance B enrolls, re-registers the hosts and the datastore's VMs, and
 every VM must power on with the same NV secret, a byte-identical EK
 certificate chaining to the broker's EK CA, and the same KEK.
 
+`--lose management,broker` loses the broker host too: a backup is taken
+while the broker serves (its master key kept apart), then after instance A
+is lost the broker process is killed and its directory deleted, and a new
+broker is restored from the backup in a new directory on new ports; before
+the recovery's power-on, every VM's generation-1 copy of its .nvram is put
+back and must be refused as a rollback by the restored broker's records.
+
 Exit status: 0 every VM recovered, 1 some did not, 2 the drill could not
 run (one line on stderr). `--json` prints {vms, recovered, nv_match,
-ek_match, kek_match, seconds, failures, audit} on stdout, the narrative on stderr:
+ek_match, kek_match, broker_restored, rollback_refused, seconds, failures,
+audit} on stdout, the narrative on stderr:
 `ek_match` counts EK certificates byte-identical to the one read before the
 disaster *and* chaining to the broker's EK CA; `recovered` counts VMs whose
 every check passed.
@@ -55,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Disaster-recovery drill of the vTPM key broker, with real processes")
     p.add_argument("--vms", type=int, default=10, metavar="N", help="VMs with a vTPM (default 10)")
     p.add_argument("--hosts", type=int, default=2, metavar="H", help="hosts (default 2)")
+    p.add_argument(
+        "--lose",
+        default="management",
+        metavar="WHAT",
+        help="what the disaster takes: management (the default) or management,broker (the broker host too)",
+    )
     p.add_argument("--workdir", metavar="DIR", help="work here and keep it (default: a temporary directory, removed)")
     p.add_argument("--jobs", type=int, metavar="J", help="VMs handled at once (default: 4 per CPU, at most 32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -92,6 +106,10 @@ def _check_args(args) -> None:
         raise _Usage("--hosts must be between 1 and 64")
     if args.jobs is not None and not 1 <= args.jobs <= 128:
         raise _Usage("--jobs must be between 1 and 128")
+    lose = frozenset(part.strip() for part in args.lose.split(","))
+    if "management" not in lose or not lose <= {"management", "broker"}:
+        raise _Usage("--lose must be management or management,broker")
+    args.lose = lose
     if args.workdir is not None:
         workdir = Path(args.workdir)
         if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
@@ -113,10 +131,14 @@ def _drill(args, pool, jobs: int) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="vtpm-drill-"))
     console.print(
-        f"[bold]vtpm-drill[/bold]: {args.vms} VMs on {args.hosts} hosts, {jobs} at a time, in {workdir}", markup=True
+        f"[bold]vtpm-drill[/bold]: {args.vms} VMs on {args.hosts} hosts, {jobs} at a time, in {workdir}; "
+        f"the disaster takes {' and the '.join(sorted(args.lose, reverse=True))}",
+        markup=True,
     )
     started = time.monotonic()
-    drill = Drill(workdir, args.vms, args.hosts, pool, jobs, say=console.print, progress=_progress(console))
+    drill = Drill(
+        workdir, args.vms, args.hosts, pool, jobs, say=console.print, progress=_progress(console), lose=args.lose
+    )
     failure = None
     try:
         drill.run()
@@ -200,10 +222,12 @@ def _report(console, drill, seconds: float, as_json: bool) -> int:
         console.print(f"[red]FAILED[/red] {line}", markup=True)
     summary = _summary(drill, seconds, failures)
     n = summary["vms"]
+    lost = "vcenter-a and the broker host (restored from its backup)" if drill.lose_broker else "vcenter-a"
+    rollback = f", stale .nvram refused {summary['rollback_refused']}/{n}" if drill.lose_broker else ""
     console.print(
-        f"[bold]{summary['recovered']}/{n} VMs recovered[/bold] after losing vcenter-a: "
+        f"[bold]{summary['recovered']}/{n} VMs recovered[/bold] after losing {lost}: "
         f"NV secret {summary['nv_match']}/{n}, EK certificate {summary['ek_match']}/{n}, "
-        f"KEK {summary['kek_match']}/{n}; {seconds:.1f} s end to end",
+        f"KEK {summary['kek_match']}/{n}{rollback}; {seconds:.1f} s end to end",
         markup=True,
     )
     if as_json:
@@ -219,6 +243,8 @@ def _summary(drill, seconds: float, failures: list[str]) -> dict:
         "nv_match": sum(1 for vm in vms if vm.nv_match),
         "ek_match": sum(1 for vm in vms if vm.ek_match and vm.ek_chains),
         "kek_match": sum(1 for vm in vms if vm.kek_match),
+        "broker_restored": drill.broker_restored,
+        "rollback_refused": sum(1 for vm in vms if vm.rollback_refused),
         "seconds": round(seconds, 2),
         "failures": failures,
         "audit": {

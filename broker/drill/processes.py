@@ -27,6 +27,7 @@ __all__ = [
     "StepFailed",
     "checked",
     "command",
+    "restore_broker",
     "run",
     "start_broker",
     "start_kms",
@@ -248,10 +249,14 @@ class Broker:
         if self.service is not None:
             self.service.stop()
 
+    def kill(self) -> None:
+        """The host is lost: no orderly stop, no last checkpoint."""
+        if self.service is not None and self.service.proc.poll() is None:
+            self.service.proc.kill()
+            self.service.proc.wait(10)
 
-def start_broker(workdir: Path, kms: Kms, provider: str, roles: str = "", runner: Runner = run) -> Broker:
-    """`vtpm-broker init`, the KMS CA signs its KMIP client CSR
-    (`kms-admin pki sign-csr`), `vtpm-broker run`."""
+
+def _broker_config(workdir: Path, kms: Kms, provider: str, roles: str = "") -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "broker.toml"
     config.write_text(
@@ -278,6 +283,25 @@ level = "WARNING"
 {roles}
 """
     )
+    return config
+
+
+def _serve(broker: Broker) -> Broker:
+    service, ports = _start(
+        "vtpm-broker",
+        command("vtpm-broker", "--config", broker.config, "run"),
+        {"api": "api listening on", "gateway": "gateway listening on"},
+    )
+    broker.service = service
+    broker.api_port = ports["api"]
+    broker.gateway_port = ports["gateway"]
+    return broker
+
+
+def start_broker(workdir: Path, kms: Kms, provider: str, roles: str = "", runner: Runner = run) -> Broker:
+    """`vtpm-broker init`, the KMS CA signs its KMIP client CSR
+    (`kms-admin pki sign-csr`), `vtpm-broker run`."""
+    config = _broker_config(workdir, kms, provider, roles)
     broker = Broker(workdir, config, provider, runner=runner)
     runner("vtpm-broker", "--config", config, "init")
     client_cert = broker.data_dir / "kms-client.pem"
@@ -286,12 +310,20 @@ level = "WARNING"
             "kms-admin", "pki", "sign-csr",
             "--csr", broker.data_dir / "kms-client.csr", "--out", client_cert, "--ca-dir", kms.pki,
         )  # fmt: skip
-    service, ports = _start(
-        "vtpm-broker",
-        command("vtpm-broker", "--config", config, "run"),
-        {"api": "api listening on", "gateway": "gateway listening on"},
-    )
-    broker.service = service
-    broker.api_port = ports["api"]
-    broker.gateway_port = ports["gateway"]
-    return broker
+    return _serve(broker)
+
+
+def restore_broker(
+    workdir: Path, kms: Kms, provider: str, backup: Path, master_key: Path, roles: str = "", runner: Runner = run
+) -> Broker:
+    """A broker on a new host: its configuration, the master key kept apart
+    from the backups copied into a new data directory (mode 0600),
+    `vtpm-broker restore --from BACKUP`, `vtpm-broker run` (new ports)."""
+    config = _broker_config(workdir, kms, provider, roles)
+    broker = Broker(workdir, config, provider, runner=runner)
+    broker.data_dir.mkdir(mode=0o700, parents=True)
+    key = broker.data_dir / "master.key"
+    key.touch(mode=0o600)
+    key.write_bytes(master_key.read_bytes())
+    runner("vtpm-broker", "--config", config, "restore", "--from", backup)
+    return _serve(broker)

@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 
 from broker import vmx
 from broker.drill import guest
-from broker.drill.processes import Broker, Kms, StepFailed, run, start_broker, start_kms
+from broker.drill.processes import Broker, Kms, StepFailed, restore_broker, run, start_broker, start_kms
 from broker.drill.runner import ToolPool, run_forked
 from broker.keysafe import parse_key_safe
 
@@ -52,6 +52,9 @@ class VmReport:
     ek_after: bytes | None = None
     ek_chains: bool = False
     kek_in_kms: bool = False
+    # A copy of the .nvram at generation 1 (--lose broker): must be refused after the restore.
+    stale: Path | None = None
+    rollback_refused: bool = False
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -85,6 +88,10 @@ def vm_cycle(job: dict) -> dict:
         return answer
     tcti = on.stdout.strip().splitlines()[-1] if on.stdout.strip() else ""
     try:
+        if job.get("stale_copy"):
+            # The manufactured vTPM, sealed as generation 1: an old copy for the rollback check.
+            nvram = Path(job["vmx"]).with_name(vmx.read(Path(job["vmx"])).nvram_name)
+            shutil.copyfile(nvram, job["stale_copy"])
         if job.get("write") is not None:
             guest.write_secret(tcti, job["write"])
         answer["secret"] = guest.read_secret(tcti, job["size"])
@@ -143,8 +150,13 @@ class Drill:
         jobs: int,
         say: Callable[[str], None],
         progress: Callable[[str, int], Callable[[], None]],
+        lose: frozenset[str] = frozenset({"management"}),
     ):
         self.workdir = workdir
+        # "management" always; "broker": the broker host too, restored from its backup.
+        self.lose_broker = "broker" in lose
+        self.broker_restored = False
+        self.before_loss: dict = {}
         self.vm_count = vms
         self.host_count = hosts
         self.pool = pool
@@ -174,10 +186,17 @@ class Drill:
         self.set_up()
         self.create_vms()
         self._step("first power-on: manufacture, guest writes its secret", self._first_boot)
+        if self.lose_broker:
+            self._step("broker backup", self._backup_broker)
         self._step("disaster", self._disaster)
+        if self.lose_broker:
+            self._step("broker host lost", self._lose_broker)
+            self._step("broker restored from its backup", self._restore_broker)
         self._step(f"management instance {INSTANCE_B}", lambda: self._enroll(INSTANCE_B))
         self._step("hosts re-registered", lambda: self._add_hosts(INSTANCE_B, again=True))
         self._step("vm register --datastore", self._register)
+        if self.lose_broker:
+            self._step("stale .nvram refused after the restore", self._stale_refused)
         self._step("power-on after recovery, guest reads back", self._second_boot)
         self._step("verification", self._verify)
         self._step("audit trail", self._read_audit)
@@ -295,6 +314,10 @@ class Drill:
         return {vm["vm_uuid"]: vm for vm in listed}
 
     def _cycle_all(self, label: str, host_of: Callable[[VmReport], str], write: bool) -> list[dict]:
+        if write and self.lose_broker:
+            (self.workdir / "stale").mkdir(exist_ok=True)
+            for vm in self.vms:
+                vm.stale = self.workdir / "stale" / f"{vm.name}.nvram"
         jobs = [
             {
                 "name": vm.name,
@@ -303,6 +326,7 @@ class Drill:
                 "host_state": str(self.host_state(host_of(vm))),
                 "write": vm.secret if write else None,
                 "size": SECRET_BYTES,
+                "stale_copy": str(vm.stale) if write and vm.stale else None,
             }
             for vm in self.vms
         ]
@@ -351,6 +375,99 @@ class Drill:
             f"{INSTANCE_A}'s state directory deleted, vtpm-broker admin revoke {INSTANCE_A}; "
             f"power-on of {vm.name} now fails: {answer['error']}"
         )
+
+    # Losing the broker host (--lose management,broker) -----------------------------------------
+
+    def _backup_broker(self) -> str:
+        """The operator's routine: a backup while the broker serves, and the
+        master key kept elsewhere (here: a 'vault' directory)."""
+        broker = self.broker
+        assert broker is not None
+        backups, vault = self.workdir / "backups", self.workdir / "vault"
+        backups.mkdir(mode=0o700)
+        vault.mkdir(mode=0o700)
+        self.backup_file = backups / "broker.vtbak"
+        self.vault_key = vault / "broker-master.key"
+        self.vault_key.touch(mode=0o600)
+        self.vault_key.write_bytes((broker.data_dir / "master.key").read_bytes())
+        self.pool.run("vtpm-broker", "--config", broker.config, "backup", "--out", self.backup_file)
+        self.before_loss = self._broker_view()
+        size = self.backup_file.stat().st_size
+        return (
+            f"vtpm-broker backup --out {self.backup_file.relative_to(self.workdir)} ({size} bytes) while it serves; "
+            f"its master key copied to {self.vault_key.relative_to(self.workdir)}, apart from the backups"
+        )
+
+    def _broker_view(self) -> dict:
+        """What must survive the broker host: instances with their hosts and
+        VMs, and the EK CA (`vtpm-broker admin list --json`, `ca show`)."""
+        broker = self.broker
+        assert broker is not None
+        listed = json.loads(broker.admin("list", "--json").stdout)
+        instances = {i["name"]: (i["hosts"], i["vms"], i["cert_fingerprint"]) for i in listed}
+        ca = self.pool.run("vtpm-broker", "--config", broker.config, "ca", "show").stdout
+        return {"instances": instances, "ek_ca": ca}
+
+    def _lose_broker(self) -> str:
+        broker = self.broker
+        assert broker is not None
+        broker.kill()
+        shutil.rmtree(broker.workdir)
+        port = broker.api_port
+        self.broker = None
+        return (
+            f"vtpm-broker (API port {port}) killed, its directory {broker.workdir.name}/ deleted: database, CAs, keys"
+        )
+
+    def _restore_broker(self) -> str:
+        assert self.kms is not None
+        self.broker = restore_broker(
+            self.workdir / "broker-restored", self.kms, PROVIDER, self.backup_file, self.vault_key,
+            runner=self.pool.run,
+        )  # fmt: skip
+        after = self._broker_view()
+        if after != self.before_loss:
+            raise StepFailed(
+                f"the restored broker differs from the one backed up: {after} instead of {self.before_loss}"
+            )
+        # The backup predates the disaster: trust decisions made since are made again.
+        self.broker.admin("revoke", INSTANCE_A)
+        self.broker_restored = True
+        return (
+            f"new directory, master key from the vault, vtpm-broker restore --from {self.backup_file.name}, "
+            f"vtpm-broker run on new ports (API {self.broker.url}); instances, hosts, VMs and EK CA as backed up; "
+            f"vtpm-broker admin revoke {INSTANCE_A} again (the backup predates the revoke)"
+        )
+
+    def _stale_refused(self) -> str:
+        """Every VM's generation-1 copy put back in place of its .nvram: the
+        restored broker's generation record must make each power-on fail as a
+        rollback. The current .nvram is put back afterwards."""
+        todo = [vm for vm in self.vms if vm.stale is not None and vm.stale.exists() and vm.host_after]
+        current = {}
+        for vm in todo:
+            nvram = vm.vmx.with_name(vmx.read(vm.vmx).nvram_name)
+            current[vm.name] = (nvram, nvram.read_bytes())
+            shutil.copyfile(vm.stale, nvram)
+        jobs = [{"vmx": str(vm.vmx), "host_state": str(self.host_state(vm.host_after)), "host": vm.host_after}
+                for vm in todo]  # fmt: skip
+        try:
+            answers = list(self.pool.map(power_on_only, jobs))
+        finally:
+            for nvram, data in current.values():
+                nvram.write_bytes(data)
+        shown = ""
+        for vm, answer in zip(todo, answers, strict=True):
+            if answer["returncode"] != 0 and "rollback" in answer["error"]:
+                vm.rollback_refused = True
+                shown = shown or answer["error"]
+            else:
+                vm.errors.append(
+                    "a .nvram of generation 1 was not refused as a rollback after the restore: "
+                    + (answer["error"] or "it powered on")
+                )
+        refused = sum(1 for vm in self.vms if vm.rollback_refused)
+        return f"{refused}/{len(todo)} power-ons of a generation-1 copy refused: {shown}"
 
     def _register(self) -> str:
         # The hosts in the other order: most VMs now run on another host than

@@ -16,6 +16,8 @@ from broker.drill.runner import run_forked
         (["--hosts", "100"], "--hosts must be between 1 and 64"),
         (["--vms", "ten"], "invalid int value"),
         (["--jobs", "0"], "--jobs must be between 1 and 128"),
+        (["--lose", "broker"], "--lose must be management or management,broker"),
+        (["--lose", "management,kms"], "--lose must be management or management,broker"),
     ],
 )
 def test_command_line_errors_are_one_line(capsys, argv, words):

@@ -59,3 +59,39 @@ def test_drill_recovers_every_vm(tmp_path):
             timeout=60,
         )
         assert json.loads(status.stdout) == []
+
+
+def test_drill_loses_the_broker_host_too(tmp_path):
+    """--lose management,broker: the broker is backed up while it serves,
+    killed and its directory deleted after instance A is lost, and restored
+    from the backup in a new directory on new ports; every VM recovers with
+    the same NV secret, EK certificate and KEK, and each VM's generation-1
+    copy of its .nvram is refused as a rollback by the restored broker."""
+    workdir = tmp_path / "drill"
+    result = subprocess.run(
+        command(
+            "vtpm-drill", "--vms", "2", "--hosts", "1", "--lose", "management,broker", "--workdir", workdir, "--json"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["vms"] == 2
+    assert summary["recovered"] == summary["nv_match"] == summary["ek_match"] == summary["kek_match"] == 2
+    assert summary["broker_restored"] is True
+    assert summary["rollback_refused"] == 2
+    assert summary["failures"] == []
+    narrative = " ".join(result.stderr.split())
+    assert "vtpm-broker backup --out backups/broker.vtbak" in narrative
+    assert "killed, its directory broker/ deleted" in narrative
+    assert "vtpm-broker restore --from broker.vtbak" in narrative
+    assert "2/2 power-ons of a generation-1 copy refused" in narrative and "(rollback)" in narrative
+    assert "Traceback" not in result.stderr
+    # The old broker's directory is gone; the master key lived apart from the backup.
+    assert not (workdir / "broker").exists()
+    assert (workdir / "vault" / "broker-master.key").stat().st_mode & 0o777 == 0o600
+    master_key = bytes.fromhex((workdir / "vault" / "broker-master.key").read_text().strip())
+    backup = (workdir / "backups" / "broker.vtbak").read_bytes()
+    assert master_key not in backup and master_key.hex().encode() not in backup
