@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import uuid
 from pathlib import Path
 
@@ -375,3 +376,139 @@ def test_host_remove_voids_the_host(broker, workdir):
     assert vm_of(broker, owner, vm["vm_uuid"])["host"] is None
     assert refused_unwrap(broker, host, vm) in ("ITEM_NOT_FOUND", "PERMISSION_DENIED", "NONE")
     assert_error(call(broker, "DELETE", f"/v1/hosts/{name}", owner), 404, "no host")
+
+
+# --- Cold migration with the operator's commands, and a stale .nvram at power-on -----------------------------
+
+SWTPM_TOOLS = ("swtpm", "swtpm_setup")
+
+
+def _missing_tools() -> list[str]:
+    import shutil
+
+    return [tool for tool in SWTPM_TOOLS if shutil.which(tool) is None]
+
+
+def _mgmt(state: Path, *args: str | Path, check: bool = True):
+    from broker.drill.processes import run
+
+    return run("vtpm-mgmt", "--state-dir", state, *args, check=check)
+
+
+def _host(state: Path, *args: str | Path, check: bool = True):
+    from broker.drill.processes import run
+
+    return run("vtpm-host", "--state-dir", state, *args, check=check)
+
+
+def _one_line_failure(result, prog: str) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    err = result.stderr
+    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _instance(broker, base: Path, name: str) -> Path:
+    """`vtpm-mgmt init`, `enroll` with a token, the security administrator's approval, `enroll` again."""
+    state = base / name
+    _mgmt(state, "init", "--name", name, "--broker", broker.url, "--ca", broker.trust_ca, "--provider", PROVIDER)
+    _mgmt(state, "enroll", f"--token={broker.token(name)}")
+    broker.admin("approve", name)
+    assert f"{name} is enrolled" in _mgmt(state, "enroll", "--wait", "30").stdout
+    return state
+
+
+def _vtpm_host(broker, instance: Path, base: Path, name: str) -> Path:
+    """`vtpm-host init`, `vtpm-mgmt host add` with the CSR it wrote, `vtpm-host install-cert`."""
+    state = base / f"host-{name}"
+    init = _host(
+        state, "init", "--name", name, "--gateway", broker.gateway, "--api", broker.url, "--ca", broker.trust_ca
+    )
+    cert = base / f"{name}.pem"
+    _mgmt(instance, "host", "add", "--name", name, "--csr", init.stdout.strip(), "--out", cert)
+    _host(state, "install-cert", "--cert", cert)
+    return state
+
+
+@pytest.mark.skipif(bool(_missing_tools()), reason="needs Debian's swtpm and swtpm-tools")
+def test_cold_migration_with_the_cli_and_a_stale_nvram_left_behind(broker, tmp_path):
+    """The operator's commands, real hosts (vtpm-host) and real swtpm: B's VM runs on esx-mb and leaves an old
+    copy of its .nvram behind; `vtpm-mgmt vm release web --to C` (after a refused release to an unknown
+    instance), C's `vm register --vm web`, and the VM powers on under C's host with its state. B's host is
+    refused; the stale copy is found by C's `vm check` and refused at power-on. An administrator's
+    `vtpm-broker admin transfer` brings it back to B with the same generation; a plain instance may not
+    `vm remove`; `host remove` voids a host."""
+    b = _instance(broker, tmp_path, "vc-mig-b")
+    c = _instance(broker, tmp_path, "vc-mig-c")
+    esx_b = _vtpm_host(broker, b, tmp_path, "esx-mb")
+    esx_c = _vtpm_host(broker, c, tmp_path, "esx-mc")
+    datastore = tmp_path / "datastore"
+    datastore.mkdir()
+    _mgmt(b, "vm", "create", "--name", "web", "--name", "db", "--datastore", datastore, "--vtpm", "--host", "esx-mb")
+    web = datastore / "web" / "web.vmx"
+    nvram_path = web.with_suffix(".nvram")
+    try:
+        _host(esx_b, "power-on", web)  # manufactures the vTPM: generation 1
+        _host(esx_b, "power-off", web)  # generation 2
+        stale = nvram_path.read_bytes()
+        _host(esx_b, "power-on", web)
+        _host(esx_b, "power-off", web)  # generation 3
+        newest = nvram_path.read_bytes()
+
+        unknown = _one_line_failure(_mgmt(b, "vm", "release", "web", "--to", "vc-nobody", check=False), "vtpm-mgmt")
+        assert "no instance named vc-nobody" in unknown
+        out = _mgmt(b, "vm", "release", "web", "--to", "vc-mig-c").stdout
+        assert "released to vc-mig-c" in out and "vm register" in out
+        replay = _one_line_failure(_mgmt(b, "vm", "release", "web", "--to", "vc-mig-c", check=False), "vtpm-mgmt")
+        assert "already released" in replay
+        # B's host may no longer unwrap it.
+        assert "web" in _one_line_failure(_host(esx_b, "power-on", web, check=False), "vtpm-host")
+
+        done = _mgmt(c, "vm", "register", "--datastore", datastore, "--vm", "web", "--host", "esx-mc").stdout
+        assert "1 of 1 VMs registered to vc-mig-c" in done
+        assert [v["name"] for v in json.loads(_mgmt(c, "vm", "list", "--json").stdout)] == ["web"]
+        assert [v["name"] for v in json.loads(_mgmt(b, "vm", "list", "--json").stdout)] == ["db"]
+
+        # The stale copy left behind: found by `vm check` and refused at power-on.
+        nvram_path.write_bytes(stale)
+        check = _mgmt(c, "vm", "check", "--datastore", datastore, "--json", check=False)
+        found = {r["name"]: r for r in json.loads(check.stdout)["results"]}
+        assert found["web"]["generation"] == 2 and found["web"]["broker_generation"] == 3
+        assert any("rollback" in p for p in found["web"]["problems"])
+        refused = _one_line_failure(_host(esx_c, "power-on", web, check=False), "vtpm-host")
+        assert "rollback" in refused and "generation 3" in refused
+
+        nvram_path.write_bytes(newest)
+        check = _mgmt(c, "vm", "check", "--datastore", datastore, "--json", check=False)
+        assert {r["name"]: r["problems"] for r in json.loads(check.stdout)["results"]}["web"] == []
+        _host(esx_c, "power-on", web)
+        _host(esx_c, "power-off", web)  # generation 4, under C
+        assert "web" in _one_line_failure(_host(esx_b, "power-on", web, check=False), "vtpm-host")
+
+        # A plain instance may not remove a VM; an administrator moves it back to B: same generation.
+        removal = _one_line_failure(_mgmt(c, "vm", "remove", "web", check=False), "vtpm-mgmt")
+        assert "administrators" in removal
+        moved = broker.admin("transfer", "web", "--to", "vc-mig-b").stdout
+        assert "released to vc-mig-b" in moved
+        _mgmt(b, "vm", "register", "--datastore", datastore, "--vm", "web", "--host", "esx-mb")
+        nvram_path.write_bytes(stale)
+        assert "rollback" in _one_line_failure(_host(esx_b, "power-on", web, check=False), "vtpm-host")
+        nvram_path.write_bytes(newest)  # generation 3, older than the 4 that C sealed
+        assert "rollback" in _one_line_failure(_host(esx_b, "power-on", web, check=False), "vtpm-host")
+
+        # host remove: the host's certificate is void.
+        assert "esx-mc removed" in _mgmt(c, "host", "remove", "esx-mc").stdout
+        gone = _one_line_failure(_mgmt(c, "host", "remove", "esx-mc", check=False), "vtpm-mgmt")
+        assert "no host esx-mc" in gone
+    finally:
+        for state in (esx_b, esx_c):
+            _host(state, "power-off", web, check=False)
+
+    audit = json.loads(broker.admin("audit", "--json").stdout)["records"]
+    web_uuid = [r for r in audit if r["action"] == "vm.transfer" and r["allowed"]][-1]["target"]
+    actions = [(r["actor"], r["action"], r["allowed"]) for r in audit if r["target"] == web_uuid]
+    assert ("instance:vc-mig-b", "vm.release", False) in actions
+    assert ("instance:vc-mig-b", "vm.release", True) in actions
+    assert ("instance:vc-mig-c", "vm.register", True) in actions
+    assert ("instance:vc-mig-c", "vm.remove", False) in actions
+    assert ("local-security-admin", "vm.transfer", True) in actions
