@@ -144,6 +144,7 @@ def query_records(storage, args) -> list:
             reason=reason,
             since=query.parse_time(args.since) if args.since else None,
             until=query.parse_time(args.until) if args.until else None,
+            request_id=args.request_id,
             limit=args.limit,
         )
     except ValueError as exc:
@@ -167,8 +168,9 @@ def _show(args) -> int:
     from rich.table import Table
 
     table = Table(title=f"audit trail: {len(records)} records")
-    for column in ("seq", "time (UTC)", "client", "peer", "operation", "object", "x-Name", "result"):
+    for column in ("seq", "time (UTC)", "client", "on behalf of", "request", "operation", "object", "x-Name"):
         table.add_column(column, no_wrap=True)
+    table.add_column("result", no_wrap=True)
     table.add_column("details", overflow="fold")
     for record in records:
         body = json.loads(record.body)
@@ -177,7 +179,8 @@ def _show(args) -> int:
             str(record.seq),
             body.get("time", "")[:23].replace("T", " "),
             record.client,
-            body.get("peer") or "",
+            _on_behalf_of(body),
+            _request_shown(body),
             record.operation if body.get("event") == "request" else f"{body.get('event')}",
             record.uid or "",
             record.x_name or "",
@@ -188,6 +191,21 @@ def _show(args) -> int:
     # A pipe or a file gets the whole table, not 80 columns of it.
     Console(soft_wrap=False, width=console.width if console.is_terminal else 220).print(table)
     return 0
+
+
+def _on_behalf_of(body: dict) -> str:
+    """Whom a client such as the broker acted for, from its correlation
+    value ("host=esx-01"), else the peer address."""
+    parts = query.correlation_parts(body.get("correlation"))
+    named = [f"{k}:{v}" for k, v in parts.items() if k in ("host", "instance", "user") and v]
+    return " ".join(named) or (body.get("peer") or "")
+
+
+def _request_shown(body: dict) -> str:
+    """The id that joins this record to the client's own trail: the
+    broker's request id when it passed one, else the KMS's."""
+    parts = query.correlation_parts(body.get("correlation"))
+    return parts.get("broker-req") or body.get("correlation") or body.get("request_id") or ""
 
 
 def _details(body: dict, width: int = 60) -> str:
@@ -293,6 +311,12 @@ def register_audit(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("--since", metavar="TIME", help="ISO 8601 time or an age such as 12h, 7d")
     show.add_argument("--until", metavar="TIME", help="ISO 8601 time or an age")
     show.add_argument("--result", metavar="RESULT", help="success, failure, or a reason such as Item_Not_Found")
+    show.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="records of one request: the KMS's request id, or the id a client such as vtpm-broker passed "
+        "in its Client Correlation Value",
+    )
     show.add_argument("--limit", type=int, metavar="N", help="only the newest N matching records")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.set_defaults(func=_command(_show))

@@ -33,6 +33,9 @@ class Filters:
     reason: str | None = None  # a Result Reason name, e.g. ITEM_NOT_FOUND
     since: float | None = None
     until: float | None = None
+    # The KMS's own request id, or an id a client passed in its Client
+    # Correlation Value (the broker's "broker-req=<id>;host=<name>").
+    request_id: str | None = None
     # Only the newest `limit` matching records (None: all).
     limit: int | None = None
 
@@ -122,6 +125,8 @@ def find(storage: Storage, filters: Filters) -> tuple[int, list[StoredAuditRecor
     for record in iter_records(storage, query):
         if filters.reason is not None and _reason(record) != filters.reason:
             continue
+        if filters.request_id is not None and not _has_request_id(record, filters.request_id):
+            continue
         kept.append(record)
         matched += 1
     return matched, list(kept)
@@ -132,3 +137,30 @@ def _reason(record: StoredAuditRecord) -> str | None:
         return (json.loads(record.body).get("result") or {}).get("reason")
     except (ValueError, AttributeError):
         return None
+
+
+def correlation_parts(value: str | None) -> dict[str, str]:
+    """The key=value parts of a Client Correlation Value in the broker's
+    format ("broker-req=<id>;host=<name>", parts separated by ";"); a value
+    in any other form gives {}."""
+    parts: dict[str, str] = {}
+    for part in (value or "").split(";"):
+        key, sep, text = part.partition("=")
+        if sep and key.strip():
+            parts[key.strip()] = text.strip()
+    return parts
+
+
+def _has_request_id(record: StoredAuditRecord, wanted: str) -> bool:
+    """The record's own request id is `wanted`, or its correlation value is
+    `wanted` or has a part whose value is `wanted`."""
+    try:
+        body = json.loads(record.body)
+    except ValueError:
+        return False
+    if body.get("request_id") == wanted:
+        return True
+    value = body.get("correlation")
+    if not isinstance(value, str):
+        return False
+    return value == wanted or wanted in correlation_parts(value).values()

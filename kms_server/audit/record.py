@@ -138,6 +138,9 @@ class AuditDraft:
     # The Unique Identifier the request names, for refusals that never
     # reached the object.
     requested: str | None = None
+    # The client's Client Correlation Value (KMIP 1.4+), recorded only when
+    # sent: records without one hash exactly as before this field existed.
+    correlation: str | None = None
     objects: dict[str, dict] = field(default_factory=dict)
     # The record written inside the item's own write transaction, if any.
     written: object | None = None
@@ -179,6 +182,9 @@ class AuditDraft:
         }
         if detail:
             body["detail"] = detail
+        if self.correlation:
+            text = self.correlation
+            body["correlation"] = text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS] + "...(truncated)"
         return body
 
 

@@ -8,7 +8,16 @@
         wrapped = kms.encrypt(uid, dek)
 """
 
-from kms_server.client.client import SAFE_TO_RETRY, EncryptResult, KmipClient
+from kms_server.client.client import SAFE_TO_RETRY, EncryptResult, KmipClient, correlation, current_correlation
 from kms_server.client.errors import KmipError, NoNodeAvailable, OutcomeUnknown
 
-__all__ = ["SAFE_TO_RETRY", "EncryptResult", "KmipClient", "KmipError", "NoNodeAvailable", "OutcomeUnknown"]
+__all__ = [
+    "SAFE_TO_RETRY",
+    "EncryptResult",
+    "KmipClient",
+    "KmipError",
+    "NoNodeAvailable",
+    "OutcomeUnknown",
+    "correlation",
+    "current_correlation",
+]

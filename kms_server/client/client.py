@@ -55,10 +55,12 @@ exception.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,32 @@ SAFE_TO_RETRY = frozenset(
 )
 
 DEFAULT_USAGE_MASK = CryptographicUsageMask.ENCRYPT.value | CryptographicUsageMask.DECRYPT.value
+
+# The Client Correlation Value of the requests this thread (or task) sends
+# now: set for the length of one piece of work with `correlation`, so a
+# client shared by many threads needs no per-call argument.
+_CORRELATION: contextvars.ContextVar[str | None] = contextvars.ContextVar("kmip_client_correlation", default=None)
+MAX_CORRELATION_CHARS = 256
+
+
+@contextlib.contextmanager
+def correlation(value: str | None) -> Iterator[None]:
+    """Every KMIP request sent inside the block, by any KmipClient, carries
+    `value` as its Client Correlation Value (KMIP 1.4 and later; the server
+    records it in its audit trail). The broker passes its own request id and
+    the host or instance it acts for, e.g. "broker-req=<id>;host=<name>"."""
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_CORRELATION_CHARS):
+        raise ValueError(f"a correlation value is a text of 1 to {MAX_CORRELATION_CHARS} characters")
+    token = _CORRELATION.set(value)
+    try:
+        yield
+    finally:
+        _CORRELATION.reset(token)
+
+
+def current_correlation() -> str | None:
+    """The Client Correlation Value requests sent now carry (None: none)."""
+    return _CORRELATION.get()
 
 
 @dataclass(frozen=True)
@@ -251,7 +279,9 @@ class KmipClient:
         the Response Payload; for any operation this client has no method
         for. Raises `KmipError` (or `OutcomeUnknown`, `NoNodeAvailable`)."""
         operation = Operation(operation)
-        message = messages.request_message(self.version, operation, payload_items, self._credential)
+        message = messages.request_message(
+            self.version, operation, payload_items, self._credential, correlation=_CORRELATION.get()
+        )
         with self._slots:
             if self._closed:
                 raise RuntimeError("the KMIP client is closed")
@@ -269,9 +299,7 @@ class KmipClient:
         waiting = [i for i in rotation if i not in ready]
         for i in waiting:
             if ready:
-                log.debug(
-                    "skipping KMIP node %s for %.1f s after a failure", self.nodes[i], failed_until[i] - now
-                )
+                log.debug("skipping KMIP node %s for %.1f s after a failure", self.nodes[i], failed_until[i] - now)
         return ready + waiting
 
     def _send(self, operation: Operation, message: bytes) -> Item:

@@ -37,7 +37,12 @@ def request_message(
     operation: Operation,
     payload_items: Iterable[Item],
     credential: tuple[str, str] | None = None,
+    correlation: str | None = None,
 ) -> bytes:
+    """One Request Message. `correlation` becomes the header's Client
+    Correlation Value (KMIP 1.4, 6.20; 2.0, 7.17), which only 1.4 and later
+    define: it is left out of older versions' headers (PyKMIP's own codec
+    reads no such field in any version)."""
     authentication = None
     if credential is not None:
         username, password = credential
@@ -60,6 +65,9 @@ def request_message(
         T.REQUEST_HEADER.value,
         [
             protocol_version(version),
+            ttlv.text(T.CLIENT_CORRELATION_VALUE.value, correlation)
+            if correlation is not None and version >= (1, 4)
+            else None,
             authentication,
             ttlv.integer(T.BATCH_COUNT.value, 1),
         ],

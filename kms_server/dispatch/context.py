@@ -23,6 +23,9 @@ class RequestContext:
     now: int
     peer: str = ""
     node: str = ""
+    # The request header's Client Correlation Value (KMIP 1.4 and later),
+    # for the audit trail: e.g. the broker's own request id and host.
+    correlation: str | None = None
     batch: BatchState = field(default_factory=BatchState, compare=False)
 
     @property

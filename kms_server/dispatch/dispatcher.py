@@ -153,6 +153,8 @@ class Dispatcher:
         principal = self._principal(header, conn.principal)
         continuation = header.get(T.BATCH_ERROR_CONTINUATION_OPTION.value, BatchErrorContinuationOption.STOP.value)
         max_response = header.get(T.MAXIMUM_RESPONSE_SIZE.value)
+        # KMIP 1.4, 6.20 / 2.0, 7.17: defined from 1.4 on (its type was checked above).
+        correlation = header.get(T.CLIENT_CORRELATION_VALUE.value) if version >= (1, 4) else None
         ctx = RequestContext(
             principal=principal,
             version=version,
@@ -160,6 +162,7 @@ class Dispatcher:
             now=int(time.time()),
             peer=conn.peer,
             node=self.node,
+            correlation=correlation if isinstance(correlation, str) else None,
             batch=BatchState(),
         )
 
@@ -375,6 +378,7 @@ class Dispatcher:
             operation=_op_name(operation_value),
             attributes=request_attributes(payload),
             requested=requested if isinstance(requested, str) else None,
+            correlation=ctx.correlation,
         )
 
     def _record_refusal(
