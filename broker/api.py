@@ -50,6 +50,7 @@ from zope.interface import implementer
 from broker.config import BrokerConfig
 from broker.db import DatabaseError, ek_certificates
 from broker.keysafe import KeySafeError, format_key_safe, parse_key_safe
+from broker.rotation import Rotation
 from broker.trust import (
     Caller,
     Conflict,
@@ -87,7 +88,9 @@ log = logging.getLogger("broker.api")
 # instance; no right here returns a DEK or decrypted state but dek.read.
 ROLE_RIGHTS: dict[str, frozenset[str]] = {
     "security_admin": frozenset({"trust.manage", "audit.read", "vms.read_all"}),
-    "administrator": frozenset({"inventory.manage", "vms.read_all", "dek.read", "vm.remove", "vm.transfer"}),
+    "administrator": frozenset(
+        {"inventory.manage", "vms.read_all", "dek.read", "vm.remove", "vm.transfer", "vm.rekey"}
+    ),
     "no_crypto_administrator": frozenset({"inventory.manage", "vms.read_all"}),
     "auditor": frozenset({"audit.read"}),
 }
@@ -123,6 +126,10 @@ ACCESS: dict[str, Access] = {
     "remove_vm": Access("vm.remove", "removing a VM's vTPM key", "vm.remove", instance="role"),
     "release_vm": Access("vm.release", "releasing a VM (its owner instance does)", None),
     "transfer_vm": Access("vm.transfer", "transferring a VM (administrators do)", "vm.transfer", instance=None),
+    "rekey_vm": Access("vm.rekey", "rotating a VM's keys", "vm.rekey"),
+    "commit_rekey": Access("vm.rekey", "rotating a VM's keys", "vm.rekey"),
+    "abort_rekey": Access("vm.rekey", "rotating a VM's keys", "vm.rekey"),
+    "rekey_resealed": Access("vm.rekey", _HOST_ONLY, instance=None, host=True),
     "get_nvram_generation": Access("nvram.generation.read", _HOST_ONLY, instance=None, host=True),
     "put_nvram_generation": Access("nvram.generation", _HOST_ONLY, instance=None, host=True),
     "ek_certificate": Access(
@@ -300,6 +307,10 @@ ROUTES = (
     _route("DELETE", "/v1/vms/{vm_uuid}", "remove_vm"),
     _route("POST", "/v1/vms/{vm_uuid}/release", "release_vm"),
     _route("POST", "/v1/vms/{vm_uuid}/transfer", "transfer_vm"),
+    _route("POST", "/v1/vms/{vm_uuid}/rekey", "rekey_vm"),
+    _route("POST", "/v1/vms/{vm_uuid}/rekey/commit", "commit_rekey"),
+    _route("POST", "/v1/vms/{vm_uuid}/rekey/abort", "abort_rekey"),
+    _route("POST", "/v1/vms/{vm_uuid}/rekey/resealed", "rekey_resealed"),
     _route("POST", "/v1/vtpm/ek-certificates", "ek_certificate"),
     _route("GET", "/v1/audit", "read_audit"),
     _route("GET", "/v1/instances", "list_instances"),
@@ -562,6 +573,39 @@ class Api:
         body = fields_of(parse_json_object(call.request.body), ("to",))
         record = self.registry.release_vm(vm_uuid, body["to"], call.actor, None)
         return ApiResponse(200, _vm_json(record))
+
+    # Key rotation (broker/rotation.py) ------------------------------------------------------
+
+    def _rotation(self) -> Rotation:
+        return Rotation(self.registry, self._require_vmkeys())
+
+    def _rekey_vm(self, call: _Call) -> ApiResponse:
+        """Begin (or resume) a rotation: {"kind": "shallow"|"deep", "key_safe": the .vmx's}."""
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        body = fields_of(parse_json_object(call.request.body), ("kind", "key_safe"))
+        kind, key_safe = _string(body, "kind", 16), _string(body, "key_safe", 4096)
+        return ApiResponse(200, self._rotation().begin(vm_uuid, kind, key_safe, call.actor, self._scope(call)))
+
+    def _commit_rekey(self, call: _Call) -> ApiResponse:
+        """{"key_safe": read back from the switched .vmx}: the new KEK becomes the VM's, the old one is revoked."""
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        body = fields_of(parse_json_object(call.request.body), ("key_safe",))
+        key_safe = _string(body, "key_safe", 4096)
+        return ApiResponse(200, self._rotation().commit(vm_uuid, key_safe, call.actor, self._scope(call)))
+
+    def _abort_rekey(self, call: _Call) -> ApiResponse:
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        return ApiResponse(200, self._rotation().abort(vm_uuid, call.actor, self._scope(call)))
+
+    def _rekey_resealed(self, call: _Call) -> ApiResponse:
+        """The host the VM is placed on re-sealed its .nvram under a deep
+        rekey's new DEK and switched the .vmx (or found a switched one):
+        the same commit as the instance's."""
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        body = fields_of(parse_json_object(call.request.body), ("key_safe",))
+        key_safe = _string(body, "key_safe", 4096)
+        host = self._placed_host(call, vm_uuid, "vm.rekey")
+        return ApiResponse(200, self._rotation().commit(vm_uuid, key_safe, f"host:{host}", None))
 
     # .nvram generations (rollback protection) -----------------------------------------------
 

@@ -10,11 +10,12 @@ never logged, never in an exception.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import secrets
 
-from kmip.core.enums import ResultReason
+from kmip.core.enums import ResultReason, RevocationReasonCode
 
 from broker.keysafe import ALGORITHM, DEK_BYTES, IV_BYTES, TAG_BYTES, KeySafe
 from broker.trust import Unprocessable
@@ -61,6 +62,60 @@ class VmKeys:
     def create(self, vm_uuid: str, vm_name: str) -> KeySafe:
         """A new KEK for the VM (Create + Activate) and a fresh DEK wrapped
         under it by the KMS; returns the key safe. The DEK is dropped here."""
+        uid = self._new_kek(vm_uuid, vm_name)
+        dek = os.urandom(DEK_BYTES)
+        try:
+            key_safe = self._wrap(uid, dek)
+        finally:
+            del dek
+        log.info("created KEK %s for VM %s", uid, vm_uuid)
+        return key_safe
+
+    def rewrap(self, key_safe: KeySafe, vm_uuid: str, vm_name: str) -> KeySafe:
+        """Shallow rekey: a new KEK for the VM, and the DEK of `key_safe`
+        (KMIP Decrypt under the old KEK) wrapped under it (KMIP Encrypt):
+        both KEKs stay in the KMS. The DEK is dropped here."""
+        dek = self.unwrap(key_safe)
+        try:
+            uid = self._new_kek(vm_uuid, vm_name)
+            new = self._wrap(uid, dek)
+        finally:
+            del dek
+        log.info("wrapped the DEK of VM %s under new KEK %s (was %s)", vm_uuid, uid, key_safe.kms_key_id)
+        return new
+
+    def same_dek(self, a: KeySafe, b: KeySafe) -> bool:
+        """Do two key safes hold the same DEK? (Both unwrapped at the KMS.)"""
+        first, second = self.unwrap(a), self.unwrap(b)
+        try:
+            return hmac.compare_digest(first, second)
+        finally:
+            del first, second
+
+    def retire(self, uid: str) -> str:
+        """Deactivate an old KEK (KMIP Revoke, Cessation of Operation):
+        it encrypts nothing more. Returns what happened, for the trail."""
+        try:
+            self.client.revoke(uid, RevocationReasonCode.CESSATION_OF_OPERATION, "vtpm-broker: KEK rotated")
+            return "deactivated (Revoke, cessation of operation)"
+        except (OutcomeUnknown, KmipError) as exc:
+            state = self.kek_state(uid)
+            if state in ("DEACTIVATED", "COMPROMISED", "DESTROYED", "DESTROYED_COMPROMISED"):
+                return f"already {state.lower()}"
+            raise _unavailable(exc, f"deactivate the old KEK {uid}") from None
+
+    def kek_state(self, uid: str) -> str | None:
+        """The KEK's KMIP State name (None: the KMS has no such key for us)."""
+        try:
+            state = self.client.get_attributes(uid, ["State"]).get("State", [None])[0]
+        except KmipError as exc:
+            if exc.reason in (ResultReason.ITEM_NOT_FOUND, ResultReason.PERMISSION_DENIED):
+                return None
+            raise _unavailable(exc, f"read the state of key {uid}") from None
+        return getattr(state, "name", None)
+
+    def _new_kek(self, vm_uuid: str, vm_name: str) -> str:
+        """Create + Activate an AES-256 KEK named and tagged for the VM."""
         name = f"vtpm-kek-{vm_uuid}-{secrets.token_hex(4)}"
         try:
             uid = self.client.create_symmetric_key("AES", 256, name=name, attributes=kek_attributes(vm_uuid, vm_name))
@@ -77,16 +132,16 @@ class VmKeys:
                 raise _unavailable(exc, "activate the VM's KEK") from None
         except KmipError as exc:
             raise _unavailable(exc, "activate the VM's KEK") from None
-        dek = os.urandom(DEK_BYTES)
+        return uid
+
+    def _wrap(self, uid: str, dek: bytes) -> KeySafe:
+        """The DEK wrapped under KEK `uid` by the KMS (KMIP Encrypt, AES-256-GCM)."""
         try:
             wrapped = self.client.encrypt(uid, dek, mode="GCM")
         except KmipError as exc:
             raise _unavailable(exc, "wrap the DEK") from None
-        finally:
-            del dek
         if wrapped.iv is None or len(wrapped.iv) != IV_BYTES or wrapped.tag is None or len(wrapped.tag) != TAG_BYTES:
             raise KmsUnavailable("the KMS answered Encrypt without a 12-byte IV and a 16-byte tag")
-        log.info("created KEK %s for VM %s", uid, vm_uuid)
         return KeySafe(self.provider_name, uid, wrapped.iv, wrapped.tag, wrapped.data)
 
     def _find_after_unknown(self, name: str, exc: OutcomeUnknown) -> str:
@@ -113,7 +168,7 @@ class VmKeys:
             raise Unprocessable(f"the key safe's wrapping {key_safe.algorithm} is not supported")
         uid = key_safe.kms_key_id
         try:
-            attributes = self.client.get_attributes(uid, ["x-Identifier"])
+            attributes = self.client.get_attributes(uid, ["x-Identifier", "State"])
         except KmipError as exc:
             if exc.reason in (ResultReason.ITEM_NOT_FOUND, ResultReason.PERMISSION_DENIED):
                 raise Unprocessable(f"the KMS has no key {uid!r} for this broker") from None
@@ -121,6 +176,12 @@ class VmKeys:
         identifiers = attributes.get("x-Identifier") or []
         if identifiers and str(identifiers[0]).lower() != vm_uuid:
             raise Unprocessable(f"KMS key {uid!r} is the KEK of another VM, not of {vm_uuid}")
+        state = getattr((attributes.get("State") or [None])[0], "name", None)
+        if state is not None and state != "ACTIVE":
+            # A rotated VM's old .vmx: its KEK was deactivated by the rekey.
+            raise Unprocessable(
+                f"KMS key {uid!r} is {state.lower()}: the VM's KEK was rotated; register the VM's current .vmx"
+            )
         self.unwrap(key_safe, check_only=True)
 
     def unwrap(self, key_safe: KeySafe, *, check_only: bool = False) -> bytes:
