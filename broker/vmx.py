@@ -12,6 +12,15 @@ Keys this project writes and reads:
 | `encryption.required` | `"TRUE"` |
 | `vtpm.present` | `"TRUE"` when the VM has a vTPM |
 | `nvram` | the `.nvram` file name, relative to the `.vmx` |
+| `encryption.keySafe.pending` | a rotation's new key safe, written beside the one in use before the switch |
+| `encryption.rekey.pending` | `"shallow"` or `"deep"`: the kind of that rotation |
+| `encryption.keySafe.previous` | after the switch, the old key safe, until the broker has retired its KEK |
+
+Key rotation (docs/broker-design.md, "Key rotation"): the new key safe is
+written beside the old one first, then switched in, then the old one is
+retired; every step is one atomic write of the whole file, made under the
+VM's `.vmx.lck` lock (`locked`) so that the management instance and a host
+never interleave their read-modify-writes.
 
 Unknown keys are kept as they are (a real `.vmx` has hundreds); the order of
 lines is preserved when a file is rewritten.
@@ -19,12 +28,23 @@ lines is preserved when a file is rewritten.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
+import time
 import uuid as uuid_module
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kms_server.files import write_atomic
+
+KEY_SAFE = "encryption.keySafe"
+PENDING_KEY_SAFE = "encryption.keySafe.pending"
+PENDING_REKEY = "encryption.rekey.pending"
+PREVIOUS_KEY_SAFE = "encryption.keySafe.previous"
+REKEY_KINDS = ("shallow", "deep")
 
 _LINE = re.compile(r'^\s*([A-Za-z0-9_.:\-]+)\s*=\s*"((?:[^"\\]|\\.)*)"\s*$')
 MAX_BYTES = 1 << 20
@@ -71,6 +91,30 @@ class Vmx:
         return value
 
     @property
+    def pending_key_safe(self) -> str | None:
+        """A rotation's new key safe, not in use yet (None: none)."""
+        return self.entries.get(PENDING_KEY_SAFE) or None
+
+    @property
+    def pending_rekey(self) -> str | None:
+        """The kind of the pending rotation ("shallow" or "deep"), None without one."""
+        if self.pending_key_safe is None:
+            return None
+        kind = self.entries.get(PENDING_REKEY, "")
+        if kind not in REKEY_KINDS:
+            raise VmxError(f"{PENDING_REKEY} must be one of {', '.join(REKEY_KINDS)}, not {kind[:20]!r}")
+        return kind
+
+    @property
+    def previous_key_safe(self) -> str | None:
+        """The key safe a rotation switched away from, until its KEK is retired."""
+        return self.entries.get(PREVIOUS_KEY_SAFE) or None
+
+    def remove(self, *keys: str) -> None:
+        for key in keys:
+            self.entries.pop(key, None)
+
+    @property
     def has_vtpm(self) -> bool:
         return self.entries.get("vtpm.present", "FALSE").upper() == "TRUE"
 
@@ -113,14 +157,14 @@ def parses(text: str) -> Vmx:
             continue
         match = _LINE.match(line)
         if match is None:
-            raise VmxError(f"line {number} is not a key = \"value\" line")
+            raise VmxError(f'line {number} is not a key = "value" line')
         entries[match.group(1)] = _unescape(match.group(2))
     entries.pop(".encoding", None)
     return Vmx(entries)
 
 
 def formats(vmx: Vmx) -> str:
-    return ".encoding = \"UTF-8\"\n" + "".join(
+    return '.encoding = "UTF-8"\n' + "".join(
         f'{key} = "{_escape(value)}"\n' for key, value in vmx.entries.items() if key != ".encoding"
     )
 
@@ -145,6 +189,31 @@ def read(path: str | Path) -> Vmx:
 def write(path: str | Path, vmx: Vmx) -> None:
     """Atomically (kms_server.files): a temporary file beside it, fsync, rename; mode 0644."""
     write_atomic(path, formats(vmx).encode("utf-8"), 0o644)
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, timeout: float = 60.0) -> Iterator[None]:
+    """Hold the VM's `<name>.vmx.lck` (flock) for a read-modify-write of
+    its .vmx. The .vmx itself cannot be locked: every write replaces it."""
+    path = Path(path)
+    lock = path.with_name(path.name + ".lck")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise VmxError(f"cannot open the lock {lock} ({exc.strerror})") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise VmxError(f"{path} has been locked by another command for over {timeout:g} s") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
 
 
 def find_vms(datastore: str | Path) -> list[Path]:
