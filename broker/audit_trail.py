@@ -70,8 +70,11 @@ _PAGE = 2000
 
 
 def new_body(seq: int, prev: str, at: float, node: str, actor: str, action: str, target: str, allowed: bool,
-             reason: str) -> dict:  # fmt: skip
-    return {
+             reason: str, request_id: str | None = None) -> dict:  # fmt: skip
+    """A record body; `request_id` (the API or gateway request it belongs
+    to, also passed to the KMS: broker/request_scope.py) only when given,
+    so records without one hash exactly as before the field existed."""
+    body = {
         "seq": seq,
         "prev": prev,
         "time": format_time(at),
@@ -82,6 +85,9 @@ def new_body(seq: int, prev: str, at: float, node: str, actor: str, action: str,
         "allowed": bool(allowed),
         "reason": reason,
     }
+    if request_id:
+        body["request_id"] = request_id
+    return body
 
 
 def row_of(body: dict) -> dict:
@@ -103,14 +109,16 @@ def row_of(body: dict) -> dict:
 
 def chain_rows(entries: Iterable[tuple], head: tuple[int, str] | None, clock: Callable[[], float], node: str
                ) -> list[dict]:  # fmt: skip
-    """Rows for `entries` (actor, action, target, allowed, reason) chained
-    after `head` (seq, hash of the newest record; None: an empty trail)."""
+    """Rows for `entries` (actor, action, target, allowed, reason and
+    optionally a request id) chained after `head` (seq, hash of the newest
+    record; None: an empty trail)."""
     seq, prev = head if head is not None else (0, GENESIS)
     rows = []
-    for actor, action, target, allowed, reason in entries:
+    for actor, action, target, allowed, reason, *request_id in entries:
         seq += 1
         reason = reason.splitlines()[0] if reason else ""
-        row = row_of(new_body(seq, prev, clock(), node, actor, action, target, allowed, reason))
+        body = new_body(seq, prev, clock(), node, actor, action, target, allowed, reason, *request_id[:1])
+        row = row_of(body)
         rows.append(row)
         prev = row["hash"]
     return rows

@@ -45,6 +45,7 @@ from kmip.core.enums import (
     Tags,
 )
 
+from broker.request_scope import request_scope
 from broker.trust import Decision
 from kms_server import __version__, errors
 from kms_server.client import KmipError
@@ -197,7 +198,15 @@ def gateway_decrypt(ctx, gateway: GatewayContext, payload) -> list:
     # Named as the API names hosts in the trail ("host:<name>"), so one
     # host's records read alike whichever door it came through.
     actor = f"host:{decision.host}" if decision.host else principal.name
-    who = f"certificate sha256:{fingerprint}, request {ctx.request_id}, from {ctx.peer}"
+    # The broker's records and the KMS's Decrypt record carry this request's
+    # id, and the KMS learns which host the broker acts for (request_scope).
+    with request_scope(ctx.request_id, f"host:{decision.host}" if decision.host else None):
+        return _unwrap(ctx, gateway, decision, actor, key_id, (data, iv, aad, tag))
+
+
+def _unwrap(ctx, gateway: GatewayContext, decision: Decision, actor: str, key_id: str, sealed: tuple) -> list:
+    data, iv, aad, tag = sealed
+    who = f"certificate sha256:{ctx.principal.fingerprint}, request {ctx.request_id}, from {ctx.peer}"
     if not decision.allowed:
         gateway.registry.record_audit(
             actor, AUDIT_ACTION, _target(key_id, decision), False, f"{decision.reason} ({who})"

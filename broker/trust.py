@@ -39,6 +39,7 @@ from broker.db import (
     users,
     vms,
 )
+from broker.request_scope import current_request_id
 from broker.trust_ca import (
     CertificateRequestError,
     TrustCa,
@@ -378,8 +379,9 @@ class Registry:
         it is committed. Records that several threads append at once share
         one transaction (group commit: the gateway's unwraps under a boot
         storm). Raises DatabaseError if it cannot be written: callers fail
-        closed."""
-        self._audit_group.submit((actor, action, target, allowed, reason))
+        closed. Inside a request (broker/request_scope.py) the record
+        carries that request's id."""
+        self._audit_group.submit((actor, action, target, allowed, reason, current_request_id()))
 
     def _write_audit_batch(self, entries: list[tuple]) -> list[None]:
         with self._audit_lock, self.db.begin() as conn:
@@ -387,10 +389,10 @@ class Registry:
         return [None] * len(entries)
 
     def _append_audit(self, conn, actor: str, action: str, target: str, allowed: bool, reason: str) -> None:
-        self._append_audits(conn, [(actor, action, target, allowed, reason)])
+        self._append_audits(conn, [(actor, action, target, allowed, reason, current_request_id())])
 
     def _append_audits(self, conn, entries: list[tuple]) -> None:
-        """Chain `entries` (actor, action, target, allowed, reason) onto the
+        """Chain `entries` (actor, action, target, allowed, reason[, request id]) onto the
         trail inside `conn`'s transaction, holding the chain lock."""
         self.db.lock_audit_chain(conn)
         last = conn.execute(_AUDIT_HEAD).first()
