@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from zope.interface import implementer
 from broker.config import BrokerConfig
 from broker.db import DatabaseError, ek_certificates
 from broker.keysafe import KeySafeError, format_key_safe, parse_key_safe
+from broker.request_scope import current_request_id, new_request_id, refusal_recorded, request_scope
 from broker.rotation import Rotation
 from broker.trust import (
     Caller,
@@ -354,6 +354,16 @@ class Api:
         self.enroll_limit = RateLimit(cfg.api.enroll_per_minute)
 
     def dispatch(self, request: ApiRequest) -> ApiResponse:
+        # One id per request: in the broker's records, in the Client
+        # Correlation Value of the KMS requests made for it, in the answer's
+        # X-Request-Id header and in a 500's text (broker/request_scope.py).
+        request_id = new_request_id()
+        with request_scope(request_id):
+            response = self._answer(request, request_id)
+        response.headers.setdefault("X-Request-Id", request_id)
+        return response
+
+    def _answer(self, request: ApiRequest, request_id: str) -> ApiResponse:
         try:
             return self._dispatch(request)
         except ApiError as exc:
@@ -362,7 +372,6 @@ class Api:
             log.error("database failure on %s %s: %s", request.method, request.path, exc)
             return _error(503, "the broker database is unavailable; try again")
         except Exception:
-            request_id = secrets.token_hex(6)
             log.exception("request %s (%s %s) failed", request_id, request.method, request.path)
             return _error(500, f"internal error (request id {request_id}); see the broker log")
 
@@ -395,23 +404,45 @@ class Api:
                 caller = self.registry.identify(request.client_fingerprint)
                 if caller is None:
                     log.warning("refused certificate %s from %s", request.client_fingerprint, request.peer)
+                    access = ACCESS.get(route.handler)
+                    self.registry.record_audit(
+                        f"certificate:{request.client_fingerprint[:16]}@{request.peer}",
+                        access.action if access else route.handler,
+                        (match.groupdict().get("vm_uuid") or match.groupdict().get("name") or path)[:200],
+                        False,
+                        "refused: the certificate is not trusted (revoked, replaced or unknown)",
+                    )
                     raise ApiError(403, "this certificate is not trusted by the broker (revoked, replaced or unknown)")
                 if caller.kind != "host":
                     role = self.cfg.roles.role_of(caller.name)
             call = _Call(request, match.groupdict(), caller, role)
-            if caller is not None:
-                self._authorize(call, ACCESS[route.handler])
-            try:
-                return getattr(self, "_" + route.handler)(call)
-            except TrustError as exc:
-                raise ApiError(_status_for(exc), str(exc)) from None
-            except (KeySafeError, KmsUnavailable) as exc:
-                raise ApiError(_status_for(exc), str(exc)) from None
+            # From here on the KMS also learns whom the broker acts for.
+            with request_scope(current_request_id() or new_request_id(), call.actor):
+                if caller is not None:
+                    self._authorize(call, ACCESS[route.handler])
+                try:
+                    return getattr(self, "_" + route.handler)(call)
+                except TrustError as exc:
+                    self._audit_refusal(call, route, _status_for(exc), str(exc))
+                    raise ApiError(_status_for(exc), str(exc)) from None
+                except (KeySafeError, KmsUnavailable) as exc:
+                    raise ApiError(_status_for(exc), str(exc)) from None
         if allowed_methods:
             raise ApiError(405, f"{request.method} is not allowed here; use {' or '.join(allowed_methods)}")
         raise ApiError(404, f"no such endpoint {path[:100]}")
 
     # Guards ------------------------------------------------------------------------
+
+    def _audit_refusal(self, call: _Call, route: _Route, status: int, message: str) -> None:
+        """Every 403 and 409 is in the trail: the registry records most
+        refusals itself; one it did not record in this request is recorded
+        here."""
+        if status not in (403, 409) or refusal_recorded():
+            return
+        access = ACCESS.get(route.handler)
+        target = call.params.get("vm_uuid") or call.params.get("name") or call.request.path
+        action = access.action if access else route.handler
+        self.registry.record_audit(call.actor, action, target[:200], False, f"refused ({status}): {message}")
 
     def _authorize(self, call: _Call, access: Access) -> None:
         """Refuse (403, audited) unless this caller may call this route at

@@ -39,7 +39,7 @@ from broker.db import (
     users,
     vms,
 )
-from broker.request_scope import current_request_id
+from broker.request_scope import record_made
 from broker.trust_ca import (
     CertificateRequestError,
     TrustCa,
@@ -381,7 +381,7 @@ class Registry:
         storm). Raises DatabaseError if it cannot be written: callers fail
         closed. Inside a request (broker/request_scope.py) the record
         carries that request's id."""
-        self._audit_group.submit((actor, action, target, allowed, reason, current_request_id()))
+        self._audit_group.submit((actor, action, target, allowed, reason, record_made(allowed)))
 
     def _write_audit_batch(self, entries: list[tuple]) -> list[None]:
         with self._audit_lock, self.db.begin() as conn:
@@ -389,7 +389,7 @@ class Registry:
         return [None] * len(entries)
 
     def _append_audit(self, conn, actor: str, action: str, target: str, allowed: bool, reason: str) -> None:
-        self._append_audits(conn, [(actor, action, target, allowed, reason, current_request_id())])
+        self._append_audits(conn, [(actor, action, target, allowed, reason, record_made(allowed))])
 
     def _append_audits(self, conn, entries: list[tuple]) -> None:
         """Chain `entries` (actor, action, target, allowed, reason[, request id]) onto the
