@@ -8,6 +8,8 @@
     vtpm-mgmt [--state-dir D] vm register --datastore DIR [--vm NAME|UUID ...] [--host H ...] [--jobs J]
     vtpm-mgmt [--state-dir D] vm release VM --to INSTANCE     (cold migration; VM: name or UUID)
     vtpm-mgmt [--state-dir D] vm remove VM
+    vtpm-mgmt [--state-dir D] vm rekey VM [--deep | --abort] [--datastore DIR]
+    vtpm-mgmt [--state-dir D] vm rekey --all --datastore DIR [--deep] [--jobs J]
     vtpm-mgmt [--state-dir D] vm list [--json]
     vtpm-mgmt [--state-dir D] vm check --datastore DIR [--provider P] [--offline] [--json]
 
@@ -103,6 +105,17 @@ def _parser() -> argparse.ArgumentParser:
         "remove", help="forget a VM at the broker (administrators; its KEK, generation and trail are kept)"
     )
     remove.add_argument("vm", metavar="VM", help="VM name or UUID")
+    rekey = vsub.add_parser(
+        "rekey",
+        help="rotate a VM's keys: its DEK under a new KEK, or with --deep a new DEK (re-sealed at next power-on)",
+    )
+    rekey.add_argument("vm", nargs="?", metavar="VM", help="VM name or UUID (or --all)")
+    rekey.add_argument("--all", action="store_true", help="every VM of this instance on --datastore")
+    rekey.add_argument("--datastore", metavar="DIR", help="where the .vmx is (default: where this instance wrote it)")
+    kind = rekey.add_mutually_exclusive_group()
+    kind.add_argument("--deep", action="store_true", help="a new DEK too; the host re-seals the .nvram at power-on")
+    kind.add_argument("--abort", action="store_true", help="roll back a rekey that is pending, not yet switched")
+    rekey.add_argument("--jobs", type=int, default=4, metavar="J", help="VMs in flight with --all (default 4)")
     listing = vsub.add_parser("list", help="this instance's VMs, as the broker knows them")
     listing.add_argument("--json", action="store_true")
     check = vsub.add_parser("check", help="find VMs whose vTPM could not be recovered")
@@ -169,6 +182,8 @@ def _run(args) -> int:
         return _vm_release(state, args)
     if args.vm_command == "remove":
         return _vm_remove(state, args)
+    if args.vm_command == "rekey":
+        return _vm_rekey(state, args)
     return _vm_list(state, args)
 
 
@@ -543,6 +558,110 @@ def _vm_remove(state: StateDir, args) -> int:
         f"kept: '{PROG} vm register --datastore DIR --vm {vm_uuid}' brings it back"
     )
     return 0
+
+
+def _vm_rekey(state: StateDir, args) -> int:
+    """One VM, or every VM of this instance on a datastore with a progress bar (broker/mgmt/rekey.py)."""
+    from broker.mgmt import rekey
+
+    if args.all == (args.vm is not None):
+        raise MgmtError("name one VM, or give --all --datastore DIR")
+    if args.all and (args.datastore is None or args.abort):
+        raise MgmtError("--all needs --datastore DIR (and rotates; --abort is for one VM)")
+    if not 1 <= args.jobs <= 32:
+        raise MgmtError("--jobs must be between 1 and 32")
+    client = state.client()
+    if not args.all:
+        path = _vmx_of(state, client, args.vm, args.datastore)
+        outcome = rekey.abort_vm(client, path) if args.abort else rekey.rekey_vm(client, path, args.deep)
+        client.close()
+        if outcome.error is not None:
+            raise MgmtError(outcome.describe())
+        _remember_keys(state, [outcome])
+        print(outcome.describe())
+        return 0
+    datastore = Path(args.datastore)
+    if not datastore.is_dir():
+        raise MgmtError(f"datastore {datastore} is not a directory")
+    mine = {str(vm.get("vm_uuid")) for vm in client.list_vms()}
+    paths, others = [], 0
+    for path in vmx.find_vms(datastore):
+        try:
+            vm_uuid = vmx.read(path).vm_uuid
+        except vmx.VmxError:
+            vm_uuid = ""
+        if vm_uuid in mine:
+            paths.append(path)
+        else:
+            others += 1
+    if not paths:
+        raise MgmtError(f"no VM of {state.settings().name} on {datastore} ('{PROG} vm list' shows its VMs)")
+    outcomes = _with_progress(
+        f"{'deep' if args.deep else 'shallow'} rekey",
+        paths,
+        lambda path: rekey.rekey_vm(client, path, args.deep),
+        args.jobs,
+    )
+    client.close()
+    _remember_keys(state, [o for o in outcomes if o.error is None])
+    failed = [o for o in outcomes if o.error is not None]
+    done = {
+        result: sum(1 for o in outcomes if o.error is None and o.result == result)
+        for result in ("rekeyed", "finished", "pending")
+    }
+    skipped = f"; {others} VMs of other instances skipped" if others else ""
+    print(
+        f"{len(outcomes) - len(failed)} of {len(outcomes)} VMs on {datastore}: {done['rekeyed']} rekeyed, "
+        f"{done['finished']} interrupted rekeys finished, {done['pending']} deep rekeys pending a power-on{skipped}"
+    )
+    for o in outcomes:
+        print(("FAILED " if o.error else "") + o.describe())
+    return 1 if failed else 0
+
+
+def _with_progress(label: str, items: list, work, jobs: int) -> list:
+    """Run `work` on every item, `jobs` at a time, with a rich progress bar on
+    stderr (drawn on a terminal; elsewhere only its final line)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    outcomes = []
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[last]}"),
+        console=Console(stderr=True),
+        transient=False,
+    ) as progress:
+        task = progress.add_task(label, total=len(items), last="")
+        with ThreadPoolExecutor(max_workers=min(jobs, len(items))) as pool:
+            for outcome in pool.map(work, items):
+                outcomes.append(outcome)
+                progress.update(task, advance=1, last=outcome.name + (" FAILED" if outcome.error else ""))
+    return outcomes
+
+
+def _vmx_of(state: StateDir, client: BrokerClient, text: str, datastore: str | None) -> Path:
+    """The .vmx of this instance's VM `text` (name or UUID): found on --datastore, or where this instance wrote it."""
+    vm = _resolve_vm(client, state, text)
+    vm_uuid = str(vm.get("vm_uuid"))
+    if datastore is not None:
+        return _only_vms(vmx.find_vms(Path(datastore)), [vm_uuid], Path(datastore))[0]
+    known = state.inventory()["vms"].get(vm_uuid, {}).get("vmx")
+    if not known or not Path(known).is_file():
+        raise MgmtError(f"this instance does not know where VM {text}'s .vmx is; give --datastore DIR")
+    return Path(known)
+
+
+def _remember_keys(state: StateDir, outcomes: list) -> None:
+    def record(inventory: dict) -> None:
+        for o in outcomes:
+            if o.kms_key_id and o.vm_uuid in inventory["vms"] and o.result in ("rekeyed", "finished"):
+                inventory["vms"][o.vm_uuid]["kms_key_id"] = o.kms_key_id
+
+    state.update_inventory(record)
 
 
 def _vm_list(state: StateDir, args) -> int:

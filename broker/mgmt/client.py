@@ -121,6 +121,17 @@ class BrokerClient:
         """An administrator's release of any VM to the trusted instance `to`."""
         return self.call("POST", f"/v1/vms/{quote(vm_uuid, safe='')}/transfer", {"to": to})
 
+    def rekey_vm(self, vm_uuid: str, kind: str, key_safe: str) -> dict:
+        """Begin (or resume) a rotation of the VM whose .vmx holds `key_safe`."""
+        return self.call("POST", f"/v1/vms/{quote(vm_uuid, safe='')}/rekey", {"kind": kind, "key_safe": key_safe})
+
+    def commit_rekey(self, vm_uuid: str, key_safe: str) -> dict:
+        """The switched .vmx's key safe becomes the VM's; the broker retires the old KEK."""
+        return self.call("POST", f"/v1/vms/{quote(vm_uuid, safe='')}/rekey/commit", {"key_safe": key_safe})
+
+    def abort_rekey(self, vm_uuid: str) -> dict:
+        return self.call("POST", f"/v1/vms/{quote(vm_uuid, safe='')}/rekey/abort", {})
+
     def list_vms(self) -> list[dict]:
         answer = self.call("GET", "/v1/vms")
         vms = answer.get("vms") if isinstance(answer, dict) else None
