@@ -465,3 +465,79 @@ def test_unwritable_audit_record_raises_and_leaves_the_chain_intact(registry):
     registry.record_audit("host:esx-1", "gateway.unwrap", "kek-a", True, "placed")
     assert len(registry.audit_records(limit=100000)) == before + 1
     assert registry.verify_audit() == []
+
+
+# --- Cold migration ----------------------------------------------------------------------------------------
+
+
+def test_release_hands_a_vm_to_the_named_instance_only(registry):
+    """B releases its VM to C: the VM is unplaced at once (B's host is refused), only C may register it, with
+    the generation B's host reported; a release to an unknown or revoked instance, a replay, a placement while
+    released and a third instance's registration are refused, change nothing, and are in the trail."""
+    for name in ("vc-b", "vc-c", "vc-d", "vc-gone"):
+        trusted(registry, name)
+    registry.revoke("vc-gone")
+    host_b = fingerprint(registry.register_host("vc-b", "esx-b", make_csr()))
+    host_c = fingerprint(registry.register_host("vc-c", "esx-c", make_csr()))
+    registry.add_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a", "esx-b")
+    registry.record_nvram_generation(VM_A, 6, "host:esx-b")
+    assert registry.authorize_unwrap(host_b, "kek-a").allowed
+    before = registry.get_vm(VM_A)
+
+    with pytest.raises(NotFound, match="no instance named vc-nobody"):
+        registry.release_vm(VM_A, "vc-nobody", "instance:vc-b", "vc-b")
+    with pytest.raises(Conflict, match="revoked"):
+        registry.release_vm(VM_A, "vc-gone", "instance:vc-b", "vc-b")
+    with pytest.raises(NotFound):
+        registry.release_vm(VM_A, "vc-d", "instance:vc-c", "vc-c")  # not C's VM
+    with pytest.raises(InvalidRequest, match="already"):
+        registry.release_vm(VM_A, "vc-b", "instance:vc-b", "vc-b")
+    assert registry.get_vm(VM_A) == before
+
+    released = registry.release_vm(VM_A, "vc-c", "instance:vc-b", "vc-b")
+    assert released.released_to == "vc-c" and released.host is None and released.instance == "vc-b"
+    assert not registry.authorize_unwrap(host_b, "kek-a").allowed
+    with pytest.raises(Conflict, match="already released"):
+        registry.release_vm(VM_A, "vc-c", "instance:vc-b", "vc-b")
+    with pytest.raises(Conflict, match="released to instance vc-c"):
+        registry.place_vm("vc-b", VM_A, "esx-b")
+    with pytest.raises(Conflict, match="not to vc-d"):
+        registry.register_vm("vc-d", VM_A, "vm-a", "kek-a", "ks-a")
+
+    taken = registry.register_vm("vc-c", VM_A, "vm-a", "kek-a", "ks-a")
+    assert (taken.instance, taken.host, taken.released_to, taken.nvram_generation) == ("vc-c", None, None, 6)
+    registry.place_vm("vc-c", VM_A, "esx-c")
+    assert registry.authorize_unwrap(host_c, "kek-a").allowed
+    refused = registry.authorize_unwrap(host_b, "kek-a")
+    assert not refused.allowed and refused.vm_uuid is None  # B's host may not learn of it
+    with pytest.raises(NotFound):
+        registry.release_vm(VM_A, "vc-c", "instance:vc-b", "vc-b")  # replayed after the move
+
+    records = [(r.actor, r.action, r.allowed) for r in registry.audit_records() if r.target == VM_A]
+    assert records.count(("instance:vc-b", "vm.release", False)) == 5  # unknown, revoked, itself, 2 replays
+    assert ("instance:vc-c", "vm.release", False) in records
+    assert ("instance:vc-b", "vm.place", False) in records
+    assert ("instance:vc-d", "vm.register", False) in records
+    assert ("instance:vc-c", "vm.register", True) in records
+    assert registry.verify_audit() == []
+
+
+def test_transfer_cancel_and_remove_keep_the_generation(registry):
+    """An administrator's transfer (instance None) moves any VM; releasing to the owner cancels; removal keeps
+    the generation, so no path brings the VM back at generation 0."""
+    for name in ("vc-b", "vc-c"):
+        trusted(registry, name)
+    registry.add_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a", None)
+    registry.record_nvram_generation(VM_A, 9, "host:esx-b")
+    assert registry.release_vm(VM_A, "vc-c", "instance:vc-b", "vc-b").released_to == "vc-c"
+    assert registry.release_vm(VM_A, "vc-b", "instance:vc-b", "vc-b").released_to is None  # cancelled
+    assert registry.release_vm(VM_A, "vc-c", "user:root-admin", None).released_to == "vc-c"
+    assert registry.register_vm("vc-c", VM_A, "vm-a", "kek-a", "ks-a").nvram_generation == 9
+    registry.remove_vm(VM_A, "user:root-admin", None)
+    assert registry.nvram_generation(VM_A) == 9
+    with pytest.raises(Conflict, match="generation 9"):
+        registry.check_new_vm("vc-b", VM_A, None)
+    assert registry.register_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a").nvram_generation == 9
+    actions = [(r.actor, r.action, r.allowed) for r in registry.audit_records() if r.target == VM_A]
+    assert ("user:root-admin", "vm.transfer", True) in actions
+    assert ("instance:vc-b", "vm.create", False) in actions
