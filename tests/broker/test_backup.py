@@ -271,3 +271,58 @@ def test_backup_refuses_to_overwrite_and_needs_the_database(tmp_path, capsys, ma
     empty = _config(tmp_path / "none")
     err = _one_line_error(*_run(capsys, empty, "backup", "--out", str(tmp_path / "b"))[::2])
     assert "does not exist" in err
+
+
+def test_postgresql_backup_restores_into_postgresql_and_sqlite(tmp_path, capsys):
+    """Brokers on PostgreSQL (the HA store): the backup is read in one
+    REPEATABLE READ snapshot; it restores into a new PostgreSQL database
+    (sequences continue above the backup's) and into SQLite alike."""
+    from conftest import drop_postgres_database, new_postgres_database, postgres_available
+
+    if not postgres_available():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 or psycopg missing")
+    made = []
+    try:
+        name, source_url = new_postgres_database("broker_backup_src")
+        made.append(name)
+        old = _config(tmp_path / "old")
+        old.write_text(old.read_text() + f'\n[storage]\ndb_url = "{source_url}"\n')
+        assert _run(capsys, old, "db", "upgrade")[0] == 0
+        assert _run(capsys, old, "init")[0] == 0
+        _populate(old)
+        backup = tmp_path / "pg.vtbak"
+        status, _out, err = _run(capsys, old, "backup", "--out", str(backup))
+        assert status == 0, err
+        rows = _rows(old)
+
+        name, target_url = new_postgres_database("broker_backup_dst")
+        made.append(name)
+        into_pg = _fresh(tmp_path, old, "pg")
+        into_pg.write_text(into_pg.read_text() + f'\n[storage]\ndb_url = "{target_url}"\n')
+        status, _out, err = _run(capsys, into_pg, "restore", "--from", str(backup))
+        assert status == 0, err
+        into_sqlite = _fresh(tmp_path, old, "lite")
+        status, _out, err = _run(capsys, into_sqlite, "restore", "--from", str(backup))
+        assert status == 0, err
+        for config in (into_pg, into_sqlite):
+            after = _rows(config)
+            for table, expected in rows.items():
+                if table != "broker_audit":
+                    assert after[table] == expected, (config, table)
+            assert after["broker_audit"][: len(rows["broker_audit"]) - 1] == rows["broker_audit"][:-1]
+        # A second restore into the now non-empty PostgreSQL database is refused.
+        again = _fresh(tmp_path, old, "pg-again")
+        again.write_text(again.read_text() + f'\n[storage]\ndb_url = "{target_url}"\n')
+        err = _one_line_error(*_run(capsys, again, "restore", "--from", str(backup))[::2])
+        assert "is not empty (broker_" in err
+        # The sequence continues: a new CA row gets an id above the restored ones.
+        cfg = load_config(str(into_pg))
+        db = broker_db.Database(cfg.storage.db_url)
+        try:
+            new_id = db.put_ca("ca:test", "pem", b"sealed")
+            assert new_id > max(r[0] for r in rows["broker_cas"])
+        finally:
+            db.close()
+    finally:
+        for name in made:
+            drop_postgres_database(name)
