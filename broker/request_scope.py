@@ -27,11 +27,20 @@ from collections.abc import Iterator
 
 from kms_server.client import correlation
 
-__all__ = ["correlation_value", "current_request_id", "new_request_id", "request_scope"]
+__all__ = [
+    "correlation_value",
+    "current_request_id",
+    "new_request_id",
+    "record_made",
+    "refusal_recorded",
+    "request_scope",
+]
 
 PREFIX = "broker-req"
 _KINDS = ("host", "instance", "user")
 _REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("broker_request_id", default=None)
+# Refusals recorded in the current scope (a one-element list: the scope's own).
+_REFUSALS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("broker_refusals", default=None)
 
 
 def new_request_id() -> str:
@@ -60,8 +69,26 @@ def request_scope(request_id: str, on_behalf_of: str | None = None) -> Iterator[
     """Run the block as request `request_id` for `on_behalf_of` (an audit
     actor such as ``host:esx-01``); yields the request id."""
     token = _REQUEST_ID.set(request_id)
+    counted = _REFUSALS.set(_REFUSALS.get() or [0])
     try:
         with correlation(correlation_value(request_id, on_behalf_of)):
             yield request_id
     finally:
+        _REFUSALS.reset(counted)
         _REQUEST_ID.reset(token)
+
+
+def record_made(allowed: bool) -> str | None:
+    """Called for each audit record the broker writes: notes a refusal in
+    the current scope and returns the request id the record carries."""
+    refusals = _REFUSALS.get()
+    if refusals is not None and not allowed:
+        refusals[0] += 1
+    return _REQUEST_ID.get()
+
+
+def refusal_recorded() -> bool:
+    """Whether a refusal was recorded in the current request already (the
+    API then records none of its own for the same refusal)."""
+    refusals = _REFUSALS.get()
+    return bool(refusals and refusals[0])
