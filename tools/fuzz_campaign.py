@@ -80,11 +80,14 @@ class Figures:
     health_failures: int = 0
     tracebacks: int = 0
     traceback_kinds: dict[str, int] = field(default_factory=dict)
+    error_lines: int = 0
     rss_start_kib: int = 0
     rss_peak_kib: int = 0
     rss_end_kib: int = 0
     fds_start: int = 0
     fds_end: int = 0
+    files_start: dict[str, int] = field(default_factory=dict)
+    files_end: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     samples: list[dict] = field(default_factory=list)
 
@@ -106,6 +109,23 @@ def proc_status(pid: int) -> tuple[int, int]:
     return rss, fds
 
 
+def open_files(pid: int) -> dict[str, int]:
+    """What the process's descriptors point at, by kind (socket, pipe, a
+    file's name): a connection the server never closed is a socket too many."""
+    kinds: dict[str, int] = {}
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            kind = target.split(":", 1)[0] if target.startswith(("socket:", "pipe:", "anon_inode:")) else Path(target).name
+            kinds[kind] = kinds.get(kind, 0) + 1
+    except (FileNotFoundError, PermissionError):
+        pass
+    return kinds
+
+
 TRACEBACK_END = re.compile(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b.*")
 
 
@@ -114,6 +134,8 @@ def count_tracebacks(log: list[str], figures: Figures, start: int) -> int:
     line); returns the new start."""
     in_traceback = False
     for line in log[start:]:
+        if " ERROR " in line or " CRITICAL " in line:
+            figures.error_lines += 1
         if line.startswith("Traceback (most recent call last)"):
             figures.tracebacks += 1
             in_traceback = True
@@ -414,7 +436,10 @@ class KmsTarget:
 
     def session(self, rng: random.Random, messages: Messages, figures: Figures, budget: int) -> None:
         """One connection doing one of the things a hostile client does."""
-        mode = rng.choices(["sequential", "pipelined", "abrupt", "reset"], [45, 30, 15, 10])[0]
+        mode = rng.choices(["sequential", "pipelined", "abrupt", "reset", "no-tls"], [45, 30, 13, 8, 4])[0]
+        if mode == "no-tls":
+            self._no_tls(rng, figures)
+            return
         try:
             sock = self.connect()
         except (OSError, ssl.SSLError):
@@ -454,6 +479,30 @@ class KmsTarget:
                 sock.close()
             except OSError:
                 pass
+
+    def _no_tls(self, rng: random.Random, figures: Figures) -> None:
+        """A client that never completes TLS: a KMIP frame in the clear,
+        garbage, or a ClientHello cut short, then a close."""
+        try:
+            with socket.create_connection((HOST, self.kms.port), timeout=self.timeout) as sock:
+                figures.connections += 1
+                figures.messages += 1
+                sock.sendall(
+                    rng.choice(
+                        [
+                            discover_versions(),
+                            os.urandom(rng.randint(1, 512)),
+                            bytes.fromhex("16030100") + os.urandom(rng.randint(0, 64)),
+                        ]
+                    )
+                )
+                sock.settimeout(0.2)
+                try:
+                    sock.recv(4096)
+                except (TimeoutError, OSError):
+                    pass
+        except OSError:
+            pass
 
     def _react(self, sock, data: bytes, figures: Figures, expected: int, pipelined: bool = False) -> bool:
         """Read up to `expected` answers; True while the connection is open.
@@ -704,6 +753,7 @@ def campaign(args: argparse.Namespace) -> Figures:
             if not target.health():
                 raise processes.StepFailed("the server does not answer its health check before the campaign")
             figures.rss_start_kib, figures.fds_start = proc_status(target.proc.pid)
+            figures.files_start = open_files(target.proc.pid)
             started = time.monotonic()
             next_report = started + 10
             while figures.messages < args.messages and time.monotonic() - started < args.seconds:
@@ -721,6 +771,7 @@ def campaign(args: argparse.Namespace) -> Figures:
                     log_start = 0
                     # RSS and descriptors are those of the server now running.
                     figures.rss_start_kib, figures.fds_start = proc_status(target.proc.pid)
+                    figures.files_start = open_files(target.proc.pid)
                     continue
                 figures.health_checks += 1
                 if not target.health():
@@ -739,6 +790,7 @@ def campaign(args: argparse.Namespace) -> Figures:
             figures.seconds = time.monotonic() - started
             time.sleep(2)  # Let the server notice the last closes.
             figures.rss_end_kib, figures.fds_end = proc_status(target.proc.pid)
+            figures.files_end = open_files(target.proc.pid)
             figures.rss_peak_kib = max(figures.rss_peak_kib, figures.rss_end_kib)
             count_tracebacks(target.log, figures, log_start)
         finally:
@@ -759,11 +811,16 @@ def report(figures: Figures) -> str:
         f"5xx answers       {figures.server_errors}" if figures.target == "broker-api" else None,
         f"crashes           {figures.crashes}",
         f"hangs             {figures.hangs} (health checks failed: {figures.health_failures} of {figures.health_checks})",
-        f"tracebacks in log {figures.tracebacks}",
+        f"tracebacks in log {figures.tracebacks} (ERROR lines: {figures.error_lines})",
         *(f"    {n} x {kind}" for kind, n in sorted(figures.traceback_kinds.items(), key=lambda kv: -kv[1])[:10]),
         f"RSS               {figures.rss_start_kib / 1024:.1f} MiB -> {figures.rss_end_kib / 1024:.1f} MiB "
         f"(growth {growth / 1024:+.1f} MiB, peak {figures.rss_peak_kib / 1024:.1f} MiB)",
         f"open descriptors  {figures.fds_start} -> {figures.fds_end} (after the last connection closed)",
+        *(
+            f"    {kind}: {figures.files_start.get(kind, 0)} -> {figures.files_end.get(kind, 0)}"
+            for kind in sorted(set(figures.files_start) | set(figures.files_end))
+            if figures.files_start.get(kind, 0) != figures.files_end.get(kind, 0)
+        ),
     ]
     return "\n".join(line for line in lines if line is not None)
 
