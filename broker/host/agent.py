@@ -21,6 +21,17 @@ The DEK lives in this process's memory only, for the length of one command:
 it is never written (the running record holds pid, sockets, work directory
 and generation), never logged and never put into a message.
 
+Deep rekey (docs/broker-design.md, "Key rotation"): while the .vmx holds a
+pending deep rekey (`encryption.keySafe.pending`, `encryption.rekey.pending =
+"deep"`), power-on unseals the .nvram with the DEK its header names (old or
+new), re-seals it under the new DEK as the next generation, and power-off
+seals under the new DEK directly; then the .vmx is switched (new key safe in
+use, the old one as `encryption.keySafe.previous`), the broker is told
+(it unwraps through the new key safe and retires the old KEK) and the old
+key safe leaves the .vmx. Each step is atomic, and a power-on that finds a
+step undone finishes it; a broker that cannot be reached only delays the
+retirement (a warning), never the VM.
+
 Commands for one VM hold its lock (``locks/<uuid>.lock``, flock) from start to
 end; commands for different VMs run side by side, in separate processes.
 """
@@ -106,6 +117,12 @@ class _Vm:
     key_safe: KeySafe
     has_vtpm: bool
     nvram_name: str
+    # A deep rekey in progress: the new key safe (and its text) written beside
+    # the one in use; `previous`: a switched rotation not yet retired.
+    pending_key_safe: KeySafe | None = None
+    pending_text: str | None = None
+    previous: bool = False
+    problem: str | None = None
 
     @property
     def nvram_path(self) -> Path:
@@ -114,6 +131,11 @@ class _Vm:
     @property
     def key_safe_ref(self) -> str:
         return f"{self.key_safe.provider}/{self.key_safe.kms_key_id}"
+
+    @property
+    def pending_ref(self) -> str:
+        assert self.pending_key_safe is not None
+        return f"{self.pending_key_safe.provider}/{self.pending_key_safe.kms_key_id}"
 
 
 class Agent:
@@ -171,6 +193,7 @@ class Agent:
                 if not self._stale(vm, record, warnings):
                     raise self._already(vm, record)
             dek = self.broker.unwrap(vm.key_safe, vm.vm_uuid, vm.name)
+            new_dek = self._pending_dek(vm, warnings)
             last_seen = self.broker.nvram_generation(vm.vm_uuid)
             work = swtpm.private_workdir(prefix=f"vtpm-{vm.vm_uuid[:8]}-", base=self.workdir_base)
             instance: swtpm.SwtpmInstance | None = None
@@ -179,11 +202,18 @@ class Agent:
                 state_dir.mkdir(mode=0o700)
                 socket_dir.mkdir(mode=0o700)
                 if vm.nvram_path.exists() or vm.nvram_path.is_symlink():
-                    generation = self._unseal_into(vm, dek, last_seen, state_dir)
+                    generation, under_new = self._unseal_into(vm, dek, last_seen, state_dir, new_dek)
                     manufactured = False
                     if generation > last_seen:
                         # A power-off whose report did not reach the broker: catch up now.
                         self._report(vm, generation, warnings)
+                    if new_dek is not None and not under_new:
+                        generation = self._reseal(vm, new_dek, state_dir, generation + 1, warnings)
+                elif new_dek is not None and last_seen == 0:
+                    # A vTPM that never ran: manufactured under the new DEK at once.
+                    generation = self._manufacture(vm, new_dek, state_dir, socket_dir, vm.pending_ref)
+                    manufactured = True
+                    self._report(vm, generation, warnings)
                 else:
                     if last_seen > 0:
                         raise NvramRefused(
@@ -195,6 +225,11 @@ class Agent:
                     manufactured = True
                     self._report(vm, generation, warnings)
                 del dek
+                if new_dek is not None:
+                    del new_dek
+                    self._finish_rekey(vm, warnings, switch=True)
+                elif vm.previous:
+                    self._finish_rekey(vm, warnings, switch=False)
                 instance = swtpm.SwtpmInstance(state_dir, socket_dir, swtpm=self.swtpm_binary)
                 try:
                     instance.start()
@@ -260,7 +295,12 @@ class Agent:
         )
         return True
 
-    def _unseal_into(self, vm: _Vm, dek: bytes, last_seen: int, state_dir: Path) -> int:
+    def _unseal_into(
+        self, vm: _Vm, dek: bytes, last_seen: int, state_dir: Path, new_dek: bytes | None = None
+    ) -> tuple[int, bool]:
+        """Unseal into `state_dir`: (generation, whether it was sealed under
+        the pending deep rekey's `new_dek`). With two DEKs, the one the
+        header's key-safe reference names is tried first."""
         path = vm.nvram_path
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -270,8 +310,22 @@ class Agent:
             if exc.errno == errno.ELOOP:
                 raise NvramRefused(f"{path} is a symbolic link; put the VM's .nvram file itself there") from None
             raise NvramRefused(f"cannot read {path} ({exc.strerror})") from None
+        candidates = [(dek, False)]
+        if new_dek is not None:
+            try:
+                names_new = nvram.read_header(blob).key_safe_ref == vm.pending_ref
+            except nvram.NvramError:
+                names_new = False
+            candidates = [(new_dek, True), (dek, False)] if names_new else [(dek, False), (new_dek, True)]
         try:
-            contents = nvram.unseal(blob, dek, expected_vm_uuid=vm.vm_uuid, min_generation=last_seen)
+            for index, (key, is_new) in enumerate(candidates):
+                try:
+                    contents = nvram.unseal(blob, key, expected_vm_uuid=vm.vm_uuid, min_generation=last_seen)
+                    under_new = is_new
+                    break
+                except nvram.NvramCorrupt:
+                    if index == len(candidates) - 1:
+                        raise
         except nvram.NvramRollback as exc:
             raise RollbackRefused(
                 f"{path}: {exc}; the vTPM was not started. Put back the newest copy of the file "
@@ -287,9 +341,81 @@ class Agent:
                 f"(or the .vmx, if its key safe is not this VM's)"
             ) from None
         nvram.write_state_dir(state_dir, contents.files)
-        return contents.header.generation
+        return contents.header.generation, under_new
 
-    def _manufacture(self, vm: _Vm, dek: bytes, state_dir: Path, run_dir: Path) -> int:
+    # Deep rekey ------------------------------------------------------------------------------
+
+    def _pending_dek(self, vm: _Vm, warnings: list[str]) -> bytes | None:
+        """The new DEK of a pending deep rekey (None: none, or refused: the VM
+        then runs on, and is sealed, under its current DEK)."""
+        if vm.problem is not None:
+            warnings.append(vm.problem)
+        if vm.pending_key_safe is None:
+            return None
+        try:
+            return self.broker.unwrap(vm.pending_key_safe, vm.vm_uuid, vm.name)
+        except (BrokerRefused, BrokerUnavailable) as exc:
+            warnings.append(
+                f"VM {vm.name} has a deep rekey pending, but its new key could not be unwrapped "
+                f"({_one_line(exc)}); the .nvram stays under its current DEK until the next power-on or power-off"
+            )
+            return None
+
+    def _reseal(self, vm: _Vm, new_dek: bytes, state_dir: Path, generation: int, warnings: list[str]) -> int:
+        """The unsealed state, sealed under the deep rekey's new DEK as the next generation."""
+        blob = nvram.seal(state_dir, new_dek, vm.vm_uuid, generation, vm.pending_ref)
+        _write_nvram(vm, blob)
+        self._report(vm, generation, warnings)
+        return generation
+
+    def _finish_rekey(self, vm: _Vm, warnings: list[str], *, switch: bool) -> None:
+        """After a deep re-seal (`switch`): the new key safe goes into use in
+        the .vmx; then (also for a switched rotation found in the .vmx) the
+        broker retires the old KEK and the old key safe leaves the .vmx. A
+        failure here is a warning: the .vmx in use opens, and the next
+        power-on (or 'vtpm-mgmt vm rekey') finishes."""
+        try:
+            with vmx.locked(vm.path):
+                if switch:
+                    assert vm.pending_text is not None
+                    self._switch_vmx(vm)
+                    key_safe = vm.pending_text
+                else:
+                    key_safe = vmx.read(vm.path).key_safe
+                if self._commit_rekey(vm, key_safe, warnings):
+                    self._drop_previous(vm, key_safe)
+        except vmx.VmxError as exc:
+            warnings.append(
+                f"the rekey of VM {vm.name} is not finished ({_one_line(exc)}); the next power-on finishes it"
+            )
+
+    def _switch_vmx(self, vm: _Vm) -> None:
+        config = vmx.read(vm.path)
+        if config.pending_key_safe != vm.pending_text:
+            raise vmx.VmxError(f"{vm.path} changed meanwhile (its pending key safe is another)")
+        config.set(vmx.PREVIOUS_KEY_SAFE, config.key_safe)
+        config.set(vmx.KEY_SAFE, vm.pending_text)
+        config.remove(vmx.PENDING_KEY_SAFE, vmx.PENDING_REKEY)
+        vmx.write(vm.path, config)
+
+    def _commit_rekey(self, vm: _Vm, key_safe: str, warnings: list[str]) -> bool:
+        try:
+            self.broker.commit_rekey(vm.vm_uuid, key_safe)
+            return True
+        except HostError as exc:
+            warnings.append(
+                f"VM {vm.name} runs under its new key safe, but the broker has not retired the old KEK yet "
+                f"({_one_line(exc)}); the next power-on or 'vtpm-mgmt vm rekey {vm.name}' finishes it"
+            )
+            return False
+
+    def _drop_previous(self, vm: _Vm, key_safe: str) -> None:
+        config = vmx.read(vm.path)
+        if config.key_safe == key_safe and config.previous_key_safe is not None:
+            config.remove(vmx.PREVIOUS_KEY_SAFE)
+            vmx.write(vm.path, config)
+
+    def _manufacture(self, vm: _Vm, dek: bytes, state_dir: Path, run_dir: Path, ref: str | None = None) -> int:
         """A new vTPM with EK certificates from the broker, sealed at once as generation 1.
 
         swtpm_setup's certificate tool is a thin client that hands each
@@ -309,7 +435,7 @@ class Agent:
         except swtpm.SwtpmError as exc:
             raise SwtpmFailed(f"manufacturing the vTPM of VM {vm.name} failed: {_setup_failure(exc)}") from None
         generation = 1
-        blob = nvram.seal(state_dir, dek, vm.vm_uuid, generation, vm.key_safe_ref)
+        blob = nvram.seal(state_dir, dek, vm.vm_uuid, generation, ref or vm.key_safe_ref)
         _write_nvram(vm, blob)
         return generation
 
@@ -349,6 +475,7 @@ class Agent:
                 dek = self.broker.unwrap(vm.key_safe, vm.vm_uuid, vm.name)
             except (BrokerRefused, BrokerUnavailable) as exc:
                 raise type(exc)(f"{exc} (VM {vm.name} keeps running; power it off again once this is fixed)") from None
+            new_dek = self._pending_dek(vm, warnings)
             instance = self._attach(record)
             if not instance.running:
                 warnings.append(f"swtpm of VM {vm.name} was no longer running; sealing the state it last wrote")
@@ -359,7 +486,10 @@ class Agent:
             generation = int(record["generation"]) + 1
             try:
                 files = nvram.read_state_dir(state_dir)
-                blob = nvram.seal(files, dek, vm.vm_uuid, generation, vm.key_safe_ref)
+                if new_dek is not None:  # A pending deep rekey: sealed under the new DEK.
+                    blob = nvram.seal(files, new_dek, vm.vm_uuid, generation, vm.pending_ref)
+                else:
+                    blob = nvram.seal(files, dek, vm.vm_uuid, generation, vm.key_safe_ref)
             except (nvram.NvramError, OSError) as exc:
                 raise HostError(
                     f"cannot seal the vTPM state of VM {vm.name} ({_one_line(exc)}); the clear state stays in "
@@ -369,6 +499,11 @@ class Agent:
             del files
             _write_nvram(vm, blob)
             self._report(vm, generation, warnings)
+            if new_dek is not None:
+                del new_dek
+                self._finish_rekey(vm, warnings, switch=True)
+            elif vm.previous:
+                self._finish_rekey(vm, warnings, switch=False)
             swtpm.wipe(work)
             self._record_path(vm.vm_uuid).unlink(missing_ok=True)
         return PowerOffResult(
@@ -444,9 +579,7 @@ class Agent:
         # crash of the host (its swtpm and clear state are gone with it;
         # docs/host-agent.md), and the fsync was a sixth of a power-on's
         # time in the agent.
-        write_atomic(
-            self._record_path(vm.vm_uuid), json.dumps(record, indent=2).encode() + b"\n", 0o600, durable=False
-        )
+        write_atomic(self._record_path(vm.vm_uuid), json.dumps(record, indent=2).encode() + b"\n", 0o600, durable=False)
 
     @contextlib.contextmanager
     def _vm_lock(self, vm: _Vm) -> Iterator[None]:
@@ -484,6 +617,14 @@ def _read_vmx(path: str | os.PathLike[str]) -> _Vm:
         key_safe = parse_key_safe(key_safe_text)
     except KeySafeError as exc:
         raise HostError(f"{path}: encryption.keySafe does not parse ({exc}); restore the .vmx from a backup") from None
+    pending, pending_text, problem = None, None, None
+    try:
+        if parsed.pending_rekey == "deep":
+            pending_text = parsed.pending_key_safe
+            pending = parse_key_safe(pending_text)
+    except (vmx.VmxError, KeySafeError) as exc:
+        pending, pending_text = None, None
+        problem = f"{path}: the pending deep rekey is ignored ({_one_line(exc)}); run 'vtpm-mgmt vm rekey --abort'"
     return _Vm(
         path=path,
         name=parsed.name or vm_uuid,
@@ -491,6 +632,10 @@ def _read_vmx(path: str | os.PathLike[str]) -> _Vm:
         key_safe=key_safe,
         has_vtpm=parsed.has_vtpm,
         nvram_name=nvram_name,
+        pending_key_safe=pending,
+        pending_text=pending_text if pending is not None else None,
+        previous=parsed.previous_key_safe is not None,
+        problem=problem,
     )
 
 

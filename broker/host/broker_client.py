@@ -43,6 +43,8 @@ class Broker(Protocol):
 
     def ek_certificate(self, request: dict) -> dict: ...
 
+    def commit_rekey(self, vm_uuid: str, key_safe: str) -> dict: ...
+
 
 class BrokerClient:
     def __init__(self, config: HostConfig):
@@ -154,6 +156,16 @@ class BrokerClient:
         `broker.vtpm_ca` request fields), for swtpm_setup's certificate tool
         through the agent's relay. Returns the API's answer; the relay checks it."""
         return self._call("POST", API_PATH, request)
+
+    def commit_rekey(self, vm_uuid: str, key_safe: str) -> dict:
+        """After a deep rekey's re-seal and the .vmx switch (or on finding a
+        switched .vmx): the broker unwraps through the new key safe, makes
+        it the VM's and retires the old KEK (POST .../rekey/resealed)."""
+        try:
+            return self._call("POST", f"/v1/vms/{vm_uuid}/rekey/resealed", {"key_safe": key_safe})
+        except RollbackRefused as exc:  # _call's wording for a 409 is the generation's.
+            detail = str(exc).split(": ", 1)[-1]
+            raise BrokerRefused(f"the broker refused to finish the rekey (HTTP 409): {detail}") from None
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._context is None:
