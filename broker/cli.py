@@ -10,7 +10,7 @@
     vtpm-broker [--config F] admin list [--json]
     vtpm-broker [--config F] admin issue-user NAME --out-dir D
     vtpm-broker [--config F] admin transfer VM --to INSTANCE
-    vtpm-broker [--config F] admin audit [--vm NAME|UUID] [--host H] [--since 1h] [--json]
+    vtpm-broker [--config F] admin audit [--vm NAME|UUID] [--host H] [--since 1h] [--request-id ID] [--json]
     vtpm-broker [--config F] admin audit verify [--public-key F] [--file EXPORT]
     vtpm-broker [--config F] admin audit checkpoint
     vtpm-broker [--config F] admin audit export --to F [--force]
@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--vm", metavar="NAME_OR_UUID", help="records of one VM (its UUID, its keys, its .nvram)")
     audit.add_argument("--host", metavar="NAME", help="records of one host (its requests and its registration)")
     audit.add_argument("--since", metavar="TIME", help="ISO 8601 time or an age such as 1h, 7d")
+    audit.add_argument(
+        "--request-id",
+        metavar="ID",
+        help="records of one API or gateway request (its id is also in the KMS's record: kms-admin audit show "
+        "--request-id ID)",
+    )
     audit.add_argument("--json", action="store_true")
     ausub = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
     verify = ausub.add_parser(
@@ -572,7 +578,9 @@ def _audit(cfg, args) -> int:
     finally:
         db.close()
     if args.json:
-        shown = [{**r.__dict__, "vm_name": _vm_name(r.target, vm_names)} for r in records]
+        shown = [
+            {**r.__dict__, "vm_name": _vm_name(r.target, vm_names), "request_id": _request_id(r)} for r in records
+        ]
         problems = [p.text for p in report.problems]
         print(json.dumps({"records": shown, "intact": report.ok, "problems": problems}, indent=2))
         return verdict.status
@@ -581,7 +589,8 @@ def _audit(cfg, args) -> int:
         allowed = "allowed" if r.allowed else "REFUSED"
         name = _vm_name(r.target, vm_names)
         target = f"{r.target} ({name})" if name else r.target
-        print(f"{r.seq:6d} {when} {r.actor:28} {r.action:14} {target:38} {allowed:8} {r.reason}")
+        request = _request_id(r) or "-"
+        print(f"{r.seq:6d} {when} {request:16} {r.actor:28} {r.action:14} {target:38} {allowed:8} {r.reason}")
     return verdict.emit()
 
 
@@ -630,9 +639,27 @@ def _audit_listing(db, args) -> tuple[list, dict[str, str]]:
         conditions = [audit.c.target == u for u in uuids] + [audit.c.target.like(f"%vm:{u}") for u in uuids]
         conditions += [audit.c.target == k for k in keks] + [audit.c.target.like(f"{k} %") for k in keks]
         query = query.where(or_(*conditions))
+    if args.request_id:
+        # Only in the hashed body; a LIKE narrows the rows, the parsed body decides.
+        query = query.where(audit.c.body.like(f"%{args.request_id.replace('%', '').replace('_', '')}%"))
     with db.read() as conn:
         rows = conn.execute(query).all()
-    return [AuditRecord(**row._mapping) for row in rows], names
+    records = [AuditRecord(**row._mapping) for row in rows]
+    if args.request_id:
+        records = [r for r in records if _request_id(r) == args.request_id]
+    return records, names
+
+
+def _request_id(record) -> str | None:
+    """The API or gateway request a record belongs to (a body field since
+    issue 13; None for older records and for CLI commands)."""
+    if not record.body:
+        return None
+    try:
+        value = json.loads(record.body).get("request_id")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _vm_name(target: str, names: dict[str, str]) -> str | None:
