@@ -133,6 +133,17 @@ class World:
         self.secret = uid_of(self.dispatcher.handle(request(Operation.REGISTER, secret_data_payload()), ALICE))
         self.bobs = uid_of(self.dispatcher.handle(request(Operation.CREATE, aes_key_payload()), BOB))
         self.uids = (self.active, self.pre_active, self.secret, self.bobs, "1", "")
+        # The same store behind a node that requires a username/password
+        # Credential in every request ([server] require_credential).
+        self.authenticating = Dispatcher(
+            self.dispatcher.keystore,
+            OPERATIONS,
+            node="fuzz-node",
+            # (username, password, certificate identity): alice's password is "x".
+            authenticate=lambda *credential: credential[:2] == ("alice", "x"),
+            trail=self.dispatcher.trail,
+            retry_delays=(),
+        )
         self.tracebacks = Tracebacks()
 
 
@@ -375,13 +386,16 @@ def batched_requests(draw, uids: tuple[str, ...]) -> bytes:
                         ttlv.enumeration(T.CREDENTIAL_TYPE.value, draw(st.sampled_from([1, 2, 3, 99]))),
                         ttlv.structure(
                             T.CREDENTIAL_VALUE.value,
-                            [ttlv.text(T.USERNAME.value, draw(st.text(max_size=8))), ttlv.text(T.PASSWORD.value, "x")],
+                            [
+                                ttlv.text(T.USERNAME.value, draw(st.sampled_from(["alice", "bob", ""]) | st.text(max_size=8))),
+                                ttlv.text(T.PASSWORD.value, draw(st.sampled_from(["x", "y"]))),
+                            ],
                         ),
                     ],
                 )
             ],
         )
-        if draw(st.integers(0, 4)) == 0
+        if draw(st.integers(0, 2)) == 0
         else None,
     ]
     count = len(items) if draw(st.integers(0, 5)) else draw(st.integers(-1, 6))
@@ -403,10 +417,12 @@ def batched_requests(draw, uids: tuple[str, ...]) -> bytes:
 @given(st.data(), CONNECTIONS)
 def test_batches_of_real_items_under_any_header_get_a_well_formed_answer(world, data, conn):
     """Batches, continuation options (Undo's one transaction included),
-    response size limits and credentials: a well-formed answer, a Result
-    Reason on every failure, no traceback."""
+    response size limits and credentials, on a node with and without
+    require_credential: a well-formed answer, a Result Reason on every
+    failure, no traceback."""
     encoded = data.draw(batched_requests(world.uids))
+    dispatcher = world.authenticating if data.draw(st.integers(0, 3)) == 0 else world.dispatcher
     world.tracebacks.take()
-    check_answer(encoded, world.dispatcher.handle(encoded, conn))
+    check_answer(encoded, dispatcher.handle(encoded, conn))
     tracebacks = world.tracebacks.take()
     assert tracebacks == [] or known_finding(encoded), f"a traceback for {encoded.hex()}"
