@@ -254,7 +254,7 @@ def backup(
         raise BackupError(str(exc)) from None
     finally:
         db.close()
-    _audit(cfg, "broker.backup", str(out), f"backup of {sum(rows.values())} rows and {len(files)} files")
+    _audit(cfg, "broker.backup", str(out.absolute()), f"backup of {sum(rows.values())} rows and {len(files)} files")
     return BackupSummary(out, size, rows, tuple(role for role, *_ in files), revision, created_at)
 
 
@@ -264,6 +264,11 @@ def _audit(cfg: BrokerConfig, action: str, target: str, reason: str) -> None:
     db = _open_db(cfg)
     try:
         Registry(db, node=cfg.broker.node_name).record_audit("local-security-admin", action, target, True, reason)
+    except broker_db.DatabaseError as exc:
+        raise BackupError(
+            f"the {action.removeprefix('broker.')} of {target} is done, but the audit trail could not record it "
+            f"({exc}); check the database, then 'vtpm-broker admin audit verify'"
+        ) from None
     finally:
         db.close()
 
@@ -340,9 +345,6 @@ def restore(cfg: BrokerConfig, src: str | os.PathLike[str], progress: Progress |
 
         # The target first: refused before anything is read or written.
         _check_data_dir(cfg)
-        for _role, (path, _mode, _required) in targets.items():
-            if path.exists() or path.is_symlink():
-                raise BackupError(f"{path} exists; restore into a new data directory (remove it or check --config)")
         source = _sqlite_file(cfg)
         created = source is not None and not source.exists()
         if not created:
@@ -361,6 +363,18 @@ def restore(cfg: BrokerConfig, src: str | os.PathLike[str], progress: Progress |
         unknown = sorted({f["role"] for f in files} - set(targets))
         if unknown:
             raise BackupError(f"the backup holds a file of role {unknown[0]} this release does not know; report a bug")
+        # A file configured outside the data directory (a shared audit key,
+        # say) may already be there, with exactly the backup's bytes.
+        to_write = []
+        for record in files:
+            path = targets[record["role"]][0]
+            if path.is_symlink() or (path.exists() and path.read_bytes() != record["data"]):
+                raise BackupError(
+                    f"{path} exists and is not the backup's {record['role']}; "
+                    "restore where it does not exist (remove it or check --config)"
+                )
+            if not path.exists():
+                to_write.append(record)
 
         # Pass 2: schema, then every row in one transaction; the files are
         # written before it commits and removed again if it does not.
@@ -398,7 +412,7 @@ def restore(cfg: BrokerConfig, src: str | os.PathLike[str], progress: Progress |
                             f"{name} holds {stored} rows after the restore, the backup {counts[name]}; "
                             "nothing was restored: restore into a new, empty database"
                         )
-                for record in files:
+                for record in to_write:
                     path, mode, _required = targets[record["role"]]
                     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                     try:
@@ -432,7 +446,7 @@ def restore(cfg: BrokerConfig, src: str | os.PathLike[str], progress: Progress |
     _audit(
         cfg,
         "broker.restore",
-        str(src),
+        str(src.absolute()),
         f"restored the state of {fields.get('node')} at {fields.get('created_at')} "
         f"({total} rows, {len(written)} files)",
     )

@@ -326,3 +326,23 @@ def test_postgresql_backup_restores_into_postgresql_and_sqlite(tmp_path, capsys)
     finally:
         for name in made:
             drop_postgres_database(name)
+
+
+def test_a_shared_file_outside_the_data_directory_may_already_be_there(tmp_path, capsys, made):
+    """Replicas share the audit key from a path outside their data
+    directories: a restore accepts it there with the backup's exact bytes,
+    and refuses (writing nothing) a different file at that path."""
+    old, backup = made
+    shared = tmp_path / "etc" / "audit.key"
+    shared.parent.mkdir()
+    other = _fresh(tmp_path, old, "other")
+    other.write_text(other.read_text() + f'\n[audit]\nsigning_key_file = "{shared}"\n')
+    shared.write_text("not the key\n")
+    err = _one_line_error(*_run(capsys, other, "restore", "--from", str(backup))[::2])
+    assert f"{shared} exists and is not the backup's audit.signing_key" in err
+    assert sorted(p.name for p in (other.parent / "data").iterdir()) == ["master.key"]
+    shutil.copy2(old.parent / "data" / "audit.key", shared)
+    status, _out, err = _run(capsys, other, "restore", "--from", str(backup))
+    assert status == 0, err
+    assert shared.read_bytes() == (old.parent / "data" / "audit.key").read_bytes()
+    assert _run(capsys, other, "admin", "audit", "verify")[0] == 0
