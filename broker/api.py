@@ -135,6 +135,7 @@ ACCESS: dict[str, Access] = {
     "ek_certificate": Access(
         "ek.issue", "EK certificates are issued to hosts only (use the host certificate)", instance=None, host=True
     ),
+    "vm_ek_certificates": Access("ek.read", _HOST_ONLY, instance=None, host=True),
     "read_audit": Access("audit.read", "reading the audit trail", "audit.read", instance="role"),
     "list_instances": Access("trust.manage", "listing instances", "trust.manage", instance="role"),
     "approve_instance": Access("trust.manage", "approving an instance", "trust.manage", instance="role"),
@@ -312,6 +313,7 @@ ROUTES = (
     _route("POST", "/v1/vms/{vm_uuid}/rekey/abort", "abort_rekey"),
     _route("POST", "/v1/vms/{vm_uuid}/rekey/resealed", "rekey_resealed"),
     _route("POST", "/v1/vtpm/ek-certificates", "ek_certificate"),
+    _route("GET", "/v1/vms/{vm_uuid}/ek-certificates", "vm_ek_certificates"),
     _route("GET", "/v1/audit", "read_audit"),
     _route("GET", "/v1/instances", "list_instances"),
     _route("POST", "/v1/instances/{name}/approve", "approve_instance"),
@@ -719,6 +721,45 @@ class Api:
                     )
                 )
         return ApiResponse(201, answer)
+
+    def _vm_ek_certificates(self, call: _Call) -> ApiResponse:
+        """The newest EK certificate of each kind the broker issued for the
+        VM (after `vtpm-broker ca recertify`: the re-issued ones), each with
+        the chain of the CA that issued it, for `vtpm-host install-ek-certs`
+        on the host the VM is placed on."""
+        from sqlalchemy import select
+
+        from broker.service import EK_CA_PURPOSE
+        from broker.vtpm_ca import EkCaError, read_ek_certificate
+
+        vm_uuid = check_vm_uuid(call.params["vm_uuid"])
+        host = self._placed_host(call, vm_uuid, "ek.read")
+        with self.registry.db.read() as conn:
+            rows = conn.execute(
+                select(ek_certificates).where(ek_certificates.c.vm_uuid == vm_uuid).order_by(ek_certificates.c.id)
+            ).all()
+        chains = {
+            _fingerprint_der_of_pem(row.cert_pem): row.cert_pem + (row.chain_pem or "")
+            for row in self.registry.db.list_cas(EK_CA_PURPOSE)
+        }
+        newest: dict[tuple[str, str], dict] = {}
+        for row in rows:
+            try:
+                info = read_ek_certificate(row.cert_der)
+            except EkCaError:
+                continue
+            newest[(info.cert_type, info.key_type)] = {
+                "type": info.cert_type,
+                "key_type": info.key_type,
+                "certificate_der_b64": base64.b64encode(row.cert_der).decode("ascii"),
+                "ca_pem": chains.get(row.ca_fingerprint, ""),
+                "issued_at": row.issued_at,
+                "issued_to": row.issued_to,
+            }
+        certificates = [newest[k] for k in sorted(newest)]
+        kinds = ", ".join(f"{c['type']} {c['key_type']}" for c in certificates) or "none"
+        self.registry.record_audit(f"host:{host}", "ek.read", vm_uuid, True, f"EK certificates: {kinds}")
+        return ApiResponse(200, {"vm_uuid": vm_uuid, "certificates": certificates})
 
     # Security administration and audit ---------------------------------------------------------
 
