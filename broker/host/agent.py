@@ -67,7 +67,7 @@ from broker.host.errors import (
 from broker.keysafe import KeySafe, KeySafeError, parse_key_safe
 from kms_server.files import write_atomic
 
-__all__ = ["Agent", "PowerOffResult", "PowerOnResult", "RunningVm"]
+__all__ = ["Agent", "InstallEkResult", "PowerOffResult", "PowerOnResult", "RunningVm"]
 
 RECORD_VERSION = 1
 EK_CERT_FLAGS = ("--create-ek-cert", "--create-platform-cert")
@@ -91,6 +91,17 @@ class PowerOffResult:
     name: str
     nvram: str
     generation: int
+    seconds: float
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InstallEkResult:
+    vm_uuid: str
+    name: str
+    running: bool
+    generation: int
+    certificates: tuple[dict, ...]
     seconds: float
     warnings: tuple[str, ...] = ()
 
@@ -511,6 +522,84 @@ class Agent:
             name=vm.name,
             nvram=str(vm.nvram_path),
             generation=generation,
+            seconds=time.monotonic() - started,
+            warnings=tuple(warnings),
+        )
+
+    # EK certificates after a CA swap --------------------------------------------------------
+
+    def install_ek_certs(self, vmx_path: str | os.PathLike[str]) -> InstallEkResult:
+        """Write the broker's newest EK certificates for the VM (re-issued by
+        `vtpm-broker ca recertify`) into its vTPM's NV indices
+        (broker/host/ek_install.py). A running vTPM is written through its
+        swtpm (sealed at power-off as usual); a stopped one is unsealed into a
+        private directory, written through a swtpm of its own, and sealed as
+        the next generation (the broker is told), all or nothing."""
+        from broker.host import ek_install
+
+        started = time.monotonic()
+        self.config.require_certificate()
+        vm = _read_vmx(vmx_path)
+        if not vm.has_vtpm:
+            raise HostError(f"VM {vm.name} has no vTPM (vtpm.present is not TRUE in {vm.path}); nothing to install")
+        certificates = self.broker.ek_certificates(vm.vm_uuid)
+        if not certificates:
+            raise HostError(
+                f"the broker has issued no EK certificate for VM {vm.name} ({vm.vm_uuid}); power it on once "
+                f"(which manufactures its vTPM), or re-certify it with 'vtpm-broker ca recertify --vm {vm.vm_uuid}'"
+            )
+        warnings: list[str] = []
+        with self._vm_lock(vm):
+            record = self._read_record(vm.vm_uuid)
+            if record is not None and not self._stale(vm, record, warnings):
+                if not self._attach(record).running:
+                    raise self._already(vm, record)
+                tcti = record["tcti"]
+                planned = ek_install.check(certificates, ek_install.ek_public_keys(tcti), vm.name)
+                installed = ek_install.install(tcti, planned, running=True)
+                generation, running = int(record["generation"]), True
+            else:
+                if not (vm.nvram_path.exists() or vm.nvram_path.is_symlink()):
+                    raise NvramRefused(
+                        f"{vm.nvram_path} does not exist: VM {vm.name} has no vTPM yet; power it on once"
+                    )
+                dek = self.broker.unwrap(vm.key_safe, vm.vm_uuid, vm.name)
+                last_seen = self.broker.nvram_generation(vm.vm_uuid)
+                work = swtpm.private_workdir(prefix=f"vtpm-{vm.vm_uuid[:8]}-", base=self.workdir_base)
+                try:
+                    state_dir, socket_dir = work / "state", work / "run"
+                    state_dir.mkdir(mode=0o700)
+                    socket_dir.mkdir(mode=0o700)
+                    generation = self._unseal_into(vm, dek, last_seen, state_dir)
+                    instance = swtpm.SwtpmInstance(state_dir, socket_dir, swtpm=self.swtpm_binary)
+                    try:
+                        instance.start()
+                        planned = ek_install.check(certificates, ek_install.ek_public_keys(instance.tcti), vm.name)
+                        installed = ek_install.install(instance.tcti, planned)
+                        instance.shutdown()
+                    except swtpm.SwtpmError as exc:
+                        raise SwtpmFailed(f"swtpm failed for VM {vm.name}: {_one_line(exc)}") from None
+                    finally:
+                        instance.kill()
+                    if any(i.changed for i in installed):
+                        generation += 1
+                        blob = nvram.seal(nvram.read_state_dir(state_dir), dek, vm.vm_uuid, generation, vm.key_safe_ref)
+                        _write_nvram(vm, blob)
+                        self._report(vm, generation, warnings)
+                    del dek
+                finally:
+                    swtpm.wipe(work)
+                running = False
+        return InstallEkResult(
+            vm_uuid=vm.vm_uuid,
+            name=vm.name,
+            running=running,
+            generation=generation,
+            certificates=tuple(
+                {"nv_index": f"{i.index:#010x}", "type": i.cert_type, "key_type": i.key_type, "size": i.size,
+                 "issuer": i.issuer, "written": i.changed}  # fmt: skip
+                for i in installed
+            ),
             seconds=time.monotonic() - started,
             warnings=tuple(warnings),
         )

@@ -43,6 +43,8 @@ class Broker(Protocol):
 
     def ek_certificate(self, request: dict) -> dict: ...
 
+    def ek_certificates(self, vm_uuid: str) -> list[dict]: ...
+
     def commit_rekey(self, vm_uuid: str, key_safe: str) -> dict: ...
 
 
@@ -166,6 +168,16 @@ class BrokerClient:
         except RollbackRefused as exc:  # _call's wording for a 409 is the generation's.
             detail = str(exc).split(": ", 1)[-1]
             raise BrokerRefused(f"the broker refused to finish the rekey (HTTP 409): {detail}") from None
+
+    def ek_certificates(self, vm_uuid: str) -> list[dict]:
+        """The newest EK certificate of each kind the broker issued for the
+        VM, each with its CA chain (GET /v1/vms/{uuid}/ek-certificates), for
+        `vtpm-host install-ek-certs`. Checked by the caller before NV sees them."""
+        answer = self._call("GET", f"/v1/vms/{vm_uuid}/ek-certificates")
+        certificates = answer.get("certificates")
+        if not isinstance(certificates, list) or not all(isinstance(c, dict) for c in certificates):
+            raise HostError("the broker's answer holds no EK certificate list; is it a broker with install-ek-certs?")
+        return certificates
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._context is None:

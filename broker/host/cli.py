@@ -6,6 +6,7 @@
     vtpm-host [--state-dir D] power-on VMX [--json]
     vtpm-host [--state-dir D] power-off VMX [--json]
     vtpm-host [--state-dir D] status [--json]
+    vtpm-host [--state-dir D] install-ek-certs VMX [--json]
 
 The state directory defaults to $VTPM_HOST_STATE_DIR, else /var/lib/vtpm-host
 (its layout: broker/host/config.py). `power-on` prints the TCTI string on
@@ -66,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text)
         command.add_argument("vmx", metavar="VMX", help="the VM's .vmx file")
         command.add_argument("--json", action="store_true", help="print the result as JSON")
+    install = sub.add_parser(
+        "install-ek-certs",
+        help="write the broker's re-certified EK certificates (vtpm-broker ca recertify) into the vTPM's NV indices",
+    )
+    install.add_argument("vmx", metavar="VMX", help="the VM's .vmx file")
+    install.add_argument("--json", action="store_true", help="print the result as JSON")
     status = sub.add_parser("status", help="the VMs whose vTPM runs on this host")
     status.add_argument("--json", action="store_true")
     return p
@@ -129,6 +136,25 @@ def _run(args: argparse.Namespace) -> int:
                 f"VM {result.name} ({result.vm_uuid}) powered off: {result.nvram} sealed as generation "
                 f"{result.generation}, {result.seconds:.2f} s"
             )
+        return 0
+    if args.command == "install-ek-certs":
+        result = agent.install_ek_certs(args.vmx)
+        _warn(result.warnings)
+        if args.json:
+            print(json.dumps(_as_dict(result)))
+            return 0
+        for cert in result.certificates:
+            done = "written" if cert["written"] else "already there"
+            print(
+                f"NV {cert['nv_index']}: {cert['type']} certificate of the {cert['key_type']} EK, "
+                f"{cert['size']} bytes, issued by {cert['issuer']}: {done}"
+            )
+        how = (
+            "through its running swtpm (sealed at power-off)"
+            if result.running
+            else f"sealed as .nvram generation {result.generation}"
+        )
+        print(f"VM {result.name} ({result.vm_uuid}): EK certificates installed {how}, {result.seconds:.2f} s")
         return 0
     if args.command == "status":
         running = agent.status()
