@@ -14,7 +14,8 @@
     vtpm-broker [--config F] admin audit verify [--public-key F] [--file EXPORT]
     vtpm-broker [--config F] admin audit checkpoint
     vtpm-broker [--config F] admin audit export --to F [--force]
-    vtpm-broker [--config F] ca show|import|csr|install-signed|recertify ...
+    vtpm-broker [--config F] ca show [--pem]
+    vtpm-broker [--config F] ca import|csr|install-signed|recertify ...
     vtpm-broker [--config F] backup --out F [--force]
     vtpm-broker [--config F] restore --from F
 
@@ -111,7 +112,12 @@ def _parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("ca", help="the vTPM EK CA")
     csub = ca.add_subparsers(dest="ca_command", required=True)
-    csub.add_parser("show", help="the active EK CA and its history")
+    show = csub.add_parser("show", help="the active EK CA and its history")
+    show.add_argument(
+        "--pem",
+        action="store_true",
+        help="print the active EK CA certificate (then its chain) in PEM, for verifiers of EK certificates",
+    )
     imp = csub.add_parser("import", help="replace the EK CA with a third-party CA certificate and key")
     imp.add_argument("--cert", required=True, metavar="F")
     imp.add_argument("--key", required=True, metavar="F")
@@ -739,6 +745,18 @@ def _ca(cfg, args) -> int:
     from broker.service import EK_CA_PURPOSE, load_ek_blobs
     from broker.trust import Registry
 
+    if args.ca_command == "show" and args.pem:
+        # Public certificates only: the database, no master key.
+        db = _audit_db(cfg)
+        try:
+            row = db.get_ca(EK_CA_PURPOSE)
+        finally:
+            db.close()
+        if row is None:
+            raise CliError("the broker has no EK CA yet; run 'vtpm-broker init'")
+        pem = [row.cert_pem.strip(), (row.chain_pem or "").strip()]
+        print("\n".join(part for part in pem if part))
+        return 0
     db, barrier = _open(cfg)
     try:
         cmd = args.ca_command
