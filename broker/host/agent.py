@@ -563,6 +563,11 @@ class Agent:
                     raise NvramRefused(
                         f"{vm.nvram_path} does not exist: VM {vm.name} has no vTPM yet; power it on once"
                     )
+                if vm.pending_key_safe is not None:
+                    raise HostError(
+                        f"a deep rekey of VM {vm.name} is pending; power it on once (which finishes it), "
+                        "then run install-ek-certs"
+                    )
                 dek = self.broker.unwrap(vm.key_safe, vm.vm_uuid, vm.name)
                 last_seen = self.broker.nvram_generation(vm.vm_uuid)
                 work = swtpm.private_workdir(prefix=f"vtpm-{vm.vm_uuid[:8]}-", base=self.workdir_base)
@@ -570,7 +575,7 @@ class Agent:
                     state_dir, socket_dir = work / "state", work / "run"
                     state_dir.mkdir(mode=0o700)
                     socket_dir.mkdir(mode=0o700)
-                    generation = self._unseal_into(vm, dek, last_seen, state_dir)
+                    generation, _ = self._unseal_into(vm, dek, last_seen, state_dir)
                     instance = swtpm.SwtpmInstance(state_dir, socket_dir, swtpm=self.swtpm_binary)
                     try:
                         instance.start()
