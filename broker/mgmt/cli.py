@@ -678,6 +678,7 @@ def _vm_list(state: StateDir, args) -> int:
                 "host": vm.get("host"),
                 "kms_key_id": vm.get("kms_key_id"),
                 "vmx": known.get("vmx"),
+                "released_to": vm.get("released_to"),
             }
         )
     if args.json:
@@ -693,9 +694,8 @@ def _vm_list(state: StateDir, args) -> int:
     for column in ("name", "VM UUID", "host", "KMS key id", ".vmx"):
         table.add_column(column)
     for row in rows:
-        table.add_row(
-            str(row["name"]), str(row["vm_uuid"]), row["host"] or "-", str(row["kms_key_id"]), row["vmx"] or "-"
-        )
+        host = f"(released to {row['released_to']})" if row["released_to"] else row["host"] or "-"
+        table.add_row(str(row["name"]), str(row["vm_uuid"]), host, str(row["kms_key_id"]), row["vmx"] or "-")
     Console(width=max(160, Console().width)).print(table)
     return 0
 
