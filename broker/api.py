@@ -922,6 +922,18 @@ class LimitedRequest(limits.TimedRequest):
         super().handleContentChunk(data)
 
 
+def _authorization(request) -> str | None:
+    """The Authorization header; one that is not UTF-8 is kept as a value
+    no credential matches (refused like any wrong one), not a crash."""
+    raw = request.requestHeaders.getRawHeaders(b"authorization")
+    if not raw:
+        return None
+    try:
+        return raw[0].decode("utf-8") or None
+    except UnicodeDecodeError:
+        return "invalid"
+
+
 def _peer_fingerprint(request: server.Request) -> str | None:
     transport = request.channel.transport if request.channel is not None else None
     get = getattr(transport, "getPeerCertificate", None)
@@ -957,7 +969,7 @@ class ApiResource(resource.Resource):
             method=request.method.decode("ascii", "replace"),
             path=path.rstrip("/") or "/",
             body=b"" if getattr(request, "body_too_large", False) else request.content.read(),
-            authorization=(request.getHeader("authorization") or None),
+            authorization=_authorization(request),
             client_fingerprint=_peer_fingerprint(request),
             peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
             body_too_large=bool(getattr(request, "body_too_large", False)),

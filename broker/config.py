@@ -69,7 +69,7 @@ __all__ = [
     "load_config",
 ]
 
-_PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 SECRET_FILE_KEYS = frozenset({("tls", "key"), ("kms", "key"), ("master_key", "file"), ("audit", "signing_key_file")})
 
 

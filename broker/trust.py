@@ -80,7 +80,7 @@ MAX_TOKEN_TTL = 30 * 86400
 # last_used_at is written at most this often per instance, not per request.
 LAST_USED_RESOLUTION = 60.0
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 

@@ -83,10 +83,10 @@ _RSA_EK_BITS = (2048, 3072)
 _ECC_EK_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
 _CA_KEY_TYPES = ("ecc-p384", "rsa-3072")
 
-_MANUFACTURER = re.compile(r"^id:[0-9A-Fa-f]{8}$")
-_VERSION = re.compile(r"^id:[0-9A-Fa-f]{1,16}$")
-_PRINTABLE = re.compile(r"^[\x20-\x7e]{1,64}$")
-_SPEC_FAMILY = re.compile(r"^[0-9]{1,3}\.[0-9]{1,3}$")
+_MANUFACTURER = re.compile(r"^id:[0-9A-Fa-f]{8}\Z")
+_VERSION = re.compile(r"^id:[0-9A-Fa-f]{1,16}\Z")
+_PRINTABLE = re.compile(r"^[\x20-\x7e]{1,64}\Z")
+_SPEC_FAMILY = re.compile(r"^[0-9]{1,3}\.[0-9]{1,3}\Z")
 _INT31 = 2**31 - 1
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -318,7 +318,7 @@ def issue_ek_certificate(
     Raises EkCaError with a one-line reason for anything outside the profile,
     including a result over EK_CERT_MAX_DER bytes.
     """
-    if cert_type not in CERT_TYPES:
+    if not isinstance(cert_type, str) or cert_type not in CERT_TYPES:
         raise EkCaError(f"certificate type {cert_type!r} is unknown; use 'ek' or 'platform'")
     if vm_uuid is not None and not isinstance(vm_uuid, uuid.UUID):
         _parse_uuid(vm_uuid)
@@ -526,7 +526,7 @@ def handle_ek_certificate_request(
     except ValueError:
         raise EkRequestError(400, "vm_uuid must be a UUID string") from None
     cert_type = request["type"]
-    if cert_type not in CERT_TYPES:
+    if not isinstance(cert_type, str) or cert_type not in CERT_TYPES:
         raise EkRequestError(400, "type must be 'ek' or 'platform'")
     key_type = request["key_type"]
     if key_type not in ("rsa", "ecc"):

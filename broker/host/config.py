@@ -53,7 +53,7 @@ CERT_FILE = "host.pem"
 CA_FILE = "trust-ca.pem"
 DEFAULT_TIMEOUT = 30.0
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as broker.trust.check_host_name
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # as broker.trust.check_host_name
 _KEYS = {"name", "gateway", "api", "timeout"}
 
 

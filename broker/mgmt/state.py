@@ -46,8 +46,8 @@ INVENTORY = "inventory.json"
 LOCK = ".lock"
 
 # The broker's rule for instance and host names (broker/trust.py).
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}\Z")
 
 
 class MgmtError(Exception):
