@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from kms_server.admin.errors import CommandError
 from kms_server.audit import chain, query
 from kms_server.audit import trail as audit_trail
 from kms_server.keystore import audit_key
@@ -26,12 +27,8 @@ EXIT_TAMPERED = chain.EXIT_TAMPERED
 EXIT_USAGE = chain.EXIT_USAGE
 
 
-class AuditCommandError(Exception):
-    """An operator error: one line, 'problem; fix'."""
-
-
-def _error(text: str) -> AuditCommandError:
-    return AuditCommandError(text)
+def _error(text: str) -> CommandError:
+    return CommandError(text)
 
 
 def _command(func):
@@ -43,7 +40,7 @@ def _command(func):
 
         try:
             return func(args)
-        except (AuditCommandError, ConfigError) as exc:
+        except (CommandError, ConfigError) as exc:
             print(f"kms-admin: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
 
