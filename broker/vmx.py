@@ -15,6 +15,7 @@ Keys this project writes and reads:
 | `encryption.keySafe.pending` | a rotation's new key safe, written beside the one in use before the switch |
 | `encryption.rekey.pending` | `"shallow"` or `"deep"`: the kind of that rotation |
 | `encryption.keySafe.previous` | after the switch, the old key safe, until the broker has retired its KEK |
+| `encryption.rekey.nvramKeyRef` | after a shallow rekey, the KEK the `.nvram` header still names (same DEK) |
 
 Key rotation (docs/broker-design.md, "Key rotation"): the new key safe is
 written beside the old one first, then switched in, then the old one is
@@ -44,6 +45,10 @@ KEY_SAFE = "encryption.keySafe"
 PENDING_KEY_SAFE = "encryption.keySafe.pending"
 PENDING_REKEY = "encryption.rekey.pending"
 PREVIOUS_KEY_SAFE = "encryption.keySafe.previous"
+# After a shallow rekey the .nvram stays sealed under the same DEK, but its
+# header still names the old KEK (`<provider>/<kms key id>`) until the next
+# power-off: this says so, for `vtpm-mgmt vm check`.
+NVRAM_KEY_REF = "encryption.rekey.nvramKeyRef"
 REKEY_KINDS = ("shallow", "deep")
 
 _LINE = re.compile(r'^\s*([A-Za-z0-9_.:\-]+)\s*=\s*"((?:[^"\\]|\\.)*)"\s*$')

@@ -406,7 +406,8 @@ class Agent:
             raise vmx.VmxError(f"{vm.path} changed meanwhile (its pending key safe is another)")
         config.set(vmx.PREVIOUS_KEY_SAFE, config.key_safe)
         config.set(vmx.KEY_SAFE, vm.pending_text)
-        config.remove(vmx.PENDING_KEY_SAFE, vmx.PENDING_REKEY)
+        # Just sealed under the new key safe: no older KEK to name.
+        config.remove(vmx.PENDING_KEY_SAFE, vmx.PENDING_REKEY, vmx.NVRAM_KEY_REF)
         vmx.write(vm.path, config)
 
     def _commit_rekey(self, vm: _Vm, key_safe: str, warnings: list[str]) -> bool:
@@ -601,8 +602,14 @@ class Agent:
             running=running,
             generation=generation,
             certificates=tuple(
-                {"nv_index": f"{i.index:#010x}", "type": i.cert_type, "key_type": i.key_type, "size": i.size,
-                 "issuer": i.issuer, "written": i.changed}  # fmt: skip
+                {
+                    "nv_index": f"{i.index:#010x}",
+                    "type": i.cert_type,
+                    "key_type": i.key_type,
+                    "size": i.size,
+                    "issuer": i.issuer,
+                    "written": i.changed,
+                }  # fmt: skip
                 for i in installed
             ),
             seconds=time.monotonic() - started,

@@ -168,11 +168,25 @@ def _check_nvram(result: VmCheck, config: vmx.Vmx, vmx_path: Path, key_safe) -> 
     result.generation = header.generation
     if result.vm_uuid and str(header.vm_uuid) != result.vm_uuid:
         result.problems.append(f"{name} belongs to another VM ({header.vm_uuid}), not {result.vm_uuid}")
-    if key_safe is not None and not _same_key(header.key_safe_ref, key_safe):
+    if key_safe is not None and not _same_key(header.key_safe_ref, key_safe) and not _rotated(header, config):
         result.problems.append(
             f"{name} was sealed under key {header.key_safe_ref!r}, but the .vmx names "
             f"{key_safe.provider}/{key_safe.kms_key_id}"
         )
+
+
+def _rotated(header, config: vmx.Vmx) -> bool:
+    """A key rotation explains the header's KEK (docs/broker-design.md, "Key
+    rotation"): a shallow rekey left the .nvram sealed under the old KEK with
+    the same DEK, or a host re-sealed it under a pending deep rekey's new
+    DEK before switching the .vmx."""
+    if header.key_safe_ref == config.get(vmx.NVRAM_KEY_REF):
+        return True
+    try:
+        pending = config.pending_key_safe
+        return pending is not None and _same_key(header.key_safe_ref, parse_key_safe(pending))
+    except KeySafeError:
+        return False
 
 
 def _same_key(reference: str, key_safe) -> bool:

@@ -94,6 +94,17 @@ def switch(path: Path, key_safe: str) -> None:
     config.set(vmx.PREVIOUS_KEY_SAFE, config.key_safe)
     config.set(vmx.KEY_SAFE, key_safe)
     config.remove(vmx.PENDING_KEY_SAFE, vmx.PENDING_REKEY)
+    # The .nvram is untouched: its header names the KEK it was last sealed
+    # under until the next power-off (same DEK); vm check reads this.
+    new = parse_key_safe(key_safe)
+    try:
+        sealed_under = nvram.read_header((path.parent / config.nvram_name).read_bytes()).key_safe_ref
+    except (OSError, nvram.NvramError, vmx.VmxError):
+        sealed_under = None
+    if sealed_under is not None and sealed_under != f"{new.provider}/{new.kms_key_id}":
+        config.set(vmx.NVRAM_KEY_REF, sealed_under)
+    else:
+        config.remove(vmx.NVRAM_KEY_REF)
     vmx.write(path, config)
 
 

@@ -198,6 +198,12 @@ def test_shallow_rekey_keeps_the_nv_secret_and_deactivates_the_old_kek(setup, br
     listed = {v["vm_uuid"]: v for v in json.loads(mgmt(setup["a"], "vm", "list", "--json").stdout)}
     assert listed[vm_uuid]["kms_key_id"] == new
 
+    # The .nvram's header still names the old KEK (same DEK): vm check knows it from the .vmx.
+    assert vmx.read(path).get(vmx.NVRAM_KEY_REF) == f"{PROVIDER}/{old}"
+    checked = mgmt(setup["a"], "vm", "check", "--datastore", path.parent.parent, "--json", check=False)
+    [report] = [r for r in json.loads(checked.stdout)["results"] if r["vm_uuid"] == vm_uuid]
+    assert report["problems"] == [], report
+
     powers_on_with(setup, path, secret)
 
     # The old key safe opens nothing any more.
