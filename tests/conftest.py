@@ -67,6 +67,43 @@ def postgres_available() -> bool:
         return False
 
 
+# --- Dependencies that must be there ------------------------------------------------
+# KMS_TEST_REQUIRE (comma-separated; .ci/run sets everything CI installs) turns
+# a skip for a missing dependency into a failure, so a CI machine that lost a
+# package fails instead of passing on fewer tests. The words are matched in
+# the skip reason.
+REQUIREMENT_WORDS = {
+    "postgresql": ("postgresql", "psycopg", "initdb"),
+    "swtpm": ("swtpm",),
+    "tpm2-tools": ("tpm2-tools", "tpm2_"),
+    "patroni": ("patroni", "etcd"),
+    "chromium": ("chromium",),
+    "softhsm2": ("softhsm",),
+}
+
+
+def required_dependency(reason: str) -> str | None:
+    """The KMS_TEST_REQUIRE entry a skip reason is about, if required."""
+    wanted = {w.strip() for w in os.environ.get("KMS_TEST_REQUIRE", "").split(",") if w.strip()}
+    text = reason.lower()
+    for name in sorted(wanted):
+        if any(word in text for word in REQUIREMENT_WORDS.get(name, (name,))):
+            return name
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        name = required_dependency(reason)
+        if name is not None:
+            report.outcome = "failed"
+            report.longrepr = f"skipped, but KMS_TEST_REQUIRE names {name}: {reason}"
+
+
 @pytest.fixture
 def postgres_db() -> Iterator[tuple[str, str]]:
     """(name, URL) of a new, empty PostgreSQL database, dropped afterwards."""
