@@ -346,3 +346,27 @@ def test_a_shared_file_outside_the_data_directory_may_already_be_there(tmp_path,
     assert status == 0, err
     assert shared.read_bytes() == (old.parent / "data" / "audit.key").read_bytes()
     assert _run(capsys, other, "admin", "audit", "verify")[0] == 0
+
+
+def test_backup_refuses_a_master_key_that_does_not_open_the_database(tmp_path, capsys, made):
+    """The configured key must be the brokers' own: a backup under another
+    key could never be restored with the key that opens the CA keys."""
+    old, _backup = made
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("22" * 32 + "\n")
+    wrong.chmod(0o600)
+    old.write_text(old.read_text() + f'\n[master_key]\nfile = "{wrong}"\n')
+    err = _one_line_error(*_run(capsys, old, "backup", "--out", str(tmp_path / "other.vtbak"))[::2])
+    assert "does not open this broker database" in err
+    assert not (tmp_path / "other.vtbak").exists()
+
+
+def test_restore_refuses_another_schema_revision(tmp_path, capsys, made, monkeypatch):
+    """A backup restores only at its own revision: restore with the release
+    that made it, then upgrade."""
+    old, backup = made
+    new = _fresh(tmp_path, old)
+    monkeypatch.setattr(broker_backup.schema, "head_revision", lambda: "9999")
+    err = _one_line_error(*_run(capsys, new, "restore", "--from", str(backup))[::2])
+    assert "schema revision" in err and "restore it with the vtpm-broker release that made it" in err
+    assert sorted(p.name for p in (new.parent / "data").iterdir()) == ["master.key"]
