@@ -325,7 +325,7 @@ def write_doc(path: Path, results: list[Result], elapsed: float, how: str, summa
     lines = [
         "# OASIS KMIP profile conformance",
         "",
-        "The OASIS KMIP profile test flows (`../shared/vectors/oasis/`, 1.4, 2.0 and 2.1,",
+        "The OASIS KMIP profile test flows (the published XML test cases, 1.4, 2.0 and 2.1,",
         "mandatory and optional) run against the server by `make conformance`",
         "(tests/conformance/runner.py: one flow per client identity, responses compared",
         "field by field as tests/conformance/compare.py describes). `make test` runs the",
