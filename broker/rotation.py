@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 
 from broker.keysafe import format_key_safe, parse_key_safe
-from broker.trust import Conflict, Registry, Unprocessable, VmRecord
+from broker.trust import Conflict, InvalidRequest, Registry, Unprocessable, VmRecord
 from broker.vmkeys import KmsUnavailable, VmKeys
 
 __all__ = ["KINDS", "Rotation"]
@@ -47,7 +47,7 @@ class Rotation:
     def begin(self, vm_uuid: str, kind: str, key_safe: str, actor: str, instance: str | None) -> dict:
         """Start (or resume) a rotation of `kind` of the VM whose .vmx holds `key_safe`."""
         if kind not in KINDS:
-            raise Unprocessable(f"rekey kind must be one of {', '.join(KINDS)}")
+            raise InvalidRequest(f"kind must be one of {', '.join(KINDS)}")
         vm = self.registry.rekey_target(vm_uuid, instance, actor)
         if vm.rekey_state == "retiring":
             vm = self._retire(vm, actor)
