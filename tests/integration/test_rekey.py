@@ -436,3 +436,28 @@ def test_bulk_rekey_of_a_datastore(setup, broker, kms_admin, tmp_path):
         assert kek(path) != before[path]
         assert state_of(kms_admin, before[path]) == "DEACTIVATED" and state_of(kms_admin, kek(path)) == "ACTIVE"
     assert kek(other) == other_kek and state_of(kms_admin, other_kek) == "ACTIVE"
+
+
+def test_rekey_of_a_running_vm_completes_at_its_power_off(setup, kms_admin, tmp_path):
+    """A running VM: a shallow rekey completes at once (same DEK; the power-off seals under the new KEK's
+    reference); a deep rekey then completes at the power-off, which seals under the new DEK directly, switches
+    the .vmx and retires the old KEK. The NV secret survives both."""
+    path, secret = vm_with_secret(setup, "running-1", tmp_path)
+    nvram_path = path.parent / "running-1.nvram"
+    first = kek(path)
+    tcti = setup["host"].power_on(path)["tcti"]
+    try:
+        mgmt(setup["a"], "vm", "rekey", "running-1")
+        second = kek(path)
+        settled(path)
+        assert state_of(kms_admin, first) == "DEACTIVATED"
+        mgmt(setup["a"], "vm", "rekey", "running-1", "--deep")
+        third = parse_key_safe(vmx.read(path).pending_key_safe).kms_key_id
+        assert tpm2("tpm2_nvread", tcti, NV_SECRET, "-C", "o") == secret
+    finally:
+        off = setup["host"].power_off(path)
+    settled(path)
+    assert kek(path) == third and state_of(kms_admin, second) == "DEACTIVATED"
+    header = nvram.read_header(nvram_path.read_bytes())
+    assert header.key_safe_ref == f"{PROVIDER}/{third}" and header.generation == off["generation"]
+    powers_on_with(setup, path, secret)
