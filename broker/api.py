@@ -818,6 +818,8 @@ def _vm_json(record) -> dict:
         "host": record.host,
         "nvram_generation": record.nvram_generation,
         "released_to": record.released_to,
+        # A key rotation under way (broker/rotation.py): kind and state, no key material.
+        "rekey": {"kind": record.rekey_kind, "state": record.rekey_state} if record.rekey_state else None,
     }
 
 

@@ -679,6 +679,7 @@ def _vm_list(state: StateDir, args) -> int:
                 "kms_key_id": vm.get("kms_key_id"),
                 "vmx": known.get("vmx"),
                 "released_to": vm.get("released_to"),
+                "rekey": vm.get("rekey"),
             }
         )
     if args.json:
@@ -695,7 +696,10 @@ def _vm_list(state: StateDir, args) -> int:
         table.add_column(column)
     for row in rows:
         host = f"(released to {row['released_to']})" if row["released_to"] else row["host"] or "-"
-        table.add_row(str(row["name"]), str(row["vm_uuid"]), host, str(row["kms_key_id"]), row["vmx"] or "-")
+        key = str(row["kms_key_id"])
+        if isinstance(row["rekey"], dict):
+            key += f" ({row['rekey'].get('kind')} rekey {row['rekey'].get('state')})"
+        table.add_row(str(row["name"]), str(row["vm_uuid"]), host, key, row["vmx"] or "-")
     Console(width=max(160, Console().width)).print(table)
     return 0
 
