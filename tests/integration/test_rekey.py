@@ -247,6 +247,8 @@ def test_deep_rekey_reseals_the_nvram_under_a_new_dek_at_power_on(setup, broker,
     new = parse_key_safe(config.pending_key_safe).kms_key_id
     assert state_of(kms_admin, old) == "ACTIVE" and state_of(kms_admin, new) == "ACTIVE"
     assert nvram.read_header(nvram_path.read_bytes()) == before
+    listed = {v["vm_uuid"]: v for v in json.loads(mgmt(setup["a"], "vm", "list", "--json").stdout)}
+    assert listed[vm_uuid]["rekey"] == {"kind": "deep", "state": "pending"}
 
     result = powers_on_with(setup, path, secret)
     assert result["generation"] == before.generation + 1
@@ -260,6 +262,8 @@ def test_deep_rekey_reseals_the_nvram_under_a_new_dek_at_power_on(setup, broker,
     assert new_dek != old_dek
     assert nvram.unseal(nvram_path.read_bytes(), new_dek, expected_vm_uuid=vm_uuid).header.generation > 0
     assert state_of(kms_admin, old) == "DEACTIVATED" and state_of(kms_admin, new) == "ACTIVE"
+    listed = {v["vm_uuid"]: v for v in json.loads(mgmt(setup["a"], "vm", "list", "--json").stdout)}
+    assert listed[vm_uuid]["rekey"] is None and listed[vm_uuid]["kms_key_id"] == new
     actions = [(r["action"], r["actor"]) for r in trail(broker, vm_uuid) if r["action"].startswith("vm.rekey")]
     assert ("vm.rekey.retire", "host:esx-1") in actions
 
