@@ -364,34 +364,15 @@ def export_lines(db: Database) -> Iterator[str]:
 
 
 def read_export(path: Path) -> tuple[list[Stored], list[Checkpoint]]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ExportError(f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ExportError(f"{path} is not a broker audit export (not UTF-8 text)") from None
-    try:
-        header = json.loads(lines[0]) if lines else {}
-    except ValueError:
-        header = {}
-    if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{path} is not a broker audit export (made by: vtpm-broker admin audit export --to FILE)")
-    records, cps = [], []
-    for number, line in enumerate(lines[1:], start=2):
-        try:
-            row = json.loads(line)
-            kind = row.pop("type")
-            if kind == "record":
-                records.append(Stored(**row))
-            elif kind == "checkpoint":
-                cps.append(Checkpoint(**row))
-            else:
-                raise ValueError(kind)
-        except (ValueError, TypeError, KeyError, AttributeError):
-            raise ExportError(f"{path}, line {number}: not an audit record or checkpoint") from None
-    records.sort(key=lambda r: r.seq)
-    cps.sort(key=lambda c: c.seq)
-    return records, cps
+    return chain.read_export(
+        path,
+        export_format=EXPORT_FORMAT,
+        record_type=Stored,
+        checkpoint_type=Checkpoint,
+        what="a broker audit export",
+        made_by="vtpm-broker admin audit export --to FILE",
+        error=ExportError,
+    )
 
 
 def _carried(first: Row | None) -> dict | None:

@@ -27,6 +27,8 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 GENESIS = "0" * 64
 
@@ -298,3 +300,50 @@ def verdict(report: Report, where: str, signatures_checked: bool) -> Verdict:
     for problem in sorted(report.problems, key=lambda p: p.seq)[1:]:
         err.append(f"  also at record {problem.seq}: {problem.text}")
     return Verdict(EXIT_TAMPERED, (), tuple(err))
+
+
+def read_export(
+    path: Path,
+    *,
+    export_format: str,
+    record_type: Callable[..., Any],
+    checkpoint_type: Callable[..., Any],
+    what: str,
+    made_by: str,
+    error: type[Exception],
+) -> tuple[list, list]:
+    """Records and checkpoints of an export file (JSON lines: a header, then
+    rows tagged "record" or "checkpoint"), each sorted by seq.
+
+    Both products export this way; each names its own `export_format`, row
+    types, wording (`what`, e.g. "an audit export", and the `made_by`
+    command) and the one-line `error` it raises for an unusable file.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not {what} (not UTF-8 text)") from None
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        header = {}
+    if not isinstance(header, dict) or header.get("format") != export_format:
+        raise error(f"{path} is not {what} (made by: {made_by})")
+    records, cps = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            row = json.loads(line)
+            kind = row.pop("type")
+            if kind == "record":
+                records.append(record_type(**row))
+            elif kind == "checkpoint":
+                cps.append(checkpoint_type(**row))
+            else:
+                raise ValueError(kind)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise error(f"{path}, line {number}: not an audit record or checkpoint") from None
+    records.sort(key=lambda r: r.seq)
+    cps.sort(key=lambda c: c.seq)
+    return records, cps

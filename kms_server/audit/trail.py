@@ -176,31 +176,12 @@ class ExportError(Exception):
 
 
 def read_export(path: Path) -> tuple[list[StoredAuditRecord], list[StoredCheckpoint]]:
-    records, cps = [], []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ExportError(f"cannot read {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ExportError(f"{path} is not an audit export (not UTF-8 text)") from None
-    try:
-        header = json.loads(lines[0]) if lines else {}
-    except ValueError:
-        header = {}
-    if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{path} is not an audit export (made by: kms-admin audit export --to FILE)")
-    for number, line in enumerate(lines[1:], start=2):
-        try:
-            row = json.loads(line)
-            kind = row.pop("type")
-            if kind == "record":
-                records.append(StoredAuditRecord(**row))
-            elif kind == "checkpoint":
-                cps.append(StoredCheckpoint(**row))
-            else:
-                raise ValueError(kind)
-        except (ValueError, TypeError, KeyError, AttributeError):
-            raise ExportError(f"{path}, line {number}: not an audit record or checkpoint") from None
-    records.sort(key=lambda r: r.seq)
-    cps.sort(key=lambda c: c.seq)
-    return records, cps
+    return chain.read_export(
+        path,
+        export_format=EXPORT_FORMAT,
+        record_type=StoredAuditRecord,
+        checkpoint_type=StoredCheckpoint,
+        what="an audit export",
+        made_by="kms-admin audit export --to FILE",
+        error=ExportError,
+    )
