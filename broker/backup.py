@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Column, Integer, LargeBinary, MetaData, Table, Text, func, insert, inspect, select
+from sqlalchemy import Column, Integer, LargeBinary, MetaData, Table, Text, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker import db as broker_db
@@ -48,6 +48,7 @@ from kms_server.admin.backup import (
     BackupKind,
     Section,
     open_sealed,
+    require_empty,
     set_high_water,
     table_section,
     write_sealed,
@@ -297,21 +298,14 @@ def _check_data_dir(cfg: BrokerConfig) -> None:
 
 
 def _require_empty(conn, shown: str) -> None:
-    inspector = inspect(conn)
-    for name in BROKER_TABLES:
-        if inspector.has_table(name):
-            rows = conn.execute(select(func.count()).select_from(_metadata.tables[name])).scalar_one()
-            if rows:
-                raise BackupError(
-                    f"database {shown} is not empty ({name} holds {rows} row{'s' if rows != 1 else ''}); "
-                    "restore into a new, empty database"
-                )
-    revision = _revision(conn)
-    if revision is not None and revision not in schema.known_revisions():
-        raise BackupError(
-            f"database {shown} is at schema revision {revision}, which this vtpm-broker does not know; "
-            "restore into a new, empty database"
-        )
+    require_empty(
+        conn,
+        shown,
+        [_metadata.tables[name] for name in BROKER_TABLES],
+        revision=_revision(conn),
+        known_revisions=schema.known_revisions(),
+        product="vtpm-broker",
+    )
 
 
 def restore(cfg: BrokerConfig, src: str | os.PathLike[str], progress: Progress | None = None) -> RestoreSummary:

@@ -67,6 +67,7 @@ __all__ = [
     "Section",
     "backup",
     "open_sealed",
+    "require_empty",
     "restore",
     "set_high_water",
     "table_section",
@@ -986,22 +987,43 @@ def backup(
 # --- restore ----------------------------------------------------------------------------
 
 
-def _require_empty(conn: Connection, shown: str) -> None:
+def require_empty(
+    conn: Connection,
+    shown: str,
+    tables: Iterable[Table],
+    *,
+    revision: str | None,
+    known_revisions: Iterable[str],
+    product: str,
+) -> None:
+    """Refuse a restore target that holds a row in any of `tables`, or that
+    is at a schema `revision` this `product` (its command name, for the
+    message) does not know. Raises BackupError; both products restore this way."""
     inspector = inspect(conn)
-    for name in BACKUP_TABLES:
-        if inspector.has_table(name):
-            rows = _count(conn, sql_tables.metadata.tables[name])
+    for table in tables:
+        if inspector.has_table(table.name):
+            rows = _count(conn, table)
             if rows:
                 raise BackupError(
-                    f"database {shown} is not empty ({name} holds {rows} row{'s' if rows != 1 else ''}); "
+                    f"database {shown} is not empty ({table.name} holds {rows} row{'s' if rows != 1 else ''}); "
                     "restore into a new, empty database"
                 )
-    revision = _revision(conn)
-    if revision is not None and revision not in schema.known_revisions():
+    if revision is not None and revision not in known_revisions:
         raise BackupError(
-            f"database {shown} is at schema revision {revision}, which this kms-admin does not know; "
+            f"database {shown} is at schema revision {revision}, which this {product} does not know; "
             "restore into a new, empty database"
         )
+
+
+def _require_empty(conn: Connection, shown: str) -> None:
+    require_empty(
+        conn,
+        shown,
+        [sql_tables.metadata.tables[name] for name in BACKUP_TABLES],
+        revision=_revision(conn),
+        known_revisions=schema.known_revisions(),
+        product="kms-admin",
+    )
 
 
 def restore(
