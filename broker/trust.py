@@ -1076,20 +1076,7 @@ class Registry:
         how (for the trail)."""
         now = self.clock()
         with self._audit_lock, self.db.begin() as conn:
-            done = conn.execute(
-                update(vms)
-                .where(
-                    vms.c.vm_uuid == vm_uuid, vms.c.rekey_state == "retiring", vms.c.rekey_kms_key_id == old_kms_key_id
-                )
-                .values(
-                    rekey_kind=None,
-                    rekey_state=None,
-                    rekey_kms_key_id=None,
-                    rekey_key_safe=None,
-                    rekey_at=None,
-                    changed_at=now,
-                )
-            ).rowcount
+            done = self._end_rekey(conn, vm_uuid, "retiring", old_kms_key_id, now)
             if done:
                 self._append_audit(conn, actor, "vm.rekey.retire", vm_uuid, True, f"old KEK {old_kms_key_id} {outcome}")
 
@@ -1097,24 +1084,28 @@ class Registry:
         """Forget a pending rotation whose key safe is in no .vmx."""
         now = self.clock()
         with self._audit_lock, self.db.begin() as conn:
-            done = conn.execute(
-                update(vms)
-                .where(
-                    vms.c.vm_uuid == vm_uuid, vms.c.rekey_state == "pending", vms.c.rekey_kms_key_id == new_kms_key_id
-                )
-                .values(
-                    rekey_kind=None,
-                    rekey_state=None,
-                    rekey_kms_key_id=None,
-                    rekey_key_safe=None,
-                    rekey_at=None,
-                    changed_at=now,
-                )
-            ).rowcount
+            done = self._end_rekey(conn, vm_uuid, "pending", new_kms_key_id, now)
             if done:
                 self._append_audit(
                     conn, actor, "vm.rekey.abort", vm_uuid, True, f"pending rekey to KEK {new_kms_key_id} rolled back"
                 )
+
+    @staticmethod
+    def _end_rekey(conn, vm_uuid: str, state: str, kms_key_id: str, now: float) -> int:
+        """Clear the VM's rotation if it is still in `state` with `kms_key_id`
+        (a concurrent change wins); the number of rows cleared."""
+        return conn.execute(
+            update(vms)
+            .where(vms.c.vm_uuid == vm_uuid, vms.c.rekey_state == state, vms.c.rekey_kms_key_id == kms_key_id)
+            .values(
+                rekey_kind=None,
+                rekey_state=None,
+                rekey_kms_key_id=None,
+                rekey_key_safe=None,
+                rekey_at=None,
+                changed_at=now,
+            )
+        ).rowcount
 
     @staticmethod
     def _vm_in(conn, vm_uuid: str) -> VmRecord:
