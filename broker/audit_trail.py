@@ -336,7 +336,8 @@ _COLUMNS = ("seq", "at", "actor", "action", "target", "allowed", "reason", "prev
 
 @dataclass(frozen=True)
 class Stored:
-    """A broker_audit row as exported (the table's columns)."""
+    """A broker_audit row (the table's columns), as read or exported; `body`
+    is None for a record from before the format change."""
 
     seq: int
     at: float

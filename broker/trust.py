@@ -191,20 +191,9 @@ class VmRecord:
     rekey_key_safe: str | None = None
 
 
-@dataclass(frozen=True)
-class AuditRecord:
-    seq: int
-    at: float
-    actor: str
-    action: str
-    target: str
-    allowed: bool
-    reason: str
-    prev_hash: str
-    hash: str
-    # The canonical JSON the hash covers (None: a record from before the
-    # format change, broker/audit_trail.py).
-    body: str | None = None
+# A broker_audit row; `body` is the canonical JSON the hash covers (None: a
+# record from before the format change). One type with the export's rows.
+AuditRecord = audit_trail.Stored
 
 
 # --- Validation -----------------------------------------------------------------
