@@ -29,8 +29,9 @@ from kmip.core.enums import Operation, Tags
 from kmip.pie import objects as pie_objects
 from kmip.pie.client import ProxyKmipClient
 from kmip_client import RawClient
-from sqlalchemy import create_engine, inspect, make_url, select
-from sqlalchemy.pool import NullPool
+from kms_store_support import dump
+from kms_store_support import engine as _engine
+from sqlalchemy import inspect, make_url
 
 from kms_server.admin import backup as backup_mod
 from kms_server.admin import cli
@@ -72,28 +73,6 @@ def new_url(request, tmp_path):
         (tmp_path / "db").mkdir(exist_ok=True)
         return lambda name: f"sqlite:///{tmp_path / 'db' / name}.db"
     return request.getfixturevalue("pg_database")
-
-
-def _engine(url: str):
-    parsed = make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, poolclass=NullPool)
-
-
-def dump(url: str) -> dict[str, list[tuple]]:
-    """Every row of every backed-up table, in primary-key order."""
-    engine = _engine(url)
-    try:
-        with engine.connect() as conn:
-            out = {}
-            for name in backup_mod.BACKUP_TABLES:
-                table = sql_tables.metadata.tables[name]
-                rows = conn.execute(select(*table.columns).order_by(*table.primary_key.columns))
-                out[name] = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
-            return out
-    finally:
-        engine.dispose()
 
 
 def kms_tables(url: str) -> set[str]:

@@ -12,15 +12,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select
-from sqlalchemy.pool import NullPool
+from kms_store_support import dump, store_config
 
 from kms_server.admin import backup as backup_mod
 from kms_server.config import load_config
 from kms_server.keystore.backup_seal import BackupCipher
 from kms_server.keystore.barrier import open_barrier
 from kms_server.keystore.master_key import AesMasterKey
-from kms_server.storage import sql as sql_tables
 from kms_server.storage.base import StoredAttribute, StoredObject
 from kms_server.storage.sql import SqlStorage
 
@@ -36,26 +34,7 @@ def secret_file(path: Path, content: str) -> Path:
 
 
 def config(tmp_path: Path, name: str, db_url: str, key_file: Path) -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(
-        f'[server]\nnode_name = "formats"\ndata_dir = "{tmp_path / "data"}"\n\n'
-        f'[storage]\ndb_url = "{db_url}"\n\n[master_key]\nfile = "{key_file}"\n'
-    )
-    return path
-
-
-def dump(url: str) -> dict[str, list[tuple]]:
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            out = {}
-            for name in backup_mod.BACKUP_TABLES:
-                table = sql_tables.metadata.tables[name]
-                rows = conn.execute(select(*table.columns).order_by(*table.primary_key.columns))
-                out[name] = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
-            return out
-    finally:
-        engine.dispose()
+    return store_config(tmp_path, name, db_url, f'file = "{key_file}"\n', "formats")
 
 
 @pytest.fixture

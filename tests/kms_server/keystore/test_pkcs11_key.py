@@ -13,16 +13,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from kms_store_support import dump, store_config
 from softhsm import OTHER_TOKEN, PIN, TOKEN, new_label, raw_session, softhsm
-from sqlalchemy import create_engine, select
-from sqlalchemy.pool import NullPool
 
 from kms_server.admin import backup as backup_mod
 from kms_server.admin import cli
 from kms_server.config import ConfigError, load_config
 from kms_server.keystore.barrier import open_barrier
 from kms_server.keystore.master_key import MasterKeyError, open_master_key
-from kms_server.storage import sql as sql_tables
 from kms_server.storage.base import StoredAttribute, StoredObject
 from kms_server.storage.sql import SqlStorage
 
@@ -315,26 +313,7 @@ def test_kms_admin_master_key_new_usage_errors(capsys, argv, fragment):
 
 
 def _store_config(tmp_path: Path, name: str, db_url: str, master_key_body: str) -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(
-        f'[server]\nnode_name = "hsm-test"\ndata_dir = "{tmp_path / "data"}"\n\n'
-        f'[storage]\ndb_url = "{db_url}"\n\n[master_key]\n{master_key_body}'
-    )
-    return path
-
-
-def _dump(url: str) -> dict[str, list[tuple]]:
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            out = {}
-            for name in backup_mod.BACKUP_TABLES:
-                table = sql_tables.metadata.tables[name]
-                rows = conn.execute(select(*table.columns).order_by(*table.primary_key.columns))
-                out[name] = [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
-            return out
-    finally:
-        engine.dispose()
+    return store_config(tmp_path, name, db_url, master_key_body, "hsm-test")
 
 
 def _new_store(url: str, master_key_config, objects: int = 5) -> dict[str, bytes]:
@@ -410,7 +389,7 @@ def test_backup_and_restore_with_a_token_master_key(hsm, key_label, tmp_path):
 
     restored_url = f"sqlite:///{tmp_path / 'restored.db'}"
     backup_mod.restore(load_config(config, {"storage": {"db_url": restored_url}}), out)
-    assert _dump(restored_url) == _dump(source_url)
+    assert dump(restored_url) == dump(source_url)
     storage = SqlStorage(restored_url)
     try:
         barrier = open_barrier(storage, source=cfg.master_key)
