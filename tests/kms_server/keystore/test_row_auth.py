@@ -67,6 +67,24 @@ USAGE = (
 # --- helpers -------------------------------------------------------------------------
 
 
+def _insert_attributes(conn, stored: StoredObject) -> None:
+    """The row's attributes as raw SQL writes them (with their value digests)."""
+    for a in stored.attributes:
+        conn.execute(
+            text(
+                "INSERT INTO kms_attributes (uid, name, idx, value, value_digest) "
+                "VALUES (:uid, :name, :idx, :value, :digest)"
+            ),
+            {
+                "uid": stored.uid,
+                "name": a.name,
+                "idx": a.index,
+                "value": a.value,
+                "digest": hashlib.sha256(a.value).digest(),
+            },
+        )
+
+
 class MemoryTamper:
     """Writes to the in-memory fake's state as storage itself would hold
     it, outside any transaction and without the keystore."""
@@ -139,20 +157,7 @@ class SqlTamper:
                     row,
                 )
             conn.execute(text("DELETE FROM kms_attributes WHERE uid = :uid"), row)
-            for a in stored.attributes:
-                conn.execute(
-                    text(
-                        "INSERT INTO kms_attributes (uid, name, idx, value, value_digest) "
-                        "VALUES (:uid, :name, :idx, :value, :digest)"
-                    ),
-                    {
-                        "uid": stored.uid,
-                        "name": a.name,
-                        "idx": a.index,
-                        "value": a.value,
-                        "digest": hashlib.sha256(a.value).digest(),
-                    },
-                )
+            _insert_attributes(conn, stored)
 
     def delete_row(self, uid: str) -> None:
         with self.engine.begin() as conn:
@@ -923,20 +928,7 @@ def old_release_db(tmp_path):
                     "created": time.time(),
                 },
             )
-            for a in stored.attributes:
-                conn.execute(
-                    text(
-                        "INSERT INTO kms_attributes (uid, name, idx, value, value_digest) "
-                        "VALUES (:uid, :name, :idx, :value, :digest)"
-                    ),
-                    {
-                        "uid": stored.uid,
-                        "name": a.name,
-                        "idx": a.index,
-                        "value": a.value,
-                        "digest": hashlib.sha256(a.value).digest(),
-                    },
-                )
+            _insert_attributes(conn, stored)
     engine.dispose()
     key_file = tmp_path / "master.key"
     key_file.write_text(KEY.hex() + "\n")
