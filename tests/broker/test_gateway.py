@@ -23,9 +23,8 @@ from kmip.core.enums import (
     ResultStatus,
 )
 from kmip.core.enums import Tags as T
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
+from twisted_fakes import FakeReactor, InlineThreadPool
 
 from broker import gateway
 from broker.trust import Decision
@@ -470,21 +469,6 @@ def test_identify_host_uses_the_certificate_fingerprint(trust_pki):
     assert conn.peer == "127.0.0.1:40001"
     with pytest.raises(ValueError):
         gateway.identify_host(None, "127.0.0.1:40001")
-
-
-class FakeReactor(Clock):
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class InlineThreadPool:
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - handed on, as ThreadPool does
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 def test_factory_serves_decrypt_to_the_certificate_it_identified(trust_pki, kms):

@@ -28,9 +28,9 @@ from cryptography.x509.oid import NameOID
 from fuzz.fuzz_support import Tracebacks, budget
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted_fakes import FakeReactor, InlineThreadPool
 
 from broker import vtpm_ca
 from broker.api import Api, ApiRequest, _json_default, make_site
@@ -333,21 +333,6 @@ def test_mutated_bodies_of_each_route_are_refused_cleanly(world, route, data):
 
 
 # --- Through Twisted Web -------------------------------------------------------------------------
-
-
-class FakeReactor(Clock):
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class InlineThreadPool:
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - handed on, as ThreadPool does
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
 
 
 def http_exchange(world: World, raw: bytes) -> bytes:

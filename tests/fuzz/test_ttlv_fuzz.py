@@ -24,9 +24,7 @@ from fuzz.fuzz_support import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
+from twisted_fakes import FakeReactor, InlineThreadPool, TLSStringTransport
 
 from kms_server.wire import protocol as wire
 from kms_server.wire import ttlv
@@ -129,26 +127,6 @@ def test_the_depth_limit_is_exact(item, max_depth):
 
 
 # --- Framing ---------------------------------------------------------------------------------
-
-
-class FakeReactor(Clock):
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class InlineThreadPool:
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - handed on, as ThreadPool does
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class TLSStringTransport(StringTransport):
-    def getPeerCertificate(self):
-        return object()
 
 
 class Connection:

@@ -17,20 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted_fakes import PEER_CERTIFICATE, FakeReactor, TLSStringTransport
 
 from kms_server.wire import protocol as wire
 from kms_server.wire import ttlv
-
-PEER_CERTIFICATE = object()
-
-
-class FakeReactor(Clock):
-    """A Clock that also runs callFromThread calls at once."""
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
 
 
 class ManualThreadPool:
@@ -58,11 +49,6 @@ class ManualThreadPool:
     def run_all(self):
         while self.jobs:
             self.run_next()
-
-
-class TLSStringTransport(StringTransport):
-    def getPeerCertificate(self):
-        return PEER_CERTIFICATE
 
 
 def request_bytes(n: int, body_size: int = 0) -> bytes:
