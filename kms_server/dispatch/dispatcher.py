@@ -327,14 +327,7 @@ class Dispatcher:
             return ttlv.structure(T.BATCH_ITEM.value, body), False, draft
         except errors.KmsError as exc:
             reason, text = result_reason(exc, *ctx.version)
-            log.info(
-                "request %s %s by %s: %s (%s)",
-                ctx.request_id,
-                _op_name(operation_value),
-                ctx.principal.name,
-                reason.name,
-                text,
-            )
+            _log_refusal(ctx, operation_value, reason, text)
         except AuditWriteFailed as exc:
             log.error("request %s %s: audit record not written, answer withheld: %s", ctx.request_id, _op_name(operation_value), exc)
             reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
@@ -347,14 +340,7 @@ class Dispatcher:
                 reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
             else:
                 reason, text = result_reason(refused, *ctx.version)
-                log.info(
-                    "request %s %s by %s: %s (%s)",
-                    ctx.request_id,
-                    _op_name(operation_value),
-                    ctx.principal.name,
-                    reason.name,
-                    text,
-                )
+                _log_refusal(ctx, operation_value, reason, text)
         if draft is not None and batch_txn is None:
             try:
                 self.trail.write(draft.entry("OPERATION_FAILED", reason.name, text))
@@ -565,6 +551,13 @@ def _version_item(version: tuple[int, int]) -> Item:
     return ttlv.structure(
         T.PROTOCOL_VERSION.value,
         [ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, version[0]), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, version[1])],
+    )
+
+
+def _log_refusal(ctx, operation_value, reason: ResultReason, text: str) -> None:
+    """One line for a request refused with a KMIP Result Reason."""
+    log.info(
+        "request %s %s by %s: %s (%s)", ctx.request_id, _op_name(operation_value), ctx.principal.name, reason.name, text
     )
 
 
