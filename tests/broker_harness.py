@@ -6,33 +6,74 @@ operator's own commands. This module adds what a management instance does throug
 one-time token and the security administrator's approval, register a host from its CSR, create a VM with a
 vTPM and write its .vmx; and the broker database helpers a test needs to check results (the EK CA).
 
-Used by tests/integration/test_host_agent.py; reusable by any test with a `broker.drill.processes.Broker`.
+It also holds the module-scoped fixtures those tests share: `kms` (a kms-server), `broker` (a vtpm-broker on
+it, for the test module's `PROVIDER` and, if it has one, its `ROLES`) and `kms_admin` (a KMIP client with the
+KMS's admin certificate). A test module imports them by name, which is how pytest finds them.
+
+Used by the broker tests in tests/integration/; reusable by any test with a `broker.drill.processes.Broker`.
 The key/CSR and error-checking helpers are tests/broker_process.py's, shared with the tests that run the
 broker through that module's own `Broker`.
 """
 
 from __future__ import annotations
 
+import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import requests
 from broker_process import assert_error, new_key_and_csr
 
 from broker import vmx
-from broker.drill.processes import Broker
+from broker.drill.processes import Broker, Kms, run, start_broker, start_kms
+from kms_server.client import KmipClient
 
 __all__ = [
     "Identity",
     "assert_error",
+    "broker",
     "call",
     "create_vm",
     "ek_ca_pem",
     "enroll",
+    "kms",
+    "kms_admin",
+    "mgmt",
     "new_key_and_csr",
     "register_host",
     "write_vmx",
 ]
+
+
+@pytest.fixture(scope="module")
+def kms(tmp_path_factory) -> Iterator[Kms]:
+    server = start_kms(tmp_path_factory.mktemp("kms"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def broker(request, tmp_path_factory, kms) -> Iterator[Broker]:
+    """A broker for the test module's PROVIDER, with its ROLES if it sets them."""
+    b = start_broker(
+        tmp_path_factory.mktemp("broker"), kms, request.module.PROVIDER, roles=getattr(request.module, "ROLES", "")
+    )
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def kms_admin(kms) -> Iterator[KmipClient]:
+    with KmipClient([f"127.0.0.1:{kms.port}"], kms.pki / "admin.pem", kms.pki / "admin.key", kms.ca) as client:
+        yield client
+
+
+def mgmt(state: Path, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+    """`vtpm-mgmt --state-dir STATE ARGS`."""
+    return run("vtpm-mgmt", "--state-dir", state, *args, check=check)
+
 
 # (certificate file, key file), as `requests` takes a client certificate.
 Identity = tuple[str, str]

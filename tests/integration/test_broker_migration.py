@@ -13,10 +13,10 @@ import json
 import uuid
 from pathlib import Path
 
+import broker_harness
 import pytest
 from broker_harness import Identity, assert_error, call, enroll, new_key_and_csr, register_host
 
-from broker.drill.processes import start_broker, start_kms
 from broker.keysafe import parse_key_safe
 from kms_server.client import KmipClient, KmipError
 
@@ -30,18 +30,9 @@ auditors = ["auditor"]
 """
 
 
-@pytest.fixture(scope="module")
-def kms(tmp_path_factory):
-    server = start_kms(tmp_path_factory.mktemp("kms"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory, kms):
-    b = start_broker(tmp_path_factory.mktemp("broker"), kms, PROVIDER, roles=ROLES)
-    yield b
-    b.stop()
+# The shared module-scoped fixtures (tests/broker_harness.py); pytest finds them by these names.
+kms = broker_harness.kms
+broker = broker_harness.broker
 
 
 @pytest.fixture(scope="module")

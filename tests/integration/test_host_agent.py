@@ -15,12 +15,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import broker_harness
 import pytest
 from broker_harness import call, create_vm, ek_ca_pem, enroll, register_host, write_vmx
 from cryptography import x509
 
 from broker import nvram, vmx
-from broker.drill.processes import run, start_broker, start_kms
+from broker.drill.processes import run
 from broker.host.swtpm import SwtpmInstance, wipe
 from broker.vtpm_ca import verify_ek_certificate
 
@@ -36,18 +37,9 @@ NV_SECRET = "0x1500030"
 TIMINGS: dict[str, list[float]] = {}
 
 
-@pytest.fixture(scope="module")
-def kms(tmp_path_factory):
-    server = start_kms(tmp_path_factory.mktemp("kms"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory, kms):
-    b = start_broker(tmp_path_factory.mktemp("broker"), kms, PROVIDER)
-    yield b
-    b.stop()
+# The shared module-scoped fixtures (tests/broker_harness.py); pytest finds them by these names.
+kms = broker_harness.kms
+broker = broker_harness.broker
 
 
 class Host:

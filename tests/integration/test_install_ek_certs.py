@@ -12,13 +12,14 @@ import shutil
 import uuid
 from pathlib import Path
 
+import broker_harness
 import pytest
 from broker_harness import create_vm, enroll, write_vmx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from broker import nvram
-from broker.drill.processes import run, start_broker, start_kms
+from broker.drill.processes import run
 from broker.vtpm_ca import EkCa, verify_ek_certificate
 from tests.integration.test_host_agent import MISSING, Host, tpm2
 
@@ -30,18 +31,9 @@ PROVIDER = "kms-ek-install"
 NV_RSA, NV_ECC = "0x01c00002", "0x01c00016"
 
 
-@pytest.fixture(scope="module")
-def kms(tmp_path_factory):
-    server = start_kms(tmp_path_factory.mktemp("kms"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory, kms):
-    b = start_broker(tmp_path_factory.mktemp("broker"), kms, PROVIDER)
-    yield b
-    b.stop()
+# The shared module-scoped fixtures (tests/broker_harness.py); pytest finds them by these names.
+kms = broker_harness.kms
+broker = broker_harness.broker
 
 
 @pytest.fixture(scope="module")

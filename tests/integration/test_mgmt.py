@@ -13,44 +13,25 @@ import subprocess
 import time
 from pathlib import Path
 
+import broker_harness
 import pg_cluster
-import pytest
 import requests
+from broker_harness import mgmt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker import nvram, vmx
-from broker.drill.processes import command, run, start_broker, start_kms
+from broker.drill.processes import command
 from broker.keysafe import KeySafe, format_key_safe, parse_key_safe
-from kms_server.client import KmipClient
 
 PROVIDER = "kms-prod"
 
-
-@pytest.fixture(scope="module")
-def kms(tmp_path_factory):
-    server = start_kms(tmp_path_factory.mktemp("kms"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory, kms):
-    b = start_broker(tmp_path_factory.mktemp("broker"), kms, PROVIDER)
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
-def kms_admin(kms):
-    with KmipClient([f"127.0.0.1:{kms.port}"], kms.pki / "admin.pem", kms.pki / "admin.key", kms.ca) as client:
-        yield client
-
-
-def mgmt(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run("vtpm-mgmt", "--state-dir", state, *args, check=check)
+# The shared module-scoped fixtures (tests/broker_harness.py); pytest finds them by these names.
+kms = broker_harness.kms
+broker = broker_harness.broker
+kms_admin = broker_harness.kms_admin
 
 
 def host_csr(directory: Path, name: str) -> Path:

@@ -13,16 +13,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import broker_harness
 import pytest
-from broker_harness import call
+from broker_harness import call, mgmt
 
 from broker import nvram, vmx
-from broker.drill.processes import run, start_broker, start_kms
+from broker.drill.processes import run
 from broker.host.agent import Agent
 from broker.keysafe import parse_key_safe
 from broker.mgmt import rekey
 from broker.mgmt.state import StateDir
-from kms_server.client import KmipClient
 
 TOOLS = ("swtpm", "swtpm_setup", "tpm2_nvdefine", "tpm2_nvwrite", "tpm2_nvread")
 MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]
@@ -34,32 +34,14 @@ PROVIDER = "kms-rekey"
 NV_SECRET = "0x1500031"
 
 
+# The shared module-scoped fixtures (tests/broker_harness.py); pytest finds them by these names.
+kms = broker_harness.kms
+broker = broker_harness.broker
+kms_admin = broker_harness.kms_admin
+
+
 class Crash(BaseException):
     """A kill between two steps: nothing the code under test catches."""
-
-
-@pytest.fixture(scope="module")
-def kms(tmp_path_factory):
-    server = start_kms(tmp_path_factory.mktemp("kms"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory, kms):
-    b = start_broker(tmp_path_factory.mktemp("broker"), kms, PROVIDER)
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="module")
-def kms_admin(kms):
-    with KmipClient([f"127.0.0.1:{kms.port}"], kms.pki / "admin.pem", kms.pki / "admin.key", kms.ca) as client:
-        yield client
-
-
-def mgmt(state: Path, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run("vtpm-mgmt", "--state-dir", state, *args, check=check)
 
 
 def instance(broker, directory: Path, name: str) -> Path:
