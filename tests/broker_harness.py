@@ -38,11 +38,13 @@ __all__ = [
     "create_vm",
     "ek_ca_pem",
     "enroll",
+    "issue_users",
     "kms",
     "kms_admin",
     "mgmt",
     "new_key_and_csr",
     "register_host",
+    "register_new_host",
     "write_vmx",
 ]
 
@@ -105,6 +107,23 @@ def register_host(broker: Broker, identity: Identity, name: str, csr_pem: str) -
     answer = call(broker, "POST", "/v1/hosts", identity, json={"name": name, "csr_pem": csr_pem})
     assert answer.status_code == 201, answer.text
     return answer.json()["certificate_pem"]
+
+
+def register_new_host(broker: Broker, identity: Identity, directory: Path, name: str) -> Identity:
+    """A host key and CSR made in `directory`, registered by `identity`: the host's (cert, key) files."""
+    key_path, csr = new_key_and_csr(directory, f"host-{name}")
+    cert_path = directory / f"host-{name}.pem"
+    cert_path.write_text(register_host(broker, identity, name, csr))
+    return str(cert_path), str(key_path)
+
+
+def issue_users(broker: Broker, directory: Path, names: tuple[str, ...]) -> dict[str, Identity]:
+    """`vtpm-broker admin issue-user` for each name: {name: (cert, key)}."""
+    made = {}
+    for name in names:
+        broker.admin("issue-user", name, "--out-dir", str(directory))
+        made[name] = (str(directory / f"{name}.pem"), str(directory / f"{name}.key"))
+    return made
 
 
 def create_vm(broker: Broker, identity: Identity, name: str, host: str | None = None) -> dict:

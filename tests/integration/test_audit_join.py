@@ -13,7 +13,7 @@ from pathlib import Path
 
 import broker_harness
 import pytest
-from broker_harness import call, enroll, new_key_and_csr, register_host
+from broker_harness import call, enroll, issue_users, new_key_and_csr, register_new_host
 
 from broker.drill.processes import run
 from broker.keysafe import parse_key_safe
@@ -41,18 +41,7 @@ def ids(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def users(broker, ids):
-    made = {}
-    for name in ("root-admin", "auditor", "secadmin"):
-        broker.admin("issue-user", name, "--out-dir", str(ids))
-        made[name] = (str(ids / f"{name}.pem"), str(ids / f"{name}.key"))
-    return made
-
-
-def new_host(broker, identity, directory: Path, name: str):
-    key_path, csr = new_key_and_csr(directory, f"host-{name}")
-    cert_path = directory / f"host-{name}.pem"
-    cert_path.write_text(register_host(broker, identity, name, csr))
-    return str(cert_path), str(key_path)
+    return issue_users(broker, ids, ("root-admin", "auditor", "secadmin"))
 
 
 def kms_show(kms, *filters: str) -> list[dict]:
@@ -71,7 +60,7 @@ def test_one_unwrap_has_one_id_in_both_trails_and_names_the_host(kms, broker, id
     Each command finds the other's record by that id, and `--vm NAME` (KMS) and `--vm NAME --host H
     --since 1h` (broker) list the story of that VM."""
     instance = enroll(broker, "vc-join", ids)
-    host = new_host(broker, instance, ids, "esx-join-1")
+    host = register_new_host(broker, instance, ids, "esx-join-1")
     name = f"vm-join-{next(_serial)}"
     answer = call(broker, "POST", "/v1/vms", instance, json={"vm_uuid": str(uuid.uuid4()), "name": name,
                                                             "host": "esx-join-1"})  # fmt: skip
@@ -119,7 +108,7 @@ def test_refused_writes_are_recorded_with_their_request_id(kms, broker, ids, use
     the broker's trail as refusals, each once, under the request id the answer names."""
     a = enroll(broker, "vc-join-a", ids)
     b = enroll(broker, "vc-join-b", ids)
-    new_host(broker, a, ids, "esx-join-a")
+    register_new_host(broker, a, ids, "esx-join-a")
     auditor, admin = users["auditor"], users["root-admin"]
     _key, csr = new_key_and_csr(ids, "spare")
     vm_uuid = str(uuid.uuid4())

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import broker_harness
 import pytest
-from broker_harness import Identity, assert_error, call, enroll, new_key_and_csr, register_host
+from broker_harness import (
+    Identity,
+    assert_error,
+    call,
+    enroll,
+    issue_users,
+    new_key_and_csr,
+    register_new_host,
+)
 
 from broker.keysafe import parse_key_safe
 from kms_server.client import KmipClient, KmipError
@@ -39,11 +47,7 @@ broker = broker_harness.broker
 def users(broker, tmp_path_factory) -> dict[str, Identity]:
     """API users issued by the admin CLI; "nobody" has no role."""
     directory = tmp_path_factory.mktemp("users")
-    made = {}
-    for name in ("root-admin", "ops", "auditor", "secadmin", "nobody"):
-        broker.admin("issue-user", name, "--out-dir", str(directory))
-        made[name] = (str(directory / f"{name}.pem"), str(directory / f"{name}.key"))
-    return made
+    return issue_users(broker, directory, ("root-admin", "ops", "auditor", "secadmin", "nobody"))
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +61,7 @@ _serial = itertools.count(1)
 def new_host(broker, identity: Identity, directory: Path, name: str | None = None) -> tuple[str, Identity]:
     """A host key and CSR made here, registered by `identity`: (name, host identity)."""
     name = name or f"esx-{next(_serial)}"
-    key_path, csr = new_key_and_csr(directory, f"host-{name}")
-    cert_path = directory / f"host-{name}.pem"
-    cert_path.write_text(register_host(broker, identity, name, csr))
-    return name, (str(cert_path), str(key_path))
+    return name, register_new_host(broker, identity, directory, name)
 
 
 def new_vm(broker, identity: Identity, host: str | None = None) -> dict:
