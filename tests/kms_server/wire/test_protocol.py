@@ -18,37 +18,10 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted_fakes import PEER_CERTIFICATE, FakeReactor, TLSStringTransport
+from twisted_fakes import PEER_CERTIFICATE, FakeReactor, ManualThreadPool, TLSStringTransport
 
 from kms_server.wire import protocol as wire
 from kms_server.wire import ttlv
-
-
-class ManualThreadPool:
-    """Queues jobs; the test decides when each one runs (and so when its
-    result reaches the reactor). With auto=True jobs run at submission."""
-
-    def __init__(self, auto: bool = False):
-        self.auto = auto
-        self.jobs: deque = deque()
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.jobs.append((on_result, f, args, kwargs))
-        if self.auto:
-            self.run_all()
-
-    def run_next(self):
-        on_result, f, args, kwargs = self.jobs.popleft()
-        try:
-            result = f(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - handed on, as ThreadPool does
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-    def run_all(self):
-        while self.jobs:
-            self.run_next()
 
 
 def request_bytes(n: int, body_size: int = 0) -> bytes:
