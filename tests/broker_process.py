@@ -165,6 +165,17 @@ def set_up(workdir: Path, config: Path, pki_dir: Path) -> Broker:
     return broker
 
 
+def csr_pem(common_name: str = "x") -> str:
+    """A CSR (PEM) for a fresh P-256 key that is not kept: for requests whose key nobody uses."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def new_key_and_csr(directory: Path, name: str) -> tuple[Path, str]:
     key = ec.generate_private_key(ec.SECP256R1())
     key_path = directory / f"{name}.key"

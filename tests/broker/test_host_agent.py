@@ -20,8 +20,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from broker_process import csr_pem
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -713,16 +714,6 @@ def api(tmp_path, trust_ca):
     db.close()
 
 
-def _csr() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def test_generation_endpoint_for_the_placed_host_only(api):
     """Only the host the VM is placed on reads and raises the generation; lower is 409, equal is fine; another
     host of the instance gets 403, a host of another instance 404, an instance 403; every change and refusal is
@@ -733,13 +724,13 @@ def test_generation_endpoint_for_the_placed_host_only(api):
     api, registry = api
 
     def trusted(name: str) -> str:
-        registry.enroll(name, registry.issue_token(name), _csr())
+        registry.enroll(name, registry.issue_token(name), csr_pem())
         return fingerprint(registry.approve(name))
 
     inst_a, _ = trusted("vc-a"), trusted("vc-b")
-    host_1 = fingerprint(registry.register_host("vc-a", "esx-1", _csr()))
-    host_2 = fingerprint(registry.register_host("vc-a", "esx-2", _csr()))
-    host_b = fingerprint(registry.register_host("vc-b", "esx-b", _csr()))
+    host_1 = fingerprint(registry.register_host("vc-a", "esx-1", csr_pem()))
+    host_2 = fingerprint(registry.register_host("vc-a", "esx-2", csr_pem()))
+    host_b = fingerprint(registry.register_host("vc-b", "esx-b", csr_pem()))
     registry.add_vm("vc-a", VM, "vm", "kek-1", "ks", "esx-1")
     path = f"/v1/vms/{VM}/nvram-generation"
 

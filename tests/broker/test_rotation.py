@@ -7,10 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from broker_process import csr_pem
 
 from broker.db import Database
 from broker.keysafe import KeySafe, format_key_safe
@@ -22,18 +19,8 @@ from broker.vmkeys import KmsUnavailable
 VM = "33333333-3333-4333-8333-333333333333"
 
 
-def make_csr() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored")]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def trusted(registry: Registry, name: str) -> None:
-    registry.enroll(name, registry.issue_token(name), make_csr())
+    registry.enroll(name, registry.issue_token(name), csr_pem("ignored"))
     registry.approve(name)
 
 
@@ -79,7 +66,7 @@ def world(tmp_path):
     registry = Registry(db, create_trust_ca("kms-test"))
     trusted(registry, "vc-a")
     trusted(registry, "vc-b")
-    host = fingerprint(registry.register_host("vc-a", "esx-1", make_csr()))
+    host = fingerprint(registry.register_host("vc-a", "esx-1", csr_pem("ignored")))
     kms = FakeKms()
     first = kms.create(VM, "web")
     registry.add_vm("vc-a", VM, "web", first.kms_key_id, format_key_safe(first), "esx-1")

@@ -21,10 +21,9 @@ import re
 import uuid
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from broker_process import csr_pem
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from fuzz.fuzz_support import Tracebacks, budget
 from hypothesis import given
 from hypothesis import strategies as st
@@ -44,16 +43,6 @@ VM_PLACED = "11111111-1111-4111-8111-111111111111"
 VM_UNPLACED = "22222222-2222-4222-8222-222222222222"
 PROVIDER = "kms-fuzz"
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def make_csr() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def public_key_pem() -> str:
@@ -113,9 +102,9 @@ class World:
             ek_issuer=lambda body, host, authorize: vtpm_ca.handle_ek_certificate_request(ek_ca, body, host, authorize=authorize),
         )
         token = self.registry.issue_token("vc-a")
-        self.registry.enroll("vc-a", token, make_csr())
+        self.registry.enroll("vc-a", token, csr_pem())
         self.fingerprints = {"instance": fingerprint(self.registry.approve("vc-a"))}
-        self.fingerprints["host"] = fingerprint(self.registry.register_host("vc-a", "esx-a", make_csr()))
+        self.fingerprints["host"] = fingerprint(self.registry.register_host("vc-a", "esx-a", csr_pem()))
         for name in ("sec", "adm", "noc", "aud"):
             key = ec.generate_private_key(ec.SECP256R1())
             self.fingerprints[name] = fingerprint(self.registry.issue_user(name, key.public_key()))
@@ -187,8 +176,8 @@ JSON_VALUES = st.recursive(
 def good_bodies(world: World) -> dict[str, dict]:
     """A well-formed body for each route that takes one."""
     return {
-        "enroll": {"instance": "vc-b", "token": world.token, "csr_pem": make_csr()},
-        "host": {"name": "esx-b", "csr_pem": make_csr()},
+        "enroll": {"instance": "vc-b", "token": world.token, "csr_pem": csr_pem()},
+        "host": {"name": "esx-b", "csr_pem": csr_pem()},
         "vm": {"vm_uuid": str(uuid.uuid4()), "name": "vm-new", "host": "esx-a"},
         "register": {"vm_uuid": VM_UNPLACED, "name": "vm-unplaced", "key_safe": key_safe("kek-2")},
         "place": {"host": "esx-a"},
@@ -438,7 +427,7 @@ def test_host_name_with_a_trailing_newline_is_refused(world):
     request = ApiRequest(
         "POST",
         "/v1/hosts",
-        json.dumps({"name": "esx-nl\n", "csr_pem": make_csr()}).encode(),
+        json.dumps({"name": "esx-nl\n", "csr_pem": csr_pem()}).encode(),
         client_fingerprint=world.fingerprints["instance"],
         peer="192.0.2.5:1",
     )
