@@ -55,6 +55,16 @@ def _client(server, pki, username=None, password=None, certificate="alice"):
     return c
 
 
+def _assert_refused(c) -> None:
+    """A Create on client `c` fails with Authentication Not Successful; `c` is closed after."""
+    try:
+        with pytest.raises(pie_exceptions.KmipOperationFailure) as failure:
+            c.create(enums.CryptographicAlgorithm.AES, 128)
+        assert failure.value.reason == enums.ResultReason.AUTHENTICATION_NOT_SUCCESSFUL
+    finally:
+        c.close()
+
+
 def test_right_password_is_accepted(credential_server, pki_dir):
     c = _client(credential_server, pki_dir, "vcenter-svc", "s3cret-enough-password")
     try:
@@ -65,25 +75,13 @@ def test_right_password_is_accepted(credential_server, pki_dir):
 
 @pytest.mark.parametrize("username, password", [(None, None), ("vcenter-svc", "wrong"), ("nobody", "s3cret-enough-password")])
 def test_missing_or_wrong_credential_is_refused(credential_server, pki_dir, username, password):
-    c = _client(credential_server, pki_dir, username, password)
-    try:
-        with pytest.raises(pie_exceptions.KmipOperationFailure) as failure:
-            c.create(enums.CryptographicAlgorithm.AES, 128)
-        assert failure.value.reason == enums.ResultReason.AUTHENTICATION_NOT_SUCCESSFUL
-    finally:
-        c.close()
+    _assert_refused(_client(credential_server, pki_dir, username, password))
 
 
 def test_right_password_from_another_certificate_is_refused(credential_server, pki_dir):
     """vcenter-svc is bound to alice's certificate: bob, who learnt the
     password, is refused with it."""
-    c = _client(credential_server, pki_dir, "vcenter-svc", "s3cret-enough-password", certificate="bob")
-    try:
-        with pytest.raises(pie_exceptions.KmipOperationFailure) as failure:
-            c.create(enums.CryptographicAlgorithm.AES, 128)
-        assert failure.value.reason == enums.ResultReason.AUTHENTICATION_NOT_SUCCESSFUL
-    finally:
-        c.close()
+    _assert_refused(_client(credential_server, pki_dir, "vcenter-svc", "s3cret-enough-password", certificate="bob"))
 
 
 def test_credential_is_verified_once_not_per_request(credential_server, pki_dir):
@@ -101,10 +99,4 @@ def test_credential_is_verified_once_not_per_request(credential_server, pki_dir)
     verified = sum("verified (Argon2id)" in line for line in credential_server.log) - before
     assert verified <= 1, "\n".join(credential_server.log)
     # A wrong password is still checked (and refused), never taken from the cache.
-    c = _client(credential_server, pki_dir, "vcenter-svc", "s3cret-enough-passwore")
-    try:
-        with pytest.raises(pie_exceptions.KmipOperationFailure) as failure:
-            c.create(enums.CryptographicAlgorithm.AES, 128)
-        assert failure.value.reason == enums.ResultReason.AUTHENTICATION_NOT_SUCCESSFUL
-    finally:
-        c.close()
+    _assert_refused(_client(credential_server, pki_dir, "vcenter-svc", "s3cret-enough-passwore"))
