@@ -13,7 +13,7 @@ import pytest
 from conftest import start_server
 from kmip.core import enums
 from kmip.pie import objects as pie_objects
-from kmip.pie.client import ProxyKmipClient
+from kmip_client import pykmip
 from softhsm import PIN, TOKEN, new_label, softhsm
 
 from kms_server.admin import cli
@@ -46,15 +46,8 @@ def opened_node(hsm, pki_dir, tmp_path_factory):
 
 
 def _client(server, pki):
-    client = ProxyKmipClient(
-        hostname=server.host,
-        port=server.port,
-        cert=str(pki / "alice.pem"),
-        key=str(pki / "alice.key"),
-        ca=str(pki / "ca.pem"),
-    )
-    client.open()
-    return client
+    """PyKMIP's client as alice, at KMIP 1.2 (PyKMIP's own default)."""
+    return pykmip(server, pki, version=enums.KMIPVersion.KMIP_1_2)
 
 
 def test_node_serves_and_restarts_on_a_token_master_key(tmp_path, pki_dir, hsm, token_key):

@@ -28,7 +28,7 @@ from kmip.core import enums
 from kmip.core.enums import Operation, Tags
 from kmip.pie import objects as pie_objects
 from kmip.pie.client import ProxyKmipClient
-from kmip_client import RawClient
+from kmip_client import RawClient, pykmip
 from kms_store_support import dump
 from kms_store_support import engine as _engine
 from sqlalchemy import inspect, make_url
@@ -162,15 +162,8 @@ def _add_attribute(uid: str, name: str, value: str):
 
 
 def _client(server, pki: Path) -> ProxyKmipClient:
-    client = ProxyKmipClient(
-        hostname=server.host,
-        port=server.port,
-        cert=str(pki / "alice.pem"),
-        key=str(pki / "alice.key"),
-        ca=str(pki / "ca.pem"),
-    )
-    client.open()
-    return client
+    """PyKMIP's client as alice, at KMIP 1.2 (PyKMIP's own default)."""
+    return pykmip(server, pki, version=enums.KMIPVersion.KMIP_1_2)
 
 
 def populate(server, pki: Path) -> tuple[dict[str, bytes], list[bytes]]:
