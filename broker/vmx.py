@@ -30,16 +30,14 @@ lines is preserved when a file is rewritten.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
-import time
 import uuid as uuid_module
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kms_server.files import write_atomic
+from kms_server.files import flock_within, write_atomic
 
 KEY_SAFE = "encryption.keySafe"
 PENDING_KEY_SAFE = "encryption.keySafe.pending"
@@ -207,15 +205,8 @@ def locked(path: str | Path, timeout: float = 60.0) -> Iterator[None]:
     except OSError as exc:
         raise VmxError(f"cannot open the lock {lock} ({exc.strerror})") from None
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise VmxError(f"{path} has been locked by another command for over {timeout:g} s") from None
-                time.sleep(0.02)
+        if not flock_within(fd, timeout, poll=0.02):
+            raise VmxError(f"{path} has been locked by another command for over {timeout:g} s")
         yield
     finally:
         os.close(fd)

@@ -23,13 +23,15 @@ Standard library only: light tools (``broker.ek_certtool``) import it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_file", "write_atomic"]
+__all__ = ["atomic_file", "flock_within", "write_atomic"]
 
 
 def write_atomic(
@@ -117,3 +119,17 @@ def _failing_on(filename: Path) -> Iterator[None]:
         exc.filename = os.fspath(filename)
         del exc.filename2  # unset, not None: str(exc) would end in "-> None"
         raise
+
+
+def flock_within(fd: int, timeout: float, poll: float) -> bool:
+    """Take an exclusive flock on `fd`, trying again every `poll` seconds
+    for up to `timeout` seconds; False if another holder kept it that long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import time
@@ -65,7 +64,7 @@ from broker.host.errors import (
     SwtpmFailed,
 )
 from broker.keysafe import KeySafe, KeySafeError, parse_key_safe
-from kms_server.files import write_atomic
+from kms_server.files import flock_within, write_atomic
 
 __all__ = ["Agent", "InstallEkResult", "PowerOffResult", "PowerOnResult", "RunningVm"]
 
@@ -688,18 +687,11 @@ class Agent:
         directory.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(directory / f"{vm.vm_uuid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise HostError(
-                            f"another vtpm-host command has been working on VM {vm.name} for over "
-                            f"{self.lock_timeout:g} s; wait for it to finish and try again"
-                        ) from None
-                    time.sleep(0.01)
+            if not flock_within(fd, self.lock_timeout, poll=0.01):
+                raise HostError(
+                    f"another vtpm-host command has been working on VM {vm.name} for over "
+                    f"{self.lock_timeout:g} s; wait for it to finish and try again"
+                )
             yield
         finally:
             os.close(fd)  # Releases the lock.
