@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from broker_process import csr_pem
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -47,16 +48,6 @@ def registry(tmp_path, trust_ca, clock):
     db.close()
 
 
-def make_csr(cn: str = "ignored") -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def self_signed(cn: str) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -77,7 +68,7 @@ def self_signed(cn: str) -> str:
 
 def trusted(registry: Registry, name: str) -> x509.Certificate:
     token = registry.issue_token(name)
-    registry.enroll(name, token, make_csr())
+    registry.enroll(name, token, csr_pem("ignored"))
     return registry.approve(name)
 
 
@@ -91,9 +82,9 @@ def state_of(registry: Registry, name: str) -> str:
 def test_token_is_single_use(registry):
     """A replayed token is refused and does not create a second enrollment."""
     token = registry.issue_token("vc-a")
-    registry.enroll("vc-a", token, make_csr())
+    registry.enroll("vc-a", token, csr_pem("ignored"))
     with pytest.raises(Refused, match="already used"):
-        registry.enroll("vc-a", token, make_csr())
+        registry.enroll("vc-a", token, csr_pem("ignored"))
     assert [i.pending_enrollment for i in registry.list_instances()] == [True]
 
 
@@ -101,14 +92,14 @@ def test_expired_token_refused(registry, clock):
     token = registry.issue_token("vc-a", ttl=60)
     clock.now += 61
     with pytest.raises(Refused, match="expired"):
-        registry.enroll("vc-a", token, make_csr())
+        registry.enroll("vc-a", token, csr_pem("ignored"))
     assert registry.list_instances() == []
 
 
 def test_wrong_token_refused(registry):
     registry.issue_token("vc-a")
     with pytest.raises(Refused, match="not valid"):
-        registry.enroll("vc-a", "not-the-token", make_csr())
+        registry.enroll("vc-a", "not-the-token", csr_pem("ignored"))
     assert registry.list_instances() == []
 
 
@@ -116,16 +107,16 @@ def test_token_for_another_instance_refused(registry):
     """A token binds the instance name it was issued for."""
     token = registry.issue_token("vc-a")
     with pytest.raises(Refused, match="not valid"):
-        registry.enroll("vc-b", token, make_csr())
+        registry.enroll("vc-b", token, csr_pem("ignored"))
     # And it was not consumed by the failed attempt.
-    registry.enroll("vc-a", token, make_csr())
+    registry.enroll("vc-a", token, csr_pem("ignored"))
 
 
 def test_bad_csr_does_not_consume_token(registry):
     token = registry.issue_token("vc-a")
     with pytest.raises(InvalidRequest, match="certificate signing request"):
         registry.enroll("vc-a", token, "garbage")
-    registry.enroll("vc-a", token, make_csr())
+    registry.enroll("vc-a", token, csr_pem("ignored"))
 
 
 def test_token_lifetime_bounds(registry):
@@ -140,7 +131,7 @@ def test_token_lifetime_bounds(registry):
 
 def test_approve_issues_certificate_and_trusts(registry, trust_ca):
     token = registry.issue_token("vc-a")
-    enrollment = registry.enroll("vc-a", token, make_csr("whatever-the-instance-asks"))
+    enrollment = registry.enroll("vc-a", token, csr_pem("whatever-the-instance-asks"))
     assert registry.poll_enrollment(enrollment.enrollment_id, enrollment.poll_secret)["state"] == "pending"
     cert = registry.approve("vc-a")
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "vc-a"
@@ -153,13 +144,13 @@ def test_approve_issues_certificate_and_trusts(registry, trust_ca):
 
 
 def test_poll_with_wrong_secret_is_not_found(registry):
-    enrollment = registry.enroll("vc-a", registry.issue_token("vc-a"), make_csr())
+    enrollment = registry.enroll("vc-a", registry.issue_token("vc-a"), csr_pem("ignored"))
     with pytest.raises(NotFound):
         registry.poll_enrollment(enrollment.enrollment_id, "wrong")
 
 
 def test_reject(registry):
-    registry.enroll("vc-a", registry.issue_token("vc-a"), make_csr())
+    registry.enroll("vc-a", registry.issue_token("vc-a"), csr_pem("ignored"))
     registry.reject("vc-a")
     assert state_of(registry, "vc-a") == "rejected"
     with pytest.raises(NotFound):
@@ -183,7 +174,7 @@ def test_pin_trusts_exactly_that_certificate(registry):
 
 def test_revoke_refuses_certificate_and_hosts(registry):
     cert = trusted(registry, "vc-a")
-    host = registry.register_host("vc-a", "esx-1", make_csr())
+    host = registry.register_host("vc-a", "esx-1", csr_pem("ignored"))
     registry.revoke("vc-a")
     assert registry.identify(fingerprint(cert)) is None
     assert registry.identify(fingerprint(host)) is None
@@ -211,9 +202,9 @@ def two_instances(registry) -> tuple[str, str, str]:
     vc-b with host esx-b. The three host certificates' fingerprints."""
     trusted(registry, "vc-a")
     trusted(registry, "vc-b")
-    host_a = fingerprint(registry.register_host("vc-a", "esx-a", make_csr()))
-    host_a2 = fingerprint(registry.register_host("vc-a", "esx-a2", make_csr()))
-    host_b = fingerprint(registry.register_host("vc-b", "esx-b", make_csr()))
+    host_a = fingerprint(registry.register_host("vc-a", "esx-a", csr_pem("ignored")))
+    host_a2 = fingerprint(registry.register_host("vc-a", "esx-a2", csr_pem("ignored")))
+    host_b = fingerprint(registry.register_host("vc-b", "esx-b", csr_pem("ignored")))
     registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-a")
     return host_a, host_a2, host_b
 
@@ -280,7 +271,7 @@ def test_revoked_instance_hosts_refused_then_recovered_by_another(registry):
     """After A is revoked its hosts are refused; B re-registers the VM (and
     the host), places it on B's host, and that host may unwrap."""
     trusted(registry, "vc-a")
-    host_a = fingerprint(registry.register_host("vc-a", "esx-1", make_csr()))
+    host_a = fingerprint(registry.register_host("vc-a", "esx-1", csr_pem("ignored")))
     registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-1")
     assert registry.authorize_unwrap(host_a, "kek-a").allowed
 
@@ -290,7 +281,7 @@ def test_revoked_instance_hosts_refused_then_recovered_by_another(registry):
 
     trusted(registry, "vc-b")
     # Before B registers the VM, B's host is refused.
-    host_b = fingerprint(registry.register_host("vc-b", "esx-2", make_csr()))
+    host_b = fingerprint(registry.register_host("vc-b", "esx-2", csr_pem("ignored")))
     assert not registry.authorize_unwrap(host_b, "kek-a").allowed
     record = registry.register_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a")
     assert record.instance == "vc-b" and record.host is None
@@ -300,7 +291,7 @@ def test_revoked_instance_hosts_refused_then_recovered_by_another(registry):
     # The revoked instance's host stays refused.
     assert not registry.authorize_unwrap(host_a, "kek-a").allowed
     # B may also take over the revoked instance's host name, with a new certificate.
-    taken = fingerprint(registry.register_host("vc-b", "esx-1", make_csr()))
+    taken = fingerprint(registry.register_host("vc-b", "esx-1", csr_pem("ignored")))
     assert taken != host_a and registry.identify(host_a) is None
 
 
@@ -343,9 +334,9 @@ def test_vm_of_trusted_instance_cannot_be_taken(registry):
 def test_host_rules(registry):
     trusted(registry, "vc-a")
     trusted(registry, "vc-b")
-    registry.register_host("vc-a", "esx-1", make_csr())
+    registry.register_host("vc-a", "esx-1", csr_pem("ignored"))
     with pytest.raises(Conflict):
-        registry.register_host("vc-b", "esx-1", make_csr())
+        registry.register_host("vc-b", "esx-1", csr_pem("ignored"))
     with pytest.raises(NotFound):
         registry.remove_host("vc-b", "esx-1")
     with pytest.raises(NotFound):
@@ -358,9 +349,9 @@ def test_host_rules(registry):
 
 
 def test_untrusted_instance_cannot_register(registry):
-    registry.enroll("vc-p", registry.issue_token("vc-p"), make_csr())
+    registry.enroll("vc-p", registry.issue_token("vc-p"), csr_pem("ignored"))
     with pytest.raises(Refused):
-        registry.register_host("vc-p", "esx-1", make_csr())
+        registry.register_host("vc-p", "esx-1", csr_pem("ignored"))
 
 
 # --- Audit ---------------------------------------------------------------------------------
@@ -383,7 +374,7 @@ def test_audit_chain_records_decisions_and_detects_tampering(registry):
 def test_refused_enrollment_is_audited(registry):
     registry.issue_token("vc-a")
     with pytest.raises(Refused):
-        registry.enroll("vc-a", "wrong", make_csr())
+        registry.enroll("vc-a", "wrong", csr_pem("ignored"))
     last = registry.audit_records()[-1]
     assert (last.action, last.allowed) == ("enroll", False)
 
@@ -391,7 +382,7 @@ def test_refused_enrollment_is_audited(registry):
 def test_no_token_in_database(registry, tmp_path):
     """Only digests of tokens and poll secrets are stored."""
     token = registry.issue_token("vc-a")
-    enrollment = registry.enroll("vc-a", token, make_csr())
+    enrollment = registry.enroll("vc-a", token, csr_pem("ignored"))
     data = (tmp_path / "broker.db").read_bytes()
     for wal in tmp_path.glob("broker.db-wal"):
         data += wal.read_bytes()
@@ -405,7 +396,7 @@ def test_concurrent_decisions_keep_the_chain_intact(registry):
     import threading
 
     trusted(registry, "vc-a")
-    host = fingerprint(registry.register_host("vc-a", "esx-1", make_csr()))
+    host = fingerprint(registry.register_host("vc-a", "esx-1", csr_pem("ignored")))
     registry.add_vm("vc-a", VM_A, "vm-a", "kek-a", "ks-a", "esx-1")
     before = len(registry.audit_records(limit=100000))
     errors = []
@@ -477,8 +468,8 @@ def test_release_hands_a_vm_to_the_named_instance_only(registry):
     for name in ("vc-b", "vc-c", "vc-d", "vc-gone"):
         trusted(registry, name)
     registry.revoke("vc-gone")
-    host_b = fingerprint(registry.register_host("vc-b", "esx-b", make_csr()))
-    host_c = fingerprint(registry.register_host("vc-c", "esx-c", make_csr()))
+    host_b = fingerprint(registry.register_host("vc-b", "esx-b", csr_pem("ignored")))
+    host_c = fingerprint(registry.register_host("vc-c", "esx-c", csr_pem("ignored")))
     registry.add_vm("vc-b", VM_A, "vm-a", "kek-a", "ks-a", "esx-b")
     registry.record_nvram_generation(VM_A, 6, "host:esx-b")
     assert registry.authorize_unwrap(host_b, "kek-a").allowed
