@@ -133,6 +133,7 @@ def db_verify(args: argparse.Namespace) -> int:
             return 0 if not report.failures else 1
         return 0 if report.ok else 1
     finally:
+        barrier.close()
         storage.close()
 
 
@@ -183,6 +184,7 @@ def master_key_rotate(args: argparse.Namespace) -> int:
     from kms_server.keystore.barrier import Barrier
 
     cfg, storage, barrier = _open(args)
+    opened = [barrier]
     try:
         from kms_server.keystore.master_key import MasterKeyError, open_master_key
 
@@ -191,6 +193,7 @@ def master_key_rotate(args: argparse.Namespace) -> int:
                 old = open_master_key(cfg.master_key, txn.get_meta)
         except MasterKeyError as exc:
             raise _error(str(exc)) from None
+        opened.append(old)
         if args.finish:
             try:
                 ring = rotation.finish(storage, old, Barrier)
@@ -200,6 +203,7 @@ def master_key_rotate(args: argparse.Namespace) -> int:
             print(f"rotation finished: data key {ring.active} only, wrapped under {old.description} alone")
             return 0
         new = _new_master(args, storage)
+        opened.append(new)
         try:
             state = rotation.begin(storage, old, new)
         except rotation.RotationError as exc:
@@ -246,6 +250,9 @@ def master_key_rotate(args: argparse.Namespace) -> int:
         )
         return 0
     finally:
+        # A token allows one login per process: let go of every session.
+        for holder in opened:
+            holder.close()
         storage.close()
 
 

@@ -288,6 +288,13 @@ class Barrier:
     def attach(self, master: MasterKey) -> None:
         self._master = master
 
+    def close(self) -> None:
+        """Let go of the master key this barrier re-reads the keyring with
+        (a token session); the data keys it holds keep serving."""
+        if self._master is not None:
+            self._master.close()
+            self._master = None
+
     def refresh(self, txn: Transaction, force: bool = False) -> bool:
         """Re-read the keyring if it is older than REFRESH_SECONDS (or
         `force`); True if it changed."""
@@ -407,6 +414,23 @@ def open_barrier(
     keyring (format-1 objects under the master key itself) gets a keyring
     whose legacy term is that master key, so its objects open unchanged.
     `source` is a [master_key] configuration section (MasterKeyConfig)."""
+    opened_here = master is None
+    try:
+        return _open_barrier(storage, key_file, passphrase_file, master, source)
+    except BaseException:
+        if opened_here and _last_opened.master is not None:
+            _last_opened.master.close()
+        raise
+    finally:
+        _last_opened.master = None
+
+
+# The master key _open_barrier opened, so that a failure can close it.
+_last_opened = threading.local()
+
+
+def _open_barrier(storage, key_file, passphrase_file, master, source) -> Barrier:
+    _last_opened.master = None
     with storage.transaction() as txn:
         if master is None:
             try:
@@ -417,6 +441,7 @@ def open_barrier(
                 )
             except MasterKeyError as exc:
                 raise BarrierError(str(exc)) from None
+            _last_opened.master = master
         ring = read_keyring(txn, master)
         if ring is None:
             check = txn.get_meta(CHECK_META)

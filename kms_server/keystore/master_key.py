@@ -69,6 +69,10 @@ class MasterKey(abc.ABC):
         """The plaintext; raises MasterKeyError if `blob` was not wrapped by
         this key with this context, or was altered."""
 
+    def close(self) -> None:  # noqa: B027 - optional: only a token has something to let go of
+        """Let go of whatever holds the key (a token session); a no-op for
+        a key held in memory."""
+
     def legacy_key(self) -> bytes | None:
         """The raw key, for stores made before the keyring existed (their
         objects were sealed under the master key itself). None where the

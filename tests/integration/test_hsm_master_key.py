@@ -175,7 +175,7 @@ def test_rotation_to_a_token_key_and_backups_on_either_side(tmp_path, pki_dir, h
     def opens(url, config) -> bool:
         storage = SqlStorage(url)
         try:
-            open_barrier(storage, source=load_config(config).master_key)
+            open_barrier(storage, source=load_config(config).master_key).close()
             return True
         except BarrierError:
             return False
