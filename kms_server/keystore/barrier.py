@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -398,7 +398,6 @@ def read_passphrase_file(path: str | Path) -> bytes:
 class _KeySource:
     file: str | None = None
     passphrase_file: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def open_barrier(
@@ -414,50 +413,38 @@ def open_barrier(
     keyring (format-1 objects under the master key itself) gets a keyring
     whose legacy term is that master key, so its objects open unchanged.
     `source` is a [master_key] configuration section (MasterKeyConfig)."""
-    opened_here = master is None
+    opened = None  # the master key opened here, closed again if the store refuses it
     try:
-        return _open_barrier(storage, key_file, passphrase_file, master, source)
-    except BaseException:
-        if opened_here and _last_opened.master is not None:
-            _last_opened.master.close()
-        raise
-    finally:
-        _last_opened.master = None
-
-
-# The master key _open_barrier opened, so that a failure can close it.
-_last_opened = threading.local()
-
-
-def _open_barrier(storage, key_file, passphrase_file, master, source) -> Barrier:
-    _last_opened.master = None
-    with storage.transaction() as txn:
-        if master is None:
-            try:
-                master = master_keys.open_master_key(
-                    source if source is not None else _KeySource(key_file, passphrase_file),
-                    txn.get_meta,
-                    txn.set_meta,
-                )
-            except MasterKeyError as exc:
-                raise BarrierError(str(exc)) from None
-            _last_opened.master = master
-        ring = read_keyring(txn, master)
-        if ring is None:
-            check = txn.get_meta(CHECK_META)
-            if check is None:
-                ring = Keyring.new()
-            else:
-                legacy = master.legacy_key()
-                if legacy is None or not opens_check_record(Barrier(legacy), check):
-                    raise BarrierError(
-                        f"the master key does not open this database (configured: {master.description}; "
-                        "wrong key file or passphrase)"
+        with storage.transaction() as txn:
+            if master is None:
+                try:
+                    master = opened = master_keys.open_master_key(
+                        source if source is not None else _KeySource(key_file, passphrase_file),
+                        txn.get_meta,
+                        txn.set_meta,
                     )
-                ring = Keyring.single(legacy)
-                ring.digest_key = os.urandom(32)
-            write_keyring(txn, ring, [master])
-        barrier = Barrier(ring)
-        barrier.attach(master)
-        barrier._record = txn.get_meta(KEYRING_META)
+                except MasterKeyError as exc:
+                    raise BarrierError(str(exc)) from None
+            ring = read_keyring(txn, master)
+            if ring is None:
+                check = txn.get_meta(CHECK_META)
+                if check is None:
+                    ring = Keyring.new()
+                else:
+                    legacy = master.legacy_key()
+                    if legacy is None or not opens_check_record(Barrier(legacy), check):
+                        raise BarrierError(
+                            f"the master key does not open this database (configured: {master.description}; "
+                            "wrong key file or passphrase)"
+                        )
+                    ring = Keyring.single(legacy)
+                    ring.digest_key = os.urandom(32)
+                write_keyring(txn, ring, [master])
+            barrier = Barrier(ring)
+            barrier.attach(master)
+            barrier._record = txn.get_meta(KEYRING_META)
+    except BaseException:
+        if opened is not None:
+            opened.close()
+        raise
     return barrier
