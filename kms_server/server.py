@@ -18,7 +18,7 @@ from twisted.python.threadpool import ThreadPool
 
 from kms_server import cluster, credentials
 from kms_server.audit import sinks as audit_sinks
-from kms_server.audit.record import AuditDraft, client_fields
+from kms_server.audit.record import AuditDraft, client_fields, system_entry
 from kms_server.audit.trail import AuditTrail, AuditWriteFailed
 from kms_server.config import Config
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
@@ -34,35 +34,27 @@ from kms_server.wire.protocol import KmipFactory
 log = logging.getLogger("kms_server.server")
 
 
-def check_rows_while_serving(storage, barrier, trail) -> row_auth.VerifyReport:
-    """The start-up check again, while the node serves (read-only): a
-    rollback or an edit made since is logged CRITICAL and recorded in the
-    audit trail; the objects that fail are refused on every request."""
+def _checked_rows(storage, barrier, refused: str) -> row_auth.VerifyReport:
+    """Every object row and the store digest, checked read-only; each
+    object that fails is logged (it is refused on every request)."""
     with storage.transaction(read_only=True) as txn:
         report = row_auth.verify_store(txn, barrier, unseal=False)
     for uid, problem in report.failures:
-        log.error("object %s fails its integrity check and is refused: %s", uid, problem)
+        log.error("object %s fails its integrity check and %s: %s", uid, refused, problem)
+    return report
+
+
+def check_rows_while_serving(storage, barrier, trail) -> row_auth.VerifyReport:
+    """The start-up check again, while the node serves: a rollback or an
+    edit made since is logged CRITICAL and recorded in the audit trail."""
+    report = _checked_rows(storage, barrier, "is refused")
     if report.digest_problem is not None:
         log.critical(
             "the database fails its integrity check: %s; run 'kms-admin db verify'", report.digest_problem
         )
     if not report.ok and trail is not None:
         detail = report.digest_problem or f"{len(report.failures)} objects fail their row MAC"
-        entry = {
-            "event": "integrity",
-            "request_id": "-",
-            "item": None,
-            "client": {"name": "kms-server", "role": None, "subject": None, "fingerprint": None, "username": None},
-            "peer": "local",
-            "protocol": None,
-            "operation": "INTEGRITY_CHECK",
-            "uid": report.failures[0][0] if report.failures else None,
-            "object": {},
-            "objects": [{"uid": uid} for uid, _ in report.failures],
-            "attributes": [],
-            "result": {"status": "OPERATION_FAILED", "reason": "GENERAL_FAILURE"},
-            "detail": detail,
-        }
+        entry = system_entry("kms-server", "INTEGRITY_CHECK", detail, [uid for uid, _ in report.failures], failed=True)
         try:
             trail.write(entry)
         except AuditWriteFailed as exc:
@@ -71,14 +63,10 @@ def check_rows_while_serving(storage, barrier, trail) -> row_auth.VerifyReport:
 
 
 def check_rows_at_start(storage, barrier) -> None:
-    """Verify every object row and the store digest before serving. A row
-    that fails is logged and will be refused on every request; rows that
-    no longer add up to the store digest (one was rolled back or removed
-    while no node watched) stop the start: which one cannot be told."""
-    with storage.transaction(read_only=True) as txn:
-        report = row_auth.verify_store(txn, barrier, unseal=False)
-    for uid, problem in report.failures:
-        log.error("object %s fails its integrity check and will be refused: %s", uid, problem)
+    """Verify every object row and the store digest before serving. Rows
+    that no longer add up to the store digest (one was rolled back or
+    removed while no node watched) stop the start: which one cannot be told."""
+    report = _checked_rows(storage, barrier, "will be refused")
     if report.digest_problem is not None:
         raise row_auth.RowIntegrityError(
             None,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,23 +56,10 @@ def _open(args: argparse.Namespace):
 
 def _audit(storage, operation: str, detail: str, uids: list[str] | None = None) -> None:
     """An administrative record in the audit trail."""
+    from kms_server.audit.record import system_entry
     from kms_server.audit.trail import AuditTrail
 
-    entry = {
-        "event": "admin",
-        "request_id": uuid.uuid4().hex[:16],
-        "item": None,
-        "client": {"name": ADMIN_NODE, "role": "operator", "subject": None, "fingerprint": None, "username": None},
-        "peer": "local",
-        "protocol": None,
-        "operation": operation,
-        "uid": (uids or [None])[0],
-        "object": {},
-        "objects": [{"uid": u} for u in (uids or [])],
-        "attributes": [],
-        "result": {"status": "SUCCESS", "reason": None},
-        "detail": detail,
-    }
+    entry = system_entry(ADMIN_NODE, operation, detail, uids or [])
     trail = AuditTrail(storage, node=ADMIN_NODE)
     with storage.transaction() as txn:
         trail.append(txn, entry)

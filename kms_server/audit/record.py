@@ -198,3 +198,25 @@ def client_fields(principal) -> dict:
         "fingerprint": principal.fingerprint,
         "username": principal.username,
     }
+
+
+def system_entry(
+    client: str, operation: str, detail: str, uids: list[str] | tuple[str, ...] = (), failed: bool = False
+) -> dict:
+    """A record's fields for something the server or kms-admin did on its
+    own (an integrity check, a master-key rotation), not a client request."""
+    return {
+        "event": "integrity" if failed else "admin",
+        "request_id": "-",
+        "item": None,
+        "client": {"name": client, "role": None, "subject": None, "fingerprint": None, "username": None},
+        "peer": "local",
+        "protocol": None,
+        "operation": operation,
+        "uid": uids[0] if uids else None,
+        "object": {},
+        "objects": [{"uid": uid} for uid in uids],
+        "attributes": [],
+        "result": {"status": "OPERATION_FAILED", "reason": "GENERAL_FAILURE"} if failed else {"status": "SUCCESS", "reason": None},
+        "detail": detail,
+    }
