@@ -1303,10 +1303,12 @@ def test_transparent_ec_keys_reconstruct_same_key(ec_key):
     x, y = int.from_bytes(q[1:33], "big"), int.from_bytes(q[33:], "big")
     assert (y * y - (x**3 - 3 * x + P256_B)) % P256_P == 0
     assert crypto.import_transparent_public_key(public_values)[0] == public
+    # y with its lowest bit flipped: never on the curve (only y and p - y are),
+    # whatever the generated key's last byte is (b"\x00" was when it was 0x00).
+    off_curve = q[:-1] + bytes([q[-1] ^ 1])
+    assert (int.from_bytes(off_curve[33:], "big") + y) % P256_P != 0
     with pytest.raises(CryptoError):
-        crypto.import_transparent_public_key(
-            dict(public_values, q_string=q[:-1] + b"\x00")
-        )
+        crypto.import_transparent_public_key(dict(public_values, q_string=off_curve))
     with pytest.raises(CryptoError, match="not supported"):
         crypto.import_transparent_private_key(
             dict(private_values, recommended_curve=RecommendedCurve.K_163)
