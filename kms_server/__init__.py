@@ -1,1 +1,5 @@
-__version__ = "0.1.0"
+"""kms-server: a clustered KMIP key manager."""
+
+from kmip_core import __version__
+
+__all__ = ["__version__"]
