@@ -1565,7 +1565,7 @@ def test_rng_seed_is_mixed_into_the_os_pool_and_counted(alice, monkeypatch, tmp_
     pool that cannot be written takes none."""
     pool = tmp_path / "urandom"
     pool.write_bytes(b"")
-    monkeypatch.setattr(crypto.ciphers, "_URANDOM", str(pool))
+    monkeypatch.setattr(crypto.rng, "_URANDOM", str(pool))
     seed = os.urandom(32)
     payload = alice.ok(Operation.RNG_SEED, [ttlv.byte_string(T.DATA.value, seed)])
     assert payload.get(T.DATA_LENGTH.value) == 32 and pool.read_bytes() == seed
@@ -1574,7 +1574,7 @@ def test_rng_seed_is_mixed_into_the_os_pool_and_counted(alice, monkeypatch, tmp_
     assert payload.get(T.DATA_LENGTH.value) == crypto.SEED_MAX_BYTES
     alice.fails(Operation.RNG_SEED, [ttlv.byte_string(T.DATA.value, b"")], ResultReason.INVALID_FIELD)
     alice.fails(Operation.RNG_SEED, [], ResultReason.MISSING_DATA)
-    monkeypatch.setattr(crypto.ciphers, "_URANDOM", str(tmp_path / "missing" / "urandom"))
+    monkeypatch.setattr(crypto.rng, "_URANDOM", str(tmp_path / "missing" / "urandom"))
     payload = alice.ok(Operation.RNG_SEED, [ttlv.byte_string(T.DATA.value, seed)])
     assert payload.get(T.DATA_LENGTH.value) == 0
 
