@@ -80,7 +80,7 @@ def _preload() -> None:
 
     import broker.host.agent  # noqa: F401
     import broker.host.broker_client  # noqa: F401
-    import kms_server.client  # noqa: F401
+    import kmip_core.client  # noqa: F401
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

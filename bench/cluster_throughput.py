@@ -27,12 +27,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import pg_cluster  # noqa: E402
 from conftest import start_server  # noqa: E402
 
-from kms_server.admin.pki import init_pki  # noqa: E402
+from kmip_core.pki import init_pki  # noqa: E402
 
 
 def _worker(args) -> tuple[int, int, list[float]]:
     node, pki, ops = args
-    from kms_server.client import KmipClient, KmipError
+    from kmip_core.client import KmipClient, KmipError
 
     latencies, errors = [], 0
     with KmipClient([node], cert=pki / "alice.pem", key=pki / "alice.key", ca=pki / "ca.pem") as client:

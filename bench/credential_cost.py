@@ -26,8 +26,8 @@ from kmip.core.enums import Operation, ResultStatus  # noqa: E402
 from kmip.core.enums import Tags as T  # noqa: E402
 from kmip_client import RawClient  # noqa: E402
 
-from kms_server.admin.pki import init_pki  # noqa: E402
-from kms_server.client.messages import request_message  # noqa: E402
+from kmip_core.client.messages import request_message  # noqa: E402
+from kmip_core.pki import init_pki  # noqa: E402
 
 USER, PASSWORD = "alice", "s3cret-enough-password"
 

@@ -44,11 +44,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "integratio
 from conftest import start_server  # noqa: E402
 from test_gateway import BROKER_IDENTITY, run_gateway_for_tests  # noqa: E402
 
-from kms_server.admin.pki import fingerprint_sha256, init_pki  # noqa: E402
+from kmip_core.pki import fingerprint_sha256, init_pki  # noqa: E402
 
 
 def _worker(job: dict, barrier, results) -> None:
-    from kms_server.client import KmipClient, KmipError
+    from kmip_core.client import KmipClient, KmipError
 
     latencies, errors = [], 0
     try:
@@ -120,7 +120,7 @@ def measure(label: str, jobs: list[dict]) -> dict:
 
 
 def wrap_dek(node: str, pki: Path) -> dict:
-    from kms_server.client import KmipClient
+    from kmip_core.client import KmipClient
 
     dek = os.urandom(64)
     with KmipClient(

@@ -7,7 +7,7 @@ reference server, on the same machine, in the same run.
 
 Both servers are started here on free 127.0.0.1 ports, each in its own
 temporary directory with its own SQLite database, both with the same
-development PKI (kms_server.admin.pki.init_pki) and mutual TLS. Every
+development PKI (kmip_core.pki.init_pki) and mutual TLS. Every
 workload is run with PyKMIP's ProxyKmipClient (KMIP 1.2) against each
 server at each concurrency level: N client processes (not threads, so the
 client's GIL is not what is measured), one TLS connection each, opened
@@ -534,8 +534,8 @@ def start_kms_server(
     audit: bool = True,
     name: str = "kms-server",
 ) -> Server:
-    from kms_server.admin.pki import new_master_key
-    from kms_server.keystore import audit_key
+    from kmip_core.pki import new_master_key
+    from kmip_core.audit import audit_key
 
     workdir = root / name
     workdir.mkdir(mode=0o700)
@@ -958,7 +958,7 @@ def main(argv=None) -> int:
     }
     interrupted = False
     try:
-        from kms_server.admin.pki import init_pki
+        from kmip_core.pki import init_pki
 
         pki = root / "pki"
         init_pki(pki, server_names=["localhost"], clients=[CLIENT_NAME])

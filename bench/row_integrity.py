@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kmip.core.enums import ObjectType  # noqa: E402
 
+from kmip_core.policy import Principal, Role  # noqa: E402
+from kmip_core.sealing.barrier import Barrier  # noqa: E402
 from kms_server.keystore import attributes as attrs  # noqa: E402
 from kms_server.keystore import row_auth  # noqa: E402
-from kms_server.keystore.barrier import Barrier  # noqa: E402
 from kms_server.keystore.keystore import Keystore  # noqa: E402
 from kms_server.keystore.objects import Material  # noqa: E402
-from kms_server.keystore.policy import Principal, Role  # noqa: E402
 from kms_server.storage import open_storage  # noqa: E402
 
 

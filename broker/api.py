@@ -67,8 +67,8 @@ from broker.trust import (
 )
 from broker.trust_ca import cert_pem
 from broker.vmkeys import KmsUnavailable, VmKeys
-from kms_server.config import TlsConfig
-from kms_server.wire import limits, tls
+from kmip_core import limits, tls
+from kmip_core.config import TlsConfig
 
 __all__ = [
     "Api",

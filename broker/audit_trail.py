@@ -1,4 +1,4 @@
-"""The broker's audit trail on the KMS's chain (kms_server.audit.chain with
+"""The broker's audit trail on the KMS's chain (kmip_core.audit.chain with
 the broker's Domain): canonical JSON records, hashed with the broker's own
 tag, and Ed25519-signed checkpoints of the head (docs/audit-trail.md).
 
@@ -28,9 +28,17 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from kms_server.audit import chain
-from kms_server.audit.chain import BROKER, GENESIS, Problem, Report, canonical, format_time, parse_time, record_hash
-from kms_server.keystore import audit_key
+from kmip_core.audit import audit_key, chain
+from kmip_core.audit.chain import (
+    BROKER,
+    GENESIS,
+    Problem,
+    Report,
+    canonical,
+    format_time,
+    parse_time,
+    record_hash,
+)
 
 if TYPE_CHECKING:
     from broker.db import Database
@@ -209,7 +217,7 @@ def carry_over(conn, clock: Callable[[], float] = time.time, node: str = "vtpm-b
 
 @dataclass(frozen=True)
 class Row:
-    """A broker_audit row as kms_server.audit.chain.verify reads records."""
+    """A broker_audit row as kmip_core.audit.chain.verify reads records."""
 
     seq: int
     time: float
@@ -269,7 +277,7 @@ def verify_rows(
 ) -> Report:
     """Records (broker_audit rows or exported ones, in seq order) of the old
     format by their rule up to the carry-over record, the rest and the
-    checkpoints by the chain's (kms_server.audit.chain.verify with the
+    checkpoints by the chain's (kmip_core.audit.chain.verify with the
     broker's Domain). `verifier` checks checkpoint signatures; None reports
     any checkpoint as unchecked."""
     rows = iter(stored)

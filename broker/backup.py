@@ -43,6 +43,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker import db as broker_db
 from broker import schema
 from broker.config import BrokerConfig
+from kmip_core.db.engine import describe_error
+from kmip_core.files import atomic_file
+from kmip_core.sealing.barrier import Barrier, BarrierError
+from kmip_core.sealing.master_key import MasterKey, MasterKeyError, open_master_key
 from kms_server.admin.backup import (
     BackupError,
     BackupKind,
@@ -53,10 +57,6 @@ from kms_server.admin.backup import (
     table_section,
     write_sealed,
 )
-from kms_server.files import atomic_file
-from kms_server.keystore.barrier import Barrier, BarrierError
-from kms_server.keystore.master_key import MasterKey, MasterKeyError, open_master_key
-from kms_server.storage.engine import describe_error
 
 __all__ = ["BROKER_BACKUP", "BROKER_TABLES", "BackupError", "BackupSummary", "RestoreSummary", "backup", "restore"]
 

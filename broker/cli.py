@@ -220,7 +220,7 @@ def _run(cfg) -> int:
     from broker import service
 
     root = service.build(cfg, reactor, gateway_factory=service.default_gateway_factory)
-    from kms_server.cli import run_service
+    from kmip_core.service import run_service
 
     failed = run_service(root, reactor, _describe)
     return _fail(failed) if failed else 0
@@ -230,13 +230,13 @@ def _run(cfg) -> int:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    from kms_server.files import write_atomic
+    from kmip_core.files import write_atomic
 
     write_atomic(path, data, 0o600)  # An OSError names the path: one line (_describe).
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    from kms_server.files import write_atomic
+    from kmip_core.files import write_atomic
 
     write_atomic(path, data, 0o644)
 
@@ -278,7 +278,7 @@ def _init(cfg) -> int:
     from cryptography.x509.oid import NameOID
 
     from broker import trust_ca
-    from kms_server.admin import pki
+    from kmip_core import pki
 
     data_dir = cfg.broker.data_dir
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -546,7 +546,7 @@ def _audit_verifier(cfg, public_key: str | None):
 
 def _audit(cfg, args) -> int:
     from broker import audit_trail
-    from kms_server.audit import chain
+    from kmip_core.audit import chain
 
     if args.audit_command == "verify" and args.file is not None:
         # Offline, as kms-admin audit verify --file: the export and the public key only.

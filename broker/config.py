@@ -33,27 +33,27 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kms_server.config import (
+from kmip_core.config import (
     DERIVED,
     LOG_LEVELS,
     TLS_VERSIONS,
     ConfigError,
     Required,
     Schema,
-    _check_file,
-    _choice,
-    _db_url,
-    _identities,
-    _int_between,
-    _nonempty_str,
-    _path,
-    _plain,
-    _port,
-    _positive_seconds,
-    _redact_url,
-    _Source,
+    Source,
+    check_file,
+    choice,
+    db_url,
     format_settings,
+    identities,
+    int_between,
     merge_sources,
+    nonempty_str,
+    path_value,
+    plain_value,
+    port_number,
+    positive_seconds,
+    redact_url,
 )
 
 __all__ = [
@@ -89,7 +89,7 @@ class ApiConfig:
     # Enrollment requests (POST /v1/enroll, which needs no certificate) one
     # address may make per minute, in bursts of as many; 0: no limit.
     enroll_per_minute: int = 30
-    # Listener limits (kms_server.wire.limits): connections counted after
+    # Listener limits (kmip_core.limits): connections counted after
     # TLS, handshakes in progress and their timeout, and the deadline for
     # a whole request once its first byte came.
     max_connections: int = 256
@@ -221,8 +221,8 @@ class BrokerConfig:
         out: dict[str, dict[str, Any]] = {}
         for section in SECTION_ORDER:
             obj = getattr(self, section)
-            out[section] = {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
-        out["storage"]["db_url"] = _redact_url(self.storage.db_url)
+            out[section] = {f.name: plain_value(getattr(obj, f.name)) for f in fields(obj)}
+        out["storage"]["db_url"] = redact_url(self.storage.db_url)
         return out
 
     def check_files(self, *, for_run: bool = True) -> list[str]:
@@ -244,11 +244,11 @@ class BrokerConfig:
                 where = f" --config {self.source}" if self.source else ""
                 problems.append(f"{key} {path} does not exist; run 'vtpm-broker{where} init' first")
             else:
-                problems.extend(_check_file(key, path, secret=secret))
+                problems.extend(check_file(key, path, secret=secret))
         # Optional (checkpoints go unsigned without it, with a warning), but
         # a key others can read is a problem.
         if self.audit.signing_key_file.exists():
-            problems.extend(_check_file("audit.signing_key_file", self.audit.signing_key_file, secret=True))
+            problems.extend(check_file("audit.signing_key_file", self.audit.signing_key_file, secret=True))
         if not for_run:
             return problems
         if not self.kms.nodes:
@@ -256,8 +256,8 @@ class BrokerConfig:
         if self.kms.ca is None:
             problems.append('kms.ca is not set; add ca = "<the KMS CA certificate>" to [kms]')
         else:
-            problems.extend(_check_file("kms.ca", self.kms.ca, secret=False))
-        cert_problems = _check_file("kms.cert", self.kms.cert, secret=False)
+            problems.extend(check_file("kms.ca", self.kms.ca, secret=False))
+        cert_problems = check_file("kms.cert", self.kms.cert, secret=False)
         if cert_problems and not self.kms.cert.exists():
             cert_problems = [
                 f"kms.cert {self.kms.cert} does not exist; sign {self.kms_csr_path} with "
@@ -270,7 +270,7 @@ class BrokerConfig:
 # --- Validators that kms_server.config does not have ------------------------------
 
 
-def _provider(key: str, value: Any, src: _Source) -> str:
+def _provider(key: str, value: Any, src: Source) -> str:
     if not isinstance(value, str) or not _PROVIDER.match(value):
         raise ConfigError(
             f"config: {key} must be a key provider name of 1-64 letters, digits, '.', '_' or '-', "
@@ -279,7 +279,7 @@ def _provider(key: str, value: Any, src: _Source) -> str:
     return value
 
 
-def _nodes(key: str, value: Any, src: _Source) -> tuple[str, ...]:
+def _nodes(key: str, value: Any, src: Source) -> tuple[str, ...]:
     if isinstance(value, tuple):
         value = list(value)
     if isinstance(value, str):
@@ -293,7 +293,7 @@ def _nodes(key: str, value: Any, src: _Source) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _names(key: str, value: Any, src: _Source) -> tuple[str, ...]:
+def _names(key: str, value: Any, src: Source) -> tuple[str, ...]:
     if isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
@@ -301,70 +301,70 @@ def _names(key: str, value: Any, src: _Source) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _optional_str(key: str, value: Any, src: _Source) -> str:
-    return _nonempty_str(key, value, src)
+def _optional_str(key: str, value: Any, src: Source) -> str:
+    return nonempty_str(key, value, src)
 
 
 _SCHEMA: Schema = {
     "broker": {
         "provider_name": (_provider, Required('"kms-prod" (your key provider name)')),
-        "data_dir": (_path, "var/broker"),
-        "node_name": (_nonempty_str, DERIVED),
+        "data_dir": (path_value, "var/broker"),
+        "node_name": (nonempty_str, DERIVED),
     },
     "api": {
-        "host": (_nonempty_str, "127.0.0.1"),
-        "port": (_port, 8443),
-        "max_body": (_int_between(1024, 16 << 20), 65536),
-        "worker_threads": (_int_between(1, 256), 8),
-        "enroll_per_minute": (_int_between(0, 1_000_000), 30),
-        "max_connections": (_int_between(1, 1_000_000), 256),
-        "max_handshakes": (_int_between(1, 1_000_000), 256),
-        "handshake_timeout": (_positive_seconds(3600.0), 10.0),
-        "request_timeout": (_positive_seconds(3600.0), 30.0),
+        "host": (nonempty_str, "127.0.0.1"),
+        "port": (port_number, 8443),
+        "max_body": (int_between(1024, 16 << 20), 65536),
+        "worker_threads": (int_between(1, 256), 8),
+        "enroll_per_minute": (int_between(0, 1_000_000), 30),
+        "max_connections": (int_between(1, 1_000_000), 256),
+        "max_handshakes": (int_between(1, 1_000_000), 256),
+        "handshake_timeout": (positive_seconds(3600.0), 10.0),
+        "request_timeout": (positive_seconds(3600.0), 30.0),
     },
     "gateway": {
-        "host": (_nonempty_str, "127.0.0.1"),
-        "port": (_port, 5697),
-        "max_message_size": (_int_between(1024, 1 << 30), 1 << 20),
-        "idle_timeout": (_positive_seconds(86400.0), 300.0),
-        "handshake_timeout": (_positive_seconds(3600.0), 10.0),
-        "max_connections": (_int_between(1, 1_000_000), 1024),
-        "worker_threads": (_int_between(1, 1024), 16),
-        "max_handshakes": (_int_between(1, 1_000_000), 256),
-        "frame_timeout": (_positive_seconds(3600.0), 30.0),
+        "host": (nonempty_str, "127.0.0.1"),
+        "port": (port_number, 5697),
+        "max_message_size": (int_between(1024, 1 << 30), 1 << 20),
+        "idle_timeout": (positive_seconds(86400.0), 300.0),
+        "handshake_timeout": (positive_seconds(3600.0), 10.0),
+        "max_connections": (int_between(1, 1_000_000), 1024),
+        "worker_threads": (int_between(1, 1024), 16),
+        "max_handshakes": (int_between(1, 1_000_000), 256),
+        "frame_timeout": (positive_seconds(3600.0), 30.0),
     },
     "tls": {
-        "cert": (_path, DERIVED),
-        "key": (_path, DERIVED),
+        "cert": (path_value, DERIVED),
+        "key": (path_value, DERIVED),
         "server_names": (_names, ()),
-        "min_version": (_choice(TLS_VERSIONS), "1.2"),
+        "min_version": (choice(TLS_VERSIONS), "1.2"),
     },
     "kms": {
         "nodes": (_nodes, ()),
-        "cert": (_path, DERIVED),
-        "key": (_path, DERIVED),
-        "ca": (_path, None),
+        "cert": (path_value, DERIVED),
+        "key": (path_value, DERIVED),
+        "ca": (path_value, None),
         "server_name": (_optional_str, None),
-        "connect_timeout": (_positive_seconds(600.0), 5.0),
-        "request_timeout": (_positive_seconds(3600.0), 30.0),
-        "connections": (_int_between(1, 256), 8),
+        "connect_timeout": (positive_seconds(600.0), 5.0),
+        "request_timeout": (positive_seconds(3600.0), 30.0),
+        "connections": (int_between(1, 256), 8),
     },
     "storage": {
-        "db_url": (_db_url, DERIVED),
-        "schema": (_choice(("auto", "upgrade", "check")), "auto"),
+        "db_url": (db_url, DERIVED),
+        "schema": (choice(("auto", "upgrade", "check")), "auto"),
     },
-    "master_key": {"file": (_path, DERIVED)},
+    "master_key": {"file": (path_value, DERIVED)},
     "audit": {
-        "signing_key_file": (_path, DERIVED),
-        "checkpoint_seconds": (_positive_seconds(86400.0), 60.0),
+        "signing_key_file": (path_value, DERIVED),
+        "checkpoint_seconds": (positive_seconds(86400.0), 60.0),
     },
     "roles": {
-        "security_admins": (_identities, ()),
-        "administrators": (_identities, ()),
-        "no_crypto_administrators": (_identities, ()),
-        "auditors": (_identities, ()),
+        "security_admins": (identities, ()),
+        "administrators": (identities, ()),
+        "no_crypto_administrators": (identities, ()),
+        "auditors": (identities, ()),
     },
-    "logging": {"level": (_choice(LOG_LEVELS, upper=True), "INFO")},
+    "logging": {"level": (choice(LOG_LEVELS, upper=True), "INFO")},
 }
 
 _TYPES: dict[str, type] = {

@@ -43,8 +43,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from kms_server.keystore.barrier import Barrier, BarrierError, read_key_file
-from kms_server.storage.engine import DatabaseUrlError, configure_sqlite, describe_error, open_engine, parse_db_url
+from kmip_core.db.engine import DatabaseUrlError, configure_sqlite, describe_error, open_engine, parse_db_url
+from kmip_core.sealing.barrier import Barrier, BarrierError, read_key_file
 
 __all__ = [
     "Database",

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kms_server.files import write_atomic
+from kmip_core.files import write_atomic
 
 # cryptography, ssl, urllib and broker.vtpm_ca are imported where the remote
 # and local modes need them, so that importing this module stays light.

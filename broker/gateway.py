@@ -11,9 +11,9 @@ broker's audit trail.
 Nothing on the wire is written here. The listener is the KMS core's
 `KmipFactory` (framing with a length limit and a deadline, per-connection
 ordering, back-pressure, worker pool, idle timeout, drain) inside the
-core's listener limits (`kms_server.wire.limits`: handshake cap and
+core's listener limits (`kmip_core.limits`: handshake cap and
 timeout, connection slots counted after TLS) behind its strict mutual-TLS
-context (`kms_server.wire.tls`, ECDHE-AEAD suites only), and requests go through the KMS core's
+context (`kmip_core.tls`, ECDHE-AEAD suites only), and requests go through the KMS core's
 `Dispatcher` (decoding, batches, protocol versions 1.0 to 2.0, the one
 table from failures to Result Reasons) with a three-row operation table:
 DiscoverVersions, Query and Decrypt. Every other operation answers
@@ -47,17 +47,16 @@ from kmip.core.enums import (
 
 from broker.request_scope import request_scope
 from broker.trust import Decision
-from kms_server import __version__, errors
-from kms_server.client import KmipError
-from kms_server.config import TlsConfig
+from kmip_core import __version__, errors, limits, tls, ttlv
+from kmip_core.client import KmipError
+from kmip_core.config import TlsConfig
+from kmip_core.policy import Principal
+from kmip_core.protocol import KmipFactory
+from kmip_core.reasons import REASONS
+from kmip_core.ttlv import ItemType
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
-from kms_server.dispatch.errors import REASONS
-from kms_server.keystore.policy import Principal
 from kms_server.operations import common, discover_versions, object_codec
 from kms_server.operations.encrypt import optional_bytes
-from kms_server.wire import limits, tls, ttlv
-from kms_server.wire.protocol import KmipFactory
-from kms_server.wire.ttlv import ItemType
 
 __all__ = [
     "AUDIT_ACTION",
@@ -94,7 +93,7 @@ class UnwrapRegistry(Protocol):
 
 
 class KeyProviderClient(Protocol):
-    """`kms_server.client.KmipClient.decrypt`, or anything with its signature."""
+    """`kmip_core.client.KmipClient.decrypt`, or anything with its signature."""
 
     def decrypt(
         self,
@@ -313,7 +312,7 @@ def build_gateway_factory(
     (or pinned ones in `tls_config.trusted_clients_dir`) get past the
     handshake. The caller owns `threadpool` (start it before listening,
     stop it after `factory.drain()` and `factory.close_all()`).
-    Raises `kms_server.wire.tls.TlsConfigError` on unusable TLS settings.
+    Raises `kmip_core.tls.TlsConfigError` on unusable TLS settings.
     """
     # Hosts are the broker's own agents: no KMIP profile suite without
     # forward secrecy is needed here.

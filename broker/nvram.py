@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-import kms_server.files
+import kmip_core.files
 
 __all__ = [
     "DEK_LENGTH",
@@ -368,7 +368,7 @@ def write_atomic(path: str | os.PathLike[str], blob: bytes) -> None:
     (docs/nvram-format.md, "Atomic writes"). On failure the temporary file is removed
     and the OSError names ``path``.
     """
-    kms_server.files.write_atomic(path, blob, 0o600, sync_dir=True)
+    kmip_core.files.write_atomic(path, blob, 0o600, sync_dir=True)
 
 
 # --- internals -------------------------------------------------------------------

@@ -25,7 +25,7 @@ import contextvars
 import uuid
 from collections.abc import Iterator
 
-from kms_server.client import correlation
+from kmip_core.client import correlation
 
 __all__ = [
     "correlation_value",

@@ -21,9 +21,9 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.db import Database, DatabaseError
-from kms_server.storage import schema as _schema
-from kms_server.storage.engine import describe_error
-from kms_server.storage.schema import Migrations, SchemaError
+from kmip_core.db import migrations as _schema
+from kmip_core.db.engine import describe_error
+from kmip_core.db.migrations import Migrations, SchemaError
 
 __all__ = ["BROKER", "SchemaError", "check", "current_revision", "head_revision", "prepare", "upgrade"]
 

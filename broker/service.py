@@ -27,11 +27,11 @@ from broker.db import Database, open_barrier
 from broker.trust import Registry
 from broker.trust_ca import load_trust_ca
 from broker.vmkeys import VmKeys
-from kms_server.client import KmipClient
-from kms_server.config import TlsConfig
-from kms_server.keystore.barrier import Barrier
-from kms_server.wire.limits import LimitedFactory, ListenerLimits
-from kms_server.wire.tls import reload_on_sighup
+from kmip_core.client import KmipClient
+from kmip_core.config import TlsConfig
+from kmip_core.limits import LimitedFactory, ListenerLimits
+from kmip_core.sealing.barrier import Barrier
+from kmip_core.tls import reload_on_sighup
 
 __all__ = ["BrokerService", "GatewayFactory", "build", "default_gateway_factory", "ek_ca_issuer"]
 

@@ -48,8 +48,8 @@ from broker.trust_ca import (
     load_certificate_pem,
     load_csr_pem,
 )
-from kms_server.audit.chain import GENESIS, Report
-from kms_server.storage.group_commit import GroupCommit
+from kmip_core.audit.chain import GENESIS, Report
+from kmip_core.db.group_commit import GroupCommit
 
 __all__ = [
     "AUDIT_GENESIS",

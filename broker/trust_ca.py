@@ -4,7 +4,7 @@ broker database under the master key (AAD = purpose, "ca:trust").
 
 The CA decides what a certificate may do: from a CSR only the public key is
 taken; subject, validity and extensions are the broker's. Leaves are built
-by ``kms_server.admin.pki`` (the same profile the KMS's own PKI issues).
+by ``kmip_core.pki`` (the same profile the KMS's own PKI issues).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.db import Database
-from kms_server.admin import pki
-from kms_server.keystore.barrier import Barrier, BarrierError
+from kmip_core import pki
+from kmip_core.sealing.barrier import Barrier, BarrierError
 
 __all__ = [
     "TRUST_CA_PURPOSE",
@@ -49,7 +49,7 @@ class CaMissing(Exception):
 
 
 def fingerprint(cert: x509.Certificate) -> str:
-    """Lowercase hex SHA-256 of the DER certificate (as kms_server.wire.tls)."""
+    """Lowercase hex SHA-256 of the DER certificate (as kmip_core.tls)."""
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
@@ -112,19 +112,19 @@ class TrustCa:
         return cert_pem(self.cert)
 
     def _pki_ca(self):
-        return pki._Ca(self.cert, self.key)
+        return pki.Ca(self.cert, self.key)
 
     def issue_client(self, common_name: str, public_key, days: int = LEAF_DAYS) -> x509.Certificate:
         """A clientAuth certificate, CN = common_name."""
         _check_public_key(public_key, "the public key")
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-        return pki._issue(self._pki_ca(), subject, public_key, ExtendedKeyUsageOID.CLIENT_AUTH, [], days)
+        return pki.issue(self._pki_ca(), subject, public_key, ExtendedKeyUsageOID.CLIENT_AUTH, [], days)
 
     def issue_server(self, names: list[str], public_key, days: int = LEAF_DAYS) -> x509.Certificate:
         """A serverAuth certificate for names + localhost + 127.0.0.1."""
-        sans = pki._server_sans(names)
+        sans = pki.server_sans(names)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "localhost")])
-        return pki._issue(self._pki_ca(), subject, public_key, ExtendedKeyUsageOID.SERVER_AUTH, sans, days)
+        return pki.issue(self._pki_ca(), subject, public_key, ExtendedKeyUsageOID.SERVER_AUTH, sans, days)
 
 
 def create_trust_ca(provider_name: str) -> TrustCa:

@@ -3,7 +3,7 @@ DEK wrapped by the KMS (KMIP Encrypt, AES-256-GCM) so the KEK never leaves
 it, and the checks that let a VM be re-registered from its key safe alone.
 
 The broker is an ordinary KMIP client of the KMS cluster
-(``kms_server.client.KmipClient``, failover across nodes) with its own
+(``kmip_core.client.KmipClient``, failover across nodes) with its own
 client certificate. A DEK is only ever a local variable or a return value:
 never logged, never in an exception.
 """
@@ -19,8 +19,8 @@ from kmip.core.enums import ResultReason, RevocationReasonCode
 
 from broker.keysafe import ALGORITHM, DEK_BYTES, IV_BYTES, TAG_BYTES, KeySafe
 from broker.trust import Unprocessable
-from kms_server import __version__
-from kms_server.client import KmipClient, KmipError, NoNodeAvailable, OutcomeUnknown
+from kmip_core import __version__
+from kmip_core.client import KmipClient, KmipError, NoNodeAvailable, OutcomeUnknown
 
 __all__ = ["KmsUnavailable", "VmKeys", "kek_attributes"]
 

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kms_server.files import flock_within, write_atomic
+from kmip_core.files import flock_within, write_atomic
 
 KEY_SAFE = "encryption.keySafe"
 PENDING_KEY_SAFE = "encryption.keySafe.pending"
@@ -190,7 +190,7 @@ def read(path: str | Path) -> Vmx:
 
 
 def write(path: str | Path, vmx: Vmx) -> None:
-    """Atomically (kms_server.files): a temporary file beside it, fsync, rename; mode 0644."""
+    """Atomically (kmip_core.files): a temporary file beside it, fsync, rename; mode 0644."""
     write_atomic(path, formats(vmx).encode("utf-8"), 0o644)
 
 

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from broker.ek_certtool import TPM_FIELDS
-from kms_server.admin import pki
-from kms_server.keystore.barrier import Barrier, BarrierError
+from kmip_core import pki
+from kmip_core.sealing.barrier import Barrier, BarrierError
 
 __all__ = [
     "EK_CERT_MAX_DER",

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from kms_server import __version__
+from kmip_core import __version__
+from kmip_core.service import run_service
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +49,8 @@ def _fail(message: str) -> int:
 
 def server_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from kms_server.config import ConfigError, format_config, load_config
+    from kmip_core.config import ConfigError
+    from kms_server.config import format_config, load_config
 
     try:
         cfg = load_config(args.config, _overrides(args))
@@ -84,25 +86,6 @@ def server_main(argv: list[str] | None = None) -> int:
 
     failed = run_service(root, reactor, _start_error)
     return _fail(failed) if failed else 0
-
-
-def run_service(root, reactor, describe) -> str | None:
-    """Start `root` once the reactor runs, stop it at shutdown, and run the
-    reactor until then. Returns `describe(exc)` of a failed start (the
-    reactor is stopped at once), or None after an orderly stop."""
-    failed: list[str] = []
-
-    def start():
-        try:
-            root.startService()
-        except Exception as exc:
-            failed.append(describe(exc))
-            reactor.stop()
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
-    reactor.run()
-    return failed[0] if failed else None
 
 
 def _start_error(exc: Exception) -> str:

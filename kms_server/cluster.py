@@ -20,7 +20,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from kms_server import __version__
+from kmip_core import __version__
 from kms_server.storage.sql import kms_nodes
 
 log = logging.getLogger("kms_server.cluster")

@@ -16,20 +16,21 @@ from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from kmip_core import limits, tls
+from kmip_core.audit import audit_key
+from kmip_core.policy import Principal, role_for
+from kmip_core.protocol import KmipFactory
+from kmip_core.sealing.barrier import open_barrier
 from kms_server import cluster, credentials
 from kms_server.audit import sinks as audit_sinks
 from kms_server.audit.record import AuditDraft, client_fields, system_entry
 from kms_server.audit.trail import AuditTrail, AuditWriteFailed
 from kms_server.config import Config
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
-from kms_server.keystore import audit_key, row_auth
-from kms_server.keystore.barrier import open_barrier
+from kms_server.keystore import row_auth
 from kms_server.keystore.keystore import Keystore
-from kms_server.keystore.policy import Principal, role_for
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
-from kms_server.wire import limits, tls
-from kms_server.wire.protocol import KmipFactory
 
 log = logging.getLogger("kms_server.server")
 

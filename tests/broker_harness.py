@@ -28,7 +28,7 @@ from broker_process import assert_error, new_key_and_csr
 
 from broker import vmx
 from broker.drill.processes import Broker, Kms, run, start_broker, start_kms
-from kms_server.client import KmipClient
+from kmip_core.client import KmipClient
 
 __all__ = [
     "Identity",

@@ -121,7 +121,7 @@ def postgres_url(postgres_db) -> str:
 
 @pytest.fixture(scope="session")
 def pki_dir(tmp_path_factory) -> Path:
-    from kms_server.admin.pki import init_pki
+    from kmip_core.pki import init_pki
 
     directory = tmp_path_factory.mktemp("pki")
     init_pki(directory, server_names=["localhost"], clients=list(CLIENTS))
@@ -198,7 +198,7 @@ def start_server(
         # master key's directory holds it).
         audit_key_file = key_file.with_name("audit.key")
         if not audit_key_file.exists():
-            from kms_server.keystore import audit_key
+            from kmip_core.audit import audit_key
 
             audit_key.generate(audit_key_file, key_file.with_name("audit.pub"))
         audit_section = f'\n[audit]\nsigning_key_file = "{audit_key_file}"\n'

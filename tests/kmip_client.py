@@ -8,7 +8,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from kms_server.wire import ttlv
+from kmip_core import ttlv
 
 
 def tls_context(pki: Path, client: str | None = "alice") -> ssl.SSLContext:

@@ -52,8 +52,8 @@ sys.path.insert(0, str(ROOT))
 from kmip.core import enums  # noqa: E402
 
 from broker.drill import processes  # noqa: E402
-from kms_server.wire import ttlv  # noqa: E402
-from kms_server.wire.ttlv import Item, ItemType  # noqa: E402
+from kmip_core import ttlv  # noqa: E402
+from kmip_core.ttlv import Item, ItemType  # noqa: E402
 
 HOST = "127.0.0.1"
 SEED_FILES = [ROOT / "tests" / "fixtures" / "fuzz" / name for name in ("vcenter-requests.hex", "oasis-requests.hex")]

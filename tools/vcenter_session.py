@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from kmip.core.enums import Operation, ResultStatus, Tags  # noqa: E402
 
-from kms_server.wire import ttlv  # noqa: E402
+from kmip_core import ttlv  # noqa: E402
 
 T = Tags
 REQUESTS = ROOT / "tools" / "vectors" / "vcenter-7.0.3-requests.hex"

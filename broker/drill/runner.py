@@ -38,7 +38,7 @@ PRELOAD = (
     "broker.host.cli",
     "broker.host.agent",
     "broker.host.broker_client",
-    "kms_server.client",
+    "kmip_core.client",
     "broker.mgmt.cli",
     "broker.cli",
     "kms_server.admin.cli",

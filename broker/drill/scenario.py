@@ -555,7 +555,7 @@ class Drill:
 
     def _check_keks_in_kms(self) -> None:
         """Each KEK still exists in the KMS and names its VM (KMIP GetAttributes as the KMS administrator)."""
-        from kms_server.client import KmipClient
+        from kmip_core.client import KmipClient
 
         kms = self.kms
         assert kms is not None

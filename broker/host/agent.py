@@ -64,7 +64,7 @@ from broker.host.errors import (
     SwtpmFailed,
 )
 from broker.keysafe import KeySafe, KeySafeError, parse_key_safe
-from kms_server.files import flock_within, write_atomic
+from kmip_core.files import flock_within, write_atomic
 
 __all__ = ["Agent", "InstallEkResult", "PowerOffResult", "PowerOnResult", "RunningVm"]
 

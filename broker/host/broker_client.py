@@ -63,7 +63,7 @@ class BrokerClient:
         """The VM's DEK, unwrapped by the broker's gateway (KMIP Decrypt, AES-256-GCM)."""
         from kmip.core.enums import ResultReason
 
-        from kms_server.client import KmipClient, KmipError
+        from kmip_core.client import KmipClient, KmipError
 
         cfg = self.config
         client = self._gateway_client(KmipClient)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.host.errors import HostError
-from kms_server.files import write_atomic
+from kmip_core.files import write_atomic
 
 __all__ = [
     "CONFIG_FILE",
@@ -156,7 +156,7 @@ def toml_string(value: str) -> str:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Atomically (kms_server.files), mode 0600 from the start."""
+    """Atomically (kmip_core.files), mode 0600 from the start."""
     write_atomic(path, data, 0o600)
 
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.mgmt.client import BrokerClient, BrokerError, parse_broker_url
-from kms_server import files
+from kmip_core import files
 
 __all__ = ["MgmtError", "Settings", "StateDir", "check_name", "write_atomic"]
 
@@ -63,7 +63,7 @@ def check_name(kind: str, value: str) -> str:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Temporary file beside `path` (created with `mode`), fsync, rename (kms_server.files)."""
+    """Temporary file beside `path` (created with `mode`), fsync, rename (kmip_core.files)."""
     try:
         files.write_atomic(path, data, mode)
     except OSError as exc:

@@ -15,10 +15,10 @@ import os
 import sys
 from pathlib import Path
 
+from kmip_core.audit import audit_key, chain
 from kms_server.admin.errors import CommandError
-from kms_server.audit import chain, query
+from kms_server.audit import query
 from kms_server.audit import trail as audit_trail
-from kms_server.keystore import audit_key
 from kms_server.storage.base import StorageError
 
 __all__ = ["register_audit"]
@@ -36,7 +36,7 @@ def _command(func):
     console script or as `python -m`)."""
 
     def run(args) -> int:
-        from kms_server.config import ConfigError
+        from kmip_core.config import ConfigError
 
         try:
             return func(args)
@@ -120,9 +120,9 @@ def _verify(args) -> int:
 
 
 def storage_shown(cfg) -> str:
-    from kms_server.config import _redact_url
+    from kmip_core.config import redact_url
 
-    return _redact_url(cfg.storage.db_url)
+    return redact_url(cfg.storage.db_url)
 
 
 # --- show / export -----------------------------------------------------------------

@@ -37,11 +37,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from kms_server.config import Config
-from kms_server.files import atomic_file
-from kms_server.keystore import barrier
-from kms_server.keystore.backup_seal import HKDF_INFO, BackupCipher, ChunkInvalid
-from kms_server.keystore.master_key import (
+from kmip_core.db.engine import DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
+from kmip_core.files import atomic_file
+from kmip_core.sealing import barrier
+from kmip_core.sealing.backup_seal import HKDF_INFO, BackupCipher, ChunkInvalid
+from kmip_core.sealing.master_key import (
     SALT_META,
     SCRYPT_N,
     SCRYPT_P,
@@ -50,9 +50,9 @@ from kms_server.keystore.master_key import (
     MasterKeyError,
     open_master_key,
 )
+from kms_server.config import Config
 from kms_server.storage import schema
 from kms_server.storage import sql as sql_tables
-from kms_server.storage.engine import DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
 
 __all__ = [
     "BACKUP_TABLES",

@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from kms_server.admin import pki
-from kms_server.config import ConfigError, load_config
+from kmip_core import pki
+from kmip_core.config import ConfigError
+from kms_server.config import load_config
 
 __all__ = [
     "COMMAND_GROUPS",
@@ -284,10 +285,10 @@ def _master_key_new(args: argparse.Namespace) -> int:
 
 
 def _master_key_new_in_token(args: argparse.Namespace) -> int:
-    from kms_server.keystore.master_key import MasterKeyError
+    from kmip_core.sealing.master_key import MasterKeyError
 
     try:
-        from kms_server.keystore import pkcs11_key
+        from kmip_core.sealing import pkcs11_key
     except ModuleNotFoundError as exc:
         if exc.name != "pkcs11":
             raise
@@ -429,7 +430,7 @@ def register_credentials(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _db_engine(args: argparse.Namespace):
-    from kms_server.storage.engine import DatabaseUrlError, open_engine, parse_db_url
+    from kmip_core.db.engine import DatabaseUrlError, open_engine, parse_db_url
 
     overrides = {"storage": {"db_url": args.db_url}} if getattr(args, "db_url", None) else None
     cfg = load_config(args.config, overrides, require_master_key=False)

@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kmip_core.config import ConfigError
 from kms_server.admin.backup_cli import ProgressReporter
 from kms_server.admin.errors import CommandError
-from kms_server.config import ConfigError, load_config
+from kms_server.config import load_config
 
 __all__ = ["master_key_rotate", "db_verify", "add_verify_arguments", "add_rotate_arguments"]
 
@@ -31,7 +32,7 @@ def _error(message: str) -> Exception:
 
 def _open(args: argparse.Namespace):
     """(config, storage, barrier, master key) for the configured store."""
-    from kms_server.keystore.barrier import BarrierError, open_barrier
+    from kmip_core.sealing.barrier import BarrierError, open_barrier
     from kms_server.storage import open_storage
     from kms_server.storage.base import StorageError
 
@@ -146,7 +147,7 @@ class _NewKey:
 
 
 def _new_master(args: argparse.Namespace, storage):
-    from kms_server.keystore.master_key import MasterKeyError, open_master_key
+    from kmip_core.sealing.master_key import MasterKeyError, open_master_key
 
     given = [x for x in (args.new_key_file, args.new_passphrase_file, args.new_config) if x]
     if len(given) != 1:
@@ -166,13 +167,13 @@ def _new_master(args: argparse.Namespace, storage):
 
 
 def master_key_rotate(args: argparse.Namespace) -> int:
+    from kmip_core.sealing.barrier import Barrier
     from kms_server.keystore import rotation
-    from kms_server.keystore.barrier import Barrier
 
     cfg, storage, barrier = _open(args)
     opened = [barrier]
     try:
-        from kms_server.keystore.master_key import MasterKeyError, open_master_key
+        from kmip_core.sealing.master_key import MasterKeyError, open_master_key
 
         try:
             with storage.transaction() as txn:

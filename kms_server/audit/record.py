@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from kmip.core.enums import Tags
 
-from kms_server.audit.chain import format_time
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
+from kmip_core import ttlv
+from kmip_core.audit.chain import format_time
+from kmip_core.ttlv import Item, ItemType
 
 T = Tags
 X_TAGS = ("x-Component", "x-Name", "x-Identifier")

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from kms_server.audit import chain
-from kms_server.audit.chain import GENESIS, Report, canonical, format_time, record_hash
+from kmip_core.audit import chain
+from kmip_core.audit.chain import GENESIS, Report, canonical, format_time, record_hash
+from kmip_core.db.group_commit import GroupCommit
 from kms_server.storage.base import AuditQuery, Storage, StoredAuditRecord, StoredCheckpoint, Transaction
-from kms_server.storage.group_commit import GroupCommit
 
 log = logging.getLogger("kms_server.audit")
 
@@ -80,7 +80,7 @@ class AuditTrail:
         """Store a record outside any change (reads, refusals) and return
         once it is committed; raises AuditWriteFailed if it cannot be.
 
-        Group commit (`kms_server.storage.group_commit`): records that
+        Group commit (`kmip_core.db.group_commit`): records that
         worker threads write at the same time share one transaction; a
         failed batch fails each of its records, so fail-closed holds per
         request."""

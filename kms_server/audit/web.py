@@ -36,12 +36,12 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from kms_server.audit.chain import format_time
+from kmip_core import limits
+from kmip_core.audit.chain import format_time
+from kmip_core.policy import Role
 from kms_server.audit.query import Filters, find, operation_name, parse_time, result_filter
 from kms_server.audit.trail import VM_COMPONENT, iter_records, objects_named, verify_storage
-from kms_server.keystore.policy import Role
 from kms_server.storage.base import AuditQuery, Storage, StoredAuditRecord
-from kms_server.wire import limits
 
 log = logging.getLogger("kms_server.audit.web")
 

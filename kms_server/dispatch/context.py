@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kms_server.keystore.policy import Principal
+from kmip_core.policy import Principal
 
 
 @dataclass

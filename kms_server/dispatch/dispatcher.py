@@ -25,15 +25,14 @@ from kmip.core.enums import (
     Tags,
 )
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.policy import Principal
+from kmip_core.reasons import GENERAL_FAILURE_MESSAGE, input_error, result_reason
+from kmip_core.ttlv import Item, ItemType
 from kms_server.audit.record import AuditDraft, client_fields, request_attributes
 from kms_server.audit.trail import AuditWriteFailed
 from kms_server.dispatch.context import BatchState, RequestContext
-from kms_server.dispatch.errors import GENERAL_FAILURE_MESSAGE, input_error, result_reason
-from kms_server.keystore.policy import Principal
 from kms_server.storage.base import StorageUnavailable
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
 
 log = logging.getLogger("kms_server.dispatch")
 

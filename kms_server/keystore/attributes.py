@@ -18,10 +18,9 @@ from kmip.core import enums
 from kmip.core.enums import ObjectType as OT
 from kmip.core.enums import Tags
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore.crypto import CERTIFICATE_NAME_FIELDS
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
 
 VALUE_TAG = Tags.ATTRIBUTE_VALUE.value
 

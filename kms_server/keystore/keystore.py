@@ -17,12 +17,13 @@ from contextlib import contextmanager
 
 from kmip.core.enums import ObjectType, State
 
-from kms_server import errors
+from kmip_core import errors
+from kmip_core.policy import Action, Principal, check, may_see
+from kmip_core.sealing.barrier import Barrier, BarrierError, UnknownTerm
+from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import lifecycle, row_auth
-from kms_server.keystore.barrier import Barrier, BarrierError, UnknownTerm
 from kms_server.keystore.objects import ManagedObject, Material
-from kms_server.keystore.policy import Action, Principal, check, may_see
 from kms_server.keystore.streams import Streams
 from kms_server.storage.base import (
     ConcurrentModification,
@@ -31,7 +32,6 @@ from kms_server.storage.base import (
     Storage,
     Transaction,
 )
-from kms_server.wire.ttlv import Item
 
 log = logging.getLogger("kms_server.keystore")
 

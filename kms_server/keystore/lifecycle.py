@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from kmip.core.enums import ObjectType, RevocationReasonCode, State, Tags, UsageLimitsUnit
 
-from kms_server import errors
+from kmip_core import errors
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.objects import ManagedObject
 

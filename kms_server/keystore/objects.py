@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 from kmip.core.enums import ObjectType, State, Tags
 
+from kmip_core import ttlv
+from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
 from kms_server.storage.base import StoredAttribute, StoredObject
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item
 
 
 @dataclass(frozen=True)

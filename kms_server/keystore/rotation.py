@@ -21,9 +21,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kmip_core.sealing.barrier import Barrier, BarrierError, Keyring, read_keyring, write_keyring
+from kmip_core.sealing.master_key import MasterKey
 from kms_server.keystore import row_auth
-from kms_server.keystore.barrier import Barrier, BarrierError, Keyring, read_keyring, write_keyring
-from kms_server.keystore.master_key import MasterKey
 from kms_server.storage.base import ConcurrentModification, Storage, iter_objects
 
 __all__ = ["RotationError", "RotationState", "begin", "finish", "pending", "reseal_batch"]

@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from kms_server.keystore.barrier import Barrier, UnknownTerm
+from kmip_core.sealing.barrier import Barrier, UnknownTerm
 from kms_server.storage.base import StoredObject, Transaction, iter_objects
 
 __all__ = [

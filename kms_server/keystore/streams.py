@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kms_server import errors
+from kmip_core import errors
 
 __all__ = ["Stream", "Streams"]
 

@@ -8,7 +8,7 @@ import importlib
 
 from kmip.core.enums import Operation
 
-from kms_server import errors
+from kmip_core import errors
 
 _MODULES = (
     "discover_versions",

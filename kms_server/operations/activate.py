@@ -2,8 +2,8 @@
 
 from kmip.core.enums import Operation
 
+from kmip_core.policy import Action
 from kms_server.keystore import lifecycle
-from kms_server.keystore.policy import Action
 from kms_server.operations import common
 
 OPERATION = Operation.ACTIVATE

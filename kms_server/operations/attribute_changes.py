@@ -2,7 +2,7 @@
 a client may change, and how values are checked. Each operation has its own
 module; this one holds what they have in common."""
 
-from kms_server import errors
+from kmip_core import errors
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import lifecycle
 

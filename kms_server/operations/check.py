@@ -6,10 +6,10 @@ Cryptographic Usage Mask for the mask; Permission Denied otherwise)."""
 
 from kmip.core.enums import Operation, Tags
 
-from kms_server import errors
-from kms_server.keystore.policy import Action
+from kmip_core import errors
+from kmip_core.policy import Action
+from kmip_core.ttlv import ItemType
 from kms_server.operations import common
-from kms_server.wire.ttlv import ItemType
 
 OPERATION = Operation.CHECK
 

@@ -9,12 +9,11 @@ from collections.abc import Iterable
 
 from kmip.core.enums import Tags
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.ttlv import Item, ItemType
 from kms_server.dispatch.context import RequestContext
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.objects import ManagedObject
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
 
 T = Tags
 

@@ -6,12 +6,11 @@ worker thread and sealed before it is stored."""
 
 from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 
-from kms_server import errors
+from kmip_core import errors, ttlv
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.objects import Material
 from kms_server.operations import common, object_codec
-from kms_server.wire import ttlv
 
 OPERATION = Operation.CREATE
 

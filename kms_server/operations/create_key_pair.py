@@ -23,12 +23,11 @@ from kmip.core.enums import (
     Tags,
 )
 
-from kms_server import errors
+from kmip_core import errors, ttlv
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.objects import Material
 from kms_server.operations import common, object_codec
-from kms_server.wire import ttlv
 
 OPERATION = Operation.CREATE_KEY_PAIR
 

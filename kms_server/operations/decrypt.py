@@ -17,11 +17,10 @@ from kmip.core.enums import (
     Tags,
 )
 
-from kms_server import errors
+from kmip_core import errors, ttlv
 from kms_server.keystore import crypto
 from kms_server.operations import common, object_codec, streaming
 from kms_server.operations.encrypt import NO_IV_MODES, cipher_request, cipher_stream, optional_bytes, rsa_padding
-from kms_server.wire import ttlv
 
 OPERATION = Operation.DECRYPT
 

@@ -4,8 +4,8 @@ object's metadata stays so that its history can still be read."""
 
 from kmip.core.enums import Operation
 
+from kmip_core.policy import Action
 from kms_server.keystore import lifecycle
-from kms_server.keystore.policy import Action
 from kms_server.operations import common
 
 OPERATION = Operation.DESTROY

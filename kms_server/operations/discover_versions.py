@@ -3,8 +3,8 @@ order of preference, limited to those the client lists if it lists any."""
 
 from kmip.core.enums import Operation, Tags
 
+from kmip_core import ttlv
 from kms_server.dispatch.dispatcher import SUPPORTED_VERSIONS
-from kms_server.wire import ttlv
 
 OPERATION = Operation.DISCOVER_VERSIONS
 

@@ -25,13 +25,12 @@ from kmip.core.enums import (
     WrappingMethod,
 )
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.policy import Action
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto, lifecycle
-from kms_server.keystore.policy import Action
 from kms_server.operations import common, object_codec
 from kms_server.operations.object_codec import Wrapping
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
 
 OPERATION = Operation.GET
 

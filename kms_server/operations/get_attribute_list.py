@@ -3,10 +3,10 @@ attributes an object carries (2.0: as Attribute References)."""
 
 from kmip.core.enums import Operation, Tags
 
+from kmip_core import ttlv
+from kmip_core.policy import Action
 from kms_server.keystore import attributes as attrs
-from kms_server.keystore.policy import Action
 from kms_server.operations import common
-from kms_server.wire import ttlv
 
 OPERATION = Operation.GET_ATTRIBUTE_LIST
 

@@ -4,7 +4,7 @@ left out of the response rather than refused."""
 
 from kmip.core.enums import Operation, Tags
 
-from kms_server.keystore.policy import Action
+from kmip_core.policy import Action
 from kms_server.operations import common
 
 OPERATION = Operation.GET_ATTRIBUTES

@@ -9,12 +9,11 @@ candidates that the equality filters leave."""
 
 from kmip.core.enums import Operation, State, StorageStatusMask, Tags
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.policy import Action
+from kmip_core.ttlv import ItemType
 from kms_server.keystore import attributes as attrs
-from kms_server.keystore.policy import Action
 from kms_server.operations import common
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import ItemType
 
 OPERATION = Operation.LOCATE
 

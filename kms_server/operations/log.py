@@ -6,9 +6,9 @@ import logging
 
 from kmip.core.enums import Operation, Tags
 
-from kms_server import errors
+from kmip_core import errors
+from kmip_core.ttlv import ItemType
 from kms_server.operations import common
-from kms_server.wire.ttlv import ItemType
 
 OPERATION = Operation.LOG
 

@@ -10,10 +10,10 @@ from kmip.core.enums import (
     ValidityIndicator,
 )
 
+from kmip_core import ttlv
+from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
 from kms_server.operations import common, mac, object_codec
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import ItemType
 
 OPERATION = Operation.MAC_VERIFY
 

@@ -4,9 +4,9 @@ default 0; 2.0: the Current Attribute if given, else the single value)."""
 
 from kmip.core.enums import Operation, Tags
 
-from kms_server import errors
+from kmip_core import errors
+from kmip_core.policy import Action
 from kms_server.keystore import attributes as attrs
-from kms_server.keystore.policy import Action
 from kms_server.operations import common
 from kms_server.operations.attribute_changes import check_applies, check_client_may_change
 

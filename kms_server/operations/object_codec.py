@@ -40,13 +40,12 @@ from kmip.core.enums import (
     Tags,
 )
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.policy import Action
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto, lifecycle
 from kms_server.keystore.objects import ManagedObject, Material
-from kms_server.keystore.policy import Action
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
 
 T = Tags
 KFT = KeyFormatType

@@ -6,10 +6,9 @@ only granted for an object that may be used, i.e. an Active one."""
 
 from kmip.core.enums import Operation, State, Tags
 
-from kms_server import errors
-from kms_server.keystore.policy import Action
+from kmip_core import errors, ttlv
+from kmip_core.policy import Action
 from kms_server.operations import common
-from kms_server.wire import ttlv
 
 OPERATION = Operation.OBTAIN_LEASE
 

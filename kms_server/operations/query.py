@@ -3,8 +3,7 @@ supports, and who it is."""
 
 from kmip.core.enums import ObjectType, Operation, QueryFunction, Tags
 
-from kms_server import __version__
-from kms_server.wire import ttlv
+from kmip_core import __version__, ttlv
 
 OPERATION = Operation.QUERY
 

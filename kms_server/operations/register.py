@@ -11,7 +11,7 @@ material is refused rather than stored.
 
 from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 
-from kms_server import errors
+from kmip_core import errors
 from kms_server.keystore import attributes as attrs
 from kms_server.operations import common, object_codec
 

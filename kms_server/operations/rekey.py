@@ -21,13 +21,13 @@ from kmip.core.enums import (
     Tags,
 )
 
-from kms_server import errors
+from kmip_core import errors
+from kmip_core.policy import Action
+from kmip_core.ttlv import ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto, lifecycle
 from kms_server.keystore.objects import Material
-from kms_server.keystore.policy import Action
 from kms_server.operations import common, object_codec
-from kms_server.wire.ttlv import ItemType
 
 OPERATION = Operation.REKEY
 

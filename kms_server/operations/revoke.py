@@ -3,10 +3,10 @@ compromise, with the Revocation Reason recorded."""
 
 from kmip.core.enums import Operation, RevocationReasonCode, Tags
 
-from kms_server import errors
+from kmip_core import errors
+from kmip_core.policy import Action
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import lifecycle
-from kms_server.keystore.policy import Action
 from kms_server.operations import common
 
 OPERATION = Operation.REVOKE

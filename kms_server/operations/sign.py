@@ -8,11 +8,10 @@ with the Sign usage bit.
 
 from kmip.core.enums import CryptographicUsageMask, ObjectType, Operation, Tags
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
 from kms_server.operations import common, object_codec
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import ItemType
 
 OPERATION = Operation.SIGN
 

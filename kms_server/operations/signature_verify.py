@@ -14,11 +14,11 @@ from kmip.core.enums import (
     ValidityIndicator,
 )
 
+from kmip_core import ttlv
+from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
 from kms_server.operations import common, object_codec
 from kms_server.operations.sign import scheme, signed_data
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import ItemType
 
 OPERATION = Operation.SIGNATURE_VERIFY
 

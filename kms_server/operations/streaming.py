@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from kmip.core.enums import BlockCipherMode, ObjectType, Operation, Tags
 from kmip.core.enums import Tags as T
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.operations import common, object_codec
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ class LocateQuery:
 @dataclass(frozen=True)
 class StoredAuditRecord:
     """One record of the audit trail. `body` is the record's canonical JSON
-    (what its hash covers, see kms_server/audit/chain.py); the other
+    (what its hash covers, see kmip_core/audit/chain.py); the other
     columns repeat fields of the body so that the trail can be searched
     with indexes, and verification checks that they still agree."""
 

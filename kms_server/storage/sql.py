@@ -39,6 +39,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
+from kmip_core.db.engine import READ_ONLY, configure_sqlite, describe_error, open_engine, parse_db_url
 from kms_server.storage.base import (
     AuditQuery,
     ConcurrentModification,
@@ -53,7 +54,6 @@ from kms_server.storage.base import (
     StoredObject,
     Transaction,
 )
-from kms_server.storage.engine import READ_ONLY, configure_sqlite, describe_error, open_engine, parse_db_url
 
 __all__ = [
     "SqlStorage",

@@ -1,5 +1,5 @@
 """The broker's audit trail on the KMS's chain (broker/audit_trail.py,
-kms_server/audit/chain.py with the broker's Domain), on real SQLite and
+kmip_core/audit/chain.py with the broker's Domain), on real SQLite and
 PostgreSQL databases: whoever can write the broker's database can no longer
 edit, rewrite or cut its trail unseen; a KMS record never verifies as a
 broker record; a checkpoint signed by another key is reported; and a trail
@@ -24,8 +24,7 @@ from sqlalchemy import text, update
 from broker import audit_trail, schema
 from broker.db import Database, audit, audit_checkpoints
 from broker.trust import Registry
-from kms_server.audit import chain
-from kms_server.keystore import audit_key
+from kmip_core.audit import audit_key, chain
 
 
 class Clock:

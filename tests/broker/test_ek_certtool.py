@@ -259,7 +259,7 @@ class FakeBroker:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    from kms_server.admin.pki import init_pki
+    from kmip_core.pki import init_pki
 
     directory = tmp_path_factory.mktemp("broker-pki")
     init_pki(directory, server_names=["127.0.0.1"], clients=["esx1", "esx2"], key_type="ec")

@@ -28,13 +28,13 @@ from twisted_fakes import FakeReactor, InlineThreadPool
 
 from broker import gateway
 from broker.trust import Decision
-from kms_server.admin.pki import fingerprint_sha256, init_pki
-from kms_server.client import KmipError, NoNodeAvailable
-from kms_server.config import TlsConfig
+from kmip_core import ttlv
+from kmip_core.client import KmipError, NoNodeAvailable
+from kmip_core.config import TlsConfig
+from kmip_core.pki import fingerprint_sha256, init_pki
+from kmip_core.policy import Principal
+from kmip_core.ttlv import Item
 from kms_server.dispatch.dispatcher import ConnectionInfo
-from kms_server.keystore.policy import Principal
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item
 
 KEK = "6f1c0d4e-kek-vm-1"
 OTHER_KEK = "0a9b8c7d-kek-vm-2"

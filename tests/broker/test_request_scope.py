@@ -13,7 +13,7 @@ import pytest
 from broker.db import Database
 from broker.request_scope import correlation_value, current_request_id, refusal_recorded, request_scope
 from broker.trust import Registry
-from kms_server.client import current_correlation
+from kmip_core.client import current_correlation
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from broker.vtpm_ca import (
     recertify,
     verify_ek_certificate,
 )
-from kms_server.keystore.barrier import Barrier
+from kmip_core.sealing.barrier import Barrier
 
 TPM = dict(
     tpm_manufacturer="id:00001014",

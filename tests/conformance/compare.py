@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from conformance import kmip_xml
 from kmip.core.enums import ObjectType, Operation, Tags
 
-from kms_server.wire.ttlv import Item, ItemType, tag_name, walk
+from kmip_core.ttlv import Item, ItemType, tag_name, walk
 
 T = Tags
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from kmip.core import enums
 
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
+from kmip_core import ttlv
+from kmip_core.ttlv import Item, ItemType
 
 
 def norm(name: str) -> str:

@@ -34,7 +34,7 @@ from conformance import compare, kmip_xml  # noqa: E402
 from conformance.known import KNOWN, reason_for  # noqa: E402
 from kmip_client import RawClient  # noqa: E402
 
-from kms_server.wire import ttlv  # noqa: E402
+from kmip_core import ttlv  # noqa: E402
 
 
 def _vectors_dir() -> Path:
@@ -106,14 +106,14 @@ def _natural(path: Path):
 # The PKI: one CA and server certificate, one client certificate per flow.
 class FlowPki:
     def __init__(self, directory: Path):
-        from kms_server.admin.pki import init_pki
+        from kmip_core.pki import init_pki
 
         self.directory = directory
         init_pki(directory, server_names=["localhost"], clients=[], key_type="ec")
         self._lock = threading.Lock()
 
     def client(self, name: str) -> str:
-        from kms_server.admin.pki import issue_client
+        from kmip_core.pki import issue_client
 
         with self._lock:
             if not (self.directory / f"{name}.pem").exists():
@@ -138,8 +138,8 @@ class InProcessTransport:
     def __init__(self):
         import os
 
+        from kmip_core.sealing.barrier import Barrier
         from kms_server.dispatch.dispatcher import Dispatcher
-        from kms_server.keystore.barrier import Barrier
         from kms_server.keystore.keystore import Keystore
         from kms_server.operations import OPERATIONS
         from kms_server.storage import open_storage
@@ -147,8 +147,8 @@ class InProcessTransport:
         self.dispatcher = Dispatcher(Keystore(open_storage("memory://"), Barrier(os.urandom(32))), OPERATIONS)
 
     def connect(self, client_name: str):
+        from kmip_core.policy import Principal
         from kms_server.dispatch.dispatcher import ConnectionInfo
-        from kms_server.keystore.policy import Principal
 
         dispatcher = self.dispatcher
         conn = ConnectionInfo(Principal(client_name), "in-process")

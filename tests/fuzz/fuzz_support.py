@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from kmip.core import enums
 
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
+from kmip_core import ttlv
+from kmip_core.ttlv import Item, ItemType
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "fuzz"
 

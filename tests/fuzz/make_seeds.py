@@ -28,14 +28,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "conformanc
 import kmip_xml  # noqa: E402
 import vcenter_vectors  # noqa: E402
 
+from kmip_core import ttlv  # noqa: E402
+from kmip_core.policy import Principal  # noqa: E402
+from kmip_core.sealing.barrier import Barrier  # noqa: E402
+from kmip_core.ttlv import Item, ItemType  # noqa: E402
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher  # noqa: E402
-from kms_server.keystore.barrier import Barrier  # noqa: E402
 from kms_server.keystore.keystore import Keystore  # noqa: E402
-from kms_server.keystore.policy import Principal  # noqa: E402
 from kms_server.operations import OPERATIONS  # noqa: E402
 from kms_server.storage import open_storage  # noqa: E402
-from kms_server.wire import ttlv  # noqa: E402
-from kms_server.wire.ttlv import Item, ItemType  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "fuzz"
 NOW = 1_767_225_600  # 2026-01-01, so the seeds do not change from run to run.

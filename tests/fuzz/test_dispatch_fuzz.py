@@ -32,15 +32,15 @@ from kmip.core.enums import (
 )
 from kmip.core.enums import Tags as T
 
+from kmip_core import ttlv
+from kmip_core.policy import Principal, Role
+from kmip_core.sealing.barrier import Barrier
+from kmip_core.ttlv import Item, ItemType
 from kms_server.audit.trail import AuditTrail
 from kms_server.dispatch.dispatcher import SUPPORTED_VERSIONS, ConnectionInfo, Dispatcher
-from kms_server.keystore.barrier import Barrier
 from kms_server.keystore.keystore import Keystore
-from kms_server.keystore.policy import Principal, Role
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
 
 ALICE = ConnectionInfo(Principal("alice"), "127.0.0.1:40001")
 BOB = ConnectionInfo(Principal("bob"), "127.0.0.1:40002")

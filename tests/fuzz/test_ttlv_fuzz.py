@@ -26,9 +26,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted_fakes import FakeReactor, InlineThreadPool, TLSStringTransport
 
-from kms_server.wire import protocol as wire
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import TTLVError
+from kmip_core import protocol as wire
+from kmip_core import ttlv
+from kmip_core.ttlv import TTLVError
 
 SEED = st.sampled_from(SEED_ITEMS)
 

@@ -17,7 +17,7 @@ from broker_harness import call, enroll, issue_users, new_key_and_csr, register_
 
 from broker.drill.processes import run
 from broker.keysafe import parse_key_safe
-from kms_server.client import KmipClient
+from kmip_core.client import KmipClient
 
 PROVIDER = "kms-join-test"
 ROLES = """

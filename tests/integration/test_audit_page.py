@@ -18,9 +18,9 @@ from conftest import start_server
 from kmip.core.enums import Operation, Tags
 from kmip_client import RawClient, tls_context
 
-from kms_server.client.messages import request_message
-from kms_server.keystore import audit_key
-from kms_server.wire import ttlv
+from kmip_core import ttlv
+from kmip_core.audit import audit_key
+from kmip_core.client.messages import request_message
 
 T = Tags
 CHROMIUM = "/usr/bin/chromium"

@@ -25,9 +25,8 @@ from kmip.pie.client import ProxyKmipClient
 from kmip.pie.exceptions import KmipOperationFailure
 from kmip_client import RawClient, pykmip
 
-from kms_server.audit import chain
-from kms_server.keystore import audit_key
-from kms_server.wire import ttlv
+from kmip_core import ttlv
+from kmip_core.audit import audit_key, chain
 
 T = enums.Tags
 
@@ -484,7 +483,7 @@ def test_refused_handshakes_credentials_and_messages_are_recorded(tmp_path, pki_
     KMIP username."""
     import ssl
 
-    from kms_server.admin import pki as pki_mod
+    from kmip_core import pki as pki_mod
 
     workdir = tmp_path / "node"
     workdir.mkdir()

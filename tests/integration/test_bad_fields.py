@@ -21,8 +21,8 @@ from kmip.core.enums import (
 from kmip.core.enums import Tags as T
 from kmip_client import RawClient
 
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item
+from kmip_core import ttlv
+from kmip_core.ttlv import Item
 
 HUGE = 1 << (2048 * 8 - 2)  # Encodes as a 2,048-byte Big Integer.
 

@@ -12,8 +12,8 @@ import pytest
 from kmip.core.enums import Operation, ResultReason, ResultStatus, Tags
 from kmip_client import RawClient, tls_context
 
-from kms_server.client.messages import request_message
-from kms_server.wire import ttlv
+from kmip_core import ttlv
+from kmip_core.client.messages import request_message
 
 T = Tags
 FIXTURES = sorted((Path(__file__).resolve().parents[1] / "fixtures" / "malformed").glob("*.hex"))

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker.keysafe import KeySafe, format_key_safe, parse_key_safe
-from kms_server.admin import pki
-from kms_server.client import KmipClient
+from kmip_core import pki
+from kmip_core.client import KmipClient
 
 PROVIDER = broker_process.PROVIDER
 
@@ -512,7 +512,7 @@ def test_host_unwraps_through_the_gateway(broker, kms_admin):
     over KMIP/TLS with its host certificate; another host of the same
     instance is refused."""
     assert broker.gateway_port, "the broker started without its KMIP gateway"
-    from kms_server.client import KmipError
+    from kmip_core.client import KmipError
 
     identity = enroll(broker, "vc-gw")
     placed = register_host(broker, identity, "esx-gw-1")

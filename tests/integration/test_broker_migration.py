@@ -26,7 +26,7 @@ from broker_harness import (
 )
 
 from broker.keysafe import parse_key_safe
-from kms_server.client import KmipClient, KmipError
+from kmip_core.client import KmipClient, KmipError
 
 PROVIDER = "kms-migration-test"
 ROLES = """

@@ -32,7 +32,7 @@ from conftest import drop_postgres_database, new_postgres_database, postgres_ava
 
 from broker import schema
 from broker.keysafe import parse_key_safe
-from kms_server.client import KmipClient
+from kmip_core.client import KmipClient
 
 pytestmark = pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL on 127.0.0.1:5432 or psycopg missing")
 
@@ -166,7 +166,7 @@ def test_two_brokers_serve_one_database(replicas, kms_admin):
 
     # Revoked through broker 2: broker 1 refuses the instance's host at once.
     b2.cli("admin", "revoke", "vc-pg")
-    from kms_server.client import KmipError
+    from kmip_core.client import KmipError
 
     with KmipClient([f"127.0.0.1:{b1.gateway_port}"], host[0], host[1], b1.ca) as client:
         with pytest.raises(KmipError) as refused:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from broker.host.swtpm import SwtpmError, SwtpmInstance, manufacture
-from kms_server.admin.pki import CA_KEY_USAGE
+from kmip_core.pki import CA_KEY_USAGE
 
 TOOLS = ("swtpm", "swtpm_setup", "tpm2_nvread", "tpm2_readpublic", "tpm2_nvdefine", "tpm2_nvundefine", "tpm2_nvwrite")
 MISSING = [tool for tool in TOOLS if shutil.which(tool) is None]

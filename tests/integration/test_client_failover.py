@@ -15,7 +15,7 @@ import pytest
 from conftest import drop_postgres_database, new_postgres_database, start_server
 from kmip.core.enums import CryptographicAlgorithm, ResultReason, State
 
-from kms_server.client import KmipClient, KmipError, OutcomeUnknown
+from kmip_core.client import KmipClient, KmipError, OutcomeUnknown
 
 
 class Cluster:

@@ -14,8 +14,8 @@ from conftest import start_server
 from kmip.core.enums import Operation, Tags
 from kmip_client import RawClient
 
-from kms_server.client.messages import request_message
-from kms_server.wire import ttlv
+from kmip_core import ttlv
+from kmip_core.client.messages import request_message
 
 T = Tags
 pytestmark = pytest.mark.skipif(pg_cluster.available() is not None, reason=str(pg_cluster.available()))

@@ -25,9 +25,9 @@ from conftest import start_server
 from kmip.core.enums import Operation, ResultStatus, Tags
 from kmip_client import RawClient, tls_context
 
-from kms_server.client.messages import request_message
-from kms_server.keystore import audit_key
-from kms_server.wire import ttlv
+from kmip_core import ttlv
+from kmip_core.audit import audit_key
+from kmip_core.client.messages import request_message
 
 T = Tags
 MAX_CONNECTIONS = 4

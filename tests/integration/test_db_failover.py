@@ -16,7 +16,7 @@ from conftest import start_server
 from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, ResultStatus, Tags
 from kmip_client import RawClient
 
-from kms_server.wire import ttlv
+from kmip_core import ttlv
 
 T = Tags
 

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from kmip.core.enums import Operation, ResultReason, ResultStatus, Tags
 
-from kms_server.admin.pki import fingerprint_sha256, init_pki, issue_client
-from kms_server.client import KmipClient, KmipError
-from kms_server.client.messages import request_message
-from kms_server.wire import ttlv
+from kmip_core import ttlv
+from kmip_core.client import KmipClient, KmipError
+from kmip_core.client.messages import request_message
+from kmip_core.pki import fingerprint_sha256, init_pki, issue_client
 
 T = Tags
 HERE = Path(__file__).resolve()
@@ -144,7 +144,7 @@ def _serve(config_path: str) -> None:
     from twisted.python.threadpool import ThreadPool
 
     from broker.gateway import build_gateway_factory
-    from kms_server.config import TlsConfig
+    from kmip_core.config import TlsConfig
 
     cfg = json.loads(Path(config_path).read_text())
     logging.basicConfig(

@@ -125,9 +125,9 @@ def test_rotation_to_a_token_key_and_backups_on_either_side(tmp_path, pki_dir, h
     rotate --new-config, then --finish) and serves the same keys on it; a
     backup made before the rotation is restored with the old key file and
     not with the token key, one made after with the token key."""
+    from kmip_core.sealing.barrier import BarrierError, open_barrier
     from kms_server.admin import backup as backup_mod
     from kms_server.config import load_config
-    from kms_server.keystore.barrier import BarrierError, open_barrier
     from kms_server.storage.sql import SqlStorage
 
     workdir = tmp_path / "node"

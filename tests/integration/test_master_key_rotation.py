@@ -12,10 +12,10 @@ import pytest
 from conftest import start_server
 from sqlalchemy import create_engine, text
 
-from kms_server.client import KmipClient
+from kmip_core.client import KmipClient
+from kmip_core.sealing.barrier import Barrier, open_barrier
+from kmip_core.sealing.master_key import AesMasterKey
 from kms_server.keystore import rotation
-from kms_server.keystore.barrier import Barrier, open_barrier
-from kms_server.keystore.master_key import AesMasterKey
 from kms_server.storage import open_storage
 
 
@@ -207,7 +207,7 @@ def test_a_store_opened_by_the_old_release_layout_rotates_away_from_its_legacy_k
     storage = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
     key = secrets.token_bytes(32)
     legacy = Barrier(key)
-    from kms_server.keystore.barrier import CHECK_META
+    from kmip_core.sealing.barrier import CHECK_META
 
     with storage.transaction() as txn:
         txn.set_meta(CHECK_META, legacy.seal("barrier-check", b"kms-server master key check v1"))

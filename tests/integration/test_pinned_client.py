@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kmip.core.enums import Operation, Tags
 
-from kms_server.wire import ttlv
+from kmip_core import ttlv
 
 
 def self_signed(directory, name="vcenter-selfsigned"):

@@ -18,9 +18,9 @@ from conftest import start_server
 from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, ResultReason, Tags
 from sqlalchemy import create_engine, text
 
-from kms_server.client import KmipClient, messages
-from kms_server.client.errors import KmipError
-from kms_server.wire import ttlv
+from kmip_core import ttlv
+from kmip_core.client import KmipClient, messages
+from kmip_core.client.errors import KmipError
 
 T = Tags
 ENCRYPT, DECRYPT = 0x4, 0x8

@@ -13,8 +13,8 @@ from kmip.core.enums import KeyFormatType, ObjectType, Operation, ResultStatus, 
 from kmip.core.enums import Tags as T
 from kmip_client import RawClient
 
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
+from kmip_core import ttlv
+from kmip_core.ttlv import Item, ItemType
 
 PASSWORD = b"correct horse battery staple"
 

@@ -19,7 +19,7 @@ from kmip.core.enums import Operation, Tags
 from kmip.pie import objects
 from kmip_client import RawClient, pykmip
 
-from kms_server.wire import ttlv
+from kmip_core import ttlv
 
 T = Tags
 

@@ -12,7 +12,7 @@ import vcenter_vectors
 from kmip.core.enums import ObjectType, Operation, ResultStatus, State, Tags
 from kmip_client import RawClient
 
-from kms_server.wire import ttlv
+from kmip_core import ttlv
 
 T = Tags
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kms_server.config import ConfigError, format_config, load_config
+from kmip_core.config import ConfigError
+from kms_server.config import format_config, load_config
 
 MINIMAL = '[master_key]\nfile = "master.key"\n'
 
@@ -297,15 +298,15 @@ def test_no_file_header_and_non_table_section_message(tmp_path, monkeypatch):
 def test_merge_sources_with_another_schema(tmp_path, monkeypatch):
     """The shared merge: flags > file > default, DERIVED and None left for the
     caller, a Required key without a value named with its example."""
-    from kms_server.config import DERIVED, Required, _nonempty_str, _path, merge_sources
+    from kmip_core.config import DERIVED, Required, merge_sources, nonempty_str, path_value
 
     monkeypatch.chdir(tmp_path)
     schema = {
         "a": {
-            "name": (_nonempty_str, Required('"x" (a name)')),
-            "dir": (_path, "d"),
-            "later": (_path, DERIVED),
-            "unset": (_path, None),
+            "name": (nonempty_str, Required('"x" (a name)')),
+            "dir": (path_value, "d"),
+            "later": (path_value, DERIVED),
+            "unset": (path_value, None),
         }
     }
     conf_dir = tmp_path / "etc"

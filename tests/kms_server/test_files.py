@@ -1,4 +1,4 @@
-"""kms_server.files: the one atomic file write of kms_server and the broker."""
+"""kmip_core.files: the one atomic file write of kms_server and the broker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from kms_server.files import atomic_file, write_atomic
+from kmip_core.files import atomic_file, write_atomic
 
 
 def names(directory) -> list[str]:

@@ -33,15 +33,15 @@ from kms_store_support import dump
 from kms_store_support import engine as _engine
 from sqlalchemy import inspect, make_url
 
+from kmip_core import ttlv
+from kmip_core.sealing.barrier import BarrierError, open_barrier
 from kms_server.admin import backup as backup_mod
 from kms_server.admin import cli
 from kms_server.admin.backup_cli import ProgressReporter, register_backup
 from kms_server.config import load_config
-from kms_server.keystore.barrier import BarrierError, open_barrier
 from kms_server.storage import sql as sql_tables
 from kms_server.storage.base import StoredAttribute, StoredObject
 from kms_server.storage.sql import SqlStorage
-from kms_server.wire import ttlv
 
 T = Tags
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from kms_store_support import dump, store_config
 
+from kmip_core.sealing.backup_seal import BackupCipher
+from kmip_core.sealing.barrier import open_barrier
+from kmip_core.sealing.master_key import AesMasterKey
 from kms_server.admin import backup as backup_mod
 from kms_server.config import load_config
-from kms_server.keystore.backup_seal import BackupCipher
-from kms_server.keystore.barrier import open_barrier
-from kms_server.keystore.master_key import AesMasterKey
 from kms_server.storage.base import StoredAttribute, StoredObject
 from kms_server.storage.sql import SqlStorage
 

@@ -1,4 +1,4 @@
-"""Tests for kms_server.admin.pki: the development PKI, pinning, master keys."""
+"""Tests for kmip_core.pki: the development PKI, pinning, master keys."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kms_server.admin import pki
-from kms_server.admin.pki import PkiError, PkiWarning
+from kmip_core import pki
+from kmip_core.pki import PkiError, PkiWarning
 
 
 def mode(path: Path) -> int:

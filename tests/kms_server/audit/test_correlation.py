@@ -11,15 +11,15 @@ import os
 from kmip.core.enums import Operation, ResultStatus
 from kmip.core.enums import Tags as T
 
+from kmip_core import ttlv
+from kmip_core.client import correlation, current_correlation, messages
+from kmip_core.sealing.barrier import Barrier
 from kms_server.audit import query
 from kms_server.audit.trail import AuditTrail, iter_records, verify_storage
-from kms_server.client import correlation, current_correlation, messages
 from kms_server.dispatch.dispatcher import Dispatcher
-from kms_server.keystore.barrier import Barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
-from kms_server.wire import ttlv
 from tests.kms_server.dispatch.test_dispatcher import create_payload, handle, only_item, status
 
 CORRELATION = "broker-req=0123456789abcdef;host=esx-01"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from kmip.core.enums import Tags
 
+from kmip_core import ttlv
 from kms_server.audit.record import request_attributes
-from kms_server.wire import ttlv
 
 T = Tags
 KEY = bytes(range(32))

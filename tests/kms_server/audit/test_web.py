@@ -19,16 +19,16 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from kmip_core import tls
+from kmip_core.audit import audit_key
+from kmip_core.audit.chain import parse_time
+from kmip_core.policy import Principal, role_for
 from kms_server.audit import web
-from kms_server.audit.chain import parse_time
 from kms_server.audit.query import result_filter
 from kms_server.audit.record import AuditDraft, client_fields
 from kms_server.audit.trail import HOST_COMPONENT, VM_COMPONENT, AuditTrail
 from kms_server.dispatch.dispatcher import ConnectionInfo
-from kms_server.keystore import audit_key
-from kms_server.keystore.policy import Principal, role_for
 from kms_server.storage.memory import MemoryStorage
-from kms_server.wire import tls
 
 T0 = 1_700_000_000.0
 

@@ -1,4 +1,4 @@
-"""The failover policy of `kms_server.client.KmipClient`, against fake KMIP
+"""The failover policy of `kmip_core.client.KmipClient`, against fake KMIP
 nodes: TLS servers on free 127.0.0.1 ports, in threads, that refuse,
 hang, drop, reset or answer with canned TTLV exactly as each test says."""
 
@@ -24,9 +24,9 @@ from kmip.core.enums import (
     Tags,
 )
 
-from kms_server.client import KmipClient, KmipError, NoNodeAvailable, OutcomeUnknown
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item
+from kmip_core import ttlv
+from kmip_core.client import KmipClient, KmipError, NoNodeAvailable, OutcomeUnknown
+from kmip_core.ttlv import Item
 
 T = Tags
 KEY = bytes(range(0xA0, 0xC0))  # The fake key: 32 recognizable bytes.
@@ -581,7 +581,7 @@ def test_username_and_password_sent_in_every_request(fake, client_for, tmp_path)
 def test_retries_logged_at_info_without_key_bytes(fake, client_for, caplog):
     """Each retry is an INFO line naming operation and nodes; no key bytes,
     plaintext or ciphertext in any log line or exception."""
-    caplog.set_level(logging.DEBUG, logger="kms_server.client")
+    caplog.set_level(logging.DEBUG, logger="kmip_core.client")
     a = fake(on(Operation.GET, "reset"))
     b = fake()
     client = client_for([a, b])

@@ -18,15 +18,14 @@ from kmip.core.enums import (
 )
 from kmip.core.enums import Tags as T
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.policy import Principal
+from kmip_core.reasons import input_error
+from kmip_core.sealing.barrier import Barrier
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
-from kms_server.dispatch.errors import input_error
-from kms_server.keystore.barrier import Barrier
 from kms_server.keystore.keystore import Keystore
-from kms_server.keystore.policy import Principal
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
-from kms_server.wire import ttlv
 
 ALICE = ConnectionInfo(principal=Principal("alice"), peer="127.0.0.1:5696")
 CONTINUE = ttlv.enumeration(T.BATCH_ERROR_CONTINUATION_OPTION.value, BatchErrorContinuationOption.CONTINUE.value)

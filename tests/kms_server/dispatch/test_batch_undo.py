@@ -14,13 +14,13 @@ import pytest
 from kmip.core.enums import BatchErrorContinuationOption, Operation, ResultReason, ResultStatus, State
 from kmip.core.enums import Tags as T
 
+from kmip_core import ttlv
+from kmip_core.sealing.barrier import Barrier
 from kms_server.audit.trail import AuditTrail, iter_records, verify_storage
 from kms_server.dispatch.dispatcher import Dispatcher
-from kms_server.keystore.barrier import Barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
 from kms_server.storage import LocateQuery, open_storage
-from kms_server.wire import ttlv
 from tests.kms_server.dispatch.test_dispatcher import (
     _flaky_dispatcher,
     add_attribute_payload,

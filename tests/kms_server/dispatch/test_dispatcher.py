@@ -23,14 +23,14 @@ from kmip.core.enums import (
 )
 from kmip.core.enums import Tags as T
 
+from kmip_core import ttlv
+from kmip_core.policy import Principal
+from kmip_core.sealing.barrier import Barrier
+from kmip_core.ttlv import Item
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
-from kms_server.keystore.barrier import Barrier
 from kms_server.keystore.keystore import Keystore
-from kms_server.keystore.policy import Principal
 from kms_server.operations import OPERATIONS
 from kms_server.storage import LocateQuery, open_storage
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "malformed"
 ALICE = ConnectionInfo(principal=Principal("alice"), peer="127.0.0.1:5696")

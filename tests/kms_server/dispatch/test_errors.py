@@ -1,4 +1,4 @@
-"""Tests for kms_server.dispatch.errors: one test per row of the table from
+"""Tests for kmip_core.reasons: one test per row of the table from
 failures to Result Reasons (KMIP 1.4, 11.6; KMIP 2.0, 11.6)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from kmip.core.enums import ResultReason as R
 
-from kms_server import errors
-from kms_server.dispatch.errors import GENERAL_FAILURE_MESSAGE, REASONS, result_reason
+from kmip_core import errors
+from kmip_core.reasons import GENERAL_FAILURE_MESSAGE, REASONS, result_reason
 
 # Written out independently of REASONS so that a changed row fails here.
 EXPECTED = {

@@ -1,4 +1,4 @@
-"""Tests for kms_server.keystore.barrier: sealing key material for storage
+"""Tests for kmip_core.sealing.barrier: sealing key material for storage
 and opening the barrier with a key file or a passphrase."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from kms_server.keystore import barrier as barrier_module
-from kms_server.keystore import master_key as master_key_module
-from kms_server.keystore.barrier import Barrier, BarrierError, open_barrier
+from kmip_core.sealing import barrier as barrier_module
+from kmip_core.sealing import master_key as master_key_module
+from kmip_core.sealing.barrier import Barrier, BarrierError, open_barrier
 from kms_server.storage import open_storage
 
 KEY = bytes(range(32))

@@ -18,7 +18,7 @@ import itertools
 import pytest
 from kmip.core.enums import ObjectType, RevocationReasonCode, State
 
-from kms_server import errors
+from kmip_core import errors
 from kms_server.keystore import lifecycle
 from kms_server.keystore.objects import ManagedObject
 

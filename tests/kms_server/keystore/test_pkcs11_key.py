@@ -16,11 +16,12 @@ import pytest
 from kms_store_support import dump, store_config
 from softhsm import OTHER_TOKEN, PIN, TOKEN, new_label, raw_session, softhsm
 
+from kmip_core.config import ConfigError
+from kmip_core.sealing.barrier import open_barrier
+from kmip_core.sealing.master_key import MasterKeyError, open_master_key
 from kms_server.admin import backup as backup_mod
 from kms_server.admin import cli
-from kms_server.config import ConfigError, load_config
-from kms_server.keystore.barrier import open_barrier
-from kms_server.keystore.master_key import MasterKeyError, open_master_key
+from kms_server.config import load_config
 from kms_server.storage.base import StoredAttribute, StoredObject
 from kms_server.storage.sql import SqlStorage
 

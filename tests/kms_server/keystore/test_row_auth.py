@@ -36,21 +36,20 @@ from kmip.core.enums import (
 )
 from sqlalchemy import create_engine, text
 
-from kms_server import errors
+from kmip_core import errors, ttlv
+from kmip_core.client import messages
+from kmip_core.policy import Action, Principal, Role
+from kmip_core.sealing.barrier import CHECK_META, Barrier, BarrierError, Keyring, UnknownTerm, open_barrier
 from kms_server.audit.record import AuditDraft, client_fields
 from kms_server.audit.trail import AuditTrail, iter_records
-from kms_server.client import messages
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import row_auth
-from kms_server.keystore.barrier import CHECK_META, Barrier, BarrierError, Keyring, UnknownTerm, open_barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject, Material
-from kms_server.keystore.policy import Action, Principal, Role
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage, schema
 from kms_server.storage.base import StorageError, StoredAttribute, StoredObject
-from kms_server.wire import ttlv
 
 T = Tags
 KEY = bytes(range(32))

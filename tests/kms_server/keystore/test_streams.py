@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kms_server import errors
+from kmip_core import errors
 from kms_server.keystore.streams import Streams
 
 

@@ -2,7 +2,7 @@
 Dispatcher, at KMIP 1.1 (Attribute Name / Attribute Value) and 2.0 (the
 attribute's own tag, vendor attributes as Vendor Identification + Attribute
 Name), with the in-memory storage. Access rules come from
-kms_server.keystore.policy: a client sees its own objects, administrators
+kmip_core.policy: a client sees its own objects, administrators
 see all, a no-crypto administrator manages but never touches key material,
 an auditor has no key operation."""
 
@@ -26,17 +26,17 @@ from kmip.core.enums import (
 )
 from kmip.core.enums import Tags as T
 
+from kmip_core import ttlv
+from kmip_core.policy import Principal, Role
+from kmip_core.sealing.barrier import Barrier
+from kmip_core.ttlv import Item, ItemType
 from kms_server.dispatch import dispatcher as dispatcher_module
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.keystore.attributes import SPECS
-from kms_server.keystore.barrier import Barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject
-from kms_server.keystore.policy import Principal, Role
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
 
 V11, V20 = (1, 1), (2, 0)
 VALUE = T.ATTRIBUTE_VALUE.value

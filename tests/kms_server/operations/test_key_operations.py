@@ -37,15 +37,15 @@ from kmip.core.enums import (
     WrappingMethod,
 )
 
+from kmip_core import ttlv
+from kmip_core.policy import Principal, Role
+from kmip_core.sealing.barrier import Barrier
+from kmip_core.ttlv import Item
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.keystore import crypto
-from kms_server.keystore.barrier import Barrier
 from kms_server.keystore.keystore import Keystore
-from kms_server.keystore.policy import Principal, Role
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item
 
 T = Tags
 V1_1, V1_4, V2_0 = (1, 1), (1, 4), (2, 0)

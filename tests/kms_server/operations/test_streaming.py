@@ -11,12 +11,12 @@ import pytest
 from kmip.core.enums import BlockCipherMode, Operation, PaddingMethod, ResultReason
 from kmip.core.enums import Tags as T
 
+from kmip_core import ttlv
+from kmip_core.sealing.barrier import Barrier
 from kms_server.dispatch.dispatcher import Dispatcher
-from kms_server.keystore.barrier import Barrier
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
-from kms_server.wire import ttlv
 from tests.kms_server.operations.test_key_operations import (
     Client,
     ObjectType,

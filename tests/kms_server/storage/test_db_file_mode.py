@@ -8,8 +8,8 @@ import os
 import stat
 from contextlib import contextmanager
 
+from kmip_core.db.engine import private_sqlite_file
 from kms_server.storage import StoredAttribute, StoredObject, open_storage
-from kms_server.storage.engine import private_sqlite_file
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""kms_server.storage.engine: the one place that turns a db_url into an
+"""kmip_core.db.engine: the one place that turns a db_url into an
 engine, for the KMS storage, its admin tools and the broker."""
 
 from __future__ import annotations
@@ -9,13 +9,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from kms_server.storage.engine import (
-    READ_ONLY,
-    DatabaseUrlError,
-    configure_sqlite,
-    open_engine,
-    parse_db_url,
-)
+from kmip_core.db.engine import READ_ONLY, DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
 
 
 def test_plain_postgresql_means_psycopg_and_the_password_is_not_shown():

@@ -1,4 +1,4 @@
-"""Group commit (kms_server.storage.group_commit): batching, results per
+"""Group commit (kmip_core.db.group_commit): batching, results per
 item, and a failed batch failing each of its items."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from kms_server.storage.group_commit import GroupCommit
+from kmip_core.db.group_commit import GroupCommit
 
 
 class Refused(Exception):

@@ -1,4 +1,4 @@
-"""Tests for kms_server.wire.protocol: framing, limits, timeouts, ordering
+"""Tests for kmip_core.protocol: framing, limits, timeouts, ordering
 and draining, on Twisted's in-memory transport with a fake clock.
 
 No real thread runs: the worker pool is a stand-in that queues each job
@@ -20,8 +20,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted_fakes import PEER_CERTIFICATE, FakeReactor, ManualThreadPool, TLSStringTransport
 
-from kms_server.wire import protocol as wire
-from kms_server.wire import ttlv
+from kmip_core import protocol as wire
+from kmip_core import ttlv
 
 
 def request_bytes(n: int, body_size: int = 0) -> bytes:
@@ -429,7 +429,7 @@ def test_pipelined_requests_pause_reading_until_the_queue_drains():
     """A client that pipelines many requests behind a slow one is no longer
     read (back-pressure) once MAX_QUEUED_REQUESTS wait, and is read again
     when they are answered: the server never queues without bound."""
-    from kms_server.wire.protocol import MAX_QUEUED_REQUESTS
+    from kmip_core.protocol import MAX_QUEUED_REQUESTS
 
     h = Harness()
     pending = deque()

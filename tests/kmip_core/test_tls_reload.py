@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from kms_server.wire.tls import reload_on_sighup
+from kmip_core.tls import reload_on_sighup
 
 
 class Reactor:

@@ -1,6 +1,6 @@
 """Failures that reach a KMIP client.
 
-Every layer below dispatch raises one of these; `kms_server.dispatch.errors`
+Every layer below dispatch raises one of these; `kmip_core.reasons`
 is the one place that turns them into a Result Status and Result Reason.
 Messages are safe to send to the client: they never carry key material and
 never say whether an object the caller may not see exists.

@@ -1,4 +1,4 @@
-"""Tests for kms_server.wire.limits, the limits every TLS listener applies:
+"""Tests for kmip_core.limits, the limits every TLS listener applies:
 handshake cap and timeout, connection slots counted after TLS, a deadline
 for closing and one for reading a request whole.
 
@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kms_server.wire import limits
+from kmip_core import limits
 
 
 @implementer(IHandshakeListener)
@@ -243,7 +243,7 @@ def test_a_kmip_connection_refused_by_the_limits_is_recorded_with_their_reason()
     """The KMIP listener records refused connections (the audit trail):
     one refused by the cap or by the handshake timeout is recorded as
     such, not as a failed handshake."""
-    from kms_server.wire.protocol import KmipFactory
+    from kmip_core.protocol import KmipFactory
 
     class CertifiedTransport(Transport):
         def getPeerCertificate(self):

@@ -153,7 +153,7 @@ def open_master_key(
     pkcs11_module = getattr(cfg, "pkcs11_module", None)
     if pkcs11_module:
         try:
-            from kms_server.keystore import pkcs11_key
+            from kmip_core.sealing import pkcs11_key
         except ModuleNotFoundError as exc:
             if exc.name != "pkcs11":
                 raise

@@ -25,18 +25,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kms_server.files import write_atomic
+from kmip_core.files import write_atomic
 
 __all__ = [
+    "Ca",
     "InitResult",
     "PkiError",
     "PkiWarning",
     "TrustedCert",
     "fingerprint_sha256",
     "init_pki",
+    "issue",
     "issue_client",
     "list_trusted",
     "new_master_key",
+    "server_sans",
     "sign_csr",
     "trust_client_cert",
     "untrust",
@@ -121,7 +124,7 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write data to path atomically with ``mode`` from the start (kms_server.files):
+    """Write data to path atomically with ``mode`` from the start (kmip_core.files):
     a private key is never readable by others, even for an instant."""
     try:
         write_atomic(path, data, mode)
@@ -224,12 +227,14 @@ def _check_client_name(name: str) -> None:
 
 
 @dataclass(frozen=True)
-class _Ca:
+class Ca:
+    """A certificate authority: its certificate and private key."""
+
     cert: x509.Certificate
     key: PrivateKey
 
 
-def _create_ca(key_type: str) -> _Ca:
+def _create_ca(key_type: str) -> Ca:
     key = _new_key(key_type)
     name = x509.Name(
         [
@@ -237,7 +242,7 @@ def _create_ca(key_type: str) -> _Ca:
             x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME),
         ]
     )
-    return _Ca(self_signed_ca(key, name, CA_DAYS), key)
+    return Ca(self_signed_ca(key, name, CA_DAYS), key)
 
 
 CA_KEY_USAGE = x509.KeyUsage(
@@ -274,7 +279,7 @@ def self_signed_ca(key: PrivateKey, name: x509.Name, days: int) -> x509.Certific
     )
 
 
-def _load_ca(directory: Path) -> _Ca:
+def _load_ca(directory: Path) -> Ca:
     cert_path, key_path = directory / "ca.pem", directory / "ca.key"
     if not cert_path.exists() or not key_path.exists():
         missing = cert_path if not cert_path.exists() else key_path
@@ -303,12 +308,12 @@ def _load_ca(directory: Path) -> _Ca:
         raise PkiError(
             f"CA certificate {cert_path} has expired; create a new PKI directory"
         )
-    return _Ca(cert, key)
+    return Ca(cert, key)
 
 
 def _get_or_create_ca(
     directory: Path, key_type: str, written: list[Path]
-) -> tuple[_Ca, bool]:
+) -> tuple[Ca, bool]:
     cert_path, key_path = directory / "ca.pem", directory / "ca.key"
     if cert_path.exists() != key_path.exists():
         present, missing = (
@@ -348,14 +353,16 @@ def _leaf_key_usage(public_key: object) -> x509.KeyUsage:
     )
 
 
-def _issue(
-    ca: _Ca,
+def issue(
+    ca: Ca,
     subject: x509.Name,
     public_key,
     usage: x509.ObjectIdentifier,
     sans: Sequence[x509.GeneralName],
     days: int,
 ) -> x509.Certificate:
+    """A leaf certificate for `public_key` signed by `ca`, for one extended
+    key usage, capped at the CA's own expiry."""
     now = _now()
     # A leaf that outlives its CA would fail verification anyway; cap it.
     not_after = min(now + dt.timedelta(days=days), ca.cert.not_valid_after_utc)
@@ -385,7 +392,9 @@ def _issue(
     return builder.sign(ca.key, hashes.SHA256())
 
 
-def _server_sans(server_names: Iterable[str]) -> list[x509.GeneralName]:
+def server_sans(server_names: Iterable[str]) -> list[x509.GeneralName]:
+    """Subject alternative names of a server certificate: the given names
+    plus localhost and 127.0.0.1."""
     sans: list[x509.GeneralName] = []
     for name in [*server_names, "localhost", "127.0.0.1"]:
         general = _general_name(name)
@@ -411,7 +420,7 @@ def _leaf_state(cert_path: Path, key_path: Path, force: bool) -> str:
 
 
 def _check_kept_leaf(
-    ca: _Ca, cert_path: Path, wanted_sans: Sequence[x509.GeneralName]
+    ca: Ca, cert_path: Path, wanted_sans: Sequence[x509.GeneralName]
 ) -> None:
     cert = _load_cert_file(cert_path)
     try:
@@ -462,7 +471,7 @@ def init_pki(
     directory = Path(directory)
     for client in clients:
         _check_client_name(client)
-    sans = _server_sans(server_names)
+    sans = server_sans(server_names)
     common_name = server_names[0] if server_names else "localhost"
 
     _make_dir(directory)
@@ -487,7 +496,7 @@ def init_pki(
             continue
         key = _new_key(key_type)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-        cert = _issue(ca, subject, key.public_key(), usage, leaf_sans, LEAF_DAYS)
+        cert = issue(ca, subject, key.public_key(), usage, leaf_sans, LEAF_DAYS)
         _write_leaf(cert_path, key_path, cert, key)
         written.extend([cert_path, key_path])
     return InitResult(tuple(written), tuple(kept))
@@ -510,7 +519,7 @@ def issue_client(
         )
     key = _new_key(key_type)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = _issue(
+    cert = issue(
         ca, subject, key.public_key(), ExtendedKeyUsageOID.CLIENT_AUTH, [], LEAF_DAYS
     )
     _write_leaf(cert_path, key_path, cert, key)
@@ -580,7 +589,7 @@ def sign_csr(
         sans = []
     if out_path.exists() and not force:
         raise PkiError(f"{out_path} already exists; choose another --out or remove it")
-    cert = _issue(
+    cert = issue(
         ca, csr.subject, public_key, ExtendedKeyUsageOID.CLIENT_AUTH, sans, days
     )
     _write_atomic(out_path, _cert_pem(cert), 0o644)

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from kms_server.wire import limits, ttlv
+from kmip_core import limits, ttlv
 
 log = logging.getLogger("kms_server.wire")
 

@@ -30,7 +30,7 @@ import pkcs11
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11_errors
 
-from kms_server.keystore.master_key import MasterKey, MasterKeyError
+from kmip_core.sealing.master_key import MasterKey, MasterKeyError
 
 __all__ = ["Pkcs11MasterKey", "generate_token_key", "open_token_key", "read_pin_file"]
 

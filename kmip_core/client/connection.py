@@ -20,7 +20,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from kms_server.wire import ttlv
+from kmip_core import ttlv
 
 DEFAULT_PORT = 5696
 # A response larger than this is refused rather than buffered.

@@ -48,7 +48,7 @@ request:
 
 A node that failed starts its back-off; one that answers is cleared. Every
 retry on another node, and every reconnection, is logged at INFO on the
-`kms_server.client` logger, with the operation and node names only: no
+`kmip_core.client` logger, with the operation and node names only: no
 payload, key, plaintext or ciphertext ever reaches a log line or an
 exception.
 """
@@ -81,8 +81,9 @@ from kmip.core.enums import (
     Tags,
 )
 
-from kms_server.client import messages
-from kms_server.client.connection import (
+from kmip_core import ttlv
+from kmip_core.client import messages
+from kmip_core.client.connection import (
     DEFAULT_MAX_RESPONSE_SIZE,
     ConnectFailed,
     Connection,
@@ -91,11 +92,10 @@ from kms_server.client.connection import (
     client_context,
     parse_node,
 )
-from kms_server.client.errors import KmipError, NoNodeAvailable, OutcomeUnknown
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
+from kmip_core.client.errors import KmipError, NoNodeAvailable, OutcomeUnknown
+from kmip_core.ttlv import Item, ItemType
 
-log = logging.getLogger("kms_server.client")
+log = logging.getLogger("kmip_core.client")
 
 T = Tags
 

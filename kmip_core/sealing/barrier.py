@@ -29,16 +29,18 @@ import logging
 import os
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from kms_server.keystore import master_key as master_keys
-from kms_server.keystore.master_key import (
+from kmip_core.sealing import master_key as master_keys
+from kmip_core.sealing.master_key import (
     SALT_META,
     SCRYPT_N,
     SCRYPT_P,
@@ -47,7 +49,6 @@ from kms_server.keystore.master_key import (
     MasterKeyError,
     derive_from_passphrase,
 )
-from kms_server.storage.base import Storage, Transaction
 
 __all__ = [
     "CHECK_META",
@@ -67,7 +68,22 @@ __all__ = [
     "read_passphrase_file",
 ]
 
-log = logging.getLogger("kms_server.keystore.barrier")
+log = logging.getLogger("kmip_core.sealing.barrier")
+
+
+class Transaction(Protocol):
+    """What the barrier needs of a store's transaction: its meta records."""
+
+    def get_meta(self, key: str, for_update: bool = False) -> bytes | None: ...
+
+    def set_meta(self, key: str, value: bytes) -> None: ...
+
+
+class Storage(Protocol):
+    """What the barrier needs of a store: transactions."""
+
+    def transaction(self) -> AbstractContextManager[Transaction]: ...
+
 
 VERSION = 1
 VERSION_2 = 2

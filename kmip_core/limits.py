@@ -39,7 +39,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web import server
 from zope.interface import implementer
 
-log = logging.getLogger("kms_server.wire.limits")
+log = logging.getLogger("kmip_core.limits")
 
 __all__ = [
     "Deadline",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kms_server import errors
+from kmip_core import errors
 
 
 class Role(enum.Enum):

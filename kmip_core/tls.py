@@ -46,7 +46,7 @@ from twisted.internet import ssl as twisted_ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-from kms_server.config import ConfigError, TlsConfig
+from kmip_core.config import ConfigError, TlsConfig
 
 __all__ = [
     "AEAD_TLS12_SUITES",

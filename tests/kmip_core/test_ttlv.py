@@ -1,4 +1,4 @@
-"""Tests for kms_server.wire.ttlv, the strict TTLV codec.
+"""Tests for kmip_core.ttlv, the strict TTLV codec.
 
 Known answers are the encoding examples of KMIP 1.4 section 9.1.2. The
 malformed inputs live in tests/fixtures/malformed/ as hex, one message per
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType, TTLVError
+from kmip_core import ttlv
+from kmip_core.ttlv import Item, ItemType, TTLVError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "malformed"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "malformed"
 
 
 def load_fixture(path: Path) -> bytes:

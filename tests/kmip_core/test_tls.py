@@ -1,4 +1,4 @@
-"""Tests for kms_server.wire.tls: real TLS handshakes against the server context.
+"""Tests for kmip_core.tls: real TLS handshakes against the server context.
 
 The server side is a pyOpenSSL connection on a thread listening on a free
 port of 127.0.0.1; the clients are Python's own ``ssl`` module, an
@@ -30,9 +30,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from kms_server.admin import pki
-from kms_server.config import ConfigError, TlsConfig
-from kms_server.wire.tls import (
+from kmip_core import pki
+from kmip_core.config import ConfigError, TlsConfig
+from kmip_core.tls import (
     ClientIdentity,
     PeerIdentityError,
     TlsConfigError,

@@ -19,8 +19,8 @@ from typing import Any
 from kmip.core import enums
 from kmip.core.enums import CredentialType, NameType, Operation, ResultReason, ResultStatus, Tags
 
-from kms_server.wire import ttlv
-from kms_server.wire.ttlv import Item, ItemType
+from kmip_core import ttlv
+from kmip_core.ttlv import Item, ItemType
 
 T = Tags
 VALUE_TAG = T.ATTRIBUTE_VALUE.value

@@ -12,7 +12,7 @@ import os
 
 from kmip.core.enums import ResultReason
 
-from kms_server import errors
+from kmip_core import errors
 
 # Exception class -> (reason for 1.x, reason for 2.0).
 REASONS: dict[type[errors.KmsError], tuple[ResultReason, ResultReason]] = {
