@@ -619,7 +619,7 @@ def _audit_listing(db, args) -> tuple[list, dict[str, str]]:
 
     from broker.db import audit, vms
     from broker.trust import AuditRecord, InvalidRequest, check_vm_uuid
-    from kms_server.audit.query import parse_time
+    from kmip_core.audit.timefilter import parse_time
 
     with db.read() as conn:
         vm_rows = conn.execute(select(vms.c.vm_uuid, vms.c.name, vms.c.kms_key_id)).all()

@@ -8,18 +8,16 @@ so a key's Create, made before vCenter tagged it, is found too.
 
 from __future__ import annotations
 
+__all__ = ["Filters", "correlation_parts", "find", "operation_name", "parse_time", "result_filter", "selected_uids"]
+
 import json
 import re
-import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
+from kmip_core.audit.timefilter import parse_time
 from kms_server.audit.trail import HOST_COMPONENT, VM_COMPONENT, iter_records, objects_named
 from kms_server.storage.base import AuditQuery, Storage, StoredAuditRecord
-
-_AGE = re.compile(r"^(\d+)\s*([smhd])$")
-_AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
@@ -38,28 +36,6 @@ class Filters:
     request_id: str | None = None
     # Only the newest `limit` matching records (None: all).
     limit: int | None = None
-
-
-def parse_time(text: str, now: float | None = None) -> float:
-    """Epoch seconds; an ISO 8601 date or time (UTC unless it names a
-    zone); or an age such as 30m, 12h, 7d. Raises ValueError."""
-    text = text.strip()
-    age = _AGE.match(text)
-    if age:
-        return (time.time() if now is None else now) - int(age.group(1)) * _AGE_SECONDS[age.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.replace(" ", "T").replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"not a time: {text!r} (use ISO 8601 such as 2026-11-26T18:00Z, epoch seconds, or an age such as 12h)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
 
 
 def operation_name(text: str) -> str:
