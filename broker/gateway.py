@@ -55,7 +55,7 @@ from kmip_core.protocol import KmipFactory
 from kmip_core.reasons import REASONS
 from kmip_core.ttlv import ItemType
 from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
-from kms_server.operations import common, discover_versions, object_codec
+from kms_server.operations import common, crypto_params, discover_versions, key_use
 from kms_server.operations.encrypt import optional_bytes
 
 __all__ = [
@@ -161,7 +161,7 @@ def _unwrap_parameters(payload) -> None:
     """Unwrapping a key safe is AES-GCM (design note, "Key safe"). Anything
     else is refused here rather than forwarded, so that a host can never use
     a VM's KEK as a general decryption oracle in another mode."""
-    params = object_codec.crypto_parameters(payload.find(T.CRYPTOGRAPHIC_PARAMETERS.value))
+    params = crypto_params.crypto_parameters(payload.find(T.CRYPTOGRAPHIC_PARAMETERS.value))
     if params is None:
         return
     if params.block_cipher_mode not in (None, BlockCipherMode.GCM):
@@ -179,7 +179,7 @@ def _target(key_id: str, decision: Decision) -> str:
 def gateway_decrypt(ctx, gateway: GatewayContext, payload) -> list:
     """KMIP 1.4, 4.30 Decrypt, on behalf of a host: authorize with the trust
     registry, then Decrypt at the KMS with the broker's own identity."""
-    object_codec.reject_streaming(payload)
+    key_use.reject_streaming(payload)
     key_id = common.unique_identifier(ctx, payload)
     data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
     iv = optional_bytes(payload, T.IV_COUNTER_NONCE)

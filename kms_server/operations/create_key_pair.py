@@ -27,7 +27,7 @@ from kmip_core import errors, ttlv
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.objects import Material
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, crypto_params, object_codec
 
 OPERATION = Operation.CREATE_KEY_PAIR
 
@@ -160,7 +160,7 @@ def _algorithm(private: dict, public: dict) -> CryptographicAlgorithm:
         raise errors.InvalidField(
             "Cryptographic Algorithm value is not defined"
         ) from None
-    if len({object_codec.algorithm_family(a) for a in algorithms}) > 1:
+    if len({crypto_params.algorithm_family(a) for a in algorithms}) > 1:
         raise errors.InvalidField(
             "the private and public key templates give different algorithms"
         )

@@ -19,7 +19,7 @@ from kmip.core.enums import (
 
 from kmip_core import errors, ttlv
 from kms_server.keystore import crypto
-from kms_server.operations import common, object_codec, streaming
+from kms_server.operations import common, key_use, streaming
 from kms_server.operations.encrypt import NO_IV_MODES, cipher_request, cipher_stream, optional_bytes, rsa_padding
 
 OPERATION = Operation.DECRYPT
@@ -90,5 +90,5 @@ def handle(ctx, keystore, payload):
                 tag=tag,
             )
     except crypto.CryptoError as exc:
-        raise object_codec.crypto_failure(exc) from None
+        raise key_use.crypto_failure(exc) from None
     return [common.uid_item(obj.uid), ttlv.byte_string(T.DATA.value, plaintext)]

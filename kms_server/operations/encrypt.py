@@ -28,7 +28,7 @@ from kmip.core.enums import (
 from kmip_core import errors, ttlv
 from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
-from kms_server.operations import common, object_codec, streaming
+from kms_server.operations import common, crypto_params, key_use, streaming
 
 OPERATION = Operation.ENCRYPT
 
@@ -86,9 +86,9 @@ def cipher_request(ctx, keystore, payload, usage: CryptographicUsageMask, protec
     if part is not None:
         streaming.check_later_part(payload, part, (T.IV_COUNTER_NONCE, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA))
     with keystore.transaction(read_only=True) as txn:
-        obj = object_codec.usable_key(keystore, txn, ctx, uid, usage, protect=protect, object_types=object_types)
-    params = object_codec.request_parameters(payload, obj)
-    return CipherRequest(part, data, iv, aad, obj, params, object_codec.key_algorithm(obj, params))
+        obj = key_use.usable_key(keystore, txn, ctx, uid, usage, protect=protect, object_types=object_types)
+    params = crypto_params.request_parameters(payload, obj)
+    return CipherRequest(part, data, iv, aad, obj, params, crypto_params.key_algorithm(obj, params))
 
 
 def cipher_stream(material, algorithm, mode, params, iv, aad, *, decrypting: bool):
@@ -115,7 +115,7 @@ def handle(ctx, keystore, payload):
         protect=True,
         object_types=(ObjectType.SYMMETRIC_KEY, ObjectType.PUBLIC_KEY),
     )
-    object_codec.charge_usage(ctx, keystore, obj, len(data))
+    key_use.charge_usage(ctx, keystore, obj, len(data))
     material = keystore.material(obj)
     result = [common.uid_item(obj.uid)]
     if part is not None and not part.init:
@@ -141,7 +141,7 @@ def handle(ctx, keystore, payload):
                 params.p_source,
             )
         except crypto.CryptoError as exc:
-            raise object_codec.crypto_failure(exc) from None
+            raise key_use.crypto_failure(exc) from None
         return result + [ttlv.byte_string(T.DATA.value, ciphertext)]
 
     mode = params.block_cipher_mode
@@ -184,7 +184,7 @@ def handle(ctx, keystore, payload):
             tag_length=params.tag_length,
         )
     except crypto.CryptoError as exc:
-        raise object_codec.crypto_failure(exc) from None
+        raise key_use.crypto_failure(exc) from None
     result.append(ttlv.byte_string(T.DATA.value, ciphertext))
     if generated and iv_used is not None:
         result.append(ttlv.byte_string(T.IV_COUNTER_NONCE.value, iv_used))

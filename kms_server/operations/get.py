@@ -29,7 +29,7 @@ from kmip_core import errors, ttlv
 from kmip_core.policy import Action
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto, lifecycle
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, crypto_params, key_use, object_codec
 from kms_server.operations.object_codec import Wrapping
 
 OPERATION = Operation.GET
@@ -141,7 +141,7 @@ def _wrapping_key(ctx, keystore, txn, specification: Item, obj):
         raise errors.MissingData(
             "Encryption Key Information needs the wrapping key's Unique Identifier"
         )
-    wrapping_obj = object_codec.usable_key(
+    wrapping_obj = key_use.usable_key(
         keystore,
         txn,
         ctx,
@@ -156,8 +156,8 @@ def _wrapping_key(ctx, keystore, txn, specification: Item, obj):
 def _wrapping(
     ctx, keystore, specification: Item, obj, wrapping_obj, info: Item
 ) -> Wrapping:
-    params = object_codec.request_parameters(info, wrapping_obj)
-    algorithm = object_codec.key_algorithm(wrapping_obj, params)
+    params = crypto_params.request_parameters(info, wrapping_obj)
+    algorithm = crypto_params.key_algorithm(wrapping_obj, params)
     wrapping_material = keystore.material(wrapping_obj)
 
     if wrapping_obj.object_type == ObjectType.SYMMETRIC_KEY:
@@ -177,7 +177,7 @@ def _wrapping(
                     wrapping_material.data, data, params.block_cipher_mode
                 )
             except crypto.CryptoError as exc:
-                raise object_codec.crypto_failure(exc) from None
+                raise key_use.crypto_failure(exc) from None
 
     else:
         if algorithm != CryptographicAlgorithm.RSA:
@@ -201,7 +201,7 @@ def _wrapping(
                     params.mask_generator_hashing_algorithm,
                 )
             except crypto.CryptoError as exc:
-                raise object_codec.crypto_failure(exc) from None
+                raise key_use.crypto_failure(exc) from None
 
     encoding = common.optional_enum(specification, T.ENCODING_OPTION, EncodingOption)
     names = [i.value for i in specification.find_all(T.ATTRIBUTE_NAME.value)]

@@ -7,13 +7,13 @@ from kmip.core.enums import HashingAlgorithm, Operation, Tags
 from kmip_core import errors, ttlv
 from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, key_use
 
 OPERATION = Operation.HASH
 
 
 def handle(ctx, keystore, payload):
-    object_codec.reject_streaming(payload)
+    key_use.reject_streaming(payload)
     params = common.require(payload, Tags.CRYPTOGRAPHIC_PARAMETERS, ItemType.STRUCTURE)
     hashing = common.optional_enum(params, Tags.HASHING_ALGORITHM, HashingAlgorithm)
     if hashing is None:

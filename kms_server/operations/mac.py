@@ -19,7 +19,7 @@ from kmip.core.enums import (
 from kmip_core import errors, ttlv
 from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, crypto_params, key_use
 
 OPERATION = Operation.MAC
 
@@ -28,12 +28,12 @@ T = Tags
 
 def handle(ctx, keystore, payload):
     obj, algorithm, data = hmac_request(ctx, keystore, payload, CryptographicUsageMask.MAC_GENERATE, "MAC")
-    object_codec.charge_usage(ctx, keystore, obj, len(data))
+    key_use.charge_usage(ctx, keystore, obj, len(data))
     material = keystore.material(obj)
     try:
         mac_data = crypto.mac(material.data, algorithm, data)
     except crypto.CryptoError as exc:
-        raise object_codec.crypto_failure(exc) from None
+        raise key_use.crypto_failure(exc) from None
     return [common.uid_item(obj.uid), ttlv.byte_string(T.MAC_DATA.value, mac_data)]
 
 
@@ -41,11 +41,11 @@ def hmac_request(ctx, keystore, payload, usage: CryptographicUsageMask, what: st
     """The key, HMAC algorithm and Data of a MAC or MAC Verify request. MAC
     needs an Active key (protect); MAC Verify also takes a Deactivated or
     Compromised one (process, KMIP 1.4, 3.22)."""
-    object_codec.reject_streaming(payload)
+    key_use.reject_streaming(payload)
     uid = common.unique_identifier(ctx, payload)
     data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
     with keystore.transaction(read_only=True) as txn:
-        obj = object_codec.usable_key(
+        obj = key_use.usable_key(
             keystore,
             txn,
             ctx,
@@ -54,7 +54,7 @@ def hmac_request(ctx, keystore, payload, usage: CryptographicUsageMask, what: st
             protect=usage == CryptographicUsageMask.MAC_GENERATE,
             object_types=(ObjectType.SYMMETRIC_KEY,),
         )
-    params = object_codec.request_parameters(payload, obj)
+    params = crypto_params.request_parameters(payload, obj)
     algorithm = params.cryptographic_algorithm
     if algorithm is None:
         value = obj.value("Cryptographic Algorithm")

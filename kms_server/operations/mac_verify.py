@@ -13,7 +13,7 @@ from kmip.core.enums import (
 from kmip_core import ttlv
 from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
-from kms_server.operations import common, mac, object_codec
+from kms_server.operations import common, key_use, mac
 
 OPERATION = Operation.MAC_VERIFY
 
@@ -30,5 +30,5 @@ def handle(ctx, keystore, payload):
     except crypto.MacInvalid:
         validity = ValidityIndicator.INVALID
     except crypto.CryptoError as exc:
-        raise object_codec.crypto_failure(exc) from None
+        raise key_use.crypto_failure(exc) from None
     return [common.uid_item(obj.uid), ttlv.enumeration(T.VALIDITY_INDICATOR.value, validity.value)]

@@ -10,9 +10,8 @@ certificate DER) plus the attributes the material implies.
 optionally wrapped. Both go through `keystore.crypto` for every conversion,
 so this module never handles library key objects.
 
-Also here, because Get, Encrypt, Decrypt, MAC, Sign and Signature Verify all
-read them: the Cryptographic Parameters structure (KMIP 1.4, 3.6) and the
-checks on a key used for a cryptographic operation.
+The Cryptographic Parameters are in `crypto_params`, the checks on a key
+used by a cryptographic operation in `key_use`.
 """
 
 from __future__ import annotations
@@ -23,17 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kmip.core.enums import (
-    BlockCipherMode,
     CertificateType,
     CryptographicAlgorithm,
-    CryptographicUsageMask,
-    DigitalSignatureAlgorithm,
     HashingAlgorithm,
     KeyCompressionType,
     KeyFormatType,
     ObjectType,
     OpaqueDataType,
-    PaddingMethod,
     RecommendedCurve,
     RNGAlgorithm,
     SecretDataType,
@@ -41,11 +36,12 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
-from kmip_core.policy import Action
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import attributes as attrs
-from kms_server.keystore import crypto, lifecycle
+from kms_server.keystore import crypto
 from kms_server.keystore.objects import ManagedObject, Material
+from kms_server.operations.crypto_params import algorithm_family
+from kms_server.operations.fields import child_item, enum_field
 
 T = Tags
 KFT = KeyFormatType
@@ -65,12 +61,6 @@ KEY_BLOCK_TYPES = (
     ObjectType.SECRET_DATA,
 )
 
-_EC_ALGORITHMS = (
-    CryptographicAlgorithm.EC,
-    CryptographicAlgorithm.ECDSA,
-    CryptographicAlgorithm.ECDH,
-    CryptographicAlgorithm.ECMQV,
-)
 _TRANSPARENT_EC_PRIVATE = (
     KFT.TRANSPARENT_EC_PRIVATE_KEY,
     KFT.TRANSPARENT_ECDSA_PRIVATE_KEY,
@@ -101,51 +91,6 @@ _RSA_TRANSPARENT_PRIVATE_FIELDS = (
 )
 
 
-def _label(t: Tags) -> str:
-    return t.name.replace("_", " ").title()
-
-
-def _enum(item: Item | None, enum_cls, what: Tags):
-    if item is None:
-        return None
-    if item.type != ItemType.ENUMERATION:
-        raise errors.InvalidField(f"{_label(what)} must be an enumeration")
-    try:
-        return enum_cls(item.value)
-    except ValueError:
-        raise errors.InvalidField(
-            f"{_label(what)} value {item.value:#x} is not defined"
-        ) from None
-
-
-def _child(
-    parent: Item,
-    t: Tags,
-    type_: ItemType | tuple[ItemType, ...] | None = None,
-    required: bool = True,
-) -> Item | None:
-    item = parent.find(t.value)
-    if item is None:
-        if required:
-            raise errors.MissingData(
-                f"{_label(t)} is required in {ttlv.tag_name(parent.tag).replace('_', ' ').title()}"
-            )
-        return None
-    types = (type_,) if isinstance(type_, ItemType) else type_
-    if types is not None and item.type not in types:
-        raise errors.InvalidField(f"{_label(t)} has the wrong type")
-    return item
-
-
-def algorithm_family(algorithm: CryptographicAlgorithm | None) -> str | None:
-    """RSA, EC (for EC, ECDSA, ECDH and ECMQV keys, which share one key
-    format), or the algorithm's own name."""
-    if algorithm == CryptographicAlgorithm.RSA:
-        return "RSA"
-    if algorithm in _EC_ALGORITHMS:
-        return "EC"
-    return None if algorithm is None else algorithm.name
-
 
 # ---------------------------------------------------------------------------
 # Decoding (Register)
@@ -161,11 +106,11 @@ class _KeyBlock:
 
 
 def _read_key_block(holder: Item) -> _KeyBlock:
-    block = _child(holder, T.KEY_BLOCK, ItemType.STRUCTURE)
-    key_format = _enum(
-        _child(block, T.KEY_FORMAT_TYPE), KeyFormatType, T.KEY_FORMAT_TYPE
+    block = child_item(holder, T.KEY_BLOCK, ItemType.STRUCTURE)
+    key_format = enum_field(
+        child_item(block, T.KEY_FORMAT_TYPE), KeyFormatType, T.KEY_FORMAT_TYPE
     )
-    compression = _enum(
+    compression = enum_field(
         block.find(T.KEY_COMPRESSION_TYPE.value),
         KeyCompressionType,
         T.KEY_COMPRESSION_TYPE,
@@ -178,20 +123,20 @@ def _read_key_block(holder: Item) -> _KeyBlock:
         raise errors.FeatureNotSupported(
             "registering a wrapped key is not supported; register it unwrapped"
         )
-    value = _child(block, T.KEY_VALUE, (ItemType.STRUCTURE, ItemType.BYTE_STRING))
+    value = child_item(block, T.KEY_VALUE, (ItemType.STRUCTURE, ItemType.BYTE_STRING))
     if value.type == ItemType.BYTE_STRING:
         raise errors.InvalidField(
             "Key Value is a byte string only in a wrapped key; this key has no Key Wrapping Data"
         )
     # Attributes carried inside the Key Value are informational; the
     # object's attributes come from the Template-Attribute (2.0: Attributes).
-    material = _child(value, T.KEY_MATERIAL, (ItemType.BYTE_STRING, ItemType.STRUCTURE))
-    algorithm = _enum(
+    material = child_item(value, T.KEY_MATERIAL, (ItemType.BYTE_STRING, ItemType.STRUCTURE))
+    algorithm = enum_field(
         block.find(T.CRYPTOGRAPHIC_ALGORITHM.value),
         CryptographicAlgorithm,
         T.CRYPTOGRAPHIC_ALGORITHM,
     )
-    length_item = _child(
+    length_item = child_item(
         block, T.CRYPTOGRAPHIC_LENGTH, ItemType.INTEGER, required=False
     )
     length = None if length_item is None else length_item.value
@@ -219,7 +164,7 @@ def _transparent_fields(block: _KeyBlock) -> Item:
 
 
 def _int_field(structure: Item, t: Tags, required: bool = True) -> int | None:
-    item = _child(
+    item = child_item(
         structure,
         t,
         (ItemType.BIG_INTEGER, ItemType.INTEGER, ItemType.LONG_INTEGER),
@@ -246,7 +191,7 @@ def _decode_symmetric(holder: Item) -> tuple[Material, dict[str, Item]]:
     if block.format == KFT.RAW:
         key = _bytes_material(block)
     elif block.format == KFT.TRANSPARENT_SYMMETRIC_KEY:
-        key_item = _child(_transparent_fields(block), T.KEY, ItemType.BYTE_STRING)
+        key_item = child_item(_transparent_fields(block), T.KEY, ItemType.BYTE_STRING)
         key = key_item.value
         if not key:
             raise errors.InvalidField("Key is empty")
@@ -312,8 +257,8 @@ def _decode_private(holder: Item) -> tuple[Material, dict[str, Item]]:
             der, algorithm, length = crypto.import_transparent_private_key(values)
         elif block.format in _TRANSPARENT_EC_PRIVATE:
             fields = _transparent_fields(block)
-            curve = _enum(
-                _child(fields, T.RECOMMENDED_CURVE),
+            curve = enum_field(
+                child_item(fields, T.RECOMMENDED_CURVE),
                 RecommendedCurve,
                 T.RECOMMENDED_CURVE,
             )
@@ -347,12 +292,12 @@ def _decode_public(holder: Item) -> tuple[Material, dict[str, Item]]:
             )
         elif block.format in _TRANSPARENT_EC_PUBLIC:
             fields = _transparent_fields(block)
-            curve = _enum(
-                _child(fields, T.RECOMMENDED_CURVE),
+            curve = enum_field(
+                child_item(fields, T.RECOMMENDED_CURVE),
                 RecommendedCurve,
                 T.RECOMMENDED_CURVE,
             )
-            q = _child(fields, T.Q_STRING, ItemType.BYTE_STRING).value
+            q = child_item(fields, T.Q_STRING, ItemType.BYTE_STRING).value
             der, algorithm, length = crypto.import_transparent_public_key(
                 {"recommended_curve": curve, "q_string": q}
             )
@@ -367,8 +312,8 @@ def _decode_public(holder: Item) -> tuple[Material, dict[str, Item]]:
 
 
 def _decode_secret_data(holder: Item) -> tuple[Material, dict[str, Item]]:
-    secret_type = _enum(
-        _child(holder, T.SECRET_DATA_TYPE), SecretDataType, T.SECRET_DATA_TYPE
+    secret_type = enum_field(
+        child_item(holder, T.SECRET_DATA_TYPE), SecretDataType, T.SECRET_DATA_TYPE
     )
     block = _read_key_block(holder)
     if block.format not in (KFT.OPAQUE, KFT.RAW):
@@ -391,8 +336,8 @@ def _decode_secret_data(holder: Item) -> tuple[Material, dict[str, Item]]:
 def _decode_opaque(holder: Item) -> tuple[Material, dict[str, Item]]:
     # The specification defines no Opaque Data Types, only the extension
     # range, so any enumeration value is kept as given.
-    opaque_type = _child(holder, T.OPAQUE_DATA_TYPE, ItemType.ENUMERATION)
-    value = _child(holder, T.OPAQUE_DATA_VALUE, ItemType.BYTE_STRING).value
+    opaque_type = child_item(holder, T.OPAQUE_DATA_TYPE, ItemType.ENUMERATION)
+    value = child_item(holder, T.OPAQUE_DATA_VALUE, ItemType.BYTE_STRING).value
     if not value:
         raise errors.InvalidField("Opaque Data Value is empty")
     return Material(value, opaque_type.value), {}
@@ -410,14 +355,14 @@ def _pem_to_der(data: bytes) -> bytes:
 
 
 def _decode_certificate(holder: Item) -> tuple[Material, dict[str, Item]]:
-    cert_type = _enum(
-        _child(holder, T.CERTIFICATE_TYPE), CertificateType, T.CERTIFICATE_TYPE
+    cert_type = enum_field(
+        child_item(holder, T.CERTIFICATE_TYPE), CertificateType, T.CERTIFICATE_TYPE
     )
     if cert_type != CertificateType.X_509:
         raise errors.FeatureNotSupported(
             f"Certificate Type {cert_type.name} is not supported; only X_509"
         )
-    der = _pem_to_der(_child(holder, T.CERTIFICATE_VALUE, ItemType.BYTE_STRING).value)
+    der = _pem_to_der(child_item(holder, T.CERTIFICATE_VALUE, ItemType.BYTE_STRING).value)
     try:
         info = crypto.parse_certificate(der)
     except crypto.CryptoError as exc:
@@ -742,172 +687,6 @@ def encode_object(
     return ttlv.structure(tag.value, [block])
 
 
-# ---------------------------------------------------------------------------
-# Cryptographic Parameters (KMIP 1.4, 3.6)
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CryptoParameters:
-    block_cipher_mode: BlockCipherMode | None = None
-    padding_method: PaddingMethod | None = None
-    hashing_algorithm: HashingAlgorithm | None = None
-    digital_signature_algorithm: DigitalSignatureAlgorithm | None = None
-    cryptographic_algorithm: CryptographicAlgorithm | None = None
-    random_iv: bool | None = None
-    iv_length: int | None = None  # bits
-    tag_length: int | None = None  # bytes
-    salt_length: int | None = None  # bytes
-    mask_generator_hashing_algorithm: HashingAlgorithm | None = None
-    p_source: bytes | None = None
-
-
-def crypto_parameters(item: Item | None) -> CryptoParameters | None:
-    """Read a Cryptographic Parameters structure (request field or attribute
-    value); fields this server does not use (Key Role Type, counter and
-    invocation field layout, Trailer Field) are ignored."""
-    if item is None:
-        return None
-    if item.type != ItemType.STRUCTURE:
-        raise errors.InvalidField("Cryptographic Parameters must be a structure")
-
-    def integer(t: Tags) -> int | None:
-        child = _child(item, t, ItemType.INTEGER, required=False)
-        if child is not None and child.value < 0:
-            raise errors.InvalidField(f"{_label(t)} must not be negative")
-        return None if child is None else child.value
-
-    random_iv = _child(item, T.RANDOM_IV, ItemType.BOOLEAN, required=False)
-    p_source = _child(item, T.P_SOURCE, ItemType.BYTE_STRING, required=False)
-    return CryptoParameters(
-        block_cipher_mode=_enum(
-            item.find(T.BLOCK_CIPHER_MODE.value), BlockCipherMode, T.BLOCK_CIPHER_MODE
-        ),
-        padding_method=_enum(
-            item.find(T.PADDING_METHOD.value), PaddingMethod, T.PADDING_METHOD
-        ),
-        hashing_algorithm=_enum(
-            item.find(T.HASHING_ALGORITHM.value), HashingAlgorithm, T.HASHING_ALGORITHM
-        ),
-        digital_signature_algorithm=_enum(
-            item.find(T.DIGITAL_SIGNATURE_ALGORITHM.value),
-            DigitalSignatureAlgorithm,
-            T.DIGITAL_SIGNATURE_ALGORITHM,
-        ),
-        cryptographic_algorithm=_enum(
-            item.find(T.CRYPTOGRAPHIC_ALGORITHM.value),
-            CryptographicAlgorithm,
-            T.CRYPTOGRAPHIC_ALGORITHM,
-        ),
-        random_iv=None if random_iv is None else random_iv.value,
-        iv_length=integer(T.IV_LENGTH),
-        tag_length=integer(T.TAG_LENGTH),
-        salt_length=integer(T.SALT_LENGTH),
-        mask_generator_hashing_algorithm=_enum(
-            item.find(T.MASK_GENERATOR_HASHING_ALGORITHM.value),
-            HashingAlgorithm,
-            T.MASK_GENERATOR_HASHING_ALGORITHM,
-        ),
-        p_source=None if p_source is None else p_source.value,
-    )
-
-
-def request_parameters(payload: Item, obj: ManagedObject) -> CryptoParameters:
-    """The Cryptographic Parameters of a request, else the first value of
-    the key's Cryptographic Parameters attribute, else none (KMIP 1.4, 4.29:
-    the parameters associated with the object are used when the request
-    gives none)."""
-    given = crypto_parameters(payload.find(T.CRYPTOGRAPHIC_PARAMETERS.value))
-    if given is not None:
-        return given
-    return (
-        crypto_parameters(obj.first("Cryptographic Parameters")) or CryptoParameters()
-    )
-
-
-def key_algorithm(
-    obj: ManagedObject, params: CryptoParameters | None = None
-) -> CryptographicAlgorithm | None:
-    """The key's Cryptographic Algorithm; parameters that name another
-    algorithm family are refused rather than silently ignored."""
-    value = obj.value("Cryptographic Algorithm")
-    algorithm = None if value is None else CryptographicAlgorithm(value)
-    wanted = params.cryptographic_algorithm if params is not None else None
-    if (
-        wanted is not None
-        and algorithm is not None
-        and algorithm_family(wanted) != algorithm_family(algorithm)
-    ):
-        raise errors.InvalidField(
-            f"Cryptographic Algorithm {wanted.name} does not match the key's algorithm {algorithm.name}"
-        )
-    return algorithm
-
-
-# ---------------------------------------------------------------------------
-# Keys used by cryptographic operations
-# ---------------------------------------------------------------------------
-
-
-def usable_key(
-    keystore,
-    txn,
-    ctx,
-    uid: str,
-    usage: CryptographicUsageMask,
-    protect: bool,
-    object_types: tuple[ObjectType, ...],
-) -> ManagedObject:
-    """Load a key for Encrypt, Decrypt, MAC, Sign, Signature Verify or
-    wrapping: the caller may use it (Action.USE), it is of a type the
-    operation takes, in a state that allows the operation (Active to
-    protect; also Deactivated or Compromised to process), and its
-    Cryptographic Usage Mask has the operation's bit."""
-    obj = keystore.load(txn, ctx.principal, uid, Action.USE, ctx.now)
-    if obj.object_type not in object_types:
-        names = " or ".join(t.name for t in object_types)
-        raise errors.InvalidField(
-            f"object {uid} is a {obj.object_type.name}; this operation needs a {names}"
-        )
-    lifecycle.require_usable(obj, protect, ctx.now)
-    if not obj.usage_mask & usage.value:
-        raise errors.PermissionDenied(
-            f"the Cryptographic Usage Mask of object {uid} does not include {usage.name}"
-        )
-    return obj
-
-
-def charge_usage(ctx, keystore, obj: ManagedObject, data_length: int) -> None:
-    """Count a protecting use (Encrypt, Sign, MAC) against the object's
-    Usage Limits before it is carried out; a use the budget does not cover
-    is refused (KMIP 1.4, 3.21)."""
-    if not lifecycle.has_usage_limits(obj):
-        return
-    with keystore.transaction() as txn:
-        current = keystore.load(txn, ctx.principal, obj.uid, Action.USE, ctx.now, for_update=True)
-        lifecycle.consume_usage(current, data_length)
-        keystore.save(txn, current, ctx.now)
-
-
-def reject_streaming(payload: Item) -> None:
-    """Multi-part (streaming) cryptographic operations (KMIP 1.3 Correlation
-    Value, Init and Final Indicators) are not supported."""
-    for t in (T.CORRELATION_VALUE, T.INIT_INDICATOR):
-        if payload.find(t.value) is not None:
-            raise errors.FeatureNotSupported(
-                "streaming cryptographic operations are not supported"
-            )
-    final = payload.find(T.FINAL_INDICATOR.value)
-    if final is not None and final.value is not True:
-        raise errors.FeatureNotSupported(
-            "streaming cryptographic operations are not supported"
-        )
-
-
-def crypto_failure(exc: crypto.CryptoError) -> errors.KmsError:
-    return errors.CryptographicFailure(exc.message)
-
-
 def digest_attribute(
     object_type: ObjectType, material: Material, algorithm: int | None
 ) -> Item | None:
@@ -982,3 +761,4 @@ def server_attributes(
     if generated:
         out["Random Number Generator"] = [random_number_generator()]
     return out
+

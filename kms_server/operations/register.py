@@ -13,7 +13,7 @@ from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 
 from kmip_core import errors
 from kms_server.keystore import attributes as attrs
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, crypto_params, object_codec
 
 OPERATION = Operation.REGISTER
 
@@ -80,7 +80,7 @@ def _merge_implied(attributes: dict, implied: dict) -> None:
 
 
 def _same_family(a: int, b: int) -> bool:
-    family = object_codec.algorithm_family
+    family = crypto_params.algorithm_family
     return family(CryptographicAlgorithm(a)) == family(CryptographicAlgorithm(b))
 
 

@@ -11,7 +11,7 @@ from kmip.core.enums import CryptographicUsageMask, ObjectType, Operation, Tags
 from kmip_core import errors, ttlv
 from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, crypto_params, key_use
 
 OPERATION = Operation.SIGN
 
@@ -33,7 +33,7 @@ def signed_data(payload) -> tuple[bytes, bool]:
 
 def scheme(obj, params) -> dict:
     """The keyword arguments of crypto.sign / verify_signature."""
-    object_codec.key_algorithm(obj, params)
+    crypto_params.key_algorithm(obj, params)
     if params.digital_signature_algorithm is None and params.hashing_algorithm is None:
         raise errors.MissingData(
             "Cryptographic Parameters with a Digital Signature Algorithm or a Hashing Algorithm are required, "
@@ -48,11 +48,11 @@ def scheme(obj, params) -> dict:
 
 
 def handle(ctx, keystore, payload):
-    object_codec.reject_streaming(payload)
+    key_use.reject_streaming(payload)
     uid = common.unique_identifier(ctx, payload)
     data, prehashed = signed_data(payload)
     with keystore.transaction(read_only=True) as txn:
-        obj = object_codec.usable_key(
+        obj = key_use.usable_key(
             keystore,
             txn,
             ctx,
@@ -61,14 +61,14 @@ def handle(ctx, keystore, payload):
             protect=True,
             object_types=(ObjectType.PRIVATE_KEY,),
         )
-    params = object_codec.request_parameters(payload, obj)
+    params = crypto_params.request_parameters(payload, obj)
     kwargs = scheme(obj, params)
-    object_codec.charge_usage(ctx, keystore, obj, len(data))
+    key_use.charge_usage(ctx, keystore, obj, len(data))
     material = keystore.material(obj)
     try:
         signature = crypto.sign(material.data, data, prehashed=prehashed, **kwargs)
     except crypto.CryptoError as exc:
-        raise object_codec.crypto_failure(exc) from None
+        raise key_use.crypto_failure(exc) from None
     return [
         common.uid_item(obj.uid),
         ttlv.byte_string(T.SIGNATURE_DATA.value, signature),

@@ -17,7 +17,7 @@ from kmip.core.enums import (
 from kmip_core import ttlv
 from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, crypto_params, key_use
 from kms_server.operations.sign import scheme, signed_data
 
 OPERATION = Operation.SIGNATURE_VERIFY
@@ -26,12 +26,12 @@ T = Tags
 
 
 def handle(ctx, keystore, payload):
-    object_codec.reject_streaming(payload)
+    key_use.reject_streaming(payload)
     uid = common.unique_identifier(ctx, payload)
     data, prehashed = signed_data(payload)
     signature = common.require(payload, T.SIGNATURE_DATA, ItemType.BYTE_STRING).value
     with keystore.transaction(read_only=True) as txn:
-        obj = object_codec.usable_key(
+        obj = key_use.usable_key(
             keystore,
             txn,
             ctx,
@@ -40,7 +40,7 @@ def handle(ctx, keystore, payload):
             protect=False,
             object_types=(ObjectType.PUBLIC_KEY,),
         )
-    params = object_codec.request_parameters(payload, obj)
+    params = crypto_params.request_parameters(payload, obj)
     kwargs = scheme(obj, params)
     material = keystore.material(obj)
     try:
@@ -51,7 +51,7 @@ def handle(ctx, keystore, payload):
     except crypto.SignatureInvalid:
         validity = ValidityIndicator.INVALID
     except crypto.CryptoError as exc:
-        raise object_codec.crypto_failure(exc) from None
+        raise key_use.crypto_failure(exc) from None
     return [
         common.uid_item(obj.uid),
         ttlv.enumeration(T.VALIDITY_INDICATOR.value, validity.value),

@@ -19,7 +19,7 @@ from kmip.core.enums import Tags as T
 from kmip_core import errors, ttlv
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
-from kms_server.operations import common, object_codec
+from kms_server.operations import common, key_use
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def run(
             cipher = begin()
             out = cipher.update(data)
         except crypto.CryptoError as exc:
-            raise object_codec.crypto_failure(exc) from None
+            raise key_use.crypto_failure(exc) from None
         correlation = streams.begin(client, obj.uid, operation.name, cipher)
         return [common.uid_item(obj.uid), _data(out), _correlation(correlation)], cipher
     if tag is not None and not part.final:
@@ -91,7 +91,7 @@ def run(
         rest, made_tag = cipher.finalize(tag)
     except crypto.CryptoError as exc:
         streams.abandon(part.correlation)
-        raise object_codec.crypto_failure(exc) from None
+        raise key_use.crypto_failure(exc) from None
     finally:
         stream.done()
     items = [common.uid_item(obj.uid), _data(out + rest)]
