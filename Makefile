@@ -75,7 +75,10 @@ lint: venv
 	$(BIN)/pip install --quiet ruff
 	$(BIN)/ruff check kms_server broker tests bench tools
 
+# Every workload as kms-server / PyKMIP's server / the ceiling of kms-server's
+# stack (bench/ceiling_server.py), in one run (bench/README.md).
 bench: venv
+	$(BIN)/python -c 'import rich' 2>/dev/null || $(BIN)/pip install --quiet rich
 	$(BIN)/python bench/kmip_throughput.py $(BENCH_ARGS)
 
 # What the audit trail costs: kms-server with and without it, and PyKMIP.
