@@ -1,0 +1,488 @@
+"""The monitoring listener both services serve, apart from their client
+listeners: Prometheus metrics and health for load balancers and
+orchestration.
+
+    GET /metrics   the service's registry in Prometheus text format
+    GET /healthz   200 while the process answers (alive)
+    GET /readyz    200 or 503, a JSON body naming each readiness check
+
+A service builds a `CollectorRegistry` of its own (never the process-wide
+one: tests run several services in one process) and a `Readiness` with the
+checks it means (database, master key, TLS material, audit trail...), and
+serves them with `MetricsListener`. The listener speaks plain HTTP only
+when bound to 127.0.0.1 or ::1; any other address needs mutual TLS (a
+server context factory from `kmip_core.tls`), else it refuses to start.
+
+Checks and collectors that read a database run on the listener's own small
+thread pool, never on the reactor thread nor on the service's worker pool
+(a saturated pool must not make a node look dead). Probes that arrive while
+a readiness run is in progress share its answer.
+
+`fetch_readiness` and `readiness_table` are the client side, for the
+status commands (`kms-admin cluster status`, `vtpm-broker admin status`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from twisted.web import resource, server
+
+from kmip_core.config import ConfigError, check_file, choice, nonempty_str, path_value, port_number
+
+__all__ = [
+    "LOGGING_FORMAT",
+    "LOOPBACK",
+    "METRICS_SCHEMA",
+    "MetricsConfig",
+    "CheckResult",
+    "MetricsListener",
+    "MetricsListenerError",
+    "Readiness",
+    "ReadinessReport",
+    "RequestMetrics",
+    "check_metrics_section",
+    "fetch_readiness",
+    "listener_limits",
+    "readiness_table",
+    "require_safe_bind",
+]
+
+log = logging.getLogger("kmip_core.metrics")
+
+# The only addresses the listener serves plain HTTP on.
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+# How long a readiness run may take before the answer is 503 anyway.
+READINESS_TIMEOUT = 5.0
+
+
+class MetricsListenerError(ValueError):
+    """The monitoring listener cannot start as configured; one line with the fix."""
+
+
+def require_safe_bind(host: str, tls) -> None:
+    """Plain HTTP on loopback only: anything else needs mutual TLS."""
+    if tls is not None:
+        return
+    if host in LOOPBACK:
+        return
+    raise MetricsListenerError(
+        f"the metrics listener on {host} would serve plain HTTP off this machine; bind it to 127.0.0.1 "
+        "(or ::1), or give [metrics] cert, key and ca for mutual TLS"
+    )
+
+
+# --- Configuration: [metrics] in both services' files ---------------------------
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: the monitoring listener. Off unless `port` is set (0:
+    any free port). Off loopback it needs `cert`/`key` (its server
+    certificate) and `ca` (the CA that issues the scrapers' client
+    certificates): mutual TLS."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None
+
+    @property
+    def tls(self) -> bool:
+        return self.cert is not None
+
+    def check_files(self) -> list[str]:
+        problems: list[str] = []
+        for key, path, secret in (("cert", self.cert, False), ("key", self.key, True), ("ca", self.ca, False)):
+            if path is not None:
+                problems.extend(check_file(f"metrics.{key}", path, secret=secret))
+        return problems
+
+    def context_factory(self, min_version: str = "1.2"):
+        """The mutual-TLS context of the listener, or None for plain HTTP."""
+        if not self.tls:
+            return None
+        from kmip_core import tls
+        from kmip_core.config import TlsConfig
+
+        settings = TlsConfig(
+            cert=self.cert,
+            key=self.key,
+            ca=self.ca,
+            # No pinned scrapers: client certificates come from `ca` only.
+            trusted_clients_dir=self.cert.parent / ".no-pinned-metrics-clients",
+            identity="cn",
+            min_version=min_version,
+        )
+        return tls.server_context_factory(settings, kmip_suites=False)
+
+
+METRICS_SCHEMA = {
+    "host": (nonempty_str, "127.0.0.1"),
+    "port": (port_number, None),
+    "cert": (path_value, None),
+    "key": (path_value, None),
+    "ca": (path_value, None),
+}
+# [logging] format: "text" (the default) or "json" (kmip_core.logs).
+LOGGING_FORMAT = (choice(("text", "json")), "text")
+
+
+def check_metrics_section(values: dict[str, Any]) -> None:
+    """Cross-checks of [metrics]: TLS material whole or absent, and never
+    plain HTTP off loopback (raises ConfigError)."""
+    given = [k for k in ("cert", "key", "ca") if values.get(k) is not None]
+    if given and len(given) != 3:
+        missing = [k for k in ("cert", "key", "ca") if k not in given]
+        raise ConfigError(f"config: metrics.{given[0]} is set without metrics.{missing[0]}; give cert, key and ca together")
+    if values.get("port") is not None:
+        try:
+            require_safe_bind(values["host"], True if given else None)
+        except MetricsListenerError as exc:
+            raise ConfigError(f"config: {exc}") from None
+
+
+# --- What a KMIP dispatcher reports -----------------------------------------------
+
+
+class RequestMetrics:
+    """KMIP request items by operation and result, their latency, and the
+    database retry/failover events of the layer that runs them. `prefix`
+    names the service (``kms``, ``vtpm_broker_gateway``)."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str):
+        self.requests = Counter(
+            f"{prefix}_requests_total",
+            "KMIP request items answered, by operation and result (SUCCESS or the Result Reason); "
+            "messages refused as a whole count under operation '-'",
+            ["operation", "result"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            f"{prefix}_request_duration_seconds",
+            "Time to run one KMIP request item, audit record included, by operation",
+            ["operation"],
+            registry=registry,
+        )
+        self.database = Counter(
+            f"{prefix}_database_events_total",
+            "Database connection losses met while running requests: 'retry' (run again after a wait), "
+            "'gave_up' (answered General Failure after the retry window), 'commit_unknown' (lost during a commit)",
+            ["event"],
+            registry=registry,
+        )
+
+    @staticmethod
+    def _operation(name: str) -> str:
+        # Undefined operation codes come as hex: one label for all of them,
+        # so a fuzzer cannot grow the series without bound.
+        return "unknown" if name.startswith("0x") else name
+
+    def request(self, operation: str, result: str, seconds: float | None = None) -> None:
+        operation = self._operation(operation)
+        self.requests.labels(operation, result).inc()
+        if seconds is not None:
+            self.latency.labels(operation).observe(seconds)
+
+    def database_event(self, event: str) -> None:
+        self.database.labels(event).inc()
+
+
+# --- Readiness ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail, "seconds": round(self.seconds, 4)}
+
+
+@dataclass(frozen=True)
+class ReadinessReport:
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def ready(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def as_json(self) -> dict:
+        return {"ready": self.ready, "checks": [c.as_json() for c in self.checks]}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+class Readiness:
+    """Named checks, run in the order added. A check returns a short detail
+    when it passes and raises (any exception, its first line is the
+    detail) when it does not. Checks run on a worker thread and may block."""
+
+    def __init__(self) -> None:
+        self._checks: list[tuple[str, Callable[[], str | None]]] = []
+
+    def add(self, name: str, check: Callable[[], str | None]) -> None:
+        if any(n == name for n, _ in self._checks):
+            raise ValueError(f"readiness check {name!r} is registered twice")
+        self._checks.append((name, check))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self._checks)
+
+    def run(self) -> ReadinessReport:
+        results = []
+        for name, check in self._checks:
+            started = time.monotonic()
+            try:
+                detail = check() or "ok"
+                ok = True
+            except Exception as exc:
+                detail, ok = _first_line(exc), False
+            results.append(CheckResult(name, ok, detail, time.monotonic() - started))
+        return ReadinessReport(tuple(results))
+
+
+# --- The listener -------------------------------------------------------------------
+
+
+class _Monitor(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, listener: MetricsListener):
+        super().__init__()
+        self.listener = listener
+
+    def render_GET(self, request: server.Request):
+        request.setHeader(b"cache-control", b"no-store")
+        path = request.path.rstrip(b"/") or b"/"
+        if path == b"/healthz":
+            request.setHeader(b"content-type", b"application/json")
+            return b'{"alive": true}\n'
+        if path == b"/readyz":
+            return self._deferred(request, self.listener.ready(), self._ready_body)
+        if path == b"/metrics":
+            return self._deferred(request, self.listener.scrape(), self._metrics_body)
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"not found: /metrics, /healthz and /readyz are served here\n"
+
+    @staticmethod
+    def _ready_body(request, report: ReadinessReport) -> bytes:
+        request.setResponseCode(200 if report.ready else 503)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(report.as_json()).encode("utf-8") + b"\n"
+
+    @staticmethod
+    def _metrics_body(request, data: bytes) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return data
+
+    @staticmethod
+    def _deferred(request, d: defer.Deferred, body):
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+
+        def done(result):
+            if finished:
+                return
+            request.write(body(request, result))
+            request.finish()
+
+        def failed(failure):
+            log.warning("monitoring request %s failed: %s", request.path.decode("ascii", "replace"), failure.getErrorMessage())
+            if finished:
+                return
+            request.setResponseCode(503 if request.path.startswith(b"/readyz") else 500)
+            request.setHeader(b"content-type", b"application/json")
+            request.write(json.dumps({"ready": False, "error": failure.getErrorMessage()}).encode("utf-8") + b"\n")
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+
+def listener_limits():
+    """The limits of the TLS monitoring listener (kmip_core.limits): a
+    scraper or two and probes, nothing like a client listener's share."""
+    from kmip_core.limits import ListenerLimits
+
+    return ListenerLimits(max_connections=32, max_handshakes=32, handshake_timeout=10.0, request_timeout=10.0)
+
+
+class MetricsListener:
+    """/metrics, /healthz and /readyz on `host`:`port` (0: a free port).
+    `tls`: a server context factory that verifies client certificates
+    (mutual TLS), required unless `host` is 127.0.0.1 or ::1."""
+
+    def __init__(
+        self,
+        reactor,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls=None,
+        timeout: float = READINESS_TIMEOUT,
+    ):
+        require_safe_bind(host, tls)
+        self.reactor = reactor
+        self.registry = registry
+        self.readiness = readiness
+        self.host = host
+        self.port_number = port
+        self.tls = tls
+        self.timeout = timeout
+        self.port = None
+        self.factory = None
+        self.threadpool = ThreadPool(minthreads=0, maxthreads=2, name="monitoring")
+        self._running: defer.Deferred | None = None
+        self._waiters: list[defer.Deferred] = []
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls is None else "https"
+
+    @property
+    def url(self) -> str:
+        address = self.port.getHost()
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"{self.scheme}://{host}:{address.port}/"
+
+    def start(self):
+        site = server.Site(_Monitor(self))
+        site.displayTracebacks = False
+        site.timeOut = 30
+        site.log = lambda request: None
+        self.threadpool.start()
+        try:
+            if self.tls is None:
+                self.factory = site
+                self.port = self.reactor.listenTCP(self.port_number, site, interface=self.host)
+            else:
+                from kmip_core.limits import LimitedFactory, TimedRequest
+
+                site.requestFactory = TimedRequest
+                self.factory = LimitedFactory(site, listener_limits(), self.reactor, name="metrics")
+                self.port = self.reactor.listenSSL(self.port_number, self.factory, self.tls, interface=self.host)
+        except Exception:
+            self.threadpool.stop()
+            raise
+        return self.port
+
+    @defer.inlineCallbacks
+    def stop(self):
+        if self.port is not None:
+            yield self.port.stopListening()
+            self.port = None
+        close_all = getattr(self.factory, "close_all", None)
+        if close_all is not None:
+            yield close_all()
+        if self.threadpool.started:
+            self.threadpool.stop()
+
+    # What the resource serves.
+    def scrape(self) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self.threadpool, generate_latest, self.registry)
+
+    def ready(self) -> defer.Deferred:
+        """The report of a readiness run: the one in progress, or a new one.
+        A run that takes longer than `timeout` answers not ready."""
+        waiter: defer.Deferred = defer.Deferred()
+        self._waiters.append(waiter)
+        if self._running is None:
+            run = deferToThreadPool(self.reactor, self.threadpool, self.readiness.run)
+            self._running = run
+            timeout = self.reactor.callLater(self.timeout, self._timed_out, run)
+
+            def finished(result):
+                if timeout.active():
+                    timeout.cancel()
+                if self._running is run:
+                    self._running = None
+                    self._answer(result)
+
+            run.addBoth(finished)
+        return waiter
+
+    def _timed_out(self, run) -> None:
+        if self._running is run:
+            self._running = None
+            checks = tuple(CheckResult(n, False, f"no answer within {self.timeout:g} s", self.timeout)
+                           for n in self.readiness.names)
+            self._answer(ReadinessReport(checks))
+
+    def _answer(self, result) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(result) if isinstance(result, ReadinessReport) else waiter.errback(result)
+
+
+# --- Client side, for the status commands ------------------------------------------
+
+
+def fetch_readiness(url: str, cert=None, key=None, ca=None, timeout: float = 10.0) -> tuple[int | None, dict]:
+    """GET <url>/readyz: (HTTP status, JSON body). A listener that does
+    not answer gives (None, {"error": ...}). `cert`/`key`/`ca`: client
+    certificate and CA for an https URL (mutual TLS)."""
+    target = url.rstrip("/")
+    if not target.endswith("/readyz"):
+        target += "/readyz"
+    context = None
+    if target.startswith("https://"):
+        context = ssl.create_default_context(cafile=str(ca) if ca else None)
+        if cert is not None:
+            context.load_cert_chain(str(cert), str(key) if key else None)
+    try:
+        with urllib.request.urlopen(target, timeout=timeout, context=context) as answer:
+            return answer.status, json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {"error": f"HTTP {exc.code}"}
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return None, {"error": f"no answer from {target}: {reason}"}
+
+
+def readiness_table(title: str, status: int | None, body: dict):
+    """A rich Table of one node's readiness: each check, ok or not, its detail."""
+    from rich.table import Table
+
+    verdict = "ready" if status == 200 else "NOT READY" if status is not None else "UNREACHABLE"
+    table = Table(title=f"{title}: {verdict}")
+    table.add_column("check")
+    table.add_column("state")
+    table.add_column("detail")
+    for check in body.get("checks", []):
+        state = "[green]ok[/green]" if check.get("ok") else "[red]FAILED[/red]"
+        table.add_row(str(check.get("name")), state, str(check.get("detail", "")))
+    if not body.get("checks"):
+        table.add_row("-", "[red]FAILED[/red]", str(body.get("error", "no readiness report")))
+    return table

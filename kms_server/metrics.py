@@ -1,0 +1,251 @@
+"""A KMS node's metrics and readiness checks, served by the shared
+monitoring listener (`kmip_core.metrics`, `[metrics]` in the configuration).
+
+Counted where each thing happens (the dispatcher for request items and
+database retries, the node's TLS refusal hook for handshake failures, the
+audit trail for records); read when Prometheus scrapes (open connections,
+the worker pool's queue, objects by type and state, the audit sinks).
+Names and labels: docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+
+from kmip.core.enums import ObjectType, State
+from OpenSSL import SSL
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+
+from kmip_core.metrics import MetricsListener, Readiness, RequestMetrics
+
+__all__ = ["KmsMetrics", "OBJECT_COUNT_SECONDS", "kms_readiness", "monitor_listener"]
+
+log = logging.getLogger("kms_server.metrics")
+
+# Objects by type and state are counted at most this often (a GROUP BY over
+# the attribute table): scrapes in between get the last count.
+OBJECT_COUNT_SECONDS = 30.0
+# A failed audit write keeps the node unready this long, unless a later
+# write succeeds first.
+AUDIT_FAILURE_SECONDS = 30.0
+
+
+class KmsMetrics:
+    """One node's registry and the counters its layers report to."""
+
+    def __init__(self, node: str):
+        self.node = node
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = RequestMetrics(self.registry, "kms")
+        self.tls_failures = Counter(
+            "kms_tls_handshake_failures_total",
+            "Connections refused at the TLS layer: 'handshake' (failed or not finished), 'certificate' "
+            "(verified but not usable as a client identity), 'limits' (dropped by the listener limits)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.audit_records = Counter(
+            "kms_audit_records_written_total",
+            "Audit records committed to the trail by this node",
+            registry=self.registry,
+        )
+        self.audit_failures = Counter(
+            "kms_audit_write_failures_total",
+            "Audit records that could not be written (the request was refused: fail closed)",
+            registry=self.registry,
+        )
+        self._service = None
+        self._objects: list[tuple[str, str, int]] = []
+        self._objects_at = 0.0
+        self._objects_lock = threading.Lock()
+
+    # Reported by the layers.
+    def tls_refused(self, reason: str) -> None:
+        if reason.startswith("client certificate not accepted"):
+            kind = "certificate"
+        elif reason.startswith("TLS handshake failed"):
+            kind = "handshake"
+        else:
+            kind = "limits"
+        self.tls_failures.labels(kind).inc()
+
+    def audit_record(self) -> None:
+        self.audit_records.inc()
+
+    def audit_failed(self) -> None:
+        self.audit_failures.inc()
+
+    # Read on scrape.
+    def watch(self, service) -> None:
+        """Read the node's connections, pool, store and sinks on scrape."""
+        self._service = service
+        self.registry.register(_NodeCollector(self))
+
+    def object_counts(self) -> list[tuple[str, str, int]]:
+        with self._objects_lock:
+            if time.monotonic() - self._objects_at >= OBJECT_COUNT_SECONDS or not self._objects_at:
+                self._objects = _count_objects(self._service.storage)
+                self._objects_at = time.monotonic()
+            return list(self._objects)
+
+
+class _NodeCollector:
+    def __init__(self, metrics: KmsMetrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        service = self.metrics._service
+        connections = GaugeMetricFamily(
+            "kms_open_connections", "Connections open on a listener (handshaking or established)", labels=["listener"]
+        )
+        for name, listener in (("kmip", service.listener), ("audit_page", service.web_listener)):
+            if listener is not None:
+                connections.add_metric([name], listener.open_connections)
+        yield connections
+        pool = service.threadpool
+        yield GaugeMetricFamily(
+            "kms_worker_queue_depth", "Requests waiting for a worker thread", value=pool.q.qsize()
+        )
+        yield GaugeMetricFamily("kms_worker_threads_busy", "Worker threads running a request", value=len(pool.working))
+        yield GaugeMetricFamily("kms_worker_threads_max", "Size of the worker pool", value=pool.max)
+        objects = GaugeMetricFamily(
+            "kms_objects", "Managed objects in the store by type and state (counted at most every 30 s)",
+            labels=["object_type", "state"],
+        )
+        try:
+            for object_type, state, count in self.metrics.object_counts():
+                objects.add_metric([object_type, state], count)
+        except Exception as exc:  # The database may be away: the rest still shows.
+            log.debug("objects not counted: %s", exc)
+        yield objects
+        if service.sinks is not None:
+            sinks = GaugeMetricFamily(
+                "kms_audit_sink_records", "Audit records per SIEM sink: sent, dropped (queue full), failed",
+                labels=["sink", "outcome"],
+            )
+            for name, stats in service.sinks.stats().items():
+                for outcome, count in stats.items():
+                    sinks.add_metric([name, outcome], count)
+            yield sinks
+
+
+def _count_objects(storage) -> list[tuple[str, str, int]]:
+    engine = getattr(storage, "engine", None)
+    if engine is None:
+        return []
+    from sqlalchemy import and_, func, select
+
+    from kms_server.storage.sql import kms_attributes
+
+    kind = kms_attributes.alias("kind")
+    state = kms_attributes.alias("state")
+    query = (
+        select(kind.c.value, state.c.value, func.count())
+        .select_from(kind.join(state, and_(state.c.uid == kind.c.uid, state.c.name == "State")))
+        .where(kind.c.name == "Object Type")
+        .group_by(kind.c.value, state.c.value)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    counts: dict[tuple[str, str], int] = {}
+    for kind_value, state_value, count in rows:
+        key = (_enum_name(ObjectType, kind_value), _enum_name(State, state_value))
+        counts[key] = counts.get(key, 0) + int(count)
+    return sorted((k, s, n) for (k, s), n in counts.items())
+
+
+def _enum_name(enum, data: bytes) -> str:
+    from kms_server.keystore.attributes import decode_value
+
+    try:
+        return enum(decode_value(bytes(data)).value).name
+    except Exception:
+        return "unknown"
+
+
+def monitor_listener(service, reactor, settings=None) -> MetricsListener | None:
+    """The node's monitoring listener as `settings` (default: the node's
+    [metrics]) say, or None when it is off. Its metrics read `service`."""
+    settings = settings if settings is not None else service.cfg.metrics
+    if not settings.enabled:
+        return None
+    service.metrics.watch(service)
+    return MetricsListener(
+        reactor,
+        service.metrics.registry,
+        kms_readiness(service),
+        host=settings.host,
+        port=settings.port,
+        tls=settings.context_factory(service.cfg.tls.min_version),
+    )
+
+
+# --- Readiness -----------------------------------------------------------------------
+
+
+def kms_readiness(service) -> Readiness:
+    """What /readyz checks on a KMS node: its database (reachable, at this
+    release's schema), its master key (the barrier seals and opens), its
+    TLS material (loaded and valid now), and its audit trail (writable)."""
+    readiness = Readiness()
+    readiness.add("database", lambda: _database(service.storage))
+    readiness.add("master_key", lambda: _master_key(service.keystore.barrier))
+    readiness.add("tls", lambda: _tls(service.context_factory))
+    readiness.add("audit_trail", lambda: _audit(service))
+    return readiness
+
+
+def _database(storage) -> str:
+    engine = getattr(storage, "engine", None)
+    if engine is None:
+        return "in-memory store"
+    from sqlalchemy import text
+
+    from kms_server.storage import schema
+
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+    schema.check(engine, getattr(storage, "shown_url", "the database"))
+    return f"{engine.dialect.name}, schema {schema.head_revision()}"
+
+
+def _master_key(barrier) -> str:
+    probe = b"readiness probe"
+    if barrier.unseal("readyz", barrier.seal("readyz", probe)) != probe:
+        raise RuntimeError("the master key's data key does not open what it sealed")
+    return f"open (data key term {barrier.active_term})"
+
+
+def _tls(context_factory) -> str:
+    connection = SSL.Connection(context_factory.getContext(), None)
+    certificate = connection.get_certificate()
+    if certificate is None:
+        raise RuntimeError("no server certificate is loaded")
+    cert = certificate.to_cryptography()
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        raise RuntimeError(f"the server certificate is not valid now (until {cert.not_valid_after_utc:%Y-%m-%d})")
+    return f"loaded, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+
+
+def _audit(service) -> str:
+    if service.trail is None:
+        return "auditing is off ([audit] enabled = false)"
+    engine = getattr(service.storage, "engine", None)
+    if engine is not None and engine.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        with engine.connect() as conn:
+            if conn.execute(text("SHOW transaction_read_only")).scalar() == "on":
+                raise RuntimeError("the database is read-only (a standby): audit records cannot be written")
+    failed = service.trail.last_failure
+    if failed is not None and time.monotonic() - failed[0] < AUDIT_FAILURE_SECONDS:
+        raise RuntimeError(f"an audit record could not be written {time.monotonic() - failed[0]:.0f} s ago: {failed[1]}")
+    return "writable"
