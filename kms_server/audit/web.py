@@ -11,7 +11,8 @@ Routes:
 - `/`              one self-contained HTML page (inline CSS and JS under a
                    nonce-based Content-Security-Policy) that lists and
                    filters the trail, plots key accesses per VM over time
-                   and shows the chain's verification status.
+                   and shows the chain's verification status. Its HTML,
+                   CSS and JS are package data in `page/`.
 - `/api/records`   records matching the filters, newest last, as JSON.
 - `/api/activity`  accesses per VM and time bucket, for the plot.
 - `/api/verify`    the chain's verification report.
@@ -31,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from importlib import resources
 
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
@@ -428,275 +430,20 @@ def make_site(
     return site
 
 
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>KMS audit trail</title>
-<style nonce="{nonce}">
-  body { font: 14px/1.4 system-ui, sans-serif; margin: 1em 2em; color: #1d1d1f; }
-  h1 { font-size: 1.4em; margin: 0 0 .5em; }
-  h2 { font-size: 1.1em; margin: 1.2em 0 .4em; }
-  form { display: flex; flex-wrap: wrap; gap: .5em 1em; align-items: end; }
-  label { display: flex; flex-direction: column; font-size: .85em; color: #444; }
-  input, select { font: inherit; padding: .2em .4em; min-width: 10em; }
-  button { font: inherit; padding: .3em 1.2em; }
-  #verify-status { padding: .5em .8em; border-radius: 4px; background: #eee; }
-  #verify-status.ok { background: #e3f5e1; color: #1e5a1a; }
-  #verify-status.bad { background: #fde2e1; color: #8a1410; font-weight: bold; }
-  #verify-details { color: #555; margin: .3em 0 0; }
-  #error { color: #8a1410; white-space: pre-wrap; }
-  table { border-collapse: collapse; width: 100%; font-size: .9em; }
-  th, td { text-align: left; padding: .2em .5em; border-bottom: 1px solid #ddd; vertical-align: top; }
-  th { background: #f4f4f4; position: sticky; top: 0; }
-  td { overflow-wrap: anywhere; }
-  tr.failed td { background: #fff4f3; }
-  #plot { width: 100%; max-width: 960px; height: 280px; border: 1px solid #ddd; }
-  #plot text { font-size: 11px; fill: #333; }
-</style>
-</head>
-<body>
-<h1>KMS audit trail</h1>
+def _load_page() -> str:
+    """The page: page/index.html with page/page.css and page/page.js put
+    inline (the Content-Security-Policy allows only inline code carrying
+    the request's nonce). Package data, read once at import."""
+    folder = resources.files("kms_server.audit").joinpath("page")
 
-<section>
-  <h2>Chain verification</h2>
-  <div id="verify-status" data-ok="">Verifying the chain&hellip;</div>
-  <div id="verify-details"></div>
-</section>
+    def read(name: str) -> str:
+        return folder.joinpath(name).read_text(encoding="utf-8")
 
-<section>
-  <h2>Filter</h2>
-  <form id="filters" method="get" action="/">
-    <label>VM (x-Name or x-Identifier)<input id="filter-vm" name="vm" autocomplete="off"></label>
-    <label>Host<input id="filter-host" name="host" autocomplete="off"></label>
-    <label>Object UID<input id="filter-object" name="object" autocomplete="off"></label>
-    <label>Client<input id="filter-client" name="client" autocomplete="off"></label>
-    <label>Operation<input id="filter-operation" name="operation" placeholder="GET" autocomplete="off"></label>
-    <label>Result<select id="filter-result" name="result">
-      <option value="">any</option>
-      <option value="SUCCESS">success</option>
-      <option value="OPERATION_FAILED">failed</option>
-      <option value="OPERATION_UNDONE">undone</option>
-    </select></label>
-    <label>Since (UTC)<input id="filter-since" name="since" placeholder="2024-05-01T10:00" autocomplete="off"></label>
-    <label>Until (UTC)<input id="filter-until" name="until" placeholder="2024-05-01T18:00" autocomplete="off"></label>
-    <label>Limit<input id="filter-limit" name="limit" type="number" min="1" max="5000" value="500"></label>
-    <button id="apply" type="submit">Apply</button>
-    <button id="clear" type="button">Clear</button>
-  </form>
-  <div id="error" role="alert"></div>
-</section>
+    return (
+        read("index.html")
+        .replace("{page.css}", read("page.css"))
+        .replace("{page.js}", read("page.js"))
+    )
 
-<section>
-  <h2>Key accesses per VM over time</h2>
-  <svg id="plot" viewBox="0 0 960 280" role="img" aria-label="key accesses per VM over time"></svg>
-</section>
 
-<section>
-  <h2>Records</h2>
-  <p id="summary"></p>
-  <table id="records">
-    <thead><tr>
-      <th>Seq</th><th>Time (UTC)</th><th>Client</th><th>Peer</th><th>Operation</th><th>UID</th>
-      <th>x-Name</th><th>x-Component</th><th>Result</th>
-    </tr></thead>
-    <tbody></tbody>
-  </table>
-</section>
-
-<script nonce="{nonce}">
-"use strict";
-(function () {
-  const FIELDS = ["vm", "host", "object", "client", "operation", "result", "since", "until", "limit"];
-  const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"];
-  const SVG = "http://www.w3.org/2000/svg";
-  const byId = (id) => document.getElementById(id);
-
-  function currentFilters() {
-    const query = new URLSearchParams();
-    for (const name of FIELDS) {
-      const value = byId("filter-" + name).value.trim();
-      if (value && !(name === "limit" && value === "500")) query.set(name, value);
-    }
-    return query;
-  }
-
-  function filtersFromUrl() {
-    const query = new URLSearchParams(window.location.search);
-    for (const name of FIELDS) {
-      const value = query.get(name);
-      if (value !== null) byId("filter-" + name).value = value;
-    }
-  }
-
-  async function getJson(path) {
-    const response = await fetch(path, {credentials: "same-origin", cache: "no-store"});
-    if (!response.ok) {
-      const text = (await response.text()).trim();
-      throw new Error(text || ("HTTP " + response.status));
-    }
-    return response.json();
-  }
-
-  function clear(node) {
-    while (node.firstChild) node.removeChild(node.firstChild);
-  }
-
-  function cell(row, text, name) {
-    const td = document.createElement("td");
-    td.className = "c-" + name;
-    td.textContent = text === null || text === undefined ? "" : String(text);
-    row.appendChild(td);
-    return td;
-  }
-
-  function showRecords(data) {
-    const body = document.querySelector("#records tbody");
-    clear(body);
-    for (const r of data.records) {
-      const row = document.createElement("tr");
-      row.dataset.seq = String(r.seq);
-      if (r.result !== "SUCCESS") row.className = "failed";
-      cell(row, r.seq, "seq");
-      cell(row, r.time, "time");
-      const who = cell(row, r.client, "client");
-      if (r.subject) who.title = r.subject + (r.username ? " (user " + r.username + ")" : "");
-      cell(row, r.peer, "peer");
-      cell(row, r.operation, "operation");
-      cell(row, r.uid, "uid");
-      cell(row, r.x_name, "x-name");
-      cell(row, r.x_component, "x-component");
-      const result = cell(row, r.reason ? r.result + " / " + r.reason : r.result, "result");
-      if (r.detail) result.title = r.detail;
-      body.appendChild(row);
-    }
-    const shown = data.records.length;
-    byId("summary").textContent = shown === data.matched
-      ? shown + " records (oldest first)"
-      : "the newest " + shown + " of " + data.matched + " matching records (oldest first)";
-  }
-
-  function svgNode(parent, name, attributes, text) {
-    const node = document.createElementNS(SVG, name);
-    for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, String(value));
-    if (text !== undefined) node.textContent = text;
-    parent.appendChild(node);
-    return node;
-  }
-
-  function timeLabel(epoch) {
-    return new Date(epoch * 1000).toISOString().replace(".000Z", "Z").replace("T", " ");
-  }
-
-  function drawPlot(data) {
-    const svg = byId("plot");
-    clear(svg);
-    const W = 960, H = 280, left = 50, right = 190, top = 15, bottom = 40;
-    const width = W - left - right, height = H - top - bottom;
-    svg.dataset.series = String(data.series.length);
-    if (!data.series.length) {
-      svgNode(svg, "text", {x: left, y: H / 2, id: "plot-empty"}, "No key accesses for this selection.");
-      return;
-    }
-    let peak = 1;
-    for (const s of data.series) for (const c of s.counts) peak = Math.max(peak, c);
-    const n = data.buckets;
-    const x = (i) => left + (n === 1 ? width / 2 : (i * width) / (n - 1));
-    const y = (c) => top + height - (c * height) / peak;
-    svgNode(svg, "line", {x1: left, y1: top + height, x2: left + width, y2: top + height, stroke: "#888"});
-    svgNode(svg, "line", {x1: left, y1: top, x2: left, y2: top + height, stroke: "#888"});
-    svgNode(svg, "text", {x: left - 6, y: top + 4, "text-anchor": "end"}, String(peak));
-    svgNode(svg, "text", {x: left - 6, y: top + height, "text-anchor": "end"}, "0");
-    svgNode(svg, "text", {x: left, y: H - 20}, timeLabel(data.start));
-    svgNode(svg, "text", {x: left + width, y: H - 20, "text-anchor": "end"},
-      timeLabel(data.start + (n - 1) * data.bucket_seconds));
-    svgNode(svg, "text", {x: left + width / 2, y: H - 4, "text-anchor": "middle"},
-      "accesses per " + data.bucket_seconds + " s");
-    data.series.forEach((s, index) => {
-      const color = COLORS[index % COLORS.length];
-      const points = s.counts.map((c, i) => x(i) + "," + y(c)).join(" ");
-      svgNode(svg, "polyline", {points: points, fill: "none", stroke: color, "stroke-width": 2, class: "series"});
-      s.counts.forEach((c, i) => {
-        if (!c) return;
-        const dot = svgNode(svg, "circle", {cx: x(i), cy: y(c), r: 3.5, fill: color, class: "point"});
-        dot.setAttribute("data-vm", s.vm);
-        dot.setAttribute("data-count", String(c));
-        svgNode(dot, "title", {}, s.vm + ": " + c + " at " + timeLabel(data.start + i * data.bucket_seconds));
-      });
-      const ly = top + 14 + index * 18;
-      svgNode(svg, "rect", {x: left + width + 15, y: ly - 9, width: 10, height: 10, fill: color});
-      svgNode(svg, "text", {x: left + width + 30, y: ly, class: "legend"}, s.vm + " (" + s.total + ")");
-    });
-    if (data.other_vms) {
-      svgNode(svg, "text", {x: left + width + 15, y: top + 14 + data.series.length * 18},
-        "+ " + data.other_vms + " other VMs");
-    }
-  }
-
-  function showVerification(v) {
-    const status = byId("verify-status");
-    status.dataset.ok = v.ok ? "true" : "false";
-    status.className = v.ok ? "ok" : "bad";
-    if (v.ok) {
-      status.textContent = "Chain intact: " + v.records + " records verified" +
-        (v.signatures_checked ? "" : " (checkpoint signatures not checked: no audit key configured)");
-    } else {
-      status.textContent = "Chain BROKEN at record " + v.first_problem.seq + ": " + v.first_problem.text;
-    }
-    const details = [
-      v.records + " records" + (v.records ? " (" + v.first_seq + " to " + v.last_seq + ")" : ""),
-      v.checkpoints + " signed checkpoints" + (v.last_checkpoint ? ", the last at record " + v.last_checkpoint : ""),
-      v.unsigned_tail + " records after the last checkpoint",
-    ];
-    if (v.problems.length > 1) details.push(v.problems.length + " problems found");
-    details.push("checked " + v.checked_at);
-    byId("verify-details").textContent = details.join(" \\u00b7 ");
-  }
-
-  async function load() {
-    const query = currentFilters();
-    const error = byId("error");
-    error.textContent = "";
-    const plotQuery = new URLSearchParams();
-    for (const name of ["vm", "since", "until"]) if (query.get(name)) plotQuery.set(name, query.get(name));
-    const results = await Promise.allSettled([
-      getJson("/api/records?" + query).then(showRecords),
-      getJson("/api/activity?" + plotQuery).then(drawPlot),
-    ]);
-    const failures = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
-    error.textContent = failures.join("\\n");
-    document.body.dataset.loaded = "true";
-  }
-
-  async function verify() {
-    try {
-      showVerification(await getJson("/api/verify"));
-    } catch (e) {
-      const status = byId("verify-status");
-      status.dataset.ok = "unknown";
-      status.className = "bad";
-      status.textContent = "Verification could not run: " + e.message;
-    }
-  }
-
-  byId("filters").addEventListener("submit", (event) => {
-    event.preventDefault();
-    const query = currentFilters().toString();
-    window.history.replaceState(null, "", query ? "?" + query : window.location.pathname);
-    document.body.dataset.loaded = "false";
-    load();
-  });
-  byId("clear").addEventListener("click", () => {
-    for (const name of FIELDS) byId("filter-" + name).value = name === "limit" ? "500" : "";
-    byId("apply").click();
-  });
-
-  filtersFromUrl();
-  load();
-  verify();
-})();
-</script>
-</body>
-</html>
-"""
+PAGE = _load_page()
