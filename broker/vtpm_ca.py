@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
+from broker import der as der_codec
 from broker.ek_certtool import TPM_FIELDS
 from kmip_core import pki
 from kmip_core.sealing.barrier import Barrier, BarrierError
@@ -773,89 +774,48 @@ def _check_ca(cert: x509.Certificate, key: PrivateKey, chain: tuple[x509.Certifi
             )
 
 
-# --- A tiny DER writer and reader for subjectDirectoryAttributes --------------------------
-# cryptography has no builder for subjectDirectoryAttributes (RFC 5280 4.2.1.8), so its value is
-# written here: SEQUENCE OF Attribute { type OID, values SET OF TPMSpecification }, where
+# --- subjectDirectoryAttributes (written and read with broker/der.py) --------------------
+# SEQUENCE OF Attribute { type OID, values SET OF TPMSpecification }, where
 # TPMSpecification ::= SEQUENCE { family UTF8String, level INTEGER, revision INTEGER }.
-
-_SEQUENCE, _SET, _OID, _UTF8, _INTEGER = 0x30, 0x31, 0x06, 0x0C, 0x02
-
-
-def _der(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return bytes([tag]) + length + content
-
-
-def _der_integer(value: int) -> bytes:
-    return _der(_INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))  # non-negative, minimal
-
-
-def _der_oid(oid: ObjectIdentifier) -> bytes:
-    arcs = [int(a) for a in oid.dotted_string.split(".")]
-    out = bytearray()
-    for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
-        chunk = [arc & 0x7F]
-        arc >>= 7
-        while arc:
-            chunk.append(0x80 | (arc & 0x7F))
-            arc >>= 7
-        out += bytes(reversed(chunk))
-    return _der(_OID, bytes(out))
 
 
 def _tpm_specification_der(family: str, level: int, revision: int) -> bytes:
-    spec = _der(_SEQUENCE, _der(_UTF8, family.encode("utf-8")) + _der_integer(level) + _der_integer(revision))
-    attribute = _der(_SEQUENCE, _der_oid(OID_TPM_SPECIFICATION) + _der(_SET, spec))
-    return _der(_SEQUENCE, attribute)
+    spec = der_codec.encode(
+        der_codec.SEQUENCE,
+        der_codec.encode(der_codec.UTF8_STRING, family.encode("utf-8"))
+        + der_codec.encode_integer(level)
+        + der_codec.encode_integer(revision),
+    )
+    attribute = der_codec.encode(
+        der_codec.SEQUENCE,
+        der_codec.encode_oid(OID_TPM_SPECIFICATION.dotted_string) + der_codec.encode(der_codec.SET, spec),
+    )
+    return der_codec.encode(der_codec.SEQUENCE, attribute)
 
 
-def _der_read(data: bytes, pos: int = 0) -> tuple[int, bytes, int]:
-    """(tag, content, next position) of the TLV at ``pos``; single-byte tags, definite lengths only."""
-    if pos + 2 > len(data):
-        raise EkCaError("truncated DER in subjectDirectoryAttributes")
-    tag, first = data[pos], data[pos + 1]
-    pos += 2
-    if first & 0x80:
-        count = first & 0x7F
-        if count == 0 or count > 4 or pos + count > len(data):
-            raise EkCaError("bad DER length in subjectDirectoryAttributes")
-        length = int.from_bytes(data[pos : pos + count], "big")
-        pos += count
-    else:
-        length = first
-    if pos + length > len(data):
-        raise EkCaError("truncated DER in subjectDirectoryAttributes")
-    return tag, data[pos : pos + length], pos + length
+def _parse_tpm_specification(value: bytes) -> tuple[str, int, int]:
+    try:
+        return _read_tpm_specification(value)
+    except der_codec.DerError as exc:
+        raise EkCaError(f"{exc} in subjectDirectoryAttributes") from None
 
 
-def _der_items(content: bytes) -> list[tuple[int, bytes]]:
-    items, pos = [], 0
-    while pos < len(content):
-        tag, value, pos = _der_read(content, pos)
-        items.append((tag, value))
-    return items
-
-
-def _parse_tpm_specification(der: bytes) -> tuple[str, int, int]:
-    tag, attributes, end = _der_read(der)
-    if tag != _SEQUENCE or end != len(der):
-        raise EkCaError("subjectDirectoryAttributes is not a SEQUENCE")
-    wanted = _der_oid(OID_TPM_SPECIFICATION)
-    for tag, attribute in _der_items(attributes):
-        parts = _der_items(attribute)
-        if tag != _SEQUENCE or len(parts) != 2 or _der(*parts[0]) != wanted:
+def _read_tpm_specification(value: bytes) -> tuple[str, int, int]:
+    try:
+        attributes = der_codec.expect(value, der_codec.SEQUENCE)
+    except der_codec.DerTagError:
+        raise EkCaError("subjectDirectoryAttributes is not a SEQUENCE") from None
+    wanted = der_codec.encode_oid(OID_TPM_SPECIFICATION.dotted_string)
+    for tag, attribute in der_codec.read_items(attributes):
+        parts = der_codec.read_items(attribute)
+        if tag != der_codec.SEQUENCE or len(parts) != 2 or der_codec.encode(*parts[0]) != wanted:
             continue
         values_tag, values = parts[1]
-        specs = _der_items(values) if values_tag == _SET else []
-        if len(specs) != 1 or specs[0][0] != _SEQUENCE:
+        specs = der_codec.read_items(values) if values_tag == der_codec.SET else []
+        if len(specs) != 1 or specs[0][0] != der_codec.SEQUENCE:
             break
-        fields = _der_items(specs[0][1])
-        if [t for t, _ in fields] != [_UTF8, _INTEGER, _INTEGER]:
+        fields = der_codec.read_items(specs[0][1])
+        if [t for t, _ in fields] != [der_codec.UTF8_STRING, der_codec.INTEGER, der_codec.INTEGER]:
             break
         return (
             fields[0][1].decode("utf-8"),

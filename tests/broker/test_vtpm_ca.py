@@ -473,6 +473,47 @@ def test_verify_refuses_another_key_and_non_ek_certificates(ca, eks):
         read_ek_certificate(b"\x30\x03\x02\x01\x00")
 
 
+def ek_with_directory_attributes(ca: EkCa, ek, value: bytes) -> bytes:
+    """An EK certificate of the profile but for its subjectDirectoryAttributes, which is `value`."""
+    good = x509.load_der_x509_certificate(issue(ca, ek))
+    builder = (
+        x509.CertificateBuilder()
+        .issuer_name(good.issuer)
+        .subject_name(good.subject)
+        .public_key(good.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(good.not_valid_before_utc)
+        .not_valid_after(good.not_valid_after_utc)
+    )
+    for extension in good.extensions:
+        if extension.oid == OID("2.5.29.9"):
+            extension = x509.Extension(extension.oid, False, x509.UnrecognizedExtension(extension.oid, value))
+        builder = builder.add_extension(extension.value, critical=extension.critical)
+    return builder.sign(ca.key, hashes.SHA384()).public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (SPEC_2_0_0_164, None),
+        (SPEC_2_0_0_164[:-1], "truncated DER in subjectDirectoryAttributes"),
+        (bytes.fromhex("3085000000000100"), "bad DER length in subjectDirectoryAttributes"),
+        (bytes.fromhex("3100"), "subjectDirectoryAttributes is not a SEQUENCE"),
+        (SPEC_2_0_0_164 + b"\x00", "subjectDirectoryAttributes is not a SEQUENCE"),
+        (bytes.fromhex("3000"), "no tcg-at-tpmSpecification in subjectDirectoryAttributes"),
+    ],
+)
+def test_a_malformed_tpm_specification_is_refused_in_one_line(ca, eks, value, message):
+    cert = ek_with_directory_attributes(ca, eks["ecc-p256"], value)
+    if message is None:
+        info = read_ek_certificate(cert)
+        assert (info.spec_family, info.spec_level, info.spec_revision) == ("2.0", 0, 164)
+        return
+    with pytest.raises(EkCaError) as refused:
+        read_ek_certificate(cert)
+    assert str(refused.value).endswith(message) and "\n" not in str(refused.value)
+
+
 # --- Sealing ------------------------------------------------------------------------------
 
 
