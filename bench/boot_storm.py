@@ -66,6 +66,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
+from bench.stats import percentile  # noqa: E402
+
 NV_INDEX = 0x01000100
 NV_SIZE = 32
 TARGET = {"vms": 1000, "seconds": 10.0}
@@ -249,13 +251,6 @@ def machine_busy() -> tuple[float, float]:
     return (sum(values) - idle) / _TICK, sum(values) / _TICK
 
 
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(p * len(values)))]
-
-
 def one_round(storm, jobs: list[dict], drill, servers: dict[str, int], worker_pids: list[int]) -> dict:
     """One timed window of power-ons, then (untimed) every swtpm stopped and wiped.
     Where its CPU goes is read from /proc around the window (swtpm processes
@@ -288,8 +283,8 @@ def one_round(storm, jobs: list[dict], drill, servers: dict[str, int], worker_pi
     return {
         "seconds": round(window, 3),
         "power_ons_per_second": round(len(ok) / window, 1),
-        "p50_ms": round(pct(ok, 0.50) * 1000, 1),
-        "p95_ms": round(pct(ok, 0.95) * 1000, 1),
+        "p50_ms": round(percentile(ok, 0.50, float("nan")) * 1000, 1),
+        "p95_ms": round(percentile(ok, 0.95, float("nan")) * 1000, 1),
         "max_ms": round(max(ok, default=float("nan")) * 1000, 1),
         "ok": len(ok),
         "errors": len(errors),

@@ -27,6 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import pg_cluster  # noqa: E402
 from conftest import start_server  # noqa: E402
 
+from bench.stats import percentile  # noqa: E402
 from kmip_core.pki import init_pki  # noqa: E402
 
 
@@ -59,8 +60,8 @@ def run(nodes: list[str], pki: Path, clients: int, ops: int) -> dict:
     errors = sum(r[1] for r in results)
     latencies = sorted(x for r in results for x in r[2])
 
-    def pct(p):
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
+    def pct(p: float) -> float:
+        return percentile(latencies, p, float("nan")) * 1000
 
     return {"nodes": len(nodes), "creates": done, "errors": errors, "seconds": round(elapsed, 3),
             "creates_per_second": round(done / elapsed, 1), "p50_ms": round(pct(0.5), 2), "p95_ms": round(pct(0.95), 2)}

@@ -44,6 +44,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "integratio
 from conftest import start_server  # noqa: E402
 from test_gateway import BROKER_IDENTITY, run_gateway_for_tests  # noqa: E402
 
+from bench.stats import percentile  # noqa: E402
 from kmip_core.pki import fingerprint_sha256, init_pki  # noqa: E402
 
 
@@ -105,7 +106,7 @@ def measure(label: str, jobs: list[dict]) -> dict:
     done = len(latencies)
 
     def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
+        return percentile(latencies, p, float("nan")) * 1000
 
     return {
         "path": label,

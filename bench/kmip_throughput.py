@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.stats import percentile  # noqa: E402
+
 # KMIP requests per iteration of each workload, in order.
 WORKLOADS = {
     "create-get": ("Create", "Get"),
@@ -948,17 +950,6 @@ def start_pykmip(root: Path, pki: Path, log_level: str, timeout: float, attempts
 # --------------------------------------------------------------------------
 # Figures.
 # --------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    data = sorted(values)
-    pos = (len(data) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
 def summarize(server: str, workload: str, concurrency: int, raw: dict) -> dict:
