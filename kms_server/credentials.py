@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from kmip_core import files
 
 _hasher = PasswordHasher()
 log = logging.getLogger("kms_server.credentials")
@@ -93,11 +94,7 @@ def save(path: str | Path, users: dict[str, str], clients: dict[str, list[str]] 
         body += "\n# The certificate identities that may present each user's password.\n[clients]\n"
         # JSON's string escapes are TOML's: any certificate identity is safe.
         body += "".join(f"{json.dumps(u)} = [{', '.join(json.dumps(i) for i in v)}]\n" for u, v in sorted(bound.items()))
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(body)
-    os.replace(tmp, path)
+    files.write_atomic(path, body.encode("utf-8"), 0o600)
 
 
 # How long a verified credential is remembered, and how many are.

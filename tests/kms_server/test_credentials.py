@@ -86,3 +86,23 @@ def test_a_malformed_clients_table_is_one_line_error(tmp_path):
     path.write_text('[users]\nu = "h"\n[clients]\nu = "alice"\n')
     with pytest.raises(credentials.CredentialsError, match=r"\[clients\] must map usernames to lists"):
         credentials.load_file(path)
+
+
+def test_save_replaces_the_file_atomically_and_owner_only(tmp_path, hashed, monkeypatch):
+    """save goes through files.write_atomic: the new file is 0600 from its
+    first byte, no temporary file is left beside it, and a write that fails
+    leaves the previous file whole."""
+    path = tmp_path / "credentials.toml"
+    credentials.save(path, {"first": hashed})
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["credentials.toml"]
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("kmip_core.files.os.fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        credentials.save(path, {"second": hashed})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["credentials.toml"]
