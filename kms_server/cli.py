@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--master-key-file", metavar="F", help="master key file (kms-admin master-key new)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--audit-web-port", type=int, metavar="PORT", help="port of the audit page (0 picks a free port)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve /metrics, /healthz and /readyz on this port ([metrics] host, default 127.0.0.1; 0 picks a free port)",
+    )
     p.add_argument("--check-config", action="store_true", help="print the effective settings (secrets redacted) and exit")
     p.add_argument("--version", action="version", version=f"kms-server {__version__}")
     return p
@@ -39,6 +45,7 @@ def _overrides(args) -> dict:
         "master_key": {"file": args.master_key_file},
         "logging": {"level": args.log_level},
         "audit": {"web_port": args.audit_web_port},
+        "metrics": {"port": args.metrics_port},
     }
 
 
@@ -68,11 +75,9 @@ def server_main(argv: list[str] | None = None) -> int:
     if problems:
         return _fail(problems[0])
 
-    logging.basicConfig(
-        level=getattr(logging, cfg.logging.level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from kmip_core import logs
+
+    logs.configure(cfg.logging.level, cfg.logging.format, cfg.server.node_name)
     # Migration chatter is not news at every start.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from twisted.internet import reactor

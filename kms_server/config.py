@@ -48,6 +48,7 @@ from kmip_core.config import (
     redact_url,
     syslog_url,
 )
+from kmip_core.metrics import LOGGING_FORMAT, METRICS_SCHEMA, MetricsConfig, check_metrics_section
 
 __all__ = [
     "DERIVED",
@@ -79,6 +80,7 @@ SECRET_FILE_KEYS = frozenset(
         ("master_key", "pin_file"),
         ("access", "credentials_file"),
         ("audit", "signing_key_file"),
+        ("metrics", "key"),
     }
 )
 
@@ -147,6 +149,8 @@ class AccessConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str
+    # "text" (default) or "json": one JSON object per line (kmip_core.logs).
+    format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ class AuditConfig:
     web_max_connections: int = 64
 
 
-SECTION_ORDER = ("server", "tls", "storage", "master_key", "access", "logging", "audit")
+SECTION_ORDER = ("server", "tls", "storage", "master_key", "access", "logging", "audit", "metrics")
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,8 @@ class Config:
     access: AccessConfig
     logging: LoggingConfig
     audit: AuditConfig = field(default_factory=AuditConfig)
+    # The monitoring listener (/metrics, /healthz, /readyz); off by default.
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = field(default=None, compare=False)
 
     def redacted(self) -> dict[str, dict[str, Any]]:
@@ -257,6 +263,7 @@ class Config:
             problems.extend(
                 check_file("audit.signing_key_file", self.audit.signing_key_file, secret=True)
             )
+        problems.extend(self.metrics.check_files())
         return problems
 
 
@@ -308,6 +315,7 @@ _SCHEMA: Schema = {
     },
     "logging": {
         "level": (choice(LOG_LEVELS, upper=True), "INFO"),
+        "format": LOGGING_FORMAT,
     },
     "audit": {
         "enabled": (boolean, True),
@@ -319,6 +327,7 @@ _SCHEMA: Schema = {
         "web_port": (port_number, None),
         "web_max_connections": (int_between(1, 1_000_000), 64),
     },
+    "metrics": dict(METRICS_SCHEMA),
 }
 
 _SECTION_TYPES: dict[str, type] = {
@@ -329,6 +338,7 @@ _SECTION_TYPES: dict[str, type] = {
     "access": AccessConfig,
     "logging": LoggingConfig,
     "audit": AuditConfig,
+    "metrics": MetricsConfig,
 }
 def load_config(
     path: str | os.PathLike[str] | None,
@@ -391,6 +401,7 @@ def _check_cross(
                     f"config: master_key.{key} is set without master_key.pkcs11_module; "
                     "set the module or remove it"
                 )
+    check_metrics_section(values["metrics"])
     access = values["access"]
     both = set(access["administrators"]) & set(access["no_crypto_administrators"])
     if both:
