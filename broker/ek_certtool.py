@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from broker.tpm_fields import TPM_FIELDS
 from kmip_core.files import write_atomic
 
 # cryptography, ssl, urllib and broker.vtpm_ca are imported where the remote
@@ -78,17 +79,9 @@ LOCAL_CA_KEY = "ek-ca.key"
 OUTPUT_FILES = {"ek": "ek.cert", "platform": "platform.cert"}
 MAX_RESPONSE = 64 * 1024
 _CURVES = ("secp256r1", "secp384r1")
-# The TPM's description, under the same names in swtpm_setup's arguments
-# and in the broker's request (broker.vtpm_ca.REQUEST_FIELDS).
-TPM_FIELDS = (
-    "tpm_manufacturer",
-    "tpm_model",
-    "tpm_version",
-    "tpm_spec_family",
-    "tpm_spec_level",
-    "tpm_spec_revision",
-)
-# swtpm_setup's arguments that make up an EK certificate request.
+# swtpm_setup's arguments that make up an EK certificate request; the TPM's
+# description has the same names in the broker's request
+# (broker.vtpm_ca.REQUEST_FIELDS).
 SWTPM_FIELDS = ("type", "ek", "vmid", *TPM_FIELDS)
 
 

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from broker import der as der_codec
-from broker.ek_certtool import TPM_FIELDS
+from broker.tpm_fields import TPM_FIELDS
 from kmip_core import pki
 from kmip_core.sealing.barrier import Barrier, BarrierError
 
