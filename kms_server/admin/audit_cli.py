@@ -27,10 +27,6 @@ EXIT_TAMPERED = chain.EXIT_TAMPERED
 EXIT_USAGE = chain.EXIT_USAGE
 
 
-def _error(text: str) -> CommandError:
-    return CommandError(text)
-
-
 def _command(func):
     """Report operator errors in one line (whether kms-admin runs as the
     console script or as `python -m`)."""
@@ -65,7 +61,7 @@ def _storage(args):
         return open_storage(cfg.storage.db_url, schema="check"), cfg
     except (StorageError, ValueError) as exc:
         text = str(exc)
-        raise _error(text if "db upgrade" in text else f"{text}; check --config and --db-url") from None
+        raise CommandError(text if "db upgrade" in text else f"{text}; check --config and --db-url") from None
 
 
 def _verifier(args, cfg):
@@ -75,7 +71,7 @@ def _verifier(args, cfg):
         if cfg is not None and cfg.audit.signing_key_file is not None:
             return audit_key.load_signer(cfg.audit.signing_key_file).public
     except audit_key.AuditKeyError as exc:
-        raise _error(str(exc)) from None
+        raise CommandError(str(exc)) from None
     return None
 
 
@@ -87,7 +83,7 @@ def _key_new(args) -> int:
     try:
         verifier = audit_key.generate(args.out, public)
     except audit_key.AuditKeyError as exc:
-        raise _error(str(exc)) from None
+        raise CommandError(str(exc)) from None
     print(f"wrote audit signing key {args.out} (mode 0600) and public key {public} (key id {verifier.key_id})")
     print(f'set [audit] signing_key_file = "{args.out}" in the server configuration; give {public} to the auditors')
     return 0
@@ -99,12 +95,12 @@ def _key_new(args) -> int:
 def _verify(args) -> int:
     if args.file is not None:
         if args.public_key is None:
-            raise _error("verifying an export needs the audit public key; add --public-key FILE")
+            raise CommandError("verifying an export needs the audit public key; add --public-key FILE")
         verifier = _verifier(args, None)
         try:
             records, checkpoints = audit_trail.read_export(args.file)
         except audit_trail.ExportError as exc:
-            raise _error(str(exc)) from None
+            raise CommandError(str(exc)) from None
         report = chain.verify(records, checkpoints, verifier.check, verifier.key_id)
         where = str(args.file)
     else:
@@ -145,7 +141,7 @@ def query_records(storage, args) -> list:
             limit=args.limit,
         )
     except ValueError as exc:
-        raise _error(f"{exc}; see 'kms-admin audit show --help'") from None
+        raise CommandError(f"{exc}; see 'kms-admin audit show --help'") from None
     return query.find(storage, filters)[1]
 
 
@@ -222,7 +218,7 @@ def _details(body: dict, width: int = 60) -> str:
 def _export(args) -> int:
     storage, _cfg = _storage(args)
     if args.to.exists() and not args.force:
-        raise _error(f"{args.to} exists; choose another file or add --force")
+        raise CommandError(f"{args.to} exists; choose another file or add --force")
     tmp = args.to.with_name(args.to.name + ".part")
     count = 0
     try:
@@ -254,11 +250,11 @@ def _export(args) -> int:
 def _checkpoint(args) -> int:
     storage, cfg = _storage(args)
     if cfg.audit.signing_key_file is None:
-        raise _error("no [audit] signing_key_file in the configuration; create one with: kms-admin audit key new")
+        raise CommandError("no [audit] signing_key_file in the configuration; create one with: kms-admin audit key new")
     try:
         signer = audit_key.load_signer(cfg.audit.signing_key_file)
     except audit_key.AuditKeyError as exc:
-        raise _error(str(exc)) from None
+        raise CommandError(str(exc)) from None
     try:
         checkpoint = audit_trail.AuditTrail(storage, f"kms-admin@{cfg.server.node_name}", signer).checkpoint()
     finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kms_server.admin import backup as backup_mod
+from kms_server.admin.errors import CommandError
 
 __all__ = ["ProgressReporter", "register_backup"]
 
@@ -91,13 +92,6 @@ class ProgressReporter:
         return on_plain
 
 
-def _command_error(message: str) -> Exception:
-    # Imported here: cli imports this module to register the commands.
-    from kms_server.admin.errors import CommandError
-
-    return CommandError(message)
-
-
 def _config(args: argparse.Namespace):
     from kms_server.config import load_config
 
@@ -112,7 +106,7 @@ def _backup(args: argparse.Namespace) -> int:
         with reporter.running():
             summary = backup_mod.backup(cfg, args.out, reporter.phase("backing up"), overwrite=args.force)
     except backup_mod.BackupError as exc:
-        raise _command_error(str(exc)) from None
+        raise CommandError(str(exc)) from None
     print(
         f"wrote {summary.path} (mode 0600, {summary.size} bytes): {backup_mod.describe_rows(summary.rows)}; "
         f"schema revision {summary.schema_revision}",
@@ -138,7 +132,7 @@ def _restore(args: argparse.Namespace) -> int:
                 verify_progress=reporter.phase("verifying"),
             )
     except backup_mod.BackupError as exc:
-        raise _command_error(str(exc)) from None
+        raise CommandError(str(exc)) from None
     print(
         f"restored {backup_mod.describe_rows(summary.rows)} into {summary.database} "
         f"from the backup made {summary.backup_created_at} on {summary.backup_node}",

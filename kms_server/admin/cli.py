@@ -19,6 +19,14 @@ from typing import NoReturn
 
 from kmip_core import pki
 from kmip_core.config import ConfigError
+from kms_server.admin import integrity_cli
+from kms_server.admin.audit_cli import register_audit
+from kms_server.admin.backup_cli import register_backup
+
+# In a module of its own (not here) so that the command modules raise the
+# very class main() catches, also when this module runs as __main__; none
+# of them imports this module.
+from kms_server.admin.errors import CommandError
 from kms_server.config import load_config
 
 __all__ = [
@@ -34,11 +42,6 @@ __all__ = [
 PROG = "kms-admin"
 EXIT_USAGE = 2
 DEFAULT_CA_DIR = "certs/dev"
-
-
-# Defined apart so that command modules raise the very class main() catches,
-# also when this module runs as __main__.
-from kms_server.admin.errors import CommandError  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -574,10 +577,6 @@ def register_db(subparsers: argparse._SubParsersAction) -> None:
 # --- assembly ------------------------------------------------------------------------
 
 CommandGroup = Callable[[argparse._SubParsersAction], None]
-
-from kms_server.admin import integrity_cli  # noqa: E402  (its module imports this one lazily)
-from kms_server.admin.audit_cli import register_audit  # noqa: E402
-from kms_server.admin.backup_cli import register_backup  # noqa: E402  (its module imports this one lazily)
 
 # Add a command group by appending its register function here.
 COMMAND_GROUPS: list[CommandGroup] = [
