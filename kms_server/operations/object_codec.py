@@ -36,12 +36,12 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
+from kmip_core.server.payload import child_item, enum_field
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.objects import ManagedObject, Material
 from kms_server.operations.crypto_params import algorithm_family
-from kms_server.operations.fields import child_item, enum_field
 
 T = Tags
 KFT = KeyFormatType
@@ -78,6 +78,42 @@ _TRANSPARENT_EC_PUBLIC = (
 # as it was registered, as PyKMIP's server does.
 _REMEMBERED_PRIVATE = (KFT.PKCS_1, KFT.PKCS_8, KFT.EC_PRIVATE_KEY)
 _REMEMBERED_PUBLIC = (KFT.PKCS_1, KFT.X_509)
+# A private or public key registered in Raw (DER bytes, as PyKMIP's client
+# sends them) remembers Raw and the DER layout it came in: Raw in the low
+# byte of Material.subtype, the layout's Key Format Type above it.
+_RAW_LAYOUT_SHIFT = 8
+
+
+def _raw_subtype(layout: KeyFormatType) -> int:
+    return layout.value << _RAW_LAYOUT_SHIFT | KFT.RAW.value
+
+
+def registered_format(material: Material) -> tuple[KeyFormatType, KeyFormatType] | None:
+    """For a private or public key: the Key Format Type it was registered
+    in and the DER layout of those bytes (the same but for Raw), or None
+    when it was generated here or registered in a transparent format."""
+    subtype = material.subtype
+    if subtype is None:
+        return None
+    try:
+        if subtype >> _RAW_LAYOUT_SHIFT and subtype & 0xFF == KFT.RAW.value:
+            return KFT.RAW, KFT(subtype >> _RAW_LAYOUT_SHIFT)
+        fmt = KFT(subtype)
+    except ValueError:
+        return None
+    return fmt, fmt
+
+
+def _der_layout(object_type: ObjectType, material: Material, key_format: KeyFormatType) -> KeyFormatType:
+    """The DER layout of a private or public key's bytes in `key_format`:
+    Raw is the layout the key was registered in, and only for a key
+    registered in Raw (any other has no Raw form of its own)."""
+    if key_format != KFT.RAW:
+        return key_format
+    registered = registered_format(material)
+    if registered is None or registered[0] != KFT.RAW:
+        raise _not_supported(object_type, key_format)
+    return registered[1]
 
 _RSA_TRANSPARENT_PRIVATE_FIELDS = (
     ("modulus", T.MODULUS),
@@ -244,6 +280,10 @@ def _decode_private(holder: Item) -> tuple[Material, dict[str, Item]]:
             der, algorithm, length = crypto.import_private_key(
                 _bytes_material(block), block.format
             )
+        elif block.format == KFT.RAW:
+            data = _bytes_material(block)
+            layout = crypto.private_key_layout(data)
+            der, algorithm, length = crypto.import_private_key(data, layout)
         elif block.format == KFT.TRANSPARENT_RSA_PRIVATE_KEY:
             fields = _transparent_fields(block)
             values = {
@@ -272,6 +312,8 @@ def _decode_private(holder: Item) -> tuple[Material, dict[str, Item]]:
     except crypto.CryptoError as exc:
         raise errors.InvalidField(exc.message) from None
     subtype = block.format.value if block.format in _REMEMBERED_PRIVATE else None
+    if block.format == KFT.RAW:
+        subtype = _raw_subtype(layout)
     return Material(der, subtype), _check_asymmetric(block, algorithm, length)
 
 
@@ -282,6 +324,10 @@ def _decode_public(holder: Item) -> tuple[Material, dict[str, Item]]:
             der, algorithm, length = crypto.import_public_key(
                 _bytes_material(block), block.format
             )
+        elif block.format == KFT.RAW:
+            data = _bytes_material(block)
+            layout = crypto.public_key_layout(data)
+            der, algorithm, length = crypto.import_public_key(data, layout)
         elif block.format == KFT.TRANSPARENT_RSA_PUBLIC_KEY:
             fields = _transparent_fields(block)
             der, algorithm, length = crypto.import_transparent_public_key(
@@ -308,6 +354,8 @@ def _decode_public(holder: Item) -> tuple[Material, dict[str, Item]]:
     except crypto.CryptoError as exc:
         raise errors.InvalidField(exc.message) from None
     subtype = block.format.value if block.format in _REMEMBERED_PUBLIC else None
+    if block.format == KFT.RAW:
+        subtype = _raw_subtype(layout)
     return Material(der, subtype), _check_asymmetric(block, algorithm, length)
 
 
@@ -476,11 +524,9 @@ def default_format(
         registered = digest.get(T.KEY_FORMAT_TYPE.value) if digest is not None else obj.value("Key Format Type")
         return KFT.RAW if registered == KFT.RAW.value else KFT.OPAQUE
     if object_type in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
-        if material.subtype is not None:
-            try:
-                return KFT(material.subtype)
-            except ValueError:
-                pass
+        registered = registered_format(material)
+        if registered is not None:
+            return registered[0]
         rsa = obj.value("Cryptographic Algorithm") == CryptographicAlgorithm.RSA.value
         if rsa and not v2:
             return KFT.PKCS_1
@@ -517,9 +563,9 @@ def _key_material(
             if key_format in (KFT.OPAQUE, KFT.RAW):
                 return ttlv.byte_string(tag, material.data)
         elif object_type == ObjectType.PRIVATE_KEY:
-            if key_format in _REMEMBERED_PRIVATE:
+            if key_format in _REMEMBERED_PRIVATE or key_format == KFT.RAW:
                 return ttlv.byte_string(
-                    tag, crypto.export_private_key(material.data, key_format)
+                    tag, crypto.export_private_key(material.data, _der_layout(object_type, material, key_format))
                 )
             if (
                 key_format == KFT.TRANSPARENT_RSA_PRIVATE_KEY
@@ -548,9 +594,9 @@ def _key_material(
                     ],
                 )
         elif object_type == ObjectType.PUBLIC_KEY:
-            if key_format in _REMEMBERED_PUBLIC:
+            if key_format in _REMEMBERED_PUBLIC or key_format == KFT.RAW:
                 return ttlv.byte_string(
-                    tag, crypto.export_public_key(material.data, key_format)
+                    tag, crypto.export_public_key(material.data, _der_layout(object_type, material, key_format))
                 )
             if (
                 key_format == KFT.TRANSPARENT_RSA_PUBLIC_KEY
@@ -707,7 +753,7 @@ def digest_attribute(
         elif object_type in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
             key_format = _stored_format(object_type, material, algorithm)
             export = crypto.export_private_key if object_type == ObjectType.PRIVATE_KEY else crypto.export_public_key
-            data = export(material.data, key_format)
+            data = export(material.data, _der_layout(object_type, material, key_format))
         else:
             return None
     except crypto.CryptoError:
@@ -727,13 +773,9 @@ def _digest(data: bytes, key_format: KeyFormatType | None) -> Item:
 
 
 def _stored_format(object_type: ObjectType, material: Material, algorithm: int | None) -> KeyFormatType:
-    if material.subtype is not None:
-        try:
-            fmt = KFT(material.subtype)
-            if not fmt.name.startswith("TRANSPARENT_"):
-                return fmt
-        except ValueError:
-            pass
+    registered = registered_format(material)
+    if registered is not None and not registered[0].name.startswith("TRANSPARENT_"):
+        return registered[0]
     if algorithm == CryptographicAlgorithm.RSA.value:
         return KFT.PKCS_1
     return KFT.PKCS_8 if object_type == ObjectType.PRIVATE_KEY else KFT.X_509

@@ -237,6 +237,58 @@ def transparent_public_key(spki_der: bytes) -> dict[str, Any]:
     raise CryptoError("transparent format is only for RSA and EC keys")
 
 
+def _der_children(data: bytes) -> list[int]:
+    """The tags of the elements of a DER SEQUENCE, in order (only as far as
+    telling key layouts apart needs: two elements)."""
+
+    def header(pos: int) -> tuple[int, int, int]:
+        if pos + 2 > len(data):
+            raise CryptoError("key material is not DER")
+        tag, first = data[pos], data[pos + 1]
+        pos += 2
+        if first < 0x80:
+            return tag, pos, first
+        count = first & 0x7F
+        if not 1 <= count <= 4 or pos + count > len(data):
+            raise CryptoError("key material is not DER")
+        return tag, pos + count, int.from_bytes(data[pos : pos + count], "big")
+
+    tag, pos, length = header(0)
+    if tag != 0x30 or pos + length != len(data):
+        raise CryptoError("key material is not a DER SEQUENCE")
+    tags = []
+    while pos < len(data) and len(tags) < 2:
+        tag, start, length = header(pos)
+        tags.append(tag)
+        pos = start + length
+    return tags
+
+
+def private_key_layout(data: bytes) -> KeyFormatType:
+    """Which DER layout a private key given as Raw bytes has: PKCS_8
+    (PrivateKeyInfo: version, then an AlgorithmIdentifier SEQUENCE), PKCS_1
+    (RSAPrivateKey: version, then the modulus INTEGER) or EC_PRIVATE_KEY
+    (RFC 5915: version, then the private key OCTET STRING)."""
+    tags = _der_children(_bytes(data, "key material"))
+    if len(tags) == 2 and tags[0] == 0x02:
+        layout = {0x30: KeyFormatType.PKCS_8, 0x02: KeyFormatType.PKCS_1, 0x04: KeyFormatType.EC_PRIVATE_KEY}.get(tags[1])
+        if layout is not None:
+            return layout
+    raise CryptoError("private key is not PKCS#8, PKCS#1 or RFC 5915 DER")
+
+
+def public_key_layout(data: bytes) -> KeyFormatType:
+    """Which DER layout a public key given as Raw bytes has: X_509
+    (SubjectPublicKeyInfo: an AlgorithmIdentifier SEQUENCE, then a BIT
+    STRING) or PKCS_1 (RSAPublicKey: modulus and exponent INTEGERs)."""
+    tags = _der_children(_bytes(data, "key material"))
+    if tags == [0x30, 0x03]:
+        return KeyFormatType.X_509
+    if tags == [0x02, 0x02]:
+        return KeyFormatType.PKCS_1
+    raise CryptoError("public key is not SubjectPublicKeyInfo or PKCS#1 DER")
+
+
 def import_private_key(
     data: bytes, fmt: KeyFormatType
 ) -> tuple[bytes, CryptographicAlgorithm, int]:

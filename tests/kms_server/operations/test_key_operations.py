@@ -40,8 +40,8 @@ from kmip.core.enums import (
 from kmip_core import ttlv
 from kmip_core.policy import Principal, Role
 from kmip_core.sealing.barrier import Barrier
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher
 from kmip_core.ttlv import Item
-from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
@@ -481,6 +481,76 @@ def test_register_and_get_rsa_private_key(alice, registered):
         [uid_item(uid), fmt_item(KeyFormatType.RAW)],
         ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED,
     )
+
+
+@pytest.mark.parametrize("layout", [KeyFormatType.PKCS_8, KeyFormatType.PKCS_1])
+def test_register_rsa_private_key_in_raw(alice, layout):
+    """Issue 14: a private key registered in Raw (DER bytes, as PyKMIP's
+    client sends them) is recognized by its DER layout; a Get that names no
+    format returns it in Raw, byte for byte, and the other formats still
+    work."""
+    pkcs8, _ = rsa_pair()
+    data = crypto.export_private_key(pkcs8, layout)
+    uid = register(
+        alice,
+        ObjectType.PRIVATE_KEY,
+        key_object(T.PRIVATE_KEY, KeyFormatType.RAW, data, CryptographicAlgorithm.RSA, 2048),
+    )
+    payload = get(alice, uid)
+    block = payload.children()[2].find(T.KEY_BLOCK.value)
+    assert block.get(T.KEY_FORMAT_TYPE.value) == KeyFormatType.RAW.value
+    assert key_material(payload).value == data
+    assert get_material(alice, uid, KeyFormatType.RAW).value == data
+    assert get_material(alice, uid, KeyFormatType.PKCS_8).value == pkcs8
+    attributes = alice.ok(Operation.GET_ATTRIBUTES, [uid_item(uid), ttlv.text(T.ATTRIBUTE_NAME.value, "Cryptographic Length")])
+    assert attributes.find(T.ATTRIBUTE.value).get(T.ATTRIBUTE_VALUE.value) == 2048
+
+
+@pytest.mark.parametrize("layout", [KeyFormatType.X_509, KeyFormatType.PKCS_1])
+def test_register_rsa_public_key_in_raw(alice, layout):
+    _, spki = rsa_pair()
+    data = crypto.export_public_key(spki, layout)
+    uid = register(alice, ObjectType.PUBLIC_KEY, key_object(T.PUBLIC_KEY, KeyFormatType.RAW, data))
+    payload = get(alice, uid)
+    block = payload.children()[2].find(T.KEY_BLOCK.value)
+    assert block.get(T.KEY_FORMAT_TYPE.value) == KeyFormatType.RAW.value
+    assert block.get(T.CRYPTOGRAPHIC_ALGORITHM.value) == CryptographicAlgorithm.RSA.value
+    assert key_material(payload).value == data
+    assert get_material(alice, uid, KeyFormatType.X_509).value == spki
+
+
+def test_register_ec_private_key_in_raw(alice):
+    pkcs8, _ = ec_pair()
+    data = crypto.export_private_key(pkcs8, KeyFormatType.EC_PRIVATE_KEY)
+    uid = register(alice, ObjectType.PRIVATE_KEY, key_object(T.PRIVATE_KEY, KeyFormatType.RAW, data))
+    assert key_material(get(alice, uid)).value == data
+    assert get_material(alice, uid, KeyFormatType.PKCS_8).value == pkcs8
+
+
+@pytest.mark.parametrize(
+    "object_type,tag,data",
+    [
+        (ObjectType.PRIVATE_KEY, T.PRIVATE_KEY, b"not DER at all"),
+        (ObjectType.PUBLIC_KEY, T.PUBLIC_KEY, b"\x30\x03\x02\x01\x00"),
+        # A well-formed SEQUENCE in an RSAPrivateKey layout whose numbers are no key.
+        (ObjectType.PRIVATE_KEY, T.PRIVATE_KEY, b"\x30\x06\x02\x01\x00\x02\x01\x05"),
+    ],
+)
+def test_register_in_raw_refuses_what_is_no_key(alice, object_type, tag, data):
+    alice.fails(
+        Operation.REGISTER,
+        [ttlv.enumeration(T.OBJECT_TYPE.value, object_type.value), key_object(tag, KeyFormatType.RAW, data)],
+        ResultReason.INVALID_FIELD,
+    )
+
+
+def test_raw_is_only_the_format_of_a_key_registered_in_raw(alice):
+    """A key registered in PKCS#8 has no Raw form of its own."""
+    pkcs8, spki = rsa_pair()
+    private = register(alice, ObjectType.PRIVATE_KEY, key_object(T.PRIVATE_KEY, KeyFormatType.PKCS_8, pkcs8))
+    public = register(alice, ObjectType.PUBLIC_KEY, key_object(T.PUBLIC_KEY, KeyFormatType.X_509, spki))
+    for uid in (private, public):
+        alice.fails(Operation.GET, [uid_item(uid), fmt_item(KeyFormatType.RAW)], ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED)
 
 
 def test_register_transparent_rsa_private_key(alice):

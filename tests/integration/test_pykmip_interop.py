@@ -1,0 +1,73 @@
+"""Issue 14: the everyday requests of PyKMIP's client (ProxyKmipClient)
+against a real kms-server process over mutual TLS, at KMIP 1.2, 1.4 and
+2.0, answered the way PyKMIP's own server answers them."""
+
+from __future__ import annotations
+
+import pytest
+from kmip.core import enums
+from kmip.pie import exceptions as pie_exceptions
+from kmip.pie import objects
+from kmip_client import pykmip
+
+from kms_server.keystore import crypto
+
+VERSIONS = [enums.KMIPVersion.KMIP_1_2, enums.KMIPVersion.KMIP_1_4, enums.KMIPVersion.KMIP_2_0]
+KFT = enums.KeyFormatType
+
+
+@pytest.fixture(params=VERSIONS, ids=lambda v: v.name)
+def client(kms_module, pki_dir, request):
+    c = pykmip(kms_module, pki_dir, "alice", request.param)
+    c.version = request.param
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> tuple[bytes, bytes]:
+    private, public, _ = crypto.generate_key_pair(enums.CryptographicAlgorithm.RSA, 2048)
+    return private, public
+
+
+@pytest.mark.parametrize("layout", [KFT.PKCS_8, KFT.PKCS_1])
+def test_rsa_private_key_registered_in_raw_comes_back_as_registered(client, rsa_key, layout):
+    """A private key registered in Raw (DER, as PyKMIP sends it) is accepted
+    and a Get that names no format returns it in Raw, the same bytes."""
+    der = crypto.export_private_key(rsa_key[0], layout)
+    uid = client.register(objects.PrivateKey(enums.CryptographicAlgorithm.RSA, 2048, der, KFT.RAW))
+    key = client.get(uid)
+    assert isinstance(key, objects.PrivateKey)
+    assert key.key_format_type == KFT.RAW
+    assert key.value == der
+    assert key.cryptographic_algorithm == enums.CryptographicAlgorithm.RSA
+    assert key.cryptographic_length == 2048
+
+
+@pytest.mark.parametrize("layout", [KFT.X_509, KFT.PKCS_1])
+def test_rsa_public_key_registered_in_raw_comes_back_as_registered(client, rsa_key, layout):
+    der = crypto.export_public_key(rsa_key[1], layout)
+    uid = client.register(objects.PublicKey(enums.CryptographicAlgorithm.RSA, 2048, der, KFT.RAW))
+    key = client.get(uid)
+    assert isinstance(key, objects.PublicKey)
+    assert (key.key_format_type, key.value) == (KFT.RAW, der)
+
+
+@pytest.mark.parametrize(
+    "registered,cls,index",
+    [(KFT.PKCS_1, objects.PrivateKey, 0), (KFT.PKCS_8, objects.PrivateKey, 0), (KFT.PKCS_1, objects.PublicKey, 1), (KFT.X_509, objects.PublicKey, 1)],
+)
+def test_a_key_comes_back_in_the_format_it_was_registered_in(client, rsa_key, registered, cls, index):
+    """With no Key Format Type in the Get, the registered format (issue 14,
+    second bullet): PyKMIP's server returns what it stored."""
+    export = crypto.export_private_key if cls is objects.PrivateKey else crypto.export_public_key
+    der = export(rsa_key[index], registered)
+    uid = client.register(cls(enums.CryptographicAlgorithm.RSA, 2048, der, registered))
+    key = client.get(uid)
+    assert (key.key_format_type, key.value) == (registered, der)
+
+
+def test_a_raw_private_key_that_is_no_key_is_refused(client):
+    with pytest.raises(pie_exceptions.KmipOperationFailure) as failure:
+        client.register(objects.PrivateKey(enums.CryptographicAlgorithm.RSA, 2048, b"\x30\x03\x02\x01\x00", KFT.RAW))
+    assert failure.value.reason == enums.ResultReason.INVALID_FIELD
