@@ -30,7 +30,7 @@ from kmip.core.enums import Tags as T  # noqa: E402
 from kmip_core import ttlv  # noqa: E402
 from kmip_core.policy import Principal  # noqa: E402
 from kmip_core.sealing.barrier import Barrier  # noqa: E402
-from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher  # noqa: E402
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher  # noqa: E402
 from kms_server.keystore.keystore import Keystore  # noqa: E402
 from kms_server.operations import OPERATIONS  # noqa: E402
 from kms_server.storage import open_storage  # noqa: E402

@@ -15,7 +15,7 @@ What a backup holds:
   trust CA certificate.
 
 The file format and its cryptography are the KMS backup's
-(kms_server.admin.backup, docs/backup-format.md, format 2) with the
+(kmip_core.backup_format, docs/backup-format.md, format 2) with the
 broker's own signature: a random backup key seals the record stream in
 chunks (AES-256-GCM, STREAM) and the broker's master key wraps that key into
 the header. The master key itself is never in a backup: a restore needs the
@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +42,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker import db as broker_db
 from broker import schema
 from broker.config import BrokerConfig
-from kmip_core.db.engine import describe_error
-from kmip_core.files import atomic_file
-from kmip_core.sealing.barrier import Barrier, BarrierError
-from kmip_core.sealing.master_key import MasterKey, MasterKeyError, open_master_key
-from kms_server.admin.backup import (
+from kmip_core.backup_format import (
     BackupError,
     BackupKind,
+    Progress,
     Section,
     open_sealed,
     require_empty,
@@ -57,6 +53,10 @@ from kms_server.admin.backup import (
     table_section,
     write_sealed,
 )
+from kmip_core.db.engine import describe_error
+from kmip_core.files import atomic_file
+from kmip_core.sealing.barrier import Barrier, BarrierError
+from kmip_core.sealing.master_key import MasterKey, MasterKeyError, open_master_key
 
 __all__ = ["BROKER_BACKUP", "BROKER_TABLES", "BackupError", "BackupSummary", "RestoreSummary", "backup", "restore"]
 
@@ -133,9 +133,6 @@ class RestoreSummary:
     schema_revision: str
     backup_created_at: str
     backup_node: str
-
-
-Progress = Callable[[int, int], None]
 
 
 def _master_key(cfg: BrokerConfig, doing: str) -> MasterKey:

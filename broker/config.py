@@ -1,6 +1,6 @@
 """`vtpm-broker` configuration: one TOML file, validated once into frozen
-dataclasses, in the style of ``kms_server.config`` (whose validators and
-messages it reuses).
+dataclasses, on the configuration framework of ``kmip_core.config`` (its
+validators and messages), as ``kms_server.config`` is.
 
 Precedence is defaults < file < command-line flags. Secrets are file paths
 only (TLS key, KMS client key, master key); this module never reads them.
@@ -55,6 +55,7 @@ from kmip_core.config import (
     positive_seconds,
     redact_url,
 )
+from kmip_core.metrics import LOGGING_FORMAT, METRICS_SCHEMA, MetricsConfig, check_metrics_section
 
 __all__ = [
     "ApiConfig",
@@ -70,7 +71,9 @@ __all__ = [
 ]
 
 _PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-SECRET_FILE_KEYS = frozenset({("tls", "key"), ("kms", "key"), ("master_key", "file"), ("audit", "signing_key_file")})
+SECRET_FILE_KEYS = frozenset(
+    {("tls", "key"), ("kms", "key"), ("master_key", "file"), ("audit", "signing_key_file"), ("metrics", "key")}
+)
 
 
 @dataclass(frozen=True)
@@ -188,9 +191,13 @@ class RolesConfig:
 @dataclass(frozen=True)
 class LoggingSection:
     level: str
+    # "text" (default) or "json": one JSON object per line (kmip_core.logs).
+    format: str = "text"
 
 
-SECTION_ORDER = ("broker", "api", "gateway", "tls", "kms", "storage", "master_key", "audit", "roles", "logging")
+SECTION_ORDER = (
+    "broker", "api", "gateway", "tls", "kms", "storage", "master_key", "audit", "roles", "logging", "metrics",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,8 @@ class BrokerConfig:
     audit: AuditSection
     roles: RolesConfig
     logging: LoggingSection
+    # The monitoring listener (/metrics, /healthz, /readyz); off by default.
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = field(default=None, compare=False)
 
     # Files the broker writes itself, under data_dir.
@@ -251,6 +260,7 @@ class BrokerConfig:
             problems.extend(check_file("audit.signing_key_file", self.audit.signing_key_file, secret=True))
         if not for_run:
             return problems
+        problems.extend(self.metrics.check_files())
         if not self.kms.nodes:
             problems.append('kms.nodes is empty; list the KMS nodes, such as nodes = ["kms1:5696", "kms2:5696"]')
         if self.kms.ca is None:
@@ -364,7 +374,8 @@ _SCHEMA: Schema = {
         "no_crypto_administrators": (identities, ()),
         "auditors": (identities, ()),
     },
-    "logging": {"level": (choice(LOG_LEVELS, upper=True), "INFO")},
+    "logging": {"level": (choice(LOG_LEVELS, upper=True), "INFO"), "format": LOGGING_FORMAT},
+    "metrics": dict(METRICS_SCHEMA),
 }
 
 _TYPES: dict[str, type] = {
@@ -378,6 +389,7 @@ _TYPES: dict[str, type] = {
     "audit": AuditSection,
     "roles": RolesConfig,
     "logging": LoggingSection,
+    "metrics": MetricsConfig,
 }
 
 
@@ -401,6 +413,7 @@ def load_config(
     for (section, key), value in derived.items():
         if values[section][key] is DERIVED:
             values[section][key] = value
+    check_metrics_section(values["metrics"])
     roles = values["roles"]
     both = set(roles["administrators"]) & set(roles["no_crypto_administrators"])
     if both:

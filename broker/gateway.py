@@ -31,7 +31,9 @@ exception or an audit record.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,10 +55,10 @@ from kmip_core.config import TlsConfig
 from kmip_core.policy import Principal
 from kmip_core.protocol import KmipFactory
 from kmip_core.reasons import REASONS
+from kmip_core.server import crypto_params, discover_versions
+from kmip_core.server import payload as request_fields
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher
 from kmip_core.ttlv import ItemType
-from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
-from kms_server.operations import common, crypto_params, discover_versions, key_use
-from kms_server.operations.encrypt import optional_bytes
 
 __all__ = [
     "AUDIT_ACTION",
@@ -109,11 +111,24 @@ class KeyProviderClient(Protocol):
 
 @dataclass(frozen=True)
 class GatewayContext:
-    """What the operation handlers share; the Dispatcher hands it to them
-    where the KMS hands its keystore."""
+    """The gateway's Backend (kmip_core.server.backend): what its operation
+    handlers share. Its operations change nothing the gateway stores (the
+    registry writes its own audit records), so an item needs no view of its
+    own and a batch run with Undo has no transaction to roll back."""
 
     registry: UnwrapRegistry
     kms_client: KeyProviderClient
+    # broker.metrics.BrokerMetrics (unwraps by result, their latency), or None.
+    metrics: object = None
+
+    def for_item(self, trail, draft) -> GatewayContext:
+        return self
+
+    def batch_transaction(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def in_batch(self, txn, trail, draft) -> GatewayContext:
+        return self
 
 
 class KeyProviderUnavailable(errors.OutcomeUnknown):
@@ -179,12 +194,12 @@ def _target(key_id: str, decision: Decision) -> str:
 def gateway_decrypt(ctx, gateway: GatewayContext, payload) -> list:
     """KMIP 1.4, 4.30 Decrypt, on behalf of a host: authorize with the trust
     registry, then Decrypt at the KMS with the broker's own identity."""
-    key_use.reject_streaming(payload)
-    key_id = common.unique_identifier(ctx, payload)
-    data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
-    iv = optional_bytes(payload, T.IV_COUNTER_NONCE)
-    aad = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)
-    tag = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_TAG)
+    request_fields.reject_streaming(payload)
+    key_id = request_fields.unique_identifier(ctx, payload)
+    data = request_fields.require(payload, T.DATA, ItemType.BYTE_STRING).value
+    iv = request_fields.optional_bytes(payload, T.IV_COUNTER_NONCE)
+    aad = request_fields.optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA)
+    tag = request_fields.optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_TAG)
     _unwrap_parameters(payload)
     if iv is None:
         raise errors.MissingData("IV/Counter/Nonce is required to decrypt in GCM")
@@ -199,8 +214,13 @@ def gateway_decrypt(ctx, gateway: GatewayContext, payload) -> list:
     actor = f"host:{decision.host}" if decision.host else principal.name
     # The broker's records and the KMS's Decrypt record carry this request's
     # id, and the KMS learns which host the broker acts for (request_scope).
+    started = time.monotonic()
     with request_scope(ctx.request_id, f"host:{decision.host}" if decision.host else None):
-        return _unwrap(ctx, gateway, decision, actor, key_id, (data, iv, aad, tag))
+        try:
+            return _unwrap(ctx, gateway, decision, actor, key_id, (data, iv, aad, tag))
+        finally:
+            if gateway.metrics is not None:
+                gateway.metrics.unwrap_seconds(time.monotonic() - started)
 
 
 def _unwrap(ctx, gateway: GatewayContext, decision: Decision, actor: str, key_id: str, sealed: tuple) -> list:
@@ -211,6 +231,7 @@ def _unwrap(ctx, gateway: GatewayContext, decision: Decision, actor: str, key_id
             actor, AUDIT_ACTION, _target(key_id, decision), False, f"{decision.reason} ({who})"
         )
         log.info("request %s: unwrap of key %s by %s refused: %s", ctx.request_id, key_id, actor, decision.reason)
+        _count(gateway, "refused")
         # The registry's reason goes to the audit trail and the log only: it
         # may name instances and VMs the host has no business knowing about.
         if decision.vm_uuid is None:
@@ -229,6 +250,7 @@ def _unwrap(ctx, gateway: GatewayContext, decision: Decision, actor: str, key_id
             True,
             f"{decision.reason}; key provider: {kms_answer}, nothing returned ({who})",
         )
+        _count(gateway, "kms_failure")
         raise failure from None
     # No DEK leaves without its audit record: if recording fails, the
     # Dispatcher answers GENERAL_FAILURE and the plaintext is dropped.
@@ -236,7 +258,13 @@ def _unwrap(ctx, gateway: GatewayContext, decision: Decision, actor: str, key_id
         actor, AUDIT_ACTION, _target(key_id, decision), True, f"{decision.reason}; key returned ({who})"
     )
     log.info("request %s: unwrap of key %s by %s allowed", ctx.request_id, key_id, actor)
-    return [common.uid_item(key_id), ttlv.byte_string(T.DATA.value, plaintext)]
+    _count(gateway, "allowed")
+    return [request_fields.uid_item(key_id), ttlv.byte_string(T.DATA.value, plaintext)]
+
+
+def _count(gateway: GatewayContext, result: str) -> None:
+    if gateway.metrics is not None:
+        gateway.metrics.unwrap(result)
 
 
 def gateway_query(ctx, gateway: GatewayContext, payload) -> list:
@@ -260,15 +288,19 @@ GATEWAY_OPERATIONS: dict[Operation, Callable] = {
 }
 
 
-def build_dispatcher(registry: UnwrapRegistry, kms_client: KeyProviderClient, node: str = "gateway") -> Dispatcher:
-    """The KMS core's Dispatcher with the gateway's three operations."""
+def build_dispatcher(
+    registry: UnwrapRegistry, kms_client: KeyProviderClient, node: str = "gateway", metrics=None
+) -> Dispatcher:
+    """The KMS core's Dispatcher with the gateway's three operations;
+    `metrics`: broker.metrics.BrokerMetrics, or None."""
     # Storage retries do not apply: the gateway has no storage of its own
     # beneath the Dispatcher (the registry handles its own database).
     return Dispatcher(
-        keystore=GatewayContext(registry=registry, kms_client=kms_client),
+        backend=GatewayContext(registry=registry, kms_client=kms_client, metrics=metrics),
         operations=dict(GATEWAY_OPERATIONS),
         node=node,
         retry_delays=(),
+        metrics=metrics.gateway if metrics is not None else None,
     )
 
 
@@ -302,6 +334,7 @@ def build_gateway_factory(
     frame_timeout: float = 30,
     max_unsent_bytes: int = 4 << 20,
     max_unsent_bytes_total: int = 256 << 20,
+    metrics=None,
 ) -> tuple[limits.LimitedFactory, tls.ServerContextFactory]:
     """The gateway listener's protocol factory and TLS context factory:
     `reactor.listenSSL(port, factory, context_factory, interface=host)`.
@@ -317,7 +350,7 @@ def build_gateway_factory(
     # Hosts are the broker's own agents: no KMIP profile suite without
     # forward secrecy is needed here.
     context_factory = tls.server_context_factory(tls_config, kmip_suites=False)
-    dispatcher = build_dispatcher(registry, kms_client)
+    dispatcher = build_dispatcher(registry, kms_client, metrics=metrics)
     identity_mode = tls_config.identity
 
     def identify(certificate, peer: str) -> ConnectionInfo:

@@ -1,5 +1,5 @@
 """The broker's schema versions: Alembic migrations in broker/migrations/,
-applied and checked by kms_server.storage.schema's functions (the same code
+applied and checked by kmip_core.db.migrations' functions (the same code
 as the KMS, pointed at the broker's scripts and version table).
 
 `vtpm-broker db upgrade` applies them. At start the broker applies them

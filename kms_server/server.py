@@ -23,10 +23,11 @@ from kmip_core.protocol import KmipFactory
 from kmip_core.sealing.barrier import open_barrier
 from kms_server import cluster, credentials
 from kms_server.audit import sinks as audit_sinks
-from kms_server.audit.record import AuditDraft, client_fields, system_entry
-from kms_server.audit.trail import AuditTrail, AuditWriteFailed
+from kmip_core.audit.record import AuditDraft, client_fields, system_entry
+from kms_server.audit.trail import AuditTrail
+from kmip_core.audit.record import AuditWriteFailed
 from kms_server.config import Config
-from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
 from kms_server.keystore import row_auth
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS

@@ -1,5 +1,5 @@
 """Alembic environment of the broker: migrations run on a connection the
-caller passes (broker.schema through kms_server.storage.schema), never from
+caller passes (broker.schema through kmip_core.db.migrations), never from
 a URL in a file. The broker keeps its revision in its own version table,
 broker_alembic_version, apart from the KMS's alembic_version."""
 

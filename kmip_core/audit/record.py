@@ -123,6 +123,12 @@ def request_attributes(payload: Item | None) -> list[dict]:
     return found
 
 
+
+class AuditWriteFailed(Exception):
+    """A record could not be written: the operation it describes must not
+    take effect (fail closed)."""
+
+
 @dataclass
 class AuditDraft:
     """The record of one batch item, filled in as it runs."""

@@ -4,7 +4,7 @@ order of preference, limited to those the client lists if it lists any."""
 from kmip.core.enums import Operation, Tags
 
 from kmip_core import ttlv
-from kms_server.dispatch.dispatcher import SUPPORTED_VERSIONS
+from kmip_core.server.dispatcher import SUPPORTED_VERSIONS
 
 OPERATION = Operation.DISCOVER_VERSIONS
 

@@ -1,11 +1,18 @@
-"""Request messages in, response messages out (KMIP 1.4 section 7 and 2.0
-section 8: message structure, batches, errors).
+"""The KMIP server framework: request messages in, response messages out
+(KMIP 1.4 section 7 and 2.0 section 8: message structure, batches, errors).
 
 `Dispatcher.handle` is synchronous and runs on a worker thread: it decodes
 one request message, authenticates its Credential if the configuration
-asks for one, runs each batch item through the operation table, maps every
-failure through `dispatch.errors`, and encodes the response in the
-request's protocol version. Nothing here keeps per-request state on `self`.
+asks for one, runs each batch item through the service's operation table,
+maps every failure through `kmip_core.reasons`, and encodes the response in
+the request's protocol version. Nothing here keeps per-request state on
+`self`.
+
+What lies beneath is the service's `Backend`: the KMS's keystore, the
+broker gateway's context. The dispatcher asks it for what each item's
+handler is given, for one transaction around a batch run with Undo, and
+retries an item whose backend raised `BackendUnavailable` (a database
+failover) before anything was committed.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from kmip.core.enums import (
     BatchErrorContinuationOption,
@@ -26,15 +34,15 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
+from kmip_core.audit.record import AuditDraft, AuditWriteFailed, client_fields, request_attributes
+from kmip_core.logs import log_context
 from kmip_core.policy import Principal
 from kmip_core.reasons import GENERAL_FAILURE_MESSAGE, input_error, result_reason
+from kmip_core.server.backend import Backend, BackendUnavailable, Trail
+from kmip_core.server.context import BatchState, RequestContext
 from kmip_core.ttlv import Item, ItemType
-from kms_server.audit.record import AuditDraft, client_fields, request_attributes
-from kms_server.audit.trail import AuditWriteFailed
-from kms_server.dispatch.context import BatchState, RequestContext
-from kms_server.storage.base import StorageUnavailable
 
-log = logging.getLogger("kms_server.dispatch")
+log = logging.getLogger("kms_server.dispatch")  # the name operators filter on; kept
 
 SUPPORTED_VERSIONS: tuple[tuple[int, int], ...] = ((2, 1), (2, 0), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0))
 def retry_schedule(total_seconds: float, first: float = 0.25, cap: float = 4.0) -> tuple[float, ...]:
@@ -53,7 +61,11 @@ def retry_schedule(total_seconds: float, first: float = 0.25, cap: float = 4.0) 
 STORAGE_RETRY_DELAYS = retry_schedule(15.0)
 
 T = Tags
-Handler = Callable[[RequestContext, object, Item], list[Item]]
+
+
+# An operation's handler: (the request, what the backend gives the item,
+# the Request Payload) -> the Response Payload's items.
+Handler = Callable[[RequestContext, Any, Item], list[Item]]
 
 
 @dataclass(frozen=True)
@@ -65,16 +77,17 @@ class ConnectionInfo:
 class Dispatcher:
     def __init__(
         self,
-        keystore,
+        backend: Backend,
         operations: dict[Operation, Handler],
         node: str = "",
         authenticate: Callable[[str, str], bool] | None = None,
         max_depth: int = ttlv.DEFAULT_MAX_DEPTH,
         retry_delays: tuple[float, ...] = STORAGE_RETRY_DELAYS,
         sleep: Callable[[float], None] = time.sleep,
-        trail=None,
+        trail: Trail | None = None,
+        metrics: Any = None,
     ):
-        self.keystore = keystore
+        self.backend = backend
         # The audit trail (kms_server/audit); None only when an operator
         # turned auditing off ([audit] enabled = false).
         self.trail = trail
@@ -87,12 +100,20 @@ class Dispatcher:
         self.max_depth = max_depth
         self.retry_delays = retry_delays
         self.sleep = sleep
+        # kmip_core.metrics.RequestMetrics, or None: items by operation and
+        # result, their latency, database retries.
+        self.metrics = metrics
 
     # Entry point.
     def handle(self, data: bytes, conn: ConnectionInfo) -> bytes | None:
         """The encoded response, or None when the bytes are not a TTLV
         message at all (the connection is then closed)."""
         request_id = uuid.uuid4().hex[:16]
+        # Log lines of this request carry its id and client ([logging] format = "json").
+        with log_context(request_id, conn.principal.name):
+            return self._handle_bytes(data, conn, request_id)
+
+    def _handle_bytes(self, data: bytes, conn: ConnectionInfo, request_id: str) -> bytes | None:
         try:
             message = ttlv.decode(data, self.max_depth)
         except ttlv.TTLVError as exc:
@@ -231,7 +252,7 @@ class Dispatcher:
             done: list[tuple[Item, bool, AuditDraft | None]] = []
             records = []
             try:
-                with self.keystore.storage.transaction() as txn:
+                with self.backend.batch_transaction() as txn:
                     for index, item in enumerate(items):
                         done.append(self._handle_item(ctx, item, index, batch_txn=txn))
                         if done[-1][1]:
@@ -240,7 +261,8 @@ class Dispatcher:
                         records = [self.trail.append(txn, d.entry("SUCCESS", None)) for _, _, d in done if d is not None]
             except _UndoBatch:
                 return self._undone(ctx, done)
-            except StorageUnavailable as exc:
+            except BackendUnavailable as exc:
+                self._database_event("commit_unknown" if exc.commit_unknown else "gave_up" if delay is None else "retry")
                 if exc.commit_unknown:
                     raise errors.OutcomeUnknown(
                         f"the database connection was lost while committing (request {ctx.request_id}); "
@@ -286,6 +308,7 @@ class Dispatcher:
         """Run one item: its answer, whether it failed, and its audit draft.
         With `batch_txn` (a batch run with Undo) the item runs in that
         transaction and writes no audit record: `_handle_undo_batch` does."""
+        started = time.monotonic()
         operation_item = item.find(T.OPERATION.value)
         # Only an Enumeration is read (and echoed): an Integer -1 or a
         # 2,048-byte Big Integer in its place is refused, never copied into
@@ -312,7 +335,7 @@ class Dispatcher:
             if payload is None or payload.type != ItemType.STRUCTURE:
                 raise errors.InvalidMessage("Request Payload is missing")
             if batch_txn is not None:
-                result = handler(ctx, self.keystore.in_batch(batch_txn, self.trail, draft), payload)
+                result = handler(ctx, self.backend.in_batch(batch_txn, self.trail, draft), payload)
             else:
                 result = self._run(handler, ctx, payload, draft)
                 if draft is not None and draft.written is None:
@@ -323,6 +346,7 @@ class Dispatcher:
                 ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.SUCCESS.value),
                 ttlv.structure(T.RESPONSE_PAYLOAD.value, result),
             ]
+            self._count(operation_value, "SUCCESS", started)
             return ttlv.structure(T.BATCH_ITEM.value, body), False, draft
         except errors.KmsError as exc:
             reason, text = result_reason(exc, *ctx.version)
@@ -331,7 +355,7 @@ class Dispatcher:
             log.error("request %s %s: audit record not written, answer withheld: %s", ctx.request_id, _op_name(operation_value), exc)
             reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
         except Exception as exc:
-            if batch_txn is not None and isinstance(exc, StorageUnavailable):
+            if batch_txn is not None and isinstance(exc, BackendUnavailable):
                 raise  # The batch is run again (or refused) as a whole.
             refused = input_error(exc)
             if refused is None:
@@ -347,7 +371,16 @@ class Dispatcher:
                 log.error("request %s: audit record of a refusal not written: %s", ctx.request_id, exc)
                 reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
         body = head + _failure_fields(reason, text)
+        self._count(operation_value, reason.name, started)
         return ttlv.structure(T.BATCH_ITEM.value, body), True, draft
+
+    def _count(self, operation_value, result: str, started: float | None) -> None:
+        if self.metrics is not None:
+            self.metrics.request(_op_name(operation_value), result, None if started is None else time.monotonic() - started)
+
+    def _database_event(self, event: str) -> None:
+        if self.metrics is not None:
+            self.metrics.database_event(event)
 
     def _draft(self, ctx: RequestContext, operation_value, payload: Item | None, index: int) -> AuditDraft | None:
         if self.trail is None:
@@ -378,6 +411,7 @@ class Dispatcher:
     ) -> None:
         """A message refused as a whole (undecodable, bad header, failed
         authentication): recorded with what is known."""
+        self._count(None, reason, None)
         if self.trail is None:
             return
         draft = AuditDraft(
@@ -399,13 +433,14 @@ class Dispatcher:
         commit, nothing was stored, so the item is run again (this is how
         reads and writes ride out a failover); when it is lost during the
         commit, the outcome is unknown and the client is told so."""
-        keystore = self.keystore if draft is None else self.keystore.for_item(self.trail, draft)
+        item_backend = self.backend if draft is None else self.backend.for_item(self.trail, draft)
         for delay in (*self.retry_delays, None):
             if draft is not None:
                 draft.reset()
             try:
-                return handler(ctx, keystore, payload)
-            except StorageUnavailable as exc:
+                return handler(ctx, item_backend, payload)
+            except BackendUnavailable as exc:
+                self._database_event("commit_unknown" if exc.commit_unknown else "gave_up" if delay is None else "retry")
                 if exc.commit_unknown:
                     log.error("request %s: database connection lost while committing: %s", ctx.request_id, exc)
                     raise errors.OutcomeUnknown(

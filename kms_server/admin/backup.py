@@ -3,15 +3,18 @@ authenticated copy of the store (format: docs/backup-format.md).
 
 The backup reads every backed-up table in one read-only transaction (a
 snapshot), so a server may keep running; rows are streamed in batches and
-never held all at once. The row stream is cut into chunks, each sealed with
-AES-256-GCM under a key derived (HKDF-SHA256, fresh salt) from a random
-backup key, which the master key wraps into the header: so a master key that
-never leaves its token works, and a backup stays restorable with the master
-key it was made under after a rotation. A chunk's nonce carries its index
-and whether it is the last one, so a reordered, removed or truncated chunk
-does not open. Sealed
-key material stays sealed as it is in the database: the backup layer is a
-second layer that also hides attribute values (names, ``x-`` tags).
+never held all at once. The file is the sealed backup format of
+`kmip_core.backup_format` with the KMS's signature: the row stream is cut
+into chunks sealed under a random backup key that the master key wraps into
+the header, so a master key that never leaves its token works, and a backup
+stays restorable with the master key it was made under after a rotation.
+Sealed key material stays sealed as it is in the database: the backup layer
+is a second layer that also hides attribute values (names, ``x-`` tags).
+
+What is the KMS's own is here: its tables, the configured master key (file,
+passphrase with its scrypt salt, or token) and what the header says of it,
+its schema revisions, and format 1 (sealed under the raw master key), which
+a restore still reads.
 
 Restore authenticates the whole file before it touches the target, which
 must be empty; it then inserts every row in one transaction and checks the
@@ -22,25 +25,35 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
-import json
 import os
-import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from sqlalchemy import MetaData, Table, func, insert, inspect, select, text
+from sqlalchemy import Table, insert, select, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
+from kmip_core import backup_format
+from kmip_core.backup_format import (
+    BackupError,
+    BackupHeader,
+    BackupKind,
+    Progress,
+    check_output,
+    count_rows,
+    made_under,
+    open_backup,
+    require_empty,
+    set_high_water,
+    table_section,
+    unwrap_backup_key,
+    write_sealed,
+)
 from kmip_core.db.engine import DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
-from kmip_core.files import atomic_file
 from kmip_core.sealing import barrier
-from kmip_core.sealing.backup_seal import HKDF_INFO, BackupCipher, ChunkInvalid
 from kmip_core.sealing.master_key import (
     SALT_META,
     SCRYPT_N,
@@ -59,39 +72,15 @@ __all__ = [
     "KMS_BACKUP",
     "NOT_BACKED_UP",
     "BackupError",
-    "BackupKind",
     "BackupSummary",
     "Progress",
     "RestoreSummary",
-    "SealedBackup",
-    "Section",
     "backup",
-    "open_sealed",
-    "require_empty",
+    "describe_rows",
     "restore",
-    "set_high_water",
-    "table_section",
-    "write_sealed",
 ]
 
-Progress = Callable[[int, int], None]
-"""Called with (rows done, rows in total), first with done == 0."""
-
 MAGIC = b"\x89KMSBAK\n"
-# 2: the chunk key comes from a random backup key that the master key wraps
-# into the header. 1 (still restored): it came from the raw master key.
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
-BACKUP_KEY_SIZE = 32
-SALT_SIZE = 32
-DIGEST_SIZE = 32
-TAG_SIZE = 16
-# Plaintext bytes per chunk; the reader takes the value from the header.
-CHUNK_SIZE = 64 * 1024
-MAX_CHUNK_SIZE = 16 * 1024 * 1024
-MAX_HEADER_SIZE = 1024 * 1024
-# Rows read (server-side cursor) and inserted per round trip.
-BATCH_ROWS = 1000
 
 # The tables a backup holds, parents before children (restore inserts in
 # this order). A table added to kms_server.storage.sql (the audit trail) goes
@@ -115,22 +104,6 @@ _DESCRIPTIONS = {
     "kms_audit": ("audit record", "audit records"),
     "kms_audit_checkpoints": ("audit checkpoint", "audit checkpoints"),
 }
-
-_PREFIX = struct.Struct(">8sHI")  # magic, format version, header length
-_FRAME = struct.Struct(">BI")  # chunk flags, sealed chunk length
-_FLAG_MORE, _FLAG_FINAL = 0x00, 0x01
-# Nonce = kind (1 byte) || 3 zero bytes || index (8 bytes, big-endian).
-
-# Records of the plaintext stream.
-_REC_SECTION, _REC_ROW, _REC_SECTION_END, _REC_END = b"T", b"R", b"E", b"Z"
-# Column values.
-_V_NULL, _V_INT, _V_FLOAT, _V_TEXT, _V_BYTES = 0, 1, 2, 3, 4
-_MAX_VALUE_SIZE = 1 << 30
-
-
-class BackupError(Exception):
-    """A backup or restore could not be done; the message is one line,
-    'problem; fix', and holds no key material or attribute value."""
 
 
 @dataclass(frozen=True)
@@ -156,25 +129,7 @@ class RestoreSummary:
 
 def describe_rows(rows: dict[str, int]) -> str:
     """'3 objects, 12 attributes, 1 server value' for a summary's rows."""
-    order = list(_DESCRIPTIONS)
-    parts = []
-    for name in sorted(rows, key=lambda n: (order.index(n) if n in order else len(order), n)):
-        singular, plural = _DESCRIPTIONS.get(name, (f"{name} row", f"{name} rows"))
-        parts.append(f"{rows[name]} {singular if rows[name] == 1 else plural}")
-    return ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class BackupKind:
-    """What tells one product's backups apart (the KMS's, the broker's):
-    the file signature, which is also in the context that binds the wrapped
-    backup key, the names its messages use, and the tables its sections name.
-    Everything else (layout, cipher, record stream) is this module's."""
-
-    magic: bytes  # 8 bytes
-    product: str  # "kms-server": "... is not a kms-server backup"
-    tool: str  # "kms-admin": "a file made by 'kms-admin backup'"
-    metadata: MetaData
+    return backup_format.describe_rows(rows, _DESCRIPTIONS)
 
 
 KMS_BACKUP = BackupKind(MAGIC, "kms-server", "kms-admin", sql_tables.metadata)
@@ -182,10 +137,9 @@ KMS_BACKUP = BackupKind(MAGIC, "kms-server", "kms-admin", sql_tables.metadata)
 
 # --- master key -----------------------------------------------------------------------
 #
-# Format 2: the chunks are sealed under a key derived from a random backup
-# key, which the master key wraps (MasterKey.wrap, inside the token for a
-# PKCS#11 key) into the header. Format 1 (read only) derived it from the raw
-# master key bytes, which a token never gives out.
+# Format 2: the backup key is wrapped under the configured master key
+# (kmip_core.backup_format). Format 1 (read only) derived the chunk key from
+# the raw master key bytes, which a token never gives out.
 
 
 class _Meta:
@@ -246,12 +200,6 @@ def _source(cfg: Config, master: MasterKey, meta: dict[str, bytes]) -> dict[str,
     return how
 
 
-def _backup_key_context(salt: bytes, magic: bytes = MAGIC) -> bytes:
-    """What the wrapped backup key is bound to: this format and this
-    backup (its salt), so it cannot be moved into another header."""
-    return b"kms-backup:" + magic + FORMAT_VERSION.to_bytes(2, "big") + salt
-
-
 def _scrypt_salt(how: Any) -> bytes | None:
     """The passphrase salt a backup header names (None: not a passphrase)."""
     if not isinstance(how, dict) or how.get("source") != "passphrase":
@@ -267,34 +215,21 @@ def _scrypt_salt(how: Any) -> bytes | None:
         raise BackupError("the backup header has a malformed scrypt salt; use an intact copy of the backup") from None
 
 
-def _made_under(how: Any) -> str:
-    """The master key a header names, for an operator."""
-    if not isinstance(how, dict):
-        return "an unnamed master key"
-    source = how.get("source")
-    if source == "pkcs11":
-        name = f"token key '{how.get('key_label')}' in token '{how.get('token_label')}'"
-    elif source == "passphrase":
-        name = "a passphrase"
-    else:
-        name = "a key file"
-    return f"{name}, id {how['key_id']}" if how.get("key_id") else name
-
-
-def _restore_key(cfg: Config, version: int, fields: dict[str, Any], salt: bytes) -> bytes:
+def _restore_key(cfg: Config, header: BackupHeader) -> bytes:
     """The key the backup's chunks are sealed under (format 2: the backup
     key the configured master key unwraps; format 1: the master key's raw
     bytes)."""
+    fields = header.fields
     how = fields.get("master_key")
     scrypt_salt = _scrypt_salt(how)
     if cfg.master_key.passphrase_file is not None and scrypt_salt is None:
         raise BackupError(
-            f"the backup was made under {_made_under(how)}, not a passphrase; "
+            f"the backup was made under {made_under(how)}, not a passphrase; "
             "configure the master key of the server that made it"
         )
     master = _open_master_key(cfg, lambda name: scrypt_salt if name == SALT_META else None)
     try:
-        if version == 1:
+        if header.version == 1:
             legacy = master.legacy_key()
             if legacy is None:
                 raise BackupError(
@@ -302,24 +237,9 @@ def _restore_key(cfg: Config, version: int, fields: dict[str, Any], salt: bytes)
                     "restore it with the key file or passphrase of the server that made it"
                 )
             return legacy
-        return _unwrap_backup_key(master, fields, salt)
+        return unwrap_backup_key(master, fields, header.salt, MAGIC)
     finally:
         _close(master)
-
-
-def _unwrap_backup_key(master: MasterKey, fields: dict[str, Any], salt: bytes, magic: bytes = MAGIC) -> bytes:
-    """Format 2: the backup key that `master` wrapped into the header."""
-    try:
-        wrapped = bytes.fromhex(fields["backup_key"]["wrapped"])
-    except (KeyError, TypeError, ValueError):
-        raise _corrupt("the header lacks the wrapped backup key") from None
-    try:
-        return master.unwrap(wrapped, _backup_key_context(salt, magic))
-    except MasterKeyError:
-        raise BackupError(
-            f"the backup was made under another master key; configure {_made_under(fields.get('master_key'))} "
-            "(the master key of the server that made it, before any rotation)"
-        ) from None
 
 
 # --- database ---------------------------------------------------------------------------
@@ -359,449 +279,10 @@ def _tables() -> list[Table]:
     return [sql_tables.metadata.tables[name] for name in BACKUP_TABLES]
 
 
-def _count(conn: Connection, table: Table) -> int:
-    return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
-
-
-def _serial_sequence(conn: Connection, table: Table, column: str) -> str | None:
-    return conn.execute(text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": table.name, "c": column}).scalar()
-
-
-def _high_water(conn: Connection, table: Table) -> dict[str, Any] | None:
-    """The largest value the table's autoincrement key has handed out, so
-    that a restored store never gives a deleted object's number again."""
-    column = table.autoincrement_column
-    if column is None:
-        return None
-    high = conn.execute(select(func.max(column))).scalar() or 0
-    if conn.dialect.name == "sqlite" and table.dialect_options["sqlite"]["autoincrement"]:
-        seq = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = :n"), {"n": table.name}).scalar()
-        high = max(high, seq or 0)
-    elif conn.dialect.name == "postgresql":
-        sequence = _serial_sequence(conn, table, column.name)
-        if sequence is not None:
-            # The name comes from the catalog, already quoted.
-            last, called = conn.execute(text(f"SELECT last_value, is_called FROM {sequence}")).one()
-            if called:
-                high = max(high, last)
-    return {"column": column.name, "high_water": int(high)}
-
-
-def set_high_water(conn: Connection, table: Table, info: dict[str, Any] | None) -> None:
-    """After a restore's inserts: the autoincrement key continues above the
-    backup's high-water mark (a section's `autoincrement`)."""
-    if not info:
-        return
-    column = table.c[info["column"]]
-    high = max(int(info["high_water"]), conn.execute(select(func.max(column))).scalar() or 0)
-    if high <= 0:
-        return
-    if conn.dialect.name == "sqlite":
-        if table.dialect_options["sqlite"]["autoincrement"]:
-            params = {"n": table.name, "s": high}
-            if conn.execute(text("UPDATE sqlite_sequence SET seq = :s WHERE name = :n"), params).rowcount == 0:
-                conn.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES (:n, :s)"), params)
-    elif conn.dialect.name == "postgresql":
-        sequence = _serial_sequence(conn, table, column.name)
-        if sequence is not None:
-            conn.execute(text("SELECT setval(CAST(:s AS regclass), :v, true)"), {"s": sequence, "v": high})
-
-
 def _revision(conn: Connection) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
     return MigrationContext.configure(conn).get_current_revision()
-
-
-# --- record encoding ------------------------------------------------------------------
-
-
-def _encode_value(value: Any, out: bytearray) -> None:
-    if value is None:
-        out.append(_V_NULL)
-    elif isinstance(value, bool):
-        out.append(_V_INT)
-        out += struct.pack(">q", int(value))
-    elif isinstance(value, int):
-        out.append(_V_INT)
-        out += struct.pack(">q", value)
-    elif isinstance(value, float):
-        out.append(_V_FLOAT)
-        out += struct.pack(">d", value)
-    elif isinstance(value, str):
-        data = value.encode("utf-8")
-        out.append(_V_TEXT)
-        out += len(data).to_bytes(4, "big") + data
-    elif isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-        out.append(_V_BYTES)
-        out += len(data).to_bytes(4, "big") + data
-    else:
-        raise BackupError(f"a column holds a {type(value).__name__}, which backups do not encode; report a bug")
-
-
-def _row_record(row: Any) -> bytes:
-    body = bytearray()
-    try:
-        for value in row:
-            _encode_value(value, body)
-    except struct.error:
-        raise BackupError(
-            "a column holds an integer beyond 64 bits, which backups do not encode; report a bug"
-        ) from None
-    return _REC_ROW + len(body).to_bytes(4, "big") + body
-
-
-def _section_record(info: dict[str, Any]) -> bytes:
-    data = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
-    return _REC_SECTION + len(data).to_bytes(4, "big") + data
-
-
-class _ChunkWriter:
-    """Cuts the plaintext stream into sealed, framed chunks."""
-
-    def __init__(self, fh: IO[bytes], cipher: BackupCipher, aad: bytes, chunk_size: int):
-        self._fh, self._cipher, self._aad, self._size = fh, cipher, aad, chunk_size
-        self._buffer = bytearray()
-        self.chunks = 0
-
-    def write(self, data: bytes | bytearray) -> None:
-        self._buffer += data
-        while len(self._buffer) >= self._size:
-            self._emit(bytes(self._buffer[: self._size]), final=False)
-            del self._buffer[: self._size]
-
-    def close(self) -> None:
-        self._emit(bytes(self._buffer), final=True)
-        self._buffer.clear()
-
-    def _emit(self, plaintext: bytes, final: bool) -> None:
-        sealed = self._cipher.seal(self.chunks, final, plaintext, self._aad)
-        self._fh.write(_FRAME.pack(_FLAG_FINAL if final else _FLAG_MORE, len(sealed)) + sealed)
-        self.chunks += 1
-
-
-# --- reading a backup -------------------------------------------------------------------
-
-
-def _corrupt(what: str) -> BackupError:
-    return BackupError(f"the backup is corrupt or was altered ({what}); use an intact copy")
-
-
-@dataclass
-class _Header:
-    version: int
-    fields: dict[str, Any]
-    prefix: bytes  # magic .. header JSON: what the header tag authenticates
-    digest: bytes
-    key_check: bytes
-    tag: bytes
-    data_offset: int
-
-
-def _read_header(fh: IO[bytes], path: Path, kind: BackupKind = KMS_BACKUP) -> _Header:
-    start = fh.read(_PREFIX.size)
-    magic = kind.magic
-    if len(start) < len(magic) or start[: len(magic)] != magic:
-        raise BackupError(
-            f"{path} is not a {kind.product} backup (no backup signature); give a file made by '{kind.tool} backup'"
-        )
-    if len(start) < _PREFIX.size:
-        raise BackupError(f"the backup {path} is truncated (it ends inside the header); use a complete copy")
-    _magic, version, length = _PREFIX.unpack(start)
-    if version not in READ_VERSIONS:
-        raise BackupError(
-            f"{path} is backup format {version}, this {kind.tool} reads formats "
-            f"{', '.join(map(str, READ_VERSIONS))}; restore it with the {kind.tool} release that made it"
-        )
-    if length > MAX_HEADER_SIZE:
-        raise _corrupt("the header length is out of range")
-    body = fh.read(length)
-    trailer = fh.read(DIGEST_SIZE + 2 * TAG_SIZE)
-    if len(body) < length or len(trailer) < DIGEST_SIZE + 2 * TAG_SIZE:
-        raise BackupError(f"the backup {path} is truncated (it ends inside the header); use a complete copy")
-    prefix = start + body
-    digest = trailer[:DIGEST_SIZE]
-    # An unkeyed digest first: accidental damage to the header is reported
-    # as such, not as a wrong master key.
-    if not hmac.compare_digest(hashlib.sha256(prefix).digest(), digest):
-        raise _corrupt("the header does not match its digest")
-    try:
-        fields = json.loads(body)
-    except ValueError:
-        raise _corrupt("the header is not valid JSON") from None
-    if not isinstance(fields, dict):
-        raise _corrupt("the header is not a JSON object")
-    return _Header(
-        version=version,
-        fields=fields,
-        prefix=prefix,
-        digest=digest,
-        key_check=trailer[DIGEST_SIZE : DIGEST_SIZE + TAG_SIZE],
-        tag=trailer[DIGEST_SIZE + TAG_SIZE :],
-        data_offset=fh.tell(),
-    )
-
-
-def _authenticate(cipher: BackupCipher, header: _Header) -> None:
-    key_ok = hmac.compare_digest(cipher.key_check(), header.key_check)
-    header_ok = hmac.compare_digest(cipher.header_tag(header.prefix), header.tag)
-    if not key_ok and not header_ok:
-        raise BackupError(
-            "the backup was made under another master key; configure the key file or passphrase "
-            "of the server that made it"
-        )
-    if not header_ok:
-        raise _corrupt("the header does not authenticate")
-    if not key_ok:
-        raise _corrupt("the key check does not authenticate")
-
-
-def _chunks(fh: IO[bytes], cipher: BackupCipher, aad: bytes, chunk_size: int) -> Iterator[bytes]:
-    """The authenticated plaintext of every chunk, in order; raises
-    BackupError at the first chunk that is missing, out of place or altered."""
-    index = 0
-    while True:
-        frame = fh.read(_FRAME.size)
-        if len(frame) < _FRAME.size:
-            raise BackupError(
-                f"the backup is truncated (it ends after {index} chunks of data, without the final chunk); "
-                "use a complete copy"
-            )
-        flags, length = _FRAME.unpack(frame)
-        if flags not in (_FLAG_MORE, _FLAG_FINAL) or not TAG_SIZE <= length <= chunk_size + TAG_SIZE:
-            raise _corrupt(f"chunk {index} has a malformed frame")
-        sealed = fh.read(length)
-        if len(sealed) < length:
-            raise BackupError(f"the backup is truncated (it ends inside chunk {index}); use a complete copy")
-        try:
-            yield cipher.open(index, flags == _FLAG_FINAL, sealed, aad)
-        except ChunkInvalid:
-            raise _corrupt(f"chunk {index} does not authenticate: altered, reordered or missing") from None
-        index += 1
-        if flags == _FLAG_FINAL:
-            if fh.read(1):
-                raise _corrupt("there are bytes after the final chunk")
-            return
-
-
-class _Plaintext:
-    """The record stream across chunk boundaries."""
-
-    def __init__(self, chunks: Iterator[bytes]):
-        self._chunks = chunks
-        self._buffer = b""
-        self._pos = 0
-
-    def read(self, n: int) -> bytes:
-        while len(self._buffer) - self._pos < n:
-            try:
-                more = next(self._chunks)
-            except StopIteration:
-                raise _corrupt("the records end early") from None
-            self._buffer = self._buffer[self._pos :] + more
-            self._pos = 0
-        out = self._buffer[self._pos : self._pos + n]
-        self._pos += n
-        return out
-
-    def finish(self) -> None:
-        """After the end record: nothing may follow, and the chunks must end
-        with a final chunk (the iterator checks that as it runs out)."""
-        rest = len(self._buffer) - self._pos
-        for more in self._chunks:
-            rest += len(more)
-        if rest:
-            raise _corrupt("there are records after the end record")
-
-
-_INT = struct.Struct(">q")
-_FLOAT = struct.Struct(">d")
-_LENGTH = struct.Struct(">I")
-
-
-def _decode_row(data: bytes, columns: int) -> list[Any]:
-    """The values of one row record (its length prefix already removed)."""
-    values: list[Any] = []
-    at, end = 0, len(data)
-    try:
-        for _ in range(columns):
-            kind = data[at]
-            at += 1
-            if kind == _V_NULL:
-                values.append(None)
-            elif kind == _V_INT:
-                values.append(_INT.unpack_from(data, at)[0])
-                at += 8
-            elif kind == _V_FLOAT:
-                values.append(_FLOAT.unpack_from(data, at)[0])
-                at += 8
-            elif kind in (_V_TEXT, _V_BYTES):
-                size = _LENGTH.unpack_from(data, at)[0]
-                at += 4
-                if at + size > end:
-                    raise _corrupt("a value runs past its row")
-                value = data[at : at + size]
-                at += size
-                values.append(value if kind == _V_BYTES else value.decode("utf-8"))
-            else:
-                raise _corrupt(f"unknown value type {kind}")
-    except (IndexError, struct.error):
-        raise _corrupt("a row is shorter than its columns") from None
-    except UnicodeDecodeError:
-        raise _corrupt("a text value is not UTF-8") from None
-    if at != end:
-        raise _corrupt("a row is longer than its columns")
-    return values
-
-
-def _sections(
-    stream: _Plaintext, header: dict[str, Any], metadata: MetaData = sql_tables.metadata
-) -> Iterator[tuple[Table, dict[str, Any], list[dict[str, Any]]]]:
-    """(table, section info, a batch of rows) for every batch, in file order.
-    Checks that the sections are the header's, that the columns are the
-    table's and that each section holds as many rows as the header says."""
-    expected = [(t["name"], t["rows"]) for t in header["tables"]]
-    for name, rows in expected:
-        if stream.read(1) != _REC_SECTION:
-            raise _corrupt(f"section {name} is missing")
-        size = int.from_bytes(stream.read(4), "big")
-        if size > MAX_HEADER_SIZE:
-            raise _corrupt("a section header is too long")
-        try:
-            info = json.loads(stream.read(size))
-        except ValueError:
-            raise _corrupt("a section header is not valid JSON") from None
-        if not isinstance(info, dict) or info.get("table") != name or info.get("rows") != rows:
-            raise _corrupt(f"section {name} does not match the header")
-        table = metadata.tables.get(name)
-        if table is None:
-            raise BackupError(f"the backup holds a table {name} this release does not; restore it with its release")
-        columns = info.get("columns")
-        if not isinstance(columns, list) or sorted(columns) != sorted(c.name for c in table.columns):
-            raise BackupError(
-                f"the backup's columns of {name} are not this release's; restore it with the release that made it"
-            )
-        batch: list[dict[str, Any]] = []
-        count = 0
-        while True:
-            record = stream.read(1)
-            if record == _REC_ROW:
-                size = int.from_bytes(stream.read(4), "big")
-                if size > _MAX_VALUE_SIZE:
-                    raise _corrupt("a row is too long")
-                batch.append(dict(zip(columns, _decode_row(stream.read(size), len(columns)), strict=True)))
-                count += 1
-                if count > rows:
-                    raise _corrupt(f"section {name} holds more rows than its header says")
-                if len(batch) >= BATCH_ROWS:
-                    yield table, info, batch
-                    batch = []
-            elif record == _REC_SECTION_END:
-                if int.from_bytes(stream.read(8), "big") != count or count != rows:
-                    raise _corrupt(f"section {name} holds {count} rows, its header says {rows}")
-                yield table, info, batch
-                break
-            else:
-                raise _corrupt(f"unexpected record in section {name}")
-    if stream.read(1) != _REC_END:
-        raise _corrupt("the end record is missing")
-    stream.finish()
-
-
-@contextlib.contextmanager
-def _open_backup(path: Path) -> Iterator[IO[bytes]]:
-    try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise BackupError(f"backup file {path} does not exist; check --from") from None
-    except IsADirectoryError:
-        raise BackupError(f"{path} is a directory; give the backup file with --from") from None
-    except OSError as exc:
-        raise BackupError(f"cannot read backup file {path} ({exc.strerror}); check its permissions") from None
-    with fh:
-        yield fh
-
-
-def _check_header_fields(fields: dict[str, Any]) -> tuple[list[tuple[str, int]], bytes, int]:
-    try:
-        tables = [(str(t["name"]), int(t["rows"])) for t in fields["tables"]]
-        salt = bytes.fromhex(fields["kdf"]["salt"])
-        chunk_size = int(fields["cipher"]["chunk_size"])
-        str(fields["schema_revision"])
-    except (KeyError, TypeError, ValueError):
-        raise _corrupt("the header lacks a field") from None
-    if fields.get("kdf", {}).get("name") != "HKDF-SHA256" or fields.get("cipher", {}).get("name") != "AES-256-GCM":
-        raise BackupError(
-            "the backup uses a cipher or KDF this release does not; restore it with the release that made it"
-        )
-    if not 0 < chunk_size <= MAX_CHUNK_SIZE or len(salt) != SALT_SIZE:
-        raise _corrupt("the header's chunk size or salt is out of range")
-    return tables, salt, chunk_size
-
-
-class SealedBackup:
-    """A backup file whose header authenticated under its master key
-    (`open_sealed`); its sections are authenticated as they are read."""
-
-    def __init__(self, fh: IO[bytes], path: Path, kind: BackupKind, header: _Header, cipher: BackupCipher):
-        self._fh, self._kind, self._header, self._cipher = fh, kind, header, cipher
-        self.path = path
-        self.fields = header.fields
-        tables, _salt, self._chunk_size = _check_header_fields(header.fields)
-        self.tables: list[tuple[str, int]] = tables
-
-    def sections(self) -> Iterator[tuple[Table, dict[str, Any], list[dict[str, Any]]]]:
-        """(table, section info, a batch of rows as dicts) in file order,
-        from the start each time it is called; raises BackupError at the
-        first thing that is missing, out of place or altered, including
-        a file that ends early or goes on after its end."""
-        self._fh.seek(self._header.data_offset)
-        chunks = _chunks(self._fh, self._cipher, self._header.digest, self._chunk_size)
-        yield from _sections(_Plaintext(chunks), self.fields, self._kind.metadata)
-
-
-@contextlib.contextmanager
-def open_sealed(in_path: str | os.PathLike[str], kind: BackupKind, master: MasterKey) -> Iterator[SealedBackup]:
-    """Open a backup of `kind` (format 2) that `master` made: its signature,
-    header digest, wrapped backup key, key check and header tag are checked
-    here, each failure one line (BackupError) that says what to do."""
-    in_path = Path(in_path)
-    with _open_backup(in_path) as fh:
-        header = _read_header(fh, in_path, kind)
-        _tables, salt, _chunk_size = _check_header_fields(header.fields)
-        if header.version != FORMAT_VERSION:
-            raise _corrupt(f"a {kind.product} backup is never format {header.version}")
-        cipher = BackupCipher(_unwrap_backup_key(master, header.fields, salt, kind.magic), salt)
-        _authenticate(cipher, header)
-        yield SealedBackup(fh, in_path, kind, header, cipher)
-
-
-# --- backup -----------------------------------------------------------------------------
-
-
-def _check_output(path: Path, overwrite: bool) -> None:
-    if not path.parent.is_dir():
-        raise BackupError(f"directory {path.parent} does not exist; create it or choose another --out")
-    if path.is_dir():
-        raise BackupError(f"{path} is a directory; give a file name with --out")
-    if path.exists() and not overwrite:
-        raise BackupError(f"{path} exists; choose another --out or give --force to replace it")
-
-
-@contextlib.contextmanager
-def _atomic_output(path: Path, overwrite: bool) -> Iterator[IO[bytes]]:
-    """A file at `path` with mode 0600 that appears only complete: written
-    under a temporary name in the same directory, synced, then linked (or,
-    with overwrite, renamed) into place, and the directory synced."""
-    _check_output(path, overwrite)
-    try:
-        with atomic_file(path, 0o600, sync_dir=True, replace=overwrite) as fh:
-            yield fh
-    except FileExistsError as exc:
-        if exc.filename != str(path):
-            raise
-        raise BackupError(f"{path} appeared while the backup was written; choose another --out") from None
 
 
 @contextlib.contextmanager
@@ -818,116 +299,13 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-@dataclass(frozen=True)
-class Section:
-    """One table's part of a backup: `rows` rows in `batches` (each a list
-    of rows, values in `table.columns` order), and its autoincrement
-    high-water mark (or None). The table need not exist in a database: a
-    product may keep other records (files) in sections of their own."""
-
-    table: Table
-    rows: int
-    batches: Iterable[Sequence[Sequence[Any]]]
-    autoincrement: dict[str, Any] | None = None
-
-
-def table_section(conn: Connection, table: Table, rows: int | None = None) -> Section:
-    """A table's section, read in the transaction of `conn` (the snapshot)
-    in primary-key order, BATCH_ROWS rows per round trip."""
-    if rows is None:
-        rows = _count(conn, table)
-
-    def batches() -> Iterator[Sequence[Sequence[Any]]]:
-        # Run when the writer reaches this section: one open cursor at a time.
-        stmt = select(*table.columns).order_by(*table.primary_key.columns)
-        yield from conn.execute(stmt.execution_options(yield_per=BATCH_ROWS)).partitions()
-
-    return Section(table, rows, batches(), _high_water(conn, table))
-
-
-def write_sealed(
-    out_path: str | os.PathLike[str],
-    kind: BackupKind,
-    master: MasterKey,
-    fields: dict[str, Any],
-    sections: Sequence[Section],
-    progress: Progress | None = None,
-    *,
-    overwrite: bool = False,
-) -> tuple[int, int]:
-    """Write `sections` to `out_path` (mode 0600, atomically) as a backup of
-    this module's format, sealed under a new random backup key that `master`
-    wraps into the header. `fields` are the caller's header members (at
-    least "schema_revision"; "master_key" names the key for the operator);
-    this adds format, tables, KDF, cipher and the wrapped key. Returns
-    (file size, chunks). A section whose batches do not hold its declared
-    rows is refused and nothing is written."""
-    out_path = Path(out_path)
-    _check_output(out_path, overwrite)
-    salt = os.urandom(SALT_SIZE)
-    backup_key = os.urandom(BACKUP_KEY_SIZE)
-    try:
-        wrapped = master.wrap(backup_key, _backup_key_context(salt, kind.magic))
-    except MasterKeyError as exc:
-        raise BackupError(f"{exc}; nothing was written") from None
-    cipher = BackupCipher(backup_key, salt)
-    header = {
-        **fields,
-        "format": FORMAT_VERSION,
-        "tables": [{"name": s.table.name, "rows": s.rows} for s in sections],
-        "kdf": {"name": "HKDF-SHA256", "info": HKDF_INFO.decode(), "salt": salt.hex()},
-        "cipher": {"name": "AES-256-GCM", "chunk_size": CHUNK_SIZE},
-        "backup_key": {"wrapped": wrapped.hex()},
-    }
-    body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    prefix = _PREFIX.pack(kind.magic, FORMAT_VERSION, len(body)) + body
-    digest = hashlib.sha256(prefix).digest()
-    total = sum(s.rows for s in sections)
-    done = 0
-    if progress:
-        progress(0, total)
-    with _atomic_output(out_path, overwrite) as fh:
-        fh.write(prefix + digest + cipher.key_check() + cipher.header_tag(prefix))
-        writer = _ChunkWriter(fh, cipher, digest, CHUNK_SIZE)
-        for section in sections:
-            table = section.table
-            columns = [c.name for c in table.columns]
-            writer.write(
-                _section_record(
-                    {
-                        "table": table.name,
-                        "columns": columns,
-                        "rows": section.rows,
-                        "autoincrement": section.autoincrement,
-                    }
-                )
-            )
-            written = 0
-            for rows in section.batches:
-                out = bytearray()
-                for row in rows:
-                    out += _row_record(row)
-                writer.write(out)
-                written += len(rows)
-                done += len(rows)
-                if progress:
-                    progress(done, total)
-            if written != section.rows:  # pragma: no cover - the snapshot prevents it
-                raise BackupError(f"{table.name} changed during the backup; the database gave no snapshot")
-            writer.write(_REC_SECTION_END + written.to_bytes(8, "big"))
-        writer.write(_REC_END)
-        writer.close()
-        size = fh.tell()
-    return size, writer.chunks
-
-
 def backup(
     cfg: Config, out_path: str | os.PathLike[str], progress: Progress | None = None, *, overwrite: bool = False
 ) -> BackupSummary:
     """Write a backup of the store `cfg` names to `out_path` (mode 0600,
     atomically). `progress` is called with (rows written, rows in total)."""
     out_path = Path(out_path)
-    _check_output(out_path, overwrite)
+    check_output(out_path, overwrite)
     url, shown = _database_url(cfg)
     source_file = _sqlite_path(url)
     if source_file is not None and not source_file.is_file():
@@ -943,7 +321,7 @@ def backup(
                     f"database {shown} is at schema revision {revision or 'none'}, this kms-admin reads {head}; "
                     "run 'kms-admin db upgrade' (or use the kms-admin of the server's release)"
                 )
-            counts = {t.name: _count(conn, t) for t in tables}
+            counts = {t.name: count_rows(conn, t) for t in tables}
             meta_table = sql_tables.kms_meta
             meta = {k: bytes(v) for k, v in conn.execute(select(meta_table.c.key, meta_table.c.value))}
             master = _open_master_key(cfg, meta.get)
@@ -987,34 +365,6 @@ def backup(
 # --- restore ----------------------------------------------------------------------------
 
 
-def require_empty(
-    conn: Connection,
-    shown: str,
-    tables: Iterable[Table],
-    *,
-    revision: str | None,
-    known_revisions: Iterable[str],
-    product: str,
-) -> None:
-    """Refuse a restore target that holds a row in any of `tables`, or that
-    is at a schema `revision` this `product` (its command name, for the
-    message) does not know. Raises BackupError; both products restore this way."""
-    inspector = inspect(conn)
-    for table in tables:
-        if inspector.has_table(table.name):
-            rows = _count(conn, table)
-            if rows:
-                raise BackupError(
-                    f"database {shown} is not empty ({table.name} holds {rows} row{'s' if rows != 1 else ''}); "
-                    "restore into a new, empty database"
-                )
-    if revision is not None and revision not in known_revisions:
-        raise BackupError(
-            f"database {shown} is at schema revision {revision}, which this {product} does not know; "
-            "restore into a new, empty database"
-        )
-
-
 def _require_empty(conn: Connection, shown: str) -> None:
     require_empty(
         conn,
@@ -1042,25 +392,27 @@ def restore(
     """
     in_path = Path(in_path)
     url, shown = _database_url(cfg)
-    with _open_backup(in_path) as fh:
-        header = _read_header(fh, in_path)
-        fields = header.fields
-        tables, salt, chunk_size = _check_header_fields(fields)
-        revision = fields["schema_revision"]
+
+    def chunk_key(header: BackupHeader) -> bytes:
+        # What this release restores is checked before the master key is opened.
+        revision = header.fields["schema_revision"]
         head = schema.head_revision()
         if revision != head:
             raise BackupError(
                 f"the backup is at schema revision {revision}, this kms-admin restores {head}; "
                 "restore it with the kms-admin release that made it, then upgrade"
             )
-        if [name for name, _ in tables] != list(BACKUP_TABLES):
+        if [name for name, _ in header.tables] != list(BACKUP_TABLES):
             raise BackupError(
-                f"the backup holds tables {', '.join(n for n, _ in tables)}, this release restores "
+                f"the backup holds tables {', '.join(n for n, _ in header.tables)}, this release restores "
                 f"{', '.join(BACKUP_TABLES)}; restore it with the release that made it"
             )
-        cipher = BackupCipher(_restore_key(cfg, header.version, fields, salt), salt)
-        _authenticate(cipher, header)
-        counts = dict(tables)
+        return _restore_key(cfg, header)
+
+    with open_backup(in_path, KMS_BACKUP, chunk_key) as sealed:
+        fields = sealed.fields
+        revision = fields["schema_revision"]
+        counts = dict(sealed.tables)
         total = sum(counts.values())
 
         target_file = _sqlite_path(url)
@@ -1081,7 +433,7 @@ def restore(
             done = 0
             if verify_progress:
                 verify_progress(0, total)
-            for _table, _info, rows in _sections(_Plaintext(_chunks(fh, cipher, header.digest, chunk_size)), fields):
+            for _table, _info, rows in sealed.sections():
                 done += len(rows)
                 if verify_progress and rows:
                     verify_progress(done, total)
@@ -1094,7 +446,6 @@ def restore(
                 schema.upgrade(engine)
             except schema.SchemaError as exc:
                 raise BackupError(str(exc)) from None
-            fh.seek(header.data_offset)
             done = 0
             if progress:
                 progress(0, total)
@@ -1108,7 +459,7 @@ def restore(
                         f"database {shown} is not at schema revision {revision} after the upgrade; report a bug"
                     )
                 sections = {}
-                for table, info, rows in _sections(_Plaintext(_chunks(fh, cipher, header.digest, chunk_size)), fields):
+                for table, info, rows in sealed.sections():
                     sections[table.name] = info
                     if rows:
                         conn.execute(insert(table), rows)
@@ -1118,7 +469,7 @@ def restore(
                 for name in BACKUP_TABLES:
                     table = sql_tables.metadata.tables[name]
                     set_high_water(conn, table, sections[name].get("autoincrement"))
-                    stored = _count(conn, table)
+                    stored = count_rows(conn, table)
                     if stored != counts[name]:
                         raise BackupError(
                             f"{name} holds {stored} rows after the restore, the backup {counts[name]}; "

@@ -57,7 +57,7 @@ def _open(args: argparse.Namespace):
 
 def _audit(storage, operation: str, detail: str, uids: list[str] | None = None) -> None:
     """An administrative record in the audit trail."""
-    from kms_server.audit.record import system_entry
+    from kmip_core.audit.record import system_entry
     from kms_server.audit.trail import AuditTrail
 
     entry = system_entry(ADMIN_NODE, operation, detail, uids or [])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kmip_core.audit import chain
 from kmip_core.audit.chain import GENESIS, Report, canonical, format_time, record_hash
+from kmip_core.audit.record import AuditWriteFailed
 from kmip_core.db.group_commit import GroupCommit
 from kms_server.storage.base import AuditQuery, Storage, StoredAuditRecord, StoredCheckpoint, Transaction
 
@@ -27,11 +28,6 @@ log = logging.getLogger("kms_server.audit")
 EXPORT_FORMAT = "kms-audit-export"
 VM_COMPONENT = "Virtual Machine"
 HOST_COMPONENT = "ESXi Server"
-
-
-class AuditWriteFailed(Exception):
-    """A record could not be written: the operation it describes must not
-    take effect (fail closed)."""
 
 
 class AuditTrail:

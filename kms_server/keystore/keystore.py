@@ -13,7 +13,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from kmip.core.enums import ObjectType, State
 
@@ -66,6 +66,11 @@ class Keystore:
         bound = copy.copy(self)
         bound._audit = (trail, draft)
         return bound
+
+    def batch_transaction(self) -> AbstractContextManager[Transaction]:
+        """The one transaction of a batch run with Undo (the Backend protocol
+        of kmip_core.server.dispatcher)."""
+        return self.storage.transaction()
 
     def in_batch(self, txn: Transaction, trail, draft) -> Keystore:
         """A view for one item of a batch run with Batch Error Continuation

@@ -10,8 +10,10 @@ from kmip.core.enums import Operation
 
 from kmip_core import errors
 
+# Modules of this package; DiscoverVersions is the framework's own
+# (kmip_core.server.discover_versions), answered the same by every service.
 _MODULES = (
-    "discover_versions",
+    "kmip_core.server.discover_versions",
     "query",
     "create",
     "create_key_pair",
@@ -47,12 +49,7 @@ _MODULES = (
 def _load() -> dict[Operation, object]:
     table = {}
     for name in _MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue  # Not written yet: answers OPERATION_NOT_SUPPORTED.
-            raise
+        module = importlib.import_module(name if "." in name else f"{__name__}.{name}")
         table[module.OPERATION] = _answering_per_version(module.handle)
     return table
 

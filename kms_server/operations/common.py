@@ -1,5 +1,6 @@
-"""Payload helpers shared by the operation modules: reading the Unique
-Identifier (or the batch's ID Placeholder), reading client attributes in
+"""Payload helpers shared by the operation modules (the generic readers --
+Unique Identifier or ID Placeholder, required fields -- are kmip_core.server.payload's,
+named here for the modules that read them as common.*): reading client attributes in
 the 1.x (Template-Attribute) and 2.0 (Attributes) forms, and writing
 attributes back in the form of the request's version."""
 
@@ -10,42 +11,28 @@ from collections.abc import Iterable
 from kmip.core.enums import Tags
 
 from kmip_core import errors, ttlv
+from kmip_core.server.context import RequestContext
+from kmip_core.server.payload import require, tag, uid_item, unique_identifier
 from kmip_core.ttlv import Item, ItemType
-from kms_server.dispatch.context import RequestContext
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.objects import ManagedObject
 
 T = Tags
 
-
-def tag(t: Tags) -> int:
-    return t.value
-
-
-def unique_identifier(ctx: RequestContext, payload: Item, required: bool = True) -> str | None:
-    """The object a request names; without one, the ID Placeholder left by
-    an earlier item of the same batch (KMIP 1.4, 6.12)."""
-    uid = payload.get(T.UNIQUE_IDENTIFIER.value)
-    if uid is None:
-        uid = ctx.batch.id_placeholder
-    if uid is None and required:
-        raise errors.MissingData("Unique Identifier is required")
-    if uid is not None and not isinstance(uid, str):
-        raise errors.InvalidField("Unique Identifier must be a text string")
-    return uid
-
-
-def uid_item(uid: str) -> Item:
-    return ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)
-
-
-def require(payload: Item, t: Tags, type_: ItemType | None = None) -> Item:
-    item = payload.find(t.value)
-    if item is None:
-        raise errors.MissingData(f"{t.name.replace('_', ' ').title()} is required")
-    if type_ is not None and item.type != type_:
-        raise errors.InvalidField(f"{t.name.replace('_', ' ').title()} has the wrong type")
-    return item
+# The payload readers of kmip_core.server.payload are named here too:
+# the operation modules read them as common.* / key_use.*.
+__all__ = [
+    "attribute_items",
+    "attribute_reference",
+    "attributes_structure",
+    "client_attributes",
+    "optional_enum",
+    "require",
+    "single_attribute",
+    "tag",
+    "uid_item",
+    "unique_identifier",
+]
 
 
 def attribute_reference(item: Item) -> str:

@@ -26,6 +26,7 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
+from kmip_core.server.payload import optional_bytes
 from kmip_core.ttlv import ItemType
 from kms_server.keystore import crypto
 from kms_server.operations import common, crypto_params, key_use, streaming
@@ -39,17 +40,6 @@ NO_IV_MODES = (
     BlockCipherMode.NIST_KEY_WRAP,
     BlockCipherMode.AES_KEY_WRAP_PADDING,
 )
-
-
-def optional_bytes(payload, t: Tags) -> bytes | None:
-    item = payload.find(t.value)
-    if item is None:
-        return None
-    if item.type != ItemType.BYTE_STRING:
-        raise errors.InvalidField(
-            f"{t.name.replace('_', ' ').title()} must be a byte string"
-        )
-    return item.value
 
 
 def rsa_padding(params) -> PaddingMethod:

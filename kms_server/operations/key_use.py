@@ -12,12 +12,21 @@ from kmip.core.enums import (
 
 from kmip_core import errors
 from kmip_core.policy import Action
-from kmip_core.ttlv import Item
+from kmip_core.server.payload import reject_streaming
 from kms_server.keystore import crypto, lifecycle
 from kms_server.keystore.objects import ManagedObject
 
 T = Tags
 
+
+# The payload readers of kmip_core.server.payload are named here too:
+# the operation modules read them as common.* / key_use.*.
+__all__ = [
+    "charge_usage",
+    "crypto_failure",
+    "reject_streaming",
+    "usable_key",
+]
 
 
 def usable_key(
@@ -58,21 +67,6 @@ def charge_usage(ctx, keystore, obj: ManagedObject, data_length: int) -> None:
         current = keystore.load(txn, ctx.principal, obj.uid, Action.USE, ctx.now, for_update=True)
         lifecycle.consume_usage(current, data_length)
         keystore.save(txn, current, ctx.now)
-
-
-def reject_streaming(payload: Item) -> None:
-    """Multi-part (streaming) cryptographic operations (KMIP 1.3 Correlation
-    Value, Init and Final Indicators) are not supported."""
-    for t in (T.CORRELATION_VALUE, T.INIT_INDICATOR):
-        if payload.find(t.value) is not None:
-            raise errors.FeatureNotSupported(
-                "streaming cryptographic operations are not supported"
-            )
-    final = payload.find(T.FINAL_INDICATOR.value)
-    if final is not None and final.value is not True:
-        raise errors.FeatureNotSupported(
-            "streaming cryptographic operations are not supported"
-        )
 
 
 def crypto_failure(exc: crypto.CryptoError) -> errors.KmsError:

@@ -16,19 +16,21 @@ import abc
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+from kmip_core.server.backend import BackendUnavailable
+
 
 class StorageError(Exception):
     """The backend failed; the transaction was rolled back."""
 
 
-class StorageUnavailable(StorageError):
+class StorageUnavailable(StorageError, BackendUnavailable):
     """The database could not be reached or the connection dropped. Nothing
     was committed, unless `commit_unknown` is set: then the connection was
-    lost while committing and the change may or may not be stored."""
+    lost while committing and the change may or may not be stored. The
+    dispatcher retries it as any backend's (kmip_core.server.dispatcher)."""
 
     def __init__(self, message: str, commit_unknown: bool = False):
-        super().__init__(message)
-        self.commit_unknown = commit_unknown
+        BackendUnavailable.__init__(self, message, commit_unknown)
 
 
 class ObjectExists(StorageError):

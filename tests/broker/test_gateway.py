@@ -33,8 +33,8 @@ from kmip_core.client import KmipError, NoNodeAvailable
 from kmip_core.config import TlsConfig
 from kmip_core.pki import fingerprint_sha256, init_pki
 from kmip_core.policy import Principal
+from kmip_core.server.dispatcher import ConnectionInfo
 from kmip_core.ttlv import Item
-from kms_server.dispatch.dispatcher import ConnectionInfo
 
 KEK = "6f1c0d4e-kek-vm-1"
 OTHER_KEK = "0a9b8c7d-kek-vm-2"
@@ -229,6 +229,29 @@ def test_allowed_host_gets_the_dek_and_the_decision_is_audited(dispatcher, regis
             assert not isinstance(value, bytes)
             assert_no_dek(str(value))
     assert_no_dek(caplog.text)
+
+
+def test_a_batch_run_with_undo_is_answered_item_by_item(dispatcher, registry, kms):
+    """The gateway is a Backend of the framework like the keystore: a batch
+    with Batch Error Continuation Option Undo runs (its operations change
+    nothing the gateway stores, so there is nothing to roll back). Two good
+    unwraps both succeed; a good one then a refused one: the first is
+    answered Operation Undone, the second with its own reason."""
+    from kmip.core.enums import BatchErrorContinuationOption
+
+    undo = BatchErrorContinuationOption.UNDO
+    good = batch_item(Operation.DECRYPT, decrypt_payload())
+    response = handle(dispatcher, request([good, good], continuation=undo))
+    items = response.find_all(T.BATCH_ITEM.value)
+    assert [succeeded(i) for i in items] == [True, True]
+    assert [i.find(T.RESPONSE_PAYLOAD.value).get(T.DATA.value) for i in items] == [DEK, DEK]
+
+    not_gcm = batch_item(Operation.DECRYPT, decrypt_payload(mode=BlockCipherMode.CBC))
+    response = handle(dispatcher, request([good, not_gcm], continuation=undo))
+    first, second = response.find_all(T.BATCH_ITEM.value)
+    assert first.get(T.RESULT_STATUS.value) == ResultStatus.OPERATION_UNDONE.value
+    assert second.get(T.RESULT_STATUS.value) == ResultStatus.OPERATION_FAILED.value
+    assert reason(second) != ResultReason.GENERAL_FAILURE
 
 
 def test_additional_data_is_forwarded(dispatcher, kms):
@@ -430,7 +453,7 @@ def test_discover_versions(dispatcher):
         for pv in item.find(T.RESPONSE_PAYLOAD.value).find_all(T.PROTOCOL_VERSION.value)
     ]
     # The gateway speaks every version the KMS dispatcher does, newest first.
-    from kms_server.dispatch.dispatcher import SUPPORTED_VERSIONS
+    from kmip_core.server.dispatcher import SUPPORTED_VERSIONS
 
     assert versions == list(SUPPORTED_VERSIONS) and (1, 0) in versions
 

@@ -139,7 +139,7 @@ class InProcessTransport:
         import os
 
         from kmip_core.sealing.barrier import Barrier
-        from kms_server.dispatch.dispatcher import Dispatcher
+        from kmip_core.server.dispatcher import Dispatcher
         from kms_server.keystore.keystore import Keystore
         from kms_server.operations import OPERATIONS
         from kms_server.storage import open_storage
@@ -148,7 +148,7 @@ class InProcessTransport:
 
     def connect(self, client_name: str):
         from kmip_core.policy import Principal
-        from kms_server.dispatch.dispatcher import ConnectionInfo
+        from kmip_core.server.dispatcher import ConnectionInfo
 
         dispatcher = self.dispatcher
         conn = ConnectionInfo(Principal(client_name), "in-process")

@@ -35,9 +35,9 @@ from kmip.core.enums import Tags as T
 from kmip_core import ttlv
 from kmip_core.policy import Principal, Role
 from kmip_core.sealing.barrier import Barrier
+from kmip_core.server.dispatcher import SUPPORTED_VERSIONS, ConnectionInfo, Dispatcher
 from kmip_core.ttlv import Item, ItemType
 from kms_server.audit.trail import AuditTrail
-from kms_server.dispatch.dispatcher import SUPPORTED_VERSIONS, ConnectionInfo, Dispatcher
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
@@ -136,7 +136,7 @@ class World:
         # The same store behind a node that requires a username/password
         # Credential in every request ([server] require_credential).
         self.authenticating = Dispatcher(
-            self.dispatcher.keystore,
+            self.dispatcher.backend,
             OPERATIONS,
             node="fuzz-node",
             # (username, password, certificate identity): alice's password is "x".

@@ -8,7 +8,7 @@ key it acknowledged is on the new leader.
 
 Patroni waits for the dead leader's key to expire (ttl 20 s, refreshed every
 loop_wait 5 s), which is longer than the node's storage retry window
-(~15 s, kms_server/dispatch/dispatcher.py STORAGE_RETRY_DELAYS): requests in
+(~15 s, kmip_core/server/dispatcher.py STORAGE_RETRY_DELAYS): requests in
 that window are answered GENERAL_FAILURE, never success."""
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from kms_store_support import dump
 from kms_store_support import engine as _engine
 from sqlalchemy import inspect, make_url
 
-from kmip_core import ttlv
+from kmip_core import backup_format, ttlv
 from kmip_core.sealing.barrier import BarrierError, open_barrier
 from kms_server.admin import backup as backup_mod
 from kms_server.admin import cli
@@ -215,8 +215,8 @@ def test_round_trip_through_real_nodes(tmp_path, pki_dir, new_url, monkeypatch):
     numbering objects after the originals. The file holds no key bytes and
     no attribute value in the clear, and progress reaches the total."""
     # Small chunks and batches, so that the test crosses many boundaries.
-    monkeypatch.setattr(backup_mod, "CHUNK_SIZE", 700)
-    monkeypatch.setattr(backup_mod, "BATCH_ROWS", 7)
+    monkeypatch.setattr(backup_format, "CHUNK_SIZE", 700)
+    monkeypatch.setattr(backup_format, "BATCH_ROWS", 7)
     source_url, target_url = new_url("source"), new_url("target")
     source = start_server(tmp_path / "source", pki_dir, db_url=source_url)
     try:
@@ -344,7 +344,7 @@ class Store:
 @pytest.fixture
 def small_backup(tmp_path, monkeypatch):
     """A SQLite store of a few objects and its backup in chunks of 200 bytes."""
-    monkeypatch.setattr(backup_mod, "CHUNK_SIZE", 200)
+    monkeypatch.setattr(backup_format, "CHUNK_SIZE", 200)
     store = Store(tmp_path / "source", f"sqlite:///{tmp_path / 'source.db'}", objects=6)
     out = tmp_path / "small.backup"
     backup_mod.backup(store.cfg(), out)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from kms_store_support import dump, store_config
 
+from kmip_core import backup_format
 from kmip_core.sealing.backup_seal import BackupCipher
 from kmip_core.sealing.barrier import open_barrier
 from kmip_core.sealing.master_key import AesMasterKey
@@ -106,7 +107,7 @@ def test_backups_are_format_2_with_a_wrapped_backup_key(store):
     key, _key_file, _url, _cfg, out = store
     content = out.read_bytes()
     version, fields, _ = parse(content)
-    assert version == fields["format"] == backup_mod.FORMAT_VERSION == 2
+    assert version == fields["format"] == backup_format.FORMAT_VERSION == 2
     assert fields["master_key"] == {"source": "file", "key_id": AesMasterKey(key, "k").key_id}
     wrapped = bytes.fromhex(fields["backup_key"]["wrapped"])
     assert len(wrapped) == 12 + 32 + 16

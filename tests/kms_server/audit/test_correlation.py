@@ -14,9 +14,9 @@ from kmip.core.enums import Tags as T
 from kmip_core import ttlv
 from kmip_core.client import correlation, current_correlation, messages
 from kmip_core.sealing.barrier import Barrier
+from kmip_core.server.dispatcher import Dispatcher
 from kms_server.audit import query
 from kms_server.audit.trail import AuditTrail, iter_records, verify_storage
-from kms_server.dispatch.dispatcher import Dispatcher
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage

@@ -6,7 +6,7 @@ from __future__ import annotations
 from kmip.core.enums import Tags
 
 from kmip_core import ttlv
-from kms_server.audit.record import request_attributes
+from kmip_core.audit.record import request_attributes
 
 T = Tags
 KEY = bytes(range(32))

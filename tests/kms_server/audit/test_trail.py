@@ -12,7 +12,8 @@ import pytest
 
 from kmip_core.audit import chain
 from kmip_core.audit.audit_key import generate, load_signer
-from kms_server.audit.trail import AuditTrail, AuditWriteFailed, iter_records, verify_storage
+from kmip_core.audit.record import AuditWriteFailed
+from kms_server.audit.trail import AuditTrail, iter_records, verify_storage
 from kms_server.storage.base import StorageError
 from kms_server.storage.memory import MemoryStorage
 

@@ -22,12 +22,12 @@ from twisted.python.failure import Failure
 from kmip_core import tls
 from kmip_core.audit import audit_key
 from kmip_core.audit.chain import parse_time
+from kmip_core.audit.record import AuditDraft, client_fields
 from kmip_core.policy import Principal, role_for
+from kmip_core.server.dispatcher import ConnectionInfo
 from kms_server.audit import web
 from kms_server.audit.query import result_filter
-from kms_server.audit.record import AuditDraft, client_fields
 from kms_server.audit.trail import HOST_COMPONENT, VM_COMPONENT, AuditTrail
-from kms_server.dispatch.dispatcher import ConnectionInfo
 from kms_server.storage.memory import MemoryStorage
 
 T0 = 1_700_000_000.0

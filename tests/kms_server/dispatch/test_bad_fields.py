@@ -22,7 +22,7 @@ from kmip_core import errors, ttlv
 from kmip_core.policy import Principal
 from kmip_core.reasons import input_error
 from kmip_core.sealing.barrier import Barrier
-from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage

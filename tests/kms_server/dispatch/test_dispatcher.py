@@ -1,4 +1,4 @@
-"""Tests for kms_server.dispatch.dispatcher: request messages in, response
+"""Tests for kmip_core.server.dispatcher: request messages in, response
 messages out, through Dispatcher.handle with the in-memory storage and the
 real operation table (KMIP 1.4 section 7, KMIP 2.0 section 8)."""
 
@@ -26,8 +26,8 @@ from kmip.core.enums import Tags as T
 from kmip_core import ttlv
 from kmip_core.policy import Principal
 from kmip_core.sealing.barrier import Barrier
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher
 from kmip_core.ttlv import Item
-from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
 from kms_server.storage import LocateQuery, open_storage
@@ -684,7 +684,7 @@ def test_commit_outcome_unknown_is_general_failure_never_success_and_not_retried
 
 
 def test_retry_schedule_doubles_up_to_the_cap_and_spends_exactly_the_budget():
-    from kms_server.dispatch.dispatcher import retry_schedule
+    from kmip_core.server.dispatcher import retry_schedule
 
     delays = retry_schedule(30.0)
     assert delays[:5] == (0.25, 0.5, 1.0, 2.0, 4.0)

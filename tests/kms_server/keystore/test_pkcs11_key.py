@@ -16,6 +16,7 @@ import pytest
 from kms_store_support import dump, store_config
 from softhsm import OTHER_TOKEN, PIN, TOKEN, new_label, raw_session, softhsm
 
+from kmip_core import backup_format
 from kmip_core.config import ConfigError
 from kmip_core.sealing.barrier import open_barrier
 from kmip_core.sealing.master_key import MasterKeyError, open_master_key
@@ -352,7 +353,7 @@ def test_backup_and_restore_with_a_token_master_key(hsm, key_label, tmp_path):
     summary = backup_mod.backup(cfg, out)
     assert summary.rows["kms_objects"] == len(keys)
     content = out.read_bytes()
-    assert content[8:10] == backup_mod.FORMAT_VERSION.to_bytes(2, "big") == b"\x00\x02"
+    assert content[8:10] == backup_format.FORMAT_VERSION.to_bytes(2, "big") == b"\x00\x02"
     for key in keys.values():
         assert key not in content
     assert b'"source":"pkcs11"' in content and key_label.encode() in content

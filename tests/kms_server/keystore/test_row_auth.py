@@ -37,12 +37,12 @@ from kmip.core.enums import (
 from sqlalchemy import create_engine, text
 
 from kmip_core import errors, ttlv
+from kmip_core.audit.record import AuditDraft, client_fields
 from kmip_core.client import messages
 from kmip_core.policy import Action, Principal, Role
 from kmip_core.sealing.barrier import CHECK_META, Barrier, BarrierError, Keyring, UnknownTerm, open_barrier
-from kms_server.audit.record import AuditDraft, client_fields
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.audit.trail import AuditTrail, iter_records
-from kms_server.dispatch.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import row_auth
 from kms_server.keystore.keystore import Keystore
