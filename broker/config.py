@@ -27,7 +27,6 @@ Relative paths in the file are relative to the file; paths derived from
 from __future__ import annotations
 
 import os
-import re
 import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,6 +55,7 @@ from kmip_core.config import (
     redact_url,
 )
 from kmip_core.metrics import LOGGING_FORMAT, METRICS_SCHEMA, MetricsConfig, check_metrics_section
+from kmip_core.names import check_name
 
 __all__ = [
     "ApiConfig",
@@ -70,7 +70,6 @@ __all__ = [
     "load_config",
 ]
 
-_PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 SECRET_FILE_KEYS = frozenset(
     {("tls", "key"), ("kms", "key"), ("master_key", "file"), ("audit", "signing_key_file"), ("metrics", "key")}
 )
@@ -281,12 +280,12 @@ class BrokerConfig:
 
 
 def _provider(key: str, value: Any, src: Source) -> str:
-    if not isinstance(value, str) or not _PROVIDER.match(value):
-        raise ConfigError(
-            f"config: {key} must be a key provider name of 1-64 letters, digits, '.', '_' or '-', "
-            f'such as "kms-prod" (got {value!r})'
-        )
-    return value
+    return check_name(
+        value,
+        lambda rule: ConfigError(
+            f'config: {key} must be a key provider name of {rule}, such as "kms-prod" (got {value!r})'
+        ),
+    )
 
 
 def _nodes(key: str, value: Any, src: Source) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kmip_core.files import write_atomic
+from kmip_core.names import check_name
 
 __all__ = [
     "Ca",
@@ -53,12 +54,12 @@ RSA_BITS = 2048
 BACKDATE = dt.timedelta(minutes=5)
 CA_COMMON_NAME = "kms_server development CA"
 
-_CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _DNS_NAME = re.compile(
     r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
-_RESERVED_NAMES = {"ca", "server"}
+# Client names become file names beside these (ca.pem, server.pem).
+_RESERVED_NAMES = frozenset({"ca", "server"})
 
 
 class PkiError(Exception):
@@ -216,11 +217,13 @@ def _general_name(name: str) -> x509.GeneralName:
 
 
 def _check_client_name(name: str) -> None:
-    if not _CLIENT_NAME.match(name) or name.lower() in _RESERVED_NAMES:
-        raise PkiError(
-            f"client name {name!r} cannot be used as a file name here; use 1-64 letters, "
-            "digits, '.', '_' or '-' (not 'ca' or 'server')"
-        )
+    check_name(
+        name,
+        lambda rule: PkiError(
+            f"client name {name!r} cannot be used as a file name here; use {rule} (not 'ca' or 'server')"
+        ),
+        reserved=_RESERVED_NAMES,
+    )
 
 
 # --- The CA ----------------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from broker.host.errors import HostError
 from kmip_core.files import write_atomic
+from kmip_core.names import check_name
 
 __all__ = [
     "CONFIG_FILE",
@@ -53,7 +53,6 @@ CERT_FILE = "host.pem"
 CA_FILE = "trust-ca.pem"
 DEFAULT_TIMEOUT = 30.0
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # as broker.trust.check_host_name
 _KEYS = {"name", "gateway", "api", "timeout"}
 
 
@@ -98,9 +97,8 @@ class HostConfig:
 
 
 def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise HostError(f"host name {name!r} is not valid; use 1-64 letters, digits, '.', '_' or '-'")
-    return name
+    # The broker's rule for host names (broker.trust.check_host_name).
+    return check_name(name, lambda rule: HostError(f"host name {name!r} is not valid; use {rule}"))
 
 
 def _check_gateway(node: str) -> str:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from broker.mgmt.client import BrokerClient, BrokerError, parse_broker_url
-from kmip_core import files
+from kmip_core import files, names
 
 __all__ = ["MgmtError", "Settings", "StateDir", "check_name", "write_atomic"]
 
@@ -45,8 +45,6 @@ ENROLLMENT = "enrollment.json"
 INVENTORY = "inventory.json"
 LOCK = ".lock"
 
-# The broker's rule for instance and host names (broker/trust.py).
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _PROVIDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,127}\Z")
 
 
@@ -55,11 +53,10 @@ class MgmtError(Exception):
 
 
 def check_name(kind: str, value: str) -> str:
-    if not _NAME.match(value):
-        raise MgmtError(
-            f"{kind} name {value!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return value
+    """An instance or host name, by the broker's rule (broker.trust.check_instance_name, check_host_name)."""
+    return names.check_name(
+        value, lambda rule: MgmtError(f"{kind} name {value!r} must be {rule}, starting with a letter or digit")
+    )
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
