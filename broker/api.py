@@ -729,8 +729,7 @@ class Api:
         on the host the VM is placed on."""
         from sqlalchemy import select
 
-        from broker.service import EK_CA_PURPOSE
-        from broker.vtpm_ca import EkCaError, read_ek_certificate
+        from broker.vtpm_ca import EK_CA_PURPOSE, EkCaError, read_ek_certificate
 
         vm_uuid = check_vm_uuid(call.params["vm_uuid"])
         host = self._placed_host(call, vm_uuid, "ek.read")

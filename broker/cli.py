@@ -742,8 +742,9 @@ def _ca(cfg, args) -> int:
     except ImportError:
         raise CliError("broker.vtpm_ca is not installed in this build") from None
     from broker.db import ek_certificates
-    from broker.service import EK_CA_PURPOSE, load_ek_blobs
+    from broker.service import load_ek_blobs
     from broker.trust import Registry
+    from broker.vtpm_ca import EK_CA_PURPOSE
 
     if args.ca_command == "show" and args.pem:
         # Public certificates only: the database, no master key.
@@ -838,8 +839,9 @@ def _recertify(db, barrier, vtpm_ca, ek_certificates, args, audit) -> int:
     from cryptography.hazmat.primitives.asymmetric import ec
     from sqlalchemy import select
 
-    from broker.service import EK_CA_PURPOSE, load_ek_blobs
+    from broker.service import load_ek_blobs
     from broker.trust import check_vm_uuid
+    from broker.vtpm_ca import EK_CA_PURPOSE
 
     vm_uuid = check_vm_uuid(args.vm)
     ca = vtpm_ca.EkCa.from_sealed(barrier, load_ek_blobs(db.get_ca(EK_CA_PURPOSE)))

@@ -27,6 +27,7 @@ from broker.db import Database, open_barrier
 from broker.trust import Registry
 from broker.trust_ca import load_trust_ca
 from broker.vmkeys import VmKeys
+from broker.vtpm_ca import EK_CA_PURPOSE
 from kmip_core.client import KmipClient
 from kmip_core.config import TlsConfig
 from kmip_core.limits import LimitedFactory, ListenerLimits
@@ -37,7 +38,6 @@ __all__ = ["BrokerService", "GatewayFactory", "build", "default_gateway_factory"
 
 log = logging.getLogger("broker.service")
 
-EK_CA_PURPOSE = "ca:ek"
 PIN_REFRESH_SECONDS = 2.0
 
 # The gateway hook: (cfg, registry, kms_client, reactor, threadpool) ->
@@ -82,13 +82,8 @@ def default_gateway_factory(cfg, registry, kms_client, reactor, threadpool):
 
 def ek_ca_issuer(db: Database, barrier: Barrier):
     """The API's EK issuer: the active EK CA (read per request, so a CA swap
-    by `vtpm-broker ca ...` applies at once) and broker.vtpm_ca's handler;
-    None when broker.vtpm_ca is not present."""
-    try:
-        from broker import vtpm_ca
-    except ImportError:
-        log.warning("broker.vtpm_ca is not available: no EK certificates")
-        return None
+    by `vtpm-broker ca ...` applies at once) and broker.vtpm_ca's handler."""
+    from broker import vtpm_ca
 
     def issue(body, caller_host, authorize):
         row = db.get_ca(EK_CA_PURPOSE)

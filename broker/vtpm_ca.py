@@ -41,6 +41,7 @@ from kmip_core import pki
 from kmip_core.sealing.barrier import Barrier, BarrierError
 
 __all__ = [
+    "EK_CA_PURPOSE",
     "EK_CERT_MAX_DER",
     "EkCa",
     "EkCaError",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The EK CA's row in broker_cas (beside trust_ca.TRUST_CA_PURPOSE).
+EK_CA_PURPOSE = "ca:ek"
 
 # TCG EK Credential Profile for TPM 2.0: the certificate goes into an NV index
 # (0x01c00002 RSA, 0x01c0000a ECC P-256, 0x01c00016 ECC P-384) that
