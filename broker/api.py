@@ -354,6 +354,8 @@ class Api:
         self.vmkeys = vmkeys
         self.ek_issuer = ek_issuer
         self.enroll_limit = RateLimit(cfg.api.enroll_per_minute)
+        # broker.metrics.BrokerMetrics (answers, enrollments, rate limits), or None.
+        self.metrics = None
 
     def dispatch(self, request: ApiRequest) -> ApiResponse:
         # One id per request: in the broker's records, in the Client
@@ -363,6 +365,8 @@ class Api:
         with request_scope(request_id):
             response = self._answer(request, request_id)
         response.headers.setdefault("X-Request-Id", request_id)
+        if self.metrics is not None:
+            self.metrics.api_answered(request.method, request.path, response.status)
         return response
 
     def _answer(self, request: ApiRequest, request_id: str) -> ApiResponse:

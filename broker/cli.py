@@ -1,6 +1,6 @@
 """`vtpm-broker`: run the broker, set it up, and administer trust.
 
-    vtpm-broker [--config F] [run]
+    vtpm-broker [--config F] [run [--metrics-port P]]
     vtpm-broker [--config F] init
     vtpm-broker [--config F] check-config
     vtpm-broker [--config F] db upgrade|status
@@ -8,6 +8,7 @@
     vtpm-broker [--config F] admin approve|reject|revoke NAME
     vtpm-broker [--config F] admin pin NAME --cert F
     vtpm-broker [--config F] admin list [--json]
+    vtpm-broker [--config F] admin status [--url URL]... [--cert F --key F --ca F]
     vtpm-broker [--config F] admin issue-user NAME --out-dir D
     vtpm-broker [--config F] admin transfer VM --to INSTANCE
     vtpm-broker [--config F] admin audit [--vm NAME|UUID] [--host H] [--since 1h] [--request-id ID] [--json]
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -48,7 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $VTPM_BROKER_CONFIG)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     sub = p.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the broker (the default)")
+    run = sub.add_parser("run", help="run the broker (the default)")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve /metrics, /healthz and /readyz on this port ([metrics] host, default 127.0.0.1; 0 picks a free port)",
+    )
     sub.add_parser("init", help="create the master key, CAs, server certificate and the KMS client key and CSR")
     sub.add_parser("check-config", help="print the effective settings (secrets redacted) and any problem")
     db = sub.add_parser("db", help="the database schema (Alembic migrations)")
@@ -72,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     pin.add_argument("--cert", required=True, metavar="F")
     listing = asub.add_parser("list", help="instances with state and last use")
     listing.add_argument("--json", action="store_true")
+    status = asub.add_parser(
+        "status", help="the running broker's readiness (its [metrics] listener's /readyz), as a table; exit 1 unless ready"
+    )
+    status.add_argument(
+        "--url",
+        action="append",
+        metavar="URL",
+        help="a broker's monitoring listener, such as http://127.0.0.1:9102 (repeat for replicas); "
+        "default: this configuration's [metrics]",
+    )
+    status.add_argument("--cert", metavar="F", help="client certificate, for a listener with mutual TLS")
+    status.add_argument("--key", metavar="F", help="the client certificate's key")
+    status.add_argument("--ca", metavar="F", help="CA of the listener's certificate (default: [metrics] ca)")
     transfer = asub.add_parser(
         "transfer", help="cold migration: release any VM to a trusted instance, which then registers it"
     )
@@ -146,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     config_path = args.config or os.environ.get("VTPM_BROKER_CONFIG")
     try:
-        cfg = load_config(config_path, {"logging": {"level": args.log_level}})
+        cfg = load_config(
+            config_path,
+            {"logging": {"level": args.log_level}, "metrics": {"port": getattr(args, "metrics_port", None)}},
+        )
     except ConfigError as exc:
         return _fail(str(exc))
     try:
@@ -203,11 +225,22 @@ def _check_config(cfg) -> int:
 
 
 def _logging(cfg) -> None:
-    logging.basicConfig(
-        level=getattr(logging, cfg.logging.level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from kmip_core import logs
+
+    logs.configure(cfg.logging.level, cfg.logging.format, cfg.broker.node_name, _log_context)
+
+
+def _log_context() -> tuple[str | None, str | None]:
+    """(request id, on whose behalf) of the API request this thread serves,
+    for JSON log lines (the gateway's come from the dispatcher's own)."""
+    from broker.request_scope import current_request_id
+    from kmip_core.client import current_correlation
+
+    request_id = current_request_id()
+    if request_id is None:
+        return None, None
+    _, _, acting = (current_correlation() or "").partition(";")
+    return request_id, acting.replace("=", ":", 1) or None
 
 
 def _run(cfg) -> int:
@@ -445,6 +478,11 @@ def _admin(cfg, args) -> int:
 
     if args.admin_command == "audit":
         return _audit(cfg, args)
+    if args.admin_command == "status":
+        from kmip_core.metrics import print_readiness, status_url
+
+        urls = args.url or [status_url(cfg.metrics)]
+        return print_readiness("vtpm-broker", urls, cert=args.cert, key=args.key, ca=args.ca or cfg.metrics.ca)
     db, barrier = _open(cfg)
     try:
         registry = Registry(db, load_trust_ca(db, barrier), node=cfg.broker.node_name)

@@ -24,6 +24,7 @@ from broker import audit_trail, schema
 from broker.api import Api, ApiContextFactory, make_site
 from broker.config import BrokerConfig
 from broker.db import Database, open_barrier
+from broker.metrics import BrokerMetrics, MeteredKmipClient, monitor_listener
 from broker.trust import Registry
 from broker.trust_ca import load_trust_ca
 from broker.vmkeys import VmKeys
@@ -77,6 +78,7 @@ def default_gateway_factory(cfg, registry, kms_client, reactor, threadpool):
         max_connections=cfg.gateway.max_connections,
         max_handshakes=cfg.gateway.max_handshakes,
         frame_timeout=cfg.gateway.frame_timeout,
+        metrics=getattr(kms_client, "metrics", None),
     )
 
 
@@ -112,6 +114,7 @@ class BrokerService(service.Service):
         self.announce = announce or (lambda text: None)
         cfg.broker.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = Database(cfg.storage.db_url)
+        self.metrics = BrokerMetrics(cfg.broker.node_name)
         try:
             schema.prepare(self.db, cfg.storage.schema_mode)
             self.barrier = open_barrier(self.db, cfg.master_key.file)
@@ -124,7 +127,7 @@ class BrokerService(service.Service):
                 node=cfg.broker.node_name,
                 audit_signer=audit_trail.open_signer(self.db, cfg.audit.signing_key_file),
             )
-            self.kms_client = KmipClient(
+            self.kms_client = MeteredKmipClient(
                 list(cfg.kms.nodes),
                 cfg.kms.cert,
                 cfg.kms.key,
@@ -134,12 +137,14 @@ class BrokerService(service.Service):
                 request_timeout=cfg.kms.request_timeout,
                 connections=cfg.kms.connections,
             )
+            self.kms_client.metrics = self.metrics
             self.api = Api(
                 cfg,
                 self.registry,
                 VmKeys(self.kms_client, cfg.broker.provider_name),
                 ek_issuer=ek_ca_issuer(self.db, self.barrier),
             )
+            self.api.metrics = self.metrics
             self.api_threadpool = ThreadPool(minthreads=1, maxthreads=cfg.api.worker_threads, name="broker-api")
             self.checkpoints = audit_trail.CheckpointLoop(
                 self.db, self.registry.audit_signer, cfg.broker.node_name, reactor, self.api_threadpool,
@@ -167,6 +172,8 @@ class BrokerService(service.Service):
             self.gateway = None
             if gateway_factory is not None:
                 self.gateway = gateway_factory(cfg, self.registry, self.kms_client, reactor, self.gateway_threadpool)
+            # /metrics, /healthz, /readyz ([metrics]); None when off.
+            self.monitor = monitor_listener(self, reactor)
         except Exception:
             self.db.close()
             raise
@@ -204,6 +211,9 @@ class BrokerService(service.Service):
             )
             address = self.gateway_port.getHost()
             self.announce(f"vtpm-broker gateway listening on {address.host}:{address.port}")
+        if self.monitor is not None:
+            self.monitor.start()
+            self.announce(f"vtpm-broker metrics on {self.monitor.url}")
         self.pin_loop = task.LoopingCall(self._refresh_pins)
         self.pin_loop.clock = self.reactor
         self.pin_loop.start(PIN_REFRESH_SECONDS, now=False)
@@ -215,6 +225,8 @@ class BrokerService(service.Service):
             self.pin_loop.stop()
         if self.api_port is not None:
             yield self.api_port.stopListening()
+        if self.monitor is not None:
+            yield self.monitor.stop()
         if self.gateway_port is not None:
             yield self.gateway_port.stopListening()
             factory = self.gateway[0]

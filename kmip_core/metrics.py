@@ -56,7 +56,10 @@ __all__ = [
     "ReadinessReport",
     "RequestMetrics",
     "check_metrics_section",
+    "check_tls_material",
     "fetch_readiness",
+    "print_readiness",
+    "status_url",
     "listener_limits",
     "readiness_table",
     "require_safe_bind",
@@ -266,6 +269,30 @@ class Readiness:
                 detail, ok = _first_line(exc), False
             results.append(CheckResult(name, ok, detail, time.monotonic() - started))
         return ReadinessReport(tuple(results))
+
+
+def check_tls_material(**factories) -> str:
+    """A readiness check: each listener's TLS context (name=factory, a
+    Twisted context factory) holds a server certificate valid now."""
+    import datetime as dt
+
+    from OpenSSL import SSL
+
+    details = []
+    for name, factory in factories.items():
+        if factory is None:
+            continue
+        certificate = SSL.Connection(factory.getContext(), None).get_certificate()
+        if certificate is None:
+            raise RuntimeError(f"{name}: no server certificate is loaded")
+        cert = certificate.to_cryptography()
+        now = dt.datetime.now(dt.UTC)
+        if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+            raise RuntimeError(
+                f"{name}: the server certificate is not valid now (valid until {cert.not_valid_after_utc:%Y-%m-%d})"
+            )
+        details.append(f"{name} valid until {cert.not_valid_after_utc:%Y-%m-%d}")
+    return "; ".join(details) or "no TLS listener"
 
 
 # --- The listener -------------------------------------------------------------------
@@ -486,3 +513,31 @@ def readiness_table(title: str, status: int | None, body: dict):
     if not body.get("checks"):
         table.add_row("-", "[red]FAILED[/red]", str(body.get("error", "no readiness report")))
     return table
+
+
+def status_url(settings: MetricsConfig) -> str:
+    """Where a status command on the same host finds the listener that
+    `settings` describe; raises ConfigError when they do not say."""
+    if not settings.enabled or not settings.port:
+        raise ConfigError(
+            "the metrics listener is off or on a port chosen at start ([metrics] port unset or 0); "
+            "set [metrics] port, or give --url"
+        )
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if settings.tls else 'http'}://{host}:{settings.port}/"
+
+
+def print_readiness(title: str, urls: list[str], cert=None, key=None, ca=None) -> int:
+    """Print one readiness table per URL (rich); 0 if every node is ready, else 1."""
+    from rich.console import Console
+
+    console = Console()
+    ready = True
+    for url in urls:
+        status, body = fetch_readiness(url, cert=cert, key=key, ca=ca)
+        ready = ready and status == 200
+        console.print(readiness_table(f"{title} {url.rstrip('/')}", status, body))
+    return 0 if ready else 1

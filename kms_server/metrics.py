@@ -10,17 +10,15 @@ Names and labels: docs/metrics.md.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 import time
 
 from kmip.core.enums import ObjectType, State
-from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from kmip_core.metrics import MetricsListener, Readiness, RequestMetrics
+from kmip_core.metrics import MetricsListener, Readiness, RequestMetrics, check_tls_material
 
 __all__ = ["KmsMetrics", "OBJECT_COUNT_SECONDS", "kms_readiness", "monitor_listener"]
 
@@ -28,7 +26,7 @@ log = logging.getLogger("kms_server.metrics")
 
 # Objects by type and state are counted at most this often (a GROUP BY over
 # the attribute table): scrapes in between get the last count.
-OBJECT_COUNT_SECONDS = 30.0
+OBJECT_COUNT_SECONDS = 10.0
 # A failed audit write keeps the node unready this long, unless a later
 # write succeeds first.
 AUDIT_FAILURE_SECONDS = 30.0
@@ -116,7 +114,7 @@ class _NodeCollector:
         yield GaugeMetricFamily("kms_worker_threads_busy", "Worker threads running a request", value=len(pool.working))
         yield GaugeMetricFamily("kms_worker_threads_max", "Size of the worker pool", value=pool.max)
         objects = GaugeMetricFamily(
-            "kms_objects", "Managed objects in the store by type and state (counted at most every 30 s)",
+            "kms_objects", "Managed objects in the store by type and state (counted at most every 10 s)",
             labels=["object_type", "state"],
         )
         try:
@@ -197,7 +195,9 @@ def kms_readiness(service) -> Readiness:
     readiness = Readiness()
     readiness.add("database", lambda: _database(service.storage))
     readiness.add("master_key", lambda: _master_key(service.keystore.barrier))
-    readiness.add("tls", lambda: _tls(service.context_factory))
+    readiness.add(
+        "tls", lambda: check_tls_material(kmip=service.context_factory, audit_page=service.web_context_factory)
+    )
     readiness.add("audit_trail", lambda: _audit(service))
     return readiness
 
@@ -223,18 +223,6 @@ def _master_key(barrier) -> str:
     return f"open (data key term {barrier.active_term})"
 
 
-def _tls(context_factory) -> str:
-    connection = SSL.Connection(context_factory.getContext(), None)
-    certificate = connection.get_certificate()
-    if certificate is None:
-        raise RuntimeError("no server certificate is loaded")
-    cert = certificate.to_cryptography()
-    now = dt.datetime.now(dt.UTC)
-    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-        raise RuntimeError(f"the server certificate is not valid now (until {cert.not_valid_after_utc:%Y-%m-%d})")
-    return f"loaded, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
-
-
 def _audit(service) -> str:
     if service.trail is None:
         return "auditing is off ([audit] enabled = false)"
@@ -249,3 +237,39 @@ def _audit(service) -> str:
     if failed is not None and time.monotonic() - failed[0] < AUDIT_FAILURE_SECONDS:
         raise RuntimeError(f"an audit record could not be written {time.monotonic() - failed[0]:.0f} s ago: {failed[1]}")
     return "writable"
+
+
+# --- kms-admin cluster status ---------------------------------------------------------
+
+
+def add_status_arguments(parser) -> None:
+    """The readiness options of `kms-admin cluster status`."""
+    parser.add_argument(
+        "--metrics",
+        action="append",
+        metavar="URL",
+        help="a node's monitoring listener, such as http://127.0.0.1:9101 (repeat for each node); "
+        "default: the configuration's [metrics], when it names a port",
+    )
+    parser.add_argument("--cert", metavar="F", help="client certificate, for listeners with mutual TLS")
+    parser.add_argument("--key", metavar="F", help="the client certificate's key")
+    parser.add_argument("--ca", metavar="F", help="CA of the listeners' certificates (default: [metrics] ca)")
+
+
+def print_node_readiness(args, console) -> int:
+    """Each node's /readyz as a table (the same checks a load balancer
+    sees); 0 if every node asked is ready, else 1."""
+    from kmip_core.metrics import print_readiness, status_url
+    from kms_server.config import load_config
+
+    urls = list(args.metrics or [])
+    ca = args.ca
+    if args.config:
+        settings = load_config(args.config, None, require_master_key=False).metrics
+        ca = ca or settings.ca
+        if not urls and settings.enabled and settings.port:
+            urls = [status_url(settings)]
+    if not urls:
+        console.print("readiness: no node's monitoring listener is known; set [metrics] port or give --metrics URL")
+        return 0
+    return print_readiness("kms-server", urls, cert=args.cert, key=args.key, ca=ca)

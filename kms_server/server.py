@@ -18,18 +18,18 @@ from twisted.python.threadpool import ThreadPool
 
 from kmip_core import limits, tls
 from kmip_core.audit import audit_key
+from kmip_core.audit.record import AuditDraft, AuditWriteFailed, client_fields, system_entry
 from kmip_core.policy import Principal, role_for
 from kmip_core.protocol import KmipFactory
 from kmip_core.sealing.barrier import open_barrier
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
 from kms_server import cluster, credentials
 from kms_server.audit import sinks as audit_sinks
-from kmip_core.audit.record import AuditDraft, client_fields, system_entry
 from kms_server.audit.trail import AuditTrail
-from kmip_core.audit.record import AuditWriteFailed
 from kms_server.config import Config
-from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
 from kms_server.keystore import row_auth
 from kms_server.keystore.keystore import Keystore
+from kms_server.metrics import KmsMetrics, monitor_listener
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
 
@@ -101,6 +101,7 @@ class KmsService(service.Service):
         self.sinks = None
         self.checkpoint_loop = None
         self._refusals = _RefusalBudget()
+        self.metrics = KmsMetrics(cfg.server.node_name)
         if cfg.audit.enabled:
             try:
                 signer = audit_key.load_signer(cfg.audit.signing_key_file) if cfg.audit.signing_key_file else None
@@ -119,6 +120,7 @@ class KmsService(service.Service):
                 signer=signer,
                 publish=self.sinks.publish if self.sinks is not None else None,
             )
+            self.trail.metrics = self.metrics
         else:
             log.warning("AUDITING IS OFF ([audit] enabled = false): key accesses are not recorded")
         authenticate = None
@@ -132,6 +134,7 @@ class KmsService(service.Service):
             authenticate=authenticate,
             retry_delays=retry_schedule(cfg.storage.retry_seconds),
             trail=self.trail,
+            metrics=self.metrics.requests,
         )
         self.context_factory = tls.server_context_factory(cfg.tls)
         self.threadpool = ThreadPool(minthreads=1, maxthreads=cfg.server.worker_threads, name="kms-workers")
@@ -163,6 +166,8 @@ class KmsService(service.Service):
         self.web_context_factory = None
         self.web_listener = None
         self.web_port = None
+        # /metrics, /healthz, /readyz ([metrics]); None when off.
+        self.monitor = monitor_listener(self, reactor)
 
     def _identify(self, certificate, peer: str) -> ConnectionInfo:
         if certificate is None:
@@ -183,6 +188,7 @@ class KmsService(service.Service):
         """A connection refused at the TLS layer goes into the trail, with
         the certificate's identity when one was presented. A flood of them
         is summarized instead of recorded one by one."""
+        self.metrics.tls_refused(reason)
         if self.trail is None:
             return
         suppressed = self._refusals.take(self.reactor.seconds())
@@ -285,6 +291,9 @@ class KmsService(service.Service):
             )
             web_address = self.web_port.getHost()
             self.announce(f"kms-server audit page on https://{web_address.host}:{web_address.port}/")
+        if self.monitor is not None:
+            self.monitor.start()
+            self.announce(f"kms-server metrics on {self.monitor.url}")
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -293,6 +302,8 @@ class KmsService(service.Service):
             yield self.port.stopListening()
         if self.web_port is not None:
             yield self.web_port.stopListening()
+        if self.monitor is not None:
+            yield self.monitor.stop()
         yield self.listener.drain()
         yield self.listener.close_all()
         if self.web_listener is not None:

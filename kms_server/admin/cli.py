@@ -541,15 +541,22 @@ def _cluster_status(args: argparse.Namespace) -> int:
             console.print(standbys)
         else:
             console.print("standbys: none connected (no replication: an acknowledged key lives on this server only)")
-    return 0
+    from kms_server.metrics import print_node_readiness
+
+    return print_node_readiness(args, console)
 
 
 def register_cluster(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("cluster", help="the nodes and the database of a cluster")
     commands = group.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
-    status = commands.add_parser("status", help="nodes seen recently, database primary and standbys, replication lag")
-    status.add_argument("--config", help="kms-server configuration file (for storage.db_url)")
+    status = commands.add_parser(
+        "status", help="nodes seen recently, database primary and standbys, replication lag, each node's readiness"
+    )
+    status.add_argument("--config", help="kms-server configuration file (for storage.db_url and [metrics])")
     status.add_argument("--db-url", help="database URL (overrides the configuration)")
+    from kms_server.metrics import add_status_arguments
+
+    add_status_arguments(status)
     status.set_defaults(func=_cluster_status)
 
 

@@ -45,6 +45,11 @@ class AuditTrail:
         self._publish = publish
         self.clock = clock
         self._group: GroupCommit[dict, StoredAuditRecord] = GroupCommit(self._write_batch, AuditWriteFailed)
+        # kms_server.metrics.KmsMetrics (records committed, write failures),
+        # or None; and the last write that failed, unless one succeeded
+        # since: (time.monotonic(), why), read by the node's readiness check.
+        self.metrics = None
+        self.last_failure: tuple[float, str] | None = None
 
     # Writing.
     def append(self, txn: Transaction, entry: dict) -> StoredAuditRecord:
@@ -80,7 +85,14 @@ class AuditTrail:
         worker threads write at the same time share one transaction; a
         failed batch fails each of its records, so fail-closed holds per
         request."""
-        record = self._group.submit(entry)
+        try:
+            record = self._group.submit(entry)
+        except AuditWriteFailed as exc:
+            self.last_failure = (time.monotonic(), str(exc))
+            if self.metrics is not None:
+                self.metrics.audit_failed()
+            raise
+        self.last_failure = None
         self.publish(record)
         return record
 
@@ -90,6 +102,8 @@ class AuditTrail:
 
     def publish(self, record: StoredAuditRecord) -> None:
         """Hand a committed record to the sinks; never raises."""
+        if self.metrics is not None:
+            self.metrics.audit_record()
         if self._publish is None:
             return
         try:

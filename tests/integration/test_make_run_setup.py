@@ -1,7 +1,7 @@
 """What `make run` does, step by step, in a scratch copy of the layout:
 `kms-admin pki init` into certs/dev, `kms-admin master-key new` and
 `kms-admin audit key new` into var/, then `kms-server --config
-etc/kms-dev.toml` (here with --port 0 --audit-web-port 0) serves the vcenter
+etc/kms-dev.toml` (here with --port 0 --audit-web-port 0 --metrics-port 0) serves the vcenter
 client certificate it made, and the accesses are in a verified trail."""
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def test_dev_setup_serves_the_vcenter_certificate(tmp_path):
           cwd=tmp_path)
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kms_server.cli", "--config", "etc/kms-dev.toml", "--port", "0", "--audit-web-port", "0"],
+        [sys.executable, "-m", "kms_server.cli", "--config", "etc/kms-dev.toml", "--port", "0", "--audit-web-port", "0",
+         "--metrics-port", "0"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:

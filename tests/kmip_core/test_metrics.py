@@ -1,0 +1,220 @@
+"""kmip_core.metrics and kmip_core.logs in process: readiness checks, the
+[metrics] settings' refusals, request metrics, the listener on a real
+loopback socket (two services' registries side by side), JSON log lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from kmip_core import logs
+from kmip_core.config import ConfigError
+from kmip_core.metrics import (
+    MetricsListener,
+    MetricsListenerError,
+    Readiness,
+    RequestMetrics,
+    check_metrics_section,
+    readiness_table,
+    require_safe_bind,
+)
+
+
+def test_readiness_names_each_check_and_its_failure():
+    readiness = Readiness()
+    readiness.add("database", lambda: "postgresql, schema 0007")
+    readiness.add("master_key", lambda: None)
+
+    def broken():
+        raise RuntimeError("connection refused\nsecond line never shown")
+
+    readiness.add("kms", broken)
+    report = readiness.run()
+    assert not report.ready
+    body = report.as_json()
+    assert [c["name"] for c in body["checks"]] == ["database", "master_key", "kms"]
+    assert body["checks"][0] == {"name": "database", "ok": True, "detail": "postgresql, schema 0007",
+                                 "seconds": body["checks"][0]["seconds"]}
+    assert body["checks"][1]["detail"] == "ok"
+    assert body["checks"][2]["ok"] is False and body["checks"][2]["detail"] == "connection refused"
+    with pytest.raises(ValueError, match="twice"):
+        readiness.add("kms", lambda: None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5", "::", "localhost"])
+def test_plain_http_is_refused_off_loopback(host):
+    with pytest.raises(MetricsListenerError, match="127.0.0.1"):
+        require_safe_bind(host, None)
+    with pytest.raises(MetricsListenerError):
+        MetricsListener(None, CollectorRegistry(), Readiness(), host=host, port=0)
+    require_safe_bind(host, object())  # mutual TLS: any address
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_plain_http_on_loopback(host):
+    require_safe_bind(host, None)
+
+
+def test_metrics_section_cross_checks():
+    base = {"host": "127.0.0.1", "port": 9101, "cert": None, "key": None, "ca": None}
+    check_metrics_section(base)
+    check_metrics_section({**base, "host": "0.0.0.0", "port": None})  # off: nothing to refuse
+    with pytest.raises(ConfigError, match="plain HTTP"):
+        check_metrics_section({**base, "host": "0.0.0.0"})
+    with pytest.raises(ConfigError, match="metrics.cert is set without metrics.key"):
+        check_metrics_section({**base, "host": "0.0.0.0", "cert": "c.pem"})
+    check_metrics_section({**base, "host": "0.0.0.0", "cert": "c.pem", "key": "k.pem", "ca": "ca.pem"})
+
+
+def test_request_metrics_fold_undefined_operations():
+    registry = CollectorRegistry()
+    metrics = RequestMetrics(registry, "svc")
+    metrics.request("CREATE", "SUCCESS", 0.01)
+    metrics.request("0x7FFFFFFF", "OPERATION_NOT_SUPPORTED", 0.001)
+    metrics.request("0x7FFFFFFE", "OPERATION_NOT_SUPPORTED", 0.001)
+    metrics.database_event("retry")
+    text = generate_latest(registry).decode()
+    assert 'svc_requests_total{operation="CREATE",result="SUCCESS"} 1.0' in text
+    assert 'svc_requests_total{operation="unknown",result="OPERATION_NOT_SUPPORTED"} 2.0' in text
+    assert "0x7FFFFFFF" not in text
+    assert 'svc_request_duration_seconds_count{operation="CREATE"} 1.0' in text
+    assert 'svc_database_events_total{event="retry"} 1.0' in text
+
+
+def test_readiness_table_says_unreachable():
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=120).print(readiness_table("kms-server x", None, {"error": "no answer from x"}))
+    assert "UNREACHABLE" in out.getvalue() and "no answer from x" in out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reactor():
+    from twisted.internet import reactor as twisted_reactor
+
+    thread = threading.Thread(target=twisted_reactor.run, kwargs={"installSignalHandlers": False}, daemon=True)
+    thread.start()
+    yield twisted_reactor
+    twisted_reactor.callFromThread(twisted_reactor.stop)
+    thread.join(10)
+
+
+def _in_reactor(reactor, fn):
+    from twisted.internet import threads
+
+    return threads.blockingCallFromThread(reactor, fn)
+
+
+def test_two_services_in_one_process_keep_their_own_registries(reactor):
+    """Per-service registries: two listeners, same metric names, no collision."""
+    listeners = []
+    for name in ("one", "two"):
+        registry = CollectorRegistry()
+        metrics = RequestMetrics(registry, "svc")
+        metrics.request("GET", "SUCCESS", 0.001)
+        if name == "two":
+            metrics.request("GET", "SUCCESS", 0.001)
+        readiness = Readiness()
+        readiness.add("always", lambda: "fine")
+        listener = MetricsListener(reactor, registry, readiness, host="127.0.0.1", port=0)
+        _in_reactor(reactor, listener.start)
+        listeners.append(listener)
+    try:
+        texts = [urllib.request.urlopen(f"{listener.url}metrics", timeout=10).read().decode() for listener in listeners]
+        assert 'svc_requests_total{operation="GET",result="SUCCESS"} 1.0' in texts[0]
+        assert 'svc_requests_total{operation="GET",result="SUCCESS"} 2.0' in texts[1]
+        body = json.loads(urllib.request.urlopen(f"{listeners[0].url}readyz", timeout=10).read())
+        assert body == {"ready": True, "checks": [{"name": "always", "ok": True, "detail": "fine",
+                                                   "seconds": body["checks"][0]["seconds"]}]}
+    finally:
+        for listener in listeners:
+            _in_reactor(reactor, listener.stop)
+
+
+def test_a_slow_check_answers_503_and_probes_share_one_run(reactor):
+    release = threading.Event()
+    runs = []
+
+    def slow():
+        runs.append(1)
+        release.wait(10)
+        return "late"
+
+    readiness = Readiness()
+    readiness.add("slow", slow)
+    listener = MetricsListener(reactor, CollectorRegistry(), readiness, host="127.0.0.1", port=0, timeout=0.5)
+    _in_reactor(reactor, listener.start)
+    try:
+        answers = []
+
+        def probe():
+            try:
+                urllib.request.urlopen(f"{listener.url}readyz", timeout=10)
+                answers.append(200)
+            except urllib.error.HTTPError as exc:
+                answers.append((exc.code, json.loads(exc.read())))
+
+        probes = [threading.Thread(target=probe) for _ in range(3)]
+        for p in probes:
+            p.start()
+        for p in probes:
+            p.join(10)
+        assert len(answers) == 3
+        for code, body in answers:
+            assert code == 503
+            assert body["checks"][0]["name"] == "slow" and "no answer within 0.5 s" in body["checks"][0]["detail"]
+        assert len(runs) == 1
+    finally:
+        release.set()
+        time.sleep(0.1)
+        _in_reactor(reactor, listener.stop)
+
+
+def test_json_log_lines_carry_request_and_client():
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logs.JsonFormatter("kms-1"))
+    logger = logging.getLogger("test.metrics.json")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logger.info("outside")
+        with logs.log_context("0123456789abcdef", "alice"):
+            logger.info("request %s refused", "0123456789abcdef")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 3
+    assert lines[0]["request_id"] is None and lines[0]["client"] is None
+    assert lines[1] == {
+        "time": lines[1]["time"], "level": "INFO", "node": "kms-1", "logger": "test.metrics.json",
+        "message": "request 0123456789abcdef refused", "request_id": "0123456789abcdef", "client": "alice",
+    }
+    assert lines[1]["time"].endswith("Z")
+    assert "ValueError: boom" in lines[2]["exception"]
+
+
+def test_configure_text_stays_the_default(capsys):
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logs.configure("INFO")
+        logging.getLogger("test.metrics.text").info("plain")
+        err = capsys.readouterr().err
+        assert " INFO test.metrics.text: plain" in err and not err.lstrip().startswith("{")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
