@@ -70,6 +70,11 @@ def charge_usage(ctx, keystore, obj: ManagedObject, data_length: int) -> None:
 
 
 def crypto_failure(exc: crypto.CryptoError) -> errors.KmsError:
+    """Cryptographic Failure, or Feature Not Supported for a computation
+    this server does not implement (a cipher or MAC with a key of an
+    algorithm it only generates and stores)."""
+    if isinstance(exc, crypto.NotSupported):
+        return errors.FeatureNotSupported(exc.message)
     return errors.CryptographicFailure(exc.message)
 
 

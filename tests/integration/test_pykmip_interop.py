@@ -71,3 +71,45 @@ def test_a_raw_private_key_that_is_no_key_is_refused(client):
     with pytest.raises(pie_exceptions.KmipOperationFailure) as failure:
         client.register(objects.PrivateKey(enums.CryptographicAlgorithm.RSA, 2048, b"\x30\x03\x02\x01\x00", KFT.RAW))
     assert failure.value.reason == enums.ResultReason.INVALID_FIELD
+
+
+@pytest.mark.parametrize(
+    "algorithm,length",
+    [
+        (enums.CryptographicAlgorithm.IDEA, 128),
+        (enums.CryptographicAlgorithm.TRIPLE_DES, 192),
+        (enums.CryptographicAlgorithm.BLOWFISH, 128),
+        (enums.CryptographicAlgorithm.CAMELLIA, 128),
+        (enums.CryptographicAlgorithm.RC4, 128),
+        (enums.CryptographicAlgorithm.SKIPJACK, 80),
+    ],
+)
+def test_create_of_a_key_for_an_algorithm_we_do_not_compute_with(client, algorithm, length):
+    """Create works for the algorithms PyKMIP's server creates keys for (and
+    a few more); Get returns key bytes of that length."""
+    uid = client.create(algorithm, length)
+    key = client.get(uid)
+    assert isinstance(key, objects.SymmetricKey)
+    assert (key.cryptographic_algorithm, key.cryptographic_length) == (algorithm, length)
+    assert len(key.value) == length // 8
+
+
+def test_encrypt_with_an_idea_key_is_feature_not_supported(client):
+    """Only the computation is refused, with Feature Not Supported."""
+    uid = client.create(
+        enums.CryptographicAlgorithm.IDEA,
+        128,
+        cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT],
+    )
+    client.activate(uid)
+    with pytest.raises(pie_exceptions.KmipOperationFailure) as failure:
+        client.encrypt(
+            b"sixteen bytes!!!",
+            uid,
+            cryptographic_parameters={
+                "block_cipher_mode": enums.BlockCipherMode.CBC,
+                "padding_method": enums.PaddingMethod.PKCS5,
+                "cryptographic_algorithm": enums.CryptographicAlgorithm.IDEA,
+            },
+        )
+    assert failure.value.reason == enums.ResultReason.FEATURE_NOT_SUPPORTED

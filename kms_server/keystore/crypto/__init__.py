@@ -20,7 +20,13 @@ wrap), ``rsa``, ``macs``, ``signatures``. Callers use the names re-exported
 here: ``from kms_server.keystore import crypto; crypto.encrypt(...)``.
 """
 
-from kms_server.keystore.crypto.base import CryptoError, MacInvalid, SignatureInvalid
+from kms_server.keystore.crypto.base import (
+    GENERATE_ONLY_LENGTHS,
+    CryptoError,
+    MacInvalid,
+    NotSupported,
+    SignatureInvalid,
+)
 from kms_server.keystore.crypto.ciphers import (
     CHACHA_ALGORITHMS,
     STREAM_MODES,
@@ -58,6 +64,8 @@ __all__ = [
     "STREAM_MODES",
     "CipherStream",
     "CryptoError",
+    "GENERATE_ONLY_LENGTHS",
+    "NotSupported",
     "MacInvalid",
     "SignatureInvalid",
     "constant_time_eq",

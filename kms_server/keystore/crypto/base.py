@@ -37,6 +37,12 @@ class MacInvalid(CryptoError):
     """A MAC did not verify."""
 
 
+class NotSupported(CryptoError):
+    """The computation is one this server does not implement (a cipher or
+    MAC with a key of an algorithm it only generates and stores); maps to
+    KMIP Feature Not Supported."""
+
+
 # Errors that cryptography raises for bad input; all become CryptoError.
 _LIBRARY_ERRORS = (ValueError, TypeError, UnsupportedAlgorithm, OverflowError)
 
@@ -80,6 +86,40 @@ _CURVES: dict[RecommendedCurve, type[ec.EllipticCurve]] = {
 _CURVE_BY_NAME: dict[str, RecommendedCurve] = {c.name: rc for rc, c in _CURVES.items()}
 
 _AES_KEY_LENGTHS = (16, 24, 32)
+
+
+def _bit_range(low: int, high: int, step: int = 8) -> frozenset[int]:
+    return frozenset(range(low, high + 1, step))
+
+
+# Symmetric algorithms whose keys are generated and kept here but that no
+# operation computes with, and the key lengths (bits) each allows. A key is
+# random bytes of that length; Encrypt, Decrypt and MAC with one answer
+# NotSupported.
+GENERATE_ONLY_LENGTHS: dict[CryptographicAlgorithm, frozenset[int]] = {
+    CryptographicAlgorithm.DES: frozenset({56, 64}),
+    CryptographicAlgorithm.BLOWFISH: _bit_range(32, 448),
+    CryptographicAlgorithm.CAMELLIA: frozenset({128, 192, 256}),
+    CryptographicAlgorithm.CAST5: _bit_range(40, 128),
+    CryptographicAlgorithm.IDEA: frozenset({128}),
+    CryptographicAlgorithm.MARS: _bit_range(128, 448, 32),
+    CryptographicAlgorithm.RC2: _bit_range(8, 1024),
+    CryptographicAlgorithm.RC4: _bit_range(40, 2048),
+    CryptographicAlgorithm.RC5: _bit_range(8, 2040),
+    CryptographicAlgorithm.SKIPJACK: frozenset({80}),
+    CryptographicAlgorithm.TWOFISH: frozenset({128, 192, 256}),
+    CryptographicAlgorithm.ARIA: frozenset({128, 192, 256}),
+    CryptographicAlgorithm.SEED: frozenset({128}),
+    CryptographicAlgorithm.SM4: frozenset({128}),
+    CryptographicAlgorithm.GOST_28147_89: frozenset({256}),
+    CryptographicAlgorithm.GOST_R_34_13_2015: frozenset({256}),
+    CryptographicAlgorithm.HMAC_MD5: _bit_range(112, 4096),
+}
+
+
+def _refuse_generate_only(algorithm: Any) -> None:
+    if algorithm in GENERATE_ONLY_LENGTHS:
+        raise NotSupported(f"{_name(algorithm)} keys are generated and stored here; computing with them is not supported")
 
 
 # -- small helpers -----------------------------------------------------------

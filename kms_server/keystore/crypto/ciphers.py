@@ -25,6 +25,7 @@ from kms_server.keystore.crypto.base import (
     _name,
     _no_padding,
     _optional_bytes,
+    _refuse_generate_only,
 )
 from kms_server.keystore.crypto.wrap import _KEY_WRAP_MODES, _aes_wrapping_key, unwrap_key, wrap_key
 
@@ -50,6 +51,7 @@ def _block_algorithm(key: bytes, algorithm: CryptographicAlgorithm) -> Any:
         if len(key) != 24:
             raise CryptoError("Triple DES key must be 192 bits")
         return _TripleDES(key)
+    _refuse_generate_only(algorithm)
     raise CryptoError(f"cipher {_name(algorithm)} is not supported")
 
 
@@ -216,6 +218,7 @@ def encrypt(
     iv = _optional_bytes(iv, "IV")
     aad = _optional_bytes(aad, "additional data")
 
+    _refuse_generate_only(algorithm)
     if algorithm in CHACHA_ALGORITHMS:
         return _chacha_encrypt(key, algorithm, mode, data, iv, padding, aad, tag_length)
     if mode in _KEY_WRAP_MODES:
@@ -273,6 +276,7 @@ def decrypt(
     aad = _optional_bytes(aad, "additional data")
     tag = _optional_bytes(tag, "tag")
 
+    _refuse_generate_only(algorithm)
     if algorithm in CHACHA_ALGORITHMS:
         return _chacha_decrypt(key, algorithm, mode, data, iv, padding, aad, tag)
     if mode in _KEY_WRAP_MODES:
@@ -339,6 +343,7 @@ class CipherStream:
         key = _bytes(key, "key")
         iv = _optional_bytes(iv, "IV")
         aad = _optional_bytes(aad, "additional data")
+        _refuse_generate_only(algorithm)
         if algorithm in CHACHA_ALGORITHMS or mode not in STREAM_MODES:
             raise CryptoError(
                 f"multi-part {'decryption' if decrypting else 'encryption'} in "

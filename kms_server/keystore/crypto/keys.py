@@ -20,6 +20,7 @@ from kms_server.keystore.crypto.base import (
     _AES_KEY_LENGTHS,
     _HMAC_HASHES,
     _LIBRARY_ERRORS,
+    GENERATE_ONLY_LENGTHS,
     CryptoError,
     _bytes,
     _curve,
@@ -65,6 +66,14 @@ def _set_des_parity(key: bytes) -> bytes:
     return bytes(out)
 
 
+def _describe_lengths(allowed: frozenset[int]) -> str:
+    ordered = sorted(allowed)
+    steps = {b - a for a, b in zip(ordered, ordered[1:], strict=False)}
+    if len(ordered) > 3 and len(steps) == 1:
+        return f"a multiple of {steps.pop()} from {ordered[0]} to {ordered[-1]}"
+    return " or ".join(str(b) for b in ordered)
+
+
 def generate_symmetric_key(
     algorithm: CryptographicAlgorithm, length_bits: int
 ) -> bytes:
@@ -72,7 +81,7 @@ def generate_symmetric_key(
 
     AES takes 128, 192 or 256 bits; HMAC keys a multiple of 8 bits from 112
     to 4096; Triple DES 168 or 192 bits (both give a 24-byte key with DES
-    parity bits set).
+    parity bits set); ChaCha20 256; the algorithms of GENERATE_ONLY_LENGTHS the lengths listed there.
     """
     if isinstance(length_bits, bool) or not isinstance(length_bits, int):
         raise CryptoError("cryptographic length must be an integer")
@@ -95,6 +104,13 @@ def generate_symmetric_key(
         if length_bits not in (168, 192):
             raise CryptoError("Triple DES key length must be 168 or 192 bits")
         return _set_des_parity(secrets.token_bytes(24))
+    if algorithm in GENERATE_ONLY_LENGTHS:
+        allowed = GENERATE_ONLY_LENGTHS[algorithm]
+        if length_bits not in allowed:
+            raise CryptoError(f"{_name(algorithm)} key length must be {_describe_lengths(allowed)} bits")
+        if algorithm == CryptographicAlgorithm.DES:
+            return _set_des_parity(secrets.token_bytes(8))
+        return secrets.token_bytes(length_bits // 8)
     raise CryptoError(f"symmetric algorithm {_name(algorithm)} is not supported")
 
 

@@ -15,12 +15,14 @@ from kms_server.keystore.crypto.base import (
     _bytes,
     _hash,
     _name,
+    _refuse_generate_only,
 )
 
 # -- MAC (KMIP 1.4, 4.33 MAC / 4.34 MAC Verify) ------------------------------
 
 
 def _hmac(key: Any, algorithm: CryptographicAlgorithm, data: Any) -> Any:
+    _refuse_generate_only(algorithm)
     try:
         hashing = _HMAC_HASHES[algorithm]
     except (KeyError, TypeError):

@@ -164,14 +164,57 @@ def test_generate_triple_des_key_has_odd_parity(bits):
     "algorithm",
     [
         CryptographicAlgorithm.RSA,
-        CryptographicAlgorithm.DES,
-        CryptographicAlgorithm.RC4,
+        CryptographicAlgorithm.DSA,
+        CryptographicAlgorithm.ED25519,
         None,
     ],
 )
 def test_generate_symmetric_rejects_other_algorithms(algorithm):
     with pytest.raises(CryptoError, match="not supported"):
         crypto.generate_symmetric_key(algorithm, 128)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "bits", "key_bytes"),
+    [
+        (CryptographicAlgorithm.IDEA, 128, 16),
+        (CryptographicAlgorithm.BLOWFISH, 448, 56),
+        (CryptographicAlgorithm.CAMELLIA, 192, 24),
+        (CryptographicAlgorithm.RC4, 40, 5),
+        (CryptographicAlgorithm.SKIPJACK, 80, 10),
+        (CryptographicAlgorithm.DES, 56, 8),
+        (CryptographicAlgorithm.HMAC_MD5, 128, 16),
+    ],
+)
+def test_generate_a_key_for_an_algorithm_no_operation_computes_with(algorithm, bits, key_bytes):
+    """Issue 14: such a key is random bytes of a length the algorithm
+    allows; a length it does not allow is refused."""
+    keys = {crypto.generate_symmetric_key(algorithm, bits) for _ in range(2)}
+    assert len(keys) == 2 and all(len(k) == key_bytes for k in keys)
+    with pytest.raises(CryptoError, match="key length must be"):
+        crypto.generate_symmetric_key(algorithm, bits + 1)
+
+
+def test_generate_only_lengths_are_the_algorithms_own():
+    lengths = crypto.GENERATE_ONLY_LENGTHS
+    assert lengths[CryptographicAlgorithm.IDEA] == {128}
+    assert lengths[CryptographicAlgorithm.SKIPJACK] == {80}
+    assert min(lengths[CryptographicAlgorithm.BLOWFISH]) == 32 and max(lengths[CryptographicAlgorithm.BLOWFISH]) == 448
+    with pytest.raises(CryptoError, match="multiple of 8 from 32 to 448"):
+        crypto.generate_symmetric_key(CryptographicAlgorithm.BLOWFISH, 456)
+
+
+@pytest.mark.parametrize("mode", [BlockCipherMode.CBC, BlockCipherMode.GCM, BlockCipherMode.NIST_KEY_WRAP])
+def test_no_cipher_computes_with_a_generate_only_key(mode):
+    key = crypto.generate_symmetric_key(CryptographicAlgorithm.IDEA, 128)
+    with pytest.raises(crypto.NotSupported, match="computing with them is not supported"):
+        crypto.encrypt(key, CryptographicAlgorithm.IDEA, mode, bytes(16))
+    with pytest.raises(crypto.NotSupported):
+        crypto.decrypt(key, CryptographicAlgorithm.IDEA, mode, bytes(16), iv=bytes(8))
+    with pytest.raises(crypto.NotSupported):
+        crypto.CipherStream(key, CryptographicAlgorithm.IDEA, BlockCipherMode.CBC, decrypting=False)
+    with pytest.raises(crypto.NotSupported):
+        crypto.mac(crypto.generate_symmetric_key(CryptographicAlgorithm.HMAC_MD5, 128), CryptographicAlgorithm.HMAC_MD5, b"x")
 
 
 @pytest.mark.parametrize(

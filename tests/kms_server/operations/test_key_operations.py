@@ -1653,3 +1653,68 @@ def test_rng_seed_is_mixed_into_the_os_pool_and_counted(alice, monkeypatch, tmp_
 def test_rng_seed_reaches_the_real_pool(alice):
     payload = alice.ok(Operation.RNG_SEED, [ttlv.byte_string(T.DATA.value, os.urandom(16))])
     assert payload.get(T.DATA_LENGTH.value) == 16
+
+
+# ---------------------------------------------------------------------------
+# Keys of algorithms no operation computes with (issue 14)
+# ---------------------------------------------------------------------------
+
+
+def create_symmetric(client, alg, bits, mask=U.ENCRYPT.value | U.DECRYPT.value, version=None) -> Item:
+    return client.call(
+        Operation.CREATE,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
+            v1_attributes(algorithm(alg), length(bits), usage(mask)),
+        ],
+        version,
+    )
+
+
+@pytest.mark.parametrize(
+    "alg,bits",
+    [
+        (CryptographicAlgorithm.IDEA, 128),
+        (CryptographicAlgorithm.TRIPLE_DES, 168),
+        (CryptographicAlgorithm.BLOWFISH, 128),
+        (CryptographicAlgorithm.CAMELLIA, 256),
+        (CryptographicAlgorithm.RC4, 128),
+        (CryptographicAlgorithm.SKIPJACK, 80),
+    ],
+)
+def test_create_a_key_of_an_algorithm_we_do_not_compute_with(alice, alg, bits):
+    """Create is random bytes of a length the algorithm allows; Get returns
+    them with the algorithm and length asked for."""
+    item = create_symmetric(alice, alg, bits)
+    assert item.get(T.RESULT_STATUS.value) == ResultStatus.SUCCESS.value, item.get(T.RESULT_MESSAGE.value)
+    uid = item.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value)
+    payload = get(alice, uid)
+    block = payload.children()[2].find(T.KEY_BLOCK.value)
+    assert block.get(T.CRYPTOGRAPHIC_ALGORITHM.value) == alg.value
+    assert block.get(T.CRYPTOGRAPHIC_LENGTH.value) == bits
+    assert len(key_material(payload).value) == (24 if alg == CryptographicAlgorithm.TRIPLE_DES else bits // 8)
+
+
+def test_create_refuses_a_length_the_algorithm_does_not_allow(alice):
+    for alg, bits in ((CryptographicAlgorithm.IDEA, 64), (CryptographicAlgorithm.SKIPJACK, 128), (CryptographicAlgorithm.RC4, 20)):
+        item = create_symmetric(alice, alg, bits)
+        assert item.get(T.RESULT_REASON.value) == ResultReason.INVALID_FIELD.value, (alg, bits)
+        assert "key length must be" in item.get(T.RESULT_MESSAGE.value)
+
+
+def test_computing_with_such_a_key_is_feature_not_supported(alice):
+    """Encrypt, Decrypt and MAC with a key of an algorithm that is kept but
+    not computed with: Feature Not Supported, not Cryptographic Failure."""
+    item = create_symmetric(alice, CryptographicAlgorithm.IDEA, 128)
+    uid = item.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value)
+    alice.ok(Operation.ACTIVATE, [uid_item(uid)])
+    cbc = params(mode=BlockCipherMode.CBC, padding=PaddingMethod.PKCS5)
+    data = ttlv.byte_string(T.DATA.value, b"sixteen bytes!!!")
+    message = alice.fails(Operation.ENCRYPT, [uid_item(uid), cbc, data], ResultReason.FEATURE_NOT_SUPPORTED)
+    assert "IDEA" in message
+    iv = ttlv.byte_string(T.IV_COUNTER_NONCE.value, bytes(8))
+    alice.fails(Operation.DECRYPT, [uid_item(uid), cbc, data, iv], ResultReason.FEATURE_NOT_SUPPORTED)
+    mac_key = create_symmetric(alice, CryptographicAlgorithm.HMAC_MD5, 128, mask=U.MAC_GENERATE.value)
+    mac_uid = mac_key.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value)
+    alice.ok(Operation.ACTIVATE, [uid_item(mac_uid)])
+    alice.fails(Operation.MAC, [uid_item(mac_uid), data], ResultReason.FEATURE_NOT_SUPPORTED)
