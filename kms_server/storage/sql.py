@@ -25,7 +25,6 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    and_,
     bindparam,
     delete,
     insert,
@@ -177,6 +176,27 @@ _OBJECT_ATTRIBUTES = select(kms_attributes.c.name, kms_attributes.c.idx, kms_att
     kms_attributes.c.uid == bindparam("uid")
 )
 
+# Writes of objects and their attribute rows (bound parameters whose names
+# differ from the columns': SQLAlchemy reserves those for VALUES and SET).
+_OBJECT_INSERT = insert(kms_objects)
+_ATTRIBUTES_INSERT = insert(kms_attributes)
+_OBJECT_UPDATE = (
+    update(kms_objects)
+    .where(kms_objects.c.uid == bindparam("b_uid"), kms_objects.c.version == bindparam("b_version"))
+    .values(
+        version=kms_objects.c.version + 1,
+        owner=bindparam("b_owner"),
+        sealed_material=bindparam("b_sealed_material"),
+        row_mac=bindparam("b_row_mac"),
+    )
+)
+_OBJECT_DELETE = delete(kms_objects).where(kms_objects.c.uid == bindparam("uid"))
+_ATTRIBUTE_DIGESTS = select(
+    kms_attributes.c.id, kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value_digest
+).where(kms_attributes.c.uid == bindparam("uid"))
+_ATTRIBUTES_DELETE = delete(kms_attributes).where(kms_attributes.c.uid == bindparam("uid"))
+_ATTRIBUTES_DELETE_IDS = delete(kms_attributes).where(kms_attributes.c.id.in_(bindparam("ids", expanding=True)))
+
 # Every write transaction reads and writes the store digest (keystore/row_auth.py).
 _META_GET = select(kms_meta.c.value).where(kms_meta.c.key == bindparam("key"))
 _META_GET_FOR_UPDATE = _META_GET.with_for_update()
@@ -233,8 +253,14 @@ def _is_unique_violation(exc: IntegrityError) -> bool:
     return "unique" in str(orig).lower()
 
 
+# Locate's statements by the shape of the query (conditions, owner, paging),
+# built once each: building one cost more than running it.
+_LOCATE_STATEMENTS: dict[tuple[int, int, bool, bool, bool], Any] = {}
+_LOCATE_SHAPES_MAX = 256
+
+
 def locate_statement(query: LocateQuery):
-    """The SELECT that answers a LocateQuery.
+    """The SELECT that answers a LocateQuery, and its parameters.
 
     Each attribute condition is one lookup on the (name, value_digest)
     index, made once for the whole query; their INTERSECT is the set of
@@ -243,25 +269,59 @@ def locate_statement(query: LocateQuery):
     database walk every row of that value again for each candidate object:
     quadratic in the matches (issue 19). One uncorrelated IN per condition
     is not enough either: PostgreSQL, with statistics not yet gathered on
-    new rows, nests the second lookup inside the first."""
+    new rows, nests the second lookup inside the first.
+
+    The statement depends on the query's shape only (how many conditions of
+    each kind, an owner or not, paging or not); the values are bound
+    parameters, so one statement object (and SQLAlchemy's compiled form of
+    it) serves every query of that shape."""
+    shape = (len(query.equals), len(query.has), query.owner is not None, bool(query.offset), query.limit is not None)
+    stmt = _LOCATE_STATEMENTS.get(shape)
+    if stmt is None:
+        stmt = _build_locate(*shape)
+        if len(_LOCATE_STATEMENTS) < _LOCATE_SHAPES_MAX:  # clients choose the shape: bounded
+            _LOCATE_STATEMENTS[shape] = stmt
+    params: dict[str, Any] = {}
+    for i, (name, value) in enumerate(query.equals):
+        params[f"e{i}_name"] = name
+        params[f"e{i}_digest"] = _digest(value)
+        params[f"e{i}_value"] = value
+    for i, name in enumerate(query.has):
+        params[f"h{i}_name"] = name
+    if query.owner is not None:
+        params["owner"] = query.owner
+    if query.offset:
+        params["offset"] = query.offset
+    if query.limit is not None:
+        params["limit"] = query.limit
+    return stmt, params
+
+
+def _build_locate(equals: int, has: int, owner: bool, offset: bool, limit: bool):
     o = kms_objects
     lookups = []
-    for name, value in query.equals:
+    for i in range(equals):
         a = kms_attributes.alias()
-        lookups.append(select(a.c.uid).where(a.c.name == name, a.c.value_digest == _digest(value), a.c.value == value))
-    for name in query.has:
+        lookups.append(
+            select(a.c.uid).where(
+                a.c.name == bindparam(f"e{i}_name"),
+                a.c.value_digest == bindparam(f"e{i}_digest"),
+                a.c.value == bindparam(f"e{i}_value"),
+            )
+        )
+    for i in range(has):
         a = kms_attributes.alias()
-        lookups.append(select(a.c.uid).where(a.c.name == name))
+        lookups.append(select(a.c.uid).where(a.c.name == bindparam(f"h{i}_name")))
     conditions = []
-    if query.owner is not None:
-        conditions.append(o.c.owner == query.owner)
+    if owner:
+        conditions.append(o.c.owner == bindparam("owner"))
     if lookups:
         conditions.append(o.c.uid.in_(lookups[0] if len(lookups) == 1 else intersect(*lookups)))
     stmt = select(o.c.uid).where(*conditions).order_by(o.c.sequence)
-    if query.offset:
-        stmt = stmt.offset(query.offset)
-    if query.limit is not None:
-        stmt = stmt.limit(query.limit)
+    if offset:
+        stmt = stmt.offset(bindparam("offset", type_=Integer))
+    if limit:
+        stmt = stmt.limit(bindparam("limit", type_=Integer))
     return stmt
 
 
@@ -306,7 +366,7 @@ class _SqlTransaction(Transaction):
         if not attributes:
             return
         self._conn.execute(
-            insert(kms_attributes),
+            _ATTRIBUTES_INSERT,
             [
                 {
                     "uid": uid,
@@ -323,14 +383,15 @@ class _SqlTransaction(Transaction):
         with self._op("insert_object", write=True):
             try:
                 result = self._conn.execute(
-                    insert(kms_objects).values(
-                        uid=obj.uid,
-                        owner=obj.owner,
-                        version=1,
-                        sealed_material=obj.sealed_material,
-                        created_at=time.time(),
-                        row_mac=obj.row_mac,
-                    )
+                    _OBJECT_INSERT,
+                    {
+                        "uid": obj.uid,
+                        "owner": obj.owner,
+                        "version": 1,
+                        "sealed_material": obj.sealed_material,
+                        "created_at": time.time(),
+                        "row_mac": obj.row_mac,
+                    },
                 )
             except IntegrityError as exc:
                 if _is_unique_violation(exc):
@@ -374,19 +435,14 @@ class _SqlTransaction(Transaction):
     def update_object(self, obj: StoredObject) -> None:
         with self._op("update_object", write=True):
             result = self._conn.execute(
-                update(kms_objects)
-                .where(
-                    and_(
-                        kms_objects.c.uid == obj.uid,
-                        kms_objects.c.version == obj.version,
-                    )
-                )
-                .values(
-                    version=kms_objects.c.version + 1,
-                    owner=obj.owner,
-                    sealed_material=obj.sealed_material,
-                    row_mac=obj.row_mac,
-                )
+                _OBJECT_UPDATE,
+                {
+                    "b_uid": obj.uid,
+                    "b_version": obj.version,
+                    "b_owner": obj.owner,
+                    "b_sealed_material": obj.sealed_material,
+                    "b_row_mac": obj.row_mac,
+                },
             )
             if result.rowcount != 1:
                 raise ConcurrentModification(
@@ -395,41 +451,36 @@ class _SqlTransaction(Transaction):
             # Only the attribute rows that changed are rewritten: most
             # updates (Activate, the first Get clearing Fresh, AddAttribute)
             # touch one or two of an object's dozen or more attributes.
-            a = kms_attributes.c
             stored = {
                 (row.name, row.idx): (row.id, bytes(row.value_digest))
-                for row in self._conn.execute(
-                    select(a.id, a.name, a.idx, a.value_digest).where(a.uid == obj.uid)
-                )
+                for row in self._conn.execute(_ATTRIBUTE_DIGESTS, {"uid": obj.uid})
             }
-            wanted = {(attr.name, attr.index): attr for attr in obj.attributes}
+            wanted = {(attr.name, attr.index): (attr, _digest(attr.value)) for attr in obj.attributes}
             if len(wanted) != len(obj.attributes):
                 # Two values under one (name, index): keep every row as given.
-                self._conn.execute(delete(kms_attributes).where(a.uid == obj.uid))
+                self._conn.execute(_ATTRIBUTES_DELETE, {"uid": obj.uid})
                 self._insert_attributes(obj.uid, obj.attributes)
                 obj.version += 1
                 return
             changed = [
                 attr
-                for key, attr in wanted.items()
-                if key not in stored or stored[key][1] != _digest(attr.value)
+                for key, (attr, digest) in wanted.items()
+                if key not in stored or stored[key][1] != digest
             ]
             gone = [
                 row_id
                 for key, (row_id, digest) in stored.items()
-                if key not in wanted or digest != _digest(wanted[key].value)
+                if key not in wanted or digest != wanted[key][1]
             ]
             if gone:
-                self._conn.execute(delete(kms_attributes).where(a.id.in_(gone)))
+                self._conn.execute(_ATTRIBUTES_DELETE_IDS, {"ids": gone})
             self._insert_attributes(obj.uid, changed)
             obj.version += 1
 
     def delete_object(self, uid: str) -> bool:
         with self._op("delete_object", write=True):
             # Attribute rows go by ON DELETE CASCADE.
-            result = self._conn.execute(
-                delete(kms_objects).where(kms_objects.c.uid == uid)
-            )
+            result = self._conn.execute(_OBJECT_DELETE, {"uid": uid})
             return result.rowcount > 0
 
     def scan_objects(self, after_sequence: int = 0, limit: int = 500) -> list[StoredObject]:
@@ -464,7 +515,8 @@ class _SqlTransaction(Transaction):
     def locate(self, query: LocateQuery) -> list[str]:
         _check_query(query)
         with self._op("locate"):
-            return list(self._conn.execute(locate_statement(query)).scalars())
+            stmt, params = locate_statement(query)
+            return list(self._conn.execute(stmt, params).scalars())
 
     def get_meta(self, key: str, for_update: bool = False) -> bytes | None:
         with self._op("get_meta", write=for_update):
