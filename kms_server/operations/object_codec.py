@@ -82,6 +82,12 @@ _REMEMBERED_PUBLIC = (KFT.PKCS_1, KFT.X_509)
 # sends them) remembers Raw and the DER layout it came in: Raw in the low
 # byte of Material.subtype, the layout's Key Format Type above it.
 _RAW_LAYOUT_SHIFT = 8
+# (algorithm, stated length, material length): DES keys whose length is
+# stated without the parity bit of each byte.
+_PARITY_LENGTHS = {
+    (CryptographicAlgorithm.TRIPLE_DES, 168, 192),
+    (CryptographicAlgorithm.DES, 56, 64),
+}
 
 
 def _raw_subtype(layout: KeyFormatType) -> int:
@@ -235,17 +241,15 @@ def _decode_symmetric(holder: Item) -> tuple[Material, dict[str, Item]]:
         raise errors.KeyFormatTypeNotSupported(
             f"a symmetric key cannot be registered in format {block.format.name}"
         )
+    # The one check on the material: it is as long as the Cryptographic
+    # Length says (DES keys may state their length without the parity
+    # bits). Whether the algorithm takes that length is for the operations
+    # that use the key (issue 14).
     bits = len(key) * 8
-    if block.algorithm == CryptographicAlgorithm.AES and len(key) not in (16, 24, 32):
-        raise errors.InvalidField("an AES key must be 128, 192 or 256 bits")
     length = block.length
     if length is None:
         length = bits
-    elif length != bits and not (
-        block.algorithm == CryptographicAlgorithm.TRIPLE_DES
-        and length == 168
-        and bits == 192
-    ):
+    elif length != bits and (block.algorithm, length, bits) not in _PARITY_LENGTHS:
         raise errors.InvalidField(
             f"Cryptographic Length {length} does not match the {bits}-bit key material"
         )

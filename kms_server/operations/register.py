@@ -98,7 +98,6 @@ def _check_symmetric(attributes: dict) -> None:
         raise errors.MissingData(
             "Cryptographic Algorithm is required to register a symmetric key"
         )
-    algorithm = attributes[_ALGORITHM][0].value
-    bits = attributes[_LENGTH][0].value
-    if algorithm == CryptographicAlgorithm.AES.value and bits not in (128, 192, 256):
-        raise errors.InvalidField("an AES key must be 128, 192 or 256 bits")
+    # Only the length of the material is checked (decode_object), not
+    # whether its algorithm takes that length: the operations that use the
+    # key say so (issue 14).

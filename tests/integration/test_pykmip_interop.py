@@ -113,3 +113,17 @@ def test_encrypt_with_an_idea_key_is_feature_not_supported(client):
             },
         )
     assert failure.value.reason == enums.ResultReason.FEATURE_NOT_SUPPORTED
+
+
+@pytest.mark.parametrize(
+    "algorithm,key_bytes",
+    [(enums.CryptographicAlgorithm.AES, 20), (enums.CryptographicAlgorithm.IDEA, 24), (enums.CryptographicAlgorithm.BLOWFISH, 7)],
+)
+def test_register_checks_only_that_the_material_matches_its_length(client, algorithm, key_bytes):
+    """Key material of a length unusual for its algorithm is registered as
+    given (PyKMIP's client itself will not send a stated length the
+    material contradicts; the unit tests check that refusal)."""
+    value = bytes(range(key_bytes))
+    uid = client.register(objects.SymmetricKey(algorithm, key_bytes * 8, value))
+    key = client.get(uid)
+    assert (key.value, key.cryptographic_length) == (value, key_bytes * 8)

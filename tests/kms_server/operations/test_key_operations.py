@@ -1718,3 +1718,48 @@ def test_computing_with_such_a_key_is_feature_not_supported(alice):
     mac_uid = mac_key.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value)
     alice.ok(Operation.ACTIVATE, [uid_item(mac_uid)])
     alice.fails(Operation.MAC, [uid_item(mac_uid), data], ResultReason.FEATURE_NOT_SUPPORTED)
+
+
+# ---------------------------------------------------------------------------
+# Register checks the material against its stated length only (issue 14)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alg,key_bytes",
+    [(CryptographicAlgorithm.AES, 20), (CryptographicAlgorithm.IDEA, 24), (CryptographicAlgorithm.HMAC_SHA256, 8)],
+)
+def test_register_takes_key_material_of_an_unusual_length(alice, alg, key_bytes):
+    key = os.urandom(key_bytes)
+    uid = register(alice, ObjectType.SYMMETRIC_KEY, symmetric_key(key, alg=alg, bits=key_bytes * 8), length(key_bytes * 8))
+    assert key_material(get(alice, uid)).value == key
+
+
+def test_a_key_of_an_unusual_length_is_refused_by_the_operation_that_uses_it(alice):
+    uid = register(
+        alice,
+        ObjectType.SYMMETRIC_KEY,
+        symmetric_key(os.urandom(20)),
+        usage(U.ENCRYPT.value | U.DECRYPT.value),
+    )
+    alice.ok(Operation.ACTIVATE, [uid_item(uid)])
+    message = alice.fails(
+        Operation.ENCRYPT,
+        [uid_item(uid), params(mode=BlockCipherMode.CBC, padding=PaddingMethod.PKCS5), ttlv.byte_string(T.DATA.value, b"x")],
+        ResultReason.CRYPTOGRAPHIC_FAILURE,
+    )
+    assert "AES key must be 128, 192 or 256 bits" in message
+
+
+def test_register_still_refuses_material_that_contradicts_its_stated_length(alice):
+    alice.fails(
+        Operation.REGISTER,
+        [ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value), symmetric_key(os.urandom(20), bits=128)],
+        ResultReason.INVALID_FIELD,
+    )
+
+
+def test_register_des_keys_stated_without_their_parity_bits(alice):
+    uid = register(alice, ObjectType.SYMMETRIC_KEY, symmetric_key(os.urandom(8), alg=CryptographicAlgorithm.DES, bits=56))
+    attributes = alice.ok(Operation.GET_ATTRIBUTES, [uid_item(uid), ttlv.text(T.ATTRIBUTE_NAME.value, "Cryptographic Length")])
+    assert attributes.find(T.ATTRIBUTE.value).get(T.ATTRIBUTE_VALUE.value) == 56
