@@ -56,7 +56,8 @@ from kmip_core.backup_format import (
 from kmip_core.db.engine import describe_error
 from kmip_core.files import atomic_file
 from kmip_core.sealing.barrier import Barrier, BarrierError
-from kmip_core.sealing.master_key import MasterKey, MasterKeyError, open_master_key
+from kmip_core.sealing.master_key import MasterKey, MasterKeyError
+from kmip_core.sealing.opener import open_master_key
 
 __all__ = ["BROKER_BACKUP", "BROKER_TABLES", "BackupError", "BackupSummary", "RestoreSummary", "backup", "restore"]
 

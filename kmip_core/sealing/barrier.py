@@ -49,6 +49,7 @@ from kmip_core.sealing.master_key import (
     MasterKeyError,
     derive_from_passphrase,
 )
+from kmip_core.sealing.opener import open_master_key
 
 __all__ = [
     "CHECK_META",
@@ -434,7 +435,7 @@ def open_barrier(
         with storage.transaction() as txn:
             if master is None:
                 try:
-                    master = opened = master_keys.open_master_key(
+                    master = opened = open_master_key(
                         source if source is not None else _KeySource(key_file, passphrase_file),
                         txn.get_meta,
                         txn.set_meta,

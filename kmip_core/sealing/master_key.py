@@ -1,16 +1,17 @@
-"""Where the master key lives, and the one way every tool opens it.
+"""Where the master key lives.
 
 The master key never seals objects itself: it wraps the keyring (the data
-keys that do, `keystore/keyring.py`) and a backup's key. So whatever holds
+keys that do, `sealing/barrier.py`) and a backup's key. So whatever holds
 it only has to wrap and unwrap short secrets:
 
 - `AesMasterKey`: 32 bytes from a key file (64 hex characters) or derived
   from a passphrase file with scrypt (salt kept in storage); AES-256-GCM.
-- a PKCS#11 token (`keystore/pkcs11_key.py`): an AES key that never leaves
+- a PKCS#11 token (`sealing/pkcs11_key.py`): an AES key that never leaves
   the token; wrapping runs inside it.
 
-`open_master_key` is the single opener used by the server, `kms-admin`
-(backup, restore, db verify, master-key rotate) and the tests.
+`sealing/opener.py`'s `open_master_key` is the single opener used by the
+server, `kms-admin` (backup, restore, db verify, master-key rotate), the
+broker and the tests.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -34,7 +34,6 @@ __all__ = [
     "SCRYPT_P",
     "SCRYPT_R",
     "derive_from_passphrase",
-    "open_master_key",
     "read_key_file",
     "read_passphrase_file",
 ]
@@ -137,46 +136,3 @@ def read_passphrase_file(path: str | Path) -> bytes:
 
 def derive_from_passphrase(passphrase: bytes, salt: bytes) -> bytes:
     return Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P).derive(passphrase)
-
-
-def open_master_key(
-    cfg,
-    get_meta: Callable[[str], bytes | None],
-    set_meta: Callable[[str, bytes], None] | None = None,
-) -> MasterKey:
-    """The master key a `[master_key]` section names (MasterKeyConfig, or
-    any object with the same fields). A passphrase needs the store's scrypt
-    salt: `get_meta` reads it, and `set_meta`, when given, records a new one
-    for a store that has none (first start)."""
-    key_file = getattr(cfg, "file", None)
-    passphrase_file = getattr(cfg, "passphrase_file", None)
-    pkcs11_module = getattr(cfg, "pkcs11_module", None)
-    if pkcs11_module:
-        try:
-            from kmip_core.sealing import pkcs11_key
-        except ModuleNotFoundError as exc:
-            if exc.name != "pkcs11":
-                raise
-            raise MasterKeyError(
-                "python-pkcs11 is not installed, and master_key.pkcs11_module needs it; "
-                "run: pip install 'python-pkcs11>=0.9'"
-            ) from None
-
-        return pkcs11_key.open_token_key(cfg)
-    if key_file:
-        return AesMasterKey(read_key_file(key_file), f"master key file {key_file}")
-    if passphrase_file:
-        passphrase = read_passphrase_file(passphrase_file)
-        salt = get_meta(SALT_META)
-        if salt is None:
-            if set_meta is None:
-                raise MasterKeyError(
-                    "the database has no scrypt salt, so its master key is not a passphrase; "
-                    "set master_key.file (or the token) its servers use"
-                )
-            salt = os.urandom(16)
-            set_meta(SALT_META, salt)
-        return AesMasterKey(derive_from_passphrase(passphrase, salt), f"passphrase file {passphrase_file}")
-    raise MasterKeyError(
-        "no master key configured: set master_key.file, master_key.passphrase_file or master_key.pkcs11_module"
-    )

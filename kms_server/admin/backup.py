@@ -54,15 +54,8 @@ from kmip_core.backup_format import (
 )
 from kmip_core.db.engine import DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
 from kmip_core.sealing import barrier
-from kmip_core.sealing.master_key import (
-    SALT_META,
-    SCRYPT_N,
-    SCRYPT_P,
-    SCRYPT_R,
-    MasterKey,
-    MasterKeyError,
-    open_master_key,
-)
+from kmip_core.sealing.master_key import SALT_META, SCRYPT_N, SCRYPT_P, SCRYPT_R, MasterKey, MasterKeyError
+from kmip_core.sealing.opener import open_master_key
 from kms_server.config import Config
 from kms_server.storage import schema
 from kms_server.storage import sql as sql_tables

@@ -147,7 +147,8 @@ class _NewKey:
 
 
 def _new_master(args: argparse.Namespace, storage):
-    from kmip_core.sealing.master_key import MasterKeyError, open_master_key
+    from kmip_core.sealing.master_key import MasterKeyError
+    from kmip_core.sealing.opener import open_master_key
 
     given = [x for x in (args.new_key_file, args.new_passphrase_file, args.new_config) if x]
     if len(given) != 1:
@@ -173,7 +174,8 @@ def master_key_rotate(args: argparse.Namespace) -> int:
     cfg, storage, barrier = _open(args)
     opened = [barrier]
     try:
-        from kmip_core.sealing.master_key import MasterKeyError, open_master_key
+        from kmip_core.sealing.master_key import MasterKeyError
+        from kmip_core.sealing.opener import open_master_key
 
         try:
             with storage.transaction() as txn:

@@ -19,7 +19,8 @@ from softhsm import OTHER_TOKEN, PIN, TOKEN, new_label, raw_session, softhsm
 from kmip_core import backup_format
 from kmip_core.config import ConfigError
 from kmip_core.sealing.barrier import open_barrier
-from kmip_core.sealing.master_key import MasterKeyError, open_master_key
+from kmip_core.sealing.master_key import MasterKeyError
+from kmip_core.sealing.opener import open_master_key
 from kms_server.admin import backup as backup_mod
 from kms_server.admin import cli
 from kms_server.config import load_config
