@@ -218,3 +218,33 @@ def test_configure_text_stays_the_default(capsys):
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_docs_name_every_metric_and_the_dashboard_only_real_ones():
+    """docs/metrics.md lists every metric the services register, and the
+    Grafana dashboard queries no metric that does not exist."""
+    import re
+    from pathlib import Path
+
+    from broker.metrics import BrokerMetrics
+    from kms_server.metrics import KmsMetrics
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    documented = set(re.findall(r"^\| `((?:kms|vtpm_broker)_\w+)` \|", (docs / "metrics.md").read_text(), re.M))
+    # Registered up front, and read on scrape (their collectors need a running service).
+    registered = set()
+    for metrics in (KmsMetrics("n"), BrokerMetrics("n")):
+        for family in metrics.registry.collect():
+            registered.add(family.name + ("_total" if family.type == "counter" else ""))
+    on_scrape = {
+        "kms_open_connections", "kms_worker_queue_depth", "kms_worker_threads_busy", "kms_worker_threads_max",
+        "kms_objects", "kms_audit_sink_records", "vtpm_broker_open_connections", "vtpm_broker_worker_queue_depth",
+        "vtpm_broker_kms_pool_connections",
+    }
+    assert registered | on_scrape == documented
+    dashboard = (docs / "grafana-dashboard.json").read_text()
+    json.loads(dashboard)
+    queried = {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"\b((?:kms|vtpm_broker)_[a-z_]+)", dashboard)}
+    queried.discard("kms_instance")
+    assert queried <= documented, queried - documented
+    assert {"kms_requests_total", "vtpm_broker_unwraps_total", "vtpm_broker_unwrap_duration_seconds"} <= queried
