@@ -71,9 +71,18 @@ conformance: venv
 demo: venv
 	$(BIN)/vtpm-drill --vms 10 --hosts 2
 
-lint: venv
-	$(BIN)/pip install --quiet ruff
-	$(BIN)/ruff check kms_server broker tests bench tools
+# Style, and the structure of docs/architecture.md: the import contracts
+# (.importlinter: kmip_core imports neither service, the services never import
+# each other, the KMS's layers, no cycles) and no private name imported from
+# another module (ruff's PLC2701).
+lint: $(VENV)/.lint-installed
+	$(BIN)/ruff check kmip_core kms_server broker tests bench tools
+	$(BIN)/ruff check --preview --select PLC2701 kmip_core kms_server broker
+	$(BIN)/lint-imports
+
+$(VENV)/.lint-installed: $(VENV)/.installed setup.cfg
+	$(BIN)/pip install --quiet -e '.[lint]'
+	@touch $@
 
 # Every workload as kms-server / PyKMIP's server / the ceiling of kms-server's
 # stack (bench/ceiling_server.py), in one run (bench/README.md).
