@@ -21,7 +21,8 @@ Relative paths in the file are relative to the file; paths derived from
     [master_key]  file
     [audit]       signing_key_file (Ed25519, made by `vtpm-broker init`), checkpoint_seconds
     [roles]       security_admins, administrators, no_crypto_administrators, auditors
-    [logging]     level
+    [logging]     level, format ("text" or "json": kmip_core.logs)
+    [metrics]     host, port, cert, key, ca (the monitoring listener: kmip_core.metrics, docs/metrics.md)
 """
 
 from __future__ import annotations

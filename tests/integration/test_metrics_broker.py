@@ -5,7 +5,9 @@ checks, unready while the KMS is away; `vtpm-broker admin status`."""
 
 from __future__ import annotations
 
+import json
 import textwrap
+import time
 
 import broker_process
 import pytest
@@ -76,6 +78,9 @@ def broker(tmp_path, pki_dir, kms):
 
             [metrics]
             port = {metrics_port}
+
+            [logging]
+            format = "json"
             """
         )
     )
@@ -155,3 +160,24 @@ def test_broker_metrics_move_with_traffic(broker, kms, pki_dir):
     down = broker.cli("admin", "status", check=False)
     assert down.returncode == 1, down.stdout + down.stderr
     assert "NOT READY" in down.stdout and "kms" in down.stdout
+
+
+def test_broker_json_logs(broker):
+    """[logging] format = "json": every line one object; a gateway unwrap's
+    lines carry its request id and the host, an API request's its id."""
+    identity = broker_process.enroll(broker, "vc-logs")
+    placed = broker_process.register_host(broker, identity, "esx-log")
+    vm = broker_process.create_vm(broker, identity, host="esx-log")
+    ks = parse_key_safe(vm["key_safe"])
+    with KmipClient([f"127.0.0.1:{broker.gateway_port}"], placed[0], placed[1], broker.ca) as host:
+        host.decrypt(ks.kms_key_id, ks.wrapped_dek, iv=ks.iv, tag=ks.tag)
+    time.sleep(0.5)
+    records = [json.loads(line) for line in broker.log if line.strip()]
+    assert records
+    for record in records:
+        assert {"time", "level", "node", "logger", "message", "request_id", "client"} <= set(record)
+        assert record["node"] == "broker-metrics"
+    unwrap = [r for r in records if "unwrap of key" in r["message"] and "allowed" in r["message"]]
+    assert unwrap, records
+    assert unwrap[0]["client"] == "host:esx-log"
+    assert unwrap[0]["request_id"] and unwrap[0]["request_id"] in unwrap[0]["message"]
