@@ -11,6 +11,7 @@ docs/metrics.md.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from kmip.core.enums import Operation
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -86,7 +87,7 @@ class BrokerMetrics:
             buckets=UNWRAP_BUCKETS,
             registry=self.registry,
         )
-        self._service = None
+        self._service: Any = None
 
     # Reported by the parts.
     def api_answered(self, method: str, path: str, status: int) -> None:

@@ -77,7 +77,7 @@ class MetricsListenerError(ValueError):
     """The monitoring listener cannot start as configured; one line with the fix."""
 
 
-def require_safe_bind(host: str, tls) -> None:
+def require_safe_bind(host: str, tls: object | None) -> None:
     """Plain HTTP on loopback only: anything else needs mutual TLS."""
     if tls is not None:
         return
@@ -120,9 +120,10 @@ class MetricsConfig:
                 problems.extend(check_file(f"metrics.{key}", path, secret=secret))
         return problems
 
-    def context_factory(self, min_version: str = "1.2"):
-        """The mutual-TLS context of the listener, or None for plain HTTP."""
-        if not self.tls:
+    def context_factory(self, min_version: str = "1.2") -> Any:
+        """The mutual-TLS context of the listener (a
+        kmip_core.tls.ServerContextFactory), or None for plain HTTP."""
+        if self.cert is None:
             return None
         from kmip_core import tls
         from kmip_core.config import TlsConfig
@@ -271,7 +272,7 @@ class Readiness:
         return ReadinessReport(tuple(results))
 
 
-def check_tls_material(**factories) -> str:
+def check_tls_material(**factories: Any) -> str:
     """A readiness check: each listener's TLS context (name=factory, a
     Twisted context factory) holds a server certificate valid now."""
     import datetime as dt
@@ -305,7 +306,7 @@ class _Monitor(resource.Resource):
         super().__init__()
         self.listener = listener
 
-    def render_GET(self, request: server.Request):
+    def render_GET(self, request: server.Request) -> Any:
         request.setHeader(b"cache-control", b"no-store")
         path = request.path.rstrip(b"/") or b"/"
         if path == b"/healthz":
@@ -320,28 +321,28 @@ class _Monitor(resource.Resource):
         return b"not found: /metrics, /healthz and /readyz are served here\n"
 
     @staticmethod
-    def _ready_body(request, report: ReadinessReport) -> bytes:
+    def _ready_body(request: server.Request, report: ReadinessReport) -> bytes:
         request.setResponseCode(200 if report.ready else 503)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(report.as_json()).encode("utf-8") + b"\n"
 
     @staticmethod
-    def _metrics_body(request, data: bytes) -> bytes:
+    def _metrics_body(request: server.Request, data: bytes) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         return data
 
     @staticmethod
-    def _deferred(request, d: defer.Deferred, body):
+    def _deferred(request: server.Request, d: defer.Deferred, body: Callable[[server.Request, Any], bytes]) -> Any:
         finished: list[bool] = []
         request.notifyFinish().addBoth(lambda _: finished.append(True))
 
-        def done(result):
+        def done(result: Any) -> None:
             if finished:
                 return
             request.write(body(request, result))
             request.finish()
 
-        def failed(failure):
+        def failed(failure: Any) -> None:
             log.warning("monitoring request %s failed: %s", request.path.decode("ascii", "replace"), failure.getErrorMessage())
             if finished:
                 return
@@ -354,7 +355,14 @@ class _Monitor(resource.Resource):
         return server.NOT_DONE_YET
 
 
-def listener_limits():
+class _QuietSite(server.Site):
+    """No access log: scrapes and probes every few seconds are not news."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def listener_limits() -> Any:
     """The limits of the TLS monitoring listener (kmip_core.limits): a
     scraper or two and probes, nothing like a client listener's share."""
     from kmip_core.limits import ListenerLimits
@@ -369,14 +377,14 @@ class MetricsListener:
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,
         registry: CollectorRegistry,
         readiness: Readiness,
         host: str = "127.0.0.1",
         port: int = 0,
-        tls=None,
+        tls: Any = None,
         timeout: float = READINESS_TIMEOUT,
-    ):
+    ) -> None:
         require_safe_bind(host, tls)
         self.reactor = reactor
         self.registry = registry
@@ -385,8 +393,8 @@ class MetricsListener:
         self.port_number = port
         self.tls = tls
         self.timeout = timeout
-        self.port = None
-        self.factory = None
+        self.port: Any = None
+        self.factory: Any = None
         self.threadpool = ThreadPool(minthreads=0, maxthreads=2, name="monitoring")
         self._running: defer.Deferred | None = None
         self._waiters: list[defer.Deferred] = []
@@ -401,11 +409,10 @@ class MetricsListener:
         host = f"[{address.host}]" if ":" in address.host else address.host
         return f"{self.scheme}://{host}:{address.port}/"
 
-    def start(self):
-        site = server.Site(_Monitor(self))
+    def start(self) -> Any:
+        site = _QuietSite(_Monitor(self))
         site.displayTracebacks = False
         site.timeOut = 30
-        site.log = lambda request: None
         self.threadpool.start()
         try:
             if self.tls is None:
@@ -423,7 +430,7 @@ class MetricsListener:
         return self.port
 
     @defer.inlineCallbacks
-    def stop(self):
+    def stop(self) -> Any:
         if self.port is not None:
             yield self.port.stopListening()
             self.port = None
@@ -447,7 +454,7 @@ class MetricsListener:
             self._running = run
             timeout = self.reactor.callLater(self.timeout, self._timed_out, run)
 
-            def finished(result):
+            def finished(result: Any) -> None:
                 if timeout.active():
                     timeout.cancel()
                 if self._running is run:
@@ -457,14 +464,14 @@ class MetricsListener:
             run.addBoth(finished)
         return waiter
 
-    def _timed_out(self, run) -> None:
+    def _timed_out(self, run: defer.Deferred) -> None:
         if self._running is run:
             self._running = None
             checks = tuple(CheckResult(n, False, f"no answer within {self.timeout:g} s", self.timeout)
                            for n in self.readiness.names)
             self._answer(ReadinessReport(checks))
 
-    def _answer(self, result) -> None:
+    def _answer(self, result: Any) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(result) if isinstance(result, ReadinessReport) else waiter.errback(result)
@@ -473,7 +480,9 @@ class MetricsListener:
 # --- Client side, for the status commands ------------------------------------------
 
 
-def fetch_readiness(url: str, cert=None, key=None, ca=None, timeout: float = 10.0) -> tuple[int | None, dict]:
+def fetch_readiness(
+    url: str, cert: Any = None, key: Any = None, ca: Any = None, timeout: float = 10.0
+) -> tuple[int | None, dict]:
     """GET <url>/readyz: (HTTP status, JSON body). A listener that does
     not answer gives (None, {"error": ...}). `cert`/`key`/`ca`: client
     certificate and CA for an https URL (mutual TLS)."""
@@ -498,7 +507,7 @@ def fetch_readiness(url: str, cert=None, key=None, ca=None, timeout: float = 10.
         return None, {"error": f"no answer from {target}: {reason}"}
 
 
-def readiness_table(title: str, status: int | None, body: dict):
+def readiness_table(title: str, status: int | None, body: dict) -> Any:
     """A rich Table of one node's readiness: each check, ok or not, its detail."""
     from rich.table import Table
 
@@ -530,7 +539,7 @@ def status_url(settings: MetricsConfig) -> str:
     return f"{'https' if settings.tls else 'http'}://{host}:{settings.port}/"
 
 
-def print_readiness(title: str, urls: list[str], cert=None, key=None, ca=None) -> int:
+def print_readiness(title: str, urls: list[str], cert: Any = None, key: Any = None, ca: Any = None) -> int:
     """Print one readiness table per URL (rich); 0 if every node is ready, else 1."""
     from rich.console import Console
 

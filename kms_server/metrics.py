@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from kmip.core.enums import ObjectType, State
 from prometheus_client import CollectorRegistry, Counter
@@ -56,7 +57,7 @@ class KmsMetrics:
             "Audit records that could not be written (the request was refused: fail closed)",
             registry=self.registry,
         )
-        self._service = None
+        self._service: Any = None
         self._objects: list[tuple[str, str, int]] = []
         self._objects_at = 0.0
         self._objects_lock = threading.Lock()
