@@ -75,6 +75,10 @@ class ResponseTooLarge(KmsError):
 class AuthenticationNotSuccessful(KmsError):
     """The request's Credential was missing or wrong."""
 
+    # Who tried (a kmip_core.policy.Principal, which imports this module),
+    # when the dispatcher knows: for the audit record.
+    principal: object = None
+
 
 class ObjectAlreadyExists(KmsError):
     """A unique value (such as a Name) is already taken."""

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kmip_core.files import write_atomic
@@ -359,7 +360,7 @@ def _leaf_key_usage(public_key: object) -> x509.KeyUsage:
 def issue(
     ca: Ca,
     subject: x509.Name,
-    public_key,
+    public_key: CertificatePublicKeyTypes,
     usage: x509.ObjectIdentifier,
     sans: Sequence[x509.GeneralName],
     days: int,
@@ -448,7 +449,7 @@ def _check_kept_leaf(
             )
 
 
-def _write_leaf(cert_path: Path, key_path: Path, cert: x509.Certificate, key) -> None:
+def _write_leaf(cert_path: Path, key_path: Path, cert: x509.Certificate, key: PrivateKey) -> None:
     _write_atomic(key_path, _key_pem(key), 0o600)
     _write_atomic(cert_path, _cert_pem(cert), 0o644)
 
@@ -541,7 +542,7 @@ def _load_csr(path: Path) -> x509.CertificateSigningRequest:
         ) from None
 
 
-def _check_csr_key(path: Path, public_key) -> None:
+def _check_csr_key(path: Path, public_key: CertificatePublicKeyTypes) -> None:
     if isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < 2048:
             raise PkiError(

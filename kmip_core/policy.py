@@ -12,6 +12,7 @@ never reveals that it exists.
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from kmip_core import errors
@@ -71,7 +72,12 @@ def check(principal: Principal, action: Action, owner: str | None = None) -> Non
         raise errors.PermissionDenied(f"role {principal.role.value} may not {action.value.replace('_', ' ')}")
 
 
-def role_for(identity: str, administrators, no_crypto_administrators, auditors) -> Role:
+def role_for(
+    identity: str,
+    administrators: Collection[str],
+    no_crypto_administrators: Collection[str],
+    auditors: Collection[str],
+) -> Role:
     if identity in administrators:
         return Role.ADMINISTRATOR
     if identity in no_crypto_administrators:

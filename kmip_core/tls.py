@@ -36,10 +36,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl as twisted_ssl
@@ -203,7 +205,20 @@ def _load_pem_certs(key: str, path: Path) -> list[x509.Certificate]:
     return certs
 
 
-def _load_key(path: Path):
+# The private keys OpenSSL can serve TLS with (pyOpenSSL's use_privatekey).
+_TLS_KEY_TYPES = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+    dsa.DSAPrivateKey,
+)
+TlsPrivateKey = (
+    rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey | dsa.DSAPrivateKey
+)
+
+
+def _load_key(path: Path) -> TlsPrivateKey:
     data = _read("tls.key", path)
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -216,10 +231,12 @@ def _load_key(path: Path):
         raise TlsConfigError(
             f"tls.key {path} is not a PEM private key; check the file"
         ) from None
+    if not isinstance(key, _TLS_KEY_TYPES):
+        raise TlsConfigError(f"tls.key {path} is a {type(key).__name__}, which TLS cannot use; give an RSA or EC key")
     return key
 
 
-def _spki(public_key) -> bytes:
+def _spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -275,7 +292,9 @@ _VERIFY_ERRORS = {
 }
 
 
-def client_verify_callback(pinned_only: frozenset[str], identity_mode: str):
+def client_verify_callback(
+    pinned_only: frozenset[str], identity_mode: str
+) -> Callable[[SSL.Connection, crypto.X509, int, int, int], bool]:
     """The check OpenSSL runs at each depth of the client's chain, top first.
 
     ``pinned_only`` holds the SHA-256 fingerprints of pinned certificates
@@ -452,7 +471,13 @@ class ServerContextFactory(twisted_ssl.ContextFactory):
         self._context = build_context(self.tls_cfg, kmip_suites=self.kmip_suites)
 
 
-def reload_on_sighup(reactor, factory, log) -> Callable[[], None]:
+class Reloadable(Protocol):
+    """A context factory that can re-read its TLS material."""
+
+    def reload(self) -> None: ...
+
+
+def reload_on_sighup(reactor: Any, factory: Reloadable, log: logging.Logger) -> Callable[[], None]:
     """Re-read `factory`'s TLS material (its ``reload()``) on SIGHUP, in the
     reactor thread; new connections use it, and a failure keeps the previous
     material and is logged. The handler is installed only from the main

@@ -193,6 +193,7 @@ def _decode_at(buf: memoryview, pos: int, end: int, depth: int, max_depth: int) 
             child, child_pos = _decode_at(buf, child_pos, child_end, depth + 1, max_depth)
             children.append(child)
         return Item(tag, item_type, tuple(children)), next_pos
+    value: int | bool | str | bytes
     if item_type in (ItemType.INTEGER, ItemType.INTERVAL):
         signed = item_type == ItemType.INTEGER
         value = int.from_bytes(raw, "big", signed=signed)

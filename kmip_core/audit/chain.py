@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 GENESIS = "0" * 64
 
@@ -101,8 +101,8 @@ def parse_time(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
-def body_field(body: dict, path: tuple[str, ...]):
-    value = body
+def body_field(body: dict, path: tuple[str, ...]) -> Any:
+    value: Any = body
     for key in path:
         if not isinstance(value, dict):
             return None
@@ -196,7 +196,7 @@ def verify(
         if body and canonical(body) != r.body:
             problem(r.seq, f"record {r.seq} altered: its body is not in canonical form")
         if body and body.get("prev") != prev:
-            earlier = recent.get(body.get("prev"))
+            earlier = recent.get(body["prev"]) if "prev" in body else None
             if earlier is not None and earlier < r.seq - 1:
                 problem(
                     earlier + 1,
@@ -269,7 +269,7 @@ class Verdict:
     out: tuple[str, ...] = ()
     err: tuple[str, ...] = ()
 
-    def emit(self, out=None, err=None) -> int:
+    def emit(self, out: TextIO | None = None, err: TextIO | None = None) -> int:
         out = out or sys.stdout
         err = err or sys.stderr
         for line in self.out:
@@ -296,6 +296,7 @@ def verdict(report: Report, where: str, signatures_checked: bool) -> Verdict:
             )
         return Verdict(EXIT_INTACT, tuple(out))
     first = report.first_problem
+    assert first is not None  # not ok: it has problems
     err = [f"audit trail NOT intact ({where}): first problem at record {first.seq}: {first.text}"]
     for problem in sorted(report.problems, key=lambda p: p.seq)[1:]:
         err.append(f"  also at record {problem.seq}: {problem.text}")

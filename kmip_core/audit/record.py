@@ -11,11 +11,13 @@ from the payload, and never inside an object (Key Block, Secret Data...).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kmip.core.enums import Tags
 
 from kmip_core import ttlv
 from kmip_core.audit.chain import format_time
+from kmip_core.policy import Principal
 from kmip_core.ttlv import Item, ItemType
 
 T = Tags
@@ -45,7 +47,17 @@ _OPAQUE = {
 _ATTRIBUTE_SETS = {t.value for t in (T.ATTRIBUTES, T.NEW_ATTRIBUTE, T.CURRENT_ATTRIBUTE)}
 
 
-def render(item: Item):
+class AuditedObject(Protocol):
+    """An object a request reached (the KMS keystore's ManagedObject): its
+    Unique Identifier and its attribute values by name."""
+
+    @property
+    def uid(self) -> str: ...
+
+    def value(self, name: str) -> object: ...
+
+
+def render(item: Item) -> object:
     """A JSON-friendly rendering of an attribute value."""
     if item.type == ItemType.STRUCTURE:
         return {ttlv.tag_name(c.tag): render(c) for c in item.children() if c.tag not in _OPAQUE}
@@ -88,7 +100,7 @@ def request_attributes(payload: Item | None) -> list[dict]:
             if child.tag == T.ATTRIBUTE.value and child.type == ItemType.STRUCTURE:
                 name = child.get(T.ATTRIBUTE_NAME.value)
                 value = child.find(T.ATTRIBUTE_VALUE.value)
-                entry = {"name": name if isinstance(name, str) else "?"}
+                entry: dict[str, object] = {"name": name if isinstance(name, str) else "?"}
                 index = child.get(T.ATTRIBUTE_INDEX.value)
                 if isinstance(index, int):
                     entry["index"] = index
@@ -151,7 +163,7 @@ class AuditDraft:
     # The record written inside the item's own write transaction, if any.
     written: object | None = None
 
-    def touch(self, obj) -> None:
+    def touch(self, obj: AuditedObject) -> None:
         tags = {}
         for name in X_TAGS:
             value = obj.value(name)
@@ -194,7 +206,7 @@ class AuditDraft:
         return body
 
 
-def client_fields(principal) -> dict:
+def client_fields(principal: Principal | None) -> dict:
     if principal is None:
         return {"name": "-", "role": None, "subject": None, "fingerprint": None, "username": None}
     return {

@@ -159,13 +159,14 @@ class EncryptResult:
     tag: bytes | None
 
     def __repr__(self) -> str:  # Lengths only: never payload bytes.
-        def size(b):
+        def size(b: bytes | None) -> str | None:
             return None if b is None else f"bytes[{len(b)}]"
 
         return f"EncryptResult(data={size(self.data)}, iv={size(self.iv)}, tag={size(self.tag)})"
 
 
-def _enum(cls, value, what: str):
+def _enum(cls: Any, value: object, what: str) -> Any:
+    """The member of PyKMIP enum `cls` that `value` is or names."""
     if isinstance(value, cls):
         return value
     if isinstance(value, str):
@@ -176,7 +177,7 @@ def _enum(cls, value, what: str):
     raise TypeError(f"{what} must be a {cls.__name__} or its name")
 
 
-def _usage_mask(mask) -> int:
+def _usage_mask(mask: int | CryptographicUsageMask | Iterable[CryptographicUsageMask]) -> int:
     if isinstance(mask, CryptographicUsageMask):
         return mask.value
     if isinstance(mask, int):
@@ -233,7 +234,7 @@ class KmipClient:
         if (username is None) != (password_file is None):
             raise ValueError("username and password_file go together")
         self._credential: tuple[str, str] | None = None
-        if username is not None:
+        if username is not None and password_file is not None:  # both or neither (above)
             password = Path(password_file).read_text(encoding="utf-8").rstrip("\r\n")
             self._credential = (username, password)
         if int(connections) < 1:
@@ -256,7 +257,7 @@ class KmipClient:
     def __enter__(self) -> KmipClient:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -274,10 +275,10 @@ class KmipClient:
         return str(self.nodes[self._current])
 
     # The failover policy.
-    def request(self, operation: Operation, payload_items: Iterable[Item] = ()) -> Item:
+    def request(self, operation: Operation, payload_items: Iterable[Item | None] = ()) -> Item:
         """Send one operation with the given Request Payload items and return
-        the Response Payload; for any operation this client has no method
-        for. Raises `KmipError` (or `OutcomeUnknown`, `NoNodeAvailable`)."""
+        the Response Payload (None items are left out); for any operation
+        this client has no method for. Raises `KmipError` (or `OutcomeUnknown`, `NoNodeAvailable`)."""
         operation = Operation(operation)
         message = messages.request_message(
             self.version, operation, payload_items, self._credential, correlation=_CORRELATION.get()
@@ -603,7 +604,9 @@ class KmipClient:
         self.request(Operation.DESTROY, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])
 
     @staticmethod
-    def _crypto_parameters(mode, padding, tag_length) -> Item:
+    def _crypto_parameters(
+        mode: BlockCipherMode | str | None, padding: PaddingMethod | str | None, tag_length: int | None
+    ) -> Item:
         return ttlv.structure(
             T.CRYPTOGRAPHIC_PARAMETERS.value,
             [

@@ -39,8 +39,7 @@ class Node:
 def parse_node(node: str | tuple[str, int]) -> Node:
     """ "host:port", "[v6addr]:port", a bare host (port 5696) or (host, port)."""
     if isinstance(node, tuple):
-        host, port = node
-        return Node(str(host), int(port))
+        return Node(str(node[0]), int(node[1]))
     text = node.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")

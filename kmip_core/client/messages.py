@@ -35,7 +35,7 @@ class MalformedResponse(Exception):
 def request_message(
     version: tuple[int, int],
     operation: Operation,
-    payload_items: Iterable[Item],
+    payload_items: Iterable[Item | None],
     credential: tuple[str, str] | None = None,
     correlation: str | None = None,
 ) -> bytes:
@@ -223,7 +223,7 @@ def attribute_reference(version: tuple[int, int], name: str) -> Item:
 
 
 # Attribute values: TTLV -> Python.
-def _enum_class(tag: int):
+def _enum_class(tag: int) -> type[enum.Enum] | None:
     try:
         name = Tags(tag).name
     except ValueError:

@@ -73,7 +73,10 @@ def _context(conn: Connection, migrations: Migrations) -> MigrationContext:
 
 
 def head_revision(migrations: Migrations) -> str:
-    return ScriptDirectory.from_config(_config(migrations)).get_current_head()
+    head = ScriptDirectory.from_config(_config(migrations)).get_current_head()
+    if head is None:
+        raise SchemaError(f"the {migrations.product} schema has no migrations")
+    return head
 
 
 def known_revisions(migrations: Migrations) -> set[str]:
@@ -100,6 +103,8 @@ def upgrade(engine: Engine, migrations: Migrations) -> tuple[str | None, str]:
             command.stamp(_config(migrations, conn), migrations.baseline)
         command.upgrade(_config(migrations, conn), "head")
         after = _context(conn, migrations).get_current_revision()
+    if after is None:
+        raise SchemaError(f"the {migrations.product} schema has no migrations")
     return before, after
 
 

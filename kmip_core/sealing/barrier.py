@@ -218,6 +218,8 @@ class Barrier:
     def seal(self, uid: str, plaintext: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
         if self._seal_format == VERSION:
+            if self.keyring.legacy_term is None:
+                raise BarrierError("this keyring has no term for the legacy format")
             aead = self._aeads[self.keyring.legacy_term]
             return bytes([VERSION]) + nonce + aead.encrypt(nonce, plaintext, _aad(uid))
         term = self.keyring.active
@@ -422,7 +424,7 @@ def open_barrier(
     key_file: str | None = None,
     passphrase_file: str | None = None,
     master: MasterKey | None = None,
-    source=None,
+    source: object = None,
 ) -> Barrier:
     """The barrier for this store. On first use makes the keyring and wraps
     it under `master` (or the key file / passphrase given); afterwards opens

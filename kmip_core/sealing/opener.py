@@ -23,7 +23,7 @@ __all__ = ["open_master_key"]
 
 
 def open_master_key(
-    cfg,
+    cfg: object,
     get_meta: Callable[[str], bytes | None],
     set_meta: Callable[[str, bytes], None] | None = None,
 ) -> MasterKey:

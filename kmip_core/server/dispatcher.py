@@ -80,7 +80,7 @@ class Dispatcher:
         backend: Backend,
         operations: dict[Operation, Handler],
         node: str = "",
-        authenticate: Callable[[str, str], bool] | None = None,
+        authenticate: Callable[[str, str, str], bool] | None = None,
         max_depth: int = ttlv.DEFAULT_MAX_DEPTH,
         retry_delays: tuple[float, ...] = STORAGE_RETRY_DELAYS,
         sleep: Callable[[float], None] = time.sleep,
@@ -273,8 +273,9 @@ class Dispatcher:
                 log.warning("request %s: database unavailable (%s); retrying the batch in %.2f s", ctx.request_id, exc, delay)
                 self.sleep(delay)
                 continue
-            for record in records:
-                self.trail.publish(record)
+            if self.trail is not None:  # records are made only with a trail
+                for record in records:
+                    self.trail.publish(record)
             return [response for response, _, _ in done]
         raise AssertionError("unreachable")
 
@@ -283,6 +284,7 @@ class Dispatcher:
         responses = []
         for response, failed, draft in done:
             if draft is not None:
+                assert self.trail is not None  # a draft is made only with a trail (_draft)
                 reason = response.get(T.RESULT_REASON.value)
                 try:
                     if failed:
@@ -303,7 +305,7 @@ class Dispatcher:
         return responses
 
     def _handle_item(
-        self, ctx: RequestContext, item: Item, index: int = 0, batch_txn=None
+        self, ctx: RequestContext, item: Item, index: int = 0, batch_txn: Any = None
     ) -> tuple[Item, bool, AuditDraft | None]:
         """Run one item: its answer, whether it failed, and its audit draft.
         With `batch_txn` (a batch run with Undo) the item runs in that
@@ -314,11 +316,11 @@ class Dispatcher:
         # 2,048-byte Big Integer in its place is refused, never copied into
         # the answer, whose encoding would then fail.
         well_typed = operation_item is not None and operation_item.type == ItemType.ENUMERATION
-        operation_value = operation_item.value if well_typed else None
+        operation_value: int | None = operation_item.value if operation_item is not None and well_typed else None
         batch_id = item.find(T.UNIQUE_BATCH_ITEM_ID.value)
         payload = item.find(T.REQUEST_PAYLOAD.value)
-        head = [
-            ttlv.enumeration(T.OPERATION.value, operation_value) if well_typed else None,
+        head: list[Item | None] = [
+            ttlv.enumeration(T.OPERATION.value, operation_value) if operation_value is not None else None,
             batch_id,
         ]
         draft = self._draft(ctx, operation_value, payload, index)
@@ -341,6 +343,7 @@ class Dispatcher:
                 if draft is not None and draft.written is None:
                     # Reads, and writes that changed nothing: the record is
                     # stored before the answer leaves (fail closed).
+                    assert self.trail is not None  # a draft is made only with a trail (_draft)
                     self.trail.write(draft.entry("SUCCESS", None))
             body = head + [
                 ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.SUCCESS.value),
@@ -365,6 +368,7 @@ class Dispatcher:
                 reason, text = result_reason(refused, *ctx.version)
                 _log_refusal(ctx, operation_value, reason, text)
         if draft is not None and batch_txn is None:
+            assert self.trail is not None  # a draft is made only with a trail (_draft)
             try:
                 self.trail.write(draft.entry("OPERATION_FAILED", reason.name, text))
             except AuditWriteFailed as exc:
@@ -374,7 +378,7 @@ class Dispatcher:
         self._count(operation_value, reason.name, started)
         return ttlv.structure(T.BATCH_ITEM.value, body), True, draft
 
-    def _count(self, operation_value, result: str, started: float | None) -> None:
+    def _count(self, operation_value: int | None, result: str, started: float | None) -> None:
         if self.metrics is not None:
             self.metrics.request(_op_name(operation_value), result, None if started is None else time.monotonic() - started)
 
@@ -382,7 +386,7 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.database_event(event)
 
-    def _draft(self, ctx: RequestContext, operation_value, payload: Item | None, index: int) -> AuditDraft | None:
+    def _draft(self, ctx: RequestContext, operation_value: int | None, payload: Item | None, index: int) -> AuditDraft | None:
         if self.trail is None:
             return None
         requested = payload.get(T.UNIQUE_IDENTIFIER.value) if payload is not None and payload.type == ItemType.STRUCTURE else None
@@ -502,7 +506,7 @@ class Dispatcher:
         return self._response([_version_item(version), ttlv.date_time(T.TIME_STAMP.value, int(time.time()))], [item])
 
 
-def _failure_fields(reason: ResultReason, text: str) -> list[Item]:
+def _failure_fields(reason: ResultReason, text: str) -> list[Item | None]:
     return [
         ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.OPERATION_FAILED.value),
         ttlv.enumeration(T.RESULT_REASON.value, reason.value),
@@ -588,14 +592,14 @@ def _version_item(version: tuple[int, int]) -> Item:
     )
 
 
-def _log_refusal(ctx, operation_value, reason: ResultReason, text: str) -> None:
+def _log_refusal(ctx: RequestContext, operation_value: int | None, reason: ResultReason, text: str) -> None:
     """One line for a request refused with a KMIP Result Reason."""
     log.info(
         "request %s %s by %s: %s (%s)", ctx.request_id, _op_name(operation_value), ctx.principal.name, reason.name, text
     )
 
 
-def _op_name(value) -> str:
+def _op_name(value: object) -> str:
     """An Operation for the log and the trail; `value` is an Enumeration's
     (32 bits) or None."""
     if value is None:

@@ -7,6 +7,9 @@ defined, the label errors name them by; and the refusal of multi-part
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from kmip.core.enums import (
     Tags,
 )
@@ -14,6 +17,8 @@ from kmip.core.enums import (
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
+
+E = TypeVar("E")
 
 T = Tags
 
@@ -23,7 +28,7 @@ def label(t: Tags) -> str:
     return t.name.replace("_", " ").title()
 
 
-def enum_field(item: Item | None, enum_cls, what: Tags):
+def enum_field(item: Item | None, enum_cls: Callable[[int], E], what: Tags) -> E | None:
     if item is None:
         return None
     if item.type != ItemType.ENUMERATION:
@@ -85,7 +90,7 @@ def require(payload: Item, t: Tags, type_: ItemType | None = None) -> Item:
     return item
 
 
-def optional_bytes(payload, t: Tags) -> bytes | None:
+def optional_bytes(payload: Item, t: Tags) -> bytes | None:
     item = payload.find(t.value)
     if item is None:
         return None
