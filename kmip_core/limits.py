@@ -32,10 +32,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.internet import abstract, defer
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IProtocol
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
@@ -53,6 +56,43 @@ __all__ = [
 ]
 
 
+# What these modules use of Twisted's reactor, its timers and a listener's
+# TLS transport, as typing Protocols: Twisted declares them as zope.interface
+# Interfaces, whose methods mypy cannot call (they lack `self`) without the
+# mypy-zope plugin.
+class DelayedCall(Protocol):
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class Reactor(Protocol):
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any) -> DelayedCall: ...
+
+
+class Transport(Protocol):
+    """A listener's connection as its protocol sees it: TLS over TCP
+    (ISSLTransport, ITCPTransport.abortConnection, IConsumer, IPushProducer)."""
+
+    def getPeer(self) -> IAddress: ...
+
+    def getPeerCertificate(self) -> Any: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def abortConnection(self) -> None: ...
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class ListenerLimits:
     """One listener's limits; the defaults suit a node on a small machine."""
@@ -68,10 +108,10 @@ class Deadline:
     """One timer on `reactor` that calls `expired` unless cancelled or
     restarted first; harmless to cancel twice or after it fired."""
 
-    def __init__(self, reactor, expired: Callable[[], None]):
+    def __init__(self, reactor: Reactor, expired: Callable[[], None]):
         self._reactor = reactor
         self._expired = expired
-        self._call = None
+        self._call: DelayedCall | None = None
 
     def start(self, seconds: float) -> None:
         self.cancel()
@@ -91,7 +131,7 @@ class Deadline:
         self._expired()
 
 
-def socket_transport(transport) -> abstract.FileDescriptor | None:
+def socket_transport(transport: object) -> abstract.FileDescriptor | None:
     """The socket transport beneath `transport` (through TLS and wrappers),
     or None (an in-memory transport in tests)."""
     for _ in range(8):
@@ -103,7 +143,7 @@ def socket_transport(transport) -> abstract.FileDescriptor | None:
     return None
 
 
-def unsent_bytes(transport) -> int:
+def unsent_bytes(transport: object) -> int:
     """Bytes written to `transport` that have not reached the kernel yet:
     what TLS holds back plus the socket transport's write buffer. Twisted
     has no public call for this; these are the attributes its own
@@ -129,8 +169,11 @@ class LimitedConnection(ProtocolWrapper):
     """One connection's share of its listener's limits."""
 
     factory: LimitedFactory
+    # Set by makeConnection before any event reaches the protocol.
+    transport: Transport  # type: ignore[assignment]  # Twisted: ITransport | None, a zope Interface (see Transport)
+    wrappedProtocol: Any  # Twisted: IProtocol, a zope Interface (see Transport)
 
-    def __init__(self, factory: LimitedFactory, wrappedProtocol):
+    def __init__(self, factory: LimitedFactory, wrappedProtocol: IProtocol):
         super().__init__(factory, wrappedProtocol)
         self.state = "new"  # new, handshaking, established, refused, closed
         self.closing = False
@@ -143,12 +186,12 @@ class LimitedConnection(ProtocolWrapper):
         self._close_deadline = Deadline(factory.reactor, self._close_expired)
         self._request_deadline = Deadline(factory.reactor, self._request_expired)
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
         self.factory._admit_handshake(self)
 
-    def handshakeCompleted(self):
+    def handshakeCompleted(self) -> None:
         self._handshake_deadline.cancel()
         if self.state != "handshaking":
             return
@@ -157,7 +200,7 @@ class LimitedConnection(ProtocolWrapper):
         if IHandshakeListener.providedBy(self.wrappedProtocol):
             self.wrappedProtocol.handshakeCompleted()
 
-    def dataReceived(self, data: bytes):
+    def dataReceived(self, data: bytes) -> None:
         # A refused or closing connection gets nothing more to its protocol.
         if self.state == "established" and not self.closing:
             timeout = self.factory.limits.request_timeout
@@ -165,11 +208,11 @@ class LimitedConnection(ProtocolWrapper):
                 self._request_deadline.start(timeout)
             self.wrappedProtocol.dataReceived(data)
 
-    def request_received(self):
+    def request_received(self) -> None:
         """The request being read is complete: its deadline stops."""
         self._request_deadline.cancel()
 
-    def loseConnection(self):
+    def loseConnection(self) -> None:
         self.closing = True
         if not self._close_deadline.active and self.state not in ("closed", "refused"):
             self._close_deadline.start(self.factory.limits.close_timeout)
@@ -180,20 +223,20 @@ class LimitedConnection(ProtocolWrapper):
         self.transport.resumeProducing()
         super().loseConnection()
 
-    def registerProducer(self, producer, streaming):
+    def registerProducer(self, producer: object, streaming: bool) -> None:
         super().registerProducer(producer, streaming)
         self._producer_registered = True
 
-    def unregisterProducer(self):
+    def unregisterProducer(self) -> None:
         if self._producer_registered:
             self._producer_registered = False
             super().unregisterProducer()
 
-    def abort(self):
+    def abort(self) -> None:
         self.closing = True
         self.transport.abortConnection()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._handshake_deadline.cancel()
         self._close_deadline.cancel()
         self._request_deadline.cancel()
@@ -202,31 +245,31 @@ class LimitedConnection(ProtocolWrapper):
         if self.wrappedProtocol is not None:
             super().connectionLost(reason)
 
-    def _handshake_expired(self):
+    def _handshake_expired(self) -> None:
         if self.state == "handshaking":
             self.refusal = f"TLS handshake not done in {self.factory.limits.handshake_timeout}s"
             log.info("%s: closing %s: %s", self.factory.name, self.peer, self.refusal)
             self.abort()
 
-    def _request_expired(self):
+    def _request_expired(self) -> None:
         if self.state == "established":
             log.info("%s: closing %s: request not complete %ss after its first byte", self.factory.name, self.peer,
                      self.factory.limits.request_timeout)
             self.abort()
 
-    def _close_expired(self):
+    def _close_expired(self) -> None:
         if self.state != "closed":
             log.info("%s: aborting %s: close not done in %ss", self.factory.name, self.peer,
                      self.factory.limits.close_timeout)
             self.abort()
 
 
-class LimitedFactory(WrappingFactory):
+class LimitedFactory(WrappingFactory[LimitedConnection]):
     """Wraps a listener's protocol factory with `ListenerLimits`."""
 
     protocol = LimitedConnection
 
-    def __init__(self, wrappedFactory, limits: ListenerLimits, reactor, name: str = "listener"):
+    def __init__(self, wrappedFactory: Factory[Any], limits: ListenerLimits, reactor: Reactor, name: str = "listener"):
         super().__init__(wrappedFactory)
         self.limits = limits
         self.reactor = reactor
@@ -240,7 +283,7 @@ class LimitedFactory(WrappingFactory):
     def open_connections(self) -> int:
         return len(self.handshaking) + len(self.established)
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: IAddress | None) -> LimitedConnection | None:  # type: ignore[override]  # None refuses the connection, as Twisted's own Factory.buildProtocol may
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return None
@@ -277,7 +320,7 @@ class LimitedFactory(WrappingFactory):
         self.handshaking.pop(conn, None)
         self.established.discard(conn)
 
-    def unregisterProtocol(self, p):
+    def unregisterProtocol(self, p: LimitedConnection) -> None:
         super().unregisterProtocol(p)
         if not self.protocols:
             waiters, self._gone_waiters = self._gone_waiters, []
@@ -295,21 +338,27 @@ class LimitedFactory(WrappingFactory):
         are gone, or after `timeout` seconds (stragglers are then aborted)."""
         if not self.protocols:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._gone_waiters.append(d)
         for conn in list(self.protocols):
             conn.loseConnection()
 
-        def abort():
+        def abort() -> None:
             for conn in list(self.protocols):
                 conn.abort()
 
         call = self.reactor.callLater(timeout, abort)
-        d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+
+        def done(result: None) -> None:
+            if call.active():
+                call.cancel()
+            return result
+
+        d.addBoth(done)
         return d
 
 
-def request_received(transport) -> None:
+def request_received(transport: object) -> None:
     """Tell the listener limits beneath `transport` that the request being
     read is complete (nothing happens without them)."""
     for _ in range(8):
@@ -325,6 +374,6 @@ class TimedRequest(server.Request):
     """A twisted.web request that stops its listener's request deadline
     once it has been read whole (headers and body)."""
 
-    def requestReceived(self, command, path, version):
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         request_received(self.channel.transport if self.channel is not None else None)
         return super().requestReceived(command, path, version)

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from kmip_core import limits, ttlv
@@ -71,13 +74,16 @@ class KmipProtocol(protocol.Protocol):
     `frame_timeout`, however slowly its bytes trickle in). The handshake
     timeout and the connection cap are the listener's (`wire.limits`)."""
 
+    # Set by makeConnection before any event reaches the protocol.
+    transport: limits.Transport  # type: ignore[assignment]  # Twisted: ITransport | None, a zope Interface (limits.Transport)
+
     def __init__(self, factory: KmipFactory):
         self.factory = factory
         self._buffer = bytearray()
         self._expected: int | None = None
         self._queue: deque[bytes] = deque()
         self._busy = False
-        self._identity = None
+        self._identity: object = None
         self._closing = False
         self._lost = False
         self._reading_paused = False
@@ -92,11 +98,11 @@ class KmipProtocol(protocol.Protocol):
         self._frame_deadline = limits.Deadline(factory.reactor, self._frame_expired)
 
     # Connection events.
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
-    def handshakeCompleted(self):
+    def handshakeCompleted(self) -> None:
         if self._lost or self._closing:
             return
         self._handshake_done = True
@@ -118,7 +124,7 @@ class KmipProtocol(protocol.Protocol):
         self.transport.registerProducer(self, True)
         self._idle.start(self.factory.idle_timeout)
 
-    def connectionLost(self, reason=protocol.connectionDone):
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
         self._closing = True
         self._idle.cancel()
@@ -131,7 +137,7 @@ class KmipProtocol(protocol.Protocol):
             self.factory.refused(self.peer, refusal or f"TLS handshake failed: {reason.getErrorMessage()}", None)
         self.factory.release(self)
 
-    def _idle_expired(self):
+    def _idle_expired(self) -> None:
         if self._lost:
             return
         if self._closing:
@@ -142,7 +148,7 @@ class KmipProtocol(protocol.Protocol):
             log.info("closing idle connection from %s", self.peer)
         self.transport.abortConnection()
 
-    def _frame_expired(self):
+    def _frame_expired(self) -> None:
         if self._lost:
             return
         log.info(
@@ -153,7 +159,7 @@ class KmipProtocol(protocol.Protocol):
         self.transport.abortConnection()
 
     # IPushProducer, driven by the transport's write buffer.
-    def pauseProducing(self):
+    def pauseProducing(self) -> None:
         self._write_blocked = True
         self._update_reading()
         if not self._busy and not self._lost:
@@ -161,16 +167,16 @@ class KmipProtocol(protocol.Protocol):
             # reading is closed after idle_timeout.
             self._idle.start(self.factory.idle_timeout)
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         self._write_blocked = False
         self._update_reading()
         self.factory.unsent_changed()
         self._next()
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         pass
 
-    def node_unblocked(self):
+    def node_unblocked(self) -> None:
         if self._lost:
             return
         self._node_blocked = False
@@ -179,7 +185,7 @@ class KmipProtocol(protocol.Protocol):
         self._update_reading()
         self._next()
 
-    def _update_reading(self):
+    def _update_reading(self) -> None:
         """Read the client only while its requests can be taken: the queue
         has room and its responses (and the node's) are being read."""
         if self._lost or self._closing:
@@ -198,7 +204,7 @@ class KmipProtocol(protocol.Protocol):
             self.transport.resumeProducing()
 
     # Framing.
-    def dataReceived(self, data: bytes):
+    def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
         if self._identity is None:
@@ -235,7 +241,7 @@ class KmipProtocol(protocol.Protocol):
             self._next()
         self._update_reading()
 
-    def _next(self):
+    def _next(self) -> None:
         if self._busy or not self._queue or self._closing or self._write_blocked or self._node_blocked:
             return
         self._busy = True
@@ -247,7 +253,7 @@ class KmipProtocol(protocol.Protocol):
         d = self.factory.process(message, self._identity)
         d.addCallbacks(self._respond, self._failed)
 
-    def _respond(self, response: bytes | None):
+    def _respond(self, response: bytes | None) -> None:
         self._busy = False
         if self._lost:
             return  # The client went away while its request was processed.
@@ -269,14 +275,14 @@ class KmipProtocol(protocol.Protocol):
             self._update_reading()
         self._next()
 
-    def _failed(self, failure):
+    def _failed(self, failure: Failure) -> None:
         self._busy = False
         if self._lost:
             return
         log.error("request from %s failed outside the dispatcher: %s", self.peer, failure.getErrorMessage())
         self._close()
 
-    def _close(self):
+    def _close(self) -> None:
         """Close after flushing what was written. Reading resumes so that
         the peer's close is seen, and a close that does not complete in
         time is aborted: a closing connection always ends."""
@@ -315,8 +321,8 @@ class KmipFactory(protocol.Factory):
         self,
         handle: Callable[[bytes, object], bytes | None],
         identify: Callable[[object, str], object],
-        threadpool,
-        reactor,
+        threadpool: ThreadPool,
+        reactor: Any,
         max_message_size: int = 1 << 20,
         idle_timeout: float = 300.0,
         frame_timeout: float = 30.0,
@@ -343,11 +349,11 @@ class KmipFactory(protocol.Factory):
         self.unsent_bytes: Callable[[object], int] = limits.unsent_bytes
         self.connections: set[KmipProtocol] = set()
         self._node_waiters: dict[KmipProtocol, None] = {}
-        self._recheck = None
+        self._recheck: limits.DelayedCall | None = None
         self._in_flight: set[defer.Deferred] = set()
-        self._closed_waiters: list[defer.Deferred] = []
+        self._closed_waiters: list[defer.Deferred[None]] = []
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: IAddress | None) -> KmipProtocol:
         return KmipProtocol(self)
 
     def release(self, proto: KmipProtocol) -> None:
@@ -387,11 +393,11 @@ class KmipFactory(protocol.Factory):
             del self._node_waiters[proto]
             proto.node_unblocked()
 
-    def process(self, message: bytes, identity) -> defer.Deferred:
+    def process(self, message: bytes, identity: object) -> defer.Deferred[bytes | None]:
         d = deferToThreadPool(self.reactor, self.threadpool, self.handle, message, identity)
         self._in_flight.add(d)
 
-        def done(result):
+        def done(result: Any) -> Any:
             self._in_flight.discard(d)
             return result
 
@@ -399,27 +405,33 @@ class KmipFactory(protocol.Factory):
         return d
 
     @defer.inlineCallbacks
-    def drain(self):
+    def drain(self) -> Generator[defer.Deferred[Any], Any, None]:
         """Fires when every request in flight has been answered, including
         requests already received that start as earlier ones finish."""
         while self._in_flight:
             yield defer.DeferredList(list(self._in_flight), consumeErrors=True)
 
-    def close_all(self, timeout: float = 5.0) -> defer.Deferred:
+    def close_all(self, timeout: float = 5.0) -> defer.Deferred[None]:
         """Close every connection once its pending responses are flushed;
         fires when all are closed, or after `timeout` seconds (stragglers
         are then aborted)."""
         if not self.connections:
             return defer.succeed(None)
-        d = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         self._closed_waiters.append(d)
         for proto in list(self.connections):
             proto._close()
 
-        def abort():
+        def abort() -> None:
             for proto in list(self.connections):
                 proto.transport.abortConnection()
 
         call = self.reactor.callLater(timeout, abort)
-        d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+
+        def done(result: None) -> None:
+            if call.active():
+                call.cancel()
+            return result
+
+        d.addBoth(done)
         return d
