@@ -202,9 +202,12 @@ def tpm2(tool: str, tcti: str, *args: str) -> bytes:
     return done.stdout
 
 
-def shm_workdirs() -> set[str]:
+def shm_workdirs(*vmx_paths: Path) -> set[str]:
+    """The agent's working directories of these VMs (the agent names them vtpm-<first 8 of the VM UUID>-...).
+    Only these VMs': other tests (xdist workers, other checkouts) make and wipe vtpm-* directories at the same
+    time in the same /dev/shm."""
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(os.environ.get("TMPDIR", "/tmp"))
-    return {p.name for p in base.glob("vtpm-*")}
+    return {p.name for path in vmx_paths for p in base.glob(f"vtpm-{vm_uuid_of(path)[:8]}-*")}
 
 
 def swtpm_alive(pid: int) -> bool:
@@ -394,7 +397,7 @@ def test_bad_nvram_is_refused_and_swtpm_never_starts(agent, broker, datastore, p
     path = nvram_of(vmx_path)
     twin_dek = broker.deks[next(iter(broker.deks))]
     twin = make_vm(datastore, broker, "app-2", dek=twin_dek)  # same DEK: only the VM UUID tells them apart
-    before = shm_workdirs()
+    before = shm_workdirs(vmx_path, twin)
 
     def refused(kind: type[Exception], words: str) -> None:
         with pytest.raises(kind) as caught:
@@ -402,7 +405,7 @@ def test_bad_nvram_is_refused_and_swtpm_never_starts(agent, broker, datastore, p
         message = str(caught.value)
         assert words in message and "\n" not in message, message
         assert agent.status() == []
-        assert shm_workdirs() == before
+        assert shm_workdirs(vmx_path, twin) == before
 
     seal_for(vmx_path, broker, permall, generation=5)
     good = path.read_bytes()
@@ -520,16 +523,16 @@ def test_a_record_left_by_a_host_restart_is_dropped(agent, broker, datastore):
 @needs_swtpm
 def test_swtpm_failures_are_clear(agents, broker, datastore, permall):
     """swtpm that will not start and swtpm_setup that fails are one-line SwtpmFailed, with nothing left behind."""
-    before = shm_workdirs()
     vmx_path = make_vm(datastore, broker, "fail-1")
+    fresh = make_vm(datastore, broker, "fail-2")
+    before = shm_workdirs(vmx_path, fresh)
     seal_for(vmx_path, broker, permall, generation=1)
     with pytest.raises(SwtpmFailed, match="swtpm did not start"):
         agents(swtpm_binary="/bin/false").power_on(vmx_path)
-    fresh = make_vm(datastore, broker, "fail-2")
     with pytest.raises(SwtpmFailed, match="manufacturing the vTPM of VM fail-2 failed"):
         agents(swtpm_setup="/nonexistent/swtpm_setup").power_on(fresh)
     assert not nvram_of(fresh).exists()
-    assert shm_workdirs() == before
+    assert shm_workdirs(vmx_path, fresh) == before
 
 
 def test_a_vm_without_vtpm_or_encryption_is_refused(agent, broker, datastore, tmp_path):
