@@ -57,8 +57,16 @@ run: venv pki master-key audit-key
 vcenter-session: venv
 	$(BIN)/python tools/vcenter_session.py
 
+# In parallel with pytest-xdist (setup.cfg's test extra): one worker per core
+# by default (PYTEST_WORKERS=auto; 0 runs the suite in this one process).
+# --dist loadscope gives each test module to one worker as a whole, so a
+# module's module-scoped KMS nodes, brokers, swtpm and PostgreSQL clusters are
+# started once, not once per worker. Nothing needs a serial pass: every test
+# takes free ports, its own tmp_path, its own PostgreSQL database and (per
+# worker process) its own SoftHSM2 token directory (tests/softhsm.py).
+PYTEST_WORKERS ?= auto
 test: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # The OASIS KMIP profile test flows (1.4, 2.0, 2.1; mandatory and optional)
 # against a server of its own: figures per version and set, and the list of
