@@ -397,6 +397,9 @@ class MetricsListener:
         self.factory: Any = None
         self.threadpool = ThreadPool(minthreads=0, maxthreads=2, name="monitoring")
         self._running: defer.Deferred | None = None
+        # A run that timed out and has not returned yet (a check blocked on
+        # a dead database): no new run starts until it does.
+        self._stuck: defer.Deferred | None = None
         self._waiters: list[defer.Deferred] = []
 
     @property
@@ -448,6 +451,9 @@ class MetricsListener:
         """The report of a readiness run: the one in progress, or a new one.
         A run that takes longer than `timeout` answers not ready."""
         waiter: defer.Deferred = defer.Deferred()
+        if self._running is None and self._stuck is not None:
+            waiter.callback(self._not_answered("the previous readiness run has not returned yet"))
+            return waiter
         self._waiters.append(waiter)
         if self._running is None:
             run = deferToThreadPool(self.reactor, self.threadpool, self.readiness.run)
@@ -457,6 +463,8 @@ class MetricsListener:
             def finished(result: Any) -> None:
                 if timeout.active():
                     timeout.cancel()
+                if self._stuck is run:
+                    self._stuck = None
                 if self._running is run:
                     self._running = None
                     self._answer(result)
@@ -467,9 +475,11 @@ class MetricsListener:
     def _timed_out(self, run: defer.Deferred) -> None:
         if self._running is run:
             self._running = None
-            checks = tuple(CheckResult(n, False, f"no answer within {self.timeout:g} s", self.timeout)
-                           for n in self.readiness.names)
-            self._answer(ReadinessReport(checks))
+            self._stuck = run
+            self._answer(self._not_answered(f"no answer within {self.timeout:g} s"))
+
+    def _not_answered(self, why: str) -> ReadinessReport:
+        return ReadinessReport(tuple(CheckResult(n, False, why, self.timeout) for n in self.readiness.names))
 
     def _answer(self, result: Any) -> None:
         waiters, self._waiters = self._waiters, []

@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -172,6 +173,23 @@ def test_a_slow_check_answers_503_and_probes_share_one_run(reactor):
             assert code == 503
             assert body["checks"][0]["name"] == "slow" and "no answer within 0.5 s" in body["checks"][0]["detail"]
         assert len(runs) == 1
+        # While that run is still blocked, probes do not queue more runs.
+        with pytest.raises(urllib.error.HTTPError) as still:
+            urllib.request.urlopen(f"{listener.url}readyz", timeout=10)
+        assert still.value.code == 503 and "has not returned yet" in still.value.read().decode()
+        assert len(runs) == 1
+        # Once it returns, the next probe runs the checks again.
+        release.set()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                body = json.loads(urllib.request.urlopen(f"{listener.url}readyz", timeout=10).read())
+                break
+            except urllib.error.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert body["ready"] is True and body["checks"][0]["detail"] == "late"
+        assert len(runs) == 2
     finally:
         release.set()
         time.sleep(0.1)
