@@ -259,7 +259,7 @@ _PG_WRITE_LOCK_ID = 0x76746D77  # "vtmw": serializes write transactions, as SQLi
 
 
 class Database:
-    """An engine and transactions; the repository logic lives in trust.py."""
+    """An engine and transactions; the repository logic lives in broker/registry/."""
 
     def __init__(self, db_url: str, *, pool_size: int = 8) -> None:
         try:
