@@ -33,6 +33,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, overload
+
+if TYPE_CHECKING:
+    from kmip_core.audit.audit_key import Signer
 
 __all__ = ["main"]
 
@@ -41,6 +45,16 @@ KMS_CLIENT_CN_PREFIX = "vtpm-broker-"
 
 class CliError(Exception):
     """A one-line problem and its fix."""
+
+
+def _load_signer(path: Path) -> Signer:
+    """The audit signing key at `path`, which the caller found there."""
+    from broker import audit_trail
+
+    signer = audit_trail.load_signer(path)
+    if signer is None:
+        raise CliError(f"no audit signing key {path}; create it with 'vtpm-broker init'")
+    return signer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -308,6 +322,7 @@ def _open(cfg, *, create: bool = False):
 def _init(cfg) -> int:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
     from cryptography.x509.oid import NameOID
 
     from broker import trust_ca
@@ -341,17 +356,14 @@ def _init(cfg) -> int:
             done.append(f"server cert     {cfg.tls.cert} ({names})")
 
         if db.get_ca("ca:ek") is None:
-            try:
-                from broker import vtpm_ca
-            except ImportError:
-                vtpm_ca = None
-            if vtpm_ca is not None:
-                ek = vtpm_ca.EkCa.create()
-                blobs = ek.to_sealed(barrier)
-                db.put_ca(
-                    "ca:ek", blobs["cert_pem"].decode("ascii"), blobs["key_sealed"], blobs["chain_pem"].decode("ascii")
-                )
-                done.append("vTPM EK CA      created (key sealed in the database)")
+            from broker import vtpm_ca
+
+            ek = vtpm_ca.EkCa.create()
+            blobs = ek.to_sealed(barrier)
+            db.put_ca(
+                "ca:ek", blobs["cert_pem"].decode("ascii"), blobs["key_sealed"], blobs["chain_pem"].decode("ascii")
+            )
+            done.append("vTPM EK CA      created (key sealed in the database)")
 
         if not cfg.kms.key.exists():
             key = _new_rsa_key()
@@ -360,6 +372,8 @@ def _init(cfg) -> int:
         csr_path = cfg.kms_csr_path
         if not cfg.kms.cert.exists():
             key = serialization.load_pem_private_key(cfg.kms.key.read_bytes(), password=None)
+            if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, dsa.DSAPrivateKey)):
+                raise CliError(f"{cfg.kms.key} is a {type(key).__name__}; the KMS client key must be RSA or EC")
             cn = KMS_CLIENT_CN_PREFIX + cfg.broker.provider_name
             csr = (
                 x509.CertificateSigningRequestBuilder()
@@ -408,7 +422,7 @@ def _init_audit_key(cfg, db) -> list[str]:
         key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         verifier = audit_trail.generate_key(key, public)
         done.append(f"audit key       {key} (mode 0600), public key {public} (key id {verifier.key_id}; for auditors)")
-    signer = audit_trail.load_signer(key)
+    signer = _load_signer(key)
     audit_trail.check_key(db, signer, key)
     if not public.exists():
         _write_public(public, signer.public.pem())
@@ -461,7 +475,7 @@ def _sign_checkpoint(cfg, db) -> list[str]:
 
     if not cfg.audit.signing_key_file.exists():
         return []
-    signer = audit_trail.load_signer(cfg.audit.signing_key_file)
+    signer = _load_signer(cfg.audit.signing_key_file)
     audit_trail.check_key(db, signer, cfg.audit.signing_key_file)
     checkpoint = audit_trail.sign_checkpoint(db, signer, f"vtpm-broker-admin@{cfg.broker.node_name}")
     if checkpoint is None:
@@ -576,7 +590,7 @@ def _audit_verifier(cfg, public_key: str | None):
     if public_key is not None:
         return audit_trail.load_verifier(Path(public_key))
     if cfg.audit.signing_key_file.exists():
-        return audit_trail.load_signer(cfg.audit.signing_key_file).public
+        return _load_signer(cfg.audit.signing_key_file).public
     if cfg.audit.public_key_file.exists():
         return audit_trail.load_verifier(cfg.audit.public_key_file)
     return None
@@ -602,7 +616,7 @@ def _audit(cfg, args) -> int:
         if args.audit_command == "checkpoint":
             if not cfg.audit.signing_key_file.exists():
                 raise CliError(f"no audit signing key {cfg.audit.signing_key_file}; create it with 'vtpm-broker init'")
-            signer = audit_trail.load_signer(cfg.audit.signing_key_file)
+            signer = _load_signer(cfg.audit.signing_key_file)
             audit_trail.check_key(db, signer, cfg.audit.signing_key_file)
             checkpoint = audit_trail.sign_checkpoint(db, signer, f"vtpm-broker-admin@{cfg.broker.node_name}")
             if checkpoint is None:
@@ -763,10 +777,10 @@ def _backup_restore(cfg, args) -> int:
               f"{', '.join(done.files)}; schema revision {done.schema_revision}")  # fmt: skip
         print(f"it opens only with the master key {cfg.master_key.file}: keep that key apart from the backups")
         return 0
-    done = backup.restore(cfg, Path(args.source))
-    rows = sum(done.rows.values())
-    print(f"restored {done.path} (made by {done.backup_node} at {done.backup_created_at}) into {done.database}: "
-          f"{rows} rows, {len(done.files)} files")  # fmt: skip
+    restored = backup.restore(cfg, Path(args.source))
+    rows = sum(restored.rows.values())
+    print(f"restored {restored.path} (made by {restored.backup_node} at {restored.backup_created_at}) into "
+          f"{restored.database}: {rows} rows, {len(restored.files)} files")  # fmt: skip
     print("start the broker with 'vtpm-broker run'; hosts and instances keep their certificates (same trust CA)")
     return 0
 
@@ -813,6 +827,12 @@ def _ca(cfg, args) -> int:
                 blobs["chain_pem"].decode("ascii"),
                 state,
             )
+
+        @overload
+        def read(path: str) -> bytes: ...
+
+        @overload
+        def read(path: None) -> None: ...
 
         def read(path: str | None) -> bytes | None:
             if path is None:
@@ -874,7 +894,7 @@ def _recertify(db, barrier, vtpm_ca, ek_certificates, args, audit) -> int:
 
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from sqlalchemy import select
 
     from broker.service import load_ek_blobs
@@ -913,7 +933,7 @@ def _recertify(db, barrier, vtpm_ca, ek_certificates, args, audit) -> int:
         _write_public(path, der)
         audit("ek.recertify", vm_uuid, f"{cert_type} {key_type} certificate under EK CA {ca.fingerprint}")
         key = serialization.load_pem_public_key(info.public_key_pem)
-        size = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else key.key_size
+        size = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else key.key_size if isinstance(key, rsa.RSAPublicKey) else None
         index = _NV_INDEX.get((cert_type, key_type, size))
         where = f" (swtpm_setup's NV index {index:#010x})" if index else ""
         print(f"{path}: {cert_type} certificate of the {key_type} EK re-issued under "

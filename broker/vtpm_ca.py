@@ -122,6 +122,9 @@ class EkCa:
     """
 
     __slots__ = ("cert", "chain", "key")
+    cert: x509.Certificate
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...]
 
     def __init__(self, cert: x509.Certificate, key: PrivateKey, chain: tuple[x509.Certificate, ...] = ()):
         _check_ca(cert, key, tuple(chain))
@@ -601,7 +604,7 @@ def _parse_uuid(value: object) -> uuid.UUID:
         raise EkCaError(f"{value!r} is not a VM UUID") from None
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm:
+def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
     return hashes.SHA256()

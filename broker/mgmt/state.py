@@ -29,6 +29,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from broker.mgmt.client import BrokerClient, BrokerError, parse_broker_url
@@ -198,7 +199,7 @@ class StateDir:
             raise MgmtError("the broker's certificate for this instance does not parse") from None
         except OSError as exc:
             raise MgmtError(f"cannot read {self.file(KEY)} ({exc.strerror})") from None
-        if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        if _spki(cert.public_key()) != _spki(key.public_key()):
             raise MgmtError("the broker's certificate is not for this instance's key; enroll again")
         write_atomic(self.file(CERT), certificate_pem.encode("ascii"))
         self.file(ENROLLMENT).unlink(missing_ok=True)
@@ -248,3 +249,7 @@ class StateDir:
 
 def _dumps(value: object) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _spki(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
