@@ -11,10 +11,18 @@ from typing import Any
 __all__ = ["run_service"]
 
 
-def run_service(root: Any, reactor: Any, describe: Callable[[Exception], str]) -> str | None:
+def run_service(
+    root: Any,
+    reactor: Any,
+    describe: Callable[[Exception], str],
+    started: Callable[[], None] | None = None,
+    start_failed: Callable[[str], None] | None = None,
+) -> str | None:
     """Start `root` once the reactor runs, stop it at shutdown, and run the
     reactor until then. Returns `describe(exc)` of a failed start (the
-    reactor is stopped at once), or None after an orderly stop."""
+    reactor is stopped at once), or None after an orderly stop. `started`
+    is called once the service runs, `start_failed` with the reason when it
+    could not start (a worker tells its supervisor: kmip_core.workers)."""
     failed: list[str] = []
 
     def start():
@@ -22,7 +30,12 @@ def run_service(root: Any, reactor: Any, describe: Callable[[Exception], str]) -
             root.startService()
         except Exception as exc:
             failed.append(describe(exc))
+            if start_failed is not None:
+                start_failed(failed[0])
             reactor.stop()
+            return
+        if started is not None:
+            started()
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)

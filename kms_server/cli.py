@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from kmip_core import __version__
+from kmip_core import __version__, workers
 from kmip_core.service import run_service
 
 
@@ -80,17 +80,66 @@ def server_main(argv: list[str] | None = None) -> int:
     logs.configure(cfg.logging.level, cfg.logging.format, cfg.server.node_name)
     # Migration chatter is not news at every start.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    slot = workers.worker_slot()
+    if slot is None and cfg.server.processes > 1:
+        return _supervise(cfg)
+    if slot is not None:
+        workers.stop_with_parent()
     from twisted.internet import reactor
 
     from kms_server import server
 
     try:
-        root = server.build(cfg, reactor)
+        root = server.build(cfg, reactor, slot)
     except Exception as exc:  # Start-up failures are configuration problems.
-        return _fail(_start_error(exc))
+        message = _start_error(exc)
+        if slot is not None:  # The supervisor prints it, once for the node.
+            workers.report_failed(slot, message)
+            return 2
+        return _fail(message)
 
-    failed = run_service(root, reactor, _start_error)
+    if slot is None:
+        failed = run_service(root, reactor, _start_error)
+    else:
+        failed = run_service(
+            root,
+            reactor,
+            _start_error,
+            started=lambda: workers.report_ready(slot, root.announcements),
+            start_failed=lambda message: workers.report_failed(slot, message),
+        )
+    if failed and slot is not None:
+        return 2  # Reported to the supervisor, which prints it.
     return _fail(failed) if failed else 0
+
+
+def _supervise(cfg) -> int:
+    """`[server] processes` workers behind one listening socket
+    (kmip_core.workers, docs/process-model.md): bind it, start the workers,
+    wait until each is ready (or report the first one's failure), then run
+    until told to stop."""
+    host, port = cfg.server.host, cfg.server.port
+    try:
+        listener = workers.bind_listener(host, port)
+    except OSError as exc:
+        return _fail(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or stop the other server"
+        )
+    bound_host, bound_port = listener.getsockname()[:2]
+    supervisor = workers.Supervisor(workers.worker_argv(), cfg.server.processes, listener, name="kms-server worker")
+    try:
+        announcements = supervisor.start()
+    except workers.StartFailed as exc:
+        listener.close()
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        listener.close()
+        return 1
+    print(f"kms-server listening on {bound_host}:{bound_port}", flush=True)
+    for text in announcements:
+        print(text, flush=True)
+    logging.getLogger("kms_server.server").info("%d worker processes serve %s:%s", cfg.server.processes, bound_host, bound_port)
+    return supervisor.run()
 
 
 def _start_error(exc: Exception) -> str:

@@ -103,6 +103,9 @@ class ServerConfig:
     max_handshakes: int = 256
     frame_timeout: float = 30.0
     max_unsent_bytes: int = 4 << 20
+    # Worker processes sharing the listening socket (docs/process-model.md);
+    # by default one per core.
+    processes: int = 1
     max_unsent_bytes_total: int = 256 << 20
 
 
@@ -278,6 +281,7 @@ _SCHEMA: Schema = {
         "handshake_timeout": (positive_seconds(3600.0), 10.0),
         "max_connections": (int_between(1, 1_000_000), 1024),
         "worker_threads": (int_between(1, 1024), 16),
+        "processes": (int_between(1, 256), DERIVED),
         "data_dir": (path_value, "var"),
         "max_handshakes": (int_between(1, 1_000_000), 256),
         "frame_timeout": (positive_seconds(3600.0), 30.0),
@@ -371,11 +375,24 @@ def _fill_derived(values: dict[str, dict[str, Any]]) -> None:
         values["storage"]["db_url"] = f"sqlite:///{data_dir / 'kms.db'}"
     if values["access"]["credentials_file"] is DERIVED:
         values["access"]["credentials_file"] = data_dir / "credentials.toml"
+    if values["server"]["processes"] is DERIVED:
+        # One per core; a database in one process's memory has one process.
+        shared = not _in_memory(values["storage"]["db_url"])
+        values["server"]["processes"] = (os.cpu_count() or 1) if shared else 1
+
+
+def _in_memory(url: str) -> bool:
+    return url.startswith("memory:") or ":memory:" in url
 
 
 def _check_cross(
     values: dict[str, dict[str, Any]], *, require_master_key: bool
 ) -> None:
+    if values["server"]["processes"] > 1 and _in_memory(values["storage"]["db_url"]):
+        raise ConfigError(
+            "config: server.processes > 1 needs a database the processes share, not one in memory; "
+            "set processes = 1 or a sqlite:///<file> or postgresql:// db_url"
+        )
     mk = values["master_key"]
     sources = [k for k in ("file", "passphrase_file", "pkcs11_module") if mk[k] is not None]
     if len(sources) > 1:

@@ -9,11 +9,14 @@ worker pool and the database.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from kmip_core import limits, tls
@@ -23,6 +26,7 @@ from kmip_core.policy import Principal, role_for
 from kmip_core.protocol import KmipFactory
 from kmip_core.sealing.barrier import open_barrier
 from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
+from kmip_core.workers import WorkerSlot
 from kms_server import cluster, credentials
 from kms_server.audit import sinks as audit_sinks
 from kms_server.audit.trail import AuditTrail
@@ -79,8 +83,16 @@ def check_rows_at_start(storage, barrier) -> None:
 
 
 class KmsService(service.Service):
-    def __init__(self, cfg: Config, reactor, announce=None):
+    """One node, or with `slot` one worker process of a node
+    (kmip_core.workers, docs/process-model.md): a worker accepts on the
+    listening socket its supervisor bound; only the primary worker (0) runs
+    the node's singletons (heartbeat, checkpoints, integrity check, audit
+    page, metrics listener)."""
+
+    def __init__(self, cfg: Config, reactor, announce=None, slot: WorkerSlot | None = None):
         self.cfg = cfg
+        self.slot = slot
+        self.primary = slot is None or slot.primary
         self.reactor = reactor
         self.announce = announce or (lambda text: None)
         self.port = None
@@ -167,7 +179,7 @@ class KmsService(service.Service):
         self.web_listener = None
         self.web_port = None
         # /metrics, /healthz, /readyz ([metrics]); None when off.
-        self.monitor = monitor_listener(self, reactor)
+        self.monitor = monitor_listener(self, reactor) if self.primary else None
 
     def _identify(self, certificate, peer: str) -> ConnectionInfo:
         if certificate is None:
@@ -246,11 +258,22 @@ class KmsService(service.Service):
             self.web_context_factory = tls.server_context_factory(self.cfg.tls, kmip_suites=False)
         tls.reload_on_sighup(self.reactor, _Reloader(self.context_factory, self.web_context_factory), log)
         self.threadpool.start()
-        self.port = self.reactor.listenSSL(
-            self.cfg.server.port, self.listener, self.context_factory, interface=self.cfg.server.host
-        )
+        if self.slot is None:
+            self.port = self.reactor.listenSSL(
+                self.cfg.server.port, self.listener, self.context_factory, interface=self.cfg.server.host
+            )
+        else:
+            # The supervisor's socket: the same TLS wrapping listenSSL applies.
+            self.port = self.reactor.adoptStreamPort(
+                self.slot.listen_fd,
+                _address_family(self.slot.listen_fd),
+                TLSMemoryBIOFactory(self.context_factory, False, self.listener),
+            )
         address = self.port.getHost()
-        self.announce(f"kms-server listening on {address.host}:{address.port}")
+        if self.slot is None:
+            self.announce(f"kms-server listening on {address.host}:{address.port}")
+        if not self.primary:
+            return
         engine = getattr(self.storage, "engine", None)
         if engine is not None:
             self.heartbeat = cluster.Heartbeat(engine, self.cfg.server.node_name, f"{address.host}:{address.port}")
@@ -356,12 +379,34 @@ class _RefusalBudget:
         return suppressed
 
 
-def build(cfg: Config, reactor) -> service.MultiService:
-    root = service.MultiService()
+def _address_family(fd: int) -> socket.AddressFamily:
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        return probe.family
+    finally:
+        probe.close()
+
+
+class NodeRoot(service.MultiService):
+    """The node's service tree; `announcements` holds what a worker would
+    have printed, for its supervisor to print (kmip_core.workers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.announcements: list[str] = []
+
+
+def build(cfg: Config, reactor, slot: WorkerSlot | None = None) -> NodeRoot:
+    """The node's service tree. A worker (`slot`) prints nothing: what it
+    would announce is kept in `root.announcements` for its supervisor."""
+    root = NodeRoot()
 
     def announce(text: str) -> None:
+        if slot is not None:
+            root.announcements.append(text)
+            return
         print(text, flush=True)
         sys.stdout.flush()
 
-    KmsService(cfg, reactor, announce).setServiceParent(root)
+    KmsService(cfg, reactor, announce, slot).setServiceParent(root)
     return root

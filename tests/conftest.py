@@ -184,7 +184,9 @@ def start_server(
 ) -> ServerProcess:
     """Start a node in `workdir`. Nodes of one cluster share `master_key`
     (a key file); by default each workdir gets its own. `server_config`
-    holds extra lines for the [server] table; `master_key_toml`, when given,
+    holds extra lines for the [server] table (one worker process unless it
+    sets `processes`: tests/integration/test_process_model.py runs several);
+    `master_key_toml`, when given,
     is the [master_key] table's body instead of the key file (a token key)."""
     workdir.mkdir(parents=True, exist_ok=True)
     key_file = master_key or workdir / "master.key"
@@ -213,6 +215,7 @@ def start_server(
             data_dir = "{workdir / 'data'}"
             idle_timeout = 30.0
             handshake_timeout = 5.0
+            {"" if "processes" in server_config else "processes = 1"}
             {textwrap.indent(textwrap.dedent(server_config), " " * 12).strip()}
 
             [tls]

@@ -1,0 +1,199 @@
+"""One node on several worker processes (`[server] processes`,
+kmip_core.workers, docs/process-model.md), as an operator runs it: both
+workers serve on the one port, the audit chain stays one chain, SIGTERM
+stops them all, SIGHUP reloads every one, a worker that dies is started
+again, a killed supervisor leaves no worker behind, and a worker that cannot
+start fails the node with its one-line reason."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import start_server
+from kmip.core import enums
+from kmip_client import pykmip
+
+pytestmark = pytest.mark.slow
+
+
+def worker_pids(server) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True).stdout
+    return sorted(int(pid) for pid in out.split())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def established_by_pid(port: int, pids: list[int]) -> dict[int, int]:
+    """How many ESTABLISHED TCP sockets on local `port` each pid holds."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] == "01":
+            inodes.add(fields[9])
+    counts = {}
+    for pid in pids:
+        count = 0
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                count += 1
+        counts[pid] = count
+    return counts
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def audit_verify(workdir: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "kms_server.admin.cli", "audit", "verify", "--config", str(workdir / "kms.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def node(tmp_path, pki_dir):
+    server = start_server(tmp_path / "node", pki_dir, server_config="processes = 2")
+    yield server
+    server.stop()
+
+
+def test_two_workers_serve_one_port_and_keep_one_audit_chain(node, pki_dir):
+    pids = worker_pids(node)
+    assert len(pids) == 2, pids
+    clients = [pykmip(node, pki_dir) for _ in range(12)]
+    try:
+        uids = []
+        for client in clients:
+            uid = client.create(enums.CryptographicAlgorithm.AES, 256)
+            assert client.get(uid).value is not None
+            uids.append(uid)
+        # The kernel spread the connections: both workers hold some.
+        held = established_by_pid(node.port, pids)
+        assert sum(held.values()) == len(clients), held
+        assert all(count > 0 for count in held.values()), held
+
+        # Writes through both workers at once: one chain, no fork in it.
+        errors: list[BaseException] = []
+
+        def work(client):
+            try:
+                for _ in range(5):
+                    client.destroy(client.create(enums.CryptographicAlgorithm.AES, 128))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+    finally:
+        for client in clients:
+            client.close()
+    report = audit_verify(node.workdir)
+    # 12 x (Create, Get) + 12 x 5 x (Create, Destroy) records, all chained.
+    assert "audit trail intact" in report, report
+    assert f"{12 * 2 + 12 * 5 * 2} records" in report, report
+
+
+def test_sigterm_stops_every_worker_and_sighup_reloads_every_one(node, pki_dir):
+    pids = worker_pids(node)
+    node.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: node.stderr_text().count("TLS material reloaded") >= 2, what="both workers reloading")
+    client = pykmip(node, pki_dir)
+    client.create(enums.CryptographicAlgorithm.AES, 256)
+    client.close()
+    assert node.stop(signal.SIGTERM) == 0, node.stderr_text()
+    assert not any(alive(pid) for pid in pids)
+    assert node.stderr_text().count("kms_server.server: stopped") == 2, node.stderr_text()
+
+
+def test_a_worker_that_dies_is_started_again(node, pki_dir):
+    first, second = worker_pids(node)
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: len(worker_pids(node)) == 2 and first not in worker_pids(node), what="a new worker")
+    assert second in worker_pids(node)
+    assert "exited with status -9; starting it again" in node.stderr_text()
+    for _ in range(4):  # New connections land on either worker: all answered.
+        client = pykmip(node, pki_dir)
+        uid = client.create(enums.CryptographicAlgorithm.AES, 256)
+        assert client.get(uid).value is not None
+        client.close()
+
+
+def test_a_killed_supervisor_leaves_no_worker_behind(node):
+    pids = worker_pids(node)
+    node.proc.kill()
+    node.proc.wait(10)
+    wait_until(lambda: not any(alive(pid) for pid in pids), what="the workers to stop with their supervisor")
+
+
+def test_a_worker_that_cannot_start_fails_the_node_in_one_line(tmp_path, pki_dir):
+    """The database belongs to another master key: every worker refuses it;
+    the node exits 2 with the workers' reason, prints no listening line and
+    leaves no process behind."""
+    workdir = tmp_path / "node"
+    first = start_server(workdir, pki_dir, server_config="processes = 1")
+    first.stop()
+    (workdir / "master.key").write_text(os.urandom(32).hex() + "\n")
+    config = workdir / "kms.toml"
+    config.write_text(config.read_text().replace("processes = 1", "processes = 2"))
+    result = subprocess.run(
+        [sys.executable, "-m", "kms_server.cli", "--config", str(config)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "listening on" not in result.stdout
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("kms-server: error:")]
+    assert len(error_lines) == 1 and "master key" in error_lines[0], result.stderr
+    leftover = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout
+    assert leftover.strip() == ""
+
+
+def test_processes_need_a_shared_database(tmp_path):
+    config = tmp_path / "kms.toml"
+    config.write_text(
+        '[server]\nprocesses = 2\n[storage]\ndb_url = "sqlite:///:memory:"\n[master_key]\nfile = "/nonexistent"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "kms_server.cli", "--config", str(config), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "server.processes > 1 needs a database the processes share" in result.stderr
+    assert "Traceback" not in result.stderr
