@@ -108,7 +108,7 @@ class Instances(AuditTrail):
                 refusal = "enrollment token has expired; ask the security administrator for a new one"
             elif state == "revoked":
                 refusal = f"instance {instance} was revoked; enroll its replacement under a new name"
-            if refusal is None:
+            if row is not None and refusal is None:
                 conn.execute(update(tokens).where(tokens.c.token_sha256 == row.token_sha256).values(used_at=now))
                 if state is None:
                     conn.execute(
@@ -274,8 +274,12 @@ class Instances(AuditTrail):
 
     def list_instances(self) -> list[InstanceInfo]:
         with self.db.read() as conn:
-            host_counts = dict(conn.execute(select(hosts.c.instance, func.count()).group_by(hosts.c.instance)).all())
-            vm_counts = dict(conn.execute(select(vms.c.instance, func.count()).group_by(vms.c.instance)).all())
+            host_counts: dict[str, int] = dict(
+                conn.execute(select(hosts.c.instance, func.count()).group_by(hosts.c.instance)).all()
+            )
+            vm_counts: dict[str, int] = dict(
+                conn.execute(select(vms.c.instance, func.count()).group_by(vms.c.instance)).all()
+            )
             pending = {
                 r[0] for r in conn.execute(select(enrollments.c.instance).where(enrollments.c.state == "pending")).all()
             }
