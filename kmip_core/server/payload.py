@@ -8,7 +8,7 @@ defined, the label errors name them by; and the refusal of multi-part
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 
 from kmip.core.enums import (
     Tags,
@@ -28,6 +28,14 @@ def label(t: Tags) -> str:
     return t.name.replace("_", " ").title()
 
 
+@overload
+def enum_field(item: Item, enum_cls: Callable[[int], E], what: Tags) -> E: ...
+
+
+@overload
+def enum_field(item: Item | None, enum_cls: Callable[[int], E], what: Tags) -> E | None: ...
+
+
 def enum_field(item: Item | None, enum_cls: Callable[[int], E], what: Tags) -> E | None:
     if item is None:
         return None
@@ -39,6 +47,18 @@ def enum_field(item: Item | None, enum_cls: Callable[[int], E], what: Tags) -> E
         raise errors.InvalidField(
             f"{label(what)} value {item.value:#x} is not defined"
         ) from None
+
+
+@overload
+def child_item(
+    parent: Item, t: Tags, type_: ItemType | tuple[ItemType, ...] | None = None, required: Literal[True] = True
+) -> Item: ...
+
+
+@overload
+def child_item(
+    parent: Item, t: Tags, type_: ItemType | tuple[ItemType, ...] | None = None, required: bool = True
+) -> Item | None: ...
 
 
 def child_item(
@@ -62,6 +82,14 @@ def child_item(
 
 def tag(t: Tags) -> int:
     return t.value
+
+
+@overload
+def unique_identifier(ctx: RequestContext, payload: Item, required: Literal[True] = True) -> str: ...
+
+
+@overload
+def unique_identifier(ctx: RequestContext, payload: Item, required: bool = True) -> str | None: ...
 
 
 def unique_identifier(ctx: RequestContext, payload: Item, required: bool = True) -> str | None:

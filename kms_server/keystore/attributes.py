@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
+from typing import TypedDict
 
 from kmip.core import enums
 from kmip.core.enums import ObjectType as OT
@@ -75,8 +76,14 @@ CERTIFICATE_NAME_ATTRIBUTES = {
     for field in CERTIFICATE_NAME_FIELDS
 }
 
-_SERVER = dict(client_initial=False, client_modifiable=False, client_deletable=False)
-_INITIAL_ONLY = dict(client_modifiable=False, client_deletable=False)
+class _ClientRights(TypedDict, total=False):
+    client_initial: bool
+    client_modifiable: bool
+    client_deletable: bool
+
+
+_SERVER = _ClientRights(client_initial=False, client_modifiable=False, client_deletable=False)
+_INITIAL_ONLY = _ClientRights(client_modifiable=False, client_deletable=False)
 
 SPECS: dict[str, AttributeSpec] = {
     s.name: s

@@ -138,6 +138,10 @@ _RSA_TRANSPARENT_PRIVATE_FIELDS = (
 # Decoding (Register)
 # ---------------------------------------------------------------------------
 
+# The attributes a registered object's material implies, by name: one value,
+# or every value of a multi-valued attribute (a certificate's name fields).
+Implied = dict[str, Item | list[Item]]
+
 
 @dataclass
 class _KeyBlock:
@@ -217,8 +221,8 @@ def _int_field(structure: Item, t: Tags, required: bool = True) -> int | None:
 
 def _implied_crypto(
     algorithm: CryptographicAlgorithm | None, length: int | None
-) -> dict[str, Item]:
-    implied: dict[str, Item] = {}
+) -> Implied:
+    implied: Implied = {}
     if algorithm is not None:
         implied["Cryptographic Algorithm"] = attrs.make(
             "Cryptographic Algorithm", algorithm.value
@@ -228,7 +232,7 @@ def _implied_crypto(
     return implied
 
 
-def _decode_symmetric(holder: Item) -> tuple[Material, dict[str, Item]]:
+def _decode_symmetric(holder: Item) -> tuple[Material, Implied]:
     block = _read_key_block(holder)
     if block.format == KFT.RAW:
         key = _bytes_material(block)
@@ -261,7 +265,7 @@ def _decode_symmetric(holder: Item) -> tuple[Material, dict[str, Item]]:
 
 def _check_asymmetric(
     block: _KeyBlock, algorithm: CryptographicAlgorithm, length: int
-) -> dict[str, Item]:
+) -> Implied:
     """The key block's algorithm may name the family more precisely (ECDSA
     for an EC key) but not contradict the material."""
     if block.algorithm is not None and algorithm_family(
@@ -277,7 +281,7 @@ def _check_asymmetric(
     return _implied_crypto(block.algorithm or algorithm, length)
 
 
-def _decode_private(holder: Item) -> tuple[Material, dict[str, Item]]:
+def _decode_private(holder: Item) -> tuple[Material, Implied]:
     block = _read_key_block(holder)
     try:
         if block.format in _REMEMBERED_PRIVATE:
@@ -321,7 +325,7 @@ def _decode_private(holder: Item) -> tuple[Material, dict[str, Item]]:
     return Material(der, subtype), _check_asymmetric(block, algorithm, length)
 
 
-def _decode_public(holder: Item) -> tuple[Material, dict[str, Item]]:
+def _decode_public(holder: Item) -> tuple[Material, Implied]:
     block = _read_key_block(holder)
     try:
         if block.format in _REMEMBERED_PUBLIC:
@@ -363,7 +367,7 @@ def _decode_public(holder: Item) -> tuple[Material, dict[str, Item]]:
     return Material(der, subtype), _check_asymmetric(block, algorithm, length)
 
 
-def _decode_secret_data(holder: Item) -> tuple[Material, dict[str, Item]]:
+def _decode_secret_data(holder: Item) -> tuple[Material, Implied]:
     secret_type = enum_field(
         child_item(holder, T.SECRET_DATA_TYPE), SecretDataType, T.SECRET_DATA_TYPE
     )
@@ -385,7 +389,7 @@ def _decode_secret_data(holder: Item) -> tuple[Material, dict[str, Item]]:
     return Material(data, secret_type.value), {"Digest": _digest(data, block.format)}
 
 
-def _decode_opaque(holder: Item) -> tuple[Material, dict[str, Item]]:
+def _decode_opaque(holder: Item) -> tuple[Material, Implied]:
     # The specification defines no Opaque Data Types, only the extension
     # range, so any enumeration value is kept as given.
     opaque_type = child_item(holder, T.OPAQUE_DATA_TYPE, ItemType.ENUMERATION)
@@ -406,7 +410,7 @@ def _pem_to_der(data: bytes) -> bytes:
         raise errors.InvalidField("Certificate Value is not valid PEM") from None
 
 
-def _decode_certificate(holder: Item) -> tuple[Material, dict[str, Item]]:
+def _decode_certificate(holder: Item) -> tuple[Material, Implied]:
     cert_type = enum_field(
         child_item(holder, T.CERTIFICATE_TYPE), CertificateType, T.CERTIFICATE_TYPE
     )
@@ -460,7 +464,7 @@ def _decode_certificate(holder: Item) -> tuple[Material, dict[str, Item]]:
     return Material(der), implied
 
 
-_DECODERS: dict[ObjectType, Callable[[Item], tuple[Material, dict[str, Item]]]] = {
+_DECODERS: dict[ObjectType, Callable[[Item], tuple[Material, Implied]]] = {
     ObjectType.SYMMETRIC_KEY: _decode_symmetric,
     ObjectType.PRIVATE_KEY: _decode_private,
     ObjectType.PUBLIC_KEY: _decode_public,
@@ -472,7 +476,7 @@ _DECODERS: dict[ObjectType, Callable[[Item], tuple[Material, dict[str, Item]]]] 
 
 def decode_object(
     object_type: ObjectType, item: Item
-) -> tuple[Material, dict[str, Item]]:
+) -> tuple[Material, Implied]:
     """The canonical material of a registered object and the attributes its
     material implies (name -> attribute value item): Cryptographic Algorithm
     and Length for keys (the algorithm only where the key block or the
