@@ -1,0 +1,216 @@
+"""Get and Locate by x-Identifier as the store grows to a million keys
+(issue 15, "Scale"): the latency at each size, on SQLite and PostgreSQL.
+
+    .venv/bin/python bench/key_scale.py [--sizes 1000,100000,1000000] [--db-url URL] [--samples 300]
+
+Keys are loaded in bulk through the real dispatcher and operation table
+(Create batches of 1,000 items run with Batch Error Continuation Option
+Undo, so that one batch is one transaction), each AES-256 key with its own
+x-Identifier, sealed and row-authenticated like any other. At each size the
+bench times `--samples` Gets of random keys and as many Locates by a random
+key's x-Identifier, in process (dispatcher, keystore, database: no TLS, no
+audit trail), and prints p50/p99 per operation and size. A progress bar
+shows the loading on a terminal; without one, a line every few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kmip.core.enums import (  # noqa: E402
+    BatchErrorContinuationOption,
+    CryptographicAlgorithm,
+    ObjectType,
+    Operation,
+    ResultStatus,
+)
+from kmip.core.enums import Tags as T  # noqa: E402
+from stats import percentile  # noqa: E402
+
+from kmip_core import ttlv  # noqa: E402
+from kmip_core.policy import Principal  # noqa: E402
+from kmip_core.sealing.barrier import Barrier  # noqa: E402
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher  # noqa: E402
+from kms_server.keystore.keystore import Keystore  # noqa: E402
+from kms_server.operations import OPERATIONS  # noqa: E402
+from kms_server.storage import open_storage  # noqa: E402
+
+ALICE = ConnectionInfo(principal=Principal("alice"), peer="bench")
+BATCH = 1000
+
+
+def _attribute(name: str, value: ttlv.Item) -> ttlv.Item:
+    return ttlv.structure(T.ATTRIBUTE.value, [ttlv.text(T.ATTRIBUTE_NAME.value, name), value.retag(T.ATTRIBUTE_VALUE.value)])
+
+
+def _request(items: list[ttlv.Item], undo: bool = False) -> bytes:
+    header = [
+        ttlv.structure(
+            T.PROTOCOL_VERSION.value,
+            [ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, 1), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, 4)],
+        ),
+        ttlv.enumeration(T.BATCH_ERROR_CONTINUATION_OPTION.value, BatchErrorContinuationOption.UNDO.value)
+        if undo
+        else None,
+        ttlv.integer(T.BATCH_COUNT.value, len(items)),
+    ]
+    return ttlv.encode(ttlv.structure(T.REQUEST_MESSAGE.value, [ttlv.structure(T.REQUEST_HEADER.value, header), *items]))
+
+
+def _item(operation: Operation, payload: list[ttlv.Item]) -> ttlv.Item:
+    return ttlv.structure(
+        T.BATCH_ITEM.value,
+        [ttlv.enumeration(T.OPERATION.value, operation.value), ttlv.structure(T.REQUEST_PAYLOAD.value, payload)],
+    )
+
+
+def identifier(i: int) -> str:
+    return f"vm-{i:08d}"
+
+
+def _create(i: int) -> ttlv.Item:
+    return _item(
+        Operation.CREATE,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
+            ttlv.structure(
+                T.TEMPLATE_ATTRIBUTE.value,
+                [
+                    _attribute("Cryptographic Algorithm", ttlv.enumeration(0, CryptographicAlgorithm.AES.value)),
+                    _attribute("Cryptographic Length", ttlv.integer(0, 256)),
+                    _attribute("Cryptographic Usage Mask", ttlv.integer(0, 12)),
+                    _attribute("x-Identifier", ttlv.text(0, identifier(i))),
+                ],
+            ),
+        ],
+    )
+
+
+def _answers(dispatcher: Dispatcher, items: list[ttlv.Item], undo: bool = False) -> list[ttlv.Item]:
+    raw = dispatcher.handle(_request(items, undo), ALICE)
+    assert raw is not None
+    answers = ttlv.decode(raw).find_all(T.BATCH_ITEM.value)
+    failed = [a for a in answers if a.get(T.RESULT_STATUS.value) != ResultStatus.SUCCESS.value]
+    if failed:
+        raise SystemExit(f"key_scale: a request failed: {failed[0].get(T.RESULT_MESSAGE.value)}")
+    return answers
+
+
+class Loading:
+    """A rich progress bar on a terminal; a plain line every 5 s otherwise."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.done, self.started, self.last = total, start, time.monotonic(), 0.0
+        self.first = start
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                "loading keys", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+            )
+            self.task = self.bar.add_task("load", total=total, completed=start)
+            self.bar.start()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+            return
+        now = time.monotonic()
+        if now - self.last >= 5 or self.done == self.total:
+            self.last = now
+            elapsed = now - self.started
+            rate = (self.done - self.first) / elapsed if elapsed else 0.0
+            print(f"  loading keys: {self.done}/{self.total}, {rate:.0f} keys/s, {elapsed:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def load(dispatcher: Dispatcher, uids: list[str], target: int) -> float:
+    started = time.monotonic()
+    progress = Loading(target, len(uids))
+    try:
+        while len(uids) < target:
+            n = min(BATCH, target - len(uids))
+            answers = _answers(dispatcher, [_create(len(uids) + k) for k in range(n)], undo=True)
+            uids.extend(a.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value) for a in answers)
+            progress.advance(n)
+    finally:
+        progress.close()
+    return time.monotonic() - started
+
+
+def measure(dispatcher: Dispatcher, uids: list[str], samples: int, rng: random.Random) -> dict[str, list[float]]:
+    timings: dict[str, list[float]] = {"Get": [], "Locate by x-Identifier": []}
+    for _ in range(samples):
+        index = rng.randrange(len(uids))
+        t0 = time.perf_counter()
+        answer = _answers(dispatcher, [_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uids[index])])])[0]
+        timings["Get"].append(time.perf_counter() - t0)
+        assert answer.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value) == uids[index]
+        t0 = time.perf_counter()
+        answer = _answers(
+            dispatcher, [_item(Operation.LOCATE, [_attribute("x-Identifier", ttlv.text(0, identifier(index)))])]
+        )[0]
+        timings["Locate by x-Identifier"].append(time.perf_counter() - t0)
+        found = answer.find(T.RESPONSE_PAYLOAD.value).find_all(T.UNIQUE_IDENTIFIER.value)
+        assert [f.value for f in found] == [uids[index]], "Locate by x-Identifier found another key"
+    return timings
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,100000,1000000", help="store sizes to measure at, comma-separated")
+    parser.add_argument("--db-url", help="default: a SQLite file in a temporary directory (a PostgreSQL URL must name an empty database)")
+    parser.add_argument("--samples", type=int, default=300, help="Gets and Locates timed at each size")
+    args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    rng = random.Random(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        url = args.db_url or f"sqlite:///{tmp}/kms.db"
+        storage = open_storage(url)
+        dispatcher = Dispatcher(Keystore(storage, Barrier(os.urandom(32))), OPERATIONS, node="bench")
+        uids: list[str] = []
+        rows = []
+        try:
+            for size in sizes:
+                seconds = load(dispatcher, uids, size)
+                timings = measure(dispatcher, uids, args.samples, rng)
+                rows.append((size, seconds, timings))
+                cells = "  ".join(
+                    f"{op}: p50 {percentile(t, 0.5) * 1000:.2f} ms, p99 {percentile(t, 0.99) * 1000:.2f} ms"
+                    for op, t in timings.items()
+                )
+                print(f"{size:>9} keys ({seconds:.0f} s to load)  {cells}", flush=True)
+        finally:
+            storage.close()
+    backend = url.split(":", 1)[0]
+    print(f"\nkeys       | {backend}: Get p50 / p99 (ms) | Locate by x-Identifier p50 / p99 (ms)")
+    for size, _, timings in rows:
+        get, loc = timings["Get"], timings["Locate by x-Identifier"]
+        print(
+            f"{size:>10} | {percentile(get, 0.5) * 1000:.2f} / {percentile(get, 0.99) * 1000:.2f}"
+            f" | {percentile(loc, 0.5) * 1000:.2f} / {percentile(loc, 0.99) * 1000:.2f}"
+        )
+    first = rows[0][2]
+    for size, _, timings in rows[1:]:
+        for op in timings:
+            ratio = percentile(timings[op], 0.5) / percentile(first[op], 0.5)
+            print(f"{op} p50 at {size} keys: {ratio:.2f}x its latency at {rows[0][0]} keys")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
