@@ -7,7 +7,9 @@ Keys are loaded in bulk through the real dispatcher and operation table
 (Create batches of 1,000 items run with Batch Error Continuation Option
 Undo, so that one batch is one transaction), each AES-256 key with its own
 x-Identifier, sealed and row-authenticated like any other. At each size the
-bench times `--samples` Gets of random keys and as many Locates by a random
+bench times `--samples` Gets of random keys (each served once before: the
+first Get of a key also writes that it is no longer Fresh) and as many
+Locates by a random
 key's x-Identifier, in process (dispatcher, keystore, database: no TLS, no
 audit trail), and prints p50/p99 per operation and size. A progress bar
 shows the loading on a terminal; without one, a line every few seconds.
@@ -156,8 +158,13 @@ def measure(dispatcher: Dispatcher, uids: list[str], samples: int, rng: random.R
     timings: dict[str, list[float]] = {"Get": [], "Locate by x-Identifier": []}
     for _ in range(samples):
         index = rng.randrange(len(uids))
+        get = [_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uids[index])])]
+        # A key's first Get also records that it is no longer Fresh (a
+        # write, KMIP 1.4 3.34); the warm Get after it is the one timed, as a
+        # management server re-reading its keys after a restart does.
+        _answers(dispatcher, get)
         t0 = time.perf_counter()
-        answer = _answers(dispatcher, [_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uids[index])])])[0]
+        answer = _answers(dispatcher, get)[0]
         timings["Get"].append(time.perf_counter() - t0)
         assert answer.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value) == uids[index]
         t0 = time.perf_counter()
