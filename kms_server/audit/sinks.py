@@ -17,6 +17,7 @@ import queue
 import socket
 import threading
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import urlsplit
 
 from kms_server.storage.base import StoredAuditRecord
@@ -96,7 +97,7 @@ class JsonLinesSink(Sink):
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = None
+        self._file: TextIO | None = None
         super().__init__()
 
     def send(self, record: StoredAuditRecord) -> None:
@@ -156,7 +157,7 @@ class SyslogSink(Sink):
         self.transport = parts.scheme
         self.address = (parts.hostname, parts.port)
         self.hostname = hostname or socket.gethostname()
-        self._sock = None
+        self._sock: socket.socket | None = None
         super().__init__()
 
     def _connect(self):

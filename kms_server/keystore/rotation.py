@@ -97,21 +97,21 @@ def reseal_batch(storage: Storage, barrier: Barrier, uids: list[str]) -> tuple[i
             if stored is None or not _needs_reseal(barrier, stored):
                 continue
             try:
-                row_auth.verify(barrier, stored)
+                mac = row_auth.verify(barrier, stored)
                 material = None if stored.sealed_material is None else barrier.unseal(uid, stored.sealed_material)
             except (row_auth.RowIntegrityError, BarrierError) as exc:
                 refused.append((uid, getattr(exc, "problem", str(exc))))
                 continue
-            before = row_auth.element(barrier, uid, stored.version, stored.row_mac)
+            before = row_auth.element(barrier, uid, stored.version, mac)
             if material is not None:
                 stored.sealed_material = barrier.seal(uid, material)
             version = stored.version + 1
-            row_auth.sign(barrier, stored, version)
+            mac = row_auth.sign(barrier, stored, version)
             try:
                 txn.update_object(stored)
             except ConcurrentModification:
                 continue  # A node changed it meanwhile; the next pass sees it again.
-            row_auth.apply(txn, barrier, [before], [row_auth.element(barrier, uid, version, stored.row_mac)])
+            row_auth.apply(txn, barrier, [before], [row_auth.element(barrier, uid, version, mac)])
             done += 1
     return done, refused
 
@@ -132,6 +132,8 @@ def finish(storage: Storage, master: MasterKey, barrier_for: Callable[[Keyring],
         )
     with storage.transaction() as txn:
         ring = read_keyring(txn, master)
+        if ring is None:
+            raise RotationError("the database has no keyring")
         old = ring.rotating_from
         ring.terms = {t: k for t, k in ring.terms.items() if t == ring.active}
         ring.rotating_from = None

@@ -86,18 +86,21 @@ def message(stored: StoredObject, version: int) -> bytes:
     return bytes(out)
 
 
-def sign(barrier: Barrier, stored: StoredObject, version: int) -> None:
-    """Set `stored.row_mac` for the row as it will be stored at `version`."""
-    stored.row_mac = barrier.row_mac(message(stored, version))
+def sign(barrier: Barrier, stored: StoredObject, version: int) -> bytes:
+    """Set `stored.row_mac` for the row as it will be stored at `version`;
+    returns it."""
+    stored.row_mac = mac = barrier.row_mac(message(stored, version))
+    return mac
 
 
-def verify(barrier: Barrier, stored: StoredObject) -> None:
+def verify(barrier: Barrier, stored: StoredObject) -> bytes:
     """Raise RowIntegrityError unless the row's MAC covers what it holds
-    (UnknownTerm if it names a data key the keyring lacks)."""
+    (UnknownTerm if it names a data key the keyring lacks); returns the MAC."""
     if stored.row_mac is None:
         raise RowIntegrityError(stored.uid, "the row carries no MAC (written outside the server)")
     if not barrier.row_mac_matches(stored.row_mac, message(stored, stored.version)):
         raise RowIntegrityError(stored.uid, "the row does not match its MAC (edited outside the server)")
+    return stored.row_mac
 
 
 def element(barrier: Barrier, uid: str, version: int, row_mac: bytes) -> int:
