@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from broker.tpm_fields import TPM_FIELDS
 from kmip_core.files import write_atomic
@@ -203,10 +203,10 @@ def ek_public_key_pem(ek: str) -> tuple[bytes, str]:
         return _spki(key), "ecc"
     modulus = _hex(ek)
     try:
-        key = rsa.RSAPublicNumbers(65537, modulus).public_key()
+        rsa_key = rsa.RSAPublicNumbers(65537, modulus).public_key()
     except ValueError as exc:
         raise CerttoolError(f"--ek: not a usable RSA modulus ({exc})") from None
-    return _spki(key), "rsa"
+    return _spki(rsa_key), "rsa"
 
 
 def _hex(value: str) -> int:
@@ -350,7 +350,7 @@ class _Log:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise CerttoolError(f"{message}; see '{PROG} --help'")
 
 

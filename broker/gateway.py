@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kmip.core.enums import (
     BlockCipherMode,
@@ -50,6 +49,7 @@ from kmip.core.enums import (
 from broker.request_scope import request_scope
 from broker.trust import Decision
 from kmip_core import __version__, errors, limits, tls, ttlv
+from kmip_core.audit.record import AuditDraft
 from kmip_core.client import KmipError
 from kmip_core.config import TlsConfig
 from kmip_core.policy import Principal
@@ -57,8 +57,10 @@ from kmip_core.protocol import KmipFactory
 from kmip_core.reasons import REASONS
 from kmip_core.server import crypto_params, discover_versions
 from kmip_core.server import payload as request_fields
-from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher
-from kmip_core.ttlv import ItemType
+from kmip_core.server.backend import Backend, Trail
+from kmip_core.server.context import RequestContext
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, Handler
+from kmip_core.ttlv import Item, ItemType
 
 __all__ = [
     "AUDIT_ACTION",
@@ -109,6 +111,14 @@ class KeyProviderClient(Protocol):
     ) -> bytes: ...
 
 
+class UnwrapMetrics(Protocol):
+    """What the gateway reports (broker.metrics.BrokerMetrics)."""
+
+    def unwrap(self, result: str) -> None: ...
+
+    def unwrap_seconds(self, seconds: float) -> None: ...
+
+
 @dataclass(frozen=True)
 class GatewayContext:
     """The gateway's Backend (kmip_core.server.backend): what its operation
@@ -119,16 +129,23 @@ class GatewayContext:
     registry: UnwrapRegistry
     kms_client: KeyProviderClient
     # broker.metrics.BrokerMetrics (unwraps by result, their latency), or None.
-    metrics: object = None
+    metrics: UnwrapMetrics | None = None
 
-    def for_item(self, trail, draft) -> GatewayContext:
+    def for_item(self, trail: Trail | None, draft: AuditDraft) -> GatewayContext:
         return self
 
     def batch_transaction(self) -> AbstractContextManager[None]:
         return nullcontext()
 
-    def in_batch(self, txn, trail, draft) -> GatewayContext:
+    def in_batch(self, txn: object, trail: Trail | None, draft: AuditDraft | None) -> GatewayContext:
         return self
+
+
+if TYPE_CHECKING:
+    # mypy checks here that the gateway is a Backend of the KMIP server
+    # framework (kmip_core.server.backend), as the dispatcher takes it.
+    def _is_backend(gateway: GatewayContext) -> Backend:
+        return gateway
 
 
 class KeyProviderUnavailable(errors.OutcomeUnknown):
@@ -172,7 +189,7 @@ def _kms_failure(exc: KmipError, key_id: str) -> errors.KmsError:
 # --- The operations -----------------------------------------------------------------
 
 
-def _unwrap_parameters(payload) -> None:
+def _unwrap_parameters(payload: Item) -> None:
     """Unwrapping a key safe is AES-GCM (design note, "Key safe"). Anything
     else is refused here rather than forwarded, so that a host can never use
     a VM's KEK as a general decryption oracle in another mode."""
@@ -191,7 +208,7 @@ def _target(key_id: str, decision: Decision) -> str:
     return f"key:{key_id}" + (f" vm:{decision.vm_uuid}" if decision.vm_uuid else "")
 
 
-def gateway_decrypt(ctx, gateway: GatewayContext, payload) -> list:
+def gateway_decrypt(ctx: RequestContext, gateway: GatewayContext, payload: Item) -> list[Item]:
     """KMIP 1.4, 4.30 Decrypt, on behalf of a host: authorize with the trust
     registry, then Decrypt at the KMS with the broker's own identity."""
     request_fields.reject_streaming(payload)
@@ -223,7 +240,14 @@ def gateway_decrypt(ctx, gateway: GatewayContext, payload) -> list:
                 gateway.metrics.unwrap_seconds(time.monotonic() - started)
 
 
-def _unwrap(ctx, gateway: GatewayContext, decision: Decision, actor: str, key_id: str, sealed: tuple) -> list:
+def _unwrap(
+    ctx: RequestContext,
+    gateway: GatewayContext,
+    decision: Decision,
+    actor: str,
+    key_id: str,
+    sealed: tuple[bytes, bytes, bytes | None, bytes],
+) -> list[Item]:
     data, iv, aad, tag = sealed
     who = f"certificate sha256:{ctx.principal.fingerprint}, request {ctx.request_id}, from {ctx.peer}"
     if not decision.allowed:
@@ -267,11 +291,11 @@ def _count(gateway: GatewayContext, result: str) -> None:
         gateway.metrics.unwrap(result)
 
 
-def gateway_query(ctx, gateway: GatewayContext, payload) -> list:
+def gateway_query(ctx: RequestContext, gateway: GatewayContext, payload: Item) -> list[Item]:
     """KMIP 1.4, 4.25 Query, answered for the gateway rather than the KMS:
     its own operations, no object types (it stores none), its own name."""
     functions = {i.value for i in payload.find_all(T.QUERY_FUNCTION.value)}
-    out = []
+    out: list[Item] = []
     if QueryFunction.QUERY_OPERATIONS.value in functions:
         out += [
             ttlv.enumeration(T.OPERATION.value, op.value) for op in sorted(GATEWAY_OPERATIONS, key=lambda o: o.value)
@@ -281,7 +305,7 @@ def gateway_query(ctx, gateway: GatewayContext, payload) -> list:
     return out
 
 
-GATEWAY_OPERATIONS: dict[Operation, Callable] = {
+GATEWAY_OPERATIONS: dict[Operation, Handler] = {
     Operation.DISCOVER_VERSIONS: discover_versions.handle,
     Operation.QUERY: gateway_query,
     Operation.DECRYPT: gateway_decrypt,

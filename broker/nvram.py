@@ -242,7 +242,7 @@ def unseal(
     return NvramContents(header=header, files=_unpack(plaintext, header))
 
 
-def read_header(blob: bytes) -> Header:
+def read_header(blob: bytes | memoryview) -> Header:
     """Parse and check the clear header without any key (for `vm check` and recovery).
 
     The fields are not authenticated until `unseal` verifies the tag.

@@ -319,8 +319,9 @@ class KmipFactory(protocol.Factory):
 
     def __init__(
         self,
-        handle: Callable[[bytes, object], bytes | None],
-        identify: Callable[[object, str], object],
+        # The identity `identify` makes of a certificate is what `handle` is given.
+        handle: Callable[[bytes, Any], bytes | None],
+        identify: Callable[[Any, str], Any],
         threadpool: ThreadPool,
         reactor: Any,
         max_message_size: int = 1 << 20,

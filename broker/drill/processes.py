@@ -117,11 +117,18 @@ def _start(
     """Start a server and wait for each marker line ("... listening on HOST:PORT")."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     service = Service(name, proc)
-    threading.Thread(target=lambda: [service.log.append(x.rstrip()) for x in proc.stderr], daemon=True).start()
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None and stderr is not None  # both are PIPEs
+
+    def log() -> None:
+        for line in stderr:
+            service.log.append(line.rstrip())
+
+    threading.Thread(target=log, daemon=True).start()
     lines: queue.Queue[str] = queue.Queue()
 
     def read() -> None:
-        for line in proc.stdout:
+        for line in stdout:
             lines.put(line)
         lines.put("")
 

@@ -446,6 +446,7 @@ class Drill:
         todo = [vm for vm in self.vms if vm.stale is not None and vm.stale.exists() and vm.host_after]
         current = {}
         for vm in todo:
+            assert vm.stale is not None  # todo holds the VMs with a stale copy
             nvram = vm.vmx.with_name(vmx.read(vm.vmx).nvram_name)
             current[vm.name] = (nvram, nvram.read_bytes())
             shutil.copyfile(vm.stale, nvram)

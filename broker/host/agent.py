@@ -400,6 +400,7 @@ class Agent:
             )
 
     def _switch_vmx(self, vm: _Vm) -> None:
+        assert vm.pending_text is not None  # switched only with a pending key safe (the caller)
         config = vmx.read(vm.path)
         if config.pending_key_safe != vm.pending_text:
             raise vmx.VmxError(f"{vm.path} changed meanwhile (its pending key safe is another)")
@@ -433,6 +434,7 @@ class Agent:
         request to this process's relay (`broker.host.ek_relay`), which asks
         the broker on the kept connection. A `setup_config` given to the
         Agent (tests with a local EK CA) is used as it is."""
+        relay: contextlib.AbstractContextManager[object]
         if self.setup_config is not None:
             config, relay = self.setup_config, contextlib.nullcontext()
         else:
@@ -619,7 +621,7 @@ class Agent:
 
     def status(self) -> list[RunningVm]:
         self.config  # noqa: B018 - a state directory that is not one is an error, not an empty list
-        out = []
+        out: list[RunningVm] = []
         directory = self.state_dir / "running"
         if not directory.is_dir():
             return out

@@ -25,6 +25,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = ["main"]
 
@@ -37,7 +41,7 @@ class _Usage(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise _Usage(f"{message}; see '{PROG} --help'")
 
 
@@ -127,34 +131,34 @@ def _run(args: argparse.Namespace) -> int:
             )
         return 0
     if args.command == "power-off":
-        result = agent.power_off(args.vmx)
-        _warn(result.warnings)
+        off = agent.power_off(args.vmx)
+        _warn(off.warnings)
         if args.json:
-            print(json.dumps(_as_dict(result)))
+            print(json.dumps(_as_dict(off)))
         else:
             print(
-                f"VM {result.name} ({result.vm_uuid}) powered off: {result.nvram} sealed as generation "
-                f"{result.generation}, {result.seconds:.2f} s"
+                f"VM {off.name} ({off.vm_uuid}) powered off: {off.nvram} sealed as generation "
+                f"{off.generation}, {off.seconds:.2f} s"
             )
         return 0
     if args.command == "install-ek-certs":
-        result = agent.install_ek_certs(args.vmx)
-        _warn(result.warnings)
+        installed = agent.install_ek_certs(args.vmx)
+        _warn(installed.warnings)
         if args.json:
-            print(json.dumps(_as_dict(result)))
+            print(json.dumps(_as_dict(installed)))
             return 0
-        for cert in result.certificates:
-            done = "written" if cert["written"] else "already there"
+        for ek_cert in installed.certificates:
+            done = "written" if ek_cert["written"] else "already there"
             print(
-                f"NV {cert['nv_index']}: {cert['type']} certificate of the {cert['key_type']} EK, "
-                f"{cert['size']} bytes, issued by {cert['issuer']}: {done}"
+                f"NV {ek_cert['nv_index']}: {ek_cert['type']} certificate of the {ek_cert['key_type']} EK, "
+                f"{ek_cert['size']} bytes, issued by {ek_cert['issuer']}: {done}"
             )
         how = (
             "through its running swtpm (sealed at power-off)"
-            if result.running
-            else f"sealed as .nvram generation {result.generation}"
+            if installed.running
+            else f"sealed as .nvram generation {installed.generation}"
         )
-        print(f"VM {result.name} ({result.vm_uuid}): EK certificates installed {how}, {result.seconds:.2f} s")
+        print(f"VM {installed.name} ({installed.vm_uuid}): EK certificates installed {how}, {installed.seconds:.2f} s")
         return 0
     if args.command == "status":
         running = agent.status()
@@ -176,10 +180,10 @@ def _run(args: argparse.Namespace) -> int:
     raise _Usage(f"unknown command {args.command}")
 
 
-def _as_dict(value: object) -> dict:
+def _as_dict(value: DataclassInstance) -> dict:
     import dataclasses
 
-    data = dataclasses.asdict(value)  # type: ignore[arg-type]
+    data = dataclasses.asdict(value)
     if "warnings" in data:
         data["warnings"] = list(data["warnings"])
     return data

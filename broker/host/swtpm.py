@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 __all__ = [
     "ManufactureResult",
@@ -98,7 +99,7 @@ class SwtpmInstance:
         self.startup = startup
         self.swtpm = swtpm
         self.log_level = log_level
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: _Process | None = None
 
     def __repr__(self) -> str:
         return f"SwtpmInstance(state_dir={str(self.state_dir)!r}, pid={self.pid}, running={self.running})"
@@ -169,8 +170,9 @@ class SwtpmInstance:
             f"file={self.log_path},level={self.log_level}",
         ]
         flags = ["not-need-init"]
-        if _STARTUP_FLAGS[self.startup]:
-            flags.append(_STARTUP_FLAGS[self.startup])
+        startup_flag = _STARTUP_FLAGS[self.startup]
+        if startup_flag:
+            flags.append(startup_flag)
         cmd += ["--flags", ",".join(flags)]
         return cmd
 
@@ -234,9 +236,10 @@ class SwtpmInstance:
             raise ValueError(f"mode must be 'clear' or 'state', not {mode!r}")
         if self._proc is None:
             raise SwtpmError("swtpm was never started")
-        if self._proc.poll() is not None:
+        exited = self._proc.poll()
+        if exited is not None:
             self._remove_sockets()
-            return self._proc.returncode
+            return exited
 
         deadline = time.monotonic() + timeout
         refusal = None
@@ -248,14 +251,14 @@ class SwtpmInstance:
             refusal = f"TPM2_Shutdown failed ({exc}); is a guest still connected?"
         try:
             self._ctrl(_CMD_SHUTDOWN, max(0.1, deadline - time.monotonic()))
-            self._proc.wait(max(0.1, deadline - time.monotonic()))
+            status = self._proc.wait(max(0.1, deadline - time.monotonic()))
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.kill()
             raise SwtpmError(f"swtpm did not stop in an orderly way ({exc}); it was killed") from None
         self._remove_sockets()
         if refusal:
-            raise SwtpmError(f"{refusal}; swtpm stopped with status {self._proc.returncode}")
-        return self._proc.returncode
+            raise SwtpmError(f"{refusal}; swtpm stopped with status {status}")
+        return status
 
     def kill(self) -> None:
         """Kill swtpm at once (SIGKILL) and reap it; safe to call at any time, any number of times."""
@@ -325,6 +328,19 @@ class SwtpmInstance:
         return tail or "(empty log)"
 
 
+class _Process(Protocol):
+    """The part of `subprocess.Popen` that `SwtpmInstance` uses."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
 class _AttachedProcess:
     """The part of `subprocess.Popen` that `SwtpmInstance` uses, for an swtpm found by pid.
 
@@ -357,7 +373,7 @@ class _AttachedProcess:
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
+            if timeout is not None and deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(f"swtpm (pid {self.pid})", timeout)
             time.sleep(0.002)
         assert self.returncode is not None

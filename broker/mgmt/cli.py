@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from broker import vmx
 from broker.keysafe import KeySafeError, parse_key_safe
@@ -49,7 +50,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     # argparse exits 2 with a usage block; keep it, but one line of error.
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 

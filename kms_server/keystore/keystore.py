@@ -14,12 +14,15 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from typing import TYPE_CHECKING
 
 from kmip.core.enums import ObjectType, State
 
 from kmip_core import errors
+from kmip_core.audit.record import AuditDraft
 from kmip_core.policy import Action, Principal, check, may_see
 from kmip_core.sealing.barrier import Barrier, BarrierError, UnknownTerm
+from kmip_core.server.backend import Backend, Trail
 from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import lifecycle, row_auth
@@ -38,9 +41,9 @@ log = logging.getLogger("kms_server.keystore")
 
 class Keystore:
     # (trail, draft) when bound to one request item by `for_item`.
-    _audit = None
+    _audit: tuple[Trail, AuditDraft] | None = None
     # The batch's one transaction when bound by `in_batch`.
-    _batch_txn = None
+    _batch_txn: Transaction | None = None
 
     def __init__(self, storage: Storage, barrier: Barrier):
         self.storage = storage
@@ -58,13 +61,14 @@ class Keystore:
         with storage.transaction() as txn:
             row_auth.ensure_digest(txn, barrier)
 
-    def for_item(self, trail, draft) -> Keystore:
+    def for_item(self, trail: Trail | None, draft: AuditDraft) -> Keystore:
         """A view of this keystore for one request item: its write
         transactions commit the item's audit record with the change, and
         every object it touches is noted in `draft`. The view is made per
         item and shared with nothing else."""
         bound = copy.copy(self)
-        bound._audit = (trail, draft)
+        # The dispatcher makes a draft only with a trail (auditing on).
+        bound._audit = (trail, draft) if trail is not None else None
         return bound
 
     def batch_transaction(self) -> AbstractContextManager[Transaction]:
@@ -72,14 +76,14 @@ class Keystore:
         of kmip_core.server.dispatcher)."""
         return self.storage.transaction()
 
-    def in_batch(self, txn: Transaction, trail, draft) -> Keystore:
+    def in_batch(self, txn: Transaction, trail: Trail | None, draft: AuditDraft | None) -> Keystore:
         """A view for one item of a batch run with Batch Error Continuation
         Option Undo: every transaction of the item is the batch's `txn`
         (read-only ones too), so that a later failure rolls back this item's
         changes with the rest. Objects it touches are noted in `draft`; the
         dispatcher writes the audit records once it knows the batch's fate."""
         bound = copy.copy(self)
-        bound._audit = (trail, draft) if draft is not None else None
+        bound._audit = (trail, draft) if trail is not None and draft is not None else None
         bound._batch_txn = txn
         return bound
 
@@ -105,7 +109,7 @@ class Keystore:
             self._pending.notes = None
         for uid, version in pending:
             self.seen.note(uid, version)
-        if record is not None:
+        if record is not None and self._audit is not None:  # a record is made only when audited
             trail, draft = self._audit
             draft.written = record
             trail.publish(record)
@@ -272,6 +276,8 @@ class Keystore:
     def save(self, txn: Transaction, obj: ManagedObject, now: int) -> None:
         obj.set_value("Last Change Date", now)
         stored = obj.to_stored()
+        if obj.row_mac is None:  # an object read from storage was verified, so it has one
+            raise self._refused(obj.uid, "the row carries no MAC")
         try:
             self._write_row(txn, stored, (obj.version, obj.row_mac))
         except ConcurrentModification:
@@ -301,3 +307,10 @@ class Keystore:
             limit=limit,
         )
         return txn.locate(query)
+
+
+if TYPE_CHECKING:
+    # mypy checks here that the keystore is a Backend of the KMIP server
+    # framework (kmip_core.server.backend), as the dispatcher takes it.
+    def _is_backend(keystore: Keystore) -> Backend:
+        return keystore

@@ -83,7 +83,7 @@ _CURVES: dict[RecommendedCurve, type[ec.EllipticCurve]] = {
     RecommendedCurve.BRAINPOOLP384R1: ec.BrainpoolP384R1,
     RecommendedCurve.BRAINPOOLP512R1: ec.BrainpoolP512R1,
 }
-_CURVE_BY_NAME: dict[str, RecommendedCurve] = {c.name: rc for rc, c in _CURVES.items()}
+_CURVE_BY_NAME: dict[str, RecommendedCurve] = {c().name: rc for rc, c in _CURVES.items()}
 
 _AES_KEY_LENGTHS = (16, 24, 32)
 
@@ -137,7 +137,7 @@ def _optional_bytes(value: Any, what: str) -> bytes | None:
 
 def _hash(hashing: HashingAlgorithm | None) -> hashes.HashAlgorithm:
     try:
-        return _HASHES[hashing]()  # type: ignore[index]
+        return _HASHES[hashing]()
     except (KeyError, TypeError):
         raise CryptoError(
             f"hashing algorithm {_name(hashing)} is not supported"

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import hmac as _std_hmac
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import padding as _sym_padding
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import (
+    AEADDecryptionContext,
+    AEADEncryptionContext,
+    BlockCipherAlgorithm,
+    Cipher,
+    algorithms,
+    modes,
+)
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from kmip.core.enums import (
     BlockCipherMode,
@@ -29,9 +37,12 @@ from kms_server.keystore.crypto.base import (
 )
 from kms_server.keystore.crypto.wrap import _KEY_WRAP_MODES, _aes_wrapping_key, unwrap_key, wrap_key
 
+_TripleDES: Callable[[bytes], BlockCipherAlgorithm]
 try:
     # Triple DES moved to the "decrepit" namespace in cryptography 43.
-    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES as _TripleDES
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES as _DecrepitTripleDES
+
+    _TripleDES = _DecrepitTripleDES
 except ImportError:  # pragma: no cover - cryptography < 43
     _TripleDES = algorithms.TripleDES
 
@@ -375,7 +386,7 @@ class CipherStream:
                 iv = secrets.token_bytes(_block_bytes(key, algorithm))
             cipher = _mode_cipher(key, algorithm, mode, iv)
             if mode in _PADDED_MODES:
-                padder = _padder(padding, cipher.algorithm.block_size)
+                padder = _padder(padding, _block_bytes(key, algorithm) * 8)
                 if padder is not None:
                     if decrypting:
                         self._unpadder = padder.unpadder()
@@ -410,7 +421,8 @@ class CipherStream:
             if self.mode == BlockCipherMode.GCM and self.decrypting:
                 if tag is None or len(tag) not in _GCM_TAG_LENGTHS:
                     raise CryptoError("GCM tag must be 12 to 16 bytes")
-                return self._context.finalize_with_tag(tag), None
+                # A GCM decryption's context (__init__).
+                return cast(AEADDecryptionContext, self._context).finalize_with_tag(tag), None
             out = b""
             if self._padder is not None:
                 out = self._context.update(self._padder.finalize())
@@ -426,7 +438,8 @@ class CipherStream:
         except _LIBRARY_ERRORS:
             raise CryptoError(f"{_name(self.mode)} {'decryption' if self.decrypting else 'encryption'} failed") from None
         if self.mode == BlockCipherMode.GCM:
-            return out, self._context.tag[: self.tag_length]
+            # A GCM encryption's context (__init__; a decryption returned above).
+            return out, cast(AEADEncryptionContext, self._context).tag[: self.tag_length]
         return out, None
 
 

@@ -272,7 +272,7 @@ def _der_children(data: bytes) -> list[int]:
     tag, pos, length = header(0)
     if tag != 0x30 or pos + length != len(data):
         raise CryptoError("key material is not a DER SEQUENCE")
-    tags = []
+    tags: list[int] = []
     while pos < len(data) and len(tags) < 2:
         tag, start, length = header(pos)
         tags.append(tag)

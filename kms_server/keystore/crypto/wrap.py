@@ -71,6 +71,7 @@ def unwrap_key(
     """
     wrapping_key = _aes_wrapping_key(_bytes(wrapping_key, "wrapping key"), None)
     wrapped_key = _bytes(wrapped_key, "wrapped key")
+    candidates: tuple[BlockCipherMode, ...]
     if mode is None:
         candidates = _KEY_WRAP_MODES
     elif mode in _KEY_WRAP_MODES:
