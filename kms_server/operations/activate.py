@@ -13,6 +13,7 @@ def handle(ctx, keystore, payload):
     uid = common.unique_identifier(ctx, payload)
     with keystore.transaction() as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.MANAGE, ctx.now, for_update=True)
+        common.refuse_destroyed(ctx, obj)
         lifecycle.activate(obj, ctx.now)
         keystore.save(txn, obj, ctx.now)
     return [common.uid_item(obj.uid)]

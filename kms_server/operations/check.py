@@ -30,6 +30,7 @@ def handle(ctx, keystore, payload):
     lease = _optional(payload, Tags.LEASE_TIME, (ItemType.INTERVAL,))
     with keystore.transaction(read_only=True) as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.USE, ctx.now)
+    common.refuse_destroyed(ctx, obj)
     if mask is not None and mask & ~obj.usage_mask:
         raise errors.IncompatibleUsageMask(f"the Cryptographic Usage Mask of object {uid} does not allow {mask:#x}")
     limits = obj.first("Usage Limits")

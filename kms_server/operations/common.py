@@ -15,6 +15,7 @@ from kmip_core.server.context import RequestContext
 from kmip_core.server.payload import require, tag, uid_item, unique_identifier
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import attributes as attrs
+from kms_server.keystore import lifecycle
 from kms_server.keystore.objects import ManagedObject
 
 T = Tags
@@ -27,6 +28,7 @@ __all__ = [
     "attributes_structure",
     "client_attributes",
     "optional_enum",
+    "refuse_destroyed",
     "require",
     "single_attribute",
     "tag",
@@ -126,3 +128,18 @@ def attributes_structure(ctx: RequestContext, obj: ManagedObject, names: Iterabl
     if ctx.v2:
         return [ttlv.structure(T.ATTRIBUTES.value, items)]
     return items
+
+
+def refuse_destroyed(ctx: RequestContext, obj: ManagedObject) -> None:
+    """An operation that needs a destroyed object's key value or would use
+    or change it (Get, Encrypt, Activate, Destroy again, ...) finds nothing
+    (issue 14): Item Not Found at 1.x, which names no destroyed object and
+    is what clients such as PyKMIP's read (their server forgets a destroyed
+    object), Object Destroyed at 2.x. Its metadata stays readable
+    (GetAttributes; Locate when asked for destroyed objects), as the OASIS
+    profile flows read it."""
+    if obj.state not in lifecycle.DESTROYED_STATES:
+        return
+    if ctx.v2:
+        raise errors.ObjectDestroyed(f"object {obj.uid} is destroyed")
+    raise errors.ItemNotFound(f"no object with unique identifier {obj.uid!r}: it is destroyed")

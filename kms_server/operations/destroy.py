@@ -15,6 +15,7 @@ def handle(ctx, keystore, payload):
     uid = common.unique_identifier(ctx, payload)
     with keystore.transaction() as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.DESTROY, ctx.now, for_update=True)
+        common.refuse_destroyed(ctx, obj)
         lifecycle.destroy(obj, ctx.now)
         keystore.reseal(obj, None)
         keystore.save(txn, obj, ctx.now)

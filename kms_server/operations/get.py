@@ -28,7 +28,7 @@ from kmip.core.enums import (
 from kmip_core import errors, ttlv
 from kmip_core.policy import Action
 from kmip_core.ttlv import Item, ItemType
-from kms_server.keystore import crypto, lifecycle
+from kms_server.keystore import crypto
 from kms_server.operations import common, crypto_params, key_use, object_codec
 from kms_server.operations.object_codec import Wrapping
 
@@ -66,14 +66,9 @@ def handle(ctx, keystore, payload):
             if specification is not None
             else None
         )
-    try:
-        material = keystore.material(obj)
-    except errors.KeyValueNotPresent as exc:
-        # 2.1 answers Object Destroyed (BL-M-8-21); 2.0 clients such as
-        # PyKMIP's expect Key Value Not Present, which 2.0 also allows.
-        if obj.state in lifecycle.DESTROYED_STATES and ctx.at_least(2, 1):
-            raise errors.ObjectDestroyed(exc.message) from None
-        raise
+    # 2.x answers Object Destroyed (BL-M-8-21), 1.x Item Not Found.
+    common.refuse_destroyed(ctx, obj)
+    material = keystore.material(obj)
     _check_exportable(obj, wrapped=specification is not None)
     wrapping = None
     if wrapping_key is not None:

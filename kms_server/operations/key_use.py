@@ -15,6 +15,7 @@ from kmip_core.policy import Action
 from kmip_core.server.payload import reject_streaming
 from kms_server.keystore import crypto, lifecycle
 from kms_server.keystore.objects import ManagedObject
+from kms_server.operations import common
 
 T = Tags
 
@@ -44,6 +45,7 @@ def usable_key(
     protect; also Deactivated or Compromised to process), and its
     Cryptographic Usage Mask has the operation's bit."""
     obj = keystore.load(txn, ctx.principal, uid, Action.USE, ctx.now)
+    common.refuse_destroyed(ctx, obj)
     if obj.object_type not in object_types:
         names = " or ".join(t.name for t in object_types)
         raise errors.InvalidField(

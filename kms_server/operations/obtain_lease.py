@@ -17,6 +17,7 @@ def handle(ctx, keystore, payload):
     uid = common.unique_identifier(ctx, payload)
     with keystore.transaction(read_only=True) as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.USE, ctx.now)
+    common.refuse_destroyed(ctx, obj)
     lease = obj.value("Lease Time")
     if lease is None:
         raise errors.IllegalOperation(f"a {obj.object_type.name} is not held under a lease")

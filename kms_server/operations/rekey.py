@@ -25,7 +25,7 @@ from kmip_core import errors
 from kmip_core.policy import Action
 from kmip_core.ttlv import ItemType
 from kms_server.keystore import attributes as attrs
-from kms_server.keystore import crypto, lifecycle
+from kms_server.keystore import crypto
 from kms_server.keystore.objects import Material
 from kms_server.operations import common, object_codec
 
@@ -73,10 +73,7 @@ def handle(ctx, keystore, payload):
             raise errors.InvalidField(
                 f"Re-key replaces symmetric keys; object {uid} is a {old.object_type.name}"
             )
-        if old.state in lifecycle.DESTROYED_STATES:
-            raise errors.IllegalOperation(
-                f"object {uid} is {old.state.name} and cannot be re-keyed"
-            )
+        common.refuse_destroyed(ctx, old)
 
         attributes = {
             name: list(values)

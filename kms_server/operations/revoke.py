@@ -23,6 +23,10 @@ def handle(ctx, keystore, payload):
     occurrence = payload.get(Tags.COMPROMISE_OCCURRENCE_DATE.value)
     with keystore.transaction() as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.MANAGE, ctx.now, for_update=True)
+        if code not in lifecycle.COMPROMISE_REASONS:
+            # A destroyed key found compromised becomes Destroyed
+            # Compromised (KMIP 1.4, 3.22); nothing else applies to it.
+            common.refuse_destroyed(ctx, obj)
         lifecycle.revoke(obj, code, occurrence, ctx.now)
         obj.set("Revocation Reason", attrs.as_value(reason))
         keystore.save(txn, obj, ctx.now)

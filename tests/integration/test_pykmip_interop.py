@@ -127,3 +127,23 @@ def test_register_checks_only_that_the_material_matches_its_length(client, algor
     uid = client.register(objects.SymmetricKey(algorithm, key_bytes * 8, value))
     key = client.get(uid)
     assert (key.value, key.cryptographic_length) == (value, key_bytes * 8)
+
+
+def test_operations_on_a_destroyed_key(client):
+    """Get and Activate of a destroyed key: Item Not Found at 1.x (what
+    PyKMIP's server answers: it forgets the object), Object Destroyed at
+    2.0. GetAttributes still reads its State; Locate leaves it out."""
+    uid = client.create(enums.CryptographicAlgorithm.AES, 256, name=f"destroyed-{client.version.name}")
+    client.destroy(uid)
+    expected = (
+        enums.ResultReason.OBJECT_DESTROYED
+        if client.version == enums.KMIPVersion.KMIP_2_0
+        else enums.ResultReason.ITEM_NOT_FOUND
+    )
+    for attempt in (lambda: client.get(uid), lambda: client.activate(uid), lambda: client.destroy(uid)):
+        with pytest.raises(pie_exceptions.KmipOperationFailure) as failure:
+            attempt()
+        assert failure.value.reason == expected
+    _, attributes = client.get_attributes(uid, ["State"])
+    assert attributes[0].attribute_value.value == enums.State.DESTROYED
+    assert uid not in client.locate()

@@ -1232,8 +1232,10 @@ def test_the_same_name_twice_on_one_object_is_refused(alice):
 @pytest.mark.parametrize(
     "version, reason",
     [
-        (V11, ResultReason.KEY_VALUE_NOT_PRESENT),
-        (V20, ResultReason.KEY_VALUE_NOT_PRESENT),
+        # Issue 14: 1.x Item Not Found (Key Value Not Present before), 2.x
+        # Object Destroyed (2.0 answered Key Value Not Present before).
+        (V11, ResultReason.ITEM_NOT_FOUND),
+        (V20, ResultReason.OBJECT_DESTROYED),
         ((2, 1), ResultReason.OBJECT_DESTROYED),
     ],
 )

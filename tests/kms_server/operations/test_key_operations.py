@@ -29,6 +29,7 @@ from kmip.core.enums import (
     RecommendedCurve,
     ResultReason,
     ResultStatus,
+    RevocationReasonCode,
     SecretDataType,
     State,
     Tags,
@@ -319,7 +320,8 @@ def test_get_symmetric_key_in_a_key_pair_format_is_refused(alice):
 def test_get_of_a_destroyed_key(alice):
     uid = create_aes(alice, activate=False)
     alice.ok(Operation.DESTROY, [uid_item(uid)])
-    alice.fails(Operation.GET, [uid_item(uid)], ResultReason.KEY_VALUE_NOT_PRESENT)
+    # Issue 14: Item Not Found at 1.x (Key Value Not Present before).
+    alice.fails(Operation.GET, [uid_item(uid)], ResultReason.ITEM_NOT_FOUND)
 
 
 def test_get_of_another_clients_key_is_not_found(alice, bob):
@@ -1763,3 +1765,73 @@ def test_register_des_keys_stated_without_their_parity_bits(alice):
     uid = register(alice, ObjectType.SYMMETRIC_KEY, symmetric_key(os.urandom(8), alg=CryptographicAlgorithm.DES, bits=56))
     attributes = alice.ok(Operation.GET_ATTRIBUTES, [uid_item(uid), ttlv.text(T.ATTRIBUTE_NAME.value, "Cryptographic Length")])
     assert attributes.find(T.ATTRIBUTE.value).get(T.ATTRIBUTE_VALUE.value) == 56
+
+
+# ---------------------------------------------------------------------------
+# Operations on a destroyed object (issue 14)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "version,reason",
+    [
+        (V1_1, ResultReason.ITEM_NOT_FOUND),
+        (V1_4, ResultReason.ITEM_NOT_FOUND),
+        (V2_0, ResultReason.OBJECT_DESTROYED),
+        ((2, 1), ResultReason.OBJECT_DESTROYED),
+    ],
+)
+def test_a_destroyed_key_is_not_found_at_1x_and_destroyed_at_2x(alice, version, reason):
+    """Get, the cryptographic operations, Activate, Revoke, Destroy again,
+    Check, Obtain Lease and ReKey on a destroyed key: Item Not Found at 1.x,
+    Object Destroyed at 2.x. Its metadata stays readable (GetAttributes, as
+    the OASIS flows SKLC-O-1, AKLC-O-1 and BL-M-9 read it) and Locate leaves
+    it out unless asked for destroyed objects."""
+    cessation = ttlv.structure(
+        T.REVOCATION_REASON.value,
+        [ttlv.enumeration(T.REVOCATION_REASON_CODE.value, RevocationReasonCode.CESSATION_OF_OPERATION.value)],
+    )
+    uid = create_aes(alice)
+    alice.ok(Operation.REVOKE, [uid_item(uid), cessation])
+    alice.ok(Operation.DESTROY, [uid_item(uid)])
+    data = ttlv.byte_string(T.DATA.value, bytes(16))
+    ecb = params(mode=BlockCipherMode.ECB)
+    refused = {
+        "Get": (Operation.GET, [uid_item(uid)]),
+        "Encrypt": (Operation.ENCRYPT, [uid_item(uid), ecb, data]),
+        "Decrypt": (Operation.DECRYPT, [uid_item(uid), ecb, data]),
+        "Activate": (Operation.ACTIVATE, [uid_item(uid)]),
+        "Revoke": (Operation.REVOKE, [uid_item(uid), cessation]),
+        "Destroy": (Operation.DESTROY, [uid_item(uid)]),
+        "Check": (Operation.CHECK, [uid_item(uid)]),
+        "ReKey": (Operation.REKEY, [uid_item(uid)]),
+    }
+    for label, (op, payload) in refused.items():
+        item = alice.call(op, payload, version)
+        assert item.get(T.RESULT_STATUS.value) == ResultStatus.OPERATION_FAILED.value, label
+        assert item.get(T.RESULT_REASON.value) == reason.value, (label, ResultReason(item.get(T.RESULT_REASON.value)))
+    item = alice.call(Operation.GET_ATTRIBUTES, [uid_item(uid)], version)
+    assert item.get(T.RESULT_STATUS.value) == ResultStatus.SUCCESS.value
+
+
+def test_a_destroyed_key_found_compromised_is_still_revoked(alice):
+    """Revoke for Key Compromise moves a destroyed key to Destroyed
+    Compromised (KMIP 1.4, 3.22): the one change a destroyed key takes."""
+    uid = create_aes(alice, activate=False)
+    alice.ok(Operation.DESTROY, [uid_item(uid)])
+    compromise = ttlv.structure(
+        T.REVOCATION_REASON.value,
+        [ttlv.enumeration(T.REVOCATION_REASON_CODE.value, RevocationReasonCode.KEY_COMPROMISE.value)],
+    )
+    alice.ok(Operation.REVOKE, [uid_item(uid), compromise])
+    payload = alice.ok(Operation.GET_ATTRIBUTES, [uid_item(uid), ttlv.text(T.ATTRIBUTE_NAME.value, "State")])
+    assert payload.find(T.ATTRIBUTE.value).get(T.ATTRIBUTE_VALUE.value) == State.DESTROYED_COMPROMISED.value
+
+
+def test_locate_leaves_out_destroyed_keys_unless_asked(alice):
+    kept, gone = create_aes(alice, activate=False), create_aes(alice, activate=False)
+    alice.ok(Operation.DESTROY, [uid_item(gone)])
+    found = alice.ok(Operation.LOCATE, []).find_all(T.UNIQUE_IDENTIFIER.value)
+    assert [i.value for i in found] == [kept]
+    by_state = alice.ok(Operation.LOCATE, [attribute("State", ttlv.enumeration(0, State.DESTROYED.value))])
+    assert [i.value for i in by_state.find_all(T.UNIQUE_IDENTIFIER.value)] == [gone]
