@@ -32,6 +32,7 @@ from kmip.core.enums import (
     RecommendedCurve,
     RNGAlgorithm,
     SecretDataType,
+    SplitKeyMethod,
     Tags,
 )
 
@@ -53,12 +54,14 @@ OBJECT_TAGS: dict[ObjectType, Tags] = {
     ObjectType.CERTIFICATE: T.CERTIFICATE,
     ObjectType.SECRET_DATA: T.SECRET_DATA,
     ObjectType.OPAQUE_DATA: T.OPAQUE_OBJECT,
+    ObjectType.SPLIT_KEY: T.SPLIT_KEY,
 }
 KEY_BLOCK_TYPES = (
     ObjectType.SYMMETRIC_KEY,
     ObjectType.PUBLIC_KEY,
     ObjectType.PRIVATE_KEY,
     ObjectType.SECRET_DATA,
+    ObjectType.SPLIT_KEY,
 )
 
 _TRANSPARENT_EC_PRIVATE = (
@@ -389,6 +392,55 @@ def _decode_secret_data(holder: Item) -> tuple[Material, Implied]:
     return Material(data, secret_type.value), {"Digest": _digest(data, block.format)}
 
 
+# A Split Key (KMIP 1.4, 2.2.5; 2.0, 2.2.5): one part of a key split
+# among several holders. Its material is kept as one TTLV structure: the
+# split parameters in the order of the object, then the part's Raw bytes.
+_SPLIT_FIELDS = (T.SPLIT_KEY_PARTS, T.KEY_PART_IDENTIFIER, T.SPLIT_KEY_THRESHOLD, T.SPLIT_KEY_METHOD, T.PRIME_FIELD_SIZE)
+
+
+def _decode_split_key(holder: Item) -> tuple[Material, Implied]:
+    parts = child_item(holder, T.SPLIT_KEY_PARTS, ItemType.INTEGER).value
+    identifier = child_item(holder, T.KEY_PART_IDENTIFIER, ItemType.INTEGER).value
+    threshold = child_item(holder, T.SPLIT_KEY_THRESHOLD, ItemType.INTEGER).value
+    method = enum_field(child_item(holder, T.SPLIT_KEY_METHOD), SplitKeyMethod, T.SPLIT_KEY_METHOD)
+    prime = child_item(holder, T.PRIME_FIELD_SIZE, ItemType.BIG_INTEGER, required=False)
+    if parts < 1:
+        raise errors.InvalidField("Split Key Parts must be at least 1")
+    if not 1 <= identifier <= parts:
+        raise errors.InvalidField(f"Key Part Identifier must be from 1 to the Split Key Parts ({parts})")
+    if not 1 <= threshold <= parts:
+        raise errors.InvalidField(f"Split Key Threshold must be from 1 to the Split Key Parts ({parts})")
+    if method == SplitKeyMethod.POLYNOMIAL_SHARING_PRIME_FIELD and (prime is None or prime.value <= 1):
+        raise errors.InvalidField("Split Key Method Polynomial Sharing Prime Field needs a Prime Field Size")
+    block = _read_key_block(holder)
+    if block.format != KFT.RAW:
+        raise errors.KeyFormatTypeNotSupported(f"a split key cannot be registered in format {block.format.name}")
+    key = _bytes_material(block)
+    bits = len(key) * 8
+    if block.length is not None and block.length != bits:
+        raise errors.InvalidField(f"Cryptographic Length {block.length} does not match the {bits}-bit key part")
+    stored = ttlv.structure(
+        T.SPLIT_KEY.value,
+        [
+            ttlv.integer(T.SPLIT_KEY_PARTS.value, parts),
+            ttlv.integer(T.KEY_PART_IDENTIFIER.value, identifier),
+            ttlv.integer(T.SPLIT_KEY_THRESHOLD.value, threshold),
+            ttlv.enumeration(T.SPLIT_KEY_METHOD.value, method.value),
+            ttlv.big_integer(T.PRIME_FIELD_SIZE.value, prime.value) if prime is not None else None,
+            ttlv.byte_string(T.KEY_MATERIAL.value, key),
+        ],
+    )
+    return Material(ttlv.encode(stored)), _implied_crypto(block.algorithm, bits)
+
+
+def _split_key_parts(material: Material) -> tuple[list[Item], Material]:
+    """The split parameters of a stored Split Key, as Get returns them, and
+    the part's own key bytes."""
+    stored = ttlv.decode(material.data)
+    fields = [stored.find(t.value) for t in _SPLIT_FIELDS]
+    return [f for f in fields if f is not None], Material(stored.get(T.KEY_MATERIAL.value))
+
+
 def _decode_opaque(holder: Item) -> tuple[Material, Implied]:
     # The specification defines no Opaque Data Types, only the extension
     # range, so any enumeration value is kept as given.
@@ -471,6 +523,7 @@ _DECODERS: dict[ObjectType, Callable[[Item], tuple[Material, Implied]]] = {
     ObjectType.SECRET_DATA: _decode_secret_data,
     ObjectType.OPAQUE_DATA: _decode_opaque,
     ObjectType.CERTIFICATE: _decode_certificate,
+    ObjectType.SPLIT_KEY: _decode_split_key,
 }
 
 
@@ -523,6 +576,8 @@ def default_format(
     as PyKMIP's server does, and PKCS#8 / X.509 SubjectPublicKeyInfo for EC
     keys and in 2.0."""
     object_type = obj.object_type
+    if object_type == ObjectType.SPLIT_KEY:
+        return KFT.RAW
     if object_type == ObjectType.SYMMETRIC_KEY:
         if v2 and material.subtype == KFT.TRANSPARENT_SYMMETRIC_KEY.value:
             return KFT.TRANSPARENT_SYMMETRIC_KEY
@@ -560,7 +615,10 @@ def _key_material(
     object_type = obj.object_type
     tag = T.KEY_MATERIAL.value
     try:
-        if object_type == ObjectType.SYMMETRIC_KEY:
+        if object_type == ObjectType.SPLIT_KEY:
+            if key_format == KFT.RAW:
+                return ttlv.byte_string(tag, material.data)
+        elif object_type == ObjectType.SYMMETRIC_KEY:
             if key_format == KFT.RAW:
                 return ttlv.byte_string(tag, material.data)
             if key_format == KFT.TRANSPARENT_SYMMETRIC_KEY:
@@ -728,6 +786,9 @@ def encode_object(
             ],
         )
     key_format = key_format_type or default_format(obj, material, v2=False)
+    if object_type == ObjectType.SPLIT_KEY:
+        fields, part = _split_key_parts(material)
+        return ttlv.structure(tag.value, [*fields, _key_block(obj, part, key_format, wrapping)])
     block = _key_block(obj, material, key_format, wrapping)
     if object_type == ObjectType.SECRET_DATA:
         secret_type = (

@@ -15,6 +15,7 @@ OBJECT_TYPES = (
     ObjectType.CERTIFICATE,
     ObjectType.SECRET_DATA,
     ObjectType.OPAQUE_DATA,
+    ObjectType.SPLIT_KEY,
 )
 
 

@@ -147,3 +147,35 @@ def test_operations_on_a_destroyed_key(client):
     _, attributes = client.get_attributes(uid, ["State"])
     assert attributes[0].attribute_value.value == enums.State.DESTROYED
     assert uid not in client.locate()
+
+
+def test_split_key_register_get_attributes_locate_destroy(client):
+    """Split Key objects: Register, Get (every split parameter back),
+    GetAttributes, Locate by Object Type, Destroy."""
+    part = bytes(range(16))
+    uid = client.register(
+        objects.SplitKey(
+            cryptographic_algorithm=enums.CryptographicAlgorithm.AES,
+            cryptographic_length=128,
+            key_value=part,
+            split_key_parts=4,
+            key_part_identifier=1,
+            split_key_threshold=2,
+            split_key_method=enums.SplitKeyMethod.POLYNOMIAL_SHARING_PRIME_FIELD,
+            prime_field_size=104729,
+        )
+    )
+    key = client.get(uid)
+    assert isinstance(key, objects.SplitKey)
+    assert key.value == part
+    assert (key.split_key_parts, key.key_part_identifier, key.split_key_threshold) == (4, 1, 2)
+    assert key.split_key_method == enums.SplitKeyMethod.POLYNOMIAL_SHARING_PRIME_FIELD
+    assert key.prime_field_size == 104729
+    _, attributes = client.get_attributes(uid, ["Object Type", "Cryptographic Length"])
+    by_name = {a.attribute_name.value: a.attribute_value.value for a in attributes}
+    assert by_name == {"Object Type": enums.ObjectType.SPLIT_KEY, "Cryptographic Length": 128}
+    object_type = client.attribute_factory.create_attribute(enums.AttributeType.OBJECT_TYPE, enums.ObjectType.SPLIT_KEY)
+    assert uid in client.locate(attributes=[object_type])
+    client.destroy(uid)
+    with pytest.raises(pie_exceptions.KmipOperationFailure):
+        client.get(uid)

@@ -31,6 +31,7 @@ from kmip.core.enums import (
     ResultStatus,
     RevocationReasonCode,
     SecretDataType,
+    SplitKeyMethod,
     State,
     Tags,
     UsageLimitsUnit,
@@ -1835,3 +1836,76 @@ def test_locate_leaves_out_destroyed_keys_unless_asked(alice):
     assert [i.value for i in found] == [kept]
     by_state = alice.ok(Operation.LOCATE, [attribute("State", ttlv.enumeration(0, State.DESTROYED.value))])
     assert [i.value for i in by_state.find_all(T.UNIQUE_IDENTIFIER.value)] == [gone]
+
+
+# ---------------------------------------------------------------------------
+# Split Key objects (issue 14)
+# ---------------------------------------------------------------------------
+
+
+def split_key(part: bytes, parts=3, identifier=2, threshold=2, method=SplitKeyMethod.XOR, prime=None, bits=None) -> Item:
+    return ttlv.structure(
+        T.SPLIT_KEY.value,
+        [
+            ttlv.integer(T.SPLIT_KEY_PARTS.value, parts),
+            ttlv.integer(T.KEY_PART_IDENTIFIER.value, identifier),
+            ttlv.integer(T.SPLIT_KEY_THRESHOLD.value, threshold),
+            ttlv.enumeration(T.SPLIT_KEY_METHOD.value, method.value),
+            ttlv.big_integer(T.PRIME_FIELD_SIZE.value, prime) if prime is not None else None,
+            key_block(KeyFormatType.RAW, part, CryptographicAlgorithm.AES, bits),
+        ],
+    )
+
+
+@pytest.mark.parametrize("version", [V1_4, V2_0])
+def test_split_key_register_get_locate_destroy(alice, version):
+    part = os.urandom(32)
+    prime = 2**127 - 1
+    uid = register(
+        alice, ObjectType.SPLIT_KEY, split_key(part, method=SplitKeyMethod.POLYNOMIAL_SHARING_PRIME_FIELD, prime=prime), version=version
+    )
+    payload = get(alice, uid, version=version)
+    assert payload.get(T.OBJECT_TYPE.value) == ObjectType.SPLIT_KEY.value
+    obj = payload.find(T.SPLIT_KEY.value)
+    assert obj.get(T.SPLIT_KEY_PARTS.value) == 3
+    assert obj.get(T.KEY_PART_IDENTIFIER.value) == 2
+    assert obj.get(T.SPLIT_KEY_THRESHOLD.value) == 2
+    assert obj.get(T.SPLIT_KEY_METHOD.value) == SplitKeyMethod.POLYNOMIAL_SHARING_PRIME_FIELD.value
+    assert obj.get(T.PRIME_FIELD_SIZE.value) == prime
+    block = obj.find(T.KEY_BLOCK.value)
+    assert block.get(T.KEY_FORMAT_TYPE.value) == KeyFormatType.RAW.value
+    assert block.find(T.KEY_VALUE.value).get(T.KEY_MATERIAL.value) == part
+    assert block.get(T.CRYPTOGRAPHIC_ALGORITHM.value) == CryptographicAlgorithm.AES.value
+    assert block.get(T.CRYPTOGRAPHIC_LENGTH.value) == 256
+    located = alice.ok(
+        Operation.LOCATE,
+        [attribute("Object Type", ttlv.enumeration(0, ObjectType.SPLIT_KEY.value))] if version < V2_0 else
+        [ttlv.structure(T.ATTRIBUTES.value, [ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SPLIT_KEY.value)])],
+        version,
+    )
+    assert [i.value for i in located.find_all(T.UNIQUE_IDENTIFIER.value)] == [uid]
+    alice.ok(Operation.DESTROY, [uid_item(uid)], version)
+    alice.fails(
+        Operation.GET,
+        [uid_item(uid)],
+        ResultReason.OBJECT_DESTROYED if version >= V2_0 else ResultReason.ITEM_NOT_FOUND,
+        version,
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"identifier": 4},
+        {"threshold": 0},
+        {"parts": 0, "identifier": 0, "threshold": 0},
+        {"method": SplitKeyMethod.POLYNOMIAL_SHARING_PRIME_FIELD},
+        {"bits": 128},
+    ],
+)
+def test_split_key_with_inconsistent_parameters_is_refused(alice, fields):
+    alice.fails(
+        Operation.REGISTER,
+        [ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SPLIT_KEY.value), split_key(os.urandom(32), **fields)],
+        ResultReason.INVALID_FIELD,
+    )
