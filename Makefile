@@ -18,10 +18,19 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	@touch $@
 
-pki: venv $(DEV_PKI)/ca.pem
+# make run, demo, vcenter-session: CONFIG= another KMS configuration, PORT= another
+# KMIP port (0: a free one, which kms-server prints).
+CONFIG ?= etc/kms-dev.toml
+PORT ?=
+PORT_FLAG = $(if $(PORT),--port $(PORT))
 
-$(DEV_PKI)/ca.pem:
-	$(BIN)/kms-admin pki init --dir $(DEV_PKI) --server-name localhost --client vcenter --client admin
+# The development PKI: the KMS's server certificate and the client identities
+# of etc/kms-dev.toml (vcenter, admin, and auditor for the audit page).
+# kms-admin pki init keeps what exists, so an older certs/dev gains the auditor.
+pki: venv $(DEV_PKI)/ca.pem $(DEV_PKI)/auditor.pem
+
+$(DEV_PKI)/ca.pem $(DEV_PKI)/auditor.pem &:
+	$(BIN)/kms-admin pki init --dir $(DEV_PKI) --server-name localhost --client vcenter --client admin --client auditor
 
 master-key: venv var/master.key
 
@@ -39,23 +48,14 @@ check-config: venv
 	$(BIN)/kms-server --config etc/kms-dev.toml --check-config
 
 run: venv pki master-key audit-key
-	@echo ""
-	@echo "Starting one KMS node on 127.0.0.1:5696 (SQLite store in var/kms.db)."
-	@echo "Audit trail: $(BIN)/kms-admin audit show --config etc/kms-dev.toml (verify, export: see README);"
-	@echo "  the security team's page is https://127.0.0.1:5698/ (admin certificate, or an auditor's)."
-	@echo "Connect a KMIP client with mutual TLS:"
-	@echo "  CA certificate:     $(DEV_PKI)/ca.pem"
-	@echo "  client certificate: $(DEV_PKI)/vcenter.pem   key: $(DEV_PKI)/vcenter.key"
-	@echo "  (administrator:     $(DEV_PKI)/admin.pem      key: $(DEV_PKI)/admin.key)"
-	@echo "More clients: $(BIN)/kms-admin pki issue-client --dir $(DEV_PKI) --name NAME"
-	@echo "Stop with Ctrl-C (in-flight requests are drained first)."
-	@echo ""
-	$(BIN)/kms-server --config etc/kms-dev.toml
+	@$(BIN)/python tools/run_banner.py $(BIN)/kms-server --config $(CONFIG) $(PORT_FLAG)
+	$(BIN)/kms-server --config $(CONFIG) $(PORT_FLAG)
 
-# A captured vCenter 7.0.3 session replayed against `make run`'s node; then
+# A captured vCenter 7.0.3 session replayed against `make run`'s node (the
+# host and port of CONFIG, or PORT=); then
 # kms-admin audit show --config etc/kms-dev.toml --vm test01
 vcenter-session: venv
-	$(BIN)/python tools/vcenter_session.py
+	$(BIN)/python tools/vcenter_session.py --config $(CONFIG) $(PORT_FLAG)
 
 # In parallel with pytest-xdist (setup.cfg's test extra): one worker per core
 # by default (PYTEST_WORKERS=auto; 0 runs the suite in this one process).
@@ -76,8 +76,11 @@ conformance: venv
 
 # The disaster-recovery drill: a KMS, the broker, 2 hosts and 10 VMs with a
 # real vTPM each; the management plane is lost and every vTPM recovered.
+# PORT= / CONFIG= are make run's: the drill starts a KMS of its own on free
+# ports and says so rather than ignore them. DEMO_ARGS: more vtpm-drill options.
 demo: venv
-	$(BIN)/vtpm-drill --vms 10 --hosts 2
+	@$(if $(PORT)$(filter-out etc/kms-dev.toml,$(CONFIG)),echo "make demo: the drill runs its own KMS and broker on free 127.0.0.1 ports; PORT= and CONFIG= are not used (make run takes them)")
+	$(BIN)/vtpm-drill --vms 10 --hosts 2 $(DEMO_ARGS)
 
 # Style, and the structure of docs/architecture.md: the import contracts
 # (.importlinter: kmip_core imports neither service, the services never import

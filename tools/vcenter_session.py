@@ -6,10 +6,13 @@ then Get, GetAttributes and Activate, byte for byte as vCenter sent them
 (the session's unique identifiers "1" and "2" are replaced with the ones
 this server returns).
 
-    tools/vcenter_session.py [--host 127.0.0.1] [--port 5696]
+    tools/vcenter_session.py [--config etc/kms-dev.toml] [--host H] [--port P]
         [--cert certs/dev/vcenter.pem] [--key certs/dev/vcenter.key] [--ca certs/dev/ca.pem]
 
-`make vcenter-session` runs it against `make run`'s node; then
+The host and port are the [server] ones of --config (a kms-server
+configuration), unless --host / --port say otherwise; without either,
+127.0.0.1:5696. `make vcenter-session [CONFIG=F] [PORT=P]` runs it against
+`make run`'s node; then
 `kms-admin audit show --config etc/kms-dev.toml --vm test01` lists what the
 session did to the VM's key.
 """
@@ -52,15 +55,43 @@ def _rewrite(item: ttlv.Item, mapping: dict[str, str]) -> ttlv.Item:
     return item
 
 
+def _address(args: argparse.Namespace) -> tuple[str, int]:
+    """--host/--port, else the configuration's [server] host and port."""
+    host, port = "127.0.0.1", 5696
+    if args.config:
+        from kmip_core.config import ConfigError
+        from kms_server.config import load_config
+
+        try:
+            cfg = load_config(args.config, {})
+        except ConfigError as exc:
+            raise ValueError(f"{args.config}: {exc}; fix it or pass --host/--port") from None
+        host, port = cfg.server.host, cfg.server.port
+        if args.port is None and port == 0:
+            raise ValueError(
+                f"{args.config} lets kms-server pick a free port; pass the one it printed "
+                "('kms-server listening on HOST:PORT'): make vcenter-session PORT=P"
+            )
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return (args.host or host), (args.port if args.port is not None else port)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5696)
-    p.add_argument("--cert", default=str(ROOT / "certs/dev/vcenter.pem"))
-    p.add_argument("--key", default=str(ROOT / "certs/dev/vcenter.key"))
-    p.add_argument("--ca", default=str(ROOT / "certs/dev/ca.pem"))
+    p.add_argument("--config", metavar="FILE", help="kms-server configuration whose [server] host and port to use")
+    p.add_argument("--host", help="the KMS's address (default: --config's, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="the KMS's KMIP port (default: --config's, else 5696)")
+    p.add_argument("--cert", default=str(ROOT / "certs/dev/vcenter.pem"), help="client certificate (PEM)")
+    p.add_argument("--key", default=str(ROOT / "certs/dev/vcenter.key"), help="client private key (PEM)")
+    p.add_argument("--ca", default=str(ROOT / "certs/dev/ca.pem"), help="CA that issued the server certificate")
     p.add_argument("--server-name", default="localhost", help="name to check the server certificate against")
     args = p.parse_args(argv)
+    try:
+        args.host, args.port = _address(args)
+    except ValueError as exc:
+        print(f"vcenter_session: {exc}", file=sys.stderr)
+        return 2
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
