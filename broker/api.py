@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import parse_qsl
 
 from cryptography import x509
@@ -43,7 +43,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet import ssl as twisted_ssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.threads import deferToThreadPool
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 from zope.interface import implementer
 
 from broker.config import BrokerConfig
@@ -355,7 +355,7 @@ class Api:
         self.ek_issuer = ek_issuer
         self.enroll_limit = RateLimit(cfg.api.enroll_per_minute)
         # broker.metrics.BrokerMetrics (answers, enrollments, rate limits), or None.
-        self.metrics = None
+        self.metrics: ApiMetrics | None = None
 
     def dispatch(self, request: ApiRequest) -> ApiResponse:
         # One id per request: in the broker's records, in the Client
@@ -900,12 +900,21 @@ class ApiContextFactory(twisted_ssl.ContextFactory):
 # --- Twisted Web -------------------------------------------------------------------------------------
 
 
+class ApiMetrics(Protocol):
+    """What the API reports (broker.metrics.BrokerMetrics)."""
+
+    def api_answered(self, method: str, path: str, status: int) -> None: ...
+
+
 class LimitedRequest(limits.TimedRequest):
     """A request whose body is counted as it arrives: past ``max_body`` the
     rest is discarded (never buffered) and the answer is 413. Once read
     whole it stops the listener's request deadline (`wire.limits`)."""
 
     max_body = 65536
+    # Twisted declares `content = None` and documents it as a BinaryIO: it
+    # is set once the body starts (gotLength).
+    content: BinaryIO | None  # type: ignore[assignment]  # Twisted's own annotation is None alone
 
     def gotLength(self, length):
         self.body_too_large = length is not None and length > self.max_body
@@ -973,7 +982,7 @@ class ApiResource(resource.Resource):
         api_request = ApiRequest(
             method=request.method.decode("ascii", "replace"),
             path=path.rstrip("/") or "/",
-            body=b"" if getattr(request, "body_too_large", False) else request.content.read(),
+            body=b"" if getattr(request, "body_too_large", False) else _body(request),
             authorization=_authorization(request),
             client_fingerprint=_peer_fingerprint(request),
             peer=f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
@@ -1025,12 +1034,23 @@ def _json_default(value: object):
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
+def _body(request: server.Request) -> bytes:
+    content: BinaryIO | None = request.content  # Twisted declares None; set once the body starts
+    assert content is not None  # the request was read whole (gotLength)
+    return content.read()
+
+
+class _QuietSite(server.Site):
+    """No access log through Twisted's own logger: paths carry no secrets,
+    but the broker's log stays in one format."""
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
 def make_site(api: Api, reactor, threadpool, max_body: int) -> server.Site:
     request_class = type("BrokerRequest", (LimitedRequest,), {"max_body": max_body})
-    site = server.Site(ApiResource(api, reactor, threadpool), requestFactory=request_class)
+    site = _QuietSite(ApiResource(api, reactor, threadpool), requestFactory=request_class)
     site.displayTracebacks = False
     site.timeOut = 60
-    # No access log through Twisted's own logger: paths carry no secrets,
-    # but the broker's log stays in one format.
-    site.log = lambda request: None
     return site

@@ -41,6 +41,8 @@ from kmip_core.audit.chain import (
 )
 
 if TYPE_CHECKING:
+    from twisted.internet import task
+
     from broker.db import Database
 
 __all__ = [
@@ -302,6 +304,7 @@ def verify_rows(
                                      f"the {legacy.count} records before it"))  # fmt: skip
             first_seq, first_prev = legacy.last_seq + 1, legacy.head
         else:
+            assert first is not None  # _carried found the commitment in it
             first_seq, first_prev = carried["last_seq"] + 1, carried["head_hash"]
             if legacy.last_seq < carried["last_seq"]:
                 extra.append(Problem(legacy.last_seq + 1, f"records {legacy.last_seq + 1} to {carried['last_seq']} "
@@ -501,7 +504,7 @@ class CheckpointLoop:
         self.reactor = reactor
         self.threadpool = threadpool
         self.seconds = seconds
-        self.loop = None
+        self.loop: task.LoopingCall | None = None
 
     def sign_now(self) -> Checkpoint | None:
         if self.signer is None:
@@ -525,9 +528,9 @@ class CheckpointLoop:
             return
         from twisted.internet import task
 
-        self.loop = task.LoopingCall(self._in_pool)
-        self.loop.clock = self.reactor
-        self.loop.start(self.seconds, now=True)
+        self.loop = loop = task.LoopingCall(self._in_pool)
+        loop.clock = self.reactor
+        loop.start(self.seconds, now=True)
 
     def stop(self):
         """A Deferred that fires once the last checkpoint is written."""

@@ -352,7 +352,9 @@ class Database:
                     created_at=time.time(),
                 )
             )
-            return int(result.inserted_primary_key[0])
+            key = result.inserted_primary_key
+            assert key is not None  # set after a single-row INSERT (SQLAlchemy types it Optional)
+            return int(key[0])
 
     def get_ca(self, purpose: str, state: str = "active"):
         """The newest row of that purpose and state (id, cert_pem, chain_pem,

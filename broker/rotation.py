@@ -138,7 +138,7 @@ class Rotation:
 
     @staticmethod
     def _answer(vm: VmRecord, *, resumed: bool, retired: str | None = None) -> dict:
-        answer = {
+        answer: dict[str, object] = {
             "vm_uuid": vm.vm_uuid,
             "kms_key_id": vm.kms_key_id,
             "key_safe": vm.key_safe,

@@ -72,10 +72,14 @@ __all__ = [
 log = logging.getLogger("kmip_core.sealing.barrier")
 
 
-class Transaction(Protocol):
-    """What the barrier needs of a store's transaction: its meta records."""
+class MetaReader(Protocol):
+    """What reading the keyring needs: a store's meta records."""
 
     def get_meta(self, key: str, for_update: bool = False) -> bytes | None: ...
+
+
+class Transaction(MetaReader, Protocol):
+    """What the barrier needs of a store's transaction: its meta records."""
 
     def set_meta(self, key: str, value: bytes) -> None: ...
 
@@ -346,7 +350,7 @@ class Barrier:
 # --- the keyring in storage -----------------------------------------------------------
 
 
-def _copies(txn: Transaction) -> dict[str, str]:
+def _copies(txn: MetaReader) -> dict[str, str]:
     raw = txn.get_meta(KEYRING_META)
     if raw is None:
         return {}
@@ -359,7 +363,7 @@ def _copies(txn: Transaction) -> dict[str, str]:
         raise BarrierError("the stored keyring record is malformed; restore the database from a backup") from None
 
 
-def read_keyring(txn: Transaction, master: MasterKey) -> Keyring | None:
+def read_keyring(txn: MetaReader, master: MasterKey) -> Keyring | None:
     """The keyring as `master` opens it; None if the store has none yet.
     Raises BarrierError if no stored copy is wrapped under `master` or the
     copy does not open."""

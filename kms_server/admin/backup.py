@@ -141,7 +141,7 @@ class _Meta:
     def __init__(self, meta: dict[str, bytes]):
         self._meta = meta
 
-    def get_meta(self, name: str) -> bytes | None:
+    def get_meta(self, name: str, for_update: bool = False) -> bytes | None:
         return self._meta.get(name)
 
 
@@ -433,6 +433,7 @@ def restore(
 
             # Pass 2: schema, then every row in one transaction.
             if engine is None:
+                assert target_file is not None  # created: a SQLite file not there yet
                 target_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 engine = _engine(url, sqlite_begin="BEGIN IMMEDIATE")
             try:

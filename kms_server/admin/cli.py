@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from kmip_core import pki
+from kmip_core import __version__, cliopts, pki
 from kmip_core.config import ConfigError
 from kms_server.admin import integrity_cli
 from kms_server.admin.audit_cli import register_audit
@@ -445,6 +445,7 @@ def _db_engine(args: argparse.Namespace):
     except DatabaseUrlError as exc:
         raise CommandError(str(exc)) from None
     if parsed.get_backend_name() == "sqlite":
+        assert parsed.database is not None  # parse_db_url refuses a SQLite URL without a file
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     return open_engine(parsed), shown
 
@@ -607,7 +608,8 @@ def build_parser(
     for register in COMMAND_GROUPS if groups is None else groups:
         register(subparsers)
     parser.subparsers = subparsers  # type: ignore[attr-defined]
-    return parser
+    # --config and --json before or after the command (kmip_core.cliopts).
+    return cliopts.conventions(parser, version=__version__, where_defined=("--config", "--json"))
 
 
 def _os_error_line(exc: OSError) -> str:

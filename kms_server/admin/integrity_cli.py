@@ -153,6 +153,7 @@ def _new_master(args: argparse.Namespace, storage):
     given = [x for x in (args.new_key_file, args.new_passphrase_file, args.new_config) if x]
     if len(given) != 1:
         raise _error("give the new master key with exactly one of --new-key-file, --new-passphrase-file, --new-config")
+    source: object
     if args.new_config:
         try:
             source = load_config(args.new_config).master_key

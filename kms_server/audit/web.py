@@ -355,11 +355,11 @@ class AuditPage(resource.Resource):
         return b""
 
     def records(self, request: server.Request):
-        filters = parse_filters(request.args)
+        filters = parse_filters(request.args or {})
         return self._json_later(request, self.defer_to_thread(find_records, self.storage, filters))
 
     def activity(self, request: server.Request):
-        filters = parse_filters(request.args)
+        filters = parse_filters(request.args or {})
         return self._json_later(request, self.defer_to_thread(vm_activity, self.storage, filters))
 
     def verify(self, request: server.Request):

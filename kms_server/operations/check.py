@@ -8,7 +8,9 @@ from kmip.core.enums import Operation, Tags
 
 from kmip_core import errors
 from kmip_core.policy import Action
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.CHECK
@@ -23,7 +25,7 @@ def _optional(payload, t: Tags, types: tuple[ItemType, ...]):
     return item.value
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     mask = _optional(payload, Tags.CRYPTOGRAPHIC_USAGE_MASK, (ItemType.INTEGER,))
     units = _optional(payload, Tags.USAGE_LIMITS_COUNT, (ItemType.LONG_INTEGER, ItemType.INTEGER))

@@ -7,15 +7,18 @@ worker thread and sealed before it is stored."""
 from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 
 from kmip_core import errors, ttlv
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import Material
 from kms_server.operations import common, object_codec
 
 OPERATION = Operation.CREATE
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     object_type = common.optional_enum(payload, Tags.OBJECT_TYPE, ObjectType)
     if object_type is None:
         raise errors.MissingData("Object Type is required")

@@ -24,8 +24,11 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import Material
 from kms_server.operations import common, crypto_params, object_codec
 
@@ -42,7 +45,7 @@ _DEFAULT_USAGE = {
 }
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     shared = common.client_attributes(
         payload, T.COMMON_TEMPLATE_ATTRIBUTE, T.COMMON_ATTRIBUTES
     )

@@ -18,7 +18,10 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, key_use, streaming
 from kms_server.operations.encrypt import NO_IV_MODES, cipher_request, cipher_stream, optional_bytes, rsa_padding
 
@@ -27,7 +30,7 @@ OPERATION = Operation.DECRYPT
 T = Tags
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     tag = optional_bytes(payload, T.AUTHENTICATED_ENCRYPTION_TAG)
     part, data, iv, aad, obj, params, algorithm = cipher_request(
         ctx,
@@ -66,18 +69,20 @@ def handle(ctx, keystore, payload):
                 raise errors.MissingData(
                     "a Block Cipher Mode is required, in the request or the key's Cryptographic Parameters"
                 )
+            named = mode or algorithm
+            assert named is not None  # without a mode the algorithm is a ChaCha20 one (above)
             if iv is None and mode not in NO_IV_MODES:
                 # The profiles (CS-BC-M-11 to 13, at 1.4, 2.0 and 2.1)
                 # answer Invalid Message, not Missing Data.
                 raise errors.InvalidMessage(
-                    f"IV/Counter/Nonce is required to decrypt in {(mode or algorithm).name}"
+                    f"IV/Counter/Nonce is required to decrypt in {named.name}"
                 )
             if part is not None:
                 begin = cipher_stream(material, algorithm, mode, params, iv, aad, decrypting=True)
                 return streaming.run(ctx, keystore, obj, OPERATION, part, data, begin, tag=tag)[0]
             if (mode == BlockCipherMode.GCM or algorithm == CryptographicAlgorithm.CHACHA20_POLY1305) and tag is None:
                 raise errors.MissingData(
-                    f"Authenticated Encryption Tag is required to decrypt in {(mode or algorithm).name}"
+                    f"Authenticated Encryption Tag is required to decrypt in {named.name}"
                 )
             plaintext = crypto.decrypt(
                 material.data,

@@ -6,25 +6,27 @@ from kmip.core.enums import Operation, Tags
 
 from kmip_core import errors
 from kmip_core.policy import Action
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 from kms_server.operations.attribute_changes import check_client_may_change
 
 OPERATION = Operation.DELETE_ATTRIBUTE
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     current = None
     all_values = False
     index = 0
-    if payload.find(Tags.CURRENT_ATTRIBUTE.value) is not None:
-        holder = payload.find(Tags.CURRENT_ATTRIBUTE.value)
+    if (holder := payload.find(Tags.CURRENT_ATTRIBUTE.value)) is not None:
         if len(holder.children()) != 1:
             raise errors.InvalidField("Current Attribute must hold exactly one attribute")
         name, _i, current = common.single_attribute(ctx, holder.children()[0])
-    elif payload.find(Tags.ATTRIBUTE_REFERENCE.value) is not None:
-        name = common.attribute_reference(payload.find(Tags.ATTRIBUTE_REFERENCE.value))
+    elif (reference := payload.find(Tags.ATTRIBUTE_REFERENCE.value)) is not None:
+        name = common.attribute_reference(reference)
         all_values = True
     else:
         name = common.require(payload, Tags.ATTRIBUTE_NAME).value

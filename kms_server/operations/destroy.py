@@ -5,13 +5,16 @@ object's metadata stays so that its history can still be read."""
 from kmip.core.enums import Operation
 
 from kmip_core.policy import Action
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
 from kms_server.keystore import lifecycle
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.DESTROY
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     with keystore.transaction() as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.DESTROY, ctx.now, for_update=True)

@@ -26,9 +26,12 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
+from kmip_core.server.context import RequestContext
 from kmip_core.server.payload import optional_bytes
-from kmip_core.ttlv import ItemType
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
+from kms_server.keystore.objects import ManagedObject
 from kms_server.operations import common, crypto_params, key_use, streaming
 
 OPERATION = Operation.ENCRYPT
@@ -62,8 +65,8 @@ class CipherRequest(NamedTuple):
     data: bytes
     iv: bytes | None
     aad: bytes | None
-    obj: object
-    params: object
+    obj: ManagedObject
+    params: crypto_params.CryptoParameters
     algorithm: CryptographicAlgorithm | None
 
 
@@ -96,7 +99,7 @@ def cipher_stream(material, algorithm, mode, params, iv, aad, *, decrypting: boo
     )
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     part, data, iv, aad, obj, params, algorithm = cipher_request(
         ctx,
         keystore,

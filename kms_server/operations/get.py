@@ -27,8 +27,10 @@ from kmip.core.enums import (
 
 from kmip_core import errors, ttlv
 from kmip_core.policy import Action
+from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, crypto_params, key_use, object_codec
 from kms_server.operations.object_codec import Wrapping
 
@@ -43,7 +45,7 @@ _AES_WRAP_MODES = (
 _RSA_WRAP_PADDINGS = (None, PaddingMethod.OAEP, PaddingMethod.PKCS1v15)
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     key_format = common.optional_enum(payload, T.KEY_FORMAT_TYPE, KeyFormatType)
     compression = common.optional_enum(
@@ -72,6 +74,7 @@ def handle(ctx, keystore, payload):
     _check_exportable(obj, wrapped=specification is not None)
     wrapping = None
     if wrapping_key is not None:
+        assert specification is not None  # a wrapping key comes with its specification
         wrapping = _wrapping(ctx, keystore, specification, obj, *wrapping_key)
     if key_format is None:
         key_format = object_codec.default_format(obj, material, ctx.v2)

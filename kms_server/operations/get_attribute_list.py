@@ -5,7 +5,10 @@ from kmip.core.enums import Operation, Tags
 
 from kmip_core import ttlv
 from kmip_core.policy import Action
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.GET_ATTRIBUTE_LIST
@@ -22,7 +25,7 @@ def _reference(name: str):
     )
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     with keystore.transaction(read_only=True) as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.READ_ATTRIBUTES, ctx.now)

@@ -5,6 +5,9 @@ left out of the response rather than refused."""
 from kmip.core.enums import Operation, Tags
 
 from kmip_core.policy import Action
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.GET_ATTRIBUTES
@@ -16,7 +19,7 @@ def requested_names(ctx, payload) -> list[str] | None:
     return names or None
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     names = requested_names(ctx, payload)
     with keystore.transaction(read_only=True) as txn:

@@ -5,14 +5,16 @@ involved; streaming (Init/Final Indicator) is not supported."""
 from kmip.core.enums import HashingAlgorithm, Operation, Tags
 
 from kmip_core import errors, ttlv
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, key_use
 
 OPERATION = Operation.HASH
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     key_use.reject_streaming(payload)
     params = common.require(payload, Tags.CRYPTOGRAPHIC_PARAMETERS, ItemType.STRUCTURE)
     hashing = common.optional_enum(params, Tags.HASHING_ALGORITHM, HashingAlgorithm)

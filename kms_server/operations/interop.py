@@ -10,7 +10,9 @@ import logging
 from kmip.core.enums import InteropFunction, Operation, Tags
 
 from kmip_core import errors
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.INTEROP
@@ -18,7 +20,7 @@ OPERATION = Operation.INTEROP
 log = logging.getLogger("kms_server.operations.interop")
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     if not ctx.v2:
         raise errors.OperationNotSupported("Interop is a KMIP 2.0 operation")
     function = common.optional_enum(payload, Tags.INTEROP_FUNCTION, InteropFunction)

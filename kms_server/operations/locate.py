@@ -11,14 +11,16 @@ from kmip.core.enums import Operation, State, StorageStatusMask, Tags
 
 from kmip_core import errors, ttlv
 from kmip_core.policy import Action
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import attributes as attrs
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.LOCATE
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     maximum = payload.get(Tags.MAXIMUM_ITEMS.value)
     offset = payload.get(Tags.OFFSET_ITEMS.value, 0)
     if maximum is not None and (not isinstance(maximum, int) or maximum < 0):
@@ -36,7 +38,9 @@ def handle(ctx, keystore, payload):
             given.append((name, value))
     group_member = payload.get(Tags.OBJECT_GROUP_MEMBER.value)
 
-    equals, dates, states = [], {}, []
+    equals: list[tuple[str, Item]] = []
+    dates: dict[str, list[int]] = {}
+    states: list[int] = []
     for name, value in given:
         attrs.check_known(name)
         attrs.check_value_type(name, value)

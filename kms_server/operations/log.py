@@ -7,7 +7,9 @@ import logging
 from kmip.core.enums import Operation, Tags
 
 from kmip_core import errors
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.LOG
@@ -18,7 +20,7 @@ log = logging.getLogger("kms_server.operations.log")
 MAX_LOG_MESSAGE = 1024
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     if not ctx.v2:
         raise errors.OperationNotSupported("Log is a KMIP 2.0 operation")
     message = common.require(payload, Tags.LOG_MESSAGE, ItemType.TEXT_STRING).value

@@ -17,8 +17,10 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, crypto_params, key_use
 
 OPERATION = Operation.MAC
@@ -26,7 +28,7 @@ OPERATION = Operation.MAC
 T = Tags
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     obj, algorithm, data = hmac_request(ctx, keystore, payload, CryptographicUsageMask.MAC_GENERATE, "MAC")
     key_use.charge_usage(ctx, keystore, obj, len(data))
     material = keystore.material(obj)

@@ -11,8 +11,10 @@ from kmip.core.enums import (
 )
 
 from kmip_core import ttlv
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, key_use, mac
 
 OPERATION = Operation.MAC_VERIFY
@@ -20,7 +22,7 @@ OPERATION = Operation.MAC_VERIFY
 T = Tags
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     obj, algorithm, data = mac.hmac_request(ctx, keystore, payload, CryptographicUsageMask.MAC_VERIFY, "MAC Verify")
     mac_data = common.require(payload, T.MAC_DATA, ItemType.BYTE_STRING).value
     material = keystore.material(obj)

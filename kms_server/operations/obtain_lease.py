@@ -8,12 +8,15 @@ from kmip.core.enums import Operation, State, Tags
 
 from kmip_core import errors, ttlv
 from kmip_core.policy import Action
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.OBTAIN_LEASE
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     with keystore.transaction(read_only=True) as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.USE, ctx.now)

@@ -4,6 +4,9 @@ supports, and who it is."""
 from kmip.core.enums import ObjectType, Operation, QueryFunction, Tags
 
 from kmip_core import __version__, ttlv
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
+from kms_server.keystore.keystore import Keystore
 
 OPERATION = Operation.QUERY
 
@@ -19,7 +22,7 @@ OBJECT_TYPES = (
 )
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     from kms_server.operations import OPERATIONS  # The table is built from this package.
 
     functions = {i.value for i in payload.find_all(Tags.QUERY_FUNCTION.value)}

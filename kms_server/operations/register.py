@@ -12,7 +12,10 @@ material is refused rather than stored.
 from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 
 from kmip_core import errors
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, crypto_params, object_codec
 
 OPERATION = Operation.REGISTER
@@ -21,7 +24,7 @@ _ALGORITHM = "Cryptographic Algorithm"
 _LENGTH = "Cryptographic Length"
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     object_type = common.optional_enum(payload, Tags.OBJECT_TYPE, ObjectType)
     if object_type is None:
         raise errors.MissingData("Object Type is required")

@@ -23,9 +23,11 @@ from kmip.core.enums import (
 
 from kmip_core import errors
 from kmip_core.policy import Action
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import Material
 from kms_server.operations import common, object_codec
 
@@ -59,7 +61,7 @@ _NOT_COPIED = {
 _RELATIVE_DATES = ("Process Start Date", "Protect Stop Date", "Deactivation Date")
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     offset = _offset(payload)
     given = common.client_attributes(payload, T.TEMPLATE_ATTRIBUTE, T.ATTRIBUTES)

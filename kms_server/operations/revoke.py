@@ -5,14 +5,17 @@ from kmip.core.enums import Operation, RevocationReasonCode, Tags
 
 from kmip_core import errors
 from kmip_core.policy import Action
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import lifecycle
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.REVOKE
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     reason = common.require(payload, Tags.REVOCATION_REASON)
     code = reason.get(Tags.REVOCATION_REASON_CODE.value)

@@ -4,14 +4,16 @@ server's random number generator (the operating system's CSPRNG)."""
 from kmip.core.enums import Operation, Tags
 
 from kmip_core import errors, ttlv
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.RNG_RETRIEVE
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     length = common.require(payload, Tags.DATA_LENGTH, ItemType.INTEGER).value
     if length <= 0:
         raise errors.InvalidField("Data Length must be a positive number of bytes")

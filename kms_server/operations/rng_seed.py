@@ -8,14 +8,16 @@ writable)."""
 from kmip.core.enums import Operation, Tags
 
 from kmip_core import errors, ttlv
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
 OPERATION = Operation.RNG_SEED
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     data = common.require(payload, Tags.DATA, ItemType.BYTE_STRING).value
     if not data:
         raise errors.InvalidField("Data (the seed) must not be empty")

@@ -6,14 +6,17 @@ from kmip.core.enums import Operation, Tags
 
 from kmip_core import errors
 from kmip_core.policy import Action
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 from kms_server.operations.attribute_changes import check_applies, check_client_may_change
 
 OPERATION = Operation.SET_ATTRIBUTE
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     holder = common.require(payload, Tags.NEW_ATTRIBUTE)
     if len(holder.children()) != 1:

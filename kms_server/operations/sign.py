@@ -9,8 +9,10 @@ with the Sign usage bit.
 from kmip.core.enums import CryptographicUsageMask, ObjectType, Operation, Tags
 
 from kmip_core import errors, ttlv
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, crypto_params, key_use
 
 OPERATION = Operation.SIGN
@@ -47,7 +49,7 @@ def scheme(obj, params) -> dict:
     }
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     key_use.reject_streaming(payload)
     uid = common.unique_identifier(ctx, payload)
     data, prehashed = signed_data(payload)

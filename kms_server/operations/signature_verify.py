@@ -15,8 +15,10 @@ from kmip.core.enums import (
 )
 
 from kmip_core import ttlv
-from kmip_core.ttlv import ItemType
+from kmip_core.server.context import RequestContext
+from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, crypto_params, key_use
 from kms_server.operations.sign import scheme, signed_data
 
@@ -25,7 +27,7 @@ OPERATION = Operation.SIGNATURE_VERIFY
 T = Tags
 
 
-def handle(ctx, keystore, payload):
+def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     key_use.reject_streaming(payload)
     uid = common.unique_identifier(ctx, payload)
     data, prehashed = signed_data(payload)

@@ -80,6 +80,7 @@ def run(
         return [common.uid_item(obj.uid), _data(out), _correlation(correlation)], cipher
     if tag is not None and not part.final:
         raise errors.InvalidField("the Authenticated Encryption Tag comes with the last part (Final Indicator)")
+    assert part.correlation is not None  # read_part refuses a later part without one
     stream = streams.take(part.correlation, client, obj.uid, operation.name, part.final)
     cipher = stream.cipher
     try:
