@@ -28,7 +28,6 @@ from sqlalchemy import (
     bindparam,
     delete,
     insert,
-    intersect,
     or_,
     select,
     update,
@@ -101,7 +100,10 @@ kms_attributes = Table(
     # index on the digest and then compares the value itself.
     Column("value_digest", LargeBinary(32), nullable=False),
     Index("ix_kms_attributes_name_value_digest", "name", "value_digest"),
-    Index("ix_kms_attributes_uid", "uid"),
+    # An object's rows (reads, cascaded deletes) and the check of a further
+    # Locate condition on one candidate object: a lookup, however many
+    # objects share that value (migration 0005).
+    Index("ix_kms_attributes_uid_name_value_digest", "uid", "name", "value_digest"),
 )
 
 # One row per node of the cluster, refreshed by its heartbeat
@@ -255,27 +257,46 @@ def _is_unique_violation(exc: IntegrityError) -> bool:
 
 # Locate's statements by the shape of the query (conditions, owner, paging),
 # built once each: building one cost more than running it.
-_LOCATE_STATEMENTS: dict[tuple[int, int, bool, bool, bool], Any] = {}
+_LOCATE_STATEMENTS: dict[tuple[str, int, int, bool, bool, bool], Any] = {}
 _LOCATE_SHAPES_MAX = 256
 
 
-def locate_statement(query: LocateQuery):
+def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     """The SELECT that answers a LocateQuery, and its parameters.
 
-    Each attribute condition is one lookup on the (name, value_digest)
-    index, made once for the whole query; their INTERSECT is the set of
-    candidate uids, and the objects are then fetched by uid. The cost grows
-    with the rows that match. A correlated EXISTS per condition made the
-    database walk every row of that value again for each candidate object:
-    quadratic in the matches (issue 19). One uncorrelated IN per condition
-    is not enough either: PostgreSQL, with statistics not yet gathered on
-    new rows, nests the second lookup inside the first.
+    The first condition (the first of `equals`, else of `has`) is one lookup
+    on the (name, value_digest) index; every other condition is checked on
+    each candidate that lookup found, by a correlated EXISTS on the
+    (uid, name, value_digest) index: a lookup per candidate. The cost grows
+    with the objects the first condition matches, and not with what the
+    others match: kms-server's Locate asks for a located object's State
+    Destroyed that way, which every destroyed key in the store matches
+    (issue 15). The objects are then fetched by uid.
+
+    History: an INTERSECT of one lookup per condition walked every match of
+    every condition (the Destroyed check of a Locate by Name walked every
+    destroyed key); a correlated EXISTS that the database answered from the
+    (name, value_digest) index walked every row of that value again for
+    each candidate, quadratic in the matches (issue 19); one uncorrelated IN
+    per condition let PostgreSQL, with statistics not yet gathered on new
+    rows, nest the second lookup inside the first. PostgreSQL, without
+    statistics, also turned the EXISTS into a semi-join probing the
+    (name, value_digest) index; there each EXISTS has an OFFSET 0, which
+    keeps it a subplan run per candidate with the uid bound, on the
+    (uid, name, value_digest) index.
 
     The statement depends on the query's shape only (how many conditions of
     each kind, an owner or not, paging or not); the values are bound
     parameters, so one statement object (and SQLAlchemy's compiled form of
     it) serves every query of that shape."""
-    shape = (len(query.equals), len(query.has), query.owner is not None, bool(query.offset), query.limit is not None)
+    shape = (
+        dialect,
+        len(query.equals),
+        len(query.has),
+        query.owner is not None,
+        bool(query.offset),
+        query.limit is not None,
+    )
     stmt = _LOCATE_STATEMENTS.get(shape)
     if stmt is None:
         stmt = _build_locate(*shape)
@@ -297,26 +318,32 @@ def locate_statement(query: LocateQuery):
     return stmt, params
 
 
-def _build_locate(equals: int, has: int, owner: bool, offset: bool, limit: bool):
+def _attribute_condition(a, kind: str, i: int) -> list:
+    if kind == "e":
+        return [
+            a.c.name == bindparam(f"e{i}_name"),
+            a.c.value_digest == bindparam(f"e{i}_digest"),
+            a.c.value == bindparam(f"e{i}_value"),
+        ]
+    return [a.c.name == bindparam(f"h{i}_name")]
+
+
+def _build_locate(dialect: str, equals: int, has: int, owner: bool, offset: bool, limit: bool):
     o = kms_objects
-    lookups = []
-    for i in range(equals):
-        a = kms_attributes.alias()
-        lookups.append(
-            select(a.c.uid).where(
-                a.c.name == bindparam(f"e{i}_name"),
-                a.c.value_digest == bindparam(f"e{i}_digest"),
-                a.c.value == bindparam(f"e{i}_value"),
-            )
-        )
-    for i in range(has):
-        a = kms_attributes.alias()
-        lookups.append(select(a.c.uid).where(a.c.name == bindparam(f"h{i}_name")))
     conditions = []
     if owner:
         conditions.append(o.c.owner == bindparam("owner"))
-    if lookups:
-        conditions.append(o.c.uid.in_(lookups[0] if len(lookups) == 1 else intersect(*lookups)))
+    checks = [("e", i) for i in range(equals)] + [("h", i) for i in range(has)]
+    if checks:
+        first = kms_attributes.alias("located")
+        where = _attribute_condition(first, *checks[0])
+        for kind, i in checks[1:]:
+            other = kms_attributes.alias(f"{kind}{i}")
+            check = select(other.c.uid).where(other.c.uid == first.c.uid, *_attribute_condition(other, kind, i))
+            if dialect == "postgresql":
+                check = check.offset(0)
+            where.append(check.exists())
+        conditions.append(o.c.uid.in_(select(first.c.uid).where(*where)))
     stmt = select(o.c.uid).where(*conditions).order_by(o.c.sequence)
     if offset:
         stmt = stmt.offset(bindparam("offset", type_=Integer))
@@ -515,7 +542,7 @@ class _SqlTransaction(Transaction):
     def locate(self, query: LocateQuery) -> list[str]:
         _check_query(query)
         with self._op("locate"):
-            stmt, params = locate_statement(query)
+            stmt, params = locate_statement(query, self._dialect)
             return list(self._conn.execute(stmt, params).scalars())
 
     def get_meta(self, key: str, for_update: bool = False) -> bytes | None:

@@ -119,3 +119,33 @@ def test_locate_work_grows_linearly_with_matches(sql_url, query):
     finally:
         storage.close()
     assert large < 3 * small, f"Locate work went from {small} to {large} for twice the matches"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        # Locate by Name with the State every object has: how kms-server
+        # asks whether a located object is Destroyed (operations/locate.py).
+        LocateQuery(equals=(("Name", b"name-7"), ("Cryptographic Algorithm", AES))),
+        LocateQuery(equals=(("Name", b"name-7"),), has=("Object Type",)),
+    ],
+    ids=["value-then-common-value", "value-then-common-name"],
+)
+def test_locate_work_follows_the_first_condition_not_the_broadest(sql_url, query):
+    """A Locate whose first condition matches one object costs the same
+    whatever the other conditions match: those are checked on that object,
+    not looked up in full and intersected (issue 15: the destroyed-state
+    check of every Locate walked every destroyed key)."""
+    storage = open_storage(sql_url)
+    try:
+        _add_keys(storage, 0, N)
+        found, statement, parameters = _captured_locate(storage, query)
+        assert found == ["key-00007"]
+        small = _work(storage, statement, parameters)
+        _add_keys(storage, N, 3 * N)
+        found, statement, parameters = _captured_locate(storage, query)
+        assert found == ["key-00007"]
+        large = _work(storage, statement, parameters)
+    finally:
+        storage.close()
+    assert large < 1.5 * small, f"Locate work went from {small} to {large} with four times the objects"
