@@ -179,3 +179,45 @@ def test_split_key_register_get_attributes_locate_destroy(client):
     client.destroy(uid)
     with pytest.raises(pie_exceptions.KmipOperationFailure):
         client.get(uid)
+
+
+def test_derive_key(client):
+    """DeriveKey through PyKMIP's client: HMAC and PBKDF2 give what their
+    definitions give, and the derived key has the template's algorithm and
+    length."""
+    import hashlib
+    import hmac
+
+    mask = [enums.CryptographicUsageMask.DERIVE_KEY]
+    key = bytes(range(32))
+    base = client.register(objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 256, key, mask))
+    client.activate(base)
+    derived = client.derive_key(
+        enums.ObjectType.SYMMETRIC_KEY,
+        [base],
+        enums.DerivationMethod.HMAC,
+        {
+            "cryptographic_parameters": {"hashing_algorithm": enums.HashingAlgorithm.SHA_256},
+            "derivation_data": b"for the backup volume",
+        },
+        cryptographic_length=128,
+        cryptographic_algorithm=enums.CryptographicAlgorithm.AES,
+    )
+    key_object = client.get(derived)
+    assert key_object.value == hmac.new(key, b"for the backup volume", hashlib.sha256).digest()[:16]
+    assert (key_object.cryptographic_algorithm, key_object.cryptographic_length) == (enums.CryptographicAlgorithm.AES, 128)
+    password = client.register(objects.SecretData(b"a long passphrase", enums.SecretDataType.PASSWORD, mask))
+    client.activate(password)
+    derived = client.derive_key(
+        enums.ObjectType.SYMMETRIC_KEY,
+        [password],
+        enums.DerivationMethod.PBKDF2,
+        {
+            "cryptographic_parameters": {"hashing_algorithm": enums.HashingAlgorithm.SHA_256},
+            "salt": b"0123456789abcdef",
+            "iteration_count": 2000,
+        },
+        cryptographic_length=256,
+        cryptographic_algorithm=enums.CryptographicAlgorithm.AES,
+    )
+    assert client.get(derived).value == hashlib.pbkdf2_hmac("sha256", b"a long passphrase", b"0123456789abcdef", 2000, 32)

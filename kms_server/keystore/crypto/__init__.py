@@ -15,11 +15,12 @@ apart from "could not check".
 
 One module per concern: ``base`` (errors, hash and curve tables, key
 loading), ``rng``, ``digests``, ``keys`` (generation, format conversion),
-``x509``, ``ciphers`` (Encrypt/Decrypt, CipherStream), ``wrap`` (AES key
+``x509``, ``derive`` (key derivation), ``ciphers`` (Encrypt/Decrypt, CipherStream), ``wrap`` (AES key
 wrap), ``rsa``, ``macs``, ``signatures``. Callers use the names re-exported
 here: ``from kms_server.keystore import crypto; crypto.encrypt(...)``.
 """
 
+from kms_server.keystore.crypto import derive
 from kms_server.keystore.crypto.base import (
     GENERATE_ONLY_LENGTHS,
     CryptoError,
@@ -69,6 +70,7 @@ __all__ = [
     "MacInvalid",
     "SignatureInvalid",
     "constant_time_eq",
+    "derive",
     "mix_seed",
     "decrypt",
     "digest",

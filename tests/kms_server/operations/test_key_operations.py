@@ -17,6 +17,7 @@ from kmip.core.enums import (
     CertificateType,
     CryptographicAlgorithm,
     CryptographicUsageMask,
+    DerivationMethod,
     DigitalSignatureAlgorithm,
     EncodingOption,
     HashingAlgorithm,
@@ -1909,3 +1910,147 @@ def test_split_key_with_inconsistent_parameters_is_refused(alice, fields):
         [ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SPLIT_KEY.value), split_key(os.urandom(32), **fields)],
         ResultReason.INVALID_FIELD,
     )
+
+
+# ---------------------------------------------------------------------------
+# DeriveKey (issue 14)
+# ---------------------------------------------------------------------------
+
+
+def derivation_parameters(**fields) -> Item:
+    items = []
+    if "params" in fields:
+        items.append(fields["params"])
+    for key, t in (("data", T.DERIVATION_DATA), ("salt", T.SALT), ("iv", T.INITIALIZATION_VECTOR)):
+        if key in fields:
+            items.append(ttlv.byte_string(t.value, fields[key]))
+    if "iterations" in fields:
+        items.append(ttlv.integer(T.ITERATION_COUNT.value, fields["iterations"]))
+    return ttlv.structure(T.DERIVATION_PARAMETERS.value, items)
+
+
+def derive(client, base_uids, method, parameters, *template, object_type=ObjectType.SYMMETRIC_KEY, version=None):
+    if version is not None and version >= V2_0:
+        attributes = ttlv.structure(T.ATTRIBUTES.value, template)
+    else:
+        attributes = v1_attributes(*template)
+    return client.call(
+        Operation.DERIVE_KEY,
+        [
+            ttlv.enumeration(T.OBJECT_TYPE.value, object_type.value),
+            *(uid_item(u) for u in base_uids),
+            ttlv.enumeration(T.DERIVATION_METHOD.value, method.value),
+            parameters,
+            attributes,
+        ],
+        version,
+    )
+
+
+def derived_uid(item: Item) -> str:
+    assert item.get(T.RESULT_STATUS.value) == ResultStatus.SUCCESS.value, item.get(T.RESULT_MESSAGE.value)
+    return item.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value)
+
+
+def base_key(client, key: bytes, object_type=ObjectType.SYMMETRIC_KEY, mask=U.DERIVE_KEY.value) -> str:
+    if object_type == ObjectType.SYMMETRIC_KEY:
+        obj = symmetric_key(key)
+    else:
+        obj = ttlv.structure(
+            T.SECRET_DATA.value,
+            [ttlv.enumeration(T.SECRET_DATA_TYPE.value, SecretDataType.PASSWORD.value), key_block(KeyFormatType.OPAQUE, key)],
+        )
+    uid = register(client, object_type, obj, usage(mask))
+    client.ok(Operation.ACTIVATE, [uid_item(uid)])
+    return uid
+
+
+def _kbkdf_counter(key: bytes, fixed: bytes, length: int) -> bytes:
+    import hashlib
+    import hmac
+
+    out = b""
+    counter = 1
+    while len(out) < length:
+        out += hmac.new(key, counter.to_bytes(4, "big") + fixed, hashlib.sha256).digest()
+        counter += 1
+    return out[:length]
+
+
+@pytest.mark.parametrize("version", [V1_4, V2_0])
+def test_derive_key_every_method(alice, version):
+    """Each Derivation Method gives what an independent implementation of
+    its definition gives, and the new key has the template's attributes."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives import hashes as h
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key = os.urandom(32)
+    uid = base_key(alice, key)
+    password = base_key(alice, b"correct horse battery staple", ObjectType.SECRET_DATA)
+    sha256 = params(hashing=HashingAlgorithm.SHA_256)
+    data, salt = b"derivation data", os.urandom(16)
+    template = (algorithm(CryptographicAlgorithm.AES), length(256), usage(U.ENCRYPT.value), name_item(f"derived-{version}"))
+    D = DerivationMethod
+    cases = [
+        ([password], D.PBKDF2, derivation_parameters(params=sha256, salt=salt, iterations=1000),
+         hashlib.pbkdf2_hmac("sha256", b"correct horse battery staple", salt, 1000, 32)),
+        ([uid], D.HMAC, derivation_parameters(params=sha256, data=data), hmac.new(key, data, hashlib.sha256).digest()),
+        ([uid], D.HKDF, derivation_parameters(params=sha256, data=data, salt=salt),
+         HKDF(h.SHA256(), 32, salt, data).derive(key)),
+        ([uid], D.HASH, derivation_parameters(params=sha256, data=data), hashlib.sha256(data).digest()),
+        ([uid], D.NIST800_108_C, derivation_parameters(params=sha256, data=data), _kbkdf_counter(key, data, 32)),
+        ([uid], D.ENCRYPT, derivation_parameters(params=params(mode=BlockCipherMode.ECB), data=bytes(range(32))),
+         (lambda e: e.update(bytes(range(32))) + e.finalize())(Cipher(algorithms.AES(key), modes.ECB()).encryptor())),
+    ]
+    for bases, method, parameters, expected in cases:
+        new = derived_uid(derive(alice, bases, method, parameters, *template, version=version))
+        payload = get(alice, new, version=version)
+        assert key_material(payload).value == expected, method
+        block = payload.children()[2].find(T.KEY_BLOCK.value)
+        assert block.get(T.CRYPTOGRAPHIC_ALGORITHM.value) == CryptographicAlgorithm.AES.value
+        assert block.get(T.CRYPTOGRAPHIC_LENGTH.value) == 256
+    named = alice.ok(Operation.LOCATE, [attribute("Name", name_item(f"derived-{version}"))] if version < V2_0 else
+                     [ttlv.structure(T.ATTRIBUTES.value, [name_item(f"derived-{version}")])], version)
+    assert len(named.find_all(T.UNIQUE_IDENTIFIER.value)) == len(cases)
+
+
+def test_derive_secret_data_and_data_from_a_second_object(alice):
+    """Secret data is derived too (its length from the template); without
+    Derivation Data, a second base object that is secret data gives it."""
+    import hashlib
+    import hmac
+
+    key = os.urandom(32)
+    uid = base_key(alice, key)
+    info = base_key(alice, b"context from a secret", ObjectType.SECRET_DATA)
+    item = derive(
+        alice, [uid, info], DerivationMethod.HMAC, derivation_parameters(params=params(hashing=HashingAlgorithm.SHA_256)),
+        length(128), object_type=ObjectType.SECRET_DATA,
+    )
+    payload = get(alice, derived_uid(item))
+    assert payload.get(T.OBJECT_TYPE.value) == ObjectType.SECRET_DATA.value
+    assert key_material(payload).value == hmac.new(key, b"context from a secret", hashlib.sha256).digest()[:16]
+
+
+def test_derive_key_refusals(alice):
+    key_uid = base_key(alice, os.urandom(32))
+    no_bit = base_key(alice, os.urandom(32), mask=U.ENCRYPT.value)
+    sha256 = params(hashing=HashingAlgorithm.SHA_256)
+    aes256 = (algorithm(CryptographicAlgorithm.AES), length(256))
+    hmac_params = derivation_parameters(params=sha256, data=b"d")
+
+    def reason(item):
+        return ResultReason(item.get(T.RESULT_REASON.value))
+
+    assert reason(derive(alice, [no_bit], DerivationMethod.HMAC, hmac_params, *aes256)) == ResultReason.PERMISSION_DENIED
+    assert reason(derive(alice, [key_uid], DerivationMethod.HMAC, hmac_params, algorithm(CryptographicAlgorithm.AES))) == ResultReason.MISSING_DATA
+    assert reason(derive(alice, [key_uid], DerivationMethod.HMAC, hmac_params, length(256))) == ResultReason.MISSING_DATA
+    # HMAC-SHA-256 gives 32 bytes at most.
+    assert reason(derive(alice, [key_uid], DerivationMethod.HMAC, hmac_params, algorithm(CryptographicAlgorithm.AES), length(512))) == ResultReason.INVALID_FIELD
+    assert reason(derive(alice, [key_uid], DerivationMethod.PBKDF2, derivation_parameters(params=sha256), *aes256)) == ResultReason.MISSING_DATA
+    assert reason(derive(alice, [key_uid], DerivationMethod.ASYMMETRIC_KEY, hmac_params, *aes256)) == ResultReason.FEATURE_NOT_SUPPORTED
+    assert reason(derive(alice, ["no-such-object"], DerivationMethod.HMAC, hmac_params, *aes256)) == ResultReason.ITEM_NOT_FOUND
