@@ -25,7 +25,7 @@ def run_service(
     could not start (a worker tells its supervisor: kmip_core.workers)."""
     failed: list[str] = []
 
-    def start():
+    def start() -> None:
         try:
             root.startService()
         except Exception as exc:

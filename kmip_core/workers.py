@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import FrameType
 
 __all__ = [
     "MAX_RESTARTS",
@@ -247,6 +248,7 @@ class Supervisor:
                 if worker is None:
                     continue
                 code = os.waitstatus_to_exitcode(status)
+                assert worker.process is not None  # found by its process's pid above
                 worker.process.returncode = code
                 worker.process = None
                 if self.stopping:
@@ -276,7 +278,7 @@ class Supervisor:
             self.listener.close()
         return 1 if failed else 0
 
-    def _on_signal(self, signum: int, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             self._signal_all(signal.SIGHUP)
             return
