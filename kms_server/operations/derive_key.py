@@ -33,7 +33,7 @@ from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
-from kms_server.keystore.objects import Material
+from kms_server.keystore.objects import ManagedObject, Material
 from kms_server.operations import common, crypto_params, key_use, object_codec
 
 if TYPE_CHECKING:
@@ -134,7 +134,17 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     return [common.uid_item(obj.uid)]
 
 
-def _derive(method, base, length, params, data, salt, iterations, iv, base_obj) -> bytes:
+def _derive(
+    method: DerivationMethod,
+    base: bytes,
+    length: int,
+    params: crypto_params.CryptoParameters,
+    data: bytes | None,
+    salt: bytes | None,
+    iterations: Item | None,
+    iv: bytes | None,
+    base_obj: ManagedObject,
+) -> bytes:
     hashing = params.hashing_algorithm
     if method == DerivationMethod.PBKDF2:
         if salt is None or iterations is None:
@@ -162,7 +172,14 @@ def _derive(method, base, length, params, data, salt, iterations, iv, base_obj) 
     return crypto.derive.kbkdf_counter(base, length, hashing, data)
 
 
-def _by_encryption(base, length, params, data, iv, base_obj) -> bytes:
+def _by_encryption(
+    base: bytes,
+    length: int,
+    params: crypto_params.CryptoParameters,
+    data: bytes | None,
+    iv: bytes | None,
+    base_obj: ManagedObject,
+) -> bytes:
     if data is None:
         raise errors.MissingData("Derivation Method ENCRYPT needs Derivation Data (what is encrypted)")
     if base_obj.object_type != ObjectType.SYMMETRIC_KEY:
