@@ -211,15 +211,18 @@ class KmsService(service.Service):
             try:
                 identity = tls.peer_identity(certificate, self.cfg.tls.identity)
                 principal = Principal(
-                    name=identity.name, role=None, subject=identity.subject, fingerprint=identity.fingerprint_sha256
+                    name=identity.name, subject=identity.subject, fingerprint=identity.fingerprint_sha256
                 )
             except Exception:
                 principal = None
+        client = client_fields(principal)
+        if principal is not None:
+            client["role"] = None  # refused before any role was granted
         draft = AuditDraft(
             event="tls-refused",
             request_id="-",
             item=None,
-            client=client_fields(principal),
+            client=client,
             peer=peer,
             protocol=None,
             operation="-",
@@ -237,6 +240,7 @@ class KmsService(service.Service):
 
     def _checkpoint(self) -> None:
         try:
+            assert self.trail is not None  # checkpoints are scheduled only with a trail (startService)
             checkpoint = self.trail.checkpoint()
         except Exception as exc:
             log.error("audit checkpoint failed: %s", exc)
@@ -365,7 +369,8 @@ class _RefusalBudget:
 
     def __init__(self, rate: float = 5.0, burst: float = 20.0):
         self.rate, self.burst = rate, burst
-        self.tokens, self.last, self.suppressed = burst, None, 0
+        self.tokens, self.suppressed = burst, 0
+        self.last: float | None = None
 
     def take(self, now: float) -> int | None:
         if self.last is not None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
 from kmip_core.audit import chain
 from kmip_core.audit.chain import GENESIS, Report, canonical, format_time, record_hash
@@ -28,6 +29,14 @@ log = logging.getLogger("kms_server.audit")
 EXPORT_FORMAT = "kms-audit-export"
 VM_COMPONENT = "Virtual Machine"
 HOST_COMPONENT = "ESXi Server"
+
+
+class TrailMetrics(Protocol):
+    """What the trail reports (kms_server.metrics.KmsMetrics)."""
+
+    def audit_record(self) -> None: ...
+
+    def audit_failed(self) -> None: ...
 
 
 class AuditTrail:
@@ -48,7 +57,7 @@ class AuditTrail:
         # kms_server.metrics.KmsMetrics (records committed, write failures),
         # or None; and the last write that failed, unless one succeeded
         # since: (time.monotonic(), why), read by the node's readiness check.
-        self.metrics = None
+        self.metrics: TrailMetrics | None = None
         self.last_failure: tuple[float, str] | None = None
 
     # Writing.
