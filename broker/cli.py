@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     admin = sub.add_parser("admin", help="trust administration (security administrator)")
     asub = admin.add_subparsers(dest="admin_command", required=True)
     token = asub.add_parser("token", help="issue a one-time enrollment token")
-    token.add_argument("--instance", required=True, metavar="NAME")
+    token.add_argument("--instance", required=True, metavar="NAME", help="the management instance the token enrolls")
     token.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="lifetime (default 3600)")
     for name, text in (
         ("approve", "approve the pending enrollment and issue the certificate"),
@@ -89,9 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         asub.add_parser(name, help=text).add_argument("name", metavar="NAME")
     pin = asub.add_parser("pin", help="trust an instance's own certificate (exactly that one)")
     pin.add_argument("name", metavar="NAME")
-    pin.add_argument("--cert", required=True, metavar="F")
+    pin.add_argument("--cert", required=True, metavar="F", help="the instance's own certificate (PEM) to trust")
     listing = asub.add_parser("list", help="instances with state and last use")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print the result as JSON")
     status = asub.add_parser(
         "status", help="the running broker's readiness (its [metrics] listener's /readyz), as a table; exit 1 unless ready"
     )
@@ -109,10 +109,10 @@ def _parser() -> argparse.ArgumentParser:
         "transfer", help="cold migration: release any VM to a trusted instance, which then registers it"
     )
     transfer.add_argument("vm", metavar="VM", help="VM UUID (or a name only one VM has)")
-    transfer.add_argument("--to", required=True, metavar="INSTANCE")
+    transfer.add_argument("--to", required=True, metavar="INSTANCE", help="the trusted instance that takes the VM over")
     user = asub.add_parser("issue-user", help="issue an API user certificate (role from [roles])")
     user.add_argument("name", metavar="NAME")
-    user.add_argument("--out-dir", required=True, metavar="D")
+    user.add_argument("--out-dir", required=True, metavar="D", help="where to write the user's key and certificate")
     audit = asub.add_parser("audit", help="list the audit trail and say whether its chain is intact; verify it")
     audit.add_argument("--vm", metavar="NAME_OR_UUID", help="records of one VM (its UUID, its keys, its .nvram)")
     audit.add_argument("--host", metavar="NAME", help="records of one host (its requests and its registration)")
@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         help="records of one API or gateway request (its id is also in the KMS's record: kms-admin audit show "
         "--request-id ID)",
     )
-    audit.add_argument("--json", action="store_true")
+    audit.add_argument("--json", action="store_true", help="one JSON object per record")
     ausub = audit.add_subparsers(dest="audit_command", metavar="COMMAND")
     verify = ausub.add_parser(
         "verify", help="check the chain and the signed checkpoints (exit 1 naming the first bad record)"
@@ -152,19 +152,22 @@ def _parser() -> argparse.ArgumentParser:
         help="print the active EK CA certificate (then its chain) in PEM, for verifiers of EK certificates",
     )
     imp = csub.add_parser("import", help="replace the EK CA with a third-party CA certificate and key")
-    imp.add_argument("--cert", required=True, metavar="F")
-    imp.add_argument("--key", required=True, metavar="F")
-    imp.add_argument("--chain", metavar="F")
+    imp.add_argument("--cert", required=True, metavar="F", help="the third-party EK CA certificate (PEM)")
+    imp.add_argument("--key", required=True, metavar="F", help="its private key (PEM); sealed under the broker's master key")
+    imp.add_argument("--chain", metavar="F", help="the certificates above it, up to the root (PEM)")
     csr = csub.add_parser("csr", help="make a new EK CA key and write its CSR for a third-party CA")
-    csr.add_argument("--out", required=True, metavar="F")
-    csr.add_argument("--subject", default="vtpm-broker EK CA", metavar="CN")
+    csr.add_argument("--out", required=True, metavar="F", help="where to write the EK CA's CSR")
+    csr.add_argument("--subject", default="vtpm-broker EK CA", metavar="CN", help="the EK CA's common name")
     signed = csub.add_parser("install-signed", help="activate the EK CA certificate a third party signed")
-    signed.add_argument("--cert", required=True, metavar="F")
-    signed.add_argument("--chain", metavar="F")
+    signed.add_argument("--cert", required=True, metavar="F", help="the EK CA certificate the third party signed (PEM)")
+    signed.add_argument("--chain", metavar="F", help="the issuer's certificates, up to the root (PEM)")
     rec = csub.add_parser("recertify", help="re-issue a vTPM's EK certificates under the active EK CA")
-    rec.add_argument("--vm", required=True, metavar="UUID")
-    rec.add_argument("--out-dir", required=True, metavar="D")
-    return p
+    rec.add_argument("--vm", required=True, metavar="UUID", help="the VM whose vTPM EK certificates to re-issue")
+    rec.add_argument("--out-dir", required=True, metavar="D", help="where to write the new certificates")
+    from kmip_core import __version__, cliopts
+
+    # --config, --log-level and --json before or after the command.
+    return cliopts.conventions(p, version=__version__, everywhere=("--config", "--log-level"), where_defined=("--json",))
 
 
 def _fail(message: str) -> int:

@@ -360,21 +360,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ek", help="RSA modulus (hex) or x=<hex>,y=<hex>[,id=<curve>]")
     p.add_argument("--dir", help="directory for ek.cert / platform.cert")
     p.add_argument("--vmid", help="the VM's UUID")
-    p.add_argument("--logfile")
-    p.add_argument("--configfile", default=str(DEFAULT_CONFIG))
+    p.add_argument("--logfile", help="swtpm_setup's log file: the tool's lines are appended to it")
+    p.add_argument("--configfile", default=str(DEFAULT_CONFIG), help=f"the tool's configuration (default {DEFAULT_CONFIG})")
     p.add_argument("--optsfile", help="accepted and ignored (swtpm_localca's options file)")
-    p.add_argument("--tpm-spec-family")
-    p.add_argument("--tpm-spec-level", type=int)
-    p.add_argument("--tpm-spec-revision", type=int)
-    p.add_argument("--tpm-manufacturer")
-    p.add_argument("--tpm-model")
-    p.add_argument("--tpm-version")
-    p.add_argument("--tpm2", action="store_true")
+    p.add_argument("--tpm-spec-family", help="TPM specification family, from swtpm_setup (e.g. 2.0)")
+    p.add_argument("--tpm-spec-level", type=int, help="TPM specification level, from swtpm_setup")
+    p.add_argument("--tpm-spec-revision", type=int, help="TPM specification revision, from swtpm_setup")
+    p.add_argument("--tpm-manufacturer", help="TPM manufacturer, from swtpm_setup")
+    p.add_argument("--tpm-model", help="TPM model, from swtpm_setup")
+    p.add_argument("--tpm-version", help="TPM firmware version, from swtpm_setup")
+    p.add_argument("--tpm2", action="store_true", help="the vTPM is a TPM 2.0 (swtpm_setup passes it)")
     # Later swtpm versions may pass these; the broker certifies standard (decrypt-only) EKs.
     p.add_argument("--allow-signing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--decryption", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--init-local-ca", metavar="DIR", help="make a self-signed EK CA for local mode in DIR and exit")
-    p.add_argument("--ca-key-type", default="ecc-p384", choices=("ecc-p384", "rsa-3072"))
+    p.add_argument(
+        "--ca-key-type", default="ecc-p384", choices=("ecc-p384", "rsa-3072"), help="key of the CA --init-local-ca makes"
+    )
     return p
 
 

@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, metavar="J", help="VMs handled at once (default: 4 per CPU, at most 32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
-    return p
+    from kmip_core import __version__, cliopts
+
+    return cliopts.conventions(p, version=__version__)
 
 
 def _fail(message: str) -> int:

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--api", required=True, metavar="URL", help="the broker's management API, https://HOST:PORT")
     init.add_argument("--ca", required=True, metavar="FILE", help="the broker's trust CA (trust-ca.pem)")
     cert = sub.add_parser("install-cert", help="store the host certificate POST /v1/hosts returned")
-    cert.add_argument("--cert", required=True, metavar="FILE")
+    cert.add_argument("--cert", required=True, metavar="FILE", help="the host certificate (PEM)")
     sub.add_parser("check-config", help="print the effective settings")
     for name, text in (
         ("power-on", "unwrap the DEK, unseal (or manufacture) the vTPM, start swtpm; print the TCTI"),
@@ -78,8 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("vmx", metavar="VMX", help="the VM's .vmx file")
     install.add_argument("--json", action="store_true", help="print the result as JSON")
     status = sub.add_parser("status", help="the VMs whose vTPM runs on this host")
-    status.add_argument("--json", action="store_true")
-    return p
+    status.add_argument("--json", action="store_true", help="print the result as JSON")
+    from kmip_core import __version__, cliopts
+
+    # --state-dir and --json before or after the command.
+    return cliopts.conventions(p, version=__version__, everywhere=("--state-dir",), where_defined=("--json",))
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     host = sub.add_parser("host", help="hosts")
     hsub = host.add_subparsers(dest="host_command", required=True, parser_class=_Parser)
     add = hsub.add_parser("add", help="register a host and write its certificate")
-    add.add_argument("--name", required=True)
+    add.add_argument("--name", required=True, help="the host's name, as in its vtpm-host init")
     add.add_argument("--csr", required=True, metavar="F", help="the host's CSR (vtpm-host init writes it)")
     add.add_argument("--out", required=True, metavar="F", help="where to write the host certificate")
     hsub.add_parser("list", help="the hosts this instance added")
@@ -87,11 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     vsub = vm.add_subparsers(dest="vm_command", required=True, parser_class=_Parser)
     create = vsub.add_parser("create", help="create encrypted VMs and write their .vmx")
     create.add_argument("--name", required=True, action="append", help="VM name (repeat for several VMs)")
-    create.add_argument("--datastore", required=True, metavar="DIR")
+    create.add_argument("--datastore", required=True, metavar="DIR", help="where to write <name>/<name>.vmx")
     create.add_argument("--vtpm", action="store_true", help="give the VM a vTPM (the host manufactures it at power-on)")
     create.add_argument("--host", action="append", default=[], help="place on this host (repeat: round-robin)")
     register = vsub.add_parser("register", help="re-register every VM found on a datastore (recovery)")
-    register.add_argument("--datastore", required=True, metavar="DIR")
+    register.add_argument("--datastore", required=True, metavar="DIR", help="the datastore whose .vmx files to read")
     register.add_argument("--host", action="append", default=[], help="place on this host (repeat: round-robin)")
     register.add_argument("--jobs", type=int, default=8, metavar="J", help="requests in flight (default 8)")
     register.add_argument(
@@ -118,17 +118,20 @@ def _parser() -> argparse.ArgumentParser:
     kind.add_argument("--abort", action="store_true", help="roll back a rekey that is pending, not yet switched")
     rekey.add_argument("--jobs", type=int, default=4, metavar="J", help="VMs in flight with --all (default 4)")
     listing = vsub.add_parser("list", help="this instance's VMs, as the broker knows them")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print the result as JSON")
     check = vsub.add_parser("check", help="find VMs whose vTPM could not be recovered")
-    check.add_argument("--datastore", required=True, metavar="DIR")
+    check.add_argument("--datastore", required=True, metavar="DIR", help="the datastore to check")
     check.add_argument("--provider", help="expected key provider (default: this instance's)")
     check.add_argument(
         "--offline",
         action="store_true",
         help="do not ask the broker for the last .nvram generations (no rollback check)",
     )
-    check.add_argument("--json", action="store_true")
-    return p
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    from kmip_core import __version__, cliopts
+
+    # --state-dir and --json before or after the command.
+    return cliopts.conventions(p, version=__version__, everywhere=("--state-dir",), where_defined=("--json",))
 
 
 def _fail(message: str) -> int:

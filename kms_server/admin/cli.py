@@ -151,7 +151,7 @@ def register_pki(subparsers: argparse._SubParsersAction) -> None:
     issue.add_argument(
         "--name", required=True, help="client name: the certificate's CN"
     )
-    issue.add_argument("--key-type", choices=("rsa", "ec"), default="rsa")
+    issue.add_argument("--key-type", choices=("rsa", "ec"), default="rsa", help="rsa (default, 2048-bit) or ec (P-256)")
     issue.add_argument(
         "--force", action="store_true", help="replace an existing certificate"
     )
@@ -422,10 +422,10 @@ def register_credentials(subparsers: argparse._SubParsersAction) -> None:
     set_.set_defaults(func=_credentials_set)
     remove = commands.add_parser("remove", help="remove a user")
     remove.add_argument("username")
-    remove.add_argument("--config")
+    remove.add_argument("--config", help="kms-server configuration file (for access.credentials_file)")
     remove.set_defaults(func=_credentials_remove)
     list_ = commands.add_parser("list", help="list usernames")
-    list_.add_argument("--config")
+    list_.add_argument("--config", help="kms-server configuration file (for access.credentials_file)")
     list_.set_defaults(func=_credentials_list)
 
 
