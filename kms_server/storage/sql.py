@@ -424,7 +424,9 @@ class _SqlTransaction(Transaction):
                 if _is_unique_violation(exc):
                     raise ObjectExists(f"object {obj.uid!r} already exists") from None
                 raise
-            sequence = result.inserted_primary_key[0]
+            key = result.inserted_primary_key
+            assert key is not None  # set after a single-row INSERT (SQLAlchemy types it Optional)
+            sequence = key[0]
             self._insert_attributes(obj.uid, obj.attributes)
             obj.version = 1
             obj.sequence = sequence
