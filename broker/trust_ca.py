@@ -167,4 +167,6 @@ def load_active_ca(db: Database, barrier: Barrier, purpose: str) -> tuple[x509.C
 
 def load_trust_ca(db: Database, barrier: Barrier) -> TrustCa:
     cert, key = load_active_ca(db, barrier, TRUST_CA_PURPOSE)
-    return TrustCa(cert, key)  # type: ignore[arg-type]
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
+        raise BarrierError(f"the trust CA key in the database is a {type(key).__name__}, not an RSA or EC key")
+    return TrustCa(cert, key)

@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from broker import der as der_codec
@@ -655,11 +656,14 @@ def _platform_name(manufacturer: str, model: str, version: str) -> x509.Name:
     )
 
 
-def _name_values(dirs: list[x509.Name], oids: tuple[ObjectIdentifier, ...]) -> tuple[str, str, str] | None:
+def _name_values(
+    dirs: list[x509.Name], oids: tuple[ObjectIdentifier, ObjectIdentifier, ObjectIdentifier]
+) -> tuple[str, str, str] | None:
     for name in dirs:
         values = [name.get_attributes_for_oid(oid) for oid in oids]
         if all(len(v) == 1 for v in values):
-            return tuple(str(v[0].value) for v in values)  # type: ignore[return-value]
+            first, second, third = (str(v[0].value) for v in values)
+            return first, second, third
     return None
 
 
@@ -703,10 +707,10 @@ def _load_ek_public_key(public_key_pem: bytes | str, key_type: str) -> PublicKey
     raise EkCaError(f"key_type must be 'rsa' or 'ecc', not {key_type!r}")
 
 
-def _same_key(a: object, b: object) -> bool:
+def _same_key(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     try:
-        return a.public_bytes(*fmt) == b.public_bytes(*fmt)  # type: ignore[attr-defined]
+        return a.public_bytes(*fmt) == b.public_bytes(*fmt)
     except (AttributeError, ValueError):
         return False
 

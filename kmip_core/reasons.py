@@ -91,10 +91,12 @@ def result_reason(exc: BaseException, major_version: int, minor_version: int = 0
     version of the response. Anything that is not a KmsError is a
     GENERAL_FAILURE whose text says nothing but the request id (the details
     go to the server log)."""
+    if not isinstance(exc, errors.KmsError):  # the tables hold KmsError classes only
+        return ResultReason.GENERAL_FAILURE, ""
     for cls in type(exc).__mro__:
         if (major_version, minor_version) >= (2, 1) and cls in FROM_2_1:
-            return FROM_2_1[cls], exc.message  # type: ignore[attr-defined]
+            return FROM_2_1[cls], exc.message
         if cls in REASONS:
             pair = REASONS[cls]
-            return (pair[1] if major_version >= 2 else pair[0]), exc.message  # type: ignore[attr-defined]
+            return (pair[1] if major_version >= 2 else pair[0]), exc.message
     return ResultReason.GENERAL_FAILURE, ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 __all__ = ["GroupCommit"]
 
@@ -71,7 +71,8 @@ class GroupCommit(Generic[Item, Result]):
                     self._cond.notify_all()
         if slot.error is not None:
             raise self._error(slot.error)
-        return slot.result  # type: ignore[return-value]
+        # A flushed slot holds its result or its error (None may be a result).
+        return cast(Result, slot.result)
 
     def _flush(self, batch: list[_Slot[Item, Result]]) -> None:
         try:

@@ -379,7 +379,8 @@ def _settings(cfg: Any) -> tuple[str, str, str, str]:
     for name, value in zip(names, values, strict=True):
         if value is None or not str(value).strip():
             raise MasterKeyError(f"master_key.{name} is not set; a PKCS#11 master key needs {', '.join(names)}")
-    return tuple(str(v) for v in values)  # type: ignore[return-value]
+    module, token_label, key_label, pin_file = (str(v) for v in values)
+    return module, token_label, key_label, pin_file
 
 
 def _open(module: str, token_label: str, pin_file: str) -> _TokenSession:

@@ -47,6 +47,9 @@ DEFAULT_CA_DIR = "certs/dev"
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line that says the fix."""
 
+    # Set by build_parser: callers add command groups to it.
+    subparsers: argparse._SubParsersAction[_Parser]
+
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{PROG}: error: {message}; see '{self.prog} --help'\n")
 
@@ -607,7 +610,7 @@ def build_parser(
     subparsers = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
     for register in COMMAND_GROUPS if groups is None else groups:
         register(subparsers)
-    parser.subparsers = subparsers  # type: ignore[attr-defined]
+    parser.subparsers = subparsers
     # --config and --json before or after the command (kmip_core.cliopts).
     return cliopts.conventions(parser, version=__version__, where_defined=("--config", "--json"))
 
