@@ -43,6 +43,13 @@ def attribute_reference(item: Item) -> str:
     other type is refused here, before its value is read as a tag."""
     if item.type not in (ItemType.ENUMERATION, ItemType.STRUCTURE):
         raise errors.InvalidField("Attribute Reference must be an Enumeration or a Structure")
+    if item.type == ItemType.STRUCTURE and item.get(T.VENDOR_IDENTIFICATION.value) == "":
+        # No vendor: a standard attribute by its name, as PyKMIP's client
+        # sends one (its AttributeReference is always the structure) and
+        # PyKMIP's server reads it (issue 14).
+        name = item.get(T.ATTRIBUTE_NAME.value)
+        if isinstance(name, str) and attrs.SPECS.get(name) is not None:
+            return name
     return attrs.name_from_reference_v2(item)
 
 

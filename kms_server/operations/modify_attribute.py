@@ -11,7 +11,7 @@ from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
-from kms_server.operations.attribute_changes import check_applies, check_client_may_change
+from kms_server.operations.attribute_changes import changed_attribute_v1, check_applies, check_client_may_change
 
 OPERATION = Operation.MODIFY_ATTRIBUTE
 
@@ -55,4 +55,4 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         keystore.save(txn, obj, ctx.now)
     if ctx.v2:
         return [common.uid_item(obj.uid)]
-    return [common.uid_item(obj.uid), attrs.to_attribute_v1(name, value, index)]
+    return [common.uid_item(obj.uid), changed_attribute_v1(name, value, index)]

@@ -221,3 +221,82 @@ def test_derive_key(client):
         cryptographic_algorithm=enums.CryptographicAlgorithm.AES,
     )
     assert client.get(derived).value == hashlib.pbkdf2_hmac("sha256", b"a long passphrase", b"0123456789abcdef", 2000, 32)
+
+
+def _template(client, *attributes):
+    from kmip.core import objects as cobjects
+
+    factory = client.attribute_factory
+    return cobjects.TemplateAttribute(
+        attributes=[
+            factory.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_ALGORITHM, enums.CryptographicAlgorithm.AES),
+            factory.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_LENGTH, 128),
+            factory.create_attribute(
+                enums.AttributeType.CRYPTOGRAPHIC_USAGE_MASK,
+                [enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT],
+            ),
+            *(factory.create_attribute(name, value) for name, value in attributes),
+        ]
+    )
+
+
+def _create_with(client, *attributes) -> str:
+    """Create through PyKMIP's KMIPProxy (the services API), which takes any
+    template attribute, two Names for instance."""
+    result = client.proxy.create(enums.ObjectType.SYMMETRIC_KEY, _template(client, *attributes))
+    assert result.result_status.value == enums.ResultStatus.SUCCESS, result.result_message
+    return result.uuid
+
+
+@pytest.mark.parametrize("version", VERSIONS[:2], ids=lambda v: v.name)
+def test_modify_and_delete_attribute_1_x_answer_the_attribute_index(kms_module, pki_dir, version):
+    """ModifyAttribute and DeleteAttribute at 1.x (issue 14): the answered
+    Attribute carries its Attribute Index, 0 included, for a multi-instance
+    attribute such as Name."""
+    c = pykmip(kms_module, pki_dir, "alice", version)
+    try:
+        NAME = enums.AttributeType.NAME
+        uid = _create_with(c, (NAME, f"first-{version.name}"), (NAME, f"second-{version.name}"))
+        factory = c.attribute_factory
+        _, modified = c.modify_attribute(unique_identifier=uid, attribute=factory.create_attribute(NAME, f"one-{version.name}"))
+        assert modified.attribute_index is not None and modified.attribute_index.value == 0
+        assert modified.attribute_value.name_value.value == f"one-{version.name}"
+        _, modified = c.modify_attribute(
+            unique_identifier=uid, attribute=factory.create_attribute(NAME, f"two-{version.name}", 1)
+        )
+        assert modified.attribute_index.value == 1
+        _, deleted = c.delete_attribute(unique_identifier=uid, attribute_name="Name", attribute_index=1)
+        assert (deleted.attribute_index.value, deleted.attribute_value.name_value.value) == (1, f"two-{version.name}")
+        _, deleted = c.delete_attribute(unique_identifier=uid, attribute_name="Name", attribute_index=0)
+        assert (deleted.attribute_index.value, deleted.attribute_value.name_value.value) == (0, f"one-{version.name}")
+        _, attributes = c.get_attributes(uid, ["Name"])
+        assert attributes == []
+    finally:
+        c.close()
+
+
+def test_modify_and_delete_attribute_2_0_answer_the_identifier(kms_module, pki_dir):
+    """At 2.0 the answers carry the Unique Identifier only (2.0, 6.1.7 and
+    6.1.30); PyKMIP's client reads them so."""
+    from kmip.core import objects as cobjects
+
+    c = pykmip(kms_module, pki_dir, "alice", enums.KMIPVersion.KMIP_2_0)
+    try:
+        uid = c.create(enums.CryptographicAlgorithm.AES, 128, name="v2-old")
+        old = c.attribute_value_factory.create_attribute_value(enums.AttributeType.NAME, "v2-old")
+        new = c.attribute_value_factory.create_attribute_value(enums.AttributeType.NAME, "v2-new")
+        answer = c.modify_attribute(
+            unique_identifier=uid,
+            current_attribute=cobjects.CurrentAttribute(attribute=old),
+            new_attribute=cobjects.NewAttribute(attribute=new),
+        )
+        assert answer == (uid, None)
+        _, attributes = c.get_attributes(uid, ["Name"])
+        assert [a.attribute_value.name_value.value for a in attributes] == ["v2-new"]
+        reference = cobjects.AttributeReference(
+            vendor_identification="", attribute_name="Name"
+        )
+        assert c.delete_attribute(unique_identifier=uid, attribute_reference=reference) == (uid, None)
+        assert c.get_attributes(uid, ["Name"])[1] == []
+    finally:
+        c.close()

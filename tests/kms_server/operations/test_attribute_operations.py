@@ -680,6 +680,75 @@ def test_delete_at_an_index_past_the_end_is_refused(dispatcher):
     ) == (ResultReason.INDEX_OUT_OF_BOUNDS)
 
 
+# Modify and Delete Attribute at 1.x answer with the Attribute Index
+# (issue 14): 1.x clients read it, PyKMIP's server gives it.
+def _answered_attribute(response: Item) -> tuple:
+    attribute = response.find(T.ATTRIBUTE.value)
+    return (
+        attribute.get(T.ATTRIBUTE_NAME.value),
+        attribute.get(T.ATTRIBUTE_INDEX.value),
+        attribute.find(VALUE),
+    )
+
+
+def test_modify_attribute_1_x_answers_the_index_also_when_it_is_0(dispatcher):
+    alice = Client(dispatcher, ALICE, V11)
+    uid = alice.create()
+    for v in ("a", "b"):
+        alice.add(uid, "x-multi", text(v))
+    assert _answered_attribute(alice.modify(uid, "x-multi", text("A"))) == ("x-multi", 0, text("A"))
+    assert _answered_attribute(alice.modify(uid, "x-multi", text("B"), index=1)) == ("x-multi", 1, text("B"))
+    uid = alice.create(("Name", name("old")))
+    assert _answered_attribute(alice.modify(uid, "Name", name("new")))[:2] == ("Name", 0)
+
+
+def test_delete_attribute_1_x_answers_the_removed_value_and_its_index(dispatcher):
+    alice = Client(dispatcher, ALICE, V11)
+    uid = alice.create()
+    for v in ("a", "b", "c"):
+        alice.add(uid, "x-multi", text(v))
+    assert _answered_attribute(alice.delete(uid, "x-multi", index=2)) == ("x-multi", 2, text("c"))
+    assert _answered_attribute(alice.delete(uid, "x-multi")) == ("x-multi", 0, text("a"))
+    assert alice.values(uid, "x-multi") == ["b"]
+
+
+def test_a_single_instance_attribute_has_no_index_to_answer(dispatcher):
+    alice = Client(dispatcher, ALICE, V11)
+    uid = alice.create(("Contact Information", text("ops")))
+    assert _answered_attribute(alice.modify(uid, "Contact Information", text("sec"))) == (
+        "Contact Information",
+        None,
+        text("sec"),
+    )
+    assert _answered_attribute(alice.delete(uid, "Contact Information"))[:2] == ("Contact Information", None)
+
+
+def test_modify_and_delete_attribute_2_0_answer_the_identifier_only(dispatcher):
+    alice = Client(dispatcher, ALICE, V20)
+    uid = alice.create()
+    alice.add(uid, "x-multi", text("a"))
+    for response in (alice.modify(uid, "x-multi", text("A")), alice.delete(uid, "x-multi")):
+        assert [c.tag for c in response.children()] == [T.UNIQUE_IDENTIFIER.value]
+
+
+def test_a_2_0_attribute_reference_without_vendor_names_a_standard_attribute(dispatcher):
+    """PyKMIP's client sends Attribute Reference as the structure, with an
+    empty Vendor Identification, for a standard attribute too."""
+    alice = Client(dispatcher, ALICE, V20)
+    uid = alice.create(("Name", name("n")))
+    reference = ttlv.structure(
+        T.ATTRIBUTE_REFERENCE.value,
+        [ttlv.text(T.VENDOR_IDENTIFICATION.value, ""), ttlv.text(T.ATTRIBUTE_NAME.value, "Name")],
+    )
+    alice.call(Operation.DELETE_ATTRIBUTE, [alice.uid_item(uid), reference])
+    assert alice.values(uid, "Name") == []
+    unknown = ttlv.structure(
+        T.ATTRIBUTE_REFERENCE.value,
+        [ttlv.text(T.VENDOR_IDENTIFICATION.value, ""), ttlv.text(T.ATTRIBUTE_NAME.value, "No Such")],
+    )
+    assert alice.refused(Operation.DELETE_ATTRIBUTE, [alice.uid_item(uid), unknown]) == ResultReason.INVALID_FIELD
+
+
 # Get Attributes / Get Attribute List.
 def test_get_attributes_of_one_custom_name(alice):
     uid = alice.create()
