@@ -300,3 +300,42 @@ def test_modify_and_delete_attribute_2_0_answer_the_identifier(kms_module, pki_d
         assert c.get_attributes(uid, ["Name"])[1] == []
     finally:
         c.close()
+
+
+def test_locate_with_two_dates_selects_the_inclusive_range(client):
+    """Locate with two values of one date attribute (KMIP 1.x, 4.9: the
+    first the start, the second the end, both included) through
+    ProxyKmipClient.locate and KMIPProxy.locate."""
+    import time
+
+    ACTIVATION = enums.AttributeType.ACTIVATION_DATE
+    factory = client.attribute_factory
+    # Far-future dates of its own per version, so the other tests' objects
+    # stay out of the range.
+    base = 4_000_000_000 + 10_000 * list(VERSIONS).index(client.version)
+    uids = [_create_with(client, (ACTIVATION, base + 100 * i)) for i in range(4)]
+
+    def located(low: int, high: int) -> list[str]:
+        dates = [factory.create_attribute(ACTIVATION, low), factory.create_attribute(ACTIVATION, high)]
+        found = client.locate(attributes=dates)
+        via_proxy = client.proxy.locate(attributes=dates)
+        assert via_proxy.result_status.value == enums.ResultStatus.SUCCESS
+        assert via_proxy.uuids == found
+        return found
+
+    assert located(base + 100, base + 200) == uids[1:3]  # Both ends included.
+    assert located(base, base + 300) == uids
+    assert located(base + 101, base + 199) == []
+    assert located(base + 200, base + 100) == uids[1:3]  # Given in either order.
+    # Initial Date: today's objects are in a range around now, not in one
+    # an hour old.
+    INITIAL = enums.AttributeType.INITIAL_DATE
+    now = int(time.time())
+    around = client.locate(attributes=[factory.create_attribute(INITIAL, now - 600), factory.create_attribute(INITIAL, now + 600)])
+    assert set(uids) <= set(around)
+    before = client.locate(attributes=[factory.create_attribute(INITIAL, now - 3600), factory.create_attribute(INITIAL, now - 3000)])
+    assert not set(uids) & set(before)
+    # A range with another filter: both apply.
+    state = factory.create_attribute(enums.AttributeType.STATE, enums.State.PRE_ACTIVE)
+    dates = [factory.create_attribute(ACTIVATION, base), factory.create_attribute(ACTIVATION, base + 100)]
+    assert client.locate(attributes=[state, *dates]) == uids[:2]

@@ -1329,3 +1329,33 @@ def test_log_and_interop_are_2_0_operations(alice):
     alice.call(Operation.INTEROP, interop)
     reset = [ttlv.enumeration(T.INTEROP_FUNCTION.value, enums.InteropFunction.RESET.value), interop[1]]
     assert alice.refused(Operation.INTEROP, reset) == ResultReason.FEATURE_NOT_SUPPORTED
+
+
+# Locate with two values of one date attribute: an inclusive range (KMIP 1.x,
+# 4.9), on every storage.
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def any_storage_dispatcher(request, tmp_path):
+    urls = {"memory": lambda: "memory://", "sqlite": lambda: f"sqlite:///{tmp_path / 'kms.db'}"}
+    url = urls.get(request.param, lambda: request.getfixturevalue("postgres_url"))()
+    store = open_storage(url)
+    yield Dispatcher(Keystore(store, Barrier(os.urandom(32))), OPERATIONS)
+    store.close()
+
+
+@pytest.mark.parametrize("v", [V11, V20], ids=["1.1", "2.0"])
+def test_locate_date_range_is_inclusive_on_every_storage(any_storage_dispatcher, v):
+    alice = Client(any_storage_dispatcher, ALICE, v)
+    base = 4_000_000_000
+    uids = [alice.create(("Activation Date", date(base + 100 * i))) for i in range(4)]
+    undated = alice.create()
+    assert alice.locate(("Activation Date", date(base + 100)), ("Activation Date", date(base + 200))) == uids[1:3]
+    assert alice.locate(("Activation Date", date(base + 200)), ("Activation Date", date(base + 100))) == uids[1:3]
+    assert alice.locate(("Activation Date", date(base + 1)), ("Activation Date", date(base + 99))) == []
+    assert alice.locate(("Activation Date", date(base + 300))) == uids[3:]  # One value: equality.
+    now = int(time.time())
+    assert set(alice.locate(("Initial Date", date(now - 600)), ("Initial Date", date(now + 600)))) == {*uids, undated}
+    assert alice.locate(("Initial Date", date(now - 3600)), ("Initial Date", date(now - 3000))) == []
+    # With another filter, both apply.
+    assert alice.locate(
+        ("State", enum(State.PRE_ACTIVE)), ("Activation Date", date(base)), ("Activation Date", date(base + 100))
+    ) == uids[:2]
