@@ -914,7 +914,7 @@ class LimitedRequest(limits.TimedRequest):
     max_body = 65536
     # Twisted declares `content = None` and documents it as a BinaryIO: it
     # is set once the body starts (gotLength).
-    content: BinaryIO | None  # type: ignore[assignment]  # Twisted's own annotation is None alone
+    content: BinaryIO | None
 
     def gotLength(self, length):
         self.body_too_large = length is not None and length > self.max_body

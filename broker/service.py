@@ -179,9 +179,11 @@ class BrokerService(service.Service):
         except Exception:
             self.db.close()
             raise
-        self.api_port = None
-        self.gateway_port = None
-        self.pin_loop = None
+        # Twisted's listening ports (IListeningPort: a zope Interface, whose
+        # methods mypy cannot call without a plugin).
+        self.api_port: Any = None
+        self.gateway_port: Any = None
+        self.pin_loop: task.LoopingCall | None = None
 
     def _refresh_pins(self):
         d = deferToThreadPool(self.reactor, self.api_threadpool, self.registry.pinned_certificates)
@@ -216,9 +218,9 @@ class BrokerService(service.Service):
         if self.monitor is not None:
             self.monitor.start()
             self.announce(f"vtpm-broker metrics on {self.monitor.url}")
-        self.pin_loop = task.LoopingCall(self._refresh_pins)
-        self.pin_loop.clock = self.reactor
-        self.pin_loop.start(PIN_REFRESH_SECONDS, now=False)
+        self.pin_loop = pin_loop = task.LoopingCall(self._refresh_pins)
+        pin_loop.clock = self.reactor
+        pin_loop.start(PIN_REFRESH_SECONDS, now=False)
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -231,6 +233,7 @@ class BrokerService(service.Service):
             yield self.monitor.stop()
         if self.gateway_port is not None:
             yield self.gateway_port.stopListening()
+            assert self.gateway is not None  # its port listens (startService)
             factory = self.gateway[0]
             if hasattr(factory, "drain"):
                 yield factory.drain()

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -95,10 +96,12 @@ class KmsService(service.Service):
         self.primary = slot is None or slot.primary
         self.reactor = reactor
         self.announce = announce or (lambda text: None)
-        self.port = None
-        self.heartbeat = None
-        self.heartbeat_loop = None
-        self.integrity_loop = None
+        # Twisted's listening ports (IListeningPort: a zope Interface, whose
+        # methods mypy cannot call without a plugin) and the node's timers.
+        self.port: Any = None
+        self.heartbeat: cluster.Heartbeat | None = None
+        self.heartbeat_loop: task.LoopingCall | None = None
+        self.integrity_loop: task.LoopingCall | None = None
         # The data directory holds the embedded database; only this user reads it.
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.storage = open_storage(cfg.storage.db_url, schema=cfg.storage.schema_mode)
@@ -111,7 +114,7 @@ class KmsService(service.Service):
             raise
         self.trail = None
         self.sinks = None
-        self.checkpoint_loop = None
+        self.checkpoint_loop: task.LoopingCall | None = None
         self._refusals = _RefusalBudget()
         self.metrics = KmsMetrics(cfg.server.node_name)
         if cfg.audit.enabled:
@@ -175,9 +178,9 @@ class KmsService(service.Service):
         )
         # The audit page offers no suite without forward secrecy: only
         # the KMIP listener has clients (vCenter 7) that need them.
-        self.web_context_factory = None
-        self.web_listener = None
-        self.web_port = None
+        self.web_context_factory: tls.ServerContextFactory | None = None
+        self.web_listener: limits.LimitedFactory | None = None
+        self.web_port: Any = None
         # /metrics, /healthz, /readyz ([metrics]); None when off.
         self.monitor = monitor_listener(self, reactor) if self.primary else None
 
@@ -230,9 +233,11 @@ class KmsService(service.Service):
         detail = reason if not suppressed else f"{reason} ({suppressed} earlier refusals not recorded one by one)"
         entry = draft.entry("OPERATION_FAILED", "TLS_REFUSED", detail)
 
-        def write():
+        trail = self.trail
+
+        def write() -> None:
             try:
-                self.trail.write(entry)
+                trail.write(entry)
             except AuditWriteFailed as exc:
                 log.error("audit record of a refused connection from %s not written: %s", peer, exc)
 
@@ -271,7 +276,9 @@ class KmsService(service.Service):
             self.port = self.reactor.adoptStreamPort(
                 self.slot.listen_fd,
                 _address_family(self.slot.listen_fd),
-                TLSMemoryBIOFactory(self.context_factory, False, self.listener),
+                # Both provide the interfaces asked for with zope's @implementer,
+                # which mypy cannot see without the mypy-zope plugin.
+                TLSMemoryBIOFactory(self.context_factory, False, self.listener),  # type: ignore[arg-type]
             )
         address = self.port.getHost()
         if self.slot is None:
@@ -280,24 +287,26 @@ class KmsService(service.Service):
             return
         engine = getattr(self.storage, "engine", None)
         if engine is not None:
-            self.heartbeat = cluster.Heartbeat(engine, self.cfg.server.node_name, f"{address.host}:{address.port}")
-            self.heartbeat_loop = task.LoopingCall(
-                lambda: deferToThreadPool(self.reactor, self.threadpool, self.heartbeat.beat)
+            self.heartbeat = heartbeat = cluster.Heartbeat(
+                engine, self.cfg.server.node_name, f"{address.host}:{address.port}"
             )
-            self.heartbeat_loop.clock = self.reactor
-            self.heartbeat_loop.start(cluster.HEARTBEAT_SECONDS, now=True)
+            self.heartbeat_loop = heartbeat_loop = task.LoopingCall(
+                lambda: deferToThreadPool(self.reactor, self.threadpool, heartbeat.beat)
+            )
+            heartbeat_loop.clock = self.reactor
+            heartbeat_loop.start(cluster.HEARTBEAT_SECONDS, now=True)
         if self.cfg.storage.integrity_check_seconds:
-            self.integrity_loop = task.LoopingCall(
+            self.integrity_loop = integrity_loop = task.LoopingCall(
                 lambda: deferToThreadPool(self.reactor, self.threadpool, self._integrity_check)
             )
-            self.integrity_loop.clock = self.reactor
-            self.integrity_loop.start(self.cfg.storage.integrity_check_seconds, now=False)
+            integrity_loop.clock = self.reactor
+            integrity_loop.start(self.cfg.storage.integrity_check_seconds, now=False)
         if self.trail is not None and self.trail.signer is not None:
-            self.checkpoint_loop = task.LoopingCall(
+            self.checkpoint_loop = checkpoint_loop = task.LoopingCall(
                 lambda: deferToThreadPool(self.reactor, self.threadpool, self._checkpoint)
             )
-            self.checkpoint_loop.clock = self.reactor
-            self.checkpoint_loop.start(self.cfg.audit.checkpoint_seconds, now=False)
+            checkpoint_loop.clock = self.reactor
+            checkpoint_loop.start(self.cfg.audit.checkpoint_seconds, now=False)
         if self.trail is not None and self.cfg.audit.web_port is not None:
             from kms_server.audit import web
 
@@ -345,6 +354,7 @@ class KmsService(service.Service):
             yield deferToThreadPool(self.reactor, self.threadpool, self.sinks.close)
         if self.heartbeat_loop is not None and self.heartbeat_loop.running:
             self.heartbeat_loop.stop()
+            assert self.heartbeat is not None  # its loop beats it (startService)
             yield deferToThreadPool(self.reactor, self.threadpool, self.heartbeat.leave)
         self.threadpool.stop()
         self.storage.close()

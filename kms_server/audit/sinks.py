@@ -161,8 +161,11 @@ class SyslogSink(Sink):
         super().__init__()
 
     def _connect(self):
+        host = self.address[0]
+        if host is None:  # the configuration's check refuses such a URL
+            raise OSError("the syslog URL names no host")
         if self.transport == "udp":
-            sock = socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET, socket.SOCK_DGRAM)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
             sock.connect(self.address)
         else:
             sock = socket.create_connection(self.address, timeout=5)

@@ -378,7 +378,8 @@ class AuditPage(resource.Resource):
                 "audit page: %s failed: %s",
                 request.path.decode("ascii", "replace"),
                 failure.getErrorMessage(),
-                exc_info=(failure.type, failure.value, failure.getTracebackObject()),
+                # A Failure always holds its type and value; Twisted types them Optional.
+                exc_info=(failure.type, failure.value, failure.getTracebackObject()),  # type: ignore[arg-type]
             )
             if not gone:
                 _send(
