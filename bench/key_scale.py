@@ -40,6 +40,7 @@ from stats import percentile  # noqa: E402
 
 from kmip_core import ttlv  # noqa: E402
 from kmip_core.policy import Principal  # noqa: E402
+from kmip_core.progress import Progress  # noqa: E402
 from kmip_core.sealing.barrier import Barrier  # noqa: E402
 from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher  # noqa: E402
 from kms_server.keystore.keystore import Keystore  # noqa: E402
@@ -107,50 +108,15 @@ def _answers(dispatcher: Dispatcher, items: list[ttlv.Item], undo: bool = False)
     return answers
 
 
-class Loading:
-    """A rich progress bar on a terminal; a plain line every 5 s otherwise."""
-
-    def __init__(self, total: int, start: int):
-        self.total, self.done, self.started, self.last = total, start, time.monotonic(), 0.0
-        self.first = start
-        self.bar = None
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                "loading keys", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
-            )
-            self.task = self.bar.add_task("load", total=total, completed=start)
-            self.bar.start()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done)
-            return
-        now = time.monotonic()
-        if now - self.last >= 5 or self.done == self.total:
-            self.last = now
-            elapsed = now - self.started
-            rate = (self.done - self.first) / elapsed if elapsed else 0.0
-            print(f"  loading keys: {self.done}/{self.total}, {rate:.0f} keys/s, {elapsed:.0f} s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def load(dispatcher: Dispatcher, uids: list[str], target: int) -> float:
     started = time.monotonic()
-    progress = Loading(target, len(uids))
-    try:
+    # A rich bar on a terminal; a plain line every 5 s otherwise (kmip_core.progress).
+    with Progress("  loading keys", target, unit="keys", done=len(uids), announce=False) as progress:
         while len(uids) < target:
             n = min(BATCH, target - len(uids))
             answers = _answers(dispatcher, [_create(len(uids) + k) for k in range(n)], undo=True)
             uids.extend(a.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value) for a in answers)
             progress.advance(n)
-    finally:
-        progress.close()
     return time.monotonic() - started
 
 

@@ -772,15 +772,24 @@ def _issue_user(cfg, registry, args) -> int:
 
 def _backup_restore(cfg, args) -> int:
     from broker import backup
+    from kmip_core.progress import Progress
 
+    # Rows on stderr: a bar on a terminal, plain lines (start, every tenth, every 5 s) otherwise.
+    label = "backing up" if args.command == "backup" else "restoring"
+    progress = Progress(label, unit="rows", prefix="vtpm-broker: ", tenths=True)  # starts at the first report
+    try:
+        if args.command == "backup":
+            done = backup.backup(cfg, Path(args.out), progress.callback(), overwrite=args.force)
+        else:
+            restored = backup.restore(cfg, Path(args.source), progress.callback())
+    finally:
+        progress.close()
     if args.command == "backup":
-        done = backup.backup(cfg, Path(args.out), overwrite=args.force)
         rows = sum(done.rows.values())
         print(f"wrote {done.path} ({done.size} bytes): {rows} rows of {len(done.rows)} tables, files "
               f"{', '.join(done.files)}; schema revision {done.schema_revision}")  # fmt: skip
         print(f"it opens only with the master key {cfg.master_key.file}: keep that key apart from the backups")
         return 0
-    restored = backup.restore(cfg, Path(args.source))
     rows = sum(restored.rows.values())
     print(f"restored {restored.path} (made by {restored.backup_node} at {restored.backup_created_at}) into "
           f"{restored.database}: {rows} rows, {len(restored.files)} files")  # fmt: skip

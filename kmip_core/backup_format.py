@@ -37,6 +37,7 @@ from sqlalchemy import MetaData, Table, func, inspect, select, text
 from sqlalchemy.engine import Connection
 
 from kmip_core.files import atomic_file
+from kmip_core.progress import Callback
 from kmip_core.sealing.backup_seal import HKDF_INFO, BackupCipher, ChunkInvalid
 from kmip_core.sealing.master_key import MasterKey, MasterKeyError
 
@@ -65,7 +66,8 @@ __all__ = [
     "write_sealed",
 ]
 
-Progress = Callable[[int, int], None]
+# (done, total) reports: kmip_core.progress, the one progress helper, displays them.
+Progress = Callback
 """Called with (rows done, rows in total), first with done == 0."""
 
 # 2: the chunk key comes from a random backup key that the master key wraps

@@ -29,15 +29,18 @@ every check passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
+
+from kmip_core.progress import Progress
 
 __all__ = ["main"]
 
@@ -139,8 +142,17 @@ def _drill(args, pool, jobs: int) -> int:
         markup=True,
     )
     started = time.monotonic()
+    progress = _Progress(console)
     drill = Drill(
-        workdir, args.vms, args.hosts, pool, jobs, say=console.print, progress=_progress(console), lose=args.lose
+        workdir,
+        args.vms,
+        args.hosts,
+        pool,
+        jobs,
+        say=console.print,
+        progress=progress.batch,
+        lose=args.lose,
+        ticker=progress.ticker,
     )
     failure = None
     try:
@@ -164,29 +176,50 @@ def _drill(args, pool, jobs: int) -> int:
     return _report(console, drill, seconds, args.json)
 
 
-def _progress(console) -> Callable[[str, int], Callable[[], None]]:
-    """A progress bar per batch of VMs (only drawn on a terminal)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class _Progress:
+    """vtpm-drill's progress (kmip_core.progress): a bar per batch of VMs and
+    per counted step, and around every step a ticker that says it still runs,
+    so that `vtpm-drill > log` is never silent for more than 5 s. On a terminal
+    rich draws them; off one, plain lines. One display at a time: a batch's
+    bar ends its step's ticker."""
 
-    def start(label: str, total: int) -> Callable[[], None]:
-        progress = Progress(
-            TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
+    def __init__(self, console):
+        self.console = console
+        self.tty = bool(console.is_terminal)
+        self.step: Progress | None = None
+
+    def _new(self, label: str, total: int | None, **kwargs) -> Progress:
+        return Progress(
+            label,
+            total,
+            stream=self.console.file,
+            tty=self.tty,
+            console=self.console if self.tty else None,
+            prefix=f"{PROG}: ",
+            transient=True,
+            **kwargs,
         )
-        task = progress.add_task(label, total=total)
-        progress.start()
-        done = [0]
+
+    @contextlib.contextmanager
+    def ticker(self, title: str) -> Iterator[None]:
+        self.step = self._new(title, None, announce=False, final=False)
+        with self.step:
+            yield
+        self.step = None
+
+    def batch(self, label: str, total: int) -> Callable[[], None]:
+        if self.step is not None:
+            self.step.close()
+        progress = self._new(label, total).start()
+        if total == 0:
+            progress.close()
 
         def advance() -> None:
-            done[0] += 1
-            progress.update(task, advance=1)
-            if done[0] >= total:
-                progress.stop()
+            progress.advance()
+            if progress.done >= total:
+                progress.close()
 
-        if total == 0:
-            progress.stop()
         return advance
-
-    return start
 
 
 def _report(console, drill, seconds: float, as_json: bool) -> int:

@@ -8,6 +8,7 @@ runs in `runner.ToolPool` workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -151,6 +152,7 @@ class Drill:
         say: Callable[[str], None],
         progress: Callable[[str, int], Callable[[], None]],
         lose: frozenset[str] = frozenset({"management"}),
+        ticker: Callable[[str], contextlib.AbstractContextManager[object]] | None = None,
     ):
         self.workdir = workdir
         # "management" always; "broker": the broker host too, restored from its backup.
@@ -163,6 +165,8 @@ class Drill:
         self.jobs = jobs
         self.say = say
         self.progress = progress
+        # Around every step: says it is still running (kmip_core.progress in vtpm-drill).
+        self.ticker = ticker or (lambda title: contextlib.nullcontext())
         self.kms: Kms | None = None
         self.broker: Broker | None = None
         self.datastore = workdir / "datastore"
@@ -216,7 +220,8 @@ class Drill:
 
     def _step(self, title: str, action: Callable[[], str | None]) -> None:
         started, wall = time.monotonic(), time.time()
-        detail = action()
+        with self.ticker(title):
+            detail = action()
         seconds = time.monotonic() - started
         self.steps.append((title, seconds))
         self.windows.append((title, wall, time.time()))
@@ -576,7 +581,9 @@ class Drill:
         KMS's (every KMIP request, the broker's included), each verified,
         and what each step left in them."""
         assert self.broker is not None and self.kms is not None
+        advance = self.progress("audit trails: broker's read and verified, KMS's read, KMS's verified", 3)
         trail = json.loads(self.broker.admin("audit", "--json", check=False).stdout or "{}")
+        advance()
         records = trail.get("records", [])
         counts: dict[str, int] = {}
         refused = 0
@@ -585,7 +592,9 @@ class Drill:
             refused += 0 if record["allowed"] else 1
         shown = run("kms-admin", "audit", "show", "--config", self.kms.config, "--json", check=False)
         kms_records = [json.loads(line) for line in shown.stdout.splitlines() if line.strip()]
+        advance()
         verified = run("kms-admin", "audit", "verify", "--config", self.kms.config, check=False)
+        advance()
         kms_ops: dict[str, int] = {}
         for record in kms_records:
             kms_ops[record["operation"]] = kms_ops.get(record["operation"], 0) + 1

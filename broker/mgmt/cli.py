@@ -36,6 +36,7 @@ from broker import vmx
 from broker.keysafe import KeySafeError, parse_key_safe
 from broker.mgmt.client import BrokerClient, BrokerError, BrokerRefused
 from broker.mgmt.state import CERT, KEY, MgmtError, StateDir, check_name, write_atomic
+from kmip_core.progress import Progress
 
 __all__ = ["main"]
 
@@ -423,9 +424,6 @@ def _register_one(client: BrokerClient, path: Path, provider: str, host: str | N
 
 
 def _vm_register(state: StateDir, args) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     settings = state.settings()
     datastore = Path(args.datastore)
     if not datastore.is_dir():
@@ -441,17 +439,8 @@ def _vm_register(state: StateDir, args) -> int:
     client = state.client()
     started = time.monotonic()
     outcomes: list[_Outcome] = []
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("registering VMs"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[last]}"),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("register", total=len(paths), last="")
+    # A bar on a terminal, a plain line every 5 s otherwise (kmip_core.progress).
+    with Progress("registering VMs", len(paths), unit="VMs", prefix=f"{PROG}: ") as progress:
         with ThreadPoolExecutor(max_workers=min(args.jobs, len(paths))) as pool:
             futures = [
                 pool.submit(_register_one, client, path, settings.provider, hosts[i % len(hosts)] if hosts else None)
@@ -460,7 +449,7 @@ def _vm_register(state: StateDir, args) -> int:
             for future in futures:
                 outcome = future.result()
                 outcomes.append(outcome)
-                progress.update(task, advance=1, last=outcome.name + (" FAILED" if outcome.error else ""))
+                progress.advance()
     client.close()
 
     done = [o for o in outcomes if o.error is None]
@@ -624,26 +613,14 @@ def _vm_rekey(state: StateDir, args) -> int:
 
 
 def _with_progress(label: str, items: list, work, jobs: int) -> list:
-    """Run `work` on every item, `jobs` at a time, with a rich progress bar on
-    stderr (drawn on a terminal; elsewhere only its final line)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    """Run `work` on every item, `jobs` at a time, with progress on stderr
+    (kmip_core.progress: a bar on a terminal, a plain line every 5 s otherwise)."""
     outcomes = []
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[last]}"),
-        console=Console(stderr=True),
-        transient=False,
-    ) as progress:
-        task = progress.add_task(label, total=len(items), last="")
+    with Progress(label, len(items), unit="VMs", prefix=f"{PROG}: ") as progress:
         with ThreadPoolExecutor(max_workers=min(jobs, len(items))) as pool:
             for outcome in pool.map(work, items):
                 outcomes.append(outcome)
-                progress.update(task, advance=1, last=outcome.name + (" FAILED" if outcome.error else ""))
+                progress.advance()
     return outcomes
 
 

@@ -1,8 +1,8 @@
 """``kms-admin backup`` and ``kms-admin restore`` (the logic is in backup.py).
 
-Progress goes to stderr: a rich progress bar when stderr is a terminal,
-otherwise a plain line at every tenth of the work, so logs of scheduled
-backups stay short. Results go to stdout.
+Progress goes to stderr (kmip_core.progress): a rich progress bar when
+stderr is a terminal, otherwise a plain line at every tenth of the work and
+every 5 s, so logs of scheduled backups stay short. Results go to stdout.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
+from kmip_core.progress import Progress, is_terminal
 from kms_server.admin import backup as backup_mod
 from kms_server.admin.errors import CommandError
 
@@ -24,72 +24,40 @@ PROG = "kms-admin"
 
 
 class ProgressReporter:
-    """Turns (done, total) callbacks into a progress display on `stream`:
-    rich bars on a terminal, plain lines otherwise."""
+    """Turns (done, total) callbacks into a progress display on `stream`
+    (kmip_core.progress): rich bars on a terminal, plain lines otherwise (the
+    start, every tenth, every 5 s)."""
 
     def __init__(self, stream: IO[str] | None = None, *, tty: bool | None = None):
         self._stream = stream if stream is not None else sys.stderr
-        isatty = getattr(self._stream, "isatty", lambda: False)
-        self._tty = isatty() if tty is None else tty
-        self._rich: Any = None
+        self._tty = is_terminal(self._stream) if tty is None else tty
+        self._current: Progress | None = None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[ProgressReporter]:
-        if self._tty:
-            try:
-                from rich.console import Console
-                from rich.progress import (
-                    BarColumn,
-                    MofNCompleteColumn,
-                    Progress,
-                    TextColumn,
-                    TimeElapsedColumn,
-                    TimeRemainingColumn,
-                )
-            except ImportError:  # pragma: no cover - rich is a dependency
-                self._tty = False
-            else:
-                self._rich = Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TextColumn("rows"),
-                    TimeElapsedColumn(),
-                    TimeRemainingColumn(),
-                    console=Console(file=self._stream, force_terminal=True),
-                )
-        if self._rich is None:
+        try:
             yield self
-            return
-        with self._rich:
-            yield self
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
 
     def phase(self, label: str) -> backup_mod.Progress:
-        """A callback for one phase of the work ("backing up", "verifying")."""
-        if self._rich is not None:
-            task: list[Any] = []
+        """A callback for one phase of the work ("backing up", "verifying");
+        a phase's first report ends the one before it."""
+        progress = Progress(label, unit="rows", stream=self._stream, tty=self._tty, prefix=f"{PROG}: ", tenths=True)
+        report = progress.callback()
 
-            def on_rich(done: int, total: int) -> None:
-                if not task:
-                    task.append(self._rich.add_task(label, total=max(total, 1)))
-                self._rich.update(task[0], completed=done if total else 1, total=max(total, 1))
+        def on_report(done: int, total: int) -> None:
+            if self._current is not progress:
+                self._finish()
+                self._current = progress
+            report(done, total)
 
-            return on_rich
-
-        state = {"shown": -1, "started": 0.0}
-
-        def on_plain(done: int, total: int) -> None:
-            tenth = 10 if total == 0 else done * 10 // total
-            if done == 0 and state["shown"] < 0:
-                state["started"] = time.monotonic()
-                print(f"{PROG}: {label}: 0/{total} rows", file=self._stream, flush=True)
-                state["shown"] = 0
-            elif tenth > state["shown"]:
-                state["shown"] = tenth
-                elapsed = time.monotonic() - state["started"]
-                print(f"{PROG}: {label}: {done}/{total} rows ({elapsed:.1f} s)", file=self._stream, flush=True)
-
-        return on_plain
+        return on_report
 
 
 def _config(args: argparse.Namespace):
