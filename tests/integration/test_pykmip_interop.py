@@ -339,3 +339,32 @@ def test_locate_with_two_dates_selects_the_inclusive_range(client):
     state = factory.create_attribute(enums.AttributeType.STATE, enums.State.PRE_ACTIVE)
     dates = [factory.create_attribute(ACTIVATION, base), factory.create_attribute(ACTIVATION, base + 100)]
     assert client.locate(attributes=[state, *dates]) == uids[:2]
+
+
+def test_locate_by_state_object_type_and_name_returns_every_match(client):
+    """Locate by Name, by Object Type and by State gives every object that
+    matches, in creation order, through both PyKMIP client APIs."""
+    factory = client.attribute_factory
+    name = f"shared-name-{client.version.name}"
+    same_name = [client.create(enums.CryptographicAlgorithm.AES, 128, name=name) for _ in range(3)]
+    NAME = enums.AttributeType.NAME
+    assert client.locate(attributes=[factory.create_attribute(NAME, name)]) == same_name
+    assert client.proxy.locate(attributes=[factory.create_attribute(NAME, name)]).uuids == same_name
+    secrets = [
+        client.register(objects.SecretData(b"pass-%d" % i, enums.SecretDataType.PASSWORD)) for i in range(3)
+    ]
+    by_type = client.locate(attributes=[factory.create_attribute(enums.AttributeType.OBJECT_TYPE, enums.ObjectType.SECRET_DATA)])
+    assert [u for u in by_type if u in secrets] == secrets
+    assert not set(by_type) & set(same_name)
+    client.activate(same_name[0])
+    client.activate(same_name[2])
+    STATE = enums.AttributeType.STATE
+    active = client.locate(attributes=[factory.create_attribute(STATE, enums.State.ACTIVE)])
+    pre_active = client.locate(attributes=[factory.create_attribute(STATE, enums.State.PRE_ACTIVE)])
+    assert [u for u in active if u in same_name] == [same_name[0], same_name[2]]
+    assert [u for u in pre_active if u in same_name + secrets] == [same_name[1], *secrets]
+    both = client.locate(attributes=[factory.create_attribute(NAME, name), factory.create_attribute(STATE, enums.State.ACTIVE)])
+    assert both == [same_name[0], same_name[2]]
+    # Every match, however many: more objects than any page size.
+    many = [client.create(enums.CryptographicAlgorithm.AES, 128, name=f"many-{client.version.name}") for _ in range(40)]
+    assert client.locate(attributes=[factory.create_attribute(NAME, f"many-{client.version.name}")]) == many
