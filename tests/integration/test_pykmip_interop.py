@@ -368,3 +368,64 @@ def test_locate_by_state_object_type_and_name_returns_every_match(client):
     # Every match, however many: more objects than any page size.
     many = [client.create(enums.CryptographicAlgorithm.AES, 128, name=f"many-{client.version.name}") for _ in range(40)]
     assert client.locate(attributes=[factory.create_attribute(NAME, f"many-{client.version.name}")]) == many
+
+
+def _get_raw(client, uid: str, wrapping: dict):
+    """A Get built by PyKMIP's client (its Key Wrapping Specification, its
+    request message, over its KMIPProxy connection) whose answer is read as
+    TTLV: PyKMIP's response reader takes a Key Value as a Structure only,
+    and a wrapped Key Value is a Byte String (KMIP 1.4, 2.1.4; 2.0, 2.1.4)."""
+    from kmip.core.messages import messages, payloads
+    from kmip.core.messages.contents import Operation
+
+    from kmip_core import ttlv
+
+    request = payloads.GetRequestPayload(
+        unique_identifier=uid, key_wrapping_specification=client._build_key_wrapping_specification(wrapping)
+    )
+    item = messages.RequestBatchItem(operation=Operation(enums.Operation.GET), request_payload=request)
+    client.proxy._send_message(client.proxy._build_request_message(None, [item]))
+    return ttlv.decode(bytes(client.proxy._receive_message().buffer))
+
+
+@pytest.mark.parametrize("encoding", [None, enums.EncodingOption.NO_ENCODING], ids=["ttlv-encoding", "no-encoding"])
+def test_get_with_a_key_wrapping_specification(client, encoding):
+    """Get with PyKMIP's Key Wrapping Specification (AES key wrap under a
+    registered wrapping key): the Key Value is the specification's Byte
+    String, with Key Wrapping Data naming the wrapping key, and it unwraps
+    to the key (No Encoding) or to its TTLV Key Value (the default)."""
+    from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
+    from kmip.core.enums import Tags
+
+    from kmip_core import ttlv
+
+    kek_bytes, key_bytes = bytes(range(100, 116)), bytes(range(32))
+    mask = enums.CryptographicUsageMask
+    kek = client.register(objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 128, kek_bytes, [mask.WRAP_KEY, mask.UNWRAP_KEY]))
+    client.activate(kek)
+    uid = client.register(objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 256, key_bytes, [mask.ENCRYPT]))
+    wrapping = {
+        "wrapping_method": enums.WrappingMethod.ENCRYPT,
+        "encryption_key_information": {
+            "unique_identifier": kek,
+            "cryptographic_parameters": {"block_cipher_mode": enums.BlockCipherMode.NIST_KEY_WRAP},
+        },
+    }
+    if encoding is not None:
+        wrapping["encoding_option"] = encoding
+    response = _get_raw(client, uid, wrapping)
+    item = response.find(Tags.BATCH_ITEM.value)
+    assert item.get(Tags.RESULT_STATUS.value) == enums.ResultStatus.SUCCESS.value, item.get(Tags.RESULT_MESSAGE.value)
+    block = item.find(Tags.RESPONSE_PAYLOAD.value).find(Tags.SYMMETRIC_KEY.value).find(Tags.KEY_BLOCK.value)
+    key_value = block.find(Tags.KEY_VALUE.value)
+    assert key_value.type == ttlv.ItemType.BYTE_STRING
+    wrapping_data = block.find(Tags.KEY_WRAPPING_DATA.value)
+    assert wrapping_data.get(Tags.WRAPPING_METHOD.value) == enums.WrappingMethod.ENCRYPT.value
+    assert wrapping_data.find(Tags.ENCRYPTION_KEY_INFORMATION.value).get(Tags.UNIQUE_IDENTIFIER.value) == kek
+    plain = aes_key_unwrap(kek_bytes, key_value.value)
+    if encoding == enums.EncodingOption.NO_ENCODING:
+        assert plain == key_bytes
+    else:
+        assert ttlv.decode(plain).find(Tags.KEY_MATERIAL.value).value == key_bytes
+    # The key itself is unchanged: a Get without wrapping returns it.
+    assert client.get(uid).value == key_bytes
