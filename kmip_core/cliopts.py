@@ -19,7 +19,7 @@ A value given after the subcommand wins over one given before it.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
 __all__ = ["conventions", "parsers"]
@@ -72,7 +72,7 @@ def _one_line_error(parser: argparse.ArgumentParser, prog: str) -> None:
     def error(message: str) -> NoReturn:
         parser.exit(2, f"{prog}: error: {message}; see '{parser.prog} --help'\n")
 
-    parser.error = error  # type: ignore[method-assign]
+    parser.error = error  # type: ignore[method-assign]  # this one parser's error(), replaced on purpose
 
 
 def conventions(
@@ -140,7 +140,9 @@ def _check_after_parse(parser: argparse.ArgumentParser, names: tuple[str, ...]) 
     parse_known_args = parser.parse_known_args
     top = {name: _option(parser, name) for name in names}
 
-    def checked(args=None, namespace=None):  # type: ignore[no-untyped-def]
+    def checked(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         result, extras = parse_known_args(args, namespace)
         accepts = getattr(result, _ACCEPTS, None)
         if accepts is not None:
@@ -159,4 +161,5 @@ def _check_after_parse(parser: argparse.ArgumentParser, names: tuple[str, ...]) 
             delattr(result, _ACCEPTS)
         return result, extras
 
-    parser.parse_known_args = checked  # type: ignore[method-assign]
+    # This one parser's, wrapped on purpose; typeshed declares it as overloads.
+    parser.parse_known_args = checked  # type: ignore[method-assign, assignment]
