@@ -76,11 +76,13 @@ conformance: venv
 
 # The disaster-recovery drill: a KMS, the broker, 2 hosts and 10 VMs with a
 # real vTPM each; the management plane is lost and every vTPM recovered.
-# PORT= / CONFIG= are make run's: the drill starts a KMS of its own on free
-# ports and says so rather than ignore them. DEMO_ARGS: more vtpm-drill options.
+# The drill starts a KMS, a broker and hosts of its own on free 127.0.0.1
+# ports; PORT= puts its KMS on that port instead. It writes its own KMS
+# configuration, so a CONFIG= other than the default is refused, not ignored.
+# DEMO_ARGS: more vtpm-drill options (--vms, --lose management,broker, --json).
 demo: venv
-	@$(if $(PORT)$(filter-out etc/kms-dev.toml,$(CONFIG)),echo "make demo: the drill runs its own KMS and broker on free 127.0.0.1 ports; PORT= and CONFIG= are not used (make run takes them)")
-	$(BIN)/vtpm-drill --vms 10 --hosts 2 $(DEMO_ARGS)
+	@$(if $(filter-out etc/kms-dev.toml,$(CONFIG)),echo "make demo: the drill writes its own KMS configuration; CONFIG= is for make run and make vcenter-session (PORT= sets the drill's KMS port)"; exit 2)
+	$(BIN)/vtpm-drill --vms 10 --hosts 2 $(if $(PORT),--kms-port $(PORT)) $(DEMO_ARGS)
 
 # Style, and the structure of docs/architecture.md: the import contracts
 # (.importlinter: kmip_core imports neither service, the services never import

@@ -1,6 +1,6 @@
 """`vtpm-drill`: lose the management plane, recover every vTPM, and prove it.
 
-    vtpm-drill [--vms N] [--hosts H] [--lose management[,broker]] [--workdir DIR] [--jobs J] [--json] [--keep]
+    vtpm-drill [--vms N] [--hosts H] [--lose management[,broker]] [--workdir DIR] [--jobs J] [--json] [--keep] [--kms-port P]
 
 Runs on 127.0.0.1 with real processes: a KMS, the broker, management
 instance A, H hosts, N VMs with a real vTPM (swtpm) each. A guest step
@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", metavar="DIR", help="work here and keep it (default: a temporary directory, removed)")
     p.add_argument("--jobs", type=int, metavar="J", help="VMs handled at once (default: 4 per CPU, at most 32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument(
+        "--kms-port", type=int, default=0, metavar="P", help="the drill's KMS listens here (default: a free port)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     from kmip_core import __version__, cliopts
 
@@ -108,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _check_args(args) -> None:
     if not 1 <= args.vms <= 1000:
         raise _Usage("--vms must be between 1 and 1000")
+    if not 0 <= args.kms_port <= 65535:
+        raise _Usage("--kms-port must be between 0 and 65535")
     if not 1 <= args.hosts <= 64:
         raise _Usage("--hosts must be between 1 and 64")
     if args.jobs is not None and not 1 <= args.jobs <= 128:
@@ -153,6 +158,7 @@ def _drill(args, pool, jobs: int) -> int:
         progress=progress.batch,
         lose=args.lose,
         ticker=progress.ticker,
+        kms_port=args.kms_port,
     )
     failure = None
     try:

@@ -174,8 +174,9 @@ class Kms:
         self.service.stop()
 
 
-def start_kms(workdir: Path, runner: Runner = run, audit: bool = True) -> Kms:
-    """`kms-admin pki init`, `kms-admin master-key new`, a config, `kms-server`."""
+def start_kms(workdir: Path, runner: Runner = run, audit: bool = True, port: int = 0) -> Kms:
+    """`kms-admin pki init`, `kms-admin master-key new`, a config, `kms-server`
+    (on `port`; 0: a free one)."""
     workdir.mkdir(parents=True, exist_ok=True)
     pki = workdir / "pki"
     runner("kms-admin", "pki", "init", "--dir", pki, "--server-name", "127.0.0.1", "--client", "admin")
@@ -190,7 +191,7 @@ def start_kms(workdir: Path, runner: Runner = run, audit: bool = True) -> Kms:
         f"""\
 [server]
 host = "127.0.0.1"
-port = 0
+port = {int(port)}
 node_name = "kms-1"
 data_dir = "{workdir / "data"}"
 

@@ -153,6 +153,7 @@ class Drill:
         progress: Callable[[str, int], Callable[[], None]],
         lose: frozenset[str] = frozenset({"management"}),
         ticker: Callable[[str], contextlib.AbstractContextManager[object]] | None = None,
+        kms_port: int = 0,
     ):
         self.workdir = workdir
         # "management" always; "broker": the broker host too, restored from its backup.
@@ -167,6 +168,7 @@ class Drill:
         self.progress = progress
         # Around every step: says it is still running (kmip_core.progress in vtpm-drill).
         self.ticker = ticker or (lambda title: contextlib.nullcontext())
+        self.kms_port = kms_port  # 0: a free port
         self.kms: Kms | None = None
         self.broker: Broker | None = None
         self.datastore = workdir / "datastore"
@@ -228,7 +230,7 @@ class Drill:
         self.say(f"[bold]{title}[/bold] ({seconds:.1f} s)" + (f": {detail}" if detail else ""))
 
     def _start_kms(self, audit: bool = True) -> str:
-        self.kms = start_kms(self.workdir / "kms", runner=self.pool.run, audit=audit)
+        self.kms = start_kms(self.workdir / "kms", runner=self.pool.run, audit=audit, port=self.kms_port)
         return f"kms-admin pki init + master-key new; kms-server on 127.0.0.1:{self.kms.port}"
 
     def _start_broker(self) -> str:

@@ -10,6 +10,7 @@ code comes from the project's editable .venv).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -194,3 +195,28 @@ def test_vcenter_session_with_a_free_port_configuration_says_which_port_to_give(
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "make vcenter-session PORT=P" in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_make_demo_port_is_the_drill_kms_port(repo):
+    if any(shutil.which(t) is None for t in ("swtpm", "swtpm_setup", "tpm2_nvdefine")):
+        pytest.skip("the drill needs swtpm and tpm2-tools")
+    port = _free_port()
+    result = subprocess.run(
+        ["make", "--no-print-directory", "demo", f"PORT={port}", "DEMO_ARGS=--vms 1 --hosts 1 --json"],
+        cwd=repo, env={**_env(), "COLUMNS": "200"}, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"kms-server on 127.0.0.1:{port}" in result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["vms"] == summary["recovered"] == 1
+
+
+def test_make_demo_refuses_a_config(repo):
+    result = subprocess.run(
+        ["make", "--no-print-directory", "demo", "CONFIG=etc/other.toml"],
+        cwd=repo, env=_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "make demo: the drill writes its own KMS configuration" in result.stdout + result.stderr
+    assert "vtpm-drill:" not in result.stdout + result.stderr  # refused before the drill starts
