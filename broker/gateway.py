@@ -34,7 +34,7 @@ import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kmip.core.enums import (
     BlockCipherMode,
@@ -45,6 +45,8 @@ from kmip.core.enums import (
     ResultReason,
     Tags,
 )
+from OpenSSL import crypto
+from twisted.python.threadpool import ThreadPool
 
 from broker.request_scope import request_scope
 from broker.trust import Decision
@@ -52,6 +54,7 @@ from kmip_core import __version__, errors, limits, tls, ttlv
 from kmip_core.audit.record import AuditDraft
 from kmip_core.client import KmipError
 from kmip_core.config import TlsConfig
+from kmip_core.metrics import RequestMetrics
 from kmip_core.policy import Principal
 from kmip_core.protocol import KmipFactory
 from kmip_core.reasons import REASONS
@@ -117,6 +120,14 @@ class UnwrapMetrics(Protocol):
     def unwrap(self, result: str) -> None: ...
 
     def unwrap_seconds(self, seconds: float) -> None: ...
+
+
+class GatewayMetrics(UnwrapMetrics, Protocol):
+    """broker.metrics.BrokerMetrics as the gateway sees it: unwraps, and the
+    dispatcher's request metrics (kmip_core.metrics.RequestMetrics)."""
+
+    @property
+    def gateway(self) -> RequestMetrics: ...
 
 
 @dataclass(frozen=True)
@@ -313,7 +324,10 @@ GATEWAY_OPERATIONS: dict[Operation, Handler] = {
 
 
 def build_dispatcher(
-    registry: UnwrapRegistry, kms_client: KeyProviderClient, node: str = "gateway", metrics=None
+    registry: UnwrapRegistry,
+    kms_client: KeyProviderClient,
+    node: str = "gateway",
+    metrics: GatewayMetrics | None = None,
 ) -> Dispatcher:
     """The KMS core's Dispatcher with the gateway's three operations;
     `metrics`: broker.metrics.BrokerMetrics, or None."""
@@ -331,7 +345,7 @@ def build_dispatcher(
 # --- Connections --------------------------------------------------------------------
 
 
-def identify_host(certificate, peer: str, identity_mode: str = "cn") -> ConnectionInfo:
+def identify_host(certificate: crypto.X509 | None, peer: str, identity_mode: str = "cn") -> ConnectionInfo:
     """The host on the other end of a verified TLS connection: its
     certificate's CN (or what `identity_mode` names) and SHA-256
     fingerprint, which is what the trust registry knows hosts by."""
@@ -347,8 +361,8 @@ def build_gateway_factory(
     tls_config: TlsConfig,
     registry: UnwrapRegistry,
     kms_client: KeyProviderClient,
-    reactor,
-    threadpool,
+    reactor: Any,
+    threadpool: ThreadPool,
     *,
     max_message_size: int = 65536,
     idle_timeout: float = 300,
@@ -358,7 +372,7 @@ def build_gateway_factory(
     frame_timeout: float = 30,
     max_unsent_bytes: int = 4 << 20,
     max_unsent_bytes_total: int = 256 << 20,
-    metrics=None,
+    metrics: GatewayMetrics | None = None,
 ) -> tuple[limits.LimitedFactory, tls.ServerContextFactory]:
     """The gateway listener's protocol factory and TLS context factory:
     `reactor.listenSSL(port, factory, context_factory, interface=host)`.
@@ -377,7 +391,7 @@ def build_gateway_factory(
     dispatcher = build_dispatcher(registry, kms_client, metrics=metrics)
     identity_mode = tls_config.identity
 
-    def identify(certificate, peer: str) -> ConnectionInfo:
+    def identify(certificate: crypto.X509 | None, peer: str) -> ConnectionInfo:
         return identify_host(certificate, peer, identity_mode)
 
     factory = KmipFactory(
