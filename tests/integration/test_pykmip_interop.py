@@ -429,3 +429,135 @@ def test_get_with_a_key_wrapping_specification(client, encoding):
         assert ttlv.decode(plain).find(Tags.KEY_MATERIAL.value).value == key_bytes
     # The key itself is unchanged: a Get without wrapping returns it.
     assert client.get(uid).value == key_bytes
+
+
+def _self_signed_certificate() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "interop")])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(datetime.datetime(2024, 1, 1))
+        .not_valid_after(datetime.datetime(2034, 1, 1))
+        .sign(key, hashes.SHA256())
+    )
+    return certificate.public_bytes(serialization.Encoding.DER)
+
+
+def test_register_and_get_of_each_object_type(client, rsa_key):
+    """Register of every object type PyKMIP's client builds, then Get: the
+    same object comes back (type, value, and each type's own fields)."""
+    certificate = _self_signed_certificate()
+    registered = [
+        objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 128, bytes(16)),
+        objects.PrivateKey(enums.CryptographicAlgorithm.RSA, 2048, crypto.export_private_key(rsa_key[0], KFT.PKCS_8), KFT.PKCS_8),
+        objects.PublicKey(enums.CryptographicAlgorithm.RSA, 2048, crypto.export_public_key(rsa_key[1], KFT.X_509), KFT.X_509),
+        objects.X509Certificate(certificate),
+        objects.SecretData(b"a passphrase", enums.SecretDataType.PASSWORD),
+        objects.OpaqueObject(b"opaque bytes", enums.OpaqueDataType.NONE),
+    ]
+    for managed in registered:
+        uid = client.register(managed)
+        back = client.get(uid)
+        assert type(back) is type(managed)
+        assert back.value == managed.value
+        if isinstance(managed, (objects.SymmetricKey, objects.PrivateKey, objects.PublicKey)):
+            assert (back.cryptographic_algorithm, back.cryptographic_length) == (
+                managed.cryptographic_algorithm,
+                managed.cryptographic_length,
+            )
+        if isinstance(managed, objects.SecretData):
+            assert back.data_type == enums.SecretDataType.PASSWORD
+        if isinstance(managed, objects.OpaqueObject):
+            assert back.opaque_type == enums.OpaqueDataType.NONE
+        _, attributes = client.get_attributes(uid, ["Object Type", "State"])
+        by_name = {a.attribute_name.value: a.attribute_value.value for a in attributes}
+        assert by_name == {"Object Type": managed.object_type, "State": enums.State.PRE_ACTIVE}
+
+
+def test_everyday_key_pair_and_symmetric_key_calls(client):
+    """The calls a PyKMIP user makes every day, in order: create and
+    create_key_pair with names and masks, get_attribute_list,
+    get_attributes, activate, encrypt/decrypt, sign/verify, mac, locate
+    with filters and paging, revoke, destroy."""
+    mask = enums.CryptographicUsageMask
+    tag = client.version.name
+    aes = client.create(enums.CryptographicAlgorithm.AES, 256, name=f"everyday-aes-{tag}", cryptographic_usage_mask=[mask.ENCRYPT, mask.DECRYPT])
+    public, private = client.create_key_pair(
+        enums.CryptographicAlgorithm.RSA,
+        2048,
+        public_name=f"everyday-pub-{tag}",
+        private_name=f"everyday-priv-{tag}",
+        public_usage_mask=[mask.VERIFY, mask.ENCRYPT],
+        private_usage_mask=[mask.SIGN, mask.DECRYPT],
+    )
+    hmac_key = client.create(enums.CryptographicAlgorithm.HMAC_SHA256, 256, cryptographic_usage_mask=[mask.MAC_GENERATE])
+    names = client.get_attribute_list(private)
+    assert {"Name", "State", "Cryptographic Algorithm", "Link"} <= set(names)
+    # PyKMIP's client reads no Link, Revocation Reason or Random Number
+    # Generator value (its attribute value factory has none): not asked for.
+    _, attributes = client.get_attributes(private, ["Name", "Cryptographic Length"])
+    by_name: dict = {}
+    for a in attributes:
+        by_name.setdefault(a.attribute_name.value, []).append(a.attribute_value)
+    assert by_name["Name"][0].name_value.value == f"everyday-priv-{tag}"
+    assert by_name["Cryptographic Length"][0].value == 2048
+    for uid in (aes, public, private, hmac_key):
+        client.activate(uid)
+
+    cbc = {
+        "block_cipher_mode": enums.BlockCipherMode.CBC,
+        "padding_method": enums.PaddingMethod.PKCS5,
+        "cryptographic_algorithm": enums.CryptographicAlgorithm.AES,
+    }
+    ciphertext, iv = client.encrypt(b"everyday plaintext", aes, cryptographic_parameters=cbc)
+    assert iv is not None and len(iv) == 16
+    assert client.decrypt(ciphertext, aes, cryptographic_parameters=cbc, iv_counter_nonce=iv) == b"everyday plaintext"
+    oaep = {
+        "padding_method": enums.PaddingMethod.OAEP,
+        "cryptographic_algorithm": enums.CryptographicAlgorithm.RSA,
+        "hashing_algorithm": enums.HashingAlgorithm.SHA_256,
+    }
+    ciphertext, _ = client.encrypt(b"to the private key", public, cryptographic_parameters=oaep)
+    assert client.decrypt(ciphertext, private, cryptographic_parameters=oaep) == b"to the private key"
+    for parameters in (
+        {"padding_method": enums.PaddingMethod.PSS, "cryptographic_algorithm": enums.CryptographicAlgorithm.RSA, "hashing_algorithm": enums.HashingAlgorithm.SHA_256},
+        {"digital_signature_algorithm": enums.DigitalSignatureAlgorithm.SHA256_WITH_RSA_ENCRYPTION},
+    ):
+        signature = client.sign(b"signed data", private, cryptographic_parameters=parameters)
+        assert client.signature_verify(b"signed data", signature, public, cryptographic_parameters=parameters) == enums.ValidityIndicator.VALID
+        assert client.signature_verify(b"other data", signature, public, cryptographic_parameters=parameters) == enums.ValidityIndicator.INVALID
+    import hashlib
+    import hmac
+
+    uid, mac = client.mac(b"mac data", hmac_key, enums.CryptographicAlgorithm.HMAC_SHA256)
+    assert uid == hmac_key
+    assert mac == hmac.new(client.get(hmac_key).value, b"mac data", hashlib.sha256).digest()
+
+    factory = client.attribute_factory
+    rsa_filter = [
+        factory.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_ALGORITHM, enums.CryptographicAlgorithm.RSA),
+        factory.create_attribute(enums.AttributeType.NAME, f"everyday-priv-{tag}"),
+    ]
+    assert client.locate(attributes=rsa_filter) == [private]
+    everything = client.locate()
+    assert client.locate(maximum_items=2) == everything[:2]
+    assert client.locate(offset_items=1, maximum_items=2) == everything[1:3]
+
+    client.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, aes, "retired")
+    _, attributes = client.get_attributes(aes, ["State"])
+    assert attributes[0].attribute_value.value == enums.State.DEACTIVATED
+    with pytest.raises(pie_exceptions.KmipOperationFailure):
+        client.encrypt(b"after revoke", aes, cryptographic_parameters=cbc)
+    client.destroy(aes)
+    assert aes not in client.locate()
