@@ -9,6 +9,10 @@
   and copied to the top level, where giving one to a subcommand that does not
   take it is a usage error (never silently ignored);
 - `--version` prints "<prog> <version>";
+- `log_level=True` adds `--log-level` (DEBUG, INFO, WARNING, ERROR; before or
+  after the command) to a tool that has no logging configuration of its own:
+  its log records go to stderr from that level on (without it, warnings and
+  errors only, as Python's logging does by default);
 - a usage error is one line that says where to look, not a usage block:
   "<prog>: error: <problem>; see '<prog> ... --help'" (exit status 2), for
   parsers that do not already handle their errors.
@@ -19,12 +23,14 @@ A value given after the subcommand wins over one given before it.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
 __all__ = ["conventions", "parsers"]
 
 _ACCEPTS = "_cli_global_accepts"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -81,10 +87,19 @@ def conventions(
     version: str,
     everywhere: Iterable[str] = (),
     where_defined: Iterable[str] = (),
+    log_level: bool = False,
 ) -> argparse.ArgumentParser:
     """Apply the convention to `parser` (see the module's docstring); returns it."""
     prog = parser.prog.split()[0]
     everywhere, where_defined = tuple(everywhere), tuple(where_defined)
+    if log_level:
+        parser.add_argument(
+            "--log-level",
+            type=str.upper,
+            choices=LOG_LEVELS,
+            help="log records to stderr from this level on (default: warnings and errors)",
+        )
+        everywhere += ("--log-level",)
     if "--version" not in parser._option_string_actions:
         parser.add_argument("--version", action="version", version=f"{prog} {version}", help="print the version and exit")
     tree = list(parsers(parser))
@@ -130,13 +145,13 @@ def conventions(
         if type(each).error is argparse.ArgumentParser.error:
             _one_line_error(each, prog)
 
-    if where_defined:
-        _check_after_parse(parser, where_defined)
+    if where_defined or log_level:
+        _check_after_parse(parser, where_defined, prog if log_level else None)
     return parser
 
 
-def _check_after_parse(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
-    """Refuse a top-level option the chosen subcommand does not take."""
+def _check_after_parse(parser: argparse.ArgumentParser, names: tuple[str, ...], log_prog: str | None) -> None:
+    """Refuse a top-level option the chosen subcommand does not take; apply --log-level."""
     parse_known_args = parser.parse_known_args
     top = {name: _option(parser, name) for name in names}
 
@@ -159,6 +174,10 @@ def _check_after_parse(parser: argparse.ArgumentParser, names: tuple[str, ...]) 
                 parser.error(f"the following arguments are required: {name}")
         if hasattr(result, _ACCEPTS):
             delattr(result, _ACCEPTS)
+        level = getattr(result, "log_level", None) if log_prog is not None else None
+        if level:  # without it, logging is left as it was (warnings and errors, bare, on stderr)
+            logging.basicConfig(format=f"{log_prog}: %(levelname)s %(name)s: %(message)s")
+            logging.getLogger().setLevel(level)
         return result, extras
 
     # This one parser's, wrapped on purpose; typeshed declares it as overloads.

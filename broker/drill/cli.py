@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     from kmip_core import __version__, cliopts
 
-    return cliopts.conventions(p, version=__version__)
+    return cliopts.conventions(p, version=__version__, log_level=True)
 
 
 def _fail(message: str) -> int:

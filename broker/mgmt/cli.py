@@ -131,8 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the result as JSON")
     from kmip_core import __version__, cliopts
 
-    # --state-dir and --json before or after the command.
-    return cliopts.conventions(p, version=__version__, everywhere=("--state-dir",), where_defined=("--json",))
+    # --state-dir, --json and --log-level before or after the command.
+    return cliopts.conventions(
+        p, version=__version__, everywhere=("--state-dir",), where_defined=("--json",), log_level=True
+    )
 
 
 def _fail(message: str) -> int:

@@ -611,8 +611,8 @@ def build_parser(
     for register in COMMAND_GROUPS if groups is None else groups:
         register(subparsers)
     parser.subparsers = subparsers
-    # --config and --json before or after the command (kmip_core.cliopts).
-    return cliopts.conventions(parser, version=__version__, where_defined=("--config", "--json"))
+    # --config, --json and --log-level before or after the command (kmip_core.cliopts).
+    return cliopts.conventions(parser, version=__version__, where_defined=("--config", "--json"), log_level=True)
 
 
 def _os_error_line(exc: OSError) -> str:

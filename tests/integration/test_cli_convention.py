@@ -149,3 +149,27 @@ def test_usage_errors_are_one_line_with_where_to_look(argv, says, tmp_path):
     line = _one_line(result, argv[0])
     assert says in line and "--help" in line, line
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_log_level_shows_records_of_that_level(where, tmp_path):
+    """kms-admin has no logging configuration of its own: --log-level INFO
+    (before or after the command) shows the schema migration's INFO records;
+    without it they stay hidden, as before."""
+    (tmp_path / "data").mkdir()
+    config = tmp_path / "kms.toml"
+    config.write_text('[server]\ndata_dir = "data"\n[master_key]\nfile = "m.key"\n')
+    argv = ["db", "upgrade", "--config", str(config)]
+    argv = ["--log-level", "info", *argv] if where == "before" else [*argv, "--log-level", "INFO"]
+    shown = _run("kms-admin", *argv)
+    assert shown.returncode == 0, shown.stderr
+    assert "kms-admin: INFO alembic.runtime.migration: Running upgrade" in shown.stderr
+    (tmp_path / "data" / "kms.db").unlink()
+    quiet = _run("kms-admin", "db", "upgrade", "--config", str(config))
+    assert quiet.returncode == 0 and "INFO" not in quiet.stderr, quiet.stderr
+
+
+@pytest.mark.parametrize("script", ["kms-admin", "vtpm-broker", "vtpm-mgmt", "vtpm-host", "vtpm-drill"])
+def test_every_tool_takes_log_level(script, monkeypatch):
+    root = _root_parser(SCRIPTS[script], monkeypatch)
+    assert "--log-level" in root._option_string_actions
