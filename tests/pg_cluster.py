@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -41,10 +42,54 @@ def available() -> str | None:
     return None
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different 127.0.0.1 ports nobody listens on, for servers that
+    must be told their port before they start (PostgreSQL, Patroni, etcd, a
+    copied configuration).
+
+    Taken at random below the kernel's ephemeral range when there is room:
+    a port from bind(0) is in that range, and so is the local port of every
+    outgoing connection that the other test processes on this machine open
+    (xdist workers, other checkouts), any of which could hold the port by
+    the time the server binds it. Below the range only another explicit
+    choice like this one can, and at random that is unlikely."""
+    low, _ = _ephemeral_range()
+    ports: list[int] = []
+    if low > 12000:
+        candidates = random.sample(range(10000, low), min(low - 10000, 50 * count))
+        for port in candidates:
+            if len(ports) == count:
+                break
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            ports.append(port)
+    sockets = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """One port as free_ports gives them."""
+    return free_ports(1)[0]
 
 
 def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
