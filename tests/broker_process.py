@@ -55,9 +55,15 @@ class Broker:
             raise AssertionError(f"vtpm-broker {' '.join(args)} failed: {result.stderr}")
         return result
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0, metrics: bool = False) -> None:
+        """Start `vtpm-broker run` and wait until its API and gateway listen;
+        with `metrics` (a configuration with [metrics]), until its monitoring
+        listener does too: it is started after the gateway's announcement,
+        and a test scraping it at once could otherwise come first on a busy
+        machine."""
         self.log = []
         self.port = self.gateway_port = 0
+        metrics_seen = not metrics
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker.cli", "--config", str(self.config), "run"],
             stdout=subprocess.PIPE,
@@ -75,7 +81,7 @@ class Broker:
 
         threading.Thread(target=read, daemon=True).start()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not (self.port and self.gateway_port):
+        while time.monotonic() < deadline and not (self.port and self.gateway_port and metrics_seen):
             try:
                 line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
@@ -87,11 +93,14 @@ class Broker:
                 deadline = min(deadline, time.monotonic() + 10)  # the gateway announces right after
             elif "gateway listening on" in line:
                 self.gateway_port = int(line.strip().rsplit(":", 1)[1])
-        if not self.port:
+            elif "metrics on" in line:
+                metrics_seen = True
+        if not self.port or not metrics_seen:
             proc.kill()
             proc.wait(5)
             time.sleep(0.2)  # let the reader thread collect stderr
-            raise RuntimeError("vtpm-broker did not start:\n" + "\n".join(self.log))
+            what = "start" if not self.port else "start its metrics listener"
+            raise RuntimeError(f"vtpm-broker did not {what}:\n" + "\n".join(self.log))
 
     def stop(self) -> int:
         if self.proc is not None and self.proc.poll() is None:

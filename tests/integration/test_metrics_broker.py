@@ -87,7 +87,7 @@ def broker(tmp_path, pki_dir, kms):
     b = Broker(workdir, config, workdir / "data")
     b.cli("init")
     pki.sign_csr(pki_dir, workdir / "data" / "kms-client.csr", workdir / "data" / "kms-client.pem")
-    b.start()
+    b.start(metrics=True)
     b.metrics_url = f"http://127.0.0.1:{metrics_port}"
     yield b
     b.stop()
