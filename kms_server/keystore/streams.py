@@ -21,8 +21,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kmip_core import errors
+
+if TYPE_CHECKING:
+    from kms_server.keystore.crypto import CipherStream
 
 __all__ = ["Stream", "Streams"]
 
@@ -34,7 +38,7 @@ class Stream:
     client: str
     uid: str
     operation: str
-    cipher: object  # crypto.CipherStream
+    cipher: CipherStream
     last_used: float = field(default=0.0)
     # Held while one part runs: a cipher context takes its parts in order,
     # one at a time.
@@ -66,7 +70,7 @@ class Streams:
             self._expire()
             return len(self._streams)
 
-    def begin(self, client: str, uid: str, operation: str, cipher) -> bytes:
+    def begin(self, client: str, uid: str, operation: str, cipher: CipherStream) -> bytes:
         """Keep `cipher` for the client's next parts; its Correlation Value."""
         with self._lock:
             self._expire()

@@ -8,9 +8,10 @@ from kmip_core import errors, ttlv
 from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import lifecycle
+from kms_server.keystore.objects import ManagedObject
 
 
-def check_client_may_change(name: str, deleting: bool = False):
+def check_client_may_change(name: str, deleting: bool = False) -> attrs.AttributeSpec | None:
     spec = attrs.check_known(name)
     if spec is None:
         return None
@@ -20,7 +21,7 @@ def check_client_may_change(name: str, deleting: bool = False):
     return spec
 
 
-def check_applies(spec, obj, name: str) -> None:
+def check_applies(spec: attrs.AttributeSpec | None, obj: ManagedObject, name: str) -> None:
     """The attribute applies to this object, and its state still lets a
     client change it (a lifecycle date already passed cannot be moved)."""
     if spec is not None and obj.object_type not in spec.applies_to:

@@ -4,6 +4,8 @@ number of Usage Limits units, a Lease Time. Each is checked against the
 object; nothing changes. A check that fails is refused (2.x: Incompatible
 Cryptographic Usage Mask for the mask; Permission Denied otherwise)."""
 
+from typing import Any
+
 from kmip.core.enums import Operation, Tags
 
 from kmip_core import errors
@@ -16,7 +18,7 @@ from kms_server.operations import common
 OPERATION = Operation.CHECK
 
 
-def _optional(payload, t: Tags, types: tuple[ItemType, ...]):
+def _optional(payload: Item, t: Tags, types: tuple[ItemType, ...]) -> Any:
     item = payload.find(t.value)
     if item is None:
         return None

@@ -7,6 +7,7 @@ attributes back in the form of the request's version."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from kmip.core.enums import Tags
 
@@ -53,7 +54,7 @@ def attribute_reference(item: Item) -> str:
     return attrs.name_from_reference_v2(item)
 
 
-def optional_enum(payload: Item, t: Tags, enum_cls):
+def optional_enum(payload: Item, t: Tags, enum_cls: Any) -> Any:
     item = payload.find(t.value)
     if item is None:
         return None

@@ -12,6 +12,7 @@ may Sign and the public key Verify.
 """
 
 import uuid
+from typing import Any
 
 from kmip.core.enums import (
     CryptographicAlgorithm,
@@ -123,7 +124,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
 
 
 def _attributes(
-    keystore, object_type: ObjectType, shared: list, specific: list
+    keystore: Keystore, object_type: ObjectType, shared: list, specific: list
 ) -> dict:
     """Common attributes overlaid with the key-specific ones: a specific
     value replaces a common one; for a multi-valued attribute they add."""
@@ -139,7 +140,7 @@ def _attributes(
     return merged
 
 
-def _single(private: dict, public: dict, name: str):
+def _single(private: dict, public: dict, name: str) -> Any:
     """One value the two keys must agree on (algorithm, length, curve)."""
     values = {v[0] for v in (private.get(name), public.get(name)) if v}
     if len(values) > 1:

@@ -13,6 +13,7 @@ AES in GCM, CTR, CBC and ECB may also run in parts (Init Indicator,
 Correlation Value, Final Indicator: kms_server/operations/streaming.py).
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from kmip.core.enums import (
@@ -31,7 +32,7 @@ from kmip_core.server.payload import optional_bytes
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
-from kms_server.keystore.objects import ManagedObject
+from kms_server.keystore.objects import ManagedObject, Material
 from kms_server.operations import common, crypto_params, key_use, streaming
 
 OPERATION = Operation.ENCRYPT
@@ -45,7 +46,7 @@ NO_IV_MODES = (
 )
 
 
-def rsa_padding(params) -> PaddingMethod:
+def rsa_padding(params: crypto_params.CryptoParameters) -> PaddingMethod:
     padding = params.padding_method or PaddingMethod.OAEP
     if padding not in (PaddingMethod.OAEP, PaddingMethod.PKCS1v15):
         raise errors.FeatureNotSupported(
@@ -70,7 +71,14 @@ class CipherRequest(NamedTuple):
     algorithm: CryptographicAlgorithm | None
 
 
-def cipher_request(ctx, keystore, payload, usage: CryptographicUsageMask, protect: bool, object_types) -> CipherRequest:
+def cipher_request(
+    ctx: RequestContext,
+    keystore: Keystore,
+    payload: Item,
+    usage: CryptographicUsageMask,
+    protect: bool,
+    object_types: tuple[ObjectType, ...],
+) -> CipherRequest:
     part = streaming.part_of(payload)
     uid = common.unique_identifier(ctx, payload)
     data = common.require(payload, T.DATA, ItemType.BYTE_STRING).value
@@ -84,7 +92,16 @@ def cipher_request(ctx, keystore, payload, usage: CryptographicUsageMask, protec
     return CipherRequest(part, data, iv, aad, obj, params, crypto_params.key_algorithm(obj, params))
 
 
-def cipher_stream(material, algorithm, mode, params, iv, aad, *, decrypting: bool):
+def cipher_stream(
+    material: Material,
+    algorithm: CryptographicAlgorithm | None,
+    mode: BlockCipherMode | None,
+    params: crypto_params.CryptoParameters,
+    iv: bytes | None,
+    aad: bytes | None,
+    *,
+    decrypting: bool,
+) -> Callable[[], crypto.CipherStream]:
     """What makes the cipher of the first part of a multi-part Encrypt or
     Decrypt (the tag length is an encryption's to choose)."""
     return lambda: crypto.CipherStream(

@@ -31,8 +31,10 @@ from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
+from kms_server.keystore.objects import ManagedObject
 from kms_server.operations import common, crypto_params, key_use, object_codec
 from kms_server.operations.object_codec import Wrapping
+from kms_server.storage.base import Transaction
 
 OPERATION = Operation.GET
 
@@ -89,7 +91,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     ]
 
 
-def _served(ctx, keystore, uid: str) -> None:
+def _served(ctx: RequestContext, keystore: Keystore, uid: str) -> None:
     """KMIP 1.4, 3.34: an object is no longer Fresh once it has been served
     to a client. Only the first Get writes; later ones find it False."""
     with keystore.transaction() as txn:
@@ -99,7 +101,7 @@ def _served(ctx, keystore, uid: str) -> None:
             keystore.save(txn, obj, ctx.now)
 
 
-def _check_exportable(obj, wrapped: bool) -> None:
+def _check_exportable(obj: ManagedObject, wrapped: bool) -> None:
     """KMIP 1.4, 3.45 and 3.47: a key that is not Extractable never leaves
     the server; a Sensitive one leaves it only wrapped."""
     if obj.value("Extractable") is False:
@@ -110,7 +112,9 @@ def _check_exportable(obj, wrapped: bool) -> None:
         )
 
 
-def _wrapping_key(ctx, keystore, txn, specification: Item, obj):
+def _wrapping_key(
+    ctx: RequestContext, keystore: Keystore, txn: Transaction, specification: Item, obj: ManagedObject
+) -> tuple[ManagedObject, Item]:
     """Validate the Key Wrapping Specification and load the wrapping key."""
     if specification.type != ItemType.STRUCTURE:
         raise errors.InvalidField("Key Wrapping Specification must be a structure")
@@ -152,7 +156,12 @@ def _wrapping_key(ctx, keystore, txn, specification: Item, obj):
 
 
 def _wrapping(
-    ctx, keystore, specification: Item, obj, wrapping_obj, info: Item
+    ctx: RequestContext,
+    keystore: Keystore,
+    specification: Item,
+    obj: ManagedObject,
+    wrapping_obj: ManagedObject,
+    info: Item,
 ) -> Wrapping:
     params = crypto_params.request_parameters(info, wrapping_obj)
     algorithm = crypto_params.key_algorithm(wrapping_obj, params)

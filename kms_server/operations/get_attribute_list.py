@@ -14,7 +14,7 @@ from kms_server.operations import common
 OPERATION = Operation.GET_ATTRIBUTE_LIST
 
 
-def _reference(name: str):
+def _reference(name: str) -> Item:
     spec = attrs.spec_for(name)
     if spec is not None:
         return ttlv.enumeration(Tags.ATTRIBUTE_REFERENCE.value, spec.tag)

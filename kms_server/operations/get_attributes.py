@@ -13,7 +13,7 @@ from kms_server.operations import common
 OPERATION = Operation.GET_ATTRIBUTES
 
 
-def requested_names(ctx, payload) -> list[str] | None:
+def requested_names(ctx: RequestContext, payload: Item) -> list[str] | None:
     names = [i.value for i in payload.find_all(Tags.ATTRIBUTE_NAME.value)]
     names += [common.attribute_reference(i) for i in payload.find_all(Tags.ATTRIBUTE_REFERENCE.value)]
     return names or None

@@ -12,10 +12,13 @@ from kmip.core.enums import (
 
 from kmip_core import errors
 from kmip_core.policy import Action
+from kmip_core.server.context import RequestContext
 from kmip_core.server.payload import reject_streaming
 from kms_server.keystore import crypto, lifecycle
+from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject
 from kms_server.operations import common
+from kms_server.storage.base import Transaction
 
 T = Tags
 
@@ -31,9 +34,9 @@ __all__ = [
 
 
 def usable_key(
-    keystore,
-    txn,
-    ctx,
+    keystore: Keystore,
+    txn: Transaction,
+    ctx: RequestContext,
     uid: str,
     usage: CryptographicUsageMask,
     protect: bool,
@@ -59,7 +62,7 @@ def usable_key(
     return obj
 
 
-def charge_usage(ctx, keystore, obj: ManagedObject, data_length: int) -> None:
+def charge_usage(ctx: RequestContext, keystore: Keystore, obj: ManagedObject, data_length: int) -> None:
     """Count a protecting use (Encrypt, Sign, MAC) against the object's
     Usage Limits before it is carried out; a use the budget does not cover
     is refused (KMIP 1.4, 3.21)."""

@@ -15,7 +15,9 @@ from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.keystore import Keystore
+from kms_server.keystore.objects import ManagedObject
 from kms_server.operations import common
+from kms_server.storage.base import Transaction
 
 OPERATION = Operation.LOCATE
 
@@ -103,7 +105,14 @@ _STORED_STATES = {
 }
 
 
-def _filtered(keystore, txn, ctx, equals, dates, state):
+def _filtered(
+    keystore: Keystore,
+    txn: Transaction,
+    ctx: RequestContext,
+    equals: list[tuple[str, Item]],
+    dates: dict[str, list[int]],
+    state: int | None,
+) -> list[str]:
     """Candidates from indexed lookups (one per stored state that can be the
     requested effective state), then checked on the loaded objects."""
     if state is None:
@@ -127,7 +136,7 @@ def _filtered(keystore, txn, ctx, equals, dates, state):
     return [obj.uid for obj in sorted(matching, key=lambda o: o.sequence)]
 
 
-def _dates_match(obj, dates) -> bool:
+def _dates_match(obj: ManagedObject, dates: dict[str, list[int]]) -> bool:
     for name, bounds in dates.items():
         values = [v.value for v in obj.attributes.get(name, [])]
         if len(bounds) == 1:

@@ -21,6 +21,7 @@ from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
+from kms_server.keystore.objects import ManagedObject
 from kms_server.operations import common, crypto_params, key_use
 
 OPERATION = Operation.MAC
@@ -39,7 +40,9 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     return [common.uid_item(obj.uid), ttlv.byte_string(T.MAC_DATA.value, mac_data)]
 
 
-def hmac_request(ctx, keystore, payload, usage: CryptographicUsageMask, what: str):
+def hmac_request(
+    ctx: RequestContext, keystore: Keystore, payload: Item, usage: CryptographicUsageMask, what: str
+) -> tuple[ManagedObject, CryptographicAlgorithm, bytes]:
     """The key, HMAC algorithm and Data of a MAC or MAC Verify request. MAC
     needs an Active key (protect); MAC Verify also takes a Deactivated or
     Compromised one (process, KMIP 1.4, 3.22)."""

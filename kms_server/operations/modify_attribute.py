@@ -16,7 +16,7 @@ from kms_server.operations.attribute_changes import changed_attribute_v1, check_
 OPERATION = Operation.MODIFY_ATTRIBUTE
 
 
-def _only_child(item):
+def _only_child(item: Item) -> Item:
     if len(item.children()) != 1:
         raise errors.InvalidField(f"{item!r} must hold exactly one attribute")
     return item.children()[0]
@@ -25,10 +25,10 @@ def _only_child(item):
 def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     current = None
-    if payload.find(Tags.NEW_ATTRIBUTE.value) is not None:
-        name, index, value = common.single_attribute(ctx, _only_child(payload.find(Tags.NEW_ATTRIBUTE.value)))
-        if payload.find(Tags.CURRENT_ATTRIBUTE.value) is not None:
-            _n, _i, current = common.single_attribute(ctx, _only_child(payload.find(Tags.CURRENT_ATTRIBUTE.value)))
+    if (new_attribute := payload.find(Tags.NEW_ATTRIBUTE.value)) is not None:
+        name, index, value = common.single_attribute(ctx, _only_child(new_attribute))
+        if (current_attribute := payload.find(Tags.CURRENT_ATTRIBUTE.value)) is not None:
+            _n, _i, current = common.single_attribute(ctx, _only_child(current_attribute))
     else:
         item = common.require(payload, Tags.ATTRIBUTE)
         name, index, value = common.single_attribute(ctx, item)

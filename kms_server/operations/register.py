@@ -87,7 +87,7 @@ def _same_family(a: int, b: int) -> bool:
     return family(CryptographicAlgorithm(a)) == family(CryptographicAlgorithm(b))
 
 
-def _show(name: str, value) -> str:
+def _show(name: str, value: object) -> str:
     if name == _ALGORITHM:
         try:
             return CryptographicAlgorithm(value).name

@@ -28,7 +28,7 @@ from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
-from kms_server.keystore.objects import Material
+from kms_server.keystore.objects import ManagedObject, Material
 from kms_server.operations import common, object_codec
 
 OPERATION = Operation.REKEY
@@ -113,7 +113,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     return [common.uid_item(new.uid)]
 
 
-def _offset(payload) -> int | None:
+def _offset(payload: Item) -> int | None:
     item = payload.find(T.OFFSET.value)
     if item is None:
         return None
@@ -122,7 +122,7 @@ def _offset(payload) -> int | None:
     return item.value
 
 
-def _dates(old, offset: int | None, now: int) -> dict:
+def _dates(old: ManagedObject, offset: int | None, now: int) -> dict[str, list[Item]]:
     if offset is None:
         names = ("Activation Date", *_RELATIVE_DATES)
         return {

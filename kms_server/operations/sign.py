@@ -13,6 +13,7 @@ from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
+from kms_server.keystore.objects import ManagedObject
 from kms_server.operations import common, crypto_params, key_use
 
 OPERATION = Operation.SIGN
@@ -20,7 +21,7 @@ OPERATION = Operation.SIGN
 T = Tags
 
 
-def signed_data(payload) -> tuple[bytes, bool]:
+def signed_data(payload: Item) -> tuple[bytes, bool]:
     """The Data, or the Digested Data (then True: already hashed)."""
     for t, prehashed in ((T.DATA, False), (T.DIGESTED_DATA, True)):
         item = payload.find(t.value)
@@ -33,7 +34,7 @@ def signed_data(payload) -> tuple[bytes, bool]:
     raise errors.MissingData("Data or Digested Data is required")
 
 
-def scheme(obj, params) -> dict:
+def scheme(obj: ManagedObject, params: crypto_params.CryptoParameters) -> dict:
     """The keyword arguments of crypto.sign / verify_signature."""
     crypto_params.key_algorithm(obj, params)
     if params.digital_signature_algorithm is None and params.hashing_algorithm is None:

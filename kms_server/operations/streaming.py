@@ -17,8 +17,11 @@ from kmip.core.enums import BlockCipherMode, ObjectType, Operation, Tags
 from kmip.core.enums import Tags as T
 
 from kmip_core import errors, ttlv
+from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
+from kms_server.keystore.keystore import Keystore
+from kms_server.keystore.objects import ManagedObject
 from kms_server.operations import common, key_use
 
 
@@ -51,9 +54,9 @@ def part_of(payload: Item) -> Part | None:
 
 
 def run(
-    ctx,
-    keystore,
-    obj,
+    ctx: RequestContext,
+    keystore: Keystore,
+    obj: ManagedObject,
     operation: Operation,
     part: Part,
     data: bytes,
