@@ -15,13 +15,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import tomllib
 from pathlib import Path
 
 import pytest
+from pg_cluster import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -77,12 +77,6 @@ def _copy(tmp_path: Path) -> Path:
     return repo
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("PORT", "CONFIG", "MAKEFLAGS", "MAKELEVEL")}
 
@@ -134,7 +128,7 @@ def repo(tmp_path):
 def test_make_run_port_0_banner_and_vcenter_session(repo, tmp_path):
     # The copy's configuration: its own audit page and metrics ports, free ones.
     config = repo / "etc" / "kms-dev.toml"
-    web, metrics = _free_port(), _free_port()
+    web, metrics = free_ports(2)
     text = config.read_text().replace("web_port = 5698", f"web_port = {web}").replace("port = 9696", f"port = {metrics}")
     config.write_text(text)
     run = _MakeRun(repo, tmp_path / "run.log", "PORT=0")
@@ -161,7 +155,7 @@ def test_make_run_port_0_banner_and_vcenter_session(repo, tmp_path):
 
 @pytest.mark.slow
 def test_make_run_config_and_vcenter_session_follow_the_configuration(repo, tmp_path):
-    port, web = _free_port(), _free_port()
+    port, web = free_ports(2)
     other = repo / "etc" / "other.toml"
     text = (repo / "etc" / "kms-dev.toml").read_text()
     text = text.replace("port = 5696", f"port = {port}").replace("web_port = 5698", f"web_port = {web}")
@@ -201,7 +195,7 @@ def test_vcenter_session_with_a_free_port_configuration_says_which_port_to_give(
 def test_make_demo_port_is_the_drill_kms_port(repo):
     if any(shutil.which(t) is None for t in ("swtpm", "swtpm_setup", "tpm2_nvdefine")):
         pytest.skip("the drill needs swtpm and tpm2-tools")
-    port = _free_port()
+    port = free_port()
     result = subprocess.run(
         ["make", "--no-print-directory", "demo", f"PORT={port}", "DEMO_ARGS=--vms 1 --hosts 1 --json"],
         cwd=repo, env={**_env(), "COLUMNS": "200"}, capture_output=True, text=True, timeout=240,
