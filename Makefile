@@ -87,11 +87,12 @@ demo: venv
 # Style, and the structure of docs/architecture.md: the import contracts
 # (.importlinter: kmip_core imports neither service, the services never import
 # each other, the KMS's layers, no cycles) and no private name imported from
-# another module (ruff's PLC2701).
+# another module (ruff's PLC2701); and the types (mypy, setup.cfg [mypy]).
 lint: $(VENV)/.lint-installed
 	$(BIN)/ruff check kmip_core kms_server broker tests bench tools
 	$(BIN)/ruff check --preview --select PLC2701 kmip_core kms_server broker
 	$(BIN)/lint-imports
+	$(BIN)/mypy kmip_core kms_server broker
 
 $(VENV)/.lint-installed: $(VENV)/.installed setup.cfg
 	$(BIN)/pip install --quiet -e '.[lint]'
