@@ -61,12 +61,17 @@ vcenter-session: venv
 # by default (PYTEST_WORKERS=auto; 0 runs the suite in this one process).
 # --dist loadscope gives each test module to one worker as a whole, so a
 # module's module-scoped KMS nodes, brokers, swtpm and PostgreSQL clusters are
-# started once, not once per worker. Nothing needs a serial pass: every test
-# takes free ports, its own tmp_path, its own PostgreSQL database and (per
-# worker process) its own SoftHSM2 token directory (tests/softhsm.py).
+# started once, not once per worker. --no-loadscope-reorder hands the modules
+# out in collection order: xdist's default (most tests first) leaves the slow
+# integration modules, which have few tests each, for the end, one worker
+# busy and the other idle; in collection order they run in the middle and the
+# many short unit modules of tests/kms_server fill the end. Nothing needs a
+# serial pass: every test takes free ports, its own tmp_path, its own
+# PostgreSQL database and (per worker process) its own SoftHSM2 token
+# directory (tests/softhsm.py).
 PYTEST_WORKERS ?= auto
 test: venv
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The OASIS KMIP profile test flows (1.4, 2.0, 2.1; mandatory and optional)
 # against a server of its own: figures per version and set, and the list of
