@@ -24,6 +24,10 @@ class Material:
 
     data: bytes = field(repr=False)
     subtype: int | None = None
+    # A key registered wrapped (issue 14): the Key Block as the client
+    # registered it (TTLV), returned for Key Wrap Type As Registered; `data`
+    # is the key unwrapped at registration.
+    registered_block: bytes | None = field(default=None, repr=False)
 
     def to_bytes(self) -> bytes:
         return ttlv.encode(
@@ -32,6 +36,9 @@ class Material:
                 [
                     ttlv.byte_string(Tags.KEY_MATERIAL.value, self.data),
                     _subtype_item(self.subtype) if self.subtype is not None else None,
+                    ttlv.byte_string(Tags.KEY_BLOCK.value, self.registered_block)
+                    if self.registered_block is not None
+                    else None,
                 ],
             )
         )
@@ -39,7 +46,11 @@ class Material:
     @classmethod
     def from_bytes(cls, data: bytes) -> Material:
         item = ttlv.decode(data)
-        return cls(item.get(Tags.KEY_MATERIAL.value), item.get(Tags.ATTRIBUTE_INDEX.value))
+        return cls(
+            item.get(Tags.KEY_MATERIAL.value),
+            item.get(Tags.ATTRIBUTE_INDEX.value),
+            item.get(Tags.KEY_BLOCK.value),
+        )
 
 
 def _subtype_item(subtype: int) -> Item:

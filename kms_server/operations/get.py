@@ -31,8 +31,8 @@ from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
-from kms_server.keystore.objects import ManagedObject
-from kms_server.operations import common, crypto_params, key_use, object_codec
+from kms_server.keystore.objects import ManagedObject, Material
+from kms_server.operations import common, crypto_params, key_use, object_codec, wrapped_key
 from kms_server.operations.object_codec import Wrapping
 from kms_server.storage.base import Transaction
 
@@ -57,10 +57,10 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         raise errors.FeatureNotSupported(
             f"Key Compression Type {compression.name} is not supported"
         )
-    # Key Wrap Type As Registered asks for a key as it was registered
-    # wrapped; keys are only ever registered unwrapped here, so both values
-    # mean the same.
-    common.optional_enum(payload, T.KEY_WRAP_TYPE, KeyWrapType)
+    # Key Wrap Type As Registered asks for a key registered wrapped as it
+    # was registered (wrapped_key); any other Get, and As Registered for a
+    # key registered in clear, returns the key unwrapped (issue 14).
+    wrap_type = common.optional_enum(payload, T.KEY_WRAP_TYPE, KeyWrapType)
     specification = payload.find(T.KEY_WRAPPING_SPECIFICATION.value)
 
     with keystore.transaction(read_only=True) as txn:
@@ -73,6 +73,8 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     # 2.x answers Object Destroyed (BL-M-8-21), 1.x Item Not Found.
     common.refuse_destroyed(ctx, obj)
     material = keystore.material(obj)
+    if wrap_type == KeyWrapType.AS_REGISTERED and material.registered_block is not None:
+        return _as_registered(ctx, obj, material, key_format, specification)
     _check_exportable(obj, wrapped=specification is not None)
     wrapping = None
     if wrapping_key is not None:
@@ -88,6 +90,31 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         ttlv.enumeration(T.OBJECT_TYPE.value, obj.object_type.value),
         common.uid_item(obj.uid),
         item,
+    ]
+
+
+def _as_registered(
+    ctx: RequestContext, obj: ManagedObject, material: Material, key_format: KeyFormatType | None, specification: Item | None
+) -> list[Item]:
+    """A key registered wrapped, returned with the Key Block it was
+    registered with (its Key Value still wrapped)."""
+    assert material.registered_block is not None
+    if specification is not None:
+        raise errors.InvalidField("Key Wrap Type As Registered and a Key Wrapping Specification exclude each other")
+    registered = ttlv.decode(material.registered_block)
+    registered_format = registered.get(T.KEY_FORMAT_TYPE.value)
+    if key_format is not None and key_format.value != registered_format:
+        raise errors.KeyFormatTypeNotSupported(
+            f"object {obj.uid} was registered wrapped in format {KeyFormatType(registered_format).name}; "
+            "As Registered returns that format only"
+        )
+    _check_exportable(obj, wrapped=True)
+    item = object_codec.encode_object(obj, material, KeyFormatType(registered_format), None)
+    ctx.batch.id_placeholder = obj.uid
+    return [
+        ttlv.enumeration(T.OBJECT_TYPE.value, obj.object_type.value),
+        common.uid_item(obj.uid),
+        wrapped_key.as_registered(item, material.registered_block),
     ]
 
 

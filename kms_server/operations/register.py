@@ -9,6 +9,8 @@ Digest) are set by the server, and a client value that contradicts the
 material is refused rather than stored.
 """
 
+import dataclasses
+
 from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 
 from kmip_core import errors
@@ -16,7 +18,7 @@ from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.keystore import Keystore
-from kms_server.operations import common, crypto_params, object_codec
+from kms_server.operations import common, crypto_params, object_codec, wrapped_key
 
 OPERATION = Operation.REGISTER
 
@@ -38,7 +40,14 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         raise errors.MissingData(
             f"the {object_type.name} to register is missing from the request"
         )
+    registered_block = None
+    if wrapped_key.is_wrapped(item):
+        # Unwrapped with the wrapping key it names; the Key Block as
+        # registered is kept for Key Wrap Type As Registered (issue 14).
+        item, registered_block = wrapped_key.unwrap_for_register(ctx, keystore, item)
     material, implied = object_codec.decode_object(object_type, item)
+    if registered_block is not None:
+        material = dataclasses.replace(material, registered_block=registered_block)
     given = common.client_attributes(payload, Tags.TEMPLATE_ATTRIBUTE, Tags.ATTRIBUTES)
     # A client may restate what the material implies (a certificate's
     # Certificate Type, say); _merge_implied refuses a value that differs.

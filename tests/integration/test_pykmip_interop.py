@@ -561,3 +561,85 @@ def test_everyday_key_pair_and_symmetric_key_calls(client):
         client.encrypt(b"after revoke", aes, cryptographic_parameters=cbc)
     client.destroy(aes)
     assert aes not in client.locate()
+
+
+def test_register_a_wrapped_key(client, kms_module, pki_dir):
+    """A key registered wrapped through PyKMIP's client (its form: the
+    wrapped bytes as Key Material, Key Wrapping Data naming a managed AES
+    key): Get returns it unwrapped and it encrypts like any key; Get with
+    Key Wrap Type As Registered (which PyKMIP's client cannot ask for: sent
+    here as raw TTLV over TLS) returns the Key Block as registered."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+    from kmip.core.enums import Tags
+    from kmip_client import RawClient
+
+    from kmip_core import ttlv
+
+    mask = enums.CryptographicUsageMask
+    kek_bytes, key = bytes(range(50, 66)), bytes(range(200, 232))
+    kek = client.register(objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 128, kek_bytes, [mask.WRAP_KEY, mask.UNWRAP_KEY]))
+    client.activate(kek)
+    wrapped = aes_key_wrap(kek_bytes, key)
+    wrapping_data = {
+        "wrapping_method": enums.WrappingMethod.ENCRYPT,
+        "encryption_key_information": {
+            "unique_identifier": kek,
+            "cryptographic_parameters": {"block_cipher_mode": enums.BlockCipherMode.NIST_KEY_WRAP},
+        },
+        "encoding_option": enums.EncodingOption.NO_ENCODING,
+    }
+    uid = client.register(
+        objects.SymmetricKey(
+            enums.CryptographicAlgorithm.AES, 256, wrapped, [mask.ENCRYPT, mask.DECRYPT], key_wrapping_data=wrapping_data
+        )
+    )
+    back = client.get(uid)
+    assert (back.value, back.cryptographic_length) == (key, 256)
+    client.activate(uid)
+    ecb = {
+        "block_cipher_mode": enums.BlockCipherMode.ECB,
+        "padding_method": enums.PaddingMethod.NONE,
+        "cryptographic_algorithm": enums.CryptographicAlgorithm.AES,
+    }
+    ciphertext, _ = client.encrypt(bytes(16), uid, cryptographic_parameters=ecb)
+    encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    assert ciphertext == encryptor.update(bytes(16)) + encryptor.finalize()
+
+    version = (1, 2) if client.version == enums.KMIPVersion.KMIP_1_2 else (1, 4) if client.version == enums.KMIPVersion.KMIP_1_4 else (2, 0)
+    request = ttlv.structure(
+        Tags.REQUEST_MESSAGE.value,
+        [
+            ttlv.structure(
+                Tags.REQUEST_HEADER.value,
+                [
+                    ttlv.structure(
+                        Tags.PROTOCOL_VERSION.value,
+                        [ttlv.integer(Tags.PROTOCOL_VERSION_MAJOR.value, version[0]), ttlv.integer(Tags.PROTOCOL_VERSION_MINOR.value, version[1])],
+                    ),
+                    ttlv.integer(Tags.BATCH_COUNT.value, 1),
+                ],
+            ),
+            ttlv.structure(
+                Tags.BATCH_ITEM.value,
+                [
+                    ttlv.enumeration(Tags.OPERATION.value, enums.Operation.GET.value),
+                    ttlv.structure(
+                        Tags.REQUEST_PAYLOAD.value,
+                        [
+                            ttlv.text(Tags.UNIQUE_IDENTIFIER.value, uid),
+                            ttlv.enumeration(Tags.KEY_WRAP_TYPE.value, enums.KeyWrapType.AS_REGISTERED.value),
+                        ],
+                    ),
+                ],
+            ),
+        ],
+    )
+    with RawClient(kms_module.host, kms_module.port, pki_dir, "alice") as raw:
+        response = raw.request(ttlv.encode(request))
+    item = response.find(Tags.BATCH_ITEM.value)
+    assert item.get(Tags.RESULT_STATUS.value) == enums.ResultStatus.SUCCESS.value, item.get(Tags.RESULT_MESSAGE.value)
+    block = item.find(Tags.RESPONSE_PAYLOAD.value).find(Tags.SYMMETRIC_KEY.value).find(Tags.KEY_BLOCK.value)
+    assert block.find(Tags.KEY_VALUE.value).get(Tags.KEY_MATERIAL.value) == wrapped
+    info = block.find(Tags.KEY_WRAPPING_DATA.value).find(Tags.ENCRYPTION_KEY_INFORMATION.value)
+    assert info.get(Tags.UNIQUE_IDENTIFIER.value) == kek

@@ -22,6 +22,7 @@ from kmip.core.enums import (
     EncodingOption,
     HashingAlgorithm,
     KeyFormatType,
+    KeyWrapType,
     LinkType,
     ObjectType,
     Operation,
@@ -2054,3 +2055,140 @@ def test_derive_key_refusals(alice):
     assert reason(derive(alice, [key_uid], DerivationMethod.PBKDF2, derivation_parameters(params=sha256), *aes256)) == ResultReason.MISSING_DATA
     assert reason(derive(alice, [key_uid], DerivationMethod.ASYMMETRIC_KEY, hmac_params, *aes256)) == ResultReason.FEATURE_NOT_SUPPORTED
     assert reason(derive(alice, ["no-such-object"], DerivationMethod.HMAC, hmac_params, *aes256)) == ResultReason.ITEM_NOT_FOUND
+
+
+# ---------------------------------------------------------------------------
+# Register of a wrapped key (issue 14)
+# ---------------------------------------------------------------------------
+
+
+def wrapped_symmetric_key(wrapped: bytes, kek: str, *info: Item, encoding=None, bits=256) -> Item:
+    return ttlv.structure(
+        T.SYMMETRIC_KEY.value,
+        [
+            ttlv.structure(
+                T.KEY_BLOCK.value,
+                [
+                    ttlv.enumeration(T.KEY_FORMAT_TYPE.value, KeyFormatType.RAW.value),
+                    ttlv.byte_string(T.KEY_VALUE.value, wrapped),
+                    algorithm(CryptographicAlgorithm.AES),
+                    length(bits),
+                    ttlv.structure(
+                        T.KEY_WRAPPING_DATA.value,
+                        [
+                            ttlv.enumeration(T.WRAPPING_METHOD.value, WrappingMethod.ENCRYPT.value),
+                            ttlv.structure(T.ENCRYPTION_KEY_INFORMATION.value, [uid_item(kek), *info]),
+                            ttlv.enumeration(T.ENCODING_OPTION.value, encoding.value) if encoding is not None else None,
+                        ],
+                    ),
+                ],
+            )
+        ],
+    )
+
+
+def key_wrap_type(value: KeyWrapType) -> Item:
+    return ttlv.enumeration(T.KEY_WRAP_TYPE.value, value.value)
+
+
+@pytest.mark.parametrize("encoding", [None, EncodingOption.NO_ENCODING], ids=["ttlv", "no-encoding"])
+def test_register_a_key_wrapped_with_aes_key_wrap(alice, encoding):
+    kek = create_aes(alice, mask=U.WRAP_KEY.value | U.UNWRAP_KEY.value)
+    kek_bytes = key_material(get(alice, kek)).value
+    key = os.urandom(32)
+    if encoding is None:
+        inner = ttlv.encode(ttlv.structure(T.KEY_VALUE.value, [ttlv.byte_string(T.KEY_MATERIAL.value, key)]))
+    else:
+        inner = key
+    wrapped = crypto.wrap_key(kek_bytes, inner, BlockCipherMode.AES_KEY_WRAP_PADDING)
+    registered = wrapped_symmetric_key(wrapped, kek, params(mode=BlockCipherMode.AES_KEY_WRAP_PADDING), encoding=encoding)
+    uid = register(alice, ObjectType.SYMMETRIC_KEY, registered, usage(U.ENCRYPT.value | U.DECRYPT.value))
+    # Unwrapped by default and with Not Wrapped.
+    assert key_material(get(alice, uid)).value == key
+    assert key_material(get(alice, uid, key_wrap_type(KeyWrapType.NOT_WRAPPED))).value == key
+    # As Registered: the Key Block byte for byte.
+    payload = get(alice, uid, key_wrap_type(KeyWrapType.AS_REGISTERED))
+    assert payload.children()[2] == registered
+    # The key is used like any other.
+    alice.ok(Operation.ACTIVATE, [uid_item(uid)])
+    out = alice.ok(
+        Operation.ENCRYPT,
+        [uid_item(uid), params(algorithm=CryptographicAlgorithm.AES, mode=BlockCipherMode.ECB, padding=PaddingMethod.NONE), ttlv.byte_string(T.DATA.value, bytes(16))],
+    )
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    assert out.get(T.DATA.value) == encryptor.update(bytes(16)) + encryptor.finalize()
+
+
+def test_register_a_key_wrapped_with_rsa_oaep(alice):
+    payload = alice.ok(
+        Operation.CREATE_KEY_PAIR,
+        [
+            v1_attributes(
+                algorithm(CryptographicAlgorithm.RSA),
+                length(2048),
+                usage(U.WRAP_KEY.value | U.UNWRAP_KEY.value),
+                tag=T.COMMON_TEMPLATE_ATTRIBUTE,
+            )
+        ],
+    )
+    private_uid = payload.get(T.PRIVATE_KEY_UNIQUE_IDENTIFIER.value)
+    public_uid = payload.get(T.PUBLIC_KEY_UNIQUE_IDENTIFIER.value)
+    for uid in (private_uid, public_uid):
+        alice.ok(Operation.ACTIVATE, [uid_item(uid)])
+    public = key_material(get(alice, public_uid, fmt_item(KeyFormatType.X_509))).value
+    key = os.urandom(16)
+    wrapped = crypto.rsa_wrap(public, key, PaddingMethod.OAEP, HashingAlgorithm.SHA_256)
+    registered = wrapped_symmetric_key(
+        wrapped, private_uid, params(padding=PaddingMethod.OAEP, hashing=HashingAlgorithm.SHA_256), encoding=EncodingOption.NO_ENCODING, bits=128
+    )
+    uid = register(alice, ObjectType.SYMMETRIC_KEY, registered)
+    assert key_material(get(alice, uid)).value == key
+    assert get(alice, uid, key_wrap_type(KeyWrapType.AS_REGISTERED)).children()[2] == registered
+
+
+def test_register_of_a_wrapped_key_refusals(alice, bob):
+    kek = create_aes(alice, mask=U.WRAP_KEY.value | U.UNWRAP_KEY.value)
+    kek_bytes = key_material(get(alice, kek)).value
+    key = os.urandom(32)
+    wrapped = crypto.wrap_key(kek_bytes, key)
+
+    def refused(obj: Item, reason: ResultReason, client: Client = alice) -> str:
+        return client.fails(
+            Operation.REGISTER,
+            [ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value), v1_attributes(), obj],
+            reason,
+        )
+
+    # A wrapping key without Unwrap Key, another client's, a wrong key.
+    no_unwrap = create_aes(alice, mask=U.WRAP_KEY.value)
+    refused(wrapped_symmetric_key(crypto.wrap_key(key_material(get(alice, no_unwrap)).value, key), no_unwrap, encoding=EncodingOption.NO_ENCODING), ResultReason.PERMISSION_DENIED)
+    refused(wrapped_symmetric_key(wrapped, kek, encoding=EncodingOption.NO_ENCODING), ResultReason.ITEM_NOT_FOUND, bob)
+    refused(wrapped_symmetric_key(os.urandom(40), kek, encoding=EncodingOption.NO_ENCODING), ResultReason.CRYPTOGRAPHIC_FAILURE)
+    # Bytes that unwrap but are no TTLV Key Value, with the default encoding.
+    refused(wrapped_symmetric_key(wrapped, kek), ResultReason.INVALID_FIELD)
+    # A Key Value structure without a byte-string Key Material holds no
+    # wrapped bytes.
+    def with_key_value(key_value: Item) -> Item:
+        block = wrapped_symmetric_key(wrapped, kek).find(T.KEY_BLOCK.value)
+        return ttlv.structure(
+            T.SYMMETRIC_KEY.value,
+            [ttlv.structure(T.KEY_BLOCK.value, [key_value if c.tag == T.KEY_VALUE.value else c for c in block.children()])],
+        )
+
+    refused(
+        with_key_value(ttlv.structure(T.KEY_VALUE.value, [ttlv.structure(T.KEY_MATERIAL.value, [ttlv.byte_string(T.KEY.value, key)])])),
+        ResultReason.INVALID_FIELD,
+    )
+    # PyKMIP's form: the wrapped key material as the Key Material of a Key
+    # Value structure; kept as registered.
+    pykmip_form = with_key_value(ttlv.structure(T.KEY_VALUE.value, [ttlv.byte_string(T.KEY_MATERIAL.value, wrapped)]))
+    uid = register(alice, ObjectType.SYMMETRIC_KEY, pykmip_form)
+    assert key_material(get(alice, uid)).value == key
+    assert get(alice, uid, key_wrap_type(KeyWrapType.AS_REGISTERED)).children()[2] == pykmip_form
+    # As Registered and a Key Wrapping Specification exclude each other.
+    alice.fails(Operation.GET, [uid_item(uid), key_wrap_type(KeyWrapType.AS_REGISTERED), wrapping_spec(kek)], ResultReason.INVALID_FIELD)
+    # A key registered in clear: As Registered returns it unwrapped.
+    uid = register(alice, ObjectType.SYMMETRIC_KEY, symmetric_key(key))
+    assert key_material(get(alice, uid, key_wrap_type(KeyWrapType.AS_REGISTERED))).value == key
