@@ -1359,3 +1359,17 @@ def test_locate_date_range_is_inclusive_on_every_storage(any_storage_dispatcher,
     assert alice.locate(
         ("State", enum(State.PRE_ACTIVE)), ("Activation Date", date(base)), ("Activation Date", date(base + 100))
     ) == uids[:2]
+
+
+def test_locate_by_name_type_and_state_returns_every_match(alice):
+    """Every object that matches, in creation order, however many (issue
+    14): one Name on many keys, their Object Type, their State."""
+    shared = [alice.create(("Name", name("shared"))) for _ in range(30)]
+    other = alice.create(("Name", name("other")))
+    assert alice.locate(("Name", name("shared"))) == shared
+    assert alice.locate(("Object Type", enum(ObjectType.SYMMETRIC_KEY))) == [*shared, other]
+    for uid in shared[::2]:
+        alice.activate(uid)
+    assert alice.locate(("State", enum(State.ACTIVE))) == shared[::2]
+    assert alice.locate(("State", enum(State.PRE_ACTIVE))) == [*shared[1::2], other]
+    assert alice.locate(("Name", name("shared")), ("State", enum(State.PRE_ACTIVE))) == shared[1::2]
