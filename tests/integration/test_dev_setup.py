@@ -53,6 +53,16 @@ def test_docs_name_nothing_outside_the_repository(doc):
             assert any(c.exists() for c in candidates), f"{doc.name} links {target}, which does not exist"
 
 
+def test_repository_paths_the_readme_names_exist():
+    """Every `docs/...`, `etc/...`, `tools/...` file the README names is in the repository."""
+    text = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"`((?:docs|etc|tools|bench)/[\w./-]+\.(?:md|json|toml|py|yml|yaml))`", text))
+    named |= set(re.findall(r"\]\(((?:docs|etc|tools)/[\w./-]+)\)", text))
+    assert len(named) > 10
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"README.md names files that are not in the repository: {missing}"
+
+
 def test_dev_config_has_the_auditor_make_pki_issues():
     cfg = tomllib.loads((ROOT / "etc" / "kms-dev.toml").read_text())
     assert "auditor" in cfg["access"]["auditors"]
