@@ -795,6 +795,7 @@ def start_kms_server(
     worker_threads: int | None = None,
     audit: bool = True,
     name: str = "kms-server",
+    processes: int | None = None,
 ) -> Server:
     from kmip_core.audit import audit_key
     from kmip_core.pki import new_master_key
@@ -815,6 +816,7 @@ def start_kms_server(
             port = 0
             data_dir = "{workdir / 'data'}"
             {f"worker_threads = {worker_threads}" if worker_threads else ""}
+            {f"processes = {processes}" if processes else ""}
 
             [tls]
             cert = "{pki / 'server.pem'}"
@@ -1196,6 +1198,12 @@ def parse_args(argv=None):
         metavar="N",
         help="kms-server's [server] worker_threads, and the ceiling's (default: the server's default, 16)",
     )
+    p.add_argument(
+        "--kms-processes",
+        type=int,
+        metavar="N",
+        help="kms-server's [server] processes (default: the server's default, one per core)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (servers' logs and databases)")
     args = p.parse_args(argv)
@@ -1262,6 +1270,7 @@ def main(argv=None) -> int:
         "kmip_version": "1.2",
         "servers": args.servers,
         "kms_worker_threads": args.kms_worker_threads,
+        "kms_processes": args.kms_processes,
         "client": "PyKMIP ProxyKmipClient, one process per connection",
         "tls": {},
         "loadavg_at_start": os.getloadavg(),
@@ -1276,9 +1285,11 @@ def main(argv=None) -> int:
         err.log(f"starting {max(args.concurrency)} client processes and the servers in {root}")
         pool = ClientPool(max(args.concurrency))
         starters = {
-            "kms-server": lambda *a: start_kms_server(*a, worker_threads=args.kms_worker_threads),
+            "kms-server": lambda *a: start_kms_server(
+                *a, worker_threads=args.kms_worker_threads, processes=args.kms_processes
+            ),
             "kms-no-audit": lambda *a: start_kms_server(
-                *a, worker_threads=args.kms_worker_threads, audit=False, name="kms-no-audit"
+                *a, worker_threads=args.kms_worker_threads, audit=False, name="kms-no-audit", processes=args.kms_processes
             ),
             "PyKMIP": start_pykmip,
             "ceiling": lambda *a: start_ceiling(*a, worker_threads=args.kms_worker_threads),
