@@ -164,6 +164,17 @@ class ServerProcess:
     def stderr_text(self) -> str:
         return "\n".join(self.log)
 
+    def logged(self, fragment: str, timeout: float = 15.0) -> bool:
+        """Whether the server's log shows `fragment`, waiting up to `timeout`
+        for the thread that reads its stderr to catch up (it lags behind the
+        server's answers on a loaded machine)."""
+        deadline = time.monotonic() + timeout
+        while fragment not in self.stderr_text():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
 
 def _drain_into(stream, lines: list[str]) -> None:
     for line in stream:

@@ -344,7 +344,7 @@ def test_a_failing_audit_write_refuses_the_operation_and_changes_nothing(tmp_pat
         assert len(client.get(uid).value) == 32
         client.close()
         conn.close()
-        assert "audit" in server.stderr_text()
+        assert server.logged("audit"), server.stderr_text()
     finally:
         server.stop()
         if pg_name:
