@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from kmip_core.client import KmipClient, KmipError
-from kmip_core.metrics import MetricsListener, Readiness, RequestMetrics, check_tls_material
+from kmip_core.metrics import MetricsListener, Readiness, RequestMetrics, check_tls_material, service_listener
 
 __all__ = ["BrokerMetrics", "MeteredKmipClient", "broker_readiness", "monitor_listener"]
 
@@ -167,20 +167,9 @@ class MeteredKmipClient(KmipClient):
 
 
 def monitor_listener(service, reactor, settings=None) -> MetricsListener | None:
-    """The broker's monitoring listener as `settings` (default: its
-    [metrics]) say, or None when it is off."""
-    settings = settings if settings is not None else service.cfg.metrics
-    if not settings.enabled:
-        return None
-    service.metrics.watch(service)
-    return MetricsListener(
-        reactor,
-        service.metrics.registry,
-        broker_readiness(service),
-        host=settings.host,
-        port=settings.port,
-        tls=settings.context_factory(service.cfg.tls.min_version),
-    )
+    """The broker's monitoring listener (kmip_core.metrics.service_listener), or None when
+    its [metrics] are off."""
+    return service_listener(service, reactor, broker_readiness, settings)
 
 
 # --- Readiness -----------------------------------------------------------------------

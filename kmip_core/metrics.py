@@ -45,11 +45,11 @@ from twisted.web import resource, server
 from kmip_core.config import ConfigError, check_file, choice, nonempty_str, path_value, port_number
 
 __all__ = [
+    "CheckResult",
     "LOGGING_FORMAT",
     "LOOPBACK",
     "METRICS_SCHEMA",
     "MetricsConfig",
-    "CheckResult",
     "MetricsListener",
     "MetricsListenerError",
     "Readiness",
@@ -58,11 +58,12 @@ __all__ = [
     "check_metrics_section",
     "check_tls_material",
     "fetch_readiness",
-    "print_readiness",
-    "status_url",
     "listener_limits",
+    "print_readiness",
     "readiness_table",
     "require_safe_bind",
+    "service_listener",
+    "status_url",
 ]
 
 log = logging.getLogger("kmip_core.metrics")
@@ -488,6 +489,28 @@ class MetricsListener:
 
 
 # --- Client side, for the status commands ------------------------------------------
+
+
+def service_listener(
+    service: Any, reactor: Any, readiness: Callable[[Any], Readiness], settings: MetricsConfig | None = None
+) -> MetricsListener | None:
+    """A service's monitoring listener as `settings` (default: the
+    service's `[metrics]`) say, or None when it is off. The service has
+    `cfg.metrics`, `cfg.tls.min_version` and `metrics` (a registry and a
+    `watch(service)` for what is read on scrape); `readiness(service)` builds
+    its checks."""
+    settings = settings if settings is not None else service.cfg.metrics
+    if settings.port is None:  # not enabled
+        return None
+    service.metrics.watch(service)
+    return MetricsListener(
+        reactor,
+        service.metrics.registry,
+        readiness(service),
+        host=settings.host,
+        port=settings.port,
+        tls=settings.context_factory(service.cfg.tls.min_version),
+    )
 
 
 def fetch_readiness(

@@ -19,7 +19,7 @@ from kmip.core.enums import ObjectType, State
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from kmip_core.metrics import MetricsListener, Readiness, RequestMetrics, check_tls_material
+from kmip_core.metrics import MetricsListener, Readiness, RequestMetrics, check_tls_material, service_listener
 
 __all__ = ["KmsMetrics", "OBJECT_COUNT_SECONDS", "kms_readiness", "monitor_listener"]
 
@@ -170,20 +170,9 @@ def _enum_name(enum, data: bytes) -> str:
 
 
 def monitor_listener(service, reactor, settings=None) -> MetricsListener | None:
-    """The node's monitoring listener as `settings` (default: the node's
-    [metrics]) say, or None when it is off. Its metrics read `service`."""
-    settings = settings if settings is not None else service.cfg.metrics
-    if not settings.enabled:
-        return None
-    service.metrics.watch(service)
-    return MetricsListener(
-        reactor,
-        service.metrics.registry,
-        kms_readiness(service),
-        host=settings.host,
-        port=settings.port,
-        tls=settings.context_factory(service.cfg.tls.min_version),
-    )
+    """The node's monitoring listener (kmip_core.metrics.service_listener), or None when
+    its [metrics] are off."""
+    return service_listener(service, reactor, kms_readiness, settings)
 
 
 # --- Readiness -----------------------------------------------------------------------
