@@ -37,6 +37,7 @@ from kmip.core.enums import (  # noqa: E402
 )
 from kmip.core.enums import Tags as T  # noqa: E402
 from stats import percentile  # noqa: E402
+from ttlv_messages import attribute, item, request  # noqa: E402
 
 from kmip_core import ttlv  # noqa: E402
 from kmip_core.policy import Principal  # noqa: E402
@@ -51,47 +52,22 @@ ALICE = ConnectionInfo(principal=Principal("alice"), peer="bench")
 BATCH = 1000
 
 
-def _attribute(name: str, value: ttlv.Item) -> ttlv.Item:
-    return ttlv.structure(T.ATTRIBUTE.value, [ttlv.text(T.ATTRIBUTE_NAME.value, name), value.retag(T.ATTRIBUTE_VALUE.value)])
-
-
-def _request(items: list[ttlv.Item], undo: bool = False) -> bytes:
-    header = [
-        ttlv.structure(
-            T.PROTOCOL_VERSION.value,
-            [ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, 1), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, 4)],
-        ),
-        ttlv.enumeration(T.BATCH_ERROR_CONTINUATION_OPTION.value, BatchErrorContinuationOption.UNDO.value)
-        if undo
-        else None,
-        ttlv.integer(T.BATCH_COUNT.value, len(items)),
-    ]
-    return ttlv.encode(ttlv.structure(T.REQUEST_MESSAGE.value, [ttlv.structure(T.REQUEST_HEADER.value, header), *items]))
-
-
-def _item(operation: Operation, payload: list[ttlv.Item]) -> ttlv.Item:
-    return ttlv.structure(
-        T.BATCH_ITEM.value,
-        [ttlv.enumeration(T.OPERATION.value, operation.value), ttlv.structure(T.REQUEST_PAYLOAD.value, payload)],
-    )
-
-
 def identifier(i: int) -> str:
     return f"vm-{i:08d}"
 
 
 def _create(i: int) -> ttlv.Item:
-    return _item(
+    return item(
         Operation.CREATE,
         [
             ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
             ttlv.structure(
                 T.TEMPLATE_ATTRIBUTE.value,
                 [
-                    _attribute("Cryptographic Algorithm", ttlv.enumeration(0, CryptographicAlgorithm.AES.value)),
-                    _attribute("Cryptographic Length", ttlv.integer(0, 256)),
-                    _attribute("Cryptographic Usage Mask", ttlv.integer(0, 12)),
-                    _attribute("x-Identifier", ttlv.text(0, identifier(i))),
+                    attribute("Cryptographic Algorithm", ttlv.enumeration(0, CryptographicAlgorithm.AES.value)),
+                    attribute("Cryptographic Length", ttlv.integer(0, 256)),
+                    attribute("Cryptographic Usage Mask", ttlv.integer(0, 12)),
+                    attribute("x-Identifier", ttlv.text(0, identifier(i))),
                 ],
             ),
         ],
@@ -99,7 +75,7 @@ def _create(i: int) -> ttlv.Item:
 
 
 def _answers(dispatcher: Dispatcher, items: list[ttlv.Item], undo: bool = False) -> list[ttlv.Item]:
-    raw = dispatcher.handle(_request(items, undo), ALICE)
+    raw = dispatcher.handle(request(items, BatchErrorContinuationOption.UNDO if undo else None), ALICE)
     assert raw is not None
     answers = ttlv.decode(raw).find_all(T.BATCH_ITEM.value)
     failed = [a for a in answers if a.get(T.RESULT_STATUS.value) != ResultStatus.SUCCESS.value]
@@ -124,7 +100,7 @@ def measure(dispatcher: Dispatcher, uids: list[str], samples: int, rng: random.R
     timings: dict[str, list[float]] = {"Get": [], "Locate by x-Identifier": []}
     for _ in range(samples):
         index = rng.randrange(len(uids))
-        get = [_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uids[index])])]
+        get = [item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uids[index])])]
         # A key's first Get also records that it is no longer Fresh (a
         # write, KMIP 1.4 3.34); the warm Get after it is the one timed, as a
         # management server re-reading its keys after a restart does.
@@ -135,7 +111,7 @@ def measure(dispatcher: Dispatcher, uids: list[str], samples: int, rng: random.R
         assert answer.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value) == uids[index]
         t0 = time.perf_counter()
         answer = _answers(
-            dispatcher, [_item(Operation.LOCATE, [_attribute("x-Identifier", ttlv.text(0, identifier(index)))])]
+            dispatcher, [item(Operation.LOCATE, [attribute("x-Identifier", ttlv.text(0, identifier(index)))])]
         )[0]
         timings["Locate by x-Identifier"].append(time.perf_counter() - t0)
         found = answer.find(T.RESPONSE_PAYLOAD.value).find_all(T.UNIQUE_IDENTIFIER.value)

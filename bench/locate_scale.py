@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kmip.core.enums import (  # noqa: E402
     BatchErrorContinuationOption,
@@ -26,6 +27,7 @@ from kmip.core.enums import (  # noqa: E402
     ResultStatus,
 )
 from kmip.core.enums import Tags as T  # noqa: E402
+from ttlv_messages import attribute, item, request  # noqa: E402
 
 from kmip_core import ttlv  # noqa: E402
 from kmip_core.policy import Principal  # noqa: E402
@@ -38,40 +40,12 @@ from kms_server.storage import open_storage  # noqa: E402
 ALICE = ConnectionInfo(principal=Principal("alice"), peer="bench")
 
 
-def _attribute(name: str, value: ttlv.Item) -> ttlv.Item:
-    return ttlv.structure(
-        T.ATTRIBUTE.value, [ttlv.text(T.ATTRIBUTE_NAME.value, name), value.retag(T.ATTRIBUTE_VALUE.value)]
-    )
-
-
-def _request(items: list[ttlv.Item]) -> bytes:
-    header = ttlv.structure(
-        T.REQUEST_HEADER.value,
-        [
-            ttlv.structure(
-                T.PROTOCOL_VERSION.value,
-                [ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, 1), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, 4)],
-            ),
-            ttlv.enumeration(T.BATCH_ERROR_CONTINUATION_OPTION.value, BatchErrorContinuationOption.CONTINUE.value),
-            ttlv.integer(T.BATCH_COUNT.value, len(items)),
-        ],
-    )
-    return ttlv.encode(ttlv.structure(T.REQUEST_MESSAGE.value, [header, *items]))
-
-
-def _item(operation: Operation, payload: list[ttlv.Item]) -> ttlv.Item:
-    return ttlv.structure(
-        T.BATCH_ITEM.value,
-        [ttlv.enumeration(T.OPERATION.value, operation.value), ttlv.structure(T.REQUEST_PAYLOAD.value, payload)],
-    )
-
-
 def _algorithm(algorithm: CryptographicAlgorithm) -> ttlv.Item:
-    return _attribute("Cryptographic Algorithm", ttlv.enumeration(0, algorithm.value))
+    return attribute("Cryptographic Algorithm", ttlv.enumeration(0, algorithm.value))
 
 
 def _create() -> ttlv.Item:
-    return _item(
+    return item(
         Operation.CREATE,
         [
             ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
@@ -79,8 +53,8 @@ def _create() -> ttlv.Item:
                 T.TEMPLATE_ATTRIBUTE.value,
                 [
                     _algorithm(CryptographicAlgorithm.AES),
-                    _attribute("Cryptographic Length", ttlv.integer(0, 256)),
-                    _attribute("Cryptographic Usage Mask", ttlv.integer(0, 12)),
+                    attribute("Cryptographic Length", ttlv.integer(0, 256)),
+                    attribute("Cryptographic Usage Mask", ttlv.integer(0, 12)),
                 ],
             ),
         ],
@@ -100,7 +74,7 @@ def main() -> int:
         made = 0
         while made < args.keys:
             n = min(100, args.keys - made)
-            response = ttlv.decode(dispatcher.handle(_request([_create() for _ in range(n)]), ALICE))
+            response = ttlv.decode(dispatcher.handle(request([_create() for _ in range(n)], BatchErrorContinuationOption.CONTINUE), ALICE))
             ok = [i for i in response.find_all(T.BATCH_ITEM.value) if i.get(T.RESULT_STATUS.value) == 0]
             assert len(ok) == n, "a Create failed"
             made += n
@@ -112,12 +86,12 @@ def main() -> int:
             best = None
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
-                response = ttlv.decode(dispatcher.handle(_request([_item(Operation.LOCATE, payload)]), ALICE))
+                response = ttlv.decode(dispatcher.handle(request([item(Operation.LOCATE, payload)], BatchErrorContinuationOption.CONTINUE), ALICE))
                 elapsed = time.perf_counter() - t0
                 best = elapsed if best is None else min(best, elapsed)
-            item = response.find(T.BATCH_ITEM.value)
-            assert item.get(T.RESULT_STATUS.value) == ResultStatus.SUCCESS.value
-            found = len(item.find(T.RESPONSE_PAYLOAD.value).find_all(T.UNIQUE_IDENTIFIER.value))
+            answer = response.find(T.BATCH_ITEM.value)
+            assert answer.get(T.RESULT_STATUS.value) == ResultStatus.SUCCESS.value
+            found = len(answer.find(T.RESPONSE_PAYLOAD.value).find_all(T.UNIQUE_IDENTIFIER.value))
             print(f"Locate {label}: {found} ids in {best:.3f} s (best of {args.repeat})")
         storage.close()
     return 0
