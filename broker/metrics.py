@@ -104,9 +104,10 @@ class BrokerMetrics:
     def unwrap_seconds(self, seconds: float) -> None:
         self.unwrap_latency.observe(seconds)
 
-    def watch(self, service) -> None:
+    def watch(self, service, registry: CollectorRegistry | None = None) -> None:
+        """Read the broker's state on scrape, into `registry` (default: its own)."""
         self._service = service
-        self.registry.register(_BrokerCollector(self))
+        (registry or self.registry).register(_BrokerCollector(self))
 
 
 class _BrokerCollector:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import ssl
 import time
 import urllib.error
@@ -44,7 +45,12 @@ from twisted.web import resource, server
 
 from kmip_core.config import ConfigError, check_file, choice, nonempty_str, path_value, port_number
 
+# prometheus-client's multi-process mode: set by kmip_core.workers for the
+# workers of a node; read by prometheus-client when it is first imported.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 __all__ = [
+    "MULTIPROCESS_ENV",
     "CheckResult",
     "LOGGING_FORMAT",
     "LOOPBACK",
@@ -502,10 +508,20 @@ def service_listener(
     settings = settings if settings is not None else service.cfg.metrics
     if settings.port is None:  # not enabled
         return None
-    service.metrics.watch(service)
+    registry = service.metrics.registry
+    shared = os.environ.get(MULTIPROCESS_ENV)
+    if shared:
+        # One of several worker processes (kmip_core.workers): the counters
+        # and histograms of every worker are in `shared`; serve their sums,
+        # and this process's own on-scrape readings beside them.
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry(auto_describe=True)
+        multiprocess.MultiProcessCollector(registry, path=shared)
+    service.metrics.watch(service, registry)
     return MetricsListener(
         reactor,
-        service.metrics.registry,
+        registry,
         readiness(service),
         host=settings.host,
         port=settings.port,

@@ -41,7 +41,7 @@ __all__ = [
     "StartFailed",
     "Supervisor",
     "WorkerSlot",
-    "bind_listener",
+    "bind_listeners",
     "report_failed",
     "report_ready",
     "stop_with_parent",
@@ -86,24 +86,39 @@ def worker_slot(environ: dict[str, str] | None = None) -> WorkerSlot | None:
     return WorkerSlot(index, count, listen_fd, ready_fd)
 
 
-def bind_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket the workers will inherit (OSError if the
-    address cannot be bound)."""
+def bind_listeners(host: str, port: int, count: int, backlog: int = 1024) -> list[socket.socket]:
+    """`count` listening TCP sockets on one address, one per worker
+    (SO_REUSEPORT: the kernel spreads new connections over them by a hash of
+    each connection's addresses, so every worker gets its share even when one
+    would be quicker to accept them all). OSError if the address is taken:
+    a probe bound without SO_REUSEPORT first makes sure no other server,
+    another kms-server included, holds the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    probe = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    finally:
+        probe.close()
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            # Twisted's adoptStreamPort wants it non-blocking (its accept
+            # loop would hang on a blocking one).
+            sock.setblocking(False)
+            sock.set_inheritable(True)
     except OSError:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    # Twisted's adoptStreamPort wants it non-blocking (its accept loop would
-    # hang on a blocking one); the flag is the socket's, shared by every
-    # worker, which all want it so.
-    sock.setblocking(False)
-    sock.set_inheritable(True)
-    return sock
+    return sockets
 
 
 def report_ready(slot: WorkerSlot, announcements: Sequence[str] = ()) -> None:
@@ -144,14 +159,16 @@ class _Worker:
 
 
 class Supervisor:
-    """Start `count` workers running `argv` with `listener` inherited; run
-    until told to stop. `announce` prints the lines a caller waits for."""
+    """Start `count` workers running `argv`, worker i with `listeners[i]`
+    inherited; run until told to stop. The supervisor keeps every socket
+    open, so a worker started again takes over its socket with the
+    connections waiting on it."""
 
     def __init__(
         self,
         argv: Sequence[str],
         count: int,
-        listener: socket.socket,
+        listeners: Sequence[socket.socket],
         *,
         name: str = "worker",
         env: dict[str, str] | None = None,
@@ -159,7 +176,7 @@ class Supervisor:
     ):
         self.argv = list(argv)
         self.count = count
-        self.listener = listener
+        self.listeners = list(listeners)
         self.name = name
         self.env = dict(os.environ if env is None else env)
         self.clock = clock
@@ -171,11 +188,10 @@ class Supervisor:
     def _spawn(self, worker: _Worker) -> None:
         read_fd, write_fd = os.pipe()
         env = dict(self.env)
-        env[WORKER_ENV] = f"{worker.index}:{self.count}:{self.listener.fileno()}:{write_fd}"
+        listen_fd = self.listeners[worker.index].fileno()
+        env[WORKER_ENV] = f"{worker.index}:{self.count}:{listen_fd}:{write_fd}"
         try:
-            worker.process = subprocess.Popen(
-                self.argv, env=env, pass_fds=(self.listener.fileno(), write_fd), close_fds=True
-            )
+            worker.process = subprocess.Popen(self.argv, env=env, pass_fds=(listen_fd, write_fd), close_fds=True)
         finally:
             os.close(write_fd)
         worker.ready_read = read_fd
@@ -275,7 +291,8 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.listener.close()
+            for sock in self.listeners:
+                sock.close()
         return 1 if failed else 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

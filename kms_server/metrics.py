@@ -79,10 +79,11 @@ class KmsMetrics:
         self.audit_failures.inc()
 
     # Read on scrape.
-    def watch(self, service) -> None:
-        """Read the node's connections, pool, store and sinks on scrape."""
+    def watch(self, service, registry: CollectorRegistry | None = None) -> None:
+        """Read the node's connections, pool, store and sinks on scrape, into
+        `registry` (default: the node's own)."""
         self._service = service
-        self.registry.register(_NodeCollector(self))
+        (registry or self.registry).register(_NodeCollector(self))
 
     def object_counts(self) -> list[tuple[str, str, int]]:
         with self._objects_lock:

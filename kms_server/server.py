@@ -272,7 +272,8 @@ class KmsService(service.Service):
                 self.cfg.server.port, self.listener, self.context_factory, interface=self.cfg.server.host
             )
         else:
-            # The supervisor's socket: the same TLS wrapping listenSSL applies.
+            # This worker's socket, bound by the supervisor: the same TLS
+            # wrapping listenSSL applies.
             self.port = self.reactor.adoptStreamPort(
                 self.slot.listen_fd,
                 _address_family(self.slot.listen_fd),

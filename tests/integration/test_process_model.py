@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -92,14 +93,15 @@ def node(tmp_path, pki_dir):
 def test_two_workers_serve_one_port_and_keep_one_audit_chain(node, pki_dir):
     pids = worker_pids(node)
     assert len(pids) == 2, pids
-    clients = [pykmip(node, pki_dir) for _ in range(12)]
+    clients = [pykmip(node, pki_dir) for _ in range(16)]
     try:
         uids = []
         for client in clients:
             uid = client.create(enums.CryptographicAlgorithm.AES, 256)
             assert client.get(uid).value is not None
             uids.append(uid)
-        # The kernel spread the connections: both workers hold some.
+        # The kernel spread the connections over the workers' sockets by a
+        # hash of their addresses: both hold some (all 16 on one: 1 in 32,768).
         held = established_by_pid(node.port, pids)
         assert sum(held.values()) == len(clients), held
         assert all(count > 0 for count in held.values()), held
@@ -124,9 +126,9 @@ def test_two_workers_serve_one_port_and_keep_one_audit_chain(node, pki_dir):
         for client in clients:
             client.close()
     report = audit_verify(node.workdir)
-    # 12 x (Create, Get) + 12 x 5 x (Create, Destroy) records, all chained.
+    # 16 x (Create, Get) + 16 x 5 x (Create, Destroy) records, all chained.
     assert "audit trail intact" in report, report
-    assert f"{12 * 2 + 12 * 5 * 2} records" in report, report
+    assert f"{16 * 2 + 16 * 5 * 2} records" in report, report
 
 
 def test_sigterm_stops_every_worker_and_sighup_reloads_every_one(node, pki_dir):
@@ -197,4 +199,52 @@ def test_processes_need_a_shared_database(tmp_path):
     )
     assert result.returncode == 2
     assert "server.processes > 1 needs a database the processes share" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_metrics_count_the_requests_of_every_worker(tmp_path, pki_dir):
+    """Worker 0 serves /metrics; the counters are the sums over both workers
+    (prometheus-client's multi-process mode), not worker 0's share."""
+    import urllib.request
+
+    from prometheus_text import sample
+
+    server = start_server(tmp_path / "node", pki_dir, server_config="processes = 2", extra_config="[metrics]\nport = 0\n")
+    try:
+        url = server.announced("kms-server metrics on").rsplit(" ", 1)[1].rstrip("/")
+        pids = worker_pids(server)
+        clients = [pykmip(server, pki_dir) for _ in range(16)]
+        try:
+            for client in clients:
+                client.create(enums.CryptographicAlgorithm.AES, 256)
+            held = established_by_pid(server.port, pids)
+            assert all(count > 0 for count in held.values()), held  # both workers served some
+        finally:
+            for client in clients:
+                client.close()
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        assert sample(text, "kms_requests_total", operation="CREATE", result="SUCCESS") == len(clients)
+        assert sample(text, "kms_request_duration_seconds_count", operation="CREATE") == len(clients)
+    finally:
+        server.stop()
+    # The shared counters' directory goes with the node.
+    assert not list(Path(tempfile.gettempdir()).glob(f"kms-server-metrics-*/*_{pids[0]}.db"))
+
+
+def test_a_port_another_node_holds_is_refused(node, tmp_path):
+    """The workers' sockets share their port (SO_REUSEPORT), but a second
+    node started on that port is refused, not let in beside the first."""
+    config = node.workdir / "kms.toml"
+    second = tmp_path / "second.toml"
+    second.write_text(
+        config.read_text()
+        .replace("port = 0", f"port = {node.port}", 1)
+        .replace(str(node.workdir / "data"), str(tmp_path / "data2"))
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "kms_server.cli", "--config", str(second)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot listen on 127.0.0.1:{node.port}" in result.stderr
     assert "Traceback" not in result.stderr
