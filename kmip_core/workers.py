@@ -1,13 +1,14 @@
-"""Several worker processes behind one listening socket (docs/process-model.md).
+"""Several worker processes on one port (docs/process-model.md).
 
 One Python process runs on one core at a time. A node that should use every
 core runs one *supervisor* and N *workers*:
 
-- the supervisor binds the listening socket once, starts the workers with
-  that socket inherited (``pass_fds``), and waits for each to report that it
+- the supervisor binds a listening socket per worker on the one port
+  (SO_REUSEPORT, `bind_listeners`), keeps them all, starts worker i with
+  socket i inherited (``pass_fds``), and waits for each to report that it
   is ready (or why it could not start) on a pipe of its own;
-- every worker runs its own reactor and accepts on the shared socket: the
-  kernel hands each new connection to one of them;
+- every worker runs its own reactor and accepts on its socket: the kernel
+  spreads new connections over the sockets by a hash of their addresses;
 - SIGTERM/SIGINT to the supervisor are passed to every worker, which drains
   its requests in flight and exits; SIGHUP is passed on (TLS reload);
 - a worker that dies on its own is started again (at most `MAX_RESTARTS` in
@@ -159,15 +160,14 @@ class _Worker:
 
 
 class Supervisor:
-    """Start `count` workers running `argv`, worker i with `listeners[i]`
-    inherited; run until told to stop. The supervisor keeps every socket
+    """Start a worker running `argv` per socket of `listeners`, worker i
+    with `listeners[i]` inherited; run until told to stop. The supervisor keeps every socket
     open, so a worker started again takes over its socket with the
     connections waiting on it."""
 
     def __init__(
         self,
         argv: Sequence[str],
-        count: int,
         listeners: Sequence[socket.socket],
         *,
         name: str = "worker",
@@ -175,12 +175,12 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
     ):
         self.argv = list(argv)
-        self.count = count
         self.listeners = list(listeners)
+        self.count = len(self.listeners)
         self.name = name
         self.env = dict(os.environ if env is None else env)
         self.clock = clock
-        self.workers = [_Worker(i) for i in range(count)]
+        self.workers = [_Worker(i) for i in range(self.count)]
         self.stopping = False
         self.restarts: list[float] = []
 

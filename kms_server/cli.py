@@ -137,7 +137,7 @@ def _supervise(cfg) -> int:
     shared_metrics = tempfile.mkdtemp(prefix="kms-server-metrics-")
     env = {**os.environ, MULTIPROCESS_ENV: shared_metrics}
     supervisor = workers.Supervisor(
-        workers.worker_argv(), cfg.server.processes, listeners, name="kms-server worker", env=env
+        workers.worker_argv(), listeners, name="kms-server worker", env=env
     )
     try:
         return _run_supervisor(supervisor, listeners, cfg, bound_host, bound_port)
