@@ -77,6 +77,10 @@ BROKER_TABLES: tuple[str, ...] = (
     "broker_vms",
     "broker_nvram_generations",
     "broker_ek_certificates",
+    "broker_host_tpms",
+    "broker_attest_policies",
+    "broker_attest_nonces",
+    "broker_attest_tokens",
     "broker_audit",
     "broker_audit_checkpoints",
 )

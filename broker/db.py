@@ -49,11 +49,15 @@ from kmip_core.sealing.barrier import Barrier, BarrierError, read_key_file
 __all__ = [
     "Database",
     "DatabaseError",
+    "attest_nonces",
+    "attest_policies",
+    "attest_tokens",
     "audit",
     "audit_checkpoints",
     "cas",
     "ek_certificates",
     "enrollments",
+    "host_tpms",
     "hosts",
     "instances",
     "meta",
@@ -210,6 +214,87 @@ nvram_generations = Table(
     Column("generation", BigInteger, nullable=False),
     Column("reported_by", Text, nullable=False),
     Column("reported_at", Float, nullable=False),
+)
+
+# Host attestation (docs/attestation.md). A host's TPM: the EK public key
+# the security administrator pinned, the attestation key (AK) proven to live
+# in that TPM (TPM2_MakeCredential / ActivateCredential), the AK of an
+# enrollment under way (pending_*: the enrolled AK stays in force until the
+# new one is proven), and what the host's last verified quote showed.
+# state: pinned -> enrolled; revoked. Secrets are SHA-256 digests only.
+host_tpms = Table(
+    "broker_host_tpms",
+    metadata,
+    Column("host", Text, primary_key=True),
+    Column("state", Text, nullable=False),
+    Column("ek_fingerprint", Text, nullable=False),
+    Column("ek_public_pem", Text, nullable=False),
+    Column("ak_public", LargeBinary, nullable=True),
+    Column("ak_name", Text, nullable=True),
+    Column("pending_ak_public", LargeBinary, nullable=True),
+    Column("pending_ak_name", Text, nullable=True),
+    Column("pending_secret_sha256", Text, nullable=True),
+    Column("pending_expires_at", Float, nullable=True),
+    Column("pinned_by", Text, nullable=False),
+    Column("pinned_at", Float, nullable=False),
+    Column("enrolled_at", Float, nullable=True),
+    # The TPM's clock and boot counters (TPMS_CLOCK_INFO) of the last
+    # verified quote: a quote from an earlier boot, or an older one of the
+    # same boot, is refused; a token is bound to the boot it was issued in.
+    Column("reset_count", BigInteger, nullable=True),
+    Column("restart_count", BigInteger, nullable=True),
+    Column("clock", BigInteger, nullable=True),
+    # "attested", "failed" or "no policy"; the reason; the PCRs quoted.
+    Column("last_result", Text, nullable=True),
+    Column("last_reason", Text, nullable=True),
+    Column("last_quote_at", Float, nullable=True),
+    Column("last_pcr_bank", Text, nullable=True),
+    Column("last_pcrs", Text, nullable=True),
+    Column("changed_at", Float, nullable=False),
+)
+
+# Accepted PCR values: per host ("host:<name>"), per host group (the hosts
+# of a management instance, "instance:<name>") or for every host
+# ("default"); the most specific applies. `pcrs` is JSON {"index": "hex"};
+# `digest` names the policy's content, so a token issued under an older
+# policy is refused.
+attest_policies = Table(
+    "broker_attest_policies",
+    metadata,
+    Column("scope", Text, primary_key=True),
+    Column("pcr_bank", Text, nullable=False),
+    Column("pcrs", Text, nullable=False),
+    Column("digest", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+# A challenge's nonce, single use, short-lived (SHA-256 only).
+attest_nonces = Table(
+    "broker_attest_nonces",
+    metadata,
+    Column("nonce_sha256", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+# Attestation tokens (SHA-256 only): what a host shows the gateway with each
+# unwrap, valid until `expires_at` and only for the boot, AK and policy it
+# was issued under.
+attest_tokens = Table(
+    "broker_attest_tokens",
+    metadata,
+    Column("token_sha256", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("ak_name", Text, nullable=False),
+    Column("reset_count", BigInteger, nullable=False),
+    Column("restart_count", BigInteger, nullable=False),
+    Column("policy_scope", Text, nullable=False),
+    Column("policy_digest", Text, nullable=False),
+    Column("issued_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_broker_attest_tokens_host", "host"),
 )
 
 # The audit trail: every trust decision and key access, hash-chained
