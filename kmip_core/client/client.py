@@ -200,6 +200,10 @@ class KmipClient:
     every request (the password is read from the file once, here).
     `connections`: how many requests may be in flight at once, each on its
     own TLS connection (opened when first needed, kept while usable).
+    `ticket`: a KMIP Ticket credential (Ticket Type Login) that every request
+    carries beside any username/password (the broker gateway's attestation
+    token); the `ticket` attribute may be changed between requests and
+    applies to the requests sent after the change, from every thread.
     """
 
     def __init__(
@@ -218,6 +222,7 @@ class KmipClient:
         backoff: float = 5.0,
         max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
         connections: int = 1,
+        ticket: bytes | None = None,
     ):
         if isinstance(nodes, str):
             nodes = [nodes]
@@ -240,6 +245,7 @@ class KmipClient:
         if int(connections) < 1:
             raise ValueError("connections must be at least 1")
         self.connections = int(connections)
+        self.ticket: bytes | None = ticket
         # _lock guards the pool and the failover state; _slots bounds the
         # requests in flight (one per connection).
         self._lock = threading.Lock()
@@ -281,7 +287,12 @@ class KmipClient:
         this client has no method for. Raises `KmipError` (or `OutcomeUnknown`, `NoNodeAvailable`)."""
         operation = Operation(operation)
         message = messages.request_message(
-            self.version, operation, payload_items, self._credential, correlation=_CORRELATION.get()
+            self.version,
+            operation,
+            payload_items,
+            self._credential,
+            correlation=_CORRELATION.get(),
+            ticket=self.ticket,
         )
         with self._slots:
             if self._closed:

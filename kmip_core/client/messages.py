@@ -38,29 +38,38 @@ def request_message(
     payload_items: Iterable[Item | None],
     credential: tuple[str, str] | None = None,
     correlation: str | None = None,
+    ticket: bytes | None = None,
 ) -> bytes:
     """One Request Message. `correlation` becomes the header's Client
     Correlation Value (KMIP 1.4, 6.20; 2.0, 7.17), which only 1.4 and later
     define: it is left out of older versions' headers (PyKMIP's own codec
-    reads no such field in any version)."""
-    authentication = None
+    reads no such field in any version).
+
+    `credential` (username, password) and `ticket` each become one Credential
+    of the header's Authentication (KMIP 1.4, 2.1.2; 2.0, 2.1.2), the
+    username/password first, so that a server reading only the first
+    Credential still finds it. The ticket is a Ticket credential (KMIP 2.0,
+    Credential Type Ticket, Ticket Type Login) whatever `version` is: the
+    broker's gateway takes its attestation token that way from clients of
+    any version."""
+    credentials = []
     if credential is not None:
         username, password = credential
-        authentication = ttlv.structure(
-            T.AUTHENTICATION.value,
-            [
-                ttlv.structure(
-                    T.CREDENTIAL.value,
-                    [
-                        ttlv.enumeration(T.CREDENTIAL_TYPE.value, CredentialType.USERNAME_AND_PASSWORD.value),
-                        ttlv.structure(
-                            T.CREDENTIAL_VALUE.value,
-                            [ttlv.text(T.USERNAME.value, username), ttlv.text(T.PASSWORD.value, password)],
-                        ),
-                    ],
-                )
-            ],
+        credentials.append(
+            ttlv.structure(
+                T.CREDENTIAL.value,
+                [
+                    ttlv.enumeration(T.CREDENTIAL_TYPE.value, CredentialType.USERNAME_AND_PASSWORD.value),
+                    ttlv.structure(
+                        T.CREDENTIAL_VALUE.value,
+                        [ttlv.text(T.USERNAME.value, username), ttlv.text(T.PASSWORD.value, password)],
+                    ),
+                ],
+            )
         )
+    if ticket is not None:
+        credentials.append(ticket_credential(ticket))
+    authentication = ttlv.structure(T.AUTHENTICATION.value, credentials) if credentials else None
     header = ttlv.structure(
         T.REQUEST_HEADER.value,
         [
@@ -80,6 +89,26 @@ def request_message(
         ],
     )
     return ttlv.encode(ttlv.structure(T.REQUEST_MESSAGE.value, [header, item]))
+
+
+def ticket_credential(ticket: bytes) -> Item:
+    """A Credential of type Ticket: Credential Value { Ticket Type = Login,
+    Ticket Value = `ticket` } (KMIP 2.0, 2.1.2 and 2.1.16)."""
+    if not isinstance(ticket, (bytes, bytearray)) or not ticket:
+        raise ValueError("a ticket is a non-empty byte string")
+    return ttlv.structure(
+        T.CREDENTIAL.value,
+        [
+            ttlv.enumeration(T.CREDENTIAL_TYPE.value, CredentialType.TICKET.value),
+            ttlv.structure(
+                T.CREDENTIAL_VALUE.value,
+                [
+                    ttlv.enumeration(T.TICKET_TYPE.value, enums.TicketType.LOGIN.value),
+                    ttlv.byte_string(T.TICKET_VALUE.value, bytes(ticket)),
+                ],
+            ),
+        ],
+    )
 
 
 def protocol_version(version: tuple[int, int]) -> Item:
