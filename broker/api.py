@@ -62,6 +62,7 @@ from broker.trust import (
     Unprocessable,
     check_host_name,
     check_instance_name,
+    check_scope,
     check_vm_name,
     check_vm_uuid,
 )
@@ -87,7 +88,7 @@ log = logging.getLogger("broker.api")
 # and remove hosts, create, register and place VMs for a named trusted
 # instance; no right here returns a DEK or decrypted state but dek.read.
 ROLE_RIGHTS: dict[str, frozenset[str]] = {
-    "security_admin": frozenset({"trust.manage", "audit.read", "vms.read_all"}),
+    "security_admin": frozenset({"trust.manage", "audit.read", "vms.read_all", "attest.manage"}),
     "administrator": frozenset(
         {"inventory.manage", "vms.read_all", "dek.read", "vm.remove", "vm.transfer", "vm.rekey"}
     ),
@@ -115,6 +116,7 @@ class Access:
 
 
 _HOST_ONLY = "only the host the VM is placed on may do this (use the host certificate)"
+_HOST_TPM = "a host attests with its own TPM (use the host certificate)"
 ACCESS: dict[str, Access] = {
     "register_host": Access("host.register", "registering a host", "inventory.manage"),
     "remove_host": Access("host.remove", "removing a host", "inventory.manage"),
@@ -136,6 +138,14 @@ ACCESS: dict[str, Access] = {
         "ek.issue", "EK certificates are issued to hosts only (use the host certificate)", instance=None, host=True
     ),
     "vm_ek_certificates": Access("ek.read", _HOST_ONLY, instance=None, host=True),
+    "attest_enroll": Access("host.tpm.enroll", _HOST_TPM, instance=None, host=True),
+    "attest_activate": Access("host.tpm.activate", _HOST_TPM, instance=None, host=True),
+    "attest_challenge": Access("host.attest", _HOST_TPM, instance=None, host=True),
+    "attest_quote": Access("host.attest", _HOST_TPM, instance=None, host=True),
+    "attest_hosts": Access("attest.read", "reading hosts' attestation status", "attest.manage"),
+    "attest_policies": Access("attest.read", "reading attestation policies", "attest.manage"),
+    "set_attest_policy": Access("attest.policy.set", "setting an attestation policy", "attest.manage"),
+    "remove_attest_policy": Access("attest.policy.remove", "removing an attestation policy", "attest.manage"),
     "read_audit": Access("audit.read", "reading the audit trail", "audit.read", instance="role"),
     "list_instances": Access("trust.manage", "listing instances", "trust.manage", instance="role"),
     "approve_instance": Access("trust.manage", "approving an instance", "trust.manage", instance="role"),
@@ -234,6 +244,18 @@ def fields_of(obj: dict, required: tuple[str, ...], optional: tuple[str, ...] = 
     return obj
 
 
+def _base64(obj: dict, name: str, max_length: int) -> bytes:
+    """A base64 field's bytes; 400 when it is not base64 or too long."""
+    value = _string(obj, name, max_length * 2)
+    try:
+        data = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ApiError(400, f"{name} is not valid base64") from None
+    if len(data) > max_length:
+        raise ApiError(400, f"{name} is longer than {max_length} bytes")
+    return data
+
+
 def _string(obj: dict, name: str, max_length: int = 16384) -> str:
     value = obj.get(name)
     if not isinstance(value, str):
@@ -314,6 +336,14 @@ ROUTES = (
     _route("POST", "/v1/vms/{vm_uuid}/rekey/resealed", "rekey_resealed"),
     _route("POST", "/v1/vtpm/ek-certificates", "ek_certificate"),
     _route("GET", "/v1/vms/{vm_uuid}/ek-certificates", "vm_ek_certificates"),
+    _route("POST", "/v1/attestation/enroll", "attest_enroll"),
+    _route("POST", "/v1/attestation/activate", "attest_activate"),
+    _route("POST", "/v1/attestation/challenge", "attest_challenge"),
+    _route("POST", "/v1/attestation/quote", "attest_quote"),
+    _route("GET", "/v1/attestation/hosts", "attest_hosts"),
+    _route("GET", "/v1/attestation/policies", "attest_policies"),
+    _route("PUT", "/v1/attestation/policies/{scope}", "set_attest_policy"),
+    _route("DELETE", "/v1/attestation/policies/{scope}", "remove_attest_policy"),
     _route("GET", "/v1/audit", "read_audit"),
     _route("GET", "/v1/instances", "list_instances"),
     _route("POST", "/v1/instances/{name}/approve", "approve_instance"),
@@ -766,6 +796,140 @@ class Api:
 
     # Security administration and audit ---------------------------------------------------------
 
+    # Host attestation (docs/attestation.md) ---------------------------------------------------
+
+    def _attest_enroll(self, call: _Call) -> ApiResponse:
+        host = self._calling_host(call)
+        body = fields_of(parse_json_object(call.request.body), ("ek_public_pem", "ak_public_b64"))
+        ak_public = _base64(body, "ak_public_b64", 4096)
+        id_object, secret = self.registry.begin_tpm_enrollment(
+            host.name, _string(body, "ek_public_pem", 8192), ak_public
+        )
+        return ApiResponse(
+            200,
+            {
+                "id_object_b64": base64.b64encode(id_object).decode(),
+                "encrypted_secret_b64": base64.b64encode(secret).decode(),
+            },
+        )
+
+    def _attest_activate(self, call: _Call) -> ApiResponse:
+        host = self._calling_host(call)
+        body = fields_of(parse_json_object(call.request.body), ("secret_b64",))
+        ak_name = self.registry.finish_tpm_enrollment(host.name, _base64(body, "secret_b64", 256))
+        return ApiResponse(200, {"state": "enrolled", "ak_name_hex": ak_name})
+
+    def _attest_challenge(self, call: _Call) -> ApiResponse:
+        host = self._calling_host(call)
+        fields_of(parse_json_object(call.request.body or b"{}"), ())
+        challenge = self.registry.attestation_challenge(host.name, str(host.instance))
+        return ApiResponse(
+            200,
+            {
+                "nonce_b64": base64.b64encode(challenge.nonce).decode(),
+                "pcr_bank": challenge.pcr_bank,
+                "pcrs": list(challenge.pcrs),
+                "expires_in": challenge.expires_in,
+            },
+        )
+
+    def _attest_quote(self, call: _Call) -> ApiResponse:
+        host = self._calling_host(call)
+        body = fields_of(
+            parse_json_object(call.request.body), ("nonce_b64", "quote_b64", "signature_b64", "pcr_values")
+        )
+        if not isinstance(body["pcr_values"], dict):
+            raise ApiError(400, 'pcr_values must be an object such as {"0": "<hex>", ...}')
+        try:
+            result = self.registry.attest_host(
+                host.name,
+                str(host.instance),
+                _base64(body, "nonce_b64", 256),
+                _base64(body, "quote_b64", 4096),
+                _base64(body, "signature_b64", 4096),
+                body["pcr_values"],
+            )
+        except Refused:
+            if self.metrics is not None:
+                self.metrics.attestation("failed")
+            raise
+        if self.metrics is not None:
+            self.metrics.attestation("attested" if result.token else "no_policy")
+        return ApiResponse(
+            200,
+            {
+                "token": result.token,
+                "expires_at": result.expires_at,
+                "expires_in": self.registry.attestation.token_ttl if result.token else None,
+                "policy": result.policy,
+            },
+        )
+
+    def _attest_hosts(self, call: _Call) -> ApiResponse:
+        scope = self._scope(call)
+        rows = [r for r in self.registry.attestation_status() if scope is None or r.instance == scope]
+        return ApiResponse(200, {"hosts": [{**r.__dict__, "status": r.status} for r in rows]})
+
+    def _attest_policies(self, call: _Call) -> ApiResponse:
+        scope = self._scope(call)
+        policies = [p for p in self.registry.attest_policies() if scope is None or self._instance_may(call, p.scope)]
+        return ApiResponse(
+            200, {"policies": [{**p.__dict__, "pcrs": {str(k): v for k, v in p.pcrs.items()}} for p in policies]}
+        )
+
+    def _instance_may(self, call: _Call, scope: str) -> bool:
+        """An instance sets policies for its own hosts and its own host group only."""
+        assert call.caller is not None
+        if scope == f"instance:{call.caller.name}":
+            return True
+        if scope.startswith("host:"):
+            return any(
+                h.host == scope[5:] and h.instance == call.caller.name for h in self.registry.attestation_status()
+            )
+        return False
+
+    def _set_attest_policy(self, call: _Call) -> ApiResponse:
+        scope = check_scope(call.params["scope"])
+        if self._scope(call) is not None and not self._instance_may(call, scope):
+            assert call.caller is not None
+            raise ApiError(
+                403, f"an instance sets attestation policies for its own hosts and instance:{call.caller.name} only"
+            )
+        body = fields_of(
+            parse_json_object(call.request.body), (), ("pcr_bank", "pcrs", "capture_from_host", "pcr_indices")
+        )
+        if "capture_from_host" in body:
+            if "pcrs" in body or "pcr_bank" in body:
+                raise ApiError(400, "give either capture_from_host (and pcr_indices) or pcr_bank and pcrs")
+            source_host = check_host_name(body["capture_from_host"])
+            if self._scope(call) is not None and not self._instance_may(call, f"host:{source_host}"):
+                raise ApiError(404, f"no host named {source_host}")
+            indices = body.get("pcr_indices")
+            if indices is not None and (
+                not isinstance(indices, list)
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
+            ):
+                raise ApiError(400, "pcr_indices must be a list of PCR indices")
+            policy = self.registry.capture_attest_policy(scope, source_host, indices, actor=call.actor)
+        else:
+            fields_of(body, ("pcr_bank", "pcrs"))
+            if not isinstance(body["pcrs"], dict):
+                raise ApiError(400, 'pcrs must be an object such as {"0": "<hex>", ...}')
+            policy = self.registry.set_attest_policy(
+                scope, _string(body, "pcr_bank", 16), body["pcrs"], source="given over the API", actor=call.actor
+            )
+        return ApiResponse(200, {**policy.__dict__, "pcrs": {str(k): v for k, v in policy.pcrs.items()}})
+
+    def _remove_attest_policy(self, call: _Call) -> ApiResponse:
+        scope = check_scope(call.params["scope"])
+        if self._scope(call) is not None and not self._instance_may(call, scope):
+            assert call.caller is not None
+            raise ApiError(
+                403, f"an instance removes attestation policies of its own hosts and instance:{call.caller.name} only"
+            )
+        self.registry.remove_attest_policy(scope, actor=call.actor)
+        return ApiResponse(204)
+
     def _read_audit(self, call: _Call) -> ApiResponse:
         try:
             after = int(call.request.query.get("after", "0"))
@@ -904,6 +1068,8 @@ class ApiMetrics(Protocol):
     """What the API reports (broker.metrics.BrokerMetrics)."""
 
     def api_answered(self, method: str, path: str, status: int) -> None: ...
+
+    def attestation(self, result: str) -> None: ...
 
 
 class LimitedRequest(limits.TimedRequest):

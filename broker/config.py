@@ -23,6 +23,7 @@ Relative paths in the file are relative to the file; paths derived from
     [roles]       security_admins, administrators, no_crypto_administrators, auditors
     [logging]     level, format ("text" or "json": kmip_core.logs)
     [metrics]     host, port, cert, key, ca (the monitoring listener: kmip_core.metrics, docs/metrics.md)
+    [attestation] required, token_ttl, nonce_ttl, pcrs (host attestation: docs/attestation.md)
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from broker.registry.attestation import AttestationSettings, parse_pcr_selection
+from broker.registry.model import InvalidRequest
 from kmip_core.config import (
     DERIVED,
     LOG_LEVELS,
@@ -41,12 +44,14 @@ from kmip_core.config import (
     Required,
     Schema,
     Source,
+    boolean,
     check_file,
     choice,
     db_url,
     format_settings,
     identities,
     int_between,
+    invalid,
     merge_sources,
     nonempty_str,
     path_value,
@@ -195,8 +200,43 @@ class LoggingSection:
     format: str = "text"
 
 
+@dataclass(frozen=True)
+class AttestationSection:
+    """Host attestation (docs/attestation.md)."""
+
+    # Every host must attest; when false, only hosts an attestation policy covers must.
+    required: bool = False
+    # How long a token issued for a verified quote lets its host unwrap.
+    token_ttl: int = 300
+    nonce_ttl: int = 60
+    # The PCRs a host quotes when no policy covers it yet (its quote is kept
+    # for `vtpm-broker admin attest-policy capture`).
+    pcrs: str = "sha256:0-7"
+
+    def settings(self) -> AttestationSettings:
+        bank, indices = parse_pcr_selection(self.pcrs)
+        return AttestationSettings(
+            required=self.required,
+            token_ttl=self.token_ttl,
+            nonce_ttl=self.nonce_ttl,
+            pcr_bank=bank,
+            pcrs=indices,
+        )
+
+
+def _pcr_selection(key: str, value: Any, src: Source) -> str:
+    if not isinstance(value, str):
+        raise invalid(key, 'a PCR selection such as "sha256:0-7"', value)
+    try:
+        parse_pcr_selection(value)
+    except InvalidRequest as exc:
+        raise ConfigError(f"config: {key}: {exc}") from None
+    return value
+
+
 SECTION_ORDER = (
     "broker", "api", "gateway", "tls", "kms", "storage", "master_key", "audit", "roles", "logging", "metrics",
+    "attestation",
 )  # fmt: skip
 
 
@@ -214,6 +254,7 @@ class BrokerConfig:
     logging: LoggingSection
     # The monitoring listener (/metrics, /healthz, /readyz); off by default.
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    attestation: AttestationSection = field(default_factory=AttestationSection)
     source: Path | None = field(default=None, compare=False)
 
     # Files the broker writes itself, under data_dir.
@@ -376,6 +417,12 @@ _SCHEMA: Schema = {
     },
     "logging": {"level": (choice(LOG_LEVELS, upper=True), "INFO"), "format": LOGGING_FORMAT},
     "metrics": dict(METRICS_SCHEMA),
+    "attestation": {
+        "required": (boolean, False),
+        "token_ttl": (int_between(10, 3600), 300),
+        "nonce_ttl": (int_between(5, 600), 60),
+        "pcrs": (_pcr_selection, "sha256:0-7"),
+    },
 }
 
 _TYPES: dict[str, type] = {
@@ -390,6 +437,7 @@ _TYPES: dict[str, type] = {
     "roles": RolesConfig,
     "logging": LoggingSection,
     "metrics": MetricsConfig,
+    "attestation": AttestationSection,
 }
 
 

@@ -24,6 +24,10 @@ the registry names the VM (`vm_uuid` set: the key is one of the host's own
 instance's VMs, which the host may know about), ITEM_NOT_FOUND otherwise
 (an unregistered host, a key of another instance's VM, a key of no VM), so
 a refusal never tells a host that a key it may not know about exists.
+A host that an attestation policy covers must also show a valid
+attestation token (a KMIP Ticket credential in the request header,
+docs/attestation.md): without one the answer is ATTESTATION_REQUIRED, with
+an expired or void one ATTESTATION_FAILED, each recorded.
 The DEK passes through memory only: it never reaches a log line, an
 exception or an audit record.
 """
@@ -49,7 +53,7 @@ from OpenSSL import crypto
 from twisted.python.threadpool import ThreadPool
 
 from broker.request_scope import request_scope
-from broker.trust import Decision
+from broker.trust import AttestationCheck, Decision
 from kmip_core import __version__, errors, limits, tls, ttlv
 from kmip_core.audit.record import AuditDraft
 from kmip_core.client import KmipError
@@ -90,11 +94,13 @@ VENDOR_IDENTIFICATION = f"vtpm-broker gateway {__version__}"
 
 
 class UnwrapRegistry(Protocol):
-    """The two methods of `broker.trust.Registry` the gateway calls, from
+    """The methods of `broker.trust.Registry` the gateway calls, from
     worker threads (several at once). `record_audit` raises when it cannot
     write: the gateway then fails closed."""
 
     def authorize_unwrap(self, host_fingerprint: str, kms_key_id: str) -> Decision: ...
+
+    def check_attestation(self, host: str, instance: str, ticket: bytes | None) -> AttestationCheck: ...
 
     def record_audit(self, actor: str, action: str, target: str, allowed: bool, reason: str) -> None: ...
 
@@ -261,6 +267,25 @@ def _unwrap(
 ) -> list[Item]:
     data, iv, aad, tag = sealed
     who = f"certificate sha256:{ctx.principal.fingerprint}, request {ctx.request_id}, from {ctx.peer}"
+    reason = decision.reason
+    if decision.allowed and decision.host is not None:
+        # Host attestation (docs/attestation.md): a host a policy covers
+        # shows a valid token, issued for its current boot, with each unwrap.
+        attestation = gateway.registry.check_attestation(decision.host, str(decision.instance), ctx.ticket)
+        if not attestation.allowed:
+            gateway.registry.record_audit(
+                actor, AUDIT_ACTION, _target(key_id, decision), False, f"attestation: {attestation.reason} ({who})"
+            )
+            log.info(
+                "request %s: unwrap of key %s by %s refused: %s", ctx.request_id, key_id, actor, attestation.reason
+            )
+            _count(gateway, "attestation_refused")
+            # The reason concerns the host's own token: it is told.
+            if attestation.missing:
+                raise errors.AttestationRequired(f"{attestation.reason}; attest (vtpm-host attest now) and retry")
+            raise errors.AttestationFailed(f"{attestation.reason}; attest again and retry")
+        if attestation.required:
+            reason = f"{reason}; {attestation.reason}"
     if not decision.allowed:
         gateway.registry.record_audit(
             actor, AUDIT_ACTION, _target(key_id, decision), False, f"{decision.reason} ({who})"
@@ -283,14 +308,14 @@ def _unwrap(
             AUDIT_ACTION,
             _target(key_id, decision),
             True,
-            f"{decision.reason}; key provider: {kms_answer}, nothing returned ({who})",
+            f"{reason}; key provider: {kms_answer}, nothing returned ({who})",
         )
         _count(gateway, "kms_failure")
         raise failure from None
     # No DEK leaves without its audit record: if recording fails, the
     # Dispatcher answers GENERAL_FAILURE and the plaintext is dropped.
     gateway.registry.record_audit(
-        actor, AUDIT_ACTION, _target(key_id, decision), True, f"{decision.reason}; key returned ({who})"
+        actor, AUDIT_ACTION, _target(key_id, decision), True, f"{reason}; key returned ({who})"
     )
     log.info("request %s: unwrap of key %s by %s allowed", ctx.request_id, key_id, actor)
     _count(gateway, "allowed")

@@ -57,7 +57,15 @@ class BrokerMetrics:
         self.unwraps = Counter(
             "vtpm_broker_unwraps_total",
             "Gateway unwraps (Decrypt of a VM's DEK for a host): allowed (key returned), refused (by the trust "
-            "registry), kms_failure (allowed, but the KMS did not return the key)",
+            "registry), attestation_refused (the host's attestation token missing or not valid), kms_failure "
+            "(allowed, but the KMS did not return the key)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.attestations = Counter(
+            "vtpm_broker_attestations_total",
+            "Host quotes verified (POST /v1/attestation/quote): attested (token issued), no_policy (verified, no "
+            "policy covers the host), failed (refused: signature, nonce, PCRs, boot counters)",
             ["result"],
             registry=self.registry,
         )
@@ -98,6 +106,9 @@ class BrokerMetrics:
             result = "accepted" if status == 202 else "rate_limited" if status == 429 else "refused"
             self.enrollments.labels(result).inc()
 
+    def attestation(self, result: str) -> None:
+        self.attestations.labels(result).inc()
+
     def unwrap(self, result: str) -> None:
         self.unwraps.labels(result).inc()
 
@@ -120,7 +131,8 @@ class _BrokerCollector:
     def collect(self):
         service = self.metrics._service
         connections = GaugeMetricFamily(
-            "vtpm_broker_open_connections", "Connections open on a listener (handshaking or established)",
+            "vtpm_broker_open_connections",
+            "Connections open on a listener (handshaking or established)",
             labels=["listener"],
         )
         connections.add_metric(["api"], service.api_listener.open_connections)
@@ -134,9 +146,26 @@ class _BrokerCollector:
         queue.add_metric(["gateway"], service.gateway_threadpool.q.qsize())
         yield queue
         yield GaugeMetricFamily(
-            "vtpm_broker_kms_pool_connections", "Size of the KMS connection pool ([kms] connections)",
+            "vtpm_broker_kms_pool_connections",
+            "Size of the KMS connection pool ([kms] connections)",
             value=service.kms_client.connections,
         )
+        hosts = GaugeMetricFamily(
+            "vtpm_broker_hosts_by_attestation",
+            "Registered hosts by attestation status: attested (a valid token), failed (last quote refused), stale "
+            "(no valid token), enrolled (never attested), pinned (TPM pinned, not enrolled), revoked, none (no TPM)",
+            labels=["status"],
+        )
+        counts = {status: 0 for status in ("attested", "failed", "stale", "enrolled", "pinned", "revoked", "none")}
+        try:
+            for host in service.registry.attestation_status():
+                counts[host.status] = counts.get(host.status, 0) + 1
+        except Exception as exc:  # the database is down: /readyz says so; the scrape goes on
+            log.warning("attestation status not read for /metrics: %s", exc)
+        else:
+            for status, count in counts.items():
+                hosts.add_metric([status], count)
+            yield hosts
 
 
 class MeteredKmipClient(KmipClient):

@@ -127,6 +127,7 @@ class BrokerService(service.Service):
                 node=cfg.broker.node_name,
                 audit_signer=audit_trail.open_signer(self.db, cfg.audit.signing_key_file),
             )
+            self.registry.attestation = cfg.attestation.settings()
             if cfg.kms.ca is None:  # check_files refuses it before a run; a service made directly
                 raise ValueError('kms.ca is not set; add ca = "<the KMS CA certificate>" to [kms]')
             self.kms_client = MeteredKmipClient(

@@ -15,6 +15,14 @@ together, and this module is where callers import it and its vocabulary from.
 
 from __future__ import annotations
 
+from broker.registry.attestation import (
+    Attestation,
+    AttestationCheck,
+    AttestationSettings,
+    HostAttestation,
+    check_scope,
+    parse_pcr_selection,
+)
 from broker.registry.audit import AUDIT_GENESIS, AuditTrail
 from broker.registry.enrollment import DEFAULT_TOKEN_TTL, LAST_USED_RESOLUTION, MAX_TOKEN_TTL, Instances
 from broker.registry.hosts import Hosts
@@ -47,11 +55,14 @@ __all__ = [
     "LAST_USED_RESOLUTION",
     "MAX_NVRAM_GENERATION",
     "MAX_TOKEN_TTL",
+    "AttestationCheck",
+    "AttestationSettings",
     "AuditRecord",
     "Caller",
     "Conflict",
     "Decision",
     "Enrollment",
+    "HostAttestation",
     "InstanceInfo",
     "InvalidRequest",
     "NotFound",
@@ -62,12 +73,14 @@ __all__ = [
     "VmRecord",
     "check_host_name",
     "check_instance_name",
+    "check_scope",
     "check_vm_name",
     "check_vm_uuid",
+    "parse_pcr_selection",
 ]
 
 
-class Registry(Instances, Hosts, Vms, Rekeys, NvramGenerations, UnwrapPolicy, AuditTrail):
+class Registry(Instances, Hosts, Vms, Rekeys, NvramGenerations, UnwrapPolicy, Attestation, AuditTrail):
     """Trust state in the broker database: every part of `broker.registry`
     on one database, clock and audit trail. ``trust_ca`` is needed only by
     the methods that issue certificates (approve, register_host,

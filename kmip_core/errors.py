@@ -80,6 +80,16 @@ class AuthenticationNotSuccessful(KmsError):
     principal: object = None
 
 
+class AttestationRequired(KmsError):
+    """The server requires an attestation the request did not carry (KMIP
+    1.2 and later): the vTPM broker's gateway, from a host that must attest."""
+
+
+class AttestationFailed(KmsError):
+    """The attestation the request carried is not accepted (KMIP 1.2 and
+    later): unknown, expired, or no longer matching the host's boot."""
+
+
 class ObjectAlreadyExists(KmsError):
     """A unique value (such as a Name) is already taken."""
 

@@ -37,6 +37,8 @@ REASONS: dict[type[errors.KmsError], tuple[ResultReason, ResultReason]] = {
         ResultReason.AUTHENTICATION_NOT_SUCCESSFUL,
     ),
     errors.ObjectAlreadyExists: (ResultReason.OBJECT_ALREADY_EXISTS, ResultReason.OBJECT_ALREADY_EXISTS),
+    errors.AttestationRequired: (ResultReason.ATTESTATION_REQUIRED, ResultReason.ATTESTATION_REQUIRED),
+    errors.AttestationFailed: (ResultReason.ATTESTATION_FAILED, ResultReason.ATTESTATION_FAILED),
     errors.AttributeNotFound: (ResultReason.ITEM_NOT_FOUND, ResultReason.ATTRIBUTE_NOT_FOUND),
     errors.AttributeReadOnly: (ResultReason.PERMISSION_DENIED, ResultReason.ATTRIBUTE_READ_ONLY),
     errors.AttributeSingleValued: (ResultReason.INVALID_FIELD, ResultReason.ATTRIBUTE_SINGLE_VALUED),

@@ -26,6 +26,9 @@ class RequestContext:
     # The request header's Client Correlation Value (KMIP 1.4 and later),
     # for the audit trail: e.g. the broker's own request id and host.
     correlation: str | None = None
+    # The Ticket Value of a Ticket Credential in the request header, if any
+    # (the vTPM broker's attestation token; never logged or audited).
+    ticket: bytes | None = field(default=None, repr=False)
     batch: BatchState = field(default_factory=BatchState, compare=False)
 
     @property

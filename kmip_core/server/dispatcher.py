@@ -45,6 +45,8 @@ from kmip_core.ttlv import Item, ItemType
 log = logging.getLogger("kms_server.dispatch")  # the name operators filter on; kept
 
 SUPPORTED_VERSIONS: tuple[tuple[int, int], ...] = ((2, 1), (2, 0), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0))
+
+
 def retry_schedule(total_seconds: float, first: float = 0.25, cap: float = 4.0) -> tuple[float, ...]:
     """Waits before each new attempt of an item whose database connection
     was lost: doubling from `first`, at most `cap` each, `total_seconds` in
@@ -129,7 +131,9 @@ class Dispatcher:
             return ttlv.encode(self._error_response(min(SUPPORTED_VERSIONS), ResultReason.INVALID_MESSAGE, exc.message))
         if version is None:
             log.info("request %s from %s: no protocol version in the header", request_id, conn.peer)
-            self._record_refusal(conn, request_id, None, "undecodable-message", "INVALID_MESSAGE", "no protocol version")
+            self._record_refusal(
+                conn, request_id, None, "undecodable-message", "INVALID_MESSAGE", "no protocol version"
+            )
             return None
         try:
             return self._handle_message(message, version, conn, request_id)
@@ -183,6 +187,7 @@ class Dispatcher:
             peer=conn.peer,
             node=self.node,
             correlation=correlation if isinstance(correlation, str) else None,
+            ticket=_ticket(header),
             batch=BatchState(),
         )
 
@@ -211,7 +216,9 @@ class Dispatcher:
         encoded = self._encode_response(ctx, header_items, responses)
         if isinstance(max_response, int) and len(encoded) > max_response:
             too_large = [
-                _failure_item(r, ResultReason.RESPONSE_TOO_LARGE, f"response exceeds Maximum Response Size {max_response}")
+                _failure_item(
+                    r, ResultReason.RESPONSE_TOO_LARGE, f"response exceeds Maximum Response Size {max_response}"
+                )
                 for r in responses
             ]
             encoded = self._encode_response(ctx, header_items, too_large)
@@ -237,7 +244,12 @@ class Dispatcher:
         )
         body = ttlv.encode(header) + b"".join(parts)
         # A structure's items are padded to 8 bytes, so its body needs none.
-        return T.RESPONSE_MESSAGE.value.to_bytes(3, "big") + bytes([ItemType.STRUCTURE]) + len(body).to_bytes(4, "big") + body
+        return (
+            T.RESPONSE_MESSAGE.value.to_bytes(3, "big")
+            + bytes([ItemType.STRUCTURE])
+            + len(body).to_bytes(4, "big")
+            + body
+        )
 
     def _handle_undo_batch(self, ctx: RequestContext, items: list[Item]) -> list[Item]:
         """Batch Error Continuation Option Undo (KMIP 1.4, 6.7; 2.0, 7.7):
@@ -258,11 +270,15 @@ class Dispatcher:
                         if done[-1][1]:
                             raise _UndoBatch
                     if self.trail is not None:
-                        records = [self.trail.append(txn, d.entry("SUCCESS", None)) for _, _, d in done if d is not None]
+                        records = [
+                            self.trail.append(txn, d.entry("SUCCESS", None)) for _, _, d in done if d is not None
+                        ]
             except _UndoBatch:
                 return self._undone(ctx, done)
             except BackendUnavailable as exc:
-                self._database_event("commit_unknown" if exc.commit_unknown else "gave_up" if delay is None else "retry")
+                self._database_event(
+                    "commit_unknown" if exc.commit_unknown else "gave_up" if delay is None else "retry"
+                )
                 if exc.commit_unknown:
                     raise errors.OutcomeUnknown(
                         f"the database connection was lost while committing (request {ctx.request_id}); "
@@ -270,7 +286,9 @@ class Dispatcher:
                     ) from None
                 if delay is None:
                     raise errors.GeneralFailure(f"the database is unavailable (request {ctx.request_id})") from None
-                log.warning("request %s: database unavailable (%s); retrying the batch in %.2f s", ctx.request_id, exc, delay)
+                log.warning(
+                    "request %s: database unavailable (%s); retrying the batch in %.2f s", ctx.request_id, exc, delay
+                )
                 self.sleep(delay)
                 continue
             if self.trail is not None:  # records are made only with a trail
@@ -289,7 +307,9 @@ class Dispatcher:
                 try:
                     if failed:
                         self.trail.write(
-                            draft.entry("OPERATION_FAILED", ResultReason(reason).name, response.get(T.RESULT_MESSAGE.value))
+                            draft.entry(
+                                "OPERATION_FAILED", ResultReason(reason).name, response.get(T.RESULT_MESSAGE.value)
+                            )
                         )
                     else:
                         self.trail.write(draft.entry("OPERATION_UNDONE", None))
@@ -299,7 +319,9 @@ class Dispatcher:
                     log.error("request %s: audit record of an undone batch not written: %s", ctx.request_id, exc)
                     if failed:
                         response = _failure_item(
-                            response, ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
+                            response,
+                            ResultReason.GENERAL_FAILURE,
+                            GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id),
                         )
             responses.append(response if failed else _undone_item(response))
         return responses
@@ -355,7 +377,12 @@ class Dispatcher:
             reason, text = result_reason(exc, *ctx.version)
             _log_refusal(ctx, operation_value, reason, text)
         except AuditWriteFailed as exc:
-            log.error("request %s %s: audit record not written, answer withheld: %s", ctx.request_id, _op_name(operation_value), exc)
+            log.error(
+                "request %s %s: audit record not written, answer withheld: %s",
+                ctx.request_id,
+                _op_name(operation_value),
+                exc,
+            )
             reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
         except Exception as exc:
             if batch_txn is not None and isinstance(exc, BackendUnavailable):
@@ -380,16 +407,24 @@ class Dispatcher:
 
     def _count(self, operation_value: int | None, result: str, started: float | None) -> None:
         if self.metrics is not None:
-            self.metrics.request(_op_name(operation_value), result, None if started is None else time.monotonic() - started)
+            self.metrics.request(
+                _op_name(operation_value), result, None if started is None else time.monotonic() - started
+            )
 
     def _database_event(self, event: str) -> None:
         if self.metrics is not None:
             self.metrics.database_event(event)
 
-    def _draft(self, ctx: RequestContext, operation_value: int | None, payload: Item | None, index: int) -> AuditDraft | None:
+    def _draft(
+        self, ctx: RequestContext, operation_value: int | None, payload: Item | None, index: int
+    ) -> AuditDraft | None:
         if self.trail is None:
             return None
-        requested = payload.get(T.UNIQUE_IDENTIFIER.value) if payload is not None and payload.type == ItemType.STRUCTURE else None
+        requested = (
+            payload.get(T.UNIQUE_IDENTIFIER.value)
+            if payload is not None and payload.type == ItemType.STRUCTURE
+            else None
+        )
         return AuditDraft(
             event="request",
             request_id=ctx.request_id,
@@ -444,7 +479,9 @@ class Dispatcher:
             try:
                 return handler(ctx, item_backend, payload)
             except BackendUnavailable as exc:
-                self._database_event("commit_unknown" if exc.commit_unknown else "gave_up" if delay is None else "retry")
+                self._database_event(
+                    "commit_unknown" if exc.commit_unknown else "gave_up" if delay is None else "retry"
+                )
                 if exc.commit_unknown:
                     log.error("request %s: database connection lost while committing: %s", ctx.request_id, exc)
                     raise errors.OutcomeUnknown(
@@ -462,7 +499,10 @@ class Dispatcher:
         username = None
         if authentication is not None:
             credential = authentication.find(T.CREDENTIAL.value)
-            if credential is not None and credential.get(T.CREDENTIAL_TYPE.value) == CredentialType.USERNAME_AND_PASSWORD.value:
+            if (
+                credential is not None
+                and credential.get(T.CREDENTIAL_TYPE.value) == CredentialType.USERNAME_AND_PASSWORD.value
+            ):
                 value = credential.find(T.CREDENTIAL_VALUE.value)
                 username = value.get(T.USERNAME.value) if value is not None else None
                 password = value.get(T.PASSWORD.value) if value is not None else None
@@ -498,7 +538,9 @@ class Dispatcher:
 
     @staticmethod
     def _response(header_items: list[Item], batch_items: list[Item]) -> Item:
-        header = ttlv.structure(T.RESPONSE_HEADER.value, header_items + [ttlv.integer(T.BATCH_COUNT.value, len(batch_items))])
+        header = ttlv.structure(
+            T.RESPONSE_HEADER.value, header_items + [ttlv.integer(T.BATCH_COUNT.value, len(batch_items))]
+        )
         return ttlv.structure(T.RESPONSE_MESSAGE.value, [header] + batch_items)
 
     def _error_response(self, version: tuple[int, int], reason: ResultReason, text: str) -> Item:
@@ -588,7 +630,10 @@ def _closest_version(version: tuple[int, int]) -> tuple[int, int]:
 def _version_item(version: tuple[int, int]) -> Item:
     return ttlv.structure(
         T.PROTOCOL_VERSION.value,
-        [ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, version[0]), ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, version[1])],
+        [
+            ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, version[0]),
+            ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, version[1]),
+        ],
     )
 
 
@@ -608,3 +653,25 @@ def _op_name(value: object) -> str:
         return Operation(value).name
     except (ValueError, TypeError):
         return f"0x{value:08X}" if isinstance(value, int) else "-"
+
+
+def _ticket(header: Item) -> bytes | None:
+    """The Ticket Value of a Ticket Credential (KMIP 2.0, 2.1.2) in the
+    request header's Authentication, whatever the protocol version: the
+    vTPM broker's gateway reads a host's attestation token from it. None
+    when there is none. Other credential types are `_principal`'s."""
+    authentication = header.find(T.AUTHENTICATION.value)
+    if authentication is None:
+        return None
+    for credential in authentication.find_all(T.CREDENTIAL.value):
+        if credential.get(T.CREDENTIAL_TYPE.value) != CredentialType.TICKET.value:
+            continue
+        value = credential.find(T.CREDENTIAL_VALUE.value)
+        ticket = value.find(T.TICKET_VALUE.value) if value is not None else None
+        if ticket is None and value is not None:
+            # Also accepted: the Ticket structure inside the Credential Value.
+            inner = value.find(T.TICKET.value)
+            ticket = inner.find(T.TICKET_VALUE.value) if inner is not None else None
+        if ticket is not None and isinstance(ticket.value, bytes):
+            return ticket.value
+    return None

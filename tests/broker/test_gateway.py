@@ -16,18 +16,20 @@ from cryptography import x509
 from kmip.core.enums import (
     BatchErrorContinuationOption,
     BlockCipherMode,
+    CredentialType,
     ObjectType,
     Operation,
     QueryFunction,
     ResultReason,
     ResultStatus,
+    TicketType,
 )
 from kmip.core.enums import Tags as T
 from twisted.internet.testing import StringTransport
 from twisted_fakes import FakeReactor, InlineThreadPool
 
 from broker import gateway
-from broker.trust import Decision
+from broker.trust import AttestationCheck, Decision
 from kmip_core import ttlv
 from kmip_core.client import KmipError, NoNodeAvailable
 from kmip_core.config import TlsConfig
@@ -64,6 +66,20 @@ class FakeRegistry:
     audit: list[tuple] = field(default_factory=list)
     asked: list[tuple[str, str]] = field(default_factory=list)
     fail_audit: bool = False
+    # Host attestation: hosts that must attest, and the one valid token.
+    must_attest: set = field(default_factory=set)
+    valid_ticket: bytes = b"vat1.good"
+    tickets: list = field(default_factory=list)
+
+    def check_attestation(self, host: str, instance: str, ticket: bytes | None) -> AttestationCheck:
+        self.tickets.append((host, instance, ticket))
+        if host not in self.must_attest:
+            return AttestationCheck(True, False, "no attestation policy covers this host")
+        if ticket is None:
+            return AttestationCheck(False, True, "attestation required: the request carries no token", True)
+        if ticket != self.valid_ticket:
+            return AttestationCheck(False, True, "attestation token unknown (not issued to this host)")
+        return AttestationCheck(True, True, "attested under policy default")
 
     def authorize_unwrap(self, host_fingerprint: str, kms_key_id: str) -> Decision:
         self.asked.append((host_fingerprint, kms_key_id))
@@ -126,11 +142,33 @@ def batch_item(operation: Operation, payload: list | None) -> Item:
     )
 
 
-def request(items: list[Item], version=(1, 4), continuation=None) -> bytes:
+def ticket_authentication(ticket: bytes) -> Item:
+    return ttlv.structure(
+        T.AUTHENTICATION.value,
+        [
+            ttlv.structure(
+                T.CREDENTIAL.value,
+                [
+                    ttlv.enumeration(T.CREDENTIAL_TYPE.value, CredentialType.TICKET.value),
+                    ttlv.structure(
+                        T.CREDENTIAL_VALUE.value,
+                        [
+                            ttlv.enumeration(T.TICKET_TYPE.value, TicketType.LOGIN.value),
+                            ttlv.byte_string(T.TICKET_VALUE.value, ticket),
+                        ],
+                    ),
+                ],
+            )
+        ],
+    )
+
+
+def request(items: list[Item], version=(1, 4), continuation=None, ticket: bytes | None = None) -> bytes:
     header = ttlv.structure(
         T.REQUEST_HEADER.value,
         [
             version_item(version),
+            ticket_authentication(ticket) if ticket is not None else None,
             ttlv.enumeration(T.BATCH_ERROR_CONTINUATION_OPTION.value, continuation.value) if continuation else None,
             ttlv.integer(T.BATCH_COUNT.value, len(items)),
         ],
@@ -151,8 +189,8 @@ def decrypt_payload(uid=KEK, data=WRAPPED, iv=IV, tag=TAG, mode=BlockCipherMode.
     ]
 
 
-def decrypt_request(version=(1, 4), **kwargs) -> bytes:
-    return request([batch_item(Operation.DECRYPT, decrypt_payload(**kwargs))], version)
+def decrypt_request(version=(1, 4), ticket: bytes | None = None, **kwargs) -> bytes:
+    return request([batch_item(Operation.DECRYPT, decrypt_payload(**kwargs))], version, ticket=ticket)
 
 
 def header_version(response: Item) -> tuple[int, int]:
@@ -553,3 +591,49 @@ def test_the_trust_registry_has_what_the_gateway_calls():
     for name in ("authorize_unwrap", "record_audit"):
         wanted = list(inspect.signature(getattr(gateway.UnwrapRegistry, name)).parameters)
         assert list(inspect.signature(getattr(Registry, name)).parameters) == wanted
+
+
+# Host attestation (docs/attestation.md).
+@pytest.mark.parametrize("version", [(1, 4), (2, 0)])
+def test_a_host_that_must_attest_and_sends_no_token_gets_attestation_required(dispatcher, registry, kms, version):
+    """No ticket from a host a policy covers: ATTESTATION_REQUIRED, the KMS
+    is never asked, the refusal is in the trail."""
+    registry.must_attest.add("a")
+    item = only_item(handle(dispatcher, decrypt_request(version)))
+    assert reason(item) == ResultReason.ATTESTATION_REQUIRED
+    assert "vtpm-host attest" in item.get(T.RESULT_MESSAGE.value)
+    assert kms.calls == []
+    [(actor, action, target, allowed, why)] = registry.audit
+    assert (actor, action, allowed) == ("host:a", gateway.AUDIT_ACTION, False)
+    assert why.startswith("attestation: attestation required") and KEK in target
+
+
+def test_a_wrong_token_gets_attestation_failed_and_is_audited(dispatcher, registry, kms):
+    registry.must_attest.add("a")
+    item = only_item(handle(dispatcher, decrypt_request(ticket=b"vat1.forged")))
+    assert reason(item) == ResultReason.ATTESTATION_FAILED
+    assert kms.calls == []
+    [(actor, _, _, allowed, why)] = registry.audit
+    assert actor == "host:a" and not allowed and "token unknown" in why
+    # The token never reaches the trail or the answer.
+    assert "forged" not in why and "forged" not in item.get(T.RESULT_MESSAGE.value)
+
+
+@pytest.mark.parametrize("version", [(1, 2), (1, 4), (2, 0)])
+def test_a_valid_token_in_a_ticket_credential_unwraps(dispatcher, registry, kms, version):
+    registry.must_attest.add("a")
+    item = only_item(handle(dispatcher, decrypt_request(version, ticket=registry.valid_ticket)))
+    assert succeeded(item), item.get(T.RESULT_MESSAGE.value)
+    assert item.find(T.RESPONSE_PAYLOAD.value).get(T.DATA.value) == DEK
+    assert registry.tickets == [("a", "instance-a", registry.valid_ticket)]
+    [(_, _, _, allowed, why)] = registry.audit
+    assert allowed and "attested under policy default" in why
+
+
+def test_attestation_is_not_asked_before_the_placement_allows(dispatcher, registry, kms):
+    """A host refused by placement is refused as before (PERMISSION_DENIED),
+    whatever its attestation: the check comes after."""
+    registry.must_attest.add("b")
+    item = only_item(handle(dispatcher, decrypt_request(), conn=HOST_B))
+    assert reason(item) == ResultReason.PERMISSION_DENIED
+    assert registry.tickets == []
