@@ -297,6 +297,8 @@ def _sym_def(r: _Reader) -> tuple[str, int, str] | None:
     if alg not in _SYM_ALGS:
         raise Tpm2Error(f"{r.what}: unknown symmetric algorithm {alg:#06x}")
     bits = r.u16("the symmetric key bits")
+    if bits not in (128, 192, 256):
+        raise Tpm2Error(f"{r.what}: a symmetric key of {bits} bits")
     mode = r.u16("the symmetric mode")
     if mode not in _SYM_MODES:
         raise Tpm2Error(f"{r.what}: unknown symmetric mode {mode:#06x}")
