@@ -333,6 +333,10 @@ def _selection(bank: str, pcrs: Sequence[int]) -> str:
 def _split_values(bank: str, pcrs: Sequence[int], blob: bytes, tool: str) -> dict[int, bytes]:
     size = digest_size(bank)
     indices = sorted(pcrs)
+    if not blob:
+        raise HostTpmError(
+            f"the TPM has no {bank} values for PCRs {indices}: is its {bank} bank active? (tpm2_pcrread)"
+        )
     if len(blob) != size * len(indices):
         raise HostTpmError(f"{tool} wrote {len(blob)} bytes of PCR values for {len(indices)} {bank} PCRs")
     return {index: blob[n * size : (n + 1) * size] for n, index in enumerate(indices)}
@@ -384,6 +388,7 @@ class HostTpmProcess:
             raise HostTpmError(f"the host TPM in {self.state_dir} already runs")
         try:
             if not (self.state_dir / STATE_FILE).is_file():
+                self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 manufacture(self.state_dir, uuid.uuid4())
             if self._swtpm is None:
                 self._socket_dir = self._given_socket_dir or private_workdir(prefix="host-tpm-")

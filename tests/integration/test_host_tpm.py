@@ -261,6 +261,8 @@ def test_two_hosts_booted_alike_have_equal_pcrs_and_different_eks(start_host):
         (lambda tpm: tpm.pcr_read("sha256", [24]), "PCR selection"),
         (lambda tpm: tpm.pcr_extend(7, "sha256", bytes(20)), "sha256 measurement is 32 bytes, not 20"),
         (lambda tpm: measure_boot(tpm, components=[b"x"] * 9), "at most 8 components"),
+        (lambda tpm: tpm.pcr_read("sha1", BOOT_PCRS), "is its sha1 bank active"),  # swtpm_setup activated sha256 only
+        (lambda tpm: tpm.quote(b"n", "sha384", BOOT_PCRS), "is its sha384 bank active"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(start_host, call, match):
