@@ -8,6 +8,14 @@
   and a new vTPM's EK certificates (`ek_certificate`, for the certificate
   tool through `broker.host.ek_relay`).
 
+Host attestation (issue 18; broker/host/attest.py): when config.toml has an
+[attestation] table, `unwrap` presents the broker's attestation token with
+each Decrypt, as a KMIP Ticket credential, attesting first when no valid
+token is cached. A gateway that answers ATTESTATION_REQUIRED or
+ATTESTATION_FAILED (token expired, host rebooted since, policy changed) gets
+one fresh attestation and the Decrypt once more; a second refusal is a
+`BrokerRefused`. The four attestation calls of the API are here too.
+
 A refused unwrap is explained: the gateway's answer (ITEM_NOT_FOUND or
 PERMISSION_DENIED) cannot say whether the host is unknown, the VM is placed
 elsewhere or the instance was revoked, but the API's answer to the same host
@@ -16,13 +24,25 @@ for the same VM can, so it is asked as well.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import http.client
 import json
 import ssl
+import time
 import urllib.parse
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from broker.ek_certtool import API_PATH, error_text
+from broker.host.attest import (
+    Attestation,
+    AttestingTpm,
+    Challenge,
+    TokenCache,
+    open_host_tpm,
+)
+from broker.host.attest import attest as run_attestation
 from broker.host.config import HostConfig
 from broker.host.errors import BrokerRefused, BrokerUnavailable, HostError, RollbackRefused
 from broker.keysafe import KeySafe
@@ -49,46 +69,114 @@ class Broker(Protocol):
 
 
 class BrokerClient:
-    def __init__(self, config: HostConfig):
+    """The host's client of the broker. `tpm` and `clock` replace the host
+    TPM named by config.toml's [attestation] and the host's clock (tests)."""
+
+    def __init__(
+        self, config: HostConfig, tpm: AttestingTpm | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         config.require_certificate()
         self.config = config
         self._context: ssl.SSLContext | None = None
-        self._kmip = None
+        self._kmip: Any = None
         self._https: http.client.HTTPSConnection | None = None
         self._api_prefix = ""
+        self._tpm = tpm
+        self._clock = clock
+        self.tokens = TokenCache(
+            config.attestation_dir if self.attests else None, binding=f"{config.name}@{config.api}", clock=clock
+        )
+
+    # Host attestation ---------------------------------------------------------------------------
+
+    @property
+    def attests(self) -> bool:
+        """Whether this host attests with its TPM ([attestation] in config.toml)."""
+        return self.config.attestation_tcti is not None or self._tpm is not None
+
+    def host_tpm(self) -> AttestingTpm:
+        if self._tpm is None:
+            tcti = self.config.attestation_tcti
+            if tcti is None:
+                raise HostError(
+                    f"host {self.config.name} has no host TPM configured; run "
+                    f"'vtpm-host --state-dir {self.config.state_dir} init ... --tpm TCTI' "
+                    "(e.g. --tpm device:/dev/tpmrm0) to add [attestation] to config.toml"
+                )
+            self._tpm = open_host_tpm(tcti, self.config.attestation_dir)
+        return self._tpm
+
+    def attest(self) -> Attestation:
+        """Attest now (challenge, quote, verdict) and keep the token for the next unwraps."""
+        attestation = run_attestation(self, self.host_tpm())
+        self.tokens.put(attestation)
+        return attestation
+
+    def _attestation(self) -> Attestation:
+        """A usable token (cached, else a fresh attestation)."""
+        return self.tokens.get() or self.attest()
 
     # The gateway ---------------------------------------------------------------------------
 
     def unwrap(self, key_safe: KeySafe, vm_uuid: str, vm_name: str) -> bytes:
-        """The VM's DEK, unwrapped by the broker's gateway (KMIP Decrypt, AES-256-GCM)."""
+        """The VM's DEK, unwrapped by the broker's gateway (KMIP Decrypt, AES-256-GCM).
+
+        A host that attests presents its token; refused for its attestation,
+        it attests once more and asks once more."""
         from kmip.core.enums import ResultReason
 
         from kmip_core.client import KmipClient, KmipError
 
         cfg = self.config
         client = self._gateway_client(KmipClient)
-        try:
-            dek = client.decrypt(
-                key_safe.kms_key_id, key_safe.wrapped_dek, iv=key_safe.iv, tag=key_safe.tag, mode="GCM"
-            )
-        except KmipError as exc:
-            what = f"the broker refused to unwrap the DEK of VM {vm_name} ({vm_uuid})"
-            if exc.reason in (ResultReason.ITEM_NOT_FOUND, ResultReason.PERMISSION_DENIED):
-                raise BrokerRefused(f"{what}: {self._why_refused(vm_uuid, vm_name, exc.reason.name)}") from None
-            if exc.reason == ResultReason.CRYPTOGRAPHIC_FAILURE:
-                raise HostError(
-                    f"the key safe of VM {vm_name} does not unwrap (its wrapped DEK or tag was altered); "
-                    "restore the .vmx from a backup"
-                ) from None
-            if exc.reason is None:
-                raise BrokerUnavailable(
-                    f"cannot reach the broker's gateway at {', '.join(cfg.gateway)} ({exc.message}); "
-                    "check that vtpm-broker runs and the gateway address in config.toml"
-                ) from None
-            raise HostError(f"{what}: the gateway answered {exc}") from None
+        attestation_refusals = (ResultReason.ATTESTATION_REQUIRED, ResultReason.ATTESTATION_FAILED)
+        fresh = False
+        while True:
+            if self.attests:
+                attestation = self._attestation() if not fresh else self.attest()
+                client.ticket = attestation.token.encode() if attestation.token is not None else None
+            try:
+                dek = client.decrypt(
+                    key_safe.kms_key_id, key_safe.wrapped_dek, iv=key_safe.iv, tag=key_safe.tag, mode="GCM"
+                )
+                break
+            except KmipError as exc:
+                if exc.reason not in attestation_refusals:
+                    raise self._unwrap_refused(exc, vm_uuid, vm_name) from None
+                detail = " ".join(exc.message.split()) or exc.reason.name
+                if not self.attests:
+                    raise BrokerRefused(
+                        f"the broker requires host {cfg.name} to attest with its TPM before unwrapping VM {vm_name} "
+                        f"({detail}); add the host TPM with 'vtpm-host init ... --tpm TCTI', then run "
+                        "'vtpm-host attest ek-pub' and 'vtpm-host attest enroll'"
+                    ) from None
+                self.tokens.drop()
+                if fresh:
+                    raise BrokerRefused(f"the broker refused this host's attestation: {detail}") from None
+                fresh = True
         if len(dek) != 64:
             raise HostError(f"the broker's gateway returned a {len(dek) * 8}-bit key for VM {vm_name}, not 512 bits")
         return dek
+
+    def _unwrap_refused(self, exc: Any, vm_uuid: str, vm_name: str) -> HostError:
+        """The one-line error for a Decrypt the gateway did not answer with the DEK."""
+        from kmip.core.enums import ResultReason
+
+        cfg = self.config
+        what = f"the broker refused to unwrap the DEK of VM {vm_name} ({vm_uuid})"
+        if exc.reason in (ResultReason.ITEM_NOT_FOUND, ResultReason.PERMISSION_DENIED):
+            return BrokerRefused(f"{what}: {self._why_refused(vm_uuid, vm_name, exc.reason.name)}")
+        if exc.reason == ResultReason.CRYPTOGRAPHIC_FAILURE:
+            return HostError(
+                f"the key safe of VM {vm_name} does not unwrap (its wrapped DEK or tag was altered); "
+                "restore the .vmx from a backup"
+            )
+        if exc.reason is None:
+            return BrokerUnavailable(
+                f"cannot reach the broker's gateway at {', '.join(cfg.gateway)} ({exc.message}); "
+                "check that vtpm-broker runs and the gateway address in config.toml"
+            )
+        return HostError(f"{what}: the gateway answered {exc}")
 
     def _gateway_client(self, client_class):
         """One KMIP/TLS connection to the gateway, kept for the life of this
@@ -221,13 +309,123 @@ class BrokerClient:
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 connection.close()
                 self._https = None
-                # Both calls are safe to repeat: GET, and a PUT of the same
-                # generation, which the broker accepts again.
+                # Every call is safe to repeat: GETs, a PUT of the same
+                # generation, which the broker accepts again, and the
+                # attestation POSTs (a quote seen twice is refused the second
+                # time: its nonce is spent; an enrollment begins again).
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
+    # The attestation calls (docs/attestation.md) ---------------------------------------------
+
+    def attestation_enroll(self, ek_public_pem: bytes, ak_public: bytes) -> tuple[bytes, bytes]:
+        """POST /v1/attestation/enroll: the EK (PEM) and the AK (TPM2B_PUBLIC);
+        returns the broker's credential (TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET)."""
+        answer = self._attestation_call(
+            "/v1/attestation/enroll",
+            {"ek_public_pem": ek_public_pem.decode("ascii"), "ak_public_b64": _b64(ak_public)},
+            "enroll this host's TPM",
+        )
+        return _unb64(answer, "id_object_b64"), _unb64(answer, "encrypted_secret_b64")
+
+    def attestation_activate(self, secret: bytes) -> str:
+        """POST /v1/attestation/activate: the secret the TPM recovered; returns the AK's name (hex)."""
+        answer = self._attestation_call(
+            "/v1/attestation/activate", {"secret_b64": _b64(secret)}, "enroll this host's TPM"
+        )
+        name = answer.get("ak_name_hex")
+        if answer.get("state") != "enrolled" or not isinstance(name, str) or not _is_hex(name):
+            raise HostError("the broker's answer to the TPM enrollment does not say enrolled with an AK name")
+        return name
+
+    def attestation_challenge(self) -> Challenge:
+        """POST /v1/attestation/challenge: a fresh nonce and the PCRs to quote."""
+        answer = self._attestation_call("/v1/attestation/challenge", {}, "attest this host")
+        bank, pcrs, expires_in = answer.get("pcr_bank"), answer.get("pcrs"), answer.get("expires_in", 60)
+        if (
+            not isinstance(bank, str)
+            or not isinstance(pcrs, list)
+            or not pcrs
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 32 for i in pcrs)
+            or not isinstance(expires_in, int)
+        ):
+            raise HostError("the broker's attestation challenge is not a PCR bank and a list of PCR indices")
+        nonce = _unb64(answer, "nonce_b64")
+        if not 8 <= len(nonce) <= 64:
+            raise HostError(f"the broker's attestation nonce is {len(nonce)} bytes, not 8 to 64")
+        return Challenge(nonce, bank, tuple(pcrs), expires_in)
+
+    def attestation_quote(
+        self, nonce: bytes, attest: bytes, signature: bytes, pcr_values: Mapping[int, bytes]
+    ) -> Attestation:
+        """POST /v1/attestation/quote: the TPM's quote over the challenge; the broker's verdict.
+        The token's expiry is taken on this host's clock from `expires_in`."""
+        now = self._clock()
+        answer = self._attestation_call(
+            "/v1/attestation/quote",
+            {
+                "nonce_b64": _b64(nonce),
+                "quote_b64": _b64(attest),
+                "signature_b64": _b64(signature),
+                "pcr_values": {str(index): value.hex() for index, value in sorted(pcr_values.items())},
+            },
+            "attest this host",
+        )
+        token, policy = answer.get("token"), answer.get("policy")
+        expires_in, expires_at = answer.get("expires_in"), answer.get("expires_at")
+        if token is None:
+            return Attestation(None, None, policy if isinstance(policy, str) else None)
+        if not isinstance(token, str) or not token or not (policy is None or isinstance(policy, str)):
+            raise HostError("the broker's attestation answer holds no token")
+        if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
+            expiry = now + float(expires_in)
+        elif isinstance(expires_at, int | float) and not isinstance(expires_at, bool):
+            expiry = float(expires_at)
+        else:
+            raise HostError("the broker's attestation answer gives the token no expiry")
+        return Attestation(token, expiry, policy)
+
+    def _attestation_call(self, path: str, body: dict, what: str) -> dict:
+        """POST to an attestation route; a refusal is one line naming what was refused and why
+        (the broker's reason says what to do)."""
+        status, data = self._request("POST", path, body)
+        if status >= 400:
+            detail = error_text(data)
+            if status == 404 and detail.startswith("no such endpoint"):
+                raise BrokerRefused(
+                    f"the broker at {self.config.api} has no host attestation (HTTP 404 on {path}); "
+                    "upgrade it, or remove [attestation] from config.toml"
+                )
+            if status in (400, 401, 403, 404, 409):
+                if what == "attest this host":
+                    raise BrokerRefused(f"the broker refused this host's attestation: {detail}")
+                raise BrokerRefused(f"the broker refused to {what} (HTTP {status}): {detail}")
+            raise HostError(f"the broker answered POST {path} with HTTP {status}: {detail}")
+        return self._object("POST", path, data)
+
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        status, data = self._request(method, path, body)
+        if status >= 400:
+            detail = error_text(data)
+            if status in (401, 403, 404):
+                raise BrokerRefused(f"the broker refused {method} {path} (HTTP {status}): {detail}")
+            if status == 409:
+                raise RollbackRefused(f"the broker refused the .nvram generation (HTTP 409): {detail}")
+            raise HostError(f"the broker answered {method} {path} with HTTP {status}: {detail}")
+        return self._object(method, path, data)
+
+    @staticmethod
+    def _object(method: str, path: str, data: bytes) -> dict:
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = None
+        if len(data) > MAX_RESPONSE or not isinstance(answer, dict):
+            raise HostError(f"the broker's answer to {method} {path} is not a JSON object")
+        return answer
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
         cfg = self.config
         payload = None if body is None else json.dumps(body).encode()
         try:
@@ -244,25 +442,34 @@ class BrokerClient:
                 f"cannot reach the broker's API at {cfg.api} ({exc}); check that vtpm-broker runs "
                 "and the api URL in config.toml"
             ) from None
-        if status >= 400:
-            detail = error_text(data)
-            if status in (401, 403, 404):
-                raise BrokerRefused(f"the broker refused {method} {path} (HTTP {status}): {detail}")
-            if status == 409:
-                raise RollbackRefused(f"the broker refused the .nvram generation (HTTP 409): {detail}")
-            raise HostError(f"the broker answered {method} {path} with HTTP {status}: {detail}")
-        try:
-            answer = json.loads(data)
-        except ValueError:
-            answer = None
-        if len(data) > MAX_RESPONSE or not isinstance(answer, dict):
-            raise HostError(f"the broker's answer to {method} {path} is not a JSON object")
-        return answer
+        return status, data
 
     def _drop_connection(self) -> None:
         if self._https is not None:
             self._https.close()
             self._https = None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(answer: dict, field: str) -> bytes:
+    value = answer.get(field)
+    try:
+        if not isinstance(value, str) or not value:
+            raise ValueError(field)
+        return base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        raise HostError(f"the broker's answer holds no base64 {field}") from None
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return bool(text)
 
 
 def _generation(answer: dict) -> int:

@@ -2,13 +2,17 @@
 
 Layout of the state directory (``vtpm-host --state-dir D``, mode 0700)::
 
-    config.toml         name, gateway(s), API URL (written by `init`)
+    config.toml         name, gateway(s), API URL (written by `init`); an optional
+                        [attestation] table: the host TPM's TCTI (`init --tpm`)
     host.key            the host's private key (P-256, PKCS#8 PEM, mode 0600)
     host.csr            its CSR, CN = host:<name>, for POST /v1/hosts
     host.pem            the host certificate (`install-cert`), from the broker's trust CA
     trust-ca.pem        the broker's trust CA (copied from --ca at `init`)
     running/<uuid>.json what a power-off needs (pid, sockets, workdir, generation; never a key)
     locks/<uuid>.lock   per-VM lock: power-on and power-off of one VM never overlap
+    attestation/        host attestation (broker/host/attest.py), mode 0700:
+                        token.json (the broker's token, mode 0600), enrolled.json,
+                        tpm/ (tpm2-tools' scratch files)
 
 At each manufacture the agent writes swtpm_setup.conf and the certificate
 tool's wrapper into the VM's private run directory, not here
@@ -37,7 +41,9 @@ from kmip_core.names import check_name
 
 __all__ = [
     "CONFIG_FILE",
+    "TCTI_KINDS",
     "HostConfig",
+    "check_tcti",
     "init_state_dir",
     "install_certificate",
     "load_config",
@@ -53,7 +59,11 @@ CERT_FILE = "host.pem"
 CA_FILE = "trust-ca.pem"
 DEFAULT_TIMEOUT = 30.0
 
-_KEYS = {"name", "gateway", "api", "timeout"}
+_KEYS = {"name", "gateway", "api", "timeout", "attestation"}
+_ATTESTATION_KEYS = {"tcti"}
+# The TCTIs tpm2-tools can reach a host TPM through: the kernel's resource
+# manager (device:/dev/tpmrm0), a swtpm or the simulator, the tabrmd daemon.
+TCTI_KINDS = ("device", "swtpm", "mssim", "tabrmd")
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,8 @@ class HostConfig:
     gateway: tuple[str, ...]
     api: str
     timeout: float = DEFAULT_TIMEOUT
+    # The host TPM's TCTI for host attestation; None: this host does not attest.
+    attestation_tcti: str | None = None
 
     @property
     def key(self) -> Path:
@@ -88,6 +100,10 @@ class HostConfig:
     def locks_dir(self) -> Path:
         return self.state_dir / "locks"
 
+    @property
+    def attestation_dir(self) -> Path:
+        return self.state_dir / "attestation"
+
     def require_certificate(self) -> None:
         if not self.cert.is_file():
             raise HostError(
@@ -112,6 +128,40 @@ def _check_api(url: str) -> str:
     if not isinstance(url, str) or not url.startswith("https://") or len(url) <= len("https://"):
         raise HostError(f"api {url!r} is not an https:// URL; give the broker's management API, e.g. https://host:8443")
     return url.rstrip("/")
+
+
+def check_tcti(tcti: object) -> str:
+    """A TCTI string for tpm2-tools (`KIND` or `KIND:OPTIONS`, KIND one of TCTI_KINDS)."""
+    kind = tcti.partition(":")[0] if isinstance(tcti, str) else ""
+    if (
+        not isinstance(tcti, str)
+        or kind not in TCTI_KINDS
+        or len(tcti) > 1024
+        or any(c.isspace() or not c.isprintable() for c in tcti)
+    ):
+        raise HostError(
+            f"TPM {tcti!r} is not a TCTI of {', '.join(TCTI_KINDS)}; give the host TPM as e.g. "
+            "device:/dev/tpmrm0 or swtpm:path=/run/swtpm/host.sock"
+        )
+    return tcti
+
+
+def _attestation_tcti(path: Path, table: object) -> str | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise HostError(f'{path}: attestation must be a table ([attestation] with tcti = "...")')
+    unknown = sorted(set(table) - _ATTESTATION_KEYS)
+    if unknown:
+        raise HostError(
+            f"{path}: unknown key {unknown[0]!r} in [attestation]; the keys are {', '.join(sorted(_ATTESTATION_KEYS))}"
+        )
+    if "tcti" not in table:
+        raise HostError(f"{path}: [attestation] needs tcti, the host TPM (e.g. device:/dev/tpmrm0)")
+    try:
+        return check_tcti(table["tcti"])
+    except HostError as exc:
+        raise HostError(f"{path}: [attestation] {exc}") from None
 
 
 def load_config(state_dir: str | os.PathLike[str]) -> HostConfig:
@@ -146,6 +196,7 @@ def load_config(state_dir: str | os.PathLike[str]) -> HostConfig:
         gateway=tuple(_check_gateway(g) for g in gateway),
         api=_check_api(data.get("api", "")),
         timeout=float(timeout),
+        attestation_tcti=_attestation_tcti(path, data.get("attestation")),
     )
 
 
@@ -177,12 +228,20 @@ def _load_ca_bundle(path: Path) -> list[x509.Certificate]:
 
 
 def init_state_dir(
-    state_dir: str | os.PathLike[str], name: str, gateway: list[str], api: str, ca: str | os.PathLike[str]
+    state_dir: str | os.PathLike[str],
+    name: str,
+    gateway: list[str],
+    api: str,
+    ca: str | os.PathLike[str],
+    tpm: str | None = None,
 ) -> Path:
     """Make the host key (once) and its CSR, copy the CA, write the config. Returns the CSR's path.
 
     Running it again for the same host name keeps the key (and so any
-    certificate already installed); another name is refused.
+    certificate already installed); another name is refused. `tpm`, the host
+    TPM's TCTI, turns host attestation on ([attestation] tcti); without it a
+    TCTI the config already holds is kept, so that running init again never
+    turns attestation off unnoticed.
     """
     state_dir = Path(state_dir)
     name = _check_name(name)
@@ -190,12 +249,16 @@ def init_state_dir(
         raise HostError("give the broker's gateway with --gateway HOST:PORT")
     gateway = [_check_gateway(g) for g in gateway]
     api = _check_api(api)
+    if tpm is not None:
+        tpm = check_tcti(tpm)
     ca_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in _load_ca_bundle(Path(ca)))
 
     if (state_dir / CONFIG_FILE).exists():
         previous = load_config(state_dir)
         if previous.name != name:
             raise HostError(f"{state_dir} already holds host {previous.name}; use another --state-dir for host {name}")
+        if tpm is None:
+            tpm = previous.attestation_tcti
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
     key_path = state_dir / KEY_FILE
@@ -226,6 +289,8 @@ def init_state_dir(
         f"api = {toml_string(api)}\n"
         f"timeout = {DEFAULT_TIMEOUT:g}\n"
     )
+    if tpm is not None:
+        text += f"\n# Host attestation: the host TPM (tpm2-tools TCTI).\n[attestation]\ntcti = {toml_string(tpm)}\n"
     write_public(state_dir / CONFIG_FILE, text.encode("utf-8"))
     return csr_path
 
