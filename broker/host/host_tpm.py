@@ -38,6 +38,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from broker.attest.tpm2 import (
     Tpm2Error,
     TpmPublic,
@@ -131,8 +133,11 @@ class HostTpm:
                     )
                     self._run("tpm2_evictcontrol", "-C", "o", "-c", ctx, hex(AK_HANDLE))
                 ak_public = self._attestation_key(scratch)
-            finally:
-                self._flush_transient()
+            except HostTpmError:
+                with contextlib.suppress(HostTpmError):  # The first failure is the one to report.
+                    self._flush_transient()
+                raise
+            self._flush_transient()
         return ek.public_pem(), ak_public
 
     def ek_public_pem(self) -> bytes:
@@ -157,7 +162,8 @@ class HostTpm:
     def _endorsement_key(self, scratch: Path) -> TpmPublic:
         _, ek = self._read_public(EK_HANDLE, scratch)
         if (
-            ek.key_type != "rsa"
+            not isinstance(ek.public_key, rsa.RSAPublicKey)
+            or ek.public_key.key_size != 2048
             or ek.name_alg != "sha256"
             or ek.object_attributes != _EK_ATTRIBUTES
             or ek.auth_policy != _EK_POLICY
@@ -212,10 +218,9 @@ class HostTpm:
                     f"session:{session}",
                 )
             finally:
-                try:
+                # The session may be gone already; a leftover one is flushed at the next reboot.
+                with contextlib.suppress(HostTpmError):
                     self._run("tpm2_flushcontext", session)
-                except HostTpmError:
-                    pass  # The session may be gone already; a leftover one is flushed at the next reboot.
             return out.read_bytes()
 
     # --- PCRs and quotes ---
@@ -281,8 +286,13 @@ class HostTpm:
 
     @contextlib.contextmanager
     def _scratch(self) -> Iterator[Path]:
-        with tempfile.TemporaryDirectory(prefix="host-tpm-", dir=self.workdir) as scratch:
-            yield Path(scratch)
+        try:
+            self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            scratch = tempfile.TemporaryDirectory(prefix="host-tpm-", dir=self.workdir)
+        except OSError as exc:
+            raise HostTpmError(f"no scratch directory for the host TPM in {self.workdir} ({exc.strerror})") from None
+        with scratch as path:
+            yield Path(path)
 
     def _persistent_handles(self) -> set[int]:
         listing = self._run("tpm2_getcap", "handles-persistent").decode(errors="replace")
@@ -315,7 +325,7 @@ def _last_error(stderr: bytes, status: int) -> str:
     lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR:") and "Unable to run" not in line]
     if errors:
-        return errors[-1]
+        return errors[-1].removeprefix("ERROR:").strip()
     return lines[-1] if lines else f"exit status {status}"
 
 

@@ -274,10 +274,17 @@ def test_bad_arguments_are_one_line_errors(start_host, call, match):
 
 def test_a_tool_failure_names_the_tool_and_its_error(tmp_path):
     """No TPM behind the socket: the message names tpm2_getcap and the TCTI's complaint, in one line."""
-    tpm = HostTpm(f"swtpm:path={tmp_path / 'absent.sock'}", tmp_path)
-    with pytest.raises(HostTpmError, match=r"^tpm2_[a-z]+ failed: ") as failed:
+    tpm = HostTpm(f"swtpm:path={tmp_path / 'absent.sock'}", tmp_path / "scratch")
+    with pytest.raises(HostTpmError, match=r"^tpm2_getcap failed: .*tcti") as failed:
         tpm.ensure_keys()
     assert "\n" not in str(failed.value)
+
+
+def test_an_unusable_scratch_directory_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    tpm = HostTpm("swtpm:path=/nonexistent.sock", tmp_path / "file" / "scratch")
+    with pytest.raises(HostTpmError, match="no scratch directory for the host TPM"):
+        tpm.ak_public()
 
 
 def test_process_with_private_socket_dir_starts_stops_and_cleans_up(workdir):
