@@ -235,6 +235,38 @@ def test_reboot_resets_pcrs_and_grows_reset_count_and_keeps_the_keys(start_host)
     assert ak_of(tpm).name == ak.name
 
 
+class RacingHostTpm(HostTpm):
+    """Extends PCR 7 in the gap tpm2_quote leaves between TPM2_Quote and its PCR read, `races` times:
+    the race a boot-time measurement can cause, made to happen on demand."""
+
+    races = 0
+
+    def _run(self, tool: str, *args: str) -> bytes:
+        if tool != "tpm2_quote" or self.races == 0:
+            return super()._run(tool, *args)
+        self.races -= 1
+        pcr_file = Path(args[args.index("-o") + 1])
+        out = super()._run(tool, *args)
+        super()._run("tpm2_pcrextend", f"7:sha256={hashlib.sha256(b'late measurement').hexdigest()}")
+        super()._run("tpm2_pcrread", "sha256:" + ",".join(map(str, BOOT_PCRS)), "-o", str(pcr_file))
+        return out
+
+
+def test_quote_retries_when_a_pcr_moves_between_the_quote_and_the_read(start_host):
+    """The values returned are always the ones the quote covers; a TPM that never settles is an error."""
+    process, tpm = start_host("a")
+    racing = RacingHostTpm(process.tcti, tpm.workdir)
+    racing.races = 2
+    attest, signature, values = racing.quote(b"n", "sha256", BOOT_PCRS)
+    quote = tpm2.verify_quote(ak_of(tpm), attest, signature)
+    assert racing.races == 0
+    assert tpm2.pcr_digest("sha256", [values[i] for i in BOOT_PCRS]) == quote.pcr_digest
+    assert values == tpm.pcr_read("sha256", BOOT_PCRS)
+    racing.races = 3
+    with pytest.raises(HostTpmError, match="the PCRs changed during each of 3 quotes"):
+        racing.quote(b"n", "sha256", BOOT_PCRS)
+
+
 def test_two_hosts_booted_alike_have_equal_pcrs_and_different_eks(start_host):
     _, tpm_a = start_host("a")
     _, tpm_b = start_host("b")
