@@ -90,10 +90,52 @@ def _parser() -> argparse.ArgumentParser:
     pin = asub.add_parser("pin", help="trust an instance's own certificate (exactly that one)")
     pin.add_argument("name", metavar="NAME")
     pin.add_argument("--cert", required=True, metavar="F", help="the instance's own certificate (PEM) to trust")
-    listing = asub.add_parser("list", help="instances with state and last use")
+    listing = asub.add_parser("list", help="instances with state and last use, and hosts with their attestation status")
     listing.add_argument("--json", action="store_true", help="print the result as JSON")
+    listing.add_argument(
+        "--hosts", action="store_true", help="only the hosts and their attestation status (JSON: a list of hosts)"
+    )
+    attest = asub.add_parser("attest", help="host TPMs (host attestation, docs/attestation.md)")
+    atsub = attest.add_subparsers(dest="attest_command", required=True)
+    pin_ek = atsub.add_parser(
+        "pin-ek", help="pin a registered host's TPM by its EK public key (from 'vtpm-host attest ek-pub')"
+    )
+    pin_ek.add_argument("host", metavar="HOST", help="the host's name")
+    pin_ek.add_argument("--ek-pub", required=True, metavar="F", help="the host TPM's EK public key (PEM)")
+    revoke_tpm = atsub.add_parser("revoke", help="stop trusting a host's TPM: its tokens are void, its quotes refused")
+    revoke_tpm.add_argument("host", metavar="HOST", help="the host's name")
+    attest_status = atsub.add_parser("status", help="every host's attestation status")
+    attest_status.add_argument("--json", action="store_true", help="print the result as JSON")
+    policy = asub.add_parser("attest-policy", help="the PCR values hosts must quote to unwrap (docs/attestation.md)")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+
+    def scope_options(command: argparse.ArgumentParser) -> None:
+        group = command.add_mutually_exclusive_group(required=True)
+        group.add_argument("--host", metavar="HOST", help="the policy of one host")
+        group.add_argument("--instance", metavar="NAME", help="the policy of every host of a management instance")
+        group.add_argument("--default", action="store_true", help="the policy of every host no other policy covers")
+
+    capture = psub.add_parser("capture", help="take the golden PCR values from a known-good host's last verified quote")
+    scope_options(capture)
+    capture.add_argument(
+        "--from-host", required=True, metavar="HOST", help="the known-good host (it ran 'vtpm-host attest now')"
+    )
+    capture.add_argument(
+        "--pcrs", metavar="LIST", help="only these PCRs of its quote, such as 0-7 (default: all it quoted)"
+    )
+    given = psub.add_parser("set", help="set the accepted PCR values explicitly")
+    scope_options(given)
+    given.add_argument("--bank", default="sha256", metavar="BANK", help="the PCR bank (default sha256)")
+    given.add_argument("--pcr", action="append", required=True, metavar="N=HEX", help="an accepted PCR value (repeat)")
+    plist = psub.add_parser("list", help="the policies")
+    plist.add_argument("--json", action="store_true", help="print the result as JSON")
+    premove = psub.add_parser(
+        "remove", help="remove a policy (its hosts then need none, unless [attestation] required)"
+    )
+    scope_options(premove)
     status = asub.add_parser(
-        "status", help="the running broker's readiness (its [metrics] listener's /readyz), as a table; exit 1 unless ready"
+        "status",
+        help="the running broker's readiness (its [metrics] listener's /readyz), as a table; exit 1 unless ready",
     )
     status.add_argument(
         "--url",
@@ -153,7 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     imp = csub.add_parser("import", help="replace the EK CA with a third-party CA certificate and key")
     imp.add_argument("--cert", required=True, metavar="F", help="the third-party EK CA certificate (PEM)")
-    imp.add_argument("--key", required=True, metavar="F", help="its private key (PEM); sealed under the broker's master key")
+    imp.add_argument(
+        "--key", required=True, metavar="F", help="its private key (PEM); sealed under the broker's master key"
+    )
     imp.add_argument("--chain", metavar="F", help="the certificates above it, up to the root (PEM)")
     csr = csub.add_parser("csr", help="make a new EK CA key and write its CSR for a third-party CA")
     csr.add_argument("--out", required=True, metavar="F", help="where to write the EK CA's CSR")
@@ -167,7 +211,9 @@ def _parser() -> argparse.ArgumentParser:
     from kmip_core import __version__, cliopts
 
     # --config, --log-level and --json before or after the command.
-    return cliopts.conventions(p, version=__version__, everywhere=("--config", "--log-level"), where_defined=("--json",))
+    return cliopts.conventions(
+        p, version=__version__, everywhere=("--config", "--log-level"), where_defined=("--json",)
+    )
 
 
 def _fail(message: str) -> int:
@@ -533,7 +579,14 @@ def _admin(cfg, args) -> int:
             fp = registry.pin(args.name, data)
             print(f"{args.name} is trusted with exactly the certificate sha256 {fp}")
         elif cmd == "list":
-            _print_instances(registry.list_instances(), args.json)
+            if not args.hosts:
+                _print_instances(registry.list_instances(), args.json)
+            if args.hosts or not args.json:
+                _print_hosts(registry.attestation_status(), args.json, heading=not args.hosts)
+        elif cmd == "attest":
+            return _attest(registry, args)
+        elif cmd == "attest-policy":
+            return _attest_policy(registry, args)
         elif cmd == "issue-user":
             return _issue_user(cfg, registry, args)
         elif cmd == "transfer":
@@ -639,9 +692,7 @@ def _audit(cfg, args) -> int:
     finally:
         db.close()
     if args.json:
-        shown = [
-            {**r.__dict__, "vm_name": _vm_name(r.target, vm_names), "request_id": _request_id(r)} for r in records
-        ]
+        shown = [{**r.__dict__, "vm_name": _vm_name(r.target, vm_names), "request_id": _request_id(r)} for r in records]
         problems = [p.text for p in report.problems]
         print(json.dumps({"records": shown, "intact": report.ok, "problems": problems}, indent=2))
         return verdict.status
@@ -750,6 +801,91 @@ def _print_instances(infos, as_json: bool) -> None:
         )
     if any(i.pending_enrollment for i in infos):
         print("* an enrollment is waiting: vtpm-broker admin approve NAME (or reject NAME)")
+
+
+def _when(ts) -> str:
+    return "never" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _print_hosts(rows, as_json: bool, heading: bool = False) -> None:
+    """Hosts and their attestation status (`admin list`, `admin attest status`)."""
+    if as_json:
+        print(json.dumps([{**r.__dict__, "status": r.status} for r in rows], indent=2))
+        return
+    if heading:
+        print()
+    if not rows:
+        print("no hosts")
+        return
+    print(f"{'HOST':24} {'INSTANCE':20} {'ATTESTATION':11} {'POLICY':24} {'LAST QUOTE (UTC)':19} REASON")
+    for r in rows:
+        print(
+            f"{r.host:24} {r.instance:20} {r.status:11} {r.policy or '-':24} {_when(r.last_quote_at):19} "
+            f"{(r.last_reason or '-')[:80]}"
+        )
+
+
+def _read_file_arg(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path} ({exc.strerror}); check the path") from None
+
+
+def _attest(registry, args) -> int:
+    if args.attest_command == "pin-ek":
+        fp = registry.pin_host_ek(args.host, _read_file_arg(args.ek_pub, "the EK public key"))
+        print(f"host {args.host}'s TPM is pinned (EK sha256 {fp}); next, on the host: vtpm-host attest enroll")
+    elif args.attest_command == "revoke":
+        registry.revoke_host_tpm(args.host)
+        print(f"host {args.host}'s TPM is revoked: it unwraps nothing a policy covers until its EK is pinned again")
+    else:
+        _print_hosts(registry.attestation_status(), args.json)
+    return 0
+
+
+def _policy_scope(args) -> str:
+    if args.default:
+        return "default"
+    return f"host:{args.host}" if args.host else f"instance:{args.instance}"
+
+
+def _attest_policy(registry, args) -> int:
+    from broker.trust import parse_pcr_selection
+
+    cmd = args.policy_command
+    if cmd == "list":
+        policies = registry.attest_policies()
+        if args.json:
+            print(
+                json.dumps([{**p.__dict__, "pcrs": {str(k): v for k, v in p.pcrs.items()}} for p in policies], indent=2)
+            )
+        elif not policies:
+            print("no attestation policies: no host has to attest ([attestation] required is off)")
+        for p in [] if args.json else policies:
+            print(f"{p.scope}: {p.pcr_bank} PCRs {','.join(map(str, p.pcrs))}, digest {p.digest[:16]}, {p.source}")
+            for index, value in p.pcrs.items():
+                print(f"  {index:2d} {value}")
+        return 0
+    scope = _policy_scope(args)
+    if cmd == "remove":
+        registry.remove_attest_policy(scope)
+        print(f"attestation policy {scope} removed")
+        return 0
+    if cmd == "capture":
+        pcrs = parse_pcr_selection(f"sha256:{args.pcrs}")[1] if args.pcrs else None
+        info = registry.capture_attest_policy(scope, args.from_host, pcrs)
+    else:
+        values = {}
+        for item in args.pcr:
+            index, sep, value = item.partition("=")
+            if not sep:
+                raise CliError(f"--pcr {item!r}: write N=HEX, such as --pcr 7=3d45...")
+            values[index.strip()] = value.strip()
+        info = registry.set_attest_policy(scope, args.bank, values)
+    print(f"attestation policy {info.scope}: {info.pcr_bank} PCRs {','.join(map(str, info.pcrs))} ({info.source})")
+    print("tokens issued under an earlier policy are void; hosts attest again at their next unwrap")
+    return 0
 
 
 def _issue_user(cfg, registry, args) -> int:
@@ -945,7 +1081,13 @@ def _recertify(db, barrier, vtpm_ca, ek_certificates, args, audit) -> int:
         _write_public(path, der)
         audit("ek.recertify", vm_uuid, f"{cert_type} {key_type} certificate under EK CA {ca.fingerprint}")
         key = serialization.load_pem_public_key(info.public_key_pem)
-        size = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else key.key_size if isinstance(key, rsa.RSAPublicKey) else None
+        size = (
+            key.curve.name
+            if isinstance(key, ec.EllipticCurvePublicKey)
+            else key.key_size
+            if isinstance(key, rsa.RSAPublicKey)
+            else None
+        )
         index = _NV_INDEX.get((cert_type, key_type, size))
         where = f" (swtpm_setup's NV index {index:#010x})" if index else ""
         print(f"{path}: {cert_type} certificate of the {key_type} EK re-issued under "
