@@ -166,10 +166,8 @@ class _Reader:
             raise Tpm2Error(f"{self.what}: {field} claims {size} bytes, more than the {maximum} it may hold")
         return self.take(size, field)
 
-    def hash_alg(self, field: str, *, allow_null: bool = False) -> str | None:
+    def hash_alg(self, field: str) -> str:
         alg = self.u16(field)
-        if allow_null and alg == _ALG_NULL:
-            return None
         if alg not in _HASHES:
             raise Tpm2Error(f"{self.what}: unknown or unsupported hash algorithm {alg:#06x} in {field}")
         return _HASHES[alg]
@@ -179,10 +177,12 @@ class _Reader:
             raise Tpm2Error(f"{self.what} has {len(self.data) - self.pos} trailing bytes after offset {self.pos}")
 
 
-def _hash(name: str) -> hashes.HashAlgorithm:
-    return {"sha1": hashes.SHA1(), "sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}[
-        name
-    ]
+_HASH_ALGORITHMS: dict[str, hashes.HashAlgorithm] = {
+    "sha1": hashes.SHA1(),
+    "sha256": hashes.SHA256(),
+    "sha384": hashes.SHA384(),
+    "sha512": hashes.SHA512(),
+}
 
 
 # --- public areas ------------------------------------------------------------------------
@@ -213,7 +213,9 @@ class TpmPublic:
         if self.object_attributes & DECRYPT:
             return "not an attestation key: decrypt is set (an attestation key only signs)"
         if self.scheme is not None and self.scheme[0] not in _SIGNING_SCHEMES:
-            return f"not an attestation key: its scheme {self.scheme[0]} does not sign"
+            return f"not an attestation key the broker verifies: its scheme is {self.scheme[0]}, not RSASSA, RSAPSS or ECDSA"
+        if isinstance(self.public_key, rsa.RSAPublicKey) and self.public_key.key_size < 2048:
+            return f"too weak an attestation key: RSA {self.public_key.key_size} (2048 bits at least)"
         return None
 
     def public_pem(self) -> bytes:
@@ -233,7 +235,6 @@ def parse_public(data: bytes) -> TpmPublic:
     r = _Reader(raw, "the TPM public area")
     key_alg = r.u16("type")
     name_alg = r.hash_alg("nameAlg")
-    assert name_alg is not None
     attributes = r.u32("objectAttributes")
     auth_policy = r.tpm2b("authPolicy", 64)
     if auth_policy and len(auth_policy) != _DIGEST_SIZES[name_alg]:
@@ -315,7 +316,6 @@ def _scheme(r: _Reader) -> tuple[str, str] | None:
     if detail == 0:
         return name, ""
     hash_alg = r.hash_alg(f"the {name} scheme's hashAlg")
-    assert hash_alg is not None
     if detail == 4:
         r.u16("the ECDAA count")
     return name, hash_alg
@@ -373,7 +373,6 @@ def make_credential(ek_public: rsa.RSAPublicKey, ak_name: bytes, secret: bytes) 
 def _check_name(name: bytes) -> str:
     r = _Reader(name, "the key's Name")
     alg = r.hash_alg("its nameAlg")
-    assert alg is not None
     r.take(_DIGEST_SIZES[alg], "its digest")
     r.end()
     return alg
@@ -420,7 +419,6 @@ def parse_quote(attest: bytes) -> Quote:
     if count != 1:
         raise Tpm2Error(f"the quote selects PCRs of {count} banks; exactly one bank is accepted")
     bank = r.hash_alg("the PCR bank")
-    assert bank is not None
     size = r.u8("sizeofSelect")
     if not 1 <= size <= _MAX_PCR_SELECT:
         raise Tpm2Error(f"the quote's PCR selection is {size} bytes, not 1 to {_MAX_PCR_SELECT}")
@@ -460,7 +458,6 @@ def _parse_signature(signature: bytes) -> tuple[str, str, bytes]:
         raise Tpm2Error(f"the quote's signature uses unknown or unsupported algorithm {alg:#06x}")
     scheme = _SIG_ALGS[alg]
     hash_name = r.hash_alg("the signature's hash")
-    assert hash_name is not None
     if scheme == "ecdsa":
         sig_r = int.from_bytes(r.tpm2b("signatureR", _MAX_ECC_BYTES), "big")
         sig_s = int.from_bytes(r.tpm2b("signatureS", _MAX_ECC_BYTES), "big")
@@ -493,7 +490,7 @@ def verify_quote(ak: TpmPublic, attest: bytes, signature: bytes) -> Quote:
             f"the quote is signed with {scheme}/{hash_name} but the attestation key's scheme is "
             f"{ak.scheme[0]}/{ak.scheme[1]}"
         )
-    algorithm = _hash(hash_name)
+    algorithm = _HASH_ALGORITHMS[hash_name]
     key = ak.public_key
     try:
         if scheme == "ecdsa":

@@ -250,7 +250,13 @@ def test_user_with_auth_does_not_matter_and_a_null_scheme_is_usable():
 
 def test_a_decryption_scheme_is_no_attestation_key():
     key = tpm2.parse_public(tpm2b(tpmt_public(RSA_KEY.public_key(), scheme=0x0017)))  # OAEP
-    assert "oaep" in (key.attestation_key_problem() or "")
+    assert "its scheme is oaep" in (key.attestation_key_problem() or "")
+
+
+def test_an_rsa_1024_attestation_key_is_too_weak():
+    weak = rsa.generate_private_key(65537, 1024).public_key()
+    key = tpm2.parse_public(tpm2b(tpmt_public(weak)))
+    assert "RSA 1024" in (key.attestation_key_problem() or "")
 
 
 # --- malformed input -------------------------------------------------------------------
