@@ -107,8 +107,13 @@ class BrokerClient:
         return self._tpm
 
     def attest(self) -> Attestation:
-        """Attest now (challenge, quote, verdict) and keep the token for the next unwraps."""
-        attestation = run_attestation(self, self.host_tpm())
+        """Attest now (challenge, quote, verdict) and keep the token for the next unwraps.
+        Refused, the host keeps no token: the last verdict is the broker's refusal."""
+        try:
+            attestation = run_attestation(self, self.host_tpm())
+        except BrokerRefused:
+            self.tokens.drop()
+            raise
         self.tokens.put(attestation)
         return attestation
 

@@ -334,13 +334,25 @@ def test_the_token_never_reaches_a_repr():
 
 
 def test_a_refused_quote_is_one_line_and_nothing_is_unwrapped(host, broker, tpm, clock):
-    tpm.pcrs[7] = b"\xee" * 32  # a tampered boot
     client = WiredClient(host, broker, tpm, clock)
+    client.attest()
+    broker.tokens.clear()
+    tpm.pcrs[7] = b"\xee" * 32  # a tampered boot
     with pytest.raises(BrokerRefused) as refused:
         client.unwrap(key_safe(), "vm-1", "vm")
     text = str(refused.value)
     assert text == "the broker refused this host's attestation: attestation failed: PCR 7 differs from policy default"
-    assert broker.decrypts == []
+    assert broker.decrypts == [b"token-1"]  # the stale token, refused; nothing after the refused quote
+    assert not (host.attestation_dir / "token.json").exists()
+
+
+def test_a_refused_attestation_drops_the_cached_token(host, broker, tpm, clock):
+    client = WiredClient(host, broker, tpm, clock)
+    client.attest()
+    tpm.pcrs[3] = b"\xee" * 32
+    with pytest.raises(BrokerRefused, match="PCR 3 differs"):
+        client.attest()
+    assert client.tokens.get() is None
     assert not (host.attestation_dir / "token.json").exists()
 
 
