@@ -62,7 +62,10 @@ __all__ = [
 ]
 
 EK_HANDLE = 0x81010001  # TCG: the RSA 2048 EK's persistent handle
-AK_HANDLE = 0x81010002
+# The owner range (TCG "Registry of Reserved TPM 2.0 Handles": 0x81000000-
+# 0x8100FFFF): 0x81010002 and the rest of 0x8101xxxx are the endorsement
+# hierarchy's (an ECC EK lives at 0x81010002 on many platforms).
+AK_HANDLE = 0x81000102
 _TIMEOUT = 30
 _QUOTE_TRIES = 3
 _MAX_NONCE = 64  # TPM2B_DATA holds a TPMT_HA: a SHA-512 digest at most
