@@ -244,9 +244,7 @@ def test_timers_run_on_the_factory_reactor(global_reactor_calls):
     proto, _ = h.connect()
     proto.dataReceived(request_bytes(1))
     assert global_reactor_calls == []
-    assert h.clock.getDelayedCalls(), (
-        "no timeout was scheduled on the factory's reactor"
-    )
+    assert h.clock.getDelayedCalls(), "no timeout was scheduled on the factory's reactor"
 
 
 def test_idle_timeout_closes_after_idle_timeout_and_not_before():
@@ -635,3 +633,26 @@ def test_the_node_cap_holds_back_every_connection_until_the_node_drains():
     h.disconnect(pa)
     h.disconnect(pb)
     assert h.factory.connections == set()
+
+
+def test_a_connection_with_nothing_unsent_is_not_held_back_by_the_node_cap():
+    """The node's total (a sum over every connection) is taken only when the
+    answering connection's own buffer holds something: one whose responses
+    all left adds nothing to the node's memory and goes on; the other,
+    whose buffer is full, is held back."""
+    h = Harness(max_unsent_bytes_total=1000, idle_timeout=300.0)
+    unsent: dict = {}
+    sums = []
+    h.factory.unsent_bytes = lambda transport: unsent.get(id(transport), 0)
+    real_total = h.factory.unsent_total
+    h.factory.unsent_total = lambda: sums.append(1) or real_total()
+    (pa, ta), (pb, _) = connect_recording(h), connect_recording(h)
+    unsent[id(ta)] = 1500
+    pb.dataReceived(request_bytes(1) + request_bytes(2))
+    assert len(h.handled) == 2 and not pb.blocked
+    assert sums == []
+    pa.dataReceived(request_bytes(3) + request_bytes(4))
+    assert len(h.handled) == 3 and pa.blocked
+    assert sums
+    h.disconnect(pa)
+    h.disconnect(pb)
