@@ -1,6 +1,7 @@
 """`vtpm-drill`: lose the management plane, recover every vTPM, and prove it.
 
-    vtpm-drill [--vms N] [--hosts H] [--lose management[,broker]] [--workdir DIR] [--jobs J] [--json] [--keep] [--kms-port P]
+    vtpm-drill [--vms N] [--hosts H] [--lose management[,broker]] [--attest] [--workdir DIR] [--jobs J] [--json]
+               [--keep] [--kms-port P]
 
 Runs on 127.0.0.1 with real processes: a KMS, the broker, management
 instance A, H hosts, N VMs with a real vTPM (swtpm) each. A guest step
@@ -17,10 +18,18 @@ broker is restored from the backup in a new directory on new ports; before
 the recovery's power-on, every VM's generation-1 copy of its .nvram is put
 back and must be refused as a rollback by the restored broker's records.
 
-Exit status: 0 every VM recovered, 1 some did not, 2 the drill could not
-run (one line on stderr). `--json` prints {vms, recovered, nv_match,
-ek_match, kek_match, broker_restored, rollback_refused, seconds, failures,
-audit} on stdout, the narrative on stderr:
+`--attest` (at least 2 hosts) runs it with host attestation on: each host
+has its own TPM (swtpm), enrolls it and attests against a default policy
+captured from the first host; after the recovery the last host reboots into
+a tampered boot (one unexpected measurement more in PCR 7), and its VMs'
+power-ons must be refused while every other VM recovers.
+
+Exit status: 0 every VM recovered (with `--attest`: every VM not on the
+tampered host, and every one on it refused), 1 some did not, 2 the drill
+could not run (one line on stderr). `--json` prints {vms, recovered,
+nv_match, ek_match, kek_match, broker_restored, rollback_refused, attest,
+attested_hosts, tampered_host, tampered_vms, tampered_refused, seconds,
+failures, audit} on stdout, the narrative on stderr:
 `ek_match` counts EK certificates byte-identical to the one read before the
 disaster *and* chaining to the broker's EK CA; `recovered` counts VMs whose
 every check passed.
@@ -52,6 +61,14 @@ TOOLS = {
     "tpm2_nvwrite": "tpm2-tools",
     "tpm2_nvread": "tpm2-tools",
 }
+# --attest: the host TPMs' tools too.
+ATTEST_TOOLS = {
+    "tpm2_createek": "tpm2-tools",
+    "tpm2_createak": "tpm2-tools",
+    "tpm2_activatecredential": "tpm2-tools",
+    "tpm2_quote": "tpm2-tools",
+    "tpm2_pcrextend": "tpm2-tools",
+}
 
 
 class _Usage(Exception):
@@ -72,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         default="management",
         metavar="WHAT",
         help="what the disaster takes: management (the default) or management,broker (the broker host too)",
+    )
+    p.add_argument(
+        "--attest",
+        action="store_true",
+        help="with host attestation: every host attests with its own TPM; after the recovery the last host boots "
+        "tampered and must be refused its VMs (needs --hosts 2 or more)",
     )
     p.add_argument("--workdir", metavar="DIR", help="work here and keep it (default: a temporary directory, removed)")
     p.add_argument("--jobs", type=int, metavar="J", help="VMs handled at once (default: 4 per CPU, at most 32)")
@@ -96,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_args(args)
     except _Usage as exc:
         return _fail(str(exc))
-    missing = sorted({package for tool, package in TOOLS.items() if shutil.which(tool) is None})
+    tools = {**TOOLS, **ATTEST_TOOLS} if args.attest else TOOLS
+    missing = sorted({package for tool, package in tools.items() if shutil.which(tool) is None})
     if missing:
         return _fail(f"the drill needs swtpm and tpm2-tools; on Debian: apt-get install {' '.join(missing)}")
     jobs = args.jobs or min(32, 4 * (os.cpu_count() or 1))
@@ -115,6 +139,10 @@ def _check_args(args) -> None:
         raise _Usage("--kms-port must be between 0 and 65535")
     if not 1 <= args.hosts <= 64:
         raise _Usage("--hosts must be between 1 and 64")
+    if args.attest and args.hosts < 2:
+        raise _Usage(
+            "--attest needs --hosts 2 or more: the last host boots tampered, the others must recover their VMs"
+        )
     if args.jobs is not None and not 1 <= args.jobs <= 128:
         raise _Usage("--jobs must be between 1 and 128")
     lose = frozenset(part.strip() for part in args.lose.split(","))
@@ -143,7 +171,8 @@ def _drill(args, pool, jobs: int) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="vtpm-drill-"))
     console.print(
         f"[bold]vtpm-drill[/bold]: {args.vms} VMs on {args.hosts} hosts, {jobs} at a time, in {workdir}; "
-        f"the disaster takes {' and the '.join(sorted(args.lose, reverse=True))}",
+        f"the disaster takes {' and the '.join(sorted(args.lose, reverse=True))}"
+        + ("; host attestation on, the last host boots tampered after the recovery" if args.attest else ""),
         markup=True,
     )
     started = time.monotonic()
@@ -159,6 +188,7 @@ def _drill(args, pool, jobs: int) -> int:
         lose=args.lose,
         ticker=progress.ticker,
         kms_port=args.kms_port,
+        attest=args.attest,
     )
     failure = None
     try:
@@ -232,19 +262,21 @@ def _report(console, drill, seconds: float, as_json: bool) -> int:
     from rich.table import Table
 
     vms = drill.vms
+    tampered = {vm.name for vm in drill.tampered_vms()}
     failures = [f"{vm.name}: {error}" for vm in vms for error in vm.errors]
-    failures += [
-        f"{vm.name}: {what}"
-        for vm in vms
-        if not vm.errors
-        for what, ok in (
-            ("NV secret differs", vm.nv_match),
-            ("EK certificate differs", vm.ek_match),
-            ("EK certificate does not chain to the broker's EK CA", vm.ek_chains),
-            ("KEK changed or missing in the KMS", vm.kek_match),
-        )
-        if not ok
-    ]
+    for vm in vms:
+        if vm.errors:
+            continue
+        checks = [("KEK changed or missing in the KMS", vm.kek_match)]
+        if vm.name not in tampered:
+            # A VM refused for its tampered host has no vTPM to compare; its KEK must still be intact.
+            checks = [
+                ("NV secret differs", vm.nv_match),
+                ("EK certificate differs", vm.ek_match),
+                ("EK certificate does not chain to the broker's EK CA", vm.ek_chains),
+                *checks,
+            ]
+        failures += [f"{vm.name}: {what}" for what, ok in checks if not ok]
 
     table = Table(title="vTPMs before the disaster and after the recovery")
     for column in ("VM", "host A → B", "KEK (KMS key id)", "NV secret", "EK certificate", "chains to EK CA", "result"):
@@ -256,25 +288,41 @@ def _report(console, drill, seconds: float, as_json: bool) -> int:
             (vm.kek_before[:18] + ("…" if len(vm.kek_before) > 18 else "")) + ("" if vm.kek_match else " ✗"),
             "same" if vm.nv_match else "DIFFERENT" if vm.secret_after is not None else "-",
             f"same ({len(vm.ek_after)} bytes)" if vm.ek_match and vm.ek_after else "DIFFERENT" if vm.ek_after else "-",
-            "yes" if vm.ek_chains else "NO",
-            "[green]recovered[/green]" if vm.recovered else "[red]FAILED[/red]",
+            "yes" if vm.ek_chains else "-" if vm.attestation_refused else "NO",
+            "[green]recovered[/green]"
+            if vm.recovered
+            else "[yellow]refused: host tampered[/yellow]"
+            if vm.attestation_refused and not vm.errors
+            else "[red]FAILED[/red]",
         )
     console.print(table)
     for line in failures:
         console.print(f"[red]FAILED[/red] {line}", markup=True)
     summary = _summary(drill, seconds, failures)
-    n = summary["vms"]
+    # With --attest, the tampered host's VMs are expected refusals, not VMs to recover.
+    n = summary["vms"] - summary["tampered_vms"]
     lost = "vcenter-a and the broker host (restored from its backup)" if drill.lose_broker else "vcenter-a"
-    rollback = f", stale .nvram refused {summary['rollback_refused']}/{n}" if drill.lose_broker else ""
+    rollback = f", stale .nvram refused {summary['rollback_refused']}/{summary['vms']}" if drill.lose_broker else ""
     console.print(
         f"[bold]{summary['recovered']}/{n} VMs recovered[/bold] after losing {lost}: "
         f"NV secret {summary['nv_match']}/{n}, EK certificate {summary['ek_match']}/{n}, "
-        f"KEK {summary['kek_match']}/{n}{rollback}; {seconds:.1f} s end to end",
+        f"KEK {summary['kek_match']}/{summary['vms']}{rollback}; {seconds:.1f} s end to end",
         markup=True,
     )
+    if drill.attest:
+        console.print(
+            f"[bold]host attestation[/bold]: {summary['attested_hosts']}/{len(drill.hosts)} hosts attested; "
+            f"{drill.tampered_host} booted tampered after the recovery: {summary['tampered_refused']}/"
+            f"{summary['tampered_vms']} of its VMs refused their power-on, as they must be"
+            + (f" ({drill.tampered_error})" if drill.tampered_error else ""),
+            markup=True,
+        )
     if as_json:
-        print(json.dumps(_summary(drill, seconds, failures)))
-    return 0 if summary["recovered"] == n else 1
+        print(json.dumps(summary))
+    ok = summary["recovered"] == n and summary["tampered_refused"] == summary["tampered_vms"] and not failures
+    if drill.attest:
+        ok = ok and summary["attested_hosts"] == len(drill.hosts)
+    return 0 if ok else 1
 
 
 def _summary(drill, seconds: float, failures: list[str]) -> dict:
@@ -287,6 +335,11 @@ def _summary(drill, seconds: float, failures: list[str]) -> dict:
         "kek_match": sum(1 for vm in vms if vm.kek_match),
         "broker_restored": drill.broker_restored,
         "rollback_refused": sum(1 for vm in vms if vm.rollback_refused),
+        "attest": drill.attest,
+        "attested_hosts": drill.attested_hosts,
+        "tampered_host": drill.tampered_host,
+        "tampered_vms": len(drill.tampered_vms()),
+        "tampered_refused": sum(1 for vm in drill.tampered_vms() if vm.attestation_refused),
         "seconds": round(seconds, 2),
         "failures": failures,
         "audit": {
@@ -295,6 +348,7 @@ def _summary(drill, seconds: float, failures: list[str]) -> dict:
             "kms_records": drill.audit.get("kms", {}).get("records", 0),
             "kms_intact": drill.audit.get("kms", {}).get("intact", False),
             "steps": drill.audit.get("steps", []),
+            "attest_refused": drill.audit.get("attest_refused", []),
         },
     }
 

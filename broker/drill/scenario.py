@@ -4,11 +4,18 @@ Every step is an operator's command or a guest's tpm2-tools call; the drill
 only sequences them, keeps what each VM showed before the disaster, and
 compares after the recovery. The per-VM work (power-on, guest, power-off)
 runs in `runner.ToolPool` workers.
+
+With `attest` (issue 18, item 5) every host has its own TPM (swtpm), enrolls
+it at the broker and attests; a default policy is captured from the first
+host. After the recovery the last host reboots into a tampered boot (one
+unexpected measurement more in PCR 7): its VMs' power-ons must be refused,
+every other VM recovers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +33,7 @@ from broker import vmx
 from broker.drill import guest
 from broker.drill.processes import Broker, Kms, StepFailed, restore_broker, run, start_broker, start_kms
 from broker.drill.runner import ToolPool, run_forked
+from broker.host.host_tpm import HostTpm, HostTpmError, HostTpmProcess, measure_boot
 from broker.keysafe import parse_key_safe
 
 __all__ = ["Drill", "VmReport"]
@@ -34,6 +42,10 @@ PROVIDER = "kms-prod"
 INSTANCE_A = "vcenter-a"
 INSTANCE_B = "vcenter-b"
 SECRET_BYTES = 32
+# What the tampered host's boot measures into PCR 7 on top of the golden boot.
+TAMPERED_MEASUREMENT = hashlib.sha256(b"an unexpected boot component").digest()
+# What vtpm-host says when the broker refuses its host's attestation (broker/host/broker_client.py).
+ATTESTATION_REFUSED = "refused this host's attestation"
 
 
 @dataclass
@@ -56,6 +68,8 @@ class VmReport:
     # A copy of the .nvram at generation 1 (--lose broker): must be refused after the restore.
     stale: Path | None = None
     rollback_refused: bool = False
+    # --attest: its host after the recovery booted tampered, and its power-on was refused (as it must be).
+    attestation_refused: bool = False
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -138,6 +152,11 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
 # --- The drill -----------------------------------------------------------------------------------
 
 
@@ -154,8 +173,15 @@ class Drill:
         lose: frozenset[str] = frozenset({"management"}),
         ticker: Callable[[str], contextlib.AbstractContextManager[object]] | None = None,
         kms_port: int = 0,
+        attest: bool = False,
     ):
         self.workdir = workdir
+        # Host attestation: a TPM per host, a default policy, one tampered host after the recovery.
+        self.attest = attest
+        self.host_tpms: dict[str, HostTpmProcess] = {}
+        self.attested_hosts = 0
+        self.tampered_host: str | None = None
+        self.tampered_error = ""
         # "management" always; "broker": the broker host too, restored from its backup.
         self.lose_broker = "broker" in lose
         self.broker_restored = False
@@ -183,6 +209,9 @@ class Drill:
     def host_state(self, host: str) -> Path:
         return self.workdir / "hosts" / host
 
+    def host_tpm_dir(self, host: str) -> Path:
+        return self.workdir / "host-tpms" / host
+
     def instance_state(self, name: str) -> Path:
         return self.workdir / "mgmt" / name
 
@@ -202,7 +231,14 @@ class Drill:
         self._step("hosts re-registered", lambda: self._add_hosts(INSTANCE_B, again=True))
         self._step("vm register --datastore", self._register)
         if self.lose_broker:
+            if self.attest:
+                # The restored broker serves on new ports: the hosts' cached tokens were for the old one.
+                self._step("hosts attest to the restored broker", self._attest_all)
             self._step("stale .nvram refused after the restore", self._stale_refused)
+        if self.attest:
+            self.tampered_host = self.hosts[-1]
+            self._step(f"tampered boot of {self.tampered_host}", self._tamper)
+            self._step("hosts attest after the recovery", self._attest_all)
         self._step("power-on after recovery, guest reads back", self._second_boot)
         self._step("verification", self._verify)
         self._step("audit trail", self._read_audit)
@@ -214,7 +250,13 @@ class Drill:
         self._step("KMS", lambda: self._start_kms(audit=kms_audit))
         self._step("broker", self._start_broker)
         self._step(f"management instance {INSTANCE_A}", lambda: self._enroll(INSTANCE_A))
+        if self.attest:
+            self._step(f"{self.host_count} host TPMs", self._start_host_tpms)
         self._step(f"{self.host_count} hosts", lambda: self._add_hosts(INSTANCE_A))
+        if self.attest:
+            self._step("host TPMs enrolled", self._enroll_host_tpms)
+            self._step(f"attestation policy captured from {self.hosts[0]}", self._capture_policy)
+            self._step("every host attests", self._first_attestation)
 
     def create_vms(self) -> None:
         """Instance A creates the drill's VMs through the broker API."""
@@ -277,16 +319,128 @@ class Drill:
         for host in self.hosts:
             state = self.host_state(host)
             # Again on the same host: same key, a new CSR for the new instance.
+            tpm = ["--tpm", self.host_tpms[host].tcti] if self.attest else []
             self.pool.run(
                 "vtpm-host", "--state-dir", state, "init", "--name", host,
-                "--gateway", broker.gateway, "--api", broker.url, "--ca", broker.trust_ca,
+                "--gateway", broker.gateway, "--api", broker.url, "--ca", broker.trust_ca, *tpm,
             )  # fmt: skip
             self._mgmt(
                 instance, "host", "add", "--name", host, "--csr", state / "host.csr", "--out", certs / f"{host}.pem"
             )
             self.pool.run("vtpm-host", "--state-dir", state, "install-cert", "--cert", certs / f"{host}.pem")
         verb = "re-registered by" if again else "registered by"
-        return f"{', '.join(self.hosts)} {verb} {instance} (vtpm-host init, vtpm-mgmt host add, vtpm-host install-cert)"
+        init = "vtpm-host init --tpm" if self.attest else "vtpm-host init"
+        return f"{', '.join(self.hosts)} {verb} {instance} ({init}, vtpm-mgmt host add, vtpm-host install-cert)"
+
+    # Host attestation (--attest) ----------------------------------------------------------------
+
+    def _host(self, host: str, *args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess:
+        return self.pool.run("vtpm-host", "--state-dir", self.host_state(host), *args, check=check)
+
+    def _boot_host_tpm(self, host: str, tampered: bool = False) -> None:
+        """What the host's firmware does at power-on: measure the boot into PCRs 0-7; a tampered
+        boot measures one thing more into PCR 7."""
+        tpm = HostTpm(self.host_tpms[host].tcti, self.host_tpm_dir(host) / "scratch")
+        try:
+            measure_boot(tpm)
+            if tampered:
+                tpm.pcr_extend(7, "sha256", TAMPERED_MEASUREMENT)
+        except HostTpmError as exc:
+            raise StepFailed(f"the boot of {host}'s TPM failed: {exc}") from None
+
+    def _start_host_tpms(self) -> str:
+        for host in self.hosts:
+            tpm = HostTpmProcess(self.host_tpm_dir(host) / "state")
+            self.host_tpms[host] = tpm
+            try:
+                tpm.start()
+            except HostTpmError as exc:
+                raise StepFailed(f"the TPM of {host} did not start: {exc}") from None
+            self._boot_host_tpm(host)
+        return (
+            f"a TPM per host (swtpm, manufactured with an EK), each booted: the same measurements "
+            f"into PCRs 0-7, so every host has the same golden values ({self.workdir.name}/host-tpms/)"
+        )
+
+    def _enroll_host_tpms(self) -> str:
+        broker = self.broker
+        assert broker is not None
+        eks = self.workdir / "host-eks"
+        eks.mkdir(exist_ok=True)
+        for host in self.hosts:
+            ek = eks / f"{host}-ek.pem"
+            self._host(host, "attest", "ek-pub", "--out", ek)
+            broker.admin("attest", "pin-ek", host, "--ek-pub", str(ek))
+            self._host(host, "attest", "enroll")
+        return (
+            "per host: vtpm-host attest ek-pub (EK and AK made persistent), vtpm-broker admin attest pin-ek, "
+            "vtpm-host attest enroll (the AK proven by MakeCredential/ActivateCredential)"
+        )
+
+    def _capture_policy(self) -> str:
+        broker = self.broker
+        assert broker is not None
+        first = self.hosts[0]
+        # No policy covers it yet: its verified quote is kept as its evidence, the capture's source.
+        self._host(first, "attest", "now", "--json")
+        captured = broker.admin("attest-policy", "capture", "--default", "--from-host", first)
+        return (
+            f"vtpm-host attest now on {first}; vtpm-broker admin attest-policy capture --default --from-host {first}: "
+            f"{_first_line(captured.stdout)}"
+        )
+
+    def _first_attestation(self) -> str:
+        attested, refused = self._attest_hosts(self.hosts)
+        self.attested_hosts = len(attested)
+        shown = "".join(f"; {host} REFUSED: {error}" for host, error in refused.items())
+        return f"vtpm-host attest now: {len(attested)}/{len(self.hosts)} hosts got a token{shown}"
+
+    def _attest_hosts(self, hosts: list[str]) -> tuple[list[str], dict[str, str]]:
+        """`vtpm-host attest now` on each host: (the hosts that got a token, {refused host: its error})."""
+        attested: list[str] = []
+        refused: dict[str, str] = {}
+        for host in hosts:
+            done = self._host(host, "attest", "now", "--json", check=False)
+            if done.returncode != 0:
+                refused[host] = _last_line(done.stderr).removeprefix("vtpm-host: error: ")
+                continue
+            try:
+                token = json.loads(done.stdout).get("attested") is True
+            except ValueError:
+                token = False
+            if token:
+                attested.append(host)
+            else:
+                refused[host] = "attested, but no policy covers it: no token"
+        return attested, refused
+
+    def _tamper(self) -> str:
+        host = self.tampered_host
+        assert host is not None
+        try:
+            self.host_tpms[host].reboot()
+        except HostTpmError as exc:
+            raise StepFailed(f"{host}'s TPM did not reboot: {exc}") from None
+        self._boot_host_tpm(host, tampered=True)
+        return (
+            f"{host} rebooted into something else: its TPM reset, the same boot measured into PCRs 0-7 "
+            f"and one unexpected measurement more into PCR 7 (sha256 {TAMPERED_MEASUREMENT.hex()[:16]}...)"
+        )
+
+    def _attest_all(self) -> str:
+        """Every host attests now: a good one gets a fresh token for the power-ons that follow, the
+        tampered one (if any yet) must be refused."""
+        attested, refused = self._attest_hosts(self.hosts)
+        tampered = self.tampered_host
+        if tampered is not None and tampered in attested:
+            raise StepFailed(f"{tampered} booted tampered and still got an attestation token")
+        if tampered in refused:
+            self.tampered_error = refused[tampered]
+        shown = "".join(
+            f"; {host} refused{' (tampered, as it must be)' if host == tampered else ''}: {error}"
+            for host, error in refused.items()
+        )
+        return f"vtpm-host attest now: {len(attested)}/{len(self.hosts)} hosts got a token{shown}"
 
     def _create_vms(self) -> str:
         self.datastore.mkdir(parents=True, exist_ok=True)
@@ -512,15 +666,39 @@ class Drill:
             self.vms = saved
         for answer in answers:
             vm = by_name[answer["name"]]
+            if self.tampered_host is not None and vm.host_after == self.tampered_host:
+                # Its host booted tampered: the power-on must be refused for the host's attestation.
+                if answer["error"] and ATTESTATION_REFUSED in answer["error"]:
+                    vm.attestation_refused = True
+                    self.tampered_error = self.tampered_error or answer["error"].replace("vtpm-host: error: ", "")
+                else:
+                    vm.errors.append(
+                        f"after recovery: its host {vm.host_after} booted tampered, yet "
+                        + (f"its power-on failed for another reason: {answer['error']}" if answer["error"]
+                           else "it powered on")
+                    )  # fmt: skip
+                continue
             if answer["error"]:
                 vm.errors.append(f"after recovery: {answer['error']}")
                 continue
             vm.secret_after = answer["secret"]
             vm.ek_after = answer["ek"]
-        ok = sum(1 for a in answers if not a["error"])
-        return (
-            f"{ok}/{len(self.vms)} VMs powered on by their new hosts; tpm2_nvread of the secret and the EK certificate"
-        )
+        ok = sum(1 for vm in self.vms if vm.secret_after is not None and not vm.attestation_refused)
+        tampered = self.tampered_vms()
+        others = len(self.vms) - len(tampered)
+        text = f"{ok}/{others} VMs powered on by their new hosts; tpm2_nvread of the secret and the EK certificate"
+        if self.tampered_host is not None:
+            refused = sum(1 for vm in tampered if vm.attestation_refused)
+            text += f"; {refused}/{len(tampered)} power-ons on the tampered host {self.tampered_host} refused" + (
+                f": {self.tampered_error}" if self.tampered_error else ""
+            )
+        return text
+
+    def tampered_vms(self) -> list[VmReport]:
+        """The VMs placed on the tampered host by the recovery (--attest): their power-ons must be refused."""
+        if self.tampered_host is None:
+            return []
+        return [vm for vm in self.vms if vm.host_after == self.tampered_host]
 
     def _verify(self) -> str:
         anchors = self._ek_ca_certificates()
@@ -532,10 +710,17 @@ class Drill:
                 vm.errors.append("the .vmx names another KEK than before the disaster")
         self._check_keks_in_kms()
         ok = sum(1 for vm in self.vms if vm.recovered)
-        return (
-            f"{ok}/{len(self.vms)} VMs: same NV secret, byte-identical EK certificate chaining to the broker's EK CA, "
-            "same KEK (in the .vmx, at the broker and in the KMS)"
+        tampered = self.tampered_vms()
+        text = (
+            f"{ok}/{len(self.vms) - len(tampered)} VMs: same NV secret, byte-identical EK certificate chaining to "
+            "the broker's EK CA, same KEK (in the .vmx, at the broker and in the KMS)"
         )
+        if tampered:
+            refused = sum(1 for vm in tampered if vm.attestation_refused)
+            text += (
+                f"; the {len(tampered)} VMs of the tampered host {self.tampered_host}: {refused} refused as expected"
+            )
+        return text
 
     def _ek_ca_certificates(self) -> list[x509.Certificate]:
         """The broker's EK CA certificates (active and retired), public data.
@@ -589,9 +774,12 @@ class Drill:
         records = trail.get("records", [])
         counts: dict[str, int] = {}
         refused = 0
+        attest_refused: list[dict] = []
         for record in records:
             counts[record["action"]] = counts.get(record["action"], 0) + 1
             refused += 0 if record["allowed"] else 1
+            if record["action"] == "host.attest" and not record["allowed"]:
+                attest_refused.append({"host": record["target"], "reason": record["reason"]})
         shown = run("kms-admin", "audit", "show", "--config", self.kms.config, "--json", check=False)
         kms_records = [json.loads(line) for line in shown.stdout.splitlines() if line.strip()]
         advance()
@@ -613,6 +801,7 @@ class Drill:
                 "operations": kms_ops,
             },
             "steps": self._per_step(records, kms_records),
+            "attest_refused": attest_refused,
         }
         for step in self.audit["steps"]:
             broker_part = ", ".join(f"{a} {n}" for a, n in sorted(step["broker"].items())) or "-"
@@ -621,6 +810,12 @@ class Drill:
         chain = "hash chain intact" if not self.audit["problems"] else f"PROBLEMS: {self.audit['problems'][0]}"
         kms_chain = "chain and checkpoints intact" if verified.returncode == 0 else "VERIFY FAILED"
         broker_shown = ", ".join(f"{action} {n}" for action, n in sorted(counts.items()))
+        if self.attest:
+            # The attestations the broker refused, with the PCR that differed (its audit record's reason).
+            hosts = sorted({r["host"] for r in attest_refused})
+            self.say(f"  audit: host.attest refused {len(attest_refused)} times ({', '.join(hosts) or 'no host'})")
+            for reason in dict.fromkeys(r["reason"] for r in attest_refused):
+                self.say(f"  audit: host.attest refused: {reason}")
         return (
             f"broker: {len(records)} records ({refused} refused), {chain}: {broker_shown}; "
             f"KMS: {len(kms_records)} records ({self.audit['kms']['refused']} refused), {kms_chain}"
@@ -648,22 +843,26 @@ class Drill:
     # Cleanup ------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Power off whatever still runs, then stop the broker and the KMS."""
-        for host in self.hosts:
-            state = self.host_state(host)
-            if not (state / "config.toml").exists():
-                continue
-            status = run("vtpm-host", "--state-dir", state, "status", "--json", check=False)
-            try:
-                running = json.loads(status.stdout or "[]")
-            except ValueError:
-                running = []
-            for record in running:
-                run("vtpm-host", "--state-dir", state, "power-off", record["vmx"], check=False)
-        if self.broker is not None:
-            self.broker.stop()
-        if self.kms is not None:
-            self.kms.stop()
+        """Power off whatever still runs, then stop the host TPMs, the broker and the KMS."""
+        try:
+            for host in self.hosts:
+                state = self.host_state(host)
+                if not (state / "config.toml").exists():
+                    continue
+                status = run("vtpm-host", "--state-dir", state, "status", "--json", check=False)
+                try:
+                    running = json.loads(status.stdout or "[]")
+                except ValueError:
+                    running = []
+                for record in running:
+                    run("vtpm-host", "--state-dir", state, "power-off", record["vmx"], check=False)
+        finally:
+            for tpm in self.host_tpms.values():
+                tpm.stop()
+            if self.broker is not None:
+                self.broker.stop()
+            if self.kms is not None:
+                self.kms.stop()
 
 
 def _chains(der: bytes, anchors: list[x509.Certificate]) -> bool:
