@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,68 @@ def test_drill_loses_the_broker_host_too(tmp_path):
     master_key = bytes.fromhex((workdir / "vault" / "broker-master.key").read_text().strip())
     backup = (workdir / "backups" / "broker.vtbak").read_bytes()
     assert master_key not in backup and master_key.hex().encode() not in backup
+
+
+def test_drill_with_host_attestation_refuses_the_tampered_host(tmp_path):
+    """--attest with 4 VMs on 2 hosts: both hosts enroll their own swtpm TPM and
+    attest; after the recovery esx-02 reboots with one unexpected measurement in
+    PCR 7, the power-on of each VM the recovery placed on it is refused for its
+    attestation (the audit names PCR 7), the VMs on esx-01 recover, exit 0, and
+    every host TPM is stopped."""
+    workdir = tmp_path / "drill"
+    result = subprocess.run(
+        command("vtpm-drill", "--attest", "--vms", "4", "--hosts", "2", "--workdir", workdir, "--json"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["attest"] is True
+    assert summary["attested_hosts"] == 2
+    assert summary["tampered_host"] == "esx-02"
+    # vm register places round-robin on esx-02, esx-01: two VMs on each host.
+    assert summary["tampered_vms"] == summary["tampered_refused"] == 2
+    assert summary["recovered"] == summary["nv_match"] == summary["ek_match"] == 2
+    assert summary["kek_match"] == 4
+    assert summary["failures"] == []
+    refusals = summary["audit"]["attest_refused"]
+    assert refusals and {r["host"] for r in refusals} == {"esx-02"}
+    assert all("sha256 PCR 7 differs from policy default" in r["reason"] for r in refusals), refusals
+    steps = {step["step"]: step for step in summary["audit"]["steps"]}
+    assert steps["every host attests"]["broker"] == {"host.attest": 2}
+    recovery = steps["power-on after recovery, guest reads back"]["broker"]
+    # Each refused power-on is one refused attestation; it never reaches the gateway.
+    assert recovery.get("host.attest (refused)") == 2, recovery
+    assert recovery.get("gateway.unwrap") and "gateway.unwrap (refused)" not in recovery, recovery
+    narrative = " ".join(result.stderr.split())
+    assert "2/2 power-ons on the tampered host esx-02 refused" in narrative
+    assert "2/2 VMs recovered" in narrative and "2/2 hosts attested" in narrative
+    assert "Traceback" not in result.stderr
+    # The host TPMs were stopped: a host's attestation now cannot reach its TPM.
+    status = subprocess.run(
+        command("vtpm-host", "--state-dir", workdir / "hosts" / "esx-01", "attest", "status", "--json"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    host_tpm = json.loads(status.stdout)
+    assert host_tpm["tpm_error"], host_tpm
+    assert not Path(host_tpm["tcti"].removeprefix("swtpm:path=")).parent.exists(), host_tpm
+
+
+def test_drill_refuses_attest_with_one_host(tmp_path):
+    """--attest needs a tampered host and a good one: --hosts 1 is refused in one line, before anything runs."""
+    workdir = tmp_path / "drill"
+    result = subprocess.run(
+        command("vtpm-drill", "--attest", "--hosts", "1", "--workdir", workdir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "vtpm-drill: error: --attest needs --hosts 2 or more: "
+        "the last host boots tampered, the others must recover their VMs\n"
+    )
+    assert not workdir.exists()
