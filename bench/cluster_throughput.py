@@ -63,8 +63,15 @@ def run(nodes: list[str], pki: Path, clients: int, ops: int) -> dict:
     def pct(p: float) -> float:
         return percentile(latencies, p, float("nan")) * 1000
 
-    return {"nodes": len(nodes), "creates": done, "errors": errors, "seconds": round(elapsed, 3),
-            "creates_per_second": round(done / elapsed, 1), "p50_ms": round(pct(0.5), 2), "p95_ms": round(pct(0.95), 2)}
+    return {
+        "nodes": len(nodes),
+        "creates": done,
+        "errors": errors,
+        "seconds": round(elapsed, 3),
+        "creates_per_second": round(done / elapsed, 1),
+        "p50_ms": round(pct(0.5), 2),
+        "p95_ms": round(pct(0.95), 2),
+    }
 
 
 def main() -> int:
@@ -109,13 +116,19 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Create AES-256 through kms-server nodes on PostgreSQL with a synchronous standby "
-                        f"({args.clients} client processes)")
+    table = Table(
+        title=f"Create AES-256 through kms-server nodes on PostgreSQL with a synchronous standby "
+        f"({args.clients} client processes)"
+    )
     for column in ("audit", "nodes", "creates", "errors", "seconds", "creates/s", "p50 ms", "p95 ms"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(*(str(r[k]) for k in ("audit", "nodes", "creates", "errors", "seconds", "creates_per_second",
-                                            "p50_ms", "p95_ms")))
+        table.add_row(
+            *(
+                str(r[k])
+                for k in ("audit", "nodes", "creates", "errors", "seconds", "creates_per_second", "p50_ms", "p95_ms")
+            )
+        )
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

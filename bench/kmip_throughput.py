@@ -201,9 +201,7 @@ class _Runner:
                 return
             done = 1
             if self.workload == "vcenter-mix":
-                result, ok = self._call(
-                    "GetAttributes", lambda: self.client.get_attributes(uid, GET_ATTRIBUTE_NAMES)
-                )
+                result, ok = self._call("GetAttributes", lambda: self.client.get_attributes(uid, GET_ATTRIBUTE_NAMES))
                 if not ok:
                     return
                 by_name = {a.attribute_name.value: a.attribute_value.value for a in result[1]}
@@ -768,7 +766,9 @@ def wait_for_tls(server: Server, pki: Path, timeout: float) -> None:
     last = ""
     while time.monotonic() < deadline:
         if not server.alive():
-            raise RuntimeError(f"{server.name} exited ({server.proc.returncode}) before accepting TLS\n{server.log_tail()}")
+            raise RuntimeError(
+                f"{server.name} exited ({server.proc.returncode}) before accepting TLS\n{server.log_tail()}"
+            )
         try:
             with socket.create_connection((server.host, server.port), timeout=2) as raw:
                 with context.wrap_socket(raw) as tls:
@@ -814,20 +814,20 @@ def start_kms_server(
             [server]
             host = "127.0.0.1"
             port = 0
-            data_dir = "{workdir / 'data'}"
+            data_dir = "{workdir / "data"}"
             {f"worker_threads = {worker_threads}" if worker_threads else ""}
             {f"processes = {processes}" if processes else ""}
 
             [tls]
-            cert = "{pki / 'server.pem'}"
-            key = "{pki / 'server.key'}"
-            ca = "{pki / 'ca.pem'}"
+            cert = "{pki / "server.pem"}"
+            key = "{pki / "server.key"}"
+            ca = "{pki / "ca.pem"}"
 
             [storage]
-            db_url = "sqlite:///{workdir / 'data' / 'kms.db'}"
+            db_url = "sqlite:///{workdir / "data" / "kms.db"}"
 
             [master_key]
-            file = "{workdir / 'master.key'}"
+            file = "{workdir / "master.key"}"
 
             [logging]
             level = "{log_level}"
@@ -873,11 +873,16 @@ def start_ceiling(root: Path, pki: Path, log_level: str, timeout: float, worker_
     command = [
         sys.executable,
         str(REPO / "bench" / "ceiling_server.py"),
-        "--cert", str(pki / "server.pem"),
-        "--key", str(pki / "server.key"),
-        "--ca", str(pki / "ca.pem"),
-        "--host", "127.0.0.1",
-        "--port", "0",
+        "--cert",
+        str(pki / "server.pem"),
+        "--key",
+        str(pki / "server.key"),
+        "--ca",
+        str(pki / "ca.pem"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
     ]
     if worker_threads:
         command += ["--worker-threads", str(worker_threads)]
@@ -966,7 +971,9 @@ def summarize(server: str, workload: str, concurrency: int, raw: dict) -> dict:
     problems = list(raw["problems"])
     for p in parts:
         if p["timed_out"]:
-            problems.append(f"client {p['index']}: cell time limit reached after {p['iterations']}/{p['target']} iterations")
+            problems.append(
+                f"client {p['index']}: cell time limit reached after {p['iterations']}/{p['target']} iterations"
+            )
         if p["gave_up"]:
             problems.append(f"client {p['index']}: {p['gave_up']}")
     iterations_done = sum(p["iterations"] for p in parts)
@@ -1006,12 +1013,16 @@ def summarize(server: str, workload: str, concurrency: int, raw: dict) -> dict:
         "server_cpu_ms_per_request": (
             round(raw["server_cpu"] * 1000 / ok_requests, 3) if raw["server_cpu"] is not None and ok_requests else None
         ),
-        "server_cpu_utilisation": (round(raw["server_cpu"] / wall, 3) if raw["server_cpu"] is not None and wall else None),
+        "server_cpu_utilisation": (
+            round(raw["server_cpu"] / wall, 3) if raw["server_cpu"] is not None and wall else None
+        ),
         # CPU the rest of the machine used during the cell (neither the server
         # nor the benchmark's clients): anything well above 0 means the
         # figures of this cell were disturbed by other work.
         "other_cpu_cores": (
-            round(max(0.0, raw["machine_cpu"] - (raw["server_cpu"] or 0) - sum(p["client_cpu"] for p in parts)) / wall, 2)
+            round(
+                max(0.0, raw["machine_cpu"] - (raw["server_cpu"] or 0) - sum(p["client_cpu"] for p in parts)) / wall, 2
+            )
             if wall
             else None
         ),
@@ -1157,8 +1168,12 @@ def render(results: list[dict], meta: dict, console) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", type=int, default=300, help="iterations per workload per concurrency level per server (default 300)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--ops", type=int, default=300, help="iterations per workload per concurrency level per server (default 300)"
+    )
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated client connection counts (default 1,4,16)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(WORKLOADS)}")
     p.add_argument(
@@ -1174,8 +1189,15 @@ def parse_args(argv=None):
         metavar="N",
         help="keys each connection creates before the clock for the get and locate-x workloads (default 16)",
     )
-    p.add_argument("--warmup", type=int, default=2, help="unmeasured iterations per connection before the clock starts (default 2)")
-    p.add_argument("--cell-timeout", type=float, default=120.0, help="seconds one workload x concurrency x server may take (default 120)")
+    p.add_argument(
+        "--warmup", type=int, default=2, help="unmeasured iterations per connection before the clock starts (default 2)"
+    )
+    p.add_argument(
+        "--cell-timeout",
+        type=float,
+        default=120.0,
+        help="seconds one workload x concurrency x server may take (default 120)",
+    )
     p.add_argument("--socket-timeout", type=float, default=20.0, help="client socket timeout in seconds (default 20)")
     p.add_argument(
         "--quiet-wait",
@@ -1191,7 +1213,9 @@ def parse_args(argv=None):
         metavar="N",
         help=f"run a cell again, up to N times, when other work used more than {NOISE_CORES} core during it (default 2)",
     )
-    p.add_argument("--log-level", default="INFO", help="log level of both servers (default INFO, both servers' default)")
+    p.add_argument(
+        "--log-level", default="INFO", help="log level of both servers (default INFO, both servers' default)"
+    )
     p.add_argument(
         "--kms-worker-threads",
         type=int,
@@ -1289,7 +1313,11 @@ def main(argv=None) -> int:
                 *a, worker_threads=args.kms_worker_threads, processes=args.kms_processes
             ),
             "kms-no-audit": lambda *a: start_kms_server(
-                *a, worker_threads=args.kms_worker_threads, audit=False, name="kms-no-audit", processes=args.kms_processes
+                *a,
+                worker_threads=args.kms_worker_threads,
+                audit=False,
+                name="kms-no-audit",
+                processes=args.kms_processes,
             ),
             "PyKMIP": start_pykmip,
             "ceiling": lambda *a: start_ceiling(*a, worker_threads=args.kms_worker_threads),
@@ -1307,10 +1335,16 @@ def main(argv=None) -> int:
                 for name in args.servers:
                     server = servers.get(name)
                     if server is None:
-                        results.append(not_run(name, workload, conc, f"server not started: {start_errors[name].splitlines()[0]}"))
+                        results.append(
+                            not_run(name, workload, conc, f"server not started: {start_errors[name].splitlines()[0]}")
+                        )
                         continue
                     if not server.alive():
-                        results.append(not_run(name, workload, conc, f"server exited ({server.proc.returncode}) earlier in the run"))
+                        results.append(
+                            not_run(
+                                name, workload, conc, f"server exited ({server.proc.returncode}) earlier in the run"
+                            )
+                        )
                         continue
                     spec = {
                         "host": server.host,
@@ -1329,7 +1363,9 @@ def main(argv=None) -> int:
                     while True:
                         attempt += 1
                         if args.quiet_wait > 0 and not wait_until_quiet(args.quiet_wait):
-                            err.log(f"[yellow]the machine did not become quiet within {args.quiet_wait:.0f}s; running anyway[/]")
+                            err.log(
+                                f"[yellow]the machine did not become quiet within {args.quiet_wait:.0f}s; running anyway[/]"
+                            )
                         raw = pool.run_cell(spec, conc, args.ops, args.cell_timeout, server.cpu)
                         r = summarize(name, workload, conc, raw)
                         r["attempt"] = attempt
@@ -1365,7 +1401,9 @@ def main(argv=None) -> int:
             pool.close()
         for name, server in servers.items():
             if not server.alive():
-                err.print(f"{name} had exited with {server.proc.returncode}; log tail:\n{server.log_tail()}", markup=False)
+                err.print(
+                    f"{name} had exited with {server.proc.returncode}; log tail:\n{server.log_tail()}", markup=False
+                )
             server.stop()  # also when it died: its process group may have children left
         if args.keep or interrupted:
             err.log(f"servers' logs and databases kept in {root}")
@@ -1389,7 +1427,9 @@ def main(argv=None) -> int:
         return 130
     # A workload PyKMIP's server refuses (it has no custom attributes) is a
     # fact about the reference, not a failure of the run.
-    failed = any(r["status"] != "ok" and not (r["status"] == "unsupported" and r["server"] == "PyKMIP") for r in results)
+    failed = any(
+        r["status"] != "ok" and not (r["status"] == "unsupported" and r["server"] == "PyKMIP") for r in results
+    )
     return 1 if failed else 0
 
 
