@@ -257,7 +257,7 @@ def test_docs_name_every_metric_and_the_dashboard_only_real_ones():
     on_scrape = {
         "kms_open_connections", "kms_worker_queue_depth", "kms_worker_threads_busy", "kms_worker_threads_max",
         "kms_objects", "kms_audit_sink_records", "vtpm_broker_open_connections", "vtpm_broker_worker_queue_depth",
-        "vtpm_broker_kms_pool_connections",
+        "vtpm_broker_kms_pool_connections", "vtpm_broker_hosts_by_attestation",
     }
     assert registered | on_scrape == documented
     dashboard = (docs / "grafana-dashboard.json").read_text()

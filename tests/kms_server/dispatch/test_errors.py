@@ -35,6 +35,8 @@ EXPECTED = {
         R.AUTHENTICATION_NOT_SUCCESSFUL,
     ),
     errors.ObjectAlreadyExists: (R.OBJECT_ALREADY_EXISTS, R.OBJECT_ALREADY_EXISTS),
+    errors.AttestationRequired: (R.ATTESTATION_REQUIRED, R.ATTESTATION_REQUIRED),
+    errors.AttestationFailed: (R.ATTESTATION_FAILED, R.ATTESTATION_FAILED),
     errors.AttributeNotFound: (R.ITEM_NOT_FOUND, R.ATTRIBUTE_NOT_FOUND),
     errors.AttributeReadOnly: (R.PERMISSION_DENIED, R.ATTRIBUTE_READ_ONLY),
     errors.AttributeSingleValued: (R.INVALID_FIELD, R.ATTRIBUTE_SINGLE_VALUED),
