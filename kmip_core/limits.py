@@ -106,29 +106,46 @@ class ListenerLimits:
 
 class Deadline:
     """One timer on `reactor` that calls `expired` unless cancelled or
-    restarted first; harmless to cancel twice or after it fired."""
+    restarted first; harmless to cancel twice or after it fired.
+
+    Every request starts and cancels a connection's timers, so they are
+    cheap: `cancel` only disarms, and `start` moves the pending call with
+    `DelayedCall.reset` (lazy when it moves later, as a restart almost
+    always does) instead of cancelling it and scheduling another. A
+    disarmed call that comes due does nothing."""
 
     def __init__(self, reactor: Reactor, expired: Callable[[], None]):
         self._reactor = reactor
         self._expired = expired
         self._call: DelayedCall | None = None
+        self._armed = False
 
     def start(self, seconds: float) -> None:
-        self.cancel()
-        self._call = self._reactor.callLater(seconds, self._fire)
+        self._armed = True
+        if self._call is not None and self._call.active():
+            self._call.reset(seconds)
+        else:
+            self._call = self._reactor.callLater(seconds, self._fire)
 
     def cancel(self) -> None:
+        self._armed = False
+
+    def stop(self) -> None:
+        """Cancel and drop the pending call itself (the connection is gone)."""
+        self._armed = False
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
 
     @property
     def active(self) -> bool:
-        return self._call is not None and self._call.active()
+        return self._armed and self._call is not None and self._call.active()
 
     def _fire(self) -> None:
         self._call = None
-        self._expired()
+        if self._armed:
+            self._armed = False
+            self._expired()
 
 
 def socket_transport(transport: object) -> abstract.FileDescriptor | None:
@@ -237,9 +254,9 @@ class LimitedConnection(ProtocolWrapper):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._handshake_deadline.cancel()
-        self._close_deadline.cancel()
-        self._request_deadline.cancel()
+        self._handshake_deadline.stop()
+        self._close_deadline.stop()
+        self._request_deadline.stop()
         self.factory._release(self)
         self.state = "closed"
         if self.wrappedProtocol is not None:
@@ -253,14 +270,22 @@ class LimitedConnection(ProtocolWrapper):
 
     def _request_expired(self) -> None:
         if self.state == "established":
-            log.info("%s: closing %s: request not complete %ss after its first byte", self.factory.name, self.peer,
-                     self.factory.limits.request_timeout)
+            log.info(
+                "%s: closing %s: request not complete %ss after its first byte",
+                self.factory.name,
+                self.peer,
+                self.factory.limits.request_timeout,
+            )
             self.abort()
 
     def _close_expired(self) -> None:
         if self.state != "closed":
-            log.info("%s: aborting %s: close not done in %ss", self.factory.name, self.peer,
-                     self.factory.limits.close_timeout)
+            log.info(
+                "%s: aborting %s: close not done in %ss",
+                self.factory.name,
+                self.peer,
+                self.factory.limits.close_timeout,
+            )
             self.abort()
 
 
@@ -294,7 +319,9 @@ class LimitedFactory(WrappingFactory[LimitedConnection]):
             oldest = next(iter(self.handshaking))
             log.warning(
                 "%s: %d TLS handshakes in progress; dropping the oldest (%s)",
-                self.name, len(self.handshaking), oldest.peer,
+                self.name,
+                len(self.handshaking),
+                oldest.peer,
             )
             self.handshaking.pop(oldest)
             oldest.state = "refused"

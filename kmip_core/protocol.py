@@ -127,8 +127,8 @@ class KmipProtocol(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
         self._closing = True
-        self._idle.cancel()
-        self._frame_deadline.cancel()
+        self._idle.stop()
+        self._frame_deadline.stop()
         self._queue.clear()
         self._buffer.clear()
         if not self._handshake_done:

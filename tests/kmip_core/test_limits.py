@@ -298,3 +298,31 @@ def test_unsent_bytes_reads_through_tls_and_wrappers_to_the_socket_buffer():
     assert limits.unsent_bytes(outer) == 3 + 10 + 7
     assert limits.socket_transport(outer) is socket_transport
     assert limits.unsent_bytes(StringTransport()) == 0
+
+
+def test_a_deadline_restarted_reuses_its_call_and_a_cancelled_one_never_fires():
+    """Each request restarts a connection's timers: a restart moves the one
+    pending call instead of adding another, a cancelled (disarmed) call that
+    comes due does nothing, and stop() removes the call itself."""
+    clock = Clock()
+    fired = []
+    deadline = limits.Deadline(clock, lambda: fired.append(clock.seconds()))
+    deadline.start(10)
+    for _ in range(100):
+        deadline.cancel()
+        deadline.start(10)
+        clock.advance(1)
+    assert len(clock.getDelayedCalls()) == 1
+    assert fired == [] and deadline.active
+    deadline.cancel()
+    assert not deadline.active
+    clock.advance(20)
+    assert fired == []
+    deadline.start(5)
+    clock.advance(5)
+    assert fired == [125.0] and not deadline.active
+    deadline.start(5)
+    deadline.stop()
+    assert clock.getDelayedCalls() == []
+    clock.advance(10)
+    assert fired == [125.0]
