@@ -892,8 +892,9 @@ class Api:
         scope = check_scope(call.params["scope"])
         if self._scope(call) is not None and not self._instance_may(call, scope):
             assert call.caller is not None
-            raise ApiError(
-                403, f"an instance sets attestation policies for its own hosts and instance:{call.caller.name} only"
+            # Refused, not ApiError: the dispatcher records every refusal in the trail.
+            raise Refused(
+                f"an instance sets attestation policies for its own hosts and instance:{call.caller.name} only"
             )
         body = fields_of(
             parse_json_object(call.request.body), (), ("pcr_bank", "pcrs", "capture_from_host", "pcr_indices")
@@ -924,8 +925,8 @@ class Api:
         scope = check_scope(call.params["scope"])
         if self._scope(call) is not None and not self._instance_may(call, scope):
             assert call.caller is not None
-            raise ApiError(
-                403, f"an instance removes attestation policies of its own hosts and instance:{call.caller.name} only"
+            raise Refused(
+                f"an instance removes attestation policies of its own hosts and instance:{call.caller.name} only"
             )
         self.registry.remove_attest_policy(scope, actor=call.actor)
         return ApiResponse(204)

@@ -290,6 +290,9 @@ class Attestation(AuditTrail):
         with self._refusals_audited(actor, "attest.policy.set", str(scope)[:80]):
             scope = check_scope(scope)
             check_host_name(from_host)
+            if pcrs is not None and not pcrs:
+                # An empty selection would accept any boot.
+                raise InvalidRequest("name at least one PCR to capture, or leave the selection out for all of them")
             with self.db.read() as conn:
                 row = conn.execute(select(host_tpms).where(host_tpms.c.host == from_host)).first()
             if row is None or row.state != "enrolled" or not row.last_pcrs:
