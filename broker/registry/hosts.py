@@ -6,7 +6,7 @@ from __future__ import annotations
 from cryptography import x509
 from sqlalchemy import select, update
 
-from broker.db import hosts, instances, vms
+from broker.db import attest_tokens, host_tpms, hosts, instances, vms
 from broker.registry.audit import AuditTrail
 from broker.registry.enrollment import require_trusted
 from broker.registry.model import Conflict, InvalidRequest, NotFound, check_host_name
@@ -79,6 +79,10 @@ class Hosts(AuditTrail):
                 if existing is None or (instance is not None and existing.instance != instance):
                     raise NotFound(f"no host named {name}")
                 conn.execute(hosts.delete().where(hosts.c.name == name))
+                # Its TPM's pin and tokens go with it: a new host under the
+                # same name is pinned anew (docs/attestation.md).
+                tpm = conn.execute(host_tpms.delete().where(host_tpms.c.host == name)).rowcount
+                conn.execute(attest_tokens.delete().where(attest_tokens.c.host == name))
                 unplaced = conn.execute(
                     update(vms)
                     .where(vms.c.instance == existing.instance, vms.c.host == name)
@@ -90,5 +94,6 @@ class Hosts(AuditTrail):
                     "host.remove",
                     name,
                     True,
-                    f"removed (instance {existing.instance}), {unplaced} VMs unplaced",
+                    f"removed (instance {existing.instance}), {unplaced} VMs unplaced"
+                    + (", its TPM's pin dropped" if tpm else ""),
                 )

@@ -532,3 +532,64 @@ def test_transfer_cancel_and_remove_keep_the_generation(registry):
     actions = [(r.actor, r.action, r.allowed) for r in registry.audit_records() if r.target == VM_A]
     assert ("user:root-admin", "vm.transfer", True) in actions
     assert ("instance:vc-b", "vm.create", False) in actions
+
+
+# Host attestation: the registry's administration (docs/attestation.md;
+# quotes and tokens against real TPMs: tests/integration/test_host_attestation.py).
+def _ek_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_a_removed_host_takes_its_tpm_pin_along_and_a_takeover_keeps_it(registry):
+    trusted(registry, "vc-a")
+    registry.register_host("vc-a", "esx-1", csr_pem("ignored"))
+    registry.register_host("vc-a", "esx-2", csr_pem("ignored"))
+    registry.pin_host_ek("esx-1", _ek_pem())
+    registry.pin_host_ek("esx-2", _ek_pem())
+    status = {h.host: h for h in registry.attestation_status()}
+    assert status["esx-1"].tpm_state == status["esx-2"].tpm_state == "pinned"
+    registry.remove_host("vc-a", "esx-1")
+    registry.register_host("vc-a", "esx-1", csr_pem("ignored"))
+    status = {h.host: h for h in registry.attestation_status()}
+    # A new host under the same name is pinned anew.
+    assert status["esx-1"].tpm_state == "none"
+    # Instance B takes esx-2 over after A is revoked: the same machine, the same TPM.
+    registry.revoke("vc-a")
+    trusted(registry, "vc-b")
+    registry.register_host("vc-b", "esx-2", csr_pem("ignored"))
+    status = {h.host: h for h in registry.attestation_status()}
+    assert status["esx-2"].tpm_state == "pinned" and status["esx-2"].instance == "vc-b"
+    assert any("TPM's pin dropped" in r.reason for r in registry.audit_records() if r.action == "host.remove")
+
+
+def test_attestation_administration_refuses_bad_input_and_audits_it(registry):
+    trusted(registry, "vc-a")
+    registry.register_host("vc-a", "esx-1", csr_pem("ignored"))
+    with pytest.raises(InvalidRequest, match="does not load"):
+        registry.pin_host_ek("esx-1", b"not a key")
+    with pytest.raises(NotFound):
+        registry.pin_host_ek("esx-9", _ek_pem())
+    with pytest.raises(InvalidRequest, match="scope"):
+        registry.set_attest_policy("cluster:x", "sha256", {"0": "00" * 32})
+    with pytest.raises(InvalidRequest, match="32 bytes"):
+        registry.set_attest_policy("default", "sha256", {"0": "00" * 20})
+    with pytest.raises(InvalidRequest, match="bank"):
+        registry.set_attest_policy("default", "md5", {"0": "00" * 16})
+    with pytest.raises(Refused, match="no verified quote"):
+        registry.capture_attest_policy("default", "esx-1")
+    with pytest.raises(NotFound):
+        registry.remove_attest_policy("default")
+    assert registry.attest_policies() == []
+    refused = [r for r in registry.audit_records() if not r.allowed]
+    assert {r.action for r in refused} >= {"host.tpm.pin", "attest.policy.set", "attest.policy.remove"}
+    info = registry.set_attest_policy("instance:vc-a", "sha256", {"7": "11" * 32, "0": "22" * 32})
+    assert sorted(info.pcrs) == [0, 7]
+    # The most specific policy applies: host, then its instance, then default.
+    registry.set_attest_policy("default", "sha256", {"0": "33" * 32})
+    assert {h.host: h.policy for h in registry.attestation_status()}["esx-1"] == "instance:vc-a"
+    registry.set_attest_policy("host:esx-1", "sha256", {"1": "44" * 32})
+    assert {h.host: h.policy for h in registry.attestation_status()}["esx-1"] == "host:esx-1"
