@@ -246,7 +246,9 @@ class Drill:
     def set_up(self, *, kms_audit: bool = True) -> None:
         """The world before any VM: a KMS (its audit trail on unless
         `kms_audit` is False), the broker, management instance A enrolled
-        and approved, and its hosts. Also the start of bench/boot_storm.py."""
+        and approved, and its hosts (with `attest`: each with its own TPM,
+        enrolled, and attested under a default policy captured from the
+        first). Also the start of bench/boot_storm.py."""
         self._step("KMS", lambda: self._start_kms(audit=kms_audit))
         self._step("broker", self._start_broker)
         self._step(f"management instance {INSTANCE_A}", lambda: self._enroll(INSTANCE_A))
