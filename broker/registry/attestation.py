@@ -175,22 +175,28 @@ def parse_pcr_selection(text: str) -> tuple[str, tuple[int, ...]]:
     return bank, tuple(sorted(indices))
 
 
-def _check_values(bank: str, values: Mapping[object, object], pcrs: Sequence[int] | None = None) -> dict[int, bytes]:
-    """{index: digest} from JSON's {"7": "hex"}; each the bank's digest size."""
+def _check_values(
+    bank: str, values: Mapping[object, object], pcrs: Sequence[int] | None = None, field: str = "pcr_values"
+) -> dict[int, bytes]:
+    """{index: digest} from JSON's {"7": "hex"}; each the bank's digest size.
+    `field` names the values in errors (a quote's pcr_values, a policy's pcrs)."""
     if not isinstance(values, Mapping) or not values:
-        raise InvalidRequest('pcr_values must be an object such as {"0": "<hex>", ...}')
+        raise InvalidRequest(f'{field} must be an object such as {{"0": "<hex>", ...}}')
     out: dict[int, bytes] = {}
     for key, value in values.items():
         try:
             index = int(str(key))
             digest = bytes.fromhex(str(value))
         except ValueError:
-            raise InvalidRequest("pcr_values maps PCR indices to hexadecimal digests") from None
+            raise InvalidRequest(f"{field} maps PCR indices to hexadecimal digests") from None
         if not 0 <= index <= 23 or len(digest) != _BANKS[bank]:
             raise InvalidRequest(f"PCR {key}: a {bank} PCR is {_BANKS[bank]} bytes, index 0 to 23")
+        if index in out:
+            # "7" and "07" are one PCR: the later one must not silently win.
+            raise InvalidRequest(f"{field} gives PCR {index} twice")
         out[index] = digest
     if pcrs is not None and sorted(out) != list(pcrs):
-        raise InvalidRequest(f"pcr_values must give exactly PCRs {', '.join(map(str, pcrs))}")
+        raise InvalidRequest(f"{field} must give exactly PCRs {', '.join(map(str, pcrs))}")
     return out
 
 
@@ -278,7 +284,7 @@ class Attestation(AuditTrail):
             scope = check_scope(scope)
             if pcr_bank not in _BANKS:
                 raise InvalidRequest(f"unknown PCR bank {pcr_bank!r}; use one of {', '.join(_BANKS)}")
-            values = _check_values(pcr_bank, pcrs)
+            values = _check_values(pcr_bank, pcrs, field="pcrs")
             return self._store_policy(scope, pcr_bank, values, source, actor)
 
     def capture_attest_policy(
