@@ -26,6 +26,7 @@ unwraps: it is never logged or put into a message.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 TOKEN_FILE = "token.json"
+LOCK_FILE = "lock"
 ENROLLED_FILE = "enrolled.json"
 TPM_WORKDIR = "tpm"
 FILE_VERSION = 1
@@ -224,6 +226,24 @@ class TokenCache:
         }
         _private_dir(self.directory)
         write_atomic(self.directory / TOKEN_FILE, json.dumps(record).encode(), 0o600)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held while this host attests: one attestation at a time across
+        the host's processes (``directory/lock``, flock). Power-ons that
+        start together would otherwise drive the host TPM at once (it has
+        no resource manager under swtpm) and race their quotes to the
+        broker, which refuses the older one. In memory only: a no-op."""
+        if self.directory is None:
+            yield
+            return
+        _private_dir(self.directory)
+        with open(self.directory / LOCK_FILE, "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def drop(self) -> None:
         """Forget the token (the gateway refused it, or the AK changed)."""

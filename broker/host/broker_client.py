@@ -109,6 +109,10 @@ class BrokerClient:
     def attest(self) -> Attestation:
         """Attest now (challenge, quote, verdict) and keep the token for the next unwraps.
         Refused, the host keeps no token: the last verdict is the broker's refusal."""
+        with self.tokens.exclusive():
+            return self._attest_now()
+
+    def _attest_now(self) -> Attestation:
         try:
             attestation = run_attestation(self, self.host_tpm())
         except BrokerRefused:
@@ -118,8 +122,13 @@ class BrokerClient:
         return attestation
 
     def _attestation(self) -> Attestation:
-        """A usable token (cached, else a fresh attestation)."""
-        return self.tokens.get() or self.attest()
+        """A usable token (cached, else a fresh attestation). One process of
+        the host attests at a time; one that waited uses what the other got."""
+        cached = self.tokens.get()
+        if cached is not None:
+            return cached
+        with self.tokens.exclusive():
+            return self.tokens.get() or self._attest_now()
 
     # The gateway ---------------------------------------------------------------------------
 

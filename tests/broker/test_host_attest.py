@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -588,3 +589,41 @@ def test_attest_now_json_never_prints_the_token(tmp_path, trust_ca_file, capsys,
     out = capsys.readouterr().out
     assert json.loads(out) == {"attested": True, "expires_at": clock.now + TTL, "policy": "default"}
     assert "token-1" not in out
+
+
+def test_power_ons_that_start_together_attest_once_and_never_drive_the_tpm_at_once(host, broker, tpm, clock):
+    """Eight `vtpm-host power-on`s of one host, started together with no
+    token cached: one attests (under the host's lock), the others wait and
+    use its token; the TPM never quotes twice at once."""
+    import threading
+
+    inside = []
+    overlapped = []
+    quote = tpm.quote
+
+    def slow_quote(nonce: bytes, bank: str, pcrs: Sequence[int]) -> tuple[bytes, bytes, dict[int, bytes]]:
+        if inside:
+            overlapped.append(True)
+        inside.append(True)
+        try:
+            time.sleep(0.05)
+            return quote(nonce, bank, pcrs)
+        finally:
+            inside.pop()
+
+    tpm.quote = slow_quote  # type: ignore[method-assign]
+    start = threading.Barrier(8)
+    results: list[bytes] = []
+
+    def power_on(n: int) -> None:
+        client = WiredClient(host, broker, tpm, clock)  # each its own process's client
+        start.wait()
+        results.append(client.unwrap(key_safe(), f"vm-{n}", "vm"))
+
+    threads = [threading.Thread(target=power_on, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == [DEK] * 8
+    assert tpm.quotes == 1 and not overlapped
