@@ -547,6 +547,33 @@ def _worker_main(index: int, commands, results) -> None:
             runner = None
 
 
+def client_spec(
+    host: str,
+    port: int,
+    pki: Path,
+    workload: str,
+    warmup: int = 2,
+    socket_timeout: float = 20.0,
+    warm_keys: int = 16,
+    canned: bool = False,
+) -> dict:
+    """What a client process is told for one cell: the server's address,
+    the client certificate CLIENT_NAME of `pki` (made by init_pki), the
+    workload and its set-up (`canned`: the server is the ceiling)."""
+    return {
+        "host": host,
+        "port": port,
+        "cert": str(pki / f"{CLIENT_NAME}.pem"),
+        "key": str(pki / f"{CLIENT_NAME}.key"),
+        "ca": str(pki / "ca.pem"),
+        "workload": workload,
+        "warmup": warmup,
+        "socket_timeout": socket_timeout,
+        "warm_keys": warm_keys,
+        "canned": canned,
+    }
+
+
 class ClientPool:
     """`size` client processes, started once (spawn: no state inherited from
     this process's threads) and reused for every cell."""
@@ -590,7 +617,20 @@ class ClientPool:
             got[message["index"]] = message
         return got
 
-    def run_cell(self, spec: dict, concurrency: int, iterations: int, cell_timeout: float, sample_cpu) -> dict:
+    def run_cell(
+        self,
+        spec: dict,
+        concurrency: int,
+        iterations: int,
+        cell_timeout: float,
+        sample_cpu,
+        addresses: list[tuple[str, int]] | None = None,
+    ) -> dict:
+        """One cell: `concurrency` connections share `iterations` of the
+        workload of `spec` (a client_spec). With `addresses` (host, port),
+        connection i goes to addresses[i % len(addresses)] instead of the
+        spec's server: the connections spread evenly over a cluster's nodes.
+        `sample_cpu()` gives the servers' CPU seconds so far."""
         self.cell += 1
         n = min(concurrency, iterations, len(self.workers))
         for i in range(n):
@@ -598,7 +638,10 @@ class ClientPool:
                 self._replace(i)
         shares = [iterations // n + (1 if i < iterations % n else 0) for i in range(n)]
         for i in range(n):
-            self.workers[i][1].put({"cell": self.cell, "kind": "connect", "spec": {**spec, "iterations": shares[i]}})
+            client = {**spec, "iterations": shares[i]}
+            if addresses:
+                client["host"], client["port"] = addresses[i % len(addresses)]
+            self.workers[i][1].put({"cell": self.cell, "kind": "connect", "spec": client})
         connect_deadline = time.monotonic() + spec["socket_timeout"] * (spec["warmup"] + 1) + 15
         ready = self._collect("ready", set(range(n)), connect_deadline)
         problems: list[str] = []
@@ -1346,18 +1389,16 @@ def main(argv=None) -> int:
                             )
                         )
                         continue
-                    spec = {
-                        "host": server.host,
-                        "port": server.port,
-                        "cert": str(pki / f"{CLIENT_NAME}.pem"),
-                        "key": str(pki / f"{CLIENT_NAME}.key"),
-                        "ca": str(pki / "ca.pem"),
-                        "workload": workload,
-                        "warmup": args.warmup,
-                        "socket_timeout": args.socket_timeout,
-                        "warm_keys": args.warm_keys,
-                        "canned": name == "ceiling",
-                    }
+                    spec = client_spec(
+                        server.host,
+                        server.port,
+                        pki,
+                        workload,
+                        warmup=args.warmup,
+                        socket_timeout=args.socket_timeout,
+                        warm_keys=args.warm_keys,
+                        canned=name == "ceiling",
+                    )
                     attempt = 0
                     best = None
                     while True:
