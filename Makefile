@@ -116,8 +116,11 @@ bench-audit: venv
 bench-nvram: venv
 	$(BIN)/python bench/nvram_seal.py
 
+# Every workload of `make bench` through 1 and 3 kms-server nodes on PostgreSQL
+# with a synchronous standby (bench/README.md); about 5 minutes on 2 cores.
 bench-cluster: venv
-	$(BIN)/python bench/cluster_throughput.py
+	$(BIN)/python -c 'import rich' 2>/dev/null || $(BIN)/pip install --quiet rich
+	$(BIN)/python bench/cluster_throughput.py $(BENCH_CLUSTER_ARGS)
 
 bench-gateway: venv
 	$(BIN)/python bench/gateway_decrypt.py
