@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Protocol
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -872,24 +872,25 @@ class Api:
 
     def _attest_policies(self, call: _Call) -> ApiResponse:
         scope = self._scope(call)
-        policies = [p for p in self.registry.attest_policies() if scope is None or self._instance_may(call, p.scope)]
+        own = self._own_scopes(call) if scope is not None else set()
+        policies = [p for p in self.registry.attest_policies() if scope is None or p.scope in own]
         return ApiResponse(
             200, {"policies": [{**p.__dict__, "pcrs": {str(k): v for k, v in p.pcrs.items()}} for p in policies]}
         )
 
-    def _instance_may(self, call: _Call, scope: str) -> bool:
-        """An instance sets policies for its own hosts and its own host group only."""
+    def _own_scopes(self, call: _Call) -> set[str]:
+        """The policy scopes an instance may read and set: its own hosts and its own host group."""
         assert call.caller is not None
-        if scope == f"instance:{call.caller.name}":
-            return True
-        if scope.startswith("host:"):
-            return any(
-                h.host == scope[5:] and h.instance == call.caller.name for h in self.registry.attestation_status()
-            )
-        return False
+        name = call.caller.name
+        return {f"instance:{name}"} | {
+            f"host:{h.host}" for h in self.registry.attestation_status() if h.instance == name
+        }
+
+    def _instance_may(self, call: _Call, scope: str) -> bool:
+        return scope in self._own_scopes(call)
 
     def _set_attest_policy(self, call: _Call) -> ApiResponse:
-        scope = check_scope(call.params["scope"])
+        scope = check_scope(unquote(call.params["scope"]))
         if self._scope(call) is not None and not self._instance_may(call, scope):
             assert call.caller is not None
             # Refused, not ApiError: the dispatcher records every refusal in the trail.
@@ -922,7 +923,7 @@ class Api:
         return ApiResponse(200, {**policy.__dict__, "pcrs": {str(k): v for k, v in policy.pcrs.items()}})
 
     def _remove_attest_policy(self, call: _Call) -> ApiResponse:
-        scope = check_scope(call.params["scope"])
+        scope = check_scope(unquote(call.params["scope"]))
         if self._scope(call) is not None and not self._instance_may(call, scope):
             assert call.caller is not None
             raise Refused(

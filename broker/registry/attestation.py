@@ -565,10 +565,14 @@ class Attestation(AuditTrail):
             raise Refused(f"attestation failed: {failure}")
         assert tpm is not None and quote is not None and values is not None
         if policy is None:
+            if self.attestation.required:
+                # Every host must attest ([attestation] required): a verified
+                # quote with nothing to compare it with is a failed attestation.
+                failure = f"no attestation policy covers host {host} and [attestation] required is on"
+                self._record_quote(host, quote, values, "failed", failure, now)
+                raise Refused(f"attestation failed: {failure}")
             reason = "quote verified; no attestation policy covers this host"
             self._record_quote(host, quote, values, "no policy", reason, now)
-            if self.attestation.required:
-                raise Refused(f"attestation failed: no attestation policy covers host {host}")
             return AttestResult(None, None, None)
         token = "vat1." + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
         expires = now + self.attestation.token_ttl

@@ -244,7 +244,11 @@ def test_a_security_admin_sets_lists_and_removes_policies_of_any_scope(broker, s
     replaced = put_policy(broker, admin, "host:esx-a2", {"pcr_bank": "sha256", "pcrs": {"7": zeros("cd")}})
     assert replaced.status_code == 200 and replaced.json()["digest"] != given.json()["digest"]
 
-    for scope in ("default", "host:esx-a2", "instance:vc-b"):
+    # A client that percent-encodes the scope's colon names the same policy.
+    encoded = put_policy(broker, admin, "host%3Aesx-a2", {"pcr_bank": "sha256", "pcrs": {"7": zeros("cd")}})
+    assert encoded.status_code == 200 and encoded.json()["scope"] == "host:esx-a2"
+
+    for scope in ("default", "host%3Aesx-a2", "instance:vc-b"):
         gone = call(broker, "DELETE", f"{POLICIES}/{scope}", admin)
         assert gone.status_code == 204, gone.text
     assert not {"default", "host:esx-a2", "instance:vc-b"} & set(policies(broker, admin))
