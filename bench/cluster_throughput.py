@@ -142,9 +142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--noisy-retries",
         type=int,
-        default=1,
+        default=0,
         metavar="N",
-        help=f"run a cell again, up to N times, when other work used more than {kt.NOISE_CORES} core (default 1)",
+        help=f"run a cell again, up to N times, when other work used more than {kt.NOISE_CORES} core (default 0: "
+        "a retry doubles the run, and on a shared machine the next attempt is rarely quieter)",
     )
     p.add_argument("--log-level", default="INFO", help="the nodes' log level (default INFO, their default)")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
