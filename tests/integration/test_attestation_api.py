@@ -18,17 +18,16 @@ that never enrolls) and vc-b (host esx-b1, no TPM).
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import broker_harness
 import pytest
 import requests
+from attest_harness import attest, pin_and_enroll
 from broker_harness import Identity, assert_error, call, create_vm, enroll, issue_users, register_new_host
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -95,54 +94,6 @@ class Site:
     users: dict[str, Identity]
     instances: dict[str, Identity]
     hosts: dict[str, Host]
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.b64decode(text)
-
-
-def pin_and_enroll(broker: Broker, host: Host, tmp: Path) -> None:
-    """`admin attest pin-ek`, then the host's enroll and activate over the API."""
-    assert host.tpm is not None
-    ek = tmp / f"{host.name}-ek.pem"
-    ek.write_bytes(host.tpm.ek_public_pem())
-    broker.admin("attest", "pin-ek", host.name, "--ek-pub", str(ek))
-    offer = host.post(
-        broker,
-        "/v1/attestation/enroll",
-        {"ek_public_pem": host.tpm.ek_public_pem().decode(), "ak_public_b64": b64(host.tpm.ak_public())},
-    )
-    assert offer.status_code == 200, offer.text
-    secret = host.tpm.activate_credential(
-        unb64(offer.json()["id_object_b64"]), unb64(offer.json()["encrypted_secret_b64"])
-    )
-    done = host.post(broker, "/v1/attestation/activate", {"secret_b64": b64(secret)})
-    assert done.status_code == 200, done.text
-
-
-def attest(broker: Broker, host: Host) -> requests.Response:
-    """Challenge, quote with the host's TPM, verdict: the answer."""
-    assert host.tpm is not None
-    chal = host.post(broker, "/v1/attestation/challenge", {})
-    assert chal.status_code == 200, chal.text
-    challenge = chal.json()
-    attest_bytes, signature, values = host.tpm.quote(
-        unb64(challenge["nonce_b64"]), challenge["pcr_bank"], challenge["pcrs"]
-    )
-    return host.post(
-        broker,
-        "/v1/attestation/quote",
-        {
-            "nonce_b64": challenge["nonce_b64"],
-            "quote_b64": b64(attest_bytes),
-            "signature_b64": b64(signature),
-            "pcr_values": {str(i): v.hex() for i, v in values.items()},
-        },
-    )
 
 
 def some_rsa_public_pem() -> bytes:

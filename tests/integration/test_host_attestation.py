@@ -10,16 +10,15 @@ refusal is in the broker's audit trail.
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import broker_harness
 import pytest
+from attest_harness import attest, b64, challenge, pin_and_enroll, quote_body, unb64
 from broker_harness import call, create_vm, enroll, register_new_host
 from kmip.core.enums import ResultReason
 
@@ -86,54 +85,6 @@ def hosts(broker, tmp_path_factory) -> Iterator[dict[str, Host]]:
     finally:
         for host in made.values():
             host.process.stop()
-
-
-def pin_and_enroll(broker, host: Host, tmp: Path) -> None:
-    ek = tmp / f"{host.name}-ek.pem"
-    ek.write_bytes(host.tpm.ek_public_pem())
-    broker.admin("attest", "pin-ek", host.name, "--ek-pub", str(ek))
-    offer = host.post(
-        broker,
-        "/v1/attestation/enroll",
-        {"ek_public_pem": host.tpm.ek_public_pem().decode(), "ak_public_b64": b64(host.tpm.ak_public())},
-    )
-    assert offer.status_code == 200, offer.text
-    secret = host.tpm.activate_credential(
-        unb64(offer.json()["id_object_b64"]), unb64(offer.json()["encrypted_secret_b64"])
-    )
-    done = host.post(broker, "/v1/attestation/activate", {"secret_b64": b64(secret)})
-    assert done.status_code == 200, done.text
-    assert done.json()["state"] == "enrolled"
-
-
-def challenge(broker, host: Host) -> dict:
-    answer = host.post(broker, "/v1/attestation/challenge", {})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def quote_body(host: Host, chal: dict, tpm: HostTpm | None = None) -> dict:
-    nonce = unb64(chal["nonce_b64"])
-    attest, signature, values = (tpm or host.tpm).quote(nonce, chal["pcr_bank"], chal["pcrs"])
-    return {
-        "nonce_b64": chal["nonce_b64"],
-        "quote_b64": b64(attest),
-        "signature_b64": b64(signature),
-        "pcr_values": {str(i): v.hex() for i, v in values.items()},
-    }
-
-
-def attest(broker, host: Host):
-    """Challenge, quote, verdict: the answer (200 with a token, or 403)."""
-    return host.post(broker, "/v1/attestation/quote", quote_body(host, challenge(broker, host)))
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def unb64(text: str) -> bytes:
-    return base64.b64decode(text)
 
 
 def trail(broker, action: str) -> list[dict]:
