@@ -79,9 +79,14 @@ class MetaReader(Protocol):
 
 
 class Transaction(MetaReader, Protocol):
-    """What the barrier needs of a store's transaction: its meta records."""
+    """What the barrier needs of a store's transaction: its meta records,
+    and the store's writers' lock (`audit_head(lock=True)`: the lock the
+    audit chain's appenders take, held until commit), so that nodes or
+    worker processes opening a new store together take turns."""
 
     def set_meta(self, key: str, value: bytes) -> None: ...
+
+    def audit_head(self, lock: bool = False) -> object: ...
 
 
 class Storage(Protocol):
@@ -439,6 +444,13 @@ def open_barrier(
     opened = None  # the master key opened here, closed again if the store refuses it
     try:
         with storage.transaction() as txn:
+            if txn.get_meta(KEYRING_META) is None:
+                # A new store: the first opener makes the keyring (and a
+                # passphrase's salt); others that start at the same moment
+                # (a node's worker processes, a cluster's nodes) wait for
+                # its commit and then open that keyring, instead of each
+                # making one of their own and the last write winning.
+                txn.audit_head(lock=True)
             if master is None:
                 try:
                     master = opened = open_master_key(

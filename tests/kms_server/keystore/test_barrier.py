@@ -318,3 +318,42 @@ def test_a_tampered_keyring_record_does_not_open(tmp_path):
         txn.set_meta(barrier_module.KEYRING_META, bytes(record))
     with pytest.raises(BarrierError):
         open_barrier(storage, key_file=path)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_openers_of_a_new_store_at_the_same_moment_share_one_keyring(tmp_path, backend, request):
+    """A node's worker processes (or a cluster's nodes) that open a new
+    store together take turns: one makes the keyring, the others open it,
+    so what one seals every other unseals. Without the turn each made its
+    own keyring and the last write won (seen on PostgreSQL at start-up)."""
+    import threading
+
+    if backend == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'kms.db'}"
+    storages = [open_storage(url) for _ in range(6)]
+    try:
+        start = threading.Barrier(len(storages))
+        opened: list[Barrier] = []
+        errors: list[BaseException] = []
+
+        def open_one(storage) -> None:
+            start.wait()
+            try:
+                opened.append(open_barrier(storage, key_file=key_file(tmp_path, KEY)))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_one, args=(s,)) for s in storages]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == [] and len(opened) == len(storages)
+        blob = opened[0].seal("uid-1", SECRET)
+        assert all(b.unseal("uid-1", blob) == SECRET for b in opened)
+        assert len({b.keyring.digest_key for b in opened}) == 1
+    finally:
+        for storage in storages:
+            storage.close()
