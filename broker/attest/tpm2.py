@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 __all__ = [
+    "PCR_BANKS",
     "QuoteError",
     "Quote",
     "Tpm2Error",
@@ -60,6 +61,7 @@ __all__ = [
     "parse_public",
     "parse_quote",
     "pcr_digest",
+    "spki_fingerprint",
     "verify_quote",
 ]
 
@@ -67,6 +69,8 @@ __all__ = [
 _HASHES: dict[int, str] = {0x0004: "sha1", 0x000B: "sha256", 0x000C: "sha384", 0x000D: "sha512"}
 _HASH_IDS = {name: alg for alg, name in _HASHES.items()}
 _DIGEST_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+# The PCR banks a quote and a policy may name.
+PCR_BANKS = tuple(_DIGEST_SIZES)
 _ALG_RSA, _ALG_ECC, _ALG_NULL = 0x0001, 0x0023, 0x0010
 _ALG_AES = 0x0006
 _SYM_ALGS = {_ALG_AES: "aes", 0x0013: "sm4", 0x0026: "camellia"}
@@ -225,8 +229,14 @@ class TpmPublic:
 
     def fingerprint(self) -> str:
         """Hex SHA-256 of the SubjectPublicKeyInfo DER, as for keys given in PEM."""
-        der = self.public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        return hashlib.sha256(der).hexdigest()
+        return spki_fingerprint(self.public_key)
+
+
+def spki_fingerprint(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
+    """Hex SHA-256 of a public key's SubjectPublicKeyInfo DER: how the broker
+    pins a host TPM's EK, and how the host shows it."""
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 def parse_public(data: bytes) -> TpmPublic:

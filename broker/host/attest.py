@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -36,8 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives import serialization
-
+from broker.attest import tpm2
 from broker.host.errors import HostError
 from kmip_core.files import write_atomic
 
@@ -295,11 +293,10 @@ def _private_dir(directory: Path) -> None:
 def ek_fingerprint(ek_public_pem: bytes) -> str:
     """Hex SHA-256 of the EK's SubjectPublicKeyInfo (DER), as the broker shows it."""
     try:
-        key = serialization.load_pem_public_key(ek_public_pem)
-    except (ValueError, TypeError) as exc:
+        key = tpm2.ek_public_from_pem(ek_public_pem)
+    except tpm2.Tpm2Error as exc:
         raise HostError(f"the host TPM's EK public key does not load ({exc})") from None
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
+    return tpm2.spki_fingerprint(key)
 
 
 class _CheckedTpm:

@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 DEFAULT_PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
-_BANKS = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 MAX_TOKEN_TTL = 3600
 
 
@@ -160,8 +159,8 @@ def parse_pcr_selection(text: str) -> tuple[str, tuple[int, ...]]:
     """`sha256:0,1,2,3,4,5,6,7` (ranges allowed: `sha256:0-7`) -> (bank, indices)."""
     bank, _, spec = text.partition(":")
     bank = bank.strip().lower()
-    if bank not in _BANKS or not spec.strip():
-        raise InvalidRequest(f"a PCR selection is BANK:LIST such as sha256:0-7 (banks: {', '.join(_BANKS)})")
+    if bank not in tpm2.PCR_BANKS or not spec.strip():
+        raise InvalidRequest(f"a PCR selection is BANK:LIST such as sha256:0-7 (banks: {', '.join(tpm2.PCR_BANKS)})")
     indices: set[int] = set()
     for part in spec.split(","):
         lo, _, hi = part.strip().partition("-")
@@ -189,8 +188,8 @@ def _check_values(
             digest = bytes.fromhex(str(value))
         except ValueError:
             raise InvalidRequest(f"{field} maps PCR indices to hexadecimal digests") from None
-        if not 0 <= index <= 23 or len(digest) != _BANKS[bank]:
-            raise InvalidRequest(f"PCR {key}: a {bank} PCR is {_BANKS[bank]} bytes, index 0 to 23")
+        if not 0 <= index <= 23 or len(digest) != tpm2.digest_size(bank):
+            raise InvalidRequest(f"PCR {key}: a {bank} PCR is {tpm2.digest_size(bank)} bytes, index 0 to 23")
         if index in out:
             # "7" and "07" are one PCR: the later one must not silently win.
             raise InvalidRequest(f"{field} gives PCR {index} twice")
@@ -203,15 +202,6 @@ def _check_values(
 def _policy_digest(bank: str, pcrs: Mapping[int, bytes]) -> str:
     canonical = json.dumps({"bank": bank, "pcrs": {str(i): pcrs[i].hex() for i in sorted(pcrs)}}, sort_keys=True)
     return _sha256(canonical.encode())
-
-
-def _b64(value: object, field: str, limit: int = 8192) -> bytes:
-    if not isinstance(value, str) or len(value) > limit:
-        raise InvalidRequest(f"{field} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError:
-        raise InvalidRequest(f"{field} is not valid base64") from None
 
 
 class Attestation(AuditTrail):
@@ -231,7 +221,7 @@ class Attestation(AuditTrail):
                 ek = tpm2.ek_public_from_pem(ek_public_pem)
             except tpm2.Tpm2Error as exc:
                 raise InvalidRequest(f"the EK public key does not load: {exc}") from None
-            fp = _spki_fingerprint(ek)
+            fp = tpm2.spki_fingerprint(ek)
             now = self.clock()
             with self._audit_lock, self.db.begin() as conn:
                 if conn.execute(select(hosts.c.name).where(hosts.c.name == host)).first() is None:
@@ -282,8 +272,8 @@ class Attestation(AuditTrail):
         under the policy it replaces are void."""
         with self._refusals_audited(actor, "attest.policy.set", str(scope)[:80]):
             scope = check_scope(scope)
-            if pcr_bank not in _BANKS:
-                raise InvalidRequest(f"unknown PCR bank {pcr_bank!r}; use one of {', '.join(_BANKS)}")
+            if pcr_bank not in tpm2.PCR_BANKS:
+                raise InvalidRequest(f"unknown PCR bank {pcr_bank!r}; use one of {', '.join(tpm2.PCR_BANKS)}")
             values = _check_values(pcr_bank, pcrs, field="pcrs")
             return self._store_policy(scope, pcr_bank, values, source, actor)
 
@@ -421,7 +411,7 @@ class Attestation(AuditTrail):
                     )
                 if row.state == "revoked":
                     raise Refused(f"host {host}'s TPM is revoked; the security administrator pins it again")
-                if not hmac.compare_digest(row.ek_fingerprint, _spki_fingerprint(ek)):
+                if not hmac.compare_digest(row.ek_fingerprint, tpm2.spki_fingerprint(ek)):
                     raise Refused(f"the EK offered is not the one pinned for host {host} (another TPM?)")
                 conn.execute(
                     update(host_tpms)
@@ -716,25 +706,23 @@ class Attestation(AuditTrail):
         return AttestationCheck(True, True, f"attested under policy {policy.scope}")
 
     def _policy_for(self, conn, host: str, instance: str) -> PolicyInfo | None:
+        candidates = _scopes(host, instance)
         rows = {
             row.scope: row
-            for row in conn.execute(
-                select(attest_policies).where(
-                    attest_policies.c.scope.in_((f"host:{host}", f"instance:{instance}", "default"))
-                )
-            ).all()
+            for row in conn.execute(select(attest_policies).where(attest_policies.c.scope.in_(candidates))).all()
         }
-        for scope in (f"host:{host}", f"instance:{instance}", "default"):
-            if scope in rows:
-                return _policy_info(rows[scope])
-        return None
+        scope = _scope_of(set(rows), host, instance)
+        return _policy_info(rows[scope]) if scope is not None else None
+
+
+def _scopes(host: str, instance: str) -> tuple[str, str, str]:
+    """The scopes that may cover a host, most specific first."""
+    return (f"host:{host}", f"instance:{instance}", "default")
 
 
 def _scope_of(scopes: set[str], host: str, instance: str) -> str | None:
-    for scope in (f"host:{host}", f"instance:{instance}", "default"):
-        if scope in scopes:
-            return scope
-    return None
+    """The scope of the policy that covers the host, of those that exist."""
+    return next((scope for scope in _scopes(host, instance) if scope in scopes), None)
 
 
 def _policy_info(row) -> PolicyInfo:
@@ -747,10 +735,3 @@ def _policy_info(row) -> PolicyInfo:
         created_by=row.created_by,
         created_at=row.created_at,
     )
-
-
-def _spki_fingerprint(key) -> str:
-    from cryptography.hazmat.primitives import serialization
-
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return _sha256(der)
