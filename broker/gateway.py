@@ -98,9 +98,9 @@ class UnwrapRegistry(Protocol):
     worker threads (several at once). `record_audit` raises when it cannot
     write: the gateway then fails closed."""
 
-    def authorize_unwrap(self, host_fingerprint: str, kms_key_id: str) -> Decision: ...
-
-    def check_attestation(self, host: str, instance: str, ticket: bytes | None) -> AttestationCheck: ...
+    def authorize_gateway_unwrap(
+        self, host_fingerprint: str, kms_key_id: str, ticket: bytes | None
+    ) -> tuple[Decision, AttestationCheck | None]: ...
 
     def record_audit(self, actor: str, action: str, target: str, allowed: bool, reason: str) -> None: ...
 
@@ -242,7 +242,7 @@ def gateway_decrypt(ctx: RequestContext, gateway: GatewayContext, payload: Item)
 
     principal = ctx.principal
     fingerprint = principal.fingerprint
-    decision = gateway.registry.authorize_unwrap(fingerprint, key_id)
+    decision, attestation = gateway.registry.authorize_gateway_unwrap(fingerprint, key_id, ctx.ticket)
     # Named as the API names hosts in the trail ("host:<name>"), so one
     # host's records read alike whichever door it came through.
     actor = f"host:{decision.host}" if decision.host else principal.name
@@ -251,7 +251,7 @@ def gateway_decrypt(ctx: RequestContext, gateway: GatewayContext, payload: Item)
     started = time.monotonic()
     with request_scope(ctx.request_id, f"host:{decision.host}" if decision.host else None):
         try:
-            return _unwrap(ctx, gateway, decision, actor, key_id, (data, iv, aad, tag))
+            return _unwrap(ctx, gateway, decision, attestation, actor, key_id, (data, iv, aad, tag))
         finally:
             if gateway.metrics is not None:
                 gateway.metrics.unwrap_seconds(time.monotonic() - started)
@@ -261,6 +261,7 @@ def _unwrap(
     ctx: RequestContext,
     gateway: GatewayContext,
     decision: Decision,
+    attestation: AttestationCheck | None,
     actor: str,
     key_id: str,
     sealed: tuple[bytes, bytes, bytes | None, bytes],
@@ -268,10 +269,9 @@ def _unwrap(
     data, iv, aad, tag = sealed
     who = f"certificate sha256:{ctx.principal.fingerprint}, request {ctx.request_id}, from {ctx.peer}"
     reason = decision.reason
-    if decision.allowed and decision.host is not None:
+    if attestation is not None:
         # Host attestation (docs/attestation.md): a host a policy covers
         # shows a valid token, issued for its current boot, with each unwrap.
-        attestation = gateway.registry.check_attestation(decision.host, str(decision.instance), ctx.ticket)
         if not attestation.allowed:
             gateway.registry.record_audit(
                 actor, AUDIT_ACTION, _target(key_id, decision), False, f"attestation: {attestation.reason} ({who})"

@@ -683,20 +683,25 @@ class Attestation(AuditTrail):
             self._append_audit(conn, actor, "host.attest", host, allowed, (reason + boot)[:1000])
 
     def check_attestation(self, host: str, instance: str, ticket: bytes | None) -> AttestationCheck:
-        """The gateway's check before an unwrap (reads only; the gateway records the decision)."""
-        now = self.clock()
+        """May this host unwrap now, as far as attestation goes? Reads
+        only. The gateway asks it with the placement, in one read
+        (`UnwrapPolicy.authorize_gateway_unwrap`)."""
         with self.db.read() as conn:
-            policy = self._policy_for(conn, host, instance)
-            if policy is None and not self.attestation.required:
-                return AttestationCheck(True, False, "no attestation policy covers this host")
-            if ticket is None:
-                return AttestationCheck(False, True, "attestation required: the request carries no token", True)
-            token = conn.execute(select(attest_tokens).where(attest_tokens.c.token_sha256 == _sha256(ticket))).first()
-            tpm = conn.execute(select(host_tpms).where(host_tpms.c.host == host)).first()
+            return self._check_attestation_in(conn, host, instance, ticket)
+
+    def _check_attestation_in(self, conn, host: str, instance: str, ticket: bytes | None) -> AttestationCheck:
+        now = self.clock()
+        policy = self._policy_for(conn, host, instance)
+        if policy is None and not self.attestation.required:
+            return AttestationCheck(True, False, "no attestation policy covers this host")
+        if ticket is None:
+            return AttestationCheck(False, True, "attestation required: the request carries no token", True)
+        token = conn.execute(select(attest_tokens).where(attest_tokens.c.token_sha256 == _sha256(ticket))).first()
         if token is None or token.host != host:
             return AttestationCheck(False, True, "attestation token unknown (not issued to this host)")
         if token.expires_at < now:
             return AttestationCheck(False, True, f"attestation token expired {now - token.expires_at:.0f} s ago")
+        tpm = conn.execute(select(host_tpms).where(host_tpms.c.host == host)).first()
         if tpm is None or tpm.state != "enrolled" or tpm.ak_name != token.ak_name:
             return AttestationCheck(False, True, "the host's TPM was revoked or re-enrolled since the token was issued")
         if (tpm.reset_count, tpm.restart_count) != (token.reset_count, token.restart_count):

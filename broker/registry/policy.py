@@ -7,7 +7,7 @@ from __future__ import annotations
 from sqlalchemy import and_, bindparam, or_, select
 
 from broker.db import hosts, instances, nvram_generations, vms
-from broker.registry.audit import AuditTrail
+from broker.registry.attestation import Attestation, AttestationCheck
 from broker.registry.model import Decision
 
 # The unwrap policy's one read (the gateway's and a power-on's hot path): the
@@ -71,7 +71,7 @@ def _placement_decision(row, no_vm: str) -> Decision:
     return Decision(True, "VM is placed on this host by its trusted instance", row.host, row.instance, vm_uuid)
 
 
-class UnwrapPolicy(AuditTrail):
+class UnwrapPolicy(Attestation):
     """The unwrap policy's reads (the caller records the decision)."""
 
     def authorize_unwrap(self, host_fingerprint: str, kms_key_id: str) -> Decision:
@@ -82,6 +82,20 @@ class UnwrapPolicy(AuditTrail):
         with self.db.read() as conn:
             row = conn.execute(_PLACEMENT_BY_KEY, {"fp": host_fingerprint, "key": kms_key_id}).first()
         return _placement_decision(row, "key is not the KEK of any registered VM")
+
+    def authorize_gateway_unwrap(
+        self, host_fingerprint: str, kms_key_id: str, ticket: bytes | None
+    ) -> tuple[Decision, AttestationCheck | None]:
+        """`authorize_unwrap` and, when the placement allows, the host's
+        attestation (`check_attestation`, with the request's token), in one
+        read: the gateway's question for every unwrap. The attestation is
+        None when the placement refuses."""
+        with self.db.read() as conn:
+            row = conn.execute(_PLACEMENT_BY_KEY, {"fp": host_fingerprint, "key": kms_key_id}).first()
+            decision = _placement_decision(row, "key is not the KEK of any registered VM")
+            if not decision.allowed or decision.host is None:
+                return decision, None
+            return decision, self._check_attestation_in(conn, decision.host, str(decision.instance), ticket)
 
     def authorize_vm_for_host(self, host_fingerprint: str, vm_uuid: str) -> Decision:
         """The same rule by VM: may this host act for this VM (its vTPM's

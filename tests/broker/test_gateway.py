@@ -81,6 +81,15 @@ class FakeRegistry:
             return AttestationCheck(False, True, "attestation token unknown (not issued to this host)")
         return AttestationCheck(True, True, "attested under policy default")
 
+    def authorize_gateway_unwrap(
+        self, host_fingerprint: str, kms_key_id: str, ticket: bytes | None
+    ) -> tuple[Decision, AttestationCheck | None]:
+        # As broker.registry.policy: placement first, attestation only when it allows.
+        decision = self.authorize_unwrap(host_fingerprint, kms_key_id)
+        if not decision.allowed or decision.host is None:
+            return decision, None
+        return decision, self.check_attestation(decision.host, str(decision.instance), ticket)
+
     def authorize_unwrap(self, host_fingerprint: str, kms_key_id: str) -> Decision:
         self.asked.append((host_fingerprint, kms_key_id))
         host = {HOST_A_FP: "a", HOST_B_FP: "b", HOST_C_FP: "c"}.get(host_fingerprint)
@@ -588,7 +597,7 @@ def test_the_trust_registry_has_what_the_gateway_calls():
 
     from broker.trust import Registry
 
-    for name in ("authorize_unwrap", "record_audit"):
+    for name in ("authorize_gateway_unwrap", "record_audit"):
         wanted = list(inspect.signature(getattr(gateway.UnwrapRegistry, name)).parameters)
         assert list(inspect.signature(getattr(Registry, name)).parameters) == wanted
 

@@ -177,11 +177,14 @@ def _serve(config_path: str) -> None:
                 )
             return Decision(False, f"key {kms_key_id} is not the KEK of any registered VM", host, "instance-a", None)
 
-        def check_attestation(self, host, instance, ticket):
+        def authorize_gateway_unwrap(self, host_fingerprint, kms_key_id, ticket):
             # No attestation policy in this test (tests/integration/test_host_attestation.py has them).
             from broker.trust import AttestationCheck
 
-            return AttestationCheck(True, False, "no attestation policy covers this host")
+            decision = self.authorize_unwrap(host_fingerprint, kms_key_id)
+            if not decision.allowed:
+                return decision, None
+            return decision, AttestationCheck(True, False, "no attestation policy covers this host")
 
         def record_audit(self, actor, action, target, allowed, reason):
             line = json.dumps(
