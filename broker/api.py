@@ -868,30 +868,27 @@ class Api:
     def _attest_hosts(self, call: _Call) -> ApiResponse:
         scope = self._scope(call)
         rows = [r for r in self.registry.attestation_status() if scope is None or r.instance == scope]
-        return ApiResponse(200, {"hosts": [{**r.__dict__, "status": r.status} for r in rows]})
+        return ApiResponse(200, {"hosts": [r.as_json() for r in rows]})
 
     def _attest_policies(self, call: _Call) -> ApiResponse:
-        scope = self._scope(call)
-        own = self._own_scopes(call) if scope is not None else set()
-        policies = [p for p in self.registry.attest_policies() if scope is None or p.scope in own]
-        return ApiResponse(
-            200, {"policies": [{**p.__dict__, "pcrs": {str(k): v for k, v in p.pcrs.items()}} for p in policies]}
-        )
+        own = self._own_scopes(call)
+        policies = [p for p in self.registry.attest_policies() if own is None or p.scope in own]
+        return ApiResponse(200, {"policies": [p.as_json() for p in policies]})
 
-    def _own_scopes(self, call: _Call) -> set[str]:
-        """The policy scopes an instance may read and set: its own hosts and its own host group."""
-        assert call.caller is not None
-        name = call.caller.name
+    def _own_scopes(self, call: _Call) -> set[str] | None:
+        """The policy scopes an instance may read and set: its own hosts and
+        its own host group (None: a user with the right, every scope)."""
+        name = self._scope(call)
+        if name is None:
+            return None
         return {f"instance:{name}"} | {
             f"host:{h.host}" for h in self.registry.attestation_status() if h.instance == name
         }
 
-    def _instance_may(self, call: _Call, scope: str) -> bool:
-        return scope in self._own_scopes(call)
-
     def _set_attest_policy(self, call: _Call) -> ApiResponse:
         scope = check_scope(unquote(call.params["scope"]))
-        if self._scope(call) is not None and not self._instance_may(call, scope):
+        own = self._own_scopes(call)
+        if own is not None and scope not in own:
             assert call.caller is not None
             # Refused, not ApiError: the dispatcher records every refusal in the trail.
             raise Refused(
@@ -904,7 +901,7 @@ class Api:
             if "pcrs" in body or "pcr_bank" in body:
                 raise ApiError(400, "give either capture_from_host (and pcr_indices) or pcr_bank and pcrs")
             source_host = check_host_name(body["capture_from_host"])
-            if self._scope(call) is not None and not self._instance_may(call, f"host:{source_host}"):
+            if own is not None and f"host:{source_host}" not in own:
                 raise ApiError(404, f"no host named {source_host}")
             indices = body.get("pcr_indices")
             if indices is not None and (
@@ -920,11 +917,12 @@ class Api:
             policy = self.registry.set_attest_policy(
                 scope, _string(body, "pcr_bank", 16), body["pcrs"], source="given over the API", actor=call.actor
             )
-        return ApiResponse(200, {**policy.__dict__, "pcrs": {str(k): v for k, v in policy.pcrs.items()}})
+        return ApiResponse(200, policy.as_json())
 
     def _remove_attest_policy(self, call: _Call) -> ApiResponse:
         scope = check_scope(unquote(call.params["scope"]))
-        if self._scope(call) is not None and not self._instance_may(call, scope):
+        own = self._own_scopes(call)
+        if own is not None and scope not in own:
             assert call.caller is not None
             raise Refused(
                 f"an instance removes attestation policies of its own hosts and instance:{call.caller.name} only"

@@ -810,7 +810,7 @@ def _when(ts) -> str:
 def _print_hosts(rows, as_json: bool, heading: bool = False) -> None:
     """Hosts and their attestation status (`admin list`, `admin attest status`)."""
     if as_json:
-        print(json.dumps([{**r.__dict__, "status": r.status} for r in rows], indent=2))
+        print(json.dumps([r.as_json() for r in rows], indent=2))
         return
     if heading:
         print()
@@ -857,9 +857,7 @@ def _attest_policy(registry, args) -> int:
     if cmd == "list":
         policies = registry.attest_policies()
         if args.json:
-            print(
-                json.dumps([{**p.__dict__, "pcrs": {str(k): v for k, v in p.pcrs.items()}} for p in policies], indent=2)
-            )
+            print(json.dumps([p.as_json() for p in policies], indent=2))
         elif not policies:
             print("no attestation policies: no host has to attest ([attestation] required is off)")
         for p in [] if args.json else policies:

@@ -110,6 +110,10 @@ class PolicyInfo:
     created_by: str
     created_at: float
 
+    def as_json(self) -> dict:
+        """The policy as the API and `attest-policy list --json` show it."""
+        return {**self.__dict__, "pcrs": {str(k): v for k, v in self.pcrs.items()}}
+
 
 @dataclass(frozen=True)
 class HostAttestation:
@@ -124,6 +128,10 @@ class HostAttestation:
     last_quote_at: float | None
     reset_count: int | None
     token_expires_at: float | None
+
+    def as_json(self) -> dict:
+        """The host's status as the API and `admin list --hosts --json` show it."""
+        return {**self.__dict__, "status": self.status}
 
     @property
     def status(self) -> str:
