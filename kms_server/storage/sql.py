@@ -8,7 +8,9 @@ are sealed key material or TTLV attribute values.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -650,13 +652,15 @@ class SqlStorage(Storage):
         backend = url.get_backend_name()
         self._dialect = backend
         self._local = threading.local()
-        self._sqlite_writer = threading.Lock()
+        # Group commit of writers on SQLite (WriteBatches); None on PostgreSQL.
+        self.writes: WriteBatches | None = None
         try:
             self._engine = open_engine(url, pool_size=pool_size)
         except (SQLAlchemyError, ImportError) as exc:
             raise StorageError(f"cannot open storage {shown!r}: {exc}") from None
         if backend == "sqlite":
             configure_sqlite(self._engine)
+            self.writes = WriteBatches(self._engine, url.database)
         from kms_server.storage import schema as schema_versions
 
         self.shown_url = shown
@@ -687,14 +691,11 @@ class SqlStorage(Storage):
             raise StorageError("transactions do not nest")
         self._local.active = True
         try:
-            if self._dialect == "sqlite" and not read_only:
-                # Writers of this process queue on a lock that wakes the next
-                # one at once, instead of polling in SQLite's busy handler
-                # (which sleeps up to 100 ms); busy_timeout still covers
-                # other processes.
-                with self._sqlite_writer:
-                    with self._unit_of_work(read_only) as tx:
-                        yield tx
+            if self.writes is not None and not read_only:
+                # SQLite: one writer at a time; the writers of this process
+                # share commits (group commit, WriteBatches).
+                with self.writes.transaction(self._dialect) as tx:
+                    yield tx
             else:
                 with self._unit_of_work(read_only) as tx:
                     yield tx
@@ -737,3 +738,194 @@ class SqlStorage(Storage):
 
     def close(self) -> None:
         self._engine.dispose()
+        if self.writes is not None:
+            self.writes.close()
+
+
+# The most write transactions one commit holds. A batch runs its members'
+# blocks one after the other, so a longer batch delays its first member's
+# answer; and another process waits for the whole batch.
+BATCH_MAX = 16
+
+
+class _Batch:
+    """One database transaction that several write transactions share."""
+
+    __slots__ = ("conn", "trans", "members", "savepoints", "broken", "done", "error")
+
+    def __init__(self, conn: Connection, trans: Any) -> None:
+        self.conn = conn
+        self.trans = trans
+        self.members = 0  # blocks whose changes wait for the commit
+        self.savepoints = 0
+        self.broken: StorageError | None = None  # the connection failed: no commit
+        self.done = False
+        self.error: StorageError | None = None
+
+
+class WriteBatches:
+    """Group commit of the write transactions of one process on SQLite.
+
+    SQLite lets one writer in at a time, and each commit syncs the
+    write-ahead log to disk. Writers of this process therefore queue here,
+    and those that arrive while a transaction is open join it instead of
+    opening their own: each runs its block, in turn, under a SAVEPOINT of the
+    shared transaction; a block that raises (or whose transaction failed)
+    is rolled back to its savepoint, and the others keep their changes. The
+    writer that finds nobody waiting behind it (or the BATCH_MAX-th) commits
+    for all; every member returns from its `with` only then, with the
+    commit's outcome: nothing is answered before it is durable, and a
+    failed commit fails each member. Alone, a writer pays one commit, as
+    before. Members see the changes of earlier members of their batch, as
+    they would have seen them committed.
+
+    Writers of other processes (`[server] processes`, `kms-admin` commands)
+    wait on an exclusive flock of the lock file `<database>-writer`, taken
+    for each batch before BEGIN IMMEDIATE: the kernel wakes them when it is
+    released, where SQLite's busy handler would sleep and poll (up to 100
+    ms a turn). busy_timeout still covers a writer that does not take it."""
+
+    def __init__(self, engine: Engine, database: str | None) -> None:
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._busy = False  # a thread is using the open batch (its block or its commit)
+        self._waiting = 0
+        self._batch: _Batch | None = None
+        self._lock_fd: int | None = None
+        self._lock_path = f"{database}-writer" if database else None
+
+    @property
+    def waiting(self) -> int:
+        """Writers queued behind the open batch (tests, diagnostics)."""
+        return self._waiting
+
+    @property
+    def lock_path(self) -> str | None:
+        """The file whose flock writers of every process take."""
+        return self._lock_path
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _flock(self, op: int) -> None:
+        if self._lock_path is None:
+            return
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                self._lock_path = None  # a read-only directory: busy_timeout alone, as before
+                return
+        fcntl.flock(self._lock_fd, op)
+
+    def _open(self) -> _Batch:
+        self._flock(fcntl.LOCK_EX)
+        try:
+            conn = self._engine.connect()
+        except SQLAlchemyError as exc:
+            self._flock(fcntl.LOCK_UN)
+            raise _storage_error("connect", exc) from None
+        try:
+            return _Batch(conn, conn.begin())
+        except SQLAlchemyError as exc:
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
+            self._flock(fcntl.LOCK_UN)
+            raise _storage_error("begin", exc) from None
+
+    def _finish(self, batch: _Batch) -> None:
+        """Commit (or roll back) the batch and wake its members."""
+        error = batch.broken
+        try:
+            if error is None and batch.members:
+                try:
+                    batch.trans.commit()
+                except SQLAlchemyError as exc:
+                    error = _storage_error("commit", exc, commit=True)
+                    # Whatever state the failed COMMIT left it in, this
+                    # connection does not go back to the pool.
+                    with contextlib.suppress(SQLAlchemyError):
+                        batch.conn.invalidate()
+            else:
+                with contextlib.suppress(SQLAlchemyError):
+                    batch.trans.rollback()
+        finally:
+            with contextlib.suppress(SQLAlchemyError):
+                batch.conn.close()
+            self._flock(fcntl.LOCK_UN)
+            with self._cond:
+                batch.error, batch.done = error, True
+                self._busy = False
+                self._cond.notify_all()
+
+    def _savepoint(self, batch: _Batch, sql: str) -> None:
+        try:
+            batch.conn.exec_driver_sql(sql)
+        except SQLAlchemyError as exc:
+            batch.broken = batch.broken or _storage_error("savepoint", exc)
+
+    @contextlib.contextmanager
+    def transaction(self, dialect: str) -> Iterator[Transaction]:
+        with self._cond:
+            self._waiting += 1
+            while self._busy:
+                self._cond.wait()
+            self._waiting -= 1
+            self._busy = True
+            batch = self._batch
+        if batch is None:
+            try:
+                batch = self._batch = self._open()
+            except BaseException:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                raise
+        batch.savepoints += 1
+        name = f"w{batch.savepoints}"
+        self._savepoint(batch, f"SAVEPOINT {name}")
+        tx = _SqlTransaction(batch.conn, dialect)
+        if batch.broken is not None:
+            tx.failed = True
+        failure: BaseException | None = None
+        try:
+            yield tx
+        except BaseException as exc:
+            failure = exc
+        tx._closed = True
+        joined = failure is None and not tx.failed and batch.broken is None
+        if joined:
+            self._savepoint(batch, f"RELEASE {name}")
+            joined = batch.broken is None
+        else:
+            self._savepoint(batch, f"ROLLBACK TO {name}")
+            self._savepoint(batch, f"RELEASE {name}")
+        if joined:
+            batch.members += 1
+        with self._cond:
+            hand_over = batch.broken is None and self._waiting > 0 and batch.members < BATCH_MAX
+            if hand_over:
+                # The next writer continues the batch; this one waits for
+                # the commit if it has changes in it.
+                self._busy = False
+                self._cond.notify_all()
+                if joined:
+                    while not batch.done:
+                        self._cond.wait()
+            else:
+                self._batch = None
+        if not hand_over:
+            self._finish(batch)
+        if failure is not None:
+            raise failure
+        if tx.failed:
+            raise StorageError("the transaction failed and was rolled back")
+        error = batch.error if joined else batch.broken
+        if error is not None:
+            # Each member raises its own exception (one object raised in
+            # several threads would share one traceback).
+            if isinstance(error, StorageUnavailable):
+                raise StorageUnavailable(str(error), commit_unknown=error.commit_unknown)
+            raise StorageError(str(error))

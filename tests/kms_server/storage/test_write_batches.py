@@ -1,0 +1,263 @@
+"""Group commit of SQLite writers (kms_server.storage.sql.WriteBatches):
+writers that queue behind an open transaction share its commit, each
+returns only once it is committed, a failed block loses only its own
+changes, a failed commit fails every member, and writers of other
+processes wait on the lock file's flock."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+
+from kmip_core.db.engine import READ_ONLY
+from kms_server.storage import open_storage
+from kms_server.storage.base import StorageError
+from kms_server.storage.sql import BATCH_MAX, SqlStorage
+
+
+@pytest.fixture
+def storage(tmp_path):
+    opened = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
+    assert isinstance(opened, SqlStorage) and opened.writes is not None
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def _commits(storage: SqlStorage) -> list[int]:
+    """Commits of write transactions (readers commit too)."""
+    count: list[int] = []
+
+    def counted(conn):
+        if not conn.get_execution_options().get(READ_ONLY):
+            count.append(1)
+
+    event.listen(storage.engine, "commit", counted)
+    return count
+
+
+def _wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def _committed(storage: SqlStorage, key: str) -> bytes | None:
+    """What a separate reader sees: only committed data."""
+    with storage.transaction(read_only=True) as txn:
+        return txn.get_meta(key)
+
+
+class _Holder:
+    """A writer that stays inside its block until released, so that others
+    queue behind it."""
+
+    def __init__(self, storage: SqlStorage, key: str, fail: bool = False):
+        self.inside = threading.Event()
+        self.release = threading.Event()
+        self.error: BaseException | None = None
+        self.seen_after: bytes | None = None
+
+        def run():
+            try:
+                with storage.transaction() as txn:
+                    txn.set_meta(key, b"held")
+                    self.inside.set()
+                    assert self.release.wait(10)
+                    if fail:
+                        raise RuntimeError("the block failed")
+                self.seen_after = _committed(storage, key)
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert self.inside.wait(10)
+
+
+def _writer(storage: SqlStorage, key: str, results: dict, fail: str | None = None):
+    def run():
+        try:
+            with storage.transaction() as txn:
+                txn.set_meta(key, key.encode())
+                if fail == "raise":
+                    raise ValueError("refused by the operation")
+                if fail == "storage":
+                    with pytest.raises(StorageError):
+                        txn.get_meta(object())  # type: ignore[arg-type]
+            # Back from the block: the change is committed, visible to any reader.
+            results[key] = ("ok", _committed(storage, key))
+        except BaseException as exc:
+            results[key] = ("error", exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_writer_alone_commits_its_own_transaction(storage):
+    commits = _commits(storage)
+    with storage.transaction() as txn:
+        txn.set_meta("alone", b"1")
+    assert commits == [1]
+    assert _committed(storage, "alone") == b"1"
+
+
+def test_writers_queued_behind_an_open_transaction_share_its_commit(storage):
+    commits = _commits(storage)
+    holder = _Holder(storage, "first")
+    results: dict = {}
+    threads = [_writer(storage, f"w{i}", results) for i in range(5)]
+    _wait_for(lambda: storage.writes.waiting == 5, "five queued writers")
+    holder.release.set()
+    holder.thread.join(10)
+    for t in threads:
+        t.join(10)
+    assert holder.error is None and holder.seen_after == b"held"
+    # Every writer, back from its block, saw its own change committed.
+    assert results == {f"w{i}": ("ok", f"w{i}".encode()) for i in range(5)}
+    # Six writers, one commit: the holder's batch took the five queued behind it.
+    assert len(commits) == 1
+
+
+def test_a_batch_holds_at_most_batch_max_writers(storage):
+    commits = _commits(storage)
+    holder = _Holder(storage, "first")
+    results: dict = {}
+    count = BATCH_MAX + 3
+    threads = [_writer(storage, f"w{i}", results) for i in range(count)]
+    _wait_for(lambda: storage.writes.waiting == count, "queued writers")
+    holder.release.set()
+    for t in [holder.thread, *threads]:
+        t.join(10)
+    assert all(status == "ok" for status, _ in results.values()) and len(results) == count
+    assert len(commits) == 2
+
+
+@pytest.mark.parametrize("fail", ["raise", "storage"])
+def test_a_failed_block_loses_its_own_changes_only(storage, fail):
+    holder = _Holder(storage, "first")
+    results: dict = {}
+    before = _writer(storage, "before", results)
+    _wait_for(lambda: storage.writes.waiting == 1, "a queued writer")
+    failing = _writer(storage, "failing", results, fail=fail)
+    _wait_for(lambda: storage.writes.waiting == 2, "two queued writers")
+    after = _writer(storage, "after", results)
+    _wait_for(lambda: storage.writes.waiting == 3, "three queued writers")
+    holder.release.set()
+    for t in (holder.thread, before, failing, after):
+        t.join(10)
+    status, error = results["failing"]
+    assert status == "error"
+    if fail == "raise":
+        assert isinstance(error, ValueError)
+    else:
+        assert isinstance(error, StorageError) and "rolled back" in str(error)
+    assert _committed(storage, "failing") is None
+    assert results["before"] == ("ok", b"before") and results["after"] == ("ok", b"after")
+    assert holder.seen_after == b"held"
+
+
+def test_the_last_writer_failing_still_commits_the_others(storage):
+    holder = _Holder(storage, "first")
+    results: dict = {}
+    t1 = _writer(storage, "kept", results)
+    _wait_for(lambda: storage.writes.waiting == 1, "a queued writer")
+    t2 = _writer(storage, "failing", results, fail="raise")
+    _wait_for(lambda: storage.writes.waiting == 2, "two queued writers")
+    holder.release.set()
+    for t in (holder.thread, t1, t2):
+        t.join(10)
+    assert results["kept"] == ("ok", b"kept")
+    assert results["failing"][0] == "error"
+    assert _committed(storage, "first") == b"held" and _committed(storage, "failing") is None
+
+
+def test_a_failed_commit_fails_every_member_and_stores_nothing(storage):
+    holder = _Holder(storage, "first")
+    results: dict = {}
+    threads = [_writer(storage, f"w{i}", results) for i in range(3)]
+    _wait_for(lambda: storage.writes.waiting == 3, "queued writers")
+
+    def refuse(_conn):
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    event.listen(storage.engine, "commit", refuse)
+    holder.release.set()
+    for t in [holder.thread, *threads]:
+        t.join(10)
+    event.remove(storage.engine, "commit", refuse)
+    assert isinstance(holder.error, StorageError) and "commit" in str(holder.error)
+    for i in range(3):
+        status, error = results[f"w{i}"]
+        assert status == "error" and isinstance(error, StorageError) and "commit" in str(error)
+    for key in ("first", "w0", "w1", "w2"):
+        assert _committed(storage, key) is None
+    # The queue is usable afterwards.
+    with storage.transaction() as txn:
+        txn.set_meta("later", b"1")
+    assert _committed(storage, "later") == b"1"
+
+
+def test_reads_are_not_queued_behind_an_open_batch(storage):
+    with storage.transaction() as txn:
+        txn.set_meta("k", b"old")
+    holder = _Holder(storage, "k")
+    # A reader goes straight in and sees the last committed value.
+    assert _committed(storage, "k") == b"old"
+    holder.release.set()
+    holder.thread.join(10)
+    assert _committed(storage, "k") == b"held"
+
+
+def test_the_lock_file_is_private_and_writers_wait_for_its_flock(storage):
+    with storage.transaction() as txn:
+        txn.set_meta("k", b"1")
+    path = storage.writes.lock_path
+    assert path is not None and os.path.exists(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    # Another process holds the writers' flock (as another worker's batch
+    # would): a writer here waits for it instead of entering.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('held', flush=True); sys.stdin.readline()",
+            path,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        results: dict = {}
+        writer = _writer(storage, "blocked", results)
+        writer.join(0.5)
+        assert writer.is_alive() and "blocked" not in results
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        writer.join(10)
+        assert results["blocked"] == ("ok", b"blocked")
+    finally:
+        holder.kill()
+        holder.wait()
+    # And the flock is released after each batch.
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
