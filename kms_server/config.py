@@ -104,7 +104,7 @@ class ServerConfig:
     frame_timeout: float = 30.0
     max_unsent_bytes: int = 4 << 20
     # Worker processes sharing the listening socket (docs/process-model.md);
-    # by default one per core on PostgreSQL, one on SQLite.
+    # by default one per core.
     processes: int = 1
     max_unsent_bytes_total: int = 256 << 20
 
@@ -376,12 +376,9 @@ def _fill_derived(values: dict[str, dict[str, Any]]) -> None:
     if values["access"]["credentials_file"] is DERIVED:
         values["access"]["credentials_file"] = data_dir / "credentials.toml"
     if values["server"]["processes"] is DERIVED:
-        # One per core on PostgreSQL. SQLite takes one writer at a time:
-        # writers in several processes wait in its busy handler, which made
-        # the p99 of the write cycle 4x worse for no more throughput
-        # (docs/process-model.md), so SQLite nodes default to one process.
-        postgres = values["storage"]["db_url"].startswith("postgresql")
-        values["server"]["processes"] = (os.cpu_count() or 1) if postgres else 1
+        # One per core, on SQLite too: its writers of every process queue
+        # on one flock and share commits (docs/process-model.md).
+        values["server"]["processes"] = os.cpu_count() or 1
 
 
 def _in_memory(url: str) -> bool:

@@ -329,13 +329,15 @@ def test_merge_sources_with_another_schema(tmp_path, monkeypatch):
     assert str(info.value) == 'config: a.name is required; add name = "x" (a name) to [a]'
 
 
-def test_processes_default_to_the_cores_on_postgresql_and_one_on_sqlite(tmp_path, monkeypatch):
-    """SQLite takes one writer at a time (processes would wait on each
-    other's locks); PostgreSQL gets a worker per core; an explicit value wins."""
+def test_processes_default_to_the_cores_on_sqlite_and_postgresql(tmp_path, monkeypatch):
+    """A worker per core whatever the database (SQLite's writers of every
+    process share one flock and their commits); an explicit value wins."""
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
-    assert load_config(write(tmp_path, MINIMAL)).server.processes == 1
+    assert load_config(write(tmp_path, MINIMAL)).server.processes == 6
     postgres = MINIMAL + '[storage]\ndb_url = "postgresql://kms@db.example/kms"\n'
     assert load_config(write(tmp_path, postgres)).server.processes == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert load_config(write(tmp_path, MINIMAL)).server.processes == 1
     assert load_config(write(tmp_path, "[server]\nprocesses = 2\n" + MINIMAL)).server.processes == 2
     with pytest.raises(ConfigError, match="server.processes must be an integer between 1 and 256"):
         load_config(write(tmp_path, "[server]\nprocesses = 0\n" + MINIMAL))
