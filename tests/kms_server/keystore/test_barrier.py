@@ -337,11 +337,14 @@ def test_openers_of_a_new_store_at_the_same_moment_share_one_keyring(tmp_path, b
         start = threading.Barrier(len(storages))
         opened: list[Barrier] = []
         errors: list[BaseException] = []
+        # Written once, before the openers start: a thread rewriting the
+        # file while another reads it would see it empty.
+        master = key_file(tmp_path, KEY)
 
         def open_one(storage) -> None:
             start.wait()
             try:
-                opened.append(open_barrier(storage, key_file=key_file(tmp_path, KEY)))
+                opened.append(open_barrier(storage, key_file=master))
             except BaseException as exc:  # reported below
                 errors.append(exc)
 
