@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -180,6 +181,43 @@ _OBJECT_ATTRIBUTES = select(kms_attributes.c.name, kms_attributes.c.idx, kms_att
     kms_attributes.c.uid == bindparam("uid")
 )
 
+
+
+class _Raw:
+    """A prebuilt statement run on SQLite through the sqlite3 module itself:
+    SQLAlchemy's execute path (execution context, cursor wrapper, result
+    rows) cost more than SQLite's own work for these lookups, which every
+    request item runs (issue 15). The SQL is SQLAlchemy's compilation of the
+    same statement, so the schema stays written once; PostgreSQL runs the
+    statement through SQLAlchemy as before."""
+
+    __slots__ = ("stmt", "sql", "names")
+
+    def __init__(self, stmt: Any, column_keys: list[str] | None = None, literal: bool = False) -> None:
+        # `literal`: the statement's only parameters are constants (a LIMIT).
+        compiled = stmt.compile(
+            dialect=sqlite_dialect.dialect(),
+            column_keys=column_keys,
+            compile_kwargs={"literal_binds": True} if literal else {},
+        )
+        self.stmt = stmt
+        self.sql = str(compiled)
+        self.names = tuple(compiled.positiontup or ())
+
+    def rows(self, conn: Connection, dialect: str, params: dict[str, Any]) -> list[Any]:
+        """Every row (tuples); none for a statement without rows."""
+        if dialect != "sqlite":
+            result = conn.execute(self.stmt, params)
+            return result.all() if result.returns_rows else []
+        args = tuple(params[name] for name in self.names)
+        try:
+            return conn.connection.driver_connection.execute(self.sql, args).fetchall()  # type: ignore[union-attr]
+        except sqlite3.Error as exc:
+            # As SQLAlchemy would raise it: the storage layer's errors
+            # (_storage_error) are made from SQLAlchemy's.
+            raise DBAPIError.instance(self.sql, args, exc, sqlite3.Error) from None
+
+
 # Writes of objects and their attribute rows (bound parameters whose names
 # differ from the columns': SQLAlchemy reserves those for VALUES and SET).
 _OBJECT_INSERT = insert(kms_objects)
@@ -204,6 +242,12 @@ _ATTRIBUTES_DELETE_IDS = delete(kms_attributes).where(kms_attributes.c.id.in_(bi
 # Every write transaction reads and writes the store digest (keystore/row_auth.py).
 _META_GET = select(kms_meta.c.value).where(kms_meta.c.key == bindparam("key"))
 _META_GET_FOR_UPDATE = _META_GET.with_for_update()
+
+_RAW_OBJECT_ROW = _Raw(_OBJECT_ROW)
+_RAW_OBJECT_ATTRIBUTES = _Raw(_OBJECT_ATTRIBUTES)
+_RAW_AUDIT_HEAD = _Raw(_AUDIT_HEAD, literal=True)
+_RAW_AUDIT_INSERT = _Raw(_AUDIT_INSERT, [c.name for c in kms_audit.c])
+_RAW_META_GET = _Raw(_META_GET)
 
 
 def _meta_upsert(dialect_insert):
@@ -437,30 +481,28 @@ class _SqlTransaction(Transaction):
         with self._op("get_object"):
             # SQLite needs no row lock: BEGIN IMMEDIATE already holds the
             # database's write lock.
-            stmt = _OBJECT_ROW_FOR_UPDATE if for_update and self._dialect == "postgresql" else _OBJECT_ROW
-            row = self._conn.execute(stmt, {"uid": uid}).first()
-            if row is None:
+            if for_update and self._dialect == "postgresql":
+                found = list(self._conn.execute(_OBJECT_ROW_FOR_UPDATE, {"uid": uid}))
+            else:
+                found = _RAW_OBJECT_ROW.rows(self._conn, self._dialect, {"uid": uid})
+            if not found:
                 return None
-            attrs = self._conn.execute(_OBJECT_ATTRIBUTES, {"uid": uid}).all()
+            sequence, uid, owner, version, sealed_material, row_mac = found[0]
+            attrs = _RAW_OBJECT_ATTRIBUTES.rows(self._conn, self._dialect, {"uid": uid})
             # Sorted here, not in SQL: the order of names must not depend on
             # the database's collation.
             attributes = sorted(
-                (
-                    StoredAttribute(name=a.name, index=a.idx, value=bytes(a.value))
-                    for a in attrs
-                ),
+                (StoredAttribute(name=name, index=idx, value=bytes(value)) for name, idx, value in attrs),
                 key=lambda a: (a.name, a.index),
             )
             return StoredObject(
-                uid=row.uid,
-                owner=row.owner,
-                sealed_material=(
-                    None if row.sealed_material is None else bytes(row.sealed_material)
-                ),
+                uid=uid,
+                owner=owner,
+                sealed_material=None if sealed_material is None else bytes(sealed_material),
                 attributes=attributes,
-                version=row.version,
-                sequence=row.sequence,
-                row_mac=None if row.row_mac is None else bytes(row.row_mac),
+                version=version,
+                sequence=sequence,
+                row_mac=None if row_mac is None else bytes(row_mac),
             )
 
     def update_object(self, obj: StoredObject) -> None:
@@ -552,9 +594,11 @@ class _SqlTransaction(Transaction):
     def get_meta(self, key: str, for_update: bool = False) -> bytes | None:
         with self._op("get_meta", write=for_update):
             # SQLite's BEGIN IMMEDIATE already serializes writers.
-            stmt = _META_GET_FOR_UPDATE if for_update and self._dialect == "postgresql" else _META_GET
-            value = self._conn.execute(stmt, {"key": key}).scalar()
-            return None if value is None else bytes(value)
+            if for_update and self._dialect == "postgresql":
+                found = list(self._conn.execute(_META_GET_FOR_UPDATE, {"key": key}))
+            else:
+                found = _RAW_META_GET.rows(self._conn, self._dialect, {"key": key})
+            return bytes(found[0][0]) if found and found[0][0] is not None else None
 
     def set_meta(self, key: str, value: bytes) -> None:
         with self._op("set_meta", write=True):
@@ -567,15 +611,15 @@ class _SqlTransaction(Transaction):
                 # Held until commit; SQLite's BEGIN IMMEDIATE already
                 # serializes writers.
                 self._conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
-            row = self._conn.execute(_AUDIT_HEAD).first()
-            return None if row is None else (row.seq, row.hash)
+            found = _RAW_AUDIT_HEAD.rows(self._conn, self._dialect, {})
+            return (found[0][0], found[0][1]) if found else None
 
     def insert_audit(self, record: StoredAuditRecord) -> None:
         with self._op("insert_audit", write=True):
             # A prebuilt statement with bound parameters: building an
             # INSERT .. VALUES per record cost more than the rest of the
             # record together.
-            self._conn.execute(_AUDIT_INSERT, _audit_row(record))
+            _RAW_AUDIT_INSERT.rows(self._conn, self._dialect, _audit_row(record))
 
     def audit_records(self, query: AuditQuery) -> list[StoredAuditRecord]:
         with self._op("audit_records"):
