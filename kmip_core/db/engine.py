@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import stat
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 __all__ = [
     "READ_ONLY",
@@ -139,7 +140,14 @@ def configure_sqlite(
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else begin)
+        sql = "BEGIN" if conn.get_execution_options().get(READ_ONLY) else begin
+        # On the sqlite3 connection itself: SQLAlchemy's execute path cost
+        # more than the BEGIN, and every transaction runs one (issue 15).
+        # A failure is raised as SQLAlchemy would have raised it.
+        try:
+            conn.connection.driver_connection.execute(sql)  # type: ignore[union-attr]
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(sql, (), exc, sqlite3.Error) from None
 
 
 def describe_error(exc: SQLAlchemyError) -> str:
