@@ -208,7 +208,7 @@ class _Raw:
         """Every row (tuples); none for a statement without rows."""
         if dialect != "sqlite":
             result = conn.execute(self.stmt, params)
-            return result.all() if result.returns_rows else []
+            return list(result.all()) if result.returns_rows else []
         args = tuple(params[name] for name in self.names)
         try:
             return conn.connection.driver_connection.execute(self.sql, args).fetchall()  # type: ignore[union-attr]
