@@ -30,6 +30,7 @@ __all__ = [
     "READ_ONLY",
     "DatabaseUrlError",
     "configure_sqlite",
+    "sqlite_execute",
     "describe_error",
     "open_engine",
     "parse_db_url",
@@ -140,14 +141,19 @@ def configure_sqlite(
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        sql = "BEGIN" if conn.get_execution_options().get(READ_ONLY) else begin
-        # On the sqlite3 connection itself: SQLAlchemy's execute path cost
-        # more than the BEGIN, and every transaction runs one (issue 15).
-        # A failure is raised as SQLAlchemy would have raised it.
-        try:
-            conn.connection.driver_connection.execute(sql)  # type: ignore[union-attr]
-        except sqlite3.Error as exc:
-            raise DBAPIError.instance(sql, (), exc, sqlite3.Error) from None
+        # Every transaction runs one: on the sqlite3 connection itself.
+        sqlite_execute(conn, "BEGIN" if conn.get_execution_options().get(READ_ONLY) else begin)
+
+
+def sqlite_execute(conn: Connection, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    """Run `sql` on the sqlite3 connection under a SQLAlchemy Connection,
+    past SQLAlchemy's execute path, which costs more than SQLite's own work
+    for the statements every request runs (issue 15). A failure is raised as
+    SQLAlchemy would have raised it, so callers handle one kind of error."""
+    try:
+        return conn.connection.driver_connection.execute(sql, args)  # type: ignore[union-attr]
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(sql, args, exc, sqlite3.Error) from None
 
 
 def describe_error(exc: SQLAlchemyError) -> str:

@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -40,7 +39,14 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
-from kmip_core.db.engine import READ_ONLY, configure_sqlite, describe_error, open_engine, parse_db_url
+from kmip_core.db.engine import (
+    READ_ONLY,
+    configure_sqlite,
+    describe_error,
+    open_engine,
+    parse_db_url,
+    sqlite_execute,
+)
 from kms_server.storage.base import (
     AuditQuery,
     ConcurrentModification,
@@ -209,13 +215,7 @@ class _Raw:
         if dialect != "sqlite":
             result = conn.execute(self.stmt, params)
             return list(result.all()) if result.returns_rows else []
-        args = tuple(params[name] for name in self.names)
-        try:
-            return conn.connection.driver_connection.execute(self.sql, args).fetchall()  # type: ignore[union-attr]
-        except sqlite3.Error as exc:
-            # As SQLAlchemy would raise it: the storage layer's errors
-            # (_storage_error) are made from SQLAlchemy's.
-            raise DBAPIError.instance(self.sql, args, exc, sqlite3.Error) from None
+        return sqlite_execute(conn, self.sql, tuple(params[name] for name in self.names)).fetchall()
 
 
 # Writes of objects and their attribute rows (bound parameters whose names
@@ -795,13 +795,12 @@ BATCH_MAX = 16
 class _Batch:
     """One database transaction that several write transactions share."""
 
-    __slots__ = ("conn", "trans", "members", "savepoints", "broken", "done", "error")
+    __slots__ = ("conn", "trans", "members", "broken", "done", "error")
 
     def __init__(self, conn: Connection, trans: Any) -> None:
         self.conn = conn
         self.trans = trans
         self.members = 0  # blocks whose changes wait for the commit
-        self.savepoints = 0
         self.broken: StorageError | None = None  # the connection failed: no commit
         self.done = False
         self.error: StorageError | None = None
@@ -814,8 +813,10 @@ class WriteBatches:
     write-ahead log to disk. Writers of this process therefore queue here,
     and those that arrive while a transaction is open join it instead of
     opening their own: each runs its block, in turn, under a SAVEPOINT of the
-    shared transaction; a block that raises (or whose transaction failed)
-    is rolled back to its savepoint, and the others keep their changes. The
+    shared transaction (the first needs none: a failure of its block rolls
+    back the whole transaction, which holds nothing else yet, and ends the
+    batch); a block that raises (or whose transaction failed) is rolled back
+    to its savepoint, and the others keep their changes. The
     writer that finds nobody waiting behind it (or the BATCH_MAX-th) commits
     for all; every member returns from its `with` only then, with the
     commit's outcome: nothing is answered before it is durable, and a
@@ -906,7 +907,7 @@ class WriteBatches:
 
     def _savepoint(self, batch: _Batch, sql: str) -> None:
         try:
-            batch.conn.exec_driver_sql(sql)
+            sqlite_execute(batch.conn, sql)
         except SQLAlchemyError as exc:
             batch.broken = batch.broken or _storage_error("savepoint", exc)
 
@@ -927,9 +928,10 @@ class WriteBatches:
                     self._busy = False
                     self._cond.notify_all()
                 raise
-        batch.savepoints += 1
-        name = f"w{batch.savepoints}"
-        self._savepoint(batch, f"SAVEPOINT {name}")
+        # Only a block after the first has others' changes to keep.
+        savepoint = batch.members > 0
+        if savepoint:
+            self._savepoint(batch, "SAVEPOINT member")
         tx = _SqlTransaction(batch.conn, dialect)
         if batch.broken is not None:
             tx.failed = True
@@ -940,16 +942,23 @@ class WriteBatches:
             failure = exc
         tx._closed = True
         joined = failure is None and not tx.failed and batch.broken is None
-        if joined:
-            self._savepoint(batch, f"RELEASE {name}")
-            joined = batch.broken is None
-        else:
-            self._savepoint(batch, f"ROLLBACK TO {name}")
-            self._savepoint(batch, f"RELEASE {name}")
+        if savepoint:
+            if joined:
+                self._savepoint(batch, "RELEASE member")
+                joined = batch.broken is None
+            else:
+                self._savepoint(batch, "ROLLBACK TO member")
+                self._savepoint(batch, "RELEASE member")
         if joined:
             batch.members += 1
         with self._cond:
-            hand_over = batch.broken is None and self._waiting > 0 and batch.members < BATCH_MAX
+            # A failed first block is undone by rolling the batch back.
+            hand_over = (
+                batch.broken is None
+                and (savepoint or joined)
+                and self._waiting > 0
+                and batch.members < BATCH_MAX
+            )
             if hand_over:
                 # The next writer continues the batch; this one waits for
                 # the commit if it has changes in it.

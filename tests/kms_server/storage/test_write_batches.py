@@ -185,6 +185,24 @@ def test_the_last_writer_failing_still_commits_the_others(storage):
     assert _committed(storage, "first") == b"held" and _committed(storage, "failing") is None
 
 
+def test_a_failed_first_block_is_rolled_back_and_the_queued_writers_still_commit(storage):
+    """The first block of a batch runs without a savepoint: its failure
+    rolls the whole transaction back, and the writers queued behind it
+    start the next one."""
+    commits = _commits(storage)
+    holder = _Holder(storage, "first", fail=True)
+    results: dict = {}
+    threads = [_writer(storage, f"w{i}", results) for i in range(3)]
+    _wait_for(lambda: storage.writes.waiting == 3, "queued writers")
+    holder.release.set()
+    for t in [holder.thread, *threads]:
+        t.join(10)
+    assert isinstance(holder.error, RuntimeError)
+    assert _committed(storage, "first") is None
+    assert results == {f"w{i}": ("ok", f"w{i}".encode()) for i in range(3)}
+    assert len(commits) == 1
+
+
 def test_a_failed_commit_fails_every_member_and_stores_nothing(storage):
     holder = _Holder(storage, "first")
     results: dict = {}
