@@ -5,7 +5,8 @@
 
 Keys are loaded in bulk through the real dispatcher and operation table
 (Create batches of 1,000 items run with Batch Error Continuation Option
-Undo, so that one batch is one transaction), each AES-256 key with its own
+Undo, so that one batch is one transaction; `--load-processes` processes
+at once, each with its own connection), each AES-256 key with its own
 x-Identifier, sealed and row-authenticated like any other. At each size the
 bench times `--samples` Gets of random keys (each served once before: the
 first Get of a key also writes that it is no longer Fresh) and as many
@@ -18,6 +19,7 @@ shows the loading on a terminal; without one, a line every few seconds.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import sys
@@ -84,15 +86,72 @@ def _answers(dispatcher: Dispatcher, items: list[ttlv.Item], undo: bool = False)
     return answers
 
 
-def load(dispatcher: Dispatcher, uids: list[str], target: int) -> float:
+def _create_range(dispatcher: Dispatcher, start: int, end: int) -> list[str]:
+    answers = _answers(dispatcher, [_create(i) for i in range(start, end)], undo=True)
+    return [a.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value) for a in answers]
+
+
+def _loader(url: str, master: bytes, start: int, end: int, results) -> None:
+    """A loading process: keys start..end-1, a batch at a time, through
+    its own storage and dispatcher (same master key, so the same keyring)."""
+    code = 0
+    try:
+        storage = open_storage(url)
+        try:
+            dispatcher = Dispatcher(Keystore(storage, Barrier(master)), OPERATIONS, node="bench")
+            for first in range(start, end, BATCH):
+                last = min(first + BATCH, end)
+                results.put((first, _create_range(dispatcher, first, last)))
+        finally:
+            storage.close()
+    except BaseException as exc:  # reported to the parent, which stops
+        results.put((None, f"{type(exc).__name__}: {exc}"))
+        code = 1
+    results.close()
+    results.join_thread()  # what was put is flushed to the parent
+    os._exit(code)  # nothing inherited from the parent is cleaned up here
+
+
+def load(dispatcher: Dispatcher, uids: list[str], target: int, processes: int = 1, url: str = "",
+         master: bytes = b"", storage=None) -> float:  # fmt: skip
     started = time.monotonic()
     # A rich bar on a terminal; a plain line every 5 s otherwise (kmip_core.progress).
     with Progress("  loading keys", target, unit="keys", done=len(uids), announce=False) as progress:
-        while len(uids) < target:
-            n = min(BATCH, target - len(uids))
-            answers = _answers(dispatcher, [_create(len(uids) + k) for k in range(n)], undo=True)
-            uids.extend(a.find(T.RESPONSE_PAYLOAD.value).get(T.UNIQUE_IDENTIFIER.value) for a in answers)
-            progress.advance(n)
+        if not uids or processes <= 1 or target - len(uids) < 2 * BATCH:
+            while len(uids) < target:
+                n = min(BATCH, target - len(uids))
+                uids.extend(_create_range(dispatcher, len(uids), len(uids) + n))
+                progress.advance(n)
+            return time.monotonic() - started
+        # Several loading processes, each a contiguous share of the indexes
+        # (key i carries x-Identifier identifier(i)); the keyring exists.
+        if storage is not None:
+            storage.engine.dispose()  # no pooled connection is inherited
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.Queue()
+        base, count = len(uids), target - len(uids)
+        uids.extend([""] * count)
+        bounds = [base + count * k // processes for k in range(processes + 1)]
+        workers = [
+            ctx.Process(target=_loader, args=(url, master, bounds[k], bounds[k + 1], results), daemon=True)
+            for k in range(processes)
+        ]
+        for w in workers:
+            w.start()
+        try:
+            remaining = count
+            while remaining:
+                first, got = results.get()
+                if first is None:
+                    raise SystemExit(f"key_scale: a loading process failed: {got}")
+                uids[first : first + len(got)] = got
+                remaining -= len(got)
+                progress.advance(len(got))
+        finally:
+            for w in workers:
+                w.join(timeout=5)
+                if w.is_alive():
+                    w.kill()
     return time.monotonic() - started
 
 
@@ -124,18 +183,25 @@ def main() -> int:
     parser.add_argument("--sizes", default="1000,100000,1000000", help="store sizes to measure at, comma-separated")
     parser.add_argument("--db-url", help="default: a SQLite file in a temporary directory (a PostgreSQL URL must name an empty database)")
     parser.add_argument("--samples", type=int, default=300, help="Gets and Locates timed at each size")
+    parser.add_argument(
+        "--load-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes loading keys at once, each with its own database connection (default: the cores)",
+    )
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     rng = random.Random(1)
     with tempfile.TemporaryDirectory() as tmp:
         url = args.db_url or f"sqlite:///{tmp}/kms.db"
         storage = open_storage(url)
-        dispatcher = Dispatcher(Keystore(storage, Barrier(os.urandom(32))), OPERATIONS, node="bench")
+        master = os.urandom(32)
+        dispatcher = Dispatcher(Keystore(storage, Barrier(master)), OPERATIONS, node="bench")
         uids: list[str] = []
         rows = []
         try:
             for size in sizes:
-                seconds = load(dispatcher, uids, size)
+                seconds = load(dispatcher, uids, size, args.load_processes, url, master, storage)
                 timings = measure(dispatcher, uids, args.samples, rng)
                 rows.append((size, seconds, timings))
                 cells = "  ".join(
