@@ -65,13 +65,13 @@ class AuditTrail:
         """Append a record inside `txn` (a write transaction)."""
         head = txn.audit_head(lock=True)
         seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-        now = self.clock()
-        body = dict(entry, seq=seq, prev=prev, time=format_time(now), node=self.node)
+        time_text, at = chain.stamp(self.clock())
+        body = dict(entry, seq=seq, prev=prev, time=time_text, node=self.node)
         text = canonical(body)
         obj = body.get("object") or {}
         record = StoredAuditRecord(
             seq=seq,
-            time=chain.parse_time(body["time"]),
+            time=at,
             node=self.node,
             operation=body["operation"],
             uid=body.get("uid"),
@@ -132,7 +132,7 @@ class AuditTrail:
         now = self.clock()
         checkpoint = StoredCheckpoint(
             seq=head[0],
-            time=chain.parse_time(format_time(now)),
+            time=chain.stamp(now)[1],
             node=self.node,
             head_hash=head[1],
             key_id=self.signer.key_id,
