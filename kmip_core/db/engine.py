@@ -156,6 +156,14 @@ def sqlite_execute(conn: Connection, sql: str, args: tuple = ()) -> sqlite3.Curs
         raise DBAPIError.instance(sql, args, exc, sqlite3.Error) from None
 
 
+def sqlite_executemany(conn: Connection, sql: str, rows: list[tuple]) -> sqlite3.Cursor:
+    """``sqlite_execute`` for one statement run once per row of `rows`."""
+    try:
+        return conn.connection.driver_connection.executemany(sql, rows)  # type: ignore[union-attr]
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(sql, rows, exc, sqlite3.Error) from None
+
+
 def describe_error(exc: SQLAlchemyError) -> str:
     """A one-line description that carries no bound values.
 

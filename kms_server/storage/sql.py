@@ -30,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -46,6 +47,7 @@ from kmip_core.db.engine import (
     open_engine,
     parse_db_url,
     sqlite_execute,
+    sqlite_executemany,
 )
 from kms_server.storage.base import (
     AuditQuery,
@@ -209,6 +211,11 @@ class _Raw:
         self.stmt = stmt
         self.sql = str(compiled)
         self.names = tuple(compiled.positiontup or ())
+        # Only named parameters are passed: a constant bound by the
+        # statement itself (say `version + 1`) would be missing.
+        preset = [name for name in self.names if not compiled.binds[name].required]
+        if preset:
+            raise ValueError(f"statement binds constants {preset}: use literal_column or literal=True")
 
     def rows(self, conn: Connection, dialect: str, params: dict[str, Any]) -> list[Any]:
         """Every row (tuples); none for a statement without rows."""
@@ -216,6 +223,30 @@ class _Raw:
             result = conn.execute(self.stmt, params)
             return list(result.all()) if result.returns_rows else []
         return sqlite_execute(conn, self.sql, tuple(params[name] for name in self.names)).fetchall()
+
+    def changed(self, conn: Connection, dialect: str, params: dict[str, Any]) -> int:
+        """Run a write; the number of rows it changed."""
+        if dialect != "sqlite":
+            return conn.execute(self.stmt, params).rowcount
+        return sqlite_execute(conn, self.sql, tuple(params[name] for name in self.names)).rowcount
+
+    def inserted(self, conn: Connection, dialect: str, params: dict[str, Any]) -> int:
+        """Run a single-row INSERT; the new row's integer primary key."""
+        if dialect != "sqlite":
+            key = conn.execute(self.stmt, params).inserted_primary_key
+            assert key is not None  # set after a single-row INSERT (SQLAlchemy types it Optional)
+            return key[0]
+        rowid = sqlite_execute(conn, self.sql, tuple(params[name] for name in self.names)).lastrowid
+        assert rowid is not None  # set after an INSERT
+        return rowid
+
+    def many(self, conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> None:
+        """Run the statement once per parameter set (executemany)."""
+        if dialect != "sqlite":
+            conn.execute(self.stmt, rows)
+            return
+        names = self.names
+        sqlite_executemany(conn, self.sql, [tuple(p[name] for name in names) for p in rows])
 
 
 # Writes of objects and their attribute rows (bound parameters whose names
@@ -226,7 +257,9 @@ _OBJECT_UPDATE = (
     update(kms_objects)
     .where(kms_objects.c.uid == bindparam("b_uid"), kms_objects.c.version == bindparam("b_version"))
     .values(
-        version=kms_objects.c.version + 1,
+        # A literal, not a bound 1: the SQLite shortcut (_Raw) passes only
+        # the named parameters.
+        version=kms_objects.c.version + literal_column("1"),
         owner=bindparam("b_owner"),
         sealed_material=bindparam("b_sealed_material"),
         row_mac=bindparam("b_row_mac"),
@@ -243,6 +276,17 @@ _ATTRIBUTES_DELETE_IDS = delete(kms_attributes).where(kms_attributes.c.id.in_(bi
 _META_GET = select(kms_meta.c.value).where(kms_meta.c.key == bindparam("key"))
 _META_GET_FOR_UPDATE = _META_GET.with_for_update()
 
+# Writes run on SQLite through the sqlite3 module too (the storage
+# contract tests run every one of them on both databases).
+_ATTRIBUTE_COLUMNS = ["uid", "name", "idx", "value", "value_digest"]
+_ATTRIBUTE_DELETE_ID = delete(kms_attributes).where(kms_attributes.c.id == bindparam("id"))
+_RAW_OBJECT_INSERT = _Raw(_OBJECT_INSERT, ["uid", "owner", "version", "sealed_material", "created_at", "row_mac"])
+_RAW_ATTRIBUTES_INSERT = _Raw(_ATTRIBUTES_INSERT, _ATTRIBUTE_COLUMNS)
+_RAW_OBJECT_UPDATE = _Raw(_OBJECT_UPDATE)
+_RAW_OBJECT_DELETE = _Raw(_OBJECT_DELETE)
+_RAW_ATTRIBUTE_DIGESTS = _Raw(_ATTRIBUTE_DIGESTS)
+_RAW_ATTRIBUTES_DELETE = _Raw(_ATTRIBUTES_DELETE)
+_RAW_ATTRIBUTE_DELETE_ID = _Raw(_ATTRIBUTE_DELETE_ID)
 _RAW_OBJECT_ROW = _Raw(_OBJECT_ROW)
 _RAW_OBJECT_ATTRIBUTES = _Raw(_OBJECT_ATTRIBUTES)
 _RAW_AUDIT_HEAD = _Raw(_AUDIT_HEAD, literal=True)
@@ -256,6 +300,7 @@ def _meta_upsert(dialect_insert):
 
 
 _META_UPSERT = {"postgresql": _meta_upsert(pg_dialect.insert), "sqlite": _meta_upsert(sqlite_dialect.insert)}
+_RAW_META_UPSERT = _Raw(_META_UPSERT["sqlite"])
 
 # pg_advisory_xact_lock key that serializes audit appenders of all nodes
 # ("kmsa").
@@ -438,8 +483,9 @@ class _SqlTransaction(Transaction):
     def _insert_attributes(self, uid: str, attributes: list[StoredAttribute]) -> None:
         if not attributes:
             return
-        self._conn.execute(
-            _ATTRIBUTES_INSERT,
+        _RAW_ATTRIBUTES_INSERT.many(
+            self._conn,
+            self._dialect,
             [
                 {
                     "uid": uid,
@@ -455,8 +501,9 @@ class _SqlTransaction(Transaction):
     def insert_object(self, obj: StoredObject) -> None:
         with self._op("insert_object", write=True):
             try:
-                result = self._conn.execute(
-                    _OBJECT_INSERT,
+                sequence = _RAW_OBJECT_INSERT.inserted(
+                    self._conn,
+                    self._dialect,
                     {
                         "uid": obj.uid,
                         "owner": obj.owner,
@@ -470,9 +517,6 @@ class _SqlTransaction(Transaction):
                 if _is_unique_violation(exc):
                     raise ObjectExists(f"object {obj.uid!r} already exists") from None
                 raise
-            key = result.inserted_primary_key
-            assert key is not None  # set after a single-row INSERT (SQLAlchemy types it Optional)
-            sequence = key[0]
             self._insert_attributes(obj.uid, obj.attributes)
             obj.version = 1
             obj.sequence = sequence
@@ -507,8 +551,9 @@ class _SqlTransaction(Transaction):
 
     def update_object(self, obj: StoredObject) -> None:
         with self._op("update_object", write=True):
-            result = self._conn.execute(
-                _OBJECT_UPDATE,
+            changed_rows = _RAW_OBJECT_UPDATE.changed(
+                self._conn,
+                self._dialect,
                 {
                     "b_uid": obj.uid,
                     "b_version": obj.version,
@@ -517,7 +562,7 @@ class _SqlTransaction(Transaction):
                     "b_row_mac": obj.row_mac,
                 },
             )
-            if result.rowcount != 1:
+            if changed_rows != 1:
                 raise ConcurrentModification(
                     f"object {obj.uid!r} is gone or no longer at version {obj.version}"
                 )
@@ -525,13 +570,15 @@ class _SqlTransaction(Transaction):
             # updates (Activate, the first Get clearing Fresh, AddAttribute)
             # touch one or two of an object's dozen or more attributes.
             stored = {
-                (row.name, row.idx): (row.id, bytes(row.value_digest))
-                for row in self._conn.execute(_ATTRIBUTE_DIGESTS, {"uid": obj.uid})
+                (name, idx): (row_id, bytes(value_digest))
+                for row_id, name, idx, value_digest in _RAW_ATTRIBUTE_DIGESTS.rows(
+                    self._conn, self._dialect, {"uid": obj.uid}
+                )
             }
             wanted = {(attr.name, attr.index): (attr, _digest(attr.value)) for attr in obj.attributes}
             if len(wanted) != len(obj.attributes):
                 # Two values under one (name, index): keep every row as given.
-                self._conn.execute(_ATTRIBUTES_DELETE, {"uid": obj.uid})
+                _RAW_ATTRIBUTES_DELETE.changed(self._conn, self._dialect, {"uid": obj.uid})
                 self._insert_attributes(obj.uid, obj.attributes)
                 obj.version += 1
                 return
@@ -545,7 +592,9 @@ class _SqlTransaction(Transaction):
                 for key, (row_id, digest) in stored.items()
                 if key not in wanted or digest != wanted[key][1]
             ]
-            if gone:
+            if gone and self._dialect == "sqlite":
+                _RAW_ATTRIBUTE_DELETE_ID.many(self._conn, self._dialect, [{"id": row_id} for row_id in gone])
+            elif gone:
                 self._conn.execute(_ATTRIBUTES_DELETE_IDS, {"ids": gone})
             self._insert_attributes(obj.uid, changed)
             obj.version += 1
@@ -553,8 +602,7 @@ class _SqlTransaction(Transaction):
     def delete_object(self, uid: str) -> bool:
         with self._op("delete_object", write=True):
             # Attribute rows go by ON DELETE CASCADE.
-            result = self._conn.execute(_OBJECT_DELETE, {"uid": uid})
-            return result.rowcount > 0
+            return _RAW_OBJECT_DELETE.changed(self._conn, self._dialect, {"uid": uid}) > 0
 
     def scan_objects(self, after_sequence: int = 0, limit: int = 500) -> list[StoredObject]:
         with self._op("scan_objects"):
@@ -602,7 +650,10 @@ class _SqlTransaction(Transaction):
 
     def set_meta(self, key: str, value: bytes) -> None:
         with self._op("set_meta", write=True):
-            self._conn.execute(_META_UPSERT[self._dialect], {"key": key, "value": value})
+            if self._dialect == "sqlite":
+                _RAW_META_UPSERT.changed(self._conn, self._dialect, {"key": key, "value": value})
+            else:
+                self._conn.execute(_META_UPSERT[self._dialect], {"key": key, "value": value})
 
 
     def audit_head(self, lock: bool = False) -> tuple[int, str] | None:
