@@ -194,8 +194,9 @@ _OBJECT_ATTRIBUTES = select(kms_attributes.c.name, kms_attributes.c.idx, kms_att
 class _Raw:
     """A prebuilt statement run on SQLite through the sqlite3 module itself:
     SQLAlchemy's execute path (execution context, cursor wrapper, result
-    rows) cost more than SQLite's own work for these lookups, which every
-    request item runs (issue 15). The SQL is SQLAlchemy's compilation of the
+    rows) cost more than SQLite's own work for the lookups every request
+    item runs, and for an object's writes (a quarter of a Create's CPU,
+    issue 15). The SQL is SQLAlchemy's compilation of the
     same statement, so the schema stays written once; PostgreSQL runs the
     statement through SQLAlchemy as before."""
 
@@ -277,7 +278,7 @@ _META_GET = select(kms_meta.c.value).where(kms_meta.c.key == bindparam("key"))
 _META_GET_FOR_UPDATE = _META_GET.with_for_update()
 
 # Writes run on SQLite through the sqlite3 module too (the storage
-# contract tests run every one of them on both databases).
+# contract tests run every one of them on SQLite and PostgreSQL).
 _ATTRIBUTE_COLUMNS = ["uid", "name", "idx", "value", "value_digest"]
 _ATTRIBUTE_DELETE_ID = delete(kms_attributes).where(kms_attributes.c.id == bindparam("id"))
 _RAW_OBJECT_INSERT = _Raw(_OBJECT_INSERT, ["uid", "owner", "version", "sealed_material", "created_at", "row_mac"])
