@@ -7,6 +7,7 @@ are sealed key material or TTLV attribute values.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -750,6 +751,13 @@ class SqlStorage(Storage):
         self._local = threading.local()
         # Group commit of writers on SQLite (WriteBatches); None on PostgreSQL.
         self.writes: WriteBatches | None = None
+        # SQLite: read-only connections between transactions, at most
+        # READERS_KEPT, each taken by one reader at a time. Taking a
+        # connection from the pool and returning it cost about as much as
+        # a Get's own reads (issue 15); a connection whose transaction
+        # failed is closed instead.
+        self._idle_readers: collections.deque[Connection] = collections.deque()
+        self._closing = False
         try:
             self._engine = open_engine(url, pool_size=pool_size)
         except (SQLAlchemyError, ImportError) as exc:
@@ -773,6 +781,11 @@ class SqlStorage(Storage):
             raise StorageError(
                 f"cannot open storage {shown!r}: {describe_error(exc)}"
             ) from None
+
+    @property
+    def idle_readers(self) -> int:
+        """Read-only connections kept between transactions (SQLite)."""
+        return len(self._idle_readers)
 
     @property
     def engine(self) -> Engine:
@@ -800,12 +813,23 @@ class SqlStorage(Storage):
 
     @contextlib.contextmanager
     def _unit_of_work(self, read_only: bool = False) -> Iterator[Transaction]:
-        try:
-            conn = self._engine.connect()
-            if read_only:
-                conn = conn.execution_options(**{READ_ONLY: True})
-        except SQLAlchemyError as exc:
-            raise _storage_error("connect", exc) from None
+        # On SQLite, readers keep their connections between transactions
+        # (see _idle_readers); elsewhere each comes from the pool.
+        keep_reader = read_only and self.writes is not None
+        conn = None
+        if keep_reader:
+            with contextlib.suppress(IndexError):
+                conn = self._idle_readers.pop()
+            if conn is not None and (conn.closed or conn.invalidated):
+                conn = None
+        if conn is None:
+            try:
+                conn = self._engine.connect()
+                if read_only:
+                    conn = conn.execution_options(**{READ_ONLY: True})
+            except SQLAlchemyError as exc:
+                raise _storage_error("connect", exc) from None
+        clean = False  # the transaction ended by a commit or rollback that worked
         try:
             try:
                 trans = conn.begin()
@@ -818,6 +842,7 @@ class SqlStorage(Storage):
                 tx._closed = True
                 with contextlib.suppress(SQLAlchemyError):
                     trans.rollback()
+                    clean = not tx.failed
                 raise
             tx._closed = True
             if tx.failed:
@@ -828,14 +853,27 @@ class SqlStorage(Storage):
                 trans.commit()
             except SQLAlchemyError as exc:
                 raise _storage_error("commit", exc, commit=True) from None
+            clean = True
         finally:
-            with contextlib.suppress(SQLAlchemyError):
-                conn.close()
+            if keep_reader and clean and not self._closing and len(self._idle_readers) < READERS_KEPT:
+                self._idle_readers.append(conn)
+            else:
+                with contextlib.suppress(SQLAlchemyError):
+                    conn.close()
 
     def close(self) -> None:
-        self._engine.dispose()
+        self._closing = True
+        while self._idle_readers:
+            with contextlib.suppress(SQLAlchemyError):
+                self._idle_readers.pop().close()
         if self.writes is not None:
-            self.writes.close()
+            self.writes.close()  # its connection first, back to the pool
+        self._engine.dispose()
+
+
+# The most idle read-only connections a SQLite storage keeps (within the
+# pool's own limit: pool_size, 16, plus its overflow).
+READERS_KEPT = 16
 
 
 # The most write transactions one commit holds. A batch runs its members'
@@ -890,6 +928,11 @@ class WriteBatches:
         self._batch: _Batch | None = None
         self._lock_fd: int | None = None
         self._lock_path = f"{database}-writer" if database else None
+        # The connection batches run on, kept from one batch to the next
+        # (batches of a process take turns): connecting and returning a
+        # connection to the pool cost more than a small write (issue 15).
+        # Dropped after a batch that failed.
+        self._conn: Connection | None = None
 
     @property
     def waiting(self) -> int:
@@ -897,11 +940,17 @@ class WriteBatches:
         return self._waiting
 
     @property
+    def holds_connection(self) -> bool:
+        """Whether a connection is kept for the next batch (tests, diagnostics)."""
+        return self._conn is not None
+
+    @property
     def lock_path(self) -> str | None:
         """The file whose flock writers of every process take."""
         return self._lock_path
 
     def close(self) -> None:
+        self._drop_connection()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -919,26 +968,35 @@ class WriteBatches:
 
     def _open(self) -> _Batch:
         self._flock(fcntl.LOCK_EX)
-        try:
-            conn = self._engine.connect()
-        except SQLAlchemyError as exc:
-            self._flock(fcntl.LOCK_UN)
-            raise _storage_error("connect", exc) from None
+        conn = self._conn
+        if conn is None or conn.closed or conn.invalidated:
+            try:
+                conn = self._conn = self._engine.connect()
+            except SQLAlchemyError as exc:
+                self._flock(fcntl.LOCK_UN)
+                raise _storage_error("connect", exc) from None
         try:
             return _Batch(conn, conn.begin())
         except SQLAlchemyError as exc:
-            with contextlib.suppress(SQLAlchemyError):
-                conn.close()
+            self._drop_connection()
             self._flock(fcntl.LOCK_UN)
             raise _storage_error("begin", exc) from None
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
 
     def _finish(self, batch: _Batch) -> None:
         """Commit (or roll back) the batch and wake its members."""
         error = batch.broken
+        keep = False  # the connection serves the next batch only after a clean end
         try:
             if error is None and batch.members:
                 try:
                     batch.trans.commit()
+                    keep = True
                 except SQLAlchemyError as exc:
                     error = _storage_error("commit", exc, commit=True)
                     # Whatever state the failed COMMIT left it in, this
@@ -946,11 +1004,14 @@ class WriteBatches:
                     with contextlib.suppress(SQLAlchemyError):
                         batch.conn.invalidate()
             else:
-                with contextlib.suppress(SQLAlchemyError):
+                try:
                     batch.trans.rollback()
+                    keep = batch.broken is None
+                except SQLAlchemyError:
+                    pass
         finally:
-            with contextlib.suppress(SQLAlchemyError):
-                batch.conn.close()
+            if not keep:
+                self._drop_connection()
             self._flock(fcntl.LOCK_UN)
             with self._cond:
                 batch.error, batch.done = error, True

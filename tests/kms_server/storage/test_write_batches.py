@@ -223,10 +223,70 @@ def test_a_failed_commit_fails_every_member_and_stores_nothing(storage):
         assert status == "error" and isinstance(error, StorageError) and "commit" in str(error)
     for key in ("first", "w0", "w1", "w2"):
         assert _committed(storage, key) is None
+    # The failed batch's connection was not kept for the next one.
+    assert not storage.writes.holds_connection
     # The queue is usable afterwards.
     with storage.transaction() as txn:
         txn.set_meta("later", b"1")
     assert _committed(storage, "later") == b"1"
+
+
+def test_batches_of_a_process_run_on_one_kept_connection(storage):
+    """Connecting and returning a connection for every batch cost more
+    than a small write: the writers' connection is kept from one batch to
+    the next (and goes back to the pool only when the storage closes)."""
+    seen = []
+    event.listen(storage.engine, "commit", lambda conn: seen.append(conn.connection.dbapi_connection))
+    for i in range(3):
+        with storage.transaction() as txn:
+            txn.set_meta(f"k{i}", b"1")
+    assert len(seen) == 3 and seen[0] is seen[1] is seen[2]
+    assert storage.writes.holds_connection
+    assert storage.engine.pool.checkedout() == 1
+    # A read runs on a connection of its own, kept for the next read.
+    with storage.transaction(read_only=True) as txn:
+        assert txn.get_meta("k2") == b"1"
+    assert storage.idle_readers == 1 and storage.engine.pool.checkedout() == 2
+    storage.close()
+    assert storage.engine.pool.checkedout() == 0
+
+
+def test_a_batch_rolled_back_by_its_block_keeps_its_clean_connection(storage):
+    """A block that raises rolls its batch back; the connection is clean
+    and kept (a commit the database refuses drops it: the test above)."""
+    with pytest.raises(RuntimeError), storage.transaction() as txn:
+        txn.set_meta("lost", b"1")
+        raise RuntimeError("block failed")
+    assert storage.writes.holds_connection
+    assert _committed(storage, "lost") is None
+    with storage.transaction() as txn:
+        txn.set_meta("kept", b"1")
+    assert _committed(storage, "kept") == b"1"
+
+
+def test_readers_reuse_their_connections_and_drop_a_failed_one(storage):
+    """A read-only transaction's connection is kept for the next reader,
+    also after the block raised (its rollback worked); one whose
+    transaction failed in the database is closed, and the next reader
+    still reads committed data."""
+    with storage.transaction() as txn:
+        txn.set_meta("k", b"v")
+    seen = []
+    event.listen(storage.engine, "begin", lambda conn: seen.append(conn.connection.dbapi_connection))
+    for _ in range(3):
+        with storage.transaction(read_only=True) as txn:
+            assert txn.get_meta("k") == b"v"
+    with pytest.raises(LookupError), storage.transaction(read_only=True) as txn:
+        raise LookupError("no such object")
+    assert len(seen) == 4 and all(c is seen[0] for c in seen)
+    assert storage.idle_readers == 1
+    with pytest.raises(StorageError), storage.transaction(read_only=True) as txn:
+        with pytest.raises(StorageError):
+            txn.set_meta("k", b"w")  # refused: the transaction is read-only, and fails
+    assert storage.idle_readers == 0
+    with storage.transaction(read_only=True) as txn:
+        assert txn.get_meta("k") == b"v"
+    assert storage.idle_readers == 1
 
 
 def test_reads_are_not_queued_behind_an_open_batch(storage):
