@@ -149,80 +149,96 @@ def _padded(length: int) -> int:
     return (length + 7) // 8 * 8
 
 
+# The header as two big-endian words: tag and type, then the length.
+_HEADER = struct.Struct(">II")
+_TYPES = {t.value: t for t in ItemType}
+_ZEROS = bytes(8)
+_STRUCTURE, _INTEGER, _INTERVAL, _ENUMERATION = (
+    ItemType.STRUCTURE,
+    ItemType.INTEGER,
+    ItemType.INTERVAL,
+    ItemType.ENUMERATION,
+)
+_BOOLEAN, _TEXT, _BIG = ItemType.BOOLEAN, ItemType.TEXT_STRING, ItemType.BIG_INTEGER
+_LONG_KINDS = frozenset((ItemType.LONG_INTEGER, ItemType.DATE_TIME, ItemType.DATE_TIME_EXTENDED))
+
+
 def read_header(data: bytes) -> tuple[int, ItemType, int]:
     """Parse the 8-byte item header: tag, type and declared length."""
     if len(data) < HEADER_SIZE:
         raise TTLVError("truncated item header")
-    tag = int.from_bytes(data[0:3], "big")
-    type_byte = data[3]
-    length = int.from_bytes(data[4:8], "big")
-    try:
-        item_type = ItemType(type_byte)
-    except ValueError:
-        raise TTLVError(f"unknown item type 0x{type_byte:02X}") from None
-    return tag, item_type, length
+    word, length = _HEADER.unpack_from(data)
+    item_type = _TYPES.get(word & 0xFF)
+    if item_type is None:
+        raise TTLVError(f"unknown item type 0x{word & 0xFF:02X}")
+    return word >> 8, item_type, length
 
 
-def _decode_at(buf: memoryview, pos: int, end: int, depth: int, max_depth: int) -> tuple[Item, int]:
+def _decode_at(buf: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[Item, int]:
+    # The hot path of every request (issue 15): the header is read in place
+    # with one struct call, and the checks are those of read_header, in its
+    # order: length of the header, type, tag, fixed lengths, overrun, padding.
     if end - pos < HEADER_SIZE:
         raise TTLVError("truncated item header")
-    tag, item_type, length = read_header(bytes(buf[pos : pos + HEADER_SIZE]))
+    word, length = _HEADER.unpack_from(buf, pos)
+    item_type = _TYPES.get(word & 0xFF)
+    if item_type is None:
+        raise TTLVError(f"unknown item type 0x{word & 0xFF:02X}")
+    tag = word >> 8
     pos += HEADER_SIZE
     if tag >> 16 not in (0x42, 0x54):
         raise TTLVError(f"invalid tag 0x{tag:06X}")
     fixed = _FIXED_LENGTH.get(item_type)
     if fixed is not None and length != fixed:
         raise TTLVError(f"{item_type.name} of length {length} (must be {fixed})")
-    padded = _padded(length)
+    padded = (length + 7) & ~7
     if padded > end - pos:
         raise TTLVError(f"item {tag_name(tag)} overruns its container")
-    raw = buf[pos : pos + length]
-    padding = buf[pos + length : pos + padded]
-    if any(padding):
-        raise TTLVError(f"non-zero padding after {tag_name(tag)}")
+    value_end = pos + length
     next_pos = pos + padded
+    if padded != length and buf[value_end:next_pos] != _ZEROS[: padded - length]:
+        raise TTLVError(f"non-zero padding after {tag_name(tag)}")
 
-    if item_type == ItemType.STRUCTURE:
+    if item_type is _STRUCTURE:
         if length % 8:
             raise TTLVError("structure length is not a multiple of 8")
         if depth >= max_depth:
             raise TTLVError(f"nesting deeper than {max_depth} levels")
         children = []
-        child_pos, child_end = pos, pos + length
-        while child_pos < child_end:
-            child, child_pos = _decode_at(buf, child_pos, child_end, depth + 1, max_depth)
+        child_pos = pos
+        while child_pos < value_end:
+            child, child_pos = _decode_at(buf, child_pos, value_end, depth + 1, max_depth)
             children.append(child)
         return Item(tag, item_type, tuple(children)), next_pos
     value: int | bool | str | bytes
-    if item_type in (ItemType.INTEGER, ItemType.INTERVAL):
-        signed = item_type == ItemType.INTEGER
-        value = int.from_bytes(raw, "big", signed=signed)
-    elif item_type == ItemType.ENUMERATION:
-        value = int.from_bytes(raw, "big", signed=False)
-    elif item_type in (ItemType.LONG_INTEGER, ItemType.DATE_TIME, ItemType.DATE_TIME_EXTENDED):
-        value = int.from_bytes(raw, "big", signed=True)
-    elif item_type == ItemType.BIG_INTEGER:
-        if length == 0 or length % 8:
-            raise TTLVError("big integer length is not a positive multiple of 8")
-        value = int.from_bytes(raw, "big", signed=True)
-    elif item_type == ItemType.BOOLEAN:
-        value = int.from_bytes(raw, "big")
-        if value not in (0, 1):
-            raise TTLVError("boolean value is neither 0 nor 1")
-        value = bool(value)
-    elif item_type == ItemType.TEXT_STRING:
+    if item_type is _TEXT:
         try:
-            value = bytes(raw).decode("utf-8")
+            value = buf[pos:value_end].decode("utf-8")
         except UnicodeDecodeError:
             raise TTLVError(f"text string {tag_name(tag)} is not valid UTF-8") from None
+    elif item_type is _ENUMERATION or item_type is _INTERVAL:
+        value = int.from_bytes(buf[pos:value_end], "big")
+    elif item_type is _INTEGER:
+        value = int.from_bytes(buf[pos:value_end], "big", signed=True)
+    elif item_type in _LONG_KINDS:
+        value = int.from_bytes(buf[pos:value_end], "big", signed=True)
+    elif item_type is _BIG:
+        if length == 0 or length % 8:
+            raise TTLVError("big integer length is not a positive multiple of 8")
+        value = int.from_bytes(buf[pos:value_end], "big", signed=True)
+    elif item_type is _BOOLEAN:
+        number = int.from_bytes(buf[pos:value_end], "big")
+        if number not in (0, 1):
+            raise TTLVError("boolean value is neither 0 nor 1")
+        value = bool(number)
     else:  # BYTE_STRING
-        value = bytes(raw)
+        value = buf[pos:value_end]
     return Item(tag, item_type, value), next_pos
 
 
 def decode(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Item:
     """Decode exactly one item; trailing bytes are an error."""
-    buf = memoryview(bytes(data))
+    buf = bytes(data)
     try:
         item, pos = _decode_at(buf, 0, len(buf), 0, max_depth)
     except TTLVError:
@@ -235,38 +251,45 @@ def decode(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Item:
 
 
 # Encoding.
+_PACK_INTEGER = struct.Struct(">i").pack
+_PACK_UNSIGNED = struct.Struct(">I").pack
+_PACK_LONG = struct.Struct(">q").pack
+_TRUE, _FALSE = struct.pack(">Q", 1), struct.pack(">Q", 0)
+
+
 def _encode_value(item: Item) -> bytes:
     t, v = item.type, item.value
-    if t == ItemType.STRUCTURE:
-        return b"".join(encode(child) for child in v)
-    if t == ItemType.INTEGER:
-        return struct.pack(">i", v)
-    if t == ItemType.INTERVAL:
-        return struct.pack(">I", v)
-    if t == ItemType.ENUMERATION:
-        return struct.pack(">I", v)
-    if t in (ItemType.LONG_INTEGER, ItemType.DATE_TIME, ItemType.DATE_TIME_EXTENDED):
-        return struct.pack(">q", v)
-    if t == ItemType.BOOLEAN:
-        return struct.pack(">Q", 1 if v else 0)
-    if t == ItemType.BIG_INTEGER:
-        size = max(1, (v.bit_length() + 8) // 8)
-        size = _padded(size)
-        return v.to_bytes(size, "big", signed=True)
-    if t == ItemType.TEXT_STRING:
+    if t == _STRUCTURE:
+        return b"".join([encode(child) for child in v])
+    if t == _INTEGER:
+        return _PACK_INTEGER(v)
+    if t == _ENUMERATION or t == _INTERVAL:
+        return _PACK_UNSIGNED(v)
+    if t == _TEXT:
         return v.encode("utf-8")
     if t == ItemType.BYTE_STRING:
         return bytes(v)
+    if t in _LONG_KINDS:
+        return _PACK_LONG(v)
+    if t == _BOOLEAN:
+        return _TRUE if v else _FALSE
+    if t == _BIG:
+        size = max(1, (v.bit_length() + 8) // 8)
+        size = _padded(size)
+        return v.to_bytes(size, "big", signed=True)
     raise TTLVError(f"cannot encode type {t!r}")
 
 
 def encode(item: Item) -> bytes:
     try:
         value = _encode_value(item)
+        length = len(value)
+        header = _HEADER.pack(item.tag << 8 | item.type, length)
     except struct.error as exc:
         raise TTLVError(f"value out of range for {tag_name(item.tag)}: {exc}") from None
-    header = item.tag.to_bytes(3, "big") + bytes([item.type]) + len(value).to_bytes(4, "big")
-    return header + value + b"\x00" * (_padded(len(value)) - len(value))
+    if length & 7:
+        return header + value + _ZEROS[: 8 - (length & 7)]
+    return header + value
 
 
 def walk(item: Item) -> Iterator[Item]:
