@@ -22,7 +22,6 @@ has one term of those bytes and seals in format 1, as before.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import logging
@@ -266,7 +265,7 @@ class Barrier:
     def row_mac(self, message: bytes) -> bytes:
         """term (4 bytes) || HMAC-SHA256 under the active term's MAC key."""
         term = self.keyring.active
-        return term.to_bytes(TERM_SIZE, "big") + hmac.new(self._mac_keys[term], message, hashlib.sha256).digest()
+        return term.to_bytes(TERM_SIZE, "big") + hmac.digest(self._mac_keys[term], message, "sha256")
 
     def mac_term(self, mac: bytes) -> int | None:
         return int.from_bytes(mac[:TERM_SIZE], "big") if len(mac) == TERM_SIZE + 32 else None
@@ -280,13 +279,13 @@ class Barrier:
         key = self._mac_keys.get(term)
         if key is None:
             raise UnknownTerm(f"a row is authenticated under data key {term}, which this keyring lacks")
-        return hmac.compare_digest(mac[TERM_SIZE:], hmac.new(key, message, hashlib.sha256).digest())
+        return hmac.compare_digest(mac[TERM_SIZE:], hmac.digest(key, message, "sha256"))
 
     def digest_element(self, message: bytes) -> int:
-        return int.from_bytes(hmac.new(self.keyring.digest_key, message, hashlib.sha256).digest(), "big")
+        return int.from_bytes(hmac.digest(self.keyring.digest_key, message, "sha256"), "big")
 
     def digest_mac(self, message: bytes) -> bytes:
-        return hmac.new(self._digest_mac_key, message, hashlib.sha256).digest()
+        return hmac.digest(self._digest_mac_key, message, "sha256")
 
     def mark_rows_authenticated(self, txn: Transaction) -> None:
         """Record in the keyring that every row carries a MAC (once, when a

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
+import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -62,28 +64,36 @@ def _field(out: bytearray, data: bytes) -> None:
     out += len(data).to_bytes(4, "big") + data
 
 
+_LENGTH = struct.Struct(">I").pack
+_NAME_KEY = operator.attrgetter("name", "index")
+
+
 def message(stored: StoredObject, version: int) -> bytes:
-    """The canonical bytes a row MAC covers, for the row at `version`."""
+    """The canonical bytes a row MAC covers, for the row at `version`.
+    Every Get and every write builds it once: the parts are joined once
+    (issue 15); `tests/kms_server/keystore/test_row_auth.py` pins the bytes."""
     if not 0 <= version < 2**63:
         raise RowIntegrityError(stored.uid, f"the row's version {version} is out of range (edited outside the server)")
-    out = bytearray(_ROW_DOMAIN)
-    _field(out, stored.uid.encode())
-    _field(out, stored.owner.encode())
-    out += version.to_bytes(8, "big")
+    uid, owner = stored.uid.encode(), stored.owner.encode()
+    parts = [_ROW_DOMAIN, _LENGTH(len(uid)), uid, _LENGTH(len(owner)), owner, version.to_bytes(8, "big")]
     if stored.sealed_material is None:
-        out += b"\x00"
+        parts.append(b"\x00")
     else:
-        out += b"\x01"
-        _field(out, stored.sealed_material)
-    attributes = sorted(stored.attributes, key=lambda a: (a.name, a.index))
-    out += len(attributes).to_bytes(4, "big")
+        parts += (b"\x01", _LENGTH(len(stored.sealed_material)), stored.sealed_material)
+    attributes = sorted(stored.attributes, key=_NAME_KEY)
+    parts.append(_LENGTH(len(attributes)))
     for a in attributes:
         if not -(2**31) <= a.index < 2**31:
             raise RowIntegrityError(stored.uid, f"attribute {a.name!r} has an index out of range (edited outside the server)")
-        _field(out, a.name.encode())
-        out += a.index.to_bytes(4, "big", signed=True)
-        _field(out, a.value)
-    return bytes(out)
+        name = a.name.encode()
+        parts += (
+            _LENGTH(len(name)),
+            name,
+            a.index.to_bytes(4, "big", signed=True),
+            _LENGTH(len(a.value)),
+            a.value,
+        )
+    return b"".join(parts)
 
 
 def sign(barrier: Barrier, stored: StoredObject, version: int) -> bytes:

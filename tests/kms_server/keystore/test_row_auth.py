@@ -314,6 +314,37 @@ def test_a_signed_row_verifies_whatever_order_its_attributes_come_in():
     row_auth.verify(b, row)
 
 
+def test_the_bytes_a_row_mac_covers_are_pinned():
+    """The layout of what a row MAC covers, written out by hand: a change to
+    it would make every row a database holds fail its MAC."""
+    stored = StoredObject(
+        uid="u-1",
+        owner="alice",
+        sealed_material=b"\x07\x07\x07",
+        attributes=[
+            StoredAttribute(name="b", index=1, value=b"v2"),
+            StoredAttribute(name="a", index=0, value=b""),
+            StoredAttribute(name="b", index=-1, value=b"x"),
+        ],
+    )
+    expected = b"".join(
+        [
+            b"kms-row:v1\x00",
+            b"\x00\x00\x00\x03u-1",
+            b"\x00\x00\x00\x05alice",
+            (7).to_bytes(8, "big"),
+            b"\x01\x00\x00\x00\x03\x07\x07\x07",
+            b"\x00\x00\x00\x03",  # three attributes, by name then index
+            b"\x00\x00\x00\x01a" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00",
+            b"\x00\x00\x00\x01b" + b"\xff\xff\xff\xff" + b"\x00\x00\x00\x01x",
+            b"\x00\x00\x00\x01b" + b"\x00\x00\x00\x01" + b"\x00\x00\x00\x02v2",
+        ]
+    )
+    assert row_auth.message(stored, 7) == expected
+    destroyed = dataclasses.replace(stored, sealed_material=None, attributes=[])
+    assert row_auth.message(destroyed, 7) == expected[:35] + b"\x00" + b"\x00\x00\x00\x00"
+
+
 def test_a_row_without_material_verifies_and_is_distinct_from_empty_material():
     """None (destroyed) and b"" are different rows under the MAC."""
     b = Barrier(KEY)
