@@ -190,8 +190,10 @@ def test_all_types_are_covered_by_the_round_trip():
         Item(0x420001, ItemType.ENUMERATION, -1),
         Item(0x420001, ItemType.INTERVAL, 2**32),
         Item(0x420001, ItemType.DATE_TIME, -(2**63) - 1),
+        Item(0x1000000, ItemType.INTEGER, 1),  # a tag is three bytes
+        Item(-1, ItemType.INTEGER, 1),
     ],
-    ids=lambda i: i.type.name,
+    ids=lambda i: f"{i.type.name}-{i.tag:x}",
 )
 def test_encoding_an_out_of_range_value_raises_ttlv_error(item):
     with pytest.raises(TTLVError):
