@@ -189,6 +189,17 @@ _OBJECT_ROW_FOR_UPDATE = _OBJECT_ROW.with_for_update()
 _OBJECT_ATTRIBUTES = select(kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value).where(
     kms_attributes.c.uid == bindparam("uid")
 )
+# An object's row and its attribute rows in one statement: one round trip,
+# and, under PostgreSQL's READ COMMITTED, one snapshot. Two statements could
+# straddle another transaction's commit and pair the row of one version with
+# the attributes of the next, which the row MAC then refuses as an edit made
+# outside the server. (The locking read needs no join: once the row is
+# locked, no writer can change the attributes before this one ends.)
+_OBJECT_WITH_ATTRIBUTES = (
+    select(*_OBJECT_ROW.selected_columns, kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value)
+    .select_from(kms_objects.outerjoin(kms_attributes, kms_attributes.c.uid == kms_objects.c.uid))
+    .where(kms_objects.c.uid == bindparam("uid"))
+)
 
 
 
@@ -289,7 +300,7 @@ _RAW_OBJECT_DELETE = _Raw(_OBJECT_DELETE)
 _RAW_ATTRIBUTE_DIGESTS = _Raw(_ATTRIBUTE_DIGESTS)
 _RAW_ATTRIBUTES_DELETE = _Raw(_ATTRIBUTES_DELETE)
 _RAW_ATTRIBUTE_DELETE_ID = _Raw(_ATTRIBUTE_DELETE_ID)
-_RAW_OBJECT_ROW = _Raw(_OBJECT_ROW)
+_RAW_OBJECT_WITH_ATTRIBUTES = _Raw(_OBJECT_WITH_ATTRIBUTES)
 _RAW_OBJECT_ATTRIBUTES = _Raw(_OBJECT_ATTRIBUTES)
 _RAW_AUDIT_HEAD = _Raw(_AUDIT_HEAD, literal=True)
 _RAW_AUDIT_INSERT = _Raw(_AUDIT_INSERT, [c.name for c in kms_audit.c])
@@ -529,12 +540,17 @@ class _SqlTransaction(Transaction):
             # database's write lock.
             if for_update and self._dialect == "postgresql":
                 found = list(self._conn.execute(_OBJECT_ROW_FOR_UPDATE, {"uid": uid}))
+                if not found:
+                    return None
+                attrs = _RAW_OBJECT_ATTRIBUTES.rows(self._conn, self._dialect, {"uid": uid})
+                sequence, uid, owner, version, sealed_material, row_mac = found[0]
             else:
-                found = _RAW_OBJECT_ROW.rows(self._conn, self._dialect, {"uid": uid})
-            if not found:
-                return None
-            sequence, uid, owner, version, sealed_material, row_mac = found[0]
-            attrs = _RAW_OBJECT_ATTRIBUTES.rows(self._conn, self._dialect, {"uid": uid})
+                rows = _RAW_OBJECT_WITH_ATTRIBUTES.rows(self._conn, self._dialect, {"uid": uid})
+                if not rows:
+                    return None
+                sequence, uid, owner, version, sealed_material, row_mac = rows[0][:6]
+                # An object without attributes comes as one row of NULLs.
+                attrs = [row[6:] for row in rows if row[6] is not None]
             # Sorted here, not in SQL: the order of names must not depend on
             # the database's collation.
             attributes = sorted(

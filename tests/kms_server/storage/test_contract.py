@@ -761,3 +761,47 @@ def test_get_meta_for_update_reads_like_get_meta(storage):
     with pytest.raises(StorageError):
         with storage.transaction(read_only=True) as tx:
             tx.get_meta("k", for_update=True)
+
+
+# One committed state per read (PostgreSQL, READ COMMITTED).
+
+
+def test_a_read_sees_the_row_and_its_attributes_of_one_commit(postgres_url):
+    """A writer that commits while a read transaction is reading an object
+    must not leave the reader with the row of one commit and the attributes
+    of the next: the row MAC covers both, and such a mix would be refused
+    as a row edited outside the server. Under READ COMMITTED each statement
+    has its own snapshot, so the row and its attributes come from one
+    statement. The writer is run, to its commit, just before the reader's
+    statement that reads the attributes (with the row, or after it)."""
+    from sqlalchemy import event
+
+    storage = open_storage(postgres_url)
+    try:
+        insert(storage, new_object("uid-1", "alice", attr("State", b"1"), attr("Name", b"k")))
+        reader = threading.get_ident()
+        wrote: list[int] = []
+
+        def writer() -> None:
+            with storage.transaction() as tx:
+                current = tx.get_object("uid-1", for_update=True)
+                current.attributes = [attr("State", b"2"), attr("Name", b"k")]
+                tx.update_object(current)
+                wrote.append(current.version)
+
+        def before(conn, cursor, statement, parameters, context, executemany):
+            reads_attributes = statement.lstrip().startswith("SELECT") and "kms_attributes" in statement
+            if threading.get_ident() == reader and not wrote and reads_attributes:
+                thread = threading.Thread(target=writer)
+                thread.start()
+                thread.join(30)
+
+        event.listen(storage.engine, "before_cursor_execute", before)
+        with storage.transaction(read_only=True) as tx:
+            got = tx.get_object("uid-1")
+        event.remove(storage.engine, "before_cursor_execute", before)
+        assert wrote == [2], "the writer did not run inside the read"
+        states = {a.value for a in got.attributes if a.name == "State"}
+        assert (got.version, states) in ((1, {b"1"}), (2, {b"2"})), (got.version, states)
+    finally:
+        storage.close()
