@@ -9,6 +9,8 @@
 - ``open_engine``: a SQLAlchemy engine with bound values kept out of
   exception text and SQLAlchemy's log (``hide_parameters``): they are sealed
   key material and attribute values. A SQLite file is made mode 0600 first.
+  A pooled PostgreSQL connection is pinged before use only after it sat
+  idle (``PING_AFTER_IDLE_SECONDS``), not before every transaction.
 - ``configure_sqlite``: SQLite as the services need it (WAL, busy_timeout,
   foreign keys, our own BEGIN so a writer takes the lock up front).
 - ``describe_error``: a database error in one line without bound values.
@@ -20,13 +22,15 @@ import contextlib
 import os
 import sqlite3
 import stat
+import time
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, SQLAlchemyError
 
 __all__ = [
+    "PING_AFTER_IDLE_SECONDS",
     "READ_ONLY",
     "DatabaseUrlError",
     "configure_sqlite",
@@ -34,6 +38,7 @@ __all__ = [
     "describe_error",
     "open_engine",
     "parse_db_url",
+    "ping_idle_connections",
     "private_sqlite_file",
 ]
 
@@ -79,10 +84,45 @@ def open_engine(url: URL, **options: Any) -> Engine:
         private_sqlite_file(url.database)
         # Pooled connections move between threads; each is used by one at a time.
         connect_args: dict[str, Any] = {"timeout": 10, "check_same_thread": False}
-    else:
-        connect_args = {}
-        options.setdefault("pool_pre_ping", True)
-    return create_engine(url, connect_args=connect_args, hide_parameters=True, **options)
+        return create_engine(url, connect_args=connect_args, hide_parameters=True, **options)
+    engine = create_engine(url, hide_parameters=True, **options)
+    if not options.get("pool_pre_ping"):
+        ping_idle_connections(engine)
+    return engine
+
+
+# A pooled PostgreSQL connection that sat idle this long is pinged before it
+# is handed out; one in use moments ago is not. SQLAlchemy's pool_pre_ping
+# pinged before every transaction: two of the nine round trips of a Get
+# (issue 15). A connection that died while in use raises a disconnect
+# error, which invalidates the whole pool (the next checkouts connect
+# again) and which kms-server's dispatcher retries.
+PING_AFTER_IDLE_SECONDS = 1.0
+_IDLE_SINCE = "kms_idle_since"
+
+
+def ping_idle_connections(engine: Engine, idle_seconds: float | None = None) -> None:
+    """Ping each connection checked out after `idle_seconds` (default
+    PING_AFTER_IDLE_SECONDS) in the pool; a dead one is replaced, as
+    pool_pre_ping would."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.pop(_IDLE_SINCE, None)
+        wait = PING_AFTER_IDLE_SECONDS if idle_seconds is None else idle_seconds
+        if since is None or time.monotonic() - since < wait:
+            return  # new, or in use a moment ago
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool invalidates this connection and checks out another.
+            raise DisconnectionError(f"connection idle {time.monotonic() - since:.0f} s failed its ping") from exc
+        if not alive:
+            raise DisconnectionError("connection failed its ping")
 
 
 def private_sqlite_file(path: str | None) -> None:

@@ -4,10 +4,12 @@ engine, for the KMS storage, its admin tools and the broker."""
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from kmip_core.db.engine import READ_ONLY, DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
 
@@ -75,3 +77,85 @@ def test_query_only_engine_refuses_writes(tmp_path):
         assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
     reader.dispose()
     writer.dispose()
+
+
+# PostgreSQL: a pooled connection is pinged only after it sat idle.
+
+
+@pytest.fixture
+def pg_engine(postgres_url, monkeypatch):
+    """A PostgreSQL engine as open_engine makes it, one pooled connection,
+    its pings counted; idle means 0.2 s here."""
+    from kmip_core.db import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_SECONDS", 0.2)
+    url, _ = parse_db_url(postgres_url)
+    engine = open_engine(url, pool_size=1, max_overflow=0)
+    pings: list[int] = []
+    real_ping = engine.dialect.do_ping
+
+    def counted(dbapi_connection):
+        pings.append(1)
+        return real_ping(dbapi_connection)
+
+    monkeypatch.setattr(engine.dialect, "do_ping", counted)
+    try:
+        yield engine, pings
+    finally:
+        engine.dispose()
+
+
+def _backend_pid(engine) -> int:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+
+
+def _terminate(postgres_url: str, pid: int) -> None:
+    url, _ = parse_db_url(postgres_url)
+    other = open_engine(url, poolclass=NullPool)
+    with other.connect() as conn:
+        conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+    other.dispose()
+
+
+def test_a_connection_in_use_a_moment_ago_is_not_pinged(pg_engine):
+    engine, pings = pg_engine
+    first = _backend_pid(engine)
+    for _ in range(5):
+        assert _backend_pid(engine) == first
+    assert pings == []
+
+
+def test_a_connection_idle_longer_than_the_limit_is_pinged(pg_engine):
+    engine, pings = pg_engine
+    first = _backend_pid(engine)
+    time.sleep(0.3)
+    assert _backend_pid(engine) == first
+    assert pings == [1]
+
+
+def test_a_dead_idle_connection_is_replaced_before_use(pg_engine, postgres_url):
+    """As pool_pre_ping did: a connection whose server process went away
+    while it sat in the pool fails its ping and is replaced; the caller
+    sees no error."""
+    engine, pings = pg_engine
+    first = _backend_pid(engine)
+    _terminate(postgres_url, first)
+    time.sleep(0.3)
+    assert _backend_pid(engine) != first
+    assert pings == [1]
+
+
+def test_a_connection_that_died_a_moment_ago_fails_once_as_a_disconnect(pg_engine, postgres_url):
+    """Without a ping the first statement meets the dead connection: a
+    disconnect error (kms-server's dispatcher runs the item again), and the
+    pool's next connection is a new one."""
+    from sqlalchemy.exc import DBAPIError
+
+    engine, _ = pg_engine
+    first = _backend_pid(engine)
+    _terminate(postgres_url, first)
+    with pytest.raises(DBAPIError) as info:
+        _backend_pid(engine)
+    assert info.value.connection_invalidated
+    assert _backend_pid(engine) != first
