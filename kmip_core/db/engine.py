@@ -40,6 +40,7 @@ __all__ = [
     "parse_db_url",
     "ping_idle_connections",
     "private_sqlite_file",
+    "refresh_statistics",
 ]
 
 # Execution option of a connection whose transactions only read: on SQLite
@@ -217,3 +218,17 @@ def describe_error(exc: SQLAlchemyError) -> str:
     first_line = (str(orig).splitlines() or [""])[0]
     prefix = f"{type(orig).__name__} [{code}]" if code else type(orig).__name__
     return f"{prefix}: {first_line}"
+
+
+def refresh_statistics(engine: Engine, tables: list[str] | tuple[str, ...]) -> None:
+    """ANALYZE `tables` on PostgreSQL, after a bulk load (a restore).
+    Without statistics the planner takes an object's attribute lookup for
+    a scan of 0.5 % of the table: at a million keys, a parallel bitmap scan
+    with JIT compilation, 36 ms instead of a fraction of one (issue 15).
+    Autovacuum would gather them in time, if it is on. SQLite plans these
+    lookups from its indexes without statistics: nothing to do there.
+    Raises SQLAlchemyError as the statement does."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE " + ", ".join(tables))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,13 +53,15 @@ from kmip_core.backup_format import (
     unwrap_backup_key,
     write_sealed,
 )
-from kmip_core.db.engine import DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
+from kmip_core.db.engine import DatabaseUrlError, configure_sqlite, open_engine, parse_db_url, refresh_statistics
 from kmip_core.sealing import barrier
 from kmip_core.sealing.master_key import SALT_META, SCRYPT_N, SCRYPT_P, SCRYPT_R, MasterKey, MasterKeyError
 from kmip_core.sealing.opener import open_master_key
 from kms_server.config import Config
 from kms_server.storage import schema
 from kms_server.storage import sql as sql_tables
+
+log = logging.getLogger("kms_server.admin.backup")
 
 __all__ = [
     "BACKUP_TABLES",
@@ -470,6 +473,13 @@ def restore(
                             "nothing was restored: restore into a new, empty database"
                         )
             restored = True
+            # The planner's statistics for the rows just loaded (PostgreSQL):
+            # without them every lookup by object is planned as a scan
+            # until autovacuum (if it is on) gets there.
+            try:
+                refresh_statistics(engine, BACKUP_TABLES)
+            except SQLAlchemyError as exc:
+                log.warning("restored, but ANALYZE failed (run it by hand): %s", _first_line(exc))
         except SQLAlchemyError as exc:
             raise BackupError(
                 f"cannot restore into {shown}: {_first_line(exc)}; nothing was restored: check --db-url, "
