@@ -353,7 +353,12 @@ class Database:
             raise DatabaseError(str(exc)) from None
         self.dialect = url.get_backend_name()
         try:
-            self.engine: Engine = open_engine(url, pool_size=pool_size)
+            # PostgreSQL: every checkout pings (pool_pre_ping), not only
+            # after idling as kms-server's do: the gateway does not run a
+            # request again, so a connection that died in a failover must
+            # not reach a request.
+            ping = {"pool_pre_ping": True} if self.dialect == "postgresql" else {}
+            self.engine: Engine = open_engine(url, pool_size=pool_size, **ping)
             # Reads (the gateway's hot path: authorize_unwrap) need no write
             # lock. On SQLite a second engine opens plain deferred,
             # query-only transactions, which WAL lets run beside a writer; on

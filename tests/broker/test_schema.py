@@ -156,3 +156,22 @@ def test_admin_commands_refuse_an_unmigrated_postgresql(tmp_path, postgres_url):
     assert listing.returncode == 2 and listing.stderr.count("\n") == 1
     assert "no vtpm-broker schema" in listing.stderr and "db upgrade" in listing.stderr
     assert "Traceback" not in listing.stderr
+
+
+def test_the_broker_replaces_a_connection_that_died_a_moment_ago(postgres_url):
+    """The broker's gateway runs no request again, so its pool pings every
+    connection it hands out (kms-server's ping only after idling, and run
+    the item again): a connection whose server process was killed a moment
+    ago is replaced before use, without an error."""
+    db = Database(postgres_url, pool_size=1)
+    try:
+        with db.engine.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        killer = create_engine(postgres_url)
+        with killer.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        killer.dispose()
+        with db.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+    finally:
+        db.close()
