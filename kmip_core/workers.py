@@ -235,9 +235,18 @@ class Supervisor:
         deadline = self.clock() + READY_TIMEOUT
         announcements: list[str] = []
         try:
-            for worker in self.workers:
+            # Worker 0 first, alone: it does what a first start writes (the
+            # schema migrations on SQLite, the keyring, the store digest),
+            # and the others then open a ready database. Started together,
+            # they queued behind its migration transaction, which on a
+            # loaded host outlasted SQLite's 10 s busy timeout ("database is
+            # locked" at start).
+            first, *others = self.workers
+            self._spawn(first)
+            announcements += self._await_ready(first, deadline)
+            for worker in others:
                 self._spawn(worker)
-            for worker in self.workers:
+            for worker in others:
                 announcements += self._await_ready(worker, deadline)
         except BaseException:
             self.stopping = True
