@@ -33,10 +33,25 @@ from kms_server.storage.base import (
     LocateQuery,
     ObjectExists,
     Storage,
+    StoredObject,
     Transaction,
 )
 
 log = logging.getLogger("kms_server.keystore")
+
+
+class PreparedObject:
+    """A new object ready to be stored (`Keystore.prepare_object`): built,
+    its material sealed and its row authenticated under data key `term`.
+    Holds the key material in the clear until stored, as the request does."""
+
+    __slots__ = ("obj", "material", "term", "stored")
+
+    def __init__(self, obj: ManagedObject, material: Material | None, term: int) -> None:
+        self.obj = obj
+        self.material = material
+        self.term = term
+        self.stored: StoredObject | None = None
 
 
 class Keystore:
@@ -144,23 +159,32 @@ class Keystore:
             problem = exc.problem if isinstance(exc, row_auth.RowIntegrityError) else str(exc)
             raise self._refused(stored.uid, problem) from None
 
-    def _write_row(self, txn: Transaction, stored, before: tuple[int, bytes] | None) -> None:
+    def _write_row(self, txn: Transaction, stored, before: tuple[int, bytes]) -> None:
         """Authenticate `stored` at the version it is about to get and move
-        the store digest from its previous row (`before`: version and MAC)."""
+        the store digest from its previous row (`before`: version and MAC).
+        New rows: `_insert_row`."""
         self.barrier.refresh(txn)
-        version = 1 if before is None else stored.version + 1
+        version = stored.version + 1
         row_auth.sign(self.barrier, stored, version)
         try:
-            removed = [] if before is None else [row_auth.element(self.barrier, stored.uid, *before)]
+            removed = [row_auth.element(self.barrier, stored.uid, *before)]
             added = [row_auth.element(self.barrier, stored.uid, version, stored.row_mac)]
-            if before is None:
-                txn.insert_object(stored)
-            else:
-                txn.update_object(stored)
+            txn.update_object(stored)
             row_auth.apply(txn, self.barrier, removed, added)
         except row_auth.RowIntegrityError as exc:
             raise self._refused(stored.uid, exc.problem) from None
         self._note_version(stored.uid, version)
+
+    def _insert_row(self, txn: Transaction, stored) -> None:
+        """Insert a new row already authenticated at version 1 and add it
+        to the store digest."""
+        try:
+            added = [row_auth.element(self.barrier, stored.uid, 1, stored.row_mac)]
+            txn.insert_object(stored)
+            row_auth.apply(txn, self.barrier, [], added)
+        except row_auth.RowIntegrityError as exc:
+            raise self._refused(stored.uid, exc.problem) from None
+        self._note_version(stored.uid, 1)
 
     # Creation.
     def validate_client_attributes(
@@ -211,6 +235,22 @@ class Keystore:
         """Store a new object. Its owner is the caller, or `owner` when the
         object replaces one the caller may manage (ReKey by an administrator
         keeps the key with its owner)."""
+        return self.store_object(txn, self.prepare_object(principal, object_type, attributes, material, now, uid, owner))
+
+    def prepare_object(
+        self,
+        principal: Principal,
+        object_type: ObjectType,
+        attributes: dict[str, list[Item]],
+        material: Material | None,
+        now: int,
+        uid: str | None = None,
+        owner: str | None = None,
+    ) -> PreparedObject:
+        """A new object built, sealed and row-authenticated outside any
+        transaction, for `store_object`: on SQLite a node's writes take
+        turns, so what a write computes before its turn does not hold up
+        the others (issue 15). Refuses what `new_object` refuses."""
         check(principal, Action.CREATE)
         attrs.check_quantum_safe(object_type, attributes)
         uid = uid or str(uuid.uuid4())
@@ -223,13 +263,34 @@ class Keystore:
         if object_type in lifecycle.STATEFUL_TYPES:
             obj.set_value("State", State.PRE_ACTIVE.value)
             lifecycle.apply_dates(obj, now)
-        if material is not None:
-            obj.sealed_material = self.barrier.seal(uid, material.to_bytes())
-        stored = obj.to_stored()
+        prepared = PreparedObject(obj, material, self.barrier.active_term)
+        self._seal_and_sign(prepared)
+        return prepared
+
+    def _seal_and_sign(self, prepared: PreparedObject) -> None:
+        """Seal the material and authenticate the row (version 1) under the
+        barrier's active data key, and note which that was."""
+        prepared.term = self.barrier.active_term
+        obj = prepared.obj
+        if prepared.material is not None:
+            obj.sealed_material = self.barrier.seal(obj.uid, prepared.material.to_bytes())
+        prepared.stored = obj.to_stored()
+        row_auth.sign(self.barrier, prepared.stored, 1)
+
+    def store_object(self, txn: Transaction, prepared: PreparedObject) -> ManagedObject:
+        """Insert an object `prepare_object` made. If the keyring moved to
+        another data key since (a rotation this node has just read), the
+        object is sealed and authenticated again under the new one: a
+        rotation must find no object left under the key it retires."""
+        self.barrier.refresh(txn)
+        if prepared.term != self.barrier.active_term:
+            self._seal_and_sign(prepared)
+        obj, stored = prepared.obj, prepared.stored
+        assert stored is not None  # set by _seal_and_sign
         try:
-            self._write_row(txn, stored, None)
+            self._insert_row(txn, stored)
         except ObjectExists:
-            raise errors.ObjectAlreadyExists(f"object {uid} already exists") from None
+            raise errors.ObjectAlreadyExists(f"object {obj.uid} already exists") from None
         obj.version = 1
         obj.row_mac = stored.row_mac
         self._touch(obj)

@@ -43,7 +43,10 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     material = Material(key)
     attributes.update(object_codec.server_attributes(object_type, material, algorithm.value, generated=True))
     attrs.set_initial_defaults(object_type, attributes)
+    # Built, sealed and authenticated before the write transaction, which
+    # on SQLite waits for its turn behind the node's other writes.
+    prepared = keystore.prepare_object(ctx.principal, object_type, attributes, material, ctx.now)
     with keystore.transaction() as txn:
-        obj = keystore.new_object(txn, ctx.principal, object_type, attributes, material, ctx.now)
+        obj = keystore.store_object(txn, prepared)
     ctx.batch.id_placeholder = obj.uid
     return [ttlv.enumeration(Tags.OBJECT_TYPE.value, object_type.value), common.uid_item(obj.uid)]
