@@ -349,6 +349,46 @@ class Keystore:
         obj.row_mac = stored.row_mac
         self._touch(obj)
 
+    def save_if_unchanged(self, obj: ManagedObject, now: int) -> bool:
+        """Write `obj`, loaded and checked by an earlier transaction and
+        changed since by the caller, in a write transaction of its own if
+        its row is still at the version it was read at (the update's
+        version check). The row is built and authenticated before that
+        transaction, so on SQLite it holds the node's write turn only for
+        the SQL (issue 15). Returns False, having written nothing, if
+        another writer changed the row in between, or inside a batch run
+        with Undo: the caller then loads the object again under lock."""
+        if self._batch_txn is not None:
+            return False
+        if obj.row_mac is None:  # an object read from storage was verified, so it has one
+            raise self._refused(obj.uid, "the row carries no MAC")
+        version = obj.version + 1
+        try:
+            removed = [row_auth.element(self.barrier, obj.uid, obj.version, obj.row_mac)]
+        except row_auth.RowIntegrityError as exc:
+            raise self._refused(obj.uid, exc.problem) from None
+        obj.set_value("Last Change Date", now)
+        stored = obj.to_stored()
+        term = self.barrier.active_term
+        row_auth.sign(self.barrier, stored, version)
+        try:
+            with self.transaction() as txn:
+                self.barrier.refresh(txn)
+                if term != self.barrier.active_term:  # a rotation read just now
+                    row_auth.sign(self.barrier, stored, version)
+                txn.update_object(stored)
+                assert stored.row_mac is not None  # set by row_auth.sign
+                added = [row_auth.element(self.barrier, obj.uid, version, stored.row_mac)]
+                row_auth.apply(txn, self.barrier, removed, added)
+                self._note_version(obj.uid, version)
+                obj.version, obj.row_mac = version, stored.row_mac
+                self._touch(obj)
+        except ConcurrentModification:
+            return False
+        except row_auth.RowIntegrityError as exc:
+            raise self._refused(obj.uid, exc.problem) from None
+        return True
+
     # Locate (KMIP 1.4, 4.9).
     def locate(
         self,

@@ -10,6 +10,8 @@ Option the whole Key Value structure is TTLV-encoded and wrapped, as the
 specification requires; No Encoding wraps the Key Material bytes alone.
 """
 
+import dataclasses
+
 from kmip.core.enums import (
     BlockCipherMode,
     CryptographicAlgorithm,
@@ -84,7 +86,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         key_format = object_codec.default_format(obj, material, ctx.v2)
     item = object_codec.encode_object(obj, material, key_format, wrapping)
     if obj.value("Fresh") is True:
-        _served(ctx, keystore, obj.uid)
+        _served(ctx, keystore, obj)
     ctx.batch.id_placeholder = obj.uid
     return [
         ttlv.enumeration(T.OBJECT_TYPE.value, obj.object_type.value),
@@ -118,14 +120,20 @@ def _as_registered(
     ]
 
 
-def _served(ctx: RequestContext, keystore: Keystore, uid: str) -> None:
+def _served(ctx: RequestContext, keystore: Keystore, obj: ManagedObject) -> None:
     """KMIP 1.4, 3.34: an object is no longer Fresh once it has been served
-    to a client. Only the first Get writes; later ones find it False."""
+    to a client. Only the first Get writes; later ones find it False. The
+    row read by this Get is written back unless another request changed
+    it since; then it is read again under lock."""
+    served = dataclasses.replace(obj, attributes=dict(obj.attributes))
+    served.set_value("Fresh", False)
+    if keystore.save_if_unchanged(served, ctx.now):
+        return
     with keystore.transaction() as txn:
-        obj = keystore.load(txn, ctx.principal, uid, Action.READ_MATERIAL, ctx.now, for_update=True)
-        if obj.value("Fresh") is True:
-            obj.set_value("Fresh", False)
-            keystore.save(txn, obj, ctx.now)
+        current = keystore.load(txn, ctx.principal, obj.uid, Action.READ_MATERIAL, ctx.now, for_update=True)
+        if current.value("Fresh") is True:
+            current.set_value("Fresh", False)
+            keystore.save(txn, current, ctx.now)
 
 
 def _check_exportable(obj: ManagedObject, wrapped: bool) -> None:

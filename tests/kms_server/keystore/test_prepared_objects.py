@@ -42,6 +42,7 @@ def _attributes() -> dict:
     return {
         "Cryptographic Algorithm": [attrs.make("Cryptographic Algorithm", CryptographicAlgorithm.AES.value)],
         "Cryptographic Length": [attrs.make("Cryptographic Length", 256)],
+        "Fresh": [attrs.make("Fresh", True)],
     }
 
 
@@ -131,3 +132,62 @@ def test_preparing_is_refused_to_a_caller_who_may_not_create(store):
     with pytest.raises(errors.KmsError):
         _prepare(keystore, principal=Principal("audit", role=Role.AUDITOR))
     assert _verified_store(storage, barrier).objects == 0
+
+
+# An update built from a row read earlier (Keystore.save_if_unchanged, the
+# first Get clearing Fresh).
+def _stored_key(keystore: Keystore):
+    with keystore.transaction() as txn:
+        return keystore.store_object(txn, _prepare(keystore))
+
+
+def _read(keystore: Keystore, uid: str):
+    with keystore.transaction(read_only=True) as txn:
+        return keystore.load(txn, ALICE, uid, Action.READ_MATERIAL, NOW)
+
+
+def test_an_update_of_a_row_read_earlier_is_written_when_the_row_is_unchanged(store):
+    storage, barrier, keystore, _ = store
+    uid = _stored_key(keystore).uid
+    obj = _read(keystore, uid)
+    obj.set_value("Fresh", False)
+    assert keystore.save_if_unchanged(obj, NOW + 5)
+    assert obj.version == 2
+    again = _read(keystore, uid)
+    assert again.version == 2 and again.value("Fresh") is False
+    assert again.value("Last Change Date") == NOW + 5
+    assert _verified_store(storage, barrier).ok
+
+
+def test_an_update_of_a_row_changed_since_it_was_read_writes_nothing(store):
+    """Another request changed the row between the read and the write: the
+    update is refused whole (no lost update), and the other change stays."""
+    storage, barrier, keystore, _ = store
+    uid = _stored_key(keystore).uid
+    stale = _read(keystore, uid)
+    with keystore.transaction() as txn:
+        other = keystore.load(txn, ALICE, uid, Action.READ_MATERIAL, NOW, for_update=True)
+        other.set_value("Contact Information", "changed elsewhere")
+        keystore.save(txn, other, NOW + 1)
+    stale.set_value("Fresh", False)
+    assert not keystore.save_if_unchanged(stale, NOW + 2)
+    current = _read(keystore, uid)
+    assert current.version == 2
+    assert current.value("Contact Information") == "changed elsewhere"
+    assert current.value("Fresh") is True
+    assert _verified_store(storage, barrier).ok
+
+
+def test_an_update_built_before_a_rotation_is_authenticated_under_the_new_data_key(store, monkeypatch):
+    storage, barrier, keystore, key_path = store
+    uid = _stored_key(keystore).uid
+    obj = _read(keystore, uid)
+    obj.set_value("Fresh", False)
+    new_term = _rotate_elsewhere(storage, key_path)
+    monkeypatch.setattr(barrier_module, "REFRESH_SECONDS", 0)
+    assert keystore.save_if_unchanged(obj, NOW + 5)
+    with storage.transaction(read_only=True) as txn:
+        row = txn.get_object(uid)
+    assert row is not None and barrier.mac_term(row.row_mac) == new_term
+    assert _read(keystore, uid).value("Fresh") is False
+    assert _verified_store(storage, barrier).ok

@@ -27,7 +27,7 @@ from kmip.core.enums import (
 from kmip.core.enums import Tags as T
 
 from kmip_core import ttlv
-from kmip_core.policy import Principal, Role
+from kmip_core.policy import Action, Principal, Role
 from kmip_core.sealing.barrier import Barrier
 from kmip_core.server import dispatcher as dispatcher_module
 from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher
@@ -1213,6 +1213,30 @@ def test_a_key_is_no_longer_fresh_once_served(alice):
     uid = alice.create()
     alice.call(Operation.GET, [alice.uid_item(uid)])
     assert alice.values(uid, "Fresh") == [False]
+
+
+def test_a_key_changed_between_its_first_get_and_the_fresh_write_keeps_both(alice, keystore, monkeypatch):
+    """The first Get writes Fresh back from the row it read; if another
+    request changed that row in between, the write is refused by its
+    version check and the Get clears Fresh on the row as it now is: the
+    other change is not lost, and the Get still answers."""
+    uid = alice.create()
+    real = Keystore.save_if_unchanged
+
+    def changed_meanwhile(self, obj, now):
+        with keystore.transaction() as txn:
+            other = keystore.load(txn, ALICE, uid, Action.MANAGE, now, for_update=True)
+            other.set_value("Contact Information", "changed meanwhile")
+            keystore.save(txn, other, now)
+        written = real(self, obj, now)
+        assert written is False  # the row moved on: nothing written
+        return written
+
+    monkeypatch.setattr(Keystore, "save_if_unchanged", changed_meanwhile)
+    answer = alice.call(Operation.GET, [alice.uid_item(uid)])
+    assert answer.get(T.UNIQUE_IDENTIFIER.value) == uid
+    assert alice.values(uid, "Fresh") == [False]
+    assert alice.values(uid, "Contact Information") == ["changed meanwhile"]
 
 
 def test_always_sensitive_drops_when_sensitive_is_cleared(alice):
