@@ -1168,6 +1168,51 @@ def test_activate_revoke_destroy(alice, keystore):
         assert txn.get_object(uid).sealed_material is None
 
 
+def test_a_key_activated_between_destroys_read_and_its_write_is_not_destroyed(alice, keystore, monkeypatch):
+    """Destroy checks the row it read and writes it back only if no other
+    request changed it since. Another request activates the key in
+    between: the write is refused by its version check, Destroy checks the
+    row again under lock, and refuses an Active key as it would have."""
+    uid = alice.create()
+    real = Keystore.save_if_unchanged
+
+    def activated_meanwhile(self, obj, now):
+        alice.activate(uid)
+        return real(self, obj, now)
+
+    monkeypatch.setattr(Keystore, "save_if_unchanged", activated_meanwhile)
+    assert alice.refused(Operation.DESTROY, [alice.uid_item(uid)]) == reason_for(
+        alice, ResultReason.ILLEGAL_OPERATION, ResultReason.PERMISSION_DENIED
+    )
+    monkeypatch.undo()
+    assert alice.values(uid, "State") == [State.ACTIVE.value]
+    with keystore.transaction() as txn:
+        assert txn.get_object(uid).sealed_material is not None
+
+
+def test_a_key_changed_between_destroys_read_and_its_write_is_destroyed_with_the_change(alice, keystore, monkeypatch):
+    uid = alice.create()
+    real = Keystore.save_if_unchanged
+    outcomes = []
+
+    def changed_meanwhile(self, obj, now):
+        with keystore.transaction() as txn:
+            other = keystore.load(txn, ALICE, uid, Action.MANAGE, now, for_update=True)
+            other.set_value("Contact Information", "changed meanwhile")
+            keystore.save(txn, other, now)
+        outcomes.append(real(self, obj, now))
+        return outcomes[-1]
+
+    monkeypatch.setattr(Keystore, "save_if_unchanged", changed_meanwhile)
+    alice.destroy(uid)
+    monkeypatch.undo()
+    assert outcomes == [False]  # the first write was refused; the locked path destroyed it
+    assert alice.values(uid, "State") == [State.DESTROYED.value]
+    assert alice.values(uid, "Contact Information") == ["changed meanwhile"]
+    with keystore.transaction() as txn:
+        assert txn.get_object(uid).sealed_material is None
+
+
 def test_revoke_for_compromise(alice):
     uid = alice.create()
     alice.activate(uid)
