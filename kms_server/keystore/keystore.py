@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kmip.core.enums import ObjectType, State
@@ -40,18 +41,16 @@ from kms_server.storage.base import (
 log = logging.getLogger("kms_server.keystore")
 
 
+@dataclass
 class PreparedObject:
     """A new object ready to be stored (`Keystore.prepare_object`): built,
-    its material sealed and its row authenticated under data key `term`.
+    its row (`stored`) sealed and authenticated under data key `term`.
     Holds the key material in the clear until stored, as the request does."""
 
-    __slots__ = ("obj", "material", "term", "stored")
-
-    def __init__(self, obj: ManagedObject, material: Material | None, term: int) -> None:
-        self.obj = obj
-        self.material = material
-        self.term = term
-        self.stored: StoredObject | None = None
+    obj: ManagedObject
+    material: Material | None
+    stored: StoredObject
+    term: int
 
 
 class Keystore:
@@ -159,32 +158,29 @@ class Keystore:
             problem = exc.problem if isinstance(exc, row_auth.RowIntegrityError) else str(exc)
             raise self._refused(stored.uid, problem) from None
 
-    def _write_row(self, txn: Transaction, stored, before: tuple[int, bytes]) -> None:
-        """Authenticate `stored` at the version it is about to get and move
-        the store digest from its previous row (`before`: version and MAC).
-        New rows: `_insert_row`."""
+    def _write_row(
+        self, txn: Transaction, stored, before: tuple[int, bytes] | None, signed_under: int | None = None
+    ) -> None:
+        """Authenticate `stored` at the version it is about to get (1 for a
+        new row) and move the store digest from its previous row (`before`:
+        version and MAC; None: a new row, inserted). `signed_under`: the
+        data key `stored` was already authenticated under, before the
+        transaction; it is signed again only if the keyring moved on since."""
         self.barrier.refresh(txn)
-        version = stored.version + 1
-        row_auth.sign(self.barrier, stored, version)
+        version = 1 if before is None else stored.version + 1
+        if signed_under != self.barrier.active_term:
+            row_auth.sign(self.barrier, stored, version)
         try:
-            removed = [row_auth.element(self.barrier, stored.uid, *before)]
+            removed = [] if before is None else [row_auth.element(self.barrier, stored.uid, *before)]
             added = [row_auth.element(self.barrier, stored.uid, version, stored.row_mac)]
-            txn.update_object(stored)
+            if before is None:
+                txn.insert_object(stored)
+            else:
+                txn.update_object(stored)
             row_auth.apply(txn, self.barrier, removed, added)
         except row_auth.RowIntegrityError as exc:
             raise self._refused(stored.uid, exc.problem) from None
         self._note_version(stored.uid, version)
-
-    def _insert_row(self, txn: Transaction, stored) -> None:
-        """Insert a new row already authenticated at version 1 and add it
-        to the store digest."""
-        try:
-            added = [row_auth.element(self.barrier, stored.uid, 1, stored.row_mac)]
-            txn.insert_object(stored)
-            row_auth.apply(txn, self.barrier, [], added)
-        except row_auth.RowIntegrityError as exc:
-            raise self._refused(stored.uid, exc.problem) from None
-        self._note_version(stored.uid, 1)
 
     # Creation.
     def validate_client_attributes(
@@ -263,19 +259,17 @@ class Keystore:
         if object_type in lifecycle.STATEFUL_TYPES:
             obj.set_value("State", State.PRE_ACTIVE.value)
             lifecycle.apply_dates(obj, now)
-        prepared = PreparedObject(obj, material, self.barrier.active_term)
-        self._seal_and_sign(prepared)
-        return prepared
+        return self._sealed_and_signed(obj, material)
 
-    def _seal_and_sign(self, prepared: PreparedObject) -> None:
-        """Seal the material and authenticate the row (version 1) under the
-        barrier's active data key, and note which that was."""
-        prepared.term = self.barrier.active_term
-        obj = prepared.obj
-        if prepared.material is not None:
-            obj.sealed_material = self.barrier.seal(obj.uid, prepared.material.to_bytes())
-        prepared.stored = obj.to_stored()
-        row_auth.sign(self.barrier, prepared.stored, 1)
+    def _sealed_and_signed(self, obj: ManagedObject, material: Material | None) -> PreparedObject:
+        """`obj` with its material sealed and its row authenticated
+        (version 1) under the barrier's active data key."""
+        term = self.barrier.active_term
+        if material is not None:
+            obj.sealed_material = self.barrier.seal(obj.uid, material.to_bytes())
+        stored = obj.to_stored()
+        row_auth.sign(self.barrier, stored, 1)
+        return PreparedObject(obj, material, stored, term)
 
     def store_object(self, txn: Transaction, prepared: PreparedObject) -> ManagedObject:
         """Insert an object `prepare_object` made. If the keyring moved to
@@ -284,11 +278,10 @@ class Keystore:
         rotation must find no object left under the key it retires."""
         self.barrier.refresh(txn)
         if prepared.term != self.barrier.active_term:
-            self._seal_and_sign(prepared)
+            prepared = self._sealed_and_signed(prepared.obj, prepared.material)
         obj, stored = prepared.obj, prepared.stored
-        assert stored is not None  # set by _seal_and_sign
         try:
-            self._insert_row(txn, stored)
+            self._write_row(txn, stored, None, signed_under=prepared.term)
         except ObjectExists:
             raise errors.ObjectAlreadyExists(f"object {obj.uid} already exists") from None
         obj.version = 1
@@ -335,19 +328,14 @@ class Keystore:
 
     # Writing.
     def save(self, txn: Transaction, obj: ManagedObject, now: int) -> None:
-        obj.set_value("Last Change Date", now)
-        stored = obj.to_stored()
-        if obj.row_mac is None:  # an object read from storage was verified, so it has one
-            raise self._refused(obj.uid, "the row carries no MAC")
+        stored, before = self._changed_row(obj, now)
         try:
-            self._write_row(txn, stored, (obj.version, obj.row_mac))
+            self._write_row(txn, stored, before)
         except ConcurrentModification:
             raise errors.IllegalOperation(
                 f"object {obj.uid} was changed by a concurrent request; retry"
             ) from None
-        obj.version = stored.version
-        obj.row_mac = stored.row_mac
-        self._touch(obj)
+        self._saved(obj, stored)
 
     def save_if_unchanged(self, obj: ManagedObject, now: int) -> bool:
         """Write `obj`, loaded and checked by an earlier transaction and
@@ -360,34 +348,29 @@ class Keystore:
         with Undo: the caller then loads the object again under lock."""
         if self._batch_txn is not None:
             return False
-        if obj.row_mac is None:  # an object read from storage was verified, so it has one
-            raise self._refused(obj.uid, "the row carries no MAC")
-        version = obj.version + 1
-        try:
-            removed = [row_auth.element(self.barrier, obj.uid, obj.version, obj.row_mac)]
-        except row_auth.RowIntegrityError as exc:
-            raise self._refused(obj.uid, exc.problem) from None
-        obj.set_value("Last Change Date", now)
-        stored = obj.to_stored()
+        stored, before = self._changed_row(obj, now)
         term = self.barrier.active_term
-        row_auth.sign(self.barrier, stored, version)
+        row_auth.sign(self.barrier, stored, stored.version + 1)
         try:
             with self.transaction() as txn:
-                self.barrier.refresh(txn)
-                if term != self.barrier.active_term:  # a rotation read just now
-                    row_auth.sign(self.barrier, stored, version)
-                txn.update_object(stored)
-                assert stored.row_mac is not None  # set by row_auth.sign
-                added = [row_auth.element(self.barrier, obj.uid, version, stored.row_mac)]
-                row_auth.apply(txn, self.barrier, removed, added)
-                self._note_version(obj.uid, version)
-                obj.version, obj.row_mac = version, stored.row_mac
-                self._touch(obj)
+                self._write_row(txn, stored, before, signed_under=term)
+                self._saved(obj, stored)
         except ConcurrentModification:
             return False
-        except row_auth.RowIntegrityError as exc:
-            raise self._refused(obj.uid, exc.problem) from None
         return True
+
+    def _changed_row(self, obj: ManagedObject, now: int) -> tuple[StoredObject, tuple[int, bytes]]:
+        """The row of `obj` as changed at `now`, and the version and MAC of
+        the row it was loaded from."""
+        if obj.row_mac is None:  # an object read from storage was verified, so it has one
+            raise self._refused(obj.uid, "the row carries no MAC")
+        obj.set_value("Last Change Date", now)
+        return obj.to_stored(), (obj.version, obj.row_mac)
+
+    def _saved(self, obj: ManagedObject, stored: StoredObject) -> None:
+        obj.version = stored.version
+        obj.row_mac = stored.row_mac
+        self._touch(obj)
 
     # Locate (KMIP 1.4, 4.9).
     def locate(

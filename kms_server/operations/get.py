@@ -10,8 +10,6 @@ Option the whole Key Value structure is TTLV-encoded and wrapped, as the
 specification requires; No Encoding wraps the Key Material bytes alone.
 """
 
-import dataclasses
-
 from kmip.core.enums import (
     BlockCipherMode,
     CryptographicAlgorithm,
@@ -125,9 +123,8 @@ def _served(ctx: RequestContext, keystore: Keystore, obj: ManagedObject) -> None
     to a client. Only the first Get writes; later ones find it False. The
     row read by this Get is written back unless another request changed
     it since; then it is read again under lock."""
-    served = dataclasses.replace(obj, attributes=dict(obj.attributes))
-    served.set_value("Fresh", False)
-    if keystore.save_if_unchanged(served, ctx.now):
+    obj.set_value("Fresh", False)  # its answer is already encoded
+    if keystore.save_if_unchanged(obj, ctx.now):
         return
     with keystore.transaction() as txn:
         current = keystore.load(txn, ctx.principal, obj.uid, Action.READ_MATERIAL, ctx.now, for_update=True)
