@@ -317,9 +317,28 @@ class KmipProtocol(protocol.Protocol):
         return self._write_blocked or self._node_blocked
 
 
+class HeldAnswer:
+    """What `handle` may return instead of the response: an answer that
+    leaves only once something else is done (the KMS: the audit record of
+    the read it answers is durable). `release()` is called in the reactor
+    thread and returns a Deferred that fires with the bytes to send, or
+    None to close the connection. The connection sends nothing else, and
+    reads no other request, until then."""
+
+    __slots__ = ("release",)
+
+    def __init__(self, release: Callable[[], defer.Deferred[bytes | None]]):
+        self.release = release
+
+
+def _released(answer: bytes | HeldAnswer | None) -> bytes | None | defer.Deferred[bytes | None]:
+    return answer.release() if isinstance(answer, HeldAnswer) else answer
+
+
 class KmipFactory(protocol.Factory):
     """What every connection shares. `handle(message, identity)` runs on the
-    worker pool and returns the response bytes, or None to close.
+    worker pool and returns the response bytes, None to close, or a
+    `HeldAnswer`.
 
     Listen with `wire.limits.LimitedFactory` around it: that is where the
     handshake timeout and the connection cap are."""
@@ -327,7 +346,7 @@ class KmipFactory(protocol.Factory):
     def __init__(
         self,
         # The identity `identify` makes of a certificate is what `handle` is given.
-        handle: Callable[[bytes, Any], bytes | None],
+        handle: Callable[[bytes, Any], bytes | HeldAnswer | None],
         identify: Callable[[Any, str], Any],
         threadpool: ThreadPool,
         reactor: Any,
@@ -402,7 +421,8 @@ class KmipFactory(protocol.Factory):
             proto.node_unblocked()
 
     def process(self, message: bytes, identity: object) -> defer.Deferred[bytes | None]:
-        d = deferToThreadPool(self.reactor, self.threadpool, self.handle, message, identity)
+        handled = deferToThreadPool(self.reactor, self.threadpool, self.handle, message, identity)
+        d: defer.Deferred[bytes | None] = handled.addCallback(_released)
         self._in_flight.add(d)
 
         def done(result: Any) -> Any:

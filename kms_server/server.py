@@ -23,10 +23,11 @@ from twisted.python.threadpool import ThreadPool
 from kmip_core import limits, tls
 from kmip_core.audit import audit_key
 from kmip_core.audit.record import AuditDraft, AuditWriteFailed, client_fields, system_entry
+from kmip_core.db.group_commit import DeferredGroupCommit
 from kmip_core.policy import Principal, role_for
-from kmip_core.protocol import KmipFactory
+from kmip_core.protocol import HeldAnswer, KmipFactory
 from kmip_core.sealing.barrier import open_barrier
-from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, retry_schedule
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, HeldResponse, retry_schedule
 from kmip_core.workers import WorkerSlot
 from kms_server import cluster, credentials
 from kms_server.audit import sinks as audit_sinks
@@ -37,6 +38,7 @@ from kms_server.keystore.keystore import Keystore
 from kms_server.metrics import KmsMetrics, monitor_listener
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
+from kms_server.storage.base import StoredAuditRecord
 
 log = logging.getLogger("kms_server.server")
 
@@ -153,6 +155,17 @@ class KmsService(service.Service):
         )
         self.context_factory = tls.server_context_factory(cfg.tls)
         self.threadpool = ThreadPool(minthreads=1, maxthreads=cfg.server.worker_threads, name="kms-workers")
+        # The audit records of reads, written in batches gathered in the
+        # reactor while the answers wait (issue 15): a worker thread never
+        # waits for one, and a batch costs two thread hand-offs, not a wait
+        # and a wake per read.
+        self.read_records: DeferredGroupCommit[dict, StoredAuditRecord] | None = None
+        if self.trail is not None:
+            self.read_records = DeferredGroupCommit(
+                self.trail.write_batch,
+                lambda flush, entries: deferToThreadPool(reactor, self.threadpool, flush, entries),
+                AuditWriteFailed,
+            )
         self.factory = KmipFactory(
             handle=self._handle,
             identify=self._identify,
@@ -196,8 +209,31 @@ class KmsService(service.Service):
         log.info("connection from %s authenticated as %r (%s)", peer, principal.name, role.value)
         return ConnectionInfo(principal=principal, peer=peer)
 
-    def _handle(self, message: bytes, conn: ConnectionInfo) -> bytes | None:
-        return self.dispatcher.handle(message, conn)
+    def _handle(self, message: bytes, conn: ConnectionInfo) -> bytes | HeldAnswer | None:
+        if self.read_records is None:
+            return self.dispatcher.handle(message, conn)
+        answer = self.dispatcher.handle_holding_records(message, conn)
+        if isinstance(answer, HeldResponse):
+            held = answer
+            return HeldAnswer(lambda: defer.ensureDeferred(self._release(held)))
+        return answer
+
+    async def _release(self, held: HeldResponse) -> bytes | None:
+        """In the reactor thread: the answer to a read once its audit record
+        is durable; if the record cannot be written, General Failure instead
+        (fail closed, as for any record) after trying to record that."""
+        assert self.read_records is not None  # reads are held only with a trail (_handle)
+        try:
+            await self.read_records.submit(held.record)
+        except AuditWriteFailed as exc:
+            held.settled(False)
+            try:
+                await self.read_records.submit(held.refusal_record)
+            except AuditWriteFailed as refusal_failed:
+                log.error("request %s: audit record of a refusal not written: %s", held.request_id, refusal_failed)
+            return held.withheld(str(exc))
+        held.settled(True)
+        return held.response
 
     def _refused(self, peer: str, reason: str, certificate) -> None:
         """A connection refused at the TLS layer goes into the trail, with

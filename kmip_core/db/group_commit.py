@@ -12,17 +12,29 @@ thread pays one commit, as it would without batching.
 A batch that fails fails every one of its items: `flush` raising makes each
 waiting `submit` raise `error(exc)` (a new exception per thread), so a
 caller that must not go on without its record (fail closed) does not.
-Used by the KMS audit trail (reads and refusals) and the broker's audit trail
-(the gateway's unwraps).
+Used by the KMS audit trail (refusals; reads answered by a caller that
+cannot wait, below) and the broker's audit trail (the gateway's unwraps).
+
+`DeferredGroupCommit` is the same for a Twisted reactor: an item is
+submitted from the reactor thread and its result comes as a Deferred, so no
+thread waits for it. Items submitted while a batch is being written form the
+next batch; one batch at a time is written, on a pool thread. The KMS holds
+the answer to a read in the reactor until the read's audit record is durable
+(kms_server/server.py): the worker thread that served the read is free at
+once, and a batch costs two hand-offs between threads instead of a wait and
+a wake per item (issue 15).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
-__all__ = ["GroupCommit"]
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+__all__ = ["DeferredGroupCommit", "GroupCommit"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -85,3 +97,67 @@ class GroupCommit(Generic[Item, Result]):
             return
         for slot, result in zip(batch, results, strict=True):
             slot.result, slot.done = result, True
+
+
+class DeferredGroupCommit(Generic[Item, Result]):
+    """Group commit for callers in a reactor thread (module docstring).
+
+    `run_in_thread(f, items)` runs `f(items)` on a thread and returns a
+    Deferred that fires in the reactor thread (deferToThreadPool); `flush`
+    writes its items in one transaction and returns one result per item,
+    or raises. Every method is called in the reactor thread."""
+
+    def __init__(
+        self,
+        flush: Callable[[list[Item]], Sequence[Result]],
+        run_in_thread: Callable[..., defer.Deferred[Any]],
+        error: Callable[[str], Exception] = RuntimeError,
+    ):
+        self._flush_items = flush
+        self._run_in_thread = run_in_thread
+        self._error = error
+        self._pending: list[tuple[Item, defer.Deferred[Result]]] = []
+        self._flushing = False
+
+    @property
+    def flushing(self) -> bool:
+        """Whether a batch is being written (tests, diagnostics)."""
+        return self._flushing
+
+    def submit(self, item: Item) -> defer.Deferred[Result]:
+        """Fires with the item's result once its batch is committed, or
+        fails with `error(...)` if its batch failed."""
+        d: defer.Deferred[Result] = defer.Deferred()
+        self._pending.append((item, d))
+        if not self._flushing:
+            self._next()
+        return d
+
+    def _next(self) -> None:
+        if not self._pending:
+            self._flushing = False
+            return
+        batch, self._pending = self._pending, []
+        self._flushing = True
+        written = self._run_in_thread(self._flush_checked, [item for item, _ in batch])
+
+        def settle(outcome: Any) -> None:
+            if isinstance(outcome, Failure):
+                text = str(outcome.value) or type(outcome.value).__name__
+                for _, d in batch:
+                    # A new exception per item: one raised in several
+                    # callers would share one traceback.
+                    d.errback(Failure(self._error(text)))
+            else:
+                for (_, d), result in zip(batch, outcome, strict=True):
+                    d.callback(result)
+            # What arrived while this batch was written is the next one.
+            self._next()
+
+        written.addBoth(settle)
+
+    def _flush_checked(self, items: list[Item]) -> list[Result]:
+        results = list(self._flush_items(items))
+        if len(results) != len(items):
+            raise RuntimeError(f"group commit: {len(results)} results for {len(items)} items")
+        return results

@@ -30,6 +30,10 @@ class RequestContext:
     # (the vTPM broker's attestation token; never logged or audited).
     ticket: bytes | None = field(default=None, repr=False)
     batch: BatchState = field(default_factory=BatchState, compare=False)
+    # Set by Dispatcher.handle_holding_records: the audit records of reads
+    # that the caller writes before the answer leaves, instead of the
+    # dispatcher writing them (the dispatcher's own bookkeeping).
+    held: list | None = field(default=None, compare=False, repr=False)
 
     @property
     def v2(self) -> bool:

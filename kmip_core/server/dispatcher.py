@@ -6,7 +6,9 @@ one request message, authenticates its Credential if the configuration
 asks for one, runs each batch item through the service's operation table,
 maps every failure through `kmip_core.reasons`, and encodes the response in
 the request's protocol version. Nothing here keeps per-request state on
-`self`.
+`self`. `Dispatcher.handle_holding_records` does the same, except that the
+audit record of a read asked alone in its message is left to the caller,
+who must write it before the answer leaves (`HeldResponse`).
 
 What lies beneath is the service's `Backend`: the KMS's keystore, the
 broker gateway's context. The dispatcher asks it for what each item's
@@ -21,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kmip.core.enums import (
@@ -76,6 +78,23 @@ class ConnectionInfo:
     peer: str
 
 
+@dataclass(frozen=True)
+class HeldResponse:
+    """The answer to a read whose audit record is not written yet
+    (`Dispatcher.handle_holding_records`). Send `response` only once
+    `record` is durable. If it cannot be written, attempt `refusal_record`
+    (best effort, as the dispatcher does) and send `withheld(why)` instead:
+    General Failure, the key material withheld. Call `settled(written)`
+    once, either way: it counts the request in the metrics."""
+
+    response: bytes = field(repr=False)
+    record: dict
+    refusal_record: dict
+    request_id: str
+    withheld: Callable[[str], bytes] = field(repr=False)
+    settled: Callable[[bool], None] = field(repr=False)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -106,17 +125,33 @@ class Dispatcher:
         # result, their latency, database retries.
         self.metrics = metrics
 
-    # Entry point.
+    # Entry points.
     def handle(self, data: bytes, conn: ConnectionInfo) -> bytes | None:
         """The encoded response, or None when the bytes are not a TTLV
         message at all (the connection is then closed)."""
+        answer = self._handle_entry(data, conn, hold=False)
+        assert not isinstance(answer, HeldResponse)  # only when asked to hold
+        return answer
+
+    def handle_holding_records(self, data: bytes, conn: ConnectionInfo) -> bytes | HeldResponse | None:
+        """As `handle`, except that a message of one batch item whose
+        operation wrote no record of its own (a read: Get, Locate,
+        GetAttributes...) comes back as a `HeldResponse`: its record is not
+        written yet, and the caller must write it before the answer leaves
+        (fail closed, as `handle` does). The caller can then batch the
+        records of many requests without a thread waiting on each (issue 15)."""
+        return self._handle_entry(data, conn, hold=True)
+
+    def _handle_entry(self, data: bytes, conn: ConnectionInfo, hold: bool) -> bytes | HeldResponse | None:
         # 16 hex digits, as before (uuid4's first 16), all random.
         request_id = os.urandom(8).hex()
         # Log lines of this request carry its id and client ([logging] format = "json").
         with log_context(request_id, conn.principal.name):
-            return self._handle_bytes(data, conn, request_id)
+            return self._handle_bytes(data, conn, request_id, hold and self.trail is not None)
 
-    def _handle_bytes(self, data: bytes, conn: ConnectionInfo, request_id: str) -> bytes | None:
+    def _handle_bytes(
+        self, data: bytes, conn: ConnectionInfo, request_id: str, hold: bool = False
+    ) -> bytes | HeldResponse | None:
         try:
             message = ttlv.decode(data, self.max_depth)
         except ttlv.TTLVError as exc:
@@ -137,7 +172,7 @@ class Dispatcher:
             )
             return None
         try:
-            return self._handle_message(message, version, conn, request_id)
+            return self._handle_message(message, version, conn, request_id, hold)
         except Exception as exc:
             refused = exc if isinstance(exc, errors.KmsError) else input_error(exc)
             if refused is not None:
@@ -155,7 +190,9 @@ class Dispatcher:
                 )
             )
 
-    def _handle_message(self, message: Item, version: tuple[int, int], conn: ConnectionInfo, request_id: str) -> bytes:
+    def _handle_message(
+        self, message: Item, version: tuple[int, int], conn: ConnectionInfo, request_id: str, hold: bool = False
+    ) -> bytes | HeldResponse:
         if message.tag != T.REQUEST_MESSAGE.value or message.type != ItemType.STRUCTURE:
             raise errors.InvalidMessage("not a Request Message")
         header = message.find(T.REQUEST_HEADER.value)
@@ -190,6 +227,9 @@ class Dispatcher:
             correlation=correlation if isinstance(correlation, str) else None,
             ticket=_ticket(header),
             batch=BatchState(),
+            # One item only: a record withheld from a batch would leave its
+            # siblings' records, and their order, to the caller.
+            held=[] if hold and len(items) == 1 else None,
         )
 
         responses: list[Item] = []
@@ -223,7 +263,39 @@ class Dispatcher:
                 for r in responses
             ]
             encoded = self._encode_response(ctx, header_items, too_large)
+        if ctx.held:
+            return self._held_response(ctx, header_items, responses, encoded)
         return encoded
+
+    def _held_response(
+        self, ctx: RequestContext, header_items: list[Item], responses: list[Item], encoded: bytes
+    ) -> HeldResponse:
+        assert ctx.held is not None  # one item's record (handle_holding_records)
+        ((entry, draft, operation_value, started),) = ctx.held
+        text = GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
+
+        def withheld(why: str) -> bytes:
+            # As _handle_item answers when its own write of the record fails.
+            log.error(
+                "request %s %s: audit record not written, answer withheld: %s",
+                ctx.request_id,
+                _op_name(operation_value),
+                why,
+            )
+            failed = [_failure_item(r, ResultReason.GENERAL_FAILURE, text) for r in responses]
+            return self._encode_response(ctx, header_items, failed)
+
+        def settled(written: bool) -> None:
+            self._count(operation_value, "SUCCESS" if written else ResultReason.GENERAL_FAILURE.name, started)
+
+        return HeldResponse(
+            response=encoded,
+            record=entry,
+            refusal_record=draft.entry("OPERATION_FAILED", ResultReason.GENERAL_FAILURE.name, text),
+            request_id=ctx.request_id,
+            withheld=withheld,
+            settled=settled,
+        )
 
     def _encode_response(self, ctx: RequestContext, header_items: list[Item], responses: list[Item]) -> bytes:
         """The Response Message, each batch item encoded on its own: an item
@@ -359,20 +431,28 @@ class Dispatcher:
                 raise errors.OperationNotSupported(f"{operation.name} is not supported by this server")
             if payload is None or payload.type != ItemType.STRUCTURE:
                 raise errors.InvalidMessage("Request Payload is missing")
+            held = False
             if batch_txn is not None:
                 result = handler(ctx, self.backend.in_batch(batch_txn, self.trail, draft), payload)
             else:
                 result = self._run(handler, ctx, payload, draft)
                 if draft is not None and draft.written is None:
                     # Reads, and writes that changed nothing: the record is
-                    # stored before the answer leaves (fail closed).
+                    # stored before the answer leaves (fail closed), here
+                    # or by the caller of handle_holding_records.
                     assert self.trail is not None  # a draft is made only with a trail (_draft)
-                    self.trail.write(draft.entry("SUCCESS", None))
+                    entry = draft.entry("SUCCESS", None)
+                    if ctx.held is not None:
+                        ctx.held.append((entry, draft, operation_value, started))  # counted once settled
+                        held = True
+                    else:
+                        self.trail.write(entry)
             body = head + [
                 ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.SUCCESS.value),
                 ttlv.structure(T.RESPONSE_PAYLOAD.value, result),
             ]
-            self._count(operation_value, "SUCCESS", started)
+            if not held:
+                self._count(operation_value, "SUCCESS", started)
             return ttlv.structure(T.BATCH_ITEM.value, body), False, draft
         except errors.KmsError as exc:
             reason, text = result_reason(exc, *ctx.version)

@@ -97,13 +97,35 @@ class AuditTrail:
         try:
             record = self._group.submit(entry)
         except AuditWriteFailed as exc:
-            self.last_failure = (time.monotonic(), str(exc))
-            if self.metrics is not None:
-                self.metrics.audit_failed()
+            self._failed(str(exc), 1)
             raise
         self.last_failure = None
         self.publish(record)
         return record
+
+    def write_batch(self, entries: list[dict]) -> list[StoredAuditRecord]:
+        """Store records outside any change in one transaction, as `write`
+        does for one, and return them once committed; raises
+        AuditWriteFailed (for every record) if they cannot be. For a
+        caller that gathers records itself: the node's answers to reads,
+        held in the reactor until their record is durable
+        (kmip_core.db.group_commit.DeferredGroupCommit, kms_server/server.py)."""
+        try:
+            records = self._write_batch(entries)
+        except Exception as exc:
+            text = str(exc) or type(exc).__name__
+            self._failed(text, len(entries))
+            raise AuditWriteFailed(text) from None
+        self.last_failure = None
+        for record in records:
+            self.publish(record)
+        return records
+
+    def _failed(self, why: str, records: int) -> None:
+        self.last_failure = (time.monotonic(), why)
+        if self.metrics is not None:
+            for _ in range(records):
+                self.metrics.audit_failed()
 
     def _write_batch(self, entries: list[dict]) -> list[StoredAuditRecord]:
         with self.storage.transaction() as txn:

@@ -656,3 +656,53 @@ def test_a_connection_with_nothing_unsent_is_not_held_back_by_the_node_cap():
     assert sums
     h.disconnect(pa)
     h.disconnect(pb)
+
+
+# Answers held until something else is done (the KMS: a read's audit record).
+def test_a_held_answer_leaves_only_once_released_and_the_next_request_waits():
+    h = Harness()
+    released: list[defer.Deferred] = []
+
+    def handle(message, identity):
+        h.handled.append((message, identity))
+
+        def release():
+            d = defer.Deferred()
+            released.append(d)
+            return d
+
+        return wire.HeldAnswer(release)
+
+    h.factory.handle = handle
+    proto, transport = h.connect()
+    m1, m2 = request_bytes(1), request_bytes(2)
+    proto.dataReceived(m1 + m2)
+    assert len(released) == 1 and transport.value() == b""
+    assert [m for m, _ in h.handled] == [m1]  # the second waits for the first's answer
+    released[0].callback(b"first-answer")
+    assert transport.value() == b"first-answer"
+    assert [m for m, _ in h.handled] == [m1, m2]
+    released[1].callback(b"second-answer")
+    assert transport.value() == b"first-answer" + b"second-answer"
+    assert not transport.disconnecting
+
+
+def test_a_held_answer_released_as_none_closes_the_connection():
+    h = Harness()
+    h.factory.handle = lambda message, identity: wire.HeldAnswer(lambda: defer.succeed(None))
+    proto, transport = h.connect()
+    proto.dataReceived(request_bytes(1))
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_drain_waits_for_a_held_answer():
+    h = Harness()
+    held = defer.Deferred()
+    h.factory.handle = lambda message, identity: wire.HeldAnswer(lambda: held)
+    proto, transport = h.connect()
+    proto.dataReceived(request_bytes(1))
+    fired = []
+    h.factory.drain().addCallback(fired.append)
+    assert not fired, "drain fired while an answer was still held"
+    held.callback(b"answer")
+    assert fired and transport.value() == b"answer"

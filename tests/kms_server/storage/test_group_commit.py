@@ -6,8 +6,9 @@ from __future__ import annotations
 import threading
 
 import pytest
+from twisted.internet import defer
 
-from kmip_core.db.group_commit import GroupCommit
+from kmip_core.db.group_commit import DeferredGroupCommit, GroupCommit
 
 
 class Refused(Exception):
@@ -109,3 +110,88 @@ def test_a_flush_returning_the_wrong_number_of_results_fails_the_batch():
     group = GroupCommit(lambda items: [], Refused)
     with pytest.raises(Refused, match="0 results for 1 items"):
         group.submit("x")
+
+
+# DeferredGroupCommit: the same, for callers in a reactor thread.
+class Thread:
+    """run_in_thread for the tests: each call is queued, and run when the
+    test says so; its Deferred fires then, as deferToThreadPool's would."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __call__(self, f, items):
+        d = defer.Deferred()
+        self.calls.append((f, items, d))
+        return d
+
+    def run_next(self):
+        f, items, d = self.calls.pop(0)
+        try:
+            result = f(items)
+        except Exception as exc:
+            d.errback(exc)
+        else:
+            d.callback(result)
+
+
+def outcomes(ds):
+    got = []
+    for d in ds:
+        d.addCallbacks(got.append, lambda f: got.append(f.value))
+    return got
+
+
+def test_deferred_items_submitted_during_a_write_form_the_next_batch():
+    batches = []
+
+    def flush(items):
+        batches.append(list(items))
+        return [f"done-{item}" for item in items]
+
+    thread = Thread()
+    group = DeferredGroupCommit(flush, thread, Refused)
+    first = group.submit(0)
+    assert group.flushing and len(thread.calls) == 1
+    later = [group.submit(i) for i in range(1, 6)]
+    assert len(thread.calls) == 1, "a second batch started while one was being written"
+    got_first, got_later = outcomes([first]), outcomes(later)
+    thread.run_next()
+    assert got_first == ["done-0"] and got_later == []
+    assert len(thread.calls) == 1  # the next batch, started as the first ended
+    thread.run_next()
+    assert got_later == [f"done-{i}" for i in range(1, 6)]
+    assert batches == [[0], [1, 2, 3, 4, 5]]
+    assert not group.flushing and thread.calls == []
+
+
+def test_a_failed_deferred_batch_fails_each_item_and_the_next_batch_is_written():
+    def flush(items):
+        if 0 in items:
+            raise OSError("disk full")
+        return items
+
+    thread = Thread()
+    group = DeferredGroupCommit(flush, thread, Refused)
+    failed = [group.submit(0)]
+    failed += [group.submit(1), group.submit(2)]  # queued behind [0]
+    got = outcomes(failed)
+    thread.run_next()
+    assert len(got) == 1 and isinstance(got[0], Refused) and str(got[0]) == "disk full"
+    thread.run_next()
+    assert got[1:] == [1, 2]
+    again = outcomes([group.submit(0), group.submit(0)])
+    thread.run_next()
+    thread.run_next()
+    assert all(isinstance(e, Refused) for e in again) and again[0] is not again[1]
+
+
+def test_a_deferred_batch_with_a_result_missing_fails_every_item():
+    thread = Thread()
+    group = DeferredGroupCommit(lambda items: items[:-1], thread, Refused)
+    got = outcomes([group.submit("a"), group.submit("b"), group.submit("c")])
+    thread.run_next()  # ["a"]: no result at all
+    thread.run_next()  # ["b", "c"]: one result for two
+    assert [type(e) for e in got] == [Refused, Refused, Refused]
+    assert "0 results for 1" in str(got[0])
+    assert "1 results for 2" in str(got[1]) and "1 results for 2" in str(got[2])
