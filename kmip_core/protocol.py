@@ -317,6 +317,10 @@ class KmipProtocol(protocol.Protocol):
         return self._write_blocked or self._node_blocked
 
 
+# What `handle_inline` returns for a request it leaves to `handle` on the pool.
+IN_POOL = object()
+
+
 class HeldAnswer:
     """What `handle` may return instead of the response: an answer that
     leaves only once something else is done (the KMS: the audit record of
@@ -338,7 +342,8 @@ def _released(answer: bytes | HeldAnswer | None) -> bytes | None | defer.Deferre
 class KmipFactory(protocol.Factory):
     """What every connection shares. `handle(message, identity)` runs on the
     worker pool and returns the response bytes, None to close, or a
-    `HeldAnswer`.
+    `HeldAnswer`. With `handle_inline`, each request is first offered to it
+    in the reactor thread (kmip_core/nonblocking.py).
 
     Listen with `wire.limits.LimitedFactory` around it: that is where the
     handshake timeout and the connection cap are."""
@@ -357,8 +362,12 @@ class KmipFactory(protocol.Factory):
         max_unsent_bytes_total: int = 256 << 20,
         refused: Callable[[str, str, object], None] | None = None,
         close_timeout: float = 10.0,
+        # Tried first, in the reactor thread: what `handle` would return,
+        # or IN_POOL to have `handle` run the request on the pool.
+        handle_inline: Callable[[bytes, Any], Any] | None = None,
     ):
         self.handle = handle
+        self.handle_inline = handle_inline
         # Told of every connection refused at the TLS layer (peer, reason,
         # the certificate if one was presented): the audit trail.
         self.refused = refused or (lambda peer, reason, certificate: None)
@@ -421,7 +430,17 @@ class KmipFactory(protocol.Factory):
             proto.node_unblocked()
 
     def process(self, message: bytes, identity: object) -> defer.Deferred[bytes | None]:
-        handled = deferToThreadPool(self.reactor, self.threadpool, self.handle, message, identity)
+        answer: Any = IN_POOL
+        if self.handle_inline is not None:
+            try:
+                answer = self.handle_inline(message, identity)
+            except Exception:
+                handled = defer.fail()
+                answer = None
+            else:
+                handled = defer.succeed(answer)
+        if answer is IN_POOL:
+            handled = deferToThreadPool(self.reactor, self.threadpool, self.handle, message, identity)
         d: defer.Deferred[bytes | None] = handled.addCallback(_released)
         self._in_flight.add(d)
 

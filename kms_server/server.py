@@ -14,6 +14,7 @@ import socket
 import sys
 from typing import Any
 
+from kmip.core.enums import Operation
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
@@ -24,10 +25,11 @@ from kmip_core import limits, tls
 from kmip_core.audit import audit_key
 from kmip_core.audit.record import AuditDraft, AuditWriteFailed, client_fields, system_entry
 from kmip_core.db.group_commit import DeferredGroupCommit
+from kmip_core.nonblocking import WouldBlock, in_reactor
 from kmip_core.policy import Principal, role_for
-from kmip_core.protocol import HeldAnswer, KmipFactory
+from kmip_core.protocol import IN_POOL, HeldAnswer, KmipFactory
 from kmip_core.sealing.barrier import open_barrier
-from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, HeldResponse, retry_schedule
+from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, HeldResponse, retry_schedule, single_operation
 from kmip_core.workers import WorkerSlot
 from kms_server import cluster, credentials
 from kms_server.audit import sinks as audit_sinks
@@ -41,6 +43,19 @@ from kms_server.storage import open_storage
 from kms_server.storage.base import StoredAuditRecord
 
 log = logging.getLogger("kms_server.server")
+
+# Operations that only read, tried in the reactor thread on SQLite.
+READS_IN_REACTOR = frozenset(
+    op.value
+    for op in (
+        Operation.GET,
+        Operation.GET_ATTRIBUTES,
+        Operation.GET_ATTRIBUTE_LIST,
+        Operation.LOCATE,
+        Operation.QUERY,
+        Operation.DISCOVER_VERSIONS,
+    )
+)
 
 
 def _checked_rows(storage, barrier, refused: str) -> row_auth.VerifyReport:
@@ -166,8 +181,14 @@ class KmsService(service.Service):
                 lambda flush, entries: deferToThreadPool(reactor, self.threadpool, flush, entries),
                 AuditWriteFailed,
             )
+        # On SQLite a read is a few page-cache lookups: one asked alone in
+        # its message runs in the reactor thread (docs/process-model.md).
+        # On PostgreSQL each is a round trip over the network: every
+        # request goes to the pool.
+        self.reads_in_reactor = self.storage.reads_in_reactor
         self.factory = KmipFactory(
             handle=self._handle,
+            handle_inline=self._handle_inline if self.reads_in_reactor else None,
             identify=self._identify,
             threadpool=self.threadpool,
             reactor=reactor,
@@ -208,6 +229,19 @@ class KmsService(service.Service):
         )
         log.info("connection from %s authenticated as %r (%s)", peer, principal.name, role.value)
         return ConnectionInfo(principal=principal, peer=peer)
+
+    def _handle_inline(self, message: bytes, conn: ConnectionInfo) -> object:
+        """In the reactor thread: a read asked alone, answered here unless
+        it would block (a Get that clears Fresh writes, a refusal's record
+        is written at once): then it goes to the pool, and runs again from
+        the start there (kmip_core/nonblocking.py)."""
+        if single_operation(message) not in READS_IN_REACTOR:
+            return IN_POOL
+        try:
+            with in_reactor():
+                return self._handle(message, conn)
+        except WouldBlock:
+            return IN_POOL
 
     def _handle(self, message: bytes, conn: ConnectionInfo) -> bytes | HeldAnswer | None:
         if self.read_records is None:

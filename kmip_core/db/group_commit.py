@@ -34,6 +34,8 @@ from typing import Any, Generic, TypeVar, cast
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from kmip_core.nonblocking import would_block
+
 __all__ = ["DeferredGroupCommit", "GroupCommit"]
 
 Item = TypeVar("Item")
@@ -65,6 +67,7 @@ class GroupCommit(Generic[Item, Result]):
     def submit(self, item: Item) -> Result:
         """Write `item` with whatever else is queued; return its result
         once committed, or raise `error(...)` if its batch failed."""
+        would_block("a group commit")  # it waits for the commit, or writes it
         slot: _Slot[Item, Result] = _Slot(item)
         with self._cond:
             self._pending.append(slot)

@@ -38,6 +38,7 @@ from kmip.core.enums import (
 from kmip_core import errors, ttlv
 from kmip_core.audit.record import AuditDraft, AuditWriteFailed, client_fields, request_attributes
 from kmip_core.logs import log_context
+from kmip_core.nonblocking import would_block
 from kmip_core.policy import Principal
 from kmip_core.reasons import GENERAL_FAILURE_MESSAGE, input_error, result_reason
 from kmip_core.server.backend import Backend, BackendUnavailable, Trail
@@ -362,6 +363,7 @@ class Dispatcher:
                 log.warning(
                     "request %s: database unavailable (%s); retrying the batch in %.2f s", ctx.request_id, exc, delay
                 )
+                would_block("a retry's wait")
                 self.sleep(delay)
                 continue
             if self.trail is not None:  # records are made only with a trail
@@ -572,6 +574,7 @@ class Dispatcher:
                 if delay is None:
                     raise
                 log.warning("request %s: database unavailable (%s); retrying in %.2f s", ctx.request_id, exc, delay)
+                would_block("a retry's wait")
                 self.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -627,6 +630,25 @@ class Dispatcher:
     def _error_response(self, version: tuple[int, int], reason: ResultReason, text: str) -> Item:
         item = ttlv.structure(T.BATCH_ITEM.value, _failure_fields(reason, text))
         return self._response([_version_item(version), ttlv.date_time(T.TIME_STAMP.value, int(time.time()))], [item])
+
+
+def single_operation(data: bytes) -> int | None:
+    """The Operation of a request message of exactly one batch item; None
+    for anything else, or for bytes that do not decode (the dispatcher
+    then refuses them as usual)."""
+    try:
+        message = ttlv.decode(data)
+    except ttlv.TTLVError:
+        return None
+    if message.type != ItemType.STRUCTURE:
+        return None
+    items = message.find_all(T.BATCH_ITEM.value)
+    if len(items) != 1 or items[0].type != ItemType.STRUCTURE:
+        return None
+    operation = items[0].find(T.OPERATION.value)
+    if operation is None or operation.type != ItemType.ENUMERATION:
+        return None
+    return operation.value
 
 
 def _failure_fields(reason: ResultReason, text: str) -> list[Item | None]:

@@ -212,6 +212,12 @@ def iter_objects(txn: Transaction, page: int = 500):
 
 
 class Storage(abc.ABC):
+    # Whether a read is a lookup in local files that never waits on the
+    # network, and whether write transactions call
+    # kmip_core.nonblocking.would_block before they wait: then a node runs
+    # reads in its reactor thread (SQLite).
+    reads_in_reactor: bool = False
+
     @abc.abstractmethod
     def transaction(self, read_only: bool = False) -> AbstractContextManager[Transaction]:
         """A unit of work: committed when the block exits normally, rolled

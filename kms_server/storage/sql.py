@@ -50,6 +50,7 @@ from kmip_core.db.engine import (
     sqlite_execute,
     sqlite_executemany,
 )
+from kmip_core.nonblocking import would_block
 from kms_server.storage.base import (
     AuditQuery,
     ConcurrentModification,
@@ -781,6 +782,7 @@ class SqlStorage(Storage):
         if backend == "sqlite":
             configure_sqlite(self._engine)
             self.writes = WriteBatches(self._engine, url.database)
+            self.reads_in_reactor = True
         from kms_server.storage import schema as schema_versions
 
         self.shown_url = shown
@@ -818,7 +820,9 @@ class SqlStorage(Storage):
         try:
             if self.writes is not None and not read_only:
                 # SQLite: one writer at a time; the writers of this process
-                # share commits (group commit, WriteBatches).
+                # share commits (group commit, WriteBatches). Not in a
+                # reactor thread: the flock and the commit wait.
+                would_block("a write transaction")
                 with self.writes.transaction(self._dialect) as tx:
                     yield tx
             else:

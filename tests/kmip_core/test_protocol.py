@@ -706,3 +706,43 @@ def test_drain_waits_for_a_held_answer():
     assert not fired, "drain fired while an answer was still held"
     held.callback(b"answer")
     assert fired and transport.value() == b"answer"
+
+
+# Requests offered to the reactor thread first (handle_inline).
+def test_a_request_answered_inline_never_reaches_the_pool():
+    h = Harness(auto=False)
+    h.factory.handle_inline = lambda message, identity: b"inline:" + message
+    proto, transport = h.connect()
+    message = request_bytes(1)
+    proto.dataReceived(message)
+    assert transport.value() == b"inline:" + message
+    assert len(h.pool.jobs) == 0 and h.handled == []
+
+
+def test_a_request_left_in_pool_by_handle_inline_runs_on_the_pool():
+    h = Harness(auto=False)
+    offered = []
+
+    def inline(message, identity):
+        offered.append(message)
+        return wire.IN_POOL
+
+    h.factory.handle_inline = inline
+    proto, transport = h.connect()
+    message = request_bytes(1)
+    proto.dataReceived(message)
+    assert offered == [message] and transport.value() == b""
+    h.pool.run_next()
+    assert transport.value() == response_for(message)
+
+
+def test_an_inline_failure_closes_the_connection():
+    h = Harness(auto=False)
+
+    def explode(message, identity):
+        raise RuntimeError("boom")
+
+    h.factory.handle_inline = explode
+    proto, transport = h.connect()
+    proto.dataReceived(request_bytes(1))
+    assert transport.disconnecting and len(h.pool.jobs) == 0

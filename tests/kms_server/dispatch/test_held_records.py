@@ -2,7 +2,8 @@
 message comes back with its audit record unwritten, for the caller to
 write before the answer leaves (kms_server/server.py batches them in the
 reactor, issue 15); everything else is answered and recorded as by
-Dispatcher.handle."""
+Dispatcher.handle. And reads run in the reactor thread on SQLite, sent to
+the pool when they would block (kmip_core.nonblocking)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from kmip.core.enums import Operation, ResultReason, ResultStatus
 from kmip.core.enums import Tags as T
 
 from kmip_core import ttlv
+from kmip_core.nonblocking import WouldBlock, in_reactor, would_block
 from kmip_core.sealing.barrier import Barrier
-from kmip_core.server.dispatcher import Dispatcher, HeldResponse
+from kmip_core.server.dispatcher import Dispatcher, HeldResponse, single_operation
 from kms_server.audit.trail import AuditTrail, iter_records, verify_storage
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
@@ -72,6 +74,11 @@ def warm_key(dispatcher) -> str:
     first = dispatcher.handle_holding_records(get_request(uid), ALICE)
     assert isinstance(first, bytes), "the first Get writes, and is recorded with its write"
     return uid
+
+
+def storage_object(storage, uid):
+    with storage.transaction(read_only=True) as txn:
+        return txn.get_object(uid)
 
 
 def key_bytes(item) -> bytes:
@@ -161,3 +168,85 @@ def test_without_a_trail_nothing_is_held():
     answer = dispatcher.handle_holding_records(get_request(uid), ALICE)
     assert isinstance(answer, bytes) and status(only_item(ttlv.decode(answer))) == ResultStatus.SUCCESS
     storage.close()
+
+
+# Reads in the reactor thread (kmip_core.nonblocking): on SQLite a node
+# first runs a read asked alone there; whatever would block sends it to
+# the pool, where it runs again from the start.
+@pytest.fixture
+def sqlite_node(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path}/kms.db")
+    trail = AuditTrail(storage, "node-1")
+    dispatcher = Dispatcher(Keystore(storage, Barrier(os.urandom(32))), OPERATIONS, node="node-1", trail=trail)
+    yield dispatcher, trail, storage
+    storage.close()
+
+
+def test_sqlite_says_its_reads_may_run_in_the_reactor(sqlite_node):
+    assert sqlite_node[2].reads_in_reactor
+    memory = open_storage("memory://")
+    assert not memory.reads_in_reactor
+    memory.close()
+
+
+def test_a_write_transaction_in_the_reactor_raises_would_block_and_leaves_nothing_open(sqlite_node):
+    dispatcher, trail, storage = sqlite_node
+    with in_reactor():
+        with storage.transaction(read_only=True) as txn:
+            assert txn.audit_head() is None
+        with pytest.raises(WouldBlock):
+            with storage.transaction() as txn:
+                pytest.fail("a write transaction was opened in the reactor")
+    # Outside, the same thread writes as before (no transaction left marked active).
+    trail.write_batch([{"operation": "TEST", "client": {"name": "t"}, "result": {"status": "SUCCESS"}}])
+    assert len(records(storage)) == 1
+
+
+def test_a_warm_read_runs_in_the_reactor_and_one_that_writes_is_sent_back_untouched(sqlite_node):
+    dispatcher, trail, storage = sqlite_node
+    uid = create_key(dispatcher)
+    count, version = len(records(storage)), storage_object(storage, uid).version
+    # The first Get clears Fresh, a write: it would block, and leaves no trace.
+    with in_reactor(), pytest.raises(WouldBlock):
+        dispatcher.handle_holding_records(get_request(uid), ALICE)
+    assert len(records(storage)) == count
+    assert storage_object(storage, uid).version == version, "the bounced Get changed the object"
+    # Run again on the pool (outside): it writes, and records with its write.
+    assert isinstance(dispatcher.handle_holding_records(get_request(uid), ALICE), bytes)
+    assert len(records(storage)) == count + 1
+    assert storage_object(storage, uid).version == version + 1
+    # Now a read only: answered in the reactor, its record held for the caller.
+    with in_reactor():
+        held = dispatcher.handle_holding_records(get_request(uid), ALICE)
+    assert isinstance(held, HeldResponse)
+    assert status(only_item(ttlv.decode(held.response))) == ResultStatus.SUCCESS
+
+
+def test_a_refused_read_in_the_reactor_is_sent_back_to_be_recorded_on_the_pool(sqlite_node):
+    dispatcher, trail, storage = sqlite_node
+    # Its refusal's record is written at once, which would block.
+    with in_reactor(), pytest.raises(WouldBlock):
+        dispatcher.handle_holding_records(get_request("no-such-key"), ALICE)
+    assert records(storage) == []
+    answer = dispatcher.handle_holding_records(get_request("no-such-key"), ALICE)
+    assert reason(only_item(ttlv.decode(answer))) == ResultReason.ITEM_NOT_FOUND
+    assert [r.result for r in records(storage)] == ["OPERATION_FAILED"]
+
+
+def test_would_block_is_raised_only_in_the_reactor_and_passes_except_exception():
+    would_block("nothing")  # outside: no effect
+    with in_reactor():
+        try:
+            would_block("a commit")
+        except Exception:  # noqa: BLE001 - what the request path catches
+            pytest.fail("WouldBlock was caught as an Exception")
+        except WouldBlock as exc:
+            assert str(exc) == "a commit"
+    would_block("nothing")  # the flag is cleared on the way out
+
+
+def test_single_operation_names_the_operation_of_a_message_of_one_item():
+    get = batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, "k")])
+    assert single_operation(request([get])) == Operation.GET.value
+    assert single_operation(request([get, get])) is None
+    assert single_operation(b"\x42\x00") is None
