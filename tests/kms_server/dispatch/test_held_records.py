@@ -206,8 +206,9 @@ def test_a_warm_read_runs_in_the_reactor_and_one_that_writes_is_sent_back_untouc
     dispatcher, trail, storage = sqlite_node
     uid = create_key(dispatcher)
     count, version = len(records(storage)), storage_object(storage, uid).version
-    # The first Get clears Fresh, a write: it would block, and leaves no trace.
-    with in_reactor(), pytest.raises(WouldBlock):
+    # The first Get clears Fresh, a write: it would block, and leaves no
+    # trace. It goes as soon as it knows, before unsealing the key.
+    with in_reactor(), pytest.raises(WouldBlock, match="clears Fresh"):
         dispatcher.handle_holding_records(get_request(uid), ALICE)
     assert len(records(storage)) == count
     assert storage_object(storage, uid).version == version, "the bounced Get changed the object"
