@@ -30,6 +30,7 @@ from kmip_core.policy import Principal, role_for
 from kmip_core.protocol import IN_POOL, HeldAnswer, KmipFactory
 from kmip_core.sealing.barrier import open_barrier
 from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, HeldResponse, retry_schedule, single_operation
+from kmip_core.ttlv import Item
 from kmip_core.workers import WorkerSlot
 from kms_server import cluster, credentials
 from kms_server.audit import sinks as audit_sinks
@@ -235,18 +236,19 @@ class KmsService(service.Service):
         it would block (a Get that clears Fresh writes, a refusal's record
         is written at once): then it goes to the pool, and runs again from
         the start there (kmip_core/nonblocking.py)."""
-        if single_operation(message) not in READS_IN_REACTOR:
+        decoded = self.dispatcher.decode(message)
+        if decoded is None or single_operation(decoded) not in READS_IN_REACTOR:
             return IN_POOL
         try:
             with in_reactor():
-                return self._handle(message, conn)
+                return self._handle(message, conn, decoded)
         except WouldBlock:
             return IN_POOL
 
-    def _handle(self, message: bytes, conn: ConnectionInfo) -> bytes | HeldAnswer | None:
+    def _handle(self, message: bytes, conn: ConnectionInfo, decoded: Item | None = None) -> bytes | HeldAnswer | None:
         if self.read_records is None:
             return self.dispatcher.handle(message, conn)
-        answer = self.dispatcher.handle_holding_records(message, conn)
+        answer = self.dispatcher.handle_holding_records(message, conn, decoded)
         if isinstance(answer, HeldResponse):
             held = answer
             return HeldAnswer(lambda: defer.ensureDeferred(self._release(held)))

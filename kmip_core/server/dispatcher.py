@@ -134,27 +134,42 @@ class Dispatcher:
         assert not isinstance(answer, HeldResponse)  # only when asked to hold
         return answer
 
-    def handle_holding_records(self, data: bytes, conn: ConnectionInfo) -> bytes | HeldResponse | None:
+    def decode(self, data: bytes) -> Item | None:
+        """The request message, decoded as `handle` would (None if it does
+        not decode), for a caller that looks at it first and then passes
+        it to `handle_holding_records` (kms_server: which requests run in
+        the reactor thread)."""
+        try:
+            return ttlv.decode(data, self.max_depth)
+        except ttlv.TTLVError:
+            return None
+
+    def handle_holding_records(
+        self, data: bytes, conn: ConnectionInfo, decoded: Item | None = None
+    ) -> bytes | HeldResponse | None:
         """As `handle`, except that a message of one batch item whose
         operation wrote no record of its own (a read: Get, Locate,
         GetAttributes...) comes back as a `HeldResponse`: its record is not
         written yet, and the caller must write it before the answer leaves
         (fail closed, as `handle` does). The caller can then batch the
-        records of many requests without a thread waiting on each (issue 15)."""
-        return self._handle_entry(data, conn, hold=True)
+        records of many requests without a thread waiting on each (issue 15).
+        `decoded`: `decode(data)`, if the caller has it already."""
+        return self._handle_entry(data, conn, hold=True, decoded=decoded)
 
-    def _handle_entry(self, data: bytes, conn: ConnectionInfo, hold: bool) -> bytes | HeldResponse | None:
+    def _handle_entry(
+        self, data: bytes, conn: ConnectionInfo, hold: bool, decoded: Item | None = None
+    ) -> bytes | HeldResponse | None:
         # 16 hex digits, as before (uuid4's first 16), all random.
         request_id = os.urandom(8).hex()
         # Log lines of this request carry its id and client ([logging] format = "json").
         with log_context(request_id, conn.principal.name):
-            return self._handle_bytes(data, conn, request_id, hold and self.trail is not None)
+            return self._handle_bytes(data, conn, request_id, hold and self.trail is not None, decoded)
 
     def _handle_bytes(
-        self, data: bytes, conn: ConnectionInfo, request_id: str, hold: bool = False
+        self, data: bytes, conn: ConnectionInfo, request_id: str, hold: bool = False, decoded: Item | None = None
     ) -> bytes | HeldResponse | None:
         try:
-            message = ttlv.decode(data, self.max_depth)
+            message = decoded if decoded is not None else ttlv.decode(data, self.max_depth)
         except ttlv.TTLVError as exc:
             log.info("request %s from %s: undecodable message: %s", request_id, conn.peer, exc)
             self._record_refusal(conn, request_id, None, "undecodable-message", "INVALID_MESSAGE", str(exc))
@@ -632,14 +647,9 @@ class Dispatcher:
         return self._response([_version_item(version), ttlv.date_time(T.TIME_STAMP.value, int(time.time()))], [item])
 
 
-def single_operation(data: bytes) -> int | None:
+def single_operation(message: Item) -> int | None:
     """The Operation of a request message of exactly one batch item; None
-    for anything else, or for bytes that do not decode (the dispatcher
-    then refuses them as usual)."""
-    try:
-        message = ttlv.decode(data)
-    except ttlv.TTLVError:
-        return None
+    for anything else (the dispatcher then checks it as usual)."""
     if message.type != ItemType.STRUCTURE:
         return None
     items = message.find_all(T.BATCH_ITEM.value)

@@ -246,8 +246,19 @@ def test_would_block_is_raised_only_in_the_reactor_and_passes_except_exception()
     would_block("nothing")  # the flag is cleared on the way out
 
 
-def test_single_operation_names_the_operation_of_a_message_of_one_item():
+def test_single_operation_names_the_operation_of_a_message_of_one_item(node):
+    dispatcher = node[0]
     get = batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, "k")])
-    assert single_operation(request([get])) == Operation.GET.value
-    assert single_operation(request([get, get])) is None
-    assert single_operation(b"\x42\x00") is None
+    assert single_operation(dispatcher.decode(request([get]))) == Operation.GET.value
+    assert single_operation(dispatcher.decode(request([get, get]))) is None
+    assert dispatcher.decode(b"\x42\x00") is None
+
+
+def test_a_message_decoded_beforehand_is_answered_as_its_bytes_are(node):
+    dispatcher, trail, storage, metrics = node
+    uid = warm_key(dispatcher)
+    data = get_request(uid)
+    held = dispatcher.handle_holding_records(data, ALICE, dispatcher.decode(data))
+    assert isinstance(held, HeldResponse)
+    assert status(only_item(ttlv.decode(held.response))) == ResultStatus.SUCCESS
+    assert held.record["uid"] == uid
