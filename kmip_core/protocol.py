@@ -317,8 +317,19 @@ class KmipProtocol(protocol.Protocol):
         return self._write_blocked or self._node_blocked
 
 
-# What `handle_inline` returns for a request it leaves to `handle` on the pool.
-IN_POOL = object()
+class InPool:
+    """What `handle_inline` returns for a request it leaves to the pool:
+    `run()` is called there, or `handle(message, identity)` without one
+    (`run` lets the inline attempt pass on what it already did, such as
+    the decoded message)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[], Any] | None = None):
+        self.run = run
+
+
+IN_POOL = InPool()
 
 
 class HeldAnswer:
@@ -363,7 +374,7 @@ class KmipFactory(protocol.Factory):
         refused: Callable[[str, str, object], None] | None = None,
         close_timeout: float = 10.0,
         # Tried first, in the reactor thread: what `handle` would return,
-        # or IN_POOL to have `handle` run the request on the pool.
+        # or an InPool to have the request run on the pool.
         handle_inline: Callable[[bytes, Any], Any] | None = None,
     ):
         self.handle = handle
@@ -439,8 +450,11 @@ class KmipFactory(protocol.Factory):
                 answer = None
             else:
                 handled = defer.succeed(answer)
-        if answer is IN_POOL:
-            handled = deferToThreadPool(self.reactor, self.threadpool, self.handle, message, identity)
+        if isinstance(answer, InPool):
+            if answer.run is None:
+                handled = deferToThreadPool(self.reactor, self.threadpool, self.handle, message, identity)
+            else:
+                handled = deferToThreadPool(self.reactor, self.threadpool, answer.run)
         d: defer.Deferred[bytes | None] = handled.addCallback(_released)
         self._in_flight.add(d)
 

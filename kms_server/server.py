@@ -27,7 +27,7 @@ from kmip_core.audit.record import AuditDraft, AuditWriteFailed, client_fields, 
 from kmip_core.db.group_commit import DeferredGroupCommit
 from kmip_core.nonblocking import WouldBlock, in_reactor
 from kmip_core.policy import Principal, role_for
-from kmip_core.protocol import IN_POOL, HeldAnswer, KmipFactory
+from kmip_core.protocol import IN_POOL, HeldAnswer, InPool, KmipFactory
 from kmip_core.sealing.barrier import open_barrier
 from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, HeldResponse, retry_schedule, single_operation
 from kmip_core.ttlv import Item
@@ -237,17 +237,21 @@ class KmsService(service.Service):
         is written at once): then it goes to the pool, and runs again from
         the start there (kmip_core/nonblocking.py)."""
         decoded = self.dispatcher.decode(message)
-        if decoded is None or single_operation(decoded) not in READS_IN_REACTOR:
-            return IN_POOL
+        if decoded is None:
+            return IN_POOL  # refused there, as any undecodable message
+        # Whatever goes to the pool takes the decoded message along: decoded once.
+        in_pool = InPool(lambda: self._handle(message, conn, decoded))
+        if single_operation(decoded) not in READS_IN_REACTOR:
+            return in_pool
         try:
             with in_reactor():
                 return self._handle(message, conn, decoded)
         except WouldBlock:
-            return IN_POOL
+            return in_pool
 
     def _handle(self, message: bytes, conn: ConnectionInfo, decoded: Item | None = None) -> bytes | HeldAnswer | None:
         if self.read_records is None:
-            return self.dispatcher.handle(message, conn)
+            return self.dispatcher.handle(message, conn, decoded)
         answer = self.dispatcher.handle_holding_records(message, conn, decoded)
         if isinstance(answer, HeldResponse):
             held = answer

@@ -127,10 +127,11 @@ class Dispatcher:
         self.metrics = metrics
 
     # Entry points.
-    def handle(self, data: bytes, conn: ConnectionInfo) -> bytes | None:
+    def handle(self, data: bytes, conn: ConnectionInfo, decoded: Item | None = None) -> bytes | None:
         """The encoded response, or None when the bytes are not a TTLV
-        message at all (the connection is then closed)."""
-        answer = self._handle_entry(data, conn, hold=False)
+        message at all (the connection is then closed). `decoded`:
+        `decode(data)`, if the caller has it already."""
+        answer = self._handle_entry(data, conn, hold=False, decoded=decoded)
         assert not isinstance(answer, HeldResponse)  # only when asked to hold
         return answer
 

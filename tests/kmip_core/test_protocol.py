@@ -383,12 +383,12 @@ def test_drain_waits_for_requests_already_received_on_a_connection():
     assert fired
 
 
+def explode(message, identity):
+    raise RuntimeError("boom")
+
+
 def test_drain_survives_a_failed_request():
     h = Harness(auto=False)
-
-    def explode(message, identity):
-        raise RuntimeError("boom")
-
     h.factory.handle = explode
     proto, transport = h.connect()
     proto.dataReceived(request_bytes(1))
@@ -736,12 +736,18 @@ def test_a_request_left_in_pool_by_handle_inline_runs_on_the_pool():
     assert transport.value() == response_for(message)
 
 
+def test_work_handed_to_the_pool_by_handle_inline_runs_there_instead_of_handle():
+    h = Harness(auto=False)
+    h.factory.handle_inline = lambda message, identity: wire.InPool(lambda: b"from-the-pool")
+    proto, transport = h.connect()
+    proto.dataReceived(request_bytes(1))
+    assert transport.value() == b""
+    h.pool.run_next()
+    assert transport.value() == b"from-the-pool" and h.handled == []
+
+
 def test_an_inline_failure_closes_the_connection():
     h = Harness(auto=False)
-
-    def explode(message, identity):
-        raise RuntimeError("boom")
-
     h.factory.handle_inline = explode
     proto, transport = h.connect()
     proto.dataReceived(request_bytes(1))
