@@ -16,7 +16,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-__all__ = ["WouldBlock", "in_reactor", "would_block"]
+__all__ = ["WouldBlock", "WriterBusy", "in_reactor", "in_reactor_now", "pinned", "would_block", "writer_busy"]
 
 _state = threading.local()
 
@@ -27,16 +27,45 @@ class WouldBlock(BaseException):
     turns errors into KMIP failures) lets it through to the caller."""
 
 
+class WriterBusy(WouldBlock):
+    """A write would wait for another writer's turn: the work can run again
+    in the reactor thread once that turn is its own."""
+
+
 @contextlib.contextmanager
 def in_reactor() -> Iterator[None]:
     _state.on = True
+    _state.pinned = False
     try:
         yield
     finally:
         _state.on = False
+        _state.pinned = False
 
 
 def would_block(what: str) -> None:
-    """Call before `what` blocks the thread: raises WouldBlock in `in_reactor()`."""
-    if getattr(_state, "on", False):
+    """Call before `what` blocks the thread: raises WouldBlock in
+    `in_reactor()`, unless the work is `pinned()` to this thread (then it
+    blocks: it cannot start over elsewhere)."""
+    if getattr(_state, "on", False) and not _state.pinned:
         raise WouldBlock(what)
+
+
+def writer_busy(what: str) -> None:
+    """Call where a write would wait for another writer's turn: raises
+    WriterBusy in `in_reactor()`."""
+    if getattr(_state, "on", False):
+        raise WriterBusy(what)
+
+
+def pinned() -> None:
+    """The work inside `in_reactor()` has changed something that waits for
+    this thread's commit: from now on it must finish here."""
+    _state.pinned = True
+
+
+def in_reactor_now() -> bool:
+    """Whether this thread is inside `in_reactor()`: code that can do its
+    work there without waiting (a SQLite write joining the reactor's
+    batch) takes that path instead of calling `would_block`."""
+    return getattr(_state, "on", False)

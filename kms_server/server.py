@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from kmip.core.enums import Operation
@@ -25,7 +26,7 @@ from kmip_core import limits, tls
 from kmip_core.audit import audit_key
 from kmip_core.audit.record import AuditDraft, AuditWriteFailed, client_fields, system_entry
 from kmip_core.db.group_commit import DeferredGroupCommit
-from kmip_core.nonblocking import WouldBlock, in_reactor
+from kmip_core.nonblocking import WouldBlock, WriterBusy, in_reactor
 from kmip_core.policy import Principal, role_for
 from kmip_core.protocol import IN_POOL, HeldAnswer, InPool, KmipFactory
 from kmip_core.sealing.barrier import open_barrier
@@ -42,6 +43,7 @@ from kms_server.metrics import KmsMetrics, monitor_listener
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
 from kms_server.storage.base import StoredAuditRecord
+from kms_server.storage.reactor_writes import ReactorWrites
 
 log = logging.getLogger("kms_server.server")
 
@@ -56,6 +58,29 @@ READS_IN_REACTOR = frozenset(
         Operation.QUERY,
         Operation.DISCOVER_VERSIONS,
     )
+)
+# Operations that write, tried there too on SQLite: each a few row changes
+# and no costly cryptography (a symmetric key's random bytes, a seal).
+# Creating key pairs, rekeying and the cryptographic operations stay on the
+# pool: an RSA key or signature would hold every connection of the node.
+WRITES_IN_REACTOR = frozenset(
+    op.value
+    for op in (
+        Operation.CREATE,
+        Operation.REGISTER,
+        Operation.DESTROY,
+        Operation.ACTIVATE,
+        Operation.REVOKE,
+        Operation.ADD_ATTRIBUTE,
+        Operation.MODIFY_ATTRIBUTE,
+        Operation.DELETE_ATTRIBUTE,
+        Operation.SET_ATTRIBUTE,
+    )
+)
+
+# The answer to a write whose reactor batch failed to commit.
+UNCOMMITTED = (
+    "the database could not commit the change; it may or may not be stored: check before retrying"
 )
 
 
@@ -175,18 +200,29 @@ class KmsService(service.Service):
         # reactor while the answers wait (issue 15): a worker thread never
         # waits for one, and a batch costs two thread hand-offs, not a wait
         # and a wake per read.
+        # On SQLite a read is a few page-cache lookups: one asked alone in
+        # its message runs in the reactor thread (docs/process-model.md).
+        # So do writes, in batches the reactor commits once a turn
+        # (kms_server/storage/reactor_writes.py). On PostgreSQL each is a
+        # round trip over the network: every request goes to the pool.
+        self.reads_in_reactor = self.storage.reads_in_reactor
+        batches = self.storage.reactor_batches() if self.reads_in_reactor else None
+        self.reactor_writes: ReactorWrites | None = None
+        self.in_reactor_ops = READS_IN_REACTOR
+        if batches is not None:
+            self.reactor_writes = ReactorWrites(
+                batches, reactor, lambda f: deferToThreadPool(reactor, self.threadpool, f)
+            )
+            self.in_reactor_ops = READS_IN_REACTOR | WRITES_IN_REACTOR
         self.read_records: DeferredGroupCommit[dict, StoredAuditRecord] | None = None
         if self.trail is not None:
             self.read_records = DeferredGroupCommit(
                 self.trail.write_batch,
-                lambda flush, entries: deferToThreadPool(reactor, self.threadpool, flush, entries),
+                self._write_read_records
+                if self.reactor_writes is not None
+                else lambda flush, entries: deferToThreadPool(reactor, self.threadpool, flush, entries),
                 AuditWriteFailed,
             )
-        # On SQLite a read is a few page-cache lookups: one asked alone in
-        # its message runs in the reactor thread (docs/process-model.md).
-        # On PostgreSQL each is a round trip over the network: every
-        # request goes to the pool.
-        self.reads_in_reactor = self.storage.reads_in_reactor
         self.factory = KmipFactory(
             handle=self._handle,
             handle_inline=self._handle_inline if self.reads_in_reactor else None,
@@ -232,22 +268,80 @@ class KmsService(service.Service):
         return ConnectionInfo(principal=principal, peer=peer)
 
     def _handle_inline(self, message: bytes, conn: ConnectionInfo) -> object:
-        """In the reactor thread: a read asked alone, answered here unless
-        it would block (a Get that clears Fresh writes, a refusal's record
-        is written at once): then it goes to the pool, and runs again from
-        the start there (kmip_core/nonblocking.py)."""
+        """In the reactor thread: a request of one item whose operation
+        runs here (READS_IN_REACTOR, and WRITES_IN_REACTOR with reactor
+        writes), answered here unless it would block: then it goes to the
+        pool, and runs again from the start there (kmip_core/nonblocking.py)."""
         decoded = self.dispatcher.decode(message)
         if decoded is None:
             return IN_POOL  # refused there, as any undecodable message
         # Whatever goes to the pool takes the decoded message along: decoded once.
         in_pool = InPool(lambda: self._handle(message, conn, decoded))
-        if single_operation(decoded) not in READS_IN_REACTOR:
+        if single_operation(decoded) not in self.in_reactor_ops:
             return in_pool
+        return self._in_reactor(message, conn, decoded, in_pool)
+
+    def _in_reactor(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> object:
+        writes = self.reactor_writes
+        before = writes.members if writes is not None else 0
         try:
             with in_reactor():
-                return self._handle(message, conn, decoded)
+                answer = self._handle(message, conn, decoded)
+        except WriterBusy:
+            if writes is None:
+                return in_pool
+            # Nothing was written yet: run it again once this process has
+            # the writer's turn, in the batch then open.
+            again = writes.when_free(lambda: self._in_reactor(message, conn, decoded, in_pool))
+            return HeldAnswer(lambda: again.addCallbacks(self._answer_of, lambda _: self._in_pool(in_pool)))
         except WouldBlock:
             return in_pool
+        if writes is None or writes.members == before:
+            return answer
+        # It wrote: its answer leaves once the batch is committed.
+        committed = writes.committed()
+        return HeldAnswer(lambda: committed.addCallbacks(lambda _: self._answer_of(answer), lambda failure: self._uncommitted(answer, failure)))
+
+    def _answer_of(self, answer: object) -> Any:
+        """What the connection sends for an answer of `_in_reactor`: bytes,
+        or a Deferred of them."""
+        if isinstance(answer, InPool):
+            return self._in_pool(answer)
+        if isinstance(answer, HeldAnswer):
+            return answer.release()
+        return answer
+
+    def _in_pool(self, in_pool: InPool) -> defer.Deferred[bytes | None]:
+        assert in_pool.run is not None  # _handle_inline's, which carries its work
+        return deferToThreadPool(self.reactor, self.threadpool, in_pool.run).addCallback(self._answer_of)
+
+    def _uncommitted(self, answer: object, failure: Any) -> bytes | None:
+        log.error("a reactor batch of writes did not commit; its answers are withheld: %s", failure.getErrorMessage())
+        if isinstance(answer, HeldAnswer):
+            return None  # a held read that also wrote: never built that way; close rather than guess
+        if not isinstance(answer, bytes):
+            return None
+        return self.dispatcher.failed_instead(answer, UNCOMMITTED)
+
+    def _write_read_records(
+        self, flush: Callable[[list[dict]], list[StoredAuditRecord]], entries: list[dict]
+    ) -> defer.Deferred[list[StoredAuditRecord]]:
+        """The read records' batch (DeferredGroupCommit) as part of the
+        reactor's write batch; fires once that is committed."""
+        writes = self.reactor_writes
+        assert writes is not None  # only with reactor writes (__init__)
+
+        def write() -> defer.Deferred[list[StoredAuditRecord]]:
+            with in_reactor():
+                records = flush(entries)
+            return writes.committed().addCallback(lambda _: records)
+
+        try:
+            return write()
+        except WriterBusy:
+            return writes.when_free(write)
+        except Exception:
+            return defer.fail()
 
     def _handle(self, message: bytes, conn: ConnectionInfo, decoded: Item | None = None) -> bytes | HeldAnswer | None:
         if self.read_records is None:

@@ -34,7 +34,7 @@ from typing import Any, Generic, TypeVar, cast
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from kmip_core.nonblocking import would_block
+from kmip_core.nonblocking import in_reactor_now
 
 __all__ = ["DeferredGroupCommit", "GroupCommit"]
 
@@ -67,7 +67,11 @@ class GroupCommit(Generic[Item, Result]):
     def submit(self, item: Item) -> Result:
         """Write `item` with whatever else is queued; return its result
         once committed, or raise `error(...)` if its batch failed."""
-        would_block("a group commit")  # it waits for the commit, or writes it
+        if in_reactor_now():
+            # No thread may wait here: the item is written at once, by a
+            # flush that either joins the reactor's own batch or raises
+            # WouldBlock before it writes (kms_server/storage/reactor_writes.py).
+            return self._flush_alone(item)
         slot: _Slot[Item, Result] = _Slot(item)
         with self._cond:
             self._pending.append(slot)
@@ -88,6 +92,15 @@ class GroupCommit(Generic[Item, Result]):
             raise self._error(slot.error)
         # A flushed slot holds its result or its error (None may be a result).
         return cast(Result, slot.result)
+
+    def _flush_alone(self, item: Item) -> Result:
+        try:
+            results = list(self._flush_items([item]))
+            if len(results) != 1:
+                raise RuntimeError(f"group commit: {len(results)} results for 1 item")
+        except Exception as exc:
+            raise self._error(str(exc) or type(exc).__name__) from None
+        return results[0]
 
     def _flush(self, batch: list[_Slot[Item, Result]]) -> None:
         try:

@@ -314,6 +314,19 @@ class Dispatcher:
             settled=settled,
         )
 
+    def failed_instead(self, response: bytes, text: str) -> bytes:
+        """`response` (an answer this dispatcher encoded) with each batch
+        item answered General Failure: for a caller whose commit of the
+        request's change failed after the answer was made (the KMS's writes
+        in its reactor thread, committed at the end of the turn)."""
+        message = ttlv.decode(response, self.max_depth)
+        header = message.find(T.RESPONSE_HEADER.value)
+        assert header is not None  # an answer this dispatcher encoded
+        failed = [
+            _failure_item(item, ResultReason.GENERAL_FAILURE, text) for item in message.find_all(T.BATCH_ITEM.value)
+        ]
+        return ttlv.encode(ttlv.structure(T.RESPONSE_MESSAGE.value, [header] + failed))
+
     def _encode_response(self, ctx: RequestContext, header_items: list[Item], responses: list[Item]) -> bytes:
         """The Response Message, each batch item encoded on its own: an item
         whose answer cannot be encoded (a server bug) is answered General

@@ -100,7 +100,6 @@ class AuditTrail:
             self._failed(str(exc), 1)
             raise
         self.last_failure = None
-        self.publish(record)
         return record
 
     def write_batch(self, entries: list[dict]) -> list[StoredAuditRecord]:
@@ -117,8 +116,6 @@ class AuditTrail:
             self._failed(text, len(entries))
             raise AuditWriteFailed(text) from None
         self.last_failure = None
-        for record in records:
-            self.publish(record)
         return records
 
     def _failed(self, why: str, records: int) -> None:
@@ -129,7 +126,15 @@ class AuditTrail:
 
     def _write_batch(self, entries: list[dict]) -> list[StoredAuditRecord]:
         with self.storage.transaction() as txn:
-            return [self.append(txn, entry) for entry in entries]
+            records = [self.append(txn, entry) for entry in entries]
+            # Handed to the sinks once committed, which may be after this
+            # block (a reactor batch: kms_server/storage/reactor_writes.py).
+            txn.after_commit(lambda: self._published(records))
+        return records
+
+    def _published(self, records: list[StoredAuditRecord]) -> None:
+        for record in records:
+            self.publish(record)
 
     def publish(self, record: StoredAuditRecord) -> None:
         """Hand a committed record to the sinks; never raises."""

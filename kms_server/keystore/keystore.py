@@ -108,25 +108,29 @@ class Keystore:
             # it: they are not remembered.
             yield self._batch_txn
             return
-        record = None
         pending: list[tuple[str, int]] = []
         self._pending.notes = pending
         try:
             with self.storage.transaction(read_only=read_only) as txn:
                 yield txn
+                record = None
                 if self._audit is not None and not read_only:
                     # The block finished: the change and its record commit
                     # together, or neither does (docs/audit-trail.md).
                     trail, draft = self._audit
                     record = trail.append(txn, draft.entry("SUCCESS", None))
+                    draft.written = record
+                # Only what is committed is remembered and published: the
+                # commit may come after this block (a reactor batch).
+                txn.after_commit(lambda: self._committed(pending, record))
         finally:
             self._pending.notes = None
+
+    def _committed(self, pending: list[tuple[str, int]], record: object) -> None:
         for uid, version in pending:
             self.seen.note(uid, version)
         if record is not None and self._audit is not None:  # a record is made only when audited
-            trail, draft = self._audit
-            draft.written = record
-            trail.publish(record)
+            self._audit[0].publish(record)
 
     def _touch(self, obj: ManagedObject) -> None:
         if self._audit is not None:

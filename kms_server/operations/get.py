@@ -26,7 +26,6 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
-from kmip_core.nonblocking import would_block
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
@@ -73,10 +72,6 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         )
     # 2.x answers Object Destroyed (BL-M-8-21), 1.x Item Not Found.
     common.refuse_destroyed(ctx, obj)
-    if obj.value("Fresh") is True:
-        # Its first Get writes (_served): in the reactor thread, go to the
-        # pool now rather than after unsealing and encoding the key.
-        would_block("the first Get of a key clears Fresh")
     material = keystore.material(obj)
     if wrap_type == KeyWrapType.AS_REGISTERED and material.registered_block is not None:
         return _as_registered(ctx, obj, material, key_format, specification)

@@ -13,8 +13,10 @@ never from the reactor thread.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kmip_core.server.backend import BackendUnavailable
 
@@ -174,6 +176,20 @@ class Transaction(abc.ABC):
     def set_meta(self, key: str, value: bytes) -> None:
         """Insert or replace a server-wide value."""
 
+    # Work that must follow the commit, not precede it: handing an audit
+    # record to the sinks, remembering a row version as seen. A node may
+    # commit a write transaction after its block has returned (SQLite
+    # writes in the reactor thread, kms_server/storage/reactor_writes.py).
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once this transaction is committed; never if it is
+        rolled back."""
+        self.__dict__.setdefault("_after_commit", []).append(fn)
+
+    def run_after_commit(self) -> None:
+        """For the storage that committed it: run what `after_commit` registered."""
+        for fn in self.__dict__.pop("_after_commit", ()):
+            fn()
+
 
     # The audit trail (kms_server/audit). Records are only ever appended.
     @abc.abstractmethod
@@ -211,6 +227,23 @@ def iter_objects(txn: Transaction, page: int = 500):
         after = batch[-1].sequence
 
 
+class ReactorBatches(Protocol):
+    """Write batches a reactor thread fills and commits (SQLite's
+    WriteBatches; kms_server/storage/reactor_writes.py says how)."""
+
+    on_reactor_batch: Callable[[], None] | None
+
+    @property
+    def reactor_batch_open(self) -> bool: ...
+
+    @property
+    def reactor_members(self) -> int: ...
+
+    def wait_reactor_batch(self) -> None: ...
+
+    def commit_reactor_batch(self) -> StorageError | None: ...
+
+
 class Storage(abc.ABC):
     # Whether a read is a lookup in local files that never waits on the
     # network, and whether write transactions call
@@ -224,6 +257,11 @@ class Storage(abc.ABC):
         back when it raises. Backend failures surface as StorageError. A
         `read_only` transaction refuses every write with StorageError; a
         backend may serve it without taking write locks."""
+
+    def reactor_batches(self) -> ReactorBatches | None:
+        """Where a reactor thread's writes go, if this backend lets a
+        reactor write without waiting (SQLite); None otherwise."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -235,6 +235,7 @@ class MemoryStorage(Storage):
                     if snapshot is not None:
                         self._state = snapshot
                     raise StorageError("the transaction failed and was rolled back")
+                tx.run_after_commit()
         finally:
             self._local.active = False
 

@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import (
@@ -50,7 +50,7 @@ from kmip_core.db.engine import (
     sqlite_execute,
     sqlite_executemany,
 )
-from kmip_core.nonblocking import would_block
+from kmip_core.nonblocking import in_reactor_now, pinned, writer_busy
 from kms_server.storage.base import (
     AuditQuery,
     ConcurrentModification,
@@ -800,6 +800,9 @@ class SqlStorage(Storage):
                 f"cannot open storage {shown!r}: {describe_error(exc)}"
             ) from None
 
+    def reactor_batches(self) -> WriteBatches | None:
+        return self.writes
+
     @property
     def idle_readers(self) -> int:
         """Read-only connections kept between transactions (SQLite)."""
@@ -820,11 +823,15 @@ class SqlStorage(Storage):
         try:
             if self.writes is not None and not read_only:
                 # SQLite: one writer at a time; the writers of this process
-                # share commits (group commit, WriteBatches). Not in a
-                # reactor thread: the flock and the commit wait.
-                would_block("a write transaction")
-                with self.writes.transaction(self._dialect) as tx:
-                    yield tx
+                # share commits (group commit, WriteBatches). In the reactor
+                # thread, the block joins the reactor's batch, committed
+                # later, or raises WouldBlock (reactor_transaction).
+                if in_reactor_now():
+                    with self.writes.reactor_transaction(self._dialect) as tx:
+                        yield tx
+                else:
+                    with self.writes.transaction(self._dialect) as tx:
+                        yield tx
             else:
                 with self._unit_of_work(read_only) as tx:
                     yield tx
@@ -874,6 +881,7 @@ class SqlStorage(Storage):
             except SQLAlchemyError as exc:
                 raise _storage_error("commit", exc, commit=True) from None
             clean = True
+            tx.run_after_commit()
         finally:
             if keep_reader and clean and not self._closing and len(self._idle_readers) < READERS_KEPT:
                 self._idle_readers.append(conn)
@@ -905,12 +913,13 @@ BATCH_MAX = 16
 class _Batch:
     """One database transaction that several write transactions share."""
 
-    __slots__ = ("conn", "trans", "members", "broken", "done", "error")
+    __slots__ = ("conn", "trans", "members", "broken", "done", "error", "joined")
 
     def __init__(self, conn: Connection, trans: Any) -> None:
         self.conn = conn
         self.trans = trans
         self.members = 0  # blocks whose changes wait for the commit
+        self.joined: list[_SqlTransaction] = []  # a reactor batch's members
         self.broken: StorageError | None = None  # the connection failed: no commit
         self.done = False
         self.error: StorageError | None = None
@@ -953,6 +962,13 @@ class WriteBatches:
         # connection to the pool cost more than a small write (issue 15).
         # Dropped after a batch that failed.
         self._conn: Connection | None = None
+        # The batch the reactor thread has open, and how many blocks have
+        # joined one so far; `on_reactor_batch()` is called when the
+        # reactor opens one (its owner schedules the commit).
+        self._reactor_batch: _Batch | None = None
+        self._reactor_joined = 0
+        self._reactor_thread: int | None = None
+        self.on_reactor_batch: Callable[[], None] | None = None
 
     @property
     def waiting(self) -> int:
@@ -975,18 +991,26 @@ class WriteBatches:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _flock(self, op: int) -> None:
+    def _flock(self, op: int) -> bool:
+        """flock the lock file; False if LOCK_NB was asked and another
+        process holds it."""
         if self._lock_path is None:
-            return
+            return True
         if self._lock_fd is None:
             try:
                 self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError:
                 self._lock_path = None  # a read-only directory: busy_timeout alone, as before
-                return
-        fcntl.flock(self._lock_fd, op)
+                return True
+        try:
+            fcntl.flock(self._lock_fd, op)
+        except BlockingIOError:
+            return False
+        return True
 
     def _open(self) -> _Batch:
+        """Take the writer flock (held already if taken with LOCK_NB) and
+        begin the batch's transaction."""
         self._flock(fcntl.LOCK_EX)
         conn = self._conn
         if conn is None or conn.closed or conn.invalidated:
@@ -1046,6 +1070,9 @@ class WriteBatches:
 
     @contextlib.contextmanager
     def transaction(self, dialect: str) -> Iterator[Transaction]:
+        if self._reactor_batch is not None and threading.get_ident() == self._reactor_thread:
+            # It would wait for the reactor's own commit, forever.
+            raise StorageError("a waiting write transaction in the reactor thread while its batch is open")
         with self._cond:
             self._waiting += 1
             while self._busy:
@@ -1110,8 +1137,138 @@ class WriteBatches:
             raise StorageError("the transaction failed and was rolled back")
         error = batch.error if joined else batch.broken
         if error is not None:
-            # Each member raises its own exception (one object raised in
-            # several threads would share one traceback).
-            if isinstance(error, StorageUnavailable):
-                raise StorageUnavailable(str(error), commit_unknown=error.commit_unknown)
-            raise StorageError(str(error))
+            raise _own_copy(error)
+        tx.run_after_commit()
+
+    # The reactor thread's batches (kms_server/storage/reactor_writes.py).
+    # A node on SQLite runs most writes in its reactor thread: there, a
+    # write transaction joins the batch the reactor has open, or opens one
+    # if it can without waiting, or raises WouldBlock (before it has done
+    # anything). The batch is committed by `commit_reactor_batch`, after the
+    # blocks have returned, so nothing inside waits on another thread; each
+    # member's `after_commit` work runs then.
+
+    @property
+    def reactor_batch_open(self) -> bool:
+        return self._reactor_batch is not None
+
+    @property
+    def reactor_members(self) -> int:
+        """Blocks that joined reactor batches so far (a counter the caller
+        compares before and after a request to know whether it joined)."""
+        return self._reactor_joined
+
+    def open_reactor_batch(self) -> bool:
+        """In the reactor thread: open a batch if that needs no wait (no
+        other thread of this process writing or queued to, the writer
+        flock free); False otherwise."""
+        if self._reactor_batch is not None:
+            return True
+        if self.on_reactor_batch is None:
+            return False  # nobody would commit it: no reactor writes
+        with self._cond:
+            if self._busy or self._waiting:
+                return False  # threads queued first go first
+            self._busy = True
+        batch: _Batch | None
+        if self._batch is not None:
+            batch = self._adopt()
+        else:
+            try:
+                locked = self._flock(fcntl.LOCK_EX | fcntl.LOCK_NB)
+                batch = self._open() if locked else None
+            except BaseException:
+                self._release_turn()
+                raise
+        if batch is None:
+            self._release_turn()
+            return False
+        self._reactor_batch = batch
+        self.on_reactor_batch()
+        return True
+
+    def wait_reactor_batch(self) -> None:
+        """On a pool thread: wait for this process's turn and the writer
+        flock, then open a batch for the reactor thread to fill and commit."""
+        with self._cond:
+            self._waiting += 1
+            while self._busy:
+                self._cond.wait()
+            self._waiting -= 1
+            self._busy = True
+        if self._batch is not None:
+            self._reactor_batch = self._adopt()
+            return
+        try:
+            batch = self._open()
+        except BaseException:
+            self._release_turn()
+            raise
+        self._reactor_batch = batch
+
+    def _adopt(self) -> _Batch:
+        """The worker threads' batch, handed over by its last writer to the
+        next in line (`transaction`): the reactor continues and commits it,
+        which wakes its members."""
+        batch, self._batch = self._batch, None
+        assert batch is not None  # the callers checked
+        return batch
+
+    def commit_reactor_batch(self) -> StorageError | None:
+        """In the reactor thread: commit the open batch (roll it back if
+        no block joined it), end this process's turn, run the members'
+        `after_commit` work if it committed; the commit's error, or None."""
+        batch, self._reactor_batch = self._reactor_batch, None
+        if batch is None:
+            return None
+        self._finish(batch)
+        if batch.error is None:
+            for tx in batch.joined:
+                tx.run_after_commit()
+        return batch.error
+
+    @contextlib.contextmanager
+    def reactor_transaction(self, dialect: str) -> Iterator[Transaction]:
+        """In the reactor thread: a block of the open batch, under its own
+        savepoint; not committed on exit (commit_reactor_batch)."""
+        if not self.open_reactor_batch():
+            writer_busy("a write transaction (another writer has the turn)")
+        self._reactor_thread = threading.get_ident()
+        batch = self._reactor_batch
+        assert batch is not None  # opened above
+        self._savepoint(batch, "SAVEPOINT member")
+        tx = _SqlTransaction(batch.conn, dialect)
+        if batch.broken is not None:
+            tx.failed = True
+        try:
+            yield tx
+        except BaseException:
+            tx._closed = True
+            self._savepoint(batch, "ROLLBACK TO member")
+            self._savepoint(batch, "RELEASE member")
+            raise
+        tx._closed = True
+        if tx.failed or batch.broken is not None:
+            self._savepoint(batch, "ROLLBACK TO member")
+            self._savepoint(batch, "RELEASE member")
+            raise StorageError("the transaction failed and was rolled back")
+        self._savepoint(batch, "RELEASE member")
+        if batch.broken is not None:
+            raise _own_copy(batch.broken)
+        batch.members += 1
+        batch.joined.append(tx)
+        self._reactor_joined += 1
+        pinned()  # its change waits in this batch: the work cannot start over elsewhere
+
+    def _release_turn(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+
+def _own_copy(error: StorageError) -> StorageError:
+    """Each member raises its own exception (one object raised in several
+    threads would share one traceback)."""
+    if isinstance(error, StorageUnavailable):
+        return StorageUnavailable(str(error), commit_unknown=error.commit_unknown)
+    return StorageError(str(error))

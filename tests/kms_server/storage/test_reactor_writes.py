@@ -1,0 +1,289 @@
+"""SQLite writes in the reactor thread (kms_server.storage.reactor_writes):
+the write transactions of one reactor turn join one batch, committed at the
+end of the turn; nothing is committed, published or remembered before that;
+a member that fails loses only its own changes; a failed commit fails every
+waiter; a write that would wait for another writer raises WriterBusy before
+it has done anything and runs again once the turn is this process's.
+
+The reactor is twisted's Clock (the turn ends at `advance(0)`); the pool
+thread that waits for the turn is a real thread, its result handed to the
+"reactor" by the test (`Pool.settle`)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+from twisted.internet import defer, task
+
+from kmip_core.db.engine import READ_ONLY
+from kmip_core.nonblocking import WouldBlock, WriterBusy, in_reactor, would_block
+from kms_server.storage import open_storage
+from kms_server.storage.base import StorageError
+from kms_server.storage.reactor_writes import ReactorWrites
+from kms_server.storage.sql import SqlStorage
+
+
+class Pool:
+    """run_in_thread for the tests: `f` runs on a real thread; its Deferred
+    fires when the test calls settle() (as the reactor would, once told)."""
+
+    def __init__(self):
+        self.started: list[tuple[threading.Thread, defer.Deferred, list]] = []
+
+    def __call__(self, f):
+        d: defer.Deferred = defer.Deferred()
+        outcome: list = []
+
+        def run():
+            try:
+                outcome.append(("ok", f()))
+            except BaseException as exc:  # noqa: BLE001 - handed to the Deferred
+                outcome.append(("error", exc))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.started.append((thread, d, outcome))
+        return d
+
+    def settle(self, timeout: float = 10.0) -> None:
+        started, self.started = self.started, []
+        for thread, d, outcome in started:
+            thread.join(timeout)
+            assert not thread.is_alive(), "the pool thread did not finish"
+            kind, value = outcome[0]
+            if kind == "ok":
+                d.callback(value)
+            else:
+                d.errback(value)
+
+
+@pytest.fixture
+def storage(tmp_path):
+    opened = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
+    assert isinstance(opened, SqlStorage) and opened.writes is not None
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+def writer(storage):
+    clock = task.Clock()
+    pool = Pool()
+    writes = ReactorWrites(storage.reactor_batches(), clock, pool)
+    return writes, clock, pool
+
+
+def committed(storage: SqlStorage, key: str) -> bytes | None:
+    """What a separate reader sees: only committed data."""
+    with storage.transaction(read_only=True) as txn:
+        return txn.get_meta(key)
+
+
+def write(storage: SqlStorage, key: str, hooks: list | None = None) -> None:
+    """One write transaction in the reactor thread."""
+    with in_reactor(), storage.transaction() as txn:
+        txn.set_meta(key, key.encode())
+        if hooks is not None:
+            txn.after_commit(lambda: hooks.append((key, committed(storage, key))))
+
+
+def result_of(d: defer.Deferred) -> list:
+    got: list = []
+    d.addBoth(got.append)
+    return got
+
+
+def write_commits(storage: SqlStorage) -> list[int]:
+    count: list[int] = []
+
+    def counted(conn):
+        if not conn.get_execution_options().get(READ_ONLY):
+            count.append(1)
+
+    event.listen(storage.engine, "commit", counted)
+    return count
+
+
+def test_without_a_reactor_writer_a_write_in_the_reactor_is_busy_and_opens_nothing(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
+    try:
+        with pytest.raises(WriterBusy):
+            write(storage, "k")
+        assert not storage.writes.reactor_batch_open
+        assert committed(storage, "k") is None
+        # Outside the reactor the same thread writes as always.
+        with storage.transaction() as txn:
+            txn.set_meta("k", b"1")
+        assert committed(storage, "k") == b"1"
+    finally:
+        storage.close()
+
+
+def test_the_writes_of_a_turn_share_one_commit_at_its_end(storage, writer):
+    writes, clock, _ = writer
+    commits = write_commits(storage)
+    hooks: list = []
+    write(storage, "a", hooks)
+    write(storage, "b", hooks)
+    assert writes.members == 2
+    done = result_of(writes.committed())
+    # Not committed yet: no reader sees them, no after_commit work ran, no
+    # answer was released.
+    assert committed(storage, "a") is None and committed(storage, "b") is None
+    assert hooks == [] and done == [] and commits == []
+    clock.advance(0)  # the end of the turn
+    assert done == [None]
+    assert commits == [1], "two writes, one commit"
+    assert committed(storage, "a") == b"a" and committed(storage, "b") == b"b"
+    # The after_commit work ran once the rows were committed.
+    assert hooks == [("a", b"a"), ("b", b"b")]
+    assert not storage.writes.reactor_batch_open and writes.commits == 1
+
+
+def test_a_member_that_fails_loses_only_its_own_changes(storage, writer):
+    writes, clock, _ = writer
+    hooks: list = []
+    write(storage, "kept", hooks)
+    with pytest.raises(ValueError), in_reactor(), storage.transaction() as txn:
+        txn.set_meta("lost", b"x")
+        txn.after_commit(lambda: hooks.append("lost"))
+        raise ValueError("refused by the operation")
+    write(storage, "after", hooks)
+    assert writes.members == 2, "the failed block did not join"
+    clock.advance(0)
+    assert committed(storage, "kept") == b"kept" and committed(storage, "after") == b"after"
+    assert committed(storage, "lost") is None
+    assert [h[0] for h in hooks] == ["kept", "after"]
+
+
+def test_a_failed_commit_fails_every_waiter_and_stores_and_publishes_nothing(storage, writer):
+    writes, clock, _ = writer
+    hooks: list = []
+    write(storage, "a", hooks)
+    write(storage, "b", hooks)
+    waiters = [result_of(writes.committed()) for _ in range(2)]
+
+    def refuse(_conn):
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    event.listen(storage.engine, "commit", refuse)
+    try:
+        clock.advance(0)
+    finally:
+        event.remove(storage.engine, "commit", refuse)
+    for got in waiters:
+        assert len(got) == 1 and isinstance(got[0].value, StorageError) and "commit" in str(got[0].value)
+    assert waiters[0][0].value is not waiters[1][0].value, "each waiter has its own exception"
+    assert committed(storage, "a") is None and committed(storage, "b") is None
+    assert hooks == []
+    # The next turn writes as usual.
+    write(storage, "later")
+    clock.advance(0)
+    assert committed(storage, "later") == b"later"
+
+
+def test_a_write_waiting_for_the_flock_of_another_process_runs_once_it_is_released(storage, writer):
+    writes, clock, pool = writer
+    path = storage.writes.lock_path
+    with storage.transaction() as txn:  # creates the lock file
+        txn.set_meta("k", b"0")
+    other = os.open(path, os.O_RDWR)  # another open file: as another process's flock
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        # It would wait: raises before writing anything.
+        with pytest.raises(WriterBusy):
+            write(storage, "queued")
+        assert not storage.writes.reactor_batch_open
+        ran: list = []
+
+        def job():
+            write(storage, "queued")
+            ran.append(True)
+            return "answer"
+
+        answer = result_of(writes.when_free(job))
+        assert writes.queued == 1
+        # A second one queues behind the same wait: one pool thread waits.
+        second = result_of(writes.when_free(lambda: write(storage, "second") or "two"))
+        assert len(pool.started) == 1
+        time.sleep(0.2)
+        assert pool.started[0][0].is_alive(), "the pool thread waits for the flock"
+    finally:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+    pool.settle()  # the turn is ours: the queued work runs, then one commit
+    assert ran == [True] and answer == ["answer"] and second == ["two"]
+    assert writes.queued == 0 and not storage.writes.reactor_batch_open
+    assert committed(storage, "queued") == b"queued" and committed(storage, "second") == b"second"
+
+
+def test_a_worker_threads_batch_is_waited_for_then_the_queued_work_runs(storage, writer):
+    writes, clock, pool = writer
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with storage.transaction() as txn:
+            txn.set_meta("worker", b"w")
+            inside.set()
+            assert release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert inside.wait(10)
+    with pytest.raises(WriterBusy):
+        write(storage, "reactor")
+    queued = result_of(writes.when_free(lambda: write(storage, "reactor") or "done"))
+    release.set()
+    thread.join(10)
+    pool.settle()
+    assert queued == ["done"]
+    assert committed(storage, "worker") == b"w" and committed(storage, "reactor") == b"reactor"
+
+
+def test_work_waiting_for_a_turn_that_cannot_be_had_is_told_so(storage, writer):
+    writes, clock, pool = writer
+    storage.writes.wait_reactor_batch = lambda: (_ for _ in ()).throw(StorageError("connect: unreachable"))
+    got = result_of(writes.when_free(lambda: "never"))
+    pool.settle()
+    assert len(got) == 1 and isinstance(got[0].value, StorageError)
+    assert writes.queued == 0
+
+
+def test_a_waiting_write_in_the_reactor_thread_while_its_batch_is_open_is_refused_not_a_deadlock(storage, writer):
+    writes, clock, _ = writer
+    write(storage, "open")
+    with pytest.raises(StorageError, match="reactor thread"):
+        with storage.transaction() as txn:  # outside in_reactor(): it would wait
+            txn.set_meta("x", b"1")
+    clock.advance(0)
+    assert committed(storage, "open") == b"open" and committed(storage, "x") is None
+
+
+def test_once_it_wrote_a_request_is_pinned_and_would_block_no_longer_raises(storage, writer):
+    writes, clock, _ = writer
+    with in_reactor():
+        with pytest.raises(WouldBlock):
+            would_block("a retry's wait")
+        with storage.transaction() as txn:
+            txn.set_meta("pinned", b"1")
+        would_block("a retry's wait")  # it cannot start over elsewhere now: it waits here
+    clock.advance(0)
+    assert committed(storage, "pinned") == b"1"
+
+
+def test_reads_in_the_reactor_see_nothing_uncommitted_and_are_not_held_up(storage, writer):
+    writes, clock, _ = writer
+    write(storage, "pending")
+    with in_reactor(), storage.transaction(read_only=True) as txn:
+        assert txn.get_meta("pending") is None
+    clock.advance(0)
+    with in_reactor(), storage.transaction(read_only=True) as txn:
+        assert txn.get_meta("pending") == b"pending"

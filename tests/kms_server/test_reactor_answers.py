@@ -1,0 +1,168 @@
+"""A node on SQLite answers writes from its reactor thread
+(kms_server/server.py, kms_server/storage/reactor_writes.py): the answer
+of a Create leaves only once the reactor's batch is committed, and if that
+commit fails the client is answered General Failure and nothing is stored.
+A read needs no commit and is answered at once; an operation that stays on
+the pool (Create Key Pair) is handed to it.
+
+The node is a real KmsService (its SQLite database, barrier, keystore,
+audit trail, dispatcher) on twisted's Clock instead of a running reactor:
+the end of a reactor turn is `clock.advance(0)`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import textwrap
+
+import pytest
+from kmip.core.enums import CryptographicAlgorithm, Operation, ResultReason, ResultStatus
+from kmip.core.enums import Tags as T
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
+from twisted.internet import task
+
+from kmip_core import ttlv
+from kmip_core.policy import Principal
+from kmip_core.protocol import HeldAnswer, InPool
+from kmip_core.server.dispatcher import ConnectionInfo
+from kms_server.audit.trail import iter_records
+from kms_server.config import load_config
+from kms_server.server import UNCOMMITTED, KmsService
+from tests.kms_server.dispatch.test_dispatcher import batch_item, only_item, reason, request, status
+
+CONN = ConnectionInfo(principal=Principal(name="alice"), peer="127.0.0.1:1")
+
+
+@pytest.fixture
+def node(tmp_path, pki_dir):
+    key = tmp_path / "master.key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    os.chmod(key, 0o600)
+    config = tmp_path / "kms.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [server]
+            host = "127.0.0.1"
+            port = 0
+            node_name = "reactor-node"
+            data_dir = "{tmp_path / 'data'}"
+            processes = 1
+
+            [tls]
+            cert = "{pki_dir / 'server.pem'}"
+            key = "{pki_dir / 'server.key'}"
+            ca = "{pki_dir / 'ca.pem'}"
+
+            [master_key]
+            file = "{key}"
+            """
+        )
+    )
+    clock = task.Clock()
+    service = KmsService(load_config(config), clock)
+    try:
+        yield service, clock
+    finally:
+        service.storage.close()
+
+
+def create_request() -> bytes:
+    attributes = [
+        ttlv.structure(
+            T.ATTRIBUTE.value,
+            [
+                ttlv.text(T.ATTRIBUTE_NAME.value, "Cryptographic Algorithm"),
+                ttlv.enumeration(T.ATTRIBUTE_VALUE.value, CryptographicAlgorithm.AES.value),
+            ],
+        ),
+        ttlv.structure(
+            T.ATTRIBUTE.value,
+            [ttlv.text(T.ATTRIBUTE_NAME.value, "Cryptographic Length"), ttlv.integer(T.ATTRIBUTE_VALUE.value, 256)],
+        ),
+        ttlv.structure(
+            T.ATTRIBUTE.value,
+            [ttlv.text(T.ATTRIBUTE_NAME.value, "Cryptographic Usage Mask"), ttlv.integer(T.ATTRIBUTE_VALUE.value, 12)],
+        ),
+    ]
+    payload = [
+        ttlv.enumeration(T.OBJECT_TYPE.value, 2),  # Symmetric Key
+        ttlv.structure(T.TEMPLATE_ATTRIBUTE.value, attributes),
+    ]
+    return request([batch_item(Operation.CREATE, payload)])
+
+
+def sent(answer) -> list:
+    """What the connection would send for `answer` (bytes, or a HeldAnswer
+    whose Deferred fires later)."""
+    got: list = []
+    if isinstance(answer, HeldAnswer):
+        answer.release().addBoth(got.append)
+    else:
+        got.append(answer)
+    return got
+
+
+def stored_uids(service) -> list[str]:
+    with service.storage.transaction(read_only=True) as txn:
+        return [obj.uid for obj in txn.scan_objects()]
+
+
+def uid_of(response: bytes) -> str:
+    payload = only_item(ttlv.decode(response)).find(T.RESPONSE_PAYLOAD.value)
+    return payload.get(T.UNIQUE_IDENTIFIER.value)
+
+
+def test_a_create_is_answered_once_the_reactor_batch_is_committed(node):
+    service, clock = node
+    assert service.reactor_writes is not None, "SQLite: writes run in the reactor"
+    answer = service._handle_inline(create_request(), CONN)
+    assert isinstance(answer, HeldAnswer), "the answer waits for the commit"
+    got = sent(answer)
+    assert got == [] and stored_uids(service) == [], "nothing leaves, nothing is visible before the commit"
+    clock.advance(0)
+    (response,) = got
+    assert status(only_item(ttlv.decode(response))) == ResultStatus.SUCCESS
+    assert stored_uids(service) == [uid_of(response)]
+    assert [r.operation for r in iter_records(service.storage)] == ["CREATE"]
+    # A read of it needs no commit: answered as soon as its record is written.
+    get = request([batch_item(Operation.GET_ATTRIBUTES, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid_of(response))])])
+    got = sent(service._handle_inline(get, CONN))
+    clock.advance(0)
+    assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
+
+
+def test_a_write_whose_batch_fails_to_commit_is_answered_general_failure_and_stores_nothing(node, caplog):
+    service, clock = node
+    answers = [sent(service._handle_inline(create_request(), CONN)) for _ in range(2)]
+
+    def refuse(_conn):
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    event.listen(service.storage.engine, "commit", refuse)
+    try:
+        clock.advance(0)
+    finally:
+        event.remove(service.storage.engine, "commit", refuse)
+    for got in answers:
+        (response,) = got
+        item = only_item(ttlv.decode(response))
+        assert status(item) == ResultStatus.OPERATION_FAILED
+        assert reason(item) == ResultReason.GENERAL_FAILURE
+        assert item.get(T.RESULT_MESSAGE.value) == UNCOMMITTED
+        assert item.get(T.OPERATION.value) == Operation.CREATE.value
+        assert item.find(T.RESPONSE_PAYLOAD.value) is None, "no identifier of an object that does not exist"
+    assert stored_uids(service) == []
+    assert list(iter_records(service.storage)) == []
+    assert "did not commit" in caplog.text
+    # The node writes again on the next turn.
+    got = sent(service._handle_inline(create_request(), CONN))
+    clock.advance(0)
+    assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
+
+
+def test_creating_a_key_pair_stays_on_the_pool(node):
+    service, _ = node
+    message = request([batch_item(Operation.CREATE_KEY_PAIR, [])])
+    assert isinstance(service._handle_inline(message, CONN), InPool)
