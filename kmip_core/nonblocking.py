@@ -1,13 +1,18 @@
 """Work run in a reactor thread, and what it must not do: block.
 
 A node may run a request in its reactor thread instead of handing it to
-its thread pool (kms_server: reads asked alone, on SQLite, issue 15): the
-two hand-offs between threads, and the GIL passed back and forth for them,
-cost more than such a read. Inside `in_reactor()`, the places that could
-block the thread (a write transaction and its commit, waiting for another
-thread's commit, sleeping before a retry) call `would_block(what)`, which
-raises `WouldBlock`. The caller then runs the request again from the start
-on its pool: nothing the first run did is kept, since it had only read.
+its thread pool (kms_server on SQLite: reads and writes asked alone, issue
+15): the two hand-offs between threads, and the GIL passed back and forth
+for them, cost more than such a request. Inside `in_reactor()`, the places
+that could block the thread call `would_block(what)` (sleeping before a
+retry), which raises `WouldBlock`; the caller then runs the request again
+from the start on its pool. A write that would wait for another writer's
+turn calls `writer_busy(what)` instead, which raises `WriterBusy` (a
+WouldBlock): the caller may run it again in the reactor once the turn is
+its own (kms_server/storage/reactor_writes.py). Both are raised before the
+work has changed anything. Once it has (its change waits in the reactor's
+batch), the work is `pinned()`: it can no longer start over elsewhere, and
+`would_block` lets it wait where it is.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ waiting `submit` raise `error(exc)` (a new exception per thread), so a
 caller that must not go on without its record (fail closed) does not.
 Used by the KMS audit trail (refusals; reads answered by a caller that
 cannot wait, below) and the broker's audit trail (the gateway's unwraps).
+Inside `kmip_core.nonblocking.in_reactor()` no thread may wait: `submit`
+then calls `flush([item])` itself, and the storage under it either writes
+without waiting (the KMS on SQLite: a member of the reactor's own batch) or
+raises WouldBlock before writing.
 
 `DeferredGroupCommit` is the same for a Twisted reactor: an item is
 submitted from the reactor thread and its result comes as a Deferred, so no
