@@ -38,14 +38,18 @@ class WriterBusy(WouldBlock):
 
 
 @contextlib.contextmanager
-def in_reactor() -> Iterator[None]:
+def in_reactor(writable: bool = False) -> Iterator[None]:
+    """`writable`: a batch is open that writes can join without waiting
+    (then `writer_busy` does not raise)."""
     _state.on = True
     _state.pinned = False
+    _state.writable = writable
     try:
         yield
     finally:
         _state.on = False
         _state.pinned = False
+        _state.writable = False
 
 
 def would_block(what: str) -> None:
@@ -57,9 +61,10 @@ def would_block(what: str) -> None:
 
 
 def writer_busy(what: str) -> None:
-    """Call where a write would wait for another writer's turn: raises
-    WriterBusy in `in_reactor()`."""
-    if getattr(_state, "on", False):
+    """Call where work will write (before the costly part that precedes
+    the write): raises WriterBusy in `in_reactor()` unless writes can join
+    an open batch there."""
+    if getattr(_state, "on", False) and not _state.writable:
         raise WriterBusy(what)
 
 

@@ -277,23 +277,33 @@ class KmsService(service.Service):
             return IN_POOL  # refused there, as any undecodable message
         # Whatever goes to the pool takes the decoded message along: decoded once.
         in_pool = InPool(lambda: self._handle(message, conn, decoded))
-        if single_operation(decoded) not in self.in_reactor_ops:
+        operation = single_operation(decoded)
+        if operation not in self.in_reactor_ops:
             return in_pool
+        if operation in WRITES_IN_REACTOR:
+            return self._in_next_batch(message, conn, decoded, in_pool)
         return self._in_reactor(message, conn, decoded, in_pool)
+
+    def _in_next_batch(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> HeldAnswer:
+        """A write: run in the reactor's next batch of writes, at the end of
+        this turn (kms_server/storage/reactor_writes.py)."""
+        writes = self.reactor_writes
+        assert writes is not None  # writes run in the reactor only with it (__init__)
+        ran = writes.when_free(lambda: self._in_reactor(message, conn, decoded, in_pool))
+        return HeldAnswer(lambda: ran.addCallbacks(self._answer_of, lambda _: self._in_pool(in_pool)))
 
     def _in_reactor(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> object:
         writes = self.reactor_writes
         before = writes.members if writes is not None else 0
         try:
-            with in_reactor():
+            with in_reactor(writable=writes is not None and writes.batch_open):
                 answer = self._handle(message, conn, decoded)
         except WriterBusy:
             if writes is None:
                 return in_pool
-            # Nothing was written yet: run it again once this process has
-            # the writer's turn, in the batch then open.
-            again = writes.when_free(lambda: self._in_reactor(message, conn, decoded, in_pool))
-            return HeldAnswer(lambda: again.addCallbacks(self._answer_of, lambda _: self._in_pool(in_pool)))
+            # It writes after all (a first Get clears Fresh), and nothing
+            # was written yet: it runs again in the next batch.
+            return self._in_next_batch(message, conn, decoded, in_pool)
         except WouldBlock:
             return in_pool
         if writes is None or writes.members == before:

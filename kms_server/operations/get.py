@@ -26,6 +26,7 @@ from kmip.core.enums import (
 )
 
 from kmip_core import errors, ttlv
+from kmip_core.nonblocking import writer_busy
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
@@ -72,6 +73,11 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         )
     # 2.x answers Object Destroyed (BL-M-8-21), 1.x Item Not Found.
     common.refuse_destroyed(ctx, obj)
+    if obj.value("Fresh") is True:
+        # Its first Get writes (_served): in the reactor thread outside a
+        # batch of writes, it is queued for the next one now rather than
+        # after unsealing and encoding the key.
+        writer_busy("the first Get of a key clears Fresh")
     material = keystore.material(obj)
     if wrap_type == KeyWrapType.AS_REGISTERED and material.registered_block is not None:
         return _as_registered(ctx, obj, material, key_format, specification)

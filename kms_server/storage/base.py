@@ -231,10 +231,10 @@ class ReactorBatches(Protocol):
     """Write batches a reactor thread fills and commits (SQLite's
     WriteBatches; kms_server/storage/reactor_writes.py says how)."""
 
-    on_reactor_batch: Callable[[], None] | None
-
     @property
     def reactor_batch_open(self) -> bool: ...
+
+    def open_reactor_batch(self) -> bool: ...
 
     @property
     def reactor_members(self) -> int: ...

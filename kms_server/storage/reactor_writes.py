@@ -8,21 +8,24 @@ create-get-locate-destroy cycle.
 
 How a write runs there (`WriteBatches`, kms_server/storage/sql.py):
 
-- The first write transaction of a reactor turn opens a batch, if it can
-  without waiting: no worker thread of this process writing or queued to,
-  and the writer flock (shared with the node's other processes) free. Each
-  write transaction of the turn is one member of the batch, under its own
-  savepoint; a member that fails is rolled back alone.
-- The batch commits at the end of the turn (`reactor.callLater(0)`), in
-  the reactor thread: one commit, one sync of the write-ahead log, for
-  every write of the turn. The answers of its members wait for it
-  (`committed()`): nothing is answered before it is durable. If the
-  commit fails, each member is answered General Failure instead.
-- A write that cannot open a batch without waiting raises
-  `kmip_core.nonblocking.WriterBusy` before it has done anything: the
-  request waits for the turn (`when_free`), which a pool thread waits for
-  (the flock, the worker threads' batch). What queued meanwhile runs in
-  that batch, then it commits.
+- A request that writes is queued (`when_free`) and runs at the end of the
+  reactor turn, with every other write that arrived in the turn, in one
+  batch: each write transaction is one member, under its own savepoint; a
+  member that fails is rolled back alone. A request that may write (a Get
+  clears Fresh the first time) runs at once, and is queued if it does: its
+  write transaction raises `kmip_core.nonblocking.WriterBusy` before
+  anything is written, since no batch is open outside those bursts.
+- The batch opens if it can without waiting (no worker thread of this
+  process writing or queued to, the writer flock, shared with the node's
+  other processes, free); otherwise one pool thread waits for the turn,
+  and the writes queued meanwhile run when it has it. The flock is thus
+  held for the writes and their commit only, not for the reads of the
+  turn.
+- The batch commits in the reactor thread right after its writes: one
+  commit, one sync of the write-ahead log, for all of them. The answers
+  wait for it (`committed()`): nothing is answered before it is durable.
+  If the commit fails, each waiter is told so (its request is answered
+  General Failure).
 
 Work that must follow the commit (publishing an audit record, remembering
 a row version) is registered with `Transaction.after_commit`, and runs
@@ -58,12 +61,11 @@ class ReactorWrites:
         self._batches = batches
         self._reactor = reactor
         self._run_in_thread = run_in_thread
-        self._commit_call: Any = None
+        self._burst_call: Any = None
         self._waiters: list[defer.Deferred[None]] = []
         self._queued: list[tuple[Callable[[], Any], defer.Deferred[Any]]] = []
         self._acquiring = False
         self.commits = 0  # batches committed (tests, diagnostics)
-        batches.on_reactor_batch = self._opened
 
     @property
     def members(self) -> int:
@@ -72,8 +74,13 @@ class ReactorWrites:
         return self._batches.reactor_members
 
     @property
+    def batch_open(self) -> bool:
+        """Whether writes in the reactor thread can join a batch now."""
+        return self._batches.reactor_batch_open
+
+    @property
     def queued(self) -> int:
-        """Work waiting for the writer's turn (tests, diagnostics)."""
+        """Work waiting for the next batch (tests, diagnostics)."""
         return len(self._queued)
 
     def committed(self) -> defer.Deferred[None]:
@@ -86,27 +93,35 @@ class ReactorWrites:
         return d
 
     def when_free(self, job: Callable[[], T | defer.Deferred[T]]) -> defer.Deferred[T]:
-        """Run `job()` in the reactor thread once this process has the
-        writer's turn, in the batch then open; fires with its result (or
-        with what the Deferred it returns fires with)."""
+        """Run `job()` in the reactor thread in the next batch: at the end
+        of this reactor turn, or once a pool thread has the writer's turn;
+        fires with its result (or with what the Deferred it returns fires
+        with)."""
         d: defer.Deferred[T] = defer.Deferred()
         self._queued.append((job, d))
-        if self._batches.reactor_batch_open:
-            self._opened()  # it runs before this turn's commit
-        elif not self._acquiring:
-            self._acquiring = True
-            self._run_in_thread(self._batches.wait_reactor_batch).addCallbacks(
-                self._acquired, self._acquire_failed
-            )
+        # Inside a batch (a job that queues another), it runs in it.
+        if not self._batches.reactor_batch_open:
+            self._schedule()
         return d
 
-    def _opened(self) -> None:
-        if self._commit_call is None:
-            self._commit_call = self._reactor.callLater(0, self._commit)
+    def _schedule(self) -> None:
+        if self._burst_call is None and not self._acquiring:
+            self._burst_call = self._reactor.callLater(0, self._burst)
+
+    def _burst(self) -> None:
+        self._burst_call = None
+        if not self._queued or self._acquiring:
+            return
+        if self._batches.open_reactor_batch():
+            self._run_and_commit()
+            return
+        # Another writer has the turn: a pool thread waits for it.
+        self._acquiring = True
+        self._run_in_thread(self._batches.wait_reactor_batch).addCallbacks(self._acquired, self._acquire_failed)
 
     def _acquired(self, _: object) -> None:
         self._acquiring = False
-        self._commit()
+        self._run_and_commit()
 
     def _acquire_failed(self, failure: Failure) -> None:
         # The batch could not be opened (the database cannot be reached):
@@ -116,23 +131,19 @@ class ReactorWrites:
         for _, d in queued:
             d.errback(Failure(StorageError(failure.getErrorMessage())))
 
-    def _commit(self) -> None:
-        if self._commit_call is not None:
-            if self._commit_call.active():
-                self._commit_call.cancel()
-            self._commit_call = None
-        # What waited for the turn runs in this batch, before its commit.
-        queued, self._queued = self._queued, []
-        for job, d in queued:
-            try:
-                result = job()
-            except Exception:
-                d.errback()
-            else:
-                if isinstance(result, defer.Deferred):
-                    result.chainDeferred(d)
+    def _run_and_commit(self) -> None:
+        while self._queued:
+            queued, self._queued = self._queued, []
+            for job, d in queued:
+                try:
+                    result = job()
+                except Exception:
+                    d.errback()
                 else:
-                    d.callback(result)
+                    if isinstance(result, defer.Deferred):
+                        result.chainDeferred(d)
+                    else:
+                        d.callback(result)
         waiters, self._waiters = self._waiters, []
         error = self._batches.commit_reactor_batch()
         self.commits += 1
@@ -142,9 +153,5 @@ class ReactorWrites:
             else:
                 # One exception per waiter: they must not share a traceback.
                 d.errback(Failure(StorageError(str(error))))
-        if self._queued and not self._acquiring and not self._batches.reactor_batch_open:
-            # Work queued by what the commit's answers set off.
-            self._acquiring = True
-            self._run_in_thread(self._batches.wait_reactor_batch).addCallbacks(
-                self._acquired, self._acquire_failed
-            )
+        if self._queued:
+            self._schedule()  # work queued by what the commit's answers set off

@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import (
@@ -50,7 +50,7 @@ from kmip_core.db.engine import (
     sqlite_execute,
     sqlite_executemany,
 )
-from kmip_core.nonblocking import in_reactor_now, pinned, writer_busy
+from kmip_core.nonblocking import WriterBusy, in_reactor_now, pinned
 from kms_server.storage.base import (
     AuditQuery,
     ConcurrentModification,
@@ -962,13 +962,12 @@ class WriteBatches:
         # connection to the pool cost more than a small write (issue 15).
         # Dropped after a batch that failed.
         self._conn: Connection | None = None
-        # The batch the reactor thread has open, and how many blocks have
-        # joined one so far; `on_reactor_batch()` is called when the
-        # reactor opens one (its owner schedules the commit).
+        # The batch the reactor thread has open (kms_server/storage/
+        # reactor_writes.py opens and commits it), how many blocks have
+        # joined one so far, and the thread that fills it.
         self._reactor_batch: _Batch | None = None
         self._reactor_joined = 0
         self._reactor_thread: int | None = None
-        self.on_reactor_batch: Callable[[], None] | None = None
 
     @property
     def waiting(self) -> int:
@@ -1142,11 +1141,11 @@ class WriteBatches:
 
     # The reactor thread's batches (kms_server/storage/reactor_writes.py).
     # A node on SQLite runs most writes in its reactor thread: there, a
-    # write transaction joins the batch the reactor has open, or opens one
-    # if it can without waiting, or raises WouldBlock (before it has done
-    # anything). The batch is committed by `commit_reactor_batch`, after the
-    # blocks have returned, so nothing inside waits on another thread; each
-    # member's `after_commit` work runs then.
+    # write transaction joins the batch the reactor has open, or raises
+    # WriterBusy (before it has done anything) when none is. The batch is
+    # committed by `commit_reactor_batch`, after the blocks have returned,
+    # so nothing inside waits on another thread; each member's
+    # `after_commit` work runs then.
 
     @property
     def reactor_batch_open(self) -> bool:
@@ -1164,8 +1163,6 @@ class WriteBatches:
         flock free); False otherwise."""
         if self._reactor_batch is not None:
             return True
-        if self.on_reactor_batch is None:
-            return False  # nobody would commit it: no reactor writes
         with self._cond:
             if self._busy or self._waiting:
                 return False  # threads queued first go first
@@ -1184,7 +1181,6 @@ class WriteBatches:
             self._release_turn()
             return False
         self._reactor_batch = batch
-        self.on_reactor_batch()
         return True
 
     def wait_reactor_batch(self) -> None:
@@ -1231,8 +1227,10 @@ class WriteBatches:
     def reactor_transaction(self, dialect: str) -> Iterator[Transaction]:
         """In the reactor thread: a block of the open batch, under its own
         savepoint; not committed on exit (commit_reactor_batch)."""
-        if not self.open_reactor_batch():
-            writer_busy("a write transaction (another writer has the turn)")
+        if self._reactor_batch is None:
+            # Writes are run together, by whoever opens the reactor's
+            # batches (ReactorWrites), not one by one as they come.
+            raise WriterBusy("a write transaction (the reactor's batch is not open)")
         self._reactor_thread = threading.get_ident()
         batch = self._reactor_batch
         assert batch is not None  # opened above

@@ -127,38 +127,55 @@ def test_without_a_reactor_writer_a_write_in_the_reactor_is_busy_and_opens_nothi
         storage.close()
 
 
+def test_outside_a_batch_a_write_in_the_reactor_is_busy_and_writes_nothing(storage, writer):
+    with pytest.raises(WriterBusy):
+        write(storage, "k")
+    assert not storage.writes.reactor_batch_open
+    assert committed(storage, "k") is None
+
+
 def test_the_writes_of_a_turn_share_one_commit_at_its_end(storage, writer):
     writes, clock, _ = writer
     commits = write_commits(storage)
     hooks: list = []
-    write(storage, "a", hooks)
-    write(storage, "b", hooks)
-    assert writes.members == 2
-    done = result_of(writes.committed())
-    # Not committed yet: no reader sees them, no after_commit work ran, no
-    # answer was released.
-    assert committed(storage, "a") is None and committed(storage, "b") is None
-    assert hooks == [] and done == [] and commits == []
+    seen: list = []
+
+    def job(key):
+        write(storage, key, hooks)
+        seen.append(committed(storage, key))  # inside the batch: not committed yet
+        return writes.committed().addCallback(lambda _: key)
+
+    answers = [result_of(writes.when_free(lambda k=k: job(k))) for k in ("a", "b")]
+    # Queued for the end of the turn: nothing ran yet.
+    assert writes.queued == 2 and seen == [] and commits == []
     clock.advance(0)  # the end of the turn
-    assert done == [None]
+    assert seen == [None, None], "a member's change is not visible to readers before the commit"
+    assert answers == [["a"], ["b"]]
     assert commits == [1], "two writes, one commit"
     assert committed(storage, "a") == b"a" and committed(storage, "b") == b"b"
     # The after_commit work ran once the rows were committed.
     assert hooks == [("a", b"a"), ("b", b"b")]
-    assert not storage.writes.reactor_batch_open and writes.commits == 1
+    assert writes.members == 2 and writes.commits == 1
+    assert not storage.writes.reactor_batch_open and writes.queued == 0
 
 
 def test_a_member_that_fails_loses_only_its_own_changes(storage, writer):
     writes, clock, _ = writer
     hooks: list = []
-    write(storage, "kept", hooks)
-    with pytest.raises(ValueError), in_reactor(), storage.transaction() as txn:
-        txn.set_meta("lost", b"x")
-        txn.after_commit(lambda: hooks.append("lost"))
-        raise ValueError("refused by the operation")
-    write(storage, "after", hooks)
-    assert writes.members == 2, "the failed block did not join"
+
+    def failing():
+        with in_reactor(), storage.transaction() as txn:
+            txn.set_meta("lost", b"x")
+            txn.after_commit(lambda: hooks.append("lost"))
+            raise ValueError("refused by the operation")
+
+    kept = result_of(writes.when_free(lambda: write(storage, "kept", hooks)))
+    failed = result_of(writes.when_free(failing))
+    after = result_of(writes.when_free(lambda: write(storage, "after", hooks)))
     clock.advance(0)
+    assert kept == [None] and after == [None]
+    assert isinstance(failed[0].value, ValueError), "the job's own error reaches its caller"
+    assert writes.members == 2, "the failed block did not join"
     assert committed(storage, "kept") == b"kept" and committed(storage, "after") == b"after"
     assert committed(storage, "lost") is None
     assert [h[0] for h in hooks] == ["kept", "after"]
@@ -167,9 +184,14 @@ def test_a_member_that_fails_loses_only_its_own_changes(storage, writer):
 def test_a_failed_commit_fails_every_waiter_and_stores_and_publishes_nothing(storage, writer):
     writes, clock, _ = writer
     hooks: list = []
-    write(storage, "a", hooks)
-    write(storage, "b", hooks)
-    waiters = [result_of(writes.committed()) for _ in range(2)]
+    waiters: list = []
+
+    def job(key):
+        write(storage, key, hooks)
+        waiters.append(result_of(writes.committed()))
+
+    for key in ("a", "b"):
+        writes.when_free(lambda k=key: job(k))
 
     def refuse(_conn):
         raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
@@ -179,18 +201,19 @@ def test_a_failed_commit_fails_every_waiter_and_stores_and_publishes_nothing(sto
         clock.advance(0)
     finally:
         event.remove(storage.engine, "commit", refuse)
+    assert len(waiters) == 2
     for got in waiters:
         assert len(got) == 1 and isinstance(got[0].value, StorageError) and "commit" in str(got[0].value)
     assert waiters[0][0].value is not waiters[1][0].value, "each waiter has its own exception"
     assert committed(storage, "a") is None and committed(storage, "b") is None
     assert hooks == []
     # The next turn writes as usual.
-    write(storage, "later")
+    later = result_of(writes.when_free(lambda: write(storage, "later")))
     clock.advance(0)
-    assert committed(storage, "later") == b"later"
+    assert later == [None] and committed(storage, "later") == b"later"
 
 
-def test_a_write_waiting_for_the_flock_of_another_process_runs_once_it_is_released(storage, writer):
+def test_writes_waiting_for_the_flock_of_another_process_run_once_it_is_released(storage, writer):
     writes, clock, pool = writer
     path = storage.writes.lock_path
     with storage.transaction() as txn:  # creates the lock file
@@ -198,29 +221,21 @@ def test_a_write_waiting_for_the_flock_of_another_process_runs_once_it_is_releas
     other = os.open(path, os.O_RDWR)  # another open file: as another process's flock
     fcntl.flock(other, fcntl.LOCK_EX)
     try:
-        # It would wait: raises before writing anything.
-        with pytest.raises(WriterBusy):
-            write(storage, "queued")
-        assert not storage.writes.reactor_batch_open
-        ran: list = []
-
-        def job():
-            write(storage, "queued")
-            ran.append(True)
-            return "answer"
-
-        answer = result_of(writes.when_free(job))
-        assert writes.queued == 1
-        # A second one queues behind the same wait: one pool thread waits.
+        first = result_of(writes.when_free(lambda: write(storage, "queued") or "one"))
+        clock.advance(0)  # the end of the turn: the flock is taken, a pool thread waits
+        assert len(pool.started) == 1 and not storage.writes.reactor_batch_open
+        # What comes meanwhile queues behind the same wait: one pool thread.
         second = result_of(writes.when_free(lambda: write(storage, "second") or "two"))
-        assert len(pool.started) == 1
+        clock.advance(0)
+        assert len(pool.started) == 1 and writes.queued == 2
         time.sleep(0.2)
         assert pool.started[0][0].is_alive(), "the pool thread waits for the flock"
+        assert first == [] and second == []
     finally:
         fcntl.flock(other, fcntl.LOCK_UN)
         os.close(other)
     pool.settle()  # the turn is ours: the queued work runs, then one commit
-    assert ran == [True] and answer == ["answer"] and second == ["two"]
+    assert first == ["one"] and second == ["two"] and writes.commits == 1
     assert writes.queued == 0 and not storage.writes.reactor_batch_open
     assert committed(storage, "queued") == b"queued" and committed(storage, "second") == b"second"
 
@@ -238,20 +253,31 @@ def test_a_worker_threads_batch_is_waited_for_then_the_queued_work_runs(storage,
     thread = threading.Thread(target=worker)
     thread.start()
     assert inside.wait(10)
-    with pytest.raises(WriterBusy):
-        write(storage, "reactor")
     queued = result_of(writes.when_free(lambda: write(storage, "reactor") or "done"))
+    clock.advance(0)
+    assert len(pool.started) == 1, "the worker's turn is waited for on a pool thread"
     release.set()
-    thread.join(10)
+    # The worker hands its open batch to the thread queued behind it (the
+    # pool thread), and waits for its commit: the reactor adopts the batch,
+    # adds its write and commits both.
     pool.settle()
     assert queued == ["done"]
+    thread.join(10)
+    assert not thread.is_alive()
     assert committed(storage, "worker") == b"w" and committed(storage, "reactor") == b"reactor"
+    assert writes.commits == 1
 
 
 def test_work_waiting_for_a_turn_that_cannot_be_had_is_told_so(storage, writer):
     writes, clock, pool = writer
-    storage.writes.wait_reactor_batch = lambda: (_ for _ in ()).throw(StorageError("connect: unreachable"))
+
+    def unreachable():
+        raise StorageError("connect: unreachable")
+
+    storage.writes.open_reactor_batch = lambda: False  # as if another writer had the turn
+    storage.writes.wait_reactor_batch = unreachable
     got = result_of(writes.when_free(lambda: "never"))
+    clock.advance(0)
     pool.settle()
     assert len(got) == 1 and isinstance(got[0].value, StorageError)
     assert writes.queued == 0
@@ -259,31 +285,52 @@ def test_work_waiting_for_a_turn_that_cannot_be_had_is_told_so(storage, writer):
 
 def test_a_waiting_write_in_the_reactor_thread_while_its_batch_is_open_is_refused_not_a_deadlock(storage, writer):
     writes, clock, _ = writer
-    write(storage, "open")
-    with pytest.raises(StorageError, match="reactor thread"):
-        with storage.transaction() as txn:  # outside in_reactor(): it would wait
-            txn.set_meta("x", b"1")
+    refused: list = []
+
+    def job():
+        write(storage, "open")
+        with pytest.raises(StorageError, match="reactor thread") as caught:
+            with storage.transaction() as txn:  # outside in_reactor(): it would wait
+                txn.set_meta("x", b"1")
+        refused.append(caught.value)
+
+    writes.when_free(job)
     clock.advance(0)
+    assert len(refused) == 1
     assert committed(storage, "open") == b"open" and committed(storage, "x") is None
 
 
 def test_once_it_wrote_a_request_is_pinned_and_would_block_no_longer_raises(storage, writer):
     writes, clock, _ = writer
-    with in_reactor():
-        with pytest.raises(WouldBlock):
-            would_block("a retry's wait")
-        with storage.transaction() as txn:
-            txn.set_meta("pinned", b"1")
-        would_block("a retry's wait")  # it cannot start over elsewhere now: it waits here
+    outcome: list = []
+
+    def job():
+        with in_reactor():
+            with pytest.raises(WouldBlock):
+                would_block("a retry's wait")
+            with storage.transaction() as txn:
+                txn.set_meta("pinned", b"1")
+            would_block("a retry's wait")  # it cannot start over elsewhere now: it waits here
+        outcome.append("finished")
+
+    writes.when_free(job)
     clock.advance(0)
+    assert outcome == ["finished"]
     assert committed(storage, "pinned") == b"1"
 
 
-def test_reads_in_the_reactor_see_nothing_uncommitted_and_are_not_held_up(storage, writer):
+def test_work_queued_by_an_answer_runs_in_a_later_batch(storage, writer):
     writes, clock, _ = writer
-    write(storage, "pending")
-    with in_reactor(), storage.transaction(read_only=True) as txn:
-        assert txn.get_meta("pending") is None
-    clock.advance(0)
-    with in_reactor(), storage.transaction(read_only=True) as txn:
-        assert txn.get_meta("pending") == b"pending"
+    later: list = []
+
+    def first():
+        write(storage, "first")
+        writes.committed().addCallback(
+            lambda _: later.append(result_of(writes.when_free(lambda: write(storage, "second") or "2")))
+        )
+
+    writes.when_free(first)
+    clock.advance(0)  # Clock runs what is scheduled meanwhile too: both turns
+    assert later and later[0] == ["2"]
+    assert writes.commits == 2, "queued after the first commit: a batch of its own"
+    assert committed(storage, "first") == b"first" and committed(storage, "second") == b"second"
