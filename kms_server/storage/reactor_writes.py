@@ -46,6 +46,11 @@ __all__ = ["ReactorWrites"]
 
 T = TypeVar("T")
 
+# The most jobs one batch runs: the writer flock is held for all of them,
+# and the other processes' writers wait that long. What is left runs in
+# the next batch, right after.
+BURST_MAX = 64
+
 
 class ReactorWrites:
     """The reactor thread's write batches of one node process. Every
@@ -132,8 +137,10 @@ class ReactorWrites:
             d.errback(Failure(StorageError(failure.getErrorMessage())))
 
     def _run_and_commit(self) -> None:
-        while self._queued:
-            queued, self._queued = self._queued, []
+        ran = 0
+        while self._queued and ran < BURST_MAX:
+            queued, self._queued = self._queued[: BURST_MAX - ran], self._queued[BURST_MAX - ran :]
+            ran += len(queued)
             for job, d in queued:
                 try:
                     result = job()
@@ -154,4 +161,5 @@ class ReactorWrites:
                 # One exception per waiter: they must not share a traceback.
                 d.errback(Failure(StorageError(str(error))))
         if self._queued:
-            self._schedule()  # work queued by what the commit's answers set off
+            # Beyond BURST_MAX, or queued by what the commit's answers set off.
+            self._schedule()

@@ -166,3 +166,29 @@ def test_creating_a_key_pair_stays_on_the_pool(node):
     service, _ = node
     message = request([batch_item(Operation.CREATE_KEY_PAIR, [])])
     assert isinstance(service._handle_inline(message, CONN), InPool)
+
+
+def test_a_first_get_and_a_refusal_write_in_the_next_batch_and_are_answered_after_it(node):
+    service, clock = node
+    got = sent(service._handle_inline(create_request(), CONN))
+    clock.advance(0)
+    uid = uid_of(got[0])
+    get = request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])
+    missing = request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, "no-such-key")])])
+    commits = service.reactor_writes.commits
+    # The first Get clears Fresh; the refusal's record is written at once:
+    # both wait for the turn's batch of writes.
+    first, refused = sent(service._handle_inline(get, CONN)), sent(service._handle_inline(missing, CONN))
+    assert first == [] and refused == []
+    clock.advance(0)
+    assert service.reactor_writes.commits == commits + 1, "both in one batch"
+    assert status(only_item(ttlv.decode(first[0]))) == ResultStatus.SUCCESS
+    assert reason(only_item(ttlv.decode(refused[0]))) == ResultReason.ITEM_NOT_FOUND
+    results = [(r.operation, r.result) for r in iter_records(service.storage)]
+    assert results[1:] == [("GET", "SUCCESS"), ("GET", "OPERATION_FAILED")], results
+    # The key is no longer Fresh: the next Get is a read, answered without a batch.
+    commits = service.reactor_writes.commits
+    again = sent(service._handle_inline(get, CONN))
+    clock.advance(0)
+    assert status(only_item(ttlv.decode(again[0]))) == ResultStatus.SUCCESS
+    assert service.reactor_writes.commits == commits + 1, "only its record's batch"

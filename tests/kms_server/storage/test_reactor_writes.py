@@ -25,7 +25,7 @@ from kmip_core.db.engine import READ_ONLY
 from kmip_core.nonblocking import WouldBlock, WriterBusy, in_reactor, would_block
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError
-from kms_server.storage.reactor_writes import ReactorWrites
+from kms_server.storage.reactor_writes import BURST_MAX, ReactorWrites
 from kms_server.storage.sql import SqlStorage
 
 
@@ -334,3 +334,14 @@ def test_work_queued_by_an_answer_runs_in_a_later_batch(storage, writer):
     assert later and later[0] == ["2"]
     assert writes.commits == 2, "queued after the first commit: a batch of its own"
     assert committed(storage, "first") == b"first" and committed(storage, "second") == b"second"
+
+
+def test_a_batch_runs_at_most_burst_max_jobs_and_the_rest_right_after(storage, writer):
+    writes, clock, _ = writer
+    commits = write_commits(storage)
+    total = BURST_MAX + 3
+    answers = [result_of(writes.when_free(lambda i=i: write(storage, f"k{i}") or i)) for i in range(total)]
+    clock.advance(0)  # Clock runs the follow-up turn too
+    assert [a[0] for a in answers] == list(range(total))
+    assert len(commits) == 2 and writes.commits == 2
+    assert committed(storage, f"k{total - 1}") == f"k{total - 1}".encode()
