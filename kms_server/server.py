@@ -42,7 +42,7 @@ from kms_server.keystore.keystore import Keystore
 from kms_server.metrics import KmsMetrics, monitor_listener
 from kms_server.operations import OPERATIONS
 from kms_server.storage import open_storage
-from kms_server.storage.base import StoredAuditRecord
+from kms_server.storage.base import StorageError, StoredAuditRecord
 from kms_server.storage.reactor_writes import ReactorWrites
 
 log = logging.getLogger("kms_server.server")
@@ -196,10 +196,6 @@ class KmsService(service.Service):
         )
         self.context_factory = tls.server_context_factory(cfg.tls)
         self.threadpool = ThreadPool(minthreads=1, maxthreads=cfg.server.worker_threads, name="kms-workers")
-        # The audit records of reads, written in batches gathered in the
-        # reactor while the answers wait (issue 15): a worker thread never
-        # waits for one, and a batch costs two thread hand-offs, not a wait
-        # and a wake per read.
         # On SQLite a read is a few page-cache lookups: one asked alone in
         # its message runs in the reactor thread (docs/process-model.md).
         # So do writes, in batches the reactor commits once a turn
@@ -214,6 +210,10 @@ class KmsService(service.Service):
                 batches, reactor, lambda f: deferToThreadPool(reactor, self.threadpool, f)
             )
             self.in_reactor_ops = READS_IN_REACTOR | WRITES_IN_REACTOR
+        # The audit records of reads, written in batches gathered in the
+        # reactor while the answers wait (issue 15): a worker thread never
+        # waits for one. On SQLite a batch is part of the reactor's own
+        # batch of writes; on PostgreSQL it is written on a pool thread.
         self.read_records: DeferredGroupCommit[dict, StoredAuditRecord] | None = None
         if self.trail is not None:
             self.read_records = DeferredGroupCommit(
@@ -290,7 +290,18 @@ class KmsService(service.Service):
         writes = self.reactor_writes
         assert writes is not None  # writes run in the reactor only with it (__init__)
         ran = writes.when_free(lambda: self._in_reactor(message, conn, decoded, in_pool))
-        return HeldAnswer(lambda: ran.addCallbacks(self._answer_of, lambda _: self._in_pool(in_pool)))
+        return HeldAnswer(lambda: ran.addCallbacks(self._answer_of, self._not_run, errbackArgs=(in_pool,)))
+
+    def _not_run(self, failure: Any, in_pool: InPool) -> Any:
+        """A write queued for a batch that could not be opened (the
+        database cannot be reached: StorageError) runs on the pool, whose
+        dispatcher retries and answers as for any request. Anything else
+        is a bug: the connection is closed rather than risk running twice
+        a request that may have written."""
+        if failure.check(StorageError):
+            return self._in_pool(in_pool)
+        log.error("a request queued for the reactor's writes failed: %s", failure.getTraceback())
+        return None
 
     def _in_reactor(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> object:
         writes = self.reactor_writes
@@ -310,7 +321,9 @@ class KmsService(service.Service):
             return answer
         # It wrote: its answer leaves once the batch is committed.
         committed = writes.committed()
-        return HeldAnswer(lambda: committed.addCallbacks(lambda _: self._answer_of(answer), lambda failure: self._uncommitted(answer, failure)))
+        return HeldAnswer(
+            lambda: committed.addCallbacks(lambda _: self._answer_of(answer), lambda _: self._uncommitted(answer))
+        )
 
     def _answer_of(self, answer: object) -> Any:
         """What the connection sends for an answer of `_in_reactor`: bytes,
@@ -325,12 +338,11 @@ class KmsService(service.Service):
         assert in_pool.run is not None  # _handle_inline's, which carries its work
         return deferToThreadPool(self.reactor, self.threadpool, in_pool.run).addCallback(self._answer_of)
 
-    def _uncommitted(self, answer: object, failure: Any) -> bytes | None:
-        log.error("a reactor batch of writes did not commit; its answers are withheld: %s", failure.getErrorMessage())
-        if isinstance(answer, HeldAnswer):
-            return None  # a held read that also wrote: never built that way; close rather than guess
+    def _uncommitted(self, answer: object) -> bytes | None:
+        """The answer to a write whose batch did not commit (ReactorWrites
+        logged why): General Failure in place of each item's answer."""
         if not isinstance(answer, bytes):
-            return None
+            return None  # a held read that also wrote is never built: close rather than guess
         return self.dispatcher.failed_instead(answer, UNCOMMITTED)
 
     def _write_read_records(

@@ -34,6 +34,7 @@ when the batch commits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,7 +43,9 @@ from twisted.python.failure import Failure
 
 from kms_server.storage.base import ReactorBatches, StorageError
 
-__all__ = ["ReactorWrites"]
+__all__ = ["BURST_MAX", "ReactorWrites"]
+
+log = logging.getLogger("kms_server.storage")
 
 T = TypeVar("T")
 
@@ -154,6 +157,12 @@ class ReactorWrites:
         waiters, self._waiters = self._waiters, []
         error = self._batches.commit_reactor_batch()
         self.commits += 1
+        if error is not None:
+            log.error(
+                "a reactor batch of writes did not commit (%d answers waited on it: General Failure instead): %s",
+                len(waiters),
+                error,
+            )
         for d in waiters:
             if error is None:
                 d.callback(None)
