@@ -825,7 +825,7 @@ class SqlStorage(Storage):
                 # SQLite: one writer at a time; the writers of this process
                 # share commits (group commit, WriteBatches). In the reactor
                 # thread, the block joins the reactor's batch, committed
-                # later, or raises WouldBlock (reactor_transaction).
+                # later, or raises WriterBusy when none is open (reactor_transaction).
                 if in_reactor_now():
                     with self.writes.reactor_transaction(self._dialect) as tx:
                         yield tx
