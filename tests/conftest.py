@@ -181,24 +181,25 @@ def _drain_into(stream, lines: list[str]) -> None:
         lines.append(line.rstrip())
 
 
-def start_server(
+def write_node_config(
     workdir: Path,
     pki: Path,
     extra_config: str = "",
     db_url: str | None = None,
-    env=None,
     log_level: str = "INFO",
     node_name: str | None = None,
     master_key: Path | None = None,
     server_config: str = "",
     master_key_toml: str | None = None,
-) -> ServerProcess:
-    """Start a node in `workdir`. Nodes of one cluster share `master_key`
-    (a key file); by default each workdir gets its own. `server_config`
-    holds extra lines for the [server] table (one worker process unless it
-    sets `processes`: tests/integration/test_process_model.py runs several);
-    `master_key_toml`, when given,
-    is the [master_key] table's body instead of the key file (a token key)."""
+) -> Path:
+    """A node's kms.toml in `workdir` (and its master key file, and the
+    audit key beside it, unless they exist): what `start_server` runs.
+    Nodes of one cluster share `master_key` (a key file); by default each
+    workdir gets its own. `server_config` holds extra lines for the
+    [server] table (one worker process unless it sets `processes`:
+    tests/integration/test_process_model.py runs several);
+    `master_key_toml`, when given, is the [master_key] table's body instead
+    of the key file (a token key)."""
     workdir.mkdir(parents=True, exist_ok=True)
     key_file = master_key or workdir / "master.key"
     if not key_file.exists():
@@ -244,6 +245,33 @@ def start_server(
         + ("\n[storage]\ndb_url = \"" + db_url + "\"\n" if db_url else "")
         + textwrap.dedent(extra_config)
         + audit_section
+    )
+    return config
+
+
+def start_server(
+    workdir: Path,
+    pki: Path,
+    extra_config: str = "",
+    db_url: str | None = None,
+    env=None,
+    log_level: str = "INFO",
+    node_name: str | None = None,
+    master_key: Path | None = None,
+    server_config: str = "",
+    master_key_toml: str | None = None,
+) -> ServerProcess:
+    """Start a node in `workdir` (its configuration: `write_node_config`)."""
+    config = write_node_config(
+        workdir,
+        pki,
+        extra_config=extra_config,
+        db_url=db_url,
+        log_level=log_level,
+        node_name=node_name,
+        master_key=master_key,
+        server_config=server_config,
+        master_key_toml=master_key_toml,
     )
     if db_url and db_url.startswith("postgresql"):
         # Cluster nodes only check the schema; upgrading is the operator's step.

@@ -1067,18 +1067,23 @@ class WriteBatches:
         except SQLAlchemyError as exc:
             batch.broken = batch.broken or _storage_error("savepoint", exc)
 
-    @contextlib.contextmanager
-    def transaction(self, dialect: str) -> Iterator[Transaction]:
-        if self._reactor_batch is not None and threading.get_ident() == self._reactor_thread:
-            # It would wait for the reactor's own commit, forever.
-            raise StorageError("a waiting write transaction in the reactor thread while its batch is open")
+    def _take_turn(self) -> _Batch | None:
+        """Wait for this process's turn at the writer, behind the threads
+        queued before; the batch its last holder handed over, if any."""
         with self._cond:
             self._waiting += 1
             while self._busy:
                 self._cond.wait()
             self._waiting -= 1
             self._busy = True
-            batch = self._batch
+            return self._batch
+
+    @contextlib.contextmanager
+    def transaction(self, dialect: str) -> Iterator[Transaction]:
+        if self._reactor_batch is not None and threading.get_ident() == self._reactor_thread:
+            # It would wait for the reactor's own commit, forever.
+            raise StorageError("a waiting write transaction in the reactor thread while its batch is open")
+        batch = self._take_turn()
         if batch is None:
             try:
                 batch = self._batch = self._open()
@@ -1186,13 +1191,7 @@ class WriteBatches:
     def wait_reactor_batch(self) -> None:
         """On a pool thread: wait for this process's turn and the writer
         flock, then open a batch for the reactor thread to fill and commit."""
-        with self._cond:
-            self._waiting += 1
-            while self._busy:
-                self._cond.wait()
-            self._waiting -= 1
-            self._busy = True
-        if self._batch is not None:
+        if self._take_turn() is not None:
             self._reactor_batch = self._adopt()
             return
         try:

@@ -11,10 +11,6 @@ the end of a reactor turn is `clock.advance(0)`."""
 
 from __future__ import annotations
 
-import os
-import secrets
-import textwrap
-
 import pytest
 from kmip.core.enums import CryptographicAlgorithm, Operation, ResultReason, ResultStatus
 from kmip.core.enums import Tags as T
@@ -29,6 +25,7 @@ from kmip_core.server.dispatcher import ConnectionInfo
 from kms_server.audit.trail import iter_records
 from kms_server.config import load_config
 from kms_server.server import UNCOMMITTED, KmsService
+from tests.conftest import write_node_config
 from tests.kms_server.dispatch.test_dispatcher import batch_item, only_item, reason, request, status
 
 CONN = ConnectionInfo(principal=Principal(name="alice"), peer="127.0.0.1:1")
@@ -36,30 +33,7 @@ CONN = ConnectionInfo(principal=Principal(name="alice"), peer="127.0.0.1:1")
 
 @pytest.fixture
 def node(tmp_path, pki_dir):
-    key = tmp_path / "master.key"
-    key.write_text(secrets.token_hex(32) + "\n")
-    os.chmod(key, 0o600)
-    config = tmp_path / "kms.toml"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            [server]
-            host = "127.0.0.1"
-            port = 0
-            node_name = "reactor-node"
-            data_dir = "{tmp_path / 'data'}"
-            processes = 1
-
-            [tls]
-            cert = "{pki_dir / 'server.pem'}"
-            key = "{pki_dir / 'server.key'}"
-            ca = "{pki_dir / 'ca.pem'}"
-
-            [master_key]
-            file = "{key}"
-            """
-        )
-    )
+    config = write_node_config(tmp_path / "reactor-node", pki_dir)
     clock = task.Clock()
     service = KmsService(load_config(config), clock)
     try:

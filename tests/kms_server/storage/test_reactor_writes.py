@@ -21,12 +21,12 @@ from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 from twisted.internet import defer, task
 
-from kmip_core.db.engine import READ_ONLY
 from kmip_core.nonblocking import WouldBlock, WriterBusy, in_reactor, would_block
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError
 from kms_server.storage.reactor_writes import BURST_MAX, ReactorWrites
 from kms_server.storage.sql import SqlStorage
+from tests.kms_server.storage.test_write_batches import write_commits
 
 
 class Pool:
@@ -99,17 +99,6 @@ def result_of(d: defer.Deferred) -> list:
     got: list = []
     d.addBoth(got.append)
     return got
-
-
-def write_commits(storage: SqlStorage) -> list[int]:
-    count: list[int] = []
-
-    def counted(conn):
-        if not conn.get_execution_options().get(READ_ONLY):
-            count.append(1)
-
-    event.listen(storage.engine, "commit", counted)
-    return count
 
 
 def test_without_a_reactor_writer_a_write_in_the_reactor_is_busy_and_opens_nothing(tmp_path):

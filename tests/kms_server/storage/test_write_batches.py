@@ -34,7 +34,7 @@ def storage(tmp_path):
         opened.close()
 
 
-def _commits(storage: SqlStorage) -> list[int]:
+def write_commits(storage: SqlStorage) -> list[int]:
     """Commits of write transactions (readers commit too)."""
     count: list[int] = []
 
@@ -108,7 +108,7 @@ def _writer(storage: SqlStorage, key: str, results: dict, fail: str | None = Non
 
 
 def test_a_writer_alone_commits_its_own_transaction(storage):
-    commits = _commits(storage)
+    commits = write_commits(storage)
     with storage.transaction() as txn:
         txn.set_meta("alone", b"1")
     assert commits == [1]
@@ -116,7 +116,7 @@ def test_a_writer_alone_commits_its_own_transaction(storage):
 
 
 def test_writers_queued_behind_an_open_transaction_share_its_commit(storage):
-    commits = _commits(storage)
+    commits = write_commits(storage)
     holder = _Holder(storage, "first")
     results: dict = {}
     threads = [_writer(storage, f"w{i}", results) for i in range(5)]
@@ -133,7 +133,7 @@ def test_writers_queued_behind_an_open_transaction_share_its_commit(storage):
 
 
 def test_a_batch_holds_at_most_batch_max_writers(storage):
-    commits = _commits(storage)
+    commits = write_commits(storage)
     holder = _Holder(storage, "first")
     results: dict = {}
     count = BATCH_MAX + 3
@@ -189,7 +189,7 @@ def test_a_failed_first_block_is_rolled_back_and_the_queued_writers_still_commit
     """The first block of a batch runs without a savepoint: its failure
     rolls the whole transaction back, and the writers queued behind it
     start the next one."""
-    commits = _commits(storage)
+    commits = write_commits(storage)
     holder = _Holder(storage, "first", fail=True)
     results: dict = {}
     threads = [_writer(storage, f"w{i}", results) for i in range(3)]
