@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from kmip_core import __version__
-from kms_server.storage.sql import kms_nodes
+from kms_server.storage.sql import kms_nodes, writer_flock
 
 log = logging.getLogger("kms_server.cluster")
 
@@ -43,12 +43,14 @@ class NodeRecord:
 
 class Heartbeat:
     """Upserts this node's row; called from a worker thread, never the
-    reactor thread."""
+    reactor thread. `lock_path`: on SQLite, the writers' flock file, held
+    around each write (kms_server.storage.sql.writer_flock)."""
 
-    def __init__(self, engine: Engine, name: str, address: str):
+    def __init__(self, engine: Engine, name: str, address: str, lock_path: str | None = None):
         self.engine = engine
         self.name = name
         self.address = address
+        self.lock_path = lock_path
         self.started_at = time.time()
 
     def beat(self) -> None:
@@ -65,9 +67,10 @@ class Heartbeat:
         stmt = dialect.insert(kms_nodes).values(**row)
         stmt = stmt.on_conflict_do_update(index_elements=["name"], set_={k: v for k, v in row.items() if k != "name"})
         try:
-            with self.engine.begin() as conn:
-                conn.execute(stmt)
-            prune_once(self.engine, now)
+            with writer_flock(self.lock_path):
+                with self.engine.begin() as conn:
+                    conn.execute(stmt)
+                prune_once(self.engine, now)
         except SQLAlchemyError as exc:
             # A heartbeat is best effort: the database may be failing over.
             log.warning("heartbeat not recorded: %s", (str(getattr(exc, "orig", exc)).splitlines() or ["?"])[0])
@@ -76,7 +79,7 @@ class Heartbeat:
         """Mark this node as gone (clean stop) so status does not wait a
         minute to stop listing it."""
         try:
-            with self.engine.begin() as conn:
+            with writer_flock(self.lock_path), self.engine.begin() as conn:
                 conn.execute(update(kms_nodes).where(kms_nodes.c.name == self.name).values(last_seen=0.0))
         except SQLAlchemyError:
             pass

@@ -480,8 +480,12 @@ class KmsService(service.Service):
             return
         engine = getattr(self.storage, "engine", None)
         if engine is not None:
+            batches = self.storage.reactor_batches()
             self.heartbeat = heartbeat = cluster.Heartbeat(
-                engine, self.cfg.server.node_name, f"{address.host}:{address.port}"
+                engine,
+                self.cfg.server.node_name,
+                f"{address.host}:{address.port}",
+                lock_path=batches.lock_path if batches is not None else None,
             )
             self.heartbeat_loop = heartbeat_loop = task.LoopingCall(
                 lambda: deferToThreadPool(self.reactor, self.threadpool, heartbeat.beat)

@@ -234,6 +234,10 @@ class ReactorBatches(Protocol):
     @property
     def reactor_batch_open(self) -> bool: ...
 
+    @property
+    def lock_path(self) -> str | None:
+        """The writers' flock file (kms_server.storage.sql.writer_flock)."""
+
     def open_reactor_batch(self) -> bool: ...
 
     @property

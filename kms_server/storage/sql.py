@@ -68,6 +68,7 @@ from kms_server.storage.base import (
 
 __all__ = [
     "SqlStorage",
+    "writer_flock",
     "kms_attributes",
     "kms_audit",
     "kms_audit_checkpoints",
@@ -923,6 +924,30 @@ class _Batch:
         self.broken: StorageError | None = None  # the connection failed: no commit
         self.done = False
         self.error: StorageError | None = None
+
+
+@contextlib.contextmanager
+def writer_flock(path: str | None) -> Iterator[None]:
+    """Hold the writers' flock of a SQLite database (`WriteBatches.lock_path`)
+    around a write made outside the storage (a node's heartbeat row): the
+    node's own batches, in its reactor thread, then find the flock taken and
+    wait for it on a pool thread, instead of meeting the write in SQLite's
+    busy handler, which sleeps in the thread that waits. Taken on a file of
+    its own, it excludes this process's batches as well as others'. None:
+    nothing to hold (PostgreSQL)."""
+    if path is None:
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        yield  # a read-only directory: the batches take no flock either
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 class WriteBatches:

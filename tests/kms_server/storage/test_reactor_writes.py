@@ -22,10 +22,11 @@ from sqlalchemy.exc import OperationalError
 from twisted.internet import defer, task
 
 from kmip_core.nonblocking import WouldBlock, WriterBusy, in_reactor, would_block
+from kms_server.cluster import Heartbeat, nodes
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError
 from kms_server.storage.reactor_writes import BURST_MAX, ReactorWrites
-from kms_server.storage.sql import SqlStorage
+from kms_server.storage.sql import SqlStorage, writer_flock
 from tests.kms_server.storage.test_write_batches import write_commits
 
 
@@ -334,3 +335,30 @@ def test_a_batch_runs_at_most_burst_max_jobs_and_the_rest_right_after(storage, w
     assert [a[0] for a in answers] == list(range(total))
     assert len(commits) == 2 and writes.commits == 2
     assert committed(storage, f"k{total - 1}") == f"k{total - 1}".encode()
+
+
+def test_a_heartbeat_takes_the_writers_flock_so_the_reactor_never_meets_it_in_sqlites_busy_handler(storage, writer):
+    writes, clock, pool = writer
+    path = storage.writes.lock_path
+    with storage.transaction() as txn:  # creates the lock file
+        txn.set_meta("k", b"0")
+    beat = Heartbeat(storage.engine, "node-1", "127.0.0.1:5696", lock_path=path)
+    # The heartbeat waits for a batch that holds the flock...
+    other = os.open(path, os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    thread = threading.Thread(target=beat.beat)
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive(), "the heartbeat wrote while another writer held the flock"
+    fcntl.flock(other, fcntl.LOCK_UN)
+    os.close(other)
+    thread.join(10)
+    assert [n.name for n in nodes(storage.engine)] == ["node-1"]
+    # ...and while it holds it, the reactor's batch is not opened in the
+    # reactor thread: a pool thread waits for the flock instead.
+    with writer_flock(path):
+        got = result_of(writes.when_free(lambda: write(storage, "after-beat") or "ok"))
+        clock.advance(0)
+        assert len(pool.started) == 1 and not storage.writes.reactor_batch_open
+    pool.settle()
+    assert got == ["ok"] and committed(storage, "after-beat") == b"after-beat"
