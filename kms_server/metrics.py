@@ -57,6 +57,19 @@ class KmsMetrics:
             "Audit records that could not be written (the request was refused: fail closed)",
             registry=self.registry,
         )
+        self.write_batches = Counter(
+            "kms_write_batches_total",
+            "SQLite: batches of writes run in the reactor thread, by result ('committed' or 'failed': "
+            "their writes were answered General Failure)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.batched_writes = Counter(
+            "kms_batched_writes_total",
+            "SQLite: write transactions committed in those batches (divided by the committed batches: "
+            "the writes one commit serves)",
+            registry=self.registry,
+        )
         self._service: Any = None
         self._objects: list[tuple[str, str, int]] = []
         self._objects_at = 0.0
@@ -77,6 +90,11 @@ class KmsMetrics:
 
     def audit_failed(self) -> None:
         self.audit_failures.inc()
+
+    def write_batch(self, writes: int, committed: bool) -> None:
+        self.write_batches.labels("committed" if committed else "failed").inc()
+        if committed:
+            self.batched_writes.inc(writes)
 
     # Read on scrape.
     def watch(self, service, registry: CollectorRegistry | None = None) -> None:

@@ -209,6 +209,7 @@ class KmsService(service.Service):
             self.reactor_writes = ReactorWrites(
                 batches, reactor, lambda f: deferToThreadPool(reactor, self.threadpool, f)
             )
+            self.reactor_writes.on_batch = self.metrics.write_batch
             self.in_reactor_ops = READS_IN_REACTOR | WRITES_IN_REACTOR
         # The audit records of reads, written in batches gathered in the
         # reactor while the answers wait (issue 15): a worker thread never

@@ -73,7 +73,10 @@ class ReactorWrites:
         self._waiters: list[defer.Deferred[None]] = []
         self._queued: list[tuple[Callable[[], Any], defer.Deferred[Any]]] = []
         self._acquiring = False
-        self.commits = 0  # batches committed (tests, diagnostics)
+        self.commits = 0  # batches ended (tests, diagnostics)
+        # Told of each batch that held writes: how many write transactions,
+        # and whether it committed (the node's metrics).
+        self.on_batch: Callable[[int, bool], None] | None = None
 
     @property
     def members(self) -> int:
@@ -140,6 +143,7 @@ class ReactorWrites:
             d.errback(Failure(StorageError(failure.getErrorMessage())))
 
     def _run_and_commit(self) -> None:
+        members_before = self.members
         ran = 0
         while self._queued and ran < BURST_MAX:
             queued, self._queued = self._queued[: BURST_MAX - ran], self._queued[BURST_MAX - ran :]
@@ -155,8 +159,11 @@ class ReactorWrites:
                     else:
                         d.callback(result)
         waiters, self._waiters = self._waiters, []
+        members = self.members - members_before
         error = self._batches.commit_reactor_batch()
         self.commits += 1
+        if members and self.on_batch is not None:
+            self.on_batch(members, error is None)
         if error is not None:
             log.error(
                 "a reactor batch of writes did not commit (%d answers waited on it: General Failure instead): %s",

@@ -81,6 +81,10 @@ def test_metrics_names_and_counters_move_with_traffic(tmp_path, pki_dir):
         assert sample(after, "kms_audit_records_written_total") >= 4 + sample(
             before.text, "kms_audit_records_written_total"
         )
+        # SQLite: the Create, the first Get (it clears Fresh) and Activate
+        # were written in the reactor's batches of writes.
+        assert sample(after, "kms_write_batches_total", result="committed") >= 1
+        assert sample(after, "kms_batched_writes_total") >= 3
         deadline = time.monotonic() + 10
         while sample(after, "kms_tls_handshake_failures_total", reason="handshake") < 1:
             assert time.monotonic() < deadline, after

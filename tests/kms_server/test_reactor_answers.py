@@ -100,6 +100,9 @@ def test_a_create_is_answered_once_the_reactor_batch_is_committed(node):
     assert status(only_item(ttlv.decode(response))) == ResultStatus.SUCCESS
     assert stored_uids(service) == [uid_of(response)]
     assert [r.operation for r in iter_records(service.storage)] == ["CREATE"]
+    registry = service.metrics.registry
+    assert registry.get_sample_value("kms_write_batches_total", {"result": "committed"}) == 1
+    assert registry.get_sample_value("kms_batched_writes_total") == 1
     # A read of it needs no commit: answered as soon as its record is written.
     get = request([batch_item(Operation.GET_ATTRIBUTES, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid_of(response))])])
     got = sent(service._handle_inline(get, CONN))
@@ -130,6 +133,7 @@ def test_a_write_whose_batch_fails_to_commit_is_answered_general_failure_and_sto
     assert stored_uids(service) == []
     assert list(iter_records(service.storage)) == []
     assert "did not commit" in caplog.text
+    assert service.metrics.registry.get_sample_value("kms_write_batches_total", {"result": "failed"}) == 1
     # The node writes again on the next turn.
     got = sent(service._handle_inline(create_request(), CONN))
     clock.advance(0)
