@@ -123,7 +123,12 @@ class ReactorWrites:
         self._burst_call = None
         if not self._queued or self._acquiring:
             return
-        if self._batches.open_reactor_batch():
+        try:
+            opened = self._batches.open_reactor_batch()
+        except StorageError:
+            self._acquire_failed(Failure())
+            return
+        if opened:
             self._run_and_commit()
             return
         # Another writer has the turn: a pool thread waits for it.
@@ -151,7 +156,10 @@ class ReactorWrites:
             for job, d in queued:
                 try:
                     result = job()
-                except Exception:
+                except BaseException:
+                    # Whatever a job raises (even WouldBlock, which its
+                    # caller should have caught), the batch is committed
+                    # and the flock released below: it is the job's alone.
                     d.errback()
                 else:
                     if isinstance(result, defer.Deferred):

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -77,6 +78,8 @@ __all__ = [
     "kms_objects",
     "metadata",
 ]
+
+log = logging.getLogger("kms_server.storage")
 
 metadata = MetaData()
 
@@ -1244,7 +1247,12 @@ class WriteBatches:
         self._finish(batch)
         if batch.error is None:
             for tx in batch.joined:
-                tx.run_after_commit()
+                try:
+                    tx.run_after_commit()
+                except Exception:
+                    # Committed all the same: one member's follow-up work
+                    # must not keep the others' answers back.
+                    log.exception("work after a reactor batch's commit failed")
         return batch.error
 
     @contextlib.contextmanager

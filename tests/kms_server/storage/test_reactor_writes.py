@@ -362,3 +362,52 @@ def test_a_heartbeat_takes_the_writers_flock_so_the_reactor_never_meets_it_in_sq
         assert len(pool.started) == 1 and not storage.writes.reactor_batch_open
     pool.settle()
     assert got == ["ok"] and committed(storage, "after-beat") == b"after-beat"
+
+
+def test_a_job_that_raises_even_would_block_leaves_no_batch_open_and_the_others_commit(storage, writer):
+    writes, clock, _ = writer
+
+    def escapes():
+        write(storage, "before-escape")
+        raise WriterBusy("a caller that forgot to catch it")
+
+    escaped = result_of(writes.when_free(escapes))
+    other = result_of(writes.when_free(lambda: write(storage, "other") or "ok"))
+    clock.advance(0)
+    assert isinstance(escaped[0].value, WriterBusy) and other == ["ok"]
+    assert not storage.writes.reactor_batch_open, "the batch was committed and the flock released"
+    assert committed(storage, "other") == b"other"
+    fd = os.open(storage.writes.lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free
+    finally:
+        os.close(fd)
+
+
+def test_a_batch_that_cannot_be_opened_fails_the_queued_work_instead_of_leaving_it_waiting(storage, writer):
+    writes, clock, _ = writer
+
+    def unreachable():
+        raise StorageError("connect: unreachable")
+
+    storage.writes.open_reactor_batch = unreachable
+    got = result_of(writes.when_free(lambda: "never"))
+    clock.advance(0)
+    assert len(got) == 1 and isinstance(got[0].value, StorageError)
+    assert writes.queued == 0
+
+
+def test_follow_up_work_that_fails_does_not_keep_the_other_answers_back(storage, writer, caplog):
+    writes, clock, _ = writer
+    hooks: list = []
+
+    def failing_hook():
+        with in_reactor(), storage.transaction() as txn:
+            txn.set_meta("a", b"a")
+            txn.after_commit(lambda: 1 / 0)
+
+    writes.when_free(failing_hook)
+    waiter = result_of(writes.when_free(lambda: write(storage, "b", hooks) or writes.committed()))
+    clock.advance(0)
+    assert waiter == [None] and [h[0] for h in hooks] == ["b"]
+    assert committed(storage, "a") == b"a" and "work after a reactor batch's commit failed" in caplog.text
