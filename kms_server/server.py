@@ -209,7 +209,7 @@ class KmsService(service.Service):
             self.reactor_writes = ReactorWrites(
                 batches, reactor, lambda f: deferToThreadPool(reactor, self.threadpool, f)
             )
-            self.reactor_writes.on_batch = self.metrics.write_batch
+            self.reactor_writes.on_batch = self._write_batch_done
             self.in_reactor_ops = READS_IN_REACTOR | WRITES_IN_REACTOR
         # The audit records of reads, written in batches gathered in the
         # reactor while the answers wait (issue 15): a worker thread never
@@ -345,6 +345,14 @@ class KmsService(service.Service):
         if not isinstance(answer, bytes):
             return None  # a held read that also wrote is never built: close rather than guess
         return self.dispatcher.failed_instead(answer, UNCOMMITTED)
+
+    def _write_batch_done(self, writes: int, committed: bool) -> None:
+        """A reactor batch of writes ended: counted; if its commit failed,
+        the records it held were not written either (each write's own, in
+        its transaction), which the trail reports as failed writes."""
+        self.metrics.write_batch(writes, committed)
+        if not committed and self.trail is not None:
+            self.trail.commit_failed("a reactor batch of writes did not commit", writes)
 
     def _write_read_records(
         self, flush: Callable[[list[dict]], list[StoredAuditRecord]], entries: list[dict]

@@ -118,6 +118,13 @@ class AuditTrail:
         self.last_failure = None
         return records
 
+    def commit_failed(self, why: str, records: int) -> None:
+        """Records appended in a transaction whose commit then failed,
+        after `write_batch` or `append` had returned (a reactor batch,
+        kms_server/storage/reactor_writes.py): counted and reported as
+        failed writes (the node's readiness check), as `write` does."""
+        self._failed(why, records)
+
     def _failed(self, why: str, records: int) -> None:
         self.last_failure = (time.monotonic(), why)
         if self.metrics is not None:

@@ -134,6 +134,10 @@ def test_a_write_whose_batch_fails_to_commit_is_answered_general_failure_and_sto
     assert list(iter_records(service.storage)) == []
     assert "did not commit" in caplog.text
     assert service.metrics.registry.get_sample_value("kms_write_batches_total", {"result": "failed"}) == 1
+    # The records the batch held were lost with it: the trail reports failed
+    # writes (the readiness check reads last_failure).
+    assert service.metrics.registry.get_sample_value("kms_audit_write_failures_total") == 2
+    assert service.trail.last_failure is not None
     # The node writes again on the next turn.
     got = sent(service._handle_inline(create_request(), CONN))
     clock.advance(0)
