@@ -20,6 +20,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from kmip_core import limits, tls
@@ -211,19 +212,20 @@ class KmsService(service.Service):
             )
             self.reactor_writes.on_batch = self._write_batch_done
             self.in_reactor_ops = READS_IN_REACTOR | WRITES_IN_REACTOR
-        # The audit records of reads, written in batches gathered in the
-        # reactor while the answers wait (issue 15): a worker thread never
-        # waits for one. On SQLite a batch is part of the reactor's own
-        # batch of writes; on PostgreSQL it is written on a pool thread.
-        self.read_records: DeferredGroupCommit[dict, StoredAuditRecord] | None = None
+        # The audit records of reads asked alone, written while the answers
+        # wait in the reactor (issue 15): a worker thread never waits for
+        # one. On SQLite each joins the reactor's batch of writes; on
+        # PostgreSQL they are gathered in batches written on a pool thread.
+        self._submit_read_record: Callable[[dict], defer.Deferred[StoredAuditRecord]] | None = None
         if self.trail is not None:
-            self.read_records = DeferredGroupCommit(
-                self.trail.write_batch,
-                self._write_read_records
-                if self.reactor_writes is not None
-                else lambda flush, entries: deferToThreadPool(reactor, self.threadpool, flush, entries),
-                AuditWriteFailed,
-            )
+            if self.reactor_writes is not None:
+                self._submit_read_record = self._read_record_in_batch
+            else:
+                self._submit_read_record = DeferredGroupCommit(
+                    self.trail.write_batch,
+                    lambda flush, entries: deferToThreadPool(reactor, self.threadpool, flush, entries),
+                    AuditWriteFailed,
+                ).submit
         self.factory = KmipFactory(
             handle=self._handle,
             handle_inline=self._handle_inline if self.reads_in_reactor else None,
@@ -354,28 +356,29 @@ class KmsService(service.Service):
         if not committed and self.trail is not None:
             self.trail.commit_failed("a reactor batch of writes did not commit", writes)
 
-    def _write_read_records(
-        self, flush: Callable[[list[dict]], list[StoredAuditRecord]], entries: list[dict]
-    ) -> defer.Deferred[list[StoredAuditRecord]]:
-        """The read records' batch (DeferredGroupCommit) as part of the
-        reactor's write batch; fires once that is committed."""
-        writes = self.reactor_writes
-        assert writes is not None  # only with reactor writes (__init__)
+    def _read_record_in_batch(self, entry: dict) -> defer.Deferred[StoredAuditRecord]:
+        """A read's record, one member of the reactor's next batch of
+        writes; fires once that batch is committed, or fails with
+        AuditWriteFailed."""
+        writes, trail = self.reactor_writes, self.trail
+        assert writes is not None and trail is not None  # chosen only with both (__init__)
 
-        def write() -> defer.Deferred[list[StoredAuditRecord]]:
-            with in_reactor():
-                records = flush(entries)
-            return writes.committed().addCallback(lambda _: records)
+        def write() -> defer.Deferred[StoredAuditRecord]:
+            with in_reactor(writable=True):
+                (record,) = trail.write_batch([entry])
+            return writes.committed().addCallback(lambda _: record)
 
-        try:
-            return write()
-        except WriterBusy:
-            return writes.when_free(write)
-        except Exception:
-            return defer.fail()
+        def lost(failure: Failure) -> Failure:
+            # The batch could not be opened, or did not commit.
+            if failure.check(AuditWriteFailed):
+                return failure
+            return Failure(AuditWriteFailed(failure.getErrorMessage()))
+
+        written: defer.Deferred[StoredAuditRecord] = writes.when_free(write)
+        return written.addErrback(lost)
 
     def _handle(self, message: bytes, conn: ConnectionInfo, decoded: Item | None = None) -> bytes | HeldAnswer | None:
-        if self.read_records is None:
+        if self._submit_read_record is None:
             return self.dispatcher.handle(message, conn, decoded)
         answer = self.dispatcher.handle_holding_records(message, conn, decoded)
         if isinstance(answer, HeldResponse):
@@ -387,13 +390,14 @@ class KmsService(service.Service):
         """In the reactor thread: the answer to a read once its audit record
         is durable; if the record cannot be written, General Failure instead
         (fail closed, as for any record) after trying to record that."""
-        assert self.read_records is not None  # reads are held only with a trail (_handle)
+        submit = self._submit_read_record
+        assert submit is not None  # reads are held only with a trail (_handle)
         try:
-            await self.read_records.submit(held.record)
+            await submit(held.record)
         except AuditWriteFailed as exc:
             held.settled(False)
             try:
-                await self.read_records.submit(held.refusal_record)
+                await submit(held.refusal_record)
             except AuditWriteFailed as refusal_failed:
                 log.error("request %s: audit record of a refusal not written: %s", held.request_id, refusal_failed)
             return held.withheld(str(exc))

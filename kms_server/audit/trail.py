@@ -104,11 +104,12 @@ class AuditTrail:
 
     def write_batch(self, entries: list[dict]) -> list[StoredAuditRecord]:
         """Store records outside any change in one transaction, as `write`
-        does for one, and return them once committed; raises
-        AuditWriteFailed (for every record) if they cannot be. For a
-        caller that gathers records itself: the node's answers to reads,
-        held in the reactor until their record is durable
-        (kmip_core.db.group_commit.DeferredGroupCommit, kms_server/server.py)."""
+        does for one, and return them once committed (in the reactor
+        thread, once appended to the reactor's batch, which commits them
+        later: kms_server/storage/reactor_writes.py); raises
+        AuditWriteFailed (for every record) if they cannot be. For the
+        node's answers to reads, held in the reactor until their record is
+        durable (kms_server/server.py)."""
         try:
             records = self._write_batch(entries)
         except Exception as exc:

@@ -11,6 +11,9 @@ the end of a reactor turn is `clock.advance(0)`."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 from kmip.core.enums import CryptographicAlgorithm, Operation, ResultReason, ResultStatus
 from kmip.core.enums import Tags as T
@@ -40,6 +43,24 @@ def node(tmp_path, pki_dir):
         yield service, clock
     finally:
         service.storage.close()
+
+
+@contextlib.contextmanager
+def failing_commits(service, times: int | None = None) -> Iterator[list]:
+    """Every commit (or the first `times`) fails as a full disk would make
+    it; yields the list of failures made."""
+    failed: list = []
+
+    def refuse(_conn):
+        if times is None or len(failed) < times:
+            failed.append(True)
+            raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    event.listen(service.storage.engine, "commit", refuse)
+    try:
+        yield failed
+    finally:
+        event.remove(service.storage.engine, "commit", refuse)
 
 
 def create_request() -> bytes:
@@ -88,6 +109,13 @@ def uid_of(response: bytes) -> str:
     return payload.get(T.UNIQUE_IDENTIFIER.value)
 
 
+def created_key(service, clock) -> str:
+    """A key created through the reactor, its batch committed."""
+    got = sent(service._handle_inline(create_request(), CONN))
+    clock.advance(0)
+    return uid_of(got[0])
+
+
 def test_a_create_is_answered_once_the_reactor_batch_is_committed(node):
     service, clock = node
     assert service.reactor_writes is not None, "SQLite: writes run in the reactor"
@@ -114,14 +142,8 @@ def test_a_write_whose_batch_fails_to_commit_is_answered_general_failure_and_sto
     service, clock = node
     answers = [sent(service._handle_inline(create_request(), CONN)) for _ in range(2)]
 
-    def refuse(_conn):
-        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
-
-    event.listen(service.storage.engine, "commit", refuse)
-    try:
+    with failing_commits(service):
         clock.advance(0)
-    finally:
-        event.remove(service.storage.engine, "commit", refuse)
     for got in answers:
         (response,) = got
         item = only_item(ttlv.decode(response))
@@ -152,9 +174,7 @@ def test_creating_a_key_pair_stays_on_the_pool(node):
 
 def test_a_first_get_and_a_refusal_write_in_the_next_batch_and_are_answered_after_it(node):
     service, clock = node
-    got = sent(service._handle_inline(create_request(), CONN))
-    clock.advance(0)
-    uid = uid_of(got[0])
+    uid = created_key(service, clock)
     get = request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])
     missing = request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, "no-such-key")])])
     commits = service.reactor_writes.commits
@@ -174,3 +194,24 @@ def test_a_first_get_and_a_refusal_write_in_the_next_batch_and_are_answered_afte
     clock.advance(0)
     assert status(only_item(ttlv.decode(again[0]))) == ResultStatus.SUCCESS
     assert service.reactor_writes.commits == commits + 1, "only its record's batch"
+
+
+def test_a_read_whose_record_is_lost_with_its_batch_is_answered_general_failure(node):
+    service, clock = node
+    uid = created_key(service, clock)
+    read = request([batch_item(Operation.GET_ATTRIBUTES, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])
+    answer = sent(service._handle_inline(read, CONN))
+    assert answer == [], "the answer waits for its record"
+
+    # The record's batch fails to commit; the refusal's record follows in a
+    # batch of its own (Clock runs that turn too).
+    with failing_commits(service, times=1) as failed:
+        clock.advance(0)
+    assert failed == [True]
+    (response,) = answer
+    item = only_item(ttlv.decode(response))
+    assert status(item) == ResultStatus.OPERATION_FAILED
+    assert reason(item) == ResultReason.GENERAL_FAILURE
+    assert item.find(T.RESPONSE_PAYLOAD.value) is None, "no attribute leaves without its record"
+    results = [(r.operation, r.result) for r in iter_records(service.storage)]
+    assert results == [("CREATE", "SUCCESS"), ("GET_ATTRIBUTES", "OPERATION_FAILED")], results

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from kms_server.storage import Storage, open_storage
+from kms_server.storage.sql import SqlStorage
 
 BACKENDS = ["memory", "sqlite", "postgresql"]
 
@@ -35,6 +36,18 @@ def db_url(backend: str, request: pytest.FixtureRequest, tmp_path) -> str:
 @pytest.fixture
 def storage(db_url: str) -> Iterator[Storage]:
     opened = open_storage(db_url)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@pytest.fixture
+def sqlite_storage(tmp_path) -> Iterator[SqlStorage]:
+    """A SQLite storage in tmp_path, with its writers' group commit
+    (WriteBatches): for the tests of SQLite's write path alone."""
+    opened = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
+    assert isinstance(opened, SqlStorage) and opened.writes is not None
     try:
         yield opened
     finally:

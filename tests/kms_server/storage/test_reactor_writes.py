@@ -65,13 +65,8 @@ class Pool:
 
 
 @pytest.fixture
-def storage(tmp_path):
-    opened = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
-    assert isinstance(opened, SqlStorage) and opened.writes is not None
-    try:
-        yield opened
-    finally:
-        opened.close()
+def storage(sqlite_storage):
+    return sqlite_storage  # SQLite only (conftest.py), not every backend
 
 
 @pytest.fixture

@@ -19,19 +19,13 @@ from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
 from kmip_core.db.engine import READ_ONLY
-from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError
 from kms_server.storage.sql import BATCH_MAX, SqlStorage
 
 
 @pytest.fixture
-def storage(tmp_path):
-    opened = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
-    assert isinstance(opened, SqlStorage) and opened.writes is not None
-    try:
-        yield opened
-    finally:
-        opened.close()
+def storage(sqlite_storage):
+    return sqlite_storage  # SQLite only (conftest.py), not every backend
 
 
 def write_commits(storage: SqlStorage) -> list[int]:
