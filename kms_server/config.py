@@ -121,6 +121,10 @@ class StorageConfig:
     # Every this many seconds a node checks every object row and the store
     # digest (keystore/row_auth.py) while it serves; 0 turns it off.
     integrity_check_seconds: int = 3600
+    # Object rows a worker process keeps once authenticated, so that a read
+    # finding the stored row unchanged skips its MAC check and decoding
+    # (keystore/verified_rows.py); 0 turns the cache off.
+    verified_rows: int = 8192
 
     @property
     def schema_mode(self) -> str:
@@ -301,6 +305,7 @@ _SCHEMA: Schema = {
         "schema": (choice(("auto", "upgrade", "check")), "auto"),
         "retry_seconds": (positive_seconds(600.0), 15.0),
         "integrity_check_seconds": (int_between(0, 7 * 86400), 3600),
+        "verified_rows": (int_between(0, 10_000_000), 8192),
     },
     "master_key": {
         "file": (path_value, None),

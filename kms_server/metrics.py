@@ -70,6 +70,13 @@ class KmsMetrics:
             "the writes one commit serves)",
             registry=self.registry,
         )
+        self.verified_rows = Counter(
+            "kms_verified_row_reads_total",
+            "Object rows read by a request, by result: 'held' (unchanged since this process authenticated "
+            "them: not authenticated and decoded again) or 'read' (authenticated and decoded)",
+            ["result"],
+            registry=self.registry,
+        )
         self._service: Any = None
         self._objects: list[tuple[str, str, int]] = []
         self._objects_at = 0.0
@@ -95,6 +102,9 @@ class KmsMetrics:
         self.write_batches.labels("committed" if committed else "failed").inc()
         if committed:
             self.batched_writes.inc(writes)
+
+    def verified_row_read(self, held: bool) -> None:
+        self.verified_rows.labels("held" if held else "read").inc()
 
     # Read on scrape.
     def watch(self, service, registry: CollectorRegistry | None = None) -> None:

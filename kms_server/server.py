@@ -151,7 +151,7 @@ class KmsService(service.Service):
         self.storage = open_storage(cfg.storage.db_url, schema=cfg.storage.schema_mode)
         try:
             barrier = open_barrier(self.storage, source=cfg.master_key)
-            self.keystore = Keystore(self.storage, barrier)
+            self.keystore = Keystore(self.storage, barrier, verified_rows=cfg.storage.verified_rows)
             check_rows_at_start(self.storage, barrier)
         except Exception:
             self.storage.close()
@@ -161,6 +161,7 @@ class KmsService(service.Service):
         self.checkpoint_loop: task.LoopingCall | None = None
         self._refusals = _RefusalBudget()
         self.metrics = KmsMetrics(cfg.server.node_name)
+        self.keystore.rows.on_read = self.metrics.verified_row_read
         if cfg.audit.enabled:
             try:
                 signer = audit_key.load_signer(cfg.audit.signing_key_file) if cfg.audit.signing_key_file else None

@@ -270,6 +270,10 @@ class Barrier:
     def mac_term(self, mac: bytes) -> int | None:
         return int.from_bytes(mac[:TERM_SIZE], "big") if len(mac) == TERM_SIZE + 32 else None
 
+    def knows_mac_term(self, mac: bytes | None) -> bool:
+        """True if `mac` names a data key this keyring holds."""
+        return mac is not None and self.mac_term(mac) in self._mac_keys
+
     def row_mac_matches(self, mac: bytes, message: bytes) -> bool:
         """True if `mac` authenticates `message`; raises UnknownTerm if it
         names a term this keyring lacks."""

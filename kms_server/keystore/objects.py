@@ -120,16 +120,24 @@ class ManagedObject:
         )
 
     @classmethod
-    def from_stored(cls, stored: StoredObject) -> ManagedObject:
-        attributes: dict[str, list[Item]] = {}
-        for a in sorted(stored.attributes, key=lambda a: (a.name, a.index)):
-            attributes.setdefault(a.name, []).append(attrs.decode_value(a.value))
+    def from_stored(cls, stored: StoredObject, attributes: dict[str, list[Item]] | None = None) -> ManagedObject:
+        """The object of a stored row; `attributes`: the row's attributes
+        already decoded (`decode_attributes`), the object's own to change."""
         return cls(
             uid=stored.uid,
             owner=stored.owner,
-            attributes=attributes,
+            attributes=decode_attributes(stored) if attributes is None else attributes,
             sealed_material=stored.sealed_material,
             version=stored.version,
             sequence=stored.sequence,
             row_mac=stored.row_mac,
         )
+
+
+def decode_attributes(stored: StoredObject) -> dict[str, list[Item]]:
+    """A stored row's attributes by name, each name's values in index
+    order, the names in sorted order."""
+    attributes: dict[str, list[Item]] = {}
+    for a in sorted(stored.attributes, key=lambda a: (a.name, a.index)):
+        attributes.setdefault(a.name, []).append(attrs.decode_value(a.value))
+    return attributes

@@ -140,9 +140,15 @@ class Transaction(abc.ABC):
         """Store a new object with its attributes; raises ObjectExists."""
 
     @abc.abstractmethod
-    def get_object(self, uid: str, for_update: bool = False) -> StoredObject | None:
+    def get_object(
+        self, uid: str, for_update: bool = False, held: StoredObject | None = None
+    ) -> StoredObject | None:
         """The object with its attributes, or None. `for_update` locks the
-        row until the transaction ends where the backend can."""
+        row until the transaction ends where the backend can. `held`: the
+        row as the caller already holds it: if the stored row, MAC (not
+        None) and attribute rows included, is `held`'s byte for byte,
+        `held` itself is returned, so the caller need not authenticate and
+        decode it again."""
 
     @abc.abstractmethod
     def update_object(self, obj: StoredObject) -> None:

@@ -101,12 +101,24 @@ class _MemoryTransaction(Transaction):
             obj.version = stored.version
             obj.sequence = stored.sequence
 
-    def get_object(self, uid: str, for_update: bool = False) -> StoredObject | None:
+    def get_object(
+        self, uid: str, for_update: bool = False, held: StoredObject | None = None
+    ) -> StoredObject | None:
         # The transaction already holds the only lock, so for_update adds
         # nothing.
         with self._op("get_object"):
             stored = self._state.objects.get(uid)
-            return None if stored is None else _copy_object(stored)
+            if stored is None:
+                return None
+            if (
+                held is not None
+                and stored.row_mac is not None
+                and (stored.version, stored.row_mac, stored.owner, stored.sealed_material)
+                == (held.version, held.row_mac, held.owner, held.sealed_material)
+                and _attribute_rows(stored) == _attribute_rows(held)
+            ):
+                return held
+            return _copy_object(stored)
 
     def update_object(self, obj: StoredObject) -> None:
         with self._op("update_object", write=True):
@@ -241,3 +253,7 @@ class MemoryStorage(Storage):
 
     def close(self) -> None:
         self._closed = True
+
+
+def _attribute_rows(obj: StoredObject) -> list[tuple[str, int, bytes]]:
+    return sorted((a.name, a.index, a.value) for a in obj.attributes)

@@ -206,6 +206,19 @@ _OBJECT_WITH_ATTRIBUTES = (
     .where(kms_objects.c.uid == bindparam("uid"))
 )
 
+def _is_held(held: StoredObject | None, row: Any, attributes: list[Any]) -> bool:
+    """True if the object row read (sequence, uid, owner, version, sealed
+    material, MAC) and its attribute rows (name, index, value) are `held`'s,
+    byte for byte: an edit of any of them is then found as without `held`."""
+    if held is None or row[3] != held.version or row[5] is None or bytes(row[5]) != held.row_mac:
+        return False
+    if row[2] != held.owner or (None if row[4] is None else bytes(row[4])) != held.sealed_material:
+        return False
+    if len(attributes) != len(held.attributes):
+        return False
+    return sorted((name, idx, bytes(value)) for name, idx, value in attributes) == sorted(
+        (a.name, a.index, a.value) for a in held.attributes
+    )
 
 
 class _Raw:
@@ -539,7 +552,9 @@ class _SqlTransaction(Transaction):
             obj.version = 1
             obj.sequence = sequence
 
-    def get_object(self, uid: str, for_update: bool = False) -> StoredObject | None:
+    def get_object(
+        self, uid: str, for_update: bool = False, held: StoredObject | None = None
+    ) -> StoredObject | None:
         with self._op("get_object"):
             # SQLite needs no row lock: BEGIN IMMEDIATE already holds the
             # database's write lock.
@@ -548,14 +563,17 @@ class _SqlTransaction(Transaction):
                 if not found:
                     return None
                 attrs = _RAW_OBJECT_ATTRIBUTES.rows(self._conn, self._dialect, {"uid": uid})
-                sequence, uid, owner, version, sealed_material, row_mac = found[0]
+                row = found[0]
             else:
                 rows = _RAW_OBJECT_WITH_ATTRIBUTES.rows(self._conn, self._dialect, {"uid": uid})
                 if not rows:
                     return None
-                sequence, uid, owner, version, sealed_material, row_mac = rows[0][:6]
+                row = rows[0][:6]
                 # An object without attributes comes as one row of NULLs.
-                attrs = [row[6:] for row in rows if row[6] is not None]
+                attrs = [r[6:] for r in rows if r[6] is not None]
+            if _is_held(held, row, attrs):
+                return held
+            sequence, uid, owner, version, sealed_material, row_mac = row
             # Sorted here, not in SQL: the order of names must not depend on
             # the database's collation.
             attributes = sorted(

@@ -120,6 +120,15 @@ class MemoryTamper:
         attributes = [StoredAttribute(a.name, index, a.value) if a.name == name else a for a in row.attributes]
         self._state.objects[uid] = dataclasses.replace(row, attributes=attributes)
 
+    def set_attribute_value(self, uid: str, name: str, value: bytes) -> None:
+        row = self._state.objects[uid]
+        attributes = [StoredAttribute(a.name, a.index, value) if a.name == name else a for a in row.attributes]
+        self._state.objects[uid] = dataclasses.replace(row, attributes=attributes)
+
+    def delete_attribute(self, uid: str, name: str) -> None:
+        row = self._state.objects[uid]
+        self._state.objects[uid] = dataclasses.replace(row, attributes=[a for a in row.attributes if a.name != name])
+
     def delete_meta(self, key: str) -> None:
         del self._state.meta[key]
 
@@ -176,6 +185,20 @@ class SqlTamper:
                 text("UPDATE kms_attributes SET idx = :idx WHERE uid = :uid AND name = :name"),
                 {"idx": index, "uid": uid, "name": name},
             )
+
+    def set_attribute_value(self, uid: str, name: str, value: bytes) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE kms_attributes SET value = :value, value_digest = :digest "
+                    "WHERE uid = :uid AND name = :name"
+                ),
+                {"value": value, "digest": hashlib.sha256(value).digest(), "uid": uid, "name": name},
+            )
+
+    def delete_attribute(self, uid: str, name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(text("DELETE FROM kms_attributes WHERE uid = :u AND name = :n"), {"u": uid, "n": name})
 
     def delete_meta(self, key: str) -> None:
         with self.engine.begin() as conn:
@@ -1213,3 +1236,155 @@ def test_verify_store_reports_a_row_with_a_negative_version(backend):
     tamper.set_column(uid, version=-1)
     report = verify_store(storage, barrier)
     assert [failed for failed, _ in report.failures] == [uid]
+
+
+# --- 6. the rows a process keeps (keystore/verified_rows.py) -------------------------------
+
+
+def _reads(keystore: Keystore) -> list[bool]:
+    """The reads `keystore` makes from now on: True for one served from the
+    rows it holds, False for one that read the row whole."""
+    seen: list[bool] = []
+    keystore.rows.on_read = seen.append
+    return seen
+
+
+def _usage_item(usage: int) -> bytes:
+    return attrs.encode_value(attrs.make("Cryptographic Usage Mask", usage))
+
+
+def test_a_row_still_at_its_version_and_mac_is_served_without_its_attribute_rows(backend):
+    """The second read of an unchanged row is served from the row the
+    process authenticated, with the same attributes in the same order as a
+    process reading it whole, and in lists the caller may change alone."""
+    storage, _ = backend
+    keystore = Keystore(storage, Barrier(KEY))
+    uid = create_key(keystore)
+    reads = _reads(keystore)
+    first = load(keystore, uid)
+    first.attributes["Cryptographic Usage Mask"].append(attrs.make("Cryptographic Usage Mask", 1))
+    first.set_value("State", State.ACTIVE.value)
+    second = load(keystore, uid)
+    whole = load(Keystore(storage, Barrier(KEY)), uid)
+    assert reads == [True, True]  # the creating write left the row it signed
+    assert list(second.attributes.items()) == list(whole.attributes.items())
+    assert second.state == State.PRE_ACTIVE
+    assert second.attributes["Cryptographic Usage Mask"] == [attrs.make("Cryptographic Usage Mask", USAGE)]
+    assert (second.version, second.row_mac, second.owner) == (whole.version, whole.row_mac, whole.owner)
+
+
+def test_a_row_another_process_changed_is_read_whole_again(backend):
+    """The invalidation rule: another process's write moves the version and
+    the MAC, so the process holding the old row reads the new one."""
+    storage, _ = backend
+    reader, writer = Keystore(storage, Barrier(KEY)), Keystore(storage, Barrier(KEY))
+    uid = create_key(reader)
+    assert load(reader, uid).usage_mask == USAGE
+    change(writer, uid, CryptographicUsageMask.ENCRYPT.value)
+    reads = _reads(reader)
+    assert load(reader, uid).usage_mask == CryptographicUsageMask.ENCRYPT.value
+    assert load(reader, uid).version == 2
+    assert reads == [False, True]
+
+
+def test_a_key_another_process_destroyed_is_not_served_by_the_process_holding_it(backend):
+    storage, _ = backend
+    reader, writer = Keystore(storage, Barrier(KEY)), Keystore(storage, Barrier(KEY))
+    uid = create_key(reader)
+    assert reader.material(load(reader, uid, action=Action.READ_MATERIAL)).to_bytes()
+    with writer.transaction() as txn:
+        obj = writer.load(txn, ALICE, uid, Action.MANAGE, NOW, for_update=True)
+        writer.reseal(obj, None)
+        obj.set_value("State", State.DESTROYED.value)
+        writer.save(txn, obj, NOW)
+    obj = load(reader, uid, action=Action.READ_MATERIAL)
+    assert obj.state == State.DESTROYED
+    with pytest.raises(errors.KeyValueNotPresent):
+        reader.material(obj)
+
+
+IN_PLACE_EDITS = {
+    "owner": lambda tamper, uid, barrier: tamper.set_owner(uid, "mallory"),
+    "sealed material": lambda tamper, uid, barrier: tamper.set_column(
+        uid, sealed_material=barrier.seal(uid, Material(b"\x00" * 32).to_bytes())
+    ),
+    "attribute value": lambda tamper, uid, barrier: tamper.set_attribute_value(
+        uid, "Cryptographic Usage Mask", _usage_item(USAGE | CryptographicUsageMask.EXPORT.value)
+    ),
+    "attribute index": lambda tamper, uid, barrier: tamper.set_attribute_index(uid, "Cryptographic Length", 1),
+    "attribute deleted": lambda tamper, uid, barrier: tamper.delete_attribute(uid, "State"),
+}
+
+
+@pytest.mark.parametrize("edit", IN_PLACE_EDITS)
+def test_a_row_edited_in_place_is_refused_by_the_process_holding_it(backend, edit):
+    """An edit that leaves the row's version and MAC as they were is refused
+    by the process that holds the row as by any other: storage gives back
+    the held row only if what it reads is that row byte for byte."""
+    storage, tamper = backend
+    barrier = Barrier(KEY)
+    keystore = Keystore(storage, barrier)
+    uid = create_key(keystore)
+    load(keystore, uid)
+    IN_PLACE_EDITS[edit](tamper, uid, barrier)
+    reads = _reads(keystore)
+    for principal in (ALICE, MALLORY):
+        with pytest.raises(errors.IntegrityFailure):
+            load(keystore, uid, principal)
+    assert reads == []  # refused before it counts as a read
+    assert keystore.rows.get(uid).version == 1  # the refused row is not kept in its place
+
+
+def test_a_held_row_under_a_data_key_the_keyring_no_longer_holds_is_refused(memory):
+    """A rotation retires a data key only once no row is left under it: a
+    held row still under it (written back) is checked again, and refused,
+    rather than served because it was authentic once."""
+    storage, _ = memory
+    digest_key = os.urandom(32)
+    old_ring = Keyring(terms={1: os.urandom(32)}, active=1, digest_key=digest_key)
+    new_ring = Keyring(terms={2: os.urandom(32)}, active=2, digest_key=digest_key)
+    before = Keystore(storage, Barrier(old_ring))
+    uid = create_key(before)
+    load(before, uid)
+    after = Keystore(storage, Barrier(new_ring))
+    after.rows = before.rows  # the same process, once its keyring moved on
+    with pytest.raises(errors.IntegrityFailure):
+        load(after, uid)
+
+
+def test_a_row_kept_from_a_rolled_back_write_is_not_served(backend):
+    """A write rolled back leaves its row in the cache; no stored row
+    matches its MAC, so the stored row is read, and so is the row another
+    write makes at the same version."""
+    storage, _ = backend
+    keystore, other = Keystore(storage, Barrier(KEY)), Keystore(storage, Barrier(KEY))
+    uid = create_key(keystore)
+    with pytest.raises(RuntimeError), keystore.transaction() as txn:
+        obj = keystore.load(txn, ALICE, uid, Action.MANAGE, NOW, for_update=True)
+        obj.set_value("Cryptographic Usage Mask", CryptographicUsageMask.ENCRYPT.value)
+        keystore.save(txn, obj, NOW)
+        raise RuntimeError("the request fails after its write")
+    assert keystore.rows.get(uid).version == 2
+    reads = _reads(keystore)
+    assert (load(keystore, uid).version, load(keystore, uid).usage_mask) == (1, USAGE)
+    change(other, uid, CryptographicUsageMask.DECRYPT.value)
+    assert load(keystore, uid).usage_mask == CryptographicUsageMask.DECRYPT.value
+    assert reads == [False, True, False]
+
+
+def test_the_rows_kept_are_bounded_and_zero_keeps_none(memory):
+    storage, _ = memory
+    keystore = Keystore(storage, Barrier(KEY), verified_rows=2)
+    uids = [create_key(keystore) for _ in range(3)]
+    assert len(keystore.rows) == 2
+    assert keystore.rows.get(uids[0]) is None
+    reads = _reads(keystore)
+    for uid in reversed(uids):
+        load(keystore, uid)
+    assert reads == [True, True, False]
+    off = Keystore(storage, Barrier(KEY), verified_rows=0)
+    reads = _reads(off)
+    for uid in uids + uids:
+        load(off, uid)
+    assert reads == [False] * 6
+    assert len(off.rows) == 0

@@ -254,6 +254,66 @@ def test_writes_are_visible_inside_their_own_transaction(storage):
         assert tx.locate(LocateQuery(equals=(("Name", b"n"),))) == ["uid-1"]
 
 
+def _mac(obj: StoredObject, mac: bytes) -> StoredObject:
+    obj.row_mac = mac
+    return obj
+
+
+@pytest.mark.parametrize("for_update", [False, True])
+def test_a_held_row_still_stored_as_it_was_is_returned_itself(storage, for_update):
+    """`held`: the row as the caller holds it. While the stored row is
+    `held`'s byte for byte, the caller gets `held` itself; any difference
+    (version, MAC, owner, material, an attribute's value or index, one
+    missing or one more), and the stored row comes back whole."""
+    insert(storage, _mac(new_object("uid-1", "alice", attr("Name", b"a"), attr("x-T", b"t")), b"mac-1"))
+    with storage.transaction() as tx:
+        held = tx.get_object("uid-1")
+        assert tx.get_object("uid-1", for_update=for_update, held=held) is held
+    changes = [
+        {"version": 2},
+        {"row_mac": b"mac-2"},
+        {"owner": "mallory"},
+        {"sealed_material": b"other"},
+        {"attributes": [attr("Name", b"a"), attr("x-T", b"u")]},
+        {"attributes": [attr("Name", b"a"), attr("x-T", b"t", index=1)]},
+        {"attributes": [attr("Name", b"a")]},
+        {"attributes": [attr("Name", b"a"), attr("x-T", b"t"), attr("x-U", b"")]},
+    ]
+    for change in changes:
+        stale = StoredObject(**{**vars(held), **change})
+        with storage.transaction() as tx:
+            row = tx.get_object("uid-1", for_update=for_update, held=stale)
+        assert row is not stale
+        assert (row.owner, row.version, row.row_mac, row.sealed_material) == ("alice", 1, b"mac-1", b"sealed")
+        assert row.attributes == [attr("Name", b"a"), attr("x-T", b"t")]
+
+
+def test_a_held_row_is_not_returned_after_an_update_or_once_the_row_is_gone(storage):
+    insert(storage, _mac(new_object("uid-1", "alice", attr("Name", b"a")), b"mac-1"))
+    held = get(storage, "uid-1")
+    with storage.transaction() as tx:
+        changed = tx.get_object("uid-1", for_update=True)
+        changed.attributes = [attr("Name", b"b")]
+        changed.row_mac = b"mac-2"
+        tx.update_object(changed)
+    with storage.transaction() as tx:
+        row = tx.get_object("uid-1", held=held)
+    assert row is not held
+    assert (row.version, row.row_mac, row.attributes) == (2, b"mac-2", [attr("Name", b"b")])
+    with storage.transaction() as tx:
+        assert tx.delete_object("uid-1")
+    with storage.transaction() as tx:
+        assert tx.get_object("uid-1", held=row) is None
+
+
+def test_a_row_without_a_mac_is_never_taken_for_a_held_one(storage):
+    insert(storage, new_object("uid-1", "alice", attr("Name", b"a")))
+    held = get(storage, "uid-1")
+    assert held.row_mac is None
+    with storage.transaction() as tx:
+        assert tx.get_object("uid-1", held=held) is not held
+
+
 def test_transactions_do_not_nest(storage):
     """A nested transaction on one thread would wait for itself; it fails
     instead."""
