@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -100,10 +102,28 @@ def format_time(t: float) -> str:
 def stamp(t: float) -> tuple[str, float]:
     """A record's time: its text (``format_time``) and the float that text
     parses back to (``parse_time``: to the microsecond), without the
-    strptime a round trip costs on every record (issue 15)."""
-    moment = datetime.fromtimestamp(t, UTC)
-    text = moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-    return text, moment.timestamp()
+    strptime a round trip costs on every record, nor a datetime (issue 15).
+
+    The microseconds are rounded as ``datetime.fromtimestamp`` rounds them
+    (half to even, carried into the second), and the float is computed as
+    ``datetime.timestamp`` computes it (whole microseconds / 10**6)."""
+    fraction, whole = math.modf(t)
+    micro = round(fraction * 1e6)
+    second = int(whole)
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    elif micro < 0:
+        second, micro = second - 1, micro + 1_000_000
+    cached = _LAST_SECOND[0]
+    if cached[0] != second:
+        cached = _LAST_SECOND[0] = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{micro:06d}Z", (second * 1_000_000 + micro) / 1_000_000
+
+
+# The last second `stamp` formatted, and its text (one tuple, replaced
+# whole, so threads never see a second with another's text): records come
+# many to a second.
+_LAST_SECOND: list[tuple[int | None, str]] = [(None, "")]
 
 
 def parse_time(text: str) -> float:

@@ -492,6 +492,11 @@ class _SqlTransaction(Transaction):
         # Set when a method raised StorageError: the unit of work is then
         # rolled back as a whole, even if the caller carries on.
         self.failed = False
+        # The audit trail's head as this transaction has made it, once a
+        # locking audit_head read it (a writer holds the lock until the
+        # end): later records of the same transaction, or of the next
+        # member of a batch, need not read it again.
+        self.audit_tail: tuple[bool, tuple[int, str] | None] = (False, None)
 
     @contextlib.contextmanager
     def _op(self, what: str, write: bool = False) -> Iterator[None]:
@@ -703,8 +708,14 @@ class _SqlTransaction(Transaction):
                 # Held until commit; SQLite's BEGIN IMMEDIATE already
                 # serializes writers.
                 self._conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
+            known, tail = self.audit_tail
+            if lock and known:
+                return tail
             found = _RAW_AUDIT_HEAD.rows(self._conn, self._dialect, {})
-            return (found[0][0], found[0][1]) if found else None
+            head = (found[0][0], found[0][1]) if found else None
+            if lock:
+                self.audit_tail = (True, head)
+            return head
 
     def insert_audit(self, record: StoredAuditRecord) -> None:
         with self._op("insert_audit", write=True):
@@ -712,6 +723,11 @@ class _SqlTransaction(Transaction):
             # INSERT .. VALUES per record cost more than the rest of the
             # record together.
             _RAW_AUDIT_INSERT.rows(self._conn, self._dialect, _audit_row(record))
+            known, tail = self.audit_tail
+            if known and record.seq == (1 if tail is None else tail[0] + 1):
+                self.audit_tail = (True, (record.seq, record.hash))
+            else:
+                self.audit_tail = (False, None)  # not the next record: read the head again
 
     def audit_records(self, query: AuditQuery) -> list[StoredAuditRecord]:
         with self._op("audit_records"):
@@ -935,12 +951,15 @@ BATCH_MAX = 16
 class _Batch:
     """One database transaction that several write transactions share."""
 
-    __slots__ = ("conn", "trans", "members", "broken", "done", "error", "joined")
+    __slots__ = ("conn", "trans", "members", "broken", "done", "error", "joined", "audit_tail")
 
     def __init__(self, conn: Connection, trans: Any) -> None:
         self.conn = conn
         self.trans = trans
         self.members = 0  # blocks whose changes wait for the commit
+        # The audit head as the members joined so far left it (a member
+        # rolled back leaves it as it was): _SqlTransaction.audit_tail.
+        self.audit_tail: tuple[bool, tuple[int, str] | None] = (False, None)
         self.joined: list[_SqlTransaction] = []  # a reactor batch's members
         self.broken: StorageError | None = None  # the connection failed: no commit
         self.done = False
@@ -1143,6 +1162,7 @@ class WriteBatches:
         if savepoint:
             self._savepoint(batch, "SAVEPOINT member")
         tx = _SqlTransaction(batch.conn, dialect)
+        tx.audit_tail = batch.audit_tail
         if batch.broken is not None:
             tx.failed = True
         failure: BaseException | None = None
@@ -1161,6 +1181,7 @@ class WriteBatches:
                 self._savepoint(batch, "RELEASE member")
         if joined:
             batch.members += 1
+            batch.audit_tail = tx.audit_tail
         with self._cond:
             # A failed first block is undone by rolling the batch back.
             hand_over = (
@@ -1286,6 +1307,7 @@ class WriteBatches:
         assert batch is not None  # opened above
         self._savepoint(batch, "SAVEPOINT member")
         tx = _SqlTransaction(batch.conn, dialect)
+        tx.audit_tail = batch.audit_tail
         if batch.broken is not None:
             tx.failed = True
         try:
@@ -1304,6 +1326,7 @@ class WriteBatches:
         if batch.broken is not None:
             raise _own_copy(batch.broken)
         batch.members += 1
+        batch.audit_tail = tx.audit_tail
         batch.joined.append(tx)
         self._reactor_joined += 1
         pinned()  # its change waits in this batch: the work cannot start over elsewhere

@@ -31,3 +31,19 @@ def test_stamp_float_is_what_the_text_parses_back_to(t):
 
 def test_whole_seconds_keep_their_microseconds_field():
     assert stamp(1_700_000_000.0)[0] == "2023-11-14T22:13:20.000000Z"
+
+
+def test_half_microseconds_and_the_carry_into_the_next_second_round_as_datetime_does():
+    """Half a microsecond rounds to even, as datetime.fromtimestamp rounds
+    it, and a fraction that rounds up to a whole second moves the second."""
+    for t in (
+        1_700_000_000.0000005,
+        1_700_000_000.0000015,
+        1_700_000_000.9999995,
+        1_700_000_000.9999996,
+        1_699_999_999.99999999,
+    ):
+        text, at = stamp(t)
+        assert text == datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), t
+        assert at == parse_time(text)
+    assert stamp(1_700_000_000.9999996)[0] == "2023-11-14T22:13:21.000000Z"

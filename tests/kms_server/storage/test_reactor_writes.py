@@ -21,7 +21,9 @@ from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 from twisted.internet import defer, task
 
+from kmip_core.audit.chain import verify
 from kmip_core.nonblocking import WouldBlock, WriterBusy, in_reactor, would_block
+from kms_server.audit.trail import AuditTrail, iter_records
 from kms_server.cluster import Heartbeat, nodes
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError
@@ -406,3 +408,51 @@ def test_follow_up_work_that_fails_does_not_keep_the_other_answers_back(storage,
     clock.advance(0)
     assert waiter == [None] and [h[0] for h in hooks] == ["b"]
     assert committed(storage, "a") == b"a" and "work after a reactor batch's commit failed" in caplog.text
+
+
+def _audit_selects(storage: SqlStorage) -> list[str]:
+    """Reads of the audit trail's head made on the writers' connection
+    from now on (its SQLite trace)."""
+    seen: list[str] = []
+    with storage.writes._engine.connect() as conn:  # the pool's one writer connection
+        conn.connection.driver_connection.set_trace_callback(
+            lambda sql: seen.append(sql) if "FROM kms_audit" in sql and sql.lstrip().upper().startswith("SELECT") else None
+        )
+    return seen
+
+
+def test_records_of_one_batch_chain_on_the_head_its_members_left_and_a_rolled_back_one_leaves_none(storage, writer):
+    """The audit head is read once per batch: each member's records follow
+    the ones the members before it kept, and a member rolled back leaves the
+    head where it was, so the chain has no gap and no fork."""
+    writes, clock, _ = writer
+    trail = AuditTrail(storage, "node-1")
+    entry = {"event": "request", "operation": "GET", "client": {"name": "alice"}, "result": {"status": "SUCCESS"}}
+
+    def append(n: int, fail: bool = False):
+        with in_reactor(), storage.transaction() as txn:
+            for _ in range(n):
+                trail.append(txn, entry)
+            if fail:
+                raise ValueError("refused after its records")
+
+    selects = _audit_selects(storage)
+    outcomes = [
+        result_of(writes.when_free(lambda: append(2))),
+        result_of(writes.when_free(lambda: append(1, fail=True))),
+        result_of(writes.when_free(lambda: append(1))),
+    ]
+    clock.advance(0)
+    assert [type(o[0]) for o in outcomes[::2]] == [type(None), type(None)]
+    assert isinstance(outcomes[1][0].value, ValueError)
+    records = list(iter_records(storage))
+    assert [r.seq for r in records] == [1, 2, 3]
+    assert verify(records, [], None).ok
+    assert len(selects) == 1, "one read of the head for the whole batch"
+    # A worker thread's transaction (outside the reactor) continues the chain.
+    with storage.transaction() as txn:
+        trail.append(txn, entry)
+        trail.append(txn, entry)
+    records = list(iter_records(storage))
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5]
+    assert verify(records, [], None).ok
