@@ -218,6 +218,8 @@ class KmsService(service.Service):
         # one. On SQLite each joins the reactor's batch of writes; on
         # PostgreSQL they are gathered in batches written on a pool thread.
         self._submit_read_record: Callable[[dict], defer.Deferred[StoredAuditRecord]] | None = None
+        # Reads' records waiting for the job that writes them (SQLite).
+        self._read_records: list[tuple[dict, defer.Deferred[StoredAuditRecord]]] = []
         if self.trail is not None:
             if self.reactor_writes is not None:
                 self._submit_read_record = self._read_record_in_batch
@@ -358,25 +360,46 @@ class KmsService(service.Service):
             self.trail.commit_failed("a reactor batch of writes did not commit", writes)
 
     def _read_record_in_batch(self, entry: dict) -> defer.Deferred[StoredAuditRecord]:
-        """A read's record, one member of the reactor's next batch of
-        writes; fires once that batch is committed, or fails with
-        AuditWriteFailed."""
+        """A read's record, written in the reactor's next batch of writes
+        with the other reads' records that came before that batch runs (one
+        member of it: one savepoint, one read of the audit head); fires once
+        that batch is committed, or fails with AuditWriteFailed."""
         writes, trail = self.reactor_writes, self.trail
         assert writes is not None and trail is not None  # chosen only with both (__init__)
+        waiting: defer.Deferred[StoredAuditRecord] = defer.Deferred()
+        pending = self._read_records
+        pending.append((entry, waiting))
+        if len(pending) > 1:
+            return waiting  # the job queued for the first one writes it too
 
-        def write() -> defer.Deferred[StoredAuditRecord]:
+        taken: list[tuple[dict, defer.Deferred[StoredAuditRecord]]] = []
+
+        def write() -> defer.Deferred[list[StoredAuditRecord]]:
+            taken.extend(pending)
+            pending.clear()  # a record that comes now queues a job of its own
             with in_reactor(writable=True):
-                (record,) = trail.write_batch([entry])
-            return writes.committed().addCallback(lambda _: record)
+                records = trail.write_batch([e for e, _ in taken])
+            return writes.committed().addCallback(lambda _: records)
 
-        def lost(failure: Failure) -> Failure:
-            # The batch could not be opened, or did not commit.
-            if failure.check(AuditWriteFailed):
-                return failure
-            return Failure(AuditWriteFailed(failure.getErrorMessage()))
+        def written(records: list[StoredAuditRecord]) -> None:
+            for (_, d), record in zip(taken, records, strict=True):
+                d.callback(record)
 
-        written: defer.Deferred[StoredAuditRecord] = writes.when_free(write)
-        return written.addErrback(lost)
+        def lost(failure: Failure) -> None:
+            # The batch could not be opened (the job never ran: its records
+            # are still pending), or the records could not be written, or
+            # their batch did not commit.
+            if not failure.check(AuditWriteFailed):
+                failure = Failure(AuditWriteFailed(failure.getErrorMessage()))
+            if not taken:
+                taken.extend(pending)
+                pending.clear()
+            for _, d in taken:
+                d.errback(failure)
+
+        job: defer.Deferred[list[StoredAuditRecord]] = writes.when_free(write)
+        job.addCallbacks(written, lost)
+        return waiting
 
     def _handle(self, message: bytes, conn: ConnectionInfo, decoded: Item | None = None) -> bytes | HeldAnswer | None:
         if self._submit_read_record is None:

@@ -28,6 +28,7 @@ from kmip_core.server.dispatcher import ConnectionInfo
 from kms_server.audit.trail import iter_records
 from kms_server.config import load_config
 from kms_server.server import UNCOMMITTED, KmsService
+from kms_server.storage.base import StorageError
 from tests.conftest import write_node_config
 from tests.kms_server.dispatch.test_dispatcher import batch_item, only_item, reason, request, status
 
@@ -215,3 +216,48 @@ def test_a_read_whose_record_is_lost_with_its_batch_is_answered_general_failure(
     assert item.find(T.RESPONSE_PAYLOAD.value) is None, "no attribute leaves without its record"
     results = [(r.operation, r.result) for r in iter_records(service.storage)]
     assert results == [("CREATE", "SUCCESS"), ("GET_ATTRIBUTES", "OPERATION_FAILED")], results
+
+
+def test_the_records_of_a_turns_reads_are_one_member_of_its_batch_and_each_answer_waits_for_it(node):
+    """Reads asked in one turn have their records written together (one
+    savepoint, one read of the audit head), in the order the reads came; no
+    answer leaves before the batch is committed, and a read asked once that
+    member is written waits for a member of its own."""
+    service, clock = node
+    uid = created_key(service, clock)
+    read = request([batch_item(Operation.GET_ATTRIBUTES, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])
+    members, commits = service.reactor_writes.members, service.reactor_writes.commits
+    answers = [sent(service._handle_inline(read, CONN)) for _ in range(3)]
+    assert answers == [[], [], []]
+    clock.advance(0)
+    assert service.reactor_writes.members == members + 1, "three records, one member"
+    assert service.reactor_writes.commits == commits + 1
+    assert [status(only_item(ttlv.decode(got[0]))) for got in answers] == [ResultStatus.SUCCESS] * 3
+    records = list(iter_records(service.storage))
+    assert [r.operation for r in records] == ["CREATE"] + ["GET_ATTRIBUTES"] * 3
+    assert [r.seq for r in records] == [1, 2, 3, 4]
+    later = sent(service._handle_inline(read, CONN))
+    assert later == []
+    clock.advance(0)
+    assert service.reactor_writes.members == members + 2
+    assert status(only_item(ttlv.decode(later[0]))) == ResultStatus.SUCCESS
+
+
+def test_when_the_batch_cannot_be_opened_every_pending_record_is_refused(node, monkeypatch):
+    """The job that would write the turn's records never runs: each read
+    waiting on it is answered General Failure, none stays waiting."""
+    service, clock = node
+    uid = created_key(service, clock)
+    read = request([batch_item(Operation.GET_ATTRIBUTES, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])
+
+    def cannot_open() -> bool:
+        raise StorageError("begin: unable to open database file")
+
+    monkeypatch.setattr(service.storage.writes, "open_reactor_batch", cannot_open)
+    answers = [sent(service._handle_inline(read, CONN)) for _ in range(2)]
+    clock.advance(0)
+    for got in answers:
+        item = only_item(ttlv.decode(got[0]))
+        assert reason(item) == ResultReason.GENERAL_FAILURE
+        assert item.find(T.RESPONSE_PAYLOAD.value) is None
+    assert service._read_records == []
