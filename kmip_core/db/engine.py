@@ -33,6 +33,7 @@ __all__ = [
     "PING_AFTER_IDLE_SECONDS",
     "READ_ONLY",
     "DatabaseUrlError",
+    "SqliteRead",
     "configure_sqlite",
     "sqlite_execute",
     "describe_error",
@@ -183,7 +184,43 @@ def configure_sqlite(
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         # Every transaction runs one: on the sqlite3 connection itself.
-        sqlite_execute(conn, "BEGIN" if conn.get_execution_options().get(READ_ONLY) else begin)
+        if conn.get_execution_options().get(READ_ONLY):
+            # A read transaction begun on the sqlite3 connection already
+            # (`begin_sqlite_read`): a statement run through SQLAlchemy
+            # joins it.
+            if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                sqlite_execute(conn, "BEGIN")
+            return
+        sqlite_execute(conn, begin)
+
+
+class SqliteRead:
+    """A read transaction on a SQLite connection with the READ_ONLY option,
+    begun and ended on the sqlite3 connection itself: SQLAlchemy's own
+    transaction (begin, commit, their events) cost about as much as the one
+    lookup most reads make (issue 15). A statement run through SQLAlchemy
+    inside it makes SQLAlchemy begin one of its own, which joins this one
+    (configure_sqlite) and which `commit` and `rollback` then end."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        sqlite_execute(conn, "BEGIN")
+
+    def _end(self, commit: bool) -> None:
+        if self.conn.in_transaction():
+            trans = self.conn.get_transaction()
+            assert trans is not None  # in_transaction() said so
+            trans.commit() if commit else trans.rollback()
+        elif self.conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+            sqlite_execute(self.conn, "COMMIT" if commit else "ROLLBACK")
+
+    def commit(self) -> None:
+        self._end(True)
+
+    def rollback(self) -> None:
+        self._end(False)
 
 
 def sqlite_execute(conn: Connection, sql: str, args: tuple = ()) -> sqlite3.Cursor:

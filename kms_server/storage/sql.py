@@ -44,6 +44,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlch
 
 from kmip_core.db.engine import (
     READ_ONLY,
+    SqliteRead,
     configure_sqlite,
     describe_error,
     open_engine,
@@ -897,7 +898,7 @@ class SqlStorage(Storage):
         clean = False  # the transaction ended by a commit or rollback that worked
         try:
             try:
-                trans = conn.begin()
+                trans: Any = SqliteRead(conn) if keep_reader else conn.begin()
             except SQLAlchemyError as exc:
                 raise _storage_error("begin", exc) from None
             tx = _SqlTransaction(conn, self._dialect, read_only)

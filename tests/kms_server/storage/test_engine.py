@@ -11,7 +11,15 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from kmip_core.db.engine import READ_ONLY, DatabaseUrlError, configure_sqlite, open_engine, parse_db_url
+from kmip_core.db.engine import (
+    READ_ONLY,
+    DatabaseUrlError,
+    SqliteRead,
+    configure_sqlite,
+    open_engine,
+    parse_db_url,
+    sqlite_execute,
+)
 
 
 def test_plain_postgresql_means_psycopg_and_the_password_is_not_shown():
@@ -59,6 +67,36 @@ def test_sqlite_writer_takes_the_lock_at_begin_and_a_reader_does_not_wait(tmp_pa
         with engine.connect().execution_options(**{READ_ONLY: True}) as reader:
             with reader.begin():
                 assert reader.execute(text("SELECT count(*) FROM t")).scalar() == 1
+    engine.dispose()
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_a_read_begun_on_the_sqlite3_connection_keeps_one_snapshot_and_ends_whole(tmp_path, end):
+    """SqliteRead: raw statements and statements run through SQLAlchemy in
+    it read one snapshot (a commit made meanwhile is not seen), the second
+    kind joins it instead of failing to begin, and commit or rollback leaves
+    the connection outside any transaction (no read mark kept on the WAL)."""
+    url, _ = parse_db_url(f"sqlite:///{tmp_path / 'x.db'}")
+    engine = open_engine(url, pool_size=2)
+    configure_sqlite(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (v INTEGER)")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    with engine.connect().execution_options(**{READ_ONLY: True}) as reader:
+        for through_sqlalchemy in (False, True):
+            read = SqliteRead(reader)
+            assert sqlite_execute(reader, "SELECT count(*) FROM t").fetchall() == [(1,)]
+            with engine.begin() as writer:
+                writer.exec_driver_sql("INSERT INTO t VALUES (2)")
+            if through_sqlalchemy:
+                assert reader.execute(text("SELECT count(*) FROM t")).scalar() == 1
+                assert reader.in_transaction()
+            assert sqlite_execute(reader, "SELECT count(*) FROM t").fetchall() == [(1,)]
+            getattr(read, end)()
+            assert not reader.in_transaction()
+            assert not reader.connection.driver_connection.in_transaction
+            with engine.begin() as writer:
+                writer.exec_driver_sql("DELETE FROM t WHERE v = 2")
     engine.dispose()
 
 
