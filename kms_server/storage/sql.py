@@ -385,7 +385,8 @@ _LOCATE_SHAPES_MAX = 256
 
 
 def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
-    """The SELECT that answers a LocateQuery, and its parameters.
+    """The SELECT that answers a LocateQuery (on SQLite, as a `_Raw`), and
+    its parameters.
 
     The first condition (the first of `equals`, else of `has`) is one lookup
     on the (name, value_digest) index; every other condition is checked on
@@ -420,11 +421,7 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
         bool(query.offset),
         query.limit is not None,
     )
-    stmt = _LOCATE_STATEMENTS.get(shape)
-    if stmt is None:
-        stmt = _build_locate(*shape)
-        if len(_LOCATE_STATEMENTS) < _LOCATE_SHAPES_MAX:  # clients choose the shape: bounded
-            _LOCATE_STATEMENTS[shape] = stmt
+    stmt = _locate_shape(shape)
     params: dict[str, Any] = {}
     for i, (name, value) in enumerate(query.equals):
         params[f"e{i}_name"] = name
@@ -439,6 +436,19 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     if query.limit is not None:
         params["limit"] = query.limit
     return stmt, params
+
+
+def _locate_shape(shape: tuple[str, int, int, bool, bool, bool]) -> Any:
+    """The statement of a Locate's shape (built once per shape); on SQLite a
+    `_Raw`, whose SQL is run as it is, past SQLAlchemy's execute path."""
+    stmt = _LOCATE_STATEMENTS.get(shape)
+    if stmt is None:
+        stmt = _build_locate(*shape)
+        if shape[0] == "sqlite":
+            stmt = _Raw(stmt)
+        if len(_LOCATE_STATEMENTS) < _LOCATE_SHAPES_MAX:  # clients choose the shape: bounded
+            _LOCATE_STATEMENTS[shape] = stmt
+    return stmt
 
 
 def _attribute_condition(a, kind: str, i: int) -> list:
@@ -470,8 +480,14 @@ def _build_locate(dialect: str, equals: int, has: int, owner: bool, offset: bool
     stmt = select(o.c.uid).where(*conditions).order_by(o.c.sequence)
     if offset:
         stmt = stmt.offset(bindparam("offset", type_=Integer))
+    elif limit and dialect == "sqlite":
+        # SQLite's compiler adds an OFFSET to every LIMIT: here a constant,
+        # not a parameter it binds to 0, so that the SQL runs as it is (_Raw).
+        stmt = stmt.offset(literal_column("0", Integer))
     if limit:
         stmt = stmt.limit(bindparam("limit", type_=Integer))
+    elif offset and dialect == "sqlite":
+        stmt = stmt.limit(literal_column("-1", Integer))  # and a LIMIT to every OFFSET
     return stmt
 
 
@@ -684,6 +700,8 @@ class _SqlTransaction(Transaction):
         _check_query(query)
         with self._op("locate"):
             stmt, params = locate_statement(query, self._dialect)
+            if isinstance(stmt, _Raw):
+                return [row[0] for row in stmt.rows(self._conn, self._dialect, params)]
             return list(self._conn.execute(stmt, params).scalars())
 
     def get_meta(self, key: str, for_update: bool = False) -> bytes | None:

@@ -16,7 +16,7 @@ import sqlite3
 import pytest
 from sqlalchemy import event
 
-from kms_server.storage import LocateQuery, StoredAttribute, StoredObject, open_storage
+from kms_server.storage import LocateQuery, StoredAttribute, StoredObject, open_storage, sql
 
 AES = b"\x42\x00\x0b\x05\x00\x00\x00\x04\x00\x00\x00\x03\x00\x00\x00\x00"
 N = 150
@@ -53,12 +53,21 @@ def _captured_locate(storage, query: LocateQuery) -> tuple[list[str], str, objec
     def capture(_conn, _cursor, statement, parameters, _context, _many):
         sent.append((statement, parameters))
 
+    def raw_capture(conn, statement, parameters=()):
+        sent.append((statement, parameters))
+        return raw_execute(conn, statement, parameters)
+
+    # On SQLite the statement runs on the sqlite3 connection itself, past
+    # SQLAlchemy's events: captured where it is sent.
+    raw_execute = sql.sqlite_execute
+    sql.sqlite_execute = raw_capture
     event.listen(storage.engine, "before_cursor_execute", capture)
     try:
         with storage.transaction(read_only=True) as tx:
             found = tx.locate(query)
     finally:
         event.remove(storage.engine, "before_cursor_execute", capture)
+        sql.sqlite_execute = raw_execute
     statements = [(s, p) for s, p in sent if s.lstrip().upper().startswith("SELECT") and "kms_objects" in s]
     assert len(statements) == 1, sent
     return found, *statements[0]
