@@ -67,6 +67,8 @@ class Keystore:
         # that finds the stored row unchanged, byte for byte, skips its MAC
         # check, building and decoding (verified_rows.py has the rule).
         self.rows = VerifiedRows(verified_rows)
+        # The store digest as this process last wrote it (row_auth.LastDigest).
+        self.last_digest = row_auth.LastDigest()
         # Multi-part Encrypt/Decrypt in progress on this node (shared by
         # the per-item views, which copy this object).
         self.streams = Streams()
@@ -190,7 +192,7 @@ class Keystore:
                 txn.insert_object(stored)
             else:
                 txn.update_object(stored)
-            row_auth.apply(txn, self.barrier, removed, added)
+            row_auth.apply(txn, self.barrier, removed, added, self.last_digest)
         except row_auth.RowIntegrityError as exc:
             raise self._refused(stored.uid, exc.problem) from None
         self._note_version(stored.uid, version)

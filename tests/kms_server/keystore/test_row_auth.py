@@ -659,6 +659,38 @@ def test_an_edited_digest_is_reported_and_stops_writes(memory, edit):
     assert verify_store(storage, barrier).objects == 1
 
 
+def test_the_digest_bytes_are_what_json_makes_of_its_fields():
+    """to_bytes writes the bytes json.dumps(sort_keys=True) made before it
+    was spelled out: nodes of either release read each other's digest."""
+    barrier = Barrier(KEY)
+    for digest in (row_auth.StoreDigest(0, 0), row_auth.StoreDigest(2**256 - 1, 2**63 - 1), row_auth.StoreDigest(12345, 7)):
+        mac = barrier.digest_mac(digest.mac_message()).hex()
+        expected = json.dumps({"sum": f"{digest.total:064x}", "count": digest.count, "mac": mac}, sort_keys=True)
+        assert digest.to_bytes(barrier) == expected.encode()
+        assert row_auth.StoreDigest.from_bytes(barrier, digest.to_bytes(barrier)) == digest
+
+
+def test_a_write_takes_the_digest_it_wrote_last_as_it_stands_and_checks_any_other(memory, monkeypatch):
+    """The digest this process wrote last, found unchanged, is not parsed
+    and checked again; one another process wrote is."""
+    storage, _ = memory
+    barrier = Barrier(KEY)
+    keystore, other = Keystore(storage, barrier), Keystore(storage, barrier)
+    create_key(keystore)
+    checked = []
+    original = row_auth.StoreDigest.from_bytes.__func__
+    monkeypatch.setattr(
+        row_auth.StoreDigest, "from_bytes", classmethod(lambda cls, b, raw: checked.append(raw) or original(cls, b, raw))
+    )
+    create_key(keystore)
+    assert checked == [], "its own last digest, unchanged"
+    create_key(other)
+    assert len(checked) == 1, "the other keystore had not written it"
+    create_key(keystore)
+    assert len(checked) == 2, "another process's digest is checked"
+    assert verify_store(storage, barrier).digest_problem is None
+
+
 def test_a_digest_under_another_digest_key_is_refused(backend):
     """A digest copied from another store (another digest key) does not
     verify, even with the same sum and count."""
