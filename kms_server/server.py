@@ -407,26 +407,36 @@ class KmsService(service.Service):
         answer = self.dispatcher.handle_holding_records(message, conn, decoded)
         if isinstance(answer, HeldResponse):
             held = answer
-            return HeldAnswer(lambda: defer.ensureDeferred(self._release(held)))
+            return HeldAnswer(lambda: self._release(held))
         return answer
 
-    async def _release(self, held: HeldResponse) -> bytes | None:
+    def _release(self, held: HeldResponse) -> defer.Deferred[bytes | None]:
         """In the reactor thread: the answer to a read once its audit record
         is durable; if the record cannot be written, General Failure instead
-        (fail closed, as for any record) after trying to record that."""
+        (fail closed, as for any record) after trying to record that.
+        Callbacks, not a coroutine: every read asked alone comes here."""
         submit = self._submit_read_record
         assert submit is not None  # reads are held only with a trail (_handle)
-        try:
-            await submit(held.record)
-        except AuditWriteFailed as exc:
+
+        def written(_: StoredAuditRecord) -> bytes:
+            held.settled(True)
+            return held.response
+
+        def not_written(failure: Failure) -> defer.Deferred[bytes | None]:
+            failure.trap(AuditWriteFailed)
             held.settled(False)
-            try:
-                await submit(held.refusal_record)
-            except AuditWriteFailed as refusal_failed:
-                log.error("request %s: audit record of a refusal not written: %s", held.request_id, refusal_failed)
-            return held.withheld(str(exc))
-        held.settled(True)
-        return held.response
+            why = str(failure.value)
+
+            def refusal_not_written(refusal: Failure) -> None:
+                refusal.trap(AuditWriteFailed)
+                log.error("request %s: audit record of a refusal not written: %s", held.request_id, refusal.value)
+
+            refused = submit(held.refusal_record())
+            refused.addCallbacks(lambda _: None, refusal_not_written)
+            return refused.addCallback(lambda _: held.withheld(why))
+
+        answer: defer.Deferred[bytes | None] = submit(held.record).addCallbacks(written, not_written)
+        return answer
 
     def _refused(self, peer: str, reason: str, certificate) -> None:
         """A connection refused at the TLS layer goes into the trail, with

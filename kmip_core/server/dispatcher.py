@@ -83,14 +83,15 @@ class ConnectionInfo:
 class HeldResponse:
     """The answer to a read whose audit record is not written yet
     (`Dispatcher.handle_holding_records`). Send `response` only once
-    `record` is durable. If it cannot be written, attempt `refusal_record`
-    (best effort, as the dispatcher does) and send `withheld(why)` instead:
+    `record` is durable. If it cannot be written, attempt the record
+    `refusal_record()` makes (best effort, as the dispatcher does; made only
+    then) and send `withheld(why)` instead:
     General Failure, the key material withheld. Call `settled(written)`
     once, either way: it counts the request in the metrics."""
 
     response: bytes = field(repr=False)
     record: dict
-    refusal_record: dict
+    refusal_record: Callable[[], dict] = field(repr=False)
     request_id: str
     withheld: Callable[[str], bytes] = field(repr=False)
     settled: Callable[[bool], None] = field(repr=False)
@@ -308,7 +309,7 @@ class Dispatcher:
         return HeldResponse(
             response=encoded,
             record=entry,
-            refusal_record=draft.entry("OPERATION_FAILED", ResultReason.GENERAL_FAILURE.name, text),
+            refusal_record=lambda: draft.entry("OPERATION_FAILED", ResultReason.GENERAL_FAILURE.name, text),
             request_id=ctx.request_id,
             withheld=withheld,
             settled=settled,

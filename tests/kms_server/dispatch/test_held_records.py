@@ -119,9 +119,10 @@ def test_an_answer_withheld_is_general_failure_without_the_key(node, caplog):
     assert key not in withheld
     assert f"request {held.request_id} GET: audit record not written, answer withheld: audit disk full" in caplog.text
     # What the caller tries to record instead.
-    assert held.refusal_record["result"]["status"] == "OPERATION_FAILED"
-    assert held.refusal_record["result"]["reason"] == "GENERAL_FAILURE"
-    assert held.refusal_record["request_id"] == held.record["request_id"] == held.request_id
+    refusal = held.refusal_record()
+    assert refusal["result"]["status"] == "OPERATION_FAILED"
+    assert refusal["result"]["reason"] == "GENERAL_FAILURE"
+    assert refusal["request_id"] == held.record["request_id"] == held.request_id
 
 
 def test_a_held_request_is_counted_once_settled_with_its_outcome(node):
