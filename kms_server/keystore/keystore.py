@@ -197,7 +197,7 @@ class Keystore:
             raise self._refused(stored.uid, exc.problem) from None
         self._note_version(stored.uid, version)
         # Signed here at the version it now has: the next read of it, by
-        # this or a later request, can skip its attribute rows.
+        # this or a later request, need not authenticate and decode it.
         self.rows.put(stored)
 
     # Creation.
