@@ -8,7 +8,6 @@ clock, so nothing here keeps per-request state.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import uuid
@@ -82,12 +81,19 @@ class Keystore:
         with storage.transaction() as txn:
             row_auth.ensure_digest(txn, barrier)
 
+    def _view(self) -> Keystore:
+        """A shallow copy sharing everything (copy.copy, without the
+        __reduce_ex__ it goes through: one is made per request item)."""
+        bound = object.__new__(type(self))
+        bound.__dict__.update(self.__dict__)
+        return bound
+
     def for_item(self, trail: Trail | None, draft: AuditDraft) -> Keystore:
         """A view of this keystore for one request item: its write
         transactions commit the item's audit record with the change, and
         every object it touches is noted in `draft`. The view is made per
         item and shared with nothing else."""
-        bound = copy.copy(self)
+        bound = self._view()
         # The dispatcher makes a draft only with a trail (auditing on).
         bound._audit = (trail, draft) if trail is not None else None
         return bound
@@ -103,7 +109,7 @@ class Keystore:
         (read-only ones too), so that a later failure rolls back this item's
         changes with the rest. Objects it touches are noted in `draft`; the
         dispatcher writes the audit records once it knows the batch's fate."""
-        bound = copy.copy(self)
+        bound = self._view()
         bound._audit = (trail, draft) if trail is not None and draft is not None else None
         bound._batch_txn = txn
         return bound

@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 from kmip_core.ttlv import Item
 from kms_server.keystore.objects import decode_attributes
@@ -32,6 +33,10 @@ from kms_server.storage.base import StoredObject
 # attributes, stored and decoded (measured with tracemalloc), so about
 # 37 MB per process when full.
 DEFAULT_SIZE = 8192
+
+
+def _name_index(a: Any) -> tuple[str, int]:
+    return a.name, a.index
 
 
 class VerifiedRows:
@@ -66,6 +71,9 @@ class VerifiedRows:
         they no longer write to."""
         if self.size == 0 or stored.row_mac is None:
             return
+        # In (name, index) order, as a row read is (a written one is in
+        # the order of its attributes): storage compares them in that order.
+        stored.attributes.sort(key=_name_index)
         with self._lock:
             self._rows[stored.uid] = (stored, None)
             self._rows.move_to_end(stored.uid)

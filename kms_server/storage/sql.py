@@ -207,19 +207,21 @@ _OBJECT_WITH_ATTRIBUTES = (
     .where(kms_objects.c.uid == bindparam("uid"))
 )
 
-def _is_held(held: StoredObject | None, row: Any, attributes: list[Any]) -> bool:
+def _is_held(held: StoredObject | None, row: Any, attributes: list[Any], raw: bool) -> bool:
     """True if the object row read (sequence, uid, owner, version, sealed
     material, MAC) and its attribute rows (name, index, value) are `held`'s,
-    byte for byte: an edit of any of them is then found as without `held`."""
+    byte for byte: an edit of any of them is then found as without `held`.
+    (`held`'s attributes are in (name, index) order, as a row read is and
+    as VerifiedRows keeps them. `raw`: the rows came from the sqlite3
+    module, as tuples with bytes values.)"""
     if held is None or row[3] != held.version or row[5] is None or bytes(row[5]) != held.row_mac:
         return False
     if row[2] != held.owner or (None if row[4] is None else bytes(row[4])) != held.sealed_material:
         return False
     if len(attributes) != len(held.attributes):
         return False
-    return sorted((name, idx, bytes(value)) for name, idx, value in attributes) == sorted(
-        (a.name, a.index, a.value) for a in held.attributes
-    )
+    read = sorted(attributes if raw else [(n, i, bytes(v)) for n, i, v in attributes])
+    return read == [(a.name, a.index, a.value) for a in held.attributes]
 
 
 class _Raw:
@@ -593,7 +595,7 @@ class _SqlTransaction(Transaction):
                 row = rows[0][:6]
                 # An object without attributes comes as one row of NULLs.
                 attrs = [r[6:] for r in rows if r[6] is not None]
-            if _is_held(held, row, attrs):
+            if _is_held(held, row, attrs, raw=self._dialect == "sqlite"):
                 return held
             sequence, uid, owner, version, sealed_material, row_mac = row
             # Sorted here, not in SQL: the order of names must not depend on
