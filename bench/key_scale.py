@@ -51,6 +51,7 @@ from kmip_core.progress import Progress  # noqa: E402
 from kmip_core.sealing.barrier import Barrier  # noqa: E402
 from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher  # noqa: E402
 from kms_server.keystore.keystore import Keystore  # noqa: E402
+from kms_server.keystore.verified_rows import DEFAULT_SIZE as VERIFIED_ROWS  # noqa: E402
 from kms_server.operations import OPERATIONS  # noqa: E402
 from kms_server.storage import open_storage  # noqa: E402
 
@@ -193,6 +194,13 @@ def main() -> int:
         default=os.cpu_count() or 1,
         help="processes loading keys at once, each with its own database connection (default: the cores)",
     )
+    parser.add_argument(
+        "--verified-rows",
+        type=int,
+        default=VERIFIED_ROWS,
+        help=f"rows the keystore keeps once authenticated, as [storage] verified_rows (default {VERIFIED_ROWS}, "
+        "the server's; 0: the storage alone, every read authenticated and decoded)",
+    )
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     rng = random.Random(1)
@@ -200,7 +208,8 @@ def main() -> int:
         url = args.db_url or f"sqlite:///{tmp}/kms.db"
         storage = open_storage(url)
         master = os.urandom(32)
-        dispatcher = Dispatcher(Keystore(storage, Barrier(master)), OPERATIONS, node="bench")
+        keystore = Keystore(storage, Barrier(master), verified_rows=args.verified_rows)
+        dispatcher = Dispatcher(keystore, OPERATIONS, node="bench")
         uids: list[str] = []
         rows = []
         try:
@@ -224,7 +233,8 @@ def main() -> int:
         finally:
             storage.close()
     backend = url.split(":", 1)[0]
-    print(f"\nkeys       | {backend}: Get p50 / p99 (ms) | Locate by x-Identifier p50 / p99 (ms)")
+    print(f"\nverified_rows = {args.verified_rows}")
+    print(f"keys       | {backend}: Get p50 / p99 (ms) | Locate by x-Identifier p50 / p99 (ms)")
     for size, _, timings in rows:
         get, loc = timings["Get"], timings["Locate by x-Identifier"]
         print(

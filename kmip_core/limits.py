@@ -305,10 +305,18 @@ class LimitedFactory(WrappingFactory[LimitedConnection]):
         self.handshaking: dict[LimitedConnection, None] = {}
         self.established: set[LimitedConnection] = set()
         self._gone_waiters: list[defer.Deferred] = []
+        # Told the number of connections this listener holds whenever it
+        # changes (a worker's share of a node's load: kmip_core.workers).
+        self.on_count: Callable[[int], None] | None = None
 
     @property
     def open_connections(self) -> int:
         return len(self.handshaking) + len(self.established)
+
+    def registerProtocol(self, p: LimitedConnection) -> None:
+        super().registerProtocol(p)
+        if self.on_count is not None:
+            self.on_count(len(self.protocols))
 
     def buildProtocol(self, addr: IAddress | None) -> LimitedConnection | None:  # type: ignore[override]  # None refuses the connection, as Twisted's own Factory.buildProtocol may
         wrapped = self.wrappedFactory.buildProtocol(addr)
@@ -351,6 +359,8 @@ class LimitedFactory(WrappingFactory[LimitedConnection]):
 
     def unregisterProtocol(self, p: LimitedConnection) -> None:
         super().unregisterProtocol(p)
+        if self.on_count is not None:
+            self.on_count(len(self.protocols))
         if not self.protocols:
             waiters, self._gone_waiters = self._gone_waiters, []
             for d in waiters:

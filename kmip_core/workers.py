@@ -3,12 +3,16 @@
 One Python process runs on one core at a time. A node that should use every
 core runs one *supervisor* and N *workers*:
 
-- the supervisor binds a listening socket per worker on the one port
-  (SO_REUSEPORT, `bind_listeners`), keeps them all, starts worker i with
-  socket i inherited (``pass_fds``), and waits for each to report that it
-  is ready (or why it could not start) on a pipe of its own;
-- every worker runs its own reactor and accepts on its socket: the kernel
-  spreads new connections over the sockets by a hash of their addresses;
+- the supervisor binds one listening socket (`bind_listener`), keeps it,
+  starts every worker with it inherited (``pass_fds``), and waits for each
+  to report that it is ready (or why it could not start) on a pipe of its
+  own;
+- every worker runs its own reactor and accepts on that socket, taking
+  turns by load (`LoadTable`, `AcceptTurns`): each publishes how many
+  connections it holds, and a worker holding more than another lets a new
+  connection wait a moment for the other to take it. A client with two
+  connections has one on each worker, which a kernel hash of the
+  addresses (SO_REUSEPORT, the first design) gave only half the time;
 - SIGTERM/SIGINT to the supervisor are passed to every worker, which drains
   its requests in flight and exits; SIGHUP is passed on (TLS reload);
 - a worker that dies on its own is started again (at most `MAX_RESTARTS` in
@@ -16,33 +20,40 @@ core runs one *supervisor* and N *workers*:
   fails); a worker whose supervisor dies is told to stop (PR_SET_PDEATHSIG).
 
 Workers know they are workers from the environment: `WORKER_ENV` holds
-``index:count:listen_fd:ready_fd``. Nothing here knows what the workers
-serve: `kms-server` (kms_server.cli) uses it; any service could.
+``index:count:listen_fd:ready_fd:load_fd``. Nothing here knows what the
+workers serve: `kms-server` (kms_server.cli) uses it; any service could.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 __all__ = [
+    "ACCEPT_POLL",
+    "ACCEPT_WAIT",
     "MAX_RESTARTS",
     "RESTART_WINDOW",
     "WORKER_ENV",
+    "AcceptTurns",
+    "LoadTable",
     "StartFailed",
     "Supervisor",
     "WorkerSlot",
-    "bind_listeners",
+    "bind_listener",
     "report_failed",
     "report_ready",
     "stop_with_parent",
@@ -72,10 +83,15 @@ class WorkerSlot:
     count: int
     listen_fd: int
     ready_fd: int
+    # The workers' load table (`LoadTable`), shared memory.
+    load_fd: int
 
     @property
     def primary(self) -> bool:
         return self.index == 0
+
+    def load_table(self) -> LoadTable:
+        return LoadTable(self.load_fd, self.count)
 
 
 def worker_slot(environ: dict[str, str] | None = None) -> WorkerSlot | None:
@@ -83,43 +99,121 @@ def worker_slot(environ: dict[str, str] | None = None) -> WorkerSlot | None:
     value = (os.environ if environ is None else environ).get(WORKER_ENV)
     if not value:
         return None
-    index, count, listen_fd, ready_fd = (int(part) for part in value.split(":"))
-    return WorkerSlot(index, count, listen_fd, ready_fd)
+    index, count, listen_fd, ready_fd, load_fd = (int(part) for part in value.split(":"))
+    return WorkerSlot(index, count, listen_fd, ready_fd, load_fd)
 
 
-def bind_listeners(host: str, port: int, count: int, backlog: int = 1024) -> list[socket.socket]:
-    """`count` listening TCP sockets on one address, one per worker
-    (SO_REUSEPORT: the kernel spreads new connections over them by a hash of
-    each connection's addresses, so every worker gets its share even when one
-    would be quicker to accept them all). OSError if the address is taken:
-    a probe bound without SO_REUSEPORT first makes sure no other server,
-    another kms-server included, holds the port."""
+# A worker holding more connections than another lets a new one wait for
+# the other to take it: it looks again every ACCEPT_POLL seconds, reads the
+# socket again as soon as the workers' total moved (the other took it), and
+# takes it itself after ACCEPT_WAIT seconds without a change (the other is
+# busy or stopped: a connection never waits longer than that).
+ACCEPT_POLL = 0.002
+ACCEPT_WAIT = 0.1
+
+_SLOT = struct.Struct("q")
+
+
+class LoadTable:
+    """The connections each worker holds, one 8-byte slot per worker in
+    memory the supervisor makes (a memfd) and every worker maps: written
+    by its own worker only, read by all (a slot is written whole, so a
+    reader sees the old count or the new one)."""
+
+    def __init__(self, fd: int, count: int):
+        self.count = count
+        self.fd = fd
+        self._map = mmap.mmap(fd, count * _SLOT.size)
+
+    @classmethod
+    def create(cls, count: int) -> LoadTable:
+        fd = os.memfd_create("kmip-workers-load")
+        os.ftruncate(fd, count * _SLOT.size)
+        return cls(fd, count)
+
+    def set(self, index: int, connections: int) -> None:
+        _SLOT.pack_into(self._map, index * _SLOT.size, connections)
+
+    def get(self, index: int) -> int:
+        return int(_SLOT.unpack_from(self._map, index * _SLOT.size)[0])
+
+    def total(self) -> int:
+        return sum(self.get(i) for i in range(self.count))
+
+    def fewest_elsewhere(self, index: int) -> int | None:
+        """The fewest connections another worker holds (None: no other)."""
+        others = [self.get(i) for i in range(self.count) if i != index]
+        return min(others) if others else None
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+
+class AcceptTurns:
+    """A worker's turns at the listening socket all workers share. On a new
+    connection, a worker holding more connections than another stops
+    reading the socket and looks again every `ACCEPT_POLL` seconds: once the
+    workers' total has moved (the other took it) it reads again, and after
+    `ACCEPT_WAIT` seconds without a move it takes the connection itself. A
+    worker holding no more than any other accepts at once, one connection
+    per readiness, so that a burst is shared rather than taken whole by the
+    first worker to wake.
+
+    `port` is a Twisted listening port (its doRead is wrapped), `table`
+    the workers' `LoadTable`, `reactor` has callLater and seconds."""
+
+    def __init__(self, port: Any, table: LoadTable, index: int, reactor: Any):
+        self.port = port
+        self.table = table
+        self.index = index
+        self.reactor = reactor
+        self.waited = False  # the next readiness is taken, whatever the load
+        self._accept = port.doRead
+        port.doRead = self.doRead
+
+    def doRead(self) -> Any:
+        fewest = self.table.fewest_elsewhere(self.index)
+        if not self.waited and fewest is not None and self.table.get(self.index) > fewest:
+            self.port.stopReading()
+            self._look(self.table.total(), self.reactor.seconds() + ACCEPT_WAIT)
+            return None
+        self.waited = False
+        self.port.numberAccepts = 1
+        return self._accept()
+
+    def _look(self, total: int, deadline: float) -> None:
+        self.reactor.callLater(ACCEPT_POLL, self._again, total, deadline)
+
+    def _again(self, total: int, deadline: float) -> None:
+        if not self.port.connected or getattr(self.port, "disconnecting", False):
+            return  # stopped listening meanwhile
+        if self.table.total() == total:
+            if self.reactor.seconds() < deadline:
+                self._look(total, deadline)
+                return
+            self.waited = True  # nobody took it: this worker does
+        self.port.startReading()
+
+
+def bind_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """The node's listening TCP socket, which every worker inherits and
+    accepts on (`AcceptTurns`). OSError if the address is taken (by another
+    server, another kms-server included: no SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    probe = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
-        port = probe.getsockname()[1]
-    finally:
-        probe.close()
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
-            # Twisted's adoptStreamPort wants it non-blocking (its accept
-            # loop would hang on a blocking one).
-            sock.setblocking(False)
-            sock.set_inheritable(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        # Twisted's adoptStreamPort wants it non-blocking (its accept loop
+        # would hang on a blocking one).
+        sock.setblocking(False)
+        sock.set_inheritable(True)
     except OSError:
-        for sock in sockets:
-            sock.close()
+        sock.close()
         raise
-    return sockets
+    return sock
 
 
 def report_ready(slot: WorkerSlot, announcements: Sequence[str] = ()) -> None:
@@ -160,38 +254,45 @@ class _Worker:
 
 
 class Supervisor:
-    """Start a worker running `argv` per socket of `listeners`, worker i
-    with `listeners[i]` inherited; run until told to stop. The supervisor keeps every socket
-    open, so a worker started again takes over its socket with the
-    connections waiting on it."""
+    """Start `count` workers running `argv`, each with `listener` inherited
+    and the workers' `LoadTable`; run until told to stop. The supervisor
+    keeps the socket open, so connections wait on it while a worker is
+    started again."""
 
     def __init__(
         self,
         argv: Sequence[str],
-        listeners: Sequence[socket.socket],
+        listener: socket.socket,
+        count: int,
         *,
         name: str = "worker",
         env: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.argv = list(argv)
-        self.listeners = list(listeners)
-        self.count = len(self.listeners)
+        self.listener = listener
+        self.count = count
         self.name = name
         self.env = dict(os.environ if env is None else env)
         self.clock = clock
         self.workers = [_Worker(i) for i in range(self.count)]
+        self.load = LoadTable.create(count)
         self.stopping = False
         self.restarts: list[float] = []
 
     # Starting.
     def _spawn(self, worker: _Worker) -> None:
+        # A worker started again holds nothing yet (its predecessor's
+        # connections died with it).
+        self.load.set(worker.index, 0)
         read_fd, write_fd = os.pipe()
         env = dict(self.env)
-        listen_fd = self.listeners[worker.index].fileno()
-        env[WORKER_ENV] = f"{worker.index}:{self.count}:{listen_fd}:{write_fd}"
+        listen_fd = self.listener.fileno()
+        env[WORKER_ENV] = f"{worker.index}:{self.count}:{listen_fd}:{write_fd}:{self.load.fd}"
         try:
-            worker.process = subprocess.Popen(self.argv, env=env, pass_fds=(listen_fd, write_fd), close_fds=True)
+            worker.process = subprocess.Popen(
+                self.argv, env=env, pass_fds=(listen_fd, write_fd, self.load.fd), close_fds=True
+            )
         finally:
             os.close(write_fd)
         worker.ready_read = read_fd
@@ -300,8 +401,8 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for sock in self.listeners:
-                sock.close()
+            self.listener.close()
+            self.load.close()
         return 1 if failed else 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -117,18 +117,18 @@ def server_main(argv: list[str] | None = None) -> int:
 
 
 def _supervise(cfg) -> int:
-    """`[server] processes` workers on one port, a listening socket each
-    (kmip_core.workers, docs/process-model.md): bind them, start the workers,
+    """`[server] processes` workers on one port, sharing its listening socket
+    (kmip_core.workers, docs/process-model.md): bind it, start the workers,
     wait until each is ready (or report the first one's failure), then run
     until told to stop."""
     host, port = cfg.server.host, cfg.server.port
     try:
-        listeners = workers.bind_listeners(host, port, cfg.server.processes)
+        listener = workers.bind_listener(host, port)
     except OSError as exc:
         return _fail(
             f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or stop the other server"
         )
-    bound_host, bound_port = listeners[0].getsockname()[:2]
+    bound_host, bound_port = listener.getsockname()[:2]
     # The workers' counters meet in a directory of this node's own
     # (prometheus-client's multi-process mode): worker 0's /metrics serves
     # their sums. Fresh at every start, removed at the end.
@@ -137,20 +137,20 @@ def _supervise(cfg) -> int:
     shared_metrics = tempfile.mkdtemp(prefix="kms-server-metrics-")
     env = {**os.environ, MULTIPROCESS_ENV: shared_metrics}
     supervisor = workers.Supervisor(
-        workers.worker_argv(), listeners, name="kms-server worker", env=env
+        workers.worker_argv(), listener, cfg.server.processes, name="kms-server worker", env=env
     )
     try:
-        return _run_supervisor(supervisor, listeners, cfg, bound_host, bound_port)
+        return _run_supervisor(supervisor, listener, cfg, bound_host, bound_port)
     finally:
         shutil.rmtree(shared_metrics, ignore_errors=True)
 
 
-def _run_supervisor(supervisor, listeners, cfg, bound_host, bound_port) -> int:
+def _run_supervisor(supervisor, listener, cfg, bound_host, bound_port) -> int:
     try:
         announcements = supervisor.start()
     except (workers.StartFailed, KeyboardInterrupt) as exc:
-        for sock in listeners:
-            sock.close()
+        listener.close()
+        supervisor.load.close()
         return _fail(str(exc)) if isinstance(exc, workers.StartFailed) else 1
     print(f"kms-server listening on {bound_host}:{bound_port}", flush=True)
     for text in announcements:

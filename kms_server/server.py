@@ -23,7 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from kmip_core import limits, tls
+from kmip_core import limits, tls, workers
 from kmip_core.audit import audit_key
 from kmip_core.audit.record import AuditDraft, AuditWriteFailed, client_fields, system_entry
 from kmip_core.db.group_commit import DeferredGroupCommit
@@ -520,6 +520,10 @@ class KmsService(service.Service):
                 # which mypy cannot see without the mypy-zope plugin.
                 TLSMemoryBIOFactory(self.context_factory, False, self.listener),  # type: ignore[arg-type]
             )
+            # The socket is every worker's: they take turns by load.
+            table, index = self.slot.load_table(), self.slot.index
+            self.listener.on_count = lambda connections: table.set(index, connections)
+            self.accept_turns = workers.AcceptTurns(self.port, table, index, self.reactor)
         address = self.port.getHost()
         if self.slot is None:
             self.announce(f"kms-server listening on {address.host}:{address.port}")
