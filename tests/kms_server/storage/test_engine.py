@@ -46,13 +46,22 @@ def test_urls_that_cannot_serve_are_refused_in_one_line(db_url, words):
     assert "\n" not in message and "hunter2" not in message
 
 
-def test_sqlite_writer_takes_the_lock_at_begin_and_a_reader_does_not_wait(tmp_path):
+@pytest.fixture
+def one_row_engine(tmp_path):
+    """A configured SQLite engine on x.db, whose table t holds one row."""
     url, _ = parse_db_url(f"sqlite:///{tmp_path / 'x.db'}")
     engine = open_engine(url, pool_size=2)
     configure_sqlite(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE t (v INTEGER)")
         conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    yield engine
+    engine.dispose()
+
+
+def test_sqlite_writer_takes_the_lock_at_begin_and_a_reader_does_not_wait(tmp_path, one_row_engine):
+    engine = one_row_engine
+    with engine.begin() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     with engine.begin() as writer:
         # The lock is held from BEGIN on, before the first write: a second
@@ -67,21 +76,15 @@ def test_sqlite_writer_takes_the_lock_at_begin_and_a_reader_does_not_wait(tmp_pa
         with engine.connect().execution_options(**{READ_ONLY: True}) as reader:
             with reader.begin():
                 assert reader.execute(text("SELECT count(*) FROM t")).scalar() == 1
-    engine.dispose()
 
 
 @pytest.mark.parametrize("end", ["commit", "rollback"])
-def test_a_read_begun_on_the_sqlite3_connection_keeps_one_snapshot_and_ends_whole(tmp_path, end):
+def test_a_read_begun_on_the_sqlite3_connection_keeps_one_snapshot_and_ends_whole(one_row_engine, end):
     """SqliteRead: raw statements and statements run through SQLAlchemy in
     it read one snapshot (a commit made meanwhile is not seen), the second
     kind joins it instead of failing to begin, and commit or rollback leaves
     the connection outside any transaction (no read mark kept on the WAL)."""
-    url, _ = parse_db_url(f"sqlite:///{tmp_path / 'x.db'}")
-    engine = open_engine(url, pool_size=2)
-    configure_sqlite(engine)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE t (v INTEGER)")
-        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    engine = one_row_engine
     with engine.connect().execution_options(**{READ_ONLY: True}) as reader:
         for through_sqlalchemy in (False, True):
             read = SqliteRead(reader)
@@ -97,7 +100,6 @@ def test_a_read_begun_on_the_sqlite3_connection_keeps_one_snapshot_and_ends_whol
             assert not reader.connection.driver_connection.in_transaction
             with engine.begin() as writer:
                 writer.exec_driver_sql("DELETE FROM t WHERE v = 2")
-    engine.dispose()
 
 
 def test_query_only_engine_refuses_writes(tmp_path):
