@@ -207,6 +207,7 @@ _OBJECT_WITH_ATTRIBUTES = (
     .where(kms_objects.c.uid == bindparam("uid"))
 )
 
+
 def _is_held(held: StoredObject | None, row: Any, attributes: list[Any], raw: bool) -> bool:
     """True if the object row read (sequence, uid, owner, version, sealed
     material, MAC) and its attribute rows (name, index, value) are `held`'s,
@@ -725,13 +726,13 @@ class _SqlTransaction(Transaction):
 
     def audit_head(self, lock: bool = False) -> tuple[int, str] | None:
         with self._op("audit_head", write=lock):
+            known, tail = self.audit_tail
+            if lock and known:
+                return tail  # this transaction took the lock when it read the head
             if lock and self._dialect == "postgresql":
                 # Held until commit; SQLite's BEGIN IMMEDIATE already
                 # serializes writers.
                 self._conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
-            known, tail = self.audit_tail
-            if lock and known:
-                return tail
             found = _RAW_AUDIT_HEAD.rows(self._conn, self._dialect, {})
             head = (found[0][0], found[0][1]) if found else None
             if lock:

@@ -867,3 +867,23 @@ def test_a_read_sees_the_row_and_its_attributes_of_one_commit(postgres_url):
         assert (got.version, states) in ((1, {b"1"}), (2, {b"2"})), (got.version, states)
     finally:
         storage.close()
+
+
+def test_records_appended_in_one_transaction_chain_on_each_other(storage):
+    """A transaction that appends several records reads the audit head once
+    and chains the next on the one it inserted (SQL: `audit_tail`); the
+    chain verifies, and a later transaction continues it."""
+    from kmip_core.audit.chain import verify
+    from kms_server.audit.trail import AuditTrail, iter_records
+
+    trail = AuditTrail(storage, "node-1")
+    entry = {"event": "request", "operation": "GET", "client": {"name": "alice"}, "result": {"status": "SUCCESS"}}
+    with storage.transaction() as tx:
+        for _ in range(3):
+            trail.append(tx, entry)
+    with storage.transaction() as tx:
+        assert tx.audit_head(lock=True)[0] == 3
+        trail.append(tx, entry)
+    records = list(iter_records(storage))
+    assert [r.seq for r in records] == [1, 2, 3, 4]
+    assert verify(records, [], None).ok
