@@ -217,18 +217,21 @@ class KmsService(service.Service):
         # wait in the reactor (issue 15): a worker thread never waits for
         # one. On SQLite each joins the reactor's batch of writes; on
         # PostgreSQL they are gathered in batches written on a pool thread.
-        self._submit_read_record: Callable[[dict], defer.Deferred[StoredAuditRecord]] | None = None
-        # Reads' records waiting for the job that writes them (SQLite).
-        self._read_records: list[tuple[dict, defer.Deferred[StoredAuditRecord]]] = []
+        self.read_records: DeferredGroupCommit[dict, StoredAuditRecord] | None = None
         if self.trail is not None:
             if self.reactor_writes is not None:
-                self._submit_read_record = self._read_record_in_batch
+                # One job of the reactor's next batch of writes, which takes
+                # every record submitted until it runs (one savepoint, one
+                # read of the audit head), answered once that batch commits.
+                self.read_records = DeferredGroupCommit(
+                    self.trail.write_batch, self._in_next_write_batch, AuditWriteFailed, take_when_run=True
+                )
             else:
-                self._submit_read_record = DeferredGroupCommit(
+                self.read_records = DeferredGroupCommit(
                     self.trail.write_batch,
                     lambda flush, entries: deferToThreadPool(reactor, self.threadpool, flush, entries),
                     AuditWriteFailed,
-                ).submit
+                )
         self.factory = KmipFactory(
             handle=self._handle,
             handle_inline=self._handle_inline if self.reads_in_reactor else None,
@@ -359,50 +362,21 @@ class KmsService(service.Service):
         if not committed and self.trail is not None:
             self.trail.commit_failed("a reactor batch of writes did not commit", writes)
 
-    def _read_record_in_batch(self, entry: dict) -> defer.Deferred[StoredAuditRecord]:
-        """A read's record, written in the reactor's next batch of writes
-        with the other reads' records that came before that batch runs (one
-        member of it: one savepoint, one read of the audit head); fires once
-        that batch is committed, or fails with AuditWriteFailed."""
-        writes, trail = self.reactor_writes, self.trail
-        assert writes is not None and trail is not None  # chosen only with both (__init__)
-        waiting: defer.Deferred[StoredAuditRecord] = defer.Deferred()
-        pending = self._read_records
-        pending.append((entry, waiting))
-        if len(pending) > 1:
-            return waiting  # the job queued for the first one writes it too
-
-        taken: list[tuple[dict, defer.Deferred[StoredAuditRecord]]] = []
+    def _in_next_write_batch(self, flush: Callable[[], list[StoredAuditRecord]]) -> defer.Deferred[list[StoredAuditRecord]]:
+        """Run the read records' `flush` (DeferredGroupCommit) as a job of
+        the reactor's next batch of writes; fires once that is committed."""
+        writes = self.reactor_writes
+        assert writes is not None  # chosen only with reactor writes (__init__)
 
         def write() -> defer.Deferred[list[StoredAuditRecord]]:
-            taken.extend(pending)
-            pending.clear()  # a record that comes now queues a job of its own
             with in_reactor(writable=True):
-                records = trail.write_batch([e for e, _ in taken])
+                records = flush()
             return writes.committed().addCallback(lambda _: records)
 
-        def written(records: list[StoredAuditRecord]) -> None:
-            for (_, d), record in zip(taken, records, strict=True):
-                d.callback(record)
-
-        def lost(failure: Failure) -> None:
-            # The batch could not be opened (the job never ran: its records
-            # are still pending), or the records could not be written, or
-            # their batch did not commit.
-            if not failure.check(AuditWriteFailed):
-                failure = Failure(AuditWriteFailed(failure.getErrorMessage()))
-            if not taken:
-                taken.extend(pending)
-                pending.clear()
-            for _, d in taken:
-                d.errback(failure)
-
-        job: defer.Deferred[list[StoredAuditRecord]] = writes.when_free(write)
-        job.addCallbacks(written, lost)
-        return waiting
+        return writes.when_free(write)
 
     def _handle(self, message: bytes, conn: ConnectionInfo, decoded: Item | None = None) -> bytes | HeldAnswer | None:
-        if self._submit_read_record is None:
+        if self.read_records is None:
             return self.dispatcher.handle(message, conn, decoded)
         answer = self.dispatcher.handle_holding_records(message, conn, decoded)
         if isinstance(answer, HeldResponse):
@@ -415,8 +389,8 @@ class KmsService(service.Service):
         is durable; if the record cannot be written, General Failure instead
         (fail closed, as for any record) after trying to record that.
         Callbacks, not a coroutine: every read asked alone comes here."""
-        submit = self._submit_read_record
-        assert submit is not None  # reads are held only with a trail (_handle)
+        assert self.read_records is not None  # reads are held only with a trail (_handle)
+        submit = self.read_records.submit
 
         def written(_: StoredAuditRecord) -> bytes:
             held.settled(True)

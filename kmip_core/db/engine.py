@@ -186,8 +186,7 @@ def configure_sqlite(
         # Every transaction runs one: on the sqlite3 connection itself.
         if conn.get_execution_options().get(READ_ONLY):
             # A read transaction begun on the sqlite3 connection already
-            # (`begin_sqlite_read`): a statement run through SQLAlchemy
-            # joins it.
+            # (`SqliteRead`): a statement run through SQLAlchemy joins it.
             if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
                 sqlite_execute(conn, "BEGIN")
             return

@@ -26,7 +26,10 @@ next batch; one batch at a time is written, on a pool thread. The KMS holds
 the answer to a read in the reactor until the read's audit record is durable
 (kms_server/server.py): the worker thread that served the read is free at
 once, and a batch costs two hand-offs between threads instead of a wait and
-a wake per item (issue 15).
+a wake per item (issue 15). With `take_when_run`, a batch takes its items
+when the runner runs it rather than when it is handed to the runner: a KMS
+on SQLite runs it in the reactor thread as one job of the reactor's next
+batch of writes, and every record submitted until that job runs joins it.
 """
 
 from __future__ import annotations
@@ -125,17 +128,25 @@ class DeferredGroupCommit(Generic[Item, Result]):
     `run_in_thread(f, items)` runs `f(items)` on a thread and returns a
     Deferred that fires in the reactor thread (deferToThreadPool); `flush`
     writes its items in one transaction and returns one result per item,
-    or raises. Every method is called in the reactor thread."""
+    or raises. Every method is called in the reactor thread.
+
+    `take_when_run`: `run_in_thread(f)` instead, which runs `f()` later in
+    the reactor thread (never on another thread: it takes the items queued
+    until then) and returns a Deferred of what `f()` gives, or of what the
+    Deferred it returns gives."""
 
     def __init__(
         self,
         flush: Callable[[list[Item]], Sequence[Result]],
         run_in_thread: Callable[..., defer.Deferred[Any]],
         error: Callable[[str], Exception] = RuntimeError,
+        *,
+        take_when_run: bool = False,
     ):
         self._flush_items = flush
         self._run_in_thread = run_in_thread
         self._error = error
+        self._take_when_run = take_when_run
         self._pending: list[tuple[Item, defer.Deferred[Result]]] = []
         self._flushing = False
 
@@ -157,11 +168,22 @@ class DeferredGroupCommit(Generic[Item, Result]):
         if not self._pending:
             self._flushing = False
             return
-        batch, self._pending = self._pending, []
         self._flushing = True
-        written = self._run_in_thread(self._flush_checked, [item for item, _ in batch])
+        batch: list[tuple[Item, defer.Deferred[Result]]] = []
+
+        def take() -> list[Item]:
+            batch.extend(self._pending)
+            self._pending = []
+            return [item for item, _ in batch]
+
+        if self._take_when_run:
+            written = self._run_in_thread(lambda: self._flush_checked(take()))
+        else:
+            written = self._run_in_thread(self._flush_checked, take())
 
         def settle(outcome: Any) -> None:
+            if not batch:
+                take()  # the runner failed before it ran the flush
             if isinstance(outcome, Failure):
                 text = str(outcome.value) or type(outcome.value).__name__
                 for _, d in batch:

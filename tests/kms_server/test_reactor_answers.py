@@ -260,4 +260,4 @@ def test_when_the_batch_cannot_be_opened_every_pending_record_is_refused(node, m
         item = only_item(ttlv.decode(got[0]))
         assert reason(item) == ResultReason.GENERAL_FAILURE
         assert item.find(T.RESPONSE_PAYLOAD.value) is None
-    assert service._read_records == []
+    assert not service.read_records.flushing, "no record stays waiting"

@@ -195,3 +195,59 @@ def test_a_deferred_batch_with_a_result_missing_fails_every_item():
     assert [type(e) for e in got] == [Refused, Refused, Refused]
     assert "0 results for 1" in str(got[0])
     assert "1 results for 2" in str(got[1]) and "1 results for 2" in str(got[2])
+
+
+class LaterJob:
+    """run_in_thread with take_when_run: `f()` runs when the test says, as
+    a job of the reactor's next batch would; `fail_next` is a batch that
+    could not be opened (the job never runs)."""
+
+    def __init__(self):
+        self.jobs: list[tuple] = []
+
+    def __call__(self, f):
+        d = defer.Deferred()
+        self.jobs.append((f, d))
+        return d
+
+    def run_next(self):
+        f, d = self.jobs.pop(0)
+        try:
+            result = f()
+        except Exception as exc:
+            d.errback(exc)
+        else:
+            d.callback(result)
+
+    def fail_next(self):
+        _, d = self.jobs.pop(0)
+        d.errback(OSError("unable to open database file"))
+
+
+def test_taken_when_run_a_batch_holds_every_item_submitted_until_its_job_runs():
+    batches = []
+
+    def flush(items):
+        batches.append(list(items))
+        return [f"done-{item}" for item in items]
+
+    job = LaterJob()
+    group = DeferredGroupCommit(flush, job, Refused, take_when_run=True)
+    got = outcomes([group.submit(i) for i in range(4)])
+    assert len(job.jobs) == 1 and batches == [], "one job queued, nothing taken yet"
+    job.run_next()
+    assert batches == [[0, 1, 2, 3]] and got == [f"done-{i}" for i in range(4)]
+    assert not group.flushing and job.jobs == []
+
+
+def test_taken_when_run_a_job_that_never_runs_fails_each_waiting_item_alone():
+    job = LaterJob()
+    group = DeferredGroupCommit(lambda items: items, job, Refused, take_when_run=True)
+    got = outcomes([group.submit("a"), group.submit("b")])
+    job.fail_next()
+    assert [type(e) for e in got] == [Refused, Refused] and got[0] is not got[1]
+    assert "unable to open" in str(got[0])
+    assert not group.flushing
+    again = outcomes([group.submit("c")])
+    job.run_next()
+    assert again == ["c"]
