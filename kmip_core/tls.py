@@ -30,6 +30,8 @@ so a removed pin cannot live on through session resumption.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
 import logging
 import signal
 import threading
@@ -120,11 +122,11 @@ class ClientIdentity:
     issuer: str
 
 
-def _as_cryptography(cert: x509.Certificate | crypto.X509) -> x509.Certificate:
+def _der(cert: x509.Certificate | crypto.X509) -> bytes:
     if isinstance(cert, crypto.X509):
-        return cert.to_cryptography()
+        return crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
     if isinstance(cert, x509.Certificate):
-        return cert
+        return cert.public_bytes(serialization.Encoding.DER)
     raise TypeError(f"expected an X.509 certificate, got {type(cert).__name__}")
 
 
@@ -140,10 +142,29 @@ def peer_identity(cert: x509.Certificate | crypto.X509, mode: str) -> ClientIden
     certificate with no CN, or with several, has no identity in ``"cn"``
     mode: picking one of several would let an issuer's choice of order
     decide who the client is.
+
+    The identity is a function of the certificate's bytes and the mode
+    alone, so the answers for the last certificates seen are kept
+    (`_identity_of`): a client that connects again is not parsed again.
+    Whether the certificate is trusted is not part of it; OpenSSL and
+    `client_verify_callback` decide that at every handshake.
     """
-    c = _as_cryptography(cert)
+    if mode not in _IDENTITY_MODES:
+        raise ValueError(f"unknown identity mode {mode!r}; use one of {_IDENTITY_MODES}")
+    return _identity_of(_der(cert), mode)
+
+
+# Certificates whose identity is kept: the clients of a node, and more.
+IDENTITY_CACHE_SIZE = 1024
+
+
+@functools.lru_cache(maxsize=IDENTITY_CACHE_SIZE)
+def _identity_of(der: bytes, mode: str) -> ClientIdentity:
+    """`peer_identity` of a certificate's DER; raises PeerIdentityError (not
+    kept: lru_cache keeps answers only)."""
+    c = x509.load_der_x509_certificate(der)
     subject = c.subject.rfc4514_string()
-    fingerprint = _fingerprint(c)
+    fingerprint = hashlib.sha256(der).hexdigest()
     if mode == "cn":
         names = c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if len(names) != 1 or not isinstance(names[0].value, str) or not names[0].value:
@@ -156,12 +177,8 @@ def peer_identity(cert: x509.Certificate | crypto.X509, mode: str) -> ClientIden
         if not subject:
             raise PeerIdentityError("client certificate has an empty subject")
         name = subject
-    elif mode == "fingerprint":
-        name = fingerprint
     else:
-        raise ValueError(
-            f"unknown identity mode {mode!r}; use one of {_IDENTITY_MODES}"
-        )
+        name = fingerprint
     return ClientIdentity(
         name=name,
         subject=subject,
@@ -304,39 +321,51 @@ def client_verify_callback(
     def verify(
         connection: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
     ) -> bool:
-        c = cert.to_cryptography()
-        subject = c.subject.rfc4514_string()
         if not ok:
             log.warning(
                 "client certificate rejected at depth %d (%s): %s",
                 depth,
-                subject,
+                _subject(cert),
                 _VERIFY_ERRORS.get(errno, f"OpenSSL verify error {errno}"),
             )
             return False
+        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
         if depth > 0:
-            if _fingerprint(c) in pinned_only:
+            if pinned_only and hashlib.sha256(der).hexdigest() in pinned_only:
                 log.warning(
                     "client certificate rejected: pinned certificate %s used as an issuer; "
                     "a pinned certificate is trusted only as itself",
-                    subject,
+                    _subject(cert),
                 )
                 return False
             return True
-        if not _has_client_auth(c):
-            log.warning(
-                "client certificate %s rejected: extended key usage lacks clientAuth",
-                subject,
-            )
-            return False
-        try:
-            peer_identity(c, identity_mode)
-        except PeerIdentityError as exc:
-            log.warning("client certificate rejected: %s", exc)
+        refusal = _leaf_refusal(der, identity_mode)
+        if refusal is not None:
+            log.warning("%s", refusal)
             return False
         return True
 
     return verify
+
+
+def _subject(cert: crypto.X509) -> str:
+    return cert.to_cryptography().subject.rfc4514_string()
+
+
+@functools.lru_cache(maxsize=IDENTITY_CACHE_SIZE)
+def _leaf_refusal(der: bytes, identity_mode: str) -> str | None:
+    """Why a client's leaf certificate (already verified by OpenSSL) is
+    refused, or None; a function of its bytes and the mode, so kept for the
+    last certificates seen. Validity and trust are OpenSSL's, at every
+    handshake, and are not part of it."""
+    c = x509.load_der_x509_certificate(der)
+    if not _has_client_auth(c):
+        return f"client certificate {c.subject.rfc4514_string()} rejected: extended key usage lacks clientAuth"
+    try:
+        _identity_of(der, identity_mode)
+    except PeerIdentityError as exc:
+        return f"client certificate rejected: {exc}"
+    return None
 
 
 def _x509(cert: x509.Certificate) -> crypto.X509:

@@ -649,3 +649,41 @@ def test_verify_callback_decisions(world):
     assert verify(None, _x509(world.pinned_ca), 0, 1, 1) is False  # as an issuer
     ca = Pair(world.dir / "dev" / "ca.pem", world.dir / "dev" / "ca.key")
     assert verify(None, _x509(ca), 0, 1, 1) is True
+
+
+def test_verify_callback_gives_the_same_verdicts_when_asked_again(world, caplog):
+    """Leaf verdicts are kept per certificate: asked again (a client that
+    reconnects), each certificate gets its own verdict again, and a refusal
+    is logged again, each time."""
+    verify = client_verify_callback(frozenset(), "cn")
+    for _ in range(3):
+        caplog.clear()
+        assert verify(None, _x509(world.alice), 0, 0, 1) is True
+        assert verify(None, _x509(world.server_auth_only), 0, 0, 1) is False
+        assert verify(None, _x509(world.no_cn), 0, 0, 1) is False
+        refusals = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("lacks clientAuth" in m for m in refusals), refusals
+        assert any("0 common names" in m for m in refusals), refusals
+    # The mode is part of what is kept: the same certificate without a CN
+    # has an identity by fingerprint.
+    assert client_verify_callback(frozenset(), "fingerprint")(None, _x509(world.no_cn), 0, 0, 1) is True
+
+
+def test_peer_identity_is_the_certificates_own_when_subjects_are_equal(world, tmp_path):
+    """Two certificates with one subject (a reissued client): each keeps
+    its own fingerprint, however often either is seen."""
+    first = x509.load_pem_x509_certificate(make_cert(tmp_path, "twin").cert.read_bytes())
+    second = x509.load_pem_x509_certificate(make_cert(tmp_path / "..", "twin").cert.read_bytes())
+    assert first.subject == second.subject and first != second
+    for _ in range(2):
+        for cert in (first, second, crypto.X509.from_cryptography(first)):
+            identity = peer_identity(cert, "fingerprint")
+            assert identity.fingerprint_sha256 == cert_fp(cert)
+            assert identity.name == identity.fingerprint_sha256
+            assert peer_identity(cert, "cn").name == "twin"
+
+
+def cert_fp(cert) -> str:
+    if isinstance(cert, crypto.X509):
+        cert = cert.to_cryptography()
+    return cert.fingerprint(hashes.SHA256()).hex()
