@@ -5,10 +5,26 @@ Both `kms-server` and `vtpm-broker run` start their root service this way.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["run_service"]
+__all__ = ["run_service", "settle_heap"]
+
+
+def settle_heap() -> None:
+    """Collect what start-up left behind, then move every object alive now
+    (modules, configuration, schema, TLS contexts: about 110,000 in a
+    kms-server worker) to the collector's permanent generation, which its
+    full collections never scan again. A full collection walks every
+    tracked object and holds the GIL while it does: over start-up's objects
+    it took 30-60 ms, the longest stall a request met (the cycle's p99 at
+    16 connections fell from 51 to 21 ms with it, issue 15). Objects
+    frozen here are still freed when their last reference goes; only a
+    reference cycle among them would never be collected, and start-up's
+    objects live as long as the process."""
+    gc.collect()
+    gc.freeze()
 
 
 def run_service(
@@ -34,6 +50,7 @@ def run_service(
                 start_failed(failed[0])
             reactor.stop()
             return
+        settle_heap()
         if started is not None:
             started()
 

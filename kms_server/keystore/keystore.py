@@ -64,7 +64,7 @@ class Keystore:
         self.barrier = barrier
         # Rows authenticated by this process, by unique identifier: a read
         # that finds the stored row unchanged, byte for byte, skips its MAC
-        # check, building and decoding (verified_rows.py has the rule).
+        # check (verified_rows.py has the rule).
         self.rows = VerifiedRows(verified_rows)
         # The store digest as this process last wrote it (row_auth.LastDigest).
         self.last_digest = row_auth.LastDigest()
@@ -339,7 +339,7 @@ class Keystore:
             raise errors.ItemNotFound(f"no object with unique identifier {uid!r}")
         self._note_version(stored.uid, stored.version)
         check(principal, action, stored.owner)
-        obj = ManagedObject.from_stored(stored, self.rows.attributes(stored))
+        obj = ManagedObject.from_stored(stored)
         lifecycle.apply_dates(obj, now)
         self._touch(obj)
         return obj

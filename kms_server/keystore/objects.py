@@ -120,13 +120,12 @@ class ManagedObject:
         )
 
     @classmethod
-    def from_stored(cls, stored: StoredObject, attributes: dict[str, list[Item]] | None = None) -> ManagedObject:
-        """The object of a stored row; `attributes`: the row's attributes
-        already decoded (`decode_attributes`), the object's own to change."""
+    def from_stored(cls, stored: StoredObject) -> ManagedObject:
+        """The object of a stored row."""
         return cls(
             uid=stored.uid,
             owner=stored.owner,
-            attributes=decode_attributes(stored) if attributes is None else attributes,
+            attributes=decode_attributes(stored),
             sealed_material=stored.sealed_material,
             version=stored.version,
             sequence=stored.sequence,

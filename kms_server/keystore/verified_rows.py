@@ -1,5 +1,5 @@
 """The rows this process has authenticated, kept to spare a later read of
-the same row its MAC check, its building and its decoding (issue 15).
+the same row its MAC check (issue 15).
 
 The invalidation rule (docs/process-model.md): an entry is used only when
 the object's row and attribute rows, read in the request's own transaction
@@ -23,19 +23,28 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
-from kmip_core.ttlv import Item
-from kms_server.keystore.objects import decode_attributes
-from kms_server.storage.base import StoredObject
+from kms_server.storage.base import StoredAttribute, StoredObject
 
-# Entries per process by default: about 4.5 KB each for a key with 16
-# attributes, stored and decoded (measured with tracemalloc), so about
-# 37 MB per process when full.
+# Entries per process by default: about 4 KB each for a key with 18
+# attributes (measured with tracemalloc), so about 33 MB per process when
+# full.
 DEFAULT_SIZE = 8192
 
+# An entry: (owner, sealed material, version, sequence, row MAC, attributes
+# as (name, index, value) in (name, index) order). Tuples of str, int and
+# bytes only: CPython's collector stops tracking such a tuple once it finds
+# everything in it untracked (one level of tuples per collection, three in
+# all, while the entry is still young), so a full cache adds nothing to the
+# pauses of full collections. Kept as objects (the StoredObject, its
+# attribute objects, the decoded attribute items), an entry was about 40
+# tracked objects, 330,000 for a full cache, and a full collection walks
+# every tracked object, about 0.3 us each, with the GIL held: a stall of
+# about 100 ms for every request in flight (issue 15).
+_Entry = tuple[str, bytes | None, int, int, bytes, tuple[tuple[str, int, bytes], ...]]
 
-def _name_index(a: Any) -> tuple[str, int]:
+
+def _name_index(a: StoredAttribute) -> tuple[str, int]:
     return a.name, a.index
 
 
@@ -48,7 +57,7 @@ class VerifiedRows:
         if size < 0:
             raise ValueError("the size of the verified rows' cache cannot be negative")
         self.size = size
-        self._rows: OrderedDict[str, tuple[StoredObject, dict[str, tuple[Item, ...]] | None]] = OrderedDict()
+        self._rows: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         # Called with True for a read the cache served, False for one that
         # read the row whole (the node's metrics).
@@ -58,24 +67,35 @@ class VerifiedRows:
         return len(self._rows)
 
     def get(self, uid: str) -> StoredObject | None:
+        """The row held for `uid`, as an object of the caller's own (built
+        anew at each call: nothing the caller does to it reaches the cache)."""
         with self._lock:
             entry = self._rows.get(uid)
             if entry is None:
                 return None
             self._rows.move_to_end(uid)
-            return entry[0]
+        owner, sealed, version, sequence, row_mac, attributes = entry
+        return StoredObject(
+            uid=uid,
+            owner=owner,
+            sealed_material=sealed,
+            attributes=list(map(StoredAttribute._make, attributes)),
+            version=version,
+            sequence=sequence,
+            row_mac=row_mac,
+        )
 
     def put(self, stored: StoredObject) -> None:
         """Keep `stored`, authenticated (verified or signed here) at its
-        version. It must not be changed afterwards: callers hand over a row
-        they no longer write to."""
+        version: its bytes are copied, so later changes to it are not kept."""
         if self.size == 0 or stored.row_mac is None:
             return
-        # In (name, index) order, as a row read is (a written one is in
-        # the order of its attributes): storage compares them in that order.
-        stored.attributes.sort(key=_name_index)
+        # In (name, index) order, as a row read is: storage compares them
+        # in that order (`Transaction.get_object(held=...)`).
+        attributes = tuple([(a.name, a.index, a.value) for a in sorted(stored.attributes, key=_name_index)])
+        entry = (stored.owner, stored.sealed_material, stored.version, stored.sequence, stored.row_mac, attributes)
         with self._lock:
-            self._rows[stored.uid] = (stored, None)
+            self._rows[stored.uid] = entry
             self._rows.move_to_end(stored.uid)
             while len(self._rows) > self.size:
                 self._rows.popitem(last=False)
@@ -87,17 +107,3 @@ class VerifiedRows:
     def forget(self, uid: str) -> None:
         with self._lock:
             self._rows.pop(uid, None)
-
-    def attributes(self, stored: StoredObject) -> dict[str, list[Item]]:
-        """`stored`'s attributes decoded, as ManagedObject.from_stored
-        decodes them, in lists of the caller's own; decoded once per entry."""
-        with self._lock:
-            entry = self._rows.get(stored.uid)
-        decoded = entry[1] if entry is not None and entry[0] is stored else None
-        if decoded is None:
-            decoded = {name: tuple(values) for name, values in decode_attributes(stored).items()}
-            with self._lock:
-                entry = self._rows.get(stored.uid)
-                if entry is not None and entry[0] is stored:
-                    self._rows[stored.uid] = (stored, decoded)
-        return {name: list(values) for name, values in decoded.items()}

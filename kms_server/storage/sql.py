@@ -221,8 +221,8 @@ def _is_held(held: StoredObject | None, row: Any, attributes: list[Any], raw: bo
         return False
     if len(attributes) != len(held.attributes):
         return False
-    read = sorted(attributes if raw else [(n, i, bytes(v)) for n, i, v in attributes])
-    return read == [(a.name, a.index, a.value) for a in held.attributes]
+    # StoredAttribute is a tuple: equal to the (name, index, value) read.
+    return sorted(attributes if raw else [(n, i, bytes(v)) for n, i, v in attributes]) == held.attributes
 
 
 class _Raw:
