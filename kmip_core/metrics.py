@@ -49,6 +49,26 @@ from kmip_core.config import ConfigError, check_file, choice, nonempty_str, path
 # workers of a node; read by prometheus-client when it is first imported.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+# In that mode every inc and observe asks the kernel for the process id
+# (os.getpid, a system call: five per request), to notice a fork that
+# would have the child write into its parent's file. The id is kept here
+# instead, and taken again in a forked child before anything else runs in
+# it: prometheus-client's own hook for it (`process_identifier`), set
+# before any value exists.
+_PROCESS_ID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PROCESS_ID.__setitem__(0, os.getpid()))
+
+
+def process_id() -> int:
+    """This process's id, as of its start or its last fork."""
+    return _PROCESS_ID[0]
+
+
+if os.environ.get(MULTIPROCESS_ENV):
+    from prometheus_client import values as _values
+
+    _values.ValueClass = _values.MultiProcessValue(process_identifier=process_id)
+
 __all__ = [
     "MULTIPROCESS_ENV",
     "CheckResult",
@@ -66,6 +86,7 @@ __all__ = [
     "fetch_readiness",
     "listener_limits",
     "print_readiness",
+    "process_id",
     "readiness_table",
     "require_safe_bind",
     "service_listener",
@@ -175,6 +196,12 @@ def check_metrics_section(values: dict[str, Any]) -> None:
 # --- What a KMIP dispatcher reports -----------------------------------------------
 
 
+# Children kept per RequestMetrics: far more than operations x results, and
+# a bound all the same (undefined operation codes share one label, but each
+# is its own key here).
+_KEPT_CHILDREN = 4096
+
+
 class RequestMetrics:
     """KMIP request items by operation and result, their latency, and the
     database retry/failover events of the layer that runs them. `prefix`
@@ -201,6 +228,10 @@ class RequestMetrics:
             ["event"],
             registry=registry,
         )
+        # The children `labels` returns (it takes a lock and checks the
+        # labels at every call), by (operation, result) and by operation.
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
 
     @staticmethod
     def _operation(name: str) -> str:
@@ -209,10 +240,19 @@ class RequestMetrics:
         return "unknown" if name.startswith("0x") else name
 
     def request(self, operation: str, result: str, seconds: float | None = None) -> None:
-        operation = self._operation(operation)
-        self.requests.labels(operation, result).inc()
+        counter = self._counters.get((operation, result))
+        if counter is None:
+            counter = self.requests.labels(self._operation(operation), result)
+            if len(self._counters) < _KEPT_CHILDREN:
+                self._counters[(operation, result)] = counter
+        counter.inc()
         if seconds is not None:
-            self.latency.labels(operation).observe(seconds)
+            latency = self._latencies.get(operation)
+            if latency is None:
+                latency = self.latency.labels(self._operation(operation))
+                if len(self._latencies) < _KEPT_CHILDREN:
+                    self._latencies[operation] = latency
+            latency.observe(seconds)
 
     def database_event(self, event: str) -> None:
         self.database.labels(event).inc()

@@ -73,10 +73,11 @@ class KmsMetrics:
         self.verified_rows = Counter(
             "kms_verified_row_reads_total",
             "Object rows read by a request, by result: 'held' (unchanged since this process authenticated "
-            "them: not authenticated and decoded again) or 'read' (authenticated and decoded)",
+            "them: not authenticated again) or 'read' (authenticated)",
             ["result"],
             registry=self.registry,
         )
+        self._held, self._read = self.verified_rows.labels("held"), self.verified_rows.labels("read")
         self._service: Any = None
         self._objects: list[tuple[str, str, int]] = []
         self._objects_at = 0.0
@@ -104,7 +105,7 @@ class KmsMetrics:
             self.batched_writes.inc(writes)
 
     def verified_row_read(self, held: bool) -> None:
-        self.verified_rows.labels("held" if held else "read").inc()
+        (self._held if held else self._read).inc()
 
     # Read on scrape.
     def watch(self, service, registry: CollectorRegistry | None = None) -> None:

@@ -79,10 +79,15 @@ KMS = Domain("kms-server", b"kms-audit-v1\n", b"kms-audit-checkpoint-v1\n", INDE
 BROKER = Domain("vtpm-broker", b"vtpm-broker-audit-v1\n", b"vtpm-broker-audit-checkpoint-v1\n", BROKER_INDEXED_FIELDS)
 
 
+# One encoder for every record: json.dumps with these options builds one
+# per call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(value: dict) -> str:
     """Sorted keys, no spaces, UTF-8 text, no floats: the same record
     always has the same bytes."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _CANONICAL.encode(value)
 
 
 def record_hash(body: str, domain: Domain = KMS) -> str:

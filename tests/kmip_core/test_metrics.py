@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import threading
 import time
 import urllib.error
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from kmip_core import logs
 from kmip_core.config import ConfigError
 from kmip_core.metrics import (
+    MULTIPROCESS_ENV,
     MetricsListener,
     MetricsListenerError,
     Readiness,
@@ -266,3 +268,52 @@ def test_docs_name_every_metric_and_the_dashboard_only_real_ones():
     queried.discard("kms_instance")
     assert queried <= documented, queried - documented
     assert {"kms_requests_total", "vtpm_broker_unwraps_total", "vtpm_broker_unwrap_duration_seconds"} <= queried
+
+
+def test_request_metrics_count_every_request_with_the_children_kept():
+    registry = CollectorRegistry()
+    metrics = RequestMetrics(registry, "t")
+    for result in ("SUCCESS", "SUCCESS", "ITEM_NOT_FOUND"):
+        metrics.request("Get", result, 0.001)
+    metrics.request("Create", "SUCCESS")
+    assert registry.get_sample_value("t_requests_total", {"operation": "Get", "result": "SUCCESS"}) == 2
+    assert registry.get_sample_value("t_requests_total", {"operation": "Get", "result": "ITEM_NOT_FOUND"}) == 1
+    assert registry.get_sample_value("t_requests_total", {"operation": "Create", "result": "SUCCESS"}) == 1
+    assert registry.get_sample_value("t_request_duration_seconds_count", {"operation": "Get"}) == 3
+    assert registry.get_sample_value("t_request_duration_seconds_count", {"operation": "Create"}) is None
+
+
+_FORKED_COUNTS = """
+import os, sys
+import kmip_core.metrics  # sets the value class, before any value exists
+from prometheus_client import CollectorRegistry, Counter, multiprocess
+c = Counter("t_forked_total", "h", ["who"])
+c.labels("parent").inc()
+pid = os.fork()
+if pid == 0:
+    c.labels("child").inc(5)
+    c.labels("parent").inc(0)  # the child's own file holds its own values
+    os._exit(0)
+os.waitpid(pid, 0)
+c.labels("parent").inc()
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry, path=os.environ["PROMETHEUS_MULTIPROC_DIR"])
+print(registry.get_sample_value("t_forked_total", {"who": "parent"}),
+      registry.get_sample_value("t_forked_total", {"who": "child"}),
+      sorted(name.endswith(f"_{os.getpid()}.db") for name in os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])))
+"""
+
+
+def test_multiprocess_values_know_a_forked_child_from_its_parent(tmp_path):
+    """The process id is kept rather than asked for at every inc (a system
+    call each), and taken again in a forked child: the child writes its own
+    file, never into its parent's."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, MULTIPROCESS_ENV: str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKED_COUNTS], env=env, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split(maxsplit=2)
+    assert out[:2] == ["2.0", "5.0"]
+    assert out[2].strip() == "[False, True]"  # one file of the parent's, one of the child's
