@@ -51,7 +51,7 @@ class StoredAttribute(NamedTuple):
     row read or written, at a third of a frozen dataclass's cost."""
 
     name: str
-    index: int
+    index: int  # type: ignore[assignment]  # the field, not tuple.index
     value: bytes
 
 
