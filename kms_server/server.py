@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from kmip.core.enums import Operation
+from kmip.core.enums import Operation, Tags
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
@@ -41,7 +41,7 @@ from kms_server.config import Config
 from kms_server.keystore import row_auth
 from kms_server.keystore.keystore import Keystore
 from kms_server.metrics import KmsMetrics, monitor_listener
-from kms_server.operations import OPERATIONS
+from kms_server.operations import OPERATIONS, get
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError, StoredAuditRecord
 from kms_server.storage.reactor_writes import ReactorWrites
@@ -60,6 +60,15 @@ READS_IN_REACTOR = frozenset(
         Operation.DISCOVER_VERSIONS,
     )
 )
+_GET = Operation.GET.value
+
+
+def _payload(message: Item) -> Item | None:
+    """The Request Payload of a request message's one batch item."""
+    item = message.find(Tags.BATCH_ITEM.value)
+    return None if item is None else item.find(Tags.REQUEST_PAYLOAD.value)
+
+
 # Operations that write, tried there too on SQLite: each a few row changes
 # and no costly cryptography (a symmetric key's random bytes, a seal).
 # Creating key pairs, rekeying and the cryptographic operations stay on the
@@ -289,7 +298,10 @@ class KmsService(service.Service):
         operation = single_operation(decoded)
         if operation not in self.in_reactor_ops:
             return in_pool
-        if operation in WRITES_IN_REACTOR:
+        if operation in WRITES_IN_REACTOR or (
+            # A first Get writes (it clears Fresh): started where it ends.
+            operation == _GET and self.reactor_writes is not None and get.writes(self.keystore, _payload(decoded))
+        ):
             return self._in_next_batch(message, conn, decoded, in_pool)
         return self._in_reactor(message, conn, decoded, in_pool)
 

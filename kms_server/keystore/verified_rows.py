@@ -100,6 +100,19 @@ class VerifiedRows:
             while len(self._rows) > self.size:
                 self._rows.popitem(last=False)
 
+    def value(self, uid: str, name: str) -> bytes | None:
+        """The stored bytes of attribute `name`'s first value in the row held
+        for `uid`, None if no row or no such attribute is held. A hint of
+        what the row was, not of what it is now: nothing that decides
+        access or answers may rest on it."""
+        with self._lock:
+            entry = self._rows.get(uid)
+        if entry is not None:
+            for attribute in entry[5]:
+                if attribute[0] == name and attribute[1] == 0:
+                    return attribute[2]
+        return None
+
     def count(self, hit: bool) -> None:
         if self.on_read is not None:
             self.on_read(hit)

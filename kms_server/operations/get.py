@@ -30,7 +30,7 @@ from kmip_core.nonblocking import writer_busy
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
 from kmip_core.ttlv import Item, ItemType
-from kms_server.keystore import crypto
+from kms_server.keystore import attributes, crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject, Material
 from kms_server.operations import common, crypto_params, key_use, object_codec, wrapped_key
@@ -97,6 +97,21 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         common.uid_item(obj.uid),
         item,
     ]
+
+
+# Fresh True as stored (the Attribute Value item's TTLV bytes).
+_FRESH = attributes.encode_value(attributes.make("Fresh", True))
+
+
+def writes(keystore: Keystore, payload: Item | None) -> bool:
+    """Whether this Get is likely to write: its key is held by this process
+    (keystore/verified_rows.py) as it was when still Fresh, so its first Get
+    clears Fresh. Only where the Get runs rests on it (on SQLite, straight in
+    the reactor's next batch of writes instead of trying in the reactor and
+    starting again there: kms_server/server.py); the Get itself reads the
+    row again wherever it runs, and writes only if the row says so."""
+    uid = None if payload is None else payload.get(T.UNIQUE_IDENTIFIER.value)
+    return isinstance(uid, str) and keystore.rows.value(uid, "Fresh") == _FRESH
 
 
 def _as_registered(

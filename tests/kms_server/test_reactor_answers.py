@@ -261,3 +261,71 @@ def test_when_the_batch_cannot_be_opened_every_pending_record_is_refused(node, m
         assert reason(item) == ResultReason.GENERAL_FAILURE
         assert item.find(T.RESPONSE_PAYLOAD.value) is None
     assert not service.read_records.flushing, "no record stays waiting"
+
+
+def _runs(service, monkeypatch) -> list[str]:
+    """Where each run of a request starts from now on: 'reactor' (tried
+    there first) or 'batch' (in the reactor's batch of writes)."""
+    runs: list[str] = []
+    handle = service._handle
+
+    def counted(message, conn, decoded):
+        writes = service.reactor_writes
+        runs.append("batch" if writes.batch_open else "reactor")
+        return handle(message, conn, decoded)
+
+    monkeypatch.setattr(service, "_handle", counted)
+    return runs
+
+
+def test_a_first_get_of_a_key_held_as_fresh_starts_in_the_batch(node, monkeypatch):
+    """The process holds the key's row as written, Fresh: its first Get runs
+    once, in the next batch, instead of being tried in the reactor, finding
+    it writes, and starting again there. A Get of a key no longer Fresh is
+    a read, tried in the reactor; one the process does not hold is tried
+    there and starts again in the batch, as before."""
+    service, clock = node
+    uid = created_key(service, clock)
+    get = request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])
+    runs = _runs(service, monkeypatch)
+    got = sent(service._handle_inline(get, CONN))
+    clock.advance(0)
+    assert runs == ["batch"]
+    assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
+    runs.clear()
+    got = sent(service._handle_inline(get, CONN))
+    clock.advance(0)
+    assert runs == ["reactor"], "no longer Fresh: a read"
+    assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
+
+    other = created_key(service, clock)
+    service.keystore.rows.forget(other)
+    runs.clear()
+    got = sent(service._handle_inline(request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, other)])]), CONN))
+    clock.advance(0)
+    assert runs == ["reactor", "batch"]
+    assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
+    fresh = [r for r in iter_records(service.storage) if r.operation == "GET"]
+    assert len(fresh) == 3
+
+
+def test_a_stale_fresh_hint_costs_a_batch_and_changes_nothing(node, monkeypatch):
+    """The row held says Fresh, the stored one no longer does (another
+    process served the key since): the Get runs in the batch, reads the row
+    as stored, writes nothing of the object, and answers as a read would."""
+    service, clock = node
+    uid = created_key(service, clock)
+    held = service.keystore.rows.get(uid)
+    get = request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])
+    sent(service._handle_inline(get, CONN))
+    clock.advance(0)
+    service.keystore.rows.put(held)  # as if this process had not seen Fresh cleared
+    with service.storage.transaction(read_only=True) as txn:
+        version = txn.get_object(uid).version
+    runs = _runs(service, monkeypatch)
+    got = sent(service._handle_inline(get, CONN))
+    clock.advance(0)
+    assert runs == ["batch"]
+    assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
+    with service.storage.transaction(read_only=True) as txn:
+        assert txn.get_object(uid).version == version, "nothing of the object was written"
