@@ -60,15 +60,6 @@ READS_IN_REACTOR = frozenset(
         Operation.DISCOVER_VERSIONS,
     )
 )
-_GET = Operation.GET.value
-
-
-def _payload(message: Item) -> Item | None:
-    """The Request Payload of a request message's one batch item."""
-    item = message.find(Tags.BATCH_ITEM.value)
-    return None if item is None else item.find(Tags.REQUEST_PAYLOAD.value)
-
-
 # Operations that write, tried there too on SQLite: each a few row changes
 # and no costly cryptography (a symmetric key's random bytes, a seal).
 # Creating key pairs, rekeying and the cryptographic operations stay on the
@@ -87,6 +78,15 @@ WRITES_IN_REACTOR = frozenset(
         Operation.SET_ATTRIBUTE,
     )
 )
+
+_GET = Operation.GET.value
+
+
+def _payload(message: Item) -> Item | None:
+    """The Request Payload of a request message's one batch item."""
+    item = message.find(Tags.BATCH_ITEM.value)
+    return None if item is None else item.find(Tags.REQUEST_PAYLOAD.value)
+
 
 # The answer to a write whose reactor batch failed to commit.
 UNCOMMITTED = (
