@@ -27,6 +27,7 @@ from kmip_core.protocol import HeldAnswer, InPool
 from kmip_core.server.dispatcher import ConnectionInfo
 from kms_server.audit.trail import iter_records
 from kms_server.config import load_config
+from kms_server.operations import get
 from kms_server.server import UNCOMMITTED, KmsService
 from kms_server.storage.base import StorageError
 from tests.conftest import write_node_config
@@ -329,3 +330,17 @@ def test_a_stale_fresh_hint_costs_a_batch_and_changes_nothing(node, monkeypatch)
     assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
     with service.storage.transaction(read_only=True) as txn:
         assert txn.get_object(uid).version == version, "nothing of the object was written"
+
+
+def test_the_fresh_hint_of_a_get_without_a_plain_identifier_is_no(node):
+    """A Get whose payload is missing, has no Unique Identifier (an ID
+    Placeholder's), or names it with an item of another type is not
+    routed by the hint: the Get decides, as for any key not held."""
+    service, clock = node
+    uid = created_key(service, clock)
+    keystore = service.keystore
+    assert get.writes(keystore, ttlv.structure(T.REQUEST_PAYLOAD.value, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)]))
+    assert not get.writes(keystore, None)
+    assert not get.writes(keystore, ttlv.structure(T.REQUEST_PAYLOAD.value, []))
+    assert not get.writes(keystore, ttlv.structure(T.REQUEST_PAYLOAD.value, [ttlv.integer(T.UNIQUE_IDENTIFIER.value, 7)]))
+    assert not get.writes(keystore, ttlv.text(T.REQUEST_PAYLOAD.value, uid))
