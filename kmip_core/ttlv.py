@@ -85,7 +85,8 @@ class Item:
         return default if item is None else item.value
 
     def retag(self, tag: int) -> Item:
-        return Item(tag, self.type, self.value)
+        # Items are immutable: one that has the tag already is its own copy.
+        return self if tag == self.tag else Item(tag, self.type, self.value)
 
     def __repr__(self) -> str:  # Short form that never prints key bytes.
         name = tag_name(self.tag)

@@ -355,3 +355,11 @@ def test_repr_of_a_key_structure_hides_the_key():
     for text in (repr(s), repr(s.value), str(s), f"{s!r}"):
         assert "00112233" not in text and "\\x00\\x11" not in text
     assert repr(s) == "<KEY_MATERIAL [1 items]>"
+
+
+def test_retag_copies_only_what_needs_another_tag():
+    item = ttlv.structure(0x420001, [ttlv.text(0x420002, "x")])
+    assert item.retag(0x420001) is item  # immutable: its own copy
+    other = item.retag(0x420003)
+    assert (other.tag, other.type, other.value) == (0x420003, item.type, item.value)
+    assert item.tag == 0x420001
