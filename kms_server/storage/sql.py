@@ -301,8 +301,8 @@ _OBJECT_UPDATE = (
     )
 )
 _OBJECT_DELETE = delete(kms_objects).where(kms_objects.c.uid == bindparam("uid"))
-_ATTRIBUTE_DIGESTS = select(
-    kms_attributes.c.id, kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value_digest
+_ATTRIBUTE_VALUES = select(
+    kms_attributes.c.id, kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value
 ).where(kms_attributes.c.uid == bindparam("uid"))
 _ATTRIBUTES_DELETE = delete(kms_attributes).where(kms_attributes.c.uid == bindparam("uid"))
 _ATTRIBUTES_DELETE_IDS = delete(kms_attributes).where(kms_attributes.c.id.in_(bindparam("ids", expanding=True)))
@@ -319,7 +319,7 @@ _RAW_OBJECT_INSERT = _Raw(_OBJECT_INSERT, ["uid", "owner", "version", "sealed_ma
 _RAW_ATTRIBUTES_INSERT = _Raw(_ATTRIBUTES_INSERT, _ATTRIBUTE_COLUMNS)
 _RAW_OBJECT_UPDATE = _Raw(_OBJECT_UPDATE)
 _RAW_OBJECT_DELETE = _Raw(_OBJECT_DELETE)
-_RAW_ATTRIBUTE_DIGESTS = _Raw(_ATTRIBUTE_DIGESTS)
+_RAW_ATTRIBUTE_VALUES = _Raw(_ATTRIBUTE_VALUES)
 _RAW_ATTRIBUTES_DELETE = _Raw(_ATTRIBUTES_DELETE)
 _RAW_ATTRIBUTE_DELETE_ID = _Raw(_ATTRIBUTE_DELETE_ID)
 _RAW_OBJECT_WITH_ATTRIBUTES = _Raw(_OBJECT_WITH_ATTRIBUTES)
@@ -635,13 +635,15 @@ class _SqlTransaction(Transaction):
             # Only the attribute rows that changed are rewritten: most
             # updates (Activate, the first Get clearing Fresh, AddAttribute)
             # touch one or two of an object's dozen or more attributes.
+            # Compared by value (a few dozen bytes each), not by digest:
+            # no hash of every value at every write.
             stored = {
-                (name, idx): (row_id, bytes(value_digest))
-                for row_id, name, idx, value_digest in _RAW_ATTRIBUTE_DIGESTS.rows(
+                (name, idx): (row_id, bytes(value))
+                for row_id, name, idx, value in _RAW_ATTRIBUTE_VALUES.rows(
                     self._conn, self._dialect, {"uid": obj.uid}
                 )
             }
-            wanted = {(attr.name, attr.index): (attr, _digest(attr.value)) for attr in obj.attributes}
+            wanted = {(attr.name, attr.index): attr for attr in obj.attributes}
             if len(wanted) != len(obj.attributes):
                 # Two values under one (name, index): keep every row as given.
                 _RAW_ATTRIBUTES_DELETE.changed(self._conn, self._dialect, {"uid": obj.uid})
@@ -649,14 +651,12 @@ class _SqlTransaction(Transaction):
                 obj.version += 1
                 return
             changed = [
-                attr
-                for key, (attr, digest) in wanted.items()
-                if key not in stored or stored[key][1] != digest
+                attr for key, attr in wanted.items() if key not in stored or stored[key][1] != attr.value
             ]
             gone = [
                 row_id
-                for key, (row_id, digest) in stored.items()
-                if key not in wanted or digest != wanted[key][1]
+                for key, (row_id, value) in stored.items()
+                if key not in wanted or value != wanted[key].value
             ]
             if gone and self._dialect == "sqlite":
                 _RAW_ATTRIBUTE_DELETE_ID.many(self._conn, self._dialect, [{"id": row_id} for row_id in gone])
