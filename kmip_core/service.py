@@ -18,8 +18,9 @@ def settle_heap() -> None:
     kms-server worker) to the collector's permanent generation, which its
     full collections never scan again. A full collection walks every
     tracked object and holds the GIL while it does: over start-up's objects
-    it took 30-60 ms, the longest stall a request met (the cycle's p99 at
-    16 connections fell from 51 to 21 ms with it, issue 15). Objects
+    it took 30-60 ms, the longest stall a request met (issue 15: with this
+    and the verified rows kept untracked, the cycle's p99 at 16
+    connections fell from 49-53 to 17-18 ms in bench/README.md's pairs). Objects
     frozen here are still freed when their last reference goes; only a
     reference cycle among them would never be collected, and start-up's
     objects live as long as the process."""
