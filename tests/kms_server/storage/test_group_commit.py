@@ -135,6 +135,17 @@ class Thread:
             d.callback(result)
 
 
+def recording_flush():
+    """A flush that records each batch it is given and answers done-<item>."""
+    batches: list[list] = []
+
+    def flush(items):
+        batches.append(list(items))
+        return [f"done-{item}" for item in items]
+
+    return batches, flush
+
+
 def outcomes(ds):
     got = []
     for d in ds:
@@ -143,12 +154,7 @@ def outcomes(ds):
 
 
 def test_deferred_items_submitted_during_a_write_form_the_next_batch():
-    batches = []
-
-    def flush(items):
-        batches.append(list(items))
-        return [f"done-{item}" for item in items]
-
+    batches, flush = recording_flush()
     thread = Thread()
     group = DeferredGroupCommit(flush, thread, Refused)
     first = group.submit(0)
@@ -225,12 +231,7 @@ class LaterJob:
 
 
 def test_taken_when_run_a_batch_holds_every_item_submitted_until_its_job_runs():
-    batches = []
-
-    def flush(items):
-        batches.append(list(items))
-        return [f"done-{item}" for item in items]
-
+    batches, flush = recording_flush()
     job = LaterJob()
     group = DeferredGroupCommit(flush, job, Refused, take_when_run=True)
     got = outcomes([group.submit(i) for i in range(4)])
