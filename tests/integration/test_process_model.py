@@ -214,6 +214,10 @@ def test_metrics_count_the_requests_of_every_worker(tmp_path, pki_dir):
     try:
         url = server.announced("kms-server metrics on").rsplit(" ", 1)[1].rstrip("/")
         pids = worker_pids(server)
+        # This node's own directory of shared counters, as its workers were given it.
+        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+        shared = Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
+        assert list(shared.glob(f"*_{pids[0]}.db")), "worker 0 writes its counters there"
         clients = [pykmip(server, pki_dir) for _ in range(16)]
         try:
             for client in clients:
@@ -229,8 +233,11 @@ def test_metrics_count_the_requests_of_every_worker(tmp_path, pki_dir):
         assert sample(text, "kms_request_duration_seconds_count", operation="CREATE") == len(clients)
     finally:
         server.stop()
-    # The shared counters' directory goes with the node.
-    assert not list(Path(tempfile.gettempdir()).glob(f"kms-server-metrics-*/*_{pids[0]}.db"))
+    # The shared counters' directory goes with the node (looked for by its
+    # own name: a directory another node left, killed, may hold a file of a
+    # process id reused since).
+    assert shared.parent == Path(tempfile.gettempdir()) and shared.name.startswith("kms-server-metrics-")
+    assert not shared.exists() and not list(shared.glob(f"*_{pids[0]}.db"))
 
 
 def test_a_port_another_node_holds_is_refused(node, tmp_path):
