@@ -13,17 +13,52 @@ its own (kms_server/storage/reactor_writes.py). Both are raised before the
 work has changed anything. Once it has (its change waits in the reactor's
 batch), the work is `pinned()`: it can no longer start over elsewhere, and
 `would_block` lets it wait where it is.
+
+A write may also wait for the writer's turn without blocking the thread:
+run as a `Work` (a greenlet of the reactor thread), it calls
+`writer_turn(what)` where its write transaction begins; the work is then
+suspended, the reactor serves others, and whoever opens the batch resumes
+it there. The state kept here is a ContextVar, and each work runs in a
+copy of the context it was started in, so that what one waiting work has
+set is not what the next request in the thread sees.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterator
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["WouldBlock", "WriterBusy", "in_reactor", "in_reactor_now", "pinned", "would_block", "writer_busy"]
+import greenlet
 
-_state = threading.local()
+__all__ = [
+    "Work",
+    "WouldBlock",
+    "WriterBusy",
+    "in_reactor",
+    "in_reactor_now",
+    "pinned",
+    "would_block",
+    "writer_busy",
+    "writer_turn",
+]
+
+
+@dataclass
+class ReactorState:
+    """What `in_reactor()` knows of the work it runs: `writable`, a batch
+    is open that writes can join; `pinned`, the work has joined one."""
+
+    writable: bool
+    pinned: bool = False
+
+
+# A ContextVar, not a thread-local: works of the reactor thread that wait
+# for the writer's turn (`Work`) each run in a context of their own.
+_STATE: contextvars.ContextVar[ReactorState | None] = contextvars.ContextVar("kmip_core.nonblocking", default=None)
+_WORK: contextvars.ContextVar[Work | None] = contextvars.ContextVar("kmip_core.nonblocking.work", default=None)
 
 
 class WouldBlock(BaseException):
@@ -38,25 +73,24 @@ class WriterBusy(WouldBlock):
 
 
 @contextlib.contextmanager
-def in_reactor(writable: bool = False) -> Iterator[None]:
+def in_reactor(writable: bool = False) -> Iterator[ReactorState]:
     """`writable`: a batch is open that writes can join without waiting
-    (then `writer_busy` does not raise)."""
-    _state.on = True
-    _state.pinned = False
-    _state.writable = writable
+    (then `writer_busy` does not raise). Yields the work's state: its
+    `pinned` says, once the block is left, whether it joined a batch."""
+    state = ReactorState(writable)
+    token = _STATE.set(state)
     try:
-        yield
+        yield state
     finally:
-        _state.on = False
-        _state.pinned = False
-        _state.writable = False
+        _STATE.reset(token)
 
 
 def would_block(what: str) -> None:
     """Call before `what` blocks the thread: raises WouldBlock in
     `in_reactor()`, unless the work is `pinned()` to this thread (then it
     blocks: it cannot start over elsewhere)."""
-    if getattr(_state, "on", False) and not _state.pinned:
+    state = _STATE.get()
+    if state is not None and not state.pinned:
         raise WouldBlock(what)
 
 
@@ -64,18 +98,83 @@ def writer_busy(what: str) -> None:
     """Call where work will write (before the costly part that precedes
     the write): raises WriterBusy in `in_reactor()` unless writes can join
     an open batch there."""
-    if getattr(_state, "on", False) and not _state.writable:
+    state = _STATE.get()
+    if state is not None and not state.writable:
         raise WriterBusy(what)
+
+
+def writer_turn(what: str) -> None:
+    """Call where a write transaction is about to begin, outside any
+    transaction. In `in_reactor()` without an open batch: a `Work` waits
+    here until the reactor has opened one and resumes it; other work
+    raises WriterBusy. Elsewhere, returns at once."""
+    state = _STATE.get()
+    if state is None or state.writable:
+        return
+    work = _WORK.get()
+    if work is None or greenlet.getcurrent() is not work._greenlet:
+        raise WriterBusy(what)
+    work._wait()
+    state.writable = True
 
 
 def pinned() -> None:
     """The work inside `in_reactor()` has changed something that waits for
     this thread's commit: from now on it must finish here."""
-    _state.pinned = True
+    state = _STATE.get()
+    if state is not None:
+        state.pinned = True
 
 
 def in_reactor_now() -> bool:
     """Whether this thread is inside `in_reactor()`: code that can do its
     work there without waiting (a SQLite write joining the reactor's
     batch) takes that path instead of calling `would_block`."""
-    return getattr(_state, "on", False)
+    return _STATE.get() is not None
+
+
+_WAITING = object()
+
+
+class Work:
+    """Work of the reactor thread that may wait for the writer's turn
+    (`writer_turn`) without blocking the thread: it runs in a greenlet, in
+    a copy of the context it was made in, and `step()` runs it until it
+    ends or waits. What it computes before its write transaction is thus
+    computed outside the writer's turn, which the node's processes hold
+    one at a time (issue 15)."""
+
+    __slots__ = ("_caller", "_greenlet", "result")
+
+    def __init__(self, fn: Callable[[], Any]):
+        def run() -> Any:
+            _WORK.set(self)
+            return fn()
+
+        self._greenlet = greenlet.greenlet(run)
+        self._greenlet.gr_context = contextvars.copy_context()
+        self._caller: greenlet.greenlet | None = None
+        self.result: Any = None
+
+    def step(self) -> bool:
+        """Run the work until it ends (True: its value is `result`; what
+        it raises is raised here) or waits for the writer's turn (False).
+        Call again once a batch is open."""
+        return self._switch(self._greenlet.switch)
+
+    def throw(self, exc: BaseException) -> bool:
+        """Raise `exc` where the work waits, and run it on (as `step`)."""
+        return self._switch(lambda: self._greenlet.throw(exc))
+
+    def _switch(self, go: Callable[[], Any]) -> bool:
+        self._caller = self._greenlet.parent = greenlet.getcurrent()
+        value = go()
+        if value is _WAITING and not self._greenlet.dead:
+            return False
+        self.result = value
+        return True
+
+    def _wait(self) -> None:
+        caller = self._caller
+        assert caller is not None  # running, so switched to by _switch
+        caller.switch(_WAITING)

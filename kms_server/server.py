@@ -298,12 +298,23 @@ class KmsService(service.Service):
         operation = single_operation(decoded)
         if operation not in self.in_reactor_ops:
             return in_pool
-        if operation in WRITES_IN_REACTOR or (
+        if operation in WRITES_IN_REACTOR:
+            return self._write_now(message, conn, decoded, in_pool)
+        if operation == _GET and self.reactor_writes is not None and get.writes(self.keystore, _payload(decoded)):
             # A first Get writes (it clears Fresh): started where it ends.
-            operation == _GET and self.reactor_writes is not None and get.writes(self.keystore, _payload(decoded))
-        ):
             return self._in_next_batch(message, conn, decoded, in_pool)
         return self._in_reactor(message, conn, decoded, in_pool)
+
+    def _write_now(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> object:
+        """A write: started now, its transaction run in the reactor's next
+        batch of writes (ReactorWrites.start): what it computes before (a
+        new key, its seal and row MAC) is not done in the writer's turn."""
+        writes = self.reactor_writes
+        assert writes is not None  # writes run in the reactor only with it (__init__)
+        ran = writes.start(lambda: self._in_reactor(message, conn, decoded, in_pool))
+        if not isinstance(ran, defer.Deferred):
+            return ran
+        return HeldAnswer(lambda: ran.addCallbacks(self._answer_of, self._not_run, errbackArgs=(in_pool,)))
 
     def _in_next_batch(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> HeldAnswer:
         """A write: run in the reactor's next batch of writes, at the end of
@@ -326,9 +337,8 @@ class KmsService(service.Service):
 
     def _in_reactor(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> object:
         writes = self.reactor_writes
-        before = writes.members if writes is not None else 0
         try:
-            with in_reactor(writable=writes is not None and writes.batch_open):
+            with in_reactor(writable=writes is not None and writes.batch_open) as state:
                 answer = self._handle(message, conn, decoded)
         except WriterBusy:
             if writes is None:
@@ -338,7 +348,7 @@ class KmsService(service.Service):
             return self._in_next_batch(message, conn, decoded, in_pool)
         except WouldBlock:
             return in_pool
-        if writes is None or writes.members == before:
+        if writes is None or not state.pinned:
             return answer
         # It wrote: its answer leaves once the batch is committed.
         committed = writes.committed()

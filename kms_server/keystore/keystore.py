@@ -9,10 +9,10 @@ clock, so nothing here keeps per-request state.
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +39,14 @@ from kms_server.storage.base import (
 )
 
 log = logging.getLogger("kms_server.keystore")
+
+# The row versions the running write transaction makes true once it
+# commits, for the keystore whose `seen` they go to. A ContextVar: work
+# of the reactor thread that waits for the writer's turn runs in a context
+# of its own (kmip_core.nonblocking.Work), while others run meanwhile.
+_PENDING: ContextVar[tuple[row_auth.SeenVersions, list[tuple[str, int]]] | None] = ContextVar(
+    "kms_server.keystore.pending", default=None
+)
 
 
 @dataclass
@@ -74,7 +82,6 @@ class Keystore:
         # Highest row version seen per object (rollback detection), and
         # the versions a running transaction will make true once it commits.
         self.seen = row_auth.SeenVersions()
-        self._pending = threading.local()
         # A store without a digest gets one (rows made before row
         # authentication are adopted once); one whose digest was removed
         # is refused here.
@@ -122,7 +129,7 @@ class Keystore:
             yield self._batch_txn
             return
         pending: list[tuple[str, int]] = []
-        self._pending.notes = pending
+        token = _PENDING.set((self.seen, pending))
         try:
             with self.storage.transaction(read_only=read_only) as txn:
                 yield txn
@@ -137,7 +144,7 @@ class Keystore:
                 # commit may come after this block (a reactor batch).
                 txn.after_commit(lambda: self._committed(pending, record))
         finally:
-            self._pending.notes = None
+            _PENDING.reset(token)
 
     def _committed(self, pending: list[tuple[str, int]], record: object) -> None:
         for uid, version in pending:
@@ -150,9 +157,9 @@ class Keystore:
             self._audit[1].touch(obj)
 
     def _note_version(self, uid: str, version: int) -> None:
-        notes = getattr(self._pending, "notes", None)
-        if notes is not None:
-            notes.append((uid, version))
+        pending = _PENDING.get()
+        if pending is not None and pending[0] is self.seen:
+            pending[1].append((uid, version))
 
     def _refused(self, uid: str, problem: str) -> errors.IntegrityFailure:
         log.error("object %s refused: %s", uid, problem)

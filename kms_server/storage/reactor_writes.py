@@ -8,10 +8,15 @@ create-get-locate-destroy cycle.
 
 How a write runs there (`WriteBatches`, kms_server/storage/sql.py):
 
-- A request that writes is queued (`when_free`) and runs at the end of the
-  reactor turn, with every other write that arrived in the turn, in one
-  batch: each write transaction is one member, under its own savepoint; a
-  member that fails is rolled back alone. A request that may write (a Get
+- A request that writes starts at once (`start`), as a
+  `kmip_core.nonblocking.Work`: what it computes before its write
+  transaction (a new key, its seal, its row MAC) is computed then, outside
+  the writer's turn, which the node's processes hold one at a time. At its
+  write transaction it waits, and is resumed at the end of the reactor
+  turn, with every other write that arrived in the turn, in one batch:
+  each write transaction is one member, under its own savepoint; a member
+  that fails is rolled back alone. Work queued with `when_free` runs whole
+  in the batch. A request that may write (a Get
   clears Fresh the first time) runs at once, and is queued if it does: its
   write transaction raises `kmip_core.nonblocking.WriterBusy` before
   anything is written, since no batch is open outside those bursts.
@@ -41,6 +46,7 @@ from typing import Any, TypeVar
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from kmip_core.nonblocking import Work, WouldBlock
 from kms_server.storage.base import ReactorBatches, StorageError
 
 __all__ = ["BURST_MAX", "ReactorWrites"]
@@ -71,7 +77,8 @@ class ReactorWrites:
         self._run_in_thread = run_in_thread
         self._burst_call: Any = None
         self._waiters: list[defer.Deferred[None]] = []
-        self._queued: list[tuple[Callable[[], Any], defer.Deferred[Any]]] = []
+        # Jobs to run in the next batch: callables, or works to resume.
+        self._queued: list[tuple[Callable[[], Any] | Work, defer.Deferred[Any]]] = []
         self._acquiring = False
         self.commits = 0  # batches ended (tests, diagnostics)
         # Told of each batch that held writes: how many write transactions,
@@ -115,6 +122,21 @@ class ReactorWrites:
             self._schedule()
         return d
 
+    def start(self, job: Callable[[], T]) -> T | defer.Deferred[T]:
+        """Run `job()` now, as a `kmip_core.nonblocking.Work`: what it does
+        before its write transaction runs at once, outside the writer's
+        turn; at its write transaction (`writer_turn`) it waits for the
+        next batch, and is resumed in it. Its result if it ended without
+        waiting (what it raises is raised), else a Deferred of it."""
+        work = Work(job)
+        if work.step():
+            return work.result
+        d: defer.Deferred[T] = defer.Deferred()
+        self._queued.append((work, d))
+        if not self._batches.reactor_batch_open:
+            self._schedule()
+        return d
+
     def _schedule(self) -> None:
         if self._burst_call is None and not self._acquiring:
             self._burst_call = self._reactor.callLater(0, self._burst)
@@ -144,8 +166,30 @@ class ReactorWrites:
         # the work is told so, and its caller runs it elsewhere.
         self._acquiring = False
         queued, self._queued = self._queued, []
-        for _, d in queued:
-            d.errback(Failure(StorageError(failure.getErrorMessage())))
+        for job, d in queued:
+            if isinstance(job, Work):
+                # Told where it waits: it gives up its run in the reactor,
+                # as any work that would block (and starts over on the pool).
+                self._settle(d, job, WouldBlock(f"no batch: {failure.getErrorMessage()}"))
+            else:
+                d.errback(Failure(StorageError(failure.getErrorMessage())))
+
+    def _settle(self, d: defer.Deferred[Any], work: Work, throw: BaseException | None = None) -> None:
+        """Run a waiting work on (with `throw` raised where it waits, if
+        given); `d` fires with its result once it ends. One that waits
+        again is queued again."""
+        try:
+            ended = work.step() if throw is None else work.throw(throw)
+        except BaseException:
+            d.errback()
+            return
+        if not ended:
+            self._queued.append((work, d))
+            self._schedule()
+        elif isinstance(work.result, defer.Deferred):
+            work.result.chainDeferred(d)
+        else:
+            d.callback(work.result)
 
     def _run_and_commit(self) -> None:
         members_before = self.members
@@ -154,6 +198,9 @@ class ReactorWrites:
             queued, self._queued = self._queued[: BURST_MAX - ran], self._queued[BURST_MAX - ran :]
             ran += len(queued)
             for job, d in queued:
+                if isinstance(job, Work):
+                    self._settle(d, job)
+                    continue
                 try:
                     result = job()
                 except BaseException:

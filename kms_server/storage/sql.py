@@ -52,7 +52,7 @@ from kmip_core.db.engine import (
     sqlite_execute,
     sqlite_executemany,
 )
-from kmip_core.nonblocking import WriterBusy, in_reactor_now, pinned
+from kmip_core.nonblocking import WriterBusy, in_reactor_now, pinned, writer_turn
 from kms_server.storage.base import (
     AuditQuery,
     ConcurrentModification,
@@ -879,6 +879,11 @@ class SqlStorage(Storage):
         # one's locks forever (or for busy_timeout on SQLite).
         if getattr(self._local, "active", False):
             raise StorageError("transactions do not nest")
+        if self.writes is not None and not read_only and not self.writes.reactor_batch_open:
+            # In the reactor thread, work that can wait for the writer's
+            # turn waits here, before its transaction begins, while the
+            # reactor serves others; other work raises WriterBusy.
+            writer_turn("a write transaction (the reactor's batch is not open)")
         self._local.active = True
         try:
             if self.writes is not None and not read_only:
@@ -1010,6 +1015,7 @@ def writer_flock(path: str | None) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the flock
+
 
 
 class WriteBatches:

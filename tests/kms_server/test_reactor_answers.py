@@ -344,3 +344,36 @@ def test_the_fresh_hint_of_a_get_without_a_plain_identifier_is_no(node):
     assert not get.writes(keystore, ttlv.structure(T.REQUEST_PAYLOAD.value, []))
     assert not get.writes(keystore, ttlv.structure(T.REQUEST_PAYLOAD.value, [ttlv.integer(T.UNIQUE_IDENTIFIER.value, 7)]))
     assert not get.writes(keystore, ttlv.text(T.REQUEST_PAYLOAD.value, uid))
+
+
+def test_a_creates_key_is_made_and_sealed_when_it_arrives_and_only_its_transaction_waits_for_the_batch(
+    node, monkeypatch
+):
+    """A write starts at once (ReactorWrites.start): its new key is made,
+    sealed and authenticated outside the writer's turn, which the node's
+    processes hold one at a time; the write transaction runs in the batch
+    at the end of the turn."""
+    service, clock = node
+    keystore, writes = service.keystore, service.reactor_writes
+    seen: list = []
+    prepare, store = keystore.prepare_object, keystore.store_object
+
+    def preparing(*args, **kwargs):
+        seen.append(("prepare", writes.batch_open))
+        return prepare(*args, **kwargs)
+
+    def storing(*args, **kwargs):
+        seen.append(("store", writes.batch_open))
+        return store(*args, **kwargs)
+
+    monkeypatch.setattr(keystore, "prepare_object", preparing)
+    monkeypatch.setattr(keystore, "store_object", storing)
+    answers = [sent(service._handle_inline(create_request(), CONN)) for _ in range(2)]
+    assert seen == [("prepare", False), ("prepare", False)], "both keys made on arrival, no batch open"
+    assert writes.queued == 2 and answers == [[], []]
+    clock.advance(0)
+    assert seen[2:] == [("store", True), ("store", True)]
+    assert writes.commits == 1, "one batch for both"
+    uids = sorted(uid_of(got[0]) for got in answers)
+    assert sorted(stored_uids(service)) == uids
+    assert [r.operation for r in iter_records(service.storage)] == ["CREATE", "CREATE"]

@@ -191,3 +191,38 @@ def test_an_update_built_before_a_rotation_is_authenticated_under_the_new_data_k
     assert row is not None and barrier.mac_term(row.row_mac) == new_term
     assert _read(keystore, uid).value("Fresh") is False
     assert _verified_store(storage, barrier).ok
+
+
+def test_objects_stored_by_works_waiting_together_are_each_remembered_at_their_version(store):
+    """Two writes started in the reactor thread (ReactorWrites.start) wait
+    for the writer's turn inside their keystore transactions, then run in
+    one batch: each transaction's row versions are its own (a ContextVar,
+    not a thread-local the other would overwrite), so both objects are
+    remembered at version 1 once the batch commits, and a read of either
+    at an older version is refused as a rollback."""
+    from twisted.internet import task
+
+    from kmip_core.nonblocking import in_reactor
+    from kms_server.storage.reactor_writes import ReactorWrites
+
+    storage, _, keystore, _ = store
+    clock = task.Clock()
+    writes = ReactorWrites(storage.reactor_batches(), clock, lambda f: pytest.fail("no pool thread needed"))
+
+    def create(uid: str) -> str:
+        with in_reactor():
+            prepared = _prepare(keystore, uid=uid)
+            with keystore.transaction() as txn:  # waits here for the batch
+                keystore.store_object(txn, prepared)
+        return uid
+
+    waiting = [writes.start(lambda u=u: create(u)) for u in ("obj-a", "obj-b")]
+    assert writes.queued == 2, "both wait for the batch"
+    done: list = []
+    for d in waiting:
+        d.addCallback(done.append)
+    clock.advance(0)
+    assert done == ["obj-a", "obj-b"]
+    for uid in ("obj-a", "obj-b"):
+        with pytest.raises(row_auth.RowIntegrityError, match="rolled back"):
+            keystore.seen.check(uid, 0)

@@ -456,3 +456,165 @@ def test_records_of_one_batch_chain_on_the_head_its_members_left_and_a_rolled_ba
     records = list(iter_records(storage))
     assert [r.seq for r in records] == [1, 2, 3, 4, 5]
     assert verify(records, [], None).ok
+
+
+# Work started at once (ReactorWrites.start): what it does before its write
+# transaction runs outside the writer's turn; it waits for the next batch at
+# the transaction, and is resumed in it.
+
+
+def started(writes: ReactorWrites, job) -> list:
+    """`writes.start(job)`: [value] if it ended at once, else what its
+    Deferred fires with (empty until then)."""
+    ran = writes.start(job)
+    return result_of(ran) if isinstance(ran, defer.Deferred) else [ran]
+
+
+def test_a_started_write_runs_its_work_before_the_transaction_now_and_the_rest_in_the_batch(storage, writer):
+    writes, clock, _ = writer
+    commits = write_commits(storage)
+    steps: list = []
+    opened: list = []
+    open_batch = storage.writes.open_reactor_batch
+
+    def opening():
+        opened.append(list(steps))
+        return open_batch()
+
+    storage.writes.open_reactor_batch = opening
+
+    def job(key):
+        with in_reactor() as state:
+            steps.append(f"{key}: before")  # a new key, its seal: no turn needed
+            with storage.transaction() as txn:
+                steps.append(f"{key}: in the batch")
+                txn.set_meta(key, key.encode())
+            steps.append(f"{key}: after")
+        assert state.pinned, "it joined a batch"
+        return writes.committed().addCallback(lambda _: key)
+
+    answers = [started(writes, lambda k=k: job(k)) for k in ("a", "b")]
+    # Both ran up to their transactions at once, and wait there.
+    assert steps == ["a: before", "b: before"]
+    assert answers == [[], []] and writes.queued == 2 and commits == []
+    clock.advance(0)  # the end of the turn
+    assert opened == [["a: before", "b: before"]], "the batch opened after the work before the transactions"
+    assert steps == ["a: before", "b: before", "a: in the batch", "a: after", "b: in the batch", "b: after"]
+    assert answers == [["a"], ["b"]]
+    assert commits == [1], "two writes, one commit"
+    assert committed(storage, "a") == b"a" and committed(storage, "b") == b"b"
+
+
+def test_a_started_work_that_does_not_write_ends_at_once_and_opens_no_batch(storage, writer):
+    writes, clock, _ = writer
+
+    def refused():
+        with in_reactor() as state:
+            result = "refused before its transaction"
+        assert not state.pinned
+        return result
+
+    assert started(writes, refused) == ["refused before its transaction"]
+    assert writes.queued == 0
+    clock.advance(0)
+    assert writes.commits == 0 and not storage.writes.reactor_batch_open
+
+
+def test_what_a_started_work_raises_before_it_waits_is_raised_to_its_caller(storage, writer):
+    writes, _, _ = writer
+
+    def failing():
+        with in_reactor():
+            raise ValueError("a bad request")
+
+    with pytest.raises(ValueError, match="a bad request"):
+        writes.start(failing)
+    assert writes.queued == 0
+
+
+def test_what_a_started_work_raises_in_the_batch_reaches_its_deferred_and_loses_only_its_changes(storage, writer):
+    writes, clock, _ = writer
+
+    def failing():
+        with in_reactor(), storage.transaction() as txn:
+            txn.set_meta("lost", b"x")
+            raise ValueError("refused in its transaction")
+
+    failed = started(writes, failing)
+    kept = started(writes, lambda: write_in_work(storage, "kept"))
+    clock.advance(0)
+    assert isinstance(failed[0].value, ValueError)
+    assert kept == ["kept"]
+    assert committed(storage, "kept") == b"kept" and committed(storage, "lost") is None
+
+
+def write_in_work(storage: SqlStorage, key: str) -> str:
+    with in_reactor(), storage.transaction() as txn:
+        txn.set_meta(key, key.encode())
+    return key
+
+
+def test_works_waiting_meanwhile_keep_their_own_state(storage, writer):
+    """While one work waits, others run in the reactor thread (reads, other
+    works): each keeps its own in_reactor state, in a context of its own."""
+    writes, clock, _ = writer
+    states: dict = {}
+
+    def job(key):
+        with in_reactor() as state:
+            states[key] = state
+            with storage.transaction() as txn:
+                txn.set_meta(key, b"1")
+            assert state.writable and state.pinned
+        return key
+
+    first = started(writes, lambda: job("a"))
+    # A read in the reactor meanwhile, outside any work: not writable, and
+    # its end does not touch the waiting work's state.
+    with in_reactor() as read:
+        with pytest.raises(WriterBusy):
+            write(storage, "not now")
+    assert not read.pinned
+    second = started(writes, lambda: job("b"))
+    assert not states["a"].writable and not states["b"].writable
+    clock.advance(0)
+    assert first == ["a"] and second == ["b"]
+    assert states["a"] is not states["b"]
+
+
+def test_works_waiting_for_a_turn_that_cannot_be_had_start_over_elsewhere(storage, writer):
+    writes, clock, pool = writer
+
+    def unreachable():
+        raise StorageError("connect: unreachable")
+
+    storage.writes.open_reactor_batch = lambda: False  # as if another writer had the turn
+    storage.writes.wait_reactor_batch = unreachable
+    told: list = []
+
+    def job():
+        try:
+            with in_reactor(), storage.transaction() as txn:
+                txn.set_meta("never", b"1")
+        except WouldBlock as exc:
+            told.append(str(exc))
+            return "on the pool"
+        return "written"
+
+    got = started(writes, job)
+    clock.advance(0)
+    pool.settle()
+    assert got == ["on the pool"], "told where it waited, it gave up its run in the reactor"
+    assert len(told) == 1 and "unreachable" in told[0]
+    assert writes.queued == 0
+    assert committed(storage, "never") is None
+
+
+def test_a_started_work_beyond_burst_max_runs_in_the_next_batch(storage, writer):
+    writes, clock, _ = writer
+    commits = write_commits(storage)
+    total = BURST_MAX + 2
+    answers = [started(writes, lambda i=i: write_in_work(storage, f"w{i}")) for i in range(total)]
+    clock.advance(0)
+    assert answers == [[f"w{i}"] for i in range(total)]
+    assert commits == [1, 1], "two batches, one commit each"
