@@ -24,14 +24,18 @@ status commands (`kms-admin cluster status`, `vtpm-broker admin status`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
 import ssl
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +73,60 @@ if os.environ.get(MULTIPROCESS_ENV):
 
     _values.ValueClass = _values.MultiProcessValue(process_identifier=process_id)
 
+
+# Held (flock) by the process that made a multi-process directory, for its
+# lifetime: a directory whose lock is free was left by a process that died
+# without removing it (SIGKILL allows no cleanup).
+_DIRECTORY_LOCK = ".held"
+
+
+@contextlib.contextmanager
+def multiprocess_directory(prefix: str) -> Iterator[str]:
+    """A new directory for prometheus-client's multi-process files (under
+    the temporary directory, named `prefix` and a random suffix), held while
+    the block runs and removed at its end. Directories of the same prefix
+    and owner that a killed process left behind (their lock free) are
+    removed first; one whose process still runs, or without a lock file
+    (made by an earlier release), is left alone."""
+    removed = remove_abandoned(prefix)
+    if removed:
+        log.info("removed %d metrics directories left by stopped processes: %s", len(removed), ", ".join(removed))
+    path = tempfile.mkdtemp(prefix=prefix)
+    fd = os.open(os.path.join(path, _DIRECTORY_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
+def remove_abandoned(prefix: str, directory: str | None = None) -> list[str]:
+    """Remove the directories `multiprocess_directory(prefix)` made whose
+    process is gone; the paths removed."""
+    base = Path(directory or tempfile.gettempdir())
+    removed = []
+    for candidate in sorted(base.glob(f"{prefix}*")):
+        try:
+            if not candidate.is_dir() or candidate.is_symlink() or candidate.stat().st_uid != os.geteuid():
+                continue
+            fd = os.open(candidate / _DIRECTORY_LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, not ours, or no lock file: left alone
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process runs
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(str(candidate))
+        finally:
+            os.close(fd)
+    return removed
+
 __all__ = [
     "MULTIPROCESS_ENV",
+    "multiprocess_directory",
     "CheckResult",
     "LOGGING_FORMAT",
     "LOOPBACK",

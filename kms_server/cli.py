@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 
 from kmip_core import __version__, workers
 from kmip_core.service import run_service
@@ -131,18 +129,16 @@ def _supervise(cfg) -> int:
     bound_host, bound_port = listener.getsockname()[:2]
     # The workers' counters meet in a directory of this node's own
     # (prometheus-client's multi-process mode): worker 0's /metrics serves
-    # their sums. Fresh at every start, removed at the end.
-    from kmip_core.metrics import MULTIPROCESS_ENV
+    # their sums. Fresh at every start, removed at the end; those a killed
+    # supervisor left are removed at the next start of any node.
+    from kmip_core.metrics import MULTIPROCESS_ENV, multiprocess_directory
 
-    shared_metrics = tempfile.mkdtemp(prefix="kms-server-metrics-")
-    env = {**os.environ, MULTIPROCESS_ENV: shared_metrics}
-    supervisor = workers.Supervisor(
-        workers.worker_argv(), listener, cfg.server.processes, name="kms-server worker", env=env
-    )
-    try:
+    with multiprocess_directory("kms-server-metrics-") as shared_metrics:
+        env = {**os.environ, MULTIPROCESS_ENV: shared_metrics}
+        supervisor = workers.Supervisor(
+            workers.worker_argv(), listener, cfg.server.processes, name="kms-server worker", env=env
+        )
         return _run_supervisor(supervisor, listener, cfg, bound_host, bound_port)
-    finally:
-        shutil.rmtree(shared_metrics, ignore_errors=True)
 
 
 def _run_supervisor(supervisor, listener, cfg, bound_host, bound_port) -> int:

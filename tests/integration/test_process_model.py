@@ -158,11 +158,26 @@ def test_a_worker_that_dies_is_started_again(node, pki_dir):
         client.close()
 
 
-def test_a_killed_supervisor_leaves_no_worker_behind(node):
+def shared_metrics_of(pid: int) -> Path:
+    """The directory of shared counters a worker was given."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
+
+
+def test_a_killed_supervisor_leaves_no_worker_behind_and_the_next_start_removes_its_metrics(node, tmp_path, pki_dir):
     pids = worker_pids(node)
+    shared = shared_metrics_of(pids[0])
     node.proc.kill()
     node.proc.wait(10)
     wait_until(lambda: not any(alive(pid) for pid in pids), what="the workers to stop with their supervisor")
+    assert shared.is_dir(), "SIGKILL left no chance to remove it"
+    # The next node to start (any node of this host) removes it, and keeps its own.
+    other = start_server(tmp_path / "other", pki_dir, server_config="processes = 2")
+    try:
+        assert not shared.exists()
+        assert shared_metrics_of(worker_pids(other)[0]).is_dir()
+    finally:
+        other.stop()
 
 
 def test_a_worker_that_cannot_start_fails_the_node_in_one_line(tmp_path, pki_dir):
@@ -215,8 +230,7 @@ def test_metrics_count_the_requests_of_every_worker(tmp_path, pki_dir):
         url = server.announced("kms-server metrics on").rsplit(" ", 1)[1].rstrip("/")
         pids = worker_pids(server)
         # This node's own directory of shared counters, as its workers were given it.
-        environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
-        shared = Path(next(v for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")).split(b"=", 1)[1].decode())
+        shared = shared_metrics_of(pids[0])
         assert list(shared.glob(f"*_{pids[0]}.db")), "worker 0 writes its counters there"
         clients = [pykmip(server, pki_dir) for _ in range(16)]
         try:

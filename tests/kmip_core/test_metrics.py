@@ -317,3 +317,47 @@ def test_multiprocess_values_know_a_forked_child_from_its_parent(tmp_path):
     ).stdout.split(maxsplit=2)
     assert out[:2] == ["2.0", "5.0"]
     assert out[2].strip() == "[False, True]"  # one file of the parent's, one of the child's
+
+
+def test_a_multiprocess_directory_is_held_while_used_removed_after_and_what_killed_processes_left_goes(
+    tmp_path, monkeypatch
+):
+    """A supervisor killed by SIGKILL cannot remove its metrics directory:
+    the next one removes every directory of the prefix whose lock is free,
+    and leaves the directory of a process that still runs, one without a
+    lock file (an earlier release's) and one of another prefix."""
+    import fcntl
+    import tempfile
+
+    from kmip_core.metrics import multiprocess_directory, remove_abandoned
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    prefix = "kms-test-metrics-"
+    abandoned = tmp_path / f"{prefix}killed"
+    abandoned.mkdir()
+    (abandoned / ".held").touch()
+    (abandoned / "counter_4242.db").write_bytes(b"\0" * 16)
+    running = tmp_path / f"{prefix}running"
+    running.mkdir()
+    (running / ".held").touch()
+    held = os.open(running / ".held", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as its live process holds it
+    older = tmp_path / f"{prefix}older-release"
+    older.mkdir()
+    other = tmp_path / "someone-else-killed"
+    other.mkdir()
+    (other / ".held").touch()
+    try:
+        with multiprocess_directory(prefix) as path:
+            assert path.startswith(str(tmp_path / prefix)) and os.path.isdir(path)
+            assert not abandoned.exists(), "left by a killed process: removed"
+            assert running.exists() and older.exists() and other.exists()
+            # While the block runs, the new directory is held: not removed by another start.
+            assert remove_abandoned(prefix) == []
+            assert os.path.isdir(path)
+        assert not os.path.exists(path), "removed at the end of the block"
+    finally:
+        os.close(held)
+    # Its process gone, the running one's directory is removed at the next sweep.
+    assert remove_abandoned(prefix) == [str(running)]
+    assert older.exists() and other.exists()
