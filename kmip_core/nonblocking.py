@@ -97,10 +97,17 @@ def would_block(what: str) -> None:
 def writer_busy(what: str) -> None:
     """Call where work will write (before the costly part that precedes
     the write): raises WriterBusy in `in_reactor()` unless writes can join
-    an open batch there."""
+    an open batch there, or the work is a `Work`, which will wait for one
+    at its write transaction (`writer_turn`) and need not start over."""
     state = _STATE.get()
-    if state is not None and not state.writable:
+    if state is not None and not state.writable and not _waits_here():
         raise WriterBusy(what)
+
+
+def _waits_here() -> bool:
+    """Whether the running code is a `Work`'s own, which can wait."""
+    work = _WORK.get()
+    return work is not None and greenlet.getcurrent() is work._greenlet
 
 
 def writer_turn(what: str) -> None:
@@ -112,7 +119,7 @@ def writer_turn(what: str) -> None:
     if state is None or state.writable:
         return
     work = _WORK.get()
-    if work is None or greenlet.getcurrent() is not work._greenlet:
+    if work is None or not _waits_here():
         raise WriterBusy(what)
     work._wait()
     state.writable = True

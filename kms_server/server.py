@@ -298,30 +298,23 @@ class KmsService(service.Service):
         operation = single_operation(decoded)
         if operation not in self.in_reactor_ops:
             return in_pool
-        if operation in WRITES_IN_REACTOR:
+        if operation in WRITES_IN_REACTOR or (
+            # A first Get writes (it clears Fresh): started as a write.
+            operation == _GET and self.reactor_writes is not None and get.writes(self.keystore, _payload(decoded))
+        ):
             return self._write_now(message, conn, decoded, in_pool)
-        if operation == _GET and self.reactor_writes is not None and get.writes(self.keystore, _payload(decoded)):
-            # A first Get writes (it clears Fresh): started where it ends.
-            return self._in_next_batch(message, conn, decoded, in_pool)
         return self._in_reactor(message, conn, decoded, in_pool)
 
     def _write_now(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> object:
         """A write: started now, its transaction run in the reactor's next
         batch of writes (ReactorWrites.start): what it computes before (a
-        new key, its seal and row MAC) is not done in the writer's turn."""
+        new key, its seal and row MAC; a first Get's read of its key, the
+        unsealing and the answer) is not done in the writer's turn."""
         writes = self.reactor_writes
         assert writes is not None  # writes run in the reactor only with it (__init__)
         ran = writes.start(lambda: self._in_reactor(message, conn, decoded, in_pool))
         if not isinstance(ran, defer.Deferred):
             return ran
-        return HeldAnswer(lambda: ran.addCallbacks(self._answer_of, self._not_run, errbackArgs=(in_pool,)))
-
-    def _in_next_batch(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> HeldAnswer:
-        """A write: run in the reactor's next batch of writes, at the end of
-        this turn (kms_server/storage/reactor_writes.py)."""
-        writes = self.reactor_writes
-        assert writes is not None  # writes run in the reactor only with it (__init__)
-        ran = writes.when_free(lambda: self._in_reactor(message, conn, decoded, in_pool))
         return HeldAnswer(lambda: ran.addCallbacks(self._answer_of, self._not_run, errbackArgs=(in_pool,)))
 
     def _not_run(self, failure: Any, in_pool: InPool) -> Any:
@@ -344,8 +337,8 @@ class KmsService(service.Service):
             if writes is None:
                 return in_pool
             # It writes after all (a first Get clears Fresh), and nothing
-            # was written yet: it runs again in the next batch.
-            return self._in_next_batch(message, conn, decoded, in_pool)
+            # was written yet: it starts again as a write.
+            return self._write_now(message, conn, decoded, in_pool)
         except WouldBlock:
             return in_pool
         if writes is None or not state.pinned:

@@ -74,9 +74,10 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     # 2.x answers Object Destroyed (BL-M-8-21), 1.x Item Not Found.
     common.refuse_destroyed(ctx, obj)
     if obj.value("Fresh") is True:
-        # Its first Get writes (_served): in the reactor thread outside a
-        # batch of writes, it is queued for the next one now rather than
-        # after unsealing and encoding the key.
+        # Its first Get writes (_served): tried in the reactor thread (not
+        # started as a write, which waits for the batch at its write
+        # transaction), it starts again as a write now rather than after
+        # unsealing and encoding the key.
         writer_busy("the first Get of a key clears Fresh")
     material = keystore.material(obj)
     if wrap_type == KeyWrapType.AS_REGISTERED and material.registered_block is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import greenlet
 import pytest
 from kmip.core.enums import CryptographicAlgorithm, Operation, ResultReason, ResultStatus
 from kmip.core.enums import Tags as T
@@ -265,33 +266,58 @@ def test_when_the_batch_cannot_be_opened_every_pending_record_is_refused(node, m
 
 
 def _runs(service, monkeypatch) -> list[str]:
-    """Where each run of a request starts from now on: 'reactor' (tried
-    there first) or 'batch' (in the reactor's batch of writes)."""
+    """How each run of a request starts from now on: 'reactor' (tried there
+    first, as a read), 'write' (started as a write: a greenlet that waits
+    for the batch at its write transaction, ReactorWrites.start) or 'batch'
+    (in the reactor's batch of writes); and, for each write transaction,
+    'transaction in the batch' or 'transaction outside'."""
     runs: list[str] = []
     handle = service._handle
 
     def counted(message, conn, decoded):
         writes = service.reactor_writes
-        runs.append("batch" if writes.batch_open else "reactor")
+        if writes.batch_open:
+            runs.append("batch")
+        else:
+            runs.append("write" if greenlet.getcurrent().parent is not None else "reactor")
         return handle(message, conn, decoded)
 
     monkeypatch.setattr(service, "_handle", counted)
+    transaction = service.keystore.transaction
+
+    @contextlib.contextmanager
+    def watched(read_only=False):
+        with transaction(read_only) as txn:  # a write waits here for the batch
+            if not read_only:
+                runs.append("transaction in the batch" if service.reactor_writes.batch_open else "transaction outside")
+            yield txn
+
+    monkeypatch.setattr(service.keystore, "transaction", watched)
     return runs
 
 
-def test_a_first_get_of_a_key_held_as_fresh_starts_in_the_batch(node, monkeypatch):
+def test_a_first_get_of_a_key_held_as_fresh_starts_as_a_write(node, monkeypatch):
     """The process holds the key's row as written, Fresh: its first Get runs
-    once, in the next batch, instead of being tried in the reactor, finding
-    it writes, and starting again there. A Get of a key no longer Fresh is
+    once, started as a write: it reads and unseals its key and encodes its
+    answer at once, and only the transaction that clears Fresh waits for
+    the batch (it was tried in the reactor, found it writes and started
+    again, in the batch, from the start). A Get of a key no longer Fresh is
     a read, tried in the reactor; one the process does not hold is tried
-    there and starts again in the batch, as before."""
+    there and starts again as a write."""
     service, clock = node
     uid = created_key(service, clock)
     get = request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])
     runs = _runs(service, monkeypatch)
+    unseal = service.keystore.material
+    unsealed: list = []
+    monkeypatch.setattr(
+        service.keystore, "material", lambda obj: unsealed.append(service.reactor_writes.batch_open) or unseal(obj)
+    )
     got = sent(service._handle_inline(get, CONN))
+    assert runs == ["write"] and unsealed == [False], "read and unsealed before the batch"
+    assert got == [] and service.reactor_writes.queued == 1, "its write waits for the batch"
     clock.advance(0)
-    assert runs == ["batch"]
+    assert runs == ["write", "transaction in the batch"]
     assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
     runs.clear()
     got = sent(service._handle_inline(get, CONN))
@@ -304,16 +330,20 @@ def test_a_first_get_of_a_key_held_as_fresh_starts_in_the_batch(node, monkeypatc
     runs.clear()
     got = sent(service._handle_inline(request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, other)])]), CONN))
     clock.advance(0)
-    assert runs == ["reactor", "batch"]
+    assert runs[:2] == ["reactor", "write"] and runs[-1] == "transaction in the batch", runs
     assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
     fresh = [r for r in iter_records(service.storage) if r.operation == "GET"]
     assert len(fresh) == 3
+    with service.storage.transaction(read_only=True) as txn:
+        for key in (uid, other):
+            assert txn.get_object(key).version == 2, "Fresh cleared once"
 
 
-def test_a_stale_fresh_hint_costs_a_batch_and_changes_nothing(node, monkeypatch):
+def test_a_stale_fresh_hint_changes_nothing(node, monkeypatch):
     """The row held says Fresh, the stored one no longer does (another
-    process served the key since): the Get runs in the batch, reads the row
-    as stored, writes nothing of the object, and answers as a read would."""
+    process served the key since): the Get, started as a write, reads the
+    row as stored, writes nothing of the object, and answers as a read
+    would."""
     service, clock = node
     uid = created_key(service, clock)
     held = service.keystore.rows.get(uid)
@@ -326,7 +356,7 @@ def test_a_stale_fresh_hint_costs_a_batch_and_changes_nothing(node, monkeypatch)
     runs = _runs(service, monkeypatch)
     got = sent(service._handle_inline(get, CONN))
     clock.advance(0)
-    assert runs == ["batch"]
+    assert runs == ["write"], "started as a write; it read the row as stored and wrote nothing"
     assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
     with service.storage.transaction(read_only=True) as txn:
         assert txn.get_object(uid).version == version, "nothing of the object was written"

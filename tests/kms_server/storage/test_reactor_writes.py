@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from twisted.internet import defer, task
 
 from kmip_core.audit.chain import verify
-from kmip_core.nonblocking import WouldBlock, WriterBusy, in_reactor, would_block
+from kmip_core.nonblocking import WouldBlock, WriterBusy, in_reactor, would_block, writer_busy
 from kms_server.audit.trail import AuditTrail, iter_records
 from kms_server.cluster import Heartbeat, nodes
 from kms_server.storage import open_storage
@@ -618,3 +618,30 @@ def test_a_started_work_beyond_burst_max_runs_in_the_next_batch(storage, writer)
     clock.advance(0)
     assert answers == [[f"w{i}"] for i in range(total)]
     assert commits == [1, 1], "two batches, one commit each"
+
+
+def test_a_started_work_that_finds_it_will_write_goes_on_and_waits_at_its_transaction(storage, writer):
+    """writer_busy raises WriterBusy in work tried in the reactor (it starts
+    again as a write), not in a started work: that one goes on with what
+    precedes its write (a first Get unseals and encodes its key) and waits
+    at its transaction."""
+    writes, clock, _ = writer
+    steps: list = []
+
+    with in_reactor(), pytest.raises(WriterBusy):
+        writer_busy("a first Get clears Fresh")
+
+    def job():
+        with in_reactor():
+            writer_busy("a first Get clears Fresh")
+            steps.append("unsealed and encoded")
+            with storage.transaction() as txn:
+                steps.append("in the batch" if storage.writes.reactor_batch_open else "outside")
+                txn.set_meta("fresh", b"0")
+        return "answered"
+
+    got = started(writes, job)
+    assert steps == ["unsealed and encoded"] and got == []
+    clock.advance(0)
+    assert steps == ["unsealed and encoded", "in the batch"] and got == ["answered"]
+    assert committed(storage, "fresh") == b"0"
