@@ -255,14 +255,20 @@ def test_a_worker_threads_batch_is_waited_for_then_the_queued_work_runs(storage,
     assert writes.commits == 1
 
 
-def test_work_waiting_for_a_turn_that_cannot_be_had_is_told_so(storage, writer):
-    writes, clock, pool = writer
+def turn_cannot_be_had(storage: SqlStorage) -> None:
+    """Another writer has the turn, and waiting for it fails (the database
+    cannot be reached)."""
 
     def unreachable():
         raise StorageError("connect: unreachable")
 
-    storage.writes.open_reactor_batch = lambda: False  # as if another writer had the turn
+    storage.writes.open_reactor_batch = lambda: False
     storage.writes.wait_reactor_batch = unreachable
+
+
+def test_work_waiting_for_a_turn_that_cannot_be_had_is_told_so(storage, writer):
+    writes, clock, pool = writer
+    turn_cannot_be_had(storage)
     got = result_of(writes.when_free(lambda: "never"))
     clock.advance(0)
     pool.settle()
@@ -584,12 +590,7 @@ def test_works_waiting_meanwhile_keep_their_own_state(storage, writer):
 
 def test_works_waiting_for_a_turn_that_cannot_be_had_start_over_elsewhere(storage, writer):
     writes, clock, pool = writer
-
-    def unreachable():
-        raise StorageError("connect: unreachable")
-
-    storage.writes.open_reactor_batch = lambda: False  # as if another writer had the turn
-    storage.writes.wait_reactor_batch = unreachable
+    turn_cannot_be_had(storage)
     told: list = []
 
     def job():
