@@ -127,6 +127,7 @@ def remove_abandoned(prefix: str, directory: str | None = None) -> list[str]:
 __all__ = [
     "MULTIPROCESS_ENV",
     "multiprocess_directory",
+    "remove_abandoned",
     "CheckResult",
     "LOGGING_FORMAT",
     "LOOPBACK",

@@ -143,6 +143,11 @@ def in_reactor_now() -> bool:
 _WAITING = object()
 
 
+def _run_work(work: Work) -> Any:
+    _WORK.set(work)
+    return work._fn()
+
+
 class Work:
     """Work of the reactor thread that may wait for the writer's turn
     (`writer_turn`) without blocking the thread: it runs in a greenlet, in
@@ -151,14 +156,13 @@ class Work:
     computed outside the writer's turn, which the node's processes hold
     one at a time (issue 15)."""
 
-    __slots__ = ("_caller", "_greenlet", "result")
+    __slots__ = ("_caller", "_fn", "_greenlet", "result")
 
     def __init__(self, fn: Callable[[], Any]):
-        def run() -> Any:
-            _WORK.set(self)
-            return fn()
-
-        self._greenlet = greenlet.greenlet(run)
+        # The greenlet is given this work when it starts (no closure over
+        # it: no reference cycle for the collector to find once it ends).
+        self._fn = fn
+        self._greenlet = greenlet.greenlet(_run_work)
         self._greenlet.gr_context = contextvars.copy_context()
         self._caller: greenlet.greenlet | None = None
         self.result: Any = None
@@ -167,7 +171,7 @@ class Work:
         """Run the work until it ends (True: its value is `result`; what
         it raises is raised here) or waits for the writer's turn (False).
         Call again once a batch is open."""
-        return self._switch(self._greenlet.switch)
+        return self._switch(lambda: self._greenlet.switch(self))
 
     def throw(self, exc: BaseException) -> bool:
         """Raise `exc` where the work waits, and run it on (as `step`)."""
