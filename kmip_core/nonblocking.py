@@ -144,8 +144,13 @@ _WAITING = object()
 
 
 def _run_work(work: Work) -> Any:
-    _WORK.set(work)
-    return work._fn()
+    # Unset at the end: the greenlet's context, which the work holds, must
+    # not hold the work once it ended (a reference cycle).
+    token = _WORK.set(work)
+    try:
+        return work._fn()
+    finally:
+        _WORK.reset(token)
 
 
 class Work:
