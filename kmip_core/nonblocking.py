@@ -118,9 +118,10 @@ def writer_turn(what: str) -> None:
     state = _STATE.get()
     if state is None or state.writable:
         return
-    work = _WORK.get()
-    if work is None or not _waits_here():
+    if not _waits_here():
         raise WriterBusy(what)
+    work = _WORK.get()
+    assert work is not None  # _waits_here
     work._wait()
     state.writable = True
 

@@ -107,10 +107,10 @@ _FRESH = attributes.encode_value(attributes.make("Fresh", True))
 def writes(keystore: Keystore, payload: Item | None) -> bool:
     """Whether this Get is likely to write: its key is held by this process
     (keystore/verified_rows.py) as it was when still Fresh, so its first Get
-    clears Fresh. Only where the Get runs rests on it (on SQLite, straight in
-    the reactor's next batch of writes instead of trying in the reactor and
-    starting again there: kms_server/server.py); the Get itself reads the
-    row again wherever it runs, and writes only if the row says so."""
+    clears Fresh. Only how the Get starts rests on it (on SQLite, as a write
+    at once instead of trying as a read in the reactor and starting again:
+    kms_server/server.py); the Get itself reads the row as stored, and
+    writes only if that row says so."""
     uid = None if payload is None else payload.get(T.UNIQUE_IDENTIFIER.value)
     return isinstance(uid, str) and keystore.rows.value(uid, "Fresh") == _FRESH
 

@@ -16,10 +16,10 @@ How a write runs there (`WriteBatches`, kms_server/storage/sql.py):
   turn, with every other write that arrived in the turn, in one batch:
   each write transaction is one member, under its own savepoint; a member
   that fails is rolled back alone. Work queued with `when_free` runs whole
-  in the batch. A request that may write (a Get
-  clears Fresh the first time) runs at once, and is queued if it does: its
-  write transaction raises `kmip_core.nonblocking.WriterBusy` before
-  anything is written, since no batch is open outside those bursts.
+  in the batch. A request run in the reactor as a read that finds it
+  writes after all (a Get clears Fresh the first time) raises
+  `kmip_core.nonblocking.WriterBusy` before anything is written, since no
+  batch is open outside those bursts, and starts again as a write.
 - The batch opens if it can without waiting (no worker thread of this
   process writing or queued to, the writer flock, shared with the node's
   other processes, free); otherwise one pool thread waits for the turn,
@@ -87,8 +87,9 @@ class ReactorWrites:
 
     @property
     def members(self) -> int:
-        """Write transactions that joined a batch so far: compared before
-        and after a request, whether it wrote."""
+        """Write transactions that joined a batch so far (each batch's count
+        for `on_batch`; tests, diagnostics). Whether one request wrote is
+        its `in_reactor()` state's `pinned`."""
         return self._batches.reactor_members
 
     @property
@@ -186,10 +187,8 @@ class ReactorWrites:
         if not ended:
             self._queued.append((work, d))
             self._schedule()
-        elif isinstance(work.result, defer.Deferred):
-            work.result.chainDeferred(d)
         else:
-            d.callback(work.result)
+            _fire(d, work.result)
 
     def _run_and_commit(self) -> None:
         members_before = self.members
@@ -209,10 +208,7 @@ class ReactorWrites:
                     # and the flock released below: it is the job's alone.
                     d.errback()
                 else:
-                    if isinstance(result, defer.Deferred):
-                        result.chainDeferred(d)
-                    else:
-                        d.callback(result)
+                    _fire(d, result)
         waiters, self._waiters = self._waiters, []
         members = self.members - members_before
         error = self._batches.commit_reactor_batch()
@@ -234,3 +230,12 @@ class ReactorWrites:
         if self._queued:
             # Beyond BURST_MAX, or queued by what the commit's answers set off.
             self._schedule()
+
+
+def _fire(d: defer.Deferred[Any], result: Any) -> None:
+    """`d` fires with a job's result, or with what the Deferred it
+    returned fires with."""
+    if isinstance(result, defer.Deferred):
+        result.chainDeferred(d)
+    else:
+        d.callback(result)

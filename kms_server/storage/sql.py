@@ -1017,7 +1017,6 @@ def writer_flock(path: str | None) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
-
 class WriteBatches:
     """Group commit of the write transactions of one process on SQLite.
 
