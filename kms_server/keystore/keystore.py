@@ -9,7 +9,6 @@ clock, so nothing here keeps per-request state.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -28,6 +27,7 @@ from kms_server.keystore import attributes as attrs
 from kms_server.keystore import lifecycle, row_auth
 from kms_server.keystore.objects import ManagedObject, Material
 from kms_server.keystore.streams import Streams
+from kms_server.keystore.uids import new_uid
 from kms_server.keystore.verified_rows import DEFAULT_SIZE, VerifiedRows
 from kms_server.storage.base import (
     ConcurrentModification,
@@ -280,7 +280,7 @@ class Keystore:
         the others (issue 15). Refuses what `new_object` refuses."""
         check(principal, Action.CREATE)
         attrs.check_quantum_safe(object_type, attributes)
-        uid = uid or str(uuid.uuid4())
+        uid = uid or new_uid()
         obj = ManagedObject(uid=uid, owner=owner or principal.name, attributes=dict(attributes))
         obj.set_value("Unique Identifier", uid)
         obj.set_value("Object Type", object_type.value)

@@ -11,7 +11,6 @@ Private Key Link on the public key); without a usage mask the private key
 may Sign and the public key Verify.
 """
 
-import uuid
 from typing import Any
 
 from kmip.core.enums import (
@@ -31,6 +30,7 @@ from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import Material
+from kms_server.keystore.uids import new_uid
 from kms_server.operations import common, crypto_params, object_codec
 
 OPERATION = Operation.CREATE_KEY_PAIR
@@ -76,7 +76,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     except crypto.CryptoError as exc:
         raise errors.InvalidField(exc.message) from None
 
-    private_uid, public_uid = str(uuid.uuid4()), str(uuid.uuid4())
+    private_uid, public_uid = new_uid(), new_uid()
     for object_type, attributes, link_type, other_uid in (
         (ObjectType.PRIVATE_KEY, private, LinkType.PUBLIC_KEY_LINK, public_uid),
         (ObjectType.PUBLIC_KEY, public, LinkType.PRIVATE_KEY_LINK, private_uid),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import uuid
 
 import pytest
 from cryptography import x509
@@ -1217,6 +1218,15 @@ def test_rsa_sign_and_verify(alice, scheme):
         verify(alice, public_uid, data, tampered, **scheme)
         == ValidityIndicator.INVALID.value
     )
+
+
+def test_create_key_pair_gives_both_keys_version_7_uids(alice):
+    """As Create does (kms_server/keystore/uids.py): ordered by time."""
+    private_uid, public_uid = create_pair(alice, CryptographicAlgorithm.EC, 256)
+    assert private_uid != public_uid
+    for uid in (private_uid, public_uid):
+        parsed = uuid.UUID(uid)
+        assert str(parsed) == uid and parsed.version == 7 and parsed.variant == uuid.RFC_4122
 
 
 @pytest.mark.parametrize("version", [V1_4, V2_0])
