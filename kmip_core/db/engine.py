@@ -162,7 +162,9 @@ def configure_sqlite(
     that reads and then writes fails at once with "database is locked" when
     another writer committed in between, and busy_timeout cannot help it.
     ``query_only`` makes SQLite itself refuse writes (a reader engine).
-    synchronous stays FULL: an acknowledged write must survive a power cut.
+    synchronous stays FULL: an acknowledged write must survive a power cut
+    (kms_server's write batches set NORMAL on their own connection and
+    sync the log themselves before anything is answered: WalSync).
     """
 
     @event.listens_for(engine, "connect")

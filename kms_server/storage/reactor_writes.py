@@ -27,10 +27,11 @@ How a write runs there (`WriteBatches`, kms_server/storage/sql.py):
   held for the writes and their commit only, not for the reads of the
   turn.
 - The batch commits in the reactor thread right after its writes: one
-  commit, one sync of the write-ahead log, for all of them. The answers
-  wait for it (`committed()`): nothing is answered before it is durable.
-  If the commit fails, each waiter is told so (its request is answered
-  General Failure).
+  commit, one sync of the write-ahead log (after the flock is released:
+  `kms_server.storage.sql.WalSync`), for all of them. The answers wait
+  for both (`committed()`): nothing is answered before it is durable.
+  If the commit or the sync fails, each waiter is told so (its request
+  is answered General Failure).
 
 Work that must follow the commit (publishing an audit record, remembering
 a row version) is registered with `Transaction.after_commit`, and runs

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -1017,11 +1018,96 @@ def writer_flock(path: str | None) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
+class WalSync:
+    """The write-ahead log of a SQLite database in WAL mode, made durable by
+    this process after the writers' flock is released (issue 15).
+
+    The batches' connection runs with `synchronous = NORMAL`: its COMMIT
+    writes the transaction's frames to the log (the operating system's
+    cache: they survive the process, not a power cut) and does not wait for
+    the disk. `WriteBatches` then releases the flock, so that the node's
+    other processes write meanwhile, and calls `sync`: one `fdatasync` of
+    the log makes every frame written to it so far durable, this batch's
+    and any before it. The members of the batch, and the answers that wait
+    for it, learn its outcome only after that: nothing is answered before
+    it is durable, as with `synchronous = FULL`, where SQLite synced inside
+    COMMIT, the flock held.
+
+    Why this keeps everything the server answered: a frame is synced by
+    this call, or copied into the database file by a checkpoint, which
+    syncs the log before and the database file after (SQLite, WAL mode,
+    NORMAL); the log is only deleted or restarted from its start after a
+    complete checkpoint. A read that saw a batch before its sync answers
+    only once its own audit record is durable, in a later commit of the same
+    log, whose sync covers the earlier frames (docs/process-model.md).
+
+    The log file's descriptor is kept while the file is the same (device,
+    inode), so that an I/O error the kernel reports once reaches it; the
+    directory is synced once per log file, for the file's own entry. A
+    failed sync is final (`WriteBatches` refuses later writes): after a
+    failed `fdatasync` Linux may drop the pages it could not write, and a
+    later one would succeed over a gap in the log."""
+
+    def __init__(self, database: str):
+        self.database = database
+        self.path = database + "-wal"
+        self._fd: int | None = None
+        self._file: tuple[int, int] | None = None
+
+    def sync(self) -> None:
+        """Make what was written to the log durable; raises OSError."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            # No log: the last connection checkpointed it whole into the
+            # database file, synced, and deleted it.
+            self._close()
+            return
+        if self._file != (now.st_dev, now.st_ino):
+            self._close()
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            opened = os.fstat(fd)
+            self._fd, self._file = fd, (opened.st_dev, opened.st_ino)
+            # The new log file's directory entry: once per file.
+            directory = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        assert self._fd is not None  # opened above
+        os.fdatasync(self._fd)
+
+    def _close(self) -> None:
+        fd, self._fd, self._file = self._fd, None, None
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._close()
+
+
+def _durable_after_turn(conn: Connection) -> WalSync | None:
+    """Set up the batches' new connection: in WAL mode on a database file,
+    `synchronous = NORMAL` and the `WalSync` that makes its commits
+    durable after the turn; otherwise (a rollback journal) SQLite's
+    `synchronous = FULL` stays, and None. Run on the sqlite3 connection
+    itself, outside any transaction."""
+    raw = conn.connection.driver_connection
+    assert raw is not None  # a connection just made
+    mode = raw.execute("PRAGMA journal_mode").fetchone()
+    files = {name: path for _, name, path in raw.execute("PRAGMA database_list").fetchall()}
+    if mode is None or str(mode[0]).lower() != "wal" or not files.get("main"):
+        return None
+    raw.execute("PRAGMA synchronous = NORMAL")
+    return WalSync(files["main"])
+
+
 class WriteBatches:
     """Group commit of the write transactions of one process on SQLite.
 
-    SQLite lets one writer in at a time, and each commit syncs the
-    write-ahead log to disk. Writers of this process therefore queue here,
+    SQLite lets one writer in at a time, and each commit's frames of the
+    write-ahead log must reach the disk (`WalSync`, after the flock is
+    released) before its writers are told. Writers of this process therefore queue here,
     and those that arrive while a transaction is open join it instead of
     opening their own: each runs its block, in turn, under a SAVEPOINT of the
     shared transaction (the first needs none: a failure of its block rolls
@@ -1054,6 +1140,11 @@ class WriteBatches:
         # connection to the pool cost more than a small write (issue 15).
         # Dropped after a batch that failed.
         self._conn: Connection | None = None
+        # Commits of `_conn` made durable after the flock is released
+        # (WalSync); None: SQLite syncs inside COMMIT (not in WAL mode).
+        self._wal: WalSync | None = None
+        # Why writes are refused for good: the log could not be synced.
+        self._sync_failed: str | None = None
         # The batch the reactor thread has open (kms_server/storage/
         # reactor_writes.py opens and commits it), how many blocks have
         # joined one so far, and the thread that fills it.
@@ -1076,8 +1167,18 @@ class WriteBatches:
         """The file whose flock writers of every process take."""
         return self._lock_path
 
+    @property
+    def wal(self) -> WalSync | None:
+        """What makes the batches' commits durable after the flock is
+        released, once a batch has connected (None: SQLite syncs inside
+        COMMIT, not in WAL mode). Tests, diagnostics."""
+        return self._wal
+
     def close(self) -> None:
         self._drop_connection()
+        if self._wal is not None:
+            self._wal.close()
+            self._wal = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -1102,14 +1203,27 @@ class WriteBatches:
     def _open(self) -> _Batch:
         """Take the writer flock (held already if taken with LOCK_NB) and
         begin the batch's transaction."""
+        if self._sync_failed is not None:
+            raise StorageError(
+                f"writes are refused: {self._sync_failed}; check the disk, then restart the node"
+            )
         self._flock(fcntl.LOCK_EX)
         conn = self._conn
         if conn is None or conn.closed or conn.invalidated:
             try:
                 conn = self._conn = self._engine.connect()
-            except SQLAlchemyError as exc:
+                wal = _durable_after_turn(conn)
+            except (SQLAlchemyError, sqlite3.Error) as exc:
+                self._drop_connection()
                 self._flock(fcntl.LOCK_UN)
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"connect: {exc}") from None
                 raise _storage_error("connect", exc) from None
+            # The log's descriptor is kept across connections (WalSync).
+            if self._wal is None or wal is None or wal.path != self._wal.path:
+                if self._wal is not None:
+                    self._wal.close()
+                self._wal = wal
         try:
             return _Batch(conn, conn.begin())
         except SQLAlchemyError as exc:
@@ -1121,6 +1235,9 @@ class WriteBatches:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(SQLAlchemyError):
+                # Closed for good, not returned to the pool: it may run with
+                # synchronous = NORMAL, whose commits only WalSync makes durable.
+                conn.invalidate()
                 conn.close()
 
     def _finish(self, batch: _Batch) -> None:
@@ -1148,10 +1265,31 @@ class WriteBatches:
             if not keep:
                 self._drop_connection()
             self._flock(fcntl.LOCK_UN)
+            if keep and batch.members and self._wal is not None:
+                # Durable before anyone is told: outside the flock, so the
+                # node's other processes write meanwhile (WalSync).
+                error = self._sync(self._wal)
             with self._cond:
                 batch.error, batch.done = error, True
                 self._busy = False
                 self._cond.notify_all()
+
+    def _sync(self, wal: WalSync) -> StorageError | None:
+        """Sync the log after a commit; a failure is the batch's error, and
+        every later write is refused (WalSync)."""
+        try:
+            wal.sync()
+        except OSError as exc:
+            self._sync_failed = f"the write-ahead log {wal.path} could not be synced to disk ({exc})"
+            log.critical(
+                "%s: the last batch's changes may not survive a power cut, and no further write is accepted;"
+                " check the disk, then restart the node",
+                self._sync_failed,
+            )
+            return StorageUnavailable(
+                f"{self._sync_failed}: the change may or may not be stored", commit_unknown=True
+            )
+        return None
 
     def _savepoint(self, batch: _Batch, sql: str) -> None:
         try:

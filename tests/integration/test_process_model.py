@@ -270,3 +270,50 @@ def test_a_port_another_node_holds_is_refused(node, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"cannot listen on 127.0.0.1:{node.port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_every_acknowledged_create_survives_the_node_killed_under_load(node, pki_dir):
+    """The workers' commits are synced after the writers' flock is released
+    (kms_server.storage.sql.WalSync): a node killed while both workers
+    write keeps every key a client was answered for, and one chain."""
+    workdir = node.workdir
+    pids = worker_pids(node)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+    clients = [pykmip(node, pki_dir) for _ in range(8)]
+
+    def load(client):
+        while not stop.is_set():
+            try:
+                acknowledged.append(client.create(enums.CryptographicAlgorithm.AES, 256))
+            except Exception:  # noqa: BLE001 - the node was killed under it
+                return
+
+    threads = [threading.Thread(target=load, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(acknowledged) >= 200, what="200 acknowledged creates")
+    node.proc.kill()
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    node.proc.wait(10)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    for client in clients:
+        client.close()
+    wait_until(lambda: not any(alive(pid) for pid in pids), what="the workers to be gone")
+    answered = list(acknowledged)
+    again = start_server(workdir, pki_dir, server_config="processes = 2")
+    try:
+        client = pykmip(again, pki_dir)
+        try:
+            missing = [uid for uid in answered if client.get(uid).value is None]
+        finally:
+            client.close()
+        assert missing == [], f"{len(missing)} of {len(answered)} acknowledged keys lost"
+    finally:
+        again.stop()
+    report = audit_verify(workdir)
+    assert "audit trail intact" in report, report

@@ -200,6 +200,36 @@ def test_a_failed_commit_fails_every_waiter_and_stores_and_publishes_nothing(sto
     assert later == [None] and committed(storage, "later") == b"later"
 
 
+def test_a_failed_sync_of_the_log_fails_every_waiter_and_the_next_batch_cannot_open(storage, writer, monkeypatch):
+    """Committed but perhaps not on disk (kms_server.storage.sql.WalSync):
+    the answers are not sent as stored, and the process writes no more."""
+    writes, clock, _ = writer
+    waiters: list = []
+
+    def job(key):
+        write(storage, key)
+        waiters.append(result_of(writes.committed()))
+
+    for key in ("a", "b"):
+        writes.when_free(lambda k=key: job(k))
+
+    def fail(_fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fail)
+    clock.advance(0)
+    monkeypatch.undo()
+    assert len(waiters) == 2
+    for got in waiters:
+        assert len(got) == 1 and isinstance(got[0].value, StorageError)
+        assert "could not be synced" in str(got[0].value)
+    later = result_of(writes.when_free(lambda: write(storage, "later")))
+    clock.advance(0)
+    assert len(later) == 1 and isinstance(later[0].value, StorageError)
+    assert "restart the node" in str(later[0].value)
+    assert committed(storage, "later") is None
+
+
 def test_writes_waiting_for_the_flock_of_another_process_run_once_it_is_released(storage, writer):
     writes, clock, pool = writer
     path = storage.writes.lock_path

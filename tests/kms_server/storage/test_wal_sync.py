@@ -1,0 +1,211 @@
+"""The commits of SQLite's write batches made durable after the writers'
+flock is released (kms_server.storage.sql.WalSync, WriteBatches): the
+batches' connection commits with synchronous = NORMAL, and one fdatasync of
+the write-ahead log, outside the flock, comes before any writer is told;
+a failed sync fails the batch's writers (its outcome unknown) and every
+later write; a new log file gets its directory entry synced."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+
+import pytest
+from sqlalchemy import create_engine
+
+from kmip_core.db.engine import configure_sqlite
+from kms_server.storage import open_storage
+from kms_server.storage.base import StorageError, StorageUnavailable
+from kms_server.storage.sql import SqlStorage, WalSync, WriteBatches, metadata
+
+
+@pytest.fixture
+def storage(sqlite_storage):
+    return sqlite_storage  # SQLite only (conftest.py)
+
+
+def _path_of(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+class Syncs:
+    """os.fdatasync and os.fsync, recorded (by the path each descriptor
+    names) and then done; `fail` makes fdatasync raise EIO instead."""
+
+    def __init__(self, monkeypatch, on_sync=None):
+        self.data: list[str] = []
+        self.full: list[str] = []
+        self.fail = False
+        real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+        def fdatasync(fd):
+            self.data.append(_path_of(fd))
+            if on_sync is not None:
+                on_sync()
+            if self.fail:
+                raise OSError(errno.EIO, "Input/output error")
+            real_fdatasync(fd)
+
+        def fsync(fd):
+            self.full.append(_path_of(fd))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _committed(storage: SqlStorage, key: str) -> bytes | None:
+    with storage.transaction(read_only=True) as txn:
+        return txn.get_meta(key)
+
+
+def _synchronous(conn) -> int:
+    return conn.connection.driver_connection.execute("PRAGMA synchronous").fetchone()[0]
+
+
+def test_the_batches_commit_without_syncing_and_other_connections_keep_full(storage):
+    with storage.transaction() as txn:
+        txn.set_meta("a", b"1")
+    wal = storage.writes.wal
+    assert wal is not None and wal.path == os.path.realpath(storage.writes.lock_path[: -len("-writer")]) + "-wal"
+    assert _synchronous(storage.writes._conn) == 1  # NORMAL: SQLite does not sync at COMMIT
+    with storage.engine.connect() as other:
+        assert _synchronous(other) == 2  # FULL, SQLite's own, everywhere else
+
+
+def test_a_batch_is_synced_outside_the_flock_before_its_writer_is_told(storage, monkeypatch):
+    lock_path = storage.writes.lock_path
+    returned = threading.Event()
+    seen: list[tuple[bool, bool]] = []
+
+    def during_sync():
+        fd = os.open(lock_path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if still held
+            flock_free = True
+        except BlockingIOError:
+            flock_free = False
+        finally:
+            os.close(fd)
+        seen.append((flock_free, returned.is_set()))
+
+    syncs = Syncs(monkeypatch, during_sync)
+    with storage.transaction() as txn:
+        txn.set_meta("a", b"1")
+    returned.set()
+    assert syncs.data == [storage.writes.wal.path]
+    assert seen == [(True, False)], "synced with the flock released, before the writer returned"
+    assert _committed(storage, "a") == b"1"
+    # A read-only transaction writes nothing and syncs nothing.
+    _committed(storage, "a")
+    assert len(syncs.data) == 1
+
+
+def test_writers_that_share_a_batch_share_one_sync(storage, monkeypatch):
+    syncs = Syncs(monkeypatch)
+    inside, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def first():
+        try:
+            with storage.transaction() as txn:
+                txn.set_meta("first", b"1")
+                inside.set()
+                assert release.wait(10)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def second():
+        try:
+            with storage.transaction() as txn:
+                txn.set_meta("second", b"2")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    assert inside.wait(10)
+    t2 = threading.Thread(target=second)
+    t2.start()
+    while storage.writes.waiting == 0:
+        threading.Event().wait(0.005)
+    release.set()
+    t1.join(10)
+    t2.join(10)
+    assert errors == []
+    assert len(syncs.data) == 1, "one commit, one sync, for both writers"
+    assert _committed(storage, "first") == b"1" and _committed(storage, "second") == b"2"
+
+
+def test_a_failed_sync_fails_its_writers_as_of_unknown_outcome_and_refuses_every_later_write(
+    storage, monkeypatch, caplog
+):
+    syncs = Syncs(monkeypatch)
+    syncs.fail = True
+    with caplog.at_level(logging.CRITICAL, logger="kms_server.storage"):
+        with pytest.raises(StorageUnavailable) as failed:
+            with storage.transaction() as txn:
+                txn.set_meta("a", b"1")
+    assert failed.value.commit_unknown, "committed, but perhaps not on disk: the outcome is unknown"
+    assert "could not be synced" in str(failed.value) and "may or may not be stored" in str(failed.value)
+    assert any("no further write is accepted" in r.getMessage() for r in caplog.records)
+    syncs.fail = False
+    with pytest.raises(StorageError, match="writes are refused: .*check the disk, then restart the node"):
+        with storage.transaction() as txn:
+            txn.set_meta("b", b"2")
+    assert _committed(storage, "b") is None
+    assert len(syncs.data) == 1, "a refused write syncs nothing"
+    # A node that restarts (a new storage on the same file) writes again.
+    again = open_storage(f"sqlite:///{storage.writes.wal.database}")
+    try:
+        with again.transaction() as txn:
+            txn.set_meta("b", b"2")
+        assert _committed(again, "b") == b"2"
+    finally:
+        again.close()
+
+
+def test_a_new_log_file_has_its_directory_synced_once_and_its_own_descriptor(tmp_path, monkeypatch):
+    database = tmp_path / "kms.db"
+    log = tmp_path / "kms.db-wal"
+    log.write_bytes(b"frames")
+    syncs = Syncs(monkeypatch)
+    wal = WalSync(str(database))
+    wal.sync()
+    wal.sync()
+    assert syncs.full == [str(tmp_path)], "the directory once, for the file's entry"
+    assert syncs.data == [str(log)] * 2
+    first_inode = os.stat(log).st_ino
+    # The log deleted and made anew (every connection closed, then a write).
+    log.unlink()
+    log.write_bytes(b"new frames")
+    # The old file stays open (its descriptor is kept), so its inode is not reused.
+    assert os.stat(log).st_ino != first_inode
+    wal.sync()
+    assert syncs.full == [str(tmp_path)] * 2, "the new file's entry synced too"
+    assert syncs.data == [str(log)] * 3 and not any("(deleted)" in p for p in syncs.data)
+    # No log at all: everything was checkpointed into the database file.
+    log.unlink()
+    wal.sync()
+    assert len(syncs.data) == 3
+    wal.close()
+
+
+def test_without_a_write_ahead_log_sqlite_keeps_syncing_at_commit(tmp_path, monkeypatch):
+    database = tmp_path / "journal.db"
+    engine = create_engine(f"sqlite:///{database}")
+    configure_sqlite(engine, wal=False)
+    metadata.create_all(engine)
+    writes = WriteBatches(engine, str(database))
+    syncs = Syncs(monkeypatch)
+    try:
+        with writes.transaction("sqlite") as txn:
+            txn.set_meta("a", b"1")
+        assert writes.wal is None and syncs.data == []
+        assert _synchronous(writes._conn) == 2  # FULL: SQLite syncs the journal inside COMMIT
+    finally:
+        writes.close()
+        engine.dispose()
