@@ -1086,10 +1086,23 @@ class WalSync:
         self._close()
 
 
+# The write-ahead log's size (pages of 4 KiB) at which the batches'
+# connection copies it into the database file, in the COMMIT that passes it,
+# the writers' flock held (SQLite's default: 1,000). The pages every write
+# touches (the store digest's, the audit trail's head, the indexes' upper
+# levels) are copied once per checkpoint: ten times fewer copies and syncs
+# of the database file. Measured at 16 connections: Create +9-19 %, the
+# cycle +4-12 %, Get unchanged (bench/README.md, "The sync after the
+# flock"). The log then grows to about 40 MiB before each checkpoint, and
+# keeps that size; a restart after a crash replays at most that much.
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+
+
 def _durable_after_turn(conn: Connection) -> WalSync | None:
     """Set up the batches' new connection: in WAL mode on a database file,
     `synchronous = NORMAL` and the `WalSync` that makes its commits
-    durable after the turn; otherwise (a rollback journal) SQLite's
+    durable after the turn, and checkpoints every
+    `WAL_AUTOCHECKPOINT_PAGES`; otherwise (a rollback journal) SQLite's
     `synchronous = FULL` stays, and None. Run on the sqlite3 connection
     itself, outside any transaction."""
     raw = conn.connection.driver_connection
@@ -1099,6 +1112,7 @@ def _durable_after_turn(conn: Connection) -> WalSync | None:
     if mode is None or str(mode[0]).lower() != "wal" or not files.get("main"):
         return None
     raw.execute("PRAGMA synchronous = NORMAL")
+    raw.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     return WalSync(files["main"])
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine
 from kmip_core.db.engine import configure_sqlite
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError, StorageUnavailable
-from kms_server.storage.sql import SqlStorage, WalSync, WriteBatches, metadata
+from kms_server.storage.sql import WAL_AUTOCHECKPOINT_PAGES, SqlStorage, WalSync, WriteBatches, metadata
 
 
 @pytest.fixture
@@ -72,6 +72,8 @@ def test_the_batches_commit_without_syncing_and_other_connections_keep_full(stor
     wal = storage.writes.wal
     assert wal is not None and wal.path == os.path.realpath(storage.writes.lock_path[: -len("-writer")]) + "-wal"
     assert _synchronous(storage.writes._conn) == 1  # NORMAL: SQLite does not sync at COMMIT
+    raw = storage.writes._conn.connection.driver_connection
+    assert raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_AUTOCHECKPOINT_PAGES
     with storage.engine.connect() as other:
         assert _synchronous(other) == 2  # FULL, SQLite's own, everywhere else
 
