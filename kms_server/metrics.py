@@ -226,6 +226,10 @@ def _database(storage) -> str:
     engine = getattr(storage, "engine", None)
     if engine is None:
         return "in-memory store"
+    writes = getattr(storage, "writes", None)
+    if writes is not None and writes.refused is not None:
+        # Until the node restarts (kms_server.storage.sql.WalSync).
+        raise RuntimeError(f"writes are refused: {writes.refused}")
     from sqlalchemy import text
 
     from kms_server.storage import schema

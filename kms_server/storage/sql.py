@@ -1182,6 +1182,12 @@ class WriteBatches:
         return self._lock_path
 
     @property
+    def refused(self) -> str | None:
+        """Why this process refuses every write until it is restarted (the
+        log could not be synced: WalSync), or None. The node's readiness."""
+        return self._sync_failed
+
+    @property
     def wal(self) -> WalSync | None:
         """What makes the batches' commits durable after the flock is
         released, once a batch has connected (None: SQLite syncs inside

@@ -12,11 +12,13 @@ import fcntl
 import logging
 import os
 import threading
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import create_engine
 
 from kmip_core.db.engine import configure_sqlite
+from kms_server.metrics import kms_readiness
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError, StorageUnavailable
 from kms_server.storage.sql import WAL_AUTOCHECKPOINT_PAGES, SqlStorage, WalSync, WriteBatches, metadata
@@ -155,6 +157,12 @@ def test_a_failed_sync_fails_its_writers_as_of_unknown_outcome_and_refuses_every
     assert "could not be synced" in str(failed.value) and "may or may not be stored" in str(failed.value)
     assert any("no further write is accepted" in r.getMessage() for r in caplog.records)
     syncs.fail = False
+    assert storage.writes.refused is not None and "could not be synced" in storage.writes.refused
+    database = next(
+        c for c in kms_readiness(SimpleNamespace(storage=storage, keystore=None, trail=None)).run().checks
+        if c.name == "database"
+    )
+    assert not database.ok and database.detail.startswith("writes are refused: the write-ahead log")
     with pytest.raises(StorageError, match="writes are refused: .*check the disk, then restart the node"):
         with storage.transaction() as txn:
             txn.set_meta("b", b"2")
