@@ -331,7 +331,12 @@ class KmsService(service.Service):
     def _in_reactor(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> object:
         writes = self.reactor_writes
         try:
-            with in_reactor(writable=writes is not None and writes.batch_open) as state:
+            # Counted once the client's answer is known: a write's, after
+            # its batch is durable (dropped with a try that starts over).
+            with (
+                in_reactor(writable=writes is not None and writes.batch_open) as state,
+                self.dispatcher.holding_counts() as counts,
+            ):
                 answer = self._handle(message, conn, decoded)
         except WriterBusy:
             if writes is None:
@@ -342,12 +347,20 @@ class KmsService(service.Service):
         except WouldBlock:
             return in_pool
         if writes is None or not state.pinned:
+            counts.settle(True)
             return answer
         # It wrote: its answer leaves once the batch is committed.
         committed = writes.committed()
-        return HeldAnswer(
-            lambda: committed.addCallbacks(lambda _: self._answer_of(answer), lambda _: self._uncommitted(answer))
-        )
+
+        def durable(_: object) -> Any:
+            counts.settle(True)
+            return self._answer_of(answer)
+
+        def not_durable(_: object) -> bytes | None:
+            counts.settle(False)
+            return self._uncommitted(answer)
+
+        return HeldAnswer(lambda: committed.addCallbacks(durable, not_durable))
 
     def _answer_of(self, answer: object) -> Any:
         """What the connection sends for an answer of `_in_reactor`: bytes,

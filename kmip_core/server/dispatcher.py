@@ -19,10 +19,12 @@ failover) before anything was committed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +97,37 @@ class HeldResponse:
     request_id: str
     withheld: Callable[[str], bytes] = field(repr=False)
     settled: Callable[[bool], None] = field(repr=False)
+
+
+# The counts of request items the caller asked to hold (`holding_counts`):
+# a list while a request runs inside it, None otherwise.
+_HELD_COUNTS: ContextVar[list[tuple[int | None, str, float | None]] | None] = ContextVar(
+    "held_counts", default=None
+)
+
+
+class HeldCounts:
+    """The metrics counts of a request's items, withheld by
+    `Dispatcher.holding_counts` until the caller knows what the client gets:
+    its answer, or General Failure for each item if the change it made
+    could not be made durable (kms_server: a write whose batch did not
+    commit, or whose log could not be synced). Settled once; its latency
+    then includes the wait for the commit."""
+
+    __slots__ = ("_counts", "_dispatcher")
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+        self._counts: list[tuple[int | None, str, float | None]] = []
+
+    def settle(self, durable: bool) -> None:
+        """Count the items: as answered if `durable`, else each as General
+        Failure (what the client is sent instead)."""
+        counts, self._counts = self._counts, []
+        for operation_value, result, started in counts:
+            self._dispatcher._count_now(
+                operation_value, result if durable else ResultReason.GENERAL_FAILURE.name, started
+            )
 
 
 class Dispatcher:
@@ -304,7 +337,7 @@ class Dispatcher:
             return self._encode_response(ctx, header_items, failed)
 
         def settled(written: bool) -> None:
-            self._count(operation_value, "SUCCESS" if written else ResultReason.GENERAL_FAILURE.name, started)
+            self._count_now(operation_value, "SUCCESS" if written else ResultReason.GENERAL_FAILURE.name, started)
 
         return HeldResponse(
             response=encoded,
@@ -518,7 +551,28 @@ class Dispatcher:
         self._count(operation_value, reason.name, started)
         return ttlv.structure(T.BATCH_ITEM.value, body), True, draft
 
+    @contextlib.contextmanager
+    def holding_counts(self) -> Iterator[HeldCounts]:
+        """Requests handled inside are counted in the metrics only when the
+        caller settles what this yields (`HeldCounts.settle`). A held read's
+        count (`HeldResponse.settled`) is its own, as always."""
+        held = HeldCounts(self)
+        token = _HELD_COUNTS.set(held._counts)
+        try:
+            yield held
+        finally:
+            _HELD_COUNTS.reset(token)
+
     def _count(self, operation_value: int | None, result: str, started: float | None) -> None:
+        if self.metrics is None:
+            return
+        held = _HELD_COUNTS.get()
+        if held is not None:
+            held.append((operation_value, result, started))
+            return
+        self._count_now(operation_value, result, started)
+
+    def _count_now(self, operation_value: int | None, result: str, started: float | None) -> None:
         if self.metrics is not None:
             self.metrics.request(
                 _op_name(operation_value), result, None if started is None else time.monotonic() - started

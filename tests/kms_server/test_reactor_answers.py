@@ -112,6 +112,16 @@ def uid_of(response: bytes) -> str:
     return payload.get(T.UNIQUE_IDENTIFIER.value)
 
 
+def creates_counted(service) -> dict[str, float]:
+    """kms_requests_total of Create, by result (those counted so far)."""
+    counted = {}
+    for metric in service.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "kms_requests_total" and sample.labels.get("operation") == "CREATE":
+                counted[sample.labels["result"]] = sample.value
+    return counted
+
+
 def created_key(service, clock) -> str:
     """A key created through the reactor, its batch committed."""
     got = sent(service._handle_inline(create_request(), CONN))
@@ -126,9 +136,11 @@ def test_a_create_is_answered_once_the_reactor_batch_is_committed(node):
     assert isinstance(answer, HeldAnswer), "the answer waits for the commit"
     got = sent(answer)
     assert got == [] and stored_uids(service) == [], "nothing leaves, nothing is visible before the commit"
+    assert creates_counted(service) == {}, "counted once its answer is known"
     clock.advance(0)
     (response,) = got
     assert status(only_item(ttlv.decode(response))) == ResultStatus.SUCCESS
+    assert creates_counted(service) == {"SUCCESS": 1}
     assert stored_uids(service) == [uid_of(response)]
     assert [r.operation for r in iter_records(service.storage)] == ["CREATE"]
     registry = service.metrics.registry
@@ -163,10 +175,13 @@ def test_a_write_whose_batch_fails_to_commit_is_answered_general_failure_and_sto
     # writes (the readiness check reads last_failure).
     assert service.metrics.registry.get_sample_value("kms_audit_write_failures_total") == 2
     assert service.trail.last_failure is not None
+    # Counted as what their clients were sent: General Failure, not success.
+    assert creates_counted(service) == {"GENERAL_FAILURE": 2}
     # The node writes again on the next turn.
     got = sent(service._handle_inline(create_request(), CONN))
     clock.advance(0)
     assert status(only_item(ttlv.decode(got[0]))) == ResultStatus.SUCCESS
+    assert creates_counted(service) == {"GENERAL_FAILURE": 2, "SUCCESS": 1}
 
 
 def test_creating_a_key_pair_stays_on_the_pool(node):

@@ -691,3 +691,43 @@ def test_retry_schedule_doubles_up_to_the_cap_and_spends_exactly_the_budget():
     assert max(delays) == 4.0
     assert abs(sum(delays) - 30.0) < 1e-9
     assert retry_schedule(0.1) == (0.1,)
+
+
+def test_counts_held_by_the_caller_are_counted_only_once_settled_as_what_the_client_got():
+    """Dispatcher.holding_counts: a write answered before its commit is
+    durable (kms_server's reactor batches) is counted once the caller knows
+    what its client gets: its answer, or General Failure for each item."""
+    from prometheus_client import CollectorRegistry
+
+    from kmip_core.metrics import RequestMetrics
+
+    registry = CollectorRegistry()
+    dispatcher = Dispatcher(
+        Keystore(open_storage("memory://"), Barrier(os.urandom(32))),
+        OPERATIONS,
+        metrics=RequestMetrics(registry, "kms"),
+    )
+    operations = ttlv.enumeration(T.QUERY_FUNCTION.value, QueryFunction.QUERY_OPERATIONS.value)
+    query = request([batch_item(Operation.QUERY, [operations])])
+    missing = request([batch_item(Operation.GET, [ttlv.text(T.UNIQUE_IDENTIFIER.value, "no-such-key")])])
+
+    def counted(operation: str, result: str) -> float | None:
+        return registry.get_sample_value("kms_requests_total", {"operation": operation, "result": result})
+
+    with dispatcher.holding_counts() as held:
+        assert status(only_item(ttlv.decode(dispatcher.handle(query, ALICE)))) == ResultStatus.SUCCESS
+        dispatcher.handle(missing, ALICE)
+    assert counted("QUERY", "SUCCESS") is None and counted("GET", "ITEM_NOT_FOUND") is None
+    held.settle(False)
+    assert counted("QUERY", "GENERAL_FAILURE") == 1 and counted("GET", "GENERAL_FAILURE") == 1
+    assert counted("QUERY", "SUCCESS") is None
+    held.settle(True)  # settled once: nothing left to count
+    assert counted("QUERY", "SUCCESS") is None
+
+    with dispatcher.holding_counts() as held:
+        dispatcher.handle(query, ALICE)
+    held.settle(True)
+    assert counted("QUERY", "SUCCESS") == 1
+    # Outside, counted at once, as always.
+    dispatcher.handle(missing, ALICE)
+    assert counted("GET", "ITEM_NOT_FOUND") == 1
