@@ -1044,9 +1044,11 @@ class WalSync:
     The log file's descriptor is kept while the file is the same (device,
     inode), so that an I/O error the kernel reports once reaches it; the
     directory is synced once per log file, for the file's own entry. A
-    failed sync is final (`WriteBatches` refuses later writes): after a
-    failed `fdatasync` Linux may drop the pages it could not write, and a
-    later one would succeed over a gap in the log."""
+    failed sync is final: `WriteBatches` leaves `<database>-sync-failed`,
+    and every process of the database refuses to write, or to report a
+    batch durable, while it exists. After a failed `fdatasync` Linux may
+    drop the pages it could not write, and a later one, in any process,
+    would succeed over a gap in the log."""
 
     def __init__(self, database: str):
         self.database = database
@@ -1149,6 +1151,9 @@ class WriteBatches:
         self._batch: _Batch | None = None
         self._lock_fd: int | None = None
         self._lock_path = f"{database}-writer" if database else None
+        # Left by a process whose sync of the log failed: every process
+        # writing this database refuses to write while it exists (WalSync).
+        self._failed_path = f"{database}-sync-failed" if database else None
         # The connection batches run on, kept from one batch to the next
         # (batches of a process take turns): connecting and returning a
         # connection to the pool cost more than a small write (issue 15).
@@ -1183,8 +1188,10 @@ class WriteBatches:
 
     @property
     def refused(self) -> str | None:
-        """Why this process refuses every write until it is restarted (the
-        log could not be synced: WalSync), or None. The node's readiness."""
+        """Why writes are refused (the log could not be synced, by this
+        process or another: WalSync), or None. The node's readiness."""
+        if self._sync_failed is None and self._failed_path is not None and os.path.exists(self._failed_path):
+            self._sync_failed = f"another process could not sync the write-ahead log ({self._failed_path} exists)"
         return self._sync_failed
 
     @property
@@ -1223,9 +1230,10 @@ class WriteBatches:
     def _open(self) -> _Batch:
         """Take the writer flock (held already if taken with LOCK_NB) and
         begin the batch's transaction."""
-        if self._sync_failed is not None:
+        refused = self.refused
+        if refused is not None:
             raise StorageError(
-                f"writes are refused: {self._sync_failed}; check the disk, then restart the node"
+                f"writes are refused: {refused}; check the disk, remove {self._failed_path}, then restart the node"
             )
         self._flock(fcntl.LOCK_EX)
         conn = self._conn
@@ -1296,20 +1304,41 @@ class WriteBatches:
 
     def _sync(self, wal: WalSync) -> StorageError | None:
         """Sync the log after a commit; a failure is the batch's error, and
-        every later write is refused (WalSync)."""
+        every later write is refused, by every process (WalSync). A batch
+        synced once another process's sync failed is not reported durable
+        either: its frames may follow pages that failure lost."""
         try:
             wal.sync()
         except OSError as exc:
             self._sync_failed = f"the write-ahead log {wal.path} could not be synced to disk ({exc})"
             log.critical(
-                "%s: the last batch's changes may not survive a power cut, and no further write is accepted;"
-                " check the disk, then restart the node",
+                "%s: the last batch's changes may not survive a power cut, and no further write is accepted"
+                " by any process of this database; check the disk, remove %s, then restart the node",
                 self._sync_failed,
+                self._failed_path,
             )
-            return StorageUnavailable(
-                f"{self._sync_failed}: the change may or may not be stored", commit_unknown=True
-            )
-        return None
+            self._mark_failed()
+        else:
+            if self.refused is None:
+                return None
+        return StorageUnavailable(f"{self.refused}: the change may or may not be stored", commit_unknown=True)
+
+    def _mark_failed(self) -> None:
+        """Tell every process of this database (the file `<database>-sync-failed`)."""
+        if self._failed_path is None:
+            return
+        try:
+            fd = os.open(self._failed_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.critical("cannot leave %s for the other processes: %s", self._failed_path, exc)
+            return
+        try:
+            os.write(fd, (self._sync_failed or "").encode() + b"\n")
+            os.fsync(fd)
+        except OSError:
+            pass  # the file's existence is what counts
+        finally:
+            os.close(fd)
 
     def _savepoint(self, batch: _Batch, sql: str) -> None:
         try:

@@ -163,12 +163,23 @@ def test_a_failed_sync_fails_its_writers_as_of_unknown_outcome_and_refuses_every
         if c.name == "database"
     )
     assert not database.ok and database.detail.startswith("writes are refused: the write-ahead log")
-    with pytest.raises(StorageError, match="writes are refused: .*check the disk, then restart the node"):
+    with pytest.raises(StorageError, match="writes are refused: .*check the disk, remove .*sync-failed, then restart the node"):
         with storage.transaction() as txn:
             txn.set_meta("b", b"2")
     assert _committed(storage, "b") is None
     assert len(syncs.data) == 1, "a refused write syncs nothing"
-    # A node that restarts (a new storage on the same file) writes again.
+    # Every process of the database is told (another worker, a restart),
+    # until the operator, having checked the disk, removes the file.
+    marker = storage.writes.wal.database + "-sync-failed"
+    assert os.path.exists(marker) and "could not be synced" in open(marker).read()
+    other = open_storage(f"sqlite:///{storage.writes.wal.database}")
+    try:
+        with pytest.raises(StorageError, match=f"another process could not sync .*remove {marker}"):
+            with other.transaction() as txn:
+                txn.set_meta("b", b"2")
+    finally:
+        other.close()
+    os.unlink(marker)
     again = open_storage(f"sqlite:///{storage.writes.wal.database}")
     try:
         with again.transaction() as txn:
@@ -176,6 +187,20 @@ def test_a_failed_sync_fails_its_writers_as_of_unknown_outcome_and_refuses_every
         assert _committed(again, "b") == b"2"
     finally:
         again.close()
+
+
+def test_a_batch_synced_once_another_process_failed_its_sync_is_not_reported_durable(storage, monkeypatch):
+    """Its frames may follow pages the other process's failed sync lost:
+    its writers are told the outcome is unknown, and it writes no more."""
+    marker = os.path.realpath(storage.writes.lock_path[: -len("-writer")]) + "-sync-failed"
+    Syncs(monkeypatch, on_sync=lambda: open(marker, "w").close())  # another worker fails meanwhile
+    with pytest.raises(StorageUnavailable, match="another process could not sync") as failed:
+        with storage.transaction() as txn:
+            txn.set_meta("a", b"1")
+    assert failed.value.commit_unknown
+    with pytest.raises(StorageError, match="writes are refused"):
+        with storage.transaction() as txn:
+            txn.set_meta("b", b"2")
 
 
 def test_a_new_log_file_has_its_directory_synced_once_and_its_own_descriptor(tmp_path, monkeypatch):
