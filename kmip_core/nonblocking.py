@@ -100,14 +100,14 @@ def writer_busy(what: str) -> None:
     an open batch there, or the work is a `Work`, which will wait for one
     at its write transaction (`writer_turn`) and need not start over."""
     state = _STATE.get()
-    if state is not None and not state.writable and not _waits_here():
+    if state is not None and not state.writable and _waiting_work() is None:
         raise WriterBusy(what)
 
 
-def _waits_here() -> bool:
-    """Whether the running code is a `Work`'s own, which can wait."""
+def _waiting_work() -> Work | None:
+    """The `Work` whose own code is running (it can wait), or None."""
     work = _WORK.get()
-    return work is not None and greenlet.getcurrent() is work._greenlet
+    return work if work is not None and greenlet.getcurrent() is work._greenlet else None
 
 
 def writer_turn(what: str) -> None:
@@ -118,10 +118,9 @@ def writer_turn(what: str) -> None:
     state = _STATE.get()
     if state is None or state.writable:
         return
-    if not _waits_here():
+    work = _waiting_work()
+    if work is None:
         raise WriterBusy(what)
-    work = _WORK.get()
-    assert work is not None  # _waits_here
     work._wait()
     state.writable = True
 

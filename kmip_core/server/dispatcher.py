@@ -19,12 +19,11 @@ failover) before anything was committed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,11 +113,22 @@ class HeldCounts:
     commit, or whose log could not be synced). Settled once; its latency
     then includes the wait for the commit."""
 
-    __slots__ = ("_counts", "_dispatcher")
+    __slots__ = ("_counts", "_dispatcher", "_token")
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
         self._counts: list[tuple[int | None, str, float | None]] = []
+        self._token: Token[list[tuple[int | None, str, float | None]] | None] | None = None
+
+    # A class of its own rather than a generator: every request the reactor
+    # runs enters one.
+    def __enter__(self) -> HeldCounts:
+        self._token = _HELD_COUNTS.set(self._counts)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None  # entered
+        _HELD_COUNTS.reset(self._token)
 
     def settle(self, durable: bool) -> None:
         """Count the items: as answered if `durable`, else each as General
@@ -551,17 +561,11 @@ class Dispatcher:
         self._count(operation_value, reason.name, started)
         return ttlv.structure(T.BATCH_ITEM.value, body), True, draft
 
-    @contextlib.contextmanager
-    def holding_counts(self) -> Iterator[HeldCounts]:
-        """Requests handled inside are counted in the metrics only when the
-        caller settles what this yields (`HeldCounts.settle`). A held read's
-        count (`HeldResponse.settled`) is its own, as always."""
-        held = HeldCounts(self)
-        token = _HELD_COUNTS.set(held._counts)
-        try:
-            yield held
-        finally:
-            _HELD_COUNTS.reset(token)
+    def holding_counts(self) -> HeldCounts:
+        """A context manager: requests handled inside are counted in the
+        metrics only when the caller settles it (`HeldCounts.settle`). A
+        held read's count (`HeldResponse.settled`) is its own, as always."""
+        return HeldCounts(self)
 
     def _count(self, operation_value: int | None, result: str, started: float | None) -> None:
         if self.metrics is None:

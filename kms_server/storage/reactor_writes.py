@@ -117,12 +117,7 @@ class ReactorWrites:
         of this reactor turn, or once a pool thread has the writer's turn;
         fires with its result (or with what the Deferred it returns fires
         with)."""
-        d: defer.Deferred[T] = defer.Deferred()
-        self._queued.append((job, d))
-        # Inside a batch (a job that queues another), it runs in it.
-        if not self._batches.reactor_batch_open:
-            self._schedule()
-        return d
+        return self._queue(job)
 
     def start(self, job: Callable[[], T]) -> T | defer.Deferred[T]:
         """Run `job()` now, as a `kmip_core.nonblocking.Work`: what it does
@@ -133,8 +128,15 @@ class ReactorWrites:
         work = Work(job)
         if work.step():
             return work.result
-        d: defer.Deferred[T] = defer.Deferred()
-        self._queued.append((work, d))
+        return self._queue(work)
+
+    def _queue(self, job: Callable[[], Any] | Work, d: defer.Deferred[Any] | None = None) -> defer.Deferred[Any]:
+        """Queue `job` for the next batch; `d` (a new one by default) fires
+        with its result. Queued inside a batch (a job that queues another,
+        a work that waits again), it runs in that batch."""
+        if d is None:
+            d = defer.Deferred()
+        self._queued.append((job, d))
         if not self._batches.reactor_batch_open:
             self._schedule()
         return d
@@ -186,8 +188,7 @@ class ReactorWrites:
             d.errback()
             return
         if not ended:
-            self._queued.append((work, d))
-            self._schedule()
+            self._queue(work, d)
         else:
             _fire(d, work.result)
 

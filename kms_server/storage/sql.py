@@ -1126,16 +1126,17 @@ class WriteBatches:
     released) before its writers are told. Writers of this process
     therefore queue here, and those that arrive while a transaction is
     open join it instead of opening their own: each runs its block, in
-    turn, under a SAVEPOINT of the shared transaction (the first needs none: a failure of its block rolls
-    back the whole transaction, which holds nothing else yet, and ends the
-    batch); a block that raises (or whose transaction failed) is rolled back
-    to its savepoint, and the others keep their changes. The
-    writer that finds nobody waiting behind it (or the BATCH_MAX-th) commits
-    for all; every member returns from its `with` only then (once synced),
-    with the commit's outcome: nothing is answered before it is durable,
-    and a failed commit or sync fails each member. Alone, a writer pays one commit, as
-    before. Members see the changes of earlier members of their batch, as
-    they would have seen them committed.
+    turn, under a SAVEPOINT of the shared transaction (the first needs
+    none: a failure of its block rolls back the whole transaction, which
+    holds nothing else yet, and ends the batch); a block that raises (or
+    whose transaction failed) is rolled back to its savepoint, and the
+    others keep their changes. The writer that finds nobody waiting behind
+    it (or the BATCH_MAX-th) commits for all; every member returns from its
+    `with` only then (once synced), with the commit's outcome: nothing is
+    answered before it is durable, and a failed commit or sync fails each
+    member. Alone, a writer pays one commit, as before. Members see the
+    changes of earlier members of their batch, as they would have seen
+    them committed.
 
     Writers of other processes (`[server] processes`, `kms-admin` commands)
     wait on an exclusive flock of the lock file `<database>-writer`, taken
