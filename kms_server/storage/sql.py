@@ -338,8 +338,12 @@ def _meta_upsert(dialect_insert):
 _META_UPSERT = {"postgresql": _meta_upsert(pg_dialect.insert), "sqlite": _meta_upsert(sqlite_dialect.insert)}
 _RAW_META_UPSERT = _Raw(_META_UPSERT["sqlite"])
 
-# pg_advisory_xact_lock key that serializes audit appenders of all nodes
-# ("kmsa").
+# pg_advisory_xact_lock key that serializes the writers of all nodes
+# ("kmsa"): every write batch on PostgreSQL takes it at BEGIN, before any
+# of its members runs, and holds it to COMMIT. A batch therefore never
+# waits for a row lock that another writer holds while waiting for one of
+# the batch's; and the audit trail's appenders take turns under it
+# (docs/storage-schema.md, "Writers on PostgreSQL").
 AUDIT_LOCK_KEY = 0x6B6D7361
 
 
@@ -518,6 +522,9 @@ class _SqlTransaction(Transaction):
         # end): later records of the same transaction, or of the next
         # member of a batch, need not read it again.
         self.audit_tail: tuple[bool, tuple[int, str] | None] = (False, None)
+        # PostgreSQL: the transaction holds the writers' advisory lock
+        # already (a WriteBatches batch takes it at BEGIN).
+        self.writers_locked = False
 
     @contextlib.contextmanager
     def _op(self, what: str, write: bool = False) -> Iterator[None]:
@@ -730,9 +737,10 @@ class _SqlTransaction(Transaction):
             known, tail = self.audit_tail
             if lock and known:
                 return tail  # this transaction took the lock when it read the head
-            if lock and self._dialect == "postgresql":
+            if lock and self._dialect == "postgresql" and not self.writers_locked:
                 # Held until commit; SQLite's BEGIN IMMEDIATE already
-                # serializes writers.
+                # serializes writers, and a batch on PostgreSQL holds it
+                # from its BEGIN (WriteBatches).
                 self._conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
             found = _RAW_AUDIT_HEAD.rows(self._conn, self._dialect, {})
             head = (found[0][0], found[0][1]) if found else None
@@ -827,7 +835,8 @@ class SqlStorage(Storage):
         backend = url.get_backend_name()
         self._dialect = backend
         self._local = threading.local()
-        # Group commit of writers on SQLite (WriteBatches); None on PostgreSQL.
+        # Group commit of this process's writers (WriteBatches). On SQLite
+        # the reactor thread fills batches too (reactor_batches).
         self.writes: WriteBatches | None = None
         # SQLite: read-only connections between transactions, at most
         # READERS_KEPT, each taken by one reader at a time. Taking a
@@ -844,6 +853,8 @@ class SqlStorage(Storage):
             configure_sqlite(self._engine)
             self.writes = WriteBatches(self._engine, url.database)
             self.reads_in_reactor = True
+        elif backend == "postgresql":
+            self.writes = WriteBatches(self._engine, None, dialect=backend)
         from kms_server.storage import schema as schema_versions
 
         self.shown_url = shown
@@ -862,7 +873,9 @@ class SqlStorage(Storage):
             ) from None
 
     def reactor_batches(self) -> WriteBatches | None:
-        return self.writes
+        # On PostgreSQL each statement is a round trip: writes stay on the
+        # pool's threads, whose batches share commits all the same.
+        return self.writes if self._dialect == "sqlite" else None
 
     @property
     def idle_readers(self) -> int:
@@ -880,19 +893,24 @@ class SqlStorage(Storage):
         # one's locks forever (or for busy_timeout on SQLite).
         if getattr(self._local, "active", False):
             raise StorageError("transactions do not nest")
-        if self.writes is not None and not read_only and not self.writes.reactor_batch_open:
+        in_batches = self.writes is not None and not read_only
+        reactor = in_batches and self._dialect == "sqlite"
+        if reactor and not self.writes.reactor_batch_open:  # type: ignore[union-attr]
             # In the reactor thread, work that can wait for the writer's
             # turn waits here, before its transaction begins, while the
             # reactor serves others; other work raises WriterBusy.
             writer_turn("a write transaction (the reactor's batch is not open)")
         self._local.active = True
         try:
-            if self.writes is not None and not read_only:
-                # SQLite: one writer at a time; the writers of this process
+            if in_batches:
+                # One writer at a time (SQLite's write lock; on PostgreSQL
+                # the writers' advisory lock); the writers of this process
                 # share commits (group commit, WriteBatches). In the reactor
-                # thread, the block joins the reactor's batch, committed
-                # later, or raises WriterBusy when none is open (reactor_transaction).
-                if in_reactor_now():
+                # thread (SQLite), the block joins the reactor's batch,
+                # committed later, or raises WriterBusy when none is open
+                # (reactor_transaction).
+                assert self.writes is not None
+                if reactor and in_reactor_now():
                     with self.writes.reactor_transaction(self._dialect) as tx:
                         yield tx
                 else:
@@ -908,7 +926,7 @@ class SqlStorage(Storage):
     def _unit_of_work(self, read_only: bool = False) -> Iterator[Transaction]:
         # On SQLite, readers keep their connections between transactions
         # (see _idle_readers); elsewhere each comes from the pool.
-        keep_reader = read_only and self.writes is not None
+        keep_reader = read_only and self._dialect == "sqlite"
         conn = None
         if keep_reader:
             with contextlib.suppress(IndexError):
@@ -1144,8 +1162,9 @@ class WriteBatches:
     released, where SQLite's busy handler would sleep and poll (up to 100
     ms a turn). busy_timeout still covers a writer that does not take it."""
 
-    def __init__(self, engine: Engine, database: str | None) -> None:
+    def __init__(self, engine: Engine, database: str | None, dialect: str = "sqlite") -> None:
         self._engine = engine
+        self._dialect = dialect
         self._cond = threading.Condition()
         self._busy = False  # a thread is using the open batch (its block or its commit)
         self._waiting = 0
@@ -1241,7 +1260,7 @@ class WriteBatches:
         if conn is None or conn.closed or conn.invalidated:
             try:
                 conn = self._conn = self._engine.connect()
-                wal = _durable_after_turn(conn)
+                wal = _durable_after_turn(conn) if self._dialect == "sqlite" else None
             except (SQLAlchemyError, sqlite3.Error) as exc:
                 self._drop_connection()
                 self._flock(fcntl.LOCK_UN)
@@ -1254,7 +1273,12 @@ class WriteBatches:
                     self._wal.close()
                 self._wal = wal
         try:
-            return _Batch(conn, conn.begin())
+            trans = conn.begin()
+            if self._dialect == "postgresql":
+                # The writers' turn, cluster-wide, before any member runs
+                # (AUDIT_LOCK_KEY); held until the batch ends.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
+            return _Batch(conn, trans)
         except SQLAlchemyError as exc:
             self._drop_connection()
             self._flock(fcntl.LOCK_UN)
@@ -1343,7 +1367,10 @@ class WriteBatches:
 
     def _savepoint(self, batch: _Batch, sql: str) -> None:
         try:
-            sqlite_execute(batch.conn, sql)
+            if self._dialect == "sqlite":
+                sqlite_execute(batch.conn, sql)
+            else:
+                batch.conn.exec_driver_sql(sql)
         except SQLAlchemyError as exc:
             batch.broken = batch.broken or _storage_error("savepoint", exc)
 
@@ -1378,6 +1405,7 @@ class WriteBatches:
             self._savepoint(batch, "SAVEPOINT member")
         tx = _SqlTransaction(batch.conn, dialect)
         tx.audit_tail = batch.audit_tail
+        tx.writers_locked = self._dialect == "postgresql"
         if batch.broken is not None:
             tx.failed = True
         failure: BaseException | None = None
