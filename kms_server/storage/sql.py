@@ -343,7 +343,7 @@ _RAW_META_UPSERT = _Raw(_META_UPSERT["sqlite"])
 # of its members runs, and holds it to COMMIT. A batch therefore never
 # waits for a row lock that another writer holds while waiting for one of
 # the batch's; and the audit trail's appenders take turns under it
-# (docs/storage-schema.md, "Writers on PostgreSQL").
+# (docs/process-model.md, "Writers on PostgreSQL").
 AUDIT_LOCK_KEY = 0x6B6D7361
 
 
@@ -1137,7 +1137,10 @@ def _durable_after_turn(conn: Connection) -> WalSync | None:
 
 
 class WriteBatches:
-    """Group commit of the write transactions of one process on SQLite.
+    """Group commit of the write transactions of one process on SQLite
+    (and on PostgreSQL, where each batch first takes the writers' advisory
+    lock instead of the flock below, and no reactor batch is opened:
+    docs/process-model.md, "Writers on PostgreSQL").
 
     SQLite lets one writer in at a time, and each commit's frames of the
     write-ahead log must reach the disk (`WalSync`, after the flock is

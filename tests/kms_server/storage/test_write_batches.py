@@ -1,8 +1,9 @@
-"""Group commit of SQLite writers (kms_server.storage.sql.WriteBatches):
-writers that queue behind an open transaction share its commit, each
-returns only once it is committed, a failed block loses only its own
-changes, a failed commit fails every member, and writers of other
-processes wait on the lock file's flock."""
+"""Group commit of writers (kms_server.storage.sql.WriteBatches), on
+SQLite and on PostgreSQL: writers that queue behind an open transaction
+share its commit, each returns only once it is committed, a failed block
+loses only its own changes, a failed commit fails every member; on SQLite
+writers of other processes wait on the lock file's flock, on PostgreSQL
+writers of other nodes wait on the writers' advisory lock, taken at BEGIN."""
 
 from __future__ import annotations
 
@@ -13,19 +14,35 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
 from kmip_core.db.engine import READ_ONLY
+from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError
-from kms_server.storage.sql import BATCH_MAX, SqlStorage
+from kms_server.storage.sql import AUDIT_LOCK_KEY, BATCH_MAX, SqlStorage
 
 
-@pytest.fixture
-def storage(sqlite_storage):
-    return sqlite_storage  # SQLite only (conftest.py), not every backend
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request) -> Iterator[SqlStorage]:
+    """A SQL storage with its writers' group commit (not the in-memory
+    fake of the contract suite)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("sqlite_storage")
+        return
+    opened = open_storage(request.getfixturevalue("postgres_url"))
+    assert isinstance(opened, SqlStorage) and opened.writes is not None
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def _dialect(storage: SqlStorage) -> str:
+    return storage.engine.dialect.name
 
 
 def write_commits(storage: SqlStorage) -> list[int]:
@@ -237,10 +254,14 @@ def test_batches_of_a_process_run_on_one_kept_connection(storage):
     assert len(seen) == 3 and seen[0] is seen[1] is seen[2]
     assert storage.writes.holds_connection
     assert storage.engine.pool.checkedout() == 1
-    # A read runs on a connection of its own, kept for the next read.
+    # A read runs on a connection of its own: on SQLite kept for the next
+    # read, on PostgreSQL back to the pool.
     with storage.transaction(read_only=True) as txn:
         assert txn.get_meta("k2") == b"1"
-    assert storage.idle_readers == 1 and storage.engine.pool.checkedout() == 2
+    if _dialect(storage) == "sqlite":
+        assert storage.idle_readers == 1 and storage.engine.pool.checkedout() == 2
+    else:
+        assert storage.idle_readers == 0 and storage.engine.pool.checkedout() == 1
     storage.close()
     assert storage.engine.pool.checkedout() == 0
 
@@ -258,11 +279,12 @@ def test_a_batch_rolled_back_by_its_block_keeps_its_clean_connection(storage):
     assert _committed(storage, "kept") == b"1"
 
 
-def test_readers_reuse_their_connections_and_drop_a_failed_one(storage):
+def test_readers_reuse_their_connections_and_drop_a_failed_one(sqlite_storage):
     """A read-only transaction's connection is kept for the next reader,
     also after the block raised (its rollback worked); one whose
     transaction failed in the database is closed, and the next reader
     still reads committed data."""
+    storage = sqlite_storage  # SQLite keeps its readers' connections
     with storage.transaction() as txn:
         txn.set_meta("k", b"v")
     opened = []  # new sqlite3 connections (a read begins on its own, past SQLAlchemy's events)
@@ -294,7 +316,8 @@ def test_reads_are_not_queued_behind_an_open_batch(storage):
     assert _committed(storage, "k") == b"held"
 
 
-def test_the_lock_file_is_private_and_writers_wait_for_its_flock(storage):
+def test_the_lock_file_is_private_and_writers_wait_for_its_flock(sqlite_storage):
+    storage = sqlite_storage  # PostgreSQL: the advisory lock (below)
     with storage.transaction() as txn:
         txn.set_meta("k", b"1")
     path = storage.writes.lock_path
@@ -333,3 +356,125 @@ def test_the_lock_file_is_private_and_writers_wait_for_its_flock(storage):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+# PostgreSQL: the writers' advisory lock, taken at BEGIN.
+
+
+@pytest.fixture
+def pg_storages(postgres_url) -> Iterator[tuple[SqlStorage, SqlStorage]]:
+    """Two storages on one PostgreSQL database, as two nodes of a cluster."""
+    first, second = open_storage(postgres_url), open_storage(postgres_url)
+    assert isinstance(first, SqlStorage) and isinstance(second, SqlStorage)
+    try:
+        yield first, second
+    finally:
+        first.close()
+        second.close()
+
+
+def _lock_waits(storage: SqlStorage) -> list[tuple[str, int | None]]:
+    """(locktype, objid) of every lock a backend of this database waits for."""
+    with storage.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT locktype, objid FROM pg_locks WHERE NOT granted"
+            " AND (database IS NULL OR database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+        ).all()
+    return [(row[0], None if row[1] is None else int(row[1])) for row in rows]
+
+
+def test_a_batch_of_another_node_waits_at_begin_and_nothing_deadlocks(pg_storages):
+    """Node B's writer, whose block writes k2 then k, waits for the
+    writers' lock before it takes any row; node A's open batch, holding k,
+    then takes k2 in its next member. Without the lock at BEGIN, B would
+    hold k2 and wait for k while A waited for k2: PostgreSQL's deadlock
+    detector would fail one of them after a second."""
+    a, b = pg_storages
+    holder = _Holder(a, "k")  # A's batch is open and holds the row k
+    results: dict = {}
+
+    def node_b():
+        try:
+            with b.transaction() as txn:
+                txn.set_meta("k2", b"from b")
+                txn.set_meta("k", b"from b")
+            results["b"] = "ok"
+        except BaseException as exc:
+            results["b"] = exc
+
+    thread_b = threading.Thread(target=node_b)
+    thread_b.start()
+    waits: list = []
+    _wait_for(lambda: bool(waits.extend(_lock_waits(a)) or waits), "node B waiting for a lock")
+    assert _committed(a, "k2") is None  # B has committed nothing
+    # A's next member takes k2, which B would have locked.
+    queued = _writer(a, "k2", results)
+    _wait_for(lambda: a.writes.waiting == 1, "a queued writer on node A")
+    holder.release.set()
+    for t in (holder.thread, queued, thread_b):
+        t.join(15)
+    assert holder.error is None
+    assert results["k2"] == ("ok", b"k2") or results["k2"] == ("ok", b"from b")
+    assert results["b"] == "ok", results["b"]
+    # B ran after A's batch committed: its values are the last ones.
+    assert _committed(a, "k") == b"from b" and _committed(a, "k2") == b"from b"
+    # What B waited for was the writers' lock, not a row.
+    assert waits == [("advisory", AUDIT_LOCK_KEY)]
+
+
+def test_a_writer_waits_while_another_session_holds_the_writers_lock(postgres_url):
+    storage = open_storage(postgres_url)
+    assert isinstance(storage, SqlStorage)
+    other = storage.engine.connect()
+    try:
+        trans = other.begin()
+        other.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
+        results: dict = {}
+        writer = _writer(storage, "waits", results)
+        writer.join(0.5)
+        assert writer.is_alive() and "waits" not in results
+        trans.commit()
+        writer.join(10)
+        assert results["waits"] == ("ok", b"waits")
+    finally:
+        other.close()
+        storage.close()
+
+
+def test_a_batch_whose_connection_is_killed_fails_every_member_and_the_next_write_reconnects(postgres_url):
+    """The batch's backend terminated (a failover, an operator's
+    pg_terminate_backend) while writers queue: the batch's members fail
+    (the holder's block, and the writer that joined next), nothing of the
+    batch is stored, and the writers that had not joined it run in a new
+    batch on a new connection."""
+    storage = open_storage(postgres_url)
+    assert isinstance(storage, SqlStorage)
+    try:
+        holder = _Holder(storage, "first")
+        results: dict = {}
+        threads = [_writer(storage, f"w{i}", results) for i in range(3)]
+        _wait_for(lambda: storage.writes.waiting == 3, "queued writers")
+        raw = storage.writes._conn.connection.driver_connection
+        pid = raw.info.backend_pid
+        with storage.engine.connect() as admin:
+            admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            admin.commit()
+        holder.release.set()
+        for t in [holder.thread, *threads]:
+            t.join(15)
+        assert isinstance(holder.error, StorageError)
+        assert _committed(storage, "first") is None
+        failed = [key for key, (status, _) in results.items() if status == "error"]
+        # The writer that joined the broken batch failed with it; the
+        # others, queued behind, committed in the next batch.
+        assert len(failed) == 1 and isinstance(results[failed[0]][1], StorageError)
+        assert _committed(storage, failed[0]) is None
+        for key, (status, seen) in results.items():
+            if status == "ok":
+                assert seen == key.encode() and _committed(storage, key) == key.encode()
+        with storage.transaction() as txn:
+            txn.set_meta("later", b"1")
+        assert _committed(storage, "later") == b"1"
+        assert storage.writes._conn.connection.driver_connection.info.backend_pid != pid
+    finally:
+        storage.close()
