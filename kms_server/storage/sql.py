@@ -936,7 +936,16 @@ class SqlStorage(Storage):
         if conn is None:
             try:
                 conn = self._engine.connect()
-                if read_only:
+                if read_only and self._dialect == "postgresql":
+                    # Each statement its own transaction: under READ
+                    # COMMITTED, PostgreSQL's level here, a statement sees
+                    # what was committed when it began either way, and
+                    # BEGIN and COMMIT were two round trips of a Get's
+                    # three. (Reads check nothing across statements that
+                    # one snapshot would protect: the row's MAC and the
+                    # versions seen do.)
+                    conn = conn.execution_options(**{READ_ONLY: True, "isolation_level": "AUTOCOMMIT"})
+                elif read_only:
                     conn = conn.execution_options(**{READ_ONLY: True})
             except SQLAlchemyError as exc:
                 raise _storage_error("connect", exc) from None

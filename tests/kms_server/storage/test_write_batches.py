@@ -478,3 +478,33 @@ def test_a_batch_whose_connection_is_killed_fails_every_member_and_the_next_writ
         assert storage.writes._conn.connection.driver_connection.info.backend_pid != pid
     finally:
         storage.close()
+
+
+def test_a_read_on_postgresql_runs_each_statement_on_its_own(postgres_url):
+    """A read-only transaction holds no transaction open in PostgreSQL
+    between its statements (BEGIN and COMMIT were two of a Get's three
+    round trips; under READ COMMITTED each statement saw what was committed
+    when it began either way); a write transaction's block runs inside one."""
+    from psycopg.pq import TransactionStatus
+
+    storage = open_storage(postgres_url)
+    assert isinstance(storage, SqlStorage)
+    try:
+        with storage.transaction() as txn:
+            txn.set_meta("k", b"v")
+            assert txn._conn.connection.driver_connection.info.transaction_status == TransactionStatus.INTRANS
+        with storage.transaction(read_only=True) as txn:
+            assert txn.get_meta("k") == b"v"
+            assert txn._conn.connection.driver_connection.info.transaction_status == TransactionStatus.IDLE
+        # Still read-only: a write is refused, and the transaction fails.
+        with pytest.raises(StorageError, match="rolled back"), storage.transaction(read_only=True) as txn:
+            with pytest.raises(StorageError, match="read-only"):
+                txn.set_meta("k", b"w")
+        assert _committed(storage, "k") == b"v"
+        # The connection goes back to the pool as it came: the next write
+        # on it runs in a transaction again.
+        with storage.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            assert conn.connection.driver_connection.info.transaction_status == TransactionStatus.INTRANS
+    finally:
+        storage.close()
