@@ -893,28 +893,27 @@ class SqlStorage(Storage):
         # one's locks forever (or for busy_timeout on SQLite).
         if getattr(self._local, "active", False):
             raise StorageError("transactions do not nest")
-        in_batches = self.writes is not None and not read_only
-        reactor = in_batches and self._dialect == "sqlite"
-        if reactor and not self.writes.reactor_batch_open:  # type: ignore[union-attr]
+        writes = None if read_only else self.writes
+        reactor = self._dialect == "sqlite"  # SQLite's writes may run in the reactor thread
+        if writes is not None and reactor and not writes.reactor_batch_open:
             # In the reactor thread, work that can wait for the writer's
             # turn waits here, before its transaction begins, while the
             # reactor serves others; other work raises WriterBusy.
             writer_turn("a write transaction (the reactor's batch is not open)")
         self._local.active = True
         try:
-            if in_batches:
+            if writes is not None:
                 # One writer at a time (SQLite's write lock; on PostgreSQL
                 # the writers' advisory lock); the writers of this process
                 # share commits (group commit, WriteBatches). In the reactor
                 # thread (SQLite), the block joins the reactor's batch,
                 # committed later, or raises WriterBusy when none is open
                 # (reactor_transaction).
-                assert self.writes is not None
                 if reactor and in_reactor_now():
-                    with self.writes.reactor_transaction(self._dialect) as tx:
+                    with writes.reactor_transaction(self._dialect) as tx:
                         yield tx
                 else:
-                    with self.writes.transaction(self._dialect) as tx:
+                    with writes.transaction(self._dialect) as tx:
                         yield tx
             else:
                 with self._unit_of_work(read_only) as tx:
@@ -938,12 +937,10 @@ class SqlStorage(Storage):
                 conn = self._engine.connect()
                 if read_only and self._dialect == "postgresql":
                     # Each statement its own transaction: under READ
-                    # COMMITTED, PostgreSQL's level here, a statement sees
-                    # what was committed when it began either way, and
-                    # BEGIN and COMMIT were two round trips of a Get's
-                    # three. (Reads check nothing across statements that
-                    # one snapshot would protect: the row's MAC and the
-                    # versions seen do.)
+                    # COMMITTED, PostgreSQL's level here, each statement of
+                    # a transaction sees what was committed when it began
+                    # anyway, and BEGIN and COMMIT were two round trips of
+                    # a Get's three.
                     conn = conn.execution_options(**{READ_ONLY: True, "isolation_level": "AUTOCOMMIT"})
                 elif read_only:
                     conn = conn.execution_options(**{READ_ONLY: True})
