@@ -70,6 +70,19 @@ class KmsMetrics:
             "the writes one commit serves)",
             registry=self.registry,
         )
+        self.shared_commits = Counter(
+            "kms_shared_commits_total",
+            "Commits that write transactions of worker threads shared (group commit: on PostgreSQL every "
+            "write; on SQLite those not run in the reactor), by result ('committed' or 'failed')",
+            ["result"],
+            registry=self.registry,
+        )
+        self.shared_commit_writes = Counter(
+            "kms_shared_commit_writes_total",
+            "Write transactions committed by those commits (divided by the committed ones: the writes one "
+            "commit serves)",
+            registry=self.registry,
+        )
         self.verified_rows = Counter(
             "kms_verified_row_reads_total",
             "Object rows read by a request, by result: 'held' (unchanged since this process authenticated "
@@ -103,6 +116,11 @@ class KmsMetrics:
         self.write_batches.labels("committed" if committed else "failed").inc()
         if committed:
             self.batched_writes.inc(writes)
+
+    def shared_commit(self, writes: int, committed: bool) -> None:
+        self.shared_commits.labels("committed" if committed else "failed").inc()
+        if committed:
+            self.shared_commit_writes.inc(writes)
 
     def verified_row_read(self, held: bool) -> None:
         (self._held if held else self._read).inc()

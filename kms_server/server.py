@@ -171,6 +171,7 @@ class KmsService(service.Service):
         self._refusals = _RefusalBudget()
         self.metrics = KmsMetrics(cfg.server.node_name)
         self.keystore.rows.on_read = self.metrics.verified_row_read
+        self.storage.on_shared_commit(self.metrics.shared_commit)
         if cfg.audit.enabled:
             try:
                 signer = audit_key.load_signer(cfg.audit.signing_key_file) if cfg.audit.signing_key_file else None

@@ -274,6 +274,12 @@ class Storage(abc.ABC):
         reactor write without waiting (SQLite); None otherwise."""
         return None
 
+    def on_shared_commit(self, report: Callable[[int, bool], None]) -> None:
+        """Have `report(writes, committed)` called after each commit that
+        write transactions of worker threads shared (group commit of a SQL
+        backend; the reactor's own batches are reported by their owner).
+        A backend without group commit never calls it."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections."""

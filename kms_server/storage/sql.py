@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import (
@@ -872,6 +872,10 @@ class SqlStorage(Storage):
                 f"cannot open storage {shown!r}: {describe_error(exc)}"
             ) from None
 
+    def on_shared_commit(self, report: Callable[[int, bool], None]) -> None:
+        if self.writes is not None:
+            self.writes.on_finish = report
+
     def reactor_batches(self) -> WriteBatches | None:
         # On PostgreSQL each statement is a round trip: writes stay on the
         # pool's threads, whose batches share commits all the same.
@@ -1199,6 +1203,10 @@ class WriteBatches:
         self._reactor_batch: _Batch | None = None
         self._reactor_joined = 0
         self._reactor_thread: int | None = None
+        # Told (members, committed) after each batch of worker threads'
+        # writers ends (the node's metrics); the reactor's batches are
+        # reported by ReactorWrites.
+        self.on_finish: Callable[[int, bool], None] | None = None
 
     @property
     def waiting(self) -> int:
@@ -1454,6 +1462,11 @@ class WriteBatches:
                 self._batch = None
         if not hand_over:
             self._finish(batch)
+            if self.on_finish is not None and batch.members:
+                try:
+                    self.on_finish(batch.members, batch.error is None)
+                except Exception:
+                    log.exception("reporting a batch of writes failed")
         if failure is not None:
             raise failure
         if tx.failed:

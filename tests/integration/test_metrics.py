@@ -256,3 +256,24 @@ def test_metrics_with_mutual_tls(tmp_path, pki_dir):
         assert status.returncode == 0 and ": ready" in status.stdout, status.stdout + status.stderr
     finally:
         server.stop()
+
+
+def test_a_node_on_postgresql_counts_the_writes_its_commits_serve(tmp_path, pki_dir, postgres_url):
+    """On PostgreSQL every write runs on a worker thread, its commit shared
+    with the writers queued behind it (WriteBatches): the node counts those
+    commits and the writes they served."""
+    server = start_server(tmp_path / "node", pki_dir, extra_config="[metrics]\nport = 0\n", db_url=postgres_url)
+    try:
+        url = monitor_url(server)
+        with client(server, pki_dir) as c:
+            for _ in range(3):
+                c.create_symmetric_key("AES", 256)
+        after = requests.get(f"{url}/metrics", timeout=10).text
+        commits = sample(after, "kms_shared_commits_total", result="committed")
+        writes = sample(after, "kms_shared_commit_writes_total")
+        # Three Creates, each its own write transaction (alone here: one
+        # client, one request at a time), each in a committed batch.
+        assert commits >= 3 and writes >= 3 and writes >= commits, after
+        assert sample(after, "kms_shared_commits_total", result="failed") in (0, None)
+    finally:
+        server.stop()

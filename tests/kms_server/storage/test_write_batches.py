@@ -508,3 +508,35 @@ def test_a_read_on_postgresql_runs_each_statement_on_its_own(postgres_url):
             assert conn.connection.driver_connection.info.transaction_status == TransactionStatus.INTRANS
     finally:
         storage.close()
+
+
+def test_each_shared_commit_is_reported_with_the_writes_it_served(storage):
+    reports: list[tuple[int, bool]] = []
+    storage.on_shared_commit(lambda writes, committed: reports.append((writes, committed)))
+    with storage.transaction() as txn:
+        txn.set_meta("alone", b"1")
+    assert reports == [(1, True)]
+    holder = _Holder(storage, "first")
+    results: dict = {}
+    threads = [_writer(storage, f"w{i}", results) for i in range(3)]
+    _wait_for(lambda: storage.writes.waiting == 3, "queued writers")
+    holder.release.set()
+    for t in [holder.thread, *threads]:
+        t.join(10)
+    assert reports[1:] == [(4, True)]
+    # A block that raises alone commits nothing: nothing to report.
+    with pytest.raises(RuntimeError), storage.transaction() as txn:
+        txn.set_meta("lost", b"1")
+        raise RuntimeError("block failed")
+    assert len(reports) == 2
+
+    def refuse(_conn):
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    event.listen(storage.engine, "commit", refuse)
+    try:
+        with pytest.raises(StorageError), storage.transaction() as txn:
+            txn.set_meta("refused", b"1")
+    finally:
+        event.remove(storage.engine, "commit", refuse)
+    assert reports[2:] == [(1, False)]
