@@ -279,6 +279,7 @@ class Storage(abc.ABC):
         write transactions of worker threads shared (group commit of a SQL
         backend; the reactor's own batches are reported by their owner).
         A backend without group commit never calls it."""
+        return None
 
     @abc.abstractmethod
     def close(self) -> None:
