@@ -118,6 +118,21 @@ def _writer(storage: SqlStorage, key: str, results: dict, fail: str | None = Non
     return thread
 
 
+def _queued_behind(storage: SqlStorage, holder: _Holder, count: int, before_release=None) -> dict:
+    """Queue `count` writers (w0, w1, ...) behind the holder's open batch,
+    run `before_release`, release the holder and wait for all: each
+    writer's result."""
+    results: dict = {}
+    threads = [_writer(storage, f"w{i}", results) for i in range(count)]
+    _wait_for(lambda: storage.writes.waiting == count, "queued writers")
+    if before_release is not None:
+        before_release()
+    holder.release.set()
+    for t in [holder.thread, *threads]:
+        t.join(15)
+    return results
+
+
 def test_a_writer_alone_commits_its_own_transaction(storage):
     commits = write_commits(storage)
     with storage.transaction() as txn:
@@ -129,13 +144,7 @@ def test_a_writer_alone_commits_its_own_transaction(storage):
 def test_writers_queued_behind_an_open_transaction_share_its_commit(storage):
     commits = write_commits(storage)
     holder = _Holder(storage, "first")
-    results: dict = {}
-    threads = [_writer(storage, f"w{i}", results) for i in range(5)]
-    _wait_for(lambda: storage.writes.waiting == 5, "five queued writers")
-    holder.release.set()
-    holder.thread.join(10)
-    for t in threads:
-        t.join(10)
+    results = _queued_behind(storage, holder, 5)
     assert holder.error is None and holder.seen_after == b"held"
     # Every writer, back from its block, saw its own change committed.
     assert results == {f"w{i}": ("ok", f"w{i}".encode()) for i in range(5)}
@@ -145,14 +154,8 @@ def test_writers_queued_behind_an_open_transaction_share_its_commit(storage):
 
 def test_a_batch_holds_at_most_batch_max_writers(storage):
     commits = write_commits(storage)
-    holder = _Holder(storage, "first")
-    results: dict = {}
     count = BATCH_MAX + 3
-    threads = [_writer(storage, f"w{i}", results) for i in range(count)]
-    _wait_for(lambda: storage.writes.waiting == count, "queued writers")
-    holder.release.set()
-    for t in [holder.thread, *threads]:
-        t.join(10)
+    results = _queued_behind(storage, _Holder(storage, "first"), count)
     assert all(status == "ok" for status, _ in results.values()) and len(results) == count
     assert len(commits) == 2
 
@@ -202,12 +205,7 @@ def test_a_failed_first_block_is_rolled_back_and_the_queued_writers_still_commit
     start the next one."""
     commits = write_commits(storage)
     holder = _Holder(storage, "first", fail=True)
-    results: dict = {}
-    threads = [_writer(storage, f"w{i}", results) for i in range(3)]
-    _wait_for(lambda: storage.writes.waiting == 3, "queued writers")
-    holder.release.set()
-    for t in [holder.thread, *threads]:
-        t.join(10)
+    results = _queued_behind(storage, holder, 3)
     assert isinstance(holder.error, RuntimeError)
     assert _committed(storage, "first") is None
     assert results == {f"w{i}": ("ok", f"w{i}".encode()) for i in range(3)}
@@ -216,17 +214,11 @@ def test_a_failed_first_block_is_rolled_back_and_the_queued_writers_still_commit
 
 def test_a_failed_commit_fails_every_member_and_stores_nothing(storage):
     holder = _Holder(storage, "first")
-    results: dict = {}
-    threads = [_writer(storage, f"w{i}", results) for i in range(3)]
-    _wait_for(lambda: storage.writes.waiting == 3, "queued writers")
 
     def refuse(_conn):
         raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
 
-    event.listen(storage.engine, "commit", refuse)
-    holder.release.set()
-    for t in [holder.thread, *threads]:
-        t.join(10)
+    results = _queued_behind(storage, holder, 3, lambda: event.listen(storage.engine, "commit", refuse))
     event.remove(storage.engine, "commit", refuse)
     assert isinstance(holder.error, StorageError) and "commit" in str(holder.error)
     for i in range(3):
@@ -451,17 +443,14 @@ def test_a_batch_whose_connection_is_killed_fails_every_member_and_the_next_writ
     assert isinstance(storage, SqlStorage)
     try:
         holder = _Holder(storage, "first")
-        results: dict = {}
-        threads = [_writer(storage, f"w{i}", results) for i in range(3)]
-        _wait_for(lambda: storage.writes.waiting == 3, "queued writers")
-        raw = storage.writes._conn.connection.driver_connection
-        pid = raw.info.backend_pid
-        with storage.engine.connect() as admin:
-            admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
-            admin.commit()
-        holder.release.set()
-        for t in [holder.thread, *threads]:
-            t.join(15)
+        pid = storage.writes._conn.connection.driver_connection.info.backend_pid
+
+        def terminate():
+            with storage.engine.connect() as admin:
+                admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+                admin.commit()
+
+        results = _queued_behind(storage, holder, 3, terminate)
         assert isinstance(holder.error, StorageError)
         assert _committed(storage, "first") is None
         failed = [key for key, (status, _) in results.items() if status == "error"]
@@ -516,13 +505,7 @@ def test_each_shared_commit_is_reported_with_the_writes_it_served(storage):
     with storage.transaction() as txn:
         txn.set_meta("alone", b"1")
     assert reports == [(1, True)]
-    holder = _Holder(storage, "first")
-    results: dict = {}
-    threads = [_writer(storage, f"w{i}", results) for i in range(3)]
-    _wait_for(lambda: storage.writes.waiting == 3, "queued writers")
-    holder.release.set()
-    for t in [holder.thread, *threads]:
-        t.join(10)
+    _queued_behind(storage, _Holder(storage, "first"), 3)
     assert reports[1:] == [(4, True)]
     # A block that raises alone commits nothing: nothing to report.
     with pytest.raises(RuntimeError), storage.transaction() as txn:
