@@ -30,6 +30,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    any_,
     bindparam,
     delete,
     insert,
@@ -40,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
@@ -50,6 +52,7 @@ from kmip_core.db.engine import (
     describe_error,
     open_engine,
     parse_db_url,
+    pg_execute,
     sqlite_execute,
     sqlite_executemany,
 )
@@ -226,52 +229,84 @@ def _is_held(held: StoredObject | None, row: Any, attributes: list[Any], raw: bo
     return sorted(attributes if raw else [(n, i, bytes(v)) for n, i, v in attributes]) == held.attributes
 
 
+# The dialects `_Raw` compiles its statements for: SQLAlchemy's own, for
+# sqlite3 and psycopg (the SQL it sends when it runs them itself).
+_SQLITE = sqlite_dialect.dialect()
+_PSYCOPG = psycopg_dialect.dialect()
+
+
+def _only_named(compiled: Any, names: tuple[str, ...]) -> None:
+    """Only named parameters are passed to a `_Raw`: a constant bound by
+    the statement itself (say `version + 1`, or an OFFSET 0) would be
+    missing when it runs."""
+    preset = [name for name in names if not compiled.binds[name].required]
+    if preset:
+        raise ValueError(f"statement binds constants {preset}: use literal_column or literal=True")
+
+
 class _Raw:
-    """A prebuilt statement run on SQLite through the sqlite3 module itself:
-    SQLAlchemy's execute path (execution context, cursor wrapper, result
-    rows) cost more than SQLite's own work for the lookups every request
-    item runs, and for an object's writes (a quarter of a Create's CPU,
-    issue 15). The SQL is SQLAlchemy's compilation of the
-    same statement, so the schema stays written once; PostgreSQL runs the
-    statement through SQLAlchemy as before."""
+    """A prebuilt statement run through the driver itself: the sqlite3
+    module on SQLite, psycopg on PostgreSQL. SQLAlchemy's execute path
+    (execution context, cursor wrapper, result rows) cost more than the
+    database's own work for the lookups every request item runs, and for
+    an object's writes: a quarter of a Create's CPU on SQLite, and on
+    PostgreSQL more than psycopg's own work (issue 15). The SQL is
+    SQLAlchemy's compilation of the same statement for each dialect, so the
+    schema stays written once. `postgresql`: the statement to run there
+    instead (an upsert, which each dialect spells its own way)."""
 
-    __slots__ = ("stmt", "sql", "names")
+    __slots__ = ("stmt", "sql", "names", "pg_sql", "pg_stmt", "_pg_returning")
 
-    def __init__(self, stmt: Any, column_keys: list[str] | None = None, literal: bool = False) -> None:
+    def __init__(
+        self,
+        stmt: Any,
+        column_keys: list[str] | None = None,
+        literal: bool = False,
+        *,
+        postgresql: Any = None,
+        only: str | None = None,
+    ) -> None:
         # `literal`: the statement's only parameters are constants (a LIMIT).
-        compiled = stmt.compile(
-            dialect=sqlite_dialect.dialect(),
-            column_keys=column_keys,
-            compile_kwargs={"literal_binds": True} if literal else {},
-        )
+        # `only`: the one dialect the statement is built for (a Locate's).
+        compile_kwargs = {"literal_binds": True} if literal else {}
         self.stmt = stmt
-        self.sql = str(compiled)
-        self.names = tuple(compiled.positiontup or ())
-        # Only named parameters are passed: a constant bound by the
-        # statement itself (say `version + 1`) would be missing.
-        preset = [name for name in self.names if not compiled.binds[name].required]
-        if preset:
-            raise ValueError(f"statement binds constants {preset}: use literal_column or literal=True")
+        self.sql = ""
+        self.names: tuple[str, ...] = ()
+        if only != "postgresql":
+            compiled = stmt.compile(dialect=_SQLITE, column_keys=column_keys, compile_kwargs=compile_kwargs)
+            self.sql = str(compiled)
+            self.names = tuple(compiled.positiontup or ())
+            _only_named(compiled, self.names)
+        self.pg_stmt = stmt if postgresql is None else postgresql
+        self.pg_sql = ""
+        if only != "sqlite":
+            compiled = self.pg_stmt.compile(dialect=_PSYCOPG, column_keys=column_keys, compile_kwargs=compile_kwargs)
+            self.pg_sql = str(compiled)
+            _only_named(compiled, tuple(compiled.binds))
+        self._pg_returning: str | None = None
 
     def rows(self, conn: Connection, dialect: str, params: dict[str, Any]) -> list[Any]:
         """Every row (tuples); none for a statement without rows."""
         if dialect != "sqlite":
-            result = conn.execute(self.stmt, params)
-            return list(result.all()) if result.returns_rows else []
+            cursor = pg_execute(conn, self.pg_sql, params)
+            return cursor.fetchall() if cursor.description is not None else []
         return sqlite_execute(conn, self.sql, tuple(params[name] for name in self.names)).fetchall()
 
     def changed(self, conn: Connection, dialect: str, params: dict[str, Any]) -> int:
         """Run a write; the number of rows it changed."""
         if dialect != "sqlite":
-            return conn.execute(self.stmt, params).rowcount
+            return pg_execute(conn, self.pg_sql, params).rowcount
         return sqlite_execute(conn, self.sql, tuple(params[name] for name in self.names)).rowcount
 
     def inserted(self, conn: Connection, dialect: str, params: dict[str, Any]) -> int:
         """Run a single-row INSERT; the new row's integer primary key."""
         if dialect != "sqlite":
-            key = conn.execute(self.stmt, params).inserted_primary_key
-            assert key is not None  # set after a single-row INSERT (SQLAlchemy types it Optional)
-            return key[0]
+            if self._pg_returning is None:
+                stmt = self.pg_stmt.returning(*self.pg_stmt.table.primary_key.columns)
+                self._pg_returning = str(stmt.compile(dialect=_PSYCOPG, column_keys=list(params)))
+            row = pg_execute(conn, self._pg_returning, params).fetchone()
+            assert row is not None  # an INSERT .. RETURNING that worked returns its row
+            return row[0]
         rowid = sqlite_execute(conn, self.sql, tuple(params[name] for name in self.names)).lastrowid
         assert rowid is not None  # set after an INSERT
         return rowid
@@ -279,7 +314,7 @@ class _Raw:
     def many(self, conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> None:
         """Run the statement once per parameter set (executemany)."""
         if dialect != "sqlite":
-            conn.execute(self.stmt, rows)
+            pg_execute(conn, self.pg_sql, many=rows)
             return
         names = self.names
         sqlite_executemany(conn, self.sql, [tuple(p[name] for name in names) for p in rows])
@@ -306,7 +341,6 @@ _ATTRIBUTE_VALUES = select(
     kms_attributes.c.id, kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value
 ).where(kms_attributes.c.uid == bindparam("uid"))
 _ATTRIBUTES_DELETE = delete(kms_attributes).where(kms_attributes.c.uid == bindparam("uid"))
-_ATTRIBUTES_DELETE_IDS = delete(kms_attributes).where(kms_attributes.c.id.in_(bindparam("ids", expanding=True)))
 
 # Every write transaction reads and writes the store digest (keystore/row_auth.py).
 _META_GET = select(kms_meta.c.value).where(kms_meta.c.key == bindparam("key"))
@@ -336,7 +370,14 @@ def _meta_upsert(dialect_insert):
 
 
 _META_UPSERT = {"postgresql": _meta_upsert(pg_dialect.insert), "sqlite": _meta_upsert(sqlite_dialect.insert)}
-_RAW_META_UPSERT = _Raw(_META_UPSERT["sqlite"])
+_RAW_META_UPSERT = _Raw(_META_UPSERT["sqlite"], postgresql=_META_UPSERT["postgresql"])
+# PostgreSQL's locking reads (SQLite's BEGIN IMMEDIATE holds the database's
+# write lock already) and deletes of several attribute rows in one statement.
+_RAW_OBJECT_ROW_FOR_UPDATE = _Raw(_OBJECT_ROW_FOR_UPDATE)
+_RAW_META_GET_FOR_UPDATE = _Raw(_META_GET_FOR_UPDATE)
+_RAW_ATTRIBUTES_DELETE_IDS = _Raw(
+    delete(kms_attributes).where(kms_attributes.c.id == any_(bindparam("ids", type_=pg_dialect.ARRAY(Integer))))
+)
 
 # pg_advisory_xact_lock key that serializes the writers of all nodes
 # ("kmsa"): every write batch on PostgreSQL takes it at BEGIN, before any
@@ -345,6 +386,7 @@ _RAW_META_UPSERT = _Raw(_META_UPSERT["sqlite"])
 # the batch's; and the audit trail's appenders take turns under it
 # (docs/process-model.md, "Writers on PostgreSQL").
 AUDIT_LOCK_KEY = 0x6B6D7361
+_WRITERS_LOCK = f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})"
 
 
 def _digest(value: bytes) -> bytes:
@@ -393,8 +435,7 @@ _LOCATE_SHAPES_MAX = 256
 
 
 def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
-    """The SELECT that answers a LocateQuery (on SQLite, as a `_Raw`), and
-    its parameters.
+    """The SELECT that answers a LocateQuery (a `_Raw`), and its parameters.
 
     The first condition (the first of `equals`, else of `has`) is one lookup
     on the (name, value_digest) index; every other condition is checked on
@@ -447,13 +488,12 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
 
 
 def _locate_shape(shape: tuple[str, int, int, bool, bool, bool]) -> Any:
-    """The statement of a Locate's shape (built once per shape); on SQLite a
-    `_Raw`, whose SQL is run as it is, past SQLAlchemy's execute path."""
+    """The statement of a Locate's shape (built once per shape), as a `_Raw`
+    for its dialect: its SQL is run as it is, past SQLAlchemy's execute
+    path."""
     stmt = _LOCATE_STATEMENTS.get(shape)
     if stmt is None:
-        stmt = _build_locate(*shape)
-        if shape[0] == "sqlite":
-            stmt = _Raw(stmt)
+        stmt = _Raw(_build_locate(*shape), only=shape[0])
         if len(_LOCATE_STATEMENTS) < _LOCATE_SHAPES_MAX:  # clients choose the shape: bounded
             _LOCATE_STATEMENTS[shape] = stmt
     return stmt
@@ -482,7 +522,9 @@ def _build_locate(dialect: str, equals: int, has: int, owner: bool, offset: bool
             other = kms_attributes.alias(f"{kind}{i}")
             check = select(other.c.uid).where(other.c.uid == first.c.uid, *_attribute_condition(other, kind, i))
             if dialect == "postgresql":
-                check = check.offset(0)
+                # A literal, not a bound 0: a `_Raw` passes only the named
+                # parameters.
+                check = check.offset(literal_column("0", Integer))
             where.append(check.exists())
         conditions.append(o.c.uid.in_(select(first.c.uid).where(*where)))
     stmt = select(o.c.uid).where(*conditions).order_by(o.c.sequence)
@@ -592,7 +634,7 @@ class _SqlTransaction(Transaction):
             # SQLite needs no row lock: BEGIN IMMEDIATE already holds the
             # database's write lock.
             if for_update and self._dialect == "postgresql":
-                found = list(self._conn.execute(_OBJECT_ROW_FOR_UPDATE, {"uid": uid}))
+                found = _RAW_OBJECT_ROW_FOR_UPDATE.rows(self._conn, self._dialect, {"uid": uid})
                 if not found:
                     return None
                 attrs = _RAW_OBJECT_ATTRIBUTES.rows(self._conn, self._dialect, {"uid": uid})
@@ -669,7 +711,7 @@ class _SqlTransaction(Transaction):
             if gone and self._dialect == "sqlite":
                 _RAW_ATTRIBUTE_DELETE_ID.many(self._conn, self._dialect, [{"id": row_id} for row_id in gone])
             elif gone:
-                self._conn.execute(_ATTRIBUTES_DELETE_IDS, {"ids": gone})
+                _RAW_ATTRIBUTES_DELETE_IDS.changed(self._conn, self._dialect, {"ids": gone})
             self._insert_attributes(obj.uid, changed)
             obj.version += 1
 
@@ -711,25 +753,20 @@ class _SqlTransaction(Transaction):
         _check_query(query)
         with self._op("locate"):
             stmt, params = locate_statement(query, self._dialect)
-            if isinstance(stmt, _Raw):
-                return [row[0] for row in stmt.rows(self._conn, self._dialect, params)]
-            return list(self._conn.execute(stmt, params).scalars())
+            return [row[0] for row in stmt.rows(self._conn, self._dialect, params)]
 
     def get_meta(self, key: str, for_update: bool = False) -> bytes | None:
         with self._op("get_meta", write=for_update):
             # SQLite's BEGIN IMMEDIATE already serializes writers.
             if for_update and self._dialect == "postgresql":
-                found = list(self._conn.execute(_META_GET_FOR_UPDATE, {"key": key}))
+                found = _RAW_META_GET_FOR_UPDATE.rows(self._conn, self._dialect, {"key": key})
             else:
                 found = _RAW_META_GET.rows(self._conn, self._dialect, {"key": key})
             return bytes(found[0][0]) if found and found[0][0] is not None else None
 
     def set_meta(self, key: str, value: bytes) -> None:
         with self._op("set_meta", write=True):
-            if self._dialect == "sqlite":
-                _RAW_META_UPSERT.changed(self._conn, self._dialect, {"key": key, "value": value})
-            else:
-                self._conn.execute(_META_UPSERT[self._dialect], {"key": key, "value": value})
+            _RAW_META_UPSERT.changed(self._conn, self._dialect, {"key": key, "value": value})
 
 
     def audit_head(self, lock: bool = False) -> tuple[int, str] | None:
@@ -741,7 +778,7 @@ class _SqlTransaction(Transaction):
                 # Held until commit; SQLite's BEGIN IMMEDIATE already
                 # serializes writers, and a batch on PostgreSQL holds it
                 # from its BEGIN (WriteBatches).
-                self._conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
+                pg_execute(self._conn, _WRITERS_LOCK)
             found = _RAW_AUDIT_HEAD.rows(self._conn, self._dialect, {})
             head = (found[0][0], found[0][1]) if found else None
             if lock:
@@ -1294,7 +1331,7 @@ class WriteBatches:
             if self._dialect == "postgresql":
                 # The writers' turn, cluster-wide, before any member runs
                 # (AUDIT_LOCK_KEY); held until the batch ends.
-                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_LOCK_KEY})")
+                pg_execute(conn, _WRITERS_LOCK)
             return _Batch(conn, trans)
         except SQLAlchemyError as exc:
             self._drop_connection()
@@ -1387,7 +1424,7 @@ class WriteBatches:
             if self._dialect == "sqlite":
                 sqlite_execute(batch.conn, sql)
             else:
-                batch.conn.exec_driver_sql(sql)
+                pg_execute(batch.conn, sql)
         except SQLAlchemyError as exc:
             batch.broken = batch.broken or _storage_error("savepoint", exc)
 

@@ -828,15 +828,16 @@ def test_get_meta_for_update_reads_like_get_meta(storage):
 # One committed state per read (PostgreSQL, READ COMMITTED).
 
 
-def test_a_read_sees_the_row_and_its_attributes_of_one_commit(postgres_url):
+def test_a_read_sees_the_row_and_its_attributes_of_one_commit(postgres_url, monkeypatch):
     """A writer that commits while a read transaction is reading an object
     must not leave the reader with the row of one commit and the attributes
     of the next: the row MAC covers both, and such a mix would be refused
     as a row edited outside the server. Under READ COMMITTED each statement
     has its own snapshot, so the row and its attributes come from one
     statement. The writer is run, to its commit, just before the reader's
-    statement that reads the attributes (with the row, or after it)."""
-    from sqlalchemy import event
+    statement that reads the attributes (with the row, or after it): every
+    statement of the storage's own goes through `pg_execute`."""
+    from kms_server.storage import sql
 
     storage = open_storage(postgres_url)
     try:
@@ -851,17 +852,20 @@ def test_a_read_sees_the_row_and_its_attributes_of_one_commit(postgres_url):
                 tx.update_object(current)
                 wrote.append(current.version)
 
-        def before(conn, cursor, statement, parameters, context, executemany):
+        real_execute = sql.pg_execute
+
+        def execute(conn, statement, *args, **kwargs):
             reads_attributes = statement.lstrip().startswith("SELECT") and "kms_attributes" in statement
             if threading.get_ident() == reader and not wrote and reads_attributes:
                 thread = threading.Thread(target=writer)
                 thread.start()
                 thread.join(30)
+            return real_execute(conn, statement, *args, **kwargs)
 
-        event.listen(storage.engine, "before_cursor_execute", before)
+        monkeypatch.setattr(sql, "pg_execute", execute)
         with storage.transaction(read_only=True) as tx:
             got = tx.get_object("uid-1")
-        event.remove(storage.engine, "before_cursor_execute", before)
+        monkeypatch.setattr(sql, "pg_execute", real_execute)
         assert wrote == [2], "the writer did not run inside the read"
         states = {a.value for a in got.attributes if a.name == "State"}
         assert (got.version, states) in ((1, {b"1"}), (2, {b"2"})), (got.version, states)

@@ -18,6 +18,7 @@ from kmip_core.db.engine import (
     configure_sqlite,
     open_engine,
     parse_db_url,
+    pg_execute,
     sqlite_execute,
 )
 
@@ -198,4 +199,56 @@ def test_a_connection_that_died_a_moment_ago_fails_once_as_a_disconnect(pg_engin
     with pytest.raises(DBAPIError) as info:
         _backend_pid(engine)
     assert info.value.connection_invalidated
+    assert _backend_pid(engine) != first
+
+
+# pg_execute: statements run on psycopg itself, errors raised as SQLAlchemy would.
+
+
+def test_pg_execute_runs_in_the_transaction_sqlalchemy_ends(pg_engine):
+    engine, _ = pg_engine
+    with engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TEMP TABLE t (k int PRIMARY KEY, v bytea)")
+        conn.commit()
+        trans = conn.begin()
+        pg_execute(conn, "INSERT INTO t VALUES (%(k)s, %(v)s)", many=[{"k": 1, "v": b"a"}, {"k": 2, "v": b"b"}])
+        trans.rollback()
+        assert pg_execute(conn, "SELECT count(*) FROM t").fetchone() == (0,)
+        with conn.begin():
+            pg_execute(conn, "INSERT INTO t VALUES (%(k)s, %(v)s)", {"k": 3, "v": b"c"})
+        # A literal % as SQLAlchemy compiles it for psycopg: doubled.
+        assert pg_execute(conn, "SELECT k, v, '100%%' FROM t").fetchall() == [(3, b"c", "100%")]
+        conn.rollback()
+
+
+def test_pg_execute_raises_sqlalchemy_errors_without_bound_values(pg_engine):
+    from sqlalchemy.exc import IntegrityError
+
+    engine, _ = pg_engine
+    with engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TEMP TABLE t (k int PRIMARY KEY, v text)")
+        conn.commit()
+        with pytest.raises(IntegrityError) as info:
+            with conn.begin():
+                pg_execute(conn, "INSERT INTO t VALUES (%(k)s, %(v)s)", many=[{"k": 1, "v": "secret-1"}, {"k": 1, "v": "secret-2"}])
+        assert info.value.orig.sqlstate == "23505"
+        assert not info.value.connection_invalidated
+        assert "secret" not in str(info.value)
+        # The connection is still good.
+        assert pg_execute(conn, "SELECT 1").fetchone() == (1,)
+
+
+def test_pg_execute_on_a_connection_that_died_fails_once_as_a_disconnect(pg_engine, postgres_url):
+    """As through SQLAlchemy (the test above): a disconnect error, the
+    connection invalidated, and the pool's next connection a new one."""
+    from sqlalchemy.exc import DBAPIError
+
+    engine, _ = pg_engine
+    first = _backend_pid(engine)
+    with engine.connect() as conn:
+        _terminate(postgres_url, first)
+        with pytest.raises(DBAPIError) as info:
+            pg_execute(conn, "SELECT 1")
+        assert info.value.connection_invalidated
+        assert conn.invalidated
     assert _backend_pid(engine) != first

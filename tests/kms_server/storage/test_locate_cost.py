@@ -14,7 +14,6 @@ import json
 import sqlite3
 
 import pytest
-from sqlalchemy import event
 
 from kms_server.storage import LocateQuery, StoredAttribute, StoredObject, open_storage, sql
 
@@ -50,24 +49,23 @@ def _captured_locate(storage, query: LocateQuery) -> tuple[list[str], str, objec
     """Locate's answer, and the SQL statement and parameters it sent."""
     sent = []
 
-    def capture(_conn, _cursor, statement, parameters, _context, _many):
-        sent.append((statement, parameters))
-
     def raw_capture(conn, statement, parameters=()):
         sent.append((statement, parameters))
         return raw_execute(conn, statement, parameters)
 
-    # On SQLite the statement runs on the sqlite3 connection itself, past
-    # SQLAlchemy's events: captured where it is sent.
-    raw_execute = sql.sqlite_execute
-    sql.sqlite_execute = raw_capture
-    event.listen(storage.engine, "before_cursor_execute", capture)
+    def pg_capture(conn, statement, parameters=None, many=None):
+        sent.append((statement, parameters))
+        return pg_execute(conn, statement, parameters, many)
+
+    # The statement runs on the driver's connection itself (sqlite3,
+    # psycopg), past SQLAlchemy's events: captured where it is sent.
+    raw_execute, pg_execute = sql.sqlite_execute, sql.pg_execute
+    sql.sqlite_execute, sql.pg_execute = raw_capture, pg_capture
     try:
         with storage.transaction(read_only=True) as tx:
             found = tx.locate(query)
     finally:
-        event.remove(storage.engine, "before_cursor_execute", capture)
-        sql.sqlite_execute = raw_execute
+        sql.sqlite_execute, sql.pg_execute = raw_execute, pg_execute
     statements = [(s, p) for s, p in sent if s.lstrip().upper().startswith("SELECT") and "kms_objects" in s]
     assert len(statements) == 1, sent
     return found, *statements[0]
