@@ -34,6 +34,7 @@ __all__ = [
     "READ_ONLY",
     "DatabaseUrlError",
     "SqliteRead",
+    "AutocommitRead",
     "configure_sqlite",
     "sqlite_execute",
     "sqlite_executemany",
@@ -218,6 +219,30 @@ class SqliteRead:
             trans.commit() if commit else trans.rollback()
         elif self.conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
             sqlite_execute(self.conn, "COMMIT" if commit else "ROLLBACK")
+
+    def commit(self) -> None:
+        self._end(True)
+
+    def rollback(self) -> None:
+        self._end(False)
+
+
+class AutocommitRead:
+    """A read on a connection in autocommit (a PostgreSQL reader's), where
+    each statement is its own transaction: nothing to begin or end on the
+    wire. A statement run through SQLAlchemy makes SQLAlchemy begin a
+    transaction of its own (nothing is sent in autocommit), which `commit`
+    and `rollback` end so that the connection can serve the next reader."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def _end(self, commit: bool) -> None:
+        trans = self.conn.get_transaction()
+        if trans is not None:
+            trans.commit() if commit else trans.rollback()
 
     def commit(self) -> None:
         self._end(True)

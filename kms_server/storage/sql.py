@@ -46,7 +46,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 
 from kmip_core.db.engine import (
+    PING_AFTER_IDLE_SECONDS,
     READ_ONLY,
+    AutocommitRead,
     SqliteRead,
     configure_sqlite,
     describe_error,
@@ -875,12 +877,13 @@ class SqlStorage(Storage):
         # Group commit of this process's writers (WriteBatches). On SQLite
         # the reactor thread fills batches too (reactor_batches).
         self.writes: WriteBatches | None = None
-        # SQLite: read-only connections between transactions, at most
-        # READERS_KEPT, each taken by one reader at a time. Taking a
-        # connection from the pool and returning it cost about as much as
-        # a Get's own reads (issue 15); a connection whose transaction
-        # failed is closed instead.
-        self._idle_readers: collections.deque[Connection] = collections.deque()
+        # Read-only connections between transactions, at most READERS_KEPT,
+        # each taken by one reader at a time, with the time it was put back.
+        # Taking a connection from the pool and returning it cost about as
+        # much as a Get's own reads on SQLite (issue 15), and a tenth of a
+        # Get's CPU on PostgreSQL; a connection whose transaction failed is
+        # closed instead.
+        self._idle_readers: collections.deque[tuple[Connection, float]] = collections.deque()
         self._closing = False
         try:
             self._engine = open_engine(url, pool_size=pool_size)
@@ -920,7 +923,7 @@ class SqlStorage(Storage):
 
     @property
     def idle_readers(self) -> int:
-        """Read-only connections kept between transactions (SQLite)."""
+        """Read-only connections kept between transactions."""
         return len(self._idle_readers)
 
     @property
@@ -964,19 +967,17 @@ class SqlStorage(Storage):
 
     @contextlib.contextmanager
     def _unit_of_work(self, read_only: bool = False) -> Iterator[Transaction]:
-        # On SQLite, readers keep their connections between transactions
-        # (see _idle_readers); elsewhere each comes from the pool.
-        keep_reader = read_only and self._dialect == "sqlite"
+        # Readers keep their connections between transactions (see
+        # _idle_readers); a write's comes from the pool.
+        keep_reader = read_only
+        postgresql = self._dialect == "postgresql"
         conn = None
         if keep_reader:
-            with contextlib.suppress(IndexError):
-                conn = self._idle_readers.pop()
-            if conn is not None and (conn.closed or conn.invalidated):
-                conn = None
+            conn = self._kept_reader()
         if conn is None:
             try:
                 conn = self._engine.connect()
-                if read_only and self._dialect == "postgresql":
+                if read_only and postgresql:
                     # Each statement its own transaction: under READ
                     # COMMITTED, PostgreSQL's level here, each statement of
                     # a transaction sees what was committed when it began
@@ -988,16 +989,20 @@ class SqlStorage(Storage):
             except SQLAlchemyError as exc:
                 raise _storage_error("connect", exc) from None
         clean = False  # the transaction ended by a commit or rollback that worked
+        gone = False  # the database connection was lost (PostgreSQL)
         try:
             try:
-                trans: Any = SqliteRead(conn) if keep_reader else conn.begin()
+                trans: Any = (
+                    (AutocommitRead(conn) if postgresql else SqliteRead(conn)) if keep_reader else conn.begin()
+                )
             except SQLAlchemyError as exc:
                 raise _storage_error("begin", exc) from None
             tx = _SqlTransaction(conn, self._dialect, read_only)
             try:
                 yield tx
-            except BaseException:
+            except BaseException as exc:
                 tx._closed = True
+                gone = isinstance(exc, StorageUnavailable)
                 with contextlib.suppress(SQLAlchemyError):
                     trans.rollback()
                     clean = not tx.failed
@@ -1015,16 +1020,40 @@ class SqlStorage(Storage):
             tx.run_after_commit()
         finally:
             if keep_reader and clean and not self._closing and len(self._idle_readers) < READERS_KEPT:
-                self._idle_readers.append(conn)
+                self._idle_readers.append((conn, time.monotonic()))
             else:
                 with contextlib.suppress(SQLAlchemyError):
                     conn.close()
+            if gone:
+                # The server that dropped this connection dropped the kept
+                # ones too (pg_execute replaced the pool already).
+                self._drop_idle_readers()
+
+    def _kept_reader(self) -> Connection | None:
+        """A reader's connection kept from an earlier read, or None. On
+        PostgreSQL one that sat idle longer than PING_AFTER_IDLE_SECONDS is
+        closed instead (back to the pool, which pings it before handing it
+        out again): the server may have dropped it meanwhile (a failover),
+        and a read on it would fail and be retried."""
+        while True:
+            try:
+                conn, since = self._idle_readers.pop()
+            except IndexError:
+                return None
+            stale = self._dialect == "postgresql" and time.monotonic() - since > PING_AFTER_IDLE_SECONDS
+            if not stale and not (conn.closed or conn.invalidated):
+                return conn
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
+
+    def _drop_idle_readers(self) -> None:
+        while self._idle_readers:
+            with contextlib.suppress(SQLAlchemyError, IndexError):
+                self._idle_readers.pop()[0].close()
 
     def close(self) -> None:
         self._closing = True
-        while self._idle_readers:
-            with contextlib.suppress(SQLAlchemyError):
-                self._idle_readers.pop().close()
+        self._drop_idle_readers()
         if self.writes is not None:
             self.writes.close()  # its connection first, back to the pool
         self._engine.dispose()

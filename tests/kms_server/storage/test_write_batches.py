@@ -246,14 +246,10 @@ def test_batches_of_a_process_run_on_one_kept_connection(storage):
     assert len(seen) == 3 and seen[0] is seen[1] is seen[2]
     assert storage.writes.holds_connection
     assert storage.engine.pool.checkedout() == 1
-    # A read runs on a connection of its own: on SQLite kept for the next
-    # read, on PostgreSQL back to the pool.
+    # A read runs on a connection of its own, kept for the next read.
     with storage.transaction(read_only=True) as txn:
         assert txn.get_meta("k2") == b"1"
-    if _dialect(storage) == "sqlite":
-        assert storage.idle_readers == 1 and storage.engine.pool.checkedout() == 2
-    else:
-        assert storage.idle_readers == 0 and storage.engine.pool.checkedout() == 1
+    assert storage.idle_readers == 1 and storage.engine.pool.checkedout() == 2
     storage.close()
     assert storage.engine.pool.checkedout() == 0
 
@@ -271,15 +267,14 @@ def test_a_batch_rolled_back_by_its_block_keeps_its_clean_connection(storage):
     assert _committed(storage, "kept") == b"1"
 
 
-def test_readers_reuse_their_connections_and_drop_a_failed_one(sqlite_storage):
+def test_readers_reuse_their_connections_and_drop_a_failed_one(storage):
     """A read-only transaction's connection is kept for the next reader,
     also after the block raised (its rollback worked); one whose
     transaction failed in the database is closed, and the next reader
     still reads committed data."""
-    storage = sqlite_storage  # SQLite keeps its readers' connections
     with storage.transaction() as txn:
         txn.set_meta("k", b"v")
-    opened = []  # new sqlite3 connections (a read begins on its own, past SQLAlchemy's events)
+    opened = []  # new database connections (a read runs on the driver's own, past SQLAlchemy's events)
     event.listen(storage.engine, "connect", lambda dbapi_conn, _record: opened.append(dbapi_conn))
     for _ in range(3):
         with storage.transaction(read_only=True) as txn:
@@ -490,11 +485,93 @@ def test_a_read_on_postgresql_runs_each_statement_on_its_own(postgres_url):
             with pytest.raises(StorageError, match="read-only"):
                 txn.set_meta("k", b"w")
         assert _committed(storage, "k") == b"v"
-        # The connection goes back to the pool as it came: the next write
-        # on it runs in a transaction again.
-        with storage.engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-            assert conn.connection.driver_connection.info.transaction_status == TransactionStatus.INTRANS
+        # The connections go back to the pool as they came (the failed
+        # reader's now, the kept one's when the storage closes): the next
+        # write on them runs in a transaction again.
+        assert storage.idle_readers == 1
+        storage.close()
+        for _ in range(2):
+            with storage.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+                assert conn.connection.driver_connection.info.transaction_status == TransactionStatus.INTRANS
+    finally:
+        storage.close()
+
+
+def _reader_pids(storage: SqlStorage, count: int) -> list[int]:
+    """Make `count` readers' connections kept (reads that overlap), and
+    return their backends' process ids."""
+    inside = threading.Barrier(count)
+    pids: list[int] = []
+
+    def read() -> None:
+        with storage.transaction(read_only=True) as txn:
+            pids.append(txn._conn.connection.driver_connection.info.backend_pid)
+            inside.wait(10)
+
+    threads = [threading.Thread(target=read) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert storage.idle_readers == count and len(set(pids)) == count
+    return pids
+
+
+def _terminate(storage: SqlStorage, pids: list[int]) -> None:
+    with storage.engine.connect() as admin:
+        for pid in pids:
+            admin.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        admin.commit()
+
+
+def test_a_reader_kept_idle_longer_than_the_ping_limit_goes_back_to_the_pool(postgres_url, monkeypatch):
+    """PostgreSQL: a kept reader's connection that sat idle longer than
+    PING_AFTER_IDLE_SECONDS is not used as it is (the server may have
+    dropped it: a failover); it goes back to the pool, which pings it, and
+    the read runs without an error on a live connection."""
+    from kmip_core.db import engine as engine_module
+    from kms_server.storage import sql
+
+    monkeypatch.setattr(engine_module, "PING_AFTER_IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(sql, "PING_AFTER_IDLE_SECONDS", 0.2)
+    storage = open_storage(postgres_url)
+    assert isinstance(storage, SqlStorage)
+    try:
+        with storage.transaction() as txn:
+            txn.set_meta("k", b"v")
+        [pid] = _reader_pids(storage, 1)
+        _terminate(storage, [pid])
+        time.sleep(0.3)
+        with storage.transaction(read_only=True) as txn:
+            assert txn.get_meta("k") == b"v"
+            assert txn._conn.connection.driver_connection.info.backend_pid != pid
+        assert storage.idle_readers == 1
+    finally:
+        storage.close()
+
+
+def test_a_read_on_a_dropped_connection_fails_once_and_drops_every_kept_reader(postgres_url):
+    """PostgreSQL: the kept readers' backends terminated a moment ago (a
+    failover): the next read meets a dead connection and fails as the
+    database being unavailable (the dispatcher retries it); the other kept
+    readers, dropped by the same server, are closed with it, and the next
+    read runs on a new connection."""
+    from kms_server.storage.base import StorageUnavailable
+
+    storage = open_storage(postgres_url)
+    assert isinstance(storage, SqlStorage)
+    try:
+        with storage.transaction() as txn:
+            txn.set_meta("k", b"v")
+        pids = _reader_pids(storage, 2)
+        _terminate(storage, pids)
+        with pytest.raises(StorageUnavailable), storage.transaction(read_only=True) as txn:
+            txn.get_meta("k")
+        assert storage.idle_readers == 0
+        with storage.transaction(read_only=True) as txn:
+            assert txn.get_meta("k") == b"v"
+            assert txn._conn.connection.driver_connection.info.backend_pid not in pids
     finally:
         storage.close()
 
