@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, SQLAlchemyError, StatementError
 
 __all__ = [
     "PING_AFTER_IDLE_SECONDS",
@@ -39,6 +39,7 @@ __all__ = [
     "sqlite_execute",
     "sqlite_executemany",
     "pg_execute",
+    "pg_pipeline",
     "describe_error",
     "open_engine",
     "parse_db_url",
@@ -297,7 +298,6 @@ def pg_execute(conn: Connection, sql: str, params: dict[str, Any] | None = None,
     cursor = fairy.info.get(_PG_CURSOR)
     if cursor is None or cursor.connection is not driver or cursor.closed:
         cursor = fairy.info[_PG_CURSOR] = driver.cursor()
-    dbapi_error = conn.dialect.loaded_dbapi.Error
     try:
         if many is None:
             # Always a mapping, even an empty one: psycopg then reads the
@@ -305,25 +305,49 @@ def pg_execute(conn: Connection, sql: str, params: dict[str, Any] | None = None,
             cursor.execute(sql, {} if params is None else params)
         else:
             cursor.executemany(sql, many)
-    except dbapi_error as exc:
-        disconnect = conn.dialect.is_disconnect(exc, driver, cursor)
-        if disconnect:
-            with contextlib.suppress(Exception):
-                conn.invalidate(exc)
-            # SQLAlchemy invalidates the whole pool on a disconnect: the
-            # server that closed this connection closed the others too.
-            # Connections checked out now are closed when returned.
-            conn.engine.dispose()
-        raise DBAPIError.instance(
-            sql,
-            params if many is None else many,
-            exc,
-            dbapi_error,
-            hide_parameters=True,
-            connection_invalidated=disconnect,
-            dialect=conn.dialect,
-        ) from None
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _pg_failure(conn, exc, sql, params if many is None else many, cursor) from None
     return cursor
+
+
+def pg_pipeline(conn: Connection, statements: list[str]) -> list[Any]:
+    """Run `statements` (without parameters) as ``pg_execute`` runs one, in
+    one round trip (psycopg's pipeline mode), the BEGIN that opens the
+    transaction with them; each in order, each seeing what those before it
+    did. Returns a psycopg cursor per statement, positioned on its result."""
+    fairy = conn.connection
+    driver: Any = fairy.driver_connection
+    cursors = [driver.cursor() for _ in statements]
+    try:
+        with driver.pipeline():
+            for cursor, sql in zip(cursors, statements, strict=True):
+                cursor.execute(sql, {})
+    except conn.dialect.loaded_dbapi.Error as exc:
+        raise _pg_failure(conn, exc, "; ".join(statements), {}, None) from None
+    return cursors
+
+
+def _pg_failure(conn: Connection, exc: Any, sql: str, params: Any, cursor: Any) -> StatementError:
+    """`exc` (psycopg's) as SQLAlchemy would have raised it; a disconnect
+    invalidates the connection and replaces the pool first."""
+    driver = conn.connection.driver_connection
+    disconnect = conn.dialect.is_disconnect(exc, driver, cursor)
+    if disconnect:
+        with contextlib.suppress(Exception):
+            conn.invalidate(exc)
+        # SQLAlchemy invalidates the whole pool on a disconnect: the server
+        # that closed this connection closed the others too. Connections
+        # checked out now are closed when returned.
+        conn.engine.dispose()
+    return DBAPIError.instance(
+        sql,
+        params,
+        exc,
+        conn.dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        connection_invalidated=disconnect,
+        dialect=conn.dialect,
+    )
 
 
 def describe_error(exc: SQLAlchemyError) -> str:

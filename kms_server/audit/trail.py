@@ -63,28 +63,38 @@ class AuditTrail:
     # Writing.
     def append(self, txn: Transaction, entry: dict) -> StoredAuditRecord:
         """Append a record inside `txn` (a write transaction)."""
+        return self.append_all(txn, [entry])[0]
+
+    def append_all(self, txn: Transaction, entries: list[dict]) -> list[StoredAuditRecord]:
+        """Append a record per entry, in order, inside `txn` (a write
+        transaction): the head is read once and the records are stored
+        together (`Transaction.insert_audits`)."""
         head = txn.audit_head(lock=True)
         seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-        time_text, at = chain.stamp(self.clock())
-        body = dict(entry, seq=seq, prev=prev, time=time_text, node=self.node)
-        text = canonical(body)
-        obj = body.get("object") or {}
-        record = StoredAuditRecord(
-            seq=seq,
-            time=at,
-            node=self.node,
-            operation=body["operation"],
-            uid=body.get("uid"),
-            client=body["client"]["name"],
-            result=body["result"]["status"],
-            x_component=obj.get("x-Component"),
-            x_name=obj.get("x-Name"),
-            x_identifier=obj.get("x-Identifier"),
-            body=text,
-            hash=record_hash(text),
-        )
-        txn.insert_audit(record)
-        return record
+        records = []
+        for entry in entries:
+            time_text, at = chain.stamp(self.clock())
+            body = dict(entry, seq=seq, prev=prev, time=time_text, node=self.node)
+            text = canonical(body)
+            obj = body.get("object") or {}
+            record = StoredAuditRecord(
+                seq=seq,
+                time=at,
+                node=self.node,
+                operation=body["operation"],
+                uid=body.get("uid"),
+                client=body["client"]["name"],
+                result=body["result"]["status"],
+                x_component=obj.get("x-Component"),
+                x_name=obj.get("x-Name"),
+                x_identifier=obj.get("x-Identifier"),
+                body=text,
+                hash=record_hash(text),
+            )
+            records.append(record)
+            seq, prev = seq + 1, record.hash
+        txn.insert_audits(records)
+        return records
 
     def write(self, entry: dict) -> StoredAuditRecord:
         """Store a record outside any change (reads, refusals) and return
@@ -134,7 +144,7 @@ class AuditTrail:
 
     def _write_batch(self, entries: list[dict]) -> list[StoredAuditRecord]:
         with self.storage.transaction() as txn:
-            records = [self.append(txn, entry) for entry in entries]
+            records = self.append_all(txn, entries)
             # Handed to the sinks once committed, which may be after this
             # block (a reactor batch: kms_server/storage/reactor_writes.py).
             txn.after_commit(lambda: self._published(records))

@@ -209,6 +209,13 @@ class Transaction(abc.ABC):
     def insert_audit(self, record: StoredAuditRecord) -> None:
         """Append one record; its seq must be new."""
 
+    def insert_audits(self, records: list[StoredAuditRecord]) -> None:
+        """Append records (consecutive, in order), as `insert_audit` does
+        each; a backend may send them in one statement (SqlStorage on
+        PostgreSQL: one round trip for a batch's records)."""
+        for record in records:
+            self.insert_audit(record)
+
     @abc.abstractmethod
     def audit_records(self, query: AuditQuery) -> list[StoredAuditRecord]:
         """Records matching the query, in seq order."""

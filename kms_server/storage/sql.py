@@ -55,6 +55,7 @@ from kmip_core.db.engine import (
     open_engine,
     parse_db_url,
     pg_execute,
+    pg_pipeline,
     sqlite_execute,
     sqlite_executemany,
 )
@@ -788,16 +789,27 @@ class _SqlTransaction(Transaction):
             return head
 
     def insert_audit(self, record: StoredAuditRecord) -> None:
+        self.insert_audits([record])
+
+    def insert_audits(self, records: list[StoredAuditRecord]) -> None:
+        if not records:
+            return
         with self._op("insert_audit", write=True):
             # A prebuilt statement with bound parameters: building an
             # INSERT .. VALUES per record cost more than the rest of the
-            # record together.
-            _RAW_AUDIT_INSERT.rows(self._conn, self._dialect, _audit_row(record))
-            known, tail = self.audit_tail
-            if known and record.seq == (1 if tail is None else tail[0] + 1):
-                self.audit_tail = (True, (record.seq, record.hash))
+            # record together. Several records: one executemany (on
+            # PostgreSQL pipelined, one round trip).
+            if len(records) == 1:
+                _RAW_AUDIT_INSERT.rows(self._conn, self._dialect, _audit_row(records[0]))
             else:
-                self.audit_tail = (False, None)  # not the next record: read the head again
+                _RAW_AUDIT_INSERT.many(self._conn, self._dialect, [_audit_row(r) for r in records])
+            known, tail = self.audit_tail
+            first, last = records[0], records[-1]
+            consecutive = last.seq - first.seq == len(records) - 1
+            if known and consecutive and first.seq == (1 if tail is None else tail[0] + 1):
+                self.audit_tail = (True, (last.seq, last.hash))
+            else:
+                self.audit_tail = (False, None)  # not the next records: read the head again
 
     def audit_records(self, query: AuditQuery) -> list[StoredAuditRecord]:
         with self._op("audit_records"):
@@ -1357,11 +1369,16 @@ class WriteBatches:
                 self._wal = wal
         try:
             trans = conn.begin()
+            batch = _Batch(conn, trans)
             if self._dialect == "postgresql":
                 # The writers' turn, cluster-wide, before any member runs
-                # (AUDIT_LOCK_KEY); held until the batch ends.
-                pg_execute(conn, _WRITERS_LOCK)
-            return _Batch(conn, trans)
+                # (AUDIT_LOCK_KEY), held until the batch ends; and, once it
+                # is held, the audit trail's head, which every write's
+                # record needs: with the BEGIN, one round trip.
+                _, head = pg_pipeline(conn, [_WRITERS_LOCK, _RAW_AUDIT_HEAD.pg_sql])
+                found = head.fetchone()
+                batch.audit_tail = (True, None if found is None else (found[0], found[1]))
+            return batch
         except SQLAlchemyError as exc:
             self._drop_connection()
             self._flock(fcntl.LOCK_UN)

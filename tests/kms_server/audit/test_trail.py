@@ -96,3 +96,67 @@ def test_records_are_canonical_and_chained():
     assert '"prev":"' + first.hash + '"' in second.body
     assert first.time == 1_800_000_000.123456 and '"time":"2027-01-15T08:00:00.123456Z"' in first.body
     assert second.hash == chain.record_hash(second.body)
+
+
+# On the SQL backends: batches of records from two nodes of one database.
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'kms.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def test_batches_of_records_from_two_nodes_keep_one_chain(db_url, monkeypatch):
+    """Each node stores a batch's records together (`append_all`: the head
+    read once, the records in one statement) and, on PostgreSQL, reads the
+    head when its batch opens, once it holds the writers' lock: batches of
+    two nodes interleave in the database and still make one chain, with no
+    seq taken twice or skipped. The statements sent are counted: a batch of
+    several records is one INSERT (executemany) and reads no head of its
+    own on PostgreSQL."""
+    from kms_server.storage import open_storage, sql
+
+    sent: list[tuple[str, bool]] = []
+    real_execute = sql.pg_execute
+
+    def counted(conn, statement, params=None, many=None):
+        sent.append((statement, many is not None))
+        return real_execute(conn, statement, params, many)
+
+    monkeypatch.setattr(sql, "pg_execute", counted)
+    nodes = [open_storage(db_url), open_storage(db_url)]
+    try:
+        trails = [AuditTrail(storage, f"n{i}") for i, storage in enumerate(nodes)]
+        start = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def worker(trail: AuditTrail, n: int) -> None:
+            try:
+                start.wait(10)
+                for i in range(10):
+                    records = trail.write_batch([entry(n * 1000 + i * 10 + j) for j in range(3)])
+                    assert [r.seq for r in records] == list(range(records[0].seq, records[0].seq + 3))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(trails[n % 2], n)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        records = list(iter_records(nodes[0]))
+        assert [r.seq for r in records] == list(range(1, 121))
+        assert {r.node for r in records} == {"n0", "n1"}
+        report = verify_storage(nodes[0], None)
+        assert report.ok and report.records == 120
+        if db_url.startswith("postgresql"):
+            inserts = [many for statement, many in sent if statement.startswith("INSERT INTO kms_audit ")]
+            assert len(inserts) <= 40 and all(inserts), "one executemany per batch of three records"
+            heads = [s for s, _ in sent if s.startswith("SELECT kms_audit.seq, kms_audit.hash")]
+            assert heads == [], "the head is read when the batch opens, not by its records"
+    finally:
+        for storage in nodes:
+            storage.close()

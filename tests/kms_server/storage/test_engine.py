@@ -19,6 +19,7 @@ from kmip_core.db.engine import (
     open_engine,
     parse_db_url,
     pg_execute,
+    pg_pipeline,
     sqlite_execute,
 )
 
@@ -252,3 +253,31 @@ def test_pg_execute_on_a_connection_that_died_fails_once_as_a_disconnect(pg_engi
         assert info.value.connection_invalidated
         assert conn.invalidated
     assert _backend_pid(engine) != first
+
+
+def test_pg_pipeline_runs_its_statements_in_order_in_the_transaction(pg_engine):
+    """One round trip for BEGIN and the statements; each sees what the one
+    before did, and the transaction stays open for SQLAlchemy to end."""
+    from psycopg.pq import TransactionStatus
+    from sqlalchemy.exc import ProgrammingError
+
+    engine, _ = pg_engine
+    with engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TEMP TABLE t (k int PRIMARY KEY)")
+        conn.commit()
+        trans = conn.begin()
+        _, counted = pg_pipeline(conn, ["INSERT INTO t VALUES (1)", "SELECT count(*) FROM t"])
+        assert counted.fetchone() == (1,)
+        assert conn.connection.driver_connection.info.transaction_status == TransactionStatus.INTRANS
+        trans.rollback()
+        assert pg_execute(conn, "SELECT count(*) FROM t").fetchone() == (0,)
+        conn.rollback()
+        # A failing statement fails the pipeline as SQLAlchemy raises it; the
+        # connection serves again after the rollback.
+        trans = conn.begin()
+        with pytest.raises(ProgrammingError) as info:
+            pg_pipeline(conn, ["INSERT INTO t VALUES (2)", "SELECT no_such_column FROM t"])
+        assert not info.value.connection_invalidated
+        trans.rollback()
+        assert pg_execute(conn, "SELECT count(*) FROM t").fetchone() == (0,)
+        conn.rollback()
