@@ -38,8 +38,10 @@ __all__ = [
     "configure_sqlite",
     "sqlite_execute",
     "sqlite_executemany",
+    "pg_defer",
     "pg_execute",
     "pg_pipeline",
+    "pg_take_deferred",
     "describe_error",
     "open_engine",
     "parse_db_url",
@@ -298,16 +300,41 @@ def pg_execute(conn: Connection, sql: str, params: dict[str, Any] | None = None,
     cursor = fairy.info.get(_PG_CURSOR)
     if cursor is None or cursor.connection is not driver or cursor.closed:
         cursor = fairy.info[_PG_CURSOR] = driver.cursor()
+    deferred = fairy.info.pop(_PG_DEFERRED, None)
     try:
-        if many is None:
-            # Always a mapping, even an empty one: psycopg then reads the
-            # placeholders, and SQLAlchemy's `%%` (a literal %) is one %.
-            cursor.execute(sql, {} if params is None else params)
-        else:
-            cursor.executemany(sql, many)
+        with driver.pipeline() if deferred else contextlib.nullcontext():
+            for statement in deferred or ():
+                driver.cursor().execute(statement, {})
+            if many is None:
+                # Always a mapping, even an empty one: psycopg then reads the
+                # placeholders, and SQLAlchemy's `%%` (a literal %) is one %.
+                cursor.execute(sql, {} if params is None else params)
+            else:
+                cursor.executemany(sql, many)
     except conn.dialect.loaded_dbapi.Error as exc:
         raise _pg_failure(conn, exc, sql, params if many is None else many, cursor) from None
     return cursor
+
+
+# Statements without parameters that pg_execute sends ahead of the next
+# statement on a connection (pg_defer), in the pool's per-connection info.
+_PG_DEFERRED = "kms_pg_deferred"
+
+
+def pg_defer(conn: Connection, sql: str) -> None:
+    """Send `sql` (no parameters) ahead of the next statement ``pg_execute``
+    sends on this connection, in the same round trip: a savepoint's
+    SAVEPOINT, RELEASE or ROLLBACK TO, which need no answer of their own
+    (a failure shows as the next statement's, the transaction being
+    aborted). Whoever defers takes what is still deferred
+    (``pg_take_deferred``) before ending the transaction."""
+    conn.connection.info.setdefault(_PG_DEFERRED, []).append(sql)
+
+
+def pg_take_deferred(conn: Connection) -> list[str]:
+    """The statements deferred on this connection and not sent yet, which
+    are then no longer deferred."""
+    return conn.connection.info.pop(_PG_DEFERRED, None) or []
 
 
 def pg_pipeline(conn: Connection, statements: list[str]) -> list[Any]:

@@ -54,8 +54,10 @@ from kmip_core.db.engine import (
     describe_error,
     open_engine,
     parse_db_url,
+    pg_defer,
     pg_execute,
     pg_pipeline,
+    pg_take_deferred,
     sqlite_execute,
     sqlite_executemany,
 )
@@ -1398,6 +1400,14 @@ class WriteBatches:
         error = batch.broken
         keep = False  # the connection serves the next batch only after a clean end
         try:
+            deferred = self._take_deferred(batch)
+            if error is None and batch.members and any(s.startswith("ROLLBACK") for s in deferred):
+                # A member's changes undone before the COMMIT; a savepoint's
+                # SAVEPOINT or RELEASE alone changes nothing a COMMIT keeps.
+                try:
+                    pg_pipeline(batch.conn, deferred)
+                except SQLAlchemyError as exc:
+                    error = _storage_error("savepoint", exc)
             if error is None and batch.members:
                 try:
                     batch.trans.commit()
@@ -1470,9 +1480,21 @@ class WriteBatches:
             if self._dialect == "sqlite":
                 sqlite_execute(batch.conn, sql)
             else:
-                pg_execute(batch.conn, sql)
+                # Sent with the next statement, in its round trip (two of a
+                # member's seven were its SAVEPOINT and RELEASE); what is
+                # left at the end, `_finish` sends or drops.
+                pg_defer(batch.conn, sql)
         except SQLAlchemyError as exc:
             batch.broken = batch.broken or _storage_error("savepoint", exc)
+
+    def _take_deferred(self, batch: _Batch) -> list[str]:
+        """PostgreSQL: the savepoint statements deferred and not sent."""
+        if self._dialect != "postgresql" or batch.conn.closed or batch.conn.invalidated:
+            return []
+        try:
+            return pg_take_deferred(batch.conn)
+        except SQLAlchemyError:
+            return []
 
     def _take_turn(self) -> _Batch | None:
         """Wait for this process's turn at the writer, behind the threads

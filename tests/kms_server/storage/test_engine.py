@@ -18,8 +18,10 @@ from kmip_core.db.engine import (
     configure_sqlite,
     open_engine,
     parse_db_url,
+    pg_defer,
     pg_execute,
     pg_pipeline,
+    pg_take_deferred,
     sqlite_execute,
 )
 
@@ -280,4 +282,26 @@ def test_pg_pipeline_runs_its_statements_in_order_in_the_transaction(pg_engine):
         assert not info.value.connection_invalidated
         trans.rollback()
         assert pg_execute(conn, "SELECT count(*) FROM t").fetchone() == (0,)
+        conn.rollback()
+
+
+def test_pg_defer_sends_its_statements_ahead_of_the_next_one(pg_engine):
+    """A deferred SAVEPOINT and ROLLBACK TO run, in order, ahead of the next
+    statement; what is deferred and not sent is taken back whole."""
+    engine, _ = pg_engine
+    with engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TEMP TABLE t (k int PRIMARY KEY)")
+        conn.commit()
+        trans = conn.begin()
+        pg_execute(conn, "INSERT INTO t VALUES (1)")
+        pg_defer(conn, "SAVEPOINT s")
+        pg_execute(conn, "INSERT INTO t VALUES (2)")
+        pg_defer(conn, "ROLLBACK TO s")
+        pg_defer(conn, "RELEASE s")
+        assert pg_execute(conn, "SELECT k FROM t ORDER BY k").fetchall() == [(1,)]
+        assert pg_take_deferred(conn) == []
+        pg_defer(conn, "SAVEPOINT s")
+        assert pg_take_deferred(conn) == ["SAVEPOINT s"] and pg_take_deferred(conn) == []
+        trans.commit()
+        assert pg_execute(conn, "SELECT k FROM t").fetchall() == [(1,)]
         conn.rollback()

@@ -199,6 +199,27 @@ def test_the_last_writer_failing_still_commits_the_others(storage):
     assert _committed(storage, "first") == b"held" and _committed(storage, "failing") is None
 
 
+@pytest.mark.parametrize("fail", ["raise", "storage"])
+def test_a_batch_whose_last_member_failed_commits_without_its_changes(storage, fail):
+    """One writer queued behind the holder, and it fails: the batch ends
+    with that member's changes undone (on PostgreSQL its ROLLBACK TO, sent
+    with the next statement otherwise, is sent before the COMMIT)."""
+    holder = _Holder(storage, "first")
+    results: dict = {}
+    failing = _writer(storage, "failing", results, fail=fail)
+    _wait_for(lambda: storage.writes.waiting == 1, "a queued writer")
+    holder.release.set()
+    for t in (holder.thread, failing):
+        t.join(10)
+    assert results["failing"][0] == "error"
+    assert holder.error is None and holder.seen_after == b"held"
+    assert _committed(storage, "failing") is None
+    # The connection serves the next batch, with no savepoint left over.
+    with storage.transaction() as txn:
+        txn.set_meta("next", b"1")
+    assert _committed(storage, "next") == b"1" and _committed(storage, "failing") is None
+
+
 def test_a_failed_first_block_is_rolled_back_and_the_queued_writers_still_commit(storage):
     """The first block of a batch runs without a savepoint: its failure
     rolls the whole transaction back, and the writers queued behind it
