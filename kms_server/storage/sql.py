@@ -572,6 +572,13 @@ class _SqlTransaction(Transaction):
         # PostgreSQL: the transaction holds the writers' advisory lock
         # already (a WriteBatches batch takes it at BEGIN).
         self.writers_locked = False
+        # A PostgreSQL batch's meta rows as its members left them, by key:
+        # (value, written). A row read under lock or written is not read
+        # again, and a write is sent once, before the batch's COMMIT
+        # (WriteBatches): every write moves the store digest, and its read
+        # and write were two of a Create's round trips under the writers'
+        # lock. None: read and write the database each time.
+        self.meta: dict[str, tuple[bytes | None, bool]] | None = None
 
     @contextlib.contextmanager
     def _op(self, what: str, write: bool = False) -> Iterator[None]:
@@ -762,15 +769,24 @@ class _SqlTransaction(Transaction):
 
     def get_meta(self, key: str, for_update: bool = False) -> bytes | None:
         with self._op("get_meta", write=for_update):
+            meta = self.meta
+            if meta is not None and key in meta:
+                return meta[key][0]  # read under lock, or written, earlier in the batch
             # SQLite's BEGIN IMMEDIATE already serializes writers.
             if for_update and self._dialect == "postgresql":
                 found = _RAW_META_GET_FOR_UPDATE.rows(self._conn, self._dialect, {"key": key})
             else:
                 found = _RAW_META_GET.rows(self._conn, self._dialect, {"key": key})
-            return bytes(found[0][0]) if found and found[0][0] is not None else None
+            value = bytes(found[0][0]) if found and found[0][0] is not None else None
+            if meta is not None and for_update:
+                meta[key] = (value, False)
+            return value
 
     def set_meta(self, key: str, value: bytes) -> None:
         with self._op("set_meta", write=True):
+            if self.meta is not None:
+                self.meta[key] = (value, True)  # written when the batch commits
+                return
             _RAW_META_UPSERT.changed(self._conn, self._dialect, {"key": key, "value": value})
 
 
@@ -1087,7 +1103,7 @@ BATCH_MAX = 16
 class _Batch:
     """One database transaction that several write transactions share."""
 
-    __slots__ = ("conn", "trans", "members", "broken", "done", "error", "joined", "audit_tail")
+    __slots__ = ("conn", "trans", "members", "broken", "done", "error", "joined", "audit_tail", "meta")
 
     def __init__(self, conn: Connection, trans: Any) -> None:
         self.conn = conn
@@ -1096,6 +1112,9 @@ class _Batch:
         # The audit head as the members joined so far left it (a member
         # rolled back leaves it as it was): _SqlTransaction.audit_tail.
         self.audit_tail: tuple[bool, tuple[int, str] | None] = (False, None)
+        # Its meta rows as the members joined so far left them (PostgreSQL):
+        # _SqlTransaction.meta.
+        self.meta: dict[str, tuple[bytes | None, bool]] = {}
         self.joined: list[_SqlTransaction] = []  # a reactor batch's members
         self.broken: StorageError | None = None  # the connection failed: no commit
         self.done = False
@@ -1401,13 +1420,21 @@ class WriteBatches:
         keep = False  # the connection serves the next batch only after a clean end
         try:
             deferred = self._take_deferred(batch)
-            if error is None and batch.members and any(s.startswith("ROLLBACK") for s in deferred):
-                # A member's changes undone before the COMMIT; a savepoint's
+            written = [(key, value) for key, (value, wrote) in batch.meta.items() if wrote]
+            if error is None and batch.members and (written or any(s.startswith("ROLLBACK") for s in deferred)):
+                # A member's changes undone (ROLLBACK TO), then the meta rows
+                # the members wrote, before the COMMIT; a savepoint's
                 # SAVEPOINT or RELEASE alone changes nothing a COMMIT keeps.
                 try:
-                    pg_pipeline(batch.conn, deferred)
+                    if written:
+                        for statement in deferred:
+                            pg_defer(batch.conn, statement)
+                        for key, value in written:
+                            _RAW_META_UPSERT.changed(batch.conn, self._dialect, {"key": key, "value": value})
+                    else:
+                        pg_pipeline(batch.conn, deferred)
                 except SQLAlchemyError as exc:
-                    error = _storage_error("savepoint", exc)
+                    error = _storage_error("savepoint" if not written else "set_meta", exc)
             if error is None and batch.members:
                 try:
                     batch.trans.commit()
@@ -1527,7 +1554,9 @@ class WriteBatches:
             self._savepoint(batch, "SAVEPOINT member")
         tx = _SqlTransaction(batch.conn, dialect)
         tx.audit_tail = batch.audit_tail
-        tx.writers_locked = self._dialect == "postgresql"
+        if self._dialect == "postgresql":
+            tx.writers_locked = True
+            tx.meta = dict(batch.meta)  # a member rolled back leaves the batch's as they were
         if batch.broken is not None:
             tx.failed = True
         failure: BaseException | None = None
@@ -1536,6 +1565,11 @@ class WriteBatches:
         except BaseException as exc:
             failure = exc
         tx._closed = True
+        if batch.broken is None and (batch.conn.invalidated or batch.conn.closed):
+            # The block met a lost connection (pg_execute invalidated it):
+            # the batch cannot commit, and the writers queued behind it
+            # start a new one.
+            batch.broken = StorageUnavailable("the batch's database connection was lost")
         joined = failure is None and not tx.failed and batch.broken is None
         if savepoint:
             if joined:
@@ -1547,6 +1581,8 @@ class WriteBatches:
         if joined:
             batch.members += 1
             batch.audit_tail = tx.audit_tail
+            if tx.meta is not None:
+                batch.meta = tx.meta
         with self._cond:
             # A failed first block is undone by rolling the batch back.
             hand_over = (

@@ -98,10 +98,15 @@ class _Holder:
         assert self.inside.wait(10)
 
 
-def _writer(storage: SqlStorage, key: str, results: dict, fail: str | None = None):
+def _writer(storage: SqlStorage, key: str, results: dict, fail: str | None = None, read_first: bool = False):
     def run():
         try:
             with storage.transaction() as txn:
+                if read_first:
+                    # A statement of its own before its write (every write
+                    # of an object reads it first): on PostgreSQL a batch's
+                    # meta writes are sent only before its COMMIT.
+                    txn.get_object(f"absent-{key}")
                 txn.set_meta(key, key.encode())
                 if fail == "raise":
                     raise ValueError("refused by the operation")
@@ -118,12 +123,14 @@ def _writer(storage: SqlStorage, key: str, results: dict, fail: str | None = Non
     return thread
 
 
-def _queued_behind(storage: SqlStorage, holder: _Holder, count: int, before_release=None) -> dict:
+def _queued_behind(
+    storage: SqlStorage, holder: _Holder, count: int, before_release=None, read_first: bool = False
+) -> dict:
     """Queue `count` writers (w0, w1, ...) behind the holder's open batch,
     run `before_release`, release the holder and wait for all: each
     writer's result."""
     results: dict = {}
-    threads = [_writer(storage, f"w{i}", results) for i in range(count)]
+    threads = [_writer(storage, f"w{i}", results, read_first=read_first) for i in range(count)]
     _wait_for(lambda: storage.writes.waiting == count, "queued writers")
     if before_release is not None:
         before_release()
@@ -452,9 +459,9 @@ def test_a_writer_waits_while_another_session_holds_the_writers_lock(postgres_ur
 def test_a_batch_whose_connection_is_killed_fails_every_member_and_the_next_write_reconnects(postgres_url):
     """The batch's backend terminated (a failover, an operator's
     pg_terminate_backend) while writers queue: the batch's members fail
-    (the holder's block, and the writer that joined next), nothing of the
-    batch is stored, and the writers that had not joined it run in a new
-    batch on a new connection."""
+    (the holder's block, and the writer that met the lost connection),
+    nothing of the batch is stored, and the writers that had not joined it
+    run in a new batch on a new connection."""
     storage = open_storage(postgres_url)
     assert isinstance(storage, SqlStorage)
     try:
@@ -466,7 +473,7 @@ def test_a_batch_whose_connection_is_killed_fails_every_member_and_the_next_writ
                 admin.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
                 admin.commit()
 
-        results = _queued_behind(storage, holder, 3, terminate)
+        results = _queued_behind(storage, holder, 3, terminate, read_first=True)
         assert isinstance(holder.error, StorageError)
         assert _committed(storage, "first") is None
         failed = [key for key, (status, _) in results.items() if status == "error"]
@@ -621,3 +628,72 @@ def test_each_shared_commit_is_reported_with_the_writes_it_served(storage):
     finally:
         event.remove(storage.engine, "commit", refuse)
     assert reports[2:] == [(1, False)]
+
+
+def test_a_batch_moves_a_meta_row_once_and_a_failed_member_leaves_it_as_it_was(postgres_url, monkeypatch):
+    """PostgreSQL: the members of a batch that each read a meta row under
+    lock and write it (the store digest: every write moves it) see the
+    value the member before them left; a member that fails leaves it as it
+    was; the row is read once and written once, before the COMMIT."""
+    from kms_server.storage import sql
+
+    storage = open_storage(postgres_url)
+    assert isinstance(storage, SqlStorage)
+    sent: list[str] = []
+    real_execute = sql.pg_execute
+
+    def counted(conn, statement, params=None, many=None):
+        sent.append(statement)
+        return real_execute(conn, statement, params, many)
+
+    try:
+        with storage.transaction() as txn:
+            txn.set_meta("counter", b"0")
+        monkeypatch.setattr(sql, "pg_execute", counted)
+        seen: list[bytes] = []
+
+        def bump(fail: bool = False) -> None:
+            with storage.transaction() as txn:
+                value = txn.get_meta("counter", for_update=True)
+                seen.append(value)
+                txn.set_meta("counter", str(int(value) + 1).encode())
+                if fail:
+                    raise ValueError("refused")
+
+        release = threading.Event()
+        inside = threading.Event()
+
+        def holder() -> None:
+            with storage.transaction() as txn:
+                txn.set_meta("counter", b"10")
+                inside.set()
+                assert release.wait(10)
+
+        first = threading.Thread(target=holder)
+        first.start()
+        assert inside.wait(10)
+        errors: list[BaseException] = []
+
+        def run(fail: bool) -> None:
+            try:
+                bump(fail)
+            except ValueError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i == 1,)) for i in range(4)]
+        for i, thread in enumerate(threads):
+            thread.start()
+            _wait_for(lambda i=i: storage.writes.waiting == i + 1, "queued writers")
+        release.set()
+        for thread in (first, *threads):
+            thread.join(10)
+        assert len(errors) == 1
+        # Three members bumped it from the holder's 10; the failed one's
+        # bump was undone, whichever of them it was.
+        assert _committed(storage, "counter") == b"13"
+        assert sorted(seen)[0] == b"10" and len(seen) == 4
+        reads = [s for s in sent if s.startswith("SELECT kms_meta.value") and "FOR UPDATE" in s]
+        writes = [s for s in sent if s.startswith("INSERT INTO kms_meta")]
+        assert len(reads) <= 1 and len(writes) <= 2, (reads, writes)
+    finally:
+        storage.close()
