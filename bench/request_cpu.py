@@ -16,8 +16,12 @@ a change, say); PyKMIP's server has no comparable in-process path, so this
 script has no PyKMIP column: `kmip_throughput.py` has the side-by-side.
 
 Only the CPU time inside `Dispatcher.handle` is counted (not the
-script's own encoding of requests and checking of answers). Workloads,
-each on a fresh SQLite database with the audit trail on:
+script's own encoding of requests and checking of answers). With
+`--db-url postgresql://user@host/db` each workload runs on a fresh
+PostgreSQL database made on that server (and dropped after) instead of
+SQLite: the node's CPU per request there, without PostgreSQL's own, one
+request at a time (so each write is a batch of its own). Workloads, each
+on a fresh database with the audit trail on:
 `get` (Get, round robin over 16 keys each read once before), `create`
 (Create AES-256) and `cycle` (Create with a unique Name, Get, Locate by
 Name, Destroy: per request).
@@ -26,6 +30,7 @@ Name, Destroy: per request).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,8 +47,9 @@ sys.path.insert(0, str(HERE))
 WORKLOADS = ("get", "create", "cycle")
 
 
-def _measure(iterations: int) -> dict[str, float]:
-    """ms of CPU per request of each workload, with the packages on sys.path."""
+def _measure(iterations: int, db_url: str | None = None) -> dict[str, float]:
+    """ms of CPU per request of each workload, with the packages on sys.path;
+    on SQLite, or on a scratch database of the PostgreSQL server `db_url`."""
     from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, ResultStatus
     from kmip.core.enums import Tags as T
     from ttlv_messages import attribute, item, request
@@ -94,7 +101,11 @@ def _measure(iterations: int) -> dict[str, float]:
         return request([item(Operation.LOCATE, [attribute("Name", value)])])
 
     def run(workload: str, path: str) -> float:
-        storage = open_storage(f"sqlite:///{path}")
+        with _database(db_url, path) as url:
+            return measure(workload, url)
+
+    def measure(workload: str, url: str) -> float:
+        storage = open_storage(url)
         try:
             trail = AuditTrail(storage, "bench")
             dispatcher = Dispatcher(
@@ -154,16 +165,48 @@ def _measure(iterations: int) -> dict[str, float]:
     return figures
 
 
+@contextlib.contextmanager
+def _database(db_url: str | None, path: str) -> Iterator[str]:
+    """A fresh database: the SQLite file `path`, or a scratch database on
+    the PostgreSQL server of `db_url`, dropped afterwards."""
+    if db_url is None:
+        yield f"sqlite:///{path}"
+        return
+    from sqlalchemy import create_engine, text
+
+    from kmip_core.db.engine import parse_db_url
+
+    url, _ = parse_db_url(db_url)
+    name = f"request_cpu_{os.getpid()}_{Path(path).stem}"
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", action="append", help="a checkout whose packages to measure (repeatable; default: this one)")
     parser.add_argument("--rounds", type=int, default=5, help="measurements per tree, alternating (default 5)")
     parser.add_argument("--iterations", type=int, default=1000, help="requests per workload per round (default 1000)")
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument(
+        "--db-url",
+        help="a PostgreSQL server (postgresql://user@host/db) on which each workload gets a scratch database; default SQLite",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.db_url is not None and not args.db_url.startswith("postgresql"):
+        raise SystemExit("request_cpu: --db-url takes a PostgreSQL URL (postgresql://user@host/db); SQLite is the default")
     if args.child:
-        print(json.dumps(_measure(args.iterations)))
+        print(json.dumps(_measure(args.iterations, args.db_url)))
         return 0
     trees = [str(Path(t).resolve()) for t in (args.tree or [str(HERE.parent)])]
     for tree in trees:
@@ -174,7 +217,8 @@ def main() -> int:
         for tree in trees:
             env = {**os.environ, "PYTHONPATH": tree}
             out = subprocess.run(
-                [sys.executable, __file__, "--child", "--iterations", str(args.iterations)],
+                [sys.executable, __file__, "--child", "--iterations", str(args.iterations)]
+                + (["--db-url", args.db_url] if args.db_url else []),
                 env=env,
                 cwd=tree,
                 capture_output=True,
@@ -184,7 +228,8 @@ def main() -> int:
                 raise SystemExit(f"request_cpu: the measurement failed on {tree}: {out.stderr.strip().splitlines()[-1:]}")
             runs[tree].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"round {round_no + 1} {tree}: " + ", ".join(f"{w} {v:.3f}" for w, v in runs[tree][-1].items()), flush=True)
-    print(f"\nCPU ms per request, one thread, in process ({args.rounds} rounds of {args.iterations}): min / median")
+    where = "PostgreSQL" if args.db_url else "SQLite"
+    print(f"\nCPU ms per request, one thread, in process, {where} ({args.rounds} rounds of {args.iterations}): min / median")
     print("tree".ljust(40) + "".join(w.rjust(18) for w in WORKLOADS))
     for tree in trees:
         cells = "".join(
