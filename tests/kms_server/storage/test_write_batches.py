@@ -75,7 +75,7 @@ class _Holder:
     """A writer that stays inside its block until released, so that others
     queue behind it."""
 
-    def __init__(self, storage: SqlStorage, key: str, fail: bool = False):
+    def __init__(self, storage: SqlStorage, key: str, fail: bool = False, value: bytes = b"held"):
         self.inside = threading.Event()
         self.release = threading.Event()
         self.error: BaseException | None = None
@@ -84,7 +84,7 @@ class _Holder:
         def run():
             try:
                 with storage.transaction() as txn:
-                    txn.set_meta(key, b"held")
+                    txn.set_meta(key, value)
                     self.inside.set()
                     assert self.release.wait(10)
                     if fail:
@@ -660,18 +660,7 @@ def test_a_batch_moves_a_meta_row_once_and_a_failed_member_leaves_it_as_it_was(p
                 if fail:
                     raise ValueError("refused")
 
-        release = threading.Event()
-        inside = threading.Event()
-
-        def holder() -> None:
-            with storage.transaction() as txn:
-                txn.set_meta("counter", b"10")
-                inside.set()
-                assert release.wait(10)
-
-        first = threading.Thread(target=holder)
-        first.start()
-        assert inside.wait(10)
+        holder = _Holder(storage, "counter", value=b"10")
         errors: list[BaseException] = []
 
         def run(fail: bool) -> None:
@@ -684,10 +673,10 @@ def test_a_batch_moves_a_meta_row_once_and_a_failed_member_leaves_it_as_it_was(p
         for i, thread in enumerate(threads):
             thread.start()
             _wait_for(lambda i=i: storage.writes.waiting == i + 1, "queued writers")
-        release.set()
-        for thread in (first, *threads):
+        holder.release.set()
+        for thread in (holder.thread, *threads):
             thread.join(10)
-        assert len(errors) == 1
+        assert holder.error is None and len(errors) == 1
         # Three members bumped it from the holder's 10; the failed one's
         # bump was undone, whichever of them it was.
         assert _committed(storage, "counter") == b"13"
