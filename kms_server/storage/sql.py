@@ -201,9 +201,6 @@ _OBJECT_ROW = select(
     kms_objects.c.row_mac,
 ).where(kms_objects.c.uid == bindparam("uid"))
 _OBJECT_ROW_FOR_UPDATE = _OBJECT_ROW.with_for_update()
-_OBJECT_ATTRIBUTES = select(kms_attributes.c.name, kms_attributes.c.idx, kms_attributes.c.value).where(
-    kms_attributes.c.uid == bindparam("uid")
-)
 # An object's row and its attribute rows in one statement: one round trip,
 # and, under PostgreSQL's READ COMMITTED, one snapshot. Two statements could
 # straddle another transaction's commit and pair the row of one version with
@@ -363,7 +360,6 @@ _RAW_ATTRIBUTE_VALUES = _Raw(_ATTRIBUTE_VALUES)
 _RAW_ATTRIBUTES_DELETE = _Raw(_ATTRIBUTES_DELETE)
 _RAW_ATTRIBUTE_DELETE_ID = _Raw(_ATTRIBUTE_DELETE_ID)
 _RAW_OBJECT_WITH_ATTRIBUTES = _Raw(_OBJECT_WITH_ATTRIBUTES)
-_RAW_OBJECT_ATTRIBUTES = _Raw(_OBJECT_ATTRIBUTES)
 _RAW_AUDIT_HEAD = _Raw(_AUDIT_HEAD, literal=True)
 _RAW_AUDIT_INSERT = _Raw(_AUDIT_INSERT, [c.name for c in kms_audit.c])
 _RAW_META_GET = _Raw(_META_GET)
@@ -579,6 +575,9 @@ class _SqlTransaction(Transaction):
         # and write were two of a Create's round trips under the writers'
         # lock. None: read and write the database each time.
         self.meta: dict[str, tuple[bytes | None, bool]] | None = None
+        # PostgreSQL: the attribute rows a locking get_object read, by uid:
+        # (the row's version, {(name, index): (row id, value)}).
+        self._locked_attributes: dict[str, tuple[int, dict[tuple[str, int], tuple[int, bytes]]]] | None = None
 
     @contextlib.contextmanager
     def _op(self, what: str, write: bool = False) -> Iterator[None]:
@@ -649,8 +648,14 @@ class _SqlTransaction(Transaction):
                 found = _RAW_OBJECT_ROW_FOR_UPDATE.rows(self._conn, self._dialect, {"uid": uid})
                 if not found:
                     return None
-                attrs = _RAW_OBJECT_ATTRIBUTES.rows(self._conn, self._dialect, {"uid": uid})
                 row = found[0]
+                stored = {(name, idx): (row_id, bytes(value)) for row_id, name, idx, value in _RAW_ATTRIBUTE_VALUES.rows(self._conn, self._dialect, {"uid": uid})}
+                # What update_object compares its attributes with, for this
+                # version of the row, which stays locked to the end.
+                if self._locked_attributes is None:
+                    self._locked_attributes = {}
+                self._locked_attributes[uid] = (row[3], stored)
+                attrs = [(name, idx, value) for (name, idx), (_, value) in stored.items()]
             else:
                 rows = _RAW_OBJECT_WITH_ATTRIBUTES.rows(self._conn, self._dialect, {"uid": uid})
                 if not rows:
@@ -698,13 +703,19 @@ class _SqlTransaction(Transaction):
             # updates (Activate, the first Get clearing Fresh, AddAttribute)
             # touch one or two of an object's dozen or more attributes.
             # Compared by value (a few dozen bytes each), not by digest:
-            # no hash of every value at every write.
-            stored = {
-                (name, idx): (row_id, bytes(value))
-                for row_id, name, idx, value in _RAW_ATTRIBUTE_VALUES.rows(
-                    self._conn, self._dialect, {"uid": obj.uid}
-                )
-            }
+            # no hash of every value at every write. On PostgreSQL the rows
+            # a locking read of this version found are used, not read again
+            # (the row has been locked since: no other writer changed them).
+            read = self._locked_attributes.pop(obj.uid, None) if self._locked_attributes else None
+            if read is not None and read[0] == obj.version:
+                stored = read[1]
+            else:
+                stored = {
+                    (name, idx): (row_id, bytes(value))
+                    for row_id, name, idx, value in _RAW_ATTRIBUTE_VALUES.rows(
+                        self._conn, self._dialect, {"uid": obj.uid}
+                    )
+                }
             wanted = {(attr.name, attr.index): attr for attr in obj.attributes}
             if len(wanted) != len(obj.attributes):
                 # Two values under one (name, index): keep every row as given.
@@ -729,6 +740,8 @@ class _SqlTransaction(Transaction):
 
     def delete_object(self, uid: str) -> bool:
         with self._op("delete_object", write=True):
+            if self._locked_attributes:
+                self._locked_attributes.pop(uid, None)
             # Attribute rows go by ON DELETE CASCADE.
             return _RAW_OBJECT_DELETE.changed(self._conn, self._dialect, {"uid": uid}) > 0
 
