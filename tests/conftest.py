@@ -119,6 +119,36 @@ def postgres_url(postgres_db) -> str:
     return postgres_db[1]
 
 
+class SentStatements(list):
+    """The statements the SQL storage sends through psycopg itself
+    (`pg_execute`), once `start()` is called: (sql, executemany) pairs."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self._monkeypatch = monkeypatch
+
+    def start(self) -> SentStatements:
+        from kms_server.storage import sql
+
+        real_execute = sql.pg_execute
+
+        def counted(conn, statement, params=None, many=None):
+            self.append((statement, many is not None))
+            return real_execute(conn, statement, params, many)
+
+        self._monkeypatch.setattr(sql, "pg_execute", counted)
+        return self
+
+    def starting(self, prefix: str) -> list[str]:
+        return [statement for statement, _ in self if statement.startswith(prefix)]
+
+
+@pytest.fixture
+def pg_statements(monkeypatch) -> SentStatements:
+    """What the SQL storage sends on PostgreSQL, counted from `start()`."""
+    return SentStatements(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def pki_dir(tmp_path_factory) -> Path:
     from kmip_core.pki import init_pki

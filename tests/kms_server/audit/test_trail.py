@@ -108,7 +108,7 @@ def db_url(request, tmp_path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
-def test_batches_of_records_from_two_nodes_keep_one_chain(db_url, monkeypatch):
+def test_batches_of_records_from_two_nodes_keep_one_chain(db_url, pg_statements):
     """Each node stores a batch's records together (`append_all`: the head
     read once, the records in one statement) and, on PostgreSQL, reads the
     head when its batch opens, once it holds the writers' lock: batches of
@@ -116,16 +116,9 @@ def test_batches_of_records_from_two_nodes_keep_one_chain(db_url, monkeypatch):
     seq taken twice or skipped. The statements sent are counted: a batch of
     several records is one INSERT (executemany) and reads no head of its
     own on PostgreSQL."""
-    from kms_server.storage import open_storage, sql
+    from kms_server.storage import open_storage
 
-    sent: list[tuple[str, bool]] = []
-    real_execute = sql.pg_execute
-
-    def counted(conn, statement, params=None, many=None):
-        sent.append((statement, many is not None))
-        return real_execute(conn, statement, params, many)
-
-    monkeypatch.setattr(sql, "pg_execute", counted)
+    sent = pg_statements.start()
     nodes = [open_storage(db_url), open_storage(db_url)]
     try:
         trails = [AuditTrail(storage, f"n{i}") for i, storage in enumerate(nodes)]
@@ -155,7 +148,7 @@ def test_batches_of_records_from_two_nodes_keep_one_chain(db_url, monkeypatch):
         if db_url.startswith("postgresql"):
             inserts = [many for statement, many in sent if statement.startswith("INSERT INTO kms_audit ")]
             assert len(inserts) <= 40 and all(inserts), "one executemany per batch of three records"
-            heads = [s for s, _ in sent if s.startswith("SELECT kms_audit.seq, kms_audit.hash")]
+            heads = sent.starting("SELECT kms_audit.seq, kms_audit.hash")
             assert heads == [], "the head is read when the batch opens, not by its records"
     finally:
         for storage in nodes:

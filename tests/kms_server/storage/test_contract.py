@@ -893,38 +893,28 @@ def test_records_appended_in_one_transaction_chain_on_each_other(storage):
     assert verify(records, [], None).ok
 
 
-def test_an_update_after_a_locking_read_compares_with_the_rows_that_read_found(postgres_url, monkeypatch):
+def test_an_update_after_a_locking_read_compares_with_the_rows_that_read_found(postgres_url, pg_statements):
     """PostgreSQL: update_object of the version a locking get_object read
     compares its attributes with the rows that read found, without reading
     them again (the row stayed locked); it still rewrites only what
     changed, and an update of another version reads them again."""
-    from kms_server.storage import sql
-
     storage = open_storage(postgres_url)
-    sent: list[str] = []
-    real_execute = sql.pg_execute
-
-    def counted(conn, statement, params=None, many=None):
-        sent.append(statement)
-        return real_execute(conn, statement, params, many)
-
     try:
         insert(storage, new_object("uid-1", "alice", attr("State", b"1"), attr("Name", b"k"), attr("Name", b"l", 1)))
-        monkeypatch.setattr(sql, "pg_execute", counted)
+        sent = pg_statements.start()
         with storage.transaction() as tx:
             current = tx.get_object("uid-1", for_update=True)
             current.attributes = [attr("Name", b"k"), attr("Name", b"l", 1), attr("State", b"2")]
             tx.update_object(current)
-            reads = [s for s in sent if s.startswith("SELECT kms_attributes.id")]
+            reads = sent.starting("SELECT kms_attributes.id")
             assert len(reads) == 1, "the attribute rows are read once, by the locking read"
-            inserts = [s for s in sent if s.startswith("INSERT INTO kms_attributes")]
+            inserts = sent.starting("INSERT INTO kms_attributes")
             assert len(inserts) == 1, "only the changed attribute is written"
             # The version updated is no longer the one read: read again.
             again = tx.get_object("uid-1")
             again.attributes = [attr("Name", b"k"), attr("State", b"3")]
             tx.update_object(again)
-            assert len([s for s in sent if s.startswith("SELECT kms_attributes.id")]) == 2
-        monkeypatch.setattr(sql, "pg_execute", real_execute)
+            assert len(sent.starting("SELECT kms_attributes.id")) == 2
         with storage.transaction(read_only=True) as tx:
             stored = tx.get_object("uid-1")
         assert stored.version == 3

@@ -630,26 +630,17 @@ def test_each_shared_commit_is_reported_with_the_writes_it_served(storage):
     assert reports[2:] == [(1, False)]
 
 
-def test_a_batch_moves_a_meta_row_once_and_a_failed_member_leaves_it_as_it_was(postgres_url, monkeypatch):
+def test_a_batch_moves_a_meta_row_once_and_a_failed_member_leaves_it_as_it_was(postgres_url, pg_statements):
     """PostgreSQL: the members of a batch that each read a meta row under
     lock and write it (the store digest: every write moves it) see the
     value the member before them left; a member that fails leaves it as it
     was; the row is read once and written once, before the COMMIT."""
-    from kms_server.storage import sql
-
     storage = open_storage(postgres_url)
     assert isinstance(storage, SqlStorage)
-    sent: list[str] = []
-    real_execute = sql.pg_execute
-
-    def counted(conn, statement, params=None, many=None):
-        sent.append(statement)
-        return real_execute(conn, statement, params, many)
-
     try:
         with storage.transaction() as txn:
             txn.set_meta("counter", b"0")
-        monkeypatch.setattr(sql, "pg_execute", counted)
+        sent = pg_statements.start()
         seen: list[bytes] = []
 
         def bump(fail: bool = False) -> None:
@@ -681,8 +672,8 @@ def test_a_batch_moves_a_meta_row_once_and_a_failed_member_leaves_it_as_it_was(p
         # bump was undone, whichever of them it was.
         assert _committed(storage, "counter") == b"13"
         assert sorted(seen)[0] == b"10" and len(seen) == 4
-        reads = [s for s in sent if s.startswith("SELECT kms_meta.value") and "FOR UPDATE" in s]
-        writes = [s for s in sent if s.startswith("INSERT INTO kms_meta")]
+        reads = [s for s in sent.starting("SELECT kms_meta.value") if "FOR UPDATE" in s]
+        writes = sent.starting("INSERT INTO kms_meta")
         assert len(reads) <= 1 and len(writes) <= 2, (reads, writes)
     finally:
         storage.close()
