@@ -121,26 +121,40 @@ def postgres_url(postgres_db) -> str:
 
 class SentStatements(list):
     """The statements the SQL storage sends through psycopg itself
-    (`pg_execute`), once `start()` is called: (sql, executemany) pairs."""
+    (`pg_execute`), once `start()` is called: (sql, executemany) pairs;
+    `ahead[i]`, the statements deferred (`pg_defer`) that went ahead of
+    the i-th, in its round trip."""
 
     def __init__(self, monkeypatch):
         super().__init__()
         self._monkeypatch = monkeypatch
+        self.ahead: list[tuple[str, ...]] = []
 
     def start(self) -> SentStatements:
         from kms_server.storage import sql
 
-        real_execute = sql.pg_execute
+        real_execute, real_defer = sql.pg_execute, sql.pg_defer
+        pending: dict[int, list[str]] = {}  # by psycopg connection
+
+        def deferred(conn, statement):
+            pending.setdefault(id(conn.connection.driver_connection), []).append(statement)
+            return real_defer(conn, statement)
 
         def counted(conn, statement, params=None, many=None):
             self.append((statement, many is not None))
+            self.ahead.append(tuple(pending.pop(id(conn.connection.driver_connection), ())))
             return real_execute(conn, statement, params, many)
 
         self._monkeypatch.setattr(sql, "pg_execute", counted)
+        self._monkeypatch.setattr(sql, "pg_defer", deferred)
         return self
 
     def starting(self, prefix: str) -> list[str]:
         return [statement for statement, _ in self if statement.startswith(prefix)]
+
+    def ahead_of(self, prefix: str) -> list[tuple[str, ...]]:
+        """What went ahead of each statement that starts with `prefix`."""
+        return [ahead for (statement, _), ahead in zip(self, self.ahead, strict=True) if statement.startswith(prefix)]
 
 
 @pytest.fixture

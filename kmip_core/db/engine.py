@@ -40,7 +40,6 @@ __all__ = [
     "sqlite_executemany",
     "pg_defer",
     "pg_execute",
-    "pg_pipeline",
     "pg_take_deferred",
     "describe_error",
     "open_engine",
@@ -323,10 +322,12 @@ _PG_DEFERRED = "kms_pg_deferred"
 
 def pg_defer(conn: Connection, sql: str) -> None:
     """Send `sql` (no parameters) ahead of the next statement ``pg_execute``
-    sends on this connection, in the same round trip: a savepoint's
-    SAVEPOINT, RELEASE or ROLLBACK TO, which need no answer of their own
-    (a failure shows as the next statement's, the transaction being
-    aborted). Whoever defers takes what is still deferred
+    sends on this connection, in the same round trip (psycopg's pipeline
+    mode, with the BEGIN if the transaction starts there): a statement
+    whose answer is not needed, such as a savepoint's SAVEPOINT, RELEASE or
+    ROLLBACK TO, or a lock to hold before the next statement runs. Each runs
+    in order and sees what those before it did; a failure shows as the next
+    statement's. Whoever defers takes what is still deferred
     (``pg_take_deferred``) before ending the transaction."""
     conn.connection.info.setdefault(_PG_DEFERRED, []).append(sql)
 
@@ -337,26 +338,10 @@ def pg_take_deferred(conn: Connection) -> list[str]:
     return conn.connection.info.pop(_PG_DEFERRED, None) or []
 
 
-def pg_pipeline(conn: Connection, statements: list[str]) -> list[Any]:
-    """Run `statements` (without parameters) as ``pg_execute`` runs one, in
-    one round trip (psycopg's pipeline mode), the BEGIN that opens the
-    transaction with them; each in order, each seeing what those before it
-    did. Returns a psycopg cursor per statement, positioned on its result."""
-    fairy = conn.connection
-    driver: Any = fairy.driver_connection
-    cursors = [driver.cursor() for _ in statements]
-    try:
-        with driver.pipeline():
-            for cursor, sql in zip(cursors, statements, strict=True):
-                cursor.execute(sql, {})
-    except conn.dialect.loaded_dbapi.Error as exc:
-        raise _pg_failure(conn, exc, "; ".join(statements), {}, None) from None
-    return cursors
-
-
 def _pg_failure(conn: Connection, exc: Any, sql: str, params: Any, cursor: Any) -> StatementError:
     """`exc` (psycopg's) as SQLAlchemy would have raised it; a disconnect
-    invalidates the connection and replaces the pool first."""
+    invalidates the connection and replaces the pool first, as SQLAlchemy
+    does."""
     driver = conn.connection.driver_connection
     disconnect = conn.dialect.is_disconnect(exc, driver, cursor)
     if disconnect:

@@ -56,7 +56,6 @@ from kmip_core.db.engine import (
     parse_db_url,
     pg_defer,
     pg_execute,
-    pg_pipeline,
     pg_take_deferred,
     sqlite_execute,
     sqlite_executemany,
@@ -649,7 +648,10 @@ class _SqlTransaction(Transaction):
                 if not found:
                     return None
                 row = found[0]
-                stored = {(name, idx): (row_id, bytes(value)) for row_id, name, idx, value in _RAW_ATTRIBUTE_VALUES.rows(self._conn, self._dialect, {"uid": uid})}
+                stored = {
+                    (name, idx): (row_id, bytes(value))
+                    for row_id, name, idx, value in _RAW_ATTRIBUTE_VALUES.rows(self._conn, self._dialect, {"uid": uid})
+                }
                 # What update_object compares its attributes with, for this
                 # version of the row, which stays locked to the end.
                 if self._locked_attributes is None:
@@ -1409,9 +1411,9 @@ class WriteBatches:
                 # (AUDIT_LOCK_KEY), held until the batch ends; and, once it
                 # is held, the audit trail's head, which every write's
                 # record needs: with the BEGIN, one round trip.
-                _, head = pg_pipeline(conn, [_WRITERS_LOCK, _RAW_AUDIT_HEAD.pg_sql])
-                found = head.fetchone()
-                batch.audit_tail = (True, None if found is None else (found[0], found[1]))
+                pg_defer(conn, _WRITERS_LOCK)
+                found = _RAW_AUDIT_HEAD.rows(conn, self._dialect, {})
+                batch.audit_tail = (True, (found[0][0], found[0][1]) if found else None)
             return batch
         except SQLAlchemyError as exc:
             self._drop_connection()
@@ -1433,21 +1435,8 @@ class WriteBatches:
         keep = False  # the connection serves the next batch only after a clean end
         try:
             deferred = self._take_deferred(batch)
-            written = [(key, value) for key, (value, wrote) in batch.meta.items() if wrote]
-            if error is None and batch.members and (written or any(s.startswith("ROLLBACK") for s in deferred)):
-                # A member's changes undone (ROLLBACK TO), then the meta rows
-                # the members wrote, before the COMMIT; a savepoint's
-                # SAVEPOINT or RELEASE alone changes nothing a COMMIT keeps.
-                try:
-                    if written:
-                        for statement in deferred:
-                            pg_defer(batch.conn, statement)
-                        for key, value in written:
-                            _RAW_META_UPSERT.changed(batch.conn, self._dialect, {"key": key, "value": value})
-                    else:
-                        pg_pipeline(batch.conn, deferred)
-                except SQLAlchemyError as exc:
-                    error = _storage_error("savepoint" if not written else "set_meta", exc)
+            if error is None and batch.members and self._dialect == "postgresql":
+                error = self._before_commit(batch, deferred)
             if error is None and batch.members:
                 try:
                     batch.trans.commit()
@@ -1526,6 +1515,25 @@ class WriteBatches:
                 pg_defer(batch.conn, sql)
         except SQLAlchemyError as exc:
             batch.broken = batch.broken or _storage_error("savepoint", exc)
+
+    def _before_commit(self, batch: _Batch, deferred: list[str]) -> StorageError | None:
+        """PostgreSQL: what must reach the database before the batch's
+        COMMIT, in one round trip: a pending ROLLBACK TO (a failed member's
+        changes undone), then the meta rows the members wrote. A pending
+        SAVEPOINT or RELEASE alone changes nothing a COMMIT keeps: dropped."""
+        writes = [{"key": key, "value": value} for key, (value, wrote) in batch.meta.items() if wrote]
+        if not writes and not any(statement.startswith("ROLLBACK") for statement in deferred):
+            return None
+        try:
+            for statement in deferred if writes else deferred[:-1]:
+                pg_defer(batch.conn, statement)
+            if writes:
+                _RAW_META_UPSERT.many(batch.conn, self._dialect, writes)
+            else:
+                pg_execute(batch.conn, deferred[-1])
+        except SQLAlchemyError as exc:
+            return _storage_error("set_meta" if writes else "savepoint", exc)
+        return None
 
     def _take_deferred(self, batch: _Batch) -> list[str]:
         """PostgreSQL: the savepoint statements deferred and not sent."""

@@ -20,7 +20,6 @@ from kmip_core.db.engine import (
     parse_db_url,
     pg_defer,
     pg_execute,
-    pg_pipeline,
     pg_take_deferred,
     sqlite_execute,
 )
@@ -257,9 +256,11 @@ def test_pg_execute_on_a_connection_that_died_fails_once_as_a_disconnect(pg_engi
     assert _backend_pid(engine) != first
 
 
-def test_pg_pipeline_runs_its_statements_in_order_in_the_transaction(pg_engine):
-    """One round trip for BEGIN and the statements; each sees what the one
-    before did, and the transaction stays open for SQLAlchemy to end."""
+def test_deferred_statements_run_in_order_ahead_of_the_next_in_the_transaction(pg_engine):
+    """One round trip for BEGIN, the deferred statements and the next one;
+    each sees what the one before did, and the transaction stays open for
+    SQLAlchemy to end. A deferred SAVEPOINT and ROLLBACK TO run in order;
+    what is deferred and not sent is taken back whole."""
     from psycopg.pq import TransactionStatus
     from sqlalchemy.exc import ProgrammingError
 
@@ -268,30 +269,24 @@ def test_pg_pipeline_runs_its_statements_in_order_in_the_transaction(pg_engine):
         conn.exec_driver_sql("CREATE TEMP TABLE t (k int PRIMARY KEY)")
         conn.commit()
         trans = conn.begin()
-        _, counted = pg_pipeline(conn, ["INSERT INTO t VALUES (1)", "SELECT count(*) FROM t"])
+        pg_defer(conn, "INSERT INTO t VALUES (1)")
+        counted = pg_execute(conn, "SELECT count(*) FROM t")
         assert counted.fetchone() == (1,)
         assert conn.connection.driver_connection.info.transaction_status == TransactionStatus.INTRANS
         trans.rollback()
         assert pg_execute(conn, "SELECT count(*) FROM t").fetchone() == (0,)
         conn.rollback()
-        # A failing statement fails the pipeline as SQLAlchemy raises it; the
-        # connection serves again after the rollback.
+        # A failing statement fails the round trip as SQLAlchemy raises it;
+        # the connection serves again after the rollback.
         trans = conn.begin()
+        pg_defer(conn, "INSERT INTO t VALUES (2)")
         with pytest.raises(ProgrammingError) as info:
-            pg_pipeline(conn, ["INSERT INTO t VALUES (2)", "SELECT no_such_column FROM t"])
+            pg_execute(conn, "SELECT no_such_column FROM t")
         assert not info.value.connection_invalidated
         trans.rollback()
         assert pg_execute(conn, "SELECT count(*) FROM t").fetchone() == (0,)
         conn.rollback()
-
-
-def test_pg_defer_sends_its_statements_ahead_of_the_next_one(pg_engine):
-    """A deferred SAVEPOINT and ROLLBACK TO run, in order, ahead of the next
-    statement; what is deferred and not sent is taken back whole."""
-    engine, _ = pg_engine
-    with engine.connect() as conn:
-        conn.exec_driver_sql("CREATE TEMP TABLE t (k int PRIMARY KEY)")
-        conn.commit()
+        # Savepoints.
         trans = conn.begin()
         pg_execute(conn, "INSERT INTO t VALUES (1)")
         pg_defer(conn, "SAVEPOINT s")

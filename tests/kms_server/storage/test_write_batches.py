@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 
 from kmip_core.db.engine import READ_ONLY
 from kms_server.storage import open_storage
-from kms_server.storage.base import StorageError
+from kms_server.storage.base import StorageError, StoredObject
 from kms_server.storage.sql import AUDIT_LOCK_KEY, BATCH_MAX, SqlStorage
 
 
@@ -75,7 +75,7 @@ class _Holder:
     """A writer that stays inside its block until released, so that others
     queue behind it."""
 
-    def __init__(self, storage: SqlStorage, key: str, fail: bool = False, value: bytes = b"held"):
+    def __init__(self, storage: SqlStorage, key: str, fail: bool = False, value: bytes = b"held", write=None):
         self.inside = threading.Event()
         self.release = threading.Event()
         self.error: BaseException | None = None
@@ -84,7 +84,10 @@ class _Holder:
         def run():
             try:
                 with storage.transaction() as txn:
-                    txn.set_meta(key, value)
+                    if write is None:
+                        txn.set_meta(key, value)
+                    else:
+                        write(txn)
                     self.inside.set()
                     assert self.release.wait(10)
                     if fail:
@@ -98,7 +101,9 @@ class _Holder:
         assert self.inside.wait(10)
 
 
-def _writer(storage: SqlStorage, key: str, results: dict, fail: str | None = None, read_first: bool = False):
+def _writer(
+    storage: SqlStorage, key: str, results: dict, fail: str | None = None, read_first: bool = False, write=None
+):
     def run():
         try:
             with storage.transaction() as txn:
@@ -107,7 +112,10 @@ def _writer(storage: SqlStorage, key: str, results: dict, fail: str | None = Non
                     # of an object reads it first): on PostgreSQL a batch's
                     # meta writes are sent only before its COMMIT.
                     txn.get_object(f"absent-{key}")
-                txn.set_meta(key, key.encode())
+                if write is None:
+                    txn.set_meta(key, key.encode())
+                else:
+                    write(txn)
                 if fail == "raise":
                     raise ValueError("refused by the operation")
                 if fail == "storage":
@@ -225,6 +233,27 @@ def test_a_batch_whose_last_member_failed_commits_without_its_changes(storage, f
     with storage.transaction() as txn:
         txn.set_meta("next", b"1")
     assert _committed(storage, "next") == b"1" and _committed(storage, "failing") is None
+
+
+def _inserts(uid: str):
+    return lambda txn: txn.insert_object(StoredObject(uid=uid, owner="alice", sealed_material=None, attributes=[]))
+
+
+def test_a_batch_that_writes_no_meta_row_and_whose_last_member_failed_commits_without_its_changes(storage):
+    """As above, with members that write objects only: on PostgreSQL the
+    failed member's ROLLBACK TO is then the one statement sent before the
+    COMMIT."""
+    holder = _Holder(storage, "first", write=_inserts("first"))
+    results: dict = {}
+    failing = _writer(storage, "failing", results, fail="raise", write=_inserts("failing"))
+    _wait_for(lambda: storage.writes.waiting == 1, "a queued writer")
+    holder.release.set()
+    for t in (holder.thread, failing):
+        t.join(10)
+    assert results["failing"][0] == "error" and holder.error is None
+    with storage.transaction(read_only=True) as txn:
+        assert txn.get_object("first") is not None
+        assert txn.get_object("failing") is None
 
 
 def test_a_failed_first_block_is_rolled_back_and_the_queued_writers_still_commit(storage):
