@@ -1527,9 +1527,9 @@ class WriteBatches:
         try:
             for statement in deferred if writes else deferred[:-1]:
                 pg_defer(batch.conn, statement)
-            if writes:
-                _RAW_META_UPSERT.many(batch.conn, self._dialect, writes)
-            else:
+            for params in writes:  # usually one: the store digest
+                _RAW_META_UPSERT.changed(batch.conn, self._dialect, params)
+            if not writes:
                 pg_execute(batch.conn, deferred[-1])
         except SQLAlchemyError as exc:
             return _storage_error("set_meta" if writes else "savepoint", exc)
