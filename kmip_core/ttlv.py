@@ -18,7 +18,7 @@ import enum
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kmip.core.enums import Tags
 
@@ -95,6 +95,21 @@ class Item:
         if self.type == ItemType.BYTE_STRING:
             return f"<{name} bytes[{len(self.value)}]>"
         return f"<{name} {self.type.name} {self.value!r}>"
+
+
+class _TagNumbers:
+    """Every tag's number as a plain attribute: ``TAG.BATCH_ITEM`` is
+    ``Tags.BATCH_ITEM.value``. The enum's ``value`` is a property (two
+    Python calls, ~0.17 us) and the request path reads some sixty tags per
+    request (issue 15); an attribute of this object costs a dict lookup."""
+
+    if TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> int: ...
+
+
+TAG = _TagNumbers()
+TAG.__dict__.update({t.name: t.value for t in Tags})
 
 
 def tag_name(tag: int) -> str:

@@ -18,7 +18,7 @@ from kmip.core.enums import Tags
 from kmip_core import ttlv
 from kmip_core.audit.chain import format_time
 from kmip_core.policy import Principal
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 
 T = Tags
 X_TAGS = ("x-Component", "x-Name", "x-Identifier")
@@ -97,11 +97,11 @@ def request_attributes(payload: Item | None) -> list[dict]:
         for child in item.children():
             if len(found) >= MAX_ATTRIBUTES or child.tag in _OPAQUE:
                 continue
-            if child.tag == T.ATTRIBUTE.value and child.type == ItemType.STRUCTURE:
-                name = child.get(T.ATTRIBUTE_NAME.value)
-                value = child.find(T.ATTRIBUTE_VALUE.value)
+            if child.tag == TAG.ATTRIBUTE and child.type == ItemType.STRUCTURE:
+                name = child.get(TAG.ATTRIBUTE_NAME)
+                value = child.find(TAG.ATTRIBUTE_VALUE)
                 entry: dict[str, object] = {"name": name if isinstance(name, str) else "?"}
-                index = child.get(T.ATTRIBUTE_INDEX.value)
+                index = child.get(TAG.ATTRIBUTE_INDEX)
                 if isinstance(index, int):
                     entry["index"] = index
                 if value is not None and value.tag not in _OPAQUE:
@@ -111,12 +111,12 @@ def request_attributes(payload: Item | None) -> list[dict]:
                 for attribute in child.children():
                     if attribute.tag in _OPAQUE:
                         continue
-                    if attribute.tag == T.ATTRIBUTE.value and attribute.type == ItemType.STRUCTURE:
+                    if attribute.tag == TAG.ATTRIBUTE and attribute.type == ItemType.STRUCTURE:
                         # 2.0 vendor attribute: {Vendor Identification,
                         # Attribute Name, Attribute Value}; "x" + "Name" is x-Name.
-                        vendor = attribute.get(T.VENDOR_IDENTIFICATION.value)
-                        name = attribute.get(T.ATTRIBUTE_NAME.value)
-                        value = attribute.find(T.ATTRIBUTE_VALUE.value)
+                        vendor = attribute.get(TAG.VENDOR_IDENTIFICATION)
+                        name = attribute.get(TAG.ATTRIBUTE_NAME)
+                        value = attribute.find(TAG.ATTRIBUTE_VALUE)
                         entry = {"name": f"{vendor}-{name}" if isinstance(vendor, str) and isinstance(name, str) else "?"}
                         if value is not None and value.tag not in _OPAQUE:
                             entry["value"] = render(value)
@@ -125,7 +125,7 @@ def request_attributes(payload: Item | None) -> list[dict]:
                     found.append(entry)
             elif child.type == ItemType.STRUCTURE:
                 walk(child)
-            elif child.tag == T.ATTRIBUTE_NAME.value and isinstance(child.value, str):
+            elif child.tag == TAG.ATTRIBUTE_NAME and isinstance(child.value, str):
                 found.append({"name": child.value})
 
     try:

@@ -18,7 +18,7 @@ from kmip.core.enums import (
 
 from kmip_core import errors
 from kmip_core.server.payload import child_item, enum_field, label
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 
 __all__ = ["CryptoParameters", "algorithm_family", "crypto_parameters"]
 
@@ -77,21 +77,21 @@ def crypto_parameters(item: Item | None) -> CryptoParameters | None:
     p_source = child_item(item, T.P_SOURCE, ItemType.BYTE_STRING, required=False)
     return CryptoParameters(
         block_cipher_mode=enum_field(
-            item.find(T.BLOCK_CIPHER_MODE.value), BlockCipherMode, T.BLOCK_CIPHER_MODE
+            item.find(TAG.BLOCK_CIPHER_MODE), BlockCipherMode, T.BLOCK_CIPHER_MODE
         ),
         padding_method=enum_field(
-            item.find(T.PADDING_METHOD.value), PaddingMethod, T.PADDING_METHOD
+            item.find(TAG.PADDING_METHOD), PaddingMethod, T.PADDING_METHOD
         ),
         hashing_algorithm=enum_field(
-            item.find(T.HASHING_ALGORITHM.value), HashingAlgorithm, T.HASHING_ALGORITHM
+            item.find(TAG.HASHING_ALGORITHM), HashingAlgorithm, T.HASHING_ALGORITHM
         ),
         digital_signature_algorithm=enum_field(
-            item.find(T.DIGITAL_SIGNATURE_ALGORITHM.value),
+            item.find(TAG.DIGITAL_SIGNATURE_ALGORITHM),
             DigitalSignatureAlgorithm,
             T.DIGITAL_SIGNATURE_ALGORITHM,
         ),
         cryptographic_algorithm=enum_field(
-            item.find(T.CRYPTOGRAPHIC_ALGORITHM.value),
+            item.find(TAG.CRYPTOGRAPHIC_ALGORITHM),
             CryptographicAlgorithm,
             T.CRYPTOGRAPHIC_ALGORITHM,
         ),
@@ -100,7 +100,7 @@ def crypto_parameters(item: Item | None) -> CryptoParameters | None:
         tag_length=integer(T.TAG_LENGTH),
         salt_length=integer(T.SALT_LENGTH),
         mask_generator_hashing_algorithm=enum_field(
-            item.find(T.MASK_GENERATOR_HASHING_ALGORITHM.value),
+            item.find(TAG.MASK_GENERATOR_HASHING_ALGORITHM),
             HashingAlgorithm,
             T.MASK_GENERATOR_HASHING_ALGORITHM,
         ),

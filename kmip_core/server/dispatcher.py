@@ -44,7 +44,7 @@ from kmip_core.policy import Principal
 from kmip_core.reasons import GENERAL_FAILURE_MESSAGE, input_error, result_reason
 from kmip_core.server.backend import Backend, BackendUnavailable, Trail
 from kmip_core.server.context import BatchState, RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 
 log = logging.getLogger("kms_server.dispatch")  # the name operators filter on; kept
 
@@ -254,30 +254,36 @@ class Dispatcher:
     def _handle_message(
         self, message: Item, version: tuple[int, int], conn: ConnectionInfo, request_id: str, hold: bool = False
     ) -> bytes | HeldResponse:
-        if message.tag != T.REQUEST_MESSAGE.value or message.type != ItemType.STRUCTURE:
+        if message.tag != TAG.REQUEST_MESSAGE or message.type != ItemType.STRUCTURE:
             raise errors.InvalidMessage("not a Request Message")
-        header = message.find(T.REQUEST_HEADER.value)
+        header = message.find(TAG.REQUEST_HEADER)
         if header is None or header.type != ItemType.STRUCTURE:
             raise errors.InvalidMessage("Request Header is missing")
         if version not in SUPPORTED_VERSIONS:
             raise errors.InvalidMessage(f"protocol version {version[0]}.{version[1]} is not supported")
-        items = message.find_all(T.BATCH_ITEM.value)
-        for tag, type_ in _HEADER_FIELD_TYPES.items():
-            field = header.find(tag.value)
-            if field is not None and field.type != type_:
-                raise errors.InvalidMessage(f"{_field_name(tag)} in the Request Header must be {_type_name(type_)}")
-        count = header.get(T.BATCH_COUNT.value)
+        items = message.find_all(TAG.BATCH_ITEM)
+        checked = set()
+        for field in header.children():
+            # The first of each field is the one read (Item.find).
+            expected = _HEADER_FIELD_TYPES.get(field.tag)
+            if expected is not None and field.tag not in checked:
+                checked.add(field.tag)
+                if field.type != expected:
+                    raise errors.InvalidMessage(
+                        f"{_field_name(Tags(field.tag))} in the Request Header must be {_type_name(expected)}"
+                    )
+        count = header.get(TAG.BATCH_COUNT)
         if not isinstance(count, int) or count != len(items) or count < 1:
             raise errors.InvalidMessage("Batch Count does not match the number of Batch Items")
         for child in message.children():
-            if child.tag not in (T.REQUEST_HEADER.value, T.BATCH_ITEM.value):
+            if child.tag not in (TAG.REQUEST_HEADER, TAG.BATCH_ITEM):
                 raise errors.InvalidMessage(f"unexpected {ttlv.tag_name(child.tag)} in the Request Message")
 
         principal = self._principal(header, conn.principal)
-        continuation = header.get(T.BATCH_ERROR_CONTINUATION_OPTION.value, BatchErrorContinuationOption.STOP.value)
-        max_response = header.get(T.MAXIMUM_RESPONSE_SIZE.value)
+        continuation = header.get(TAG.BATCH_ERROR_CONTINUATION_OPTION, BatchErrorContinuationOption.STOP.value)
+        max_response = header.get(TAG.MAXIMUM_RESPONSE_SIZE)
         # KMIP 1.4, 6.20 / 2.0, 7.17: defined from 1.4 on (its type was checked above).
-        correlation = header.get(T.CLIENT_CORRELATION_VALUE.value) if version >= (1, 4) else None
+        correlation = header.get(TAG.CLIENT_CORRELATION_VALUE) if version >= (1, 4) else None
         ctx = RequestContext(
             principal=principal,
             version=version,
@@ -306,15 +312,15 @@ class Dispatcher:
 
         header_items = [
             _version_item(version),
-            ttlv.date_time(T.TIME_STAMP.value, ctx.now),
+            ttlv.date_time(TAG.TIME_STAMP, ctx.now),
         ]
         if version >= (2, 0):
-            correlation = header.get(T.CLIENT_CORRELATION_VALUE.value)
+            correlation = header.get(TAG.CLIENT_CORRELATION_VALUE)
             if isinstance(correlation, str):
-                header_items.append(ttlv.text(T.CLIENT_CORRELATION_VALUE.value, correlation))
+                header_items.append(ttlv.text(TAG.CLIENT_CORRELATION_VALUE, correlation))
             # KMIP 2.0, 8.2: the server's own correlation value; the request
             # id, which names this request in the server log and audit trail.
-            header_items.append(ttlv.text(T.SERVER_CORRELATION_VALUE.value, request_id))
+            header_items.append(ttlv.text(TAG.SERVER_CORRELATION_VALUE, request_id))
         encoded = self._encode_response(ctx, header_items, responses)
         if isinstance(max_response, int) and len(encoded) > max_response:
             too_large = [
@@ -364,12 +370,12 @@ class Dispatcher:
         request's change failed after the answer was made (the KMS's writes
         in its reactor thread, committed at the end of the turn)."""
         message = ttlv.decode(response, self.max_depth)
-        header = message.find(T.RESPONSE_HEADER.value)
+        header = message.find(TAG.RESPONSE_HEADER)
         assert header is not None  # an answer this dispatcher encoded
         failed = [
-            _failure_item(item, ResultReason.GENERAL_FAILURE, text) for item in message.find_all(T.BATCH_ITEM.value)
+            _failure_item(item, ResultReason.GENERAL_FAILURE, text) for item in message.find_all(TAG.BATCH_ITEM)
         ]
-        return ttlv.encode(ttlv.structure(T.RESPONSE_MESSAGE.value, [header] + failed))
+        return ttlv.encode(ttlv.structure(TAG.RESPONSE_MESSAGE, [header] + failed))
 
     def _encode_response(self, ctx: RequestContext, header_items: list[Item], responses: list[Item]) -> bytes:
         """The Response Message, each batch item encoded on its own: an item
@@ -387,12 +393,12 @@ class Dispatcher:
                 )
                 parts.append(ttlv.encode(failure))
         header = ttlv.structure(
-            T.RESPONSE_HEADER.value, header_items + [ttlv.integer(T.BATCH_COUNT.value, len(responses))]
+            TAG.RESPONSE_HEADER, header_items + [ttlv.integer(TAG.BATCH_COUNT, len(responses))]
         )
         body = ttlv.encode(header) + b"".join(parts)
         # A structure's items are padded to 8 bytes, so its body needs none.
         return (
-            T.RESPONSE_MESSAGE.value.to_bytes(3, "big")
+            TAG.RESPONSE_MESSAGE.to_bytes(3, "big")
             + bytes([ItemType.STRUCTURE])
             + len(body).to_bytes(4, "big")
             + body
@@ -451,12 +457,12 @@ class Dispatcher:
         for response, failed, draft in done:
             if draft is not None:
                 assert self.trail is not None  # a draft is made only with a trail (_draft)
-                reason = response.get(T.RESULT_REASON.value)
+                reason = response.get(TAG.RESULT_REASON)
                 try:
                     if failed:
                         self.trail.write(
                             draft.entry(
-                                "OPERATION_FAILED", ResultReason(reason).name, response.get(T.RESULT_MESSAGE.value)
+                                "OPERATION_FAILED", ResultReason(reason).name, response.get(TAG.RESULT_MESSAGE)
                             )
                         )
                     else:
@@ -481,26 +487,25 @@ class Dispatcher:
         With `batch_txn` (a batch run with Undo) the item runs in that
         transaction and writes no audit record: `_handle_undo_batch` does."""
         started = time.monotonic()
-        operation_item = item.find(T.OPERATION.value)
+        operation_item = item.find(TAG.OPERATION)
         # Only an Enumeration is read (and echoed): an Integer -1 or a
         # 2,048-byte Big Integer in its place is refused, never copied into
         # the answer, whose encoding would then fail.
         well_typed = operation_item is not None and operation_item.type == ItemType.ENUMERATION
         operation_value: int | None = operation_item.value if operation_item is not None and well_typed else None
-        batch_id = item.find(T.UNIQUE_BATCH_ITEM_ID.value)
-        payload = item.find(T.REQUEST_PAYLOAD.value)
+        batch_id = item.find(TAG.UNIQUE_BATCH_ITEM_ID)
+        payload = item.find(TAG.REQUEST_PAYLOAD)
         head: list[Item | None] = [
-            ttlv.enumeration(T.OPERATION.value, operation_value) if operation_value is not None else None,
+            ttlv.enumeration(TAG.OPERATION, operation_value) if operation_value is not None else None,
             batch_id,
         ]
         draft = self._draft(ctx, operation_value, payload, index)
         try:
             if operation_item is not None and not well_typed:
                 raise errors.InvalidMessage("Operation must be an Enumeration")
-            try:
-                operation = Operation(operation_value)
-            except ValueError:
-                raise errors.OperationNotSupported(f"operation {operation_value!r} is not defined") from None
+            operation = _OPERATIONS.get(operation_value)
+            if operation is None:
+                raise errors.OperationNotSupported(f"operation {operation_value!r} is not defined")
             handler = self.operations.get(operation)
             if handler is None:
                 raise errors.OperationNotSupported(f"{operation.name} is not supported by this server")
@@ -523,12 +528,12 @@ class Dispatcher:
                     else:
                         self.trail.write(entry)
             body = head + [
-                ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.SUCCESS.value),
-                ttlv.structure(T.RESPONSE_PAYLOAD.value, result),
+                ttlv.enumeration(TAG.RESULT_STATUS, _SUCCESS),
+                ttlv.structure(TAG.RESPONSE_PAYLOAD, result),
             ]
             if not held:
                 self._count(operation_value, "SUCCESS", started)
-            return ttlv.structure(T.BATCH_ITEM.value, body), False, draft
+            return ttlv.structure(TAG.BATCH_ITEM, body), False, draft
         except errors.KmsError as exc:
             reason, text = result_reason(exc, *ctx.version)
             _log_refusal(ctx, operation_value, reason, text)
@@ -559,7 +564,7 @@ class Dispatcher:
                 reason, text = ResultReason.GENERAL_FAILURE, GENERAL_FAILURE_MESSAGE.format(request_id=ctx.request_id)
         body = head + _failure_fields(reason, text)
         self._count(operation_value, reason.name, started)
-        return ttlv.structure(T.BATCH_ITEM.value, body), True, draft
+        return ttlv.structure(TAG.BATCH_ITEM, body), True, draft
 
     def holding_counts(self) -> HeldCounts:
         """A context manager: requests handled inside are counted in the
@@ -592,7 +597,7 @@ class Dispatcher:
         if self.trail is None:
             return None
         requested = (
-            payload.get(T.UNIQUE_IDENTIFIER.value)
+            payload.get(TAG.UNIQUE_IDENTIFIER)
             if payload is not None and payload.type == ItemType.STRUCTURE
             else None
         )
@@ -667,17 +672,17 @@ class Dispatcher:
         raise AssertionError("unreachable")
 
     def _principal(self, header: Item, principal: Principal) -> Principal:
-        authentication = header.find(T.AUTHENTICATION.value)
+        authentication = header.find(TAG.AUTHENTICATION)
         username = None
         if authentication is not None:
-            credential = authentication.find(T.CREDENTIAL.value)
+            credential = authentication.find(TAG.CREDENTIAL)
             if (
                 credential is not None
-                and credential.get(T.CREDENTIAL_TYPE.value) == CredentialType.USERNAME_AND_PASSWORD.value
+                and credential.get(TAG.CREDENTIAL_TYPE) == CredentialType.USERNAME_AND_PASSWORD.value
             ):
-                value = credential.find(T.CREDENTIAL_VALUE.value)
-                username = value.get(T.USERNAME.value) if value is not None else None
-                password = value.get(T.PASSWORD.value) if value is not None else None
+                value = credential.find(TAG.CREDENTIAL_VALUE)
+                username = value.get(TAG.USERNAME) if value is not None else None
+                password = value.get(TAG.PASSWORD) if value is not None else None
                 if self.authenticate is not None:
                     # The credential must be one the certificate's identity
                     # may present (kms_server/credentials.py).
@@ -711,13 +716,13 @@ class Dispatcher:
     @staticmethod
     def _response(header_items: list[Item], batch_items: list[Item]) -> Item:
         header = ttlv.structure(
-            T.RESPONSE_HEADER.value, header_items + [ttlv.integer(T.BATCH_COUNT.value, len(batch_items))]
+            TAG.RESPONSE_HEADER, header_items + [ttlv.integer(TAG.BATCH_COUNT, len(batch_items))]
         )
-        return ttlv.structure(T.RESPONSE_MESSAGE.value, [header] + batch_items)
+        return ttlv.structure(TAG.RESPONSE_MESSAGE, [header] + batch_items)
 
     def _error_response(self, version: tuple[int, int], reason: ResultReason, text: str) -> Item:
-        item = ttlv.structure(T.BATCH_ITEM.value, _failure_fields(reason, text))
-        return self._response([_version_item(version), ttlv.date_time(T.TIME_STAMP.value, int(time.time()))], [item])
+        item = ttlv.structure(TAG.BATCH_ITEM, _failure_fields(reason, text))
+        return self._response([_version_item(version), ttlv.date_time(TAG.TIME_STAMP, int(time.time()))], [item])
 
 
 def single_operation(message: Item) -> int | None:
@@ -725,10 +730,10 @@ def single_operation(message: Item) -> int | None:
     for anything else (the dispatcher then checks it as usual)."""
     if message.type != ItemType.STRUCTURE:
         return None
-    items = message.find_all(T.BATCH_ITEM.value)
+    items = message.find_all(TAG.BATCH_ITEM)
     if len(items) != 1 or items[0].type != ItemType.STRUCTURE:
         return None
-    operation = items[0].find(T.OPERATION.value)
+    operation = items[0].find(TAG.OPERATION)
     if operation is None or operation.type != ItemType.ENUMERATION:
         return None
     return operation.value
@@ -736,9 +741,9 @@ def single_operation(message: Item) -> int | None:
 
 def _failure_fields(reason: ResultReason, text: str) -> list[Item | None]:
     return [
-        ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.OPERATION_FAILED.value),
-        ttlv.enumeration(T.RESULT_REASON.value, reason.value),
-        ttlv.text(T.RESULT_MESSAGE.value, text) if text else None,
+        ttlv.enumeration(TAG.RESULT_STATUS, ResultStatus.OPERATION_FAILED.value),
+        ttlv.enumeration(TAG.RESULT_REASON, reason.value),
+        ttlv.text(TAG.RESULT_MESSAGE, text) if text else None,
     ]
 
 
@@ -749,10 +754,10 @@ class _UndoBatch(Exception):
 def _undone_item(response: Item) -> Item:
     """A succeeded item's answer, its Result Status now Operation Undone."""
     return ttlv.structure(
-        T.BATCH_ITEM.value,
+        TAG.BATCH_ITEM,
         [
-            ttlv.enumeration(T.RESULT_STATUS.value, ResultStatus.OPERATION_UNDONE.value)
-            if child.tag == T.RESULT_STATUS.value
+            ttlv.enumeration(TAG.RESULT_STATUS, ResultStatus.OPERATION_UNDONE.value)
+            if child.tag == TAG.RESULT_STATUS
             else child
             for child in response.children()
         ],
@@ -760,8 +765,8 @@ def _undone_item(response: Item) -> Item:
 
 
 def _failure_item(response: Item, reason: ResultReason, text: str) -> Item:
-    head = [c for c in response.children() if c.tag in (T.OPERATION.value, T.UNIQUE_BATCH_ITEM_ID.value)]
-    return ttlv.structure(T.BATCH_ITEM.value, head + _failure_fields(reason, text))
+    head = [c for c in response.children() if c.tag in (TAG.OPERATION, TAG.UNIQUE_BATCH_ITEM_ID)]
+    return ttlv.structure(TAG.BATCH_ITEM, head + _failure_fields(reason, text))
 
 
 def _protocol_version(message: Item) -> tuple[int, int] | None:
@@ -770,13 +775,13 @@ def _protocol_version(message: Item) -> tuple[int, int] | None:
     must never reach a log line or the answer."""
     # Any message header with a version lets us answer INVALID_MESSAGE in it
     # (a Response Message sent as a request, for instance).
-    header = message.find(T.REQUEST_HEADER.value) or message.find(T.RESPONSE_HEADER.value)
+    header = message.find(TAG.REQUEST_HEADER) or message.find(TAG.RESPONSE_HEADER)
     if header is None or header.type != ItemType.STRUCTURE:
         return None
-    pv = header.find(T.PROTOCOL_VERSION.value)
+    pv = header.find(TAG.PROTOCOL_VERSION)
     if pv is None:
         return None
-    major, minor = pv.find(T.PROTOCOL_VERSION_MAJOR.value), pv.find(T.PROTOCOL_VERSION_MINOR.value)
+    major, minor = pv.find(TAG.PROTOCOL_VERSION_MAJOR), pv.find(TAG.PROTOCOL_VERSION_MINOR)
     if major is None or minor is None:
         return None
     if major.type != ItemType.INTEGER or minor.type != ItemType.INTEGER:
@@ -787,12 +792,16 @@ def _protocol_version(message: Item) -> tuple[int, int] | None:
 # Request Header fields this server reads, and the type KMIP gives each
 # (1.4, 6; 2.0, 7): any other type is refused before its value is used.
 _HEADER_FIELD_TYPES = {
-    T.BATCH_COUNT: ItemType.INTEGER,
-    T.MAXIMUM_RESPONSE_SIZE: ItemType.INTEGER,
-    T.BATCH_ERROR_CONTINUATION_OPTION: ItemType.ENUMERATION,
-    T.CLIENT_CORRELATION_VALUE: ItemType.TEXT_STRING,
-    T.AUTHENTICATION: ItemType.STRUCTURE,
+    TAG.BATCH_COUNT: ItemType.INTEGER,
+    TAG.MAXIMUM_RESPONSE_SIZE: ItemType.INTEGER,
+    TAG.BATCH_ERROR_CONTINUATION_OPTION: ItemType.ENUMERATION,
+    TAG.CLIENT_CORRELATION_VALUE: ItemType.TEXT_STRING,
+    TAG.AUTHENTICATION: ItemType.STRUCTURE,
 }
+# Operations by their number: a dict lookup, where Operation(value) costs
+# the enum's call path on every request.
+_OPERATIONS = {operation.value: operation for operation in Operation}
+_SUCCESS = ResultStatus.SUCCESS.value
 
 
 def _field_name(tag: Tags) -> str:
@@ -815,10 +824,10 @@ def _closest_version(version: tuple[int, int]) -> tuple[int, int]:
 
 def _version_item(version: tuple[int, int]) -> Item:
     return ttlv.structure(
-        T.PROTOCOL_VERSION.value,
+        TAG.PROTOCOL_VERSION,
         [
-            ttlv.integer(T.PROTOCOL_VERSION_MAJOR.value, version[0]),
-            ttlv.integer(T.PROTOCOL_VERSION_MINOR.value, version[1]),
+            ttlv.integer(TAG.PROTOCOL_VERSION_MAJOR, version[0]),
+            ttlv.integer(TAG.PROTOCOL_VERSION_MINOR, version[1]),
         ],
     )
 
@@ -835,10 +844,10 @@ def _op_name(value: object) -> str:
     (32 bits) or None."""
     if value is None:
         return "-"
-    try:
-        return Operation(value).name
-    except (ValueError, TypeError):
-        return f"0x{value:08X}" if isinstance(value, int) else "-"
+    operation = _OPERATIONS.get(value) if isinstance(value, int) else None
+    if operation is not None:
+        return operation.name
+    return f"0x{value:08X}" if isinstance(value, int) else "-"
 
 
 def _ticket(header: Item) -> bytes | None:
@@ -846,18 +855,18 @@ def _ticket(header: Item) -> bytes | None:
     request header's Authentication, whatever the protocol version: the
     vTPM broker's gateway reads a host's attestation token from it. None
     when there is none. Other credential types are `_principal`'s."""
-    authentication = header.find(T.AUTHENTICATION.value)
+    authentication = header.find(TAG.AUTHENTICATION)
     if authentication is None:
         return None
-    for credential in authentication.find_all(T.CREDENTIAL.value):
-        if credential.get(T.CREDENTIAL_TYPE.value) != CredentialType.TICKET.value:
+    for credential in authentication.find_all(TAG.CREDENTIAL):
+        if credential.get(TAG.CREDENTIAL_TYPE) != CredentialType.TICKET.value:
             continue
-        value = credential.find(T.CREDENTIAL_VALUE.value)
-        ticket = value.find(T.TICKET_VALUE.value) if value is not None else None
+        value = credential.find(TAG.CREDENTIAL_VALUE)
+        ticket = value.find(TAG.TICKET_VALUE) if value is not None else None
         if ticket is None and value is not None:
             # Also accepted: the Ticket structure inside the Credential Value.
-            inner = value.find(T.TICKET.value)
-            ticket = inner.find(T.TICKET_VALUE.value) if inner is not None else None
+            inner = value.find(TAG.TICKET)
+            ticket = inner.find(TAG.TICKET_VALUE) if inner is not None else None
         if ticket is not None and isinstance(ticket.value, bytes):
             return ticket.value
     return None

@@ -16,7 +16,7 @@ from kmip.core.enums import (
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 
 E = TypeVar("E")
 
@@ -95,7 +95,7 @@ def unique_identifier(ctx: RequestContext, payload: Item, required: bool = True)
 def unique_identifier(ctx: RequestContext, payload: Item, required: bool = True) -> str | None:
     """The object a request names; without one, the ID Placeholder left by
     an earlier item of the same batch (KMIP 1.4, 6.12)."""
-    uid = payload.get(T.UNIQUE_IDENTIFIER.value)
+    uid = payload.get(TAG.UNIQUE_IDENTIFIER)
     if uid is None:
         uid = ctx.batch.id_placeholder
     if uid is None and required:
@@ -106,7 +106,7 @@ def unique_identifier(ctx: RequestContext, payload: Item, required: bool = True)
 
 
 def uid_item(uid: str) -> Item:
-    return ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)
+    return ttlv.text(TAG.UNIQUE_IDENTIFIER, uid)
 
 
 def require(payload: Item, t: Tags, type_: ItemType | None = None) -> Item:
@@ -137,7 +137,7 @@ def reject_streaming(payload: Item) -> None:
             raise errors.FeatureNotSupported(
                 "streaming cryptographic operations are not supported"
             )
-    final = payload.find(T.FINAL_INDICATOR.value)
+    final = payload.find(TAG.FINAL_INDICATOR)
     if final is not None and final.value is not True:
         raise errors.FeatureNotSupported(
             "streaming cryptographic operations are not supported"

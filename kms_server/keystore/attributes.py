@@ -20,10 +20,10 @@ from kmip.core.enums import ObjectType as OT
 from kmip.core.enums import Tags
 
 from kmip_core import errors, ttlv
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore.crypto import CERTIFICATE_NAME_FIELDS
 
-VALUE_TAG = Tags.ATTRIBUTE_VALUE.value
+VALUE_TAG = TAG.ATTRIBUTE_VALUE
 
 KEYS = (OT.SYMMETRIC_KEY, OT.PUBLIC_KEY, OT.PRIVATE_KEY, OT.SPLIT_KEY)
 CRYPTO_OBJECTS = KEYS + (OT.CERTIFICATE,)
@@ -222,20 +222,20 @@ def decode_value(data: bytes) -> Item:
 
 # Wire conversions, 1.x: Attribute {Attribute Name, Attribute Index?, Attribute Value}.
 def from_attribute_v1(item: Item) -> tuple[str, int | None, Item | None]:
-    name = item.get(Tags.ATTRIBUTE_NAME.value)
+    name = item.get(TAG.ATTRIBUTE_NAME)
     if not isinstance(name, str):
         raise errors.InvalidField("Attribute without an Attribute Name")
-    index = item.get(Tags.ATTRIBUTE_INDEX.value)
+    index = item.get(TAG.ATTRIBUTE_INDEX)
     value = item.find(VALUE_TAG)
     return name, index, value
 
 
 def to_attribute_v1(name: str, value: Item, index: int | None = None) -> Item:
     return ttlv.structure(
-        Tags.ATTRIBUTE.value,
+        TAG.ATTRIBUTE,
         [
-            ttlv.text(Tags.ATTRIBUTE_NAME.value, name),
-            ttlv.integer(Tags.ATTRIBUTE_INDEX.value, index) if index else None,
+            ttlv.text(TAG.ATTRIBUTE_NAME, name),
+            ttlv.integer(TAG.ATTRIBUTE_INDEX, index) if index else None,
             as_value(value),
         ],
     )
@@ -245,9 +245,9 @@ def to_attribute_v1(name: str, value: Item, index: int | None = None) -> Item:
 # Attribute {Vendor Identification, Attribute Name, Attribute Value}, where
 # 1.x's "x-Name" is vendor "x", name "Name".
 def from_item_v2(item: Item) -> tuple[str, Item | None]:
-    if item.tag == Tags.ATTRIBUTE.value:
-        vendor = item.get(Tags.VENDOR_IDENTIFICATION.value)
-        name = item.get(Tags.ATTRIBUTE_NAME.value)
+    if item.tag == TAG.ATTRIBUTE:
+        vendor = item.get(TAG.VENDOR_IDENTIFICATION)
+        name = item.get(TAG.ATTRIBUTE_NAME)
         if not isinstance(vendor, str) or not isinstance(name, str):
             raise errors.InvalidField("vendor Attribute needs Vendor Identification and Attribute Name")
         return f"{vendor}-{name}", item.find(VALUE_TAG)
@@ -262,10 +262,10 @@ def to_item_v2(name: str, value: Item) -> Item:
     if is_custom(name) or name not in SPECS:
         vendor, _, short = name.partition("-")
         return ttlv.structure(
-            Tags.ATTRIBUTE.value,
+            TAG.ATTRIBUTE,
             [
-                ttlv.text(Tags.VENDOR_IDENTIFICATION.value, vendor),
-                ttlv.text(Tags.ATTRIBUTE_NAME.value, short),
+                ttlv.text(TAG.VENDOR_IDENTIFICATION, vendor),
+                ttlv.text(TAG.ATTRIBUTE_NAME, short),
                 as_value(value),
             ],
         )
@@ -276,8 +276,8 @@ def name_from_reference_v2(item: Item) -> str:
     """Attribute Reference (2.0): an enumeration holding the attribute's tag,
     or a structure naming a vendor attribute."""
     if item.type == ItemType.STRUCTURE:
-        vendor = item.get(Tags.VENDOR_IDENTIFICATION.value)
-        name = item.get(Tags.ATTRIBUTE_NAME.value)
+        vendor = item.get(TAG.VENDOR_IDENTIFICATION)
+        name = item.get(TAG.ATTRIBUTE_NAME)
         if not isinstance(vendor, str) or not isinstance(name, str):
             raise errors.InvalidField("Attribute Reference needs Vendor Identification and Attribute Name")
         return f"{vendor}-{name}"
@@ -303,8 +303,8 @@ def name_value(text_value: str, name_type: int = enums.NameType.UNINTERPRETED_TE
     return ttlv.structure(
         VALUE_TAG,
         [
-            ttlv.text(Tags.NAME_VALUE.value, text_value),
-            ttlv.enumeration(Tags.NAME_TYPE.value, name_type),
+            ttlv.text(TAG.NAME_VALUE, text_value),
+            ttlv.enumeration(TAG.NAME_TYPE, name_type),
         ],
     )
 
@@ -313,8 +313,8 @@ def link_value(link_type: int, uid: str) -> Item:
     return ttlv.structure(
         VALUE_TAG,
         [
-            ttlv.enumeration(Tags.LINK_TYPE.value, link_type),
-            ttlv.text(Tags.LINKED_OBJECT_IDENTIFIER.value, uid),
+            ttlv.enumeration(TAG.LINK_TYPE, link_type),
+            ttlv.text(TAG.LINKED_OBJECT_IDENTIFIER, uid),
         ],
     )
 
@@ -406,7 +406,7 @@ def derived_v2(uid: str, attributes: dict[str, list[Item]]) -> dict[str, list[It
     }
     digest = attributes.get("Digest")
     if digest:
-        key_format = digest[0].get(Tags.KEY_FORMAT_TYPE.value)
+        key_format = digest[0].get(TAG.KEY_FORMAT_TYPE)
         if key_format is not None:
             out["Key Format Type"] = [make("Key Format Type", key_format)]
     return out
@@ -427,10 +427,10 @@ def usage_limits_with_count(value):
     """A client's Usage Limits as stored: the Usage Limits Count starts at
     the Total; a Count the client gives is ignored (KMIP 1.4, 3.21: it is
     the server's to keep)."""
-    total = value.get(Tags.USAGE_LIMITS_TOTAL.value)
+    total = value.get(TAG.USAGE_LIMITS_TOTAL)
     if not isinstance(total, int) or total < 0:
         raise errors.InvalidField("Usage Limits needs a non-negative Usage Limits Total")
-    unit = value.get(Tags.USAGE_LIMITS_UNIT.value)
+    unit = value.get(TAG.USAGE_LIMITS_UNIT)
     try:
         enums.UsageLimitsUnit(unit)
     except ValueError:
@@ -442,8 +442,8 @@ def usage_limits(total: int, count: int, unit: int):
     return make(
         "Usage Limits",
         [
-            ttlv.long_integer(Tags.USAGE_LIMITS_TOTAL.value, total),
-            ttlv.long_integer(Tags.USAGE_LIMITS_COUNT.value, count),
-            ttlv.enumeration(Tags.USAGE_LIMITS_UNIT.value, unit),
+            ttlv.long_integer(TAG.USAGE_LIMITS_TOTAL, total),
+            ttlv.long_integer(TAG.USAGE_LIMITS_COUNT, count),
+            ttlv.enumeration(TAG.USAGE_LIMITS_UNIT, unit),
         ],
     )

@@ -11,9 +11,10 @@ the state diagram of KMIP 1.4 Figure 1).
 
 from __future__ import annotations
 
-from kmip.core.enums import ObjectType, RevocationReasonCode, State, Tags, UsageLimitsUnit
+from kmip.core.enums import ObjectType, RevocationReasonCode, State, UsageLimitsUnit
 
 from kmip_core import errors
+from kmip_core.ttlv import TAG
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.objects import ManagedObject
 
@@ -149,10 +150,10 @@ def consume_usage(obj: ManagedObject, data_length: int) -> None:
     limits = obj.first("Usage Limits")
     if limits is None:
         return
-    unit = limits.get(Tags.USAGE_LIMITS_UNIT.value)
+    unit = limits.get(TAG.USAGE_LIMITS_UNIT)
     needed = data_length if unit == UsageLimitsUnit.BYTE.value else 1
-    total = limits.get(Tags.USAGE_LIMITS_TOTAL.value)
-    count = limits.get(Tags.USAGE_LIMITS_COUNT.value)
+    total = limits.get(TAG.USAGE_LIMITS_TOTAL)
+    count = limits.get(TAG.USAGE_LIMITS_COUNT)
     left = total if count is None else count
     if needed > left:
         raise errors.PermissionDenied("the object's Usage Limits are used up")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kmip.core.enums import ObjectType, State, Tags
+from kmip.core.enums import ObjectType, State
 
 from kmip_core import ttlv
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore import attributes as attrs
 from kms_server.storage.base import StoredAttribute, StoredObject
 
@@ -32,11 +32,11 @@ class Material:
     def to_bytes(self) -> bytes:
         return ttlv.encode(
             ttlv.structure(
-                Tags.KEY_VALUE.value,
+                TAG.KEY_VALUE,
                 [
-                    ttlv.byte_string(Tags.KEY_MATERIAL.value, self.data),
+                    ttlv.byte_string(TAG.KEY_MATERIAL, self.data),
                     _subtype_item(self.subtype) if self.subtype is not None else None,
-                    ttlv.byte_string(Tags.KEY_BLOCK.value, self.registered_block)
+                    ttlv.byte_string(TAG.KEY_BLOCK, self.registered_block)
                     if self.registered_block is not None
                     else None,
                 ],
@@ -47,9 +47,9 @@ class Material:
     def from_bytes(cls, data: bytes) -> Material:
         item = ttlv.decode(data)
         return cls(
-            item.get(Tags.KEY_MATERIAL.value),
-            item.get(Tags.ATTRIBUTE_INDEX.value),
-            item.get(Tags.KEY_BLOCK.value),
+            item.get(TAG.KEY_MATERIAL),
+            item.get(TAG.ATTRIBUTE_INDEX),
+            item.get(TAG.KEY_BLOCK),
         )
 
 
@@ -57,8 +57,8 @@ def _subtype_item(subtype: int) -> Item:
     # Vendor extension values (Opaque Data Type 0x80000001) do not fit a
     # signed 32-bit Integer; those are kept as a Long Integer.
     if -(2**31) <= subtype < 2**31:
-        return ttlv.integer(Tags.ATTRIBUTE_INDEX.value, subtype)
-    return ttlv.long_integer(Tags.ATTRIBUTE_INDEX.value, subtype)
+        return ttlv.integer(TAG.ATTRIBUTE_INDEX, subtype)
+    return ttlv.long_integer(TAG.ATTRIBUTE_INDEX, subtype)
 
 
 @dataclass

@@ -2,12 +2,12 @@
 (a new instance of a multi-valued one, or the first value of a single-valued
 one). vCenter tags every key this way with text `x-` attributes."""
 
-from kmip.core.enums import Operation, Tags
+from kmip.core.enums import Operation
 
 from kmip_core import errors
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
@@ -18,10 +18,10 @@ OPERATION = Operation.ADD_ATTRIBUTE
 
 def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
-    item = payload.find(Tags.ATTRIBUTE.value) or payload.find(Tags.NEW_ATTRIBUTE.value)
+    item = payload.find(TAG.ATTRIBUTE) or payload.find(TAG.NEW_ATTRIBUTE)
     if item is None:
         raise errors.MissingData("Attribute is required")
-    if item.tag == Tags.NEW_ATTRIBUTE.value:
+    if item.tag == TAG.NEW_ATTRIBUTE:
         if len(item.children()) != 1:
             raise errors.InvalidField("New Attribute must hold exactly one attribute")
         item = item.children()[0]

@@ -2,10 +2,9 @@
 a client may change, and how values are checked. Each operation has its own
 module; this one holds what they have in common."""
 
-from kmip.core.enums import Tags
 
 from kmip_core import errors, ttlv
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import lifecycle
 from kms_server.keystore.objects import ManagedObject
@@ -41,10 +40,10 @@ def changed_attribute_v1(name: str, value: Item, index: int) -> Item:
     if not multi:
         return attrs.to_attribute_v1(name, value, index)
     return ttlv.structure(
-        Tags.ATTRIBUTE.value,
+        TAG.ATTRIBUTE,
         [
-            ttlv.text(Tags.ATTRIBUTE_NAME.value, name),
-            ttlv.integer(Tags.ATTRIBUTE_INDEX.value, index),
+            ttlv.text(TAG.ATTRIBUTE_NAME, name),
+            ttlv.integer(TAG.ATTRIBUTE_INDEX, index),
             attrs.as_value(value),
         ],
     )

@@ -11,7 +11,7 @@ from kmip.core.enums import Operation, Tags
 from kmip_core import errors
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
@@ -39,7 +39,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         raise errors.IncompatibleUsageMask(f"the Cryptographic Usage Mask of object {uid} does not allow {mask:#x}")
     limits = obj.first("Usage Limits")
     if units is not None and limits is not None:
-        left = limits.get(Tags.USAGE_LIMITS_COUNT.value, limits.get(Tags.USAGE_LIMITS_TOTAL.value))
+        left = limits.get(TAG.USAGE_LIMITS_COUNT, limits.get(TAG.USAGE_LIMITS_TOTAL))
         if units > left:
             raise errors.PermissionDenied(f"object {uid} has {left} Usage Limits units left")
     granted = obj.value("Lease Time")

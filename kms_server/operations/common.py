@@ -14,12 +14,10 @@ from kmip.core.enums import Tags
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
 from kmip_core.server.payload import require, tag, uid_item, unique_identifier
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import lifecycle
 from kms_server.keystore.objects import ManagedObject
-
-T = Tags
 
 # The payload readers of kmip_core.server.payload are named here too:
 # the operation modules read them as common.* / key_use.*.
@@ -44,11 +42,11 @@ def attribute_reference(item: Item) -> str:
     other type is refused here, before its value is read as a tag."""
     if item.type not in (ItemType.ENUMERATION, ItemType.STRUCTURE):
         raise errors.InvalidField("Attribute Reference must be an Enumeration or a Structure")
-    if item.type == ItemType.STRUCTURE and item.get(T.VENDOR_IDENTIFICATION.value) == "":
+    if item.type == ItemType.STRUCTURE and item.get(TAG.VENDOR_IDENTIFICATION) == "":
         # No vendor: a standard attribute by its name, as PyKMIP's client
         # sends one (its AttributeReference is always the structure) and
         # PyKMIP's server reads it (issue 14).
-        name = item.get(T.ATTRIBUTE_NAME.value)
+        name = item.get(TAG.ATTRIBUTE_NAME)
         if isinstance(name, str) and attrs.SPECS.get(name) is not None:
             return name
     return attrs.name_from_reference_v2(item)
@@ -70,15 +68,15 @@ def optional_enum(payload: Item, t: Tags, enum_cls: Any) -> Any:
 def _v1_template_attributes(template: Item) -> list[tuple[str, Item]]:
     result = []
     for child in template.children():
-        if child.tag == T.NAME.value:
+        if child.tag == TAG.NAME:
             # A Name given directly in a Template-Attribute.
             result.append(("Name", attrs.as_value(child)))
-        elif child.tag == T.ATTRIBUTE.value:
+        elif child.tag == TAG.ATTRIBUTE:
             name, _index, value = attrs.from_attribute_v1(child)
             if value is None:
                 raise errors.InvalidField(f"attribute {name!r} has no value")
             result.append((name, value))
-        elif child.tag == T.TEMPLATE_ATTRIBUTE.value:
+        elif child.tag == TAG.TEMPLATE_ATTRIBUTE:
             raise errors.FeatureNotSupported("Template objects are not supported")
     return result
 
@@ -108,7 +106,7 @@ def client_attributes(payload: Item, v1_tag: Tags, v2_tag: Tags) -> list[tuple[s
 def single_attribute(ctx: RequestContext, item: Item) -> tuple[str, int | None, Item | None]:
     """One attribute in a request (Add/Modify/Delete/SetAttribute): 1.x
     Attribute structure, or a 2.0 attribute item."""
-    if item.tag == T.ATTRIBUTE.value and item.find(T.VENDOR_IDENTIFICATION.value) is None:
+    if item.tag == TAG.ATTRIBUTE and item.find(TAG.VENDOR_IDENTIFICATION) is None:
         return attrs.from_attribute_v1(item)
     name, value = attrs.from_item_v2(item)
     return name, None, value
@@ -134,7 +132,7 @@ def attribute_items(ctx: RequestContext, obj: ManagedObject, names: Iterable[str
 def attributes_structure(ctx: RequestContext, obj: ManagedObject, names: Iterable[str] | None) -> list[Item]:
     items = attribute_items(ctx, obj, names)
     if ctx.v2:
-        return [ttlv.structure(T.ATTRIBUTES.value, items)]
+        return [ttlv.structure(TAG.ATTRIBUTES, items)]
     return items
 
 

@@ -8,7 +8,7 @@ from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, Tags
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
@@ -49,4 +49,4 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     with keystore.transaction() as txn:
         obj = keystore.store_object(txn, prepared)
     ctx.batch.id_placeholder = obj.uid
-    return [ttlv.enumeration(Tags.OBJECT_TYPE.value, object_type.value), common.uid_item(obj.uid)]
+    return [ttlv.enumeration(TAG.OBJECT_TYPE, object_type.value), common.uid_item(obj.uid)]

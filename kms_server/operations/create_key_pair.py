@@ -25,7 +25,7 @@ from kmip.core.enums import (
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
@@ -118,8 +118,8 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     # KMIP 1.4, 4.2: the ID Placeholder is the private key's identifier.
     ctx.batch.id_placeholder = private_uid
     return [
-        ttlv.text(T.PRIVATE_KEY_UNIQUE_IDENTIFIER.value, private_uid),
-        ttlv.text(T.PUBLIC_KEY_UNIQUE_IDENTIFIER.value, public_uid),
+        ttlv.text(TAG.PRIVATE_KEY_UNIQUE_IDENTIFIER, private_uid),
+        ttlv.text(TAG.PUBLIC_KEY_UNIQUE_IDENTIFIER, public_uid),
     ]
 
 
@@ -177,7 +177,7 @@ def _curve(private: dict, public: dict) -> RecommendedCurve | None:
         domain = attributes.get(_DOMAIN)
         if not domain:
             continue
-        curve = domain[0].get(T.RECOMMENDED_CURVE.value)
+        curve = domain[0].get(TAG.RECOMMENDED_CURVE)
         if curve is not None:
             curves.add(curve)
     if len(curves) > 1:

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 from kmip.core.enums import (
     CryptographicAlgorithm,
-    Tags,
 )
 
 from kmip_core import errors
 from kmip_core.server.crypto_params import CryptoParameters, algorithm_family, crypto_parameters
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore.objects import ManagedObject
 
 __all__ = ["CryptoParameters", "algorithm_family", "crypto_parameters", "key_algorithm", "request_parameters"]
-
-T = Tags
 
 
 def request_parameters(payload: Item, obj: ManagedObject) -> CryptoParameters:
@@ -24,7 +21,7 @@ def request_parameters(payload: Item, obj: ManagedObject) -> CryptoParameters:
     the key's Cryptographic Parameters attribute, else none (KMIP 1.4, 4.29:
     the parameters associated with the object are used when the request
     gives none)."""
-    given = crypto_parameters(payload.find(T.CRYPTOGRAPHIC_PARAMETERS.value))
+    given = crypto_parameters(payload.find(TAG.CRYPTOGRAPHIC_PARAMETERS))
     if given is not None:
         return given
     return (

@@ -19,7 +19,7 @@ from kmip.core.enums import (
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, key_use, streaming
@@ -96,4 +96,4 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
             )
     except crypto.CryptoError as exc:
         raise key_use.crypto_failure(exc) from None
-    return [common.uid_item(obj.uid), ttlv.byte_string(T.DATA.value, plaintext)]
+    return [common.uid_item(obj.uid), ttlv.byte_string(TAG.DATA, plaintext)]

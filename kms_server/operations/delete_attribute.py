@@ -7,7 +7,7 @@ from kmip.core.enums import Operation, Tags
 from kmip_core import errors
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
@@ -21,16 +21,16 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     current = None
     all_values = False
     index = 0
-    if (holder := payload.find(Tags.CURRENT_ATTRIBUTE.value)) is not None:
+    if (holder := payload.find(TAG.CURRENT_ATTRIBUTE)) is not None:
         if len(holder.children()) != 1:
             raise errors.InvalidField("Current Attribute must hold exactly one attribute")
         name, _i, current = common.single_attribute(ctx, holder.children()[0])
-    elif (reference := payload.find(Tags.ATTRIBUTE_REFERENCE.value)) is not None:
+    elif (reference := payload.find(TAG.ATTRIBUTE_REFERENCE)) is not None:
         name = common.attribute_reference(reference)
         all_values = True
     else:
         name = common.require(payload, Tags.ATTRIBUTE_NAME).value
-        index = payload.get(Tags.ATTRIBUTE_INDEX.value, 0)
+        index = payload.get(TAG.ATTRIBUTE_INDEX, 0)
     check_client_may_change(name, deleting=True)
     with keystore.transaction() as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.MANAGE, ctx.now, for_update=True)

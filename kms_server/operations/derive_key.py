@@ -30,7 +30,7 @@ from kmip.core.enums import (
 
 from kmip_core import errors
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.objects import ManagedObject, Material
@@ -73,7 +73,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         raise errors.MissingData("Object Type is required")
     if object_type not in _DERIVED_TYPES:
         raise errors.InvalidField(f"Derive Key makes a symmetric key or secret data, not a {object_type.name}")
-    uids = [item.value for item in payload.find_all(T.UNIQUE_IDENTIFIER.value)]
+    uids = [item.value for item in payload.find_all(TAG.UNIQUE_IDENTIFIER)]
     if not uids:
         uids = [common.unique_identifier(ctx, payload)]
     if not all(isinstance(uid, str) for uid in uids):
@@ -82,12 +82,12 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     if method is None:
         raise errors.MissingData("Derivation Method is required")
     parameters = common.require(payload, T.DERIVATION_PARAMETERS, ItemType.STRUCTURE)
-    params = crypto_params.crypto_parameters(parameters.find(T.CRYPTOGRAPHIC_PARAMETERS.value))
+    params = crypto_params.crypto_parameters(parameters.find(TAG.CRYPTOGRAPHIC_PARAMETERS))
     params = params or crypto_params.CryptoParameters()
     data = _bytes_field(parameters, T.DERIVATION_DATA)
     salt = _bytes_field(parameters, T.SALT)
     iv = _bytes_field(parameters, T.INITIALIZATION_VECTOR)
-    iterations = parameters.find(T.ITERATION_COUNT.value)
+    iterations = parameters.find(TAG.ITERATION_COUNT)
     if iterations is not None and iterations.type != ItemType.INTEGER:
         raise errors.InvalidField("Iteration Count must be an integer")
 

@@ -29,7 +29,7 @@ from kmip.core.enums import (
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
 from kmip_core.server.payload import optional_bytes
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject, Material
@@ -152,7 +152,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
             )
         except crypto.CryptoError as exc:
             raise key_use.crypto_failure(exc) from None
-        return result + [ttlv.byte_string(T.DATA.value, ciphertext)]
+        return result + [ttlv.byte_string(TAG.DATA, ciphertext)]
 
     mode = params.block_cipher_mode
     if mode is None and algorithm not in crypto.CHACHA_ALGORITHMS:
@@ -180,7 +180,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         begin = cipher_stream(material, algorithm, mode, params, iv, aad, decrypting=False)
         result, cipher = streaming.run(ctx, keystore, obj, OPERATION, part, data, begin)
         if generated and cipher.iv is not None:
-            result.append(ttlv.byte_string(T.IV_COUNTER_NONCE.value, cipher.iv))
+            result.append(ttlv.byte_string(TAG.IV_COUNTER_NONCE, cipher.iv))
         return result
     try:
         ciphertext, iv_used, tag = crypto.encrypt(
@@ -195,9 +195,9 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         )
     except crypto.CryptoError as exc:
         raise key_use.crypto_failure(exc) from None
-    result.append(ttlv.byte_string(T.DATA.value, ciphertext))
+    result.append(ttlv.byte_string(TAG.DATA, ciphertext))
     if generated and iv_used is not None:
-        result.append(ttlv.byte_string(T.IV_COUNTER_NONCE.value, iv_used))
+        result.append(ttlv.byte_string(TAG.IV_COUNTER_NONCE, iv_used))
     if tag is not None:
-        result.append(ttlv.byte_string(T.AUTHENTICATED_ENCRYPTION_TAG.value, tag))
+        result.append(ttlv.byte_string(TAG.AUTHENTICATED_ENCRYPTION_TAG, tag))
     return result

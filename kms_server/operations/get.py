@@ -29,7 +29,7 @@ from kmip_core import errors, ttlv
 from kmip_core.nonblocking import writer_busy
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import attributes, crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject, Material
@@ -62,7 +62,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     # was registered (wrapped_key); any other Get, and As Registered for a
     # key registered in clear, returns the key unwrapped (issue 14).
     wrap_type = common.optional_enum(payload, T.KEY_WRAP_TYPE, KeyWrapType)
-    specification = payload.find(T.KEY_WRAPPING_SPECIFICATION.value)
+    specification = payload.find(TAG.KEY_WRAPPING_SPECIFICATION)
 
     with keystore.transaction(read_only=True) as txn:
         obj = keystore.load(txn, ctx.principal, uid, Action.READ_MATERIAL, ctx.now)
@@ -94,7 +94,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         _served(ctx, keystore, obj)
     ctx.batch.id_placeholder = obj.uid
     return [
-        ttlv.enumeration(T.OBJECT_TYPE.value, obj.object_type.value),
+        ttlv.enumeration(TAG.OBJECT_TYPE, obj.object_type.value),
         common.uid_item(obj.uid),
         item,
     ]
@@ -111,7 +111,7 @@ def writes(keystore: Keystore, payload: Item | None) -> bool:
     at once instead of trying as a read in the reactor and starting again:
     kms_server/server.py); the Get itself reads the row as stored, and
     writes only if that row says so."""
-    uid = None if payload is None else payload.get(T.UNIQUE_IDENTIFIER.value)
+    uid = None if payload is None else payload.get(TAG.UNIQUE_IDENTIFIER)
     return isinstance(uid, str) and keystore.rows.value(uid, "Fresh") == _FRESH
 
 
@@ -124,7 +124,7 @@ def _as_registered(
     if specification is not None:
         raise errors.InvalidField("Key Wrap Type As Registered and a Key Wrapping Specification exclude each other")
     registered = ttlv.decode(material.registered_block)
-    registered_format = registered.get(T.KEY_FORMAT_TYPE.value)
+    registered_format = registered.get(TAG.KEY_FORMAT_TYPE)
     if key_format is not None and key_format.value != registered_format:
         raise errors.KeyFormatTypeNotSupported(
             f"object {obj.uid} was registered wrapped in format {KeyFormatType(registered_format).name}; "
@@ -134,7 +134,7 @@ def _as_registered(
     item = object_codec.encode_object(obj, material, KeyFormatType(registered_format), None)
     ctx.batch.id_placeholder = obj.uid
     return [
-        ttlv.enumeration(T.OBJECT_TYPE.value, obj.object_type.value),
+        ttlv.enumeration(TAG.OBJECT_TYPE, obj.object_type.value),
         common.uid_item(obj.uid),
         wrapped_key.as_registered(item, material.registered_block),
     ]
@@ -183,16 +183,16 @@ def _wrapping_key(
         raise errors.FeatureNotSupported(
             f"Wrapping Method {method.name} is not supported; only ENCRYPT"
         )
-    if specification.find(T.MAC_SIGNATURE_KEY_INFORMATION.value) is not None:
+    if specification.find(TAG.MAC_SIGNATURE_KEY_INFORMATION) is not None:
         raise errors.FeatureNotSupported(
             "MAC/Signature Key Information is not supported"
         )
-    info = specification.find(T.ENCRYPTION_KEY_INFORMATION.value)
+    info = specification.find(TAG.ENCRYPTION_KEY_INFORMATION)
     if info is None or info.type != ItemType.STRUCTURE:
         raise errors.MissingData(
             "Encryption Key Information is required to wrap with Wrapping Method ENCRYPT"
         )
-    wrapping_uid = info.get(T.UNIQUE_IDENTIFIER.value)
+    wrapping_uid = info.get(TAG.UNIQUE_IDENTIFIER)
     if not isinstance(wrapping_uid, str):
         raise errors.MissingData(
             "Encryption Key Information needs the wrapping key's Unique Identifier"
@@ -265,16 +265,16 @@ def _wrapping(
                 raise key_use.crypto_failure(exc) from None
 
     encoding = common.optional_enum(specification, T.ENCODING_OPTION, EncodingOption)
-    names = [i.value for i in specification.find_all(T.ATTRIBUTE_NAME.value)]
+    names = [i.value for i in specification.find_all(TAG.ATTRIBUTE_NAME)]
     wrapped_attributes = (
         tuple(common.attributes_structure(ctx, obj, names)) if names else ()
     )
     key_wrapping_data = ttlv.structure(
-        T.KEY_WRAPPING_DATA.value,
+        TAG.KEY_WRAPPING_DATA,
         [
-            ttlv.enumeration(T.WRAPPING_METHOD.value, WrappingMethod.ENCRYPT.value),
+            ttlv.enumeration(TAG.WRAPPING_METHOD, WrappingMethod.ENCRYPT.value),
             info,
-            ttlv.enumeration(T.ENCODING_OPTION.value, encoding.value)
+            ttlv.enumeration(TAG.ENCODING_OPTION, encoding.value)
             if encoding is not None
             else None,
         ],

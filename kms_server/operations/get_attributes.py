@@ -2,11 +2,11 @@
 object (all of them if none is named); a name the object does not carry is
 left out of the response rather than refused."""
 
-from kmip.core.enums import Operation, Tags
+from kmip.core.enums import Operation
 
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
@@ -14,8 +14,8 @@ OPERATION = Operation.GET_ATTRIBUTES
 
 
 def requested_names(ctx: RequestContext, payload: Item) -> list[str] | None:
-    names = [i.value for i in payload.find_all(Tags.ATTRIBUTE_NAME.value)]
-    names += [common.attribute_reference(i) for i in payload.find_all(Tags.ATTRIBUTE_REFERENCE.value)]
+    names = [i.value for i in payload.find_all(TAG.ATTRIBUTE_NAME)]
+    names += [common.attribute_reference(i) for i in payload.find_all(TAG.ATTRIBUTE_REFERENCE)]
     return names or None
 
 

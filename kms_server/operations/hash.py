@@ -6,7 +6,7 @@ from kmip.core.enums import HashingAlgorithm, Operation, Tags
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, key_use
@@ -25,4 +25,4 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         value = crypto.digest(hashing, data)
     except crypto.CryptoError as exc:
         raise errors.InvalidField(exc.message) from None
-    return [ttlv.byte_string(Tags.DATA.value, value)]
+    return [ttlv.byte_string(TAG.DATA, value)]

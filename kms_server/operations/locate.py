@@ -12,7 +12,7 @@ from kmip.core.enums import Operation, State, StorageStatusMask, Tags
 from kmip_core import errors, ttlv
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject
@@ -23,22 +23,22 @@ OPERATION = Operation.LOCATE
 
 
 def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
-    maximum = payload.get(Tags.MAXIMUM_ITEMS.value)
-    offset = payload.get(Tags.OFFSET_ITEMS.value, 0)
+    maximum = payload.get(TAG.MAXIMUM_ITEMS)
+    offset = payload.get(TAG.OFFSET_ITEMS, 0)
     if maximum is not None and (not isinstance(maximum, int) or maximum < 0):
         raise errors.InvalidField("Maximum Items must be a non-negative integer")
     if not isinstance(offset, int) or offset < 0:
         raise errors.InvalidField("Offset Items must be a non-negative integer")
-    if payload.find(Tags.ATTRIBUTES.value) is not None:
+    if payload.find(TAG.ATTRIBUTES) is not None:
         given = common.client_attributes(payload, Tags.TEMPLATE_ATTRIBUTE, Tags.ATTRIBUTES)
     else:
         given = []
-        for item in payload.find_all(Tags.ATTRIBUTE.value):
+        for item in payload.find_all(TAG.ATTRIBUTE):
             name, _index, value = attrs.from_attribute_v1(item)
             if value is None:
                 raise errors.InvalidField(f"attribute {name!r} has no value")
             given.append((name, value))
-    group_member = payload.get(Tags.OBJECT_GROUP_MEMBER.value)
+    group_member = payload.get(TAG.OBJECT_GROUP_MEMBER)
 
     equals: list[tuple[str, Item]] = []
     dates: dict[str, list[int]] = {}
@@ -59,7 +59,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     # Destroyed objects are found only when the Storage Status Mask asks
     # for them (2.0, 6.1.27; without a mask, on-line objects only) or the
     # request names a destroyed State.
-    mask = payload.get(Tags.STORAGE_STATUS_MASK.value, StorageStatusMask.ONLINE_STORAGE.value)
+    mask = payload.get(TAG.STORAGE_STATUS_MASK, StorageStatusMask.ONLINE_STORAGE.value)
     with_destroyed = bool(mask & StorageStatusMask.DESTROYED_STORAGE.value) or any(
         s in _DESTROYED for s in states
     )
@@ -73,7 +73,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         if not with_destroyed and uids:
             destroyed = set()
             for state in _DESTROYED:
-                query = equals + [("State", ttlv.enumeration(Tags.ATTRIBUTE_VALUE.value, state))]
+                query = equals + [("State", ttlv.enumeration(TAG.ATTRIBUTE_VALUE, state))]
                 destroyed.update(keystore.locate(txn, ctx.principal, query, [], 0, None))
             uids = [u for u in uids if u not in destroyed]
     total = len(uids)
@@ -82,9 +82,9 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     # Located Items (1.3+) is optional ("a server MAY elect to omit"); it is
     # given when the client pages, the one case where the total tells it
     # something the identifiers do not.
-    paging = payload.find(Tags.MAXIMUM_ITEMS.value) is not None or payload.find(Tags.OFFSET_ITEMS.value) is not None
+    paging = payload.find(TAG.MAXIMUM_ITEMS) is not None or payload.find(TAG.OFFSET_ITEMS) is not None
     if ctx.at_least(1, 3) and paging:
-        out.append(ttlv.integer(Tags.LOCATED_ITEMS.value, total))
+        out.append(ttlv.integer(TAG.LOCATED_ITEMS, total))
     out += [common.uid_item(u) for u in page]
     # KMIP 1.4, 6.12: a later item of the batch may name the located object
     # by the ID Placeholder.
@@ -119,7 +119,7 @@ def _filtered(
         queries = [equals]
     else:
         queries = [
-            equals + [("State", ttlv.enumeration(Tags.ATTRIBUTE_VALUE.value, stored))]
+            equals + [("State", ttlv.enumeration(TAG.ATTRIBUTE_VALUE, stored))]
             for stored in _STORED_STATES.get(state, (state,))
         ]
     candidates = {}

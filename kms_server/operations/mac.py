@@ -18,7 +18,7 @@ from kmip.core.enums import (
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject
@@ -37,7 +37,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         mac_data = crypto.mac(material.data, algorithm, data)
     except crypto.CryptoError as exc:
         raise key_use.crypto_failure(exc) from None
-    return [common.uid_item(obj.uid), ttlv.byte_string(T.MAC_DATA.value, mac_data)]
+    return [common.uid_item(obj.uid), ttlv.byte_string(TAG.MAC_DATA, mac_data)]
 
 
 def hmac_request(

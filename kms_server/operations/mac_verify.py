@@ -12,7 +12,7 @@ from kmip.core.enums import (
 
 from kmip_core import ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, key_use, mac
@@ -33,4 +33,4 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         validity = ValidityIndicator.INVALID
     except crypto.CryptoError as exc:
         raise key_use.crypto_failure(exc) from None
-    return [common.uid_item(obj.uid), ttlv.enumeration(T.VALIDITY_INDICATOR.value, validity.value)]
+    return [common.uid_item(obj.uid), ttlv.enumeration(TAG.VALIDITY_INDICATOR, validity.value)]

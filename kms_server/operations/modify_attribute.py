@@ -7,7 +7,7 @@ from kmip.core.enums import Operation, Tags
 from kmip_core import errors
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
@@ -25,9 +25,9 @@ def _only_child(item: Item) -> Item:
 def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]:
     uid = common.unique_identifier(ctx, payload)
     current = None
-    if (new_attribute := payload.find(Tags.NEW_ATTRIBUTE.value)) is not None:
+    if (new_attribute := payload.find(TAG.NEW_ATTRIBUTE)) is not None:
         name, index, value = common.single_attribute(ctx, _only_child(new_attribute))
-        if (current_attribute := payload.find(Tags.CURRENT_ATTRIBUTE.value)) is not None:
+        if (current_attribute := payload.find(TAG.CURRENT_ATTRIBUTE)) is not None:
             _n, _i, current = common.single_attribute(ctx, _only_child(current_attribute))
     else:
         item = common.require(payload, Tags.ATTRIBUTE)

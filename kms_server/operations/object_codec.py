@@ -38,7 +38,7 @@ from kmip.core.enums import (
 
 from kmip_core import errors, ttlv
 from kmip_core.server.payload import child_item, enum_field
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.objects import ManagedObject, Material
@@ -160,7 +160,7 @@ def _read_key_block(holder: Item) -> _KeyBlock:
         child_item(block, T.KEY_FORMAT_TYPE), KeyFormatType, T.KEY_FORMAT_TYPE
     )
     compression = enum_field(
-        block.find(T.KEY_COMPRESSION_TYPE.value),
+        block.find(TAG.KEY_COMPRESSION_TYPE),
         KeyCompressionType,
         T.KEY_COMPRESSION_TYPE,
     )
@@ -168,7 +168,7 @@ def _read_key_block(holder: Item) -> _KeyBlock:
         raise errors.FeatureNotSupported(
             f"Key Compression Type {compression.name} is not supported"
         )
-    if block.find(T.KEY_WRAPPING_DATA.value) is not None:
+    if block.find(TAG.KEY_WRAPPING_DATA) is not None:
         raise errors.FeatureNotSupported(
             "registering a wrapped key is not supported; register it unwrapped"
         )
@@ -181,7 +181,7 @@ def _read_key_block(holder: Item) -> _KeyBlock:
     # object's attributes come from the Template-Attribute (2.0: Attributes).
     material = child_item(value, T.KEY_MATERIAL, (ItemType.BYTE_STRING, ItemType.STRUCTURE))
     algorithm = enum_field(
-        block.find(T.CRYPTOGRAPHIC_ALGORITHM.value),
+        block.find(TAG.CRYPTOGRAPHIC_ALGORITHM),
         CryptographicAlgorithm,
         T.CRYPTOGRAPHIC_ALGORITHM,
     )
@@ -420,14 +420,14 @@ def _decode_split_key(holder: Item) -> tuple[Material, Implied]:
     if block.length is not None and block.length != bits:
         raise errors.InvalidField(f"Cryptographic Length {block.length} does not match the {bits}-bit key part")
     stored = ttlv.structure(
-        T.SPLIT_KEY.value,
+        TAG.SPLIT_KEY,
         [
-            ttlv.integer(T.SPLIT_KEY_PARTS.value, parts),
-            ttlv.integer(T.KEY_PART_IDENTIFIER.value, identifier),
-            ttlv.integer(T.SPLIT_KEY_THRESHOLD.value, threshold),
-            ttlv.enumeration(T.SPLIT_KEY_METHOD.value, method.value),
-            ttlv.big_integer(T.PRIME_FIELD_SIZE.value, prime.value) if prime is not None else None,
-            ttlv.byte_string(T.KEY_MATERIAL.value, key),
+            ttlv.integer(TAG.SPLIT_KEY_PARTS, parts),
+            ttlv.integer(TAG.KEY_PART_IDENTIFIER, identifier),
+            ttlv.integer(TAG.SPLIT_KEY_THRESHOLD, threshold),
+            ttlv.enumeration(TAG.SPLIT_KEY_METHOD, method.value),
+            ttlv.big_integer(TAG.PRIME_FIELD_SIZE, prime.value) if prime is not None else None,
+            ttlv.byte_string(TAG.KEY_MATERIAL, key),
         ],
     )
     return Material(ttlv.encode(stored)), _implied_crypto(block.algorithm, bits)
@@ -438,7 +438,7 @@ def _split_key_parts(material: Material) -> tuple[list[Item], Material]:
     the part's own key bytes."""
     stored = ttlv.decode(material.data)
     fields = [stored.find(t.value) for t in _SPLIT_FIELDS]
-    return [f for f in fields if f is not None], Material(stored.get(T.KEY_MATERIAL.value))
+    return [f for f in fields if f is not None], Material(stored.get(TAG.KEY_MATERIAL))
 
 
 def _decode_opaque(holder: Item) -> tuple[Material, Implied]:
@@ -486,25 +486,25 @@ def _decode_certificate(holder: Item) -> tuple[Material, Implied]:
             "X.509 Certificate Identifier": attrs.make(
                 "X.509 Certificate Identifier",
                 [
-                    ttlv.byte_string(T.ISSUER_DISTINGUISHED_NAME.value, issuer),
-                    ttlv.byte_string(T.CERTIFICATE_SERIAL_NUMBER.value, serial),
+                    ttlv.byte_string(TAG.ISSUER_DISTINGUISHED_NAME, issuer),
+                    ttlv.byte_string(TAG.CERTIFICATE_SERIAL_NUMBER, serial),
                 ],
             ),
             "X.509 Certificate Subject": attrs.make(
                 "X.509 Certificate Subject",
-                [ttlv.byte_string(T.SUBJECT_DISTINGUISHED_NAME.value, subject)],
+                [ttlv.byte_string(TAG.SUBJECT_DISTINGUISHED_NAME, subject)],
             ),
             "X.509 Certificate Issuer": attrs.make(
                 "X.509 Certificate Issuer",
-                [ttlv.byte_string(T.ISSUER_DISTINGUISHED_NAME.value, issuer)],
+                [ttlv.byte_string(TAG.ISSUER_DISTINGUISHED_NAME, issuer)],
             ),
             "Digest": attrs.make(
                 "Digest",
                 [
                     ttlv.enumeration(
-                        T.HASHING_ALGORITHM.value, HashingAlgorithm.SHA_256.value
+                        TAG.HASHING_ALGORITHM, HashingAlgorithm.SHA_256.value
                     ),
-                    ttlv.byte_string(T.DIGEST_VALUE.value, info["digest_sha256"]),
+                    ttlv.byte_string(TAG.DIGEST_VALUE, info["digest_sha256"]),
                 ],
             ),
         }
@@ -584,7 +584,7 @@ def default_format(
         return KFT.RAW
     if object_type == ObjectType.SECRET_DATA:
         digest = obj.first("Digest")
-        registered = digest.get(T.KEY_FORMAT_TYPE.value) if digest is not None else obj.value("Key Format Type")
+        registered = digest.get(TAG.KEY_FORMAT_TYPE) if digest is not None else obj.value("Key Format Type")
         return KFT.RAW if registered == KFT.RAW.value else KFT.OPAQUE
     if object_type in (ObjectType.PRIVATE_KEY, ObjectType.PUBLIC_KEY):
         registered = registered_format(material)
@@ -613,7 +613,7 @@ def _key_material(
     obj: ManagedObject, material: Material, key_format: KeyFormatType
 ) -> Item:
     object_type = obj.object_type
-    tag = T.KEY_MATERIAL.value
+    tag = TAG.KEY_MATERIAL
     try:
         if object_type == ObjectType.SPLIT_KEY:
             if key_format == KFT.RAW:
@@ -623,7 +623,7 @@ def _key_material(
                 return ttlv.byte_string(tag, material.data)
             if key_format == KFT.TRANSPARENT_SYMMETRIC_KEY:
                 return ttlv.structure(
-                    tag, [ttlv.byte_string(T.KEY.value, material.data)]
+                    tag, [ttlv.byte_string(TAG.KEY, material.data)]
                 )
         elif object_type == ObjectType.SECRET_DATA:
             if key_format in (KFT.OPAQUE, KFT.RAW):
@@ -646,7 +646,7 @@ def _key_material(
                         tag,
                         [
                             ttlv.enumeration(
-                                T.RECOMMENDED_CURVE.value,
+                                TAG.RECOMMENDED_CURVE,
                                 fields["recommended_curve"].value,
                             ),
                             _big(T.D, fields["d"]),
@@ -677,10 +677,10 @@ def _key_material(
                         tag,
                         [
                             ttlv.enumeration(
-                                T.RECOMMENDED_CURVE.value,
+                                TAG.RECOMMENDED_CURVE,
                                 fields["recommended_curve"].value,
                             ),
-                            ttlv.byte_string(T.Q_STRING.value, fields["q_string"]),
+                            ttlv.byte_string(TAG.Q_STRING, fields["q_string"]),
                         ],
                     )
                 return ttlv.structure(
@@ -704,7 +704,7 @@ def _key_block(
 ) -> Item:
     key_material = _key_material(obj, material, key_format)
     key_value = ttlv.structure(
-        T.KEY_VALUE.value, [key_material, *(wrapping.attributes if wrapping else ())]
+        TAG.KEY_VALUE, [key_material, *(wrapping.attributes if wrapping else ())]
     )
     wrapping_data = None
     if wrapping is not None:
@@ -716,21 +716,21 @@ def _key_block(
             raise errors.InvalidField(
                 "Encoding Option No Encoding needs a byte-string Key Material and no attributes"
             )
-        key_value = ttlv.byte_string(T.KEY_VALUE.value, wrapping.wrap(plaintext))
+        key_value = ttlv.byte_string(TAG.KEY_VALUE, wrapping.wrap(plaintext))
         wrapping_data = wrapping.key_wrapping_data
     algorithm = length = None
     if obj.object_type != ObjectType.SECRET_DATA:
         algorithm = obj.value("Cryptographic Algorithm")
         length = obj.value("Cryptographic Length")
     return ttlv.structure(
-        T.KEY_BLOCK.value,
+        TAG.KEY_BLOCK,
         [
-            ttlv.enumeration(T.KEY_FORMAT_TYPE.value, key_format.value),
+            ttlv.enumeration(TAG.KEY_FORMAT_TYPE, key_format.value),
             key_value,
-            ttlv.enumeration(T.CRYPTOGRAPHIC_ALGORITHM.value, algorithm)
+            ttlv.enumeration(TAG.CRYPTOGRAPHIC_ALGORITHM, algorithm)
             if algorithm is not None
             else None,
-            ttlv.integer(T.CRYPTOGRAPHIC_LENGTH.value, length)
+            ttlv.integer(TAG.CRYPTOGRAPHIC_LENGTH, length)
             if length is not None
             else None,
             wrapping_data,
@@ -766,9 +766,9 @@ def encode_object(
                 tag.value,
                 [
                     ttlv.enumeration(
-                        T.CERTIFICATE_TYPE.value, CertificateType.X_509.value
+                        TAG.CERTIFICATE_TYPE, CertificateType.X_509.value
                     ),
-                    ttlv.byte_string(T.CERTIFICATE_VALUE.value, material.data),
+                    ttlv.byte_string(TAG.CERTIFICATE_VALUE, material.data),
                 ],
             )
         if key_format_type not in (None, KFT.OPAQUE):
@@ -777,12 +777,12 @@ def encode_object(
             tag.value,
             [
                 ttlv.enumeration(
-                    T.OPAQUE_DATA_TYPE.value,
+                    TAG.OPAQUE_DATA_TYPE,
                     OpaqueDataType.NONE.value
                     if material.subtype is None
                     else material.subtype,
                 ),
-                ttlv.byte_string(T.OPAQUE_DATA_VALUE.value, material.data),
+                ttlv.byte_string(TAG.OPAQUE_DATA_VALUE, material.data),
             ],
         )
     key_format = key_format_type or default_format(obj, material, v2=False)
@@ -797,7 +797,7 @@ def encode_object(
             else SecretDataType.PASSWORD.value
         )
         return ttlv.structure(
-            tag.value, [ttlv.enumeration(T.SECRET_DATA_TYPE.value, secret_type), block]
+            tag.value, [ttlv.enumeration(TAG.SECRET_DATA_TYPE, secret_type), block]
         )
     return ttlv.structure(tag.value, [block])
 
@@ -834,9 +834,9 @@ def _digest(data: bytes, key_format: KeyFormatType | None) -> Item:
     return attrs.make(
         "Digest",
         [
-            ttlv.enumeration(T.HASHING_ALGORITHM.value, HashingAlgorithm.SHA_256.value),
-            ttlv.byte_string(T.DIGEST_VALUE.value, crypto.digest(HashingAlgorithm.SHA_256, data)),
-            ttlv.enumeration(T.KEY_FORMAT_TYPE.value, key_format.value) if key_format is not None else None,
+            ttlv.enumeration(TAG.HASHING_ALGORITHM, HashingAlgorithm.SHA_256.value),
+            ttlv.byte_string(TAG.DIGEST_VALUE, crypto.digest(HashingAlgorithm.SHA_256, data)),
+            ttlv.enumeration(TAG.KEY_FORMAT_TYPE, key_format.value) if key_format is not None else None,
         ],
     )
 
@@ -856,7 +856,7 @@ def random_number_generator() -> Item:
     `cryptography`, which KMIP has no closer name for than Unspecified."""
     return attrs.make(
         "Random Number Generator",
-        [ttlv.enumeration(T.RNG_ALGORITHM.value, RNGAlgorithm.UNSPECIFIED.value)],
+        [ttlv.enumeration(TAG.RNG_ALGORITHM, RNGAlgorithm.UNSPECIFIED.value)],
     )
 
 

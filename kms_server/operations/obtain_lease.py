@@ -4,12 +4,12 @@ Time (the object's attribute) and answers the Last Change Date, so the
 client can tell whether its copy of the attributes is current. A lease is
 only granted for an object that may be used, i.e. an Active one."""
 
-from kmip.core.enums import Operation, State, Tags
+from kmip.core.enums import Operation, State
 
 from kmip_core import errors, ttlv
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item
+from kmip_core.ttlv import TAG, Item
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
 
@@ -29,6 +29,6 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         raise errors.IllegalOperation(f"object is {name}; a lease is only granted on an ACTIVE object")
     return [
         common.uid_item(obj.uid),
-        ttlv.interval(Tags.LEASE_TIME.value, lease),
-        ttlv.date_time(Tags.LAST_CHANGE_DATE.value, obj.value("Last Change Date", ctx.now)),
+        ttlv.interval(TAG.LEASE_TIME, lease),
+        ttlv.date_time(TAG.LAST_CHANGE_DATE, obj.value("Last Change Date", ctx.now)),
     ]

@@ -24,7 +24,7 @@ from kmip.core.enums import (
 from kmip_core import errors
 from kmip_core.policy import Action
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import attributes as attrs
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
@@ -114,7 +114,7 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
 
 
 def _offset(payload: Item) -> int | None:
-    item = payload.find(T.OFFSET.value)
+    item = payload.find(TAG.OFFSET)
     if item is None:
         return None
     if item.type != ItemType.INTERVAL:

@@ -5,7 +5,7 @@ from kmip.core.enums import Operation, Tags
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
@@ -21,4 +21,4 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         data = crypto.random_bytes(length)
     except crypto.CryptoError as exc:
         raise errors.InvalidField(exc.message) from None
-    return [ttlv.byte_string(Tags.DATA.value, data)]
+    return [ttlv.byte_string(TAG.DATA, data)]

@@ -9,7 +9,7 @@ from kmip.core.enums import Operation, Tags
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common
@@ -21,4 +21,4 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     data = common.require(payload, Tags.DATA, ItemType.BYTE_STRING).value
     if not data:
         raise errors.InvalidField("Data (the seed) must not be empty")
-    return [ttlv.integer(Tags.DATA_LENGTH.value, crypto.mix_seed(data))]
+    return [ttlv.integer(TAG.DATA_LENGTH, crypto.mix_seed(data))]

@@ -10,7 +10,7 @@ from kmip.core.enums import CryptographicUsageMask, ObjectType, Operation, Tags
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject
@@ -74,5 +74,5 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         raise key_use.crypto_failure(exc) from None
     return [
         common.uid_item(obj.uid),
-        ttlv.byte_string(T.SIGNATURE_DATA.value, signature),
+        ttlv.byte_string(TAG.SIGNATURE_DATA, signature),
     ]

@@ -16,7 +16,7 @@ from kmip.core.enums import (
 
 from kmip_core import ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, crypto_params, key_use
@@ -56,5 +56,5 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
         raise key_use.crypto_failure(exc) from None
     return [
         common.uid_item(obj.uid),
-        ttlv.enumeration(T.VALIDITY_INDICATOR.value, validity.value),
+        ttlv.enumeration(TAG.VALIDITY_INDICATOR, validity.value),
     ]

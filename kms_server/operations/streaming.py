@@ -18,7 +18,7 @@ from kmip.core.enums import Tags as T
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject
@@ -36,7 +36,7 @@ def part_of(payload: Item) -> Part | None:
     """The request's place in a multi-part operation; None for a whole one."""
     init = _flag(payload, T.INIT_INDICATOR)
     final = _flag(payload, T.FINAL_INDICATOR)
-    item = payload.find(T.CORRELATION_VALUE.value)
+    item = payload.find(TAG.CORRELATION_VALUE)
     if item is not None and item.type != ItemType.BYTE_STRING:
         raise errors.InvalidField("Correlation Value must be a byte string")
     correlation = item.value if item is not None else None
@@ -100,7 +100,7 @@ def run(
         stream.done()
     items = [common.uid_item(obj.uid), _data(out + rest)]
     if made_tag is not None:
-        items.append(ttlv.byte_string(T.AUTHENTICATED_ENCRYPTION_TAG.value, made_tag))
+        items.append(ttlv.byte_string(TAG.AUTHENTICATED_ENCRYPTION_TAG, made_tag))
     return items, cipher
 
 
@@ -126,8 +126,8 @@ def _flag(payload: Item, t: Tags) -> bool:
 
 
 def _data(value: bytes) -> Item:
-    return ttlv.byte_string(T.DATA.value, value)
+    return ttlv.byte_string(TAG.DATA, value)
 
 
 def _correlation(value: bytes) -> Item:
-    return ttlv.byte_string(T.CORRELATION_VALUE.value, value)
+    return ttlv.byte_string(TAG.CORRELATION_VALUE, value)

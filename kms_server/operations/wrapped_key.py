@@ -27,7 +27,7 @@ from kmip.core.enums import (
 
 from kmip_core import errors, ttlv
 from kmip_core.server.context import RequestContext
-from kmip_core.ttlv import Item, ItemType
+from kmip_core.ttlv import TAG, Item, ItemType
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import common, crypto_params, key_use
@@ -38,16 +38,16 @@ _RSA_WRAP_PADDINGS = (None, PaddingMethod.OAEP, PaddingMethod.PKCS1v15)
 
 
 def is_wrapped(holder: Item) -> bool:
-    block = holder.find(T.KEY_BLOCK.value)
-    return block is not None and block.type == ItemType.STRUCTURE and block.find(T.KEY_WRAPPING_DATA.value) is not None
+    block = holder.find(TAG.KEY_BLOCK)
+    return block is not None and block.type == ItemType.STRUCTURE and block.find(TAG.KEY_WRAPPING_DATA) is not None
 
 
 def unwrap_for_register(ctx: RequestContext, keystore: Keystore, holder: Item) -> tuple[Item, bytes]:
     """The object structure with its Key Block unwrapped (what Register
     decodes), and the registered Key Block's TTLV to keep."""
-    block = holder.find(T.KEY_BLOCK.value)
+    block = holder.find(TAG.KEY_BLOCK)
     assert block is not None
-    wrapping_data = block.find(T.KEY_WRAPPING_DATA.value)
+    wrapping_data = block.find(TAG.KEY_WRAPPING_DATA)
     assert wrapping_data is not None
     if wrapping_data.type != ItemType.STRUCTURE:
         raise errors.InvalidField("Key Wrapping Data must be a structure")
@@ -56,18 +56,18 @@ def unwrap_for_register(ctx: RequestContext, keystore: Keystore, holder: Item) -
         raise errors.MissingData("Key Wrapping Data needs a Wrapping Method")
     if method != WrappingMethod.ENCRYPT:
         raise errors.FeatureNotSupported(f"a key wrapped by Wrapping Method {method.name} cannot be registered; only ENCRYPT")
-    if wrapping_data.find(T.MAC_SIGNATURE_KEY_INFORMATION.value) is not None:
+    if wrapping_data.find(TAG.MAC_SIGNATURE_KEY_INFORMATION) is not None:
         raise errors.FeatureNotSupported("a key with MAC/Signature Key Information cannot be registered")
-    if wrapping_data.find(T.IV_COUNTER_NONCE.value) is not None:
+    if wrapping_data.find(TAG.IV_COUNTER_NONCE) is not None:
         raise errors.FeatureNotSupported("a key wrapped with an IV/Counter/Nonce cannot be registered; use AES key wrap or RSA")
-    info = wrapping_data.find(T.ENCRYPTION_KEY_INFORMATION.value)
+    info = wrapping_data.find(TAG.ENCRYPTION_KEY_INFORMATION)
     if info is None or info.type != ItemType.STRUCTURE:
         raise errors.MissingData("Key Wrapping Data needs Encryption Key Information naming the wrapping key")
-    wrapping_uid = info.get(T.UNIQUE_IDENTIFIER.value)
+    wrapping_uid = info.get(TAG.UNIQUE_IDENTIFIER)
     if not isinstance(wrapping_uid, str):
         raise errors.MissingData("Encryption Key Information needs the wrapping key's Unique Identifier")
     encoding = common.optional_enum(wrapping_data, T.ENCODING_OPTION, EncodingOption)
-    value = block.find(T.KEY_VALUE.value)
+    value = block.find(TAG.KEY_VALUE)
     if value is None:
         raise errors.MissingData("Key Block needs a Key Value")
     if value.type == ItemType.BYTE_STRING:
@@ -77,7 +77,7 @@ def unwrap_for_register(ctx: RequestContext, keystore: Keystore, holder: Item) -
         # PyKMIP's client sends the wrapped bytes as the Key Material of a
         # Key Value structure; they are the wrapped key material unless the
         # Encoding Option says TTLV Encoding.
-        material_item = value.find(T.KEY_MATERIAL.value) if value.type == ItemType.STRUCTURE else None
+        material_item = value.find(TAG.KEY_MATERIAL) if value.type == ItemType.STRUCTURE else None
         if material_item is None or material_item.type != ItemType.BYTE_STRING:
             raise errors.InvalidField("the Key Value of a wrapped key is a byte string")
         wrapped = material_item.value
@@ -126,7 +126,7 @@ def unwrap_for_register(ctx: RequestContext, keystore: Keystore, holder: Item) -
         raise key_use.crypto_failure(exc) from None
 
     if not ttlv_encoded:
-        key_value = ttlv.structure(T.KEY_VALUE.value, [ttlv.byte_string(T.KEY_MATERIAL.value, plaintext)])
+        key_value = ttlv.structure(TAG.KEY_VALUE, [ttlv.byte_string(TAG.KEY_MATERIAL, plaintext)])
     else:
         # TTLV encoding: the wrapped bytes are a Key Value structure (KMIP
         # 1.4, 2.1.4).
@@ -134,14 +134,14 @@ def unwrap_for_register(ctx: RequestContext, keystore: Keystore, holder: Item) -
             key_value = ttlv.decode(plaintext)
         except ttlv.TTLVError:
             raise errors.InvalidField("the unwrapped Key Value is not TTLV; say Encoding Option No Encoding") from None
-        if key_value.tag != T.KEY_VALUE.value or key_value.type != ItemType.STRUCTURE:
+        if key_value.tag != TAG.KEY_VALUE or key_value.type != ItemType.STRUCTURE:
             raise errors.InvalidField("the unwrapped bytes are not a Key Value structure")
     unwrapped_block = ttlv.structure(
-        T.KEY_BLOCK.value,
-        [key_value if c.tag == T.KEY_VALUE.value else c for c in block.children() if c.tag != T.KEY_WRAPPING_DATA.value],
+        TAG.KEY_BLOCK,
+        [key_value if c.tag == TAG.KEY_VALUE else c for c in block.children() if c.tag != TAG.KEY_WRAPPING_DATA],
     )
     unwrapped = ttlv.structure(
-        holder.tag, [unwrapped_block if c.tag == T.KEY_BLOCK.value else c for c in holder.children()]
+        holder.tag, [unwrapped_block if c.tag == TAG.KEY_BLOCK else c for c in holder.children()]
     )
     return unwrapped, ttlv.encode(block)
 
@@ -150,4 +150,4 @@ def as_registered(item: Item, registered_block: bytes) -> Item:
     """The object structure a Get encoded, with the Key Block as it was
     registered in place of its own."""
     block = ttlv.decode(registered_block)
-    return ttlv.structure(item.tag, [block if c.tag == T.KEY_BLOCK.value else c for c in item.children()])
+    return ttlv.structure(item.tag, [block if c.tag == TAG.KEY_BLOCK else c for c in item.children()])
