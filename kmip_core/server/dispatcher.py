@@ -262,15 +262,15 @@ class Dispatcher:
         if version not in SUPPORTED_VERSIONS:
             raise errors.InvalidMessage(f"protocol version {version[0]}.{version[1]} is not supported")
         items = message.find_all(TAG.BATCH_ITEM)
-        checked = set()
-        for field in header.children():
+        checked: set[int] = set()
+        for child in header.children():
             # The first of each field is the one read (Item.find).
-            expected = _HEADER_FIELD_TYPES.get(field.tag)
-            if expected is not None and field.tag not in checked:
-                checked.add(field.tag)
-                if field.type != expected:
+            expected = _HEADER_FIELD_TYPES.get(child.tag)
+            if expected is not None and child.tag not in checked:
+                checked.add(child.tag)
+                if child.type != expected:
                     raise errors.InvalidMessage(
-                        f"{_field_name(Tags(field.tag))} in the Request Header must be {_type_name(expected)}"
+                        f"{_field_name(Tags(child.tag))} in the Request Header must be {_type_name(expected)}"
                     )
         count = header.get(TAG.BATCH_COUNT)
         if not isinstance(count, int) or count != len(items) or count < 1:

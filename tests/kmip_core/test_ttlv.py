@@ -363,3 +363,30 @@ def test_retag_copies_only_what_needs_another_tag():
     other = item.retag(0x420003)
     assert (other.tag, other.type, other.value) == (0x420003, item.type, item.value)
     assert item.tag == 0x420001
+
+
+def test_items_are_immutable_values():
+    """Items are shared (decoded attribute values are memoized, answers are
+    built from them), so none may change; equal items are one value."""
+    import copy
+    import dataclasses
+    import pickle
+
+    item = ttlv.structure(ttlv.TAG.NAME, [ttlv.text(ttlv.TAG.NAME_VALUE, "k"), ttlv.enumeration(ttlv.TAG.NAME_TYPE, 1)])
+    for field in ("tag", "type", "value"):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(item, field, 0)
+    again = ttlv.decode(ttlv.encode(item))
+    assert again == item and hash(again) == hash(item) and again is not item
+    assert again != ttlv.text(ttlv.TAG.NAME, "k")
+    assert pickle.loads(pickle.dumps(item)) == item
+    assert copy.deepcopy(item) == item
+    assert (item.tag, item.type, item.value[0].value) == (ttlv.TAG.NAME, ItemType.STRUCTURE, "k")
+
+
+def test_tag_numbers_are_the_tags_values():
+    from kmip.core.enums import Tags
+
+    assert all(getattr(ttlv.TAG, tag.name) == tag.value for tag in Tags)
+    with pytest.raises(AttributeError):
+        ttlv.TAG.NO_SUCH_TAG  # noqa: B018
