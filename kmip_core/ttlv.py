@@ -203,66 +203,82 @@ def read_header(data: bytes) -> tuple[int, ItemType, int]:
     return word >> 8, item_type, length
 
 
+# By type number, for the decoder: the type, and how its value is read.
+_TYPE_BY_NUMBER: list[ItemType | None] = [None] * 256
+for _t in ItemType:
+    _TYPE_BY_NUMBER[_t.value] = _t
+# A 4-byte value and its 4 bytes of padding, read at once; 8-byte values.
+_SIGNED_4_PADDED = struct.Struct(">iI")
+_UNSIGNED_4_PADDED = struct.Struct(">II")
+_SIGNED_8 = struct.Struct(">q")
+_UNSIGNED_8 = struct.Struct(">Q")
+
+
 def _decode_at(buf: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[Item, int]:
     # The hot path of every request (issue 15): the header is read in place
     # with one struct call, and the checks are those of read_header, in its
     # order: length of the header, type, tag, fixed lengths, overrun, padding.
+    # Fixed-length values are read with their padding in one struct call.
     if end - pos < HEADER_SIZE:
         raise TTLVError("truncated item header")
     word, length = _HEADER.unpack_from(buf, pos)
-    item_type = _TYPES.get(word & 0xFF)
+    item_type = _TYPE_BY_NUMBER[word & 0xFF]
     if item_type is None:
         raise TTLVError(f"unknown item type 0x{word & 0xFF:02X}")
     tag = word >> 8
     pos += HEADER_SIZE
     if tag >> 16 not in (0x42, 0x54):
         raise TTLVError(f"invalid tag 0x{tag:06X}")
-    fixed = _FIXED_LENGTH.get(item_type)
-    if fixed is not None and length != fixed:
-        raise TTLVError(f"{item_type.name} of length {length} (must be {fixed})")
-    padded = (length + 7) & ~7
-    if padded > end - pos:
-        raise TTLVError(f"item {tag_name(tag)} overruns its container")
-    value_end = pos + length
-    next_pos = pos + padded
-    if padded != length and buf[value_end:next_pos] != _ZEROS[: padded - length]:
-        raise TTLVError(f"non-zero padding after {tag_name(tag)}")
-
-    if item_type is _STRUCTURE:
-        if length % 8:
-            raise TTLVError("structure length is not a multiple of 8")
-        if depth >= max_depth:
-            raise TTLVError(f"nesting deeper than {max_depth} levels")
-        children = []
-        child_pos = pos
-        while child_pos < value_end:
-            child, child_pos = _decode_at(buf, child_pos, value_end, depth + 1, max_depth)
-            children.append(child)
-        return Item(tag, item_type, tuple(children)), next_pos
     value: int | bool | str | bytes
-    if item_type is _TEXT:
-        try:
-            value = buf[pos:value_end].decode("utf-8")
-        except UnicodeDecodeError:
-            raise TTLVError(f"text string {tag_name(tag)} is not valid UTF-8") from None
-    elif item_type is _ENUMERATION or item_type is _INTERVAL:
-        value = int.from_bytes(buf[pos:value_end], "big")
-    elif item_type is _INTEGER:
-        value = int.from_bytes(buf[pos:value_end], "big", signed=True)
-    elif item_type in _LONG_KINDS:
-        value = int.from_bytes(buf[pos:value_end], "big", signed=True)
-    elif item_type is _BIG:
-        if length == 0 or length % 8:
-            raise TTLVError("big integer length is not a positive multiple of 8")
-        value = int.from_bytes(buf[pos:value_end], "big", signed=True)
+    if item_type is _STRUCTURE or item_type is _TEXT or item_type is ItemType.BYTE_STRING or item_type is _BIG:
+        padded = (length + 7) & ~7
+        if padded > end - pos:
+            raise TTLVError(f"item {tag_name(tag)} overruns its container")
+        value_end = pos + length
+        next_pos = pos + padded
+        if padded != length and buf[value_end:next_pos] != _ZEROS[: padded - length]:
+            raise TTLVError(f"non-zero padding after {tag_name(tag)}")
+        if item_type is _STRUCTURE:
+            if length % 8:
+                raise TTLVError("structure length is not a multiple of 8")
+            if depth >= max_depth:
+                raise TTLVError(f"nesting deeper than {max_depth} levels")
+            children = []
+            child_pos = pos
+            while child_pos < value_end:
+                child, child_pos = _decode_at(buf, child_pos, value_end, depth + 1, max_depth)
+                children.append(child)
+            return Item(tag, item_type, tuple(children)), next_pos
+        if item_type is _TEXT:
+            try:
+                value = buf[pos:value_end].decode("utf-8")
+            except UnicodeDecodeError:
+                raise TTLVError(f"text string {tag_name(tag)} is not valid UTF-8") from None
+        elif item_type is _BIG:
+            if length == 0 or length % 8:
+                raise TTLVError("big integer length is not a positive multiple of 8")
+            value = int.from_bytes(buf[pos:value_end], "big", signed=True)
+        else:  # BYTE_STRING
+            value = buf[pos:value_end]
+        return Item(tag, item_type, value), next_pos
+    # Fixed lengths: 4 bytes (and 4 of padding) or 8.
+    fixed = _FIXED_LENGTH[item_type]
+    if length != fixed:
+        raise TTLVError(f"{item_type.name} of length {length} (must be {fixed})")
+    if end - pos < 8:
+        raise TTLVError(f"item {tag_name(tag)} overruns its container")
+    if fixed == 4:
+        value, padding = (_SIGNED_4_PADDED if item_type is _INTEGER else _UNSIGNED_4_PADDED).unpack_from(buf, pos)
+        if padding:
+            raise TTLVError(f"non-zero padding after {tag_name(tag)}")
     elif item_type is _BOOLEAN:
-        number = int.from_bytes(buf[pos:value_end], "big")
+        number = _UNSIGNED_8.unpack_from(buf, pos)[0]
         if number not in (0, 1):
             raise TTLVError("boolean value is neither 0 nor 1")
         value = bool(number)
-    else:  # BYTE_STRING
-        value = buf[pos:value_end]
-    return Item(tag, item_type, value), next_pos
+    else:  # the 8-byte integer kinds
+        value = _SIGNED_8.unpack_from(buf, pos)[0]
+    return Item(tag, item_type, value), pos + 8
 
 
 def decode(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Item:
