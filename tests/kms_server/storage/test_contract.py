@@ -825,21 +825,25 @@ def test_get_meta_for_update_reads_like_get_meta(storage):
             tx.get_meta("k", for_update=True)
 
 
-# One committed state per read (PostgreSQL, READ COMMITTED).
+# One committed state per read: on PostgreSQL (READ COMMITTED) one
+# statement reads the row and its attributes; on SQLite two statements, in
+# one read transaction, one snapshot.
 
 
-def test_a_read_sees_the_row_and_its_attributes_of_one_commit(postgres_url, monkeypatch):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_read_sees_the_row_and_its_attributes_of_one_commit(backend, tmp_path, request, monkeypatch):
     """A writer that commits while a read transaction is reading an object
     must not leave the reader with the row of one commit and the attributes
     of the next: the row MAC covers both, and such a mix would be refused
-    as a row edited outside the server. Under READ COMMITTED each statement
-    has its own snapshot, so the row and its attributes come from one
-    statement. The writer is run, to its commit, just before the reader's
-    statement that reads the attributes (with the row, or after it): every
-    statement of the storage's own goes through `pg_execute`."""
+    as a row edited outside the server. The writer is run, to its commit,
+    just before the reader's statement that reads the attributes (with the
+    row, or after it): every statement of the storage's own goes through
+    `pg_execute` or `sqlite_execute`."""
     from kms_server.storage import sql
 
-    storage = open_storage(postgres_url)
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else f"sqlite:///{tmp_path}/kms.db"
+    executor = "pg_execute" if backend == "postgresql" else "sqlite_execute"
+    storage = open_storage(url)
     try:
         insert(storage, new_object("uid-1", "alice", attr("State", b"1"), attr("Name", b"k")))
         reader = threading.get_ident()
@@ -852,7 +856,7 @@ def test_a_read_sees_the_row_and_its_attributes_of_one_commit(postgres_url, monk
                 tx.update_object(current)
                 wrote.append(current.version)
 
-        real_execute = sql.pg_execute
+        real_execute = getattr(sql, executor)
 
         def execute(conn, statement, *args, **kwargs):
             reads_attributes = statement.lstrip().startswith("SELECT") and "kms_attributes" in statement
@@ -862,10 +866,10 @@ def test_a_read_sees_the_row_and_its_attributes_of_one_commit(postgres_url, monk
                 thread.join(30)
             return real_execute(conn, statement, *args, **kwargs)
 
-        monkeypatch.setattr(sql, "pg_execute", execute)
+        monkeypatch.setattr(sql, executor, execute)
         with storage.transaction(read_only=True) as tx:
             got = tx.get_object("uid-1")
-        monkeypatch.setattr(sql, "pg_execute", real_execute)
+        monkeypatch.setattr(sql, executor, real_execute)
         assert wrote == [2], "the writer did not run inside the read"
         states = {a.value for a in got.attributes if a.name == "State"}
         assert (got.version, states) in ((1, {b"1"}), (2, {b"2"})), (got.version, states)
