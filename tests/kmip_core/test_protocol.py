@@ -719,6 +719,39 @@ def test_a_request_answered_inline_never_reaches_the_pool():
     assert len(h.pool.jobs) == 0 and h.handled == []
 
 
+def test_a_held_answer_given_inline_is_released_once_and_leaves_when_it_fires():
+    h = Harness(auto=False)
+    released: list[defer.Deferred] = []
+
+    def release():
+        d = defer.Deferred()
+        released.append(d)
+        return d
+
+    h.factory.handle_inline = lambda message, identity: wire.HeldAnswer(release)
+    proto, transport = h.connect()
+    proto.dataReceived(request_bytes(1) + request_bytes(2))
+    assert len(released) == 1 and transport.value() == b""
+    released[0].callback(b"first")
+    assert transport.value() == b"first" and len(released) == 2
+    released[1].callback(b"second")
+    assert transport.value() == b"firstsecond" and not transport.disconnecting
+    assert len(h.pool.jobs) == 0 and h.handled == []
+
+
+def test_a_held_answer_given_inline_whose_release_raises_closes_the_connection():
+    h = Harness(auto=False)
+
+    def release():
+        raise RuntimeError("release failed")
+
+    h.factory.handle_inline = lambda message, identity: wire.HeldAnswer(release)
+    proto, transport = h.connect()
+    proto.dataReceived(request_bytes(1))
+    assert transport.value() == b"" and transport.disconnecting
+    assert len(h.pool.jobs) == 0 and h.handled == []
+
+
 def test_a_request_left_in_pool_by_handle_inline_runs_on_the_pool():
     h = Harness(auto=False)
     offered = []
