@@ -325,16 +325,51 @@ def _encode_value(item: Item) -> bytes:
     raise TTLVError(f"cannot encode type {t!r}")
 
 
-def encode(item: Item) -> bytes:
+# Fixed-length items whole (header, value, padding) in one struct call.
+_PACK_FIXED = {
+    ItemType.INTEGER: struct.Struct(">IIi4x").pack,
+    ItemType.ENUMERATION: struct.Struct(">III4x").pack,
+    ItemType.INTERVAL: struct.Struct(">III4x").pack,
+    ItemType.LONG_INTEGER: struct.Struct(">IIq").pack,
+    ItemType.DATE_TIME: struct.Struct(">IIq").pack,
+    ItemType.DATE_TIME_EXTENDED: struct.Struct(">IIq").pack,
+}
+
+
+def _encode_into(item: Item, out: list[bytes]) -> int:
+    """Append `item`'s encoding to `out` in parts; its length. A
+    structure's header is filled in once its items are: the message is
+    joined once (`encode`), not once per level (issue 15)."""
+    t, tag = item.type, item.tag
     try:
+        if t == _STRUCTURE:
+            index = len(out)
+            out.append(b"")
+            length = 0
+            for child in item.value:
+                length += _encode_into(child, out)
+            out[index] = _HEADER.pack(tag << 8 | t, length)
+            return HEADER_SIZE + length
+        pack = _PACK_FIXED.get(t)
+        if pack is not None:
+            out.append(pack(tag << 8 | t, _FIXED_LENGTH[t], item.value))
+            return 16
         value = _encode_value(item)
         length = len(value)
-        header = _HEADER.pack(item.tag << 8 | item.type, length)
+        out.append(_HEADER.pack(tag << 8 | t, length))
     except struct.error as exc:
-        raise TTLVError(f"value out of range for {tag_name(item.tag)}: {exc}") from None
+        raise TTLVError(f"value out of range for {tag_name(tag)}: {exc}") from None
+    out.append(value)
     if length & 7:
-        return header + value + _ZEROS[: 8 - (length & 7)]
-    return header + value
+        out.append(_ZEROS[: 8 - (length & 7)])
+        return HEADER_SIZE + _padded(length)
+    return HEADER_SIZE + length
+
+
+def encode(item: Item) -> bytes:
+    out: list[bytes] = []
+    _encode_into(item, out)
+    return b"".join(out)
 
 
 def walk(item: Item) -> Iterator[Item]:
