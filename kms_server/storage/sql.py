@@ -561,6 +561,31 @@ def _check_query(query: LocateQuery) -> None:
         raise ValueError("LocateQuery.limit must not be negative")
 
 
+class _Op:
+    """Around one storage operation (`_SqlTransaction._op`, which checks
+    the transaction first): a StorageError or a database error marks the
+    transaction failed, and a database error is raised as StorageError. A
+    class, not a generator: every statement runs inside one (issue 15)."""
+
+    __slots__ = ("_txn", "_what")
+
+    def __init__(self, txn: _SqlTransaction, what: str) -> None:
+        self._txn = txn
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            return
+        if issubclass(exc_type, StorageError):
+            self._txn.failed = True
+        elif isinstance(exc, SQLAlchemyError):
+            self._txn.failed = True
+            raise _storage_error(self._what, exc) from None
+
+
 class _SqlTransaction(Transaction):
     def __init__(self, conn: Connection, dialect: str, read_only: bool = False) -> None:
         self._conn = conn
@@ -589,8 +614,7 @@ class _SqlTransaction(Transaction):
         # (the row's version, {(name, index): (row id, value)}).
         self._locked_attributes: dict[str, tuple[int, dict[tuple[str, int], tuple[int, bytes]]]] | None = None
 
-    @contextlib.contextmanager
-    def _op(self, what: str, write: bool = False) -> Iterator[None]:
+    def _op(self, what: str, write: bool = False) -> _Op:
         if self._closed:
             raise StorageError(f"{what}: the transaction has ended")
         if write and self._read_only:
@@ -598,14 +622,7 @@ class _SqlTransaction(Transaction):
             raise StorageError(f"{what}: the transaction is read-only")
         if self.failed:
             raise StorageError(f"{what}: the transaction failed and was rolled back")
-        try:
-            yield
-        except StorageError:
-            self.failed = True
-            raise
-        except SQLAlchemyError as exc:
-            self.failed = True
-            raise _storage_error(what, exc) from None
+        return _Op(self, what)
 
     def _insert_attributes(self, uid: str, attributes: list[StoredAttribute]) -> None:
         if not attributes:

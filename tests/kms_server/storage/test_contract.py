@@ -925,3 +925,24 @@ def test_an_update_after_a_locking_read_compares_with_the_rows_that_read_found(p
         assert sorted((a.name, a.index, a.value) for a in stored.attributes) == [("Name", 0, b"k"), ("State", 0, b"3")]
     finally:
         storage.close()
+
+
+def test_a_database_error_in_an_operation_fails_the_transaction_as_a_storage_error(backend, storage):
+    """A statement the database refuses (here: a parameter it cannot bind)
+    is raised as StorageError, never as the driver's or SQLAlchemy's error;
+    the transaction is then failed: a later operation in it is refused, and
+    it ends rolled back, its earlier writes not stored."""
+    if backend == "memory":
+        pytest.skip("the in-memory fake runs no statements")
+    with pytest.raises(StorageError) as failed:
+        with storage.transaction() as tx:
+            tx.insert_object(new_object("uid-1", "alice", attr("State", b"1")))
+            with pytest.raises(StorageError) as refused:
+                tx.get_object(object())  # type: ignore[arg-type]
+            assert "get_object" in str(refused.value)
+            assert tx.failed
+            with pytest.raises(StorageError, match="failed and was rolled back"):
+                tx.get_object("uid-1")
+    assert "rolled back" in str(failed.value)
+    with storage.transaction(read_only=True) as tx:
+        assert tx.get_object("uid-1") is None
