@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -320,6 +321,22 @@ class _Raw:
         rowid = sqlite_execute(conn, self.sql, tuple(params[name] for name in self.names)).lastrowid
         assert rowid is not None  # set after an INSERT
         return rowid
+
+    def many_values(self, conn: Connection, dialect: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run the statement once per row of values, in the order of its
+        parameters (`names`): one execute for one row, else an executemany.
+        Rows built as tuples spare a dict per row and its reading back (a
+        read's audit record, issue 15)."""
+        if dialect != "sqlite":
+            names = self.names
+            if len(rows) == 1:
+                pg_execute(conn, self.pg_sql, dict(zip(names, rows[0], strict=True)))
+            else:
+                pg_execute(conn, self.pg_sql, many=[dict(zip(names, row, strict=True)) for row in rows])
+        elif len(rows) == 1:
+            sqlite_execute(conn, self.sql, rows[0])
+        else:
+            sqlite_executemany(conn, self.sql, rows)
 
     def many(self, conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> None:
         """Run the statement once per parameter set (executemany)."""
@@ -866,10 +883,7 @@ class _SqlTransaction(Transaction):
             # INSERT .. VALUES per record cost more than the rest of the
             # record together. Several records: one executemany (on
             # PostgreSQL pipelined, one round trip).
-            if len(records) == 1:
-                _RAW_AUDIT_INSERT.rows(self._conn, self._dialect, _audit_row(records[0]))
-            else:
-                _RAW_AUDIT_INSERT.many(self._conn, self._dialect, [_audit_row(r) for r in records])
+            _RAW_AUDIT_INSERT.many_values(self._conn, self._dialect, [_audit_values(r) for r in records])
             known, tail = self.audit_tail
             first, last = records[0], records[-1]
             consecutive = last.seq - first.seq == len(records) - 1
@@ -923,21 +937,28 @@ class _SqlTransaction(Transaction):
             return [StoredCheckpoint(**row._mapping) for row in rows]
 
 
-def _audit_row(record: StoredAuditRecord) -> dict[str, Any]:
-    return {
-        "seq": record.seq,
-        "time": record.time,
-        "node": record.node,
-        "operation": record.operation,
-        "uid": record.uid,
-        "client": record.client,
-        "result": record.result,
-        "x_component": record.x_component,
-        "x_name": record.x_name,
-        "x_identifier": record.x_identifier,
-        "body": record.body,
-        "hash": record.hash,
-    }
+def _audit_values(record: StoredAuditRecord) -> tuple[Any, ...]:
+    """The record's row, in the order of kms_audit's columns (which is the
+    order of the audit insert's parameters: checked below)."""
+    return (
+        record.seq,
+        record.time,
+        record.node,
+        record.operation,
+        record.uid,
+        record.client,
+        record.result,
+        record.x_component,
+        record.x_name,
+        record.x_identifier,
+        record.body,
+        record.hash,
+    )
+
+
+assert _RAW_AUDIT_INSERT.names == tuple(c.name for c in kms_audit.c) == tuple(
+    f.name for f in dataclasses.fields(StoredAuditRecord)
+), "_audit_values gives kms_audit's columns in their order"
 
 
 class SqlStorage(Storage):
