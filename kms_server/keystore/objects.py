@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 from kmip.core.enums import ObjectType, State
@@ -145,6 +146,16 @@ def decode_attributes(stored: StoredObject) -> dict[str, list[Item]]:
     """A stored row's attributes by name, each name's values in index
     order, the names in sorted order."""
     attributes: dict[str, list[Item]] = {}
-    for a in sorted(stored.attributes, key=lambda a: (a.name, a.index)):
-        attributes.setdefault(a.name, []).append(attrs.decode_value(a.value))
+    decode = attrs.decode_value
+    for name, _index, value in sorted(stored.attributes, key=_NAME_INDEX):
+        values = attributes.get(name)
+        if values is None:
+            attributes[name] = [decode(value)]
+        else:
+            values.append(decode(value))
     return attributes
+
+
+# (name, index) of a StoredAttribute, from C: every load sorts an object's
+# twenty-odd rows by it.
+_NAME_INDEX = operator.itemgetter(0, 1)

@@ -20,6 +20,7 @@ keyring no longer holds is authenticated again (and so refused).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,6 +43,11 @@ DEFAULT_SIZE = 8192
 # every tracked object, about 0.3 us each, with the GIL held: a stall of
 # about 100 ms for every request in flight (issue 15).
 _Entry = tuple[str, bytes | None, int, int, bytes, tuple[tuple[str, int, bytes], ...]]
+
+
+# An attribute row of an entry's (name, index, value) tuple: tuple.__new__
+# called from C, where StoredAttribute._make is a Python call per row.
+_ATTRIBUTE = functools.partial(tuple.__new__, StoredAttribute)
 
 
 def _name_index(a: StoredAttribute) -> tuple[str, int]:
@@ -79,7 +85,7 @@ class VerifiedRows:
             uid=uid,
             owner=owner,
             sealed_material=sealed,
-            attributes=list(map(StoredAttribute._make, attributes)),
+            attributes=list(map(_ATTRIBUTE, attributes)),
             version=version,
             sequence=sequence,
             row_mac=row_mac,
