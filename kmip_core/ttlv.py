@@ -203,7 +203,7 @@ def read_header(data: bytes) -> tuple[int, ItemType, int]:
     return word >> 8, item_type, length
 
 
-# By type number, for the decoder: the type, and how its value is read.
+# Item types by their number (the header's low byte), for the decoder.
 _TYPE_BY_NUMBER: list[ItemType | None] = [None] * 256
 for _t in ItemType:
     _TYPE_BY_NUMBER[_t.value] = _t

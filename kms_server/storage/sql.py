@@ -956,9 +956,10 @@ def _audit_values(record: StoredAuditRecord) -> tuple[Any, ...]:
     )
 
 
-assert _RAW_AUDIT_INSERT.names == tuple(c.name for c in kms_audit.c) == tuple(
+if not _RAW_AUDIT_INSERT.names == tuple(c.name for c in kms_audit.c) == tuple(
     f.name for f in dataclasses.fields(StoredAuditRecord)
-), "_audit_values gives kms_audit's columns in their order"
+):
+    raise RuntimeError("_audit_values must give kms_audit's columns in their order")
 
 
 class SqlStorage(Storage):

@@ -731,3 +731,22 @@ def test_counts_held_by_the_caller_are_counted_only_once_settled_as_what_the_cli
     # Outside, counted at once, as always.
     dispatcher.handle(missing, ALICE)
     assert counted("GET", "ITEM_NOT_FOUND") == 1
+
+
+@pytest.mark.parametrize(
+    "field, name, kind",
+    [
+        (ttlv.text(T.MAXIMUM_RESPONSE_SIZE.value, "big"), "Maximum Response Size", "an Integer"),
+        (ttlv.integer(T.BATCH_ERROR_CONTINUATION_OPTION.value, 1), "Batch Error Continuation Option", "an Enumeration"),
+        (ttlv.integer(T.CLIENT_CORRELATION_VALUE.value, 7), "Client Correlation Value", "a Text String"),
+        (ttlv.text(T.AUTHENTICATION.value, "alice"), "Authentication", "a Structure"),
+    ],
+)
+def test_a_header_field_of_the_wrong_type_is_refused_naming_it(dispatcher, field, name, kind):
+    """Each Request Header field the server reads is checked for its type
+    before its value is used; the answer names the field and its type."""
+    response = handle(dispatcher, request([discover_versions()], header_extra=[field]))
+    item = only_item(response) if batch_items(response) else None
+    assert item is not None and status(item) == ResultStatus.OPERATION_FAILED
+    assert reason(item) == ResultReason.INVALID_MESSAGE
+    assert item.get(T.RESULT_MESSAGE.value) == f"{name} in the Request Header must be {kind}"
