@@ -180,16 +180,13 @@ def _padded(length: int) -> int:
 
 # The header as two big-endian words: tag and type, then the length.
 _HEADER = struct.Struct(">II")
-_TYPES = {t.value: t for t in ItemType}
 _ZEROS = bytes(8)
-_STRUCTURE, _INTEGER, _INTERVAL, _ENUMERATION = (
-    ItemType.STRUCTURE,
-    ItemType.INTEGER,
-    ItemType.INTERVAL,
-    ItemType.ENUMERATION,
-)
+_STRUCTURE, _INTEGER = ItemType.STRUCTURE, ItemType.INTEGER
 _BOOLEAN, _TEXT, _BIG = ItemType.BOOLEAN, ItemType.TEXT_STRING, ItemType.BIG_INTEGER
-_LONG_KINDS = frozenset((ItemType.LONG_INTEGER, ItemType.DATE_TIME, ItemType.DATE_TIME_EXTENDED))
+# Item types by their number (the header's low byte).
+_TYPE_BY_NUMBER: list[ItemType | None] = [None] * 256
+for _t in ItemType:
+    _TYPE_BY_NUMBER[_t.value] = _t
 
 
 def read_header(data: bytes) -> tuple[int, ItemType, int]:
@@ -197,16 +194,12 @@ def read_header(data: bytes) -> tuple[int, ItemType, int]:
     if len(data) < HEADER_SIZE:
         raise TTLVError("truncated item header")
     word, length = _HEADER.unpack_from(data)
-    item_type = _TYPES.get(word & 0xFF)
+    item_type = _TYPE_BY_NUMBER[word & 0xFF]
     if item_type is None:
         raise TTLVError(f"unknown item type 0x{word & 0xFF:02X}")
     return word >> 8, item_type, length
 
 
-# Item types by their number (the header's low byte), for the decoder.
-_TYPE_BY_NUMBER: list[ItemType | None] = [None] * 256
-for _t in ItemType:
-    _TYPE_BY_NUMBER[_t.value] = _t
 # A 4-byte value and its 4 bytes of padding, read at once; 8-byte values.
 _SIGNED_4_PADDED = struct.Struct(">iI")
 _UNSIGNED_4_PADDED = struct.Struct(">II")
@@ -296,26 +289,17 @@ def decode(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> Item:
 
 
 # Encoding.
-_PACK_INTEGER = struct.Struct(">i").pack
-_PACK_UNSIGNED = struct.Struct(">I").pack
-_PACK_LONG = struct.Struct(">q").pack
 _TRUE, _FALSE = struct.pack(">Q", 1), struct.pack(">Q", 0)
 
 
 def _encode_value(item: Item) -> bytes:
+    """The value of an item `_encode_into` does not pack whole: a text or
+    byte string, a boolean or a big integer."""
     t, v = item.type, item.value
-    if t == _STRUCTURE:
-        return b"".join([encode(child) for child in v])
-    if t == _INTEGER:
-        return _PACK_INTEGER(v)
-    if t == _ENUMERATION or t == _INTERVAL:
-        return _PACK_UNSIGNED(v)
     if t == _TEXT:
         return v.encode("utf-8")
     if t == ItemType.BYTE_STRING:
         return bytes(v)
-    if t in _LONG_KINDS:
-        return _PACK_LONG(v)
     if t == _BOOLEAN:
         return _TRUE if v else _FALSE
     if t == _BIG:
