@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import logging
+import operator
 import os
 import sqlite3
 import threading
@@ -322,11 +322,12 @@ class _Raw:
         assert rowid is not None  # set after an INSERT
         return rowid
 
-    def many_values(self, conn: Connection, dialect: str, rows: list[tuple[Any, ...]]) -> None:
-        """Run the statement once per row of values, in the order of its
-        parameters (`names`): one execute for one row, else an executemany.
-        Rows built as tuples spare a dict per row and its reading back (a
-        read's audit record, issue 15)."""
+    def many(self, conn: Connection, dialect: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run the statement once per row of values, given in the order of
+        its parameters (`names`): one execute for one row, else an
+        executemany. Rows built as tuples spare a dict per row and its
+        reading back on SQLite (a read's audit record, a Create's attribute
+        rows: issue 15)."""
         if dialect != "sqlite":
             names = self.names
             if len(rows) == 1:
@@ -337,14 +338,6 @@ class _Raw:
             sqlite_execute(conn, self.sql, rows[0])
         else:
             sqlite_executemany(conn, self.sql, rows)
-
-    def many(self, conn: Connection, dialect: str, rows: list[dict[str, Any]]) -> None:
-        """Run the statement once per parameter set (executemany)."""
-        if dialect != "sqlite":
-            pg_execute(conn, self.pg_sql, many=rows)
-            return
-        names = self.names
-        sqlite_executemany(conn, self.sql, [tuple(p[name] for name in names) for p in rows])
 
 
 # Writes of objects and their attribute rows (bound parameters whose names
@@ -644,19 +637,11 @@ class _SqlTransaction(Transaction):
     def _insert_attributes(self, uid: str, attributes: list[StoredAttribute]) -> None:
         if not attributes:
             return
+        # In _ATTRIBUTE_COLUMNS' order.
         _RAW_ATTRIBUTES_INSERT.many(
             self._conn,
             self._dialect,
-            [
-                {
-                    "uid": uid,
-                    "name": a.name,
-                    "idx": a.index,
-                    "value": a.value,
-                    "value_digest": _digest(a.value),
-                }
-                for a in attributes
-            ],
+            [(uid, a.name, a.index, a.value, _digest(a.value)) for a in attributes],
         )
 
     def insert_object(self, obj: StoredObject) -> None:
@@ -785,7 +770,7 @@ class _SqlTransaction(Transaction):
                 if key not in wanted or value != wanted[key].value
             ]
             if gone and self._dialect == "sqlite":
-                _RAW_ATTRIBUTE_DELETE_ID.many(self._conn, self._dialect, [{"id": row_id} for row_id in gone])
+                _RAW_ATTRIBUTE_DELETE_ID.many(self._conn, self._dialect, [(row_id,) for row_id in gone])
             elif gone:
                 _RAW_ATTRIBUTES_DELETE_IDS.changed(self._conn, self._dialect, {"ids": gone})
             self._insert_attributes(obj.uid, changed)
@@ -883,7 +868,7 @@ class _SqlTransaction(Transaction):
             # INSERT .. VALUES per record cost more than the rest of the
             # record together. Several records: one executemany (on
             # PostgreSQL pipelined, one round trip).
-            _RAW_AUDIT_INSERT.many_values(self._conn, self._dialect, [_audit_values(r) for r in records])
+            _RAW_AUDIT_INSERT.many(self._conn, self._dialect, [_AUDIT_VALUES(r) for r in records])
             known, tail = self.audit_tail
             first, last = records[0], records[-1]
             consecutive = last.seq - first.seq == len(records) - 1
@@ -937,29 +922,9 @@ class _SqlTransaction(Transaction):
             return [StoredCheckpoint(**row._mapping) for row in rows]
 
 
-def _audit_values(record: StoredAuditRecord) -> tuple[Any, ...]:
-    """The record's row, in the order of kms_audit's columns (which is the
-    order of the audit insert's parameters: checked below)."""
-    return (
-        record.seq,
-        record.time,
-        record.node,
-        record.operation,
-        record.uid,
-        record.client,
-        record.result,
-        record.x_component,
-        record.x_name,
-        record.x_identifier,
-        record.body,
-        record.hash,
-    )
-
-
-if not _RAW_AUDIT_INSERT.names == tuple(c.name for c in kms_audit.c) == tuple(
-    f.name for f in dataclasses.fields(StoredAuditRecord)
-):
-    raise RuntimeError("_audit_values must give kms_audit's columns in their order")
+# A record's row, in the order of the audit insert's parameters (its
+# columns, which are StoredAuditRecord's fields), read from C.
+_AUDIT_VALUES = operator.attrgetter(*_RAW_AUDIT_INSERT.names)
 
 
 class SqlStorage(Storage):
