@@ -21,6 +21,13 @@ suspended, the reactor serves others, and whoever opens the batch resumes
 it there. The state kept here is a ContextVar, and each work runs in a
 copy of the context it was started in, so that what one waiting work has
 set is not what the next request in the thread sees.
+
+A `Work` may also wait for a socket (`wait_fd`): a PostgreSQL read run in
+the reactor thread sends its statement, and the work is suspended until
+the reactor sees the answer arrive (`kmip_core.reactor_io`). Such a work is
+made with `writer=False`: it only reads, and may not wait for the
+writer's turn (`writer_busy` and `writer_turn` raise WriterBusy in it, as
+outside any work).
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ __all__ = [
     "Work",
     "WouldBlock",
     "WriterBusy",
+    "can_wait_fd",
     "in_reactor",
     "in_reactor_now",
     "pinned",
+    "wait_fd",
     "would_block",
     "writer_busy",
     "writer_turn",
@@ -104,10 +113,39 @@ def writer_busy(what: str) -> None:
         raise WriterBusy(what)
 
 
-def _waiting_work() -> Work | None:
-    """The `Work` whose own code is running (it can wait), or None."""
+def _waiting_work(writer: bool = True) -> Work | None:
+    """The `Work` whose own code is running (it can wait), or None. With
+    `writer`, only a work that may wait for the writer's turn."""
     work = _WORK.get()
-    return work if work is not None and greenlet.getcurrent() is work._greenlet else None
+    if work is None or greenlet.getcurrent() is not work._greenlet:
+        return None
+    return work if work.writer or not writer else None
+
+
+def can_wait_fd() -> bool:
+    """Whether `wait_fd` would suspend a `Work` here (rather than raise
+    WouldBlock or return at once): ask before starting what must then be
+    waited for, such as a statement sent to a server."""
+    return _waiting_work(writer=False) is not None
+
+
+def wait_fd(fileno: int, events: int, what: str) -> int:
+    """Wait until the socket `fileno` is ready for `events` (1: reading, 2:
+    writing, 3: either; psycopg's `Wait`), and return what it is ready for
+    (psycopg's `Ready`). In a `Work` the work is suspended meanwhile and
+    the thread serves others; elsewhere in `in_reactor()` this raises
+    WouldBlock (`what` says what would have blocked); outside it, returns
+    0 at once: the caller waits the blocking way."""
+    work = _waiting_work(writer=False)
+    if work is None:
+        would_block(what)
+        return 0
+    work.io = (fileno, events)
+    try:
+        ready = work._wait()
+    finally:
+        work.io = None
+    return int(ready)
 
 
 def writer_turn(what: str) -> None:
@@ -161,9 +199,9 @@ class Work:
     computed outside the writer's turn, which the node's processes hold
     one at a time (issue 15)."""
 
-    __slots__ = ("_caller", "_fn", "_greenlet", "result")
+    __slots__ = ("_caller", "_fn", "_greenlet", "io", "result", "writer")
 
-    def __init__(self, fn: Callable[[], Any]):
+    def __init__(self, fn: Callable[[], Any], writer: bool = True):
         # The greenlet is given this work when it starts (no closure over
         # it: no reference cycle for the collector to find once it ends).
         self._fn = fn
@@ -171,11 +209,18 @@ class Work:
         self._greenlet.gr_context = contextvars.copy_context()
         self._caller: greenlet.greenlet | None = None
         self.result: Any = None
+        # Whether it may wait for the writer's turn (`writer_turn`).
+        self.writer = writer
+        # While it waits in `wait_fd`: (file descriptor, events).
+        self.io: tuple[int, int] | None = None
 
-    def step(self) -> bool:
+    def step(self, value: Any = None) -> bool:
         """Run the work until it ends (True: its value is `result`; what
-        it raises is raised here) or waits for the writer's turn (False).
-        Call again once a batch is open."""
+        it raises is raised here) or waits (False): for the writer's turn
+        (call again once a batch is open), or in `wait_fd` for the socket
+        `io` names (call again with what it is ready for, `value`)."""
+        if self._greenlet:  # started: `value` is what its wait returns
+            return self._switch(lambda: self._greenlet.switch(value))
         return self._switch(lambda: self._greenlet.switch(self))
 
     def throw(self, exc: BaseException) -> bool:
@@ -190,7 +235,7 @@ class Work:
         self.result = value
         return True
 
-    def _wait(self) -> None:
+    def _wait(self) -> Any:
         caller = self._caller
         assert caller is not None  # running, so switched to by _switch
-        caller.switch(_WAITING)
+        return caller.switch(_WAITING)

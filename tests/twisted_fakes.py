@@ -68,3 +68,50 @@ class TLSStringTransport(StringTransport):
 
     def getPeerCertificate(self):
         return PEER_CERTIFICATE
+
+
+class SelectReactor(FakeReactor):
+    """A FakeReactor that also watches real file descriptors (addReader,
+    addWriter, removeReader, removeWriter, as a reactor's), for work that
+    waits for sockets (kmip_core/reactor_io.py): `pump()` waits with
+    select() for one round of events and calls each ready descriptor's
+    doRead or doWrite, as a reactor's turn would."""
+
+    def __init__(self):
+        super().__init__()
+        self.readers: set = set()
+        self.writers: set = set()
+
+    def addReader(self, reader) -> None:
+        self.readers.add(reader)
+
+    def addWriter(self, writer) -> None:
+        self.writers.add(writer)
+
+    def removeReader(self, reader) -> None:
+        self.readers.discard(reader)
+
+    def removeWriter(self, writer) -> None:
+        self.writers.discard(writer)
+
+    def pump(self, timeout: float = 10.0) -> int:
+        """One round: the descriptors ready within `timeout` seconds are
+        told so. Returns how many were; raises AssertionError when nothing
+        is watched, or nothing was ready in time (a test that would hang)."""
+        import select
+
+        assert self.readers or self.writers, "nothing is watched"
+        readable, writable, _ = select.select(list(self.readers), list(self.writers), [], timeout)
+        assert readable or writable, f"no descriptor was ready within {timeout} s"
+        for reader in readable:
+            if reader in self.readers:
+                reader.doRead()
+        for writer in writable:
+            if writer in self.writers:
+                writer.doWrite()
+        return len(readable) + len(writable)
+
+    def pump_until(self, done, timeout: float = 10.0) -> None:
+        """`pump()` until `done()` is true."""
+        while not done():
+            self.pump(timeout)
