@@ -305,10 +305,14 @@ class KmsService(service.Service):
         operation = single_operation(decoded)
         if operation not in self.in_reactor_ops:
             return in_pool
-        if operation in WRITES_IN_REACTOR or (
-            # A first Get writes (it clears Fresh): started as a write.
-            operation == _GET and self.reactor_writes is not None and get.writes(self.keystore, _payload(decoded))
-        ):
+        # A first Get writes (it clears Fresh): started as a write, or on
+        # PostgreSQL (no writes in the reactor) on the pool at once, rather
+        # than read here and read again there.
+        first_get = operation == _GET and get.writes(self.keystore, _payload(decoded))
+        if self.reactor_writes is None:
+            if first_get:
+                return in_pool
+        elif operation in WRITES_IN_REACTOR or first_get:
             return self._write_now(message, conn, decoded, in_pool)
         if self.reactor_reads is not None:
             return self._read_now(message, conn, decoded, in_pool)
