@@ -125,12 +125,13 @@ class CooperativeWaits:
     WHAT = "a PostgreSQL round trip"
 
     @staticmethod
-    def cooperative(timeout: float | None) -> bool:
-        """Whether this wait is driven here (else psycopg's own, after
-        WouldBlock had its chance)."""
+    def cooperative(explicit: bool) -> bool:
+        """Whether this wait is driven here; else psycopg's own, once
+        WouldBlock had its chance. `explicit`: the caller gave the wait a
+        time limit (psycopg's notifies), which only psycopg's own keeps."""
         if not nonblocking.in_reactor_now():
             return False
-        if timeout is None and nonblocking.can_wait_fd():
+        if not explicit and nonblocking.can_wait_fd():
             return True
         nonblocking.would_block(CooperativeWaits.WHAT)  # returns only when pinned
         return False
@@ -157,10 +158,13 @@ def _cooperative_connection_class() -> Any:
         import psycopg
 
         class CooperativeConnection(psycopg.Connection):
-            def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-                if CooperativeWaits.cooperative(timeout):
+            # psycopg's own arguments are passed on as given (their names
+            # differ between its releases); a wait given a time limit is
+            # left to psycopg.
+            def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+                if CooperativeWaits.cooperative(bool(args) or kwargs.get("timeout") is not None):
                     return CooperativeWaits.drive(gen, self.pgconn.socket)
-                return super().wait(gen, interval=interval, timeout=timeout)
+                return super().wait(gen, *args, **kwargs)
 
         _CONNECTION_CLASS = CooperativeConnection
     return _CONNECTION_CLASS

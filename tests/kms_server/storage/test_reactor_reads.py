@@ -277,3 +277,24 @@ def test_reads_waiting_at_once_in_the_reactor_each_have_a_transaction_of_their_o
     reactor.pump_until(lambda: all(outs))
     assert outs == [[None], [None]]
     assert pg_storage.idle_readers == 2
+
+
+def test_a_wait_given_a_time_limit_in_a_reactor_read_would_block_before_it_starts(pg_engine):
+    """Only psycopg's own wait keeps a time limit: in the reactor such a
+    wait raises WouldBlock, its generator not started."""
+    started: list = []
+
+    def gen():
+        started.append(True)
+        yield 1
+
+    with pg_engine.connect() as conn:
+        driver = conn.connection.driver_connection
+
+        def job():
+            with in_reactor():
+                driver.wait(gen(), timeout=1.0)
+
+        with pytest.raises(WouldBlock, match="PostgreSQL round trip"):
+            ReactorReads(SelectReactor()).start(job)
+    assert started == []
