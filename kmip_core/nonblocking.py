@@ -21,13 +21,6 @@ suspended, the reactor serves others, and whoever opens the batch resumes
 it there. The state kept here is a ContextVar, and each work runs in a
 copy of the context it was started in, so that what one waiting work has
 set is not what the next request in the thread sees.
-
-A `Work` may also wait for a socket (`wait_fd`): a PostgreSQL read run in
-the reactor thread sends its statement, and the work is suspended until
-the reactor sees the answer arrive (`kmip_core.reactor_io`). Such a work is
-made with `writer=False`: it only reads, and may not wait for the
-writer's turn (`writer_busy` and `writer_turn` raise WriterBusy in it, as
-outside any work).
 """
 
 from __future__ import annotations
@@ -44,11 +37,9 @@ __all__ = [
     "Work",
     "WouldBlock",
     "WriterBusy",
-    "can_wait_fd",
     "in_reactor",
     "in_reactor_now",
     "pinned",
-    "wait_fd",
     "would_block",
     "writer_busy",
     "writer_turn",
@@ -113,39 +104,10 @@ def writer_busy(what: str) -> None:
         raise WriterBusy(what)
 
 
-def _waiting_work(writer: bool = True) -> Work | None:
-    """The `Work` whose own code is running (it can wait), or None. With
-    `writer`, only a work that may wait for the writer's turn."""
+def _waiting_work() -> Work | None:
+    """The `Work` whose own code is running (it can wait), or None."""
     work = _WORK.get()
-    if work is None or greenlet.getcurrent() is not work._greenlet:
-        return None
-    return work if work.writer or not writer else None
-
-
-def can_wait_fd() -> bool:
-    """Whether `wait_fd` would suspend a `Work` here (rather than raise
-    WouldBlock or return at once): ask before starting what must then be
-    waited for, such as a statement sent to a server."""
-    return _waiting_work(writer=False) is not None
-
-
-def wait_fd(fileno: int, events: int, what: str) -> int:
-    """Wait until the socket `fileno` is ready for `events` (1: reading, 2:
-    writing, 3: either; psycopg's `Wait`), and return what it is ready for
-    (psycopg's `Ready`). In a `Work` the work is suspended meanwhile and
-    the thread serves others; elsewhere in `in_reactor()` this raises
-    WouldBlock (`what` says what would have blocked); outside it, returns
-    0 at once: the caller waits the blocking way."""
-    work = _waiting_work(writer=False)
-    if work is None:
-        would_block(what)
-        return 0
-    work.io = (fileno, events)
-    try:
-        ready = work._wait()
-    finally:
-        work.io = None
-    return int(ready)
+    return work if work is not None and greenlet.getcurrent() is work._greenlet else None
 
 
 def writer_turn(what: str) -> None:
@@ -199,9 +161,9 @@ class Work:
     computed outside the writer's turn, which the node's processes hold
     one at a time (issue 15)."""
 
-    __slots__ = ("_caller", "_fn", "_greenlet", "io", "result", "writer")
+    __slots__ = ("_caller", "_fn", "_greenlet", "result")
 
-    def __init__(self, fn: Callable[[], Any], writer: bool = True):
+    def __init__(self, fn: Callable[[], Any]):
         # The greenlet is given this work when it starts (no closure over
         # it: no reference cycle for the collector to find once it ends).
         self._fn = fn
@@ -209,18 +171,11 @@ class Work:
         self._greenlet.gr_context = contextvars.copy_context()
         self._caller: greenlet.greenlet | None = None
         self.result: Any = None
-        # Whether it may wait for the writer's turn (`writer_turn`).
-        self.writer = writer
-        # While it waits in `wait_fd`: (file descriptor, events).
-        self.io: tuple[int, int] | None = None
 
-    def step(self, value: Any = None) -> bool:
+    def step(self) -> bool:
         """Run the work until it ends (True: its value is `result`; what
-        it raises is raised here) or waits (False): for the writer's turn
-        (call again once a batch is open), or in `wait_fd` for the socket
-        `io` names (call again with what it is ready for, `value`)."""
-        if self._greenlet:  # started: `value` is what its wait returns
-            return self._switch(lambda: self._greenlet.switch(value))
+        it raises is raised here) or waits for the writer's turn (False).
+        Call again once a batch is open."""
         return self._switch(lambda: self._greenlet.switch(self))
 
     def throw(self, exc: BaseException) -> bool:
@@ -235,7 +190,7 @@ class Work:
         self.result = value
         return True
 
-    def _wait(self) -> Any:
+    def _wait(self) -> None:
         caller = self._caller
         assert caller is not None  # running, so switched to by _switch
-        return caller.switch(_WAITING)
+        caller.switch(_WAITING)

@@ -30,7 +30,6 @@ from kmip_core.db.group_commit import DeferredGroupCommit
 from kmip_core.nonblocking import WouldBlock, WriterBusy, in_reactor
 from kmip_core.policy import Principal, role_for
 from kmip_core.protocol import IN_POOL, HeldAnswer, InPool, KmipFactory
-from kmip_core.reactor_io import ReactorReads
 from kmip_core.sealing.barrier import open_barrier
 from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher, HeldResponse, retry_schedule, single_operation
 from kmip_core.ttlv import Item
@@ -214,12 +213,7 @@ class KmsService(service.Service):
         # So do writes, in batches the reactor commits once a turn
         # (kms_server/storage/reactor_writes.py). On PostgreSQL each is a
         # round trip over the network: every request goes to the pool.
-        # On PostgreSQL a read runs there too, as a work that waits for its
-        # statements' answers while the reactor serves others
-        # (kmip_core/reactor_io.py): a hand-off to the pool and back cost
-        # more than the read.
         self.reads_in_reactor = self.storage.reads_in_reactor
-        self.reactor_reads = ReactorReads(reactor) if self.storage.reads_wait_in_reactor else None
         batches = self.storage.reactor_batches() if self.reads_in_reactor else None
         self.reactor_writes: ReactorWrites | None = None
         self.in_reactor_ops = READS_IN_REACTOR
@@ -305,28 +299,12 @@ class KmsService(service.Service):
         operation = single_operation(decoded)
         if operation not in self.in_reactor_ops:
             return in_pool
-        # A first Get writes (it clears Fresh): started as a write, or on
-        # PostgreSQL (no writes in the reactor) on the pool at once, rather
-        # than read here and read again there.
-        first_get = operation == _GET and get.writes(self.keystore, _payload(decoded))
-        if self.reactor_writes is None:
-            if first_get:
-                return in_pool
-        elif operation in WRITES_IN_REACTOR or first_get:
+        if operation in WRITES_IN_REACTOR or (
+            # A first Get writes (it clears Fresh): started as a write.
+            operation == _GET and self.reactor_writes is not None and get.writes(self.keystore, _payload(decoded))
+        ):
             return self._write_now(message, conn, decoded, in_pool)
-        if self.reactor_reads is not None:
-            return self._read_now(message, conn, decoded, in_pool)
         return self._in_reactor(message, conn, decoded, in_pool)
-
-    def _read_now(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> object:
-        """A read that waits for its database in the reactor thread
-        (ReactorReads): answered now if it did not wait, else once it ends."""
-        reads = self.reactor_reads
-        assert reads is not None  # chosen only with it (_handle_inline)
-        ran = reads.start(lambda: self._in_reactor(message, conn, decoded, in_pool))
-        if not isinstance(ran, defer.Deferred):
-            return ran
-        return HeldAnswer(lambda: ran.addCallback(self._answer_of))
 
     def _write_now(self, message: bytes, conn: ConnectionInfo, decoded: Item, in_pool: InPool) -> object:
         """A write: started now, its transaction run in the reactor's next

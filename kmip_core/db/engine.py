@@ -10,9 +10,7 @@
   exception text and SQLAlchemy's log (``hide_parameters``): they are sealed
   key material and attribute values. A SQLite file is made mode 0600 first.
   A pooled PostgreSQL connection is pinged before use only after it sat
-  idle (``PING_AFTER_IDLE_SECONDS``), not before every transaction. Its
-  statements, run by a read in the reactor thread, wait for the server
-  without blocking the thread (``CooperativeWaits``).
+  idle (``PING_AFTER_IDLE_SECONDS``), not before every transaction.
 - ``configure_sqlite``: SQLite as the services need it (WAL, busy_timeout,
   foreign keys, our own BEGIN so a writer takes the lock up front).
 - ``describe_error``: a database error in one line without bound values.
@@ -30,8 +28,6 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, SQLAlchemyError, StatementError
-
-from kmip_core import nonblocking
 
 __all__ = [
     "PING_AFTER_IDLE_SECONDS",
@@ -99,75 +95,7 @@ def open_engine(url: URL, **options: Any) -> Engine:
     engine = create_engine(url, hide_parameters=True, **options)
     if not options.get("pool_pre_ping"):
         ping_idle_connections(engine)
-    connection_class = _cooperative_connection_class()
-
-    @event.listens_for(engine, "do_connect")
-    def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
-        return connection_class.connect(*cargs, **cparams)
-
     return engine
-
-
-class CooperativeWaits:
-    """How a PostgreSQL connection of `open_engine` waits for its server,
-    the one thing its class (a subclass of psycopg's Connection) changes.
-
-    - On a pool thread, or anywhere outside `nonblocking.in_reactor()`:
-      psycopg's own wait, which blocks the thread.
-    - In a `nonblocking.Work` of the reactor thread that can wait for a
-      socket (a read run there, `kmip_core.reactor_io`): psycopg's
-      generator is driven here, and where it would block the work waits
-      for the socket (`nonblocking.wait_fd`) while the reactor serves
-      others.
-    - Elsewhere in `in_reactor()`: WouldBlock before anything is sent (the
-      work starts over on the pool), unless the work is pinned there."""
-
-    WHAT = "a PostgreSQL round trip"
-
-    @staticmethod
-    def cooperative(explicit: bool) -> bool:
-        """Whether this wait is driven here; else psycopg's own, once
-        WouldBlock had its chance. `explicit`: the caller gave the wait a
-        time limit (psycopg's notifies), which only psycopg's own keeps."""
-        if not nonblocking.in_reactor_now():
-            return False
-        if not explicit and nonblocking.can_wait_fd():
-            return True
-        nonblocking.would_block(CooperativeWaits.WHAT)  # returns only when pinned
-        return False
-
-    @staticmethod
-    def drive(gen: Any, fileno: int) -> Any:
-        """psycopg's generator `gen` run to its end, waiting for `fileno`."""
-        try:
-            events = next(gen)
-            while True:
-                events = gen.send(nonblocking.wait_fd(fileno, int(events), CooperativeWaits.WHAT))
-        except StopIteration as done:
-            return done.value
-
-
-_CONNECTION_CLASS: Any = None
-
-
-def _cooperative_connection_class() -> Any:
-    """psycopg's Connection with `CooperativeWaits` (made once, on first
-    use: psycopg is imported only for PostgreSQL)."""
-    global _CONNECTION_CLASS
-    if _CONNECTION_CLASS is None:
-        import psycopg
-
-        class CooperativeConnection(psycopg.Connection):
-            # psycopg's own arguments are passed on as given (their names
-            # differ between its releases); a wait given a time limit is
-            # left to psycopg.
-            def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-                if CooperativeWaits.cooperative(bool(args) or kwargs.get("timeout") is not None):
-                    return CooperativeWaits.drive(gen, self.pgconn.socket)
-                return super().wait(gen, *args, **kwargs)
-
-        _CONNECTION_CLASS = CooperativeConnection
-    return _CONNECTION_CLASS
 
 
 # A pooled PostgreSQL connection that sat idle this long is pinged before it

@@ -268,11 +268,6 @@ class Storage(abc.ABC):
     # kmip_core.nonblocking.would_block before they wait: then a node runs
     # reads in its reactor thread (SQLite).
     reads_in_reactor: bool = False
-    # Whether such a read waits for the network there, as a
-    # kmip_core.nonblocking.Work suspended while its statement is answered
-    # (kmip_core.reactor_io): the node then runs each read as one
-    # (PostgreSQL). A read that would block otherwise raises WouldBlock.
-    reads_wait_in_reactor: bool = False
 
     @abc.abstractmethod
     def transaction(self, read_only: bool = False) -> AbstractContextManager[Transaction]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
 import fcntl
 import hashlib
 import logging
@@ -62,7 +61,7 @@ from kmip_core.db.engine import (
     sqlite_execute,
     sqlite_executemany,
 )
-from kmip_core.nonblocking import WriterBusy, in_reactor_now, pinned, would_block, writer_turn
+from kmip_core.nonblocking import WriterBusy, in_reactor_now, pinned, writer_turn
 from kms_server.storage.base import (
     AuditQuery,
     ConcurrentModification,
@@ -91,10 +90,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("kms_server.storage")
-
-# The storages with a transaction open in this thread, or in this work of
-# the reactor thread (SqlStorage.transaction).
-_ACTIVE: contextvars.ContextVar[tuple[SqlStorage, ...]] = contextvars.ContextVar("kms_server.storage.active", default=())
 
 metadata = MetaData()
 
@@ -944,6 +939,7 @@ class SqlStorage(Storage):
         url, shown = parse_db_url(db_url)
         backend = url.get_backend_name()
         self._dialect = backend
+        self._local = threading.local()
         # Group commit of this process's writers (WriteBatches). On SQLite
         # the reactor thread fills batches too (reactor_batches).
         self.writes: WriteBatches | None = None
@@ -965,11 +961,6 @@ class SqlStorage(Storage):
             self.reads_in_reactor = True
         elif backend == "postgresql":
             self.writes = WriteBatches(self._engine, None, dialect=backend)
-            # Reads run in the reactor thread on a kept connection, and wait
-            # for their statements' answers there without blocking it
-            # (_unit_of_work; kmip_core.db.engine.CooperativeWaits).
-            self.reads_in_reactor = True
-            self.reads_wait_in_reactor = True
         from kms_server.storage import schema as schema_versions
 
         self.shown_url = shown
@@ -1009,25 +1000,17 @@ class SqlStorage(Storage):
     @contextlib.contextmanager
     def transaction(self, read_only: bool = False) -> Iterator[Transaction]:
         # A second transaction on the same thread would wait for the first
-        # one's locks forever (or for busy_timeout on SQLite). A context
-        # variable, not a thread-local: reads of the reactor thread that wait
-        # for PostgreSQL (kmip_core.reactor_io) each run in a context of
-        # their own, several at once in one thread.
-        open_here = _ACTIVE.get()
-        if self in open_here:
+        # one's locks forever (or for busy_timeout on SQLite).
+        if getattr(self._local, "active", False):
             raise StorageError("transactions do not nest")
         writes = None if read_only else self.writes
         reactor = self._dialect == "sqlite"  # SQLite's writes may run in the reactor thread
-        if writes is not None and not reactor:
-            # PostgreSQL's writes wait for the writers' lock and the shared
-            # commit on a pool thread, never in the reactor's.
-            would_block("a write transaction on PostgreSQL")
         if writes is not None and reactor and not writes.reactor_batch_open:
             # In the reactor thread, work that can wait for the writer's
             # turn waits here, before its transaction begins, while the
             # reactor serves others; other work raises WriterBusy.
             writer_turn("a write transaction (the reactor's batch is not open)")
-        active = _ACTIVE.set((*open_here, self))
+        self._local.active = True
         try:
             if writes is not None:
                 # One writer at a time (SQLite's write lock; on PostgreSQL
@@ -1046,7 +1029,7 @@ class SqlStorage(Storage):
                 with self._unit_of_work(read_only) as tx:
                     yield tx
         finally:
-            _ACTIVE.reset(active)
+            self._local.active = False
 
     @contextlib.contextmanager
     def _unit_of_work(self, read_only: bool = False) -> Iterator[Transaction]:
@@ -1058,10 +1041,6 @@ class SqlStorage(Storage):
         if keep_reader:
             conn = self._kept_reader()
         if conn is None:
-            if postgresql:
-                # In the reactor thread only a kept connection will do: the
-                # pool's checkout may wait for a connection, or connect.
-                would_block("a PostgreSQL connection from the pool")
             try:
                 conn = self._engine.connect()
                 if read_only and postgresql:
@@ -1130,11 +1109,6 @@ class SqlStorage(Storage):
             stale = self._dialect == "postgresql" and time.monotonic() - since > PING_AFTER_IDLE_SECONDS
             if not stale and not (conn.closed or conn.invalidated):
                 return conn
-            if in_reactor_now():
-                # Closed on a pool thread: returning it to the pool talks
-                # to the server (its reset).
-                self._idle_readers.append((conn, since))
-                would_block("a kept database connection idle too long")
             with contextlib.suppress(SQLAlchemyError):
                 conn.close()
 
