@@ -120,7 +120,7 @@ class KmipProtocol(protocol.Protocol):
         # max_unsent_bytes of our responses wait to be sent.
         socket = limits.socket_transport(self.transport)
         if socket is not None:
-            socket.bufferSize = self.factory.max_unsent_bytes
+            limits.pause_when_unsent_over(socket, self.factory.max_unsent_bytes)
         self.transport.registerProducer(self, True)
         self._idle.start(self.factory.idle_timeout)
 
