@@ -172,9 +172,9 @@ def pause_when_unsent_over(socket: abstract.FileDescriptor, limit: int) -> None:
     munmap: about 14 us of CPU per read, twice a Get's own decoding; issue
     15). So the limit goes on the check alone, and reads keep Twisted's
     size. The check reads the attributes Twisted's own reads (getattr:
-    should Twisted rename them, it stops pausing early rather than fail
-    every write); should Twisted rename the check, it pauses at its own
-    64 KiB, earlier than asked."""
+    should Twisted rename them, back-pressure weakens, as in
+    `unsent_bytes`, instead of every write failing); should Twisted rename
+    the check, it pauses at its own 64 KiB, earlier than asked."""
 
     def full() -> bool:
         return len(getattr(socket, "dataBuffer", b"")) + getattr(socket, "_tempDataLen", 0) > limit
