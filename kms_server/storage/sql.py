@@ -637,7 +637,9 @@ class _SqlTransaction(Transaction):
     def _insert_attributes(self, uid: str, attributes: list[StoredAttribute]) -> None:
         if not attributes:
             return
-        # In _ATTRIBUTE_COLUMNS' order.
+        # In the insert's parameter order (_RAW_ATTRIBUTES_INSERT.names: the
+        # table's columns, id left out); the storage contract's round trips
+        # fail if a value lands in another column.
         _RAW_ATTRIBUTES_INSERT.many(
             self._conn,
             self._dialect,
