@@ -1300,6 +1300,20 @@ def _versions() -> dict:
     return out
 
 
+def failed_cells(results: list[dict]) -> list[dict]:
+    """The cells that make the run fail. A workload PyKMIP's server refuses
+    (it has no custom attributes) is a fact about the reference, not a
+    failure of the run; so is a PyKMIP cell cut short, without errors, by
+    --cell-timeout (its cycle runs at about 45 requests a second on two
+    cores: `make bench`'s 6,000 requests take longer than the default
+    120 s). Such a cell's figures are measured over the iterations it ran."""
+    return [
+        r
+        for r in results
+        if r["status"] != "ok" and not (r["status"] in ("unsupported", "incomplete") and r["server"] == "PyKMIP")
+    ]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -1466,12 +1480,7 @@ def main(argv=None) -> int:
         err.log(f"figures written to {args.json}")
     if interrupted:
         return 130
-    # A workload PyKMIP's server refuses (it has no custom attributes) is a
-    # fact about the reference, not a failure of the run.
-    failed = any(
-        r["status"] != "ok" and not (r["status"] == "unsupported" and r["server"] == "PyKMIP") for r in results
-    )
-    return 1 if failed else 0
+    return 1 if failed_cells(results) else 0
 
 
 if __name__ == "__main__":

@@ -162,3 +162,19 @@ def test_raw_runner_counts_a_wrong_answer(ceiling, pki_dir):
     assert runner.errors == 1
     assert "wrong answer" in runner.error_samples[0]
     assert runner.iteration_latencies == []
+
+
+def test_only_the_reference_may_be_cut_short_or_refuse_without_failing_the_run():
+    cells = [
+        {"server": "kms-server", "status": "ok"},
+        {"server": "PyKMIP", "status": "incomplete"},  # its cycle outlasts --cell-timeout
+        {"server": "PyKMIP", "status": "unsupported"},  # it has no custom attributes
+    ]
+    assert throughput.failed_cells(cells) == []
+    bad = [
+        {"server": "kms-server", "status": "incomplete"},
+        {"server": "ceiling", "status": "incomplete"},
+        {"server": "PyKMIP", "status": "errors"},
+        {"server": "kms-server", "status": "unsupported"},
+    ]
+    assert throughput.failed_cells(cells + bad) == bad
