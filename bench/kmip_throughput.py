@@ -1103,6 +1103,24 @@ def not_run(server: str, workload: str, concurrency: int, reason: str) -> dict:
     }
 
 
+def cores_used(results: list[dict], workload: str) -> str:
+    """Where a workload's cores went, server by server: the server's
+    process tree and the load generator's clients, in cores over the cell
+    (e.g. "kms-server 1.32 + 0.64, PyKMIP 1.00 + 0.21"). The machine's
+    cores are shared: a server that leaves the clients less CPU per request
+    leaves itself more; PyKMIP's server does not use more than one
+    (its engine lock)."""
+    parts = []
+    for r in results:
+        if r["workload"] != workload or r.get("server_cpu_utilisation") is None:
+            continue
+        rate, client_ms = r.get("requests_per_s"), r.get("client_cpu_ms_per_request")
+        if not rate or client_ms is None:
+            continue
+        parts.append(f"{r['server']} {r['server_cpu_utilisation']:.2f} + {rate * client_ms / 1000:.2f}")
+    return ", ".join(parts)
+
+
 def render(results: list[dict], meta: dict, console) -> None:
     from rich import box
     from rich.table import Table
@@ -1191,6 +1209,9 @@ def render(results: list[dict], meta: dict, console) -> None:
     for workload in dict.fromkeys(r["workload"] for r in results):
         n = len(WORKLOADS[workload])
         console.print(f"{workload}: {WORKLOAD_HELP[workload]} ({n} request{'s' if n > 1 else ''} per iteration)")
+        cores = cores_used(results, workload)
+        if cores:
+            console.print(f"    cores used, server + load generator: {cores}")
     noisy = [r for r in results if (r.get("other_cpu_cores") or 0) > NOISE_CORES]
     if noisy:
         console.print(

@@ -178,3 +178,23 @@ def test_only_the_reference_may_be_cut_short_or_refuse_without_failing_the_run()
         {"server": "kms-server", "status": "unsupported"},
     ]
     assert throughput.failed_cells(cells + bad) == bad
+
+
+def test_cores_used_adds_the_load_generators_share_per_server():
+    def cell(workload, server, cores, rate, client_ms):
+        return {
+            "workload": workload,
+            "server": server,
+            "server_cpu_utilisation": cores,
+            "requests_per_s": rate,
+            "client_cpu_ms_per_request": client_ms,
+        }
+
+    cells = [
+        cell("connect", "kms-server", 1.013, 400.0, 2.2),
+        cell("connect", "PyKMIP", 1.02, 320.0, 1.9),
+        cell("get", "ceiling", 0.9, 10.0, 1.0),
+        cell("connect", "ceiling", None, None, None),  # ran nothing: no figures to add
+    ]
+    assert throughput.cores_used(cells, "connect") == "kms-server 1.01 + 0.88, PyKMIP 1.02 + 0.61"
+    assert throughput.cores_used(cells, "create") == ""
