@@ -3,7 +3,7 @@
 answers every request with a canned, well-formed response.
 
     .venv/bin/python bench/ceiling_server.py --cert server.pem --key server.key --ca ca.pem
-        [--host 127.0.0.1] [--port 0] [--worker-threads 16]
+        [--host 127.0.0.1] [--port 0] [--worker-threads 16] [--processes N] [--in-reactor]
 
 Same stack as kms-server, down to the parts a request goes through before it
 reaches the dispatcher: Twisted's reactor, pyOpenSSL with the server's own
@@ -19,17 +19,26 @@ fixed 32-byte AES key, Locate that one identifier, GetAttributes State
 PRE_ACTIVE / AES / 256, DiscoverVersions the versions kms-server speaks;
 every other operation Success with an empty payload.
 
-So no KMIP server on this stack can be faster than this one: it is the
-ceiling `bench/kmip_throughput.py` reports every workload against. Prints
-"ceiling listening on HOST:PORT" once it accepts connections; SIGTERM or
-SIGINT stops it after the requests in flight are answered.
+By default it is one process with a thread pool, the reference issue 15
+measured and set its targets against, and `bench/kmip_throughput.py`
+reports every workload against it. kms-server differs in two ways that
+this default does not have: it runs one process per core, and answers
+most requests in its reactor thread. `--processes N` runs N processes on
+one listening socket, as kms-server's `[server] processes` does
+(kmip_core.workers), and `--in-reactor` answers every request in the
+reactor thread: with both, no KMIP server on this stack can be faster on
+this machine. Prints "ceiling listening on HOST:PORT" once it accepts
+connections; SIGTERM or SIGINT stops it (every process) after the requests
+in flight are answered.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -48,7 +57,7 @@ from kmip.core.enums import (  # noqa: E402
     Tags,
 )
 
-from kmip_core import limits, tls, ttlv  # noqa: E402
+from kmip_core import limits, tls, ttlv, workers  # noqa: E402
 from kmip_core.config import TlsConfig  # noqa: E402
 from kmip_core.protocol import KmipFactory  # noqa: E402
 
@@ -190,9 +199,10 @@ def _wrap(tag: int, body: bytes) -> bytes:
     return tag.to_bytes(3, "big") + bytes([ttlv.ItemType.STRUCTURE]) + len(body).to_bytes(4, "big") + body
 
 
-def build(reactor, cert: Path, key: Path, ca: Path, worker_threads: int = 16):
+def build(reactor, cert: Path, key: Path, ca: Path, worker_threads: int = 16, in_reactor: bool = False):
     """(listener factory, TLS context factory, thread pool) wired the way
-    kms_server.server wires its own."""
+    kms_server.server wires its own; with `in_reactor`, every request is
+    answered in the reactor thread (KmipFactory's `handle_inline`)."""
     from twisted.python.threadpool import ThreadPool
 
     context_factory = tls.server_context_factory(
@@ -206,7 +216,16 @@ def build(reactor, cert: Path, key: Path, ca: Path, worker_threads: int = 16):
             raise ValueError("no client certificate")
         return tls.peer_identity(certificate, "cn")
 
-    factory = KmipFactory(handle=lambda message, identity: canned.answer(message), identify=identify, threadpool=threadpool, reactor=reactor)
+    def answer(message: bytes, identity) -> bytes:
+        return canned.answer(message)
+
+    factory = KmipFactory(
+        handle=answer,
+        identify=identify,
+        threadpool=threadpool,
+        reactor=reactor,
+        handle_inline=answer if in_reactor else None,
+    )
     listener = limits.LimitedFactory(
         factory,
         limits.ListenerLimits(max_connections=1024, max_handshakes=256, handshake_timeout=10.0),
@@ -224,20 +243,54 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--worker-threads", type=int, default=16, help="the thread pool's size (kms-server's default: 16)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="processes sharing the listening socket, as kms-server's [server] processes (default 1)",
+    )
+    p.add_argument("--in-reactor", action="store_true", help="answer every request in the reactor thread")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.processes < 1:
+        print(f"ceiling_server: --processes {args.processes}: give 1 or more", file=sys.stderr)
+        return 2
+    slot = workers.worker_slot()
+    if slot is None and args.processes > 1:
+        return _supervise(args)
+    if slot is not None:
+        workers.stop_with_parent()
 
     from twisted.internet import reactor
 
     try:
-        listener, context_factory, threadpool, factory = build(reactor, args.cert, args.key, args.ca, args.worker_threads)
+        listener, context_factory, threadpool, factory = build(
+            reactor, args.cert, args.key, args.ca, args.worker_threads, args.in_reactor
+        )
     except Exception as exc:  # a one-line error, no traceback
+        if slot is not None:
+            workers.report_failed(slot, str(exc))
+            return 2
         print(f"ceiling_server: {exc}", file=sys.stderr)
         return 2
     threadpool.start()
-    port = reactor.listenSSL(args.port, listener, context_factory, interface=args.host)
-    address = port.getHost()
-    print(f"ceiling listening on {address.host}:{address.port}", flush=True)
+    if slot is None:
+        port = reactor.listenSSL(args.port, listener, context_factory, interface=args.host)
+        address = port.getHost()
+        print(f"ceiling listening on {address.host}:{address.port}", flush=True)
+    else:
+        # The supervisor's socket, wrapped as listenSSL wraps its own; the
+        # processes take turns by load, as kms-server's workers do.
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        probe = socket.socket(fileno=os.dup(slot.listen_fd))
+        family = probe.family
+        probe.close()
+        port = reactor.adoptStreamPort(slot.listen_fd, family, TLSMemoryBIOFactory(context_factory, False, listener))
+        table, index = slot.load_table(), slot.index
+        listener.on_count = lambda connections: table.set(index, connections)
+        turns = workers.AcceptTurns(port, table, index, reactor)  # noqa: F841 (kept for the reactor's life)
+        workers.report_ready(slot)
 
     def stop(*_):
         reactor.callFromThread(_shutdown)
@@ -253,6 +306,27 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, stop)
     reactor.run(installSignalHandlers=False)
     return 0
+
+
+def _supervise(args) -> int:
+    """`--processes` processes of this script on one listening socket
+    (kmip_core.workers): bind it, start them, run until told to stop."""
+    try:
+        listener = workers.bind_listener(args.host, args.port)
+    except OSError as exc:
+        print(f"ceiling_server: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})", file=sys.stderr)
+        return 2
+    host, port = listener.getsockname()[:2]
+    supervisor = workers.Supervisor(workers.worker_argv(), listener, args.processes, name="ceiling worker")
+    try:
+        supervisor.start()
+    except (workers.StartFailed, KeyboardInterrupt) as exc:
+        listener.close()
+        supervisor.load.close()
+        print(f"ceiling_server: {exc}", file=sys.stderr)
+        return 2
+    print(f"ceiling listening on {host}:{port}", flush=True)
+    return supervisor.run()
 
 
 if __name__ == "__main__":

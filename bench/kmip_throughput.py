@@ -906,9 +906,18 @@ def start_kms_server(
     raise RuntimeError(f"kms-server did not start\n{server.log_tail()}")
 
 
-def start_ceiling(root: Path, pki: Path, log_level: str, timeout: float, worker_threads: int | None = None) -> Server:
+def start_ceiling(
+    root: Path,
+    pki: Path,
+    log_level: str,
+    timeout: float,
+    worker_threads: int | None = None,
+    processes: int = 1,
+    in_reactor: bool = False,
+) -> Server:
     """bench/ceiling_server.py: canned answers on kms-server's stack, with
-    the same certificate, key and CA (log_level: its log is warnings only)."""
+    the same certificate, key and CA (log_level: its log is warnings only);
+    `processes` on one socket, answering in the reactor if `in_reactor`."""
     workdir = root / "ceiling"
     workdir.mkdir(mode=0o700)
     log_path = workdir / "server.log"
@@ -929,6 +938,10 @@ def start_ceiling(root: Path, pki: Path, log_level: str, timeout: float, worker_
     ]
     if worker_threads:
         command += ["--worker-threads", str(worker_threads)]
+    if processes > 1:
+        command += ["--processes", str(processes)]
+    if in_reactor:
+        command.append("--in-reactor")
     proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     lines: list[str] = []
     threading.Thread(target=_drain, args=(proc.stdout, log, lines), daemon=True).start()
@@ -1103,8 +1116,8 @@ def not_run(server: str, workload: str, concurrency: int, reason: str) -> dict:
     }
 
 
-def cores_used(results: list[dict], workload: str) -> str:
-    """Where a workload's cores went, server by server: the server's
+def cores_used(results: list[dict], workload: str, concurrency: int) -> str:
+    """Where a cell's cores went, server by server: the server's
     process tree and the load generator's clients, in cores over the cell
     (e.g. "kms-server 1.32 + 0.64, PyKMIP 1.00 + 0.21"). The machine's
     cores are shared: a server that leaves the clients less CPU per request
@@ -1112,7 +1125,7 @@ def cores_used(results: list[dict], workload: str) -> str:
     (its engine lock)."""
     parts = []
     for r in results:
-        if r["workload"] != workload or r.get("server_cpu_utilisation") is None:
+        if r["workload"] != workload or r["concurrency"] != concurrency or r.get("server_cpu_utilisation") is None:
             continue
         rate, client_ms = r.get("requests_per_s"), r.get("client_cpu_ms_per_request")
         if not rate or client_ms is None:
@@ -1206,12 +1219,17 @@ def render(results: list[dict], meta: dict, console) -> None:
         tls = meta.get("tls", {}).get(name)
         if tls:
             console.print(f"{name}: TLS {tls[0]} {tls[1]}")
+    if "ceiling" in shown:
+        n = meta.get("ceiling_processes", 1)
+        where = "in its reactor thread" if meta.get("ceiling_in_reactor") else "on its thread pool"
+        console.print(f"ceiling: {n} process{'es' if n > 1 else ''}, every request answered {where}")
     for workload in dict.fromkeys(r["workload"] for r in results):
         n = len(WORKLOADS[workload])
         console.print(f"{workload}: {WORKLOAD_HELP[workload]} ({n} request{'s' if n > 1 else ''} per iteration)")
-        cores = cores_used(results, workload)
-        if cores:
-            console.print(f"    cores used, server + load generator: {cores}")
+        for concurrency in dict.fromkeys(r["concurrency"] for r in results if r["workload"] == workload):
+            cores = cores_used(results, workload, concurrency)
+            if cores:
+                console.print(f"    x{concurrency}, cores used by the server + the load generator: {cores}")
     noisy = [r for r in results if (r.get("other_cpu_cores") or 0) > NOISE_CORES]
     if noisy:
         console.print(
@@ -1292,6 +1310,18 @@ def parse_args(argv=None):
         metavar="N",
         help="kms-server's [server] processes (default: the server's default, one per core)",
     )
+    p.add_argument(
+        "--ceiling-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the ceiling's processes on one socket (default 1: the reference issue 15 set its targets against)",
+    )
+    p.add_argument(
+        "--ceiling-in-reactor",
+        action="store_true",
+        help="the ceiling answers in its reactor thread, not on its thread pool (as kms-server answers most requests)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (servers' logs and databases)")
     args = p.parse_args(argv)
@@ -1306,6 +1336,8 @@ def parse_args(argv=None):
             p.error(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
     if args.ops < 1 or not args.concurrency or min(args.concurrency) < 1 or args.warm_keys < 1:
         p.error("--ops, --warm-keys and every --concurrency value must be at least 1")
+    if args.ceiling_processes < 1:
+        p.error("--ceiling-processes must be at least 1")
     return args
 
 
@@ -1373,6 +1405,8 @@ def main(argv=None) -> int:
         "servers": args.servers,
         "kms_worker_threads": args.kms_worker_threads,
         "kms_processes": args.kms_processes,
+        "ceiling_processes": args.ceiling_processes,
+        "ceiling_in_reactor": args.ceiling_in_reactor,
         "client": "PyKMIP ProxyKmipClient, one process per connection",
         "tls": {},
         "loadavg_at_start": os.getloadavg(),
@@ -1398,7 +1432,12 @@ def main(argv=None) -> int:
                 processes=args.kms_processes,
             ),
             "PyKMIP": start_pykmip,
-            "ceiling": lambda *a: start_ceiling(*a, worker_threads=args.kms_worker_threads),
+            "ceiling": lambda *a: start_ceiling(
+                *a,
+                worker_threads=args.kms_worker_threads,
+                processes=args.ceiling_processes,
+                in_reactor=args.ceiling_in_reactor,
+            ),
         }
         for name in args.servers:
             try:

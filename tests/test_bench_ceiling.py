@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
@@ -181,9 +182,10 @@ def test_only_the_reference_may_be_cut_short_or_refuse_without_failing_the_run()
 
 
 def test_cores_used_adds_the_load_generators_share_per_server():
-    def cell(workload, server, cores, rate, client_ms):
+    def cell(workload, server, cores, rate, client_ms, concurrency=16):
         return {
             "workload": workload,
+            "concurrency": concurrency,
             "server": server,
             "server_cpu_utilisation": cores,
             "requests_per_s": rate,
@@ -195,6 +197,57 @@ def test_cores_used_adds_the_load_generators_share_per_server():
         cell("connect", "PyKMIP", 1.02, 320.0, 1.9),
         cell("get", "ceiling", 0.9, 10.0, 1.0),
         cell("connect", "ceiling", None, None, None),  # ran nothing: no figures to add
+        cell("connect", "kms-server", 0.5, 100.0, 2.0, concurrency=1),
     ]
-    assert throughput.cores_used(cells, "connect") == "kms-server 1.01 + 0.88, PyKMIP 1.02 + 0.61"
-    assert throughput.cores_used(cells, "create") == ""
+    assert throughput.cores_used(cells, "connect", 16) == "kms-server 1.01 + 0.88, PyKMIP 1.02 + 0.61"
+    assert throughput.cores_used(cells, "connect", 1) == "kms-server 0.50 + 0.20"
+    assert throughput.cores_used(cells, "create", 16) == ""
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_the_ceiling_runs_as_several_processes_answering_in_the_reactor(tmp_path, pki_dir):
+    server = throughput.start_ceiling(tmp_path, pki_dir, "INFO", 30.0, processes=2, in_reactor=True)
+    try:
+        workers = _children(server.proc.pid)
+        assert len(workers) == 2, workers
+        clients = [pykmip(server, pki_dir, "alice", enums.KMIPVersion.KMIP_1_2) for _ in range(3)]
+        try:
+            for client in clients:
+                uid = client.create(enums.CryptographicAlgorithm.AES, 256)
+                assert uid == ceiling_server.CANNED_UID
+                assert client.get(uid).value == ceiling_server.CANNED_KEY
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, server.log_tail()
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_the_ceiling_refuses_a_process_count_below_one(tmp_path, pki_dir):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "ceiling_server.py"),
+            "--cert",
+            str(pki_dir / "server.pem"),
+            "--key",
+            str(pki_dir / "server.key"),
+            "--ca",
+            str(pki_dir / "ca.pem"),
+            "--processes",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--processes 0: give 1 or more" in result.stderr
+    assert "Traceback" not in result.stderr
