@@ -19,17 +19,19 @@ fixed 32-byte AES key, Locate that one identifier, GetAttributes State
 PRE_ACTIVE / AES / 256, DiscoverVersions the versions kms-server speaks;
 every other operation Success with an empty payload.
 
-By default it is one process with a thread pool, the reference issue 15
-measured and set its targets against, and `bench/kmip_throughput.py`
-reports every workload against it. kms-server differs in two ways that
-this default does not have: it runs one process per core, and answers
-most requests in its reactor thread. `--processes N` runs N processes on
-one listening socket, as kms-server's `[server] processes` does
-(kmip_core.workers), and `--in-reactor` answers every request in the
-reactor thread: with both, no KMIP server on this stack can be faster on
-this machine. Prints "ceiling listening on HOST:PORT" once it accepts
-connections; SIGTERM or SIGINT stops it (every process) after the requests
-in flight are answered.
+Run alone, it is one process handing every request to its thread pool:
+the reference issue 15 measured when it was filed (kms-server then
+answered on a thread pool too). kms-server now answers most requests in
+its reactor thread and runs one process per core. `--in-reactor` answers
+every request in the reactor thread (twice the Gets a second of the
+thread pool on two cores), and `--processes N` runs N processes on one
+listening socket, as kms-server's `[server] processes` does
+(kmip_core.workers). `bench/kmip_throughput.py` starts it with
+`--in-reactor` (one process: on two cores its clients leave it no more),
+so that no KMIP server on this stack answers faster there. Prints
+"ceiling listening on HOST:PORT" once it accepts connections; SIGTERM or
+SIGINT stops it (every process) after the requests in flight are
+answered.
 """
 
 from __future__ import annotations
