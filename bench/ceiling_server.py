@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -282,16 +280,8 @@ def main(argv=None) -> int:
         print(f"ceiling listening on {address.host}:{address.port}", flush=True)
     else:
         # The supervisor's socket, wrapped as listenSSL wraps its own; the
-        # processes take turns by load, as kms-server's workers do.
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
-        probe = socket.socket(fileno=os.dup(slot.listen_fd))
-        family = probe.family
-        probe.close()
-        port = reactor.adoptStreamPort(slot.listen_fd, family, TLSMemoryBIOFactory(context_factory, False, listener))
-        table, index = slot.load_table(), slot.index
-        listener.on_count = lambda connections: table.set(index, connections)
-        turns = workers.AcceptTurns(port, table, index, reactor)  # noqa: F841 (kept for the reactor's life)
+        # processes take turns at it by load, as kms-server's workers do.
+        port = workers.adopt_tls_port(reactor, slot, context_factory, listener)[0]
         workers.report_ready(slot)
 
     def stop(*_):

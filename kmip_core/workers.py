@@ -53,6 +53,7 @@ __all__ = [
     "StartFailed",
     "Supervisor",
     "WorkerSlot",
+    "adopt_tls_port",
     "bind_listener",
     "report_failed",
     "report_ready",
@@ -194,6 +195,26 @@ class AcceptTurns:
                 return
             self.waited = True  # nobody took it: this worker does
         self.port.startReading()
+
+
+def adopt_tls_port(reactor: Any, slot: WorkerSlot, context_factory: Any, listener: Any) -> tuple[Any, AcceptTurns]:
+    """In a worker: listen on the socket its supervisor bound, wrapped in
+    TLS as Twisted's listenSSL wraps a socket of its own, and take turns at
+    it with the other workers by load. `listener` is the protocol factory;
+    its `on_count(connections)` (kmip_core.limits.LimitedFactory's) is set
+    to publish the worker's open connections. Returns the listening port
+    and its `AcceptTurns`."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    probe = socket.socket(fileno=os.dup(slot.listen_fd))
+    try:
+        family = probe.family
+    finally:
+        probe.close()
+    port = reactor.adoptStreamPort(slot.listen_fd, family, TLSMemoryBIOFactory(context_factory, False, listener))
+    table, index = slot.load_table(), slot.index
+    listener.on_count = lambda connections: table.set(index, connections)
+    return port, AcceptTurns(port, table, index, reactor)
 
 
 def bind_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:

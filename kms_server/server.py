@@ -9,8 +9,6 @@ worker pool and the database.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +17,6 @@ from kmip.core.enums import Operation, Tags
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -514,19 +511,12 @@ class KmsService(service.Service):
                 self.cfg.server.port, self.listener, self.context_factory, interface=self.cfg.server.host
             )
         else:
-            # This worker's socket, bound by the supervisor: the same TLS
-            # wrapping listenSSL applies.
-            self.port = self.reactor.adoptStreamPort(
-                self.slot.listen_fd,
-                _address_family(self.slot.listen_fd),
-                # Both provide the interfaces asked for with zope's @implementer,
-                # which mypy cannot see without the mypy-zope plugin.
-                TLSMemoryBIOFactory(self.context_factory, False, self.listener),  # type: ignore[arg-type]
+            # This worker's socket, bound by the supervisor, with the same
+            # TLS wrapping listenSSL applies; the workers take turns at it
+            # by load.
+            self.port, self.accept_turns = workers.adopt_tls_port(
+                self.reactor, self.slot, self.context_factory, self.listener
             )
-            # The socket is every worker's: they take turns by load.
-            table, index = self.slot.load_table(), self.slot.index
-            self.listener.on_count = lambda connections: table.set(index, connections)
-            self.accept_turns = workers.AcceptTurns(self.port, table, index, self.reactor)
         address = self.port.getHost()
         if self.slot is None:
             self.announce(f"kms-server listening on {address.host}:{address.port}")
@@ -643,14 +633,6 @@ class _RefusalBudget:
         self.tokens -= 1
         suppressed, self.suppressed = self.suppressed, 0
         return suppressed
-
-
-def _address_family(fd: int) -> socket.AddressFamily:
-    probe = socket.socket(fileno=os.dup(fd))
-    try:
-        return probe.family
-    finally:
-        probe.close()
 
 
 class NodeRoot(service.MultiService):
