@@ -1253,25 +1253,97 @@ class WalSync:
         self._close()
 
 
-# The write-ahead log's size (pages of 4 KiB) at which the batches'
-# connection copies it into the database file, in the COMMIT that passes it,
-# the writers' flock held (SQLite's default: 1,000). The pages every write
-# touches (the store digest's, the audit trail's head, the indexes' upper
-# levels) are copied once per checkpoint: ten times fewer copies and syncs
-# of the database file. Measured at 16 connections: Create +9-19 %, the
-# cycle +4-12 %, Get unchanged (bench/README.md, "The sync after the
-# flock"). The log then grows to about 40 MiB before each checkpoint, and
-# keeps that size; a restart after a crash replays at most that much.
+# How the write-ahead log is copied into the database file (a checkpoint).
+# A checkpointer thread of each process (`WalCheckpointer`) does it, outside
+# the writers' flock and the reactor thread, at most every
+# CHECKPOINT_SECONDS while batches commit: SQLite's own checkpoint ran in
+# the COMMIT that passed WAL_AUTOCHECKPOINT_PAGES, the flock held and the
+# reactor waiting (4-8 ms every 0.7 s under the cycle at 16 connections,
+# bench/README.md, "The cycle's tail"). The pages every write touches (the
+# store digest's, the audit trail's head, the indexes' upper levels) are
+# copied once per checkpoint. The batches' connection keeps SQLite's own
+# checkpoint as a backstop, at WAL_BACKSTOP_PAGES: reached only if the
+# thread falls behind, it bounds the log (160 MiB); a restart after a crash
+# replays at most that much.
+CHECKPOINT_SECONDS = 0.5
 WAL_AUTOCHECKPOINT_PAGES = 10_000
+WAL_BACKSTOP_PAGES = 4 * WAL_AUTOCHECKPOINT_PAGES
+
+
+class WalCheckpointer:
+    """Copies the write-ahead log of `database` into the database file on a
+    thread of its own, with a connection of its own: ``PRAGMA
+    wal_checkpoint(PASSIVE)``, which copies what no reader still needs
+    without taking the write lock, so writers append meanwhile. SQLite syncs
+    the log before it copies and the database file after, as in the
+    checkpoints it runs itself; the log starts over from its beginning at the
+    next write after a checkpoint that copied all of it.
+
+    `committed()` (after each batch's commit) wakes the thread, which
+    checkpoints, then sleeps `interval` seconds before it looks again. A
+    checkpoint that fails (an I/O error) is logged and tried again after
+    the next commit: the frames it did not copy stay in the log, which
+    `WalSync` made durable."""
+
+    def __init__(self, database: str, interval: float = CHECKPOINT_SECONDS):
+        self.database = database
+        self.interval = interval
+        self.checkpoints = 0  # completed PRAGMA calls (tests, diagnostics)
+        self.last_error: str | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def committed(self) -> None:
+        """A batch committed: the log has frames to copy."""
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._stopping.is_set():
+                    self._thread = threading.Thread(target=self._run, name="sqlite-checkpointer", daemon=True)
+                    self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            conn = sqlite3.connect(self.database, timeout=10, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            self.last_error = str(exc)
+            log.error("the write-ahead log's checkpointer could not open %s: %s", self.database, exc)
+            return
+        try:
+            while True:
+                self._wake.wait()
+                if self._stopping.is_set():
+                    return
+                self._wake.clear()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    self.last_error = str(exc)
+                    log.error("checkpoint of the write-ahead log of %s failed: %s", self.database, exc)
+                else:
+                    self.checkpoints += 1
+                if self._stopping.wait(self.interval):
+                    return
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(30)
 
 
 def _durable_after_turn(conn: Connection) -> WalSync | None:
     """Set up the batches' new connection: in WAL mode on a database file,
     `synchronous = NORMAL` and the `WalSync` that makes its commits
-    durable after the turn, and checkpoints every
-    `WAL_AUTOCHECKPOINT_PAGES`; otherwise (a rollback journal) SQLite's
-    `synchronous = FULL` stays, and None. Run on the sqlite3 connection
-    itself, outside any transaction."""
+    durable after the turn, and SQLite's own checkpoints only past
+    `WAL_BACKSTOP_PAGES` (`WalCheckpointer` checkpoints); otherwise (a
+    rollback journal) SQLite's `synchronous = FULL` stays, and None. Run
+    on the sqlite3 connection itself, outside any transaction."""
     raw = conn.connection.driver_connection
     assert raw is not None  # a connection just made
     mode = raw.execute("PRAGMA journal_mode").fetchone()
@@ -1279,7 +1351,9 @@ def _durable_after_turn(conn: Connection) -> WalSync | None:
     if mode is None or str(mode[0]).lower() != "wal" or not files.get("main"):
         return None
     raw.execute("PRAGMA synchronous = NORMAL")
-    raw.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+    # The checkpoints are WalCheckpointer's; SQLite's own, in COMMIT, only
+    # past the backstop.
+    raw.execute(f"PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}")
     return WalSync(files["main"])
 
 
@@ -1332,6 +1406,9 @@ class WriteBatches:
         # Commits of `_conn` made durable after the flock is released
         # (WalSync); None: SQLite syncs inside COMMIT (not in WAL mode).
         self._wal: WalSync | None = None
+        # Copies the log into the database file after commits, on a
+        # thread of its own (WalCheckpointer); with `_wal`.
+        self._checkpointer: WalCheckpointer | None = None
         # Why writes are refused for good: the log could not be synced.
         self._sync_failed: str | None = None
         # The batch the reactor thread has open (kms_server/storage/
@@ -1375,8 +1452,17 @@ class WriteBatches:
         COMMIT, not in WAL mode). Tests, diagnostics."""
         return self._wal
 
+    @property
+    def checkpointer(self) -> WalCheckpointer | None:
+        """What copies the log into the database file (None: not in WAL
+        mode, or no batch yet). Tests, diagnostics."""
+        return self._checkpointer
+
     def close(self) -> None:
         self._drop_connection()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
         if self._wal is not None:
             self._wal.close()
             self._wal = None
@@ -1426,6 +1512,9 @@ class WriteBatches:
                 if self._wal is not None:
                     self._wal.close()
                 self._wal = wal
+                if self._checkpointer is not None:
+                    self._checkpointer.close()
+                self._checkpointer = WalCheckpointer(wal.database) if wal is not None else None
         try:
             trans = conn.begin()
             batch = _Batch(conn, trans)
@@ -1484,6 +1573,8 @@ class WriteBatches:
                 # Durable before anyone is told: outside the flock, so the
                 # node's other processes write meanwhile (WalSync).
                 error = self._sync(self._wal)
+                if error is None and self._checkpointer is not None:
+                    self._checkpointer.committed()
             with self._cond:
                 batch.error, batch.done = error, True
                 self._busy = False

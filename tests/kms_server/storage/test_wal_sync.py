@@ -11,7 +11,10 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
+import sqlite3
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +24,7 @@ from kmip_core.db.engine import configure_sqlite
 from kms_server.metrics import kms_readiness
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError, StorageUnavailable
-from kms_server.storage.sql import WAL_AUTOCHECKPOINT_PAGES, SqlStorage, WalSync, WriteBatches, metadata
+from kms_server.storage.sql import WAL_BACKSTOP_PAGES, SqlStorage, WalCheckpointer, WalSync, WriteBatches, metadata
 
 
 @pytest.fixture
@@ -75,7 +78,8 @@ def test_the_batches_commit_without_syncing_and_other_connections_keep_full(stor
     assert wal is not None and wal.path == os.path.realpath(storage.writes.lock_path[: -len("-writer")]) + "-wal"
     assert _synchronous(storage.writes._conn) == 1  # NORMAL: SQLite does not sync at COMMIT
     raw = storage.writes._conn.connection.driver_connection
-    assert raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_AUTOCHECKPOINT_PAGES
+    # SQLite's own checkpoint, inside COMMIT, only as a backstop (WalCheckpointer).
+    assert raw.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_BACKSTOP_PAGES
     with storage.engine.connect() as other:
         assert _synchronous(other) == 2  # FULL, SQLite's own, everywhere else
 
@@ -244,3 +248,83 @@ def test_without_a_write_ahead_log_sqlite_keeps_syncing_at_commit(tmp_path, monk
     finally:
         writes.close()
         engine.dispose()
+
+
+def _wait_for(condition, seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def _in_database_file_alone(database: str, key: str, tmp_path) -> bytes | None:
+    """`key`'s meta value as the database file holds it, without its log:
+    a copy of the file alone, opened read-only (None: not there, or not
+    even the table, whose creation is in the log too)."""
+    copy = tmp_path / "file-alone.db"
+    shutil.copyfile(database, copy)
+    conn = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM kms_meta WHERE key = ?", (key,)).fetchone()
+    except sqlite3.OperationalError as exc:
+        assert "no such table" in str(exc)
+        return None
+    finally:
+        conn.close()
+    return None if row is None else bytes(row[0])
+
+
+def test_the_checkpointer_thread_copies_the_log_into_the_database_file(storage, tmp_path):
+    with storage.transaction() as txn:
+        txn.set_meta("a", b"1")
+    checkpointer = storage.writes.checkpointer
+    assert checkpointer is not None and checkpointer.database == storage.writes.wal.database
+    assert _wait_for(lambda: checkpointer.checkpoints >= 1), checkpointer.last_error
+    assert checkpointer._thread is not None and checkpointer._thread.name == "sqlite-checkpointer"
+    assert _in_database_file_alone(checkpointer.database, "a", tmp_path) == b"1"
+    # Each later commit wakes it again: the next change reaches the file too.
+    before = checkpointer.checkpoints
+    with storage.transaction() as txn:
+        txn.set_meta("b", b"2")
+    assert _wait_for(lambda: checkpointer.checkpoints > before), checkpointer.last_error
+    assert _in_database_file_alone(checkpointer.database, "b", tmp_path) == b"2"
+    assert checkpointer.last_error is None
+
+
+def test_without_the_checkpointer_the_log_stays_out_of_the_database_file(storage, tmp_path, monkeypatch):
+    """The control of the test above: SQLite's own checkpoint, now at the
+    backstop, does not copy a small commit into the file."""
+    monkeypatch.setattr(WalCheckpointer, "committed", lambda self: None)
+    with storage.transaction() as txn:
+        txn.set_meta("a", b"1")
+    assert _committed(storage, "a") == b"1"
+    assert _in_database_file_alone(storage.writes.wal.database, "a", tmp_path) is None
+
+
+def test_closing_the_storage_stops_the_checkpointer(tmp_path):
+    opened = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
+    try:
+        with opened.transaction() as txn:
+            txn.set_meta("a", b"1")
+        checkpointer = opened.writes.checkpointer
+        assert _wait_for(lambda: checkpointer.checkpoints >= 1)
+        thread = checkpointer._thread
+        assert thread is not None and thread.is_alive()
+    finally:
+        opened.close()
+    assert not thread.is_alive()
+    assert opened.writes.checkpointer is None
+
+
+def test_a_checkpointer_that_cannot_open_its_database_says_so_and_stops(tmp_path, caplog):
+    checkpointer = WalCheckpointer(str(tmp_path / "no-such-directory" / "kms.db"), interval=0.01)
+    with caplog.at_level(logging.ERROR, logger="kms_server.storage"):
+        checkpointer.committed()
+        assert _wait_for(lambda: checkpointer.last_error is not None)
+        checkpointer._thread.join(5)
+    assert not checkpointer._thread.is_alive()
+    assert "could not open" in caplog.text and "no-such-directory" in caplog.text
+    assert checkpointer.checkpoints == 0
+    checkpointer.close()
