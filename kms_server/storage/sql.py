@@ -1283,11 +1283,18 @@ class WalCheckpointer:
     checkpoints, then sleeps `interval` seconds before it looks again. A
     checkpoint that fails (an I/O error) is logged and tried again after
     the next commit: the frames it did not copy stay in the log, which
-    `WalSync` made durable."""
+    `WalSync` made durable. While `allowed()` is false (a sync of the log
+    failed, in this process or another: `WriteBatches.refused`), it copies
+    nothing: after a failed sync the kernel may have dropped pages of the
+    log, and a copy would carry what it reads back into the database file,
+    as SQLite's own checkpoint never did then (no commit, no checkpoint)."""
 
-    def __init__(self, database: str, interval: float = CHECKPOINT_SECONDS):
+    def __init__(
+        self, database: str, interval: float = CHECKPOINT_SECONDS, allowed: Callable[[], bool] | None = None
+    ):
         self.database = database
         self.interval = interval
+        self.allowed = allowed
         self.checkpoints = 0  # completed PRAGMA calls (tests, diagnostics)
         self.last_error: str | None = None
         self._wake = threading.Event()
@@ -1307,6 +1314,9 @@ class WalCheckpointer:
     def _run(self) -> None:
         try:
             conn = sqlite3.connect(self.database, timeout=10, isolation_level=None, check_same_thread=False)
+            # Sync the log before copying and the file after, whatever the
+            # build's default.
+            conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as exc:
             self.last_error = str(exc)
             log.error("the write-ahead log's checkpointer could not open %s: %s", self.database, exc)
@@ -1317,6 +1327,8 @@ class WalCheckpointer:
                 if self._stopping.is_set():
                     return
                 self._wake.clear()
+                if self.allowed is not None and not self.allowed():
+                    continue
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:
@@ -1514,7 +1526,9 @@ class WriteBatches:
                 self._wal = wal
                 if self._checkpointer is not None:
                     self._checkpointer.close()
-                self._checkpointer = WalCheckpointer(wal.database) if wal is not None else None
+                self._checkpointer = (
+                    WalCheckpointer(wal.database, allowed=lambda: self.refused is None) if wal is not None else None
+                )
         try:
             trans = conn.begin()
             batch = _Batch(conn, trans)

@@ -328,3 +328,28 @@ def test_a_checkpointer_that_cannot_open_its_database_says_so_and_stops(tmp_path
     assert "could not open" in caplog.text and "no-such-directory" in caplog.text
     assert checkpointer.checkpoints == 0
     checkpointer.close()
+
+
+def test_no_checkpoint_copies_the_log_once_a_sync_has_failed(storage, tmp_path, monkeypatch):
+    """After a failed sync (here another process's: its file) the kernel may
+    have dropped pages of the log; nothing is copied into the database file."""
+    monkeypatch.setattr(WalCheckpointer, "committed", lambda self: None)  # not before the file exists
+    with storage.transaction() as txn:
+        txn.set_meta("a", b"1")
+    checkpointer = storage.writes.checkpointer
+    failed = storage.writes.lock_path[: -len("-writer")] + "-sync-failed"
+    with open(failed, "w") as f:
+        f.write("another process could not sync\n")
+    monkeypatch.undo()
+    checkpointer.interval = 0.01
+    checkpointer.committed()
+    assert _wait_for(lambda: checkpointer._thread is not None and not checkpointer._wake.is_set())
+    time.sleep(0.2)
+    assert checkpointer.checkpoints == 0
+    assert _in_database_file_alone(checkpointer.database, "a", tmp_path) is None
+    # The operator removes the file (and restarts the node): checkpoints resume.
+    os.unlink(failed)
+    storage.writes._sync_failed = None  # what the restart clears
+    checkpointer.committed()
+    assert _wait_for(lambda: checkpointer.checkpoints >= 1), checkpointer.last_error
+    assert _in_database_file_alone(checkpointer.database, "a", tmp_path) == b"1"
