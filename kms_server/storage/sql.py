@@ -1257,17 +1257,16 @@ class WalSync:
 # A checkpointer thread of each process (`WalCheckpointer`) does it, outside
 # the writers' flock and the reactor thread, at most every
 # CHECKPOINT_SECONDS while batches commit: SQLite's own checkpoint ran in
-# the COMMIT that passed WAL_AUTOCHECKPOINT_PAGES, the flock held and the
+# the COMMIT that passed 10,000 pages of log, the flock held and the
 # reactor waiting (4-8 ms every 0.7 s under the cycle at 16 connections,
 # bench/README.md, "The cycle's tail"). The pages every write touches (the
 # store digest's, the audit trail's head, the indexes' upper levels) are
 # copied once per checkpoint. The batches' connection keeps SQLite's own
-# checkpoint as a backstop, at WAL_BACKSTOP_PAGES: reached only if the
-# thread falls behind, it bounds the log (160 MiB); a restart after a crash
-# replays at most that much.
+# checkpoint as a backstop, at WAL_BACKSTOP_PAGES (of 4 KiB): reached only
+# if the thread falls behind, it bounds the log (160 MiB); a restart after
+# a crash replays at most that much.
 CHECKPOINT_SECONDS = 0.5
-WAL_AUTOCHECKPOINT_PAGES = 10_000
-WAL_BACKSTOP_PAGES = 4 * WAL_AUTOCHECKPOINT_PAGES
+WAL_BACKSTOP_PAGES = 40_000
 
 
 class WalCheckpointer:
@@ -1279,8 +1278,9 @@ class WalCheckpointer:
     checkpoints it runs itself; the log starts over from its beginning at the
     next write after a checkpoint that copied all of it.
 
-    `committed()` (after each batch's commit) wakes the thread, which
-    checkpoints, then sleeps `interval` seconds before it looks again. A
+    The thread starts with the checkpointer (the first batch's connection
+    to a database in WAL mode) and waits; `committed()` (after each batch's
+    commit) wakes it, and it checkpoints, then sleeps `interval` seconds before it looks again. A
     checkpoint that fails (an I/O error) is logged and tried again after
     the next commit: the frames it did not copy stay in the log, which
     `WalSync` made durable. While `allowed()` is false (a sync of the log
@@ -1299,16 +1299,11 @@ class WalCheckpointer:
         self.last_error: str | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpointer", daemon=True)
+        self._thread.start()
 
     def committed(self) -> None:
         """A batch committed: the log has frames to copy."""
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None and not self._stopping.is_set():
-                    self._thread = threading.Thread(target=self._run, name="sqlite-checkpointer", daemon=True)
-                    self._thread.start()
         self._wake.set()
 
     def _run(self) -> None:
@@ -1344,9 +1339,8 @@ class WalCheckpointer:
     def close(self) -> None:
         self._stopping.set()
         self._wake.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(30)
+        if self._thread is not threading.current_thread():
+            self._thread.join(30)
 
 
 def _durable_after_turn(conn: Connection) -> WalSync | None:

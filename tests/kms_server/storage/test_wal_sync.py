@@ -319,8 +319,8 @@ def test_closing_the_storage_stops_the_checkpointer(tmp_path):
 
 
 def test_a_checkpointer_that_cannot_open_its_database_says_so_and_stops(tmp_path, caplog):
-    checkpointer = WalCheckpointer(str(tmp_path / "no-such-directory" / "kms.db"), interval=0.01)
     with caplog.at_level(logging.ERROR, logger="kms_server.storage"):
+        checkpointer = WalCheckpointer(str(tmp_path / "no-such-directory" / "kms.db"), interval=0.01)
         checkpointer.committed()
         assert _wait_for(lambda: checkpointer.last_error is not None)
         checkpointer._thread.join(5)
