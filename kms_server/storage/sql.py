@@ -38,6 +38,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -159,7 +160,10 @@ kms_meta = Table(
 kms_audit = Table(
     "kms_audit",
     metadata,
-    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    # On SQLite the rowid itself (INTEGER PRIMARY KEY): no second B-tree of
+    # seq. The indexes hold only the records that have a value (migration
+    # 0006: every index is a page written per batch of records).
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False),
     Column("time", Float, nullable=False),
     Column("node", Text, nullable=False),
     Column("operation", Text, nullable=False),
@@ -171,10 +175,16 @@ kms_audit = Table(
     Column("x_identifier", Text, nullable=True),
     Column("body", Text, nullable=False),
     Column("hash", Text, nullable=False),
-    Index("ix_kms_audit_uid", "uid"),
+    *(
+        Index(
+            f"ix_kms_audit_{column}",
+            column,
+            sqlite_where=text(f"{column} IS NOT NULL"),
+            postgresql_where=text(f"{column} IS NOT NULL"),
+        )
+        for column in ("uid", "x_name", "x_identifier")
+    ),
     Index("ix_kms_audit_time", "time"),
-    Index("ix_kms_audit_x_name", "x_name"),
-    Index("ix_kms_audit_x_identifier", "x_identifier"),
 )
 
 kms_audit_checkpoints = Table(

@@ -85,3 +85,121 @@ def test_node_refuses_to_start_on_an_unmigrated_postgresql(tmp_path, pki_dir, po
     assert result.returncode == 2
     assert "no kms-server schema" in result.stderr and "kms-admin db upgrade" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _migrate(engine, target: str, down: bool = False) -> None:
+    """Alembic's own commands, to one revision of the KMS's migrations."""
+    from alembic import command
+    from alembic.config import Config
+
+    with engine.begin() as conn:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(schema.KMS.script_location))
+        cfg.attributes["version_table"] = schema.KMS.version_table
+        cfg.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(cfg, target)
+
+
+def _audit_layout(engine) -> dict[str, object]:
+    """What migration 0006 changes: the indexes of kms_audit and whether
+    each is partial; on SQLite, whether seq is the rowid."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            rows = conn.execute(
+                text("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'kms_audit'")
+            ).all()
+            seq_is_rowid = conn.execute(text("SELECT count(*) FROM kms_audit WHERE rowid != seq")).scalar() == 0
+            return {
+                "indexes": {name: sql is not None and "WHERE" in sql for name, sql in rows},
+                "seq_is_rowid": seq_is_rowid,
+            }
+        rows = conn.execute(
+            text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'kms_audit'")
+        ).all()
+        return {"indexes": {name: "WHERE" in sql for name, sql in rows}}
+
+
+def test_lean_audit_migration_keeps_every_record_both_ways(db_url):
+    """Migration 0006 rebuilds kms_audit on SQLite (seq as the rowid) and
+    makes three of its indexes partial: the records, and the chain they
+    form, come through an upgrade and a downgrade byte for byte."""
+    from kms_server.audit.trail import AuditTrail, iter_records, verify_storage
+
+    storage = open_storage(db_url)
+    try:
+        trail = AuditTrail(storage, "n1")
+        for i in range(30):
+            entry = {"operation": "Get", "client": {"name": "c"}, "result": {"status": "SUCCESS"}}
+            if i % 3:
+                entry["uid"] = f"key-{i % 7}"  # some records have no uid
+            if i % 5 == 0:
+                entry["object"] = {"x-Name": f"vm-{i}", "x-Identifier": f"id-{i}", "x-Component": "Virtual Machine"}
+            trail.write(entry)
+        before = list(iter_records(storage))
+    finally:
+        storage.close()
+    assert len(before) == 30
+
+    engine = create_engine(db_url)
+    try:
+        lean = _audit_layout(engine)
+        partial = {"ix_kms_audit_uid": True, "ix_kms_audit_x_name": True, "ix_kms_audit_x_identifier": True}
+        for name, is_partial in partial.items():
+            assert lean["indexes"][name] is is_partial
+        assert lean["indexes"]["ix_kms_audit_time"] is False
+        if engine.dialect.name == "sqlite":
+            assert lean["seq_is_rowid"] and not any("autoindex" in n for n in lean["indexes"])
+
+        _migrate(engine, "0005", down=True)
+        old = _audit_layout(engine)
+        assert not any(old["indexes"][name] for name in partial)
+        if engine.dialect.name == "sqlite":
+            assert any("autoindex" in n for n in old["indexes"])  # seq BIGINT: a B-tree of its own
+        _migrate(engine, "head")
+        assert _audit_layout(engine) == lean
+    finally:
+        engine.dispose()
+
+    storage = open_storage(db_url, schema="check")
+    try:
+        after = list(iter_records(storage))
+        assert after == before
+        assert verify_storage(storage, None).ok
+        # The next record follows the chain the copied records end.
+        AuditTrail(storage, "n1").write({"operation": "Get", "client": {"name": "c"}, "result": {"status": "SUCCESS"}})
+        last = list(iter_records(storage))[-1]
+        assert last.seq == 31
+        assert verify_storage(storage, None).ok
+    finally:
+        storage.close()
+
+
+def test_audit_queries_use_the_partial_indexes(db_url):
+    """The audit searches (by key, by vCenter name) still reach their
+    records through the indexes after 0006 made them partial: the queries'
+    conditions imply IS NOT NULL, on SQLite and on PostgreSQL."""
+    open_storage(db_url).close()
+    engine = create_engine(db_url)
+    queries = {
+        "uid": "SELECT * FROM kms_audit WHERE seq > 0 AND uid IN ('a', 'b') ORDER BY seq",
+        "names": "SELECT * FROM kms_audit WHERE seq > 0 AND (x_name IN ('a') OR x_identifier IN ('a'))",
+    }
+    try:
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                plans = {
+                    what: " ".join(row[3] for row in conn.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+                    for what, sql in queries.items()
+                }
+            else:
+                # An empty table: the planner would scan it; told not to,
+                # it shows which indexes it may use.
+                conn.execute(text("SET enable_seqscan = off"))
+                plans = {
+                    what: " ".join(row[0] for row in conn.execute(text(f"EXPLAIN {sql}")))
+                    for what, sql in queries.items()
+                }
+    finally:
+        engine.dispose()
+    assert "ix_kms_audit_uid" in plans["uid"]
+    assert "ix_kms_audit_x_name" in plans["names"] and "ix_kms_audit_x_identifier" in plans["names"]
