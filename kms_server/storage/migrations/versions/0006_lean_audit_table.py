@@ -17,8 +17,8 @@ a query reads:
   SQLite and on PostgreSQL alike.
 
 On PostgreSQL only the indexes change (seq stays BIGINT, already the table's
-primary key). Time: the copy and the index builds, a few seconds per million
-records on SQLite.
+primary key). Time on SQLite: the copy and the index builds, 8.7 s for a
+million records (750 MB), with disk space for the copy meanwhile.
 
 Revision ID: 0006
 Revises: 0005
