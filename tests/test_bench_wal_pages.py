@@ -1,0 +1,51 @@
+"""bench/wal_pages.py: the pages each request writes to SQLite's log, by
+B-tree. Run for real on a small store; what it reports for a Get is the
+audit record's pages as schema revision 0006 leaves them. No timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "wal_pages.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+
+
+def test_pages_by_btree_of_each_request(tmp_path):
+    out = tmp_path / "pages.json"
+    result = _run("--keys", "20", "--requests", "3", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())["figures"]
+    # A Get of a key read before writes its audit record only: the table,
+    # its time index and its uid index (the record has a uid); a page that
+    # fills splits within them. No B-tree of seq, no x_name or x_identifier
+    # entry (the record has neither): schema revision 0006.
+    get = figures["get"]["btrees"]
+    assert set(get) <= {"kms_audit", "ix_kms_audit_time", "ix_kms_audit_uid"}, get
+    assert get.get("kms_audit", 0) >= 1 and 3 <= figures["get"]["last"] <= 6
+    # A Create writes its object, its attribute rows and their indexes.
+    create = figures["create"]["btrees"]
+    for btree in ("kms_objects", "kms_attributes", "ix_kms_attributes_name_value_digest", "kms_audit"):
+        assert create.get(btree, 0) >= 1, create
+    assert figures["create"]["pages"] > figures["get"]["pages"]
+    # A Destroy changes its object's row and attributes.
+    assert figures["destroy"]["btrees"].get("kms_objects") == 1
+    assert "per request" in result.stdout and "get" in result.stdout
+
+
+def test_a_count_of_zero_is_refused_in_one_line():
+    result = _run("--requests", "0")
+    assert result.returncode == 2
+    assert "--keys and --requests must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr
