@@ -39,16 +39,22 @@ _WAL_HEADER = 32
 _FRAME_HEADER = 24
 
 
-def wal_pages(path: str, page_size: int) -> list[int]:
-    """The page number of every frame in the log of the database `path`."""
+def wal_frames(path: str, page_size: int) -> int:
+    """How many frames the log of the database `path` holds."""
     try:
-        data = Path(path + "-wal").read_bytes()
+        size = os.path.getsize(path + "-wal")
     except FileNotFoundError:
-        return []
-    pages = []
-    for offset in range(_WAL_HEADER, len(data) - _FRAME_HEADER + 1, _FRAME_HEADER + page_size):
-        pages.append(struct.unpack_from(">I", data, offset)[0])
-    return pages
+        return 0
+    return max(0, size - _WAL_HEADER) // (_FRAME_HEADER + page_size)
+
+
+def wal_pages(path: str, page_size: int, first: int, count: int) -> list[int]:
+    """The page numbers of `count` frames of the log from frame `first`."""
+    frame = _FRAME_HEADER + page_size
+    with open(path + "-wal", "rb") as log:
+        log.seek(_WAL_HEADER + first * frame)
+        data = log.read(count * frame)
+    return [struct.unpack_from(">I", data, i * frame)[0] for i in range(len(data) // frame)]
 
 
 def measure(keys: int, requests: int, directory: str) -> dict[str, dict]:
@@ -125,14 +131,16 @@ def measure(keys: int, requests: int, directory: str) -> dict[str, dict]:
         }
         counted: dict[str, tuple[float, list[int]]] = {}
         for name in REQUESTS:
-            start = written = len(wal_pages(path, page_size))
+            start = written = wal_frames(path, page_size)
             last: list[int] = []
             for i in range(requests):
                 runs[name](i)
-                pages = wal_pages(path, page_size)
-                if len(pages) <= written:
+                frames = wal_frames(path, page_size)
+                if frames <= written:
                     raise SystemExit("wal_pages: the log was copied and restarted during the count; fewer --requests")
-                last, written = pages[written:], len(pages)
+                if i == requests - 1:
+                    last = wal_pages(path, page_size, written, frames - written)
+                written = frames
             counted[name] = ((written - start) / requests, last)
         # Each page's B-tree as the database stands now, the log included:
         # pages the requests added (a table's new leaf) have theirs too.
