@@ -1,6 +1,9 @@
-"""bench/wal_pages.py: the pages each request writes to SQLite's log, by
-B-tree. Run for real on a small store; what it reports for a Get is the
-audit record's pages as schema revision 0006 leaves them. No timing."""
+"""The storage scripts of bench/, run for real on small stores. No timing.
+
+- wal_pages.py: the pages each request writes to SQLite's log, by B-tree;
+  what it reports for a Get is the audit record's pages as schema revision
+  0006 leaves them.
+- audit_migration.py: revision 0006 on a database at 0005 with records."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from kms_server.storage import schema
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,3 +54,18 @@ def test_a_count_of_zero_is_refused_in_one_line():
     assert result.returncode == 2
     assert "--keys and --requests must be at least 1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_audit_migration_times_0006_and_keeps_every_record():
+    """bench/audit_migration.py: a database at 0005 with records, upgraded
+    to head; the script checks the count itself and says so."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "audit_migration.py"), "--records", "500"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "500 audit records" in result.stdout
+    assert f"revision 0005 -> {schema.head_revision()}" in result.stdout

@@ -1,0 +1,106 @@
+"""How long schema revision 0006 (the leaner audit table) takes on a SQLite
+database holding an audit trail of a given length (issue 15).
+
+    .venv/bin/python bench/audit_migration.py                    # a million records
+    .venv/bin/python bench/audit_migration.py --records 10000000
+
+It builds a database at revision 0005 in a temporary directory, fills its
+audit table with `--records` records of about the size a Get's has (a 600
+byte body; one in ten without a key, as refusals are), then times
+`kms_server.storage.schema.upgrade`, which is what a node runs at start on
+SQLite and `kms-admin db upgrade` runs. The records are not a valid chain:
+the migration copies them and does not read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BODY = '{"pad":"' + "x" * 588 + '"}'
+
+
+def build(path: str, records: int) -> None:
+    """A database at revision 0005 with `records` audit records."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    from kms_server.storage import schema
+
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        with engine.begin() as conn:
+            cfg = Config()
+            cfg.set_main_option("script_location", str(schema.KMS.script_location))
+            cfg.attributes["version_table"] = schema.KMS.version_table
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0005")
+    finally:
+        engine.dispose()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO kms_audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    seq,
+                    1.7e9 + seq / 1000,
+                    "node-1",
+                    "Get",
+                    f"key-{seq % 5000}" if seq % 10 else None,
+                    "client",
+                    "SUCCESS",
+                    None,
+                    None,
+                    None,
+                    BODY,
+                    hashlib.sha256(seq.to_bytes(8, "big")).hexdigest(),
+                )
+                for seq in range(1, records + 1)
+            ),
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=1_000_000, help="audit records (default 1,000,000)")
+    parser.add_argument("--dir", help="where to build the database (default: a temporary directory)")
+    args = parser.parse_args()
+    if args.records < 0:
+        parser.error("--records cannot be negative")
+    from sqlalchemy import create_engine
+
+    from kms_server.storage import schema
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        path = os.path.join(directory, "kms.db")
+        build(path, args.records)
+        size = Path(path).stat().st_size
+        engine = create_engine(f"sqlite:///{path}")
+        try:
+            started = time.monotonic()
+            before, after = schema.upgrade(engine)
+            took = time.monotonic() - started
+            with engine.connect() as conn:
+                count = conn.exec_driver_sql("SELECT count(*) FROM kms_audit").scalar()
+        finally:
+            engine.dispose()
+    if count != args.records:
+        raise SystemExit(f"audit_migration: {count} records after the upgrade, {args.records} before")
+    print(f"{args.records:,} audit records ({size / 1e6:,.0f} MB): revision {before} -> {after} in {took:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
