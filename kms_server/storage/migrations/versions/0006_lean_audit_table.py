@@ -17,8 +17,9 @@ a query reads:
   SQLite and on PostgreSQL alike.
 
 On PostgreSQL only the indexes change (seq stays BIGINT, already the table's
-primary key). Time on SQLite: the copy and the index builds, 8.7 s for a
-million records (750 MB), with disk space for the copy meanwhile.
+primary key). Time on SQLite: the copy and the index builds, 7-9 s for a
+million records (bench/audit_migration.py), with disk space for the copy
+meanwhile.
 
 Revision ID: 0006
 Revises: 0005
