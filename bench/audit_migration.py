@@ -28,20 +28,14 @@ BODY = '{"pad":"' + "x" * 588 + '"}'
 
 def build(path: str, records: int) -> None:
     """A database at revision 0005 with `records` audit records."""
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import create_engine
 
+    from kmip_core.db.migrations import migrate
     from kms_server.storage import schema
 
     engine = create_engine(f"sqlite:///{path}")
     try:
-        with engine.begin() as conn:
-            cfg = Config()
-            cfg.set_main_option("script_location", str(schema.KMS.script_location))
-            cfg.attributes["version_table"] = schema.KMS.version_table
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "0005")
+        migrate(engine, schema.KMS, "0005")
     finally:
         engine.dispose()
     conn = sqlite3.connect(path, isolation_level=None)

@@ -28,6 +28,7 @@ __all__ = [
     "current_revision",
     "head_revision",
     "known_revisions",
+    "migrate",
     "upgrade",
 ]
 
@@ -106,6 +107,14 @@ def upgrade(engine: Engine, migrations: Migrations) -> tuple[str | None, str]:
     if after is None:
         raise SchemaError(f"the {migrations.product} schema has no migrations")
     return before, after
+
+
+def migrate(engine: Engine, migrations: Migrations, revision: str, *, down: bool = False) -> None:
+    """Bring the schema to `revision`: up from where it stands, or down with
+    `down`. A database as an earlier release left it, for tests and
+    measurements; nodes and the admin commands use `upgrade`."""
+    with engine.begin() as conn:
+        (command.downgrade if down else command.upgrade)(_config(migrations, conn), revision)
 
 
 def check(engine: Engine, shown_url: str, migrations: Migrations) -> None:

@@ -17,14 +17,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import text, update
 
 from broker import audit_trail, schema
 from broker.db import Database, audit, audit_checkpoints
 from broker.trust import Registry
 from kmip_core.audit import audit_key, chain
+from kmip_core.db import migrations
 
 
 class Clock:
@@ -227,12 +226,7 @@ def old_database(db_url: str, count: int = 5) -> Database:
     """A broker database at revision 0001 with `count` records as the old
     code wrote them."""
     db = Database(db_url)
-    with db.engine.begin() as conn:
-        config = Config()
-        config.set_main_option("script_location", str(schema.BROKER.script_location))
-        config.attributes["connection"] = conn
-        config.attributes["version_table"] = schema.BROKER.version_table
-        command.upgrade(config, "0001")
+    migrations.migrate(db.engine, schema.BROKER, "0001")
     prev = "0" * 64
     with db.engine.begin() as conn:
         for seq in range(1, count + 1):

@@ -20,8 +20,6 @@ import os
 import time
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from kmip.core.enums import (
     CryptographicAlgorithm,
     CryptographicUsageMask,
@@ -40,6 +38,7 @@ from sqlalchemy import create_engine, text
 from kmip_core import errors, ttlv
 from kmip_core.audit.record import AuditDraft, client_fields
 from kmip_core.client import messages
+from kmip_core.db import migrations
 from kmip_core.policy import Action, Principal, Role
 from kmip_core.sealing.barrier import CHECK_META, Barrier, BarrierError, Keyring, UnknownTerm, open_barrier
 from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher
@@ -977,14 +976,9 @@ def old_release_db(tmp_path):
     master key file the old release used."""
     path = tmp_path / "kms.db"
     engine = create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:
-        # The previous release's schema: what kms_server.storage.schema runs,
-        # stopped at revision 0003.
-        cfg = Config()
-        cfg.set_main_option("script_location", str(schema.KMS.script_location))
-        cfg.attributes["version_table"] = schema.KMS.version_table
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
+    # The previous release's schema: what kms_server.storage.schema runs,
+    # stopped at revision 0003.
+    migrations.migrate(engine, schema.KMS, "0003")
     with engine.connect() as conn:
         columns = {row[1] for row in conn.execute(text("PRAGMA table_info(kms_objects)"))}
     assert "row_mac" not in columns

@@ -12,6 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
+from kmip_core.db import migrations
 from kms_server.storage import open_storage, schema
 from kms_server.storage.base import StorageError
 from kms_server.storage.sql import metadata
@@ -87,19 +88,6 @@ def test_node_refuses_to_start_on_an_unmigrated_postgresql(tmp_path, pki_dir, po
     assert "Traceback" not in result.stderr
 
 
-def _migrate(engine, target: str, down: bool = False) -> None:
-    """Alembic's own commands, to one revision of the KMS's migrations."""
-    from alembic import command
-    from alembic.config import Config
-
-    with engine.begin() as conn:
-        cfg = Config()
-        cfg.set_main_option("script_location", str(schema.KMS.script_location))
-        cfg.attributes["version_table"] = schema.KMS.version_table
-        cfg.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(cfg, target)
-
-
 def _audit_layout(engine) -> dict[str, object]:
     """What migration 0006 changes: the indexes of kms_audit and whether
     each is partial; on SQLite, whether seq is the rowid."""
@@ -150,12 +138,12 @@ def test_lean_audit_migration_keeps_every_record_both_ways(db_url):
         if engine.dialect.name == "sqlite":
             assert lean["seq_is_rowid"] and not any("autoindex" in n for n in lean["indexes"])
 
-        _migrate(engine, "0005", down=True)
+        migrations.migrate(engine, schema.KMS, "0005", down=True)
         old = _audit_layout(engine)
         assert not any(old["indexes"][name] for name in partial)
         if engine.dialect.name == "sqlite":
             assert any("autoindex" in n for n in old["indexes"])  # seq BIGINT: a B-tree of its own
-        _migrate(engine, "head")
+        migrations.migrate(engine, schema.KMS, "head")
         assert _audit_layout(engine) == lean
     finally:
         engine.dispose()
