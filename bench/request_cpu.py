@@ -50,9 +50,9 @@ WORKLOADS = ("get", "create", "cycle")
 def _measure(iterations: int, db_url: str | None = None) -> dict[str, float]:
     """ms of CPU per request of each workload, with the packages on sys.path;
     on SQLite, or on a scratch database of the PostgreSQL server `db_url`."""
-    from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, ResultStatus
+    from kmip.core.enums import Operation, ResultStatus
     from kmip.core.enums import Tags as T
-    from ttlv_messages import attribute, item, request
+    from ttlv_messages import attribute, create_aes, item, on_object, request
 
     from kmip_core import ttlv
     from kmip_core.policy import Principal
@@ -64,37 +64,6 @@ def _measure(iterations: int, db_url: str | None = None) -> dict[str, float]:
     from kms_server.storage import open_storage
 
     conn = ConnectionInfo(principal=Principal("bench"), peer="127.0.0.1:1")
-
-    def create(name: str | None = None) -> bytes:
-        pairs = [
-            attribute("Cryptographic Algorithm", ttlv.enumeration(0, CryptographicAlgorithm.AES.value)),
-            attribute("Cryptographic Length", ttlv.integer(0, 256)),
-            attribute("Cryptographic Usage Mask", ttlv.integer(0, 12)),
-        ]
-        if name is not None:
-            pairs.append(
-                attribute(
-                    "Name",
-                    ttlv.structure(
-                        0,
-                        [ttlv.text(T.NAME_VALUE.value, name), ttlv.enumeration(T.NAME_TYPE.value, 1)],
-                    ),
-                )
-            )
-        return request(
-            [
-                item(
-                    Operation.CREATE,
-                    [
-                        ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
-                        ttlv.structure(T.TEMPLATE_ATTRIBUTE.value, pairs),
-                    ],
-                )
-            ]
-        )
-
-    def by_uid(operation: Operation, uid: str) -> bytes:
-        return request([item(operation, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])
 
     def locate(name: str) -> bytes:
         value = ttlv.structure(0, [ttlv.text(T.NAME_VALUE.value, name), ttlv.enumeration(T.NAME_TYPE.value, 1)])
@@ -124,8 +93,8 @@ def _measure(iterations: int, db_url: str | None = None) -> dict[str, float]:
                     raise SystemExit(f"request_cpu: {workload}: {answer.get(T.RESULT_MESSAGE.value)}")
                 return answer.find(T.RESPONSE_PAYLOAD.value)
 
-            uids = [send(create()).get(T.UNIQUE_IDENTIFIER.value) for _ in range(16)]
-            gets = [by_uid(Operation.GET, uid) for uid in uids]
+            uids = [send(create_aes()).get(T.UNIQUE_IDENTIFIER.value) for _ in range(16)]
+            gets = [on_object(Operation.GET, uid) for uid in uids]
             for message in gets:
                 send(message)
             counter = [0]
@@ -137,15 +106,15 @@ def _measure(iterations: int, db_url: str | None = None) -> dict[str, float]:
                     counter[0] += 1
                     return 1
                 if workload == "create":
-                    send(create())
+                    send(create_aes())
                     return 1
                 name = f"cycle-{counter[0]}"
                 counter[0] += 1
-                uid = send(create(name)).get(T.UNIQUE_IDENTIFIER.value)
-                send(by_uid(Operation.GET, uid))
+                uid = send(create_aes(name)).get(T.UNIQUE_IDENTIFIER.value)
+                send(on_object(Operation.GET, uid))
                 found = send(locate(name)).find_all(T.UNIQUE_IDENTIFIER.value)
                 assert [f.value for f in found] == [uid], "Locate by Name found another key"
-                send(by_uid(Operation.DESTROY, uid))
+                send(on_object(Operation.DESTROY, uid))
                 return 4
 
             for _ in range(20):  # warm-up

@@ -1,9 +1,10 @@
 """Request messages the in-process benchmarks send to the dispatcher
-(bench/locate_scale.py, bench/key_scale.py): KMIP 1.4, one batch of items."""
+(bench/locate_scale.py, bench/key_scale.py, bench/request_cpu.py,
+bench/wal_pages.py): KMIP 1.4, one batch of items."""
 
 from __future__ import annotations
 
-from kmip.core.enums import BatchErrorContinuationOption, Operation
+from kmip.core.enums import BatchErrorContinuationOption, CryptographicAlgorithm, ObjectType, Operation
 from kmip.core.enums import Tags as T
 
 from kmip_core import ttlv
@@ -33,3 +34,26 @@ def request(items: list[ttlv.Item], continuation: BatchErrorContinuationOption |
         ttlv.integer(T.BATCH_COUNT.value, len(items)),
     ]
     return ttlv.encode(ttlv.structure(T.REQUEST_MESSAGE.value, [ttlv.structure(T.REQUEST_HEADER.value, header), *items]))
+
+
+def create_aes(name: str | None = None) -> bytes:
+    """Create an AES-256 key (usage mask Encrypt | Decrypt), with a Name if
+    given."""
+    pairs = [
+        attribute("Cryptographic Algorithm", ttlv.enumeration(0, CryptographicAlgorithm.AES.value)),
+        attribute("Cryptographic Length", ttlv.integer(0, 256)),
+        attribute("Cryptographic Usage Mask", ttlv.integer(0, 12)),
+    ]
+    if name is not None:
+        value = ttlv.structure(0, [ttlv.text(T.NAME_VALUE.value, name), ttlv.enumeration(T.NAME_TYPE.value, 1)])
+        pairs.append(attribute("Name", value))
+    payload = [
+        ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
+        ttlv.structure(T.TEMPLATE_ATTRIBUTE.value, pairs),
+    ]
+    return request([item(Operation.CREATE, payload)])
+
+
+def on_object(operation: Operation, uid: str) -> bytes:
+    """`operation` (Get, Destroy...) on the object `uid`, nothing else asked."""
+    return request([item(operation, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import sqlite3
@@ -60,9 +61,9 @@ def wal_pages(path: str, page_size: int, first: int, count: int) -> list[int]:
 def measure(keys: int, requests: int, directory: str) -> dict[str, dict]:
     """{request: {"pages": mean pages per request, "btrees": {name: pages}
     of the last one}}."""
-    from kmip.core.enums import CryptographicAlgorithm, ObjectType, Operation, ResultStatus
+    from kmip.core.enums import Operation, ResultStatus
     from kmip.core.enums import Tags as T
-    from ttlv_messages import attribute, item, request
+    from ttlv_messages import create_aes, on_object
 
     from kmip_core import ttlv
     from kmip_core.policy import Principal
@@ -80,7 +81,7 @@ def measure(keys: int, requests: int, directory: str) -> dict[str, dict]:
         dispatcher = Dispatcher(
             Keystore(storage, Barrier(os.urandom(32))), OPERATIONS, node="bench", trail=AuditTrail(storage, "bench")
         )
-        names = iter(range(10**9))
+        names = itertools.count()
 
         def send(message: bytes) -> ttlv.Item:
             raw = dispatcher.handle(message, conn)
@@ -91,27 +92,11 @@ def measure(keys: int, requests: int, directory: str) -> dict[str, dict]:
             return answer.find(T.RESPONSE_PAYLOAD.value)
 
         def create() -> str:
-            name = ttlv.structure(
-                0, [ttlv.text(T.NAME_VALUE.value, f"key-{next(names)}"), ttlv.enumeration(T.NAME_TYPE.value, 1)]
-            )
-            pairs = [
-                attribute("Cryptographic Algorithm", ttlv.enumeration(0, CryptographicAlgorithm.AES.value)),
-                attribute("Cryptographic Length", ttlv.integer(0, 256)),
-                attribute("Cryptographic Usage Mask", ttlv.integer(0, 12)),
-                attribute("Name", name),
-            ]
-            payload = [
-                ttlv.enumeration(T.OBJECT_TYPE.value, ObjectType.SYMMETRIC_KEY.value),
-                ttlv.structure(T.TEMPLATE_ATTRIBUTE.value, pairs),
-            ]
-            return send(request([item(Operation.CREATE, payload)])).get(T.UNIQUE_IDENTIFIER.value)
-
-        def by_uid(operation: Operation, uid: str) -> None:
-            send(request([item(operation, [ttlv.text(T.UNIQUE_IDENTIFIER.value, uid)])]))
+            return send(create_aes(f"key-{next(names)}")).get(T.UNIQUE_IDENTIFIER.value)
 
         uids = [create() for _ in range(max(keys, 2 * requests))]
         for uid in uids[: 2 * requests]:
-            by_uid(Operation.GET, uid)  # Fresh cleared: a later Get only reads
+            send(on_object(Operation.GET, uid))  # Fresh cleared: a later Get only reads
         # The node's checkpointer would copy the log into the file and
         # SQLite would then write it again from its start, under the count:
         # it is stopped, and the log emptied once, before counting.
@@ -125,9 +110,9 @@ def measure(keys: int, requests: int, directory: str) -> dict[str, dict]:
         finally:
             raw.close()
         runs = {
-            "get": lambda i: by_uid(Operation.GET, uids[i]),
+            "get": lambda i: send(on_object(Operation.GET, uids[i])),
             "create": lambda i: create(),
-            "destroy": lambda i: by_uid(Operation.DESTROY, uids[requests + i]),
+            "destroy": lambda i: send(on_object(Operation.DESTROY, uids[requests + i])),
         }
         counted: dict[str, tuple[float, list[int]]] = {}
         for name in REQUESTS:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kms_server.storage import schema
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
