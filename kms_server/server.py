@@ -16,6 +16,7 @@ from typing import Any
 from kmip.core.enums import Operation, Tags
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorFDSet
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -41,7 +42,7 @@ from kms_server.metrics import KmsMetrics, monitor_listener
 from kms_server.operations import OPERATIONS, get
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError, StoredAuditRecord
-from kms_server.storage.reactor_writes import ReactorWrites
+from kms_server.storage.reactor_writes import ReactorWrites, SyncProcess
 
 log = logging.getLogger("kms_server.server")
 
@@ -214,9 +215,16 @@ class KmsService(service.Service):
         batches = self.storage.reactor_batches() if self.reads_in_reactor else None
         self.reactor_writes: ReactorWrites | None = None
         self.in_reactor_ops = READS_IN_REACTOR
+        # The process that syncs the reactor's committed batches to disk,
+        # while the reactor goes on (kms_server/storage/reactor_writes.py).
+        # A reactor that cannot watch the helper's pipe (a test's Clock)
+        # syncs in its own thread.
+        self.log_syncer: SyncProcess | None = None
         if batches is not None:
+            if IReactorFDSet.providedBy(reactor):
+                self.log_syncer = SyncProcess(reactor)
             self.reactor_writes = ReactorWrites(
-                batches, reactor, lambda f: deferToThreadPool(reactor, self.threadpool, f)
+                batches, reactor, lambda f: deferToThreadPool(reactor, self.threadpool, f), self.log_syncer
             )
             self.reactor_writes.on_batch = self._write_batch_done
             self.in_reactor_ops = READS_IN_REACTOR | WRITES_IN_REACTOR
@@ -399,7 +407,7 @@ class KmsService(service.Service):
                 records = flush()
             return writes.committed().addCallback(lambda _: records)
 
-        return writes.when_free(write)
+        return writes.when_free(write, reads=True)
 
     def _handle(self, message: bytes, conn: ConnectionInfo, decoded: Item | None = None) -> bytes | HeldAnswer | None:
         if self.read_records is None:
@@ -598,6 +606,9 @@ class KmsService(service.Service):
             assert self.heartbeat is not None  # its loop beats it (startService)
             yield deferToThreadPool(self.reactor, self.threadpool, self.heartbeat.leave)
         self.threadpool.stop()
+        if self.log_syncer is not None:
+            # The answers drained above waited for their syncs.
+            self.log_syncer.stop()
         self.storage.close()
         yield super().stopService()
         log.info("stopped")

@@ -261,6 +261,29 @@ class ReactorBatches(Protocol):
 
     def commit_reactor_batch(self) -> StorageError | None: ...
 
+    def end_reactor_batch(self) -> StorageError | UnsyncedCommit | None: ...
+
+
+class UnsyncedCommit(Protocol):
+    """A reactor batch committed whose changes are not yet durable
+    (ReactorBatches.end_reactor_batch): its log synced, by `sync()` on a
+    thread that may block or by another process (`database`, then
+    `settle(its OSError or None)`), then `durable()` in the reactor thread
+    if that gave None; nobody is told of the batch's changes before."""
+
+    members: int
+
+    @property
+    def database(self) -> str: ...
+
+    def sync(self) -> StorageError | None: ...
+
+    def settle(self, error: OSError | None) -> StorageError | None: ...
+
+    def lost(self, why: str) -> StorageError: ...
+
+    def durable(self) -> None: ...
+
 
 class Storage(abc.ABC):
     # Whether a read is a lookup in local files that never waits on the

@@ -77,6 +77,7 @@ from kms_server.storage.base import (
     StoredObject,
     Transaction,
 )
+from kms_server.storage.log_sync import WalSync
 
 __all__ = [
     "SqlStorage",
@@ -1151,7 +1152,7 @@ BATCH_MAX = 16
 class _Batch:
     """One database transaction that several write transactions share."""
 
-    __slots__ = ("conn", "trans", "members", "broken", "done", "error", "joined", "audit_tail", "meta")
+    __slots__ = ("conn", "trans", "members", "broken", "done", "error", "joined", "audit_tail", "meta", "unsynced")
 
     def __init__(self, conn: Connection, trans: Any) -> None:
         self.conn = conn
@@ -1167,6 +1168,58 @@ class _Batch:
         self.broken: StorageError | None = None  # the connection failed: no commit
         self.done = False
         self.error: StorageError | None = None
+        # Committed, its frames of the log not yet synced: what syncs them
+        # (a reactor batch ended with `end_reactor_batch`).
+        self.unsynced: WalSync | None = None
+
+
+class UnsyncedCommit:
+    """A reactor batch committed, whose frames of the write-ahead log are
+    not yet durable (`WriteBatches.end_reactor_batch`). Nobody may be told
+    of its members' changes before `sync()` returned None."""
+
+    __slots__ = ("_batches", "_batch", "members")
+
+    def __init__(self, batches: WriteBatches, batch: _Batch) -> None:
+        self._batches = batches
+        self._batch = batch
+        self.members = batch.members
+
+    @property
+    def database(self) -> str:
+        """The database file whose log is to be synced (the sync process
+        is sent its path)."""
+        wal = self._batch.unsynced
+        assert wal is not None  # set by end_reactor_batch
+        return wal.database
+
+    def sync(self) -> StorageError | None:
+        """Blocks: one `fdatasync` of the log in this process, which makes
+        this commit durable and every commit before it; the error that
+        leaves the batch not durable, or None."""
+        wal = self._batch.unsynced
+        assert wal is not None  # set by end_reactor_batch
+        return self._batches._synced(wal)
+
+    def settle(self, error: OSError | None) -> StorageError | None:
+        """The outcome of a sync of the log made elsewhere (the sync
+        process: None, or the OSError its fdatasync raised), taken as
+        `sync()` takes its own: a failure refuses every later write."""
+        wal = self._batch.unsynced
+        assert wal is not None  # set by end_reactor_batch
+        return self._batches._synced(wal, error)
+
+    @staticmethod
+    def lost(why: str) -> StorageError:
+        """The outcome when the sync's answer never came (the sync process
+        exited): unknown, though no sync failed, so later writes go on and
+        the next sync covers this batch's frames too."""
+        return StorageUnavailable(f"{why}: the change may or may not be stored", commit_unknown=True)
+
+    def durable(self) -> None:
+        """In the reactor thread, once `sync()` returned None: the members'
+        `after_commit` work."""
+        self._batches._after_commit(self._batch)
 
 
 @contextlib.contextmanager
@@ -1191,76 +1244,6 @@ def writer_flock(path: str | None) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the flock
-
-
-class WalSync:
-    """The write-ahead log of a SQLite database in WAL mode, made durable by
-    this process after the writers' flock is released (issue 15).
-
-    The batches' connection runs with `synchronous = NORMAL`: its COMMIT
-    writes the transaction's frames to the log (the operating system's
-    cache: they survive the process, not a power cut) and does not wait for
-    the disk. `WriteBatches` then releases the flock, so that the node's
-    other processes write meanwhile, and calls `sync`: one `fdatasync` of
-    the log makes every frame written to it so far durable, this batch's
-    and any before it. The members of the batch, and the answers that wait
-    for it, learn its outcome only after that: nothing is answered before
-    it is durable, as with `synchronous = FULL`, where SQLite synced inside
-    COMMIT, the flock held.
-
-    Why this keeps everything the server answered: a frame is synced by
-    this call, or copied into the database file by a checkpoint, which
-    syncs the log before and the database file after (SQLite, WAL mode,
-    NORMAL); the log is only deleted or restarted from its start after a
-    complete checkpoint. A read that saw a batch before its sync answers
-    only once its own audit record is durable, in a later commit of the same
-    log, whose sync covers the earlier frames (docs/process-model.md).
-
-    The log file's descriptor is kept while the file is the same (device,
-    inode), so that an I/O error the kernel reports once reaches it; the
-    directory is synced once per log file, for the file's own entry. A
-    failed sync is final: `WriteBatches` leaves `<database>-sync-failed`,
-    and every process of the database refuses to write, or to report a
-    batch durable, while it exists. After a failed `fdatasync` Linux may
-    drop the pages it could not write, and a later one, in any process,
-    would succeed over a gap in the log."""
-
-    def __init__(self, database: str):
-        self.database = database
-        self.path = database + "-wal"
-        self._fd: int | None = None
-        self._file: tuple[int, int] | None = None
-
-    def sync(self) -> None:
-        """Make what was written to the log durable; raises OSError."""
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            # No log: the last connection checkpointed it whole into the
-            # database file, synced, and deleted it.
-            self._close()
-            return
-        if self._file != (now.st_dev, now.st_ino):
-            self._close()
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            opened = os.fstat(fd)
-            self._fd, self._file = fd, (opened.st_dev, opened.st_ino)
-            # The new log file's directory entry: once per file.
-            directory = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-        assert self._fd is not None  # opened above
-        os.fdatasync(self._fd)
-
-    def _close(self) -> None:
-        fd, self._fd, self._file = self._fd, None, None
-        if fd is not None:
-            os.close(fd)
-
-    def close(self) -> None:
-        self._close()
 
 
 # How the write-ahead log is copied into the database file (a checkpoint).
@@ -1559,8 +1542,10 @@ class WriteBatches:
                 conn.invalidate()
                 conn.close()
 
-    def _finish(self, batch: _Batch) -> None:
-        """Commit (or roll back) the batch and wake its members."""
+    def _finish(self, batch: _Batch, sync: bool = True) -> None:
+        """Commit (or roll back) the batch and wake its members. With
+        `sync` false, a commit's frames of the log are left for the caller
+        to sync (`batch.unsynced`: UnsyncedCommit)."""
         error = batch.broken
         keep = False  # the connection serves the next batch only after a clean end
         try:
@@ -1590,21 +1575,33 @@ class WriteBatches:
             if keep and batch.members and self._wal is not None:
                 # Durable before anyone is told: outside the flock, so the
                 # node's other processes write meanwhile (WalSync).
-                error = self._sync(self._wal)
-                if error is None and self._checkpointer is not None:
-                    self._checkpointer.committed()
+                if sync:
+                    error = self._synced(self._wal)
+                else:
+                    batch.unsynced = self._wal
             with self._cond:
                 batch.error, batch.done = error, True
                 self._busy = False
                 self._cond.notify_all()
 
-    def _sync(self, wal: WalSync) -> StorageError | None:
+    def _synced(self, wal: WalSync, elsewhere: OSError | None | bool = False) -> StorageError | None:
+        """Sync the log after a commit (or take the outcome of a sync made
+        `elsewhere`: None or its OSError), then wake the checkpointer."""
+        error = self._sync(wal, elsewhere)
+        if error is None and self._checkpointer is not None:
+            self._checkpointer.committed()
+        return error
+
+    def _sync(self, wal: WalSync, elsewhere: OSError | None | bool = False) -> StorageError | None:
         """Sync the log after a commit; a failure is the batch's error, and
         every later write is refused, by every process (WalSync). A batch
         synced once another process's sync failed is not reported durable
         either: its frames may follow pages that failure lost."""
         try:
-            wal.sync()
+            if elsewhere is False:
+                wal.sync()
+            elif isinstance(elsewhere, OSError):
+                raise elsewhere
         except OSError as exc:
             self._sync_failed = f"the write-ahead log {wal.path} could not be synced to disk ({exc})"
             log.critical(
@@ -1837,21 +1834,48 @@ class WriteBatches:
 
     def commit_reactor_batch(self) -> StorageError | None:
         """In the reactor thread: commit the open batch (roll it back if
-        no block joined it), end this process's turn, run the members'
-        `after_commit` work if it committed; the commit's error, or None."""
+        no block joined it), end this process's turn, sync the log, run the
+        members' `after_commit` work if it committed; the commit's error,
+        or None."""
+        ended = self.end_reactor_batch()
+        if not isinstance(ended, UnsyncedCommit):
+            return ended
+        error = ended.sync()
+        if error is None:
+            ended.durable()
+        return error
+
+    def end_reactor_batch(self) -> StorageError | UnsyncedCommit | None:
+        """In the reactor thread: commit the open batch (roll it back if
+        no block joined it) and end this process's turn, without waiting
+        for the disk: the commit's error; or what makes the commit durable
+        and then runs the members' `after_commit` work (UnsyncedCommit),
+        when its frames of the write-ahead log are still to be synced; or
+        None once all is done (nothing to commit, or SQLite synced inside
+        COMMIT). The writer flock is free again either way, so the next
+        batch can open while this one's sync runs on another thread."""
         batch, self._reactor_batch = self._reactor_batch, None
         if batch is None:
             return None
-        self._finish(batch)
-        if batch.error is None:
-            for tx in batch.joined:
-                try:
-                    tx.run_after_commit()
-                except Exception:
-                    # Committed all the same: one member's follow-up work
-                    # must not keep the others' answers back.
-                    log.exception("work after a reactor batch's commit failed")
-        return batch.error
+        # A batch adopted from the worker threads (`_adopt`) has members
+        # waiting on their threads for `done`, which `_finish` sets: its
+        # sync runs here, before they are woken.
+        self._finish(batch, sync=batch.members != len(batch.joined))
+        if batch.error is not None:
+            return batch.error
+        if batch.unsynced is not None:
+            return UnsyncedCommit(self, batch)
+        self._after_commit(batch)
+        return None
+
+    def _after_commit(self, batch: _Batch) -> None:
+        for tx in batch.joined:
+            try:
+                tx.run_after_commit()
+            except Exception:
+                # Committed all the same: one member's follow-up work
+                # must not keep the others' answers back.
+                log.exception("work after a reactor batch's commit failed")
 
     @contextlib.contextmanager
     def reactor_transaction(self, dialect: str) -> Iterator[Transaction]:

@@ -676,3 +676,189 @@ def test_a_started_work_that_finds_it_will_write_goes_on_and_waits_at_its_transa
     clock.advance(0)
     assert steps == ["unsealed and encoded", "in the batch"] and got == ["answered"]
     assert committed(storage, "fresh") == b"0"
+
+
+# The log synced while the reactor goes on (a `syncer`, as a node runs):
+# the reactor commits and goes on; answers and follow-up work wait for the
+# sync; the writes that arrive meanwhile wait for its end, then commit
+# together in the next batch.
+
+
+@pytest.fixture
+def synced_writer(storage):
+    clock = task.Clock()
+    pool, syncer = Pool(), Pool()
+    # The sync made on a thread the test settles, as the node's sync
+    # process makes it while the reactor goes on (test_log_sync.py).
+    writes = ReactorWrites(storage.reactor_batches(), clock, pool, lambda commit: syncer(commit.sync))
+    return writes, clock, syncer, pool
+
+
+def count_syncs(monkeypatch) -> list[threading.Thread]:
+    """The threads that called fdatasync, one entry per call."""
+    calls: list[threading.Thread] = []
+    real = os.fdatasync
+
+    def counted(fd):
+        calls.append(threading.current_thread())
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    return calls
+
+
+def test_answers_wait_for_the_sync_on_its_thread_and_the_writes_meanwhile_commit_together_after_it(
+    storage, synced_writer, monkeypatch
+):
+    writes, clock, syncer, _ = synced_writer
+    syncs = count_syncs(monkeypatch)
+    hooks: list = []
+    batches: list = []
+    writes.on_batch = lambda members, ok: batches.append((members, ok))
+
+    def job(key):
+        write(storage, key, hooks)
+        return writes.committed().addCallback(lambda _: key)
+
+    first = result_of(writes.when_free(lambda: job("a"), reads=True))
+    clock.advance(0)  # batch 1 commits; its sync starts on the sync thread
+    assert committed(storage, "a") == b"a", "committed: other readers see it"
+    assert first == [] and hooks == [] and batches == [], "nobody is told before the log is synced"
+    assert writes.unsynced == 1 and len(syncer.started) == 1
+    assert not storage.writes.reactor_batch_open
+    # The writers' flock is free for the other processes during the sync.
+    other = os.open(storage.writes.lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_UN)
+    finally:
+        os.close(other)
+    # Writes that arrive meanwhile wait for the sync's end, then share one
+    # batch: the batches stay as large as when the reactor waited itself.
+    later = [result_of(writes.when_free(lambda k=key: job(k), reads=True)) for key in ("b", "c")]
+    clock.advance(0)
+    assert writes.queued == 2 and writes.commits == 1 and committed(storage, "b") is None
+    syncer.settle()  # batch 1 is durable: its answer and its work go
+    assert first == ["a"] and hooks == [("a", b"a")] and batches == [(1, True)]
+    assert writes.unsynced == 0 and syncer.started == []
+    clock.advance(0)  # the next turn: b and c in one batch
+    assert writes.commits == 2 and writes.unsynced == 1 and later == [[], []]
+    syncer.settle()
+    assert later == [["b"], ["c"]] and batches == [(1, True), (2, True)]
+    assert hooks == [("a", b"a"), ("b", b"b"), ("c", b"c")]
+    reactor_thread = threading.current_thread()
+    assert len(syncs) == 2 and reactor_thread not in syncs, "the reactor thread never waited in fdatasync"
+
+
+def test_with_no_batch_open_committed_waits_for_the_batch_not_yet_synced(storage, synced_writer):
+    writes, clock, syncer, _ = synced_writer
+    writes.when_free(lambda: write(storage, "a"), reads=True)
+    clock.advance(0)
+    assert not storage.writes.reactor_batch_open and writes.unsynced == 1
+    later = result_of(writes.committed())
+    assert later == [], "what this process committed is not durable yet"
+    syncer.settle()
+    assert later == [None]
+    assert result_of(writes.committed()) == [None], "nothing waits: at once"
+
+
+def test_a_failed_sync_on_its_thread_fails_its_batch_and_the_writes_waiting_behind_it(
+    storage, synced_writer, monkeypatch
+):
+    writes, clock, syncer, _ = synced_writer
+    hooks: list = []
+    batches: list = []
+    writes.on_batch = lambda members, ok: batches.append((members, ok))
+
+    def fail(_fd):
+        raise OSError(5, "Input/output error")
+
+    # Only the sync thread syncs (it starts at the commit).
+    monkeypatch.setattr(os, "fdatasync", fail)
+    first = result_of(writes.when_free(lambda: write(storage, "a", hooks) or writes.committed(), reads=True))
+    clock.advance(0)
+    behind = result_of(writes.when_free(lambda: write(storage, "b", hooks) or writes.committed(), reads=True))
+    clock.advance(0)
+    syncer.settle()
+    monkeypatch.undo()
+    assert len(first) == 1 and isinstance(first[0].value, StorageError)
+    assert "could not be synced" in str(first[0].value)
+    assert hooks == [] and batches == [(1, False)], "no follow-up work of a batch not known durable"
+    clock.advance(0)  # the write that waited cannot open a batch any more
+    assert len(behind) == 1 and isinstance(behind[0].value, StorageError)
+    assert "restart the node" in str(behind[0].value)
+    assert committed(storage, "b") is None and syncer.started == []
+
+
+def test_a_syncer_that_raises_fails_its_batch_and_the_next_batch_is_synced_again(storage, synced_writer):
+    writes, clock, syncer, _ = synced_writer
+    first = result_of(writes.when_free(lambda: write(storage, "a") or writes.committed(), reads=True))
+    clock.advance(0)
+    # The running sync ends in something unexpected (no fdatasync failed:
+    # nothing of the log was dropped).
+    thread, _, outcome = syncer.started[0]
+    thread.join(10)
+    outcome[:] = [("error", RuntimeError("unexpected"))]
+    syncer.settle()
+    assert len(first) == 1 and isinstance(first[0].value, StorageError)
+    assert "could not be synced" in str(first[0].value)
+    second = result_of(writes.when_free(lambda: write(storage, "b") or writes.committed(), reads=True))
+    clock.advance(0)
+    assert len(syncer.started) == 1
+    syncer.settle()
+    assert second == [None] and committed(storage, "b") == b"b"
+
+
+def test_a_worker_threads_batch_adopted_by_the_reactor_is_synced_before_its_members_wake(
+    storage, synced_writer, monkeypatch
+):
+    """Its members wait on their own threads for the batch to end, which
+    the reactor cannot defer: that batch is synced at its commit."""
+    writes, clock, syncer, pool = synced_writer
+    syncs = count_syncs(monkeypatch)
+    inside, release = threading.Event(), threading.Event()
+    woke: list = []
+
+    def worker():
+        with storage.transaction() as txn:
+            txn.set_meta("worker", b"w")
+            inside.set()
+            assert release.wait(10)
+        woke.append(len(syncs))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert inside.wait(10)
+    queued = result_of(writes.when_free(lambda: write(storage, "reactor") or writes.committed(), reads=True))
+    clock.advance(0)
+    release.set()
+    pool.settle()
+    thread.join(10)
+    assert woke == [1], "the worker thread woke once the log was synced"
+    assert queued == [None] and syncer.started == [] and writes.unsynced == 0
+
+
+
+def test_a_batch_of_writes_alone_is_synced_by_the_reactor_and_one_with_reads_records_by_the_syncer(
+    storage, synced_writer, monkeypatch
+):
+    """Writers wait for their own sync, with little else for the reactor
+    to do meanwhile: the syncer's round trip would only add to their wait.
+    Reads' records (as server.py queues them) mean reads to serve."""
+    writes, clock, syncer, _ = synced_writer
+    syncs = count_syncs(monkeypatch)
+    alone = result_of(writes.when_free(lambda: write(storage, "a") or writes.committed()))
+    clock.advance(0)
+    assert alone == [None] and syncer.started == [] and writes.unsynced == 0
+    assert syncs == [threading.current_thread()], "synced at the commit, in the reactor thread"
+    write_job = result_of(writes.when_free(lambda: write(storage, "b") or writes.committed()))
+    records_job = result_of(writes.when_free(lambda: write(storage, "c") or writes.committed(), reads=True))
+    clock.advance(0)
+    assert writes.commits == 2 and write_job == [] and records_job == [], "one batch, synced elsewhere"
+    syncer.settle()
+    assert write_job == [None] and records_job == [None]
+    assert len(syncs) == 2 and syncs[1] is not threading.current_thread()
+    # The next batch of writes alone is the reactor's again.
+    again = result_of(writes.when_free(lambda: write(storage, "d") or writes.committed()))
+    clock.advance(0)
+    assert again == [None] and syncer.started == [] and syncs[2] is threading.current_thread()

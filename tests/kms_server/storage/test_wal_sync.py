@@ -233,6 +233,38 @@ def test_a_new_log_file_has_its_directory_synced_once_and_its_own_descriptor(tmp
     wal.close()
 
 
+def test_syncs_of_one_log_from_two_threads_run_one_at_a_time_and_close_waits_for_them(tmp_path, monkeypatch):
+    """The reactor's sync thread and a worker thread's batch sync the same
+    log (WalSync): one at a time, so that neither closes or replaces the
+    descriptor under the other's fdatasync."""
+    database = tmp_path / "kms.db"
+    (tmp_path / "kms.db-wal").write_bytes(b"frames")
+    inside, overlaps, closed_during = [0], [], []
+    real = os.fdatasync
+
+    def slow(fd):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        time.sleep(0.05)
+        os.fstat(fd)  # still open
+        closed_during.append(wal._fd is None)
+        inside[0] -= 1
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    wal = WalSync(str(database))
+    threads = [threading.Thread(target=wal.sync) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.01)
+    wal.close()  # waits for the sync running, then the others open the file again
+    for thread in threads:
+        thread.join(10)
+    assert overlaps == [1, 1, 1], "never two at once"
+    assert closed_during == [False, False, False]
+    wal.close()
+
+
 def test_without_a_write_ahead_log_sqlite_keeps_syncing_at_commit(tmp_path, monkeypatch):
     database = tmp_path / "journal.db"
     engine = create_engine(f"sqlite:///{database}")
