@@ -408,6 +408,7 @@ class SyncProcess:
         proc = self._proc
         if proc is None or proc.stdout is None:
             return
+        ended = False
         while True:
             try:
                 chunk = os.read(proc.stdout.fileno(), 65536)
@@ -416,8 +417,8 @@ class SyncProcess:
             except OSError:
                 chunk = b""
             if not chunk:
-                self._lost("the log's sync process exited")
-                return
+                ended = True  # after the answers read before it
+                break
             self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
@@ -431,6 +432,8 @@ class SyncProcess:
                 d.callback(commit.lost(str(exc)))
             else:
                 d.callback(commit.settle(error))
+        if ended:
+            self._lost("the log's sync process exited")
 
     def _lost(self, why: str) -> None:
         proc, self._proc = self._proc, None

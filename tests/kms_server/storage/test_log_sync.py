@@ -107,6 +107,14 @@ def answer(writes: ReactorWrites, storage: SqlStorage, key: str, hooks: list | N
     return got
 
 
+def answered(writes: ReactorWrites, reactor: Reactor, storage: SqlStorage, key: str) -> list:
+    """A write of `key` in its own batch, once its sync's answer is read."""
+    got = answer(writes, storage, key)
+    reactor.advance(0)
+    reactor.pump(lambda: got)
+    return got
+
+
 def open_files(pid: int) -> set[str]:
     files = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -144,9 +152,7 @@ def test_the_helper_syncs_the_log_and_the_answers_wait_for_it_while_the_reactor_
     # The helper holds the log open: the descriptor its syncs go through.
     assert f"{storage.writes.wal.database}-wal" in open_files(syncer.pid)
     # And again: the same helper.
-    second = answer(writes, storage, "b")
-    reactor.advance(0)
-    reactor.pump(lambda: second)
+    second = answered(writes, reactor, storage, "b")
     assert second == [None] and syncer.started == 1
 
 
@@ -154,23 +160,17 @@ def test_the_helper_ignores_the_signals_that_reach_the_process_group(storage, no
     """A node stopped with SIGTERM or ^C drains its requests first: their
     answers wait for syncs."""
     writes, reactor, syncer = node
-    first = answer(writes, storage, "a")
-    reactor.advance(0)
-    reactor.pump(lambda: first)
+    assert answered(writes, reactor, storage, "a") == [None]
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         os.kill(syncer.pid, signum)
     time.sleep(0.2)
-    second = answer(writes, storage, "b")
-    reactor.advance(0)
-    reactor.pump(lambda: second)
+    second = answered(writes, reactor, storage, "b")
     assert second == [None] and syncer.started == 1
 
 
 def test_a_helper_that_dies_leaves_its_sync_of_unknown_outcome_and_the_next_batch_has_a_new_one(storage, node):
     writes, reactor, syncer = node
-    first = answer(writes, storage, "a")
-    reactor.advance(0)
-    reactor.pump(lambda: first)
+    assert answered(writes, reactor, storage, "a") == [None]
     pid = syncer.pid
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
@@ -186,9 +186,7 @@ def test_a_helper_that_dies_leaves_its_sync_of_unknown_outcome_and_the_next_batc
     assert hooks == [], "no follow-up work of a batch not known durable"
     assert committed(storage, "b") == b"b", "committed, and the next sync covers it"
     # No sync failed: writes go on, with a new helper.
-    later = answer(writes, storage, "c")
-    reactor.advance(0)
-    reactor.pump(lambda: later)
+    later = answered(writes, reactor, storage, "c")
     assert later == [None] and syncer.started == 2 and syncer.pid != pid
 
 
@@ -226,9 +224,7 @@ def test_a_sync_the_helper_reports_failed_refuses_every_later_write(storage, tmp
 
 def test_stopping_closes_the_helpers_input_and_it_exits(storage, node):
     writes, reactor, syncer = node
-    got = answer(writes, storage, "a")
-    reactor.advance(0)
-    reactor.pump(lambda: got)
+    assert answered(writes, reactor, storage, "a") == [None]
     pid = syncer.pid
     syncer.stop()
     assert syncer.pid is None and reactor.readers == []
@@ -334,3 +330,26 @@ def test_a_nodes_gets_are_answered_once_the_helper_has_synced_their_records(tmp_
         if service.log_syncer is not None:
             service.log_syncer.stop()
         service.storage.close()
+
+
+def test_an_answer_written_just_before_the_helper_exits_still_counts(storage, tmp_path):
+    """The helper answers, then its output ends (it exited): the answer
+    read with the end of its output is the batch's outcome, not a loss."""
+    helper = tmp_path / "answer_once.py"
+    helper.write_text("import sys\nsys.stdin.readline()\nsys.stdout.write('0\\n')\n")
+    reactor = Reactor()
+    syncer = SyncProcess(reactor, command=[sys.executable, "-I", "-S", str(helper)])
+    writes = ReactorWrites(storage.reactor_batches(), reactor, lambda f: pytest.fail("no pool thread"), syncer)
+    try:
+        got = answer(writes, storage, "a")
+        reactor.advance(0)
+        pid = syncer.pid
+        deadline = time.monotonic() + 10
+        while not dead(pid):  # answered and gone before the reactor reads
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        reactor.pump(lambda: got)
+        assert got == [None]
+        assert syncer.pid is None, "its end was seen: the next batch starts another"
+    finally:
+        syncer.stop()
