@@ -514,6 +514,8 @@ class KmsService(service.Service):
             self.web_context_factory = tls.server_context_factory(self.cfg.tls, kmip_suites=False)
         tls.reload_on_sighup(self.reactor, _Reloader(self.context_factory, self.web_context_factory), log)
         self.threadpool.start()
+        if self.log_syncer is not None:
+            self.log_syncer.start()
         if self.slot is None:
             self.port = self.reactor.listenSSL(
                 self.cfg.server.port, self.listener, self.context_factory, interface=self.cfg.server.host

@@ -334,8 +334,8 @@ class SyncProcess:
     helper has answered, with the batch's outcome (`UnsyncedCommit.settle`).
     The reactor thread reads the answers as it reads sockets.
 
-    The helper starts with the first sync, and again after it has exited
-    (killed, say): the syncs it had not answered are reported as of
+    The helper starts with `start()` (the node's start), or else with the
+    first sync, and again after it has exited (killed, say): the syncs it had not answered are reported as of
     unknown outcome, and the next sync, by the new helper, covers their
     frames too. If no helper can be started, the reactor thread syncs
     itself, as it did before the helper (logged once)."""
@@ -355,6 +355,12 @@ class SyncProcess:
     def pid(self) -> int | None:
         """The helper's process id while it runs (tests, diagnostics)."""
         return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> None:
+        """Start the helper now, so that the first batch does not wait for
+        it (a helper that cannot start is logged; its syncs stay here)."""
+        if self._proc is None:
+            self._start()
 
     def __call__(self, commit: UnsyncedCommit) -> defer.Deferred[StorageError | None]:
         if self._proc is None and not self._start():

@@ -63,6 +63,23 @@ def established_by_pid(port: int, pids: list[int]) -> dict[int, int]:
     return counts
 
 
+def sync_helpers_of(pids: list[int]) -> list[int]:
+    """The log sync helpers (kms_server/storage/log_sync.py) the workers
+    `pids` started and that still run."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent in pids and b"log_sync.py" in command and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -137,10 +154,15 @@ def test_sigterm_stops_every_worker_and_sighup_reloads_every_one(node, pki_dir):
     node.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: node.stderr_text().count("TLS material reloaded") >= 2, what="both workers reloading")
     client = pykmip(node, pki_dir)
-    client.create(enums.CryptographicAlgorithm.AES, 256)
+    uid = client.create(enums.CryptographicAlgorithm.AES, 256)
+    client.get(uid)  # the first Get clears Fresh: a write
+    assert client.get(uid).value is not None  # a read: its record synced by the worker's helper
     client.close()
+    helpers = sync_helpers_of(pids)
+    assert len(helpers) == 2, "each worker started its sync helper"
     assert node.stop(signal.SIGTERM) == 0, node.stderr_text()
     assert not any(alive(pid) for pid in pids)
+    wait_until(lambda: not any(alive(pid) for pid in helpers), what="the sync helpers to exit with their workers")
     wait_until(lambda: node.stderr_text().count("kms_server.server: stopped") >= 2, what="both workers' last line")
     assert node.stderr_text().count("kms_server.server: stopped") == 2, node.stderr_text()
 
@@ -167,9 +189,18 @@ def shared_metrics_of(pid: int) -> Path:
 def test_a_killed_supervisor_leaves_no_worker_behind_and_the_next_start_removes_its_metrics(node, tmp_path, pki_dir):
     pids = worker_pids(node)
     shared = shared_metrics_of(pids[0])
+    for _ in range(4):  # reads on both workers, most likely: each starts a sync helper
+        client = pykmip(node, pki_dir)
+        uid = client.create(enums.CryptographicAlgorithm.AES, 256)
+        client.get(uid)  # clears Fresh: a write
+        client.get(uid)  # a read
+        client.close()
+    helpers = sync_helpers_of(pids)
+    assert helpers, "a sync helper runs"
     node.proc.kill()
     node.proc.wait(10)
     wait_until(lambda: not any(alive(pid) for pid in pids), what="the workers to stop with their supervisor")
+    wait_until(lambda: not any(alive(pid) for pid in helpers), what="the sync helpers to exit with their workers")
     assert shared.is_dir(), "SIGKILL left no chance to remove it"
     # The next node to start (any node of this host) removes it, and keeps its own.
     other = start_server(tmp_path / "other", pki_dir, server_config="processes = 2")
@@ -285,7 +316,11 @@ def test_every_acknowledged_create_survives_the_node_killed_under_load(node, pki
     def load(client):
         while not stop.is_set():
             try:
-                acknowledged.append(client.create(enums.CryptographicAlgorithm.AES, 256))
+                uid = client.create(enums.CryptographicAlgorithm.AES, 256)
+                acknowledged.append(uid)
+                # Reads too, so that batches the sync helper makes durable
+                # (those holding reads' records) carry Creates as well.
+                client.get_attribute_list(uid)
             except Exception:  # noqa: BLE001 - the node was killed under it
                 return
 
