@@ -259,8 +259,6 @@ class ReactorBatches(Protocol):
 
     def wait_reactor_batch(self) -> None: ...
 
-    def commit_reactor_batch(self) -> StorageError | None: ...
-
     def end_reactor_batch(self) -> StorageError | UnsyncedCommit | None: ...
 
 
@@ -270,8 +268,6 @@ class UnsyncedCommit(Protocol):
     thread that may block or by another process (`database`, then
     `settle(its OSError or None)`), then `durable()` in the reactor thread
     if that gave None; nobody is told of the batch's changes before."""
-
-    members: int
 
     @property
     def database(self) -> str: ...

@@ -73,9 +73,10 @@ class WalSync:
         self.path = database + "-wal"
         self._fd: int | None = None
         self._file: tuple[int, int] | None = None
-        # The reactor's batches are synced on a thread of their own while
-        # the worker threads' batches sync on theirs: one sync at a time
-        # keeps the descriptor from being closed under another's fdatasync.
+        # A worker's batches sync on whichever thread ends them (the
+        # reactor's, a pool thread's); their turn orders them already. The
+        # lock keeps this object safe on its own: no sync, and no close,
+        # replaces the descriptor under another thread's fdatasync.
         self._lock = threading.Lock()
 
     def sync(self) -> None:

@@ -98,10 +98,9 @@ class ReactorWrites:
         # What syncs committed batches' logs while the reactor goes on (the
         # node's SyncProcess); None: the reactor thread, at the commit.
         self._syncer = syncer
-        # Committed batches waiting for a sync, and those the running sync
-        # covers (no batch opens while one runs, so at most one).
-        self._unsynced: list[_Pending] = []
-        self._syncing: list[_Pending] | None = None
+        # The committed batch whose sync runs (no batch opens meanwhile:
+        # `_schedule`).
+        self._syncing: _Pending | None = None
         # Whether the queued jobs hold reads' records (`when_free(reads=)`):
         # only such a batch is synced by the syncer. A batch of writes
         # alone is synced by the reactor thread: their writers wait for it,
@@ -137,20 +136,19 @@ class ReactorWrites:
 
     @property
     def unsynced(self) -> int:
-        """Committed batches whose sync has not ended (tests, diagnostics)."""
-        return len(self._unsynced) + len(self._syncing or ())
+        """Committed batches whose sync has not ended, 0 or 1 (tests,
+        diagnostics)."""
+        return 0 if self._syncing is None else 1
 
     def committed(self) -> defer.Deferred[None]:
         """Fires once the open batch is committed and durable (with no
-        batch open: once every batch committed so far is); fails with
+        batch open: once the batch whose sync runs is); fails with
         StorageError if its commit or its sync fails."""
         d: defer.Deferred[None] = defer.Deferred()
         if self._batches.reactor_batch_open:
             self._waiters.append(d)
-        elif self._unsynced:
-            self._unsynced[-1].waiters.append(d)
-        elif self._syncing:
-            self._syncing[-1].waiters.append(d)
+        elif self._syncing is not None:
+            self._syncing.waiters.append(d)
         else:
             d.callback(None)  # nothing committed here waits for the disk
         return d
@@ -271,40 +269,28 @@ class ReactorWrites:
                 ended.durable()
             self._ended(members, error, waiters)
         else:
-            self._unsynced.append(_Pending(ended, members, waiters))
-            self._sync_next()
+            assert self._syncing is None  # no batch opens while a sync runs (_schedule)
+            self._syncing = _Pending(ended, members, waiters)
+            self._syncer(ended).addBoth(self._synced)
         if self._queued:
             # Beyond BURST_MAX (the reads' job may be among them), or
             # queued by what the commit's answers set off.
             self._reads_queued = self._reads_queued or background
             self._schedule()
 
-    def _sync_next(self) -> None:
-        """Sync the batches committed so far, unless a sync runs (no batch
-        opens meanwhile: `_schedule`)."""
-        if self._syncing is not None or not self._unsynced:
-            return
-        assert self._syncer is not None  # only then are batches left unsynced
-        syncing, self._unsynced = self._unsynced, []
-        self._syncing = syncing
-        # The last commit's sync covers the frames of every one before it.
-        self._syncer(syncing[-1].commit).addBoth(self._synced)
-
     def _synced(self, outcome: StorageError | Failure | None) -> None:
         """A sync ended: its batches' answers go, and the writes queued
         meanwhile run in the next batch."""
-        syncing, self._syncing = self._syncing, None
-        assert syncing is not None  # set by _sync_next
+        pending, self._syncing = self._syncing, None
+        assert pending is not None  # set with the sync (_run_and_commit)
         if isinstance(outcome, Failure):
             log.error("syncing the write-ahead log failed: %s", outcome.getTraceback())
             error: StorageError | None = StorageError(f"the log could not be synced: {outcome.getErrorMessage()}")
         else:
             error = outcome
-        for pending in syncing:
-            if error is None:
-                pending.commit.durable()
-            self._ended(pending.members, error, pending.waiters)
-        self._sync_next()
+        if error is None:
+            pending.commit.durable()
+        self._ended(pending.members, error, pending.waiters)
         if self._queued:
             self._schedule()
 

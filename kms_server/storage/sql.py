@@ -1178,12 +1178,11 @@ class UnsyncedCommit:
     not yet durable (`WriteBatches.end_reactor_batch`). Nobody may be told
     of its members' changes before `sync()` returned None."""
 
-    __slots__ = ("_batches", "_batch", "members")
+    __slots__ = ("_batches", "_batch")
 
     def __init__(self, batches: WriteBatches, batch: _Batch) -> None:
         self._batches = batches
         self._batch = batch
-        self.members = batch.members
 
     @property
     def database(self) -> str:
@@ -1771,7 +1770,7 @@ class WriteBatches:
     # A node on SQLite runs most writes in its reactor thread: there, a
     # write transaction joins the batch the reactor has open, or raises
     # WriterBusy (before it has done anything) when none is. The batch is
-    # committed by `commit_reactor_batch`, after the blocks have returned,
+    # committed by `end_reactor_batch`, after the blocks have returned,
     # so nothing inside waits on another thread; each member's
     # `after_commit` work runs then.
 
@@ -1832,19 +1831,6 @@ class WriteBatches:
         assert batch is not None  # the callers checked
         return batch
 
-    def commit_reactor_batch(self) -> StorageError | None:
-        """In the reactor thread: commit the open batch (roll it back if
-        no block joined it), end this process's turn, sync the log, run the
-        members' `after_commit` work if it committed; the commit's error,
-        or None."""
-        ended = self.end_reactor_batch()
-        if not isinstance(ended, UnsyncedCommit):
-            return ended
-        error = ended.sync()
-        if error is None:
-            ended.durable()
-        return error
-
     def end_reactor_batch(self) -> StorageError | UnsyncedCommit | None:
         """In the reactor thread: commit the open batch (roll it back if
         no block joined it) and end this process's turn, without waiting
@@ -1852,8 +1838,8 @@ class WriteBatches:
         and then runs the members' `after_commit` work (UnsyncedCommit),
         when its frames of the write-ahead log are still to be synced; or
         None once all is done (nothing to commit, or SQLite synced inside
-        COMMIT). The writer flock is free again either way, so the next
-        batch can open while this one's sync runs on another thread."""
+        COMMIT). The writer flock is free again either way, so the node's
+        other processes write while this one's sync runs."""
         batch, self._reactor_batch = self._reactor_batch, None
         if batch is None:
             return None
@@ -1880,7 +1866,7 @@ class WriteBatches:
     @contextlib.contextmanager
     def reactor_transaction(self, dialect: str) -> Iterator[Transaction]:
         """In the reactor thread: a block of the open batch, under its own
-        savepoint; not committed on exit (commit_reactor_batch)."""
+        savepoint; not committed on exit (end_reactor_batch)."""
         if self._reactor_batch is None:
             # Writes are run together, by whoever opens the reactor's
             # batches (ReactorWrites), not one by one as they come.
