@@ -332,15 +332,20 @@ class Keystore:
     ) -> ManagedObject:
         if not isinstance(uid, str):
             raise errors.ItemNotFound(f"no object with unique identifier {uid!r}")
-        held = self.rows.get(uid)
-        stored = txn.get_object(uid, for_update=for_update, held=held)
+        # In a transaction that reads one snapshot and writes nothing, the
+        # store digest: a row held under the digest read now is the stored
+        # row, since every write of any object moves the digest
+        # (keystore/verified_rows.py), and it is not read again.
+        digest = txn.get_meta(row_auth.DIGEST_META) if txn.snapshot_reads and not for_update else None
+        held, current = self.rows.get_current(uid, digest)
+        stored = held if current else txn.get_object(uid, for_update=for_update, held=held)
         if stored is None:
             raise errors.ItemNotFound(f"no object with unique identifier {uid!r}")
         # Authenticated before anything in the row is believed, the owner
         # first of all.
         self._verified(txn, stored, held=stored is held)
-        if stored is not held:
-            self.rows.put(stored)
+        if not current and (stored is not held or digest is not None):
+            self.rows.put(stored, digest)
         self.rows.count(stored is held)
         if not may_see(principal, stored.owner):
             raise errors.ItemNotFound(f"no object with unique identifier {uid!r}")

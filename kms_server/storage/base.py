@@ -136,6 +136,14 @@ class AuditQuery:
 
 
 class Transaction(abc.ABC):
+    # Whether this transaction writes nothing and every read of it sees one
+    # snapshot of the database: SQLite's read transactions. Not
+    # PostgreSQL's (READ COMMITTED: a snapshot per statement), nor a write
+    # transaction's (what it reads may still be rolled back). The keystore
+    # then takes an unchanged store digest as unchanged rows
+    # (keystore/verified_rows.py).
+    snapshot_reads = False
+
     @abc.abstractmethod
     def insert_object(self, obj: StoredObject) -> None:
         """Store a new object with its attributes; raises ObjectExists."""

@@ -612,6 +612,7 @@ class _SqlTransaction(Transaction):
         self._conn = conn
         self._dialect = dialect
         self._read_only = read_only
+        self.snapshot_reads = read_only and dialect == "sqlite"
         self._closed = False
         # Set when a method raised StorageError: the unit of work is then
         # rolled back as a whole, even if the caller carries on.

@@ -44,7 +44,7 @@ from kmip_core.sealing.barrier import CHECK_META, Barrier, BarrierError, Keyring
 from kmip_core.server.dispatcher import ConnectionInfo, Dispatcher
 from kms_server.audit.trail import AuditTrail, iter_records
 from kms_server.keystore import attributes as attrs
-from kms_server.keystore import row_auth
+from kms_server.keystore import row_auth, verified_rows
 from kms_server.keystore.keystore import Keystore
 from kms_server.keystore.objects import ManagedObject, Material
 from kms_server.operations import OPERATIONS
@@ -215,6 +215,15 @@ def backend(request, tmp_path):
         storage = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
         yield storage, SqlTamper(storage)
     storage.close()
+
+
+@pytest.fixture
+def whole_reads(monkeypatch):
+    """No row is taken as current because the store digest has not moved
+    (keystore/verified_rows.py): every read reads the row, as on a store
+    whose reads see no single snapshot. For the checks of what such a read
+    finds; the digest's own rule has tests of its own."""
+    monkeypatch.setattr(verified_rows, "RECHECK_SECONDS", 0.0)
 
 
 @pytest.fixture
@@ -798,7 +807,7 @@ def test_a_digest_with_an_out_of_range_sum_is_reported_as_malformed(total):
 # --- 3. the versions a node has seen --------------------------------------------------------
 
 
-def test_a_node_that_saw_version_n_refuses_version_n_minus_1(backend):
+def test_a_node_that_saw_version_n_refuses_version_n_minus_1(backend, whole_reads):
     """The node that wrote version 2 refuses the version-1 copy written
     back at once; a node that never saw version 2 cannot tell (the digest
     reports it instead)."""
@@ -817,7 +826,7 @@ def test_a_node_that_saw_version_n_refuses_version_n_minus_1(backend):
     assert "rolled back" in verify_store(storage, barrier).digest_problem
 
 
-def test_a_version_only_read_is_remembered_too(backend):
+def test_a_version_only_read_is_remembered_too(backend, whole_reads):
     """A node that only read version 2 (another node wrote it) refuses
     version 1 afterwards."""
     storage, tamper = backend
@@ -1330,6 +1339,150 @@ def test_a_key_another_process_destroyed_is_not_served_by_the_process_holding_it
         reader.material(obj)
 
 
+# --- the store digest as the version of every row (keystore/verified_rows.py) ---
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    """(storage, tamper, clock, a keystore whose held rows follow clock)
+    on a SQLite file, whose read transactions see one snapshot."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
+    clock = _Clock()
+    keystore = Keystore(storage, Barrier(KEY))
+    keystore.rows = verified_rows.VerifiedRows(clock=clock)
+    yield storage, SqlTamper(storage), clock, keystore
+    storage.close()
+
+
+def test_a_row_held_under_the_store_digest_read_now_is_not_read_again(sqlite_store):
+    """While the store digest has not moved, the held row is the stored
+    one and is not read: an edit made in place meanwhile is not seen, and
+    never served (the owner stays the one authenticated). Read whole again
+    after RECHECK_SECONDS, the edit is refused."""
+    storage, tamper, clock, keystore = sqlite_store
+    uid = create_key(keystore)
+    reads = _reads(keystore)
+    load(keystore, uid)
+    tamper.set_owner(uid, "mallory")
+    assert load(keystore, uid).owner == ALICE.name
+    with pytest.raises(errors.ItemNotFound):
+        load(keystore, uid, MALLORY)
+    assert reads == [True, True, True]  # none of them authenticated the row again
+    clock.now += verified_rows.RECHECK_SECONDS
+    with pytest.raises(errors.IntegrityFailure):
+        load(keystore, uid)
+
+
+def test_a_write_of_any_object_moves_the_digest_and_held_rows_are_read_whole(sqlite_store):
+    """Another process's write of another object moves the store digest:
+    the rows held under the old digest are read whole at their next read,
+    so an edit made in place before it, unseen until then, is refused."""
+    storage, tamper, clock, reader = sqlite_store
+    writer = Keystore(storage, Barrier(KEY))
+    uid, other = create_key(writer), create_key(writer)
+    load(reader, uid)
+    tamper.set_attribute_value(uid, "Cryptographic Usage Mask", _usage_item(USAGE | CryptographicUsageMask.EXPORT.value))
+    assert load(reader, uid).usage_mask == USAGE
+    change(writer, other, CryptographicUsageMask.ENCRYPT.value)
+    with pytest.raises(errors.IntegrityFailure):
+        load(reader, uid)
+
+
+def test_a_state_another_process_wrote_is_served_at_once_under_the_digest(sqlite_store):
+    """The cluster's rule with the digest: a key another process destroyed
+    is not served by the process that held it under the old digest, within
+    RECHECK_SECONDS or not."""
+    storage, _, clock, reader = sqlite_store
+    writer = Keystore(storage, Barrier(KEY))
+    uid = create_key(writer)
+    load(reader, uid)
+    assert load(reader, uid, action=Action.READ_MATERIAL).state == State.PRE_ACTIVE
+    with writer.transaction() as txn:
+        obj = writer.load(txn, ALICE, uid, Action.MANAGE, NOW, for_update=True)
+        writer.reseal(obj, None)
+        obj.set_value("State", State.DESTROYED.value)
+        writer.save(txn, obj, NOW)
+    obj = load(reader, uid, action=Action.READ_MATERIAL)
+    assert obj.state == State.DESTROYED
+    with pytest.raises(errors.KeyValueNotPresent):
+        reader.material(obj)
+
+
+def test_an_older_copy_written_back_is_not_served_by_the_process_holding_the_newer(sqlite_store):
+    """A row written back from an older copy, digest untouched: the process
+    holding the newer row under that digest answers from the newer one, and
+    refuses the older copy once it reads it whole."""
+    storage, tamper, clock, keystore = sqlite_store
+    uid = create_key(keystore)
+    old = stored_row(storage, uid)
+    change(keystore, uid, CryptographicUsageMask.ENCRYPT.value)
+    assert load(keystore, uid).version == 2  # read whole: written here, no digest yet
+    tamper.put_row(old)
+    obj = load(keystore, uid)
+    assert (obj.version, obj.usage_mask) == (2, CryptographicUsageMask.ENCRYPT.value)
+    clock.now += verified_rows.RECHECK_SECONDS
+    with pytest.raises(errors.IntegrityFailure):
+        load(keystore, uid)
+
+
+def test_rows_written_here_and_write_transactions_do_not_go_by_the_digest(sqlite_store):
+    """A row this process wrote is held with no digest (its transaction
+    might still have been rolled back), so its first read reads it whole;
+    a write transaction reads the rows it changes whatever the digest."""
+    storage, tamper, clock, keystore = sqlite_store
+    uid = create_key(keystore)
+    tamper.set_owner(uid, "mallory")
+    with pytest.raises(errors.IntegrityFailure):
+        load(keystore, uid)
+    fresh = create_key(keystore)
+    load(keystore, fresh)
+    tamper.set_owner(fresh, "mallory")
+    with pytest.raises(errors.IntegrityFailure):
+        change(keystore, fresh, CryptographicUsageMask.ENCRYPT.value)
+
+
+def test_a_store_whose_reads_see_no_single_snapshot_reads_every_row(memory):
+    """Without one snapshot per read transaction (here the memory store;
+    PostgreSQL's READ COMMITTED alike) the digest is not read: an edit in
+    place is refused by the process holding the row at once."""
+    storage, tamper = memory
+    keystore = Keystore(storage, Barrier(KEY))
+    uid = create_key(keystore)
+    load(keystore, uid)
+    load(keystore, uid)
+    tamper.set_owner(uid, "mallory")
+    with pytest.raises(errors.IntegrityFailure):
+        load(keystore, uid)
+
+
+def test_held_rows_under_a_digest_are_current_only_for_that_digest_and_recheck_time():
+    clock = _Clock()
+    rows = verified_rows.VerifiedRows(clock=clock)
+    stored = StoredObject(
+        uid="u", owner="alice", sealed_material=b"s", attributes=[StoredAttribute("State", 0, b"v")], version=3,
+        sequence=1, row_mac=b"m",
+    )
+    rows.put(stored)
+    assert rows.get_current("u", b"d1") == (stored, False)  # written here: no digest
+    rows.put(stored, b"d1")
+    assert rows.get_current("u", b"d1") == (stored, True)
+    assert rows.get_current("u", b"d2")[1] is False
+    assert rows.get_current("u", None)[1] is False
+    assert rows.get_current("nobody", b"d1") == (None, False)
+    clock.now += verified_rows.RECHECK_SECONDS - 0.001
+    assert rows.get_current("u", b"d1")[1] is True
+    clock.now += 0.001
+    assert rows.get_current("u", b"d1")[1] is False
+
+
 IN_PLACE_EDITS = {
     "owner": lambda tamper, uid, barrier: tamper.set_owner(uid, "mallory"),
     "sealed material": lambda tamper, uid, barrier: tamper.set_column(
@@ -1344,7 +1497,7 @@ IN_PLACE_EDITS = {
 
 
 @pytest.mark.parametrize("edit", IN_PLACE_EDITS)
-def test_a_row_edited_in_place_is_refused_by_the_process_holding_it(backend, edit):
+def test_a_row_edited_in_place_is_refused_by_the_process_holding_it(backend, whole_reads, edit):
     """An edit that leaves the row's version and MAC as they were is refused
     by the process that holds the row as by any other: storage gives back
     the held row only if what it reads is that row byte for byte."""
