@@ -344,8 +344,10 @@ class Keystore:
         # Authenticated before anything in the row is believed, the owner
         # first of all.
         self._verified(txn, stored, held=stored is held)
-        if not current and (stored is not held or digest is not None):
+        if stored is not held:
             self.rows.put(stored, digest)
+        elif digest is not None and not current:
+            self.rows.retag(stored, digest)
         self.rows.count(stored is held)
         if not may_see(principal, stored.owner):
             raise errors.ItemNotFound(f"no object with unique identifier {uid!r}")

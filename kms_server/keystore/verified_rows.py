@@ -157,6 +157,16 @@ class VerifiedRows:
             while len(self._rows) > self.size:
                 self._rows.popitem(last=False)
 
+    def retag(self, stored: StoredObject, digest: bytes) -> None:
+        """`stored`, held and read whole again under the store digest
+        `digest` in one snapshot, is current under it (from now): the
+        entry is kept as it is, if it is still that row (its version and
+        MAC; another thread may have replaced it meanwhile)."""
+        with self._lock:
+            entry = self._rows.get(stored.uid)
+            if entry is not None and entry[2] == stored.version and entry[4] == stored.row_mac:
+                self._rows[stored.uid] = (*entry[:6], digest, self._clock())
+
     def value(self, uid: str, name: str) -> bytes | None:
         """The stored bytes of attribute `name`'s first value in the row held
         for `uid`, None if no row or no such attribute is held. A hint of

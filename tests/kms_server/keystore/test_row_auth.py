@@ -1481,6 +1481,12 @@ def test_held_rows_under_a_digest_are_current_only_for_that_digest_and_recheck_t
     assert rows.get_current("u", b"d1")[1] is True
     clock.now += 0.001
     assert rows.get_current("u", b"d1")[1] is False
+    rows.retag(stored, b"d2")  # read whole again under d2: current under it, from now
+    assert rows.get_current("u", b"d2") == (stored, True)
+    newer = dataclasses.replace(stored, version=4, row_mac=b"m2")
+    rows.put(newer)
+    rows.retag(stored, b"d3")  # no longer the row held: nothing changes
+    assert rows.get_current("u", b"d3") == (newer, False)
 
 
 IN_PLACE_EDITS = {
