@@ -60,10 +60,10 @@ DEFAULT_SIZE = 8192
 # An entry: (owner, sealed material, version, sequence, row MAC, attributes
 # as (name, index, value) in (name, index) order, the store digest the row
 # was read whole under or None, when it was read whole or written). Tuples
-# of str, int, float and bytes only: CPython's collector stops tracking such a tuple once it finds
-# everything in it untracked (one level of tuples per collection, three in
-# all, while the entry is still young), so a full cache adds nothing to the
-# pauses of full collections. Kept as objects (the StoredObject, its
+# of str, int, float and bytes only: CPython's collector stops tracking such
+# a tuple once it finds everything in it untracked (one level of tuples per
+# collection, three in all, while the entry is still young), so a full
+# cache adds nothing to the pauses of full collections. Kept as objects (the StoredObject, its
 # attribute objects, the decoded attribute items), an entry was about 40
 # tracked objects, 330,000 for a full cache, and a full collection walks
 # every tracked object, about 0.3 us each, with the GIL held: a stall of
@@ -106,9 +106,9 @@ class VerifiedRows:
 
     def get_current(self, uid: str, digest: bytes | None) -> tuple[StoredObject | None, bool]:
         """The row held for `uid` (as `get`), and whether it was read whole
-        (or written) under the store digest `digest` less than
-        RECHECK_SECONDS ago (never for None): with that digest read in the
-        same snapshot, the row held is the stored one."""
+        under the store digest `digest` less than RECHECK_SECONDS ago
+        (never for None, nor for a row held as written here): with that
+        digest read in the same snapshot, the row held is the stored one."""
         with self._lock:
             entry = self._rows.get(uid)
             if entry is None:
