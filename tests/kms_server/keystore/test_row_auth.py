@@ -1323,20 +1323,31 @@ def test_a_row_another_process_changed_is_read_whole_again(backend):
     assert reads == [False, True]
 
 
+def _destroy(keystore: Keystore, uid: str) -> None:
+    """Destroy the key as the Destroy operation does: material gone, State
+    Destroyed, in one write."""
+    with keystore.transaction() as txn:
+        obj = keystore.load(txn, ALICE, uid, Action.MANAGE, NOW, for_update=True)
+        keystore.reseal(obj, None)
+        obj.set_value("State", State.DESTROYED.value)
+        keystore.save(txn, obj, NOW)
+
+
+def _refuses_material(keystore: Keystore, uid: str) -> None:
+    """`keystore` serves the key as destroyed: no material."""
+    obj = load(keystore, uid, action=Action.READ_MATERIAL)
+    assert obj.state == State.DESTROYED
+    with pytest.raises(errors.KeyValueNotPresent):
+        keystore.material(obj)
+
+
 def test_a_key_another_process_destroyed_is_not_served_by_the_process_holding_it(backend):
     storage, _ = backend
     reader, writer = Keystore(storage, Barrier(KEY)), Keystore(storage, Barrier(KEY))
     uid = create_key(reader)
     assert reader.material(load(reader, uid, action=Action.READ_MATERIAL)).to_bytes()
-    with writer.transaction() as txn:
-        obj = writer.load(txn, ALICE, uid, Action.MANAGE, NOW, for_update=True)
-        writer.reseal(obj, None)
-        obj.set_value("State", State.DESTROYED.value)
-        writer.save(txn, obj, NOW)
-    obj = load(reader, uid, action=Action.READ_MATERIAL)
-    assert obj.state == State.DESTROYED
-    with pytest.raises(errors.KeyValueNotPresent):
-        reader.material(obj)
+    _destroy(writer, uid)
+    _refuses_material(reader, uid)
 
 
 # --- the store digest as the version of every row (keystore/verified_rows.py) ---
@@ -1405,15 +1416,8 @@ def test_a_state_another_process_wrote_is_served_at_once_under_the_digest(sqlite
     uid = create_key(writer)
     load(reader, uid)
     assert load(reader, uid, action=Action.READ_MATERIAL).state == State.PRE_ACTIVE
-    with writer.transaction() as txn:
-        obj = writer.load(txn, ALICE, uid, Action.MANAGE, NOW, for_update=True)
-        writer.reseal(obj, None)
-        obj.set_value("State", State.DESTROYED.value)
-        writer.save(txn, obj, NOW)
-    obj = load(reader, uid, action=Action.READ_MATERIAL)
-    assert obj.state == State.DESTROYED
-    with pytest.raises(errors.KeyValueNotPresent):
-        reader.material(obj)
+    _destroy(writer, uid)
+    _refuses_material(reader, uid)
 
 
 def test_an_older_copy_written_back_is_not_served_by_the_process_holding_the_newer(sqlite_store):
