@@ -1177,37 +1177,32 @@ class _Batch:
 class UnsyncedCommit:
     """A reactor batch committed, whose frames of the write-ahead log are
     not yet durable (`WriteBatches.end_reactor_batch`). Nobody may be told
-    of its members' changes before `sync()` returned None."""
+    of its members' changes before `sync()` (or `settle`) returned None."""
 
-    __slots__ = ("_batches", "_batch")
+    __slots__ = ("_batches", "_batch", "_wal")
 
-    def __init__(self, batches: WriteBatches, batch: _Batch) -> None:
+    def __init__(self, batches: WriteBatches, batch: _Batch, wal: WalSync) -> None:
         self._batches = batches
         self._batch = batch
+        self._wal = wal
 
     @property
     def database(self) -> str:
         """The database file whose log is to be synced (the sync process
         is sent its path)."""
-        wal = self._batch.unsynced
-        assert wal is not None  # set by end_reactor_batch
-        return wal.database
+        return self._wal.database
 
     def sync(self) -> StorageError | None:
         """Blocks: one `fdatasync` of the log in this process, which makes
         this commit durable and every commit before it; the error that
         leaves the batch not durable, or None."""
-        wal = self._batch.unsynced
-        assert wal is not None  # set by end_reactor_batch
-        return self._batches._synced(wal)
+        return self._batches._synced(self._wal)
 
     def settle(self, error: OSError | None) -> StorageError | None:
         """The outcome of a sync of the log made elsewhere (the sync
         process: None, or the OSError its fdatasync raised), taken as
         `sync()` takes its own: a failure refuses every later write."""
-        wal = self._batch.unsynced
-        assert wal is not None  # set by end_reactor_batch
-        return self._batches._synced(wal, error)
+        return self._batches._settled(self._wal, error)
 
     @staticmethod
     def lost(why: str) -> StorageError:
@@ -1584,26 +1579,23 @@ class WriteBatches:
                 self._busy = False
                 self._cond.notify_all()
 
-    def _synced(self, wal: WalSync, elsewhere: OSError | None | bool = False) -> StorageError | None:
-        """Sync the log after a commit (or take the outcome of a sync made
-        `elsewhere`: None or its OSError), then wake the checkpointer."""
-        error = self._sync(wal, elsewhere)
-        if error is None and self._checkpointer is not None:
-            self._checkpointer.committed()
-        return error
-
-    def _sync(self, wal: WalSync, elsewhere: OSError | None | bool = False) -> StorageError | None:
-        """Sync the log after a commit; a failure is the batch's error, and
-        every later write is refused, by every process (WalSync). A batch
-        synced once another process's sync failed is not reported durable
-        either: its frames may follow pages that failure lost."""
+    def _synced(self, wal: WalSync) -> StorageError | None:
+        """Sync the log after a commit, in this process (blocks)."""
         try:
-            if elsewhere is False:
-                wal.sync()
-            elif isinstance(elsewhere, OSError):
-                raise elsewhere
+            wal.sync()
         except OSError as exc:
-            self._sync_failed = f"the write-ahead log {wal.path} could not be synced to disk ({exc})"
+            return self._settled(wal, exc)
+        return self._settled(wal, None)
+
+    def _settled(self, wal: WalSync, failure: OSError | None) -> StorageError | None:
+        """The outcome of a sync of the log after a commit, made here or by
+        the sync process (`failure`: what its fdatasync raised, or None).
+        A failure is the batch's error, and every later write is refused,
+        by every process (WalSync). A batch synced once another process's
+        sync failed is not reported durable either: its frames may follow
+        pages that failure lost. Once durable, the checkpointer is woken."""
+        if failure is not None:
+            self._sync_failed = f"the write-ahead log {wal.path} could not be synced to disk ({failure})"
             log.critical(
                 "%s: the last batch's changes may not survive a power cut, and no further write is accepted"
                 " by any process of this database; check the disk, remove %s, then restart the node",
@@ -1611,9 +1603,10 @@ class WriteBatches:
                 self._failed_path,
             )
             self._mark_failed()
-        else:
-            if self.refused is None:
-                return None
+        elif self.refused is None:
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
+            return None
         return StorageUnavailable(f"{self.refused}: the change may or may not be stored", commit_unknown=True)
 
     def _mark_failed(self) -> None:
@@ -1851,7 +1844,7 @@ class WriteBatches:
         if batch.error is not None:
             return batch.error
         if batch.unsynced is not None:
-            return UnsyncedCommit(self, batch)
+            return UnsyncedCommit(self, batch, batch.unsynced)
         self._after_commit(batch)
         return None
 
