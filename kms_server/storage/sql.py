@@ -630,8 +630,11 @@ class _SqlTransaction(Transaction):
         # again, and a write is sent once, before the batch's COMMIT
         # (WriteBatches): every write moves the store digest, and its read
         # and write were two of a Create's round trips under the writers'
-        # lock. None: read and write the database each time.
-        self.meta: dict[str, tuple[bytes | None, bool]] | None = None
+        # lock. In a read of one snapshot (snapshot_reads), the meta rows
+        # read so far: they cannot change before it ends, and the keystore
+        # reads the store digest for each object it loads (a Locate's
+        # candidates). None: read and write the database each time.
+        self.meta: dict[str, tuple[bytes | None, bool]] | None = {} if self.snapshot_reads else None
         # PostgreSQL: the attribute rows a locking get_object read, by uid:
         # (the row's version, {(name, index): (row id, value)}).
         self._locked_attributes: dict[str, tuple[int, dict[tuple[str, int], tuple[int, bytes]]]] | None = None
@@ -843,7 +846,7 @@ class _SqlTransaction(Transaction):
             else:
                 found = _RAW_META_GET.rows(self._conn, self._dialect, {"key": key})
             value = bytes(found[0][0]) if found and found[0][0] is not None else None
-            if meta is not None and for_update:
+            if meta is not None and (for_update or self.snapshot_reads):
                 meta[key] = (value, False)
             return value
 
