@@ -224,7 +224,11 @@ class KmsService(service.Service):
             if IReactorFDSet.providedBy(reactor):
                 self.log_syncer = SyncProcess(reactor)
             self.reactor_writes = ReactorWrites(
-                batches, reactor, lambda f: deferToThreadPool(reactor, self.threadpool, f), self.log_syncer
+                batches,
+                reactor,
+                lambda f: deferToThreadPool(reactor, self.threadpool, f),
+                self.log_syncer,
+                in_flight=lambda: self.factory.in_flight,
             )
             self.reactor_writes.on_batch = self._write_batch_done
             self.in_reactor_ops = READS_IN_REACTOR | WRITES_IN_REACTOR
@@ -405,6 +409,8 @@ class KmsService(service.Service):
         def write() -> defer.Deferred[list[StoredAuditRecord]]:
             with in_reactor(writable=True):
                 records = flush()
+            # Each record is one read's answer, which waits on this batch.
+            writes.reads_joined(len(records))
             return writes.committed().addCallback(lambda _: records)
 
         return writes.when_free(write, reads=True)

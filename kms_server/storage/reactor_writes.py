@@ -43,8 +43,13 @@ How a write runs there (`WriteBatches`, kms_server/storage/sql.py):
   no more commits, nor pages written, per request. A batch of writes
   alone is synced by the reactor thread: its writers wait for it, the
   reactor has little else to do meanwhile, and the helper's round trip
-  only added to their wait. Without a `syncer` (unit tests) the reactor
-  syncs every batch itself.
+  only added to their wait. So is a batch of reads when every request
+  the process has received and not answered waits on it (`in_flight`;
+  the reads' job says how many answers it holds: `reads_joined`): the
+  reactor would have nothing to serve during the sync, and the round
+  trip cost more than the sync it spared the reactor (bench/README.md,
+  "A batch nobody else waits beside: synced in place"). Without a
+  `syncer` (unit tests) the reactor syncs every batch itself.
 
 Work that must follow the commit (publishing an audit record, remembering
 a row version) is registered with `Transaction.after_commit`, and runs
@@ -91,6 +96,7 @@ class ReactorWrites:
         reactor: Any,
         run_in_thread: Callable[[Callable[[], None]], defer.Deferred[Any]],
         syncer: Callable[[UnsyncedCommit], defer.Deferred[StorageError | None]] | None = None,
+        in_flight: Callable[[], int] | None = None,
     ):
         self._batches = batches
         self._reactor = reactor
@@ -107,6 +113,13 @@ class ReactorWrites:
         # and the reactor has little else to do meanwhile, so handing the
         # sync over would only add its round trip (bench/README.md).
         self._reads_queued = False
+        # The requests this process has received and not answered (the
+        # node's KmipFactory.in_flight), or None: every reads' batch goes
+        # to the syncer. And the reads' answers that wait on the open
+        # batch, from how many of its jobs (`reads_joined`).
+        self._in_flight = in_flight
+        self._reads_in_batch = 0
+        self._reads_jobs = 0
         self._burst_call: Any = None
         self._waiters: list[defer.Deferred[None]] = []
         # Jobs to run in the next batch: callables, or works to resume.
@@ -163,6 +176,14 @@ class ReactorWrites:
         if reads:
             self._reads_queued = True
         return self._queue(job)
+
+    def reads_joined(self, answers: int) -> None:
+        """In a batch, from a job queued with `reads` (one write
+        transaction, a member): `answers` reads' answers wait on this
+        batch. The batch is synced by the syncer only if the process has
+        other requests in flight (`in_flight`)."""
+        self._reads_in_batch += answers
+        self._reads_jobs += 1
 
     def start(self, job: Callable[[], T]) -> T | defer.Deferred[T]:
         """Run `job()` now, as a `kmip_core.nonblocking.Work`: what it does
@@ -240,6 +261,7 @@ class ReactorWrites:
     def _run_and_commit(self) -> None:
         members_before = self.members
         background, self._reads_queued = self._reads_queued, False
+        self._reads_in_batch = self._reads_jobs = 0
         ran = 0
         while self._queued and ran < BURST_MAX:
             queued, self._queued = self._queued[: BURST_MAX - ran], self._queued[BURST_MAX - ran :]
@@ -263,7 +285,7 @@ class ReactorWrites:
         self.commits += 1
         if ended is None or isinstance(ended, StorageError):
             self._ended(members, ended, waiters)
-        elif self._syncer is None or not background:
+        elif self._syncer is None or not background or not self._others_wait(members):
             error = ended.sync()
             if error is None:
                 ended.durable()
@@ -277,6 +299,15 @@ class ReactorWrites:
             # queued by what the commit's answers set off.
             self._reads_queued = self._reads_queued or background
             self._schedule()
+
+    def _others_wait(self, members: int) -> bool:
+        """Whether requests other than those waiting on the batch just
+        committed (its reads' answers, and one per write transaction but
+        the reads' jobs) are in flight: the reactor has them to serve
+        while the syncer syncs."""
+        if self._in_flight is None:
+            return True
+        return self._in_flight() > self._reads_in_batch + members - self._reads_jobs
 
     def _synced(self, outcome: StorageError | Failure | None) -> None:
         """A sync ended: its batches' answers go, and the writes queued

@@ -156,6 +156,70 @@ def test_the_helper_syncs_the_log_and_the_answers_wait_for_it_while_the_reactor_
     assert second == [None] and syncer.started == 1
 
 
+def answer_reads(writes: ReactorWrites, storage: SqlStorage, key: str, reads: int) -> list:
+    """As `answer`, for a job that tells the batch `reads` reads' answers
+    wait on it (as the node's job of reads' records does: server.py)."""
+    got: list = []
+
+    def job():
+        write(storage, key)
+        writes.reads_joined(reads)
+        return writes.committed()
+
+    writes.when_free(job, reads=True).addBoth(got.append)
+    return got
+
+
+def test_a_reads_batch_nothing_else_waits_beside_is_synced_in_place(storage, monkeypatch):
+    """Given the process's requests in flight (the node's
+    KmipFactory.in_flight), a reads' batch goes to the helper only if some
+    of them do not wait on it: otherwise the reactor would have nothing to
+    serve during the sync, so it syncs itself and tells the answers in the
+    same turn. What waits on a batch is its reads' answers (as its jobs
+    say: `reads_joined`) and one request per other write transaction."""
+    reactor = Reactor()
+    syncer = SyncProcess(reactor)
+    in_flight = [0]
+    writes = ReactorWrites(
+        storage.reactor_batches(),
+        reactor,
+        lambda f: pytest.fail("no pool thread"),
+        syncer,
+        in_flight=lambda: in_flight[0],
+    )
+    here: list = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: here.append(fd) or real(fd))
+    try:
+        # One client, its one read waiting: synced here, in the turn.
+        in_flight[0] = 1
+        alone = answer_reads(writes, storage, "alone", 1)
+        reactor.advance(0)
+        assert alone == [None] and len(here) == 1
+        assert syncer.started == 0 and syncer.pid is None, "the helper was not asked"
+        # Three reads and a write in one batch, four requests in flight.
+        in_flight[0] = 4
+        reads = answer_reads(writes, storage, "three", 3)
+        wrote: list = []
+        writes.when_free(lambda: write(storage, "write") or writes.committed()).addBoth(wrote.append)
+        reactor.advance(0)
+        assert reads == [None] and wrote == [None] and len(here) == 2
+        # A fifth request in flight (another client's, not in the batch):
+        # the helper syncs, and the reactor serves on.
+        in_flight[0] = 5
+        beside = answer_reads(writes, storage, "beside", 4)
+        reactor.advance(0)
+        assert beside == [], "nobody is told before the helper has answered"
+        assert syncer.started == 1 and len(here) == 2
+        reactor.pump(lambda: beside)
+        assert beside == [None] and len(here) == 2
+        assert [committed(storage, k) for k in ("alone", "three", "write", "beside")] == [
+            b"alone", b"three", b"write", b"beside"
+        ]
+    finally:
+        syncer.stop()
+
+
 def test_the_helper_ignores_the_signals_that_reach_the_process_group(storage, node):
     """A node stopped with SIGTERM or ^C drains its requests first: their
     answers wait for syncs."""
@@ -294,12 +358,15 @@ def test_the_helper_loop_syncs_each_database_named_through_its_own_log_and_answe
 def test_a_nodes_gets_are_answered_once_the_helper_has_synced_their_records(tmp_path, pki_dir, monkeypatch):
     """The node as it runs on SQLite (kms_server.server.KmsService): the
     records of a turn's reads commit at the end of the turn and are synced
-    by the helper; the answers leave only after its answer."""
+    by the helper while another request is in flight beside them; the
+    answers leave only after its answer. With nothing else in flight the
+    reactor thread syncs them itself, and they leave in the turn."""
     from kmip.core.enums import Operation, ResultStatus
     from kmip.core.enums import Tags as T
 
     from kmip_core import ttlv
     from kmip_core.policy import Principal
+    from kmip_core.protocol import KmipFactory
     from kmip_core.server.dispatcher import ConnectionInfo
     from kms_server.config import load_config
     from kms_server.server import KmsService
@@ -313,6 +380,10 @@ def test_a_nodes_gets_are_answered_once_the_helper_has_synced_their_records(tmp_
     conn = ConnectionInfo(principal=Principal(name="alice"), peer="127.0.0.1:1")
     reactor = Reactor()
     service = KmsService(load_config(write_node_config(tmp_path / "node", pki_dir)), reactor)
+    # The requests the node's connections have in flight (the test hands
+    # them to the service itself, past the factory that counts them).
+    in_flight = [3]
+    monkeypatch.setattr(KmipFactory, "in_flight", property(lambda factory: in_flight[0]))
     try:
         assert service.log_syncer is not None
         uid = created_key(service, reactor)  # a batch of a write alone: the reactor synced it
@@ -326,6 +397,12 @@ def test_a_nodes_gets_are_answered_once_the_helper_has_synced_their_records(tmp_
         reactor.pump(lambda: all(answers))
         assert [status(only_item(ttlv.decode(got[0]))) for got in answers] == [ResultStatus.SUCCESS] * 2
         assert len(here) == synced_here, "the reads' batch was not synced in this process"
+        # The same two reads with nothing else in flight.
+        in_flight[0] = 2
+        again = [sent(service._handle_inline(read, conn)) for _ in range(2)]
+        reactor.advance(0)
+        assert [status(only_item(ttlv.decode(got[0]))) for got in again] == [ResultStatus.SUCCESS] * 2
+        assert len(here) == synced_here + 1, "synced in this process, in the turn"
     finally:
         if service.log_syncer is not None:
             service.log_syncer.stop()
