@@ -472,12 +472,6 @@ class KmipFactory(protocol.Factory):
         d.addBoth(done)
         return d
 
-    @property
-    def in_flight(self) -> int:
-        """Requests received and not yet answered (kms_server's reactor
-        batches: whether anything else waits beside a batch's sync)."""
-        return len(self._in_flight)
-
     @defer.inlineCallbacks
     def drain(self) -> Generator[defer.Deferred[Any], Any, None]:
         """Fires when every request in flight has been answered, including

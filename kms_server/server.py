@@ -228,7 +228,7 @@ class KmsService(service.Service):
                 reactor,
                 lambda f: deferToThreadPool(reactor, self.threadpool, f),
                 self.log_syncer,
-                in_flight=lambda: self.factory.in_flight,
+                clients=lambda: len(self.factory.connections),
             )
             self.reactor_writes.on_batch = self._write_batch_done
             self.in_reactor_ops = READS_IN_REACTOR | WRITES_IN_REACTOR

@@ -43,13 +43,13 @@ How a write runs there (`WriteBatches`, kms_server/storage/sql.py):
   no more commits, nor pages written, per request. A batch of writes
   alone is synced by the reactor thread: its writers wait for it, the
   reactor has little else to do meanwhile, and the helper's round trip
-  only added to their wait. So is a batch of reads when every request
-  the process has received and not answered waits on it (`in_flight`;
-  the reads' job says how many answers it holds: `reads_joined`): the
-  reactor would have nothing to serve during the sync, and the round
-  trip cost more than the sync it spared the reactor (bench/README.md,
-  "A batch nobody else waits beside: synced in place"). Without a
-  `syncer` (unit tests) the reactor syncs every batch itself.
+  only added to their wait. So is a batch of reads when each client
+  connection of the process waits on it (`clients`; the reads' job says
+  how many answers it holds: `reads_joined`): no client is left to send
+  a request during the sync, the reactor would only wait for the
+  helper's answer, and the round trip cost more than the sync
+  (bench/README.md, "A batch every client waits on: synced in place").
+  Without a `syncer` (unit tests) the reactor syncs every batch itself.
 
 Work that must follow the commit (publishing an audit record, remembering
 a row version) is registered with `Transaction.after_commit`, and runs
@@ -96,7 +96,7 @@ class ReactorWrites:
         reactor: Any,
         run_in_thread: Callable[[Callable[[], None]], defer.Deferred[Any]],
         syncer: Callable[[UnsyncedCommit], defer.Deferred[StorageError | None]] | None = None,
-        in_flight: Callable[[], int] | None = None,
+        clients: Callable[[], int] | None = None,
     ):
         self._batches = batches
         self._reactor = reactor
@@ -113,11 +113,11 @@ class ReactorWrites:
         # and the reactor has little else to do meanwhile, so handing the
         # sync over would only add its round trip (bench/README.md).
         self._reads_queued = False
-        # The requests this process has received and not answered (the
-        # node's KmipFactory.in_flight), or None: every reads' batch goes
-        # to the syncer. And the reads' answers that wait on the open
-        # batch, from how many of its jobs (`reads_joined`).
-        self._in_flight = in_flight
+        # How many client connections this process has (the node's
+        # KmipFactory.connections), or None: every reads' batch goes to
+        # the syncer. And the reads' answers that wait on the open batch,
+        # from how many of its jobs (`reads_joined`).
+        self._clients = clients
         self._reads_in_batch = 0
         self._reads_jobs = 0
         self._burst_call: Any = None
@@ -180,8 +180,8 @@ class ReactorWrites:
     def reads_joined(self, answers: int) -> None:
         """In a batch, from a job queued with `reads` (one write
         transaction, a member): `answers` reads' answers wait on this
-        batch. The batch is synced by the syncer only if the process has
-        other requests in flight (`in_flight`)."""
+        batch. The batch is synced by the syncer only if more clients are
+        connected than answers wait on it (`clients`)."""
         self._reads_in_batch += answers
         self._reads_jobs += 1
 
@@ -285,7 +285,7 @@ class ReactorWrites:
         self.commits += 1
         if ended is None or isinstance(ended, StorageError):
             self._ended(members, ended, waiters)
-        elif self._syncer is None or not background or not self._others_wait(members):
+        elif self._syncer is None or not background or not self._others_may_send(members):
             error = ended.sync()
             if error is None:
                 ended.durable()
@@ -300,14 +300,16 @@ class ReactorWrites:
             self._reads_queued = self._reads_queued or background
             self._schedule()
 
-    def _others_wait(self, members: int) -> bool:
-        """Whether requests other than those waiting on the batch just
-        committed (its reads' answers, and one per write transaction but
-        the reads' jobs) are in flight: the reactor has them to serve
-        while the syncer syncs."""
-        if self._in_flight is None:
+    def _others_may_send(self, members: int) -> bool:
+        """Whether more clients are connected than answers wait on the
+        batch just committed (its reads', and one per write transaction
+        but the reads' jobs): one of them may send a request, which the
+        reactor serves while the syncer syncs. (Each connection's requests
+        are answered in order, so a connection has at most one answer
+        waiting; one with a request still on the pool counts as free.)"""
+        if self._clients is None:
             return True
-        return self._in_flight() > self._reads_in_batch + members - self._reads_jobs
+        return self._clients() > self._reads_in_batch + members - self._reads_jobs
 
     def _synced(self, outcome: StorageError | Failure | None) -> None:
         """A sync ended: its batches' answers go, and the writes queued

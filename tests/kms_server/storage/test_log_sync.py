@@ -170,43 +170,44 @@ def answer_reads(writes: ReactorWrites, storage: SqlStorage, key: str, reads: in
     return got
 
 
-def test_a_reads_batch_nothing_else_waits_beside_is_synced_in_place(storage, monkeypatch):
-    """Given the process's requests in flight (the node's
-    KmipFactory.in_flight), a reads' batch goes to the helper only if some
-    of them do not wait on it: otherwise the reactor would have nothing to
-    serve during the sync, so it syncs itself and tells the answers in the
-    same turn. What waits on a batch is its reads' answers (as its jobs
-    say: `reads_joined`) and one request per other write transaction."""
+def test_a_reads_batch_every_client_waits_on_is_synced_in_place(storage, monkeypatch):
+    """Given the process's client connections (the node's
+    KmipFactory.connections), a reads' batch goes to the helper only if
+    more clients are connected than answers wait on it: one of them may
+    send a request, which the reactor serves during the sync. Otherwise
+    the reactor syncs itself and tells the answers in the same turn. What
+    waits on a batch is its reads' answers (as its jobs say:
+    `reads_joined`) and one request per other write transaction."""
     reactor = Reactor()
     syncer = SyncProcess(reactor)
-    in_flight = [0]
+    clients = [0]
     writes = ReactorWrites(
         storage.reactor_batches(),
         reactor,
         lambda f: pytest.fail("no pool thread"),
         syncer,
-        in_flight=lambda: in_flight[0],
+        clients=lambda: clients[0],
     )
     here: list = []
     real = os.fdatasync
     monkeypatch.setattr(os, "fdatasync", lambda fd: here.append(fd) or real(fd))
     try:
-        # One client, its one read waiting: synced here, in the turn.
-        in_flight[0] = 1
+        # One client, its read waiting: synced here, in the turn.
+        clients[0] = 1
         alone = answer_reads(writes, storage, "alone", 1)
         reactor.advance(0)
         assert alone == [None] and len(here) == 1
         assert syncer.started == 0 and syncer.pid is None, "the helper was not asked"
-        # Three reads and a write in one batch, four requests in flight.
-        in_flight[0] = 4
+        # Four clients: three reads and a write in one batch.
+        clients[0] = 4
         reads = answer_reads(writes, storage, "three", 3)
         wrote: list = []
         writes.when_free(lambda: write(storage, "write") or writes.committed()).addBoth(wrote.append)
         reactor.advance(0)
         assert reads == [None] and wrote == [None] and len(here) == 2
-        # A fifth request in flight (another client's, not in the batch):
-        # the helper syncs, and the reactor serves on.
-        in_flight[0] = 5
+        # A fifth client, whose request is not in the batch: the helper
+        # syncs, and the reactor serves on.
+        clients[0] = 5
         beside = answer_reads(writes, storage, "beside", 4)
         reactor.advance(0)
         assert beside == [], "nobody is told before the helper has answered"
@@ -358,15 +359,14 @@ def test_the_helper_loop_syncs_each_database_named_through_its_own_log_and_answe
 def test_a_nodes_gets_are_answered_once_the_helper_has_synced_their_records(tmp_path, pki_dir, monkeypatch):
     """The node as it runs on SQLite (kms_server.server.KmsService): the
     records of a turn's reads commit at the end of the turn and are synced
-    by the helper while another request is in flight beside them; the
-    answers leave only after its answer. With nothing else in flight the
-    reactor thread syncs them itself, and they leave in the turn."""
+    by the helper while a client that does not wait on them is connected;
+    the answers leave only after its answer. With every client waiting on
+    them the reactor thread syncs them itself, and they leave in the turn."""
     from kmip.core.enums import Operation, ResultStatus
     from kmip.core.enums import Tags as T
 
     from kmip_core import ttlv
     from kmip_core.policy import Principal
-    from kmip_core.protocol import KmipFactory
     from kmip_core.server.dispatcher import ConnectionInfo
     from kms_server.config import load_config
     from kms_server.server import KmsService
@@ -380,10 +380,9 @@ def test_a_nodes_gets_are_answered_once_the_helper_has_synced_their_records(tmp_
     conn = ConnectionInfo(principal=Principal(name="alice"), peer="127.0.0.1:1")
     reactor = Reactor()
     service = KmsService(load_config(write_node_config(tmp_path / "node", pki_dir)), reactor)
-    # The requests the node's connections have in flight (the test hands
-    # them to the service itself, past the factory that counts them).
-    in_flight = [3]
-    monkeypatch.setattr(KmipFactory, "in_flight", property(lambda factory: in_flight[0]))
+    # The node's client connections (the test hands its requests to the
+    # service itself, past the connections the factory keeps).
+    service.factory.connections = {object(), object(), object()}
     try:
         assert service.log_syncer is not None
         uid = created_key(service, reactor)  # a batch of a write alone: the reactor synced it
@@ -397,8 +396,8 @@ def test_a_nodes_gets_are_answered_once_the_helper_has_synced_their_records(tmp_
         reactor.pump(lambda: all(answers))
         assert [status(only_item(ttlv.decode(got[0]))) for got in answers] == [ResultStatus.SUCCESS] * 2
         assert len(here) == synced_here, "the reads' batch was not synced in this process"
-        # The same two reads with nothing else in flight.
-        in_flight[0] = 2
+        # The same two reads, from the only two clients.
+        service.factory.connections = {object(), object()}
         again = [sent(service._handle_inline(read, conn)) for _ in range(2)]
         reactor.advance(0)
         assert [status(only_item(ttlv.decode(got[0]))) for got in again] == [ResultStatus.SUCCESS] * 2
