@@ -62,12 +62,12 @@ DEFAULT_SIZE = 8192
 # was read whole under or None, when it was read whole or written). Tuples
 # of str, int, float and bytes only: CPython's collector stops tracking such
 # a tuple once it finds everything in it untracked (one level of tuples per
-# collection, three in all, while the entry is still young), so a full
-# cache adds nothing to the pauses of full collections. Kept as objects (the StoredObject, its
-# attribute objects, the decoded attribute items), an entry was about 40
-# tracked objects, 330,000 for a full cache, and a full collection walks
-# every tracked object, about 0.3 us each, with the GIL held: a stall of
-# about 100 ms for every request in flight (issue 15).
+# collection, three in all, while the entry is still young), so a full cache
+# adds nothing to the pauses of full collections. Kept as objects (the
+# StoredObject, its attribute objects, the decoded attribute items), an
+# entry was about 40 tracked objects, 330,000 for a full cache, and a full
+# collection walks every tracked object, about 0.3 us each, with the GIL
+# held: a stall of about 100 ms for every request in flight (issue 15).
 _Entry = tuple[str, bytes | None, int, int, bytes, tuple[tuple[str, int, bytes], ...], bytes | None, float]
 
 

@@ -115,11 +115,10 @@ class ReactorWrites:
         self._reads_queued = False
         # How many client connections this process has (the node's
         # KmipFactory.connections), or None: every reads' batch goes to
-        # the syncer. And the reads' answers that wait on the open batch,
-        # from how many of its jobs (`reads_joined`).
+        # the syncer. And the answers that wait on the open batch beyond
+        # one per member (`reads_joined`).
         self._clients = clients
-        self._reads_in_batch = 0
-        self._reads_jobs = 0
+        self._extra_answers = 0
         self._burst_call: Any = None
         self._waiters: list[defer.Deferred[None]] = []
         # Jobs to run in the next batch: callables, or works to resume.
@@ -182,8 +181,7 @@ class ReactorWrites:
         transaction, a member): `answers` reads' answers wait on this
         batch. The batch is synced by the syncer only if more clients are
         connected than answers wait on it (`clients`)."""
-        self._reads_in_batch += answers
-        self._reads_jobs += 1
+        self._extra_answers += answers - 1  # the job itself is one member
 
     def start(self, job: Callable[[], T]) -> T | defer.Deferred[T]:
         """Run `job()` now, as a `kmip_core.nonblocking.Work`: what it does
@@ -261,7 +259,7 @@ class ReactorWrites:
     def _run_and_commit(self) -> None:
         members_before = self.members
         background, self._reads_queued = self._reads_queued, False
-        self._reads_in_batch = self._reads_jobs = 0
+        self._extra_answers = 0
         ran = 0
         while self._queued and ran < BURST_MAX:
             queued, self._queued = self._queued[: BURST_MAX - ran], self._queued[BURST_MAX - ran :]
@@ -309,7 +307,7 @@ class ReactorWrites:
         waiting; one with a request still on the pool counts as free.)"""
         if self._clients is None:
             return True
-        return self._clients() > self._reads_in_batch + members - self._reads_jobs
+        return self._clients() > members + self._extra_answers
 
     def _synced(self, outcome: StorageError | Failure | None) -> None:
         """A sync ended: its batches' answers go, and the writes queued
