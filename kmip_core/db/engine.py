@@ -34,6 +34,7 @@ __all__ = [
     "READ_ONLY",
     "DatabaseUrlError",
     "SqliteRead",
+    "SqliteWrite",
     "AutocommitRead",
     "configure_sqlite",
     "sqlite_execute",
@@ -207,6 +208,8 @@ def configure_sqlite(
             if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
                 sqlite_execute(conn, "BEGIN")
             return
+        if conn.info.get(_RAW_WRITE) and conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+            return  # it joins the SqliteWrite open on this connection
         sqlite_execute(conn, begin)
 
 
@@ -231,6 +234,43 @@ class SqliteRead:
             trans.commit() if commit else trans.rollback()
         elif self.conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
             sqlite_execute(self.conn, "COMMIT" if commit else "ROLLBACK")
+
+    def commit(self) -> None:
+        self._end(True)
+
+    def rollback(self) -> None:
+        self._end(False)
+
+
+# The key, in a connection's `info`, of a SqliteWrite open on it.
+_RAW_WRITE = "kms_raw_write"
+
+
+class SqliteWrite:
+    """A write transaction on a SQLite connection, begun (BEGIN IMMEDIATE)
+    and ended on the sqlite3 connection itself, as `SqliteRead` is for
+    reads: SQLAlchemy's begin and commit, their events and bookkeeping, cost
+    a batch of writes about as much as its COMMIT (issue 15). A statement
+    run through SQLAlchemy inside it makes SQLAlchemy begin a transaction of
+    its own, which joins this one (configure_sqlite) and which `commit` and
+    `rollback` then end. Raises SQLAlchemy's errors, as SQLAlchemy would."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        sqlite_execute(conn, "BEGIN IMMEDIATE")
+        conn.info[_RAW_WRITE] = True
+        self.conn = conn
+
+    def _end(self, commit: bool) -> None:
+        conn = self.conn
+        conn.info.pop(_RAW_WRITE, None)
+        if conn.in_transaction():
+            trans = conn.get_transaction()
+            assert trans is not None  # in_transaction() said so
+            trans.commit() if commit else trans.rollback()
+        elif conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+            sqlite_execute(conn, "COMMIT" if commit else "ROLLBACK")
 
     def commit(self) -> None:
         self._end(True)

@@ -52,6 +52,7 @@ from kmip_core.db.engine import (
     READ_ONLY,
     AutocommitRead,
     SqliteRead,
+    SqliteWrite,
     configure_sqlite,
     describe_error,
     open_engine,
@@ -1515,7 +1516,7 @@ class WriteBatches:
                     WalCheckpointer(wal.database, allowed=lambda: self.refused is None) if wal is not None else None
                 )
         try:
-            trans = conn.begin()
+            trans = SqliteWrite(conn) if self._dialect == "sqlite" else conn.begin()
             batch = _Batch(conn, trans)
             if self._dialect == "postgresql":
                 # The writers' turn, cluster-wide, before any member runs

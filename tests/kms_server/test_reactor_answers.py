@@ -18,8 +18,6 @@ import greenlet
 import pytest
 from kmip.core.enums import CryptographicAlgorithm, Operation, ResultReason, ResultStatus
 from kmip.core.enums import Tags as T
-from sqlalchemy import event
-from sqlalchemy.exc import OperationalError
 from twisted.internet import task
 
 from kmip_core import ttlv
@@ -33,6 +31,7 @@ from kms_server.server import UNCOMMITTED, KmsService
 from kms_server.storage.base import StorageError
 from tests.conftest import write_node_config
 from tests.kms_server.dispatch.test_dispatcher import batch_item, only_item, reason, request, status
+from tests.kms_server.storage.test_write_batches import on_write_commit, refuse_commit
 
 CONN = ConnectionInfo(principal=Principal(name="alice"), peer="127.0.0.1:1")
 
@@ -50,20 +49,17 @@ def node(tmp_path, pki_dir):
 
 @contextlib.contextmanager
 def failing_commits(service, times: int | None = None) -> Iterator[list]:
-    """Every commit (or the first `times`) fails as a full disk would make
+    """Every write's commit (or the first `times`) fails as a full disk would make
     it; yields the list of failures made."""
     failed: list = []
 
-    def refuse(_conn):
+    def refuse(conn):
         if times is None or len(failed) < times:
             failed.append(True)
-            raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+            refuse_commit(conn)
 
-    event.listen(service.storage.engine, "commit", refuse)
-    try:
+    with on_write_commit(service.storage, refuse):
         yield failed
-    finally:
-        event.remove(service.storage.engine, "commit", refuse)
 
 
 def create_request() -> bytes:

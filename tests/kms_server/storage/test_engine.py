@@ -15,6 +15,7 @@ from kmip_core.db.engine import (
     READ_ONLY,
     DatabaseUrlError,
     SqliteRead,
+    SqliteWrite,
     configure_sqlite,
     open_engine,
     parse_db_url,
@@ -103,6 +104,84 @@ def test_a_read_begun_on_the_sqlite3_connection_keeps_one_snapshot_and_ends_whol
             assert not reader.connection.driver_connection.in_transaction
             with engine.begin() as writer:
                 writer.exec_driver_sql("DELETE FROM t WHERE v = 2")
+
+
+def _count(engine) -> int:
+    """The rows of t a reader sees (it does not wait for the writer)."""
+    with engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+        return conn.exec_driver_sql("SELECT count(*) FROM t").scalar()
+
+
+@pytest.mark.parametrize("through_sqlalchemy", [False, True])
+def test_a_write_begun_on_the_sqlite3_connection_holds_the_lock_and_commits_whole(one_row_engine, through_sqlalchemy):
+    """SqliteWrite: BEGIN IMMEDIATE on the sqlite3 connection takes the
+    write lock at once (another writer cannot begin), nothing is seen by
+    others before the commit, a statement run through SQLAlchemy inside it
+    joins it instead of failing to begin, and commit ends both: the
+    connection is outside any transaction, ready for the next."""
+    engine = one_row_engine
+    with engine.connect() as conn:
+        write = SqliteWrite(conn)
+        with engine.connect() as other:
+            sqlite_execute(other, "PRAGMA busy_timeout = 0")
+            with pytest.raises(OperationalError, match="locked"):
+                sqlite_execute(other, "BEGIN IMMEDIATE")  # before its first write
+        sqlite_execute(conn, "INSERT INTO t VALUES (2)")
+        if through_sqlalchemy:
+            conn.execute(text("INSERT INTO t VALUES (3)"))
+            assert conn.in_transaction()
+        assert _count(engine) == 1, "not committed yet"
+        write.commit()
+        assert not conn.in_transaction() and not conn.connection.driver_connection.in_transaction
+        assert _count(engine) == (3 if through_sqlalchemy else 2)
+        # The next write begins on the same connection as before.
+        SqliteWrite(conn).commit()
+
+
+@pytest.mark.parametrize("through_sqlalchemy", [False, True])
+def test_a_write_begun_on_the_sqlite3_connection_rolls_back_whole(one_row_engine, through_sqlalchemy):
+    engine = one_row_engine
+    with engine.connect() as conn:
+        write = SqliteWrite(conn)
+        sqlite_execute(conn, "INSERT INTO t VALUES (2)")
+        if through_sqlalchemy:
+            conn.execute(text("INSERT INTO t VALUES (3)"))
+        write.rollback()
+        assert not conn.in_transaction() and not conn.connection.driver_connection.in_transaction
+        assert _count(engine) == 1
+
+
+def test_a_sqlalchemy_transaction_outside_a_raw_write_still_begins_immediate(one_row_engine):
+    """Only a SqliteWrite open on the connection is joined: a transaction
+    SQLAlchemy begins after it ended, or on a connection in a transaction
+    begun some other way, takes the write lock itself, as always."""
+    engine = one_row_engine
+    with engine.connect() as conn:
+        SqliteWrite(conn).commit()
+        with conn.begin():
+            with engine.connect() as other:
+                sqlite_execute(other, "PRAGMA busy_timeout = 0")
+                with pytest.raises(OperationalError, match="locked"):
+                    sqlite_execute(other, "BEGIN IMMEDIATE")
+        sqlite_execute(conn, "BEGIN")
+        with pytest.raises(OperationalError, match="within a transaction"):
+            conn.begin()
+        sqlite_execute(conn, "ROLLBACK")
+
+
+def test_a_failed_begin_of_a_raw_write_leaves_no_mark_on_the_connection(one_row_engine):
+    engine = one_row_engine
+    with engine.connect() as holder, engine.connect() as conn:
+        SqliteWrite(holder)
+        sqlite_execute(conn, "PRAGMA busy_timeout = 0")
+        with pytest.raises(OperationalError, match="locked"):
+            SqliteWrite(conn)
+        sqlite_execute(holder, "ROLLBACK")
+        # Not taken for a raw write's: SQLAlchemy's own begin runs BEGIN IMMEDIATE.
+        sqlite_execute(conn, "BEGIN")
+        with pytest.raises(OperationalError, match="within a transaction"):
+            conn.begin()
+        sqlite_execute(conn, "ROLLBACK")
 
 
 def test_query_only_engine_refuses_writes(tmp_path):

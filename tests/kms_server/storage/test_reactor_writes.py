@@ -17,8 +17,6 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import event
-from sqlalchemy.exc import OperationalError
 from twisted.internet import defer, task
 
 from kmip_core.audit.chain import verify
@@ -29,7 +27,7 @@ from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError
 from kms_server.storage.reactor_writes import BURST_MAX, ReactorWrites
 from kms_server.storage.sql import SqlStorage, writer_flock
-from tests.kms_server.storage.test_write_batches import write_commits
+from tests.kms_server.storage.test_write_batches import on_write_commit, refuse_commit, write_commits
 
 
 class Pool:
@@ -121,9 +119,9 @@ def test_outside_a_batch_a_write_in_the_reactor_is_busy_and_writes_nothing(stora
     assert committed(storage, "k") is None
 
 
-def test_the_writes_of_a_turn_share_one_commit_at_its_end(storage, writer):
+def test_the_writes_of_a_turn_share_one_commit_at_its_end(storage, writer, monkeypatch):
     writes, clock, _ = writer
-    commits = write_commits(storage)
+    commits = write_commits(storage, monkeypatch)
     hooks: list = []
     seen: list = []
 
@@ -180,14 +178,8 @@ def test_a_failed_commit_fails_every_waiter_and_stores_and_publishes_nothing(sto
     for key in ("a", "b"):
         writes.when_free(lambda k=key: job(k))
 
-    def refuse(_conn):
-        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
-
-    event.listen(storage.engine, "commit", refuse)
-    try:
+    with on_write_commit(storage, refuse_commit):
         clock.advance(0)
-    finally:
-        event.remove(storage.engine, "commit", refuse)
     assert len(waiters) == 2
     for got in waiters:
         assert len(got) == 1 and isinstance(got[0].value, StorageError) and "commit" in str(got[0].value)
@@ -359,9 +351,9 @@ def test_work_queued_by_an_answer_runs_in_a_later_batch(storage, writer):
     assert committed(storage, "first") == b"first" and committed(storage, "second") == b"second"
 
 
-def test_a_batch_runs_at_most_burst_max_jobs_and_the_rest_right_after(storage, writer):
+def test_a_batch_runs_at_most_burst_max_jobs_and_the_rest_right_after(storage, writer, monkeypatch):
     writes, clock, _ = writer
-    commits = write_commits(storage)
+    commits = write_commits(storage, monkeypatch)
     total = BURST_MAX + 3
     answers = [result_of(writes.when_free(lambda i=i: write(storage, f"k{i}") or i)) for i in range(total)]
     clock.advance(0)  # Clock runs the follow-up turn too
@@ -506,9 +498,9 @@ def started(writes: ReactorWrites, job) -> list:
     return result_of(ran) if isinstance(ran, defer.Deferred) else [ran]
 
 
-def test_a_started_write_runs_its_work_before_the_transaction_now_and_the_rest_in_the_batch(storage, writer):
+def test_a_started_write_runs_its_work_before_the_transaction_now_and_the_rest_in_the_batch(storage, writer, monkeypatch):
     writes, clock, _ = writer
-    commits = write_commits(storage)
+    commits = write_commits(storage, monkeypatch)
     steps: list = []
     opened: list = []
     open_batch = storage.writes.open_reactor_batch
@@ -641,9 +633,9 @@ def test_works_waiting_for_a_turn_that_cannot_be_had_start_over_elsewhere(storag
     assert committed(storage, "never") is None
 
 
-def test_a_started_work_beyond_burst_max_runs_in_the_next_batch(storage, writer):
+def test_a_started_work_beyond_burst_max_runs_in_the_next_batch(storage, writer, monkeypatch):
     writes, clock, _ = writer
-    commits = write_commits(storage)
+    commits = write_commits(storage, monkeypatch)
     total = BURST_MAX + 2
     answers = [started(writes, lambda i=i: write_in_work(storage, f"w{i}")) for i in range(total)]
     clock.advance(0)

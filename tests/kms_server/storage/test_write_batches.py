@@ -7,6 +7,7 @@ writers of other nodes wait on the writers' advisory lock, taken at BEGIN."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -14,13 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 
-from kmip_core.db.engine import READ_ONLY
+from kmip_core.db.engine import READ_ONLY, SqliteWrite
 from kms_server.storage import open_storage
 from kms_server.storage.base import StorageError, StoredObject
 from kms_server.storage.sql import AUDIT_LOCK_KEY, BATCH_MAX, SqlStorage
@@ -45,16 +46,52 @@ def _dialect(storage: SqlStorage) -> str:
     return storage.engine.dialect.name
 
 
-def write_commits(storage: SqlStorage) -> list[int]:
+def _hook_write_commits(storage: SqlStorage, monkeypatch: pytest.MonkeyPatch, callback: Callable) -> Callable:
+    """Run `callback(conn)` just before each commit of a write transaction
+    (readers commit too), where what it raises fails that commit as a
+    failed COMMIT would: through SQLAlchemy's commit event, and on SQLite
+    through the batches' own commits on the sqlite3 connection
+    (kmip_core.db.engine.SqliteWrite), which bypass it. The SqliteWrite
+    hook goes with `monkeypatch`; returns the event listener."""
+
+    def listener(conn):
+        if not conn.get_execution_options().get(READ_ONLY):
+            callback(conn)
+
+    original = SqliteWrite.commit
+
+    def commit(self):
+        if not self.conn.in_transaction():  # else SQLAlchemy's commit, and its event
+            callback(self.conn)
+        original(self)
+
+    event.listen(storage.engine, "commit", listener)
+    monkeypatch.setattr(SqliteWrite, "commit", commit)
+    return listener
+
+
+def write_commits(storage: SqlStorage, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Commits of write transactions (readers commit too)."""
     count: list[int] = []
-
-    def counted(conn):
-        if not conn.get_execution_options().get(READ_ONLY):
-            count.append(1)
-
-    event.listen(storage.engine, "commit", counted)
+    _hook_write_commits(storage, monkeypatch, lambda _conn: count.append(1))
     return count
+
+
+@contextlib.contextmanager
+def on_write_commit(storage: SqlStorage, callback: Callable) -> Iterator[None]:
+    """`callback(conn)` runs just before each commit of a write
+    transaction inside the block (what it raises fails that commit)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        listener = _hook_write_commits(storage, monkeypatch, callback)
+        try:
+            yield
+        finally:
+            event.remove(storage.engine, "commit", listener)
+
+
+def refuse_commit(_conn) -> None:
+    """A commit that fails as a full disk would make it fail."""
+    raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
 
 
 def _wait_for(predicate, what: str, timeout: float = 10.0) -> None:
@@ -148,16 +185,16 @@ def _queued_behind(
     return results
 
 
-def test_a_writer_alone_commits_its_own_transaction(storage):
-    commits = write_commits(storage)
+def test_a_writer_alone_commits_its_own_transaction(storage, monkeypatch):
+    commits = write_commits(storage, monkeypatch)
     with storage.transaction() as txn:
         txn.set_meta("alone", b"1")
     assert commits == [1]
     assert _committed(storage, "alone") == b"1"
 
 
-def test_writers_queued_behind_an_open_transaction_share_its_commit(storage):
-    commits = write_commits(storage)
+def test_writers_queued_behind_an_open_transaction_share_its_commit(storage, monkeypatch):
+    commits = write_commits(storage, monkeypatch)
     holder = _Holder(storage, "first")
     results = _queued_behind(storage, holder, 5)
     assert holder.error is None and holder.seen_after == b"held"
@@ -167,8 +204,8 @@ def test_writers_queued_behind_an_open_transaction_share_its_commit(storage):
     assert len(commits) == 1
 
 
-def test_a_batch_holds_at_most_batch_max_writers(storage):
-    commits = write_commits(storage)
+def test_a_batch_holds_at_most_batch_max_writers(storage, monkeypatch):
+    commits = write_commits(storage, monkeypatch)
     count = BATCH_MAX + 3
     results = _queued_behind(storage, _Holder(storage, "first"), count)
     assert all(status == "ok" for status, _ in results.values()) and len(results) == count
@@ -256,11 +293,11 @@ def test_a_batch_that_writes_no_meta_row_and_whose_last_member_failed_commits_wi
         assert txn.get_object("failing") is None
 
 
-def test_a_failed_first_block_is_rolled_back_and_the_queued_writers_still_commit(storage):
+def test_a_failed_first_block_is_rolled_back_and_the_queued_writers_still_commit(storage, monkeypatch):
     """The first block of a batch runs without a savepoint: its failure
     rolls the whole transaction back, and the writers queued behind it
     start the next one."""
-    commits = write_commits(storage)
+    commits = write_commits(storage, monkeypatch)
     holder = _Holder(storage, "first", fail=True)
     results = _queued_behind(storage, holder, 3)
     assert isinstance(holder.error, RuntimeError)
@@ -272,11 +309,8 @@ def test_a_failed_first_block_is_rolled_back_and_the_queued_writers_still_commit
 def test_a_failed_commit_fails_every_member_and_stores_nothing(storage):
     holder = _Holder(storage, "first")
 
-    def refuse(_conn):
-        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
-
-    results = _queued_behind(storage, holder, 3, lambda: event.listen(storage.engine, "commit", refuse))
-    event.remove(storage.engine, "commit", refuse)
+    with on_write_commit(storage, refuse_commit):
+        results = _queued_behind(storage, holder, 3)
     assert isinstance(holder.error, StorageError) and "commit" in str(holder.error)
     for i in range(3):
         status, error = results[f"w{i}"]
@@ -296,10 +330,10 @@ def test_batches_of_a_process_run_on_one_kept_connection(storage):
     than a small write: the writers' connection is kept from one batch to
     the next (and goes back to the pool only when the storage closes)."""
     seen = []
-    event.listen(storage.engine, "commit", lambda conn: seen.append(conn.connection.dbapi_connection))
-    for i in range(3):
-        with storage.transaction() as txn:
-            txn.set_meta(f"k{i}", b"1")
+    with on_write_commit(storage, lambda conn: seen.append(conn.connection.dbapi_connection)):
+        for i in range(3):
+            with storage.transaction() as txn:
+                txn.set_meta(f"k{i}", b"1")
     assert len(seen) == 3 and seen[0] is seen[1] is seen[2]
     assert storage.writes.holds_connection
     assert storage.engine.pool.checkedout() == 1
@@ -647,15 +681,8 @@ def test_each_shared_commit_is_reported_with_the_writes_it_served(storage):
         raise RuntimeError("block failed")
     assert len(reports) == 2
 
-    def refuse(_conn):
-        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
-
-    event.listen(storage.engine, "commit", refuse)
-    try:
-        with pytest.raises(StorageError), storage.transaction() as txn:
-            txn.set_meta("refused", b"1")
-    finally:
-        event.remove(storage.engine, "commit", refuse)
+    with on_write_commit(storage, refuse_commit), pytest.raises(StorageError), storage.transaction() as txn:
+        txn.set_meta("refused", b"1")
     assert reports[2:] == [(1, False)]
 
 
