@@ -213,19 +213,17 @@ def configure_sqlite(
         sqlite_execute(conn, begin)
 
 
-class SqliteRead:
-    """A read transaction on a SQLite connection with the READ_ONLY option,
-    begun and ended on the sqlite3 connection itself: SQLAlchemy's own
-    transaction (begin, commit, their events) cost about as much as the one
-    lookup most reads make (issue 15). A statement run through SQLAlchemy
-    inside it makes SQLAlchemy begin one of its own, which joins this one
+class _OnSqlite3:
+    """A transaction begun and ended on the sqlite3 connection under a
+    SQLAlchemy Connection (SQLAlchemy's own begin and commit, their events
+    and bookkeeping, cost about as much as the one lookup most reads make:
+    issue 15). A statement run through SQLAlchemy inside it makes
+    SQLAlchemy begin a transaction of its own, which joins this one
     (configure_sqlite) and which `commit` and `rollback` then end."""
 
     __slots__ = ("conn",)
 
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        sqlite_execute(conn, "BEGIN")
+    conn: Connection
 
     def _end(self, commit: bool) -> None:
         if self.conn.in_transaction():
@@ -242,20 +240,30 @@ class SqliteRead:
         self._end(False)
 
 
+class SqliteRead(_OnSqlite3):
+    """A read transaction on a SQLite connection with the READ_ONLY option
+    (`_OnSqlite3`): a deferred BEGIN."""
+
+    __slots__ = ()
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        sqlite_execute(conn, "BEGIN")
+
+
 # The key, in a connection's `info`, of a SqliteWrite open on it.
 _RAW_WRITE = "kms_raw_write"
 
 
-class SqliteWrite:
-    """A write transaction on a SQLite connection, begun (BEGIN IMMEDIATE)
-    and ended on the sqlite3 connection itself, as `SqliteRead` is for
-    reads: SQLAlchemy's begin and commit, their events and bookkeeping, cost
-    a batch of writes about as much as its COMMIT (issue 15). A statement
-    run through SQLAlchemy inside it makes SQLAlchemy begin a transaction of
-    its own, which joins this one (configure_sqlite) and which `commit` and
-    `rollback` then end. Raises SQLAlchemy's errors, as SQLAlchemy would."""
+class SqliteWrite(_OnSqlite3):
+    """A write transaction on a SQLite connection (`_OnSqlite3`): BEGIN
+    IMMEDIATE, the write lock taken at once, as SQLAlchemy's begin takes
+    it (configure_sqlite). The batches of kms_server's writers run in one:
+    SQLAlchemy's begin and commit cost a one-statement write transaction
+    about a sixth of its CPU (bench/README.md). Raises SQLAlchemy's errors,
+    as SQLAlchemy would."""
 
-    __slots__ = ("conn",)
+    __slots__ = ()
 
     def __init__(self, conn: Connection) -> None:
         sqlite_execute(conn, "BEGIN IMMEDIATE")
@@ -263,20 +271,8 @@ class SqliteWrite:
         self.conn = conn
 
     def _end(self, commit: bool) -> None:
-        conn = self.conn
-        conn.info.pop(_RAW_WRITE, None)
-        if conn.in_transaction():
-            trans = conn.get_transaction()
-            assert trans is not None  # in_transaction() said so
-            trans.commit() if commit else trans.rollback()
-        elif conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
-            sqlite_execute(conn, "COMMIT" if commit else "ROLLBACK")
-
-    def commit(self) -> None:
-        self._end(True)
-
-    def rollback(self) -> None:
-        self._end(False)
+        self.conn.info.pop(_RAW_WRITE, None)
+        super()._end(commit)
 
 
 class AutocommitRead:
