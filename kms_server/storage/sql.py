@@ -112,6 +112,57 @@ kms_objects = Table(
     sqlite_autoincrement=True,
 )
 
+# The attributes Locate finds through the attribute rows of each object
+# rather than through the lookup index (migration 0007): the ones nearly
+# every object carries whose lookups match most of the store anyway or are
+# not asked for (dates, which Locate compares after loading every object
+# that has one; the booleans of sensitivity; the digest, usage mask, lease
+# time and RNG of every key; the identifier, which names the object
+# itself). An AES key carries 19 attributes, 14 of these: their index
+# entries were most of the pages a Create wrote (docs/storage-schema.md).
+# A Locate whose conditions all name one of these reads every object's row
+# and checks each, a cost that grows with the store.
+NOT_LOOKED_UP = frozenset(
+    {
+        "Activation Date",
+        "Always Sensitive",
+        "Archive Date",
+        "Compromise Date",
+        "Compromise Occurrence Date",
+        "Cryptographic Usage Mask",
+        "Deactivation Date",
+        "Destroy Date",
+        "Digest",
+        "Extractable",
+        "Fresh",
+        "Initial Date",
+        "Last Change Date",
+        "Lease Time",
+        "Never Extractable",
+        "Original Creation Date",
+        "Process Start Date",
+        "Protect Stop Date",
+        "Random Number Generator",
+        "Sensitive",
+        "Unique Identifier",
+    }
+)
+
+
+def _lookup_where(column: str) -> str:
+    """The lookup index's condition on the attribute name `column`: the
+    same text in the index (migration 0007 holds its own copy) and in each
+    Locate that goes through it, which both databases require of a partial
+    index (the query must state the index's condition)."""
+    names = ", ".join(f"'{name}'" for name in sorted(NOT_LOOKED_UP))
+    return f"{column} NOT IN ({names})"
+
+
+def looked_up(name: str) -> bool:
+    """Whether Locate finds the attribute `name` through the lookup index."""
+    return name not in NOT_LOOKED_UP
+
+
 kms_attributes = Table(
     "kms_attributes",
     metadata,
@@ -129,7 +180,15 @@ kms_attributes = Table(
     # a btree index, and clients choose attribute values, so Locate uses an
     # index on the digest and then compares the value itself.
     Column("value_digest", LargeBinary(32), nullable=False),
-    Index("ix_kms_attributes_name_value_digest", "name", "value_digest"),
+    # Locate's lookup by (name, sha256(value)), for the attributes it is
+    # asked by: every name but NOT_LOOKED_UP (migration 0007).
+    Index(
+        "ix_kms_attributes_lookup",
+        "name",
+        "value_digest",
+        sqlite_where=text(_lookup_where("name")),
+        postgresql_where=text(_lookup_where("name")),
+    ),
     # An object's rows (reads, cascaded deletes) and the check of a further
     # Locate condition on one candidate object: a lookup, however many
     # objects share that value (migration 0005).
@@ -461,23 +520,28 @@ def _is_unique_violation(exc: IntegrityError) -> bool:
     return "unique" in str(orig).lower()
 
 
-# Locate's statements by the shape of the query (conditions, owner, paging),
-# built once each: building one cost more than running it.
-_LOCATE_STATEMENTS: dict[tuple[str, int, int, bool, bool, bool], Any] = {}
+# Locate's statements by the shape of the query (conditions, owner, paging,
+# which condition leads), built once each: building one cost more than
+# running it.
+_LOCATE_STATEMENTS: dict[tuple[str, int, int, bool, bool, bool, str | None], Any] = {}
 _LOCATE_SHAPES_MAX = 256
 
 
 def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     """The SELECT that answers a LocateQuery (a `_Raw`), and its parameters.
 
-    The first condition (the first of `equals`, else of `has`) is one lookup
-    on the (name, value_digest) index; every other condition is checked on
-    each candidate that lookup found, by a correlated EXISTS on the
-    (uid, name, value_digest) index: a lookup per candidate. The cost grows
-    with the objects the first condition matches, and not with what the
-    others match: kms-server's Locate asks for a located object's State
-    Destroyed that way, which every destroyed key in the store matches
-    (issue 15). The objects are then fetched by uid.
+    The leading condition, the first of `equals`, else of `has`, whose
+    name is `looked_up`, is one lookup on the lookup index (name,
+    value_digest; partial: migration 0007); every other condition is
+    checked on each candidate that lookup found, by a correlated EXISTS on
+    the (uid, name, value_digest) index: a lookup per candidate. The cost
+    grows with the objects the leading condition matches, and not with
+    what the others match: kms-server's Locate asks for a located object's
+    State Destroyed that way, which every destroyed key in the store
+    matches (issue 15). When no condition is looked up (all name
+    NOT_LOOKED_UP attributes), every object's row is read and each
+    condition checked on it the same way: the cost grows with the store.
+    The objects are then fetched by uid.
 
     History: an INTERSECT of one lookup per condition walked every match of
     every condition (the Destroyed check of a Locate by Name walked every
@@ -492,24 +556,39 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     (uid, name, value_digest) index.
 
     The statement depends on the query's shape only (how many conditions of
-    each kind, an owner or not, paging or not); the values are bound
-    parameters, so one statement object (and SQLAlchemy's compiled form of
-    it) serves every query of that shape."""
+    each kind, which kind leads, an owner or not, paging or not); the
+    values are bound parameters, so one statement object (and SQLAlchemy's
+    compiled form of it) serves every query of that shape."""
+    equals, has = list(query.equals), list(query.has)
+    lead: str | None = None
+    # The leading condition goes first among its kind's parameters.
+    for i, (name, _) in enumerate(equals):
+        if looked_up(name):
+            lead = "e"
+            equals.insert(0, equals.pop(i))
+            break
+    else:
+        for i, name in enumerate(has):
+            if looked_up(name):
+                lead = "h"
+                has.insert(0, has.pop(i))
+                break
     shape = (
         dialect,
-        len(query.equals),
-        len(query.has),
+        len(equals),
+        len(has),
         query.owner is not None,
         bool(query.offset),
         query.limit is not None,
+        lead,
     )
     stmt = _locate_shape(shape)
     params: dict[str, Any] = {}
-    for i, (name, value) in enumerate(query.equals):
+    for i, (name, value) in enumerate(equals):
         params[f"e{i}_name"] = name
         params[f"e{i}_digest"] = _digest(value)
         params[f"e{i}_value"] = value
-    for i, name in enumerate(query.has):
+    for i, name in enumerate(has):
         params[f"h{i}_name"] = name
     if query.owner is not None:
         params["owner"] = query.owner
@@ -520,7 +599,7 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     return stmt, params
 
 
-def _locate_shape(shape: tuple[str, int, int, bool, bool, bool]) -> Any:
+def _locate_shape(shape: tuple[str, int, int, bool, bool, bool, str | None]) -> Any:
     """The statement of a Locate's shape (built once per shape), as a `_Raw`
     for its dialect: its SQL is run as it is, past SQLAlchemy's execute
     path."""
@@ -542,24 +621,37 @@ def _attribute_condition(a, kind: str, i: int) -> list:
     return [a.c.name == bindparam(f"h{i}_name")]
 
 
-def _build_locate(dialect: str, equals: int, has: int, owner: bool, offset: bool, limit: bool):
+def _build_locate(
+    dialect: str, equals: int, has: int, owner: bool, offset: bool, limit: bool, lead: str | None
+):
     o = kms_objects
     conditions = []
     if owner:
         conditions.append(o.c.owner == bindparam("owner"))
     checks = [("e", i) for i in range(equals)] + [("h", i) for i in range(has)]
-    if checks:
+    if lead == "h":
+        checks.remove(("h", 0))
+        checks.insert(0, ("h", 0))
+
+    def exists(kind: str, i: int, uid: Any) -> Any:
+        other = kms_attributes.alias(f"{kind}{i}")
+        check = select(other.c.uid).where(other.c.uid == uid, *_attribute_condition(other, kind, i))
+        if dialect == "postgresql":
+            # A literal, not a bound 0: a `_Raw` passes only the named
+            # parameters.
+            check = check.offset(literal_column("0", Integer))
+        return check.exists()
+
+    if checks and lead is not None:
         first = kms_attributes.alias("located")
-        where = _attribute_condition(first, *checks[0])
-        for kind, i in checks[1:]:
-            other = kms_attributes.alias(f"{kind}{i}")
-            check = select(other.c.uid).where(other.c.uid == first.c.uid, *_attribute_condition(other, kind, i))
-            if dialect == "postgresql":
-                # A literal, not a bound 0: a `_Raw` passes only the named
-                # parameters.
-                check = check.offset(literal_column("0", Integer))
-            where.append(check.exists())
+        # The lookup index's own condition, stated as the index states it
+        # (text, not bound values): each database uses a partial index
+        # only for a query whose conditions imply the index's.
+        where = [*_attribute_condition(first, *checks[0]), text(_lookup_where("located.name"))]
+        where += [exists(kind, i, first.c.uid) for kind, i in checks[1:]]
         conditions.append(o.c.uid.in_(select(first.c.uid).where(*where)))
+    else:
+        conditions += [exists(kind, i, o.c.uid) for kind, i in checks]
     stmt = select(o.c.uid).where(*conditions).order_by(o.c.sequence)
     if offset:
         stmt = stmt.offset(bindparam("offset", type_=Integer))

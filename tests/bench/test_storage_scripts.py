@@ -41,7 +41,7 @@ def test_pages_by_btree_of_each_request(tmp_path):
     assert get.get("kms_audit", 0) >= 1 and 3 <= figures["get"]["last"] <= 6
     # A Create writes its object, its attribute rows and their indexes.
     create = figures["create"]["btrees"]
-    for btree in ("kms_objects", "kms_attributes", "ix_kms_attributes_name_value_digest", "kms_audit"):
+    for btree in ("kms_objects", "kms_attributes", "ix_kms_attributes_lookup", "kms_audit"):
         assert create.get(btree, 0) >= 1, create
     assert figures["create"]["pages"] > figures["get"]["pages"]
     # A Destroy changes its object's row and attributes.
