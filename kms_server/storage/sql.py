@@ -118,7 +118,7 @@ kms_objects = Table(
 # not asked for (dates, which Locate compares after loading every object
 # that has one; the booleans of sensitivity; the digest, usage mask, lease
 # time and RNG of every key; the identifier, which names the object
-# itself). An AES key carries 19 attributes, 14 of these: their index
+# itself). An AES key with a Name carries 18 attributes, 13 of these: their index
 # entries were most of the pages a Create wrote (docs/storage-schema.md).
 # A Locate whose conditions all name one of these reads every object's row
 # and checks each, a cost that grows with the store.

@@ -3,7 +3,8 @@
 - wal_pages.py: the pages each request writes to SQLite's log, by B-tree;
   what it reports for a Get is the audit record's pages as schema revision
   0006 leaves them.
-- audit_migration.py: revision 0006 on a database at 0005 with records."""
+- audit_migration.py: revision 0006 on a database at 0005 with records.
+- lookup_migration.py: revision 0007 on a database at 0006 with keys."""
 
 from __future__ import annotations
 
@@ -69,3 +70,31 @@ def test_audit_migration_times_0006_and_keeps_every_record():
     assert result.returncode == 0, result.stderr
     assert "500 audit records" in result.stdout
     assert f"revision 0005 -> {schema.head_revision()}" in result.stdout
+
+
+def test_lookup_migration_times_0007_and_keeps_every_row():
+    """bench/lookup_migration.py: a database at 0006 with keys, upgraded
+    to head (0007 builds the partial lookup index); the script checks the
+    row count itself and says so."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "lookup_migration.py"), "--keys", "300"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "300 keys, 5,400 attribute rows" in result.stdout
+    assert f"revision 0006 -> {schema.head_revision()}" in result.stdout
+
+
+def test_lookup_migration_refuses_a_negative_count_in_one_line():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "lookup_migration.py"), "--keys", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert "--keys cannot be negative" in result.stderr and "Traceback" not in result.stderr

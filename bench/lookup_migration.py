@@ -1,0 +1,120 @@
+"""How long schema revision 0007 (Locate's partial lookup index) takes on a
+SQLite database holding a given number of keys (issue 15).
+
+    .venv/bin/python bench/lookup_migration.py                  # a million keys
+    .venv/bin/python bench/lookup_migration.py --keys 100000
+
+It builds a database at revision 0006 in a temporary directory, stores
+`--keys` objects with the 18 attribute rows an AES key with a Name has
+(values of their sizes; the Name, Digest and Unique Identifier of each key
+its own, the others shared as a store's are), then times
+`kms_server.storage.schema.upgrade`, which is what a node runs at start on
+SQLite and `kms-admin db upgrade` runs: the partial index built from the
+attribute rows, the full one dropped. The rows carry no valid MAC: the
+migration does not read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# An AES key's attribute names; True: a value of its own per key.
+ATTRIBUTES = {
+    "Always Sensitive": False,
+    "Cryptographic Algorithm": False,
+    "Cryptographic Length": False,
+    "Cryptographic Usage Mask": False,
+    "Digest": True,
+    "Extractable": False,
+    "Fresh": False,
+    "Initial Date": False,
+    "Last Change Date": False,
+    "Lease Time": False,
+    "Name": True,
+    "Never Extractable": False,
+    "Object Type": False,
+    "Original Creation Date": False,
+    "Random Number Generator": False,
+    "Sensitive": False,
+    "State": False,
+    "Unique Identifier": True,
+}
+
+
+def build(path: str, keys: int) -> None:
+    """A database at revision 0006 with `keys` objects and their rows."""
+    from sqlalchemy import create_engine
+
+    from kmip_core.db.migrations import migrate
+    from kms_server.storage import schema
+
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        migrate(engine, schema.KMS, "0006")
+    finally:
+        engine.dispose()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO kms_objects (uid, owner, version, sealed_material, created_at, row_mac) "
+            "VALUES (?, 'owner', 1, ?, 0, ?)",
+            ((f"key-{i:09d}", b"s" * 60, b"m" * 32) for i in range(keys)),
+        )
+
+        def rows():
+            for i in range(keys):
+                uid = f"key-{i:09d}"
+                for name, own in ATTRIBUTES.items():
+                    value = (f"{name}-{i}" if own else f"{name}-{i // 5000}").encode().ljust(16, b"\0")
+                    yield uid, name, 0, value, hashlib.sha256(value).digest()
+
+        conn.executemany("INSERT INTO kms_attributes (uid, name, idx, value, value_digest) VALUES (?, ?, ?, ?, ?)", rows())
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=1_000_000, help="keys in the store (default 1,000,000)")
+    parser.add_argument("--dir", help="where to build the database (default: a temporary directory)")
+    args = parser.parse_args()
+    if args.keys < 0:
+        parser.error("--keys cannot be negative")
+    from sqlalchemy import create_engine
+
+    from kms_server.storage import schema
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        path = os.path.join(directory, "kms.db")
+        build(path, args.keys)
+        size = Path(path).stat().st_size
+        engine = create_engine(f"sqlite:///{path}")
+        try:
+            started = time.monotonic()
+            before, after = schema.upgrade(engine)
+            took = time.monotonic() - started
+            with engine.connect() as conn:
+                count = conn.exec_driver_sql("SELECT count(*) FROM kms_attributes").scalar()
+                size_after = Path(path).stat().st_size
+        finally:
+            engine.dispose()
+    if count != args.keys * len(ATTRIBUTES):
+        raise SystemExit(f"lookup_migration: {count} attribute rows after the upgrade, {args.keys * len(ATTRIBUTES)} before")
+    print(
+        f"{args.keys:,} keys, {count:,} attribute rows ({size / 1e6:,.0f} MB): "
+        f"revision {before} -> {after} in {took:.1f} s ({size_after / 1e6:,.0f} MB after)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
