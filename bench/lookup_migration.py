@@ -10,8 +10,10 @@ It builds a database at revision 0006 in a temporary directory, stores
 its own, the others shared as a store's are), then times
 `kms_server.storage.schema.upgrade`, which is what a node runs at start on
 SQLite and `kms-admin db upgrade` runs: the partial index built from the
-attribute rows, the full one dropped. The rows carry no valid MAC: the
-migration does not read them.
+attribute rows, the full one dropped. Then it times one Locate by Name
+(through the index) and one by Unique Identifier (left out of it: every
+object's row is read), through the storage layer. The rows carry no valid
+MAC: neither the migration nor Locate reads it.
 """
 
 from __future__ import annotations
@@ -82,6 +84,32 @@ def build(path: str, keys: int) -> None:
         conn.close()
 
 
+def _locates(path: str, keys: int) -> list[tuple[str, float]]:
+    """After the upgrade, one Locate by a looked-up attribute (Name) and one
+    by an attribute left out of the index (Unique Identifier), each of the
+    middle key, timed through the storage layer; each must find that key."""
+    from kms_server.storage import LocateQuery, open_storage
+
+    if keys == 0:
+        return []
+    middle = keys // 2
+    storage = open_storage(f"sqlite:///{path}", schema="check")
+    timed = []
+    try:
+        for name in ("Name", "Unique Identifier"):
+            value = f"{name}-{middle}".encode().ljust(16, b"\0")
+            with storage.transaction(read_only=True) as tx:
+                started = time.monotonic()
+                found = tx.locate(LocateQuery(equals=((name, value),)))
+                seconds = time.monotonic() - started
+            if found != [f"key-{middle:09d}"]:
+                raise SystemExit(f"lookup_migration: a Locate by {name} found {found[:3]}, not key-{middle:09d}")
+            timed.append((f"{name} ({'the lookup index' if name == 'Name' else 'every object read'})", seconds))
+    finally:
+        storage.close()
+    return timed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=1_000_000, help="keys in the store (default 1,000,000)")
@@ -107,12 +135,15 @@ def main() -> int:
                 size_after = Path(path).stat().st_size
         finally:
             engine.dispose()
+        located = _locates(path, args.keys)
     if count != args.keys * len(ATTRIBUTES):
         raise SystemExit(f"lookup_migration: {count} attribute rows after the upgrade, {args.keys * len(ATTRIBUTES)} before")
     print(
         f"{args.keys:,} keys, {count:,} attribute rows ({size / 1e6:,.0f} MB): "
         f"revision {before} -> {after} in {took:.1f} s ({size_after / 1e6:,.0f} MB after)"
     )
+    for what, seconds in located:
+        print(f"then a Locate by {what}: {seconds * 1000:,.1f} ms")
     return 0
 
 
