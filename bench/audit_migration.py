@@ -66,6 +66,26 @@ def build(path: str, records: int) -> None:
         conn.close()
 
 
+def timed_upgrade(path: str, table: str) -> tuple[str | None, str, float, int]:
+    """`kms_server.storage.schema.upgrade` of the SQLite database at
+    `path`, timed: (revision before, revision after, seconds, rows in
+    `table` after). Also bench/lookup_migration.py's."""
+    from sqlalchemy import create_engine
+
+    from kms_server.storage import schema
+
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        started = time.monotonic()
+        before, after = schema.upgrade(engine)
+        took = time.monotonic() - started
+        with engine.connect() as conn:
+            count = conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+    finally:
+        engine.dispose()
+    return before, after, took, int(count or 0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000, help="audit records (default 1,000,000)")
@@ -73,23 +93,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.records < 0:
         parser.error("--records cannot be negative")
-    from sqlalchemy import create_engine
-
-    from kms_server.storage import schema
-
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         path = os.path.join(directory, "kms.db")
         build(path, args.records)
         size = Path(path).stat().st_size
-        engine = create_engine(f"sqlite:///{path}")
-        try:
-            started = time.monotonic()
-            before, after = schema.upgrade(engine)
-            took = time.monotonic() - started
-            with engine.connect() as conn:
-                count = conn.exec_driver_sql("SELECT count(*) FROM kms_audit").scalar()
-        finally:
-            engine.dispose()
+        before, after, took, count = timed_upgrade(path, "kms_audit")
     if count != args.records:
         raise SystemExit(f"audit_migration: {count} records after the upgrade, {args.records} before")
     print(f"{args.records:,} audit records ({size / 1e6:,.0f} MB): revision {before} -> {after} in {took:.1f} s")

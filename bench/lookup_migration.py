@@ -27,6 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from audit_migration import timed_upgrade  # noqa: E402  (a sibling script)
+
 # An AES key's attribute names; True: a value of its own per key.
 ATTRIBUTES = {
     "Always Sensitive": False,
@@ -117,24 +122,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.keys < 0:
         parser.error("--keys cannot be negative")
-    from sqlalchemy import create_engine
-
-    from kms_server.storage import schema
-
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         path = os.path.join(directory, "kms.db")
         build(path, args.keys)
         size = Path(path).stat().st_size
-        engine = create_engine(f"sqlite:///{path}")
-        try:
-            started = time.monotonic()
-            before, after = schema.upgrade(engine)
-            took = time.monotonic() - started
-            with engine.connect() as conn:
-                count = conn.exec_driver_sql("SELECT count(*) FROM kms_attributes").scalar()
-                size_after = Path(path).stat().st_size
-        finally:
-            engine.dispose()
+        before, after, took, count = timed_upgrade(path, "kms_attributes")
+        size_after = Path(path).stat().st_size
         located = _locates(path, args.keys)
     if count != args.keys * len(ATTRIBUTES):
         raise SystemExit(f"lookup_migration: {count} attribute rows after the upgrade, {args.keys * len(ATTRIBUTES)} before")
