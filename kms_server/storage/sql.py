@@ -118,8 +118,9 @@ kms_objects = Table(
 # not asked for (dates, which Locate compares after loading every object
 # that has one; the booleans of sensitivity; the digest, usage mask, lease
 # time and RNG of every key; the identifier, which names the object
-# itself). An AES key with a Name carries 18 attributes, 13 of these: their index
-# entries were most of the pages a Create wrote (docs/storage-schema.md).
+# itself). An AES key with a Name carries 18 attributes, 13 of these:
+# their index entries were most of the pages a Create wrote
+# (docs/storage-schema.md).
 # A Locate whose conditions all name one of these reads every object's row
 # and checks each, a cost that grows with the store.
 NOT_LOOKED_UP = frozenset(
@@ -629,9 +630,6 @@ def _build_locate(
     if owner:
         conditions.append(o.c.owner == bindparam("owner"))
     checks = [("e", i) for i in range(equals)] + [("h", i) for i in range(has)]
-    if lead == "h":
-        checks.remove(("h", 0))
-        checks.insert(0, ("h", 0))
 
     def exists(kind: str, i: int, uid: Any) -> Any:
         other = kms_attributes.alias(f"{kind}{i}")
@@ -642,13 +640,14 @@ def _build_locate(
             check = check.offset(literal_column("0", Integer))
         return check.exists()
 
-    if checks and lead is not None:
+    if lead is not None:
+        # The leading condition is its kind's first (locate_statement).
         first = kms_attributes.alias("located")
         # The lookup index's own condition, stated as the index states it
         # (text, not bound values): each database uses a partial index
         # only for a query whose conditions imply the index's.
-        where = [*_attribute_condition(first, *checks[0]), text(_lookup_where("located.name"))]
-        where += [exists(kind, i, first.c.uid) for kind, i in checks[1:]]
+        where = [*_attribute_condition(first, lead, 0), text(_lookup_where("located.name"))]
+        where += [exists(kind, i, first.c.uid) for kind, i in checks if (kind, i) != (lead, 0)]
         conditions.append(o.c.uid.in_(select(first.c.uid).where(*where)))
     else:
         conditions += [exists(kind, i, o.c.uid) for kind, i in checks]
