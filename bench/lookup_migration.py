@@ -10,10 +10,12 @@ It builds a database at revision 0006 in a temporary directory, stores
 its own, the others shared as a store's are), then times
 `kms_server.storage.schema.upgrade`, which is what a node runs at start on
 SQLite and `kms-admin db upgrade` runs: the partial index built from the
-attribute rows, the full one dropped. Then it times one Locate by Name
-(through the index) and one by Unique Identifier (left out of it: every
-object's row is read), through the storage layer. The rows carry no valid
-MAC: neither the migration nor Locate reads it.
+attribute rows, the full one dropped. Then it times three Locates of one
+key through the storage layer: by Name (through the index), by Unique
+Identifier as the keystore asks it (left out of the index, but the query
+names the uid: that object's row is read) and by Digest alone (left out of
+it: every object's row is read). The rows carry no valid MAC: neither the
+migration nor Locate reads it.
 """
 
 from __future__ import annotations
@@ -89,10 +91,19 @@ def build(path: str, keys: int) -> None:
         conn.close()
 
 
+# What each timed Locate asks, and how the storage answers it.
+LOCATES = (
+    ("Name", False, "the lookup index"),
+    ("Unique Identifier", True, "the uid's row"),
+    ("Digest", False, "every object read"),
+)
+
+
 def _locates(path: str, keys: int) -> list[tuple[str, float]]:
-    """After the upgrade, one Locate by a looked-up attribute (Name) and one
-    by an attribute left out of the index (Unique Identifier), each of the
-    middle key, timed through the storage layer; each must find that key."""
+    """After the upgrade, one Locate by a looked-up attribute (Name), one
+    by Unique Identifier as the keystore asks it (with the uid) and one by
+    an attribute left out of the index alone (Digest), each of the middle
+    key, timed through the storage layer; each must find that key."""
     from kms_server.storage import LocateQuery, open_storage
 
     if keys == 0:
@@ -101,15 +112,17 @@ def _locates(path: str, keys: int) -> list[tuple[str, float]]:
     storage = open_storage(f"sqlite:///{path}", schema="check")
     timed = []
     try:
-        for name in ("Name", "Unique Identifier"):
+        uid = f"key-{middle:09d}"
+        for name, with_uid, how in LOCATES:
             value = f"{name}-{middle}".encode().ljust(16, b"\0")
+            query = LocateQuery(equals=((name, value),), uid=uid if with_uid else None)
             with storage.transaction(read_only=True) as tx:
                 started = time.monotonic()
-                found = tx.locate(LocateQuery(equals=((name, value),)))
+                found = tx.locate(query)
                 seconds = time.monotonic() - started
-            if found != [f"key-{middle:09d}"]:
-                raise SystemExit(f"lookup_migration: a Locate by {name} found {found[:3]}, not key-{middle:09d}")
-            timed.append((f"{name} ({'the lookup index' if name == 'Name' else 'every object read'})", seconds))
+            if found != [uid]:
+                raise SystemExit(f"lookup_migration: a Locate by {name} found {found[:3]}, not {uid}")
+            timed.append((f"{name} ({how})", seconds))
     finally:
         storage.close()
     return timed

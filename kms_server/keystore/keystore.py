@@ -431,10 +431,22 @@ class Keystore:
             equals=tuple((name, attrs.encode_value(value)) for name, value in equals),
             has=tuple(has),
             owner=None if principal.sees_all else principal.name,
+            uid=_asked_uid(equals),
             offset=offset,
             limit=limit,
         )
         return txn.locate(query)
+
+
+def _asked_uid(equals: list[tuple[str, Item]]) -> str | None:
+    """The uid a Locate's Unique Identifier condition names, if it has one
+    (its first): the storage finds that object by its row (LocateQuery.uid)."""
+    for name, value in equals:
+        if name == "Unique Identifier":
+            uid = attrs.as_value(value).value
+            if isinstance(uid, str):
+                return uid
+    return None
 
 
 if TYPE_CHECKING:

@@ -75,11 +75,19 @@ class StoredObject:
 class LocateQuery:
     """Objects whose attributes include every (name, value) pair of
     `equals` (values as TTLV bytes), and, for each name in `has`, at least one
-    value of that name. `owner` restricts to one owner (None: any owner)."""
+    value of that name. `owner` restricts to one owner (None: any owner),
+    `uid` to the object of that unique identifier (None: any object).
+
+    `uid` adds nothing an `equals` condition on the Unique Identifier
+    attribute (which every object carries, equal to its uid) does not ask
+    already; the keystore passes both, so that the object is found by its
+    row: the lookup index leaves Unique Identifier out (sql.NOT_LOOKED_UP),
+    and a Locate by it alone would otherwise read every object."""
 
     equals: tuple[tuple[str, bytes], ...] = ()
     has: tuple[str, ...] = ()
     owner: str | None = None
+    uid: str | None = None
     offset: int = 0
     limit: int | None = None
 

@@ -151,6 +151,8 @@ class _MemoryTransaction(Transaction):
             for obj in sorted(self._state.objects.values(), key=lambda o: o.sequence):
                 if query.owner is not None and obj.owner != query.owner:
                     continue
+                if query.uid is not None and obj.uid != query.uid:
+                    continue
                 pairs = {(a.name, a.value) for a in obj.attributes}
                 names = {a.name for a in obj.attributes}
                 if all((n, bytes(v)) in pairs for n, v in query.equals) and all(

@@ -522,9 +522,9 @@ def _is_unique_violation(exc: IntegrityError) -> bool:
 
 
 # Locate's statements by the shape of the query (conditions, owner, paging,
-# which condition leads), built once each: building one cost more than
-# running it.
-_LOCATE_STATEMENTS: dict[tuple[str, int, int, bool, bool, bool, str | None], Any] = {}
+# which condition leads, a uid or not), built once each: building one cost
+# more than running it.
+_LOCATE_STATEMENTS: dict[tuple[str, int, int, bool, bool, bool, str | None, bool], Any] = {}
 _LOCATE_SHAPES_MAX = 256
 
 
@@ -542,7 +542,10 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     matches (issue 15). When no condition is looked up (all name
     NOT_LOOKED_UP attributes), every object's row is read and each
     condition checked on it the same way: the cost grows with the store.
-    The objects are then fetched by uid.
+    A query's `uid` (a Locate by Unique Identifier, which the index leaves
+    out) leads instead of any condition: the object's row, read by its
+    primary key, and every condition checked on that one row. The objects
+    are then fetched by uid.
 
     History: an INTERSECT of one lookup per condition walked every match of
     every condition (the Destroyed check of a Locate by Name walked every
@@ -557,19 +560,21 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     (uid, name, value_digest) index.
 
     The statement depends on the query's shape only (how many conditions of
-    each kind, which kind leads, an owner or not, paging or not); the
-    values are bound parameters, so one statement object (and SQLAlchemy's
-    compiled form of it) serves every query of that shape."""
+    each kind, which kind leads, an owner or not, paging or not, a uid or
+    not); the values are bound parameters, so one statement object (and
+    SQLAlchemy's compiled form of it) serves every query of that shape."""
     equals, has = list(query.equals), list(query.has)
     lead: str | None = None
-    # The leading condition goes first among its kind's parameters.
-    for i, (name, _) in enumerate(equals):
+    # The leading condition goes first among its kind's parameters. With a
+    # uid none leads: that one row is read, and every condition checked on
+    # it (a lookup would list every object the condition matches).
+    for i, (name, _) in enumerate(equals if query.uid is None else ()):
         if looked_up(name):
             lead = "e"
             equals.insert(0, equals.pop(i))
             break
     else:
-        for i, name in enumerate(has):
+        for i, name in enumerate(has if query.uid is None else ()):
             if looked_up(name):
                 lead = "h"
                 has.insert(0, has.pop(i))
@@ -582,6 +587,7 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
         bool(query.offset),
         query.limit is not None,
         lead,
+        query.uid is not None,
     )
     stmt = _locate_shape(shape)
     params: dict[str, Any] = {}
@@ -593,6 +599,8 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
         params[f"h{i}_name"] = name
     if query.owner is not None:
         params["owner"] = query.owner
+    if query.uid is not None:
+        params["uid"] = query.uid
     if query.offset:
         params["offset"] = query.offset
     if query.limit is not None:
@@ -600,7 +608,7 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     return stmt, params
 
 
-def _locate_shape(shape: tuple[str, int, int, bool, bool, bool, str | None]) -> Any:
+def _locate_shape(shape: tuple[str, int, int, bool, bool, bool, str | None, bool]) -> Any:
     """The statement of a Locate's shape (built once per shape), as a `_Raw`
     for its dialect: its SQL is run as it is, past SQLAlchemy's execute
     path."""
@@ -623,10 +631,12 @@ def _attribute_condition(a, kind: str, i: int) -> list:
 
 
 def _build_locate(
-    dialect: str, equals: int, has: int, owner: bool, offset: bool, limit: bool, lead: str | None
+    dialect: str, equals: int, has: int, owner: bool, offset: bool, limit: bool, lead: str | None, uid: bool
 ):
     o = kms_objects
     conditions = []
+    if uid:
+        conditions.append(o.c.uid == bindparam("uid"))
     if owner:
         conditions.append(o.c.owner == bindparam("owner"))
     checks = [("e", i) for i in range(equals)] + [("h", i) for i in range(has)]

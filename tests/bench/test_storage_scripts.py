@@ -86,7 +86,8 @@ def test_lookup_migration_times_0007_and_keeps_every_row():
     assert result.returncode == 0, result.stderr
     assert "300 keys, 5,400 attribute rows" in result.stdout
     assert "then a Locate by Name (the lookup index)" in result.stdout
-    assert "then a Locate by Unique Identifier (every object read)" in result.stdout
+    assert "then a Locate by Unique Identifier (the uid's row)" in result.stdout
+    assert "then a Locate by Digest (every object read)" in result.stdout
     assert f"revision 0006 -> {schema.head_revision()}" in result.stdout
 
 

@@ -50,7 +50,7 @@ from kmip_core.ttlv import Item
 from kms_server.keystore import crypto
 from kms_server.keystore.keystore import Keystore
 from kms_server.operations import OPERATIONS
-from kms_server.storage import open_storage
+from kms_server.storage import open_storage, sql
 
 T = Tags
 V1_1, V1_4, V2_0 = (1, 1), (1, 4), (2, 0)
@@ -1848,6 +1848,48 @@ def test_locate_leaves_out_destroyed_keys_unless_asked(alice):
     assert [i.value for i in found] == [kept]
     by_state = alice.ok(Operation.LOCATE, [attribute("State", ttlv.enumeration(0, State.DESTROYED.value))])
     assert [i.value for i in by_state.find_all(T.UNIQUE_IDENTIFIER.value)] == [gone]
+
+
+def test_locate_by_unique_identifier_reads_that_object_only(tmp_path, monkeypatch):
+    """A Locate by Unique Identifier (four OASIS 1.4 flows ask it alone)
+    finds that key, for its owner only, and the storage is told the uid:
+    it reads that object's row, not every object's, which it would
+    otherwise, as the lookup index leaves Unique Identifier out (issue 15)."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
+    asked = []
+    real = sql.locate_statement
+
+    def spy(query, dialect="sqlite"):
+        asked.append(query)
+        return real(query, dialect)
+
+    monkeypatch.setattr(sql, "locate_statement", spy)
+    try:
+        dispatcher = Dispatcher(Keystore(storage, Barrier(os.urandom(32))), OPERATIONS)
+        alice, bob = Client(dispatcher, "alice"), Client(dispatcher, "bob")
+        uids = [create_aes(alice, activate=False) for _ in range(3)]
+
+        def located(client: Client, *conditions: Item) -> list[str]:
+            payload = client.ok(Operation.LOCATE, list(conditions))
+            return [i.value for i in payload.find_all(T.UNIQUE_IDENTIFIER.value)]
+
+        def by_uid(uid: str) -> Item:
+            return attribute("Unique Identifier", ttlv.text(0, uid))
+
+        assert located(alice, by_uid(uids[1])) == [uids[1]]
+        assert asked[-1].uid == uids[1]
+        kind = attribute("Object Type", ttlv.enumeration(0, ObjectType.SYMMETRIC_KEY.value))
+        assert located(alice, kind, by_uid(uids[2])) == [uids[2]]
+        assert asked[-1].uid == uids[2]
+        secret = attribute("Object Type", ttlv.enumeration(0, ObjectType.SECRET_DATA.value))
+        assert located(alice, by_uid(uids[2]), secret) == []
+        assert located(alice, by_uid(str(uuid.uuid4()))) == []
+        assert located(bob, by_uid(uids[1])) == []  # not bob's key
+        # Without a Unique Identifier condition the storage is told no uid.
+        assert located(alice, kind) == uids
+        assert asked[-1].uid is None
+    finally:
+        storage.close()
 
 
 # ---------------------------------------------------------------------------

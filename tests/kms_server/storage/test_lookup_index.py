@@ -68,6 +68,14 @@ def _queries() -> list[LocateQuery]:
         queries.append(LocateQuery(equals=((name, value[name]),)))
         queries.append(LocateQuery(has=(name,)))
         queries.append(LocateQuery(equals=((name, value[name]),), owner="alice", offset=1, limit=2))
+    # A uid (a Locate by Unique Identifier): alone, with either kind of
+    # condition, with an owner, and one no object has.
+    for uid in ("key-04", "key-07", "key-99"):
+        queries.append(LocateQuery(uid=uid))
+        queries.append(LocateQuery(uid=uid, equals=(("Name", value["Name"]),)))
+        queries.append(LocateQuery(uid=uid, equals=(("Fresh", value["Fresh"]),), has=("Digest",)))
+        queries.append(LocateQuery(uid=uid, owner="alice"))
+        queries.append(LocateQuery(uid=uid, has=("Object Type",), offset=1))
     return queries
 
 
@@ -87,6 +95,7 @@ def test_locate_answers_as_the_fake_on_both_sides_of_the_index(db_url):
         # The queries find something: the comparison is not of empty lists.
         with fake.transaction(read_only=True) as tx:
             assert all(tx.locate(LocateQuery(has=(name,))) for name in LOOKED_UP + NOT_LOOKED_UP)
+            assert tx.locate(LocateQuery(uid="key-04")) == ["key-04"]
     finally:
         storage.close()
 
@@ -149,6 +158,36 @@ def test_conditions_that_are_not_looked_up_check_each_object(db_url):
         engine.dispose()
     assert "ix_kms_attributes_lookup" not in plan, plan
     assert "ix_kms_attributes_uid_name_value_digest" in plan, plan
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        LocateQuery(uid="key-04", equals=(("Unique Identifier", b"key-04"),)),
+        LocateQuery(uid="key-04", equals=(("Unique Identifier", b"key-04"), ("Fresh", b"x")), has=("Digest",)),
+        LocateQuery(uid="key-04", equals=(("Name", b"n"), ("Unique Identifier", b"key-04")), owner="alice"),
+    ],
+    ids=["alone", "with-others-left-out", "with-a-looked-up-one"],
+)
+def test_a_uid_is_read_by_its_row(db_url, query):
+    """A Locate by Unique Identifier, which the lookup index leaves out,
+    reads the one object's row by its uid's index and checks every
+    condition on it: no read of every object, and no list of every object
+    another condition matches, whatever else it asks."""
+    open_storage(db_url).close()
+    engine = create_engine(db_url)
+    try:
+        plan = _plan(engine, query)
+    finally:
+        engine.dispose()
+    if engine.dialect.name == "sqlite":
+        assert re.search(r"SEARCH (kms_objects|o) USING (COVERING )?INDEX sqlite_autoindex_kms_objects_1 \(uid=\?\)", plan), plan
+        assert not re.search(r"SCAN (kms_objects|o)\b", plan), plan
+        assert "ix_kms_attributes_lookup" not in plan, plan
+    else:
+        assert re.search(r"Index (Only )?Scan using kms_objects_uid_key on kms_objects\b.*?Index Cond: \(uid = \$\d+\)", plan), plan
+        assert "Seq Scan on kms_objects" not in plan, plan
+        assert "ix_kms_attributes_lookup" not in plan, plan
 
 
 def test_the_index_and_the_statements_state_one_condition():
