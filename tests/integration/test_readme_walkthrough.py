@@ -133,7 +133,6 @@ def test_readme_first_hour(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PORT", "CONFIG", "MAKEFLAGS", "MAKELEVEL")}
     servers: list[subprocess.Popen] = []
     outputs: list[str] = []
-    started = time.monotonic()
     try:
         for number, block in enumerate(blocks, 1):
             script = _substitute(block, ports)
@@ -172,7 +171,6 @@ def test_readme_first_hour(tmp_path):
         _stop_swtpms(repo)
         for proc in reversed(servers):
             _stop(proc)
-    elapsed = time.monotonic() - started
 
     # What the walkthrough says each step shows.
     assert f"KMIP (mutual TLS):  127.0.0.1:{ports[5696]}" in banner, banner
@@ -185,5 +183,4 @@ def test_readme_first_hour(tmp_path):
     assert isinstance(report, dict) and report
     assert "refused, as it must be" in joined
     assert "guest secret" in outputs[-1].splitlines(), outputs[-1]
-    assert elapsed < 180, f"the walkthrough took {elapsed:.0f} s"
     assert all(p.returncode is not None for p in servers)
