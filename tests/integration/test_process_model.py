@@ -2,11 +2,14 @@
 kmip_core.workers, docs/process-model.md), as an operator runs it: both
 workers serve on the one port, the audit chain stays one chain, SIGTERM
 stops them all, SIGHUP reloads every one, a worker that dies is started
-again, a killed supervisor leaves no worker behind, and a worker that cannot
-start fails the node with its one-line reason."""
+again, a killed supervisor leaves no worker behind, a worker that cannot
+start fails the node with its one-line reason, and the audit page (worker
+0's alone) shows the records every worker wrote."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +22,9 @@ from pathlib import Path
 import pytest
 from conftest import start_server
 from kmip.core import enums
-from kmip_client import pykmip
+from kmip_client import pykmip, tls_context
+
+from kmip_core.audit import audit_key
 
 pytestmark = pytest.mark.slow
 
@@ -352,3 +357,141 @@ def test_every_acknowledged_create_survives_the_node_killed_under_load(node, pki
         again.stop()
     report = audit_verify(workdir)
     assert "audit trail intact" in report, report
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets `pid` holds open."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def tcp_table() -> list[tuple[int, int, str, str]]:
+    """This host's IPv4 TCP sockets: (local port, remote port, state, inode);
+    state as /proc/net/tcp spells it ("01" established, "0A" listening)."""
+    rows = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        rows.append((int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16), fields[3], fields[9]))
+    return rows
+
+
+def listening_ports_of(pid: int) -> set[int]:
+    held = socket_inodes(pid)
+    return {local for local, _, state, inode in tcp_table() if state == "0A" and inode in held}
+
+
+def holders_of_connection(pids: list[int], local_port: int, remote_port: int) -> list[int]:
+    """Which of `pids` hold the server's end of the connection on
+    `local_port` from the client's `remote_port`."""
+    wanted = (local_port, remote_port, "01")
+    ends = {inode for local, remote, state, inode in tcp_table() if (local, remote, state) == wanted}
+    return [pid for pid in pids if socket_inodes(pid) & ends]
+
+
+def worker_index_of(pid: int) -> int:
+    """A worker's index (0: the primary), from the environment its
+    supervisor gave it (kmip_core.workers.WORKER_ENV)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    value = next(v for v in environ if v.startswith(b"KMIP_CORE_WORKER=")).split(b"=", 1)[1]
+    return int(value.split(b":")[0])
+
+
+def test_the_audit_page_shows_the_records_of_every_worker(tmp_path, pki_dir):
+    """The audit page (kms_server.audit.web) is one of the node's singletons:
+    worker 0 alone listens on its port, the other worker not at all. Over
+    real mutual TLS, as the auditor, it lists the records of the requests
+    both workers served (each under the client address the serving worker
+    saw), counts them all, and answers the same on every connection."""
+    audit_key.generate(tmp_path / "audit.key", tmp_path / "audit.pub")
+    server = start_server(
+        tmp_path / "node",
+        pki_dir,
+        server_config="processes = 2",
+        extra_config=f"""
+        [access]
+        auditors = ["auditor"]
+
+        [audit]
+        signing_key_file = "{tmp_path / "audit.key"}"
+        web_port = 0
+        """,
+    )
+    try:
+        pids = worker_pids(server)
+        assert len(pids) == 2, pids
+        announced = server.announced("kms-server audit page on https://")
+        web_port = int(announced.rstrip("/").rsplit(":", 1)[1])
+        index = {pid: worker_index_of(pid) for pid in pids}
+        assert sorted(index.values()) == [0, 1], index
+        # Worker 0 listens on the node's KMIP socket and the page; worker 1 on the KMIP socket only.
+        assert {index[pid]: listening_ports_of(pid) for pid in pids} == {
+            0: {server.port, web_port},
+            1: {server.port},
+        }
+
+        # Each client's connection, found by its address on the server's
+        # side, is held by one worker; both workers hold some.
+        served: dict[int, set[str]] = {0: set(), 1: set()}  # worker index -> uids
+        worker_of_peer: dict[int, int] = {}  # client port -> worker index
+        clients = [pykmip(server, pki_dir) for _ in range(6)]
+        try:
+            for client in clients:
+                client_port = client.proxy.socket.getsockname()[1]
+                holders = holders_of_connection(pids, server.port, client_port)
+                assert len(holders) == 1, holders
+                worker = index[holders[0]]
+                worker_of_peer[client_port] = worker
+                uid = client.create(enums.CryptographicAlgorithm.AES, 256)
+                assert client.get(uid).value is not None
+                served[worker].add(uid)
+        finally:
+            for client in clients:
+                client.close()
+        assert served[0] and served[1], served
+
+        def fetch(path: str) -> tuple[int, str, bytes]:
+            context = tls_context(pki_dir, "auditor")
+            conn = http.client.HTTPSConnection("127.0.0.1", web_port, context=context, timeout=15)
+            try:
+                conn.request("GET", path, headers={"Host": "localhost"})
+                answer = conn.getresponse()
+                return answer.status, answer.getheader("Content-Type", ""), answer.read()
+            finally:
+                conn.close()
+
+        status, content_type, body = fetch("/")
+        assert status == 200 and content_type.startswith("text/html"), (status, body[:200])
+
+        answers = [fetch("/api/records?limit=5000") for _ in range(4)]
+        assert {(status, content_type) for status, content_type, _ in answers} == {(200, "application/json")}
+        assert len({body for _, _, body in answers}) == 1, "every connection gets the same records"
+        listing = json.loads(answers[0][2])
+        records = listing["records"]
+        # A Create and a Get per client, whichever worker served it.
+        assert listing["matched"] == len(records) == 2 * len(clients), listing["matched"]
+        by_worker: dict[int, set[str]] = {0: set(), 1: set()}
+        for record in records:
+            assert record["operation"] in ("CREATE", "GET") and record["result"] == "SUCCESS", record
+            by_worker[worker_of_peer[int(record["peer"].rsplit(":", 1)[1])]].add(record["uid"])
+        assert by_worker == served, (by_worker, served)
+
+        # One object of each worker, searched for.
+        for worker in (0, 1):
+            uid = sorted(served[worker])[0]
+            status, _, body = fetch(f"/api/records?object={uid}")
+            assert status == 200
+            found = [(r["operation"], r["uid"]) for r in json.loads(body)["records"]]
+            assert found == [("CREATE", uid), ("GET", uid)], found
+
+        status, _, body = fetch("/api/verify")
+        report = json.loads(body)
+        assert status == 200 and report["ok"] is True and report["records"] == 2 * len(clients), report
+    finally:
+        server.stop()
