@@ -425,11 +425,16 @@ class Keystore:
         has: list[str],
         offset: int,
         limit: int | None,
+        excluded: Iterable[tuple[str, Item]] = (),
     ) -> list[str]:
+        """The uids of the objects `principal` sees that have every (name,
+        value) of `equals`, a value of each name of `has`, and none of the
+        (name, value) pairs of `excluded`, in the order they were stored."""
         check(principal, Action.READ_ATTRIBUTES)
         query = LocateQuery(
             equals=tuple((name, attrs.encode_value(value)) for name, value in equals),
             has=tuple(has),
+            excluded=tuple((name, attrs.encode_value(value)) for name, value in excluded),
             owner=None if principal.sees_all else principal.name,
             uid=_asked_uid(equals),
             offset=offset,

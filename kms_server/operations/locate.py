@@ -68,14 +68,18 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
             uids = []  # One object has one state.
         elif states or dates:
             uids = _filtered(keystore, txn, ctx, equals, dates, states[0] if states else None)
+            if not with_destroyed:
+                uids = _without_destroyed(keystore, txn, ctx, equals, uids)
+        elif equals and not with_destroyed:
+            # One statement: the destroyed are left out by a check on each
+            # object the conditions find (a few, as a rule).
+            uids = keystore.locate(txn, ctx.principal, equals, [], 0, None, excluded=_destroyed_states())
         else:
             uids = keystore.locate(txn, ctx.principal, equals, [], 0, None)
-        if not with_destroyed and uids:
-            destroyed = set()
-            for state in _DESTROYED:
-                query = equals + [("State", ttlv.enumeration(TAG.ATTRIBUTE_VALUE, state))]
-                destroyed.update(keystore.locate(txn, ctx.principal, query, [], 0, None))
-            uids = [u for u in uids if u not in destroyed]
+            if not with_destroyed:
+                # Every object: the destroyed found by their State, on the
+                # lookup index, rather than checked on each object.
+                uids = _without_destroyed(keystore, txn, ctx, equals, uids)
     total = len(uids)
     page = uids[offset:] if maximum is None else uids[offset : offset + maximum]
     out = []
@@ -94,6 +98,23 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
 
 
 _DESTROYED = (State.DESTROYED.value, State.DESTROYED_COMPROMISED.value)
+
+
+def _destroyed_states() -> list[tuple[str, Item]]:
+    return [("State", ttlv.enumeration(TAG.ATTRIBUTE_VALUE, state)) for state in _DESTROYED]
+
+
+def _without_destroyed(
+    keystore: Keystore, txn: Transaction, ctx: RequestContext, equals: list[tuple[str, Item]], uids: list[str]
+) -> list[str]:
+    """`uids` less the objects of `equals` whose State is a destroyed one."""
+    if not uids:
+        return uids
+    destroyed: set[str] = set()
+    for state in _destroyed_states():
+        destroyed.update(keystore.locate(txn, ctx.principal, equals + [state], [], 0, None))
+    return [u for u in uids if u not in destroyed]
+
 
 # A stored state may be behind the effective one when an Activation or
 # Deactivation Date has passed since the object was last written

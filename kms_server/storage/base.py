@@ -75,8 +75,9 @@ class StoredObject:
 class LocateQuery:
     """Objects whose attributes include every (name, value) pair of
     `equals` (values as TTLV bytes), and, for each name in `has`, at least one
-    value of that name. `owner` restricts to one owner (None: any owner),
-    `uid` to the object of that unique identifier (None: any object).
+    value of that name, and none of the (name, value) pairs of `excluded`.
+    `owner` restricts to one owner (None: any owner), `uid` to the object
+    of that unique identifier (None: any object).
 
     `uid` adds nothing an `equals` condition on the Unique Identifier
     attribute (which every object carries, equal to its uid) does not ask
@@ -86,6 +87,7 @@ class LocateQuery:
 
     equals: tuple[tuple[str, bytes], ...] = ()
     has: tuple[str, ...] = ()
+    excluded: tuple[tuple[str, bytes], ...] = ()
     owner: str | None = None
     uid: str | None = None
     offset: int = 0

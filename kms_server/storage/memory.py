@@ -155,8 +155,10 @@ class _MemoryTransaction(Transaction):
                     continue
                 pairs = {(a.name, a.value) for a in obj.attributes}
                 names = {a.name for a in obj.attributes}
-                if all((n, bytes(v)) in pairs for n, v in query.equals) and all(
-                    n in names for n in query.has
+                if (
+                    all((n, bytes(v)) in pairs for n, v in query.equals)
+                    and all(n in names for n in query.has)
+                    and not any((n, bytes(v)) in pairs for n, v in query.excluded)
                 ):
                     found.append(obj.uid)
             end = None if query.limit is None else query.offset + query.limit

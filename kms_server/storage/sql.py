@@ -522,9 +522,9 @@ def _is_unique_violation(exc: IntegrityError) -> bool:
 
 
 # Locate's statements by the shape of the query (conditions, owner, paging,
-# which condition leads, a uid or not), built once each: building one cost
-# more than running it.
-_LOCATE_STATEMENTS: dict[tuple[str, int, int, bool, bool, bool, str | None, bool], Any] = {}
+# which condition leads, a uid or not, how many exclusions), built once
+# each: building one cost more than running it.
+_LOCATE_STATEMENTS: dict[tuple[str, int, int, bool, bool, bool, str | None, bool, int], Any] = {}
 _LOCATE_SHAPES_MAX = 256
 
 
@@ -545,7 +545,10 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     A query's `uid` (a Locate by Unique Identifier, which the index leaves
     out) leads instead of any condition: the object's row, read by its
     primary key, and every condition checked on that one row. The objects
-    are then fetched by uid.
+    are then fetched by uid. Each of `excluded` is a NOT EXISTS checked on
+    each candidate the same way (one statement where the Locate operation
+    once ran one per destroyed State: on PostgreSQL a round trip each, and
+    a plan each, as the planner kept custom plans for them).
 
     History: an INTERSECT of one lookup per condition walked every match of
     every condition (the Destroyed check of a Locate by Name walked every
@@ -588,6 +591,7 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
         query.limit is not None,
         lead,
         query.uid is not None,
+        len(query.excluded),
     )
     stmt = _locate_shape(shape)
     params: dict[str, Any] = {}
@@ -597,6 +601,10 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
         params[f"e{i}_value"] = value
     for i, name in enumerate(has):
         params[f"h{i}_name"] = name
+    for i, (name, value) in enumerate(query.excluded):
+        params[f"x{i}_name"] = name
+        params[f"x{i}_digest"] = _digest(value)
+        params[f"x{i}_value"] = value
     if query.owner is not None:
         params["owner"] = query.owner
     if query.uid is not None:
@@ -608,7 +616,7 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     return stmt, params
 
 
-def _locate_shape(shape: tuple[str, int, int, bool, bool, bool, str | None, bool]) -> Any:
+def _locate_shape(shape: tuple[str, int, int, bool, bool, bool, str | None, bool, int]) -> Any:
     """The statement of a Locate's shape (built once per shape), as a `_Raw`
     for its dialect: its SQL is run as it is, past SQLAlchemy's execute
     path."""
@@ -621,17 +629,27 @@ def _locate_shape(shape: tuple[str, int, int, bool, bool, bool, str | None, bool
 
 
 def _attribute_condition(a, kind: str, i: int) -> list:
-    if kind == "e":
+    """The condition `kind` i on the attribute rows `a`: a (name, value)
+    pair ("e", equals; "x", excluded) or a name ("h", has)."""
+    if kind in ("e", "x"):
         return [
-            a.c.name == bindparam(f"e{i}_name"),
-            a.c.value_digest == bindparam(f"e{i}_digest"),
-            a.c.value == bindparam(f"e{i}_value"),
+            a.c.name == bindparam(f"{kind}{i}_name"),
+            a.c.value_digest == bindparam(f"{kind}{i}_digest"),
+            a.c.value == bindparam(f"{kind}{i}_value"),
         ]
     return [a.c.name == bindparam(f"h{i}_name")]
 
 
 def _build_locate(
-    dialect: str, equals: int, has: int, owner: bool, offset: bool, limit: bool, lead: str | None, uid: bool
+    dialect: str,
+    equals: int,
+    has: int,
+    owner: bool,
+    offset: bool,
+    limit: bool,
+    lead: str | None,
+    uid: bool,
+    excluded: int,
 ):
     o = kms_objects
     conditions = []
@@ -658,9 +676,11 @@ def _build_locate(
         # only for a query whose conditions imply the index's.
         where = [*_attribute_condition(first, lead, 0), text(_lookup_where("located.name"))]
         where += [exists(kind, i, first.c.uid) for kind, i in checks if (kind, i) != (lead, 0)]
+        where += [~exists("x", i, first.c.uid) for i in range(excluded)]
         conditions.append(o.c.uid.in_(select(first.c.uid).where(*where)))
     else:
         conditions += [exists(kind, i, o.c.uid) for kind, i in checks]
+        conditions += [~exists("x", i, o.c.uid) for i in range(excluded)]
     stmt = select(o.c.uid).where(*conditions).order_by(o.c.sequence)
     if offset:
         stmt = stmt.offset(bindparam("offset", type_=Integer))

@@ -36,6 +36,7 @@ from kmip.core.enums import (
     SecretDataType,
     SplitKeyMethod,
     State,
+    StorageStatusMask,
     Tags,
     UsageLimitsUnit,
     ValidityIndicator,
@@ -1888,6 +1889,56 @@ def test_locate_by_unique_identifier_reads_that_object_only(tmp_path, monkeypatc
         # Without a Unique Identifier condition the storage is told no uid.
         assert located(alice, kind) == uids
         assert asked[-1].uid is None
+    finally:
+        storage.close()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_locate_by_a_condition_leaves_out_destroyed_keys_in_one_lookup(tmp_path, monkeypatch, backend):
+    """A Locate with conditions leaves out destroyed and destroyed
+    compromised keys in the one statement that finds the others (the
+    storage checks each candidate's State), and finds them when the
+    Storage Status Mask or the State asked for says so; a Locate without
+    conditions leaves them out too."""
+    storage = open_storage("memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'kms.db'}")
+    statements = []
+    real = sql.locate_statement
+
+    def spy(query, dialect="sqlite"):
+        statements.append(query)
+        return real(query, dialect)
+
+    monkeypatch.setattr(sql, "locate_statement", spy)
+    try:
+        alice = Client(Dispatcher(Keystore(storage, Barrier(os.urandom(32))), OPERATIONS), "alice")
+        tag = attribute("x-Identifier", ttlv.text(0, "vm-42"))
+        kept, gone, compromised, other = (create_aes(alice, activate=False) for _ in range(4))
+        for uid in (kept, gone, compromised):
+            alice.ok(Operation.ADD_ATTRIBUTE, [uid_item(uid), tag])
+        alice.ok(Operation.DESTROY, [uid_item(gone)])
+        alice.ok(Operation.DESTROY, [uid_item(compromised)])
+        compromise = ttlv.structure(
+            T.REVOCATION_REASON.value,
+            [ttlv.enumeration(T.REVOCATION_REASON_CODE.value, RevocationReasonCode.KEY_COMPROMISE.value)],
+        )
+        alice.ok(Operation.REVOKE, [uid_item(compromised), compromise])
+
+        def located(*conditions: Item) -> list[str]:
+            return [i.value for i in alice.ok(Operation.LOCATE, list(conditions)).find_all(T.UNIQUE_IDENTIFIER.value)]
+
+        statements.clear()
+        assert located(tag) == [kept]
+        if backend == "sqlite":
+            assert len(statements) == 1, statements
+            assert [name for name, _ in statements[0].excluded] == ["State", "State"]
+        every = ttlv.integer(
+            T.STORAGE_STATUS_MASK.value,
+            StorageStatusMask.ONLINE_STORAGE.value | StorageStatusMask.DESTROYED_STORAGE.value,
+        )
+        assert located(tag, every) == [kept, gone, compromised]
+        destroyed = attribute("State", ttlv.enumeration(0, State.DESTROYED.value))
+        assert located(tag, destroyed) == [gone]
+        assert located() == [kept, other]
     finally:
         storage.close()
 

@@ -76,6 +76,20 @@ def _queries() -> list[LocateQuery]:
         queries.append(LocateQuery(uid=uid, equals=(("Fresh", value["Fresh"]),), has=("Digest",)))
         queries.append(LocateQuery(uid=uid, owner="alice"))
         queries.append(LocateQuery(uid=uid, has=("Object Type",), offset=1))
+    # Exclusions (a Locate leaving out the destroyed): after a looked-up
+    # lead, after left-out conditions only, with a uid, two of them, one of
+    # a left-out name, one that leaves out every candidate.
+    other = {name: f"{name}=0".encode() for name in LOOKED_UP + NOT_LOOKED_UP}
+    queries += [
+        LocateQuery(equals=(("Name", value["Name"]),), excluded=(("State", value["State"]),)),
+        LocateQuery(equals=(("Name", value["Name"]),), excluded=(("State", value["State"]), ("State", other["State"]))),
+        LocateQuery(has=("Object Type",), excluded=(("Fresh", value["Fresh"]),)),
+        LocateQuery(equals=(("Fresh", value["Fresh"]),), excluded=(("Name", other["Name"]),)),
+        LocateQuery(uid="key-04", excluded=(("State", other["State"]),)),
+        LocateQuery(uid="key-04", excluded=(("Digest", value["Digest"]),)),
+        LocateQuery(equals=(("Name", value["Name"]),), excluded=(("Name", value["Name"]),)),
+        LocateQuery(equals=(("Name", value["Name"]),), owner="alice", excluded=(("State", value["State"]),), offset=1, limit=2),
+    ]
     return queries
 
 
@@ -188,6 +202,28 @@ def test_a_uid_is_read_by_its_row(db_url, query):
         assert re.search(r"Index (Only )?Scan using kms_objects_uid_key on kms_objects\b.*?Index Cond: \(uid = \$\d+\)", plan), plan
         assert "Seq Scan on kms_objects" not in plan, plan
         assert "ix_kms_attributes_lookup" not in plan, plan
+
+
+def test_exclusions_are_checked_on_each_candidate(db_url):
+    """A Locate that leaves out destroyed keys is one statement: the
+    leading condition through the lookup index, each exclusion a probe of
+    (uid, name, value_digest) per candidate, never a read of every
+    object."""
+    open_storage(db_url).close()
+    engine = create_engine(db_url)
+    try:
+        plan = _plan(
+            engine,
+            LocateQuery(equals=(("x-Identifier", b"vm"),), excluded=(("State", b"d"), ("State", b"c"))),
+        )
+    finally:
+        engine.dispose()
+    assert "ix_kms_attributes_lookup" in plan, plan
+    assert plan.count("ix_kms_attributes_uid_name_value_digest") >= 2, plan
+    if engine.dialect.name == "sqlite":
+        assert not re.search(r"SCAN (kms_objects|o)\b", plan), plan
+    else:
+        assert "Seq Scan on kms_objects" not in plan, plan
 
 
 def test_the_index_and_the_statements_state_one_condition():
