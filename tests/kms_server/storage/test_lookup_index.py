@@ -295,3 +295,59 @@ def test_the_migration_goes_both_ways_and_locate_answers_at_each(db_url):
             assert tx.locate(query) == expected
     finally:
         storage.close()
+
+
+def _prepared_plans(url: str, stmt, params: dict, runs: int = 12) -> tuple[int, int]:
+    """(generic, custom) plans PostgreSQL made for `stmt` run `runs` times
+    on one new session, as the storage runs it (psycopg prepares it from
+    its fifth run)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database) as conn:
+        for _ in range(runs):
+            conn.execute(stmt.pg_sql, params).fetchall()
+        ((generic, custom),) = conn.execute("SELECT generic_plans, custom_plans FROM pg_prepared_statements").fetchall()
+    return generic, custom
+
+
+def test_postgresql_keeps_the_generic_plan_of_a_prepared_locate(postgres_url):
+    """Migration 0008: on a store whose attribute values are mostly shared
+    (as a real one: State, algorithm, usage mask...), ANALYZE estimates few
+    distinct digests, and PostgreSQL judged a prepared Locate's generic plan
+    dearer than its custom ones and planned it at every run. Told the
+    digests are mostly distinct, it keeps the generic plan; without that,
+    on the same rows, it does not (the test shows the difference)."""
+    import hashlib
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    open_storage(postgres_url).close()
+    u = make_url(postgres_url)
+    objects = 40_000  # 720,000 attribute rows: more than ANALYZE samples
+    names = ["Name", "Digest", "Unique Identifier", "x-Identifier"] + [f"shared-{j}" for j in range(14)]
+    with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname=u.database, autocommit=True) as conn:
+        ((options,),) = conn.execute(
+            "SELECT attoptions FROM pg_attribute WHERE attrelid = 'kms_attributes'::regclass AND attname = 'value_digest'"
+        ).fetchall()
+        assert "n_distinct=-0.2" in options, options
+        with conn.cursor() as cur:
+            with cur.copy("COPY kms_objects (uid, owner, version, sealed_material, created_at, row_mac) FROM STDIN") as copy:
+                for i in range(objects):
+                    copy.write_row((f"key-{i:07d}", "o", 1, b"s", 0.0, b"m"))
+            with cur.copy("COPY kms_attributes (uid, name, idx, value, value_digest) FROM STDIN") as copy:
+                for i in range(objects):
+                    for j, name in enumerate(names):
+                        value = (f"{name}-{i}" if j < 4 else f"{name}-{i % 3}").encode()
+                        copy.write_row((f"key-{i:07d}", name, 0, value, hashlib.sha256(value).digest()))
+        conn.execute("ANALYZE kms_attributes")
+        query = LocateQuery(equals=(("x-Identifier", b"x-Identifier-5"),), excluded=(("State", b"d"), ("State", b"c")))
+        stmt, params = sql.locate_statement(query, "postgresql")
+        generic, _ = _prepared_plans(postgres_url, stmt, params)
+        assert generic > 0, "a prepared Locate is planned at every run"
+        # The same rows without the migration's setting.
+        conn.execute("ALTER TABLE kms_attributes ALTER COLUMN value_digest RESET (n_distinct)")
+        conn.execute("ANALYZE kms_attributes")
+        assert _prepared_plans(postgres_url, stmt, params)[0] == 0
