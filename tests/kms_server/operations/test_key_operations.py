@@ -1851,13 +1851,10 @@ def test_locate_leaves_out_destroyed_keys_unless_asked(alice):
     assert [i.value for i in by_state.find_all(T.UNIQUE_IDENTIFIER.value)] == [gone]
 
 
-def test_locate_by_unique_identifier_reads_that_object_only(tmp_path, monkeypatch):
-    """A Locate by Unique Identifier (four OASIS 1.4 flows ask it alone)
-    finds that key, for its owner only, and the storage is told the uid:
-    it reads that object's row, not every object's, which it would
-    otherwise, as the lookup index leaves Unique Identifier out (issue 15)."""
-    storage = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
-    asked = []
+@pytest.fixture
+def located_queries(monkeypatch) -> list:
+    """Every LocateQuery the SQL storage is asked, in order, from now on."""
+    asked: list = []
     real = sql.locate_statement
 
     def spy(query, dialect="sqlite"):
@@ -1865,6 +1862,16 @@ def test_locate_by_unique_identifier_reads_that_object_only(tmp_path, monkeypatc
         return real(query, dialect)
 
     monkeypatch.setattr(sql, "locate_statement", spy)
+    return asked
+
+
+def test_locate_by_unique_identifier_reads_that_object_only(tmp_path, located_queries):
+    """A Locate by Unique Identifier (four OASIS 1.4 flows ask it alone)
+    finds that key, for its owner only, and the storage is told the uid:
+    it reads that object's row, not every object's, which it would
+    otherwise, as the lookup index leaves Unique Identifier out (issue 15)."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'kms.db'}")
+    asked = located_queries
     try:
         dispatcher = Dispatcher(Keystore(storage, Barrier(os.urandom(32))), OPERATIONS)
         alice, bob = Client(dispatcher, "alice"), Client(dispatcher, "bob")
@@ -1894,21 +1901,14 @@ def test_locate_by_unique_identifier_reads_that_object_only(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
-def test_locate_by_a_condition_leaves_out_destroyed_keys_in_one_lookup(tmp_path, monkeypatch, backend):
+def test_locate_by_a_condition_leaves_out_destroyed_keys_in_one_lookup(tmp_path, located_queries, backend):
     """A Locate with conditions leaves out destroyed and destroyed
     compromised keys in the one statement that finds the others (the
     storage checks each candidate's State), and finds them when the
     Storage Status Mask or the State asked for says so; a Locate without
     conditions leaves them out too."""
     storage = open_storage("memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'kms.db'}")
-    statements = []
-    real = sql.locate_statement
-
-    def spy(query, dialect="sqlite"):
-        statements.append(query)
-        return real(query, dialect)
-
-    monkeypatch.setattr(sql, "locate_statement", spy)
+    statements = located_queries
     try:
         alice = Client(Dispatcher(Keystore(storage, Barrier(os.urandom(32))), OPERATIONS), "alice")
         tag = attribute("x-Identifier", ttlv.text(0, "vm-42"))
