@@ -543,8 +543,8 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
     NOT_LOOKED_UP attributes), every object's row is read and each
     condition checked on it the same way: the cost grows with the store.
     A query's `uid` (a Locate by Unique Identifier, which the index leaves
-    out) leads instead of any condition: the object's row, read by its
-    primary key, and every condition checked on that one row. The objects
+    out) leads instead of any condition: the object's row, read by the
+    uid's unique index, and every condition checked on that one row. The objects
     are then fetched by uid. Each of `excluded` is a NOT EXISTS checked on
     each candidate the same way (one statement where the Locate operation
     once ran one per destroyed State: on PostgreSQL a round trip each, and
@@ -564,8 +564,9 @@ def locate_statement(query: LocateQuery, dialect: str = "sqlite"):
 
     The statement depends on the query's shape only (how many conditions of
     each kind, which kind leads, an owner or not, paging or not, a uid or
-    not); the values are bound parameters, so one statement object (and
-    SQLAlchemy's compiled form of it) serves every query of that shape."""
+    not, how many exclusions); the values are bound parameters, so one
+    statement object (and SQLAlchemy's compiled form of it) serves every
+    query of that shape."""
     equals, has = list(query.equals), list(query.has)
     lead: str | None = None
     # The leading condition goes first among its kind's parameters. With a
