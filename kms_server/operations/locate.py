@@ -63,23 +63,19 @@ def handle(ctx: RequestContext, keystore: Keystore, payload: Item) -> list[Item]
     with_destroyed = bool(mask & StorageStatusMask.DESTROYED_STORAGE.value) or any(
         s in _DESTROYED for s in states
     )
+    # Left out by a check on each object the conditions find, in the one
+    # statement that finds them; with no condition at all (every object)
+    # found instead by their State, on the lookup index.
+    excluded = [] if with_destroyed else _destroyed_states()
     with keystore.transaction(read_only=True) as txn:
         if len(set(states)) > 1:
             uids = []  # One object has one state.
         elif states or dates:
-            uids = _filtered(keystore, txn, ctx, equals, dates, states[0] if states else None)
-            if not with_destroyed:
-                uids = _without_destroyed(keystore, txn, ctx, equals, uids)
-        elif equals and not with_destroyed:
-            # One statement: the destroyed are left out by a check on each
-            # object the conditions find (a few, as a rule).
-            uids = keystore.locate(txn, ctx.principal, equals, [], 0, None, excluded=_destroyed_states())
+            uids = _filtered(keystore, txn, ctx, equals, dates, states[0] if states else None, excluded)
+        elif equals or not excluded:
+            uids = keystore.locate(txn, ctx.principal, equals, [], 0, None, excluded=excluded)
         else:
-            uids = keystore.locate(txn, ctx.principal, equals, [], 0, None)
-            if not with_destroyed:
-                # Every object: the destroyed found by their State, on the
-                # lookup index, rather than checked on each object.
-                uids = _without_destroyed(keystore, txn, ctx, equals, uids)
+            uids = _without_destroyed(keystore, txn, ctx, keystore.locate(txn, ctx.principal, [], [], 0, None))
     total = len(uids)
     page = uids[offset:] if maximum is None else uids[offset : offset + maximum]
     out = []
@@ -104,15 +100,13 @@ def _destroyed_states() -> list[tuple[str, Item]]:
     return [("State", ttlv.enumeration(TAG.ATTRIBUTE_VALUE, state)) for state in _DESTROYED]
 
 
-def _without_destroyed(
-    keystore: Keystore, txn: Transaction, ctx: RequestContext, equals: list[tuple[str, Item]], uids: list[str]
-) -> list[str]:
-    """`uids` less the objects of `equals` whose State is a destroyed one."""
+def _without_destroyed(keystore: Keystore, txn: Transaction, ctx: RequestContext, uids: list[str]) -> list[str]:
+    """`uids` less the objects whose State is a destroyed one."""
     if not uids:
         return uids
     destroyed: set[str] = set()
     for state in _destroyed_states():
-        destroyed.update(keystore.locate(txn, ctx.principal, equals + [state], [], 0, None))
+        destroyed.update(keystore.locate(txn, ctx.principal, [state], [], 0, None))
     return [u for u in uids if u not in destroyed]
 
 
@@ -133,9 +127,12 @@ def _filtered(
     equals: list[tuple[str, Item]],
     dates: dict[str, list[int]],
     state: int | None,
+    excluded: list[tuple[str, Item]],
 ) -> list[str]:
     """Candidates from indexed lookups (one per stored state that can be the
-    requested effective state), then checked on the loaded objects."""
+    requested effective state), then checked on the loaded objects; those
+    with a pair of `excluded` are left out, unless a state is asked (the
+    stored states it stands for then leave out any other)."""
     if state is None:
         queries = [equals]
     else:
@@ -145,7 +142,9 @@ def _filtered(
         ]
     candidates = {}
     for query in queries:
-        for uid in keystore.locate(txn, ctx.principal, query, list(dates), 0, None):
+        for uid in keystore.locate(
+            txn, ctx.principal, query, list(dates), 0, None, excluded=excluded if state is None else ()
+        ):
             if uid not in candidates:
                 obj = keystore.load(txn, ctx.principal, uid, Action.READ_ATTRIBUTES, ctx.now)
                 candidates[uid] = obj
