@@ -15,19 +15,25 @@ the migration copies them and does not read them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 BODY = '{"pad":"' + "x" * 588 + '"}'
 
 
-def build(path: str, records: int) -> None:
-    """A database at revision 0005 with `records` audit records."""
+@contextlib.contextmanager
+def filled_at(path: str, revision: str) -> Iterator[sqlite3.Connection]:
+    """A new SQLite database at `path`, migrated to `revision`, and a
+    connection to it inside one transaction, committed when the block ends
+    (rows inserted straight into the tables: the migration timed after
+    reads them as a store holds them). Also bench/lookup_migration.py's."""
     from sqlalchemy import create_engine
 
     from kmip_core.db.migrations import migrate
@@ -35,12 +41,21 @@ def build(path: str, records: int) -> None:
 
     engine = create_engine(f"sqlite:///{path}")
     try:
-        migrate(engine, schema.KMS, "0005")
+        migrate(engine, schema.KMS, revision)
     finally:
         engine.dispose()
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("BEGIN")
+        yield conn
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def build(path: str, records: int) -> None:
+    """A database at revision 0005 with `records` audit records."""
+    with filled_at(path, "0005") as conn:
         conn.executemany(
             "INSERT INTO kms_audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -61,9 +76,6 @@ def build(path: str, records: int) -> None:
                 for seq in range(1, records + 1)
             ),
         )
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
 
 
 def timed_upgrade(path: str, table: str) -> tuple[str | None, str, float, int]:

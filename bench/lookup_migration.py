@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from audit_migration import timed_upgrade  # noqa: E402  (a sibling script)
+from audit_migration import filled_at, timed_upgrade  # noqa: E402  (a sibling script)
 
 # An AES key's attribute names; True: a value of its own per key.
 ATTRIBUTES = {
@@ -59,19 +58,7 @@ ATTRIBUTES = {
 
 def build(path: str, keys: int) -> None:
     """A database at revision 0006 with `keys` objects and their rows."""
-    from sqlalchemy import create_engine
-
-    from kmip_core.db.migrations import migrate
-    from kms_server.storage import schema
-
-    engine = create_engine(f"sqlite:///{path}")
-    try:
-        migrate(engine, schema.KMS, "0006")
-    finally:
-        engine.dispose()
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("BEGIN")
+    with filled_at(path, "0006") as conn:
         conn.executemany(
             "INSERT INTO kms_objects (uid, owner, version, sealed_material, created_at, row_mac) "
             "VALUES (?, 'owner', 1, ?, 0, ?)",
@@ -86,9 +73,6 @@ def build(path: str, keys: int) -> None:
                     yield uid, name, 0, value, hashlib.sha256(value).digest()
 
         conn.executemany("INSERT INTO kms_attributes (uid, name, idx, value, value_digest) VALUES (?, ?, ?, ?, ?)", rows())
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
 
 
 # What each timed Locate asks, and how the storage answers it.
